@@ -1,0 +1,1 @@
+"""Benchmarks of stm-kernels; results (JSON + PNG) land in bench/results/."""

@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="stm-kernels",
+    version="0.1.0",
+    description="Fused Triton space-time memory read (STM, ICCV 2019) and a memory-scalable STM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["stm_kernels", "stm_kernels.*", "stm_model", "stm_model.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "dev": ["pytest>=7"],
+        "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
+        "video": ["av>=10"],
+    },
+)

@@ -1,0 +1,14 @@
+"""stm_kernels: the fused space-time memory read of STM (Oh et al., ICCV 2019) as a torch op.
+
+    from stm_kernels import memory_read, merge_reads
+    out = memory_read(query_key, memory_key, memory_value)            # (B, Cv, *Q)
+    out, lse = memory_read(q, k_chunk, v_chunk, return_lse=True)       # for merge_reads
+"""
+from ._buffers import poison_outputs
+from .memory_read import BACKENDS, SIMILARITIES, memory_read
+from .memory_read_naive import naive_memory_read
+from .merge import merge_reads
+
+__all__ = ["memory_read", "merge_reads", "naive_memory_read", "poison_outputs", "BACKENDS",
+           "SIMILARITIES"]
+__version__ = "0.1.0"

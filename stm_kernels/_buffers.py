@@ -1,0 +1,30 @@
+"""Allocation of the op's output and scratch buffers.
+
+Every buffer a backend writes is allocated here so that tests can poison them with NaN
+(`poison_outputs(True)`): an element that a kernel forgets to write then shows up as NaN
+instead of as stale memory that happens to look right.
+"""
+import contextlib
+
+import torch
+
+_poison = False
+
+
+def new_buffer(shape, dtype, device):
+    """An uninitialised tensor (NaN-filled while poisoning is on, for float dtypes)."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and buffer.is_floating_point():
+        buffer.fill_(float("nan"))
+    return buffer
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled=True):
+    """Fill every output/scratch buffer with NaN before a backend writes it (for tests)."""
+    global _poison
+    previous, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = previous

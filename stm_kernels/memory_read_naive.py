@@ -1,0 +1,24 @@
+"""The official STM memory read (Oh et al., ICCV 2019, `Memory.forward`): it materialises the
+whole (N x HW) affinity per object. Kept as the reference and the baseline; autograd comes from
+PyTorch."""
+import torch
+
+
+def naive_memory_read(q, k, v, scale, l2, need_lse=True):
+    """(out (B, Cv, HW), lse (B, HW) or None) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
+
+    Builds the (B, N, HW) affinity like the official code: bmm, scale, softmax over memory
+    positions, bmm with the values. lse is computed only when asked (it costs another pass).
+    """
+    B = k.shape[0]
+    affinity = torch.bmm(k.transpose(1, 2), q.expand(B, -1, -1))  # (B, N, HW)
+    if l2:
+        affinity = 2 * affinity - k.pow(2).sum(1).unsqueeze(2)
+    affinity = affinity * scale
+    probabilities = torch.softmax(affinity, dim=1)
+    out = torch.bmm(v, probabilities.to(v.dtype))
+    lse = None
+    if need_lse:
+        lse_dtype = torch.float64 if affinity.dtype == torch.float64 else torch.float32
+        lse = torch.logsumexp(affinity.to(lse_dtype), dim=1)
+    return out, lse

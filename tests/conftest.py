@@ -1,0 +1,26 @@
+"""Test set-up: without a GPU the Triton kernels run in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before Triton decorates the kernels, i.e. before stm_kernels is
+imported, so it is set here. Tests marked `gpu` need CUDA and are skipped without it
+(`pytest -m gpu` on the device machine runs them).
+"""
+import os
+import pathlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,56 @@
+"""Shared test utilities: devices, tolerances and the float64 reference."""
+import pytest
+import torch
+
+from stm_kernels import memory_read
+from stm_kernels import memory_read_triton as triton_module
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+# Normalised RMS error bounds against a float64 reference (see METHOD.md): fp32 is exact
+# float32 arithmetic (the GPU path follows torch's default "highest" matmul precision).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+
+
+def skip_unless_runnable(backend, device, dtype=torch.float32):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if backend == "triton" and device == "cpu" and not triton_module.INTERPRETING:
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    if dtype == torch.bfloat16 and device == "cpu" and backend == "triton":
+        pytest.skip("bf16 tl.dot is unreliable in the Triton interpreter; tested on GPU")
+
+
+def rel_error(actual, expected):
+    """‖actual − expected‖ / ‖expected‖ in float64; inf when actual has a NaN or Inf."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def random_inputs(B, Bq, Ck, Cv, HW, N, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(Bq, Ck, HW, generator=generator, dtype=torch.float64)
+    k = torch.randn(B, Ck, N, generator=generator, dtype=torch.float64)
+    v = torch.randn(B, Cv, N, generator=generator, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def read_with_grads(q, k, v, seed=1, **kwargs):
+    """Run memory_read with return_lse=True and backpropagate random cotangents into both outputs;
+    return [out, lse, dq, dk, dv]."""
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = memory_read(q, k, v, return_lse=True, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
+    loss = (out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()
+    loss.backward()
+    return [out, lse, q.grad, k.grad, v.grad]
+
+
+def reference_with_grads(q, k, v, **kwargs):
+    """The same on float64 CPU copies with the naive (official) read."""
+    kwargs = {**kwargs, "backend": "naive"}
+    return read_with_grads(*(t.detach().double().cpu() for t in (q, k, v)), **kwargs)

@@ -1,0 +1,230 @@
+"""memory_read (triton and torch backends) against a float64 reference of the official read."""
+import math
+
+import pytest
+import torch
+
+from helpers import (DEVICES, TOLERANCE, random_inputs, read_with_grads, reference_with_grads,
+                     rel_error, skip_unless_runnable)
+from stm_kernels import memory_read, merge_reads, poison_outputs
+from stm_kernels import memory_read_torch
+from stm_kernels import memory_read_triton as triton_module
+from stm_kernels.memory_read_triton import BackwardConfig, ForwardConfig, use_configs
+
+
+@pytest.fixture(autouse=True)
+def _poisoned():
+    with poison_outputs():
+        yield
+
+
+# (B, Bq, Ck, Cv, HW, N): ragged sizes, a broadcast query, N = 1 and HW = 1.
+SHAPES = [
+    (2, 2, 20, 40, 45, 111),
+    (3, 1, 32, 24, 70, 63),
+    (1, 1, 16, 16, 1, 1),
+    (2, 1, 8, 20, 33, 1),
+    (1, 1, 24, 8, 1, 90),
+]
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _check(results, expected, dtype, grad_factor=3):
+    names = ["out", "lse", "dq", "dk", "dv"]
+    for name, actual, reference in zip(names, results, expected):
+        bound = TOLERANCE[dtype] * (1 if name in ("out", "lse") else grad_factor)
+        assert actual.shape == reference.shape, name
+        error = rel_error(actual, reference)
+        assert error < bound, f"{name}: relative error {error:.2e} > {bound:.0e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_read_and_gradients_match_float64_reference(device, backend, dtype, similarity, shape):
+    skip_unless_runnable(backend, device, dtype)
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 is tested on the GPU")
+    B, Bq, Ck, Cv, HW, N = shape
+    q, k, v = random_inputs(B, Bq, Ck, Cv, HW, N, dtype, device)
+    results = read_with_grads(q, k, v, backend=backend, similarity=similarity)
+    assert results[0].dtype == dtype and results[1].dtype == torch.float32
+    assert results[2].shape == q.shape and results[2].dtype == dtype
+    _check(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spatial_layout_custom_scale_and_broadcast(device, backend):
+    """(H, W) query and (T, H, W) memory, batch-1 and stride-0 expanded queries, custom scale."""
+    skip_unless_runnable(backend, device)
+    B, Ck, Cv = 3, 16, 24
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, Ck, 5, 7, generator=generator).to(device)
+    k = torch.randn(B, Ck, 2, 6, 9, generator=generator).to(device)
+    v = torch.randn(B, Cv, 2, 6, 9, generator=generator).to(device)
+    expected = reference_with_grads(q.flatten(2), k.flatten(2), v.flatten(2), scale=0.3)
+    for query in (q, q.expand(B, -1, -1, -1)):
+        out, lse, dq, dk, dv = read_with_grads(query, k, v, backend=backend, scale=0.3)
+        assert out.shape == (B, Cv, 5, 7) and lse.shape == (B, 5, 7)
+        assert dq.shape == query.shape and dk.shape == k.shape and dv.shape == v.shape
+        dq = dq.sum(0, keepdim=True)  # the expanded query's gradient is per object
+        results = [out.flatten(2), lse.flatten(1), dq.flatten(2), dk.flatten(2), dv.flatten(2)]
+        _check(results, expected, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_memory_is_read_in_place(device, backend):
+    """A slice of a preallocated bank (T < capacity), channel-last storage and a query slice."""
+    skip_unless_runnable(backend, device)
+    B, Ck, Cv, H, W, T = 2, 16, 20, 4, 5, 3
+    generator = torch.Generator().manual_seed(4)
+    key_bank = torch.randn(B, Ck, 8, H, W, generator=generator).to(device)
+    value_bank = torch.randn(B, 8, H, W, Cv, generator=generator).to(device).permute(0, 4, 1, 2, 3)
+    query = torch.randn(B, Ck * 2, H, W, generator=generator).to(device)[:, ::2]
+    k, v = key_bank[:, :, :T], value_bank[:, :, :T]
+    assert not k.is_contiguous() and not v.is_contiguous() and not query.is_contiguous()
+    # The flattened memory must still view the bank: no copy of the whole bank.
+    assert k.flatten(2).data_ptr() == key_bank.data_ptr()
+    assert v.flatten(2).data_ptr() == value_bank.data_ptr()
+    results = read_with_grads(query, k, v, backend=backend)
+    _check(results, reference_with_grads(query, k, v), torch.float32)
+
+
+SPLIT_CONFIGS = [
+    (ForwardConfig(16, 16, 16, 4, 1, splits=3), BackwardConfig(16, 16, 16, 4, 1, 16, 16, 4, 1, 3)),
+    (ForwardConfig(32, 16, None, 4, 1, splits=2), BackwardConfig(16, 32, 16, 4, 1, 32, 16, 4, 1, 5)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("configs", SPLIT_CONFIGS, ids=["vsplit-3", "memsplit-2"])
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_triton_memory_and_value_splits(device, configs, similarity):
+    """Flash-decoding memory splits, value-channel splits and split dQ are exact."""
+    skip_unless_runnable("triton", device)
+    q, k, v = random_inputs(2, 1, 24, 40, 37, 150, torch.float32, device, seed=5)
+    with use_configs(*configs):
+        results = read_with_grads(q, k, v, backend="triton", similarity=similarity)
+    _check(results, reference_with_grads(q, k, v, similarity=similarity), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_reads_equals_one_read_over_the_whole_memory(device, backend):
+    skip_unless_runnable(backend, device)
+    q, k, v = random_inputs(2, 1, 16, 24, 30, 100, torch.float32, device, seed=6)
+    expected = reference_with_grads(q, k, v)
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    bounds = [0, 17, 18, 64, 100]
+    reads = [memory_read(q, k[:, :, a:b], v[:, :, a:b], backend=backend, return_lse=True)
+             for a, b in zip(bounds, bounds[1:])]
+    out, lse = merge_reads(*zip(*reads))
+    generator = torch.Generator().manual_seed(1)  # the cotangents of read_with_grads
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
+    ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
+    _check([out, lse, q.grad, k.grad, v.grad], expected, torch.float32)
+
+
+def test_merge_reads_rejects_mismatched_reads():
+    out, lse = torch.zeros(2, 4, 6), torch.zeros(2, 6)
+    with pytest.raises(ValueError, match="one lse per out"):
+        merge_reads([out, out], [lse])
+    with pytest.raises(ValueError, match=r"outs\[1\]"):
+        merge_reads([out, torch.zeros(2, 4, 5)], [lse, torch.zeros(2, 5)])
+    with pytest.raises(ValueError, match=r"\(B, \*Q\)"):
+        merge_reads([out], [torch.zeros(2, 5)])
+
+
+def test_torch_backend_float64_gradcheck(monkeypatch):
+    monkeypatch.setattr(memory_read_torch, "CHUNK_ELEMENTS", 7 * 5)  # several memory chunks
+    q, k, v = random_inputs(2, 1, 6, 5, 7, 23, torch.float64, "cpu", seed=7)
+    for similarity in ("dot", "l2"):
+        def read(q, k, v):
+            return memory_read(q, k, v, backend="torch", similarity=similarity, return_lse=True)
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        assert torch.autograd.gradcheck(read, inputs)
+
+
+def test_torch_backend_chunks_agree_with_one_chunk(monkeypatch):
+    q, k, v = random_inputs(3, 1, 16, 24, 40, 300, torch.float32, "cpu", seed=8)
+    one_chunk = read_with_grads(q, k, v, backend="torch")
+    monkeypatch.setattr(memory_read_torch, "CHUNK_ELEMENTS", 3 * 40 * 13)  # 13-position chunks
+    many_chunks = read_with_grads(q, k, v, backend="torch")
+    _check(many_chunks, one_chunk, torch.float32)
+
+
+def test_auto_backend_uses_torch_on_cpu_and_naive_matches():
+    q, k, v = random_inputs(2, 2, 16, 8, 10, 20, torch.float64, "cpu", seed=9)
+    auto = memory_read(q, k, v)
+    naive = memory_read(q, k, v, backend="naive")
+    assert rel_error(auto, naive) < 1e-12
+    assert rel_error(memory_read(q, k, v, scale=1 / math.sqrt(16)), naive) < 1e-12
+
+
+class _ReadModule(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.project = torch.nn.Conv1d(16, 16, 1)
+
+    def forward(self, q, k, v):
+        out, lse = memory_read(self.project(q), k, v, backend=self.backend, return_lse=True)
+        return out.relu().sum() + lse.sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend, compiler):
+    """The op traces without graph breaks (fake impls) and compiles with its backward."""
+    skip_unless_runnable(backend, device)
+    if compiler == "inductor" and device == "cpu" and backend == "triton":
+        pytest.skip("inductor + interpreted Triton only repeats the torch case on CPU (slow)")
+    torch.manual_seed(0)
+    module = _ReadModule(backend).to(device)
+    q, k, v = random_inputs(2, 1, 16, 12, 20, 50, torch.float32, device, seed=10)
+    k.requires_grad_()
+    eager = module(q, k, v)
+    eager.backward()
+    eager_grad = k.grad.clone()
+    k.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=compiler)(q, k, v)
+    compiled.backward()
+    assert rel_error(compiled, eager) < 1e-6
+    assert rel_error(k.grad, eager_grad) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_64bit_offsets_on_a_memory_past_2_31_elements(dtype):
+    """memory_value with Cv * N > 2**31 elements: offsets must not wrap around."""
+    Cv, N, HW, Ck = 512, (1 << 31) // 512 + 4099, 20, 16
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(1, Ck, HW, device="cuda", generator=generator, dtype=dtype)
+    k = torch.randn(1, Ck, N, device="cuda", generator=generator, dtype=dtype)
+    v = torch.randn(1, Cv, N, device="cuda", generator=generator, dtype=dtype)
+    v[:, :, -4096:] += 4  # the tail past 2**31 decides the answer
+    k[:, :, -4096:] *= 2
+    out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
+    reference, reference_lse = memory_read(q, k, v, backend="torch", return_lse=True)
+    assert rel_error(out, reference) < TOLERANCE[dtype]
+    assert rel_error(lse, reference_lse) < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N", [96, 100, 101], ids=["align16", "align4", "align1"])
+def test_triton_int64_offsets_and_stride_alignments(device, N, monkeypatch):
+    """The int64 in-tile offset path (forced) and memory strides of every alignment class."""
+    skip_unless_runnable("triton", device)
+    monkeypatch.setattr(triton_module, "_needs_int64", lambda *tensors: True)
+    q, k, v = random_inputs(2, 1, 16, 24, 40, N, torch.float32, device, seed=12)
+    with use_configs(*SPLIT_CONFIGS[1]):
+        results = read_with_grads(q, k, v, backend="triton", similarity="l2")
+    _check(results, reference_with_grads(q, k, v, similarity="l2"), torch.float32)

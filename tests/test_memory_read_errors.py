@@ -1,0 +1,43 @@
+"""Bad input raises ValueError/TypeError naming the argument and the expected shape."""
+import pytest
+import torch
+
+from stm_kernels import memory_read
+
+
+def _inputs(B=2, Ck=8, Cv=6, HW=10, N=12):
+    return torch.randn(B, Ck, HW), torch.randn(B, Ck, N), torch.randn(B, Cv, N)
+
+
+q, k, v = _inputs()
+CASES = [
+    ("channels", (torch.randn(2, 7, 10), k, v), {}, ValueError, r"query_key must have shape \(B=2 or 1, Ck=8"),
+    ("objects", (torch.randn(3, 8, 10), k, v), {}, ValueError, r"query_key must have shape \(B=2 or 1"),
+    ("value objects", (q, k, torch.randn(3, 6, 12)), {}, ValueError, r"memory_value must have shape \(B, Cv, N\) = \(B=2, Cv, 12\)"),
+    ("memory length", (q, k, torch.randn(2, 6, 11)), {}, ValueError, r"memory_value must have shape .*12"),
+    ("value layout", (q, torch.randn(2, 8, 1, 3, 4), v), {}, ValueError, r"memory_value must have shape \(B, Cv, T, H, W\)"),
+    ("query rank", (torch.randn(8, 10), k, v), {}, ValueError, r"query_key must have shape \(B or 1, Ck, HW\)"),
+    ("memory rank", (q, torch.randn(2, 8, 3, 4), v), {}, ValueError, r"memory_key must have shape \(B, Ck, N\) or \(B, Ck, T, H, W\)"),
+    ("integer query", (q.long(), k, v), {}, TypeError, r"query_key must be a floating-point tensor"),
+    ("integer value", (q, k, v.int()), {}, TypeError, r"memory_value must be a floating-point"),
+    ("mixed memory dtypes", (q, k, v.double()), {}, TypeError, r"memory_key and memory_value must share one dtype"),
+    ("not a tensor", (q.numpy(), k, v), {}, TypeError, r"query_key must be a torch.Tensor"),
+    ("empty memory", (q, torch.randn(2, 8, 0), torch.randn(2, 6, 0)), {}, ValueError, r"memory_key is empty .*N"),
+    ("empty query", (torch.randn(2, 8, 0), k, v), {}, ValueError, r"query_key is empty"),
+    ("devices", (q, k.to("meta"), v), {}, ValueError, r"must be on one device"),
+    ("similarity", (q, k, v), {"similarity": "cos"}, ValueError, r"similarity must be one of"),
+    ("backend", (q, k, v), {"backend": "cuda"}, ValueError, r"backend must be one of"),
+    ("scale", (q, k, v), {"scale": float("nan")}, TypeError, r"scale must be a finite"),
+    ("triton float64", (q.double(), k.double(), v.double()), {"backend": "triton"}, TypeError, r"backend='triton' supports float16, bfloat16 and float32"),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_with_a_clear_message(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        memory_read(*args, **kwargs)
+
+
+def test_query_is_cast_to_the_memory_dtype():
+    out = memory_read(q.double(), k, v, backend="torch")
+    assert out.dtype == torch.float32
