@@ -46,8 +46,6 @@ def _check(results, expected, dtype, grad_factor=3):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_read_and_gradients_match_float64_reference(device, backend, dtype, similarity, shape):
     skip_unless_runnable(backend, device, dtype)
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("bf16 is tested on the GPU")
     B, Bq, Ck, Cv, HW, N = shape
     q, k, v = random_inputs(B, Bq, Ck, Cv, HW, N, dtype, device)
     results = read_with_grads(q, k, v, backend=backend, similarity=similarity)
