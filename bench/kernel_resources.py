@@ -113,31 +113,26 @@ def sweep(args):
     common = dict(L2=args.similarity == "l2", BLOCK_CK=block_ck, UPCAST=False, I64=False,
                   PRECISION="tf32", ALIGN_K=values.pop("ALIGN_K"), ALIGN_V=values.pop("ALIGN_V"))
     rows = []
-    forward_types = dict(q=dtype, k=dtype, v=dtype, o="*fp32", lse="*fp32", qk_scale="fp32")
-    for block_m, block_n, block_v, warps, stages in forward_sweep:
-        block_v = min(block_v, block_cv)
-        constexprs = dict(common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_v,
-                          NUM_V=triton.cdiv(args.cv, block_v))
-        rows.append(dict(kernel="fwd", block_m=block_m, block_n=block_n, block_v=block_v,
+
+    def add(name, kernel, types, block_m, block_n, block_v, warps, stages, **extra):
+        constexprs = dict(common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_v, **extra)
+        rows.append(dict(kernel=name, block_m=block_m, block_n=block_n, block_v=block_v,
                          num_warps=warps, num_stages=stages,
-                         **_safe(kernels.memory_read_fwd_kernel, forward_types, values,
-                                 constexprs, warps, stages, args.arch)))
+                         **_safe(kernel, types, values, constexprs, warps, stages, args.arch)))
+
+    forward_types = dict(q=dtype, k=dtype, v=dtype, o="*fp32", lse="*fp32", qk_scale="fp32")
     backward_types = dict(q=dtype, k=dtype, v=dtype, do=dtype, lse="*fp32", delta="*fp32",
                           dk=dtype, dv=dtype, dq="*fp32", qk_scale="fp32", scale="fp32")
-    for block_m, block_n, block_v, warps, stages in dkv_sweep:
-        block_v = min(block_v, block_cv)
-        constexprs = dict(common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_v,
-                          NUM_V=triton.cdiv(args.cv, block_v))
-        rows.append(dict(kernel="bwd_dkv", block_m=block_m, block_n=block_n, block_v=block_v,
-                         num_warps=warps, num_stages=stages,
-                         **_safe(kernels.memory_read_bwd_kernel_dkv, backward_types, values,
-                                 constexprs, warps, stages, args.arch)))
+    for name, kernel, types, tilings in (
+            ("fwd", kernels.memory_read_fwd_kernel, forward_types, forward_sweep),
+            ("bwd_dkv", kernels.memory_read_bwd_kernel_dkv, backward_types, dkv_sweep)):
+        for block_m, block_n, block_v, warps, stages in tilings:
+            block_v = min(block_v, block_cv)
+            add(name, kernel, types, block_m, block_n, block_v, warps, stages,
+                NUM_V=triton.cdiv(args.cv, block_v))
     for block_m, block_n, warps, stages in dq_sweep:
-        constexprs = dict(common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_cv)
-        rows.append(dict(kernel="bwd_dq", block_m=block_m, block_n=block_n, block_v=block_cv,
-                         num_warps=warps, num_stages=stages,
-                         **_safe(kernels.memory_read_bwd_kernel_dq, backward_types, values,
-                                 constexprs, warps, stages, args.arch)))
+        add("bwd_dq", kernels.memory_read_bwd_kernel_dq, backward_types, block_m, block_n,
+            block_cv, warps, stages)
     merge_types = dict(po="*fp32", plse="*fp32", o=dtype, lse="*fp32")
     merge_values = dict(stride_pos=args.batch * args.cv * args.hw, stride_pob=args.cv * args.hw,
                         stride_poc=args.hw, stride_pom=1, stride_pls=args.batch * args.hw,

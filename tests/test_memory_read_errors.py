@@ -41,3 +41,10 @@ def test_bad_input_is_rejected_with_a_clear_message(args, kwargs, error, message
 def test_query_is_cast_to_the_memory_dtype():
     out = memory_read(q.double(), k, v, backend="torch")
     assert out.dtype == torch.float32
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
+    from stm_kernels import memory_read_triton
+    monkeypatch.setattr(memory_read_triton, "INTERPRETING", False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        memory_read(q, k, v, backend="triton")
