@@ -532,12 +532,17 @@ def _dot_precision(dtype):
     return "tf32"  # ignored by tl.dot for fp16/bf16 operands
 
 
-def _needs_int64(*tensors):
-    """Whether in-tile offsets (over the last two dims: channels x positions) can reach 2**31
-    elements; batch, split and block starts always go through int64 scalars."""
-    span = max(sum(triton.next_power_of_2(size) * abs(stride)
-                   for size, stride in zip(t.shape[-2:], t.stride()[-2:])) for t in tensors)
-    return span >= 2**31
+def _tile_span(sizes, strides):
+    return sum(triton.next_power_of_2(size) * abs(stride) for size, stride in zip(sizes, strides))
+
+
+def _needs_int64(*tensors, outputs=()):
+    """Whether in-tile offsets (over the last two dims: channels x positions) of the inputs or
+    of contiguous outputs of the given (C, L) shapes can reach 2**31 elements; batch, split and
+    block starts always go through int64 scalars."""
+    spans = [_tile_span(t.shape[-2:], t.stride()[-2:]) for t in tensors]
+    spans += [_tile_span(shape, (shape[1], 1)) for shape in outputs]
+    return max(spans) >= 2**31
 
 
 def _alignment(t):
@@ -575,13 +580,15 @@ def _check_device(*tensors):
 # --------------------------------------------------------------------------- launchers
 
 
-def _launch_flags(q, k, v, *query_sized):
-    """Constexprs shared by the kernels of one call."""
+def _launch_flags(inputs, outputs):
+    """Constexprs shared by the kernels of one call (inputs start with q, k, v; outputs are the
+    (C, L) shapes of the contiguous outputs)."""
+    _, k, v = inputs[:3]
     return dict(
         BLOCK_CK=max(16, triton.next_power_of_2(k.shape[1])),
         PRECISION=_dot_precision(k.dtype),
         UPCAST=INTERPRETING and k.dtype == torch.bfloat16,
-        I64=_needs_int64(q, k, v, *query_sized),
+        I64=_needs_int64(*inputs, outputs=outputs),
         ALIGN_K=_alignment(k), ALIGN_V=_alignment(v),
     )
 
@@ -602,7 +609,7 @@ def triton_forward(q, k, v, scale, l2):
     device = k.device
     q = _padded_rows(q)
     stride_qb = 0 if q.shape[0] == 1 else q.stride(0)
-    flags = _launch_flags(q, k, v, v.new_empty((1, 1, 1)).expand(1, Cv, HW))
+    flags = _launch_flags((q, k, v), outputs=[(Cv, HW)])
     k_strides = _memory_strides(k, flags["ALIGN_K"])
     v_strides = _memory_strides(v, flags["ALIGN_V"])
 
@@ -655,7 +662,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2):
     q_dtype = q.dtype
     q, grad_out = _padded_rows(q), _padded_rows(grad_out)
     stride_qb = 0 if q.shape[0] == 1 else q.stride(0)
-    flags = _launch_flags(q, k, v, grad_out)
+    flags = _launch_flags((q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
     k_strides = _memory_strides(k, flags["ALIGN_K"])
     v_strides = _memory_strides(v, flags["ALIGN_V"])
     inputs = (q, k, v, grad_out, lse, delta)

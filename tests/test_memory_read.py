@@ -221,7 +221,7 @@ def test_64bit_offsets_on_a_memory_past_2_31_elements(dtype):
 def test_triton_int64_offsets_and_stride_alignments(device, N, monkeypatch):
     """The int64 in-tile offset path (forced) and memory strides of every alignment class."""
     skip_unless_runnable("triton", device)
-    monkeypatch.setattr(triton_module, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(triton_module, "_needs_int64", lambda *tensors, outputs=(): True)
     q, k, v = random_inputs(2, 1, 16, 24, 40, N, torch.float32, device, seed=12)
     with use_configs(*SPLIT_CONFIGS[1]):
         results = read_with_grads(q, k, v, backend="triton", similarity="l2")
