@@ -226,3 +226,15 @@ def test_triton_int64_offsets_and_stride_alignments(device, N, monkeypatch):
     with use_configs(*SPLIT_CONFIGS[1]):
         results = read_with_grads(q, k, v, backend="triton", similarity="l2")
     _check(results, reference_with_grads(q, k, v, similarity="l2"), torch.float32)
+
+
+def test_int64_and_alignment_decisions_for_memory_bank_shapes():
+    """Host-side choices, on meta tensors: int64 offsets from Cv*N >= 2**31 on, and the stride
+    alignment that decides vectorised loads (N = 1,620*T is a multiple of 4)."""
+    def bank(C, N, capacity=None):
+        return torch.empty(1, C, capacity or N, device="meta")[:, :, :N]
+    assert not triton_module._needs_int64(bank(512, 2000 * 1620))  # 2,000 memory frames
+    assert triton_module._needs_int64(bank(512, 2000 * 1620, capacity=4096 * 1620))
+    assert triton_module._needs_int64(bank(128, 16), outputs=[(512, 1 << 23)])
+    assert [triton_module._alignment(bank(128, 1620 * t)) for t in (1, 2, 4)] == [4, 8, 16]
+    assert triton_module._alignment(bank(128, 101)) == 1
