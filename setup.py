@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["stm_kernels", "stm_kernels.*", "stm_model", "stm_model.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "torchvision", "numpy", "pillow", "scipy", "scikit-image", "tqdm"],
     extras_require={
         "dev": ["pytest>=7"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
