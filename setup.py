@@ -9,6 +9,7 @@ setup(
     packages=find_packages(include=["stm_kernels", "stm_kernels.*", "stm_model", "stm_model.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "pillow", "scipy", "scikit-image", "tqdm"],
+    entry_points={"console_scripts": ["stm = stm_model.cli:main"]},
     extras_require={
         "dev": ["pytest>=7"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],

@@ -5,7 +5,6 @@ imported, so it is set here. Tests marked `gpu` need CUDA and are skipped withou
 (`pytest -m gpu` on the device machine runs them).
 """
 import os
-import pathlib
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,14 @@
-"""Shared test utilities: devices, tolerances and the float64 reference."""
+"""Shared test utilities: devices, tolerances, the float64 reference, ../shared."""
+import pathlib
+
 import pytest
 import torch
 
 from stm_kernels import memory_read
 from stm_kernels import memory_read_triton as triton_module
+
+# Real data and references beside the checkout; tests that use them skip when it is absent.
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 

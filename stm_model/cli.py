@@ -1,0 +1,214 @@
+"""The `stm` command line: segment a video with STM, evaluate results with DAVIS J&F.
+
+    stm segment FRAMES_DIR_OR_VIDEO --mask FIRST_MASK.png --checkpoint STM_weights.pth
+    stm segment video.mp4 --masks MASKS_DIR --output out/ --mem-every 5 --memory-dtype fp16
+    stm eval RESULTS_DIR ANNOTATIONS_DIR
+"""
+import argparse
+import pathlib
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import metrics, video_io
+from .checkpoint import load_checkpoint
+from .network import STM, STMConfig
+from .segmenter import VideoSegmenter
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed without a traceback, exit code 2."""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="stm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _segment_parser(commands.add_parser(
+        "segment", help="segment a video from a first-frame mask",
+        description="Segment every frame of a video (a folder of JPEG/PNG frames or a video "
+                    "file) from the mask of its first frame; writes palette PNG masks named "
+                    "like the input frames and an overlay."))
+    _eval_parser(commands.add_parser(
+        "eval", help="J&F of a results folder against annotations",
+        description="DAVIS J&F (semi-supervised protocol: first and last frame excluded) of "
+                    "result masks against annotations; prints a table, writes the two CSVs."))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as error:
+        print(f"stm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------- segment
+
+
+def _segment_parser(parser):
+    parser.add_argument("input", help="folder of frames (JPEG/PNG) or a video file")
+    masks = parser.add_mutually_exclusive_group(required=True)
+    masks.add_argument("--mask", help="mask of the first frame (palette or DAVIS-2016 PNG)")
+    masks.add_argument("--masks", help="folder of masks named like the frames (the first "
+                                       "frame's is required; later ones add objects)")
+    parser.add_argument("--output", help="output folder (default: stm_output/<input name>)")
+    parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
+                                             "checkpoint; without it the model is untrained")
+    parser.add_argument("--config", choices=["official", "small"], default="official",
+                        help="model size when no checkpoint is given")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--memory-dtype", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--max-memory-frames", type=int)
+    parser.add_argument("--offload", action="store_true", help="keep the memory in CPU RAM")
+    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"],
+                        help="memory read implementation (default: auto)")
+    parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4")
+    parser.add_argument("--fps", type=float, help="overlay frame rate (default: the video's, "
+                                                  "else 24)")
+    parser.add_argument("--max-frames", type=int, help="stop after this many frames")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=segment)
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available")
+    return device
+
+
+def _model(args, device):
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint, device)
+    print("warning: no --checkpoint given: the model has random weights and its masks are "
+          "meaningless", file=sys.stderr)
+    config = STMConfig() if args.config == "official" else STMConfig.small()
+    return STM(config).to(device).eval()
+
+
+def _mask_lookup(args, reader):
+    """{frame name: mask path}, with the first frame's mask required."""
+    if args.mask:
+        return {None: pathlib.Path(args.mask)}  # None: the first frame, whatever its name
+    if reader.names is not None:
+        return video_io.masks_for_frames(reader.names, args.masks)
+    return {path.stem: path for path in sorted(pathlib.Path(args.masks).glob("*.png"))}
+
+
+def _peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def segment(args):
+    """`stm segment`: masks (and an overlay) for every frame; prints a summary."""
+    device = _device(args.device)
+    reader = video_io.FrameReader(args.input)
+    masks = _mask_lookup(args, reader)
+    source = pathlib.Path(args.input)
+    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
+    model = _model(args, device)
+    seg = VideoSegmenter(model, args.mem_every, memory_dtype=args.memory_dtype,
+                         max_memory_frames=args.max_memory_frames, offload=args.offload,
+                         amp_dtype=args.amp, read_backend=args.backend)
+    fps = args.fps or reader.fps or 24.0
+    writer = None
+    if args.overlay != "none":
+        target = output / "overlay" if args.overlay == "png" else output / f"overlay.{args.overlay}"
+        writer = video_io.OverlayWriter(target, fps=fps)
+    total = reader.num_frames if args.max_frames is None else min(
+        args.max_frames, reader.num_frames or args.max_frames)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, count = time.perf_counter(), 0
+    try:
+        for frame in tqdm(reader, total=total, unit="frame", disable=args.quiet,
+                          desc=f"segmenting {source.name}"):
+            if args.max_frames is not None and count >= args.max_frames:
+                break
+            key = None if (args.mask and count == 0) else frame.name
+            mask = None
+            if key in masks:
+                mask = torch.from_numpy(video_io.read_mask(masks[key], expected_hw=frame.hw))
+            elif count == 0:
+                raise UsageError(f"no mask for the first frame {frame.name!r} in {args.masks}")
+            labels = seg.labels(seg.step(frame.tensor, mask=mask)).cpu().numpy()
+            video_io.write_mask(output / "masks" / f"{frame.name}.png", labels.astype(np.uint8))
+            if writer is not None:
+                writer.add(frame.image, labels, name=frame.name)
+            count += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    elapsed = time.perf_counter() - start
+    summary = {
+        "frames": count, "fps": count / elapsed if elapsed else float("nan"),
+        "objects": seg.num_objects, "memory frames": seg.memory_frames,
+        "memory bank MiB": seg.memory_bytes / 2**20,
+        "peak memory MiB": _peak_memory_bytes(device) / 2**20, "device": str(device),
+        "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",
+    }
+    width = max(map(len, summary))
+    for name, value in summary.items():
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"{name:>{width}}: {text}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _eval_parser(parser):
+    parser.add_argument("results", help="result masks: <results>/<sequence>/<frame>.png, or "
+                                        "one sequence's folder")
+    parser.add_argument("annotations", help="ground truth, laid out like the results")
+    parser.add_argument("--sequences", nargs="+", help="evaluate these sequences only")
+    parser.add_argument("--output", help="folder for the CSV files (default: the results "
+                                         "folder)")
+    parser.set_defaults(run=evaluate)
+
+
+def _sequences(results, annotations, only):
+    """[(name, results folder, annotations folder)]."""
+    if any(annotations.glob("*.png")):
+        return [(annotations.name, results, annotations)]
+    names = only or sorted(p.name for p in annotations.iterdir() if p.is_dir())
+    if not names:
+        raise UsageError(f"no annotation PNGs or sequence folders in {annotations}")
+    missing = [name for name in names if not (results / name).is_dir()]
+    if missing:
+        raise UsageError(f"results lack sequences {missing} (looked in {results})")
+    return [(name, results / name, annotations / name) for name in names]
+
+
+def evaluate(args):
+    """`stm eval`: per-object and global J&F, printed and written as the DAVIS CSV files."""
+    results, annotations = pathlib.Path(args.results), pathlib.Path(args.annotations)
+    scored = {}
+    for name, result_folder, annotation_folder in _sequences(results, annotations,
+                                                             args.sequences):
+        truth_paths = sorted(annotation_folder.glob("*.png"))
+        missing = [p.name for p in truth_paths if not (result_folder / p.name).exists()]
+        if missing:
+            raise UsageError(f"{name}: no result for {len(missing)} annotated frames "
+                             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        truth = [video_io.read_mask(p) for p in truth_paths]
+        predicted = [video_io.read_mask(result_folder / p.name, expected_hw=t.shape)
+                     for p, t in zip(truth_paths, truth)]
+        scored[name] = metrics.evaluate_sequence(truth, predicted)
+    per_object, global_row = metrics.summarize(scored)
+    print(metrics.format_table(per_object, global_row))
+    paths = metrics.write_csvs(pathlib.Path(args.output or results), per_object, global_row)
+    print("wrote " + " and ".join(map(str, paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

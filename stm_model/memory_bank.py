@@ -1,0 +1,137 @@
+"""Key/value memory of a long video, stored the way the fused read wants it.
+
+Storage per bank: keys (n, Ck, capacity, h·w) and values (n, Cv, capacity, h·w), where n is the
+number of objects that share this memory. A read views the first T frames as (n, C, T·h·w)
+without copying; capacity is a multiple of 16 frames so that the channel stride is 16-aligned
+(vectorised asynchronous loads in the kernel).
+
+Schedule (official STM): permanent frames (the first frame, every mem_every-th frame, annotated
+frames) plus one temporary slot for the previous frame, overwritten at every step.
+
+Growth: capacity doubles when full (amortised O(1) per frame, no re-concatenation).
+
+Eviction (only with max_frames): when a permanent frame would leave no room for the temporary
+slot, the oldest permanent frame other than the bank's first frame is overwritten (FIFO).
+The read is a softmax over all memory positions, so the order of frames in storage does not
+matter.
+
+Offload (offload=True): storage lives in (pinned) CPU memory; a read copies chunk_frames
+frames at a time to the compute device, reads each chunk with return_lse and merges the chunks
+exactly with merge_reads.
+"""
+import collections
+
+import torch
+
+from stm_kernels import memory_read, merge_reads
+
+_ALIGN_FRAMES = 16
+
+
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+class MemoryBank:
+    """Memory of n objects that entered the video together (see the module docstring)."""
+
+    def __init__(self, num_objects, key_dim, value_dim, height, width, *, dtype=torch.float32,
+                 device="cpu", max_frames=None, offload=False, chunk_frames=64,
+                 initial_capacity=_ALIGN_FRAMES):
+        if max_frames is not None and max_frames < 2:
+            raise ValueError(f"max_frames must be at least 2 (the first frame and the previous "
+                             f"frame); got {max_frames}")
+        self.num_objects, self.key_dim, self.value_dim = num_objects, key_dim, value_dim
+        self.size = (height, width)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.storage_device = torch.device("cpu") if offload else self.device
+        self.max_frames, self.offload, self.chunk_frames = max_frames, offload, chunk_frames
+        self.permanent = 0          # permanent frames, in slots [0, permanent)
+        self.has_temporary = False  # the previous frame, in slot `permanent`
+        self.slot_frames = []       # video frame index held by each slot
+        self._fifo = collections.deque()  # evictable permanent slots, oldest first
+        capacity = initial_capacity if max_frames is None else max_frames
+        self.keys = self.values = None
+        self._allocate(_round_up(capacity, _ALIGN_FRAMES))
+
+    @property
+    def num_frames(self):
+        """Frames a read sees: the permanent ones plus the temporary previous frame."""
+        return self.permanent + int(self.has_temporary)
+
+    @property
+    def capacity(self):
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self):
+        return self.keys.nbytes + self.values.nbytes
+
+    def add(self, keys, values, permanent, frame_index=None):
+        """Store one frame: keys (n, Ck, h, w), values (n, Cv, h, w). The previous temporary
+        frame is dropped; permanent=False makes this frame the new temporary one."""
+        expected = (self.num_objects, self.key_dim) + self.size
+        if tuple(keys.shape) != expected or tuple(values.shape) != (
+                self.num_objects, self.value_dim) + self.size:
+            raise ValueError(f"MemoryBank.add expects keys {expected} and values "
+                             f"{(self.num_objects, self.value_dim) + self.size}; got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        self.has_temporary = False
+        del self.slot_frames[self.permanent:]
+        slot = self.permanent
+        full = self.max_frames is not None and self.permanent + 1 >= self.max_frames
+        if permanent and full:
+            if self._fifo:
+                slot = self._fifo.popleft()  # evict the oldest; keep a slot for the temporary
+            else:
+                permanent = False  # only the first frame is permanent: nothing to evict
+        if slot >= self.capacity:
+            self._allocate(_round_up(2 * self.capacity, _ALIGN_FRAMES))
+        self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
+        self.values[:, :, slot] = values.flatten(2).to(self.storage_device, self.dtype)
+        if slot < self.permanent:  # an evicted slot
+            self.slot_frames[slot] = frame_index
+            self._fifo.append(slot)
+            return
+        self.slot_frames.append(frame_index)
+        if not permanent:
+            self.has_temporary = True
+            return
+        if self.permanent > 0:  # the bank's first frame is never evicted
+            self._fifo.append(slot)
+        self.permanent += 1
+
+    def read(self, query_key, *, scale=None, similarity="dot", backend="auto"):
+        """Memory read-out (n, Cv, h, w) for query_key (1 or n, Ck, h, w)."""
+        if self.num_frames == 0:
+            raise RuntimeError("the memory bank is empty: add a frame before reading")
+        options = dict(scale=scale, similarity=similarity, backend=backend)
+        frames = self.num_frames
+        if not self.offload:
+            return memory_read(query_key, self._keys(0, frames), self._values(0, frames),
+                               **options)
+        reads = []
+        for start in range(0, frames, self.chunk_frames):
+            stop = min(start + self.chunk_frames, frames)
+            keys = self._keys(start, stop).to(self.device, non_blocking=True)
+            values = self._values(start, stop).to(self.device, non_blocking=True)
+            reads.append(memory_read(query_key, keys, values, return_lse=True, **options))
+        return merge_reads(*zip(*reads))[0]
+
+    def _keys(self, start, stop):
+        return self.keys[:, :, start:stop].flatten(2)  # a view: (n, Ck, T·h·w)
+
+    def _values(self, start, stop):
+        return self.values[:, :, start:stop].flatten(2)
+
+    def _allocate(self, capacity):
+        positions = self.size[0] * self.size[1]
+        pin = self.offload and torch.cuda.is_available()
+        keys = torch.empty((self.num_objects, self.key_dim, capacity, positions), dtype=self.dtype,
+                           device=self.storage_device, pin_memory=pin)
+        values = torch.empty((self.num_objects, self.value_dim, capacity, positions),
+                             dtype=self.dtype, device=self.storage_device, pin_memory=pin)
+        if self.keys is not None:  # growing (the temporary frame is being replaced)
+            keys[:, :, :self.permanent] = self.keys[:, :, :self.permanent]
+            values[:, :, :self.permanent] = self.values[:, :, :self.permanent]
+        self.keys, self.values = keys, values

@@ -1,0 +1,234 @@
+"""The STM network (Oh et al., ICCV 2019) on torchvision's ResNet, with a configurable size.
+
+Modules follow the official model (see ../shared/reference/README.md for its module map):
+memory encoder (frame + object mask + other objects' mask), query encoder, key/value
+projections, the space-time memory read (`stm_kernels.memory_read`, done by the caller through a
+memory bank), and a decoder with two refinement modules. Names are our own; the one table that
+maps the official names onto them is in `checkpoint.py`.
+"""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_BLOCKS = {"resnet18": "BasicBlock", "resnet34": "BasicBlock", "resnet50": "Bottleneck",
+           "resnet101": "Bottleneck"}
+
+
+@dataclasses.dataclass(frozen=True)
+class STMConfig:
+    """Sizes of an STM. The defaults are the official model (ResNet-50, keys 128, values 512,
+    decoder 256). `backbone_layers` builds torchvision's ResNet with that many blocks in
+    layer1..layer3 (a slimmer encoder for CPU demos); None keeps the standard depth."""
+    backbone: str = "resnet50"
+    backbone_layers: tuple | None = None
+    key_dim: int = 128
+    value_dim: int = 512
+    decoder_dim: int = 256
+    pretrained_backbone: bool = False
+    similarity: str = "dot"
+    read_backend: str = "auto"
+
+    @classmethod
+    def small(cls, **overrides):
+        """A ~3M-parameter model (ResNet-18 style, one block per stage) for CPU runs and tests."""
+        return cls(**{**dict(backbone="resnet18", backbone_layers=(1, 1, 1), key_dim=64,
+                             value_dim=128, decoder_dim=64), **overrides})
+
+    def __post_init__(self):
+        if self.backbone not in _BLOCKS:
+            raise ValueError(f"backbone must be one of {sorted(_BLOCKS)}; got {self.backbone!r}")
+        if self.backbone_layers is not None:
+            object.__setattr__(self, "backbone_layers", tuple(self.backbone_layers))
+            if len(self.backbone_layers) != 3 or min(self.backbone_layers) < 1:
+                raise ValueError("backbone_layers must give 3 positive block counts (layer1..3); "
+                                 f"got {self.backbone_layers}")
+
+
+def _resnet(config):
+    """torchvision's ResNet for the config (layer4 is dropped by the encoder)."""
+    if config.backbone_layers is None:
+        weights = "DEFAULT" if config.pretrained_backbone else None
+        return getattr(torchvision.models, config.backbone)(weights=weights)
+    if config.pretrained_backbone:
+        raise ValueError("pretrained_backbone needs the standard depth (backbone_layers=None)")
+    block = getattr(torchvision.models.resnet, _BLOCKS[config.backbone])
+    return torchvision.models.resnet.ResNet(block, [*config.backbone_layers, 1])
+
+
+def feature_channels(config):
+    """Channels of the encoder's (r4, r3, r2) features at strides (16, 8, 4)."""
+    expansion = 4 if _BLOCKS[config.backbone] == "Bottleneck" else 1
+    return 256 * expansion, 128 * expansion, 64 * expansion
+
+
+class Encoder(nn.Module):
+    """ResNet stem + layer1..layer3 on a normalised RGB frame in [0, 1]. The memory encoder also
+    takes the object's mask and the other objects' mask, each through a 7x7 stride-2 conv added
+    to the stem's conv1 output (as the official Encoder_M)."""
+
+    def __init__(self, config, with_masks):
+        super().__init__()
+        resnet = _resnet(config)
+        self.conv1, self.bn1, self.relu = resnet.conv1, resnet.bn1, resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
+        if with_masks:
+            self.mask_conv = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.other_conv = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, frame, mask=None, others=None):
+        """frame (B, 3, H, W); mask, others (B, 1, H, W) -> r4, r3, r2 (strides 16, 8, 4)."""
+        x = self.conv1((frame - self.mean) / self.std)
+        if mask is not None:
+            x = x + self.mask_conv(mask) + self.other_conv(others)
+        x = self.maxpool(self.relu(self.bn1(x)))
+        r2 = self.layer1(x)
+        r3 = self.layer2(r2)
+        return self.layer3(r3), r3, r2
+
+
+class KeyValue(nn.Module):
+    """3x3 key and value projections of the stride-16 features."""
+
+    def __init__(self, in_dim, key_dim, value_dim):
+        super().__init__()
+        self.key = nn.Conv2d(in_dim, key_dim, kernel_size=3, padding=1)
+        self.value = nn.Conv2d(in_dim, value_dim, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        return self.key(x), self.value(x)
+
+
+class ResBlock(nn.Module):
+    """x + conv2(relu(conv1(relu(x)))), 3x3 convs (the official ResBlock without downsampling)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class Refine(nn.Module):
+    """Merges a skip feature with the ×2-upsampled coarser decoder feature."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.skip_conv = nn.Conv2d(in_dim, dim, kernel_size=3, padding=1)
+        self.skip_res = ResBlock(dim)
+        self.merge_res = ResBlock(dim)
+
+    def forward(self, skip, coarse):
+        merged = self.skip_res(self.skip_conv(skip)) + F.interpolate(
+            coarse, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.merge_res(merged)
+
+
+class Decoder(nn.Module):
+    """Read-out ⊕ query value (stride 16) -> two refinements (strides 8, 4) -> 2-class logits
+    at full resolution (×4 bilinear upsampling)."""
+
+    def __init__(self, value_dim, r3_dim, r2_dim, dim):
+        super().__init__()
+        self.fuse = nn.Conv2d(2 * value_dim, dim, kernel_size=3, padding=1)
+        self.res = ResBlock(dim)
+        self.refine3 = Refine(r3_dim, dim)
+        self.refine2 = Refine(r2_dim, dim)
+        self.predict = nn.Conv2d(dim, 2, kernel_size=3, padding=1)
+
+    def forward(self, memory_and_query, r3, r2):
+        m4 = self.res(self.fuse(memory_and_query))
+        m2 = self.refine2(r2, self.refine3(r3, m4))
+        logits = self.predict(F.relu(m2))
+        return F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
+
+
+class STM(nn.Module):
+    """Space-Time Memory network. The memory read itself is done by a memory bank
+    (`MemoryBank.read`) so that memory storage, growth and offload stay out of the network:
+
+        keys, values = model.encode_memory(frame, object_probs)      # per object
+        query = model.encode_query(frame)                            # once for all objects
+        readout = bank.read(query.key)                               # memory_read
+        fg = model.foreground(readout, query)                        # (n, H, W)
+        probs = soft_aggregate(fg).softmax(0)                        # (n + 1, H, W)
+    """
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config or STMConfig()
+        c4, c3, c2 = feature_channels(self.config)
+        cfg = self.config
+        self.memory_encoder = Encoder(cfg, with_masks=True)
+        self.query_encoder = Encoder(cfg, with_masks=False)
+        self.memory_key_value = KeyValue(c4, cfg.key_dim, cfg.value_dim)
+        self.query_key_value = KeyValue(c4, cfg.key_dim, cfg.value_dim)
+        self.decoder = Decoder(cfg.value_dim, c3, c2, cfg.decoder_dim)
+
+    def encode_memory(self, frame, object_probs):
+        """Keys (n, Ck, H/16, W/16) and values (n, Cv, ...) of one frame for n objects.
+
+        frame (1, 3, H, W) RGB in [0, 1]; object_probs (n, H, W) each object's (soft) mask. The
+        other objects' mask of object o is clamp(sum of the others' probabilities, 0, 1).
+        """
+        n = object_probs.shape[0]
+        masks = object_probs.unsqueeze(1)
+        others = torch.stack([masks[:o].sum(0) + masks[o + 1:].sum(0) for o in range(n)])
+        r4, _, _ = self.memory_encoder(frame.expand(n, -1, -1, -1), masks, others.clamp(0, 1))
+        return self.memory_key_value(r4)
+
+    def encode_query(self, frame):
+        """QueryFeatures of one frame (1, 3, H, W), shared by all objects."""
+        r4, r3, r2 = self.query_encoder(frame)
+        key, value = self.query_key_value(r4)
+        return QueryFeatures(key, value, r3, r2)
+
+    def foreground(self, readout, query):
+        """Per-object foreground probabilities (n, H, W) from the memory read-out (n, Cv, h, w);
+        the decoder runs batched over the n objects, on the shared query features."""
+        n = readout.shape[0]
+        memory_and_query = torch.cat([readout, query.value.expand(n, -1, -1, -1)], dim=1)
+        logits = self.decoder(memory_and_query, query.r3.expand(n, -1, -1, -1),
+                              query.r2.expand(n, -1, -1, -1))
+        return torch.softmax(logits, dim=1)[:, 1]
+
+
+@dataclasses.dataclass
+class QueryFeatures:
+    key: torch.Tensor    # (1, Ck, h, w)
+    value: torch.Tensor  # (1, Cv, h, w)
+    r3: torch.Tensor     # (1, C3, 2h, 2w)
+    r2: torch.Tensor     # (1, C2, 4h, 4w)
+
+
+def soft_aggregate(foreground):
+    """Official soft aggregation: per-object foreground probabilities (n, H, W) -> logits
+    (n + 1, H, W), background first (background = prod(1 - p), all clamped to [1e-7, 1 - 1e-7],
+    logit = log(p / (1 - p))). softmax over dim 0 gives the K = n + 1 probabilities."""
+    background = torch.prod(1 - foreground, dim=0, keepdim=True)
+    probs = torch.cat([background, foreground], dim=0).clamp(1e-7, 1 - 1e-7)
+    return torch.log(probs / (1 - probs))
+
+
+def pad_to_multiple(x, multiple=16):
+    """Zero-pad the last two dims to multiples of `multiple`, centred like the official
+    pad_divide_by; returns (padded, pad) with pad = (left, right, top, bottom)."""
+    height, width = x.shape[-2:]
+    extra_h, extra_w = -height % multiple, -width % multiple
+    pad = (extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2)
+    return (F.pad(x, pad) if any(pad) else x), pad
+
+
+def unpad(x, pad):
+    """Crop what pad_to_multiple added."""
+    left, right, top, bottom = pad
+    return x[..., top:x.shape[-2] - bottom, left:x.shape[-1] - right]

@@ -1,0 +1,98 @@
+"""The `stm` command end to end on real frames from ../shared/data (small untrained model)."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import SHARED
+from stm_model import video_io
+from stm_model.cli import main
+
+DAVIS = SHARED / "data" / "davis2016-val"
+OSVOS = SHARED / "data" / "osvos-davis2017-val-predictions"
+CUTIE = SHARED / "data" / "cutie-examples"
+needs_data = pytest.mark.skipif(not DAVIS.exists(), reason="../shared/data is absent")
+
+
+@needs_data
+def test_segment_then_eval_on_real_frames(tmp_path, capsys):
+    frames = DAVIS / "JPEGImages" / "480p" / "blackswan"
+    annotation = DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png"
+    out = tmp_path / "out"
+    code = main(["segment", str(frames), "--mask", str(annotation), "--config", "small",
+                 "--max-frames", "3", "--overlay", "gif", "--output", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "frames: 3" in printed and "memory frames: 2" in printed and "peak memory" in printed
+    written = sorted(p.name for p in (out / "masks").iterdir())
+    assert written == ["00000.png", "00001.png", "00002.png"]
+    first = Image.open(out / "masks" / "00000.png")
+    assert first.mode == "P" and first.size == (854, 480)
+    assert np.array_equal(np.array(first), video_io.read_mask(annotation))
+    assert Image.open(out / "overlay.gif").n_frames == 3
+    # the three masks evaluated against the same three annotated frames
+    truth = tmp_path / "truth" / "blackswan"
+    truth.mkdir(parents=True)
+    for name in written:
+        (truth / name).write_bytes((annotation.parent / name).read_bytes())
+    results = tmp_path / "results"
+    results.mkdir()
+    (out / "masks").rename(results / "blackswan")
+    assert main(["eval", str(results), str(truth.parent)]) == 0
+    rows = list(csv.DictReader(open(results / "per-sequence_results.csv")))
+    assert [row["Sequence"] for row in rows] == ["blackswan_1"]
+    assert 0 <= float(rows[0]["J-Mean"]) <= 1
+
+
+@needs_data
+def test_eval_matches_the_official_per_frame_reference(tmp_path, capsys):
+    reference = json.loads((SHARED / "reference" / "jf_reference.json").read_text())["camel"]
+    code = main(["eval", str(OSVOS / "camel"), str(DAVIS / "Annotations" / "480p" / "camel"),
+                 "--output", str(tmp_path)])
+    assert code == 0
+    (row,) = csv.DictReader(open(tmp_path / "global_results.csv"))
+    assert abs(float(row["J-Mean"]) - np.mean(reference["J"][1:-1])) < 6e-4
+    assert abs(float(row["F-Mean"]) - np.mean(reference["F"][1:-1])) < 6e-4
+    assert "camel_1" in capsys.readouterr().out
+
+
+@needs_data
+def test_segment_video_file_and_late_masks(tmp_path, capsys):
+    video = CUTIE / "example.mp4"
+    pytest.importorskip("av")
+    masks = tmp_path / "masks"
+    first = np.zeros((480, 640), dtype=np.uint8)
+    first[100:200, 100:300] = 1
+    later = np.zeros((480, 640), dtype=np.uint8)
+    later[300:400, 350:500] = 2
+    video_io.write_mask(masks / "00000.png", first)
+    video_io.write_mask(masks / "00002.png", later)
+    out = tmp_path / "out"
+    assert main(["segment", str(video), "--masks", str(masks), "--config", "small",
+                 "--max-frames", "4", "--overlay", "png", "--output", str(out), "--quiet"]) == 0
+    assert "objects: 2" in capsys.readouterr().out
+    assert len(list((out / "overlay").glob("*.png"))) == 4
+    assert set(np.unique(video_io.read_mask(out / "masks" / "00002.png"))) <= {0, 1, 2}
+
+
+@needs_data
+def test_mask_of_the_wrong_size_is_a_clear_error(tmp_path, capsys):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("00000.png", "00005.png"):
+        (masks / name).write_bytes((CUTIE / "masks" / "judo" / name).read_bytes())
+    code = main(["segment", str(CUTIE / "images" / "judo"), "--masks", str(masks),
+                 "--config", "small", "--overlay", "none", "--output", str(tmp_path / "o"),
+                 "--quiet", "--max-frames", "6"])
+    assert code == 2
+    assert "853x480" in capsys.readouterr().err
+
+
+def test_module_entry_point_prints_help():
+    completed = subprocess.run([sys.executable, "-m", "stm_model", "--help"],
+                               capture_output=True, text=True)
+    assert completed.returncode == 0 and "segment" in completed.stdout and "eval" in completed.stdout
