@@ -50,7 +50,11 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
         query_key: (B or 1, Ck, HW) or (B or 1, Ck, H, W). Batch 1, or a stride-0 `expand`, is
             shared by all B objects without copies.
         memory_key: (B, Ck, N) or (B, Ck, T, H', W'); B = objects, N = T*H'*W' positions.
-        memory_value: (B, Cv, *M) with the same memory layout *M as memory_key.
+            Or a list of such chunks (e.g. one per memory frame), read as their concatenation
+            along N: autograd then saves the chunks themselves, not a concatenated copy, so a
+            training loop that reads a growing list of memory frames keeps O(T) memory.
+        memory_value: (B, Cv, *M) with the same memory layout *M as memory_key (chunk for
+            chunk when memory_key is a list).
         scale: score scale; defaults to 1/sqrt(Ck) (official STM).
         similarity: "dot" or "l2".
         backend: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "torch"
@@ -61,73 +65,97 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
     Returns:
         out (B, Cv, *Q) in memory_value's dtype; with return_lse=True also lse (B, *Q), the
         natural log of sum_j exp(s_ij), in float32 (float64 for float64 inputs). query_key is
-        cast to the memory's dtype. Gradients flow to all three inputs (and through lse).
+        cast to the memory's dtype. Gradients flow to all three inputs (and through lse), to
+        each chunk of a chunked memory.
     """
-    q, k, v, query_spatial = _flatten_checked(query_key, memory_key, memory_value)
+    q, keys, values, query_spatial = _flatten_checked(query_key, memory_key, memory_value)
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
     if scale is None:
-        scale = 1.0 / math.sqrt(k.shape[1])
+        scale = 1.0 / math.sqrt(q.shape[1])
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python number or None; got {scale!r}")
-    backend = _resolve_backend(backend, k)
+    backend = _resolve_backend(backend, keys[0])
     l2 = similarity == "l2"
     if backend == "naive":
-        out, lse = naive_memory_read(q, k, v, float(scale), l2, need_lse=return_lse)
+        out, lse = naive_memory_read(q, _concatenated(keys), _concatenated(values), float(scale),
+                                     l2, need_lse=return_lse)
     else:
-        out, lse = torch.ops.stm_kernels.memory_read(q, k, v, float(scale), l2, backend)
+        out, lse = torch.ops.stm_kernels.memory_read(q, keys, values, float(scale), l2, backend)
     out = out.unflatten(2, query_spatial)
     if return_lse:
         return out, lse.unflatten(1, query_spatial)
     return out
 
 
+def _as_chunks(name, memory):
+    if isinstance(memory, torch.Tensor):
+        return [(name, memory)]
+    if not isinstance(memory, (list, tuple)) or not memory:
+        raise TypeError(f"{name} must be a torch.Tensor or a non-empty list of tensors "
+                        f"(memory chunks); got {type(memory).__name__}")
+    return [(f"{name}[{index}]", chunk) for index, chunk in enumerate(memory)]
+
+
+def _check_tensor(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64); got {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(tensor.shape)}); every dimension, including "
+            "the number of memory positions N, must be at least 1")
+
+
 def _flatten_checked(query_key, memory_key, memory_value):
-    for name, tensor in (("query_key", query_key), ("memory_key", memory_key),
-                         ("memory_value", memory_value)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise TypeError(
-                f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
-                f"float64); got {tensor.dtype}")
+    """Validate; return q (Bq, Ck, HW), key chunks [(B, Ck, N_i)], value chunks [(B, Cv, N_i)]
+    (views where the strides allow) and the query's spatial shape."""
+    _check_tensor("query_key", query_key)
+    keys, values = _as_chunks("memory_key", memory_key), _as_chunks("memory_value", memory_value)
+    if len(keys) != len(values):
+        raise ValueError(f"memory_key and memory_value must hold as many chunks; got "
+                         f"{len(keys)} and {len(values)}")
     if query_key.dim() not in (3, 4):
         raise ValueError(
             "query_key must have shape (B or 1, Ck, HW) or (B or 1, Ck, H, W); got shape "
             f"{tuple(query_key.shape)}")
-    if memory_key.dim() not in (3, 5):
-        raise ValueError(
-            "memory_key must have shape (B, Ck, N) or (B, Ck, T, H, W); got shape "
-            f"{tuple(memory_key.shape)}")
-    B, Ck = memory_key.shape[:2]
-    memory_spatial = memory_key.shape[2:]
-    if memory_value.dim() != memory_key.dim() or memory_value.shape[0] != B or \
-            memory_value.shape[2:] != memory_spatial:
-        layout = "(B, Cv, N)" if memory_key.dim() == 3 else "(B, Cv, T, H, W)"
-        raise ValueError(
-            f"memory_value must have shape {layout} = (B={B}, Cv, "
-            f"{', '.join(map(str, memory_spatial))}) to match memory_key "
-            f"{tuple(memory_key.shape)}; got shape {tuple(memory_value.shape)}")
+    first_key_name, first_key = keys[0]
+    _check_tensor(first_key_name, first_key)
+    B, Ck = first_key.shape[:2]
+    Cv = None
+    for (key_name, key), (value_name, value) in zip(keys, values):
+        _check_tensor(key_name, key)
+        _check_tensor(value_name, value)
+        if key.dim() not in (3, 5) or key.shape[:2] != (B, Ck):
+            raise ValueError(
+                f"{key_name} must have shape (B, Ck, N) or (B, Ck, T, H, W) with B={B}, "
+                f"Ck={Ck}; got shape {tuple(key.shape)}")
+        Cv = value.shape[1] if Cv is None else Cv
+        if value.dim() != key.dim() or value.shape[0] != B or value.shape[1] != Cv or \
+                value.shape[2:] != key.shape[2:]:
+            layout = "(B, Cv, N)" if key.dim() == 3 else "(B, Cv, T, H, W)"
+            raise ValueError(
+                f"{value_name} must have shape {layout} = (B={B}, Cv, "
+                f"{', '.join(map(str, key.shape[2:]))}) to match {key_name} "
+                f"{tuple(key.shape)}; got shape {tuple(value.shape)}")
+        if not query_key.device == key.device == value.device:
+            raise ValueError(
+                f"query_key, {key_name} and {value_name} must be on one device; got "
+                f"{query_key.device}, {key.device} and {value.device}")
+        if key.dtype != first_key.dtype or value.dtype != first_key.dtype:
+            raise TypeError(
+                f"memory_key and memory_value must share one dtype; got {key.dtype} "
+                f"({key_name}) and {value.dtype} ({value_name})")
     if query_key.shape[0] not in (1, B) or query_key.shape[1] != Ck:
         raise ValueError(
             f"query_key must have shape (B={B} or 1, Ck={Ck}, ...) to match memory_key "
-            f"{tuple(memory_key.shape)}; got shape {tuple(query_key.shape)}")
-    for name, tensor in (("query_key", query_key), ("memory_key", memory_key),
-                         ("memory_value", memory_value)):
-        if tensor.numel() == 0:
-            raise ValueError(
-                f"{name} is empty (shape {tuple(tensor.shape)}); every dimension, including "
-                "the number of memory positions N, must be at least 1")
-    if not query_key.device == memory_key.device == memory_value.device:
-        raise ValueError(
-            "query_key, memory_key and memory_value must be on one device; got "
-            f"{query_key.device}, {memory_key.device} and {memory_value.device}")
-    if memory_key.dtype != memory_value.dtype:
-        raise TypeError(
-            "memory_key and memory_value must share one dtype; got "
-            f"{memory_key.dtype} and {memory_value.dtype}")
-    q = query_key.to(memory_key.dtype).flatten(2)
-    return q, memory_key.flatten(2), memory_value.flatten(2), query_key.shape[2:]
+            f"{tuple(first_key.shape)}; got shape {tuple(query_key.shape)}")
+    q = query_key.to(first_key.dtype).flatten(2)
+    return (q, [key.flatten(2) for _, key in keys], [value.flatten(2) for _, value in values],
+            query_key.shape[2:])
 
 
 def _resolve_backend(backend, memory_key):
@@ -154,47 +182,62 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _concatenated(chunks):
+    """The memory as one (B, C, N) tensor: the chunk itself when there is one (no copy)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+
+
+# The ops take the memory as a list of chunks and concatenate it only transiently, inside the
+# forward and inside the backward: autograd saves the chunks themselves, so reading a growing
+# list of memory frames at every step of a clip keeps O(T) memory alive, not O(T^2) copies.
 @torch.library.custom_op("stm_kernels::memory_read", mutates_args=())
-def _memory_read_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, l2: bool,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                    scale: float, l2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     forward = _triton.triton_forward if backend == "triton" else torch_forward
-    return forward(q, k, v, scale, l2)
+    return forward(q, _concatenated(ks), _concatenated(vs), scale, l2)
 
 
 @_memory_read_op.register_fake
-def _(q, k, v, scale, l2, backend):
-    B, Cv, HW = k.shape[0], v.shape[1], q.shape[2]
-    return v.new_empty((B, Cv, HW)), v.new_empty((B, HW), dtype=_lse_dtype(v.dtype))
+def _(q, ks, vs, scale, l2, backend):
+    B, Cv, HW = ks[0].shape[0], vs[0].shape[1], q.shape[2]
+    return vs[0].new_empty((B, Cv, HW)), vs[0].new_empty((B, HW), dtype=_lse_dtype(vs[0].dtype))
 
 
 @torch.library.custom_op("stm_kernels::memory_read_backward", mutates_args=())
 def _memory_read_backward_op(
-        grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-        v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, l2: bool,
-        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor,
+        ks: list[torch.Tensor], vs: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+        scale: float, l2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) with dk, dv over the concatenated memory (split per chunk by autograd)."""
     backward = _triton.triton_backward if backend == "triton" else torch_backward
-    return backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2)
+    return backward(grad_out, grad_lse, q, _concatenated(ks), _concatenated(vs), out, lse, scale,
+                    l2)
 
 
 @_memory_read_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, scale, l2, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, grad_lse, q, ks, vs, out, lse, scale, l2, backend):
+    N = sum(k.shape[2] for k in ks)
+    return (q.new_empty(q.shape), ks[0].new_empty(ks[0].shape[:2] + (N,)),
+            vs[0].new_empty(vs[0].shape[:2] + (N,)))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, l2, backend = inputs
+    q, ks, vs, scale, l2, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, out, lse, *ks, *vs)
+    ctx.chunks = len(ks)
     ctx.options = (scale, l2, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, out, lse, *memory = ctx.saved_tensors
+    ks, vs = memory[:ctx.chunks], memory[ctx.chunks:]
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.stm_kernels.memory_read_backward(
-        grad_out, grad_lse, q, k, v, out, lse, *ctx.options)
-    return dq, dk, dv, None, None, None
+        grad_out, grad_lse, q, ks, vs, out, lse, *ctx.options)
+    sizes = [k.shape[2] for k in ks]
+    return dq, list(dk.split(sizes, dim=2)), list(dv.split(sizes, dim=2)), None, None, None
 
 
 _memory_read_op.register_autograd(_backward, setup_context=_setup_context)

@@ -238,3 +238,51 @@ def test_int64_and_alignment_decisions_for_memory_bank_shapes():
     assert triton_module._needs_int64(bank(128, 16), outputs=[(512, 1 << 23)])
     assert [triton_module._alignment(bank(128, 1620 * t)) for t in (1, 2, 4)] == [4, 8, 16]
     assert triton_module._alignment(bank(128, 101)) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS + ["naive"])
+def test_chunked_memory_equals_its_concatenation_and_is_saved_uncopied(device, backend):
+    """A list of memory chunks (mixed layouts) reads as their concatenation, gradients reach each
+    chunk, and autograd keeps the chunks themselves (no O(T^2) concatenated copies)."""
+    if backend != "naive":
+        skip_unless_runnable(backend, device)
+    elif device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q, k, v = random_inputs(2, 1, 16, 24, 30, 7 * 12, torch.float32, device, seed=13)
+    expected = reference_with_grads(q, k, v)
+    q = q.detach().requires_grad_()
+    sizes = [12, 36, 36]
+    k_chunks = [c.detach().clone().requires_grad_() for c in k.split(sizes, dim=2)]
+    v_chunks = [c.detach().clone().requires_grad_() for c in v.split(sizes, dim=2)]
+    # the second chunk as (T, H, W) = (3, 3, 4) frames
+    keys = [k_chunks[0], k_chunks[1].unflatten(2, (3, 3, 4)), k_chunks[2]]
+    values = [v_chunks[0], v_chunks[1].unflatten(2, (3, 3, 4)), v_chunks[2]]
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out, lse = memory_read(q, keys, values, backend=backend, return_lse=True)
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
+    ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
+    dk = torch.cat([c.grad for c in k_chunks], dim=2)
+    dv = torch.cat([c.grad for c in v_chunks], dim=2)
+    _check([out, lse, q.grad, dk, dv], expected, torch.float32)
+    if backend != "naive":  # the official read saves its concatenation, by design
+        assert not any(t.dim() == 3 and t.shape[2] == sum(sizes) for t in saved)
+
+
+def test_chunk_errors_name_the_chunk():
+    q, k, v = random_inputs(2, 1, 8, 6, 10, 12, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="as many chunks"):
+        memory_read(q, [k, k], [v])
+    with pytest.raises(ValueError, match=r"memory_key\[1\] must have shape .*Ck=8"):
+        memory_read(q, [k, k[:, :4]], [v, v])
+    with pytest.raises(ValueError, match=r"memory_value\[1\] must have shape"):
+        memory_read(q, [k, k], [v, v[:, :, :5]])
+    with pytest.raises(TypeError, match="non-empty list"):
+        memory_read(q, [], [])
