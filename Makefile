@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench test-gpu clean
+.PHONY: test bench demo small-model test-gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.memory_read
+
+demo: $(STAMP)
+	$(PY) -m stm_model.demo
+
+# Reproduces stm_model/weights/stm_small_synthetic.pt (about 2 hours on a 2-core CPU).
+small-model: $(STAMP)
+	$(PY) -m stm_model.train --output runs/small --model small --steps 3600 \
+		--static-steps 300 --batch-size 8 --clip-len 3 --size 128 128 --max-skip 1 25 8 \
+		--lr 4e-4 --seed 0 --save-every 200 --log-every 20
+	$(PY) -m stm_model export runs/small/model.pt stm_model/weights/stm_small_synthetic.pt \
+		--dtype fp16
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu

@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["stm_kernels", "stm_kernels.*", "stm_model", "stm_model.*"]),
+    package_data={"stm_model": ["weights/*.pt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "pillow", "scipy", "scikit-image", "tqdm"],
     entry_points={"console_scripts": ["stm = stm_model.cli:main"]},

@@ -91,11 +91,17 @@ def load_official_checkpoint(path_or_state_dict, device="cpu"):
     return model.to(device).eval()
 
 
-def save_checkpoint(model, path, **extra):
+def save_checkpoint(model, path, weights_dtype=None, **extra):
     """Write the model (config + weights, and any extra entries such as optimiser state) to
-    path atomically: a crash mid-write leaves the previous file intact."""
+    path atomically: a crash mid-write leaves the previous file intact. weights_dtype (e.g.
+    torch.float16) stores floating-point weights in that dtype (a smaller file); loading casts
+    them back to the model's dtype."""
+    state = model.state_dict()
+    if weights_dtype is not None:
+        state = {name: t.to(weights_dtype) if t.is_floating_point() else t
+                 for name, t in state.items()}
     payload = {"format": FORMAT, "config": dataclasses.asdict(model.config),
-               "state_dict": model.state_dict(), **extra}
+               "state_dict": state, **extra}
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, video_io
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .network import STM, STMConfig
 from .segmenter import VideoSegmenter
+from .train import main as train_main
 
 
 class UsageError(Exception):
@@ -36,6 +37,20 @@ def main(argv=None):
         "eval", help="J&F of a results folder against annotations",
         description="DAVIS J&F (semi-supervised protocol: first and last frame excluded) of "
                     "result masks against annotations; prints a table, writes the two CSVs."))
+    export = commands.add_parser(
+        "export", help="rewrite a checkpoint as weights only (optionally fp16)",
+        description="Write the model of a checkpoint (an stm-kernels run's checkpoint.pt or "
+                    "model.pt, or the official STM_weights.pth) as an stm-kernels weights "
+                    "file, without optimiser state; --dtype fp16 halves its size.")
+    export.add_argument("source")
+    export.add_argument("target")
+    export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    export.set_defaults(run=export_weights)
+    train_parser = commands.add_parser(
+        "train", add_help=False, help="train an STM (options: stm train --help)",
+        description="see python -m stm_model.train --help")
+    train_parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    train_parser.set_defaults(run=lambda args: train_main(args.arguments))
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -159,6 +174,18 @@ def segment(args):
     for name, value in summary.items():
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name:>{width}}: {text}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_weights(args):
+    """`stm export`: weights-only checkpoint, in the requested dtype."""
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    save_checkpoint(load_checkpoint(args.source), args.target, weights_dtype=dtype)
+    size = pathlib.Path(args.target).stat().st_size
+    print(f"wrote {args.target} ({size / 2**20:.1f} MiB, {args.dtype})")
     return 0
 
 

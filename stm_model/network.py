@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from stm_kernels import memory_read
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,9 +166,17 @@ class STM(nn.Module):
         probs = soft_aggregate(fg).softmax(0)                        # (n + 1, H, W)
     """
 
-    def __init__(self, config=None):
+    CHECKPOINTING = ("none", "encoders", "all")
+
+    def __init__(self, config=None, checkpointing="none"):
         super().__init__()
+        if checkpointing not in self.CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {self.CHECKPOINTING}; got "
+                             f"{checkpointing!r}")
         self.config = config or STMConfig()
+        # activation checkpointing in training: "encoders" recomputes the two encoders in the
+        # backward, "all" the decoder too; the memory read keeps only its inputs either way
+        self.checkpointing = checkpointing
         c4, c3, c2 = feature_channels(self.config)
         cfg = self.config
         self.memory_encoder = Encoder(cfg, with_masks=True)
@@ -175,31 +186,82 @@ class STM(nn.Module):
         self.decoder = Decoder(cfg.value_dim, c3, c2, cfg.decoder_dim)
 
     def encode_memory(self, frame, object_probs):
-        """Keys (n, Ck, H/16, W/16) and values (n, Cv, ...) of one frame for n objects.
+        """Keys (S·n, Ck, H/16, W/16) and values (S·n, Cv, ...) of one frame for n objects.
 
-        frame (1, 3, H, W) RGB in [0, 1]; object_probs (n, H, W) each object's (soft) mask. The
-        other objects' mask of object o is clamp(sum of the others' probabilities, 0, 1).
+        frame (S, 3, H, W) RGB in [0, 1] (S clips; 1 when segmenting a video); object_probs
+        (S, n, H, W), or (n, H, W) for S = 1, each object's (soft) mask. The other objects' mask
+        of object o is clamp(sum of the others' probabilities, 0, 1) (as the official code).
         """
-        n = object_probs.shape[0]
-        masks = object_probs.unsqueeze(1)
-        others = torch.stack([masks[:o].sum(0) + masks[o + 1:].sum(0) for o in range(n)])
-        r4, _, _ = self.memory_encoder(frame.expand(n, -1, -1, -1), masks, others.clamp(0, 1))
+        if object_probs.dim() == 3:
+            object_probs = object_probs.unsqueeze(0)
+        S, n = object_probs.shape[:2]
+        masks = object_probs.unsqueeze(2)  # (S, n, 1, H, W)
+        others = torch.stack([masks[:, :o].sum(1) + masks[:, o + 1:].sum(1) for o in range(n)], 1)
+        frames = frame.unsqueeze(1).expand(-1, n, -1, -1, -1)
+        r4, _, _ = self._run(self.memory_encoder, frames.flatten(0, 1), masks.flatten(0, 1),
+                             others.clamp(0, 1).flatten(0, 1))
         return self.memory_key_value(r4)
 
     def encode_query(self, frame):
-        """QueryFeatures of one frame (1, 3, H, W), shared by all objects."""
-        r4, r3, r2 = self.query_encoder(frame)
+        """QueryFeatures of frames (S, 3, H, W), each shared by all objects of its clip."""
+        r4, r3, r2 = self._run(self.query_encoder, frame)
         key, value = self.query_key_value(r4)
         return QueryFeatures(key, value, r3, r2)
 
     def foreground(self, readout, query):
-        """Per-object foreground probabilities (n, H, W) from the memory read-out (n, Cv, h, w);
-        the decoder runs batched over the n objects, on the shared query features."""
-        n = readout.shape[0]
-        memory_and_query = torch.cat([readout, query.value.expand(n, -1, -1, -1)], dim=1)
-        logits = self.decoder(memory_and_query, query.r3.expand(n, -1, -1, -1),
-                              query.r2.expand(n, -1, -1, -1))
+        """Per-object foreground probabilities (S·n, H, W) from the memory read-out
+        (S·n, Cv, h, w); the decoder runs batched over the objects, on the query features of
+        their clip (S = 1 when segmenting: the query is expanded, not copied)."""
+        n = readout.shape[0] // query.value.shape[0]
+        memory_and_query = torch.cat([readout, _per_object(query.value, n)], dim=1)
+        logits = self._run(self.decoder, memory_and_query, _per_object(query.r3, n),
+                           _per_object(query.r2, n))
         return torch.softmax(logits, dim=1)[:, 1]
+
+    def forward(self, frames, first_probs, object_valid=None):
+        """Training forward over clips: STM's main-training recurrence.
+
+        frames (S, T, 3, H, W) RGB in [0, 1]; first_probs (S, n, H, W) the objects' masks on
+        frame 0; object_valid (S, n) bool, False for padding objects of clips with fewer than n.
+        Frame 0 is memorised with its masks; every later frame is segmented from the memory of
+        all earlier frames and then memorised with its own predicted (soft) probabilities.
+        Returns soft-aggregated logits (S, T-1, n+1, H, W) for frames 1..T-1, background first.
+        The memory is a growing list of per-frame chunks (memory_read saves them uncopied).
+        """
+        S, T = frames.shape[:2]
+        n = first_probs.shape[1]
+        valid = (torch.ones(S, n, dtype=torch.bool, device=frames.device)
+                 if object_valid is None else object_valid.to(frames.device))
+        keys, values = self.encode_memory(frames[:, 0], first_probs)
+        memory_keys, memory_values = [keys.unsqueeze(2)], [values.unsqueeze(2)]  # (B, C, 1, h, w)
+        outputs = []
+        for t in range(1, T):
+            query = self.encode_query(frames[:, t])
+            readout = memory_read(_per_object(query.key, n), memory_keys, memory_values,
+                                  similarity=self.config.similarity,
+                                  backend=self.config.read_backend)
+            foreground = self.foreground(readout.to(query.value.dtype), query)
+            foreground = foreground.unflatten(0, (S, n)) * valid[:, :, None, None]
+            logits = torch.stack([soft_aggregate(clip) for clip in foreground])
+            outputs.append(logits)
+            if t < T - 1:
+                keys, values = self.encode_memory(frames[:, t], torch.softmax(logits, 1)[:, 1:])
+                memory_keys.append(keys.unsqueeze(2))
+                memory_values.append(values.unsqueeze(2))
+        return torch.stack(outputs, dim=1)
+
+    def _run(self, module, *inputs):
+        level = 2 if module is self.decoder else 1
+        if self.CHECKPOINTING.index(self.checkpointing) >= level and torch.is_grad_enabled():
+            return checkpoint(module, *inputs, use_reentrant=False)
+        return module(*inputs)
+
+
+def _per_object(features, n):
+    """(S, ...) -> (S·n, ...): each clip's features for its n objects (a view when S = 1)."""
+    if features.shape[0] == 1:
+        return features.expand(n, *features.shape[1:])
+    return features.repeat_interleave(n, dim=0)
 
 
 @dataclasses.dataclass

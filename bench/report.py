@@ -1,0 +1,70 @@
+"""Render the README's benchmark tables from the committed result files.
+
+    python -m bench.report            # rewrite the marked sections of README.md
+    python -m bench.report --check    # exit 1 if README.md is not what the results give
+
+README.md holds `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` blocks; each is replaced by the
+table of the newest bench/results/NAME_<device>_<date>.json per device, with the device,
+library versions, commit and date of the run that produced it. Nothing in those blocks is
+typed by hand.
+"""
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+from bench import memory_read, training
+from bench.common import RESULTS
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize}
+_BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
+
+
+def newest_results(name, directory=RESULTS):
+    """{device_type: payload} of the newest result file of a benchmark per device type."""
+    newest = {}
+    for path in sorted(directory.glob(f"{name}_*.json")):
+        payload = json.loads(path.read_text())
+        payload["_file"] = path.name
+        newest[payload["device_type"]] = payload  # sorted by date: the last one wins
+    return newest
+
+
+def render(name, directory=RESULTS):
+    results = newest_results(name, directory)
+    if not results:
+        return f"_No `{name}` results committed yet._\n"
+    parts = []
+    for device_type in sorted(results, key=lambda d: d != "cuda"):
+        payload = results[device_type]
+        parts.append(f"{payload['device']} · torch {payload['torch']} · triton "
+                     f"{payload['triton']} · commit {payload['commit'][:12]} · "
+                     f"{payload['date'][:10]} · `bench/results/{payload['_file']}`\n\n"
+                     f"{SUMMARIES[name](payload)}\n")
+    return "\n".join(parts)
+
+
+def rewrite(text, directory=RESULTS):
+    return _BLOCK.sub(lambda m: m.group(1) + render(m.group(2), directory) + m.group(3), text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    current = README.read_text()
+    updated = rewrite(current)
+    if args.check:
+        if updated != current:
+            print("README.md benchmark tables are stale: run python -m bench.report")
+            return 1
+        return 0
+    README.write_text(updated)
+    print(f"updated {len(_BLOCK.findall(current))} benchmark blocks in {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Training memory scaling: peak memory and step time per clip length, fused vs naive read.
+
+    python -m bench.training                       # CPU: small model, 240x432 frames
+    python -m bench.training --size 480 864        # 480p (30x54 = 1,620 feature positions)
+
+One training step (forward + backward of STM.forward over a clip, 2 objects) per point, for
+clip lengths 3, 6, 12, 24, the fused read (triton on GPU, the chunked torch backend on CPU)
+against the official materialising read, under activation checkpointing of the encoders and
+of the whole network ("all"; the read keeps its inputs). For each checkpointing level it
+reports the longest clip the fused read trains within the memory the naive read needs for a
+given clip length (measured points, plus a quadratic fit flagged as extrapolated). Writes
+bench/results/training_<device>_<date>.json and a plot.
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench import common
+from stm_model.network import STM, STMConfig
+
+READS = {"fused": None, "naive": "naive"}
+
+
+def _batch(clip_len, height, width, objects, device):
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.rand(1, clip_len, 3, height, width, generator=generator)
+    first = torch.zeros(1, objects, height, width)
+    for o in range(objects):
+        first[0, o, o * height // objects:(o + 1) * height // objects, width // 4:width // 2] = 1
+    labels = torch.randint(0, objects + 1, (1, clip_len - 1, height, width), generator=generator)
+    return frames.to(device), first.to(device), labels.to(device)
+
+
+def make_step(spec, device):
+    """A zero-argument training step (forward + backward) for the spec."""
+    config = STMConfig.small() if spec["model"] == "small" else STMConfig()
+    backend = READS[spec["read"]] or ("triton" if device.type == "cuda" else "torch")
+    torch.manual_seed(0)
+    model = STM(STMConfig(**{**config.__dict__, "read_backend": backend}),
+                checkpointing=spec["checkpointing"]).to(device).train()
+    frames, first, labels = _batch(spec["clip_len"], *spec["size"], spec["objects"], device)
+    amp = device.type == "cuda"
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(frames, first)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                 labels.flatten(0, 1))
+        loss.backward()
+    return step
+
+
+def measure(spec, device):
+    if device.type == "cuda":
+        step = make_step(spec, device)
+        step()
+        median, low, high = common.time_ms(step, device, min_runs=3, budget_s=1.0)
+        peak = common.cuda_peak_extra_bytes(step, device)
+        return dict(step_ms=median, step_q20_ms=low, step_q80_ms=high, peak_mem_bytes=peak)
+    return common.run_isolated("bench.training", ["--_measure-cpu", json.dumps(spec)])
+
+
+def _cpu_child(spec_json):
+    spec = json.loads(spec_json)
+    device = torch.device("cpu")
+    step = make_step(spec, device)
+    timings = []
+
+    def timed():
+        start = time.perf_counter()
+        step()
+        timings.append((time.perf_counter() - start) * 1e3)
+    peak = common.cpu_peak_extra_bytes(timed)  # one warm-up call, then the measured one
+    print(json.dumps(dict(step_ms=timings[-1], peak_mem_bytes=peak)))
+
+
+def longest_within(records, read, checkpointing, budget):
+    """(longest measured clip whose peak fits the budget, quadratic-fit estimate)."""
+    points = sorted((r["clip_len"], r["peak_mem_bytes"]) for r in records
+                    if r["read"] == read and r["checkpointing"] == checkpointing
+                    and r.get("status") == "ok")
+    measured = max((t for t, peak in points if peak <= budget), default=None)
+    if len(points) < 3:
+        return measured, None
+    t, peak = np.array(points, dtype=float).T
+    c2, c1, c0 = np.polyfit(t, peak, 2)
+    roots = np.roots([max(c2, 0.0), c1, c0 - budget])
+    real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real > 0]
+    return measured, (min(real) if real else None)
+
+
+def summarize(payload):
+    lines = ["| checkpointing | budget = naive peak at clip | budget MiB | fused clip (measured) "
+             "| fused clip (fit) | ratio (fit) |", "|---|---|---|---|---|---|"]
+    records = payload["records"]
+    for level in payload["checkpointing"]:
+        for clip in payload["budget_clips"]:
+            naive = next((r for r in records if r["read"] == "naive" and r["clip_len"] == clip
+                          and r["checkpointing"] == level and r.get("status") == "ok"), None)
+            if naive is None:
+                continue
+            measured, fitted = longest_within(records, "fused", level, naive["peak_mem_bytes"])
+            lines.append(f"| {level} | {clip} | {naive['peak_mem_bytes'] / 2**20:.0f} | "
+                         f"{measured} | {f'{fitted:.1f}' if fitted else 'n/a'} | "
+                         f"{f'{fitted / clip:.1f}x' if fitted else 'n/a'} |")
+    return "\n".join(lines)
+
+
+def plot(payload, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (memory, timing) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for level in payload["checkpointing"]:
+        for read in READS:
+            series = sorted((r["clip_len"], r) for r in payload["records"]
+                            if r["read"] == read and r["checkpointing"] == level
+                            and r.get("status") == "ok")
+            if not series:
+                continue
+            clips = [c for c, _ in series]
+            style = "-" if read == "fused" else "--"
+            label = f"{read}, checkpointing {level}"
+            memory.plot(clips, [r["peak_mem_bytes"] / 2**20 for _, r in series], style,
+                        marker="o", label=label)
+            timing.plot(clips, [r["step_ms"] / 1e3 for _, r in series], style, marker="o",
+                        label=label)
+    memory.set(xlabel="clip length (frames)", ylabel="peak memory of a step (MiB)",
+               xscale="log", yscale="log")
+    timing.set(xlabel="clip length (frames)", ylabel="step time (s)", xscale="log",
+               yscale="log")
+    memory.legend(fontsize=7)
+    height, width = payload["size"]
+    figure.suptitle(f"STM training step ({payload['model']} model, {width}x{height}, "
+                    f"{payload['objects']} objects) on {payload['device']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--model", choices=["small", "official"])
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--clip-lens", type=int, nargs="+", default=[3, 6, 12, 24])
+    parser.add_argument("--checkpointing", nargs="+", default=["encoders", "all"])
+    parser.add_argument("--objects", type=int, default=2)
+    parser.add_argument("--budget-clips", type=int, nargs="+", default=[6, 12])
+    parser.add_argument("--_measure-cpu", dest="measure_cpu", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure_cpu:
+        return _cpu_child(args.measure_cpu)
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = args.model or ("official" if device.type == "cuda" else "small")
+    size = tuple(args.size or ((480, 864) if device.type == "cuda" else (240, 432)))
+    payload = common.environment(device)
+    payload.update(benchmark="training", model=model, size=size, objects=args.objects,
+                   checkpointing=args.checkpointing, budget_clips=args.budget_clips,
+                   feature_positions=(size[0] // 16) * (size[1] // 16),
+                   peak_mem_note=("CUDA allocator peak of one step above what was allocated "
+                                  "before; CPU: resident-set high-water mark of the second step "
+                                  "in a fresh process"), records=[])
+    for level in args.checkpointing:
+        for read in READS:
+            for clip_len in args.clip_lens:
+                spec = dict(model=model, read=read, checkpointing=level, clip_len=clip_len,
+                            size=size, objects=args.objects)
+                try:
+                    record = {**spec, "status": "ok", **measure(spec, device)}
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+                    record = {**spec, "status": f"error: {str(error)[:200]}"}
+                payload["records"].append(record)
+                shown = (f"{record['peak_mem_bytes'] / 2**20:9.0f} MiB "
+                         f"{record['step_ms'] / 1e3:7.2f} s" if record["status"] == "ok"
+                         else record["status"])
+                print(f"{read:5} checkpointing={level:8} clip={clip_len:3}  {shown}", flush=True)
+    path = common.write_results("training", payload)
+    plot(payload, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    print(summarize(payload))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

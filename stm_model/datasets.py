@@ -1,0 +1,183 @@
+"""Training clips: synthetic videos, static images turned into clips, DAVIS-format folders.
+
+Every dataset item is a dict with `frames` (T, 3, H, W) float32 RGB in [0, 1], `labels`
+(T, H, W) int64 object ids 1..n (0 = background) and `num_objects` n, and is deterministic
+from (dataset seed, index), so training resumes and distributes without sampler state.
+`collate_clips` batches items for `STM.forward`.
+
+Seed convention: training videos use synthetic seeds below HELD_OUT_SEEDS; evaluation and the
+demo use HELD_OUT_SEEDS + s, videos no training clip ever saw.
+"""
+import math
+import pathlib
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from . import video_io
+from .synthetic import SyntheticVideo
+
+HELD_OUT_SEEDS = 1_000_000_000
+
+
+def max_skip_schedule(step, total_steps, start=1, peak=10, end=5):
+    """STM's max-skip curriculum: ramps from `start` to `peak` over the first half of training,
+    then down to `end` (long gaps teach robustness; short ones at the end match inference)."""
+    progress = step / max(total_steps, 1)
+    if progress < 0.5:
+        return int(round(start + (peak - start) * progress / 0.5))
+    return int(round(peak + (end - peak) * (progress - 0.5) / 0.5))
+
+
+def _choose_objects(labels, rng, max_objects, min_pixels):
+    """Remap up to max_objects ids visible on frame 0 (at least min_pixels) to 1..n."""
+    ids, counts = np.unique(labels[0], return_counts=True)
+    visible = [int(i) for i, c in zip(ids, counts) if i != 0 and c >= min_pixels]
+    rng.shuffle(visible)
+    chosen = visible[:max_objects]
+    remapped = np.zeros_like(labels)
+    for new, old in enumerate(chosen, start=1):
+        remapped[labels == old] = new
+    return remapped, len(chosen)
+
+
+def _item(frames, labels, num_objects):
+    return {"frames": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2),
+            "labels": torch.from_numpy(labels), "num_objects": num_objects}
+
+
+class SyntheticClips(torch.utils.data.Dataset):
+    """Clips of `clip_len` frames from synthetic training videos, with gaps of 1..max_skip
+    frames; `max_skip` is a number or a function of the item index (curriculum)."""
+
+    def __init__(self, length, clip_len=3, size=(128, 128), max_objects=3, max_skip=5, seed=0,
+                 min_pixels=20):
+        self.length, self.clip_len, self.size = length, clip_len, size
+        self.max_objects, self.max_skip, self.seed = max_objects, max_skip, seed
+        self.min_pixels = min_pixels
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, index))
+        max_skip = self.max_skip(index) if callable(self.max_skip) else self.max_skip
+        video = SyntheticVideo(int(rng.integers(HELD_OUT_SEEDS)), *self.size)
+        times = int(rng.integers(0, 3000)) + np.concatenate(
+            [[0], np.cumsum(rng.integers(1, max_skip + 1, size=self.clip_len - 1))])
+        images, labels = zip(*(video.render(int(t)) for t in times))
+        labels, count = _choose_objects(np.stack(labels), rng, self.max_objects, self.min_pixels)
+        return _item(np.stack(images), labels, count)
+
+
+class StaticImageClips(torch.utils.data.Dataset):
+    """STM's pre-training stage: one image and its mask, turned into a clip by random affine
+    and colour transforms per frame. `source[i]` gives (image float (H, W, 3), labels (H, W));
+    the default source renders random synthetic frames."""
+
+    def __init__(self, length, clip_len=3, size=(128, 128), max_objects=3, seed=0, source=None,
+                 min_pixels=20):
+        self.length, self.clip_len, self.size = length, clip_len, size
+        self.max_objects, self.seed, self.min_pixels = max_objects, seed, min_pixels
+        self.source = source
+
+    def __len__(self):
+        return self.length
+
+    def _image(self, rng, index):
+        if self.source is not None:
+            return self.source[index % len(self.source)]
+        video = SyntheticVideo(int(rng.integers(HELD_OUT_SEEDS)), *self.size)
+        return video.render(int(rng.integers(0, 3000)))
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, index, 1))
+        image, labels = self._image(rng, index)
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))[None]
+        frames, masks = [], []
+        for t in range(self.clip_len):
+            identity = t == 0
+            angle = 0.0 if identity else float(rng.uniform(-20, 20))
+            shift = [0, 0] if identity else [int(v) for v in rng.uniform(-0.1, 0.1, 2) * self.size]
+            scale = 1.0 if identity else float(rng.uniform(0.85, 1.15))
+            shear = [0.0, 0.0] if identity else [float(v) for v in rng.uniform(-8, 8, 2)]
+            frame = TF.affine(image, angle=angle, translate=shift, scale=scale, shear=shear,
+                              interpolation=TF.InterpolationMode.BILINEAR)
+            mask = TF.affine(labels, angle=angle, translate=shift, scale=scale, shear=shear,
+                             interpolation=TF.InterpolationMode.NEAREST)
+            if not identity:
+                frame = TF.adjust_brightness(frame, float(rng.uniform(0.8, 1.2)))
+                frame = TF.adjust_contrast(frame, float(rng.uniform(0.8, 1.2)))
+                frame = TF.adjust_hue(frame, float(rng.uniform(-0.04, 0.04)))
+            frame = TF.resize(frame, list(self.size), antialias=True)
+            mask = TF.resize(mask, list(self.size), interpolation=TF.InterpolationMode.NEAREST)
+            frames.append(frame.clamp(0, 1).permute(1, 2, 0).numpy())
+            masks.append(mask[0].numpy())
+        labels, count = _choose_objects(np.stack(masks), rng, self.max_objects, self.min_pixels)
+        return _item(np.stack(frames), labels, count)
+
+
+class DavisClips(torch.utils.data.Dataset):
+    """Clips from a DAVIS-format folder: <root>/JPEGImages/<res>/<seq>/*.jpg with masks in
+    <root>/Annotations/<res>/<seq>/*.png on every frame (palette or DAVIS-2016 'L'); frames
+    are resized so that the shorter side is size[0]'s and randomly cropped to `size`."""
+
+    def __init__(self, root, length, clip_len=3, size=(384, 384), max_objects=3, max_skip=5,
+                 seed=0, resolution="480p", min_pixels=100):
+        root = pathlib.Path(root)
+        images, annotations = root / "JPEGImages" / resolution, root / "Annotations" / resolution
+        self.sequences = sorted(p.name for p in annotations.iterdir() if p.is_dir())
+        if not self.sequences:
+            raise FileNotFoundError(f"no sequences in {annotations}")
+        self.frames = {name: video_io.list_frames(images / name) for name in self.sequences}
+        self.annotations = annotations
+        self.length, self.clip_len, self.size = length, clip_len, size
+        self.max_objects, self.max_skip, self.seed = max_objects, max_skip, seed
+        self.min_pixels = min_pixels
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, index, 2))
+        name = self.sequences[int(rng.integers(len(self.sequences)))]
+        paths = self.frames[name]
+        max_skip = self.max_skip(index) if callable(self.max_skip) else self.max_skip
+        skips = rng.integers(1, max_skip + 1, size=self.clip_len - 1)
+        span = int(skips.sum())
+        if span >= len(paths):
+            skips = np.ones_like(skips)
+            span = int(skips.sum())
+        start = int(rng.integers(0, max(len(paths) - span, 1)))
+        picks = start + np.concatenate([[0], np.cumsum(skips)])
+        images = [video_io.load_image(paths[i]) for i in picks]
+        labels = [video_io.read_mask(self.annotations / name / f"{paths[i].stem}.png")
+                  for i in picks]
+        frames = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+        masks = torch.from_numpy(np.stack(labels))[:, None]
+        height, width = frames.shape[-2:]
+        factor = max(self.size[0] / height, self.size[1] / width)
+        resized = [math.ceil(height * factor), math.ceil(width * factor)]
+        frames = TF.resize(frames, resized, antialias=True)
+        masks = TF.resize(masks, resized, interpolation=TF.InterpolationMode.NEAREST)
+        top = int(rng.integers(0, resized[0] - self.size[0] + 1))
+        left = int(rng.integers(0, resized[1] - self.size[1] + 1))
+        frames = frames[..., top:top + self.size[0], left:left + self.size[1]]
+        masks = masks[:, 0, top:top + self.size[0], left:left + self.size[1]].numpy()
+        labels, count = _choose_objects(masks, rng, self.max_objects, self.min_pixels)
+        return _item(frames.permute(0, 2, 3, 1).numpy(), labels, count)
+
+
+def collate_clips(items, max_objects=None):
+    """Batch items into `frames` (S, T, 3, H, W), `labels` (S, T, H, W), `first_probs`
+    (S, n, H, W) one-hot masks of frame 0 and `object_valid` (S, n), n = the most objects of
+    any clip (or max_objects); clips with fewer objects get empty, invalid slots."""
+    n = max(max_objects or 0, max(item["num_objects"] for item in items), 1)
+    frames = torch.stack([item["frames"] for item in items])
+    labels = torch.stack([item["labels"] for item in items])
+    ids = torch.arange(1, n + 1).view(1, n, 1, 1)
+    first_probs = (labels[:, 0, None] == ids).float()
+    valid = torch.stack([torch.arange(n) < item["num_objects"] for item in items])
+    return {"frames": frames, "labels": labels, "first_probs": first_probs, "object_valid": valid}

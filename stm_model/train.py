@@ -1,0 +1,285 @@
+"""STM main training: clips of frames, each later frame segmented from the memory of all earlier
+ones (see `STM.forward`), cross-entropy on the soft-aggregated logits, AdamW with warm-up and a
+cosine schedule, bf16 autocast on GPU, DDP under torchrun, atomic resumable checkpoints.
+
+    python -m stm_model.train --output runs/small --steps 3000          # also: stm train ...
+    torchrun --nproc_per_node 2 -m stm_model.train --output runs/ddp ...
+
+Resuming: run the same command again; it continues from <output>/checkpoint.pt (model,
+optimiser, scheduler, step, RNG states). Clips are a pure function of (seed, step, rank, slot),
+so a resumed run sees exactly the clips the uninterrupted run would have seen.
+"""
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import pathlib
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .datasets import (DavisClips, StaticImageClips, SyntheticClips, collate_clips,
+                       max_skip_schedule)
+from .network import STM, STMConfig
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+METRICS = "metrics.csv"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in its checkpoints)."""
+    output: str = "runs/small"
+    model: str = "small"               # "small" (STMConfig.small()) or "official" (ResNet-50)
+    data: str = "synthetic"            # "synthetic" or a DAVIS-format root folder
+    steps: int = 3000
+    static_steps: int = 0              # first steps on static-image clips (pre-training stage)
+    batch_size: int = 8
+    clip_len: int = 3
+    size: tuple = (128, 128)
+    max_objects: int = 3
+    max_skip: tuple = (1, 10, 5)       # curriculum: start, peak (mid-run), end
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 3.0
+    amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
+    checkpointing: str = "none"        # activation checkpointing: none, encoders or all
+    read_backend: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    log_every: int = 10
+    save_every: int = 200
+
+    def __post_init__(self):
+        self.size, self.max_skip = tuple(self.size), tuple(self.max_skip)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Dataset indices of this rank's batches for steps [start, steps): step s, rank r and slot
+    i read item (s·world + r)·batch + i, so ranks never share clips and a resumed run picks up
+    exactly where the interrupted one stopped (a distributed sampler without state)."""
+
+    def __init__(self, steps, batch_size, rank=0, world_size=1, start=0):
+        self.steps, self.batch_size = steps, batch_size
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __len__(self):
+        return max(self.steps - self.start, 0) * self.batch_size
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+
+
+def build_dataset(config, world_size=1):
+    """Item i belongs to step i // (batch · world); the max-skip curriculum follows the step."""
+    per_step = config.batch_size * world_size
+    length = config.steps * per_step
+
+    def max_skip(index):
+        return max(1, max_skip_schedule(index // per_step, config.steps, *config.max_skip))
+    common = dict(clip_len=config.clip_len, size=config.size, max_objects=config.max_objects,
+                  seed=config.seed)
+    if config.data == "synthetic":
+        videos = SyntheticClips(length, max_skip=max_skip, **common)
+    else:
+        videos = DavisClips(config.data, length, max_skip=max_skip, **common)
+    if not config.static_steps:
+        return videos
+    static = StaticImageClips(length, **common)
+    return _Staged(static, videos, config.static_steps * per_step)
+
+
+class _Staged(torch.utils.data.Dataset):
+    """Items below `switch` from the first dataset (pre-training), the rest from the second."""
+
+    def __init__(self, first, second, switch):
+        self.first, self.second, self.switch = first, second, switch
+
+    def __len__(self):
+        return len(self.second)
+
+    def __getitem__(self, index):
+        return (self.first if index < self.switch else self.second)[index]
+
+
+def build_model(config):
+    model_config = STMConfig.small() if config.model == "small" else STMConfig()
+    model_config = dataclasses.replace(model_config, read_backend=config.read_backend)
+    return STM(model_config, checkpointing=config.checkpointing)
+
+
+def clip_loss(model, batch, device, amp_dtype=None):
+    """Mean cross-entropy of the soft-aggregated logits of frames 1..T-1."""
+    frames = batch["frames"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                        enabled=amp_dtype is not None):
+        logits = model(frames, batch["first_probs"].to(device), batch["object_valid"])
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(0, 1))
+
+
+def _schedule(config):
+    def factor(step):
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _rng_state():
+    """Torch (CPU, CUDA), Python and NumPy global RNG states, in types torch.load accepts with
+    weights_only=True."""
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": (version, list(words), gauss),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)}
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), position, has_gauss, cached))
+
+
+def _distributed():
+    """(rank, world size, device) from torchrun's environment; initialises the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world_size, device
+
+
+def train(config, show_progress=True):
+    """Train (or resume) a run; returns the trained STM (unwrapped, in eval mode)."""
+    rank, world_size, device = _distributed()
+    output = pathlib.Path(config.output)
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    start = 0
+    if (output / CHECKPOINT).exists():
+        payload = torch.load(output / CHECKPOINT, map_location=device, weights_only=True)
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        _set_rng_state(payload["rng"])
+        start = payload["step"]
+    wrapped = (torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model)
+    loader = torch.utils.data.DataLoader(
+        build_dataset(config, world_size), batch_size=config.batch_size,
+        sampler=StepSampler(config.steps, config.batch_size, rank, world_size, start),
+        collate_fn=lambda items: collate_clips(items, config.max_objects),
+        num_workers=config.workers, pin_memory=device.type == "cuda")
+    amp_dtype = torch.bfloat16 if config.amp and device.type == "cuda" else None
+    log = _MetricsLog(output / METRICS) if rank == 0 else None
+    progress = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
+                    disable=rank != 0 or not show_progress)
+    tick, clips = time.perf_counter(), 0
+    for step, batch in zip(range(start, config.steps), loader):
+        loss = clip_loss(wrapped, batch, device, amp_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        clips += config.batch_size * world_size
+        done = step + 1
+        if rank == 0:
+            progress.update(1)
+            if done % config.log_every == 0 or done == config.steps:
+                elapsed = time.perf_counter() - tick
+                row = dict(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[0],
+                           max_skip=max(1, max_skip_schedule(step, config.steps, *config.max_skip)),
+                           clips_per_s=clips / elapsed, it_per_s=clips / elapsed /
+                           (config.batch_size * world_size))
+                log.write(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['it_per_s']:.2f}")
+                tick, clips = time.perf_counter(), 0
+            if done % config.save_every == 0 or done == config.steps:
+                _save(model, optimizer, scheduler, done, config, output)
+    progress.close()
+    if world_size > 1:
+        # DDP syncs BatchNorm running statistics from rank 0 at every forward, but the last
+        # forward's update is local: broadcast once more so every replica ends identical
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+        dist.barrier()
+    return model.eval()
+
+
+def _save(model, optimizer, scheduler, step, config, output):
+    save_checkpoint(model, output / CHECKPOINT, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), step=step, rng=_rng_state(),
+                    train_config=dataclasses.asdict(config))
+    if step == config.steps:
+        save_checkpoint(model, output / MODEL, step=step)
+
+
+class _MetricsLog:
+    """Appends rows to a CSV file (header written once), flushed every row."""
+
+    def __init__(self, path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row):
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v
+                             for k, v in row.items()})
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="stm train", description=__doc__.split("\n\n")[0])
+    for field in dataclasses.fields(TrainConfig):
+        name = "--" + field.name.replace("_", "-")
+        if field.type is bool or isinstance(field.default, bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction,
+                                default=field.default)
+        elif isinstance(field.default, tuple):
+            parser.add_argument(name, type=int, nargs=len(field.default), default=field.default)
+        else:
+            parser.add_argument(name, type=type(field.default), default=field.default)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    args = vars(_parser().parse_args(argv))
+    show = not args.pop("no_progress")
+    train(TrainConfig(**args), show_progress=show)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The demo and the committed small model: the short form runs, and the model segments held-out
+synthetic videos (seeds never used in training) at J&F >= 0.85."""
+import numpy as np
+import pytest
+import torch
+
+from stm_model.checkpoint import load_checkpoint, save_checkpoint
+from stm_model.cli import main as cli_main
+from stm_model.datasets import HELD_OUT_SEEDS
+from stm_model.demo import WEIGHTS, evaluate_video, load_small_model, main
+from stm_model.synthetic import SyntheticVideo
+
+
+def test_committed_small_model_is_small_and_loads():
+    assert WEIGHTS.stat().st_size <= 10 * 2**20
+    model = load_small_model()
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+
+
+def test_demo_short_form_prints_jf_last(capsys, tmp_path):
+    assert main(["--frames", "40", "--seed", "1", "--overlay", str(tmp_path / "demo.gif"),
+                 "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("J&F ") and 0 <= float(lines[-1].split()[1]) <= 1
+    assert any(line.startswith("memory frames 9 ") for line in lines)  # 0, 5, .., 35 + 38
+    assert (tmp_path / "demo.gif").stat().st_size > 0
+
+
+def test_small_model_reaches_the_target_on_held_out_videos():
+    model = load_small_model()
+    scores = [evaluate_video(model, SyntheticVideo(HELD_OUT_SEEDS + seed, 128, 128,
+                                                   num_objects=3), 150)["J&F"]
+              for seed in (2, 3)]
+    assert np.mean(scores) >= 0.85, scores
+
+
+def test_export_writes_half_precision_weights(tmp_path):
+    target = tmp_path / "small_fp16.pt"
+    assert cli_main(["export", str(WEIGHTS), str(target), "--dtype", "fp16"]) == 0
+    again = load_checkpoint(target)
+    original = load_small_model()
+    for name, tensor in original.state_dict().items():
+        assert torch.allclose(tensor.float(), again.state_dict()[name].float(), atol=1e-3), name
