@@ -13,6 +13,7 @@ bench/results/training_<device>_<date>.json and a plot.
 """
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -95,7 +96,11 @@ def longest_within(records, read, checkpointing, budget):
 
 
 def summarize(payload):
-    lines = ["| checkpointing | budget = naive peak at clip | budget MiB | fused clip (measured) "
+    height, width = payload["size"]
+    lines = [f"{payload['model']} model, {width}x{height} frames ({payload['feature_positions']} "
+             f"positions per memory frame), {payload['objects']} objects; fit = quadratic fit "
+             "of the fused read's measured peaks (extrapolated beyond the longest measured clip)",
+             "", "| checkpointing | budget = naive peak at clip | budget MiB | fused clip (measured) "
              "| fused clip (fit) | ratio (fit) |", "|---|---|---|---|---|---|"]
     records = payload["records"]
     for level in payload["checkpointing"]:
@@ -139,8 +144,10 @@ def plot(payload, path):
     figure.suptitle(f"STM training step ({payload['model']} model, {width}x{height}, "
                     f"{payload['objects']} objects) on {payload['device']}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    target = pathlib.Path(path).with_suffix(".png")
+    figure.savefig(target, dpi=110)
     plt.close(figure)
+    return [target]
 
 
 def main(argv=None):
@@ -182,7 +189,7 @@ def main(argv=None):
                          else record["status"])
                 print(f"{read:5} checkpointing={level:8} clip={clip_len:3}  {shown}", flush=True)
     path = common.write_results("training", payload)
-    plot(payload, path.with_suffix(".png"))
+    plot(payload, path)
     print(f"wrote {path}")
     print(summarize(payload))
 

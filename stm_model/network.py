@@ -240,19 +240,45 @@ class STM(nn.Module):
             readout = memory_read(_per_object(query.key, n), memory_keys, memory_values,
                                   similarity=self.config.similarity,
                                   backend=self.config.read_backend)
-            foreground = self.foreground(readout.to(query.value.dtype), query)
-            foreground = foreground.unflatten(0, (S, n)) * valid[:, :, None, None]
-            logits = torch.stack([soft_aggregate(clip) for clip in foreground])
+            logits = self._per_frame(self._clip_logits, readout, query.value, query.r3,
+                                     query.r2, valid)
             outputs.append(logits)
             if t < T - 1:
-                keys, values = self.encode_memory(frames[:, t], torch.softmax(logits, 1)[:, 1:])
+                keys, values = self._per_frame(self._memorise_prediction, frames[:, t], logits)
                 memory_keys.append(keys.unsqueeze(2))
                 memory_values.append(values.unsqueeze(2))
         return torch.stack(outputs, dim=1)
 
+    def _clip_logits(self, readout, value, r3, r2, valid):
+        """Soft-aggregated logits (S, n+1, H, W) of one frame of each clip."""
+        S, n = valid.shape
+        foreground = self.foreground(readout.to(value.dtype), QueryFeatures(None, value, r3, r2))
+        foreground = foreground.unflatten(0, (S, n)) * valid[:, :, None, None]
+        return torch.stack([soft_aggregate(clip) for clip in foreground])
+
+    def _memorise_prediction(self, frame, logits):
+        return self.encode_memory(frame, torch.softmax(logits, 1)[:, 1:])
+
+    def _per_frame(self, function, *inputs):
+        """Under checkpointing="all" a frame's whole head (decoder + soft aggregation) and its
+        memory encoding (mask preparation included) are recomputed in the backward: only their
+        inputs stay, not their full-resolution intermediates (which dominate a long clip's
+        memory once the read keeps no affinity). Modules inside run unwrapped then."""
+        if self.checkpointing != "all" or not torch.is_grad_enabled():
+            return function(*inputs)
+        return checkpoint(self._unwrapped, function, *inputs, use_reentrant=False)
+
+    def _unwrapped(self, function, *inputs):
+        previous, self._inside_checkpoint = getattr(self, "_inside_checkpoint", False), True
+        try:
+            return function(*inputs)
+        finally:
+            self._inside_checkpoint = previous
+
     def _run(self, module, *inputs):
         level = 2 if module is self.decoder else 1
-        if self.CHECKPOINTING.index(self.checkpointing) >= level and torch.is_grad_enabled():
+        if (self.CHECKPOINTING.index(self.checkpointing) >= level and torch.is_grad_enabled()
+                and not getattr(self, "_inside_checkpoint", False)):
             return checkpoint(module, *inputs, use_reentrant=False)
         return module(*inputs)
 

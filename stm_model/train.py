@@ -18,6 +18,7 @@ import pathlib
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -191,6 +192,7 @@ def train(config, show_progress=True):
         scheduler.load_state_dict(payload["scheduler"])
         _set_rng_state(payload["rng"])
         start = payload["step"]
+        _warn_if_config_changed(payload.get("train_config"), config)
     wrapped = (torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model)
     loader = torch.utils.data.DataLoader(
         build_dataset(config, world_size), batch_size=config.batch_size,
@@ -198,7 +200,7 @@ def train(config, show_progress=True):
         collate_fn=lambda items: collate_clips(items, config.max_objects),
         num_workers=config.workers, pin_memory=device.type == "cuda")
     amp_dtype = torch.bfloat16 if config.amp and device.type == "cuda" else None
-    log = _MetricsLog(output / METRICS) if rank == 0 else None
+    log = _MetricsLog(output / METRICS, resume_step=start) if rank == 0 else None
     progress = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
                     disable=rank != 0 or not show_progress)
     tick, clips = time.perf_counter(), 0
@@ -242,12 +244,39 @@ def _save(model, optimizer, scheduler, step, config, output):
         save_checkpoint(model, output / MODEL, step=step)
 
 
-class _MetricsLog:
-    """Appends rows to a CSV file (header written once), flushed every row."""
+def _warn_if_config_changed(saved, config):
+    """Resuming with other settings (e.g. more steps) is allowed but changes the learning-rate
+    and max-skip schedules mid-run, so say so."""
+    if saved is None:
+        return
+    current = dataclasses.asdict(config)
+    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current
+               if k != "output" and k in saved and _plain(saved[k]) != _plain(current[k])]
+    if changed:
+        warnings.warn("resuming with a different training config (schedules follow the new "
+                      "one): " + "; ".join(changed), stacklevel=3)
 
-    def __init__(self, path):
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+class _MetricsLog:
+    """Appends rows to a CSV file (header written once), flushed every row. On resume, rows
+    logged after the checkpoint (by a run killed between a log and the next save) are dropped,
+    so every step appears exactly once."""
+
+    def __init__(self, path, resume_step=0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = lines[:1] + [line for line in lines[1:]
+                                if int(line.split(",", 1)[0]) <= resume_step]
+            if len(kept) != len(lines):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
 
     def write(self, row):
         new = not self.path.exists()

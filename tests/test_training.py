@@ -13,6 +13,7 @@ from stm_model import STM, STMConfig
 from stm_model.datasets import (HELD_OUT_SEEDS, DavisClips, StaticImageClips, SyntheticClips,
                                 collate_clips, max_skip_schedule)
 from stm_model.synthetic import SyntheticVideo
+import stm_model.train as train_module
 from stm_model.train import StepSampler, TrainConfig, build_dataset, clip_loss, train
 
 TINY = dict(model="small", steps=4, batch_size=2, clip_len=3, size=(64, 64), max_objects=2,
@@ -90,37 +91,66 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def _model_gradients(read, batch, dtype):
+    torch.manual_seed(0)
+    model = STM(STMConfig.small(read_backend=read)).train().to(dtype)
+    batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in batch.items()}
+    loss = clip_loss(model, batch, torch.device("cpu"))
+    loss.backward()
+    return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_and_naive_reads_give_the_same_gradients_in_the_model(backend):
+    # float32 rounding is amplified through train-mode BatchNorm and ~20 layers (the naive read
+    # itself is ~5e-4 off float64 at memory_encoder.conv1), so the fused read is held to the
+    # naive read's own float32 error against a float64 naive reference.
     skip_unless_runnable(backend, "cpu")
     batch = collate_clips([SyntheticClips(2, clip_len=4, size=(64, 64), seed=4)[i]
                            for i in range(2)], 2)
-    gradients = {}
+    ref_loss, reference = _model_gradients("naive", batch, torch.float64)
+    if backend == "torch":  # same math in float64: agreement to rounding
+        loss64, grads64 = _model_gradients("torch", batch, torch.float64)
+        assert torch.allclose(loss64, ref_loss, rtol=1e-12)
+        for name, grad in grads64.items():
+            scale = reference[name].norm().clamp_min(1e-6)
+            assert (grad - reference[name]).norm() / scale < 1e-10, name
+    errors = {}
     for read in (backend, "naive"):
-        torch.manual_seed(0)
-        model = STM(STMConfig.small(read_backend=read)).train()
-        loss = clip_loss(model, batch, torch.device("cpu"))
-        loss.backward()
-        gradients[read] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
-    (loss, grads), (naive_loss, naive_grads) = gradients[backend], gradients["naive"]
-    assert torch.allclose(loss, naive_loss, rtol=1e-5)
-    for name, grad in grads.items():
-        error = (grad - naive_grads[name]).norm() / naive_grads[name].norm().clamp_min(1e-12)
-        assert error < 1e-4, (name, error.item())
+        loss, grads = _model_gradients(read, batch, torch.float32)
+        assert torch.allclose(loss, ref_loss, rtol=1e-5)
+        errors[read] = {n: ((g - reference[n]).norm() / reference[n].norm().clamp_min(1e-6)).item()
+                        for n, g in grads.items()}
+    for name, naive_error in errors["naive"].items():
+        assert errors[backend][name] <= 1.5 * naive_error + 1e-6, (name, errors[backend][name],
+                                                                   naive_error)
 
 
-def test_resumed_training_equals_uninterrupted_training(tmp_path):
+def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
     straight = train(TrainConfig(output=str(tmp_path / "straight"), **TINY), show_progress=False)
-    halted = dict(TINY, steps=2)
-    config = TrainConfig(output=str(tmp_path / "resumed"), **halted)
-    train(config, show_progress=False)
-    resumed = train(dataclasses.replace(config, steps=4), show_progress=False)
+    config = TrainConfig(output=str(tmp_path / "resumed"), **TINY)
+    calls, real_loss = [], train_module.clip_loss
+
+    def killed_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after step 3 was logged, before the step-4 checkpoint
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train_module, "clip_loss", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, show_progress=False)
+    monkeypatch.setattr(train_module, "clip_loss", real_loss)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = train(config, show_progress=False)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     log = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
     assert log[0].startswith("step,loss") and [line.split(",")[0] for line in log[1:]] == \
         ["1", "2", "3", "4"]
     assert (tmp_path / "resumed" / "model.pt").exists()
+    with pytest.warns(UserWarning, match="steps: 4 -> 6"):  # extending a finished run
+        train(dataclasses.replace(config, steps=6), show_progress=False)
 
 
 def _free_port():

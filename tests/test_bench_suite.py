@@ -1,0 +1,79 @@
+"""The benchmark suite's entry point, sweeps and renderers (tiny sizes on CPU)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import __main__ as suite
+from bench import long_video, memory_read
+
+
+def test_kernel_sweep_runs_records_and_renders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert suite.main(["kernel", "--device", "cpu", "--hw", "16", "--ns", "64", "256",
+                       "--batches", "2", "--providers", "torch", "naive",
+                       "--passes", "fwd", "bwd", "--sweeps", "scaling"]) == 0
+    [path] = tmp_path.glob("memory_read_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert payload["matmul_tflops"]["fp32"] > 0 and payload["commit"]
+    records = payload["records"]
+    assert {(r["provider"], r["pass"], r["N"]) for r in records} == {
+        (p, s, n) for p in ("torch", "naive") for s in ("fwd", "bwd") for n in (64, 256)}
+    for r in records:
+        assert r["status"] == "ok" and r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
+        assert r["peak_mem_bytes"] >= 0 and r["tflops"] > 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        path.stem + "_roofline.png", path.stem + "_memory.png"}
+    capsys.readouterr()
+    assert suite.main(["render", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "| scaling | bwd | fp32 | 2 | 16 | 128 | 512 | 256 |" in table
+    assert "| torch | fwd | fp32 | 2 | 256 | - | reached the end of the sweep |" in table
+
+
+def test_out_of_memory_and_time_cap_are_reported():
+    ok = dict(sweep="scaling", provider="naive", dtype="bf16", B=8, HW=4, Ck=128, Cv=512,
+              status="ok", median_ms=1.0, tflops=1.0, peak_mem_bytes=1)
+    payload = {"records": [dict(ok, **{"pass": "fwd"}, N=10), dict(ok, **{"pass": "fwd"}, N=20),
+                           dict(ok, **{"pass": "fwd"}, N=40, status="oom"),
+                           dict(ok, **{"pass": "bwd"}, N=10,
+                                status="not run (a call at the previous N took over 4 s)")]}
+    limits = memory_read.out_of_memory_points(payload)
+    assert limits[("naive", "fwd", "bf16", 8)] == (20, 40, "oom")
+    assert limits[("naive", "bwd", "bf16", 8)][:2] == (None, 10)
+
+
+def test_suite_rejects_unknown_commands_and_files(tmp_path):
+    with pytest.raises(SystemExit, match="unknown command"):
+        suite.main(["kernels"])
+    stray = tmp_path / "x.json"
+    stray.write_text(json.dumps({"benchmark": "nope"}))
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        suite.main(["render", str(stray)])
+    help_text = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "python -m bench all" in help_text
+
+
+def test_ping_pong_walks_the_clip_forwards_and_backwards():
+    assert [long_video.ping_pong(t, 4) for t in range(9)] == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+    assert long_video.ping_pong(5, 1) == 0
+
+
+def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert long_video.main(["--device", "cpu", "--lengths", "6", "12", "--size", "48", "64",
+                            "--variants", "fused", "naive", "--source", "synthetic",
+                            "--mem-every", "3"]) == 0
+    [path] = tmp_path.glob("long_video_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / (path.stem + ".png")).exists()
+    for record in payload["records"]:
+        assert record["status"] == "ok" and len(record["frame_ms"]) == 12
+        assert [c["length"] for c in record["checkpoints"]] == [6, 12]
+        assert [c["memory_frames"] for c in record["checkpoints"]] == [3, 5]  # 0,3 + prev; 0..9
+        assert all(0 < r <= f for r, f in zip(record["read_ms"][1:], record["frame_ms"][1:]))
+        assert record["read_ms"][0] == 0  # the first frame has no memory to read
+    assert [r["read_backend"] for r in payload["records"]] == ["torch", "naive"]
+    assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out
