@@ -1,4 +1,4 @@
-# `make bench` runs the main job, `make test` the tests; both create .venv and install first.
+# `make demo` runs the main job, `make test` the tests; both create .venv and install first.
 PYTHON ?= python3
 VENV ?= .venv
 # The versions this project is developed and tested with (installed from the local disk here).
@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench.memory_read
+	$(PY) -m bench kernel
 
 demo: $(STAMP)
 	$(PY) -m stm_model.demo

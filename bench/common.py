@@ -85,9 +85,15 @@ def cuda_peak_extra_bytes(fn, device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _status_bytes(field):
+def status_bytes(field):
+    """A /proc/self/status memory field (VmRSS, VmHWM, ...) in bytes."""
     match = re.search(rf"{field}:\s+(\d+) kB", pathlib.Path("/proc/self/status").read_text())
     return int(match.group(1)) * 1024
+
+
+def reset_peak_rss():
+    """Reset this process's resident-set high-water mark (VmHWM) to its current size."""
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
 
 
 def cpu_peak_extra_bytes(fn):
@@ -99,10 +105,10 @@ def cpu_peak_extra_bytes(fn):
     freed, so memory kept from the warm-up call cannot hide the measured call's allocations.
     """
     fn()
-    pathlib.Path("/proc/self/clear_refs").write_text("5")
-    before = _status_bytes("VmRSS")
+    reset_peak_rss()
+    before = status_bytes("VmRSS")
     fn()
-    return _status_bytes("VmHWM") - before
+    return status_bytes("VmHWM") - before
 
 
 def run_isolated(module, arguments, timeout=1800):
@@ -117,8 +123,16 @@ def run_isolated(module, arguments, timeout=1800):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def write_results(name, payload, directory=RESULTS):
-    """Write payload as bench/results/<name>_<device type>_<UTC date-time>.json; return the path."""
+def progress(**options):
+    """A progress bar on stderr (tqdm) whose .write() prints lines above it."""
+    from tqdm import tqdm
+    return tqdm(dynamic_ncols=True, file=sys.stderr, **options)
+
+
+def write_results(name, payload, directory=None):
+    """Write payload as <directory>/<name>_<device type>_<UTC date-time>.json and return the
+    path; directory defaults to $STM_BENCH_RESULTS or bench/results."""
+    directory = pathlib.Path(directory or os.environ.get("STM_BENCH_RESULTS") or RESULTS)
     directory.mkdir(parents=True, exist_ok=True)
     stamp = payload["date"].replace(":", "").replace("-", "")[:15]
     path = directory / f"{name}_{payload['device_type']}_{stamp}.json"

@@ -1,13 +1,24 @@
 """Kernel benchmark of the space-time memory read: fused Triton vs chunked torch vs the naive
-(official) read vs PyTorch SDPA, forward and forward+backward, over memory sizes N.
+(official) read vs PyTorch SDPA, forward / backward / forward+backward, over memory sizes N.
 
-    python -m bench.memory_read                 # default sweep for the device present
-    python -m bench.memory_read --quick         # a few points (smoke run)
-    python -m bench.memory_read --plot FILE.json  # re-render the plot of a results file
+    python -m bench kernel                     # both sweeps for the device present
+    python -m bench kernel --quick             # a few points (smoke run)
+    python -m bench render FILE.json           # re-render a results file's plots and table
 
-Writes bench/results/memory_read_<device>_<date>.json (device, versions, commit, matmul rate per
-dtype, one record per provider/pass/dtype/B/N) and a PNG beside it. FLOPs per call: forward
-2*B*HW*N*(Ck+Cv); forward+backward 3.5x that (the backward counted as 2.5x the forward).
+Three sweeps, one results file:
+- "scaling": Ck=128, Cv=512, the main dtype (bf16 on GPU, fp32 on CPU), B in {1, 4, 8}, every
+  pass, N grown until the provider runs out of memory (or past the time cap per call);
+- "shapes": N fixed, B=4, Ck in {64, 128} x Cv in {256, 512} x dtypes (fp32 with TF32, fp16,
+  bf16 on GPU; fp32 on CPU);
+- "targets": the op's target points, one 480p query frame (HW = 1,620), B=1: N = 64,800 and
+  162,000, forward and forward+backward on GPU; N = 162,000 forward on CPU.
+Each record has the median and 20/80% quantiles of the call time, TFLOP/s, the fraction of the
+same run's matmul rate for that dtype, and the peak extra memory of one call. FLOPs per call:
+forward 2*B*HW*N*(Ck+Cv); backward 2.5x that; forward+backward 3.5x.
+
+Writes bench/results/memory_read_<device>_<date>.json and two PNGs beside it: the roofline
+(fraction of the matmul rate against N) and the memory plot (peak memory against N, with the
+point where each provider ran out of memory).
 """
 import argparse
 import json
@@ -22,20 +33,26 @@ from bench import common
 from stm_kernels import memory_read
 
 PROVIDERS = ("triton", "torch", "naive", "sdpa")
-PASSES = ("fwd", "fwd+bwd")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FRAMES_GPU = (1, 4, 10, 20, 40, 100, 200, 321)  # memory frames of 30x54 = 1,620 positions
-BACKWARD_FLOP_FACTOR = 2.5
+PASSES = ("fwd", "bwd", "fwd+bwd")
+# "fp32-tf32": float32 tensors with torch.set_float32_matmul_precision("high") (TF32 cores)
+DTYPES = {"fp32": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16,
+          "bf16": torch.bfloat16}
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+FRAME_POSITIONS = {"cuda": 1620, "cpu": 405}  # a 480p frame (30x54) / a 240x432 frame (15x27)
+SCALING_FRAMES = {"cuda": (1, 4, 10, 20, 40, 100, 200, 400, 800, 1600),
+                  "cpu": (1, 4, 16, 64, 256, 1024)}
+SHAPES_FRAMES = {"cuda": 40, "cpu": 16}
 
 
 def flops(pass_, B, HW, N, Ck, Cv):
-    forward = 2.0 * B * HW * N * (Ck + Cv)
-    return forward * (1 + BACKWARD_FLOP_FACTOR) if pass_ == "fwd+bwd" else forward
+    return 2.0 * B * HW * N * (Ck + Cv) * FLOP_FACTOR[pass_]
 
 
 def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
-    """Random inputs in the provider's layout and a zero-argument call; the STM query is shared
-    by the B objects. SDPA gets its preferred (B, 1, L, C) contiguous layout, prepared here."""
+    """Random inputs in the provider's layout and a zero-argument call of the pass; returns
+    (call, tensors whose .grad is cleared between calls). The STM query is shared by the B
+    objects; SDPA gets its preferred (B, 1, L, C) contiguous layout, prepared here. The "bwd"
+    call backpropagates through a forward done once here (graph retained)."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape):
@@ -61,6 +78,12 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     for tensor in tensors:
         tensor.requires_grad_()
     grad = randn(B, Cv, HW) if provider != "sdpa" else randn(B, 1, HW, Cv)
+    if pass_ == "bwd":
+        out = read()
+
+        def call():
+            out.backward(grad, retain_graph=True)
+        return call, tensors
 
     def call():
         read().backward(grad)
@@ -70,9 +93,8 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
 def sdpa_backend(dtype, B, HW, N, Ck, Cv, device):
     """Name of the kernel SDPA dispatches to for these shapes (torch._fused_sdp_choice)."""
     try:
-        shape_q, shape_kv = (B, 1, HW, Ck), (B, 1, N, Ck)
-        q = torch.empty(shape_q, device=device, dtype=dtype)
-        k = torch.empty(shape_kv, device=device, dtype=dtype)
+        q = torch.empty((B, 1, HW, Ck), device=device, dtype=dtype)
+        k = torch.empty((B, 1, N, Ck), device=device, dtype=dtype)
         v = torch.empty((B, 1, N, Cv), device=device, dtype=dtype)
         return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name
     except Exception as error:  # private API: record rather than fail the benchmark
@@ -85,14 +107,15 @@ def matmul_tflops(dtype_name, device):
     dtype = DTYPES[dtype_name.split("-")[0]]
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    median, _, _ = common.time_ms(lambda: a @ b, device)
+    with _precision(dtype_name):
+        median, _, _ = common.time_ms(lambda: a @ b, device)
     return 2.0 * size ** 3 / (median * 1e-3) / 1e12
 
 
 def measure_memory(spec, device):
     """Peak extra memory of one call; on CPU in a fresh process (resident-set high-water mark)."""
     if device.type == "cuda":
-        call, _ = make_inputs(**spec, device=device)
+        call, _ = make_inputs(**{**spec, "dtype": DTYPES[spec["dtype"]]}, device=device)
         call()
         return common.cuda_peak_extra_bytes(call, device)
     return common.run_isolated("bench.memory_read", ["--_measure-cpu-memory", json.dumps(spec)])
@@ -116,23 +139,32 @@ def naive_bytes_estimate(pass_, B, HW, N, dtype):
     return (2 if pass_ == "fwd" else 4) * B * HW * N * element
 
 
-def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device):
+def _precision(dtype_name):
+    return _matmul_precision("high" if dtype_name == "fp32-tf32" else "highest")
+
+
+def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
     dtype = DTYPES[dtype_name]
-    record = dict(provider=provider, **{"pass": pass_}, dtype=dtype_name, B=B, HW=HW, N=N,
-                  Ck=Ck, Cv=Cv)
+    record = dict(sweep=sweep, provider=provider, **{"pass": pass_}, dtype=dtype_name, B=B,
+                  HW=HW, N=N, Ck=Ck, Cv=Cv)
     spec = dict(provider=provider, pass_=pass_, dtype=dtype_name, B=B, HW=HW, N=N, Ck=Ck, Cv=Cv)
     if provider == "sdpa":
         record["sdpa_backend"] = sdpa_backend(dtype, B, HW, N, Ck, Cv, device)
     if device.type == "cpu" and provider in ("naive", "sdpa") and \
             naive_bytes_estimate(pass_, B, HW, N, dtype) > 0.6 * _available_cpu_bytes():
-        return {**record, "status": "oom (skipped: the affinity would not fit in free memory)"}
+        return {**record, "status": "oom (estimated: the affinity would not fit in free memory; "
+                                    "not run)"}
     try:
-        call, reset = make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device)
-        median, low, high = common.time_ms(call, device, reset=reset)
-        del call, reset
-        peak = measure_memory({**spec, "dtype": dtype_name if device.type == "cpu" else dtype},
-                              device)
+        with _precision(dtype_name):
+            call, reset = make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device)
+            median, low, high = common.time_ms(call, device, reset=reset)
+            del call, reset
+            peak = measure_memory(spec, device)
     except torch.cuda.OutOfMemoryError:
+        return {**record, "status": "oom"}
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():
+            raise
         return {**record, "status": "oom"}
     finally:
         if device.type == "cuda":
@@ -142,60 +174,84 @@ def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device):
             "peak_mem_bytes": peak}
 
 
-def default_sweep(device, quick):
-    """(providers, dtypes, batches, Ns(pass, B)) for the device; the CPU sweep is smaller."""
-    if device.type == "cuda":
-        Ns = [1620 * t for t in (FRAMES_GPU if not quick else (1, 40))]
-        return list(PROVIDERS), ["bf16"], [1, 4], lambda pass_, B: Ns
-    providers = ["torch", "naive", "sdpa"]
-    if quick:
-        return providers, ["fp32"], [1], lambda pass_, B: [1620, 16200] if pass_ == "fwd" else [1620]
-    # N = 162,000 (100 memory frames), B = 1, forward is the CPU target point.
-    return providers, ["fp32"], [1, 4], lambda pass_, B: (
-        [1620, 16200, 162000] if (pass_, B) == ("fwd", 1) else [1620, 16200])
+def plan(device, args):
+    """The (sweep, provider, pass, dtype, B, HW, Ck, Cv, [N...]) series to run, in order."""
+    kind = device.type
+    hw = args.hw or FRAME_POSITIONS[kind]
+    providers = args.providers or (list(PROVIDERS) if kind == "cuda" else ["torch", "naive", "sdpa"])
+    passes = args.passes or list(PASSES)
+    main_dtype = "bf16" if kind == "cuda" else "fp32"
+    shape_dtypes = args.dtypes or (["fp32-tf32", "fp16", "bf16"] if kind == "cuda" else ["fp32"])
+    batches = args.batches or [1, 4, 8]
+    frames = SCALING_FRAMES[kind] if not args.quick else SCALING_FRAMES[kind][:2]
+    ns = args.ns or [hw * t for t in frames]
+    series = []
+    if "scaling" in args.sweeps:
+        for pass_ in passes:
+            for B in batches if not args.quick else batches[:1]:
+                for provider in providers:
+                    series.append(("scaling", provider, pass_, main_dtype, B, hw, 128, 512,
+                                   ns))
+    if "shapes" in args.sweeps:
+        n = args.shapes_n or hw * SHAPES_FRAMES[kind]
+        shapes = [(64, 256), (64, 512), (128, 256), (128, 512)]
+        for dtype_name in shape_dtypes if not args.quick else shape_dtypes[:1]:
+            for pass_ in passes:
+                for ck, cv in shapes if not args.quick else shapes[-1:]:
+                    for provider in providers:
+                        series.append(("shapes", provider, pass_, dtype_name, 4, hw, ck, cv,
+                                       [n]))
+    if "targets" in args.sweeps:  # the op's target points: one 480p query frame (HW = 1,620)
+        target_passes = ["fwd", "fwd+bwd"] if kind == "cuda" else ["fwd"]
+        target_ns = [64800, 162000] if kind == "cuda" else [162000]
+        for pass_ in target_passes:
+            for provider in providers:
+                series.append(("targets", provider, pass_, main_dtype, 1, 1620, 128, 512,
+                               target_ns))
+    return hw, series
 
 
 def run(args):
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    providers, dtypes, batches, memory_sizes = default_sweep(device, args.quick)
-    providers = args.providers or providers
-    dtypes = args.dtypes or dtypes
-    batches = args.batches or batches
-    if args.ns:
-        memory_sizes = lambda pass_, B: args.ns  # noqa: E731
-    passes = args.passes or list(PASSES)
-    if device.type == "cpu" and "triton" in providers:
+    hw, series = plan(device, args)
+    if device.type == "cpu" and any(s[1] == "triton" for s in series):
         print("note: triton on CPU runs in the interpreter; its times mean nothing", file=sys.stderr)
-
     payload = common.environment(device)
-    payload.update(benchmark="memory_read", HW=args.hw, Ck=args.ck, Cv=args.cv,
-                   flops_note="fwd: 2*B*HW*N*(Ck+Cv); fwd+bwd: 3.5x fwd",
+    max_call_s = args.max_call_s or (20.0 if device.type == "cuda" else 4.0)
+    payload.update(benchmark="memory_read", HW=hw, max_call_s=max_call_s,
+                   flops_note="fwd: 2*B*HW*N*(Ck+Cv); bwd: 2.5x fwd; fwd+bwd: 3.5x fwd",
                    peak_mem_note=("extra bytes above the inputs during one call: CUDA allocator "
                                   "peak on GPU; on CPU the resident-set high-water mark of a "
-                                  "process after one warm-up call, glibc mapping blocks >= 64 KiB afresh"),
-                   matmul_tflops={}, records=[])
-    matmul_dtypes = ["bf16", "fp32-tf32", "fp32"] if device.type == "cuda" else ["fp32"]
-    for name in matmul_dtypes:
-        precision = "high" if name == "fp32-tf32" else "highest"
-        with _matmul_precision(precision):
-            payload["matmul_tflops"][name] = matmul_tflops(name, device)
+                                  "process after one warm-up call, glibc mapping blocks >= 64 KiB "
+                                  "afresh"), matmul_tflops={}, records=[])
+    if device.type == "cuda":
+        matmul_names = ["bf16", "fp16", "fp32-tf32", "fp32"]
+    else:
+        matmul_names = ["fp32"]
+    for name in matmul_names:
+        payload["matmul_tflops"][name] = matmul_tflops(name, device)
         print(f"matmul {name}: {payload['matmul_tflops'][name]:.2f} TFLOP/s", flush=True)
-
-    for dtype_name in dtypes:
-        for pass_ in passes:
-            for B in batches:
-                for provider in providers:
-                    for N in memory_sizes(pass_, B):
-                        record = run_point(provider, pass_, dtype_name, B, args.hw, N, args.ck,
-                                           args.cv, device)
-                        payload["records"].append(record)
-                        print(format_record(record), flush=True)
-                        if record["status"] != "ok":
-                            break  # larger N will not fit either
+    with common.progress(total=sum(len(s[-1]) for s in series), unit="point") as bar:
+        for sweep, provider, pass_, dtype_name, B, hw_, ck, cv, ns in series:
+            for index, N in enumerate(ns):
+                record = run_point(provider, pass_, dtype_name, B, hw_, N, ck, cv, device, sweep)
+                payload["records"].append(record)
+                bar.write(format_record(record))
+                bar.update(1)
+                if record["status"] != "ok":
+                    bar.update(len(ns) - index - 1)
+                    break  # a larger N will not fit either
+                if record["median_ms"] > max_call_s * 1e3 and index + 1 < len(ns):
+                    payload["records"].append(dict(
+                        {k: record[k] for k in ("sweep", "provider", "pass", "dtype", "B", "HW",
+                                                "Ck", "Cv")}, N=ns[index + 1],
+                        status=f"not run (a call at the previous N took over {max_call_s:g} s)"))
+                    bar.update(len(ns) - index - 1)
+                    break
     path = common.write_results("memory_read", payload)
-    plot(payload, path.with_suffix(".png"))
-    print(f"\nwrote {path} and {path.with_suffix('.png').name}")
+    written = plot(payload, path)
+    print(f"\nwrote {path}" + "".join(f" and {p.name}" for p in written))
     print(summary(payload))
     return path
 
@@ -213,7 +269,8 @@ class _matmul_precision:
 
 
 def format_record(record):
-    head = (f"{record['provider']:>6} {record['pass']:>7} {record['dtype']} B={record['B']} "
+    head = (f"{record.get('sweep', ''):>7} {record['provider']:>6} {record['pass']:>7} "
+            f"{record['dtype']} B={record['B']} Ck={record['Ck']} Cv={record['Cv']} "
             f"N={record['N']:>7}")
     if record["status"] != "ok":
         return f"{head}  {record['status']}"
@@ -222,94 +279,147 @@ def format_record(record):
             f"{record['peak_mem_bytes'] / 2**20:9.1f} MiB{extra}")
 
 
+def _fused(payload):
+    return "triton" if payload["device_type"] == "cuda" else "torch"
+
+
+def _fraction(payload, record):
+    rates = payload["matmul_tflops"]
+    rate = rates.get(record["dtype"]) or rates.get("fp32")
+    return record["tflops"] / rate if rate else float("nan")
+
+
 def summary(payload):
-    """Markdown table: each provider's time and memory, with speed-ups against naive and SDPA."""
-    ok = [r for r in payload["records"] if r["status"] == "ok"]
-    index = {(r["provider"], r["pass"], r["dtype"], r["B"], r["N"]): r for r in ok}
-    fastest = "triton" if payload["device_type"] == "cuda" else "torch"
-    rows = ["| pass | dtype | B | N | provider | ms | TFLOP/s | % matmul | peak MiB | "
-            "vs naive | vs sdpa |", "|---" * 11 + "|"]
+    """Markdown: the fused provider's time, TFLOP/s, % of matmul and memory with speed-ups
+    against naive and SDPA; then the N at which each provider ran out of memory."""
+    records = payload["records"]
+    ok = [r for r in records if r["status"] == "ok"]
+    key = ("sweep", "pass", "dtype", "B", "HW", "N", "Ck", "Cv")
+    index = {(r["provider"],) + tuple(r.get(k, "scaling") for k in key): r for r in ok}
+    fused = _fused(payload)
+    rows = ["| sweep | pass | dtype | B | HW | Ck | Cv | N | ms | TFLOP/s | % matmul | peak MiB | "
+            "vs torch | vs naive | vs sdpa |", "|---" * 15 + "|"]
     for r in ok:
-        if r["provider"] != fastest:
+        if r["provider"] != fused:
             continue
-        matmul = payload["matmul_tflops"].get(r["dtype"]) or payload["matmul_tflops"].get("fp32")
-        cells = [r["pass"], r["dtype"], r["B"], r["N"], r["provider"], f"{r['median_ms']:.3f}",
-                 f"{r['tflops']:.2f}", f"{100 * r['tflops'] / matmul:.0f}%",
-                 f"{r['peak_mem_bytes'] / 2**20:.1f}"]
-        for other in ("naive", "sdpa"):
-            base = index.get((other, r["pass"], r["dtype"], r["B"], r["N"]))
+        cells = [r.get("sweep", "scaling"), r["pass"], r["dtype"], r["B"], r["HW"], r["Ck"], r["Cv"],
+                 r["N"], f"{r['median_ms']:.3f}", f"{r['tflops']:.2f}",
+                 f"{100 * _fraction(payload, r):.0f}%", f"{r['peak_mem_bytes'] / 2**20:.1f}"]
+        for other in ("torch", "naive", "sdpa"):
+            base = None if other == fused else \
+                index.get((other,) + tuple(r.get(k, "scaling") for k in key))
             cells.append(f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "n/a")
         rows.append("| " + " | ".join(map(str, cells)) + " |")
+    limits = out_of_memory_points(payload)
+    if limits:
+        rows += ["", "Largest N that ran and what stopped the sweep (scaling sweep):", "",
+                 "| provider | pass | dtype | B | largest N run | stopped at N | why |",
+                 "|---|---|---|---|---|---|---|"]
+        for (provider, pass_, dtype, B), (largest, stop, why) in limits.items():
+            rows.append(f"| {provider} | {pass_} | {dtype} | {B} | {largest or 'none'} | "
+                        f"{stop or '-'} | {why} |")
     return "\n".join(rows)
 
 
+def out_of_memory_points(payload):
+    """{(provider, pass, dtype, B): (largest N that ran, N where the sweep stopped, why)}."""
+    limits = {}
+    for r in payload["records"]:
+        if r.get("sweep", "scaling") != "scaling":
+            continue
+        key = (r["provider"], r["pass"], r["dtype"], r["B"])
+        largest, stop, why = limits.get(key, (None, None, "reached the end of the sweep"))
+        if r["status"] == "ok":
+            largest = max(largest or 0, r["N"])
+        elif stop is None:
+            stop, why = r["N"], r["status"]
+        limits[key] = (largest, stop, why)
+    return limits
+
+
 def plot(payload, path):
-    """TFLOP/s and peak memory against N, one column per B, one line per provider and pass."""
+    """Roofline (fraction of the matmul rate vs N) and memory (peak vs N) PNGs; returns paths."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install -e .[bench]); no plot", file=sys.stderr)
-        return None
-    records = [r for r in payload["records"] if r["status"] == "ok"]
+        return []
+    path = pathlib.Path(path)
+    records = [r for r in payload["records"] if r.get("sweep", "scaling") == "scaling"]
     batches = sorted({r["B"] for r in records}) or [1]
-    figure, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
-    styles = {"fwd": "-", "fwd+bwd": "--"}
-    for column, B in enumerate(batches):
-        top, bottom = axes[0][column], axes[1][column]
-        for key in sorted({(r["provider"], r["pass"], r["dtype"]) for r in records}):
-            series = sorted((r for r in records if (r["provider"], r["pass"], r["dtype"]) == key
-                             and r["B"] == B), key=lambda r: r["N"])
-            if not series:
-                continue
-            label = " ".join(key)
-            Ns = [r["N"] for r in series]
-            top.plot(Ns, [r["tflops"] for r in series], styles[key[1]], marker="o", label=label)
-            bottom.plot(Ns, [r["peak_mem_bytes"] / 2**20 for r in series], styles[key[1]],
-                        marker="o", label=label)
-        for name, rate in payload["matmul_tflops"].items():
-            top.axhline(rate, color="grey", linestyle=":", linewidth=1)
-            top.annotate(f"matmul {name}", (0.01, rate), xycoords=("axes fraction", "data"),
-                         fontsize=7, color="grey", va="bottom")
-        top.set(xscale="log", title=f"B={B}, HW={payload['HW']}, Ck={payload['Ck']}, "
-                f"Cv={payload['Cv']}", ylabel="TFLOP/s")
-        bottom.set(xscale="log", yscale="log", xlabel="memory positions N",
-                   ylabel="peak extra memory (MiB)")
-        top.legend(fontsize=7)
-    figure.suptitle(f"memory_read on {payload['device']} (torch {payload['torch']}, "
-                    f"triton {payload['triton']}, {payload['date'][:10]})", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    passes = [p for p in PASSES if any(r["pass"] == p for r in records)]
+    title = (f"memory_read on {payload['device']} (torch {payload['torch']}, triton "
+             f"{payload['triton']}, {payload['date'][:10]}), HW={payload['HW']}, Ck=128, Cv=512")
+    colours = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2")))
+    written = []
+    for name, value, ylabel, log_y in (
+            ("roofline", lambda r: 100 * _fraction(payload, r), "% of the same-run matmul rate",
+             False),
+            ("memory", lambda r: r["peak_mem_bytes"] / 2**20, "peak extra memory (MiB)", True)):
+        figure, axes = plt.subplots(len(passes), len(batches), squeeze=False,
+                                    figsize=(4.5 * len(batches), 3.4 * len(passes)))
+        for row, pass_ in enumerate(passes):
+            for column, B in enumerate(batches):
+                axis = axes[row][column]
+                for provider in PROVIDERS:
+                    series = sorted((r for r in records if r["provider"] == provider and
+                                     r["pass"] == pass_ and r["B"] == B), key=lambda r: r["N"])
+                    ok = [r for r in series if r["status"] == "ok"]
+                    if not series:
+                        continue
+                    if ok:
+                        axis.plot([r["N"] for r in ok], [value(r) for r in ok], marker="o",
+                                  color=colours[provider], label=f"{provider} {ok[0]['dtype']}")
+                    stopped = [r for r in series if r["status"].startswith("oom")]
+                    if stopped and ok:
+                        axis.plot([stopped[0]["N"]], [value(ok[-1])], marker="x",
+                                  markersize=10, color=colours[provider], linestyle="none")
+                axis.set(xscale="log", title=f"{pass_}, B={B}", xlabel="memory positions N")
+                if log_y:
+                    axis.set_yscale("log")
+                else:
+                    axis.set_ylim(bottom=0)
+                if column == 0:
+                    axis.set_ylabel(ylabel)
+                axis.legend(fontsize=7)
+        caption = ("x: the N at which the provider ran out of memory" if name == "memory"
+                   else "TFLOP/s as a fraction of a large square matmul in the same run")
+        figure.suptitle(f"{title}\n{caption}", fontsize=9)
+        figure.tight_layout()
+        target = path.with_name(f"{path.stem}_{name}.png")
+        figure.savefig(target, dpi=100)
+        plt.close(figure)
+        written.append(target)
+    return written
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench kernel",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--sweeps", nargs="+", default=["scaling", "shapes", "targets"],
+                        choices=["scaling", "shapes", "targets"])
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS)
     parser.add_argument("--passes", nargs="+", choices=PASSES)
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
-    parser.add_argument("--batches", nargs="+", type=int)
-    parser.add_argument("--ns", nargs="+", type=int, help="memory sizes N (all passes)")
-    parser.add_argument("--hw", type=int, default=1620)
-    parser.add_argument("--ck", type=int, default=128)
-    parser.add_argument("--cv", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
+                        help="dtypes of the shapes sweep")
+    parser.add_argument("--batches", nargs="+", type=int, help="B of the scaling sweep")
+    parser.add_argument("--ns", nargs="+", type=int, help="memory sizes N of the scaling sweep")
+    parser.add_argument("--shapes-n", type=int, help="memory size N of the shapes sweep")
+    parser.add_argument("--hw", type=int, help="query positions (default: one frame)")
+    parser.add_argument("--max-call-s", type=float,
+                        help="stop growing N for a provider once one call takes longer "
+                             "(default: 20 s on GPU, 4 s on CPU)")
     parser.add_argument("--quick", action="store_true", help="a few points only")
-    parser.add_argument("--plot", metavar="RESULTS_JSON", help="only re-render a results file's plot")
     parser.add_argument("--_measure-cpu-memory", dest="measure_cpu_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_cpu_memory:
         return _cpu_memory_child(args.measure_cpu_memory)
-    if args.plot:
-        path = pathlib.Path(args.plot)
-        payload = json.loads(path.read_text())
-        print(plot(payload, path.with_suffix(".png")))
-        print(summary(payload))
-        return None
-    return run(args)
+    run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

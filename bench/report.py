@@ -14,21 +14,24 @@ import pathlib
 import re
 import sys
 
-from bench import memory_read, training
+from bench import held_out, long_video, memory_read, training
 from bench.common import RESULTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize}
+SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize,
+             "held_out": held_out.summarize, "long_video": long_video.summarize}
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
 
 
 def newest_results(name, directory=RESULTS):
-    """{device_type: payload} of the newest result file of a benchmark per device type."""
+    """{(device_type, size): payload} of the newest result file of a benchmark per device type
+    and, for benchmarks run at several frame sizes, per size."""
     newest = {}
     for path in sorted(directory.glob(f"{name}_*.json")):
         payload = json.loads(path.read_text())
         payload["_file"] = path.name
-        newest[payload["device_type"]] = payload  # sorted by date: the last one wins
+        key = (payload["device_type"], tuple(payload.get("size") or ()))
+        newest[key] = payload  # sorted by date: the last one wins
     return newest
 
 
@@ -37,8 +40,8 @@ def render(name, directory=RESULTS):
     if not results:
         return f"_No `{name}` results committed yet._\n"
     parts = []
-    for device_type in sorted(results, key=lambda d: d != "cuda"):
-        payload = results[device_type]
+    for key in sorted(results, key=lambda k: (k[0] != "cuda", k[1])):
+        payload = results[key]
         parts.append(f"{payload['device']} · torch {payload['torch']} · triton "
                      f"{payload['triton']} · commit {payload['commit'][:12]} · "
                      f"{payload['date'][:10]} · `bench/results/{payload['_file']}`\n\n"

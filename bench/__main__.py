@@ -1,0 +1,78 @@
+"""The benchmark suite: one entry point, a sub-command per benchmark.
+
+    python -m bench all                 # every benchmark for the device present, then the README
+    python -m bench kernel [...]        # the memory read: fused vs torch vs naive vs SDPA
+    python -m bench long-video [...]    # end-to-end inference against video length
+    python -m bench training [...]      # training memory and step time against clip length
+    python -m bench held-out [...]      # accuracy of the small trained model
+    python -m bench render FILE.json    # plots and markdown table of any results file
+    python -m bench report [--check]    # README tables from the newest committed results
+    pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
+
+Every run writes bench/results/<name>_<device>_<date>.json (device, torch, Triton, commit,
+date, raw medians and spreads) and its plot(s) beside it. `python -m bench <cmd> --help` lists
+each benchmark's options.
+"""
+import json
+import pathlib
+import sys
+
+from bench import held_out, long_video, memory_read, report, training
+
+BENCHMARKS = {  # sub-command: (module, results name)
+    "kernel": (memory_read, "memory_read"),
+    "long-video": (long_video, "long_video"),
+    "training": (training, "training"),
+    "held-out": (held_out, "held_out"),
+}
+RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summary(payload))
+    "memory_read": (memory_read.plot, memory_read.summary),
+    "long_video": (long_video.plot, long_video.summarize),
+    "training": (training.plot, training.summarize),
+    "held_out": (None, held_out.summarize),
+}
+
+
+def render(path):
+    """Re-render the plots of a results file beside it and print its markdown table."""
+    path = pathlib.Path(path)
+    payload = json.loads(path.read_text())
+    name = payload.get("benchmark")
+    if name not in RENDERERS:
+        raise SystemExit(f"{path}: unknown benchmark {name!r} (expected one of "
+                         f"{sorted(RENDERERS)})")
+    plot, summary = RENDERERS[name]
+    for written in (plot(payload, path) or []) if plot else []:
+        print(f"wrote {written}")
+    print(summary(payload))
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in BENCHMARKS:
+        return BENCHMARKS[command][0].main(rest) or 0
+    if command == "render":
+        if len(rest) != 1:
+            raise SystemExit("usage: python -m bench render RESULTS.json")
+        return render(rest[0])
+    if command == "report":
+        return report.main(rest)
+    if command == "all":
+        if rest:
+            raise SystemExit("python -m bench all takes no options (it runs every benchmark "
+                             "with the defaults for the device present)")
+        for name in ("kernel", "long-video", "training", "held-out"):
+            print(f"\n=== python -m bench {name}", flush=True)
+            BENCHMARKS[name][0].main([])
+        return report.main([])
+    raise SystemExit(f"unknown command {command!r}; one of all, {', '.join(BENCHMARKS)}, "
+                     "render, report")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

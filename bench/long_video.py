@@ -1,0 +1,322 @@
+"""Long-video inference end to end: fps and peak memory against video length, and the time of
+the memory read (and of everything else) per frame against memory size, for the fused and the
+naive read, with and without fp16 memory storage and memory offload.
+
+    python -m bench long-video                          # defaults for the device present
+    python -m bench long-video --lengths 100 1000 --variants fused naive
+
+The video: a real DAVIS-2016 sequence from ../shared/data ping-ponged (forwards, backwards,
+forwards ...) to the longest length when that folder is present, a synthetic video otherwise;
+frames are decoded and resized once, before timing. Each variant runs in a fresh process that
+segments the video with VideoSegmenter (mem_every=5: 2,000 memory frames at 10,000 frames)
+and records at each length of --lengths the fps so far and the peak memory so far; per frame,
+the wall time of the step and of its memory reads. A variant that runs out of memory stops
+there (recorded). GPU: the official-size STM (ResNet-50, random weights: timing does not
+depend on them) at 480p under bf16 autocast; CPU: the small trained model at a smaller size.
+Writes bench/results/long_video_<device>_<date>.json and a PNG beside it.
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench import common
+
+SHARED_DAVIS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016-val"
+VARIANTS = {  # name: VideoSegmenter options ("fused" = triton on CUDA, torch on CPU)
+    "fused": dict(read="fused"),
+    "naive": dict(read="naive"),
+    "fused-fp16": dict(read="fused", memory_dtype="fp16"),
+    "naive-fp16": dict(read="naive", memory_dtype="fp16"),
+    "fused-offload": dict(read="fused", offload=True),
+    "fused-fp16-offload": dict(read="fused", memory_dtype="fp16", offload=True),
+}
+DEFAULTS = {
+    "cuda": dict(model="official", size=(480, 854), lengths=(100, 300, 1000, 3000, 10000),
+                 variants=("fused", "naive", "fused-fp16", "naive-fp16", "fused-offload",
+                           "fused-fp16-offload")),
+    # offload is a no-op on CPU (the memory is already there); fp16 storage is read in fp16
+    "cpu": dict(model="small", size=(128, 224), lengths=(100, 300, 1000, 3000),
+                variants=("fused", "naive", "fused-fp16")),
+}
+
+
+def load_video(source, length, size, sequence=None):
+    """(frames (T, 3, H, W) float in [0, 1] for one cycle, first-frame labels (H, W), name);
+    frame t of the long video is cycle[ping_pong(t)]."""
+    if source != "synthetic":
+        from PIL import Image
+        from stm_model import video_io
+        root = pathlib.Path(source)
+        name = sequence or sorted(p.name for p in (root / "JPEGImages" / "480p").iterdir())[0]
+        frames = []
+        for path in video_io.list_frames(root / "JPEGImages" / "480p" / name):
+            image = Image.open(path).convert("RGB").resize(size[::-1], Image.BILINEAR)
+            frames.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        mask = video_io.read_mask(root / "Annotations" / "480p" / name / "00000.png")
+        labels = F.interpolate(torch.from_numpy((mask > 0).astype(np.float32))[None, None],
+                               size=size, mode="nearest")[0, 0].long()
+        return torch.stack(frames).float() / 255, labels, \
+            f"{root.name}/{name} ({len(frames)} frames, ping-pong)"
+    from stm_model.datasets import HELD_OUT_SEEDS
+    from stm_model.synthetic import SyntheticVideo
+    video = SyntheticVideo(HELD_OUT_SEEDS, *size, num_objects=1)
+    cycle = min(length, 200)
+    images, first = [], None
+    for t, (image, labels) in enumerate(video.frames(cycle)):
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        first = labels if t == 0 else first
+    return torch.stack(images), torch.from_numpy(first).long(), \
+        f"synthetic seed {HELD_OUT_SEEDS} ({cycle}-frame ping-pong)"
+
+
+def ping_pong(t, cycle):
+    if cycle == 1:
+        return 0
+    period = 2 * (cycle - 1)
+    t %= period
+    return t if t < cycle else period - t
+
+
+def build_model(kind, device):
+    from stm_model import STM, STMConfig
+    if kind == "small":
+        from stm_model.demo import WEIGHTS, load_small_model
+        if WEIGHTS.exists():
+            return load_small_model(device=device), "small (committed weights)"
+        return STM(STMConfig.small()).to(device).eval(), "small (random weights)"
+    return STM(STMConfig()).to(device).eval(), "official size (random weights)"
+
+
+class _ReadTimer:
+    """Wall time of every MemoryBank.read in a step (CUDA events on GPU, resolved after the
+    step's synchronisation)."""
+
+    def __init__(self, device):
+        from stm_model import memory_bank
+        self.device, self.pending = device, []
+        self._module, self._original = memory_bank.MemoryBank, memory_bank.MemoryBank.read
+        timer = self
+
+        def timed_read(bank, *args, **kwargs):
+            if timer.device.type == "cuda":
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                out = timer._original(bank, *args, **kwargs)
+                end.record()
+                timer.pending.append((start, end))
+            else:
+                tick = time.perf_counter()
+                out = timer._original(bank, *args, **kwargs)
+                timer.pending.append((time.perf_counter() - tick) * 1e3)
+            return out
+        self._module.read = timed_read
+
+    def collect_ms(self):
+        total = sum(p if isinstance(p, float) else p[0].elapsed_time(p[1]) for p in self.pending)
+        self.pending = []
+        return total
+
+    def close(self):
+        self._module.read = self._original
+
+
+def _peak_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return common.status_bytes("VmHWM")
+
+
+def run_variant(spec):
+    """Segment the long video with one variant; returns its record (run in a fresh process)."""
+    from stm_model.segmenter import VideoSegmenter
+    device = torch.device(spec["device"])
+    options = VARIANTS[spec["variant"]]
+    backend = ("triton" if device.type == "cuda" else "torch") if options["read"] == "fused" \
+        else "naive"
+    torch.manual_seed(0)
+    model, model_name = build_model(spec["model"], device)
+    cycle_frames, first_labels, video_name = load_video(
+        spec["source"], max(spec["lengths"]), tuple(spec["size"]), spec["sequence"])
+    cycle_frames = cycle_frames.to(device)
+    segmenter = VideoSegmenter(model, mem_every=spec["mem_every"],
+                               memory_dtype=options.get("memory_dtype"),
+                               offload=options.get("offload", False), read_backend=backend,
+                               amp_dtype="bf16" if device.type == "cuda" else None)
+    timer = _ReadTimer(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        common.reset_peak_rss()
+    baseline = common.status_bytes("VmRSS") if device.type == "cpu" else \
+        torch.cuda.memory_allocated(device)
+    frame_ms, read_ms, memory_frames, checkpoints = [], [], [], []
+    status = "ok"
+    try:
+        with torch.inference_mode():
+            for t in range(max(spec["lengths"])):
+                frame = cycle_frames[ping_pong(t, len(cycle_frames))]
+                tick = time.perf_counter()
+                probs = segmenter.step(frame, mask=first_labels if t == 0 else None)
+                segmenter.labels(probs).cpu()  # the mask a user gets: synchronises
+                frame_ms.append((time.perf_counter() - tick) * 1e3)
+                read_ms.append(timer.collect_ms())
+                memory_frames.append(segmenter.memory_frames)
+                if t + 1 in spec["lengths"]:
+                    checkpoints.append(dict(
+                        length=t + 1, fps=(t + 1) / (sum(frame_ms) / 1e3),
+                        fps_last_100=min(100, t + 1) / (sum(frame_ms[-100:]) / 1e3),
+                        peak_mem_bytes=_peak_bytes(device) - baseline,
+                        memory_frames=segmenter.memory_frames,
+                        memory_bytes=segmenter.memory_bytes))
+    except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as error:
+        if not isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) and \
+                "out of memory" not in str(error).lower():
+            raise
+        status = f"oom at frame {len(frame_ms)} ({len(frame_ms) // spec['mem_every']} " \
+                 "memory frames)"
+    finally:
+        timer.close()
+    stride = max(1, len(frame_ms) // 1000)  # keep the JSON small: at most ~1,000 samples
+    return dict(spec, status=status, model_name=model_name, video=video_name,
+                read_backend=backend, checkpoints=checkpoints, sample_stride=stride,
+                frame_index=list(range(0, len(frame_ms), stride)),
+                frame_ms=frame_ms[::stride], read_ms=read_ms[::stride],
+                memory_frames=memory_frames[::stride])
+
+
+def _child(spec_json):
+    print(json.dumps(run_variant(json.loads(spec_json))))
+
+
+def summarize(payload):
+    rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
+            f"{payload['model_name']}, mem_every={payload['mem_every']}.", "",
+            "| variant | read | frames | memory frames | fps | fps (last 100) | peak MiB | "
+            "memory MiB | read ms/frame (last) | rest ms/frame (last) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for record in payload["records"]:
+        ends = {}
+        for length in (c["length"] for c in record["checkpoints"]):
+            index = max(i for i, f in enumerate(record["frame_index"]) if f < length)
+            ends[length] = (record["read_ms"][index], record["frame_ms"][index] -
+                            record["read_ms"][index])
+        for c in record["checkpoints"]:
+            read, rest = ends[c["length"]]
+            rows.append(f"| {record['variant']} | {record['read_backend']} | {c['length']} | "
+                        f"{c['memory_frames']} | {c['fps']:.1f} | {c['fps_last_100']:.1f} | "
+                        f"{c['peak_mem_bytes'] / 2**20:.0f} | {c['memory_bytes'] / 2**20:.0f} | "
+                        f"{read:.2f} | {rest:.2f} |")
+        if record["status"] != "ok":
+            rows.append(f"| {record['variant']} | {record['read_backend']} | "
+                        f"{record['status']} | | | | | | | |")
+    return "\n".join(rows)
+
+
+def _smooth(values, window=25):
+    values = np.asarray(values, dtype=float)
+    if len(values) < window:
+        return values
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def plot(payload, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (fps_axis, memory_axis), (read_axis, rest_axis) = axes
+    for i, record in enumerate(payload["records"]):
+        colour = f"C{i}"
+        lengths = [c["length"] for c in record["checkpoints"]]
+        fps_axis.plot(lengths, [c["fps"] for c in record["checkpoints"]], marker="o",
+                      color=colour, label=record["variant"])
+        memory_axis.plot(lengths, [c["peak_mem_bytes"] / 2**20 for c in record["checkpoints"]],
+                         marker="o", color=colour, label=record["variant"])
+        if record["status"] != "ok":
+            for axis in (fps_axis, memory_axis):
+                axis.axvline(len(record["frame_ms"]) * record["sample_stride"], color=colour,
+                             linestyle=":", linewidth=1)
+        frames = np.asarray(record["memory_frames"][1:])
+        read = np.asarray(record["read_ms"][1:])
+        rest = np.asarray(record["frame_ms"][1:]) - read
+        window = 25
+        if len(frames) >= window:
+            frames = frames[window - 1:]
+        read_axis.plot(frames, _smooth(read), color=colour, label=record["variant"])
+        rest_axis.plot(frames, _smooth(rest), color=colour, label=record["variant"])
+    fps_axis.set(xscale="log", xlabel="video length (frames)", ylabel="fps (whole video so far)")
+    memory_axis.set(xscale="log", yscale="log", xlabel="video length (frames)",
+                    ylabel="peak memory (MiB)")
+    read_axis.set(xlabel="memory frames", ylabel="memory read ms per frame (smoothed)")
+    rest_axis.set(xlabel="memory frames", ylabel="rest of the frame time, ms (smoothed)")
+    rest_axis.set_ylim(bottom=0)
+    read_axis.set_ylim(bottom=0)
+    for axis in axes.flat:
+        axis.legend(fontsize=7)
+    figure.suptitle(f"Long video on {payload['device']} ({payload['model_name']}, "
+                    f"{payload['size'][1]}x{payload['size'][0]}, {payload['video']}; torch "
+                    f"{payload['torch']}, {payload['date'][:10]}); dotted: out of memory",
+                    fontsize=9)
+    figure.tight_layout()
+    target = pathlib.Path(path).with_suffix(".png")
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return [target]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench long-video",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS))
+    parser.add_argument("--lengths", nargs="+", type=int)
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--model", choices=["small", "official"])
+    parser.add_argument("--source", help="a DAVIS-format root, or 'synthetic' (default: "
+                                         "../shared/data/davis2016-val when present)")
+    parser.add_argument("--sequence", help="DAVIS sequence (default: the first by name)")
+    parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--_variant", dest="variant_spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.variant_spec:
+        return _child(args.variant_spec)
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = DEFAULTS[device.type]
+    source = args.source or (str(SHARED_DAVIS) if SHARED_DAVIS.exists() else "synthetic")
+    lengths = sorted(args.lengths or defaults["lengths"])
+    spec = dict(device=str(device), model=args.model or defaults["model"],
+                size=list(args.size or defaults["size"]), lengths=lengths, source=source,
+                sequence=args.sequence, mem_every=args.mem_every)
+    payload = common.environment(device)
+    payload.update(benchmark="long_video", **{k: v for k, v in spec.items() if k != "device"},
+                   peak_mem_note=("CUDA: allocator peak above what was allocated before the "
+                                  "first frame; CPU: resident-set high-water mark above the "
+                                  "resident set before the first frame (fresh process)"),
+                   records=[])
+    for variant in args.variants or defaults["variants"]:
+        record = common.run_isolated("bench.long_video", ["--_variant",
+                                                          json.dumps(dict(spec, variant=variant))],
+                                     timeout=6 * 3600)
+        payload["records"].append(record)
+        payload.setdefault("video", record["video"])
+        payload.setdefault("model_name", record["model_name"])
+        last = record["checkpoints"][-1] if record["checkpoints"] else None
+        shown = (f"{last['length']} frames {last['fps']:.1f} fps "
+                 f"{last['peak_mem_bytes'] / 2**20:.0f} MiB" if last else "")
+        print(f"{variant:20} {record['status']:8} {shown}", flush=True)
+    path = common.write_results("long_video", payload)
+    plot(payload, path)
+    print(f"wrote {path}")
+    print(summarize(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
