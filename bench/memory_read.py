@@ -40,7 +40,7 @@ DTYPES = {"fp32": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 FRAME_POSITIONS = {"cuda": 1620, "cpu": 405}  # a 480p frame (30x54) / a 240x432 frame (15x27)
 SCALING_FRAMES = {"cuda": (1, 4, 10, 20, 40, 100, 200, 400, 800, 1600),
-                  "cpu": (1, 4, 16, 64, 256, 1024)}
+                  "cpu": (1, 4, 16, 64, 256)}
 SHAPES_FRAMES = {"cuda": 40, "cpu": 16}
 
 
@@ -182,7 +182,7 @@ def plan(device, args):
     passes = args.passes or list(PASSES)
     main_dtype = "bf16" if kind == "cuda" else "fp32"
     shape_dtypes = args.dtypes or (["fp32-tf32", "fp16", "bf16"] if kind == "cuda" else ["fp32"])
-    batches = args.batches or [1, 4, 8]
+    batches = args.batches or ([1, 4, 8] if kind == "cuda" else [1])
     frames = SCALING_FRAMES[kind] if not args.quick else SCALING_FRAMES[kind][:2]
     ns = args.ns or [hw * t for t in frames]
     series = []
@@ -218,7 +218,7 @@ def run(args):
     if device.type == "cpu" and any(s[1] == "triton" for s in series):
         print("note: triton on CPU runs in the interpreter; its times mean nothing", file=sys.stderr)
     payload = common.environment(device)
-    max_call_s = args.max_call_s or (20.0 if device.type == "cuda" else 4.0)
+    max_call_s = args.max_call_s or (20.0 if device.type == "cuda" else 1.5)
     payload.update(benchmark="memory_read", HW=hw, max_call_s=max_call_s,
                    flops_note="fwd: 2*B*HW*N*(Ck+Cv); bwd: 2.5x fwd; fwd+bwd: 3.5x fwd",
                    peak_mem_note=("extra bytes above the inputs during one call: CUDA allocator "
@@ -298,7 +298,7 @@ def summary(payload):
     index = {(r["provider"],) + tuple(r.get(k, "scaling") for k in key): r for r in ok}
     fused = _fused(payload)
     rows = ["| sweep | pass | dtype | B | HW | Ck | Cv | N | ms | TFLOP/s | % matmul | peak MiB | "
-            "vs torch | vs naive | vs sdpa |", "|---" * 15 + "|"]
+            "vs torch | vs naive | vs sdpa | naive peak / peak |", "|---" * 16 + "|"]
     for r in ok:
         if r["provider"] != fused:
             continue
@@ -309,6 +309,9 @@ def summary(payload):
             base = None if other == fused else \
                 index.get((other,) + tuple(r.get(k, "scaling") for k in key))
             cells.append(f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "n/a")
+        naive = index.get(("naive",) + tuple(r.get(k, "scaling") for k in key))
+        cells.append(f"{naive['peak_mem_bytes'] / max(r['peak_mem_bytes'], 1):.1f}x"
+                     if naive and fused != "naive" else "n/a")
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     limits = out_of_memory_points(payload)
     if limits:
@@ -359,7 +362,7 @@ def plot(payload, path):
              False),
             ("memory", lambda r: r["peak_mem_bytes"] / 2**20, "peak extra memory (MiB)", True)):
         figure, axes = plt.subplots(len(passes), len(batches), squeeze=False,
-                                    figsize=(4.5 * len(batches), 3.4 * len(passes)))
+                                    figsize=(max(4.5 * len(batches), 9), 3.4 * len(passes)))
         for row, pass_ in enumerate(passes):
             for column, B in enumerate(batches):
                 axis = axes[row][column]
@@ -411,7 +414,7 @@ def main(argv=None):
     parser.add_argument("--hw", type=int, help="query positions (default: one frame)")
     parser.add_argument("--max-call-s", type=float,
                         help="stop growing N for a provider once one call takes longer "
-                             "(default: 20 s on GPU, 4 s on CPU)")
+                             "(default: 20 s on GPU, 1.5 s on CPU)")
     parser.add_argument("--quick", action="store_true", help="a few points only")
     parser.add_argument("--_measure-cpu-memory", dest="measure_cpu_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
