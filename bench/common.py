@@ -15,6 +15,13 @@ import torch
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def pick_device(name):
+    """torch.device for a --device option: "auto" is CUDA when present, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def environment(device):
     """Device, library versions and commit, recorded with every result file."""
     try:
@@ -121,6 +128,16 @@ def run_isolated(module, arguments, timeout=1800):
         raise RuntimeError(completed.stderr.strip().splitlines()[-1] if completed.stderr
                            else f"exit code {completed.returncode}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def save_figure(figure, results_path, dpi=100):
+    """Save a matplotlib figure as the PNG beside a results file, close it; returns [path]."""
+    import matplotlib.pyplot as plt
+    figure.tight_layout()
+    target = pathlib.Path(results_path).with_suffix(".png")
+    figure.savefig(target, dpi=dpi)
+    plt.close(figure)
+    return [target]
 
 
 def progress(**options):

@@ -263,11 +263,7 @@ def plot(payload, path):
                     f"{payload['size'][1]}x{payload['size'][0]}, {payload['video']}; torch "
                     f"{payload['torch']}, {payload['date'][:10]}); dotted: out of memory",
                     fontsize=9)
-    figure.tight_layout()
-    target = pathlib.Path(path).with_suffix(".png")
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
-    return [target]
+    return common.save_figure(figure, path, dpi=100)
 
 
 def main(argv=None):
@@ -286,8 +282,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.variant_spec:
         return _child(args.variant_spec)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.pick_device(args.device)
     defaults = DEFAULTS[device.type]
     source = args.source or (str(SHARED_DAVIS) if SHARED_DAVIS.exists() else "synthetic")
     lengths = sorted(args.lengths or defaults["lengths"])

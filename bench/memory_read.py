@@ -212,8 +212,7 @@ def plan(device, args):
 
 
 def run(args):
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.pick_device(args.device)
     hw, series = plan(device, args)
     if device.type == "cpu" and any(s[1] == "triton" for s in series):
         print("note: triton on CPU runs in the interpreter; its times mean nothing", file=sys.stderr)

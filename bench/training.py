@@ -13,7 +13,6 @@ bench/results/training_<device>_<date>.json and a plot.
 """
 import argparse
 import json
-import pathlib
 import sys
 import time
 
@@ -143,11 +142,7 @@ def plot(payload, path):
     height, width = payload["size"]
     figure.suptitle(f"STM training step ({payload['model']} model, {width}x{height}, "
                     f"{payload['objects']} objects) on {payload['device']}", fontsize=10)
-    figure.tight_layout()
-    target = pathlib.Path(path).with_suffix(".png")
-    figure.savefig(target, dpi=110)
-    plt.close(figure)
-    return [target]
+    return common.save_figure(figure, path, dpi=110)
 
 
 def main(argv=None):
@@ -163,8 +158,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.measure_cpu:
         return _cpu_child(args.measure_cpu)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.pick_device(args.device)
     model = args.model or ("official" if device.type == "cuda" else "small")
     size = tuple(args.size or ((480, 864) if device.type == "cuda" else (240, 432)))
     payload = common.environment(device)
