@@ -47,12 +47,12 @@ def _item(frames, labels, num_objects):
             "labels": torch.from_numpy(labels), "num_objects": num_objects}
 
 
-class SyntheticClips(torch.utils.data.Dataset):
-    """Clips of `clip_len` frames from synthetic training videos, with gaps of 1..max_skip
-    frames; `max_skip` is a number or a function of the item index (curriculum)."""
+class _Clips(torch.utils.data.Dataset):
+    """What every clip dataset keeps: `length` items of `clip_len` frames at `size`, up to
+    `max_objects` objects of at least `min_pixels` pixels, a seed, and a max-skip that is a
+    number or a function of the item index (curriculum)."""
 
-    def __init__(self, length, clip_len=3, size=(128, 128), max_objects=3, max_skip=5, seed=0,
-                 min_pixels=20):
+    def __init__(self, length, clip_len, size, max_objects, max_skip, seed, min_pixels):
         self.length, self.clip_len, self.size = length, clip_len, size
         self.max_objects, self.max_skip, self.seed = max_objects, max_skip, seed
         self.min_pixels = min_pixels
@@ -60,9 +60,21 @@ class SyntheticClips(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
+    def _max_skip(self, index):
+        return self.max_skip(index) if callable(self.max_skip) else self.max_skip
+
+
+class SyntheticClips(_Clips):
+    """Clips of `clip_len` frames from synthetic training videos, with gaps of 1..max_skip
+    frames; `max_skip` is a number or a function of the item index (curriculum)."""
+
+    def __init__(self, length, clip_len=3, size=(128, 128), max_objects=3, max_skip=5, seed=0,
+                 min_pixels=20):
+        super().__init__(length, clip_len, size, max_objects, max_skip, seed, min_pixels)
+
     def __getitem__(self, index):
         rng = np.random.default_rng((self.seed, index))
-        max_skip = self.max_skip(index) if callable(self.max_skip) else self.max_skip
+        max_skip = self._max_skip(index)
         video = SyntheticVideo(int(rng.integers(HELD_OUT_SEEDS)), *self.size)
         times = int(rng.integers(0, 3000)) + np.concatenate(
             [[0], np.cumsum(rng.integers(1, max_skip + 1, size=self.clip_len - 1))])
@@ -71,19 +83,15 @@ class SyntheticClips(torch.utils.data.Dataset):
         return _item(np.stack(images), labels, count)
 
 
-class StaticImageClips(torch.utils.data.Dataset):
+class StaticImageClips(_Clips):
     """STM's pre-training stage: one image and its mask, turned into a clip by random affine
     and colour transforms per frame. `source[i]` gives (image float (H, W, 3), labels (H, W));
     the default source renders random synthetic frames."""
 
     def __init__(self, length, clip_len=3, size=(128, 128), max_objects=3, seed=0, source=None,
                  min_pixels=20):
-        self.length, self.clip_len, self.size = length, clip_len, size
-        self.max_objects, self.seed, self.min_pixels = max_objects, seed, min_pixels
+        super().__init__(length, clip_len, size, max_objects, 1, seed, min_pixels)
         self.source = source
-
-    def __len__(self):
-        return self.length
 
     def _image(self, rng, index):
         if self.source is not None:
@@ -119,7 +127,7 @@ class StaticImageClips(torch.utils.data.Dataset):
         return _item(np.stack(frames), labels, count)
 
 
-class DavisClips(torch.utils.data.Dataset):
+class DavisClips(_Clips):
     """Clips from a DAVIS-format folder: <root>/JPEGImages/<res>/<seq>/*.jpg with masks in
     <root>/Annotations/<res>/<seq>/*.png on every frame (palette or DAVIS-2016 'L'); frames
     are resized so that the shorter side is size[0]'s and randomly cropped to `size`."""
@@ -133,18 +141,13 @@ class DavisClips(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no sequences in {annotations}")
         self.frames = {name: video_io.list_frames(images / name) for name in self.sequences}
         self.annotations = annotations
-        self.length, self.clip_len, self.size = length, clip_len, size
-        self.max_objects, self.max_skip, self.seed = max_objects, max_skip, seed
-        self.min_pixels = min_pixels
-
-    def __len__(self):
-        return self.length
+        super().__init__(length, clip_len, size, max_objects, max_skip, seed, min_pixels)
 
     def __getitem__(self, index):
         rng = np.random.default_rng((self.seed, index, 2))
         name = self.sequences[int(rng.integers(len(self.sequences)))]
         paths = self.frames[name]
-        max_skip = self.max_skip(index) if callable(self.max_skip) else self.max_skip
+        max_skip = self._max_skip(index)
         skips = rng.integers(1, max_skip + 1, size=self.clip_len - 1)
         span = int(skips.sum())
         if span >= len(paths):
