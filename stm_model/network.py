@@ -175,8 +175,10 @@ class STM(nn.Module):
                              f"{checkpointing!r}")
         self.config = config or STMConfig()
         # activation checkpointing in training: "encoders" recomputes the two encoders in the
-        # backward, "all" the decoder too; the memory read keeps only its inputs either way
+        # backward, "all" also each frame's head and memory encoding (see _per_frame); the
+        # memory read keeps only its inputs either way
         self.checkpointing = checkpointing
+        self._inside_checkpoint = False  # modules run unwrapped inside a _per_frame checkpoint
         c4, c3, c2 = feature_channels(self.config)
         cfg = self.config
         self.memory_encoder = Encoder(cfg, with_masks=True)
@@ -269,7 +271,7 @@ class STM(nn.Module):
         return checkpoint(self._unwrapped, function, *inputs, use_reentrant=False)
 
     def _unwrapped(self, function, *inputs):
-        previous, self._inside_checkpoint = getattr(self, "_inside_checkpoint", False), True
+        previous, self._inside_checkpoint = self._inside_checkpoint, True
         try:
             return function(*inputs)
         finally:
@@ -278,7 +280,7 @@ class STM(nn.Module):
     def _run(self, module, *inputs):
         level = 2 if module is self.decoder else 1
         if (self.CHECKPOINTING.index(self.checkpointing) >= level and torch.is_grad_enabled()
-                and not getattr(self, "_inside_checkpoint", False)):
+                and not self._inside_checkpoint):
             return checkpoint(module, *inputs, use_reentrant=False)
         return module(*inputs)
 
