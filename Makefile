@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench demo small-model test-gpu clean
+.PHONY: test bench demo small-model small-interactive-model test-gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ small-model: $(STAMP)
 		--lr 4e-4 --seed 0 --save-every 200 --log-every 20
 	$(PY) -m stm_model export runs/small/model.pt stm_model/weights/stm_small_synthetic.pt \
 		--dtype fp16
+
+# The interactive variant, fine-tuned from the small model on synthesised scribbles.
+small-interactive-model: $(STAMP)
+	$(PY) -m stm_model.train --output runs/small-interactive --model small --interactive \
+		--init-from stm_model/weights/stm_small_synthetic.pt --steps 500 --warmup-steps 20 \
+		--batch-size 8 --clip-len 3 --size 128 128 --max-skip 1 10 5 --lr 1e-4 --seed 1 \
+		--save-every 50 --log-every 10
+	$(PY) -m stm_model export runs/small-interactive/model.pt \
+		stm_model/weights/stm_small_interactive.pt --dtype fp16
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu

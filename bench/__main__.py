@@ -5,6 +5,7 @@
     python -m bench long-video [...]    # end-to-end inference against video length
     python -m bench training [...]      # training memory and step time against clip length
     python -m bench held-out [...]      # accuracy of the small trained model
+    python -m bench interactive [...]   # one interactive round against annotated frames
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check]    # README tables from the newest committed results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -17,19 +18,21 @@ import json
 import pathlib
 import sys
 
-from bench import held_out, long_video, memory_read, report, training
+from bench import held_out, interactive, long_video, memory_read, report, training
 
 BENCHMARKS = {  # sub-command: (module, results name)
     "kernel": (memory_read, "memory_read"),
     "long-video": (long_video, "long_video"),
     "training": (training, "training"),
     "held-out": (held_out, "held_out"),
+    "interactive": (interactive, "interactive"),
 }
 RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summary(payload))
     "memory_read": (memory_read.plot, memory_read.summary),
     "long_video": (long_video.plot, long_video.summarize),
     "training": (training.plot, training.summarize),
     "held_out": (None, held_out.summarize),
+    "interactive": (interactive.plot, interactive.summarize),
 }
 
 
@@ -66,7 +69,7 @@ def main(argv=None):
         if rest:
             raise SystemExit("python -m bench all takes no options (it runs every benchmark "
                              "with the defaults for the device present)")
-        for name in ("kernel", "long-video", "training", "held-out"):
+        for name in ("kernel", "long-video", "training", "held-out", "interactive"):
             print(f"\n=== python -m bench {name}", flush=True)
             BENCHMARKS[name][0].main([])
         return report.main([])

@@ -14,23 +14,26 @@ import pathlib
 import re
 import sys
 
-from bench import held_out, long_video, memory_read, training
+from bench import held_out, interactive, long_video, memory_read, training
 from bench.common import RESULTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize,
-             "held_out": held_out.summarize, "long_video": long_video.summarize}
+             "held_out": held_out.summarize, "long_video": long_video.summarize,
+             "interactive": interactive.summarize}
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
 
 
 def newest_results(name, directory=RESULTS):
-    """{(device_type, size): payload} of the newest result file of a benchmark per device type
-    and, for benchmarks run at several frame sizes, per size."""
+    """{(device_type, size, longest length): payload} of the newest result file of a benchmark
+    per device type and, for benchmarks run at several frame sizes or video lengths, per size
+    and longest video."""
     newest = {}
     for path in sorted(directory.glob(f"{name}_*.json")):
         payload = json.loads(path.read_text())
         payload["_file"] = path.name
-        key = (payload["device_type"], tuple(payload.get("size") or ()))
+        key = (payload["device_type"], tuple(payload.get("size") or ()),
+               max(payload.get("lengths") or [0]))
         newest[key] = payload  # sorted by date: the last one wins
     return newest
 
@@ -40,7 +43,7 @@ def render(name, directory=RESULTS):
     if not results:
         return f"_No `{name}` results committed yet._\n"
     parts = []
-    for key in sorted(results, key=lambda k: (k[0] != "cuda", k[1])):
+    for key in sorted(results, key=lambda k: (k[0] != "cuda", k[1], k[2])):
         payload = results[key]
         parts.append(f"{payload['device']} · torch {payload['torch']} · triton "
                      f"{payload['triton']} · commit {payload['commit'][:12]} · "

@@ -10,9 +10,11 @@ read wants and the read never materialises the affinity.
 """
 from .checkpoint import (CheckpointError, load_checkpoint, load_official_checkpoint,
                          save_checkpoint)
+from .interactive import InteractiveSession, as_interactive
 from .memory_bank import MemoryBank
 from .network import STM, STMConfig, soft_aggregate
 from .segmenter import VideoSegmenter
 
 __all__ = ["STM", "STMConfig", "soft_aggregate", "MemoryBank", "VideoSegmenter",
+           "InteractiveSession", "as_interactive",
            "load_official_checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointError"]

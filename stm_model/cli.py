@@ -3,6 +3,7 @@
     stm segment FRAMES_DIR_OR_VIDEO --mask FIRST_MASK.png --checkpoint STM_weights.pth
     stm segment video.mp4 --masks MASKS_DIR --output out/ --mem-every 5 --memory-dtype fp16
     stm eval RESULTS_DIR ANNOTATIONS_DIR
+    stm interactive-eval DAVIS_ROOT --sequences bear --rounds 8 --size 240 427
 """
 import argparse
 import pathlib
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import metrics, video_io
+from . import interactive_eval, metrics, video_io
 from .checkpoint import load_checkpoint, save_checkpoint
 from .network import STM, STMConfig
 from .segmenter import VideoSegmenter
@@ -37,6 +38,11 @@ def main(argv=None):
         "eval", help="J&F of a results folder against annotations",
         description="DAVIS J&F (semi-supervised protocol: first and last frame excluded) of "
                     "result masks against annotations; prints a table, writes the two CSVs."))
+    _interactive_parser(commands.add_parser(
+        "interactive-eval", help="robot-user interactive evaluation (AUC, J&F@60s)",
+        description="Interactive segmentation of DAVIS-format sequences with a robot user: up "
+                    "to --rounds rounds of scribbles on the worst frame, J&F after each round, "
+                    "the AUC of J&F against time and J&F@60s; writes a JSON file and a plot."))
     export = commands.add_parser(
         "export", help="rewrite a checkpoint as weights only (optionally fp16)",
         description="Write the model of a checkpoint (an stm-kernels run's checkpoint.pt or "
@@ -174,6 +180,61 @@ def segment(args):
     for name, value in summary.items():
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name:>{width}}: {text}")
+    return 0
+
+
+# --------------------------------------------------------------------------- interactive-eval
+
+
+def _interactive_parser(parser):
+    parser.add_argument("root", help="DAVIS-format root (JPEGImages/<res>/<seq>, "
+                                     "Annotations/<res>/<seq> on every frame, optional "
+                                     "Scribbles/<seq>/001.json for the first round)")
+    parser.add_argument("--sequences", nargs="+", help="evaluate these sequences only")
+    parser.add_argument("--checkpoint", help="an interactive STM checkpoint (default: the "
+                                             "small interactive model shipped with the package)")
+    parser.add_argument("--resolution", default="480p")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="segment at this size (scores stay at the annotations' size)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--max-time", type=float, default=240.0,
+                        help="AUC time range, seconds per object (default 8 x 30)")
+    parser.add_argument("--at-time", type=float, default=60.0, help="J&F@ this many seconds")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per fused read")
+    parser.add_argument("--line-width", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"])
+    parser.add_argument("--output", default="interactive_eval_output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=interactive_evaluate)
+
+
+def interactive_evaluate(args):
+    """`stm interactive-eval`: robot rounds per sequence, a table, JSON and a plot."""
+    from .demo import load_small_model, SMALL_INTERACTIVE_WEIGHTS
+    device = _device(args.device)
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
+    model = (load_checkpoint(args.checkpoint, device) if args.checkpoint
+             else load_small_model(SMALL_INTERACTIVE_WEIGHTS, device))
+    results = interactive_eval.evaluate_davis(
+        model, args.root, args.sequences, resolution=args.resolution, size=args.size,
+        rounds=args.rounds, max_time=args.max_time, at_time=args.at_time,
+        show_progress=not args.quiet, batch_size=args.batch_size, line_width=args.line_width,
+        amp_dtype=args.amp, read_backend=args.backend)
+    print(interactive_eval.format_report(results))
+    output = pathlib.Path(args.output)
+    path = interactive_eval.write_results(
+        results, output / "interactive_eval.json", device=str(device),
+        torch=torch.__version__, checkpoint=args.checkpoint or str(SMALL_INTERACTIVE_WEIGHTS),
+        size=args.size, rounds=args.rounds, batch_size=args.batch_size,
+        line_width=args.line_width, amp=args.amp, backend=args.backend)
+    print(f"wrote {path}")
+    try:
+        print(f"wrote {interactive_eval.plot_curves(results, output / 'interactive_curve.png')}")
+    except ImportError:
+        print("(no plot: matplotlib is not installed; pip install stm-kernels[bench])")
     return 0
 
 

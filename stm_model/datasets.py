@@ -3,7 +3,8 @@
 Every dataset item is a dict with `frames` (T, 3, H, W) float32 RGB in [0, 1], `labels`
 (T, H, W) int64 object ids 1..n (0 = background) and `num_objects` n, and is deterministic
 from (dataset seed, index), so training resumes and distributes without sampler state.
-`collate_clips` batches items for `STM.forward`.
+`collate_clips` batches items for `STM.forward`. `InteractiveClips` adds synthesised scribbles
+for the interactive model.
 
 Seed convention: training videos use synthetic seeds below HELD_OUT_SEEDS; evaluation and the
 demo use HELD_OUT_SEEDS + s, videos no training clip ever saw.
@@ -15,6 +16,10 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from scipy import ndimage
+from skimage import morphology
+
+from . import scribbles as scribble_format
 from . import video_io
 from .synthetic import SyntheticVideo
 
@@ -173,6 +178,59 @@ class DavisClips(_Clips):
         return _item(frames.permute(0, 2, 3, 1).numpy(), labels, count)
 
 
+class InteractiveClips(torch.utils.data.Dataset):
+    """Training clips for the interactive STM: each item of `clips` gains the user's scribbles
+    on frame 0 and the mask they correct. With probability p_first that mask is empty (a first
+    round); otherwise it is a corrupted ground truth standing in for an earlier round's
+    prediction (objects eroded or dilated, shifted, dropped, with a spurious blob). The
+    scribbles are synthesised from ground truth and that mask (skeleton + random walk, see
+    stm_model.scribbles). Adds `previous` (H, W) ids and `scribble_map` (H, W) int16."""
+
+    def __init__(self, clips, seed=0, p_first=0.4, line_width=3):
+        self.clips, self.seed, self.p_first, self.line_width = clips, seed, p_first, line_width
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        item = dict(self.clips[index])
+        rng = np.random.default_rng((self.seed, index, 3))
+        truth = item["labels"][0].numpy()
+        count = item["num_objects"]
+        previous = (np.zeros_like(truth) if rng.random() < self.p_first
+                    else corrupt_labels(truth, count, rng))
+        strokes = scribble_format.synthesize_strokes(truth, previous, count, rng=rng)
+        item["previous"] = torch.from_numpy(previous)
+        item["scribble_map"] = torch.from_numpy(scribble_format.rasterize(
+            strokes, *truth.shape, line_width=self.line_width))
+        return item
+
+
+def corrupt_labels(labels, num_objects, rng):
+    """An imperfect prediction of `labels`: per object a random erosion or dilation (radius
+    1-4) and shift (up to 6% of the size), sometimes dropped (15%); sometimes (30%) a spurious
+    elliptic blob of a random object."""
+    height, width = labels.shape
+    corrupted = np.zeros_like(labels)
+    for k in range(1, num_objects + 1):
+        mask = labels == k
+        if not mask.any() or rng.random() < 0.15:
+            continue
+        radius = int(rng.integers(1, 5))
+        grow = ndimage.binary_dilation if rng.random() < 0.5 else ndimage.binary_erosion
+        mask = grow(mask, structure=morphology.disk(radius))
+        shift = (rng.uniform(-0.06, 0.06, 2) * (height, width)).round().astype(int)
+        mask = np.roll(mask, tuple(shift), axis=(0, 1))
+        corrupted[mask] = k
+    if num_objects and rng.random() < 0.3:
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(0.05, 0.2) * height, rng.uniform(0.05, 0.2) * width
+        ys, xs = np.ogrid[:height, :width]
+        corrupted[((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1] = rng.integers(
+            1, num_objects + 1)
+    return corrupted
+
+
 def collate_clips(items, max_objects=None):
     """Batch items into `frames` (S, T, 3, H, W), `labels` (S, T, H, W), `first_probs`
     (S, n, H, W) one-hot masks of frame 0 and `object_valid` (S, n), n = the most objects of
@@ -183,4 +241,12 @@ def collate_clips(items, max_objects=None):
     ids = torch.arange(1, n + 1).view(1, n, 1, 1)
     first_probs = (labels[:, 0, None] == ids).float()
     valid = torch.stack([torch.arange(n) < item["num_objects"] for item in items])
-    return {"frames": frames, "labels": labels, "first_probs": first_probs, "object_valid": valid}
+    batch = {"frames": frames, "labels": labels, "first_probs": first_probs,
+             "object_valid": valid}
+    if "scribble_map" in items[0]:  # InteractiveClips: the mask before the scribbles, painted
+        channels = torch.stack([torch.from_numpy(scribble_format.scribble_channels(
+            item["scribble_map"].numpy(), n)) for item in items])
+        previous = (torch.stack([item["previous"] for item in items])[:, None] == ids).float()
+        batch["first_probs"] = scribble_format.paint_scribbles(previous, channels)
+        batch["first_scribbles"] = channels
+    return batch

@@ -27,15 +27,20 @@ from .segmenter import VideoSegmenter
 from .synthetic import SyntheticVideo
 
 WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights" / "stm_small_synthetic.pt"
+SMALL_INTERACTIVE_WEIGHTS = WEIGHTS.with_name("stm_small_interactive.pt")
+_RECIPES = {WEIGHTS.name: "make small-model",
+            SMALL_INTERACTIVE_WEIGHTS.name: "make small-interactive-model"}
 
 
 def load_small_model(path=None, device="cpu"):
-    """The small STM trained on synthetic videos (the file committed with the package)."""
+    """The small STM trained on synthetic videos (the file committed with the package); pass
+    SMALL_INTERACTIVE_WEIGHTS for its interactive variant."""
     path = pathlib.Path(path or WEIGHTS)
     if not path.exists():
+        recipe = _RECIPES.get(path.name, "make small-model")
         raise FileNotFoundError(
-            f"{path} is missing; train it with `make small-model` (see README: the small "
-            "trained model)")
+            f"{path} is missing; train it with `{recipe}` (see README: the small trained "
+            "models)")
     return load_checkpoint(path, device)
 
 

@@ -70,12 +70,7 @@ class MemoryBank:
     def add(self, keys, values, permanent, frame_index=None):
         """Store one frame: keys (n, Ck, h, w), values (n, Cv, h, w). The previous temporary
         frame is dropped; permanent=False makes this frame the new temporary one."""
-        expected = (self.num_objects, self.key_dim) + self.size
-        if tuple(keys.shape) != expected or tuple(values.shape) != (
-                self.num_objects, self.value_dim) + self.size:
-            raise ValueError(f"MemoryBank.add expects keys {expected} and values "
-                             f"{(self.num_objects, self.value_dim) + self.size}; got "
-                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        self._check(keys, values, "add")
         self.has_temporary = False
         del self.slot_frames[self.permanent:]
         slot = self.permanent
@@ -100,6 +95,26 @@ class MemoryBank:
         if self.permanent > 0:  # the bank's first frame is never evicted
             self._fifo.append(slot)
         self.permanent += 1
+
+    def put(self, keys, values, frame_index):
+        """Store video frame `frame_index` as a permanent frame; if the bank holds that frame
+        already (an interactive round on a frame annotated before), overwrite its slot."""
+        held = self.slot_frames[:self.permanent]
+        if frame_index not in held:
+            self.add(keys, values, True, frame_index)
+            return
+        self._check(keys, values, "put")
+        slot = held.index(frame_index)
+        self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
+        self.values[:, :, slot] = values.flatten(2).to(self.storage_device, self.dtype)
+
+    def _check(self, keys, values, method):
+        expected = (self.num_objects, self.key_dim) + self.size
+        if tuple(keys.shape) != expected or tuple(values.shape) != (
+                self.num_objects, self.value_dim) + self.size:
+            raise ValueError(f"MemoryBank.{method} expects keys {expected} and values "
+                             f"{(self.num_objects, self.value_dim) + self.size}; got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
 
     def read(self, query_key, *, scale=None, similarity="dot", backend="auto"):
         """Memory read-out (n, Cv, h, w) for query_key (1 or n, Ck, h, w)."""

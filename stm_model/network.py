@@ -35,6 +35,9 @@ class STMConfig:
     pretrained_backbone: bool = False
     similarity: str = "dot"
     read_backend: str = "auto"
+    # interactive variant (STM's unified model): the memory encoder also takes the user's
+    # positive and negative scribbles (see stm_model.interactive)
+    interactive: bool = False
 
     @classmethod
     def small(cls, **overrides):
@@ -72,9 +75,11 @@ def feature_channels(config):
 class Encoder(nn.Module):
     """ResNet stem + layer1..layer3 on a normalised RGB frame in [0, 1]. The memory encoder also
     takes the object's mask and the other objects' mask, each through a 7x7 stride-2 conv added
-    to the stem's conv1 output (as the official Encoder_M)."""
+    to the stem's conv1 output (as the official Encoder_M); the interactive one also the
+    positive and negative scribbles (two channels, one more such conv, zero-initialised so
+    that an interactive model built from semi-supervised weights starts as that model)."""
 
-    def __init__(self, config, with_masks):
+    def __init__(self, config, with_masks, with_scribbles=False):
         super().__init__()
         resnet = _resnet(config)
         self.conv1, self.bn1, self.relu = resnet.conv1, resnet.bn1, resnet.relu
@@ -83,14 +88,20 @@ class Encoder(nn.Module):
         if with_masks:
             self.mask_conv = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
             self.other_conv = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if with_scribbles:
+            self.scribble_conv = nn.Conv2d(2, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.zeros_(self.scribble_conv.weight)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def forward(self, frame, mask=None, others=None):
-        """frame (B, 3, H, W); mask, others (B, 1, H, W) -> r4, r3, r2 (strides 16, 8, 4)."""
+    def forward(self, frame, mask=None, others=None, scribbles=None):
+        """frame (B, 3, H, W); mask, others (B, 1, H, W); scribbles (B, 2, H, W) -> r4, r3, r2
+        (strides 16, 8, 4)."""
         x = self.conv1((frame - self.mean) / self.std)
         if mask is not None:
             x = x + self.mask_conv(mask) + self.other_conv(others)
+        if scribbles is not None:
+            x = x + self.scribble_conv(scribbles)
         x = self.maxpool(self.relu(self.bn1(x)))
         r2 = self.layer1(x)
         r3 = self.layer2(r2)
@@ -181,27 +192,42 @@ class STM(nn.Module):
         self._inside_checkpoint = False  # modules run unwrapped inside a _per_frame checkpoint
         c4, c3, c2 = feature_channels(self.config)
         cfg = self.config
-        self.memory_encoder = Encoder(cfg, with_masks=True)
+        self.memory_encoder = Encoder(cfg, with_masks=True, with_scribbles=cfg.interactive)
         self.query_encoder = Encoder(cfg, with_masks=False)
         self.memory_key_value = KeyValue(c4, cfg.key_dim, cfg.value_dim)
         self.query_key_value = KeyValue(c4, cfg.key_dim, cfg.value_dim)
         self.decoder = Decoder(cfg.value_dim, c3, c2, cfg.decoder_dim)
 
-    def encode_memory(self, frame, object_probs):
+    def encode_memory(self, frame, object_probs, scribbles=None):
         """Keys (S·n, Ck, H/16, W/16) and values (S·n, Cv, ...) of one frame for n objects.
 
-        frame (S, 3, H, W) RGB in [0, 1] (S clips; 1 when segmenting a video); object_probs
+        frame (S, 3, H, W) RGB in [0, 1] (S clips, or S frames of one video); object_probs
         (S, n, H, W), or (n, H, W) for S = 1, each object's (soft) mask. The other objects' mask
         of object o is clamp(sum of the others' probabilities, 0, 1) (as the official code).
+        scribbles (S, n, 2, H, W) or (n, 2, H, W): each object's positive and negative scribble
+        channels, for an interactive model only (None: no scribbles).
         """
         if object_probs.dim() == 3:
             object_probs = object_probs.unsqueeze(0)
+        if scribbles is not None and not self.config.interactive:
+            raise ValueError("this STM is not interactive (STMConfig(interactive=True)): its "
+                             "memory encoder takes no scribbles")
         S, n = object_probs.shape[:2]
+        if scribbles is None and self.config.interactive:  # a mask without scribbles
+            scribbles = object_probs.new_zeros((S, n, 2) + tuple(object_probs.shape[-2:]))
         masks = object_probs.unsqueeze(2)  # (S, n, 1, H, W)
         others = torch.stack([masks[:, :o].sum(1) + masks[:, o + 1:].sum(1) for o in range(n)], 1)
         frames = frame.unsqueeze(1).expand(-1, n, -1, -1, -1)
-        r4, _, _ = self._run(self.memory_encoder, frames.flatten(0, 1), masks.flatten(0, 1),
-                             others.clamp(0, 1).flatten(0, 1))
+        inputs = [frames.flatten(0, 1), masks.flatten(0, 1), others.clamp(0, 1).flatten(0, 1)]
+        if scribbles is not None:
+            if scribbles.dim() == 4:
+                scribbles = scribbles.unsqueeze(0)
+            if tuple(scribbles.shape) != (S, n, 2) + tuple(object_probs.shape[-2:]):
+                raise ValueError(f"scribbles must be (S, n, 2, H, W) = "
+                                 f"{(S, n, 2) + tuple(object_probs.shape[-2:])}; got "
+                                 f"{tuple(scribbles.shape)}")
+            inputs.append(scribbles.to(frame.dtype).flatten(0, 1))
+        r4, _, _ = self._run(self.memory_encoder, *inputs)
         return self.memory_key_value(r4)
 
     def encode_query(self, frame):
@@ -220,7 +246,7 @@ class STM(nn.Module):
                            _per_object(query.r2, n))
         return torch.softmax(logits, dim=1)[:, 1]
 
-    def forward(self, frames, first_probs, object_valid=None):
+    def forward(self, frames, first_probs, object_valid=None, first_scribbles=None):
         """Training forward over clips: STM's main-training recurrence.
 
         frames (S, T, 3, H, W) RGB in [0, 1]; first_probs (S, n, H, W) the objects' masks on
@@ -229,15 +255,20 @@ class STM(nn.Module):
         all earlier frames and then memorised with its own predicted (soft) probabilities.
         Returns soft-aggregated logits (S, T-1, n+1, H, W) for frames 1..T-1, background first.
         The memory is a growing list of per-frame chunks (memory_read saves them uncopied).
+
+        Interactive model: first_scribbles (S, n, 2, H, W) are the user's scribbles on frame 0
+        and first_probs the mask before them (the previous round's, or zeros); frame 0 is then
+        also segmented from the memory (it is what the user corrected) and the logits cover
+        frames 0..T-1 (S, T, n+1, H, W).
         """
         S, T = frames.shape[:2]
         n = first_probs.shape[1]
         valid = (torch.ones(S, n, dtype=torch.bool, device=frames.device)
                  if object_valid is None else object_valid.to(frames.device))
-        keys, values = self.encode_memory(frames[:, 0], first_probs)
+        keys, values = self.encode_memory(frames[:, 0], first_probs, first_scribbles)
         memory_keys, memory_values = [keys.unsqueeze(2)], [values.unsqueeze(2)]  # (B, C, 1, h, w)
         outputs = []
-        for t in range(1, T):
+        for t in range(0 if first_scribbles is not None else 1, T):
             query = self.encode_query(frames[:, t])
             readout = memory_read(_per_object(query.key, n), memory_keys, memory_values,
                                   similarity=self.config.similarity,
@@ -245,7 +276,7 @@ class STM(nn.Module):
             logits = self._per_frame(self._clip_logits, readout, query.value, query.r3,
                                      query.r2, valid)
             outputs.append(logits)
-            if t < T - 1:
+            if 0 < t < T - 1:
                 keys, values = self._per_frame(self._memorise_prediction, frames[:, t], logits)
                 memory_keys.append(keys.unsqueeze(2))
                 memory_values.append(values.unsqueeze(2))

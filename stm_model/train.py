@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
-from .datasets import (DavisClips, StaticImageClips, SyntheticClips, collate_clips,
-                       max_skip_schedule)
+from .checkpoint import load_checkpoint
+from .datasets import (DavisClips, InteractiveClips, StaticImageClips, SyntheticClips,
+                       collate_clips, max_skip_schedule)
 from .network import STM, STMConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -56,6 +57,9 @@ class TrainConfig:
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
     checkpointing: str = "none"        # activation checkpointing: none, encoders or all
     read_backend: str = "auto"
+    interactive: bool = False          # the interactive STM on synthesised scribbles
+    init_from: str = ""                # start from this checkpoint's weights (e.g. the
+                                       # semi-supervised model for the interactive one)
     seed: int = 0
     workers: int = 0
     log_every: int = 10
@@ -96,10 +100,10 @@ def build_dataset(config, world_size=1):
         videos = SyntheticClips(length, max_skip=max_skip, **common)
     else:
         videos = DavisClips(config.data, length, max_skip=max_skip, **common)
-    if not config.static_steps:
-        return videos
-    static = StaticImageClips(length, **common)
-    return _Staged(static, videos, config.static_steps * per_step)
+    if config.static_steps:
+        videos = _Staged(StaticImageClips(length, **common), videos,
+                         config.static_steps * per_step)
+    return InteractiveClips(videos, seed=config.seed) if config.interactive else videos
 
 
 class _Staged(torch.utils.data.Dataset):
@@ -116,19 +120,34 @@ class _Staged(torch.utils.data.Dataset):
 
 
 def build_model(config):
+    """The STM to train; with init_from, its weights (an interactive model built from a
+    semi-supervised one gets the zero-initialised scribble conv on top)."""
     model_config = STMConfig.small() if config.model == "small" else STMConfig()
-    model_config = dataclasses.replace(model_config, read_backend=config.read_backend)
-    return STM(model_config, checkpointing=config.checkpointing)
+    model_config = dataclasses.replace(model_config, read_backend=config.read_backend,
+                                       interactive=config.interactive)
+    model = STM(model_config, checkpointing=config.checkpointing)
+    if config.init_from:
+        source = load_checkpoint(config.init_from)
+        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or any("scribble_conv" not in name for name in missing):
+            raise ValueError(f"--init-from {config.init_from} does not fit the model: missing "
+                             f"{missing}, unexpected {unexpected}")
+    return model
 
 
 def clip_loss(model, batch, device, amp_dtype=None):
-    """Mean cross-entropy of the soft-aggregated logits of frames 1..T-1."""
+    """Mean cross-entropy of the soft-aggregated logits of frames 1..T-1 (0..T-1 for the
+    interactive model)."""
     frames = batch["frames"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
+    scribbles = batch.get("first_scribbles")
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                         enabled=amp_dtype is not None):
-        logits = model(frames, batch["first_probs"].to(device), batch["object_valid"])
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(0, 1))
+        logits = model(frames, batch["first_probs"].to(device), batch["object_valid"],
+                       None if scribbles is None else scribbles.to(device))
+    # frames 1..T-1; the interactive model also predicts frame 0
+    targets = labels[:, labels.shape[1] - logits.shape[1]:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
 def _schedule(config):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from bench import __main__ as suite
-from bench import long_video, memory_read
+from bench import interactive, long_video, memory_read
 
 
 def test_kernel_sweep_runs_records_and_renders(tmp_path, monkeypatch, capsys):
@@ -77,3 +77,19 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
         assert record["read_ms"][0] == 0  # the first frame has no memory to read
     assert [r["read_backend"] for r in payload["records"]] == ["torch", "naive"]
     assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out
+
+
+def test_interactive_round_timing_records_and_renders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert interactive.main(["--device", "cpu", "--frames", "10", "--size", "48", "64",
+                             "--memory-frames", "1", "3", "--repeats", "2", "--source",
+                             "synthetic", "--batch-size", "4"]) == 0
+    [path] = tmp_path.glob("interactive_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / (path.stem + ".png")).exists()
+    assert [r["read_backend"] for r in payload["records"]] == ["torch", "naive"]
+    for record in payload["records"]:
+        assert sorted(record["rounds"]) == ["1", "3"] and record["first_round_s"] > 0
+        assert all(len(r["times_s"]) == 2 and r["median_s"] > 0
+                   for r in record["rounds"].values())
+    assert "| fused | torch |" in capsys.readouterr().out

@@ -1,0 +1,232 @@
+"""Interactive video object segmentation with STM's memory (the unified model of the DAVIS-2019
+interactive track): the frames the user scribbled on form the memory, every frame is a query.
+
+    session = InteractiveSession(model, frames, num_objects=2)    # frames (T, 3, H, W) in [0, 1]
+    labels = session.interact(scribbles)    # DAVIS-format scribbles -> (T, H, W) object ids
+    labels = session.interact(more)         # a later round refines from the previous masks
+
+A round: (1) each annotated frame is encoded into the memory from the frame, the current mask of
+every object (the previous round's probabilities, zeros at first, with the drawn pixels set to
+what the user said) and the scribbles as positive/negative channels; a frame annotated again
+replaces its own memory slot. (2) Every frame is segmented from that memory, `batch_size` frames
+per fused read (their query positions are concatenated: one read of all memory positions per
+batch). Query keys, values and decoder skips are computed once per frame and cached, so a round
+costs the memory encodings of the annotated frames, the reads and the decoders. Pixels under a
+stroke take the stroke's label in the returned masks.
+"""
+import contextlib
+import dataclasses
+import time
+import warnings
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import scribbles as scribble_format
+from .memory_bank import MemoryBank
+from .network import STM, QueryFeatures, pad_to_multiple, soft_aggregate, unpad
+from .segmenter import _DTYPES
+
+
+def as_interactive(model):
+    """An interactive STM with the weights of a semi-supervised one (the scribble conv starts at
+    zero: scribbles then act only through the mask they paint, until it is trained)."""
+    if model.config.interactive:
+        return model
+    interactive = STM(dataclasses.replace(model.config, interactive=True))
+    missing, unexpected = interactive.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("scribble_conv" in name for name in missing), (missing,
+                                                                                 unexpected)
+    parameter = next(model.parameters())
+    return interactive.to(parameter.device, parameter.dtype).train(model.training)
+
+
+@dataclasses.dataclass
+class RoundInfo:
+    """What one `interact` call did."""
+    annotated_frames: list
+    seconds: float
+    memory_frames: int
+    encoded_queries: int  # frames whose query features were computed in this round
+
+
+class InteractiveSession:
+    """Interactive segmentation of one video (see the module docstring).
+
+    Args:
+        model: an interactive STM (STMConfig(interactive=True)); a semi-supervised one is
+            converted with `as_interactive` (with a warning: its scribble channels are untrained).
+        frames: (T, 3, H, W) float RGB in [0, 1] (any device; moved to the model's in batches).
+        num_objects: n; scribbles may name objects 1..n and the background 0.
+        batch_size: frames segmented per fused memory read.
+        line_width: width in pixels of rasterised strokes.
+        memory_dtype, cache_dtype: storage dtypes of the memory and of the per-frame query
+            cache and masks ("fp32", "fp16", "bf16"; default: the model's dtype).
+        cache_device: where the query cache and masks live (default: the model's device).
+        amp_dtype: autocast the network with this dtype.
+        read_backend: memory_read backend (default: the model config's).
+        show_progress: a progress bar over each round's batches.
+    """
+
+    def __init__(self, model, frames, num_objects, *, batch_size=8, line_width=3,
+                 memory_dtype=None, cache_dtype=None, cache_device=None, amp_dtype=None,
+                 read_backend=None, show_progress=False, sequence=None):
+        frames = torch.as_tensor(frames)
+        if frames.dim() != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
+            raise ValueError("frames must be a float (T, 3, H, W) RGB tensor in [0, 1]; got "
+                             f"{tuple(frames.shape)} {frames.dtype}")
+        if isinstance(num_objects, bool) or int(num_objects) != num_objects or num_objects < 1:
+            raise ValueError(f"num_objects must be a positive integer; got {num_objects!r}")
+        for name, value in (("memory_dtype", memory_dtype), ("cache_dtype", cache_dtype),
+                            ("amp_dtype", amp_dtype)):
+            if value not in _DTYPES:
+                raise ValueError(f"{name} must be one of fp32, fp16, bf16 (or a torch dtype); "
+                                 f"got {value!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        if not model.config.interactive:
+            warnings.warn("InteractiveSession got a semi-supervised STM: converted with "
+                          "as_interactive (untrained scribble channels; the scribbles act "
+                          "through the mask they paint only)", stacklevel=2)
+            model = as_interactive(model)
+        self.model = model.eval()
+        parameter = next(model.parameters())
+        self.device, self.sequence = parameter.device, sequence
+        self.num_frames, self.num_objects = frames.shape[0], int(num_objects)
+        self.size = tuple(frames.shape[-2:])
+        self.batch_size, self.line_width = int(batch_size), line_width
+        self.cache_dtype = _DTYPES[cache_dtype] or parameter.dtype
+        self.cache_device = torch.device(cache_device) if cache_device else self.device
+        self.amp_dtype = _DTYPES[amp_dtype]
+        self.read_backend = read_backend or model.config.read_backend
+        self.show_progress = show_progress
+        self.frames = frames
+        _, self._pad = pad_to_multiple(frames[:1])
+        height, width = pad_to_multiple(frames[:1])[0].shape[-2:]
+        config = model.config
+        self.bank = MemoryBank(self.num_objects, config.key_dim, config.value_dim, height // 16,
+                               width // 16, dtype=_DTYPES[memory_dtype] or parameter.dtype,
+                               device=self.device)
+        self._queries = [None] * self.num_frames      # cached QueryFeatures per frame
+        self.probs = torch.zeros((self.num_frames, self.num_objects) + self.size,
+                                 dtype=self.cache_dtype, device=self.cache_device)
+        self.scribble_maps = {}  # frame -> (H, W) int16 map of all strokes so far
+        self.rounds = []
+
+    # ----------------------------------------------------------------------------- public
+
+    @property
+    def memory_frames(self):
+        """Annotated frames in the memory."""
+        return self.bank.num_frames
+
+    @property
+    def memory_frame_indices(self):
+        """Video frame index held by each memory slot."""
+        return list(self.bank.slot_frames)
+
+    def labels(self):
+        """(T, H, W) int64 object ids (0 = background) of the current masks."""
+        background = 1 - self.probs.float().sum(1, keepdim=True)
+        return torch.cat([background, self.probs.float()], 1).argmax(1).cpu()
+
+    @torch.no_grad()
+    def interact(self, scribbles):
+        """One round: add the scribbled frame(s) to the memory and re-segment every frame;
+        returns the (T, H, W) int64 object ids (on the CPU). Scribbles are in the DAVIS
+        interactive format (see stm_model.scribbles) with one entry per frame."""
+        scribble_format.check_scribbles(scribbles, self.num_frames, self.num_objects)
+        annotated = scribble_format.annotated_frames(scribbles)
+        if not annotated:
+            raise scribble_format.ScribbleError("the scribbles hold no stroke on any frame")
+        self._synchronize()
+        start = time.perf_counter()
+        encoded_before = sum(q is not None for q in self._queries)
+        height, width = self.size
+        for t in annotated:
+            drawn = scribble_format.rasterize(scribbles["scribbles"][t], height, width,
+                                              self.line_width)
+            previous = self.scribble_maps.get(t)
+            if previous is not None:
+                drawn = np.where(drawn >= 0, drawn, previous).astype(np.int16)
+            self.scribble_maps[t] = drawn
+            self._memorise(t)
+        self._segment_all()
+        self._synchronize()
+        self.rounds.append(RoundInfo(
+            annotated_frames=annotated, seconds=time.perf_counter() - start,
+            memory_frames=self.memory_frames,
+            encoded_queries=sum(q is not None for q in self._queries) - encoded_before))
+        return self.labels()
+
+    # ----------------------------------------------------------------------------- steps
+
+    def _memorise(self, t):
+        channels = torch.from_numpy(scribble_format.scribble_channels(
+            self.scribble_maps[t], self.num_objects)).to(self.device)
+        current = self.probs[t].to(self.device, torch.float32)
+        painted = scribble_format.paint_scribbles(current, channels)
+        frame = pad_to_multiple(self.frames[t:t + 1].to(self.device, torch.float32))[0]
+        with self._autocast():
+            keys, values = self.model.encode_memory(frame, pad_to_multiple(painted)[0],
+                                                    pad_to_multiple(channels)[0])
+        self.bank.put(keys, values, t)
+
+    def _segment_all(self):
+        starts = range(0, self.num_frames, self.batch_size)
+        for start in tqdm(starts, unit="batch", disable=not self.show_progress,
+                          desc=f"segmenting {self.sequence or 'video'}"):
+            stop = min(start + self.batch_size, self.num_frames)
+            query = self._query_batch(start, stop)
+            count, key_dim, h, w = query.key.shape
+            keys = query.key.to(self.device).transpose(0, 1).reshape(1, key_dim, count * h * w)
+            config = self.model.config
+            with self._autocast():
+                readout = self.bank.read(keys, similarity=config.similarity,
+                                         backend=self.read_backend)  # (n, Cv, count·h·w)
+                readout = readout.unflatten(2, (count, h, w)).permute(2, 0, 1, 3, 4).flatten(0, 1)
+                features = QueryFeatures(None, *(x.to(self.device) for x in (
+                    query.value, query.r3, query.r2)))
+                foreground = self.model.foreground(readout.to(features.value.dtype), features)
+            foreground = foreground.float().unflatten(0, (count, self.num_objects))
+            for offset, t in enumerate(range(start, stop)):
+                probs = unpad(torch.softmax(soft_aggregate(foreground[offset]), 0), self._pad)
+                if t in self.scribble_maps:
+                    probs = _stroke_labels(probs, self.scribble_maps[t])
+                self.probs[t] = probs[1:].to(self.cache_device, self.cache_dtype)
+
+    def _query_batch(self, start, stop):
+        """QueryFeatures of frames start..stop-1, batched (computed once, then cached)."""
+        missing = [t for t in range(start, stop) if self._queries[t] is None]
+        if missing:
+            frames = pad_to_multiple(self.frames[missing].to(self.device, torch.float32))[0]
+            with self._autocast():
+                encoded = self.model.encode_query(frames)
+            for i, t in enumerate(missing):
+                self._queries[t] = QueryFeatures(*(
+                    x[i:i + 1].to(self.cache_device, self.cache_dtype) for x in (
+                        encoded.key, encoded.value, encoded.r3, encoded.r2)))
+        cached = self._queries[start:stop]
+        return QueryFeatures(*(torch.cat([getattr(q, name) for q in cached]).to(
+            self.device, next(self.model.parameters()).dtype)
+            for name in ("key", "value", "r3", "r2")))
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _stroke_labels(probs, scribble_map):
+    """(K, H, W) probabilities with the drawn pixels set to their stroke's label (one-hot)."""
+    drawn = torch.from_numpy(scribble_map >= 0).to(probs.device)
+    if not drawn.any():
+        return probs
+    ids = torch.from_numpy(scribble_map.astype(np.int64)).to(probs.device).clamp(min=0)
+    one_hot = torch.nn.functional.one_hot(ids, probs.shape[0]).permute(2, 0, 1).to(probs.dtype)
+    return torch.where(drawn, one_hot, probs)

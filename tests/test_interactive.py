@@ -1,0 +1,225 @@
+"""Interactive STM: the session's rounds, memory and cache; the robot user and its scores;
+interactive training; `stm interactive-eval`."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import SHARED
+from stm_model import STM, STMConfig, scribbles as S, video_io
+from stm_model.cli import main as stm_main
+from stm_model.datasets import HELD_OUT_SEEDS, InteractiveClips, SyntheticClips, collate_clips
+from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
+from stm_model.interactive import InteractiveSession, as_interactive
+from stm_model.interactive_eval import (RobotUser, evaluate_interactive, jf_scores,
+                                        time_scores)
+from stm_model.synthetic import SyntheticVideo
+from stm_model.train import TrainConfig, clip_loss, build_dataset, build_model
+
+
+def _video(frames, size=(64, 64), seed=3, objects=2):
+    video = SyntheticVideo(HELD_OUT_SEEDS + seed, *size, num_objects=objects)
+    images, labels = zip(*video.frames(frames))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), np.stack(labels)
+
+
+@pytest.fixture(scope="module")
+def small_interactive():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return as_interactive(load_small_model())
+
+
+def _round(gt, predicted, frame, num_objects):
+    scribbles = S.empty_scribbles(len(gt))
+    scribbles["scribbles"][frame] = S.synthesize_strokes(gt[frame], predicted[frame],
+                                                         num_objects)
+    return scribbles
+
+
+def test_rounds_grow_the_memory_reuse_the_query_cache_and_touch_only_their_frames(
+        small_interactive):
+    frames, gt = _video(6)
+    session = InteractiveSession(small_interactive, frames, 2, batch_size=4)
+    calls = []
+    encode_query = session.model.encode_query
+    session.model.encode_query = lambda x: calls.append(len(x)) or encode_query(x)
+    try:
+        labels = session.interact(_round(gt, np.zeros_like(gt), 2, 2))
+        assert labels.shape == (6, 64, 64) and labels.dtype == torch.int64
+        assert session.memory_frame_indices == [2] and sum(calls) == 6
+        assert session.rounds[-1].encoded_queries == 6
+        slot_of_2 = session.bank.keys[:, :, 0].clone()
+
+        session.interact(_round(gt, labels.numpy(), 4, 2))
+        assert session.memory_frame_indices == [2, 4] and session.memory_frames == 2
+        assert sum(calls) == 6 and session.rounds[-1].encoded_queries == 0  # cached
+        assert torch.equal(session.bank.keys[:, :, 0], slot_of_2)  # frame 2 untouched
+        slot_of_4 = session.bank.keys[:, :, 1].clone()
+
+        again = S.empty_scribbles(6)
+        again["scribbles"][2] = [{"path": [[0.1, 0.1], [0.3, 0.1]], "object_id": 0}]
+        labels = session.interact(again)
+        assert session.memory_frame_indices == [2, 4]  # frame 2 replaced, not added
+        assert not torch.equal(session.bank.keys[:, :, 0], slot_of_2)
+        assert torch.equal(session.bank.keys[:, :, 1], slot_of_4)
+        assert sum(calls) == 6
+    finally:
+        session.model.encode_query = encode_query
+    # the drawn pixels carry their stroke's label; earlier strokes on frame 2 are kept
+    drawn = session.scribble_maps[2]
+    assert (drawn == 0).any() and (drawn > 0).any()
+    np.testing.assert_array_equal(labels[2].numpy()[drawn >= 0], drawn[drawn >= 0])
+
+
+def test_batched_reads_equal_one_frame_at_a_time_and_the_naive_read(small_interactive):
+    frames, gt = _video(5)
+    scribbles = _round(gt, np.zeros_like(gt), 1, 2)
+    results = []
+    for batch_size, backend in [(1, "torch"), (4, "torch"), (5, "naive")]:
+        session = InteractiveSession(small_interactive, frames, 2, batch_size=batch_size,
+                                     read_backend=backend)
+        session.interact(scribbles)
+        results.append(session.probs.clone())
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], atol=2e-5, rtol=0)
+
+
+def test_as_interactive_keeps_the_semi_supervised_model_without_scribbles():
+    torch.manual_seed(0)
+    model = STM(STMConfig.small()).eval()
+    interactive = as_interactive(model)
+    assert interactive.config.interactive and not model.config.interactive
+    frame, probs = torch.rand(1, 3, 64, 64), torch.rand(1, 2, 64, 64)
+    with torch.no_grad():
+        expected = model.encode_memory(frame, probs)
+        empty = torch.zeros(1, 2, 2, 64, 64)
+        for actual, wanted in zip(interactive.encode_memory(frame, probs, empty), expected):
+            torch.testing.assert_close(actual, wanted)
+    with pytest.raises(ValueError, match="not interactive"):
+        model.encode_memory(frame, probs, empty)
+    with pytest.raises(ValueError, match=r"scribbles must be \(S, n, 2, H, W\)"):
+        interactive.encode_memory(frame, probs, torch.zeros(1, 2, 1, 64, 64))
+
+
+def test_session_rejects_bad_input_with_clear_errors(small_interactive):
+    frames, gt = _video(3)
+    with pytest.raises(ValueError, match=r"float \(T, 3, H, W\)"):
+        InteractiveSession(small_interactive, frames[0], 2)
+    with pytest.raises(ValueError, match="num_objects"):
+        InteractiveSession(small_interactive, frames, 0)
+    session = InteractiveSession(small_interactive, frames, 2)
+    unknown = S.empty_scribbles(3)
+    unknown["scribbles"][0] = [{"path": [[0.5, 0.5]], "object_id": 5}]
+    with pytest.raises(S.ScribbleError, match="unknown object_id 5"):
+        session.interact(unknown)
+    with pytest.raises(S.ScribbleError, match="no stroke"):
+        session.interact(S.empty_scribbles(3))
+    with pytest.raises(S.ScribbleError, match="video has 3 frames"):
+        session.interact(S.empty_scribbles(4))
+    assert session.memory_frames == 0 and not session.rounds  # nothing half-done
+
+
+def test_time_scores_follow_the_step_curve():
+    auc, at_60 = time_scores([10, 30], [0.5, 0.8], num_objects=1)
+    assert auc == pytest.approx((0.5 * 20 + 0.8 * 210) / 240)
+    assert at_60 == 0.8
+    auc, at_60 = time_scores([100, 160], [0.5, 0.8], num_objects=2)  # 50 s, 80 s per object
+    assert at_60 == 0.5 and auc == pytest.approx((0.5 * 30 + 0.8 * 160) / 240)
+    assert time_scores([300], [0.9], 1) == (0.0, 0.0)  # nothing delivered within the budget
+
+
+def test_robot_picks_the_worst_frame_and_scribbles_its_errors():
+    gt = np.zeros((3, 32, 32), dtype=np.int64)
+    gt[:, 8:24, 8:24] = 1
+    predicted = gt.copy()
+    predicted[1] = 0
+    robot = RobotUser()
+    assert robot.first_frame(np.array([gt[0] * 0, gt[0], gt[0] * 0])) == 1
+    scribbles, frame = robot.interact(gt, predicted, 1, sequence="s")
+    assert frame == 1 and scribbles["sequence"] == "s"
+    assert S.annotated_frames(scribbles) == [1]
+    assert [s["object_id"] for s in scribbles["scribbles"][1]] == [1]
+    assert robot.interact(gt, gt, 1) == (None, 0)
+    assert jf_scores(gt, gt, 1) == (1.0, 1.0, 1.0)
+
+
+def test_masks_do_not_worsen_over_robot_rounds_with_the_small_interactive_model():
+    model = load_small_model(SMALL_INTERACTIVE_WEIGHTS)
+    assert model.config.interactive
+    frames, gt = _video(30, size=(128, 128), seed=5, objects=3)
+    result = evaluate_interactive(model, frames, gt, rounds=4, batch_size=10)
+    scores = [r["J&F"] for r in result["rounds"]]
+    assert len(scores) >= 2 and scores[0] > 0.5
+    assert all(later >= earlier - 0.01 for earlier, later in zip(scores, scores[1:])), scores
+    assert scores[-1] > scores[0], scores
+    annotated = [r["frame"] for r in result["rounds"]]
+    assert [r["memory_frames"] for r in result["rounds"]] == [
+        len(set(annotated[:i + 1])) for i in range(len(annotated))]
+    assert 0 < result["auc"] <= 1 and result["jf_at_60s"] == scores[-1]  # CPU: well within 60 s
+
+
+def test_interactive_training_items_batches_and_gradients():
+    clips = SyntheticClips(4, clip_len=3, size=(64, 64), max_objects=2)
+    dataset = InteractiveClips(clips, seed=0)
+    first, again = dataset[1], dataset[1]
+    assert torch.equal(first["scribble_map"], again["scribble_map"])  # deterministic
+    assert first["scribble_map"].shape == (64, 64) and (first["scribble_map"] >= 0).any()
+    batch = collate_clips([dataset[i] for i in range(2)], max_objects=2)
+    assert batch["first_scribbles"].shape == (2, 2, 2, 64, 64)
+    drawn = batch["first_scribbles"][:, :, 0] > 0
+    assert (batch["first_probs"][drawn] == 1).all()  # positive strokes painted into the mask
+    config = TrainConfig(model="small", interactive=True, size=(64, 64), steps=1,
+                         batch_size=2, max_objects=2)
+    model = build_model(config).train()
+    loss = clip_loss(model, batch, torch.device("cpu"))
+    loss.backward()
+    assert model.memory_encoder.scribble_conv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        logits = model(batch["frames"], batch["first_probs"], batch["object_valid"],
+                       batch["first_scribbles"])
+    assert logits.shape == (2, 3, 3, 64, 64)  # frame 0 is predicted too
+    assert isinstance(build_dataset(config), InteractiveClips)
+
+
+def _davis_folder(root, frames, gt):
+    for t, (frame, labels) in enumerate(zip(frames, gt)):
+        image = (frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        (root / "JPEGImages" / "480p" / "synth").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "JPEGImages" / "480p" / "synth" / f"{t:05d}.jpg",
+                                    quality=95)
+        video_io.write_mask(root / "Annotations" / "480p" / "synth" / f"{t:05d}.png",
+                            labels.astype(np.uint8))
+
+
+def test_cli_interactive_eval_on_a_davis_folder(tmp_path, capsys):
+    frames, gt = _video(8, size=(96, 128), seed=7)
+    _davis_folder(tmp_path / "davis", frames, gt)
+    output = tmp_path / "out"
+    code = stm_main(["interactive-eval", str(tmp_path / "davis"), "--rounds", "2",
+                     "--size", "48", "64", "--output", str(output), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| synth | 2 | 8 |" in printed and "AUC" in printed
+    report = json.loads((output / "interactive_eval.json").read_text())
+    rounds = report["sequences"]["synth"]["rounds"]
+    assert 1 <= len(rounds) <= 2 and all(0 <= r["J&F"] <= 1 for r in rounds)
+    assert (output / "interactive_curve.png").stat().st_size > 0
+    assert stm_main(["interactive-eval", str(tmp_path / "nothing"), "--quiet"]) == 2
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "davis2016-val").exists(),
+                    reason="../shared/data is absent")
+def test_cli_interactive_eval_on_a_real_davis_sequence(tmp_path, capsys):
+    output = tmp_path / "out"
+    code = stm_main(["interactive-eval", str(SHARED / "data" / "davis2016-val"),
+                     "--sequences", "blackswan", "--rounds", "3", "--size", "120", "216",
+                     "--output", str(output), "--quiet"])
+    assert code == 0
+    rounds = json.loads((output / "interactive_eval.json").read_text())[
+        "sequences"]["blackswan"]["rounds"]
+    scores = [r["J&F"] for r in rounds]
+    assert scores[-1] >= scores[0] - 0.01 and scores[0] > 0.3, scores
