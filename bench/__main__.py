@@ -6,6 +6,7 @@
     python -m bench training [...]      # training memory and step time against clip length
     python -m bench held-out [...]      # accuracy of the small trained model
     python -m bench interactive [...]   # one interactive round against annotated frames
+    python -m bench interactive-eval    # robot-user rounds on DAVIS-2016 val: J&F, AUC
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check]    # README tables from the newest committed results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -18,7 +19,8 @@ import json
 import pathlib
 import sys
 
-from bench import held_out, interactive, long_video, memory_read, report, training
+from bench import (held_out, interactive, interactive_eval, long_video, memory_read, report,
+                   training)
 
 BENCHMARKS = {  # sub-command: (module, results name)
     "kernel": (memory_read, "memory_read"),
@@ -26,6 +28,7 @@ BENCHMARKS = {  # sub-command: (module, results name)
     "training": (training, "training"),
     "held-out": (held_out, "held_out"),
     "interactive": (interactive, "interactive"),
+    "interactive-eval": (interactive_eval, "interactive_eval"),
 }
 RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summary(payload))
     "memory_read": (memory_read.plot, memory_read.summary),
@@ -33,6 +36,7 @@ RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summa
     "training": (training.plot, training.summarize),
     "held_out": (None, held_out.summarize),
     "interactive": (interactive.plot, interactive.summarize),
+    "interactive_eval": (interactive_eval.plot, interactive_eval.summarize),
 }
 
 
@@ -69,7 +73,8 @@ def main(argv=None):
         if rest:
             raise SystemExit("python -m bench all takes no options (it runs every benchmark "
                              "with the defaults for the device present)")
-        for name in ("kernel", "long-video", "training", "held-out", "interactive"):
+        for name in ("kernel", "long-video", "training", "held-out", "interactive",
+                     "interactive-eval"):
             print(f"\n=== python -m bench {name}", flush=True)
             BENCHMARKS[name][0].main([])
         return report.main([])

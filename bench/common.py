@@ -155,3 +155,13 @@ def write_results(name, payload, directory=None):
     path = directory / f"{name}_{payload['device_type']}_{stamp}.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def finish_run(name, payload, plot, summary):
+    """Write a run's results, its plot(s) beside them, and print the path and its table."""
+    path = write_results(name, payload)
+    if plot is not None:
+        plot(payload, path)
+    print(f"wrote {path}")
+    print(summary(payload))
+    return path

@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh kernel     # python -m bench kernel
 #   bash bench/gpu_session.sh video      # python -m bench long-video
 #   bash bench/gpu_session.sh training   # python -m bench training
+#   bash bench/gpu_session.sh interactive  # python -m bench interactive + interactive-eval
 # The machine has torch + Triton but no internet: the package is used from the work tree.
 set -uo pipefail
 OUT=${OUT:-/tmp/stm_out}
@@ -20,6 +21,9 @@ case "${1:-tests}" in
   kernel) step python3 -m bench kernel ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;
+  interactive)
+    step python3 -m bench interactive
+    step python3 -m bench interactive-eval --sequences blackswan bmx-trees car-shadow ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac
 ls -l "$OUT"

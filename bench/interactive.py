@@ -198,10 +198,7 @@ def main(argv=None):
                                      ["--_variant", json.dumps(dict(spec, variant=variant))])
         payload["records"].append(record)
         print(f"{variant:8} done in {time.perf_counter() - tick:.0f} s", flush=True)
-    path = common.write_results("interactive", payload)
-    plot(payload, path)
-    print(f"wrote {path}")
-    print(summarize(payload))
+    common.finish_run("interactive", payload, plot, summarize)
     return 0
 
 

@@ -306,10 +306,7 @@ def main(argv=None):
         shown = (f"{last['length']} frames {last['fps']:.1f} fps "
                  f"{last['peak_mem_bytes'] / 2**20:.0f} MiB" if last else "")
         print(f"{variant:20} {record['status']:8} {shown}", flush=True)
-    path = common.write_results("long_video", payload)
-    plot(payload, path)
-    print(f"wrote {path}")
-    print(summarize(payload))
+    common.finish_run("long_video", payload, plot, summarize)
     return 0
 
 

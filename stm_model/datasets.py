@@ -208,7 +208,7 @@ class InteractiveClips(torch.utils.data.Dataset):
 
 def corrupt_labels(labels, num_objects, rng):
     """An imperfect prediction of `labels`: per object a random erosion or dilation (radius
-    1-4) and shift (up to 6% of the size), sometimes dropped (15%); sometimes (30%) a spurious
+    1-4) and shift (up to 4% of the size), sometimes dropped (15%); sometimes (30%) a spurious
     elliptic blob of a random object."""
     height, width = labels.shape
     corrupted = np.zeros_like(labels)
@@ -219,7 +219,7 @@ def corrupt_labels(labels, num_objects, rng):
         radius = int(rng.integers(1, 5))
         grow = ndimage.binary_dilation if rng.random() < 0.5 else ndimage.binary_erosion
         mask = grow(mask, structure=morphology.disk(radius))
-        shift = (rng.uniform(-0.06, 0.06, 2) * (height, width)).round().astype(int)
+        shift = (rng.uniform(-0.04, 0.04, 2) * (height, width)).round().astype(int)
         mask = np.roll(mask, tuple(shift), axis=(0, 1))
         corrupted[mask] = k
     if num_objects and rng.random() < 0.3:

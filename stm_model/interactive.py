@@ -128,8 +128,12 @@ class InteractiveSession:
 
     def labels(self):
         """(T, H, W) int64 object ids (0 = background) of the current masks."""
-        background = 1 - self.probs.float().sum(1, keepdim=True)
-        return torch.cat([background, self.probs.float()], 1).argmax(1).cpu()
+        labels = []
+        for start in range(0, self.num_frames, self.batch_size):  # bounded temporary memory
+            objects = self.probs[start:start + self.batch_size].float()
+            background = 1 - objects.sum(1, keepdim=True)
+            labels.append(torch.cat([background, objects], 1).argmax(1).cpu())
+        return torch.cat(labels)
 
     @torch.no_grad()
     def interact(self, scribbles):

@@ -223,3 +223,21 @@ def test_cli_interactive_eval_on_a_real_davis_sequence(tmp_path, capsys):
         "sequences"]["blackswan"]["rounds"]
     scores = [r["J&F"] for r in rounds]
     assert scores[-1] >= scores[0] - 0.01 and scores[0] > 0.3, scores
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_session_on_cuda_with_the_triton_read_matches_the_cpu(small_interactive, amp):
+    frames, gt = _video(9)
+    scribbles = _round(gt, np.zeros_like(gt), 4, 2)
+    reference = InteractiveSession(small_interactive, frames, 2, read_backend="torch")
+    reference.interact(scribbles)
+    model = as_interactive(load_small_model(device="cuda"))
+    session = InteractiveSession(model, frames.cuda(), 2, read_backend="triton", amp_dtype=amp,
+                                 batch_size=4)
+    session.interact(scribbles)
+    # cuDNN convolutions may use TF32 and bf16 rounds everything: compare on average, and labels
+    difference = (session.probs.float().cpu() - reference.probs.float()).abs().mean()
+    assert difference < (2e-3 if amp is None else 2e-2)
+    agreement = (session.labels() == reference.labels()).float().mean()
+    assert agreement > (0.995 if amp is None else 0.98)
