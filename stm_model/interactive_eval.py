@@ -154,7 +154,7 @@ def load_davis_sequence(root, name, resolution="480p", size=None):
             raise FileNotFoundError(f"{name}: frame {path.name} has no annotation {mask_path} "
                                     "(interactive evaluation scores every frame)")
         gt.append(video_io.read_mask(mask_path).astype(np.int64))
-    frames = torch.stack([torch.from_numpy(video_io.load_image(p)).permute(2, 0, 1)
+    frames = torch.stack([torch.from_numpy(np.array(video_io.load_image(p))).permute(2, 0, 1)
                           for p in paths]).float() / 255
     if size is not None and tuple(size) != tuple(frames.shape[-2:]):
         frames = F.interpolate(frames, size=tuple(size), mode="bilinear", antialias=True,

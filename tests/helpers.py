@@ -59,3 +59,27 @@ def reference_with_grads(q, k, v, **kwargs):
     """The same on float64 CPU copies with the naive (official) read."""
     kwargs = {**kwargs, "backend": "naive"}
     return read_with_grads(*(t.detach().double().cpu() for t in (q, k, v)), **kwargs)
+
+
+def synthetic_video(frames, size=(64, 64), seed=3, objects=2):
+    """(frames (T, 3, H, W) float in [0, 1], labels (T, H, W)) of a held-out synthetic video."""
+    import numpy as np
+    from stm_model.datasets import HELD_OUT_SEEDS
+    from stm_model.synthetic import SyntheticVideo
+    video = SyntheticVideo(HELD_OUT_SEEDS + seed, *size, num_objects=objects)
+    images, labels = zip(*video.frames(frames))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), np.stack(labels)
+
+
+def write_davis_folder(root, frames, labels, name="synth"):
+    """A DAVIS-format folder (JPEGImages/480p/<name>, Annotations/480p/<name>) of a video."""
+    import numpy as np
+    from PIL import Image
+    from stm_model import video_io
+    images = root / "JPEGImages" / "480p" / name
+    images.mkdir(parents=True, exist_ok=True)
+    for t, (frame, mask) in enumerate(zip(frames, labels)):
+        array = (frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(images / f"{t:05d}.jpg", quality=95)
+        video_io.write_mask(root / "Annotations" / "480p" / name / f"{t:05d}.png",
+                            mask.astype(np.uint8))

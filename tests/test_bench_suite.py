@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from bench import __main__ as suite
-from bench import interactive, long_video, memory_read
+from bench import interactive, interactive_eval, long_video, memory_read
+from helpers import synthetic_video, write_davis_folder
 
 
 def test_kernel_sweep_runs_records_and_renders(tmp_path, monkeypatch, capsys):
@@ -93,3 +94,16 @@ def test_interactive_round_timing_records_and_renders(tmp_path, monkeypatch, cap
         assert all(len(r["times_s"]) == 2 and r["median_s"] > 0
                    for r in record["rounds"].values())
     assert "| fused | torch |" in capsys.readouterr().out
+
+
+def test_interactive_eval_benchmark_on_a_davis_folder(tmp_path, monkeypatch, capsys):
+    frames, labels = synthetic_video(6, size=(64, 96), seed=2)
+    write_davis_folder(tmp_path / "davis", frames, labels)
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path / "results"))
+    assert interactive_eval.main(["--device", "cpu", "--root", str(tmp_path / "davis"),
+                                  "--rounds", "2", "--size", "32", "48"]) == 0
+    [path] = (tmp_path / "results").glob("interactive_eval_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / "results" / (path.stem + ".png")).exists()
+    assert 1 <= len(payload["sequences"]["synth"]["rounds"]) <= 2
+    assert "| synth | 2 | 6 |" in capsys.readouterr().out
