@@ -32,6 +32,8 @@ def newest_results(name, directory=RESULTS):
     newest = {}
     for path in sorted(directory.glob(f"{name}_*.json")):
         payload = json.loads(path.read_text())
+        if payload.get("benchmark") != name:  # e.g. interactive_eval_* for interactive
+            continue
         payload["_file"] = path.name
         key = (payload["device_type"], tuple(payload.get("size") or ()),
                max(payload.get("lengths") or [0]))
