@@ -8,7 +8,9 @@ interactive track): the frames the user scribbled on form the memory, every fram
 A round: (1) each annotated frame is encoded into the memory from the frame, the current mask of
 every object (the previous round's probabilities, zeros at first, with the drawn pixels set to
 what the user said) and the scribbles as positive/negative channels; a frame annotated again
-replaces its own memory slot. (2) Every frame is segmented from that memory, `batch_size` frames
+replaces its own memory slot. (2) That frame is segmented from this memory and memorised again
+with the new mask (`refine_steps` times): the network serves as its own interaction network,
+so the memory holds a mask that follows the scribbles beyond the drawn pixels. (3) Every frame is segmented from that memory, `batch_size` frames
 per fused read (their query positions are concatenated: one read of all memory positions per
 batch). Query keys, values and decoder skips are computed once per frame and cached, so a round
 costs the memory encodings of the annotated frames, the reads and the decoders. Pixels under a
@@ -61,6 +63,9 @@ class InteractiveSession:
         num_objects: n; scribbles may name objects 1..n and the background 0.
         batch_size: frames segmented per fused memory read.
         line_width: width in pixels of rasterised strokes.
+        refine_steps: times an annotated frame is re-segmented from the memory holding its
+            scribbles and memorised again with that mask before the other frames are segmented
+            (0: memorise the previous mask with the scribbles painted in, as is).
         memory_dtype, cache_dtype: storage dtypes of the memory and of the per-frame query
             cache and masks ("fp32", "fp16", "bf16"; default: the model's dtype).
         cache_device: where the query cache and masks live (default: the model's device).
@@ -70,7 +75,7 @@ class InteractiveSession:
     """
 
     def __init__(self, model, frames, num_objects, *, batch_size=8, line_width=3,
-                 memory_dtype=None, cache_dtype=None, cache_device=None, amp_dtype=None,
+                 refine_steps=1, memory_dtype=None, cache_dtype=None, cache_device=None, amp_dtype=None,
                  read_backend=None, show_progress=False, sequence=None):
         frames = torch.as_tensor(frames)
         if frames.dim() != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
@@ -96,6 +101,7 @@ class InteractiveSession:
         self.num_frames, self.num_objects = frames.shape[0], int(num_objects)
         self.size = tuple(frames.shape[-2:])
         self.batch_size, self.line_width = int(batch_size), line_width
+        self.refine_steps = int(refine_steps)
         self.cache_dtype = _DTYPES[cache_dtype] or parameter.dtype
         self.cache_device = torch.device(cache_device) if cache_device else self.device
         self.amp_dtype = _DTYPES[amp_dtype]
@@ -156,6 +162,12 @@ class InteractiveSession:
                 drawn = np.where(drawn >= 0, drawn, previous).astype(np.int16)
             self.scribble_maps[t] = drawn
             self._memorise(t)
+            for _ in range(self.refine_steps):
+                # the model as its own interaction network: the annotated frame's mask is
+                # re-predicted from the memory that now holds the scribbles, and memorised again,
+                # so that the memory carries the corrected mask, not the previous round's
+                self._segment([t])
+                self._memorise(t)
         self._segment_all()
         self._synchronize()
         self.rounds.append(RoundInfo(
@@ -181,28 +193,31 @@ class InteractiveSession:
         starts = range(0, self.num_frames, self.batch_size)
         for start in tqdm(starts, unit="batch", disable=not self.show_progress,
                           desc=f"segmenting {self.sequence or 'video'}"):
-            stop = min(start + self.batch_size, self.num_frames)
-            query = self._query_batch(start, stop)
-            count, key_dim, h, w = query.key.shape
-            keys = query.key.to(self.device).transpose(0, 1).reshape(1, key_dim, count * h * w)
-            config = self.model.config
-            with self._autocast():
-                readout = self.bank.read(keys, similarity=config.similarity,
-                                         backend=self.read_backend)  # (n, Cv, count·h·w)
-                readout = readout.unflatten(2, (count, h, w)).permute(2, 0, 1, 3, 4).flatten(0, 1)
-                features = QueryFeatures(None, *(x.to(self.device) for x in (
-                    query.value, query.r3, query.r2)))
-                foreground = self.model.foreground(readout.to(features.value.dtype), features)
-            foreground = foreground.float().unflatten(0, (count, self.num_objects))
-            for offset, t in enumerate(range(start, stop)):
-                probs = unpad(torch.softmax(soft_aggregate(foreground[offset]), 0), self._pad)
-                if t in self.scribble_maps:
-                    probs = _stroke_labels(probs, self.scribble_maps[t])
-                self.probs[t] = probs[1:].to(self.cache_device, self.cache_dtype)
+            self._segment(list(range(start, min(start + self.batch_size, self.num_frames))))
 
-    def _query_batch(self, start, stop):
-        """QueryFeatures of frames start..stop-1, batched (computed once, then cached)."""
-        missing = [t for t in range(start, stop) if self._queries[t] is None]
+    def _segment(self, indices):
+        """Segment frames `indices` from the memory in one fused read; updates self.probs."""
+        query = self._query_batch(indices)
+        count, key_dim, h, w = query.key.shape
+        keys = query.key.to(self.device).transpose(0, 1).reshape(1, key_dim, count * h * w)
+        config = self.model.config
+        with self._autocast():
+            readout = self.bank.read(keys, similarity=config.similarity,
+                                     backend=self.read_backend)  # (n, Cv, count·h·w)
+            readout = readout.unflatten(2, (count, h, w)).permute(2, 0, 1, 3, 4).flatten(0, 1)
+            features = QueryFeatures(None, *(x.to(self.device) for x in (
+                query.value, query.r3, query.r2)))
+            foreground = self.model.foreground(readout.to(features.value.dtype), features)
+        foreground = foreground.float().unflatten(0, (count, self.num_objects))
+        for offset, t in enumerate(indices):
+            probs = unpad(torch.softmax(soft_aggregate(foreground[offset]), 0), self._pad)
+            if t in self.scribble_maps:
+                probs = _stroke_labels(probs, self.scribble_maps[t])
+            self.probs[t] = probs[1:].to(self.cache_device, self.cache_dtype)
+
+    def _query_batch(self, indices):
+        """QueryFeatures of frames `indices`, batched (computed once, then cached)."""
+        missing = [t for t in indices if self._queries[t] is None]
         if missing:
             frames = pad_to_multiple(self.frames[missing].to(self.device, torch.float32))[0]
             with self._autocast():
@@ -211,7 +226,7 @@ class InteractiveSession:
                 self._queries[t] = QueryFeatures(*(
                     x[i:i + 1].to(self.cache_device, self.cache_dtype) for x in (
                         encoded.key, encoded.value, encoded.r3, encoded.r2)))
-        cached = self._queries[start:stop]
+        cached = [self._queries[t] for t in indices]
         return QueryFeatures(*(torch.cat([getattr(q, name) for q in cached]).to(
             self.device, next(self.model.parameters()).dtype)
             for name in ("key", "value", "r3", "r2")))

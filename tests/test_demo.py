@@ -1,10 +1,9 @@
 """The demo and the committed small model: the short form runs, and the model segments held-out
 synthetic videos (seeds never used in training) at J&F >= 0.85."""
 import numpy as np
-import pytest
 import torch
 
-from stm_model.checkpoint import load_checkpoint, save_checkpoint
+from stm_model.checkpoint import load_checkpoint
 from stm_model.cli import main as cli_main
 from stm_model.datasets import HELD_OUT_SEEDS
 from stm_model.demo import WEIGHTS, evaluate_video, load_small_model, main

@@ -14,7 +14,7 @@ from stm_model.datasets import (HELD_OUT_SEEDS, DavisClips, StaticImageClips, Sy
                                 collate_clips, max_skip_schedule)
 from stm_model.synthetic import SyntheticVideo
 import stm_model.train as train_module
-from stm_model.train import StepSampler, TrainConfig, build_dataset, clip_loss, train
+from stm_model.train import StepSampler, TrainConfig, clip_loss, train
 
 TINY = dict(model="small", steps=4, batch_size=2, clip_len=3, size=(64, 64), max_objects=2,
             warmup_steps=1, log_every=1, save_every=2, lr=1e-3)
