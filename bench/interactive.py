@@ -17,18 +17,18 @@ size. Writes bench/results/interactive_<device>_<date>.json and a PNG beside it.
 """
 import argparse
 import json
+import pathlib
 import statistics
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench import common
 from bench.long_video import SHARED_DAVIS, ping_pong
 
-VARIANTS = {"fused": "fused", "naive": "naive"}
+VARIANTS = ("fused", "naive")
 DEFAULTS = {
     "cuda": dict(model="official", size=(480, 854), frames=100, memory_frames=(1, 4, 8),
                  variants=("fused", "naive"), repeats=5),
@@ -40,13 +40,11 @@ DEFAULTS = {
 def load_sequence(source, sequence, frames, size):
     """(frames (T, 3, H, W) in [0, 1], labels (T, H, W), name): ping-ponged to `frames`."""
     if source != "synthetic":
-        from stm_model.interactive_eval import load_davis_sequence
-        import pathlib
+        from stm_model.interactive_eval import load_davis_sequence, resize_labels
         root = pathlib.Path(source)
         name = sequence or sorted(p.name for p in (root / "JPEGImages" / "480p").iterdir())[0]
         cycle, labels, _ = load_davis_sequence(root, name, size=size)
-        labels = F.interpolate(torch.from_numpy(labels)[:, None].float(), size=size,
-                               mode="nearest")[:, 0].long().numpy()
+        labels = resize_labels(labels, size)
         video = f"{root.name}/{name} ({len(cycle)} frames, ping-pong)"
     else:
         from stm_model.datasets import HELD_OUT_SEEDS
@@ -164,7 +162,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench interactive",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS)
     parser.add_argument("--memory-frames", nargs="+", type=int)
     parser.add_argument("--frames", type=int)
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))

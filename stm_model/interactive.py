@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from . import scribbles as scribble_format
 from .memory_bank import MemoryBank
-from .network import STM, QueryFeatures, pad_to_multiple, soft_aggregate, unpad
+from .network import (STM, QueryFeatures, load_into_interactive, pad_to_multiple,
+                      soft_aggregate, unpad)
 from .segmenter import _DTYPES
 
 
@@ -37,9 +38,7 @@ def as_interactive(model):
     if model.config.interactive:
         return model
     interactive = STM(dataclasses.replace(model.config, interactive=True))
-    missing, unexpected = interactive.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("scribble_conv" in name for name in missing), (missing,
-                                                                                 unexpected)
+    load_into_interactive(interactive, model.state_dict())
     parameter = next(model.parameters())
     return interactive.to(parameter.device, parameter.dtype).train(model.training)
 
@@ -108,8 +107,8 @@ class InteractiveSession:
         self.read_backend = read_backend or model.config.read_backend
         self.show_progress = show_progress
         self.frames = frames
-        _, self._pad = pad_to_multiple(frames[:1])
-        height, width = pad_to_multiple(frames[:1])[0].shape[-2:]
+        padded, self._pad = pad_to_multiple(frames[:1])
+        height, width = padded.shape[-2:]
         config = model.config
         self.bank = MemoryBank(self.num_objects, config.key_dim, config.value_dim, height // 16,
                                width // 16, dtype=_DTYPES[memory_dtype] or parameter.dtype,

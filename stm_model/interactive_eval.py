@@ -119,7 +119,7 @@ def evaluate_interactive(model, frames, gt_labels, *, num_objects=None, rounds=8
                                               sequence=sequence)
             if scribbles is None:
                 break  # nothing left to correct
-        predicted = _upsample_labels(session.interact(scribbles).numpy(), gt_labels.shape[-2:])
+        predicted = resize_labels(session.interact(scribbles).numpy(), gt_labels.shape[-2:])
         seconds = session.rounds[-1].seconds
         cumulative += seconds
         jf, j, f = jf_scores(gt_labels, predicted, num_objects)
@@ -164,8 +164,8 @@ def load_davis_sequence(root, name, resolution="480p", size=None):
     return frames, np.stack(gt), first
 
 
-def _upsample_labels(labels, size):
-    """Nearest-neighbour resize of (T, h, w) labels to size (H, W)."""
+def resize_labels(labels, size):
+    """Nearest-neighbour resize of (T, h, w) integer labels (numpy) to size (H, W)."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
     resized = F.interpolate(torch.from_numpy(labels)[:, None].float(), size=tuple(size),

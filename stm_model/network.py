@@ -316,6 +316,16 @@ class STM(nn.Module):
         return module(*inputs)
 
 
+def load_into_interactive(model, state_dict, source="the weights"):
+    """Load a semi-supervised STM's state dict into `model`; only the interactive memory
+    encoder's scribble conv may be missing (it keeps its zero initialisation). Anything else
+    that does not fit raises ValueError naming the keys."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected or any("scribble_conv" not in name for name in missing):
+        raise ValueError(f"{source} do not fit the model: missing {missing}, unexpected "
+                         f"{unexpected}")
+
+
 def _per_object(features, n):
     """(S, ...) -> (S·n, ...): each clip's features for its n objects (a view when S = 1)."""
     if features.shape[0] == 1:

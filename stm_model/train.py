@@ -26,11 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import (DavisClips, InteractiveClips, StaticImageClips, SyntheticClips,
                        collate_clips, max_skip_schedule)
-from .network import STM, STMConfig
+from .network import STM, STMConfig, load_into_interactive
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -127,11 +126,8 @@ def build_model(config):
                                        interactive=config.interactive)
     model = STM(model_config, checkpointing=config.checkpointing)
     if config.init_from:
-        source = load_checkpoint(config.init_from)
-        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or any("scribble_conv" not in name for name in missing):
-            raise ValueError(f"--init-from {config.init_from} does not fit the model: missing "
-                             f"{missing}, unexpected {unexpected}")
+        load_into_interactive(model, load_checkpoint(config.init_from).state_dict(),
+                              source=f"the weights of --init-from {config.init_from}")
     return model
 
 
