@@ -5,14 +5,20 @@ interactive track): the frames the user scribbled on form the memory, every fram
     labels = session.interact(scribbles)    # DAVIS-format scribbles -> (T, H, W) object ids
     labels = session.interact(more)         # a later round refines from the previous masks
 
-A round: (1) each annotated frame is encoded into the memory from the frame, the current mask of
-every object (the previous round's probabilities, zeros at first, with the drawn pixels set to
-what the user said) and the scribbles as positive/negative channels; a frame annotated again
-replaces its own memory slot. (2) That frame is segmented from this memory and memorised again
-with the new mask (`refine_steps` times): the network serves as its own interaction network,
-so the memory holds a mask that follows the scribbles beyond the drawn pixels. (3) Every frame is segmented from that memory, `batch_size` frames
-per fused read (their query positions are concatenated: one read of all memory positions per
-batch). Query keys, values and decoder skips are computed once per frame and cached, so a round
+A round: (1) on each annotated frame, the parts of the current masks that the new strokes
+contradict are cleared (a stroke of object k across a region predicted as object j takes that
+region, near the stroke, out of j's mask: see scribbles.corrected_regions); the frame is encoded
+into the memory from the frame, the current mask of every object (the previous round's
+probabilities, zeros at first, with the drawn pixels set to what the user said) and the
+scribbles as positive/negative channels; a frame annotated again replaces its own memory slot.
+(2) That frame is segmented from this memory and memorised again with the new mask
+(`refine_steps` times): the network serves as its own interaction network, so the memory holds
+a mask that follows the scribbles beyond the drawn pixels. (3) The other frames are segmented
+from that memory, `batch_size` frames per fused read (their query positions are concatenated:
+one read of all memory positions per batch), and their new masks blended with the previous
+ones by distance to the annotated frames, as IPN does (`merge`): frames beyond a frame annotated
+in an earlier round keep their masks and are not re-segmented (merge=False re-segments every
+frame). Query keys, values and decoder skips are computed once per frame and cached, so a round
 costs the memory encodings of the annotated frames, the reads and the decoders. Pixels under a
 stroke take the stroke's label in the returned masks.
 """
@@ -65,6 +71,14 @@ class InteractiveSession:
         refine_steps: times an annotated frame is re-segmented from the memory holding its
             scribbles and memorised again with that mask before the other frames are segmented
             (0: memorise the previous mask with the scribbles painted in, as is).
+        clear_disputed: clear what the strokes contradict from the annotated frame's mask
+            before memorising it (see the module docstring); False keeps the previous mask
+            with only the drawn pixels changed, which the network tends to reproduce.
+        merge: blend each round's masks with the previous round's by distance to the frames
+            annotated in the round (as IPN): a frame takes the new mask at a newly annotated
+            frame, less of it towards a frame annotated in an earlier round, none beyond it
+            (those frames keep their masks and are not re-segmented), all of it where no earlier
+            annotation lies in between. False: every frame takes its new mask.
         memory_dtype, cache_dtype: storage dtypes of the memory and of the per-frame query
             cache and masks ("fp32", "fp16", "bf16"; default: the model's dtype).
         cache_device: where the query cache and masks live (default: the model's device).
@@ -74,8 +88,9 @@ class InteractiveSession:
     """
 
     def __init__(self, model, frames, num_objects, *, batch_size=8, line_width=3,
-                 refine_steps=1, memory_dtype=None, cache_dtype=None, cache_device=None, amp_dtype=None,
-                 read_backend=None, show_progress=False, sequence=None):
+                 refine_steps=1, clear_disputed=True, merge=True, memory_dtype=None,
+                 cache_dtype=None, cache_device=None, amp_dtype=None, read_backend=None,
+                 show_progress=False, sequence=None):
         frames = torch.as_tensor(frames)
         if frames.dim() != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
             raise ValueError("frames must be a float (T, 3, H, W) RGB tensor in [0, 1]; got "
@@ -100,7 +115,8 @@ class InteractiveSession:
         self.num_frames, self.num_objects = frames.shape[0], int(num_objects)
         self.size = tuple(frames.shape[-2:])
         self.batch_size, self.line_width = int(batch_size), line_width
-        self.refine_steps = int(refine_steps)
+        self.refine_steps, self.merge = int(refine_steps), bool(merge)
+        self.clear_disputed = bool(clear_disputed)
         self.cache_dtype = _DTYPES[cache_dtype] or parameter.dtype
         self.cache_device = torch.device(cache_device) if cache_device else self.device
         self.amp_dtype = _DTYPES[amp_dtype]
@@ -133,12 +149,14 @@ class InteractiveSession:
 
     def labels(self):
         """(T, H, W) int64 object ids (0 = background) of the current masks."""
-        labels = []
-        for start in range(0, self.num_frames, self.batch_size):  # bounded temporary memory
-            objects = self.probs[start:start + self.batch_size].float()
-            background = 1 - objects.sum(1, keepdim=True)
-            labels.append(torch.cat([background, objects], 1).argmax(1).cpu())
-        return torch.cat(labels)
+        return torch.cat([self.labels_of(slice(start, start + self.batch_size))  # bounded memory
+                          for start in range(0, self.num_frames, self.batch_size)])
+
+    def labels_of(self, frames):
+        """Object ids (on the CPU) of self.probs[frames] (an index or a slice)."""
+        objects = self.probs[frames].float()
+        background = 1 - objects.sum(-3, keepdim=True)
+        return torch.cat([background, objects], -3).argmax(-3).cpu()
 
     @torch.no_grad()
     def interact(self, scribbles):
@@ -152,10 +170,16 @@ class InteractiveSession:
         self._synchronize()
         start = time.perf_counter()
         encoded_before = sum(q is not None for q in self._queries)
+        earlier = set(self.scribble_maps) - set(annotated)
         height, width = self.size
         for t in annotated:
             drawn = scribble_format.rasterize(scribbles["scribbles"][t], height, width,
                                               self.line_width)
+            if self.clear_disputed:
+                # what the strokes contradict leaves the mask; the network fills it in again
+                disputed = scribble_format.corrected_regions(
+                    self.labels_of(t).numpy(), drawn, self.num_objects)
+                self.probs[t][torch.from_numpy(disputed).to(self.cache_device)] = 0
             previous = self.scribble_maps.get(t)
             if previous is not None:
                 drawn = np.where(drawn >= 0, drawn, previous).astype(np.int16)
@@ -167,7 +191,9 @@ class InteractiveSession:
                 # so that the memory carries the corrected mask, not the previous round's
                 self._segment([t])
                 self._memorise(t)
-        self._segment_all()
+        weights = (merge_weights(self.num_frames, annotated, earlier) if self.merge
+                   else np.ones(self.num_frames))
+        self._segment_all(weights)
         self._synchronize()
         self.rounds.append(RoundInfo(
             annotated_frames=annotated, seconds=time.perf_counter() - start,
@@ -188,14 +214,18 @@ class InteractiveSession:
                                                     pad_to_multiple(channels)[0])
         self.bank.put(keys, values, t)
 
-    def _segment_all(self):
-        starts = range(0, self.num_frames, self.batch_size)
+    def _segment_all(self, weights):
+        """Segment the frames of nonzero weight, `batch_size` per read, blending the new masks
+        with the previous ones by `weights` (T,)."""
+        frames = [t for t in range(self.num_frames) if weights[t] > 0]
+        starts = range(0, len(frames), self.batch_size)
         for start in tqdm(starts, unit="batch", disable=not self.show_progress,
                           desc=f"segmenting {self.sequence or 'video'}"):
-            self._segment(list(range(start, min(start + self.batch_size, self.num_frames))))
+            self._segment(frames[start:start + self.batch_size], weights)
 
-    def _segment(self, indices):
-        """Segment frames `indices` from the memory in one fused read; updates self.probs."""
+    def _segment(self, indices, weights=None):
+        """Segment frames `indices` from the memory in one fused read and update self.probs
+        (blended with the previous masks by weights[t], default 1: replaced)."""
         query = self._query_batch(indices)
         count, key_dim, h, w = query.key.shape
         keys = query.key.to(self.device).transpose(0, 1).reshape(1, key_dim, count * h * w)
@@ -210,6 +240,11 @@ class InteractiveSession:
         foreground = foreground.float().unflatten(0, (count, self.num_objects))
         for offset, t in enumerate(indices):
             probs = unpad(torch.softmax(soft_aggregate(foreground[offset]), 0), self._pad)
+            weight = 1.0 if weights is None else float(weights[t])
+            if weight < 1:
+                objects = weight * probs[1:] + (1 - weight) * self.probs[t].to(
+                    probs.device, probs.dtype)
+                probs = torch.cat([(1 - objects.sum(0, keepdim=True)).clamp(min=0), objects])
             if t in self.scribble_maps:
                 probs = _stroke_labels(probs, self.scribble_maps[t])
             self.probs[t] = probs[1:].to(self.cache_device, self.cache_dtype)
@@ -238,6 +273,31 @@ class InteractiveSession:
     def _synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def merge_weights(num_frames, annotated, earlier):
+    """(T,) weight of this round's mask per frame (see InteractiveSession's `merge`): 1 at the
+    frames `annotated` in this round, falling linearly to 0 at the nearest frame annotated in an
+    earlier round (`earlier`, which excludes frames annotated again now) and 0 beyond it; 1 on a
+    side with no earlier annotation. A frame near several new annotations takes the largest."""
+    frames = np.arange(num_frames)
+    weights = np.zeros(num_frames)
+    earlier = np.asarray(sorted(earlier), dtype=np.int64)
+    for a in annotated:
+        before, after = earlier[earlier < a], earlier[earlier > a]
+        weight = np.ones(num_frames)
+        if len(before):
+            stop = before[-1]
+            weight[frames <= stop] = 0
+            side = (frames > stop) & (frames < a)
+            weight[side] = (frames[side] - stop) / (a - stop)
+        if len(after):
+            stop = after[0]
+            weight[frames >= stop] = 0
+            side = (frames > a) & (frames < stop)
+            weight[side] = (stop - frames[side]) / (stop - a)
+        weights = np.maximum(weights, weight)
+    return weights
 
 
 def _stroke_labels(probs, scribble_map):

@@ -155,6 +155,28 @@ def paint_scribbles(object_probs, channels):
     return object_probs * (1 - negative) * (1 - positive) + positive
 
 
+def corrected_regions(labels, scribble_map, num_objects, reach=1.5):
+    """(n, H, W) bool: where the strokes of `scribble_map` contradict the mask `labels` (H, W),
+    the pixels of each object whose prediction the user disputes. A stroke of id k crossing a
+    region predicted as object j != k disputes that region's part within `reach` times its
+    half-width (the largest distance to its border under the stroke) of the stroke: a stroke
+    drawn along a mislabelled region covers it, a stroke on an overgrown part takes only that
+    part. A stroke on background disputes nothing (the objects' masks are 0 there)."""
+    disputed = np.zeros((num_objects,) + labels.shape, dtype=bool)
+    drawn = scribble_map >= 0
+    for j in range(1, num_objects + 1):
+        region = labels == j
+        conflict = drawn & region & (scribble_map != j)
+        if not conflict.any():
+            continue
+        half_width = ndimage.distance_transform_edt(region)[conflict].max()
+        touched = measure.label(region, connectivity=2)
+        touched = np.isin(touched, np.unique(touched[conflict]))
+        near = ndimage.distance_transform_edt(~conflict) <= reach * half_width
+        disputed[j - 1] = touched & near
+    return disputed
+
+
 # ------------------------------------------------------------------------------- synthesis
 
 

@@ -12,7 +12,7 @@ from stm_model import STM, STMConfig, scribbles as S
 from stm_model.cli import main as stm_main
 from stm_model.datasets import InteractiveClips, SyntheticClips, collate_clips
 from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
-from stm_model.interactive import InteractiveSession, as_interactive
+from stm_model.interactive import InteractiveSession, as_interactive, merge_weights
 from stm_model.interactive_eval import (RobotUser, evaluate_interactive, jf_scores,
                                         time_scores)
 from stm_model.train import TrainConfig, clip_loss, build_dataset, build_model
@@ -45,9 +45,13 @@ def test_rounds_grow_the_memory_reuse_the_query_cache_and_touch_only_their_frame
         assert session.memory_frame_indices == [2] and sum(calls) == 6
         assert session.rounds[-1].encoded_queries == 6
         slot_of_2 = session.bank.keys[:, :, 0].clone()
+        first_probs = session.probs.clone()
 
         session.interact(_round(gt, labels.numpy(), 4, 2))
         assert session.memory_frame_indices == [2, 4] and session.memory_frames == 2
+        # merged: frames up to the earlier annotation keep their masks, frame 3 is half new
+        assert torch.equal(session.probs[:3], first_probs[:3])
+        assert not torch.equal(session.probs[3:], first_probs[3:])
         assert sum(calls) == 6 and session.rounds[-1].encoded_queries == 0  # cached
         assert torch.equal(session.bank.keys[:, :, 0], slot_of_2)  # frame 2 untouched
         slot_of_4 = session.bank.keys[:, :, 1].clone()
@@ -65,6 +69,31 @@ def test_rounds_grow_the_memory_reuse_the_query_cache_and_touch_only_their_frame
     drawn = session.scribble_maps[2]
     assert (drawn == 0).any() and (drawn > 0).any()
     np.testing.assert_array_equal(labels[2].numpy()[drawn >= 0], drawn[drawn >= 0])
+
+
+def test_merge_weights_fall_towards_earlier_annotations():
+    np.testing.assert_array_equal(merge_weights(5, [2], set()), np.ones(5))  # first round
+    np.testing.assert_allclose(merge_weights(11, [5], {0, 10}),
+                               [0, .2, .4, .6, .8, 1, .8, .6, .4, .2, 0])
+    np.testing.assert_allclose(merge_weights(8, [1], {5}), [1, 1, .75, .5, .25, 0, 0, 0])
+    # two new annotations: the larger weight; a frame annotated again is not "earlier"
+    np.testing.assert_allclose(merge_weights(9, [2, 6], {4}), [1, 1, 1, .5, 0, .5, 1, 1, 1])
+    weights = merge_weights(6, [3], set())
+    assert np.isfinite(weights).all()
+
+
+def test_unmerged_rounds_re_segment_every_frame(small_interactive):
+    frames, gt = synthetic_video(6)
+    merged, unmerged = (InteractiveSession(small_interactive, frames, 2, batch_size=4,
+                                           merge=merge) for merge in (True, False))
+    for session in (merged, unmerged):
+        labels = session.interact(_round(gt, np.zeros_like(gt), 1, 2))
+        labels = session.interact(_round(gt, labels.numpy(), 4, 2))
+    torch.testing.assert_close(merged.probs[4:], unmerged.probs[4:])  # no earlier one beyond
+    assert not torch.equal(merged.probs[0], unmerged.probs[0])
+    # the same frame annotated twice blends old and new masks without NaNs
+    merged.interact(_round(gt, labels.numpy(), 4, 2))
+    assert torch.isfinite(merged.probs).all()
 
 
 def test_batched_reads_equal_one_frame_at_a_time_and_the_naive_read(small_interactive):
@@ -139,19 +168,27 @@ def test_robot_picks_the_worst_frame_and_scribbles_its_errors():
     assert jf_scores(gt, gt, 1) == (1.0, 1.0, 1.0)
 
 
-def test_masks_do_not_worsen_over_robot_rounds_with_the_small_interactive_model():
+def test_masks_do_not_worsen_over_robot_rounds_on_held_out_videos():
+    """The robot's eight rounds on five held-out synthetic videos (100 frames, 3 objects): no
+    round costs a video more than 0.02 J&F and on average the rounds add 0.05 or more."""
     model = load_small_model(SMALL_INTERACTIVE_WEIGHTS)
     assert model.config.interactive
-    frames, gt = synthetic_video(30, size=(128, 128), seed=5, objects=3)
-    result = evaluate_interactive(model, frames, gt, rounds=4, batch_size=10)
-    scores = [r["J&F"] for r in result["rounds"]]
-    assert len(scores) >= 2 and scores[0] > 0.5
-    assert all(later >= earlier - 0.01 for earlier, later in zip(scores, scores[1:])), scores
-    assert scores[-1] > scores[0], scores
-    annotated = [r["frame"] for r in result["rounds"]]
-    assert [r["memory_frames"] for r in result["rounds"]] == [
-        len(set(annotated[:i + 1])) for i in range(len(annotated))]
-    assert 0 < result["auc"] <= 1 and result["jf_at_60s"] == scores[-1]  # CPU: well within 60 s
+    first, final = [], []
+    for seed in range(5):
+        frames, gt = synthetic_video(100, size=(128, 128), seed=seed, objects=3)
+        result = evaluate_interactive(model, frames, gt, rounds=8, batch_size=10)
+        scores = [r["J&F"] for r in result["rounds"]]
+        assert len(scores) >= 2, scores
+        assert all(later >= earlier - 0.02 for earlier, later in zip(scores, scores[1:])), \
+            (seed, scores)
+        assert scores[-1] >= scores[0], (seed, scores)
+        annotated = [r["frame"] for r in result["rounds"]]
+        assert [r["memory_frames"] for r in result["rounds"]] == [
+            len(set(annotated[:i + 1])) for i in range(len(annotated))]
+        assert 0 < result["auc"] <= 1 and result["jf_at_60s"] == scores[-1]  # well within 60 s
+        first.append(scores[0])
+        final.append(scores[-1])
+    assert np.mean(final) >= np.mean(first) + 0.05, (first, final)
 
 
 def test_interactive_training_items_batches_and_gradients():

@@ -127,3 +127,23 @@ def test_no_strokes_for_a_perfect_prediction_or_tiny_errors(two_objects):
     nearly = gt.copy()
     nearly[20, 20] = 0  # one pixel off: below min_pixels
     assert S.synthesize_strokes(gt, nearly, 2) == []
+
+
+def test_corrected_regions_take_a_mislabelled_region_whole_and_an_overgrowth_in_part():
+    labels = np.zeros((40, 60), dtype=np.int64)
+    labels[5:15, 5:15] = 2                 # object 1 mislabelled as 2 (an identity switch)
+    labels[25:35, 0:40] = 1                # object 1 overgrown into object 2's place (x >= 30)
+    labels[20:22, 50:52] = 1               # a spurious speck of object 1
+    drawn = np.full(labels.shape, S.NO_SCRIBBLE, dtype=np.int16)
+    drawn[10, 7:13] = 1                    # along the middle of the mislabelled square
+    drawn[27:33, 35] = 2                   # across the overgrown end
+    drawn[21, 51] = 0                      # background on the speck
+    drawn[30, 5:10] = 1                    # agrees with the mask: disputes nothing
+    drawn[0, 0:20] = 0                     # on background: disputes nothing
+    disputed = S.corrected_regions(labels, drawn, num_objects=3)
+    assert disputed.shape == (3, 40, 60) and not disputed[2].any()
+    np.testing.assert_array_equal(disputed[1], labels == 2)  # the whole square
+    assert disputed[0][20:22, 50:52].all()                   # the speck
+    overgrowth = disputed[0][25:35]
+    assert overgrowth[:, 30:40].all() and not overgrowth[:, :20].any()  # its end only
+    assert not S.corrected_regions(labels, np.full_like(drawn, S.NO_SCRIBBLE), 3).any()
