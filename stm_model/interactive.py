@@ -5,9 +5,9 @@ interactive track): the frames the user scribbled on form the memory, every fram
     labels = session.interact(scribbles)    # DAVIS-format scribbles -> (T, H, W) object ids
     labels = session.interact(more)         # a later round refines from the previous masks
 
-A round: (1) on each annotated frame, the parts of the current masks that the new strokes
-contradict are cleared (a stroke of object k across a region predicted as object j takes that
-region, near the stroke, out of j's mask: see scribbles.corrected_regions); the frame is encoded
+A round: (1) on each annotated frame, the regions of the current masks that the new strokes
+contradict take the strokes' ids (a stroke of object k across a region predicted as object j
+claims that region, near the stroke, for k: see scribbles.corrected_regions); the frame is encoded
 into the memory from the frame, the current mask of every object (the previous round's
 probabilities, zeros at first, with the drawn pixels set to what the user said) and the
 scribbles as positive/negative channels; a frame annotated again replaces its own memory slot.
@@ -71,9 +71,10 @@ class InteractiveSession:
         refine_steps: times an annotated frame is re-segmented from the memory holding its
             scribbles and memorised again with that mask before the other frames are segmented
             (0: memorise the previous mask with the scribbles painted in, as is).
-        clear_disputed: clear what the strokes contradict from the annotated frame's mask
-            before memorising it (see the module docstring); False keeps the previous mask
-            with only the drawn pixels changed, which the network tends to reproduce.
+        claim_regions: the regions the strokes contradict take the strokes' ids in the
+            annotated frame's mask before it is memorised (see the module docstring); False
+            keeps the previous mask with only the drawn pixels changed, which the network
+            tends to reproduce (an identity switch survives a stroke across it).
         merge: blend each round's masks with the previous round's by distance to the frames
             annotated in the round (as IPN): a frame takes the new mask at a newly annotated
             frame, less of it towards a frame annotated in an earlier round, none beyond it
@@ -88,7 +89,7 @@ class InteractiveSession:
     """
 
     def __init__(self, model, frames, num_objects, *, batch_size=8, line_width=3,
-                 refine_steps=1, clear_disputed=True, merge=True, memory_dtype=None,
+                 refine_steps=1, claim_regions=True, merge=True, memory_dtype=None,
                  cache_dtype=None, cache_device=None, amp_dtype=None, read_backend=None,
                  show_progress=False, sequence=None):
         frames = torch.as_tensor(frames)
@@ -116,7 +117,7 @@ class InteractiveSession:
         self.size = tuple(frames.shape[-2:])
         self.batch_size, self.line_width = int(batch_size), line_width
         self.refine_steps, self.merge = int(refine_steps), bool(merge)
-        self.clear_disputed = bool(clear_disputed)
+        self.claim_regions = bool(claim_regions)
         self.cache_dtype = _DTYPES[cache_dtype] or parameter.dtype
         self.cache_device = torch.device(cache_device) if cache_device else self.device
         self.amp_dtype = _DTYPES[amp_dtype]
@@ -175,11 +176,15 @@ class InteractiveSession:
         for t in annotated:
             drawn = scribble_format.rasterize(scribbles["scribbles"][t], height, width,
                                               self.line_width)
-            if self.clear_disputed:
-                # what the strokes contradict leaves the mask; the network fills it in again
-                disputed = scribble_format.corrected_regions(
+            if self.claim_regions:
+                # the regions the strokes contradict take the strokes' ids; the network then
+                # refines the mask from there
+                claimed = scribble_format.corrected_regions(
                     self.labels_of(t).numpy(), drawn, self.num_objects)
-                self.probs[t][torch.from_numpy(disputed).to(self.cache_device)] = 0
+                channels = torch.from_numpy(scribble_format.scribble_channels(
+                    claimed, self.num_objects)).to(self.cache_device)
+                self.probs[t] = scribble_format.paint_scribbles(
+                    self.probs[t].float(), channels).to(self.cache_dtype)
             previous = self.scribble_maps.get(t)
             if previous is not None:
                 drawn = np.where(drawn >= 0, drawn, previous).astype(np.int16)

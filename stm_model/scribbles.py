@@ -156,13 +156,14 @@ def paint_scribbles(object_probs, channels):
 
 
 def corrected_regions(labels, scribble_map, num_objects, reach=1.5):
-    """(n, H, W) bool: where the strokes of `scribble_map` contradict the mask `labels` (H, W),
-    the pixels of each object whose prediction the user disputes. A stroke of id k crossing a
-    region predicted as object j != k disputes that region's part within `reach` times its
-    half-width (the largest distance to its border under the stroke) of the stroke: a stroke
-    drawn along a mislabelled region covers it, a stroke on an overgrown part takes only that
-    part. A stroke on background disputes nothing (the objects' masks are 0 there)."""
-    disputed = np.zeros((num_objects,) + labels.shape, dtype=bool)
+    """(H, W) int16 map, like a rasterised one, of what the strokes of `scribble_map` say about
+    the regions of the mask `labels` (H, W) they contradict: a stroke of id k crossing a region
+    predicted as object j != k claims that region's part within `reach` times its half-width
+    (the largest distance to its border under the stroke) of the stroke for k; NO_SCRIBBLE
+    elsewhere. A stroke drawn along a mislabelled region claims all of it, a stroke on an
+    overgrown part only that part; where strokes of several ids claim a pixel the nearest one
+    wins. A stroke on background claims nothing (the objects' masks are 0 there)."""
+    claimed = np.full(labels.shape, NO_SCRIBBLE, dtype=np.int16)
     drawn = scribble_map >= 0
     for j in range(1, num_objects + 1):
         region = labels == j
@@ -170,11 +171,12 @@ def corrected_regions(labels, scribble_map, num_objects, reach=1.5):
         if not conflict.any():
             continue
         half_width = ndimage.distance_transform_edt(region)[conflict].max()
-        touched = measure.label(region, connectivity=2)
-        touched = np.isin(touched, np.unique(touched[conflict]))
-        near = ndimage.distance_transform_edt(~conflict) <= reach * half_width
-        disputed[j - 1] = touched & near
-    return disputed
+        components = measure.label(region, connectivity=2)
+        touched = np.isin(components, np.unique(components[conflict]))
+        distance, (rows, cols) = ndimage.distance_transform_edt(~conflict, return_indices=True)
+        disputed = touched & (distance <= reach * half_width)
+        claimed[disputed] = scribble_map[rows[disputed], cols[disputed]]
+    return claimed
 
 
 # ------------------------------------------------------------------------------- synthesis

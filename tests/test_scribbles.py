@@ -129,7 +129,7 @@ def test_no_strokes_for_a_perfect_prediction_or_tiny_errors(two_objects):
     assert S.synthesize_strokes(gt, nearly, 2) == []
 
 
-def test_corrected_regions_take_a_mislabelled_region_whole_and_an_overgrowth_in_part():
+def test_corrected_regions_claim_a_mislabelled_region_whole_and_an_overgrowth_in_part():
     labels = np.zeros((40, 60), dtype=np.int64)
     labels[5:15, 5:15] = 2                 # object 1 mislabelled as 2 (an identity switch)
     labels[25:35, 0:40] = 1                # object 1 overgrown into object 2's place (x >= 30)
@@ -138,12 +138,22 @@ def test_corrected_regions_take_a_mislabelled_region_whole_and_an_overgrowth_in_
     drawn[10, 7:13] = 1                    # along the middle of the mislabelled square
     drawn[27:33, 35] = 2                   # across the overgrown end
     drawn[21, 51] = 0                      # background on the speck
-    drawn[30, 5:10] = 1                    # agrees with the mask: disputes nothing
-    drawn[0, 0:20] = 0                     # on background: disputes nothing
-    disputed = S.corrected_regions(labels, drawn, num_objects=3)
-    assert disputed.shape == (3, 40, 60) and not disputed[2].any()
-    np.testing.assert_array_equal(disputed[1], labels == 2)  # the whole square
-    assert disputed[0][20:22, 50:52].all()                   # the speck
-    overgrowth = disputed[0][25:35]
-    assert overgrowth[:, 30:40].all() and not overgrowth[:, :20].any()  # its end only
-    assert not S.corrected_regions(labels, np.full_like(drawn, S.NO_SCRIBBLE), 3).any()
+    drawn[30, 5:10] = 1                    # agrees with the mask: claims nothing
+    drawn[0, 0:20] = 0                     # on background: claims nothing
+    claimed = S.corrected_regions(labels, drawn, num_objects=3)
+    assert claimed.shape == (40, 60) and claimed.dtype == np.int16
+    assert (claimed[labels == 2] == 1).all()             # the whole square, for object 1
+    assert (claimed[20:22, 50:52] == 0).all()            # the speck, for the background
+    overgrowth = claimed[25:35]
+    assert (overgrowth[:, 30:40] == 2).all()             # the overgrown end, for object 2
+    assert (overgrowth[:, :20] == S.NO_SCRIBBLE).all()   # not the rest of object 1
+    assert (claimed[labels == 0] == S.NO_SCRIBBLE).all()
+    nothing = np.full_like(drawn, S.NO_SCRIBBLE)
+    assert (S.corrected_regions(labels, nothing, 3) == S.NO_SCRIBBLE).all()
+    # two ids across one region: each pixel goes to the nearer stroke
+    band = np.zeros((10, 40), dtype=np.int64)
+    band[2:8] = 1
+    strokes = np.full(band.shape, S.NO_SCRIBBLE, dtype=np.int16)
+    strokes[5, 2:6], strokes[5, 34:38] = 0, 2
+    claimed = S.corrected_regions(band, strokes, 2, reach=20)
+    assert (claimed[2:8, :10] == 0).all() and (claimed[2:8, 30:] == 2).all()
