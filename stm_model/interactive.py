@@ -286,22 +286,15 @@ def merge_weights(num_frames, annotated, earlier):
     earlier round (`earlier`, which excludes frames annotated again now) and 0 beyond it; 1 on a
     side with no earlier annotation. A frame near several new annotations takes the largest."""
     frames = np.arange(num_frames)
-    weights = np.zeros(num_frames)
     earlier = np.asarray(sorted(earlier), dtype=np.int64)
+    weights = np.zeros(num_frames)
     for a in annotated:
-        before, after = earlier[earlier < a], earlier[earlier > a]
-        weight = np.ones(num_frames)
-        if len(before):
-            stop = before[-1]
-            weight[frames <= stop] = 0
-            side = (frames > stop) & (frames < a)
-            weight[side] = (frames[side] - stop) / (a - stop)
-        if len(after):
-            stop = after[0]
-            weight[frames >= stop] = 0
-            side = (frames > a) & (frames < stop)
-            weight[side] = (stop - frames[side]) / (stop - a)
-        weights = np.maximum(weights, weight)
+        # a ramp 0 -> 1 -> 0 between the earlier annotations around `a`; np.interp holds the
+        # end values beyond them (1 on a side without one)
+        before, after = earlier[earlier < a][-1:], earlier[earlier > a][:1]
+        stops = np.concatenate([before, [a], after])
+        heights = np.concatenate([np.zeros(len(before)), [1.0], np.zeros(len(after))])
+        weights = np.maximum(weights, np.interp(frames, stops, heights))
     return weights
 
 
