@@ -1,14 +1,21 @@
-"""Compile the memory-read kernels for a GPU architecture without a GPU and report their
-resources: shared memory, registers, spills, and which instructions they use (wgmma, cp.async).
+"""Static work report of the memory-read kernels: compiled for a GPU without a GPU.
 
-    python -m bench.kernel_resources                      # sweep the candidate tilings, sm_90
-    python -m bench.kernel_resources --dtype fp32 --arch 80
+    python -m bench.kernel_resources                  # default configs, bf16 + fp32 (TF32), sm_90
+    python -m bench.kernel_resources --json           # print the report as JSON, write nothing
+    python -m bench.kernel_resources --sweep --dtype bf16   # resources of the tuning candidates
 
-Spills and a missing wgmma/cp.async are visible here long before a GPU is at hand; speed is not
-(use bench.memory_read on the device for that). Integer arguments are specialised the way the
-Triton JIT does at launch (value 1 -> constant, multiples of 16 -> divisibility 16), for the
-STM shapes given on the command line (contiguous (B, C, N) layouts, a broadcast query).
-Writes bench/results/kernel_resources_sm<arch>_<dtype>_<date>.json.
+For every kernel at its default config and the target shape (B=1, HW=1,620, N=162,000,
+Ck=128, Cv=512) it reports registers, spills, shared memory, blocks per SM, grid size and
+waves on 132 SMs, the matrix instructions of the main loop (shape x count, from the PTX),
+whether warpgroups duplicate a dot (from the TTGIR layouts), block barriers and exp2 per
+iteration, and executed vs useful multiply-adds per (query, memory) pair. Useful work is
+Ck + Cv = 640 MACs per pair forward and 2.5x that backward (the benchmark's count, 2,240 in
+all); executed work is what the loop's instructions issue, over all warps and value chunks.
+
+Integer arguments are specialised the way the Triton JIT does at launch (multiples of 16 get
+divisibility 16), for contiguous (B, C, N) tensors and a broadcast query, as the launchers
+pass them. Writes bench/results/kernel_work_sm<arch>_<date>.json; `python -m bench.report`
+renders its README table. Speed is not here: bench.tune and bench.memory_read on a GPU.
 """
 import argparse
 import datetime
@@ -16,48 +23,39 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench.common import RESULTS
-
-from stm_kernels import memory_read_triton as kernels
+from bench import common, static_work
+from stm_kernels import memory_read_triton as launchers
+from stm_kernels import triton_configs
+from stm_kernels.triton_bwd import memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv
+from stm_kernels.triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+TARGET = dict(B=1, HW=1620, N=162000, Ck=128, Cv=512)
+H100_SMS = 132
+# Issue #11's targets for the static report.
+FORWARD_RATIO_TARGET = 1.2
+TOTAL_RATIO_TARGET = 1.3
 
 
-def _alignment(*strides):
-    align = 16
-    while align > 1 and any(stride % align for stride in strides):
-        align //= 2
-    return align
+def useful_macs_per_pair(Ck, Cv):
+    """(forward, backward) multiply-adds per (query, memory) pair the benchmarks credit."""
+    forward = Ck + Cv
+    return forward, 2.5 * forward
 
 
-def strides(B, HW, N, Ck, Cv, splits):
-    """Integer arguments of the kernels for contiguous STM tensors, as the launchers pass them:
-    query-sized tensors padded to a multiple of 16 positions, memory batch and channel strides
-    divided by their alignment (ALIGN_K, ALIGN_V)."""
-    HWp = triton.cdiv(HW, 16) * 16
-    align_k, align_v = _alignment(Ck * N, N), _alignment(Cv * N, N)
-    return dict(
-        ALIGN_K=align_k, ALIGN_V=align_v,
-        stride_qb=0, stride_qc=HWp, stride_qm=1, stride_kb=Ck * N // align_k,
-        stride_kc=N // align_k, stride_kn=1,
-        stride_vb=Cv * N // align_v, stride_vc=N // align_v, stride_vn=1,
-        stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
-        stride_ls=B * HW, stride_lb=HW, stride_lm=1,
-        stride_dob=Cv * HWp, stride_doc=HWp, stride_dom=1,
-        stride_dks=B * Ck * N, stride_dkb=Ck * N, stride_dkc=N, stride_dkn=1,
-        stride_dvb=Cv * N, stride_dvc=N, stride_dvn=1,
-        stride_dqs=B * Ck * HW, stride_dqb=Ck * HW, stride_dqc=HW, stride_dqm=1,
-        HW=HW, N=N, CK=Ck, CV=Cv, n_per_split=triton.cdiv(triton.cdiv(N, splits), 128) * 128)
+# --------------------------------------------------------------------------- compiling
 
 
-def compile_report(kernel, pointer_types, values, constexprs, num_warps, num_stages, arch):
-    """Compile one specialisation; return its resource summary."""
+def compile_kernel(kernel, pointer_types, values, constexprs, num_warps, num_stages, arch):
+    """Compile one specialisation for `arch`; return (ptx, ttgir, shared bytes)."""
     signature, attrs, constexprs = {}, {}, dict(constexprs)
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -66,7 +64,7 @@ def compile_report(kernel, pointer_types, values, constexprs, num_warps, num_sta
             signature[name] = pointer_types[name]
             if pointer_types[name].startswith("*"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
-        elif values[name] == 1:
+        elif values[name] == 1:  # the JIT turns an integer 1 into a constant
             constexprs[name] = 1
             signature[name] = "constexpr"
         else:
@@ -76,137 +74,372 @@ def compile_report(kernel, pointer_types, values, constexprs, num_warps, num_sta
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    ptx = compiled.asm["ptx"]
+    return compiled.asm["ptx"], compiled.asm["ttgir"], compiled.metadata.shared
+
+
+def ptxas_resources(ptx, arch):
+    """Registers and spill-store bytes per ptxas -v (the assembler Triton ships)."""
     suffix = "a" if arch >= 90 else ""
-    path = f"/tmp/stm_kernel_resources_{os.getpid()}.ptx"
-    with open(path, "w") as file:
-        file.write(ptx)
-    log = subprocess.run([PTXAS, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", path + ".cubin"],
-                         capture_output=True, text=True).stderr
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "kernel.ptx")
+        with open(path, "w") as file:
+            file.write(ptx)
+        log = subprocess.run([PTXAS, f"-arch=sm_{arch}{suffix}", "-v", path, "-o",
+                              path + ".cubin"], capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
-    return dict(shared_bytes=compiled.metadata.shared,
-                registers=int(re.search(r"Used (\d+) registers", log).group(1)),
+    return dict(registers=int(registers.group(1)) if registers else None,
                 spill_store_bytes=int(spills.group(1)) if spills else 0,
-                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
-                cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)))
+                ptxas_warnings=sorted(set(re.findall(r"warning : (.*)", log))))
 
 
-def default_tilings(dtype_name):
-    """The first candidate tilings stm_kernels launches on a GPU for this dtype, in sweep form."""
-    size = 4 if dtype_name == "fp32" else 2
-    forward = kernels._GPU_FORWARD[size][0]
-    backward = kernels._GPU_BACKWARD[size][0]
-    return ([(forward.block_m, forward.block_n, forward.block_v, forward.num_warps,
-              forward.num_stages)],
-            [(backward.dkv_block_m, backward.dkv_block_n, backward.dkv_block_v,
-              backward.dkv_warps, backward.dkv_stages)],
-            [(backward.dq_block_m, backward.dq_block_n, backward.dq_warps, backward.dq_stages)])
+def loop_report(ptx, ttgir, num_warps):
+    """What one iteration of the main loop issues, and the dots' duplication."""
+    body = static_work.main_loop(ptx, static_work.inner_trip_counts(ttgir))
+    census = static_work.mma_census(body)
+    dots = static_work.loop_dots(ttgir)
+    return dict(
+        main_loop_mma=census,
+        executed_macs_per_iteration=static_work.executed_macs(census, num_warps),
+        dots=dots,
+        duplicated_dots=sum(dot["duplication"] > 1 for dot in dots),
+        barriers_per_iteration=static_work.count(body, "bar.sync", "barrier.sync"),
+        exp2_per_iteration_per_thread=static_work.count(body, "ex2.approx"),
+        exp2_while_mma_pending=static_work.exp2_while_mma_pending(body),
+        cp_async_per_iteration=static_work.count(body, "cp.async.ca", "cp.async.cg"),
+        tma_per_iteration=static_work.count(body, "cp.async.bulk.tensor"),
+        atomics_per_iteration_per_thread=static_work.count(body, "red.global", "atom.global"),
+    )
 
 
-def sweep(args):
-    forward_sweep, dkv_sweep, dq_sweep = (default_tilings(args.dtype) if args.defaults else
-                                          (args.forward or FORWARD_SWEEP, DKV_SWEEP, DQ_SWEEP))
-    dtype = TRITON_TYPES[args.dtype]
-    values = strides(args.batch, args.hw, args.n, args.ck, args.cv, args.splits)
-    block_ck = max(16, triton.next_power_of_2(args.ck))
-    block_cv = max(16, triton.next_power_of_2(args.cv))
-    common = dict(L2=args.similarity == "l2", BLOCK_CK=block_ck, UPCAST=False, I64=False,
-                  PRECISION="tf32", ALIGN_K=values.pop("ALIGN_K"), ALIGN_V=values.pop("ALIGN_V"))
+# --------------------------------------------------------------------------- kernel specs
+
+
+def _alignment(*strides):
+    align = 16
+    while align > 1 and any(stride % align for stride in strides):
+        align //= 2
+    return align
+
+
+def _int_arguments(B, HW, N, Ck, Cv, splits):
+    """Integer arguments for contiguous STM tensors, as the launchers pass them: query-sized
+    tensors padded to a multiple of 16 positions, memory batch and channel strides divided by
+    their alignment (ALIGN_K, ALIGN_V)."""
+    HWp = triton.cdiv(HW, 16) * 16
+    align_k, align_v = _alignment(Ck * N, N), _alignment(Cv * N, N)
+    return dict(
+        ALIGN_K=align_k, ALIGN_V=align_v,
+        stride_qb=0, stride_qc=HWp, stride_qm=1, stride_kb=Ck * N // align_k,
+        stride_kc=N // align_k, stride_kn=1,
+        stride_vb=Cv * N // align_v, stride_vc=N // align_v, stride_vn=1, stride_sqb=N,
+        stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
+        stride_ls=B * HW, stride_lb=HW, stride_lm=1,
+        stride_dob=Cv * HWp, stride_doc=HWp, stride_dom=1,
+        stride_dkb=Ck * N, stride_dkc=N, stride_dkn=1,
+        stride_dvb=Cv * N, stride_dvc=N, stride_dvn=1, stride_dqb=0,
+        stride_pos=splits * B * Cv * HW, stride_pob=Cv * HW, stride_poc=HW, stride_pom=1,
+        stride_pls=B * HW, stride_plb=HW, stride_plm=1,
+        HW=HW, N=N, CK=Ck, CV=Cv, SPLITS=splits)
+
+
+def kernel_specs(dtype_name, similarity, forward, backward, shape=TARGET, sm_count=H100_SMS):
+    """[(name, kernel, pointer types, constexprs, warps, stages, pairs factor, grid)] for the
+    given configs; `pairs factor` turns one iteration's MACs into MACs per pair."""
+    B, HW, N, Ck, Cv = (shape[key] for key in ("B", "HW", "N", "Ck", "Cv"))
+    dtype = TRITON_TYPES[dtype_name]
+    plan = launchers.forward_plan(forward, B, HW, N, Cv, sm_count)
+    bplan = launchers.backward_plan(backward, B, N, Cv)
+    values = _int_arguments(B, HW, N, Ck, Cv, plan.splits)
+    values["n_per_split"] = plan.per_split
+    common_constexprs = dict(L2=similarity == "l2", BLOCK_CK=max(16, triton.next_power_of_2(Ck)),
+                             UPCAST=False, I64=False, PRECISION="tf32",
+                             ALIGN_K=values["ALIGN_K"], ALIGN_V=values["ALIGN_V"])
+    out_type = "*fp32" if plan.splits > 1 else dtype
+    specs = [
+        dict(name="fwd", kernel=memory_read_fwd_kernel,
+             types=dict(q=dtype, k=dtype, ksq="*fp32", v=dtype, o=out_type, lse="*fp32",
+                        qk_scale="fp32"),
+             constexprs=dict(common_constexprs, BLOCK_M=forward.block_m, BLOCK_N=forward.block_n,
+                             BLOCK_V=plan.block_v, NUM_V=plan.num_v),
+             num_warps=forward.num_warps, num_stages=forward.num_stages,
+             tile_pairs=forward.block_m * forward.block_n, repeats=plan.num_v,
+             grid=plan.grid(B), config=_fields(forward), useful=useful_macs_per_pair(Ck, Cv)[0]),
+        dict(name="bwd_dv", kernel=memory_read_bwd_kernel_dv,
+             types=dict(q=dtype, k=dtype, do=dtype, lse="*fp32", dv=dtype, qk_scale="fp32"),
+             constexprs=dict(_without(common_constexprs, "ALIGN_V"), BLOCK_M=backward.dv.block_m,
+                             BLOCK_N=backward.dv.block_n, BLOCK_V=bplan["dv_block_v"],
+                             NUM_V=bplan["dv_num_v"]),
+             num_warps=backward.dv.num_warps, num_stages=backward.dv.num_stages,
+             tile_pairs=backward.dv.block_m * backward.dv.block_n, repeats=bplan["dv_num_v"],
+             grid=bplan["dv_grid"], config=_fields(backward.dv), useful=None),
+        dict(name="bwd_dkdq", kernel=memory_read_bwd_kernel_dkdq,
+             types=dict(q=dtype, k=dtype, v=dtype, do=dtype, lse="*fp32", delta="*fp32",
+                        dk=dtype, dq="*fp32", qk_scale="fp32", scale="fp32"),
+             constexprs=dict(common_constexprs, BLOCK_M=backward.dkdq.block_m,
+                             BLOCK_N=backward.dkdq.block_n, BLOCK_CV=bplan["dkdq_block_cv"],
+                             NUM_CV=bplan["dkdq_num_cv"]),
+             num_warps=backward.dkdq.num_warps, num_stages=backward.dkdq.num_stages,
+             tile_pairs=backward.dkdq.block_m * backward.dkdq.block_n, repeats=1,
+             grid=bplan["dkdq_grid"], config=_fields(backward.dkdq), useful=None),
+    ]
+    if plan.splits > 1:
+        merge_v = min(plan.block_v, 64)
+        specs.append(dict(
+            name="merge", kernel=memory_read_merge_kernel,
+            types=dict(po="*fp32", plse="*fp32", o=dtype, lse="*fp32"),
+            constexprs=dict(BLOCK_M=64, BLOCK_V=merge_v, I64=False), num_warps=4, num_stages=3,
+            tile_pairs=None, repeats=0,
+            grid=(triton.cdiv(HW, 64), triton.cdiv(Cv, merge_v), B),
+            config=dict(block_m=64, block_v=merge_v), useful=None))
+    for spec in specs:
+        spec["values"] = values
+    return specs
+
+
+def _without(mapping, *keys):
+    return {key: value for key, value in mapping.items() if key not in keys}
+
+
+def _fields(config):
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def analyse(spec, arch=90, sm_count=H100_SMS):
+    """Compile one spec and return its report row (an 'error' row if it does not compile)."""
+    row = dict(kernel=spec["name"], config=spec["config"], num_warps=spec["num_warps"],
+               num_stages=spec["num_stages"], grid=list(spec["grid"]))
+    try:
+        ptx, ttgir, shared = compile_kernel(spec["kernel"], spec["types"], spec["values"],
+                                            spec["constexprs"], spec["num_warps"],
+                                            spec["num_stages"], arch)
+    except Exception as error:  # a config that does not compile is a result, not a crash
+        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        return row
+    row.update(shared_bytes=shared, **ptxas_resources(ptx, arch))
+    row["wgmma"] = ptx.count("wgmma.mma_async")
+    row["blocks_per_sm"] = static_work.blocks_per_sm(row["registers"], shared, spec["num_warps"])
+    blocks = 1
+    for size in spec["grid"]:
+        blocks *= size
+    row["blocks"] = blocks
+    row["waves"] = round(blocks / (sm_count * max(row["blocks_per_sm"], 1)), 2)
+    row.update(loop_report(ptx, ttgir, spec["num_warps"]))
+    if spec["tile_pairs"]:
+        executed = row["executed_macs_per_iteration"] * spec["repeats"] / spec["tile_pairs"]
+        from_dots = sum(dot["executed_macs"] for dot in row["dots"]) * spec["repeats"]
+        useful = sum(dot["useful_macs"] for dot in row["dots"]) * spec["repeats"]
+        row["executed_macs_per_pair"] = executed
+        # The same from the TTGIR's dots and layouts: a check of the PTX reading.
+        row["executed_macs_per_pair_from_dots"] = from_dots / spec["tile_pairs"]
+        row["dot_macs_per_pair"] = useful / spec["tile_pairs"]
+    return row
+
+
+def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET,
+                             sm_count=H100_SMS):
+    """Report row of the opt-in warp-specialised Gluon forward (stm_kernels.memory_read_gluon).
+    Its partitions run different loops, so executed work comes from the TTGIR's dots (each
+    issued by its own partition's warpgroup) and the PTX census covers the whole kernel."""
+    from stm_kernels import memory_read_gluon as gluon
+    config = gluon.WarpSpecializedConfig()
+    B, HW, N = shape["B"], shape["HW"], shape["N"]
+    splits, _ = gluon.default_splits(HW, N, B, config, sm_count)
+    row = dict(kernel="fwd_ws (opt-in)", config=_fields(config), num_warps=13, num_stages=None,
+               grid=[triton.cdiv(HW, config.block_m), B, splits])
+    if not gluon.AVAILABLE:
+        row["error"] = gluon.UNAVAILABLE_REASON
+        return row
+    if dtype_name not in ("bf16", "fp16"):
+        row["error"] = "bf16/fp16 only (fp32 runs the plain kernel)"
+        return row
+    try:
+        compiled = gluon.compile_for_arch(dtype=dtype_name, l2=similarity == "l2", arch=arch,
+                                          config=config, HW=HW, N=N, Ck=shape["Ck"],
+                                          Cv=shape["Cv"], B=B)
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        return row
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    row.update(shared_bytes=compiled.metadata.shared, **ptxas_resources(ptx, arch))
+    row["wgmma"] = ptx.count("wgmma.mma_async")
+    # 13 warps padded to 16 (512 threads) per block.
+    row["blocks_per_sm"] = static_work.blocks_per_sm(row["registers"], row["shared_bytes"], 16)
+    row["blocks"] = row["grid"][0] * row["grid"][1] * row["grid"][2]
+    row["waves"] = round(row["blocks"] / (sm_count * max(row["blocks_per_sm"], 1)), 2)
+    dots = static_work.loop_dots(ttgir)
+    tile_pairs = config.block_m * config.block_n
+    row.update(
+        main_loop_mma=static_work.mma_census(ptx.splitlines()), dots=dots,
+        duplicated_dots=sum(dot["duplication"] > 1 for dot in dots),
+        barriers_per_iteration=None, exp2_per_iteration_per_thread=None,
+        tma_in_kernel=static_work.count(ptx.splitlines(), "cp.async.bulk.tensor"),
+        mbarrier_waits_in_kernel=static_work.count(ptx.splitlines(), "mbarrier.try_wait"),
+        executed_macs_per_pair=sum(dot["executed_macs"] for dot in dots) / tile_pairs,
+        executed_macs_per_pair_from_dots=sum(dot["executed_macs"] for dot in dots) / tile_pairs,
+        dot_macs_per_pair=sum(dot["useful_macs"] for dot in dots) / tile_pairs)
+    return row
+
+
+def report(dtype_name, similarity="dot", arch=90, forward=None, backward=None, shape=TARGET):
+    """Rows of every kernel at the given (default: first GPU candidate) configs, and totals."""
+    default_forward, default_backward = triton_configs.defaults(ITEMSIZE[dtype_name])
+    specs = kernel_specs(dtype_name, similarity, forward or default_forward,
+                         backward or default_backward, shape)
+    rows = [analyse(spec, arch) for spec in specs]
+    if dtype_name != "fp32":
+        rows.append(analyse_warp_specialized(dtype_name, similarity, arch, shape))
+    useful_forward, useful_backward = useful_macs_per_pair(shape["Ck"], shape["Cv"])
+    per_pair = {row["kernel"]: row.get("executed_macs_per_pair") for row in rows}
+    totals = dict(useful_forward=useful_forward, useful_backward=useful_backward)
+    if None not in (per_pair.get("fwd"), per_pair.get("bwd_dv"), per_pair.get("bwd_dkdq")):
+        backward_executed = per_pair["bwd_dv"] + per_pair["bwd_dkdq"]
+        totals.update(
+            executed_forward=per_pair["fwd"], executed_backward=backward_executed,
+            forward_ratio=round(per_pair["fwd"] / useful_forward, 3),
+            backward_ratio=round(backward_executed / useful_backward, 3),
+            total_ratio=round((per_pair["fwd"] + backward_executed)
+                              / (useful_forward + useful_backward), 3))
+    ws = per_pair.get("fwd_ws (opt-in)")
+    if ws is not None:
+        totals["warp_specialized_forward_ratio"] = round(ws / useful_forward, 3)
+    return dict(dtype=dtype_name, similarity=similarity, arch=f"sm_{arch}", shape=dict(shape),
+                rows=rows, totals=totals)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+FORWARD_SWEEP = [
+    triton_configs.ForwardConfig(block_m=m, block_n=n, block_v=v, num_warps=w, num_stages=s)
+    for m, n, v, w, s in [(64, 32, 512, 8, 3), (128, 64, 256, 8, 3), (128, 64, 256, 8, 2),
+                          (128, 32, 256, 8, 3), (128, 32, 256, 8, 2), (128, 64, 128, 8, 3),
+                          (128, 32, 128, 8, 3), (64, 64, 256, 4, 2), (64, 32, 256, 4, 3)]]
+DV_SWEEP = [
+    triton_configs.DvConfig(block_n=n, block_m=m, block_v=v, num_warps=w, num_stages=s)
+    for n, m, v, w, s in [(128, 64, 256, 8, 2), (128, 64, 256, 8, 1), (128, 32, 256, 8, 2),
+                          (128, 64, 128, 8, 2), (128, 32, 128, 8, 2), (64, 64, 256, 4, 2),
+                          (64, 64, 128, 4, 2), (64, 32, 128, 4, 1), (64, 32, 256, 4, 1)]]
+DKDQ_SWEEP = [
+    triton_configs.DkdqConfig(block_n=n, block_m=m, num_warps=w, num_stages=s, block_cv=cv)
+    for n, m, w, s, cv in [(128, 32, 8, 1, None), (128, 16, 8, 2, None), (128, 16, 8, 1, None),
+                           (128, 32, 8, 2, 128), (128, 32, 8, 2, 64), (128, 64, 8, 2, 64),
+                           (64, 32, 4, 2, 128), (64, 16, 4, 1, None), (64, 32, 4, 2, 64),
+                           (64, 64, 4, 2, 64)]]
+
+
+def sweep(dtype_name, similarity="dot", arch=90):
+    """Resource rows of every tuning candidate (forward, dV and dK/dQ separately)."""
+    default_forward, default_backward = triton_configs.defaults(ITEMSIZE[dtype_name])
     rows = []
-
-    def add(name, kernel, types, block_m, block_n, block_v, warps, stages, **extra):
-        constexprs = dict(common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_v, **extra)
-        rows.append(dict(kernel=name, block_m=block_m, block_n=block_n, block_v=block_v,
-                         num_warps=warps, num_stages=stages,
-                         **_safe(kernel, types, values, constexprs, warps, stages, args.arch)))
-
-    forward_types = dict(q=dtype, k=dtype, v=dtype, o="*fp32", lse="*fp32", qk_scale="fp32")
-    backward_types = dict(q=dtype, k=dtype, v=dtype, do=dtype, lse="*fp32", delta="*fp32",
-                          dk=dtype, dv=dtype, dq="*fp32", qk_scale="fp32", scale="fp32")
-    for name, kernel, types, tilings in (
-            ("fwd", kernels.memory_read_fwd_kernel, forward_types, forward_sweep),
-            ("bwd_dkv", kernels.memory_read_bwd_kernel_dkv, backward_types, dkv_sweep)):
-        for block_m, block_n, block_v, warps, stages in tilings:
-            block_v = min(block_v, block_cv)
-            add(name, kernel, types, block_m, block_n, block_v, warps, stages,
-                NUM_V=triton.cdiv(args.cv, block_v))
-    for block_m, block_n, warps, stages in dq_sweep:
-        add("bwd_dq", kernels.memory_read_bwd_kernel_dq, backward_types, block_m, block_n,
-            block_cv, warps, stages)
-    merge_types = dict(po="*fp32", plse="*fp32", o=dtype, lse="*fp32")
-    merge_values = dict(stride_pos=args.batch * args.cv * args.hw, stride_pob=args.cv * args.hw,
-                        stride_poc=args.hw, stride_pom=1, stride_pls=args.batch * args.hw,
-                        stride_plb=args.hw, stride_plm=1, stride_ob=args.cv * args.hw,
-                        stride_oc=args.hw, stride_om=1, stride_lb=args.hw, stride_lm=1,
-                        HW=args.hw, CV=args.cv, SPLITS=args.splits)
-    rows.append(dict(kernel="merge", block_m=64, block_n=0, block_v=64, num_warps=4,
-                     num_stages=3, **_safe(kernels.memory_read_merge_kernel, merge_types,
-                                           merge_values, dict(BLOCK_M=64, BLOCK_V=64, I64=False),
-                                           4, 3, args.arch)))
+    for forward in FORWARD_SWEEP:
+        spec = kernel_specs(dtype_name, similarity, forward, default_backward)[0]
+        rows.append(analyse(spec, arch))
+    for dv in DV_SWEEP:
+        backward = triton_configs.BackwardConfig(dv, default_backward.dkdq)
+        rows.append(analyse(kernel_specs(dtype_name, similarity, default_forward, backward)[1], arch))
+    for dkdq in DKDQ_SWEEP:
+        backward = triton_configs.BackwardConfig(default_backward.dv, dkdq)
+        rows.append(analyse(kernel_specs(dtype_name, similarity, default_forward, backward)[2], arch))
     return rows
 
 
-def _safe(*arguments):
-    try:
-        return compile_report(*arguments)
-    except Exception as error:  # a tiling that does not compile is a result, not a crash
-        return dict(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+# --------------------------------------------------------------------------- output
 
 
-FORWARD_SWEEP = [(64, 32, 512, 8, 2), (64, 32, 512, 8, 3), (64, 64, 512, 8, 2),
-                 (64, 64, 256, 8, 2), (64, 64, 256, 8, 3), (128, 32, 256, 8, 2),
-                 (128, 64, 256, 8, 2), (128, 64, 128, 8, 2), (128, 64, 128, 8, 3),
-                 (128, 128, 128, 8, 2), (64, 32, 256, 4, 2)]
-DKV_SWEEP = [(64, 64, 512, 8, 1), (64, 64, 256, 8, 1), (64, 64, 256, 8, 2), (64, 64, 128, 8, 2),
-             (64, 64, 128, 8, 3), (64, 128, 128, 8, 2), (64, 128, 64, 8, 2), (64, 64, 64, 8, 2),
-             (64, 64, 128, 4, 2), (32, 64, 128, 4, 2), (64, 32, 128, 4, 2)]
-DQ_SWEEP = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2),
-            (64, 16, 8, 2), (64, 16, 4, 3)]
+def _mma_text(row):
+    return " + ".join(f"{entry['count']}x {entry['shape']}" for entry in row["main_loop_mma"])
+
+
+def _or_dash(value):
+    return "-" if value is None else value
+
+
+def table(rows):
+    """Markdown table of report rows."""
+    lines = ["| kernel | config | regs | spill B | smem KiB | blocks/SM | grid | waves | "
+             "main-loop MMA (per warpgroup; fwd_ws: whole kernel) | dup. dots | "
+             "barriers/iter | exp2/iter | "
+             "MACs/pair executed | MACs/pair in dots |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        config = ",".join(f"{key}={value}" for key, value in row["config"].items()
+                          if value not in (None, False))
+        if "error" in row:
+            lines.append(f"| {row['kernel']} | {config} | {row['error']} |" + " |" * 11)
+            continue
+        grid = "x".join(map(str, row["grid"]))
+        pair = row.get("executed_macs_per_pair")
+        dots = row.get("dot_macs_per_pair")
+        lines.append(
+            f"| {row['kernel']} | {config} | {row['registers']} | {row['spill_store_bytes']} | "
+            f"{row['shared_bytes'] / 1024:.1f} | {row['blocks_per_sm']} | {grid} | "
+            f"{row['waves']} | {_mma_text(row) or '-'} | {row['duplicated_dots']} | "
+            f"{_or_dash(row['barriers_per_iteration'])} | "
+            f"{_or_dash(row['exp2_per_iteration_per_thread'])} | "
+            f"{'-' if pair is None else f'{pair:.0f}'} | {'-' if dots is None else f'{dots:.0f}'} |")
+    return "\n".join(lines)
+
+
+def summary(payload):
+    """README table: one block per dtype, then the executed/useful ratios against targets."""
+    parts = []
+    for entry in payload["reports"]:
+        totals = entry["totals"]
+        parts.append(f"**{entry['dtype']}{' (TF32)' if entry['dtype'] == 'fp32' else ''}, "
+                     f"{entry['similarity']}**\n\n{table(entry['rows'])}\n")
+        if "forward_ratio" in totals:
+            parts.append(
+                f"Executed / useful MACs per pair: forward {totals['executed_forward']:.0f} / "
+                f"{totals['useful_forward']:.0f} = **{totals['forward_ratio']:.2f}** (target "
+                f"<= {FORWARD_RATIO_TARGET}); backward {totals['executed_backward']:.0f} / "
+                f"{totals['useful_backward']:.0f} = {totals['backward_ratio']:.2f}; forward + "
+                f"backward **{totals['total_ratio']:.2f}** (target <= {TOTAL_RATIO_TARGET})"
+                + (f"; warp-specialised forward (opt-in) "
+                   f"{totals['warp_specialized_forward_ratio']:.2f}"
+                   if "warp_specialized_forward_ratio" in totals else "") + ".\n")
+    return "\n".join(parts)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--dtype", default="bf16", choices=sorted(TRITON_TYPES))
-    parser.add_argument("--similarity", default="dot", choices=["dot", "l2"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--hw", type=int, default=1620)
-    parser.add_argument("--n", type=int, default=1620 * 101)
-    parser.add_argument("--ck", type=int, default=128)
-    parser.add_argument("--cv", type=int, default=512)
-    parser.add_argument("--splits", type=int, default=8)
-    parser.add_argument("--forward", type=lambda s: tuple(map(int, s.split(","))), nargs="+",
-                        help="forward tilings block_m,block_n,block_v,warps,stages")
-    parser.add_argument("--defaults", action="store_true",
-                        help="only the tilings stm_kernels uses first; print JSON, write nothing")
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(TRITON_TYPES))
+    parser.add_argument("--similarity", nargs="+", default=["dot"], choices=["dot", "l2"])
+    parser.add_argument("--json", action="store_true", help="print JSON only, write nothing")
+    parser.add_argument("--sweep", action="store_true",
+                        help="resources of the tuning candidates instead of the defaults")
     args = parser.parse_args(argv)
-    if kernels.INTERPRETING:
+    if triton_configs.INTERPRETING:
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    rows = sweep(args)
-    if args.defaults:
-        print(json.dumps(rows))
-        return
-    print(f"{'kernel':8} {'m':>4} {'n':>4} {'v':>4} {'w':>2} {'s':>2} {'smem KiB':>9} "
-          f"{'regs':>5} {'spill B':>8} {'wgmma':>6} {'mma':>5} {'cp.async':>8}")
-    for row in rows:
-        head = (f"{row['kernel']:8} {row['block_m']:4} {row['block_n']:4} {row['block_v']:4} "
-                f"{row['num_warps']:2} {row['num_stages']:2}")
-        if "error" in row:
-            print(f"{head} {row['error']}")
-            continue
-        print(f"{head} {row['shared_bytes'] / 1024:9.1f} {row['registers']:5} "
-              f"{row['spill_store_bytes']:8} {row['wgmma']:6} {row['mma_sync']:5} "
-              f"{row['cp_async']:8}")
-    date = datetime.datetime.now(datetime.timezone.utc)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"kernel_resources_sm{args.arch}_{args.dtype}_{date:%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(dict(
-        benchmark="kernel_resources", arch=f"sm_{args.arch}", triton=triton.__version__,
-        date=date.isoformat(timespec="seconds"), note="compiled offline, not run: no timings",
-        shapes=dict(B=args.batch, HW=args.hw, N=args.n, Ck=args.ck, Cv=args.cv,
-                    dtype=args.dtype, similarity=args.similarity), rows=rows), indent=1) + "\n")
-    print(f"wrote {path}")
+    reports = []
+    for dtype in args.dtype:
+        for similarity in args.similarity:
+            if args.sweep:
+                rows = sweep(dtype, similarity, args.arch)
+                reports.append(dict(dtype=dtype, similarity=similarity, rows=rows, totals={}))
+            else:
+                reports.append(report(dtype, similarity, args.arch))
+    payload = dict(benchmark="kernel_work" if not args.sweep else "kernel_sweep",
+                   device=f"sm_{args.arch} compiled offline (no GPU; not run)",
+                   device_type=f"sm{args.arch}", torch=_torch_version(),
+                   triton=triton.__version__, commit=common._commit(),
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), shape=TARGET, sm_count=H100_SMS,
+                   reports=reports)
+    if args.json:
+        print(json.dumps(payload))
+        return 0
+    print(summary(payload))
+    if not args.sweep:
+        path = common.write_results("kernel_work", payload)
+        print(f"wrote {path}")
+    return 0
+
+
+def _torch_version():
+    import torch
+    return torch.__version__
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

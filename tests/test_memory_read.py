@@ -9,7 +9,8 @@ from helpers import (DEVICES, TOLERANCE, random_inputs, read_with_grads, referen
 from stm_kernels import memory_read, merge_reads, poison_outputs
 from stm_kernels import memory_read_torch
 from stm_kernels import memory_read_triton as triton_module
-from stm_kernels.memory_read_triton import BackwardConfig, ForwardConfig, use_configs
+from stm_kernels.memory_read_triton import (BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
+                                           use_configs)
 
 
 @pytest.fixture(autouse=True)
@@ -94,8 +95,12 @@ def test_strided_memory_is_read_in_place(device, backend):
 
 
 SPLIT_CONFIGS = [
-    (ForwardConfig(16, 16, 16, 4, 1, splits=3), BackwardConfig(16, 16, 16, 4, 1, 16, 16, 4, 1, 3)),
-    (ForwardConfig(32, 16, None, 4, 1, splits=2), BackwardConfig(16, 32, 16, 4, 1, 32, 16, 4, 1, 5)),
+    (ForwardConfig(block_m=16, block_n=16, block_v=16, num_warps=4, num_stages=1, splits=3),
+     BackwardConfig(DvConfig(block_n=16, block_m=16, block_v=16, num_warps=4),
+                    DkdqConfig(block_n=16, block_m=16, num_warps=4, block_cv=16))),
+    (ForwardConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, splits=2),
+     BackwardConfig(DvConfig(block_n=32, block_m=16, block_v=16, num_warps=4),
+                    DkdqConfig(block_n=16, block_m=32, num_warps=4))),
 ]
 
 
@@ -103,7 +108,8 @@ SPLIT_CONFIGS = [
 @pytest.mark.parametrize("configs", SPLIT_CONFIGS, ids=["vsplit-3", "memsplit-2"])
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 def test_triton_memory_and_value_splits(device, configs, similarity):
-    """Flash-decoding memory splits, value-channel splits and split dQ are exact."""
+    """Flash-decoding memory splits, value-channel splits (dV) and value-channel chunks
+    streamed through the dP reduction (dK/dQ) are exact."""
     skip_unless_runnable("triton", device)
     q, k, v = random_inputs(2, 1, 24, 40, 37, 150, torch.float32, device, seed=5)
     with use_configs(*configs):

@@ -1,0 +1,216 @@
+"""Reading a compiled kernel's work off Triton's own output (PTX, TTGIR, ptxas), no GPU needed.
+
+    main_loop(ptx)              the body of the loop that issues the most matrix instructions
+    mma_census(ptx_lines)       matrix instructions by shape: [{"shape", "types", "count"}]
+    loop_dots(ttgir)            the dots inside scf.for loops, with their warp layouts, the
+                                factor by which warps repeat each other's work, and how often
+                                loops nested in the main loop repeat them
+    inner_trip_counts(ttgir)    constant trip counts of the loops nested in the main loop
+    executed_macs(census, num_warps)   multiply-adds one loop iteration issues, all warps
+    blocks_per_sm(...)          co-resident blocks on an H100 SM (registers, shared memory, warps)
+
+How duplication is read: on Hopper, a warpgroup's MMA covers 64 rows (16 per warp) and the
+instruction's N columns; a dot whose layout has more warps along a dimension than the tile
+has rows (or columns) for makes several warps compute the same elements. The PTX confirms it:
+one thread's wgmma stream, times the warpgroups, is the block's executed work.
+"""
+import math
+import re
+
+_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+_WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.(\w+)\.(\w+)\.(\w+)")
+_MMA_SYNC = re.compile(r"mma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.\w+\.\w+\.(\w+)\.(\w+)")
+_MMA_LAYOUT = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?"
+                         r"warpsPerCTA = \[(\d+), (\d+)\].*?instrShape = \[([\d, ]+)\]")
+_DOT = re.compile(r"(?:ttng\.warp_group_dot|tt\.dot) .*?: (\S+?)<(\d+)x(\d+)x(\w+)"
+                  r".*-> tensor<(\d+)x(\d+)xf32, #(\w+)>")
+
+# H100 SXM (sm_90): per-SM limits used for occupancy.
+SM_REGISTERS = 65536
+SM_SHARED_BYTES = 228 * 1024
+BLOCK_RESERVED_SHARED = 1024
+SM_MAX_WARPS = 64
+SM_MAX_BLOCKS = 32
+
+
+def _loops(lines):
+    """(start, end) line ranges of the loops: a label and a later branch back to it."""
+    labels, loops = {}, []
+    for index, line in enumerate(lines):
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = index
+        branch = _BRANCH.search(line)
+        if branch and branch.group(1) in labels:
+            loops.append((labels[branch.group(1)], index))
+    return loops
+
+
+def main_loop(ptx, inner_trip_counts=()):
+    """Lines of the loop that issues the most MMA instructions (the outermost of equals), with
+    the loops nested in it repeated by their trip counts (inner_trip_counts, in order: the
+    PTX does not say how often a loop runs; the TTGIR does, see inner_trip_counts)."""
+    lines = ptx.splitlines()
+    loops = _loops(lines)
+    best, best_key = None, None
+    for start, end in loops:
+        key = (sum(entry["count"] for entry in mma_census(lines[start:end + 1])), end - start)
+        if key[0] and (best_key is None or key > best_key):
+            best, best_key = (start, end), key
+    if best is None:
+        return []
+    start, end = best
+    nested = [(s, e) for s, e in loops if start < s and e < end]
+    top = [(s, e) for s, e in nested if not any(a < s and e < b for a, b in nested)]
+    body = lines[start:end + 1]
+    for (s, e), trips in zip(sorted(top), inner_trip_counts):
+        body += lines[s:e + 1] * (trips - 1)
+    return body
+
+
+def inner_trip_counts(ttgir):
+    """Constant trip counts of the scf.for loops nested in the outermost loop with a runtime
+    bound, in order of appearance."""
+    constants = {}
+    trips, depth_of_main, depth = [], None, 0
+    for line in ttgir.splitlines():
+        stripped = line.strip()
+        constant = re.match(r"(%\w+) = arith\.constant (-?\d+) : i(32|64)", stripped)
+        if constant:
+            constants[constant.group(1)] = int(constant.group(2))
+        if stripped.startswith("}"):
+            depth -= 1
+            if depth_of_main is not None and depth < depth_of_main:
+                break
+            if stripped.endswith("{"):
+                depth += 1
+            continue
+        loop = re.search(r"scf\.for %\S+ = (%\w+) to (%\w+) step (%\w+)", stripped)
+        if loop:
+            bounds = [constants.get(name) for name in loop.groups()]
+            if None in bounds and depth_of_main is None:
+                depth_of_main = depth + 1
+            elif depth_of_main is not None and None not in bounds and depth == depth_of_main:
+                lower, upper, step = bounds
+                trips.append(max(0, -(-(upper - lower) // step)))
+        if stripped.endswith("{"):
+            depth += 1
+    return trips
+
+
+def mma_census(lines):
+    """Matrix instructions among lines, grouped by shape and operand types."""
+    counts = {}
+    for line in lines:
+        match = _WGMMA.search(line)
+        if match:
+            m, n, k, _, a_type, _ = match.groups()
+            key = ("wgmma", int(m), int(n), int(k), a_type)
+        else:
+            match = _MMA_SYNC.search(line)
+            if not match:
+                continue
+            m, n, k, a_type, _ = match.groups()
+            key = ("mma.sync", int(m), int(n), int(k), a_type)
+        counts[key] = counts.get(key, 0) + 1
+    return [dict(instruction=kind, shape=f"m{m}n{n}k{k}", types=a_type, m=m, n=n, k=k,
+                 count=count) for (kind, m, n, k, a_type), count in sorted(counts.items())]
+
+
+def executed_macs(census, num_warps):
+    """Multiply-adds issued by all warps of a block for one pass over the census' lines: a
+    wgmma is issued by each warpgroup, an mma.sync by each warp."""
+    total = 0
+    for entry in census:
+        issuers = num_warps // 4 if entry["instruction"] == "wgmma" else num_warps
+        total += entry["count"] * entry["m"] * entry["n"] * entry["k"] * issuers
+    return total
+
+
+def exp2_while_mma_pending(lines):
+    """exp2 instructions of one loop iteration issued while a wgmma group is still pending (the
+    softmax overlapping the tensor cores); the body is walked twice so that groups committed
+    at the end of an iteration count for the next one."""
+    pending, overlapped = 0, 0
+    for walk in range(2):
+        for line in lines:
+            if "wgmma.commit_group" in line:
+                pending += 1
+            wait = re.search(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", line)
+            if wait:
+                pending = min(pending, int(wait.group(1)))
+            if "ex2.approx" in line and pending and walk == 1:
+                overlapped += 1
+    return overlapped
+
+
+def count(lines, *needles):
+    return sum(line.count(needle) for line in lines for needle in needles)
+
+
+def loop_dots(ttgir):
+    """Dots inside loops with runtime bounds (main loops; loops with a constant trip count nested
+    in them repeat their dots): M, N, K, warp layout, duplication factor, executed MACs."""
+    layouts = {}
+    for line in ttgir.splitlines():
+        match = _MMA_LAYOUT.match(line.strip())
+        if match:
+            name, major, warps_m, warps_n, instr = match.groups()
+            layouts[name] = dict(version=int(major), warps=(int(warps_m), int(warps_n)),
+                                 instr=tuple(int(x) for x in instr.split(",")))
+    constants = {}
+    dots, regions = [], []
+    for line in ttgir.splitlines():
+        stripped = line.strip()
+        constant = re.match(r"(%\w+) = arith\.constant (-?\d+) : i(32|64)", stripped)
+        if constant:
+            constants[constant.group(1)] = int(constant.group(2))
+        if stripped.startswith("}"):
+            if regions:
+                regions.pop()
+            if stripped.endswith("{"):  # "} else {"
+                regions.append(("other", 1))
+            continue
+        match = _DOT.search(stripped)
+        if match and any(kind == "main" for kind, _ in regions):
+            _, a_rows, a_cols, _, m, n, layout_name = match.groups()
+            layout = layouts.get(layout_name)
+            M, N, K = int(m), int(n), int(a_cols)
+            duplication = _duplication(M, N, layout) if layout else 1
+            repeats = 1
+            for kind, trips in regions:
+                repeats *= trips
+            dots.append(dict(m=M, n=N, k=K, layout=layout_name,
+                             warps=list(layout["warps"]) if layout else None,
+                             instr=list(layout["instr"]) if layout else None,
+                             duplication=duplication, repeats=repeats,
+                             useful_macs=M * N * K * repeats,
+                             executed_macs=M * N * K * duplication * repeats))
+        if stripped.endswith("{"):
+            loop = re.search(r"scf\.for %\S+ = (%\w+) to (%\w+) step (%\w+)", stripped)
+            if loop:
+                lower, upper, step = (constants.get(name) for name in loop.groups())
+                if None in (lower, upper, step):  # runtime bounds: the main loop
+                    regions.append(("main", 1))
+                else:  # a constant trip count: its dots repeat that often
+                    regions.append(("for", max(0, -(-(upper - lower) // step))))
+            else:
+                regions.append(("other", 1))
+    return dots
+
+
+def _duplication(M, N, layout):
+    warps_m, warps_n = layout["warps"]
+    rows_per_warp = 16
+    cols_per_warp = layout["instr"][1] if layout["version"] == 3 else 8
+    return (max(1, warps_m * rows_per_warp // M)) * (max(1, warps_n * cols_per_warp // N))
+
+
+def blocks_per_sm(registers, shared_bytes, num_warps):
+    """Co-resident blocks per H100 SM: registers are allocated per warp in units of 256."""
+    per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+    by_registers = SM_REGISTERS // (per_warp * num_warps)
+    by_shared = SM_SHARED_BYTES // (shared_bytes + BLOCK_RESERVED_SHARED)
+    by_warps = SM_MAX_WARPS // num_warps
+    return max(0, min(by_registers, by_shared, by_warps, SM_MAX_BLOCKS))

@@ -1,0 +1,573 @@
+"""Warp-specialised forward of the memory read for Hopper (sm_90), written in Gluon.
+
+Opt-in and experimental: nothing dispatches here by default. It compiles for sm_90 without a
+GPU (tests/test_gluon_forward.py checks the PTX and ptxas' resource report), but it has not yet
+been run on a GPU: it stays opt-in until a GPU run shows it correct (tests marked `gpu` in that
+file) and faster than `memory_read_fwd_kernel` (bench.memory_read).
+
+Same contract as `memory_read_fwd_kernel` (stm_kernels/memory_read_triton.py): q (Bq, Ck, HW)
+with Bq = B or 1 (or a stride-0 batch), k (B, Ck, N), v (B, Cv, N); the program (query block i_m,
+object i_b, memory split i_s) reads memory positions [i_s*per_split, min((i_s+1)*per_split, N))
+and writes part_out[i_s, i_b, :, m-range] (out = acc / rowsum) and part_lse[i_s, i_b, m-range]
+(natural log). Scores are kept in base 2 (qk_scale = scale * log2(e)).
+
+Design (FlashAttention-3's value-width-512 layout, the one FlashMLA uses), one CTA per program,
+13 warps in 4 warpgroups (Triton pads the load warp's group with 3 idle warps) = 512 threads:
+
+    partition          warps  setmaxnreg  role
+    softmax (default)    4    152 (rest)  S = Q K for the block ONCE (async wgmma m64n64k16 x
+                                          Ck/16, Q as register A operand, K from the ring),
+                                          |k|^2 from the K tile in fp32 for l2, -inf for memory
+                                          positions >= the split's end, online softmax in base 2
+                                          (exp2, running max m and sum l); writes P (bf16/fp16)
+                                          and the row factor alpha = exp2(m_old - m_new) to a
+                                          NUM_P-deep ring and signals p_ready; at the end l ->
+                                          shared memory (o_bar), lse = (m + log2 l) ln 2 stored
+    pv half 0, pv half 1 4+4  168 each    acc (64 x ceil(Cv/2) fp32 in registers) = acc * alpha
+                                          + P V[half] (async wgmma, P and V from shared memory),
+                                          then release P and V; at the end out = acc / l stored
+                                          transposed into the (Cv, HW) layout (masked stores)
+    load                 1    24          TMA: the query tile once, then K_j one block ahead of
+                                          V_j (two boxes of ceil(Cv/2) rows) into NUM_STAGES-deep
+                                          mbarrier rings
+
+Barriers (count): q_bar (1), k_ready/k_empty[NUM_STAGES] (1/1), v_ready/v_empty[NUM_STAGES]
+(1/2: both PV warpgroups release a V stage), p_ready/p_empty[NUM_P] (1/2), o_bar (1). Gluon's
+mbarrier.arrive syncs the partition's warps and arrives once, so a count is a number of
+partitions. Round r of a ring slot: consumers wait on "ready" with parity r & 1, producers on
+"empty" with parity (r & 1) ^ 1 (a fresh barrier passes a parity-1 wait). P and alpha are
+written with ordinary stores and read by wgmma (async proxy): each writer fences
+(fence_async_shared) before the arrive. The l2 path reads the K tile with ordinary loads and
+fences before releasing it to the next TMA write. wgmma is waited (wait_group 0) before a
+buffer is released. No MMA is computed twice: S by the softmax partition only (Ck/16
+instructions in the whole PTX), P V split by value channels over the two PV partitions.
+
+P V is issued as m64n128k16 instructions (two per k-step at Cv = 512), not m64n256k16: ptxas
+checks every instruction against the kernel-wide register target (65536 / 512 threads = 128),
+whatever setmaxnreg grants later, and an m64n256k16 with fp32 accumulators needs 154 (C7602).
+
+Shared memory at the defaults (block_m=64, block_n=64, num_stages=2, num_p=2; Ck=128, Cv=512,
+2-byte elements):
+    Q tile     128 x 64                16 KiB
+    K ring     2 x 128 x 64            32 KiB   (16 KiB per stage)
+    V ring     2 x (2 x 256) x 64     128 KiB   (64 KiB per stage: two TMA boxes of 256 rows)
+    P ring     2 x 64 x 64             16 KiB
+    alpha ring, l, 14 mbarriers        0.9 KiB  (+ 0.2-0.7 KiB layout-conversion scratch for l2)
+    total (compiled, Triton 3.8)       197,816 B = 193.2 KiB (l2: 198,024 B) of 227 KiB.
+Registers (ptxas -v, sm_90a): "Used 128 registers" (the launch-time count: 65536 / 512), 0
+spills; within the setmaxnreg regions the SASS uses up to R96 (dot) / R119 (l2) of the softmax
+partition's 152, R165 of the PV partitions' 168, a handful of the load warp's 24. Worker warps
+wait for the partition dispatch at 80 registers.
+
+Constraints (`unsupported_reason`): CUDA tensors, bf16/fp16, q/k/v of one dtype; k and v with
+position stride 1, other strides a multiple of 16 bytes (N % 8 == 0 for contiguous tensors)
+and 16-byte-aligned bases (TMA); Ck a power of two in [16, 256]; 16 <= Cv <= 512 (each PV
+warpgroup owns ceil(Cv/2) channels, loaded as a box of next_pow2(ceil(Cv/2)) <= 256 rows; rows
+past a warpgroup's channels are loaded but never stored); the shared-memory estimate must fit
+227 KiB. The query is copied to 16-byte-aligned rows when it is not (it is small). The object
+dimension is folded into the TMA rows when k/v's batch stride is C * channel stride (contiguous
+tensors, slices along N); otherwise the kernel is launched once per object.
+"""
+import contextlib
+import dataclasses
+
+import torch
+
+try:
+    import triton
+except ImportError:  # a PyTorch without Triton: AVAILABLE stays False
+    triton = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+H100_SHARED_MEMORY = 227 * 1024
+
+AVAILABLE = False
+UNAVAILABLE_REASON = "not checked"
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    for _module, _names in ((gl, ("warp_specialize", "allocate_shared_memory", "NVMMASharedLayout",
+                                  "NVMMADistributedLayout", "DotOperandLayout", "SliceLayout",
+                                  "BlockedLayout", "SwizzledSharedLayout", "convert_layout",
+                                  "exp2", "log2")),
+                            (mbarrier, ("MBarrierLayout", "init", "expect", "wait", "arrive")),
+                            (tma, ("async_copy_global_to_shared",))):
+        _missing = [name for name in _names if not hasattr(_module, name)]
+        if _missing:
+            raise ImportError(f"{_module.__name__} lacks {', '.join(_missing)}")
+    AVAILABLE, UNAVAILABLE_REASON = True, None
+except Exception as _error:  # no Triton, or one without (this version of) Gluon's Hopper API
+    UNAVAILABLE_REASON = (f"Triton {getattr(triton, '__version__', 'missing')}: Gluon Hopper API "
+                          f"unavailable ({type(_error).__name__}: {str(_error).splitlines()[0]})")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarpSpecializedConfig:
+    """Tiling of the warp-specialised forward. block_m: query rows per program (64: one wgmma
+    M tile per warpgroup); block_n: memory positions per pipeline step; num_stages: depth of the
+    K and V TMA rings; num_p: depth of the P/alpha ring between the softmax and PV warpgroups;
+    pv_regs / load_regs: setmaxnreg targets of the PV and load partitions (the softmax
+    partition gets what is left of 128 x 4 warpgroups)."""
+    block_m: int = 64
+    block_n: int = 64
+    num_stages: int = 2
+    num_p: int = 2
+    pv_regs: int = 168
+    load_regs: int = 24
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _shapes(Ck, Cv):
+    """(channels per PV warpgroup, rows of its TMA box = next power of two)."""
+    half = _cdiv(Cv, 2)
+    return half, 1 << max(half - 1, 0).bit_length()
+
+
+def shared_memory_bytes(Ck, Cv, element_size=2, config=None):
+    """Estimated shared memory of one program (the buffers above; barriers and scratch aside)."""
+    config = config or WarpSpecializedConfig()
+    _, box = _shapes(Ck, Cv)
+    m, n = config.block_m, config.block_n
+    tiles = Ck * m + config.num_stages * (Ck * n + 2 * box * n) + config.num_p * m * n
+    vectors = 4 * (config.num_p + 1) * m  # alpha ring and l, fp32
+    barriers = 8 * (4 * config.num_stages + 2 * config.num_p + 2)
+    return tiles * element_size + vectors + barriers
+
+
+# --------------------------------------------------------------------------- kernel
+
+if AVAILABLE:
+    LN2_C = gl.constexpr(LN2)
+
+    @gluon.jit
+    def _ws_softmax_partition(q_smem, k_smem, p_smem, alpha_smem, l_smem,
+                              q_bar, k_ready, k_empty, p_ready, p_empty, o_bar,
+                              lse, stride_ls, stride_lb, stride_lm, i_s, i_b, m0, HW,
+                              n_lo, n_hi, n_blocks, qk_scale,
+                              L2: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              CK: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_P: gl.constexpr):
+        # One warpgroup: S = Q K once per block, online softmax, P and alpha to the PV warps.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        k_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+
+        mbarrier.wait(q_bar, 0)
+        b_q = q_smem.permute((1, 0)).load(q_layout)  # (BLOCK_M, CK), kept in registers
+        b_max = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
+        b_sum = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        b_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        o_n = gl.arange(0, BLOCK_N, layout=col_layout)
+        for j in range(n_blocks):
+            stage = j % NUM_STAGES
+            mbarrier.wait(k_ready.index(stage), (j // NUM_STAGES) & 1)
+            b_k = k_smem.index(stage)  # (CK, BLOCK_N)
+            b_s = warpgroup_mma(b_q, b_k, b_zero, use_acc=False, is_async=True)
+            if L2:
+                # |k_j|^2 in fp32 from the same tile, while the wgmma runs.
+                b_kf = b_k.load(k_layout).to(gl.float32)
+                b_ksq = gl.convert_layout(gl.sum(b_kf * b_kf, axis=0), col_layout)
+            b_s = warpgroup_mma_wait(num_outstanding=0, deps=(b_s,))
+            if L2:
+                fence_async_shared()  # generic reads of the tile before the next TMA write
+            mbarrier.arrive(k_empty.index(stage), count=1)
+
+            if L2:
+                b_s = (2.0 * b_s - b_ksq[None, :]) * qk_scale
+            else:
+                b_s = b_s * qk_scale
+            b_s = gl.where((n_lo + j * BLOCK_N + o_n < n_hi)[None, :], b_s, float("-inf"))
+            b_max_new = gl.maximum(b_max, gl.max(b_s, axis=1))
+            b_alpha = gl.exp2(b_max - b_max_new)
+            b_p = gl.exp2(b_s - b_max_new[:, None])
+            b_sum = b_sum * b_alpha + gl.sum(b_p, axis=1)
+            b_max = b_max_new
+
+            slot = j % NUM_P
+            mbarrier.wait(p_empty.index(slot), ((j // NUM_P) & 1) ^ 1)
+            p_smem.index(slot).store(b_p.to(p_smem.dtype))
+            alpha_smem.index(slot).store(b_alpha)
+            fence_async_shared()  # P is read by wgmma (async proxy)
+            mbarrier.arrive(p_ready.index(slot), count=1)
+
+        l_smem.store(b_sum)
+        mbarrier.arrive(o_bar, count=1)
+        o_m = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+        p_lse = lse + i_s.to(gl.int64) * stride_ls + i_b.to(gl.int64) * stride_lb
+        gl.store(p_lse + o_m * stride_lm, (b_max + gl.log2(b_sum)) * LN2_C, mask=o_m < HW)
+
+    @gluon.jit
+    def _ws_pv_partition(v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty,
+                         o_bar, o, stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, m0, HW,
+                         n_blocks, HALF: gl.constexpr, CV: gl.constexpr, CV_HALF: gl.constexpr,
+                         BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_P: gl.constexpr,
+                         MMA_N: gl.constexpr):
+        # One warpgroup: acc = acc * alpha + P V over value channels [HALF*CV_HALF, +CV_HALF).
+        CV_BOX: gl.constexpr = v_smem.shape[1]
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, MMA_N, 16])
+        row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_layout: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+        acc = gl.zeros([BLOCK_M, CV_BOX], gl.float32, o_layout)
+        for j in range(n_blocks):
+            stage = j % NUM_STAGES
+            slot = j % NUM_P
+            mbarrier.wait(p_ready.index(slot), (j // NUM_P) & 1)
+            b_alpha = alpha_smem.index(slot).load(row_layout)
+            acc = acc * b_alpha[:, None]
+            mbarrier.wait(v_ready.index(stage), (j // NUM_STAGES) & 1)
+            b_v = v_smem.index(stage * 2 + HALF).permute((1, 0))  # (BLOCK_N, CV_BOX)
+            acc = warpgroup_mma(p_smem.index(slot), b_v, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(p_empty.index(slot), count=1)
+            mbarrier.arrive(v_empty.index(stage), count=1)
+
+        mbarrier.wait(o_bar, 0)
+        b_l = l_smem.load(row_layout)
+        b_o = acc / b_l[:, None]
+        o_m = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+        o_c = gl.arange(0, CV_BOX, layout=col_layout)
+        c = HALF * CV_HALF + o_c
+        mask = (o_m < HW)[:, None] & ((o_c < CV_HALF) & (c < CV))[None, :]
+        p_o = o + i_s.to(gl.int64) * stride_os + i_b.to(gl.int64) * stride_ob
+        gl.store(p_o + c[None, :] * stride_oc + o_m[:, None] * stride_om,
+                 b_o.to(o.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _ws_load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
+                           q_bar, k_ready, k_empty, v_ready, v_empty,
+                           q_row, k_row, v_row, m0, n_lo, n_blocks,
+                           CV_HALF: gl.constexpr, BLOCK_N: gl.constexpr,
+                           NUM_STAGES: gl.constexpr):
+        # One warp: TMA loads into the rings; K runs one block ahead of V.
+        Q_BYTES: gl.constexpr = q_smem.shape[0] * q_smem.shape[1] * 2
+        K_BYTES: gl.constexpr = k_smem.shape[1] * k_smem.shape[2] * 2
+        V_BYTES: gl.constexpr = 2 * v_smem.shape[1] * v_smem.shape[2] * 2
+        mbarrier.expect(q_bar, Q_BYTES)
+        tma.async_copy_global_to_shared(q_desc, [q_row, m0], q_bar, q_smem)
+        for j in range(n_blocks + 1):
+            if j < n_blocks:
+                stage = j % NUM_STAGES
+                mbarrier.wait(k_empty.index(stage), ((j // NUM_STAGES) & 1) ^ 1)
+                mbarrier.expect(k_ready.index(stage), K_BYTES)
+                tma.async_copy_global_to_shared(k_desc, [k_row, n_lo + j * BLOCK_N],
+                                                k_ready.index(stage), k_smem.index(stage))
+            if j > 0:
+                jv = j - 1
+                stage = jv % NUM_STAGES
+                mbarrier.wait(v_empty.index(stage), ((jv // NUM_STAGES) & 1) ^ 1)
+                bar = v_ready.index(stage)
+                mbarrier.expect(bar, V_BYTES)
+                tma.async_copy_global_to_shared(v_desc, [v_row, n_lo + jv * BLOCK_N], bar,
+                                                v_smem.index(stage * 2))
+                tma.async_copy_global_to_shared(v_desc, [v_row + CV_HALF, n_lo + jv * BLOCK_N],
+                                                bar, v_smem.index(stage * 2 + 1))
+
+    @gluon.jit
+    def memory_read_ws_fwd_kernel(
+        q_desc, k_desc, v_desc, o, lse,
+        stride_os, stride_ob, stride_oc, stride_om,
+        stride_ls, stride_lb, stride_lm,
+        HW, N, n_per_split, qk_scale,
+        L2: gl.constexpr, Q_BROADCAST: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+        NUM_P: gl.constexpr, P_LAYOUT: gl.constexpr, PV_REGS: gl.constexpr,
+        LOAD_REGS: gl.constexpr,
+    ):
+        i_m = gl.program_id(0)
+        i_b = gl.program_id(1)
+        i_s = gl.program_id(2)
+        m0 = i_m * BLOCK_M
+        n_lo = i_s * n_per_split
+        n_hi = gl.minimum(n_lo + n_per_split, N)
+        n_blocks = gl.cdiv(n_hi - n_lo, BLOCK_N)
+        CV_HALF: gl.constexpr = (CV + 1) // 2
+        CV_BOX: gl.constexpr = v_desc.block_type.shape[0]
+        # ptxas needs the kernel-wide register target (128 at 512 threads) to fit any single
+        # instruction: an m64n256k16 wgmma with fp32 accumulators needs 154, so the PV product
+        # is issued as n <= 128 instructions (setmaxnreg still gives the partition its budget).
+        MMA_N: gl.constexpr = 128 if CV_BOX > 128 else CV_BOX
+        if Q_BROADCAST:
+            q_row = i_b * 0
+        else:
+            q_row = i_b * CK
+        k_row = i_b * CK
+        v_row = i_b * CV
+
+        dtype: gl.constexpr = k_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [CK, BLOCK_M], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, CK, BLOCK_N], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2 * NUM_STAGES, CV_BOX, BLOCK_N], v_desc.layout)
+        p_smem = gl.allocate_shared_memory(dtype, [NUM_P, BLOCK_M, BLOCK_N], P_LAYOUT)
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        alpha_smem = gl.allocate_shared_memory(gl.float32, [NUM_P, BLOCK_M], vec_layout)
+        l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec_layout)
+
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        o_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        p_ready = gl.allocate_shared_memory(gl.int64, [NUM_P, 1], bar_layout)
+        p_empty = gl.allocate_shared_memory(gl.int64, [NUM_P, 1], bar_layout)
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(o_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        for i in gl.static_range(NUM_P):
+            mbarrier.init(p_ready.index(i), count=1)
+            mbarrier.init(p_empty.index(i), count=2)
+
+        gl.warp_specialize([
+            (_ws_softmax_partition,
+             (q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_empty, p_ready,
+              p_empty, o_bar, lse, stride_ls, stride_lb, stride_lm, i_s, i_b, m0, HW, n_lo, n_hi,
+              n_blocks, qk_scale, L2, BLOCK_M, BLOCK_N, CK, NUM_STAGES, NUM_P)),
+            (_ws_pv_partition,
+             (v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty, o_bar, o,
+              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, m0, HW, n_blocks, 0, CV,
+              CV_HALF, BLOCK_M, NUM_STAGES, NUM_P, MMA_N)),
+            (_ws_pv_partition,
+             (v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty, o_bar, o,
+              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, m0, HW, n_blocks, 1, CV,
+              CV_HALF, BLOCK_M, NUM_STAGES, NUM_P, MMA_N)),
+            (_ws_load_partition,
+             (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+              v_empty, q_row, k_row, v_row, m0, n_lo, n_blocks, CV_HALF, BLOCK_N, NUM_STAGES)),
+        ], [4, 4, 1], [PV_REGS, PV_REGS, LOAD_REGS])
+
+
+# --------------------------------------------------------------------------- host side
+
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SIGNATURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _gl_dtype(dtype):
+    return getattr(gl, _GL_DTYPES[dtype])
+
+
+def _layouts(dtype, Ck, Cv, config):
+    """Shared-memory layouts of the TMA boxes and the P tile (NVMMA swizzles)."""
+    _, box = _shapes(Ck, Cv)
+    element = _gl_dtype(dtype)
+    m, n = config.block_m, config.block_n
+    return dict(q=([Ck, m], gl.NVMMASharedLayout.get_default_for([Ck, m], element)),
+                k=([Ck, n], gl.NVMMASharedLayout.get_default_for([Ck, n], element)),
+                v=([box, n], gl.NVMMASharedLayout.get_default_for([box, n], element)),
+                p=([m, n], gl.NVMMASharedLayout.get_default_for([m, n], element)))
+
+
+def _tma_strides_ok(t):
+    """Innermost stride 1, other strides (of dims longer than 1) 16-byte aligned, base aligned."""
+    size = t.element_size()
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return False
+    if t.data_ptr() % 16:
+        return False
+    return all((stride * size) % 16 == 0 for dim, stride in zip(t.shape[:-1], t.stride()[:-1])
+               if dim > 1)
+
+
+def unsupported_reason(q, k, v, config=None):
+    """None when ws_forward can run on these (q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N));
+    otherwise a short reason (the caller then uses the plain Triton kernel)."""
+    if not AVAILABLE:
+        return UNAVAILABLE_REASON
+    config = config or WarpSpecializedConfig()
+    if any(t.device.type != "cuda" for t in (q, k, v)):
+        return "needs CUDA tensors"
+    if k.dtype not in _GL_DTYPES or q.dtype != k.dtype or v.dtype != k.dtype:
+        return f"needs q, k, v all bf16 or all fp16 (got {q.dtype}, {k.dtype}, {v.dtype})"
+    if torch.cuda.get_device_capability(k.device) != (9, 0):
+        return "needs an sm_90 (Hopper) GPU: wgmma, TMA and setmaxnreg as compiled here"
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        return "needs (B, C, L) tensors"
+    B, Ck, N = k.shape
+    Cv = v.shape[1]
+    if v.shape[0] != B or v.shape[2] != N or q.shape[1] != Ck or q.shape[0] not in (1, B):
+        return "inconsistent shapes"
+    if Ck < 16 or Ck > 256 or Ck & (Ck - 1):
+        return f"Ck must be a power of two in [16, 256] (got {Ck})"
+    if Cv < 16 or Cv > 512:
+        return f"Cv must be in [16, 512] (got {Cv})"
+    if q.shape[2] == 0 or N == 0 or B == 0:
+        return "empty tensor"
+    for name, t in (("k", k), ("v", v)):
+        if not _tma_strides_ok(t):
+            return (f"{name} is not TMA-addressable: needs position stride 1, other strides and "
+                    f"the base 16-byte aligned (N % 8 == 0 when contiguous); got strides "
+                    f"{tuple(t.stride())}")
+    if max(k.shape[1], v.shape[1]) * max(k.stride(1), v.stride(1)) >= 2**31:
+        return "a channel plane of k or v spans >= 2**31 elements"
+    if q.shape[2] * max(abs(s) for s in q.stride()) >= 2**31:
+        return "q too large"
+    reason = _config_reason(config)
+    if reason is not None:
+        return reason
+    smem = shared_memory_bytes(Ck, Cv, k.element_size(), config)
+    if smem + 1024 > H100_SHARED_MEMORY:  # + barriers, scheduling state, l2 scratch
+        return f"needs ~{smem} bytes of shared memory (> 227 KiB) at this config"
+    return None
+
+
+def _config_reason(config):
+    if config.block_m != 64:
+        return "block_m must be 64 (one wgmma M tile per 4-warp partition)"
+    if config.block_n not in (16, 32, 64, 128):
+        return "block_n must be 16, 32, 64 or 128"
+    if config.num_stages < 1 or config.num_p < 1:
+        return "num_stages and num_p must be >= 1"
+    if config.load_regs < 24 or config.pv_regs > 256 or config.pv_regs % 8 or config.load_regs % 8:
+        return "register budgets must be multiples of 8 in [24, 256]"
+    return None
+
+
+def _rows_2d(t):
+    """t (B, C, L) as a 2-D (B*C, L) strided view when the object dimension folds into the rows
+    (one TMA descriptor for all objects), else None."""
+    B, C, L = t.shape
+    if B == 1 or t.stride(0) == C * t.stride(1):
+        return t.as_strided((B * C, L), (t.stride(1), 1))
+    return None
+
+
+def _aligned_query(q):
+    """q (Bq, Ck, HW) with 16-byte aligned rows and a foldable object dimension (a padded copy
+    otherwise; q is query-sized)."""
+    if _tma_strides_ok(q) and _rows_2d(q) is not None:
+        return q
+    Bq, Ck, HW = q.shape
+    width = _cdiv(HW, 8) * 8
+    padded = torch.empty((Bq, Ck, width), dtype=q.dtype, device=q.device)[:, :, :HW]
+    padded.copy_(q)
+    return padded
+
+
+def _descriptor(t2, block_shape, layout):
+    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), list(block_shape), layout)
+
+
+def ws_forward(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None):
+    """Run the warp-specialised forward: grid (cdiv(HW, block_m), B, splits), splits =
+    part_out.shape[0]. part_out (splits, B, Cv, HW) and part_lse (splits, B, HW) as
+    memory_read_fwd_kernel writes them (out in v's dtype and lse when splits == 1, fp32 partials
+    otherwise). per_split: memory positions per split; qk_scale = scale * log2(e)."""
+    reason = unsupported_reason(q, k, v, config)
+    if reason is not None:
+        raise ValueError(f"warp-specialised forward unsupported: {reason}")
+    config = config or WarpSpecializedConfig()
+    B, Ck, N = k.shape
+    Cv, HW = v.shape[1], q.shape[2]
+    splits = part_out.shape[0]
+    if tuple(part_out.shape) != (splits, B, Cv, HW) or tuple(part_lse.shape) != (splits, B, HW):
+        raise ValueError(f"part_out {tuple(part_out.shape)} / part_lse {tuple(part_lse.shape)} "
+                         f"do not match (splits, B, Cv, HW) = ({splits}, {B}, {Cv}, {HW})")
+    if splits * per_split < N or (splits - 1) * per_split >= N:
+        raise ValueError(f"{splits} splits of {per_split} positions do not cover N = {N} exactly")
+    broadcast = q.shape[0] == 1 or q.stride(0) == 0
+    q = _aligned_query(q[:1] if broadcast else q)
+    layouts = _layouts(k.dtype, Ck, Cv, config)
+    grid_m = _cdiv(HW, config.block_m)
+    constexprs = dict(L2=bool(l2), CK=Ck, CV=Cv, BLOCK_M=config.block_m,
+                      BLOCK_N=config.block_n, NUM_STAGES=config.num_stages, NUM_P=config.num_p,
+                      P_LAYOUT=layouts["p"][1], PV_REGS=config.pv_regs,
+                      LOAD_REGS=config.load_regs)
+    k2, v2 = _rows_2d(k), _rows_2d(v)
+    if k2 is not None and v2 is not None:
+        launches = [(slice(None), _rows_2d(q), k2, v2, B, broadcast)]
+    else:  # object strides that do not fold into TMA rows: one launch per object
+        launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], 1, True)
+                    for b in range(B)]
+    device = torch.cuda.device(k.device) if k.device.type == "cuda" else contextlib.nullcontext()
+    with device:
+        for objects, q2, k2, v2, grid_b, q_broadcast in launches:
+            out, lse = part_out[:, objects], part_lse[:, objects]
+            memory_read_ws_fwd_kernel[(grid_m, grid_b, splits)](
+                q_desc=_descriptor(q2, *layouts["q"]), k_desc=_descriptor(k2, *layouts["k"]),
+                v_desc=_descriptor(v2, *layouts["v"]), o=out, lse=lse,
+                stride_os=out.stride(0), stride_ob=out.stride(1), stride_oc=out.stride(2),
+                stride_om=out.stride(3), stride_ls=lse.stride(0), stride_lb=lse.stride(1),
+                stride_lm=lse.stride(2), HW=HW, N=N, n_per_split=per_split,
+                qk_scale=float(qk_scale), Q_BROADCAST=q_broadcast, num_warps=4, **constexprs)
+    return part_out, part_lse
+
+
+def default_splits(HW, N, B, config=None, sm_count=132):
+    """(splits, per_split) the way triton_forward picks them (enough programs for the SMs)."""
+    config = config or WarpSpecializedConfig()
+    n_blocks = _cdiv(N, config.block_n)
+    splits = sm_count // max(_cdiv(HW, config.block_m) * B, 1)
+    splits = max(1, min(splits, n_blocks // 4, n_blocks))
+    per_split = _cdiv(n_blocks, splits) * config.block_n
+    return _cdiv(N, per_split), per_split
+
+
+def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N=162000,
+                     Ck=128, Cv=512, B=1, splits=None):
+    """Compile the kernel ahead of time, without a GPU, for GPUTarget("cuda", arch, 32), as a
+    launch on contiguous tensors of these sizes would (broadcast query, fp32 partial outputs
+    when splits > 1, integer arguments specialised like the JIT: 1 -> constant, multiples of 16
+    -> divisibility 16). Returns the compiled kernel (.asm["ptx"], .asm["ttgir"],
+    .metadata.shared)."""
+    if not AVAILABLE:
+        raise RuntimeError(UNAVAILABLE_REASON)
+    from triton.backends.compiler import GPUTarget
+
+    config = config or WarpSpecializedConfig()
+    torch_dtype = _SIGNATURE_DTYPES[dtype]
+    if splits is None:
+        splits, per_split = default_splits(HW, N, B, config)
+    else:
+        per_split = _cdiv(_cdiv(N, config.block_n), splits) * config.block_n
+    layouts = _layouts(torch_dtype, Ck, Cv, config)
+
+    def descriptor(key):
+        shape, layout = layouts[key]
+        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
+
+    out_type = f"*{dtype}" if splits == 1 else "*fp32"
+    values = dict(stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
+                  stride_ls=B * HW, stride_lb=HW, stride_lm=1, HW=HW, N=N, n_per_split=per_split)
+    kernel = memory_read_ws_fwd_kernel
+    constexprs = dict(L2=bool(l2), Q_BROADCAST=True, CK=Ck, CV=Cv, BLOCK_M=config.block_m,
+                      BLOCK_N=config.block_n, NUM_STAGES=config.num_stages, NUM_P=config.num_p,
+                      P_LAYOUT=layouts["p"][1], PV_REGS=config.pv_regs,
+                      LOAD_REGS=config.load_regs)
+    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
+                 o=out_type, lse="*fp32", qk_scale="fp32")
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+            if types[name].startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif values[name] == 1:
+            constexprs[name] = 1
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))

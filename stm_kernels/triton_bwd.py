@@ -1,0 +1,256 @@
+"""Backward kernels of the fused memory read.
+
+Both kernels own a block of memory positions and loop over all queries, recomputing the
+probabilities from the saved log-sum-exp; tiles are transposed (memory positions as rows):
+
+    memory_read_bwd_kernel_dv    dV = P^T dO, one program per (memory block, object x value
+                                 chunk); S^T = K Q is recomputed per value chunk.
+    memory_read_bwd_kernel_dkdq  dP^T = V dO^T over all value channels, dS^T = P^T (dP^T - delta),
+                                 dK = dS^T Q^T, and dQ^T = K^T dS^T added into an fp32 buffer
+                                 with atomics (as FlashAttention-2/3 do), so no pass over the
+                                 queries recomputes S and dP a second time.
+
+Layout as in triton_fwd; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
+natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
+similarity's factor). dQ sums in a run-dependent order (atomics): not bitwise reproducible.
+"""
+import triton
+import triton.language as tl
+
+from .triton_common import LOG2E_C, aligned_stride, dot, tile_offsets
+
+
+@triton.jit
+def _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_m, qk_scale, L2: tl.constexpr,
+                     MASK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # P^T [BLOCK_N, BLOCK_M] from K [BLOCK_N, BLOCK_CK], Q [BLOCK_CK, BLOCK_M], base-2 lse.
+    b_st = dot(b_k, b_q, PRECISION, UPCAST)
+    if L2:
+        b_st = 2.0 * b_st - b_ksq[:, None]
+    b_pt = tl.exp2(b_st * qk_scale - b_lse2[None, :])
+    if MASK_M:
+        b_pt = tl.where(m_m[None, :], b_pt, 0.0)
+    return b_pt
+
+
+@triton.jit
+def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan, m_m,
+             stride_lm, qk_scale, L2: tl.constexpr, MASK_M: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # One query block's contribution to this memory block's dV chunk. Only the last query
+    # block is masked along HW (see triton_fwd._scores).
+    if MASK_M:
+        b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
+        b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
+        b_do = tl.load(p_do + o_do, mask=m_do_chan & m_m[None, :], other=0.0)  # [BLOCK_V, BLOCK_M]
+    else:
+        b_q = tl.load(p_q + o_q, mask=m_q_chan, other=0.0)
+        b_lse2 = tl.load(p_lse + o_m * stride_lm) * LOG2E_C
+        b_do = tl.load(p_do + o_do, mask=m_do_chan, other=0.0)
+    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_m, qk_scale, L2, MASK_M, PRECISION, UPCAST)
+    return b_dv + dot(b_pt.to(b_do.dtype), tl.trans(b_do), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
+
+
+@triton.jit
+def memory_read_bwd_kernel_dv(
+    q, k, do, lse, dv,
+    stride_qb, stride_qc, stride_qm,
+    stride_kb, stride_kc, stride_kn,
+    stride_dob, stride_doc, stride_dom,
+    stride_lb, stride_lm,
+    stride_dvb, stride_dvc, stride_dvn,
+    HW, N, CK, CV, qk_scale,
+    L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    I64: tl.constexpr, ALIGN_K: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bv = tl.program_id(1)
+    i_b = (i_bv // NUM_V).to(tl.int64)
+    i_v = i_bv % NUM_V
+
+    o_n = tl.arange(0, BLOCK_N)
+    o_c = tl.arange(0, BLOCK_CK)
+    o_v = tl.arange(0, BLOCK_V)
+    o_m = tl.arange(0, BLOCK_M)
+    first_n = (i_n * BLOCK_N).to(tl.int64)
+    first_v = (i_v * BLOCK_V).to(tl.int64)
+    m_n = (i_n * BLOCK_N + o_n) < N
+    m_c = o_c < CK
+    m_v = (i_v * BLOCK_V + o_v) < CV
+    stride_kc = aligned_stride(stride_kc, ALIGN_K)
+
+    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + first_n * stride_kn
+    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
+                  mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_CK]
+    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if L2:
+        b_kf = b_k.to(tl.float32)
+        b_ksq = tl.sum(b_kf * b_kf, 1)
+
+    p_q = q + i_b * stride_qb
+    p_do = do + i_b * stride_dob + first_v * stride_doc
+    p_lse = lse + i_b * stride_lb
+    o_q = tile_offsets(o_c, o_m, stride_qc, stride_qm, I64)  # [BLOCK_CK, BLOCK_M]
+    o_do = tile_offsets(o_v, o_m, stride_doc, stride_dom, I64)  # [BLOCK_V, BLOCK_M]
+    m_q_chan = m_c[:, None]
+    m_do_chan = m_v[:, None]
+
+    b_dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    full_m_end = HW // BLOCK_M * BLOCK_M
+    for _ in range(0, full_m_end, BLOCK_M):
+        b_dv = _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan,
+                        o_m, stride_lm, qk_scale, L2, False, PRECISION, UPCAST)
+        p_q += BLOCK_M * stride_qm
+        p_do += BLOCK_M * stride_dom
+        p_lse += BLOCK_M * stride_lm
+    if full_m_end < HW:
+        m_m = (full_m_end + o_m) < HW
+        b_dv = _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan,
+                        m_m, stride_lm, qk_scale, L2, True, PRECISION, UPCAST)
+
+    p_dv = dv + i_b * stride_dvb + first_n * stride_dvn + first_v * stride_dvc
+    tl.store(p_dv + tile_offsets(o_n, o_v, stride_dvn, stride_dvc, I64),
+             b_dv.to(p_dv.dtype.element_ty), mask=m_n[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV,
+          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CV: tl.constexpr,
+          NUM_CV: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
+          UPCAST: tl.constexpr):
+    # dP^T = V dO^T [BLOCK_N, BLOCK_M], reduced over all value channels: from the V block the
+    # program holds (NUM_CV == 1), or streaming V and dO in NUM_CV chunks of BLOCK_CV channels
+    # (when a whole V block does not fit in shared memory, e.g. in fp32).
+    if NUM_CV == 1:
+        m_do = (o_cv < CV)[:, None]
+        if MASK_M:
+            m_do = m_do & m_m[None, :]
+        b_do = tl.load(p_do + o_do, mask=m_do, other=0.0)  # [BLOCK_CV, BLOCK_M]
+        return dot(b_v, b_do, PRECISION, UPCAST)
+    b_dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for i_c in range(NUM_CV):  # a loop, not unrolled: the pipeliner streams its loads
+        m_chan = (i_c * BLOCK_CV + o_cv) < CV
+        m_do = m_chan[:, None]
+        if MASK_M:
+            m_do = m_do & m_m[None, :]
+        b_vc = tl.load(p_v + o_vt, mask=m_n[:, None] & m_chan[None, :], other=0.0)  # [BLOCK_N, BLOCK_CV]
+        b_doc = tl.load(p_do + o_do, mask=m_do, other=0.0)  # [BLOCK_CV, BLOCK_M]
+        b_dpt += dot(b_vc, b_doc, PRECISION, UPCAST)
+        p_v += stride_vc.to(tl.int64) * BLOCK_CV
+        p_do += stride_doc.to(tl.int64) * BLOCK_CV
+    return b_dpt
+
+
+@triton.jit
+def _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq, o_q, o_vt,
+               o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm, stride_vc, stride_doc, CV,
+               qk_scale, L2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, MASK_M: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # One query block: dK of this memory block accumulates, dQ of the query block is added.
+    if MASK_M:
+        b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
+        b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
+        b_delta = tl.load(p_delta + o_m * stride_lm, mask=m_m, other=0.0)
+    else:
+        b_q = tl.load(p_q + o_q, mask=m_q_chan, other=0.0)
+        b_lse2 = tl.load(p_lse + o_m * stride_lm) * LOG2E_C
+        b_delta = tl.load(p_delta + o_m * stride_lm)
+    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_m, qk_scale, L2, MASK_M, PRECISION, UPCAST)
+    b_dpt = _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV, BLOCK_N,
+                  BLOCK_M, BLOCK_CV, NUM_CV, MASK_M, PRECISION, UPCAST)
+    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)  # [BLOCK_N, BLOCK_M]
+    b_dk += dot(b_dst, tl.trans(b_q), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_CK]
+    if L2:
+        b_dsum += tl.sum(b_dst.to(tl.float32), 1)
+    b_dqt = dot(tl.trans(b_k), b_dst, PRECISION, UPCAST)  # [BLOCK_CK, BLOCK_M]
+    if MASK_M:
+        tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan & m_m[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan, sem="relaxed")
+    return b_dk, b_dsum
+
+
+@triton.jit
+def memory_read_bwd_kernel_dkdq(
+    q, k, v, do, lse, delta, dk, dq,
+    stride_qb, stride_qc, stride_qm,
+    stride_kb, stride_kc, stride_kn,
+    stride_vb, stride_vc, stride_vn,
+    stride_dob, stride_doc, stride_dom,
+    stride_lb, stride_lm,
+    stride_dkb, stride_dkc, stride_dkn,
+    stride_dqb,
+    HW, N, CK, CV, scale, qk_scale,
+    L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
+    BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+):
+    # One program per (memory block, object). dq shares q's channel and position strides
+    # (the launcher allocates it so); stride_dqb is 0 for a broadcast query, so every object
+    # adds into the one query's gradient. NUM_CV == 1: the program holds its whole V block.
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+
+    o_n = tl.arange(0, BLOCK_N)
+    o_c = tl.arange(0, BLOCK_CK)
+    o_cv = tl.arange(0, BLOCK_CV)
+    o_m = tl.arange(0, BLOCK_M)
+    first_n = (i_n * BLOCK_N).to(tl.int64)
+    m_n = (i_n * BLOCK_N + o_n) < N
+    m_c = o_c < CK
+    stride_kc = aligned_stride(stride_kc, ALIGN_K)
+    stride_vc = aligned_stride(stride_vc, ALIGN_V)
+
+    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + first_n * stride_kn
+    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
+                  mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_CK]
+    p_v = v + aligned_stride(i_b * stride_vb, ALIGN_V) + first_n * stride_vn
+    o_vt = tile_offsets(o_n, o_cv, stride_vn, stride_vc, I64)  # [BLOCK_N, BLOCK_CV]
+    b_v = tl.zeros([BLOCK_N, BLOCK_CV], dtype=v.dtype.element_ty)
+    if NUM_CV == 1:
+        b_v = tl.load(p_v + o_vt, mask=m_n[:, None] & (o_cv < CV)[None, :], other=0.0)
+    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if L2:
+        b_kf = b_k.to(tl.float32)
+        b_ksq = tl.sum(b_kf * b_kf, 1)
+
+    p_q = q + i_b * stride_qb
+    p_dq = dq + i_b * stride_dqb
+    p_do = do + i_b * stride_dob
+    p_lse = lse + i_b * stride_lb
+    p_delta = delta + i_b * stride_lb
+    o_q = tile_offsets(o_c, o_m, stride_qc, stride_qm, I64)  # [BLOCK_CK, BLOCK_M]
+    o_do = tile_offsets(o_cv, o_m, stride_doc, stride_dom, I64)  # [BLOCK_CV, BLOCK_M]
+    m_q_chan = m_c[:, None]
+
+    b_dk = tl.zeros([BLOCK_N, BLOCK_CK], dtype=tl.float32)
+    b_dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    full_m_end = HW // BLOCK_M * BLOCK_M
+    for _ in range(0, full_m_end, BLOCK_M):
+        b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
+                                  p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, o_m, stride_lm,
+                                  stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
+                                  BLOCK_CV, NUM_CV, False, PRECISION, UPCAST)
+        p_q += BLOCK_M * stride_qm
+        p_dq += BLOCK_M * stride_qm
+        p_do += BLOCK_M * stride_dom
+        p_lse += BLOCK_M * stride_lm
+        p_delta += BLOCK_M * stride_lm
+    if full_m_end < HW:
+        m_m = (full_m_end + o_m) < HW
+        b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
+                                  p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm,
+                                  stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
+                                  BLOCK_CV, NUM_CV, True, PRECISION, UPCAST)
+
+    if L2:  # d/dk of 2 q.k - |k|^2; k is loaded again rather than kept in fp32 registers
+        b_kf = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
+                       mask=m_n[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        b_dk = scale * (2.0 * b_dk - 2.0 * b_kf * b_dsum[:, None])
+    else:
+        b_dk = scale * b_dk
+    p_dk = dk + i_b * stride_dkb + first_n * stride_dkn
+    tl.store(p_dk + tile_offsets(o_n, o_c, stride_dkn, stride_dkc, I64),
+             b_dk.to(p_dk.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])

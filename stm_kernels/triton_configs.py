@@ -1,0 +1,147 @@
+"""Tilings of the Triton kernels: one small config class per kernel, the candidate tables the
+launchers try in order, and a context manager that forces a config (tests, tuning).
+
+Every GPU default is justified by the static work report (`python -m bench.kernel_resources`,
+compiled for sm_90 at the target shape B=1, HW=1,620, N=162,000, Ck=128, Cv=512; README
+"Static work report") and stays until `python -m bench.tune` on an H100 says otherwise. All
+defaults compile without register spills, within 227 KiB of shared memory, and no warpgroup
+repeats another's dot:
+
+    forward  128 query rows for 8 warps: 16 rows per warp, so no warpgroup repeats the QK
+             product or the softmax (64 rows left both warpgroups computing the same scores);
+             the 512 value channels split over 2 programs of 256 (an fp32 accumulator of
+             128 x 512 cannot live in registers), which repeats only QK: 768 executed MACs per
+             (query, memory) pair for 640 useful, the issue's 1.2 bound. bf16 takes 64-key
+             blocks with 3 stages (255 registers, 176 KiB); fp32 (TF32) operands are twice the
+             bytes, so 32-key blocks (208 KiB).
+    dV       128 memory rows for 8 warps, 32 queries per step, 256 value channels per program
+             (128 in fp32): S recomputed per chunk, dV exact: 768 MACs per pair (1,024 fp32).
+    dK + dQ  128 memory rows for 8 warps; S, dP over all 512 value channels (the reduction
+             dimension), dK, and dQ added with fp32 atomics: 896 MACs per pair. In bf16 the
+             program holds its V block in shared memory (128 KiB; 16 queries per step keep
+             the total at 208 KiB); an fp32 V block (256 KiB) cannot fit, so fp32 streams V and
+             dO through the dP reduction 64 channels at a time (V re-read from L2 per step; one
+             stage: two spill with the L2 similarity).
+             Forward + backward: 2,432 executed MACs per pair in bf16 for the 2,240 counted
+             (1.09x); 2,688 in fp32 (1.2x).
+
+Overlapping the softmax with the matrix products is out of reach of plain Triton on sm_90:
+issuing block j+1's QK product before block j's softmax by hand compiles to the same
+schedule (Triton 3.8 waits for a non-accumulator wgmma right after issuing it, before the
+exponentials). The warp-specialised Gluon forward (memory_read_gluon) is the way there.
+"""
+import dataclasses
+import os
+
+# Triton decides at decoration time whether kernels are interpreted, so this is read once.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+    """Tiling of `memory_read_fwd_kernel`.
+
+    block_v=None keeps all value channels in one program; a smaller block_v splits them over
+    programs (recomputing q.k per chunk). splits=None picks the number of memory splits from
+    the device's multiprocessor count."""
+    block_m: int = 64
+    block_n: int = 64
+    block_v: int | None = None
+    num_warps: int = 8
+    num_stages: int = 2
+    splits: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DvConfig:
+    """Tiling of `memory_read_bwd_kernel_dv`: block_n memory rows per program, looping over
+    the queries block_m at a time; block_v value channels per program (None: all)."""
+    block_n: int = 64
+    block_m: int = 64
+    block_v: int | None = None
+    num_warps: int = 8
+    num_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DkdqConfig:
+    """Tiling of `memory_read_bwd_kernel_dkdq`: block_n memory rows per program, looping over
+    the queries block_m at a time. dP is reduced over all value channels: block_cv=None holds
+    the program's whole V block; a smaller block_cv streams V and dO in chunks of that many
+    channels per query block (for V blocks too large for shared memory, as in fp32)."""
+    block_n: int = 64
+    block_m: int = 64
+    num_warps: int = 8
+    num_stages: int = 1
+    block_cv: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+    """The two backward kernels' tilings."""
+    dv: DvConfig = DvConfig()
+    dkdq: DkdqConfig = DkdqConfig()
+
+
+# Candidates in order of preference, per element size (2: fp16/bf16; 4: fp32, TF32 or exact);
+# a candidate that does not fit the device's shared memory or registers (OutOfResources at
+# compile time) falls through to the next one.
+GPU_FORWARD = {
+    2: (ForwardConfig(block_m=128, block_n=64, block_v=256, num_warps=8, num_stages=3),
+        ForwardConfig(block_m=128, block_n=32, block_v=256, num_warps=8, num_stages=2),
+        ForwardConfig(block_m=64, block_n=32, block_v=256, num_warps=4, num_stages=2)),
+    4: (ForwardConfig(block_m=128, block_n=32, block_v=256, num_warps=8, num_stages=3),
+        ForwardConfig(block_m=128, block_n=32, block_v=128, num_warps=8, num_stages=2),
+        ForwardConfig(block_m=64, block_n=32, block_v=128, num_warps=4, num_stages=1)),
+}
+GPU_BACKWARD = {
+    2: (BackwardConfig(DvConfig(block_n=128, block_m=32, block_v=256, num_warps=8, num_stages=2),
+                       DkdqConfig(block_n=128, block_m=16, num_warps=8, num_stages=2)),
+        BackwardConfig(DvConfig(block_n=64, block_m=32, block_v=256, num_warps=4, num_stages=1),
+                       DkdqConfig(block_n=64, block_m=16, num_warps=4, num_stages=2,
+                                  block_cv=128))),
+    4: (BackwardConfig(DvConfig(block_n=128, block_m=32, block_v=128, num_warps=8, num_stages=2),
+                       DkdqConfig(block_n=128, block_m=16, num_warps=8, num_stages=1,
+                                  block_cv=64)),
+        BackwardConfig(DvConfig(block_n=64, block_m=32, block_v=128, num_warps=4, num_stages=1),
+                       DkdqConfig(block_n=64, block_m=16, num_warps=4, num_stages=2,
+                                  block_cv=64))),
+}
+# The interpreter runs one Python step per tile operation: large tiles are fastest there.
+INTERPRETER_FORWARD = (ForwardConfig(block_m=32, block_n=32, num_warps=4, num_stages=1),)
+INTERPRETER_BACKWARD = (BackwardConfig(DvConfig(block_n=32, block_m=32, num_warps=4),
+                                       DkdqConfig(block_n=32, block_m=32, num_warps=4)),)
+
+_override = {"forward": None, "backward": None}
+
+
+class use_configs:
+    """Context manager forcing kernel configs (for tests and tuning): `with use_configs(
+    forward=ForwardConfig(...), backward=BackwardConfig(...)): ...`."""
+
+    def __init__(self, forward=None, backward=None):
+        self.configs = {"forward": forward, "backward": backward}
+
+    def __enter__(self):
+        self.previous = dict(_override)
+        _override.update({key: value for key, value in self.configs.items() if value is not None})
+        return self
+
+    def __exit__(self, *exc):
+        _override.clear()
+        _override.update(self.previous)
+
+
+def candidates(kind, itemsize):
+    """The configs to try, in order, for kind 'forward' or 'backward' and an element size."""
+    if _override[kind] is not None:
+        return (_override[kind],)
+    if INTERPRETING:
+        return INTERPRETER_FORWARD if kind == "forward" else INTERPRETER_BACKWARD
+    table = GPU_FORWARD if kind == "forward" else GPU_BACKWARD
+    return table[min(itemsize, 4)]
+
+
+def defaults(itemsize):
+    """(forward, backward) configs a GPU launch tries first for this element size."""
+    return GPU_FORWARD[min(itemsize, 4)][0], GPU_BACKWARD[min(itemsize, 4)][0]

@@ -1,0 +1,177 @@
+"""Forward kernels of the fused memory read: the online-softmax read and the split merge.
+
+Layout (channel-first, as STM stores it; any strides):
+    q   (Bq, Ck, HW)   query key, Bq = B or 1 (stride 0 broadcasts it over objects)
+    k   (B,  Ck, N)    memory key
+    ksq (B, N)         |k|^2 in float32 (similarity "l2" only)
+    v   (B,  Cv, N)    memory value
+    o   (S, B, Cv, HW) read-out of each memory split s (the final output when S = 1)
+    lse (S, B, HW)     natural-log log-sum-exp of the scores, float32
+
+Scores are kept in base 2 inside the kernels (scale folded with log2(e)); lse is stored in
+natural log. Offsets that can pass 2**31 (object, channel and position strides) are int64.
+"""
+import triton
+import triton.language as tl
+
+from .triton_common import LN2_C, LOG2E_C, aligned_stride, dot, tile_offsets
+
+
+@triton.jit
+def _scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
+            BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+            UPCAST: tl.constexpr):
+    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block. Only the last block of a split is
+    # masked along N: a mask whose bound is not a multiple of 16 would stop vectorised
+    # (cp.async) loads in every block.
+    if MASK_N:
+        b_k = tl.load(p_k + o_k, mask=m_k_chan & m_n[None, :], other=0.0)  # [BLOCK_CK, BLOCK_N]
+    else:
+        b_k = tl.load(p_k + o_k, mask=m_k_chan, other=0.0)
+    b_s = dot(b_q, b_k, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
+    if L2:  # |k|^2 comes from the host: a reduction over channels here costs block barriers
+        if MASK_N:
+            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
+        else:
+            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N))
+        b_s = 2.0 * b_s - b_ksq[None, :]
+    b_s = b_s * qk_scale
+    if MASK_N:
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
+def _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_v, m_v_chan, m_n,
+                        MASK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # One online-softmax step: rescale the running sum and accumulator, add this block.
+    b_max_new = tl.maximum(b_max, tl.max(b_s, 1))  # [BLOCK_M]
+    b_alpha = tl.exp2(b_max - b_max_new)
+    b_p = tl.exp2(b_s - b_max_new[:, None])  # [BLOCK_M, BLOCK_N]
+    b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
+    if MASK_N:
+        b_v = tl.load(p_v + o_v, mask=m_n[:, None] & m_v_chan, other=0.0)  # [BLOCK_N, BLOCK_V]
+    else:
+        b_v = tl.load(p_v + o_v, mask=m_v_chan, other=0.0)
+    b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, PRECISION, UPCAST)
+    return b_max_new, b_sum, b_acc
+
+
+@triton.jit
+def memory_read_fwd_kernel(
+    q, k, ksq, v, o, lse,
+    stride_qb, stride_qc, stride_qm,
+    stride_kb, stride_kc, stride_kn, stride_sqb,
+    stride_vb, stride_vc, stride_vn,
+    stride_os, stride_ob, stride_oc, stride_om,
+    stride_ls, stride_lb, stride_lm,
+    HW, N, CK, CV, n_per_split, qk_scale,
+    L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_V: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
+    ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+):
+    # One program per (query block, object x value chunk, memory split).
+    i_m = tl.program_id(0)
+    i_bv = tl.program_id(1)
+    i_s = tl.program_id(2)
+    i_b = (i_bv // NUM_V).to(tl.int64)
+    i_v = i_bv % NUM_V
+    stride_kc = aligned_stride(stride_kc, ALIGN_K)
+    stride_vc = aligned_stride(stride_vc, ALIGN_V)
+
+    o_m = tl.arange(0, BLOCK_M)
+    o_c = tl.arange(0, BLOCK_CK)
+    o_v = tl.arange(0, BLOCK_V)
+    o_n = tl.arange(0, BLOCK_N)
+    first_m = (i_m * BLOCK_M).to(tl.int64)
+    first_v = (i_v * BLOCK_V).to(tl.int64)
+    m_m = (i_m * BLOCK_M + o_m) < HW
+    m_c = o_c < CK
+    m_v = (i_v * BLOCK_V + o_v) < CV
+
+    p_q = q + i_b * stride_qb + first_m * stride_qm
+    b_q = tl.load(p_q + tile_offsets(o_m, o_c, stride_qm, stride_qc, I64),
+                  mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BLOCK_M, BLOCK_CK]
+
+    n_lo = i_s * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    n_full_end = n_lo + (n_hi - n_lo) // BLOCK_N * BLOCK_N
+    # Scalar int64 pointers advance through memory; the in-tile offsets stay loop-invariant.
+    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
+    p_v = (v + aligned_stride(i_b * stride_vb, ALIGN_V) + n_lo.to(tl.int64) * stride_vn
+           + first_v * stride_vc)
+    p_ksq = ksq + i_b * stride_sqb + n_lo  # |k|^2 (B, N) float32, for L2 only
+    o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
+    o_vt = tile_offsets(o_n, o_v, stride_vn, stride_vc, I64)  # [BLOCK_N, BLOCK_V]
+    m_k_chan = m_c[:, None]
+    m_v_chan = m_v[None, :]
+
+    b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for _ in range(n_lo, n_full_end, BLOCK_N):
+        b_s = _scores(b_q, p_k, p_ksq, o_k, m_k_chan, o_n, qk_scale, L2, BLOCK_N, False,
+                      PRECISION, UPCAST)
+        b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
+                                                  o_n, False, PRECISION, UPCAST)
+        p_k += BLOCK_N * stride_kn
+        p_ksq += BLOCK_N
+        p_v += BLOCK_N * stride_vn
+    if n_full_end < n_hi:
+        m_n = (n_full_end + o_n) < n_hi
+        b_s = _scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, BLOCK_N, True,
+                      PRECISION, UPCAST)
+        b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
+                                                  m_n, True, PRECISION, UPCAST)
+
+    b_o = b_acc / b_sum[:, None]  # [BLOCK_M, BLOCK_V]
+    p_o = o + i_s.to(tl.int64) * stride_os + i_b * stride_ob + first_m * stride_om + first_v * stride_oc
+    tl.store(p_o + tile_offsets(o_m, o_v, stride_om, stride_oc, I64), b_o.to(p_o.dtype.element_ty),
+             mask=m_m[:, None] & m_v[None, :])
+    if i_v == 0:
+        p_lse = lse + i_s.to(tl.int64) * stride_ls + i_b * stride_lb + first_m * stride_lm
+        tl.store(p_lse + o_m * stride_lm, (b_max + tl.log2(b_sum)) * LN2_C, mask=m_m)
+
+
+@triton.jit
+def memory_read_merge_kernel(
+    po, plse, o, lse,
+    stride_pos, stride_pob, stride_poc, stride_pom,
+    stride_pls, stride_plb, stride_plm,
+    stride_ob, stride_oc, stride_om,
+    stride_lb, stride_lm,
+    HW, CV, SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, I64: tl.constexpr,
+):
+    # Merges the memory splits' partial reads by their log-sum-exp (flash-decoding).
+    i_m = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_m = tl.arange(0, BLOCK_M)
+    o_v = tl.arange(0, BLOCK_V)
+    first_m = (i_m * BLOCK_M).to(tl.int64)
+    first_v = (i_v * BLOCK_V).to(tl.int64)
+    m_m = (i_m * BLOCK_M + o_m) < HW
+    m_vm = ((i_v * BLOCK_V + o_v) < CV)[:, None] & m_m[None, :]  # [BLOCK_V, BLOCK_M]
+
+    p_plse = plse + i_b * stride_plb + first_m * stride_plm + o_m * stride_plm
+    p_po = po + i_b * stride_pob + first_m * stride_pom + first_v * stride_poc
+    o_po = tile_offsets(o_v, o_m, stride_poc, stride_pom, I64)  # [BLOCK_V, BLOCK_M]
+    b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for i_s in range(SPLITS):
+        b_max = tl.maximum(b_max, tl.load(p_plse + i_s * stride_pls, mask=m_m, other=0.0))
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_V, BLOCK_M], dtype=tl.float32)
+    for i_s in range(SPLITS):
+        b_w = tl.exp2((tl.load(p_plse + i_s * stride_pls, mask=m_m, other=0.0) - b_max) * LOG2E_C)
+        b_sum += b_w
+        b_po = tl.load(p_po + i_s * stride_pos + o_po, mask=m_vm, other=0.0)
+        b_acc += b_w[None, :] * b_po
+
+    p_o = o + i_b * stride_ob + first_m * stride_om + first_v * stride_oc
+    tl.store(p_o + tile_offsets(o_v, o_m, stride_oc, stride_om, I64),
+             (b_acc / b_sum[None, :]).to(p_o.dtype.element_ty), mask=m_vm)
+    if i_v == 0:
+        tl.store(lse + i_b * stride_lb + first_m * stride_lm + o_m * stride_lm,
+                 b_max + tl.log(b_sum), mask=m_m)

@@ -1,0 +1,518 @@
+"""The warp-specialised Gluon forward (stm_kernels/memory_read_gluon.py).
+
+Three layers, because no GPU is at hand here and Triton's CPU interpreter does not run Gluon
+(a Gluon launch under TRITON_INTERPRET=1 still asks for a GPU driver):
+
+1. compile-only for sm_90 (no GPU): the PTX has TMA, mbarriers and wgmma, S is computed by one
+   partition only, ptxas reports no spills, shared memory fits 227 KiB;
+2. an emulation on CPU: the kernel's own Python source (the same function objects Gluon
+   compiles) runs with a small stand-in for gl / mbarrier / tma / wgmma: one thread per
+   partition, mbarriers with phases, counts and transaction bytes, TMA copies that land after a
+   random delay (zero-filled outside the tensor), wgmma that reads shared memory only at its
+   wait. This checks the ring indexing, barrier parities and counts, masks, splits and the host
+   launcher (ws_forward) end to end; it does not check layouts or Gluon's lowering;
+3. on a GPU (`pytest -m gpu`): the real kernel against a float64 reference.
+"""
+import json
+import math
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from stm_kernels import memory_read_gluon as gluon_forward  # noqa: E402
+from stm_kernels import naive_memory_read  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+H100_SHARED_MEMORY = 227 * 1024
+LOG2E = 1.4426950408889634
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE,
+                                 reason=f"Gluon unavailable: {gluon_forward.UNAVAILABLE_REASON}")
+
+
+# --------------------------------------------------------------------------- 1. compile for sm_90
+
+VARIANTS = {"bf16-dot": dict(dtype="bf16", l2=False), "bf16-l2": dict(dtype="bf16", l2=True),
+            "fp16-dot": dict(dtype="fp16", l2=False)}
+
+# Runs in a subprocess without TRITON_INTERPRET (conftest sets it for this process; interpreted
+# kernels cannot be compiled). Prints one JSON line: per variant the PTX facts and ptxas' report.
+COMPILE_SCRIPT = r"""
+import json, re, subprocess, sys, tempfile, os
+from stm_kernels import memory_read_gluon as g
+ptxas, variants = sys.argv[1], json.loads(sys.argv[2])
+report = {}
+for name, kwargs in variants.items():
+    compiled = g.compile_for_arch(**kwargs)
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        open(path, "w").write(ptx)
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                             capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    report[name] = dict(
+        ptxas_rc=run.returncode, ptxas_log=log[-2000:], shared=compiled.metadata.shared,
+        spill_stores=int(spills.group(1)) if spills else None,
+        registers=int(regs.group(1)) if regs else None,
+        wgmma=re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx),
+        tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        mbarrier_wait=len(re.findall(r"mbarrier\.try_wait", ptx)),
+        mbarrier_arrive=len(re.findall(r"mbarrier\.arrive", ptx)),
+        expect_tx=len(re.findall(r"mbarrier\.arrive\.expect_tx", ptx)),
+        setmaxnreg=re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx),
+        fence_proxy_async=len(re.findall(r"fence\.proxy\.async", ptx)),
+        ttgir_warp_specialize="ttg.warp_specialize" in compiled.asm["ttgir"])
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def compile_report():
+    if not gluon_forward.AVAILABLE:
+        pytest.skip(f"Gluon unavailable: {gluon_forward.UNAVAILABLE_REASON}")
+    if not PTXAS.exists():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, str(PTXAS), json.dumps(VARIANTS)], cwd=ROOT,
+        env=environment, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compiles_for_sm90(compile_report, variant):
+    row = compile_report[variant]
+    assert row["ptxas_rc"] == 0, row["ptxas_log"]
+    assert row["spill_stores"] == 0, row["ptxas_log"]
+    assert 0 < row["shared"] <= H100_SHARED_MEMORY, row["shared"]
+    assert row["ttgir_warp_specialize"]
+    # TMA loads (Q, K, two V boxes) completing on mbarriers, waits and arrives.
+    assert row["tma"] >= 4 and row["expect_tx"] >= 3, row
+    assert row["mbarrier_wait"] >= 6 and row["mbarrier_arrive"] >= 6, row
+    assert row["fence_proxy_async"] >= 1  # P written by threads, read by wgmma
+    # Register reallocation: the PV and load partitions' budgets appear as setmaxnreg.
+    config = gluon_forward.WarpSpecializedConfig()
+    assert str(config.pv_regs) in row["setmaxnreg"] and str(config.load_regs) in row["setmaxnreg"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_no_duplicated_mma(compile_report, variant):
+    """S = Q K (m64n64k16: block_n = 64) is issued by one partition only: Ck/16 instructions in
+    the whole kernel; P V (m64n128k16) by the two PV partitions, each over its own channels:
+    2 partitions x block_n/16 k-steps x 256/128 column halves."""
+    config = gluon_forward.WarpSpecializedConfig()
+    wgmma = compile_report[variant]["wgmma"]
+    s_shape = f"m{config.block_m}n{config.block_n}k16"
+    assert wgmma.count(s_shape) == 128 // 16, wgmma
+    assert wgmma.count(f"m{config.block_m}n128k16") == 2 * (config.block_n // 16) * 2, wgmma
+    assert len(wgmma) == 128 // 16 + 2 * (config.block_n // 16) * 2, wgmma
+
+
+def test_default_config_fits_shared_memory():
+    config = gluon_forward.WarpSpecializedConfig()
+    assert gluon_forward.shared_memory_bytes(128, 512, 2, config) <= H100_SHARED_MEMORY
+
+
+def test_module_reports_availability():
+    assert isinstance(gluon_forward.AVAILABLE, bool)
+    assert gluon_forward.AVAILABLE == (gluon_forward.UNAVAILABLE_REASON is None)
+
+
+def test_unsupported_reason_on_cpu():
+    q, k, v = (torch.randn(1, 128, 8, dtype=torch.bfloat16) for _ in range(3))
+    assert gluon_forward.unsupported_reason(q, k, v) is not None
+
+
+# --------------------------------------------------------------------------- 2. CPU emulation
+
+
+def _jitter():
+    if random.random() < 0.3:
+        time.sleep(random.random() * 2e-4)
+
+
+class _Barrier:
+    """An mbarrier: pending arrivals and transaction bytes; completing a phase flips parity.
+    try_wait.parity(P) succeeds once the phase of parity P has completed, i.e. while the
+    current (incomplete) phase's parity differs from P."""
+
+    def __init__(self, lock):
+        self.cond = threading.Condition(lock)
+        self.count = None
+
+    def init(self, count):
+        self.count, self.pending, self.tx, self.completed = count, count, 0, 0
+
+    def _check(self):
+        assert self.pending >= 0, "more arrivals than the barrier's count in one phase"
+        if self.pending == 0 and self.tx == 0:
+            self.completed += 1
+            self.pending = self.count
+            self.cond.notify_all()
+
+    def arrive(self, count=1):
+        with self.cond:
+            assert self.count is not None, "arrive on an uninitialised barrier"
+            self.pending -= count
+            self._check()
+
+    def expect(self, nbytes):
+        with self.cond:
+            self.tx += nbytes
+            self.pending -= 1
+            self._check()
+
+    def complete_tx(self, nbytes):
+        with self.cond:
+            self.tx -= nbytes
+            assert self.tx >= 0, "TMA delivered more bytes than expected"
+            self._check()
+
+    def wait(self, parity, timeout=20.0):
+        with self.cond:
+            assert self.count is not None, "wait on an uninitialised barrier"
+            ok = self.cond.wait_for(lambda: (self.completed & 1) != parity, timeout)
+            assert ok, f"deadlock: waiting for parity {parity}, {self.completed} phases done"
+
+
+class _BarrierRef:
+    def __init__(self, cells, i=0):
+        self.cells, self.i = cells, i
+
+    def index(self, i):
+        return _BarrierRef(self.cells, int(i))
+
+    @property
+    def cell(self):
+        return self.cells[self.i]
+
+
+class _Smem:
+    def __init__(self, data):
+        self.data = data
+
+    shape = property(lambda self: list(self.data.shape))
+    dtype = property(lambda self: self.data.dtype)
+
+    def index(self, i):
+        return _Smem(self.data[int(i)])
+
+    def slice(self, start, length, dim=0):
+        return _Smem(self.data.narrow(dim, int(start), int(length)))
+
+    def permute(self, order):
+        return _Smem(self.data.permute(*order))
+
+    def load(self, layout=None):
+        return self.data.clone()
+
+    def store(self, value):
+        _jitter()
+        self.data.copy_(value)
+
+
+class _Pointer:
+    """A scalar or tensor of element offsets into a tensor's storage (gl pointer arithmetic)."""
+
+    def __init__(self, tensor, offset=0):
+        self.tensor, self.offset = tensor, offset
+        self.dtype = types.SimpleNamespace(element_ty=tensor.dtype)
+
+    def __add__(self, other):
+        if isinstance(other, torch.Tensor):
+            other = other.to(torch.int64)
+        return _Pointer(self.tensor, self.offset + other)
+
+    __radd__ = __add__
+
+
+class _Lazy:
+    """An async wgmma: shared memory is read at the wait, the latest legal moment."""
+
+    def __init__(self, a, b, acc, use_acc):
+        self.a, self.b, self.acc, self.use_acc = a, b, acc, use_acc
+
+    def value(self):
+        a = self.a.data if isinstance(self.a, _Smem) else self.a
+        out = a.float() @ self.b.data.float()
+        return out + self.acc.float() if self.use_acc else out
+
+
+def _make_fake_gluon(state):
+    """Stand-ins for the names the kernel's source uses (gl, mbarrier, tma, wgmma, fences)."""
+    lock = threading.Lock()
+    layout = lambda *args, **kwargs: None  # noqa: E731
+    int64, float32 = torch.int64, torch.float32
+
+    class MBarrierLayout:
+        pass
+
+    def allocate_shared_memory(dtype, shape, layout):
+        if isinstance(layout, MBarrierLayout):
+            return _BarrierRef([_Barrier(lock) for _ in range(shape[0])])
+        return _Smem(torch.full(list(shape), float("nan"), dtype=dtype))
+
+    def as_tensor(x):
+        return x if isinstance(x, torch.Tensor) else torch.tensor(x)
+
+    def store(pointer, value, mask=None):
+        t = pointer.tensor
+        length = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+        flat = t.as_strided((length,), (1,), t.storage_offset())
+        offsets = torch.broadcast_to(as_tensor(pointer.offset), value.shape)
+        mask = torch.ones_like(offsets, dtype=torch.bool) if mask is None else \
+            torch.broadcast_to(mask, value.shape)
+        flat[offsets[mask]] = value[mask].to(t.dtype)
+
+    def warp_specialize(functions_and_args, worker_num_warps, worker_num_regs):
+        assert len(functions_and_args) == len(worker_num_warps) + 1 == len(worker_num_regs) + 1
+        errors = []
+
+        def run(fn, args):
+            try:
+                state["compile"](fn)(*args)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=pair, daemon=True)
+                   for pair in functions_and_args]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+            assert not thread.is_alive(), "a partition never finished"
+        if errors:
+            raise errors[0]
+
+    gl = types.SimpleNamespace(
+        constexpr=lambda x: x, int64=int64, float32=float32,
+        NVMMADistributedLayout=layout, DotOperandLayout=layout, SliceLayout=layout,
+        BlockedLayout=layout, SwizzledSharedLayout=layout,
+        program_id=lambda axis: torch.tensor(state["pid"][axis], dtype=torch.int32),
+        minimum=lambda a, b: torch.minimum(as_tensor(a), as_tensor(b)),
+        maximum=lambda a, b: torch.maximum(as_tensor(a), as_tensor(b)),
+        cdiv=lambda a, b: (a + b - 1) // b,
+        full=lambda shape, value, dtype, layout=None: torch.full(list(shape), value, dtype=dtype),
+        zeros=lambda shape, dtype, layout=None: torch.zeros(list(shape), dtype=dtype),
+        arange=lambda start, end, layout=None: torch.arange(start, end),
+        where=lambda c, x, y: torch.where(c, x, torch.as_tensor(y, dtype=x.dtype)),
+        max=lambda x, axis: x.amax(axis), sum=lambda x, axis: x.sum(axis),
+        exp2=torch.exp2, log2=torch.log2, convert_layout=lambda x, layout: x,
+        store=store, static_range=range, allocate_shared_memory=allocate_shared_memory,
+        warp_specialize=warp_specialize)
+
+    def wait(bar, phase):
+        _jitter()
+        bar.cell.wait(int(phase))
+
+    def arrive(bar, count=1):
+        _jitter()
+        bar.cell.arrive(count)
+
+    mbarrier = types.SimpleNamespace(MBarrierLayout=MBarrierLayout,
+                                     init=lambda bar, count: bar.cell.init(count),
+                                     expect=lambda bar, nbytes: bar.cell.expect(nbytes),
+                                     wait=wait, arrive=arrive)
+
+    def async_copy_global_to_shared(desc, coord, bar, smem):
+        # The box [r0, r0 + R) x [c0, c0 + C) of the 2-D tensor, zero outside it, lands later.
+        r0, c0 = (int(c) for c in coord)
+        rows, cols = desc.block_shape
+        source = desc.base
+        box = torch.zeros(rows, cols, dtype=source.dtype)
+        r1, c1 = min(r0 + rows, source.shape[0]), min(c0 + cols, source.shape[1])
+        if r1 > r0 and c1 > c0:
+            box[:r1 - r0, :c1 - c0] = source[r0:r1, c0:c1]
+        assert list(smem.shape) == [rows, cols]
+
+        def land():
+            time.sleep(random.random() * 3e-4)
+            smem.data.copy_(box)
+            bar.cell.complete_tx(box.numel() * box.element_size())
+
+        threading.Thread(target=land, daemon=True).start()
+
+    tma = types.SimpleNamespace(async_copy_global_to_shared=async_copy_global_to_shared)
+    fake = dict(gl=gl, mbarrier=mbarrier, tma=tma, fence_async_shared=lambda: None,
+                warpgroup_mma=lambda a, b, acc, use_acc=True, is_async=False:
+                    _Lazy(a, b, acc, use_acc),
+                warpgroup_mma_wait=lambda num_outstanding=0, deps=():
+                    deps[0].value() if len(deps) == 1 else tuple(d.value() for d in deps),
+                LN2_C=math.log(2.0))
+    return fake
+
+
+class _EmulatedKernel:
+    """`memory_read_ws_fwd_kernel[grid](**kwargs)` running the kernel's Python source on CPU."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.state = {"pid": (0, 0, 0)}
+        self.fake = _make_fake_gluon(self.state)
+        self.cache = {}
+        self.state["compile"] = self.compile
+        self.launches = []
+
+    def compile(self, jit_fn):
+        fn = getattr(jit_fn, "fn", jit_fn)
+        if fn not in self.cache:
+            scope = dict(fn.__globals__, **self.fake)
+            self.cache[fn] = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__,
+                                                fn.__closure__)
+        return self.cache[fn]
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            kwargs.pop("num_warps", None)
+            self.launches.append((grid, dict(kwargs)))
+            for name in ("q_desc", "k_desc", "v_desc"):
+                desc = kwargs[name]
+                kwargs[name] = types.SimpleNamespace(
+                    base=desc.base, block_shape=list(desc.block_shape), layout=desc.layout,
+                    dtype=desc.base.dtype,
+                    block_type=types.SimpleNamespace(shape=list(desc.block_shape)))
+            kwargs["o"], kwargs["lse"] = _Pointer(kwargs["o"]), _Pointer(kwargs["lse"])
+            args = [kwargs[name] for name in self.kernel.arg_names]
+            for i_m in range(grid[0]):
+                for i_b in range(grid[1]):
+                    for i_s in range(grid[2]):
+                        self.state["pid"] = (i_m, i_b, i_s)
+                        self.compile(self.kernel)(*args)
+        return launch
+
+
+def _split_plan(N, block_n, splits):
+    per_split = triton.cdiv(triton.cdiv(N, block_n), splits) * block_n
+    return per_split, triton.cdiv(N, per_split)
+
+
+def _merge(part_out, part_lse):
+    lse = torch.logsumexp(part_lse.double(), 0)
+    weights = torch.exp(part_lse.double() - lse)  # (S, B, HW)
+    return (weights[:, :, None] * part_out.double()).sum(0), lse
+
+
+def _run_forward(q, k, v, scale, l2, splits, config, out_dtype=None):
+    """ws_forward with the launcher's buffers (final out/lse for one split, fp32 partials and a
+    merge otherwise), poisoned with NaN; returns (out, lse) in float64."""
+    B, _, N = k.shape
+    Cv, HW = v.shape[1], q.shape[2]
+    per_split, splits = _split_plan(N, config.block_n, splits)
+    if splits == 1:
+        part_out = torch.full((1, B, Cv, HW), float("nan"), dtype=v.dtype, device=v.device)
+    else:
+        part_out = torch.full((splits, B, Cv, HW), float("nan"), device=v.device)
+    part_lse = torch.full((splits, B, HW), float("nan"), device=v.device)
+    gluon_forward.ws_forward(q, k, v, part_out, part_lse, per_split=per_split,
+                             qk_scale=scale * LOG2E, l2=l2, config=config)
+    if splits == 1:
+        return part_out[0].double(), part_lse[0].double()
+    return _merge(part_out, part_lse)
+
+
+def _reference(q, k, v, scale, l2):
+    out, lse = naive_memory_read(q.double().cpu(), k.double().cpu(), v.double().cpu(), scale, l2)
+    return out, lse
+
+
+def _rel(actual, expected):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(B, Bq, Ck, Cv, HW, N, dtype, device, seed=0, pad_n=0, batch_gap=0):
+    """Random q, k, v; pad_n > 0 stores k, v with room for N + pad_n positions per row (a slice:
+    the descriptor's N is ragged, TMA zero-fills past it); batch_gap > 0 leaves extra channels
+    between objects (object stride != C x channel stride: one launch per object)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(Bq, Ck, HW, generator=generator, dtype=torch.float64)
+    k = torch.randn(B, Ck + batch_gap, N + pad_n, generator=generator, dtype=torch.float64)
+    v = torch.randn(B, Cv + batch_gap, N + pad_n, generator=generator, dtype=torch.float64)
+    q = q.to(device=device, dtype=dtype)
+    k = k.to(device=device, dtype=dtype)[:, :Ck, :N]
+    v = v.to(device=device, dtype=dtype)[:, :Cv, :N]
+    return q, k, v
+
+
+EMULATED_CASES = [
+    # B, Bq, Ck, Cv, HW, N, splits, l2, dtype, config, pad_n, batch_gap
+    pytest.param(1, 1, 32, 64, 45, 111, 1, False, torch.float16,
+                 dict(block_m=64, block_n=16), 1, 0, id="ragged-1split"),
+    pytest.param(3, 1, 32, 96, 45, 200, 3, True, torch.bfloat16,
+                 dict(block_m=32, block_n=16, num_stages=3), 0, 0, id="broadcast-l2-3splits"),
+    pytest.param(2, 2, 16, 48, 70, 136, 2, False, torch.float16,
+                 dict(block_m=32, block_n=16, num_stages=2, num_p=3), 0, 0, id="2blocks-m"),
+    pytest.param(2, 2, 32, 50, 33, 96, 1, True, torch.float16,
+                 dict(block_m=64, block_n=16, num_stages=1, num_p=1), 8, 16,
+                 id="per-object-launches-odd-cv"),
+]
+
+
+@needs_gluon
+@pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, splits, l2, dtype, config, pad_n, batch_gap",
+                         EMULATED_CASES)
+def test_emulated_kernel_matches_reference(monkeypatch, B, Bq, Ck, Cv, HW, N, splits, l2, dtype,
+                                           config, pad_n, batch_gap):
+    """The kernel source and ws_forward, emulated on CPU (see the module docstring), against the
+    float64 naive read: pipeline protocol, masks, splits, value halves, transposed stores."""
+    emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
+    monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
+    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
+    q, k, v = _inputs(B, Bq, Ck, Cv, HW, N, dtype, "cpu", pad_n=pad_n, batch_gap=batch_gap)
+    scale = 1 / math.sqrt(Ck)
+    config = gluon_forward.WarpSpecializedConfig(**config)
+    ref_out, ref_lse = _reference(q, k, v, scale, l2)
+    for seed in range(3):  # different interleavings of the partitions and TMA completions
+        random.seed(seed)
+        out, lse = _run_forward(q, k, v, scale, l2, splits, config)
+        assert _rel(lse, ref_lse) < 1e-5, (seed, _rel(lse, ref_lse))
+        assert _rel(out, ref_out) < TOLERANCE[dtype], (seed, _rel(out, ref_out))
+    assert len(emulated.launches) == 3 * (B if batch_gap else 1)
+
+
+# --------------------------------------------------------------------------- 3. on a GPU
+
+GPU_CASES = [
+    # B, Bq, Ck, Cv, HW, N, splits, l2, pad_n, batch_gap
+    (1, 1, 128, 512, 45, 111, 1, False, 1, 0),
+    (1, 1, 128, 512, 1620, 16200, 3, False, 0, 0),
+    (3, 1, 128, 512, 45, 16200, 3, True, 0, 0),
+    (3, 3, 128, 512, 1620, 1000, 1, True, 0, 0),
+    (2, 2, 64, 256, 100, 333, 2, False, 3, 16),
+]
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, splits, l2, pad_n, batch_gap", GPU_CASES)
+def test_gpu_matches_reference(dtype, B, Bq, Ck, Cv, HW, N, splits, l2, pad_n, batch_gap):
+    q, k, v = _inputs(B, Bq, Ck, Cv, HW, N, dtype, "cuda", pad_n=pad_n, batch_gap=batch_gap)
+    reason = gluon_forward.unsupported_reason(q, k, v)
+    if reason is not None:
+        pytest.skip(reason)
+    scale = 1 / math.sqrt(Ck)
+    config = gluon_forward.WarpSpecializedConfig()
+    out, lse = _run_forward(q, k, v, scale, l2, splits, config)
+    torch.cuda.synchronize()
+    ref_out, ref_lse = _reference(q, k, v, scale, l2)
+    assert _rel(out, ref_out) < TOLERANCE[dtype], _rel(out, ref_out)
+    assert _rel(lse, ref_lse) < 1e-4, _rel(lse, ref_lse)

@@ -1,0 +1,151 @@
+"""The static work report (python -m bench.kernel_resources): the kernels compiled for Hopper
+(sm_90) without a GPU, held to issue #11's targets.
+
+Triton compiles to PTX and its bundled ptxas assembles it, so registers, spills, shared memory,
+the matrix instructions of each main loop and the warp layouts of every dot are known here. The
+tests fail when a default config spills, overflows 227 KiB, loses the tensor cores, lets two
+warpgroups compute the same dot, or executes more multiply-adds per (query, memory) pair than
+the targets allow (forward 1.2x the useful 640, forward + backward 1.3x the counted 2,240).
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+H100_SHARED_MEMORY = 227 * 1024
+needs_ptxas = pytest.mark.skipif(not PTXAS.exists(),
+                                 reason="Triton's NVIDIA backend (ptxas) is not installed")
+
+
+def _run(*arguments, module="bench.kernel_resources"):
+    # Compiling needs the real JIT: conftest set TRITON_INTERPRET for this process.
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-m", module, *arguments], cwd=ROOT,
+                               env=environment, capture_output=True, text=True, timeout=1200)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _run("--json", "--dtype", "bf16", "fp32", "--similarity", "dot", "l2")
+
+
+@needs_ptxas
+def test_every_default_config_compiles_without_spills_and_fits(report):
+    assert {(entry["dtype"], entry["similarity"]) for entry in report["reports"]} == {
+        ("bf16", "dot"), ("bf16", "l2"), ("fp32", "dot"), ("fp32", "l2")}
+    for entry in report["reports"]:
+        kernels = {row["kernel"] for row in entry["rows"]}
+        assert {"fwd", "bwd_dv", "bwd_dkdq", "merge"} <= kernels
+        for row in entry["rows"]:
+            where = f"{entry['dtype']} {entry['similarity']} {row['kernel']}"
+            if entry["dtype"] == "fp32" and row["kernel"].startswith("fwd_ws"):
+                continue  # bf16/fp16 only: fp32 runs the plain kernel
+            assert "error" not in row, f"{where}: {row.get('error')}"
+            assert row["spill_store_bytes"] == 0, f"{where} spills: {row}"
+            assert row["shared_bytes"] <= H100_SHARED_MEMORY, where
+            assert row["blocks_per_sm"] >= 1, where
+            if row["kernel"] != "merge":
+                assert row["wgmma"] > 0, f"{where} lost the Hopper tensor-core path"
+
+
+@needs_ptxas
+def test_no_warpgroup_repeats_a_dot_and_the_two_readings_agree(report):
+    for entry in report["reports"]:
+        for row in entry["rows"]:
+            if "error" in row or row["kernel"] == "merge":
+                continue
+            where = f"{entry['dtype']} {entry['similarity']} {row['kernel']}"
+            assert row["dots"], f"{where}: no dot found in the main loop"
+            assert row["duplicated_dots"] == 0, f"{where}: {row['dots']}"
+            # PTX (instructions x warpgroups) and TTGIR (dot shapes x layouts) count the same.
+            assert row["executed_macs_per_pair"] == row["executed_macs_per_pair_from_dots"], where
+            assert row["executed_macs_per_pair"] == row["dot_macs_per_pair"], where
+
+
+@needs_ptxas
+def test_executed_work_per_pair_meets_the_targets(report):
+    from bench.kernel_resources import FORWARD_RATIO_TARGET, TOTAL_RATIO_TARGET
+    for entry in report["reports"]:
+        totals = entry["totals"]
+        where = f"{entry['dtype']} {entry['similarity']}"
+        assert totals["forward_ratio"] <= FORWARD_RATIO_TARGET, (where, totals)
+        assert totals["total_ratio"] <= TOTAL_RATIO_TARGET, (where, totals)
+        if entry["dtype"] == "bf16":
+            # The minimum backward (S, dP, dV, dK, dQ: 3 Ck + 2 Cv = 1,408) plus S recomputed
+            # by the dV kernel for each of its 2 value chunks; dP is computed once.
+            assert totals["executed_backward"] <= 1408 + 2 * 128, (where, totals)
+            assert totals["warp_specialized_forward_ratio"] == 1.0, (where, totals)
+
+
+@needs_ptxas
+def test_the_report_sees_the_duplicated_scores_of_64_row_tiles():
+    """The check can fail: the previous default forward (64 query rows for 8 warps) has both
+    warpgroups computing the same QK product, 768 MACs per pair for 640 in its dots."""
+    script = (
+        "import json\n"
+        "from bench import kernel_resources as kr\n"
+        "from stm_kernels.triton_configs import ForwardConfig, defaults\n"
+        "old = ForwardConfig(block_m=64, block_n=32, block_v=512, num_warps=8, num_stages=3)\n"
+        "spec = kr.kernel_specs('bf16', 'dot', old, defaults(2)[1])[0]\n"
+        "print(json.dumps(kr.analyse(spec)))\n")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    row = json.loads(completed.stdout.strip().splitlines()[-1])
+    scores = [dot for dot in row["dots"] if dot["n"] == 32]
+    assert [dot["duplication"] for dot in scores] == [2]
+    assert row["executed_macs_per_pair"] == 768 and row["dot_macs_per_pair"] == 640
+
+
+def test_loop_reading_on_a_handmade_ptx_and_ttgir():
+    """static_work on a tiny PTX/TTGIR: loop detection, nested trip counts, census, layouts."""
+    from bench import static_work
+    ptx = "\n".join([
+        "$L__BB0_1:",
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {...};",
+        "bar.sync 0;",
+        "$L__BB0_2:",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};",
+        "ex2.approx.ftz.f32 %r1, %r2;",
+        "@%p1 bra $L__BB0_2;",
+        "@%p2 bra $L__BB0_1;",
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {...};",
+    ])
+    body = static_work.main_loop(ptx, inner_trip_counts=[3])
+    census = {entry["shape"]: entry["count"] for entry in static_work.mma_census(body)}
+    assert census == {"m64n32k16": 1, "m64n64k16": 3}
+    assert static_work.executed_macs(static_work.mma_census(body), num_warps=8) == 2 * (
+        64 * 32 * 16 + 3 * 64 * 64 * 16)
+    assert static_work.count(body, "bar.sync") == 1
+    ttgir = "\n".join([
+        "#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], "
+        "instrShape = [16, 32, 16]}>",
+        "%c0_i32 = arith.constant 0 : i32",
+        "%c4_i32 = arith.constant 4 : i32",
+        "%c1_i32 = arith.constant 1 : i32",
+        "%r:2 = scf.for %i = %lo to %hi step %c1_i32 iter_args(%a = %x) -> (f32) {",
+        "  %s = ttng.warp_group_dot %q, %k, %z {inputPrecision = 0 : i32} : "
+        "!ttg.memdesc<64x128xbf16, #shared> * !ttg.memdesc<128x32xbf16, #shared> -> "
+        "tensor<64x32xf32, #mma>",
+        "  %t = scf.for %j = %c0_i32 to %c4_i32 step %c1_i32 iter_args(%b = %y) -> (f32) {",
+        "    %u = ttng.warp_group_dot %p, %v, %b : tensor<128x16xbf16, #dot> * "
+        "!ttg.memdesc<16x32xbf16, #shared> -> tensor<128x32xf32, #mma>",
+        "  }",
+        "}",
+    ])
+    assert static_work.inner_trip_counts(ttgir) == [4]
+    dots = static_work.loop_dots(ttgir)
+    assert [(d["m"], d["n"], d["k"], d["duplication"], d["repeats"]) for d in dots] == [
+        (64, 32, 128, 2, 1), (128, 32, 16, 1, 4)]
+    assert static_work.blocks_per_sm(255, 176 * 1024, 8) == 1
+    assert static_work.blocks_per_sm(128, 40 * 1024, 8) == 2  # registers
+    assert static_work.blocks_per_sm(64, 100 * 1024, 4) == 2  # shared memory
