@@ -19,8 +19,8 @@ import json
 import pathlib
 import sys
 
-from bench import (held_out, interactive, interactive_eval, long_video, memory_read, report,
-                   training)
+from bench import (held_out, interactive, interactive_eval, kernel_resources, long_video,
+                   memory_read, report, training)
 
 BENCHMARKS = {  # sub-command: (module, results name)
     "kernel": (memory_read, "memory_read"),
@@ -37,6 +37,7 @@ RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summa
     "held_out": (None, held_out.summarize),
     "interactive": (interactive.plot, interactive.summarize),
     "interactive_eval": (interactive_eval.plot, interactive_eval.summarize),
+    "kernel_work": (None, kernel_resources.summary),
 }
 
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Calls on a lent GPU machine (the device tool runs them in the repo root; results go to $OUT).
 # Each stage fits one 10-minute call:
-#   bash bench/gpu_session.sh tests      # GPU tests (bf16 included) + the tiling sweep
+#   bash bench/gpu_session.sh tests      # GPU tests (bf16, the Gluon forward, int64 offsets)
+#   bash bench/gpu_session.sh tune       # old vs new kernels and tilings (python -m bench.tune)
 #   bash bench/gpu_session.sh kernel     # python -m bench kernel
 #   bash bench/gpu_session.sh video      # python -m bench long-video
 #   bash bench/gpu_session.sh training   # python -m bench training
 #   bash bench/gpu_session.sh interactive  # python -m bench interactive + interactive-eval
+#   bash bench/gpu_session.sh profile    # ncu of the default forward and backward kernels
+# "tune" compares with the kernels of an earlier commit when .baseline/ holds an export of it:
+# run `python -m bench.baseline export REV` here first and pass carry=[".baseline"] to the call.
 # The machine has torch + Triton but no internet: the package is used from the work tree.
 set -uo pipefail
 OUT=${OUT:-/tmp/stm_out}
@@ -16,8 +20,17 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 case "${1:-tests}" in
   tests)
-    step python3 -m pytest -q -m gpu -x tests -p no:cacheprovider
-    step python3 -m bench.tune --quick --ns 162000 --batches 1 ;;
+    step python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+  tune)
+    baseline=$(ls -d .baseline/*/ 2>/dev/null | head -1)
+    step python3 -m bench.tune --ns 162000 --batches 1 ${baseline:+--baseline "$baseline"}
+    step python3 -m bench.tune --dtype fp32 --quick --ns 162000 --batches 1 ;;
+  profile)
+    # Where the time goes: one forward and one forward+backward at the target shape under ncu.
+    # Round one launches 6 memory-read kernels (fwd, merge, fwd, merge, dv, dkdq): skip them.
+    ncu --target-processes all --kernel-name regex:memory_read --launch-skip 6 --set full \
+      -o "$OUT/profile" -f python3 -m bench.profile_target 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+    ncu --import "$OUT/profile.ncu-rep" --page details --csv > "$OUT/profile_details.csv" ;;
   kernel) step python3 -m bench kernel ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;

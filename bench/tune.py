@@ -1,24 +1,33 @@
 """Time the Triton kernels under each candidate tiling and report the fastest (GPU).
 
-    python -m bench.tune                     # bf16, STM shapes, forward and backward sweeps
-    python -m bench.tune --dtype fp16 --ns 64800 162000
+    python -m bench.tune                                  # bf16, target shapes, full sweep
+    python -m bench.tune --quick                          # defaults, a few candidates, old kernels
+    python -m bench.tune --baseline .baseline/7acb609     # also an earlier commit's kernels
 
-Each tiling is first checked against the torch backend on the same inputs (normalised error
-bound per dtype); a tiling that fails to compile, runs out of shared memory or computes a wrong
-result is recorded as such. Writes bench/results/tune_<device>_<date>.json; copy the winners
-into the candidate tables of stm_kernels/memory_read_triton.py.
+Per shape it times: the forward under every FORWARD_SWEEP tiling; the backward with each
+DV_SWEEP tiling (dK/dQ at its default) and each DKDQ_SWEEP tiling (dV at its default); the
+opt-in warp-specialised Gluon forward where it can run; and, with --baseline (an export of an
+earlier commit, `python -m bench.baseline export REV`), that library's forward and
+forward+backward at its own defaults. Every timed call is first checked against the torch
+backend on the same inputs (normalised error bound per dtype): a tiling that fails to compile,
+runs out of resources or computes a wrong result is recorded as such. TFLOP/s count forward
+2*B*HW*N*(Ck+Cv) and backward 2.5x that. Writes bench/results/tune_<device>_<date>.json; copy
+the winners into stm_kernels/triton_configs.py with the run that justifies them.
 """
 import argparse
+import contextlib
 import itertools
 import math
+import os
 import sys
 
 import torch
 
-from bench import common
-from bench.kernel_resources import DKV_SWEEP, DQ_SWEEP, FORWARD_SWEEP
+from bench import baseline, common
+from bench.kernel_resources import DKDQ_SWEEP, DV_SWEEP, FORWARD_SWEEP
 from stm_kernels import memory_read
-from stm_kernels import memory_read_triton as kernels
+from stm_kernels import memory_read_triton as launchers
+from stm_kernels import triton_configs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3}
@@ -47,25 +56,83 @@ def _reference(q, k, v, grad):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def time_forward(config, q, k, v, device, reference):
-    with kernels.use_configs(forward=config):
-        out = memory_read(q, k, v, backend="triton")
-        error = _error(out, reference[0])
-        median, low, high = common.time_ms(lambda: memory_read(q, k, v, backend="triton"), device)
+def time_forward(read, q, k, v, device, reference):
+    out = read(q, k, v)
+    error = _error(out, reference[0])
+    median, low, high = common.time_ms(lambda: read(q, k, v), device)
     return dict(error=error, median_ms=median, q20_ms=low, q80_ms=high)
 
 
-def time_backward(config, q, k, v, grad, device, reference):
+def time_forward_backward(read, q, k, v, grad, device, reference):
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
-    with kernels.use_configs(backward=config):
-        out = memory_read(q, k, v, backend="triton")
-        out.backward(grad)
-        error = max(_error(g, r) for g, r in zip((q.grad, k.grad, v.grad), reference[1:]))
+    read(q, k, v).backward(grad)
+    error = max(_error(g, r) for g, r in zip((q.grad, k.grad, v.grad), reference[1:]))
 
-        def step():
-            memory_read(q, k, v, backend="triton").backward(grad)
-        median, low, high = common.time_ms(step, device, reset=(q, k, v))
+    def step():
+        read(q, k, v).backward(grad)
+    median, low, high = common.time_ms(step, device, reset=(q, k, v))
     return dict(error=error, median_ms=median, q20_ms=low, q80_ms=high)
+
+
+def _triton_read(q, k, v):
+    return memory_read(q, k, v, backend="triton")
+
+
+@contextlib.contextmanager
+def _environment(name, value):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def candidates(dtype, quick):
+    """[(kind, label, context manager factory, pass)] to time for this dtype."""
+    default_forward, default_backward = triton_configs.defaults(dtype.itemsize)
+    forwards = [default_forward] + [c for c in FORWARD_SWEEP if c != default_forward]
+    dvs = [default_backward.dv] + [c for c in DV_SWEEP if c != default_backward.dv]
+    dkdqs = [default_backward.dkdq] + [c for c in DKDQ_SWEEP if c != default_backward.dkdq]
+    if quick:
+        forwards, dvs, dkdqs = forwards[:3], dvs[:2], dkdqs[:2]
+    runs = [("forward", _label(c), lambda c=c: launchers.use_configs(forward=c), "fwd")
+            for c in forwards]
+    runs += [("backward", "dv " + _label(c),
+              lambda c=c: launchers.use_configs(
+                  backward=triton_configs.BackwardConfig(c, default_backward.dkdq)), "fwd+bwd")
+             for c in dvs]
+    runs += [("backward", "dkdq " + _label(c),
+              lambda c=c: launchers.use_configs(
+                  backward=triton_configs.BackwardConfig(default_backward.dv, c)), "fwd+bwd")
+             for c in dkdqs[1:]]
+    if dtype != torch.float32:
+        runs.append(("forward", "warp-specialized (Gluon)",
+                     lambda: _environment(launchers.WARP_SPECIALIZED_ENV, "1"), "fwd"))
+    return runs
+
+
+def _label(config):
+    return ",".join(f"{name}={getattr(config, name)}" for name in config.__dataclass_fields__
+                    if getattr(config, name) is not None)
+
+
+def _attempt(fn, *arguments):
+    try:
+        return fn(*arguments)
+    except Exception as error:  # out of resources, compile errors: a result, not a crash
+        message = str(error).strip().splitlines()
+        return dict(error_type=type(error).__name__, message=message[0][:200] if message else "")
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _flops(pass_, B, HW, N, Ck, Cv):
+    return 2.0 * B * HW * N * (Ck + Cv) * (1.0 if pass_ == "fwd" else 3.5)
 
 
 def main(argv=None):
@@ -76,79 +143,70 @@ def main(argv=None):
     parser.add_argument("--hw", type=int, default=1620)
     parser.add_argument("--ck", type=int, default=128)
     parser.add_argument("--cv", type=int, default=512)
-    parser.add_argument("--splits", nargs="+", type=int, default=[None],
-                        help="forced memory splits to try (default: the heuristic)")
-    parser.add_argument("--quick", action="store_true", help="two tilings of each kind only")
+    parser.add_argument("--quick", action="store_true", help="defaults and two more of each")
+    parser.add_argument("--baseline", default=None,
+                        help="an exported earlier stm_kernels (python -m bench.baseline export)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not kernels.INTERPRETING:
+    if device.type == "cpu" and not triton_configs.INTERPRETING:
         sys.exit("needs a GPU (or TRITON_INTERPRET=1 for a slow logic check)")
     dtype = DTYPES[args.dtype]
-    forward_sweep = FORWARD_SWEEP[:2] if args.quick else FORWARD_SWEEP
-    # dK/dV and dQ are separate kernels: vary one while the other keeps its default tiling.
-    default = kernels._GPU_BACKWARD[min(dtype.itemsize, 4)][0]
-    default_dkv = (default.dkv_block_m, default.dkv_block_n, default.dkv_block_v,
-                   default.dkv_warps, default.dkv_stages)
-    default_dq = (default.dq_block_m, default.dq_block_n, default.dq_warps, default.dq_stages)
-    dkv_sweep = DKV_SWEEP[:2] if args.quick else DKV_SWEEP
-    dq_sweep = DQ_SWEEP[:2] if args.quick else DQ_SWEEP
-    backward_sweep = ([(dkv, default_dq) for dkv in dkv_sweep] +
-                      [(default_dkv, dq) for dq in dq_sweep if dq != default_dq])
+    runs = candidates(dtype, args.quick)
+    if args.baseline:
+        old = baseline.load(args.baseline)
+        label = f"baseline {baseline.revision(args.baseline)}"
+
+        def old_read(q, k, v):
+            return old.memory_read(q, k, v, backend="triton")
+        runs += [("baseline", label, contextlib.nullcontext, "fwd"),
+                 ("baseline", label, contextlib.nullcontext, "fwd+bwd")]
     payload = common.environment(device)
     payload.update(benchmark="tune", dtype=args.dtype, HW=args.hw, Ck=args.ck, Cv=args.cv,
-                   records=[])
+                   baseline=args.baseline and baseline.revision(args.baseline), records=[])
     for B, N in itertools.product(args.batches, args.ns):
         q, k, v, grad = _inputs(B, args.hw, N, args.ck, args.cv, dtype, device)
         reference = _reference(q, k, v, grad)
-        shape = dict(B=B, N=N)
-        for (block_m, block_n, block_v, warps, stages), splits in itertools.product(
-                forward_sweep, args.splits):
-            config = kernels.ForwardConfig(block_m, block_n, block_v, warps, stages, splits)
-            record = dict(kind="forward", config=vars_of(config), **shape)
-            record.update(_attempt(time_forward, config, q, k, v, device, reference))
-            _report(record, dtype, payload)
-        for dkv, dq in backward_sweep:
-            config = kernels.BackwardConfig(*dkv, *dq)
-            record = dict(kind="backward", config=vars_of(config), **shape)
-            record.update(_attempt(time_backward, config, q, k, v, grad, device, reference))
+        for kind, label, context, pass_ in runs:
+            read = old_read if kind == "baseline" else _triton_read
+
+            def measure():
+                if label.startswith("warp-specialized"):
+                    from stm_kernels import memory_read_gluon
+                    reason = memory_read_gluon.unsupported_reason(q, k, v)
+                    if reason is not None:  # the launcher would run the plain kernel instead
+                        raise RuntimeError(reason)
+                with context():
+                    if pass_ == "fwd":
+                        return time_forward(read, q, k, v, device, reference)
+                    return time_forward_backward(read, q, k, v, grad, device, reference)
+            record = dict(kind=kind, config=label, pass_=pass_, B=B, N=N)
+            record.update(_attempt(measure))
+            if "median_ms" in record:
+                record["tflops"] = _flops(pass_, B, args.hw, N, args.ck, args.cv) / (
+                    record["median_ms"] * 1e-3) / 1e12
             _report(record, dtype, payload)
     path = common.write_results("tune", payload)
     print(f"\nwrote {path}")
-    for kind in ("forward", "backward"):
-        for B, N in itertools.product(args.batches, args.ns):
-            good = [r for r in payload["records"] if r["kind"] == kind and r["B"] == B and
-                    r["N"] == N and r.get("ok")]
-            if good:
-                best = min(good, key=lambda r: r["median_ms"])
-                print(f"best {kind:8} B={B} N={N}: {best['median_ms']:.3f} ms {best['config']}")
-
-
-def vars_of(config):
-    return {field: getattr(config, field) for field in config.__dataclass_fields__}
-
-
-def _attempt(fn, config, *arguments):
-    try:
-        return fn(config, *arguments)
-    except Exception as error:  # out of resources, compile errors: a result, not a crash
-        message = str(error).strip().splitlines()
-        return dict(error_type=type(error).__name__, message=message[0][:200] if message else "")
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    for (kind, pass_), (B, N) in itertools.product(
+            [("forward", "fwd"), ("backward", "fwd+bwd")], itertools.product(args.batches, args.ns)):
+        good = [r for r in payload["records"] if r["kind"] == kind and r["B"] == B and
+                r["N"] == N and r.get("ok")]
+        if good:
+            best = min(good, key=lambda r: r["median_ms"])
+            print(f"best {kind:8} B={B} N={N}: {best['median_ms']:.3f} ms "
+                  f"({best['tflops']:.0f} TFLOP/s) {best['config']}")
 
 
 def _report(record, dtype, payload):
     record["ok"] = "median_ms" in record and record["error"] < TOLERANCE[dtype]
     payload["records"].append(record)
-    config = ",".join(str(value) for value in record["config"].values())
+    head = (f"{record['kind']:8} {record['pass_']:7} B={record['B']} N={record['N']} "
+            f"[{record['config']}]")
     if "median_ms" in record:
-        print(f"{record['kind']:8} B={record['B']} N={record['N']} [{config}] "
-              f"{record['median_ms']:8.3f} ms  err {record['error']:.1e}"
-              f"{'' if record['ok'] else '  WRONG'}", flush=True)
+        print(f"{head} {record['median_ms']:8.3f} ms {record['tflops']:6.1f} TFLOP/s "
+              f"err {record['error']:.1e}{'' if record['ok'] else '  WRONG'}", flush=True)
     else:
-        print(f"{record['kind']:8} B={record['B']} N={record['N']} [{config}] "
-              f"{record['error_type']}: {record['message']}", flush=True)
+        print(f"{head} {record['error_type']}: {record['message']}", flush=True)
 
 
 if __name__ == "__main__":

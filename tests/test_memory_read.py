@@ -292,3 +292,40 @@ def test_chunk_errors_name_the_chunk():
         memory_read(q, [k, k], [v, v[:, :, :5]])
     with pytest.raises(TypeError, match="non-empty list"):
         memory_read(q, [], [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch):
+    """STM_KERNELS_WARP_SPECIALIZED=1 where the Gluon forward cannot run (a Triton without its
+    Gluon features, or inputs it does not take) warns once, in one line, and reads correctly."""
+    skip_unless_runnable("triton", device)
+    from stm_kernels import memory_read_gluon
+    monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setattr(memory_read_gluon, "AVAILABLE", False)
+    monkeypatch.setattr(memory_read_gluon, "UNAVAILABLE_REASON", "Triton 0.1: no Gluon")
+    monkeypatch.setattr(triton_module, "_warned", set())
+    q, k, v = random_inputs(2, 1, 16, 24, 30, 70, torch.float32, device, seed=14)
+    with pytest.warns(RuntimeWarning, match=r"ignored \(Triton 0.1: no Gluon\); using the plain"):
+        results = read_with_grads(q, k, v, backend="triton")
+    _check(results, reference_with_grads(q, k, v), torch.float32)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning for the same reason
+        memory_read(q, k, v, backend="triton")
+    message = next(iter(triton_module._warned))
+    assert "\n" not in message
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_warp_specialized_forward_through_memory_read(dtype, similarity, monkeypatch):
+    """The opt-in Gluon forward behind memory_read, splits and merge included, and the plain
+    kernels' backward on its output (B=3, broadcast query, N with a ragged last block)."""
+    from stm_kernels import memory_read_gluon
+    monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")
+    q, k, v = random_inputs(3, 1, 128, 512, 333, 16200 - 8, dtype, "cuda", seed=15)
+    if memory_read_gluon.unsupported_reason(q, k, v) is not None:
+        pytest.skip(memory_read_gluon.unsupported_reason(q, k, v))
+    results = read_with_grads(q, k, v, backend="triton", similarity=similarity)
+    _check(results, reference_with_grads(q, k, v, similarity=similarity), dtype)

@@ -1,0 +1,43 @@
+"""bench.tune and bench.baseline in the Triton interpreter (a logic check: tiny shapes, no GPU).
+
+An earlier commit's kernels are exported beside the current ones and both are timed and
+checked against the torch backend in one run, as the GPU session does at the target shape.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The commit before the kernel rewrite of issue #11 (64-row forward, dK/dV + dQ backward).
+BASELINE_REVISION = "7acb609"
+
+
+def _has_revision(revision):
+    completed = subprocess.run(["git", "cat-file", "-e", f"{revision}^{{commit}}"], cwd=ROOT,
+                               capture_output=True)
+    return completed.returncode == 0
+
+
+@pytest.mark.skipif(not _has_revision(BASELINE_REVISION),
+                    reason=f"commit {BASELINE_REVISION} not in this clone (shallow?)")
+def test_tune_times_current_tilings_and_an_exported_baseline(tmp_path):
+    pytest.importorskip("triton")
+    from bench import baseline
+    exported = baseline.export(BASELINE_REVISION, tmp_path / "baseline")
+    assert "stm_kernels_baseline::" in (exported / "stm_kernels" / "memory_read.py").read_text()
+    environment = dict(os.environ, TRITON_INTERPRET="1", STM_BENCH_RESULTS=str(tmp_path))
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.tune", "--quick", "--dtype", "fp32", "--ns", "70",
+         "--batches", "2", "--hw", "20", "--ck", "16", "--cv", "24", "--baseline",
+         str(exported)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload = json.loads(next(tmp_path.glob("tune_*.json")).read_text())
+    kinds = {record["kind"] for record in payload["records"]}
+    assert kinds == {"forward", "backward", "baseline"}
+    assert payload["baseline"] == BASELINE_REVISION
+    for record in payload["records"]:
+        assert record["ok"], record  # every tiling and the old kernels match the torch backend
