@@ -153,20 +153,21 @@ def kernel_specs(dtype_name, similarity, forward, backward, shape=TARGET, sm_cou
     values = _int_arguments(B, HW, N, Ck, Cv, plan.splits)
     values["n_per_split"] = plan.per_split
     common_constexprs = dict(L2=similarity == "l2", BLOCK_CK=max(16, triton.next_power_of_2(Ck)),
-                             UPCAST=False, I64=False, PRECISION="tf32",
+                             UPCAST=False, I64=False, PRECISION="tf32", RAGGED=False,
                              ALIGN_K=values["ALIGN_K"], ALIGN_V=values["ALIGN_V"])
     out_type = "*fp32" if plan.splits > 1 else dtype
     specs = [
         dict(name="fwd", kernel=memory_read_fwd_kernel,
              types=dict(q=dtype, k=dtype, ksq="*fp32", v=dtype, o=out_type, lse="*fp32",
-                        qk_scale="fp32"),
+                        lengths="*i32", qk_scale="fp32"),
              constexprs=dict(common_constexprs, BLOCK_M=forward.block_m, BLOCK_N=forward.block_n,
                              BLOCK_V=plan.block_v, NUM_V=plan.num_v),
              num_warps=forward.num_warps, num_stages=forward.num_stages,
              tile_pairs=forward.block_m * forward.block_n, repeats=plan.num_v,
              grid=plan.grid(B), config=_fields(forward), useful=useful_macs_per_pair(Ck, Cv)[0]),
         dict(name="bwd_dv", kernel=memory_read_bwd_kernel_dv,
-             types=dict(q=dtype, k=dtype, do=dtype, lse="*fp32", dv=dtype, qk_scale="fp32"),
+             types=dict(q=dtype, k=dtype, do=dtype, lse="*fp32", dv=dtype, lengths="*i32",
+                        qk_scale="fp32"),
              constexprs=dict(_without(common_constexprs, "ALIGN_V"), BLOCK_M=backward.dv.block_m,
                              BLOCK_N=backward.dv.block_n, BLOCK_V=bplan["dv_block_v"],
                              NUM_V=bplan["dv_num_v"]),
@@ -175,7 +176,7 @@ def kernel_specs(dtype_name, similarity, forward, backward, shape=TARGET, sm_cou
              grid=bplan["dv_grid"], config=_fields(backward.dv), useful=None),
         dict(name="bwd_dkdq", kernel=memory_read_bwd_kernel_dkdq,
              types=dict(q=dtype, k=dtype, v=dtype, do=dtype, lse="*fp32", delta="*fp32",
-                        dk=dtype, dq="*fp32", qk_scale="fp32", scale="fp32"),
+                        dk=dtype, dq="*fp32", lengths="*i32", qk_scale="fp32", scale="fp32"),
              constexprs=dict(common_constexprs, BLOCK_M=backward.dkdq.block_m,
                              BLOCK_N=backward.dkdq.block_n, BLOCK_CV=bplan["dkdq_block_cv"],
                              NUM_CV=bplan["dkdq_num_cv"]),

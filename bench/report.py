@@ -15,7 +15,7 @@ import re
 import sys
 
 from bench import (held_out, interactive, interactive_eval, kernel_resources, long_video,
-                   memory_read, training)
+                   memory_read, ragged_read, training)
 from bench.common import RESULTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -23,7 +23,8 @@ SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize,
              "held_out": held_out.summarize, "long_video": long_video.summarize,
              "interactive": interactive.summarize,
              "interactive_eval": interactive_eval.summarize,
-             "kernel_work": kernel_resources.summary}
+             "kernel_work": kernel_resources.summary,
+             "ragged_read": ragged_read.summary}
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
 
 

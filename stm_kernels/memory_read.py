@@ -35,7 +35,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
-                backend="auto", return_lse=False):
+                backend="auto", return_lse=False, memory_lengths=None):
     """Space-time memory read: softmax attention of every query position over all memory positions.
 
     For each object b and query position i::
@@ -61,6 +61,12 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
             (chunked online softmax, bounded memory), "naive" (official materialising read) or
             "auto" (triton on CUDA for fp16/bf16/fp32, torch otherwise).
         return_lse: also return the log-sum-exp of the scores.
+        memory_lengths: optional (B,) integer tensor (or sequence of ints): object b reads only
+            its first memory_lengths[b] memory positions, 1 <= length <= N (positions counted
+            over the flattened N = T*H'*W', chunks concatenated), as in FlashAttention's varlen.
+            The rest of the padded memory (e.g. a memory bank's unused capacity) is never
+            read, may hold anything, and gets zero gradient. Checking the values costs one
+            device synchronisation (skipped while torch.compile traces).
 
     Returns:
         out (B, Cv, *Q) in memory_value's dtype; with return_lse=True also lse (B, *Q), the
@@ -76,12 +82,14 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python number or None; got {scale!r}")
     backend = _resolve_backend(backend, keys[0])
+    lengths = _checked_lengths(memory_lengths, keys)
     l2 = similarity == "l2"
     if backend == "naive":
         out, lse = naive_memory_read(q, _concatenated(keys), _concatenated(values), float(scale),
-                                     l2, need_lse=return_lse)
+                                     l2, need_lse=return_lse, lengths=lengths)
     else:
-        out, lse = torch.ops.stm_kernels.memory_read(q, keys, values, float(scale), l2, backend)
+        out, lse = torch.ops.stm_kernels.memory_read(q, keys, values, float(scale), l2, backend,
+                                                     lengths)
     out = out.unflatten(2, query_spatial)
     if return_lse:
         return out, lse.unflatten(1, query_spatial)
@@ -158,6 +166,36 @@ def _flatten_checked(query_key, memory_key, memory_value):
             query_key.shape[2:])
 
 
+def _checked_lengths(memory_lengths, keys):
+    """memory_lengths as a (B,) int64 tensor on the memory's device, or None; ValueError when
+    it is not (B,) integers in [1, N]."""
+    if memory_lengths is None:
+        return None
+    B, device = keys[0].shape[0], keys[0].device
+    N = sum(key.shape[2] for key in keys)
+    expected = f"a (B={B},) integer tensor on {device} with values in [1, N={N}]"
+    if not isinstance(memory_lengths, torch.Tensor):
+        try:
+            memory_lengths = torch.as_tensor(memory_lengths, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"memory_lengths must be {expected}; got {memory_lengths!r}") \
+                from error
+    if memory_lengths.is_floating_point() or memory_lengths.is_complex() or \
+            memory_lengths.dtype == torch.bool:
+        raise ValueError(f"memory_lengths must be {expected}; got dtype {memory_lengths.dtype}")
+    if tuple(memory_lengths.shape) != (B,):
+        raise ValueError(f"memory_lengths must be {expected}; got shape "
+                         f"{tuple(memory_lengths.shape)}")
+    if memory_lengths.device != device:
+        raise ValueError(f"memory_lengths must be {expected}; got a tensor on "
+                         f"{memory_lengths.device}")
+    if not torch.compiler.is_compiling():
+        low, high = memory_lengths.min().item(), memory_lengths.max().item()
+        if low < 1 or high > N:
+            raise ValueError(f"memory_lengths must be {expected}; got values in [{low}, {high}]")
+    return memory_lengths.to(torch.int64)
+
+
 def _resolve_backend(backend, memory_key):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
@@ -192,13 +230,14 @@ def _concatenated(chunks):
 # list of memory frames at every step of a clip keeps O(T) memory alive, not O(T^2) copies.
 @torch.library.custom_op("stm_kernels::memory_read", mutates_args=())
 def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
-                    scale: float, l2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, l2: bool, backend: str,
+                    lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     forward = _triton.triton_forward if backend == "triton" else torch_forward
-    return forward(q, _concatenated(ks), _concatenated(vs), scale, l2)
+    return forward(q, _concatenated(ks), _concatenated(vs), scale, l2, lengths)
 
 
 @_memory_read_op.register_fake
-def _(q, ks, vs, scale, l2, backend):
+def _(q, ks, vs, scale, l2, backend, lengths):
     B, Cv, HW = ks[0].shape[0], vs[0].shape[1], q.shape[2]
     return vs[0].new_empty((B, Cv, HW)), vs[0].new_empty((B, HW), dtype=_lse_dtype(vs[0].dtype))
 
@@ -207,37 +246,38 @@ def _(q, ks, vs, scale, l2, backend):
 def _memory_read_backward_op(
         grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor,
         ks: list[torch.Tensor], vs: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-        scale: float, l2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale: float, l2: bool, backend: str,
+        lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with dk, dv over the concatenated memory (split per chunk by autograd)."""
     backward = _triton.triton_backward if backend == "triton" else torch_backward
     return backward(grad_out, grad_lse, q, _concatenated(ks), _concatenated(vs), out, lse, scale,
-                    l2)
+                    l2, lengths)
 
 
 @_memory_read_backward_op.register_fake
-def _(grad_out, grad_lse, q, ks, vs, out, lse, scale, l2, backend):
+def _(grad_out, grad_lse, q, ks, vs, out, lse, scale, l2, backend, lengths):
     N = sum(k.shape[2] for k in ks)
     return (q.new_empty(q.shape), ks[0].new_empty(ks[0].shape[:2] + (N,)),
             vs[0].new_empty(vs[0].shape[:2] + (N,)))
 
 
 def _setup_context(ctx, inputs, output):
-    q, ks, vs, scale, l2, backend = inputs
+    q, ks, vs, scale, l2, backend, lengths = inputs
     out, lse = output
-    ctx.save_for_backward(q, out, lse, *ks, *vs)
+    ctx.save_for_backward(q, out, lse, lengths, *ks, *vs)
     ctx.chunks = len(ks)
     ctx.options = (scale, l2, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, out, lse, *memory = ctx.saved_tensors
+    q, out, lse, lengths, *memory = ctx.saved_tensors
     ks, vs = memory[:ctx.chunks], memory[ctx.chunks:]
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.stm_kernels.memory_read_backward(
-        grad_out, grad_lse, q, ks, vs, out, lse, *ctx.options)
+        grad_out, grad_lse, q, ks, vs, out, lse, *ctx.options, lengths)
     sizes = [k.shape[2] for k in ks]
-    return dq, list(dk.split(sizes, dim=2)), list(dv.split(sizes, dim=2)), None, None, None
+    return dq, list(dk.split(sizes, dim=2)), list(dv.split(sizes, dim=2)), None, None, None, None
 
 
 _memory_read_op.register_autograd(_backward, setup_context=_setup_context)

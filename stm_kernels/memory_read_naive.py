@@ -4,17 +4,26 @@ PyTorch."""
 import torch
 
 
-def naive_memory_read(q, k, v, scale, l2, need_lse=True):
+def naive_memory_read(q, k, v, scale, l2, need_lse=True, lengths=None):
     """(out (B, Cv, HW), lse (B, HW) or None) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
     Builds the (B, N, HW) affinity like the official code: bmm, scale, softmax over memory
     positions, bmm with the values. lse is computed only when asked (it costs another pass).
+    lengths (B,): only the first lengths[b] memory positions of object b count; the others are
+    zeroed before use (they may hold anything) and masked out of the softmax.
     """
-    B = k.shape[0]
+    B, _, N = k.shape
+    valid = None
+    if lengths is not None:
+        valid = torch.arange(N, device=k.device) < lengths.to(k.device).unsqueeze(1)  # (B, N)
+        k = torch.where(valid.unsqueeze(1), k, 0)
+        v = torch.where(valid.unsqueeze(1), v, 0)
     affinity = torch.bmm(k.transpose(1, 2), q.expand(B, -1, -1))  # (B, N, HW)
     if l2:
         affinity = 2 * affinity - k.pow(2).sum(1).unsqueeze(2)
     affinity = affinity * scale
+    if valid is not None:
+        affinity = affinity.masked_fill(~valid.unsqueeze(2), float("-inf"))
     probabilities = torch.softmax(affinity, dim=1)
     out = torch.bmm(v, probabilities.to(v.dtype))
     lse = None

@@ -25,35 +25,87 @@ def _scores(q_rows, k_chunk, scale, l2):
     return scores
 
 
-def torch_forward(q, k, v, scale, l2):
-    """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N)."""
+def _per_object(q, lengths):
+    """(object index, its query, its memory length) for a ragged memory, one object at a time."""
+    for b, length in enumerate(lengths.tolist()):
+        yield b, q[b:b + 1] if q.shape[0] > 1 else q, length
+
+
+def _chunk_rows(t, order, active, start, stop):
+    """Positions [start, stop) of the first `active` objects in `order` (a view when the order
+    is the objects' own)."""
+    if order is None:
+        return t[:active, :, start:stop]
+    return t[:, :, start:stop].index_select(0, order[:active])
+
+
+def _segments(ends, B, HW):
+    """(start, stop, active objects) chunks of the memory: split where an object's memory
+    ends (the objects reading a chunk are then all valid there), at most a chunk's worth of
+    scores each."""
+    bounds = sorted(set(ends) | {0})
+    for low, high in zip(bounds, bounds[1:]):
+        active = sum(end >= high for end in ends)
+        step = _chunk_length(active, HW, high - low)
+        for start in range(low, high, step):
+            yield start, min(start + step, high), active
+
+
+def torch_forward(q, k, v, scale, l2, lengths=None):
+    """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
+
+    lengths: optional (B,) valid memory positions per object. The objects are then taken
+    longest first and the memory cut where an object's memory ends, so that each chunk is one
+    batched product over the objects whose memory covers it: the work is proportional to the
+    sum of the lengths and no position past an object's length is ever read.
+    """
     B, _, N = k.shape
-    HW = q.shape[2]
+    HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = _accumulation_dtype(v.dtype)
+    order, ends = None, [N] * B
+    if lengths is not None:
+        order = torch.argsort(lengths, descending=True, stable=True)
+        ends = lengths[order].tolist()
+        if torch.equal(order, torch.arange(B, device=order.device)):
+            order = None  # already longest first: chunks are views
+        elif q.shape[0] > 1:
+            q = q.index_select(0, order)
     q_rows = (q.to(acc_dtype) * scale).transpose(1, 2)  # (Bq, HW, Ck)
-    chunk = _chunk_length(B, HW, N)
-    acc = row_max = row_sum = None
-    for start in range(0, N, chunk):
-        k_chunk = k[:, :, start:start + chunk].to(acc_dtype)
-        v_rows = v[:, :, start:start + chunk].to(acc_dtype).transpose(1, 2)  # (B, n, Cv)
-        scores = _scores(q_rows, k_chunk, scale, l2)  # (B, HW, n)
-        chunk_max = scores.amax(2)
-        new_max = chunk_max if row_max is None else torch.maximum(row_max, chunk_max)
-        probabilities = scores.sub_(new_max.unsqueeze(2)).exp_()
-        if acc is None:
-            row_sum = probabilities.sum(2)
-            acc = torch.bmm(probabilities, v_rows)
-        else:
-            alpha = torch.exp(row_max - new_max)
-            row_sum = row_sum.mul_(alpha).add_(probabilities.sum(2))
-            acc = acc.mul_(alpha.unsqueeze(2)).baddbmm_(probabilities, v_rows)
-        row_max = new_max
-    out = acc.div_(row_sum.unsqueeze(2)).transpose(1, 2).to(v.dtype).contiguous()
-    return out, row_max + torch.log(row_sum)
+    acc = torch.zeros((B, HW, Cv), dtype=acc_dtype, device=k.device)
+    row_sum = torch.zeros((B, HW), dtype=acc_dtype, device=k.device)
+    row_max = torch.full((B, HW), float("-inf"), dtype=acc_dtype, device=k.device)
+    for start, stop, active in _segments(ends, B, HW):
+        k_chunk = _chunk_rows(k, order, active, start, stop).to(acc_dtype)
+        v_rows = _chunk_rows(v, order, active, start, stop).to(acc_dtype).transpose(1, 2)
+        scores = _scores(q_rows[:active] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
+        new_max = torch.maximum(row_max[:active], scores.amax(2))
+        probabilities = scores.sub_(new_max.unsqueeze(2)).exp_()  # (active, HW, n)
+        alpha = torch.exp(row_max[:active] - new_max)
+        row_sum[:active].mul_(alpha).add_(probabilities.sum(2))
+        acc[:active].mul_(alpha.unsqueeze(2)).baddbmm_(probabilities, v_rows)
+        row_max[:active] = new_max
+    out = acc.div_(row_sum.unsqueeze(2)).transpose(1, 2).to(v.dtype)
+    lse = row_max + torch.log(row_sum)
+    if order is not None:
+        inverse = torch.argsort(order)
+        out, lse = out.index_select(0, inverse), lse.index_select(0, inverse)
+    return out.contiguous(), lse
 
 
-def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2):
-    """(dq shaped like q, dk, dv) of the read, one memory chunk at a time."""
+def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
+    """(dq shaped like q, dk, dv) of the read, one memory chunk at a time; with lengths, one
+    object at a time over its own positions (zero dk, dv past them)."""
+    if lengths is not None:
+        dq = torch.zeros(q.shape, dtype=_accumulation_dtype(q.dtype), device=q.device)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for b, q_b, length in _per_object(q, lengths):
+            grads = torch_backward(
+                grad_out[b:b + 1], None if grad_lse is None else grad_lse[b:b + 1], q_b,
+                k[b:b + 1, :, :length], v[b:b + 1, :, :length], out[b:b + 1], lse[b:b + 1],
+                scale, l2)
+            dq[b if q.shape[0] > 1 else 0] += grads[0][0]
+            dk[b, :, :length], dv[b, :, :length] = grads[1][0], grads[2][0]
+        return dq.to(q.dtype), dk, dv
     B, Ck, N = k.shape
     HW = q.shape[2]
     acc_dtype = _accumulation_dtype(v.dtype)

@@ -233,9 +233,17 @@ def _split_buffers(splits, out, lse):
             new_buffer((splits, B, HW), torch.float32, out.device))
 
 
-def triton_forward(q, k, v, scale, l2):
+def _lengths_argument(lengths, k):
+    """(pointer argument, RAGGED) for optional per-object memory lengths."""
+    if lengths is None:
+        return k, False  # never read
+    return lengths.to(device=k.device, dtype=torch.int32).contiguous(), True
+
+
+def triton_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW) float32) for q (Bq, Ck, HW), k (B, Ck, N),
-    v (B, Cv, N); q, k, v share one dtype, any strides."""
+    v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
+    positions per object (validated by the caller)."""
     _check_device(q, k, v)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -245,14 +253,15 @@ def triton_forward(q, k, v, scale, l2):
     align_k, align_v = _alignment(k), _alignment(v)
     # |k|^2 for the L2 similarity, once per call (a per-block reduction costs barriers).
     ksq = k.float().square().sum(1) if l2 else k
+    lengths, ragged = _lengths_argument(lengths, k)
     arguments = dict(
-        q=q, k=k, v=v, ksq=ksq, stride_sqb=ksq.stride(0),
+        q=q, k=k, v=v, ksq=ksq, stride_sqb=ksq.stride(0), lengths=lengths, RAGGED=ragged,
         stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
         stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
         **_memory_strides("v", v, align_v),
         HW=HW, N=N, CK=Ck, CV=Cv, qk_scale=scale * LOG2E, L2=l2,
         ALIGN_K=align_k, ALIGN_V=align_v, **flags)
-    gluon = _warp_specialized_forward(q, k, v)
+    gluon = None if ragged else _warp_specialized_forward(q, k, v)
 
     def launch(config):
         if gluon is not None:  # all value channels in one program: no value chunks
@@ -280,8 +289,9 @@ def triton_forward(q, k, v, scale, l2):
         return _run_first_fitting("forward", (k.dtype, Ck, Cv, l2, gluon is not None), launch)
 
 
-def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2):
-    """Gradients (dq shaped like q, dk, dv) of the read; probabilities are recomputed from lse."""
+def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
+    """Gradients (dq shaped like q, dk, dv) of the read; probabilities are recomputed from lse.
+    With lengths, positions past an object's length get zero dk, dv."""
     _check_device(q, k, v)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -298,7 +308,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2):
     dq_batches = 1 if q.shape[0] == 1 else q.shape[0]
     flags = _launch_flags((q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
-    query = dict(q=q, k=k, do=grad_out, lse=lse,
+    lengths, ragged = _lengths_argument(lengths, k)
+    query = dict(q=q, k=k, do=grad_out, lse=lse, lengths=lengths, RAGGED=ragged,
                  stride_qb=0 if shared_query else q.stride(0), stride_qc=q.stride(1),
                  stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
                  **_strides("do", grad_out, "bcm"), **_strides("l", lse, "bm"),

@@ -12,7 +12,8 @@ probabilities from the saved log-sum-exp; tiles are transposed (memory positions
 
 Layout as in triton_fwd; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
 natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
-similarity's factor). dQ sums in a run-dependent order (atomics): not bitwise reproducible.
+similarity's factor); lengths (B,) int32 for ragged memories (RAGGED): positions past an
+object's length are never read and get zero dK, dV. dQ sums in a run-dependent order (atomics): not bitwise reproducible.
 """
 import triton
 import triton.language as tl
@@ -21,21 +22,37 @@ from .triton_common import LOG2E_C, aligned_stride, dot, tile_offsets
 
 
 @triton.jit
-def _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_m, qk_scale, L2: tl.constexpr,
+def _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2: tl.constexpr,
                      MASK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # P^T [BLOCK_N, BLOCK_M] from K [BLOCK_N, BLOCK_CK], Q [BLOCK_CK, BLOCK_M], base-2 lse.
+    # Rows past the memory (loaded as k = 0) are zeroed: exp2(0 - lse) can overflow fp16 when
+    # the lse is very negative (L2 scores), and inf * 0 would reach dQ as NaN.
     b_st = dot(b_k, b_q, PRECISION, UPCAST)
     if L2:
         b_st = 2.0 * b_st - b_ksq[:, None]
     b_pt = tl.exp2(b_st * qk_scale - b_lse2[None, :])
     if MASK_M:
-        b_pt = tl.where(m_m[None, :], b_pt, 0.0)
+        b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
+    else:
+        b_pt = tl.where(m_n[:, None], b_pt, 0.0)
     return b_pt
 
 
 @triton.jit
-def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan, m_m,
-             stride_lm, qk_scale, L2: tl.constexpr, MASK_M: tl.constexpr,
+def _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N: tl.constexpr, RAGGED: tl.constexpr):
+    # (valid memory positions of object i_b, queries to loop over): a memory block wholly
+    # past a ragged object's length skips the loop and stores zero gradients.
+    n_end = N
+    hw_end = HW
+    if RAGGED:
+        n_end = tl.minimum(tl.load(lengths + i_b).to(tl.int32), N)
+        hw_end = tl.where(i_n * BLOCK_N < n_end, HW, 0)
+    return n_end, hw_end
+
+
+@triton.jit
+def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan, m_n,
+             m_m, stride_lm, qk_scale, L2: tl.constexpr, MASK_M: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One query block's contribution to this memory block's dV chunk. Only the last query
     # block is masked along HW (see triton_fwd._scores).
@@ -47,13 +64,14 @@ def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_
         b_q = tl.load(p_q + o_q, mask=m_q_chan, other=0.0)
         b_lse2 = tl.load(p_lse + o_m * stride_lm) * LOG2E_C
         b_do = tl.load(p_do + o_do, mask=m_do_chan, other=0.0)
-    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_m, qk_scale, L2, MASK_M, PRECISION, UPCAST)
+    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2, MASK_M, PRECISION,
+                           UPCAST)
     return b_dv + dot(b_pt.to(b_do.dtype), tl.trans(b_do), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
 
 
 @triton.jit
 def memory_read_bwd_kernel_dv(
-    q, k, do, lse, dv,
+    q, k, do, lse, dv, lengths,
     stride_qb, stride_qc, stride_qm,
     stride_kb, stride_kc, stride_kn,
     stride_dob, stride_doc, stride_dom,
@@ -61,8 +79,8 @@ def memory_read_bwd_kernel_dv(
     stride_dvb, stride_dvc, stride_dvn,
     HW, N, CK, CV, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
-    BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    I64: tl.constexpr, ALIGN_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_bv = tl.program_id(1)
@@ -75,7 +93,8 @@ def memory_read_bwd_kernel_dv(
     o_m = tl.arange(0, BLOCK_M)
     first_n = (i_n * BLOCK_N).to(tl.int64)
     first_v = (i_v * BLOCK_V).to(tl.int64)
-    m_n = (i_n * BLOCK_N + o_n) < N
+    n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
+    m_n = (i_n * BLOCK_N + o_n) < n_end  # positions past n_end are never read
     m_c = o_c < CK
     m_v = (i_v * BLOCK_V + o_v) < CV
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
@@ -97,21 +116,22 @@ def memory_read_bwd_kernel_dv(
     m_do_chan = m_v[:, None]
 
     b_dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    full_m_end = HW // BLOCK_M * BLOCK_M
+    full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
         b_dv = _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan,
-                        o_m, stride_lm, qk_scale, L2, False, PRECISION, UPCAST)
+                        m_n, o_m, stride_lm, qk_scale, L2, False, PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
         p_lse += BLOCK_M * stride_lm
-    if full_m_end < HW:
-        m_m = (full_m_end + o_m) < HW
+    if full_m_end < hw_end:
+        m_m = (full_m_end + o_m) < hw_end
         b_dv = _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan,
-                        m_m, stride_lm, qk_scale, L2, True, PRECISION, UPCAST)
+                        m_n, m_m, stride_lm, qk_scale, L2, True, PRECISION, UPCAST)
 
+    b_dv = tl.where(m_n[:, None], b_dv, 0.0)  # padded positions get zero gradient
     p_dv = dv + i_b * stride_dvb + first_n * stride_dvn + first_v * stride_dvc
     tl.store(p_dv + tile_offsets(o_n, o_v, stride_dvn, stride_dvc, I64),
-             b_dv.to(p_dv.dtype.element_ty), mask=m_n[:, None] & m_v[None, :])
+             b_dv.to(p_dv.dtype.element_ty), mask=((first_n + o_n) < N)[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -157,7 +177,8 @@ def _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_
         b_q = tl.load(p_q + o_q, mask=m_q_chan, other=0.0)
         b_lse2 = tl.load(p_lse + o_m * stride_lm) * LOG2E_C
         b_delta = tl.load(p_delta + o_m * stride_lm)
-    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_m, qk_scale, L2, MASK_M, PRECISION, UPCAST)
+    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2, MASK_M, PRECISION,
+                           UPCAST)
     b_dpt = _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV, BLOCK_N,
                   BLOCK_M, BLOCK_CV, NUM_CV, MASK_M, PRECISION, UPCAST)
     b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)  # [BLOCK_N, BLOCK_M]
@@ -174,7 +195,7 @@ def _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_
 
 @triton.jit
 def memory_read_bwd_kernel_dkdq(
-    q, k, v, do, lse, delta, dk, dq,
+    q, k, v, do, lse, delta, dk, dq, lengths,
     stride_qb, stride_qc, stride_qm,
     stride_kb, stride_kc, stride_kn,
     stride_vb, stride_vc, stride_vn,
@@ -184,8 +205,9 @@ def memory_read_bwd_kernel_dkdq(
     stride_dqb,
     HW, N, CK, CV, scale, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
-    BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+    BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
+    ALIGN_V: tl.constexpr,
 ):
     # One program per (memory block, object). dq shares q's channel and position strides
     # (the launcher allocates it so); stride_dqb is 0 for a broadcast query, so every object
@@ -198,7 +220,8 @@ def memory_read_bwd_kernel_dkdq(
     o_cv = tl.arange(0, BLOCK_CV)
     o_m = tl.arange(0, BLOCK_M)
     first_n = (i_n * BLOCK_N).to(tl.int64)
-    m_n = (i_n * BLOCK_N + o_n) < N
+    n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
+    m_n = (i_n * BLOCK_N + o_n) < n_end  # positions past n_end are never read
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
     stride_vc = aligned_stride(stride_vc, ALIGN_V)
@@ -227,7 +250,7 @@ def memory_read_bwd_kernel_dkdq(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_CK], dtype=tl.float32)
     b_dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    full_m_end = HW // BLOCK_M * BLOCK_M
+    full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
         b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, o_m, stride_lm,
@@ -238,8 +261,8 @@ def memory_read_bwd_kernel_dkdq(
         p_do += BLOCK_M * stride_dom
         p_lse += BLOCK_M * stride_lm
         p_delta += BLOCK_M * stride_lm
-    if full_m_end < HW:
-        m_m = (full_m_end + o_m) < HW
+    if full_m_end < hw_end:
+        m_m = (full_m_end + o_m) < hw_end
         b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm,
                                   stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
@@ -251,6 +274,7 @@ def memory_read_bwd_kernel_dkdq(
         b_dk = scale * (2.0 * b_dk - 2.0 * b_kf * b_dsum[:, None])
     else:
         b_dk = scale * b_dk
+    b_dk = tl.where(m_n[:, None], b_dk, 0.0)  # padded positions get zero gradient
     p_dk = dk + i_b * stride_dkb + first_n * stride_dkn
     tl.store(p_dk + tile_offsets(o_n, o_c, stride_dkn, stride_dkc, I64),
-             b_dk.to(p_dk.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
+             b_dk.to(p_dk.dtype.element_ty), mask=((first_n + o_n) < N)[:, None] & m_c[None, :])

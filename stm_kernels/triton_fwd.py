@@ -4,6 +4,7 @@ Layout (channel-first, as STM stores it; any strides):
     q   (Bq, Ck, HW)   query key, Bq = B or 1 (stride 0 broadcasts it over objects)
     k   (B,  Ck, N)    memory key
     ksq (B, N)         |k|^2 in float32 (similarity "l2" only)
+    lengths (B,)       valid memory positions per object (ragged memories only), int32
     v   (B,  Cv, N)    memory value
     o   (S, B, Cv, HW) read-out of each memory split s (the final output when S = 1)
     lse (S, B, HW)     natural-log log-sum-exp of the scores, float32
@@ -59,7 +60,7 @@ def _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_v, m_v_chan, m_n,
 
 @triton.jit
 def memory_read_fwd_kernel(
-    q, k, ksq, v, o, lse,
+    q, k, ksq, v, o, lse, lengths,
     stride_qb, stride_qc, stride_qm,
     stride_kb, stride_kc, stride_kn, stride_sqb,
     stride_vb, stride_vc, stride_vn,
@@ -67,11 +68,13 @@ def memory_read_fwd_kernel(
     stride_ls, stride_lb, stride_lm,
     HW, N, CK, CV, n_per_split, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
-    BLOCK_V: tl.constexpr, NUM_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
     ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
 ):
-    # One program per (query block, object x value chunk, memory split).
+    # One program per (query block, object x value chunk, memory split). RAGGED: object b's
+    # memory is its first lengths[b] positions; a split past it reads nothing and writes an
+    # empty partial read (out 0, lse -inf), which the merge weighs by zero.
     i_m = tl.program_id(0)
     i_bv = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -94,8 +97,11 @@ def memory_read_fwd_kernel(
     b_q = tl.load(p_q + tile_offsets(o_m, o_c, stride_qm, stride_qc, I64),
                   mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BLOCK_M, BLOCK_CK]
 
+    n_end = N
+    if RAGGED:
+        n_end = tl.minimum(tl.load(lengths + i_b).to(tl.int32), N)
     n_lo = i_s * n_per_split
-    n_hi = tl.minimum(n_lo + n_per_split, N)
+    n_hi = tl.maximum(tl.minimum(n_lo + n_per_split, n_end), n_lo)
     n_full_end = n_lo + (n_hi - n_lo) // BLOCK_N * BLOCK_N
     # Scalar int64 pointers advance through memory; the in-tile offsets stay loop-invariant.
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
@@ -125,7 +131,7 @@ def memory_read_fwd_kernel(
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
                                                   m_n, True, PRECISION, UPCAST)
 
-    b_o = b_acc / b_sum[:, None]  # [BLOCK_M, BLOCK_V]
+    b_o = b_acc / tl.where(b_sum > 0, b_sum, 1.0)[:, None]  # [BLOCK_M, BLOCK_V]; 0 if empty
     p_o = o + i_s.to(tl.int64) * stride_os + i_b * stride_ob + first_m * stride_om + first_v * stride_oc
     tl.store(p_o + tile_offsets(o_m, o_v, stride_om, stride_oc, I64), b_o.to(p_o.dtype.element_ty),
              mask=m_m[:, None] & m_v[None, :])

@@ -107,3 +107,19 @@ def test_interactive_eval_benchmark_on_a_davis_folder(tmp_path, monkeypatch, cap
     assert (tmp_path / "results" / (path.stem + ".png")).exists()
     assert 1 <= len(payload["sequences"]["synth"]["rounds"]) <= 2
     assert "| synth | 2 | 6 |" in capsys.readouterr().out
+
+
+def test_ragged_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert suite.main(["ragged-read", "--device", "cpu", "--frames", "1", "2", "--hw", "16",
+                       "--ck", "16", "--cv", "32", "--rounds", "3"]) == 0
+    [path] = tmp_path.glob("ragged_read_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / (path.stem + ".png")).exists()
+    assert {(r["variant"], r["frames"]) for r in payload["records"]} == {
+        (variant, frames) for variant in ("ragged", "padded", "per-video", "equal-work")
+        for frames in (1, 2)}
+    for record in payload["records"]:
+        assert record["lengths"] == [16 * record["frames"] * m for m in (1, 2, 3, 4)]
+        assert record["q20_ms"] <= record["median_ms"] <= record["q80_ms"]
+    assert "| 2 | 32, 64, 96, 128 |" in capsys.readouterr().out

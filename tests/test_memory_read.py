@@ -34,6 +34,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _check(results, expected, dtype, grad_factor=3):
     names = ["out", "lse", "dq", "dk", "dv"]
     for name, actual, reference in zip(names, results, expected):
+        if reference is None:
+            continue
         bound = TOLERANCE[dtype] * (1 if name in ("out", "lse") else grad_factor)
         assert actual.shape == reference.shape, name
         error = rel_error(actual, reference)
@@ -329,3 +331,126 @@ def test_warp_specialized_forward_through_memory_read(dtype, similarity, monkeyp
         pytest.skip(memory_read_gluon.unsupported_reason(q, k, v))
     results = read_with_grads(q, k, v, backend="triton", similarity=similarity)
     _check(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
+
+
+# ---------------------------------------------------------------- ragged memories
+
+def _ragged_read(q, k, v, lengths, cotangents, **kwargs):
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = memory_read(q, k, v, memory_lengths=lengths, return_lse=True, **kwargs)
+    grad_out, grad_lse = cotangents
+    ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
+    return [out, lse, q.grad, k.grad, v.grad]
+
+
+def _per_object_reference(q, k, v, lengths, cotangents, **kwargs):
+    """Each object read alone over its own memory slice, in float64 with the naive read."""
+    grad_out, grad_lse = cotangents
+    q64 = q.detach().double().cpu().requires_grad_()
+    results = [[], [], None, torch.zeros(k.shape, dtype=torch.float64),
+               torch.zeros(v.shape, dtype=torch.float64)]
+    for b, length in enumerate(lengths):
+        k_b = k[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
+        v_b = v[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
+        q_b = q64[b:b + 1] if q.shape[0] > 1 else q64
+        out, lse = memory_read(q_b, k_b, v_b, backend="naive", return_lse=True, **kwargs)
+        ((out * grad_out[b:b + 1]).sum() + (lse * grad_lse[b:b + 1]).sum()).backward()
+        results[0].append(out.detach())
+        results[1].append(lse.detach())
+        results[3][b, :, :length], results[4][b, :, :length] = k_b.grad[0], v_b.grad[0]
+    return [torch.cat(results[0]), torch.cat(results[1]), q64.grad, results[3], results[4]]
+
+
+RAGGED_BACKENDS = ["triton", "torch", "naive"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", RAGGED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("Bq", [1, 3])
+def test_ragged_memory_equals_per_object_reads_and_never_reads_the_padding(
+        device, backend, dtype, similarity, Bq):
+    """memory_lengths: each object reads its own first positions of a padded memory whose
+    padding is NaN; gradients past the lengths are zero (FlashAttention-varlen style)."""
+    if backend == "naive" and device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if backend != "naive":
+        skip_unless_runnable(backend, device, dtype)
+    B, Ck, Cv, HW, N = 3, 24, 40, 37, 150
+    q, k, v = random_inputs(B, Bq, Ck, Cv, HW, N, dtype, device, seed=16)
+    lengths = [150, 41, 1]
+    for b, length in enumerate(lengths):  # a bank's unused capacity: anything, NaN included
+        k[b, :, length:] = float("nan")
+        v[b, :, length:] = float("nan")
+    generator = torch.Generator().manual_seed(2)
+    cotangents = (torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64),
+                  torch.randn(B, HW, generator=generator, dtype=torch.float64))
+    tensor_lengths = torch.tensor(lengths, device=device)
+    results = _ragged_read(q, k, v, tensor_lengths, cotangents, backend=backend,
+                           similarity=similarity)
+    _check(results, _per_object_reference(q, k, v, lengths, cotangents, similarity=similarity),
+           dtype)
+    for b, length in enumerate(lengths):
+        assert (results[3][b, :, length:] == 0).all() and (results[4][b, :, length:] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_ragged_memory_with_splits_and_chunks(device, similarity):
+    """Memory splits past an object's length (empty partial reads in the merge), value chunks,
+    and merge_reads of two ragged reads over consecutive memory chunks."""
+    skip_unless_runnable("triton", device)
+    B, Ck, Cv, HW, N = 2, 16, 24, 30, 160
+    q, k, v = random_inputs(B, 1, Ck, Cv, HW, N, torch.float32, device, seed=17)
+    lengths = [160, 20]
+    generator = torch.Generator().manual_seed(3)
+    cotangents = (torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64),
+                  torch.randn(B, HW, generator=generator, dtype=torch.float64))
+    expected = _per_object_reference(q, k, v, lengths, cotangents, similarity=similarity)
+    with use_configs(*SPLIT_CONFIGS[0]):  # splits of 48 positions: object 1 fills one
+        results = _ragged_read(q, k, v, torch.tensor(lengths, device=device), cotangents,
+                               backend="triton", similarity=similarity)
+    _check(results, expected, torch.float32)
+    # merge_reads of two chunks [0, 100) and [100, 160) read with their own lengths: object 0
+    # reads both whole, object 1 reads positions 0-19 of the first and 100 of the second.
+    qg, kg, vg = [t.detach().requires_grad_() for t in (q, k, v)]
+    reads = [memory_read(qg, kg[:, :, a:b], vg[:, :, a:b], return_lse=True, backend="triton",
+                         similarity=similarity, memory_lengths=torch.tensor(chunk, device=device))
+             for (a, b), chunk in (((0, 100), [100, 20]), ((100, 160), [60, 1]))]
+    out, lse = merge_reads(*zip(*reads))
+    grad_out, grad_lse = cotangents
+    ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
+    keep = torch.cat([torch.arange(20), torch.tensor([100])])
+    alone = _per_object_reference(q, k[1:, :, keep], v[1:, :, keep], [21],
+                                  (grad_out[1:], grad_lse[1:]), similarity=similarity)
+    _check([out[1:], lse[1:], None, kg.grad[1:, :, keep], vg.grad[1:, :, keep]],
+           [alone[0], alone[1], None, alone[3], alone[4]], torch.float32)
+    _check([out[:1], lse[:1], None, kg.grad[:1], vg.grad[:1]],
+           [expected[0][:1], expected[1][:1], None, expected[3][:1], expected[4][:1]],
+           torch.float32)
+    assert (kg.grad[1, :, 20:100] == 0).all() and (vg.grad[1, :, 101:] == 0).all()
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ([0, 5], r"values in \[0, 5\]"), ([-1, 5], r"values in \[-1, 5\]"),
+    ([13, 5], r"values in \[5, 13\]"), ([5], r"got shape \(1,\)"), ([[5, 5]], r"shape \(1, 2\)"),
+    (torch.tensor([5.0, 5.0]), "dtype torch.float32"), (torch.tensor([True, True]), "dtype"),
+    (torch.tensor([5, 5], device="meta"), "on meta"), ("five", "got 'five'"),
+], ids=["zero", "negative", "above N", "short", "2-D", "float", "bool", "device", "string"])
+def test_bad_memory_lengths_are_rejected(lengths, message):
+    q, k, v = random_inputs(2, 1, 8, 6, 10, 12, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"memory_lengths must be a \(B=2,\) integer tensor .*"
+                                         + message):
+        memory_read(q, k, v, memory_lengths=lengths)
+
+
+def test_ragged_read_compiles_without_graph_breaks():
+    q, k, v = random_inputs(2, 1, 8, 6, 10, 12, torch.float32, "cpu", seed=18)
+    lengths = torch.tensor([12, 5])
+
+    def read(q, k, v, lengths):
+        return memory_read(q, k, v, memory_lengths=lengths, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(read, fullgraph=True, backend="aot_eager")
+    assert rel_error(compiled(q, k, v, lengths), read(q, k, v, lengths)) < 1e-6

@@ -1,0 +1,153 @@
+"""Ragged memories in one launch: the read of B objects whose memories have different lengths.
+
+    python -m bench ragged-read                 # defaults for the device present
+    python -m bench ragged-read --frames 4 8    # shortest memory in frames (4:1 spread above it)
+
+B = 4 objects (e.g. four videos) with memories of L, 2L, 3L and 4L positions (a 4:1 spread)
+stored in one padded (B, C, 4L) memory, read by one query frame. Variants, all exact:
+    ragged      memory_read(..., memory_lengths=lengths): one call over the padded memory
+    padded      the same memory read without lengths: every object over all 4L positions
+                (what a batch costs without ragged support; it also reads the padding)
+    per-video   B separate calls, each over its own slice
+    equal-work  B objects of the mean length 2.5L each: the time a read proportional to the
+                sum of the lengths should take (target: ragged within 10% of it)
+Fused read: triton on a GPU (bf16, 480p query: HW = 1,620), torch on CPU (fp32, HW = 405).
+Writes bench/results/ragged_read_<device>_<date>.json and a PNG beside it.
+"""
+import argparse
+
+import torch
+
+from bench import common
+from stm_kernels import memory_read
+
+VARIANTS = ("ragged", "padded", "per-video", "equal-work")
+DEFAULTS = {"cuda": dict(hw=1620, frames=(4, 25), dtype="bf16"),
+            "cpu": dict(hw=405, frames=(4, 16), dtype="fp32")}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def calls(variant, q, k, v, lengths, backend):
+    """A zero-argument call of the variant over a padded memory k, v (B, C, N_max)."""
+    if variant == "ragged":
+        tensor_lengths = torch.tensor(lengths, device=k.device)
+        return lambda: memory_read(q, k, v, memory_lengths=tensor_lengths, backend=backend)
+    if variant == "padded":
+        return lambda: memory_read(q, k, v, backend=backend)
+    if variant == "per-video":
+        slices = [(k[b:b + 1, :, :n], v[b:b + 1, :, :n]) for b, n in enumerate(lengths)]
+        return lambda: [memory_read(q, k_b, v_b, backend=backend) for k_b, v_b in slices]
+    mean = sum(lengths) // len(lengths)
+    k_even, v_even = k[:, :, :mean], v[:, :, :mean]
+    return lambda: memory_read(q, k_even, v_even, backend=backend)
+
+
+def run(args, device):
+    dtype = DTYPES[args.dtype]
+    backend = "triton" if device.type == "cuda" else "torch"
+    records = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    for frames in args.frames:
+        shortest = frames * args.hw
+        lengths = [shortest * m for m in range(1, args.objects + 1)]
+        n_max = lengths[-1]
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+        q, k, v = randn(1, args.ck, args.hw), randn(args.objects, args.ck, n_max), randn(
+            args.objects, args.cv, n_max)
+        timings = interleaved_times(
+            {variant: calls(variant, q, k, v, lengths, backend) for variant in VARIANTS},
+            device, args.rounds)
+        for variant, (median, low, high) in timings.items():
+            records.append(dict(variant=variant, frames=frames, lengths=lengths, n_max=n_max,
+                                sum_lengths=sum(lengths), median_ms=median, q20_ms=low,
+                                q80_ms=high))
+            print(f"{frames:3} frames  {variant:10} {median:9.3f} ms", flush=True)
+    return records
+
+
+def interleaved_times(functions, device, rounds):
+    """{name: (median, 20%, 80%) ms}: on a GPU each function by itself (CUDA events); on a CPU
+    round-robin over the functions, one call each per round, so that load from other processes
+    hits every variant alike."""
+    if device.type == "cuda":
+        return {name: common.time_ms(fn, device) for name, fn in functions.items()}
+    import statistics
+    import time
+    times = {name: [] for name in functions}
+    for fn in functions.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            tick = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - tick) * 1e3)
+    result = {}
+    for name, values in times.items():
+        quantiles = statistics.quantiles(values, n=5)
+        result[name] = (statistics.median(values), quantiles[0], quantiles[3])
+    return result
+
+
+def summary(payload):
+    rows = ["| shortest memory (frames) | lengths (positions) | " + " | ".join(
+        f"{variant} ms" for variant in VARIANTS) + " | ragged / equal-work | padded / ragged |",
+        "|---|---|" + "---|" * (len(VARIANTS) + 2)]
+    for frames in sorted({r["frames"] for r in payload["records"]}):
+        times = {r["variant"]: r["median_ms"] for r in payload["records"] if r["frames"] == frames}
+        lengths = next(r["lengths"] for r in payload["records"] if r["frames"] == frames)
+        rows.append(f"| {frames} | {', '.join(map(str, lengths))} | " + " | ".join(
+            f"{times[variant]:.2f}" for variant in VARIANTS) +
+            f" | {times['ragged'] / times['equal-work']:.2f} | "
+            f"{times['padded'] / times['ragged']:.2f} |")
+    rows.append(f"\n{payload['objects']} objects, HW = {payload['hw']}, Ck = {payload['ck']}, "
+                f"Cv = {payload['cv']}, {payload['dtype']}, backend {payload['backend']}. Target: "
+                "ragged within 10% of equal-work (time proportional to the sum of the lengths).")
+    return "\n".join(rows)
+
+
+def plot(payload, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    frames = sorted({r["frames"] for r in payload["records"]})
+    figure, axes = plt.subplots(1, len(frames), figsize=(4.5 * len(frames), 3.6), squeeze=False)
+    for axis, count in zip(axes[0], frames):
+        times = [next(r["median_ms"] for r in payload["records"]
+                      if r["frames"] == count and r["variant"] == variant) for variant in VARIANTS]
+        axis.bar(VARIANTS, times, color=["C0", "C3", "C2", "C7"])
+        axis.set_title(f"shortest memory {count} frames (4:1 spread)")
+        axis.set_ylabel("ms per read")
+    figure.suptitle(f"Ragged memories, {payload['device']}")
+    return common.save_figure(figure, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--frames", type=int, nargs="+", default=None,
+                        help="shortest memory in frames of HW positions")
+    parser.add_argument("--hw", type=int, default=None)
+    parser.add_argument("--objects", type=int, default=4)
+    parser.add_argument("--ck", type=int, default=128)
+    parser.add_argument("--cv", type=int, default=512)
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    parser.add_argument("--rounds", type=int, default=9, help="CPU: interleaved timing rounds")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.device)
+    defaults = DEFAULTS[device.type]
+    args.frames = args.frames or defaults["frames"]
+    args.hw = args.hw or defaults["hw"]
+    args.dtype = args.dtype or defaults["dtype"]
+    payload = common.environment(device)
+    payload.update(benchmark="ragged_read", objects=args.objects, hw=args.hw, ck=args.ck,
+                   cv=args.cv, dtype=args.dtype,
+                   backend="triton" if device.type == "cuda" else "torch",
+                   records=run(args, device))
+    common.finish_run("ragged_read", payload, plot, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
