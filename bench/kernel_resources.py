@@ -32,6 +32,7 @@ from triton.compiler import ASTSource
 from bench import common, static_work
 from stm_kernels import memory_read_triton as launchers
 from stm_kernels import triton_configs
+from stm_kernels.offline_compile import specialised_signature
 from stm_kernels.triton_bwd import memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv
 from stm_kernels.triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
 
@@ -56,21 +57,8 @@ def useful_macs_per_pair(Ck, Cv):
 
 def compile_kernel(kernel, pointer_types, values, constexprs, num_warps, num_stages, arch):
     """Compile one specialisation for `arch`; return (ptx, ttgir, shared bytes)."""
-    signature, attrs, constexprs = {}, {}, dict(constexprs)
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = pointer_types[name]
-            if pointer_types[name].startswith("*"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        elif values[name] == 1:  # the JIT turns an integer 1 into a constant
-            constexprs[name] = 1
-            signature[name] = "constexpr"
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
+    signature, constexprs, attrs = specialised_signature(kernel.arg_names, pointer_types, values,
+                                                         constexprs)
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))

@@ -69,33 +69,48 @@ def main_loop(ptx, inner_trip_counts=()):
     return body
 
 
-def inner_trip_counts(ttgir):
-    """Constant trip counts of the scf.for loops nested in the outermost loop with a runtime
-    bound, in order of appearance."""
-    constants = {}
-    trips, depth_of_main, depth = [], None, 0
+def _regions(ttgir):
+    """Walk the TTGIR: yield (line, enclosing regions, region the line opens or None) per line;
+    a region is ("main", 1) for a loop with runtime bounds, ("for", trips) for a loop with a
+    constant trip count, ("other", 1) for anything else (functions, ifs, reductions)."""
+    constants, regions = {}, []
     for line in ttgir.splitlines():
         stripped = line.strip()
         constant = re.match(r"(%\w+) = arith\.constant (-?\d+) : i(32|64)", stripped)
         if constant:
             constants[constant.group(1)] = int(constant.group(2))
         if stripped.startswith("}"):
-            depth -= 1
-            if depth_of_main is not None and depth < depth_of_main:
-                break
-            if stripped.endswith("{"):
-                depth += 1
+            if regions:
+                regions.pop()
+            if stripped.endswith("{"):  # "} else {"
+                regions.append(("other", 1))
             continue
-        loop = re.search(r"scf\.for %\S+ = (%\w+) to (%\w+) step (%\w+)", stripped)
-        if loop:
-            bounds = [constants.get(name) for name in loop.groups()]
-            if None in bounds and depth_of_main is None:
-                depth_of_main = depth + 1
-            elif depth_of_main is not None and None not in bounds and depth == depth_of_main:
-                lower, upper, step = bounds
-                trips.append(max(0, -(-(upper - lower) // step)))
+        opened = None
         if stripped.endswith("{"):
-            depth += 1
+            opened = ("other", 1)
+            loop = re.search(r"scf\.for %\S+ = (%\w+) to (%\w+) step (%\w+)", stripped)
+            if loop:
+                lower, upper, step = (constants.get(name) for name in loop.groups())
+                opened = ("main", 1) if None in (lower, upper, step) else (
+                    "for", max(0, -(-(upper - lower) // step)))
+        yield stripped, tuple(regions), opened
+        if opened:
+            regions.append(opened)
+
+
+def inner_trip_counts(ttgir):
+    """Constant trip counts of the loops directly inside the first loop with runtime bounds
+    (the main loop), in order of appearance."""
+    trips, main_depth = [], None
+    for _, regions, opened in _regions(ttgir):
+        if main_depth is None:
+            if opened == ("main", 1):
+                main_depth = len(regions)
+            continue
+        if len(regions) <= main_depth:
+            break  # left the main loop
+        if regions[-1][0] == "main" and opened and opened[0] == "for":
+            trips.append(opened[1])
     return trips
 
 
@@ -159,44 +174,24 @@ def loop_dots(ttgir):
             name, major, warps_m, warps_n, instr = match.groups()
             layouts[name] = dict(version=int(major), warps=(int(warps_m), int(warps_n)),
                                  instr=tuple(int(x) for x in instr.split(",")))
-    constants = {}
-    dots, regions = [], []
-    for line in ttgir.splitlines():
-        stripped = line.strip()
-        constant = re.match(r"(%\w+) = arith\.constant (-?\d+) : i(32|64)", stripped)
-        if constant:
-            constants[constant.group(1)] = int(constant.group(2))
-        if stripped.startswith("}"):
-            if regions:
-                regions.pop()
-            if stripped.endswith("{"):  # "} else {"
-                regions.append(("other", 1))
-            continue
+    dots = []
+    for stripped, regions, _ in _regions(ttgir):
         match = _DOT.search(stripped)
-        if match and any(kind == "main" for kind, _ in regions):
-            _, a_rows, a_cols, _, m, n, layout_name = match.groups()
-            layout = layouts.get(layout_name)
-            M, N, K = int(m), int(n), int(a_cols)
-            duplication = _duplication(M, N, layout) if layout else 1
-            repeats = 1
-            for kind, trips in regions:
-                repeats *= trips
-            dots.append(dict(m=M, n=N, k=K, layout=layout_name,
-                             warps=list(layout["warps"]) if layout else None,
-                             instr=list(layout["instr"]) if layout else None,
-                             duplication=duplication, repeats=repeats,
-                             useful_macs=M * N * K * repeats,
-                             executed_macs=M * N * K * duplication * repeats))
-        if stripped.endswith("{"):
-            loop = re.search(r"scf\.for %\S+ = (%\w+) to (%\w+) step (%\w+)", stripped)
-            if loop:
-                lower, upper, step = (constants.get(name) for name in loop.groups())
-                if None in (lower, upper, step):  # runtime bounds: the main loop
-                    regions.append(("main", 1))
-                else:  # a constant trip count: its dots repeat that often
-                    regions.append(("for", max(0, -(-(upper - lower) // step))))
-            else:
-                regions.append(("other", 1))
+        if not match or not any(kind == "main" for kind, _ in regions):
+            continue
+        _, a_rows, a_cols, _, m, n, layout_name = match.groups()
+        layout = layouts.get(layout_name)
+        M, N, K = int(m), int(n), int(a_cols)
+        duplication = _duplication(M, N, layout) if layout else 1
+        repeats = 1
+        for _, trips in regions:
+            repeats *= trips
+        dots.append(dict(m=M, n=N, k=K, layout=layout_name,
+                         warps=list(layout["warps"]) if layout else None,
+                         instr=list(layout["instr"]) if layout else None,
+                         duplication=duplication, repeats=repeats,
+                         useful_macs=M * N * K * repeats,
+                         executed_macs=M * N * K * duplication * repeats))
     return dots
 
 

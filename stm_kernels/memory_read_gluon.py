@@ -532,6 +532,8 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
         raise RuntimeError(UNAVAILABLE_REASON)
     from triton.backends.compiler import GPUTarget
 
+    from .offline_compile import specialised_signature
+
     config = config or WarpSpecializedConfig()
     torch_dtype = _SIGNATURE_DTYPES[dtype]
     if splits is None:
@@ -554,20 +556,7 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
                       LOAD_REGS=config.load_regs)
     types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
                  o=out_type, lse="*fp32", qk_scale="fp32")
-    signature, attrs = {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in types:
-            signature[name] = types[name]
-            if types[name].startswith("*"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        elif values[name] == 1:
-            constexprs[name] = 1
-            signature[name] = "constexpr"
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
+    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
+                                                         constexprs)
     source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
