@@ -1,6 +1,8 @@
 """The memory read in plain PyTorch with bounded memory: online softmax over memory chunks
 (forward) and recomputation from the saved log-sum-exp (backward). The CPU path; also the
 float64 path used by gradcheck."""
+import functools
+
 import torch
 
 from ._buffers import new_buffer
@@ -51,6 +53,18 @@ def _segments(ends, B, HW):
             yield start, min(start + step, high), active
 
 
+def _without_autocast(function):
+    """Run a backend function with autocast off: it picks its own accumulation dtype, and an
+    autocast region around the op (mixed-precision inference) must not recast its products."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        device_type = args[0].device.type
+        with torch.autocast(device_type, enabled=False):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+@_without_autocast
 def torch_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
@@ -92,6 +106,7 @@ def torch_forward(q, k, v, scale, l2, lengths=None):
     return out.contiguous(), lse
 
 
+@_without_autocast
 def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """(dq shaped like q, dk, dv) of the read, one memory chunk at a time; with lengths, one
     object at a time over its own positions (zero dk, dv past them)."""
