@@ -15,6 +15,19 @@ import torch
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def build_model(kind, device):
+    """(STM in eval mode, its name) for the benchmarks: "small" is the committed small trained
+    model (random weights if the file is missing), anything else the official-size network with
+    random weights (timing does not depend on them)."""
+    from stm_model import STM, STMConfig
+    if kind == "small":
+        from stm_model.demo import WEIGHTS, load_small_model
+        if WEIGHTS.exists():
+            return load_small_model(device=device), "small (committed weights)"
+        return STM(STMConfig.small()).to(device).eval(), "small (random weights)"
+    return STM(STMConfig()).to(device).eval(), "official size (random weights)"
+
+
 def pick_device(name):
     """torch.device for a --device option: "auto" is CUDA when present, else CPU."""
     if name == "auto":

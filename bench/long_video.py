@@ -83,16 +83,6 @@ def ping_pong(t, cycle):
     return t if t < cycle else period - t
 
 
-def build_model(kind, device):
-    from stm_model import STM, STMConfig
-    if kind == "small":
-        from stm_model.demo import WEIGHTS, load_small_model
-        if WEIGHTS.exists():
-            return load_small_model(device=device), "small (committed weights)"
-        return STM(STMConfig.small()).to(device).eval(), "small (random weights)"
-    return STM(STMConfig()).to(device).eval(), "official size (random weights)"
-
-
 class _ReadTimer:
     """Wall time of every MemoryBank.read in a step (CUDA events on GPU, resolved after the
     step's synchronisation)."""
@@ -140,7 +130,7 @@ def run_variant(spec):
     backend = ("triton" if device.type == "cuda" else "torch") if options["read"] == "fused" \
         else "naive"
     torch.manual_seed(0)
-    model, model_name = build_model(spec["model"], device)
+    model, model_name = common.build_model(spec["model"], device)
     cycle_frames, first_labels, video_name = load_video(
         spec["source"], max(spec["lengths"]), tuple(spec["size"]), spec["sequence"])
     cycle_frames = cycle_frames.to(device)

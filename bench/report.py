@@ -14,8 +14,8 @@ import pathlib
 import re
 import sys
 
-from bench import (held_out, interactive, interactive_eval, kernel_resources, long_video,
-                   memory_read, ragged_read, training)
+from bench import (dataset_throughput, held_out, interactive, interactive_eval,
+                   kernel_resources, long_video, memory_read, ragged_read, training)
 from bench.common import RESULTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -24,7 +24,8 @@ SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize,
              "interactive": interactive.summarize,
              "interactive_eval": interactive_eval.summarize,
              "kernel_work": kernel_resources.summary,
-             "ragged_read": ragged_read.summary}
+             "ragged_read": ragged_read.summary,
+             "dataset_throughput": dataset_throughput.summarize}
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
 
 

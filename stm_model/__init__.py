@@ -5,16 +5,24 @@
     seg = VideoSegmenter(model, mem_every=5)
     prob = seg.step(frame, mask=labels)   # then seg.step(frame) for every later frame
 
+    batch = BatchSegmenter(model)          # several videos of one size, one batch per step
+    probs = batch.step({"a": frame_a, "b": frame_b}, masks={"a": labels_a, "b": labels_b})
+
 Built on `stm_kernels.memory_read`: the memory bank stores keys/values in the layout the fused
 read wants and the read never materialises the affinity.
 """
 from .checkpoint import (CheckpointError, load_checkpoint, load_official_checkpoint,
                          save_checkpoint)
+from .batch_memory import BatchedMemory
+from .batch_segmenter import BatchSegmenter
 from .interactive import InteractiveSession, as_interactive
 from .memory_bank import MemoryBank
 from .network import STM, STMConfig, soft_aggregate
 from .segmenter import VideoSegmenter
+from .video_batches import FrameInput, SegmentedFrame, VideoJob, segment_videos
 
 __all__ = ["STM", "STMConfig", "soft_aggregate", "MemoryBank", "VideoSegmenter",
+           "BatchSegmenter", "BatchedMemory", "segment_videos", "VideoJob", "FrameInput",
+           "SegmentedFrame",
            "InteractiveSession", "as_interactive",
            "load_official_checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointError"]

@@ -2,20 +2,27 @@
 
     stm segment FRAMES_DIR_OR_VIDEO --mask FIRST_MASK.png --checkpoint STM_weights.pth
     stm segment video.mp4 --masks MASKS_DIR --output out/ --mem-every 5 --memory-dtype fp16
+    stm segment-dataset DAVIS_ROOT --output out/ --batch-size 8 --eval   # every sequence
+    torchrun --nproc_per_node 2 -m stm_model segment-dataset DAVIS_ROOT --output out/
     stm eval RESULTS_DIR ANNOTATIONS_DIR
     stm interactive-eval DAVIS_ROOT --sequences bear --rounds 8 --size 240 427
 """
 import argparse
+import json
+import os
 import pathlib
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import interactive_eval, metrics, video_io
+from . import (cpu_allocator, dataset_segmentation, distributed, interactive_eval, metrics,
+               video_io)
+from .batch_segmenter import BatchSegmenter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .network import STM, STMConfig
 from .segmenter import VideoSegmenter
@@ -33,7 +40,15 @@ def main(argv=None):
         "segment", help="segment a video from a first-frame mask",
         description="Segment every frame of a video (a folder of JPEG/PNG frames or a video "
                     "file) from the mask of its first frame; writes palette PNG masks named "
-                    "like the input frames and an overlay."))
+                    "like the input frames and an overlay. Given a DAVIS-format root, "
+                    "segments every sequence (as segment-dataset)."))
+    _dataset_parser(commands.add_parser(
+        "segment-dataset", help="segment every sequence of a DAVIS-format root",
+        description="Segment every sequence of a DAVIS-format root (JPEGImages/<res>/<seq>, "
+                    "Annotations/<res>/<seq>), --batch-size sequences at a time, into "
+                    "OUTPUT/<seq>/<frame>.png. Resumable: complete sequences in OUTPUT are "
+                    "skipped, an interrupted one is redone. Under torchrun the sequences are "
+                    "split over the ranks (one GPU each, or CPU processes)."))
     _eval_parser(commands.add_parser(
         "eval", help="J&F of a results folder against annotations",
         description="DAVIS J&F (semi-supervised protocol: first and last frame excluded) of "
@@ -70,11 +85,13 @@ def main(argv=None):
 
 def _segment_parser(parser):
     parser.add_argument("input", help="folder of frames (JPEG/PNG) or a video file")
-    masks = parser.add_mutually_exclusive_group(required=True)
+    masks = parser.add_mutually_exclusive_group()
     masks.add_argument("--mask", help="mask of the first frame (palette or DAVIS-2016 PNG)")
     masks.add_argument("--masks", help="folder of masks named like the frames (the first "
                                        "frame's is required; later ones add objects)")
     parser.add_argument("--output", help="output folder (default: stm_output/<input name>)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="with a DAVIS-format root: sequences segmented together")
     parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
                                              "checkpoint; without it the model is untrained")
     parser.add_argument("--config", choices=["official", "small"], default="official",
@@ -128,8 +145,32 @@ def _peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _is_davis_root(path):
+    path = pathlib.Path(path)
+    return (path / "JPEGImages").is_dir() and (path / "Annotations").is_dir()
+
+
 def segment(args):
-    """`stm segment`: masks (and an overlay) for every frame; prints a summary."""
+    """`stm segment`: masks (and an overlay) for every frame; prints a summary. A DAVIS-format
+    root is segmented whole, as `stm segment-dataset` does with its defaults."""
+    if _is_davis_root(args.input):
+        if args.mask or args.masks:
+            raise UsageError(f"{args.input} is a DAVIS-format root: its masks come from its "
+                             "Annotations folder (drop --mask/--masks)")
+        if args.offload:
+            raise UsageError("--offload is not supported when segmenting a dataset (several "
+                             "videos share one memory); drop it or segment one sequence")
+        output = args.output or str(pathlib.Path("stm_output") / pathlib.Path(args.input).name)
+        dataset_args = _dataset_parser(argparse.ArgumentParser()).parse_args(
+            [args.input, "--output", output])
+        for name, value in vars(args).items():  # the options both commands have
+            if name in vars(dataset_args) and name not in ("masks", "output", "run") and \
+                    value is not None:
+                setattr(dataset_args, name, value)
+        return segment_dataset(dataset_args)
+    if not (args.mask or args.masks):
+        raise UsageError("one of --mask (the first frame's mask) or --masks (a folder of "
+                         "masks) is required")
     device = _device(args.device)
     reader = video_io.FrameReader(args.input)
     masks = _mask_lookup(args, reader)
@@ -181,6 +222,124 @@ def segment(args):
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name:>{width}}: {text}")
     return 0
+
+
+# --------------------------------------------------------------------------- segment-dataset
+
+
+def _dataset_parser(parser):
+    parser.add_argument("root", help="DAVIS-format root (JPEGImages/<res>/<seq>/*.jpg, "
+                                     "Annotations/<res>/<seq>/*.png)")
+    parser.add_argument("--output", required=True, help="output folder: OUTPUT/<seq>/<frame>.png")
+    parser.add_argument("--resolution", default="480p")
+    parser.add_argument("--sequences", nargs="+", help="only these sequences")
+    parser.add_argument("--masks", choices=dataset_segmentation.MASK_POLICIES, default="first",
+                        help="first: the first frame's annotation only (DAVIS protocol); all: "
+                             "every annotation PNG is an input (objects entering later)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="sequences segmented together (one network batch)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="segment at this size (masks are written at the frames' size)")
+    parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
+                                             "checkpoint; without it the model is untrained")
+    parser.add_argument("--config", choices=["official", "small"], default="official",
+                        help="model size when no checkpoint is given")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--memory-dtype", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--max-memory-frames", type=int)
+    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"],
+                        help="memory read implementation (default: auto)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="threads decoding frames and writing masks")
+    parser.add_argument("--eval", action="store_true",
+                        help="then score the whole output with `stm eval`")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=segment_dataset)
+    return parser
+
+
+def _dataset_plan(args, world_size):
+    """(shares: one list of Sequences per rank, names of complete sequences) or an error."""
+    try:
+        sequences = dataset_segmentation.list_sequences(
+            args.root, args.resolution, args.sequences, args.masks)
+    except (FileNotFoundError, ValueError) as error:
+        return {"error": str(error)}
+    todo, done = dataset_segmentation.split_complete(sequences, args.output)
+    return {"shares": dataset_segmentation.balanced_split(todo, world_size),
+            "complete": [s.name for s in done], "all": [s.name for s in sequences]}
+
+
+def segment_dataset(args):
+    """`stm segment-dataset`: every sequence, --batch-size at a time, split over torchrun's
+    ranks; rank 0 prints the table, writes OUTPUT/segment_summary.json, optionally evaluates."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
+    context = distributed.setup(args.device)
+    try:
+        plan = distributed.broadcast(
+            _dataset_plan(args, context.world_size) if context.is_main else None, context)
+        if "error" in plan:
+            raise UsageError(plan["error"])
+        device = context.device
+        if device.type == "cpu":
+            cpu_allocator.keep_freed_memory()  # no page faults per step (see the module)
+        if not args.checkpoint:
+            torch.manual_seed(0)  # every rank builds the same untrained model
+        model = _model(args, device)
+        segmenter = BatchSegmenter(model, args.mem_every, memory_dtype=args.memory_dtype,
+                                   max_memory_frames=args.max_memory_frames,
+                                   amp_dtype=args.amp, read_backend=args.backend)
+        mine = plan["shares"][context.rank]
+        if context.is_main and plan["complete"]:
+            print(f"skipping {len(plan['complete'])} complete sequences in {args.output}",
+                  file=sys.stderr)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        summaries = dataset_segmentation.segment_sequences(
+            segmenter, mine, args.output, args.batch_size, size=args.size,
+            workers=args.workers, show_progress=context.is_main and not args.quiet,
+            rank=context.rank)
+        info = dict(rank=context.rank, device=str(device),
+                    seconds=time.perf_counter() - start,
+                    peak_memory_bytes=_peak_memory_bytes(device))
+        gathered = distributed.gather((summaries, info), context)
+    finally:
+        distributed.teardown(context)
+    if not context.is_main:
+        return 0
+    dataset_segmentation.remove_incomplete_folder(args.output)
+    summaries = sorted((s for part, _ in gathered for s in part), key=lambda s: s["name"])
+    ranks = [info for _, info in gathered]
+    print(dataset_segmentation.format_report(summaries, ranks))
+    print(f"{len(summaries)} sequences segmented, {len(plan['complete'])} already complete "
+          f"(skipped); batch size {args.batch_size}, {context.world_size} process(es); masks "
+          f"in {args.output}")
+    _write_json(pathlib.Path(args.output) / "segment_summary.json", dict(
+        sequences=summaries, skipped=plan["complete"], ranks=ranks,
+        batch_size=args.batch_size, world_size=context.world_size, size=args.size,
+        checkpoint=args.checkpoint, mem_every=args.mem_every, masks=args.masks))
+    if args.eval:
+        evaluate_results(args.output, pathlib.Path(args.root) / "Annotations" / args.resolution,
+                         plan["all"])
+    return 0
+
+
+def _write_json(path, payload):
+    """Write JSON atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(payload, file, indent=1)
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- interactive-eval
@@ -278,10 +437,15 @@ def _sequences(results, annotations, only):
 
 def evaluate(args):
     """`stm eval`: per-object and global J&F, printed and written as the DAVIS CSV files."""
-    results, annotations = pathlib.Path(args.results), pathlib.Path(args.annotations)
+    return evaluate_results(args.results, args.annotations, args.sequences, args.output)
+
+
+def evaluate_results(results, annotations, sequences=None, output=None):
+    """J&F of result masks against annotations (see `stm eval`); prints the table and writes
+    the two DAVIS CSVs to output (default: the results folder)."""
+    results, annotations = pathlib.Path(results), pathlib.Path(annotations)
     scored = {}
-    for name, result_folder, annotation_folder in _sequences(results, annotations,
-                                                             args.sequences):
+    for name, result_folder, annotation_folder in _sequences(results, annotations, sequences):
         truth_paths = sorted(annotation_folder.glob("*.png"))
         missing = [p.name for p in truth_paths if not (result_folder / p.name).exists()]
         if missing:
@@ -293,7 +457,7 @@ def evaluate(args):
         scored[name] = metrics.evaluate_sequence(truth, predicted)
     per_object, global_row = metrics.summarize(scored)
     print(metrics.format_table(per_object, global_row))
-    paths = metrics.write_csvs(pathlib.Path(args.output or results), per_object, global_row)
+    paths = metrics.write_csvs(pathlib.Path(output or results), per_object, global_row)
     print("wrote " + " and ".join(map(str, paths)))
     return 0
 

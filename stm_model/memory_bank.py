@@ -19,11 +19,11 @@ Offload (offload=True): storage lives in (pinned) CPU memory; a read copies chun
 frames at a time to the compute device, reads each chunk with return_lse and merges the chunks
 exactly with merge_reads.
 """
-import collections
-
 import torch
 
 from stm_kernels import memory_read, merge_reads
+
+from .memory_schedule import FrameSlots
 
 _ALIGN_FRAMES = 16
 
@@ -38,18 +38,12 @@ class MemoryBank:
     def __init__(self, num_objects, key_dim, value_dim, height, width, *, dtype=torch.float32,
                  device="cpu", max_frames=None, offload=False, chunk_frames=64,
                  initial_capacity=_ALIGN_FRAMES):
-        if max_frames is not None and max_frames < 2:
-            raise ValueError(f"max_frames must be at least 2 (the first frame and the previous "
-                             f"frame); got {max_frames}")
+        self.slots = FrameSlots(max_frames)  # checks max_frames
         self.num_objects, self.key_dim, self.value_dim = num_objects, key_dim, value_dim
         self.size = (height, width)
         self.dtype, self.device = dtype, torch.device(device)
         self.storage_device = torch.device("cpu") if offload else self.device
         self.max_frames, self.offload, self.chunk_frames = max_frames, offload, chunk_frames
-        self.permanent = 0          # permanent frames, in slots [0, permanent)
-        self.has_temporary = False  # the previous frame, in slot `permanent`
-        self.slot_frames = []       # video frame index held by each slot
-        self._fifo = collections.deque()  # evictable permanent slots, oldest first
         capacity = initial_capacity if max_frames is None else max_frames
         self.keys = self.values = None
         self._allocate(_round_up(capacity, _ALIGN_FRAMES))
@@ -57,7 +51,17 @@ class MemoryBank:
     @property
     def num_frames(self):
         """Frames a read sees: the permanent ones plus the temporary previous frame."""
-        return self.permanent + int(self.has_temporary)
+        return self.slots.num_frames
+
+    @property
+    def permanent(self):
+        """Permanent frames, in slots [0, permanent)."""
+        return self.slots.permanent
+
+    @property
+    def slot_frames(self):
+        """Video frame index held by each occupied slot."""
+        return self.slots.slot_frames
 
     @property
     def capacity(self):
@@ -71,30 +75,11 @@ class MemoryBank:
         """Store one frame: keys (n, Ck, h, w), values (n, Cv, h, w). The previous temporary
         frame is dropped; permanent=False makes this frame the new temporary one."""
         self._check(keys, values, "add")
-        self.has_temporary = False
-        del self.slot_frames[self.permanent:]
-        slot = self.permanent
-        full = self.max_frames is not None and self.permanent + 1 >= self.max_frames
-        if permanent and full:
-            if self._fifo:
-                slot = self._fifo.popleft()  # evict the oldest; keep a slot for the temporary
-            else:
-                permanent = False  # only the first frame is permanent: nothing to evict
+        slot = self.slots.assign(permanent, frame_index)
         if slot >= self.capacity:
             self._allocate(_round_up(2 * self.capacity, _ALIGN_FRAMES))
         self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
         self.values[:, :, slot] = values.flatten(2).to(self.storage_device, self.dtype)
-        if slot < self.permanent:  # an evicted slot
-            self.slot_frames[slot] = frame_index
-            self._fifo.append(slot)
-            return
-        self.slot_frames.append(frame_index)
-        if not permanent:
-            self.has_temporary = True
-            return
-        if self.permanent > 0:  # the bank's first frame is never evicted
-            self._fifo.append(slot)
-        self.permanent += 1
 
     def put(self, keys, values, frame_index):
         """Store video frame `frame_index` as a permanent frame; if the bank holds that frame
@@ -146,7 +131,9 @@ class MemoryBank:
                            device=self.storage_device, pin_memory=pin)
         values = torch.empty((self.num_objects, self.value_dim, capacity, positions),
                              dtype=self.dtype, device=self.storage_device, pin_memory=pin)
-        if self.keys is not None:  # growing (the temporary frame is being replaced)
-            keys[:, :, :self.permanent] = self.keys[:, :, :self.permanent]
-            values[:, :, :self.permanent] = self.values[:, :, :self.permanent]
+        if self.keys is not None:  # growing: keep the permanent frames stored so far (the
+            # temporary one is being replaced; the slot being added lies past the old storage)
+            kept = min(self.permanent, self.capacity)
+            keys[:, :, :kept] = self.keys[:, :, :kept]
+            values[:, :, :kept] = self.values[:, :, :kept]
         self.keys, self.values = keys, values

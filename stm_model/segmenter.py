@@ -43,20 +43,9 @@ class VideoSegmenter:
 
     def __init__(self, model, mem_every=5, *, memory_dtype=None, max_memory_frames=None,
                  offload=False, offload_chunk_frames=64, amp_dtype=None, read_backend=None):
-        if int(mem_every) < 1:
-            raise ValueError(f"mem_every must be a positive integer; got {mem_every!r}")
-        if memory_dtype not in _DTYPES or amp_dtype not in _DTYPES:
-            raise ValueError("memory_dtype and amp_dtype must be one of fp32, fp16, bf16 (or "
-                             f"torch dtypes); got {memory_dtype!r} and {amp_dtype!r}")
-        self.model = model.eval()
-        parameter = next(model.parameters())
-        self.device = parameter.device
-        self.mem_every = int(mem_every)
-        self.memory_dtype = _DTYPES[memory_dtype] or parameter.dtype
-        self.max_memory_frames = max_memory_frames
+        apply_session_options(self, model, mem_every, memory_dtype, max_memory_frames,
+                              amp_dtype, read_backend)
         self.offload, self.offload_chunk_frames = offload, offload_chunk_frames
-        self.amp_dtype = _DTYPES[amp_dtype]
-        self.read_backend = read_backend or model.config.read_backend
         self.reset()
 
     def reset(self):
@@ -110,33 +99,13 @@ class VideoSegmenter:
 
     def labels(self, probs):
         """(H, W) int64 object ids (0 = background) of the most probable channel."""
-        ids = torch.tensor([0] + self.object_ids, device=probs.device)
-        return ids[probs.argmax(0)]
+        return labels_of(probs, self.object_ids)
 
     def _checked(self, frame, mask):
-        frame = torch.as_tensor(frame)
-        if frame.dim() != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
-            raise ValueError("frame must be a float (3, H, W) RGB tensor in [0, 1]; got "
-                             f"{tuple(frame.shape)} {frame.dtype}")
-        size = tuple(frame.shape[1:])
-        if self._size is not None and size != self._size:
-            raise ValueError(f"frame {self.frame_index} is {size[1]}x{size[0]} (WxH) but the "
-                             f"video's frames are {self._size[1]}x{self._size[0]}")
-        if mask is not None:
-            mask = torch.as_tensor(mask)
-            if mask.is_floating_point() or mask.dtype == torch.bool or mask.dim() != 2:
-                raise ValueError("mask must be an (H, W) integer tensor of object ids; got "
-                                 f"{tuple(mask.shape)} {mask.dtype}")
-            if tuple(mask.shape) != size:
-                raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but frame "
-                                 f"{self.frame_index} is {size[1]}x{size[0]}")
-            if mask.min() < 0:
-                raise ValueError("mask ids must be >= 0 (0 is background)")
-            mask = mask.to(self.device, torch.int64)
-        elif self.frame_index == 0:
-            raise ValueError("the first frame needs a mask (step(frame, mask=labels))")
-        self._size = size
-        return frame.to(self.device, torch.float32), mask
+        frame, mask = checked_frame_and_mask(frame, mask, expected_size=self._size,
+                                             frame_index=self.frame_index, device=self.device)
+        self._size = tuple(frame.shape[1:])
+        return frame, mask
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -161,10 +130,9 @@ class VideoSegmenter:
         return self.model.foreground(readout.to(query.value.dtype), query)
 
     def _apply_mask(self, foreground, mask, padded_size):
-        """Probabilities (K, Hp, Wp) after a given mask: new ids become objects, given ids take
-        the mask's pixels, other objects lose the pixels the mask claims."""
-        ids = [int(i) for i in torch.unique(mask) if i != 0]
-        new_ids = [i for i in ids if i not in self.object_ids]
+        """Probabilities (K, Hp, Wp) after a given mask (see merge_mask); new ids get a
+        MemoryBank of their own."""
+        probs, new_ids = merge_mask(foreground, mask, self.object_ids)
         if new_ids:
             height, width = padded_size
             bank = MemoryBank(
@@ -174,14 +142,89 @@ class VideoSegmenter:
                 chunk_frames=self.offload_chunk_frames)
             self.banks.append(bank)
             self.object_ids += new_ids
-            foreground = torch.cat([foreground, foreground.new_zeros(
-                (len(new_ids),) + foreground.shape[1:])])
-        claimed = (mask > 0).float()
-        foreground = foreground * (1 - claimed)
-        for i in ids:
-            foreground[self.object_ids.index(i)] = (mask == i).float()
-        if set(ids) == set(self.object_ids):
-            # every object given: the probabilities are the mask itself (official first frame)
-            background = (mask == 0).float().unsqueeze(0)
-            return torch.cat([background, foreground])
-        return torch.softmax(soft_aggregate(foreground), dim=0)
+        return probs
+
+
+def apply_session_options(session, model, mem_every, memory_dtype, max_memory_frames,
+                          amp_dtype, read_backend):
+    """Check a segmenter's common options and set model (eval mode), device, mem_every,
+    memory_dtype (default: the model's), max_memory_frames, amp_dtype and read_backend."""
+    if int(mem_every) < 1:
+        raise ValueError(f"mem_every must be a positive integer; got {mem_every!r}")
+    if memory_dtype not in _DTYPES or amp_dtype not in _DTYPES:
+        raise ValueError("memory_dtype and amp_dtype must be one of fp32, fp16, bf16 (or "
+                         f"torch dtypes); got {memory_dtype!r} and {amp_dtype!r}")
+    if max_memory_frames is not None and max_memory_frames < 2:
+        raise ValueError("max_memory_frames must be at least 2 (the first frame and the "
+                         f"previous frame); got {max_memory_frames}")
+    session.model = model.eval()
+    parameter = next(model.parameters())
+    session.device = parameter.device
+    session.mem_every = int(mem_every)
+    session.memory_dtype = _DTYPES[memory_dtype] or parameter.dtype
+    session.max_memory_frames = max_memory_frames
+    session.amp_dtype = _DTYPES[amp_dtype]
+    session.read_backend = read_backend or model.config.read_backend
+
+
+def labels_of(probs, object_ids):
+    """(H, W) int64 object ids (0 = background) of the most probable channel of probs
+    (K, H, W), channel k being object_ids[k - 1]; ties go to the first channel."""
+    ids = torch.tensor([0] + list(object_ids), device=probs.device)
+    # max(0).indices is argmax(0) (first maximum), but far faster on CPU
+    return ids[probs.max(0).indices]
+
+
+def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device):
+    """(frame float32 (3, H, W), mask int64 (H, W) or None) on `device`, after checking them:
+    ValueError naming the problem for a frame that is not float (3, H, W), a frame of another
+    size than `expected_size` (None: any), a mask that is not (H, W) integer ids >= 0 of the
+    frame's size, or no mask on frame 0."""
+    frame = torch.as_tensor(frame)
+    if frame.dim() != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
+        raise ValueError("frame must be a float (3, H, W) RGB tensor in [0, 1]; got "
+                         f"{tuple(frame.shape)} {frame.dtype}")
+    size = tuple(frame.shape[1:])
+    if expected_size is not None and size != tuple(expected_size):
+        raise ValueError(f"frame {frame_index} is {size[1]}x{size[0]} (WxH) but the "
+                         f"video's frames are {expected_size[1]}x{expected_size[0]}")
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        if mask.is_floating_point() or mask.dtype == torch.bool or mask.dim() != 2:
+            raise ValueError("mask must be an (H, W) integer tensor of object ids; got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        if tuple(mask.shape) != size:
+            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but frame "
+                             f"{frame_index} is {size[1]}x{size[0]}")
+        if mask.min() < 0:
+            raise ValueError("mask ids must be >= 0 (0 is background)")
+        mask = mask.to(device, torch.int64)
+    elif frame_index == 0:
+        raise ValueError("the first frame needs a mask (step(frame, mask=labels))")
+    return frame.to(device, torch.float32), mask
+
+
+def merge_mask(foreground, mask, object_ids):
+    """Probabilities (K, Hp, Wp) of a frame that came with a mask, and the ids it introduces.
+
+    foreground (n, Hp, Wp): the known objects' predicted probabilities (object_ids order);
+    mask (Hp, Wp) int64 ids. Ids not in object_ids become new objects (appended, in id order;
+    the caller records them); given ids take the mask's pixels; other objects lose the pixels
+    the mask claims. When the mask gives every object, the probabilities are the mask itself
+    (the official first frame); otherwise they are soft-aggregated.
+    """
+    ids = [int(i) for i in torch.unique(mask) if i != 0]
+    new_ids = [i for i in ids if i not in object_ids]
+    all_ids = list(object_ids) + new_ids
+    if new_ids:
+        foreground = torch.cat([foreground, foreground.new_zeros(
+            (len(new_ids),) + foreground.shape[1:])])
+    claimed = (mask > 0).float()
+    foreground = foreground * (1 - claimed)
+    for i in ids:
+        foreground[all_ids.index(i)] = (mask == i).float()
+    if set(ids) == set(all_ids):
+        # every object given: the probabilities are the mask itself (official first frame)
+        background = (mask == 0).float().unsqueeze(0)
+        return torch.cat([background, foreground]), new_ids
+    return torch.softmax(soft_aggregate(foreground), dim=0), new_ids

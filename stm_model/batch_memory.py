@@ -1,0 +1,161 @@
+"""The memory of many videos at once, stored so that one fused read serves all their objects.
+
+Storage: keys (rows, Ck, frames, h·w) and values (rows, Cv, frames, h·w), one row per object of
+every running video (all of one frame size). Objects that entered a video together form a
+MemoryGroup: they share a memory schedule (FrameSlots) and so a memory length. Rows in use are
+kept contiguous ([0, rows_in_use)); a read views keys[:rows_in_use, :, :T] as
+(rows, Ck, T·h·w) without copying and passes each row's own length (its group's frames · h·w)
+as `memory_lengths`: positions past a row's length are never read.
+
+Growth: the frame capacity (a multiple of 16, so that the channel stride is 16-aligned) and
+the row capacity double when full: amortised O(1) copies, never a per-step concatenation.
+Removing a group (its video ended) frees its rows; rows from the end move into the gap so the
+rows in use stay contiguous (one copy of the moved objects' memory, once per finished video).
+
+Schedule: memory_schedule.FrameSlots, the same as MemoryBank's (one per group).
+"""
+import torch
+
+from stm_kernels import memory_read
+
+from .memory_schedule import FrameSlots
+
+_ALIGN_FRAMES = 16
+
+
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+class MemoryGroup:
+    """Objects of one video that entered together: their rows in a BatchedMemory and their
+    schedule. `owner` is whatever the creator tags the group with (the video)."""
+
+    def __init__(self, num_objects, owner, max_frames):
+        self.num_objects, self.owner = num_objects, owner
+        self.slots = FrameSlots(max_frames)
+        self.rows = []  # storage row of each object, in object order
+
+    @property
+    def num_frames(self):
+        return self.slots.num_frames
+
+
+class BatchedMemory:
+    """Keys and values of every object of many videos of one frame size (see the module
+    docstring). key_dim/value_dim: channels; height, width: the stride-16 feature size."""
+
+    def __init__(self, key_dim, value_dim, height, width, *, dtype=torch.float32, device="cpu",
+                 max_frames=None):
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.size = (height, width)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_frames = max_frames
+        self.owners = []  # the MemoryGroup of each row in use
+        self.keys = torch.empty((0, key_dim, _ALIGN_FRAMES, height * width), dtype=dtype,
+                                device=self.device)
+        self.values = torch.empty((0, value_dim, _ALIGN_FRAMES, height * width), dtype=dtype,
+                                  device=self.device)
+
+    @property
+    def rows_in_use(self):
+        return len(self.owners)
+
+    @property
+    def frame_capacity(self):
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self):
+        return self.keys.nbytes + self.values.nbytes
+
+    def add_group(self, num_objects, owner=None):
+        """A new MemoryGroup of num_objects objects, with rows at the end of the rows in use."""
+        group = MemoryGroup(num_objects, owner, self.max_frames)
+        start = self.rows_in_use
+        if start + num_objects > self.keys.shape[0]:
+            self._reallocate(max(start + num_objects, 2 * self.keys.shape[0]),
+                             self.frame_capacity)
+        group.rows = list(range(start, start + num_objects))
+        self.owners += [group] * num_objects
+        return group
+
+    def remove_group(self, group):
+        """Free a group's rows; rows from the end move into the gap (the rows in use stay
+        contiguous)."""
+        freed = sorted(group.rows)
+        group.rows = []
+        kept = self.rows_in_use - len(freed)
+        moves = []  # (from row, to row)
+        tail = [row for row in range(kept, self.rows_in_use) if self.owners[row] is not group]
+        for target, source in zip([row for row in freed if row < kept], tail):
+            moves.append((source, target))
+        if moves:
+            sources = torch.tensor([s for s, _ in moves], device=self.device)
+            targets = torch.tensor([t for _, t in moves], device=self.device)
+            self.keys[targets] = self.keys[sources]
+            self.values[targets] = self.values[sources]
+            for source, target in moves:
+                owner = self.owners[source]
+                owner.rows[owner.rows.index(source)] = target
+                self.owners[target] = owner
+        del self.owners[kept:]
+
+    def add(self, entries, keys, values):
+        """Store one frame for each of several groups, in one write.
+
+        entries: [(group, permanent, frame_index)]; keys (Σ n, Ck, h, w) and values
+        (Σ n, Cv, h, w): the groups' objects in entry order, each group's in object order.
+        """
+        total = sum(group.num_objects for group, _, _ in entries)
+        expected = (total, self.key_dim) + self.size
+        if tuple(keys.shape) != expected or tuple(values.shape) != (
+                total, self.value_dim) + self.size:
+            raise ValueError(f"BatchedMemory.add expects keys {expected} and values "
+                             f"{(total, self.value_dim) + self.size}; got {tuple(keys.shape)} "
+                             f"and {tuple(values.shape)}")
+        rows, slots = [], []
+        for group, permanent, frame_index in entries:
+            slot = group.slots.assign(permanent, frame_index)
+            rows += group.rows
+            slots += [slot] * group.num_objects
+        if max(slots) >= self.frame_capacity:
+            capacity = _round_up(max(max(slots) + 1, 2 * self.frame_capacity), _ALIGN_FRAMES)
+            if self.max_frames is not None:
+                capacity = min(capacity, _round_up(self.max_frames, _ALIGN_FRAMES))
+            self._reallocate(self.keys.shape[0], capacity)
+        rows = torch.tensor(rows, device=self.device)
+        slots = torch.tensor(slots, device=self.device)
+        self.keys[rows, :, slots] = keys.flatten(2).to(self.dtype)
+        self.values[rows, :, slots] = values.flatten(2).to(self.dtype)
+
+    def lengths(self):
+        """Memory frames of each row in use (a list of ints)."""
+        return [group.num_frames for group in self.owners]
+
+    def read(self, query_key, *, scale=None, similarity="dot", backend="auto"):
+        """Read-out (rows_in_use, Cv, h, w) of every row in use for query_key
+        (rows_in_use or 1, Ck, h, w): one fused read, each row over its own memory."""
+        frames = self.lengths()
+        if not frames or min(frames) == 0:
+            raise RuntimeError("every row read needs a memory frame: add one before reading")
+        longest = max(frames)
+        positions = self.size[0] * self.size[1]
+        lengths = None
+        if min(frames) != longest:
+            lengths = torch.tensor([f * positions for f in frames], device=self.device)
+        rows = self.rows_in_use
+        return memory_read(query_key, self.keys[:rows, :, :longest].flatten(2),
+                           self.values[:rows, :, :longest].flatten(2), scale=scale,
+                           similarity=similarity, backend=backend, memory_lengths=lengths)
+
+    def _reallocate(self, rows, frames):
+        positions = self.size[0] * self.size[1]
+        keys = torch.empty((rows, self.key_dim, frames, positions), dtype=self.dtype,
+                           device=self.device)
+        values = torch.empty((rows, self.value_dim, frames, positions), dtype=self.dtype,
+                             device=self.device)
+        used, old_frames = self.rows_in_use, self.frame_capacity
+        keys[:used, :, :old_frames] = self.keys[:used]
+        values[:used, :, :old_frames] = self.values[:used]
+        self.keys, self.values = keys, values

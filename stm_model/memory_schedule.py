@@ -1,0 +1,53 @@
+"""Which storage slot each memory frame goes to: the official STM schedule with optional FIFO
+eviction, shared by MemoryBank (one video) and BatchedMemory (many videos).
+
+Permanent frames (the first frame, every mem_every-th frame, annotated frames) plus one
+temporary slot for the previous frame, overwritten at every step. With max_frames, when a
+permanent frame would leave no room for the temporary slot, the oldest permanent frame other
+than the first is overwritten (FIFO). Occupied slots are always [0, num_frames).
+"""
+import collections
+
+
+class FrameSlots:
+    """Slot assignment of one memory (see the module docstring)."""
+
+    def __init__(self, max_frames=None):
+        if max_frames is not None and max_frames < 2:
+            raise ValueError(f"max_frames must be at least 2 (the first frame and the previous "
+                             f"frame); got {max_frames}")
+        self.max_frames = max_frames
+        self.permanent = 0          # permanent frames, in slots [0, permanent)
+        self.has_temporary = False  # the previous frame, in slot `permanent`
+        self.slot_frames = []       # video frame index held by each slot
+        self._fifo = collections.deque()  # evictable permanent slots, oldest first
+
+    @property
+    def num_frames(self):
+        """Frames a read sees: the permanent ones plus the temporary previous frame."""
+        return self.permanent + int(self.has_temporary)
+
+    def assign(self, permanent, frame_index=None):
+        """The slot for a new frame; the previous temporary frame is dropped, permanent=False
+        makes this frame the new temporary one."""
+        self.has_temporary = False
+        del self.slot_frames[self.permanent:]
+        slot = self.permanent
+        full = self.max_frames is not None and self.permanent + 1 >= self.max_frames
+        if permanent and full:
+            if self._fifo:
+                slot = self._fifo.popleft()  # evict the oldest; keep a slot for the temporary
+            else:
+                permanent = False  # only the first frame is permanent: nothing to evict
+        if slot < self.permanent:  # an evicted slot
+            self.slot_frames[slot] = frame_index
+            self._fifo.append(slot)
+            return slot
+        self.slot_frames.append(frame_index)
+        if not permanent:
+            self.has_temporary = True
+            return slot
+        if self.permanent > 0:  # the group's first frame is never evicted
+            self._fifo.append(slot)
+        self.permanent += 1
+        return slot

@@ -1,0 +1,192 @@
+"""`stm segment-dataset`: a DAVIS-format folder K sequences at a time, resumable, over two
+gloo processes; and its pieces (listing, balanced split)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import SHARED, synthetic_video, write_davis_folder
+from stm_model import VideoSegmenter, video_io
+from stm_model.batch_segmenter import BatchSegmenter
+from stm_model.cli import main
+from stm_model.dataset_segmentation import balanced_split, list_sequences
+from stm_model.demo import WEIGHTS, load_small_model
+
+# name: (frames, objects, size); "wide" has another frame size (it waits for its own batch)
+SEQUENCES = {"alpha": (6, 2, (48, 80)), "bravo": (9, 1, (48, 80)), "charlie": (4, 3, (48, 80)),
+             "wide": (5, 2, (40, 96))}
+OPTIONS = ["--checkpoint", str(WEIGHTS), "--mem-every", "2", "--quiet"]
+DAVIS = SHARED / "data" / "davis2016-val"
+
+
+@pytest.fixture(scope="module")
+def davis_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("davis")
+    for index, (name, (frames, objects, size)) in enumerate(SEQUENCES.items()):
+        images, labels = synthetic_video(frames, size=size, seed=20 + index, objects=objects)
+        write_davis_folder(root, images, labels, name=name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single_run(davis_root, tmp_path_factory):
+    """Output folder of one single-process run, 3 sequences at a time (with --eval)."""
+    output = tmp_path_factory.mktemp("single") / "out"
+    assert main(["segment-dataset", str(davis_root), "--output", str(output),
+                 "--batch-size", "3", "--eval", *OPTIONS]) == 0
+    return output
+
+
+def _masks(folder):
+    return {path.relative_to(folder).as_posix(): video_io.read_mask(path)
+            for path in sorted(folder.glob("*/*.png"))}
+
+
+def _alone(root, name):
+    """Labels of a sequence segmented alone by VideoSegmenter from its first annotation."""
+    model = load_small_model()
+    segmenter = VideoSegmenter(model, mem_every=2)
+    frames = video_io.list_frames(root / "JPEGImages" / "480p" / name)
+    first = video_io.read_mask(root / "Annotations" / "480p" / name / "00000.png")
+    labels = []
+    for t, path in enumerate(frames):
+        frame = video_io.to_tensor(video_io.load_image(path))
+        probs = segmenter.step(frame, mask=torch.from_numpy(first) if t == 0 else None)
+        labels.append(segmenter.labels(probs).numpy())
+    return labels
+
+
+def test_every_sequence_is_segmented_as_alone_and_scored(davis_root, single_run, capsys):
+    masks = _masks(single_run)
+    assert len(masks) == sum(frames for frames, _, _ in SEQUENCES.values())
+    for name, (frames, _, size) in SEQUENCES.items():
+        alone = _alone(davis_root, name)
+        for t in range(frames):
+            ours = masks[f"{name}/{t:05d}.png"]
+            assert ours.shape == size
+            assert (ours != alone[t]).mean() < 1e-3, (name, t)  # (float32 near-ties only)
+    summary = json.loads((single_run / "segment_summary.json").read_text())
+    assert sorted(s["name"] for s in summary["sequences"]) == sorted(SEQUENCES)
+    assert summary["skipped"] == [] and summary["batch_size"] == 3
+    assert {s["name"]: s["objects"] for s in summary["sequences"]} == {
+        name: objects for name, (_, objects, _) in SEQUENCES.items()}
+    # bravo's last frame (8) read frames 0, 2, 4, 6 (mem_every=2) and 7 (the previous)
+    assert {s["name"]: s["memory_frames"] for s in summary["sequences"]}["bravo"] == 5
+    assert (single_run / "global_results.csv").exists()  # --eval
+    assert not (single_run / ".incomplete").exists()
+
+
+def test_interrupted_run_redoes_the_unfinished_sequence_and_skips_the_rest(
+        davis_root, single_run, tmp_path, monkeypatch, capsys):
+    """One sequence at a time (by size, longest first: wide, bravo, alpha, charlie), killed
+    in the middle of the third: the first two are complete and skipped on the next run, the
+    third is redone; the result equals an uninterrupted run."""
+    output = tmp_path / "out"
+    step, calls = BatchSegmenter.step, [0]
+
+    def killed_at_step_17(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 17:  # wide: steps 1-5, bravo: 6-14, alpha: 15-20
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchSegmenter, "step", killed_at_step_17)
+    with pytest.raises(KeyboardInterrupt):
+        main(["segment-dataset", str(davis_root), "--output", str(output), "--batch-size", "1",
+              *OPTIONS])
+    monkeypatch.setattr(BatchSegmenter, "step", step)
+    assert sorted(p.name for p in output.iterdir() if p.is_dir()) == [".incomplete", "bravo",
+                                                                      "wide"]
+    assert (output / ".incomplete" / "alpha").is_dir()
+    written = {p: p.stat().st_mtime_ns for p in output.glob("[bw]*/*.png")}
+    capsys.readouterr()
+    assert main(["segment-dataset", str(davis_root), "--output", str(output), "--batch-size",
+                 "1", *OPTIONS]) == 0
+    assert "2 sequences segmented, 2 already complete" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in output.glob("[bw]*/*.png")} == written
+    summary = json.loads((output / "segment_summary.json").read_text())
+    assert summary["skipped"] == ["bravo", "wide"]
+    assert not (output / ".incomplete").exists()
+    single, resumed = _masks(single_run), _masks(output)
+    assert single.keys() == resumed.keys()
+    assert all((single[k] != resumed[k]).mean() < 1e-3 for k in single)
+
+
+def test_two_gloo_processes_write_the_masks_of_one_process(davis_root, single_run, tmp_path):
+    output = tmp_path / "out"
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "stm_model", "segment-dataset", str(davis_root), "--output", str(output),
+         "--batch-size", "2", "--device", "cpu", *OPTIONS],
+        capture_output=True, text=True, env=environment, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("| all |") == 1  # rank 0 prints the table
+    summary = json.loads((output / "segment_summary.json").read_text())
+    assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
+    frames = {rank: sum(s["frames"] for s in summary["sequences"] if s["rank"] == rank)
+              for rank in (0, 1)}
+    assert frames == {0: 13, 1: 11}  # bravo + charlie | alpha + wide
+    single, distributed = _masks(single_run), _masks(output)
+    assert single.keys() == distributed.keys()
+    assert all((single[k] != distributed[k]).mean() < 1e-3 for k in single)
+
+
+def test_segment_given_a_davis_root_and_every_annotation_as_input(davis_root, tmp_path):
+    """`stm segment ROOT` runs segment-dataset; with --masks all every frame's annotation is
+    an input, so the output is the annotations themselves; --size writes frame-size masks."""
+    output = tmp_path / "out"
+    assert main(["segment", str(davis_root), "--output", str(output), "--batch-size", "2",
+                 "--overlay", "none", *OPTIONS]) == 0
+    assert len(_masks(output)) == sum(frames for frames, _, _ in SEQUENCES.values())
+    given = tmp_path / "given"
+    assert main(["segment-dataset", str(davis_root), "--output", str(given), "--masks", "all",
+                 "--size", "32", "48", "--sequences", "alpha", "wide", *OPTIONS]) == 0
+    for key, labels in _masks(given).items():
+        truth = video_io.read_mask(davis_root / "Annotations" / "480p" / key)
+        assert labels.shape == truth.shape
+        assert (labels != truth).mean() < 0.05  # annotations through a 32x48 round trip
+
+
+def test_bad_input_is_a_clear_error(davis_root, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    frames, labels = synthetic_video(3, size=(32, 32), seed=1)
+    write_davis_folder(broken, frames, labels, name="nofirst")
+    (broken / "Annotations" / "480p" / "nofirst" / "00000.png").unlink()
+    assert main(["segment-dataset", str(broken), "--output", str(tmp_path / "o"),
+                 *OPTIONS]) == 2
+    assert "sequence nofirst: no annotation of its first frame" in capsys.readouterr().err
+    assert main(["segment-dataset", str(davis_root), "--output", str(tmp_path / "o"),
+                 "--batch-size", "0", *OPTIONS]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+    assert main(["segment-dataset", str(davis_root), "--output", str(tmp_path / "o"),
+                 "--sequences", "zulu", *OPTIONS]) == 2
+    assert "sequences ['zulu'] are not in" in capsys.readouterr().err
+    assert main(["segment", str(davis_root), "--mask", "x.png", *OPTIONS]) == 2
+    assert "is a DAVIS-format root" in capsys.readouterr().err
+
+
+def test_balanced_split_evens_the_frame_counts(davis_root):
+    sequences = list_sequences(davis_root)
+    assert [s.name for s in sequences] == sorted(SEQUENCES)
+    assert [s.size for s in sequences] == [SEQUENCES[s.name][2] for s in sequences]
+    shares = balanced_split(sequences, 2)
+    assert [[s.name for s in share] for share in shares] == [["bravo", "charlie"],
+                                                             ["alpha", "wide"]]
+    assert balanced_split(sequences, 5)[4] == []
+
+
+@pytest.mark.skipif(not DAVIS.exists(), reason="../shared/data is absent")
+def test_real_davis_sequence_at_reduced_size(tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(["segment-dataset", str(DAVIS), "--output", str(output), "--sequences",
+                 "blackswan", "--size", "96", "176", "--eval", *OPTIONS]) == 0
+    masks = sorted((output / "blackswan").glob("*.png"))
+    assert len(masks) == 50 and video_io.read_mask(masks[-1]).shape == (480, 854)
+    printed = capsys.readouterr().out
+    assert "blackswan_1" in printed and "| all |" in printed
+    truth = video_io.read_mask(DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png")
+    assert (video_io.read_mask(masks[0]) != truth).mean() < 0.01  # (a 96x176 round trip)
