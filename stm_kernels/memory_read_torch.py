@@ -33,77 +33,72 @@ def _per_object(q, lengths):
         yield b, q[b:b + 1] if q.shape[0] > 1 else q, length
 
 
-def _chunk_rows(t, order, active, start, stop):
-    """Positions [start, stop) of the first `active` objects in `order` (a view when the order
-    is the objects' own)."""
-    if order is None:
-        return t[:active, :, start:stop]
-    return t[:, :, start:stop].index_select(0, order[:active])
-
-
-def _segments(ends, B, HW):
-    """(start, stop, active objects) chunks of the memory: split where an object's memory
-    ends (the objects reading a chunk are then all valid there), at most a chunk's worth of
-    scores each."""
-    bounds = sorted(set(ends) | {0})
-    for low, high in zip(bounds, bounds[1:]):
-        active = sum(end >= high for end in ends)
-        step = _chunk_length(active, HW, high - low)
-        for start in range(low, high, step):
-            yield start, min(start + step, high), active
-
-
 def _without_autocast(function):
     """Run a backend function with autocast off: it picks its own accumulation dtype, and an
     autocast region around the op (mixed-precision inference) must not recast its products."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        device_type = args[0].device.type
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(args[0].device.type, enabled=False):
             return function(*args, **kwargs)
     return wrapper
+
+
+def _segments(lengths, HW):
+    """(start, stop, objects) chunks of a ragged memory: cut where an object's memory ends (the
+    objects reading a chunk are then valid over all of it), at most a chunk's worth of scores
+    each. objects: the indices of the objects whose memory covers the chunk."""
+    bounds = sorted(set(lengths) | {0})
+    for low, high in zip(bounds, bounds[1:]):
+        objects = [b for b, length in enumerate(lengths) if length >= high]
+        step = _chunk_length(len(objects), HW, high - low)
+        for start in range(low, high, step):
+            yield start, min(start + step, high), objects
+
+
+def _rows(objects):
+    """A slice when the objects are consecutive (views, in-place updates), else an index."""
+    if objects[-1] - objects[0] + 1 == len(objects):
+        return slice(objects[0], objects[-1] + 1)
+    return torch.tensor(objects)
 
 
 @_without_autocast
 def torch_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
-    lengths: optional (B,) valid memory positions per object. The objects are then taken
-    longest first and the memory cut where an object's memory ends, so that each chunk is one
-    batched product over the objects whose memory covers it: the work is proportional to the
-    sum of the lengths and no position past an object's length is ever read.
+    lengths: optional (B,) valid memory positions per object. The memory is then cut where an
+    object's memory ends, and each chunk is one batched product over the objects whose memory
+    covers it: the work is proportional to the sum of the lengths and no position past an
+    object's length is ever read. Consecutive objects (lengths sorted either way) are read
+    through views; other subsets are gathered.
     """
     B, _, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = _accumulation_dtype(v.dtype)
-    order, ends = None, [N] * B
-    if lengths is not None:
-        order = torch.argsort(lengths, descending=True, stable=True)
-        ends = lengths[order].tolist()
-        if torch.equal(order, torch.arange(B, device=order.device)):
-            order = None  # already longest first: chunks are views
-        elif q.shape[0] > 1:
-            q = q.index_select(0, order)
+    ends = [N] * B if lengths is None else lengths.tolist()
     q_rows = (q.to(acc_dtype) * scale).transpose(1, 2)  # (Bq, HW, Ck)
     acc = torch.zeros((B, HW, Cv), dtype=acc_dtype, device=k.device)
     row_sum = torch.zeros((B, HW), dtype=acc_dtype, device=k.device)
     row_max = torch.full((B, HW), float("-inf"), dtype=acc_dtype, device=k.device)
-    for start, stop, active in _segments(ends, B, HW):
-        k_chunk = _chunk_rows(k, order, active, start, stop).to(acc_dtype)
-        v_rows = _chunk_rows(v, order, active, start, stop).to(acc_dtype).transpose(1, 2)
-        scores = _scores(q_rows[:active] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
-        new_max = torch.maximum(row_max[:active], scores.amax(2))
-        probabilities = scores.sub_(new_max.unsqueeze(2)).exp_()  # (active, HW, n)
-        alpha = torch.exp(row_max[:active] - new_max)
-        row_sum[:active].mul_(alpha).add_(probabilities.sum(2))
-        acc[:active].mul_(alpha.unsqueeze(2)).baddbmm_(probabilities, v_rows)
-        row_max[:active] = new_max
-    out = acc.div_(row_sum.unsqueeze(2)).transpose(1, 2).to(v.dtype)
-    lse = row_max + torch.log(row_sum)
-    if order is not None:
-        inverse = torch.argsort(order)
-        out, lse = out.index_select(0, inverse), lse.index_select(0, inverse)
-    return out.contiguous(), lse
+    for start, stop, objects in _segments(ends, HW):
+        rows = _rows(objects)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(k.device)
+        k_chunk = k[rows, :, start:stop].to(acc_dtype)
+        v_rows = v[rows, :, start:stop].to(acc_dtype).transpose(1, 2)  # (n_objects, n, Cv)
+        scores = _scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
+        new_max = torch.maximum(row_max[rows], scores.amax(2))
+        probabilities = scores.sub_(new_max.unsqueeze(2)).exp_()  # (n_objects, HW, n)
+        alpha = torch.exp(row_max[rows] - new_max)
+        if isinstance(rows, slice):  # views: update in place
+            row_sum[rows].mul_(alpha).add_(probabilities.sum(2))
+            acc[rows].mul_(alpha.unsqueeze(2)).baddbmm_(probabilities, v_rows)
+        else:
+            row_sum[rows] = row_sum[rows].mul_(alpha).add_(probabilities.sum(2))
+            acc[rows] = acc[rows].mul_(alpha.unsqueeze(2)).baddbmm_(probabilities, v_rows)
+        row_max[rows] = new_max
+    out = acc.div_(row_sum.unsqueeze(2)).transpose(1, 2).to(v.dtype).contiguous()
+    return out, row_max + torch.log(row_sum)
 
 
 @_without_autocast

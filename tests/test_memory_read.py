@@ -370,17 +370,18 @@ RAGGED_BACKENDS = ["triton", "torch", "naive"]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 @pytest.mark.parametrize("Bq", [1, 3])
+@pytest.mark.parametrize("lengths", [[150, 41, 1], [150, 1, 90]], ids=["sorted", "unsorted"])
 def test_ragged_memory_equals_per_object_reads_and_never_reads_the_padding(
-        device, backend, dtype, similarity, Bq):
+        device, backend, dtype, similarity, Bq, lengths):
     """memory_lengths: each object reads its own first positions of a padded memory whose
-    padding is NaN; gradients past the lengths are zero (FlashAttention-varlen style)."""
+    padding is NaN; gradients past the lengths are zero (FlashAttention-varlen style). Unsorted
+    lengths make the torch backend gather non-consecutive objects ({0, 2} over [90, 150))."""
     if backend == "naive" and device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if backend != "naive":
         skip_unless_runnable(backend, device, dtype)
     B, Ck, Cv, HW, N = 3, 24, 40, 37, 150
     q, k, v = random_inputs(B, Bq, Ck, Cv, HW, N, dtype, device, seed=16)
-    lengths = [150, 41, 1]
     for b, length in enumerate(lengths):  # a bank's unused capacity: anything, NaN included
         k[b, :, length:] = float("nan")
         v[b, :, length:] = float("nan")
