@@ -33,13 +33,16 @@ from bench import common, static_work
 from stm_kernels import memory_read_triton as launchers
 from stm_kernels import triton_configs
 from stm_kernels.offline_compile import specialised_signature
-from stm_kernels.triton_bwd import memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv
+from stm_kernels.triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv,
+                                   memory_read_usage_kernel)
+from stm_kernels.triton_topk import memory_read_topk_kernel
 from stm_kernels.triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 TARGET = dict(B=1, HW=1620, N=162000, Ck=128, Cv=512)
+SELECT_TOP_K = 64  # the largest top-k the fused selection supports
 H100_SMS = 132
 # Issue #11's targets for the static report.
 FORWARD_RATIO_TARGET = 1.2
@@ -172,6 +175,33 @@ def kernel_specs(dtype_name, similarity, forward, backward, shape=TARGET, sm_cou
              tile_pairs=backward.dkdq.block_m * backward.dkdq.block_n, repeats=1,
              grid=bplan["dkdq_grid"], config=_fields(backward.dkdq), useful=None),
     ]
+    select_m, select_n, select_k, select_warps, select_stages = launchers.select_launch(
+        SELECT_TOP_K)
+    select_plan = launchers.forward_plan(triton_configs.ForwardConfig(
+        block_m=select_m, block_n=select_n), B, HW, N, 16, sm_count)
+    usage = triton_configs.USAGE_CONFIG[False]
+    specs += [
+        dict(name=f"select (top-{SELECT_TOP_K})", kernel=memory_read_topk_kernel,
+             types=dict(q=dtype, k=dtype, ksq="*fp32", lengths="*i32", keys="*i64",
+                        qk_scale="fp32"),
+             constexprs=dict(_without(common_constexprs, "ALIGN_V"), BLOCK_M=select_m,
+                             BLOCK_N=select_n, TOP_K=select_k),
+             num_warps=select_warps, num_stages=select_stages,
+             tile_pairs=select_m * select_n, repeats=1, grid=select_plan.grid(B),
+             config=dict(block_m=select_m, block_n=select_n, top_k=select_k), useful=None,
+             values_extra=dict(n_per_split=select_plan.per_split, stride_ks=B * HW * select_k,
+                               stride_kyb=HW * select_k, stride_km=select_k)),
+        dict(name="usage", kernel=memory_read_usage_kernel,
+             types=dict(q=dtype, k=dtype, lse="*fp32", lengths="*i32", usage="*fp32",
+                        qk_scale="fp32"),
+             constexprs=dict(_without(common_constexprs, "ALIGN_V"), BLOCK_M=usage["block_m"],
+                             BLOCK_N=usage["block_n"]),
+             num_warps=usage["num_warps"], num_stages=2,
+             tile_pairs=usage["block_m"] * usage["block_n"], repeats=1,
+             grid=(triton.cdiv(N, usage["block_n"]), B),
+             config=dict(block_n=usage["block_n"], block_m=usage["block_m"]), useful=None,
+             values_extra=dict(stride_ub=N)),
+    ]
     if plan.splits > 1:
         merge_v = min(plan.block_v, 64)
         specs.append(dict(
@@ -182,7 +212,7 @@ def kernel_specs(dtype_name, similarity, forward, backward, shape=TARGET, sm_cou
             grid=(triton.cdiv(HW, 64), triton.cdiv(Cv, merge_v), B),
             config=dict(block_m=64, block_v=merge_v), useful=None))
     for spec in specs:
-        spec["values"] = values
+        spec["values"] = dict(values, **spec.pop("values_extra", {}))
     return specs
 
 

@@ -3,12 +3,14 @@
     from stm_kernels import memory_read, merge_reads
     out = memory_read(query_key, memory_key, memory_value)            # (B, Cv, *Q)
     out, lse = memory_read(q, k_chunk, v_chunk, return_lse=True)       # for merge_reads
+    out = memory_read(q, k, v, top_k=30)                               # STCN/XMem top-k read
 """
 from ._buffers import poison_outputs
-from .memory_read import BACKENDS, SIMILARITIES, memory_read
+from . import topk
+from .memory_read import BACKENDS, SIMILARITIES, memory_read, memory_usage
 from .memory_read_naive import naive_memory_read
 from .merge import merge_reads
 
-__all__ = ["memory_read", "merge_reads", "naive_memory_read", "poison_outputs", "BACKENDS",
-           "SIMILARITIES"]
+__all__ = ["memory_read", "memory_usage", "merge_reads", "naive_memory_read", "poison_outputs",
+           "topk", "BACKENDS", "SIMILARITIES"]
 __version__ = "0.1.0"

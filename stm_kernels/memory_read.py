@@ -1,41 +1,41 @@
 """`memory_read`: STM's space-time memory read as one differentiable op.
 
 What happens to an input, in order:
-    1. `_flatten_checked` validates the three tensors (shapes, dtypes, devices; errors name the
+    1. `prepared` validates the tensors (checks.py: shapes, dtypes, devices; errors name the
        argument and the expected shape) and views them as q (Bq, Ck, HW), k (B, Ck, N),
        v (B, Cv, N) without copying (spatial dims are merged as views where the strides allow,
        e.g. any slice of a preallocated memory bank along T; otherwise that tensor is copied).
-    2. `_resolve_backend` picks the implementation.
-    3. "naive" runs the official materialising read with PyTorch autograd; "triton" and "torch"
-       go through the custom op `stm_kernels::memory_read`, whose autograd calls the custom op
+       The XMem similarity becomes a dot product over augmented channels (xmem.py).
+    2. `checks.resolve_backend` picks the implementation.
+    3. top_k: the k best positions per query are selected without gradients and the softmax
+       is taken over them only (topk.py). Otherwise "naive" runs the official materialising
+       read with PyTorch autograd; "triton" and "torch" go through the custom op
+       `stm_kernels::memory_read`, whose autograd calls the custom op
        `stm_kernels::memory_read_backward` (both have fake implementations, so torch.compile
        traces them without graph breaks).
+    4. return_usage: one more pass over the memory from the read's lse (usage.py).
 
 Precision: all backends accumulate in float32 (float64 for float64 inputs). For float32
 inputs on a GPU the Triton kernels follow `torch.set_float32_matmul_precision`: "highest" (the
 PyTorch default) gives exact float32 products, "high"/"medium" allow TF32 tensor cores (about
 1e-3 relative error, several times faster).
 """
-import math
+import dataclasses
 from typing import Optional
 
 import torch
 
+from . import checks, topk, usage, xmem
+from .checks import BACKENDS, SIMILARITIES, concatenated
 from .memory_read_naive import naive_memory_read
 from .memory_read_torch import torch_backward, torch_forward
 
-try:
-    from . import memory_read_triton as _triton
-except ImportError:  # a CPU-only PyTorch without Triton: the torch and naive backends remain
-    _triton = None
-
-BACKENDS = ("auto", "triton", "torch", "naive")
-SIMILARITIES = ("dot", "l2")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_triton = checks._triton
 
 
 def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
-                backend="auto", return_lse=False, memory_lengths=None):
+                backend="auto", return_lse=False, memory_lengths=None, top_k=None,
+                return_usage=False, shrinkage=None, selection=None):
     """Space-time memory read: softmax attention of every query position over all memory positions.
 
     For each object b and query position i::
@@ -43,6 +43,7 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
         out[b, :, i] = sum_j softmax_j(s_ij) * memory_value[b, :, j]
         s_ij = scale * q_i.k_j                    (similarity="dot", STM)
         s_ij = scale * (2 q_i.k_j - |k_j|^2)      (similarity="l2", STCN; -|q_i|^2 cancels)
+        s_ij = -scale * shrinkage_j * sum_c selection_ic (q_ic - k_jc)^2   (similarity="xmem")
 
     computed in tiles: the (N x HW) affinity is never materialised (except by backend="naive").
 
@@ -55,8 +56,10 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
             training loop that reads a growing list of memory frames keeps O(T) memory.
         memory_value: (B, Cv, *M) with the same memory layout *M as memory_key (chunk for
             chunk when memory_key is a list).
-        scale: score scale; defaults to 1/sqrt(Ck) (official STM).
-        similarity: "dot" or "l2".
+        scale: score scale; defaults to 1/sqrt(Ck) (official STM, STCN, XMem).
+        similarity: "dot", "l2" or "xmem" (XMem/Cutie: an anisotropic L2 with `shrinkage`
+            and `selection`, computed as a dot product over 2 Ck + 1 augmented channels; see
+            stm_kernels/xmem.py).
         backend: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "torch"
             (chunked online softmax, bounded memory), "naive" (official materialising read) or
             "auto" (triton on CUDA for fp16/bf16/fp32, torch otherwise).
@@ -67,162 +70,126 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
             The rest of the padded memory (e.g. a memory bank's unused capacity) is never
             read, may hold anything, and gets zero gradient. Checking the values costs one
             device synchronisation (skipped while torch.compile traces).
+        top_k: softmax over each query's top_k largest scores only (STCN, XMem; ties go to the
+            lower memory index); gradients flow through the selected positions only. Memory
+            O(HW * top_k) beyond the inputs; backend "triton" supports top_k <= 64.
+        return_usage: also return usage (B, N) float32, each memory position's probability
+            summed over the query positions (XMem's memory usage; not differentiable).
+        shrinkage: "xmem" only: (B, 1, N) or (B, 1, T, H', W') (per memory chunk when
+            memory_key is a list), XMem's memory shrinkage s_j; None: 1.
+        selection: "xmem" only: (Bq, Ck, HW) or (Bq, Ck, H, W) like query_key, XMem's query
+            selection e_ic; None: XMem's STCN-like case without the query's own term.
 
     Returns:
         out (B, Cv, *Q) in memory_value's dtype; with return_lse=True also lse (B, *Q), the
-        natural log of sum_j exp(s_ij), in float32 (float64 for float64 inputs). query_key is
-        cast to the memory's dtype. Gradients flow to all three inputs (and through lse), to
-        each chunk of a chunked memory.
+        natural log of sum_j exp(s_ij), in float32 (float64 for float64 inputs); with
+        return_usage=True also usage (B, N). query_key is cast to the memory's dtype.
+        Gradients flow to all three inputs (and through lse), to each chunk of a chunked
+        memory, and to shrinkage and selection.
     """
-    q, keys, values, query_spatial = _flatten_checked(query_key, memory_key, memory_value)
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[1])
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite Python number or None; got {scale!r}")
-    backend = _resolve_backend(backend, keys[0])
-    lengths = _checked_lengths(memory_lengths, keys)
-    l2 = similarity == "l2"
-    if backend == "naive":
-        out, lse = naive_memory_read(q, _concatenated(keys), _concatenated(values), float(scale),
-                                     l2, need_lse=return_lse, lengths=lengths)
+    call = prepared(query_key, memory_key, memory_value, scale=scale, similarity=similarity,
+                    shrinkage=shrinkage, selection=selection, memory_lengths=memory_lengths,
+                    backend=backend, top_k=top_k)
+    if call.top_k is not None:
+        k, v = concatenated(call.keys), concatenated(call.values)
+        with torch.no_grad():
+            _, indices = topk.select(call.q, k, call.top_k, call.scale, call.l2, call.lengths,
+                                     call.backend)
+        out, lse, probabilities = topk.selected_read(call.q, k, v, indices, call.scale, call.l2)
+        lse = lse.to(lse_dtype(v.dtype))
+        memory_usage_ = topk.usage_of_selection(indices, probabilities, k.shape[2]) \
+            if return_usage else None
     else:
-        out, lse = torch.ops.stm_kernels.memory_read(q, keys, values, float(scale), l2, backend,
-                                                     lengths)
-    out = out.unflatten(2, query_spatial)
+        if call.backend == "naive":
+            out, lse = naive_memory_read(call.q, concatenated(call.keys),
+                                         concatenated(call.values), call.scale, call.l2,
+                                         need_lse=return_lse or return_usage,
+                                         lengths=call.lengths)
+        else:
+            out, lse = torch.ops.stm_kernels.memory_read(call.q, call.keys, call.values,
+                                                         call.scale, call.l2, call.backend,
+                                                         call.lengths)
+        memory_usage_ = usage.usage(call.q, concatenated(call.keys), lse.detach(), call.scale,
+                                    call.l2, call.lengths, call.backend) \
+            if return_usage else None
+    results = [out.unflatten(2, call.query_spatial)]
     if return_lse:
-        return out, lse.unflatten(1, query_spatial)
-    return out
+        results.append(lse.unflatten(1, call.query_spatial))
+    if return_usage:
+        results.append(memory_usage_)
+    return results[0] if len(results) == 1 else tuple(results)
 
 
-def _as_chunks(name, memory):
-    if isinstance(memory, torch.Tensor):
-        return [(name, memory)]
-    if not isinstance(memory, (list, tuple)) or not memory:
-        raise TypeError(f"{name} must be a torch.Tensor or a non-empty list of tensors "
-                        f"(memory chunks); got {type(memory).__name__}")
-    return [(f"{name}[{index}]", chunk) for index, chunk in enumerate(memory)]
+def memory_usage(query_key, memory_key, lse, *, scale=None, similarity="dot", shrinkage=None,
+                 selection=None, memory_lengths=None, backend="auto"):
+    """Usage (B, N) float32 of the memory positions for a given log-sum-exp lse (B, *Q):
+    sum over the query positions of exp(s_ij - lse_i), without gradients. For a read's own lse
+    this is memory_read(..., return_usage=True)'s usage; with the lse of a read over a larger
+    memory (e.g. merged across the shards of a sharded memory) it is this memory's share."""
+    call = prepared(query_key, memory_key, memory_key, scale=scale, similarity=similarity,
+                    shrinkage=shrinkage, selection=selection, memory_lengths=memory_lengths,
+                    backend=backend)
+    B, HW = call.keys[0].shape[0], call.q.shape[2]
+    if not isinstance(lse, torch.Tensor) or lse.shape[0] != B or lse[0].numel() != HW:
+        raise ValueError(f"lse must have shape (B={B}, *Q) with {HW} query positions; got "
+                         f"{getattr(lse, 'shape', type(lse).__name__)}")
+    return usage.usage(call.q, concatenated(call.keys), lse.reshape(B, HW).to(call.q.device),
+                       call.scale, call.l2, call.lengths, call.backend)
 
 
-def _check_tensor(name, tensor):
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
-            f"float64); got {tensor.dtype}")
-    if tensor.numel() == 0:
-        raise ValueError(
-            f"{name} is empty (shape {tuple(tensor.shape)}); every dimension, including "
-            "the number of memory positions N, must be at least 1")
+@dataclasses.dataclass
+class PreparedCall:
+    """A validated call: flattened q (Bq, Ck', HW), key and value chunks, the query's spatial
+    shape, the effective scale and similarity (XMem folded into "dot"), backend, lengths
+    (B,) int64 or None, top_k or None."""
+    q: torch.Tensor
+    keys: list
+    values: list
+    query_spatial: tuple
+    scale: float
+    l2: bool
+    backend: str
+    lengths: Optional[torch.Tensor]
+    top_k: Optional[int]
 
 
-def _flatten_checked(query_key, memory_key, memory_value):
-    """Validate; return q (Bq, Ck, HW), key chunks [(B, Ck, N_i)], value chunks [(B, Cv, N_i)]
-    (views where the strides allow) and the query's spatial shape."""
-    _check_tensor("query_key", query_key)
-    keys, values = _as_chunks("memory_key", memory_key), _as_chunks("memory_value", memory_value)
-    if len(keys) != len(values):
-        raise ValueError(f"memory_key and memory_value must hold as many chunks; got "
-                         f"{len(keys)} and {len(values)}")
-    if query_key.dim() not in (3, 4):
-        raise ValueError(
-            "query_key must have shape (B or 1, Ck, HW) or (B or 1, Ck, H, W); got shape "
-            f"{tuple(query_key.shape)}")
-    first_key_name, first_key = keys[0]
-    _check_tensor(first_key_name, first_key)
-    B, Ck = first_key.shape[:2]
-    Cv = None
-    for (key_name, key), (value_name, value) in zip(keys, values):
-        _check_tensor(key_name, key)
-        _check_tensor(value_name, value)
-        if key.dim() not in (3, 5) or key.shape[:2] != (B, Ck):
-            raise ValueError(
-                f"{key_name} must have shape (B, Ck, N) or (B, Ck, T, H, W) with B={B}, "
-                f"Ck={Ck}; got shape {tuple(key.shape)}")
-        Cv = value.shape[1] if Cv is None else Cv
-        if value.dim() != key.dim() or value.shape[0] != B or value.shape[1] != Cv or \
-                value.shape[2:] != key.shape[2:]:
-            layout = "(B, Cv, N)" if key.dim() == 3 else "(B, Cv, T, H, W)"
-            raise ValueError(
-                f"{value_name} must have shape {layout} = (B={B}, Cv, "
-                f"{', '.join(map(str, key.shape[2:]))}) to match {key_name} "
-                f"{tuple(key.shape)}; got shape {tuple(value.shape)}")
-        if not query_key.device == key.device == value.device:
-            raise ValueError(
-                f"query_key, {key_name} and {value_name} must be on one device; got "
-                f"{query_key.device}, {key.device} and {value.device}")
-        if key.dtype != first_key.dtype or value.dtype != first_key.dtype:
-            raise TypeError(
-                f"memory_key and memory_value must share one dtype; got {key.dtype} "
-                f"({key_name}) and {value.dtype} ({value_name})")
-    if query_key.shape[0] not in (1, B) or query_key.shape[1] != Ck:
-        raise ValueError(
-            f"query_key must have shape (B={B} or 1, Ck={Ck}, ...) to match memory_key "
-            f"{tuple(first_key.shape)}; got shape {tuple(query_key.shape)}")
-    q = query_key.to(first_key.dtype).flatten(2)
-    return (q, [key.flatten(2) for _, key in keys], [value.flatten(2) for _, value in values],
-            query_key.shape[2:])
-
-
-def _checked_lengths(memory_lengths, keys):
-    """memory_lengths as a (B,) int64 tensor on the memory's device, or None; ValueError when
-    it is not (B,) integers in [1, N]."""
-    if memory_lengths is None:
-        return None
-    B, device = keys[0].shape[0], keys[0].device
+def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
+             shrinkage=None, selection=None, memory_lengths=None, backend="auto", top_k=None):
+    """Validate a read's arguments (errors name the argument and the expected shape) and
+    return the PreparedCall the backends run."""
+    q, keys, values, query_spatial = checks.flatten_checked(query_key, memory_key, memory_value)
+    similarity = checks.checked_similarity(similarity)
+    scale = checks.checked_scale(scale, q.shape[1])
+    if similarity != "xmem" and (shrinkage is not None or selection is not None):
+        raise ValueError("shrinkage and selection belong to similarity='xmem'; got similarity="
+                         f"{similarity!r}")
+    if similarity == "xmem":
+        q, keys = xmem.augment(q, keys, scale, shrinkage, selection)
+        scale = 1.0
+    backend = checks.resolve_backend(backend, keys[0])
+    lengths = checks.checked_lengths(memory_lengths, keys)
     N = sum(key.shape[2] for key in keys)
-    expected = f"a (B={B},) integer tensor on {device} with values in [1, N={N}]"
-    if not isinstance(memory_lengths, torch.Tensor):
-        try:
-            memory_lengths = torch.as_tensor(memory_lengths, device=device)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"memory_lengths must be {expected}; got {memory_lengths!r}") \
-                from error
-    if memory_lengths.is_floating_point() or memory_lengths.is_complex() or \
-            memory_lengths.dtype == torch.bool:
-        raise ValueError(f"memory_lengths must be {expected}; got dtype {memory_lengths.dtype}")
-    if tuple(memory_lengths.shape) != (B,):
-        raise ValueError(f"memory_lengths must be {expected}; got shape "
-                         f"{tuple(memory_lengths.shape)}")
-    if memory_lengths.device != device:
-        raise ValueError(f"memory_lengths must be {expected}; got a tensor on "
-                         f"{memory_lengths.device}")
-    if not torch.compiler.is_compiling():
-        low, high = memory_lengths.min().item(), memory_lengths.max().item()
-        if low < 1 or high > N:
-            raise ValueError(f"memory_lengths must be {expected}; got values in [{low}, {high}]")
-    return memory_lengths.to(torch.int64)
+    return PreparedCall(q, keys, values, tuple(query_spatial), float(scale),
+                        similarity == "l2", backend, lengths,
+                        _checked_top_k(top_k, backend, N))
 
 
-def _resolve_backend(backend, memory_key):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        fused = (_triton is not None and memory_key.is_cuda
-                 and memory_key.dtype in _TRITON_DTYPES)
-        return "triton" if fused else "torch"
-    if backend == "triton":
-        if _triton is None:
-            raise ValueError("backend='triton' needs the triton package; use backend='torch'")
-        if memory_key.dtype not in _TRITON_DTYPES:
-            raise TypeError(
-                "backend='triton' supports float16, bfloat16 and float32; got "
-                f"{memory_key.dtype} (use backend='torch')")
-    return backend
+def _checked_top_k(top_k, backend, N):
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
+    if backend == "triton" and top_k > topk.TRITON_MAX_TOP_K:
+        raise ValueError(f"top_k={top_k} is above the {topk.TRITON_MAX_TOP_K} the triton "
+                         "backend supports; use backend='torch'")
+    return min(top_k, N)
 
 
-# --------------------------------------------------------------------------- custom ops
-
-
-def _lse_dtype(dtype):
+def lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _concatenated(chunks):
-    """The memory as one (B, C, N) tensor: the chunk itself when there is one (no copy)."""
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+# --------------------------------------------------------------------------- custom ops
 
 
 # The ops take the memory as a list of chunks and concatenate it only transiently, inside the
@@ -233,13 +200,14 @@ def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tens
                     scale: float, l2: bool, backend: str,
                     lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     forward = _triton.triton_forward if backend == "triton" else torch_forward
-    return forward(q, _concatenated(ks), _concatenated(vs), scale, l2, lengths)
+    return forward(q, concatenated(ks), concatenated(vs), scale, l2, lengths)
 
 
 @_memory_read_op.register_fake
 def _(q, ks, vs, scale, l2, backend, lengths):
     B, Cv, HW = ks[0].shape[0], vs[0].shape[1], q.shape[2]
-    return vs[0].new_empty((B, Cv, HW)), vs[0].new_empty((B, HW), dtype=_lse_dtype(vs[0].dtype))
+    return (vs[0].new_empty((B, Cv, HW)),
+            vs[0].new_empty((B, HW), dtype=lse_dtype(vs[0].dtype)))
 
 
 @torch.library.custom_op("stm_kernels::memory_read_backward", mutates_args=())
@@ -250,7 +218,7 @@ def _memory_read_backward_op(
         lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with dk, dv over the concatenated memory (split per chunk by autograd)."""
     backward = _triton.triton_backward if backend == "triton" else torch_backward
-    return backward(grad_out, grad_lse, q, _concatenated(ks), _concatenated(vs), out, lse, scale,
+    return backward(grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse, scale,
                     l2, lengths)
 
 

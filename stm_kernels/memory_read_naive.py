@@ -12,18 +12,9 @@ def naive_memory_read(q, k, v, scale, l2, need_lse=True, lengths=None):
     lengths (B,): only the first lengths[b] memory positions of object b count; the others are
     zeroed before use (they may hold anything) and masked out of the softmax.
     """
-    B, _, N = k.shape
-    valid = None
     if lengths is not None:
-        valid = torch.arange(N, device=k.device) < lengths.to(k.device).unsqueeze(1)  # (B, N)
-        k = torch.where(valid.unsqueeze(1), k, 0)
-        v = torch.where(valid.unsqueeze(1), v, 0)
-    affinity = torch.bmm(k.transpose(1, 2), q.expand(B, -1, -1))  # (B, N, HW)
-    if l2:
-        affinity = 2 * affinity - k.pow(2).sum(1).unsqueeze(2)
-    affinity = affinity * scale
-    if valid is not None:
-        affinity = affinity.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        v = torch.where(_valid(k, lengths).unsqueeze(1), v, 0)
+    affinity = naive_scores(q, k, scale, l2, lengths)
     probabilities = torch.softmax(affinity, dim=1)
     out = torch.bmm(v, probabilities.to(v.dtype))
     lse = None
@@ -31,3 +22,25 @@ def naive_memory_read(q, k, v, scale, l2, need_lse=True, lengths=None):
         lse_dtype = torch.float64 if affinity.dtype == torch.float64 else torch.float32
         lse = torch.logsumexp(affinity.to(lse_dtype), dim=1)
     return out, lse
+
+
+def _valid(k, lengths):
+    """(B, N) bool: positions inside each object's memory."""
+    return torch.arange(k.shape[2], device=k.device) < lengths.to(k.device).unsqueeze(1)
+
+
+def naive_scores(q, k, scale, l2, lengths=None):
+    """The materialised (B, N, HW) scores; positions past lengths[b] are -inf (and never
+    multiplied: they may hold anything)."""
+    B = k.shape[0]
+    valid = None
+    if lengths is not None:
+        valid = _valid(k, lengths)
+        k = torch.where(valid.unsqueeze(1), k, 0)
+    affinity = torch.bmm(k.transpose(1, 2), q.expand(B, -1, -1))  # (B, N, HW)
+    if l2:
+        affinity = 2 * affinity - k.pow(2).sum(1).unsqueeze(2)
+    affinity = affinity * scale
+    if valid is not None:
+        affinity = affinity.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    return affinity

@@ -19,13 +19,16 @@ import torch
 import triton
 
 from ._buffers import new_buffer
-from .triton_bwd import memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv
+from .triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv,
+                         memory_read_usage_kernel)
 from .triton_common import LOG2E
-from .triton_configs import (INTERPRETING, BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
-                             candidates, use_configs)
+from .triton_configs import (INTERPRETING, SELECT_CONFIG, USAGE_CONFIG, BackwardConfig,
+                             DkdqConfig, DvConfig, ForwardConfig, candidates, use_configs)
 from .triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
+from .triton_topk import MIN_KEY, memory_read_topk_kernel
 
-__all__ = ["triton_forward", "triton_backward", "forward_plan", "backward_plan", "use_configs",
+__all__ = ["triton_forward", "triton_backward", "triton_select", "triton_usage", "forward_plan",
+           "backward_plan", "use_configs",
            "ForwardConfig", "BackwardConfig", "DvConfig", "DkdqConfig", "INTERPRETING"]
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
@@ -340,3 +343,78 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
 
     with _device_context(device):
         return _run_first_fitting("backward", (k.dtype, Ck, Cv, l2), launch)
+
+
+# --------------------------------------------------------------------------- top-k and usage
+
+def select_launch(top_k):
+    """(block_m, block_n, top_k rounded to a power of two, warps, stages) of the selection."""
+    config = SELECT_CONFIG[INTERPRETING]
+    top_k_pow2 = triton.next_power_of_2(top_k)
+    return (config["block_m"], max(64, top_k_pow2), top_k_pow2, config["num_warps"],
+            config["num_stages"])
+
+
+def triton_select(q, k, top_k, scale, l2, lengths=None):
+    """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
+    top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
+    memory; one fused pass over the memory (triton_topk)."""
+    _check_device(q, k)
+    B, Ck, N = k.shape
+    HW = q.shape[2]
+    device = k.device
+    q = _padded_rows(q)
+    block_m, block_n, top_k_pow2, warps, stages = select_launch(top_k)
+    config = ForwardConfig(block_m=block_m, block_n=block_n, block_v=None)
+    plan = forward_plan(config, B, HW, N, 16, _sm_count(device))
+    flags = _launch_flags((q, k, k), outputs=[])
+    align_k = _alignment(k)
+    ksq = k.float().square().sum(1) if l2 else k
+    lengths_arg, ragged = _lengths_argument(lengths, k)
+    keys = torch.empty((plan.splits, B, HW, top_k_pow2), dtype=torch.int64, device=device)
+    with _device_context(device):
+        memory_read_topk_kernel[(plan.m_blocks, B, plan.splits)](
+            q=q, k=k, ksq=ksq, lengths=lengths_arg, keys=keys,
+            stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
+            stride_qm=q.stride(2), **_memory_strides("k", k, align_k), stride_sqb=ksq.stride(0),
+            stride_ks=keys.stride(0), stride_kyb=keys.stride(1), stride_km=keys.stride(2),
+            HW=HW, N=N, CK=Ck, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
+            BLOCK_M=block_m, BLOCK_N=block_n, TOP_K=top_k_pow2, RAGGED=ragged,
+            ALIGN_K=align_k, num_warps=warps, num_stages=stages, **flags)
+    merged = keys.permute(1, 2, 0, 3).reshape(B, HW, -1)
+    best = torch.topk(merged, top_k, dim=-1).values  # distinct keys: score desc, index asc
+    return _decoded(best)
+
+
+def _decoded(keys):
+    """(scores in natural units, indices) of packed keys; -inf / -1 for empty ones."""
+    high = (keys >> 32).to(torch.int32)
+    bits = torch.where(high < 0, high ^ 0x7FFFFFFF, high)
+    scores = bits.view(torch.float32) * (1.0 / LOG2E)
+    indices = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    empty = (keys == MIN_KEY) | torch.isneginf(scores)
+    return (scores.masked_fill(empty, float("-inf")), indices.masked_fill(empty, -1))
+
+
+def triton_usage(q, k, lse, scale, l2, lengths=None):
+    """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel)."""
+    _check_device(q, k)
+    B, Ck, N = k.shape
+    HW = q.shape[2]
+    q = _padded_rows(q)
+    lse = lse.float().contiguous()
+    block_n, block_m, warps = (USAGE_CONFIG[INTERPRETING][key]
+                               for key in ("block_n", "block_m", "num_warps"))
+    flags = _launch_flags((q, k, k), outputs=[(1, N)])
+    align_k = _alignment(k)
+    lengths_arg, ragged = _lengths_argument(lengths, k)
+    usage = torch.empty((B, N), dtype=torch.float32, device=k.device)
+    with _device_context(k.device):
+        memory_read_usage_kernel[(triton.cdiv(N, block_n), B)](
+            q=q, k=k, lse=lse, lengths=lengths_arg, usage=usage,
+            stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
+            stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
+            **_strides("l", lse, "bm"), stride_ub=usage.stride(0), HW=HW, N=N, CK=Ck,
+            qk_scale=scale * LOG2E, L2=l2, BLOCK_M=block_m, BLOCK_N=block_n, RAGGED=ragged,
+            ALIGN_K=align_k, num_warps=warps, **flags)
+    return usage

@@ -278,3 +278,53 @@ def memory_read_bwd_kernel_dkdq(
     p_dk = dk + i_b * stride_dkb + first_n * stride_dkn
     tl.store(p_dk + tile_offsets(o_n, o_c, stride_dkn, stride_dkc, I64),
              b_dk.to(p_dk.dtype.element_ty), mask=((first_n + o_n) < N)[:, None] & m_c[None, :])
+
+
+@triton.jit
+def memory_read_usage_kernel(
+    q, k, lse, lengths, usage,
+    stride_qb, stride_qc, stride_qm,
+    stride_kb, stride_kc, stride_kn,
+    stride_lb, stride_lm,
+    stride_ub,
+    HW, N, CK, qk_scale,
+    L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
+    RAGGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
+    ALIGN_K: tl.constexpr,
+):
+    # Memory usage (XMem): one program per (memory block, object) sums the probabilities
+    # exp2(S^T * c - lse) of its positions over all queries, as the dV kernel recomputes them.
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_N)
+    o_c = tl.arange(0, BLOCK_CK)
+    o_m = tl.arange(0, BLOCK_M)
+    first_n = (i_n * BLOCK_N).to(tl.int64)
+    n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
+    m_n = (i_n * BLOCK_N + o_n) < n_end
+    m_c = o_c < CK
+    stride_kc = aligned_stride(stride_kc, ALIGN_K)
+
+    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + first_n * stride_kn
+    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
+                  mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_CK]
+    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if L2:
+        b_kf = b_k.to(tl.float32)
+        b_ksq = tl.sum(b_kf * b_kf, 1)
+    p_q = q + i_b * stride_qb
+    p_lse = lse + i_b * stride_lb
+    o_q = tile_offsets(o_c, o_m, stride_qc, stride_qm, I64)  # [BLOCK_CK, BLOCK_M]
+    m_q_chan = m_c[:, None]
+
+    b_usage = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m_start in range(0, hw_end, BLOCK_M):
+        m_m = (m_start + o_m) < hw_end
+        b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)
+        b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
+        b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2, True,
+                                PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M]
+        b_usage += tl.sum(b_pt, 1)
+        p_q += BLOCK_M * stride_qm
+        p_lse += BLOCK_M * stride_lm
+    tl.store(usage + i_b * stride_ub + first_n + o_n, b_usage, mask=(first_n + o_n) < N)

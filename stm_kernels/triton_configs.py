@@ -112,6 +112,13 @@ INTERPRETER_FORWARD = (ForwardConfig(block_m=32, block_n=32, num_warps=4, num_st
 INTERPRETER_BACKWARD = (BackwardConfig(DvConfig(block_n=32, block_m=32, num_warps=4),
                                        DkdqConfig(block_n=32, block_m=32, num_warps=4)),)
 
+# The top-k selection (64 query rows, one warpgroup: with 8 warps the only dot, QK, would be
+# computed twice) and the usage kernel (dV's layout: 128 memory rows for 8 warps).
+SELECT_CONFIG = {False: dict(block_m=64, num_warps=4, num_stages=2),
+                 True: dict(block_m=16, num_warps=4, num_stages=1)}  # by INTERPRETING
+USAGE_CONFIG = {False: dict(block_n=128, block_m=64, num_warps=8),
+                True: dict(block_n=32, block_m=32, num_warps=4)}
+
 _override = {"forward": None, "backward": None}
 
 

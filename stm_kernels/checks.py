@@ -1,0 +1,151 @@
+"""Input checks shared by the op's public functions: every error names the argument and the
+shape, dtype or range it expected."""
+import math
+
+import torch
+
+try:
+    from . import memory_read_triton as _triton
+except ImportError:  # a CPU-only PyTorch without Triton: the torch and naive backends remain
+    _triton = None
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+SIMILARITIES = ("dot", "l2", "xmem")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def checked_scale(scale, key_channels):
+    """scale as a float: 1/sqrt(Ck) by default (official STM)."""
+    if scale is None:
+        return 1.0 / math.sqrt(key_channels)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite Python number or None; got {scale!r}")
+    return float(scale)
+
+
+def checked_similarity(similarity):
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
+    return similarity
+
+
+def as_chunks(name, memory):
+    if isinstance(memory, torch.Tensor):
+        return [(name, memory)]
+    if not isinstance(memory, (list, tuple)) or not memory:
+        raise TypeError(f"{name} must be a torch.Tensor or a non-empty list of tensors "
+                        f"(memory chunks); got {type(memory).__name__}")
+    return [(f"{name}[{index}]", chunk) for index, chunk in enumerate(memory)]
+
+
+def check_tensor(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64); got {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(tensor.shape)}); every dimension, including "
+            "the number of memory positions N, must be at least 1")
+
+
+def flatten_checked(query_key, memory_key, memory_value):
+    """Validate; return q (Bq, Ck, HW), key chunks [(B, Ck, N_i)], value chunks [(B, Cv, N_i)]
+    (views where the strides allow) and the query's spatial shape."""
+    check_tensor("query_key", query_key)
+    keys, values = as_chunks("memory_key", memory_key), as_chunks("memory_value", memory_value)
+    if len(keys) != len(values):
+        raise ValueError(f"memory_key and memory_value must hold as many chunks; got "
+                         f"{len(keys)} and {len(values)}")
+    if query_key.dim() not in (3, 4):
+        raise ValueError(
+            "query_key must have shape (B or 1, Ck, HW) or (B or 1, Ck, H, W); got shape "
+            f"{tuple(query_key.shape)}")
+    first_key_name, first_key = keys[0]
+    check_tensor(first_key_name, first_key)
+    B, Ck = first_key.shape[:2]
+    Cv = None
+    for (key_name, key), (value_name, value) in zip(keys, values):
+        check_tensor(key_name, key)
+        check_tensor(value_name, value)
+        if key.dim() not in (3, 5) or key.shape[:2] != (B, Ck):
+            raise ValueError(
+                f"{key_name} must have shape (B, Ck, N) or (B, Ck, T, H, W) with B={B}, "
+                f"Ck={Ck}; got shape {tuple(key.shape)}")
+        Cv = value.shape[1] if Cv is None else Cv
+        if value.dim() != key.dim() or value.shape[0] != B or value.shape[1] != Cv or \
+                value.shape[2:] != key.shape[2:]:
+            layout = "(B, Cv, N)" if key.dim() == 3 else "(B, Cv, T, H, W)"
+            raise ValueError(
+                f"{value_name} must have shape {layout} = (B={B}, Cv, "
+                f"{', '.join(map(str, key.shape[2:]))}) to match {key_name} "
+                f"{tuple(key.shape)}; got shape {tuple(value.shape)}")
+        if not query_key.device == key.device == value.device:
+            raise ValueError(
+                f"query_key, {key_name} and {value_name} must be on one device; got "
+                f"{query_key.device}, {key.device} and {value.device}")
+        if key.dtype != first_key.dtype or value.dtype != first_key.dtype:
+            raise TypeError(
+                f"memory_key and memory_value must share one dtype; got {key.dtype} "
+                f"({key_name}) and {value.dtype} ({value_name})")
+    if query_key.shape[0] not in (1, B) or query_key.shape[1] != Ck:
+        raise ValueError(
+            f"query_key must have shape (B={B} or 1, Ck={Ck}, ...) to match memory_key "
+            f"{tuple(first_key.shape)}; got shape {tuple(query_key.shape)}")
+    q = query_key.to(first_key.dtype).flatten(2)
+    return (q, [key.flatten(2) for _, key in keys], [value.flatten(2) for _, value in values],
+            query_key.shape[2:])
+
+
+def checked_lengths(memory_lengths, keys):
+    """memory_lengths as a (B,) int64 tensor on the memory's device, or None; ValueError when
+    it is not (B,) integers in [1, N]."""
+    if memory_lengths is None:
+        return None
+    B, device = keys[0].shape[0], keys[0].device
+    N = sum(key.shape[2] for key in keys)
+    expected = f"a (B={B},) integer tensor on {device} with values in [1, N={N}]"
+    if not isinstance(memory_lengths, torch.Tensor):
+        try:
+            memory_lengths = torch.as_tensor(memory_lengths, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"memory_lengths must be {expected}; got {memory_lengths!r}") \
+                from error
+    if memory_lengths.is_floating_point() or memory_lengths.is_complex() or \
+            memory_lengths.dtype == torch.bool:
+        raise ValueError(f"memory_lengths must be {expected}; got dtype {memory_lengths.dtype}")
+    if tuple(memory_lengths.shape) != (B,):
+        raise ValueError(f"memory_lengths must be {expected}; got shape "
+                         f"{tuple(memory_lengths.shape)}")
+    if memory_lengths.device != device:
+        raise ValueError(f"memory_lengths must be {expected}; got a tensor on "
+                         f"{memory_lengths.device}")
+    if not torch.compiler.is_compiling():
+        low, high = memory_lengths.min().item(), memory_lengths.max().item()
+        if low < 1 or high > N:
+            raise ValueError(f"memory_lengths must be {expected}; got values in [{low}, {high}]")
+    return memory_lengths.to(torch.int64)
+
+
+def concatenated(chunks):
+    """The memory as one (B, C, N) tensor: the chunk itself when there is one (no copy)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+
+
+def resolve_backend(backend, memory_key):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        fused = (_triton is not None and memory_key.is_cuda
+                 and memory_key.dtype in _TRITON_DTYPES)
+        return "triton" if fused else "torch"
+    if backend == "triton":
+        if _triton is None:
+            raise ValueError("backend='triton' needs the triton package; use backend='torch'")
+        if memory_key.dtype not in _TRITON_DTYPES:
+            raise TypeError(
+                "backend='triton' supports float16, bfloat16 and float32; got "
+                f"{memory_key.dtype} (use backend='torch')")
+    return backend
