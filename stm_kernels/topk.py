@@ -28,15 +28,24 @@ def exact_topk(scores, k):
     """(values, indices) of the k largest entries of each row of scores (..., n), sorted by
     value descending then index ascending: among equal values the lower indices are taken
     (torch.topk leaves that order unspecified)."""
-    values = torch.topk(scores, k, dim=-1).values
+    values, indices = torch.topk(scores, k, dim=-1)
     threshold = values[..., -1:]
-    greater, equal = scores > threshold, scores == threshold
-    needed = k - greater.sum(-1, keepdim=True)
-    take = greater | (equal & (equal.cumsum(-1) <= needed))
-    indices = take.nonzero()[:, -1].view(*scores.shape[:-1], k)  # row-major: index order
-    selected = scores.gather(-1, indices)
-    order = torch.sort(selected, dim=-1, descending=True, stable=True).indices
-    return selected.gather(-1, order), indices.gather(-1, order)
+    if bool(((scores >= threshold).sum(-1) != k).any()):
+        # ties at the threshold reach past the k kept: take the lowest indices among them
+        greater, equal = scores > threshold, scores == threshold
+        needed = k - greater.sum(-1, keepdim=True)
+        take = greater | (equal & (equal.cumsum(-1) <= needed))
+        indices = take.nonzero()[:, -1].view(*scores.shape[:-1], k)
+        values = scores.gather(-1, indices)
+    return _ordered(values, indices)
+
+
+def _ordered(values, indices):
+    """Sort by value descending, then index ascending."""
+    by_index = torch.sort(indices, dim=-1).indices
+    values, indices = values.gather(-1, by_index), indices.gather(-1, by_index)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return values.gather(-1, order), indices.gather(-1, order)
 
 
 def _merge(best, candidates):
@@ -102,11 +111,12 @@ def select(q, k, top_k, scale, l2, lengths, backend):
 
 
 def _gathered(t, indices):
-    """t (B, C, N) at indices (B, HW, k) -> (B, HW, k, C) (index -1 reads position 0)."""
+    """t (B, C, N) at indices (B, h, k) -> (B, C, h, k), gathering along N (index -1 reads
+    position 0): each channel's row is contiguous, so this never copies the memory."""
     B, C, _ = t.shape
-    HW, k = indices.shape[1:]
-    flat = indices.clamp_min(0).reshape(B, HW * k, 1).expand(-1, -1, C)
-    return torch.gather(t.transpose(1, 2), 1, flat).view(B, HW, k, C)
+    h, k = indices.shape[1:]
+    flat = indices.clamp_min(0).reshape(B, 1, h * k).expand(-1, C, -1)
+    return torch.gather(t, 2, flat).view(B, C, h, k)
 
 
 @_without_autocast
@@ -122,19 +132,19 @@ def selected_read(q, k, v, indices, scale, l2):
     outs, lses, probabilities = [], [], []
     for start in range(0, HW, step):
         part = indices[:, start:start + step]
-        q_rows = q[:, :, start:start + step].to(acc_dtype).transpose(1, 2)  # (Bq, h, Ck)
-        k_sel = _gathered(k, part).to(acc_dtype)  # (B, h, k, Ck)
-        v_sel = _gathered(v, part).to(acc_dtype)
-        scores = (q_rows.unsqueeze(2) * k_sel).sum(-1)  # (B, h, k)
+        q_part = q[:, :, start:start + step].to(acc_dtype)  # (Bq, Ck, h)
+        k_sel = _gathered(k, part).to(acc_dtype)  # (B, Ck, h, k)
+        v_sel = _gathered(v, part).to(acc_dtype)  # (B, Cv, h, k)
+        scores = torch.einsum("bch,bchk->bhk", q_part.expand(k.shape[0], -1, -1), k_sel)
         if l2:
-            scores = 2 * scores - (k_sel * k_sel).sum(-1)
-        scores = (scores * scale).masked_fill(part < 0, float("-inf"))
+            scores = 2 * scores - (k_sel * k_sel).sum(1)
+        scores = (scores * scale).masked_fill(part < 0, float("-inf"))  # (B, h, k)
         lse = torch.logsumexp(scores, -1)
         p = torch.exp(scores - torch.where(torch.isneginf(lse), 0, lse).unsqueeze(-1))
-        outs.append((p.unsqueeze(-1) * v_sel).sum(2))  # (B, h, Cv)
+        outs.append(torch.einsum("bchk,bhk->bch", v_sel, p))  # (B, Cv, h)
         lses.append(lse)
         probabilities.append(p.detach())
-    out = torch.cat(outs, 1).transpose(1, 2).to(v.dtype)
+    out = torch.cat(outs, 2).to(v.dtype)
     return out, torch.cat(lses, 1), torch.cat(probabilities, 1)
 
 

@@ -123,3 +123,18 @@ def test_ragged_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys
         assert record["lengths"] == [16 * record["frames"] * m for m in (1, 2, 3, 4)]
         assert record["q20_ms"] <= record["median_ms"] <= record["q80_ms"]
     assert "| 2 | 32, 64, 96, 128 |" in capsys.readouterr().out
+
+
+def test_topk_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert suite.main(["topk-read", "--device", "cpu", "--ns", "300", "600", "--hw", "20",
+                       "--ck", "16", "--cv", "32", "--top-k", "5", "--rounds", "2"]) == 0
+    [path] = tmp_path.glob("topk_read_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / (path.stem + ".png")).exists()
+    assert {(r["provider"], r["N"]) for r in payload["records"]} == {
+        (p, n) for p in ("topk", "stcn", "plain", "plain+usage") for n in (300, 600)}
+    for record in payload["records"]:
+        assert record["status"] == "ok" and record["peak_mem_bytes"] >= 0
+        assert record["q20_ms"] <= record["median_ms"] <= record["q80_ms"]
+    assert "| 600 |" in capsys.readouterr().out

@@ -280,3 +280,12 @@ def test_triton_top_k_above_64_is_a_clear_error(monkeypatch):
     q, k, v = random_inputs(1, 1, 8, 6, 10, 100, torch.float32, "cpu")
     with pytest.raises(ValueError, match="top_k=65 is above the 64 the triton backend supports"):
         memory_read(q, k, v, top_k=65, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_top_k_read_equals_stcns_own_read(backend):
+    """Our top-k read against STCN's read transcribed (bench.topk_read.stcn_read)."""
+    from bench.topk_read import stcn_read
+    q, k, v = random_inputs(2, 1, 16, 32, 20, 300, torch.float64, "cpu", seed=27)
+    ours = memory_read(q, k, v, similarity="l2", top_k=5, backend=backend)
+    assert rel_error(ours, stcn_read(q, k.clone(), v, 5)) < 1e-12
