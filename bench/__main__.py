@@ -10,6 +10,7 @@
     python -m bench ragged-read [...]   # ragged memories in one read vs padded / per video
     python -m bench dataset-throughput  # a dataset batched K videos at a time vs one at a time
     python -m bench topk-read [...]     # top-k read vs STCN's materialised top-k; usage cost
+    python -m bench sharded-read [...]  # one memory sharded over 1-3 processes
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check]    # README tables from the newest committed results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -23,8 +24,8 @@ import pathlib
 import sys
 
 from bench import (dataset_throughput, held_out, interactive, interactive_eval,
-                   kernel_resources, long_video, memory_read, ragged_read, report, topk_read,
-                   training)
+                   kernel_resources, long_video, memory_read, ragged_read, report,
+                   sharded_read, topk_read, training)
 
 BENCHMARKS = {  # sub-command: (module, results name)
     "kernel": (memory_read, "memory_read"),
@@ -36,6 +37,7 @@ BENCHMARKS = {  # sub-command: (module, results name)
     "ragged-read": (ragged_read, "ragged_read"),
     "dataset-throughput": (dataset_throughput, "dataset_throughput"),
     "topk-read": (topk_read, "topk_read"),
+    "sharded-read": (sharded_read, "sharded_read"),
 }
 RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summary(payload))
     "memory_read": (memory_read.plot, memory_read.summary),
@@ -48,6 +50,7 @@ RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summa
     "ragged_read": (ragged_read.plot, ragged_read.summary),
     "dataset_throughput": (dataset_throughput.plot, dataset_throughput.summarize),
     "topk_read": (topk_read.plot, topk_read.summary),
+    "sharded_read": (sharded_read.plot, sharded_read.summary),
 }
 
 
@@ -84,8 +87,9 @@ def main(argv=None):
         if rest:
             raise SystemExit("python -m bench all takes no options (it runs every benchmark "
                              "with the defaults for the device present)")
-        for name in ("kernel", "ragged-read", "topk-read", "long-video", "dataset-throughput",
-                     "training", "held-out", "interactive", "interactive-eval"):
+        for name in ("kernel", "ragged-read", "topk-read", "sharded-read", "long-video",
+                     "dataset-throughput", "training", "held-out", "interactive",
+                     "interactive-eval"):
             print(f"\n=== python -m bench {name}", flush=True)
             BENCHMARKS[name][0].main([])
         return report.main([])

@@ -15,7 +15,8 @@ import re
 import sys
 
 from bench import (dataset_throughput, held_out, interactive, interactive_eval,
-                   kernel_resources, long_video, memory_read, ragged_read, topk_read, training)
+                   kernel_resources, long_video, memory_read, ragged_read, sharded_read,
+                   topk_read, training)
 from bench.common import RESULTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -26,7 +27,8 @@ SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize,
              "kernel_work": kernel_resources.summary,
              "ragged_read": ragged_read.summary,
              "dataset_throughput": dataset_throughput.summarize,
-             "topk_read": topk_read.summary}
+             "topk_read": topk_read.summary,
+             "sharded_read": sharded_read.summary}
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
 
 

@@ -188,7 +188,8 @@ def read_selected(query_key, memory_key, memory_value, indices, *, scale=None,
 
     indices: (B, *Q, k) int64 positions in the flattened memory (as topk_scores returns
     them); -1 marks an unused slot, and a query with no valid slot reads out 0 (lse -inf).
-    Other args as memory_read. Returns out (B, Cv, *Q) (and lse (B, *Q) float32).
+    Other args as memory_read. Returns out (B, Cv, *Q) (and lse (B, *Q), float32; float64
+    for float64 inputs).
     """
     from .memory_read import prepared
     call = prepared(query_key, memory_key, memory_value, scale=scale, similarity=similarity,
@@ -203,4 +204,5 @@ def read_selected(query_key, memory_key, memory_value, indices, *, scale=None,
     out, lse, _ = selected_read(call.q, checks.concatenated(call.keys),
                                 checks.concatenated(call.values), flat, call.scale, call.l2)
     out = out.unflatten(2, call.query_spatial)
-    return (out, lse.float().unflatten(1, call.query_spatial)) if return_lse else out
+    lse = lse.to(torch.float64 if lse.dtype == torch.float64 else torch.float32)
+    return (out, lse.unflatten(1, call.query_spatial)) if return_lse else out

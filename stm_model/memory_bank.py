@@ -18,6 +18,15 @@ matter.
 Offload (offload=True): storage lives in (pinned) CPU memory; a read copies chunk_frames
 frames at a time to the compute device, reads each chunk with return_lse and merges the chunks
 exactly with merge_reads.
+
+Sharding (shard_memory=True, under torch.distributed): the memory is spread over the ranks of
+shard_group (default: all ranks). Every rank runs the same schedule (the same frames, in the
+same order) and stores only the frames whose slot s has s % world_size == rank (round-robin:
+rank r holds slots r, r + W, ...; the temporary previous frame, in slot `permanent`, lies on
+rank permanent % W; an evicted slot is refilled on the same rank). A read goes through
+stm_kernels.distributed.memory_read (offloaded: each rank's chunks are merged, then merged
+across ranks with merge_across_ranks): every rank gets the read over the whole memory. Each
+rank stores about 1/W of the memory; a rank may hold no frame yet (an empty shard).
 """
 import torch
 
@@ -37,14 +46,17 @@ class MemoryBank:
 
     def __init__(self, num_objects, key_dim, value_dim, height, width, *, dtype=torch.float32,
                  device="cpu", max_frames=None, offload=False, chunk_frames=64,
-                 initial_capacity=_ALIGN_FRAMES):
+                 initial_capacity=_ALIGN_FRAMES, shard_memory=False, shard_group=None):
         self.slots = FrameSlots(max_frames)  # checks max_frames
+        self.shard_memory, self.shard_group = bool(shard_memory), shard_group
+        self.shard_rank, self.shard_count = _shard_of(shard_memory, shard_group)
         self.num_objects, self.key_dim, self.value_dim = num_objects, key_dim, value_dim
         self.size = (height, width)
         self.dtype, self.device = dtype, torch.device(device)
         self.storage_device = torch.device("cpu") if offload else self.device
         self.max_frames, self.offload, self.chunk_frames = max_frames, offload, chunk_frames
         capacity = initial_capacity if max_frames is None else max_frames
+        capacity = -(-capacity // self.shard_count)  # this rank's share of the slots
         self.keys = self.values = None
         self._allocate(_round_up(capacity, _ALIGN_FRAMES))
 
@@ -64,7 +76,13 @@ class MemoryBank:
         return self.slots.slot_frames
 
     @property
+    def local_frames(self):
+        """Frames stored on this rank (num_frames without sharding)."""
+        return self._local_count(self.num_frames)
+
+    @property
     def capacity(self):
+        """Frames this rank's storage holds before it grows."""
         return self.keys.shape[2]
 
     @property
@@ -76,6 +94,9 @@ class MemoryBank:
         frame is dropped; permanent=False makes this frame the new temporary one."""
         self._check(keys, values, "add")
         slot = self.slots.assign(permanent, frame_index)
+        if slot % self.shard_count != self.shard_rank:
+            return  # another rank's frame
+        slot //= self.shard_count
         if slot >= self.capacity:
             self._allocate(_round_up(2 * self.capacity, _ALIGN_FRAMES))
         self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
@@ -90,6 +111,9 @@ class MemoryBank:
             return
         self._check(keys, values, "put")
         slot = held.index(frame_index)
+        if slot % self.shard_count != self.shard_rank:
+            return  # another rank's frame
+        slot //= self.shard_count
         self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
         self.values[:, :, slot] = values.flatten(2).to(self.storage_device, self.dtype)
 
@@ -106,17 +130,44 @@ class MemoryBank:
         if self.num_frames == 0:
             raise RuntimeError("the memory bank is empty: add a frame before reading")
         options = dict(scale=scale, similarity=similarity, backend=backend)
+        if self.shard_memory:
+            return self._sharded_read(query_key, options)
         frames = self.num_frames
         if not self.offload:
             return memory_read(query_key, self._keys(0, frames), self._values(0, frames),
                                **options)
+        return merge_reads(*zip(*self._offloaded_reads(query_key, frames, options)))[0]
+
+    def _offloaded_reads(self, query_key, frames, options):
+        """(out, lse) of the first `frames` stored frames, chunk_frames at a time on the
+        compute device."""
         reads = []
         for start in range(0, frames, self.chunk_frames):
             stop = min(start + self.chunk_frames, frames)
             keys = self._keys(start, stop).to(self.device, non_blocking=True)
             values = self._values(start, stop).to(self.device, non_blocking=True)
             reads.append(memory_read(query_key, keys, values, return_lse=True, **options))
-        return merge_reads(*zip(*reads))[0]
+        return reads
+
+    def _sharded_read(self, query_key, options):
+        from stm_kernels.distributed import memory_read as sharded_read, merge_across_ranks
+        frames = self.local_frames
+        if not self.offload:
+            return sharded_read(query_key, self._keys(0, frames), self._values(0, frames),
+                                self.shard_group, **options)
+        reads = self._offloaded_reads(query_key, frames, options)
+        if reads:
+            out, lse = merge_reads(*zip(*reads))
+        else:  # no frame on this rank yet: an empty read (out 0, lse -inf)
+            shape = (self.num_objects,) + tuple(query_key.shape[2:])
+            out = torch.zeros((shape[0], self.value_dim) + shape[1:], dtype=self.dtype,
+                              device=self.device)
+            lse = torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device)
+        return merge_across_ranks(out, lse, self.shard_group)[0]
+
+    def _local_count(self, frames):
+        """How many of the slots [0, frames) lie on this rank."""
+        return max(0, -(-(frames - self.shard_rank) // self.shard_count))
 
     def _keys(self, start, stop):
         return self.keys[:, :, start:stop].flatten(2)  # a view: (n, Ck, T·h·w)
@@ -133,7 +184,24 @@ class MemoryBank:
                              dtype=self.dtype, device=self.storage_device, pin_memory=pin)
         if self.keys is not None:  # growing: keep the permanent frames stored so far (the
             # temporary one is being replaced; the slot being added lies past the old storage)
-            kept = min(self.permanent, self.capacity)
+            kept = min(self._local_count(self.permanent), self.capacity)
             keys[:, :, :kept] = self.keys[:, :, :kept]
             values[:, :, :kept] = self.values[:, :, :kept]
         self.keys, self.values = keys, values
+
+
+def _shard_of(shard_memory, shard_group):
+    """(rank, world size) of this process in the group a sharded memory is spread over;
+    (0, 1) without sharding."""
+    if not shard_memory:
+        if shard_group is not None:
+            raise ValueError("shard_group is given but shard_memory is False")
+        return 0, 1
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_memory=True needs torch.distributed initialised "
+                           "(dist.init_process_group, e.g. under torchrun)")
+    rank = dist.get_rank(shard_group)
+    if rank < 0:
+        raise ValueError("this process is not a member of shard_group")
+    return rank, dist.get_world_size(shard_group)

@@ -39,13 +39,22 @@ class VideoSegmenter:
         offload_chunk_frames: memory frames per chunk when offloading.
         amp_dtype: run the encoders and decoder under torch.autocast with this dtype.
         read_backend: memory_read backend (default: the model config's).
+        shard_memory: spread the memory over the ranks of shard_group (torch.distributed):
+            every rank runs this segmenter on the same frames and masks, stores every
+            world_size-th memory frame (MemoryBank's round-robin slots) and reads through
+            stm_kernels.distributed.memory_read; every rank returns the same probabilities as
+            one process holding the whole memory. Each rank keeps about 1/world_size of the
+            memory (long videos on several GPUs).
+        shard_group: the process group of shard_memory (default: every rank).
     """
 
     def __init__(self, model, mem_every=5, *, memory_dtype=None, max_memory_frames=None,
-                 offload=False, offload_chunk_frames=64, amp_dtype=None, read_backend=None):
+                 offload=False, offload_chunk_frames=64, amp_dtype=None, read_backend=None,
+                 shard_memory=False, shard_group=None):
         apply_session_options(self, model, mem_every, memory_dtype, max_memory_frames,
                               amp_dtype, read_backend)
         self.offload, self.offload_chunk_frames = offload, offload_chunk_frames
+        self.shard_memory, self.shard_group = shard_memory, shard_group
         self.reset()
 
     def reset(self):
@@ -67,6 +76,7 @@ class VideoSegmenter:
 
     @property
     def memory_bytes(self):
+        """Bytes of memory-bank storage (this rank's share when the memory is sharded)."""
         return sum(bank.nbytes for bank in self.banks)
 
     @torch.no_grad()
@@ -139,7 +149,8 @@ class VideoSegmenter:
                 len(new_ids), self.model.config.key_dim, self.model.config.value_dim,
                 height // 16, width // 16, dtype=self.memory_dtype, device=self.device,
                 max_frames=self.max_memory_frames, offload=self.offload,
-                chunk_frames=self.offload_chunk_frames)
+                chunk_frames=self.offload_chunk_frames, shard_memory=self.shard_memory,
+                shard_group=self.shard_group)
             self.banks.append(bank)
             self.object_ids += new_ids
         return probs
