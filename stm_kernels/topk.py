@@ -65,7 +65,7 @@ def torch_select(q, k, top_k, scale, l2, lengths=None):
     B, _, N = k.shape
     HW = q.shape[2]
     acc_dtype = _accumulation_dtype(k.dtype)
-    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2)
+    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()
     chunk = max(top_k, CHUNK_ELEMENTS // max(B * HW, 1))
     best = None
     for start in range(0, N, chunk):

@@ -11,25 +11,36 @@ and Cutie use usage as a statistic, not in the loss.
 import torch
 
 from .memory_read_naive import naive_scores
-from .memory_read_torch import _accumulation_dtype, _chunk_length, _scores, _without_autocast
+from .memory_read_torch import _accumulation_dtype, _chunk_length, _without_autocast
 
 
 @_without_autocast
 def torch_usage(q, k, lse, scale, l2, lengths=None):
-    """(B, N) float32 usage of the memory positions, one memory chunk at a time."""
-    B, _, N = k.shape
+    """(B, N) float32 usage of the memory positions, one memory chunk at a time. The shifted
+    scores s_ij - lse_i come out of one product over augmented channels (q' = [scale q, -lse],
+    k' = [k, 1]; for L2 q' = [2 scale q, -scale, -lse], k' = [k, |k|^2, 1]), so each chunk
+    costs one product, one exp and one sum."""
+    B, Ck, N = k.shape
     HW = q.shape[2]
     acc_dtype = _accumulation_dtype(k.dtype)
-    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2)
-    lse = lse.to(acc_dtype).unsqueeze(2)
+    lse = lse.to(acc_dtype)
+    q_rows = q.to(acc_dtype).transpose(1, 2).expand(B, -1, -1)  # (B, HW, Ck)
+    columns = [q_rows * (2 * scale if l2 else scale)]
+    if l2:
+        columns.append(q_rows.new_full((B, HW, 1), -scale))
+    q_aug = torch.cat(columns + [-lse.unsqueeze(2)], 2)  # (B, HW, Ck + 1 or 2)
     usage = torch.zeros((B, N), dtype=torch.float32, device=k.device)
     chunk = _chunk_length(B, HW, N)
     for start in range(0, N, chunk):
-        scores = _scores(q_rows, k[:, :, start:start + chunk].to(acc_dtype), scale, l2)
-        if lengths is not None:
-            positions = torch.arange(start, start + scores.shape[2], device=k.device)
-            scores.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
-        usage[:, start:start + scores.shape[2]] = scores.sub_(lse).exp_().sum(1)
+        k_chunk = k[:, :, start:start + chunk].to(acc_dtype)
+        n = k_chunk.shape[2]
+        rows = [k_chunk] + ([k_chunk.square().sum(1, keepdim=True)] if l2 else [])
+        k_aug = torch.cat(rows + [k_chunk.new_ones((B, 1, n))], 1)
+        shifted = torch.bmm(q_aug, k_aug)  # (B, HW, n): s_ij - lse_i
+        if lengths is not None and int(lengths.min()) < start + n:
+            positions = torch.arange(start, start + n, device=k.device)
+            shifted.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
+        usage[:, start:start + n] = shifted.exp_().sum(1)
     return usage
 
 
