@@ -159,6 +159,9 @@ def _worker(rank, world, init_file, result_dir, args):
                 json.dumps(dict(records=records, errors=errors)))
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+    # Results are written: skip the interpreter's shutdown, where a gloo or autograd worker
+    # thread can abort the process ("terminate called without an active exception").
+    os._exit(0)
 
 
 def run_world(args, world):

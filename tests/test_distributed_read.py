@@ -461,6 +461,9 @@ def _worker(rank, world, init_file, result_dir):
         pathlib.Path(result_dir, f"rank{rank}.json").write_text(json.dumps(outcomes))
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+    # Results are written: skip the interpreter's shutdown, where a gloo or autograd worker
+    # thread can abort the process ("terminate called without an active exception").
+    os._exit(0)
 
 
 @functools.lru_cache(maxsize=None)
