@@ -19,7 +19,7 @@ def torch_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 usage of the memory positions, one memory chunk at a time. The shifted
     scores s_ij - lse_i come out of one product over augmented channels (q' = [scale q, -lse],
     k' = [k, 1]; for L2 q' = [2 scale q, -scale, -lse], k' = [k, |k|^2, 1]), so each chunk
-    costs one product, one exp and one sum."""
+    costs one product, one exp and a sum over the queries."""
     B, Ck, N = k.shape
     HW = q.shape[2]
     acc_dtype = _accumulation_dtype(k.dtype)
@@ -30,6 +30,7 @@ def torch_usage(q, k, lse, scale, l2, lengths=None):
         columns.append(q_rows.new_full((B, HW, 1), -scale))
     q_aug = torch.cat(columns + [-lse.unsqueeze(2)], 2)  # (B, HW, Ck + 1 or 2)
     usage = torch.zeros((B, N), dtype=torch.float32, device=k.device)
+    ones = q_aug.new_ones((B, 1, HW))
     chunk = _chunk_length(B, HW, N)
     for start in range(0, N, chunk):
         k_chunk = k[:, :, start:start + chunk].to(acc_dtype)
@@ -40,7 +41,8 @@ def torch_usage(q, k, lse, scale, l2, lengths=None):
         if lengths is not None and int(lengths.min()) < start + n:
             positions = torch.arange(start, start + n, device=k.device)
             shifted.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
-        usage[:, start:start + n] = shifted.exp_().sum(1)
+        # a product with ones sums over the queries faster than .sum(1) on CPU
+        usage[:, start:start + n] = torch.bmm(ones, shifted.exp_()).squeeze(1)
     return usage
 
 
