@@ -85,7 +85,8 @@ def torch_forward(q, k, v, scale, l2, lengths=None):
         rows = _rows(objects)
         if isinstance(rows, torch.Tensor):
             rows = rows.to(k.device)
-        k_chunk = k[rows, :, start:stop].to(acc_dtype)
+        # contiguous: a strided chunk of a long memory makes the product ~1.5x slower on CPU
+        k_chunk = k[rows, :, start:stop].to(acc_dtype).contiguous()
         v_rows = v[rows, :, start:stop].to(acc_dtype).transpose(1, 2)  # (n_objects, n, Cv)
         scores = _scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
         new_max = torch.maximum(row_max[rows], scores.amax(2))
@@ -136,7 +137,7 @@ def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=Non
     chunk = _chunk_length(B, HW, N)
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
-        k_chunk = k[:, :, start:stop].to(acc_dtype)
+        k_chunk = k[:, :, start:stop].to(acc_dtype).contiguous()
         v_chunk = v[:, :, start:stop].to(acc_dtype)
         probabilities = _scores(q_rows, k_chunk, scale, l2).sub_(lse).exp_()  # (B, HW, n)
         dv[:, :, start:stop] = torch.bmm(d_out, probabilities)

@@ -69,7 +69,7 @@ def torch_select(q, k, top_k, scale, l2, lengths=None):
     chunk = max(top_k, CHUNK_ELEMENTS // max(B * HW, 1))
     best = None
     for start in range(0, N, chunk):
-        k_chunk = k[:, :, start:start + chunk].to(acc_dtype)
+        k_chunk = k[:, :, start:start + chunk].to(acc_dtype).contiguous()
         scores = _scores(q_rows, k_chunk, scale, l2)  # (B, HW, n)
         if lengths is not None:
             positions = torch.arange(start, start + scores.shape[2], device=k.device)
