@@ -14,12 +14,24 @@ SIMILARITIES = ("dot", "l2", "xmem")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def checked_scale(scale, key_channels):
-    """scale as a float: 1/sqrt(Ck) by default (official STM)."""
+# The largest multiple of scale a backend forms: 2 * scale * log2(e) (L2 scores in exp2 form).
+_LARGEST_SCALE_FACTOR = 2.0 / math.log(2.0)
+
+
+def checked_scale(scale, key_channels, compute_dtype=torch.float32):
+    """scale as a float: 1/sqrt(Ck) by default (official STM). A finite scale whose products
+    overflow compute_dtype (float32 for half, bfloat16 and float32 memories, the memory's own
+    dtype where the scale is folded into it) would turn every score into inf and the read into
+    NaN, so it is rejected here."""
     if scale is None:
         return 1.0 / math.sqrt(key_channels)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+            not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python number or None; got {scale!r}")
+    largest = torch.finfo(compute_dtype).max / _LARGEST_SCALE_FACTOR
+    if abs(scale) > largest:
+        raise ValueError(f"scale={scale!r} overflows the read's compute dtype {compute_dtype} "
+                         f"(|scale| must be at most {largest:.4g})")
     return float(scale)
 
 

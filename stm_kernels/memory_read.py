@@ -49,14 +49,19 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
 
     Args:
         query_key: (B or 1, Ck, HW) or (B or 1, Ck, H, W). Batch 1, or a stride-0 `expand`, is
-            shared by all B objects without copies.
+            shared by all B objects without copies. Any floating dtype: it is cast to the
+            memory's dtype before the read (an fp32 query against an fp16 memory bank reads
+            as fp16, as the kernels take one input dtype), and its gradient comes back in its
+            own dtype.
         memory_key: (B, Ck, N) or (B, Ck, T, H', W'); B = objects, N = T*H'*W' positions.
             Or a list of such chunks (e.g. one per memory frame), read as their concatenation
             along N: autograd then saves the chunks themselves, not a concatenated copy, so a
             training loop that reads a growing list of memory frames keeps O(T) memory.
         memory_value: (B, Cv, *M) with the same memory layout *M as memory_key (chunk for
             chunk when memory_key is a list).
-        scale: score scale; defaults to 1/sqrt(Ck) (official STM, STCN, XMem).
+        scale: score scale; defaults to 1/sqrt(Ck) (official STM, STCN, XMem). A finite
+            Python number whose products overflow the compute dtype (float32, or the memory's
+            dtype for "xmem") is a ValueError.
         similarity: "dot", "l2" or "xmem" (XMem/Cutie: an anisotropic L2 with `shrinkage`
             and `selection`, computed as a dot product over 2 Ck + 1 augmented channels; see
             stm_kernels/xmem.py).
@@ -83,7 +88,7 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
     Returns:
         out (B, Cv, *Q) in memory_value's dtype; with return_lse=True also lse (B, *Q), the
         natural log of sum_j exp(s_ij), in float32 (float64 for float64 inputs); with
-        return_usage=True also usage (B, N). query_key is cast to the memory's dtype.
+        return_usage=True also usage (B, N).
         Gradients flow to all three inputs (and through lse), to each chunk of a chunked
         memory, and to shrinkage and selection.
     """
@@ -159,7 +164,10 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
     return the PreparedCall the backends run."""
     q, keys, values, query_spatial = checks.flatten_checked(query_key, memory_key, memory_value)
     similarity = checks.checked_similarity(similarity)
-    scale = checks.checked_scale(scale, q.shape[1])
+    # XMem folds the scale into the memory keys (memory dtype); the other reads apply it to
+    # the query in float32 (float64 for a float64 memory)
+    compute_dtype = keys[0].dtype if similarity == "xmem" else lse_dtype(keys[0].dtype)
+    scale = checks.checked_scale(scale, q.shape[1], compute_dtype)
     if similarity != "xmem" and (shrinkage is not None or selection is not None):
         raise ValueError("shrinkage and selection belong to similarity='xmem'; got similarity="
                          f"{similarity!r}")

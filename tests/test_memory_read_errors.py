@@ -28,6 +28,10 @@ CASES = [
     ("similarity", (q, k, v), {"similarity": "cos"}, ValueError, r"similarity must be one of"),
     ("backend", (q, k, v), {"backend": "cuda"}, ValueError, r"backend must be one of"),
     ("scale", (q, k, v), {"scale": float("nan")}, TypeError, r"scale must be a finite"),
+    ("scale overflows float32", (q, k, v), {"scale": 1e308}, ValueError, r"scale=1e\+308 overflows the read's compute dtype torch.float32 \(\|scale\| must be at most"),
+    ("negative scale overflows", (q, k, v), {"scale": -3e38}, ValueError, r"overflows the read's compute dtype torch.float32"),
+    ("xmem scale overflows float16", (q.half(), k.half(), v.half()), {"scale": 1e5, "similarity": "xmem"}, ValueError, r"overflows the read's compute dtype torch.float16"),
+    ("boolean scale", (q, k, v), {"scale": True}, TypeError, r"scale must be a finite Python number"),
     ("triton float64", (q.double(), k.double(), v.double()), {"backend": "triton"}, TypeError, r"backend='triton' supports float16, bfloat16 and float32"),
 ]
 
@@ -38,9 +42,32 @@ def test_bad_input_is_rejected_with_a_clear_message(args, kwargs, error, message
         memory_read(*args, **kwargs)
 
 
-def test_query_is_cast_to_the_memory_dtype():
-    out = memory_read(q.double(), k, v, backend="torch")
-    assert out.dtype == torch.float32
+@pytest.mark.parametrize("query_dtype, memory_dtype", [(torch.float64, torch.float32),
+                                                       (torch.float32, torch.float16)])
+def test_query_is_cast_to_the_memory_dtype(query_dtype, memory_dtype):
+    """The documented cast: the read runs in the memory's dtype, the query's gradient comes
+    back in the query's own dtype and equals the gradient through an explicit cast."""
+    query = q.to(query_dtype).clone().requires_grad_()
+    cast = q.to(memory_dtype).clone().requires_grad_()
+    memory = (k.to(memory_dtype), v.to(memory_dtype))
+    out = memory_read(query, *memory, backend="torch")
+    expected = memory_read(cast, *memory, backend="torch")
+    assert out.dtype == memory_dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    weights = torch.randn(out.shape).to(memory_dtype)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert query.grad.dtype == query_dtype
+    torch.testing.assert_close(query.grad, cast.grad.to(query_dtype), rtol=0, atol=0)
+
+
+def test_a_large_scale_in_float64_is_accepted_and_reads_the_argmax():
+    """1e300 overflows float32, not float64: the softmax is then a hard maximum."""
+    qd, kd, vd = q.double(), k.double(), v.double()
+    out = memory_read(qd, kd, vd, scale=1e300, backend="torch")
+    best = torch.einsum("bci,bcj->bij", qd, kd).argmax(2)  # (B, HW)
+    expected = torch.gather(vd, 2, best.unsqueeze(1).expand(-1, vd.shape[1], -1))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
