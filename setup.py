@@ -1,18 +1,28 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _version():
+    """The version from stm_kernels/_version.py, read as text (no import: torch may be absent)."""
+    text = (Path(__file__).parent / "stm_kernels" / "_version.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE).group(1)
+
 
 setup(
     name="stm-kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fused Triton space-time memory read (STM, ICCV 2019) and a memory-scalable STM",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["stm_kernels", "stm_kernels.*", "stm_model", "stm_model.*"]),
-    package_data={"stm_model": ["weights/*.pt"]},
+    package_data={"stm_kernels": ["py.typed"], "stm_model": ["weights/*.pt", "py.typed"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "pillow", "scipy", "scikit-image", "tqdm"],
     entry_points={"console_scripts": ["stm = stm_model.cli:main"]},
     extras_require={
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", "mypy>=1.10"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
     },

@@ -6,11 +6,11 @@
     out = memory_read(q, k, v, top_k=30)                               # STCN/XMem top-k read
 """
 from ._buffers import poison_outputs
+from ._version import __version__
 from . import topk
 from .memory_read import BACKENDS, SIMILARITIES, memory_read, memory_usage
 from .memory_read_naive import naive_memory_read
 from .merge import merge_reads
 
 __all__ = ["memory_read", "memory_usage", "merge_reads", "naive_memory_read", "poison_outputs",
-           "topk", "BACKENDS", "SIMILARITIES"]
-__version__ = "0.1.0"
+           "topk", "BACKENDS", "SIMILARITIES", "__version__"]

@@ -2,8 +2,12 @@
 shape, dtype or range it expected."""
 import math
 
+from types import ModuleType
+from typing import Optional
+
 import torch
 
+_triton: Optional[ModuleType]
 try:
     from . import memory_read_triton as _triton
 except ImportError:  # a CPU-only PyTorch without Triton: the torch and naive backends remain

@@ -27,11 +27,12 @@ gradients of one single-process read. Every rank must call backward (it is colle
 itself (e.g. a memory offloaded to CPU and read chunk by chunk).
 """
 import math
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from .memory_read import SIMILARITIES
+from .memory_read import SIMILARITIES, Backend, Lengths, Memory, Similarity
 from .memory_read import memory_read as _shard_read
 from .merge import merge_reads
 
@@ -40,10 +41,14 @@ _QUERY_TOLERANCE = 1e-3
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def memory_read(query_key, memory_key_shard, memory_value_shard, group=None, *, scale=None,
-                similarity="dot", backend="auto", return_lse=False, memory_lengths=None,
-                top_k=None, return_usage=False, shrinkage=None, selection=None,
-                check_query=True):
+def memory_read(query_key: torch.Tensor, memory_key_shard: torch.Tensor,
+                memory_value_shard: torch.Tensor, group: Optional[dist.ProcessGroup] = None, *,
+                scale: Optional[float] = None, similarity: Similarity = "dot",
+                backend: Backend = "auto", return_lse: bool = False,
+                memory_lengths: Optional[Lengths] = None, top_k: Optional[int] = None,
+                return_usage: bool = False, shrinkage: Optional[Memory] = None,
+                selection: Optional[torch.Tensor] = None, check_query: bool = True
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Space-time memory read over a memory sharded across the ranks of a process group.
 
     Every rank of `group` calls it with the same query (and options) and its own shard of the
@@ -96,7 +101,10 @@ def memory_read(query_key, memory_key_shard, memory_value_shard, group=None, *, 
     usage_options = dict(options, selection=selection, backend=backend)
     # 1. this rank's part (its read, or its top-k candidates); an error is held back and
     #    raised on every rank after the all-gather of shapes, so that no rank waits forever
-    error, shard, q, selection_r, local = None, None, None, selection, None
+    shard: Any = None  # set inside the try: an error on this rank is raised on every rank
+    selected: Any = None
+    local: Any = None
+    error, q, selection_r = None, None, selection
     try:
         shard = _Shard.checked(query_key, memory_key_shard, memory_value_shard, selection)
         q, selection_r = comm.replicated(shard.q, selection)
@@ -147,7 +155,9 @@ def memory_read(query_key, memory_key_shard, memory_value_shard, group=None, *, 
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def merge_across_ranks(out, lse, group=None):
+def merge_across_ranks(out: torch.Tensor, lse: torch.Tensor,
+                       group: Optional[dist.ProcessGroup] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge every rank's partial read of one query into the read over all ranks' memories.
 
     Args:

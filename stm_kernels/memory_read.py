@@ -21,7 +21,7 @@ PyTorch default) gives exact float32 products, "high"/"medium" allow TF32 tensor
 1e-3 relative error, several times faster).
 """
 import dataclasses
-from typing import Optional
+from typing import Any, Literal, Optional, Sequence, Union, overload
 
 import torch
 
@@ -30,12 +30,42 @@ from .checks import BACKENDS, SIMILARITIES, concatenated
 from .memory_read_naive import naive_memory_read
 from .memory_read_torch import torch_backward, torch_forward
 
-_triton = checks._triton
+_triton: Any = checks._triton  # None without Triton (then never the backend)
 
 
-def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
-                backend="auto", return_lse=False, memory_lengths=None, top_k=None,
-                return_usage=False, shrinkage=None, selection=None):
+# A memory is one tensor or a list of chunks read as their concatenation along N.
+Memory = Union[torch.Tensor, Sequence[torch.Tensor]]
+Lengths = Union[torch.Tensor, Sequence[int]]
+Similarity = Literal["dot", "l2", "xmem"]
+Backend = Literal["auto", "triton", "torch", "naive"]
+
+
+@overload
+def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memory, *,
+                scale: Optional[float] = ..., similarity: Similarity = ...,
+                backend: Backend = ..., return_lse: Literal[False] = ...,
+                memory_lengths: Optional[Lengths] = ..., top_k: Optional[int] = ...,
+                return_usage: Literal[False] = ..., shrinkage: Optional[Memory] = ...,
+                selection: Optional[torch.Tensor] = ...) -> torch.Tensor: ...
+
+
+@overload
+def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memory, *,
+                scale: Optional[float] = ..., similarity: Similarity = ...,
+                backend: Backend = ..., return_lse: bool = ...,
+                memory_lengths: Optional[Lengths] = ..., top_k: Optional[int] = ...,
+                return_usage: bool = ..., shrinkage: Optional[Memory] = ...,
+                selection: Optional[torch.Tensor] = ...
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]: ...
+
+
+def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memory, *,
+                scale: Optional[float] = None, similarity: Similarity = "dot",
+                backend: Backend = "auto", return_lse: bool = False,
+                memory_lengths: Optional[Lengths] = None, top_k: Optional[int] = None,
+                return_usage: bool = False, shrinkage: Optional[Memory] = None,
+                selection: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Space-time memory read: softmax attention of every query position over all memory positions.
 
     For each object b and query position i::
@@ -125,8 +155,11 @@ def memory_read(query_key, memory_key, memory_value, *, scale=None, similarity="
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def memory_usage(query_key, memory_key, lse, *, scale=None, similarity="dot", shrinkage=None,
-                 selection=None, memory_lengths=None, backend="auto"):
+def memory_usage(query_key: torch.Tensor, memory_key: Memory, lse: torch.Tensor, *,
+                 scale: Optional[float] = None, similarity: Similarity = "dot",
+                 shrinkage: Optional[Memory] = None, selection: Optional[torch.Tensor] = None,
+                 memory_lengths: Optional[Lengths] = None,
+                 backend: Backend = "auto") -> torch.Tensor:
     """Usage (B, N) float32 of the memory positions for a given log-sum-exp lse (B, *Q):
     sum over the query positions of exp(s_ij - lse_i), without gradients. For a read's own lse
     this is memory_read(..., return_usage=True)'s usage; with the lse of a read over a larger

@@ -102,7 +102,7 @@ try:
         _missing = [name for name in _names if not hasattr(_module, name)]
         if _missing:
             raise ImportError(f"{_module.__name__} lacks {', '.join(_missing)}")
-    AVAILABLE, UNAVAILABLE_REASON = True, None
+    AVAILABLE, UNAVAILABLE_REASON = True, ""
 except Exception as _error:  # no Triton, or one without (this version of) Gluon's Hopper API
     UNAVAILABLE_REASON = (f"Triton {getattr(triton, '__version__', 'missing')}: Gluon Hopper API "
                           f"unavailable ({type(_error).__name__}: {str(_error).splitlines()[0]})")

@@ -1,10 +1,14 @@
 """The official STM memory read (Oh et al., ICCV 2019, `Memory.forward`): it materialises the
 whole (N x HW) affinity per object. Kept as the reference and the baseline; autograd comes from
 PyTorch."""
+from typing import Optional
+
 import torch
 
 
-def naive_memory_read(q, k, v, scale, l2, need_lse=True, lengths=None):
+def naive_memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, l2: bool,
+                      need_lse: bool = True, lengths: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(out (B, Cv, HW), lse (B, HW) or None) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
     Builds the (B, N, HW) affinity like the official code: bmm, scale, softmax over memory

@@ -32,8 +32,8 @@ __all__ = ["triton_forward", "triton_backward", "triton_select", "triton_usage",
            "ForwardConfig", "BackwardConfig", "DvConfig", "DkdqConfig", "INTERPRETING"]
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
-_chosen = {}
-_warned = set()
+_chosen: dict = {}
+_warned: set = set()
 
 
 # --------------------------------------------------------------------------- plans

@@ -1,8 +1,11 @@
 """Exact merge of memory reads over disjoint memory chunks (by their log-sum-exp)."""
+from typing import Sequence
+
 import torch
 
 
-def merge_reads(outs, lses):
+def merge_reads(outs: Sequence[torch.Tensor],
+                lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge reads of one query over disjoint memory chunks into the read over all of them.
 
     Args:

@@ -131,7 +131,7 @@ def test_default_config_fits_shared_memory():
 
 def test_module_reports_availability():
     assert isinstance(gluon_forward.AVAILABLE, bool)
-    assert gluon_forward.AVAILABLE == (gluon_forward.UNAVAILABLE_REASON is None)
+    assert gluon_forward.AVAILABLE == (gluon_forward.UNAVAILABLE_REASON == "")
 
 
 def test_unsupported_reason_on_cpu():
