@@ -7,9 +7,12 @@ names. It is the only place that knows the official names.
 import dataclasses
 import os
 import pathlib
+import reprlib
 import tempfile
 
 import torch
+
+from stm_kernels.checks import BACKENDS, SIMILARITIES
 
 from .network import STM, STMConfig
 
@@ -46,6 +49,10 @@ for _official, _ours in (("Decoder.RF3", "decoder.refine3"), ("Decoder.RF2", "de
 
 FORMAT = "stm-kernels/1"
 _LISTED = 8  # keys named in an error message before "..."
+# Bounds on a checkpoint's STMConfig sizes (the official model: 128, 512, 256; ResNet-101 has
+# 23 blocks in layer3): generous, but they keep an untrusted file from asking for a model of
+# absurd size before its weights are compared with the config.
+CONFIG_LIMITS = {"key_dim": 4096, "value_dim": 8192, "decoder_dim": 4096, "backbone_layers": 64}
 
 
 class CheckpointError(ValueError):
@@ -116,13 +123,82 @@ def save_checkpoint(model, path, weights_dtype=None, **extra):
 
 def load_checkpoint(path_or_payload, device="cpu"):
     """A model from one of this project's checkpoints or from the official one (detected by
-    content), in eval mode."""
+    content), in eval mode.
+
+    The file is untrusted input: its config is checked (checked_config) and its weights are
+    compared with the model that config describes, built on the meta device (no memory),
+    before the model is built; any mismatch is a CheckpointError."""
     payload = _read(path_or_payload)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        model = STM(STMConfig(**payload["config"]))
-        _load_into(model, payload["state_dict"], [], source="the stm-kernels checkpoint")
+        source = "the stm-kernels checkpoint"
+        if isinstance(path_or_payload, (str, os.PathLike)):
+            source += f" {os.fspath(path_or_payload)}"
+        config = checked_config(payload.get("config"), source)
+        state = payload.get("state_dict")
+        if not isinstance(state, dict) or not all(
+                isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in state.items()):
+            raise CheckpointError(f"{source}: 'state_dict' must map names to tensors")
+        with torch.device("meta"):
+            skeleton = STM(config)
+        _check_state(skeleton.state_dict(), state, [], source)
+        model = STM(config)
+        _load_into(model, state, [], source=source)
         return model.to(device).eval()
     return load_official_checkpoint(payload, device)
+
+
+def checked_config(config, source="the checkpoint"):
+    """The STMConfig of a checkpoint's "config" dict, or CheckpointError naming the problem:
+    not a dict, unknown keys, a value of the wrong type (an int for the sizes, a bool for the
+    flags, a string for the names), an unknown backbone, similarity or read backend, or a size
+    beyond CONFIG_LIMITS. pretrained_backbone is ignored (the weights come from the file;
+    building must not download anything)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: 'config' must be a dict of STMConfig fields; got "
+                              f"{type(config).__name__}")
+    fields = [field.name for field in dataclasses.fields(STMConfig)]
+    unknown = sorted(map(repr, set(config) - set(fields)))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown config keys {', '.join(unknown)} (known: "
+                              f"{', '.join(fields)})")
+    for name, value in config.items():
+        problem = _config_problem(name, value)
+        if problem:
+            raise CheckpointError(f"{source}: config {name}={reprlib.repr(value)}: {problem}")
+    try:
+        return STMConfig(**{**config, "pretrained_backbone": False})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: invalid config: {error}") from error
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config_problem(name, value):
+    """What is wrong with one config value, or None."""
+    if name in ("key_dim", "value_dim", "decoder_dim"):
+        if not _is_int(value):
+            return f"must be an int; got {type(value).__name__}"
+        if not 1 <= value <= CONFIG_LIMITS[name]:
+            return f"must be in 1..{CONFIG_LIMITS[name]}"
+    elif name == "backbone_layers":
+        if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3 or
+                                  not all(_is_int(n) for n in value)):
+            return "must be None or 3 ints (blocks in layer1..layer3)"
+        if value is not None and not all(1 <= n <= CONFIG_LIMITS[name] for n in value):
+            return f"block counts must be in 1..{CONFIG_LIMITS[name]}"
+    elif name in ("pretrained_backbone", "interactive"):
+        if not isinstance(value, bool):
+            return f"must be a bool; got {type(value).__name__}"
+    elif name == "backbone":
+        if not isinstance(value, str):
+            return f"must be a string; got {type(value).__name__}"
+    elif name == "similarity" and value not in SIMILARITIES:
+        return f"must be one of {', '.join(SIMILARITIES)}"
+    elif name == "read_backend" and value not in BACKENDS:
+        return f"must be one of {', '.join(BACKENDS)}"
+    return None
 
 
 def _read(path_or_payload):
@@ -150,6 +226,15 @@ def _load_into(model, state, unexpected, source, describe=str):
     """Load state (our names) strictly, num_batches_tracked optional; errors name keys as
     describe(name) (the official names for the official checkpoint)."""
     expected = model.state_dict()
+    _check_state(expected, state, unexpected, source, describe)
+    complete = {**{n: t for n, t in expected.items() if n.endswith("num_batches_tracked")},
+                **state}
+    model.load_state_dict(complete, strict=True)
+
+
+def _check_state(expected, state, unexpected, source, describe=str):
+    """CheckpointError unless state has the keys (num_batches_tracked optional) and shapes of
+    the expected state dict (which may live on the meta device)."""
     missing = [describe(name) for name in expected if name not in state
                and not name.endswith("num_batches_tracked")]
     unexpected = list(unexpected) + [describe(name) for name in state if name not in expected]
@@ -162,9 +247,6 @@ def _load_into(model, state, unexpected, source, describe=str):
             raise CheckpointError(
                 f"{source}: {describe(name)!r} has shape {tuple(tensor.shape)} but the model "
                 f"expects {tuple(expected[name].shape)}")
-    complete = {**{n: t for n, t in expected.items() if n.endswith("num_batches_tracked")},
-                **state}
-    model.load_state_dict(complete, strict=True)
 
 
 def _names(names):

@@ -6,11 +6,16 @@
     torchrun --nproc_per_node 2 -m stm_model segment-dataset DAVIS_ROOT --output out/
     stm eval RESULTS_DIR ANNOTATIONS_DIR
     stm interactive-eval DAVIS_ROOT --sequences bear --rounds 8 --size 240 427
+    stm train --output runs/small --steps 3000
+
+User errors (bad options, unreadable or ambiguous inputs, unwritable outputs) are reported as
+one line, `stm <command>: error: <message>`, with exit code 2; never a traceback.
 """
 import argparse
 import json
 import os
 import pathlib
+import re
 import resource
 import sys
 import tempfile
@@ -18,23 +23,67 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from . import (cpu_allocator, dataset_segmentation, distributed, interactive_eval, metrics,
-               video_io)
+               train, video_io)
+from . import scribbles as scribble_format
 from .batch_segmenter import BatchSegmenter
 from .checkpoint import load_checkpoint, save_checkpoint
+from .mask_checks import DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count, object_ids
 from .network import STM, STMConfig
 from .segmenter import VideoSegmenter
-from .train import main as train_main
 
 
 class UsageError(Exception):
     """A problem with the user's input: printed without a traceback, exit code 2."""
 
 
+# Exceptions that are the user's problem (bad input files and options, unwritable outputs):
+# ValueError covers CheckpointError, ScribbleError, FrameReadError and JSON errors, OSError
+# covers missing, unreadable and unwritable paths.
+USER_ERRORS = (UsageError, ValueError, OSError, ImportError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message):
+        # "argument --mem-every: must be at least 1" (a _count check) reads better without
+        # argparse's prefix: "--mem-every must be at least 1"
+        message = re.sub(r"^argument (\S+): must be", r"\1 must be", message)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum):
+    """argparse type: an int of at least `minimum`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+def _positive_float(text):
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {text}")
+    return value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="stm", description=__doc__.split("\n\n")[0])
+    """The `stm` command; returns the exit code (2 for a user error, printed as one line)."""
+    parser = _Parser(prog="stm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands.add_parser(
         "segment", help="segment a video from a first-frame mask",
@@ -68,15 +117,18 @@ def main(argv=None):
     export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     export.set_defaults(run=export_weights)
     train_parser = commands.add_parser(
-        "train", add_help=False, help="train an STM (options: stm train --help)",
-        description="see python -m stm_model.train --help")
-    train_parser.add_argument("arguments", nargs=argparse.REMAINDER)
-    train_parser.set_defaults(run=lambda args: train_main(args.arguments))
-    args = parser.parse_args(argv)
+        "train", help="train an STM (options: stm train --help)",
+        description=train.__doc__.split("\n\n")[0])
+    train.add_arguments(train_parser).set_defaults(run=train.run)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0), or a usage error (2) printed by _Parser.error
+        return exit_.code
     try:
         return args.run(args)
-    except (UsageError, ValueError, FileNotFoundError, ImportError) as error:
-        print(f"stm {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        message = re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
+        print(f"stm {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -90,34 +142,54 @@ def _segment_parser(parser):
     masks.add_argument("--masks", help="folder of masks named like the frames (the first "
                                        "frame's is required; later ones add objects)")
     parser.add_argument("--output", help="output folder (default: stm_output/<input name>)")
-    parser.add_argument("--batch-size", type=int, default=4,
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the masks and overlay of an earlier run in --output "
+                             "(they are removed first; without it such a folder is refused)")
+    parser.add_argument("--batch-size", type=_count(1), default=4,
                         help="with a DAVIS-format root: sequences segmented together")
     parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
                                              "checkpoint; without it the model is untrained")
     parser.add_argument("--config", choices=["official", "small"], default="official",
                         help="model size when no checkpoint is given")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--mem-every", type=_count(1), default=5)
     parser.add_argument("--memory-dtype", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--max-memory-frames", type=int)
+    parser.add_argument("--max-memory-frames", type=_count(2))
     parser.add_argument("--offload", action="store_true", help="keep the memory in CPU RAM")
+    parser.add_argument("--offload-chunk-frames", type=_count(1), default=64,
+                        help="with --offload: memory frames copied to the device per read step")
+    parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
+                        help="refuse masks with more object ids than this (default "
+                             f"{DEFAULT_MAX_OBJECTS}; often a colour image read as ids)")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
     parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"],
                         help="memory read implementation (default: auto)")
     parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4")
-    parser.add_argument("--fps", type=float, help="overlay frame rate (default: the video's, "
-                                                  "else 24)")
-    parser.add_argument("--max-frames", type=int, help="stop after this many frames")
+    parser.add_argument("--fps", type=_positive_float,
+                        help="overlay frame rate (default: the video's, else 24)")
+    parser.add_argument("--max-frames", type=_count(1), help="stop after this many frames")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=segment)
 
 
 def _device(name):
+    """The torch device named by --device, or UsageError for a name torch does not know or a
+    device this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: unknown device (use auto, cpu, cuda or cuda:N)") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
     return device
 
 
@@ -139,6 +211,16 @@ def _mask_lookup(args, reader):
     return {path.stem: path for path in sorted(pathlib.Path(args.masks).glob("*.png"))}
 
 
+def _first_mask_path(args, reader, masks):
+    """The first frame's mask, or UsageError."""
+    if args.mask:
+        return masks[None]
+    first = reader.names[0] if reader.names else f"{0:05d}"  # a video's frames: 00000, ...
+    if first not in masks:
+        raise UsageError(f"no mask for the first frame {first!r} in {args.masks}")
+    return masks[first]
+
+
 def _peak_memory_bytes(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -150,46 +232,86 @@ def _is_davis_root(path):
     return (path / "JPEGImages").is_dir() and (path / "Annotations").is_dir()
 
 
+OVERLAY_FILES = ("overlay.mp4", "overlay.gif")  # `stm segment`'s overlay outputs, besides
+                                                # the folder overlay/ of PNGs
+
+
+def _earlier_results(output):
+    """Masks, overlay frames and overlay videos an earlier `stm segment` run left in output."""
+    frames = [path for folder in (output / "masks", output / "overlay") if folder.is_dir()
+              for path in folder.iterdir() if path.suffix == ".png"]
+    return frames + [output / name for name in OVERLAY_FILES if (output / name).exists()]
+
+
+def _check_output(output, overwrite):
+    """Create output and check it is writable; an output holding an earlier run's masks or
+    overlay frames is refused (the runs would mix) unless overwrite."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the output folder {output}: "
+                         f"{error.strerror or error}") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the output folder {output}: permission denied")
+    earlier = _earlier_results(output)
+    if earlier and not overwrite:
+        raise UsageError(f"{output} already holds the results of an earlier run ({len(earlier)} "
+                         "masks and overlay files); pass --overwrite to replace them, or choose "
+                         "another --output")
+
+
+def _clear_output(output):
+    """Remove an earlier run's masks, overlay frames and videos (there are some only with
+    --overwrite: see _check_output) and the temporary files of writes a run was killed in,
+    so that the new run's results are not mixed with older ones."""
+    for path in _earlier_results(output):
+        path.unlink(missing_ok=True)
+    for folder in (output, output / "masks", output / "overlay"):
+        video_io.remove_temporary_files(folder)
+
+
+def _overlay_writer(args, output, fps):
+    if args.overlay == "none":
+        return None
+    target = output / "overlay" if args.overlay == "png" else output / f"overlay.{args.overlay}"
+    return video_io.OverlayWriter(target, fps=fps)
+
+
 def segment(args):
     """`stm segment`: masks (and an overlay) for every frame; prints a summary. A DAVIS-format
-    root is segmented whole, as `stm segment-dataset` does with its defaults."""
+    root is segmented whole, as `stm segment-dataset` does with its defaults.
+
+    Inputs are checked (frames, first mask, model) before an earlier run's results are
+    removed (--overwrite; without it an output holding them is refused). Each mask and
+    overlay frame is written atomically, so an interrupted run leaves complete files only (an
+    unfinished GIF or video is dropped)."""
     if _is_davis_root(args.input):
-        if args.mask or args.masks:
-            raise UsageError(f"{args.input} is a DAVIS-format root: its masks come from its "
-                             "Annotations folder (drop --mask/--masks)")
-        if args.offload:
-            raise UsageError("--offload is not supported when segmenting a dataset (several "
-                             "videos share one memory); drop it or segment one sequence")
-        output = args.output or str(pathlib.Path("stm_output") / pathlib.Path(args.input).name)
-        dataset_args = _dataset_parser(argparse.ArgumentParser()).parse_args(
-            [args.input, "--output", output])
-        for name, value in vars(args).items():  # the options both commands have
-            if name in vars(dataset_args) and name not in ("masks", "output", "run") and \
-                    value is not None:
-                setattr(dataset_args, name, value)
-        return segment_dataset(dataset_args)
+        return _segment_davis_root(args)
     if not (args.mask or args.masks):
         raise UsageError("one of --mask (the first frame's mask) or --masks (a folder of "
                          "masks) is required")
     device = _device(args.device)
     reader = video_io.FrameReader(args.input)
     masks = _mask_lookup(args, reader)
+    first_path = _first_mask_path(args, reader, masks)
+    first_mask = video_io.read_mask(first_path)
+    check_first_mask(first_mask, [], name=first_path)
+    check_object_count(object_ids(first_mask), args.max_objects, name=first_path)
     source = pathlib.Path(args.input)
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
+    _check_output(output, args.overwrite)
     model = _model(args, device)
     seg = VideoSegmenter(model, args.mem_every, memory_dtype=args.memory_dtype,
                          max_memory_frames=args.max_memory_frames, offload=args.offload,
+                         offload_chunk_frames=args.offload_chunk_frames,
                          amp_dtype=args.amp, read_backend=args.backend)
-    fps = args.fps or reader.fps or 24.0
-    writer = None
-    if args.overlay != "none":
-        target = output / "overlay" if args.overlay == "png" else output / f"overlay.{args.overlay}"
-        writer = video_io.OverlayWriter(target, fps=fps)
+    _clear_output(output)  # only now: a run that fails to start leaves the old results
+    writer = _overlay_writer(args, output, args.fps or reader.fps or 24.0)
     total = reader.num_frames if args.max_frames is None else min(
         args.max_frames, reader.num_frames or args.max_frames)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start, count = time.perf_counter(), 0
+    start, count, seen_ids = time.perf_counter(), 0, set()
     try:
         for frame in tqdm(reader, total=total, unit="frame", disable=args.quiet,
                           desc=f"segmenting {source.name}"):
@@ -198,17 +320,21 @@ def segment(args):
             key = None if (args.mask and count == 0) else frame.name
             mask = None
             if key in masks:
-                mask = torch.from_numpy(video_io.read_mask(masks[key], expected_hw=frame.hw))
-            elif count == 0:
-                raise UsageError(f"no mask for the first frame {frame.name!r} in {args.masks}")
+                mask = video_io.read_mask(masks[key], expected_hw=frame.hw)
+                seen_ids.update(object_ids(mask))
+                check_object_count(seen_ids, args.max_objects, name=masks[key])
+                mask = torch.from_numpy(mask)
             labels = seg.labels(seg.step(frame.tensor, mask=mask)).cpu().numpy()
             video_io.write_mask(output / "masks" / f"{frame.name}.png", labels.astype(np.uint8))
             if writer is not None:
                 writer.add(frame.image, labels, name=frame.name)
             count += 1
-    finally:
+    except BaseException:
         if writer is not None:
-            writer.close()
+            writer.abort()  # no truncated GIF or video; PNG frames are each complete
+        raise
+    if writer is not None:
+        writer.close()
     elapsed = time.perf_counter() - start
     summary = {
         "frames": count, "fps": count / elapsed if elapsed else float("nan"),
@@ -224,6 +350,28 @@ def segment(args):
     return 0
 
 
+def _segment_davis_root(args):
+    """`stm segment DAVIS_ROOT`: `stm segment-dataset` with the options both commands have."""
+    if args.mask or args.masks:
+        raise UsageError(f"{args.input} is a DAVIS-format root: its masks come from its "
+                         "Annotations folder (drop --mask/--masks)")
+    if args.offload:
+        raise UsageError("--offload is not supported when segmenting a dataset (several "
+                         "videos share one memory); drop it or segment one sequence")
+    if args.overwrite:
+        raise UsageError("--overwrite does not apply to a DAVIS-format root: its segmentation "
+                         "resumes, skipping the sequences already in the output; remove "
+                         "OUTPUT/<sequence> to redo one")
+    output = args.output or str(pathlib.Path("stm_output") / pathlib.Path(args.input).name)
+    dataset_args = _dataset_parser(_Parser(prog="stm segment")).parse_args(
+        [args.input, "--output", output])
+    for name, value in vars(args).items():  # the options both commands have
+        if name in vars(dataset_args) and name not in ("masks", "output", "run") and \
+                value is not None:
+            setattr(dataset_args, name, value)
+    return segment_dataset(dataset_args)
+
+
 # --------------------------------------------------------------------------- segment-dataset
 
 
@@ -236,9 +384,9 @@ def _dataset_parser(parser):
     parser.add_argument("--masks", choices=dataset_segmentation.MASK_POLICIES, default="first",
                         help="first: the first frame's annotation only (DAVIS protocol); all: "
                              "every annotation PNG is an input (objects entering later)")
-    parser.add_argument("--batch-size", type=int, default=4,
+    parser.add_argument("--batch-size", type=_count(1), default=4,
                         help="sequences segmented together (one network batch)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--size", type=_count(1), nargs=2, metavar=("H", "W"),
                         help="segment at this size (masks are written at the frames' size)")
     parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
                                              "checkpoint; without it the model is untrained")
@@ -246,13 +394,16 @@ def _dataset_parser(parser):
                         help="model size when no checkpoint is given")
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--mem-every", type=_count(1), default=5)
     parser.add_argument("--memory-dtype", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--max-memory-frames", type=int)
+    parser.add_argument("--max-memory-frames", type=_count(2))
+    parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
+                        help="refuse a sequence whose masks give more object ids than this "
+                             f"(default {DEFAULT_MAX_OBJECTS})")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
     parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"],
                         help="memory read implementation (default: auto)")
-    parser.add_argument("--workers", type=int, default=4,
+    parser.add_argument("--workers", type=_count(0), default=4,
                         help="threads decoding frames and writing masks")
     parser.add_argument("--eval", action="store_true",
                         help="then score the whole output with `stm eval`")
@@ -278,6 +429,7 @@ def segment_dataset(args):
     ranks; rank 0 prints the table, writes OUTPUT/segment_summary.json, optionally evaluates."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
+    _device(args.device)  # a clear error for an unknown or absent device
     context = distributed.setup(args.device)
     try:
         plan = distributed.broadcast(
@@ -303,7 +455,7 @@ def segment_dataset(args):
         summaries = dataset_segmentation.segment_sequences(
             segmenter, mine, args.output, args.batch_size, size=args.size,
             workers=args.workers, show_progress=context.is_main and not args.quiet,
-            rank=context.rank)
+            rank=context.rank, max_objects=args.max_objects)
         info = dict(rank=context.rank, device=str(device),
                     seconds=time.perf_counter() - start,
                     peak_memory_bytes=_peak_memory_bytes(device))
@@ -353,14 +505,16 @@ def _interactive_parser(parser):
     parser.add_argument("--checkpoint", help="an interactive STM checkpoint (default: the "
                                              "small interactive model shipped with the package)")
     parser.add_argument("--resolution", default="480p")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--size", type=_count(1), nargs=2, metavar=("H", "W"),
                         help="segment at this size (scores stay at the annotations' size)")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--max-time", type=float, default=240.0,
+    parser.add_argument("--rounds", type=_count(1), default=8)
+    parser.add_argument("--max-time", type=_positive_float, default=240.0,
                         help="AUC time range, seconds per object (default 8 x 30)")
-    parser.add_argument("--at-time", type=float, default=60.0, help="J&F@ this many seconds")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per fused read")
-    parser.add_argument("--line-width", type=int, default=3)
+    parser.add_argument("--at-time", type=_positive_float, default=60.0,
+                        help="J&F@ this many seconds")
+    parser.add_argument("--batch-size", type=_count(1), default=8, help="frames per fused read")
+    parser.add_argument("--line-width", type=_count(1), default=3,
+                        help="scribble width in pixels (at most the frames' smaller side)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
     parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"])
@@ -375,6 +529,7 @@ def interactive_evaluate(args):
     device = _device(args.device)
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
+    _check_interactive_inputs(args)
     model = (load_checkpoint(args.checkpoint, device) if args.checkpoint
              else load_small_model(SMALL_INTERACTIVE_WEIGHTS, device))
     results = interactive_eval.evaluate_davis(
@@ -395,6 +550,45 @@ def interactive_evaluate(args):
     except ImportError:
         print("(no plot: matplotlib is not installed; pip install stm-kernels[bench])")
     return 0
+
+
+def _check_interactive_inputs(args):
+    """UsageError, before any model is built, for a --line-width wider than a sequence's
+    frames (at --size when given) and for a first-round scribble file
+    (Scribbles/<sequence>/001.json) that is not JSON or not DAVIS scribbles for its sequence
+    (frame count, object ids): the message names the file."""
+    root = pathlib.Path(args.root)
+    annotations = root / "Annotations" / args.resolution
+    names = args.sequences or sorted(p.name for p in annotations.iterdir() if p.is_dir())
+    for name in names:
+        frames = video_io.list_frames(root / "JPEGImages" / args.resolution / name)
+        if args.size:
+            height, width = args.size
+        else:
+            with Image.open(frames[0]) as image:
+                width, height = image.size
+        if args.line_width > min(height, width):
+            raise UsageError(f"--line-width {args.line_width} is wider than the {width}x{height} "
+                             f"(WxH) frames of {name}")
+        path = root / "Scribbles" / name / "001.json"
+        if path.exists():
+            _check_scribble_file(path, frames, annotations / name)
+
+
+def _check_scribble_file(path, frames, annotations):
+    """UsageError naming path unless it holds DAVIS scribbles for these frames, with object
+    ids the annotations have."""
+    try:
+        scribbles = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"scribble file {path} is not JSON: {error}") from None
+    num_objects = max((int(video_io.read_mask(annotations / f"{frame.stem}.png").max())
+                       for frame in frames if (annotations / f"{frame.stem}.png").exists()),
+                      default=None)
+    try:
+        scribble_format.check_scribbles(scribbles, len(frames), num_objects or None)
+    except scribble_format.ScribbleError as error:
+        raise UsageError(f"scribble file {path}: {error}") from None
 
 
 # --------------------------------------------------------------------------- export
@@ -444,6 +638,9 @@ def evaluate_results(results, annotations, sequences=None, output=None):
     """J&F of result masks against annotations (see `stm eval`); prints the table and writes
     the two DAVIS CSVs to output (default: the results folder)."""
     results, annotations = pathlib.Path(results), pathlib.Path(annotations)
+    for what, folder in (("results", results), ("annotations", annotations)):
+        if not folder.is_dir():
+            raise UsageError(f"the {what} folder {folder} does not exist")
     scored = {}
     for name, result_folder, annotation_folder in _sequences(results, annotations, sequences):
         truth_paths = sorted(annotation_folder.glob("*.png"))

@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import video_io
+from .mask_checks import check_first_mask, check_object_count, object_ids
 from .segmenter import labels_of
 from .video_batches import FrameInput, VideoJob, segment_videos
 
@@ -114,6 +115,8 @@ def _load_frame(sequence, index, size):
     if path.stem in sequence.masks:
         mask = torch.from_numpy(video_io.read_mask(sequence.masks[path.stem],
                                                    expected_hw=image.shape[:2]))
+        if index == 0:
+            check_first_mask(mask, [], name=sequence.masks[path.stem])
     if size is not None and tuple(size) != tuple(sequence.size):
         frame = F.interpolate(frame[None], size=tuple(size), mode="bilinear", antialias=True,
                               align_corners=False)[0].clamp(0, 1)
@@ -123,8 +126,10 @@ def _load_frame(sequence, index, size):
     return FrameInput(path.stem, frame, mask)
 
 
-def _read_ahead(sequence, size, pool, depth=3):
-    """The sequence's FrameInputs, decoded by `pool` up to `depth` frames ahead."""
+def _read_ahead(sequence, size, pool, depth=3, max_objects=None):
+    """The sequence's FrameInputs, decoded by `pool` up to `depth` frames ahead; ValueError
+    once its masks have given more than max_objects object ids (None: no limit)."""
+    seen_ids = set()
     pending = collections.deque()
     indices = iter(range(sequence.num_frames))
     for index in indices:
@@ -136,6 +141,9 @@ def _read_ahead(sequence, size, pool, depth=3):
         index = next(indices, None)
         if index is not None:
             pending.append(pool.submit(_load_frame, sequence, index, size))
+        if frame.mask is not None:
+            seen_ids.update(object_ids(frame.mask))
+            check_object_count(seen_ids, max_objects, name=sequence.masks[frame.name])
         yield frame
 
 
@@ -172,11 +180,13 @@ class _SequenceWriter:
 
 
 def segment_sequences(segmenter, sequences, output, batch_size, *, size=None, workers=4,
-                      show_progress=True, rank=0):
+                      show_progress=True, rank=0, max_objects=None):
     """Segment `sequences` batch_size at a time with a BatchSegmenter and write their masks
     to output (see the module docstring). size=(h, w): segment at that size (masks are
-    written at the frames' size). Returns one summary dict per sequence (name, frames,
-    objects, size, memory_frames, seconds from its first to its last frame, rank)."""
+    written at the frames' size). A sequence whose first mask holds no object, or whose masks
+    give more than max_objects ids (None: no limit), raises ValueError naming the mask.
+    Returns one summary dict per sequence (name, frames, objects, size, memory_frames, seconds
+    from its first to its last frame, rank)."""
     output = pathlib.Path(output)
     sequences = sorted(sequences, key=lambda s: (s.size, -s.num_frames, s.name))
     by_name = {s.name: s for s in sequences}
@@ -187,7 +197,8 @@ def segment_sequences(segmenter, sequences, output, batch_size, *, size=None, wo
                  position=1, dynamic_ncols=True, disable=not show_progress))
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        jobs = (VideoJob(s.name, _read_ahead(s, size, pool)) for s in sequences)
+        jobs = (VideoJob(s.name, _read_ahead(s, size, pool, max_objects=max_objects))
+                for s in sequences)
         for result in segment_videos(segmenter, jobs, batch_size):
             sequence = by_name[result.video]
             if result.index == 0:

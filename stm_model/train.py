@@ -7,7 +7,9 @@ cosine schedule, bf16 autocast on GPU, DDP under torchrun, atomic resumable chec
 
 Resuming: run the same command again; it continues from <output>/checkpoint.pt (model,
 optimiser, scheduler, step, RNG states). Clips are a pure function of (seed, step, rank, slot),
-so a resumed run sees exactly the clips the uninterrupted run would have seen.
+so a resumed run sees exactly the clips the uninterrupted run would have seen. A finished run
+whose model.pt is missing (killed after its last checkpoint) writes it; temporary files of
+checkpoint saves killed mid-write are removed.
 """
 import argparse
 import csv
@@ -26,6 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from stm_kernels.checks import BACKENDS
+
 from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import (DavisClips, InteractiveClips, StaticImageClips, SyntheticClips,
                        collate_clips, max_skip_schedule)
@@ -34,6 +38,9 @@ from .network import STM, STMConfig, load_into_interactive
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 METRICS = "metrics.csv"
+MODELS = ("small", "official")
+# the TrainConfig fields that take one of a few names
+CHOICES = {"model": MODELS, "checkpointing": STM.CHECKPOINTING, "read_backend": BACKENDS}
 
 
 @dataclasses.dataclass
@@ -66,6 +73,26 @@ class TrainConfig:
 
     def __post_init__(self):
         self.size, self.max_skip = tuple(self.size), tuple(self.max_skip)
+        _check_train_config(self)
+
+
+def _check_train_config(config):
+    """ValueError naming the first setting that cannot train: an unknown model, activation
+    checkpointing level or read backend, or a count or size out of range."""
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got "
+                             f"{getattr(config, name)!r}")
+    minimum = dict(steps=1, static_steps=0, batch_size=1, clip_len=2, max_objects=1,
+                   warmup_steps=0, workers=0, log_every=1, save_every=1)
+    for name, low in minimum.items():
+        if getattr(config, name) < low:
+            raise ValueError(f"{name} must be at least {low}; got {getattr(config, name)}")
+    if len(config.size) != 2 or min(config.size) < 1:
+        raise ValueError(f"size must be a positive (H, W); got {config.size}")
+    if len(config.max_skip) != 3 or min(config.max_skip) < 1:
+        raise ValueError("max_skip must be three skips (start, peak, end) of at least 1; got "
+                         f"{config.max_skip}")
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -200,6 +227,8 @@ def train(config, show_progress=True):
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0
+    if rank == 0:
+        _remove_interrupted_saves(output)
     if (output / CHECKPOINT).exists():
         payload = torch.load(output / CHECKPOINT, map_location=device, weights_only=True)
         model.load_state_dict(payload["state_dict"])
@@ -248,7 +277,22 @@ def train(config, show_progress=True):
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
         dist.barrier()
+    if rank == 0 and start >= config.steps and not (output / MODEL).exists():
+        # killed after its last checkpoint but before model.pt: the checkpoint holds the
+        # final model, so finish the run's output
+        save_checkpoint(model, output / MODEL, step=start)
     return model.eval()
+
+
+def _remove_interrupted_saves(output):
+    """Remove the temporary files that checkpoint saves (and metrics rewrites) killed
+    mid-write left in output: save_checkpoint writes <name><random>.tmp and renames it."""
+    if not output.is_dir():
+        return
+    for name in (CHECKPOINT, MODEL):
+        for path in output.glob(f"{name}*.tmp"):
+            path.unlink(missing_ok=True)
+    (output / METRICS).with_suffix(".tmp").unlink(missing_ok=True)
 
 
 def _save(model, optimizer, scheduler, step, config, output):
@@ -303,8 +347,9 @@ class _MetricsLog:
                              for k, v in row.items()})
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="stm train", description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
+    """Add one option per TrainConfig field (and --no-progress) to an argparse parser: the
+    options of `python -m stm_model.train` and of `stm train`."""
     for field in dataclasses.fields(TrainConfig):
         name = "--" + field.name.replace("_", "-")
         if field.type is bool or isinstance(field.default, bool):
@@ -313,16 +358,29 @@ def _parser():
         elif isinstance(field.default, tuple):
             parser.add_argument(name, type=int, nargs=len(field.default), default=field.default)
         else:
-            parser.add_argument(name, type=type(field.default), default=field.default)
+            parser.add_argument(name, type=type(field.default), default=field.default,
+                                choices=CHOICES.get(field.name))
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
-def main(argv=None):
-    args = vars(_parser().parse_args(argv))
+def _parser():
+    return add_arguments(argparse.ArgumentParser(prog="stm train",
+                                                 description=__doc__.split("\n\n")[0]))
+
+
+def run(args):
+    """Train from parsed arguments (see add_arguments); returns the exit code."""
+    args = dict(vars(args))
     show = not args.pop("no_progress")
+    for name in ("command", "run"):  # set by the `stm` command's parser
+        args.pop(name, None)
     train(TrainConfig(**args), show_progress=show)
     return 0
+
+
+def main(argv=None):
+    return run(_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

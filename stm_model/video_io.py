@@ -13,22 +13,26 @@ Masks
 
     - palette ('P') PNGs (DAVIS-2017 and later, and this module's output): the palette indices
       are the object ids (0 = background, 1..n objects);
-    - grayscale ('L') PNGs follow the DAVIS-2016 single-object convention: a value above 127
-      is object 1, anything else background (the files hold 0 and 255);
+    - grayscale ('L') PNGs: 0 and 255 (one gray level above 127) is the DAVIS-2016
+      single-object convention (object 1); gray levels 1..32 are object ids; anything else is
+      ambiguous and refused (save such masks as palette PNGs);
     - bilevel ('1') PNGs: black is background, white is object 1.
 
     :func:`write_mask` writes palette PNGs with :data:`DAVIS_PALETTE`, the colour map used by
-    the DAVIS benchmark (and PASCAL VOC).
+    the DAVIS benchmark (and PASCAL VOC), atomically (a temporary file renamed into place).
 
 Overlays
     :func:`overlay` blends each object's palette colour over its pixels and outlines it;
     :class:`OverlayWriter` streams overlay frames into a folder of PNGs, an animated GIF or an
-    mp4 file (chosen from the path).
+    mp4 file (chosen from the path). Every file appears complete or not at all: it is written
+    under a temporary name (``.<name>.<random>.tmp``) in its folder and renamed into place.
 """
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import warnings
+import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,17 +44,21 @@ from PIL import Image
 
 __all__ = [
     "DAVIS_PALETTE",
+    "GRAY_MAX_IDS",
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
     "Frame",
+    "FrameReadError",
     "FrameReader",
     "OverlayWriter",
     "check_mask_size",
+    "gray_to_ids",
     "list_frames",
     "load_image",
     "masks_for_frames",
     "overlay",
     "read_frames",
+    "remove_temporary_files",
     "read_mask",
     "to_tensor",
     "write_mask",
@@ -63,7 +71,50 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
 """Suffixes that :class:`OverlayWriter` writes as an H.264 (or MPEG-4 part 2) video."""
 
+GRAY_MAX_IDS = 32
+"""Grayscale ('L') masks whose gray levels are all at most this are read as object ids."""
+
 _PYAV_HINT = 'PyAV is needed to read and write video files: pip install "stm-kernels[video]"'
+_TEMPORARY = ".tmp"  # suffix of files being written (see _write_atomically)
+# PyAV container format per video suffix (a temporary file's name does not tell it)
+_VIDEO_FORMATS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
+class FrameReadError(ValueError):
+    """A frame (image file, or a frame of a video) that cannot be decoded; the message names
+    it."""
+
+
+def _temporary_path(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` for the file while it is written."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{_TEMPORARY}")
+
+
+def _write_atomically(path: str | Path, write) -> None:
+    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it to
+    ``path``: readers, and a run interrupted at any point, see the old file or the complete new
+    one, never part of one. The temporary file is removed when ``write`` raises."""
+    path = Path(path)
+    temporary = _temporary_path(path)
+    try:
+        with open(temporary, "xb") as file:  # open(): the umask's mode, not mkstemp's 0600
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def remove_temporary_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that writes killed mid-file (SIGKILL, power loss) left in
+    ``folder``; returns their paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(f".*{_TEMPORARY}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _davis_palette() -> np.ndarray:
@@ -132,9 +183,19 @@ def list_frames(folder: str | Path) -> list[Path]:
 
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3) (grayscale, palette and RGBA images are
-    converted; pixels are taken as stored, EXIF orientation is not applied)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    converted; pixels are taken as stored, EXIF orientation is not applied).
+
+    Raises:
+        FileNotFoundError: no such file.
+        FrameReadError: a file that is not a decodable image (corrupt, truncated), named.
+    """
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise FrameReadError(f"cannot decode frame {path}: {error}") from error
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -207,6 +268,7 @@ class FrameReader:
             folders; FileNotFoundError for a missing file.
         ImportError: a video file without PyAV installed.
         ValueError: a file PyAV cannot open as a video, or a single image file.
+        FrameReadError: (while iterating) a frame that cannot be decoded, named.
     """
 
     def __init__(self, source: str | Path):
@@ -251,11 +313,20 @@ class FrameReader:
             for path in self.paths:
                 yield path.stem, load_image(path)
             return
+        av = _import_av()
         container = self._open_video()
         try:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for index, frame in enumerate(container.decode(stream)):
+            frames = container.decode(stream)
+            for index in itertools.count():
+                try:
+                    frame = next(frames, None)
+                except av.FFmpegError as error:
+                    raise FrameReadError(f"cannot decode frame {index:05d} of {self.source}: "
+                                         f"{error}") from error
+                if frame is None:
+                    return
                 yield f"{index:05d}", frame.to_ndarray(format="rgb24")
         finally:
             container.close()
@@ -314,9 +385,8 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
 
     Modes:
         'P' (palette, DAVIS-2017): the palette indices are the ids (the colours are ignored).
-        'L' (grayscale, DAVIS-2016 single object): value > 127 -> 1, else 0. Warns when the
-            image has nonzero values but none above 127 (ids saved as gray levels would read
-            as all background; save such masks as palette PNGs).
+        'L' (grayscale): as :func:`gray_to_ids`: 0 and 255 is one object (DAVIS-2016), gray
+            levels 1..:data:`GRAY_MAX_IDS` are object ids, anything else is refused.
         '1' (bilevel): white -> 1, black -> 0.
 
     Args:
@@ -325,32 +395,51 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
             ValueError via :func:`check_mask_size`.
 
     Raises:
-        ValueError: another mode (RGB, RGBA, 16-bit, ...), or a size mismatch.
+        FileNotFoundError: no such file.
+        ValueError: a file that is not a readable image (named), another mode (RGB, RGBA,
+            16-bit, ...), an ambiguous grayscale mask, or a size mismatch.
     """
     path = Path(path)
-    with Image.open(path) as im:
-        mode = im.mode
-        if mode == "P":
-            labels = np.asarray(im).astype(np.int64)
-        elif mode == "L":
-            gray = np.asarray(im)
-            labels = (gray > 127).astype(np.int64)
-            if not labels.any() and gray.any():
-                warnings.warn(
-                    f"{path.name} is a grayscale ('L') mask read with the DAVIS-2016 rule "
-                    f"(> 127 is the object) but its values are at most {int(gray.max())}, so "
-                    "it reads as all background; write object ids as a palette ('P') PNG",
-                    stacklevel=2)
-        elif mode == "1":
-            labels = np.asarray(im).astype(np.int64)
-        else:
-            raise ValueError(
-                f"mask {path} has image mode {mode!r}; accepted: palette 'P' (indices are "
-                "object ids, DAVIS-2017), grayscale 'L' (DAVIS-2016: > 127 is object 1) or "
-                "bilevel '1'. Convert colour masks to a palette PNG of object ids")
+    try:
+        with Image.open(path) as im:
+            mode, pixels = im.mode, np.asarray(im)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read mask {path}: {error}") from error
+    if mode in ("P", "1"):
+        labels = pixels.astype(np.int64)
+    elif mode == "L":
+        labels = gray_to_ids(pixels, path)
+    else:
+        raise ValueError(
+            f"mask {path} has image mode {mode!r}; accepted: palette 'P' (indices are "
+            "object ids, DAVIS-2017), grayscale 'L' (0 and 255: one object, DAVIS-2016; or "
+            f"ids 1..{GRAY_MAX_IDS} as gray levels) or bilevel '1'. Convert colour masks to a "
+            "palette PNG of object ids")
     if expected_hw is not None:
         check_mask_size(labels, expected_hw, mask_name=path.name)
     return labels
+
+
+def gray_to_ids(gray: np.ndarray, path: str | Path = "") -> np.ndarray:
+    """Object ids (int64) of a grayscale mask's pixels.
+
+    The gray levels present tell the convention: a single nonzero level above 127 is one
+    object, id 1 (DAVIS-2016 files hold 0 and 255); levels all within 1..:data:`GRAY_MAX_IDS`
+    are the object ids themselves. Anything else (say 0, 1 and 255, or an anti-aliased mask)
+    could be read either way, so it raises ValueError naming ``path``.
+    """
+    levels = np.unique(gray)
+    nonzero = levels[levels > 0]
+    if len(nonzero) == 1 and nonzero[0] > 127:
+        return (gray > 127).astype(np.int64)
+    if not len(nonzero) or nonzero[-1] <= GRAY_MAX_IDS:
+        return gray.astype(np.int64)
+    shown = ", ".join(str(int(v)) for v in levels[:8]) + (", ..." if len(levels) > 8 else "")
+    raise ValueError(
+        f"grayscale mask {path} holds the gray levels {shown}: neither one object (0 and 255, "
+        f"DAVIS-2016) nor object ids 1..{GRAY_MAX_IDS}; save object ids as a palette ('P') PNG")
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -375,7 +464,9 @@ def _check_labels(labels, what: str = "labels") -> np.ndarray:
 
 def write_mask(path: str | Path, labels: np.ndarray | torch.Tensor) -> None:
     """Write (H, W) object ids (0..255, integer or bool) as a palette PNG with
-    :data:`DAVIS_PALETTE`, the DAVIS-2017 format. Creates the parent folder if needed.
+    :data:`DAVIS_PALETTE`, the DAVIS-2017 format. Creates the parent folder if needed. The
+    file is written atomically: an interrupted write leaves the previous file (or none), never
+    part of one.
 
     Raises:
         ValueError: not 2-D, or an id outside 0..255. TypeError: a non-integer dtype.
@@ -385,7 +476,7 @@ def write_mask(path: str | Path, labels: np.ndarray | torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(ids)  # mode 'L'; putpalette turns it into 'P'
     im.putpalette(DAVIS_PALETTE.tobytes())
-    im.save(path, format="PNG")
+    _write_atomically(path, lambda file: im.save(file, format="PNG"))
 
 
 def masks_for_frames(frame_names: Iterable[str], mask_folder: str | Path, *,
@@ -503,6 +594,11 @@ class OverlayWriter:
         with OverlayWriter("out.mp4", fps=reader.fps or 24) as writer:
             for frame in reader:
                 writer.add(frame.image, labels[frame.name], name=frame.name)
+
+    Files appear complete or not at all: each PNG is written atomically, and a GIF or video is
+    written under a temporary name renamed to ``path`` by :meth:`close`. :meth:`abort` (what
+    the context manager does when its block raises) drops an unfinished GIF or video, so an
+    interrupted run leaves no truncated file.
     """
 
     def __init__(self, path: str | Path, fps: float = 24.0, *, alpha: float = 0.5,
@@ -534,6 +630,7 @@ class OverlayWriter:
         self._gif_frames: list[Image.Image] = []
         self._container = None
         self._stream = None
+        self._temporary: Path | None = None  # the video while it is written
         self._closed = False
         if self.kind == "video":
             _import_av()  # fail before any frame is added
@@ -559,7 +656,9 @@ class OverlayWriter:
             raise ValueError(f"frame {name or self.count} is {_size_text(hw)} (WxH) but the "
                              f"first frame written to {self.path} is {_size_text(self._hw)}")
         if self.kind == "png":
-            Image.fromarray(image).save(self.path / f"{name or f'{self.count:05d}'}.png")
+            picture = Image.fromarray(image)
+            _write_atomically(self.path / f"{name or f'{self.count:05d}'}.png",
+                              lambda file: picture.save(file, format="PNG"))
         elif self.kind == "gif":
             self._gif_frames.append(Image.fromarray(image).quantize(colors=256))
         else:
@@ -572,7 +671,9 @@ class OverlayWriter:
         if h % 2 or w % 2:
             image = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         if self._container is None:
-            container = av.open(str(self.path), mode="w")
+            self._temporary = _temporary_path(self.path)
+            container = av.open(str(self._temporary), mode="w",
+                                format=_VIDEO_FORMATS[self.path.suffix.lower()])
             try:
                 codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
                 stream = container.add_stream(codec, rate=_video_rate(self.fps))
@@ -584,6 +685,7 @@ class OverlayWriter:
                     stream.bit_rate = 8_000_000
             except Exception:
                 container.close()
+                self._temporary.unlink(missing_ok=True)
                 raise
             self._container, self._stream = container, stream
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
@@ -591,27 +693,55 @@ class OverlayWriter:
             self._container.mux(packet)
 
     def close(self) -> None:
-        """Finish the output (flush the encoder / write the GIF). Safe to call twice."""
+        """Finish the output (flush the encoder / write the GIF) and move it to ``path``. Safe
+        to call twice. An error (or an interrupt) while finishing leaves no file behind."""
         if self._closed:
             return
         self._closed = True
         if self.kind == "gif" and self._gif_frames:
             first, *rest = self._gif_frames
-            first.save(self.path, format="GIF", save_all=True, append_images=rest, loop=0,
-                       duration=max(10, round(1000.0 / self.fps)))
             self._gif_frames = []
+            _write_atomically(self.path, lambda file: first.save(
+                file, format="GIF", save_all=True, append_images=rest, loop=0,
+                duration=max(10, round(1000.0 / self.fps))))
         elif self.kind == "video" and self._container is not None:
             try:
                 for packet in self._stream.encode(None):
                     self._container.mux(packet)
-            finally:
                 self._container.close()
+                os.replace(self._temporary, self.path)
+            except BaseException:
+                self._discard_video()
+                raise
+
+    def abort(self) -> None:
+        """Stop without finishing: an unfinished GIF or video is dropped (no file is written;
+        a previous file at ``path`` is left as it was); PNG frames already written stay, each
+        complete. Safe to call after :meth:`close`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._gif_frames = []
+        self._discard_video()
+
+    def _discard_video(self) -> None:
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # a half-written container may fail to close; it is dropped
+                pass
+            self._container = None
+        if self._temporary is not None:
+            self._temporary.unlink(missing_ok=True)
 
     def __enter__(self) -> "OverlayWriter":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def __repr__(self) -> str:
         return f"OverlayWriter({str(self.path)!r}, {self.kind}, fps={self.fps}, frames={self.count})"

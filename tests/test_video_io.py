@@ -102,8 +102,12 @@ def test_write_mask_rejects_bad_ids(tmp_path, bad, error):
 
 def test_read_mask_modes(tmp_path):
     gray = np.array([[0, 127, 128, 255], [1, 200, 0, 126]], dtype=np.uint8)
-    Image.fromarray(gray).save(tmp_path / "l.png")                    # mode 'L'
+    Image.fromarray(np.where(gray > 127, 255, 0).astype(np.uint8)).save(tmp_path / "l.png")
     np.testing.assert_array_equal(read_mask(tmp_path / "l.png"), [[0, 0, 1, 1], [0, 1, 0, 0]])
+    # gray levels that fit neither DAVIS-2016 (0/255) nor ids 1..32: refused, file named
+    Image.fromarray(gray).save(tmp_path / "soft.png")                 # mode 'L'
+    with pytest.raises(ValueError, match="soft.png.*gray levels 0, 1, 126"):
+        read_mask(tmp_path / "soft.png")
 
     Image.fromarray(gray > 127).save(tmp_path / "bilevel.png")        # mode '1'
     with Image.open(tmp_path / "bilevel.png") as im:
@@ -114,10 +118,9 @@ def test_read_mask_modes(tmp_path):
     with pytest.raises(ValueError, match="'RGB'.*'P'.*'L'.*'1'"):
         read_mask(tmp_path / "rgb.png")
 
-    # ids 1..3 saved as gray levels would read as background: warned about
+    # ids 1..3 saved as gray levels are read as ids (issue 14: they read as background)
     Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8)).save(tmp_path / "ids.png")
-    with pytest.warns(UserWarning, match="palette"):
-        assert not read_mask(tmp_path / "ids.png").any()
+    np.testing.assert_array_equal(read_mask(tmp_path / "ids.png"), [[0, 1], [2, 3]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_mask(tmp_path / "l.png")                                 # no warning for 0/255

@@ -1,0 +1,399 @@
+"""Issue 14, defects 1-6: output integrity, empty or gray-level first masks, `stm train`
+options, resuming a finished run, checkpoint config validation, one-line user errors.
+
+Everything runs the small untrained model on tiny synthetic frames (no ../shared needed)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import synthetic_video, write_davis_folder
+import stm_model.checkpoint as checkpoint_module
+import stm_model.train as train_module
+from stm_model import STM, CheckpointError, STMConfig, VideoSegmenter, video_io
+from stm_model.checkpoint import load_checkpoint, save_checkpoint
+from stm_model.cli import main
+from stm_model.train import TrainConfig, train
+
+HW = (32, 48)
+
+
+def _frames(folder, count=3, hw=HW, seed=0):
+    """`count` PNG frames 00000.png... of random pixels; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for t in range(count):
+        Image.fromarray(rng.integers(0, 256, hw + (3,), dtype=np.uint8)).save(
+            folder / f"{t:05d}.png")
+    return folder
+
+
+def _box_mask(path, ids=(1,), hw=HW):
+    """A palette mask with one 8x8 box per id; returns the path."""
+    labels = np.zeros(hw, dtype=np.uint8)
+    for i, object_id in enumerate(ids):
+        labels[4:12, 2 + 10 * i:10 + 10 * i] = object_id
+    video_io.write_mask(path, labels)
+    return path
+
+
+def _cli(argv):
+    """main(argv)'s exit code, also for argparse's SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def _user_error(capsys, argv, *fragments):
+    """Run the CLI and check it failed as a user error: exit 2, one line on stderr, no
+    traceback, every fragment in the message. Returns the message."""
+    code = _cli(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "warning:" not in line]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def video(tmp_path):
+    """(frames folder, first-frame mask) of a 3-frame 48x32 video."""
+    return _frames(tmp_path / "frames"), _box_mask(tmp_path / "first.png", ids=(1, 2))
+
+
+def _segment(video, output, *extra):
+    frames, mask = video
+    return ["segment", str(frames), "--mask", str(mask), "--config", "small", "--output",
+            str(output), "--quiet", *extra]
+
+
+# --------------------------------------------------------------------------- 1. outputs
+
+
+def test_segment_refuses_an_output_holding_masks_unless_overwrite(tmp_path, video, capsys):
+    out = tmp_path / "out"
+    assert _cli(_segment(video, out, "--overlay", "png")) == 0
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [
+        "00000.png", "00001.png", "00002.png"]
+    _user_error(capsys, _segment(video, out, "--overlay", "png", "--max-frames", "2"),
+                str(out), "--overwrite")
+    assert len(list((out / "masks").iterdir())) == 3  # untouched
+    (out / "overlay.gif").write_bytes(b"an earlier run's overlay")
+    # --overwrite clears the old masks and overlays first: no mix of two runs
+    assert _cli(_segment(video, out, "--overlay", "png", "--max-frames", "2",
+                         "--overwrite")) == 0
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["00000.png", "00001.png"]
+    assert sorted(p.name for p in (out / "overlay").iterdir()) == ["00000.png", "00001.png"]
+    assert not (out / "overlay.gif").exists()
+    # an earlier overlay alone is an earlier run's result too
+    empty = tmp_path / "other"
+    (empty / "masks").mkdir(parents=True)
+    (empty / "overlay.mp4").write_bytes(b"old")
+    _user_error(capsys, _segment(video, empty), "--overwrite")
+
+
+@pytest.mark.parametrize("overlay", ["png", "gif", "mp4"])
+def test_an_interrupted_segment_leaves_only_complete_files(tmp_path, video, monkeypatch,
+                                                          overlay):
+    if overlay == "mp4":
+        pytest.importorskip("av")
+    out, real_save, calls = tmp_path / "out", Image.Image.save, []
+
+    def save_then_die(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 3 if overlay == "png" else len(calls) == 2:
+            # the second frame's mask: half a file, then the user hits Ctrl-C
+            opened = open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else fp
+            opened.write(b"\x89PNG\r\n\x1a\n half")
+            opened.flush()
+            raise KeyboardInterrupt
+        return real_save(self, fp, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(_segment(video, out, "--overlay", overlay))
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    expected = ["masks/00000.png"] + (["overlay/00000.png"] if overlay == "png" else [])
+    assert leftovers == expected
+    video_io.read_mask(out / "masks" / "00000.png")  # complete
+    assert _cli(_segment(video, out, "--overlay", overlay, "--overwrite")) == 0
+    assert len(list((out / "masks").glob("*.png"))) == 3
+
+
+def test_write_mask_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "m.png"
+    video_io.write_mask(target, np.ones((4, 4), np.uint8))
+    before = target.read_bytes()
+
+    def broken(self, fp, *args, **kwargs):
+        fp.write(b"partial") if hasattr(fp, "write") else open(fp, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        video_io.write_mask(target, np.zeros((4, 4), np.uint8))
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.png"]
+
+
+def test_eval_names_the_mask_it_cannot_read(tmp_path, capsys):
+    truth, results = tmp_path / "truth" / "seq", tmp_path / "results" / "seq"
+    for t in range(3):
+        _box_mask(truth / f"{t:05d}.png")
+        _box_mask(results / f"{t:05d}.png")
+    (results / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    _user_error(capsys, ["eval", str(results.parent), str(truth.parent)],
+                str(results / "00001.png"))
+
+
+# --------------------------------------------------------------------------- 2. first masks
+
+
+def test_gray_level_masks_are_ids_0_255_one_object_and_mixtures_an_error(tmp_path):
+    ids = np.array([[0, 1, 2], [3, 0, 2]], np.uint8)
+    Image.fromarray(ids).save(tmp_path / "ids.png")                     # mode 'L'
+    np.testing.assert_array_equal(video_io.read_mask(tmp_path / "ids.png"), ids)
+    Image.fromarray(ids * 85).save(tmp_path / "mixed.png")              # 85, 170, 255
+    with pytest.raises(ValueError, match="mixed.png.*85, 170, 255"):
+        video_io.read_mask(tmp_path / "mixed.png")                      # neither convention
+    Image.fromarray((ids > 1).astype(np.uint8) * 255).save(tmp_path / "binary.png")
+    np.testing.assert_array_equal(video_io.read_mask(tmp_path / "binary.png"), ids > 1)
+
+
+def test_segment_refuses_a_first_mask_without_objects(tmp_path, capsys):
+    frames = _frames(tmp_path / "frames")
+    empty = tmp_path / "empty.png"
+    video_io.write_mask(empty, np.zeros(HW, np.uint8))
+    _user_error(capsys, ["segment", str(frames), "--mask", str(empty), "--config", "small",
+                         "--output", str(tmp_path / "out"), "--quiet"],
+                str(empty), "no object")
+    gray = tmp_path / "gray.png"
+    ids = np.zeros(HW, np.uint8)
+    ids[:4, :4] = 2                                                     # id 2 as gray level 2
+    Image.fromarray(ids).save(gray)
+    assert _cli(["segment", str(frames), "--mask", str(gray), "--config", "small",
+                 "--output", str(tmp_path / "out2"), "--quiet", "--overlay", "none"]) == 0
+    assert "objects: 1" in capsys.readouterr().out
+    assert set(np.unique(video_io.read_mask(tmp_path / "out2" / "masks" / "00000.png"))) \
+        == {0, 2}
+
+
+def test_dataset_refuses_a_first_annotation_without_objects(davis_root, tmp_path, capsys):
+    first = davis_root / "Annotations" / "480p" / "synth" / "00000.png"
+    video_io.write_mask(first, np.zeros(HW, np.uint8))
+    _user_error(capsys, ["segment-dataset", str(davis_root), "--output", str(tmp_path / "o"),
+                         "--config", "small", "--quiet"], str(first), "no object")
+
+
+def test_first_mask_checks():
+    from stm_model.mask_checks import check_first_mask, check_object_count
+    with pytest.raises(ValueError, match="no object"):
+        check_first_mask(torch.zeros(4, 4, dtype=torch.int64), [])
+    check_first_mask(torch.zeros(4, 4, dtype=torch.int64), [1])  # later masks may be empty
+    check_first_mask(None, [])  # no mask: checked elsewhere
+    with pytest.raises(ValueError, match="40 objects.*--max-objects 32"):
+        check_object_count(range(1, 41), 32, "m.png")
+
+
+def test_segmenter_step_refuses_a_first_mask_without_objects():
+    # needs the one-line call to mask_checks.check_first_mask in VideoSegmenter.step
+    torch.manual_seed(0)
+    seg = VideoSegmenter(STM(STMConfig.small()).eval())
+    with pytest.raises(ValueError, match="no object"):
+        seg.step(torch.rand(3, 32, 32), mask=torch.zeros(32, 32, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- 3. stm train
+
+
+def test_stm_train_forwards_its_options(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_module, "train",
+                        lambda config, show_progress: seen.append((config, show_progress)))
+    assert _cli(["train", "--output", str(tmp_path), "--steps", "7", "--size", "32", "48",
+                 "--no-amp", "--no-progress"]) == 0
+    config, show = seen[0]
+    assert (config.steps, config.size, config.amp, show) == (7, (32, 48), False, False)
+    assert config.output == str(tmp_path)
+
+
+def test_stm_train_accepts_only_known_models(tmp_path, capsys):
+    _user_error(capsys, ["train", "--output", str(tmp_path), "--model", "huge"], "huge")
+    with pytest.raises(ValueError, match="model"):
+        TrainConfig(model="huge")
+
+
+# --------------------------------------------------------------------------- 4. resume
+
+
+TINY = dict(model="small", steps=2, batch_size=1, clip_len=2, size=(32, 32), max_objects=1,
+            warmup_steps=1, log_every=1, save_every=1)
+
+
+def test_a_run_killed_before_model_pt_writes_it_when_run_again(tmp_path, monkeypatch):
+    config = TrainConfig(output=str(tmp_path), **TINY)
+    real_save = train_module.save_checkpoint
+
+    def killed_before_model_pt(model, path, **extra):
+        if path.name == train_module.MODEL:
+            raise KeyboardInterrupt
+        return real_save(model, path, **extra)
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_before_model_pt)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, show_progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert not (tmp_path / "model.pt").exists()
+    # a save killed mid-write leaves its temporary file
+    stale = [tmp_path / "checkpoint.ptk1ll3d.tmp", tmp_path / "model.pt0dd.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    model = train(config, show_progress=False)
+    assert not any(path.exists() for path in stale)
+    final = load_checkpoint(tmp_path / "model.pt")
+    for (name, a), b in zip(model.state_dict().items(), final.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["step"] == 2
+
+
+# --------------------------------------------------------------------------- 5. checkpoints
+
+
+@pytest.fixture(scope="module")
+def small_payload(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
+    torch.manual_seed(0)
+    save_checkpoint(STM(STMConfig.small()), path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(colour="blue"), "unknown.*colour"),
+    (dict(key_dim="64"), "key_dim.*int"),
+    (dict(key_dim=True), "key_dim.*int"),
+    (dict(value_dim=10**7), "value_dim.*10000000"),
+    (dict(backbone_layers=[1, 1, 10**6]), "backbone_layers"),
+    (dict(backbone="resnet9000"), "backbone"),
+    (dict(similarity=3), "similarity"),
+])
+def test_checkpoint_configs_are_checked_before_building_a_model(small_payload, tmp_path,
+                                                                 monkeypatch, change, message):
+    payload = dict(small_payload, config={**small_payload["config"], **change})
+    path = tmp_path / "bad.pt"
+    torch.save(payload, path)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built from an unchecked config")
+    monkeypatch.setattr(checkpoint_module, "STM", no_model)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(payload)
+
+
+def test_checkpoint_config_that_does_not_match_its_weights(small_payload, tmp_path, capsys):
+    payload = dict(small_payload, config={**small_payload["config"], "value_dim": 4096})
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(payload)
+    torch.save(dict(small_payload, config="small"), tmp_path / "bad.pt")
+    _user_error(capsys, ["export", str(tmp_path / "bad.pt"), str(tmp_path / "out.pt")],
+                "config")
+
+
+# --------------------------------------------------------------------------- 6. user errors
+
+
+def test_unwritable_output_is_a_user_error(tmp_path, video, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    _user_error(capsys, _segment(video, tmp_path / "file" / "out"), str(tmp_path / "file"))
+
+
+def test_undecodable_frame_is_named(tmp_path, capsys):
+    frames = _frames(tmp_path / "frames")
+    (frames / "00001.png").write_bytes(b"garbage")
+    _user_error(capsys, ["segment", str(frames), "--mask", str(_box_mask(tmp_path / "m.png")),
+                         "--config", "small", "--output", str(tmp_path / "out"), "--quiet"],
+                "00001.png")
+    assert not (tmp_path / "out" / "masks" / "00001.png").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", "cpu:x"])
+def test_unknown_device_is_a_user_error(tmp_path, video, capsys, device):
+    _user_error(capsys, _segment(video, tmp_path / "out", "--device", device), device)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--max-frames", "-1"), ("--mem-every", "0"), ("--max-memory-frames", "-2"),
+    ("--fps", "-5"), ("--batch-size", "0"), ("--offload-chunk-frames", "0"),
+    ("--max-objects", "0")])
+def test_negative_or_zero_counts_are_user_errors(tmp_path, video, capsys, option, value):
+    _user_error(capsys, _segment(video, tmp_path / "out", option, value), option)
+
+
+def test_offload_chunk_frames_reaches_the_segmenter(tmp_path, video, capsys):
+    assert _cli(_segment(video, tmp_path / "out", "--offload", "--offload-chunk-frames", "1",
+                         "--overlay", "none")) == 0
+
+
+def test_dataset_counts_are_user_errors(tmp_path, capsys):
+    for option in ("--workers", "--batch-size"):
+        _user_error(capsys, ["segment-dataset", str(tmp_path), "--output", str(tmp_path / "o"),
+                             option, "-1"], option)
+    _user_error(capsys, ["interactive-eval", str(tmp_path), "--rounds", "0"], "--rounds")
+
+
+@pytest.fixture
+def davis_root(tmp_path):
+    frames, labels = synthetic_video(3, size=HW, objects=2)
+    write_davis_folder(tmp_path / "davis", frames, labels)
+    return tmp_path / "davis"
+
+
+def test_scribble_files_are_named(davis_root, tmp_path, capsys):
+    scribbles = davis_root / "Scribbles" / "synth" / "001.json"
+    scribbles.parent.mkdir(parents=True)
+    argv = ["interactive-eval", str(davis_root), "--rounds", "1", "--quiet", "--output",
+            str(tmp_path / "out")]
+    scribbles.write_text("{not json")
+    _user_error(capsys, argv, str(scribbles))
+    scribbles.write_text(json.dumps({"sequence": "synth", "scribbles": [[]]}))  # 1 of 3 frames
+    _user_error(capsys, argv, str(scribbles), "3 frames")
+    stroke = {"path": [[0.1, 0.1], [0.5, 0.5]], "object_id": 7}
+    scribbles.write_text(json.dumps({"sequence": "synth", "scribbles": [[stroke], [], []]}))
+    _user_error(capsys, argv, str(scribbles), "object_id 7")
+
+
+def test_line_width_beyond_the_frame_is_a_user_error(davis_root, tmp_path, capsys):
+    _user_error(capsys, ["interactive-eval", str(davis_root), "--line-width", "500", "--quiet",
+                         "--output", str(tmp_path / "out")], "--line-width")
+    _user_error(capsys, ["interactive-eval", str(davis_root), "--line-width", "40", "--size",
+                         "32", "32", "--quiet", "--output", str(tmp_path / "out")],
+                "--line-width")
+
+
+def test_masks_with_too_many_objects_are_refused_unless_raised(tmp_path, capsys):
+    frames = _frames(tmp_path / "frames", hw=(32, 64), count=1)
+    labels = np.repeat(np.arange(40, dtype=np.uint8) + 1, 32).reshape(32, 40)
+    labels = np.pad(labels, ((0, 0), (0, 24)))
+    mask = tmp_path / "many.png"
+    video_io.write_mask(mask, labels)
+    argv = ["segment", str(frames), "--mask", str(mask), "--config", "small", "--quiet",
+            "--overlay", "none", "--output", str(tmp_path / "out")]
+    _user_error(capsys, argv, "40 objects", "--max-objects")
+    assert _cli(argv + ["--max-objects", "40"]) == 0
+    assert "objects: 40" in capsys.readouterr().out
+
+
+def test_dataset_masks_with_too_many_objects_are_refused(davis_root, tmp_path, capsys):
+    _user_error(capsys, ["segment-dataset", str(davis_root), "--output", str(tmp_path / "o"),
+                         "--config", "small", "--quiet", "--max-objects", "1"],
+                "2 objects", "--max-objects")
+
+
+def test_argparse_errors_are_one_line(capsys):
+    _user_error(capsys, ["segment"], "input")
+    _user_error(capsys, ["segment", "x", "--overlay", "avi"], "--overlay")
