@@ -4,6 +4,8 @@ naive read, with and without fp16 memory storage and memory offload.
 
     python -m bench long-video                          # defaults for the device present
     python -m bench long-video --lengths 100 1000 --variants fused naive
+    python -m bench long-video --lengths 30 --input-resolutions 480p 1080p 4k  # internal 480
+    python -m bench long-video --lengths 30 100 --variants fused fused-compile
 
 The video: a real DAVIS-2016 sequence from ../shared/data ping-ponged (forwards, backwards,
 forwards ...) to the longest length when that folder is present, a synthetic video otherwise;
@@ -14,6 +16,16 @@ the wall time of the step and of its memory reads. A variant that runs out of me
 there (recorded). GPU: the official-size STM (ResNet-50, random weights: timing does not
 depend on them) at 480p under bf16 autocast; CPU: the small trained model at a smaller size.
 Writes bench/results/long_video_<device>_<date>.json and a PNG beside it.
+
+High-resolution input (--input-resolutions 480p 1080p 4k, with --max-internal-size N): each
+variant runs once per input resolution; frames are upscaled from the --size cycle to that
+resolution outside the timed step and segmented with VideoSegmenter(max_internal_size=N).
+Each checkpoint records the memory per memory frame (bank storage) and the fps.
+
+Variant fused-compile: VideoSegmenter(compile=True). Its compilation runs in a warm-up of a
+few frames on a separate segmenter before timing (recorded as warmup_s; --warmup N gives
+every variant such a warm-up); per-read times are not available inside the compiled graph
+(read_timed false).
 """
 import argparse
 import json
@@ -35,7 +47,10 @@ VARIANTS = {  # name: VideoSegmenter options ("fused" = triton on CUDA, torch on
     "naive-fp16": dict(read="naive", memory_dtype="fp16"),
     "fused-offload": dict(read="fused", offload=True),
     "fused-fp16-offload": dict(read="fused", memory_dtype="fp16", offload=True),
+    "fused-compile": dict(read="fused", compile=True),
 }
+INPUT_RESOLUTIONS = {"480p": (480, 854), "1080p": (1080, 1920), "4k": (2160, 3840)}
+COMPILE_WARMUP_FRAMES = 3  # the masked frame, then predictions (compiles both functions)
 DEFAULTS = {
     "cuda": dict(model="official", size=(480, 854), lengths=(100, 300, 1000, 3000, 10000),
                  variants=("fused", "naive", "fused-fp16", "naive-fp16", "fused-offload",
@@ -134,10 +149,34 @@ def run_variant(spec):
     cycle_frames, first_labels, video_name = load_video(
         spec["source"], max(spec["lengths"]), tuple(spec["size"]), spec["sequence"])
     cycle_frames = cycle_frames.to(device)
+    input_size = tuple(spec["input_size"]) if spec.get("input_size") else None
+    if input_size is not None:
+        first_labels = F.interpolate(first_labels[None, None].float(), size=input_size,
+                                     mode="nearest")[0, 0].long()
+
+    def frame_at(t):  # upscaled to the input resolution outside the timed step
+        frame = cycle_frames[ping_pong(t, len(cycle_frames))]
+        if input_size is None:
+            return frame
+        return F.interpolate(frame[None], size=input_size, mode="bilinear",
+                             align_corners=False)[0]
+
     segmenter = VideoSegmenter(model, mem_every=spec["mem_every"],
                                memory_dtype=options.get("memory_dtype"),
                                offload=options.get("offload", False), read_backend=backend,
-                               amp_dtype="bf16" if device.type == "cuda" else None)
+                               amp_dtype="bf16" if device.type == "cuda" else None,
+                               max_internal_size=spec.get("max_internal_size"),
+                               compile=options.get("compile", False))
+    warmup_s = None
+    warmup = max(spec.get("warmup") or 0, COMPILE_WARMUP_FRAMES if options.get("compile") else 0)
+    if warmup:  # first-call costs (compilation, allocator, kernel selection) off the clock
+        tick = time.perf_counter()
+        with torch.inference_mode():
+            warm = segmenter.with_options()
+            for t in range(warmup):
+                warm.labels(warm.step(frame_at(t), mask=first_labels if t == 0 else None)).cpu()
+            del warm
+        warmup_s = time.perf_counter() - tick
     timer = _ReadTimer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -150,7 +189,7 @@ def run_variant(spec):
     try:
         with torch.inference_mode():
             for t in range(max(spec["lengths"])):
-                frame = cycle_frames[ping_pong(t, len(cycle_frames))]
+                frame = frame_at(t)
                 tick = time.perf_counter()
                 probs = segmenter.step(frame, mask=first_labels if t == 0 else None)
                 segmenter.labels(probs).cpu()  # the mask a user gets: synchronises
@@ -163,7 +202,8 @@ def run_variant(spec):
                         fps_last_100=min(100, t + 1) / (sum(frame_ms[-100:]) / 1e3),
                         peak_mem_bytes=_peak_bytes(device) - baseline,
                         memory_frames=segmenter.memory_frames,
-                        memory_bytes=segmenter.memory_bytes))
+                        memory_bytes=segmenter.memory_bytes,
+                        memory_bytes_per_frame=segmenter.memory_bytes_per_frame))
     except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as error:
         if not isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) and \
                 "out of memory" not in str(error).lower():
@@ -173,11 +213,16 @@ def run_variant(spec):
     finally:
         timer.close()
     stride = max(1, len(frame_ms) // 1000)  # keep the JSON small: at most ~1,000 samples
+    network_size = None
+    if segmenter.banks:
+        bank = segmenter.banks[0]
+        network_size = [bank.size[0] * 16, bank.size[1] * 16]  # padded to a multiple of 16
     return dict(spec, status=status, model_name=model_name, video=video_name,
                 read_backend=backend, checkpoints=checkpoints, sample_stride=stride,
                 frame_index=list(range(0, len(frame_ms), stride)),
                 frame_ms=frame_ms[::stride], read_ms=read_ms[::stride],
-                memory_frames=memory_frames[::stride])
+                memory_frames=memory_frames[::stride], warmup_s=warmup_s,
+                read_timed=not options.get("compile", False), network_size=network_size)
 
 
 def _child(spec_json):
@@ -185,26 +230,60 @@ def _child(spec_json):
 
 
 def summarize(payload):
+    if any(record.get("input_size") for record in payload["records"]):
+        return _summarize_resolutions(payload)
     rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
             f"{payload['model_name']}, mem_every={payload['mem_every']}.", "",
             "| variant | read | frames | memory frames | fps | fps (last 100) | peak MiB | "
             "memory MiB | read ms/frame (last) | rest ms/frame (last) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for record in payload["records"]:
-        ends = {}
-        for length in (c["length"] for c in record["checkpoints"]):
-            index = max(i for i, f in enumerate(record["frame_index"]) if f < length)
-            ends[length] = (record["read_ms"][index], record["frame_ms"][index] -
-                            record["read_ms"][index])
+        ends = _last_read_and_rest(record)
         for c in record["checkpoints"]:
-            read, rest = ends[c["length"]]
+            read, rest = (f"{value:.2f}" for value in ends[c["length"]]) \
+                if record.get("read_timed", True) else ("-", "-")
             rows.append(f"| {record['variant']} | {record['read_backend']} | {c['length']} | "
                         f"{c['memory_frames']} | {c['fps']:.1f} | {c['fps_last_100']:.1f} | "
                         f"{c['peak_mem_bytes'] / 2**20:.0f} | {c['memory_bytes'] / 2**20:.0f} | "
-                        f"{read:.2f} | {rest:.2f} |")
+                        f"{read} | {rest} |")
         if record["status"] != "ok":
             rows.append(f"| {record['variant']} | {record['read_backend']} | "
                         f"{record['status']} | | | | | | | |")
+    return "\n".join(rows)
+
+
+def _last_read_and_rest(record):
+    """{checkpoint length: (read ms, rest ms) of the last sampled frame before it}."""
+    ends = {}
+    for length in (c["length"] for c in record["checkpoints"]):
+        index = max(i for i, f in enumerate(record["frame_index"]) if f < length)
+        ends[length] = (record["read_ms"][index],
+                        record["frame_ms"][index] - record["read_ms"][index])
+    return ends
+
+
+def _summarize_resolutions(payload):
+    """The --input-resolutions table: per input resolution and variant, the network's size,
+    memory per memory frame, fps and peak memory."""
+    internal = payload.get("max_internal_size")
+    rows = [f"Video: {payload['video']}, cycle at {payload['size'][1]}x{payload['size'][0]} "
+            f"upscaled to each input resolution, {payload['model_name']}, "
+            f"mem_every={payload['mem_every']}, max_internal_size={internal}.", "",
+            "| input | variant | network size | frames | memory frames | KiB per memory frame "
+            "| fps | peak MiB | warm-up s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for record in payload["records"]:
+        height, width = record["input_size"]
+        network = record.get("network_size")
+        network = f"{network[1]}x{network[0]}" if network else "-"
+        warmup = f"{record['warmup_s']:.1f}" if record.get("warmup_s") is not None else "-"
+        for c in record["checkpoints"]:
+            rows.append(f"| {width}x{height} | {record['variant']} | {network} | {c['length']} | "
+                        f"{c['memory_frames']} | {c['memory_bytes_per_frame'] / 2**10:.0f} | "
+                        f"{c['fps']:.2f} | {c['peak_mem_bytes'] / 2**20:.0f} | {warmup} |")
+        if record["status"] != "ok":
+            rows.append(f"| {width}x{height} | {record['variant']} | {record['status']} "
+                        "| | | | | | |")
     return "\n".join(rows)
 
 
@@ -223,23 +302,27 @@ def plot(payload, path):
     (fps_axis, memory_axis), (read_axis, rest_axis) = axes
     for i, record in enumerate(payload["records"]):
         colour = f"C{i}"
+        label = record["variant"] + (f" {record['input_size'][1]}x{record['input_size'][0]}"
+                                     if record.get("input_size") else "")
         lengths = [c["length"] for c in record["checkpoints"]]
         fps_axis.plot(lengths, [c["fps"] for c in record["checkpoints"]], marker="o",
-                      color=colour, label=record["variant"])
+                      color=colour, label=label)
         memory_axis.plot(lengths, [c["peak_mem_bytes"] / 2**20 for c in record["checkpoints"]],
-                         marker="o", color=colour, label=record["variant"])
+                         marker="o", color=colour, label=label)
         if record["status"] != "ok":
             for axis in (fps_axis, memory_axis):
                 axis.axvline(len(record["frame_ms"]) * record["sample_stride"], color=colour,
                              linestyle=":", linewidth=1)
+        if not record.get("read_timed", True):
+            continue  # compiled: no per-read times
         frames = np.asarray(record["memory_frames"][1:])
         read = np.asarray(record["read_ms"][1:])
         rest = np.asarray(record["frame_ms"][1:]) - read
         window = 25
         if len(frames) >= window:
             frames = frames[window - 1:]
-        read_axis.plot(frames, _smooth(read), color=colour, label=record["variant"])
-        rest_axis.plot(frames, _smooth(rest), color=colour, label=record["variant"])
+        read_axis.plot(frames, _smooth(read), color=colour, label=label)
+        rest_axis.plot(frames, _smooth(rest), color=colour, label=label)
     fps_axis.set(xscale="log", xlabel="video length (frames)", ylabel="fps (whole video so far)")
     memory_axis.set(xscale="log", yscale="log", xlabel="video length (frames)",
                     ylabel="peak memory (MiB)")
@@ -268,6 +351,16 @@ def main(argv=None):
                                          "../shared/data/davis2016-val when present)")
     parser.add_argument("--sequence", help="DAVIS sequence (default: the first by name)")
     parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--input-resolutions", nargs="+", choices=sorted(INPUT_RESOLUTIONS),
+                        help="run each variant at these input resolutions (frames upscaled "
+                             "from the --size cycle), with --max-internal-size")
+    parser.add_argument("--max-internal-size", type=int,
+                        help="VideoSegmenter(max_internal_size=...): the network sees frames "
+                             "whose shorter side is at most this (default with "
+                             "--input-resolutions: 480; 0: the input size)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="frames segmented by a separate segmenter before timing (at least "
+                             f"{COMPILE_WARMUP_FRAMES} for compiled variants)")
     parser.add_argument("--_variant", dest="variant_spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.variant_spec:
@@ -276,18 +369,30 @@ def main(argv=None):
     defaults = DEFAULTS[device.type]
     source = args.source or (str(SHARED_DAVIS) if SHARED_DAVIS.exists() else "synthetic")
     lengths = sorted(args.lengths or defaults["lengths"])
+    max_internal_size = args.max_internal_size
+    if args.input_resolutions and max_internal_size is None:
+        max_internal_size = 480
+    max_internal_size = max_internal_size or None  # 0: the input size
+    size = args.size or (INPUT_RESOLUTIONS["480p"] if args.input_resolutions
+                         else defaults["size"])
     spec = dict(device=str(device), model=args.model or defaults["model"],
-                size=list(args.size or defaults["size"]), lengths=lengths, source=source,
-                sequence=args.sequence, mem_every=args.mem_every)
+                size=list(size), lengths=lengths, source=source,
+                sequence=args.sequence, mem_every=args.mem_every,
+                max_internal_size=max_internal_size, warmup=args.warmup)
     payload = common.environment(device)
     payload.update(benchmark="long_video", **{k: v for k, v in spec.items() if k != "device"},
                    peak_mem_note=("CUDA: allocator peak above what was allocated before the "
                                   "first frame; CPU: resident-set high-water mark above the "
                                   "resident set before the first frame (fresh process)"),
                    records=[])
-    for variant in args.variants or defaults["variants"]:
-        record = common.run_isolated("bench.long_video", ["--_variant",
-                                                          json.dumps(dict(spec, variant=variant))],
+    if args.input_resolutions:
+        payload["input_resolutions"] = args.input_resolutions
+    runs = [(variant, resolution) for resolution in args.input_resolutions or [None]
+            for variant in args.variants or defaults["variants"]]
+    for variant, resolution in runs:
+        run_spec = dict(spec, variant=variant,
+                        input_size=list(INPUT_RESOLUTIONS[resolution]) if resolution else None)
+        record = common.run_isolated("bench.long_video", ["--_variant", json.dumps(run_spec)],
                                      timeout=6 * 3600)
         payload["records"].append(record)
         payload.setdefault("video", record["video"])
@@ -295,7 +400,7 @@ def main(argv=None):
         last = record["checkpoints"][-1] if record["checkpoints"] else None
         shown = (f"{last['length']} frames {last['fps']:.1f} fps "
                  f"{last['peak_mem_bytes'] / 2**20:.0f} MiB" if last else "")
-        print(f"{variant:20} {record['status']:8} {shown}", flush=True)
+        print(f"{variant:20} {resolution or '':6} {record['status']:8} {shown}", flush=True)
     common.finish_run("long_video", payload, plot, summarize)
     return 0
 

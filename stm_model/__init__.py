@@ -5,15 +5,23 @@
     seg = VideoSegmenter(model, mem_every=5)
     prob = seg.step(frame, mask=labels)   # then seg.step(frame) for every later frame
 
+    seg = VideoSegmenter(model, max_internal_size=480, compile=True)   # 4K input, compiled
+    for result in segment_both_directions(seg, FrameSequence("clip.mp4"), {40: labels}):
+        result.index, result.labels         # frames 40.. forwards, then 39..0 backwards
+
     batch = BatchSegmenter(model)          # several videos of one size, one batch per step
     probs = batch.step({"a": frame_a, "b": frame_b}, masks={"a": labels_a, "b": labels_b})
 
 Built on `stm_kernels.memory_read`: the memory bank stores keys/values in the layout the fused
 read wants and the read never materialises the affinity.
 """
+from stm_kernels import __version__
+
 from .checkpoint import (CheckpointError, load_checkpoint, load_official_checkpoint,
                          save_checkpoint)
 from .batch_memory import BatchedMemory
+from .bidirectional import (FrameResult, FrameSequence, segment_backward,
+                            segment_both_directions, segment_forward)
 from .batch_segmenter import BatchSegmenter
 from .interactive import InteractiveSession, as_interactive
 from .memory_bank import MemoryBank
@@ -21,7 +29,9 @@ from .network import STM, STMConfig, soft_aggregate
 from .segmenter import VideoSegmenter
 from .video_batches import FrameInput, SegmentedFrame, VideoJob, segment_videos
 
-__all__ = ["STM", "STMConfig", "soft_aggregate", "MemoryBank", "VideoSegmenter",
+__all__ = ["__version__", "STM", "STMConfig", "soft_aggregate", "MemoryBank", "VideoSegmenter",
+           "FrameSequence", "FrameResult", "segment_forward", "segment_backward",
+           "segment_both_directions",
            "BatchSegmenter", "BatchedMemory", "segment_videos", "VideoJob", "FrameInput",
            "SegmentedFrame",
            "InteractiveSession", "as_interactive",

@@ -20,11 +20,12 @@ start).
 """
 import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .batch_memory import BatchedMemory
+from .mask_checks import check_first_mask
 from .network import QueryFeatures, pad_to_multiple, soft_aggregate, unpad
 from .segmenter import apply_session_options, checked_frame_and_mask, labels_of, merge_mask
 
@@ -34,11 +35,11 @@ CPU_PIXELS_PER_CALL = 1 << 16  # network_batch="auto" on a CPU: frames per call 
 @dataclasses.dataclass
 class _Video:
     key: Any
-    size: tuple = None
+    size: Optional[tuple] = None
     object_ids: list = dataclasses.field(default_factory=list)
     groups: list = dataclasses.field(default_factory=list)  # MemoryGroups, in object order
     frame_index: int = 0
-    pending: tuple = None  # (padded frame, object probabilities, keep, frame index)
+    pending: Optional[tuple] = None  # (padded frame, object probabilities, keep, frame index)
 
 
 class BatchSegmenter:
@@ -168,6 +169,8 @@ class BatchSegmenter:
                 checked[key] = checked_frame_and_mask(
                     frame, masks.get(key), expected_size=video.size if video else None,
                     frame_index=video.frame_index if video else 0, device=self.device)
+                if video is None:
+                    check_first_mask(checked[key][1], [])
             except ValueError as error:
                 raise ValueError(f"video {key!r}: {error}") from None
             size = tuple(checked[key][0].shape[1:])

@@ -9,6 +9,7 @@ import os
 import pathlib
 import reprlib
 import tempfile
+from typing import Any, Optional, Union
 
 import torch
 
@@ -76,7 +77,8 @@ def ours_to_official(name):
     return name
 
 
-def load_official_checkpoint(path_or_state_dict, device="cpu"):
+def load_official_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
+                             device: Union[str, torch.device] = "cpu") -> STM:
     """The official STM (ResNet-50, keys 128, values 512) with the authors' weights, in eval mode.
 
     Accepts the released `STM_weights.pth` (a path) or its state dict: keys with or without the
@@ -98,7 +100,8 @@ def load_official_checkpoint(path_or_state_dict, device="cpu"):
     return model.to(device).eval()
 
 
-def save_checkpoint(model, path, weights_dtype=None, **extra):
+def save_checkpoint(model: STM, path: Union[str, os.PathLike],
+                    weights_dtype: Optional[torch.dtype] = None, **extra: Any) -> None:
     """Write the model (config + weights, and any extra entries such as optimiser state) to
     path atomically: a crash mid-write leaves the previous file intact. weights_dtype (e.g.
     torch.float16) stores floating-point weights in that dtype (a smaller file); loading casts
@@ -121,7 +124,8 @@ def save_checkpoint(model, path, weights_dtype=None, **extra):
         raise
 
 
-def load_checkpoint(path_or_payload, device="cpu"):
+def load_checkpoint(path_or_payload: Union[str, os.PathLike, dict],
+                    device: Union[str, torch.device] = "cpu") -> STM:
     """A model from one of this project's checkpoints or from the official one (detected by
     content), in eval mode.
 

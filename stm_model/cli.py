@@ -26,10 +26,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from stm_kernels import __version__
+
 from . import (cpu_allocator, dataset_segmentation, distributed, interactive_eval, metrics,
                train, video_io)
 from . import scribbles as scribble_format
 from .batch_segmenter import BatchSegmenter
+from .bidirectional import FrameSequence, segment_both_directions, segment_forward
 from .checkpoint import load_checkpoint, save_checkpoint
 from .mask_checks import DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count, object_ids
 from .network import STM, STMConfig
@@ -84,6 +87,8 @@ def _positive_float(text):
 def main(argv=None):
     """The `stm` command; returns the exit code (2 for a user error, printed as one line)."""
     parser = _Parser(prog="stm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version",
+                        version=f"stm-kernels {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands.add_parser(
         "segment", help="segment a video from a first-frame mask",
@@ -139,8 +144,9 @@ def _segment_parser(parser):
     parser.add_argument("input", help="folder of frames (JPEG/PNG) or a video file")
     masks = parser.add_mutually_exclusive_group()
     masks.add_argument("--mask", help="mask of the first frame (palette or DAVIS-2016 PNG)")
-    masks.add_argument("--masks", help="folder of masks named like the frames (the first "
-                                       "frame's is required; later ones add objects)")
+    masks.add_argument("--masks", help="folder of masks named like the frames (segmenting "
+                                       "starts at the first frame with a mask; later ones add "
+                                       "objects)")
     parser.add_argument("--output", help="output folder (default: stm_output/<input name>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the masks and overlay of an earlier run in --output "
@@ -167,7 +173,14 @@ def _segment_parser(parser):
     parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4")
     parser.add_argument("--fps", type=_positive_float,
                         help="overlay frame rate (default: the video's, else 24)")
-    parser.add_argument("--max-frames", type=_count(1), help="stop after this many frames")
+    parser.add_argument("--max-frames", type=_count(1),
+                        help="stop after this many frames (of the forward pass)")
+    parser.add_argument("--both-directions", action="store_true",
+                        help="when the first mask is on a later frame t: also segment frames "
+                             "t-1..0 backwards, from a memory seeded with frame t")
+    parser.add_argument("--size", type=_count(16), dest="max_internal_size", metavar="PIXELS",
+                        help="run the network on frames resized so that their shorter side is "
+                             "at most PIXELS (masks are written at the frames' size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=segment)
 
@@ -211,14 +224,17 @@ def _mask_lookup(args, reader):
     return {path.stem: path for path in sorted(pathlib.Path(args.masks).glob("*.png"))}
 
 
-def _first_mask_path(args, reader, masks):
-    """The first frame's mask, or UsageError."""
+def _mask_paths(args, frames, masks):
+    """{frame index: mask path}: --mask is the first frame's; --masks may start on any frame
+    (UsageError when none of its masks is named like a frame)."""
     if args.mask:
-        return masks[None]
-    first = reader.names[0] if reader.names else f"{0:05d}"  # a video's frames: 00000, ...
-    if first not in masks:
-        raise UsageError(f"no mask for the first frame {first!r} in {args.masks}")
-    return masks[first]
+        return {0: masks[None]}
+    position = {name: index for index, name in enumerate(frames.names)}
+    paths = {position[name]: path for name, path in masks.items() if name in position}
+    if not paths:
+        raise UsageError(f"no mask in {args.masks} is named like a frame of {args.input} "
+                         f"(frames {frames.names[0]!r} ... {frames.names[-1]!r})")
+    return paths
 
 
 def _peak_memory_bytes(device):
@@ -292,8 +308,11 @@ def segment(args):
                          "masks) is required")
     device = _device(args.device)
     reader = video_io.FrameReader(args.input)
+    frames = FrameSequence(reader)  # random access: a folder's images, a video's ranges
     masks = _mask_lookup(args, reader)
-    first_path = _first_mask_path(args, reader, masks)
+    paths = _mask_paths(args, frames, masks)
+    first = min(paths)  # segmenting starts on the first frame with a mask
+    first_path = paths[first]
     first_mask = video_io.read_mask(first_path)
     check_first_mask(first_mask, [], name=first_path)
     check_object_count(object_ids(first_mask), args.max_objects, name=first_path)
@@ -304,31 +323,51 @@ def segment(args):
     seg = VideoSegmenter(model, args.mem_every, memory_dtype=args.memory_dtype,
                          max_memory_frames=args.max_memory_frames, offload=args.offload,
                          offload_chunk_frames=args.offload_chunk_frames,
-                         amp_dtype=args.amp, read_backend=args.backend)
+                         amp_dtype=args.amp, read_backend=args.backend,
+                         max_internal_size=args.max_internal_size)
+    if first > 0 and not args.both_directions:
+        print(f"note: the first mask is on frame {frames.names[first]}; the frames before it "
+              "are not segmented (--both-directions segments them backwards)", file=sys.stderr)
     _clear_output(output)  # only now: a run that fails to start leaves the old results
     writer = _overlay_writer(args, output, args.fps or reader.fps or 24.0)
-    total = reader.num_frames if args.max_frames is None else min(
-        args.max_frames, reader.num_frames or args.max_frames)
+    stop = len(frames) if args.max_frames is None else min(len(frames),
+                                                           first + args.max_frames)
+    hw = frames[first].hw
+    seen_ids = set()
+
+    def mask_for(index):  # read when a pass reaches the frame
+        path = paths.get(index)
+        if path is None:
+            return None
+        mask = video_io.read_mask(path, expected_hw=hw)
+        seen_ids.update(object_ids(mask))
+        check_object_count(seen_ids, args.max_objects, name=path)
+        return torch.from_numpy(mask)
+
+    run = segment_both_directions if args.both_directions else segment_forward
+    results = run(seg, frames, mask_for, first, stop)
+    in_order = first == 0 or not args.both_directions  # else the overlay is written after
+    total = stop - first + (first if args.both_directions else 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start, count, seen_ids = time.perf_counter(), 0, set()
+    start, count = time.perf_counter(), 0
+    objects = memory_frames = memory_bytes = 0  # the largest over both passes
     try:
-        for frame in tqdm(reader, total=total, unit="frame", disable=args.quiet,
-                          desc=f"segmenting {source.name}"):
-            if args.max_frames is not None and count >= args.max_frames:
-                break
-            key = None if (args.mask and count == 0) else frame.name
-            mask = None
-            if key in masks:
-                mask = video_io.read_mask(masks[key], expected_hw=frame.hw)
-                seen_ids.update(object_ids(mask))
-                check_object_count(seen_ids, args.max_objects, name=masks[key])
-                mask = torch.from_numpy(mask)
-            labels = seg.labels(seg.step(frame.tensor, mask=mask)).cpu().numpy()
-            video_io.write_mask(output / "masks" / f"{frame.name}.png", labels.astype(np.uint8))
-            if writer is not None:
-                writer.add(frame.image, labels, name=frame.name)
+        for result in tqdm(results, total=total, unit="frame", disable=args.quiet,
+                           desc=f"segmenting {source.name}"):
+            labels = result.labels.cpu().numpy()
+            name = result.frame.name
+            video_io.write_mask(output / "masks" / f"{name}.png", labels.astype(np.uint8))
+            if writer is not None and in_order:
+                writer.add(result.frame.image, labels, name=name)
             count += 1
+            objects = max(objects, seg.num_objects)
+            memory_frames = max(memory_frames, seg.memory_frames)
+            memory_bytes = max(memory_bytes, seg.memory_bytes)
+        if writer is not None and not in_order:  # in video order, from the masks written
+            for frame in frames.range(0, stop):
+                path = output / "masks" / f"{frame.name}.png"
+                writer.add(frame.image, video_io.read_mask(path), name=frame.name)
     except BaseException:
         if writer is not None:
             writer.abort()  # no truncated GIF or video; PNG frames are each complete
@@ -338,8 +377,8 @@ def segment(args):
     elapsed = time.perf_counter() - start
     summary = {
         "frames": count, "fps": count / elapsed if elapsed else float("nan"),
-        "objects": seg.num_objects, "memory frames": seg.memory_frames,
-        "memory bank MiB": seg.memory_bytes / 2**20,
+        "objects": objects, "memory frames": memory_frames,
+        "memory bank MiB": memory_bytes / 2**20,
         "peak memory MiB": _peak_memory_bytes(device) / 2**20, "device": str(device),
         "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",
     }
@@ -358,6 +397,9 @@ def _segment_davis_root(args):
     if args.offload:
         raise UsageError("--offload is not supported when segmenting a dataset (several "
                          "videos share one memory); drop it or segment one sequence")
+    if args.both_directions or args.max_internal_size:
+        raise UsageError("--both-directions and --size apply to one video, not to a "
+                         "DAVIS-format root (stm segment-dataset --size H W sets its size)")
     if args.overwrite:
         raise UsageError("--overwrite does not apply to a DAVIS-format root: its segmentation "
                          "resumes, skipping the sequences already in the output; remove "

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import time
 import warnings
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -35,10 +36,10 @@ from . import scribbles as scribble_format
 from .memory_bank import MemoryBank
 from .network import (STM, QueryFeatures, load_into_interactive, pad_to_multiple,
                       soft_aggregate, unpad)
-from .segmenter import _DTYPES
+from .segmenter import _DTYPES, DtypeName
 
 
-def as_interactive(model):
+def as_interactive(model: STM) -> STM:
     """An interactive STM with the weights of a semi-supervised one (the scribble conv starts at
     zero: scribbles then act only through the mask they paint, until it is trained)."""
     if model.config.interactive:
@@ -88,10 +89,13 @@ class InteractiveSession:
         show_progress: a progress bar over each round's batches.
     """
 
-    def __init__(self, model, frames, num_objects, *, batch_size=8, line_width=3,
-                 refine_steps=1, claim_regions=True, merge=True, memory_dtype=None,
-                 cache_dtype=None, cache_device=None, amp_dtype=None, read_backend=None,
-                 show_progress=False, sequence=None):
+    def __init__(self, model: STM, frames: torch.Tensor, num_objects: int, *,
+                 batch_size: int = 8, line_width: int = 3, refine_steps: int = 1,
+                 claim_regions: bool = True, merge: bool = True,
+                 memory_dtype: DtypeName = None, cache_dtype: DtypeName = None,
+                 cache_device: Union[str, torch.device, None] = None,
+                 amp_dtype: DtypeName = None, read_backend: Optional[str] = None,
+                 show_progress: bool = False, sequence: Optional[str] = None) -> None:
         frames = torch.as_tensor(frames)
         if frames.dim() != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
             raise ValueError("frames must be a float (T, 3, H, W) RGB tensor in [0, 1]; got "
@@ -133,34 +137,34 @@ class InteractiveSession:
         self._queries = [None] * self.num_frames      # cached QueryFeatures per frame
         self.probs = torch.zeros((self.num_frames, self.num_objects) + self.size,
                                  dtype=self.cache_dtype, device=self.cache_device)
-        self.scribble_maps = {}  # frame -> (H, W) int16 map of all strokes so far
-        self.rounds = []
+        self.scribble_maps: dict = {}  # frame -> (H, W) int16 map of all strokes so far
+        self.rounds: list = []
 
     # ----------------------------------------------------------------------------- public
 
     @property
-    def memory_frames(self):
+    def memory_frames(self) -> int:
         """Annotated frames in the memory."""
         return self.bank.num_frames
 
     @property
-    def memory_frame_indices(self):
+    def memory_frame_indices(self) -> list[int]:
         """Video frame index held by each memory slot."""
         return list(self.bank.slot_frames)
 
-    def labels(self):
+    def labels(self) -> torch.Tensor:
         """(T, H, W) int64 object ids (0 = background) of the current masks."""
         return torch.cat([self.labels_of(slice(start, start + self.batch_size))  # bounded memory
                           for start in range(0, self.num_frames, self.batch_size)])
 
-    def labels_of(self, frames):
+    def labels_of(self, frames: Union[int, slice]) -> torch.Tensor:
         """Object ids (on the CPU) of self.probs[frames] (an index or a slice)."""
         objects = self.probs[frames].float()
         background = 1 - objects.sum(-3, keepdim=True)
         return torch.cat([background, objects], -3).argmax(-3).cpu()
 
     @torch.no_grad()
-    def interact(self, scribbles):
+    def interact(self, scribbles: dict) -> torch.Tensor:
         """One round: add the scribbled frame(s) to the memory and re-segment every frame;
         returns the (T, H, W) int64 object ids (on the CPU). Scribbles are in the DAVIS
         interactive format (see stm_model.scribbles) with one entry per frame."""

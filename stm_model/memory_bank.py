@@ -8,7 +8,8 @@ without copying; capacity is a multiple of 16 frames so that the channel stride 
 Schedule (official STM): permanent frames (the first frame, every mem_every-th frame, annotated
 frames) plus one temporary slot for the previous frame, overwritten at every step.
 
-Growth: capacity doubles when full (amortised O(1) per frame, no re-concatenation).
+Growth: capacity doubles when full (amortised O(1) per frame, no re-concatenation);
+reserve(frames) grows ahead of that. remove_objects(rows) drops objects' rows (one copy).
 
 Eviction (only with max_frames): when a permanent frame would leave no room for the temporary
 slot, the oldest permanent frame other than the bank's first frame is overwritten (FIFO).
@@ -28,6 +29,8 @@ stm_kernels.distributed.memory_read (offloaded: each rank's chunks are merged, t
 across ranks with merge_across_ranks): every rank gets the read over the whole memory. Each
 rank stores about 1/W of the memory; a rank may hold no frame yet (an empty shard).
 """
+from typing import Any, Optional, Sequence, Union
+
 import torch
 
 from stm_kernels import memory_read, merge_reads
@@ -44,9 +47,12 @@ def _round_up(value, multiple):
 class MemoryBank:
     """Memory of n objects that entered the video together (see the module docstring)."""
 
-    def __init__(self, num_objects, key_dim, value_dim, height, width, *, dtype=torch.float32,
-                 device="cpu", max_frames=None, offload=False, chunk_frames=64,
-                 initial_capacity=_ALIGN_FRAMES, shard_memory=False, shard_group=None):
+    def __init__(self, num_objects: int, key_dim: int, value_dim: int, height: int,
+                 width: int, *, dtype: torch.dtype = torch.float32,
+                 device: Union[str, torch.device] = "cpu", max_frames: Optional[int] = None,
+                 offload: bool = False, chunk_frames: int = 64,
+                 initial_capacity: int = _ALIGN_FRAMES, shard_memory: bool = False,
+                 shard_group: Optional[Any] = None) -> None:
         self.slots = FrameSlots(max_frames)  # checks max_frames
         self.shard_memory, self.shard_group = bool(shard_memory), shard_group
         self.shard_rank, self.shard_count = _shard_of(shard_memory, shard_group)
@@ -57,39 +63,83 @@ class MemoryBank:
         self.max_frames, self.offload, self.chunk_frames = max_frames, offload, chunk_frames
         capacity = initial_capacity if max_frames is None else max_frames
         capacity = -(-capacity // self.shard_count)  # this rank's share of the slots
-        self.keys = self.values = None
+        self.keys: Any = None  # (B, Ck, capacity, h, w) storage, allocated by the first add
+        self.values: Any = None
         self._allocate(_round_up(capacity, _ALIGN_FRAMES))
 
     @property
-    def num_frames(self):
+    def num_frames(self) -> int:
         """Frames a read sees: the permanent ones plus the temporary previous frame."""
         return self.slots.num_frames
 
     @property
-    def permanent(self):
+    def permanent(self) -> int:
         """Permanent frames, in slots [0, permanent)."""
         return self.slots.permanent
 
     @property
-    def slot_frames(self):
+    def slot_frames(self) -> list[int]:
         """Video frame index held by each occupied slot."""
         return self.slots.slot_frames
 
     @property
-    def local_frames(self):
+    def local_frames(self) -> int:
         """Frames stored on this rank (num_frames without sharding)."""
         return self._local_count(self.num_frames)
 
     @property
-    def capacity(self):
+    def capacity(self) -> int:
         """Frames this rank's storage holds before it grows."""
         return self.keys.shape[2]
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def add(self, keys, values, permanent, frame_index=None):
+    @property
+    def bytes_per_frame(self) -> int:
+        """Storage bytes of one memory frame (all objects, keys and values)."""
+        return self.nbytes // self.capacity
+
+    def memory_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)): the T frames a read sees, as views
+        of the storage (what read() passes to memory_read; not for offloaded or sharded
+        memory, whose reads go chunk by chunk or across ranks)."""
+        if self.offload or self.shard_memory:
+            raise RuntimeError("memory_views() needs the whole memory on the compute device "
+                               "(not offload or shard_memory); use read()")
+        return self._keys(0, self.num_frames), self._values(0, self.num_frames)
+
+    def reserve(self, frames: int) -> None:
+        """Grow the storage (doubling, as add does) until it holds `frames` frames on this rank;
+        every stored frame is kept."""
+        capacity = self.capacity
+        while capacity < frames:
+            capacity = _round_up(2 * capacity, _ALIGN_FRAMES)
+        if capacity > self.capacity:
+            self._allocate(capacity, kept=self.local_frames)
+
+    def remove_objects(self, rows: Sequence[int]) -> None:
+        """Drop the memory of the objects at `rows` (indices in [0, num_objects), not all of
+        them: drop the bank instead). The schedule and the other objects' frames stay."""
+        rows = sorted({int(row) for row in rows})
+        if not rows or rows[0] < 0 or rows[-1] >= self.num_objects:
+            raise ValueError(f"rows must be object indices in [0, {self.num_objects}); got "
+                             f"{rows}")
+        kept = [row for row in range(self.num_objects) if row not in rows]
+        if not kept:
+            raise ValueError("remove_objects would leave the bank without objects; drop the "
+                             "bank instead")
+        index = torch.tensor(kept, device=self.storage_device)
+        pin = self.offload and torch.cuda.is_available()
+        # index_select copies into new contiguous storage: same layout, same capacity
+        self.keys, self.values = (
+            tensor.index_select(0, index).pin_memory() if pin else tensor.index_select(0, index)
+            for tensor in (self.keys, self.values))
+        self.num_objects = len(kept)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, permanent: bool,
+            frame_index: Optional[int] = None) -> None:
         """Store one frame: keys (n, Ck, h, w), values (n, Cv, h, w). The previous temporary
         frame is dropped; permanent=False makes this frame the new temporary one."""
         self._check(keys, values, "add")
@@ -102,7 +152,7 @@ class MemoryBank:
         self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
         self.values[:, :, slot] = values.flatten(2).to(self.storage_device, self.dtype)
 
-    def put(self, keys, values, frame_index):
+    def put(self, keys: torch.Tensor, values: torch.Tensor, frame_index: int) -> None:
         """Store video frame `frame_index` as a permanent frame; if the bank holds that frame
         already (an interactive round on a frame annotated before), overwrite its slot."""
         held = self.slot_frames[:self.permanent]
@@ -125,11 +175,12 @@ class MemoryBank:
                              f"{(self.num_objects, self.value_dim) + self.size}; got "
                              f"{tuple(keys.shape)} and {tuple(values.shape)}")
 
-    def read(self, query_key, *, scale=None, similarity="dot", backend="auto"):
+    def read(self, query_key: torch.Tensor, *, scale: Optional[float] = None,
+             similarity: str = "dot", backend: str = "auto") -> torch.Tensor:
         """Memory read-out (n, Cv, h, w) for query_key (1 or n, Ck, h, w)."""
         if self.num_frames == 0:
             raise RuntimeError("the memory bank is empty: add a frame before reading")
-        options = dict(scale=scale, similarity=similarity, backend=backend)
+        options: dict[str, Any] = dict(scale=scale, similarity=similarity, backend=backend)
         if self.shard_memory:
             return self._sharded_read(query_key, options)
         frames = self.num_frames
@@ -175,16 +226,18 @@ class MemoryBank:
     def _values(self, start, stop):
         return self.values[:, :, start:stop].flatten(2)
 
-    def _allocate(self, capacity):
+    def _allocate(self, capacity, kept=None):
         positions = self.size[0] * self.size[1]
         pin = self.offload and torch.cuda.is_available()
         keys = torch.empty((self.num_objects, self.key_dim, capacity, positions), dtype=self.dtype,
                            device=self.storage_device, pin_memory=pin)
         values = torch.empty((self.num_objects, self.value_dim, capacity, positions),
                              dtype=self.dtype, device=self.storage_device, pin_memory=pin)
-        if self.keys is not None:  # growing: keep the permanent frames stored so far (the
-            # temporary one is being replaced; the slot being added lies past the old storage)
-            kept = min(self._local_count(self.permanent), self.capacity)
+        if self.keys is not None:  # growing: keep the permanent frames stored so far (from
+            # add: the temporary one is being replaced; the slot being added lies past the old
+            # storage), or `kept` frames
+            if kept is None:
+                kept = min(self._local_count(self.permanent), self.capacity)
             keys[:, :, :kept] = self.keys[:, :, :kept]
             values[:, :, :kept] = self.values[:, :, :kept]
         self.keys, self.values = keys, values

@@ -12,13 +12,33 @@ memorised with the probabilities returned for it, at the start of the next step.
 Masks on later frames: ids not seen before become new objects from that frame on (their memory
 starts there: objects that entered together share one MemoryBank); ids already known are reset
 to the given mask. Pixels a given mask claims are taken from the other objects.
+remove_objects(ids) forgets objects (their memory rows and probability channels); a later mask
+may bring an id back, as a new object.
+
+Start anywhere: the first mask may be on any frame t of the video. VideoSegmenter(model,
+start_frame=t) is fed frames t, t+1, ... (reverse=True: t, t-1, ..., 0, i.e. segmenting
+backwards from a memory seeded with frame t); frame indices (memory slots, error messages)
+are the video's, and the schedule counts from t. stm_model.bidirectional runs both directions
+over a random-access frame source.
+
+High resolution (max_internal_size): see stm_model.resize. compile=True: torch.compile of the
+per-frame network work and memory read, one graph for every memory length (see _Compiled).
 """
 import contextlib
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
+from stm_kernels import memory_read
+
+from .mask_checks import check_first_mask
 from .memory_bank import MemoryBank
-from .network import pad_to_multiple, soft_aggregate, unpad
+from .network import STM, pad_to_multiple, soft_aggregate, unpad
+from .resize import (checked_max_internal_size, downsample_probs, internal_size, resize_frame,
+                     upsample_probs)
+
+# a dtype by name ("fp32", "fp16", "bf16"), a torch.dtype, or None (the default)
+DtypeName = Union[str, torch.dtype, None]
 
 _DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
            torch.float32: torch.float32, torch.float16: torch.float16,
@@ -46,48 +66,108 @@ class VideoSegmenter:
             one process holding the whole memory. Each rank keeps about 1/world_size of the
             memory (long videos on several GPUs).
         shard_group: the process group of shard_memory (default: every rank).
+        start_frame: video index of the first frame stepped (the one with the first mask).
+        reverse: the frames come in decreasing order (start_frame, start_frame - 1, ...).
+        max_internal_size: run the network on frames whose shorter side is larger than this
+            resized to it (stm_model.resize); probabilities come back at the input size.
+            None: the input size.
+        compile: torch.compile the per-frame work (query encoder, memory read, decoder;
+            memory encoder). True: torch.compile's defaults (inductor); a dict: torch.compile
+            keyword arguments (e.g. {"mode": "max-autotune"}). The memory length is a dynamic
+            dimension: growing memory does not recompile (a frame size, object count or
+            dtype does).
     """
 
-    def __init__(self, model, mem_every=5, *, memory_dtype=None, max_memory_frames=None,
-                 offload=False, offload_chunk_frames=64, amp_dtype=None, read_backend=None,
-                 shard_memory=False, shard_group=None):
+    # set by apply_session_options (shared with BatchSegmenter)
+    model: STM
+    device: torch.device
+    mem_every: int
+    memory_dtype: torch.dtype
+    max_memory_frames: Optional[int]
+    amp_dtype: Optional[torch.dtype]
+    read_backend: str
+
+    def __init__(self, model: STM, mem_every: int = 5, *, memory_dtype: DtypeName = None,
+                 max_memory_frames: Optional[int] = None, offload: bool = False,
+                 offload_chunk_frames: int = 64, amp_dtype: DtypeName = None,
+                 read_backend: Optional[str] = None, shard_memory: bool = False,
+                 shard_group: Optional[Any] = None, start_frame: int = 0,
+                 reverse: bool = False, max_internal_size: Optional[int] = None,
+                 compile: Union[bool, dict] = False) -> None:
         apply_session_options(self, model, mem_every, memory_dtype, max_memory_frames,
                               amp_dtype, read_backend)
         self.offload, self.offload_chunk_frames = offload, offload_chunk_frames
         self.shard_memory, self.shard_group = shard_memory, shard_group
-        self.reset()
+        self.max_internal_size = checked_max_internal_size(max_internal_size)
+        self._compiled = _Compiled.of(compile)
+        # what with_options() copies (the compiled functions are shared, not recompiled)
+        self._options = dict(mem_every=mem_every, memory_dtype=memory_dtype,
+                             max_memory_frames=max_memory_frames, offload=offload,
+                             offload_chunk_frames=offload_chunk_frames, amp_dtype=amp_dtype,
+                             read_backend=read_backend, shard_memory=shard_memory,
+                             shard_group=shard_group, start_frame=start_frame, reverse=reverse,
+                             max_internal_size=max_internal_size, compile=compile)
+        self.reset(start_frame, reverse)
 
-    def reset(self):
-        """Forget the video: memory, objects and frame count."""
-        self.object_ids = []   # object id of output channel k is object_ids[k - 1]
-        self.banks = []        # MemoryBank per group of objects that entered together
-        self.frame_index = 0
-        self._pending = None   # (padded frame, object probabilities, keep) awaiting memorisation
-        self._size = None
+    def reset(self, start_frame: int = 0, reverse: bool = False) -> None:
+        """Forget the video: memory, objects and frame count. The next frame stepped is video
+        frame start_frame (it needs a mask); reverse=True: later steps go backwards in the
+        video (start_frame - 1, start_frame - 2, ...)."""
+        if isinstance(start_frame, bool) or not isinstance(start_frame, int) or start_frame < 0:
+            raise ValueError(f"start_frame must be a frame index >= 0; got {start_frame!r}")
+        self.object_ids: list[int] = []  # object id of output channel k is object_ids[k - 1]
+        self.banks: list[MemoryBank] = []  # MemoryBank per group of objects that entered together
+        self.start_frame, self.reverse = start_frame, bool(reverse)
+        self.frame_index = start_frame  # video index of the next frame
+        self.steps = 0                  # frames stepped since start_frame
+        # (padded frame, object probabilities, keep, frame index) awaiting memorisation
+        self._pending: Optional[tuple] = None
+        self._size: Optional[tuple] = None
+
+    def with_options(self, **overrides: Any) -> "VideoSegmenter":
+        """A new VideoSegmenter on the same model with this one's options (overrides replace
+        some, e.g. start_frame, reverse) and an empty memory; compiled functions are shared."""
+        options = dict(self._options, **overrides)
+        compile = options.pop("compile")
+        segmenter = VideoSegmenter(self.model, **options)
+        segmenter._compiled = self._compiled if compile is self._options["compile"] \
+            else _Compiled.of(compile)
+        return segmenter
 
     @property
-    def num_objects(self):
+    def num_objects(self) -> int:
         return len(self.object_ids)
 
     @property
-    def memory_frames(self):
+    def memory_frames(self) -> int:
         """Frames in the largest memory bank (what a read of the oldest objects sees)."""
         return max((bank.num_frames for bank in self.banks), default=0)
 
     @property
-    def memory_bytes(self):
+    def memory_bytes(self) -> int:
         """Bytes of memory-bank storage (this rank's share when the memory is sharded)."""
         return sum(bank.nbytes for bank in self.banks)
 
+    @property
+    def memory_bytes_per_frame(self) -> int:
+        """Bytes one memory frame takes in storage, all objects' banks together (this rank's
+        share when sharded): what the memory grows by per kept frame."""
+        return sum(bank.bytes_per_frame for bank in self.banks)
+
     @torch.no_grad()
-    def step(self, frame, mask=None):
+    def step(self, frame: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Segment the next frame; returns (K, H, W) probabilities, background first.
 
         frame: (3, H, W) float RGB in [0, 1]. mask: optional (H, W) integer object ids
-        (0 = background), required on the first frame.
+        (0 = background), required on the first frame (start_frame).
         """
         frame, mask = self._checked(frame, mask)
-        padded, pad = pad_to_multiple(frame.unsqueeze(0))
+        if self.steps == 0:
+            check_first_mask(mask, self.object_ids)
+        size = tuple(frame.shape[1:])
+        inner = internal_size(size, self.max_internal_size)
+        resized = inner != size
+        padded, pad = pad_to_multiple(resize_frame(frame, inner).unsqueeze(0))
         if self._pending is not None:
             self._memorise(*self._pending)
             self._pending = None
@@ -96,24 +176,72 @@ class VideoSegmenter:
                 (0,) + padded.shape[-2:])
         foreground = foreground.float()
         if mask is None:
-            probs = torch.softmax(soft_aggregate(foreground), dim=0)
-            keep = self.frame_index % self.mem_every == 0
-        else:
-            probs = self._apply_mask(foreground, pad_to_multiple(mask)[0], padded.shape[-2:])
-            keep = True
-        probs = unpad(probs, pad)
+            probs = unpad(torch.softmax(soft_aggregate(foreground), dim=0), pad)
+            keep = self.steps % self.mem_every == 0
+            memorised = probs
+            probs = upsample_probs(probs, size)
+        elif not resized:
+            probs = unpad(self._apply_mask(foreground, pad_to_multiple(mask)[0],
+                                           padded.shape[-2:]), pad)
+            keep, memorised = True, probs
+        else:  # merged at the input size: the mask's own pixels, however thin its objects
+            probs = self._apply_mask(upsample_probs(unpad(foreground, pad), size), mask,
+                                     padded.shape[-2:])
+            keep, memorised = True, downsample_probs(probs, inner)
         # memorised as the official code does: the returned (cropped) probabilities, zero-padded
-        self._pending = (padded, pad_to_multiple(probs[1:])[0], keep, self.frame_index)
-        self.frame_index += 1
+        self._pending = (padded, pad_to_multiple(memorised[1:])[0], keep, self.frame_index)
+        self.frame_index += -1 if self.reverse else 1
+        self.steps += 1
         return probs
 
-    def labels(self, probs):
+    def labels(self, probs: torch.Tensor) -> torch.Tensor:
         """(H, W) int64 object ids (0 = background) of the most probable channel."""
         return labels_of(probs, self.object_ids)
 
+    def remove_objects(self, ids: Iterable[int], probs: Optional[torch.Tensor] = None
+                       ) -> Optional[torch.Tensor]:
+        """Forget objects: their rows leave the memory banks (a bank left empty is dropped),
+        their channels leave the probabilities awaiting memorisation, and later steps return
+        K - len(ids) channels. A later mask may reintroduce an id: it is then a new object
+        (a memory of its own from that frame on).
+
+        ids: object ids (ValueError for ids that are not objects of this video). probs:
+        optionally probabilities (K, H, W) from the last step; returned without the removed
+        channels, their probability moved to the background (None: returns None).
+        """
+        ids = [int(i) for i in ids]
+        unknown = [i for i in ids if i not in self.object_ids]
+        if unknown:
+            raise ValueError(f"ids {unknown} are not objects of this video (objects: "
+                             f"{self.object_ids})")
+        if probs is not None and (probs.dim() != 3 or probs.shape[0] != self.num_objects + 1):
+            raise ValueError(f"probs must be ({self.num_objects + 1}, H, W) probabilities of "
+                             f"the last step; got {tuple(probs.shape)}")
+        removed = sorted({self.object_ids.index(i) for i in ids})  # object (channel - 1) index
+        start, banks = 0, []
+        for bank in self.banks:
+            rows = [o - start for o in removed if start <= o < start + bank.num_objects]
+            start += bank.num_objects
+            if len(rows) == bank.num_objects:
+                continue  # every object of this bank: drop the bank
+            if rows:
+                bank.remove_objects(rows)
+            banks.append(bank)
+        kept = [o for o in range(self.num_objects) if o not in removed]
+        if self._pending is not None:
+            padded, object_probs, keep, frame_index = self._pending
+            self._pending = (padded, object_probs[kept], keep, frame_index)
+        self.banks = banks
+        self.object_ids = [self.object_ids[o] for o in kept]
+        if probs is None:
+            return None
+        background = probs[:1] + probs[[o + 1 for o in removed]].sum(0, keepdim=True)
+        return torch.cat([background, probs[[o + 1 for o in kept]]])
+
     def _checked(self, frame, mask):
         frame, mask = checked_frame_and_mask(frame, mask, expected_size=self._size,
-                                             frame_index=self.frame_index, device=self.device)
+                                             frame_index=self.frame_index, device=self.device,
+                                             first=self.steps == 0)
         self._size = tuple(frame.shape[1:])
         return frame, mask
 
@@ -123,8 +251,13 @@ class VideoSegmenter:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _memorise(self, padded, object_probs, keep, frame_index):
+        if not self.banks:  # no objects (all removed, or a mask without any)
+            return
         with self._autocast():
-            keys, values = self.model.encode_memory(padded, object_probs)
+            if self._compiled is not None:
+                keys, values = self._compiled.encode_memory(self.model, padded, object_probs)
+            else:
+                keys, values = self.model.encode_memory(padded, object_probs)
         start = 0
         for bank in self.banks:
             stop = start + bank.num_objects
@@ -133,15 +266,28 @@ class VideoSegmenter:
 
     def _predict(self, padded):
         """Foreground probabilities (n, Hp, Wp) of the known objects from their memory."""
-        query = self.model.encode_query(padded)
         config = self.model.config
+        compiled = self._compiled
+        if compiled is not None and not (self.offload or self.shard_memory):
+            for bank in self.banks:
+                if bank.num_frames == bank.capacity:
+                    # a view filling its storage is contiguous, which inductor's graph for
+                    # strided views excludes (a second graph); the bank's next permanent frame
+                    # would grow it anyway
+                    bank.reserve(bank.capacity + 1)
+            keys, values = zip(*(bank.memory_views() for bank in self.banks))
+            return compiled.predict(self.model, padded, compiled.dynamic(keys),
+                                    compiled.dynamic(values), config.similarity,
+                                    self.read_backend)
+        # offloaded or sharded memory: the read (chunked copies, collectives) stays eager
+        query = (compiled.encode_query if compiled else _encode_query)(self.model, padded)
         readout = torch.cat([bank.read(query.key, similarity=config.similarity,
                                        backend=self.read_backend) for bank in self.banks])
-        return self.model.foreground(readout.to(query.value.dtype), query)
+        return (compiled.foreground if compiled else _foreground)(self.model, readout, query)
 
     def _apply_mask(self, foreground, mask, padded_size):
         """Probabilities (K, Hp, Wp) after a given mask (see merge_mask); new ids get a
-        MemoryBank of their own."""
+        MemoryBank of their own (of the padded network size)."""
         probs, new_ids = merge_mask(foreground, mask, self.object_ids)
         if new_ids:
             height, width = padded_size
@@ -154,6 +300,68 @@ class VideoSegmenter:
             self.banks.append(bank)
             self.object_ids += new_ids
         return probs
+
+
+def _encode_query(model, padded):
+    return model.encode_query(padded)
+
+
+def _foreground(model, readout, query):
+    return model.foreground(readout.to(query.value.dtype), query)
+
+
+def _encode_memory(model, padded, object_probs):
+    return model.encode_memory(padded, object_probs)
+
+
+def _predict_from_views(model, padded, keys, values, similarity, backend):
+    """Query encoder, the memory read of every bank (keys/values: each bank's
+    MemoryBank.memory_views) and the decoder, in one function so that torch.compile captures
+    them as one graph (the read is an opaque custom op in it)."""
+    query = model.encode_query(padded)
+    readout = torch.cat([memory_read(query.key, k, v, similarity=similarity, backend=backend)
+                         for k, v in zip(keys, values)])
+    return _foreground(model, readout, query)
+
+
+class _Compiled:
+    """The torch.compile'd per-frame functions of a VideoSegmenter.
+
+    Recompilation: the memory views a read gets grow by h·w positions per memory frame. Their
+    position dimension is marked dynamic (maybe_mark_dynamic), so one graph serves every
+    memory length (the fake implementation of stm_kernels' custom op does not depend on it):
+    one graph per frame size, object grouping and dtype (tested). A view that filled its
+    bank's capacity exactly would be contiguous, which inductor's guards tell apart (a second
+    graph, compiled mid-video): such a bank grows first (VideoSegmenter._predict). Reading
+    the whole capacity with memory_lengths would bound recompiles too, but memory_read's
+    argument checks specialise on N then: one graph per capacity.
+    """
+
+    def __init__(self, options):
+        self.options = options
+        self.predict = torch.compile(_predict_from_views, **options)
+        self.encode_query = torch.compile(_encode_query, **options)
+        self.foreground = torch.compile(_foreground, **options)
+        self.encode_memory = torch.compile(_encode_memory, **options)
+
+    @classmethod
+    def of(cls, compile):
+        """None for compile=False/None, else the compiled functions (True: torch.compile's
+        defaults; a mapping: its keyword arguments)."""
+        if compile is None or compile is False:
+            return None
+        if compile is True:
+            return cls({})
+        if hasattr(compile, "items"):
+            return cls(dict(compile))
+        raise ValueError("compile must be True, False or a dict of torch.compile keyword "
+                         f"arguments; got {compile!r}")
+
+    @staticmethod
+    def dynamic(views):
+        for view in views:
+            torch._dynamo.maybe_mark_dynamic(view, 2)
+        return list(views)
 
 
 def apply_session_options(session, model, mem_every, memory_dtype, max_memory_frames,
@@ -178,7 +386,7 @@ def apply_session_options(session, model, mem_every, memory_dtype, max_memory_fr
     session.read_backend = read_backend or model.config.read_backend
 
 
-def labels_of(probs, object_ids):
+def labels_of(probs: torch.Tensor, object_ids: Sequence[int]) -> torch.Tensor:
     """(H, W) int64 object ids (0 = background) of the most probable channel of probs
     (K, H, W), channel k being object_ids[k - 1]; ties go to the first channel."""
     ids = torch.tensor([0] + list(object_ids), device=probs.device)
@@ -186,11 +394,11 @@ def labels_of(probs, object_ids):
     return ids[probs.max(0).indices]
 
 
-def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device):
+def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device, first=None):
     """(frame float32 (3, H, W), mask int64 (H, W) or None) on `device`, after checking them:
     ValueError naming the problem for a frame that is not float (3, H, W), a frame of another
     size than `expected_size` (None: any), a mask that is not (H, W) integer ids >= 0 of the
-    frame's size, or no mask on frame 0."""
+    frame's size, or no mask on the first frame (first; None: frame_index == 0)."""
     frame = torch.as_tensor(frame)
     if frame.dim() != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
         raise ValueError("frame must be a float (3, H, W) RGB tensor in [0, 1]; got "
@@ -210,7 +418,7 @@ def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device):
         if mask.min() < 0:
             raise ValueError("mask ids must be >= 0 (0 is background)")
         mask = mask.to(device, torch.int64)
-    elif frame_index == 0:
+    elif first or (first is None and frame_index == 0):
         raise ValueError("the first frame needs a mask (step(frame, mask=labels))")
     return frame.to(device, torch.float32), mask
 

@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -310,6 +310,7 @@ class FrameReader:
 
     def _images(self) -> Iterator[tuple[str, np.ndarray]]:
         if not self.is_video:
+            assert self.paths is not None  # a folder's frame paths
             for path in self.paths:
                 yield path.stem, load_image(path)
             return
@@ -360,7 +361,7 @@ def read_frames(source: str | Path) -> Iterator[Frame]:
 # --------------------------------------------------------------------------------------------
 
 
-def _size_text(hw: tuple[int, int]) -> str:
+def _size_text(hw: tuple[int, ...]) -> str:
     return f"{hw[1]}x{hw[0]}"
 
 
@@ -628,9 +629,9 @@ class OverlayWriter:
         self.count = 0
         self._hw: tuple[int, int] | None = None
         self._gif_frames: list[Image.Image] = []
-        self._container = None
-        self._stream = None
-        self._temporary: Path | None = None  # the video while it is written
+        self._container: Any = None  # av containers and streams are untyped
+        self._stream: Any = None
+        self._temporary: Any = None  # Path of the video while it is written
         self._closed = False
         if self.kind == "video":
             _import_av()  # fail before any frame is added

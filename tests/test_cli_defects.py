@@ -13,7 +13,7 @@ from PIL import Image
 from helpers import synthetic_video, write_davis_folder
 import stm_model.checkpoint as checkpoint_module
 import stm_model.train as train_module
-from stm_model import STM, CheckpointError, STMConfig, VideoSegmenter, video_io
+from stm_model import BatchSegmenter, STM, CheckpointError, STMConfig, VideoSegmenter, video_io
 from stm_model.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.cli import main
 from stm_model.train import TrainConfig, train
@@ -201,11 +201,20 @@ def test_first_mask_checks():
 
 
 def test_segmenter_step_refuses_a_first_mask_without_objects():
-    # needs the one-line call to mask_checks.check_first_mask in VideoSegmenter.step
     torch.manual_seed(0)
     seg = VideoSegmenter(STM(STMConfig.small()).eval())
     with pytest.raises(ValueError, match="no object"):
         seg.step(torch.rand(3, 32, 32), mask=torch.zeros(32, 32, dtype=torch.int64))
+
+
+def test_batch_segmenter_refuses_a_video_whose_first_mask_has_no_object():
+    torch.manual_seed(0)
+    batch = BatchSegmenter(STM(STMConfig.small()).eval())
+    ok = torch.zeros(32, 32, dtype=torch.int64)
+    ok[4:12, 4:12] = 1
+    frames = {"a": torch.rand(3, 32, 32), "b": torch.rand(3, 32, 32)}
+    with pytest.raises(ValueError, match="video 'b': the first frame's mask has no object"):
+        batch.step(frames, masks={"a": ok, "b": torch.zeros(32, 32, dtype=torch.int64)})
 
 
 # --------------------------------------------------------------------------- 3. stm train

@@ -1,0 +1,66 @@
+"""Segmenting high-resolution video at a bounded internal size (VideoSegmenter's
+max_internal_size, `stm segment --size`).
+
+The network runs on the frame resized so that its shorter side is at most max_internal_size
+(aspect ratio kept); the memory stores frames at that size, so memory per frame and the cost
+of a step stop growing with the input resolution. The probabilities returned are upsampled
+back to the input size (bilinear: still probabilities, they sum to one per pixel). A given
+mask is merged at the input size and reaches the memory area-downsampled.
+"""
+import torch.nn.functional as F
+
+MIN_INTERNAL_SIZE = 16  # one stride-16 feature row
+
+
+def checked_max_internal_size(max_internal_size):
+    """max_internal_size as an int (or None), or ValueError naming the argument."""
+    if max_internal_size is None:
+        return None
+    if isinstance(max_internal_size, bool) or not isinstance(max_internal_size, int) or \
+            max_internal_size < MIN_INTERNAL_SIZE:
+        raise ValueError(f"max_internal_size must be an integer >= {MIN_INTERNAL_SIZE} (pixels "
+                         f"of the shorter side) or None; got {max_internal_size!r}")
+    return max_internal_size
+
+
+def internal_size(size, max_internal_size):
+    """(height, width) the network sees for a frame of `size`: unchanged when its shorter side
+    is at most max_internal_size (or that is None), else scaled so that the shorter side is
+    exactly max_internal_size (the longer side rounded)."""
+    height, width = size
+    if max_internal_size is None or min(height, width) <= max_internal_size:
+        return tuple(size)
+    scale = max_internal_size / min(height, width)
+    if height <= width:
+        return max_internal_size, max(1, round(width * scale))
+    return max(1, round(height * scale)), max_internal_size
+
+
+def resize_frame(frame, size):
+    """(3, H, W) frame -> (3, *size): bilinear with antialiasing (a 4K frame shrunk to 480p
+    would alias without it)."""
+    if tuple(frame.shape[-2:]) == tuple(size):
+        return frame
+    return F.interpolate(frame.unsqueeze(0), size=tuple(size), mode="bilinear",
+                         align_corners=False, antialias=True)[0]
+
+
+def upsample_probs(probs, size):
+    """(K, h, w) probabilities -> (K, *size), bilinear (a convex combination per pixel, so the
+    channels still sum to one)."""
+    return _interpolate(probs, size, dict(mode="bilinear", align_corners=False))
+
+
+def downsample_probs(probs, size):
+    """(K, H, W) probabilities -> (K, *size), averaged over each output pixel's area (a thin
+    object keeps a partial probability instead of vanishing between samples)."""
+    return _interpolate(probs, size, dict(mode="area"))
+
+
+def _interpolate(x, size, options):
+    size = tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.shape[0] == 0:  # no objects yet: nothing to interpolate
+        return x.new_zeros((0,) + size)
+    return F.interpolate(x.unsqueeze(0), size=size, **options)[0]
