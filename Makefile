@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench demo small-model small-interactive-model test-gpu clean
+.PHONY: test lint bench demo small-model small-interactive-model test-gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[dev,bench,video]'
 	touch $@
 
-test: $(STAMP)
+# The linter first (ruff.toml), then the tests.
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) -m bench kernel

@@ -19,10 +19,11 @@ setup(
     packages=find_packages(include=["stm_kernels", "stm_kernels.*", "stm_model", "stm_model.*"]),
     package_data={"stm_kernels": ["py.typed"], "stm_model": ["weights/*.pt", "py.typed"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "torchvision", "numpy", "pillow", "scipy", "scikit-image", "tqdm"],
+    install_requires=["torch>=2.4", "torchvision", "numpy", "pillow", "scipy", "scikit-image",
+                      "tqdm"],
     entry_points={"console_scripts": ["stm = stm_model.cli:main"]},
     extras_require={
-        "dev": ["pytest>=7", "mypy>=1.10"],
+        "dev": ["pytest>=7", "mypy>=1.10", "ruff>=0.5"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
     },

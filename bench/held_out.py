@@ -1,6 +1,6 @@
 """Accuracy of the committed small model on held-out synthetic videos (never trained on).
 
-    python -m bench.held_out                     # 5 videos x 300 frames + the 1,000-frame demo video
+    python -m bench.held_out          # 5 videos x 300 frames + the 1,000-frame demo video
     python -m bench.held_out --seeds 0 1 --frames 100
 
 Each video is segmented from its first frame's mask by VideoSegmenter (mem_every=5) and scored

@@ -11,7 +11,8 @@ rounds on new frames until the memory holds k annotated frames; for every k of -
 the round is repeated on a frame already in memory (so the memory stays at k) and the median
 is recorded: one round = the memory encoding of the annotated frame, the batched fused (or
 naive) reads and the decoders of all frames (merge=False: a merged round re-segments only the
-frames up to the neighbouring annotations, and would time less). Scribbles: the robot's strokes (ground truth
+frames up to the neighbouring annotations, and would time less). Scribbles: the robot's
+strokes (ground truth
 against the current masks). GPU: the official-size interactive STM (random weights: timing does
 not depend on them) at 480p under bf16 autocast; CPU: the small interactive model at a smaller
 size. Writes bench/results/interactive_<device>_<date>.json and a PNG beside it.

@@ -19,7 +19,8 @@ from bench.long_video import SHARED_DAVIS
 
 def summarize(payload):
     from stm_model.interactive_eval import format_report
-    return (f"{payload['root']}: {payload['model_name']}, segmented at {payload['size'][1]}x{payload['size'][0]}, "
+    height, width = payload["size"]
+    return (f"{payload['root']}: {payload['model_name']}, segmented at {width}x{height}, "
             f"up to {payload['rounds']} rounds, {payload['batch_size']} frames per read; "
             f"AUC over 0-{payload['max_time']:g} s per object.\n\n"
             + format_report(payload["sequences"]))

@@ -356,10 +356,12 @@ def sweep(dtype_name, similarity="dot", arch=90):
         rows.append(analyse(spec, arch))
     for dv in DV_SWEEP:
         backward = triton_configs.BackwardConfig(dv, default_backward.dkdq)
-        rows.append(analyse(kernel_specs(dtype_name, similarity, default_forward, backward)[1], arch))
+        specs = kernel_specs(dtype_name, similarity, default_forward, backward)
+        rows.append(analyse(specs[1], arch))
     for dkdq in DKDQ_SWEEP:
         backward = triton_configs.BackwardConfig(default_backward.dv, dkdq)
-        rows.append(analyse(kernel_specs(dtype_name, similarity, default_forward, backward)[2], arch))
+        specs = kernel_specs(dtype_name, similarity, default_forward, backward)
+        rows.append(analyse(specs[2], arch))
     return rows
 
 
@@ -396,7 +398,8 @@ def table(rows):
             f"{row['waves']} | {_mma_text(row) or '-'} | {row['duplicated_dots']} | "
             f"{_or_dash(row['barriers_per_iteration'])} | "
             f"{_or_dash(row['exp2_per_iteration_per_thread'])} | "
-            f"{'-' if pair is None else f'{pair:.0f}'} | {'-' if dots is None else f'{dots:.0f}'} |")
+            f"{'-' if pair is None else f'{pair:.0f}'} | "
+            f"{'-' if dots is None else f'{dots:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -423,7 +426,8 @@ def summary(payload):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(TRITON_TYPES))
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"],
+                        choices=sorted(TRITON_TYPES))
     parser.add_argument("--similarity", nargs="+", default=["dot"], choices=["dot", "l2"])
     parser.add_argument("--json", action="store_true", help="print JSON only, write nothing")
     parser.add_argument("--sweep", action="store_true",
@@ -443,7 +447,9 @@ def main(argv=None):
                    device=f"sm_{args.arch} compiled offline (no GPU; not run)",
                    device_type=f"sm{args.arch}", torch=_torch_version(),
                    triton=triton.__version__, commit=common._commit(),
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), shape=TARGET, sm_count=H100_SMS,
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                       timespec="seconds"),
+                   shape=TARGET, sm_count=H100_SMS,
                    reports=reports)
     if args.json:
         print(json.dumps(payload))

@@ -62,7 +62,8 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     scale = 1.0 / math.sqrt(Ck)
     if provider == "sdpa":
         q = q.transpose(1, 2).unsqueeze(1).expand(B, 1, HW, Ck).contiguous()
-        k, v = k.transpose(1, 2).unsqueeze(1).contiguous(), v.transpose(1, 2).unsqueeze(1).contiguous()
+        k = k.transpose(1, 2).unsqueeze(1).contiguous()
+        v = v.transpose(1, 2).unsqueeze(1).contiguous()
 
         def read():
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -178,7 +179,8 @@ def plan(device, args):
     """The (sweep, provider, pass, dtype, B, HW, Ck, Cv, [N...]) series to run, in order."""
     kind = device.type
     hw = args.hw or FRAME_POSITIONS[kind]
-    providers = args.providers or (list(PROVIDERS) if kind == "cuda" else ["torch", "naive", "sdpa"])
+    providers = args.providers or (
+        list(PROVIDERS) if kind == "cuda" else ["torch", "naive", "sdpa"])
     passes = args.passes or list(PASSES)
     main_dtype = "bf16" if kind == "cuda" else "fp32"
     shape_dtypes = args.dtypes or (["fp32-tf32", "fp16", "bf16"] if kind == "cuda" else ["fp32"])
@@ -215,7 +217,8 @@ def run(args):
     device = common.pick_device(args.device)
     hw, series = plan(device, args)
     if device.type == "cpu" and any(s[1] == "triton" for s in series):
-        print("note: triton on CPU runs in the interpreter; its times mean nothing", file=sys.stderr)
+        print("note: triton on CPU runs in the interpreter; its times mean nothing",
+              file=sys.stderr)
     payload = common.environment(device)
     max_call_s = args.max_call_s or (20.0 if device.type == "cuda" else 1.5)
     payload.update(benchmark="memory_read", HW=hw, max_call_s=max_call_s,
@@ -301,7 +304,8 @@ def summary(payload):
     for r in ok:
         if r["provider"] != fused:
             continue
-        cells = [r.get("sweep", "scaling"), r["pass"], r["dtype"], r["B"], r["HW"], r["Ck"], r["Cv"],
+        cells = [r.get("sweep", "scaling"), r["pass"], r["dtype"], r["B"], r["HW"], r["Ck"],
+                 r["Cv"],
                  r["N"], f"{r['median_ms']:.3f}", f"{r['tflops']:.2f}",
                  f"{100 * _fraction(payload, r):.0f}%", f"{r['peak_mem_bytes'] / 2**20:.1f}"]
         for other in ("torch", "naive", "sdpa"):

@@ -99,8 +99,9 @@ def summarize(payload):
     lines = [f"{payload['model']} model, {width}x{height} frames ({payload['feature_positions']} "
              f"positions per memory frame), {payload['objects']} objects; fit = quadratic fit "
              "of the fused read's measured peaks (extrapolated beyond the longest measured clip)",
-             "", "| checkpointing | budget = naive peak at clip | budget MiB | fused clip (measured) "
-             "| fused clip (fit) | ratio (fit) |", "|---|---|---|---|---|---|"]
+             "", "| checkpointing | budget = naive peak at clip | budget MiB "
+             "| fused clip (measured) | fused clip (fit) | ratio (fit) |",
+             "|---|---|---|---|---|---|"]
     records = payload["records"]
     for level in payload["checkpointing"]:
         for clip in payload["budget_clips"]:

@@ -187,8 +187,9 @@ def main(argv=None):
             _report(record, dtype, payload)
     path = common.write_results("tune", payload)
     print(f"\nwrote {path}")
+    passes = [("forward", "fwd"), ("backward", "fwd+bwd")]
     for (kind, pass_), (B, N) in itertools.product(
-            [("forward", "fwd"), ("backward", "fwd+bwd")], itertools.product(args.batches, args.ns)):
+            passes, itertools.product(args.batches, args.ns)):
         good = [r for r in payload["records"] if r["kind"] == kind and r["B"] == B and
                 r["N"] == N and r.get("ok")]
         if good:

@@ -8,7 +8,8 @@
 from ._buffers import poison_outputs
 from ._version import __version__
 from . import topk
-from .memory_read import BACKENDS, SIMILARITIES, memory_read, memory_usage
+from .checks import BACKENDS, SIMILARITIES
+from .memory_read import memory_read, memory_usage
 from .memory_read_naive import naive_memory_read
 from .merge import merge_reads
 

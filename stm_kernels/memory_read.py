@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional, Sequence, Union, overload
 import torch
 
 from . import checks, topk, usage, xmem
-from .checks import BACKENDS, SIMILARITIES, concatenated
+from .checks import concatenated
 from .memory_read_naive import naive_memory_read
 from .memory_read_torch import torch_backward, torch_forward
 

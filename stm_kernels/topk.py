@@ -53,7 +53,8 @@ def _merge(best, candidates):
     set holding the lower indices."""
     values = torch.cat([best[0], candidates[0]], -1)
     indices = torch.cat([best[1], candidates[1]], -1)
-    order = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :best[0].shape[-1]]
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    order = order[..., :best[0].shape[-1]]
     return values.gather(-1, order), indices.gather(-1, order)
 
 

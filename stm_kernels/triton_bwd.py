@@ -13,7 +13,8 @@ probabilities from the saved log-sum-exp; tiles are transposed (memory positions
 Layout as in triton_fwd; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
 natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
 similarity's factor); lengths (B,) int32 for ragged memories (RAGGED): positions past an
-object's length are never read and get zero dK, dV. dQ sums in a run-dependent order (atomics): not bitwise reproducible.
+object's length are never read and get zero dK, dV. dQ sums in a run-dependent order (atomics):
+not bitwise reproducible.
 """
 import triton
 import triton.language as tl
@@ -154,7 +155,8 @@ def _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV,
         m_do = m_chan[:, None]
         if MASK_M:
             m_do = m_do & m_m[None, :]
-        b_vc = tl.load(p_v + o_vt, mask=m_n[:, None] & m_chan[None, :], other=0.0)  # [BLOCK_N, BLOCK_CV]
+        # [BLOCK_N, BLOCK_CV]
+        b_vc = tl.load(p_v + o_vt, mask=m_n[:, None] & m_chan[None, :], other=0.0)
         b_doc = tl.load(p_do + o_do, mask=m_do, other=0.0)  # [BLOCK_CV, BLOCK_M]
         b_dpt += dot(b_vc, b_doc, PRECISION, UPCAST)
         p_v += stride_vc.to(tl.int64) * BLOCK_CV

@@ -132,7 +132,8 @@ def memory_read_fwd_kernel(
                                                   m_n, True, PRECISION, UPCAST)
 
     b_o = b_acc / tl.where(b_sum > 0, b_sum, 1.0)[:, None]  # [BLOCK_M, BLOCK_V]; 0 if empty
-    p_o = o + i_s.to(tl.int64) * stride_os + i_b * stride_ob + first_m * stride_om + first_v * stride_oc
+    p_o = (o + i_s.to(tl.int64) * stride_os + i_b * stride_ob + first_m * stride_om
+           + first_v * stride_oc)
     tl.store(p_o + tile_offsets(o_m, o_v, stride_om, stride_oc, I64), b_o.to(p_o.dtype.element_ty),
              mask=m_m[:, None] & m_v[None, :])
     if i_v == 0:

@@ -15,9 +15,10 @@ The last channel is needed because the shrinkage multiplies the query's own term
 per-query constant of the softmax only when s is constant, and the log-sum-exp (and so
 merge_reads, usage and the sharded read) would be wrong without it. Without a selection
 (XMem's STCN-like case) the similarity is s_j / sqrt(Ck) (2 q.k - |k|^2): q' = [2 q, -1 ... -1]
-and k' = s_j / sqrt(Ck) [k, k^2], 2 Ck channels. Without a shrinkage s = 1. The augmentation is differentiable, so gradients reach the
-query, the memory keys, the selection and the shrinkage. It costs one (B, 2Ck+1, N) copy of the
-memory keys per read and twice the key channels in the score product.
+and k' = s_j / sqrt(Ck) [k, k^2], 2 Ck channels. Without a shrinkage s = 1. The augmentation
+is differentiable, so gradients reach the query, the memory keys, the selection and the
+shrinkage. It costs one (B, 2Ck+1, N) copy of the memory keys per read and twice the key
+channels in the score product.
 """
 import torch
 

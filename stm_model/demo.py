@@ -94,7 +94,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m stm_model.demo",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="held-out video seed (never trained on)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="held-out video seed (never trained on)")
     parser.add_argument("--objects", type=int, default=3, choices=[2, 3])
     parser.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
     parser.add_argument("--mem-every", type=int, default=5)

@@ -98,9 +98,10 @@ def evaluate_interactive(model, frames, gt_labels, *, num_objects=None, rounds=8
 
     frames (T, 3, h, w) float in [0, 1]; gt_labels (T, H, W) integer ids (0 = background); when
     (h, w) differs from (H, W) the session runs at (h, w) and the robot and the scores see its
-    masks upsampled (nearest) to (H, W). first_scribbles replaces the robot's first round. on_round(round_record) is called after
-    every round. Returns a dict with "rounds" (list of dicts), "auc", "jf_at_60s" (at at_time),
-    "num_objects" and "final_labels" ((T, H, W) numpy).
+    masks upsampled (nearest) to (H, W). first_scribbles replaces the robot's first round.
+    on_round(round_record) is called after every round. Returns a dict with "rounds" (list of
+    dicts), "auc", "jf_at_60s" (at at_time), "num_objects" and "final_labels" ((T, H, W)
+    numpy).
     """
     gt_labels = np.asarray(gt_labels)
     num_objects = int(num_objects or gt_labels.max())
@@ -203,11 +204,13 @@ def format_report(results):
     """A markdown table: per sequence J&F after each round, AUC, J&F@60s, seconds per round;
     and the mean row."""
     rounds = max(len(r["rounds"]) for r in results.values())
-    header = ("| sequence | objects | frames | " + " | ".join(f"J&F r{i + 1}" for i in range(rounds))
+    header = ("| sequence | objects | frames | "
+              + " | ".join(f"J&F r{i + 1}" for i in range(rounds))
               + " | AUC | J&F@60s | s/round |")
     lines = [header, "|" + "---|" * (rounds + 6)]
     for name, result in results.items():
-        jf = [f"{r['J&F']:.3f}" for r in result["rounds"]] + ["-"] * (rounds - len(result["rounds"]))
+        jf = [f"{r['J&F']:.3f}" for r in result["rounds"]]
+        jf += ["-"] * (rounds - len(result["rounds"]))
         per_round = np.mean([r["seconds"] for r in result["rounds"]])
         lines.append(f"| {name} | {result['num_objects']} | {result.get('num_frames', '')} | "
                      + " | ".join(jf) + f" | {result['auc']:.3f} | {result['jf_at_60s']:.3f} | "

@@ -24,7 +24,9 @@ def _hsv_to_rgb(hue, saturation, value):
     hue = np.asarray(hue, dtype=np.float64) % 1.0
     i = np.floor(hue * 6)
     f = hue * 6 - i
-    p, q, t = value * (1 - saturation), value * (1 - f * saturation), value * (1 - (1 - f) * saturation)
+    p = value * (1 - saturation)
+    q = value * (1 - f * saturation)
+    t = value * (1 - (1 - f) * saturation)
     i = i.astype(int) % 6
     table = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value),
              (value, p, q)]
@@ -39,7 +41,8 @@ class _Background:
         for _ in range(rng.integers(2, 5)):
             angle = rng.uniform(0, math.pi)
             frequency = rng.uniform(0.02, 0.12)
-            colour = _hsv_to_rgb(rng.uniform(), rng.uniform(0.1, 0.6), 1.0) * rng.uniform(0.08, 0.22)
+            colour = _hsv_to_rgb(rng.uniform(), rng.uniform(0.1, 0.6), 1.0)
+            colour = colour * rng.uniform(0.08, 0.22)
             self.gratings.append((math.cos(angle) * frequency, math.sin(angle) * frequency,
                                   rng.uniform(0, 2 * math.pi), colour))
         self.base = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.5), rng.uniform(0.3, 0.7))

@@ -745,7 +745,8 @@ class OverlayWriter:
             self.abort()
 
     def __repr__(self) -> str:
-        return f"OverlayWriter({str(self.path)!r}, {self.kind}, fps={self.fps}, frames={self.count})"
+        return (f"OverlayWriter({str(self.path)!r}, {self.kind}, fps={self.fps}, "
+                f"frames={self.count})")
 
 
 def write_overlay(path: str | Path, frames: Iterable[Frame | np.ndarray],

@@ -95,4 +95,5 @@ def test_mask_of_the_wrong_size_is_a_clear_error(tmp_path, capsys):
 def test_module_entry_point_prints_help():
     completed = subprocess.run([sys.executable, "-m", "stm_model", "--help"],
                                capture_output=True, text=True)
-    assert completed.returncode == 0 and "segment" in completed.stdout and "eval" in completed.stdout
+    assert completed.returncode == 0
+    assert "segment" in completed.stdout and "eval" in completed.stdout

@@ -35,7 +35,8 @@ def test_a_later_first_mask_segments_forward_from_it(tmp_path):
     images, masks, labels = _folder_with_a_later_mask(tmp_path)
     assert _segment(images, masks, tmp_path / "out") == 0
     assert _written(tmp_path / "out") == ["00003.png", "00004.png", "00005.png"]
-    np.testing.assert_array_equal(video_io.read_mask(tmp_path / "out" / "masks" / "00003.png"), labels)
+    written = video_io.read_mask(tmp_path / "out" / "masks" / "00003.png")
+    np.testing.assert_array_equal(written, labels)
 
 
 def test_both_directions_segments_every_frame_at_the_input_size(tmp_path):

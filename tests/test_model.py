@@ -88,7 +88,8 @@ def test_official_checkpoint_variants_load(recipe, tmp_path):
 def test_wrong_or_truncated_checkpoints_name_the_problem(recipe, tmp_path):
     state = recipe(3)
     truncated = dict(list(state.items())[:-10])
-    with pytest.raises(CheckpointError, match=r"10 missing keys \[Decoder\.RF2\.ResFS\.conv1\.weight, "):
+    with pytest.raises(CheckpointError,
+                       match=r"10 missing keys \[Decoder\.RF2\.ResFS\.conv1\.weight, "):
         load_official_checkpoint(truncated)
     extra = {**state, "module.Extra.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match=r"1 unexpected keys \[module\.Extra\.weight\]"):
@@ -123,7 +124,8 @@ def test_own_checkpoint_round_trip_and_auto_detection(tmp_path):
 
 def test_small_config_builds_torchvision_resnet_and_checks_arguments():
     model = STM(STMConfig.small())
-    assert isinstance(model.query_encoder.layer1[0], __import__("torchvision").models.resnet.BasicBlock)
+    from torchvision.models.resnet import BasicBlock
+    assert isinstance(model.query_encoder.layer1[0], BasicBlock)
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
     with pytest.raises(ValueError, match="backbone must be one of"):
         STMConfig(backbone="vgg16")
