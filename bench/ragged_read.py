@@ -20,11 +20,11 @@ import torch
 
 from bench import common
 from stm_kernels import memory_read
+from stm_kernels.checks import DTYPES
 
 VARIANTS = ("ragged", "padded", "per-video", "equal-work")
 DEFAULTS = {"cuda": dict(hw=1620, frames=(4, 25), dtype="bf16"),
             "cpu": dict(hw=405, frames=(4, 16), dtype="fp32")}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def calls(variant, q, k, v, lengths, backend):

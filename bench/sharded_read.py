@@ -32,11 +32,11 @@ import time
 import torch
 
 from bench import common
+from stm_kernels.checks import DTYPES
 
 VARIANTS = ("shard-only", "sharded", "sharded top-k", "sharded fwd+bwd")
 DEFAULTS = {"cuda": dict(hw=1620, frames=(50, 200), dtype="bf16"),
             "cpu": dict(hw=405, frames=(6, 24), dtype="fp32")}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _inputs(args, frames, device, rank, world):

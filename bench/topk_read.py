@@ -24,11 +24,11 @@ import torch
 
 from bench import common
 from stm_kernels import memory_read
+from stm_kernels.checks import DTYPES
 
 PROVIDERS = ("topk", "stcn", "plain", "plain+usage")
 DEFAULTS = {"cuda": dict(ns=(32400, 64800, 162000, 324000), dtype="bf16"),
             "cpu": dict(ns=(32400, 64800, 162000), dtype="fp32")}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def stcn_read(qk, mk, mv, top_k):

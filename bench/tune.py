@@ -28,8 +28,8 @@ from bench.kernel_resources import DKDQ_SWEEP, DV_SWEEP, FORWARD_SWEEP
 from stm_kernels import memory_read
 from stm_kernels import memory_read_triton as launchers
 from stm_kernels import triton_configs
+from stm_kernels.checks import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3}
 
 

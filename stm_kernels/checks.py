@@ -3,7 +3,7 @@ shape, dtype or range it expected."""
 import math
 
 from types import ModuleType
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
@@ -13,8 +13,14 @@ try:
 except ImportError:  # a CPU-only PyTorch without Triton: the torch and naive backends remain
     _triton = None
 
-BACKENDS = ("auto", "triton", "torch", "naive")
-SIMILARITIES = ("dot", "l2", "xmem")
+# The read's options, as types (memory_read's signature) and as the tuples every CLI and
+# benchmark takes its choices from.
+Backend = Literal["auto", "triton", "torch", "naive"]
+Similarity = Literal["dot", "l2", "xmem"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
+# Floating-point dtypes by the short names the CLI, configs and benchmarks use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

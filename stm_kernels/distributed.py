@@ -32,8 +32,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .checks import SIMILARITIES
-from .memory_read import Backend, Lengths, Memory, Similarity
+from .checks import SIMILARITIES, Backend, Similarity
+from .memory_read import Lengths, Memory
 from .memory_read import memory_read as _shard_read
 from .merge import merge_reads
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional, Sequence, Union, overload
 import torch
 
 from . import checks, topk, usage, xmem
-from .checks import concatenated
+from .checks import Backend, Similarity, concatenated
 from .memory_read_naive import naive_memory_read
 from .memory_read_torch import torch_backward, torch_forward
 
@@ -36,8 +36,6 @@ _triton: Any = checks._triton  # None without Triton (then never the backend)
 # A memory is one tensor or a list of chunks read as their concatenation along N.
 Memory = Union[torch.Tensor, Sequence[torch.Tensor]]
 Lengths = Union[torch.Tensor, Sequence[int]]
-Similarity = Literal["dot", "l2", "xmem"]
-Backend = Literal["auto", "triton", "torch", "naive"]
 
 
 @overload

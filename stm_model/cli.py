@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stm_kernels import __version__
+from stm_kernels.checks import BACKENDS, DTYPES
 
 from . import (cpu_allocator, dataset_segmentation, distributed, interactive_eval, metrics,
                train, video_io)
@@ -119,7 +120,7 @@ def main(argv=None):
                     "file, without optimiser state; --dtype fp16 halves its size.")
     export.add_argument("source")
     export.add_argument("target")
-    export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    export.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     export.set_defaults(run=export_weights)
     train_parser = commands.add_parser(
         "train", help="train an STM (options: stm train --help)",
@@ -159,7 +160,7 @@ def _segment_parser(parser):
                         help="model size when no checkpoint is given")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--mem-every", type=_count(1), default=5)
-    parser.add_argument("--memory-dtype", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--memory-dtype", choices=sorted(DTYPES))
     parser.add_argument("--max-memory-frames", type=_count(2))
     parser.add_argument("--offload", action="store_true", help="keep the memory in CPU RAM")
     parser.add_argument("--offload-chunk-frames", type=_count(1), default=64,
@@ -168,7 +169,7 @@ def _segment_parser(parser):
                         help="refuse masks with more object ids than this (default "
                              f"{DEFAULT_MAX_OBJECTS}; often a colour image read as ids)")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
-    parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"],
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="memory read implementation (default: auto)")
     parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4")
     parser.add_argument("--fps", type=_positive_float,
@@ -437,13 +438,13 @@ def _dataset_parser(parser):
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--mem-every", type=_count(1), default=5)
-    parser.add_argument("--memory-dtype", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--memory-dtype", choices=sorted(DTYPES))
     parser.add_argument("--max-memory-frames", type=_count(2))
     parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
                         help="refuse a sequence whose masks give more object ids than this "
                              f"(default {DEFAULT_MAX_OBJECTS})")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
-    parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"],
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="memory read implementation (default: auto)")
     parser.add_argument("--workers", type=_count(0), default=4,
                         help="threads decoding frames and writing masks")
@@ -559,7 +560,7 @@ def _interactive_parser(parser):
                         help="scribble width in pixels (at most the frames' smaller side)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
-    parser.add_argument("--backend", choices=["auto", "triton", "torch", "naive"])
+    parser.add_argument("--backend", choices=BACKENDS)
     parser.add_argument("--output", default="interactive_eval_output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=interactive_evaluate)
@@ -638,7 +639,7 @@ def _check_scribble_file(path, frames, annotations):
 
 def export_weights(args):
     """`stm export`: weights-only checkpoint, in the requested dtype."""
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = None if args.dtype == "fp32" else DTYPES[args.dtype]  # fp32: as stored
     save_checkpoint(load_checkpoint(args.source), args.target, weights_dtype=dtype)
     size = pathlib.Path(args.target).stat().st_size
     print(f"wrote {args.target} ({size / 2**20:.1f} MiB, {args.dtype})")

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from stm_kernels import memory_read
+from stm_kernels.checks import DTYPES
 
 from .mask_checks import check_first_mask
 from .memory_bank import MemoryBank
@@ -40,9 +41,7 @@ from .resize import (checked_max_internal_size, downsample_probs, internal_size,
 # a dtype by name ("fp32", "fp16", "bf16"), a torch.dtype, or None (the default)
 DtypeName = Union[str, torch.dtype, None]
 
-_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-           torch.float32: torch.float32, torch.float16: torch.float16,
-           torch.bfloat16: torch.bfloat16}
+_DTYPES: dict = {None: None, **DTYPES, **{dtype: dtype for dtype in DTYPES.values()}}
 
 
 class VideoSegmenter:
