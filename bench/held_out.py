@@ -61,9 +61,8 @@ def main(argv=None):
         payload["records"].append(record)
         print(f"seed {seed} frames {frames}: J&F {record['J&F']:.4f} (J {record['J']:.4f}, "
               f"F {record['F']:.4f}) fps {record['fps']:.1f}", flush=True)
-    path = common.write_results("held_out", payload)
-    print(f"wrote {path}")
-    print(summarize(payload))
+    common.finish_run("held_out", payload, None, summarize)
+    return 0
 
 
 if __name__ == "__main__":

@@ -454,10 +454,10 @@ def main(argv=None):
     if args.json:
         print(json.dumps(payload))
         return 0
-    print(summary(payload))
-    if not args.sweep:
-        path = common.write_results("kernel_work", payload)
-        print(f"wrote {path}")
+    if args.sweep:  # a sweep is read off the terminal, not kept
+        print(summary(payload))
+    else:
+        common.finish_run("kernel_work", payload, None, summary)
     return 0
 
 

@@ -250,11 +250,7 @@ def run(args):
                         status=f"not run (a call at the previous N took over {max_call_s:g} s)"))
                     bar.update(len(ns) - index - 1)
                     break
-    path = common.write_results("memory_read", payload)
-    written = plot(payload, path)
-    print(f"\nwrote {path}" + "".join(f" and {p.name}" for p in written))
-    print(summary(payload))
-    return path
+    return common.finish_run("memory_read", payload, plot, summary)
 
 
 class _matmul_precision:

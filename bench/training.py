@@ -183,10 +183,8 @@ def main(argv=None):
                          f"{record['step_ms'] / 1e3:7.2f} s" if record["status"] == "ok"
                          else record["status"])
                 print(f"{read:5} checkpointing={level:8} clip={clip_len:3}  {shown}", flush=True)
-    path = common.write_results("training", payload)
-    plot(payload, path)
-    print(f"wrote {path}")
-    print(summarize(payload))
+    common.finish_run("training", payload, plot, summarize)
+    return 0
 
 
 if __name__ == "__main__":

@@ -185,17 +185,23 @@ def main(argv=None):
                 record["tflops"] = _flops(pass_, B, args.hw, N, args.ck, args.cv) / (
                     record["median_ms"] * 1e-3) / 1e12
             _report(record, dtype, payload)
-    path = common.write_results("tune", payload)
-    print(f"\nwrote {path}")
-    passes = [("forward", "fwd"), ("backward", "fwd+bwd")]
-    for (kind, pass_), (B, N) in itertools.product(
-            passes, itertools.product(args.batches, args.ns)):
-        good = [r for r in payload["records"] if r["kind"] == kind and r["B"] == B and
-                r["N"] == N and r.get("ok")]
-        if good:
-            best = min(good, key=lambda r: r["median_ms"])
-            print(f"best {kind:8} B={B} N={N}: {best['median_ms']:.3f} ms "
-                  f"({best['tflops']:.0f} TFLOP/s) {best['config']}")
+    common.finish_run("tune", payload, None, summary)
+    return 0
+
+
+def summary(payload):
+    """The fastest correct config per pass and shape."""
+    lines = []
+    for kind in ("forward", "backward"):
+        shapes = sorted({(r["B"], r["N"]) for r in payload["records"] if r["kind"] == kind})
+        for B, N in shapes:
+            good = [r for r in payload["records"] if r["kind"] == kind and r["B"] == B and
+                    r["N"] == N and r.get("ok")]
+            if good:
+                best = min(good, key=lambda r: r["median_ms"])
+                lines.append(f"best {kind:8} B={B} N={N}: {best['median_ms']:.3f} ms "
+                             f"({best['tflops']:.0f} TFLOP/s) {best['config']}")
+    return "\n".join(lines)
 
 
 def _report(record, dtype, payload):
@@ -211,4 +217,4 @@ def _report(record, dtype, payload):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
