@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from . import scribbles as scribble_format
 from .batch_segmenter import BatchSegmenter
 from .bidirectional import FrameSequence, segment_both_directions, segment_forward
 from .checkpoint import load_checkpoint, save_checkpoint
+from .devices import peak_memory_bytes, resolve_device
 from .mask_checks import DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count, object_ids
 from .network import STM, STMConfig
 from .segmenter import VideoSegmenter
@@ -187,24 +187,11 @@ def _segment_parser(parser):
 
 
 def _device(name):
-    """The torch device named by --device, or UsageError for a name torch does not know or a
-    device this machine lacks."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch device named by --device, or UsageError (devices.resolve_device)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: unknown device (use auto, cpu, cuda or cuda:N)") \
-            from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
-    return device
+        return resolve_device(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _model(args, device):
@@ -236,12 +223,6 @@ def _mask_paths(args, frames, masks):
         raise UsageError(f"no mask in {args.masks} is named like a frame of {args.input} "
                          f"(frames {frames.names[0]!r} ... {frames.names[-1]!r})")
     return paths
-
-
-def _peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _is_davis_root(path):
@@ -380,7 +361,7 @@ def segment(args):
         "frames": count, "fps": count / elapsed if elapsed else float("nan"),
         "objects": objects, "memory frames": memory_frames,
         "memory bank MiB": memory_bytes / 2**20,
-        "peak memory MiB": _peak_memory_bytes(device) / 2**20, "device": str(device),
+        "peak memory MiB": peak_memory_bytes(device) / 2**20, "device": str(device),
         "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",
     }
     width = max(map(len, summary))
@@ -501,7 +482,7 @@ def segment_dataset(args):
             rank=context.rank, max_objects=args.max_objects)
         info = dict(rank=context.rank, device=str(device),
                     seconds=time.perf_counter() - start,
-                    peak_memory_bytes=_peak_memory_bytes(device))
+                    peak_memory_bytes=peak_memory_bytes(device))
         gathered = distributed.gather((summaries, info), context)
     finally:
         distributed.teardown(context)

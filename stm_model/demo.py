@@ -12,7 +12,6 @@ writes an overlay video, and prints J&F, fps, memory frames and peak memory; the
 import argparse
 import importlib.util
 import pathlib
-import resource
 import sys
 import time
 
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from . import metrics, video_io
 from .checkpoint import load_checkpoint
 from .datasets import HELD_OUT_SEEDS
+from .devices import peak_memory_bytes
 from .segmenter import VideoSegmenter
 from .synthetic import SyntheticVideo
 
@@ -84,12 +84,6 @@ def evaluate_video(model, video, frames, *, mem_every=5, overlay=None, fps=25.0,
     return result
 
 
-def _peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m stm_model.demo",
                                      description=__doc__.split("\n\n")[0])
@@ -124,7 +118,7 @@ def main(argv=None):
           f"{time.perf_counter() - start:.1f} s (with rendering and scoring)")
     print(f"memory frames {result['memory_frames']} "
           f"({result['memory_bytes'] / 2**20:.1f} MiB); peak memory "
-          f"{_peak_memory_bytes(device) / 2**20:.0f} MiB")
+          f"{peak_memory_bytes(device) / 2**20:.0f} MiB")
     if overlay is not None:
         print(f"overlay: {overlay}")
     print(f"J&F {result['J&F']:.4f}")

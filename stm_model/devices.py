@@ -1,0 +1,34 @@
+"""Device names and peak memory, shared by the CLI, the demo and the benchmarks."""
+import resource
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a --device option: "auto" is CUDA when present, else CPU.
+    ValueError (naming the option's value) for a name torch does not know, a device this
+    machine lacks, or a device type other than cpu and cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: unknown device (use auto, cpu, cuda or cuda:N)") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA's allocator peak on a GPU, the process's peak resident set on
+    CPU (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
