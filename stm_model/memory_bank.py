@@ -183,11 +183,9 @@ class MemoryBank:
         options: dict[str, Any] = dict(scale=scale, similarity=similarity, backend=backend)
         if self.shard_memory:
             return self._sharded_read(query_key, options)
-        frames = self.num_frames
         if not self.offload:
-            return memory_read(query_key, self._keys(0, frames), self._values(0, frames),
-                               **options)
-        return merge_reads(*zip(*self._offloaded_reads(query_key, frames, options)))[0]
+            return memory_read(query_key, *self.memory_views(), **options)
+        return merge_reads(*zip(*self._offloaded_reads(query_key, self.num_frames, options)))[0]
 
     def _offloaded_reads(self, query_key, frames, options):
         """(out, lse) of the first `frames` stored frames, chunk_frames at a time on the

@@ -253,10 +253,8 @@ class VideoSegmenter:
         if not self.banks:  # no objects (all removed, or a mask without any)
             return
         with self._autocast():
-            if self._compiled is not None:
-                keys, values = self._compiled.encode_memory(self.model, padded, object_probs)
-            else:
-                keys, values = self.model.encode_memory(padded, object_probs)
+            encode = self._compiled.encode_memory if self._compiled else _encode_memory
+            keys, values = encode(self.model, padded, object_probs)
         start = 0
         for bank in self.banks:
             stop = start + bank.num_objects
