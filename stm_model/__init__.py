@@ -23,13 +23,15 @@ from .batch_memory import BatchedMemory
 from .bidirectional import (FrameResult, FrameSequence, segment_backward,
                             segment_both_directions, segment_forward)
 from .batch_segmenter import BatchSegmenter
+from .clip_forward import ClipForward
 from .interactive import InteractiveSession, as_interactive
 from .memory_bank import MemoryBank
 from .network import STM, STMConfig, soft_aggregate
 from .segmenter import VideoSegmenter
 from .video_batches import FrameInput, SegmentedFrame, VideoJob, segment_videos
 
-__all__ = ["__version__", "STM", "STMConfig", "soft_aggregate", "MemoryBank", "VideoSegmenter",
+__all__ = ["__version__", "STM", "STMConfig", "ClipForward", "soft_aggregate", "MemoryBank",
+           "VideoSegmenter",
            "FrameSequence", "FrameResult", "segment_forward", "segment_backward",
            "segment_both_directions",
            "BatchSegmenter", "BatchedMemory", "segment_videos", "VideoJob", "FrameInput",

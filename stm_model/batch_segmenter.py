@@ -18,16 +18,15 @@ a key seen for the first time starts a new video and needs a mask; all frames of
 one size (one BatchSegmenter per frame size; once every video has finished, another size may
 start).
 """
-import contextlib
 import dataclasses
 from typing import Any, Optional
 
 import torch
 
 from .batch_memory import BatchedMemory
-from .mask_checks import check_first_mask
+from .masks import check_first_mask, labels_of, merge_mask
 from .network import QueryFeatures, pad_to_multiple, soft_aggregate, unpad
-from .segmenter import apply_session_options, checked_frame_and_mask, labels_of, merge_mask
+from .session import SessionCore, check_schedule, checked_frame_and_mask
 
 CPU_PIXELS_PER_CALL = 1 << 16  # network_batch="auto" on a CPU: frames per call x H x W
 
@@ -42,7 +41,7 @@ class _Video:
     pending: Optional[tuple] = None  # (padded frame, object probabilities, keep, frame index)
 
 
-class BatchSegmenter:
+class BatchSegmenter(SessionCore):
     """Segments several videos of one frame size together (see the module docstring).
 
     Args:
@@ -61,8 +60,10 @@ class BatchSegmenter:
 
     def __init__(self, model, mem_every=5, *, memory_dtype=None, max_memory_frames=None,
                  amp_dtype=None, read_backend=None, network_batch="auto"):
-        apply_session_options(self, model, mem_every, memory_dtype, max_memory_frames,
-                              amp_dtype, read_backend)
+        check_schedule(mem_every, max_memory_frames)
+        super().__init__(model, memory_dtype=memory_dtype, amp_dtype=amp_dtype,
+                         read_backend=read_backend)
+        self.mem_every, self.max_memory_frames = int(mem_every), max_memory_frames
         if network_batch not in ("auto", None) and not (
                 isinstance(network_batch, int) and network_batch >= 1):
             raise ValueError("network_batch must be a positive integer, 'auto' or None; got "
@@ -126,7 +127,7 @@ class BatchSegmenter:
                                         dtype=self.memory_dtype, device=self.device,
                                         max_frames=self.max_memory_frames)
         self._memorise_pending(videos)
-        with self._autocast():
+        with self.autocast():
             foreground = self._predict(videos, padded)
         results = {}
         for index, (video, (frame, mask)) in enumerate(zip(videos, checked.values())):
@@ -183,34 +184,23 @@ class BatchSegmenter:
                     "videos of one frame size (use one per size)")
         return checked
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _memorise_pending(self, videos):
         """Encode every video's previous frame with its probabilities (one encoder batch, cut
         into network_batch calls) and store the keys/values in each object's memory."""
         memorising = [video for video in videos if video.pending is not None and video.groups]
         if not memorising:
             return
-        frames, masks, others, entries = [], [], [], []
+        inputs, entries = [], []
         for video in memorising:
             padded, object_probs, keep, frame_index = video.pending
-            count = object_probs.shape[0]
-            frames.append(padded.expand(count, -1, -1, -1))
-            mask = object_probs.unsqueeze(1)  # (n, 1, H, W)
-            masks.append(mask)
-            # the other objects' mask, summed as STM.encode_memory does
-            others.append(torch.stack([mask[:o].sum(0) + mask[o + 1:].sum(0)
-                                       for o in range(count)]).clamp(0, 1))
+            inputs.append(self.model.memory_encoder_inputs(padded.unsqueeze(0), object_probs))
             entries += [(group, keep, frame_index) for group in video.groups]
             video.pending = None
-        frames, masks, others = torch.cat(frames), torch.cat(masks), torch.cat(others)
+        inputs = [torch.cat(parts) for parts in zip(*inputs)]  # frames, masks, others, ...
         encoded = []
-        with self._autocast():
-            for part in self._calls(frames.shape[0], frames.shape[-2:]):
-                r4, _, _ = self.model.memory_encoder(frames[part], masks[part], others[part])
+        with self.autocast():
+            for part in self._calls(inputs[0].shape[0], inputs[0].shape[-2:]):
+                r4, _, _ = self.model.memory_encoder(*(x[part] for x in inputs))
                 encoded.append(self.model.memory_key_value(r4))
         keys, values = (torch.cat(parts) if len(parts) > 1 else parts[0]
                         for parts in zip(*encoded))
@@ -229,8 +219,8 @@ class BatchSegmenter:
         row_video = [position[group.owner] for group in self.memory.owners]
         if row_video != list(range(len(predicting))):  # not one object per video, in order
             rows = torch.tensor(row_video, device=self.device)
-            query = QueryFeatures(*(features.index_select(0, rows) for features in (
-                query.key, query.value, query.r3, query.r2)))
+            query = QueryFeatures(*(features.index_select(0, rows)
+                                    for features in query.tensors()))
         config = self.model.config
         readout = self.memory.read(query.key, similarity=config.similarity,
                                    backend=self.read_backend)
@@ -260,8 +250,8 @@ class BatchSegmenter:
                  for part in self._calls(frames.shape[0], frames.shape[-2:])]
         if len(parts) == 1:
             return parts[0]
-        return QueryFeatures(*(torch.cat(features) for features in zip(
-            *((q.key, q.value, q.r3, q.r2) for q in parts))))
+        return QueryFeatures(*(torch.cat(features)
+                               for features in zip(*(q.tensors() for q in parts))))
 
     def _probabilities(self, video, foreground, mask):
         """(probabilities (K, Hp, Wp), keep in memory) of a video's frame; a mask's new ids

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from . import video_io
-from .segmenter import VideoSegmenter, labels_of
+from .masks import labels_of
+from .segmenter import VideoSegmenter
 
 # frames: a FrameSequence, a (T, 3, H, W) tensor or a sequence of (3, H, W) tensors / Frames
 Frames = Union["FrameSequence", torch.Tensor, Sequence[Any]]

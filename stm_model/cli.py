@@ -35,7 +35,7 @@ from .batch_segmenter import BatchSegmenter
 from .bidirectional import FrameSequence, segment_both_directions, segment_forward
 from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import peak_memory_bytes, resolve_device
-from .mask_checks import DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count, object_ids
+from .masks import DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count, object_ids
 from .network import STM, STMConfig
 from .segmenter import VideoSegmenter
 

@@ -33,8 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import video_io
-from .mask_checks import check_first_mask, check_object_count, object_ids
-from .segmenter import labels_of
+from .masks import check_first_mask, check_object_count, labels_of, object_ids
 from .video_batches import FrameInput, VideoJob, segment_videos
 
 INCOMPLETE = ".incomplete"

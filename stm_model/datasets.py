@@ -3,7 +3,7 @@
 Every dataset item is a dict with `frames` (T, 3, H, W) float32 RGB in [0, 1], `labels`
 (T, H, W) int64 object ids 1..n (0 = background) and `num_objects` n, and is deterministic
 from (dataset seed, index), so training resumes and distributes without sampler state.
-`collate_clips` batches items for `STM.forward`. `InteractiveClips` adds synthesised scribbles
+`collate_clips` batches items for `ClipForward`. `InteractiveClips` adds synthesised scribbles
 for the interactive model.
 
 Seed convention: training videos use synthetic seeds below HELD_OUT_SEEDS; evaluation and the

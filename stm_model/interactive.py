@@ -22,7 +22,6 @@ frame). Query keys, values and decoder skips are computed once per frame and cac
 costs the memory encodings of the annotated frames, the reads and the decoders. Pixels under a
 stroke take the stroke's label in the returned masks.
 """
-import contextlib
 import dataclasses
 import time
 import warnings
@@ -33,10 +32,9 @@ import torch
 from tqdm import tqdm
 
 from . import scribbles as scribble_format
-from .memory_bank import MemoryBank
-from .network import (STM, QueryFeatures, load_into_interactive, pad_to_multiple,
-                      soft_aggregate, unpad)
-from .segmenter import _DTYPES, DtypeName
+from .network import STM, load_into_interactive, pad_to_multiple, soft_aggregate, unpad
+from .query_cache import QueryFeatureCache
+from .session import DtypeName, SessionCore, checked_frames, dtype_option
 
 
 def as_interactive(model: STM) -> STM:
@@ -59,7 +57,7 @@ class RoundInfo:
     encoded_queries: int  # frames whose query features were computed in this round
 
 
-class InteractiveSession:
+class InteractiveSession(SessionCore):
     """Interactive segmentation of one video (see the module docstring).
 
     Args:
@@ -96,17 +94,10 @@ class InteractiveSession:
                  cache_device: Union[str, torch.device, None] = None,
                  amp_dtype: DtypeName = None, read_backend: Optional[str] = None,
                  show_progress: bool = False, sequence: Optional[str] = None) -> None:
-        frames = torch.as_tensor(frames)
-        if frames.dim() != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
-            raise ValueError("frames must be a float (T, 3, H, W) RGB tensor in [0, 1]; got "
-                             f"{tuple(frames.shape)} {frames.dtype}")
+        frames = checked_frames(frames)
         if isinstance(num_objects, bool) or int(num_objects) != num_objects or num_objects < 1:
             raise ValueError(f"num_objects must be a positive integer; got {num_objects!r}")
-        for name, value in (("memory_dtype", memory_dtype), ("cache_dtype", cache_dtype),
-                            ("amp_dtype", amp_dtype)):
-            if value not in _DTYPES:
-                raise ValueError(f"{name} must be one of fp32, fp16, bf16 (or a torch dtype); "
-                                 f"got {value!r}")
+        cache_dtype = dtype_option("cache_dtype", cache_dtype)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         if not model.config.interactive:
@@ -114,27 +105,22 @@ class InteractiveSession:
                           "as_interactive (untrained scribble channels; the scribbles act "
                           "through the mask they paint only)", stacklevel=2)
             model = as_interactive(model)
-        self.model = model.eval()
-        parameter = next(model.parameters())
-        self.device, self.sequence = parameter.device, sequence
+        super().__init__(model, memory_dtype=memory_dtype, amp_dtype=amp_dtype,
+                         read_backend=read_backend)
+        self.sequence = sequence
         self.num_frames, self.num_objects = frames.shape[0], int(num_objects)
         self.size = tuple(frames.shape[-2:])
         self.batch_size, self.line_width = int(batch_size), line_width
         self.refine_steps, self.merge = int(refine_steps), bool(merge)
         self.claim_regions = bool(claim_regions)
-        self.cache_dtype = _DTYPES[cache_dtype] or parameter.dtype
+        self.cache_dtype = cache_dtype or self.model_dtype
         self.cache_device = torch.device(cache_device) if cache_device else self.device
-        self.amp_dtype = _DTYPES[amp_dtype]
-        self.read_backend = read_backend or model.config.read_backend
         self.show_progress = show_progress
         self.frames = frames
         padded, self._pad = pad_to_multiple(frames[:1])
-        height, width = padded.shape[-2:]
-        config = model.config
-        self.bank = MemoryBank(self.num_objects, config.key_dim, config.value_dim, height // 16,
-                               width // 16, dtype=_DTYPES[memory_dtype] or parameter.dtype,
-                               device=self.device)
-        self._queries = [None] * self.num_frames      # cached QueryFeatures per frame
+        self.bank = self.new_memory_bank(self.num_objects, padded.shape[-2:])
+        self.queries = QueryFeatureCache(self._encode_queries, dtype=self.cache_dtype,
+                                         device=self.cache_device)
         self.probs = torch.zeros((self.num_frames, self.num_objects) + self.size,
                                  dtype=self.cache_dtype, device=self.cache_device)
         self.scribble_maps: dict = {}  # frame -> (H, W) int16 map of all strokes so far
@@ -172,9 +158,9 @@ class InteractiveSession:
         annotated = scribble_format.annotated_frames(scribbles)
         if not annotated:
             raise scribble_format.ScribbleError("the scribbles hold no stroke on any frame")
-        self._synchronize()
+        self.synchronize()
         start = time.perf_counter()
-        encoded_before = sum(q is not None for q in self._queries)
+        encoded_before = len(self.queries)
         earlier = set(self.scribble_maps) - set(annotated)
         height, width = self.size
         for t in annotated:
@@ -203,11 +189,11 @@ class InteractiveSession:
         weights = (merge_weights(self.num_frames, annotated, earlier) if self.merge
                    else np.ones(self.num_frames))
         self._segment_all(weights)
-        self._synchronize()
+        self.synchronize()
         self.rounds.append(RoundInfo(
             annotated_frames=annotated, seconds=time.perf_counter() - start,
             memory_frames=self.memory_frames,
-            encoded_queries=sum(q is not None for q in self._queries) - encoded_before))
+            encoded_queries=len(self.queries) - encoded_before))
         return self.labels()
 
     # ----------------------------------------------------------------------------- steps
@@ -218,7 +204,7 @@ class InteractiveSession:
         current = self.probs[t].to(self.device, torch.float32)
         painted = scribble_format.paint_scribbles(current, channels)
         frame = pad_to_multiple(self.frames[t:t + 1].to(self.device, torch.float32))[0]
-        with self._autocast():
+        with self.autocast():
             keys, values = self.model.encode_memory(frame, pad_to_multiple(painted)[0],
                                                     pad_to_multiple(channels)[0])
         self.bank.put(keys, values, t)
@@ -235,17 +221,15 @@ class InteractiveSession:
     def _segment(self, indices, weights=None):
         """Segment frames `indices` from the memory in one fused read and update self.probs
         (blended with the previous masks by weights[t], default 1: replaced)."""
-        query = self._query_batch(indices)
+        query = self.queries.batch(indices, dtype=self.model_dtype, device=self.device)
         count, key_dim, h, w = query.key.shape
-        keys = query.key.to(self.device).transpose(0, 1).reshape(1, key_dim, count * h * w)
+        keys = query.key.transpose(0, 1).reshape(1, key_dim, count * h * w)
         config = self.model.config
-        with self._autocast():
+        with self.autocast():
             readout = self.bank.read(keys, similarity=config.similarity,
                                      backend=self.read_backend)  # (n, Cv, count·h·w)
             readout = readout.unflatten(2, (count, h, w)).permute(2, 0, 1, 3, 4).flatten(0, 1)
-            features = QueryFeatures(None, *(x.to(self.device) for x in (
-                query.value, query.r3, query.r2)))
-            foreground = self.model.foreground(readout.to(features.value.dtype), features)
+            foreground = self.model.foreground(readout.to(query.value.dtype), query)
         foreground = foreground.float().unflatten(0, (count, self.num_objects))
         for offset, t in enumerate(indices):
             probs = unpad(torch.softmax(soft_aggregate(foreground[offset]), 0), self._pad)
@@ -258,30 +242,11 @@ class InteractiveSession:
                 probs = _stroke_labels(probs, self.scribble_maps[t])
             self.probs[t] = probs[1:].to(self.cache_device, self.cache_dtype)
 
-    def _query_batch(self, indices):
-        """QueryFeatures of frames `indices`, batched (computed once, then cached)."""
-        missing = [t for t in indices if self._queries[t] is None]
-        if missing:
-            frames = pad_to_multiple(self.frames[missing].to(self.device, torch.float32))[0]
-            with self._autocast():
-                encoded = self.model.encode_query(frames)
-            for i, t in enumerate(missing):
-                self._queries[t] = QueryFeatures(*(
-                    x[i:i + 1].to(self.cache_device, self.cache_dtype) for x in (
-                        encoded.key, encoded.value, encoded.r3, encoded.r2)))
-        cached = [self._queries[t] for t in indices]
-        return QueryFeatures(*(torch.cat([getattr(q, name) for q in cached]).to(
-            self.device, next(self.model.parameters()).dtype)
-            for name in ("key", "value", "r3", "r2")))
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _synchronize(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _encode_queries(self, indices):
+        """QueryFeatures of frames `indices`, batched (what self.queries keeps)."""
+        frames = pad_to_multiple(self.frames[indices].to(self.device, torch.float32))[0]
+        with self.autocast():
+            return self.model.encode_query(frames)
 
 
 def merge_weights(num_frames, annotated, earlier):

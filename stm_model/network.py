@@ -1,10 +1,10 @@
 """The STM network (Oh et al., ICCV 2019) on torchvision's ResNet, with a configurable size.
 
-Modules follow the official model (see ../shared/reference/README.md for its module map):
-memory encoder (frame + object mask + other objects' mask), query encoder, key/value
-projections, the space-time memory read (`stm_kernels.memory_read`, done by the caller through a
-memory bank), and a decoder with two refinement modules. Names are our own; the one table that
-maps the official names onto them is in `checkpoint.py`.
+Modules follow the official model: memory encoder (frame + object mask + other objects' mask),
+query encoder, key/value projections, the space-time memory read (`stm_kernels.memory_read`,
+done by the caller through a memory bank), and a decoder with two refinement modules. Names are
+our own; the one table that maps the official names onto them is in `checkpoint.py`. Training
+over clips (the recurrence, activation checkpointing) is `clip_forward.ClipForward`'s.
 """
 import dataclasses
 
@@ -12,9 +12,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-from stm_kernels import memory_read
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,19 +174,9 @@ class STM(nn.Module):
         probs = soft_aggregate(fg).softmax(0)                        # (n + 1, H, W)
     """
 
-    CHECKPOINTING = ("none", "encoders", "all")
-
-    def __init__(self, config=None, checkpointing="none"):
+    def __init__(self, config=None):
         super().__init__()
-        if checkpointing not in self.CHECKPOINTING:
-            raise ValueError(f"checkpointing must be one of {self.CHECKPOINTING}; got "
-                             f"{checkpointing!r}")
         self.config = config or STMConfig()
-        # activation checkpointing in training: "encoders" recomputes the two encoders in the
-        # backward, "all" also each frame's head and memory encoding (see _per_frame); the
-        # memory read keeps only its inputs either way
-        self.checkpointing = checkpointing
-        self._inside_checkpoint = False  # modules run unwrapped inside a _per_frame checkpoint
         c4, c3, c2 = feature_channels(self.config)
         cfg = self.config
         self.memory_encoder = Encoder(cfg, with_masks=True, with_scribbles=cfg.interactive)
@@ -199,7 +186,28 @@ class STM(nn.Module):
         self.decoder = Decoder(cfg.value_dim, c3, c2, cfg.decoder_dim)
 
     def encode_memory(self, frame, object_probs, scribbles=None):
-        """Keys (S·n, Ck, H/16, W/16) and values (S·n, Cv, ...) of one frame for n objects.
+        """Keys (S·n, Ck, H/16, W/16) and values (S·n, Cv, ...) of one frame for n objects
+        (arguments: see memory_encoder_inputs)."""
+        r4, _, _ = self.memory_encoder(*self.memory_encoder_inputs(frame, object_probs,
+                                                                   scribbles))
+        return self.memory_key_value(r4)
+
+    def encode_query(self, frame):
+        """QueryFeatures of frames (S, 3, H, W), each shared by all objects of its clip."""
+        return self.query_features(self.query_encoder(frame))
+
+    def foreground(self, readout, query):
+        """Per-object foreground probabilities (S·n, H, W) from the memory read-out
+        (S·n, Cv, h, w); the decoder runs batched over the objects, on the query features of
+        their clip (S = 1 when segmenting: the query is expanded, not copied)."""
+        return foreground_of(self.decoder(*self.decoder_inputs(readout, query)))
+
+    # The steps of the three above, for callers that run the modules their own way
+    # (ClipForward's activation checkpointing).
+
+    def memory_encoder_inputs(self, frame, object_probs, scribbles=None):
+        """The memory encoder's inputs for one frame and n objects: frames, masks, the other
+        objects' masks (and scribbles), each (S·n, C, H, W).
 
         frame (S, 3, H, W) RGB in [0, 1] (S clips, or S frames of one video); object_probs
         (S, n, H, W), or (n, H, W) for S = 1, each object's (soft) mask. The other objects' mask
@@ -227,93 +235,25 @@ class STM(nn.Module):
                                  f"{(S, n, 2) + tuple(object_probs.shape[-2:])}; got "
                                  f"{tuple(scribbles.shape)}")
             inputs.append(scribbles.to(frame.dtype).flatten(0, 1))
-        r4, _, _ = self._run(self.memory_encoder, *inputs)
-        return self.memory_key_value(r4)
+        return inputs
 
-    def encode_query(self, frame):
-        """QueryFeatures of frames (S, 3, H, W), each shared by all objects of its clip."""
-        r4, r3, r2 = self._run(self.query_encoder, frame)
+    def query_features(self, encoded):
+        """QueryFeatures from the query encoder's (r4, r3, r2)."""
+        r4, r3, r2 = encoded
         key, value = self.query_key_value(r4)
         return QueryFeatures(key, value, r3, r2)
 
-    def foreground(self, readout, query):
-        """Per-object foreground probabilities (S·n, H, W) from the memory read-out
-        (S·n, Cv, h, w); the decoder runs batched over the objects, on the query features of
-        their clip (S = 1 when segmenting: the query is expanded, not copied)."""
+    def decoder_inputs(self, readout, query):
+        """The decoder's inputs (read-out ⊕ query value, r3, r2) for the S·n objects of
+        readout (S·n, Cv, h, w)."""
         n = readout.shape[0] // query.value.shape[0]
-        memory_and_query = torch.cat([readout, _per_object(query.value, n)], dim=1)
-        logits = self._run(self.decoder, memory_and_query, _per_object(query.r3, n),
-                           _per_object(query.r2, n))
-        return torch.softmax(logits, dim=1)[:, 1]
+        memory_and_query = torch.cat([readout, per_object(query.value, n)], dim=1)
+        return memory_and_query, per_object(query.r3, n), per_object(query.r2, n)
 
-    def forward(self, frames, first_probs, object_valid=None, first_scribbles=None):
-        """Training forward over clips: STM's main-training recurrence.
 
-        frames (S, T, 3, H, W) RGB in [0, 1]; first_probs (S, n, H, W) the objects' masks on
-        frame 0; object_valid (S, n) bool, False for padding objects of clips with fewer than n.
-        Frame 0 is memorised with its masks; every later frame is segmented from the memory of
-        all earlier frames and then memorised with its own predicted (soft) probabilities.
-        Returns soft-aggregated logits (S, T-1, n+1, H, W) for frames 1..T-1, background first.
-        The memory is a growing list of per-frame chunks (memory_read saves them uncopied).
-
-        Interactive model: first_scribbles (S, n, 2, H, W) are the user's scribbles on frame 0
-        and first_probs the mask before them (the previous round's, or zeros); frame 0 is then
-        also segmented from the memory (it is what the user corrected) and the logits cover
-        frames 0..T-1 (S, T, n+1, H, W).
-        """
-        S, T = frames.shape[:2]
-        n = first_probs.shape[1]
-        valid = (torch.ones(S, n, dtype=torch.bool, device=frames.device)
-                 if object_valid is None else object_valid.to(frames.device))
-        keys, values = self.encode_memory(frames[:, 0], first_probs, first_scribbles)
-        memory_keys, memory_values = [keys.unsqueeze(2)], [values.unsqueeze(2)]  # (B, C, 1, h, w)
-        outputs = []
-        for t in range(0 if first_scribbles is not None else 1, T):
-            query = self.encode_query(frames[:, t])
-            readout = memory_read(_per_object(query.key, n), memory_keys, memory_values,
-                                  similarity=self.config.similarity,
-                                  backend=self.config.read_backend)
-            logits = self._per_frame(self._clip_logits, readout, query.value, query.r3,
-                                     query.r2, valid)
-            outputs.append(logits)
-            if 0 < t < T - 1:
-                keys, values = self._per_frame(self._memorise_prediction, frames[:, t], logits)
-                memory_keys.append(keys.unsqueeze(2))
-                memory_values.append(values.unsqueeze(2))
-        return torch.stack(outputs, dim=1)
-
-    def _clip_logits(self, readout, value, r3, r2, valid):
-        """Soft-aggregated logits (S, n+1, H, W) of one frame of each clip."""
-        S, n = valid.shape
-        foreground = self.foreground(readout.to(value.dtype), QueryFeatures(None, value, r3, r2))
-        foreground = foreground.unflatten(0, (S, n)) * valid[:, :, None, None]
-        return torch.stack([soft_aggregate(clip) for clip in foreground])
-
-    def _memorise_prediction(self, frame, logits):
-        return self.encode_memory(frame, torch.softmax(logits, 1)[:, 1:])
-
-    def _per_frame(self, function, *inputs):
-        """Under checkpointing="all" a frame's whole head (decoder + soft aggregation) and its
-        memory encoding (mask preparation included) are recomputed in the backward: only their
-        inputs stay, not their full-resolution intermediates (which dominate a long clip's
-        memory once the read keeps no affinity). Modules inside run unwrapped then."""
-        if self.checkpointing != "all" or not torch.is_grad_enabled():
-            return function(*inputs)
-        return checkpoint(self._unwrapped, function, *inputs, use_reentrant=False)
-
-    def _unwrapped(self, function, *inputs):
-        previous, self._inside_checkpoint = self._inside_checkpoint, True
-        try:
-            return function(*inputs)
-        finally:
-            self._inside_checkpoint = previous
-
-    def _run(self, module, *inputs):
-        level = 2 if module is self.decoder else 1
-        if (self.CHECKPOINTING.index(self.checkpointing) >= level and torch.is_grad_enabled()
-                and not self._inside_checkpoint):
-            return checkpoint(module, *inputs, use_reentrant=False)
-        return module(*inputs)
+def foreground_of(logits):
+    """Foreground probabilities (N, H, W) of the decoder's 2-class logits (N, 2, H, W)."""
+    return torch.softmax(logits, dim=1)[:, 1]
 
 
 def load_into_interactive(model, state_dict, source="the weights"):
@@ -326,7 +266,7 @@ def load_into_interactive(model, state_dict, source="the weights"):
                          f"{unexpected}")
 
 
-def _per_object(features, n):
+def per_object(features, n):
     """(S, ...) -> (S·n, ...): each clip's features for its n objects (a view when S = 1)."""
     if features.shape[0] == 1:
         return features.expand(n, *features.shape[1:])
@@ -335,10 +275,15 @@ def _per_object(features, n):
 
 @dataclasses.dataclass
 class QueryFeatures:
-    key: torch.Tensor    # (1, Ck, h, w)
-    value: torch.Tensor  # (1, Cv, h, w)
-    r3: torch.Tensor     # (1, C3, 2h, 2w)
-    r2: torch.Tensor     # (1, C2, 4h, 4w)
+    """What STM.encode_query computes once per frame, for all objects (S frames batched)."""
+    key: torch.Tensor    # (S, Ck, h, w)
+    value: torch.Tensor  # (S, Cv, h, w)
+    r3: torch.Tensor     # (S, C3, 2h, 2w)
+    r2: torch.Tensor     # (S, C2, 4h, 4w)
+
+    def tensors(self):
+        """(key, value, r3, r2); unlike dataclasses.astuple, the tensors are not copied."""
+        return self.key, self.value, self.r3, self.r2
 
 
 def soft_aggregate(foreground):

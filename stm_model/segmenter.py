@@ -24,27 +24,21 @@ over a random-access frame source.
 High resolution (max_internal_size): see stm_model.resize. compile=True: torch.compile of the
 per-frame network work and memory read, one graph for every memory length (see _Compiled).
 """
-import contextlib
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
 from stm_kernels import memory_read
-from stm_kernels.checks import DTYPES
 
-from .mask_checks import check_first_mask
+from .masks import check_first_mask, labels_of, merge_mask
 from .memory_bank import MemoryBank
 from .network import STM, pad_to_multiple, soft_aggregate, unpad
 from .resize import (checked_max_internal_size, downsample_probs, internal_size, resize_frame,
                      upsample_probs)
-
-# a dtype by name ("fp32", "fp16", "bf16"), a torch.dtype, or None (the default)
-DtypeName = Union[str, torch.dtype, None]
-
-_DTYPES: dict = {None: None, **DTYPES, **{dtype: dtype for dtype in DTYPES.values()}}
+from .session import DtypeName, SessionCore, check_schedule, checked_frame_and_mask
 
 
-class VideoSegmenter:
+class VideoSegmenter(SessionCore):
     """Segments a video one frame at a time (see the module docstring).
 
     Args:
@@ -77,15 +71,6 @@ class VideoSegmenter:
             dtype does).
     """
 
-    # set by apply_session_options (shared with BatchSegmenter)
-    model: STM
-    device: torch.device
-    mem_every: int
-    memory_dtype: torch.dtype
-    max_memory_frames: Optional[int]
-    amp_dtype: Optional[torch.dtype]
-    read_backend: str
-
     def __init__(self, model: STM, mem_every: int = 5, *, memory_dtype: DtypeName = None,
                  max_memory_frames: Optional[int] = None, offload: bool = False,
                  offload_chunk_frames: int = 64, amp_dtype: DtypeName = None,
@@ -93,8 +78,10 @@ class VideoSegmenter:
                  shard_group: Optional[Any] = None, start_frame: int = 0,
                  reverse: bool = False, max_internal_size: Optional[int] = None,
                  compile: Union[bool, dict] = False) -> None:
-        apply_session_options(self, model, mem_every, memory_dtype, max_memory_frames,
-                              amp_dtype, read_backend)
+        check_schedule(mem_every, max_memory_frames)
+        super().__init__(model, memory_dtype=memory_dtype, amp_dtype=amp_dtype,
+                         read_backend=read_backend)
+        self.mem_every, self.max_memory_frames = int(mem_every), max_memory_frames
         self.offload, self.offload_chunk_frames = offload, offload_chunk_frames
         self.shard_memory, self.shard_group = shard_memory, shard_group
         self.max_internal_size = checked_max_internal_size(max_internal_size)
@@ -170,7 +157,7 @@ class VideoSegmenter:
         if self._pending is not None:
             self._memorise(*self._pending)
             self._pending = None
-        with self._autocast():
+        with self.autocast():
             foreground = self._predict(padded) if self.banks else padded.new_zeros(
                 (0,) + padded.shape[-2:])
         foreground = foreground.float()
@@ -244,15 +231,10 @@ class VideoSegmenter:
         self._size = tuple(frame.shape[1:])
         return frame, mask
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _memorise(self, padded, object_probs, keep, frame_index):
         if not self.banks:  # no objects (all removed, or a mask without any)
             return
-        with self._autocast():
+        with self.autocast():
             encode = self._compiled.encode_memory if self._compiled else _encode_memory
             keys, values = encode(self.model, padded, object_probs)
         start = 0
@@ -287,14 +269,10 @@ class VideoSegmenter:
         MemoryBank of their own (of the padded network size)."""
         probs, new_ids = merge_mask(foreground, mask, self.object_ids)
         if new_ids:
-            height, width = padded_size
-            bank = MemoryBank(
-                len(new_ids), self.model.config.key_dim, self.model.config.value_dim,
-                height // 16, width // 16, dtype=self.memory_dtype, device=self.device,
-                max_frames=self.max_memory_frames, offload=self.offload,
-                chunk_frames=self.offload_chunk_frames, shard_memory=self.shard_memory,
-                shard_group=self.shard_group)
-            self.banks.append(bank)
+            self.banks.append(self.new_memory_bank(
+                len(new_ids), padded_size, max_frames=self.max_memory_frames,
+                offload=self.offload, chunk_frames=self.offload_chunk_frames,
+                shard_memory=self.shard_memory, shard_group=self.shard_group))
             self.object_ids += new_ids
         return probs
 
@@ -359,88 +337,3 @@ class _Compiled:
         for view in views:
             torch._dynamo.maybe_mark_dynamic(view, 2)
         return list(views)
-
-
-def apply_session_options(session, model, mem_every, memory_dtype, max_memory_frames,
-                          amp_dtype, read_backend):
-    """Check a segmenter's common options and set model (eval mode), device, mem_every,
-    memory_dtype (default: the model's), max_memory_frames, amp_dtype and read_backend."""
-    if int(mem_every) < 1:
-        raise ValueError(f"mem_every must be a positive integer; got {mem_every!r}")
-    if memory_dtype not in _DTYPES or amp_dtype not in _DTYPES:
-        raise ValueError("memory_dtype and amp_dtype must be one of fp32, fp16, bf16 (or "
-                         f"torch dtypes); got {memory_dtype!r} and {amp_dtype!r}")
-    if max_memory_frames is not None and max_memory_frames < 2:
-        raise ValueError("max_memory_frames must be at least 2 (the first frame and the "
-                         f"previous frame); got {max_memory_frames}")
-    session.model = model.eval()
-    parameter = next(model.parameters())
-    session.device = parameter.device
-    session.mem_every = int(mem_every)
-    session.memory_dtype = _DTYPES[memory_dtype] or parameter.dtype
-    session.max_memory_frames = max_memory_frames
-    session.amp_dtype = _DTYPES[amp_dtype]
-    session.read_backend = read_backend or model.config.read_backend
-
-
-def labels_of(probs: torch.Tensor, object_ids: Sequence[int]) -> torch.Tensor:
-    """(H, W) int64 object ids (0 = background) of the most probable channel of probs
-    (K, H, W), channel k being object_ids[k - 1]; ties go to the first channel."""
-    ids = torch.tensor([0] + list(object_ids), device=probs.device)
-    # max(0).indices is argmax(0) (first maximum), but far faster on CPU
-    return ids[probs.max(0).indices]
-
-
-def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device, first=None):
-    """(frame float32 (3, H, W), mask int64 (H, W) or None) on `device`, after checking them:
-    ValueError naming the problem for a frame that is not float (3, H, W), a frame of another
-    size than `expected_size` (None: any), a mask that is not (H, W) integer ids >= 0 of the
-    frame's size, or no mask on the first frame (first; None: frame_index == 0)."""
-    frame = torch.as_tensor(frame)
-    if frame.dim() != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
-        raise ValueError("frame must be a float (3, H, W) RGB tensor in [0, 1]; got "
-                         f"{tuple(frame.shape)} {frame.dtype}")
-    size = tuple(frame.shape[1:])
-    if expected_size is not None and size != tuple(expected_size):
-        raise ValueError(f"frame {frame_index} is {size[1]}x{size[0]} (WxH) but the "
-                         f"video's frames are {expected_size[1]}x{expected_size[0]}")
-    if mask is not None:
-        mask = torch.as_tensor(mask)
-        if mask.is_floating_point() or mask.dtype == torch.bool or mask.dim() != 2:
-            raise ValueError("mask must be an (H, W) integer tensor of object ids; got "
-                             f"{tuple(mask.shape)} {mask.dtype}")
-        if tuple(mask.shape) != size:
-            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but frame "
-                             f"{frame_index} is {size[1]}x{size[0]}")
-        if mask.min() < 0:
-            raise ValueError("mask ids must be >= 0 (0 is background)")
-        mask = mask.to(device, torch.int64)
-    elif first or (first is None and frame_index == 0):
-        raise ValueError("the first frame needs a mask (step(frame, mask=labels))")
-    return frame.to(device, torch.float32), mask
-
-
-def merge_mask(foreground, mask, object_ids):
-    """Probabilities (K, Hp, Wp) of a frame that came with a mask, and the ids it introduces.
-
-    foreground (n, Hp, Wp): the known objects' predicted probabilities (object_ids order);
-    mask (Hp, Wp) int64 ids. Ids not in object_ids become new objects (appended, in id order;
-    the caller records them); given ids take the mask's pixels; other objects lose the pixels
-    the mask claims. When the mask gives every object, the probabilities are the mask itself
-    (the official first frame); otherwise they are soft-aggregated.
-    """
-    ids = [int(i) for i in torch.unique(mask) if i != 0]
-    new_ids = [i for i in ids if i not in object_ids]
-    all_ids = list(object_ids) + new_ids
-    if new_ids:
-        foreground = torch.cat([foreground, foreground.new_zeros(
-            (len(new_ids),) + foreground.shape[1:])])
-    claimed = (mask > 0).float()
-    foreground = foreground * (1 - claimed)
-    for i in ids:
-        foreground[all_ids.index(i)] = (mask == i).float()
-    if set(ids) == set(all_ids):
-        # every object given: the probabilities are the mask itself (official first frame)
-        background = (mask == 0).float().unsqueeze(0)
-        return torch.cat([background, foreground]), new_ids
-    return torch.softmax(soft_aggregate(foreground), dim=0), new_ids

@@ -1,5 +1,5 @@
 """STM main training: clips of frames, each later frame segmented from the memory of all earlier
-ones (see `STM.forward`), cross-entropy on the soft-aggregated logits, AdamW with warm-up and a
+ones (see `ClipForward`), cross-entropy on the soft-aggregated logits, AdamW with warm-up and a
 cosine schedule, bf16 autocast on GPU, DDP under torchrun, atomic resumable checkpoints.
 
     python -m stm_model.train --output runs/small --steps 3000          # also: stm train ...
@@ -31,6 +31,7 @@ from tqdm import tqdm
 from stm_kernels.checks import BACKENDS
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .clip_forward import CHECKPOINTING, ClipForward
 from .datasets import (DavisClips, InteractiveClips, StaticImageClips, SyntheticClips,
                        collate_clips, max_skip_schedule)
 from .network import STM, STMConfig, load_into_interactive
@@ -40,7 +41,7 @@ MODEL = "model.pt"
 METRICS = "metrics.csv"
 MODELS = ("small", "official")
 # the TrainConfig fields that take one of a few names
-CHOICES = {"model": MODELS, "checkpointing": STM.CHECKPOINTING, "read_backend": BACKENDS}
+CHOICES = {"model": MODELS, "checkpointing": CHECKPOINTING, "read_backend": BACKENDS}
 
 
 @dataclasses.dataclass
@@ -151,23 +152,23 @@ def build_model(config):
     model_config = STMConfig.small() if config.model == "small" else STMConfig()
     model_config = dataclasses.replace(model_config, read_backend=config.read_backend,
                                        interactive=config.interactive)
-    model = STM(model_config, checkpointing=config.checkpointing)
+    model = STM(model_config)
     if config.init_from:
         load_into_interactive(model, load_checkpoint(config.init_from).state_dict(),
                               source=f"the weights of --init-from {config.init_from}")
     return model
 
 
-def clip_loss(model, batch, device, amp_dtype=None):
+def clip_loss(forward, batch, device, amp_dtype=None):
     """Mean cross-entropy of the soft-aggregated logits of frames 1..T-1 (0..T-1 for the
-    interactive model)."""
+    interactive model); forward: a ClipForward (or its DistributedDataParallel)."""
     frames = batch["frames"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     scribbles = batch.get("first_scribbles")
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                         enabled=amp_dtype is not None):
-        logits = model(frames, batch["first_probs"].to(device), batch["object_valid"],
-                       None if scribbles is None else scribbles.to(device))
+        logits = forward(frames, batch["first_probs"].to(device), batch["object_valid"],
+                         None if scribbles is None else scribbles.to(device))
     # frames 1..T-1; the interactive model also predicts frame 0
     targets = labels[:, labels.shape[1] - logits.shape[1]:]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
@@ -237,7 +238,9 @@ def train(config, show_progress=True):
         _set_rng_state(payload["rng"])
         start = payload["step"]
         _warn_if_config_changed(payload.get("train_config"), config)
-    wrapped = (torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model)
+    forward = ClipForward(model, config.checkpointing)
+    if world_size > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(forward)
     loader = torch.utils.data.DataLoader(
         build_dataset(config, world_size), batch_size=config.batch_size,
         sampler=StepSampler(config.steps, config.batch_size, rank, world_size, start),
@@ -249,7 +252,7 @@ def train(config, show_progress=True):
                     disable=rank != 0 or not show_progress)
     tick, clips = time.perf_counter(), 0
     for step, batch in zip(range(start, config.steps), loader):
-        loss = clip_loss(wrapped, batch, device, amp_dtype)
+        loss = clip_loss(forward, batch, device, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -190,8 +190,8 @@ def test_dataset_refuses_a_first_annotation_without_objects(davis_root, tmp_path
                          "--config", "small", "--quiet"], str(first), "no object")
 
 
-def test_first_mask_checks():
-    from stm_model.mask_checks import check_first_mask, check_object_count
+def test_first_masks():
+    from stm_model.masks import check_first_mask, check_object_count
     with pytest.raises(ValueError, match="no object"):
         check_first_mask(torch.zeros(4, 4, dtype=torch.int64), [])
     check_first_mask(torch.zeros(4, 4, dtype=torch.int64), [1])  # later masks may be empty

@@ -10,6 +10,7 @@ import torch
 from helpers import SHARED, synthetic_video, write_davis_folder
 from stm_model import STM, STMConfig, scribbles as S
 from stm_model.cli import main as stm_main
+from stm_model.clip_forward import ClipForward
 from stm_model.datasets import InteractiveClips, SyntheticClips, collate_clips
 from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
 from stm_model.interactive import InteractiveSession, as_interactive, merge_weights
@@ -204,12 +205,12 @@ def test_interactive_training_items_batches_and_gradients():
     config = TrainConfig(model="small", interactive=True, size=(64, 64), steps=1,
                          batch_size=2, max_objects=2)
     model = build_model(config).train()
-    loss = clip_loss(model, batch, torch.device("cpu"))
+    loss = clip_loss(ClipForward(model), batch, torch.device("cpu"))
     loss.backward()
     assert model.memory_encoder.scribble_conv.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        logits = model(batch["frames"], batch["first_probs"], batch["object_valid"],
-                       batch["first_scribbles"])
+        logits = ClipForward(model)(batch["frames"], batch["first_probs"],
+                                    batch["object_valid"], batch["first_scribbles"])
     assert logits.shape == (2, 3, 3, 64, 64)  # frame 0 is predicted too
     assert isinstance(build_dataset(config), InteractiveClips)
 

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from helpers import SHARED, skip_unless_runnable
 from stm_model import STM, STMConfig
+from stm_model.clip_forward import ClipForward
 from stm_model.datasets import (HELD_OUT_SEEDS, DavisClips, StaticImageClips, SyntheticClips,
                                 collate_clips, max_skip_schedule)
 from stm_model.synthetic import SyntheticVideo
@@ -83,7 +84,7 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(12):
-        loss = clip_loss(model, batch, torch.device("cpu"))
+        loss = clip_loss(ClipForward(model), batch, torch.device("cpu"))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -96,7 +97,7 @@ def _model_gradients(read, batch, dtype):
     model = STM(STMConfig.small(read_backend=read)).train().to(dtype)
     batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
              for k, v in batch.items()}
-    loss = clip_loss(model, batch, torch.device("cpu"))
+    loss = clip_loss(ClipForward(model), batch, torch.device("cpu"))
     loss.backward()
     return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
 
@@ -189,11 +190,11 @@ def test_checkpointing_levels_give_the_same_gradients():
     gradients = []
     for level in ("none", "encoders", "all"):
         torch.manual_seed(0)
-        model = STM(STMConfig.small(), checkpointing=level).train()
-        clip_loss(model, batch, torch.device("cpu")).backward()
+        model = STM(STMConfig.small()).train()
+        clip_loss(ClipForward(model, checkpointing=level), batch, torch.device("cpu")).backward()
         gradients.append([p.grad for p in model.parameters()])
     for other in gradients[1:]:
         for a, b in zip(gradients[0], other):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="checkpointing must be one of"):
-        STM(STMConfig.small(), checkpointing="decoder")
+        ClipForward(STM(STMConfig.small()), checkpointing="decoder")

@@ -1,0 +1,130 @@
+"""What every segmenting session shares: the model side and the checks of its inputs.
+
+VideoSegmenter, BatchSegmenter and InteractiveSession are SessionCores: the model in eval mode,
+its device and dtype, the storage dtype of the memory, the autocast dtype of the network, the
+memory_read backend, and the construction of a MemoryBank of the model's key/value sizes. The
+frame and mask checks of a step live here too, so that every session refuses bad input with
+the same message.
+"""
+import contextlib
+from typing import Optional, Union
+
+import torch
+
+from stm_kernels.checks import DTYPES
+
+from .memory_bank import MemoryBank
+from .network import STM
+
+# a dtype by name ("fp32", "fp16", "bf16"), a torch.dtype, or None (the default)
+DtypeName = Union[str, torch.dtype, None]
+
+_DTYPE_OPTIONS: dict = {None: None, **DTYPES, **{dtype: dtype for dtype in DTYPES.values()}}
+
+
+def dtype_option(name: str, value: DtypeName) -> Optional[torch.dtype]:
+    """The torch dtype of a dtype option (None stays None); ValueError naming the option for
+    anything but fp32, fp16, bf16 or those torch dtypes."""
+    try:
+        return _DTYPE_OPTIONS[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{name} must be one of {', '.join(DTYPES)} (or a torch dtype); got "
+                         f"{value!r}") from None
+
+
+def check_schedule(mem_every: int, max_memory_frames: Optional[int]) -> None:
+    """ValueError for a memory schedule that cannot run: mem_every < 1, or a bound on the
+    memory frames below the two every step needs (the first frame and the previous one)."""
+    if isinstance(mem_every, bool) or int(mem_every) != mem_every or mem_every < 1:
+        raise ValueError(f"mem_every must be a positive integer; got {mem_every!r}")
+    if max_memory_frames is not None and max_memory_frames < 2:
+        raise ValueError("max_memory_frames must be at least 2 (the first frame and the "
+                         f"previous frame); got {max_memory_frames}")
+
+
+class SessionCore:
+    """The model side of a segmenting session (see the module docstring).
+
+    Args:
+        model: an STM (put in eval mode here).
+        memory_dtype: storage dtype of the memory ("fp32", "fp16", "bf16" or a torch dtype;
+            default: the model's dtype).
+        amp_dtype: run the network under torch.autocast with this dtype (None: no autocast).
+        read_backend: memory_read backend (default: the model config's).
+    """
+
+    model: STM
+    device: torch.device
+    model_dtype: torch.dtype
+    memory_dtype: torch.dtype
+    amp_dtype: Optional[torch.dtype]
+    read_backend: str
+
+    def __init__(self, model: STM, *, memory_dtype: DtypeName = None,
+                 amp_dtype: DtypeName = None, read_backend: Optional[str] = None) -> None:
+        memory, amp = dtype_option("memory_dtype", memory_dtype), dtype_option("amp_dtype",
+                                                                                 amp_dtype)
+        self.model = model.eval()
+        parameter = next(model.parameters())
+        self.device, self.model_dtype = parameter.device, parameter.dtype
+        self.memory_dtype = memory or parameter.dtype
+        self.amp_dtype = amp
+        self.read_backend = read_backend or model.config.read_backend
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """torch.autocast with amp_dtype on the model's device (a no-op without amp_dtype)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def new_memory_bank(self, num_objects: int, padded_size: tuple, **storage) -> MemoryBank:
+        """An empty MemoryBank for num_objects objects of frames padded to padded_size (H, W)
+        (multiples of 16), in memory_dtype on the model's device; storage: MemoryBank's
+        keyword arguments (max_frames, offload, ...)."""
+        config = self.model.config
+        height, width = padded_size
+        return MemoryBank(num_objects, config.key_dim, config.value_dim, height // 16,
+                          width // 16, dtype=self.memory_dtype, device=self.device, **storage)
+
+    def synchronize(self) -> None:
+        """Wait for the model's device (timings of CUDA work)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device, first=None):
+    """(frame float32 (3, H, W), mask int64 (H, W) or None) on `device`, after checking them:
+    ValueError naming the problem for a frame that is not float (3, H, W), a frame of another
+    size than `expected_size` (None: any), a mask that is not (H, W) integer ids >= 0 of the
+    frame's size, or no mask on the first frame (first; None: frame_index == 0)."""
+    frame = torch.as_tensor(frame)
+    if frame.dim() != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
+        raise ValueError("frame must be a float (3, H, W) RGB tensor in [0, 1]; got "
+                         f"{tuple(frame.shape)} {frame.dtype}")
+    size = tuple(frame.shape[1:])
+    if expected_size is not None and size != tuple(expected_size):
+        raise ValueError(f"frame {frame_index} is {size[1]}x{size[0]} (WxH) but the "
+                         f"video's frames are {expected_size[1]}x{expected_size[0]}")
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        if mask.is_floating_point() or mask.dtype == torch.bool or mask.dim() != 2:
+            raise ValueError("mask must be an (H, W) integer tensor of object ids; got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        if tuple(mask.shape) != size:
+            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but frame "
+                             f"{frame_index} is {size[1]}x{size[0]}")
+        if mask.min() < 0:
+            raise ValueError("mask ids must be >= 0 (0 is background)")
+        mask = mask.to(device, torch.int64)
+    elif first or (first is None and frame_index == 0):
+        raise ValueError("the first frame needs a mask (step(frame, mask=labels))")
+    return frame.to(device, torch.float32), mask
+
+
+def checked_frames(frames) -> torch.Tensor:
+    """frames as a tensor after checking it is float (T, 3, H, W) RGB (ValueError otherwise)."""
+    frames = torch.as_tensor(frames)
+    if frames.dim() != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
+        raise ValueError("frames must be a float (T, 3, H, W) RGB tensor in [0, 1]; got "
+                         f"{tuple(frames.shape)} {frames.dtype}")
+    return frames
