@@ -23,34 +23,20 @@ import json
 import pathlib
 import sys
 
-from bench import (dataset_throughput, held_out, interactive, interactive_eval,
-                   kernel_resources, long_video, memory_read, ragged_read, report,
-                   sharded_read, topk_read, training)
+from bench import (dataset_throughput, held_out, interactive, interactive_eval, kernel,
+                   long_video, ragged_read, report, sharded_read, topk_read, training)
 
-BENCHMARKS = {  # sub-command: (module, results name)
-    "kernel": (memory_read, "memory_read"),
-    "long-video": (long_video, "long_video"),
-    "training": (training, "training"),
-    "held-out": (held_out, "held_out"),
-    "interactive": (interactive, "interactive"),
-    "interactive-eval": (interactive_eval, "interactive_eval"),
-    "ragged-read": (ragged_read, "ragged_read"),
-    "dataset-throughput": (dataset_throughput, "dataset_throughput"),
-    "topk-read": (topk_read, "topk_read"),
-    "sharded-read": (sharded_read, "sharded_read"),
-}
-RENDERERS = {  # results "benchmark" field: (plot(payload, path) -> paths, summary(payload))
-    "memory_read": (memory_read.plot, memory_read.summary),
-    "long_video": (long_video.plot, long_video.summarize),
-    "training": (training.plot, training.summarize),
-    "held_out": (None, held_out.summarize),
-    "interactive": (interactive.plot, interactive.summarize),
-    "interactive_eval": (interactive_eval.plot, interactive_eval.summarize),
-    "kernel_work": (None, kernel_resources.summary),
-    "ragged_read": (ragged_read.plot, ragged_read.summary),
-    "dataset_throughput": (dataset_throughput.plot, dataset_throughput.summarize),
-    "topk_read": (topk_read.plot, topk_read.summary),
-    "sharded_read": (sharded_read.plot, sharded_read.summary),
+BENCHMARKS = {  # sub-command: module (its results are bench/results/<module name>_*.json)
+    "kernel": kernel,
+    "long-video": long_video,
+    "training": training,
+    "held-out": held_out,
+    "interactive": interactive,
+    "interactive-eval": interactive_eval,
+    "ragged-read": ragged_read,
+    "dataset-throughput": dataset_throughput,
+    "topk-read": topk_read,
+    "sharded-read": sharded_read,
 }
 
 
@@ -58,11 +44,11 @@ def render(path):
     """Re-render the plots of a results file beside it and print its markdown table."""
     path = pathlib.Path(path)
     payload = json.loads(path.read_text())
-    name = payload.get("benchmark")
-    if name not in RENDERERS:
+    name = report.benchmark_of(payload)
+    if name not in report.RENDERERS:
         raise SystemExit(f"{path}: unknown benchmark {name!r} (expected one of "
-                         f"{sorted(RENDERERS)})")
-    plot, summary = RENDERERS[name]
+                         f"{sorted(report.RENDERERS)})")
+    plot, summary = report.RENDERERS[name]
     for written in (plot(payload, path) or []) if plot else []:
         print(f"wrote {written}")
     print(summary(payload))
@@ -76,7 +62,7 @@ def main(argv=None):
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in BENCHMARKS:
-        return BENCHMARKS[command][0].main(rest) or 0
+        return BENCHMARKS[command].main(rest) or 0
     if command == "render":
         if len(rest) != 1:
             raise SystemExit("usage: python -m bench render RESULTS.json")
@@ -91,7 +77,7 @@ def main(argv=None):
                      "dataset-throughput", "training", "held-out", "interactive",
                      "interactive-eval"):
             print(f"\n=== python -m bench {name}", flush=True)
-            BENCHMARKS[name][0].main([])
+            BENCHMARKS[name].main([])
         return report.main([])
     raise SystemExit(f"unknown command {command!r}; one of all, {', '.join(BENCHMARKS)}, "
                      "render, report")

@@ -1,6 +1,8 @@
-"""Timing, peak-memory and environment helpers shared by the benchmarks."""
+"""Timing, peak-memory, environment and option helpers shared by the benchmarks."""
+import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -12,6 +14,7 @@ import time
 
 import torch
 
+from stm_kernels.checks import DTYPES
 from stm_model.devices import resolve_device
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -133,11 +136,22 @@ def cpu_peak_extra_bytes(fn):
     return max(0, status_bytes("VmHWM") - before)
 
 
-def run_isolated(module, arguments, timeout=1800):
-    """Run `python -m module *arguments` and parse the JSON it prints last."""
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    completed = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True,
-                               text=True, timeout=timeout, env=environment,
+CHILD_OPTION = "--_child"  # hidden: the JSON spec of a process started by run_isolated
+
+
+def run_isolated(module, spec, timeout=1800, unmap_freed_memory=True):
+    """Run `python -m module` in a fresh process on one JSON spec and return what it printed.
+
+    The module's main parses its options with `parse_args_or_run_child`, which hands the spec
+    to its child function and prints the JSON of the result as the last line. With
+    unmap_freed_memory, glibc maps every block of 64 KiB or more afresh and unmaps it when
+    freed (what `cpu_peak_extra_bytes` needs); without it the process keeps glibc's defaults.
+    """
+    environment = dict(os.environ)
+    if unmap_freed_memory:
+        environment.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    completed = subprocess.run([sys.executable, "-m", module, CHILD_OPTION, json.dumps(spec)],
+                               capture_output=True, text=True, timeout=timeout, env=environment,
                                cwd=pathlib.Path(__file__).resolve().parents[1])
     if completed.returncode != 0:
         raise RuntimeError(completed.stderr.strip().splitlines()[-1] if completed.stderr
@@ -145,11 +159,86 @@ def run_isolated(module, arguments, timeout=1800):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def save_figure(figure, results_path, dpi=100):
-    """Save a matplotlib figure as the PNG beside a results file, close it; returns [path]."""
+def parse_args_or_run_child(parser, argv, child):
+    """parser.parse_args(argv); or, in a process started by `run_isolated`, None once the JSON
+    of child(spec) has been printed."""
+    parser.add_argument(CHILD_OPTION, dest="child_spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_spec is None:
+        return args
+    print(json.dumps(child(json.loads(args.child_spec))))
+    return None
+
+
+def available_memory_bytes():
+    """The memory available to a new allocation without swapping (/proc/meminfo)."""
+    text = pathlib.Path("/proc/meminfo").read_text()
+    return int(text.split("MemAvailable:")[1].split()[0]) * 1024
+
+
+def benchmark_parser(doc, prog=None, device_choices=("auto", "cpu", "cuda")):
+    """A benchmark's option parser: doc's first paragraph as its description, and --device
+    (default auto; device_choices=None takes any name `pick_device` knows, e.g. cuda:1)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=device_choices)
+    return parser
+
+
+# The shape options of the memory-read benchmarks, for add_read_shape_arguments.
+_READ_SHAPE_OPTIONS = {"hw": dict(type=int), "objects": dict(type=int), "ck": dict(type=int),
+                       "cv": dict(type=int), "top_k": dict(type=int),
+                       "dtype": dict(choices=sorted(DTYPES))}
+
+
+def add_read_shape_arguments(parser, **defaults):
+    """Add the read-shape options named by the keywords, in their order, with their values as
+    defaults: --hw, --objects, --ck, --cv, --top-k (ints) and --dtype (a name of
+    stm_kernels.checks.DTYPES). A default of None is the device's, set by
+    `apply_device_defaults`."""
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=default,
+                            **_READ_SHAPE_OPTIONS[name])
+
+
+def apply_device_defaults(args, defaults):
+    """The torch.device of args.device; each option that defaults[device type] names and that
+    was not given (None or 0) takes that default."""
+    device = pick_device(args.device)
+    for name, value in defaults[device.type].items():
+        setattr(args, name, getattr(args, name) or value)
+    return device
+
+
+def rel_error(actual, expected):
+    """||actual - expected|| / ||expected|| in float64; inf when actual has a NaN or an Inf."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def subplots(*arguments, **options):
+    """matplotlib.pyplot.subplots(...) drawing off screen (the Agg backend): (figure, axes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(*arguments, **options)
+
+
+def panels(values, width, height=3.6):
+    """A figure of one panel per value, side by side: (figure, [(axis, value)])."""
+    figure, axes = subplots(1, len(values), figsize=(width * len(values), height), squeeze=False)
+    return figure, list(zip(axes[0], values, strict=True))
+
+
+def save_figure(figure, results_path, dpi=100, name=None):
+    """Save a matplotlib figure as the PNG beside a results file (<stem>_<name>.png with a
+    name), close it; returns [path]."""
     import matplotlib.pyplot as plt
     figure.tight_layout()
-    target = pathlib.Path(results_path).with_suffix(".png")
+    results_path = pathlib.Path(results_path)
+    target = results_path.with_name(f"{results_path.stem}_{name}.png") if name else \
+        results_path.with_suffix(".png")
     figure.savefig(target, dpi=dpi)
     plt.close(figure)
     return [target]

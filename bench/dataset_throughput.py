@@ -21,10 +21,7 @@ GPU: the official-size STM (ResNet-50; random weights, timing does not depend on
 sequences, every 4th frame. Writes bench/results/dataset_throughput_<device>_<date>.json and a
 PNG beside it.
 """
-import argparse
-import json
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -78,7 +75,7 @@ def _synthetic_videos(count, size, stride, max_frames):
     for index in range(count):
         length = (max_frames or 24) - 3 * (index % 4)  # different lengths
         video = SyntheticVideo(HELD_OUT_SEEDS + index, *size, num_objects=1 + index % 3)
-        images, labels = zip(*video.frames(length * stride))
+        images, labels = zip(*video.frames(length * stride), strict=True)
         frames = torch.from_numpy((np.stack(images[::stride]) * 255).round().astype(np.uint8))
         videos.append((f"synthetic-{index}", frames.permute(0, 3, 1, 2).contiguous(),
                        torch.from_numpy(labels[0]).long()))
@@ -168,24 +165,11 @@ def run_variant(spec):
                 peak_mem_bytes=peak, model_name=model_name, video=description)
 
 
-def _run_fresh_process(variant):
-    """run_variant(variant) in a new Python process (the default allocator settings:
-    common.run_isolated's unmap-every-block settings would time page faults, not the model)."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.dataset_throughput", "--_variant", json.dumps(variant)],
-        capture_output=True, text=True, timeout=3600,
-        cwd=pathlib.Path(__file__).resolve().parents[1])
-    if completed.returncode != 0:
-        raise RuntimeError(completed.stderr.strip().splitlines()[-1] if completed.stderr
-                           else f"exit code {completed.returncode}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def _variant_name(batch_size):
     return SEQUENTIAL if batch_size is None else f"batched K={batch_size}"
 
 
-def summarize(payload):
+def summary(payload):
     """Markdown table: the fastest run of each variant, and its speed-up over one video at a
     time."""
     best = _best_runs(payload)
@@ -218,11 +202,8 @@ def _best_runs(payload):
 
 
 def plot(payload, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     best = _best_runs(payload)
-    figure, (fps_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (fps_axis, memory_axis) = common.subplots(1, 2, figsize=(11, 4))
     names = list(best)
     colours = ["C0" if name == SEQUENTIAL else "C1" for name in names]
     fps_axis.bar(names, [best[n]["fps"] for n in names], color=colours)
@@ -240,9 +221,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.dataset_throughput",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = common.benchmark_parser(__doc__, "python -m bench.dataset_throughput")
     parser.add_argument("--batch-sizes", type=int, nargs="+")
     parser.add_argument("--no-sequential", action="store_true",
                         help="skip the one-at-a-time baseline")
@@ -260,10 +239,8 @@ def main(argv=None):
                              "(see stm_model.cpu_allocator; by default the runs keep it)")
     parser.add_argument("--root", help="a DAVIS-format root, or 'synthetic' (default: "
                                        "../shared/data/davis2016-val when present)")
-    parser.add_argument("--_variant", dest="variant_spec", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.variant_spec:
-        print(json.dumps(run_variant(json.loads(args.variant_spec))))
+    args = common.parse_args_or_run_child(parser, argv, run_variant)
+    if args is None:
         return 0
     device = common.pick_device(args.device)
     defaults = DEFAULTS[device.type]
@@ -293,7 +270,10 @@ def main(argv=None):
     for repeat in range(repeats):
         for batch_size in batch_sizes:
             variant = dict(spec, variant=_variant_name(batch_size), batch_size=batch_size)
-            record = _run_fresh_process(variant)
+            # glibc's default allocator settings: unmapping every freed block would time page
+            # faults, not the model
+            record = common.run_isolated("bench.dataset_throughput", variant, timeout=3600,
+                                         unmap_freed_memory=False)
             record["repeat"] = repeat
             payload["records"].append(record)
             payload.setdefault("video", record["video"])
@@ -301,7 +281,7 @@ def main(argv=None):
             print(f"run {repeat + 1}/{repeats} {record['variant']:16} {record['frames']} "
                   f"frames {record['seconds']:.2f} s {record['fps']:.2f} fps "
                   f"{record['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
-    common.finish_run("dataset_throughput", payload, plot, summarize)
+    common.finish_run("dataset_throughput", payload, plot, summary)
     return 0
 
 

@@ -18,7 +18,7 @@ from stm_model.demo import WEIGHTS, evaluate_video, load_small_model
 from stm_model.synthetic import SyntheticVideo
 
 
-def summarize(payload):
+def summary(payload):
     rows = ["| video seed | frames | objects | J&F | J | F | memory frames | fps |",
             "|---|---|---|---|---|---|---|---|"]
     for r in payload["records"]:
@@ -61,7 +61,7 @@ def main(argv=None):
         payload["records"].append(record)
         print(f"seed {seed} frames {frames}: J&F {record['J&F']:.4f} (J {record['J']:.4f}, "
               f"F {record['F']:.4f}) fps {record['fps']:.1f}", flush=True)
-    common.finish_run("held_out", payload, None, summarize)
+    common.finish_run("held_out", payload, None, summary)
     return 0
 
 

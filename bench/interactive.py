@@ -17,8 +17,6 @@ against the current masks). GPU: the official-size interactive STM (random weigh
 not depend on them) at 480p under bf16 autocast; CPU: the small interactive model at a smaller
 size. Writes bench/results/interactive_<device>_<date>.json and a PNG beside it.
 """
-import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -52,7 +50,7 @@ def load_sequence(source, sequence, frames, size):
         from stm_model.datasets import HELD_OUT_SEEDS
         from stm_model.synthetic import SyntheticVideo
         synthetic = SyntheticVideo(HELD_OUT_SEEDS, *size, num_objects=2)
-        images, labels = zip(*synthetic.frames(frames))
+        images, labels = zip(*synthetic.frames(frames), strict=True)
         cycle = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         labels = np.stack(labels)
         video = f"synthetic seed {HELD_OUT_SEEDS}"
@@ -123,7 +121,7 @@ def run_variant(spec):
                 peak_mem_bytes=peak)
 
 
-def summarize(payload):
+def summary(payload):
     ks = sorted({int(k) for record in payload["records"] for k in record["rounds"]})
     first = payload["records"][0]
     rows = [f"Video: {first['video']}, {payload['frames']} frames, {payload['size'][1]}x"
@@ -145,10 +143,7 @@ def summarize(payload):
 
 
 def plot(payload, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = common.subplots(figsize=(6, 4))
     for record in payload["records"]:
         ks = sorted(int(k) for k in record["rounds"])
         axis.plot(ks, [record["rounds"][str(k)]["median_s"] for k in ks], marker="o",
@@ -161,9 +156,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench interactive",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = common.benchmark_parser(__doc__, "python -m bench interactive")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS)
     parser.add_argument("--memory-frames", nargs="+", type=int)
     parser.add_argument("--frames", type=int)
@@ -174,10 +167,8 @@ def main(argv=None):
     parser.add_argument("--source", help="a DAVIS-format root, or 'synthetic' (default: "
                                          "../shared/data/davis2016-val when present)")
     parser.add_argument("--sequence", help="DAVIS sequence (default: the first by name)")
-    parser.add_argument("--_variant", dest="variant_spec", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.variant_spec:
-        print(json.dumps(run_variant(json.loads(args.variant_spec))))
+    args = common.parse_args_or_run_child(parser, argv, run_variant)
+    if args is None:
         return 0
     device = common.pick_device(args.device)
     defaults = DEFAULTS[device.type]
@@ -194,11 +185,10 @@ def main(argv=None):
                    records=[])
     for variant in args.variants or defaults["variants"]:
         tick = time.perf_counter()
-        record = common.run_isolated("bench.interactive",
-                                     ["--_variant", json.dumps(dict(spec, variant=variant))])
+        record = common.run_isolated("bench.interactive", dict(spec, variant=variant))
         payload["records"].append(record)
         print(f"{variant:8} done in {time.perf_counter() - tick:.0f} s", flush=True)
-    common.finish_run("interactive", payload, plot, summarize)
+    common.finish_run("interactive", payload, plot, summary)
     return 0
 
 

@@ -9,7 +9,6 @@ only), or --checkpoint. Frames are segmented at --size (default 240x432 on CPU, 
 J&F is scored at the annotations' full resolution. Time-based scores (AUC, J&F@60s) use the
 method's time on the device that ran it.
 """
-import argparse
 import pathlib
 import sys
 
@@ -17,7 +16,7 @@ from bench import common
 from bench.long_video import SHARED_DAVIS
 
 
-def summarize(payload):
+def summary(payload):
     from stm_model.interactive_eval import format_report
     height, width = payload["size"]
     return (f"{payload['root']}: {payload['model_name']}, segmented at {width}x{height}, "
@@ -32,9 +31,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench interactive-eval",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = common.benchmark_parser(__doc__, "python -m bench interactive-eval")
     parser.add_argument("--root", default=str(SHARED_DAVIS), help="a DAVIS-format root")
     parser.add_argument("--sequences", nargs="+")
     parser.add_argument("--checkpoint", help="default: the small interactive model")
@@ -60,7 +57,7 @@ def main(argv=None):
                                f"({SMALL_INTERACTIVE_WEIGHTS.name})"),
                    size=size, rounds=args.rounds, batch_size=args.batch_size,
                    max_time=next(iter(results.values()))["max_time"], sequences=results)
-    common.finish_run("interactive_eval", payload, plot, summarize)
+    common.finish_run("interactive_eval", payload, plot, summary)
     return 0
 
 

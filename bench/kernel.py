@@ -16,14 +16,12 @@ Each record has the median and 20/80% quantiles of the call time, TFLOP/s, the f
 same run's matmul rate for that dtype, and the peak extra memory of one call. FLOPs per call:
 forward 2*B*HW*N*(Ck+Cv); backward 2.5x that; forward+backward 3.5x.
 
-Writes bench/results/memory_read_<device>_<date>.json and two PNGs beside it: the roofline
+Writes bench/results/kernel_<device>_<date>.json and two PNGs beside it: the roofline
 (fraction of the matmul rate against N) and the memory plot (peak memory against N, with the
 point where each provider ran out of memory).
 """
-import argparse
-import json
+import contextlib
 import math
-import pathlib
 import sys
 
 import torch
@@ -118,19 +116,12 @@ def measure_memory(spec, device):
         call, _ = make_inputs(**{**spec, "dtype": DTYPES[spec["dtype"]]}, device=device)
         call()
         return common.cuda_peak_extra_bytes(call, device)
-    return common.run_isolated("bench.memory_read", ["--_measure-cpu-memory", json.dumps(spec)])
+    return common.run_isolated("bench.kernel", spec)
 
 
-def _cpu_memory_child(spec_json):
-    spec = json.loads(spec_json)
-    spec["dtype"] = DTYPES[spec["dtype"]]
-    call, _ = make_inputs(**spec, device=torch.device("cpu"))
-    print(json.dumps(common.cpu_peak_extra_bytes(call)))
-
-
-def _available_cpu_bytes():
-    text = pathlib.Path("/proc/meminfo").read_text()
-    return int(text.split("MemAvailable:")[1].split()[0]) * 1024
+def _cpu_memory_child(spec):
+    call, _ = make_inputs(**{**spec, "dtype": DTYPES[spec["dtype"]]}, device=torch.device("cpu"))
+    return common.cpu_peak_extra_bytes(call)
 
 
 def naive_bytes_estimate(pass_, B, HW, N, dtype):
@@ -151,7 +142,7 @@ def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
     if provider == "sdpa":
         record["sdpa_backend"] = sdpa_backend(dtype, B, HW, N, Ck, Cv, device)
     if device.type == "cpu" and provider in ("naive", "sdpa") and \
-            naive_bytes_estimate(pass_, B, HW, N, dtype) > 0.6 * _available_cpu_bytes():
+            naive_bytes_estimate(pass_, B, HW, N, dtype) > 0.6 * common.available_memory_bytes():
         return {**record, "status": "oom (estimated: the affinity would not fit in free memory; "
                                     "not run)"}
     try:
@@ -220,7 +211,7 @@ def run(args):
               file=sys.stderr)
     payload = common.environment(device)
     max_call_s = args.max_call_s or (20.0 if device.type == "cuda" else 1.5)
-    payload.update(benchmark="memory_read", HW=hw, max_call_s=max_call_s,
+    payload.update(benchmark="kernel", HW=hw, max_call_s=max_call_s,
                    flops_note="fwd: 2*B*HW*N*(Ck+Cv); bwd: 2.5x fwd; fwd+bwd: 3.5x fwd",
                    peak_mem_note=("extra bytes above the inputs during one call: CUDA allocator "
                                   "peak on GPU; on CPU the resident-set high-water mark of a "
@@ -250,19 +241,17 @@ def run(args):
                         status=f"not run (a call at the previous N took over {max_call_s:g} s)"))
                     bar.update(len(ns) - index - 1)
                     break
-    return common.finish_run("memory_read", payload, plot, summary)
+    return common.finish_run("kernel", payload, plot, summary)
 
 
-class _matmul_precision:
-    def __init__(self, precision):
-        self.precision = precision
-
-    def __enter__(self):
-        self.previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(self.precision)
-
-    def __exit__(self, *exc):
-        torch.set_float32_matmul_precision(self.previous)
+@contextlib.contextmanager
+def _matmul_precision(precision):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def format_record(record):
@@ -341,26 +330,23 @@ def out_of_memory_points(payload):
 def plot(payload, path):
     """Roofline (fraction of the matmul rate vs N) and memory (peak vs N) PNGs; returns paths."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         print("matplotlib is not installed (pip install -e .[bench]); no plot", file=sys.stderr)
         return []
-    path = pathlib.Path(path)
     records = [r for r in payload["records"] if r.get("sweep", "scaling") == "scaling"]
     batches = sorted({r["B"] for r in records}) or [1]
     passes = [p for p in PASSES if any(r["pass"] == p for r in records)]
     title = (f"memory_read on {payload['device']} (torch {payload['torch']}, triton "
              f"{payload['triton']}, {payload['date'][:10]}), HW={payload['HW']}, Ck=128, Cv=512")
-    colours = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2")))
+    colours = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2"), strict=True))
     written = []
     for name, value, ylabel, log_y in (
             ("roofline", lambda r: 100 * _fraction(payload, r), "% of the same-run matmul rate",
              False),
             ("memory", lambda r: r["peak_mem_bytes"] / 2**20, "peak extra memory (MiB)", True)):
-        figure, axes = plt.subplots(len(passes), len(batches), squeeze=False,
-                                    figsize=(max(4.5 * len(batches), 9), 3.4 * len(passes)))
+        figure, axes = common.subplots(len(passes), len(batches), squeeze=False,
+                                       figsize=(max(4.5 * len(batches), 9), 3.4 * len(passes)))
         for row, pass_ in enumerate(passes):
             for column, B in enumerate(batches):
                 axis = axes[row][column]
@@ -388,18 +374,12 @@ def plot(payload, path):
         caption = ("x: the N at which the provider ran out of memory" if name == "memory"
                    else "TFLOP/s as a fraction of a large square matmul in the same run")
         figure.suptitle(f"{title}\n{caption}", fontsize=9)
-        figure.tight_layout()
-        target = path.with_name(f"{path.stem}_{name}.png")
-        figure.savefig(target, dpi=100)
-        plt.close(figure)
-        written.append(target)
+        written += common.save_figure(figure, path, name=name)
     return written
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench kernel",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = common.benchmark_parser(__doc__, "python -m bench kernel")
     parser.add_argument("--sweeps", nargs="+", default=["scaling", "shapes", "targets"],
                         choices=["scaling", "shapes", "targets"])
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS)
@@ -414,11 +394,9 @@ def main(argv=None):
                         help="stop growing N for a provider once one call takes longer "
                              "(default: 20 s on GPU, 1.5 s on CPU)")
     parser.add_argument("--quick", action="store_true", help="a few points only")
-    parser.add_argument("--_measure-cpu-memory", dest="measure_cpu_memory", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.measure_cpu_memory:
-        return _cpu_memory_child(args.measure_cpu_memory)
-    run(args)
+    args = common.parse_args_or_run_child(parser, argv, _cpu_memory_child)
+    if args is not None:
+        run(args)
     return 0
 
 

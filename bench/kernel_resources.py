@@ -15,7 +15,7 @@ all); executed work is what the loop's instructions issue, over all warps and va
 Integer arguments are specialised the way the Triton JIT does at launch (multiples of 16 get
 divisibility 16), for contiguous (B, C, N) tensors and a broadcast query, as the launchers
 pass them. Writes bench/results/kernel_work_sm<arch>_<date>.json; `python -m bench.report`
-renders its README table. Speed is not here: bench.tune and bench.memory_read on a GPU.
+renders its README table. Speed is not here: bench.tune and bench.kernel on a GPU.
 """
 import argparse
 import datetime

@@ -27,8 +27,6 @@ few frames on a separate segmenter before timing (recorded as warmup_s; --warmup
 every variant such a warm-up); per-read times are not available inside the compiled graph
 (read_timed false).
 """
-import argparse
-import json
 import pathlib
 import sys
 import time
@@ -225,13 +223,9 @@ def run_variant(spec):
                 read_timed=not options.get("compile", False), network_size=network_size)
 
 
-def _child(spec_json):
-    print(json.dumps(run_variant(json.loads(spec_json))))
-
-
-def summarize(payload):
+def summary(payload):
     if any(record.get("input_size") for record in payload["records"]):
-        return _summarize_resolutions(payload)
+        return _resolutions_summary(payload)
     rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
             f"{payload['model_name']}, mem_every={payload['mem_every']}.", "",
             "| variant | read | frames | memory frames | fps | fps (last 100) | peak MiB | "
@@ -262,7 +256,7 @@ def _last_read_and_rest(record):
     return ends
 
 
-def _summarize_resolutions(payload):
+def _resolutions_summary(payload):
     """The --input-resolutions table: per input resolution and variant, the network's size,
     memory per memory frame, fps and peak memory."""
     internal = payload.get("max_internal_size")
@@ -295,10 +289,7 @@ def _smooth(values, window=25):
 
 
 def plot(payload, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    figure, axes = common.subplots(2, 2, figsize=(12, 8))
     (fps_axis, memory_axis), (read_axis, rest_axis) = axes
     for i, record in enumerate(payload["records"]):
         colour = f"C{i}"
@@ -340,9 +331,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench long-video",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = common.benchmark_parser(__doc__, "python -m bench long-video")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS))
     parser.add_argument("--lengths", nargs="+", type=int)
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
@@ -361,10 +350,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=0,
                         help="frames segmented by a separate segmenter before timing (at least "
                              f"{COMPILE_WARMUP_FRAMES} for compiled variants)")
-    parser.add_argument("--_variant", dest="variant_spec", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.variant_spec:
-        return _child(args.variant_spec)
+    args = common.parse_args_or_run_child(parser, argv, run_variant)
+    if args is None:
+        return 0
     device = common.pick_device(args.device)
     defaults = DEFAULTS[device.type]
     source = args.source or (str(SHARED_DAVIS) if SHARED_DAVIS.exists() else "synthetic")
@@ -392,8 +380,7 @@ def main(argv=None):
     for variant, resolution in runs:
         run_spec = dict(spec, variant=variant,
                         input_size=list(INPUT_RESOLUTIONS[resolution]) if resolution else None)
-        record = common.run_isolated("bench.long_video", ["--_variant", json.dumps(run_spec)],
-                                     timeout=6 * 3600)
+        record = common.run_isolated("bench.long_video", run_spec, timeout=6 * 3600)
         payload["records"].append(record)
         payload.setdefault("video", record["video"])
         payload.setdefault("model_name", record["model_name"])
@@ -401,7 +388,7 @@ def main(argv=None):
         shown = (f"{last['length']} frames {last['fps']:.1f} fps "
                  f"{last['peak_mem_bytes'] / 2**20:.0f} MiB" if last else "")
         print(f"{variant:20} {resolution or '':6} {record['status']:8} {shown}", flush=True)
-    common.finish_run("long_video", payload, plot, summarize)
+    common.finish_run("long_video", payload, plot, summary)
     return 0
 
 

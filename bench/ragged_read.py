@@ -14,7 +14,6 @@ stored in one padded (B, C, 4L) memory, read by one query frame. Variants, all e
 Fused read: triton on a GPU (bf16, 480p query: HW = 1,620), torch on CPU (fp32, HW = 405).
 Writes bench/results/ragged_read_<device>_<date>.json and a PNG beside it.
 """
-import argparse
 
 import torch
 
@@ -108,12 +107,8 @@ def summary(payload):
 
 
 def plot(payload, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    frames = sorted({r["frames"] for r in payload["records"]})
-    figure, axes = plt.subplots(1, len(frames), figsize=(4.5 * len(frames), 3.6), squeeze=False)
-    for axis, count in zip(axes[0], frames):
+    figure, by_frames = common.panels(sorted({r["frames"] for r in payload["records"]}), 4.5)
+    for axis, count in by_frames:
         times = [next(r["median_ms"] for r in payload["records"]
                       if r["frames"] == count and r["variant"] == variant) for variant in VARIANTS]
         axis.bar(VARIANTS, times, color=["C0", "C3", "C2", "C7"])
@@ -124,22 +119,13 @@ def plot(payload, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
+    parser = common.benchmark_parser(__doc__, device_choices=None)
     parser.add_argument("--frames", type=int, nargs="+", default=None,
                         help="shortest memory in frames of HW positions")
-    parser.add_argument("--hw", type=int, default=None)
-    parser.add_argument("--objects", type=int, default=4)
-    parser.add_argument("--ck", type=int, default=128)
-    parser.add_argument("--cv", type=int, default=512)
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    common.add_read_shape_arguments(parser, hw=None, objects=4, ck=128, cv=512, dtype=None)
     parser.add_argument("--rounds", type=int, default=9, help="CPU: interleaved timing rounds")
     args = parser.parse_args(argv)
-    device = common.pick_device(args.device)
-    defaults = DEFAULTS[device.type]
-    args.frames = args.frames or defaults["frames"]
-    args.hw = args.hw or defaults["hw"]
-    args.dtype = args.dtype or defaults["dtype"]
+    device = common.apply_device_defaults(args, DEFAULTS)
     payload = common.environment(device)
     payload.update(benchmark="ragged_read", objects=args.objects, hw=args.hw, ck=args.ck,
                    cv=args.cv, dtype=args.dtype,

@@ -14,21 +14,37 @@ import pathlib
 import re
 import sys
 
-from bench import (dataset_throughput, held_out, interactive, interactive_eval,
-                   kernel_resources, long_video, memory_read, ragged_read, sharded_read,
-                   topk_read, training)
+from bench import (dataset_throughput, held_out, interactive, interactive_eval, kernel,
+                   kernel_resources, long_video, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-SUMMARIES = {"memory_read": memory_read.summary, "training": training.summarize,
-             "held_out": held_out.summarize, "long_video": long_video.summarize,
-             "interactive": interactive.summarize,
-             "interactive_eval": interactive_eval.summarize,
-             "kernel_work": kernel_resources.summary,
-             "ragged_read": ragged_read.summary,
-             "dataset_throughput": dataset_throughput.summarize,
-             "topk_read": topk_read.summary,
-             "sharded_read": sharded_read.summary}
+# results "benchmark" field: (plot(payload, path) -> written paths, or None; summary(payload)
+# -> markdown table). `python -m bench render` uses both, the README blocks the summary.
+RENDERERS = {
+    "kernel": (kernel.plot, kernel.summary),
+    "long_video": (long_video.plot, long_video.summary),
+    "training": (training.plot, training.summary),
+    "held_out": (None, held_out.summary),
+    "interactive": (interactive.plot, interactive.summary),
+    "interactive_eval": (interactive_eval.plot, interactive_eval.summary),
+    "kernel_work": (None, kernel_resources.summary),
+    "ragged_read": (ragged_read.plot, ragged_read.summary),
+    "dataset_throughput": (dataset_throughput.plot, dataset_throughput.summary),
+    "topk_read": (topk_read.plot, topk_read.summary),
+    "sharded_read": (sharded_read.plot, sharded_read.summary),
+}
+# Earlier names of a benchmark, as committed result files still record them in their
+# "benchmark" field: `python -m bench kernel` wrote "memory_read" before it was named "kernel".
+ALIASES = {"memory_read": "kernel"}
+
+
+def benchmark_of(payload):
+    """The benchmark a results payload belongs to (its "benchmark" field, aliases resolved)."""
+    name = payload.get("benchmark")
+    return ALIASES.get(name, name)
+
+
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
 
 
@@ -39,7 +55,7 @@ def newest_results(name, directory=RESULTS):
     newest = {}
     for path in sorted(directory.glob(f"{name}_*.json")):
         payload = json.loads(path.read_text())
-        if payload.get("benchmark") != name:  # e.g. interactive_eval_* for interactive
+        if benchmark_of(payload) != name:  # kernel_* also finds kernel_work_*, for example
             continue
         payload["_file"] = path.name
         key = (payload["device_type"], tuple(payload.get("size") or ()),
@@ -58,7 +74,7 @@ def render(name, directory=RESULTS):
         parts.append(f"{payload['device']} · torch {payload['torch']} · triton "
                      f"{payload['triton']} · commit {payload['commit'][:12]} · "
                      f"{payload['date'][:10]} · `bench/results/{payload['_file']}`\n\n"
-                     f"{SUMMARIES[name](payload)}\n")
+                     f"{RENDERERS[name][1](payload)}\n")
     return "\n".join(parts)
 
 

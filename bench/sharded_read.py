@@ -20,7 +20,6 @@ CPU: gloo, each process runs --threads threads (default 1: W processes use W cor
 reference runs with as many threads as one process). CUDA: NCCL, rank r on cuda:r, W up to the
 number of GPUs. Writes bench/results/sharded_read_<device>_<date>.json and a PNG beside it.
 """
-import argparse
 import datetime
 import json
 import os
@@ -103,10 +102,6 @@ def _errors(args, q, k, v, k_shard, v_shard, backend):
     the whole memory."""
     from stm_kernels import memory_read
     from stm_kernels.distributed import memory_read as sharded_read
-
-    def rel(actual, expected):
-        actual, expected = actual.double(), expected.double()
-        return ((actual - expected).norm() / expected.norm()).item()
     with torch.no_grad():
         whole_k, whole_v = k.flatten(2), v.flatten(2)
         errors = {}
@@ -115,8 +110,8 @@ def _errors(args, q, k, v, k_shard, v_shard, backend):
                                    **options)
             actual = sharded_read(q, k_shard, v_shard, backend=backend, return_lse=True,
                                   **options)
-            errors[f"{name} out"] = rel(actual[0], expected[0])
-            errors[f"{name} lse"] = rel(actual[1], expected[1])
+            errors[f"{name} out"] = common.rel_error(actual[0], expected[0])
+            errors[f"{name} lse"] = common.rel_error(actual[1], expected[1])
     return errors
 
 
@@ -221,12 +216,8 @@ def summary(payload):
 
 
 def plot(payload, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    frames = sorted({r["frames"] for r in payload["records"]})
-    figure, axes = plt.subplots(1, len(frames), figsize=(4.8 * len(frames), 3.6), squeeze=False)
-    for axis, count in zip(axes[0], frames):
+    figure, by_frames = common.panels(sorted({r["frames"] for r in payload["records"]}), 4.8)
+    for axis, count in by_frames:
         worlds = sorted({r["processes"] for r in payload["records"] if r["frames"] == count})
         for index, variant in enumerate(VARIANTS):
             values = [next(r["median_ms"] for r in payload["records"] if r["frames"] == count
@@ -241,32 +232,25 @@ def plot(payload, path):
         axis.set_ylabel("ms per read (rank 0)")
         axis.set_title(f"{count} memory frames ({count * payload['hw']} positions)")
         axis.set_ylim(bottom=0)
-    axes[0][0].legend(fontsize=8)
+    by_frames[0][0].legend(fontsize=8)
     figure.suptitle(f"Sharded memory read, {payload['device']} ({payload['comm_backend']})")
     return common.save_figure(figure, path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
+def _parse_options(argv):
+    """(options with the device's defaults filled in, device); SystemExit when a process would
+    hold no memory frame or, on CUDA, have no GPU of its own."""
+    parser = common.benchmark_parser(__doc__, device_choices=None)
     parser.add_argument("--processes", type=int, nargs="+", default=None,
                         help="world sizes (default: 1 2 3 on CPU; 1..GPUs on CUDA)")
     parser.add_argument("--frames", type=int, nargs="+", default=None,
                         help="memory frames of HW positions")
-    parser.add_argument("--hw", type=int, default=None)
-    parser.add_argument("--objects", type=int, default=1)
-    parser.add_argument("--ck", type=int, default=128)
-    parser.add_argument("--cv", type=int, default=512)
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    parser.add_argument("--top-k", type=int, default=20)
+    common.add_read_shape_arguments(parser, hw=None, objects=1, ck=128, cv=512, dtype=None,
+                                    top_k=20)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--rounds", type=int, default=7, help="timed calls per variant")
     args = parser.parse_args(argv)
-    device = common.pick_device(args.device)
-    defaults = DEFAULTS[device.type]
-    args.frames = args.frames or defaults["frames"]
-    args.hw = args.hw or defaults["hw"]
-    args.dtype = args.dtype or defaults["dtype"]
+    device = common.apply_device_defaults(args, DEFAULTS)
     args.device_type = device.type
     if args.processes is None:
         args.processes = [1, 2, 3] if device.type == "cpu" else \
@@ -277,6 +261,11 @@ def main(argv=None):
     if device.type == "cuda" and max(args.processes) > torch.cuda.device_count():
         raise SystemExit(f"NCCL needs one GPU per process: {torch.cuda.device_count()} GPU(s) "
                          f"for --processes {args.processes}")
+    return args, device
+
+
+def main(argv=None):
+    args, device = _parse_options(argv)
     records, errors = [], []
     load_before = os.getloadavg()[0]
     for world in args.processes:

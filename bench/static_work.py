@@ -64,7 +64,7 @@ def main_loop(ptx, inner_trip_counts=()):
     nested = [(s, e) for s, e in loops if start < s and e < end]
     top = [(s, e) for s, e in nested if not any(a < s and e < b for a, b in nested)]
     body = lines[start:end + 1]
-    for (s, e), trips in zip(sorted(top), inner_trip_counts):
+    for (s, e), trips in zip(sorted(top), inner_trip_counts, strict=False):
         body += lines[s:e + 1] * (trips - 1)
     return body
 
@@ -179,7 +179,7 @@ def loop_dots(ttgir):
         match = _DOT.search(stripped)
         if not match or not any(kind == "main" for kind, _ in regions):
             continue
-        _, a_rows, a_cols, _, m, n, layout_name = match.groups()
+        _, _, a_cols, _, m, n, layout_name = match.groups()
         layout = layouts.get(layout_name)
         M, N, K = int(m), int(n), int(a_cols)
         duplication = _duplication(M, N, layout) if layout else 1

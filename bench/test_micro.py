@@ -54,8 +54,8 @@ def test_merge_four_chunks(benchmark, inputs):
     q, k, v, reference = inputs
     with torch.no_grad():
         parts = [memory_read(q, kc, vc, backend="torch", return_lse=True)
-                 for kc, vc in zip(k.chunk(4, dim=2), v.chunk(4, dim=2))]
-    outs, lses = zip(*parts)
+                 for kc, vc in zip(k.chunk(4, dim=2), v.chunk(4, dim=2), strict=True)]
+    outs, lses = zip(*parts, strict=True)
     out, _ = benchmark(merge_reads, outs, lses)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
 

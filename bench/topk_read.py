@@ -17,8 +17,6 @@ whose materialised affinity would not fit in free memory is recorded as out of m
 Writes bench/results/topk_read_<device>_<date>.json and a PNG beside it.
 """
 import argparse
-import json
-import pathlib
 
 import torch
 
@@ -65,11 +63,6 @@ def _affinity_bytes(N, args):
     return 2 * N * args.hw * torch.finfo(DTYPES[args.dtype]).bits // 8  # affinity + its copy
 
 
-def _available_bytes():
-    text = pathlib.Path("/proc/meminfo").read_text()
-    return int(text.split("MemAvailable:")[1].split()[0]) * 1024
-
-
 def peak_bytes(provider, N, args, device):
     if device.type == "cuda":
         call = make_call(provider, N, args, device)
@@ -77,14 +70,14 @@ def peak_bytes(provider, N, args, device):
         return common.cuda_peak_extra_bytes(call, device)
     spec = dict(provider=provider, N=N, **{key: getattr(args, key) for key in
                                           ("hw", "ck", "cv", "top_k", "dtype")})
-    return common.run_isolated("bench.topk_read", ["--_measure-cpu-memory", json.dumps(spec)])
+    return common.run_isolated("bench.topk_read", spec)
 
 
 def run(args, device):
     records = []
     for N in args.ns:
         fits = [p for p in PROVIDERS if p != "stcn" or device.type == "cuda"
-                or _affinity_bytes(N, args) < 0.6 * _available_bytes()]
+                or _affinity_bytes(N, args) < 0.6 * common.available_memory_bytes()]
         for provider in set(PROVIDERS) - set(fits):
             records.append(dict(provider=provider, N=N, status="oom (estimated: the affinity "
                                 "would not fit in free memory; not run)"))
@@ -117,6 +110,22 @@ def _times(calls, device, rounds):
     return interleaved_times(calls, device, rounds)
 
 
+def _cell(by_provider, provider, key, scale=1.0):
+    """A provider's value of key (divided by scale), or the first word of its status."""
+    record = by_provider.get(provider, {})
+    if record.get("status") == "ok":
+        return f"{record[key] / scale:.1f}"
+    return record.get("status", "-").split(" ")[0]
+
+
+def _ratio(by_provider, a, b, key):
+    """a's value of key over b's, when both ran."""
+    first, second = by_provider.get(a, {}), by_provider.get(b, {})
+    if first.get("status") == "ok" and second.get("status") == "ok":
+        return f"{first[key] / max(second[key], 1):.1f}x"
+    return "-"
+
+
 def summary(payload):
     rows = ["| N | " + " | ".join(f"{p} ms" for p in PROVIDERS) + " | " +
             " | ".join(f"{p} peak MiB" for p in PROVIDERS) +
@@ -124,21 +133,11 @@ def summary(payload):
             "|---|" + "---|" * (2 * len(PROVIDERS) + 3)]
     for N in sorted({r["N"] for r in payload["records"]}):
         by = {r["provider"]: r for r in payload["records"] if r["N"] == N}
-
-        def cell(provider, key, scale=1.0, digits=1):
-            record = by.get(provider, {})
-            return f"{record[key] / scale:.{digits}f}" if record.get("status") == "ok" else \
-                record.get("status", "-").split(" ")[0]
-
-        def ratio(a, b, key):
-            if by.get(a, {}).get("status") == "ok" and by.get(b, {}).get("status") == "ok":
-                return f"{by[a][key] / max(by[b][key], 1):.1f}x"
-            return "-"
-        rows.append(f"| {N} | " + " | ".join(cell(p, "median_ms") for p in PROVIDERS) + " | " +
-                    " | ".join(cell(p, "peak_mem_bytes", 2**20) for p in PROVIDERS) +
-                    f" | {ratio('stcn', 'topk', 'median_ms')} | "
-                    f"{ratio('stcn', 'topk', 'peak_mem_bytes')} | "
-                    f"{ratio('plain+usage', 'plain', 'median_ms')} |")
+        rows.append(f"| {N} | " + " | ".join(_cell(by, p, "median_ms") for p in PROVIDERS) +
+                    " | " + " | ".join(_cell(by, p, "peak_mem_bytes", 2**20) for p in PROVIDERS) +
+                    f" | {_ratio(by, 'stcn', 'topk', 'median_ms')} | "
+                    f"{_ratio(by, 'stcn', 'topk', 'peak_mem_bytes')} | "
+                    f"{_ratio(by, 'plain+usage', 'plain', 'median_ms')} |")
     rows.append(f"\nOne object, HW = {payload['hw']}, Ck = {payload['ck']}, Cv = {payload['cv']}, "
                 f"k = {payload['top_k']}, L2 similarity, {payload['dtype']}. Targets: at N = "
                 "162,000 topk >= 2x faster than stcn with >= 10x less extra memory; usage <= "
@@ -147,16 +146,13 @@ def summary(payload):
 
 
 def plot(payload, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, (left, right) = common.subplots(1, 2, figsize=(10, 3.8))
     for provider in PROVIDERS:
         points = sorted((r["N"], r["median_ms"], r["peak_mem_bytes"] / 2**20)
                         for r in payload["records"]
                         if r["provider"] == provider and r.get("status") == "ok")
         if points:
-            ns, times, peaks = zip(*points)
+            ns, times, peaks = zip(*points, strict=True)
             left.plot(ns, times, marker="o", label=provider)
             right.plot(ns, peaks, marker="o", label=provider)
     for axis, label in ((left, "ms per read"), (right, "peak extra MiB")):
@@ -169,31 +165,21 @@ def plot(payload, path):
     return common.save_figure(figure, path)
 
 
-def _cpu_memory_child(spec_json):
-    spec = json.loads(spec_json)
+def _cpu_memory_child(spec):
     args = argparse.Namespace(**{key: spec[key] for key in ("hw", "ck", "cv", "top_k", "dtype")})
     call = make_call(spec["provider"], spec["N"], args, torch.device("cpu"))
-    print(json.dumps(common.cpu_peak_extra_bytes(call)))
+    return common.cpu_peak_extra_bytes(call)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
+    parser = common.benchmark_parser(__doc__, device_choices=None)
     parser.add_argument("--ns", type=int, nargs="+", default=None)
-    parser.add_argument("--hw", type=int, default=1620)
-    parser.add_argument("--ck", type=int, default=128)
-    parser.add_argument("--cv", type=int, default=512)
-    parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    common.add_read_shape_arguments(parser, hw=1620, ck=128, cv=512, top_k=20, dtype=None)
     parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved timing rounds")
-    parser.add_argument("--_measure-cpu-memory", dest="measure", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.measure:
-        _cpu_memory_child(args.measure)
+    args = common.parse_args_or_run_child(parser, argv, _cpu_memory_child)
+    if args is None:
         return 0
-    device = common.pick_device(args.device)
-    args.ns = args.ns or DEFAULTS[device.type]["ns"]
-    args.dtype = args.dtype or DEFAULTS[device.type]["dtype"]
+    device = common.apply_device_defaults(args, DEFAULTS)
     payload = common.environment(device)
     payload.update(benchmark="topk_read", hw=args.hw, ck=args.ck, cv=args.cv, top_k=args.top_k,
                    dtype=args.dtype, records=run(args, device))

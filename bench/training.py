@@ -11,8 +11,6 @@ reports the longest clip the fused read trains within the memory the naive read 
 given clip length (measured points, plus a quadratic fit flagged as extrapolated). Writes
 bench/results/training_<device>_<date>.json and a plot.
 """
-import argparse
-import json
 import sys
 import time
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from bench import common
+from stm_model.clip_forward import ClipForward
 from stm_model.network import STM, STMConfig
 
 READS = {"fused": None, "naive": "naive"}
@@ -40,15 +39,15 @@ def make_step(spec, device):
     config = STMConfig.small() if spec["model"] == "small" else STMConfig()
     backend = READS[spec["read"]] or ("triton" if device.type == "cuda" else "torch")
     torch.manual_seed(0)
-    model = STM(STMConfig(**{**config.__dict__, "read_backend": backend}),
-                checkpointing=spec["checkpointing"]).to(device).train()
+    model = STM(STMConfig(**{**config.__dict__, "read_backend": backend}))
+    forward = ClipForward(model, spec["checkpointing"]).to(device).train()
     frames, first, labels = _batch(spec["clip_len"], *spec["size"], spec["objects"], device)
     amp = device.type == "cuda"
 
     def step():
-        model.zero_grad(set_to_none=True)
+        forward.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(frames, first)
+            logits = forward(frames, first)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
                                                  labels.flatten(0, 1))
         loss.backward()
@@ -62,11 +61,10 @@ def measure(spec, device):
         median, low, high = common.time_ms(step, device, min_runs=3, budget_s=1.0)
         peak = common.cuda_peak_extra_bytes(step, device)
         return dict(step_ms=median, step_q20_ms=low, step_q80_ms=high, peak_mem_bytes=peak)
-    return common.run_isolated("bench.training", ["--_measure-cpu", json.dumps(spec)])
+    return common.run_isolated("bench.training", spec)
 
 
-def _cpu_child(spec_json):
-    spec = json.loads(spec_json)
+def _cpu_child(spec):
     device = torch.device("cpu")
     step = make_step(spec, device)
     timings = []
@@ -76,7 +74,7 @@ def _cpu_child(spec_json):
         step()
         timings.append((time.perf_counter() - start) * 1e3)
     peak = common.cpu_peak_extra_bytes(timed)  # one warm-up call, then the measured one
-    print(json.dumps(dict(step_ms=timings[-1], peak_mem_bytes=peak)))
+    return dict(step_ms=timings[-1], peak_mem_bytes=peak)
 
 
 def longest_within(records, read, checkpointing, budget):
@@ -94,7 +92,7 @@ def longest_within(records, read, checkpointing, budget):
     return measured, (min(real) if real else None)
 
 
-def summarize(payload):
+def summary(payload):
     height, width = payload["size"]
     lines = [f"{payload['model']} model, {width}x{height} frames ({payload['feature_positions']} "
              f"positions per memory frame), {payload['objects']} objects; fit = quadratic fit "
@@ -117,10 +115,7 @@ def summarize(payload):
 
 
 def plot(payload, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, (memory, timing) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (memory, timing) = common.subplots(1, 2, figsize=(12, 4.5))
     for level in payload["checkpointing"]:
         for read in READS:
             series = sorted((r["clip_len"], r) for r in payload["records"]
@@ -147,18 +142,16 @@ def plot(payload, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = common.benchmark_parser(__doc__)
     parser.add_argument("--model", choices=["small", "official"])
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
     parser.add_argument("--clip-lens", type=int, nargs="+", default=[3, 6, 12, 24])
     parser.add_argument("--checkpointing", nargs="+", default=["encoders", "all"])
     parser.add_argument("--objects", type=int, default=2)
     parser.add_argument("--budget-clips", type=int, nargs="+", default=[6, 12])
-    parser.add_argument("--_measure-cpu", dest="measure_cpu", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.measure_cpu:
-        return _cpu_child(args.measure_cpu)
+    args = common.parse_args_or_run_child(parser, argv, _cpu_child)
+    if args is None:
+        return 0
     device = common.pick_device(args.device)
     model = args.model or ("official" if device.type == "cuda" else "small")
     size = tuple(args.size or ((480, 864) if device.type == "cuda" else (240, 432)))
@@ -183,7 +176,7 @@ def main(argv=None):
                          f"{record['step_ms'] / 1e3:7.2f} s" if record["status"] == "ok"
                          else record["status"])
                 print(f"{read:5} checkpointing={level:8} clip={clip_len:3}  {shown}", flush=True)
-    common.finish_run("training", payload, plot, summarize)
+    common.finish_run("training", payload, plot, summary)
     return 0
 
 

@@ -17,7 +17,6 @@ the winners into stm_kernels/triton_configs.py with the run that justifies them.
 import argparse
 import contextlib
 import itertools
-import math
 import os
 import sys
 
@@ -42,13 +41,6 @@ def _inputs(B, HW, N, Ck, Cv, dtype, device):
     return q, k, v, grad
 
 
-def _error(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    if not torch.isfinite(actual).all():
-        return math.inf
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 def _reference(q, k, v, grad):
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
     out = memory_read(q, k, v, backend="torch")
@@ -58,7 +50,7 @@ def _reference(q, k, v, grad):
 
 def time_forward(read, q, k, v, device, reference):
     out = read(q, k, v)
-    error = _error(out, reference[0])
+    error = common.rel_error(out, reference[0])
     median, low, high = common.time_ms(lambda: read(q, k, v), device)
     return dict(error=error, median_ms=median, q20_ms=low, q80_ms=high)
 
@@ -66,7 +58,8 @@ def time_forward(read, q, k, v, device, reference):
 def time_forward_backward(read, q, k, v, grad, device, reference):
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
     read(q, k, v).backward(grad)
-    error = max(_error(g, r) for g, r in zip((q.grad, k.grad, v.grad), reference[1:]))
+    error = max(common.rel_error(g, r)
+                for g, r in zip((q.grad, k.grad, v.grad), reference[1:], strict=True))
 
     def step():
         read(q, k, v).backward(grad)
@@ -131,6 +124,20 @@ def _attempt(fn, *arguments):
             torch.cuda.empty_cache()
 
 
+def _measure(read, label, context, pass_, inputs, device, reference):
+    """The timing and error of one candidate on inputs (q, k, v, grad)."""
+    q, k, v, grad = inputs
+    if label.startswith("warp-specialized"):
+        from stm_kernels import memory_read_gluon
+        reason = memory_read_gluon.unsupported_reason(q, k, v)
+        if reason is not None:  # the launcher would run the plain kernel instead
+            raise RuntimeError(reason)
+    with context():
+        if pass_ == "fwd":
+            return time_forward(read, q, k, v, device, reference)
+        return time_forward_backward(read, q, k, v, grad, device, reference)
+
+
 def _flops(pass_, B, HW, N, Ck, Cv):
     return 2.0 * B * HW * N * (Ck + Cv) * (1.0 if pass_ == "fwd" else 3.5)
 
@@ -164,23 +171,13 @@ def main(argv=None):
     payload.update(benchmark="tune", dtype=args.dtype, HW=args.hw, Ck=args.ck, Cv=args.cv,
                    baseline=args.baseline and baseline.revision(args.baseline), records=[])
     for B, N in itertools.product(args.batches, args.ns):
-        q, k, v, grad = _inputs(B, args.hw, N, args.ck, args.cv, dtype, device)
-        reference = _reference(q, k, v, grad)
+        inputs = _inputs(B, args.hw, N, args.ck, args.cv, dtype, device)
+        reference = _reference(*inputs)
         for kind, label, context, pass_ in runs:
             read = old_read if kind == "baseline" else _triton_read
-
-            def measure():
-                if label.startswith("warp-specialized"):
-                    from stm_kernels import memory_read_gluon
-                    reason = memory_read_gluon.unsupported_reason(q, k, v)
-                    if reason is not None:  # the launcher would run the plain kernel instead
-                        raise RuntimeError(reason)
-                with context():
-                    if pass_ == "fwd":
-                        return time_forward(read, q, k, v, device, reference)
-                    return time_forward_backward(read, q, k, v, grad, device, reference)
             record = dict(kind=kind, config=label, pass_=pass_, B=B, N=N)
-            record.update(_attempt(measure))
+            record.update(_attempt(_measure, read, label, context, pass_, inputs, device,
+                                   reference))
             if "median_ms" in record:
                 record["tflops"] = _flops(pass_, B, args.hw, N, args.ck, args.cv) / (
                     record["median_ms"] * 1e-3) / 1e12

@@ -89,7 +89,7 @@ def flatten_checked(query_key, memory_key, memory_value):
     check_tensor(first_key_name, first_key)
     B, Ck = first_key.shape[:2]
     Cv = None
-    for (key_name, key), (value_name, value) in zip(keys, values):
+    for (key_name, key), (value_name, value) in zip(keys, values, strict=True):
         check_tensor(key_name, key)
         check_tensor(value_name, value)
         if key.dim() not in (3, 5) or key.shape[:2] != (B, Ck):

@@ -36,6 +36,7 @@ from .checks import SIMILARITIES, Backend, Similarity
 from .memory_read import Lengths, Memory
 from .memory_read import memory_read as _shard_read
 from .merge import merge_reads
+from .torch_common import accumulation_dtype
 
 # relative tolerance of the query fingerprint (sum and sum of squares) across ranks
 _QUERY_TOLERANCE = 1e-3
@@ -145,7 +146,8 @@ def memory_read(query_key: torch.Tensor, memory_key_shard: torch.Tensor,
     except (ValueError, TypeError, RuntimeError) as caught:
         error = caught
         out_r = shard.v.new_zeros((B, Cv, HW))
-        lse_r = torch.zeros((B, HW), dtype=_lse_dtype(shard.v.dtype), device=shard.v.device)
+        lse_r = torch.zeros((B, HW), dtype=accumulation_dtype(shard.v.dtype),
+                            device=shard.v.device)
     # 4. the exact merge of every rank's (out, lse) (one all-gather)
     out, lse = comm.merge(out_r, lse_r, error)
     results = [out.to(shard.v.dtype).unflatten(2, shard.query_spatial)]
@@ -255,10 +257,6 @@ def _detached(options):
             for name, value in options.items()}
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _shape_of(value):
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -271,7 +269,7 @@ class _EmptyShard(torch.autograd.Function):
     def forward(ctx, q, k, v, B, HW, *extra):
         ctx.shapes = [(t.shape, t.dtype, t.device) for t in (q, k, v) + extra]
         out = v.new_zeros((B, v.shape[1], HW))
-        lse = torch.full((B, HW), -math.inf, dtype=_lse_dtype(v.dtype), device=v.device)
+        lse = torch.full((B, HW), -math.inf, dtype=accumulation_dtype(v.dtype), device=v.device)
         return out, lse
 
     @staticmethod
@@ -392,7 +390,7 @@ class _Comm:
     def merge(self, out, lse, error):
         """Every rank's (out (B, Cv, HW), lse (B, HW)) all-gathered in one tensor and merged;
         an error on any rank (flagged in the same tensor) is raised on every rank."""
-        dtype = _lse_dtype(out.dtype)
+        dtype = accumulation_dtype(out.dtype)
         status = torch.full((1,), float(error is not None), dtype=dtype, device=out.device)
         packed = torch.cat([out.to(dtype).flatten(), lse.to(dtype).flatten(), status])
         gathered = _GatherFromRanks.apply(packed, self)
@@ -434,7 +432,7 @@ class _Replicated(torch.autograd.Function):
         device = ctx.shapes[0][2]
         flat = torch.cat([
             (g if g is not None else torch.zeros(shape, device=device)).to(device, acc)
-            .flatten() for g, (shape, _, _) in zip(grads, ctx.shapes)])
+            .flatten() for g, (shape, _, _) in zip(grads, ctx.shapes, strict=True)])
         ctx.comm.all_reduce_(flat)
         results, start = [None], 0
         for shape, dtype, tensor_device in ctx.shapes:
@@ -506,7 +504,7 @@ class _Meta:
                                ("requires_grad", "query_key.requires_grad")):
             if differs(name):
                 raise ValueError(f"{argument} must be the same on every rank; got " +
-                                 per_rank(lambda r: f"{table[name][r]:g}"))
+                                 per_rank(lambda r, name=name: f"{table[name][r]:g}"))
         if sum(table["positions"]) < 1:
             raise ValueError("the sharded memory is empty: memory_key_shard has N = 0 positions "
                              "on every rank; at least one rank must hold memory")

@@ -29,6 +29,7 @@ from . import checks, topk, usage, xmem
 from .checks import Backend, Similarity, concatenated
 from .memory_read_naive import naive_memory_read
 from .memory_read_torch import torch_backward, torch_forward
+from .torch_common import accumulation_dtype
 
 _triton: Any = checks._triton  # None without Triton (then never the backend)
 
@@ -129,7 +130,7 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
             _, indices = topk.select(call.q, k, call.top_k, call.scale, call.l2, call.lengths,
                                      call.backend)
         out, lse, probabilities = topk.selected_read(call.q, k, v, indices, call.scale, call.l2)
-        lse = lse.to(lse_dtype(v.dtype))
+        lse = lse.to(accumulation_dtype(v.dtype))
         memory_usage_ = topk.usage_of_selection(indices, probabilities, k.shape[2]) \
             if return_usage else None
     else:
@@ -197,7 +198,7 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
     similarity = checks.checked_similarity(similarity)
     # XMem folds the scale into the memory keys (memory dtype); the other reads apply it to
     # the query in float32 (float64 for a float64 memory)
-    compute_dtype = keys[0].dtype if similarity == "xmem" else lse_dtype(keys[0].dtype)
+    compute_dtype = keys[0].dtype if similarity == "xmem" else accumulation_dtype(keys[0].dtype)
     scale = checks.checked_scale(scale, q.shape[1], compute_dtype)
     if similarity != "xmem" and (shrinkage is not None or selection is not None):
         raise ValueError("shrinkage and selection belong to similarity='xmem'; got similarity="
@@ -224,10 +225,6 @@ def _checked_top_k(top_k, backend, N):
     return min(top_k, N)
 
 
-def lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------- custom ops
 
 
@@ -246,7 +243,7 @@ def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tens
 def _(q, ks, vs, scale, l2, backend, lengths):
     B, Cv, HW = ks[0].shape[0], vs[0].shape[1], q.shape[2]
     return (vs[0].new_empty((B, Cv, HW)),
-            vs[0].new_empty((B, HW), dtype=lse_dtype(vs[0].dtype)))
+            vs[0].new_empty((B, HW), dtype=accumulation_dtype(vs[0].dtype)))
 
 
 @torch.library.custom_op("stm_kernels::memory_read_backward", mutates_args=())

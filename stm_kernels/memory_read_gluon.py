@@ -3,7 +3,7 @@
 Opt-in and experimental: nothing dispatches here by default. It compiles for sm_90 without a
 GPU (tests/test_gluon_forward.py checks the PTX and ptxas' resource report), but it has not yet
 been run on a GPU: it stays opt-in until a GPU run shows it correct (tests marked `gpu` in that
-file) and faster than `memory_read_fwd_kernel` (bench.memory_read).
+file) and faster than `memory_read_fwd_kernel` (bench.kernel).
 
 Same contract as `memory_read_fwd_kernel` (stm_kernels/memory_read_triton.py): q (Bq, Ck, HW)
 with Bq = B or 1 (or a stride-0 batch), k (B, Ck, N), v (B, Cv, N); the program (query block i_m,
@@ -383,8 +383,8 @@ def _tma_strides_ok(t):
         return False
     if t.data_ptr() % 16:
         return False
-    return all((stride * size) % 16 == 0 for dim, stride in zip(t.shape[:-1], t.stride()[:-1])
-               if dim > 1)
+    return all((stride * size) % 16 == 0
+               for dim, stride in zip(t.shape[:-1], t.stride()[:-1], strict=True) if dim > 1)
 
 
 def unsupported_reason(q, k, v, config=None):

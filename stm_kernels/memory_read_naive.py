@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from .torch_common import accumulation_dtype
+
 
 def naive_memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, l2: bool,
                       need_lse: bool = True, lengths: Optional[torch.Tensor] = None
@@ -23,8 +25,7 @@ def naive_memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.bmm(v, probabilities.to(v.dtype))
     lse = None
     if need_lse:
-        lse_dtype = torch.float64 if affinity.dtype == torch.float64 else torch.float32
-        lse = torch.logsumexp(affinity.to(lse_dtype), dim=1)
+        lse = torch.logsumexp(affinity.to(accumulation_dtype(affinity.dtype)), dim=1)
     return out, lse
 
 

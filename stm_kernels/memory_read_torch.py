@@ -1,30 +1,12 @@
 """The memory read in plain PyTorch with bounded memory: online softmax over memory chunks
 (forward) and recomputation from the saved log-sum-exp (backward). The CPU path; also the
 float64 path used by gradcheck."""
-import functools
+import itertools
 
 import torch
 
 from ._buffers import new_buffer
-
-# Score elements (B x HW x chunk) per memory chunk: 4M floats = 16 MB, a few of them alive.
-CHUNK_ELEMENTS = 1 << 22
-
-
-def _chunk_length(B, HW, N):
-    return max(1, min(N, CHUNK_ELEMENTS // max(B * HW, 1)))
-
-
-def _accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scores(q_rows, k_chunk, scale, l2):
-    """Scaled scores (B, HW, n) for q_rows (Bq, HW, Ck) already multiplied by scale."""
-    scores = torch.matmul(q_rows, k_chunk)
-    if l2:
-        scores = scores.mul_(2).sub_(k_chunk.square().sum(1, keepdim=True).mul_(scale))
-    return scores
+from .torch_common import accumulation_dtype, chunk_length, chunk_scores, without_autocast
 
 
 def _per_object(q, lengths):
@@ -33,24 +15,14 @@ def _per_object(q, lengths):
         yield b, q[b:b + 1] if q.shape[0] > 1 else q, length
 
 
-def _without_autocast(function):
-    """Run a backend function with autocast off: it picks its own accumulation dtype, and an
-    autocast region around the op (mixed-precision inference) must not recast its products."""
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        with torch.autocast(args[0].device.type, enabled=False):
-            return function(*args, **kwargs)
-    return wrapper
-
-
 def _segments(lengths, HW):
     """(start, stop, objects) chunks of a ragged memory: cut where an object's memory ends (the
     objects reading a chunk are then valid over all of it), at most a chunk's worth of scores
     each. objects: the indices of the objects whose memory covers the chunk."""
     bounds = sorted(set(lengths) | {0})
-    for low, high in zip(bounds, bounds[1:]):
+    for low, high in itertools.pairwise(bounds):
         objects = [b for b, length in enumerate(lengths) if length >= high]
-        step = _chunk_length(len(objects), HW, high - low)
+        step = chunk_length(len(objects), HW, high - low)
         for start in range(low, high, step):
             yield start, min(start + step, high), objects
 
@@ -62,7 +34,7 @@ def _rows(objects):
     return torch.tensor(objects)
 
 
-@_without_autocast
+@without_autocast
 def torch_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
@@ -74,7 +46,7 @@ def torch_forward(q, k, v, scale, l2, lengths=None):
     """
     B, _, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
-    acc_dtype = _accumulation_dtype(v.dtype)
+    acc_dtype = accumulation_dtype(v.dtype)
     ends = [N] * B if lengths is None else lengths.tolist()
     # contiguous rows: a transposed left operand sends torch.matmul down a path 4x slower
     q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
@@ -88,7 +60,7 @@ def torch_forward(q, k, v, scale, l2, lengths=None):
         # contiguous: a strided chunk of a long memory makes the product ~1.5x slower on CPU
         k_chunk = k[rows, :, start:stop].to(acc_dtype).contiguous()
         v_rows = v[rows, :, start:stop].to(acc_dtype).transpose(1, 2)  # (n_objects, n, Cv)
-        scores = _scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
+        scores = chunk_scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
         new_max = torch.maximum(row_max[rows], scores.amax(2))
         probabilities = scores.sub_(new_max.unsqueeze(2)).exp_()  # (n_objects, HW, n)
         alpha = torch.exp(row_max[rows] - new_max)
@@ -103,12 +75,12 @@ def torch_forward(q, k, v, scale, l2, lengths=None):
     return out, row_max + torch.log(row_sum)
 
 
-@_without_autocast
+@without_autocast
 def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """(dq shaped like q, dk, dv) of the read, one memory chunk at a time; with lengths, one
     object at a time over its own positions (zero dk, dv past them)."""
     if lengths is not None:
-        dq = torch.zeros(q.shape, dtype=_accumulation_dtype(q.dtype), device=q.device)
+        dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         for b, q_b, length in _per_object(q, lengths):
             grads = torch_backward(
@@ -120,7 +92,7 @@ def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=Non
         return dq.to(q.dtype), dk, dv
     B, Ck, N = k.shape
     HW = q.shape[2]
-    acc_dtype = _accumulation_dtype(v.dtype)
+    acc_dtype = accumulation_dtype(v.dtype)
     d_out = grad_out.to(acc_dtype)  # (B, Cv, HW)
     d_out_rows = d_out.transpose(1, 2).contiguous()  # (B, HW, Cv)
     delta = (d_out * out.to(acc_dtype)).sum(1)
@@ -134,12 +106,12 @@ def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=Non
     dk = new_buffer((B, Ck, N), k.dtype, k.device)
     dv = new_buffer(v.shape[:2] + (N,), v.dtype, v.device)
     q_grad_scale = 2 * scale if l2 else scale
-    chunk = _chunk_length(B, HW, N)
+    chunk = chunk_length(B, HW, N)
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
         k_chunk = k[:, :, start:stop].to(acc_dtype).contiguous()
         v_chunk = v[:, :, start:stop].to(acc_dtype)
-        probabilities = _scores(q_rows, k_chunk, scale, l2).sub_(lse).exp_()  # (B, HW, n)
+        probabilities = chunk_scores(q_rows, k_chunk, scale, l2).sub_(lse).exp_()  # (B, HW, n)
         dv[:, :, start:stop] = torch.bmm(d_out, probabilities)
         d_scores = torch.bmm(d_out_rows, v_chunk).sub_(delta).mul_(probabilities)
         dk_chunk = torch.matmul(q_cols, d_scores).mul_(q_grad_scale)  # (B, Ck, n)

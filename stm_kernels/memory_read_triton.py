@@ -121,7 +121,8 @@ def _dot_precision(dtype):
 
 
 def _tile_span(sizes, strides):
-    return sum(triton.next_power_of_2(size) * abs(stride) for size, stride in zip(sizes, strides))
+    return sum(triton.next_power_of_2(size) * abs(stride)
+               for size, stride in zip(sizes, strides, strict=True))
 
 
 def _needs_int64(*tensors, outputs=()):
@@ -148,7 +149,8 @@ def _memory_strides(name, t, align):
 
 
 def _strides(name, t, suffixes):
-    return {f"stride_{name}{suffix}": stride for suffix, stride in zip(suffixes, t.stride())}
+    return {f"stride_{name}{suffix}": stride
+            for suffix, stride in zip(suffixes, t.stride(), strict=True)}
 
 
 def _padded_rows(t, compact=False):

@@ -3,6 +3,8 @@ from typing import Sequence
 
 import torch
 
+from .torch_common import accumulation_dtype
+
 
 def merge_reads(outs: Sequence[torch.Tensor],
                 lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,16 +29,16 @@ def merge_reads(outs: Sequence[torch.Tensor],
         raise ValueError(
             f"merge_reads expects outs of shape (B, Cv, *Q) and lses of shape (B, *Q); got "
             f"outs[0] {tuple(out_shape)} and lses[0] {tuple(lse_shape)}")
-    for index, (out, lse) in enumerate(zip(outs, lses)):
+    for index, (out, lse) in enumerate(zip(outs, lses, strict=True)):
         if out.shape != out_shape or lse.shape != lse_shape:
             raise ValueError(
                 f"merge_reads: outs[{index}] {tuple(out.shape)} / lses[{index}] "
                 f"{tuple(lse.shape)} differ from outs[0] {tuple(out_shape)} / lses[0] "
                 f"{tuple(lse_shape)}")
-    acc_dtype = torch.float64 if lses[0].dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(lses[0].dtype)
     device = outs[0].device
     stacked = torch.stack([lse.to(device, acc_dtype) for lse in lses])  # (S, B, *Q)
     lse = torch.logsumexp(stacked, dim=0)
     weights = torch.exp(stacked - lse).unsqueeze(2)  # (S, B, 1, *Q)
-    out = sum(w * o.to(device, acc_dtype) for w, o in zip(weights, outs))
+    out = sum(w * o.to(device, acc_dtype) for w, o in zip(weights, outs, strict=True))
     return out.to(outs[0].dtype), lse

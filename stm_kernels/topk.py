@@ -16,7 +16,8 @@ import torch
 
 from . import checks
 from .memory_read_naive import naive_scores
-from .memory_read_torch import CHUNK_ELEMENTS, _accumulation_dtype, _scores, _without_autocast
+from . import torch_common
+from .torch_common import accumulation_dtype, chunk_scores, without_autocast
 
 TRITON_MAX_TOP_K = 64
 
@@ -58,20 +59,20 @@ def _merge(best, candidates):
     return values.gather(-1, order), indices.gather(-1, order)
 
 
-@_without_autocast
+@without_autocast
 def torch_select(q, k, top_k, scale, l2, lengths=None):
     """(scores (B, HW, top_k), indices) of the top_k memory positions of each query, streaming
     over memory chunks (scores in the accumulation dtype; index -1 / score -inf where an object
     has fewer than top_k positions)."""
     B, _, N = k.shape
     HW = q.shape[2]
-    acc_dtype = _accumulation_dtype(k.dtype)
+    acc_dtype = accumulation_dtype(k.dtype)
     q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()
-    chunk = max(top_k, CHUNK_ELEMENTS // max(B * HW, 1))
+    chunk = max(top_k, torch_common.CHUNK_ELEMENTS // max(B * HW, 1))
     best = None
     for start in range(0, N, chunk):
         k_chunk = k[:, :, start:start + chunk].to(acc_dtype).contiguous()
-        scores = _scores(q_rows, k_chunk, scale, l2)  # (B, HW, n)
+        scores = chunk_scores(q_rows, k_chunk, scale, l2)  # (B, HW, n)
         if lengths is not None:
             positions = torch.arange(start, start + scores.shape[2], device=k.device)
             scores.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
@@ -83,7 +84,7 @@ def torch_select(q, k, top_k, scale, l2, lengths=None):
 
 def naive_select(q, k, top_k, scale, l2, lengths=None):
     """The same from the materialised (B, HW, N) scores (the reference)."""
-    acc_dtype = _accumulation_dtype(k.dtype)
+    acc_dtype = accumulation_dtype(k.dtype)
     scores = naive_scores(q.to(acc_dtype), k.to(acc_dtype), scale, l2, lengths).transpose(1, 2)
     return _padded(*exact_topk(scores, min(top_k, scores.shape[2])), top_k)
 
@@ -120,16 +121,17 @@ def _gathered(t, indices):
     return torch.gather(t, 2, flat).view(B, C, h, k)
 
 
-@_without_autocast
+@without_autocast
 def selected_read(q, k, v, indices, scale, l2):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW), probabilities (B, HW, k)) of the softmax over
     the given positions only (index -1: unused slot; a query with none gets out 0, lse -inf).
     Differentiable in q, k, v: autograd saves the gathered keys and values, O(HW * k) memory
     whatever N; without gradients the queries are processed in chunks of bounded size."""
-    acc_dtype = _accumulation_dtype(v.dtype)
+    acc_dtype = accumulation_dtype(v.dtype)
     B, HW, top_k = indices.shape
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    step = HW if grad else max(1, CHUNK_ELEMENTS // max(B * top_k * (k.shape[1] + v.shape[1]), 1))
+    per_query = B * top_k * (k.shape[1] + v.shape[1])  # gathered elements per query position
+    step = HW if grad else max(1, torch_common.CHUNK_ELEMENTS // max(per_query, 1))
     outs, lses, probabilities = [], [], []
     for start in range(0, HW, step):
         part = indices[:, start:start + step]
@@ -205,5 +207,5 @@ def read_selected(query_key, memory_key, memory_value, indices, *, scale=None,
     out, lse, _ = selected_read(call.q, checks.concatenated(call.keys),
                                 checks.concatenated(call.values), flat, call.scale, call.l2)
     out = out.unflatten(2, call.query_spatial)
-    lse = lse.to(torch.float64 if lse.dtype == torch.float64 else torch.float32)
+    lse = lse.to(accumulation_dtype(lse.dtype))
     return (out, lse.unflatten(1, call.query_spatial)) if return_lse else out

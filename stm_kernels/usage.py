@@ -11,10 +11,10 @@ and Cutie use usage as a statistic, not in the loss.
 import torch
 
 from .memory_read_naive import naive_scores
-from .memory_read_torch import _accumulation_dtype, _chunk_length, _without_autocast
+from .torch_common import accumulation_dtype, chunk_length, without_autocast
 
 
-@_without_autocast
+@without_autocast
 def torch_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 usage of the memory positions, one memory chunk at a time. The shifted
     scores s_ij - lse_i come out of one product over augmented channels (q' = [scale q, -lse],
@@ -22,7 +22,7 @@ def torch_usage(q, k, lse, scale, l2, lengths=None):
     costs one product, one exp and a sum over the queries."""
     B, Ck, N = k.shape
     HW = q.shape[2]
-    acc_dtype = _accumulation_dtype(k.dtype)
+    acc_dtype = accumulation_dtype(k.dtype)
     lse = lse.to(acc_dtype)
     q_rows = q.to(acc_dtype).transpose(1, 2).expand(B, -1, -1)  # (B, HW, Ck)
     columns = [q_rows * (2 * scale if l2 else scale)]
@@ -31,7 +31,7 @@ def torch_usage(q, k, lse, scale, l2, lengths=None):
     q_aug = torch.cat(columns + [-lse.unsqueeze(2)], 2)  # (B, HW, Ck + 1 or 2)
     usage = torch.zeros((B, N), dtype=torch.float32, device=k.device)
     ones = q_aug.new_ones((B, 1, HW))
-    chunk = _chunk_length(B, HW, N)
+    chunk = chunk_length(B, HW, N)
     for start in range(0, N, chunk):
         k_chunk = k[:, :, start:start + chunk].to(acc_dtype)
         n = k_chunk.shape[2]
@@ -48,7 +48,7 @@ def torch_usage(q, k, lse, scale, l2, lengths=None):
 
 def naive_usage(q, k, lse, scale, l2, lengths=None):
     """The same from the materialised (B, N, HW) scores."""
-    acc_dtype = _accumulation_dtype(k.dtype)
+    acc_dtype = accumulation_dtype(k.dtype)
     scores = naive_scores(q.to(acc_dtype), k.to(acc_dtype), scale, l2, lengths)
     return torch.exp(scores - lse.to(acc_dtype).unsqueeze(1)).sum(2).float()
 

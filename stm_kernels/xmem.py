@@ -37,35 +37,37 @@ def _as_memory_chunks(shrinkage, keys):
                          f"memory (or one chunk per memory_key chunk); got {len(chunks)} chunks "
                          f"for {len(keys)}")
     flat = []
-    for index, (chunk, key) in enumerate(zip(chunks, keys)):
-        name = "shrinkage" if len(keys) == 1 else f"shrinkage[{index}]"
-        if not isinstance(chunk, torch.Tensor) or not chunk.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor; got "
-                            f"{type(chunk).__name__}")
-        chunk = chunk.flatten(2) if chunk.dim() > 3 else chunk
-        if chunk.dim() != 3 or tuple(chunk.shape) != (key.shape[0], 1, key.shape[2]):
-            raise ValueError(f"{name} must have shape (B={key.shape[0]}, 1, N={key.shape[2]}) "
-                             f"(or (B, 1, T, H, W)) to match the memory; got shape "
-                             f"{tuple(chunk.shape)}")
-        if chunk.device != key.device:
-            raise ValueError(f"{name} must be on the memory's device {key.device}; got "
-                             f"{chunk.device}")
-        flat.append(chunk)
+    for index, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
+        B, N = key.shape[0], key.shape[2]
+        flat.append(_checked("shrinkage" if len(keys) == 1 else f"shrinkage[{index}]", chunk,
+                             shapes=[(B, 1, N)], spatial_dims=None,
+                             described=f"shape (B={B}, 1, N={N}) (or (B, 1, T, H, W)) to match "
+                                       "the memory", like=key, owner="memory"))
     return flat
 
 
 def _checked_selection(selection, q):
-    if not isinstance(selection, torch.Tensor) or not selection.is_floating_point():
-        raise TypeError(f"selection must be a floating-point torch.Tensor; got "
-                        f"{type(selection).__name__}")
-    flat = selection.flatten(2) if selection.dim() == 4 else selection
-    if flat.dim() != 3 or flat.shape[1:] != q.shape[1:] or flat.shape[0] not in (1, q.shape[0]):
-        raise ValueError(f"selection must have the query's shape (Bq={q.shape[0]}, "
-                         f"Ck={q.shape[1]}, HW={q.shape[2]}) (or (Bq, Ck, H, W)); got shape "
-                         f"{tuple(selection.shape)}")
-    if selection.device != q.device:
-        raise ValueError(f"selection must be on the query's device {q.device}; got "
-                         f"{selection.device}")
+    Bq, Ck, HW = q.shape
+    return _checked("selection", selection, shapes=[(1, Ck, HW), (Bq, Ck, HW)], spatial_dims=2,
+                    described=f"the query's shape (Bq={Bq}, Ck={Ck}, HW={HW}) (or (Bq, Ck, H, W))",
+                    like=q, owner="query")
+
+
+def _checked(name, value, *, shapes, spatial_dims, described, like, owner):
+    """value with its dimensions from the third on flattened into one (when it has up to
+    2 + spatial_dims of them; None: any number), after checking that it is a floating-point
+    tensor of one of the (flattened) shapes on like's device: TypeError or ValueError
+    otherwise, saying that it `must have {described}`."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor; got "
+                        f"{type(value).__name__}")
+    flatten = value.dim() > 3 and (spatial_dims is None or value.dim() <= 2 + spatial_dims)
+    flat = value.flatten(2) if flatten else value
+    if tuple(flat.shape) not in shapes:
+        raise ValueError(f"{name} must have {described}; got shape {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} must be on the {owner}'s device {like.device}; got "
+                         f"{value.device}")
     return flat
 
 
@@ -81,7 +83,7 @@ def augment(q, keys, scale, shrinkage=None, selection=None):
     else:
         q_aug = torch.cat([2 * q, -torch.ones_like(q)], 1)
     augmented = []
-    for key, shrink in zip(keys, shrinks):
+    for key, shrink in zip(keys, shrinks, strict=True):
         parts = [key, key * key]
         if selection is not None:
             parts.append(torch.ones_like(key[:, :1]))

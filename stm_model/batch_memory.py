@@ -88,7 +88,7 @@ class BatchedMemory:
         kept = self.rows_in_use - len(freed)
         moves = []  # (from row, to row)
         tail = [row for row in range(kept, self.rows_in_use) if self.owners[row] is not group]
-        for target, source in zip([row for row in freed if row < kept], tail):
+        for target, source in zip([row for row in freed if row < kept], tail, strict=True):
             moves.append((source, target))
         if moves:
             sources = torch.tensor([s for s, _ in moves], device=self.device)

@@ -130,7 +130,7 @@ class BatchSegmenter(SessionCore):
         with self.autocast():
             foreground = self._predict(videos, padded)
         results = {}
-        for index, (video, (frame, mask)) in enumerate(zip(videos, checked.values())):
+        for index, (video, (frame, mask)) in enumerate(zip(videos, checked.values(), strict=True)):
             probs, keep = self._probabilities(video, foreground[index].float(), mask)
             probs = unpad(probs, pad)
             # memorised as the official code does: the returned (cropped) probabilities
@@ -196,14 +196,15 @@ class BatchSegmenter(SessionCore):
             inputs.append(self.model.memory_encoder_inputs(padded.unsqueeze(0), object_probs))
             entries += [(group, keep, frame_index) for group in video.groups]
             video.pending = None
-        inputs = [torch.cat(parts) for parts in zip(*inputs)]  # frames, masks, others, ...
+        # frames, masks, others (each object's rows, all videos together)
+        inputs = [torch.cat(parts) for parts in zip(*inputs, strict=True)]
         encoded = []
         with self.autocast():
             for part in self._calls(inputs[0].shape[0], inputs[0].shape[-2:]):
                 r4, _, _ = self.model.memory_encoder(*(x[part] for x in inputs))
                 encoded.append(self.model.memory_key_value(r4))
         keys, values = (torch.cat(parts) if len(parts) > 1 else parts[0]
-                        for parts in zip(*encoded))
+                        for parts in zip(*encoded, strict=True))
         self.memory.add(entries, keys, values)
 
     def _predict(self, videos, padded):
@@ -251,7 +252,7 @@ class BatchSegmenter(SessionCore):
         if len(parts) == 1:
             return parts[0]
         return QueryFeatures(*(torch.cat(features)
-                               for features in zip(*(q.tensors() for q in parts))))
+                               for features in zip(*(q.tensors() for q in parts), strict=True)))
 
     def _probabilities(self, video, foreground, mask):
         """(probabilities (K, Hp, Wp), keep in memory) of a video's frame; a mask's new ids

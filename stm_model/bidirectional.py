@@ -254,7 +254,7 @@ def _frames(frames, indices):
 
 
 def _run(segmenter, frames, masks, indices):
-    for index, frame in zip(indices, _frames(frames, indices)):
+    for index, frame in zip(indices, _frames(frames, indices), strict=True):
         pixels = frame.tensor if isinstance(frame, video_io.Frame) else frame
         probs = segmenter.step(pixels, mask=_mask(masks, index))
         yield FrameResult(index, frame, probs, list(segmenter.object_ids))

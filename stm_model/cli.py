@@ -48,6 +48,7 @@ class UsageError(Exception):
 # ValueError covers CheckpointError, ScribbleError, FrameReadError and JSON errors, OSError
 # covers missing, unreadable and unwritable paths.
 USER_ERRORS = (UsageError, ValueError, OSError, ImportError)
+AMP_DTYPES = [name for name in DTYPES if name != "fp32"]  # --amp: autocast's lower precisions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,23 +155,14 @@ def _segment_parser(parser):
                              "(they are removed first; without it such a folder is refused)")
     parser.add_argument("--batch-size", type=_count(1), default=4,
                         help="with a DAVIS-format root: sequences segmented together")
-    parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
-                                             "checkpoint; without it the model is untrained")
-    parser.add_argument("--config", choices=["official", "small"], default="official",
-                        help="model size when no checkpoint is given")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--mem-every", type=_count(1), default=5)
-    parser.add_argument("--memory-dtype", choices=sorted(DTYPES))
-    parser.add_argument("--max-memory-frames", type=_count(2))
+    _model_arguments(parser, device_help="auto, cpu, cuda or cuda:N")
+    _memory_arguments(parser)
     parser.add_argument("--offload", action="store_true", help="keep the memory in CPU RAM")
     parser.add_argument("--offload-chunk-frames", type=_count(1), default=64,
                         help="with --offload: memory frames copied to the device per read step")
     parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
                         help="refuse masks with more object ids than this (default "
                              f"{DEFAULT_MAX_OBJECTS}; often a colour image read as ids)")
-    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="memory read implementation (default: auto)")
     parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4")
     parser.add_argument("--fps", type=_positive_float,
                         help="overlay frame rate (default: the video's, else 24)")
@@ -184,6 +176,25 @@ def _segment_parser(parser):
                              "at most PIXELS (masks are written at the frames' size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=segment)
+
+
+def _model_arguments(parser, device_help):
+    """--checkpoint, --config, --device: the model a segmenting command runs, and where."""
+    parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
+                                             "checkpoint; without it the model is untrained")
+    parser.add_argument("--config", choices=["official", "small"], default="official",
+                        help="model size when no checkpoint is given")
+    parser.add_argument("--device", default="auto", help=device_help)
+
+
+def _memory_arguments(parser):
+    """The memory and network options of a VideoSegmenter / BatchSegmenter."""
+    parser.add_argument("--mem-every", type=_count(1), default=5)
+    parser.add_argument("--memory-dtype", choices=sorted(DTYPES))
+    parser.add_argument("--max-memory-frames", type=_count(2))
+    parser.add_argument("--amp", choices=AMP_DTYPES, help="autocast the network")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="memory read implementation (default: auto)")
 
 
 def _device(name):
@@ -412,21 +423,12 @@ def _dataset_parser(parser):
                         help="sequences segmented together (one network batch)")
     parser.add_argument("--size", type=_count(1), nargs=2, metavar=("H", "W"),
                         help="segment at this size (masks are written at the frames' size)")
-    parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
-                                             "checkpoint; without it the model is untrained")
-    parser.add_argument("--config", choices=["official", "small"], default="official",
-                        help="model size when no checkpoint is given")
-    parser.add_argument("--device", default="auto",
-                        help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--mem-every", type=_count(1), default=5)
-    parser.add_argument("--memory-dtype", choices=sorted(DTYPES))
-    parser.add_argument("--max-memory-frames", type=_count(2))
+    _model_arguments(parser, device_help="auto, cpu, cuda or cuda:N (under torchrun: "
+                                         "cuda:LOCAL_RANK)")
+    _memory_arguments(parser)
     parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
                         help="refuse a sequence whose masks give more object ids than this "
                              f"(default {DEFAULT_MAX_OBJECTS})")
-    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="memory read implementation (default: auto)")
     parser.add_argument("--workers", type=_count(0), default=4,
                         help="threads decoding frames and writing masks")
     parser.add_argument("--eval", action="store_true",
@@ -540,7 +542,7 @@ def _interactive_parser(parser):
     parser.add_argument("--line-width", type=_count(1), default=3,
                         help="scribble width in pixels (at most the frames' smaller side)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast the network")
+    parser.add_argument("--amp", choices=AMP_DTYPES, help="autocast the network")
     parser.add_argument("--backend", choices=BACKENDS)
     parser.add_argument("--output", default="interactive_eval_output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -674,7 +676,7 @@ def evaluate_results(results, annotations, sequences=None, output=None):
                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         truth = [video_io.read_mask(p) for p in truth_paths]
         predicted = [video_io.read_mask(result_folder / p.name, expected_hw=t.shape)
-                     for p, t in zip(truth_paths, truth)]
+                     for p, t in zip(truth_paths, truth, strict=True)]
         scored[name] = metrics.evaluate_sequence(truth, predicted)
     per_object, global_row = metrics.summarize(scored)
     print(metrics.format_table(per_object, global_row))

@@ -38,7 +38,7 @@ def max_skip_schedule(step, total_steps, start=1, peak=10, end=5):
 def _choose_objects(labels, rng, max_objects, min_pixels):
     """Remap up to max_objects ids visible on frame 0 (at least min_pixels) to 1..n."""
     ids, counts = np.unique(labels[0], return_counts=True)
-    visible = [int(i) for i, c in zip(ids, counts) if i != 0 and c >= min_pixels]
+    visible = [int(i) for i, c in zip(ids, counts, strict=True) if i != 0 and c >= min_pixels]
     rng.shuffle(visible)
     chosen = visible[:max_objects]
     remapped = np.zeros_like(labels)
@@ -83,7 +83,7 @@ class SyntheticClips(_Clips):
         video = SyntheticVideo(int(rng.integers(HELD_OUT_SEEDS)), *self.size)
         times = int(rng.integers(0, 3000)) + np.concatenate(
             [[0], np.cumsum(rng.integers(1, max_skip + 1, size=self.clip_len - 1))])
-        images, labels = zip(*(video.render(int(t)) for t in times))
+        images, labels = zip(*(video.render(int(t)) for t in times), strict=True)
         labels, count = _choose_objects(np.stack(labels), rng, self.max_objects, self.min_pixels)
         return _item(np.stack(images), labels, count)
 

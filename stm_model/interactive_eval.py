@@ -46,7 +46,7 @@ class RobotUser:
         """The frame with the lowest mean J over the objects."""
         per_frame = [np.mean([metrics.region_similarity(gt == k, pred == k)
                               for k in range(1, num_objects + 1)])
-                     for gt, pred in zip(gt_labels, pred_labels)]
+                     for gt, pred in zip(gt_labels, pred_labels, strict=True)]
         return int(np.argmin(per_frame))
 
     def interact(self, gt_labels, pred_labels, num_objects, frame=None, sequence=None):

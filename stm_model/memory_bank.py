@@ -185,7 +185,8 @@ class MemoryBank:
             return self._sharded_read(query_key, options)
         if not self.offload:
             return memory_read(query_key, *self.memory_views(), **options)
-        return merge_reads(*zip(*self._offloaded_reads(query_key, self.num_frames, options)))[0]
+        reads = self._offloaded_reads(query_key, self.num_frames, options)
+        return merge_reads(*zip(*reads, strict=True))[0]
 
     def _offloaded_reads(self, query_key, frames, options):
         """(out, lse) of the first `frames` stored frames, chunk_frames at a time on the
@@ -206,7 +207,7 @@ class MemoryBank:
                                 self.shard_group, **options)
         reads = self._offloaded_reads(query_key, frames, options)
         if reads:
-            out, lse = merge_reads(*zip(*reads))
+            out, lse = merge_reads(*zip(*reads, strict=True))
         else:  # no frame on this rank yet: an empty read (out 0, lse -inf)
             shape = (self.num_objects,) + tuple(query_key.shape[2:])
             out = torch.zeros((shape[0], self.value_dim) + shape[1:], dtype=self.dtype,

@@ -242,7 +242,7 @@ def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008):
     pred_frames = _label_stack(pred_labels, "pred")
     if len(gt_frames) != len(pred_frames):
         raise ValueError(f"gt has {len(gt_frames)} frames and pred has {len(pred_frames)}")
-    for t, (gt, pred) in enumerate(zip(gt_frames, pred_frames)):
+    for t, (gt, pred) in enumerate(zip(gt_frames, pred_frames, strict=True)):
         if gt.shape != pred.shape:
             raise ValueError(f"frame {t}: gt shape {gt.shape} and pred shape {pred.shape} differ")
 
@@ -256,7 +256,7 @@ def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008):
     n_frames = len(gt_frames)
     j_values = np.empty((len(ids), n_frames))
     f_values = np.empty((len(ids), n_frames))
-    for t, (gt, pred) in enumerate(zip(gt_frames, pred_frames)):
+    for t, (gt, pred) in enumerate(zip(gt_frames, pred_frames, strict=True)):
         for k, object_id in enumerate(ids):
             gt_mask, pred_mask = gt == object_id, pred == object_id
             j_values[k, t] = region_similarity(gt_mask, pred_mask)
@@ -327,7 +327,7 @@ def summarize(sequence_results, exclude_first_last=True):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=RuntimeWarning)  # no objects: NaN
             means = table.mean(axis=0) if len(table) else np.full(3, np.nan)
-        for name, value in zip(("Mean", "Recall", "Decay"), means):
+        for name, value in zip(("Mean", "Recall", "Decay"), means, strict=True):
             global_row[f"{measure}-{name}"] = float(value)
     global_row["J&F-Mean"] = (global_row["J-Mean"] + global_row["F-Mean"]) / 2
     return per_object, {column: global_row[column] for column in GLOBAL_COLUMNS}

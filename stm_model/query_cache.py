@@ -43,5 +43,6 @@ class QueryFeatureCache:
                 self._features[t] = QueryFeatures(*(
                     x[i:i + 1].to(self.device, self.dtype) for x in encoded))
         kept = [self._features[t].tensors() for t in frames]
-        return QueryFeatures(*(torch.cat(parts).to(device, dtype) for parts in zip(*kept)))
+        return QueryFeatures(*(torch.cat(parts).to(device, dtype)
+                               for parts in zip(*kept, strict=True)))
 

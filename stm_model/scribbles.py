@@ -20,6 +20,7 @@ be object k but are not, k = 0 the background) are thinned to a one-pixel skelet
 skeleton for training, the longest path of the skeleton for the robot.
 """
 import collections
+import itertools
 import numbers
 
 import numpy as np
@@ -104,7 +105,8 @@ def fuse_scribbles(earlier, later):
         raise ScribbleError(f"cannot fuse scribbles of {len(earlier['scribbles'])} and "
                             f"{len(later['scribbles'])} frames")
     return {"sequence": later.get("sequence", earlier.get("sequence")),
-            "scribbles": [a + b for a, b in zip(earlier["scribbles"], later["scribbles"])]}
+            "scribbles": [a + b for a, b in zip(earlier["scribbles"], later["scribbles"],
+                                                strict=True)]}
 
 
 # ------------------------------------------------------------------------------- rasterisation
@@ -122,7 +124,7 @@ def rasterize(strokes, height, width, line_width=1):
         points = np.rint(np.asarray(stroke["path"], dtype=np.float64) * scale).astype(np.int64)
         stroke_mask = np.zeros((height, width), dtype=bool)
         stroke_mask[points[0, 1], points[0, 0]] = True
-        for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
             rows, cols = draw.line(y0, x0, y1, x1)
             stroke_mask[rows, cols] = True
         if footprint is not None:

@@ -254,7 +254,7 @@ class VideoSegmenter(SessionCore):
                     # strided views excludes (a second graph); the bank's next permanent frame
                     # would grow it anyway
                     bank.reserve(bank.capacity + 1)
-            keys, values = zip(*(bank.memory_views() for bank in self.banks))
+            keys, values = zip(*(bank.memory_views() for bank in self.banks), strict=True)
             return compiled.predict(self.model, padded, compiled.dynamic(keys),
                                     compiled.dynamic(values), config.similarity,
                                     self.read_backend)
@@ -295,7 +295,7 @@ def _predict_from_views(model, padded, keys, values, similarity, backend):
     them as one graph (the read is an opaque custom op in it)."""
     query = model.encode_query(padded)
     readout = torch.cat([memory_read(query.key, k, v, similarity=similarity, backend=backend)
-                         for k, v in zip(keys, values)])
+                         for k, v in zip(keys, values, strict=True)])
     return _foreground(model, readout, query)
 
 

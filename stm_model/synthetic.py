@@ -162,7 +162,7 @@ class SyntheticVideo:
         angles = offset + 2 * math.pi * np.arange(self.num_objects) / self.num_objects
         starts = [(0.5 + 0.26 * math.sin(a), 0.5 + 0.26 * math.cos(a)) for a in angles]
         self.objects = [_Object(rng, height, width, leaves, start)
-                        for leaves, start in zip(leaving, starts)]
+                        for leaves, start in zip(leaving, starts, strict=True)]
         self.noise = noise
         self._ys, self._xs = np.mgrid[0:height, 0:width].astype(np.float64)
 

@@ -251,7 +251,7 @@ def train(config, show_progress=True):
     progress = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
                     disable=rank != 0 or not show_progress)
     tick, clips = time.perf_counter(), 0
-    for step, batch in zip(range(start, config.steps), loader):
+    for step, batch in zip(range(start, config.steps), loader, strict=False):
         loss = clip_loss(forward, batch, device, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -27,8 +27,9 @@ def skip_unless_runnable(backend, device, dtype=torch.float32):
 
 
 def rel_error(actual, expected):
-    """‖actual − expected‖ / ‖expected‖ in float64; inf when actual has a NaN or Inf."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    """‖actual − expected‖ / ‖expected‖ in float64 (tensors or arrays); inf when actual has a
+    NaN or Inf."""
+    actual, expected = (torch.as_tensor(x).detach().double().cpu() for x in (actual, expected))
     if not torch.isfinite(actual).all():
         return float("inf")
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
@@ -67,7 +68,7 @@ def synthetic_video(frames, size=(64, 64), seed=3, objects=2):
     from stm_model.datasets import HELD_OUT_SEEDS
     from stm_model.synthetic import SyntheticVideo
     video = SyntheticVideo(HELD_OUT_SEEDS + seed, *size, num_objects=objects)
-    images, labels = zip(*video.frames(frames))
+    images, labels = zip(*video.frames(frames), strict=True)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), np.stack(labels)
 
 
@@ -78,7 +79,7 @@ def write_davis_folder(root, frames, labels, name="synth"):
     from stm_model import video_io
     images = root / "JPEGImages" / "480p" / name
     images.mkdir(parents=True, exist_ok=True)
-    for t, (frame, mask) in enumerate(zip(frames, labels)):
+    for t, (frame, mask) in enumerate(zip(frames, labels, strict=True)):
         array = (frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(array).save(images / f"{t:05d}.jpg", quality=95)
         video_io.write_mask(root / "Annotations" / "480p" / name / f"{t:05d}.png",

@@ -55,7 +55,7 @@ def _alone(model, name, images, labels, **options):
 
 def _assert_same(batched, alone):
     assert len(batched) == len(alone)
-    for t, (ours, theirs) in enumerate(zip(batched, alone)):
+    for t, (ours, theirs) in enumerate(zip(batched, alone, strict=True)):
         assert ours.shape == theirs.shape, t
         assert (ours - theirs).abs().max() < TOLERANCE, t
 
@@ -208,7 +208,7 @@ def test_batched_memory_reads_each_group_over_its_own_frames():
     banks = [MemoryBank(n, 8, 12, 3, 5) for n in sizes]
     for t in range(max(frames)):
         entries, keys, values = [], [], []
-        for index, (group, bank) in enumerate(zip(groups, banks)):
+        for index, (group, bank) in enumerate(zip(groups, banks, strict=True)):
             if t < frames[index]:
                 k, v = _random_frame(group.num_objects, 8, 12, (3, 5), seed=10 * t + index)
                 bank.add(k, v, permanent=t % 2 == 0, frame_index=t)
@@ -219,7 +219,7 @@ def test_batched_memory_reads_each_group_over_its_own_frames():
     assert memory.lengths() == [3, 3, 2, 3, 3, 3]  # odd frames are temporary
     query = torch.randn(6, 8, 3, 5, generator=torch.Generator().manual_seed(1))
     expected = torch.cat([bank.read(query[rows]) for bank, rows in zip(
-        banks, (slice(0, 2), slice(2, 3), slice(3, 6)))])
+        banks, (slice(0, 2), slice(2, 3), slice(3, 6)), strict=True)])
     assert torch.allclose(memory.read(query), expected, atol=1e-5)
     memory.remove_group(groups[0])
     order = groups[1].rows + groups[2].rows  # rows of the remaining objects, in bank order

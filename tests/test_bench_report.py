@@ -1,6 +1,7 @@
 """The README's benchmark tables come from the committed result files, unedited."""
 import json
 
+from bench import __main__ as suite
 from bench import report
 
 
@@ -9,7 +10,7 @@ def test_readme_tables_match_the_committed_results():
 
 
 def test_render_picks_the_newest_file_per_device(tmp_path):
-    base = {"benchmark": "memory_read", "device": "Test GPU", "device_type": "cuda",
+    base = {"benchmark": "kernel", "device": "Test GPU", "device_type": "cuda",
             "torch": "2", "triton": "3", "commit": "abcdef1234567890", "HW": 4, "Ck": 2,
             "Cv": 2, "matmul_tflops": {"bf16": 100.0}}
     record = {"provider": "triton", "pass": "fwd", "dtype": "bf16", "B": 1, "HW": 4, "N": 8,
@@ -18,11 +19,24 @@ def test_render_picks_the_newest_file_per_device(tmp_path):
     naive = dict(record, provider="naive", median_ms=8.0)
     old = dict(base, date="2026-01-01T00:00:00+00:00", records=[record])
     new = dict(base, date="2026-02-01T00:00:00+00:00", records=[record, naive])
-    (tmp_path / "memory_read_cuda_20260101T000000.json").write_text(json.dumps(old))
-    (tmp_path / "memory_read_cuda_20260201T000000.json").write_text(json.dumps(new))
-    text = report.rewrite("a\n<!-- bench:memory_read -->\nstale\n<!-- /bench:memory_read -->\n",
+    (tmp_path / "kernel_cuda_20260101T000000.json").write_text(json.dumps(old))
+    (tmp_path / "kernel_cuda_20260201T000000.json").write_text(json.dumps(new))
+    text = report.rewrite("a\n<!-- bench:kernel -->\nstale\n<!-- /bench:kernel -->\n",
                           tmp_path)
     assert "stale" not in text and "2026-02-01" in text and "Test GPU" in text
     assert ("| scaling | fwd | bf16 | 1 | 4 | 2 | 2 | 8 | 2.000 | 50.00 | 50% | 1.0 | n/a | "
             "4.00x | n/a | 1.0x |") in text
     assert report.render("training", tmp_path).startswith("_No `training` results")
+
+
+def test_results_of_the_old_kernel_name_are_read_as_kernel(tmp_path, capsys):
+    """Committed kernel results record "benchmark": "memory_read" (the name before "kernel");
+    kernel_work_* files share the file prefix but are another benchmark."""
+    path = report.RESULTS / "kernel_cpu_20261122T122706.json"
+    assert json.loads(path.read_text())["benchmark"] == "memory_read"
+    (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "kernel_work_sm90_20261123T020844.json").write_text(
+        (report.RESULTS / "kernel_work_sm90_20261123T020844.json").read_text())
+    assert [p["_file"] for p in report.newest_results("kernel", tmp_path).values()] == [path.name]
+    assert suite.render(tmp_path / path.name) == 0
+    assert "| targets | fwd | fp32 | 1 | 1620 | 128 | 512 | 162000 |" in capsys.readouterr().out

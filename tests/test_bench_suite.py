@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from bench import __main__ as suite
-from bench import interactive, interactive_eval, long_video, memory_read
+from bench import interactive, interactive_eval, kernel, long_video
 from helpers import synthetic_video, write_davis_folder
 
 
@@ -15,8 +15,9 @@ def test_kernel_sweep_runs_records_and_renders(tmp_path, monkeypatch, capsys):
     assert suite.main(["kernel", "--device", "cpu", "--hw", "16", "--ns", "64", "256",
                        "--batches", "2", "--providers", "torch", "naive",
                        "--passes", "fwd", "bwd", "--sweeps", "scaling"]) == 0
-    [path] = tmp_path.glob("memory_read_cpu_*.json")
+    [path] = tmp_path.glob("kernel_cpu_*.json")
     payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "kernel"
     assert payload["matmul_tflops"]["fp32"] > 0 and payload["commit"]
     records = payload["records"]
     assert {(r["provider"], r["pass"], r["N"]) for r in records} == {
@@ -40,7 +41,7 @@ def test_out_of_memory_and_time_cap_are_reported():
                            dict(ok, **{"pass": "fwd"}, N=40, status="oom"),
                            dict(ok, **{"pass": "bwd"}, N=10,
                                 status="not run (a call at the previous N took over 4 s)")]}
-    limits = memory_read.out_of_memory_points(payload)
+    limits = kernel.out_of_memory_points(payload)
     assert limits[("naive", "fwd", "bf16", 8)] == (20, 40, "oom")
     assert limits[("naive", "bwd", "bf16", 8)][:2] == (None, 10)
 
@@ -74,7 +75,8 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
         assert record["status"] == "ok" and len(record["frame_ms"]) == 12
         assert [c["length"] for c in record["checkpoints"]] == [6, 12]
         assert [c["memory_frames"] for c in record["checkpoints"]] == [3, 5]  # 0,3 + prev; 0..9
-        assert all(0 < r <= f for r, f in zip(record["read_ms"][1:], record["frame_ms"][1:]))
+        assert all(0 < r <= f for r, f in zip(record["read_ms"][1:], record["frame_ms"][1:],
+                                                 strict=True))
         assert record["read_ms"][0] == 0  # the first frame has no memory to read
     assert [r["read_backend"] for r in payload["records"]] == ["torch", "naive"]
     assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out

@@ -264,7 +264,7 @@ def test_a_run_killed_before_model_pt_writes_it_when_run_again(tmp_path, monkeyp
     model = train(config, show_progress=False)
     assert not any(path.exists() for path in stale)
     final = load_checkpoint(tmp_path / "model.pt")
-    for (name, a), b in zip(model.state_dict().items(), final.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), final.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert torch.load(tmp_path / "model.pt", weights_only=True)["step"] == 2
 

@@ -27,4 +27,4 @@ def test_dataset_throughput_records_every_variant_and_renders(tmp_path, monkeypa
     table = capsys.readouterr().out
     assert "| batched K=2 | 3 | 16 | 8 | 2.00 |" in table and "| one at a time | 3 | 16 | 16 |" \
         in table
-    assert "3 sequences (3-8 frames each), 48x32" in dataset_throughput.summarize(payload)
+    assert "3 sequences (3-8 frames each), 48x32" in dataset_throughput.summary(payload)

@@ -20,6 +20,8 @@ import traceback
 import pytest
 import torch
 
+from helpers import rel_error
+
 WORLD_SIZES = [2, 3]
 SHARD_SIZES = [37, 50, 23]  # positions per rank (ragged)
 WORLD_TIMEOUT_S = 240
@@ -44,8 +46,8 @@ def reference(q, ks, vs, *, lengths=None, top_k=None, scale=None, similarity="do
     usage = [torch.zeros(k.shape[0], k.shape[2], dtype=torch.float64) for k in ks]
     for b in range(B):
         counts = [k.shape[2] if lengths is None else int(lengths[r][b]) for r, k in enumerate(ks)]
-        key = torch.cat([k[b, :, :n] for k, n in zip(ks, counts)], 1)
-        value = torch.cat([v[b, :, :n] for v, n in zip(vs, counts)], 1)
+        key = torch.cat([k[b, :, :n] for k, n in zip(ks, counts, strict=True)], 1)
+        value = torch.cat([v[b, :, :n] for v, n in zip(vs, counts, strict=True)], 1)
         query = q[b if Bq > 1 else 0]
         scores = query.T @ key
         if similarity == "l2":
@@ -72,15 +74,6 @@ def reference(q, ks, vs, *, lengths=None, top_k=None, scale=None, similarity="do
                 dv=[v.grad for v in vs], usage=usage)
 
 
-def rel_error(actual, expected):
-    actual, expected = actual.detach().double().flatten(), expected.detach().double().flatten()
-    if not torch.isfinite(actual).all():
-        return math.inf
-    if expected.numel() == 0:
-        return 0.0
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 # A failed check is recorded, not raised: a rank that left a scenario early would leave the
 # others waiting in the scenario's next collective. The worker reports them after the scenario.
 FAILURES = []
@@ -95,7 +88,7 @@ def assert_close(name, actual, expected, bound):
     if tuple(actual.flatten().shape) != tuple(expected.flatten().shape):
         FAILURES.append(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
         return
-    error = rel_error(actual, expected)
+    error = rel_error(actual.flatten(), expected.flatten())
     check(error <= bound, f"{name}: relative error {error:.2e} > {bound:.0e}")
 
 
@@ -160,7 +153,7 @@ def needs_topk():
     try:
         from stm_kernels.topk import read_selected, topk_scores  # noqa: F401
     except ImportError:
-        raise Skipped("stm_kernels.topk is not available yet")
+        raise Skipped("stm_kernels.topk is not available yet") from None
 
 
 class Skipped(Exception):
@@ -295,7 +288,7 @@ def scenario_xmem(rank, world):
         assert_close("lse", lse, expected[1], bound)
         assert_close("usage", usage, expected[2][:, own], 2e-6)
         for name, leaf, reference_leaf in zip(("dq", "dk", "dv", "dshrinkage", "dselection"),
-                                              leaves, whole):
+                                              leaves, whole, strict=True):
             reference_grad = reference_leaf.grad
             if name in ("dk", "dv", "dshrinkage"):
                 reference_grad = reference_grad[:, :, own]
@@ -356,9 +349,9 @@ def scenario_merge_across_ranks(rank, world):
     q, ks, vs, cotangents = make_inputs(world, sizes=sizes)
     if ks[rank].shape[2]:
         reads = [single_read(q, k, v, return_lse=True)
-                 for k, v in zip(ks[rank].split(10, 2), vs[rank].split(10, 2))]
+                 for k, v in zip(ks[rank].split(10, 2), vs[rank].split(10, 2), strict=True)]
         from stm_kernels import merge_reads
-        out, lse = merge_reads(*zip(*reads))
+        out, lse = merge_reads(*zip(*reads, strict=True))
     else:
         out = torch.zeros(2, 20, 33, dtype=torch.float64)
         lse = torch.full((2, 33), -math.inf, dtype=torch.float64)

@@ -29,6 +29,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from helpers import rel_error  # noqa: E402
 from stm_kernels import memory_read_gluon as gluon_forward  # noqa: E402
 from stm_kernels import naive_memory_read  # noqa: E402
 
@@ -431,13 +432,6 @@ def _reference(q, k, v, scale, l2):
     return out, lse
 
 
-def _rel(actual, expected):
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 def _inputs(B, Bq, Ck, Cv, HW, N, dtype, device, seed=0, pad_n=0, batch_gap=0):
     """Random q, k, v; pad_n > 0 stores k, v with room for N + pad_n positions per row (a slice:
     the descriptor's N is ragged, TMA zero-fills past it); batch_gap > 0 leaves extra channels
@@ -483,8 +477,8 @@ def test_emulated_kernel_matches_reference(monkeypatch, B, Bq, Ck, Cv, HW, N, sp
     for seed in range(3):  # different interleavings of the partitions and TMA completions
         random.seed(seed)
         out, lse = _run_forward(q, k, v, scale, l2, splits, config)
-        assert _rel(lse, ref_lse) < 1e-5, (seed, _rel(lse, ref_lse))
-        assert _rel(out, ref_out) < TOLERANCE[dtype], (seed, _rel(out, ref_out))
+        assert rel_error(lse, ref_lse) < 1e-5, (seed, rel_error(lse, ref_lse))
+        assert rel_error(out, ref_out) < TOLERANCE[dtype], (seed, rel_error(out, ref_out))
     assert len(emulated.launches) == 3 * (B if batch_gap else 1)
 
 
@@ -514,5 +508,5 @@ def test_gpu_matches_reference(dtype, B, Bq, Ck, Cv, HW, N, splits, l2, pad_n, b
     out, lse = _run_forward(q, k, v, scale, l2, splits, config)
     torch.cuda.synchronize()
     ref_out, ref_lse = _reference(q, k, v, scale, l2)
-    assert _rel(out, ref_out) < TOLERANCE[dtype], _rel(out, ref_out)
-    assert _rel(lse, ref_lse) < 1e-4, _rel(lse, ref_lse)
+    assert rel_error(out, ref_out) < TOLERANCE[dtype], rel_error(out, ref_out)
+    assert rel_error(lse, ref_lse) < 1e-4, rel_error(lse, ref_lse)

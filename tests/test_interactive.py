@@ -1,5 +1,6 @@
 """Interactive STM: the session's rounds, memory and cache; the robot user and its scores;
 interactive training; `stm interactive-eval`."""
+import itertools
 import json
 import warnings
 
@@ -119,7 +120,8 @@ def test_as_interactive_keeps_the_semi_supervised_model_without_scribbles():
     with torch.no_grad():
         expected = model.encode_memory(frame, probs)
         empty = torch.zeros(1, 2, 2, 64, 64)
-        for actual, wanted in zip(interactive.encode_memory(frame, probs, empty), expected):
+        encoded = interactive.encode_memory(frame, probs, empty)
+        for actual, wanted in zip(encoded, expected, strict=True):
             torch.testing.assert_close(actual, wanted)
     with pytest.raises(ValueError, match="not interactive"):
         model.encode_memory(frame, probs, empty)
@@ -180,7 +182,7 @@ def test_masks_do_not_worsen_over_robot_rounds_on_held_out_videos():
         result = evaluate_interactive(model, frames, gt, rounds=8, batch_size=10)
         scores = [r["J&F"] for r in result["rounds"]]
         assert len(scores) >= 2, scores
-        assert all(later >= earlier - 0.02 for earlier, later in zip(scores, scores[1:])), \
+        assert all(later >= earlier - 0.02 for earlier, later in itertools.pairwise(scores)), \
             (seed, scores)
         assert scores[-1] >= scores[0], (seed, scores)
         annotated = [r["frame"] for r in result["rounds"]]

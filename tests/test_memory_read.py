@@ -1,4 +1,5 @@
 """memory_read (triton and torch backends) against a float64 reference of the official read."""
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from helpers import (DEVICES, TOLERANCE, random_inputs, read_with_grads, reference_with_grads,
                      rel_error, skip_unless_runnable)
 from stm_kernels import memory_read, merge_reads, poison_outputs
-from stm_kernels import memory_read_torch
+from stm_kernels import torch_common
 from stm_kernels import memory_read_triton as triton_module
 from stm_kernels.memory_read_triton import (BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
                                            use_configs)
@@ -33,7 +34,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _check(results, expected, dtype, grad_factor=3):
     names = ["out", "lse", "dq", "dk", "dv"]
-    for name, actual, reference in zip(names, results, expected):
+    for name, actual, reference in zip(names, results, expected, strict=True):
         if reference is None:
             continue
         bound = TOLERANCE[dtype] * (1 if name in ("out", "lse") else grad_factor)
@@ -128,8 +129,8 @@ def test_merge_reads_equals_one_read_over_the_whole_memory(device, backend):
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
     bounds = [0, 17, 18, 64, 100]
     reads = [memory_read(q, k[:, :, a:b], v[:, :, a:b], backend=backend, return_lse=True)
-             for a, b in zip(bounds, bounds[1:])]
-    out, lse = merge_reads(*zip(*reads))
+             for a, b in itertools.pairwise(bounds)]
+    out, lse = merge_reads(*zip(*reads, strict=True))
     generator = torch.Generator().manual_seed(1)  # the cotangents of read_with_grads
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
@@ -148,10 +149,10 @@ def test_merge_reads_rejects_mismatched_reads():
 
 
 def test_torch_backend_float64_gradcheck(monkeypatch):
-    monkeypatch.setattr(memory_read_torch, "CHUNK_ELEMENTS", 7 * 5)  # several memory chunks
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 7 * 5)  # several memory chunks
     q, k, v = random_inputs(2, 1, 6, 5, 7, 23, torch.float64, "cpu", seed=7)
     for similarity in ("dot", "l2"):
-        def read(q, k, v):
+        def read(q, k, v, similarity=similarity):
             return memory_read(q, k, v, backend="torch", similarity=similarity, return_lse=True)
         inputs = [t.requires_grad_() for t in (q, k, v)]
         assert torch.autograd.gradcheck(read, inputs)
@@ -160,7 +161,7 @@ def test_torch_backend_float64_gradcheck(monkeypatch):
 def test_torch_backend_chunks_agree_with_one_chunk(monkeypatch):
     q, k, v = random_inputs(3, 1, 16, 24, 40, 300, torch.float32, "cpu", seed=8)
     one_chunk = read_with_grads(q, k, v, backend="torch")
-    monkeypatch.setattr(memory_read_torch, "CHUNK_ELEMENTS", 3 * 40 * 13)  # 13-position chunks
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 3 * 40 * 13)  # 13-position chunks
     many_chunks = read_with_grads(q, k, v, backend="torch")
     _check(many_chunks, one_chunk, torch.float32)
 
@@ -420,7 +421,7 @@ def test_ragged_memory_with_splits_and_chunks(device, similarity):
     reads = [memory_read(qg, kg[:, :, a:b], vg[:, :, a:b], return_lse=True, backend="triton",
                          similarity=similarity, memory_lengths=torch.tensor(chunk, device=device))
              for (a, b), chunk in (((0, 100), [100, 20]), ((100, 160), [60, 1]))]
-    out, lse = merge_reads(*zip(*reads))
+    out, lse = merge_reads(*zip(*reads, strict=True))
     grad_out, grad_lse = cotangents
     ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
     keep = torch.cat([torch.arange(20), torch.tensor([100])])

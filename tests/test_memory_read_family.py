@@ -107,7 +107,8 @@ def check(actual, expected, dtype, grad_factor=3):
     assert rel_error(out, out64) < bound, ("out", rel_error(out, out64))
     assert rel_error(lse, lse64) < bound, ("lse", rel_error(lse, lse64))
     assert rel_error(usage, usage64) < bound, ("usage", rel_error(usage, usage64))
-    for name, grad, grad64 in zip(["dq", "dk", "dv", "dshrinkage", "dselection"], grads, grads64):
+    names = ["dq", "dk", "dv", "dshrinkage", "dselection"]
+    for name, grad, grad64 in zip(names, grads, grads64, strict=True):
         if grad64 is not None:
             assert grad is not None, name
             assert rel_error(grad, grad64) < grad_factor * bound, (name, rel_error(grad, grad64))
@@ -158,7 +159,7 @@ def test_top_k_ties_go_to_the_lower_memory_index(device, backend):
     q, k, _ = random_inputs(1, 1, 16, 8, 5, 40, torch.float32, device, seed=21)
     k[:, :, 30:40] = k[:, :, 10:20]  # positions 30-39 score exactly as 10-19
     scores, indices = topk_scores(q, k, 40, backend=backend)
-    for row_scores, row_indices in zip(scores[0], indices[0]):
+    for row_scores, row_indices in zip(scores[0], indices[0], strict=True):
         assert (row_scores[:-1] >= row_scores[1:]).all()
         for a in range(40):
             twin = row_indices[a].item()
@@ -168,7 +169,7 @@ def test_top_k_ties_go_to_the_lower_memory_index(device, backend):
     five = topk_scores(q, k, 15, backend=backend)[1]
     assert five.shape == (1, 5, 15)
     dense = dense_scores(q.double().cpu(), k.double().cpu(), 0.25, "dot")[0].T  # (HW, N)
-    for row, chosen in zip(dense, five[0].cpu()):
+    for row, chosen in zip(dense, five[0].cpu(), strict=True):
         order = torch.sort(row, descending=True, stable=True).indices[:15]
         assert chosen.tolist() == order.tolist()
 

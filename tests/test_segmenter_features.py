@@ -56,7 +56,7 @@ def test_start_on_a_later_frame_counts_video_indices(small_model):
     with pytest.raises(ValueError, match="first frame needs a mask"):
         seg.step(frames[5])
     actual = _run(seg, frames[5:], mask)
-    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
     # the schedule counts from frame 5; memory slots hold video indices
     assert seg.banks[0].slot_frames == [5, 8, 10] and seg.frame_index == 12
     with pytest.raises(ValueError, match=r"frame 12 is 63x48 \(WxH\)"):
@@ -64,7 +64,7 @@ def test_start_on_a_later_frame_counts_video_indices(small_model):
     # the helper: from the first mask of a {frame index: mask} mapping to the end
     results = list(segment_forward(seg, frames, {5: mask}))
     assert [r.index for r in results] == list(range(5, 12))
-    assert all(torch.equal(r.probs, e) for r, e in zip(results, expected))
+    assert all(torch.equal(r.probs, e) for r, e in zip(results, expected, strict=True))
     assert torch.equal(results[0].labels, mask)
     with pytest.raises(ValueError, match="start_frame must be a frame index"):
         VideoSegmenter(small_model, start_frame=-1)
@@ -79,7 +79,7 @@ def test_backward_pass_is_a_forward_run_over_the_reversed_frames(small_model):
     seg = VideoSegmenter(small_model, mem_every=2)
     results = list(segment_backward(seg, frames, {6: mask, 2: late}.get, start=6))
     assert [r.index for r in results] == [5, 4, 3, 2, 1, 0]
-    assert all(torch.equal(r.probs, e) for r, e in zip(results, expected[1:]))
+    assert all(torch.equal(r.probs, e) for r, e in zip(results, expected[1:], strict=True))
     assert results[-1].object_ids == [1, 2, 3] and seg.reverse
     assert seg.banks[0].slot_frames == [6, 4, 2, 1]  # kept: 6, 4, 2 (masked) + previous
 
@@ -240,14 +240,14 @@ def test_resized_segmentation_round_trips_to_the_input_size(small_model):
     small = [resize_frame(frame, (32, 48)) for frame in frames]
     expected = _run(VideoSegmenter(small_model, mem_every=2), small, mask[::2, ::2])
     assert torch.equal(seg.labels(actual[0]), mask) and actual[0].shape == (3, 64, 96)
-    for a, e in zip(actual[1:], expected[1:]):
+    for a, e in zip(actual[1:], expected[1:], strict=True):
         assert a.shape == (3, 64, 96)
         assert torch.allclose(a, upsample_probs(e, (64, 96)), atol=1e-5)
         assert torch.allclose(a.sum(0), torch.ones(64, 96), atol=1e-5)
     # frames already within the bound go through untouched
     plain = _run(VideoSegmenter(small_model, mem_every=2, max_internal_size=64), frames, mask)
     reference = _run(VideoSegmenter(small_model, mem_every=2), frames, mask)
-    assert all(torch.equal(a, e) for a, e in zip(plain, reference))
+    assert all(torch.equal(a, e) for a, e in zip(plain, reference, strict=True))
 
 
 def test_thin_objects_survive_the_downsized_memory(small_model):
@@ -287,7 +287,7 @@ def test_compiled_segmenter_matches_eager(trained_model, fresh_dynamo):
     compiled = _run(seg, frames, mask)
     assert seg.memory_frames == 18 and seg.banks[0].capacity == 32
     assert counters["stats"]["unique_graphs"] - graphs == 2
-    for c, e in zip(compiled, eager):
+    for c, e in zip(compiled, eager, strict=True):
         assert torch.allclose(c, e, atol=1e-4)
         assert torch.equal(seg.labels(c), seg.labels(e))
 

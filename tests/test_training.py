@@ -147,7 +147,8 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "clip_loss", real_loss)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     resumed = train(config, show_progress=False)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    pairs = zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
         assert torch.equal(a, b), name
     log = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
     assert log[0].startswith("step,loss") and [line.split(",")[0] for line in log[1:]] == \
@@ -194,7 +195,7 @@ def test_checkpointing_levels_give_the_same_gradients():
         clip_loss(ClipForward(model, checkpointing=level), batch, torch.device("cpu")).backward()
         gradients.append([p.grad for p in model.parameters()])
     for other in gradients[1:]:
-        for a, b in zip(gradients[0], other):
+        for a, b in zip(gradients[0], other, strict=True):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="checkpointing must be one of"):
         ClipForward(STM(STMConfig.small()), checkpointing="decoder")

@@ -1,0 +1,38 @@
+"""Pieces shared by the PyTorch paths of the read family (memory_read_torch, topk, usage,
+merge, distributed): the accumulation dtype, the memory chunking and the scores of a chunk."""
+import functools
+
+import torch
+
+# Score elements (B x HW x chunk) per memory chunk: 4M floats = 16 MB, a few of them alive.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def accumulation_dtype(dtype):
+    """The dtype sums, softmax statistics and log-sum-exps are kept in for inputs of `dtype`:
+    float64 for float64, float32 for everything else (fp16/bf16 products accumulate in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_length(B, HW, N):
+    """Memory positions per chunk so that a chunk's scores (B, HW, n) hold CHUNK_ELEMENTS."""
+    return max(1, min(N, CHUNK_ELEMENTS // max(B * HW, 1)))
+
+
+def chunk_scores(q_rows, k_chunk, scale, l2):
+    """Scaled scores (B, HW, n) for q_rows (Bq, HW, Ck) already multiplied by scale and a
+    memory chunk k_chunk (B, Ck, n); l2: the L2 similarity (2 q·k - |k|², scaled)."""
+    scores = torch.matmul(q_rows, k_chunk)
+    if l2:
+        scores = scores.mul_(2).sub_(k_chunk.square().sum(1, keepdim=True).mul_(scale))
+    return scores
+
+
+def without_autocast(function):
+    """Run a backend function with autocast off: it picks its own accumulation dtype, and an
+    autocast region around the op (mixed-precision inference) must not recast its products."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return function(*args, **kwargs)
+    return wrapper

@@ -1,0 +1,107 @@
+"""The layer rule of the README's Layout section: a module imports only from its own layer or
+below. Every module of stm_kernels, stm_model and bench must be placed in a layer here (a new
+module fails until it is), and every import (lazy ones inside functions included) is checked."""
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# bottom up; a package name stands for all its modules
+LAYERS = [
+    ("the op", ["stm_kernels"]),
+    ("network, memory and building blocks", [
+        "stm_model.network", "stm_model.clip_forward", "stm_model.memory_bank",
+        "stm_model.batch_memory", "stm_model.memory_schedule", "stm_model.query_cache",
+        "stm_model.masks", "stm_model.resize", "stm_model.scribbles", "stm_model.metrics",
+        "stm_model.synthetic", "stm_model.video_io", "stm_model.devices",
+        "stm_model.distributed", "stm_model.cpu_allocator"]),
+    ("segmenters, training and checkpoints", [
+        "stm_model.session", "stm_model.segmenter", "stm_model.batch_segmenter",
+        "stm_model.interactive", "stm_model.bidirectional", "stm_model.video_batches",
+        "stm_model.dataset_segmentation", "stm_model.interactive_eval", "stm_model.datasets",
+        "stm_model.train", "stm_model.checkpoint"]),
+    ("CLI, demo and benchmarks", [
+        "stm_model.cli", "stm_model.demo", "stm_model.__main__", "stm_model", "bench"]),
+]
+PACKAGES = ("stm_kernels", "stm_model", "bench")
+
+
+def layer_of(module):
+    """Index of the layer holding `module` (its most specific entry), or None."""
+    best = None
+    for index, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if module == name or (module.startswith(name + ".") and name in PACKAGES):
+                if best is None or len(name) > len(best[1]):
+                    best = (index, name)
+    return best and best[0]
+
+
+def module_name(path):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(source, module, is_package=False):
+    """The project modules the source of `module` imports (absolute and relative, at any
+    depth); is_package: the source is the package's __init__.py."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(source, module)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from pkg import mod` names a module when pkg/mod.py exists
+            names = [f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") else base
+                     for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name.split(".")[0] in PACKAGES)
+    return found
+
+
+def _is_module(name):
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def project_modules():
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            yield path, module_name(path)
+
+
+def test_every_module_has_a_layer():
+    unplaced = [module for _, module in project_modules() if layer_of(module) is None]
+    assert not unplaced, f"place these modules in a layer of tests/test_layers.py: {unplaced}"
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = []
+    for path, module in project_modules():
+        own = layer_of(module)
+        for imported in sorted(imported_modules(path.read_text(), module,
+                                                path.name == "__init__.py")):
+            other = layer_of(imported)
+            if other is not None and own is not None and other > own:
+                upward.append(f"{module} ({LAYERS[own][0]}) imports {imported} "
+                              f"({LAYERS[other][0]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_checker_sees_relative_lazy_and_package_imports():
+    source = ("from .network import STM\nfrom . import video_io\n"
+              "def f():\n    from .segmenter import VideoSegmenter\n    import bench.common\n")
+    assert imported_modules(source, "stm_model.example") == {
+        "stm_model.network", "stm_model.video_io", "stm_model.segmenter", "bench.common"}
+    assert imported_modules("from .masks import labels_of\n", "stm_model",
+                            is_package=True) == {"stm_model.masks"}
+    assert layer_of("stm_model.segmenter") > layer_of("stm_model.network")
+    assert layer_of("bench.common") == len(LAYERS) - 1
+    assert layer_of("stm_kernels.triton_fwd") == 0
