@@ -56,6 +56,7 @@ def render(path):
 
 
 def main(argv=None):
+    """`python -m bench COMMAND ...`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -52,11 +52,13 @@ def load(directory):
 
 
 def revision(directory):
+    """The revision an export was made from (its REVISION file), else the folder's name."""
     path = pathlib.Path(directory) / "REVISION"
     return path.read_text().strip() if path.exists() else str(directory)
 
 
 def main(argv=None):
+    """`python -m bench.baseline export REV`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     export_parser = sub.add_parser("export", help="export REV's stm_kernels")

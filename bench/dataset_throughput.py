@@ -87,7 +87,8 @@ def _frame(frames, t, device):
 
 
 def segment_one_at_a_time(model, videos, options, device):
-    """Frames segmented, one VideoSegmenter per video, one video after another."""
+    """(frames segmented, None: no steps to count): one VideoSegmenter per video, one video
+    after another."""
     from stm_model.segmenter import VideoSegmenter
     count = 0
     for _, frames, first in videos:
@@ -202,6 +203,7 @@ def _best_runs(payload):
 
 
 def plot(payload, path):
+    """Bar charts of fps and peak memory per variant (fastest run); returns [path]."""
     best = _best_runs(payload)
     figure, (fps_axis, memory_axis) = common.subplots(1, 2, figsize=(11, 4))
     names = list(best)
@@ -221,6 +223,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
+    """`python -m bench dataset-throughput`; returns the exit code."""
     parser = common.benchmark_parser(__doc__, "python -m bench.dataset_throughput")
     parser.add_argument("--batch-sizes", type=int, nargs="+")
     parser.add_argument("--no-sequential", action="store_true",

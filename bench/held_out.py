@@ -19,6 +19,7 @@ from stm_model.synthetic import SyntheticVideo
 
 
 def summary(payload):
+    """Markdown table: J&F, J, F, memory frames and fps per video, and the mean J&F."""
     rows = ["| video seed | frames | objects | J&F | J | F | memory frames | fps |",
             "|---|---|---|---|---|---|---|---|"]
     for r in payload["records"]:
@@ -31,6 +32,7 @@ def summary(payload):
 
 
 def main(argv=None):
+    """`python -m bench held-out`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--frames", type=int, default=300)

@@ -59,6 +59,8 @@ def load_sequence(source, sequence, frames, size):
 
 
 def build_model(kind, device):
+    """(interactive STM in eval mode, its name), as common.build_model for "small" (its
+    interactive variant) and the official size."""
     from stm_model import STM, STMConfig
     from stm_model.interactive import as_interactive
     if kind == "small":
@@ -122,6 +124,7 @@ def run_variant(spec):
 
 
 def summary(payload):
+    """Markdown table: per variant the first round and the rounds at each memory size."""
     ks = sorted({int(k) for record in payload["records"] for k in record["rounds"]})
     first = payload["records"][0]
     rows = [f"Video: {first['video']}, {payload['frames']} frames, {payload['size'][1]}x"
@@ -143,6 +146,7 @@ def summary(payload):
 
 
 def plot(payload, path):
+    """Seconds per round against annotated frames in memory; returns [path]."""
     figure, axis = common.subplots(figsize=(6, 4))
     for record in payload["records"]:
         ks = sorted(int(k) for k in record["rounds"])
@@ -156,6 +160,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
+    """`python -m bench interactive`; returns the exit code."""
     parser = common.benchmark_parser(__doc__, "python -m bench interactive")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS)
     parser.add_argument("--memory-frames", nargs="+", type=int)

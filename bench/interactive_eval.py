@@ -17,6 +17,7 @@ from bench.long_video import SHARED_DAVIS
 
 
 def summary(payload):
+    """The settings and the per-sequence table of `stm interactive-eval`."""
     from stm_model.interactive_eval import format_report
     height, width = payload["size"]
     return (f"{payload['root']}: {payload['model_name']}, segmented at {width}x{height}, "
@@ -26,11 +27,13 @@ def summary(payload):
 
 
 def plot(payload, path):
+    """J&F against time and against the round; returns [path]."""
     from stm_model.interactive_eval import plot_curves
     return [plot_curves(payload["sequences"], pathlib.Path(path).with_suffix(".png"))]
 
 
 def main(argv=None):
+    """`python -m bench interactive-eval`; returns the exit code."""
     parser = common.benchmark_parser(__doc__, "python -m bench interactive-eval")
     parser.add_argument("--root", default=str(SHARED_DAVIS), help="a DAVIS-format root")
     parser.add_argument("--sequences", nargs="+")

@@ -1,7 +1,7 @@
 """Kernel benchmark of the space-time memory read: fused Triton vs chunked torch vs the naive
 (official) read vs PyTorch SDPA, forward / backward / forward+backward, over memory sizes N.
 
-    python -m bench kernel                     # both sweeps for the device present
+    python -m bench kernel                     # the three sweeps for the device present
     python -m bench kernel --quick             # a few points (smoke run)
     python -m bench render FILE.json           # re-render a results file's plots and table
 
@@ -42,6 +42,7 @@ SHAPES_FRAMES = {"cuda": 40, "cpu": 16}
 
 
 def flops(pass_, B, HW, N, Ck, Cv):
+    """Floating-point operations of one call of the pass (see the module docstring)."""
     return 2.0 * B * HW * N * (Ck + Cv) * FLOP_FACTOR[pass_]
 
 
@@ -135,6 +136,8 @@ def _precision(dtype_name):
 
 
 def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
+    """The record of one (provider, pass, dtype, shape) point: timing and peak memory, or
+    the reason it did not run (out of memory, measured or estimated)."""
     dtype = DTYPES[dtype_name]
     record = dict(sweep=sweep, provider=provider, **{"pass": pass_}, dtype=dtype_name, B=B,
                   HW=HW, N=N, Ck=Ck, Cv=Cv)
@@ -204,6 +207,7 @@ def plan(device, args):
 
 
 def run(args):
+    """Run the planned sweeps and write the results; returns their path."""
     device = common.pick_device(args.device)
     hw, series = plan(device, args)
     if device.type == "cpu" and any(s[1] == "triton" for s in series):
@@ -255,6 +259,7 @@ def _matmul_precision(precision):
 
 
 def format_record(record):
+    """One record as a line of progress output."""
     head = (f"{record.get('sweep', ''):>7} {record['provider']:>6} {record['pass']:>7} "
             f"{record['dtype']} B={record['B']} Ck={record['Ck']} Cv={record['Cv']} "
             f"N={record['N']:>7}")
@@ -379,6 +384,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
+    """`python -m bench kernel`; returns the exit code."""
     parser = common.benchmark_parser(__doc__, "python -m bench kernel")
     parser.add_argument("--sweeps", nargs="+", default=["scaling", "shapes", "targets"],
                         choices=["scaling", "shapes", "targets"])

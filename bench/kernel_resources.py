@@ -44,7 +44,8 @@ ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 TARGET = dict(B=1, HW=1620, N=162000, Ck=128, Cv=512)
 SELECT_TOP_K = 64  # the largest top-k the fused selection supports
 H100_SMS = 132
-# Issue #11's targets for the static report.
+# The static report's targets, executed / useful MACs per pair: forward, and forward + backward
+# (tests/test_kernel_report.py holds every default config to them).
 FORWARD_RATIO_TARGET = 1.2
 TOTAL_RATIO_TARGET = 1.3
 
@@ -135,8 +136,10 @@ def _int_arguments(B, HW, N, Ck, Cv, splits):
 
 
 def kernel_specs(dtype_name, similarity, forward, backward, shape=TARGET, sm_count=H100_SMS):
-    """[(name, kernel, pointer types, constexprs, warps, stages, pairs factor, grid)] for the
-    given configs; `pairs factor` turns one iteration's MACs into MACs per pair."""
+    """One dict per kernel for the given configs: name, kernel, types (pointer types),
+    constexprs, values (integer arguments), num_warps, num_stages, grid, config, useful, and
+    tile_pairs and repeats: one main-loop iteration's MACs x repeats / tile_pairs is the
+    executed MACs per pair."""
     B, HW, N, Ck, Cv = (shape[key] for key in ("B", "HW", "N", "Ck", "Cv"))
     dtype = TRITON_TYPES[dtype_name]
     plan = launchers.forward_plan(forward, B, HW, N, Cv, sm_count)
@@ -424,6 +427,7 @@ def summary(payload):
 
 
 def main(argv=None):
+    """`python -m bench.kernel_resources`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"],

@@ -89,6 +89,8 @@ def load_video(source, length, size, sequence=None):
 
 
 def ping_pong(t, cycle):
+    """Index into a cycle of `cycle` frames of frame t of the video played forwards,
+    backwards, forwards, ..."""
     if cycle == 1:
         return 0
     period = 2 * (cycle - 1)
@@ -224,6 +226,8 @@ def run_variant(spec):
 
 
 def summary(payload):
+    """Markdown table: per variant and length, fps, memory and the read's share of a frame
+    (with --input-resolutions, per input resolution instead)."""
     if any(record.get("input_size") for record in payload["records"]):
         return _resolutions_summary(payload)
     rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
@@ -289,6 +293,7 @@ def _smooth(values, window=25):
 
 
 def plot(payload, path):
+    """fps, peak memory, read time and the rest of the frame time; returns [path]."""
     figure, axes = common.subplots(2, 2, figsize=(12, 8))
     (fps_axis, memory_axis), (read_axis, rest_axis) = axes
     for i, record in enumerate(payload["records"]):
@@ -331,6 +336,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
+    """`python -m bench long-video`; returns the exit code."""
     parser = common.benchmark_parser(__doc__, "python -m bench long-video")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS))
     parser.add_argument("--lengths", nargs="+", type=int)

@@ -17,6 +17,7 @@ from stm_kernels import memory_read_triton as launchers
 
 
 def main(argv=None):
+    """`python -m bench.profile_target`: two rounds of reads on the GPU."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=162000)
     parser.add_argument("--hw", type=int, default=1620)

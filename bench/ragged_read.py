@@ -42,6 +42,7 @@ def calls(variant, q, k, v, lengths, backend):
 
 
 def run(args, device):
+    """Time every variant at each --frames; returns the records."""
     dtype = DTYPES[args.dtype]
     backend = "triton" if device.type == "cuda" else "torch"
     records = []
@@ -90,6 +91,7 @@ def interleaved_times(functions, device, rounds):
 
 
 def summary(payload):
+    """Markdown table: each variant's time per shortest memory, and the two ratios."""
     rows = ["| shortest memory (frames) | lengths (positions) | " + " | ".join(
         f"{variant} ms" for variant in VARIANTS) + " | ragged / equal-work | padded / ragged |",
         "|---|---|" + "---|" * (len(VARIANTS) + 2)]
@@ -107,6 +109,7 @@ def summary(payload):
 
 
 def plot(payload, path):
+    """Time per variant, one panel per shortest memory; returns [path]."""
     figure, by_frames = common.panels(sorted({r["frames"] for r in payload["records"]}), 4.5)
     for axis, count in by_frames:
         times = [next(r["median_ms"] for r in payload["records"]
@@ -119,6 +122,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
+    """`python -m bench ragged-read`; returns the exit code."""
     parser = common.benchmark_parser(__doc__, device_choices=None)
     parser.add_argument("--frames", type=int, nargs="+", default=None,
                         help="shortest memory in frames of HW positions")

@@ -65,6 +65,7 @@ def newest_results(name, directory=RESULTS):
 
 
 def render(name, directory=RESULTS):
+    """The markdown of one README block: the newest results of benchmark `name` per device."""
     results = newest_results(name, directory)
     if not results:
         return f"_No `{name}` results committed yet._\n"
@@ -79,10 +80,12 @@ def render(name, directory=RESULTS):
 
 
 def rewrite(text, directory=RESULTS):
+    """text with every `<!-- bench:NAME -->` block replaced by render(NAME)."""
     return _BLOCK.sub(lambda m: m.group(1) + render(m.group(2), directory) + m.group(3), text)
 
 
 def main(argv=None):
+    """`python -m bench report [--check]`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)

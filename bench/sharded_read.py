@@ -178,6 +178,8 @@ def run_world(args, world):
 
 
 def summary(payload):
+    """Markdown table: per memory and world size, each variant's time, the overhead, the
+    speed-up over one process and the errors."""
     times = {(r["processes"], r["frames"], r["variant"]): r["median_ms"]
              for r in payload["records"]}
     errors = {(e["processes"], e["frames"]): e for e in payload["errors"]}
@@ -216,6 +218,7 @@ def summary(payload):
 
 
 def plot(payload, path):
+    """Time per variant against the number of processes; returns [path]."""
     figure, by_frames = common.panels(sorted({r["frames"] for r in payload["records"]}), 4.8)
     for axis, count in by_frames:
         worlds = sorted({r["processes"] for r in payload["records"] if r["frames"] == count})
@@ -265,6 +268,7 @@ def _parse_options(argv):
 
 
 def main(argv=None):
+    """`python -m bench sharded-read`; returns the exit code."""
     args, device = _parse_options(argv)
     records, errors = [], []
     load_before = os.getloadavg()[0]

@@ -1,7 +1,8 @@
 """Reading a compiled kernel's work off Triton's own output (PTX, TTGIR, ptxas), no GPU needed.
 
     main_loop(ptx)              the body of the loop that issues the most matrix instructions
-    mma_census(ptx_lines)       matrix instructions by shape: [{"shape", "types", "count"}]
+    mma_census(ptx_lines)       matrix instructions by shape: [{"instruction", "shape", "types",
+                                "count", ...}]
     loop_dots(ttgir)            the dots inside scf.for loops, with their warp layouts, the
                                 factor by which warps repeat each other's work, and how often
                                 loops nested in the main loop repeat them
@@ -161,6 +162,7 @@ def exp2_while_mma_pending(lines):
 
 
 def count(lines, *needles):
+    """Occurrences of the needles in lines."""
     return sum(line.count(needle) for line in lines for needle in needles)
 
 

@@ -64,6 +64,7 @@ def _affinity_bytes(N, args):
 
 
 def peak_bytes(provider, N, args, device):
+    """Peak extra memory of one call of the provider (on CPU in a fresh process)."""
     if device.type == "cuda":
         call = make_call(provider, N, args, device)
         call()
@@ -74,6 +75,7 @@ def peak_bytes(provider, N, args, device):
 
 
 def run(args, device):
+    """Time and measure every provider at each N; returns the records."""
     records = []
     for N in args.ns:
         fits = [p for p in PROVIDERS if p != "stcn" or device.type == "cuda"
@@ -127,6 +129,7 @@ def _ratio(by_provider, a, b, key):
 
 
 def summary(payload):
+    """Markdown table: time and peak memory per provider and N, and the target ratios."""
     rows = ["| N | " + " | ".join(f"{p} ms" for p in PROVIDERS) + " | " +
             " | ".join(f"{p} peak MiB" for p in PROVIDERS) +
             " | stcn / topk time | stcn / topk memory | usage / plain time |",
@@ -146,6 +149,7 @@ def summary(payload):
 
 
 def plot(payload, path):
+    """Time and peak memory against N per provider; returns [path]."""
     figure, (left, right) = common.subplots(1, 2, figsize=(10, 3.8))
     for provider in PROVIDERS:
         points = sorted((r["N"], r["median_ms"], r["peak_mem_bytes"] / 2**20)
@@ -172,6 +176,7 @@ def _cpu_memory_child(spec):
 
 
 def main(argv=None):
+    """`python -m bench topk-read`; returns the exit code."""
     parser = common.benchmark_parser(__doc__, device_choices=None)
     parser.add_argument("--ns", type=int, nargs="+", default=None)
     common.add_read_shape_arguments(parser, hw=1620, ck=128, cv=512, top_k=20, dtype=None)

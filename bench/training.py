@@ -3,7 +3,7 @@
     python -m bench.training                       # CPU: small model, 240x432 frames
     python -m bench.training --size 480 864        # 480p (30x54 = 1,620 feature positions)
 
-One training step (forward + backward of STM.forward over a clip, 2 objects) per point, for
+One training step (forward + backward of ClipForward over a clip, 2 objects) per point, for
 clip lengths 3, 6, 12, 24, the fused read (triton on GPU, the chunked torch backend on CPU)
 against the official materialising read, under activation checkpointing of the encoders and
 of the whole network ("all"; the read keeps its inputs). For each checkpointing level it
@@ -55,6 +55,7 @@ def make_step(spec, device):
 
 
 def measure(spec, device):
+    """Step time and peak extra memory of one spec (on CPU in a fresh process)."""
     if device.type == "cuda":
         step = make_step(spec, device)
         step()
@@ -93,6 +94,8 @@ def longest_within(records, read, checkpointing, budget):
 
 
 def summary(payload):
+    """Markdown table: per checkpointing level and budget clip, the fused read's longest clip
+    within the memory the naive read needs at that clip (measured and fitted)."""
     height, width = payload["size"]
     lines = [f"{payload['model']} model, {width}x{height} frames ({payload['feature_positions']} "
              f"positions per memory frame), {payload['objects']} objects; fit = quadratic fit "
@@ -115,6 +118,7 @@ def summary(payload):
 
 
 def plot(payload, path):
+    """Peak memory and step time against clip length; returns [path]."""
     figure, (memory, timing) = common.subplots(1, 2, figsize=(12, 4.5))
     for level in payload["checkpointing"]:
         for read in READS:
@@ -142,6 +146,7 @@ def plot(payload, path):
 
 
 def main(argv=None):
+    """`python -m bench training`; returns the exit code."""
     parser = common.benchmark_parser(__doc__)
     parser.add_argument("--model", choices=["small", "official"])
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))

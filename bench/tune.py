@@ -1,7 +1,7 @@
 """Time the Triton kernels under each candidate tiling and report the fastest (GPU).
 
     python -m bench.tune                                  # bf16, target shapes, full sweep
-    python -m bench.tune --quick                          # defaults, a few candidates, old kernels
+    python -m bench.tune --quick                          # the defaults and a few candidates
     python -m bench.tune --baseline .baseline/7acb609     # also an earlier commit's kernels
 
 Per shape it times: the forward under every FORWARD_SWEEP tiling; the backward with each
@@ -49,6 +49,7 @@ def _reference(q, k, v, grad):
 
 
 def time_forward(read, q, k, v, device, reference):
+    """Error against the reference and timing of the forward read(q, k, v)."""
     out = read(q, k, v)
     error = common.rel_error(out, reference[0])
     median, low, high = common.time_ms(lambda: read(q, k, v), device)
@@ -56,6 +57,7 @@ def time_forward(read, q, k, v, device, reference):
 
 
 def time_forward_backward(read, q, k, v, grad, device, reference):
+    """Largest gradient error against the reference and timing of forward + backward."""
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
     read(q, k, v).backward(grad)
     error = max(common.rel_error(g, r)
@@ -143,6 +145,7 @@ def _flops(pass_, B, HW, N, Ck, Cv):
 
 
 def main(argv=None):
+    """`python -m bench.tune`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
@@ -150,7 +153,8 @@ def main(argv=None):
     parser.add_argument("--hw", type=int, default=1620)
     parser.add_argument("--ck", type=int, default=128)
     parser.add_argument("--cv", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="defaults and two more of each")
+    parser.add_argument("--quick", action="store_true",
+                        help="the defaults and a few more candidates")
     parser.add_argument("--baseline", default=None,
                         help="an exported earlier stm_kernels (python -m bench.baseline export)")
     args = parser.parse_args(argv)

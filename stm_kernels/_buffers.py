@@ -1,4 +1,4 @@
-"""Allocation of the op's output and scratch buffers.
+"""Allocation of the op's output and scratch buffers, and the device their kernels launch on.
 
 Every buffer a backend writes is allocated here so that tests can poison them with NaN
 (`poison_outputs(True)`): an element that a kernel forgets to write then shows up as NaN
@@ -28,3 +28,9 @@ def poison_outputs(enabled=True):
         yield
     finally:
         _poison = previous
+
+
+def device_context(device):
+    """The CUDA device a launch must run on (kernels launch on the current device, which need
+    not be the tensors'); a no-op elsewhere (the CPU interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -46,12 +46,15 @@ def checked_scale(scale, key_channels, compute_dtype=torch.float32):
 
 
 def checked_similarity(similarity):
+    """similarity, or ValueError when it is not one of SIMILARITIES."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
     return similarity
 
 
 def as_chunks(name, memory):
+    """[(name, tensor)] of a memory given as one tensor or a list of chunks (names
+    indexed per chunk); TypeError for anything else or an empty list."""
     if isinstance(memory, torch.Tensor):
         return [(name, memory)]
     if not isinstance(memory, (list, tuple)) or not memory:
@@ -61,6 +64,8 @@ def as_chunks(name, memory):
 
 
 def check_tensor(name, tensor):
+    """TypeError or ValueError naming `name` unless tensor is a non-empty floating-point
+    tensor."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
     if not tensor.is_floating_point():
@@ -157,6 +162,8 @@ def concatenated(chunks):
 
 
 def resolve_backend(backend, memory_key):
+    """The backend that runs: "auto" resolved for memory_key's device and dtype; ValueError or
+    TypeError for a backend that cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":

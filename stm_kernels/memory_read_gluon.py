@@ -68,10 +68,11 @@ past a warpgroup's channels are loaded but never stored); the shared-memory esti
 dimension is folded into the TMA rows when k/v's batch stride is C * channel stride (contiguous
 tensors, slices along N); otherwise the kernel is launched once per object.
 """
-import contextlib
 import dataclasses
 
 import torch
+
+from ._buffers import device_context
 
 try:
     import triton
@@ -152,7 +153,7 @@ if AVAILABLE:
     @gluon.jit
     def _ws_softmax_partition(q_smem, k_smem, p_smem, alpha_smem, l_smem,
                               q_bar, k_ready, k_empty, p_ready, p_empty, o_bar,
-                              lse, stride_ls, stride_lb, stride_lm, i_s, i_b, m0, HW,
+                              lse, stride_ls, stride_lb, stride_lm, i_s, i_b, first_m, HW,
                               n_lo, n_hi, n_blocks, qk_scale,
                               L2: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               CK: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_P: gl.constexpr):
@@ -204,14 +205,14 @@ if AVAILABLE:
 
         l_smem.store(b_sum)
         mbarrier.arrive(o_bar, count=1)
-        o_m = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+        o_m = first_m + gl.arange(0, BLOCK_M, layout=row_layout)
         p_lse = lse + i_s.to(gl.int64) * stride_ls + i_b.to(gl.int64) * stride_lb
         gl.store(p_lse + o_m * stride_lm, (b_max + gl.log2(b_sum)) * LN2_C, mask=o_m < HW)
 
     @gluon.jit
     def _ws_pv_partition(v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty,
-                         o_bar, o, stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, m0, HW,
-                         n_blocks, HALF: gl.constexpr, CV: gl.constexpr, CV_HALF: gl.constexpr,
+                         o_bar, o, stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m,
+                         HW, n_blocks, HALF: gl.constexpr, CV: gl.constexpr, CV_HALF: gl.constexpr,
                          BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_P: gl.constexpr,
                          MMA_N: gl.constexpr):
         # One warpgroup: acc = acc * alpha + P V over value channels [HALF*CV_HALF, +CV_HALF).
@@ -238,7 +239,7 @@ if AVAILABLE:
         mbarrier.wait(o_bar, 0)
         b_l = l_smem.load(row_layout)
         b_o = acc / b_l[:, None]
-        o_m = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+        o_m = first_m + gl.arange(0, BLOCK_M, layout=row_layout)
         o_c = gl.arange(0, CV_BOX, layout=col_layout)
         c = HALF * CV_HALF + o_c
         mask = (o_m < HW)[:, None] & ((o_c < CV_HALF) & (c < CV))[None, :]
@@ -249,7 +250,7 @@ if AVAILABLE:
     @gluon.jit
     def _ws_load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
                            q_bar, k_ready, k_empty, v_ready, v_empty,
-                           q_row, k_row, v_row, m0, n_lo, n_blocks,
+                           q_row, k_row, v_row, first_m, n_lo, n_blocks,
                            CV_HALF: gl.constexpr, BLOCK_N: gl.constexpr,
                            NUM_STAGES: gl.constexpr):
         # One warp: TMA loads into the rings; K runs one block ahead of V.
@@ -257,7 +258,7 @@ if AVAILABLE:
         K_BYTES: gl.constexpr = k_smem.shape[1] * k_smem.shape[2] * 2
         V_BYTES: gl.constexpr = 2 * v_smem.shape[1] * v_smem.shape[2] * 2
         mbarrier.expect(q_bar, Q_BYTES)
-        tma.async_copy_global_to_shared(q_desc, [q_row, m0], q_bar, q_smem)
+        tma.async_copy_global_to_shared(q_desc, [q_row, first_m], q_bar, q_smem)
         for j in range(n_blocks + 1):
             if j < n_blocks:
                 stage = j % NUM_STAGES
@@ -290,7 +291,7 @@ if AVAILABLE:
         i_m = gl.program_id(0)
         i_b = gl.program_id(1)
         i_s = gl.program_id(2)
-        m0 = i_m * BLOCK_M
+        first_m = i_m * BLOCK_M
         n_lo = i_s * n_per_split
         n_hi = gl.minimum(n_lo + n_per_split, N)
         n_blocks = gl.cdiv(n_hi - n_lo, BLOCK_N)
@@ -339,19 +340,19 @@ if AVAILABLE:
         gl.warp_specialize([
             (_ws_softmax_partition,
              (q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_empty, p_ready,
-              p_empty, o_bar, lse, stride_ls, stride_lb, stride_lm, i_s, i_b, m0, HW, n_lo, n_hi,
-              n_blocks, qk_scale, L2, BLOCK_M, BLOCK_N, CK, NUM_STAGES, NUM_P)),
+              p_empty, o_bar, lse, stride_ls, stride_lb, stride_lm, i_s, i_b, first_m, HW, n_lo,
+              n_hi, n_blocks, qk_scale, L2, BLOCK_M, BLOCK_N, CK, NUM_STAGES, NUM_P)),
             (_ws_pv_partition,
              (v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty, o_bar, o,
-              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, m0, HW, n_blocks, 0, CV,
+              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m, HW, n_blocks, 0, CV,
               CV_HALF, BLOCK_M, NUM_STAGES, NUM_P, MMA_N)),
             (_ws_pv_partition,
              (v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty, o_bar, o,
-              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, m0, HW, n_blocks, 1, CV,
+              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m, HW, n_blocks, 1, CV,
               CV_HALF, BLOCK_M, NUM_STAGES, NUM_P, MMA_N)),
             (_ws_load_partition,
              (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-              v_empty, q_row, k_row, v_row, m0, n_lo, n_blocks, CV_HALF, BLOCK_N, NUM_STAGES)),
+              v_empty, q_row, k_row, v_row, first_m, n_lo, n_blocks, CV_HALF, BLOCK_N, NUM_STAGES)),
         ], [4, 4, 1], [PV_REGS, PV_REGS, LOAD_REGS])
 
 
@@ -497,8 +498,7 @@ def ws_forward(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=N
     else:  # object strides that do not fold into TMA rows: one launch per object
         launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], 1, True)
                     for b in range(B)]
-    device = torch.cuda.device(k.device) if k.device.type == "cuda" else contextlib.nullcontext()
-    with device:
+    with device_context(k.device):
         for objects, q2, k2, v2, grid_b, q_broadcast in launches:
             out, lse = part_out[:, objects], part_lse[:, objects]
             memory_read_ws_fwd_kernel[(grid_m, grid_b, splits)](

@@ -10,7 +10,6 @@ The kernels are in triton_fwd / triton_bwd, their tilings in triton_configs. Ker
 are passed by name; `forward_plan` and `backward_plan` compute the grids (also used by the
 static work report, bench.kernel_resources, for a pretend device).
 """
-import contextlib
 import dataclasses
 import os
 import warnings
@@ -18,7 +17,7 @@ import warnings
 import torch
 import triton
 
-from ._buffers import new_buffer
+from ._buffers import device_context, new_buffer
 from .triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv,
                          memory_read_usage_kernel)
 from .triton_common import LOG2E
@@ -176,11 +175,6 @@ def _check_device(*tensors):
             f"stm_kernels, to run the kernels on CPU); got tensors on {tensors[0].device}")
 
 
-def _device_context(device):
-    """The CUDA device a launch must run on (kernels launch on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _launch_flags(inputs, outputs):
     """Constexprs shared by the kernels of one call (inputs start with q, k, v; outputs are the
     (C, L) shapes of the contiguous outputs)."""
@@ -290,7 +284,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
             _merge_splits(part_out, part_lse, out, lse, plan.block_v, flags["I64"])
         return out, lse
 
-    with _device_context(device):
+    with device_context(device):
         return _run_first_fitting("forward", (k.dtype, Ck, Cv, l2, gluon is not None), launch)
 
 
@@ -343,7 +337,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         dq = dq.mul_(2.0 * scale if l2 else scale)
         return dq.to(q_dtype), dk, dv
 
-    with _device_context(device):
+    with device_context(device):
         return _run_first_fitting("backward", (k.dtype, Ck, Cv, l2), launch)
 
 
@@ -374,7 +368,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     ksq = k.float().square().sum(1) if l2 else k
     lengths_arg, ragged = _lengths_argument(lengths, k)
     keys = torch.empty((plan.splits, B, HW, top_k_pow2), dtype=torch.int64, device=device)
-    with _device_context(device):
+    with device_context(device):
         memory_read_topk_kernel[(plan.m_blocks, B, plan.splits)](
             q=q, k=k, ksq=ksq, lengths=lengths_arg, keys=keys,
             stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
@@ -411,7 +405,7 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
     align_k = _alignment(k)
     lengths_arg, ragged = _lengths_argument(lengths, k)
     usage = torch.empty((B, N), dtype=torch.float32, device=k.device)
-    with _device_context(k.device):
+    with device_context(k.device):
         memory_read_usage_kernel[(triton.cdiv(N, block_n), B)](
             q=q, k=k, lse=lse, lengths=lengths_arg, usage=usage,
             stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),

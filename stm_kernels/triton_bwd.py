@@ -52,11 +52,30 @@ def _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N: tl.constexpr, RAGGED: tl.cons
 
 
 @triton.jit
+def _key_block(k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc,
+               L2: tl.constexpr, BLOCK_N: tl.constexpr, RAGGED: tl.constexpr, I64: tl.constexpr,
+               ALIGN_K: tl.constexpr):
+    # This program's memory block of object i_b: (p_k its first position, K [BLOCK_N,
+    # BLOCK_CK], |k|^2 [BLOCK_N] in fp32 (L2 only, else 0), m_n its valid positions, hw_end
+    # the queries to loop over). Positions past the object's memory are never read.
+    n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
+    m_n = (i_n * BLOCK_N + o_n) < n_end
+    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + (i_n * BLOCK_N).to(tl.int64) * stride_kn
+    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
+                  mask=m_n[:, None] & m_c[None, :], other=0.0)
+    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if L2:
+        b_kf = b_k.to(tl.float32)
+        b_ksq = tl.sum(b_kf * b_kf, 1)
+    return p_k, b_k, b_ksq, m_n, hw_end
+
+
+@triton.jit
 def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan, m_n,
              m_m, stride_lm, qk_scale, L2: tl.constexpr, MASK_M: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One query block's contribution to this memory block's dV chunk. Only the last query
-    # block is masked along HW (see triton_fwd._scores).
+    # block is masked along HW (see triton_common.block_scores).
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
@@ -94,19 +113,12 @@ def memory_read_bwd_kernel_dv(
     o_m = tl.arange(0, BLOCK_M)
     first_n = (i_n * BLOCK_N).to(tl.int64)
     first_v = (i_v * BLOCK_V).to(tl.int64)
-    n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
-    m_n = (i_n * BLOCK_N + o_n) < n_end  # positions past n_end are never read
     m_c = o_c < CK
     m_v = (i_v * BLOCK_V + o_v) < CV
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-
-    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + first_n * stride_kn
-    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
-                  mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_CK]
-    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if L2:
-        b_kf = b_k.to(tl.float32)
-        b_ksq = tl.sum(b_kf * b_kf, 1)
+    _, b_k, b_ksq, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+        k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
+        BLOCK_N, RAGGED, I64, ALIGN_K)
 
     p_q = q + i_b * stride_qb
     p_do = do + i_b * stride_dob + first_v * stride_doc
@@ -222,24 +234,18 @@ def memory_read_bwd_kernel_dkdq(
     o_cv = tl.arange(0, BLOCK_CV)
     o_m = tl.arange(0, BLOCK_M)
     first_n = (i_n * BLOCK_N).to(tl.int64)
-    n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
-    m_n = (i_n * BLOCK_N + o_n) < n_end  # positions past n_end are never read
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
     stride_vc = aligned_stride(stride_vc, ALIGN_V)
+    p_k, b_k, b_ksq, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+        k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
+        BLOCK_N, RAGGED, I64, ALIGN_K)
 
-    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + first_n * stride_kn
-    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
-                  mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_CK]
     p_v = v + aligned_stride(i_b * stride_vb, ALIGN_V) + first_n * stride_vn
     o_vt = tile_offsets(o_n, o_cv, stride_vn, stride_vc, I64)  # [BLOCK_N, BLOCK_CV]
     b_v = tl.zeros([BLOCK_N, BLOCK_CV], dtype=v.dtype.element_ty)
     if NUM_CV == 1:
         b_v = tl.load(p_v + o_vt, mask=m_n[:, None] & (o_cv < CV)[None, :], other=0.0)
-    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if L2:
-        b_kf = b_k.to(tl.float32)
-        b_ksq = tl.sum(b_kf * b_kf, 1)
 
     p_q = q + i_b * stride_qb
     p_dq = dq + i_b * stride_dqb
@@ -302,26 +308,19 @@ def memory_read_usage_kernel(
     o_c = tl.arange(0, BLOCK_CK)
     o_m = tl.arange(0, BLOCK_M)
     first_n = (i_n * BLOCK_N).to(tl.int64)
-    n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
-    m_n = (i_n * BLOCK_N + o_n) < n_end
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-
-    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + first_n * stride_kn
-    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
-                  mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_CK]
-    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if L2:
-        b_kf = b_k.to(tl.float32)
-        b_ksq = tl.sum(b_kf * b_kf, 1)
+    _, b_k, b_ksq, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+        k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
+        BLOCK_N, RAGGED, I64, ALIGN_K)
     p_q = q + i_b * stride_qb
     p_lse = lse + i_b * stride_lb
     o_q = tile_offsets(o_c, o_m, stride_qc, stride_qm, I64)  # [BLOCK_CK, BLOCK_M]
     m_q_chan = m_c[:, None]
 
     b_usage = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for m_start in range(0, hw_end, BLOCK_M):
-        m_m = (m_start + o_m) < hw_end
+    for first_m in range(0, hw_end, BLOCK_M):
+        m_m = (first_m + o_m) < hw_end
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
         b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2, True,

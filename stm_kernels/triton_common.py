@@ -1,4 +1,4 @@
-"""Small @triton.jit helpers shared by the forward and backward kernels."""
+"""Small @triton.jit helpers shared by the forward, top-k and backward kernels."""
 import triton
 import triton.language as tl
 
@@ -32,3 +32,46 @@ def tile_offsets(o_row, o_col, stride_row, stride_col, I64: tl.constexpr):
     if I64:
         return o_row[:, None].to(tl.int64) * stride_row + o_col[None, :].to(tl.int64) * stride_col
     return o_row[:, None] * stride_row + o_col[None, :] * stride_col
+
+
+@triton.jit
+def query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64: tl.constexpr):
+    # The query tile [BLOCK_M, BLOCK_CK] at p_q (its first position), zero past HW and CK.
+    return tl.load(p_q + tile_offsets(o_m, o_c, stride_qm, stride_qc, I64),
+                   mask=m_m[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N: tl.constexpr, RAGGED: tl.constexpr):
+    # (n_lo, n_hi, n_full_end) of memory split i_s of object i_b: its positions [n_lo, n_hi)
+    # (empty past a ragged object's length), of which [n_lo, n_full_end) are whole blocks.
+    n_end = N
+    if RAGGED:
+        n_end = tl.minimum(tl.load(lengths + i_b).to(tl.int32), N)
+    n_lo = i_s * n_per_split
+    n_hi = tl.maximum(tl.minimum(n_lo + n_per_split, n_end), n_lo)
+    return n_lo, n_hi, n_lo + (n_hi - n_lo) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block. Only the last block of a split is
+    # masked along N: a mask whose bound is not a multiple of 16 would stop vectorised
+    # (cp.async) loads in every block.
+    if MASK_N:
+        b_k = tl.load(p_k + o_k, mask=m_k_chan & m_n[None, :], other=0.0)  # [BLOCK_CK, BLOCK_N]
+    else:
+        b_k = tl.load(p_k + o_k, mask=m_k_chan, other=0.0)
+    b_s = dot(b_q, b_k, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
+    if L2:  # |k|^2 comes from the host: a reduction over channels here costs block barriers
+        if MASK_N:
+            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
+        else:
+            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N))
+        b_s = 2.0 * b_s - b_ksq[None, :]
+    b_s = b_s * qk_scale
+    if MASK_N:
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    return b_s

@@ -11,7 +11,7 @@ repeats another's dot:
              product or the softmax (64 rows left both warpgroups computing the same scores);
              the 512 value channels split over 2 programs of 256 (an fp32 accumulator of
              128 x 512 cannot live in registers), which repeats only QK: 768 executed MACs per
-             (query, memory) pair for 640 useful, the issue's 1.2 bound. bf16 takes 64-key
+             (query, memory) pair for 640 useful, the report's 1.2x target. bf16 takes 64-key
              blocks with 3 stages (255 registers, 176 KiB); fp32 (TF32) operands are twice the
              bytes, so 32-key blocks (208 KiB).
     dV       128 memory rows for 8 warps, 32 queries per step, 256 value channels per program

@@ -15,31 +15,8 @@ natural log. Offsets that can pass 2**31 (object, channel and position strides) 
 import triton
 import triton.language as tl
 
-from .triton_common import LN2_C, LOG2E_C, aligned_stride, dot, tile_offsets
-
-
-@triton.jit
-def _scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
-            BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr):
-    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block. Only the last block of a split is
-    # masked along N: a mask whose bound is not a multiple of 16 would stop vectorised
-    # (cp.async) loads in every block.
-    if MASK_N:
-        b_k = tl.load(p_k + o_k, mask=m_k_chan & m_n[None, :], other=0.0)  # [BLOCK_CK, BLOCK_N]
-    else:
-        b_k = tl.load(p_k + o_k, mask=m_k_chan, other=0.0)
-    b_s = dot(b_q, b_k, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
-    if L2:  # |k|^2 comes from the host: a reduction over channels here costs block barriers
-        if MASK_N:
-            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
-        else:
-            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N))
-        b_s = 2.0 * b_s - b_ksq[None, :]
-    b_s = b_s * qk_scale
-    if MASK_N:
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-    return b_s
+from .triton_common import (LN2_C, LOG2E_C, aligned_stride, block_scores, dot, query_block,
+                            split_bounds, tile_offsets)
 
 
 @triton.jit
@@ -93,16 +70,9 @@ def memory_read_fwd_kernel(
     m_c = o_c < CK
     m_v = (i_v * BLOCK_V + o_v) < CV
 
-    p_q = q + i_b * stride_qb + first_m * stride_qm
-    b_q = tl.load(p_q + tile_offsets(o_m, o_c, stride_qm, stride_qc, I64),
-                  mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BLOCK_M, BLOCK_CK]
-
-    n_end = N
-    if RAGGED:
-        n_end = tl.minimum(tl.load(lengths + i_b).to(tl.int32), N)
-    n_lo = i_s * n_per_split
-    n_hi = tl.maximum(tl.minimum(n_lo + n_per_split, n_end), n_lo)
-    n_full_end = n_lo + (n_hi - n_lo) // BLOCK_N * BLOCK_N
+    b_q = query_block(q + i_b * stride_qb + first_m * stride_qm, o_m, o_c, m_m, m_c, stride_qm,
+                      stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    n_lo, n_hi, n_full_end = split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N, RAGGED)
     # Scalar int64 pointers advance through memory; the in-tile offsets stay loop-invariant.
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
     p_v = (v + aligned_stride(i_b * stride_vb, ALIGN_V) + n_lo.to(tl.int64) * stride_vn
@@ -117,8 +87,8 @@ def memory_read_fwd_kernel(
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     for _ in range(n_lo, n_full_end, BLOCK_N):
-        b_s = _scores(b_q, p_k, p_ksq, o_k, m_k_chan, o_n, qk_scale, L2, BLOCK_N, False,
-                      PRECISION, UPCAST)
+        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, o_n, qk_scale, L2, BLOCK_N, False,
+                           PRECISION, UPCAST)
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
                                                   o_n, False, PRECISION, UPCAST)
         p_k += BLOCK_N * stride_kn
@@ -126,8 +96,8 @@ def memory_read_fwd_kernel(
         p_v += BLOCK_N * stride_vn
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_s = _scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, BLOCK_N, True,
-                      PRECISION, UPCAST)
+        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, BLOCK_N, True,
+                           PRECISION, UPCAST)
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
                                                   m_n, True, PRECISION, UPCAST)
 

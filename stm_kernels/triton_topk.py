@@ -12,8 +12,7 @@ Scores are in base 2 (scale folded with log2(e)), as in the forward kernel.
 import triton
 import triton.language as tl
 
-from .triton_common import aligned_stride, tile_offsets
-from .triton_fwd import _scores
+from .triton_common import aligned_stride, block_scores, query_block, split_bounds, tile_offsets
 
 MIN_KEY = -(2**63)
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.
@@ -61,15 +60,9 @@ def memory_read_topk_kernel(
     m_m = (i_m * BLOCK_M + o_m) < HW
     m_c = o_c < CK
 
-    p_q = q + i_b * stride_qb + first_m * stride_qm
-    b_q = tl.load(p_q + tile_offsets(o_m, o_c, stride_qm, stride_qc, I64),
-                  mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BLOCK_M, BLOCK_CK]
-    n_end = N
-    if RAGGED:
-        n_end = tl.minimum(tl.load(lengths + i_b).to(tl.int32), N)
-    n_lo = i_s * n_per_split
-    n_hi = tl.maximum(tl.minimum(n_lo + n_per_split, n_end), n_lo)
-    n_full_end = n_lo + (n_hi - n_lo) // BLOCK_N * BLOCK_N
+    b_q = query_block(q + i_b * stride_qb + first_m * stride_qm, o_m, o_c, m_m, m_c, stride_qm,
+                      stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    n_lo, n_hi, n_full_end = split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N, RAGGED)
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
     p_ksq = ksq + i_b * stride_sqb + n_lo
     o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
@@ -77,15 +70,15 @@ def memory_read_topk_kernel(
 
     b_best = tl.full([BLOCK_M, TOP_K], MIN_KEY_C, tl.int64)
     for n_start in range(n_lo, n_full_end, BLOCK_N):
-        b_s = _scores(b_q, p_k, p_ksq, o_k, m_k_chan, o_n, qk_scale, L2, BLOCK_N, False,
-                      PRECISION, UPCAST)
+        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, o_n, qk_scale, L2, BLOCK_N, False,
+                           PRECISION, UPCAST)
         b_best = _merged(b_best, _packed(b_s, n_start + o_n), BLOCK_M, TOP_K)
         p_k += BLOCK_N * stride_kn
         p_ksq += BLOCK_N
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_s = _scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, BLOCK_N, True,
-                      PRECISION, UPCAST)  # -inf past the split: never better than a real score
+        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, BLOCK_N, True,
+                           PRECISION, UPCAST)  # -inf past the split: never a better score
         b_best = _merged(b_best, _packed(b_s, n_full_end + o_n), BLOCK_M, TOP_K)
 
     p_keys = keys + i_s.to(tl.int64) * stride_ks + i_b * stride_kyb + first_m * stride_km

@@ -38,12 +38,15 @@ class MemoryGroup:
 
     @property
     def num_frames(self):
+        """Frames a read of this group sees."""
         return self.slots.num_frames
 
 
 class BatchedMemory:
     """Keys and values of every object of many videos of one frame size (see the module
-    docstring). key_dim/value_dim: channels; height, width: the stride-16 feature size."""
+    docstring). key_dim/value_dim: channels; height, width: the stride-16 feature size;
+    dtype, device: the storage's; max_frames: each group's bound (FIFO eviction), None:
+    unbounded."""
 
     def __init__(self, key_dim, value_dim, height, width, *, dtype=torch.float32, device="cpu",
                  max_frames=None):
@@ -59,14 +62,17 @@ class BatchedMemory:
 
     @property
     def rows_in_use(self):
+        """Storage rows holding an object (rows [0, rows_in_use))."""
         return len(self.owners)
 
     @property
     def frame_capacity(self):
+        """Frames the storage holds per row before it grows."""
         return self.keys.shape[2]
 
     @property
     def nbytes(self):
+        """Storage bytes (keys and values, capacity included)."""
         return self.keys.nbytes + self.values.nbytes
 
     def add_group(self, num_objects, owner=None):

@@ -1,8 +1,8 @@
 """Checkpoints: the authors' released STM_weights.pth, and the project's own files.
 
-The official state dict (../shared/reference/stm_official_state_dict.txt) names modules after
-the official code; OFFICIAL_NAMES maps each official name prefix onto this project's module
-names. It is the only place that knows the official names.
+The official state dict (the released STM_weights.pth: Encoder_M, Encoder_Q, KV_M_r4, KV_Q_r4,
+Decoder) names modules after the official code; OFFICIAL_NAMES maps each official name prefix
+onto this project's module names. It is the only place that knows the official names.
 """
 import dataclasses
 import os

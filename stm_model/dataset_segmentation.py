@@ -51,6 +51,7 @@ class Sequence:
 
     @property
     def num_frames(self):
+        """Frames of the sequence."""
         return len(self.frames)
 
 
@@ -184,8 +185,8 @@ def segment_sequences(segmenter, sequences, output, batch_size, *, size=None, wo
     to output (see the module docstring). size=(h, w): segment at that size (masks are
     written at the frames' size). A sequence whose first mask holds no object, or whose masks
     give more than max_objects ids (None: no limit), raises ValueError naming the mask.
-    Returns one summary dict per sequence (name, frames, objects, size, memory_frames, seconds
-    from its first to its last frame, rank)."""
+    Returns one summary dict per sequence (name, frames, objects, size, segmented_size,
+    memory_frames, seconds from its first to its last frame, rank)."""
     output = pathlib.Path(output)
     sequences = sorted(sequences, key=lambda s: (s.size, -s.num_frames, s.name))
     by_name = {s.name: s for s in sequences}

@@ -135,7 +135,7 @@ class StaticImageClips(_Clips):
 class DavisClips(_Clips):
     """Clips from a DAVIS-format folder: <root>/JPEGImages/<res>/<seq>/*.jpg with masks in
     <root>/Annotations/<res>/<seq>/*.png on every frame (palette or DAVIS-2016 'L'); frames
-    are resized so that the shorter side is size[0]'s and randomly cropped to `size`."""
+    are resized (aspect kept) to just cover `size` and randomly cropped to it."""
 
     def __init__(self, root, length, clip_len=3, size=(384, 384), max_objects=3, max_skip=5,
                  seed=0, resolution="480p", min_pixels=100):

@@ -48,10 +48,10 @@ def evaluate_video(model, video, frames, *, mem_every=5, overlay=None, fps=25.0,
                    show_progress=False, **segmenter_options):
     """Segment `frames` frames of a SyntheticVideo from its first mask and score them.
 
-    Returns a dict with per-object per-frame "J" and "F" (n, frames), the DAVIS challenge
-    scores ("J&F", "J", "F": means over frames 1..T-2 and objects), "fps" (segmentation only),
-    "memory_frames" and "memory_bytes"; writes overlay frames to `overlay` (a .mp4/.gif path or
-    a folder) when given.
+    Returns a dict with "object_ids", per-object per-frame "J" and "F" (n, frames), the DAVIS
+    challenge scores ("J&F", "J-Mean", "F-Mean": means over frames 1..T-2 and objects), "fps"
+    (segmentation only), "memory_frames" and "memory_bytes"; writes overlay frames to `overlay`
+    (a .mp4/.gif path or a folder) when given.
     """
     segmenter = VideoSegmenter(model, mem_every=mem_every, **segmenter_options)
     device = segmenter.device
@@ -85,6 +85,7 @@ def evaluate_video(model, video, frames, *, mem_every=5, overlay=None, fps=25.0,
 
 
 def main(argv=None):
+    """`python -m stm_model.demo`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m stm_model.demo",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=1000)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 @dataclasses.dataclass
 class Context:
+    """This process's rank, the world size and its device (what setup() returns)."""
     rank: int
     world_size: int
     device: torch.device
@@ -25,6 +26,7 @@ class Context:
 
     @property
     def is_main(self):
+        """Rank 0: the process that plans, gathers and prints."""
         return self.rank == 0
 
 

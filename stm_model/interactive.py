@@ -85,6 +85,7 @@ class InteractiveSession(SessionCore):
         amp_dtype: autocast the network with this dtype.
         read_backend: memory_read backend (default: the model config's).
         show_progress: a progress bar over each round's batches.
+        sequence: the video's name (the progress bar's label).
     """
 
     def __init__(self, model: STM, frames: torch.Tensor, num_objects: int, *,

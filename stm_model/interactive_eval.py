@@ -98,10 +98,12 @@ def evaluate_interactive(model, frames, gt_labels, *, num_objects=None, rounds=8
 
     frames (T, 3, h, w) float in [0, 1]; gt_labels (T, H, W) integer ids (0 = background); when
     (h, w) differs from (H, W) the session runs at (h, w) and the robot and the scores see its
-    masks upsampled (nearest) to (H, W). first_scribbles replaces the robot's first round.
+    masks upsampled (nearest) to (H, W). num_objects defaults to gt_labels.max(); robot to a
+    RobotUser(); first_scribbles replaces the robot's first round; max_time and at_time are
+    time_scores'; sequence names the video; session_options go to InteractiveSession.
     on_round(round_record) is called after every round. Returns a dict with "rounds" (list of
-    dicts), "auc", "jf_at_60s" (at at_time), "num_objects" and "final_labels" ((T, H, W)
-    numpy).
+    dicts), "auc", "jf_at_60s" (at at_time), "num_objects", "max_time", "at_time" and
+    "final_labels" ((T, H, W) numpy).
     """
     gt_labels = np.asarray(gt_labels)
     num_objects = int(num_objects or gt_labels.max())

@@ -45,7 +45,18 @@ def _round_up(value, multiple):
 
 
 class MemoryBank:
-    """Memory of n objects that entered the video together (see the module docstring)."""
+    """Memory of n objects that entered the video together (see the module docstring).
+
+    Args:
+        num_objects, key_dim, value_dim: n, Ck and Cv.
+        height, width: a frame's stride-16 feature size (h, w).
+        dtype, device: the storage dtype, and the device reads run on.
+        max_frames: bound on the frames held (FIFO eviction); None: unbounded.
+        offload, chunk_frames: storage in CPU memory, read chunk_frames frames at a time.
+        initial_capacity: frames allocated up front without max_frames (with it: max_frames;
+            rounded up to 16, this rank's share when sharded); doubled when full.
+        shard_memory, shard_group: spread the frames over the ranks of shard_group.
+    """
 
     def __init__(self, num_objects: int, key_dim: int, value_dim: int, height: int,
                  width: int, *, dtype: torch.dtype = torch.float32,
@@ -63,7 +74,7 @@ class MemoryBank:
         self.max_frames, self.offload, self.chunk_frames = max_frames, offload, chunk_frames
         capacity = initial_capacity if max_frames is None else max_frames
         capacity = -(-capacity // self.shard_count)  # this rank's share of the slots
-        self.keys: Any = None  # (B, Ck, capacity, h, w) storage, allocated by the first add
+        self.keys: Any = None  # (n, Ck, capacity, h·w) storage, allocated below
         self.values: Any = None
         self._allocate(_round_up(capacity, _ALIGN_FRAMES))
 
@@ -94,6 +105,7 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
+        """Storage bytes on this rank (keys and values, capacity included)."""
         return self.keys.nbytes + self.values.nbytes
 
     @property

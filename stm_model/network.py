@@ -114,6 +114,7 @@ class KeyValue(nn.Module):
         self.value = nn.Conv2d(in_dim, value_dim, kernel_size=3, padding=1)
 
     def forward(self, x):
+        """(key, value) projections of x."""
         return self.key(x), self.value(x)
 
 
@@ -126,6 +127,7 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
 
     def forward(self, x):
+        """x + conv2(relu(conv1(relu(x))))."""
         return x + self.conv2(F.relu(self.conv1(F.relu(x))))
 
 
@@ -139,6 +141,7 @@ class Refine(nn.Module):
         self.merge_res = ResBlock(dim)
 
     def forward(self, skip, coarse):
+        """The merged feature at skip's stride."""
         merged = self.skip_res(self.skip_conv(skip)) + F.interpolate(
             coarse, scale_factor=2, mode="bilinear", align_corners=False)
         return self.merge_res(merged)
@@ -157,6 +160,7 @@ class Decoder(nn.Module):
         self.predict = nn.Conv2d(dim, 2, kernel_size=3, padding=1)
 
     def forward(self, memory_and_query, r3, r2):
+        """2-class logits (N, 2, H, W) from read-out ⊕ query value and the skips r3, r2."""
         m4 = self.res(self.fuse(memory_and_query))
         m2 = self.refine2(r2, self.refine3(r3, m4))
         logits = self.predict(F.relu(m2))

@@ -94,6 +94,7 @@ def object_ids(scribbles):
 
 
 def empty_scribbles(num_frames, sequence=None):
+    """Scribbles of `num_frames` frames without any stroke."""
     return {"sequence": sequence, "scribbles": [[] for _ in range(num_frames)]}
 
 
@@ -131,12 +132,6 @@ def rasterize(strokes, height, width, line_width=1):
             stroke_mask = ndimage.binary_dilation(stroke_mask, structure=footprint)
         canvas[stroke_mask] = stroke["object_id"]
     return canvas
-
-
-def rasterize_video(scribbles, height, width, line_width=1):
-    """{frame index: (H, W) map} for the annotated frames (see `rasterize`)."""
-    return {t: rasterize(strokes, height, width, line_width)
-            for t, strokes in enumerate(scribbles["scribbles"]) if strokes}
 
 
 def scribble_channels(scribble_map, num_objects):

@@ -122,6 +122,7 @@ class VideoSegmenter(SessionCore):
 
     @property
     def num_objects(self) -> int:
+        """Objects being segmented (the probabilities have num_objects + 1 channels)."""
         return len(self.object_ids)
 
     @property

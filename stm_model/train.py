@@ -383,6 +383,7 @@ def run(args):
 
 
 def main(argv=None):
+    """`python -m stm_model.train`; returns the exit code."""
     return run(_parser().parse_args(argv))
 
 

@@ -12,7 +12,7 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
-# Normalised RMS error bounds against a float64 reference (see METHOD.md): fp32 is exact
+# Normalised RMS error bounds (rel_error) against a float64 reference: fp32 is exact
 # float32 arithmetic (the GPU path follows torch's default "highest" matmul precision).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
