@@ -132,7 +132,7 @@ def memory_read_bwd_kernel_dv(
     full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
         b_dv = _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan,
-                        m_n, o_m, stride_lm, qk_scale, L2, False, PRECISION, UPCAST)
+                        m_n, None, stride_lm, qk_scale, L2, False, PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
         p_lse += BLOCK_M * stride_lm
@@ -261,7 +261,7 @@ def memory_read_bwd_kernel_dkdq(
     full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
         b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
-                                  p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, o_m, stride_lm,
+                                  p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, None, stride_lm,
                                   stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
                                   BLOCK_CV, NUM_CV, False, PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm

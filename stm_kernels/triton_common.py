@@ -57,9 +57,10 @@ def split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N: tl.constexpr, RAGGE
 def block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
                  BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr):
-    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block. Only the last block of a split is
-    # masked along N: a mask whose bound is not a multiple of 16 would stop vectorised
-    # (cp.async) loads in every block.
+    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block; m_n: its valid positions (None
+    # for a whole block, MASK_N False). Only the last block of a split is masked along N: a
+    # mask whose bound is not a multiple of 16 would stop vectorised (cp.async) loads in every
+    # block.
     if MASK_N:
         b_k = tl.load(p_k + o_k, mask=m_k_chan & m_n[None, :], other=0.0)  # [BLOCK_CK, BLOCK_N]
     else:

@@ -87,10 +87,11 @@ def memory_read_fwd_kernel(
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     for _ in range(n_lo, n_full_end, BLOCK_N):
-        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, o_n, qk_scale, L2, BLOCK_N, False,
+        # whole blocks: no mask along N (None)
+        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, BLOCK_N, False,
                            PRECISION, UPCAST)
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
-                                                  o_n, False, PRECISION, UPCAST)
+                                                  None, False, PRECISION, UPCAST)
         p_k += BLOCK_N * stride_kn
         p_ksq += BLOCK_N
         p_v += BLOCK_N * stride_vn

@@ -70,7 +70,7 @@ def memory_read_topk_kernel(
 
     b_best = tl.full([BLOCK_M, TOP_K], MIN_KEY_C, tl.int64)
     for n_start in range(n_lo, n_full_end, BLOCK_N):
-        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, o_n, qk_scale, L2, BLOCK_N, False,
+        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, BLOCK_N, False,
                            PRECISION, UPCAST)
         b_best = _merged(b_best, _packed(b_s, n_start + o_n), BLOCK_M, TOP_K)
         p_k += BLOCK_N * stride_kn
