@@ -55,12 +55,14 @@ def environment(device):
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "commit": _commit(),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _commit():
+def git_commit():
+    """The commit results come from (HEAD, '-dirty' with uncommitted changes; STM_COMMIT on the
+    device machine, whose copy has no .git; 'unknown' outside git)."""
     if os.environ.get("STM_COMMIT"):  # the device machine receives a work tree without .git
         return os.environ["STM_COMMIT"]
     try:

@@ -450,7 +450,7 @@ def main(argv=None):
     payload = dict(benchmark="kernel_work" if not args.sweep else "kernel_sweep",
                    device=f"sm_{args.arch} compiled offline (no GPU; not run)",
                    device_type=f"sm{args.arch}", torch=_torch_version(),
-                   triton=triton.__version__, commit=common._commit(),
+                   triton=triton.__version__, commit=common.git_commit(),
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                        timespec="seconds"),
                    shape=TARGET, sm_count=H100_SMS,

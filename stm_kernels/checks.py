@@ -7,11 +7,13 @@ from typing import Literal, Optional, get_args
 
 import torch
 
-_triton: Optional[ModuleType]
+# the Triton launchers, None on a CPU-only PyTorch without Triton (the torch and naive backends
+# remain)
+triton_launchers: Optional[ModuleType]
 try:
-    from . import memory_read_triton as _triton
-except ImportError:  # a CPU-only PyTorch without Triton: the torch and naive backends remain
-    _triton = None
+    from . import memory_read_triton as triton_launchers
+except ImportError:
+    triton_launchers = None
 
 # The read's options, as types (memory_read's signature) and as the tuples every CLI and
 # benchmark takes its choices from.
@@ -167,11 +169,11 @@ def resolve_backend(backend, memory_key):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
-        fused = (_triton is not None and memory_key.is_cuda
+        fused = (triton_launchers is not None and memory_key.is_cuda
                  and memory_key.dtype in _TRITON_DTYPES)
         return "triton" if fused else "torch"
     if backend == "triton":
-        if _triton is None:
+        if triton_launchers is None:
             raise ValueError("backend='triton' needs the triton package; use backend='torch'")
         if memory_key.dtype not in _TRITON_DTYPES:
             raise TypeError(

@@ -31,7 +31,7 @@ from .memory_read_naive import naive_memory_read
 from .memory_read_torch import torch_backward, torch_forward
 from .torch_common import accumulation_dtype
 
-_triton: Any = checks._triton  # None without Triton (then never the backend)
+triton_launchers: Any = checks.triton_launchers  # None without Triton: never the backend
 
 
 # A memory is one tensor or a list of chunks read as their concatenation along N.
@@ -235,7 +235,7 @@ def _checked_top_k(top_k, backend, N):
 def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
                     scale: float, l2: bool, backend: str,
                     lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    forward = _triton.triton_forward if backend == "triton" else torch_forward
+    forward = triton_launchers.triton_forward if backend == "triton" else torch_forward
     return forward(q, concatenated(ks), concatenated(vs), scale, l2, lengths)
 
 
@@ -253,7 +253,7 @@ def _memory_read_backward_op(
         scale: float, l2: bool, backend: str,
         lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with dk, dv over the concatenated memory (split per chunk by autograd)."""
-    backward = _triton.triton_backward if backend == "triton" else torch_backward
+    backward = triton_launchers.triton_backward if backend == "triton" else torch_backward
     return backward(grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse, scale,
                     l2, lengths)
 
