@@ -1,0 +1,80 @@
+"""The session core shared by the three sessions, and the query-feature cache."""
+import pytest
+import torch
+
+from stm_model import (STM, BatchSegmenter, InteractiveSession, STMConfig, VideoSegmenter,
+                       as_interactive)
+from stm_model.network import QueryFeatures
+from stm_model.query_cache import QueryFeatureCache
+from stm_model.session import SessionCore, check_schedule, dtype_option
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return STM(STMConfig.small())
+
+
+def test_dtype_options_by_name_or_dtype_and_errors_naming_the_option():
+    assert dtype_option("memory_dtype", None) is None
+    assert dtype_option("memory_dtype", "bf16") is torch.bfloat16
+    assert dtype_option("amp_dtype", torch.float16) is torch.float16
+    for bad in ("float16", torch.int8, 16, ["fp16"]):
+        with pytest.raises(ValueError, match="cache_dtype must be one of fp32, fp16, bf16"):
+            dtype_option("cache_dtype", bad)
+
+
+def test_schedule_checks():
+    check_schedule(1, None)
+    check_schedule(5, 2)
+    for mem_every in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="mem_every must be a positive integer"):
+            check_schedule(mem_every, None)
+    with pytest.raises(ValueError, match="max_memory_frames must be at least 2"):
+        check_schedule(5, 1)
+
+
+def test_every_session_is_a_session_core_with_the_same_options(model):
+    frames = torch.rand(3, 3, 32, 48)
+    sessions = [VideoSegmenter(model, memory_dtype="fp16", amp_dtype="bf16"),
+                BatchSegmenter(model, memory_dtype="fp16", amp_dtype="bf16"),
+                InteractiveSession(as_interactive(model), frames, 1,
+                                   memory_dtype="fp16", amp_dtype="bf16")]
+    for session in sessions:
+        assert isinstance(session, SessionCore)
+        assert session.memory_dtype is torch.float16 and session.amp_dtype is torch.bfloat16
+        assert session.model_dtype is torch.float32 and session.device == torch.device("cpu")
+        assert session.read_backend == model.config.read_backend
+        assert not session.model.training
+        with session.autocast():
+            assert torch.is_autocast_enabled("cpu")
+    bank = sessions[0].new_memory_bank(2, (32, 48), max_frames=4)
+    assert (bank.num_objects, bank.dtype, bank.max_frames) == (2, torch.float16, 4)
+    plain = VideoSegmenter(model)
+    assert plain.memory_dtype is torch.float32 and plain.amp_dtype is None
+    with plain.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    for session_type in (VideoSegmenter, BatchSegmenter):
+        with pytest.raises(ValueError, match="memory_dtype must be one of"):
+            session_type(model, memory_dtype="half")
+        with pytest.raises(ValueError, match="amp_dtype must be one of"):
+            session_type(model, amp_dtype="int8")
+
+
+def test_query_cache_encodes_each_frame_once_and_batches_in_the_order_asked():
+    calls = []
+
+    def encode(frames):
+        calls.append(list(frames))
+        index = torch.tensor(frames, dtype=torch.float64).view(-1, 1, 1, 1)
+        return QueryFeatures(index / 3, index + 0.5, index * 2, index * 3)
+
+    cache = QueryFeatureCache(encode, dtype=torch.float16, device=torch.device("cpu"))
+    batch = cache.batch([4, 1, 4], dtype=torch.float32, device=torch.device("cpu"))
+    assert calls == [[4, 1]] and len(cache) == 2 and 4 in cache and 0 not in cache
+    assert batch.key.dtype is torch.float32 and batch.r2.flatten().tolist() == [12, 3, 12]
+    kept = (torch.tensor([4, 1, 4], dtype=torch.float64) / 3).half().float()
+    assert torch.equal(batch.key.flatten(), kept)  # kept in the cache's dtype (fp16)
+    again = cache.batch([1, 2], dtype=torch.float64, device=torch.device("cpu"))
+    assert calls == [[4, 1], [2]] and len(cache) == 3
+    assert again.value.flatten().tolist() == [1.5, 2.5]
