@@ -225,7 +225,6 @@ class BatchSegmenter(SessionCore):
         config = self.model.config
         readout = self.memory.read(query.key, similarity=config.similarity,
                                    backend=self.read_backend)
-        readout = readout.to(query.value.dtype)
         per_row = torch.cat([self.model.foreground(readout[part], QueryFeatures(
             None, query.value[part], query.r3[part], query.r2[part]))
             for part in self._calls(readout.shape[0], padded.shape[-2:])])

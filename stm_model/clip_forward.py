@@ -84,7 +84,7 @@ class ClipForward(nn.Module):
         """Soft-aggregated logits (S, n+1, H, W) of one frame of each clip."""
         S, n = valid.shape
         query = QueryFeatures(None, value, r3, r2)
-        inputs = self.model.decoder_inputs(readout.to(value.dtype), query)
+        inputs = self.model.decoder_inputs(readout, query)
         foreground = foreground_of(self._run(2, self.model.decoder, *inputs))
         foreground = foreground.unflatten(0, (S, n)) * valid[:, :, None, None]
         return torch.stack([soft_aggregate(clip) for clip in foreground])

@@ -230,7 +230,7 @@ class InteractiveSession(SessionCore):
             readout = self.bank.read(keys, similarity=config.similarity,
                                      backend=self.read_backend)  # (n, Cv, count·h·w)
             readout = readout.unflatten(2, (count, h, w)).permute(2, 0, 1, 3, 4).flatten(0, 1)
-            foreground = self.model.foreground(readout.to(query.value.dtype), query)
+            foreground = self.model.foreground(readout, query)
         foreground = foreground.float().unflatten(0, (count, self.num_objects))
         for offset, t in enumerate(indices):
             probs = unpad(torch.softmax(soft_aggregate(foreground[offset]), 0), self._pad)

@@ -249,9 +249,11 @@ class STM(nn.Module):
 
     def decoder_inputs(self, readout, query):
         """The decoder's inputs (read-out ⊕ query value, r3, r2) for the S·n objects of
-        readout (S·n, Cv, h, w)."""
+        readout (S·n, Cv, h, w); the read-out takes the query's dtype (a memory stored in
+        another dtype reads out in that one)."""
         n = readout.shape[0] // query.value.shape[0]
-        memory_and_query = torch.cat([readout, per_object(query.value, n)], dim=1)
+        memory_and_query = torch.cat([readout.to(query.value.dtype), per_object(query.value, n)],
+                                     dim=1)
         return memory_and_query, per_object(query.r3, n), per_object(query.r2, n)
 
 

@@ -283,7 +283,7 @@ def _encode_query(model, padded):
 
 
 def _foreground(model, readout, query):
-    return model.foreground(readout.to(query.value.dtype), query)
+    return model.foreground(readout, query)
 
 
 def _encode_memory(model, padded, object_probs):
