@@ -212,8 +212,9 @@ def apply_device_defaults(args, defaults):
 
 
 def rel_error(actual, expected):
-    """||actual - expected|| / ||expected|| in float64; inf when actual has a NaN or an Inf."""
-    actual, expected = actual.detach().double(), expected.detach().double()
+    """||actual - expected|| / ||expected|| in float64 on the CPU (tensors on any device, or
+    arrays); inf when actual has a NaN or an Inf. The tests' error measure too."""
+    actual, expected = (torch.as_tensor(x).detach().double().cpu() for x in (actual, expected))
     if not torch.isfinite(actual).all():
         return math.inf
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()

@@ -4,6 +4,7 @@ import pathlib
 import pytest
 import torch
 
+from bench.common import rel_error  # noqa: F401 (the one error measure, re-exported)
 from stm_kernels import memory_read
 from stm_kernels import memory_read_triton as triton_module
 
@@ -24,15 +25,6 @@ def skip_unless_runnable(backend, device, dtype=torch.float32):
         pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
     if dtype == torch.bfloat16 and device == "cpu" and backend == "triton":
         pytest.skip("bf16 tl.dot is unreliable in the Triton interpreter; tested on GPU")
-
-
-def rel_error(actual, expected):
-    """‖actual − expected‖ / ‖expected‖ in float64 (tensors or arrays); inf when actual has a
-    NaN or Inf."""
-    actual, expected = (torch.as_tensor(x).detach().double().cpu() for x in (actual, expected))
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def random_inputs(B, Bq, Ck, Cv, HW, N, dtype, device, seed=0):
