@@ -21,6 +21,7 @@ from ._buffers import device_context, new_buffer
 from .triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv,
                          memory_read_usage_kernel)
 from .triton_common import LOG2E
+from .triton_compat import patch_interpreter_index
 from .triton_configs import (INTERPRETING, SELECT_CONFIG, USAGE_CONFIG, BackwardConfig,
                              DkdqConfig, DvConfig, ForwardConfig, candidates, use_configs)
 from .triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
@@ -31,6 +32,8 @@ __all__ = ["triton_forward", "triton_backward", "triton_select", "triton_usage",
            "ForwardConfig", "BackwardConfig", "DvConfig", "DkdqConfig", "INTERPRETING"]
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
+if INTERPRETING:
+    patch_interpreter_index()  # Triton 3.6's interpreter with NumPy >= 2.4 (triton_compat)
 _chosen: dict = {}
 _warned: set = set()
 
