@@ -1,5 +1,6 @@
 """Timing, peak-memory, environment and option helpers shared by the benchmarks."""
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -209,6 +210,26 @@ def apply_device_defaults(args, defaults):
     for name, value in defaults[device.type].items():
         setattr(args, name, getattr(args, name) or value)
     return device
+
+
+@contextlib.contextmanager
+def torch_setting(get, set_, value):
+    """Sets a global torch setting for the block and restores it after: e.g.
+    torch_setting(torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms,
+    True)."""
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for a block (the Triton backward then
+    computes dQ without atomics)."""
+    return torch_setting(torch.are_deterministic_algorithms_enabled,
+                         torch.use_deterministic_algorithms, True)
 
 
 def rel_error(actual, expected):

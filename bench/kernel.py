@@ -20,7 +20,6 @@ Writes bench/results/kernel_<device>_<date>.json and two PNGs beside it: the roo
 (fraction of the matmul rate against N) and the memory plot (peak memory against N, with the
 point where each provider ran out of memory).
 """
-import contextlib
 import math
 import sys
 
@@ -132,7 +131,9 @@ def naive_bytes_estimate(pass_, B, HW, N, dtype):
 
 
 def _precision(dtype_name):
-    return _matmul_precision("high" if dtype_name == "fp32-tf32" else "highest")
+    return common.torch_setting(torch.get_float32_matmul_precision,
+                                torch.set_float32_matmul_precision,
+                                "high" if dtype_name == "fp32-tf32" else "highest")
 
 
 def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
@@ -246,16 +247,6 @@ def run(args):
                     bar.update(len(ns) - index - 1)
                     break
     return common.finish_run("kernel", payload, plot, summary)
-
-
-@contextlib.contextmanager
-def _matmul_precision(precision):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def format_record(record):

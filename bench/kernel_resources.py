@@ -33,8 +33,8 @@ from bench import common, static_work
 from stm_kernels import memory_read_triton as launchers
 from stm_kernels import triton_configs
 from stm_kernels.offline_compile import specialised_signature
-from stm_kernels.triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv,
-                                   memory_read_usage_kernel)
+from stm_kernels.triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
+                                   memory_read_bwd_kernel_dv, memory_read_usage_kernel)
 from stm_kernels.triton_topk import memory_read_topk_kernel
 from stm_kernels.triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
 
@@ -48,6 +48,9 @@ H100_SMS = 132
 # (tests/test_kernel_report.py holds every default config to them).
 FORWARD_RATIO_TARGET = 1.2
 TOTAL_RATIO_TARGET = 1.3
+# The kernels of the backward under torch.use_deterministic_algorithms (opt-in; no target).
+DETERMINISTIC_DKDQ = "bwd_dkdq (deterministic)"
+DETERMINISTIC_DQ = "bwd_dq (deterministic)"
 
 
 def useful_macs_per_pair(Ck, Cv):
@@ -173,10 +176,27 @@ def kernel_specs(dtype_name, similarity, forward, backward, shape=TARGET, sm_cou
                         dk=dtype, dq="*fp32", lengths="*i32", qk_scale="fp32", scale="fp32"),
              constexprs=dict(common_constexprs, BLOCK_M=backward.dkdq.block_m,
                              BLOCK_N=backward.dkdq.block_n, BLOCK_CV=bplan["dkdq_block_cv"],
-                             NUM_CV=bplan["dkdq_num_cv"]),
+                             NUM_CV=bplan["dkdq_num_cv"], ATOMIC_DQ=True),
              num_warps=backward.dkdq.num_warps, num_stages=backward.dkdq.num_stages,
              tile_pairs=backward.dkdq.block_m * backward.dkdq.block_n, repeats=1,
              grid=bplan["dkdq_grid"], config=_fields(backward.dkdq), useful=None),
+    ]
+    # Deterministic mode: dK/dQ without its dQ atomics (the dQ dot drops out), plus bwd_dq.
+    dq = launchers.dq_plan(backward.dq, B, HW, N, Cv, sm_count)
+    specs += [
+        dict(specs[-1], name=DETERMINISTIC_DKDQ,
+             constexprs=dict(specs[-1]["constexprs"], ATOMIC_DQ=False)),
+        dict(name=DETERMINISTIC_DQ, kernel=memory_read_bwd_kernel_dq,
+             types=dict(q=dtype, k=dtype, ksq="*fp32", v=dtype, do=dtype, lse="*fp32",
+                        delta="*fp32", dq_parts="*fp32", lengths="*i32", qk_scale="fp32"),
+             constexprs=dict(common_constexprs, BLOCK_M=backward.dq.block_m,
+                             BLOCK_N=backward.dq.block_n, BLOCK_CV=dq["block_cv"],
+                             NUM_CV=dq["num_cv"]),
+             num_warps=backward.dq.num_warps, num_stages=backward.dq.num_stages,
+             tile_pairs=backward.dq.block_m * backward.dq.block_n, repeats=1, grid=dq["grid"],
+             config=_fields(backward.dq), useful=None,
+             values_extra=dict(n_per_split=dq["per_split"], stride_pds=B * Ck * HW,
+                               stride_pdb=Ck * HW, stride_pdc=HW, stride_pdm=1)),
     ]
     select_m, select_n, select_k, select_warps, select_stages = launchers.select_launch(
         SELECT_TOP_K)
@@ -322,6 +342,10 @@ def report(dtype_name, similarity="dot", arch=90, forward=None, backward=None, s
             backward_ratio=round(backward_executed / useful_backward, 3),
             total_ratio=round((per_pair["fwd"] + backward_executed)
                               / (useful_forward + useful_backward), 3))
+    deterministic = (per_pair.get("bwd_dv"), per_pair.get(DETERMINISTIC_DKDQ),
+                     per_pair.get(DETERMINISTIC_DQ))
+    if None not in deterministic:
+        totals["deterministic_backward_ratio"] = round(sum(deterministic) / useful_backward, 3)
     ws = per_pair.get("fwd_ws (opt-in)")
     if ws is not None:
         totals["warp_specialized_forward_ratio"] = round(ws / useful_forward, 3)
@@ -422,7 +446,10 @@ def summary(payload):
                 f"backward **{totals['total_ratio']:.2f}** (target <= {TOTAL_RATIO_TARGET})"
                 + (f"; warp-specialised forward (opt-in) "
                    f"{totals['warp_specialized_forward_ratio']:.2f}"
-                   if "warp_specialized_forward_ratio" in totals else "") + ".\n")
+                   if "warp_specialized_forward_ratio" in totals else "")
+                + (f"; deterministic backward (opt-in, no target) "
+                   f"{totals['deterministic_backward_ratio']:.2f}"
+                   if "deterministic_backward_ratio" in totals else "") + ".\n")
     return "\n".join(parts)
 
 

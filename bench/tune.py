@@ -6,6 +6,7 @@
 
 Per shape it times: the forward under every FORWARD_SWEEP tiling; the backward with each
 DV_SWEEP tiling (dK/dQ at its default) and each DKDQ_SWEEP tiling (dV at its default); the
+backward under torch.use_deterministic_algorithms (the dQ kernel instead of atomics); the
 opt-in warp-specialised Gluon forward where it can run; and, with --baseline (an export of an
 earlier commit, `python -m bench.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
@@ -104,6 +105,9 @@ def candidates(dtype, quick):
               lambda c=c: launchers.use_configs(
                   backward=triton_configs.BackwardConfig(default_backward.dv, c)), "fwd+bwd")
              for c in dkdqs[1:]]
+    runs.append(("backward", "deterministic (dq kernel, default tilings)",
+                 common.deterministic_algorithms,
+                 "fwd+bwd"))
     if dtype != torch.float32:
         runs.append(("forward", "warp-specialized (Gluon)",
                      lambda: _environment(launchers.WARP_SPECIALIZED_ENV, "1"), "fwd"))

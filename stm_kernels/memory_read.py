@@ -119,7 +119,9 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
         natural log of sum_j exp(s_ij), in float32 (float64 for float64 inputs); with
         return_usage=True also usage (B, N).
         Gradients flow to all three inputs (and through lse), to each chunk of a chunked
-        memory, and to shrinkage and selection.
+        memory, and to shrinkage and selection. The triton backward adds dQ with atomics (not
+        bitwise reproducible) unless torch.use_deterministic_algorithms(True) is set, when it
+        computes dQ in a fixed order instead.
     """
     call = prepared(query_key, memory_key, memory_value, scale=scale, similarity=similarity,
                     shrinkage=shrinkage, selection=selection, memory_lengths=memory_lengths,

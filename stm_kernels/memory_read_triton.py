@@ -4,7 +4,8 @@
                      split), then memory_read_merge_kernel when the memory is split
                      (flash-decoding); or, opted in, the warp-specialised Gluon forward
     triton_backward  delta = rowsum(dO * O) - d lse on the host, then
-                     memory_read_bwd_kernel_dv and memory_read_bwd_kernel_dkdq (dQ by atomics)
+                     memory_read_bwd_kernel_dv and memory_read_bwd_kernel_dkdq (dQ by atomics;
+                     under torch.use_deterministic_algorithms, memory_read_bwd_kernel_dq)
 
 The kernels are in triton_fwd / triton_bwd, their tilings in triton_configs. Kernel arguments
 are passed by name; `forward_plan` and `backward_plan` compute the grids (also used by the
@@ -18,18 +19,19 @@ import torch
 import triton
 
 from ._buffers import device_context, new_buffer
-from .triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dv,
-                         memory_read_usage_kernel)
+from .triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
+                         memory_read_bwd_kernel_dv, memory_read_usage_kernel)
 from .triton_common import LOG2E
 from .triton_compat import patch_interpreter_index
 from .triton_configs import (INTERPRETING, SELECT_CONFIG, USAGE_CONFIG, BackwardConfig,
-                             DkdqConfig, DvConfig, ForwardConfig, candidates, use_configs)
+                             DkdqConfig, DqConfig, DvConfig, ForwardConfig, candidates,
+                             use_configs)
 from .triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
 from .triton_topk import MIN_KEY, memory_read_topk_kernel
 
 __all__ = ["triton_forward", "triton_backward", "triton_select", "triton_usage", "forward_plan",
-           "backward_plan", "use_configs",
-           "ForwardConfig", "BackwardConfig", "DvConfig", "DkdqConfig", "INTERPRETING"]
+           "backward_plan", "dq_plan", "use_configs",
+           "ForwardConfig", "BackwardConfig", "DvConfig", "DkdqConfig", "DqConfig", "INTERPRETING"]
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
 if INTERPRETING:
@@ -82,12 +84,22 @@ def forward_plan(config, B, HW, N, Cv, sm_count):
 
 
 def backward_plan(config, B, N, Cv):
-    """Grids and value chunking of the two backward kernels."""
+    """Grids and value chunking of the dV and dK/dQ kernels."""
     block_v, num_v = value_blocks(Cv, config.dv.block_v)
     return dict(dv_grid=(triton.cdiv(N, config.dv.block_n), B * num_v), dv_block_v=block_v,
                 dv_num_v=num_v, dkdq_grid=(triton.cdiv(N, config.dkdq.block_n), B),
                 dkdq_block_cv=value_blocks(Cv, config.dkdq.block_cv)[0],
                 dkdq_num_cv=value_blocks(Cv, config.dkdq.block_cv)[1])
+
+
+def dq_plan(config, B, HW, N, Cv, sm_count):
+    """Query blocks, memory splits and value chunking of the deterministic dQ kernel (a
+    DqConfig): its programs are laid out as the forward's, without value chunks."""
+    plan = forward_plan(ForwardConfig(block_m=config.block_m, block_n=config.block_n,
+                                      block_v=None, splits=config.splits), B, HW, N, Cv, sm_count)
+    block_cv, num_cv = value_blocks(Cv, config.block_cv)
+    return dict(grid=(plan.m_blocks, B, plan.splits), splits=plan.splits,
+                per_split=plan.per_split, block_cv=block_cv, num_cv=num_cv)
 
 
 # --------------------------------------------------------------------------- host helpers
@@ -291,9 +303,30 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
         return _run_first_fitting("forward", (k.dtype, Ck, Cv, l2, gluon is not None), launch)
 
 
+def _deterministic_dq(config, query, v, ksq, delta, align_v, sm_count):
+    """dQ (Bq, Ck, HW) float32, unscaled, without atomics: memory_read_bwd_kernel_dq's
+    partials per (memory split, object), summed on the host in a fixed order."""
+    k, q = query["k"], query["q"]
+    B, Ck, N = k.shape
+    Cv, HW = v.shape[1], q.shape[2]
+    plan = dq_plan(config, B, HW, N, Cv, sm_count)
+    parts = new_buffer((plan["splits"], B, Ck, HW), torch.float32, k.device)
+    memory_read_bwd_kernel_dq[plan["grid"]](
+        v=v, ksq=ksq, delta=delta, dq_parts=parts, stride_sqb=ksq.stride(0),
+        **_memory_strides("v", v, align_v), **_strides("pd", parts, "sbcm"),
+        n_per_split=plan["per_split"], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"], ALIGN_V=align_v,
+        num_warps=config.num_warps, num_stages=config.num_stages, **query)
+    # A batch-1 query's gradient sums over the objects too (an expanded one's does not: its
+    # expand's backward sums, as for the atomics path).
+    return parts.sum(0) if q.shape[0] == B else parts.sum((0, 1))[None]
+
+
 def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """Gradients (dq shaped like q, dk, dv) of the read; probabilities are recomputed from lse.
-    With lengths, positions past an object's length get zero dk, dv."""
+    With lengths, positions past an object's length get zero dk, dv. dq is accumulated with
+    atomics, except under torch.use_deterministic_algorithms(True), where a third kernel
+    computes it in a fixed order (bitwise reproducible; about 40% more backward work)."""
     _check_device(q, k, v)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -311,6 +344,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     flags = _launch_flags((q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
     lengths, ragged = _lengths_argument(lengths, k)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     query = dict(q=q, k=k, do=grad_out, lse=lse, lengths=lengths, RAGGED=ragged,
                  stride_qb=0 if shared_query else q.stride(0), stride_qc=q.stride(1),
                  stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
@@ -327,7 +361,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             NUM_V=plan["dv_num_v"], num_warps=config.dv.num_warps,
             num_stages=config.dv.num_stages, **query)
         dk = new_buffer((B, Ck, N), k.dtype, device)
-        # Zeroed (atomics add into it), padded like q so that both share their strides.
+        # Zeroed (atomics add into it), padded like q so that both share their strides;
+        # untouched in deterministic mode.
         dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
         dq = dq[:, :, :HW]
         memory_read_bwd_kernel_dkdq[plan["dkdq_grid"]](
@@ -335,13 +370,17 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
             scale=scale, BLOCK_M=config.dkdq.block_m, BLOCK_N=config.dkdq.block_n,
             BLOCK_CV=plan["dkdq_block_cv"], NUM_CV=plan["dkdq_num_cv"], ALIGN_V=align_v,
-            num_warps=config.dkdq.num_warps,
+            ATOMIC_DQ=not deterministic, num_warps=config.dkdq.num_warps,
             num_stages=config.dkdq.num_stages, **query)
+        if deterministic:
+            # |k|^2 for the L2 similarity, as in the forward (the dK/dQ kernel computes its own).
+            ksq = k.float().square().sum(1) if l2 else k
+            dq = _deterministic_dq(config.dq, query, v, ksq, delta, align_v, _sm_count(device))
         dq = dq.mul_(2.0 * scale if l2 else scale)
         return dq.to(q_dtype), dk, dv
 
     with device_context(device):
-        return _run_first_fitting("backward", (k.dtype, Ck, Cv, l2), launch)
+        return _run_first_fitting("backward", (k.dtype, Ck, Cv, l2, deterministic), launch)
 
 
 # --------------------------------------------------------------------------- top-k and usage

@@ -1,7 +1,7 @@
 """Backward kernels of the fused memory read.
 
-Both kernels own a block of memory positions and loop over all queries, recomputing the
-probabilities from the saved log-sum-exp; tiles are transposed (memory positions as rows):
+The first two kernels own a block of memory positions and loop over all queries, recomputing
+the probabilities from the saved log-sum-exp; tiles are transposed (memory positions as rows):
 
     memory_read_bwd_kernel_dv    dV = P^T dO, one program per (memory block, object x value
                                  chunk); S^T = K Q is recomputed per value chunk.
@@ -9,17 +9,21 @@ probabilities from the saved log-sum-exp; tiles are transposed (memory positions
                                  dK = dS^T Q^T, and dQ^T = K^T dS^T added into an fp32 buffer
                                  with atomics (as FlashAttention-2/3 do), so no pass over the
                                  queries recomputes S and dP a second time.
+    memory_read_bwd_kernel_dq    deterministic mode only: dQ per (query block, memory split)
+                                 without atomics (S and dP recomputed once more); the dK/dQ
+                                 kernel then runs with ATOMIC_DQ off.
 
 Layout as in triton_fwd; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
 natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
 similarity's factor); lengths (B,) int32 for ragged memories (RAGGED): positions past an
-object's length are never read and get zero dK, dV. dQ sums in a run-dependent order (atomics):
-not bitwise reproducible.
+object's length are never read and get zero dK, dV. With atomics dQ sums in a run-dependent
+order: not bitwise reproducible; the deterministic mode is.
 """
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E_C, aligned_stride, dot, tile_offsets
+from .triton_common import (LOG2E_C, aligned_stride, dot, key_tile, query_block, split_bounds,
+                            tile_offsets, tile_scores)
 
 
 @triton.jit
@@ -181,8 +185,9 @@ def _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_
                o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm, stride_vc, stride_doc, CV,
                qk_scale, L2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, MASK_M: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # One query block: dK of this memory block accumulates, dQ of the query block is added.
+               ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # One query block: dK of this memory block accumulates, dQ of the query block is added
+    # (ATOMIC_DQ; otherwise memory_read_bwd_kernel_dq computes dQ in a fixed order).
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
@@ -199,11 +204,12 @@ def _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_
     b_dk += dot(b_dst, tl.trans(b_q), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_CK]
     if L2:
         b_dsum += tl.sum(b_dst.to(tl.float32), 1)
-    b_dqt = dot(tl.trans(b_k), b_dst, PRECISION, UPCAST)  # [BLOCK_CK, BLOCK_M]
-    if MASK_M:
-        tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan & m_m[None, :], sem="relaxed")
-    else:
-        tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan, sem="relaxed")
+    if ATOMIC_DQ:
+        b_dqt = dot(tl.trans(b_k), b_dst, PRECISION, UPCAST)  # [BLOCK_CK, BLOCK_M]
+        if MASK_M:
+            tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan & m_m[None, :], sem="relaxed")
+        else:
+            tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan, sem="relaxed")
     return b_dk, b_dsum
 
 
@@ -221,11 +227,12 @@ def memory_read_bwd_kernel_dkdq(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
-    ALIGN_V: tl.constexpr,
+    ALIGN_V: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # One program per (memory block, object). dq shares q's channel and position strides
     # (the launcher allocates it so); stride_dqb is 0 for a broadcast query, so every object
     # adds into the one query's gradient. NUM_CV == 1: the program holds its whole V block.
+    # ATOMIC_DQ False: dK only (deterministic mode; dq is not touched).
     i_n = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
 
@@ -263,7 +270,8 @@ def memory_read_bwd_kernel_dkdq(
         b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, None, stride_lm,
                                   stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
-                                  BLOCK_CV, NUM_CV, False, PRECISION, UPCAST)
+                                  BLOCK_CV, NUM_CV, False, ATOMIC_DQ, PRECISION,
+                                  UPCAST)
         p_q += BLOCK_M * stride_qm
         p_dq += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
@@ -274,7 +282,8 @@ def memory_read_bwd_kernel_dkdq(
         b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm,
                                   stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
-                                  BLOCK_CV, NUM_CV, True, PRECISION, UPCAST)
+                                  BLOCK_CV, NUM_CV, True, ATOMIC_DQ, PRECISION,
+                                  UPCAST)
 
     if L2:  # d/dk of 2 q.k - |k|^2; k is loaded again rather than kept in fp32 registers
         b_kf = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
@@ -286,6 +295,110 @@ def memory_read_bwd_kernel_dkdq(
     p_dk = dk + i_b * stride_dkb + first_n * stride_dkn
     tl.store(p_dk + tile_offsets(o_n, o_c, stride_dkn, stride_dkc, I64),
              b_dk.to(p_dk.dtype.element_ty), mask=((first_n + o_n) < N)[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _dq_step(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do, o_cv,
+             m_k_chan, m_n, m_m, stride_vc, stride_doc, CV, qk_scale, L2: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
+             NUM_CV: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
+    # One memory block's contribution to the query block's dQ [BLOCK_M, BLOCK_CK].
+    b_k = key_tile(p_k, o_k, m_k_chan, m_n, MASK_N)  # [BLOCK_CK, BLOCK_N]
+    b_s = tile_scores(b_q, b_k, p_ksq, m_n, qk_scale, L2, BLOCK_N, MASK_N, PRECISION, UPCAST)
+    b_p = tl.exp2(b_s - b_lse2[:, None])  # 0 past the memory (scores -inf there)
+    if NUM_CV == 1:  # the program holds its whole dO tile
+        if MASK_N:
+            b_v = tl.load(p_v + o_v, mask=(o_cv < CV)[:, None] & m_n[None, :], other=0.0)
+        else:
+            b_v = tl.load(p_v + o_v, mask=(o_cv < CV)[:, None], other=0.0)  # [BLOCK_CV, BLOCK_N]
+        b_dp = dot(b_do, b_v, PRECISION, UPCAST)
+    else:  # dP = dO V reduced over value chunks, dO re-read per memory block
+        b_dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i_c in range(NUM_CV):
+            m_chan = (i_c * BLOCK_CV + o_cv) < CV
+            b_doc = tl.load(p_do + o_do, mask=m_m[:, None] & m_chan[None, :], other=0.0)
+            if MASK_N:
+                b_vc = tl.load(p_v + o_v, mask=m_chan[:, None] & m_n[None, :], other=0.0)
+            else:
+                b_vc = tl.load(p_v + o_v, mask=m_chan[:, None], other=0.0)
+            b_dp += dot(b_doc, b_vc, PRECISION, UPCAST)
+            p_v += stride_vc.to(tl.int64) * BLOCK_CV
+            p_do += stride_doc.to(tl.int64) * BLOCK_CV
+    b_ds = b_p * (b_dp - b_delta[:, None])  # [BLOCK_M, BLOCK_N]
+    return b_dq + dot(b_ds.to(b_k.dtype), tl.trans(b_k), PRECISION, UPCAST)
+
+
+@triton.jit
+def memory_read_bwd_kernel_dq(
+    q, k, ksq, v, do, lse, delta, dq_parts, lengths,
+    stride_qb, stride_qc, stride_qm,
+    stride_kb, stride_kc, stride_kn, stride_sqb,
+    stride_vb, stride_vc, stride_vn,
+    stride_dob, stride_doc, stride_dom,
+    stride_lb, stride_lm,
+    stride_pds, stride_pdb, stride_pdc, stride_pdm,
+    HW, N, CK, CV, n_per_split, qk_scale,
+    L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
+    BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
+    ALIGN_V: tl.constexpr,
+):
+    # Deterministic dQ: one program per (query block, object, memory split) recomputes P and
+    # dP over its split's memory in order and stores its partial dQ (unscaled, fp32) into
+    # dq_parts (S, B, CK, HW); the host sums the partials in a fixed order. No atomics, so
+    # the gradient is bitwise reproducible (torch.use_deterministic_algorithms).
+    i_m = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2)
+    stride_kc = aligned_stride(stride_kc, ALIGN_K)
+    stride_vc = aligned_stride(stride_vc, ALIGN_V)
+
+    o_m = tl.arange(0, BLOCK_M)
+    o_c = tl.arange(0, BLOCK_CK)
+    o_cv = tl.arange(0, BLOCK_CV)
+    o_n = tl.arange(0, BLOCK_N)
+    first_m = (i_m * BLOCK_M).to(tl.int64)
+    m_m = (i_m * BLOCK_M + o_m) < HW
+    m_c = o_c < CK
+
+    b_q = query_block(q + i_b * stride_qb + first_m * stride_qm, o_m, o_c, m_m, m_c, stride_qm,
+                      stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    p_do = do + i_b * stride_dob + first_m * stride_dom
+    o_do = tile_offsets(o_m, o_cv, stride_dom, stride_doc, I64)  # [BLOCK_M, BLOCK_CV]
+    b_do = tl.zeros([BLOCK_M, BLOCK_CV], dtype=do.dtype.element_ty)
+    if NUM_CV == 1:
+        b_do = tl.load(p_do + o_do, mask=m_m[:, None] & (o_cv < CV)[None, :], other=0.0)
+    p_lse = lse + i_b * stride_lb + first_m * stride_lm
+    b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
+    p_delta = delta + i_b * stride_lb + first_m * stride_lm
+    b_delta = tl.load(p_delta + o_m * stride_lm, mask=m_m, other=0.0)
+
+    n_lo, n_hi, n_full_end = split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N, RAGGED)
+    p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
+    p_v = v + aligned_stride(i_b * stride_vb, ALIGN_V) + n_lo.to(tl.int64) * stride_vn
+    p_ksq = ksq + i_b * stride_sqb + n_lo  # |k|^2 (B, N) float32, for L2 only
+    o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
+    o_v = tile_offsets(o_cv, o_n, stride_vc, stride_vn, I64)  # [BLOCK_CV, BLOCK_N]
+    m_k_chan = m_c[:, None]
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_CK], dtype=tl.float32)
+    for _ in range(n_lo, n_full_end, BLOCK_N):
+        b_dq = _dq_step(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do,
+                        o_cv, m_k_chan, None, m_m, stride_vc, stride_doc, CV, qk_scale, L2,
+                        BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, False, PRECISION, UPCAST)
+        p_k += BLOCK_N * stride_kn
+        p_ksq += BLOCK_N
+        p_v += BLOCK_N * stride_vn
+    if n_full_end < n_hi:
+        m_n = (n_full_end + o_n) < n_hi
+        b_dq = _dq_step(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do,
+                        o_cv, m_k_chan, m_n, m_m, stride_vc, stride_doc, CV, qk_scale, L2,
+                        BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, True, PRECISION, UPCAST)
+
+    p_part = dq_parts + i_s.to(tl.int64) * stride_pds + i_b * stride_pdb + first_m * stride_pdm
+    tl.store(p_part + tile_offsets(o_m, o_c, stride_pdm, stride_pdc, I64), b_dq,
+             mask=m_m[:, None] & m_c[None, :])
 
 
 @triton.jit

@@ -54,17 +54,19 @@ def split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N: tl.constexpr, RAGGE
 
 
 @triton.jit
-def block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block; m_n: its valid positions (None
-    # for a whole block, MASK_N False). Only the last block of a split is masked along N: a
-    # mask whose bound is not a multiple of 16 would stop vectorised (cp.async) loads in every
-    # block.
+def key_tile(p_k, o_k, m_k_chan, m_n, MASK_N: tl.constexpr):
+    # The key tile [BLOCK_CK, BLOCK_N] of one memory block; m_n: its valid positions (None for
+    # a whole block, MASK_N False). Only the last block of a split is masked along N: a mask
+    # whose bound is not a multiple of 16 would stop vectorised (cp.async) loads in every block.
     if MASK_N:
-        b_k = tl.load(p_k + o_k, mask=m_k_chan & m_n[None, :], other=0.0)  # [BLOCK_CK, BLOCK_N]
-    else:
-        b_k = tl.load(p_k + o_k, mask=m_k_chan, other=0.0)
+        return tl.load(p_k + o_k, mask=m_k_chan & m_n[None, :], other=0.0)
+    return tl.load(p_k + o_k, mask=m_k_chan, other=0.0)
+
+
+@triton.jit
+def tile_scores(b_q, b_k, p_ksq, m_n, qk_scale, L2: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Base-2 scores [BLOCK_M, BLOCK_N] of a query tile against a key tile, -inf past m_n.
     b_s = dot(b_q, b_k, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
     if L2:  # |k|^2 comes from the host: a reduction over channels here costs block barriers
         if MASK_N:
@@ -76,3 +78,12 @@ def block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr
     if MASK_N:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
     return b_s
+
+
+@triton.jit
+def block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block (key_tile, then tile_scores).
+    b_k = key_tile(p_k, o_k, m_k_chan, m_n, MASK_N)
+    return tile_scores(b_q, b_k, p_ksq, m_n, qk_scale, L2, BLOCK_N, MASK_N, PRECISION, UPCAST)

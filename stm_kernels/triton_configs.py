@@ -24,6 +24,13 @@ repeats another's dot:
              stage: two spill with the L2 similarity).
              Forward + backward: 2,432 executed MACs per pair in bf16 for the 2,240 counted
              (1.09x); 2,688 in fp32 (1.2x).
+    dQ       deterministic mode only (torch.use_deterministic_algorithms): the dK/dQ kernel
+             drops its dQ dot and atomics (768 MACs per pair) and this kernel recomputes S and
+             dP per (128 query rows, memory split): 768 more, no atomics. A whole 128 x 512 dO
+             tile would not fit in registers beside the dQ accumulator, so dO and V stream
+             through dP in 64-channel chunks (32 in fp32); 64-key blocks halve dO's re-reads
+             per key against 32 (246 registers, 80 KiB, no spills; fp32: 32 keys, 223, 120 KiB).
+             Backward 2,304 per pair in bf16 (1.44x the counted 1,600).
 
 Overlapping the softmax with the matrix products is out of reach of plain Triton on sm_90:
 issuing block j+1's QK product before block j's softmax by hand compiles to the same
@@ -77,10 +84,25 @@ class DkdqConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DqConfig:
+    """Tiling of `memory_read_bwd_kernel_dq` (deterministic mode only): block_m query rows per
+    program, looping over its memory split block_n positions at a time; block_cv=None holds
+    the whole dO tile, a smaller block_cv streams dO and V through the dP reduction in chunks.
+    splits=None picks the number of memory splits from the device's multiprocessor count."""
+    block_m: int = 64
+    block_n: int = 32
+    block_cv: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+    splits: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-    """The two backward kernels' tilings."""
+    """The backward kernels' tilings (dq: used in deterministic mode only)."""
     dv: DvConfig = DvConfig()
     dkdq: DkdqConfig = DkdqConfig()
+    dq: DqConfig = DqConfig()
 
 
 # Candidates in order of preference, per element size (2: fp16/bf16; 4: fp32, TF32 or exact);
@@ -96,21 +118,30 @@ GPU_FORWARD = {
 }
 GPU_BACKWARD = {
     2: (BackwardConfig(DvConfig(block_n=128, block_m=32, block_v=256, num_warps=8, num_stages=2),
-                       DkdqConfig(block_n=128, block_m=16, num_warps=8, num_stages=2)),
+                       DkdqConfig(block_n=128, block_m=16, num_warps=8, num_stages=2),
+                       DqConfig(block_m=128, block_n=64, block_cv=64, num_warps=8,
+                                num_stages=2)),
         BackwardConfig(DvConfig(block_n=64, block_m=32, block_v=256, num_warps=4, num_stages=1),
                        DkdqConfig(block_n=64, block_m=16, num_warps=4, num_stages=2,
-                                  block_cv=128))),
+                                  block_cv=128),
+                       DqConfig(block_m=128, block_n=32, block_cv=64, num_warps=8,
+                                num_stages=3))),
     4: (BackwardConfig(DvConfig(block_n=128, block_m=32, block_v=128, num_warps=8, num_stages=2),
                        DkdqConfig(block_n=128, block_m=16, num_warps=8, num_stages=1,
-                                  block_cv=64)),
+                                  block_cv=64),
+                       DqConfig(block_m=128, block_n=32, block_cv=32, num_warps=8,
+                                num_stages=2)),
         BackwardConfig(DvConfig(block_n=64, block_m=32, block_v=128, num_warps=4, num_stages=1),
                        DkdqConfig(block_n=64, block_m=16, num_warps=4, num_stages=2,
-                                  block_cv=64))),
+                                  block_cv=64),
+                       DqConfig(block_m=64, block_n=32, block_cv=32, num_warps=4,
+                                num_stages=1))),
 }
 # The interpreter runs one Python step per tile operation: large tiles are fastest there.
 INTERPRETER_FORWARD = (ForwardConfig(block_m=32, block_n=32, num_warps=4, num_stages=1),)
 INTERPRETER_BACKWARD = (BackwardConfig(DvConfig(block_n=32, block_m=32, num_warps=4),
-                                       DkdqConfig(block_n=32, block_m=32, num_warps=4)),)
+                                       DkdqConfig(block_n=32, block_m=32, num_warps=4),
+                                       DqConfig(block_m=32, block_n=32, num_warps=4)),)
 
 # The top-k selection (64 query rows, one warpgroup: with 8 warps the only dot, QK, would be
 # computed twice) and the usage kernel (dV's layout: 128 memory rows for 8 warps).

@@ -54,6 +54,57 @@ def reference_with_grads(q, k, v, **kwargs):
     return read_with_grads(*(t.detach().double().cpu() for t in (q, k, v)), **kwargs)
 
 
+def check_read(results, expected, dtype, grad_factor=3):
+    """[out, lse, dq, dk, dv] against a reference within TOLERANCE[dtype] (gradients
+    grad_factor times it); None entries of the reference are skipped."""
+    names = ["out", "lse", "dq", "dk", "dv"]
+    for name, actual, reference in zip(names, results, expected, strict=True):
+        if reference is None:
+            continue
+        bound = TOLERANCE[dtype] * (1 if name in ("out", "lse") else grad_factor)
+        assert actual.shape == reference.shape, name
+        error = rel_error(actual, reference)
+        assert error < bound, f"{name}: relative error {error:.2e} > {bound:.0e}"
+
+
+def ragged_case(device, seed, cotangent_seed, lengths=(160, 20)):
+    """(q, k, v, lengths, cotangents): two objects of a padded memory of 160 positions, a
+    shared query (Ck 16, Cv 24, HW 30) and float64 cotangents for out and lse."""
+    B, Ck, Cv, HW, N = len(lengths), 16, 24, 30, 160
+    q, k, v = random_inputs(B, 1, Ck, Cv, HW, N, torch.float32, device, seed=seed)
+    generator = torch.Generator().manual_seed(cotangent_seed)
+    cotangents = (torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64),
+                  torch.randn(B, HW, generator=generator, dtype=torch.float64))
+    return q, k, v, list(lengths), cotangents
+
+
+def ragged_read_with_grads(q, k, v, lengths, cotangents, **kwargs):
+    """read_with_grads for a ragged memory (memory_lengths) and given cotangents."""
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = memory_read(q, k, v, memory_lengths=lengths, return_lse=True, **kwargs)
+    grad_out, grad_lse = cotangents
+    ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
+    return [out, lse, q.grad, k.grad, v.grad]
+
+
+def per_object_reference(q, k, v, lengths, cotangents, **kwargs):
+    """Each object read alone over its own memory slice, in float64 with the naive read."""
+    grad_out, grad_lse = cotangents
+    q64 = q.detach().double().cpu().requires_grad_()
+    results = [[], [], None, torch.zeros(k.shape, dtype=torch.float64),
+               torch.zeros(v.shape, dtype=torch.float64)]
+    for b, length in enumerate(lengths):
+        k_b = k[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
+        v_b = v[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
+        q_b = q64[b:b + 1] if q.shape[0] > 1 else q64
+        out, lse = memory_read(q_b, k_b, v_b, backend="naive", return_lse=True, **kwargs)
+        ((out * grad_out[b:b + 1]).sum() + (lse * grad_lse[b:b + 1]).sum()).backward()
+        results[0].append(out.detach())
+        results[1].append(lse.detach())
+        results[3][b, :, :length], results[4][b, :, :length] = k_b.grad[0], v_b.grad[0]
+    return [torch.cat(results[0]), torch.cat(results[1]), q64.grad, results[3], results[4]]
+
+
 def synthetic_video(frames, size=(64, 64), seed=3, objects=2):
     """(frames (T, 3, H, W) float in [0, 1], labels (T, H, W)) of a held-out synthetic video."""
     import numpy as np

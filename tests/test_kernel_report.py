@@ -43,7 +43,8 @@ def test_every_default_config_compiles_without_spills_and_fits(report):
         ("bf16", "dot"), ("bf16", "l2"), ("fp32", "dot"), ("fp32", "l2")}
     for entry in report["reports"]:
         kernels = {row["kernel"] for row in entry["rows"]}
-        assert {"fwd", "bwd_dv", "bwd_dkdq", "merge"} <= kernels
+        assert {"fwd", "bwd_dv", "bwd_dkdq", "merge", "bwd_dkdq (deterministic)",
+                "bwd_dq (deterministic)"} <= kernels
         for row in entry["rows"]:
             where = f"{entry['dtype']} {entry['similarity']} {row['kernel']}"
             if entry["dtype"] == "fp32" and row["kernel"].startswith("fwd_ws"):
@@ -83,6 +84,23 @@ def test_executed_work_per_pair_meets_the_targets(report):
             # by the dV kernel for each of its 2 value chunks; dP is computed once.
             assert totals["executed_backward"] <= 1408 + 2 * 128, (where, totals)
             assert totals["warp_specialized_forward_ratio"] == 1.0, (where, totals)
+
+
+@needs_ptxas
+def test_deterministic_backward_swaps_the_dq_atomics_for_one_dq_pass(report):
+    """Under torch.use_deterministic_algorithms the dK/dQ kernel drops its dQ dot (Ck MACs per
+    pair) and the dQ kernel does S, dP and dQ once each (Ck + Cv + Ck), with no atomics."""
+    Ck, Cv = report["shape"]["Ck"], report["shape"]["Cv"]
+    for entry in report["reports"]:
+        rows = {row["kernel"]: row for row in entry["rows"]}
+        where = f"{entry['dtype']} {entry['similarity']}"
+        dkdq, no_atomics = rows["bwd_dkdq"], rows["bwd_dkdq (deterministic)"]
+        dq = rows["bwd_dq (deterministic)"]
+        assert no_atomics["executed_macs_per_pair"] == dkdq["executed_macs_per_pair"] - Ck, where
+        assert dq["executed_macs_per_pair"] == 2 * Ck + Cv, where
+        executed = rows["bwd_dv"]["executed_macs_per_pair"] + 2 * (2 * Ck + Cv)
+        expected = executed / (2.5 * (Ck + Cv))
+        assert entry["totals"]["deterministic_backward_ratio"] == round(expected, 3), where
 
 
 @needs_ptxas

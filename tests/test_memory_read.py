@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from helpers import (DEVICES, TOLERANCE, random_inputs, read_with_grads, reference_with_grads,
-                     rel_error, skip_unless_runnable)
+from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, ragged_case,
+                     ragged_read_with_grads, random_inputs, read_with_grads,
+                     reference_with_grads, rel_error, skip_unless_runnable)
 from stm_kernels import memory_read, merge_reads, poison_outputs
 from stm_kernels import torch_common
 from stm_kernels import memory_read_triton as triton_module
@@ -32,17 +33,6 @@ BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _check(results, expected, dtype, grad_factor=3):
-    names = ["out", "lse", "dq", "dk", "dv"]
-    for name, actual, reference in zip(names, results, expected, strict=True):
-        if reference is None:
-            continue
-        bound = TOLERANCE[dtype] * (1 if name in ("out", "lse") else grad_factor)
-        assert actual.shape == reference.shape, name
-        error = rel_error(actual, reference)
-        assert error < bound, f"{name}: relative error {error:.2e} > {bound:.0e}"
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -55,7 +45,7 @@ def test_read_and_gradients_match_float64_reference(device, backend, dtype, simi
     results = read_with_grads(q, k, v, backend=backend, similarity=similarity)
     assert results[0].dtype == dtype and results[1].dtype == torch.float32
     assert results[2].shape == q.shape and results[2].dtype == dtype
-    _check(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
+    check_read(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,7 +65,7 @@ def test_spatial_layout_custom_scale_and_broadcast(device, backend):
         assert dq.shape == query.shape and dk.shape == k.shape and dv.shape == v.shape
         dq = dq.sum(0, keepdim=True)  # the expanded query's gradient is per object
         results = [out.flatten(2), lse.flatten(1), dq.flatten(2), dk.flatten(2), dv.flatten(2)]
-        _check(results, expected, torch.float32)
+        check_read(results, expected, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,7 +84,7 @@ def test_strided_memory_is_read_in_place(device, backend):
     assert k.flatten(2).data_ptr() == key_bank.data_ptr()
     assert v.flatten(2).data_ptr() == value_bank.data_ptr()
     results = read_with_grads(query, k, v, backend=backend)
-    _check(results, reference_with_grads(query, k, v), torch.float32)
+    check_read(results, reference_with_grads(query, k, v), torch.float32)
 
 
 SPLIT_CONFIGS = [
@@ -117,7 +107,7 @@ def test_triton_memory_and_value_splits(device, configs, similarity):
     q, k, v = random_inputs(2, 1, 24, 40, 37, 150, torch.float32, device, seed=5)
     with use_configs(*configs):
         results = read_with_grads(q, k, v, backend="triton", similarity=similarity)
-    _check(results, reference_with_grads(q, k, v, similarity=similarity), torch.float32)
+    check_read(results, reference_with_grads(q, k, v, similarity=similarity), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -135,7 +125,7 @@ def test_merge_reads_equals_one_read_over_the_whole_memory(device, backend):
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
     ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
-    _check([out, lse, q.grad, k.grad, v.grad], expected, torch.float32)
+    check_read([out, lse, q.grad, k.grad, v.grad], expected, torch.float32)
 
 
 def test_merge_reads_rejects_mismatched_reads():
@@ -163,7 +153,7 @@ def test_torch_backend_chunks_agree_with_one_chunk(monkeypatch):
     one_chunk = read_with_grads(q, k, v, backend="torch")
     monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 3 * 40 * 13)  # 13-position chunks
     many_chunks = read_with_grads(q, k, v, backend="torch")
-    _check(many_chunks, one_chunk, torch.float32)
+    check_read(many_chunks, one_chunk, torch.float32)
 
 
 def test_auto_backend_uses_torch_on_cpu_and_naive_matches():
@@ -234,7 +224,7 @@ def test_triton_int64_offsets_and_stride_alignments(device, N, monkeypatch):
     q, k, v = random_inputs(2, 1, 16, 24, 40, N, torch.float32, device, seed=12)
     with use_configs(*SPLIT_CONFIGS[1]):
         results = read_with_grads(q, k, v, backend="triton", similarity="l2")
-    _check(results, reference_with_grads(q, k, v, similarity="l2"), torch.float32)
+    check_read(results, reference_with_grads(q, k, v, similarity="l2"), torch.float32)
 
 
 def test_int64_and_alignment_decisions_for_memory_bank_shapes():
@@ -280,7 +270,7 @@ def test_chunked_memory_equals_its_concatenation_and_is_saved_uncopied(device, b
     ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
     dk = torch.cat([c.grad for c in k_chunks], dim=2)
     dv = torch.cat([c.grad for c in v_chunks], dim=2)
-    _check([out, lse, q.grad, dk, dv], expected, torch.float32)
+    check_read([out, lse, q.grad, dk, dv], expected, torch.float32)
     if backend != "naive":  # the official read saves its concatenation, by design
         assert not any(t.dim() == 3 and t.shape[2] == sum(sizes) for t in saved)
 
@@ -310,7 +300,7 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
     q, k, v = random_inputs(2, 1, 16, 24, 30, 70, torch.float32, device, seed=14)
     with pytest.warns(RuntimeWarning, match=r"ignored \(Triton 0.1: no Gluon\); using the plain"):
         results = read_with_grads(q, k, v, backend="triton")
-    _check(results, reference_with_grads(q, k, v), torch.float32)
+    check_read(results, reference_with_grads(q, k, v), torch.float32)
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -332,36 +322,10 @@ def test_warp_specialized_forward_through_memory_read(dtype, similarity, monkeyp
     if memory_read_gluon.unsupported_reason(q, k, v) is not None:
         pytest.skip(memory_read_gluon.unsupported_reason(q, k, v))
     results = read_with_grads(q, k, v, backend="triton", similarity=similarity)
-    _check(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
+    check_read(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
 
 
 # ---------------------------------------------------------------- ragged memories
-
-def _ragged_read(q, k, v, lengths, cotangents, **kwargs):
-    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
-    out, lse = memory_read(q, k, v, memory_lengths=lengths, return_lse=True, **kwargs)
-    grad_out, grad_lse = cotangents
-    ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
-    return [out, lse, q.grad, k.grad, v.grad]
-
-
-def _per_object_reference(q, k, v, lengths, cotangents, **kwargs):
-    """Each object read alone over its own memory slice, in float64 with the naive read."""
-    grad_out, grad_lse = cotangents
-    q64 = q.detach().double().cpu().requires_grad_()
-    results = [[], [], None, torch.zeros(k.shape, dtype=torch.float64),
-               torch.zeros(v.shape, dtype=torch.float64)]
-    for b, length in enumerate(lengths):
-        k_b = k[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
-        v_b = v[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
-        q_b = q64[b:b + 1] if q.shape[0] > 1 else q64
-        out, lse = memory_read(q_b, k_b, v_b, backend="naive", return_lse=True, **kwargs)
-        ((out * grad_out[b:b + 1]).sum() + (lse * grad_lse[b:b + 1]).sum()).backward()
-        results[0].append(out.detach())
-        results[1].append(lse.detach())
-        results[3][b, :, :length], results[4][b, :, :length] = k_b.grad[0], v_b.grad[0]
-    return [torch.cat(results[0]), torch.cat(results[1]), q64.grad, results[3], results[4]]
-
 
 RAGGED_BACKENDS = ["triton", "torch", "naive"]
 
@@ -390,9 +354,9 @@ def test_ragged_memory_equals_per_object_reads_and_never_reads_the_padding(
     cotangents = (torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64),
                   torch.randn(B, HW, generator=generator, dtype=torch.float64))
     tensor_lengths = torch.tensor(lengths, device=device)
-    results = _ragged_read(q, k, v, tensor_lengths, cotangents, backend=backend,
+    results = ragged_read_with_grads(q, k, v, tensor_lengths, cotangents, backend=backend,
                            similarity=similarity)
-    _check(results, _per_object_reference(q, k, v, lengths, cotangents, similarity=similarity),
+    check_read(results, per_object_reference(q, k, v, lengths, cotangents, similarity=similarity),
            dtype)
     for b, length in enumerate(lengths):
         assert (results[3][b, :, length:] == 0).all() and (results[4][b, :, length:] == 0).all()
@@ -404,17 +368,12 @@ def test_ragged_memory_with_splits_and_chunks(device, similarity):
     """Memory splits past an object's length (empty partial reads in the merge), value chunks,
     and merge_reads of two ragged reads over consecutive memory chunks."""
     skip_unless_runnable("triton", device)
-    B, Ck, Cv, HW, N = 2, 16, 24, 30, 160
-    q, k, v = random_inputs(B, 1, Ck, Cv, HW, N, torch.float32, device, seed=17)
-    lengths = [160, 20]
-    generator = torch.Generator().manual_seed(3)
-    cotangents = (torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64),
-                  torch.randn(B, HW, generator=generator, dtype=torch.float64))
-    expected = _per_object_reference(q, k, v, lengths, cotangents, similarity=similarity)
+    q, k, v, lengths, cotangents = ragged_case(device, seed=17, cotangent_seed=3)
+    expected = per_object_reference(q, k, v, lengths, cotangents, similarity=similarity)
     with use_configs(*SPLIT_CONFIGS[0]):  # splits of 48 positions: object 1 fills one
-        results = _ragged_read(q, k, v, torch.tensor(lengths, device=device), cotangents,
+        results = ragged_read_with_grads(q, k, v, torch.tensor(lengths, device=device), cotangents,
                                backend="triton", similarity=similarity)
-    _check(results, expected, torch.float32)
+    check_read(results, expected, torch.float32)
     # merge_reads of two chunks [0, 100) and [100, 160) read with their own lengths: object 0
     # reads both whole, object 1 reads positions 0-19 of the first and 100 of the second.
     qg, kg, vg = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -425,11 +384,11 @@ def test_ragged_memory_with_splits_and_chunks(device, similarity):
     grad_out, grad_lse = cotangents
     ((out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()).backward()
     keep = torch.cat([torch.arange(20), torch.tensor([100])])
-    alone = _per_object_reference(q, k[1:, :, keep], v[1:, :, keep], [21],
+    alone = per_object_reference(q, k[1:, :, keep], v[1:, :, keep], [21],
                                   (grad_out[1:], grad_lse[1:]), similarity=similarity)
-    _check([out[1:], lse[1:], None, kg.grad[1:, :, keep], vg.grad[1:, :, keep]],
+    check_read([out[1:], lse[1:], None, kg.grad[1:, :, keep], vg.grad[1:, :, keep]],
            [alone[0], alone[1], None, alone[3], alone[4]], torch.float32)
-    _check([out[:1], lse[:1], None, kg.grad[:1], vg.grad[:1]],
+    check_read([out[:1], lse[:1], None, kg.grad[:1], vg.grad[:1]],
            [expected[0][:1], expected[1][:1], None, expected[3][:1], expected[4][:1]],
            torch.float32)
     assert (kg.grad[1, :, 20:100] == 0).all() and (vg.grad[1, :, 101:] == 0).all()
