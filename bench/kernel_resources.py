@@ -18,6 +18,7 @@ pass them. Writes bench/results/kernel_work_sm<arch>_<date>.json; `python -m ben
 renders its README table. Speed is not here: bench.tune and bench.kernel on a GPU.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -373,22 +374,29 @@ DKDQ_SWEEP = [
                            (64, 32, 4, 2, 128), (64, 16, 4, 1, None), (64, 32, 4, 2, 64),
                            (64, 64, 4, 2, 64)]]
 
+# The deterministic dQ kernel per element size, spill-free at the target (dot and L2); 128 keys
+# per block (re-reading dO half as often as 64) spill 4 B in bf16 even with 32-channel chunks.
+DQ_SWEEP = {
+    size: [triton_configs.DqConfig(block_m=m, block_n=n, block_cv=cv, num_warps=w, num_stages=s)
+           for m, n, cv, w, s in table]
+    for size, table in {2: [(128, 64, 64, 8, 2), (128, 64, 32, 8, 2), (128, 32, 64, 8, 3)],
+                        4: [(128, 32, 32, 8, 2), (64, 32, 32, 4, 1)]}.items()}
+
 
 def sweep(dtype_name, similarity="dot", arch=90):
-    """Resource rows of every tuning candidate (forward, dV and dK/dQ separately)."""
+    """Resource rows of every tuning candidate (forward, dV, dK/dQ and the deterministic dQ
+    kernel separately, the others at their defaults)."""
     default_forward, default_backward = triton_configs.defaults(ITEMSIZE[dtype_name])
     rows = []
     for forward in FORWARD_SWEEP:
         spec = kernel_specs(dtype_name, similarity, forward, default_backward)[0]
         rows.append(analyse(spec, arch))
-    for dv in DV_SWEEP:
-        backward = triton_configs.BackwardConfig(dv, default_backward.dkdq)
-        specs = kernel_specs(dtype_name, similarity, default_forward, backward)
-        rows.append(analyse(specs[1], arch))
-    for dkdq in DKDQ_SWEEP:
-        backward = triton_configs.BackwardConfig(default_backward.dv, dkdq)
-        specs = kernel_specs(dtype_name, similarity, default_forward, backward)
-        rows.append(analyse(specs[2], arch))
+    for field, candidates, name in (("dv", DV_SWEEP, "bwd_dv"), ("dkdq", DKDQ_SWEEP, "bwd_dkdq"),
+                                    ("dq", DQ_SWEEP[ITEMSIZE[dtype_name]], DETERMINISTIC_DQ)):
+        for config in candidates:
+            backward = dataclasses.replace(default_backward, **{field: config})
+            specs = kernel_specs(dtype_name, similarity, default_forward, backward)
+            rows.append(analyse(next(spec for spec in specs if spec["name"] == name), arch))
     return rows
 
 

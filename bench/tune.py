@@ -6,7 +6,8 @@
 
 Per shape it times: the forward under every FORWARD_SWEEP tiling; the backward with each
 DV_SWEEP tiling (dK/dQ at its default) and each DKDQ_SWEEP tiling (dV at its default); the
-backward under torch.use_deterministic_algorithms (the dQ kernel instead of atomics); the
+backward under torch.use_deterministic_algorithms with each DQ_SWEEP tiling (the dQ kernel
+instead of the atomics); the
 opt-in warp-specialised Gluon forward where it can run; and, with --baseline (an export of an
 earlier commit, `python -m bench.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
@@ -17,6 +18,7 @@ the winners into stm_kernels/triton_configs.py with the run that justifies them.
 """
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import os
 import sys
@@ -24,7 +26,7 @@ import sys
 import torch
 
 from bench import baseline, common
-from bench.kernel_resources import DKDQ_SWEEP, DV_SWEEP, FORWARD_SWEEP
+from bench.kernel_resources import DKDQ_SWEEP, DQ_SWEEP, DV_SWEEP, FORWARD_SWEEP
 from stm_kernels import memory_read
 from stm_kernels import memory_read_triton as launchers
 from stm_kernels import triton_configs
@@ -93,25 +95,33 @@ def candidates(dtype, quick):
     forwards = [default_forward] + [c for c in FORWARD_SWEEP if c != default_forward]
     dvs = [default_backward.dv] + [c for c in DV_SWEEP if c != default_backward.dv]
     dkdqs = [default_backward.dkdq] + [c for c in DKDQ_SWEEP if c != default_backward.dkdq]
+    dqs = [default_backward.dq] + [c for c in DQ_SWEEP[min(dtype.itemsize, 4)]
+                                   if c != default_backward.dq]
     if quick:
-        forwards, dvs, dkdqs = forwards[:3], dvs[:2], dkdqs[:2]
+        forwards, dvs, dkdqs, dqs = forwards[:3], dvs[:2], dkdqs[:2], dqs[:1]
+
+    def backward_with(**config):
+        return lambda: launchers.use_configs(
+            backward=dataclasses.replace(default_backward, **config))
     runs = [("forward", _label(c), lambda c=c: launchers.use_configs(forward=c), "fwd")
             for c in forwards]
-    runs += [("backward", "dv " + _label(c),
-              lambda c=c: launchers.use_configs(
-                  backward=triton_configs.BackwardConfig(c, default_backward.dkdq)), "fwd+bwd")
-             for c in dvs]
-    runs += [("backward", "dkdq " + _label(c),
-              lambda c=c: launchers.use_configs(
-                  backward=triton_configs.BackwardConfig(default_backward.dv, c)), "fwd+bwd")
+    runs += [("backward", "dv " + _label(c), backward_with(dv=c), "fwd+bwd") for c in dvs]
+    runs += [("backward", "dkdq " + _label(c), backward_with(dkdq=c), "fwd+bwd")
              for c in dkdqs[1:]]
-    runs.append(("backward", "deterministic (dq kernel, default tilings)",
-                 common.deterministic_algorithms,
-                 "fwd+bwd"))
+    runs += [("backward", "deterministic dq " + _label(c),
+              lambda c=c: _deterministic(backward_with(dq=c)), "fwd+bwd") for c in dqs]
     if dtype != torch.float32:
         runs.append(("forward", "warp-specialized (Gluon)",
                      lambda: _environment(launchers.WARP_SPECIALIZED_ENV, "1"), "fwd"))
     return runs
+
+
+@contextlib.contextmanager
+def _deterministic(configs):
+    """torch.use_deterministic_algorithms (the dQ kernel instead of the dK/dQ kernel's
+    atomics) under the configs context."""
+    with configs(), common.deterministic_algorithms():
+        yield
 
 
 def _label(config):

@@ -38,7 +38,7 @@ def test_tune_times_current_tilings_and_an_exported_baseline(tmp_path):
     payload = json.loads(next(tmp_path.glob("tune_*.json")).read_text())
     kinds = {record["kind"] for record in payload["records"]}
     assert kinds == {"forward", "backward", "baseline"}
-    assert any(record["config"].startswith("deterministic") for record in payload["records"])
+    assert any(record["config"].startswith("deterministic dq ") for record in payload["records"])
     assert payload["baseline"] == BASELINE_REVISION
     for record in payload["records"]:
         assert record["ok"], record  # every tiling and the old kernels match the torch backend

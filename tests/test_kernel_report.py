@@ -167,3 +167,21 @@ def test_loop_reading_on_a_handmade_ptx_and_ttgir():
     assert static_work.blocks_per_sm(255, 176 * 1024, 8) == 1
     assert static_work.blocks_per_sm(128, 40 * 1024, 8) == 2  # registers
     assert static_work.blocks_per_sm(64, 100 * 1024, 4) == 2  # shared memory
+
+
+def test_the_sweep_takes_each_candidate_of_each_kernel(monkeypatch):
+    """--sweep analyses every candidate of every kernel, the others at their defaults (the
+    compiling itself is what the tests above check)."""
+    from bench import kernel_resources
+    monkeypatch.setattr(kernel_resources, "analyse",
+                        lambda spec, arch=90: (spec["name"], spec["config"]))
+    rows = kernel_resources.sweep("bf16")
+    by_kernel = {}
+    for name, config in rows:
+        by_kernel.setdefault(name, []).append(config)
+    sweeps = {"fwd": kernel_resources.FORWARD_SWEEP, "bwd_dv": kernel_resources.DV_SWEEP,
+              "bwd_dkdq": kernel_resources.DKDQ_SWEEP,
+              kernel_resources.DETERMINISTIC_DQ: kernel_resources.DQ_SWEEP[2]}
+    assert set(by_kernel) == set(sweeps)
+    for name, candidates in sweeps.items():
+        assert by_kernel[name] == [kernel_resources._fields(c) for c in candidates], name
