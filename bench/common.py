@@ -285,8 +285,16 @@ def write_results(name, payload, directory=None):
     return path
 
 
+def save_progress(name, payload):
+    """Write the records so far, marked incomplete, to the file finish_run will complete: a
+    run cut off (a time limit on a lent GPU, an error) keeps what it measured."""
+    payload["complete"] = False
+    return write_results(name, payload)
+
+
 def finish_run(name, payload, plot, summary):
     """Write a run's results, its plot(s) beside them, and print the path and its table."""
+    payload["complete"] = True
     path = write_results(name, payload)
     if plot is not None:
         plot(payload, path)

@@ -11,6 +11,8 @@
 # "tune" compares with the kernels of an earlier commit when .baseline/ holds an export of it:
 # run `python -m bench.baseline export REV` here first and pass carry=[".baseline"] to the call.
 # The machine has torch + Triton but no internet: the package is used from the work tree.
+# "tune" and "kernel" save their JSON after every point: a stage cut off by the time limit
+# still returns what it measured (marked "complete": false).
 set -uo pipefail
 OUT=${OUT:-/tmp/stm_out}
 mkdir -p "$OUT"

@@ -234,6 +234,7 @@ def run(args):
             for index, N in enumerate(ns):
                 record = run_point(provider, pass_, dtype_name, B, hw_, N, ck, cv, device, sweep)
                 payload["records"].append(record)
+                common.save_progress("kernel", payload)
                 bar.write(format_record(record))
                 bar.update(1)
                 if record["status"] != "ok":

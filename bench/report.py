@@ -72,9 +72,12 @@ def render(name, directory=RESULTS):
     parts = []
     for key in sorted(results, key=lambda k: (k[0] != "cuda", k[1], k[2])):
         payload = results[key]
+        cut_off = ""
+        if payload.get("complete") is False:  # saved as it went, never finished
+            cut_off = " · **incomplete: the run was cut off**"
         parts.append(f"{payload['device']} · torch {payload['torch']} · triton "
                      f"{payload['triton']} · commit {payload['commit'][:12]} · "
-                     f"{payload['date'][:10]} · `bench/results/{payload['_file']}`\n\n"
+                     f"{payload['date'][:10]} · `bench/results/{payload['_file']}`{cut_off}\n\n"
                      f"{RENDERERS[name][1](payload)}\n")
     return "\n".join(parts)
 

@@ -200,6 +200,7 @@ def main(argv=None):
                 record["tflops"] = _flops(pass_, B, args.hw, N, args.ck, args.cv) / (
                     record["median_ms"] * 1e-3) / 1e12
             _report(record, dtype, payload)
+            common.save_progress("tune", payload)
     common.finish_run("tune", payload, None, summary)
     return 0
 

@@ -140,3 +140,34 @@ def test_topk_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys):
         assert record["status"] == "ok" and record["peak_mem_bytes"] >= 0
         assert record["q20_ms"] <= record["median_ms"] <= record["q80_ms"]
     assert "| 600 |" in capsys.readouterr().out
+
+
+def test_a_run_cut_off_keeps_its_records_marked_incomplete(tmp_path, monkeypatch):
+    """Each point is saved as it is measured (a lent GPU's time limit can kill a run): the
+    file holds the points so far, marked incomplete, and the README header says so."""
+    from bench import report
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    real_point = kernel.run_point
+    calls = []
+
+    def cut_off_after_one(*arguments, **keywords):
+        if calls:
+            raise KeyboardInterrupt  # what a time limit's signal looks like to the run
+        calls.append(arguments)
+        return real_point(*arguments, **keywords)
+    monkeypatch.setattr(kernel, "run_point", cut_off_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["kernel", "--device", "cpu", "--hw", "16", "--ns", "64", "256",
+                    "--batches", "1", "--providers", "torch", "--passes", "fwd",
+                    "--sweeps", "scaling"])
+    [path] = tmp_path.glob("kernel_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert payload["complete"] is False and len(payload["records"]) == 1
+    assert payload["records"][0]["N"] == 64 and payload["records"][0]["status"] == "ok"
+    assert "incomplete: the run was cut off" in report.render("kernel", tmp_path)
+    monkeypatch.setattr(kernel, "run_point", real_point)
+    assert suite.main(["kernel", "--device", "cpu", "--hw", "16", "--ns", "64",
+                       "--batches", "1", "--providers", "torch", "--passes", "fwd",
+                       "--sweeps", "scaling"]) == 0
+    finished = max(tmp_path.glob("kernel_cpu_*.json"))
+    assert json.loads(finished.read_text())["complete"] is True
