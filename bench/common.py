@@ -281,7 +281,10 @@ def write_results(name, payload, directory=None):
     directory.mkdir(parents=True, exist_ok=True)
     stamp = payload["date"].replace(":", "").replace("-", "")[:15]
     path = directory / f"{name}_{payload['device_type']}_{stamp}.json"
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    # Written beside and renamed: a run killed mid-write leaves the previous save whole.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(partial, path)
     return path
 
 
