@@ -22,7 +22,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 case "${1:-tests}" in
   tests)
-    step python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    # junit XML: the per-test outcomes and times, to commit beside the benchmark JSON.
+    step python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" ;;
   tune)
     baseline=$(ls -d .baseline/*/ 2>/dev/null | head -1)
     step python3 -m bench.tune --ns 162000 --batches 1 ${baseline:+--baseline "$baseline"}
