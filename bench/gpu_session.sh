@@ -22,8 +22,23 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 case "${1:-tests}" in
   tests)
-    # junit XML: the per-test outcomes and times, to commit beside the benchmark JSON.
-    step python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" ;;
+    # The kernels' tests first, then the rest, one line per test; SIGINT before the call's
+    # 10-minute limit: pytest then stops cleanly and still writes its junit XML (per-test
+    # outcomes and times, to commit beside the benchmark JSON). pytest collects the paths of
+    # one folder in name order, hence two runs.
+    kernel_tests="tests/test_memory_read.py tests/test_gluon_forward.py
+      tests/test_deterministic_backward.py tests/test_memory_read_family.py"
+    gpu_tests() {  # SECONDS_LEFT JUNIT_NAME PYTEST_ARGS...
+      if [ "$1" -gt 10 ]; then
+        step timeout -s INT "$1" python3 -m pytest -v -m gpu -p no:cacheprovider \
+          --durations=25 --junitxml "$OUT/$2" "${@:3}"
+      else echo "== no time left for $2"; fi
+    }
+    # shellcheck disable=SC2086
+    gpu_tests $((540 - SECONDS)) gpu_tests_kernels.xml $kernel_tests
+    # shellcheck disable=SC2086
+    gpu_tests $((560 - SECONDS)) gpu_tests_model.xml tests $(printf -- '--ignore=%s ' $kernel_tests)
+    ;;
   tune)
     baseline=$(ls -d .baseline/*/ 2>/dev/null | head -1)
     step python3 -m bench.tune --ns 162000 --batches 1 ${baseline:+--baseline "$baseline"}
