@@ -41,15 +41,19 @@ case "${1:-tests}" in
     ;;
   tune)
     baseline=$(ls -d .baseline/*/ 2>/dev/null | head -1)
-    step python3 -m bench.tune --ns 162000 --batches 1 ${baseline:+--baseline "$baseline"}
-    step python3 -m bench.tune --dtype fp32 --quick --ns 162000 --batches 1 ;;
+    # bf16 first (up to 7 minutes), fp32 in what is left; both save after every point and
+    # stop on SIGINT before the call's limit.
+    step timeout -s INT $((420 - SECONDS)) python3 -m bench.tune --ns 162000 --batches 1 \
+      ${baseline:+--baseline "$baseline"}
+    step timeout -s INT $((570 - SECONDS)) python3 -m bench.tune --dtype fp32 --quick \
+      --ns 162000 --batches 1 ;;
   profile)
     # Where the time goes: one forward and one forward+backward at the target shape under ncu.
     # Round one launches 6 memory-read kernels (fwd, merge, fwd, merge, dv, dkdq): skip them.
     ncu --target-processes all --kernel-name regex:memory_read --launch-skip 6 --set full \
       -o "$OUT/profile" -f python3 -m bench.profile_target 2>&1 | tail -40 | tee -a "$OUT/log.txt"
     ncu --import "$OUT/profile.ncu-rep" --page details --csv > "$OUT/profile_details.csv" ;;
-  kernel) step python3 -m bench kernel ;;
+  kernel) step timeout -s INT $((570 - SECONDS)) python3 -m bench kernel ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;
   interactive)
