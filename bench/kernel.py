@@ -347,6 +347,7 @@ def plot(payload, path):
         for row, pass_ in enumerate(passes):
             for column, B in enumerate(batches):
                 axis = axes[row][column]
+                positive = False
                 for provider in PROVIDERS:
                     series = sorted((r for r in records if r["provider"] == provider and
                                      r["pass"] == pass_ and r["B"] == B), key=lambda r: r["N"])
@@ -354,14 +355,16 @@ def plot(payload, path):
                     if not series:
                         continue
                     if ok:
-                        axis.plot([r["N"] for r in ok], [value(r) for r in ok], marker="o",
+                        values = [value(r) for r in ok]
+                        positive = positive or max(values) > 0
+                        axis.plot([r["N"] for r in ok], values, marker="o",
                                   color=colours[provider], label=f"{provider} {ok[0]['dtype']}")
                     stopped = [r for r in series if r["status"].startswith("oom")]
                     if stopped and ok:
                         axis.plot([stopped[0]["N"]], [value(ok[-1])], marker="x",
                                   markersize=10, color=colours[provider], linestyle="none")
                 axis.set(xscale="log", title=f"{pass_}, B={B}", xlabel="memory positions N")
-                if log_y:
+                if log_y and positive:  # a log axis needs a positive value to show
                     axis.set_yscale("log")
                 else:
                     axis.set_ylim(bottom=0)
