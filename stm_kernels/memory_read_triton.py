@@ -247,6 +247,12 @@ def _split_buffers(splits, out, lse):
             new_buffer((splits, B, HW), torch.float32, out.device))
 
 
+def _key_norms(k, l2):
+    """|k|^2 (B, N) float32 for the L2 similarity, once per call (a per-block reduction in the
+    kernels costs block barriers); for "dot", k itself, a pointer the kernels never read."""
+    return k.float().square().sum(1) if l2 else k
+
+
 def _lengths_argument(lengths, k):
     """(pointer argument, RAGGED) for optional per-object memory lengths."""
     if lengths is None:
@@ -265,8 +271,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     q = _padded_rows(q)
     flags = _launch_flags((q, k, v), outputs=[(Cv, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
-    # |k|^2 for the L2 similarity, once per call (a per-block reduction costs barriers).
-    ksq = k.float().square().sum(1) if l2 else k
+    ksq = _key_norms(k, l2)
     lengths, ragged = _lengths_argument(lengths, k)
     arguments = dict(
         q=q, k=k, v=v, ksq=ksq, stride_sqb=ksq.stride(0), lengths=lengths, RAGGED=ragged,
@@ -345,6 +350,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     align_k, align_v = _alignment(k), _alignment(v)
     lengths, ragged = _lengths_argument(lengths, k)
     deterministic = torch.are_deterministic_algorithms_enabled()
+    # the dQ kernel's |k|^2 (the dK/dQ kernel computes its own from the block it holds)
+    ksq = _key_norms(k, l2) if deterministic else None
     query = dict(q=q, k=k, do=grad_out, lse=lse, lengths=lengths, RAGGED=ragged,
                  stride_qb=0 if shared_query else q.stride(0), stride_qc=q.stride(1),
                  stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
@@ -361,10 +368,11 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             NUM_V=plan["dv_num_v"], num_warps=config.dv.num_warps,
             num_stages=config.dv.num_stages, **query)
         dk = new_buffer((B, Ck, N), k.dtype, device)
-        # Zeroed (atomics add into it), padded like q so that both share their strides;
-        # untouched in deterministic mode.
-        dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
-        dq = dq[:, :, :HW]
+        if deterministic:  # an unused pointer: ATOMIC_DQ is off, the dQ kernel computes dq
+            dq = delta
+        else:  # zeroed (atomics add into it), padded like q so that both share their strides
+            dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
+            dq = dq[:, :, :HW]
         memory_read_bwd_kernel_dkdq[plan["dkdq_grid"]](
             v=v, delta=delta, dk=dk, dq=dq, **_memory_strides("v", v, align_v),
             **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
@@ -373,8 +381,6 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             ATOMIC_DQ=not deterministic, num_warps=config.dkdq.num_warps,
             num_stages=config.dkdq.num_stages, **query)
         if deterministic:
-            # |k|^2 for the L2 similarity, as in the forward (the dK/dQ kernel computes its own).
-            ksq = k.float().square().sum(1) if l2 else k
             dq = _deterministic_dq(config.dq, query, v, ksq, delta, align_v, _sm_count(device))
         dq = dq.mul_(2.0 * scale if l2 else scale)
         return dq.to(q_dtype), dk, dv
@@ -407,7 +413,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     plan = forward_plan(config, B, HW, N, 16, _sm_count(device))
     flags = _launch_flags((q, k, k), outputs=[])
     align_k = _alignment(k)
-    ksq = k.float().square().sum(1) if l2 else k
+    ksq = _key_norms(k, l2)
     lengths_arg, ragged = _lengths_argument(lengths, k)
     keys = torch.empty((plan.splits, B, HW, top_k_pow2), dtype=torch.int64, device=device)
     with device_context(device):
