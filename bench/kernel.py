@@ -229,6 +229,10 @@ def run(args):
     for name in matmul_names:
         payload["matmul_tflops"][name] = matmul_tflops(name, device)
         print(f"matmul {name}: {payload['matmul_tflops'][name]:.2f} TFLOP/s", flush=True)
+    if device.type == "cuda":  # the L2 bandwidth the kernels' L2 traffic meets (bench.l2_probe)
+        from bench import l2_probe
+        payload["l2_read"] = l2_probe.measure(device)
+        print(f"L2 read probe: {payload['l2_read']['tbps']:.2f} TB/s", flush=True)
     with common.progress(total=sum(len(s[-1]) for s in series), unit="point") as bar:
         for sweep, provider, pass_, dtype_name, B, hw_, ck, cv, ns in series:
             for index, N in enumerate(ns):
@@ -297,6 +301,10 @@ def summary(payload):
         cells.append(f"{naive['peak_mem_bytes'] / max(r['peak_mem_bytes'], 1):.1f}x"
                      if naive and fused != "naive" else "n/a")
         rows.append("| " + " | ".join(map(str, cells)) + " |")
+    if "l2_read" in payload:
+        probe = payload["l2_read"]
+        rows += ["", f"L2 read probe (bench.l2_probe, a lower bound): {probe['tbps']:.2f} TB/s "
+                     f"({probe['programs']} programs re-reading {probe['buffer_mib']} MiB)."]
     limits = out_of_memory_points(payload)
     if limits:
         rows += ["", "Largest N that ran and what stopped the sweep (scaling sweep):", "",

@@ -8,7 +8,9 @@ For every kernel at its default config and the target shape (B=1, HW=1,620, N=16
 Ck=128, Cv=512) it reports registers, spills, shared memory, blocks per SM, grid size and
 waves on 132 SMs, the matrix instructions of the main loop (shape x count, from the PTX),
 whether warpgroups duplicate a dot (from the TTGIR layouts), block barriers and exp2 per
-iteration, and executed vs useful multiply-adds per (query, memory) pair. Useful work is
+iteration, executed vs useful multiply-adds per (query, memory) pair, and the L2 bytes per
+pair (the tiles each main-loop iteration loads, and its atomics) with the L2 -> SM bandwidth
+each speed target of issue #11 would need at them. Useful work is
 Ck + Cv = 640 MACs per pair forward and 2.5x that backward (the benchmark's count, 2,240 in
 all); executed work is what the loop's instructions issue, over all warps and value chunks.
 
@@ -49,9 +51,24 @@ H100_SMS = 132
 # (tests/test_kernel_report.py holds every default config to them).
 FORWARD_RATIO_TARGET = 1.2
 TOTAL_RATIO_TARGET = 1.3
+# Issue #11's speed targets on an H100 in bf16, as fractions of the same-run bf16 matmul rate
+# (forward, forward + backward, the warp-specialised forward), and that rate as measured on
+# the workplace's H100 (769-798 TFLOP/s; bench kernel measures it in every run). The report
+# turns each kernel's L2 bytes per pair into the L2 -> SM bandwidth its target would need.
+MATMUL_RATE = 800e12
+FORWARD_RATE_TARGET = 0.55
+TOTAL_RATE_TARGET = 0.40
+WARP_SPECIALIZED_RATE_TARGET = 0.65
 # The kernels of the backward under torch.use_deterministic_algorithms (opt-in; no target).
 DETERMINISTIC_DKDQ = "bwd_dkdq (deterministic)"
 DETERMINISTIC_DQ = "bwd_dq (deterministic)"
+
+
+def l2_bandwidth_needed(bytes_per_pair, useful_macs_per_pair, rate_fraction):
+    """Bytes per second the L2 must deliver for a kernel moving bytes_per_pair per (query,
+    memory) pair to run at rate_fraction of MATMUL_RATE (2 FLOPs per useful MAC)."""
+    pairs_per_second = rate_fraction * MATMUL_RATE / (2 * useful_macs_per_pair)
+    return bytes_per_pair * pairs_per_second
 
 
 def useful_macs_per_pair(Ck, Cv):
@@ -94,6 +111,7 @@ def loop_report(ptx, ttgir, num_warps):
     body = static_work.main_loop(ptx, static_work.inner_trip_counts(ttgir))
     census = static_work.mma_census(body)
     dots = static_work.loop_dots(ttgir)
+    memory = static_work.loop_memory(ttgir)
     return dict(
         main_loop_mma=census,
         executed_macs_per_iteration=static_work.executed_macs(census, num_warps),
@@ -105,6 +123,8 @@ def loop_report(ptx, ttgir, num_warps):
         cp_async_per_iteration=static_work.count(body, "cp.async.ca", "cp.async.cg"),
         tma_per_iteration=static_work.count(body, "cp.async.bulk.tensor"),
         atomics_per_iteration_per_thread=static_work.count(body, "red.global", "atom.global"),
+        l2_load_bytes_per_iteration=memory["load_bytes"],
+        l2_atomic_bytes_per_iteration=memory["atomic_bytes"],
     )
 
 
@@ -276,7 +296,16 @@ def analyse(spec, arch=90, sm_count=H100_SMS):
         # The same from the TTGIR's dots and layouts: a check of the PTX reading.
         row["executed_macs_per_pair_from_dots"] = from_dots / spec["tile_pairs"]
         row["dot_macs_per_pair"] = useful / spec["tile_pairs"]
+        _add_l2_per_pair(row, spec["repeats"], spec["tile_pairs"])
     return row
+
+
+def _add_l2_per_pair(row, repeats, tile_pairs):
+    """Global-memory bytes per (query, memory) pair: what one main-loop iteration asks of the
+    L2, over the pairs it covers (value chunks repeat the loop, as for the MACs)."""
+    for kind in ("load", "atomic"):
+        row[f"l2_{kind}_bytes_per_pair"] = (
+            row[f"l2_{kind}_bytes_per_iteration"] * repeats / tile_pairs)
 
 
 def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET,
@@ -321,6 +350,10 @@ def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET
         executed_macs_per_pair=sum(dot["executed_macs"] for dot in dots) / tile_pairs,
         executed_macs_per_pair_from_dots=sum(dot["executed_macs"] for dot in dots) / tile_pairs,
         dot_macs_per_pair=sum(dot["useful_macs"] for dot in dots) / tile_pairs)
+    memory = static_work.loop_memory(ttgir)  # the load partition's TMA boxes per key block
+    row.update(l2_load_bytes_per_iteration=memory["load_bytes"],
+               l2_atomic_bytes_per_iteration=memory["atomic_bytes"])
+    _add_l2_per_pair(row, 1, tile_pairs)
     return row
 
 
@@ -350,8 +383,42 @@ def report(dtype_name, similarity="dot", arch=90, forward=None, backward=None, s
     ws = per_pair.get("fwd_ws (opt-in)")
     if ws is not None:
         totals["warp_specialized_forward_ratio"] = round(ws / useful_forward, 3)
+    totals.update(_l2_totals(rows, useful_forward, useful_backward, dtype_name))
     return dict(dtype=dtype_name, similarity=similarity, arch=f"sm_{arch}", shape=dict(shape),
                 rows=rows, totals=totals)
+
+
+def _l2_totals(rows, useful_forward, useful_backward, dtype_name):
+    """L2 bytes per pair of the forward, the backward (loads and dQ atomics) and the
+    warp-specialised forward; for 16-bit inputs also the L2 bandwidth (TB/s) each would need
+    at its bf16 rate target."""
+    by_kernel = {row["kernel"]: row for row in rows if "l2_load_bytes_per_pair" in row}
+
+    def bytes_of(*names):
+        if not all(name in by_kernel for name in names):
+            return None
+        return sum(by_kernel[name]["l2_load_bytes_per_pair"]
+                   + by_kernel[name]["l2_atomic_bytes_per_pair"] for name in names)
+
+    forward, backward = bytes_of("fwd"), bytes_of("bwd_dv", "bwd_dkdq")
+    ws = bytes_of("fwd_ws (opt-in)")
+    totals = {}
+    sixteen_bit = ITEMSIZE[dtype_name] == 2
+    if forward is not None and backward is not None:
+        totals.update(l2_bytes_per_pair_forward=forward, l2_bytes_per_pair_backward=backward)
+        if sixteen_bit:
+            totals.update(
+                l2_tbps_forward_at_target=round(l2_bandwidth_needed(
+                    forward, useful_forward, FORWARD_RATE_TARGET) / 1e12, 2),
+                l2_tbps_total_at_target=round(l2_bandwidth_needed(
+                    forward + backward, useful_forward + useful_backward,
+                    TOTAL_RATE_TARGET) / 1e12, 2))
+    if ws is not None:
+        totals["l2_bytes_per_pair_warp_specialized"] = ws
+        if sixteen_bit:
+            totals["l2_tbps_warp_specialized_at_target"] = round(l2_bandwidth_needed(
+                ws, useful_forward, WARP_SPECIALIZED_RATE_TARGET) / 1e12, 2)
+    return totals
 
 
 # --------------------------------------------------------------------------- sweep
@@ -416,13 +483,13 @@ def table(rows):
     lines = ["| kernel | config | regs | spill B | smem KiB | blocks/SM | grid | waves | "
              "main-loop MMA (per warpgroup; fwd_ws: whole kernel) | dup. dots | "
              "barriers/iter | exp2/iter | "
-             "MACs/pair executed | MACs/pair in dots |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MACs/pair executed | MACs/pair in dots | L2 B/pair |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         config = ",".join(f"{key}={value}" for key, value in row["config"].items()
                           if value not in (None, False))
         if "error" in row:
-            lines.append(f"| {row['kernel']} | {config} | {row['error']} |" + " |" * 11)
+            lines.append(f"| {row['kernel']} | {config} | {row['error']} |" + " |" * 12)
             continue
         grid = "x".join(map(str, row["grid"]))
         pair = row.get("executed_macs_per_pair")
@@ -434,8 +501,15 @@ def table(rows):
             f"{_or_dash(row['barriers_per_iteration'])} | "
             f"{_or_dash(row['exp2_per_iteration_per_thread'])} | "
             f"{'-' if pair is None else f'{pair:.0f}'} | "
-            f"{'-' if dots is None else f'{dots:.0f}'} |")
+            f"{'-' if dots is None else f'{dots:.0f}'} | {_l2_text(row)} |")
     return "\n".join(lines)
+
+
+def _l2_text(row):
+    load, atomic = row.get("l2_load_bytes_per_pair"), row.get("l2_atomic_bytes_per_pair")
+    if load is None:
+        return "-"
+    return f"{load:.3g}" + (f" + {atomic:.3g} atomic" if atomic else "")
 
 
 def summary(payload):
@@ -458,7 +532,26 @@ def summary(payload):
                 + (f"; deterministic backward (opt-in, no target) "
                    f"{totals['deterministic_backward_ratio']:.2f}"
                    if "deterministic_backward_ratio" in totals else "") + ".\n")
+        if "l2_tbps_forward_at_target" in totals:
+            parts.append(_l2_sentence(totals))
     return "\n".join(parts)
+
+
+def _l2_sentence(totals):
+    """The L2 traffic per pair and the L2 -> SM bandwidth the rate targets would need."""
+    rate = f"{MATMUL_RATE / 1e12:.0f} TFLOP/s"
+    text = (f"L2 -> SM bytes per pair: forward {totals['l2_bytes_per_pair_forward']:.3g}, "
+            f"backward {totals['l2_bytes_per_pair_backward']:.3g} (loads and dQ atomics); "
+            f"at the targets ({FORWARD_RATE_TARGET:.0%} / {TOTAL_RATE_TARGET:.0%} of {rate}) "
+            f"the L2 would have to deliver **{totals['l2_tbps_forward_at_target']} TB/s** "
+            f"(forward) and **{totals['l2_tbps_total_at_target']} TB/s** (forward + backward)")
+    if "l2_tbps_warp_specialized_at_target" in totals:
+        text += (f"; the warp-specialised forward moves "
+                 f"{totals['l2_bytes_per_pair_warp_specialized']:.3g} B per pair (64 query rows "
+                 f"share a K/V tile, against 128 in the plain kernel): "
+                 f"**{totals['l2_tbps_warp_specialized_at_target']} TB/s** at "
+                 f"{WARP_SPECIALIZED_RATE_TARGET:.0%}")
+    return text + ". Estimates from the tile shapes, not measurements.\n"
 
 
 def main(argv=None):

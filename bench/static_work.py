@@ -8,6 +8,8 @@
                                 loops nested in the main loop repeat them
     inner_trip_counts(ttgir)    constant trip counts of the loops nested in the main loop
     executed_macs(census, num_warps)   multiply-adds one loop iteration issues, all warps
+    loop_memory(ttgir)          global-memory bytes one iteration of the runtime loops asks of
+                                the L2 (loads, TMA copies, atomics), all warps together
     blocks_per_sm(...)          co-resident blocks on an H100 SM (registers, shared memory, warps)
 
 How duplication is read: on Hopper, a warpgroup's MMA covers 64 rows (16 per warp) and the
@@ -24,6 +26,12 @@ _WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.(\w+)
 _MMA_SYNC = re.compile(r"mma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.\w+\.\w+\.(\w+)\.(\w+)")
 _MMA_LAYOUT = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?"
                          r"warpsPerCTA = \[(\d+), (\d+)\].*?instrShape = \[([\d, ]+)\]")
+_MEMORY_OP = re.compile(r"\b(ttg\.async_copy_global_to_local|tt\.load|tt\.descriptor_load|"
+                        r"ttng\.async_tma_copy_global_to_local|tt\.atomic_rmw|tt\.atomic_cas)\b")
+_POINTER_TENSOR = re.compile(r"tensor<([\dx]+)x!tt\.ptr<(\w+)>")
+_TMA_DESTINATION = re.compile(r"-> !ttg\.memdesc<([\dx]+)x(\w+),")
+_DESCRIPTOR_RESULT = re.compile(r"-> tensor<([\dx]+)x(\w+),")
+ELEMENT_BYTES = dict(i1=1, i8=1, bf16=2, f16=2, i16=2, f32=4, i32=4, f64=8, i64=8)
 _DOT = re.compile(r"(?:ttng\.warp_group_dot|tt\.dot) .*?: (\S+?)<(\d+)x(\d+)x(\w+)"
                   r".*-> tensor<(\d+)x(\d+)xf32, #(\w+)>")
 
@@ -195,6 +203,40 @@ def loop_dots(ttgir):
                          useful_macs=M * N * K * repeats,
                          executed_macs=M * N * K * duplication * repeats))
     return dots
+
+
+def loop_memory(ttgir):
+    """Bytes of global memory that one iteration of the loops with runtime bounds reads
+    (`load_bytes`: loads, cp.async and TMA copies, by their tensor or box shapes) and updates
+    with atomics (`atomic_bytes`), all warps of the block together; loops with a constant trip
+    count nested in them repeat theirs. These are the logical tile bytes the kernel asks for
+    (served by the L2, which keeps K and V for the blocks streaming them together), not
+    per-thread instructions, so masked or replicated lanes do not inflate them. A kernel whose
+    partitions run separate loops (warp specialisation) sums them: its loads sit in one."""
+    load, atomic = 0, 0
+    for stripped, regions, _ in _regions(ttgir):
+        operation = _MEMORY_OP.search(stripped)
+        if not operation or not any(kind == "main" for kind, _ in regions):
+            continue
+        name = operation.group(1)
+        if name == "ttng.async_tma_copy_global_to_local":
+            shape = _TMA_DESTINATION.search(stripped)
+        elif name == "tt.descriptor_load":
+            shape = _DESCRIPTOR_RESULT.search(stripped)
+        else:
+            shape = _POINTER_TENSOR.search(stripped)
+        if not shape:
+            continue  # a scalar access: negligible beside the tiles
+        repeats = 1
+        for _, trips in regions:
+            repeats *= trips
+        size = math.prod(int(d) for d in shape.group(1).split("x")) * ELEMENT_BYTES[
+            shape.group(2)] * repeats
+        if name.startswith("tt.atomic"):
+            atomic += size
+        else:
+            load += size
+    return dict(load_bytes=load, atomic_bytes=atomic)
 
 
 def _duplication(M, N, layout):
