@@ -22,30 +22,35 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 case "${1:-tests}" in
   tests)
-    # The kernels' tests first, then the rest, one line per test; SIGINT before the call's
-    # 10-minute limit: pytest then stops cleanly and still writes its junit XML (per-test
-    # outcomes and times, to commit beside the benchmark JSON). pytest collects the paths of
-    # one folder in name order, hence two runs.
+    # The kernels' tests first, then the Gluon forward's, then the rest, one line per test;
+    # SIGINT before the call's 10-minute limit: pytest then stops cleanly and still writes its
+    # junit XML (per-test outcomes and times, to commit beside the benchmark JSON), and KILL
+    # 20 s later if a hung kernel keeps it from stopping. The Gluon forward has never run on a
+    # GPU: its tests (marker gluon) get a process of their own, so that an illegal access
+    # (which poisons the CUDA context) or a hang cannot fail or stall the other tests.
     kernel_tests="tests/test_memory_read.py tests/test_gluon_forward.py
       tests/test_deterministic_backward.py tests/test_memory_read_family.py"
-    gpu_tests() {  # SECONDS_LEFT JUNIT_NAME PYTEST_ARGS...
+    gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS PYTEST_ARGS...
       if [ "$1" -gt 10 ]; then
-        step timeout -s INT "$1" python3 -m pytest -v -m gpu -p no:cacheprovider \
-          --durations=25 --junitxml "$OUT/$2" "${@:3}"
+        step timeout -s INT -k 20 "$1" python3 -m pytest -v -m "$3" -p no:cacheprovider \
+          --durations=25 --junitxml "$OUT/$2" "${@:4}"
       else echo "== no time left for $2"; fi
     }
     # shellcheck disable=SC2086
-    gpu_tests $((540 - SECONDS)) gpu_tests_kernels.xml $kernel_tests
+    gpu_tests $((360 - SECONDS)) gpu_tests_kernels.xml "gpu and not gluon" $kernel_tests
     # shellcheck disable=SC2086
-    gpu_tests $((560 - SECONDS)) gpu_tests_model.xml tests $(printf -- '--ignore=%s ' $kernel_tests)
+    gpu_tests $((460 - SECONDS)) gpu_tests_gluon.xml "gpu and gluon" $kernel_tests
+    # shellcheck disable=SC2086
+    gpu_tests $((560 - SECONDS)) gpu_tests_model.xml gpu tests \
+      $(printf -- '--ignore=%s ' $kernel_tests)
     ;;
   tune)
     baseline=$(ls -d .baseline/*/ 2>/dev/null | head -1)
     # bf16 first (up to 7 minutes), fp32 in what is left; both save after every point and
     # stop on SIGINT before the call's limit.
-    step timeout -s INT $((420 - SECONDS)) python3 -m bench.tune --ns 162000 --batches 1 \
-      ${baseline:+--baseline "$baseline"}
-    step timeout -s INT $((570 - SECONDS)) python3 -m bench.tune --dtype fp32 --quick \
+    step timeout -s INT -k 20 $((420 - SECONDS)) python3 -m bench.tune --ns 162000 \
+      --batches 1 ${baseline:+--baseline "$baseline"}
+    step timeout -s INT -k 20 $((570 - SECONDS)) python3 -m bench.tune --dtype fp32 --quick \
       --ns 162000 --batches 1 ;;
   profile)
     # Where the time goes: one forward and one forward+backward at the target shape under ncu.
@@ -53,7 +58,7 @@ case "${1:-tests}" in
     ncu --target-processes all --kernel-name regex:memory_read --launch-skip 6 --set full \
       -o "$OUT/profile" -f python3 -m bench.profile_target 2>&1 | tail -40 | tee -a "$OUT/log.txt"
     ncu --import "$OUT/profile.ncu-rep" --page details --csv > "$OUT/profile_details.csv" ;;
-  kernel) step timeout -s INT $((570 - SECONDS)) python3 -m bench kernel ;;
+  kernel) step timeout -s INT -k 20 $((570 - SECONDS)) python3 -m bench kernel ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;
   interactive)

@@ -40,5 +40,30 @@ def test_tune_times_current_tilings_and_an_exported_baseline(tmp_path):
     assert kinds == {"forward", "backward", "baseline"}
     assert any(record["config"].startswith("deterministic dq ") for record in payload["records"])
     assert payload["baseline"] == BASELINE_REVISION
+    # The new defaults, then the old kernels: what a run cut off by a time limit keeps.
+    assert [(r["kind"], r["pass_"]) for r in payload["records"][:4]] == [
+        ("forward", "fwd"), ("backward", "fwd+bwd"), ("baseline", "fwd"), ("baseline", "fwd+bwd")]
     for record in payload["records"]:
         assert record["ok"], record  # every tiling and the old kernels match the torch backend
+
+
+def test_candidates_put_the_defaults_first_and_the_gluon_forward_last():
+    """The Gluon forward has never run on a GPU and may poison the CUDA context: it is timed
+    after everything else; the defaults come first."""
+    pytest.importorskip("triton")
+    import torch
+
+    from bench import tune
+    from stm_kernels import triton_configs
+    for dtype in (torch.bfloat16, torch.float32):
+        forward, backward = triton_configs.defaults(dtype.itemsize)
+        for quick in (False, True):
+            runs = tune.candidates(dtype, quick)
+            labels = [label for _, label, _, _ in runs]
+            assert labels[:2] == [tune._label(forward), "dv " + tune._label(backward.dv)]
+            assert len(set(labels)) == len(labels)
+            gluon = [label for label in labels if label.startswith("warp-specialized")]
+            if dtype == torch.float32:
+                assert not gluon
+            else:
+                assert gluon == labels[-1:]

@@ -495,6 +495,7 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.gluon
 @needs_gluon
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, splits, l2, pad_n, batch_gap", GPU_CASES)

@@ -311,6 +311,7 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
 
 
 @pytest.mark.gpu
+@pytest.mark.gluon
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 def test_warp_specialized_forward_through_memory_read(dtype, similarity, monkeypatch):
