@@ -26,22 +26,29 @@ case "${1:-tests}" in
     # SIGINT before the call's 10-minute limit: pytest then stops cleanly and still writes its
     # junit XML (per-test outcomes and times, to commit beside the benchmark JSON), and KILL
     # 20 s later if a hung kernel keeps it from stopping. The Gluon forward has never run on a
-    # GPU: its tests (marker gluon) get a process of their own, so that an illegal access
+    # GPU: its tests (marker gluon) get processes of their own, so that an illegal access
     # (which poisons the CUDA context) or a hang cannot fail or stall the other tests.
+    # Where the image has pytest-xdist and pytest-timeout (it had both on 2026-11-17), tests
+    # run in worker processes (compiling kernels is CPU work: 16 cores) and a test past its
+    # timeout ends its worker alone (xdist reports it as crashed and goes on).
     kernel_tests="tests/test_memory_read.py tests/test_gluon_forward.py
       tests/test_deterministic_backward.py tests/test_memory_read_family.py"
-    gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS PYTEST_ARGS...
+    has() { python3 -c "import $1" 2>/dev/null; }
+    gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARGS...
       if [ "$1" -gt 10 ]; then
+        local parallel=() limit=()
+        has xdist && parallel=(-n "$4")
+        has pytest_timeout && limit=(--timeout "$5" --timeout_method thread)
         step timeout -s INT -k 20 "$1" python3 -m pytest -v -m "$3" -p no:cacheprovider \
-          --durations=25 --junitxml "$OUT/$2" "${@:4}"
+          "${parallel[@]}" "${limit[@]}" --durations=25 --junitxml "$OUT/$2" "${@:6}"
       else echo "== no time left for $2"; fi
     }
     # shellcheck disable=SC2086
-    gpu_tests $((360 - SECONDS)) gpu_tests_kernels.xml "gpu and not gluon" $kernel_tests
+    gpu_tests $((330 - SECONDS)) gpu_tests_kernels.xml "gpu and not gluon" 8 240 $kernel_tests
     # shellcheck disable=SC2086
-    gpu_tests $((460 - SECONDS)) gpu_tests_gluon.xml "gpu and gluon" $kernel_tests
+    gpu_tests $((450 - SECONDS)) gpu_tests_gluon.xml "gpu and gluon" 2 90 $kernel_tests
     # shellcheck disable=SC2086
-    gpu_tests $((560 - SECONDS)) gpu_tests_model.xml gpu tests \
+    gpu_tests $((560 - SECONDS)) gpu_tests_model.xml gpu 8 240 tests \
       $(printf -- '--ignore=%s ' $kernel_tests)
     ;;
   tune)
