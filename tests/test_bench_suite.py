@@ -34,6 +34,26 @@ def test_kernel_sweep_runs_records_and_renders(tmp_path, monkeypatch, capsys):
     assert "| torch | fwd | fp32 | 2 | 256 | - | reached the end of the sweep |" in table
 
 
+def test_kernel_sweeps_run_the_target_points_first():
+    """A GPU run cut off by its time limit keeps the op's target points: they come first,
+    whatever order --sweeps names them in."""
+    import argparse
+
+    import torch
+    args = argparse.Namespace(sweeps=["scaling", "shapes", "targets"], hw=None, providers=None,
+                              passes=None, dtypes=None, batches=None, ns=None, shapes_n=None,
+                              quick=False)
+    for device in ("cpu", "cuda"):
+        _, series = kernel.plan(torch.device(device), args)
+        sweeps = [entry[0] for entry in series]
+        assert sweeps == sorted(sweeps, key=["targets", "scaling", "shapes"].index), device
+        targets = [entry for entry in series if entry[0] == "targets"]
+        assert {(entry[4], entry[5], entry[6], entry[7]) for entry in targets} == {
+            (1, 1620, 128, 512)}
+        assert {N for entry in targets for N in entry[8]} == (
+            {64800, 162000} if device == "cuda" else {162000})
+
+
 def test_out_of_memory_and_time_cap_are_reported():
     ok = dict(sweep="scaling", provider="naive", dtype="bf16", B=8, HW=4, Ck=128, Cv=512,
               status="ok", median_ms=1.0, tflops=1.0, peak_mem_bytes=1)
