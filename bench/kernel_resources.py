@@ -111,7 +111,6 @@ def loop_report(ptx, ttgir, num_warps):
     body = static_work.main_loop(ptx, static_work.inner_trip_counts(ttgir))
     census = static_work.mma_census(body)
     dots = static_work.loop_dots(ttgir)
-    memory = static_work.loop_memory(ttgir)
     return dict(
         main_loop_mma=census,
         executed_macs_per_iteration=static_work.executed_macs(census, num_warps),
@@ -123,9 +122,15 @@ def loop_report(ptx, ttgir, num_warps):
         cp_async_per_iteration=static_work.count(body, "cp.async.ca", "cp.async.cg"),
         tma_per_iteration=static_work.count(body, "cp.async.bulk.tensor"),
         atomics_per_iteration_per_thread=static_work.count(body, "red.global", "atom.global"),
-        l2_load_bytes_per_iteration=memory["load_bytes"],
-        l2_atomic_bytes_per_iteration=memory["atomic_bytes"],
+        **_l2_per_iteration(ttgir),
     )
+
+
+def _l2_per_iteration(ttgir):
+    """The main loop's L2 bytes (static_work.loop_memory) as report fields."""
+    memory = static_work.loop_memory(ttgir)
+    return dict(l2_load_bytes_per_iteration=memory["load_bytes"],
+                l2_atomic_bytes_per_iteration=memory["atomic_bytes"])
 
 
 # --------------------------------------------------------------------------- kernel specs
@@ -350,9 +355,7 @@ def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET
         executed_macs_per_pair=sum(dot["executed_macs"] for dot in dots) / tile_pairs,
         executed_macs_per_pair_from_dots=sum(dot["executed_macs"] for dot in dots) / tile_pairs,
         dot_macs_per_pair=sum(dot["useful_macs"] for dot in dots) / tile_pairs)
-    memory = static_work.loop_memory(ttgir)  # the load partition's TMA boxes per key block
-    row.update(l2_load_bytes_per_iteration=memory["load_bytes"],
-               l2_atomic_bytes_per_iteration=memory["atomic_bytes"])
+    row.update(_l2_per_iteration(ttgir))  # the load partition's TMA boxes per key block
     _add_l2_per_pair(row, 1, tile_pairs)
     return row
 

@@ -187,15 +187,13 @@ def loop_dots(ttgir):
     dots = []
     for stripped, regions, _ in _regions(ttgir):
         match = _DOT.search(stripped)
-        if not match or not any(kind == "main" for kind, _ in regions):
+        repeats = _main_loop_repeats(regions)
+        if not match or repeats is None:
             continue
         _, _, a_cols, _, m, n, layout_name = match.groups()
         layout = layouts.get(layout_name)
         M, N, K = int(m), int(n), int(a_cols)
         duplication = _duplication(M, N, layout) if layout else 1
-        repeats = 1
-        for _, trips in regions:
-            repeats *= trips
         dots.append(dict(m=M, n=N, k=K, layout=layout_name,
                          warps=list(layout["warps"]) if layout else None,
                          instr=list(layout["instr"]) if layout else None,
@@ -203,6 +201,14 @@ def loop_dots(ttgir):
                          useful_macs=M * N * K * repeats,
                          executed_macs=M * N * K * duplication * repeats))
     return dots
+
+
+def _main_loop_repeats(regions):
+    """How often a line inside these enclosing regions runs per iteration of the main loop (the
+    product of the constant trip counts around it), or None outside any main loop."""
+    if not any(kind == "main" for kind, _ in regions):
+        return None
+    return math.prod(trips for _, trips in regions)
 
 
 def loop_memory(ttgir):
@@ -216,7 +222,8 @@ def loop_memory(ttgir):
     load, atomic = 0, 0
     for stripped, regions, _ in _regions(ttgir):
         operation = _MEMORY_OP.search(stripped)
-        if not operation or not any(kind == "main" for kind, _ in regions):
+        repeats = _main_loop_repeats(regions)
+        if not operation or repeats is None:
             continue
         name = operation.group(1)
         if name == "ttng.async_tma_copy_global_to_local":
@@ -227,9 +234,6 @@ def loop_memory(ttgir):
             shape = _POINTER_TENSOR.search(stripped)
         if not shape:
             continue  # a scalar access: negligible beside the tiles
-        repeats = 1
-        for _, trips in regions:
-            repeats *= trips
         size = math.prod(int(d) for d in shape.group(1).split("x")) * ELEMENT_BYTES[
             shape.group(2)] * repeats
         if name.startswith("tt.atomic"):

@@ -103,14 +103,12 @@ def candidates(dtype, quick):
     def backward_with(**config):
         return lambda: launchers.use_configs(
             backward=dataclasses.replace(default_backward, **config))
+    forward_runs = [("forward", _label(c), lambda c=c: launchers.use_configs(forward=c), "fwd")
+                    for c in forwards]
+    dv_runs = [("backward", "dv " + _label(c), backward_with(dv=c), "fwd+bwd") for c in dvs]
     # The defaults first (the forward, then the backward: dv's default is the default
     # backward), so that a run cut off by a time limit has them.
-    runs = [("forward", _label(c), lambda c=c: launchers.use_configs(forward=c), "fwd")
-            for c in forwards[:1]]
-    runs += [("backward", "dv " + _label(c), backward_with(dv=c), "fwd+bwd") for c in dvs[:1]]
-    runs += [("forward", _label(c), lambda c=c: launchers.use_configs(forward=c), "fwd")
-             for c in forwards[1:]]
-    runs += [("backward", "dv " + _label(c), backward_with(dv=c), "fwd+bwd") for c in dvs[1:]]
+    runs = forward_runs[:1] + dv_runs[:1] + forward_runs[1:] + dv_runs[1:]
     runs += [("backward", "dkdq " + _label(c), backward_with(dkdq=c), "fwd+bwd")
              for c in dkdqs[1:]]
     runs += [("backward", "deterministic dq " + _label(c),
