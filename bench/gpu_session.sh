@@ -13,6 +13,11 @@
 # The machine has torch + Triton but no internet: the package is used from the work tree.
 # "tune" and "kernel" save their JSON after every point: a stage cut off by the time limit
 # still returns what it measured (marked "complete": false).
+# Every stage stops itself (SIGINT, KILL 20 s later) inside STAGE_LIMIT seconds (default 600,
+# one call's limit). With less device time left than that, pass the time left less a minute,
+# e.g. `STAGE_LIMIT=420 bash bench/gpu_session.sh kernel` with timeout_s=420: the stage then
+# still ends cleanly (pytest writes its junit XML, the benchmarks their summary) instead of
+# being killed by the call's limit.
 set -uo pipefail
 OUT=${OUT:-/tmp/stm_out}
 mkdir -p "$OUT"
@@ -20,10 +25,25 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 STM_BENCH_RESULTS=$OUT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 step() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
+LIMIT=${STAGE_LIMIT:-600}
+case "$LIMIT" in ''|*[!0-9]*) echo "STAGE_LIMIT must be a number of seconds, got '$LIMIT'"; exit 2 ;; esac
+# Seconds from now to mark $1 of a 600-second stage, scaled to STAGE_LIMIT and at least 30 s
+# before its end (the KILL that follows a SIGINT by 20 s must land inside the call too).
+until_mark() {
+  local mark=$(( $1 * LIMIT / 600 ))
+  [ "$mark" -gt $(( LIMIT - 30 )) ] && mark=$(( LIMIT - 30 ))
+  echo $(( mark - SECONDS ))
+}
+# timed SECONDS_LEFT COMMAND...: the command under a SIGINT at SECONDS_LEFT (KILL 20 s later),
+# skipped when 10 s or less are left (timeout 0 would mean no limit at all).
+timed() {
+  if [ "$1" -gt 10 ]; then step timeout -s INT -k 20 "$@"
+  else shift; echo "== no time left for $*"; fi
+}
 case "${1:-tests}" in
   tests)
     # The kernels' tests first, then the Gluon forward's, then the rest, one line per test;
-    # SIGINT before the call's 10-minute limit: pytest then stops cleanly and still writes its
+    # SIGINT before the stage's limit: pytest then stops cleanly and still writes its
     # junit XML (per-test outcomes and times, to commit beside the benchmark JSON), and KILL
     # 20 s later if a hung kernel keeps it from stopping. The Gluon forward has never run on a
     # GPU: its tests (marker gluon) get processes of their own, so that an illegal access
@@ -35,29 +55,27 @@ case "${1:-tests}" in
       tests/test_deterministic_backward.py tests/test_memory_read_family.py"
     has() { python3 -c "import $1" 2>/dev/null; }
     gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARGS...
-      if [ "$1" -gt 10 ]; then
-        local parallel=() limit=()
-        has xdist && parallel=(-n "$4")
-        has pytest_timeout && limit=(--timeout "$5" --timeout_method thread)
-        step timeout -s INT -k 20 "$1" python3 -m pytest -v -m "$3" -p no:cacheprovider \
-          "${parallel[@]}" "${limit[@]}" --durations=25 --junitxml "$OUT/$2" "${@:6}"
-      else echo "== no time left for $2"; fi
+      local parallel=() limit=()
+      has xdist && parallel=(-n "$4")
+      has pytest_timeout && limit=(--timeout "$5" --timeout_method thread)
+      timed "$1" python3 -m pytest -v -m "$3" -p no:cacheprovider \
+        "${parallel[@]}" "${limit[@]}" --durations=25 --junitxml "$OUT/$2" "${@:6}"
     }
     # shellcheck disable=SC2086
-    gpu_tests $((330 - SECONDS)) gpu_tests_kernels.xml "gpu and not gluon" 8 240 $kernel_tests
+    gpu_tests "$(until_mark 330)" gpu_tests_kernels.xml "gpu and not gluon" 8 240 $kernel_tests
     # shellcheck disable=SC2086
-    gpu_tests $((450 - SECONDS)) gpu_tests_gluon.xml "gpu and gluon" 2 90 $kernel_tests
+    gpu_tests "$(until_mark 450)" gpu_tests_gluon.xml "gpu and gluon" 2 90 $kernel_tests
     # shellcheck disable=SC2086
-    gpu_tests $((560 - SECONDS)) gpu_tests_model.xml gpu 8 240 tests \
+    gpu_tests "$(until_mark 560)" gpu_tests_model.xml gpu 8 240 tests \
       $(printf -- '--ignore=%s ' $kernel_tests)
     ;;
   tune)
     baseline=$(ls -d .baseline/*/ 2>/dev/null | head -1)
     # bf16 first (up to 7 minutes), fp32 in what is left; both save after every point and
     # stop on SIGINT before the call's limit.
-    step timeout -s INT -k 20 $((420 - SECONDS)) python3 -m bench.tune --ns 162000 \
+    timed "$(until_mark 420)" python3 -m bench.tune --ns 162000 \
       --batches 1 ${baseline:+--baseline "$baseline"}
-    step timeout -s INT -k 20 $((570 - SECONDS)) python3 -m bench.tune --dtype fp32 --quick \
+    timed "$(until_mark 570)" python3 -m bench.tune --dtype fp32 --quick \
       --ns 162000 --batches 1 ;;
   profile)
     # Where the time goes: one forward and one forward+backward at the target shape under ncu.
@@ -65,7 +83,7 @@ case "${1:-tests}" in
     ncu --target-processes all --kernel-name regex:memory_read --launch-skip 6 --set full \
       -o "$OUT/profile" -f python3 -m bench.profile_target 2>&1 | tail -40 | tee -a "$OUT/log.txt"
     ncu --import "$OUT/profile.ncu-rep" --page details --csv > "$OUT/profile_details.csv" ;;
-  kernel) step timeout -s INT -k 20 $((570 - SECONDS)) python3 -m bench kernel ;;
+  kernel) timed "$(until_mark 570)" python3 -m bench kernel ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;
   interactive)

@@ -1,0 +1,83 @@
+"""bench/gpu_session.sh's time limits, checked on CPU with stand-in commands.
+
+The GPU session gets 30 minutes of device time in calls of at most 10: every stage must stop
+its work itself (SIGINT, so pytest still writes its junit XML and the benchmarks their
+summary) before the call's limit kills it. `python3` and `nvidia-smi` are replaced by shims on
+PATH that record when they were started and interrupted, so no test waits on real work.
+"""
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_session.sh"
+
+pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
+                                reason="needs bash and coreutils' timeout")
+
+# A python3 that answers the script's version probe and otherwise runs until SIGINT, writing
+# one line per run to $SHIM_LOG: its arguments, then "interrupted" or "finished".
+PYTHON_SHIM = """#!/usr/bin/env bash
+case "$*" in -c*) echo "torch shim triton shim"; exit 0 ;; esac
+sleep "${SHIM_SECONDS:-300}" &
+trap 'kill $!; echo "$* | interrupted" >> "$SHIM_LOG"; exit 130' INT
+wait $!
+echo "$* | finished" >> "$SHIM_LOG"
+"""
+
+
+def _shims(directory):
+    for name, text in (("python3", PYTHON_SHIM), ("nvidia-smi", "#!/bin/sh\necho shim GPU\n")):
+        path = directory / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def _run_stage(tmp_path, stage, stage_limit, shim_seconds=300):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _shims(bin_dir)
+    log = tmp_path / "shim.log"
+    environment = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                       OUT=str(tmp_path / "out"), SHIM_LOG=str(log),
+                       SHIM_SECONDS=str(shim_seconds), STAGE_LIMIT=str(stage_limit))
+    started = time.monotonic()
+    completed = subprocess.run(["bash", str(SCRIPT), stage], cwd=tmp_path, env=environment,
+                               capture_output=True, text=True, timeout=120)
+    lines = log.read_text().splitlines() if log.exists() else []
+    return completed, lines, time.monotonic() - started
+
+
+def test_stage_stops_its_work_inside_stage_limit(tmp_path):
+    # STAGE_LIMIT=42: the kernel stage's mark (570 of 600 s) is capped at 42 - 30 = 12 s, so
+    # the benchmark gets its SIGINT at 12 s, well before a 42-second call would be killed.
+    completed, lines, seconds = _run_stage(tmp_path, "kernel", 42)
+    assert lines == ["-m bench kernel | interrupted"], (lines, completed.stdout)
+    assert 10 <= seconds < 22, seconds
+    assert (tmp_path / "out" / "device.txt").read_text().startswith("shim GPU")
+
+
+def test_work_that_ends_in_time_is_not_interrupted(tmp_path):
+    completed, lines, _ = _run_stage(tmp_path, "kernel", 42, shim_seconds=1)
+    assert lines == ["-m bench kernel | finished"], (lines, completed.stdout)
+
+
+def test_stage_skips_work_when_no_time_is_left(tmp_path):
+    # STAGE_LIMIT=14: the tune stage's marks (420 and 570 of 600 s) fall at 9 s and at
+    # 14 - 30 < 0 s: too little to start either run (`timeout 0` would mean no limit at all).
+    completed, lines, seconds = _run_stage(tmp_path, "tune", 14)
+    assert lines == [], lines
+    assert completed.stdout.count("== no time left for python3 -m bench.tune") == 2
+    assert seconds < 10
+
+
+def test_bad_stage_limit_is_refused(tmp_path):
+    completed, lines, _ = _run_stage(tmp_path, "kernel", "ten")
+    assert completed.returncode == 2
+    assert "STAGE_LIMIT must be a number of seconds, got 'ten'" in completed.stdout
+    assert lines == []
