@@ -313,17 +313,22 @@ def _add_l2_per_pair(row, repeats, tile_pairs):
             row[f"l2_{kind}_bytes_per_iteration"] * repeats / tile_pairs)
 
 
+WARP_SPECIALIZED = "fwd_ws (opt-in)"
+WARP_SPECIALIZED_ROWS = "fwd_ws rows (opt-in)"
+
+
 def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET,
-                             sm_count=H100_SMS):
-    """Report row of the opt-in warp-specialised Gluon forward (stm_kernels.memory_read_gluon).
-    Its partitions run different loops, so executed work comes from the TTGIR's dots (each
-    issued by its own partition's warpgroup) and the PTX census covers the whole kernel."""
+                             sm_count=H100_SMS, config=None, name=WARP_SPECIALIZED):
+    """Report row of the opt-in warp-specialised Gluon forward (stm_kernels.memory_read_gluon)
+    at a WarpSpecializedConfig (default: its default). Its partitions run different loops, so
+    executed work comes from the TTGIR's dots (each issued by its own partition's warpgroup)
+    and the PTX census covers the whole kernel; value chunks repeat the work per pair."""
     from stm_kernels import memory_read_gluon as gluon
-    config = gluon.WarpSpecializedConfig()
+    config = config or gluon.WarpSpecializedConfig()
     B, HW, N = shape["B"], shape["HW"], shape["N"]
     splits, _ = gluon.default_splits(HW, N, B, config, sm_count)
-    row = dict(kernel="fwd_ws (opt-in)", config=_fields(config), num_warps=13, num_stages=None,
-               grid=[triton.cdiv(HW, config.block_m), B, splits])
+    row = dict(kernel=name, config=_fields(config), num_warps=13, num_stages=None,
+               grid=[triton.cdiv(HW, config.block_m) * config.value_chunks, B, splits])
     if not gluon.AVAILABLE:
         row["error"] = gluon.UNAVAILABLE_REASON
         return row
@@ -345,7 +350,7 @@ def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET
     row["blocks"] = row["grid"][0] * row["grid"][1] * row["grid"][2]
     row["waves"] = round(row["blocks"] / (sm_count * max(row["blocks_per_sm"], 1)), 2)
     dots = static_work.loop_dots(ttgir)
-    tile_pairs = config.block_m * config.block_n
+    tile_pairs = config.block_m * config.block_n / config.value_chunks
     row.update(
         main_loop_mma=static_work.mma_census(ptx.splitlines()), dots=dots,
         duplicated_dots=sum(dot["duplication"] > 1 for dot in dots),
@@ -368,6 +373,9 @@ def report(dtype_name, similarity="dot", arch=90, forward=None, backward=None, s
     rows = [analyse(spec, arch) for spec in specs]
     if dtype_name != "fp32":
         rows.append(analyse_warp_specialized(dtype_name, similarity, arch, shape))
+        rows.append(analyse_warp_specialized(dtype_name, similarity, arch, shape,
+                                             config=triton_configs.ROW_SPLIT_CONFIG,
+                                             name=WARP_SPECIALIZED_ROWS))
     useful_forward, useful_backward = useful_macs_per_pair(shape["Ck"], shape["Cv"])
     per_pair = {row["kernel"]: row.get("executed_macs_per_pair") for row in rows}
     totals = dict(useful_forward=useful_forward, useful_backward=useful_backward)
@@ -383,9 +391,10 @@ def report(dtype_name, similarity="dot", arch=90, forward=None, backward=None, s
                      per_pair.get(DETERMINISTIC_DQ))
     if None not in deterministic:
         totals["deterministic_backward_ratio"] = round(sum(deterministic) / useful_backward, 3)
-    ws = per_pair.get("fwd_ws (opt-in)")
-    if ws is not None:
-        totals["warp_specialized_forward_ratio"] = round(ws / useful_forward, 3)
+    for name, key in ((WARP_SPECIALIZED, "warp_specialized_forward_ratio"),
+                      (WARP_SPECIALIZED_ROWS, "warp_specialized_rows_forward_ratio")):
+        if per_pair.get(name) is not None:
+            totals[key] = round(per_pair[name] / useful_forward, 3)
     totals.update(_l2_totals(rows, useful_forward, useful_backward, dtype_name))
     return dict(dtype=dtype_name, similarity=similarity, arch=f"sm_{arch}", shape=dict(shape),
                 rows=rows, totals=totals)
@@ -404,7 +413,6 @@ def _l2_totals(rows, useful_forward, useful_backward, dtype_name):
                    + by_kernel[name]["l2_atomic_bytes_per_pair"] for name in names)
 
     forward, backward = bytes_of("fwd"), bytes_of("bwd_dv", "bwd_dkdq")
-    ws = bytes_of("fwd_ws (opt-in)")
     totals = {}
     sixteen_bit = ITEMSIZE[dtype_name] == 2
     if forward is not None and backward is not None:
@@ -416,10 +424,14 @@ def _l2_totals(rows, useful_forward, useful_backward, dtype_name):
                 l2_tbps_total_at_target=round(l2_bandwidth_needed(
                     forward + backward, useful_forward + useful_backward,
                     TOTAL_RATE_TARGET) / 1e12, 2))
-    if ws is not None:
-        totals["l2_bytes_per_pair_warp_specialized"] = ws
+    for name, suffix in ((WARP_SPECIALIZED, "warp_specialized"),
+                         (WARP_SPECIALIZED_ROWS, "warp_specialized_rows")):
+        ws = bytes_of(name)
+        if ws is None:
+            continue
+        totals[f"l2_bytes_per_pair_{suffix}"] = ws
         if sixteen_bit:
-            totals["l2_tbps_warp_specialized_at_target"] = round(l2_bandwidth_needed(
+            totals[f"l2_tbps_{suffix}_at_target"] = round(l2_bandwidth_needed(
                 ws, useful_forward, WARP_SPECIALIZED_RATE_TARGET) / 1e12, 2)
     return totals
 
@@ -532,6 +544,8 @@ def summary(payload):
                 + (f"; warp-specialised forward (opt-in) "
                    f"{totals['warp_specialized_forward_ratio']:.2f}"
                    if "warp_specialized_forward_ratio" in totals else "")
+                + (f", with split rows {totals['warp_specialized_rows_forward_ratio']:.2f}"
+                   if "warp_specialized_rows_forward_ratio" in totals else "")
                 + (f"; deterministic backward (opt-in, no target) "
                    f"{totals['deterministic_backward_ratio']:.2f}"
                    if "deterministic_backward_ratio" in totals else "") + ".\n")
@@ -553,6 +567,11 @@ def _l2_sentence(totals):
                  f"{totals['l2_bytes_per_pair_warp_specialized']:.3g} B per pair (64 query rows "
                  f"share a K/V tile, against 128 in the plain kernel): "
                  f"**{totals['l2_tbps_warp_specialized_at_target']} TB/s** at "
+                 f"{WARP_SPECIALIZED_RATE_TARGET:.0%}")
+    if "l2_tbps_warp_specialized_rows_at_target" in totals:
+        text += (f"; with split rows (128 query rows per K/V tile, 2 value chunks) "
+                 f"{totals['l2_bytes_per_pair_warp_specialized_rows']:.3g} B per pair: "
+                 f"**{totals['l2_tbps_warp_specialized_rows_at_target']} TB/s** at "
                  f"{WARP_SPECIALIZED_RATE_TARGET:.0%}")
     return text + ". Estimates from the tile shapes, not measurements.\n"
 

@@ -8,7 +8,8 @@ Per shape it times: the forward under every FORWARD_SWEEP tiling; the backward w
 DV_SWEEP tiling (dK/dQ at its default) and each DKDQ_SWEEP tiling (dV at its default); the
 backward under torch.use_deterministic_algorithms with each DQ_SWEEP tiling (the dQ kernel
 instead of the atomics); the
-opt-in warp-specialised Gluon forward where it can run; and, with --baseline (an export of an
+opt-in warp-specialised Gluon forward where it can run, at its default tiling and with the
+row split (triton_configs.ROW_SPLIT_CONFIG); and, with --baseline (an export of an
 earlier commit, `python -m bench.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
 backend on the same inputs (normalised error bound per dtype): a tiling that fails to compile,
@@ -114,9 +115,26 @@ def candidates(dtype, quick):
     runs += [("backward", "deterministic dq " + _label(c),
               lambda c=c: _deterministic(backward_with(dq=c)), "fwd+bwd") for c in dqs]
     if dtype != torch.float32:  # last: never run on a GPU, it may crash the CUDA context
-        runs.append(("forward", "warp-specialized (Gluon)",
-                     lambda: _environment(launchers.WARP_SPECIALIZED_ENV, "1"), "fwd"))
+        for label, config in _gluon_configs(quick):
+            runs.append(("forward", label, lambda c=config: _warp_specialized(c), "fwd"))
     return runs
+
+
+def _gluon_configs(quick):
+    """(label, WarpSpecializedConfig) of the Gluon forward to time: the default (64 rows, 20 B
+    from L2 per pair) and the row split (128 rows, 12 B per pair, 1.2x the MACs), whose 2-stage
+    ring trades depth for shared memory."""
+    configs = [triton_configs.WarpSpecializedConfig(), triton_configs.ROW_SPLIT_CONFIG,
+               dataclasses.replace(triton_configs.ROW_SPLIT_CONFIG, num_stages=2)]
+    return [("warp-specialized (Gluon) " + _label(c), c) for c in configs[:2 if quick else 3]]
+
+
+@contextlib.contextmanager
+def _warp_specialized(config):
+    """The opt-in Gluon forward under this config."""
+    with _environment(launchers.WARP_SPECIALIZED_ENV, "1"), \
+            launchers.use_configs(warp_specialized=config):
+        yield
 
 
 @contextlib.contextmanager
@@ -146,12 +164,13 @@ def _attempt(fn, *arguments):
 def _measure(read, label, context, pass_, inputs, device, reference):
     """The timing and error of one candidate on inputs (q, k, v, grad)."""
     q, k, v, grad = inputs
-    if label.startswith("warp-specialized"):
-        from stm_kernels import memory_read_gluon
-        reason = memory_read_gluon.unsupported_reason(q, k, v)
-        if reason is not None:  # the launcher would run the plain kernel instead
-            raise RuntimeError(reason)
     with context():
+        if label.startswith("warp-specialized"):
+            from stm_kernels import memory_read_gluon
+            reason = memory_read_gluon.unsupported_reason(
+                q, k, v, triton_configs.warp_specialized_config())
+            if reason is not None:  # the launcher would run the plain kernel instead
+                raise RuntimeError(reason)
         if pass_ == "fwd":
             return time_forward(read, q, k, v, device, reference)
         return time_forward_backward(read, q, k, v, grad, device, reference)

@@ -9,7 +9,9 @@ Same contract as `memory_read_fwd_kernel` (stm_kernels/memory_read_triton.py): q
 with Bq = B or 1 (or a stride-0 batch), k (B, Ck, N), v (B, Cv, N); the program (query block i_m,
 object i_b, memory split i_s) reads memory positions [i_s*per_split, min((i_s+1)*per_split, N))
 and writes part_out[i_s, i_b, :, m-range] (out = acc / rowsum) and part_lse[i_s, i_b, m-range]
-(natural log). Scores are kept in base 2 (qk_scale = scale * log2(e)).
+(natural log). Scores are kept in base 2 (qk_scale = scale * log2(e)). With value_chunks > 1
+(WarpSpecializedConfig) grid axis 0 also runs over value chunks: each program writes
+ceil(Cv / value_chunks) of the channels, and the first chunk the lse.
 
 Design (FlashAttention-3's value-width-512 layout, the one FlashMLA uses), one CTA per program,
 13 warps in 4 warpgroups (Triton pads the load warp's group with 3 idle warps) = 512 threads:
@@ -42,6 +44,15 @@ fences before releasing it to the next TMA write. wgmma is waited (wait_group 0)
 buffer is released. No MMA is computed twice: S by the softmax partition only (Ck/16
 instructions in the whole PTX), P V split by value channels over the two PV partitions.
 
+The row split (ROW_SPLIT_CONFIG: block_m=128, value_chunks=2, split_rows=True) keeps the
+partitions and barriers and changes who does what: the softmax warpgroup computes S for 128
+rows (two wgmma M tiles; Q stays in shared memory, since S then takes 64 registers per
+thread), each PV warpgroup runs 64 of those rows (its slice of the P, alpha and l buffers)
+over the program's 256 value channels, and the load warp fetches one V box per stage. A K/V
+tile then serves 128 query rows instead of 64: 12 bytes from L2 per (query, memory) pair
+instead of 20, for 1.2x the useful MACs (S once per value chunk). Compiled (Triton 3.6 and
+3.8): no spills, 210 KiB of shared memory with 3 stages.
+
 P V is issued as m64n128k16 instructions (two per k-step at Cv = 512), not m64n256k16: ptxas
 checks every instruction against the kernel-wide register target (65536 / 512 threads = 128),
 whatever setmaxnreg grants later, and an m64n256k16 with fp32 accumulators needs 154 (C7602).
@@ -61,18 +72,19 @@ wait for the partition dispatch at 80 registers.
 
 Constraints (`unsupported_reason`): CUDA tensors, bf16/fp16, q/k/v of one dtype; k and v with
 position stride 1, other strides a multiple of 16 bytes (N % 8 == 0 for contiguous tensors)
-and 16-byte-aligned bases (TMA); Ck a power of two in [16, 256]; 16 <= Cv <= 512 (each PV
-warpgroup owns ceil(Cv/2) channels, loaded as a box of next_pow2(ceil(Cv/2)) <= 256 rows; rows
-past a warpgroup's channels are loaded but never stored); the shared-memory estimate must fit
-227 KiB. The query is copied to 16-byte-aligned rows when it is not (it is small). The object
-dimension is folded into the TMA rows when k/v's batch stride is C * channel stride (contiguous
-tensors, slices along N); otherwise the kernel is launched once per object.
+and 16-byte-aligned bases (TMA); Ck a power of two in [16, 256]; Cv >= 16 with at most 256
+channels per PV warpgroup (ceil(Cv/2) by default, so Cv <= 512; ceil(Cv/value_chunks) with
+split_rows), loaded as a box of the next power of two rows (rows past a warpgroup's channels
+are loaded but never stored); the shared-memory estimate must fit 227 KiB. The query is copied
+to 16-byte-aligned rows when it is not (it is small). The object dimension is folded into the
+TMA rows when k/v's batch stride is C * channel stride (contiguous tensors, slices along N);
+otherwise the kernel is launched once per object.
 """
-import dataclasses
-
 import torch
 
 from ._buffers import device_context
+# Re-exported: the tilings belong with the others, the kernel's users look for them here.
+from .triton_configs import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
 
 try:
     import triton
@@ -109,37 +121,24 @@ except Exception as _error:  # no Triton, or one without (this version of) Gluon
                           f"unavailable ({type(_error).__name__}: {str(_error).splitlines()[0]})")
 
 
-@dataclasses.dataclass(frozen=True)
-class WarpSpecializedConfig:
-    """Tiling of the warp-specialised forward. block_m: query rows per program (64: one wgmma
-    M tile per warpgroup); block_n: memory positions per pipeline step; num_stages: depth of the
-    K and V TMA rings; num_p: depth of the P/alpha ring between the softmax and PV warpgroups;
-    pv_regs / load_regs: setmaxnreg targets of the PV and load partitions (the softmax
-    partition gets what is left of 128 x 4 warpgroups)."""
-    block_m: int = 64
-    block_n: int = 64
-    num_stages: int = 2
-    num_p: int = 2
-    pv_regs: int = 168
-    load_regs: int = 24
-
-
 def _cdiv(a, b):
     return -(-a // b)
 
 
-def _shapes(Ck, Cv):
-    """(channels per PV warpgroup, rows of its TMA box = next power of two)."""
-    half = _cdiv(Cv, 2)
-    return half, 1 << max(half - 1, 0).bit_length()
+def _shapes(Cv, config):
+    """(channels per PV warpgroup, rows of its V TMA box = next power of two, V boxes per
+    stage: 2 when the PV warpgroups split the channels, 1 when they split the rows)."""
+    chunk = _cdiv(Cv, config.value_chunks)
+    channels = chunk if config.split_rows else _cdiv(chunk, 2)
+    return channels, 1 << max(channels - 1, 0).bit_length(), 1 if config.split_rows else 2
 
 
 def shared_memory_bytes(Ck, Cv, element_size=2, config=None):
     """Estimated shared memory of one program (the buffers above; barriers and scratch aside)."""
     config = config or WarpSpecializedConfig()
-    _, box = _shapes(Ck, Cv)
+    _, box, boxes = _shapes(Cv, config)
     m, n = config.block_m, config.block_n
-    tiles = Ck * m + config.num_stages * (Ck * n + 2 * box * n) + config.num_p * m * n
+    tiles = Ck * m + config.num_stages * (Ck * n + boxes * box * n) + config.num_p * m * n
     vectors = 4 * (config.num_p + 1) * m  # alpha ring and l, fp32
     barriers = 8 * (4 * config.num_stages + 2 * config.num_p + 2)
     return tiles * element_size + vectors + barriers
@@ -153,11 +152,13 @@ if AVAILABLE:
     @gluon.jit
     def _ws_softmax_partition(q_smem, k_smem, p_smem, alpha_smem, l_smem,
                               q_bar, k_ready, k_empty, p_ready, p_empty, o_bar,
-                              lse, stride_ls, stride_lb, stride_lm, i_s, i_b, first_m, HW,
+                              lse, stride_ls, stride_lb, stride_lm, i_s, i_b, i_c, first_m, HW,
                               n_lo, n_hi, n_blocks, qk_scale,
                               L2: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               CK: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_P: gl.constexpr):
         # One warpgroup: S = Q K once per block, online softmax, P and alpha to the PV warps.
+        # 64 rows: Q in registers (32 per thread); 128 rows (two wgmma M tiles): Q stays the
+        # shared-memory operand, since S alone then takes 64 registers per thread.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
@@ -166,7 +167,10 @@ if AVAILABLE:
         k_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
 
         mbarrier.wait(q_bar, 0)
-        b_q = q_smem.permute((1, 0)).load(q_layout)  # (BLOCK_M, CK), kept in registers
+        if BLOCK_M <= 64:
+            b_q = q_smem.permute((1, 0)).load(q_layout)  # (BLOCK_M, CK), kept in registers
+        else:
+            b_q = q_smem.permute((1, 0))
         b_max = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
         b_sum = gl.zeros([BLOCK_M], gl.float32, row_layout)
         b_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
@@ -207,56 +211,72 @@ if AVAILABLE:
         mbarrier.arrive(o_bar, count=1)
         o_m = first_m + gl.arange(0, BLOCK_M, layout=row_layout)
         p_lse = lse + i_s.to(gl.int64) * stride_ls + i_b.to(gl.int64) * stride_lb
-        gl.store(p_lse + o_m * stride_lm, (b_max + gl.log2(b_sum)) * LN2_C, mask=o_m < HW)
+        # Every value chunk computes the same lse: the first one stores it.
+        gl.store(p_lse + o_m * stride_lm, (b_max + gl.log2(b_sum)) * LN2_C,
+                 mask=(o_m < HW) & (i_c == 0))
 
     @gluon.jit
     def _ws_pv_partition(v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty,
                          o_bar, o, stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m,
-                         HW, n_blocks, HALF: gl.constexpr, CV: gl.constexpr, CV_HALF: gl.constexpr,
-                         BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_P: gl.constexpr,
-                         MMA_N: gl.constexpr):
-        # One warpgroup: acc = acc * alpha + P V over value channels [HALF*CV_HALF, +CV_HALF).
+                         c_lo, c_hi, HW, n_blocks, HALF: gl.constexpr, SPLIT_ROWS: gl.constexpr,
+                         PV_CH: gl.constexpr, EVEN_CHUNKS: gl.constexpr, BLOCK_M: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, NUM_P: gl.constexpr, MMA_N: gl.constexpr):
+        # One warpgroup: acc = acc * alpha + P V over its rows and value channels: rows
+        # [HALF*PV_M, +PV_M) and channels [c_lo, c_hi) when the two split the rows; all rows
+        # and channels [c_lo + HALF*PV_CH, +PV_CH) when they split the channels.
         CV_BOX: gl.constexpr = v_smem.shape[1]
+        PV_M: gl.constexpr = BLOCK_M // 2 if SPLIT_ROWS else BLOCK_M
+        ROW0: gl.constexpr = HALF * PV_M if SPLIT_ROWS else 0
+        V_BOXES: gl.constexpr = 1 if SPLIT_ROWS else 2
+        V_BOX: gl.constexpr = 0 if SPLIT_ROWS else HALF
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, MMA_N, 16])
         row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, o_layout)
 
-        acc = gl.zeros([BLOCK_M, CV_BOX], gl.float32, o_layout)
+        acc = gl.zeros([PV_M, CV_BOX], gl.float32, o_layout)
         for j in range(n_blocks):
             stage = j % NUM_STAGES
             slot = j % NUM_P
             mbarrier.wait(p_ready.index(slot), (j // NUM_P) & 1)
-            b_alpha = alpha_smem.index(slot).load(row_layout)
+            b_alpha = alpha_smem.index(slot).slice(ROW0, PV_M).load(row_layout)
             acc = acc * b_alpha[:, None]
             mbarrier.wait(v_ready.index(stage), (j // NUM_STAGES) & 1)
-            b_v = v_smem.index(stage * 2 + HALF).permute((1, 0))  # (BLOCK_N, CV_BOX)
-            acc = warpgroup_mma(p_smem.index(slot), b_v, acc, is_async=True)
+            b_v = v_smem.index(stage * V_BOXES + V_BOX).permute((1, 0))  # (BLOCK_N, CV_BOX)
+            b_p = p_smem.index(slot).slice(ROW0, PV_M)  # (PV_M, BLOCK_N)
+            acc = warpgroup_mma(b_p, b_v, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(p_empty.index(slot), count=1)
             mbarrier.arrive(v_empty.index(stage), count=1)
 
         mbarrier.wait(o_bar, 0)
-        b_l = l_smem.load(row_layout)
+        b_l = l_smem.slice(ROW0, PV_M).load(row_layout)
         b_o = acc / b_l[:, None]
-        o_m = first_m + gl.arange(0, BLOCK_M, layout=row_layout)
+        o_m = first_m + ROW0 + gl.arange(0, PV_M, layout=row_layout)
         o_c = gl.arange(0, CV_BOX, layout=col_layout)
-        c = HALF * CV_HALF + o_c
-        mask = (o_m < HW)[:, None] & ((o_c < CV_HALF) & (c < CV))[None, :]
-        p_o = o + i_s.to(gl.int64) * stride_os + i_b.to(gl.int64) * stride_ob
-        gl.store(p_o + c[None, :] * stride_oc + o_m[:, None] * stride_om,
+        # The channel offset goes into the scalar base and the column mask is a constant
+        # unless the last value chunk is short: per-column runtime masks and offsets beside
+        # the 128-register accumulator spill (260 B with split_rows).
+        c_start = c_lo + V_BOX * PV_CH
+        mask = (o_m < HW)[:, None] & (o_c < PV_CH)[None, :]
+        if not EVEN_CHUNKS:
+            mask = mask & (c_start + o_c < c_hi)[None, :]
+        p_o = (o + i_s.to(gl.int64) * stride_os + i_b.to(gl.int64) * stride_ob
+               + c_start.to(gl.int64) * stride_oc)
+        gl.store(p_o + o_c[None, :] * stride_oc + o_m[:, None] * stride_om,
                  b_o.to(o.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _ws_load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
                            q_bar, k_ready, k_empty, v_ready, v_empty,
                            q_row, k_row, v_row, first_m, n_lo, n_blocks,
-                           CV_HALF: gl.constexpr, BLOCK_N: gl.constexpr,
+                           PV_CH: gl.constexpr, V_BOXES: gl.constexpr, BLOCK_N: gl.constexpr,
                            NUM_STAGES: gl.constexpr):
-        # One warp: TMA loads into the rings; K runs one block ahead of V.
+        # One warp: TMA loads into the rings; K runs one block ahead of V (V_BOXES boxes of
+        # PV_CH channels from row v_row per stage).
         Q_BYTES: gl.constexpr = q_smem.shape[0] * q_smem.shape[1] * 2
         K_BYTES: gl.constexpr = k_smem.shape[1] * k_smem.shape[2] * 2
-        V_BYTES: gl.constexpr = 2 * v_smem.shape[1] * v_smem.shape[2] * 2
+        V_BYTES: gl.constexpr = V_BOXES * v_smem.shape[1] * v_smem.shape[2] * 2
         mbarrier.expect(q_bar, Q_BYTES)
         tma.async_copy_global_to_shared(q_desc, [q_row, first_m], q_bar, q_smem)
         for j in range(n_blocks + 1):
@@ -272,10 +292,10 @@ if AVAILABLE:
                 mbarrier.wait(v_empty.index(stage), ((jv // NUM_STAGES) & 1) ^ 1)
                 bar = v_ready.index(stage)
                 mbarrier.expect(bar, V_BYTES)
-                tma.async_copy_global_to_shared(v_desc, [v_row, n_lo + jv * BLOCK_N], bar,
-                                                v_smem.index(stage * 2))
-                tma.async_copy_global_to_shared(v_desc, [v_row + CV_HALF, n_lo + jv * BLOCK_N],
-                                                bar, v_smem.index(stage * 2 + 1))
+                for box in gl.static_range(V_BOXES):
+                    tma.async_copy_global_to_shared(
+                        v_desc, [v_row + box * PV_CH, n_lo + jv * BLOCK_N], bar,
+                        v_smem.index(stage * V_BOXES + box))
 
     @gluon.jit
     def memory_read_ws_fwd_kernel(
@@ -286,16 +306,25 @@ if AVAILABLE:
         L2: gl.constexpr, Q_BROADCAST: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         NUM_P: gl.constexpr, P_LAYOUT: gl.constexpr, PV_REGS: gl.constexpr,
-        LOAD_REGS: gl.constexpr,
+        LOAD_REGS: gl.constexpr, VALUE_CHUNKS: gl.constexpr, SPLIT_ROWS: gl.constexpr,
     ):
-        i_m = gl.program_id(0)
+        # Axis 0: query block x value chunk (the chunks of a block side by side, sharing Q
+        # and K in L2).
+        i_m = gl.program_id(0) // VALUE_CHUNKS
+        i_c = gl.program_id(0) % VALUE_CHUNKS
         i_b = gl.program_id(1)
         i_s = gl.program_id(2)
         first_m = i_m * BLOCK_M
         n_lo = i_s * n_per_split
         n_hi = gl.minimum(n_lo + n_per_split, N)
         n_blocks = gl.cdiv(n_hi - n_lo, BLOCK_N)
-        CV_HALF: gl.constexpr = (CV + 1) // 2
+        CHUNK: gl.constexpr = (CV + VALUE_CHUNKS - 1) // VALUE_CHUNKS
+        PV_CH: gl.constexpr = CHUNK if SPLIT_ROWS else (CHUNK + 1) // 2
+        V_BOXES: gl.constexpr = 1 if SPLIT_ROWS else 2
+        # Every chunk (every PV warpgroup's share of one) is whole: no runtime channel mask.
+        EVEN_CHUNKS: gl.constexpr = CV % VALUE_CHUNKS == 0 and (SPLIT_ROWS or CHUNK % 2 == 0)
+        c_lo = i_c * CHUNK
+        c_hi = gl.minimum(c_lo + CHUNK, CV)
         CV_BOX: gl.constexpr = v_desc.block_type.shape[0]
         # ptxas needs the kernel-wide register target (128 at 512 threads) to fit any single
         # instruction: an m64n256k16 wgmma with fp32 accumulators needs 154, so the PV product
@@ -306,12 +335,13 @@ if AVAILABLE:
         else:
             q_row = i_b * CK
         k_row = i_b * CK
-        v_row = i_b * CV
+        v_row = i_b * CV + c_lo
 
         dtype: gl.constexpr = k_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [CK, BLOCK_M], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, CK, BLOCK_N], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2 * NUM_STAGES, CV_BOX, BLOCK_N], v_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_BOXES * NUM_STAGES, CV_BOX, BLOCK_N],
+                                           v_desc.layout)
         p_smem = gl.allocate_shared_memory(dtype, [NUM_P, BLOCK_M, BLOCK_N], P_LAYOUT)
         vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         alpha_smem = gl.allocate_shared_memory(gl.float32, [NUM_P, BLOCK_M], vec_layout)
@@ -340,19 +370,22 @@ if AVAILABLE:
         gl.warp_specialize([
             (_ws_softmax_partition,
              (q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_empty, p_ready,
-              p_empty, o_bar, lse, stride_ls, stride_lb, stride_lm, i_s, i_b, first_m, HW, n_lo,
-              n_hi, n_blocks, qk_scale, L2, BLOCK_M, BLOCK_N, CK, NUM_STAGES, NUM_P)),
+              p_empty, o_bar, lse, stride_ls, stride_lb, stride_lm, i_s, i_b, i_c, first_m, HW,
+              n_lo, n_hi, n_blocks, qk_scale, L2, BLOCK_M, BLOCK_N, CK, NUM_STAGES, NUM_P)),
             (_ws_pv_partition,
              (v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty, o_bar, o,
-              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m, HW, n_blocks, 0, CV,
-              CV_HALF, BLOCK_M, NUM_STAGES, NUM_P, MMA_N)),
+              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m, c_lo, c_hi, HW,
+              n_blocks, 0, SPLIT_ROWS, PV_CH, EVEN_CHUNKS, BLOCK_M, NUM_STAGES, NUM_P,
+              MMA_N)),
             (_ws_pv_partition,
              (v_smem, p_smem, alpha_smem, l_smem, v_ready, v_empty, p_ready, p_empty, o_bar, o,
-              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m, HW, n_blocks, 1, CV,
-              CV_HALF, BLOCK_M, NUM_STAGES, NUM_P, MMA_N)),
+              stride_os, stride_ob, stride_oc, stride_om, i_s, i_b, first_m, c_lo, c_hi, HW,
+              n_blocks, 1, SPLIT_ROWS, PV_CH, EVEN_CHUNKS, BLOCK_M, NUM_STAGES, NUM_P,
+              MMA_N)),
             (_ws_load_partition,
              (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-              v_empty, q_row, k_row, v_row, first_m, n_lo, n_blocks, CV_HALF, BLOCK_N, NUM_STAGES)),
+              v_empty, q_row, k_row, v_row, first_m, n_lo, n_blocks, PV_CH, V_BOXES, BLOCK_N,
+              NUM_STAGES)),
         ], [4, 4, 1], [PV_REGS, PV_REGS, LOAD_REGS])
 
 
@@ -368,7 +401,7 @@ def _gl_dtype(dtype):
 
 def _layouts(dtype, Ck, Cv, config):
     """Shared-memory layouts of the TMA boxes and the P tile (NVMMA swizzles)."""
-    _, box = _shapes(Ck, Cv)
+    _, box, _ = _shapes(Cv, config)
     element = _gl_dtype(dtype)
     m, n = config.block_m, config.block_n
     return dict(q=([Ck, m], gl.NVMMASharedLayout.get_default_for([Ck, m], element)),
@@ -408,8 +441,14 @@ def unsupported_reason(q, k, v, config=None):
         return "inconsistent shapes"
     if Ck < 16 or Ck > 256 or Ck & (Ck - 1):
         return f"Ck must be a power of two in [16, 256] (got {Ck})"
-    if Cv < 16 or Cv > 512:
-        return f"Cv must be in [16, 512] (got {Cv})"
+    reason = _config_reason(config)
+    if reason is not None:
+        return reason
+    channels, _, _ = _shapes(Cv, config)
+    if Cv < 16 or channels > 256:
+        return (f"Cv must be >= 16 and give each PV warpgroup <= 256 channels (got {Cv}: "
+                f"{channels} at value_chunks={config.value_chunks}, "
+                f"split_rows={config.split_rows})")
     if q.shape[2] == 0 or N == 0 or B == 0:
         return "empty tensor"
     for name, t in (("k", k), ("v", v)):
@@ -421,9 +460,6 @@ def unsupported_reason(q, k, v, config=None):
         return "a channel plane of k or v spans >= 2**31 elements"
     if q.shape[2] * max(abs(s) for s in q.stride()) >= 2**31:
         return "q too large"
-    reason = _config_reason(config)
-    if reason is not None:
-        return reason
     smem = shared_memory_bytes(Ck, Cv, k.element_size(), config)
     if smem + 1024 > H100_SHARED_MEMORY:  # + barriers, scheduling state, l2 scratch
         return f"needs ~{smem} bytes of shared memory (> 227 KiB) at this config"
@@ -431,8 +467,11 @@ def unsupported_reason(q, k, v, config=None):
 
 
 def _config_reason(config):
-    if config.block_m != 64:
-        return "block_m must be 64 (one wgmma M tile per 4-warp partition)"
+    if config.block_m != (128 if config.split_rows else 64):
+        return ("block_m must be 64 (one wgmma M tile per PV warpgroup), or 128 with "
+                "split_rows (64 rows per PV warpgroup)")
+    if config.value_chunks < 1:
+        return "value_chunks must be >= 1"
     if config.block_n not in (16, 32, 64, 128):
         return "block_n must be 16, 32, 64 or 128"
     if config.num_stages < 1 or config.num_p < 1:
@@ -487,11 +526,8 @@ def ws_forward(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=N
     broadcast = q.shape[0] == 1 or q.stride(0) == 0
     q = _aligned_query(q[:1] if broadcast else q)
     layouts = _layouts(k.dtype, Ck, Cv, config)
-    grid_m = _cdiv(HW, config.block_m)
-    constexprs = dict(L2=bool(l2), CK=Ck, CV=Cv, BLOCK_M=config.block_m,
-                      BLOCK_N=config.block_n, NUM_STAGES=config.num_stages, NUM_P=config.num_p,
-                      P_LAYOUT=layouts["p"][1], PV_REGS=config.pv_regs,
-                      LOAD_REGS=config.load_regs)
+    grid_m = _cdiv(HW, config.block_m) * config.value_chunks
+    constexprs = _constexprs(l2, Ck, Cv, config, layouts)
     k2, v2 = _rows_2d(k), _rows_2d(v)
     if k2 is not None and v2 is not None:
         launches = [(slice(None), _rows_2d(q), k2, v2, B, broadcast)]
@@ -511,11 +547,18 @@ def ws_forward(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=N
     return part_out, part_lse
 
 
+def _constexprs(l2, Ck, Cv, config, layouts):
+    return dict(L2=bool(l2), CK=Ck, CV=Cv, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                NUM_STAGES=config.num_stages, NUM_P=config.num_p, P_LAYOUT=layouts["p"][1],
+                PV_REGS=config.pv_regs, LOAD_REGS=config.load_regs,
+                VALUE_CHUNKS=config.value_chunks, SPLIT_ROWS=bool(config.split_rows))
+
+
 def default_splits(HW, N, B, config=None, sm_count=132):
     """(splits, per_split) the way triton_forward picks them (enough programs for the SMs)."""
     config = config or WarpSpecializedConfig()
     n_blocks = _cdiv(N, config.block_n)
-    splits = sm_count // max(_cdiv(HW, config.block_m) * B, 1)
+    splits = sm_count // max(_cdiv(HW, config.block_m) * config.value_chunks * B, 1)
     splits = max(1, min(splits, n_blocks // 4, n_blocks))
     per_split = _cdiv(n_blocks, splits) * config.block_n
     return _cdiv(N, per_split), per_split
@@ -550,10 +593,7 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
     values = dict(stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
                   stride_ls=B * HW, stride_lb=HW, stride_lm=1, HW=HW, N=N, n_per_split=per_split)
     kernel = memory_read_ws_fwd_kernel
-    constexprs = dict(L2=bool(l2), Q_BROADCAST=True, CK=Ck, CV=Cv, BLOCK_M=config.block_m,
-                      BLOCK_N=config.block_n, NUM_STAGES=config.num_stages, NUM_P=config.num_p,
-                      P_LAYOUT=layouts["p"][1], PV_REGS=config.pv_regs,
-                      LOAD_REGS=config.load_regs)
+    constexprs = dict(_constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
     types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
                  o=out_type, lse="*fp32", qk_scale="fp32")
     signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,

@@ -25,7 +25,7 @@ from .triton_common import LOG2E
 from .triton_compat import patch_interpreter_index
 from .triton_configs import (INTERPRETING, SELECT_CONFIG, USAGE_CONFIG, BackwardConfig,
                              DkdqConfig, DqConfig, DvConfig, ForwardConfig, candidates,
-                             use_configs)
+                             use_configs, warp_specialized_config)
 from .triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
 from .triton_topk import MIN_KEY, memory_read_topk_kernel
 
@@ -217,7 +217,8 @@ def _warp_specialized_forward(q, k, v):
     except ImportError as error:  # pragma: no cover - the module imports on every Triton
         _warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored: {error}; using the plain Triton forward")
         return None
-    reason = gluon.UNAVAILABLE_REASON if not gluon.AVAILABLE else gluon.unsupported_reason(q, k, v)
+    reason = (gluon.UNAVAILABLE_REASON if not gluon.AVAILABLE
+              else gluon.unsupported_reason(q, k, v, warp_specialized_config()))
     if reason is not None:
         _warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored ({reason}); using the plain Triton forward")
         return None
@@ -283,9 +284,12 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     gluon = None if ragged else _warp_specialized_forward(q, k, v)
 
     def launch(config):
-        if gluon is not None:  # all value channels in one program: no value chunks
-            ws_config = gluon.WarpSpecializedConfig()
-            config = ForwardConfig(block_m=ws_config.block_m, block_n=ws_config.block_n)
+        if gluon is not None:  # the Gluon kernel's own query blocks and value chunks
+            ws_config = warp_specialized_config()
+            chunk = triton.cdiv(Cv, ws_config.value_chunks)
+            config = ForwardConfig(
+                block_m=ws_config.block_m, block_n=ws_config.block_n,
+                block_v=None if ws_config.value_chunks == 1 else triton.next_power_of_2(chunk))
         plan = forward_plan(config, B, HW, N, Cv, _sm_count(device))
         out = new_buffer((B, Cv, HW), v.dtype, device)
         lse = new_buffer((B, HW), torch.float32, device)

@@ -105,6 +105,40 @@ class BackwardConfig:
     dq: DqConfig = DqConfig()
 
 
+@dataclasses.dataclass(frozen=True)
+class WarpSpecializedConfig:
+    """Tiling of the warp-specialised Gluon forward (memory_read_gluon, opt-in, sm_90 only;
+    not yet run on a GPU). block_m: query rows per program; block_n: memory
+    positions per pipeline step; num_stages: depth of the K and V TMA rings; num_p: depth of the
+    P/alpha ring between the softmax and PV warpgroups; pv_regs / load_regs: setmaxnreg targets
+    of the PV and load partitions (the softmax partition gets what is left of 128 x 4
+    warpgroups).
+
+    value_chunks: programs per query block, each reading ceil(Cv / value_chunks) value
+    channels (each recomputes S: 1.2x the useful MACs per pair at 2 chunks, Ck = 128,
+    Cv = 512). split_rows: how the two PV warpgroups share a program's work. False (the
+    default, block_m = 64): each takes half of its value channels for all 64 rows. True
+    (block_m = 128): each takes 64 of its rows for all of its channels, so one K/V tile
+    serves 128 query rows, not 64: 12 bytes from L2 per (query, memory) pair at Cv = 512 with
+    2 chunks, against 20 (bench/NOTES.md, "L2 traffic per pair")."""
+    block_m: int = 64
+    block_n: int = 64
+    num_stages: int = 2
+    num_p: int = 2
+    pv_regs: int = 168
+    load_regs: int = 24
+    value_chunks: int = 1
+    split_rows: bool = False
+
+
+# The Gluon forward's other candidate: 1.2x the useful MACs (as the plain forward) for 0.6x the
+# default's L2 traffic; which one wins depends on the L2 -> SM bandwidth, which only a GPU run
+# (bench.tune times both) can tell. Static report (sm_90, target shape): no spills, 210 KiB of
+# shared memory with 3 stages (166 KiB with 2, which bench.tune also times).
+ROW_SPLIT_CONFIG = WarpSpecializedConfig(block_m=128, num_stages=3, value_chunks=2,
+                                         split_rows=True)
+
+
 # Candidates in order of preference, per element size (2: fp16/bf16; 4: fp32, TF32 or exact);
 # a candidate that does not fit the device's shared memory or registers (OutOfResources at
 # compile time) falls through to the next one.
@@ -150,15 +184,18 @@ SELECT_CONFIG = {False: dict(block_m=64, num_warps=4, num_stages=2),
 USAGE_CONFIG = {False: dict(block_n=128, block_m=64, num_warps=8),
                 True: dict(block_n=32, block_m=32, num_warps=4)}
 
-_override = {"forward": None, "backward": None}
+_override = {"forward": None, "backward": None, "warp_specialized": None}
 
 
 class use_configs:
     """Context manager forcing kernel configs (for tests and tuning): `with use_configs(
-    forward=ForwardConfig(...), backward=BackwardConfig(...)): ...`."""
+    forward=ForwardConfig(...), backward=BackwardConfig(...),
+    warp_specialized=WarpSpecializedConfig(...)): ...` (the last one applies where the
+    warp-specialised forward is opted in)."""
 
-    def __init__(self, forward=None, backward=None):
-        self.configs = {"forward": forward, "backward": backward}
+    def __init__(self, forward=None, backward=None, warp_specialized=None):
+        self.configs = {"forward": forward, "backward": backward,
+                        "warp_specialized": warp_specialized}
 
     def __enter__(self):
         self.previous = dict(_override)
@@ -178,6 +215,12 @@ def candidates(kind, itemsize):
         return INTERPRETER_FORWARD if kind == "forward" else INTERPRETER_BACKWARD
     table = GPU_FORWARD if kind == "forward" else GPU_BACKWARD
     return table[min(itemsize, 4)]
+
+
+def warp_specialized_config():
+    """The warp-specialised forward's tiling: the one forced by use_configs, else the
+    default (64 query rows, all value channels in one program)."""
+    return _override["warp_specialized"] or WarpSpecializedConfig()
 
 
 def defaults(itemsize):

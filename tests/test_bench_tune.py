@@ -65,5 +65,6 @@ def test_candidates_put_the_defaults_first_and_the_gluon_forward_last():
             gluon = [label for label in labels if label.startswith("warp-specialized")]
             if dtype == torch.float32:
                 assert not gluon
-            else:
-                assert gluon == labels[-1:]
+            else:  # the default Gluon tiling first, then the row split
+                assert len(gluon) == (2 if quick else 3) and gluon == labels[-len(gluon):]
+                assert "split_rows=False" in gluon[0] and "split_rows=True" in gluon[1]

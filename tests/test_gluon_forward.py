@@ -31,7 +31,7 @@ triton = pytest.importorskip("triton")
 
 from helpers import rel_error  # noqa: E402
 from stm_kernels import memory_read_gluon as gluon_forward  # noqa: E402
-from stm_kernels import naive_memory_read  # noqa: E402
+from stm_kernels import memory_read, naive_memory_read  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -46,7 +46,15 @@ needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE,
 # --------------------------------------------------------------------------- 1. compile for sm_90
 
 VARIANTS = {"bf16-dot": dict(dtype="bf16", l2=False), "bf16-l2": dict(dtype="bf16", l2=True),
-            "fp16-dot": dict(dtype="fp16", l2=False)}
+            "fp16-dot": dict(dtype="fp16", l2=False),
+            # ROW_SPLIT_CONFIG: 128 query rows, the PV warpgroups splitting them, 2 value chunks
+            "bf16-dot-rows": dict(dtype="bf16", l2=False, split_rows=True),
+            "bf16-l2-rows": dict(dtype="bf16", l2=True, split_rows=True)}
+
+
+def _config(variant):
+    return (gluon_forward.ROW_SPLIT_CONFIG if VARIANTS[variant].get("split_rows")
+            else gluon_forward.WarpSpecializedConfig())
 
 # Runs in a subprocess without TRITON_INTERPRET (conftest sets it for this process; interpreted
 # kernels cannot be compiled). Prints one JSON line: per variant the PTX facts and ptxas' report.
@@ -56,7 +64,8 @@ from stm_kernels import memory_read_gluon as g
 ptxas, variants = sys.argv[1], json.loads(sys.argv[2])
 report = {}
 for name, kwargs in variants.items():
-    compiled = g.compile_for_arch(**kwargs)
+    config = g.ROW_SPLIT_CONFIG if kwargs.pop("split_rows", False) else None
+    compiled = g.compile_for_arch(config=config, **kwargs)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
@@ -108,25 +117,28 @@ def test_compiles_for_sm90(compile_report, variant):
     assert row["mbarrier_wait"] >= 6 and row["mbarrier_arrive"] >= 6, row
     assert row["fence_proxy_async"] >= 1  # P written by threads, read by wgmma
     # Register reallocation: the PV and load partitions' budgets appear as setmaxnreg.
-    config = gluon_forward.WarpSpecializedConfig()
+    config = _config(variant)
     assert str(config.pv_regs) in row["setmaxnreg"] and str(config.load_regs) in row["setmaxnreg"]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_no_duplicated_mma(compile_report, variant):
-    """S = Q K (m64n64k16: block_n = 64) is issued by one partition only: Ck/16 instructions in
-    the whole kernel; P V (m64n128k16) by the two PV partitions, each over its own channels:
-    2 partitions x block_n/16 k-steps x 256/128 column halves."""
-    config = gluon_forward.WarpSpecializedConfig()
+    """S = Q K (m64n64k16: block_n = 64) is issued by one partition only: Ck/16 instructions
+    per 64 query rows in the whole kernel; P V (m64n128k16) by the two PV partitions, each over
+    its own channels (or its own rows with split_rows): 2 partitions x block_n/16 k-steps x
+    256/128 column halves."""
+    config = _config(variant)
     wgmma = compile_report[variant]["wgmma"]
-    s_shape = f"m{config.block_m}n{config.block_n}k16"
-    assert wgmma.count(s_shape) == 128 // 16, wgmma
-    assert wgmma.count(f"m{config.block_m}n128k16") == 2 * (config.block_n // 16) * 2, wgmma
-    assert len(wgmma) == 128 // 16 + 2 * (config.block_n // 16) * 2, wgmma
+    s_count = (config.block_m // 64) * (128 // 16)
+    pv_count = 2 * (config.block_n // 16) * 2
+    assert wgmma.count(f"m64n{config.block_n}k16") == s_count, wgmma
+    assert wgmma.count("m64n128k16") == pv_count, wgmma
+    assert len(wgmma) == s_count + pv_count, wgmma
 
 
-def test_default_config_fits_shared_memory():
-    config = gluon_forward.WarpSpecializedConfig()
+@pytest.mark.parametrize("config", [gluon_forward.WarpSpecializedConfig(),
+                                    gluon_forward.ROW_SPLIT_CONFIG], ids=["default", "rows"])
+def test_config_fits_shared_memory(config):
     assert gluon_forward.shared_memory_bytes(128, 512, 2, config) <= H100_SHARED_MEMORY
 
 
@@ -457,6 +469,17 @@ EMULATED_CASES = [
     pytest.param(2, 2, 32, 50, 33, 96, 1, True, torch.float16,
                  dict(block_m=64, block_n=16, num_stages=1, num_p=1), 8, 16,
                  id="per-object-launches-odd-cv"),
+    # The PV warpgroups splitting the rows (ROW_SPLIT_CONFIG's layout), value chunks over
+    # programs: whole chunks, a short last chunk, odd channel halves with a per-chunk mask.
+    pytest.param(2, 2, 32, 96, 45, 136, 2, True, torch.float16,
+                 dict(block_m=32, block_n=16, value_chunks=2, split_rows=True), 0, 0,
+                 id="split-rows-2chunks-l2"),
+    pytest.param(3, 1, 16, 50, 70, 111, 1, False, torch.bfloat16,
+                 dict(block_m=64, block_n=16, num_stages=3, value_chunks=3, split_rows=True),
+                 1, 0, id="split-rows-short-last-chunk"),
+    pytest.param(2, 2, 32, 51, 33, 96, 2, False, torch.float16,
+                 dict(block_m=32, block_n=16, num_stages=2, value_chunks=2), 8, 16,
+                 id="channel-halves-2chunks-odd-cv"),
 ]
 
 
@@ -482,6 +505,44 @@ def test_emulated_kernel_matches_reference(monkeypatch, B, Bq, Ck, Cv, HW, N, sp
     assert len(emulated.launches) == 3 * (B if batch_gap else 1)
 
 
+@needs_gluon
+@pytest.mark.parametrize("config", [
+    dict(block_m=32, block_n=16),
+    dict(block_m=32, block_n=16, value_chunks=2, split_rows=True)], ids=["default", "rows"])
+def test_emulated_kernel_behind_memory_read(monkeypatch, config):
+    """memory_read with the opt-in (STM_KERNELS_WARP_SPECIALIZED=1) and a tiling forced by
+    use_configs: the launcher's split plan (value chunks included), its NaN-poisoned buffers,
+    the merge kernel (interpreted) and the plain backward on the emulated kernel's lse."""
+    from stm_kernels import memory_read_triton as launchers
+    from stm_kernels import poison_outputs
+    if not launchers.INTERPRETING:
+        pytest.skip("the merge and backward kernels need TRITON_INTERPRET=1 on CPU")
+    emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
+    monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
+    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
+    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setattr(launchers, "_sm_count", lambda device: 32)  # 3 memory splits
+    q, k, v = _inputs(2, 1, 32, 96, 45, 200, torch.float16, "cpu", seed=5)
+    k, v = k.requires_grad_(), v.requires_grad_()
+    config = gluon_forward.WarpSpecializedConfig(**config)
+    random.seed(0)
+    with launchers.use_configs(warp_specialized=config), poison_outputs():
+        out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
+        out.float().sum().backward()
+    grid, arguments = emulated.launches[0]
+    assert grid[0] == triton.cdiv(45, config.block_m) * config.value_chunks
+    assert grid[2] == 3  # memory splits, merged by the merge kernel
+    assert arguments["VALUE_CHUNKS"] == config.value_chunks
+    qd, kd, vd = (t.detach().double() for t in (q, k, v))
+    kd.requires_grad_(), vd.requires_grad_()
+    ref_out, ref_lse = memory_read(qd, kd, vd, backend="naive", return_lse=True)
+    ref_out.sum().backward()
+    assert rel_error(lse, ref_lse) < 1e-5
+    assert rel_error(out, ref_out) < TOLERANCE[torch.float16]
+    assert rel_error(v.grad, vd.grad) < TOLERANCE[torch.float16]
+    assert rel_error(k.grad, kd.grad) < 1e-2
+
+
 # --------------------------------------------------------------------------- 3. on a GPU
 
 GPU_CASES = [
@@ -497,15 +558,18 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.gluon
 @needs_gluon
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype, config", [
+    (torch.bfloat16, gluon_forward.WarpSpecializedConfig()),
+    (torch.float16, gluon_forward.WarpSpecializedConfig()),
+    (torch.bfloat16, gluon_forward.ROW_SPLIT_CONFIG)], ids=["bf16", "fp16", "bf16-rows"])
 @pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, splits, l2, pad_n, batch_gap", GPU_CASES)
-def test_gpu_matches_reference(dtype, B, Bq, Ck, Cv, HW, N, splits, l2, pad_n, batch_gap):
+def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, splits, l2, pad_n,
+                               batch_gap):
     q, k, v = _inputs(B, Bq, Ck, Cv, HW, N, dtype, "cuda", pad_n=pad_n, batch_gap=batch_gap)
-    reason = gluon_forward.unsupported_reason(q, k, v)
+    reason = gluon_forward.unsupported_reason(q, k, v, config)
     if reason is not None:
         pytest.skip(reason)
     scale = 1 / math.sqrt(Ck)
-    config = gluon_forward.WarpSpecializedConfig()
     out, lse = _run_forward(q, k, v, scale, l2, splits, config)
     torch.cuda.synchronize()
     ref_out, ref_lse = _reference(q, k, v, scale, l2)

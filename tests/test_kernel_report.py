@@ -84,6 +84,9 @@ def test_executed_work_per_pair_meets_the_targets(report):
             # by the dV kernel for each of its 2 value chunks; dP is computed once.
             assert totals["executed_backward"] <= 1408 + 2 * 128, (where, totals)
             assert totals["warp_specialized_forward_ratio"] == 1.0, (where, totals)
+            # The row-split Gluon candidate repeats S per value chunk, as the plain forward.
+            assert totals["warp_specialized_rows_forward_ratio"] <= FORWARD_RATIO_TARGET, (
+                where, totals)
 
 
 @needs_ptxas
@@ -241,6 +244,13 @@ def test_l2_traffic_per_pair_is_the_tiles_each_iteration_streams(report):
         # 64 query rows per K/V tile, not 128: the Gluon forward asks more of the L2 per pair.
         assert totals["l2_bytes_per_pair_warp_specialized"] > totals[
             "l2_bytes_per_pair_forward"], where
+        # Its row split: 128 query rows per tile, K read once per value chunk, as the plain one.
+        from stm_kernels.triton_configs import ROW_SPLIT_CONFIG as rows_config
+        ws_rows = rows["fwd_ws rows (opt-in)"]
+        assert ws_rows["l2_load_bytes_per_pair"] == (
+            (Ck * rows_config.value_chunks + Cv) * item / rows_config.block_m), where
+        assert totals["l2_bytes_per_pair_warp_specialized_rows"] == ws_rows[
+            "l2_load_bytes_per_pair"] < totals["l2_bytes_per_pair_warp_specialized"], where
 
 
 def test_the_sweep_takes_each_candidate_of_each_kernel(monkeypatch):
