@@ -312,17 +312,23 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.gluon
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, False), (torch.float16, False),
+                                         (torch.bfloat16, True)], ids=["bf16", "fp16", "bf16-rows"])
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
-def test_warp_specialized_forward_through_memory_read(dtype, similarity, monkeypatch):
-    """The opt-in Gluon forward behind memory_read, splits and merge included, and the plain
-    kernels' backward on its output (B=3, broadcast query, N with a ragged last block)."""
+def test_warp_specialized_forward_through_memory_read(dtype, rows, similarity, monkeypatch):
+    """The opt-in Gluon forward behind memory_read (its default tiling, and the row split),
+    splits and merge included, and the plain kernels' backward on its output (B=3, broadcast
+    query, N with a ragged last block)."""
     from stm_kernels import memory_read_gluon
+    config = (memory_read_gluon.ROW_SPLIT_CONFIG if rows
+              else memory_read_gluon.WarpSpecializedConfig())
     monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")
     q, k, v = random_inputs(3, 1, 128, 512, 333, 16200 - 8, dtype, "cuda", seed=15)
-    if memory_read_gluon.unsupported_reason(q, k, v) is not None:
-        pytest.skip(memory_read_gluon.unsupported_reason(q, k, v))
-    results = read_with_grads(q, k, v, backend="triton", similarity=similarity)
+    reason = memory_read_gluon.unsupported_reason(q, k, v, config)
+    if reason is not None:
+        pytest.skip(reason)
+    with triton_module.use_configs(warp_specialized=config):
+        results = read_with_grads(q, k, v, backend="triton", similarity=similarity)
     check_read(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
 
 
