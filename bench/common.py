@@ -232,6 +232,30 @@ def deterministic_algorithms():
                          torch.use_deterministic_algorithms, True)
 
 
+@contextlib.contextmanager
+def environment_variable(name, value):
+    """os.environ[name] = value for a block, restored after it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
+def warp_specialized_forward(config):
+    """The opt-in warp-specialised Gluon forward under this WarpSpecializedConfig for a block
+    (where it cannot run, the launcher warns once and runs the plain forward)."""
+    from stm_kernels import memory_read_triton as launchers
+    with environment_variable(launchers.WARP_SPECIALIZED_ENV, "1"), \
+            launchers.use_configs(warp_specialized=config):
+        yield
+
+
 def rel_error(actual, expected):
     """||actual - expected|| / ||expected|| in float64 on the CPU (tensors on any device, or
     arrays); inf when actual has a NaN or an Inf. The tests' error measure too."""

@@ -78,11 +78,23 @@ case "${1:-tests}" in
     timed "$(until_mark 570)" python3 -m bench.tune --dtype fp32 --quick \
       --ns 162000 --batches 1 ;;
   profile)
-    # Where the time goes: one forward and one forward+backward at the target shape under ncu.
-    # Round one launches 6 memory-read kernels (fwd, merge, fwd, merge, dv, dkdq): skip them.
-    ncu --target-processes all --kernel-name regex:memory_read --launch-skip 6 --set full \
-      -o "$OUT/profile" -f python3 -m bench.profile_target 2>&1 | tail -40 | tee -a "$OUT/log.txt"
-    ncu --import "$OUT/profile.ncu-rep" --page details --csv > "$OUT/profile_details.csv" ;;
+    # Where the time goes, at the target shape, in three steps that each keep their files:
+    # (1) kernel times per pass by torch.profiler, which needs no hardware counters (ncu
+    # cannot read them on every machine: KINDS.md); (2) ncu on one round of every pass
+    # (bench.profile_target brackets it with cudaProfilerStart/Stop), the clocks left as they
+    # are (METHOD.md); (3) the report's raw metrics as CSV, summarised per kernel beside the
+    # static work report's L2 bytes (bench.ncu_summary).
+    timed "$(until_mark 150)" python3 -m bench.profile_target --breakdown
+    timed "$(until_mark 510)" ncu --target-processes all --profile-from-start off \
+      --clock-control none --kernel-name regex:memory_read --set full -o "$OUT/profile" -f \
+      python3 -m bench.profile_target
+    if [ -f "$OUT/profile.ncu-rep" ]; then
+      ncu --import "$OUT/profile.ncu-rep" --page raw --csv --print-units base \
+        > "$OUT/profile_raw.csv"
+      passes=$(ls -t "$OUT"/profile_passes_*.json 2>/dev/null | head -1)
+      timed "$(until_mark 570)" python3 -m bench.ncu_summary "$OUT/profile_raw.csv" \
+        ${passes:+--passes "$passes"}
+    else echo "== no ncu report: see log.txt"; fi ;;
   kernel) timed "$(until_mark 570)" python3 -m bench kernel ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;

@@ -1,49 +1,217 @@
-"""One forward and one forward+backward of the memory read at the target shape, for a profiler.
+"""The memory read's passes at the target shape, for a profiler (GPU).
 
-    ncu --kernel-name regex:memory_read --launch-skip 6 --set full -o prof \\
-        python -m bench.profile_target            # (bash bench/gpu_session.sh profile)
+    ncu --profile-from-start off --clock-control none --kernel-name regex:memory_read \\
+        --set full -o prof python -m bench.profile_target   # (bash bench/gpu_session.sh profile)
+    python -m bench.profile_target --breakdown              # kernel times, no hardware counters
 
 Target: B=1, HW=1,620 (one 480p frame), N=162,000 (100 memory frames), Ck=128, Cv=512, bf16.
-The first round compiles and warms up (skip its launches in the profiler); the second is the
-one to read. With --warp-specialized the forward is the opt-in Gluon kernel.
+Passes, in this order: the forward, the forward+backward, and the opt-in warp-specialised
+Gluon forward at its default tiling and with the row split (where it can run: sm_90 and a
+Triton with Gluon's Hopper API; otherwise the pass is recorded as skipped, with the reason).
+
+Default mode: every pass once to compile and warm up, then every pass once more between
+cudaProfilerStart and cudaProfilerStop, which is all that `ncu --profile-from-start off`
+profiles; writes profile_passes_<device>_<date>.json (the passes in the order they ran, for
+`python -m bench.ncu_summary`).
+
+--breakdown: where the time goes without hardware counters (ncu cannot read them on every
+machine): each pass --rounds times under torch.profiler, the device time of every kernel per
+pass, and the pass's own time by CUDA events (the difference is launch gaps and host work);
+writes kernel_breakdown_<device>_<date>.json and a bar chart of the kernel times beside it.
 """
 import argparse
-import os
+import collections
 
 import torch
 
-from stm_kernels import memory_read
-from stm_kernels import memory_read_triton as launchers
+from bench import common
+from stm_kernels import memory_read, triton_configs
+
+# Launch-order lead kernel of every pass: bench.ncu_summary splits ncu's kernels into passes
+# at them.
+FORWARD_KERNEL = "memory_read_fwd_kernel"
+WARP_SPECIALIZED_KERNEL = "memory_read_ws_fwd_kernel"
+# (pass, static work report row of its Gluon kernel, config) of the warp-specialised passes.
+WARP_SPECIALIZED_PASSES = (
+    ("forward (Gluon)", "fwd_ws (opt-in)", triton_configs.WarpSpecializedConfig()),
+    ("forward (Gluon, split rows)", "fwd_ws rows (opt-in)", triton_configs.ROW_SPLIT_CONFIG),
+)
+FLOP_FACTOR = {"forward": 1.0, "forward+backward": 3.5}
+
+
+def target_inputs(B, HW, N, Ck=128, Cv=512, dtype=torch.bfloat16, device="cuda"):
+    """(q, k, v, grad): a query frame shared by the B objects, their memories and an output
+    gradient, random (seeded), q/k/v requiring gradients."""
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    q = randn(1, Ck, HW).requires_grad_()
+    k = randn(B, Ck, N).requires_grad_()
+    v = randn(B, Cv, N).requires_grad_()
+    return q, k, v, randn(B, Cv, HW)
+
+
+def passes(q, k, v, grad):
+    """[dict(name, run, flops, lead_kernel, static_row, skipped)] of the profiled passes, in
+    order; `skipped` is the reason a pass cannot run here (None when it can)."""
+    from stm_kernels import memory_read_gluon as gluon
+    B, Ck, N = k.shape
+    Cv, HW = v.shape[1], q.shape[2]
+    forward_flops = 2.0 * B * HW * N * (Ck + Cv)
+
+    def forward():
+        with torch.no_grad():
+            memory_read(q, k, v, backend="triton")
+
+    def forward_backward():
+        q.grad = k.grad = v.grad = None  # as after zero_grad(): no accumulation kernels
+        memory_read(q, k, v, backend="triton").backward(grad)
+
+    def warp_specialized(config):
+        def run():
+            with common.warp_specialized_forward(config):
+                forward()
+        return run
+
+    runs = [dict(name=name, run=run, flops=forward_flops * FLOP_FACTOR[name],
+                 lead_kernel=FORWARD_KERNEL, static_row=None, skipped=None)
+            for name, run in (("forward", forward), ("forward+backward", forward_backward))]
+    for name, static_row, config in WARP_SPECIALIZED_PASSES:
+        skipped = (gluon.unsupported_reason(q, k, v, config) if gluon.AVAILABLE
+                   else gluon.UNAVAILABLE_REASON)
+        runs.append(dict(name=name, run=warp_specialized(config), flops=forward_flops,
+                         lead_kernel=WARP_SPECIALIZED_KERNEL, static_row=static_row,
+                         skipped=skipped))
+    return runs
+
+
+def _describe(runs):
+    return [{key: value for key, value in run.items() if key != "run"} for run in runs]
+
+
+def kernel_times(averages, rounds):
+    """{kernel name: dict(calls, us)} per round from torch.profiler's key_averages() of
+    `rounds` repetitions: device kernels only (CPU-side operators carry no device time of
+    their own), slowest first."""
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for event in averages:
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        totals[event.key][0] += event.count
+        totals[event.key][1] += event.self_device_time_total
+    table = {name: dict(calls=calls / rounds, us=round(us / rounds, 2))
+             for name, (calls, us) in totals.items()}
+    return dict(sorted(table.items(), key=lambda item: -item[1]["us"]))
+
+
+def breakdown(runs, device, rounds):
+    """Each runnable pass `rounds` times under torch.profiler (kernel times), then timed by
+    CUDA events: [record per pass]."""
+    from torch.profiler import ProfilerActivity, profile
+    records = []
+    for run in runs:
+        record = _describe([run])[0]
+        if run["skipped"] is None:
+            run["run"]()  # compile and warm up outside the profile
+            torch.cuda.synchronize(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+                for _ in range(rounds):
+                    run["run"]()
+                torch.cuda.synchronize(device)
+            kernels = kernel_times(profiler.key_averages(), rounds)
+            median, low, high = common.time_ms(run["run"], device)
+            kernel_us = sum(kernel["us"] for kernel in kernels.values())
+            record.update(kernels=kernels, kernel_ms=round(kernel_us / 1e3, 4), median_ms=median,
+                          q20_ms=low, q80_ms=high,
+                          tflops=round(run["flops"] / (median * 1e-3) / 1e12, 1))
+        records.append(record)
+    return records
+
+
+def summary(payload):
+    """Markdown table: every pass's kernels with their share of its kernel time."""
+    lines = ["| pass | kernel | calls | us | share | pass ms (events) | TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    for record in payload["records"]:
+        if record["skipped"] is not None:
+            lines.append(f"| {record['name']} | skipped: {record['skipped']} | | | | | |")
+            continue
+        if not record["kernels"]:  # the profiler saw no kernels (no CUPTI): the timing only
+            lines.append(f"| {record['name']} | no kernel events recorded | | | | "
+                         f"{record['median_ms']:.3f} | {record['tflops']:.0f} |")
+            continue
+        total = sum(kernel["us"] for kernel in record["kernels"].values()) or 1.0
+        for i, (name, kernel) in enumerate(record["kernels"].items()):
+            tail = f"{record['median_ms']:.3f} | {record['tflops']:.0f}" if i == 0 else " | "
+            lines.append(f"| {record['name'] if i == 0 else ''} | {name} | {kernel['calls']:g} "
+                         f"| {kernel['us']:.1f} | {kernel['us'] / total:.0%} | {tail} |")
+    return "\n".join(lines)
+
+
+def plot(payload, path):
+    """Horizontal stacked bars: each pass's kernel times (ms per call)."""
+    records = [record for record in payload["records"] if record["skipped"] is None]
+    if not records:
+        return []
+    figure, axis = common.subplots(figsize=(9, 0.8 + 0.6 * len(records)))
+    for row, record in enumerate(records):
+        left = 0.0
+        for name, kernel in record["kernels"].items():
+            width = kernel["us"] / 1e3
+            axis.barh(row, width, left=left, label=name if row == 0 else None)
+            if width > 0.08 * record["kernel_ms"]:
+                axis.text(left + width / 2, row, name.replace("memory_read_", ""), ha="center",
+                          va="center", fontsize=7)
+            left += width
+    axis.set_yticks(range(len(records)), [record["name"] for record in records])
+    axis.invert_yaxis()
+    axis.set_xlabel("device time per call (ms)")
+    shape = payload["shape"]
+    axis.set_title(f"Kernel times, {payload['device']}: B={shape['B']}, HW={shape['HW']}, "
+                   f"N={shape['N']}, bf16", fontsize=9)
+    return common.save_figure(figure, path)
 
 
 def main(argv=None):
-    """`python -m bench.profile_target`: two rounds of reads on the GPU."""
+    """`python -m bench.profile_target`: the passes for ncu, or their kernel breakdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=162000)
     parser.add_argument("--hw", type=int, default=1620)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--warp-specialized", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="kernel times per pass by torch.profiler (no hardware counters)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="repetitions of each pass under torch.profiler (--breakdown)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    if args.warp_specialized:
-        os.environ[launchers.WARP_SPECIALIZED_ENV] = "1"
-    generator = torch.Generator(device="cuda").manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
-    q = randn(1, 128, args.hw).requires_grad_()
-    k = randn(args.batch, 128, args.n).requires_grad_()
-    v = randn(args.batch, 512, args.n).requires_grad_()
-    grad = randn(args.batch, 512, args.hw)
-    for round_ in ("warm-up", "profiled"):
-        torch.cuda.nvtx.range_push(round_)
-        with torch.no_grad():
-            memory_read(q, k, v, backend="triton")
-        memory_read(q, k, v, backend="triton").backward(grad)
-        torch.cuda.synchronize()
-        torch.cuda.nvtx.range_pop()
-    print("done: kernels of the second round are the profiled ones")
+    if args.n < 1 or args.hw < 1 or args.batch < 1 or args.rounds < 1:
+        raise SystemExit("--n, --hw, --batch and --rounds must be positive")
+    device = torch.device("cuda")
+    q, k, v, grad = target_inputs(args.batch, args.hw, args.n, device=device)
+    runs = passes(q, k, v, grad)
+    payload = dict(benchmark="kernel_breakdown" if args.breakdown else "profile_passes",
+                   **common.environment(device),
+                   shape=dict(B=args.batch, HW=args.hw, N=args.n, Ck=128, Cv=512,
+                              dtype="bf16"))
+    if args.breakdown:
+        payload.update(rounds=args.rounds, records=breakdown(runs, device, args.rounds))
+        common.finish_run("kernel_breakdown", payload, plot, summary)
+        return
+    runnable = [run for run in runs if run["skipped"] is None]
+    for run in runnable:  # compile and warm up: not profiled
+        run["run"]()
+    torch.cuda.synchronize(device)
+    torch.cuda.profiler.start()
+    for run in runnable:
+        run["run"]()
+    torch.cuda.synchronize(device)
+    torch.cuda.profiler.stop()
+    payload.update(passes=_describe(runs))
+    path = common.write_results("profile_passes", payload)
+    print(f"profiled once each, in this order: {', '.join(run['name'] for run in runnable)}"
+          f" (passes written to {path})")
 
 
 if __name__ == "__main__":

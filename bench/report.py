@@ -15,7 +15,8 @@ import re
 import sys
 
 from bench import (dataset_throughput, held_out, interactive, interactive_eval, kernel,
-                   kernel_resources, long_video, ragged_read, sharded_read, topk_read, training)
+                   kernel_resources, long_video, ncu_summary, profile_target, ragged_read,
+                   sharded_read, topk_read, training)
 from bench.common import RESULTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -33,6 +34,8 @@ RENDERERS = {
     "dataset_throughput": (dataset_throughput.plot, dataset_throughput.summary),
     "topk_read": (topk_read.plot, topk_read.summary),
     "sharded_read": (sharded_read.plot, sharded_read.summary),
+    "kernel_breakdown": (profile_target.plot, profile_target.summary),
+    "ncu": (None, ncu_summary.summary),
 }
 # Earlier names of a benchmark, as committed result files still record them in their
 # "benchmark" field: `python -m bench kernel` wrote "memory_read" before it was named "kernel".

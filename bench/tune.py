@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import os
 import sys
 
 import torch
@@ -77,19 +76,6 @@ def _triton_read(q, k, v):
     return memory_read(q, k, v, backend="triton")
 
 
-@contextlib.contextmanager
-def _environment(name, value):
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
-
-
 def candidates(dtype, quick):
     """[(kind, label, context manager factory, pass)] to time for this dtype."""
     default_forward, default_backward = triton_configs.defaults(dtype.itemsize)
@@ -116,7 +102,8 @@ def candidates(dtype, quick):
               lambda c=c: _deterministic(backward_with(dq=c)), "fwd+bwd") for c in dqs]
     if dtype != torch.float32:  # last: never run on a GPU, it may crash the CUDA context
         for label, config in _gluon_configs(quick):
-            runs.append(("forward", label, lambda c=config: _warp_specialized(c), "fwd"))
+            runs.append(("forward", label,
+                         lambda c=config: common.warp_specialized_forward(c), "fwd"))
     return runs
 
 
@@ -127,14 +114,6 @@ def _gluon_configs(quick):
     configs = [triton_configs.WarpSpecializedConfig(), triton_configs.ROW_SPLIT_CONFIG,
                dataclasses.replace(triton_configs.ROW_SPLIT_CONFIG, num_stages=2)]
     return [("warp-specialized (Gluon) " + _label(c), c) for c in configs[:2 if quick else 3]]
-
-
-@contextlib.contextmanager
-def _warp_specialized(config):
-    """The opt-in Gluon forward under this config."""
-    with _environment(launchers.WARP_SPECIALIZED_ENV, "1"), \
-            launchers.use_configs(warp_specialized=config):
-        yield
 
 
 @contextlib.contextmanager

@@ -31,21 +31,33 @@ echo "$* | finished" >> "$SHIM_LOG"
 """
 
 
+# An ncu that logs its arguments; a profiling run writes the report named by -o (unless
+# $SHIM_NCU_FAILS, as where the counters cannot be read), an --import prints a CSV header.
+NCU_SHIM = """#!/usr/bin/env bash
+echo "ncu $*" >> "$SHIM_LOG"
+case "$*" in *--import*) echo '"ID","Kernel Name"'; exit 0 ;; esac
+[ -n "${SHIM_NCU_FAILS:-}" ] && { echo "==ERROR== profiling failed"; exit 1; }
+while [ $# -gt 0 ]; do [ "$1" = -o ] && touch "$2.ncu-rep"; shift; done
+"""
+
+
 def _shims(directory):
-    for name, text in (("python3", PYTHON_SHIM), ("nvidia-smi", "#!/bin/sh\necho shim GPU\n")):
+    for name, text in (("python3", PYTHON_SHIM), ("nvidia-smi", "#!/bin/sh\necho shim GPU\n"),
+                       ("ncu", NCU_SHIM)):
         path = directory / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _run_stage(tmp_path, stage, stage_limit, shim_seconds=300):
+def _run_stage(tmp_path, stage, stage_limit, shim_seconds=300, **shim_environment):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     _shims(bin_dir)
     log = tmp_path / "shim.log"
     environment = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                        OUT=str(tmp_path / "out"), SHIM_LOG=str(log),
-                       SHIM_SECONDS=str(shim_seconds), STAGE_LIMIT=str(stage_limit))
+                       SHIM_SECONDS=str(shim_seconds), STAGE_LIMIT=str(stage_limit),
+                       **shim_environment)
     started = time.monotonic()
     completed = subprocess.run(["bash", str(SCRIPT), stage], cwd=tmp_path, env=environment,
                                capture_output=True, text=True, timeout=120)
@@ -81,3 +93,31 @@ def test_bad_stage_limit_is_refused(tmp_path):
     assert completed.returncode == 2
     assert "STAGE_LIMIT must be a number of seconds, got 'ten'" in completed.stdout
     assert lines == []
+
+
+def test_profile_stage_breakdown_then_ncu_then_summary(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # the passes bench.profile_target (a shim here) writes beside its report
+    passes = out / "profile_passes_cuda_20261123T100000.json"
+    passes.write_text("{}")
+    completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0)
+    assert len(lines) == 4, (lines, completed.stdout)
+    assert lines[0] == "-m bench.profile_target --breakdown | finished"
+    profiled = lines[1].split()
+    assert profiled[0] == "ncu" and profiled[-3:] == ["python3", "-m", "bench.profile_target"]
+    # only the cudaProfilerStart/Stop round, and the clocks left as they are (METHOD.md)
+    for option in ("--profile-from-start off", "--clock-control none", "--set full",
+                   f"-o {out}/profile"):
+        assert option in lines[1], option
+    assert lines[2] == (f"ncu --import {out}/profile.ncu-rep --page raw --csv "
+                        "--print-units base")
+    assert (out / "profile_raw.csv").read_text() == '"ID","Kernel Name"\n'
+    assert lines[3] == f"-m bench.ncu_summary {out}/profile_raw.csv --passes {passes} | finished"
+
+
+def test_profile_stage_keeps_the_breakdown_when_ncu_cannot_profile(tmp_path):
+    completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0,
+                                     SHIM_NCU_FAILS="1")
+    assert lines[0] == "-m bench.profile_target --breakdown | finished"
+    assert len(lines) == 2 and lines[1].startswith("ncu "), lines
+    assert "== no ncu report: see log.txt" in completed.stdout
