@@ -7,7 +7,8 @@
 #   bash bench/gpu_session.sh video      # python -m bench long-video
 #   bash bench/gpu_session.sh training   # python -m bench training
 #   bash bench/gpu_session.sh interactive  # python -m bench interactive + interactive-eval
-#   bash bench/gpu_session.sh profile    # ncu of the default forward and backward kernels
+#   bash bench/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
+#   bash bench/gpu_session.sh sanitize   # compute-sanitizer on the smallest Gluon cases
 # "tune" compares with the kernels of an earlier commit when .baseline/ holds an export of it:
 # run `python -m bench.baseline export REV` here first and pass carry=[".baseline"] to the call.
 # The machine has torch + Triton but no internet: the package is used from the work tree.
@@ -96,6 +97,18 @@ case "${1:-tests}" in
         ${passes:+--passes "$passes"}
     else echo "== no ncu report: see log.txt"; fi ;;
   kernel) timed "$(until_mark 570)" python3 -m bench kernel ;;
+  sanitize)
+    # Where the gluon tests fail: compute-sanitizer on the smallest Gluon case of each bf16
+    # tiling, memcheck (out-of-bounds and misaligned accesses; PyTorch's caching allocator off,
+    # or an access past a tensor lands in a pooled block unseen) then synccheck (barrier
+    # misuse). It reads the device only on Firecracker machines (KINDS.md).
+    for tool in memcheck synccheck; do
+      mark=330; [ "$tool" = synccheck ] && mark=570
+      timed "$(until_mark $mark)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+        --tool "$tool" --target-processes all --error-exitcode 3 --print-limit 20 \
+        python3 -m pytest -q -p no:cacheprovider -m "gpu and gluon" tests/test_gluon_forward.py \
+        -k "test_gpu_matches_reference and 45-111 and not fp16"
+    done ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;
   interactive)

@@ -7,9 +7,11 @@ PATH that record when they were started and interrupted, so no test waits on rea
 """
 import os
 import pathlib
+import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -40,10 +42,15 @@ case "$*" in *--import*) echo '"ID","Kernel Name"'; exit 0 ;; esac
 while [ $# -gt 0 ]; do [ "$1" = -o ] && touch "$2.ncu-rep"; shift; done
 """
 
+# A compute-sanitizer that logs the caching switch and its arguments, shell-quoted.
+SANITIZER_SHIM = """#!/usr/bin/env bash
+echo "caching-off=${PYTORCH_NO_CUDA_MEMORY_CACHING:-} $(printf '%q ' "$@")" >> "$SHIM_LOG"
+"""
+
 
 def _shims(directory):
     for name, text in (("python3", PYTHON_SHIM), ("nvidia-smi", "#!/bin/sh\necho shim GPU\n"),
-                       ("ncu", NCU_SHIM)):
+                       ("ncu", NCU_SHIM), ("compute-sanitizer", SANITIZER_SHIM)):
         path = directory / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
@@ -121,3 +128,20 @@ def test_profile_stage_keeps_the_breakdown_when_ncu_cannot_profile(tmp_path):
     assert lines[0] == "-m bench.profile_target --breakdown | finished"
     assert len(lines) == 2 and lines[1].startswith("ncu "), lines
     assert "== no ncu report: see log.txt" in completed.stdout
+
+
+def test_sanitize_stage_selects_the_smallest_gluon_cases(tmp_path):
+    completed, lines, _ = _run_stage(tmp_path, "sanitize", 600)
+    assert len(lines) == 2, (lines, completed.stdout)
+    commands = [shlex.split(line.split(" ", 1)[1]) for line in lines]
+    assert all(line.startswith("caching-off=1 ") for line in lines)
+    assert [command[:2] for command in commands] == [["--tool", "memcheck"],
+                                                     ["--tool", "synccheck"]]
+    # the pytest selection the script passes still names the two bf16 tilings' smallest case
+    pytest_args = commands[0][commands[0].index("python3") + 3:]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", *pytest_args], cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert len(ids) == 2 and all("45-111" in i for i in ids), collected.stdout[-2000:]
+    assert any(i.endswith("-bf16-rows]") for i in ids)
