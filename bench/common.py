@@ -232,6 +232,17 @@ def deterministic_algorithms():
                          torch.use_deterministic_algorithms, True)
 
 
+def read_inputs(B, HW, N, Ck, Cv, dtype, device, requires_grad=False):
+    """(q, k, v, grad) of a memory read, random (seeded): one query frame (1, Ck, HW) shared
+    by the B objects, their memories (B, Ck, N) and (B, Cv, N), and an output gradient
+    (B, Cv, HW); q, k and v require gradients when asked."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v, grad = (torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+                     for shape in ((1, Ck, HW), (B, Ck, N), (B, Cv, N), (B, Cv, HW)))
+    return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad), \
+        v.requires_grad_(requires_grad), grad
+
+
 @contextlib.contextmanager
 def environment_variable(name, value):
     """os.environ[name] = value for a block, restored after it."""

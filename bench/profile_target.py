@@ -9,10 +9,10 @@ Passes, in this order: the forward, the forward+backward, and the opt-in warp-sp
 Gluon forward at its default tiling and with the row split (where it can run: sm_90 and a
 Triton with Gluon's Hopper API; otherwise the pass is recorded as skipped, with the reason).
 
-Default mode: every pass once to compile and warm up, then every pass once more between
-cudaProfilerStart and cudaProfilerStop, which is all that `ncu --profile-from-start off`
-profiles; writes profile_passes_<device>_<date>.json (the passes in the order they ran, for
-`python -m bench.ncu_summary`).
+Default mode: writes profile_passes_<device>_<date>.json (the passes in order, for
+`python -m bench.ncu_summary`), then runs every pass once to compile and warm up and once more
+between cudaProfilerStart and cudaProfilerStop, which is all that `ncu --profile-from-start
+off` profiles.
 
 --breakdown: where the time goes without hardware counters (ncu cannot read them on every
 machine): each pass --rounds times under torch.profiler, the device time of every kernel per
@@ -37,19 +37,6 @@ WARP_SPECIALIZED_PASSES = (
     ("forward (Gluon, split rows)", "fwd_ws rows (opt-in)", triton_configs.ROW_SPLIT_CONFIG),
 )
 FLOP_FACTOR = {"forward": 1.0, "forward+backward": 3.5}
-
-
-def target_inputs(B, HW, N, Ck=128, Cv=512, dtype=torch.bfloat16, device="cuda"):
-    """(q, k, v, grad): a query frame shared by the B objects, their memories and an output
-    gradient, random (seeded), q/k/v requiring gradients."""
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-    q = randn(1, Ck, HW).requires_grad_()
-    k = randn(B, Ck, N).requires_grad_()
-    v = randn(B, Cv, N).requires_grad_()
-    return q, k, v, randn(B, Cv, HW)
 
 
 def passes(q, k, v, grad):
@@ -107,9 +94,8 @@ def kernel_times(averages, rounds):
 
 def breakdown(runs, device, rounds):
     """Each runnable pass `rounds` times under torch.profiler (kernel times), then timed by
-    CUDA events: [record per pass]."""
+    CUDA events: yields a record per pass, as soon as it is measured."""
     from torch.profiler import ProfilerActivity, profile
-    records = []
     for run in runs:
         record = _describe([run])[0]
         if run["skipped"] is None:
@@ -125,8 +111,7 @@ def breakdown(runs, device, rounds):
             record.update(kernels=kernels, kernel_ms=round(kernel_us / 1e3, 4), median_ms=median,
                           q20_ms=low, q80_ms=high,
                           tflops=round(run["flops"] / (median * 1e-3) / 1e12, 1))
-        records.append(record)
-    return records
+        yield record
 
 
 def summary(payload):
@@ -189,29 +174,33 @@ def main(argv=None):
     if args.n < 1 or args.hw < 1 or args.batch < 1 or args.rounds < 1:
         raise SystemExit("--n, --hw, --batch and --rounds must be positive")
     device = torch.device("cuda")
-    q, k, v, grad = target_inputs(args.batch, args.hw, args.n, device=device)
+    q, k, v, grad = common.read_inputs(args.batch, args.hw, args.n, 128, 512,
+                                       torch.bfloat16, device, requires_grad=True)
     runs = passes(q, k, v, grad)
     payload = dict(benchmark="kernel_breakdown" if args.breakdown else "profile_passes",
                    **common.environment(device),
                    shape=dict(B=args.batch, HW=args.hw, N=args.n, Ck=128, Cv=512,
                               dtype="bf16"))
+    # Saved before any pass runs, and the breakdown after every pass: the Gluon passes come
+    # last and have never run on a GPU; if one crashes the process, the others' data stay.
     if args.breakdown:
-        payload.update(rounds=args.rounds, records=breakdown(runs, device, args.rounds))
+        payload.update(rounds=args.rounds, records=[])
+        for record in breakdown(runs, device, args.rounds):
+            payload["records"].append(record)
+            common.save_progress("kernel_breakdown", payload)
         common.finish_run("kernel_breakdown", payload, plot, summary)
         return
-    runnable = [run for run in runs if run["skipped"] is None]
-    for run in runnable:  # compile and warm up: not profiled
-        run["run"]()
-    torch.cuda.synchronize(device)
-    torch.cuda.profiler.start()
-    for run in runnable:
-        run["run"]()
-    torch.cuda.synchronize(device)
-    torch.cuda.profiler.stop()
     payload.update(passes=_describe(runs))
-    path = common.write_results("profile_passes", payload)
-    print(f"profiled once each, in this order: {', '.join(run['name'] for run in runnable)}"
-          f" (passes written to {path})")
+    print(f"passes written to {common.write_results('profile_passes', payload)}")
+    for run in runs:
+        if run["skipped"] is None:
+            run["run"]()  # compile and warm up: not profiled
+            torch.cuda.synchronize(device)
+            torch.cuda.profiler.start()
+            run["run"]()
+            torch.cuda.synchronize(device)
+            torch.cuda.profiler.stop()
+            print(f"profiled: {run['name']}")
 
 
 if __name__ == "__main__":

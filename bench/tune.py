@@ -35,15 +35,6 @@ from stm_kernels.checks import DTYPES
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3}
 
 
-def _inputs(B, HW, N, Ck, Cv, dtype, device):
-    generator = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, Ck, HW, generator=generator, device=device, dtype=dtype)
-    k = torch.randn(B, Ck, N, generator=generator, device=device, dtype=dtype)
-    v = torch.randn(B, Cv, N, generator=generator, device=device, dtype=dtype)
-    grad = torch.randn(B, Cv, HW, generator=generator, device=device, dtype=dtype)
-    return q, k, v, grad
-
-
 def _reference(q, k, v, grad):
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
     out = memory_read(q, k, v, backend="torch")
@@ -191,7 +182,7 @@ def main(argv=None):
     payload.update(benchmark="tune", dtype=args.dtype, HW=args.hw, Ck=args.ck, Cv=args.cv,
                    baseline=args.baseline and baseline.revision(args.baseline), records=[])
     for B, N in itertools.product(args.batches, args.ns):
-        inputs = _inputs(B, args.hw, N, args.ck, args.cv, dtype, device)
+        inputs = common.read_inputs(B, args.hw, N, args.ck, args.cv, dtype, device)
         reference = _reference(*inputs)
         for kind, label, context, pass_ in runs:
             read = old_read if kind == "baseline" else _triton_read

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from bench import ncu_summary, profile_target
+from bench import common, ncu_summary, profile_target
 
 # Launch order of one profiled round: forward (+ merge), forward+backward, the Gluon forward at
 # its default tiling and with the row split (+ merge each).
@@ -194,8 +194,8 @@ def test_cli_writes_results_and_table(tmp_path, monkeypatch, capsys):
 
 def test_passes_run_in_the_interpreter_and_gluon_is_skipped_without_sm90():
     pytest.importorskip("triton")
-    q, k, v, grad = profile_target.target_inputs(2, 20, 70, Ck=16, Cv=24,
-                                                 dtype=torch.float32, device="cpu")
+    q, k, v, grad = common.read_inputs(2, 20, 70, 16, 24, torch.float32, "cpu",
+                                       requires_grad=True)
     runs = profile_target.passes(q, k, v, grad)
     assert [run["name"] for run in runs] == [
         "forward", "forward+backward", "forward (Gluon)", "forward (Gluon, split rows)"]
@@ -265,10 +265,11 @@ def test_breakdown_records_on_cpu(monkeypatch):
     table is empty and the pass is timed alone); a skipped pass is recorded, not run."""
     pytest.importorskip("triton")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    q, k, v, grad = profile_target.target_inputs(1, 20, 70, Ck=16, Cv=24,
-                                                 dtype=torch.float32, device="cpu")
+    q, k, v, grad = common.read_inputs(1, 20, 70, 16, 24, torch.float32, "cpu",
+                                       requires_grad=True)
     runs = profile_target.passes(q, k, v, grad)
-    records = profile_target.breakdown([runs[0], runs[2]], torch.device("cpu"), rounds=2)
+    records = list(profile_target.breakdown([runs[0], runs[2]], torch.device("cpu"),
+                                            rounds=2))
     assert records[0]["name"] == "forward" and records[0]["kernels"] == {}
     assert records[0]["median_ms"] > 0
     assert records[0]["tflops"] == round(runs[0]["flops"] / (records[0]["median_ms"] * 1e-3)
