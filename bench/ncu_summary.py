@@ -20,7 +20,7 @@ import pathlib
 import re
 
 from bench import common
-from bench.profile_target import FORWARD_KERNEL
+from bench.profile_target import FORWARD_KERNEL, WARP_SPECIALIZED_KERNEL
 
 # Scale of ncu's units to seconds and bytes. A value without a unit (an export without the
 # units row) is taken in ncu's base unit, which the profile stage asks for (--print-units
@@ -47,7 +47,8 @@ DURATION = "gpu__time_duration.sum"
 SHARED = ("launch__shared_mem_per_block_static", "launch__shared_mem_per_block_dynamic")
 L2_BYTES = "lts__t_bytes.sum"
 L2_SECTORS = "lts__t_sectors.sum"  # x 32 bytes where the bytes are not reported
-DRAM_BYTES = ("dram__bytes.sum", ("dram__bytes_read.sum", "dram__bytes_write.sum"))
+DRAM_BYTES = "dram__bytes.sum"
+DRAM_PARTS = ("dram__bytes_read.sum", "dram__bytes_write.sum")  # where the sum is not reported
 # Warp stall reasons: the Warp State section's cycles per issued instruction, else the
 # sampled stalls.
 STALLS = (re.compile(r"^smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio$"),
@@ -120,11 +121,6 @@ def _sum(metrics, names, scales):
     return None if None in values else sum(values)
 
 
-def _bytes(metrics, single, parts=()):
-    value = _value(metrics, single, BYTES)
-    return value if value is not None or not parts else _sum(metrics, parts, BYTES)
-
-
 def stalls(metrics, top=5):
     """{reason: value} of the largest warp stall reasons (one ncu family, see STALLS)."""
     for pattern in STALLS:
@@ -145,10 +141,12 @@ def summarise_kernel(kernel):
     """The summary fields of one kernel (module docstring)."""
     metrics = kernel["metrics"]
     seconds = _value(metrics, DURATION, SECONDS)
-    l2 = _bytes(metrics, L2_BYTES)
-    if l2 is None and _value(metrics, L2_SECTORS) is not None:
-        l2 = 32 * _value(metrics, L2_SECTORS)
-    dram = _bytes(metrics, DRAM_BYTES[0], DRAM_BYTES[1])
+    l2, sectors = _value(metrics, L2_BYTES, BYTES), _value(metrics, L2_SECTORS)
+    if l2 is None and sectors is not None:
+        l2 = 32 * sectors
+    dram = _value(metrics, DRAM_BYTES, BYTES)
+    if dram is None:
+        dram = _sum(metrics, DRAM_PARTS, BYTES)
     row = dict(id=kernel["id"], kernel=kernel["name"],
                duration_us=None if seconds is None else round(seconds * 1e6, 2),
                **{field: _first(metrics, names) for field, names in METRICS.items()},
@@ -187,7 +185,8 @@ def add_static_predictions(rows, passes, static, shape):
     static_of_pass = {run["name"]: run.get("static_row") for run in passes}
     pairs = shape["B"] * shape["HW"] * shape["N"]
     for row in rows:
-        name = static_of_pass.get(row.get("pass")) if "ws_fwd" in row["kernel"] else next(
+        name = static_of_pass.get(row.get("pass")) if WARP_SPECIALIZED_KERNEL in row[
+            "kernel"] else next(
             (static for kernel, static in STATIC_ROWS.items() if kernel in row["kernel"]), None)
         entry = per_row.get(name)
         if entry is None or entry.get("l2_load_bytes_per_pair") is None:
@@ -231,12 +230,9 @@ def summarise(text, passes=None, static=None):
     """The payload's kernel rows from an ncu CSV export, the passes manifest and a static
     work report (either may be None)."""
     rows = [summarise_kernel(kernel) for kernel in read_ncu_csv(text)]
+    assign_passes(rows, passes["passes"] if passes is not None else [])
     if passes is not None:
-        assign_passes(rows, passes["passes"])
         add_static_predictions(rows, passes["passes"], static, passes["shape"])
-    else:
-        for row in rows:
-            row["pass"] = None
     return rows
 
 

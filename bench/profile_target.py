@@ -65,11 +65,9 @@ def passes(q, k, v, grad):
                  lead_kernel=FORWARD_KERNEL, static_row=None, skipped=None)
             for name, run in (("forward", forward), ("forward+backward", forward_backward))]
     for name, static_row, config in WARP_SPECIALIZED_PASSES:
-        skipped = (gluon.unsupported_reason(q, k, v, config) if gluon.AVAILABLE
-                   else gluon.UNAVAILABLE_REASON)
         runs.append(dict(name=name, run=warp_specialized(config), flops=forward_flops,
                          lead_kernel=WARP_SPECIALIZED_KERNEL, static_row=static_row,
-                         skipped=skipped))
+                         skipped=gluon.unsupported_reason(q, k, v, config)))
     return runs
 
 

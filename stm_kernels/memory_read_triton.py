@@ -217,8 +217,7 @@ def _warp_specialized_forward(q, k, v):
     except ImportError as error:  # pragma: no cover - the module imports on every Triton
         _warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored: {error}; using the plain Triton forward")
         return None
-    reason = (gluon.UNAVAILABLE_REASON if not gluon.AVAILABLE
-              else gluon.unsupported_reason(q, k, v, warp_specialized_config()))
+    reason = gluon.unsupported_reason(q, k, v, warp_specialized_config())
     if reason is not None:
         _warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored ({reason}); using the plain Triton forward")
         return None
