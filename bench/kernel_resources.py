@@ -121,7 +121,7 @@ def loop_report(ptx, ttgir, num_warps):
         exp2_while_mma_pending=static_work.exp2_while_mma_pending(body),
         cp_async_per_iteration=static_work.count(body, "cp.async.ca", "cp.async.cg"),
         tma_per_iteration=static_work.count(body, "cp.async.bulk.tensor"),
-        atomics_per_iteration_per_thread=static_work.count(body, "red.global", "atom.global"),
+        atomics_per_iteration_per_thread=static_work.count(body, "red", "atom"),
         **_l2_per_iteration(ttgir),
     )
 

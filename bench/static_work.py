@@ -20,6 +20,7 @@ one thread's wgmma stream, times the warpgroups, is the block's executed work.
 import math
 import re
 
+_OPCODE = re.compile(r"\s*(?:@!?%?\w+\s+)?([a-z][\w.:]*)")  # optional predicate, opcode
 _LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
 _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
 _WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.(\w+)\.(\w+)\.(\w+)")
@@ -169,9 +170,17 @@ def exp2_while_mma_pending(lines):
     return overlapped
 
 
-def count(lines, *needles):
-    """Occurrences of the needles in lines."""
-    return sum(line.count(needle) for line in lines for needle in needles)
+def count(lines, *opcodes):
+    """PTX instructions in lines whose opcode is one of `opcodes` or extends one by dotted
+    modifiers ("atom" counts atom.global.add.f32). Matching opcodes, not substrings: "red.global"
+    is also a substring of every cp.async.*.shared.global."""
+    total = 0
+    for line in lines:
+        match = _OPCODE.match(line)
+        if match:
+            total += any(match.group(1) == opcode or match.group(1).startswith(opcode + ".")
+                         for opcode in opcodes)
+    return total
 
 
 def loop_dots(ttgir):

@@ -99,6 +99,12 @@ def test_deterministic_backward_swaps_the_dq_atomics_for_one_dq_pass(report):
         where = f"{entry['dtype']} {entry['similarity']}"
         dkdq, no_atomics = rows["bwd_dkdq"], rows["bwd_dkdq (deterministic)"]
         dq = rows["bwd_dq (deterministic)"]
+        for row in entry["rows"]:  # atomics in the PTX's main loop iff the TTGIR has them
+            atomics, atomic_bytes = (row.get("atomics_per_iteration_per_thread"),
+                                     row.get("l2_atomic_bytes_per_pair"))
+            if atomics is not None and atomic_bytes is not None:
+                assert (atomics > 0) == (atomic_bytes > 0), f"{where} {row['kernel']}"
+        assert rows["bwd_dkdq"]["atomics_per_iteration_per_thread"] > 0, where
         assert no_atomics["executed_macs_per_pair"] == dkdq["executed_macs_per_pair"] - Ck, where
         assert dq["executed_macs_per_pair"] == 2 * Ck + Cv, where
         executed = rows["bwd_dv"]["executed_macs_per_pair"] + 2 * (2 * Ck + Cv)
@@ -137,6 +143,8 @@ def test_loop_reading_on_a_handmade_ptx_and_ttgir():
         "$L__BB0_2:",
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};",
         "ex2.approx.ftz.f32 %r1, %r2;",
+        "cp.async.cg.shared.global [ %r3 + 0 ], [ %rd1 + 0 ], 0x10, %r4;",
+        "@%p3 atom.global.gpu.relaxed.add.v4.f32 { %r5 }, [ %rd2 + 0 ], { %r6 };",
         "@%p1 bra $L__BB0_2;",
         "@%p2 bra $L__BB0_1;",
         "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {...};",
@@ -147,6 +155,10 @@ def test_loop_reading_on_a_handmade_ptx_and_ttgir():
     assert static_work.executed_macs(static_work.mma_census(body), num_warps=8) == 2 * (
         64 * 32 * 16 + 3 * 64 * 64 * 16)
     assert static_work.count(body, "bar.sync") == 1
+    assert static_work.count(body, "cp.async.cg") == 3
+    # Opcodes, not substrings: "red.global" is in every cp.async...shared.global too.
+    assert static_work.count(body, "red", "atom") == 3
+    assert static_work.count(body, "red.global") == 0
     ttgir = "\n".join([
         "#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], "
         "instrShape = [16, 32, 16]}>",
