@@ -20,6 +20,7 @@ import traceback
 import pytest
 import torch
 
+from bench.common import environment_variable
 from helpers import rel_error
 
 WORLD_SIZES = [2, 3]
@@ -465,16 +466,9 @@ def world_outcomes(world):
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as directory:
         init_file = os.path.join(directory, "init")
-        previous = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"
-        try:
+        with environment_variable("OMP_NUM_THREADS", "1"):
             context = mp.start_processes(_worker, args=(world, init_file, directory),
                                          nprocs=world, join=False, start_method="spawn")
-        finally:
-            if previous is None:
-                del os.environ["OMP_NUM_THREADS"]
-            else:
-                os.environ["OMP_NUM_THREADS"] = previous
         deadline = time.monotonic() + WORLD_TIMEOUT_S
         while not context.join(timeout=5):
             if time.monotonic() > deadline:
