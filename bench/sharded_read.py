@@ -163,17 +163,10 @@ def run_world(args, world):
     """Spawn `world` processes running _worker; rank 0's records and errors."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as directory:
-        previous = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        try:
+        with common.environment_variable("OMP_NUM_THREADS", str(args.threads)):
             mp.start_processes(_worker, args=(world, os.path.join(directory, "init"), directory,
                                               args),
                                nprocs=world, join=True, start_method="spawn")
-        finally:
-            if previous is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = previous
         return json.loads(pathlib.Path(directory, "rank0.json").read_text())
 
 
