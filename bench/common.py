@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from stm_kernels.checks import DTYPES
+from stm_kernels.options import DTYPES
 from stm_model.devices import resolve_device
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -196,7 +196,7 @@ _READ_SHAPE_OPTIONS = {"hw": dict(type=int), "objects": dict(type=int), "ck": di
 def add_read_shape_arguments(parser, **defaults):
     """Add the read-shape options named by the keywords, in their order, with their values as
     defaults: --hw, --objects, --ck, --cv, --top-k (ints) and --dtype (a name of
-    stm_kernels.checks.DTYPES). A default of None is the device's, set by
+    stm_kernels.options.DTYPES). A default of None is the device's, set by
     `apply_device_defaults`."""
     for name, default in defaults.items():
         parser.add_argument("--" + name.replace("_", "-"), default=default,
@@ -261,9 +261,9 @@ def environment_variable(name, value):
 def warp_specialized_forward(config):
     """The opt-in warp-specialised Gluon forward under this WarpSpecializedConfig for a block
     (where it cannot run, the launcher warns once and runs the plain forward)."""
-    from stm_kernels import memory_read_triton as launchers
-    with environment_variable(launchers.WARP_SPECIALIZED_ENV, "1"), \
-            launchers.use_configs(warp_specialized=config):
+    from stm_kernels.backends.triton import launch
+    with environment_variable(launch.WARP_SPECIALIZED_ENV, "1"), \
+            launch.use_configs(warp_specialized=config):
         yield
 
 

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
-from stm_kernels import checks, memory_read
+from stm_kernels import memory_read, options
 
 PROVIDERS = ("triton", "torch", "naive", "sdpa")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # "fp32-tf32": float32 tensors with torch.set_float32_matmul_precision("high") (TF32 cores)
-DTYPES = {**checks.DTYPES, "fp32-tf32": torch.float32}
+DTYPES = {**options.DTYPES, "fp32-tf32": torch.float32}
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 FRAME_POSITIONS = {"cuda": 1620, "cpu": 405}  # a 480p frame (30x54) / a 240x432 frame (15x27)
 SCALING_FRAMES = {"cuda": (1, 4, 10, 20, 40, 100, 200, 400, 800, 1600),

@@ -2,7 +2,7 @@
 
 The fused forward streams each memory split's K and V through every query block's program at
 the same time: many programs re-reading one region that the L2 holds. The static work report
-(bench.kernel_resources) gives the L2 bytes per (query, memory) pair of each kernel and the
+(tools.kernel_report.report) gives the L2 bytes per (query, memory) pair of each kernel and the
 bandwidth its speed target would need; this probe gives the bandwidth there is, in the same
 run as the kernel benchmark (`python -m bench kernel` records it as "l2_read").
 
@@ -10,7 +10,7 @@ Every program sums a buffer that fits in the L2 (8 MiB by default: the H100 has 
 times over, starting at a block of its own so that the programs spread over the L2's slices.
 A plain streaming kernel, not a tuned one: read the figure as a lower bound of the L2's
 bandwidth for this access pattern, and ncu's L2 throughput of the kernels themselves
-(`bash bench/gpu_session.sh profile`) as the direct reading.
+(`bash tools/gpu_session/gpu_session.sh profile`) as the direct reading.
 """
 import torch
 import triton

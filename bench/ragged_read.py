@@ -19,7 +19,7 @@ import torch
 
 from bench import common
 from stm_kernels import memory_read
-from stm_kernels.checks import DTYPES
+from stm_kernels.options import DTYPES
 
 VARIANTS = ("ragged", "padded", "per-video", "equal-work")
 DEFAULTS = {"cuda": dict(hw=1620, frames=(4, 25), dtype="bf16"),

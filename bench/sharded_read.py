@@ -31,7 +31,7 @@ import time
 import torch
 
 from bench import common
-from stm_kernels.checks import DTYPES
+from stm_kernels.options import DTYPES
 
 VARIANTS = ("shard-only", "sharded", "sharded top-k", "sharded fwd+bwd")
 DEFAULTS = {"cuda": dict(hw=1620, frames=(50, 200), dtype="bf16"),

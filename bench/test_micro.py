@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stm_kernels import memory_read, merge_reads
-from stm_kernels.memory_read_naive import naive_memory_read
+from stm_kernels import naive_memory_read
 
 HW, N, CK, CV = 405, 16 * 405, 128, 512
 

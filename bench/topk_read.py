@@ -22,7 +22,7 @@ import torch
 
 from bench import common
 from stm_kernels import memory_read
-from stm_kernels.checks import DTYPES
+from stm_kernels.options import DTYPES
 
 PROVIDERS = ("topk", "stcn", "plain", "plain+usage")
 DEFAULTS = {"cuda": dict(ns=(32400, 64800, 162000, 324000), dtype="bf16"),

@@ -8,10 +8,10 @@
 from ._buffers import poison_outputs
 from ._version import __version__
 from . import topk
-from .checks import BACKENDS, SIMILARITIES
+from .backends.naive import naive_memory_read
 from .memory_read import memory_read, memory_usage
-from .memory_read_naive import naive_memory_read
 from .merge import merge_reads
+from .options import BACKENDS, DTYPES, SIMILARITIES
 
 __all__ = ["memory_read", "memory_usage", "merge_reads", "naive_memory_read", "poison_outputs",
-           "topk", "BACKENDS", "SIMILARITIES", "__version__"]
+           "topk", "BACKENDS", "DTYPES", "SIMILARITIES", "__version__"]

@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .checks import SIMILARITIES, Backend, Similarity
+from .options import SIMILARITIES, Backend, Similarity
 from .memory_read import Lengths, Memory
 from .memory_read import memory_read as _shard_read
 from .merge import merge_reads

@@ -1,37 +1,34 @@
 """`memory_read`: STM's space-time memory read as one differentiable op.
 
 What happens to an input, in order:
-    1. `prepared` validates the tensors (checks.py: shapes, dtypes, devices; errors name the
+    1. `inputs.prepared` validates the tensors (shapes, dtypes, devices; errors name the
        argument and the expected shape) and views them as q (Bq, Ck, HW), k (B, Ck, N),
        v (B, Cv, N) without copying (spatial dims are merged as views where the strides allow,
        e.g. any slice of a preallocated memory bank along T; otherwise that tensor is copied).
        The XMem similarity becomes a dot product over augmented channels (xmem.py).
-    2. `checks.resolve_backend` picks the implementation.
+    2. `backends.resolve` picks the implementation (stm_kernels/backends).
     3. top_k: the k best positions per query are selected without gradients and the softmax
        is taken over them only (topk.py). Otherwise "naive" runs the official materialising
        read with PyTorch autograd; "triton" and "torch" go through the custom op
        `stm_kernels::memory_read`, whose autograd calls the custom op
        `stm_kernels::memory_read_backward` (both have fake implementations, so torch.compile
        traces them without graph breaks).
-    4. return_usage: one more pass over the memory from the read's lse (usage.py).
+    4. return_usage: one more pass over the memory from the read's lse (backends: usage).
 
 Precision: all backends accumulate in float32 (float64 for float64 inputs). For float32
 inputs on a GPU the Triton kernels follow `torch.set_float32_matmul_precision`: "highest" (the
 PyTorch default) gives exact float32 products, "high"/"medium" allow TF32 tensor cores (about
 1e-3 relative error, several times faster).
 """
-import dataclasses
-from typing import Any, Literal, Optional, Sequence, Union, overload
+from typing import Literal, Optional, Sequence, Union, overload
 
 import torch
 
-from . import checks, topk, usage, xmem
-from .checks import Backend, Similarity, concatenated
-from .memory_read_naive import naive_memory_read
-from .memory_read_torch import torch_backward, torch_forward
+from . import backends, topk
+from .backends.naive import naive_memory_read
+from .inputs import concatenated, prepared
+from .options import Backend, Similarity
 from .torch_common import accumulation_dtype
-
-triton_launchers: Any = checks.triton_launchers  # None without Triton: never the backend
 
 
 # A memory is one tensor or a list of chunks read as their concatenation along N.
@@ -129,8 +126,8 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
     if call.top_k is not None:
         k, v = concatenated(call.keys), concatenated(call.values)
         with torch.no_grad():
-            _, indices = topk.select(call.q, k, call.top_k, call.scale, call.l2, call.lengths,
-                                     call.backend)
+            _, indices = backends.implementation(call.backend).select(
+                call.q, k, call.top_k, call.scale, call.l2, call.lengths)
         out, lse, probabilities = topk.selected_read(call.q, k, v, indices, call.scale, call.l2)
         lse = lse.to(accumulation_dtype(v.dtype))
         memory_usage_ = topk.usage_of_selection(indices, probabilities, k.shape[2]) \
@@ -145,9 +142,7 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
             out, lse = torch.ops.stm_kernels.memory_read(call.q, call.keys, call.values,
                                                          call.scale, call.l2, call.backend,
                                                          call.lengths)
-        memory_usage_ = usage.usage(call.q, concatenated(call.keys), lse.detach(), call.scale,
-                                    call.l2, call.lengths, call.backend) \
-            if return_usage else None
+        memory_usage_ = _usage(call, lse.detach()) if return_usage else None
     results = [out.unflatten(2, call.query_spatial)]
     if return_lse:
         results.append(lse.unflatten(1, call.query_spatial))
@@ -172,59 +167,17 @@ def memory_usage(query_key: torch.Tensor, memory_key: Memory, lse: torch.Tensor,
     if not isinstance(lse, torch.Tensor) or lse.shape[0] != B or lse[0].numel() != HW:
         raise ValueError(f"lse must have shape (B={B}, *Q) with {HW} query positions; got "
                          f"{getattr(lse, 'shape', type(lse).__name__)}")
-    return usage.usage(call.q, concatenated(call.keys), lse.reshape(B, HW).to(call.q.device),
-                       call.scale, call.l2, call.lengths, call.backend)
+    return _usage(call, lse.reshape(B, HW).to(call.q.device))
 
 
-@dataclasses.dataclass
-class PreparedCall:
-    """A validated call: flattened q (Bq, Ck', HW), key and value chunks, the query's spatial
-    shape, the effective scale and similarity (XMem folded into "dot"), backend, lengths
-    (B,) int64 or None, top_k or None."""
-    q: torch.Tensor
-    keys: list
-    values: list
-    query_spatial: tuple
-    scale: float
-    l2: bool
-    backend: str
-    lengths: Optional[torch.Tensor]
-    top_k: Optional[int]
-
-
-def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
-             shrinkage=None, selection=None, memory_lengths=None, backend="auto", top_k=None):
-    """Validate a read's arguments (errors name the argument and the expected shape) and
-    return the PreparedCall the backends run."""
-    q, keys, values, query_spatial = checks.flatten_checked(query_key, memory_key, memory_value)
-    similarity = checks.checked_similarity(similarity)
-    # XMem folds the scale into the memory keys (memory dtype); the other reads apply it to
-    # the query in float32 (float64 for a float64 memory)
-    compute_dtype = keys[0].dtype if similarity == "xmem" else accumulation_dtype(keys[0].dtype)
-    scale = checks.checked_scale(scale, q.shape[1], compute_dtype)
-    if similarity != "xmem" and (shrinkage is not None or selection is not None):
-        raise ValueError("shrinkage and selection belong to similarity='xmem'; got similarity="
-                         f"{similarity!r}")
-    if similarity == "xmem":
-        q, keys = xmem.augment(q, keys, scale, shrinkage, selection)
-        scale = 1.0
-    backend = checks.resolve_backend(backend, keys[0])
-    lengths = checks.checked_lengths(memory_lengths, keys)
-    N = sum(key.shape[2] for key in keys)
-    return PreparedCall(q, keys, values, tuple(query_spatial), float(scale),
-                        similarity == "l2", backend, lengths,
-                        _checked_top_k(top_k, backend, N))
-
-
-def _checked_top_k(top_k, backend, N):
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
-    if backend == "triton" and top_k > topk.TRITON_MAX_TOP_K:
-        raise ValueError(f"top_k={top_k} is above the {topk.TRITON_MAX_TOP_K} the triton "
-                         "backend supports; use backend='torch'")
-    return min(top_k, N)
+def _usage(call, lse):
+    """The usage (B, N) float32 of a prepared call's memory for the log-sum-exp lse (B, HW):
+    one more pass over the memory that recomputes the scores without storing them (see
+    backends: torch chunked, Triton one program per memory block, naive materialised). Not
+    differentiable: XMem and Cutie use usage as a statistic, not in the loss."""
+    with torch.no_grad():
+        return backends.implementation(call.backend).usage(
+            call.q, concatenated(call.keys), lse, call.scale, call.l2, call.lengths)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -237,8 +190,8 @@ def _checked_top_k(top_k, backend, N):
 def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
                     scale: float, l2: bool, backend: str,
                     lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    forward = triton_launchers.triton_forward if backend == "triton" else torch_forward
-    return forward(q, concatenated(ks), concatenated(vs), scale, l2, lengths)
+    return backends.implementation(backend).forward(q, concatenated(ks), concatenated(vs), scale,
+                                                    l2, lengths)
 
 
 @_memory_read_op.register_fake
@@ -255,9 +208,8 @@ def _memory_read_backward_op(
         scale: float, l2: bool, backend: str,
         lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with dk, dv over the concatenated memory (split per chunk by autograd)."""
-    backward = triton_launchers.triton_backward if backend == "triton" else torch_backward
-    return backward(grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse, scale,
-                    l2, lengths)
+    return backends.implementation(backend).backward(
+        grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse, scale, l2, lengths)
 
 
 @_memory_read_backward_op.register_fake

@@ -14,99 +14,8 @@ read_selected (the read over given positions); memory_read(..., top_k=k) runs bo
 """
 import torch
 
-from . import checks
-from .memory_read_naive import naive_scores
-from . import torch_common
-from .torch_common import accumulation_dtype, chunk_scores, without_autocast
-
-TRITON_MAX_TOP_K = 64
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def exact_topk(scores, k):
-    """(values, indices) of the k largest entries of each row of scores (..., n), sorted by
-    value descending then index ascending: among equal values the lower indices are taken
-    (torch.topk leaves that order unspecified)."""
-    values, indices = torch.topk(scores, k, dim=-1)
-    threshold = values[..., -1:]
-    if bool(((scores >= threshold).sum(-1) != k).any()):
-        # ties at the threshold reach past the k kept: take the lowest indices among them
-        greater, equal = scores > threshold, scores == threshold
-        needed = k - greater.sum(-1, keepdim=True)
-        take = greater | (equal & (equal.cumsum(-1) <= needed))
-        indices = take.nonzero()[:, -1].view(*scores.shape[:-1], k)
-        values = scores.gather(-1, indices)
-    return _ordered(values, indices)
-
-
-def _ordered(values, indices):
-    """Sort by value descending, then index ascending."""
-    by_index = torch.sort(indices, dim=-1).indices
-    values, indices = values.gather(-1, by_index), indices.gather(-1, by_index)
-    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
-    return values.gather(-1, order), indices.gather(-1, order)
-
-
-def _merge(best, candidates):
-    """The k best of two (values, indices) sets whose ties are all ordered by index, the first
-    set holding the lower indices."""
-    values = torch.cat([best[0], candidates[0]], -1)
-    indices = torch.cat([best[1], candidates[1]], -1)
-    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
-    order = order[..., :best[0].shape[-1]]
-    return values.gather(-1, order), indices.gather(-1, order)
-
-
-@without_autocast
-def torch_select(q, k, top_k, scale, l2, lengths=None):
-    """(scores (B, HW, top_k), indices) of the top_k memory positions of each query, streaming
-    over memory chunks (scores in the accumulation dtype; index -1 / score -inf where an object
-    has fewer than top_k positions)."""
-    B, _, N = k.shape
-    HW = q.shape[2]
-    acc_dtype = accumulation_dtype(k.dtype)
-    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()
-    chunk = max(top_k, torch_common.CHUNK_ELEMENTS // max(B * HW, 1))
-    best = None
-    for start in range(0, N, chunk):
-        k_chunk = k[:, :, start:start + chunk].to(acc_dtype).contiguous()
-        scores = chunk_scores(q_rows, k_chunk, scale, l2)  # (B, HW, n)
-        if lengths is not None:
-            positions = torch.arange(start, start + scores.shape[2], device=k.device)
-            scores.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
-        values, indices = exact_topk(scores, min(top_k, scores.shape[2]))
-        found = (values, indices + start)
-        best = found if best is None else _merge(best, found)
-    return _padded(*best, top_k)
-
-
-def naive_select(q, k, top_k, scale, l2, lengths=None):
-    """The same from the materialised (B, HW, N) scores (the reference)."""
-    acc_dtype = accumulation_dtype(k.dtype)
-    scores = naive_scores(q.to(acc_dtype), k.to(acc_dtype), scale, l2, lengths).transpose(1, 2)
-    return _padded(*exact_topk(scores, min(top_k, scores.shape[2])), top_k)
-
-
-def _padded(values, indices, top_k):
-    """Pad to top_k entries and mark entries past an object's memory (-inf) with index -1."""
-    missing = top_k - values.shape[-1]
-    if missing > 0:
-        values = torch.cat([values, values.new_full(values.shape[:-1] + (missing,),
-                                                    float("-inf"))], -1)
-        indices = torch.cat([indices, indices.new_zeros(indices.shape[:-1] + (missing,))], -1)
-    return values, torch.where(torch.isneginf(values), -1, indices)
-
-
-def select(q, k, top_k, scale, l2, lengths, backend):
-    """Dispatch the selection to the backend (see the module docstring)."""
-    if backend == "triton":
-        from .memory_read_triton import triton_select
-        return triton_select(q, k, top_k, scale, l2, lengths)
-    if backend == "naive":
-        return naive_select(q, k, top_k, scale, l2, lengths)
-    return torch_select(q, k, top_k, scale, l2, lengths)
+from . import backends, inputs, torch_common
+from .torch_common import accumulation_dtype, without_autocast
 
 
 # --------------------------------------------------------------------------- read
@@ -174,13 +83,12 @@ def topk_scores(query_key, memory_key, top_k, *, scale=None, similarity="dot", s
     sorted by score descending then index ascending. An object with fewer than top_k memory
     positions gets index -1 and score -inf in its last slots.
     """
-    from .memory_read import prepared
     with torch.no_grad():
-        call = prepared(query_key, memory_key, memory_key, scale=scale, similarity=similarity,
-                        shrinkage=shrinkage, selection=selection, memory_lengths=memory_lengths,
-                        backend=backend, top_k=top_k)
-        scores, indices = select(call.q, checks.concatenated(call.keys), call.top_k, call.scale,
-                                 call.l2, call.lengths, call.backend)
+        call = inputs.prepared(query_key, memory_key, memory_key, scale=scale,
+                               similarity=similarity, shrinkage=shrinkage, selection=selection,
+                               memory_lengths=memory_lengths, backend=backend, top_k=top_k)
+        scores, indices = backends.implementation(call.backend).select(
+            call.q, inputs.concatenated(call.keys), call.top_k, call.scale, call.l2, call.lengths)
     shape = (scores.shape[0],) + tuple(call.query_spatial) + (call.top_k,)
     return scores.float().reshape(shape), indices.reshape(shape)
 
@@ -194,9 +102,9 @@ def read_selected(query_key, memory_key, memory_value, indices, *, scale=None,
     Other args as memory_read. Returns out (B, Cv, *Q) (and lse (B, *Q), float32; float64
     for float64 inputs).
     """
-    from .memory_read import prepared
-    call = prepared(query_key, memory_key, memory_value, scale=scale, similarity=similarity,
-                    shrinkage=shrinkage, selection=selection, backend="torch")
+    call = inputs.prepared(query_key, memory_key, memory_value, scale=scale,
+                           similarity=similarity, shrinkage=shrinkage, selection=selection,
+                           backend="torch")
     B, HW = call.keys[0].shape[0], call.q.shape[2]
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64) \
             or indices.dim() < 3 or indices.shape[0] != B or indices[0, ..., 0].numel() != HW:
@@ -204,8 +112,8 @@ def read_selected(query_key, memory_key, memory_value, indices, *, scale=None,
                          f"for the query's {HW} positions; got "
                          f"{getattr(indices, 'shape', type(indices).__name__)}")
     flat = indices.reshape(B, HW, indices.shape[-1]).to(call.q.device, torch.int64)
-    out, lse, _ = selected_read(call.q, checks.concatenated(call.keys),
-                                checks.concatenated(call.values), flat, call.scale, call.l2)
+    out, lse, _ = selected_read(call.q, inputs.concatenated(call.keys),
+                                inputs.concatenated(call.values), flat, call.scale, call.l2)
     out = out.unflatten(2, call.query_spatial)
     lse = lse.to(accumulation_dtype(lse.dtype))
     return (out, lse.unflatten(1, call.query_spatial)) if return_lse else out

@@ -1,5 +1,5 @@
-"""Pieces shared by the PyTorch paths of the read family (memory_read_torch, topk, usage,
-merge, distributed): the accumulation dtype, the memory chunking and the scores of a chunk."""
+"""Pieces shared by the PyTorch paths of the read family (backends/pytorch.py, topk, merge,
+distributed): the accumulation dtype, the memory chunking and the scores of a chunk."""
 import functools
 
 import torch

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from stm_kernels.checks import BACKENDS, SIMILARITIES
+from stm_kernels.options import BACKENDS, SIMILARITIES
 
 from .network import STM, STMConfig
 

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stm_kernels import __version__
-from stm_kernels.checks import BACKENDS, DTYPES
+from stm_kernels.options import BACKENDS, DTYPES
 
 from . import (cpu_allocator, dataset_segmentation, distributed, interactive_eval, metrics,
                train, video_io)

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from stm_kernels.checks import DTYPES
+from stm_kernels.options import DTYPES
 
 from .memory_bank import MemoryBank
 from .network import STM

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stm_kernels.checks import BACKENDS
+from stm_kernels.options import BACKENDS
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clip_forward import CHECKPOINTING, ClipForward

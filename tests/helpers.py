@@ -6,7 +6,7 @@ import torch
 
 from bench.common import rel_error  # noqa: F401 (the one error measure, re-exported)
 from stm_kernels import memory_read
-from stm_kernels import memory_read_triton as triton_module
+from stm_kernels.backends.triton import launch as triton_module
 
 # Real data and references beside the checkout; tests that use them skip when it is absent.
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"

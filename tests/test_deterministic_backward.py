@@ -7,9 +7,9 @@ import torch
 from bench.common import deterministic_algorithms
 from helpers import (DEVICES, check_read, per_object_reference, ragged_case, ragged_read_with_grads,
                      random_inputs, read_with_grads, reference_with_grads, skip_unless_runnable)
-from stm_kernels import memory_read_triton as triton_module
+from stm_kernels.backends.triton import launch as triton_module
 from stm_kernels import poison_outputs
-from stm_kernels.memory_read_triton import (BackwardConfig, DkdqConfig, DqConfig, DvConfig,
+from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DqConfig, DvConfig,
                                            use_configs)
 
 # Memory splits (3) with value chunks streamed through dP, and whole dO tiles without splits.

@@ -1,10 +1,10 @@
-"""The warp-specialised Gluon forward (stm_kernels/memory_read_gluon.py).
+"""The warp-specialised Gluon forward (stm_kernels/experimental/gluon_forward.py).
 
-Three layers, because no GPU is at hand here and Triton's CPU interpreter does not run Gluon
-(a Gluon launch under TRITON_INTERPRET=1 still asks for a GPU driver):
+Triton's CPU interpreter does not run Gluon (a Gluon launch under TRITON_INTERPRET=1 still asks
+for a GPU driver), so besides the compile-only checks for sm_90 (tools/tests/
+test_gluon_compile.py: TMA, mbarriers and wgmma in the PTX, S computed by one partition only,
+no spills, shared memory within 227 KiB) it is tested in two layers:
 
-1. compile-only for sm_90 (no GPU): the PTX has TMA, mbarriers and wgmma, S is computed by one
-   partition only, ptxas reports no spills, shared memory fits 227 KiB;
 2. an emulation on CPU: the kernel's own Python source (the same function objects Gluon
    compiles) runs with a small stand-in for gl / mbarrier / tma / wgmma: one thread per
    partition, mbarriers with phases, counts and transaction bytes, TMA copies that land after a
@@ -13,13 +13,9 @@ Three layers, because no GPU is at hand here and Triton's CPU interpreter does n
    launcher (ws_forward) end to end; it does not check layouts or Gluon's lowering;
 3. on a GPU (`pytest -m gpu`): the real kernel against a float64 reference.
 """
-import json
 import math
-import os
 import pathlib
 import random
-import subprocess
-import sys
 import threading
 import time
 import types
@@ -30,7 +26,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from helpers import rel_error  # noqa: E402
-from stm_kernels import memory_read_gluon as gluon_forward  # noqa: E402
+from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,99 +37,6 @@ TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE,
                                  reason=f"Gluon unavailable: {gluon_forward.UNAVAILABLE_REASON}")
-
-
-# --------------------------------------------------------------------------- 1. compile for sm_90
-
-VARIANTS = {"bf16-dot": dict(dtype="bf16", l2=False), "bf16-l2": dict(dtype="bf16", l2=True),
-            "fp16-dot": dict(dtype="fp16", l2=False),
-            # ROW_SPLIT_CONFIG: 128 query rows, the PV warpgroups splitting them, 2 value chunks
-            "bf16-dot-rows": dict(dtype="bf16", l2=False, split_rows=True),
-            "bf16-l2-rows": dict(dtype="bf16", l2=True, split_rows=True)}
-
-
-def _config(variant):
-    return (gluon_forward.ROW_SPLIT_CONFIG if VARIANTS[variant].get("split_rows")
-            else gluon_forward.WarpSpecializedConfig())
-
-# Runs in a subprocess without TRITON_INTERPRET (conftest sets it for this process; interpreted
-# kernels cannot be compiled). Prints one JSON line: per variant the PTX facts and ptxas' report.
-COMPILE_SCRIPT = r"""
-import json, re, subprocess, sys, tempfile, os
-from stm_kernels import memory_read_gluon as g
-ptxas, variants = sys.argv[1], json.loads(sys.argv[2])
-report = {}
-for name, kwargs in variants.items():
-    config = g.ROW_SPLIT_CONFIG if kwargs.pop("split_rows", False) else None
-    compiled = g.compile_for_arch(config=config, **kwargs)
-    ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        open(path, "w").write(ptx)
-        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
-                             capture_output=True, text=True)
-    log = run.stdout + run.stderr
-    spills = re.search(r"(\d+) bytes spill stores", log)
-    regs = re.search(r"Used (\d+) registers", log)
-    report[name] = dict(
-        ptxas_rc=run.returncode, ptxas_log=log[-2000:], shared=compiled.metadata.shared,
-        spill_stores=int(spills.group(1)) if spills else None,
-        registers=int(regs.group(1)) if regs else None,
-        wgmma=re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx),
-        tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-        mbarrier_wait=len(re.findall(r"mbarrier\.try_wait", ptx)),
-        mbarrier_arrive=len(re.findall(r"mbarrier\.arrive", ptx)),
-        expect_tx=len(re.findall(r"mbarrier\.arrive\.expect_tx", ptx)),
-        setmaxnreg=re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx),
-        fence_proxy_async=len(re.findall(r"fence\.proxy\.async", ptx)),
-        ttgir_warp_specialize="ttg.warp_specialize" in compiled.asm["ttgir"])
-print(json.dumps(report))
-"""
-
-
-@pytest.fixture(scope="module")
-def compile_report():
-    if not gluon_forward.AVAILABLE:
-        pytest.skip(f"Gluon unavailable: {gluon_forward.UNAVAILABLE_REASON}")
-    if not PTXAS.exists():
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    completed = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, str(PTXAS), json.dumps(VARIANTS)], cwd=ROOT,
-        env=environment, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_compiles_for_sm90(compile_report, variant):
-    row = compile_report[variant]
-    assert row["ptxas_rc"] == 0, row["ptxas_log"]
-    assert row["spill_stores"] == 0, row["ptxas_log"]
-    assert 0 < row["shared"] <= H100_SHARED_MEMORY, row["shared"]
-    assert row["ttgir_warp_specialize"]
-    # TMA loads (Q, K, two V boxes) completing on mbarriers, waits and arrives.
-    assert row["tma"] >= 4 and row["expect_tx"] >= 3, row
-    assert row["mbarrier_wait"] >= 6 and row["mbarrier_arrive"] >= 6, row
-    assert row["fence_proxy_async"] >= 1  # P written by threads, read by wgmma
-    # Register reallocation: the PV and load partitions' budgets appear as setmaxnreg.
-    config = _config(variant)
-    assert str(config.pv_regs) in row["setmaxnreg"] and str(config.load_regs) in row["setmaxnreg"]
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_no_duplicated_mma(compile_report, variant):
-    """S = Q K (m64n64k16: block_n = 64) is issued by one partition only: Ck/16 instructions
-    per 64 query rows in the whole kernel; P V (m64n128k16) by the two PV partitions, each over
-    its own channels (or its own rows with split_rows): 2 partitions x block_n/16 k-steps x
-    256/128 column halves."""
-    config = _config(variant)
-    wgmma = compile_report[variant]["wgmma"]
-    s_count = (config.block_m // 64) * (128 // 16)
-    pv_count = 2 * (config.block_n // 16) * 2
-    assert wgmma.count(f"m64n{config.block_n}k16") == s_count, wgmma
-    assert wgmma.count("m64n128k16") == pv_count, wgmma
-    assert len(wgmma) == s_count + pv_count, wgmma
 
 
 @pytest.mark.parametrize("config", [gluon_forward.WarpSpecializedConfig(),
@@ -513,7 +416,7 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, config):
     """memory_read with the opt-in (STM_KERNELS_WARP_SPECIALIZED=1) and a tiling forced by
     use_configs: the launcher's split plan (value chunks included), its NaN-poisoned buffers,
     the merge kernel (interpreted) and the plain backward on the emulated kernel's lse."""
-    from stm_kernels import memory_read_triton as launchers
+    from stm_kernels.backends.triton import launch as launchers
     from stm_kernels import poison_outputs
     if not launchers.INTERPRETING:
         pytest.skip("the merge and backward kernels need TRITON_INTERPRET=1 on CPU")

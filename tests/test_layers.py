@@ -1,5 +1,5 @@
 """The layer rule of the README's Layout section: a module imports only from its own layer or
-below. Every module of stm_kernels, stm_model and bench must be placed in a layer here (a new
+below. Every module of stm_kernels, stm_model, bench and tools must be placed in a layer here (a new
 module fails until it is), and every import (lazy ones inside functions included) is checked."""
 import ast
 import pathlib
@@ -20,10 +20,10 @@ LAYERS = [
         "stm_model.interactive", "stm_model.bidirectional", "stm_model.video_batches",
         "stm_model.dataset_segmentation", "stm_model.interactive_eval", "stm_model.datasets",
         "stm_model.train", "stm_model.checkpoint"]),
-    ("CLI, demo and benchmarks", [
-        "stm_model.cli", "stm_model.demo", "stm_model.__main__", "stm_model", "bench"]),
+    ("CLI, demo, benchmarks and developer tools", [
+        "stm_model.cli", "stm_model.demo", "stm_model.__main__", "stm_model", "bench", "tools"]),
 ]
-PACKAGES = ("stm_kernels", "stm_model", "bench")
+PACKAGES = ("stm_kernels", "stm_model", "bench", "tools")
 
 
 def layer_of(module):
@@ -104,4 +104,5 @@ def test_the_checker_sees_relative_lazy_and_package_imports():
                             is_package=True) == {"stm_model.masks"}
     assert layer_of("stm_model.segmenter") > layer_of("stm_model.network")
     assert layer_of("bench.common") == len(LAYERS) - 1
-    assert layer_of("stm_kernels.triton_fwd") == 0
+    assert layer_of("stm_kernels.backends.triton.kernels.forward") == 0
+    assert layer_of("tools.kernel_report.report") == len(LAYERS) - 1

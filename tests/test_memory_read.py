@@ -10,8 +10,8 @@ from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, ragge
                      reference_with_grads, rel_error, skip_unless_runnable)
 from stm_kernels import memory_read, merge_reads, poison_outputs
 from stm_kernels import torch_common
-from stm_kernels import memory_read_triton as triton_module
-from stm_kernels.memory_read_triton import (BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
+from stm_kernels.backends.triton import launch as triton_module
+from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
                                            use_configs)
 
 
@@ -292,7 +292,7 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
     """STM_KERNELS_WARP_SPECIALIZED=1 where the Gluon forward cannot run (a Triton without its
     Gluon features, or inputs it does not take) warns once, in one line, and reads correctly."""
     skip_unless_runnable("triton", device)
-    from stm_kernels import memory_read_gluon
+    from stm_kernels.experimental import gluon_forward as memory_read_gluon
     monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")
     monkeypatch.setattr(memory_read_gluon, "AVAILABLE", False)
     monkeypatch.setattr(memory_read_gluon, "UNAVAILABLE_REASON", "Triton 0.1: no Gluon")
@@ -319,7 +319,7 @@ def test_warp_specialized_forward_through_memory_read(dtype, rows, similarity, m
     """The opt-in Gluon forward behind memory_read (its default tiling, and the row split),
     splits and merge included, and the plain kernels' backward on its output (B=3, broadcast
     query, N with a ragged last block)."""
-    from stm_kernels import memory_read_gluon
+    from stm_kernels.experimental import gluon_forward as memory_read_gluon
     config = (memory_read_gluon.ROW_SPLIT_CONFIG if rows
               else memory_read_gluon.WarpSpecializedConfig())
     monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")

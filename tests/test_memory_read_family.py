@@ -8,7 +8,7 @@ import torch
 
 from helpers import DEVICES, TOLERANCE, random_inputs, rel_error, skip_unless_runnable
 from stm_kernels import memory_read, memory_usage, poison_outputs
-from stm_kernels import memory_read_triton as triton_module
+from stm_kernels.backends.triton import launch as triton_module
 from stm_kernels.topk import read_selected, topk_scores
 
 

@@ -7,7 +7,7 @@ import pytest
 triton = pytest.importorskip("triton")
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 
-from stm_kernels import triton_compat  # noqa: E402
+from stm_kernels.backends.triton import compat as triton_compat  # noqa: E402
 
 
 class Handle:
@@ -50,7 +50,7 @@ def test_a_fixed_interpreter_is_left_alone(monkeypatch):
 def test_the_installed_interpreter_has_no_old_index_left():
     """Importing the package under TRITON_INTERPRET=1 patched an old interpreter (or found a
     fixed one): every interpreted kernel test depends on it with Triton 3.6."""
-    from stm_kernels.triton_configs import INTERPRETING
+    from stm_kernels.backends.triton.tilings import INTERPRETING
     if not INTERPRETING:
         pytest.skip("needs TRITON_INTERPRET=1")
     installed = interpreter._patch_lang_tensor

@@ -1,30 +1,20 @@
-"""Input checks shared by the op's public functions: every error names the argument and the
-shape, dtype or range it expected."""
-import math
+"""Input preparation shared by the op's public functions: checks (every error names the
+argument and the shape, dtype or range it expected), then the views the backends run on.
 
-from types import ModuleType
-from typing import Literal, Optional, get_args
+`prepared(...)` turns a call's arguments into a PreparedCall: q (Bq, Ck, HW), key and value
+chunks (B, C, N_i) as views where the strides allow, the effective scale and similarity (XMem
+folded into a dot product over augmented channels, xmem.py), the backend that runs
+(backends.resolve) and the checked memory lengths and top_k.
+"""
+import dataclasses
+import math
+from typing import Optional
 
 import torch
 
-# the Triton launchers, None on a CPU-only PyTorch without Triton (the torch and naive backends
-# remain)
-triton_launchers: Optional[ModuleType]
-try:
-    from . import memory_read_triton as triton_launchers
-except ImportError:
-    triton_launchers = None
-
-# The read's options, as types (memory_read's signature) and as the tuples every CLI and
-# benchmark takes its choices from.
-Backend = Literal["auto", "triton", "torch", "naive"]
-Similarity = Literal["dot", "l2", "xmem"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
-SIMILARITIES: tuple[str, ...] = get_args(Similarity)
-# Floating-point dtypes by the short names the CLI, configs and benchmarks use.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
+from . import backends, xmem
+from .options import SIMILARITIES
+from .torch_common import accumulation_dtype
 
 # The largest multiple of scale a backend forms: 2 * scale * log2(e) (L2 scores in exp2 form).
 _LARGEST_SCALE_FACTOR = 2.0 / math.log(2.0)
@@ -163,20 +153,53 @@ def concatenated(chunks):
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
-def resolve_backend(backend, memory_key):
-    """The backend that runs: "auto" resolved for memory_key's device and dtype; ValueError or
-    TypeError for a backend that cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        fused = (triton_launchers is not None and memory_key.is_cuda
-                 and memory_key.dtype in _TRITON_DTYPES)
-        return "triton" if fused else "torch"
-    if backend == "triton":
-        if triton_launchers is None:
-            raise ValueError("backend='triton' needs the triton package; use backend='torch'")
-        if memory_key.dtype not in _TRITON_DTYPES:
-            raise TypeError(
-                "backend='triton' supports float16, bfloat16 and float32; got "
-                f"{memory_key.dtype} (use backend='torch')")
-    return backend
+@dataclasses.dataclass
+class PreparedCall:
+    """A validated call: flattened q (Bq, Ck', HW), key and value chunks, the query's spatial
+    shape, the effective scale and similarity (XMem folded into "dot"), backend, lengths
+    (B,) int64 or None, top_k or None."""
+    q: torch.Tensor
+    keys: list
+    values: list
+    query_spatial: tuple
+    scale: float
+    l2: bool
+    backend: str
+    lengths: Optional[torch.Tensor]
+    top_k: Optional[int]
+
+
+def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
+             shrinkage=None, selection=None, memory_lengths=None, backend="auto", top_k=None):
+    """Validate a read's arguments (errors name the argument and the expected shape) and
+    return the PreparedCall the backends run."""
+    q, keys, values, query_spatial = flatten_checked(query_key, memory_key, memory_value)
+    similarity = checked_similarity(similarity)
+    # XMem folds the scale into the memory keys (memory dtype); the other reads apply it to
+    # the query in float32 (float64 for a float64 memory)
+    compute_dtype = keys[0].dtype if similarity == "xmem" else accumulation_dtype(keys[0].dtype)
+    scale = checked_scale(scale, q.shape[1], compute_dtype)
+    if similarity != "xmem" and (shrinkage is not None or selection is not None):
+        raise ValueError("shrinkage and selection belong to similarity='xmem'; got similarity="
+                         f"{similarity!r}")
+    if similarity == "xmem":
+        q, keys = xmem.augment(q, keys, scale, shrinkage, selection)
+        scale = 1.0
+    backend = backends.resolve(backend, keys[0])
+    lengths = checked_lengths(memory_lengths, keys)
+    N = sum(key.shape[2] for key in keys)
+    return PreparedCall(q, keys, values, tuple(query_spatial), float(scale),
+                        similarity == "l2", backend, lengths, checked_top_k(top_k, backend, N))
+
+
+def checked_top_k(top_k, backend, N):
+    """top_k capped at N, or None; ValueError for anything but a positive integer, or one
+    above what the backend supports."""
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
+    if backend == "triton" and top_k > backends.TRITON_MAX_TOP_K:
+        raise ValueError(f"top_k={top_k} is above the {backends.TRITON_MAX_TOP_K} the triton "
+                         "backend supports; use backend='torch'")
+    return min(top_k, N)

@@ -15,7 +15,7 @@ natural log. Offsets that can pass 2**31 (object, channel and position strides) 
 import triton
 import triton.language as tl
 
-from .triton_common import (LN2_C, LOG2E_C, aligned_stride, block_scores, dot, query_block,
+from .common import (LN2_C, LOG2E_C, aligned_stride, block_scores, dot, query_block,
                             split_bounds, tile_offsets)
 
 

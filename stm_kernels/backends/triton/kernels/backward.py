@@ -13,7 +13,7 @@ the probabilities from the saved log-sum-exp; tiles are transposed (memory posit
                                  without atomics (S and dP recomputed once more); the dK/dQ
                                  kernel then runs with ATOMIC_DQ off.
 
-Layout as in triton_fwd; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
+Layout as in kernels/forward.py; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
 natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
 similarity's factor); lengths (B,) int32 for ragged memories (RAGGED): positions past an
 object's length are never read and get zero dK, dV. With atomics dQ sums in a run-dependent
@@ -22,7 +22,7 @@ order: not bitwise reproducible; the deterministic mode is.
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E_C, aligned_stride, dot, key_tile, query_block, split_bounds,
+from .common import (LOG2E_C, aligned_stride, dot, key_tile, query_block, split_bounds,
                             tile_offsets, tile_scores)
 
 
@@ -79,7 +79,7 @@ def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_
              m_m, stride_lm, qk_scale, L2: tl.constexpr, MASK_M: tl.constexpr,
              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One query block's contribution to this memory block's dV chunk. Only the last query
-    # block is masked along HW (see triton_common.block_scores).
+    # block is masked along HW (see common.block_scores).
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C

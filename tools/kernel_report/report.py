@@ -1,8 +1,8 @@
 """Static work report of the memory-read kernels: compiled for a GPU without a GPU.
 
-    python -m bench.kernel_resources                  # default configs, bf16 + fp32 (TF32), sm_90
-    python -m bench.kernel_resources --json           # print the report as JSON, write nothing
-    python -m bench.kernel_resources --sweep --dtype bf16   # resources of the tuning candidates
+    python -m tools.kernel_report.report            # default configs, bf16 + fp32 (TF32), sm_90
+    python -m tools.kernel_report.report --json           # print the report as JSON, write nothing
+    python -m tools.kernel_report.report --sweep --dtype bf16   # resources of the tuning candidates
 
 For every kernel at its default config and the target shape (B=1, HW=1,620, N=162,000,
 Ck=128, Cv=512) it reports registers, spills, shared memory, blocks per SM, grid size and
@@ -17,7 +17,7 @@ all); executed work is what the loop's instructions issue, over all warps and va
 Integer arguments are specialised the way the Triton JIT does at launch (multiples of 16 get
 divisibility 16), for contiguous (B, C, N) tensors and a broadcast query, as the launchers
 pass them. Writes bench/results/kernel_work_sm<arch>_<date>.json; `python -m bench.report`
-renders its README table. Speed is not here: bench.tune and bench.kernel on a GPU.
+renders its README table. Speed is not here: tools.gpu_session.tune and bench.kernel on a GPU.
 """
 import argparse
 import dataclasses
@@ -32,14 +32,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench import common, static_work
-from stm_kernels import memory_read_triton as launchers
-from stm_kernels import triton_configs
-from stm_kernels.offline_compile import specialised_signature
-from stm_kernels.triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
+from bench import common
+from tools.kernel_report import ptx as static_work
+from stm_kernels.backends.triton import launch as launchers
+from stm_kernels.backends.triton import tilings as triton_configs
+from tools.kernel_report.signature import specialised_signature
+from stm_kernels.backends.triton.kernels.backward import (
+    memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
                                    memory_read_bwd_kernel_dv, memory_read_usage_kernel)
-from stm_kernels.triton_topk import memory_read_topk_kernel
-from stm_kernels.triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
+from stm_kernels.backends.triton.kernels.topk import memory_read_topk_kernel
+from stm_kernels.backends.triton.kernels.forward import (memory_read_fwd_kernel,
+                                                         memory_read_merge_kernel)
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -319,11 +322,12 @@ WARP_SPECIALIZED_ROWS = "fwd_ws rows (opt-in)"
 
 def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET,
                              sm_count=H100_SMS, config=None, name=WARP_SPECIALIZED):
-    """Report row of the opt-in warp-specialised Gluon forward (stm_kernels.memory_read_gluon)
+    """Report row of the opt-in warp-specialised Gluon forward
+    (stm_kernels.experimental.gluon_forward)
     at a WarpSpecializedConfig (default: its default). Its partitions run different loops, so
     executed work comes from the TTGIR's dots (each issued by its own partition's warpgroup)
     and the PTX census covers the whole kernel; value chunks repeat the work per pair."""
-    from stm_kernels import memory_read_gluon as gluon
+    from stm_kernels.experimental import gluon_forward as gluon
     config = config or gluon.WarpSpecializedConfig()
     B, HW, N = shape["B"], shape["HW"], shape["N"]
     splits, _ = gluon.default_splits(HW, N, B, config, sm_count)
@@ -336,9 +340,10 @@ def analyse_warp_specialized(dtype_name, similarity="dot", arch=90, shape=TARGET
         row["error"] = "bf16/fp16 only (fp32 runs the plain kernel)"
         return row
     try:
-        compiled = gluon.compile_for_arch(dtype=dtype_name, l2=similarity == "l2", arch=arch,
-                                          config=config, HW=HW, N=N, Ck=shape["Ck"],
-                                          Cv=shape["Cv"], B=B)
+        from tools.kernel_report.gluon_compile import compile_for_arch
+        compiled = compile_for_arch(dtype=dtype_name, l2=similarity == "l2", arch=arch,
+                                    config=config, HW=HW, N=N, Ck=shape["Ck"], Cv=shape["Cv"],
+                                    B=B)
     except Exception as error:
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
         return row
@@ -577,7 +582,7 @@ def _l2_sentence(totals):
 
 
 def main(argv=None):
-    """`python -m bench.kernel_resources`; returns the exit code."""
+    """`python -m tools.kernel_report.report`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"],

@@ -1,9 +1,10 @@
 """Where the time goes, from Nsight Compute: the profile stage's report summarised per kernel.
 
     ncu --import profile.ncu-rep --page raw --csv --print-units base > profile_raw.csv
-    python -m bench.ncu_summary profile_raw.csv --passes profile_passes_cuda_<date>.json
+    python -m tools.gpu_session.ncu_summary profile_raw.csv --passes profile_passes_cuda_<date>.json
 
-Per profiled kernel (launch order): its pass (bench.profile_target's order), duration, SM and
+Per profiled kernel (launch order): its pass (tools.gpu_session.profile_target's order),
+duration, SM and
 tensor-pipe use, L2 and DRAM bytes and their rates, L2 throughput, achieved occupancy,
 registers, shared memory, and the warp stall reasons that dominate; beside the measured L2
 bytes, the ones the static work report predicts from the tiles (its bytes per (query, memory)
@@ -20,7 +21,7 @@ import pathlib
 import re
 
 from bench import common
-from bench.profile_target import FORWARD_KERNEL, WARP_SPECIALIZED_KERNEL
+from tools.gpu_session.profile_target import FORWARD_KERNEL, WARP_SPECIALIZED_KERNEL
 
 # Scale of ncu's units to seconds and bytes. A value without a unit (an export without the
 # units row) is taken in ncu's base unit, which the profile stage asks for (--print-units
@@ -237,11 +238,11 @@ def summarise(text, passes=None, static=None):
 
 
 def main(argv=None):
-    """`python -m bench.ncu_summary CSV [--passes FILE] [--static FILE]`."""
+    """`python -m tools.gpu_session.ncu_summary CSV [--passes FILE] [--static FILE]`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", type=pathlib.Path, help="ncu --page raw --csv export")
     parser.add_argument("--passes", type=pathlib.Path,
-                        help="bench.profile_target's profile_passes_*.json")
+                        help="tools.gpu_session.profile_target's profile_passes_*.json")
     parser.add_argument("--static", type=pathlib.Path,
                         help="static work report (default: the newest in bench/results)")
     args = parser.parse_args(argv)

@@ -1,11 +1,12 @@
-"""The official STM memory read (Oh et al., ICCV 2019, `Memory.forward`): it materialises the
-whole (N x HW) affinity per object. Kept as the reference and the baseline; autograd comes from
-PyTorch."""
+"""The "naive" backend: the official STM memory read (Oh et al., ICCV 2019, `Memory.forward`),
+which materialises the whole (N x HW) affinity per object. Kept as the reference and the
+baseline; autograd comes from PyTorch. Also the reference top-k selection and usage."""
 from typing import Optional
 
 import torch
 
-from .torch_common import accumulation_dtype
+from ..torch_common import accumulation_dtype
+from .pytorch import exact_topk, padded
 
 
 def naive_memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, l2: bool,
@@ -20,7 +21,7 @@ def naive_memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     if lengths is not None:
         v = torch.where(_valid(k, lengths).unsqueeze(1), v, 0)
-    affinity = naive_scores(q, k, scale, l2, lengths)
+    affinity = scores(q, k, scale, l2, lengths)
     probabilities = torch.softmax(affinity, dim=1)
     out = torch.bmm(v, probabilities.to(v.dtype))
     lse = None
@@ -34,7 +35,7 @@ def _valid(k, lengths):
     return torch.arange(k.shape[2], device=k.device) < lengths.to(k.device).unsqueeze(1)
 
 
-def naive_scores(q, k, scale, l2, lengths=None):
+def scores(q, k, scale, l2, lengths=None):
     """The materialised (B, N, HW) scores; positions past lengths[b] are -inf (and never
     multiplied: they may hold anything)."""
     B = k.shape[0]
@@ -49,3 +50,17 @@ def naive_scores(q, k, scale, l2, lengths=None):
     if valid is not None:
         affinity = affinity.masked_fill(~valid.unsqueeze(2), float("-inf"))
     return affinity
+
+
+def select(q, k, top_k, scale, l2, lengths=None):
+    """The same from the materialised (B, HW, N) scores (the reference)."""
+    acc_dtype = accumulation_dtype(k.dtype)
+    values = scores(q.to(acc_dtype), k.to(acc_dtype), scale, l2, lengths).transpose(1, 2)
+    return padded(*exact_topk(values, min(top_k, values.shape[2])), top_k)
+
+
+def usage(q, k, lse, scale, l2, lengths=None):
+    """The same from the materialised (B, N, HW) scores."""
+    acc_dtype = accumulation_dtype(k.dtype)
+    values = scores(q.to(acc_dtype), k.to(acc_dtype), scale, l2, lengths)
+    return torch.exp(values - lse.to(acc_dtype).unsqueeze(1)).sum(2).float()

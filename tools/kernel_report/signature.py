@@ -1,6 +1,6 @@
 """Compiling kernels ahead of time, without a GPU: the signature a launch would specialise.
 
-Used by the static work report (bench.kernel_resources) and the Gluon kernel's compile check.
+Used by the static work report (tools.kernel_report.report) and the Gluon kernel's compile check.
 """
 
 

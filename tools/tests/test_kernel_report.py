@@ -1,4 +1,4 @@
-"""The static work report (python -m bench.kernel_resources): the kernels compiled for Hopper
+"""The static work report (python -m tools.kernel_report.report): the kernels compiled for Hopper
 (sm_90) without a GPU, held to issue #11's targets.
 
 Triton compiles to PTX and its bundled ptxas assembles it, so registers, spills, shared memory,
@@ -16,14 +16,14 @@ import sys
 import pytest
 
 triton = pytest.importorskip("triton")
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 H100_SHARED_MEMORY = 227 * 1024
 needs_ptxas = pytest.mark.skipif(not PTXAS.exists(),
                                  reason="Triton's NVIDIA backend (ptxas) is not installed")
 
 
-def _run(*arguments, module="bench.kernel_resources"):
+def _run(*arguments, module="tools.kernel_report.report"):
     # Compiling needs the real JIT: conftest set TRITON_INTERPRET for this process.
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     completed = subprocess.run([sys.executable, "-m", module, *arguments], cwd=ROOT,
@@ -73,7 +73,7 @@ def test_no_warpgroup_repeats_a_dot_and_the_two_readings_agree(report):
 
 @needs_ptxas
 def test_executed_work_per_pair_meets_the_targets(report):
-    from bench.kernel_resources import FORWARD_RATIO_TARGET, TOTAL_RATIO_TARGET
+    from tools.kernel_report.report import FORWARD_RATIO_TARGET, TOTAL_RATIO_TARGET
     for entry in report["reports"]:
         totals = entry["totals"]
         where = f"{entry['dtype']} {entry['similarity']}"
@@ -118,8 +118,8 @@ def test_the_report_sees_the_duplicated_scores_of_64_row_tiles():
     warpgroups computing the same QK product, 768 MACs per pair for 640 in its dots."""
     script = (
         "import json\n"
-        "from bench import kernel_resources as kr\n"
-        "from stm_kernels.triton_configs import ForwardConfig, defaults\n"
+        "from tools.kernel_report import report as kr\n"
+        "from stm_kernels.backends.triton.tilings import ForwardConfig, defaults\n"
         "old = ForwardConfig(block_m=64, block_n=32, block_v=512, num_warps=8, num_stages=3)\n"
         "spec = kr.kernel_specs('bf16', 'dot', old, defaults(2)[1])[0]\n"
         "print(json.dumps(kr.analyse(spec)))\n")
@@ -135,7 +135,7 @@ def test_the_report_sees_the_duplicated_scores_of_64_row_tiles():
 
 def test_loop_reading_on_a_handmade_ptx_and_ttgir():
     """static_work on a tiny PTX/TTGIR: loop detection, nested trip counts, census, layouts."""
-    from bench import static_work
+    from tools.kernel_report import ptx as static_work
     ptx = "\n".join([
         "$L__BB0_1:",
         "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {...};",
@@ -188,7 +188,7 @@ def test_memory_reading_on_a_handmade_ttgir():
     """loop_memory counts the tiles a loop with runtime bounds loads (pointer tensors, TMA
     boxes) and updates atomically, repeats nested constant loops, and leaves out what runs
     before or after the loop and scalar accesses."""
-    from bench import static_work
+    from tools.kernel_report import ptx as static_work
     ttgir = "\n".join([
         "%c0_i32 = arith.constant 0 : i32",
         "%c2_i32 = arith.constant 2 : i32",
@@ -223,8 +223,8 @@ def test_l2_traffic_per_pair_is_the_tiles_each_iteration_streams(report):
     value chunk; dK/dQ adds Ck fp32 atomics per query for its block_n keys; the Gluon forward
     TMA-loads K and both halves of V for 64 queries (the L2 similarity adds the fp32 key
     norms of the plain kernels). The bandwidth figures follow from them."""
-    from bench import kernel_resources as kr
-    from stm_kernels import triton_configs
+    from tools.kernel_report import report as kr
+    from stm_kernels.backends.triton import tilings as triton_configs
     Ck, Cv = report["shape"]["Ck"], report["shape"]["Cv"]
     for entry in report["reports"]:
         item = kr.ITEMSIZE[entry["dtype"]]
@@ -257,7 +257,7 @@ def test_l2_traffic_per_pair_is_the_tiles_each_iteration_streams(report):
         assert totals["l2_bytes_per_pair_warp_specialized"] > totals[
             "l2_bytes_per_pair_forward"], where
         # Its row split: 128 query rows per tile, K read once per value chunk, as the plain one.
-        from stm_kernels.triton_configs import ROW_SPLIT_CONFIG as rows_config
+        from stm_kernels.backends.triton.tilings import ROW_SPLIT_CONFIG as rows_config
         ws_rows = rows["fwd_ws rows (opt-in)"]
         assert ws_rows["l2_load_bytes_per_pair"] == (
             (Ck * rows_config.value_chunks + Cv) * item / rows_config.block_m), where
@@ -268,7 +268,7 @@ def test_l2_traffic_per_pair_is_the_tiles_each_iteration_streams(report):
 def test_the_sweep_takes_each_candidate_of_each_kernel(monkeypatch):
     """--sweep analyses every candidate of every kernel, the others at their defaults (the
     compiling itself is what the tests above check)."""
-    from bench import kernel_resources
+    from tools.kernel_report import report as kernel_resources
     monkeypatch.setattr(kernel_resources, "analyse",
                         lambda spec, arch=90: (spec["name"], spec["config"]))
     rows = kernel_resources.sweep("bf16")

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Calls on a lent GPU machine (the device tool runs them in the repo root; results go to $OUT).
 # Each stage fits one 10-minute call:
-#   bash bench/gpu_session.sh tests      # GPU tests (bf16, the Gluon forward, int64 offsets)
-#   bash bench/gpu_session.sh tune       # old vs new kernels and tilings (python -m bench.tune)
-#   bash bench/gpu_session.sh kernel     # python -m bench kernel
-#   bash bench/gpu_session.sh video      # python -m bench long-video
-#   bash bench/gpu_session.sh training   # python -m bench training
-#   bash bench/gpu_session.sh interactive  # python -m bench interactive + interactive-eval
-#   bash bench/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
-#   bash bench/gpu_session.sh sanitize   # compute-sanitizer on the smallest Gluon cases
+#   bash tools/gpu_session/gpu_session.sh tests      # GPU tests (bf16, the Gluon forward, int64 offsets)
+#   bash tools/gpu_session/gpu_session.sh tune       # old vs new kernels and tilings (python -m tools.gpu_session.tune)
+#   bash tools/gpu_session/gpu_session.sh kernel     # python -m bench kernel
+#   bash tools/gpu_session/gpu_session.sh video      # python -m bench long-video
+#   bash tools/gpu_session/gpu_session.sh training   # python -m bench training
+#   bash tools/gpu_session/gpu_session.sh interactive  # python -m bench interactive + interactive-eval
+#   bash tools/gpu_session/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
+#   bash tools/gpu_session/gpu_session.sh sanitize   # compute-sanitizer on the smallest Gluon cases
 # "tune" compares with the kernels of an earlier commit when .baseline/ holds an export of it:
-# run `python -m bench.baseline export REV` here first and pass carry=[".baseline"] to the call.
+# run `python -m tools.gpu_session.baseline export REV` here first and pass carry=[".baseline"] to the call.
 # The machine has torch + Triton but no internet: the package is used from the work tree.
 # "tune" and "kernel" save their JSON after every point: a stage cut off by the time limit
 # still returns what it measured (marked "complete": false).
 # Every stage stops itself (SIGINT, KILL 20 s later) inside STAGE_LIMIT seconds (default 600,
 # one call's limit). With less device time left than that, pass the time left less a minute,
-# e.g. `STAGE_LIMIT=420 bash bench/gpu_session.sh kernel` with timeout_s=420: the stage then
+# e.g. `STAGE_LIMIT=420 bash tools/gpu_session/gpu_session.sh kernel` with timeout_s=420: the stage then
 # still ends cleanly (pytest writes its junit XML, the benchmarks their summary) instead of
 # being killed by the call's limit.
 set -uo pipefail
@@ -74,26 +74,26 @@ case "${1:-tests}" in
     baseline=$(ls -d .baseline/*/ 2>/dev/null | head -1)
     # bf16 first (up to 7 minutes), fp32 in what is left; both save after every point and
     # stop on SIGINT before the call's limit.
-    timed "$(until_mark 420)" python3 -m bench.tune --ns 162000 \
+    timed "$(until_mark 420)" python3 -m tools.gpu_session.tune --ns 162000 \
       --batches 1 ${baseline:+--baseline "$baseline"}
-    timed "$(until_mark 570)" python3 -m bench.tune --dtype fp32 --quick \
+    timed "$(until_mark 570)" python3 -m tools.gpu_session.tune --dtype fp32 --quick \
       --ns 162000 --batches 1 ;;
   profile)
     # Where the time goes, at the target shape, in three steps that each keep their files:
     # (1) kernel times per pass by torch.profiler, which needs no hardware counters (ncu
     # cannot read them on every machine: KINDS.md); (2) ncu on one round of every pass
-    # (bench.profile_target brackets it with cudaProfilerStart/Stop), the clocks left as they
+    # (tools.gpu_session.profile_target brackets it with cudaProfilerStart/Stop), the clocks left as they
     # are (METHOD.md); (3) the report's raw metrics as CSV, summarised per kernel beside the
-    # static work report's L2 bytes (bench.ncu_summary).
-    timed "$(until_mark 150)" python3 -m bench.profile_target --breakdown
+    # static work report's L2 bytes (tools.gpu_session.ncu_summary).
+    timed "$(until_mark 150)" python3 -m tools.gpu_session.profile_target --breakdown
     timed "$(until_mark 510)" ncu --target-processes all --profile-from-start off \
       --clock-control none --kernel-name regex:memory_read --set full -o "$OUT/profile" -f \
-      python3 -m bench.profile_target
+      python3 -m tools.gpu_session.profile_target
     if [ -f "$OUT/profile.ncu-rep" ]; then
       ncu --import "$OUT/profile.ncu-rep" --page raw --csv --print-units base \
         > "$OUT/profile_raw.csv"
       passes=$(ls -t "$OUT"/profile_passes_*.json 2>/dev/null | head -1)
-      timed "$(until_mark 570)" python3 -m bench.ncu_summary "$OUT/profile_raw.csv" \
+      timed "$(until_mark 570)" python3 -m tools.gpu_session.ncu_summary "$OUT/profile_raw.csv" \
         ${passes:+--passes "$passes"}
     else echo "== no ncu report: see log.txt"; fi ;;
   kernel) timed "$(until_mark 570)" python3 -m bench kernel ;;

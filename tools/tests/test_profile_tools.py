@@ -1,5 +1,6 @@
-"""The profile stage's tools on CPU: bench.profile_target's passes (run in the Triton
-interpreter at a tiny shape) and kernel-time table, and bench.ncu_summary on handmade ncu CSV
+"""The profile stage's tools on CPU: tools.gpu_session.profile_target's passes (run in the Triton
+interpreter at a tiny shape) and kernel-time table, and tools.gpu_session.ncu_summary on
+handmade ncu CSV
 exports in both of ncu's layouts (the real ones come from the GPU machine)."""
 import csv
 import io
@@ -9,7 +10,8 @@ import types
 import pytest
 import torch
 
-from bench import common, ncu_summary, profile_target
+from bench import common
+from tools.gpu_session import ncu_summary, profile_target
 
 # Launch order of one profiled round: forward (+ merge), forward+backward, the Gluon forward at
 # its default tiling and with the row split (+ merge each).

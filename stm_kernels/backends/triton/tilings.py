@@ -1,9 +1,10 @@
 """Tilings of the Triton kernels: one small config class per kernel, the candidate tables the
 launchers try in order, and a context manager that forces a config (tests, tuning).
 
-Every GPU default is justified by the static work report (`python -m bench.kernel_resources`,
+Every GPU default is justified by the static work report (`python -m tools.kernel_report.report`,
 compiled for sm_90 at the target shape B=1, HW=1,620, N=162,000, Ck=128, Cv=512; README
-"Static work report") and stays until `python -m bench.tune` on an H100 says otherwise. All
+"Static work report") and stays until `python -m tools.gpu_session.tune` on an H100 says
+otherwise. All
 defaults compile without register spills, within 227 KiB of shared memory, and no warpgroup
 repeats another's dot:
 
@@ -133,8 +134,9 @@ class WarpSpecializedConfig:
 
 # The Gluon forward's other candidate: 1.2x the useful MACs (as the plain forward) for 0.6x the
 # default's L2 traffic; which one wins depends on the L2 -> SM bandwidth, which only a GPU run
-# (bench.tune times both) can tell. Static report (sm_90, target shape): no spills, 210 KiB of
-# shared memory with 3 stages (166 KiB with 2, which bench.tune also times).
+# (tools.gpu_session.tune times both) can tell. Static report (sm_90, target shape): no
+# spills, 210 KiB of
+# shared memory with 3 stages (166 KiB with 2, which tools.gpu_session.tune also times).
 ROW_SPLIT_CONFIG = WarpSpecializedConfig(block_m=128, num_stages=3, value_chunks=2,
                                          split_rows=True)
 

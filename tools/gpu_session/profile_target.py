@@ -1,8 +1,9 @@
 """The memory read's passes at the target shape, for a profiler (GPU).
 
     ncu --profile-from-start off --clock-control none --kernel-name regex:memory_read \\
-        --set full -o prof python -m bench.profile_target   # (bash bench/gpu_session.sh profile)
-    python -m bench.profile_target --breakdown              # kernel times, no hardware counters
+        --set full -o prof python -m tools.gpu_session.profile_target
+        # (bash tools/gpu_session/gpu_session.sh profile)
+    python -m tools.gpu_session.profile_target --breakdown   # kernel times, no hardware counters
 
 Target: B=1, HW=1,620 (one 480p frame), N=162,000 (100 memory frames), Ck=128, Cv=512, bf16.
 Passes, in this order: the forward, the forward+backward, and the opt-in warp-specialised
@@ -10,7 +11,8 @@ Gluon forward at its default tiling and with the row split (where it can run: sm
 Triton with Gluon's Hopper API; otherwise the pass is recorded as skipped, with the reason).
 
 Default mode: writes profile_passes_<device>_<date>.json (the passes in order, for
-`python -m bench.ncu_summary`), then runs every pass once to compile and warm up and once more
+`python -m tools.gpu_session.ncu_summary`), then runs every pass once to compile and warm up and
+once more
 between cudaProfilerStart and cudaProfilerStop, which is all that `ncu --profile-from-start
 off` profiles.
 
@@ -25,9 +27,11 @@ import collections
 import torch
 
 from bench import common
-from stm_kernels import memory_read, triton_configs
+from stm_kernels import memory_read
+from stm_kernels.backends.triton import tilings as triton_configs
 
-# Launch-order lead kernel of every pass: bench.ncu_summary splits ncu's kernels into passes
+# Launch-order lead kernel of every pass: tools.gpu_session.ncu_summary splits ncu's kernels into
+# passes
 # at them.
 FORWARD_KERNEL = "memory_read_fwd_kernel"
 WARP_SPECIALIZED_KERNEL = "memory_read_ws_fwd_kernel"
@@ -42,7 +46,7 @@ FLOP_FACTOR = {"forward": 1.0, "forward+backward": 3.5}
 def passes(q, k, v, grad):
     """[dict(name, run, flops, lead_kernel, static_row, skipped)] of the profiled passes, in
     order; `skipped` is the reason a pass cannot run here (None when it can)."""
-    from stm_kernels import memory_read_gluon as gluon
+    from stm_kernels.experimental import gluon_forward as gluon
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     forward_flops = 2.0 * B * HW * N * (Ck + Cv)
@@ -157,7 +161,8 @@ def plot(payload, path):
 
 
 def main(argv=None):
-    """`python -m bench.profile_target`: the passes for ncu, or their kernel breakdown."""
+    """`python -m tools.gpu_session.profile_target`: the passes for ncu, or their kernel
+    breakdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=162000)
     parser.add_argument("--hw", type=int, default=1620)

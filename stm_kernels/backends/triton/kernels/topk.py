@@ -12,7 +12,7 @@ Scores are in base 2 (scale folded with log2(e)), as in the forward kernel.
 import triton
 import triton.language as tl
 
-from .triton_common import aligned_stride, block_scores, query_block, split_bounds, tile_offsets
+from .common import aligned_stride, block_scores, query_block, split_bounds, tile_offsets
 
 MIN_KEY = -(2**63)
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.

@@ -1,4 +1,5 @@
-"""bench.tune and bench.baseline in the Triton interpreter (a logic check: tiny shapes, no GPU).
+"""tools.gpu_session.tune and tools.gpu_session.baseline in the Triton interpreter (a logic
+check: tiny shapes, no GPU).
 
 An earlier commit's kernels are exported beside the current ones and both are timed and
 checked against the torch backend in one run, as the GPU session does at the target shape.
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The commit before the kernel rewrite of issue #11 (64-row forward, dK/dV + dQ backward).
 BASELINE_REVISION = "7acb609"
 
@@ -26,12 +27,12 @@ def _has_revision(revision):
                     reason=f"commit {BASELINE_REVISION} not in this clone (shallow?)")
 def test_tune_times_current_tilings_and_an_exported_baseline(tmp_path):
     pytest.importorskip("triton")
-    from bench import baseline
+    from tools.gpu_session import baseline
     exported = baseline.export(BASELINE_REVISION, tmp_path / "baseline")
     assert "stm_kernels_baseline::" in (exported / "stm_kernels" / "memory_read.py").read_text()
     environment = dict(os.environ, TRITON_INTERPRET="1", STM_BENCH_RESULTS=str(tmp_path))
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.tune", "--quick", "--dtype", "fp32", "--ns", "70",
+        [sys.executable, "-m", "tools.gpu_session.tune", "--quick", "--dtype", "fp32", "--ns", "70",
          "--batches", "2", "--hw", "20", "--ck", "16", "--cv", "24", "--baseline",
          str(exported)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -53,8 +54,8 @@ def test_candidates_put_the_defaults_first_and_the_gluon_forward_last():
     pytest.importorskip("triton")
     import torch
 
-    from bench import tune
-    from stm_kernels import triton_configs
+    from tools.gpu_session import tune
+    from stm_kernels.backends.triton import tilings as triton_configs
     for dtype in (torch.bfloat16, torch.float32):
         forward, backward = triton_configs.defaults(dtype.itemsize)
         for quick in (False, True):

@@ -1,12 +1,14 @@
-"""The memory read in plain PyTorch with bounded memory: online softmax over memory chunks
-(forward) and recomputation from the saved log-sum-exp (backward). The CPU path; also the
-float64 path used by gradcheck."""
+"""The "torch" backend: the memory read in plain PyTorch with bounded memory. Online softmax
+over memory chunks (forward), recomputation from the saved log-sum-exp (backward), a streaming
+top-k selection and the memory usage, all chunked so that no (N x HW) affinity is ever held.
+The CPU path, the fallback of the Triton backend, and the float64 path used by gradcheck."""
 import itertools
 
 import torch
 
-from ._buffers import new_buffer
-from .torch_common import accumulation_dtype, chunk_length, chunk_scores, without_autocast
+from .. import torch_common
+from .._buffers import new_buffer
+from ..torch_common import accumulation_dtype, chunk_length, chunk_scores, without_autocast
 
 
 def _per_object(q, lengths):
@@ -35,7 +37,7 @@ def _rows(objects):
 
 
 @without_autocast
-def torch_forward(q, k, v, scale, l2, lengths=None):
+def forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
     lengths: optional (B,) valid memory positions per object. The memory is then cut where an
@@ -76,14 +78,14 @@ def torch_forward(q, k, v, scale, l2, lengths=None):
 
 
 @without_autocast
-def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
+def backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """(dq shaped like q, dk, dv) of the read, one memory chunk at a time; with lengths, one
     object at a time over its own positions (zero dk, dv past them)."""
     if lengths is not None:
         dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         for b, q_b, length in _per_object(q, lengths):
-            grads = torch_backward(
+            grads = backward(
                 grad_out[b:b + 1], None if grad_lse is None else grad_lse[b:b + 1], q_b,
                 k[b:b + 1, :, :length], v[b:b + 1, :, :length], out[b:b + 1], lse[b:b + 1],
                 scale, l2)
@@ -123,3 +125,108 @@ def torch_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=Non
     if q.shape[0] == 1 and B > 1:
         dq = dq.sum(0, keepdim=True)
     return dq.to(q.dtype).contiguous(), dk, dv
+
+
+# --------------------------------------------------------------------------- top-k selection
+
+
+def exact_topk(scores, k):
+    """(values, indices) of the k largest entries of each row of scores (..., n), sorted by
+    value descending then index ascending: among equal values the lower indices are taken
+    (torch.topk leaves that order unspecified)."""
+    values, indices = torch.topk(scores, k, dim=-1)
+    threshold = values[..., -1:]
+    if bool(((scores >= threshold).sum(-1) != k).any()):
+        # ties at the threshold reach past the k kept: take the lowest indices among them
+        greater, equal = scores > threshold, scores == threshold
+        needed = k - greater.sum(-1, keepdim=True)
+        take = greater | (equal & (equal.cumsum(-1) <= needed))
+        indices = take.nonzero()[:, -1].view(*scores.shape[:-1], k)
+        values = scores.gather(-1, indices)
+    return _ordered(values, indices)
+
+
+def _ordered(values, indices):
+    """Sort by value descending, then index ascending."""
+    by_index = torch.sort(indices, dim=-1).indices
+    values, indices = values.gather(-1, by_index), indices.gather(-1, by_index)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return values.gather(-1, order), indices.gather(-1, order)
+
+
+def _merge(best, candidates):
+    """The k best of two (values, indices) sets whose ties are all ordered by index, the first
+    set holding the lower indices."""
+    values = torch.cat([best[0], candidates[0]], -1)
+    indices = torch.cat([best[1], candidates[1]], -1)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    order = order[..., :best[0].shape[-1]]
+    return values.gather(-1, order), indices.gather(-1, order)
+
+
+@without_autocast
+def select(q, k, top_k, scale, l2, lengths=None):
+    """(scores (B, HW, top_k), indices) of the top_k memory positions of each query, streaming
+    over memory chunks (scores in the accumulation dtype; index -1 / score -inf where an object
+    has fewer than top_k positions)."""
+    B, _, N = k.shape
+    HW = q.shape[2]
+    acc_dtype = accumulation_dtype(k.dtype)
+    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()
+    chunk = max(top_k, torch_common.CHUNK_ELEMENTS // max(B * HW, 1))
+    best = None
+    for start in range(0, N, chunk):
+        k_chunk = k[:, :, start:start + chunk].to(acc_dtype).contiguous()
+        scores = chunk_scores(q_rows, k_chunk, scale, l2)  # (B, HW, n)
+        if lengths is not None:
+            positions = torch.arange(start, start + scores.shape[2], device=k.device)
+            scores.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
+        values, indices = exact_topk(scores, min(top_k, scores.shape[2]))
+        found = (values, indices + start)
+        best = found if best is None else _merge(best, found)
+    return padded(*best, top_k)
+
+
+def padded(values, indices, top_k):
+    """Pad to top_k entries and mark entries past an object's memory (-inf) with index -1."""
+    missing = top_k - values.shape[-1]
+    if missing > 0:
+        values = torch.cat([values, values.new_full(values.shape[:-1] + (missing,),
+                                                    float("-inf"))], -1)
+        indices = torch.cat([indices, indices.new_zeros(indices.shape[:-1] + (missing,))], -1)
+    return values, torch.where(torch.isneginf(values), -1, indices)
+
+
+# --------------------------------------------------------------------------- usage
+
+
+@without_autocast
+def usage(q, k, lse, scale, l2, lengths=None):
+    """(B, N) float32 usage of the memory positions, one memory chunk at a time. The shifted
+    scores s_ij - lse_i come out of one product over augmented channels (q' = [scale q, -lse],
+    k' = [k, 1]; for L2 q' = [2 scale q, -scale, -lse], k' = [k, |k|^2, 1]), so each chunk
+    costs one product, one exp and a sum over the queries."""
+    B, Ck, N = k.shape
+    HW = q.shape[2]
+    acc_dtype = accumulation_dtype(k.dtype)
+    lse = lse.to(acc_dtype)
+    q_rows = q.to(acc_dtype).transpose(1, 2).expand(B, -1, -1)  # (B, HW, Ck)
+    columns = [q_rows * (2 * scale if l2 else scale)]
+    if l2:
+        columns.append(q_rows.new_full((B, HW, 1), -scale))
+    q_aug = torch.cat(columns + [-lse.unsqueeze(2)], 2)  # (B, HW, Ck + 1 or 2)
+    usage = torch.zeros((B, N), dtype=torch.float32, device=k.device)
+    ones = q_aug.new_ones((B, 1, HW))
+    chunk = chunk_length(B, HW, N)
+    for start in range(0, N, chunk):
+        k_chunk = k[:, :, start:start + chunk].to(acc_dtype)
+        n = k_chunk.shape[2]
+        rows = [k_chunk] + ([k_chunk.square().sum(1, keepdim=True)] if l2 else [])
+        k_aug = torch.cat(rows + [k_chunk.new_ones((B, 1, n))], 1)
+        shifted = torch.bmm(q_aug, k_aug)  # (B, HW, n): s_ij - lse_i
+        if lengths is not None and int(lengths.min()) < start + n:
+            positions = torch.arange(start, start + n, device=k.device)
+            shifted.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
+        # a product with ones sums over the queries faster than .sum(1) on CPU
+        usage[:, start:start + n] = torch.bmm(ones, shifted.exp_()).squeeze(1)
+    return usage

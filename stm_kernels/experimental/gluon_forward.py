@@ -1,15 +1,16 @@
 """Warp-specialised forward of the memory read for Hopper (sm_90), written in Gluon.
 
 Opt-in and experimental: nothing dispatches here by default. It compiles for sm_90 without a
-GPU (tests/test_gluon_forward.py checks the PTX and ptxas' resource report), but it has not yet
-been run on a GPU: it stays opt-in until a GPU run shows it correct (tests marked `gpu` in that
-file) and faster than `memory_read_fwd_kernel` (bench.kernel).
+GPU (tools/tests/test_gluon_compile.py checks the PTX and ptxas' resource report), but it has
+not yet been run on a GPU: it stays opt-in until a GPU run shows it correct (tests marked `gpu`
+in tests/test_gluon_forward.py) and faster than `memory_read_fwd_kernel` (bench.kernel).
 
-Same contract as `memory_read_fwd_kernel` (stm_kernels/memory_read_triton.py): q (Bq, Ck, HW)
-with Bq = B or 1 (or a stride-0 batch), k (B, Ck, N), v (B, Cv, N); the program (query block i_m,
-object i_b, memory split i_s) reads memory positions [i_s*per_split, min((i_s+1)*per_split, N))
-and writes part_out[i_s, i_b, :, m-range] (out = acc / rowsum) and part_lse[i_s, i_b, m-range]
-(natural log). Scores are kept in base 2 (qk_scale = scale * log2(e)). With value_chunks > 1
+Same contract as `memory_read_fwd_kernel` (stm_kernels/backends/triton/kernels/forward.py):
+q (Bq, Ck, HW) with Bq = B or 1 (or a stride-0 batch), k (B, Ck, N), v (B, Cv, N); the program
+(query block i_m, object i_b, memory split i_s) reads memory positions
+[i_s*per_split, min((i_s+1)*per_split, N)) and writes part_out[i_s, i_b, :, m-range]
+(out = acc / rowsum) and part_lse[i_s, i_b, m-range] (natural log). Scores are kept in base 2
+(qk_scale = scale * log2(e)). With value_chunks > 1
 (WarpSpecializedConfig) grid axis 0 also runs over value chunks: each program writes
 ceil(Cv / value_chunks) of the channels, and the first chunk the lse.
 
@@ -82,9 +83,9 @@ otherwise the kernel is launched once per object.
 """
 import torch
 
-from ._buffers import device_context
+from .._buffers import device_context
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
-from .triton_configs import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
+from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
 
 try:
     import triton
@@ -104,7 +105,6 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     for _module, _names in ((gl, ("warp_specialize", "allocate_shared_memory", "NVMMASharedLayout",
                                   "NVMMADistributedLayout", "DotOperandLayout", "SliceLayout",
@@ -562,41 +562,3 @@ def default_splits(HW, N, B, config=None, sm_count=132):
     splits = max(1, min(splits, n_blocks // 4, n_blocks))
     per_split = _cdiv(n_blocks, splits) * config.block_n
     return _cdiv(N, per_split), per_split
-
-
-def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N=162000,
-                     Ck=128, Cv=512, B=1, splits=None):
-    """Compile the kernel ahead of time, without a GPU, for GPUTarget("cuda", arch, 32), as a
-    launch on contiguous tensors of these sizes would (broadcast query, fp32 partial outputs
-    when splits > 1, integer arguments specialised like the JIT: 1 -> constant, multiples of 16
-    -> divisibility 16). Returns the compiled kernel (.asm["ptx"], .asm["ttgir"],
-    .metadata.shared)."""
-    if not AVAILABLE:
-        raise RuntimeError(UNAVAILABLE_REASON)
-    from triton.backends.compiler import GPUTarget
-
-    from .offline_compile import specialised_signature
-
-    config = config or WarpSpecializedConfig()
-    torch_dtype = _SIGNATURE_DTYPES[dtype]
-    if splits is None:
-        splits, per_split = default_splits(HW, N, B, config)
-    else:
-        per_split = _cdiv(_cdiv(N, config.block_n), splits) * config.block_n
-    layouts = _layouts(torch_dtype, Ck, Cv, config)
-
-    def descriptor(key):
-        shape, layout = layouts[key]
-        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
-
-    out_type = f"*{dtype}" if splits == 1 else "*fp32"
-    values = dict(stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
-                  stride_ls=B * HW, stride_lb=HW, stride_lm=1, HW=HW, N=N, n_per_split=per_split)
-    kernel = memory_read_ws_fwd_kernel
-    constexprs = dict(_constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
-    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
-                 o=out_type, lse="*fp32", qk_scale="fp32")
-    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
-                                                         constexprs)
-    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))

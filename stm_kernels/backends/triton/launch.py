@@ -7,9 +7,9 @@
                      memory_read_bwd_kernel_dv and memory_read_bwd_kernel_dkdq (dQ by atomics;
                      under torch.use_deterministic_algorithms, memory_read_bwd_kernel_dq)
 
-The kernels are in triton_fwd / triton_bwd, their tilings in triton_configs. Kernel arguments
-are passed by name; `forward_plan` and `backward_plan` compute the grids (also used by the
-static work report, bench.kernel_resources, for a pretend device).
+The kernels are in kernels/, their tilings in tilings.py. Kernel arguments are passed by name;
+`forward_plan` and `backward_plan` compute the grids (also used by the static work report,
+tools/kernel_report, for a pretend device).
 """
 import dataclasses
 import os
@@ -18,16 +18,16 @@ import warnings
 import torch
 import triton
 
-from ._buffers import device_context, new_buffer
-from .triton_bwd import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
+from ..._buffers import device_context, new_buffer
+from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
                          memory_read_bwd_kernel_dv, memory_read_usage_kernel)
-from .triton_common import LOG2E
-from .triton_compat import patch_interpreter_index
-from .triton_configs import (INTERPRETING, SELECT_CONFIG, USAGE_CONFIG, BackwardConfig,
+from .kernels.common import LOG2E
+from .compat import patch_interpreter_index
+from .tilings import (INTERPRETING, SELECT_CONFIG, USAGE_CONFIG, BackwardConfig,
                              DkdqConfig, DqConfig, DvConfig, ForwardConfig, candidates,
                              use_configs, warp_specialized_config)
-from .triton_fwd import memory_read_fwd_kernel, memory_read_merge_kernel
-from .triton_topk import MIN_KEY, memory_read_topk_kernel
+from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
+from .kernels.topk import MIN_KEY, memory_read_topk_kernel
 
 __all__ = ["triton_forward", "triton_backward", "triton_select", "triton_usage", "forward_plan",
            "backward_plan", "dq_plan", "use_configs",
@@ -213,7 +213,7 @@ def _warp_specialized_forward(q, k, v):
     if os.environ.get(WARP_SPECIALIZED_ENV, "0") != "1":
         return None
     try:
-        from . import memory_read_gluon as gluon
+        from ...experimental import gluon_forward as gluon
     except ImportError as error:  # pragma: no cover - the module imports on every Triton
         _warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored: {error}; using the plain Triton forward")
         return None
@@ -405,7 +405,7 @@ def select_launch(top_k):
 def triton_select(q, k, top_k, scale, l2, lengths=None):
     """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
     top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
-    memory; one fused pass over the memory (triton_topk)."""
+    memory; one fused pass over the memory (kernels/topk.py)."""
     _check_device(q, k)
     B, Ck, N = k.shape
     HW = q.shape[2]

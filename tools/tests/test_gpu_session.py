@@ -1,4 +1,4 @@
-"""bench/gpu_session.sh's time limits, checked on CPU with stand-in commands.
+"""tools/gpu_session/gpu_session.sh's time limits, checked on CPU with stand-in commands.
 
 The GPU session gets 30 minutes of device time in calls of at most 10: every stage must stop
 its work itself (SIGINT, so pytest still writes its junit XML and the benchmarks their
@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_session.sh"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tools" / "gpu_session" / "gpu_session.sh"
 
 pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
                                 reason="needs bash and coreutils' timeout")
@@ -91,7 +91,7 @@ def test_stage_skips_work_when_no_time_is_left(tmp_path):
     # 14 - 30 < 0 s: too little to start either run (`timeout 0` would mean no limit at all).
     completed, lines, seconds = _run_stage(tmp_path, "tune", 14)
     assert lines == [], lines
-    assert completed.stdout.count("== no time left for python3 -m bench.tune") == 2
+    assert completed.stdout.count("== no time left for python3 -m tools.gpu_session.tune") == 2
     assert seconds < 10
 
 
@@ -104,14 +104,15 @@ def test_bad_stage_limit_is_refused(tmp_path):
 
 def test_profile_stage_breakdown_then_ncu_then_summary(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()  # the passes bench.profile_target (a shim here) writes beside its report
+    out.mkdir()  # the passes profile_target (a shim here) writes beside its report
     passes = out / "profile_passes_cuda_20261123T100000.json"
     passes.write_text("{}")
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0)
     assert len(lines) == 4, (lines, completed.stdout)
-    assert lines[0] == "-m bench.profile_target --breakdown | finished"
+    assert lines[0] == "-m tools.gpu_session.profile_target --breakdown | finished"
     profiled = lines[1].split()
-    assert profiled[0] == "ncu" and profiled[-3:] == ["python3", "-m", "bench.profile_target"]
+    assert profiled[0] == "ncu"
+    assert profiled[-3:] == ["python3", "-m", "tools.gpu_session.profile_target"]
     # only the cudaProfilerStart/Stop round, and the clocks left as they are (METHOD.md)
     for option in ("--profile-from-start off", "--clock-control none", "--set full",
                    f"-o {out}/profile"):
@@ -119,13 +120,14 @@ def test_profile_stage_breakdown_then_ncu_then_summary(tmp_path):
     assert lines[2] == (f"ncu --import {out}/profile.ncu-rep --page raw --csv "
                         "--print-units base")
     assert (out / "profile_raw.csv").read_text() == '"ID","Kernel Name"\n'
-    assert lines[3] == f"-m bench.ncu_summary {out}/profile_raw.csv --passes {passes} | finished"
+    assert lines[3] == (f"-m tools.gpu_session.ncu_summary {out}/profile_raw.csv "
+                        f"--passes {passes} | finished")
 
 
 def test_profile_stage_keeps_the_breakdown_when_ncu_cannot_profile(tmp_path):
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0,
                                      SHIM_NCU_FAILS="1")
-    assert lines[0] == "-m bench.profile_target --breakdown | finished"
+    assert lines[0] == "-m tools.gpu_session.profile_target --breakdown | finished"
     assert len(lines) == 2 and lines[1].startswith("ncu "), lines
     assert "== no ncu report: see log.txt" in completed.stdout
 

@@ -1,8 +1,8 @@
 """Time the Triton kernels under each candidate tiling and report the fastest (GPU).
 
-    python -m bench.tune                                  # bf16, target shapes, full sweep
-    python -m bench.tune --quick                          # the defaults and a few candidates
-    python -m bench.tune --baseline .baseline/7acb609     # also an earlier commit's kernels
+    python -m tools.gpu_session.tune                               # bf16, target shapes, full sweep
+    python -m tools.gpu_session.tune --quick                       # the defaults and a few others
+    python -m tools.gpu_session.tune --baseline .baseline/7acb609  # and an earlier commit's kernels
 
 Per shape it times: the forward under every FORWARD_SWEEP tiling; the backward with each
 DV_SWEEP tiling (dK/dQ at its default) and each DKDQ_SWEEP tiling (dV at its default); the
@@ -10,12 +10,12 @@ backward under torch.use_deterministic_algorithms with each DQ_SWEEP tiling (the
 instead of the atomics); the
 opt-in warp-specialised Gluon forward where it can run, at its default tiling and with the
 row split (triton_configs.ROW_SPLIT_CONFIG); and, with --baseline (an export of an
-earlier commit, `python -m bench.baseline export REV`), that library's forward and
+earlier commit, `python -m tools.gpu_session.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
 backend on the same inputs (normalised error bound per dtype): a tiling that fails to compile,
 runs out of resources or computes a wrong result is recorded as such. TFLOP/s count forward
 2*B*HW*N*(Ck+Cv) and backward 2.5x that. Writes bench/results/tune_<device>_<date>.json; copy
-the winners into stm_kernels/triton_configs.py with the run that justifies them.
+the winners into stm_kernels/backends/triton/tilings.py with the run that justifies them.
 """
 import argparse
 import contextlib
@@ -25,12 +25,13 @@ import sys
 
 import torch
 
-from bench import baseline, common
-from bench.kernel_resources import DKDQ_SWEEP, DQ_SWEEP, DV_SWEEP, FORWARD_SWEEP
+from bench import common
+from tools.gpu_session import baseline
+from tools.kernel_report.report import DKDQ_SWEEP, DQ_SWEEP, DV_SWEEP, FORWARD_SWEEP
 from stm_kernels import memory_read
-from stm_kernels import memory_read_triton as launchers
-from stm_kernels import triton_configs
-from stm_kernels.checks import DTYPES
+from stm_kernels.backends.triton import launch as launchers
+from stm_kernels.backends.triton import tilings as triton_configs
+from stm_kernels.options import DTYPES
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3}
 
@@ -136,7 +137,7 @@ def _measure(read, label, context, pass_, inputs, device, reference):
     q, k, v, grad = inputs
     with context():
         if label.startswith("warp-specialized"):
-            from stm_kernels import memory_read_gluon
+            from stm_kernels.experimental import gluon_forward as memory_read_gluon
             reason = memory_read_gluon.unsupported_reason(
                 q, k, v, triton_configs.warp_specialized_config())
             if reason is not None:  # the launcher would run the plain kernel instead
@@ -151,7 +152,7 @@ def _flops(pass_, B, HW, N, Ck, Cv):
 
 
 def main(argv=None):
-    """`python -m bench.tune`; returns the exit code."""
+    """`python -m tools.gpu_session.tune`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
@@ -162,7 +163,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="the defaults and a few more candidates")
     parser.add_argument("--baseline", default=None,
-                        help="an exported earlier stm_kernels (python -m bench.baseline export)")
+                        help="an exported earlier stm_kernels "
+                             "(python -m tools.gpu_session.baseline export)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not triton_configs.INTERPRETING:

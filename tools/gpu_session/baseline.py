@@ -1,8 +1,8 @@
 """An earlier commit's op library, importable beside the current one, to time old against new
-kernels in one run (bench.tune --baseline).
+kernels in one run (tools.gpu_session.tune --baseline).
 
-    python -m bench.baseline export 7acb609        # writes .baseline/7acb609/ (git-ignored)
-    python -m bench.tune --baseline .baseline/7acb609
+    python -m tools.gpu_session.baseline export 7acb609   # writes .baseline/7acb609/ (ignored)
+    python -m tools.gpu_session.tune --baseline .baseline/7acb609
 
 The export is `git archive REV stm_kernels` with the custom-op namespace renamed
 (stm_kernels:: -> stm_kernels_baseline::), so both libraries register their ops in one process.
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tarfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = "stm_kernels_baseline"
 
 
@@ -41,7 +41,8 @@ def load(directory):
     """Import an exported library as the package `stm_kernels_baseline`."""
     package_dir = pathlib.Path(directory) / "stm_kernels"
     if not (package_dir / "__init__.py").exists():
-        raise FileNotFoundError(f"{directory}: no exported stm_kernels (python -m bench.baseline "
+        raise FileNotFoundError(f"{directory}: no exported stm_kernels (python -m "
+                                "tools.gpu_session.baseline "
                                 "export REV)")
     spec = importlib.util.spec_from_file_location(
         PACKAGE, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)])
@@ -58,7 +59,7 @@ def revision(directory):
 
 
 def main(argv=None):
-    """`python -m bench.baseline export REV`; returns the exit code."""
+    """`python -m tools.gpu_session.baseline export REV`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     export_parser = sub.add_parser("export", help="export REV's stm_kernels")

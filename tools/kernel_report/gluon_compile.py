@@ -1,0 +1,44 @@
+"""The warp-specialised Gluon forward (stm_kernels/experimental/gluon_forward.py) compiled ahead
+of time for sm_90, without a GPU: its PTX, TTGIR and shared memory for the static report and
+the compile tests."""
+import triton
+from triton.backends.compiler import GPUTarget
+
+from stm_kernels.experimental import gluon_forward as gluon
+from tools.kernel_report.signature import specialised_signature
+
+
+def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N=162000,
+                     Ck=128, Cv=512, B=1, splits=None):
+    """Compile the kernel ahead of time, without a GPU, for GPUTarget("cuda", arch, 32), as a
+    launch on contiguous tensors of these sizes would (broadcast query, fp32 partial outputs
+    when splits > 1, integer arguments specialised like the JIT: 1 -> constant, multiples of 16
+    -> divisibility 16). Returns the compiled kernel (.asm["ptx"], .asm["ttgir"],
+    .metadata.shared)."""
+    if not gluon.AVAILABLE:
+        raise RuntimeError(gluon.UNAVAILABLE_REASON)
+    config = config or gluon.WarpSpecializedConfig()
+    torch_dtype = gluon._SIGNATURE_DTYPES[dtype]
+    if splits is None:
+        splits, per_split = gluon.default_splits(HW, N, B, config)
+    else:
+        per_split = gluon._cdiv(gluon._cdiv(N, config.block_n), splits) * config.block_n
+    layouts = gluon._layouts(torch_dtype, Ck, Cv, config)
+
+    def descriptor(key):
+        shape, layout = layouts[key]
+        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
+
+    out_type = f"*{dtype}" if splits == 1 else "*fp32"
+    values = dict(stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
+                  stride_ls=B * HW, stride_lb=HW, stride_lm=1, HW=HW, N=N, n_per_split=per_split)
+    kernel = gluon.memory_read_ws_fwd_kernel
+    constexprs = dict(gluon._constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
+    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
+                 o=out_type, lse="*fp32", qk_scale="fp32")
+    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
+                                                         constexprs)
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
