@@ -14,6 +14,14 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    # A read that falls back from the Triton kernels to torch without a test expecting it is a
+    # failure: the fallback would otherwise hide a broken kernel behind a correct result. Added
+    # here, not in pytest.ini: resolving the category imports stm_kernels, which must happen
+    # after TRITON_INTERPRET is set above.
+    config.addinivalue_line("filterwarnings", "error::stm_kernels.FallbackWarning")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -18,7 +18,6 @@ from bench import (dataset_throughput, held_out, interactive, interactive_eval, 
                    long_video, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
 from tools.gpu_session import ncu_summary, profile_target
-from tools.kernel_report import report as kernel_report
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 # results "benchmark" field: (plot(payload, path) -> written paths, or None; summary(payload)
@@ -30,7 +29,6 @@ RENDERERS = {
     "held_out": (None, held_out.summary),
     "interactive": (interactive.plot, interactive.summary),
     "interactive_eval": (interactive_eval.plot, interactive_eval.summary),
-    "kernel_work": (None, kernel_report.summary),
     "ragged_read": (ragged_read.plot, ragged_read.summary),
     "dataset_throughput": (dataset_throughput.plot, dataset_throughput.summary),
     "topk_read": (topk_read.plot, topk_read.summary),

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stm_kernels import __version__
+from stm_kernels import __version__, selftest
 from stm_kernels.options import BACKENDS, DTYPES
 
 from . import (cpu_allocator, dataset_segmentation, distributed, interactive_eval, metrics,
@@ -127,6 +127,10 @@ def main(argv=None):
         "train", help="train an STM (options: stm train --help)",
         description=train.__doc__.split("\n\n")[0])
     train.add_arguments(train_parser).set_defaults(run=train.run)
+    selftest.add_arguments(commands.add_parser(
+        "selftest", help="check the fused read on this machine (results and speed)",
+        description=selftest.__doc__.split("\n\n")[0])).set_defaults(
+            run=selftest.run_arguments)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0), or a usage error (2) printed by _Parser.error

@@ -416,7 +416,7 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, config):
     """memory_read with the opt-in (STM_KERNELS_WARP_SPECIALIZED=1) and a tiling forced by
     use_configs: the launcher's split plan (value chunks included), its NaN-poisoned buffers,
     the merge kernel (interpreted) and the plain backward on the emulated kernel's lse."""
-    from stm_kernels.backends.triton import launch as launchers
+    from stm_kernels.backends.triton import devices, launch as launchers
     from stm_kernels import poison_outputs
     if not launchers.INTERPRETING:
         pytest.skip("the merge and backward kernels need TRITON_INTERPRET=1 on CPU")
@@ -424,12 +424,14 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, config):
     monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
     monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
     monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
-    monkeypatch.setattr(launchers, "_sm_count", lambda device: 32)  # 3 memory splits
+    # An H100 with 32 multiprocessors (3 memory splits), its tilings run by the interpreter.
+    h100 = devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
     q, k, v = _inputs(2, 1, 32, 96, 45, 200, torch.float16, "cpu", seed=5)
     k, v = k.requires_grad_(), v.requires_grad_()
     config = gluon_forward.WarpSpecializedConfig(**config)
     random.seed(0)
-    with launchers.use_configs(warp_specialized=config), poison_outputs():
+    with launchers.use_configs(warp_specialized=config), poison_outputs(), \
+            devices.pretend(h100):
         out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
         out.float().sum().backward()
     grid, arguments = emulated.launches[0]

@@ -12,6 +12,7 @@ v (B, Cv, N) (naive: `naive_memory_read` with PyTorch's autograd instead of forw
 backward). The opt-in warp-specialised Gluon forward lives outside this default path, in
 stm_kernels/experimental.
 """
+import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -19,6 +20,12 @@ import torch
 
 from ..options import BACKENDS
 from . import naive, pytorch
+
+
+class FallbackWarning(RuntimeWarning):
+    """The Triton kernels could not run a read here (no Triton, a device they do not support,
+    or a kernel that failed to compile or launch); the torch backend computed it instead."""
+
 
 triton: Optional[ModuleType]
 try:
@@ -41,11 +48,15 @@ def resolve(backend, memory_key):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
-        fused = (triton is not None and memory_key.is_cuda and memory_key.dtype in TRITON_DTYPES)
+        fused = (triton is not None and memory_key.is_cuda and memory_key.dtype in TRITON_DTYPES
+                 and triton.preferred(memory_key))
         return "triton" if fused else "torch"
     if backend == "triton":
         if triton is None:
-            raise ValueError("backend='triton' needs the triton package; use backend='torch'")
+            warnings.warn("stm_kernels: backend='triton' needs the triton package, which is not "
+                          "installed; the torch backend reads instead (same result, slower).",
+                          FallbackWarning, stacklevel=4)
+            return "torch"
         if memory_key.dtype not in TRITON_DTYPES:
             raise TypeError(
                 "backend='triton' supports float16, bfloat16 and float32; got "

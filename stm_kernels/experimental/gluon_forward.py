@@ -84,6 +84,7 @@ otherwise the kernel is launched once per object.
 import torch
 
 from .._buffers import device_context
+from ..backends.triton import devices
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
 
@@ -94,7 +95,7 @@ except ImportError:  # a PyTorch without Triton: AVAILABLE stays False
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-H100_SHARED_MEMORY = 227 * 1024
+SM90_SHARED_MEMORY = 227 * 1024  # the architecture's per-block limit (its devices report it)
 
 AVAILABLE = False
 UNAVAILABLE_REASON = "not checked"
@@ -461,8 +462,9 @@ def unsupported_reason(q, k, v, config=None):
     if q.shape[2] * max(abs(s) for s in q.stride()) >= 2**31:
         return "q too large"
     smem = shared_memory_bytes(Ck, Cv, k.element_size(), config)
-    if smem + 1024 > H100_SHARED_MEMORY:  # + barriers, scheduling state, l2 scratch
-        return f"needs ~{smem} bytes of shared memory (> 227 KiB) at this config"
+    limit = devices.describe(k.device).shared_memory if k.is_cuda else SM90_SHARED_MEMORY
+    if smem + 1024 > limit:  # + barriers, scheduling state, l2 scratch
+        return f"needs ~{smem} bytes of shared memory (> {limit // 1024} KiB) at this config"
     return None
 
 
@@ -554,7 +556,7 @@ def _constexprs(l2, Ck, Cv, config, layouts):
                 VALUE_CHUNKS=config.value_chunks, SPLIT_ROWS=bool(config.split_rows))
 
 
-def default_splits(HW, N, B, config=None, sm_count=132):
+def default_splits(HW, N, B, config, sm_count):
     """(splits, per_split) the way triton_forward picks them (enough programs for the SMs)."""
     config = config or WarpSpecializedConfig()
     n_blocks = _cdiv(N, config.block_n)

@@ -4,9 +4,11 @@
     python -m tools.gpu_session.tune --quick                       # the defaults and a few others
     python -m tools.gpu_session.tune --baseline .baseline/7acb609  # and an earlier commit's kernels
 
-Per shape it times: the forward under every FORWARD_SWEEP tiling; the backward with each
-DV_SWEEP tiling (dK/dQ at its default) and each DKDQ_SWEEP tiling (dV at its default); the
-backward under torch.use_deterministic_algorithms with each DQ_SWEEP tiling (the dQ kernel
+Per shape it times, the device's own tilings first (tilings.py, its architecture's table), then
+the candidates of the offline search (tools/kernel_report/search.py): the forward under each
+forward candidate; the backward with each dV candidate (dK/dQ at its default) and each dK/dQ
+candidate (dV at its default); the backward under torch.use_deterministic_algorithms with
+each dQ candidate (the dQ kernel
 instead of the atomics); the
 opt-in warp-specialised Gluon forward where it can run, at its default tiling and with the
 row split (triton_configs.ROW_SPLIT_CONFIG); and, with --baseline (an export of an
@@ -27,7 +29,7 @@ import torch
 
 from bench import common
 from tools.gpu_session import baseline
-from tools.kernel_report.report import DKDQ_SWEEP, DQ_SWEEP, DV_SWEEP, FORWARD_SWEEP
+from tools.kernel_report.search import CANDIDATES
 from stm_kernels import memory_read
 from stm_kernels.backends.triton import launch as launchers
 from stm_kernels.backends.triton import tilings as triton_configs
@@ -68,14 +70,30 @@ def _triton_read(q, k, v):
     return memory_read(q, k, v, backend="triton")
 
 
-def candidates(dtype, quick):
-    """[(kind, label, context manager factory, pass)] to time for this dtype."""
-    default_forward, default_backward = triton_configs.defaults(dtype.itemsize)
-    forwards = [default_forward] + [c for c in FORWARD_SWEEP if c != default_forward]
-    dvs = [default_backward.dv] + [c for c in DV_SWEEP if c != default_backward.dv]
-    dkdqs = [default_backward.dkdq] + [c for c in DKDQ_SWEEP if c != default_backward.dkdq]
-    dqs = [default_backward.dq] + [c for c in DQ_SWEEP[min(dtype.itemsize, 4)]
-                                   if c != default_backward.dq]
+def defaults(dtype, device):
+    """{kernel: the first config} of the device's architecture for dtype (keys up to 128
+    channels, torch's current float32 matmul precision)."""
+    from stm_kernels.backends.triton import devices
+    architecture, reason = triton_configs.architecture_of(devices.describe(device))
+    if architecture is None:
+        raise SystemExit(f"the Triton kernels do not run on {device}: {reason}")
+    precision = triton_configs.precision_class(dtype)
+    return {kernel: architecture.candidates(kernel, precision, 128)[0]
+            for kernel in triton_configs.KERNELS}
+
+
+def candidates(dtype, quick, device=None):
+    """[(kind, label, context manager factory, pass)] to time for this dtype on the device
+    (None: the CPU, i.e. the interpreter's tilings)."""
+    chosen = defaults(dtype, device or torch.device("cpu"))
+    size = min(dtype.itemsize, 4)
+
+    def with_default_first(kernel):
+        return [chosen[kernel]] + [c for c in CANDIDATES[(kernel, size)] if c != chosen[kernel]]
+
+    forwards, dvs, dkdqs, dqs = (with_default_first(kernel)
+                                 for kernel in ("forward", "dv", "dkdq", "dq"))
+    default_backward = triton_configs.BackwardConfig(chosen["dv"], chosen["dkdq"], chosen["dq"])
     if quick:
         forwards, dvs, dkdqs, dqs = forwards[:3], dvs[:2], dkdqs[:2], dqs[:1]
 
@@ -170,7 +188,7 @@ def main(argv=None):
     if device.type == "cpu" and not triton_configs.INTERPRETING:
         sys.exit("needs a GPU (or TRITON_INTERPRET=1 for a slow logic check)")
     dtype = DTYPES[args.dtype]
-    runs = candidates(dtype, args.quick)
+    runs = candidates(dtype, args.quick, device)
     if args.baseline:
         old = baseline.load(args.baseline)
         label = f"baseline {baseline.revision(args.baseline)}"

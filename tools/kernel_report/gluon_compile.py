@@ -5,7 +5,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from stm_kernels.experimental import gluon_forward as gluon
-from tools.kernel_report.signature import specialised_signature
+from tools.kernel_report.compile import TARGETS
 
 
 def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N=162000,
@@ -20,7 +20,8 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
     config = config or gluon.WarpSpecializedConfig()
     torch_dtype = gluon._SIGNATURE_DTYPES[dtype]
     if splits is None:
-        splits, per_split = gluon.default_splits(HW, N, B, config)
+        splits, per_split = gluon.default_splits(HW, N, B, config,
+                                                 TARGETS["sm_90"].multiprocessors)
     else:
         per_split = gluon._cdiv(gluon._cdiv(N, config.block_n), splits) * config.block_n
     layouts = gluon._layouts(torch_dtype, Ck, Cv, config)
@@ -42,3 +43,27 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
 
     source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+
+
+def specialised_signature(arg_names, types, values, constexprs):
+    """(signature, constexprs, attrs) for triton.compile, as the JIT specialises a launch
+    (the Gluon kernel takes tensor descriptors, so its types are given):
+    pointer and typed arguments from `types` (pointers 16-byte aligned), an integer equal to 1
+    becomes a constant, other integers i32 with divisibility 16 when they are multiples of 16;
+    names in `constexprs` are compile-time constants."""
+    signature, attrs, constexprs = {}, {}, dict(constexprs)
+    for index, name in enumerate(arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+            if types[name].startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif values[name] == 1:
+            constexprs[name] = 1
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs

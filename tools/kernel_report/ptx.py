@@ -12,9 +12,11 @@
                                 the L2 (loads, TMA copies, atomics), all warps together
     blocks_per_sm(...)          co-resident blocks on an H100 SM (registers, shared memory, warps)
 
-How duplication is read: on Hopper, a warpgroup's MMA covers 64 rows (16 per warp) and the
-instruction's N columns; a dot whose layout has more warps along a dimension than the tile
-has rows (or columns) for makes several warps compute the same elements. The PTX confirms it:
+How duplication is read: Blackwell's tcgen05 MMA is issued once per block (no duplication); on
+Hopper, a warpgroup's MMA covers 64 rows (16 per warp) and the
+instruction's N columns (Ampere's mma.sync 16 x 8 per warp, AMD's MFMA its instruction's M x N
+per wavefront); a dot whose layout has more warps along a dimension than the tile has rows (or
+columns) for makes several warps compute the same elements. The PTX confirms it:
 one thread's wgmma stream, times the warpgroups, is the block's executed work.
 """
 import math
@@ -25,7 +27,7 @@ _LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
 _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
 _WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.(\w+)\.(\w+)\.(\w+)")
 _MMA_SYNC = re.compile(r"mma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.\w+\.\w+\.(\w+)\.(\w+)")
-_MMA_LAYOUT = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?"
+_MMA_LAYOUT = re.compile(r"^#(\w+) = #ttg\.(nvidia_mma|amd_mfma)<\{version(?:Major)? = (\d+).*?"
                          r"warpsPerCTA = \[(\d+), (\d+)\].*?instrShape = \[([\d, ]+)\]")
 _MEMORY_OP = re.compile(r"\b(ttg\.async_copy_global_to_local|tt\.load|tt\.descriptor_load|"
                         r"ttng\.async_tma_copy_global_to_local|tt\.atomic_rmw|tt\.atomic_cas)\b")
@@ -35,6 +37,10 @@ _DESCRIPTOR_RESULT = re.compile(r"-> tensor<([\dx]+)x(\w+),")
 ELEMENT_BYTES = dict(i1=1, i8=1, bf16=2, f16=2, i16=2, f32=4, i32=4, f64=8, i64=8)
 _DOT = re.compile(r"(?:ttng\.warp_group_dot|tt\.dot) .*?: (\S+?)<(\d+)x(\d+)x(\w+)"
                   r".*-> tensor<(\d+)x(\d+)xf32, #(\w+)>")
+# Blackwell's tcgen05 MMA (sm_100): operands A (M x K) and B (K x N) in shared or tensor memory,
+# issued once per block by one thread, so no warp repeats another's work.
+_TCGEN05_DOT = re.compile(r"ttng\.tc_gen5_mma .*?: !ttg\.memdesc<(\d+)x(\d+)x\w+[^>]*>, "
+                          r"!ttg\.memdesc<(\d+)x(\d+)x\w+")
 
 # H100 SXM (sm_90): per-SM limits used for occupancy.
 SM_REGISTERS = 65536
@@ -190,14 +196,24 @@ def loop_dots(ttgir):
     for line in ttgir.splitlines():
         match = _MMA_LAYOUT.match(line.strip())
         if match:
-            name, major, warps_m, warps_n, instr = match.groups()
-            layouts[name] = dict(version=int(major), warps=(int(warps_m), int(warps_n)),
+            name, kind, major, warps_m, warps_n, instr = match.groups()
+            layouts[name] = dict(vendor="amd" if kind == "amd_mfma" else "nvidia",
+                                 version=int(major), warps=(int(warps_m), int(warps_n)),
                                  instr=tuple(int(x) for x in instr.split(",")))
     dots = []
     for stripped, regions, _ in _regions(ttgir):
-        match = _DOT.search(stripped)
         repeats = _main_loop_repeats(regions)
-        if not match or repeats is None:
+        if repeats is None:
+            continue
+        tcgen05 = _TCGEN05_DOT.search(stripped)
+        if tcgen05:
+            M, K, _, N = (int(x) for x in tcgen05.groups())
+            dots.append(dict(m=M, n=N, k=K, layout="tcgen05", warps=None, instr=None,
+                             duplication=1, repeats=repeats, useful_macs=M * N * K * repeats,
+                             executed_macs=M * N * K * repeats))
+            continue
+        match = _DOT.search(stripped)
+        if not match:
             continue
         _, _, a_cols, _, m, n, layout_name = match.groups()
         layout = layouts.get(layout_name)
@@ -253,9 +269,15 @@ def loop_memory(ttgir):
 
 
 def _duplication(M, N, layout):
+    """How many warps compute each element of an M x N dot: a warp's MMA tile is 16 rows
+    (NVIDIA; a Hopper warpgroup's 64 rows are 4 warps of 16) by the instruction's N (Hopper) or
+    8 (Ampere mma.sync), or the MFMA instruction's M x N (AMD)."""
     warps_m, warps_n = layout["warps"]
-    rows_per_warp = 16
-    cols_per_warp = layout["instr"][1] if layout["version"] == 3 else 8
+    if layout["vendor"] == "amd":
+        rows_per_warp, cols_per_warp = layout["instr"][:2]
+    else:
+        rows_per_warp = 16
+        cols_per_warp = layout["instr"][1] if layout["version"] == 3 else 8
     return (max(1, warps_m * rows_per_warp // M)) * (max(1, warps_n * cols_per_warp // N))
 
 

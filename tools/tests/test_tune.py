@@ -55,13 +55,13 @@ def test_candidates_put_the_defaults_first_and_the_gluon_forward_last():
     import torch
 
     from tools.gpu_session import tune
-    from stm_kernels.backends.triton import tilings as triton_configs
     for dtype in (torch.bfloat16, torch.float32):
-        forward, backward = triton_configs.defaults(dtype.itemsize)
+        defaults = tune.defaults(dtype, torch.device("cpu"))
         for quick in (False, True):
             runs = tune.candidates(dtype, quick)
             labels = [label for _, label, _, _ in runs]
-            assert labels[:2] == [tune._label(forward), "dv " + tune._label(backward.dv)]
+            assert labels[:2] == [tune._label(defaults["forward"]),
+                                  "dv " + tune._label(defaults["dv"])]
             assert len(set(labels)) == len(labels)
             gluon = [label for label in labels if label.startswith("warp-specialized")]
             if dtype == torch.float32:

@@ -1,9 +1,73 @@
-"""The "triton" backend: the fused memory-read kernels.
+"""The "triton" backend: the fused memory-read kernels, failing safe to the torch backend.
 
-    launch.py     host side: launch plans, config fallback, the launchers
-    tilings.py    the kernels' tilings (configs) and candidate tables
+    launch.py     host side: plans, the one launch point, the candidate-config fallback
+    tilings.py    the kernels' tilings per GPU architecture (the one place that shows them)
+    devices.py    what a device is to the launchers (vendor, architecture, shared memory)
     kernels/      the @triton.jit kernels (forward and split merge, backward, top-k, usage)
     compat.py     fixes for older Triton releases
+
+forward, backward, select and usage run the kernels where they can. Where they cannot (a
+device below sm_80 or without a validated tiling, keys wider than the tilings take, or no
+candidate tiling that compiles and launches there) they warn once per process, naming the
+device, the kernel and the reason, and compute the same result with the torch backend: a user
+never gets a Triton traceback from a read.
 """
-from .launch import INTERPRETING, triton_backward as backward, triton_forward as forward  # noqa: F401
-from .launch import triton_select as select, triton_usage as usage  # noqa: F401
+from .. import FallbackWarning, pytorch
+from . import launch
+from .devices import INTERPRETING  # noqa: F401
+
+
+def _with_fallback(kernel, fused, reference, *args):
+    k = args[1]
+    if k.device.type == "cpu" and not INTERPRETING:
+        return fused(*args)  # raises the user's error: backend="triton" needs a GPU
+    reason = launch.unsupported_reason(k)
+    if reason is None:
+        try:
+            return fused(*args)
+        except launch.KernelUnavailable as unavailable:
+            kernel, reason = unavailable.kernel, unavailable.reason
+    device = launch.devices.describe(k.device)
+    launch.warn_once(f"stm_kernels: the Triton {kernel} kernel cannot run on {device}: {reason}. "
+                     "The torch backend computes this read instead (same result, slower).",
+                     FallbackWarning)
+    return reference(*args)
+
+
+def preferred(k):
+    """Whether backend="auto" should run the kernels for a memory like k on its GPU: always,
+    but for exact float32 where the torch backend is the designed path (auto then picks it
+    without a warning; a device the kernels do not support still warns, once)."""
+    return launch.unsupported_reason(k) != launch.EXACT_FP32_ON_TORCH
+
+
+def forward(q, k, v, scale, l2, lengths=None):
+    """(out (B, Cv, HW), lse (B, HW)): launch.triton_forward, or the torch backend's."""
+    return _with_fallback("forward", launch.triton_forward, pytorch.forward, q, k, v, scale, l2,
+                          lengths)
+
+
+def backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
+    """(dq, dk, dv): launch.triton_backward, or the torch backend's."""
+    return _with_fallback("backward", _backward_of(launch.triton_backward),
+                          _backward_of(pytorch.backward), q, k, grad_out, grad_lse, v, out, lse,
+                          scale, l2, lengths)
+
+
+def _backward_of(function):
+    # The backward's arguments reordered so that q and k come first, as for the others.
+    def reordered(q, k, grad_out, grad_lse, v, out, lse, scale, l2, lengths):
+        return function(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths)
+    return reordered
+
+
+def select(q, k, top_k, scale, l2, lengths=None):
+    """(scores, indices) of the top_k positions: launch.triton_select, or the torch one."""
+    return _with_fallback("select", launch.triton_select, pytorch.select, q, k, top_k, scale, l2,
+                          lengths)
+
+
+def usage(q, k, lse, scale, l2, lengths=None):
+    """(B, N) usage for the read's lse: launch.triton_usage, or the torch backend's."""
+    return _with_fallback("usage", launch.triton_usage, pytorch.usage, q, k, lse, scale, l2,
+                          lengths)

@@ -1,4 +1,4 @@
-"""Host side of the fused Triton memory read: launch plans, config fallback, launchers.
+"""Host side of the fused Triton memory read: plans, tilings, launches.
 
     triton_forward   memory_read_fwd_kernel over (query block, object x value chunk, memory
                      split), then memory_read_merge_kernel when the memory is split
@@ -6,11 +6,20 @@
     triton_backward  delta = rowsum(dO * O) - d lse on the host, then
                      memory_read_bwd_kernel_dv and memory_read_bwd_kernel_dkdq (dQ by atomics;
                      under torch.use_deterministic_algorithms, memory_read_bwd_kernel_dq)
+    triton_select    memory_read_topk_kernel (top-k positions of every query)
+    triton_usage     memory_read_usage_kernel (XMem's memory usage)
 
-The kernels are in kernels/, their tilings in tilings.py. Kernel arguments are passed by name;
-`forward_plan` and `backward_plan` compute the grids (also used by the static work report,
-tools/kernel_report, for a pretend device).
+Every kernel is launched through `launch_first_that_runs`: the device's candidate tilings
+(tilings.py) in order, a candidate that fails to compile or launch falling through to the next;
+the choice is remembered per device, kernel and call signature. When none runs it raises
+KernelUnavailable, and the backend (backends/triton/__init__.py) reads with torch instead.
+`run` is the one place a kernel starts: the offline tools replace it (`recording`) to compile
+every launch for a device that is not there, with tensors on the "meta" device.
+
+The kernels are in kernels/, their tilings in tilings.py, devices in devices.py. Kernel
+arguments are passed by name.
 """
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -19,25 +28,182 @@ import torch
 import triton
 
 from ..._buffers import device_context, new_buffer
-from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
-                         memory_read_bwd_kernel_dv, memory_read_usage_kernel)
-from .kernels.common import LOG2E
+from . import devices, tilings
 from .compat import patch_interpreter_index
-from .tilings import (INTERPRETING, SELECT_CONFIG, USAGE_CONFIG, BackwardConfig,
-                             DkdqConfig, DqConfig, DvConfig, ForwardConfig, candidates,
-                             use_configs, warp_specialized_config)
+from .devices import INTERPRETING
+from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
+                               memory_read_bwd_kernel_dv, memory_read_usage_kernel)
+from .kernels.common import LOG2E
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import MIN_KEY, memory_read_topk_kernel
-
-__all__ = ["triton_forward", "triton_backward", "triton_select", "triton_usage", "forward_plan",
-           "backward_plan", "dq_plan", "use_configs",
-           "ForwardConfig", "BackwardConfig", "DvConfig", "DkdqConfig", "DqConfig", "INTERPRETING"]
+from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
+                      use_configs, warp_specialized_config)
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
+# Set to 1, a kernel that fails raises its own error instead of falling through (debugging).
+NO_FALLBACK_ENV = "STM_KERNELS_NO_FALLBACK"
 if INTERPRETING:
-    patch_interpreter_index()  # Triton 3.6's interpreter with NumPy >= 2.4 (triton_compat)
+    patch_interpreter_index()  # Triton 3.6's interpreter with NumPy >= 2.4 (compat.py)
 _chosen: dict = {}
 _warned: set = set()
+
+
+class KernelUnavailable(RuntimeError):
+    """No candidate tiling of `kernel` compiles or launches on `device`; `reason` is the last
+    failure, in one line."""
+
+    def __init__(self, kernel, device, reason):
+        super().__init__(f"{kernel} kernel unavailable on {device}: {reason}")
+        self.kernel, self.device, self.reason = kernel, device, reason
+
+
+# --------------------------------------------------------------------------- running
+
+
+_executor = None
+
+
+def run(kernel, grid, arguments, config, call):
+    """Launch kernel[grid](**arguments) with the config's warps and stages and the call's
+    architecture's compile options (or hand it all to the recording executor)."""
+    options = dict(call.architecture.options, num_warps=config.num_warps,
+                   num_stages=config.num_stages)
+    if _executor is not None:
+        return _executor(kernel, grid, arguments, config, options)
+    kernel[grid](**arguments, **options)
+
+
+@contextlib.contextmanager
+def recording(executor):
+    """Within the block every launch calls executor(kernel, grid, arguments, config, options)
+    instead of running (options: num_warps, num_stages and the architecture's own); an
+    exception it raises falls through to the next candidate as a failed compile would."""
+    global _executor
+    previous, _executor = _executor, executor
+    try:
+        yield
+    finally:
+        _executor = previous
+
+
+def one_line(error):
+    """`Type: first line of the message` (at most 300 characters) of an exception."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+def _falls_through(error):
+    """Whether a failed launch tries the next candidate: any failure to compile or launch,
+    but not the caller running out of device memory."""
+    if os.environ.get(NO_FALLBACK_ENV, "0") == "1":
+        return False
+    return not isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def launch_first_that_runs(kernel, call, signature, launch):
+    """launch(config) with the first candidate config of `kernel` that runs on the call's
+    device; the index is remembered per (device, kernel, signature). KernelUnavailable when
+    none does (remembered too: later calls fail at once)."""
+    options = tilings.candidates(kernel, call.architecture, call.precision_class, call.width)
+    memo = (call.device, kernel, signature, options)
+    start = _chosen.get(memo, 0)
+    reason = _chosen.get((memo, "reason"), f"no tiling of it fits {call.architecture.name} "
+                                           f"({call.precision_class}, keys up to {call.width})")
+    for index in range(start, len(options)):
+        try:
+            result = launch(options[index])
+        except KernelUnavailable:
+            raise  # a kernel launched inside this one (the split merge) has none that runs
+        except Exception as error:
+            if not _falls_through(error):
+                raise
+            reason = one_line(error)
+            continue
+        _chosen[memo] = index
+        return result
+    _chosen[memo], _chosen[(memo, "reason")] = len(options), reason
+    raise KernelUnavailable(kernel, call.device, reason)
+
+
+def chosen_configs():
+    """{(device, kernel): config} of the configs the launches of this process ran with (the
+    self-test's record)."""
+    chosen = {}
+    for memo, index in _chosen.items():
+        if len(memo) == 4 and index < len(memo[3]):
+            chosen[(str(memo[0]), memo[1])] = memo[3][index]
+    return chosen
+
+
+# --------------------------------------------------------------------------- call set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The device side of one call: the device, the architecture whose tilings it runs, the
+    input precision of tl.dot, the precision and key-width classes of the tables."""
+    device: devices.Device
+    architecture: tilings.Architecture
+    input_precision: str
+    precision_class: str
+    width: int
+
+
+EXACT_FP32_ON_TORCH = (
+    "exact float32 (torch's default matmul precision \"highest\") is read by the torch backend "
+    "on NVIDIA GPUs: every exact Triton dot at 128 key channels spills registers there (see "
+    "docs/kernels.md); torch.set_float32_matmul_precision(\"high\") runs the TF32 kernels")
+
+
+def unsupported_reason(k):
+    """Why the Triton kernels cannot read a memory of k's device, dtype and key width, or
+    None."""
+    device = devices.describe(k.device)
+    architecture, reason = tilings.architecture_of(device)
+    if architecture is None:
+        return reason
+    if architecture.input_precision(k.dtype) is None:
+        return EXACT_FP32_ON_TORCH
+    block_ck = max(16, triton.next_power_of_2(k.shape[1]))
+    if tilings.width_class(block_ck) is None:
+        return (f"{k.shape[1]} key channels (a {block_ck}-wide key tile) are more than the "
+                f"kernels' tilings take ({tilings.WIDTHS[-1]})")
+    return None
+
+
+def _call(k):
+    device = devices.describe(k.device)
+    architecture, reason = tilings.architecture_of(device)
+    if architecture is None:
+        raise KernelUnavailable("every", device, reason)
+    width = tilings.width_class(max(16, triton.next_power_of_2(k.shape[1])))
+    return Call(device, architecture, architecture.input_precision(k.dtype),
+                tilings.precision_class(k.dtype), width)
+
+
+def _check_device(*tensors):
+    device = tensors[0].device
+    if device.type not in ("cuda", "meta") and not INTERPRETING:
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
+            f"stm_kernels, to run the kernels on CPU); got tensors on {device}")
+
+
+def _launch_flags(call, inputs, outputs):
+    """Constexprs shared by the kernels of one call (inputs start with q, k, v; outputs are the
+    (C, L) shapes of the contiguous outputs)."""
+    k = inputs[1]
+    return dict(
+        BLOCK_CK=max(16, triton.next_power_of_2(k.shape[1])),
+        PRECISION=call.input_precision,
+        UPCAST=INTERPRETING and k.dtype == torch.bfloat16,
+        I64=_needs_int64(*inputs, outputs=outputs),
+    )
+
+
+def _signature(call, *values):
+    """What a remembered choice of config depends on besides the device and kernel."""
+    return (call.input_precision,) + values
 
 
 # --------------------------------------------------------------------------- plans
@@ -62,76 +228,39 @@ def value_blocks(Cv, block_v):
     return block_v, triton.cdiv(Cv, block_v)
 
 
-def memory_splits(requested, programs, n_blocks, sm_count):
+def memory_splits(requested, programs, n_blocks, multiprocessors):
     """How many programs share one query block's memory (flash-decoding): enough to fill the
     device when objects x query blocks are too few, each split still several memory blocks."""
     if requested is not None:
         splits = requested
     else:
-        splits = min(sm_count // max(programs, 1), n_blocks // 4)
+        splits = min(multiprocessors // max(programs, 1), n_blocks // 4)
     return max(1, min(splits, n_blocks))
 
 
-def forward_plan(config, B, HW, N, Cv, sm_count):
+def forward_plan(config, B, HW, N, Cv, multiprocessors):
     """Value chunks, query blocks and memory splits of a forward launch."""
     block_v, num_v = value_blocks(Cv, config.block_v)
     m_blocks = triton.cdiv(HW, config.block_m)
     n_blocks = triton.cdiv(N, config.block_n)
-    splits = memory_splits(config.splits, m_blocks * B * num_v, n_blocks, sm_count)
+    splits = memory_splits(config.splits, m_blocks * B * num_v, n_blocks, multiprocessors)
     # Positions per split: a multiple of block_n; fewer splits when the last would be empty.
     per_split = triton.cdiv(n_blocks, splits) * config.block_n
     return ForwardPlan(block_v, num_v, m_blocks, triton.cdiv(N, per_split), per_split)
 
 
-def backward_plan(config, B, N, Cv):
-    """Grids and value chunking of the dV and dK/dQ kernels."""
-    block_v, num_v = value_blocks(Cv, config.dv.block_v)
-    return dict(dv_grid=(triton.cdiv(N, config.dv.block_n), B * num_v), dv_block_v=block_v,
-                dv_num_v=num_v, dkdq_grid=(triton.cdiv(N, config.dkdq.block_n), B),
-                dkdq_block_cv=value_blocks(Cv, config.dkdq.block_cv)[0],
-                dkdq_num_cv=value_blocks(Cv, config.dkdq.block_cv)[1])
-
-
-def dq_plan(config, B, HW, N, Cv, sm_count):
+def dq_plan(config, B, HW, N, Cv, multiprocessors):
     """Query blocks, memory splits and value chunking of the deterministic dQ kernel (a
     DqConfig): its programs are laid out as the forward's, without value chunks."""
     plan = forward_plan(ForwardConfig(block_m=config.block_m, block_n=config.block_n,
-                                      block_v=None, splits=config.splits), B, HW, N, Cv, sm_count)
+                                      block_v=None, splits=config.splits), B, HW, N, Cv,
+                        multiprocessors)
     block_cv, num_cv = value_blocks(Cv, config.block_cv)
     return dict(grid=(plan.m_blocks, B, plan.splits), splits=plan.splits,
                 per_split=plan.per_split, block_cv=block_cv, num_cv=num_cv)
 
 
 # --------------------------------------------------------------------------- host helpers
-
-
-def _sm_count(device):
-    if device.type != "cuda":
-        return 4  # interpreter: a pretend device small enough that the split paths run
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _run_first_fitting(kind, key, launch):
-    """Launch with the first candidate config that compiles for this device, remembered per key
-    (key[0] is the dtype)."""
-    options = candidates(kind, key[0].itemsize)
-    start = _chosen.get((kind, key, options), 0)
-    last_error = None
-    for index in range(start, len(options)):
-        try:
-            result = launch(options[index])
-        except triton.runtime.errors.OutOfResources as error:
-            last_error = error
-            continue
-        _chosen[(kind, key, options)] = index
-        return result
-    raise RuntimeError(f"no {kind} kernel config fits this device for {key}") from last_error
-
-
-def _dot_precision(dtype):
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
 
 
 def _tile_span(sizes, strides):
@@ -183,70 +312,6 @@ def _padded_rows(t, compact=False):
     return padded
 
 
-def _check_device(*tensors):
-    if tensors[0].device.type != "cuda" and not INTERPRETING:
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
-            f"stm_kernels, to run the kernels on CPU); got tensors on {tensors[0].device}")
-
-
-def _launch_flags(inputs, outputs):
-    """Constexprs shared by the kernels of one call (inputs start with q, k, v; outputs are the
-    (C, L) shapes of the contiguous outputs)."""
-    k = inputs[1]
-    return dict(
-        BLOCK_CK=max(16, triton.next_power_of_2(k.shape[1])),
-        PRECISION=_dot_precision(k.dtype),
-        UPCAST=INTERPRETING and k.dtype == torch.bfloat16,
-        I64=_needs_int64(*inputs, outputs=outputs),
-    )
-
-
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _warp_specialized_forward(q, k, v):
-    """The Gluon warp-specialised forward's launcher when opted in and usable, else None."""
-    if os.environ.get(WARP_SPECIALIZED_ENV, "0") != "1":
-        return None
-    try:
-        from ...experimental import gluon_forward as gluon
-    except ImportError as error:  # pragma: no cover - the module imports on every Triton
-        _warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored: {error}; using the plain Triton forward")
-        return None
-    reason = gluon.unsupported_reason(q, k, v, warp_specialized_config())
-    if reason is not None:
-        _warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored ({reason}); using the plain Triton forward")
-        return None
-    return gluon
-
-
-# --------------------------------------------------------------------------- launchers
-
-
-def _merge_splits(part_out, part_lse, out, lse, block_v, i64):
-    HW, Cv, B = out.shape[2], out.shape[1], out.shape[0]
-    merge_v = min(block_v, 64)
-    memory_read_merge_kernel[(triton.cdiv(HW, 64), triton.cdiv(Cv, merge_v), B)](
-        po=part_out, plse=part_lse, o=out, lse=lse,
-        **_strides("po", part_out, "sbcm"), **_strides("pl", part_lse, "sbm"),
-        **_strides("o", out, "bcm"), **_strides("l", lse, "bm"),
-        HW=HW, CV=Cv, SPLITS=part_out.shape[0], BLOCK_M=64, BLOCK_V=merge_v, I64=i64,
-        num_warps=4,
-    )
-
-
-def _split_buffers(splits, out, lse):
-    if splits == 1:
-        return out.unsqueeze(0), lse.unsqueeze(0)
-    B, Cv, HW = out.shape
-    return (new_buffer((splits, B, Cv, HW), torch.float32, out.device),
-            new_buffer((splits, B, HW), torch.float32, out.device))
-
-
 def _key_norms(k, l2):
     """|k|^2 (B, N) float32 for the L2 similarity, once per call (a per-block reduction in the
     kernels costs block barriers); for "dot", k itself, a pointer the kernels never read."""
@@ -260,71 +325,156 @@ def _lengths_argument(lengths, k):
     return lengths.to(device=k.device, dtype=torch.int32).contiguous(), True
 
 
+def _query_strides(q):
+    """The query's strides; batch stride 0 for a query shared by all objects."""
+    return dict(stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
+                stride_qm=q.stride(2))
+
+
+def warn_once(message, category=RuntimeWarning):
+    """warnings.warn(message) the first time this process sees it."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, category, stacklevel=3)
+
+
+def _warp_specialized_forward(call, q, k, v):
+    """The Gluon warp-specialised forward's module when opted in and usable, else None."""
+    if os.environ.get(WARP_SPECIALIZED_ENV, "0") != "1":
+        return None
+    try:
+        from ...experimental import gluon_forward as gluon
+    except ImportError as error:  # pragma: no cover - the module imports on every Triton
+        warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored: {error}; using the plain Triton forward")
+        return None
+    reason = gluon.unsupported_reason(q, k, v, warp_specialized_config())
+    if reason is None and call.device.arch != "sm_90":
+        reason = f"it runs on sm_90 only, not {call.device}"
+    if reason is not None:
+        warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored ({reason}); using the plain Triton forward")
+        return None
+    return gluon
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _split_buffers(splits, out, lse):
+    if splits == 1:
+        return out.unsqueeze(0), lse.unsqueeze(0)
+    B, Cv, HW = out.shape
+    return (new_buffer((splits, B, Cv, HW), torch.float32, out.device),
+            new_buffer((splits, B, HW), torch.float32, out.device))
+
+
+def _merge_splits(call, part_out, part_lse, out, lse, i64):
+    """out, lse from the memory splits' partial reads (memory_read_merge_kernel)."""
+    B, Cv, HW = out.shape
+
+    def launch(config):
+        run(memory_read_merge_kernel,
+            (triton.cdiv(HW, config.block_m), triton.cdiv(Cv, config.block_v), B),
+            dict(po=part_out, plse=part_lse, o=out, lse=lse,
+                 **_strides("po", part_out, "sbcm"), **_strides("pl", part_lse, "sbm"),
+                 **_strides("o", out, "bcm"), **_strides("l", lse, "bm"),
+                 HW=HW, CV=Cv, SPLITS=part_out.shape[0], BLOCK_M=config.block_m,
+                 BLOCK_V=config.block_v, I64=i64), config, call)
+
+    launch_first_that_runs("merge", call, _signature(call, out.dtype, i64), launch)
+
+
 def triton_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW) float32) for q (Bq, Ck, HW), k (B, Ck, N),
     v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
     positions per object (validated by the caller)."""
     _check_device(q, k, v)
+    call = _call(k)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
     q = _padded_rows(q)
-    flags = _launch_flags((q, k, v), outputs=[(Cv, HW)])
+    flags = _launch_flags(call, (q, k, v), outputs=[(Cv, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
     ksq = _key_norms(k, l2)
     lengths, ragged = _lengths_argument(lengths, k)
     arguments = dict(
         q=q, k=k, v=v, ksq=ksq, stride_sqb=ksq.stride(0), lengths=lengths, RAGGED=ragged,
-        stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
-        stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
+        **_query_strides(q), **_memory_strides("k", k, align_k),
         **_memory_strides("v", v, align_v),
         HW=HW, N=N, CK=Ck, CV=Cv, qk_scale=scale * LOG2E, L2=l2,
         ALIGN_K=align_k, ALIGN_V=align_v, **flags)
-    gluon = None if ragged else _warp_specialized_forward(q, k, v)
+    gluon = None if ragged else _warp_specialized_forward(call, q, k, v)
 
     def launch(config):
-        if gluon is not None:  # the Gluon kernel's own query blocks and value chunks
-            ws_config = warp_specialized_config()
-            chunk = triton.cdiv(Cv, ws_config.value_chunks)
-            config = ForwardConfig(
-                block_m=ws_config.block_m, block_n=ws_config.block_n,
-                block_v=None if ws_config.value_chunks == 1 else triton.next_power_of_2(chunk))
-        plan = forward_plan(config, B, HW, N, Cv, _sm_count(device))
+        plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
         out = new_buffer((B, Cv, HW), v.dtype, device)
         lse = new_buffer((B, HW), torch.float32, device)
         part_out, part_lse = _split_buffers(plan.splits, out, lse)
-        if gluon is not None:
-            gluon.ws_forward(q, k, v, part_out, part_lse, per_split=plan.per_split,
-                             qk_scale=scale * LOG2E, l2=l2, config=ws_config)
-        else:
-            memory_read_fwd_kernel[plan.grid(B)](
-                o=part_out, lse=part_lse, **_strides("o", part_out, "sbcm"),
-                **_strides("l", part_lse, "sbm"), n_per_split=plan.per_split,
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=plan.block_v,
-                NUM_V=plan.num_v, num_warps=config.num_warps,
-                num_stages=config.num_stages, **arguments)
+        run(memory_read_fwd_kernel, plan.grid(B),
+            dict(o=part_out, lse=part_lse, **_strides("o", part_out, "sbcm"),
+                 **_strides("l", part_lse, "sbm"), n_per_split=plan.per_split,
+                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=plan.block_v,
+                 NUM_V=plan.num_v, **arguments), config, call)
         if plan.splits > 1:
-            _merge_splits(part_out, part_lse, out, lse, plan.block_v, flags["I64"])
+            _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
         return out, lse
 
     with device_context(device):
-        return _run_first_fitting("forward", (k.dtype, Ck, Cv, l2, gluon is not None), launch)
+        if gluon is not None:
+            try:
+                return _gluon_forward(gluon, call, q, k, v, scale, l2, flags["I64"])
+            except Exception as error:
+                if not _falls_through(error):
+                    raise
+                warn_once(f"{WARP_SPECIALIZED_ENV}=1: the Gluon forward failed on "
+                          f"{call.device} ({one_line(error)}); using the plain Triton forward")
+        return launch_first_that_runs(
+            "forward", call, _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"]), launch)
 
 
-def _deterministic_dq(config, query, v, ksq, delta, align_v, sm_count):
+def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
+    """The opt-in warp-specialised forward: its own query blocks and value chunks."""
+    B, _, N = k.shape
+    Cv, HW = v.shape[1], q.shape[2]
+    ws_config = warp_specialized_config()
+    chunk = triton.cdiv(Cv, ws_config.value_chunks)
+    plan = forward_plan(ForwardConfig(
+        block_m=ws_config.block_m, block_n=ws_config.block_n,
+        block_v=None if ws_config.value_chunks == 1 else triton.next_power_of_2(chunk)),
+        B, HW, N, Cv, call.device.multiprocessors)
+    out = new_buffer((B, Cv, HW), v.dtype, k.device)
+    lse = new_buffer((B, HW), torch.float32, k.device)
+    part_out, part_lse = _split_buffers(plan.splits, out, lse)
+    gluon.ws_forward(q, k, v, part_out, part_lse, per_split=plan.per_split,
+                     qk_scale=scale * LOG2E, l2=l2, config=ws_config)
+    if plan.splits > 1:
+        _merge_splits(call, part_out, part_lse, out, lse, i64)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _deterministic_dq(call, query, v, ksq, delta, align_v):
     """dQ (Bq, Ck, HW) float32, unscaled, without atomics: memory_read_bwd_kernel_dq's
     partials per (memory split, object), summed on the host in a fixed order."""
     k, q = query["k"], query["q"]
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
-    plan = dq_plan(config, B, HW, N, Cv, sm_count)
-    parts = new_buffer((plan["splits"], B, Ck, HW), torch.float32, k.device)
-    memory_read_bwd_kernel_dq[plan["grid"]](
-        v=v, ksq=ksq, delta=delta, dq_parts=parts, stride_sqb=ksq.stride(0),
-        **_memory_strides("v", v, align_v), **_strides("pd", parts, "sbcm"),
-        n_per_split=plan["per_split"], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"], ALIGN_V=align_v,
-        num_warps=config.num_warps, num_stages=config.num_stages, **query)
+
+    def launch(config):
+        plan = dq_plan(config, B, HW, N, Cv, call.device.multiprocessors)
+        parts = new_buffer((plan["splits"], B, Ck, HW), torch.float32, k.device)
+        run(memory_read_bwd_kernel_dq, plan["grid"],
+            dict(v=v, ksq=ksq, delta=delta, dq_parts=parts, stride_sqb=ksq.stride(0),
+                 **_memory_strides("v", v, align_v), **_strides("pd", parts, "sbcm"),
+                 n_per_split=plan["per_split"], BLOCK_M=config.block_m,
+                 BLOCK_N=config.block_n, BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"],
+                 ALIGN_V=align_v, **query), config, call)
+        return parts
+
+    parts = launch_first_that_runs("dq", call, _signature(call, k.dtype, Ck, Cv, query["L2"],
+                                                          query["RAGGED"], query["I64"]), launch)
     # A batch-1 query's gradient sums over the objects too (an expanded one's does not: its
     # expand's backward sums, as for the atomics path).
     return parts.sum(0) if q.shape[0] == B else parts.sum((0, 1))[None]
@@ -336,6 +486,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     atomics, except under torch.use_deterministic_algorithms(True), where a third kernel
     computes it in a fixed order (bitwise reproducible; about 40% more backward work)."""
     _check_device(q, k, v)
+    call = _call(k)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
@@ -347,59 +498,59 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     q_dtype = q.dtype
     # dQ is accumulated with the query's own (compact, padded) strides, see the dK/dQ kernel.
     q, grad_out = _padded_rows(q, compact=True), _padded_rows(grad_out)
-    shared_query = q.shape[0] == 1 or q.stride(0) == 0
     dq_batches = 1 if q.shape[0] == 1 else q.shape[0]
-    flags = _launch_flags((q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
+    flags = _launch_flags(call, (q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
     lengths, ragged = _lengths_argument(lengths, k)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    # the dQ kernel's |k|^2 (the dK/dQ kernel computes its own from the block it holds)
-    ksq = _key_norms(k, l2) if deterministic else None
     query = dict(q=q, k=k, do=grad_out, lse=lse, lengths=lengths, RAGGED=ragged,
-                 stride_qb=0 if shared_query else q.stride(0), stride_qc=q.stride(1),
-                 stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
+                 **_query_strides(q), **_memory_strides("k", k, align_k),
                  **_strides("do", grad_out, "bcm"), **_strides("l", lse, "bm"),
                  HW=HW, N=N, CK=Ck, CV=Cv, qk_scale=scale * LOG2E, L2=l2, ALIGN_K=align_k,
                  **flags)
+    signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
 
-    def launch(config):
-        plan = backward_plan(config, B, N, Cv)
+    def launch_dv(config):
+        block_v, num_v = value_blocks(Cv, config.block_v)
         dv = new_buffer((B, Cv, N), v.dtype, device)
-        memory_read_bwd_kernel_dv[plan["dv_grid"]](
-            dv=dv, **_strides("dv", dv, "bcn"),
-            BLOCK_M=config.dv.block_m, BLOCK_N=config.dv.block_n, BLOCK_V=plan["dv_block_v"],
-            NUM_V=plan["dv_num_v"], num_warps=config.dv.num_warps,
-            num_stages=config.dv.num_stages, **query)
+        run(memory_read_bwd_kernel_dv, (triton.cdiv(N, config.block_n), B * num_v),
+            dict(dv=dv, **_strides("dv", dv, "bcn"), BLOCK_M=config.block_m,
+                 BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v, **query), config, call)
+        return dv
+
+    def launch_dkdq(config):
+        block_cv, num_cv = value_blocks(Cv, config.block_cv)
         dk = new_buffer((B, Ck, N), k.dtype, device)
         if deterministic:  # an unused pointer: ATOMIC_DQ is off, the dQ kernel computes dq
             dq = delta
         else:  # zeroed (atomics add into it), padded like q so that both share their strides
             dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
             dq = dq[:, :, :HW]
-        memory_read_bwd_kernel_dkdq[plan["dkdq_grid"]](
-            v=v, delta=delta, dk=dk, dq=dq, **_memory_strides("v", v, align_v),
-            **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
-            scale=scale, BLOCK_M=config.dkdq.block_m, BLOCK_N=config.dkdq.block_n,
-            BLOCK_CV=plan["dkdq_block_cv"], NUM_CV=plan["dkdq_num_cv"], ALIGN_V=align_v,
-            ATOMIC_DQ=not deterministic, num_warps=config.dkdq.num_warps,
-            num_stages=config.dkdq.num_stages, **query)
-        if deterministic:
-            dq = _deterministic_dq(config.dq, query, v, ksq, delta, align_v, _sm_count(device))
-        dq = dq.mul_(2.0 * scale if l2 else scale)
-        return dq.to(q_dtype), dk, dv
+        run(memory_read_bwd_kernel_dkdq, (triton.cdiv(N, config.block_n), B),
+            dict(v=v, delta=delta, dk=dk, dq=dq, **_memory_strides("v", v, align_v),
+                 **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
+                 scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 BLOCK_CV=block_cv, NUM_CV=num_cv, ALIGN_V=align_v,
+                 ATOMIC_DQ=not deterministic, **query), config, call)
+        return dk, dq
 
     with device_context(device):
-        return _run_first_fitting("backward", (k.dtype, Ck, Cv, l2, deterministic), launch)
+        dv = launch_first_that_runs("dv", call, signature, launch_dv)
+        dk, dq = launch_first_that_runs("dkdq", call, signature + (deterministic,), launch_dkdq)
+        if deterministic:
+            # the dQ kernel's |k|^2 (the dK/dQ kernel computes its own from the block it holds)
+            dq = _deterministic_dq(call, query, v, _key_norms(k, l2), delta, align_v)
+    dq = dq.mul_(2.0 * scale if l2 else scale)
+    return dq.to(q_dtype), dk, dv
 
 
 # --------------------------------------------------------------------------- top-k and usage
 
-def select_launch(top_k):
-    """(block_m, block_n, top_k rounded to a power of two, warps, stages) of the selection."""
-    config = SELECT_CONFIG[INTERPRETING]
+
+def select_block_n(top_k):
+    """(memory positions per block, top_k rounded up to a power of two) of the selection."""
     top_k_pow2 = triton.next_power_of_2(top_k)
-    return (config["block_m"], max(64, top_k_pow2), top_k_pow2, config["num_warps"],
-            config["num_stages"])
+    return max(64, top_k_pow2), top_k_pow2
 
 
 def triton_select(q, k, top_k, scale, l2, lengths=None):
@@ -407,27 +558,34 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
     memory; one fused pass over the memory (kernels/topk.py)."""
     _check_device(q, k)
+    call = _call(k)
     B, Ck, N = k.shape
     HW = q.shape[2]
     device = k.device
     q = _padded_rows(q)
-    block_m, block_n, top_k_pow2, warps, stages = select_launch(top_k)
-    config = ForwardConfig(block_m=block_m, block_n=block_n, block_v=None)
-    plan = forward_plan(config, B, HW, N, 16, _sm_count(device))
-    flags = _launch_flags((q, k, k), outputs=[])
+    block_n, top_k_pow2 = select_block_n(top_k)
+    flags = _launch_flags(call, (q, k, k), outputs=[])
     align_k = _alignment(k)
     ksq = _key_norms(k, l2)
     lengths_arg, ragged = _lengths_argument(lengths, k)
-    keys = torch.empty((plan.splits, B, HW, top_k_pow2), dtype=torch.int64, device=device)
+
+    def launch(config):
+        plan = forward_plan(ForwardConfig(block_m=config.block_m, block_n=block_n), B, HW, N,
+                            16, call.device.multiprocessors)
+        keys = torch.empty((plan.splits, B, HW, top_k_pow2), dtype=torch.int64, device=device)
+        run(memory_read_topk_kernel, (plan.m_blocks, B, plan.splits),
+            dict(q=q, k=k, ksq=ksq, lengths=lengths_arg, keys=keys, **_query_strides(q),
+                 **_memory_strides("k", k, align_k), stride_sqb=ksq.stride(0),
+                 stride_ks=keys.stride(0), stride_kyb=keys.stride(1), stride_km=keys.stride(2),
+                 HW=HW, N=N, CK=Ck, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
+                 BLOCK_M=config.block_m, BLOCK_N=block_n, TOP_K=top_k_pow2, RAGGED=ragged,
+                 ALIGN_K=align_k, **flags), config, call)
+        return keys
+
     with device_context(device):
-        memory_read_topk_kernel[(plan.m_blocks, B, plan.splits)](
-            q=q, k=k, ksq=ksq, lengths=lengths_arg, keys=keys,
-            stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
-            stride_qm=q.stride(2), **_memory_strides("k", k, align_k), stride_sqb=ksq.stride(0),
-            stride_ks=keys.stride(0), stride_kyb=keys.stride(1), stride_km=keys.stride(2),
-            HW=HW, N=N, CK=Ck, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
-            BLOCK_M=block_m, BLOCK_N=block_n, TOP_K=top_k_pow2, RAGGED=ragged,
-            ALIGN_K=align_k, num_warps=warps, num_stages=stages, **flags)
+        keys = launch_first_that_runs(
+            "select", call, _signature(call, k.dtype, Ck, l2, ragged, top_k_pow2, flags["I64"]),
+            launch)
     merged = keys.permute(1, 2, 0, 3).reshape(B, HW, -1)
     best = torch.topk(merged, top_k, dim=-1).values  # distinct keys: score desc, index asc
     return _decoded(best)
@@ -446,22 +604,25 @@ def _decoded(keys):
 def triton_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel)."""
     _check_device(q, k)
+    call = _call(k)
     B, Ck, N = k.shape
     HW = q.shape[2]
     q = _padded_rows(q)
     lse = lse.float().contiguous()
-    block_n, block_m, warps = (USAGE_CONFIG[INTERPRETING][key]
-                               for key in ("block_n", "block_m", "num_warps"))
-    flags = _launch_flags((q, k, k), outputs=[(1, N)])
+    flags = _launch_flags(call, (q, k, k), outputs=[(1, N)])
     align_k = _alignment(k)
     lengths_arg, ragged = _lengths_argument(lengths, k)
-    usage = torch.empty((B, N), dtype=torch.float32, device=k.device)
+
+    def launch(config):
+        usage = torch.empty((B, N), dtype=torch.float32, device=k.device)
+        run(memory_read_usage_kernel, (triton.cdiv(N, config.block_n), B),
+            dict(q=q, k=k, lse=lse, lengths=lengths_arg, usage=usage, **_query_strides(q),
+                 **_memory_strides("k", k, align_k), **_strides("l", lse, "bm"),
+                 stride_ub=usage.stride(0), HW=HW, N=N, CK=Ck, qk_scale=scale * LOG2E, L2=l2,
+                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, RAGGED=ragged,
+                 ALIGN_K=align_k, **flags), config, call)
+        return usage
+
     with device_context(k.device):
-        memory_read_usage_kernel[(triton.cdiv(N, block_n), B)](
-            q=q, k=k, lse=lse, lengths=lengths_arg, usage=usage,
-            stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
-            stride_qm=q.stride(2), **_memory_strides("k", k, align_k),
-            **_strides("l", lse, "bm"), stride_ub=usage.stride(0), HW=HW, N=N, CK=Ck,
-            qk_scale=scale * LOG2E, L2=l2, BLOCK_M=block_m, BLOCK_N=block_n, RAGGED=ragged,
-            ALIGN_K=align_k, num_warps=warps, **flags)
-    return usage
+        return launch_first_that_runs(
+            "usage", call, _signature(call, k.dtype, Ck, l2, ragged, flags["I64"]), launch)

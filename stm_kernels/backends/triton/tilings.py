@@ -1,63 +1,61 @@
-"""Tilings of the Triton kernels: one small config class per kernel, the candidate tables the
-launchers try in order, and a context manager that forces a config (tests, tuning).
+"""The tilings of the Triton kernels, per GPU architecture: the one place that shows them.
 
-Every GPU default is justified by the static work report (`python -m tools.kernel_report.report`,
-compiled for sm_90 at the target shape B=1, HW=1,620, N=162,000, Ck=128, Cv=512; README
-"Static work report") and stays until `python -m tools.gpu_session.tune` on an H100 says
-otherwise. All
-defaults compile without register spills, within 227 KiB of shared memory, and no warpgroup
-repeats another's dot:
+Adding a GPU architecture is one entry of ARCHITECTURES (and, for a new kind of device, a line
+of `architecture_of`). Each Architecture holds, per kernel, per precision class and per key
+width, the candidate tilings in order of preference; a launch tries them in order, and one that
+fails to compile or launch on the device falls through to the next (launch.py), the last to the
+torch backend. The first candidate of every entry is the one the static report
+(`python -m tools.kernel_report`) compiles offline for that architecture: no register spills,
+within its shared memory, no warpgroup repeating another's dot. Why each table looks the way it
+does, with the figures, is in docs/kernels.md; the report itself is in docs/kernel_report.md.
 
-    forward  128 query rows for 8 warps: 16 rows per warp, so no warpgroup repeats the QK
-             product or the softmax (64 rows left both warpgroups computing the same scores);
-             the 512 value channels split over 2 programs of 256 (an fp32 accumulator of
-             128 x 512 cannot live in registers), which repeats only QK: 768 executed MACs per
-             (query, memory) pair for 640 useful, the report's 1.2x target. bf16 takes 64-key
-             blocks with 3 stages (255 registers, 176 KiB); fp32 (TF32) operands are twice the
-             bytes, so 32-key blocks (208 KiB).
-    dV       128 memory rows for 8 warps, 32 queries per step, 256 value channels per program
-             (128 in fp32): S recomputed per chunk, dV exact: 768 MACs per pair (1,024 fp32).
-    dK + dQ  128 memory rows for 8 warps; S, dP over all 512 value channels (the reduction
-             dimension), dK, and dQ added with fp32 atomics: 896 MACs per pair. In bf16 the
-             program holds its V block in shared memory (128 KiB; 16 queries per step keep
-             the total at 208 KiB); an fp32 V block (256 KiB) cannot fit, so fp32 streams V and
-             dO through the dP reduction 64 channels at a time (V re-read from L2 per step; one
-             stage: two spill with the L2 similarity).
-             Forward + backward: 2,432 executed MACs per pair in bf16 for the 2,240 counted
-             (1.09x); 2,688 in fp32 (1.2x).
-    dQ       deterministic mode only (torch.use_deterministic_algorithms): the dK/dQ kernel
-             drops its dQ dot and atomics (768 MACs per pair) and this kernel recomputes S and
-             dP per (128 query rows, memory split): 768 more, no atomics. A whole 128 x 512 dO
-             tile would not fit in registers beside the dQ accumulator, so dO and V stream
-             through dP in 64-channel chunks (32 in fp32); 64-key blocks halve dO's re-reads
-             per key against 32 (246 registers, 80 KiB, no spills; fp32: 32 keys, 223, 120 KiB).
-             Backward 2,304 per pair in bf16 (1.44x the counted 1,600).
-
-Overlapping the softmax with the matrix products is out of reach of plain Triton on sm_90:
-issuing block j+1's QK product before block j's softmax by hand compiles to the same
-schedule (Triton 3.8 waits for a non-accumulator wgmma right after issuing it, before the
-exponentials). The warp-specialised Gluon forward (memory_read_gluon) is the way there.
+Keys of a table: (kernel, precision class, key width), where
+    kernel           "forward", "merge", "dv", "dkdq", "dq" (deterministic backward only),
+                     "select" (top-k), "usage"
+    precision class  "16-bit" (fp16, bf16), "tf32" (float32 under matmul precision "high" or
+                     "medium": TF32 or an equivalent), "fp32" (float32 under "highest": exact
+                     float32, see Architecture.fp32_exact)
+    key width        128 (up to 128 key channels, STM/STCN's 64 or 128) or 256 (XMem's
+                     augmented channels); None in a key matches any precision or width.
+Wider keys (more than 256 channels) have no tiling: the torch backend reads them.
 """
 import dataclasses
-import os
+from typing import Optional, Union
 
-# Triton decides at decoration time whether kernels are interpreted, so this is read once.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+import torch
+
+from .devices import INTERPRETING, KIB, Device
+
+KERNELS = ("forward", "merge", "dv", "dkdq", "dq", "select", "usage")
+PRECISIONS = ("16-bit", "tf32", "fp32")
+WIDTHS = (128, 256)
+
+
+# --------------------------------------------------------------------------- configs
 
 
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig:
-    """Tiling of `memory_read_fwd_kernel`.
-
-    block_v=None keeps all value channels in one program; a smaller block_v splits them over
-    programs (recomputing q.k per chunk). splits=None picks the number of memory splits from
+    """Tiling of `memory_read_fwd_kernel`: block_m query rows per program, block_n memory
+    positions per step, block_v value channels per program (None: all; fewer split the values
+    over programs, each recomputing q.k). splits=None picks the number of memory splits from
     the device's multiprocessor count."""
     block_m: int = 64
     block_n: int = 64
-    block_v: int | None = None
+    block_v: Optional[int] = None
     num_warps: int = 8
     num_stages: int = 2
-    splits: int | None = None
+    splits: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """Tiling of `memory_read_merge_kernel` (merges the memory splits' partial reads):
+    block_m query positions by block_v value channels per program."""
+    block_m: int = 64
+    block_v: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +64,7 @@ class DvConfig:
     the queries block_m at a time; block_v value channels per program (None: all)."""
     block_n: int = 64
     block_m: int = 64
-    block_v: int | None = None
+    block_v: Optional[int] = None
     num_warps: int = 8
     num_stages: int = 1
 
@@ -76,12 +74,12 @@ class DkdqConfig:
     """Tiling of `memory_read_bwd_kernel_dkdq`: block_n memory rows per program, looping over
     the queries block_m at a time. dP is reduced over all value channels: block_cv=None holds
     the program's whole V block; a smaller block_cv streams V and dO in chunks of that many
-    channels per query block (for V blocks too large for shared memory, as in fp32)."""
+    channels per query block (for V blocks too large for shared memory or registers)."""
     block_n: int = 64
     block_m: int = 64
     num_warps: int = 8
     num_stages: int = 1
-    block_cv: int | None = None
+    block_cv: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,36 +90,59 @@ class DqConfig:
     splits=None picks the number of memory splits from the device's multiprocessor count."""
     block_m: int = 64
     block_n: int = 32
-    block_cv: int | None = None
+    block_cv: Optional[int] = None
     num_warps: int = 4
     num_stages: int = 2
-    splits: int | None = None
+    splits: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Tiling of `memory_read_topk_kernel`: block_m query rows per program (the memory block is
+    max(64, top_k) positions: the running top-k merges with a block's own top-k)."""
+    block_m: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageConfig:
+    """Tiling of `memory_read_usage_kernel`: block_n memory rows per program, looping over the
+    queries block_m at a time."""
+    block_n: int = 128
+    block_m: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-    """The backward kernels' tilings (dq: used in deterministic mode only)."""
+    """The backward kernels' tilings together, for `use_configs` (dq: deterministic mode)."""
     dv: DvConfig = DvConfig()
     dkdq: DkdqConfig = DkdqConfig()
     dq: DqConfig = DqConfig()
 
 
+Config = Union[ForwardConfig, MergeConfig, DvConfig, DkdqConfig, DqConfig, SelectConfig,
+               UsageConfig]
+CONFIG_CLASSES = dict(forward=ForwardConfig, merge=MergeConfig, dv=DvConfig, dkdq=DkdqConfig,
+                      dq=DqConfig, select=SelectConfig, usage=UsageConfig)
+
+
 @dataclasses.dataclass(frozen=True)
 class WarpSpecializedConfig:
-    """Tiling of the warp-specialised Gluon forward (memory_read_gluon, opt-in, sm_90 only;
-    not yet run on a GPU). block_m: query rows per program; block_n: memory
+    """Tiling of the warp-specialised Gluon forward (stm_kernels/experimental/gluon_forward.py,
+    opt-in, sm_90 only; never run on a GPU). block_m: query rows per program; block_n: memory
     positions per pipeline step; num_stages: depth of the K and V TMA rings; num_p: depth of the
     P/alpha ring between the softmax and PV warpgroups; pv_regs / load_regs: setmaxnreg targets
     of the PV and load partitions (the softmax partition gets what is left of 128 x 4
     warpgroups).
 
     value_chunks: programs per query block, each reading ceil(Cv / value_chunks) value
-    channels (each recomputes S: 1.2x the useful MACs per pair at 2 chunks, Ck = 128,
-    Cv = 512). split_rows: how the two PV warpgroups share a program's work. False (the
-    default, block_m = 64): each takes half of its value channels for all 64 rows. True
-    (block_m = 128): each takes 64 of its rows for all of its channels, so one K/V tile
-    serves 128 query rows, not 64: 12 bytes from L2 per (query, memory) pair at Cv = 512 with
-    2 chunks, against 20 (bench/NOTES.md, "L2 traffic per pair")."""
+    channels (each recomputes S). split_rows: how the two PV warpgroups share a program's
+    work. False (block_m = 64): each takes half of its value channels for all 64 rows. True
+    (block_m = 128): each takes 64 of its rows for all of its channels, so one K/V tile serves
+    128 query rows, not 64 (less L2 traffic per pair for S repeated per value chunk)."""
     block_m: int = 64
     block_n: int = 64
     num_stages: int = 2
@@ -132,72 +153,478 @@ class WarpSpecializedConfig:
     split_rows: bool = False
 
 
-# The Gluon forward's other candidate: 1.2x the useful MACs (as the plain forward) for 0.6x the
-# default's L2 traffic; which one wins depends on the L2 -> SM bandwidth, which only a GPU run
-# (tools.gpu_session.tune times both) can tell. Static report (sm_90, target shape): no
-# spills, 210 KiB of
-# shared memory with 3 stages (166 KiB with 2, which tools.gpu_session.tune also times).
+# The Gluon forward's other candidate (which one is faster only a GPU run can tell).
 ROW_SPLIT_CONFIG = WarpSpecializedConfig(block_m=128, num_stages=3, value_chunks=2,
                                          split_rows=True)
 
 
-# Candidates in order of preference, per element size (2: fp16/bf16; 4: fp32, TF32 or exact);
-# a candidate that does not fit the device's shared memory or registers (OutOfResources at
-# compile time) falls through to the next one.
-GPU_FORWARD = {
-    2: (ForwardConfig(block_m=128, block_n=64, block_v=256, num_warps=8, num_stages=3),
-        ForwardConfig(block_m=128, block_n=32, block_v=256, num_warps=8, num_stages=2),
-        ForwardConfig(block_m=64, block_n=32, block_v=256, num_warps=4, num_stages=2)),
-    4: (ForwardConfig(block_m=128, block_n=32, block_v=256, num_warps=8, num_stages=3),
-        ForwardConfig(block_m=128, block_n=32, block_v=128, num_warps=8, num_stages=2),
-        ForwardConfig(block_m=64, block_n=32, block_v=128, num_warps=4, num_stages=1)),
-}
-GPU_BACKWARD = {
-    2: (BackwardConfig(DvConfig(block_n=128, block_m=32, block_v=256, num_warps=8, num_stages=2),
-                       DkdqConfig(block_n=128, block_m=16, num_warps=8, num_stages=2),
-                       DqConfig(block_m=128, block_n=64, block_cv=64, num_warps=8,
-                                num_stages=2)),
-        BackwardConfig(DvConfig(block_n=64, block_m=32, block_v=256, num_warps=4, num_stages=1),
-                       DkdqConfig(block_n=64, block_m=16, num_warps=4, num_stages=2,
-                                  block_cv=128),
-                       DqConfig(block_m=128, block_n=32, block_cv=64, num_warps=8,
-                                num_stages=3))),
-    4: (BackwardConfig(DvConfig(block_n=128, block_m=32, block_v=128, num_warps=8, num_stages=2),
-                       DkdqConfig(block_n=128, block_m=16, num_warps=8, num_stages=1,
-                                  block_cv=64),
-                       DqConfig(block_m=128, block_n=32, block_cv=32, num_warps=8,
-                                num_stages=2)),
-        BackwardConfig(DvConfig(block_n=64, block_m=32, block_v=128, num_warps=4, num_stages=1),
-                       DkdqConfig(block_n=64, block_m=16, num_warps=4, num_stages=2,
-                                  block_cv=64),
-                       DqConfig(block_m=64, block_n=32, block_cv=32, num_warps=4,
-                                num_stages=1))),
-}
-# The interpreter runs one Python step per tile operation: large tiles are fastest there.
-INTERPRETER_FORWARD = (ForwardConfig(block_m=32, block_n=32, num_warps=4, num_stages=1),)
-INTERPRETER_BACKWARD = (BackwardConfig(DvConfig(block_n=32, block_m=32, num_warps=4),
-                                       DkdqConfig(block_n=32, block_m=32, num_warps=4),
-                                       DqConfig(block_m=32, block_n=32, num_warps=4)),)
+# --------------------------------------------------------------------------- architectures
 
-# The top-k selection (64 query rows, one warpgroup: with 8 warps the only dot, QK, would be
-# computed twice) and the usage kernel (dV's layout: 128 memory rows for 8 warps).
-SELECT_CONFIG = {False: dict(block_m=64, num_warps=4, num_stages=2),
-                 True: dict(block_m=16, num_warps=4, num_stages=1)}  # by INTERPRETING
-USAGE_CONFIG = {False: dict(block_n=128, block_m=64, num_warps=8),
-                True: dict(block_n=32, block_m=32, num_warps=4)}
 
-_override = {"forward": None, "backward": None, "warp_specialized": None}
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One architecture's tilings and input precisions.
+
+    fp16_bf16, fp32_fast, fp32_exact: the `input_precision` of tl.dot for 16-bit inputs, for
+    float32 under matmul precision "high"/"medium" and under "highest" (None: the kernels do
+    not take exact float32 there; the torch backend reads it). shared_memory: the per-block
+    limit the tilings are sized for (the device's own limit decides at launch). options:
+    compile options of every launch there (AMD: the MFMA instruction size)."""
+    name: str
+    devices: str
+    vendor: str
+    shared_memory: int
+    fp16_bf16: str
+    fp32_fast: str
+    fp32_exact: Optional[str]
+    tilings: dict
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def candidates(self, kernel, precision, width):
+        """The candidate configs of a kernel for a precision class and key width, in order
+        (the most specific table key wins: (kernel, precision, width), then with None for the
+        width, then for both)."""
+        for key in ((kernel, precision, width), (kernel, precision, None), (kernel, None, None)):
+            if key in self.tilings:
+                return self.tilings[key]
+        raise KeyError(f"{self.name} has no tiling for {kernel} / {precision} / {width}")
+
+    def input_precision(self, dtype):
+        """tl.dot's input_precision for operands of `dtype` under torch's current float32
+        matmul precision (None: no kernel here takes it)."""
+        if dtype != torch.float32:
+            return self.fp16_bf16
+        return self.fp32_exact if torch.get_float32_matmul_precision() == "highest" \
+            else self.fp32_fast
+
+
+def precision_class(dtype):
+    """"16-bit", "tf32" or "fp32" (exact) for operands of `dtype` under torch's current float32
+    matmul precision."""
+    if dtype != torch.float32:
+        return "16-bit"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def width_class(block_ck):
+    """The key-width class of a power-of-two key tile, or None when no tiling takes it."""
+    return next((width for width in WIDTHS if block_ck <= width), None)
+
+
+# Shorthands for the tables below (positional fields in each class's order).
+F, M, V, K, Q, S, U = (ForwardConfig, MergeConfig, DvConfig, DkdqConfig, DqConfig, SelectConfig,
+                       UsageConfig)
+
+_INTERPRETER = Architecture(
+    "interpreter", "Triton's CPU interpreter (tests)", "interpreter", 1 << 30,
+    fp16_bf16="ieee", fp32_fast="ieee", fp32_exact="ieee",
+    # One Python step per tile operation: the largest tiles are the fastest there.
+    tilings={("forward", None, None): (F(32, 32, None, 4, 1),),
+             ("merge", None, None): (M(64, 64, 4, 1),),
+             ("dv", None, None): (V(32, 32, None, 4, 1),),
+             ("dkdq", None, None): (K(32, 32, 4, 1, None),),
+             ("dq", None, None): (Q(32, 32, None, 4, 1),),
+             ("select", None, None): (S(16, 4, 1),),
+             ("usage", None, None): (U(32, 32, 4, 1),)})
+
+# Input precisions: 16-bit operands take "ieee" everywhere (NVIDIA ignores it for them; AMD
+# refuses "tf32" on gfx90a and gfx950). Exact float32 on NVIDIA is left to the torch backend
+# (cuBLAS): every exact form of a Triton dot at 128 key channels ("ieee", "tf32x3", "bf16x3",
+# "bf16x6") spills at every tiling on every NVIDIA target. AMD's "ieee" uses its float32
+# matrix cores and compiles clean. TF32 for "high": NVIDIA and gfx942 have it; gfx950 has the
+# more accurate "bf16x3" at bf16 rate; gfx90a has neither faster than "ieee".
+# AMD: 16 x 16 MFMA instructions (as fast as 32 x 32 ones): with the 32-row ones, four
+# wavefronts over a 64-row tile, or eight over 128, compute the same scores twice.
+AMD_OPTIONS = {"matrix_instr_nonkdim": 16}
+
+# The tables below were derived by `python -m tools.kernel_report.search --arch NAME`
+# (Triton 3.8, offline compiles; the first candidate of each entry is the one that met
+# the targets, or the nearest when none did: EXCEPTIONS says why).
+
+_SM_80 = Architecture(
+    "sm_80", "A100, A30", "nvidia", 163 * KIB,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    tilings={
+        ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
+        ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
+        ("forward", "tf32", 128): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
+        ("forward", "tf32", 256): (F(16, 16, 256, 4, 2),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
+        ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
+        ("dv", "tf32", 256): (V(128, 16, 128, 8, 2),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
+        ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
+        ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
+        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
+        ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
+        ("dq", "tf32", None): (Q(16, 16, 16, 2, 1),),
+        ("select", "16-bit", None): (S(16, 2, 1),),
+        ("select", "tf32", None): (S(16, 4, 1),),
+        ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 256): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
+    })
+
+_SM_86 = Architecture(
+    "sm_86", "RTX 30, RTX 40, A10, A40, L4, L40S (sm_86, sm_89)", "nvidia", 99 * KIB,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    tilings={
+        ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
+        ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
+        ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
+        ("forward", "tf32", 256): (F(16, 32, 256, 8, 2),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
+        ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
+        ("dv", "tf32", 256): (V(16, 16, 64, 4, 1),),
+        ("dkdq", "16-bit", 128): (K(64, 16, 4, 2, 32),),
+        ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
+        ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
+        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
+        ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
+        ("dq", "tf32", 128): (Q(32, 32, 32, 4, 1), Q(32, 32, 16, 2, 1),),
+        ("dq", "tf32", 256): (Q(16, 16, 16, 4, 1),),
+        ("select", "16-bit", 128): (S(32, 4, 1), S(16, 4, 1),),
+        ("select", "16-bit", 256): (S(16, 4, 1),),
+        ("select", "tf32", None): (S(16, 4, 1),),
+        ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 128): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
+    })
+
+_SM_90 = Architecture(
+    "sm_90", "H100, H200, GH200", "nvidia", 227 * KIB,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    tilings={
+        ("forward", "16-bit", 128): (F(128, 64, 256, 8, 3), F(128, 64, 256, 8, 2),),
+        ("forward", "16-bit", 256): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
+        ("forward", "tf32", 128): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
+        ("forward", "tf32", 256): (F(64, 32, 128, 4, 1), F(32, 32, 128, 4, 1),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
+        ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
+        ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, None), K(128, 16, 8, 1, None),),
+        ("dkdq", "16-bit", 256): (K(128, 16, 8, 2, 64), K(128, 16, 8, 1, 64),),
+        ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
+        ("dkdq", "tf32", 256): (K(64, 16, 8, 1, 32),),
+        ("dq", "16-bit", 128): (Q(128, 64, 64, 8, 2), Q(128, 32, 64, 8, 3),),
+        ("dq", "16-bit", 256): (Q(128, 32, 32, 8, 2), Q(64, 64, 64, 4, 2),),
+        ("dq", "tf32", 128): (Q(128, 32, 32, 8, 2), Q(64, 32, 32, 4, 2),),
+        ("dq", "tf32", 256): (Q(64, 16, 32, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "tf32", None): (S(64, 4, 2), S(64, 4, 1),),
+        ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 256): (U(128, 32, 8, 2), U(64, 32, 4, 2),),
+    })
+
+_SM_100 = Architecture(
+    "sm_100", "B200, GB200", "nvidia", 227 * KIB,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    tilings={
+        ("forward", "16-bit", None): (F(64, 64, 256, 8, 3), F(64, 64, 256, 8, 2),),
+        ("forward", "tf32", 128): (F(64, 32, 256, 8, 3), F(64, 32, 256, 8, 2),),
+        ("forward", "tf32", 256): (F(64, 16, 256, 8, 2), F(64, 16, 256, 4, 2),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
+        ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
+        ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, None), K(128, 16, 8, 1, None),),
+        ("dkdq", "16-bit", 256): (K(64, 16, 4, 1, 64), K(64, 16, 4, 1, 32),),
+        ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
+        ("dkdq", "tf32", 256): (K(64, 16, 8, 1, 32),),
+        ("dq", "16-bit", 128): (Q(128, 64, 64, 8, 2), Q(128, 32, 64, 8, 3),),
+        ("dq", "16-bit", 256): (Q(128, 32, 32, 8, 2), Q(64, 64, 64, 4, 2),),
+        ("dq", "tf32", 128): (Q(128, 32, 32, 8, 2), Q(64, 32, 32, 4, 2),),
+        ("dq", "tf32", 256): (Q(64, 16, 32, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "tf32", None): (S(16, 4, 1),),
+        ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 256): (U(128, 32, 8, 2), U(64, 32, 4, 2),),
+    })
+
+_SM_120 = Architecture(
+    "sm_120", "RTX 50, DGX Spark", "nvidia", 99 * KIB,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    tilings={
+        ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
+        ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
+        ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
+        ("forward", "tf32", 256): (F(16, 16, 256, 4, 2),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
+        ("dv", "tf32", 128): (V(128, 16, 128, 8, 2),),
+        ("dv", "tf32", 256): (V(16, 16, 64, 4, 1),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 2, 32),),
+        ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
+        ("dkdq", "tf32", None): (K(16, 16, 4, 1, 16),),
+        ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
+        ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
+        ("dq", "tf32", 128): (Q(32, 32, 16, 4, 1), Q(32, 32, 16, 2, 1),),
+        ("dq", "tf32", 256): (Q(16, 16, 16, 4, 1),),
+        ("select", "16-bit", 128): (S(32, 4, 2), S(32, 4, 1),),
+        ("select", "16-bit", 256): (S(16, 4, 1),),
+        ("select", "tf32", None): (S(16, 4, 1),),
+        ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
+    })
+
+_GENERIC = Architecture(
+    "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    tilings={
+        ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
+        ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
+        ("forward", "tf32", 128): (F(16, 64, 128, 8, 1),),
+        ("forward", "tf32", 256): (F(16, 16, 64, 4, 1),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
+        ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
+        ("dv", "tf32", 256): (V(16, 16, 128, 4, 1),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
+        ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
+        ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
+        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
+        ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
+        ("dq", "tf32", None): (Q(16, 16, 16, 2, 1),),
+        ("select", "16-bit", None): (S(16, 2, 1),),
+        ("select", "tf32", None): (S(16, 4, 1),),
+        ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
+    })
+
+_GFX90A = Architecture(
+    "gfx90a", "MI210, MI250X", "amd", 64 * KIB, fp16_bf16="ieee", fp32_fast="ieee",
+    fp32_exact="ieee", options=AMD_OPTIONS,
+    tilings={
+        ("forward", "16-bit", 128): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
+        ("forward", "16-bit", 256): (F(64, 32, 256, 4, 2), F(64, 32, 256, 4, 1),),
+        ("forward", "tf32", 128): (F(64, 16, 256, 4, 2), F(32, 32, 256, 4, 1),),
+        ("forward", "tf32", 256): (F(32, 32, 256, 2, 1),),
+        ("forward", "fp32", 128): (F(64, 16, 256, 4, 2), F(32, 32, 256, 4, 1),),
+        ("forward", "fp32", 256): (F(32, 32, 256, 2, 1),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
+        ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
+        ("dv", "tf32", 128): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
+        ("dv", "tf32", 256): (V(32, 16, 128, 2, 1), V(16, 16, 128, 4, 1),),
+        ("dv", "fp32", 128): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
+        ("dv", "fp32", 256): (V(32, 16, 128, 2, 1), V(16, 16, 128, 4, 1),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
+        ("dkdq", "16-bit", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 64),),
+        ("dkdq", "tf32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
+        ("dkdq", "tf32", 256): (K(32, 16, 4, 1, 32),),
+        ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
+        ("dkdq", "fp32", 256): (K(32, 16, 4, 1, 32),),
+        ("dq", "16-bit", None): (Q(64, 32, 32, 4, 1), Q(64, 16, 32, 4, 1),),
+        ("dq", "tf32", 128): (Q(64, 32, 32, 4, 1), Q(64, 16, 32, 4, 1),),
+        ("dq", "tf32", 256): (Q(32, 16, 16, 2, 1), Q(16, 16, 16, 4, 1),),
+        ("dq", "fp32", 128): (Q(64, 32, 32, 4, 1), Q(64, 16, 32, 4, 1),),
+        ("dq", "fp32", 256): (Q(32, 16, 16, 2, 1), Q(16, 16, 16, 4, 1),),
+        ("select", "16-bit", 128): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "16-bit", 256): (S(64, 4, 1), S(32, 4, 2),),
+        ("select", "tf32", 128): (S(64, 4, 1), S(32, 4, 2),),
+        ("select", "tf32", 256): (),
+        ("select", "fp32", 128): (S(64, 4, 1), S(32, 4, 2),),
+        ("select", "fp32", 256): (),
+        ("usage", "16-bit", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "16-bit", 256): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "tf32", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "tf32", 256): (U(64, 32, 4, 2), U(32, 32, 4, 1),),
+        ("usage", "fp32", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "fp32", 256): (U(64, 32, 4, 2), U(32, 32, 4, 1),),
+    })
+
+_GFX942 = Architecture(
+    "gfx942", "MI300X, MI325X", "amd", 64 * KIB, fp16_bf16="ieee", fp32_fast="tf32",
+    fp32_exact="ieee", options=AMD_OPTIONS,
+    tilings={
+        ("forward", "16-bit", 128): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
+        ("forward", "16-bit", 256): (F(64, 32, 256, 4, 2), F(64, 32, 256, 4, 1),),
+        ("forward", "tf32", 128): (F(64, 16, 256, 4, 2), F(64, 32, 256, 4, 1),),
+        ("forward", "tf32", 256): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
+        ("forward", "fp32", 128): (F(64, 16, 256, 4, 2), F(64, 32, 256, 4, 1),),
+        ("forward", "fp32", 256): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
+        ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
+        ("dv", "tf32", 128): (V(128, 16, 128, 8, 1), V(64, 16, 128, 4, 2),),
+        ("dv", "tf32", 256): (V(64, 16, 128, 4, 1), V(32, 32, 128, 4, 1),),
+        ("dv", "fp32", 128): (V(128, 16, 128, 8, 1), V(64, 16, 128, 4, 2),),
+        ("dv", "fp32", 256): (V(64, 16, 128, 4, 1), V(32, 32, 128, 4, 1),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
+        ("dkdq", "16-bit", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 64),),
+        ("dkdq", "tf32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
+        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
+        ("dkdq", "fp32", 256): (K(16, 16, 4, 1, 16),),
+        ("dq", "16-bit", None): (Q(64, 32, 32, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("dq", "tf32", None): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("dq", "fp32", None): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("select", "16-bit", 128): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "16-bit", 256): (S(64, 4, 1),),
+        ("select", "tf32", 128): (S(64, 4, 1),),
+        ("select", "tf32", 256): (S(32, 4, 1),),
+        ("select", "fp32", 128): (S(64, 4, 1),),
+        ("select", "fp32", 256): (S(32, 4, 1),),
+        ("usage", "16-bit", None): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "tf32", 128): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "tf32", 256): (U(64, 32, 4, 2), U(32, 32, 4, 1),),
+        ("usage", "fp32", 128): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "fp32", 256): (U(64, 32, 4, 2), U(32, 32, 4, 1),),
+    })
+
+_GFX950 = Architecture(
+    "gfx950", "MI350X, MI355X", "amd", 160 * KIB, fp16_bf16="ieee", fp32_fast="bf16x3",
+    fp32_exact="ieee", options=AMD_OPTIONS,
+    tilings={
+        ("forward", "16-bit", 128): (F(128, 64, 256, 8, 2), F(128, 32, 256, 8, 3),),
+        ("forward", "16-bit", 256): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
+        ("forward", "tf32", 128): (F(64, 32, 256, 4, 2), F(32, 16, 256, 4, 1),),
+        ("forward", "tf32", 256): (F(64, 32, 256, 4, 2), F(32, 32, 256, 4, 2),),
+        ("forward", "fp32", None): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
+        ("merge", None, None): (M(64, 64, 4, 1),),
+        ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
+        ("dv", "16-bit", 256): (V(128, 16, 256, 8, 2), V(64, 16, 256, 4, 2),),
+        ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
+        ("dv", "tf32", 256): (V(64, 32, 128, 4, 2), V(32, 32, 128, 4, 1),),
+        ("dv", "fp32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
+        ("dv", "fp32", 256): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
+        ("dkdq", "16-bit", None): (K(64, 16, 4, 2, None), K(64, 16, 4, 2, 128),),
+        ("dkdq", "tf32", 128): (K(64, 16, 4, 1, 64), K(64, 16, 4, 1, 32),),
+        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
+        ("dkdq", "fp32", 256): (K(16, 16, 4, 1, 16),),
+        ("dq", "16-bit", None): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("dq", "tf32", 128): (Q(64, 32, 32, 4, 2), Q(32, 32, 32, 4, 1),),
+        ("dq", "tf32", 256): (Q(64, 16, 32, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("dq", "fp32", 128): (Q(64, 32, 32, 4, 1), Q(64, 16, 32, 4, 1),),
+        ("dq", "fp32", 256): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
+        ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "tf32", 128): (S(64, 4, 2), S(32, 4, 2),),
+        ("select", "tf32", 256): (S(32, 4, 1), S(16, 4, 1),),
+        ("select", "fp32", 128): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "fp32", 256): (S(32, 4, 1), S(16, 4, 1),),
+        ("usage", "16-bit", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "16-bit", 256): (U(128, 32, 8, 2), U(64, 32, 4, 2),),
+        ("usage", "tf32", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
+        ("usage", "tf32", 256): (U(64, 32, 4, 2), U(32, 16, 4, 1),),
+        ("usage", "fp32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
+        ("usage", "fp32", 256): (U(64, 32, 4, 1), U(32, 32, 4, 1),),
+    })
+
+ARCHITECTURES = {arch.name: arch for arch in (
+    _INTERPRETER, _SM_80, _SM_86, _SM_90, _SM_100, _SM_120, _GENERIC, _GFX90A, _GFX942, _GFX950)}
+# Why an entry's first tiling misses a target of the static report (a spill, a dot computed by
+# several warps, the work ratio), keyed (architecture, kernel, precision class, key width);
+# (None, None, None, width) for keys wider than any tiling. Each reason is a fact of the
+# compiles; docs/kernel_report.md lists each with the rows it explains and their figures.
+_WIDER_KEYS = (
+    "more than 256 key channels (XMem's 2 Ck + 1 = 257 at Ck = 128) need a 512-wide key tile, "
+    "twice the registers and shared memory of the widest tiling: the torch backend reads them "
+    "(keeping them at 256 channels, with |k|^2 as a separate per-position bias, is not built)")
+_WIDE_BACKWARD_MMA_SYNC = (
+    "a dK+dQ program holds a 256-wide key tile with its dK and dQ accumulators; with mma.sync "
+    "(no warpgroup MMA reading operands from shared memory, as on sm_90 and sm_100) the "
+    "accumulators live in registers, and no tiling the search tried fits 255 per thread "
+    "without spilling or splitting a dot across warps")
+_SMALL_SHARED_BACKWARD = (
+    "the dK+dQ tilings that fit 99 KiB of shared memory keep more of the program in registers "
+    "than the 163/227 KiB ones: a few bytes spill; the deterministic variant (no dQ atomics) "
+    "shares the tiling and ptxas keeps more live there")
+_TF32_MMA_SYNC = (
+    "TF32 operands are 32-bit: twice the registers and shared memory of a 16-bit tile, and "
+    "mma.sync's m16n8k8 takes them from registers; the tilings that do not spill are narrow "
+    "(16 memory rows or 16 value channels per program), which recompute more per pair or "
+    "still spill in the four-dot dK+dQ kernel")
+_TF32_WIDE = (
+    "TF32 at 256 key channels: a 32-bit 256-wide key tile is 64 KiB per 64 rows; the tilings "
+    "that fit leave too few rows per warp for every dot to have its own, or spill")
+_SELECT_WIDE = (
+    "the selection keeps each query row's running top-64 (scores and indices) in registers "
+    "beside a 256-wide query tile and a 64-position memory block: at 16 query rows per "
+    "program, the smallest tiling, a few registers still spill")
+_AMD_FP32_WIDE = (
+    "32-bit operands at 256 key channels fit 64 KiB of LDS (160 KiB on gfx950) only with "
+    "16-32 row blocks, where the 16 x 16 MFMA layout over four wavefronts computes the "
+    "narrow dots of dK+dQ on several wavefronts (or, on gfx90a's forward, spills)")
+_SELECT_GFX90A = (
+    "the selection's memory block is max(64, top_k) positions: at 256 float32 key channels "
+    "that block alone is 64 KiB, all of gfx90a's LDS, so no tiling fits; the torch backend "
+    "selects (the other kernels still run)")
+
+_MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
+EXCEPTIONS: dict = {
+    (None, None, None, 512): _WIDER_KEYS,
+    **{(name, "dkdq", "16-bit", 256): _WIDE_BACKWARD_MMA_SYNC for name in _MMA_SYNC_TABLES},
+    **{(name, "dkdq", "16-bit", 128): _SMALL_SHARED_BACKWARD
+       for name in ("sm_86", "sm_120", "generic")},
+    **{(name, kernel, "tf32", 128): _TF32_MMA_SYNC
+       for name in _MMA_SYNC_TABLES for kernel in ("dkdq", "dv")},
+    ("generic", "forward", "tf32", 128): _TF32_MMA_SYNC,
+    **{(name, kernel, "tf32", 256): _TF32_WIDE
+       for name in _MMA_SYNC_TABLES for kernel in ("forward", "dv", "dkdq", "dq", "select")},
+    ("sm_90", "dkdq", "tf32", 256): _TF32_WIDE,
+    ("sm_100", "dkdq", "tf32", 256): _TF32_WIDE,
+    ("sm_100", "select", "tf32", 256): _TF32_WIDE,
+    ("sm_80", "select", "16-bit", 256): _SELECT_WIDE,
+    ("generic", "select", "16-bit", 256): _SELECT_WIDE,
+    **{(name, "dkdq", precision, 256): _AMD_FP32_WIDE
+       for name in ("gfx90a", "gfx942", "gfx950") for precision in ("tf32", "fp32")},
+    **{("gfx90a", "forward", precision, 256): _AMD_FP32_WIDE for precision in ("tf32", "fp32")},
+    **{("gfx90a", "select", precision, 256): _SELECT_GFX90A for precision in ("tf32", "fp32")},
+}
+
+
+def architecture_of(device: Device) -> tuple[Optional[Architecture], str]:
+    """(the Architecture whose tilings a device runs, "") or (None, why the Triton kernels do
+    not run there: the torch backend reads instead)."""
+    if device.vendor == "interpreter":
+        return ARCHITECTURES["interpreter"], ""
+    if device.arch in ARCHITECTURES:
+        return ARCHITECTURES[device.arch], ""
+    capability = device.capability
+    if capability is not None:  # NVIDIA
+        if capability < (8, 0):
+            return None, (f"{device.arch} is below sm_80: the fused kernels need Ampere or "
+                          "newer tensor cores")
+        if capability[0] == 8:  # sm_89, sm_87 (Orin), ...: by the shared memory they have
+            return ARCHITECTURES["sm_80" if device.shared_memory >= 163 * KIB else "sm_86"], ""
+        for major, name in ((12, "sm_120"), (10, "sm_100")):
+            if capability[0] == major:
+                return ARCHITECTURES[name], ""
+        return ARCHITECTURES["generic"], ""
+    return None, f"no tiling is validated for {device.arch}"
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+_override: dict = {}
 
 
 class use_configs:
-    """Context manager forcing kernel configs (for tests and tuning): `with use_configs(
-    forward=ForwardConfig(...), backward=BackwardConfig(...),
-    warp_specialized=WarpSpecializedConfig(...)): ...` (the last one applies where the
+    """Context manager forcing kernel configs (tests, tuning): `with use_configs(
+    forward=ForwardConfig(...), backward=BackwardConfig(...), select=SelectConfig(...),
+    warp_specialized=WarpSpecializedConfig(...)): ...`; also dv=, dkdq=, dq=, merge=,
+    usage=. A forced config is the only candidate (the last one applies where the
     warp-specialised forward is opted in)."""
 
-    def __init__(self, forward=None, backward=None, warp_specialized=None):
-        self.configs = {"forward": forward, "backward": backward,
-                        "warp_specialized": warp_specialized}
+    def __init__(self, forward=None, backward=None, warp_specialized=None, **kernels):
+        unknown = set(kernels) - set(KERNELS)
+        if unknown:
+            raise TypeError(f"use_configs: unknown kernels {sorted(unknown)}")
+        self.configs = dict(kernels, forward=forward, warp_specialized=warp_specialized)
+        if backward is not None:
+            self.configs.update(dv=backward.dv, dkdq=backward.dkdq, dq=backward.dq)
 
     def __enter__(self):
         self.previous = dict(_override)
@@ -209,22 +636,20 @@ class use_configs:
         _override.update(self.previous)
 
 
-def candidates(kind, itemsize):
-    """The configs to try, in order, for kind 'forward' or 'backward' and an element size."""
-    if _override[kind] is not None:
-        return (_override[kind],)
-    if INTERPRETING:
-        return INTERPRETER_FORWARD if kind == "forward" else INTERPRETER_BACKWARD
-    table = GPU_FORWARD if kind == "forward" else GPU_BACKWARD
-    return table[min(itemsize, 4)]
+def candidates(kernel, architecture, precision, width):
+    """The configs to try, in order: the one use_configs forces, else the architecture's."""
+    if kernel in _override:
+        return (_override[kernel],)
+    return architecture.candidates(kernel, precision, width)
 
 
 def warp_specialized_config():
     """The warp-specialised forward's tiling: the one forced by use_configs, else the
     default (64 query rows, all value channels in one program)."""
-    return _override["warp_specialized"] or WarpSpecializedConfig()
+    return _override.get("warp_specialized") or WarpSpecializedConfig()
 
 
-def defaults(itemsize):
-    """(forward, backward) configs a GPU launch tries first for this element size."""
-    return GPU_FORWARD[min(itemsize, 4)][0], GPU_BACKWARD[min(itemsize, 4)][0]
+__all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
+           "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
+           "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "architecture_of", "candidates",
+           "precision_class", "width_class", "use_configs", "warp_specialized_config"]

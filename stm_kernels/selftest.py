@@ -1,0 +1,405 @@
+"""Self-test of the fused read on this machine: correct against float64, and how fast.
+
+    python -m stm_kernels.selftest                  # the GPU if there is one, else the CPU
+    python -m stm_kernels.selftest --json my.json   # where to write the report
+    stm selftest                                    # the same, from the command line tool
+
+On the device it checks memory_read against a float64 reference computed on the CPU with the
+official (naive) read: forward, backward (gradients of the query, keys and values, through the
+output and the log-sum-exp; also under torch.use_deterministic_algorithms), ragged memory
+lengths, top-k, usage, for the dot, l2 and xmem
+similarities, in each dtype the device supports (float32 both exact and with TF32). On a GPU it
+then times the fused read against the official read, PyTorch's SDPA and the same run's bf16
+matrix-multiply rate, at a few sizes including the target shape (one 480p frame, HW = 1,620,
+against 100 memory frames, N = 162,000, Ck = 128, Cv = 512). It prints a table, writes one JSON
+file (device, versions, the tilings chosen, warnings, errors, timings) to attach to a bug or
+performance report, and exits with status 1 if any result is wrong.
+
+On a CPU the reads run on the torch backend; with TRITON_INTERPRET=1 set, on the Triton kernels
+in Triton's interpreter (small sizes only, and no bfloat16: the interpreter's bf16 dot is
+wrong). About a minute on a GPU.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from typing import Optional
+
+import torch
+
+from . import FallbackWarning, __version__, memory_read, memory_usage
+from .backends import triton as triton_backend
+
+# Normalised RMS error bounds against float64, per dtype (gradients: GRADIENT_FACTOR times).
+BOUNDS = {"fp64": 1e-12, "fp32": 2e-5, "tf32": 5e-3, "fp16": 4e-3, "bf16": 3e-2}
+GRADIENT_FACTOR = 3
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
+          "fp16": torch.float16, "bf16": torch.bfloat16}
+SIMILARITIES = ("dot", "l2", "xmem")
+FEATURES = ("read", "deterministic", "ragged", "top_k", "usage")
+TARGET = dict(B=1, HW=1620, Ck=128, Cv=512)
+TIMED_N = (16200, 162000)
+
+
+@dataclasses.dataclass
+class Check:
+    """One correctness check: a feature of the read in one dtype and similarity."""
+    feature: str
+    dtype: str
+    similarity: str
+    shape: dict
+    errors: dict = dataclasses.field(default_factory=dict)
+    bound: float = 0.0
+    passed: bool = False
+    failure: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _random(shape, generator):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def _inputs(shape, similarity, seed):
+    """float64 CPU inputs of one check: q, k, v and the xmem shrinkage and selection."""
+    generator = torch.Generator().manual_seed(seed)
+    B, Ck, Cv, HW, N = (shape[key] for key in ("B", "Ck", "Cv", "HW", "N"))
+    inputs = dict(q=_random((1, Ck, HW), generator), k=_random((B, Ck, N), generator),
+                  v=_random((B, Cv, N), generator))
+    if similarity == "xmem":
+        inputs["shrinkage"] = 1 + _random((B, 1, N), generator).abs()
+        inputs["selection"] = torch.rand((1, Ck, HW), generator=generator, dtype=torch.float64)
+    return inputs
+
+
+def _read(inputs, feature, similarity, backend, lengths, grad_seed):
+    """The feature's outputs {name: tensor}, gradients included (through random cotangents
+    of out and lse)."""
+    tensors = {name: tensor.detach().requires_grad_() for name, tensor in inputs.items()}
+    extra = {key: tensors[key] for key in ("shrinkage", "selection") if key in tensors}
+    options = dict(similarity=similarity, backend=backend, **extra)
+    if feature == "ragged":
+        options["memory_lengths"] = lengths
+    if feature == "top_k":
+        options["top_k"] = 7
+    if feature == "usage":
+        out, lse, usage = memory_read(tensors["q"], tensors["k"], tensors["v"], return_lse=True,
+                                      return_usage=True, **options)
+        alone = memory_usage(tensors["q"], tensors["k"], lse, similarity=similarity,
+                             backend=backend, **extra)
+        return dict(out=out, usage=usage, usage_of_lse=alone)
+    out, lse = memory_read(tensors["q"], tensors["k"], tensors["v"], return_lse=True, **options)
+    generator = torch.Generator().manual_seed(grad_seed)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
+    loss = (out * grad_out.to(out)).sum() + (lse * grad_lse.to(lse)).sum()
+    loss.backward()
+    results = dict(out=out, lse=lse)
+    results.update({f"d{name}": tensor.grad for name, tensor in tensors.items()})
+    return results
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| in float64 (inf when actual is not finite)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def run_check(check, device, backend, seed):
+    """Fill in a Check's errors and verdict: the read on the device against float64 naive."""
+    inputs = _inputs(check.shape, check.similarity, seed)
+    N, B = check.shape["N"], check.shape["B"]
+    lengths = [N] + [max(1, (N * (b + 1)) // (B + 2)) for b in range(B - 1)]
+    dtype = DTYPES[check.dtype]
+    precision = "high" if check.dtype == "tf32" else "highest"
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        on_device = {name: tensor.to(device, dtype) for name, tensor in inputs.items()}
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(check.feature == "deterministic")
+        try:
+            actual = _read(on_device, check.feature, check.similarity, backend,
+                           torch.tensor(lengths, device=device), seed + 1)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        # float64 on the device itself (a GPU's float64 is slow but ample for these sizes)
+        reference = {name: tensor.to(device) for name, tensor in inputs.items()}
+        expected = _read(reference, check.feature, check.similarity, "naive",
+                         torch.tensor(lengths, device=device), seed + 1)
+    except Exception as error:  # a crash is a failed check, reported with the others
+        check.failure = "".join(traceback.format_exception_only(type(error), error)).strip()
+        return check
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    check.bound = BOUNDS[check.dtype]
+    check.passed = True
+    for name, reference in expected.items():
+        check.errors[name] = relative_error(actual[name], reference)
+        bound = check.bound * (1 if name in ("out", "lse", "usage", "usage_of_lse")
+                               else GRADIENT_FACTOR)
+        check.passed &= check.errors[name] <= bound
+    return check
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def plan_checks(device, quick=False):
+    """The Checks to run on this device: every feature x similarity in each dtype it runs."""
+    interpreting = triton_backend is not None and triton_backend.INTERPRETING
+    if device.type == "cuda":
+        dtypes = ["fp32", "tf32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+        small = dict(B=3, Ck=64, Cv=96, HW=200, N=1000)
+        checks = [Check(feature, dtype, similarity, small) for dtype in dtypes
+                  for similarity in SIMILARITIES for feature in FEATURES]
+        if not quick:  # one 480p query frame against ten memory frames, both similarities
+            target = dict(B=2, Ck=128, Cv=512, HW=1620, N=16200)
+            checks += [Check("read", dtype, similarity, target) for dtype in dtypes
+                       for similarity in ("dot", "l2")]
+        return checks
+    if interpreting:
+        dtypes = ["fp32"]  # the interpreter's bf16 dot is wrong; fp16 adds nothing here
+        shapes = [dict(B=2, Ck=16, Cv=24, HW=30, N=300)]  # memory split in 2: merged
+    else:
+        dtypes = ["fp32", "fp64"]
+        shapes = [dict(B=3, Ck=32, Cv=48, HW=60, N=300)]
+    return [Check(feature, dtype, similarity, shape)
+            for shape in shapes for dtype in dtypes for similarity in SIMILARITIES
+            for feature in FEATURES]
+
+
+def backend_for(device):
+    """The backend the self-test exercises: what backend="auto" picks on a GPU (the kernels,
+    or torch where they do not run, with its warning in the report), the kernels under the
+    interpreter, torch on a CPU."""
+    if device.type == "cuda":
+        return "auto"
+    interpreting = triton_backend is not None and triton_backend.INTERPRETING
+    return "triton" if interpreting else "torch"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _time_ms(fn, device, repeats=10):
+    """Median wall time of fn in milliseconds (CUDA events on a GPU)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(repeats):
+            start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - tick) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_tflops(device, dtype=torch.bfloat16, size=4096):
+    """The device's dense matrix-multiply rate in TFLOP/s, measured now."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size ** 3 / (_time_ms(lambda: a @ b, device) * 1e-3) / 1e12
+
+
+def timings(device, sizes=TIMED_N, dtype=torch.bfloat16):
+    """Rows {provider, pass_, N, ms, tflops}: the fused read, the official read and SDPA at
+    the target shape for each N (a provider that runs out of memory gets an error)."""
+    B, HW, Ck, Cv = (TARGET[key] for key in ("B", "HW", "Ck", "Cv"))
+    rows = []
+    for N in sizes:
+        q = torch.randn(1, Ck, HW, device=device, dtype=dtype)
+        k = torch.randn(B, Ck, N, device=device, dtype=dtype)
+        v = torch.randn(B, Cv, N, device=device, dtype=dtype)
+        grad = torch.randn(B, Cv, HW, device=device, dtype=dtype)
+        for provider, (call, tensors) in _providers(q, k, v).items():
+            for pass_ in ("fwd", "fwd+bwd"):
+                flops = 2.0 * B * HW * N * (Ck + Cv) * (1 if pass_ == "fwd" else 3.5)
+                row = dict(provider=provider, pass_=pass_, N=N, dtype=str(dtype))
+                try:
+                    row["ms"] = _time_ms(_timed(call, pass_, tensors, grad, provider), device)
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                    torch.cuda.empty_cache()
+                rows.append(row)
+    return rows
+
+
+def _providers(q, k, v):
+    """{provider: (call, its input tensors)}; SDPA gets its own (B, 1, L, C) layout."""
+    import torch.nn.functional as F
+    sdpa = [t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v)]
+    return {"fused": (lambda: memory_read(q, k, v, backend="triton"), (q, k, v)),
+            "official": (lambda: memory_read(q, k, v, backend="naive"), (q, k, v)),
+            "sdpa": (lambda: F.scaled_dot_product_attention(*sdpa), sdpa)}
+
+
+def _timed(call, pass_, tensors, grad, provider):
+    if pass_ == "fwd":
+        def forward():
+            with torch.no_grad():
+                call()
+        return forward
+    for tensor in tensors:
+        tensor.requires_grad_()
+    grad = grad if provider != "sdpa" else grad.transpose(1, 2).unsqueeze(1)
+
+    def forward_backward():
+        for tensor in tensors:
+            tensor.grad = None
+        call().backward(grad)
+    return forward_backward
+
+
+# --------------------------------------------------------------------------- report
+
+
+def device_report(device):
+    """What the report says of the device and the versions."""
+    report = dict(torch=torch.__version__, stm_kernels=__version__,
+                  python=platform.python_version(), platform=platform.platform(),
+                  device=str(device))
+    try:
+        import triton
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    if device.type == "cuda":
+        from .backends.triton import devices, tilings
+        described = devices.describe(device)
+        architecture, reason = tilings.architecture_of(described)
+        report.update(name=described.name, vendor=described.vendor, arch=described.arch,
+                      shared_memory=described.shared_memory,
+                      multiprocessors=described.multiprocessors,
+                      cuda=torch.version.cuda, hip=torch.version.hip,
+                      tilings=architecture.name if architecture else None,
+                      unsupported=reason or None)
+    return report
+
+
+def chosen_configs():
+    """{kernel: config fields} of the tilings the Triton launches of this process used."""
+    if triton_backend is None:
+        return {}
+    from .backends.triton import launch
+    return {f"{kernel} on {device}": dataclasses.asdict(config)
+            for (device, kernel), config in launch.chosen_configs().items()}
+
+
+def table(checks):
+    """The checks as text, one line each."""
+    lines = [f"{'feature':13s} {'dtype':5s} {'similarity':10s} {'max error':>10s} "
+             f"{'bound':>8s}  result"]
+    for check in checks:
+        worst = max(check.errors.values()) if check.errors else math.nan
+        verdict = "ok" if check.passed else f"FAILED {check.failure or ''}".strip()
+        lines.append(f"{check.feature:13s} {check.dtype:5s} {check.similarity:10s} "
+                     f"{worst:10.2e} {check.bound:8.0e}  {verdict}")
+    return "\n".join(lines)
+
+
+def run(device, quick=False, timing=True, progress=print):
+    """The self-test's report (a dict) for a torch.device."""
+    backend = backend_for(device)
+    checks = plan_checks(device, quick)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FallbackWarning)
+        for index, check in enumerate(checks):
+            run_check(check, device, backend, seed=index)
+            progress(f"[{index + 1}/{len(checks)}] {check.feature} {check.dtype} "
+                     f"{check.similarity}: {'ok' if check.passed else 'FAILED'}")
+    report = dict(selftest=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), backend=backend, **device_report(device),
+        checks=[dataclasses.asdict(check) for check in checks],
+        configs=chosen_configs(),
+        warnings=sorted({str(w.message) for w in caught if issubclass(w.category, FallbackWarning)
+                         or str(w.message).lower().startswith("stm_kernels")}),
+        passed=all(check.passed for check in checks))
+    if timing and device.type == "cuda":
+        progress("timing ...")
+        report["matmul_tflops_bf16"] = matmul_tflops(device)
+        report["timings"] = timings(device, TIMED_N[:1] if quick else TIMED_N)
+    return report, checks
+
+
+def timing_table(report):
+    if "timings" not in report:
+        return ""
+    rate = report["matmul_tflops_bf16"]
+    lines = [f"bf16 matmul: {rate:.0f} TFLOP/s this run", f"{'provider':9s} {'pass':8s} "
+             f"{'N':>7s} {'ms':>9s} {'TFLOP/s':>8s} {'of matmul':>9s}"]
+    for row in report["timings"]:
+        if "error" in row:
+            lines.append(f"{row['provider']:9s} {row['pass_']:8s} {row['N']:7d} {row['error']}")
+            continue
+        lines.append(f"{row['provider']:9s} {row['pass_']:8s} {row['N']:7d} {row['ms']:9.3f} "
+                     f"{row['tflops']:8.1f} {row['tflops'] / rate:9.0%}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    """The self-test's options on an argparse parser (also `stm selftest`'s)."""
+    parser.add_argument("--device", default=None,
+                        help="torch device to test (default: cuda if available, else cpu)")
+    parser.add_argument("--json", default=None,
+                        help="report file (default: stm_selftest_<device>_<date>.json here)")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
+    parser.add_argument("--no-timing", action="store_true", help="correctness checks only")
+    return parser
+
+
+def run_arguments(args):
+    """Run the self-test for parsed arguments; returns the exit status (1: a wrong result)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available")
+    print(f"stm_kernels {__version__} self-test on {device} (backend {backend_for(device)})")
+    report, checks = run(device, quick=args.quick, timing=not args.no_timing)
+    print(table(checks))
+    if report.get("timings"):
+        print(timing_table(report))
+    for message in report["warnings"]:
+        print(f"warning: {message}")
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    path = args.json or f"stm_selftest_{device.type}_{stamp}.json"
+    with open(path, "w") as file:
+        json.dump(report, file, indent=1)
+    failed = sum(not check.passed for check in checks)
+    print(f"{len(checks) - failed} of {len(checks)} checks passed; report written to {path}"
+          + ("" if not failed else " (attach it to a bug report: see README)"))
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    """`python -m stm_kernels.selftest`; returns the exit status (1: a wrong result)."""
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m stm_kernels.selftest",
+                                                   description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(argv)
+    try:
+        return run_arguments(args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

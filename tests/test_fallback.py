@@ -1,0 +1,289 @@
+"""Failing safe: every way the Triton kernels can fail to run ends in the torch backend's result
+and one warning naming the device, the kernel and the reason, never in a Triton traceback.
+
+Failures are forced here: compile errors and resource exhaustion injected at the launchers' one
+launch point (launch.run), devices described as something they are not (devices.pretend: an
+sm_75, a ROCm GPU, an unknown AMD architecture), fake CUDA device properties for the device
+reader, and a PyTorch without Triton. The kernels themselves run in the interpreter.
+"""
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from helpers import random_inputs, read_with_grads, reference_with_grads, check_read
+from stm_kernels import FallbackWarning, backends, memory_read, memory_usage
+from stm_kernels.backends.triton import devices, launch, tilings
+from stm_kernels.backends.triton.devices import KIB, Device
+
+pytestmark = pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+
+SM75 = Device("Tesla T4", "nvidia", "sm_75", 64 * KIB, 40)
+SM80 = Device("NVIDIA A100-SXM4-80GB", "nvidia", "sm_80", 163 * KIB, 108)
+MI300X = Device("AMD Instinct MI300X", "amd", "gfx942", 64 * KIB, 304)
+RDNA3 = Device("AMD Radeon RX 7900 XTX", "amd", "gfx1100", 64 * KIB, 48)
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory(monkeypatch):
+    """Each test starts with no remembered choice and no warning given yet."""
+    monkeypatch.setattr(launch, "_chosen", {})
+    monkeypatch.setattr(launch, "_warned", set())
+
+
+def _inputs(seed=0):
+    return random_inputs(2, 1, 16, 24, 30, 70, torch.float32, "cpu", seed=seed)
+
+
+class Injected(Exception):
+    """Stands for a CompilationError, OutOfResources or driver error at launch."""
+
+
+def failing(kernels, failures=None, error=Injected):
+    """A launch.run that raises `error` for the kernels named (their first `failures`
+    launches, or always) and runs the others."""
+    real = launch.run
+    counts = {}
+
+    def run(kernel, grid, arguments, config, call):
+        name = kernel.__name__
+        if any(name.endswith(suffix) for suffix in kernels):
+            counts[name] = counts.get(name, 0) + 1
+            if failures is None or counts[name] <= failures:
+                raise error(f"injected failure of {name} with {config}")
+        return real(kernel, grid, arguments, config, call)
+
+    return run, counts
+
+
+def _fallback_warnings(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+
+
+def test_a_config_that_fails_falls_through_to_the_next_and_is_remembered(monkeypatch):
+    """Two forward candidates: the first fails to compile, the second runs, silently; the
+    choice is remembered, so the next call does not try the failing one again."""
+    first, second = tilings.ForwardConfig(32, 32, None, 4, 1), tilings.ForwardConfig(16, 16,
+                                                                                   None, 4, 1)
+    interpreter = tilings.ARCHITECTURES["interpreter"]
+    table = {**interpreter.tilings, ("forward", None, None): (first, second)}
+    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
+                        dataclasses.replace(interpreter, tilings=table))
+    tried = []
+    real = launch.run
+
+    def run(kernel, grid, arguments, config, call):
+        if kernel.__name__ == "memory_read_fwd_kernel":
+            tried.append(config)
+            if config == first:
+                raise Injected("does not compile")
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all: a fallback between tilings is quiet
+        out = memory_read(q, k, v, backend="triton")
+        memory_read(q, k, v, backend="triton")
+    assert tried == [first, second, second]
+    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    (device, kernel), config = next(iter(launch.chosen_configs().items()))
+    assert (kernel, config) == ("forward", second) and "interpreter" in device
+
+
+@pytest.mark.parametrize("kernel, call", [
+    ("fwd_kernel", "forward"), ("merge_kernel", "forward"), ("dv", "backward"),
+    ("dkdq", "backward"), ("topk_kernel", "select"), ("usage_kernel", "usage")])
+def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, call):
+    run, counts = failing([kernel])
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v = _inputs(seed=3)
+    if kernel == "merge_kernel":  # a memory split in 3, so that the merge runs
+        monkeypatch.setitem(tilings._override, "forward", tilings.ForwardConfig(16, 16, None,
+                                                                                 4, 1, splits=3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if call in ("forward", "backward"):
+            results = read_with_grads(q, k, v, backend="triton")
+            check_read(results, reference_with_grads(q, k, v), torch.float32)
+        elif call == "select":
+            out = memory_read(q, k, v, backend="triton", top_k=5)
+            expected = memory_read(q, k, v, backend="naive", top_k=5)
+            assert torch.allclose(out, expected, atol=1e-5)
+        else:
+            out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
+            usage = memory_usage(q, k, lse, backend="triton")
+            assert torch.allclose(usage, memory_usage(q, k, lse, backend="naive"), atol=1e-5)
+        memory_read(q, k, v, backend="triton", top_k=5 if call == "select" else None)
+    messages = _fallback_warnings(caught)
+    assert len(messages) == 1, messages  # once per process, however many reads
+    name = {"fwd_kernel": "forward", "merge_kernel": "merge", "topk_kernel": "select",
+            "usage_kernel": "usage"}.get(kernel, kernel)
+    assert f"the Triton {name} kernel cannot run on Triton interpreter (CPU)" in messages[0]
+    assert "Injected: injected failure" in messages[0] and "\n" not in messages[0]
+    assert sum(counts.values()) == 1  # the failure is remembered: never tried again
+
+
+def test_device_memory_exhaustion_is_not_a_fallback(monkeypatch):
+    """Running out of device memory is the caller's to handle, not a reason to switch."""
+    run, _ = failing(["fwd_kernel"], error=torch.cuda.OutOfMemoryError)
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v = _inputs()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        memory_read(q, k, v, backend="triton")
+
+
+def test_no_fallback_mode_raises_the_kernels_own_error(monkeypatch):
+    run, _ = failing(["fwd_kernel"])
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setenv(launch.NO_FALLBACK_ENV, "1")
+    with pytest.raises(Injected):
+        memory_read(*_inputs(), backend="triton")
+
+
+def test_devices_below_sm80_read_with_torch_and_one_warning():
+    q, k, v = _inputs(seed=5)
+    with devices.pretend(SM75), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = read_with_grads(q, k, v, backend="triton")
+        memory_read(q, k, v, backend="triton", top_k=4)
+    check_read(results, reference_with_grads(q, k, v), torch.float32)
+    messages = _fallback_warnings(caught)
+    assert messages[0].startswith("stm_kernels: the Triton forward kernel cannot run on Tesla "
+                                  "T4 (sm_75): sm_75 is below sm_80")
+    assert len(messages) == 3  # forward, backward, select: one each
+
+
+def test_an_unknown_amd_architecture_reads_with_torch():
+    q, k, v = _inputs(seed=6)
+    with devices.pretend(RDNA3), pytest.warns(FallbackWarning,
+                                              match="no tiling is validated for gfx1100"):
+        out = memory_read(q, k, v, backend="triton")
+    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+
+
+def test_keys_wider_than_the_tilings_read_with_torch():
+    q, k, v = random_inputs(1, 1, 300, 8, 10, 20, torch.float32, "cpu", seed=7)
+    with pytest.warns(FallbackWarning, match="300 key channels .* more than the kernels' "
+                                             "tilings take"):
+        out = memory_read(q, k, v, backend="triton")
+    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+
+
+def test_architectures_are_chosen_from_what_the_device_reports():
+    def arch(device):
+        architecture, reason = tilings.architecture_of(device)
+        return architecture.name if architecture else reason
+
+    assert arch(SM80) == "sm_80"
+    assert arch(MI300X) == "gfx942"
+    assert arch(Device("L4", "nvidia", "sm_89", 99 * KIB, 58)) == "sm_86"
+    assert arch(Device("Jetson AGX Orin", "nvidia", "sm_87", 163 * KIB, 16)) == "sm_80"
+    assert arch(Device("RTX 5090", "nvidia", "sm_120", 99 * KIB, 170)) == "sm_120"
+    assert arch(Device("DGX Spark", "nvidia", "sm_121", 99 * KIB, 48)) == "sm_120"
+    assert arch(Device("B200", "nvidia", "sm_100", 227 * KIB, 148)) == "sm_100"
+    assert arch(Device("Thor", "nvidia", "sm_110", 227 * KIB, 20)) == "generic"
+    assert "below sm_80" in arch(SM75)
+    assert "gfx1100" in arch(RDNA3)
+
+
+def test_input_precision_follows_the_vendor_and_torchs_matmul_precision():
+    sm80, gfx90a = tilings.ARCHITECTURES["sm_80"], tilings.ARCHITECTURES["gfx90a"]
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert sm80.input_precision(torch.float32) is None  # exact: the torch backend's
+        assert gfx90a.input_precision(torch.float32) == "ieee"  # AMD's float32 matrix cores
+        torch.set_float32_matmul_precision("high")
+        assert sm80.input_precision(torch.float32) == "tf32"
+        assert tilings.ARCHITECTURES["gfx950"].input_precision(torch.float32) == "bf16x3"
+        assert tilings.precision_class(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for architecture in tilings.ARCHITECTURES.values():  # AMD refuses tf32 for 16-bit operands
+        assert architecture.input_precision(torch.bfloat16) == "ieee"
+
+
+def test_exact_float32_on_nvidia_is_read_by_torch_by_design(monkeypatch):
+    """backend="auto" picks torch for it with no warning; an explicit backend="triton" says
+    why, once, and gets the same result."""
+    from stm_kernels.backends import triton as triton_backend
+    q, k, v = _inputs(seed=8)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        with devices.pretend(SM80):
+            torch.set_float32_matmul_precision("highest")
+            assert not triton_backend.preferred(k)
+            assert triton_backend.preferred(k.half())
+            with pytest.warns(FallbackWarning, match="exact float32 .* is read by the torch "
+                                                     "backend on NVIDIA GPUs"):
+                out = memory_read(q, k, v, backend="triton")
+            torch.set_float32_matmul_precision("high")
+            assert triton_backend.preferred(k)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+
+
+def test_every_architecture_has_every_kernel_precision_and_width():
+    """Every entry lists configs of its kernel's class; an empty one (no tiling fits: the
+    torch backend reads) only where tilings.EXCEPTIONS says why."""
+    for architecture in tilings.ARCHITECTURES.values():
+        for kernel in tilings.KERNELS:
+            for precision in tilings.PRECISIONS:
+                if precision == "fp32" and architecture.fp32_exact is None:
+                    continue
+                for width in tilings.WIDTHS:
+                    options = architecture.candidates(kernel, precision, width)
+                    where = (architecture.name, kernel, precision, width)
+                    assert options or where in tilings.EXCEPTIONS, where
+                    assert all(isinstance(config, tilings.CONFIG_CLASSES[kernel])
+                               for config in options), where
+
+
+class FakeProperties:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+@pytest.mark.parametrize("hip, properties, expected", [
+    (None, dict(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                shared_memory_per_block_optin=232448, shared_memory_per_block=49152,
+                gcnArchName="NVIDIA H100"),
+     Device("NVIDIA H100 80GB HBM3", "nvidia", "sm_90", 232448, 132)),
+    ("6.2", dict(name="AMD Instinct MI250X", major=9, minor=0, multi_processor_count=110,
+                 shared_memory_per_block_optin=0, shared_memory_per_block=65536,
+                 gcnArchName="gfx90a:sramecc+:xnack-"),
+     Device("AMD Instinct MI250X", "amd", "gfx90a", 65536, 110))],
+    ids=["cuda", "rocm"])
+def test_devices_are_read_off_their_properties(monkeypatch, hip, properties, expected):
+    """The multiprocessor count and shared memory come from the device, and a ROCm GPU that
+    reports capability (9, 0) is a gfx90a, not an H100: no sm_90 kernel (nor the Gluon
+    forward) is ever chosen for it."""
+    monkeypatch.setattr(devices, "_described", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: FakeProperties(**properties))
+    monkeypatch.setattr(torch.version, "hip", hip)
+    device = devices.describe(torch.device("cuda", 0))
+    assert device == expected
+    assert tilings.architecture_of(device)[0].name == expected.arch
+
+
+def test_the_gluon_forward_is_never_chosen_off_sm90(monkeypatch):
+    monkeypatch.setenv(launch.WARP_SPECIALIZED_ENV, "1")
+    from stm_kernels.experimental import gluon_forward
+    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args: None)
+    call = launch.Call(MI300X, tilings.ARCHITECTURES["gfx942"], "ieee", "16-bit", 128)
+    q, k, v = _inputs()
+    with pytest.warns(RuntimeWarning, match=r"runs on sm_90 only, not AMD Instinct MI300X"):
+        assert launch._warp_specialized_forward(call, q, k, v) is None
+
+
+def test_without_triton_the_triton_backend_reads_with_torch(monkeypatch):
+    monkeypatch.setattr(backends, "triton", None)
+    q, k, v = _inputs()
+    with pytest.warns(FallbackWarning, match="needs the triton package"):
+        out = memory_read(q, k, v, backend="triton")
+    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert backends.resolve("auto", k) == "torch"

@@ -1,0 +1,81 @@
+"""The self-test users run on their own machine (python -m stm_kernels.selftest, stm selftest):
+on the CPU (torch backend) and in the Triton interpreter (the kernels), its report, and its
+exit status when a result is wrong or a read crashes."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stm_kernels import selftest
+from stm_kernels.backends.triton import launch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_the_cpu_self_test_passes_and_writes_its_report(tmp_path):
+    """Without TRITON_INTERPRET the CPU runs the torch backend, in float32 and float64."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report_path = tmp_path / "report.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "stm_kernels.selftest", "--json", str(report_path)], cwd=ROOT,
+        env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and report["backend"] == "torch"
+    assert {check["dtype"] for check in report["checks"]} == {"fp32", "fp64"}
+    assert {check["similarity"] for check in report["checks"]} == set(selftest.SIMILARITIES)
+    assert {check["feature"] for check in report["checks"]} == set(selftest.FEATURES)
+    assert all(check["passed"] and check["errors"] for check in report["checks"])
+    assert report["torch"] == torch.__version__ and "timings" not in report  # no GPU: no timing
+    assert f"{len(report['checks'])} of {len(report['checks'])} checks passed" in \
+        completed.stdout
+
+
+@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+def test_the_interpreted_self_test_runs_every_kernel(tmp_path, capsys):
+    report_path = tmp_path / "report.json"
+    assert selftest.main(["--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["backend"] == "triton" and report["passed"]
+    kernels = {name.split(" on ")[0] for name in report["configs"]}
+    assert kernels == {"forward", "merge", "dv", "dkdq", "dq", "select", "usage"}
+    assert report["warnings"] == []  # no fallback to torch
+
+
+@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+def test_a_wrong_result_or_a_crash_fails_the_self_test(tmp_path, monkeypatch, capsys):
+    real = launch.triton_forward
+
+    def off_by_a_little(q, k, v, scale, l2, lengths=None):
+        out, lse = real(q, k, v, scale, l2, lengths)
+        return out * 1.001, lse
+
+    monkeypatch.setattr(launch, "triton_forward", off_by_a_little)
+    monkeypatch.setattr(selftest, "FEATURES", ("read",))
+    monkeypatch.setattr(selftest, "SIMILARITIES", ("dot",))
+    assert selftest.main(["--json", str(tmp_path / "wrong.json")]) == 1
+    output = capsys.readouterr().out
+    assert "read          fp32  dot" in output and "FAILED" in output
+    assert "0 of 1 checks passed" in output
+
+    def crash(*args):
+        raise RuntimeError("a driver error")
+
+    monkeypatch.setattr(launch, "triton_forward", crash)
+    assert selftest.main(["--json", str(tmp_path / "crash.json")]) == 1
+    report = json.loads((tmp_path / "crash.json").read_text())
+    assert report["checks"][0]["failure"] == "RuntimeError: a driver error"
+
+
+def test_stm_selftest_is_the_same_command(tmp_path, monkeypatch):
+    from stm_model import cli
+    monkeypatch.setattr(selftest, "FEATURES", ("read",))
+    monkeypatch.setattr(selftest, "SIMILARITIES", ("l2",))
+    assert cli.main(["selftest", "--device", "cpu", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["checks"][0]["similarity"] == "l2"
+    assert cli.main(["selftest", "--device", "cuda:7"]) == (2 if not torch.cuda.is_available()
+                                                            else 0)

@@ -1,0 +1,152 @@
+"""The static report as the docs' page (docs/kernel_report.md), generated, never typed."""
+from tools.kernel_report import report
+
+PRECISION_TITLES = {"fp16": "fp16", "bf16": "bf16", "tf32": "TF32 (\"high\")",
+                    "fp32": "exact fp32 (\"highest\")"}
+
+
+def config_text(config):
+    """ForwardConfig(block_m=128, block_n=64, block_v=256, ...) as 'm128 n64 v256 8w 3s'."""
+    parts = [f"{name.removeprefix('block_')[0]}{value}" if name.startswith("block_")
+             else None for name, value in config.items() if value is not None]
+    parts = [part for part in parts if part]
+    warps, stages = config.get("num_warps"), config.get("num_stages")
+    return " ".join(parts + [f"{warps}w", f"{stages}s"])
+
+
+def cell(row):
+    """One kernel in one precision: config, registers, spills, shared memory, work."""
+    if row is None:
+        return "-"
+    if "unavailable" in row:
+        return f"torch: {row['unavailable']}"
+    if "error" in row:
+        return f"**{row['error']}**"
+    text = (f"{config_text(row['config'])} · {row['registers']} r · "
+            f"{row['shared_bytes'] / 1024:.0f}/{row['shared_limit'] / 1024:.0f} KiB")
+    if row["spill_bytes"]:
+        text += f" · **spills {row['spill_bytes']} B**"
+    if row["duplicated_dots"]:
+        text += " · **duplicated dot**"
+    if row.get("executed_macs_per_pair"):
+        text += f" · {row['executed_macs_per_pair'] / row['passes']:.0f}"
+        if row["passes"] > 1:
+            text += f"x{row['passes']}"
+    return text
+
+
+def _case(entry, precision, case):
+    return next((item for item in entry["cases"]
+                 if item["precision"] == precision and item["case"] == case), None)
+
+
+def _rows_by_kernel(item):
+    rows = {row["kernel"]: row for row in item["rows"]} if item else {}
+    if "every" in rows:  # the kernels do not run this case at all
+        return {kernel: rows["every"] for kernel in report.KERNEL_ORDER}
+    return rows
+
+
+def target_section(name, entry):
+    precisions = [p for p in report.PRECISIONS if _case(entry, p, "dot")]
+    lines = [f"### {name}: {entry['gpus']}", "",
+             f"Tilings table `{entry['architecture']}`; shared memory per block "
+             f"{entry['shared_memory'] // 1024} KiB; {entry['multiprocessors']} "
+             "multiprocessors. The dot similarity at Ck = 128:", "",
+             "| kernel | " + " | ".join(PRECISION_TITLES[p] for p in precisions) + " |",
+             "|---|" + "---|" * len(precisions)]
+    by_precision = {p: _rows_by_kernel(_case(entry, p, "dot")) for p in precisions}
+    for kernel in report.KERNEL_ORDER:
+        if not any(kernel in rows for rows in by_precision.values()):
+            continue
+        lines.append(f"| {kernel} | " + " | ".join(cell(by_precision[p].get(kernel))
+                                                    for p in precisions) + " |")
+    totals = [f"{PRECISION_TITLES[p]} {_ratios(_case(entry, p, 'dot'))}" for p in precisions]
+    lines += ["", "Executed / useful multiply-adds per (query, memory) pair: "
+              + "; ".join(totals) + ".", ""]
+    for case in report.CASES:
+        if case == "dot":
+            continue
+        lines.append(f"- {case}: " + "; ".join(
+            f"{PRECISION_TITLES[p]} {_case_summary(_case(entry, p, case))}" for p in precisions))
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(item):
+    totals = item["totals"] if item else {}
+    if "forward_ratio" not in totals:
+        return "-"
+    text = f"forward {totals['forward_ratio']:.2f}"
+    if "total_ratio" in totals:
+        text += f", forward + backward {totals['total_ratio']:.2f}"
+    return text
+
+
+def _case_summary(item):
+    """A case in a few words: what does not run, what spills, or that all is well."""
+    if item is None:
+        return "-"
+    rows = item["rows"]
+    unavailable = [row for row in rows if "unavailable" in row]
+    if unavailable:
+        return f"torch ({unavailable[0]['unavailable']})"
+    spills = [f"{row['kernel']} {row['spill_bytes']} B" for row in rows
+              if "error" not in row and row["spill_bytes"]]
+    errors = [f"{row['kernel']}: {row['error']}" for row in rows if "error" in row]
+    if errors or spills:
+        return "**" + "; ".join(errors + [f"spills {text}" for text in spills]) + "**"
+    largest = max(row["shared_bytes"] for row in rows if "error" not in row)
+    return f"all {len(rows)} kernels compile, no spills (largest {largest / 1024:.0f} KiB)"
+
+
+def document(payload):
+    """The whole page."""
+    shape = payload["shape"]
+    lines = [
+        "# Static kernel report (generated: `python -m tools.kernel_report`)", "",
+        "Every kernel of the fused read as the runtime would launch it on each GPU "
+        "architecture, compiled offline (no GPU) with Triton "
+        f"{payload['triton']} (torch {payload['torch']}), commit {payload.get('commit')}, "
+        f"{payload['date']}; kernel sources fingerprint `{payload['fingerprint']}`. Shape: "
+        f"B = {shape['B']}, HW = {shape['HW']:,}, N = {shape['N']:,}, Cv = {shape['Cv']}; the "
+        f"selection at top_k = {payload['select_top_k']}.", "",
+        "A cell: the config the runtime chooses there (block sizes, warps, stages) · "
+        "registers per thread · shared memory used / the GPU's limit · executed "
+        "multiply-adds per (query, memory) pair (x3: exact float32 runs three TF32 products "
+        "per dot). A kernel that cannot run reads with torch, with the reason. How the "
+        "tables are chosen: docs/kernels.md.", ""]
+    problems = report.problems(payload)
+    exceptions = report.stated(payload)
+    rows = sum(len(texts) for _, texts in exceptions.values())
+    if problems:
+        lines.append(f"Problems (no stated reason): {len(problems)}.")
+    elif exceptions:
+        lines.append(
+            "Every chosen config compiles with no register spill, within shared memory, with no "
+            "dot computed by several warps and within the work targets, except in the "
+            f"{rows} rows below ({len(exceptions)} table entries). They miss the targets: "
+            "each is listed with why no tiling the search tried meets them.")
+    else:
+        lines.append("Every chosen config compiles with no register spill, within shared "
+                     "memory, with no dot computed by several warps, within the work targets.")
+    lines += [f"- {problem}" for problem in problems] + [""]
+    by_reason: dict = {}
+    for (architecture, kernel, precision, width), (reason, texts) in exceptions.items():
+        if architecture is None:
+            where = f"every architecture, keys ≤ {width}"
+        elif kernel is None:
+            where = f"`{architecture}`, every kernel"
+        else:
+            where = f"`{architecture}` {kernel} {precision} keys ≤ {width}"
+        by_reason.setdefault(reason, []).append((where, texts))
+    if by_reason:
+        lines += ["## Where the targets are not met (tilings.EXCEPTIONS)", ""]
+    for reason, entries in by_reason.items():
+        lines += [f"**{reason[0].upper() + reason[1:]}.**", ""]
+        for where, texts in entries:
+            lines.append(f"- {where} ({len(texts)} rows): {'; '.join(texts[:6])}"
+                         f"{'; ...' if len(texts) > 6 else ''}")
+        lines.append("")
+    for name, entry in payload["targets"].items():
+        lines.append(target_section(name, entry))
+    return "\n".join(lines)
