@@ -287,3 +287,17 @@ def test_without_triton_the_triton_backend_reads_with_torch(monkeypatch):
         out = memory_read(q, k, v, backend="triton")
     assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
     assert backends.resolve("auto", k) == "torch"
+
+
+def test_the_deterministic_dk_kernel_runs_its_twins_tilings_where_it_has_none():
+    """"dk" (dK+dQ without the dQ atomics) has entries of its own where its search differed;
+    elsewhere it runs dkdq's, and a config forced for dkdq is forced for it too."""
+    sm_90, sm_86 = tilings.ARCHITECTURES["sm_90"], tilings.ARCHITECTURES["sm_86"]
+    assert sm_90.candidates("dk", "16-bit", 128) == sm_90.candidates("dkdq", "16-bit", 128)
+    assert sm_86.candidates("dk", "16-bit", 256) != sm_86.candidates("dkdq", "16-bit", 256)
+    forced, own = tilings.DkdqConfig(16, 16, 2, 1, 16), tilings.DkdqConfig(32, 16, 2, 1, 32)
+    with tilings.use_configs(dkdq=forced):
+        assert tilings.candidates("dk", sm_90, "16-bit", 128) == (forced,)
+    with tilings.use_configs(backward=tilings.BackwardConfig(dkdq=forced, dk=own)):
+        assert tilings.candidates("dk", sm_90, "16-bit", 128) == (own,)
+        assert tilings.candidates("dkdq", sm_90, "16-bit", 128) == (forced,)

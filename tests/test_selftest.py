@@ -42,7 +42,7 @@ def test_the_interpreted_self_test_runs_every_kernel(tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert report["backend"] == "triton" and report["passed"]
     kernels = {name.split(" on ")[0] for name in report["configs"]}
-    assert kernels == {"forward", "merge", "dv", "dkdq", "dq", "select", "usage"}
+    assert kernels == {"forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage"}
     assert report["warnings"] == []  # no fallback to torch
 
 

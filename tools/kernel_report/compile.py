@@ -237,8 +237,11 @@ def compiling_for(target, only=None):
     launches = []
 
     def executor(kernel, grid, arguments, config, options):
-        record = Launch(KERNEL_NAMES[kernel.__name__], config, tuple(grid), arguments,
-                        config.num_warps, config.num_stages)
+        name = KERNEL_NAMES[kernel.__name__]
+        if name == "dkdq" and not arguments["ATOMIC_DQ"]:
+            name = "dk"  # the deterministic backward's, with a table entry of its own
+        record = Launch(name, config, tuple(grid), arguments, config.num_warps,
+                        config.num_stages)
         launches.append(record)
         if only is not None and record.kernel not in only:
             return

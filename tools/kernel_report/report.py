@@ -43,7 +43,7 @@ PASSES = {"tf32x3": 3, "bf16x3": 3, "bf16x6": 6}
 # Targets of executed / useful multiply-adds per pair (dot and l2 at Ck = 128), per pass.
 FORWARD_RATIO_TARGET = 1.2
 TOTAL_RATIO_TARGET = 1.3
-KERNEL_ORDER = ("forward", "merge", "dv", "dkdq", "dkdq (deterministic)", "dq (deterministic)",
+KERNEL_ORDER = ("forward", "merge", "dv", "dkdq", "dk (deterministic)", "dq (deterministic)",
                 "select", "usage")
 # The sources whose change can change a compile: the report records their hash.
 KERNEL_SOURCES = ("stm_kernels/backends/triton/kernels/forward.py",
@@ -109,8 +109,8 @@ def run_case(target, precision, case, only=None):
         torch.set_float32_matmul_precision(previous)
     for record in launches:
         name = record.kernel
-        if name == "dkdq" and not record.arguments["ATOMIC_DQ"]:
-            name = "dkdq (deterministic)"
+        if name == "dk":
+            name = "dk (deterministic)"
         elif name == "dq":
             name = "dq (deterministic)"
         records.setdefault(name, []).append(record)

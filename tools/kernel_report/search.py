@@ -101,12 +101,13 @@ CANDIDATES = {
                    U(64, 32, 4, 2), U(64, 32, 4, 1), U(64, 64, 8, 2), U(32, 32, 4, 1),
                    U(32, 16, 4, 1), U(32, 16, 2, 1), U(16, 16, 4, 1)],
 }
-CANDIDATES.update({("merge", 4): CANDIDATES[("merge", 2)],
+CANDIDATES.update({("dk", 2): CANDIDATES[("dkdq", 2)], ("dk", 4): CANDIDATES[("dkdq", 4)],
+                   ("merge", 4): CANDIDATES[("merge", 2)],
                    ("select", 4): CANDIDATES[("select", 2)],
                    ("usage", 4): CANDIDATES[("usage", 2)]})
 # The kernels of each runtime entry point, and the pass that launches them.
 PASS_OF = dict(forward="forward", merge="forward", dv="backward", dkdq="backward",
-               dq="deterministic", select="select", usage="usage")
+               dk="deterministic", dq="deterministic", select="select", usage="usage")
 # Per precision class: (report precision the search compiles, element size).
 CLASSES = {"16-bit": ("bf16", 2), "tf32": ("tf32", 4), "fp32": ("fp32", 4)}
 # Per key width: the cases that must pass: dot and l2 at Ck = 128 (STM, STCN); XMem's

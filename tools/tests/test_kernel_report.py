@@ -88,7 +88,7 @@ def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
                 continue
             # the merge runs only where the forward splits the memory (its grid's third axis)
             merge = {"merge"} if rows["forward"]["grid"][2] > 1 else set()
-            assert set(rows) == {"forward", "dv", "dkdq", "dkdq (deterministic)",
+            assert set(rows) == {"forward", "dv", "dkdq", "dk (deterministic)",
                                  "dq (deterministic)", "select", "usage"} | merge, \
                 (name, case["case"])
             precision = PRECISION_CLASS[case["precision"]]
@@ -132,7 +132,7 @@ def test_the_deterministic_backward_swaps_the_dq_atomics_for_one_dq_pass(committ
             if not rows["dkdq"]["mma"]:  # work not read there (a stated exception)
                 assert (entry["architecture"], None, None, None) in tilings.EXCEPTIONS, where
                 continue
-            dkdq, without = rows["dkdq"], rows["dkdq (deterministic)"]
+            dkdq, without = rows["dkdq"], rows["dk (deterministic)"]
             # the multiply-adds of the dots (a dot repeated by several warps counts once), per
             # pass of a split precision (gfx950's bf16x3 for "high")
             passes = dkdq["passes"]

@@ -536,7 +536,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
 
     with device_context(device):
         dv = launch_first_that_runs("dv", call, signature, launch_dv)
-        dk, dq = launch_first_that_runs("dkdq", call, signature + (deterministic,), launch_dkdq)
+        dk, dq = launch_first_that_runs("dk" if deterministic else "dkdq", call, signature,
+                                        launch_dkdq)
         if deterministic:
             # the dQ kernel's |k|^2 (the dK/dQ kernel computes its own from the block it holds)
             dq = _deterministic_dq(call, query, v, _key_norms(k, l2), delta, align_v)

@@ -10,8 +10,9 @@ within its shared memory, no warpgroup repeating another's dot. Why each table l
 does, with the figures, is in docs/kernels.md; the report itself is in docs/kernel_report.md.
 
 Keys of a table: (kernel, precision class, key width), where
-    kernel           "forward", "merge", "dv", "dkdq", "dq" (deterministic backward only),
-                     "select" (top-k), "usage"
+    kernel           "forward", "merge", "dv", "dkdq", "dk" and "dq" (the deterministic
+                     backward's dK kernel, i.e. dK+dQ without its dQ atomics, and its dQ
+                     kernel), "select" (top-k), "usage"
     precision class  "16-bit" (fp16, bf16), "tf32" (float32 under matmul precision "high" or
                      "medium": TF32 or an equivalent), "fp32" (float32 under "highest": exact
                      float32, see Architecture.fp32_exact)
@@ -26,7 +27,9 @@ import torch
 
 from .devices import INTERPRETING, KIB, Device
 
-KERNELS = ("forward", "merge", "dv", "dkdq", "dq", "select", "usage")
+KERNELS = ("forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage")
+# A kernel with no entry of its own in a table runs its twin's tilings (the same kernel code).
+TWINS = {"dk": "dkdq"}
 PRECISIONS = ("16-bit", "tf32", "fp32")
 WIDTHS = (128, 256)
 
@@ -117,15 +120,18 @@ class UsageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-    """The backward kernels' tilings together, for `use_configs` (dq: deterministic mode)."""
+    """The backward kernels' tilings together, for `use_configs` (dk and dq: deterministic
+    mode; dk=None: dkdq's)."""
     dv: DvConfig = DvConfig()
     dkdq: DkdqConfig = DkdqConfig()
     dq: DqConfig = DqConfig()
+    dk: Optional[DkdqConfig] = None
 
 
 Config = Union[ForwardConfig, MergeConfig, DvConfig, DkdqConfig, DqConfig, SelectConfig,
                UsageConfig]
 CONFIG_CLASSES = dict(forward=ForwardConfig, merge=MergeConfig, dv=DvConfig, dkdq=DkdqConfig,
+                      dk=DkdqConfig,
                       dq=DqConfig, select=SelectConfig, usage=UsageConfig)
 
 
@@ -184,9 +190,10 @@ class Architecture:
         """The candidate configs of a kernel for a precision class and key width, in order
         (the most specific table key wins: (kernel, precision, width), then with None for the
         width, then for both)."""
-        for key in ((kernel, precision, width), (kernel, precision, None), (kernel, None, None)):
-            if key in self.tilings:
-                return self.tilings[key]
+        for name in (kernel, TWINS.get(kernel)):
+            for key in ((name, precision, width), (name, precision, None), (name, None, None)):
+                if key in self.tilings:
+                    return self.tilings[key]
         raise KeyError(f"{self.name} has no tiling for {kernel} / {precision} / {width}")
 
     def input_precision(self, dtype):
@@ -257,6 +264,10 @@ _SM_80 = Architecture(
         ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
         ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
         ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
+        ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", 128): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", None): (Q(16, 16, 16, 2, 1),),
@@ -283,6 +294,9 @@ _SM_86 = Architecture(
         ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
         ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
         ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dk", "16-bit", 128): (K(128, 16, 8, 2, 64), K(128, 16, 8, 2, 32),),
+        ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", None): (K(16, 16, 2, 1, 16),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", 128): (Q(32, 32, 32, 4, 1), Q(32, 32, 16, 2, 1),),
@@ -311,6 +325,7 @@ _SM_90 = Architecture(
         ("dkdq", "16-bit", 256): (K(128, 16, 8, 2, 64), K(128, 16, 8, 1, 64),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
         ("dkdq", "tf32", 256): (K(64, 16, 8, 1, 32),),
+        ("dk", "tf32", 256): (K(128, 16, 8, 1, 16), K(64, 16, 4, 2, 64),),
         ("dq", "16-bit", 128): (Q(128, 64, 64, 8, 2), Q(128, 32, 64, 8, 3),),
         ("dq", "16-bit", 256): (Q(128, 32, 32, 8, 2), Q(64, 64, 64, 4, 2),),
         ("dq", "tf32", 128): (Q(128, 32, 32, 8, 2), Q(64, 32, 32, 4, 2),),
@@ -363,6 +378,9 @@ _SM_120 = Architecture(
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 2, 32),),
         ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
         ("dkdq", "tf32", None): (K(16, 16, 4, 1, 16),),
+        ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32),),
+        ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", None): (K(16, 16, 2, 1, 16),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", 128): (Q(32, 32, 16, 4, 1), Q(32, 32, 16, 2, 1),),
@@ -391,6 +409,10 @@ _GENERIC = Architecture(
         ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
         ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
         ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
+        ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
+        ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", 128): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", None): (Q(16, 16, 16, 2, 1),),
@@ -424,6 +446,8 @@ _GFX90A = Architecture(
         ("dkdq", "tf32", 256): (K(32, 16, 4, 1, 32),),
         ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dkdq", "fp32", 256): (K(32, 16, 4, 1, 32),),
+        ("dk", "tf32", 256): (K(32, 16, 2, 1, 32), K(16, 16, 4, 1, 16),),
+        ("dk", "fp32", 256): (K(32, 16, 2, 1, 32), K(16, 16, 4, 1, 16),),
         ("dq", "16-bit", None): (Q(64, 32, 32, 4, 1), Q(64, 16, 32, 4, 1),),
         ("dq", "tf32", 128): (Q(64, 32, 32, 4, 1), Q(64, 16, 32, 4, 1),),
         ("dq", "tf32", 256): (Q(32, 16, 16, 2, 1), Q(16, 16, 16, 4, 1),),
@@ -466,6 +490,8 @@ _GFX942 = Architecture(
         ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dkdq", "fp32", 256): (K(16, 16, 4, 1, 16),),
+        ("dk", "tf32", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
+        ("dk", "fp32", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dq", "16-bit", None): (Q(64, 32, 32, 4, 1), Q(32, 32, 32, 4, 1),),
         ("dq", "tf32", None): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
         ("dq", "fp32", None): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
@@ -503,6 +529,8 @@ _GFX950 = Architecture(
         ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dkdq", "fp32", 256): (K(16, 16, 4, 1, 16),),
+        ("dk", "tf32", 256): (K(64, 16, 4, 2, 64), K(32, 16, 4, 1, 32),),
+        ("dk", "fp32", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dq", "16-bit", None): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
         ("dq", "tf32", 128): (Q(64, 32, 32, 4, 2), Q(32, 32, 32, 4, 1),),
         ("dq", "tf32", 256): (Q(64, 16, 32, 4, 1), Q(32, 32, 32, 4, 1),),
@@ -537,9 +565,8 @@ _WIDE_BACKWARD_MMA_SYNC = (
     "accumulators live in registers, and no tiling the search tried fits 255 per thread "
     "without spilling or splitting a dot across warps")
 _SMALL_SHARED_BACKWARD = (
-    "the dK+dQ tilings that fit 99 KiB of shared memory keep more of the program in registers "
-    "than the 163/227 KiB ones: a few bytes spill; the deterministic variant (no dQ atomics) "
-    "shares the tiling and ptxas keeps more live there")
+    "the dK+dQ (or deterministic dK) tilings that fit 99 KiB of shared memory keep more of the "
+    "program in registers than the 163/227 KiB ones: a few bytes spill with the l2 similarity")
 _TF32_MMA_SYNC = (
     "TF32 operands are 32-bit: twice the registers and shared memory of a 16-bit tile, and "
     "mma.sync's m16n8k8 takes them from registers; the tilings that do not spill are narrow "
@@ -565,13 +592,16 @@ _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
     (None, None, None, 512): _WIDER_KEYS,
     **{(name, "dkdq", "16-bit", 256): _WIDE_BACKWARD_MMA_SYNC for name in _MMA_SYNC_TABLES},
-    **{(name, "dkdq", "16-bit", 128): _SMALL_SHARED_BACKWARD
-       for name in ("sm_86", "sm_120", "generic")},
+    ("sm_86", "dkdq", "16-bit", 128): _SMALL_SHARED_BACKWARD,
+    **{(name, "dk", "16-bit", 128): _SMALL_SHARED_BACKWARD for name in ("sm_120", "generic")},
+    **{(name, "dk", "16-bit", 256): _WIDE_BACKWARD_MMA_SYNC for name in ("sm_120", "generic")},
+    **{(name, "dk", "tf32", 128): _TF32_MMA_SYNC for name in ("sm_80", "sm_120", "generic")},
     **{(name, kernel, "tf32", 128): _TF32_MMA_SYNC
        for name in _MMA_SYNC_TABLES for kernel in ("dkdq", "dv")},
     ("generic", "forward", "tf32", 128): _TF32_MMA_SYNC,
     **{(name, kernel, "tf32", 256): _TF32_WIDE
-       for name in _MMA_SYNC_TABLES for kernel in ("forward", "dv", "dkdq", "dq", "select")},
+       for name in _MMA_SYNC_TABLES for kernel in ("forward", "dv", "dkdq", "dk", "dq",
+                                                   "select")},
     ("sm_90", "dkdq", "tf32", 256): _TF32_WIDE,
     ("sm_100", "dkdq", "tf32", 256): _TF32_WIDE,
     ("sm_100", "select", "tf32", 256): _TF32_WIDE,
@@ -614,7 +644,7 @@ _override: dict = {}
 class use_configs:
     """Context manager forcing kernel configs (tests, tuning): `with use_configs(
     forward=ForwardConfig(...), backward=BackwardConfig(...), select=SelectConfig(...),
-    warp_specialized=WarpSpecializedConfig(...)): ...`; also dv=, dkdq=, dq=, merge=,
+    warp_specialized=WarpSpecializedConfig(...)): ...`; also dv=, dkdq=, dk=, dq=, merge=,
     usage=. A forced config is the only candidate (the last one applies where the
     warp-specialised forward is opted in)."""
 
@@ -624,7 +654,8 @@ class use_configs:
             raise TypeError(f"use_configs: unknown kernels {sorted(unknown)}")
         self.configs = dict(kernels, forward=forward, warp_specialized=warp_specialized)
         if backward is not None:
-            self.configs.update(dv=backward.dv, dkdq=backward.dkdq, dq=backward.dq)
+            self.configs.update(dv=backward.dv, dkdq=backward.dkdq, dq=backward.dq,
+                                dk=backward.dk or backward.dkdq)
 
     def __enter__(self):
         self.previous = dict(_override)
@@ -637,9 +668,11 @@ class use_configs:
 
 
 def candidates(kernel, architecture, precision, width):
-    """The configs to try, in order: the one use_configs forces, else the architecture's."""
-    if kernel in _override:
-        return (_override[kernel],)
+    """The configs to try, in order: the one use_configs forces (or forces for its twin),
+    else the architecture's."""
+    for name in (kernel, TWINS.get(kernel)):
+        if name in _override:
+            return (_override[name],)
     return architecture.candidates(kernel, precision, width)
 
 
