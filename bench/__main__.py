@@ -12,7 +12,7 @@
     python -m bench topk-read [...]     # top-k read vs STCN's materialised top-k; usage cost
     python -m bench sharded-read [...]  # one memory sharded over 1-3 processes
     python -m bench render FILE.json    # plots and markdown table of any results file
-    python -m bench report [--check]    # README tables from the newest committed results
+    python -m bench report [--check|--prune]   # README tables from the newest results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
 
 Every run writes bench/results/<name>_<device>_<date>.json (device, torch, Triton, commit,

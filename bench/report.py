@@ -2,6 +2,7 @@
 
     python -m bench.report            # rewrite the marked sections of README.md
     python -m bench.report --check    # exit 1 if README.md is not what the results give
+    python -m bench.report --prune    # drop results a newer one replaces, then rewrite
 
 README.md holds `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` blocks; each is replaced by the
 table of the newest bench/results/NAME_<device>_<date>.json per device, with the device,
@@ -50,20 +51,38 @@ def benchmark_of(payload):
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
 
 
+def result_key(payload):
+    """What a newer result replaces an older one for: (device type, frame size, longest video)
+    (the last two for benchmarks run at several sizes or lengths)."""
+    return (payload.get("device_type"), tuple(payload.get("size") or ()),
+            max(payload.get("lengths") or [0]))
+
+
 def newest_results(name, directory=RESULTS):
-    """{(device_type, size, longest length): payload} of the newest result file of a benchmark
-    per device type and, for benchmarks run at several frame sizes or video lengths, per size
-    and longest video."""
+    """{result_key: payload} of the newest result file of a benchmark per device type and, for
+    benchmarks run at several frame sizes or video lengths, per size and longest video."""
     newest = {}
     for path in sorted(directory.glob(f"{name}_*.json")):
         payload = json.loads(path.read_text())
         if benchmark_of(payload) != name:  # kernel_* also finds kernel_work_*, for example
             continue
         payload["_file"] = path.name
-        key = (payload["device_type"], tuple(payload.get("size") or ()),
-               max(payload.get("lengths") or [0]))
-        newest[key] = payload  # sorted by date: the last one wins
+        newest[result_key(payload)] = payload  # sorted by date: the last one wins
     return newest
+
+
+def superseded(directory=RESULTS):
+    """The result files (and the plots beside them) that a newer result of the same benchmark
+    and key replaces; older results stay in git history."""
+    paths = sorted(pathlib.Path(directory).glob("*.json"))
+    newest = {}
+    for path in paths:  # file names end in the run's date, so sorted is oldest first
+        payload = json.loads(path.read_text())
+        newest[(benchmark_of(payload), result_key(payload))] = path
+    kept = set(newest.values())
+    old = [path for path in paths if path not in kept]
+    plots = [plot for path in old for plot in sorted(path.parent.glob(f"{path.stem}*.png"))]
+    return sorted(old + plots)
 
 
 def render(name, directory=RESULTS):
@@ -93,7 +112,14 @@ def main(argv=None):
     """`python -m bench report [--check]`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--prune", action="store_true",
+                        help="delete the results a newer one of the same benchmark and device "
+                             "replaces (git keeps them), then rewrite")
     args = parser.parse_args(argv)
+    if args.prune:
+        for path in superseded():
+            path.unlink()
+            print(f"removed {path.relative_to(RESULTS.parent.parent)}")
     current = README.read_text()
     updated = rewrite(current)
     if args.check:

@@ -35,8 +35,25 @@ def test_results_of_the_old_kernel_name_are_read_as_kernel(tmp_path, capsys):
     path = report.RESULTS / "kernel_cpu_20261122T122706.json"
     assert json.loads(path.read_text())["benchmark"] == "memory_read"
     (tmp_path / path.name).write_text(path.read_text())
-    (tmp_path / "kernel_work_sm90_20261123T020844.json").write_text(
-        (report.RESULTS / "kernel_work_sm90_20261123T020844.json").read_text())
+    work = sorted(report.RESULTS.glob("kernel_work_*.json"))[-1]
+    (tmp_path / work.name).write_text(work.read_text())
     assert [p["_file"] for p in report.newest_results("kernel", tmp_path).values()] == [path.name]
     assert suite.render(tmp_path / path.name) == 0
     assert "| targets | fwd | fp32 | 1 | 1620 | 128 | 512 | 162000 |" in capsys.readouterr().out
+
+
+def test_committed_results_hold_the_newest_per_benchmark_and_device():
+    """bench/results keeps one result per benchmark, device (and size or video length where a
+    benchmark runs several): `python -m bench.report --prune` drops the rest (git keeps them)."""
+    assert report.superseded() == [], "run python -m bench.report --prune"
+
+
+def test_superseded_names_the_older_result_of_a_key_and_its_plots(tmp_path):
+    base = {"benchmark": "training", "device_type": "cpu", "size": [240, 432]}
+    for stamp in ("20260101T000000", "20260201T000000"):
+        (tmp_path / f"training_cpu_{stamp}.json").write_text(json.dumps(base))
+        (tmp_path / f"training_cpu_{stamp}.png").write_bytes(b"")
+    other_size = dict(base, size=[480, 864])
+    (tmp_path / "training_cpu_20250101T000000.json").write_text(json.dumps(other_size))
+    assert [path.name for path in report.superseded(tmp_path)] == [
+        "training_cpu_20260101T000000.json", "training_cpu_20260101T000000.png"]
