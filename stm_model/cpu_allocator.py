@@ -4,10 +4,9 @@ By default glibc gives the top of its heap back to the operating system whenever
 small amount (dynamically 2x the largest recently freed block) is free, and serves large
 blocks with fresh mmaps. A segmentation step allocates and frees its activations every
 frame; a batched step (several videos at once) frees more at once, so glibc returns the
-memory and the next step page-faults it back (zero-filled pages): measured on the 2-core CPU
-at 120x216, 190k page faults and 15-20% of the batched run's time, none for one video at a
-time. keep_freed_memory() makes glibc keep up to 1 GiB of freed memory (the process's
-resident size stays at its peak) and serve blocks below 32 MiB from the heap.
+memory and the next step page-faults it back as zero-filled pages (the cost is in
+bench/NOTES.md). keep_freed_memory() makes glibc keep up to 1 GiB of freed memory (the
+process's resident size stays at its peak) and serve blocks below 32 MiB from the heap.
 """
 import ctypes
 import ctypes.util

@@ -1,75 +1,24 @@
 """Warp-specialised forward of the memory read for Hopper (sm_90), written in Gluon.
 
 Opt-in and experimental: nothing dispatches here by default. It compiles for sm_90 without a
-GPU (tools/tests/test_gluon_compile.py checks the PTX and ptxas' resource report), but it has
-not yet been run on a GPU: it stays opt-in until a GPU run shows it correct (tests marked `gpu`
-in tests/test_gluon_forward.py) and faster than `memory_read_fwd_kernel` (bench.kernel).
+GPU (tools/tests/test_gluon_compile.py checks the PTX and ptxas' resource report) and stays
+opt-in until a GPU run shows it correct (tests marked `gpu` in tests/test_gluon_forward.py) and
+faster than `memory_read_fwd_kernel` (bench.kernel).
 
 Same contract as `memory_read_fwd_kernel` (stm_kernels/backends/triton/kernels/forward.py):
 q (Bq, Ck, HW) with Bq = B or 1 (or a stride-0 batch), k (B, Ck, N), v (B, Cv, N); the program
 (query block i_m, object i_b, memory split i_s) reads memory positions
 [i_s*per_split, min((i_s+1)*per_split, N)) and writes part_out[i_s, i_b, :, m-range]
 (out = acc / rowsum) and part_lse[i_s, i_b, m-range] (natural log). Scores are kept in base 2
-(qk_scale = scale * log2(e)). With value_chunks > 1
-(WarpSpecializedConfig) grid axis 0 also runs over value chunks: each program writes
-ceil(Cv / value_chunks) of the channels, and the first chunk the lse.
+(qk_scale = scale * log2(e)). With value_chunks > 1 (WarpSpecializedConfig) grid axis 0 also
+runs over value chunks: each program writes ceil(Cv / value_chunks) of the channels, and the
+first chunk the lse.
 
-Design (FlashAttention-3's value-width-512 layout, the one FlashMLA uses), one CTA per program,
-13 warps in 4 warpgroups (Triton pads the load warp's group with 3 idle warps) = 512 threads:
-
-    partition          warps  setmaxnreg  role
-    softmax (default)    4    152 (rest)  S = Q K for the block ONCE (async wgmma m64n64k16 x
-                                          Ck/16, Q as register A operand, K from the ring),
-                                          |k|^2 from the K tile in fp32 for l2, -inf for memory
-                                          positions >= the split's end, online softmax in base 2
-                                          (exp2, running max m and sum l); writes P (bf16/fp16)
-                                          and the row factor alpha = exp2(m_old - m_new) to a
-                                          NUM_P-deep ring and signals p_ready; at the end l ->
-                                          shared memory (o_bar), lse = (m + log2 l) ln 2 stored
-    pv half 0, pv half 1 4+4  168 each    acc (64 x ceil(Cv/2) fp32 in registers) = acc * alpha
-                                          + P V[half] (async wgmma, P and V from shared memory),
-                                          then release P and V; at the end out = acc / l stored
-                                          transposed into the (Cv, HW) layout (masked stores)
-    load                 1    24          TMA: the query tile once, then K_j one block ahead of
-                                          V_j (two boxes of ceil(Cv/2) rows) into NUM_STAGES-deep
-                                          mbarrier rings
-
-Barriers (count): q_bar (1), k_ready/k_empty[NUM_STAGES] (1/1), v_ready/v_empty[NUM_STAGES]
-(1/2: both PV warpgroups release a V stage), p_ready/p_empty[NUM_P] (1/2), o_bar (1). Gluon's
-mbarrier.arrive syncs the partition's warps and arrives once, so a count is a number of
-partitions. Round r of a ring slot: consumers wait on "ready" with parity r & 1, producers on
-"empty" with parity (r & 1) ^ 1 (a fresh barrier passes a parity-1 wait). P and alpha are
-written with ordinary stores and read by wgmma (async proxy): each writer fences
-(fence_async_shared) before the arrive. The l2 path reads the K tile with ordinary loads and
-fences before releasing it to the next TMA write. wgmma is waited (wait_group 0) before a
-buffer is released. No MMA is computed twice: S by the softmax partition only (Ck/16
-instructions in the whole PTX), P V split by value channels over the two PV partitions.
-
-The row split (ROW_SPLIT_CONFIG: block_m=128, value_chunks=2, split_rows=True) keeps the
-partitions and barriers and changes who does what: the softmax warpgroup computes S for 128
-rows (two wgmma M tiles; Q stays in shared memory, since S then takes 64 registers per
-thread), each PV warpgroup runs 64 of those rows (its slice of the P, alpha and l buffers)
-over the program's 256 value channels, and the load warp fetches one V box per stage. A K/V
-tile then serves 128 query rows instead of 64: 12 bytes from L2 per (query, memory) pair
-instead of 20, for 1.2x the useful MACs (S once per value chunk). Compiled (Triton 3.6 and
-3.8): no spills, 210 KiB of shared memory with 3 stages.
-
-P V is issued as m64n128k16 instructions (two per k-step at Cv = 512), not m64n256k16: ptxas
-checks every instruction against the kernel-wide register target (65536 / 512 threads = 128),
-whatever setmaxnreg grants later, and an m64n256k16 with fp32 accumulators needs 154 (C7602).
-
-Shared memory at the defaults (block_m=64, block_n=64, num_stages=2, num_p=2; Ck=128, Cv=512,
-2-byte elements):
-    Q tile     128 x 64                16 KiB
-    K ring     2 x 128 x 64            32 KiB   (16 KiB per stage)
-    V ring     2 x (2 x 256) x 64     128 KiB   (64 KiB per stage: two TMA boxes of 256 rows)
-    P ring     2 x 64 x 64             16 KiB
-    alpha ring, l, 14 mbarriers        0.9 KiB  (+ 0.2-0.7 KiB layout-conversion scratch for l2)
-    total (compiled, Triton 3.8)       197,816 B = 193.2 KiB (l2: 198,024 B) of 227 KiB.
-Registers (ptxas -v, sm_90a): "Used 128 registers" (the launch-time count: 65536 / 512), 0
-spills; within the setmaxnreg regions the SASS uses up to R96 (dot) / R119 (l2) of the softmax
-partition's 152, R165 of the PV partitions' 168, a handful of the load warp's 24. Worker warps
-wait for the partition dispatch at 80 registers.
+One CTA per program, four warpgroups: a softmax partition computes S = Q K once per block and
+the online softmax, two PV partitions accumulate P V over half the value channels each (or,
+with the row split, over 64 rows each), a load warp streams K and V with TMA through mbarrier
+rings. The partitions, barriers, register and shared-memory budgets are described in
+docs/gluon_forward.md.
 
 Constraints (`unsupported_reason`): CUDA tensors, bf16/fp16, q/k/v of one dtype; k and v with
 position stride 1, other strides a multiple of 16 bytes (N % 8 == 0 for contiguous tensors)
