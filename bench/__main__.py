@@ -1,6 +1,6 @@
 """The benchmark suite: one entry point, a sub-command per benchmark.
 
-    python -m bench all                 # every benchmark for the device present, then the README
+    python -m bench all                 # every benchmark for the device present, then the tables
     python -m bench kernel [...]        # the memory read: fused vs torch vs naive vs SDPA
     python -m bench long-video [...]    # end-to-end inference against video length
     python -m bench training [...]      # training memory and step time against clip length
@@ -12,7 +12,7 @@
     python -m bench topk-read [...]     # top-k read vs STCN's materialised top-k; usage cost
     python -m bench sharded-read [...]  # one memory sharded over 1-3 processes
     python -m bench render FILE.json    # plots and markdown table of any results file
-    python -m bench report [--check|--prune]   # README tables from the newest results
+    python -m bench report [--check|--prune]   # README and docs tables from the newest results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
 
 Every run writes bench/results/<name>_<device>_<date>.json (device, torch, Triton, commit,

@@ -1,10 +1,10 @@
-"""Render the README's benchmark tables from the committed result files.
+"""Render the benchmark tables of README.md and docs/performance.md from the committed results.
 
-    python -m bench.report            # rewrite the marked sections of README.md
-    python -m bench.report --check    # exit 1 if README.md is not what the results give
+    python -m bench.report            # rewrite the marked sections of both
+    python -m bench.report --check    # exit 1 if either is not what the results give
     python -m bench.report --prune    # drop results a newer one replaces, then rewrite
 
-README.md holds `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` blocks; each is replaced by the
+Each holds `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` blocks; each is replaced by the
 table of the newest bench/results/NAME_<device>_<date>.json per device, with the device,
 library versions, commit and date of the run that produced it. Nothing in those blocks is
 typed by hand.
@@ -20,9 +20,12 @@ from bench import (dataset_throughput, held_out, interactive, interactive_eval, 
 from bench.common import RESULTS
 from tools.gpu_session import ncu_summary, profile_target
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# The pages whose `bench:` blocks are generated: the README's headline, the performance page.
+DOCUMENTS = (README, ROOT / "docs" / "performance.md")
 # results "benchmark" field: (plot(payload, path) -> written paths, or None; summary(payload)
-# -> markdown table). `python -m bench render` uses both, the README blocks the summary.
+# -> markdown table). `python -m bench render` uses both, the `bench:` blocks the summary.
 RENDERERS = {
     "kernel": (kernel.plot, kernel.summary),
     "long_video": (long_video.plot, long_video.summary),
@@ -86,7 +89,7 @@ def superseded(directory=RESULTS):
 
 
 def render(name, directory=RESULTS):
-    """The markdown of one README block: the newest results of benchmark `name` per device."""
+    """The markdown of one `bench:` block: the newest results of benchmark `name` per device."""
     results = newest_results(name, directory)
     if not results:
         return f"_No `{name}` results committed yet._\n"
@@ -120,15 +123,20 @@ def main(argv=None):
         for path in superseded():
             path.unlink()
             print(f"removed {path.relative_to(RESULTS.parent.parent)}")
-    current = README.read_text()
-    updated = rewrite(current)
-    if args.check:
-        if updated != current:
-            print("README.md benchmark tables are stale: run python -m bench.report")
-            return 1
-        return 0
-    README.write_text(updated)
-    print(f"updated {len(_BLOCK.findall(current))} benchmark blocks in {README}")
+    stale = []
+    for document in DOCUMENTS:
+        current = document.read_text()
+        updated = rewrite(current)
+        if updated == current:
+            continue
+        stale.append(document)
+        if not args.check:
+            document.write_text(updated)
+            print(f"updated the benchmark blocks of {document.relative_to(ROOT)}")
+    if args.check and stale:
+        print(f"benchmark tables are stale in {', '.join(str(d.relative_to(ROOT)) for d in stale)}"
+              ": run python -m bench report")
+        return 1
     return 0
 
 

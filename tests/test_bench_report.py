@@ -1,11 +1,12 @@
-"""The README's benchmark tables come from the committed result files, unedited."""
+"""The benchmark tables (README.md, docs/performance.md) come from the committed result files,
+unedited."""
 import json
 
 from bench import __main__ as suite
 from bench import report
 
 
-def test_readme_tables_match_the_committed_results():
+def test_readme_and_docs_tables_match_the_committed_results():
     assert report.main(["--check"]) == 0, "run python -m bench.report"
 
 
