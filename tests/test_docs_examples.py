@@ -1,0 +1,141 @@
+"""Every example in README.md and docs/ runs, so the docs cannot drift from the code.
+
+Python blocks run in one namespace holding the names the pages leave to the reader (a query,
+a memory, frames, a model, ...) at tiny sizes. Shell blocks: each `stm ...` line is parsed by
+the command's own parser, each `python -m MODULE` / `torchrun -m MODULE` names a module that
+exists (and `stm_model.train`'s options are parsed too), each `make TARGET` is a Makefile
+target. Nothing is downloaded: STM_weights.pth is written in the official key format from a
+randomly initialised network.
+"""
+import importlib.util
+import pathlib
+import re
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import synthetic_video
+from stm_model import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+_BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
+
+
+def blocks(language):
+    """[(page:line, code)] of the fenced blocks of one language in every page."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for match in _BLOCK.finditer(text):
+            if match.group(1) == language:
+                line = text[:match.start()].count("\n") + 1
+                found.append((f"{page.relative_to(ROOT)}:{line}", match.group(2)))
+    return found
+
+
+def commands():
+    """[(page:line, argv)] of the shell lines of every bash block (comments dropped)."""
+    found = []
+    for where, code in blocks("bash"):
+        for line in code.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                found.append((where, shlex.split(line)))
+    return found
+
+
+class _Parsed(Exception):
+    pass
+
+
+def test_the_pages_hold_examples():
+    assert len(blocks("python")) >= 7 and len(commands()) >= 30
+
+
+@pytest.mark.parametrize("where, argv", commands(), ids=lambda value: " ".join(value)[:60]
+                         if isinstance(value, list) else value)
+def test_every_command_exists_with_its_options(where, argv, monkeypatch):
+    program, arguments = argv[0], argv[1:]
+    if program == "stm":
+        def parse_only(self, args=None, namespace=None):
+            raise _Parsed(super(cli._Parser, self).parse_args(args, namespace))
+        monkeypatch.setattr(cli._Parser, "parse_args", parse_only)
+        if arguments == ["--version"]:
+            return
+        with pytest.raises(_Parsed):
+            cli.main(arguments)
+    elif program in ("python", "torchrun"):
+        if "-m" not in arguments:
+            pytest.fail(f"{where}: {' '.join(argv)} runs no module")
+        module = arguments[arguments.index("-m") + 1]
+        assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
+        if module == "stm_model.train":
+            from stm_model import train
+            import argparse
+            train.add_arguments(argparse.ArgumentParser()).parse_args(
+                arguments[arguments.index("-m") + 2:])
+    elif program == "make":
+        targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE)
+        assert arguments[0] in targets, f"{where}: no make target {arguments[0]}"
+    elif program in ("pip", "bash", "pytest", "wget"):
+        pass  # installers and the test runner themselves
+    else:
+        pytest.fail(f"{where}: a command this test does not know: {' '.join(argv)}")
+
+
+@pytest.fixture(scope="module")
+def namespace(tmp_path_factory):
+    """The names the python examples leave to the reader, small."""
+    from stm_model import STM, STMConfig
+    from stm_model.checkpoint import ours_to_official
+    torch.manual_seed(0)
+    B, Ck, Cv, H, W, T = 2, 16, 32, 6, 8, 3
+    frames, labels = synthetic_video(3, size=(32, 48), objects=2)
+    labels = torch.from_numpy(labels.astype(np.int64))
+    model = STM(STMConfig.small()).eval()
+    directory = tmp_path_factory.mktemp("examples")
+    official = {ours_to_official(name): value for name, value in
+                STM(STMConfig()).state_dict().items()}
+    torch.save(official, directory / "STM_weights.pth")
+    scribbles = {"sequence": "synth", "scribbles": [[] for _ in range(3)]}
+    scribbles["scribbles"][1] = [
+        {"path": [[0.2, 0.2], [0.5, 0.6]], "object_id": 1, "start_time": 0, "end_time": 1},
+        {"path": [[0.8, 0.3], [0.7, 0.8]], "object_id": 2, "start_time": 1, "end_time": 2}]
+    saved = []
+    names = dict(
+        query_key=torch.randn(1, Ck, H, W), memory_key=torch.randn(B, Ck, T, H, W),
+        memory_value=torch.randn(B, Cv, T, H, W), k_chunk=torch.randn(B, Ck, 40),
+        v_chunk=torch.randn(B, Cv, 40), padded_key=torch.randn(B, Ck, 60),
+        padded_value=torch.randn(B, Cv, 60), lengths=torch.tensor([60, 25]),
+        shrinkage=1 + torch.rand(B, 1, T, H, W), selection=torch.rand(1, Ck, H, W),
+        my_keys=torch.randn(B, Ck, 50), my_values=torch.randn(B, Cv, 50),
+        frames=frames, scribbles=scribbles, model=model,
+        frame=frames[0], next_frame=frames[1], labels=labels[0],
+        f0=frames[0], f1=frames[1], g0=frames[0].flip(-1), g1=frames[1].flip(-1),
+        g2=frames[2].flip(-1), h0=frames[2], m0=labels[0], n0=labels[0].flip(-1),
+        p0=labels[2], videos={"bear": (frames, labels[0]), "camel": (frames, labels[0])},
+        save=lambda *result: saved.append(result), saved=saved)
+    return directory, names
+
+
+@pytest.mark.parametrize("where, code", blocks("python"), ids=[where for where, _ in
+                                                                 blocks("python")])
+def test_every_python_example_runs(where, code, namespace, monkeypatch):
+    directory, names = namespace
+    monkeypatch.chdir(directory)
+    scope = dict(names)
+    if "stm_kernels.distributed" in code:  # one rank of a world of one
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=0,
+                                world_size=1)
+        try:
+            exec(compile(code, where, "exec"), scope)
+        finally:
+            dist.destroy_process_group()
+    else:
+        exec(compile(code, where, "exec"), scope)
+    if "segment_videos" in code:
+        assert len(names["saved"]) == 6  # three frames of two videos
