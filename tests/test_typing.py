@@ -1,4 +1,4 @@
-"""The public API is typed (issue 14, item 12): mypy passes on both packages, a user's code
+"""The public API is typed: mypy passes on both packages, a user's code
 gets the documented types, a wrong call is caught; one version number everywhere."""
 import importlib.metadata
 import inspect

@@ -118,7 +118,7 @@ def test_read_mask_modes(tmp_path):
     with pytest.raises(ValueError, match="'RGB'.*'P'.*'L'.*'1'"):
         read_mask(tmp_path / "rgb.png")
 
-    # ids 1..3 saved as gray levels are read as ids (issue 14: they read as background)
+    # ids 1..3 saved as gray levels are read as ids (once they read as background)
     Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8)).save(tmp_path / "ids.png")
     np.testing.assert_array_equal(read_mask(tmp_path / "ids.png"), [[0, 1], [2, 3]])
     with warnings.catch_warnings():

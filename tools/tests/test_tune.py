@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# The commit before the kernel rewrite of issue #11 (64-row forward, dK/dV + dQ backward).
+# The commit before the kernel rewrite (64-row forward, dK/dV + dQ backward).
 BASELINE_REVISION = "7acb609"
 
 

@@ -1,4 +1,4 @@
-"""stm segment: a first mask on a later frame, --both-directions, --size (issue 14, 8 and 10)."""
+"""stm segment: a first mask on a later frame, --both-directions, --size."""
 import numpy as np
 from PIL import Image
 

@@ -1,5 +1,6 @@
-"""Issue 14, defects 1-6: output integrity, empty or gray-level first masks, `stm train`
-options, resuming a finished run, checkpoint config validation, one-line user errors.
+"""The `stm` command as a new user meets it: output integrity, empty or gray-level first masks,
+`stm train` options, resuming a finished run, checkpoint config validation, one-line user
+errors.
 
 Everything runs the small untrained model on tiny synthetic frames (no ../shared needed)."""
 import json
