@@ -91,17 +91,8 @@ def run_case(target, precision, case, only=None):
             if reason is not None:
                 unavailable["every"] = reason
             else:
-                # each pass on its own (meta) inputs: one that cannot run skips no other
-                B, Cv, HW = v.shape[0], v.shape[1], q.shape[2]
-                out = torch.empty(B, Cv, HW, dtype=dtype, device="meta")
-                lse = torch.empty(B, HW, dtype=torch.float32, device="meta")
-                passes = (lambda: launch.triton_forward(q, k, v, scale, l2),
-                          lambda: launch.triton_backward(out, None, q, k, v, out, lse, scale, l2),
-                          lambda: _deterministic_backward(q, k, v, out, lse, scale, l2),
-                          lambda: launch.triton_select(q, k, SELECT_TOP_K, scale, l2),
-                          lambda: launch.triton_usage(q, k, lse, scale, l2))
-                for run_pass in passes:
-                    try:
+                for run_pass in passes(q, k, v, scale, l2).values():
+                    try:  # each pass on its own: one that cannot run skips no other
                         run_pass()
                     except launch.KernelUnavailable as error:
                         unavailable[error.kernel] = error.reason
@@ -115,6 +106,20 @@ def run_case(target, precision, case, only=None):
             name = "dq (deterministic)"
         records.setdefault(name, []).append(record)
     return records, unavailable
+
+
+def passes(q, k, v, scale, l2):
+    """{pass name: a call launching its kernels} of a read of meta tensors q, k, v, each on its
+    own meta inputs (the backward and usage take the forward's output shapes, not its run)."""
+    B, Cv, HW = v.shape[0], v.shape[1], q.shape[2]
+    out = torch.empty(B, Cv, HW, dtype=v.dtype, device="meta")
+    lse = torch.empty(B, HW, dtype=torch.float32, device="meta")
+    return dict(
+        forward=lambda: launch.triton_forward(q, k, v, scale, l2),
+        backward=lambda: launch.triton_backward(out, None, q, k, v, out, lse, scale, l2),
+        deterministic=lambda: _deterministic_backward(q, k, v, out, lse, scale, l2),
+        select=lambda: launch.triton_select(q, k, SELECT_TOP_K, scale, l2),
+        usage=lambda: launch.triton_usage(q, k, lse, scale, l2))
 
 
 def _deterministic_backward(q, k, v, out, lse, scale, l2):

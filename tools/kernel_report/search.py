@@ -157,16 +157,7 @@ def _run_pass(target, kernel, dtype, channels, l2):
     launch._chosen.clear()  # a forced config that failed before must be tried again
     with compiling_for(target, only={kernel}) as launches:
         try:
-            if PASS_OF[kernel] == "select":
-                launch.triton_select(q, k, report.SELECT_TOP_K, scale, l2)
-            elif PASS_OF[kernel] == "usage":
-                launch.triton_usage(q, k, torch.empty(1, q.shape[2], device="meta"), scale, l2)
-            else:
-                out, lse = launch.triton_forward(q, k, v, scale, l2)
-                if PASS_OF[kernel] == "backward":
-                    launch.triton_backward(out, None, q, k, v, out, lse, scale, l2)
-                elif PASS_OF[kernel] == "deterministic":
-                    report._deterministic_backward(q, k, v, out, lse, scale, l2)
+            report.passes(q, k, v, scale, l2)[PASS_OF[kernel]]()
         except launch.KernelUnavailable:
             pass
     return launches

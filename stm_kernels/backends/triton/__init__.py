@@ -17,8 +17,9 @@ from . import launch
 from .devices import INTERPRETING  # noqa: F401
 
 
-def _with_fallback(kernel, fused, reference, *args):
-    k = args[1]
+def _with_fallback(kernel, k, fused, reference, *args):
+    """fused(*args) where the kernels run on k's device, else reference(*args) with one
+    FallbackWarning saying why."""
     if k.device.type == "cpu" and not INTERPRETING:
         return fused(*args)  # raises the user's error: backend="triton" needs a GPU
     reason = launch.unsupported_reason(k)
@@ -43,31 +44,23 @@ def preferred(k):
 
 def forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW), lse (B, HW)): launch.triton_forward, or the torch backend's."""
-    return _with_fallback("forward", launch.triton_forward, pytorch.forward, q, k, v, scale, l2,
-                          lengths)
+    return _with_fallback("forward", k, launch.triton_forward, pytorch.forward, q, k, v, scale,
+                          l2, lengths)
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """(dq, dk, dv): launch.triton_backward, or the torch backend's."""
-    return _with_fallback("backward", _backward_of(launch.triton_backward),
-                          _backward_of(pytorch.backward), q, k, grad_out, grad_lse, v, out, lse,
-                          scale, l2, lengths)
-
-
-def _backward_of(function):
-    # The backward's arguments reordered so that q and k come first, as for the others.
-    def reordered(q, k, grad_out, grad_lse, v, out, lse, scale, l2, lengths):
-        return function(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths)
-    return reordered
+    return _with_fallback("backward", k, launch.triton_backward, pytorch.backward, grad_out,
+                          grad_lse, q, k, v, out, lse, scale, l2, lengths)
 
 
 def select(q, k, top_k, scale, l2, lengths=None):
     """(scores, indices) of the top_k positions: launch.triton_select, or the torch one."""
-    return _with_fallback("select", launch.triton_select, pytorch.select, q, k, top_k, scale, l2,
-                          lengths)
+    return _with_fallback("select", k, launch.triton_select, pytorch.select, q, k, top_k, scale,
+                          l2, lengths)
 
 
 def usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) usage for the read's lse: launch.triton_usage, or the torch backend's."""
-    return _with_fallback("usage", launch.triton_usage, pytorch.usage, q, k, lse, scale, l2,
+    return _with_fallback("usage", k, launch.triton_usage, pytorch.usage, q, k, lse, scale, l2,
                           lengths)

@@ -155,30 +155,39 @@ EXACT_FP32_ON_TORCH = (
     "docs/kernels.md); torch.set_float32_matmul_precision(\"high\") runs the TF32 kernels")
 
 
+def _block_ck(k):
+    """The key tile width of a memory k: its channels rounded up to a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(k.shape[1]))
+
+
+def _plan_call(k):
+    """(the Call of a read of memory k, None), or (None, why the Triton kernels cannot read it)."""
+    device = devices.describe(k.device)
+    architecture, reason = tilings.architecture_of(device)
+    if architecture is None:
+        return None, reason
+    input_precision = architecture.input_precision(k.dtype)
+    if input_precision is None:
+        return None, EXACT_FP32_ON_TORCH
+    width = tilings.width_class(_block_ck(k))
+    if width is None:
+        return None, (f"{k.shape[1]} key channels (a {_block_ck(k)}-wide key tile) are more "
+                      f"than the kernels' tilings take ({tilings.WIDTHS[-1]})")
+    return Call(device, architecture, input_precision, tilings.precision_class(k.dtype),
+                width), None
+
+
 def unsupported_reason(k):
     """Why the Triton kernels cannot read a memory of k's device, dtype and key width, or
     None."""
-    device = devices.describe(k.device)
-    architecture, reason = tilings.architecture_of(device)
-    if architecture is None:
-        return reason
-    if architecture.input_precision(k.dtype) is None:
-        return EXACT_FP32_ON_TORCH
-    block_ck = max(16, triton.next_power_of_2(k.shape[1]))
-    if tilings.width_class(block_ck) is None:
-        return (f"{k.shape[1]} key channels (a {block_ck}-wide key tile) are more than the "
-                f"kernels' tilings take ({tilings.WIDTHS[-1]})")
-    return None
+    return _plan_call(k)[1]
 
 
 def _call(k):
-    device = devices.describe(k.device)
-    architecture, reason = tilings.architecture_of(device)
-    if architecture is None:
-        raise KernelUnavailable("every", device, reason)
-    width = tilings.width_class(max(16, triton.next_power_of_2(k.shape[1])))
-    return Call(device, architecture, architecture.input_precision(k.dtype),
-                tilings.precision_class(k.dtype), width)
+    call, reason = _plan_call(k)
+    if call is None:
+        raise KernelUnavailable("every", devices.describe(k.device), reason)
+    return call
 
 
 def _check_device(*tensors):
@@ -194,7 +203,7 @@ def _launch_flags(call, inputs, outputs):
     (C, L) shapes of the contiguous outputs)."""
     k = inputs[1]
     return dict(
-        BLOCK_CK=max(16, triton.next_power_of_2(k.shape[1])),
+        BLOCK_CK=_block_ck(k),
         PRECISION=call.input_precision,
         UPCAST=INTERPRETING and k.dtype == torch.bfloat16,
         I64=_needs_int64(*inputs, outputs=outputs),
