@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 # Reproduces stm_model/weights/stm_small_synthetic.pt (about 2 hours on a 2-core CPU).
 small-model: $(STAMP)
-	$(PY) -m stm_model.train --output runs/small --model small --steps 3600 \
+	$(PY) -m stm_model.training.loop --output runs/small --model small --steps 3600 \
 		--static-steps 300 --batch-size 8 --clip-len 3 --size 128 128 --max-skip 1 25 8 \
 		--lr 4e-4 --seed 0 --save-every 200 --log-every 20
 	$(PY) -m stm_model export runs/small/model.pt stm_model/weights/stm_small_synthetic.pt \
@@ -37,7 +37,7 @@ small-model: $(STAMP)
 
 # The interactive variant, fine-tuned from the small model on synthesised scribbles.
 small-interactive-model: $(STAMP)
-	$(PY) -m stm_model.train --output runs/small-interactive --model small --interactive \
+	$(PY) -m stm_model.training.loop --output runs/small-interactive --model small --interactive \
 		--init-from stm_model/weights/stm_small_synthetic.pt --steps 500 --warmup-steps 20 \
 		--batch-size 8 --clip-len 3 --size 128 128 --max-skip 1 10 5 --lr 1e-4 --seed 1 \
 		--save-every 50 --log-every 10

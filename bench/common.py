@@ -16,7 +16,7 @@ import time
 import torch
 
 from stm_kernels.options import DTYPES
-from stm_model.devices import resolve_device
+from stm_model.runtime.devices import resolve_device
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -35,7 +35,7 @@ def build_model(kind, device):
 
 
 def pick_device(name):
-    """torch.device for a --device option (stm_model.devices.resolve_device)."""
+    """torch.device for a --device option (stm_model.runtime.devices.resolve_device)."""
     return resolve_device(name)
 
 

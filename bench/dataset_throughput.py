@@ -7,12 +7,13 @@ videos per step) against one video at a time (VideoSegmenter).
 Videos: DAVIS-2016 val sequences from ../shared/data (or --root; a synthetic set without
 either), every --stride-th frame, decoded and resized before timing and kept as uint8. Each
 variant runs in a fresh process (peak memory): "one at a time" segments the videos one after
-another with VideoSegmenter; "batched K" runs stm_model.video_batches.segment_videos with a
-BatchSegmenter, K videos per step (a finished video's place is taken by the next one at the
-next step). Timed: segmentation from the first frame's mask, plus each frame's labels copied
-to the CPU (what a mask writer needs); not decoding or writing files. Before timing, each
+another with VideoSegmenter; "batched K" runs
+stm_model.inference.video_batches.segment_videos with a BatchSegmenter, K videos per step (a
+finished video's place is taken by the next one at the next step). Timed: segmentation from
+the first frame's mask, plus each frame's labels copied to the CPU (what a mask writer needs);
+not decoding or writing files. Before timing, each
 process segments a short warm-up set the same way. On a CPU every process keeps freed memory
-(stm_model.cpu_allocator, as `stm segment-dataset` does; --default-malloc to compare):
+(stm_model.runtime.cpu_allocator, as `stm segment-dataset` does; --default-malloc to compare):
 glibc's default page-faults a batched step's memory back every step. Variants run --repeats
 times, interleaved (other work on the machine then hits every variant alike); the table shows
 the fastest run.
@@ -47,7 +48,7 @@ def load_videos(source, sequences, size, stride, max_frames=None):
     if source == "synthetic":
         return _synthetic_videos(sequences, size, stride, max_frames)
     from PIL import Image
-    from stm_model import video_io
+    from stm_model import io as video_io
     root = pathlib.Path(source)
     available = sorted(p.name for p in (root / "JPEGImages" / "480p").iterdir() if p.is_dir())
     names = sequences if isinstance(sequences, list) else available[:sequences or None]
@@ -68,8 +69,8 @@ def load_videos(source, sequences, size, stride, max_frames=None):
 
 
 def _synthetic_videos(count, size, stride, max_frames):
-    from stm_model.datasets import HELD_OUT_SEEDS
-    from stm_model.synthetic import SyntheticVideo
+    from stm_model.training.datasets import HELD_OUT_SEEDS
+    from stm_model.training.synthetic import SyntheticVideo
     count = count if isinstance(count, int) and count > 0 else 4
     videos = []
     for index in range(count):
@@ -89,7 +90,7 @@ def _frame(frames, t, device):
 def segment_one_at_a_time(model, videos, options, device):
     """(frames segmented, None: no steps to count): one VideoSegmenter per video, one video
     after another."""
-    from stm_model.segmenter import VideoSegmenter
+    from stm_model.inference.video_segmenter import VideoSegmenter
     count = 0
     for _, frames, first in videos:
         segmenter = VideoSegmenter(model, **options)
@@ -102,8 +103,8 @@ def segment_one_at_a_time(model, videos, options, device):
 
 def segment_batched(model, videos, options, device, batch_size):
     """(frames segmented, steps): videos batch_size at a time with segment_videos."""
-    from stm_model.batch_segmenter import BatchSegmenter
-    from stm_model.video_batches import FrameInput, VideoJob, segment_videos
+    from stm_model.inference.batch_segmenter import BatchSegmenter
+    from stm_model.inference.video_batches import FrameInput, VideoJob, segment_videos
 
     def inputs(frames, first):
         for t in range(len(frames)):
@@ -129,7 +130,7 @@ def run_variant(spec):
     """Time one variant (run in a fresh process); returns its record."""
     device = torch.device(spec["device"])
     if device.type == "cpu" and spec["keep_freed_memory"]:
-        from stm_model.cpu_allocator import keep_freed_memory
+        from stm_model.runtime.cpu_allocator import keep_freed_memory
         keep_freed_memory()
     torch.manual_seed(0)
     model, model_name = common.build_model(spec["model"], device)
@@ -239,7 +240,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--default-malloc", action="store_true",
                         help="CPU: keep glibc's default of returning freed memory to the system "
-                             "(see stm_model.cpu_allocator; by default the runs keep it)")
+                             "(see stm_model.runtime.cpu_allocator; by default the runs keep it)")
     parser.add_argument("--root", help="a DAVIS-format root, or 'synthetic' (default: "
                                        "../shared/data/davis2016-val when present)")
     args = common.parse_args_or_run_child(parser, argv, run_variant)

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from bench import common
-from stm_model.datasets import HELD_OUT_SEEDS
+from stm_model.training.datasets import HELD_OUT_SEEDS
 from stm_model.demo import WEIGHTS, evaluate_video, load_small_model
-from stm_model.synthetic import SyntheticVideo
+from stm_model.training.synthetic import SyntheticVideo
 
 
 def summary(payload):

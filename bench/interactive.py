@@ -40,15 +40,15 @@ DEFAULTS = {
 def load_sequence(source, sequence, frames, size):
     """(frames (T, 3, H, W) in [0, 1], labels (T, H, W), name): ping-ponged to `frames`."""
     if source != "synthetic":
-        from stm_model.interactive_eval import load_davis_sequence, resize_labels
+        from stm_model.interactive.robot import load_davis_sequence, resize_labels
         root = pathlib.Path(source)
         name = sequence or sorted(p.name for p in (root / "JPEGImages" / "480p").iterdir())[0]
         cycle, labels, _ = load_davis_sequence(root, name, size=size)
         labels = resize_labels(labels, size)
         video = f"{root.name}/{name} ({len(cycle)} frames, ping-pong)"
     else:
-        from stm_model.datasets import HELD_OUT_SEEDS
-        from stm_model.synthetic import SyntheticVideo
+        from stm_model.training.datasets import HELD_OUT_SEEDS
+        from stm_model.training.synthetic import SyntheticVideo
         synthetic = SyntheticVideo(HELD_OUT_SEEDS, *size, num_objects=2)
         images, labels = zip(*synthetic.frames(frames), strict=True)
         cycle = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
@@ -62,7 +62,7 @@ def build_model(kind, device):
     """(interactive STM in eval mode, its name), as common.build_model for "small" (its
     interactive variant) and the official size."""
     from stm_model import STM, STMConfig
-    from stm_model.interactive import as_interactive
+    from stm_model.interactive.session import as_interactive
     if kind == "small":
         from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
         if SMALL_INTERACTIVE_WEIGHTS.exists():
@@ -76,8 +76,8 @@ def build_model(kind, device):
 
 def run_variant(spec):
     """Time the rounds of one variant (run in a fresh process); returns its record."""
-    from stm_model.interactive import InteractiveSession
-    from stm_model.interactive_eval import RobotUser
+    from stm_model.interactive.session import InteractiveSession
+    from stm_model.interactive.robot import RobotUser
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     model, model_name = build_model(spec["model"], device)
@@ -101,7 +101,7 @@ def run_variant(spec):
     def round_on(frame):
         scribbles, _ = robot.interact(gt, predicted, num_objects, frame=frame)
         if scribbles is None:  # nothing to correct there: a background dot keeps it a round
-            from stm_model.scribbles import empty_scribbles
+            from stm_model.interactive.scribbles import empty_scribbles
             scribbles = empty_scribbles(len(gt))
             scribbles["scribbles"][frame] = [{"path": [[0.0, 0.0]], "object_id": 0}]
         return session.interact(scribbles).numpy(), session.rounds[-1].seconds

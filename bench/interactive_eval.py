@@ -18,7 +18,7 @@ from bench.long_video import SHARED_DAVIS
 
 def summary(payload):
     """The settings and the per-sequence table of `stm interactive-eval`."""
-    from stm_model.interactive_eval import format_report
+    from stm_model.interactive.robot import format_report
     height, width = payload["size"]
     return (f"{payload['root']}: {payload['model_name']}, segmented at {width}x{height}, "
             f"up to {payload['rounds']} rounds, {payload['batch_size']} frames per read; "
@@ -28,7 +28,7 @@ def summary(payload):
 
 def plot(payload, path):
     """J&F against time and against the round; returns [path]."""
-    from stm_model.interactive_eval import plot_curves
+    from stm_model.interactive.robot import plot_curves
     return [plot_curves(payload["sequences"], pathlib.Path(path).with_suffix(".png"))]
 
 
@@ -42,9 +42,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    from stm_model.checkpoint import load_checkpoint
+    from stm_model.network.checkpoint import load_checkpoint
     from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
-    from stm_model.interactive_eval import evaluate_davis
+    from stm_model.interactive.robot import evaluate_davis
     if not pathlib.Path(args.root).exists():
         raise SystemExit(f"{args.root} does not exist (../shared/data is needed, or --root)")
     device = common.pick_device(args.device)

@@ -64,7 +64,7 @@ def load_video(source, length, size, sequence=None):
     frame t of the long video is cycle[ping_pong(t)]."""
     if source != "synthetic":
         from PIL import Image
-        from stm_model import video_io
+        from stm_model import io as video_io
         root = pathlib.Path(source)
         name = sequence or sorted(p.name for p in (root / "JPEGImages" / "480p").iterdir())[0]
         frames = []
@@ -76,8 +76,8 @@ def load_video(source, length, size, sequence=None):
                                size=size, mode="nearest")[0, 0].long()
         return torch.stack(frames).float() / 255, labels, \
             f"{root.name}/{name} ({len(frames)} frames, ping-pong)"
-    from stm_model.datasets import HELD_OUT_SEEDS
-    from stm_model.synthetic import SyntheticVideo
+    from stm_model.training.datasets import HELD_OUT_SEEDS
+    from stm_model.training.synthetic import SyntheticVideo
     video = SyntheticVideo(HELD_OUT_SEEDS, *size, num_objects=1)
     cycle = min(length, 200)
     images, first = [], None
@@ -103,7 +103,7 @@ class _ReadTimer:
     step's synchronisation)."""
 
     def __init__(self, device):
-        from stm_model import memory_bank
+        from stm_model.memory import bank as memory_bank
         self.device, self.pending = device, []
         self._module, self._original = memory_bank.MemoryBank, memory_bank.MemoryBank.read
         timer = self
@@ -139,7 +139,7 @@ def _peak_bytes(device):
 
 def run_variant(spec):
     """Segment the long video with one variant; returns its record (run in a fresh process)."""
-    from stm_model.segmenter import VideoSegmenter
+    from stm_model.inference.video_segmenter import VideoSegmenter
     device = torch.device(spec["device"])
     options = VARIANTS[spec["variant"]]
     backend = ("triton" if device.type == "cuda" else "torch") if options["read"] == "fused" \

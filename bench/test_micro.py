@@ -61,7 +61,7 @@ def test_merge_four_chunks(benchmark, inputs):
 
 
 def test_memory_bank_add_and_read(benchmark):
-    from stm_model.memory_bank import MemoryBank
+    from stm_model.memory.bank import MemoryBank
     keys = torch.randn(1, CK, 15, 27)
     values = torch.randn(1, CV, 15, 27)
 
@@ -76,7 +76,7 @@ def test_memory_bank_add_and_read(benchmark):
 
 def test_segmenter_step_small_model(benchmark):
     from stm_model import STM, STMConfig
-    from stm_model.segmenter import VideoSegmenter
+    from stm_model.inference.video_segmenter import VideoSegmenter
     torch.manual_seed(0)
     segmenter = VideoSegmenter(STM(STMConfig.small()), mem_every=5)
     frame = torch.rand(3, 128, 224)

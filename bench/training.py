@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from bench import common
-from stm_model.clip_forward import ClipForward
-from stm_model.network import STM, STMConfig
+from stm_model.training.clip_forward import ClipForward
+from stm_model.network.stm import STM, STMConfig
 
 READS = {"fused": None, "naive": "naive"}
 

@@ -17,18 +17,18 @@ read wants and the read never materialises the affinity.
 """
 from stm_kernels import __version__
 
-from .checkpoint import (CheckpointError, load_checkpoint, load_official_checkpoint,
-                         save_checkpoint)
-from .batch_memory import BatchedMemory
-from .bidirectional import (FrameResult, FrameSequence, segment_backward,
-                            segment_both_directions, segment_forward)
-from .batch_segmenter import BatchSegmenter
-from .clip_forward import ClipForward
-from .interactive import InteractiveSession, as_interactive
-from .memory_bank import MemoryBank
-from .network import STM, STMConfig, soft_aggregate
-from .segmenter import VideoSegmenter
-from .video_batches import FrameInput, SegmentedFrame, VideoJob, segment_videos
+from stm_model.network.checkpoint import (CheckpointError, load_checkpoint,
+                                          load_official_checkpoint, save_checkpoint)
+from stm_model.memory.batched import BatchedMemory
+from stm_model.inference.directions import (FrameResult, FrameSequence, segment_backward,
+                                            segment_both_directions, segment_forward)
+from stm_model.inference.batch_segmenter import BatchSegmenter
+from stm_model.training.clip_forward import ClipForward
+from stm_model.interactive.session import InteractiveSession, as_interactive
+from stm_model.memory.bank import MemoryBank
+from stm_model.network.stm import STM, STMConfig, soft_aggregate
+from stm_model.inference.video_segmenter import VideoSegmenter
+from stm_model.inference.video_batches import FrameInput, SegmentedFrame, VideoJob, segment_videos
 
 __all__ = ["__version__", "STM", "STMConfig", "ClipForward", "soft_aggregate", "MemoryBank",
            "VideoSegmenter",

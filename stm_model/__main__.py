@@ -1,6 +1,6 @@
 """`python -m stm_model ...` is the `stm` command."""
 import sys
 
-from .cli import main
+from stm_model.cli import main
 
 sys.exit(main())

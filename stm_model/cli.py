@@ -28,16 +28,22 @@ from tqdm import tqdm
 from stm_kernels import __version__, selftest
 from stm_kernels.options import BACKENDS, DTYPES
 
-from . import (cpu_allocator, dataset_segmentation, distributed, interactive_eval, metrics,
-               train, video_io)
-from . import scribbles as scribble_format
-from .batch_segmenter import BatchSegmenter
-from .bidirectional import FrameSequence, segment_both_directions, segment_forward
-from .checkpoint import load_checkpoint, save_checkpoint
-from .devices import peak_memory_bytes, resolve_device
-from .masks import DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count, object_ids
-from .network import STM, STMConfig
-from .segmenter import VideoSegmenter
+from stm_model import metrics
+from stm_model.runtime import cpu_allocator
+from stm_model.inference import dataset_runs as dataset_segmentation
+from stm_model.runtime import distributed
+from stm_model.interactive import robot as interactive_eval
+from stm_model.training import loop as train
+from stm_model import io as video_io
+from stm_model.interactive import scribbles as scribble_format
+from stm_model.inference.batch_segmenter import BatchSegmenter
+from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
+from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
+from stm_model.runtime.devices import peak_memory_bytes, resolve_device
+from stm_model.inference.masks import (DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count,
+                                       object_ids)
+from stm_model.network.stm import STM, STMConfig
+from stm_model.inference.video_segmenter import VideoSegmenter
 
 
 class UsageError(Exception):
@@ -555,7 +561,7 @@ def _interactive_parser(parser):
 
 def interactive_evaluate(args):
     """`stm interactive-eval`: robot rounds per sequence, a table, JSON and a plot."""
-    from .demo import load_small_model, SMALL_INTERACTIVE_WEIGHTS
+    from stm_model.demo import load_small_model, SMALL_INTERACTIVE_WEIGHTS
     device = _device(args.device)
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1; got {args.rounds}")

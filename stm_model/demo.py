@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import metrics, video_io
-from .checkpoint import load_checkpoint
-from .datasets import HELD_OUT_SEEDS
-from .devices import peak_memory_bytes
-from .segmenter import VideoSegmenter
-from .synthetic import SyntheticVideo
+from stm_model import metrics
+from stm_model import io as video_io
+from stm_model.network.checkpoint import load_checkpoint
+from stm_model.training.datasets import HELD_OUT_SEEDS
+from stm_model.runtime.devices import peak_memory_bytes
+from stm_model.inference.video_segmenter import VideoSegmenter
+from stm_model.training.synthetic import SyntheticVideo
 
 WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights" / "stm_small_synthetic.pt"
 SMALL_INTERACTIVE_WEIGHTS = WEIGHTS.with_name("stm_small_interactive.pt")

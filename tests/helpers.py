@@ -108,8 +108,8 @@ def per_object_reference(q, k, v, lengths, cotangents, **kwargs):
 def synthetic_video(frames, size=(64, 64), seed=3, objects=2):
     """(frames (T, 3, H, W) float in [0, 1], labels (T, H, W)) of a held-out synthetic video."""
     import numpy as np
-    from stm_model.datasets import HELD_OUT_SEEDS
-    from stm_model.synthetic import SyntheticVideo
+    from stm_model.training.datasets import HELD_OUT_SEEDS
+    from stm_model.training.synthetic import SyntheticVideo
     video = SyntheticVideo(HELD_OUT_SEEDS + seed, *size, num_objects=objects)
     images, labels = zip(*video.frames(frames), strict=True)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), np.stack(labels)
@@ -119,7 +119,7 @@ def write_davis_folder(root, frames, labels, name="synth"):
     """A DAVIS-format folder (JPEGImages/480p/<name>, Annotations/480p/<name>) of a video."""
     import numpy as np
     from PIL import Image
-    from stm_model import video_io
+    from stm_model import io as video_io
     images = root / "JPEGImages" / "480p" / name
     images.mkdir(parents=True, exist_ok=True)
     for t, (frame, mask) in enumerate(zip(frames, labels, strict=True)):

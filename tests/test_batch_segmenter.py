@@ -5,7 +5,7 @@ import torch
 from helpers import skip_unless_runnable, synthetic_video
 from stm_model import BatchSegmenter, BatchedMemory, MemoryBank, VideoSegmenter
 from stm_model.demo import load_small_model
-from stm_model.video_batches import FrameInput, VideoJob, segment_videos
+from stm_model.inference.video_batches import FrameInput, VideoJob, segment_videos
 
 SIZE = (48, 64)
 TOLERANCE = 1e-4  # float32 rounding: batched convolutions and reads sum in another order

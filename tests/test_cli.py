@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from helpers import SHARED
-from stm_model import video_io
+from stm_model import io as video_io
 from stm_model.cli import main
 
 DAVIS = SHARED / "data" / "davis2016-val"

@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from stm_model import video_io
+from stm_model import io as video_io
 from stm_model.cli import main
 
 HW = (32, 48)

@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from helpers import synthetic_video, write_davis_folder
-import stm_model.checkpoint as checkpoint_module
-import stm_model.train as train_module
-from stm_model import BatchSegmenter, STM, CheckpointError, STMConfig, VideoSegmenter, video_io
-from stm_model.checkpoint import load_checkpoint, save_checkpoint
+import stm_model.network.checkpoint as checkpoint_module
+import stm_model.training.loop as train_module
+from stm_model import BatchSegmenter, STM, CheckpointError, STMConfig, VideoSegmenter
+from stm_model import io as video_io
+from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.cli import main
-from stm_model.train import TrainConfig, train
+from stm_model.training.loop import TrainConfig, train
 
 HW = (32, 48)
 
@@ -192,7 +193,7 @@ def test_dataset_refuses_a_first_annotation_without_objects(davis_root, tmp_path
 
 
 def test_first_masks():
-    from stm_model.masks import check_first_mask, check_object_count
+    from stm_model.inference.masks import check_first_mask, check_object_count
     with pytest.raises(ValueError, match="no object"):
         check_first_mask(torch.zeros(4, 4, dtype=torch.int64), [])
     check_first_mask(torch.zeros(4, 4, dtype=torch.int64), [1])  # later masks may be empty

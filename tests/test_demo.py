@@ -3,11 +3,11 @@ synthetic videos (seeds never used in training) at J&F >= 0.85."""
 import numpy as np
 import torch
 
-from stm_model.checkpoint import load_checkpoint
+from stm_model.network.checkpoint import load_checkpoint
 from stm_model.cli import main as cli_main
-from stm_model.datasets import HELD_OUT_SEEDS
+from stm_model.training.datasets import HELD_OUT_SEEDS
 from stm_model.demo import WEIGHTS, evaluate_video, load_small_model, main
-from stm_model.synthetic import SyntheticVideo
+from stm_model.training.synthetic import SyntheticVideo
 
 
 def test_committed_small_model_is_small_and_loads():

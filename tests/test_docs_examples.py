@@ -3,7 +3,7 @@
 Python blocks run in one namespace holding the names the pages leave to the reader (a query,
 a memory, frames, a model, ...) at tiny sizes. Shell blocks: each `stm ...` line is parsed by
 the command's own parser, each `python -m MODULE` / `torchrun -m MODULE` names a module that
-exists (and `stm_model.train`'s options are parsed too), each `make TARGET` is a Makefile
+exists (and `stm_model.training.loop`'s options are parsed too), each `make TARGET` is a Makefile
 target. Nothing is downloaded: STM_weights.pth is written in the official key format from a
 randomly initialised network.
 """
@@ -72,8 +72,8 @@ def test_every_command_exists_with_its_options(where, argv, monkeypatch):
             pytest.fail(f"{where}: {' '.join(argv)} runs no module")
         module = arguments[arguments.index("-m") + 1]
         assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
-        if module == "stm_model.train":
-            from stm_model import train
+        if module == "stm_model.training.loop":
+            from stm_model.training import loop as train
             import argparse
             train.add_arguments(argparse.ArgumentParser()).parse_args(
                 arguments[arguments.index("-m") + 2:])
@@ -90,7 +90,7 @@ def test_every_command_exists_with_its_options(where, argv, monkeypatch):
 def namespace(tmp_path_factory):
     """The names the python examples leave to the reader, small."""
     from stm_model import STM, STMConfig
-    from stm_model.checkpoint import ours_to_official
+    from stm_model.network.checkpoint import ours_to_official
     torch.manual_seed(0)
     B, Ck, Cv, H, W, T = 2, 16, 32, 6, 8, 3
     frames, labels = synthetic_video(3, size=(32, 48), objects=2)

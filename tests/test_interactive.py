@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from helpers import SHARED, synthetic_video, write_davis_folder
-from stm_model import STM, STMConfig, scribbles as S
+from stm_model import STM, STMConfig
+from stm_model.interactive import scribbles as S
 from stm_model.cli import main as stm_main
-from stm_model.clip_forward import ClipForward
-from stm_model.datasets import InteractiveClips, SyntheticClips, collate_clips
+from stm_model.training.clip_forward import ClipForward
+from stm_model.training.datasets import InteractiveClips, SyntheticClips, collate_clips
 from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
-from stm_model.interactive import InteractiveSession, as_interactive, merge_weights
-from stm_model.interactive_eval import (RobotUser, evaluate_interactive, jf_scores,
+from stm_model.interactive.session import InteractiveSession, as_interactive, merge_weights
+from stm_model.interactive.robot import (RobotUser, evaluate_interactive, jf_scores,
                                         time_scores)
-from stm_model.train import TrainConfig, clip_loss, build_dataset, build_model
+from stm_model.training.loop import TrainConfig, clip_loss, build_dataset, build_model
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = [
     ("the op", ["stm_kernels"]),
     ("network, memory and building blocks", [
-        "stm_model.network", "stm_model.clip_forward", "stm_model.memory_bank",
-        "stm_model.batch_memory", "stm_model.memory_schedule", "stm_model.query_cache",
-        "stm_model.masks", "stm_model.resize", "stm_model.scribbles", "stm_model.metrics",
-        "stm_model.synthetic", "stm_model.video_io", "stm_model.devices",
-        "stm_model.distributed", "stm_model.cpu_allocator"]),
+        "stm_model.network", "stm_model.memory", "stm_model.io", "stm_model.runtime",
+        "stm_model.metrics", "stm_model.inference.masks", "stm_model.inference.resize",
+        "stm_model.interactive.scribbles", "stm_model.training.clip_forward",
+        "stm_model.training.synthetic"]),
     ("segmenters, training and checkpoints", [
-        "stm_model.session", "stm_model.segmenter", "stm_model.batch_segmenter",
-        "stm_model.interactive", "stm_model.bidirectional", "stm_model.video_batches",
-        "stm_model.dataset_segmentation", "stm_model.interactive_eval", "stm_model.datasets",
-        "stm_model.train", "stm_model.checkpoint"]),
+        "stm_model.inference", "stm_model.interactive", "stm_model.training",
+        "stm_model.network.checkpoint"]),
     ("CLI, demo, benchmarks and developer tools", [
         "stm_model.cli", "stm_model.demo", "stm_model.__main__", "stm_model", "bench", "tools"]),
 ]
@@ -31,7 +28,7 @@ def layer_of(module):
     best = None
     for index, (_, names) in enumerate(LAYERS):
         for name in names:
-            if module == name or (module.startswith(name + ".") and name in PACKAGES):
+            if module == name or (module.startswith(name + ".") and _is_package(name)):
                 if best is None or len(name) > len(best[1]):
                     best = (index, name)
     return best and best[0]
@@ -66,6 +63,10 @@ def imported_modules(source, module, is_package=False):
     return found
 
 
+def _is_package(name):
+    return (ROOT.joinpath(*name.split(".")) / "__init__.py").exists()
+
+
 def _is_module(name):
     path = ROOT.joinpath(*name.split("."))
     return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
@@ -96,13 +97,15 @@ def test_no_module_imports_from_a_layer_above_its_own():
 
 
 def test_the_checker_sees_relative_lazy_and_package_imports():
-    source = ("from .network import STM\nfrom . import video_io\n"
-              "def f():\n    from .segmenter import VideoSegmenter\n    import bench.common\n")
+    source = ("from .network.stm import STM\nfrom . import io\n"
+              "def f():\n    from .inference.video_segmenter import VideoSegmenter\n"
+              "    import bench.common\n")
     assert imported_modules(source, "stm_model.example") == {
-        "stm_model.network", "stm_model.video_io", "stm_model.segmenter", "bench.common"}
-    assert imported_modules("from .masks import labels_of\n", "stm_model",
-                            is_package=True) == {"stm_model.masks"}
-    assert layer_of("stm_model.segmenter") > layer_of("stm_model.network")
+        "stm_model.network.stm", "stm_model.io", "stm_model.inference.video_segmenter",
+        "bench.common"}
+    assert imported_modules("from .masks import labels_of\n", "stm_model.inference",
+                            is_package=True) == {"stm_model.inference.masks"}
+    assert layer_of("stm_model.inference.video_segmenter") > layer_of("stm_model.network.stm")
     assert layer_of("bench.common") == len(LAYERS) - 1
     assert layer_of("stm_kernels.backends.triton.kernels.forward") == 0
     assert layer_of("tools.kernel_report.report") == len(LAYERS) - 1

@@ -8,7 +8,7 @@ import torch
 from helpers import SHARED, rel_error
 from stm_model import (STM, CheckpointError, STMConfig, VideoSegmenter, load_checkpoint,
                        load_official_checkpoint, save_checkpoint)
-from stm_model.checkpoint import official_to_ours, ours_to_official
+from stm_model.network.checkpoint import official_to_ours, ours_to_official
 
 REFERENCE = SHARED / "reference"
 

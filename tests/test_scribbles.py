@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from stm_model import scribbles as S
+from stm_model.interactive import scribbles as S
 
 
 def _stroke(path, object_id=1):

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from helpers import SHARED, synthetic_video, write_davis_folder
-from stm_model import VideoSegmenter, video_io
-from stm_model.batch_segmenter import BatchSegmenter
+from stm_model import VideoSegmenter
+from stm_model import io as video_io
+from stm_model.inference.batch_segmenter import BatchSegmenter
 from stm_model.cli import main
-from stm_model.dataset_segmentation import balanced_split, list_sequences
+from stm_model.inference.dataset_runs import balanced_split, list_sequences
 from stm_model.demo import WEIGHTS, load_small_model
 
 # name: (frames, objects, size); "wide" has another frame size (it waits for its own batch)

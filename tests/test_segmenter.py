@@ -6,7 +6,7 @@ from PIL import Image
 
 from helpers import SHARED
 from stm_model import STM, MemoryBank, STMConfig, VideoSegmenter
-from stm_model.network import pad_to_multiple, unpad
+from stm_model.network.stm import pad_to_multiple, unpad
 
 
 @pytest.fixture(scope="module")

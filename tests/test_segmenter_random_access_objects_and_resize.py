@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from helpers import SHARED, synthetic_video, write_davis_folder
-from stm_model import STM, MemoryBank, STMConfig, VideoSegmenter, video_io
-from stm_model.bidirectional import (FrameSequence, segment_backward, segment_both_directions,
-                                     segment_forward)
-from stm_model.resize import internal_size, resize_frame, upsample_probs
+from stm_model import STM, MemoryBank, STMConfig, VideoSegmenter
+from stm_model import io as video_io
+from stm_model.inference.directions import (FrameSequence, segment_backward,
+                                            segment_both_directions, segment_forward)
+from stm_model.inference.resize import internal_size, resize_frame, upsample_probs
 
 DAVIS = SHARED / "data" / "davis2016-val"
 
@@ -175,7 +176,7 @@ def test_remove_objects_drops_memory_rows_and_channels_then_an_id_returns(small_
                                                                            probs[2:])
     assert torch.equal(bank.keys[0, :, :bank.num_frames], kept_keys)  # object 2's rows stay
     assert bank.keys.stride(1) % 16 == 0
-    assert seg._pending[1].shape[0] == 2  # the frame awaiting memorisation lost channel 1
+    assert seg._pending.object_probs.shape[0] == 2  # the frame awaiting memorisation lost channel 1
     assert seg.step(frames[3]).shape[0] == 3
     seg.remove_objects([5])  # all of the second bank's objects: the bank goes
     assert len(seg.banks) == 1 and seg.step(frames[4]).shape[0] == 2
@@ -257,7 +258,7 @@ def test_thin_objects_survive_the_downsized_memory(small_model):
     mask = _boxes(64, 64, {1: (0, 0, 30, 30), 2: (40, 41, 60, 42)})
     seg = VideoSegmenter(small_model, max_internal_size=16)
     assert torch.equal(seg.labels(seg.step(frames[0], mask=mask)), mask)
-    memorised = seg._pending[1]
+    memorised = seg._pending.object_probs
     assert memorised.shape == (2, 16, 16) and 0 < memorised[1].max() < 1
     assert seg.step(frames[1]).shape == (3, 64, 64)
 

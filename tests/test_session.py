@@ -4,9 +4,9 @@ import torch
 
 from stm_model import (STM, BatchSegmenter, InteractiveSession, STMConfig, VideoSegmenter,
                        as_interactive)
-from stm_model.network import QueryFeatures
-from stm_model.query_cache import QueryFeatureCache
-from stm_model.session import SessionCore, check_schedule, dtype_option
+from stm_model.network.stm import QueryFeatures
+from stm_model.memory.query_cache import QueryFeatureCache
+from stm_model.inference.session import SessionCore, check_schedule, dtype_option
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch.multiprocessing as mp
 
 from helpers import SHARED, skip_unless_runnable
 from stm_model import STM, STMConfig
-from stm_model.clip_forward import ClipForward
-from stm_model.datasets import (HELD_OUT_SEEDS, DavisClips, StaticImageClips, SyntheticClips,
-                                collate_clips, max_skip_schedule)
-from stm_model.synthetic import SyntheticVideo
-import stm_model.train as train_module
-from stm_model.train import StepSampler, TrainConfig, clip_loss, train
+from stm_model.training.clip_forward import ClipForward
+from stm_model.training.datasets import (HELD_OUT_SEEDS, DavisClips, StaticImageClips,
+                                         SyntheticClips, collate_clips, max_skip_schedule)
+from stm_model.training.synthetic import SyntheticVideo
+import stm_model.training.loop as train_module
+from stm_model.training.loop import StepSampler, TrainConfig, clip_loss, train
 
 TINY = dict(model="small", steps=4, batch_size=2, clip_len=3, size=(64, 64), max_objects=2,
             warmup_steps=1, log_every=1, save_every=2, lr=1e-3)

@@ -1,4 +1,4 @@
-"""DAVIS-format I/O (stm_model.video_io): palette, masks, frames, size checks, overlays.
+"""DAVIS-format I/O (stm_model.io): palette, masks, frames, size checks, overlays.
 
 Real-data tests read ../shared/data in place and skip when it is absent; video tests skip
 without PyAV.
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stm_model import video_io
-from stm_model.video_io import (
+from stm_model import io as video_io
+from stm_model.io import (
     DAVIS_PALETTE,
     Frame,
     FrameReader,

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .network import QueryFeatures
+from stm_model.network.stm import QueryFeatures
 
 
 class QueryFeatureCache:

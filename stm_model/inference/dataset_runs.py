@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from . import video_io
-from .masks import check_first_mask, check_object_count, labels_of, object_ids
-from .video_batches import FrameInput, VideoJob, segment_videos
+from stm_model import io as video_io
+from stm_model.inference.masks import check_first_mask, check_object_count, labels_of, object_ids
+from stm_model.inference.video_batches import FrameInput, VideoJob, segment_videos
 
 INCOMPLETE = ".incomplete"
 MASK_POLICIES = ("first", "all")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import video_io
-from .masks import labels_of
-from .segmenter import VideoSegmenter
+from stm_model import io as video_io
+from stm_model.inference.masks import labels_of
+from stm_model.inference.video_segmenter import VideoSegmenter
 
 # frames: a FrameSequence, a (T, 3, H, W) tensor or a sequence of (3, H, W) tensors / Frames
 Frames = Union["FrameSequence", torch.Tensor, Sequence[Any]]

@@ -23,10 +23,11 @@ from typing import Any, Optional
 
 import torch
 
-from .batch_memory import BatchedMemory
-from .masks import check_first_mask, labels_of, merge_mask
-from .network import QueryFeatures, pad_to_multiple, soft_aggregate, unpad
-from .session import SessionCore, check_schedule, checked_frame_and_mask
+from stm_model.memory.batched import BatchedMemory
+from stm_model.memory.schedule import PendingFrame, is_kept
+from stm_model.inference.masks import check_first_mask, labels_of, merge_mask
+from stm_model.network.stm import QueryFeatures, pad_to_multiple, soft_aggregate, unpad
+from stm_model.inference.session import SessionCore, check_schedule, checked_frame_and_mask
 
 CPU_PIXELS_PER_CALL = 1 << 16  # network_batch="auto" on a CPU: frames per call x H x W
 
@@ -38,7 +39,7 @@ class _Video:
     object_ids: list = dataclasses.field(default_factory=list)
     groups: list = dataclasses.field(default_factory=list)  # MemoryGroups, in object order
     frame_index: int = 0
-    pending: Optional[tuple] = None  # (padded frame, object probabilities, keep, frame index)
+    pending: Optional[PendingFrame] = None
 
 
 class BatchSegmenter(SessionCore):
@@ -134,8 +135,8 @@ class BatchSegmenter(SessionCore):
             probs, keep = self._probabilities(video, foreground[index].float(), mask)
             probs = unpad(probs, pad)
             # memorised as the official code does: the returned (cropped) probabilities
-            video.pending = (padded[index], pad_to_multiple(probs[1:])[0], keep,
-                             video.frame_index)
+            video.pending = PendingFrame(padded[index], pad_to_multiple(probs[1:])[0], keep,
+                                         video.frame_index)
             video.size = tuple(frame.shape[1:])
             video.frame_index += 1
             results[video.key] = probs
@@ -192,9 +193,10 @@ class BatchSegmenter(SessionCore):
             return
         inputs, entries = [], []
         for video in memorising:
-            padded, object_probs, keep, frame_index = video.pending
-            inputs.append(self.model.memory_encoder_inputs(padded.unsqueeze(0), object_probs))
-            entries += [(group, keep, frame_index) for group in video.groups]
+            pending = video.pending
+            inputs.append(self.model.memory_encoder_inputs(pending.frame.unsqueeze(0),
+                                                           pending.object_probs))
+            entries += [(group, pending.keep, pending.frame_index) for group in video.groups]
             video.pending = None
         # frames, masks, others (each object's rows, all videos together)
         inputs = [torch.cat(parts) for parts in zip(*inputs, strict=True)]
@@ -257,7 +259,7 @@ class BatchSegmenter(SessionCore):
         """(probabilities (K, Hp, Wp), keep in memory) of a video's frame; a mask's new ids
         become objects with a memory group of their own."""
         if mask is None:
-            keep = video.frame_index % self.mem_every == 0
+            keep = is_kept(video.frame_index, self.mem_every, annotated=False)
             return torch.softmax(soft_aggregate(foreground), dim=0), keep
         probs, new_ids = merge_mask(foreground, pad_to_multiple(mask)[0], video.object_ids)
         if new_ids:

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .network import soft_aggregate
+from stm_model.network.stm import soft_aggregate
 
 DEFAULT_MAX_OBJECTS = 32
 

@@ -15,7 +15,7 @@ import torch
 
 from stm_kernels.options import BACKENDS, SIMILARITIES
 
-from .network import STM, STMConfig
+from stm_model.network.stm import STM, STMConfig
 
 # (official prefix, our prefix): a key maps through the first entry whose prefix it starts
 # with, so more specific prefixes come first (conv1_m before conv1).

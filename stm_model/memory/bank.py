@@ -35,7 +35,7 @@ import torch
 
 from stm_kernels import memory_read, merge_reads
 
-from .memory_schedule import FrameSlots
+from stm_model.memory.schedule import FrameSlots
 
 _ALIGN_FRAMES = 16
 

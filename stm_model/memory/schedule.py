@@ -7,6 +7,34 @@ permanent frame would leave no room for the temporary slot, the oldest permanent
 than the first is overwritten (FIFO). Occupied slots are always [0, num_frames).
 """
 import collections
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingFrame:
+    """A segmented frame awaiting memorisation: a segmenter encodes it into the memory at the
+    start of its next step, with the probabilities it returned for it (the official schedule:
+    frame t is read with frames up to t - 1 in memory).
+
+    frame: the padded frame as the segmenter's memory encoder takes it; object_probs: (K, Hp,
+    Wp) the objects' probabilities, padded, background excluded; keep: a permanent memory
+    frame (else the temporary previous-frame slot); frame_index: the video's frame index."""
+    frame: torch.Tensor
+    object_probs: torch.Tensor
+    keep: bool
+    frame_index: int
+
+    def with_objects(self, kept):
+        """The same frame with only the objects (probability channels) at indices `kept`."""
+        return dataclasses.replace(self, object_probs=self.object_probs[kept])
+
+
+def is_kept(step, mem_every, annotated):
+    """Whether the step-th frame since the first mask (0-based) becomes a permanent memory
+    frame: the first, every mem_every-th, and every frame that came with a mask."""
+    return annotated or step % mem_every == 0
 
 
 class FrameSlots:

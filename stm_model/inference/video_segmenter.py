@@ -18,11 +18,11 @@ may bring an id back, as a new object.
 Start anywhere: the first mask may be on any frame t of the video. VideoSegmenter(model,
 start_frame=t) is fed frames t, t+1, ... (reverse=True: t, t-1, ..., 0, i.e. segmenting
 backwards from a memory seeded with frame t); frame indices (memory slots, error messages)
-are the video's, and the schedule counts from t. stm_model.bidirectional runs both directions
-over a random-access frame source.
+are the video's, and the schedule counts from t. stm_model.inference.directions runs both
+directions over a random-access frame source.
 
-High resolution (max_internal_size): see stm_model.resize. compile=True: torch.compile of the
-per-frame network work and memory read, one graph for every memory length (see _Compiled).
+High resolution (max_internal_size): see stm_model.inference.resize. compile=True: torch.compile
+of the per-frame network work and memory read, one graph for every memory length (see _Compiled).
 """
 from typing import Any, Iterable, Optional, Union
 
@@ -30,12 +30,14 @@ import torch
 
 from stm_kernels import memory_read
 
-from .masks import check_first_mask, labels_of, merge_mask
-from .memory_bank import MemoryBank
-from .network import STM, pad_to_multiple, soft_aggregate, unpad
-from .resize import (checked_max_internal_size, downsample_probs, internal_size, resize_frame,
-                     upsample_probs)
-from .session import DtypeName, SessionCore, check_schedule, checked_frame_and_mask
+from stm_model.inference.masks import check_first_mask, labels_of, merge_mask
+from stm_model.memory.bank import MemoryBank
+from stm_model.memory.schedule import PendingFrame, is_kept
+from stm_model.network.stm import STM, pad_to_multiple, soft_aggregate, unpad
+from stm_model.inference.resize import (checked_max_internal_size, downsample_probs, internal_size,
+                                        resize_frame, upsample_probs)
+from stm_model.inference.session import (DtypeName, SessionCore, check_schedule,
+                                         checked_frame_and_mask)
 
 
 class VideoSegmenter(SessionCore):
@@ -62,7 +64,7 @@ class VideoSegmenter(SessionCore):
         start_frame: video index of the first frame stepped (the one with the first mask).
         reverse: the frames come in decreasing order (start_frame, start_frame - 1, ...).
         max_internal_size: run the network on frames whose shorter side is larger than this
-            resized to it (stm_model.resize); probabilities come back at the input size.
+            resized to it (stm_model.inference.resize); probabilities come back at the input size.
             None: the input size.
         compile: torch.compile the per-frame work (query encoder, memory read, decoder;
             memory encoder). True: torch.compile's defaults (inductor); a dict: torch.compile
@@ -107,7 +109,7 @@ class VideoSegmenter(SessionCore):
         self.frame_index = start_frame  # video index of the next frame
         self.steps = 0                  # frames stepped since start_frame
         # (padded frame, object probabilities, keep, frame index) awaiting memorisation
-        self._pending: Optional[tuple] = None
+        self._pending: Optional[PendingFrame] = None
         self._size: Optional[tuple] = None
 
     def with_options(self, **overrides: Any) -> "VideoSegmenter":
@@ -156,7 +158,7 @@ class VideoSegmenter(SessionCore):
         resized = inner != size
         padded, pad = pad_to_multiple(resize_frame(frame, inner).unsqueeze(0))
         if self._pending is not None:
-            self._memorise(*self._pending)
+            self._memorise(self._pending)
             self._pending = None
         with self.autocast():
             foreground = self._predict(padded) if self.banks else padded.new_zeros(
@@ -164,7 +166,7 @@ class VideoSegmenter(SessionCore):
         foreground = foreground.float()
         if mask is None:
             probs = unpad(torch.softmax(soft_aggregate(foreground), dim=0), pad)
-            keep = self.steps % self.mem_every == 0
+            keep = is_kept(self.steps, self.mem_every, annotated=False)
             memorised = probs
             probs = upsample_probs(probs, size)
         elif not resized:
@@ -176,7 +178,8 @@ class VideoSegmenter(SessionCore):
                                      padded.shape[-2:])
             keep, memorised = True, downsample_probs(probs, inner)
         # memorised as the official code does: the returned (cropped) probabilities, zero-padded
-        self._pending = (padded, pad_to_multiple(memorised[1:])[0], keep, self.frame_index)
+        self._pending = PendingFrame(padded, pad_to_multiple(memorised[1:])[0], keep,
+                                     self.frame_index)
         self.frame_index += -1 if self.reverse else 1
         self.steps += 1
         return probs
@@ -216,8 +219,7 @@ class VideoSegmenter(SessionCore):
             banks.append(bank)
         kept = [o for o in range(self.num_objects) if o not in removed]
         if self._pending is not None:
-            padded, object_probs, keep, frame_index = self._pending
-            self._pending = (padded, object_probs[kept], keep, frame_index)
+            self._pending = self._pending.with_objects(kept)
         self.banks = banks
         self.object_ids = [self.object_ids[o] for o in kept]
         if probs is None:
@@ -232,16 +234,16 @@ class VideoSegmenter(SessionCore):
         self._size = tuple(frame.shape[1:])
         return frame, mask
 
-    def _memorise(self, padded, object_probs, keep, frame_index):
+    def _memorise(self, pending: PendingFrame):
         if not self.banks:  # no objects (all removed, or a mask without any)
             return
         with self.autocast():
             encode = self._compiled.encode_memory if self._compiled else _encode_memory
-            keys, values = encode(self.model, padded, object_probs)
+            keys, values = encode(self.model, pending.frame, pending.object_probs)
         start = 0
         for bank in self.banks:
             stop = start + bank.num_objects
-            bank.add(keys[start:stop], values[start:stop], keep, frame_index)
+            bank.add(keys[start:stop], values[start:stop], pending.keep, pending.frame_index)
             start = stop
 
     def _predict(self, padded):

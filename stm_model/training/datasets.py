@@ -19,9 +19,9 @@ import torchvision.transforms.v2.functional as TF
 from scipy import ndimage
 from skimage import morphology
 
-from . import scribbles as scribble_format
-from . import video_io
-from .synthetic import SyntheticVideo
+from stm_model.interactive import scribbles as scribble_format
+from stm_model import io as video_io
+from stm_model.training.synthetic import SyntheticVideo
 
 HELD_OUT_SEEDS = 1_000_000_000
 
@@ -184,7 +184,7 @@ class InteractiveClips(torch.utils.data.Dataset):
     round); otherwise it is a corrupted ground truth standing in for an earlier round's
     prediction (objects eroded or dilated, shifted, dropped, with a spurious blob). The
     scribbles are synthesised from ground truth and that mask (skeleton + random walk, see
-    stm_model.scribbles). Adds `previous` (H, W) ids and `scribble_map` (H, W) int16."""
+    stm_model.interactive.scribbles). Adds `previous` (H, W) ids and `scribble_map` (H, W) int16."""
 
     def __init__(self, clips, seed=0, p_first=0.4, line_width=3):
         self.clips, self.seed, self.p_first, self.line_width = clips, seed, p_first, line_width

@@ -2,8 +2,8 @@
 ones (see `ClipForward`), cross-entropy on the soft-aggregated logits, AdamW with warm-up and a
 cosine schedule, bf16 autocast on GPU, DDP under torchrun, atomic resumable checkpoints.
 
-    python -m stm_model.train --output runs/small --steps 3000          # also: stm train ...
-    torchrun --nproc_per_node 2 -m stm_model.train --output runs/ddp ...
+    python -m stm_model.training.loop --output runs/small --steps 3000    # also: stm train ...
+    torchrun --nproc_per_node 2 -m stm_model.training.loop --output runs/ddp ...
 
 Resuming: run the same command again; it continues from <output>/checkpoint.pt (model,
 optimiser, scheduler, step, RNG states). Clips are a pure function of (seed, step, rank, slot),
@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from stm_kernels.options import BACKENDS
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .clip_forward import CHECKPOINTING, ClipForward
-from .datasets import (DavisClips, InteractiveClips, StaticImageClips, SyntheticClips,
-                       collate_clips, max_skip_schedule)
-from .network import STM, STMConfig, load_into_interactive
+from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
+from stm_model.training.clip_forward import CHECKPOINTING, ClipForward
+from stm_model.training.datasets import (DavisClips, InteractiveClips, StaticImageClips,
+                                         SyntheticClips, collate_clips, max_skip_schedule)
+from stm_model.network.stm import STM, STMConfig, load_into_interactive
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -352,7 +352,7 @@ class _MetricsLog:
 
 def add_arguments(parser):
     """Add one option per TrainConfig field (and --no-progress) to an argparse parser: the
-    options of `python -m stm_model.train` and of `stm train`."""
+    options of `python -m stm_model.training.loop` and of `stm train`."""
     for field in dataclasses.fields(TrainConfig):
         name = "--" + field.name.replace("_", "-")
         if field.type is bool or isinstance(field.default, bool):
@@ -383,7 +383,7 @@ def run(args):
 
 
 def main(argv=None):
-    """`python -m stm_model.train`; returns the exit code."""
+    """`python -m stm_model.training.loop`; returns the exit code."""
     return run(_parser().parse_args(argv))
 
 

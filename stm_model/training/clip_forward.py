@@ -4,7 +4,7 @@
     logits = clips(frames, first_probs)          # (S, T-1, n+1, H, W), background first
     loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(0, 1))
 
-The network (stm_model.network.STM) knows nothing of training: this wrapper runs its modules
+The network (stm_model.network.stm.STM) knows nothing of training: this wrapper runs its modules
 over a clip and decides what the backward recomputes. Its parameters are the model's (a
 state_dict of the model, not of the wrapper, is what gets saved).
 """
@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stm_kernels import memory_read
 
-from .network import STM, QueryFeatures, foreground_of, per_object, soft_aggregate
+from stm_model.network.stm import STM, QueryFeatures, foreground_of, per_object, soft_aggregate
 
 # "encoders" recomputes the two encoders in the backward; "all" also each frame's head and
 # memory encoding (see _per_frame); the memory read keeps only its inputs either way

@@ -13,8 +13,8 @@ import torch
 
 from stm_kernels.options import DTYPES
 
-from .memory_bank import MemoryBank
-from .network import STM
+from stm_model.memory.bank import MemoryBank
+from stm_model.network.stm import STM
 
 # a dtype by name ("fp32", "fp16", "bf16"), a torch.dtype, or None (the default)
 DtypeName = Union[str, torch.dtype, None]

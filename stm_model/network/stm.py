@@ -33,7 +33,7 @@ class STMConfig:
     similarity: str = "dot"
     read_backend: str = "auto"
     # interactive variant (STM's unified model): the memory encoder also takes the user's
-    # positive and negative scribbles (see stm_model.interactive)
+    # positive and negative scribbles (see stm_model.interactive.session)
     interactive: bool = False
 
     @classmethod

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import scribbles as scribble_format
-from .network import STM, load_into_interactive, pad_to_multiple, soft_aggregate, unpad
-from .query_cache import QueryFeatureCache
-from .session import DtypeName, SessionCore, checked_frames, dtype_option
+from stm_model.interactive import scribbles as scribble_format
+from stm_model.network.stm import (STM, load_into_interactive, pad_to_multiple, soft_aggregate,
+                                   unpad)
+from stm_model.memory.query_cache import QueryFeatureCache
+from stm_model.inference.session import DtypeName, SessionCore, checked_frames, dtype_option
 
 
 def as_interactive(model: STM) -> STM:
@@ -154,7 +155,7 @@ class InteractiveSession(SessionCore):
     def interact(self, scribbles: dict) -> torch.Tensor:
         """One round: add the scribbled frame(s) to the memory and re-segment every frame;
         returns the (T, H, W) int64 object ids (on the CPU). Scribbles are in the DAVIS
-        interactive format (see stm_model.scribbles) with one entry per frame."""
+        interactive format (see stm_model.interactive.scribbles) with one entry per frame."""
         scribble_format.check_scribbles(scribbles, self.num_frames, self.num_objects)
         annotated = scribble_format.annotated_frames(scribbles)
         if not annotated:

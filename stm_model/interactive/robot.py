@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import metrics, video_io
-from . import scribbles as scribble_format
-from .interactive import InteractiveSession
+from stm_model import metrics
+from stm_model import io as video_io
+from stm_model.interactive import scribbles as scribble_format
+from stm_model.interactive.session import InteractiveSession
 
 
 class RobotUser:

@@ -1,0 +1,1 @@
+"""The STM network (encoders, memory read, decoder) and its checkpoints."""
