@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import random_inputs, read_with_grads, reference_with_grads, check_read
+from helpers import (check_read, per_object_reference, ragged_case, ragged_read_with_grads,
+                     random_inputs, read_with_grads, reference_with_grads)
 from stm_kernels import FallbackWarning, backends, memory_read, memory_usage
 from stm_kernels.backends.triton import devices, launch, tilings
 from stm_kernels.backends.triton.devices import KIB, Device
@@ -227,19 +228,99 @@ def test_exact_float32_on_nvidia_is_read_by_torch_by_design(monkeypatch):
 
 
 def test_every_architecture_has_every_kernel_precision_and_width():
-    """Every entry lists configs of its kernel's class; an empty one (no tiling fits: the
-    torch backend reads) only where tilings.EXCEPTIONS says why."""
+    """Every kernel a read launches has configs of its kernel's class, in every precision and
+    key width, but where the torch backend takes the read by design (tilings.ON_TORCH, with
+    its reason) and the fused dK+dQ kernel where dK and dQ run apart (SEPARATE_DQ)."""
+    read_of = {kernel: read for read, kernels in tilings.READS.items() for kernel in kernels}
+    assert set(read_of) == set(tilings.KERNELS)
     for architecture in tilings.ARCHITECTURES.values():
         for kernel in tilings.KERNELS:
             for precision in tilings.PRECISIONS:
                 if precision == "fp32" and architecture.fp32_exact is None:
                     continue
                 for width in tilings.WIDTHS:
-                    options = architecture.candidates(kernel, precision, width)
                     where = (architecture.name, kernel, precision, width)
-                    assert options or where in tilings.EXCEPTIONS, where
+                    if tilings.on_torch(architecture, read_of[kernel], precision, width) or (
+                            kernel == "dkdq" and tilings.separates_dq(architecture, precision,
+                                                                      width)):
+                        continue
+                    options = architecture.candidates(kernel, precision, width)
+                    assert options, where
                     assert all(isinstance(config, tilings.CONFIG_CLASSES[kernel])
                                for config in options), where
+    for (name, read, precision, width), reason in tilings.ON_TORCH.items():
+        assert name in tilings.ARCHITECTURES and read in tilings.READS and reason, name
+        assert width in tilings.WIDTHS, name
+        assert precision != "16-bit", "fp16 and bf16 always run the kernels"
+    assert all(name in tilings.ARCHITECTURES for name, _, _ in tilings.SEPARATE_DQ)
+
+
+def _as_interpreter(monkeypatch, on_torch=(), separate_dq=()):
+    """Make the interpreter's table take the given reads with torch and dK, dQ apart."""
+    monkeypatch.setattr(tilings, "ON_TORCH", {("interpreter", read, "tf32", 128): f"no {read}"
+                                              for read in on_torch})
+    monkeypatch.setattr(tilings, "SEPARATE_DQ", frozenset(
+        ("interpreter", precision, 128) for precision in separate_dq))
+
+
+def test_a_read_on_torch_by_design_launches_no_kernel_and_warns_once(monkeypatch):
+    """ON_TORCH sends one read of a call to the torch backend before any of its kernels is
+    launched (no wasted dV before a dK+dQ that cannot run); the call's other reads still run
+    the kernels; the warning gives the table's reason."""
+    _as_interpreter(monkeypatch, on_torch=("backward",))
+    launched = []
+    real = launch.run
+
+    def run(kernel, grid, arguments, config, call):
+        launched.append(kernel.__name__)
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v = _inputs(seed=4)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # the "tf32" class of the interpreter's table
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = read_with_grads(q, k, v, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    check_read(results, reference_with_grads(q, k, v), torch.float32)
+    assert launched == ["memory_read_fwd_kernel"], launched
+    messages = _fallback_warnings(caught)
+    assert len(messages) == 1 and "the Triton backward kernel cannot run" in messages[0] \
+        and "no backward" in messages[0], messages
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_where_dk_dq_do_not_fit_together_they_run_as_two_kernels(monkeypatch, deterministic):
+    """SEPARATE_DQ: the backward launches dV, dK (no dQ atomics) and the dQ kernel in every
+    mode, and its gradients match the float64 reference, ragged memories included."""
+    _as_interpreter(monkeypatch, separate_dq=("tf32",))
+    launched = []
+    real = launch.run
+
+    def run(kernel, grid, arguments, config, call):
+        launched.append((kernel.__name__, arguments.get("ATOMIC_DQ")))
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v, lengths, cotangents = ragged_case("cpu", seed=5, cotangent_seed=6)
+    previous = torch.get_float32_matmul_precision()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_float32_matmul_precision("high")
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = ragged_read_with_grads(q, k, v, lengths, cotangents, backend="triton",
+                                         similarity="l2")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+        torch.use_deterministic_algorithms(previous_deterministic)
+    check_read(results, per_object_reference(q, k, v, lengths, cotangents, similarity="l2"),
+               torch.float32)
+    assert ("memory_read_bwd_kernel_dkdq", False) in launched
+    assert ("memory_read_bwd_kernel_dq", None) in launched
+    assert ("memory_read_bwd_kernel_dkdq", True) not in launched
 
 
 class FakeProperties:
@@ -294,7 +375,7 @@ def test_the_deterministic_dk_kernel_runs_its_twins_tilings_where_it_has_none():
     elsewhere it runs dkdq's, and a config forced for dkdq is forced for it too."""
     sm_90, sm_86 = tilings.ARCHITECTURES["sm_90"], tilings.ARCHITECTURES["sm_86"]
     assert sm_90.candidates("dk", "16-bit", 128) == sm_90.candidates("dkdq", "16-bit", 128)
-    assert sm_86.candidates("dk", "16-bit", 256) != sm_86.candidates("dkdq", "16-bit", 256)
+    assert sm_86.candidates("dk", "16-bit", 128) != sm_86.candidates("dkdq", "16-bit", 128)
     forced, own = tilings.DkdqConfig(16, 16, 2, 1, 16), tilings.DkdqConfig(32, 16, 2, 1, 32)
     with tilings.use_configs(dkdq=forced):
         assert tilings.candidates("dk", sm_90, "16-bit", 128) == (forced,)

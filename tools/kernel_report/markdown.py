@@ -147,6 +147,18 @@ def document(payload):
             lines.append(f"- {where} ({len(texts)} rows): {'; '.join(texts[:6])}"
                          f"{'; ...' if len(texts) > 6 else ''}")
         lines.append("")
+    designed: dict = {}
+    for (architecture, read, precision, width), (reason, cases) in \
+            report.on_torch(payload).items():
+        designed.setdefault(reason, []).append(
+            f"`{architecture}` {read} {precision} keys ≤ {width} ({', '.join(cases)})")
+    if designed:
+        lines += ["## Reads the torch backend computes by design (tilings.ON_TORCH)", "",
+                  "There the Triton kernels of that read are not launched (the call's other "
+                  "reads still are); the reason is the table's own.", ""]
+    for reason, entries in designed.items():
+        lines += [f"**{reason[0].upper() + reason[1:]}.**", ""]
+        lines += [f"- {where}" for where in entries] + [""]
     for name, entry in payload["targets"].items():
         lines.append(target_section(name, entry))
     return "\n".join(lines)

@@ -43,8 +43,9 @@ PASSES = {"tf32x3": 3, "bf16x3": 3, "bf16x6": 6}
 # Targets of executed / useful multiply-adds per pair (dot and l2 at Ck = 128), per pass.
 FORWARD_RATIO_TARGET = 1.2
 TOTAL_RATIO_TARGET = 1.3
-KERNEL_ORDER = ("forward", "merge", "dv", "dkdq", "dk (deterministic)", "dq (deterministic)",
-                "select", "usage")
+# dk, dq: dK and dQ by two kernels, the deterministic backward's (and, where tilings.SEPARATE_DQ
+# says, every backward's); dkdq: the fused kernel with dQ by atomics.
+KERNEL_ORDER = ("forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage")
 # The sources whose change can change a compile: the report records their hash.
 KERNEL_SOURCES = ("stm_kernels/backends/triton/kernels/forward.py",
                   "stm_kernels/backends/triton/kernels/backward.py",
@@ -99,12 +100,7 @@ def run_case(target, precision, case, only=None):
     finally:
         torch.set_float32_matmul_precision(previous)
     for record in launches:
-        name = record.kernel
-        if name == "dk":
-            name = "dk (deterministic)"
-        elif name == "dq":
-            name = "dq (deterministic)"
-        records.setdefault(name, []).append(record)
+        records.setdefault(record.kernel, []).append(record)
     return records, unavailable
 
 
@@ -223,9 +219,12 @@ def totals(rows, channels):
     result = dict(useful_forward=useful, useful_backward=2.5 * useful)
     if per_pair.get("forward"):
         result["forward_ratio"] = round(per_pair["forward"] / useful, 3)
-    if None not in (per_pair.get("forward"), per_pair.get("dv"), per_pair.get("dkdq")):
-        result["total_ratio"] = round(
-            (per_pair["forward"] + per_pair["dv"] + per_pair["dkdq"]) / (3.5 * useful), 3)
+    # the backward as the runtime runs it without determinism: dK+dQ, or dK and dQ apart
+    dk_dq = per_pair.get("dkdq") or (per_pair.get("dk") and per_pair.get("dq")
+                                     and per_pair["dk"] + per_pair["dq"])
+    if None not in (per_pair.get("forward"), per_pair.get("dv")) and dk_dq:
+        result["total_ratio"] = round((per_pair["forward"] + per_pair["dv"] + dk_dq)
+                                      / (3.5 * useful), 3)
     return result
 
 
@@ -290,6 +289,8 @@ def shortfalls(payload):
                 key = (architecture, kernel, precision, width)
                 here = f"{where} {row['kernel']}"
                 if "unavailable" in row:
+                    if key in tilings.ON_TORCH:  # by design, with its reason: not a shortfall
+                        continue
                     if width > tilings.WIDTHS[-1]:  # one reason for all: no tiling that wide
                         found.append(((None, None, None, width),
                                       f"{here}: no kernel runs ({row['unavailable']})"))
@@ -327,6 +328,21 @@ def problems(payload):
     """The shortfalls no entry of tilings.EXCEPTIONS explains, one line each (the targets
     hold when it is empty)."""
     return [text for key, text in shortfalls(payload) if key not in tilings.EXCEPTIONS]
+
+
+def on_torch(payload):
+    """{(architecture, read, precision class, width): (its reason, [the report's cases])} of
+    the reads the torch backend computes by design (tilings.ON_TORCH)."""
+    found = {}
+    for name, entry in payload["targets"].items():
+        for case in entry["cases"]:
+            for row in case["rows"]:
+                key = (entry.get("architecture"), row["kernel"],
+                       PRECISION_CLASS[case["precision"]], WIDTH[case["case"]])
+                if "unavailable" in row and key in tilings.ON_TORCH:
+                    found.setdefault(key, (tilings.ON_TORCH[key], []))[1].append(
+                        f"{name} {case['precision']} {case['case']}")
+    return found
 
 
 def stated(payload):

@@ -73,7 +73,8 @@ def test_the_committed_report_is_current_and_meets_the_targets(committed):
 
 def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
     """No precision of any target sends the STM and STCN reads (Ck = 128) or XMem's Ck = 64
-    to the torch backend; each kernel's row is the table's first candidate there."""
+    to the torch backend but where tilings.ON_TORCH says so (never in 16-bit); each kernel's
+    row is the table's first candidate there; dK+dQ is fused but where SEPARATE_DQ says."""
     from tools.kernel_report.compile import TARGETS
     for name, entry in committed["targets"].items():
         architecture = tilings.ARCHITECTURES[entry["architecture"]]
@@ -86,18 +87,24 @@ def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
             if case["precision"] == "fp32" and architecture.fp32_exact is None:
                 assert rows["every"]["unavailable"] == launch.EXACT_FP32_ON_TORCH, name
                 continue
-            # the merge runs only where the forward splits the memory (its grid's third axis)
-            merge = {"merge"} if rows["forward"]["grid"][2] > 1 else set()
-            assert set(rows) == {"forward", "dv", "dkdq", "dk (deterministic)",
-                                 "dq (deterministic)", "select", "usage"} | merge, \
-                (name, case["case"])
             precision = PRECISION_CLASS[case["precision"]]
             width = 128 if case["case"] in ("dot", "l2") else 256
+            expected = {"forward", "dv", "dkdq", "dk", "dq", "select", "usage"}
+            if tilings.separates_dq(architecture, precision, width):
+                expected.discard("dkdq")
+            for read, kernels in tilings.READS.items():
+                if tilings.on_torch(architecture, read, precision, width):
+                    assert precision != "16-bit", (name, case["case"], read)
+                    expected = (expected - set(kernels)) | {read}
+            # the merge runs only where the forward splits the memory (its grid's third axis)
+            if "forward" in rows and rows["forward"]["grid"][2] > 1:
+                expected.add("merge")
+            assert set(rows) == expected, (name, case["precision"], case["case"])
             for row in rows.values():
-                kernel = row["kernel"].split(" ")[0]
-                if "unavailable" in row:  # only where a stated exception says why
+                kernel = row["kernel"]
+                if "unavailable" in row:  # only where the table takes the read to torch
                     assert (entry["architecture"], kernel, precision, width) in \
-                        tilings.EXCEPTIONS, (name, case["precision"], case["case"], kernel)
+                        tilings.ON_TORCH, (name, case["precision"], case["case"], kernel)
                     continue
                 first = architecture.candidates(kernel, precision, width)[0]
                 assert row["config"] == dataclasses.asdict(first) or "failed_candidates" in row,\
@@ -129,16 +136,20 @@ def test_the_deterministic_backward_swaps_the_dq_atomics_for_one_dq_pass(committ
                 continue
             rows = {row["kernel"]: row for row in case["rows"]}
             where = f"{name} {case['precision']}"
+            if "dkdq" not in rows:  # dK and dQ apart in every mode there (SEPARATE_DQ)
+                assert tilings.separates_dq(tilings.ARCHITECTURES[entry["architecture"]],
+                                            PRECISION_CLASS[case["precision"]], 128), where
+                continue
             if not rows["dkdq"]["mma"]:  # work not read there (a stated exception)
                 assert (entry["architecture"], None, None, None) in tilings.EXCEPTIONS, where
                 continue
-            dkdq, without = rows["dkdq"], rows["dk (deterministic)"]
+            dkdq, without = rows["dkdq"], rows["dk"]
             # the multiply-adds of the dots (a dot repeated by several warps counts once), per
             # pass of a split precision (gfx950's bf16x3 for "high")
             passes = dkdq["passes"]
             assert without["dot_macs_per_pair"] / passes == \
                 dkdq["dot_macs_per_pair"] / passes - Ck, where
-            dq = rows["dq (deterministic)"]
+            dq = rows["dq"]
             assert dq["executed_macs_per_pair"] / passes == 2 * Ck + Cv, where
 
 

@@ -5,7 +5,8 @@
                      (flash-decoding); or, opted in, the warp-specialised Gluon forward
     triton_backward  delta = rowsum(dO * O) - d lse on the host, then
                      memory_read_bwd_kernel_dv and memory_read_bwd_kernel_dkdq (dQ by atomics;
-                     under torch.use_deterministic_algorithms, memory_read_bwd_kernel_dq)
+                     under torch.use_deterministic_algorithms, and where dK+dQ does not fit
+                     the device, memory_read_bwd_kernel_dq)
     triton_select    memory_read_topk_kernel (top-k positions of every query)
     triton_usage     memory_read_usage_kernel (XMem's memory usage)
 
@@ -183,10 +184,16 @@ def unsupported_reason(k):
     return _plan_call(k)[1]
 
 
-def _call(k):
+def _call(k, read):
+    """The Call of `read` ("forward", "backward", "select", "usage") of memory k, or
+    KernelUnavailable: no kernel reads it there, or the torch backend does by design
+    (tilings.ON_TORCH)."""
     call, reason = _plan_call(k)
     if call is None:
         raise KernelUnavailable("every", devices.describe(k.device), reason)
+    reason = tilings.on_torch(call.architecture, read, call.precision_class, call.width)
+    if reason is not None:
+        raise KernelUnavailable(read, call.device, reason)
     return call
 
 
@@ -397,7 +404,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
     positions per object (validated by the caller)."""
     _check_device(q, k, v)
-    call = _call(k)
+    call = _call(k, "forward")
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
@@ -464,7 +471,7 @@ def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
 # --------------------------------------------------------------------------- backward
 
 
-def _deterministic_dq(call, query, v, ksq, delta, align_v):
+def _dq_without_atomics(call, query, v, ksq, delta, align_v):
     """dQ (Bq, Ck, HW) float32, unscaled, without atomics: memory_read_bwd_kernel_dq's
     partials per (memory split, object), summed on the host in a fixed order."""
     k, q = query["k"], query["q"]
@@ -493,9 +500,11 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     """Gradients (dq shaped like q, dk, dv) of the read; probabilities are recomputed from lse.
     With lengths, positions past an object's length get zero dk, dv. dq is accumulated with
     atomics, except under torch.use_deterministic_algorithms(True), where a third kernel
-    computes it in a fixed order (bitwise reproducible; about 40% more backward work)."""
+    computes it in a fixed order (bitwise reproducible; about 40% more backward work). Where
+    the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), dK and dQ take those
+    two kernels in every mode."""
     _check_device(q, k, v)
-    call = _call(k)
+    call = _call(k, "backward")
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
@@ -511,7 +520,9 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     flags = _launch_flags(call, (q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
     lengths, ragged = _lengths_argument(lengths, k)
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    # dK and dQ by two kernels (no atomics): deterministic, or where dK+dQ does not fit
+    separate_dq = torch.are_deterministic_algorithms_enabled() or tilings.separates_dq(
+        call.architecture, call.precision_class, call.width)
     query = dict(q=q, k=k, do=grad_out, lse=lse, lengths=lengths, RAGGED=ragged,
                  **_query_strides(q), **_memory_strides("k", k, align_k),
                  **_strides("do", grad_out, "bcm"), **_strides("l", lse, "bm"),
@@ -530,7 +541,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     def launch_dkdq(config):
         block_cv, num_cv = value_blocks(Cv, config.block_cv)
         dk = new_buffer((B, Ck, N), k.dtype, device)
-        if deterministic:  # an unused pointer: ATOMIC_DQ is off, the dQ kernel computes dq
+        if separate_dq:  # an unused pointer: ATOMIC_DQ is off, the dQ kernel computes dq
             dq = delta
         else:  # zeroed (atomics add into it), padded like q so that both share their strides
             dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
@@ -540,16 +551,16 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                  **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
                  scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_CV=block_cv, NUM_CV=num_cv, ALIGN_V=align_v,
-                 ATOMIC_DQ=not deterministic, **query), config, call)
+                 ATOMIC_DQ=not separate_dq, **query), config, call)
         return dk, dq
 
     with device_context(device):
         dv = launch_first_that_runs("dv", call, signature, launch_dv)
-        dk, dq = launch_first_that_runs("dk" if deterministic else "dkdq", call, signature,
+        dk, dq = launch_first_that_runs("dk" if separate_dq else "dkdq", call, signature,
                                         launch_dkdq)
-        if deterministic:
+        if separate_dq:
             # the dQ kernel's |k|^2 (the dK/dQ kernel computes its own from the block it holds)
-            dq = _deterministic_dq(call, query, v, _key_norms(k, l2), delta, align_v)
+            dq = _dq_without_atomics(call, query, v, _key_norms(k, l2), delta, align_v)
     dq = dq.mul_(2.0 * scale if l2 else scale)
     return dq.to(q_dtype), dk, dv
 
@@ -568,7 +579,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
     memory; one fused pass over the memory (kernels/topk.py)."""
     _check_device(q, k)
-    call = _call(k)
+    call = _call(k, "select")
     B, Ck, N = k.shape
     HW = q.shape[2]
     device = k.device
@@ -614,7 +625,7 @@ def _decoded(keys):
 def triton_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel)."""
     _check_device(q, k)
-    call = _call(k)
+    call = _call(k, "usage")
     B, Ck, N = k.shape
     HW = q.shape[2]
     q = _padded_rows(q)

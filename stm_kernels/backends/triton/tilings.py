@@ -259,15 +259,10 @@ _SM_80 = Architecture(
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
-        ("dv", "tf32", 256): (V(128, 16, 128, 8, 2),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
-        ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
-        ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
-        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
         ("dk", "tf32", 128): (K(16, 16, 2, 1, 16),),
-        ("dk", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", None): (Q(16, 16, 16, 2, 1),),
@@ -289,18 +284,13 @@ _SM_86 = Architecture(
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
-        ("dv", "tf32", 256): (V(16, 16, 64, 4, 1),),
         ("dkdq", "16-bit", 128): (K(64, 16, 4, 2, 32),),
-        ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
-        ("dkdq", "tf32", 128): (K(64, 16, 8, 1, 16),),
-        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 64), K(128, 16, 8, 2, 32),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
         ("dk", "tf32", None): (K(16, 16, 2, 1, 16),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", 128): (Q(32, 32, 32, 4, 1), Q(32, 32, 16, 2, 1),),
-        ("dq", "tf32", 256): (Q(16, 16, 16, 4, 1),),
         ("select", "16-bit", 128): (S(32, 4, 1), S(16, 4, 1),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
@@ -324,7 +314,6 @@ _SM_90 = Architecture(
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, None), K(128, 16, 8, 1, None),),
         ("dkdq", "16-bit", 256): (K(128, 16, 8, 2, 64), K(128, 16, 8, 1, 64),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
-        ("dkdq", "tf32", 256): (K(64, 16, 8, 1, 32),),
         ("dk", "tf32", 256): (K(128, 16, 8, 1, 16), K(64, 16, 4, 2, 64),),
         ("dq", "16-bit", 128): (Q(128, 64, 64, 8, 2), Q(128, 32, 64, 8, 3),),
         ("dq", "16-bit", 256): (Q(128, 32, 32, 8, 2), Q(64, 64, 64, 4, 2),),
@@ -351,7 +340,7 @@ _SM_100 = Architecture(
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, None), K(128, 16, 8, 1, None),),
         ("dkdq", "16-bit", 256): (K(64, 16, 4, 1, 64), K(64, 16, 4, 1, 32),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
-        ("dkdq", "tf32", 256): (K(64, 16, 8, 1, 32),),
+        ("dk", "tf32", 256): (K(64, 16, 8, 1, 32),),
         ("dq", "16-bit", 128): (Q(128, 64, 64, 8, 2), Q(128, 32, 64, 8, 3),),
         ("dq", "16-bit", 256): (Q(128, 32, 32, 8, 2), Q(64, 64, 64, 4, 2),),
         ("dq", "tf32", 128): (Q(128, 32, 32, 8, 2), Q(64, 32, 32, 4, 2),),
@@ -374,17 +363,13 @@ _SM_120 = Architecture(
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2),),
-        ("dv", "tf32", 256): (V(16, 16, 64, 4, 1),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 2, 32),),
-        ("dkdq", "16-bit", 256): (K(64, 16, 8, 2, 64),),
-        ("dkdq", "tf32", None): (K(16, 16, 4, 1, 16),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
         ("dk", "tf32", None): (K(16, 16, 2, 1, 16),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", 128): (Q(32, 32, 16, 4, 1), Q(32, 32, 16, 2, 1),),
-        ("dq", "tf32", 256): (Q(16, 16, 16, 4, 1),),
         ("select", "16-bit", 128): (S(32, 4, 2), S(32, 4, 1),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
@@ -394,15 +379,15 @@ _SM_120 = Architecture(
     })
 
 # Unknown newer NVIDIA GPUs, sized for 99 KiB: its search kept sm_80's tilings but for TF32's
-# forward and 256-wide dV and usage, which need less shared memory here.
+# forward and 256-wide usage, which need less shared memory here, and the 256-wide selection.
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
     fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
     tilings={
         **_SM_80.tilings,
         ("forward", "tf32", 128): (F(16, 64, 128, 8, 1),),
-        ("forward", "tf32", 256): (F(16, 16, 64, 4, 1),),
-        ("dv", "tf32", 256): (V(16, 16, 128, 4, 1),),
+        ("forward", "tf32", 256): (F(16, 16, 256, 4, 2),),
+        ("select", "16-bit", 256): (S(16, 4, 1),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
     })
 
@@ -426,9 +411,7 @@ _GFX90A = Architecture(
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
         ("dkdq", "16-bit", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 64),),
         ("dkdq", "tf32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
-        ("dkdq", "tf32", 256): (K(32, 16, 4, 1, 32),),
         ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
-        ("dkdq", "fp32", 256): (K(32, 16, 4, 1, 32),),
         ("dk", "tf32", 256): (K(32, 16, 2, 1, 32), K(16, 16, 4, 1, 16),),
         ("dk", "fp32", 256): (K(32, 16, 2, 1, 32), K(16, 16, 4, 1, 16),),
         ("dq", "16-bit", None): (Q(64, 32, 32, 4, 1), Q(64, 16, 32, 4, 1),),
@@ -439,9 +422,7 @@ _GFX90A = Architecture(
         ("select", "16-bit", 128): (S(64, 4, 2), S(64, 4, 1),),
         ("select", "16-bit", 256): (S(64, 4, 1), S(32, 4, 2),),
         ("select", "tf32", 128): (S(64, 4, 1), S(32, 4, 2),),
-        ("select", "tf32", 256): (),
         ("select", "fp32", 128): (S(64, 4, 1), S(32, 4, 2),),
-        ("select", "fp32", 256): (),
         ("usage", "16-bit", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
         ("usage", "16-bit", 256): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
@@ -470,9 +451,7 @@ _GFX942 = Architecture(
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
         ("dkdq", "16-bit", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 64),),
         ("dkdq", "tf32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
-        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
-        ("dkdq", "fp32", 256): (K(16, 16, 4, 1, 16),),
         ("dk", "tf32", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dk", "fp32", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dq", "16-bit", None): (Q(64, 32, 32, 4, 1), Q(32, 32, 32, 4, 1),),
@@ -509,9 +488,7 @@ _GFX950 = Architecture(
         ("dv", "fp32", 256): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
         ("dkdq", "16-bit", None): (K(64, 16, 4, 2, None), K(64, 16, 4, 2, 128),),
         ("dkdq", "tf32", 128): (K(64, 16, 4, 1, 64), K(64, 16, 4, 1, 32),),
-        ("dkdq", "tf32", 256): (K(16, 16, 4, 1, 16),),
         ("dkdq", "fp32", 128): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
-        ("dkdq", "fp32", 256): (K(16, 16, 4, 1, 16),),
         ("dk", "tf32", 256): (K(64, 16, 4, 2, 64), K(32, 16, 4, 1, 32),),
         ("dk", "fp32", 256): (K(64, 16, 4, 1, 32), K(32, 16, 4, 1, 32),),
         ("dq", "16-bit", None): (Q(64, 16, 16, 4, 1), Q(32, 32, 32, 4, 1),),
@@ -543,29 +520,31 @@ _WIDER_KEYS = (
     "twice the registers and shared memory of the widest tiling: the torch backend reads them "
     "(keeping them at 256 channels, with |k|^2 as a separate per-position bias, is not built)")
 _WIDE_BACKWARD_MMA_SYNC = (
-    "a dK+dQ program holds a 256-wide key tile with its dK and dQ accumulators; with mma.sync "
-    "(no warpgroup MMA reading operands from shared memory, as on sm_90 and sm_100) the "
-    "accumulators live in registers, and no tiling the search tried fits 255 per thread "
-    "without spilling or splitting a dot across warps")
+    "a dK program holds a 256-wide key tile with its dK accumulator; with mma.sync (operands "
+    "and accumulators in registers, no warpgroup MMA reading them from shared memory) a few "
+    "bytes spill on sm_120 even at the smallest tiling; dK and dQ already run apart there "
+    "(SEPARATE_DQ: the fused dK+dQ spilled hundreds)")
 _SMALL_SHARED_BACKWARD = (
-    "the dK+dQ (or deterministic dK) tilings that fit 99 KiB of shared memory keep more of the "
-    "program in registers than the 163/227 KiB ones: a few bytes spill with the l2 similarity")
+    "the dK+dQ (or dK) tilings that fit 99 KiB of shared memory keep more of the program in "
+    "registers than the 163/227 KiB ones: a few bytes spill with the l2 similarity")
 _TF32_MMA_SYNC = (
     "TF32 operands are 32-bit: twice the registers and shared memory of a 16-bit tile, and "
-    "mma.sync's m16n8k8 takes them from registers; the tilings that do not spill are narrow "
-    "(16 memory rows or 16 value channels per program), which recompute more per pair or "
-    "still spill in the four-dot dK+dQ kernel")
+    "mma.sync's m16n8k8 takes them from registers. dK and dQ run as two kernels there "
+    "(SEPARATE_DQ: the fused dK+dQ spilled more); the dK kernel still spills with the l2 "
+    "similarity at the best of the tilings tried (the one row over 64 B: bench/NOTES.md), "
+    "and the dV tilings that do not spill are narrow (16 queries per step), so forward + "
+    "backward execute about 1.5x the useful multiply-adds")
 _TF32_WIDE = (
-    "TF32 at 256 key channels: a 32-bit 256-wide key tile is 64 KiB per 64 rows; the tilings "
-    "that fit leave too few rows per warp for every dot to have its own, or spill")
+    "TF32 at 256 key channels: a 32-bit 256-wide key tile is 64 KiB per 64 rows; the forward "
+    "tilings that fit leave too few rows per warp for every dot to have its own, or spill a "
+    "few bytes (the backward and the selection read with torch there: ON_TORCH)")
 _SELECT_WIDE = (
     "the selection keeps each query row's running top-64 (scores and indices) in registers "
     "beside a 256-wide query tile and a 64-position memory block: at 16 query rows per "
     "program, the smallest tiling, a few registers still spill")
 _AMD_FP32_WIDE = (
-    "32-bit operands at 256 key channels fit 64 KiB of LDS (160 KiB on gfx950) only with "
-    "16-32 row blocks, where the 16 x 16 MFMA layout over four wavefronts computes the "
-    "narrow dots of dK+dQ on several wavefronts (or, on gfx90a's forward, spills)")
+    "32-bit operands at 256 key channels fit gfx90a's 64 KiB of LDS only with 16-32 row "
+    "blocks, where the forward spills a few bytes")
 _SELECT_GFX90A = (
     "the selection's memory block is max(64, top_k) positions: at 256 float32 key channels "
     "that block alone is 64 KiB, all of gfx90a's LDS, so no tiling fits; the torch backend "
@@ -574,27 +553,63 @@ _SELECT_GFX90A = (
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
     (None, None, None, 512): _WIDER_KEYS,
-    **{(name, "dkdq", "16-bit", 256): _WIDE_BACKWARD_MMA_SYNC for name in _MMA_SYNC_TABLES},
     ("sm_86", "dkdq", "16-bit", 128): _SMALL_SHARED_BACKWARD,
     **{(name, "dk", "16-bit", 128): _SMALL_SHARED_BACKWARD for name in ("sm_120", "generic")},
     **{(name, "dk", "16-bit", 256): _WIDE_BACKWARD_MMA_SYNC for name in ("sm_120", "generic")},
     **{(name, "dk", "tf32", 128): _TF32_MMA_SYNC for name in ("sm_80", "sm_120", "generic")},
-    **{(name, kernel, "tf32", 128): _TF32_MMA_SYNC
-       for name in _MMA_SYNC_TABLES for kernel in ("dkdq", "dv")},
+    **{(name, "dv", "tf32", 128): _TF32_MMA_SYNC for name in _MMA_SYNC_TABLES},
     ("generic", "forward", "tf32", 128): _TF32_MMA_SYNC,
-    **{(name, kernel, "tf32", 256): _TF32_WIDE
-       for name in _MMA_SYNC_TABLES for kernel in ("forward", "dv", "dkdq", "dk", "dq",
-                                                   "select")},
-    ("sm_90", "dkdq", "tf32", 256): _TF32_WIDE,
-    ("sm_100", "dkdq", "tf32", 256): _TF32_WIDE,
-    ("sm_100", "select", "tf32", 256): _TF32_WIDE,
+    **{(name, "forward", "tf32", 256): _TF32_WIDE for name in _MMA_SYNC_TABLES},
     ("sm_80", "select", "16-bit", 256): _SELECT_WIDE,
-    ("generic", "select", "16-bit", 256): _SELECT_WIDE,
-    **{(name, "dkdq", precision, 256): _AMD_FP32_WIDE
-       for name in ("gfx90a", "gfx942", "gfx950") for precision in ("tf32", "fp32")},
     **{("gfx90a", "forward", precision, 256): _AMD_FP32_WIDE for precision in ("tf32", "fp32")},
-    **{("gfx90a", "select", precision, 256): _SELECT_GFX90A for precision in ("tf32", "fp32")},
 }
+
+
+# Which kernels each read launches: a read the torch backend takes (ON_TORCH) launches none.
+READS = {"forward": ("forward", "merge"), "backward": ("dv", "dkdq", "dk", "dq"),
+         "select": ("select",), "usage": ("usage",)}
+
+_TF32_WIDE_ON_TORCH = (
+    "TF32 at 256 key channels (XMem's augmented keys) on mma.sync GPUs: every tiling of this "
+    "read that fits shared memory spills hundreds of bytes per thread (a 32-bit 256-wide key "
+    "tile is 64 KiB per 64 rows and mma.sync takes its operands from registers); the torch "
+    "backend's chunked TF32 products read it instead")
+_TF32_WIDE_SELECT_ON_TORCH = (
+    "the selection's running top-64 beside a 32-bit 256-wide query tile spills hundreds of "
+    "bytes per thread at every tiling tried on sm_100; the torch backend selects there (the "
+    "other reads still run the kernels)")
+# Reads the torch backend computes by design, keyed (architecture, read, precision class, key
+# width): no tiling of their kernels runs there without spilling hundreds of bytes, and the
+# torch backend's chunked products are the better path. The other reads of the same call
+# still run the kernels.
+ON_TORCH: dict = {
+    **{(name, read, "tf32", 256): _TF32_WIDE_ON_TORCH
+       for name in _MMA_SYNC_TABLES for read in ("backward", "select")},
+    **{("gfx90a", "select", precision, 256): _SELECT_GFX90A for precision in ("tf32", "fp32")},
+    ("sm_100", "select", "tf32", 256): _TF32_WIDE_SELECT_ON_TORCH,
+}
+
+# Where the fused dK+dQ kernel cannot hold its dK and dQ accumulators beside a wide key tile
+# without spilling or splitting a dot across warps, dK and dQ are computed by two kernels (the
+# deterministic backward's "dk" and "dq") in every mode, keyed (architecture, precision class,
+# key width). It costs one more S and dP per pair, and spares the dQ atomics.
+SEPARATE_DQ = frozenset(
+    {(name, "16-bit", 256) for name in _MMA_SYNC_TABLES}
+    | {(name, "tf32", 128) for name in _MMA_SYNC_TABLES}
+    | {("sm_90", "tf32", 256), ("sm_100", "tf32", 256)}
+    | {(name, precision, 256) for name in ("gfx90a", "gfx942", "gfx950")
+       for precision in ("tf32", "fp32")})
+
+
+def on_torch(architecture, read, precision, width):
+    """Why the torch backend computes `read` ("forward", "backward", "select", "usage") of
+    this precision class and key width on the architecture by design, or None."""
+    return ON_TORCH.get((architecture.name, read, precision, width))
+
+
+def separates_dq(architecture, precision, width):
+    """Whether the backward computes dK and dQ with two kernels there (SEPARATE_DQ)."""
+    return (architecture.name, precision, width) in SEPARATE_DQ
 
 
 def architecture_of(device: Device) -> tuple[Optional[Architecture], str]:
@@ -667,5 +682,6 @@ def warp_specialized_config():
 
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
-           "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "architecture_of", "candidates",
+           "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "ON_TORCH", "SEPARATE_DQ", "on_torch",
+           "separates_dq", "architecture_of", "candidates",
            "precision_class", "width_class", "use_configs", "warp_specialized_config"]
