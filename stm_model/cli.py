@@ -40,6 +40,7 @@ from stm_model.inference.batch_segmenter import BatchSegmenter
 from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.runtime.devices import peak_memory_bytes, resolve_device
+from stm_model.inference import options as options_module
 from stm_model.inference.masks import (DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count,
                                        object_ids)
 from stm_model.network.stm import STM, STMConfig
@@ -54,7 +55,6 @@ class UsageError(Exception):
 # ValueError covers CheckpointError, ScribbleError, FrameReadError and JSON errors, OSError
 # covers missing, unreadable and unwritable paths.
 USER_ERRORS = (UsageError, ValueError, OSError, ImportError)
-AMP_DTYPES = [name for name in DTYPES if name != "fp32"]  # --amp: autocast's lower precisions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -166,10 +166,7 @@ def _segment_parser(parser):
     parser.add_argument("--batch-size", type=_count(1), default=4,
                         help="with a DAVIS-format root: sequences segmented together")
     _model_arguments(parser, device_help="auto, cpu, cuda or cuda:N")
-    _memory_arguments(parser)
-    parser.add_argument("--offload", action="store_true", help="keep the memory in CPU RAM")
-    parser.add_argument("--offload-chunk-frames", type=_count(1), default=64,
-                        help="with --offload: memory frames copied to the device per read step")
+    _segmenter_arguments(parser, one_video=True)
     parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
                         help="refuse masks with more object ids than this (default "
                              f"{DEFAULT_MAX_OBJECTS}; often a colour image read as ids)")
@@ -181,9 +178,6 @@ def _segment_parser(parser):
     parser.add_argument("--both-directions", action="store_true",
                         help="when the first mask is on a later frame t: also segment frames "
                              "t-1..0 backwards, from a memory seeded with frame t")
-    parser.add_argument("--size", type=_count(16), dest="max_internal_size", metavar="PIXELS",
-                        help="run the network on frames resized so that their shorter side is "
-                             "at most PIXELS (masks are written at the frames' size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=segment)
 
@@ -197,14 +191,26 @@ def _model_arguments(parser, device_help):
     parser.add_argument("--device", default="auto", help=device_help)
 
 
-def _memory_arguments(parser):
-    """The memory and network options of a VideoSegmenter / BatchSegmenter."""
-    parser.add_argument("--mem-every", type=_count(1), default=5)
-    parser.add_argument("--memory-dtype", choices=sorted(DTYPES))
-    parser.add_argument("--max-memory-frames", type=_count(2))
-    parser.add_argument("--amp", choices=AMP_DTYPES, help="autocast the network")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="memory read implementation (default: auto)")
+def _segmenter_arguments(parser, one_video):
+    """The segmenter's options (SegmenterOptions' fields with a flag; one_video=False: those
+    BatchSegmenter takes), each under its field's name."""
+    for field in options_module.cli_fields():
+        if field.metadata["one_video"] and not one_video:
+            continue
+        flag = field.metadata["flag"]
+        if flag.switch:
+            parser.add_argument(flag.name, dest=field.name, action="store_true", help=flag.help)
+            continue
+        kind = dict(type=_count(flag.minimum)) if flag.minimum is not None else {}
+        parser.add_argument(flag.name, dest=field.name, default=field.default,
+                            choices=flag.choices, metavar=flag.metavar, help=flag.help, **kind)
+
+
+def _segmenter_options(args):
+    """SegmenterOptions of the flags parsed by _segmenter_arguments."""
+    fields = options_module.cli_fields()
+    return options_module.SegmenterOptions(**{field.name: getattr(args, field.name)
+                                              for field in fields if hasattr(args, field.name)})
 
 
 def _device(name):
@@ -323,11 +329,7 @@ def segment(args):
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     _check_output(output, args.overwrite)
     model = _model(args, device)
-    seg = VideoSegmenter(model, args.mem_every, memory_dtype=args.memory_dtype,
-                         max_memory_frames=args.max_memory_frames, offload=args.offload,
-                         offload_chunk_frames=args.offload_chunk_frames,
-                         amp_dtype=args.amp, read_backend=args.backend,
-                         max_internal_size=args.max_internal_size)
+    seg = VideoSegmenter.from_options(model, _segmenter_options(args))
     if first > 0 and not args.both_directions:
         print(f"note: the first mask is on frame {frames.names[first]}; the frames before it "
               "are not segmented (--both-directions segments them backwards)", file=sys.stderr)
@@ -397,12 +399,13 @@ def _segment_davis_root(args):
     if args.mask or args.masks:
         raise UsageError(f"{args.input} is a DAVIS-format root: its masks come from its "
                          "Annotations folder (drop --mask/--masks)")
-    if args.offload:
-        raise UsageError("--offload is not supported when segmenting a dataset (several "
-                         "videos share one memory); drop it or segment one sequence")
-    if args.both_directions or args.max_internal_size:
-        raise UsageError("--both-directions and --size apply to one video, not to a "
-                         "DAVIS-format root (stm segment-dataset --size H W sets its size)")
+    for field in options_module.one_video_fields():
+        flag = field.metadata["flag"]
+        if flag and getattr(args, field.name) != field.default:
+            raise UsageError(f"{flag.name} applies to one video, not to a DAVIS-format root "
+                             f"({field.metadata['one_video']})")
+    if args.both_directions:
+        raise UsageError("--both-directions applies to one video, not to a DAVIS-format root")
     if args.overwrite:
         raise UsageError("--overwrite does not apply to a DAVIS-format root: its segmentation "
                          "resumes, skipping the sequences already in the output; remove "
@@ -435,7 +438,7 @@ def _dataset_parser(parser):
                         help="segment at this size (masks are written at the frames' size)")
     _model_arguments(parser, device_help="auto, cpu, cuda or cuda:N (under torchrun: "
                                          "cuda:LOCAL_RANK)")
-    _memory_arguments(parser)
+    _segmenter_arguments(parser, one_video=False)
     parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
                         help="refuse a sequence whose masks give more object ids than this "
                              f"(default {DEFAULT_MAX_OBJECTS})")
@@ -478,9 +481,7 @@ def segment_dataset(args):
         if not args.checkpoint:
             torch.manual_seed(0)  # every rank builds the same untrained model
         model = _model(args, device)
-        segmenter = BatchSegmenter(model, args.mem_every, memory_dtype=args.memory_dtype,
-                                   max_memory_frames=args.max_memory_frames,
-                                   amp_dtype=args.amp, read_backend=args.backend)
+        segmenter = BatchSegmenter.from_options(model, _segmenter_options(args))
         mine = plan["shares"][context.rank]
         if context.is_main and plan["complete"]:
             print(f"skipping {len(plan['complete'])} complete sequences in {args.output}",
@@ -552,7 +553,8 @@ def _interactive_parser(parser):
     parser.add_argument("--line-width", type=_count(1), default=3,
                         help="scribble width in pixels (at most the frames' smaller side)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", choices=AMP_DTYPES, help="autocast the network")
+    parser.add_argument("--amp", choices=options_module.AMP_DTYPES,
+                        help="autocast the network")
     parser.add_argument("--backend", choices=BACKENDS)
     parser.add_argument("--output", default="interactive_eval_output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -25,9 +25,10 @@ import torch
 
 from stm_model.memory.batched import BatchedMemory
 from stm_model.memory.schedule import PendingFrame, is_kept
+from stm_model.inference.options import SegmenterOptions
 from stm_model.inference.masks import check_first_mask, labels_of, merge_mask
 from stm_model.network.stm import QueryFeatures, pad_to_multiple, soft_aggregate, unpad
-from stm_model.inference.session import SessionCore, check_schedule, checked_frame_and_mask
+from stm_model.inference.session import SessionCore, checked_frame_and_mask
 
 CPU_PIXELS_PER_CALL = 1 << 16  # network_batch="auto" on a CPU: frames per call x H x W
 
@@ -61,7 +62,9 @@ class BatchSegmenter(SessionCore):
 
     def __init__(self, model, mem_every=5, *, memory_dtype=None, max_memory_frames=None,
                  amp_dtype=None, read_backend=None, network_batch="auto"):
-        check_schedule(mem_every, max_memory_frames)
+        self.options = SegmenterOptions(mem_every=mem_every, memory_dtype=memory_dtype,
+                                        max_memory_frames=max_memory_frames,
+                                        amp_dtype=amp_dtype, read_backend=read_backend)
         super().__init__(model, memory_dtype=memory_dtype, amp_dtype=amp_dtype,
                          read_backend=read_backend)
         self.mem_every, self.max_memory_frames = int(mem_every), max_memory_frames
@@ -72,6 +75,12 @@ class BatchSegmenter(SessionCore):
         self.network_batch = network_batch
         self._videos = {}
         self.memory = None  # BatchedMemory of the current frame size
+
+    @classmethod
+    def from_options(cls, model, options, network_batch="auto"):
+        """A BatchSegmenter with the given SegmenterOptions (ValueError for an option that
+        applies to one video only)."""
+        return cls(model, **options.batch_arguments(), network_batch=network_batch)
 
     @property
     def videos(self):

@@ -24,6 +24,7 @@ directions over a random-access frame source.
 High resolution (max_internal_size): see stm_model.inference.resize. compile=True: torch.compile
 of the per-frame network work and memory read, one graph for every memory length (see _Compiled).
 """
+import dataclasses
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -33,11 +34,11 @@ from stm_kernels import memory_read
 from stm_model.inference.masks import check_first_mask, labels_of, merge_mask
 from stm_model.memory.bank import MemoryBank
 from stm_model.memory.schedule import PendingFrame, is_kept
+from stm_model.inference.options import SegmenterOptions
 from stm_model.network.stm import STM, pad_to_multiple, soft_aggregate, unpad
-from stm_model.inference.resize import (checked_max_internal_size, downsample_probs, internal_size,
+from stm_model.inference.resize import (downsample_probs, internal_size,
                                         resize_frame, upsample_probs)
-from stm_model.inference.session import (DtypeName, SessionCore, check_schedule,
-                                         checked_frame_and_mask)
+from stm_model.inference.session import (DtypeName, SessionCore, checked_frame_and_mask)
 
 
 class VideoSegmenter(SessionCore):
@@ -80,22 +81,25 @@ class VideoSegmenter(SessionCore):
                  shard_group: Optional[Any] = None, start_frame: int = 0,
                  reverse: bool = False, max_internal_size: Optional[int] = None,
                  compile: Union[bool, dict] = False) -> None:
-        check_schedule(mem_every, max_memory_frames)
+        self.options = SegmenterOptions(
+            mem_every=mem_every, memory_dtype=memory_dtype, max_memory_frames=max_memory_frames,
+            offload=offload, offload_chunk_frames=offload_chunk_frames, amp_dtype=amp_dtype,
+            read_backend=read_backend, shard_memory=shard_memory, shard_group=shard_group,
+            start_frame=start_frame, reverse=reverse, max_internal_size=max_internal_size,
+            compile=compile)
         super().__init__(model, memory_dtype=memory_dtype, amp_dtype=amp_dtype,
                          read_backend=read_backend)
         self.mem_every, self.max_memory_frames = int(mem_every), max_memory_frames
         self.offload, self.offload_chunk_frames = offload, offload_chunk_frames
         self.shard_memory, self.shard_group = shard_memory, shard_group
-        self.max_internal_size = checked_max_internal_size(max_internal_size)
+        self.max_internal_size = max_internal_size
         self._compiled = _Compiled.of(compile)
-        # what with_options() copies (the compiled functions are shared, not recompiled)
-        self._options = dict(mem_every=mem_every, memory_dtype=memory_dtype,
-                             max_memory_frames=max_memory_frames, offload=offload,
-                             offload_chunk_frames=offload_chunk_frames, amp_dtype=amp_dtype,
-                             read_backend=read_backend, shard_memory=shard_memory,
-                             shard_group=shard_group, start_frame=start_frame, reverse=reverse,
-                             max_internal_size=max_internal_size, compile=compile)
         self.reset(start_frame, reverse)
+
+    @classmethod
+    def from_options(cls, model: STM, options: SegmenterOptions) -> "VideoSegmenter":
+        """A VideoSegmenter with the given options."""
+        return cls(model, **options.arguments())
 
     def reset(self, start_frame: int = 0, reverse: bool = False) -> None:
         """Forget the video: memory, objects and frame count. The next frame stepped is video
@@ -108,18 +112,18 @@ class VideoSegmenter(SessionCore):
         self.start_frame, self.reverse = start_frame, bool(reverse)
         self.frame_index = start_frame  # video index of the next frame
         self.steps = 0                  # frames stepped since start_frame
-        # (padded frame, object probabilities, keep, frame index) awaiting memorisation
-        self._pending: Optional[PendingFrame] = None
+        self._pending: Optional[PendingFrame] = None  # the last frame, memorised next step
         self._size: Optional[tuple] = None
 
     def with_options(self, **overrides: Any) -> "VideoSegmenter":
         """A new VideoSegmenter on the same model with this one's options (overrides replace
         some, e.g. start_frame, reverse) and an empty memory; compiled functions are shared."""
-        options = dict(self._options, **overrides)
-        compile = options.pop("compile")
-        segmenter = VideoSegmenter(self.model, **options)
-        segmenter._compiled = self._compiled if compile is self._options["compile"] \
-            else _Compiled.of(compile)
+        options = dataclasses.replace(self.options, **overrides)
+        segmenter = VideoSegmenter.from_options(self.model, dataclasses.replace(
+            options, compile=False))
+        segmenter._compiled = self._compiled if options.compile is self.options.compile \
+            else _Compiled.of(options.compile)
+        segmenter.options = options
         return segmenter
 
     @property

@@ -1,0 +1,118 @@
+"""The segmenters' options, declared once.
+
+    options = SegmenterOptions(mem_every=5, memory_dtype="fp16")
+    VideoSegmenter.from_options(model, options)     # or VideoSegmenter(model, mem_every=5, ...)
+    BatchSegmenter(model, **options.batch_arguments())
+
+VideoSegmenter takes every field, BatchSegmenter those marked for batches; each is checked here,
+when the options are made. The `stm segment` and `stm segment-dataset` flags are made from the
+fields' CliFlag (flag name, help, choices or minimum), and a run over several videos refuses,
+by flag name and with the field's reason, an option that applies to one video only.
+"""
+import dataclasses
+from typing import Any, Optional, Union
+
+from stm_kernels.options import BACKENDS, DTYPES
+
+from stm_model.inference.resize import MIN_INTERNAL_SIZE, checked_max_internal_size
+from stm_model.inference.session import DtypeName, check_schedule, dtype_option
+
+AMP_DTYPES = tuple(name for name in DTYPES if name != "fp32")  # autocast's lower precisions
+
+
+@dataclasses.dataclass(frozen=True)
+class CliFlag:
+    """How a field appears on the command line: its flag, help text, and the values it takes
+    (choices; minimum for an integer; switch for an on/off flag)."""
+    name: str
+    help: str
+    choices: Optional[tuple] = None
+    minimum: Optional[int] = None
+    metavar: Optional[str] = None
+    switch: bool = False
+
+
+def _option(default, flag=None, *, one_video=None):
+    """A field: its default, its CliFlag (None: Python only) and, for an option that applies
+    to one video only (not BatchSegmenter's), why, as a run over several videos says it."""
+    return dataclasses.field(default=default, metadata=dict(flag=flag, one_video=one_video))
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmenterOptions:
+    """The memory and network options of VideoSegmenter and BatchSegmenter (VideoSegmenter's
+    docstring says what each does)."""
+    mem_every: int = _option(5, CliFlag(
+        "--mem-every", "keep every N-th frame in memory (official: 5)", minimum=1,
+        metavar="N"))
+    memory_dtype: DtypeName = _option(None, CliFlag(
+        "--memory-dtype", "storage dtype of the memory (default: the model's)",
+        choices=tuple(sorted(DTYPES))))
+    max_memory_frames: Optional[int] = _option(None, CliFlag(
+        "--max-memory-frames", "bound the frames in memory: the oldest kept frame but the "
+        "first is evicted (default: unbounded)", minimum=2, metavar="N"))
+    offload: bool = _option(False, CliFlag(
+        "--offload", "keep the memory in CPU RAM", switch=True),
+        one_video="several videos share one memory")
+    offload_chunk_frames: int = _option(64, CliFlag(
+        "--offload-chunk-frames", "with --offload: memory frames copied to the device per "
+        "read step", minimum=1, metavar="N"), one_video="it goes with --offload")
+    amp_dtype: DtypeName = _option(None, CliFlag(
+        "--amp", "autocast the network in this dtype", choices=AMP_DTYPES))
+    read_backend: Optional[str] = _option(None, CliFlag(
+        "--backend", "memory read implementation (default: auto)", choices=BACKENDS))
+    shard_memory: bool = _option(False, one_video="it spreads one video's memory over ranks")
+    shard_group: Any = _option(None, one_video="it goes with shard_memory")
+    start_frame: int = _option(0, one_video="each video starts at its first mask")
+    reverse: bool = _option(False, one_video="videos run forwards")
+    max_internal_size: Optional[int] = _option(None, CliFlag(
+        "--size", "run the network on frames resized so that their shorter side is at most "
+        "PIXELS (masks are written at the frames' size)", minimum=MIN_INTERNAL_SIZE,
+        metavar="PIXELS"), one_video="stm segment-dataset --size H W sets a dataset's size")
+    compile: Union[bool, dict] = _option(False, one_video="not built for batches")
+
+    def __post_init__(self):
+        check_schedule(self.mem_every, self.max_memory_frames)
+        dtype_option("memory_dtype", self.memory_dtype)
+        dtype_option("amp_dtype", self.amp_dtype)
+        if self.read_backend is not None and self.read_backend not in BACKENDS:
+            raise ValueError(f"read_backend must be one of {', '.join(BACKENDS)} or None; got "
+                             f"{self.read_backend!r}")
+        checked_max_internal_size(self.max_internal_size)
+        if isinstance(self.start_frame, bool) or not isinstance(self.start_frame, int) or \
+                self.start_frame < 0:
+            raise ValueError(f"start_frame must be a frame index >= 0; got "
+                             f"{self.start_frame!r}")
+        if self.offload_chunk_frames < 1:
+            raise ValueError("offload_chunk_frames must be at least 1; got "
+                             f"{self.offload_chunk_frames!r}")
+
+    def arguments(self) -> dict:
+        """Every field as VideoSegmenter's keyword arguments."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def batch_arguments(self) -> dict:
+        """The fields BatchSegmenter takes, as its keyword arguments (ValueError naming a
+        one-video option set away from its default, with the reason)."""
+        for field in one_video_fields():
+            if getattr(self, field.name) != field.default:
+                raise ValueError(f"{field.name} applies to one video, not to BatchSegmenter: "
+                                 f"{field.metadata['one_video']}")
+        return {field.name: getattr(self, field.name) for field in batch_fields()}
+
+
+def cli_fields() -> list:
+    """The fields with a command-line flag, in declaration order."""
+    return [field for field in dataclasses.fields(SegmenterOptions) if field.metadata["flag"]]
+
+
+def batch_fields() -> list:
+    """The fields BatchSegmenter takes."""
+    return [field for field in dataclasses.fields(SegmenterOptions)
+            if not field.metadata["one_video"]]
+
+
+def one_video_fields() -> list:
+    """The fields that apply to one video only (VideoSegmenter's, not BatchSegmenter's)."""
+    return [field for field in dataclasses.fields(SegmenterOptions)
+            if field.metadata["one_video"]]
