@@ -6,6 +6,7 @@ from PIL import Image
 
 from helpers import SHARED
 from stm_model import STM, MemoryBank, STMConfig, VideoSegmenter
+from stm_model.memory.storage import Offloaded, OnDevice
 from stm_model.network.stm import pad_to_multiple, unpad
 
 
@@ -152,7 +153,7 @@ def test_memory_bank_grows_by_doubling_and_keeps_its_frames():
         assert torch.equal(bank.keys[:, :, slot].view(2, 8, 3, 5), keys)
         assert torch.equal(bank.values[:, :, slot].view(2, 12, 3, 5), values)
     # the memory handed to the kernel is a view of the bank with a 16-aligned channel stride
-    view = bank._keys(0, bank.num_frames)
+    view = bank.stored(0, bank.num_frames)[0]
     assert view.data_ptr() == bank.keys.data_ptr() and view.stride(1) % 16 == 0
 
 
@@ -184,6 +185,11 @@ def test_offloaded_and_low_precision_reads_match_the_plain_read(dtype, tolerance
     actual = other.read(query)
     assert actual.shape == (2, 24, 4, 4)
     assert ((actual.float() - expected).norm() / expected.norm()) < tolerance
+    # one read, two storage strategies: the offloaded one reads 7 frames in chunks of 3
+    assert isinstance(plain.storage, OnDevice) and isinstance(other.storage, Offloaded)
+    assert other.storage_device.type == "cpu" and other.keys.device.type == "cpu"
+    with pytest.raises(RuntimeError, match="memory_views\\(\\) needs the whole memory"):
+        other.memory_views()
 
 
 def test_long_video_memory_grows_only_with_the_bank(small_model):

@@ -16,26 +16,26 @@ slot, the oldest permanent frame other than the bank's first frame is overwritte
 The read is a softmax over all memory positions, so the order of frames in storage does not
 matter.
 
-Offload (offload=True): storage lives in (pinned) CPU memory; a read copies chunk_frames
-frames at a time to the compute device, reads each chunk with return_lse and merges the chunks
-exactly with merge_reads.
+Storage and reads (stm_model.memory.storage): on the compute device, one fused read over views
+of the storage; offloaded (offload=True), storage in (pinned) CPU memory read chunk_frames frames
+at a time on the compute device, the chunks merged exactly with merge_reads; sharded, below.
 
 Sharding (shard_memory=True, under torch.distributed): the memory is spread over the ranks of
 shard_group (default: all ranks). Every rank runs the same schedule (the same frames, in the
 same order) and stores only the frames whose slot s has s % world_size == rank (round-robin:
 rank r holds slots r, r + W, ...; the temporary previous frame, in slot `permanent`, lies on
-rank permanent % W; an evicted slot is refilled on the same rank). A read goes through
-stm_kernels.distributed.memory_read (offloaded: each rank's chunks are merged, then merged
-across ranks with merge_across_ranks): every rank gets the read over the whole memory. Each
-rank stores about 1/W of the memory; a rank may hold no frame yet (an empty shard).
+rank permanent % W; an evicted slot is refilled on the same rank). Each rank reads its own
+frames as its storage does (on the device or offloaded), and the partial reads are merged
+across ranks (stm_kernels.distributed.merge_across_ranks): every rank gets the read over the
+whole memory. Each rank stores about 1/W of the memory; a rank may hold no frame yet (an
+empty shard).
 """
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from stm_kernels import memory_read, merge_reads
-
 from stm_model.memory.schedule import FrameSlots
+from stm_model.memory.storage import Offloaded, OnDevice, Sharded
 
 _ALIGN_FRAMES = 16
 
@@ -70,8 +70,10 @@ class MemoryBank:
         self.num_objects, self.key_dim, self.value_dim = num_objects, key_dim, value_dim
         self.size = (height, width)
         self.dtype, self.device = dtype, torch.device(device)
-        self.storage_device = torch.device("cpu") if offload else self.device
         self.max_frames, self.offload, self.chunk_frames = max_frames, offload, chunk_frames
+        local = Offloaded(self.device, chunk_frames) if offload else OnDevice(self.device)
+        self.storage = Sharded(local, shard_group) if shard_memory else local
+        self.storage_device = self.storage.storage_device
         capacity = initial_capacity if max_frames is None else max_frames
         capacity = -(-capacity // self.shard_count)  # this rank's share of the slots
         self.keys: Any = None  # (n, Ck, capacity, h·w) storage, allocated below
@@ -117,10 +119,16 @@ class MemoryBank:
         """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)): the T frames a read sees, as views
         of the storage (what read() passes to memory_read; not for offloaded or sharded
         memory, whose reads go chunk by chunk or across ranks)."""
-        if self.offload or self.shard_memory:
+        if not isinstance(self.storage, OnDevice):
             raise RuntimeError("memory_views() needs the whole memory on the compute device "
                                "(not offload or shard_memory); use read()")
-        return self._keys(0, self.num_frames), self._values(0, self.num_frames)
+        return self.stored(0, self.num_frames)
+
+    def stored(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)) of the frames this rank stores in
+        slots [start, stop), as views of the storage (what the storage strategies read)."""
+        return (self.keys[:, :, start:stop].flatten(2),
+                self.values[:, :, start:stop].flatten(2))
 
     def reserve(self, frames: int) -> None:
         """Grow the storage (doubling, as add does) until it holds `frames` frames on this rank;
@@ -143,7 +151,7 @@ class MemoryBank:
             raise ValueError("remove_objects would leave the bank without objects; drop the "
                              "bank instead")
         index = torch.tensor(kept, device=self.storage_device)
-        pin = self.offload and torch.cuda.is_available()
+        pin = self.storage.pinned
         # index_select copies into new contiguous storage: same layout, same capacity
         self.keys, self.values = (
             tensor.index_select(0, index).pin_memory() if pin else tensor.index_select(0, index)
@@ -193,53 +201,15 @@ class MemoryBank:
         if self.num_frames == 0:
             raise RuntimeError("the memory bank is empty: add a frame before reading")
         options: dict[str, Any] = dict(scale=scale, similarity=similarity, backend=backend)
-        if self.shard_memory:
-            return self._sharded_read(query_key, options)
-        if not self.offload:
-            return memory_read(query_key, *self.memory_views(), **options)
-        reads = self._offloaded_reads(query_key, self.num_frames, options)
-        return merge_reads(*zip(*reads, strict=True))[0]
-
-    def _offloaded_reads(self, query_key, frames, options):
-        """(out, lse) of the first `frames` stored frames, chunk_frames at a time on the
-        compute device."""
-        reads = []
-        for start in range(0, frames, self.chunk_frames):
-            stop = min(start + self.chunk_frames, frames)
-            keys = self._keys(start, stop).to(self.device, non_blocking=True)
-            values = self._values(start, stop).to(self.device, non_blocking=True)
-            reads.append(memory_read(query_key, keys, values, return_lse=True, **options))
-        return reads
-
-    def _sharded_read(self, query_key, options):
-        from stm_kernels.distributed import memory_read as sharded_read, merge_across_ranks
-        frames = self.local_frames
-        if not self.offload:
-            return sharded_read(query_key, self._keys(0, frames), self._values(0, frames),
-                                self.shard_group, **options)
-        reads = self._offloaded_reads(query_key, frames, options)
-        if reads:
-            out, lse = merge_reads(*zip(*reads, strict=True))
-        else:  # no frame on this rank yet: an empty read (out 0, lse -inf)
-            shape = (self.num_objects,) + tuple(query_key.shape[2:])
-            out = torch.zeros((shape[0], self.value_dim) + shape[1:], dtype=self.dtype,
-                              device=self.device)
-            lse = torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device)
-        return merge_across_ranks(out, lse, self.shard_group)[0]
+        return self.storage.read(self, query_key, self.local_frames, options)
 
     def _local_count(self, frames):
         """How many of the slots [0, frames) lie on this rank."""
         return max(0, -(-(frames - self.shard_rank) // self.shard_count))
 
-    def _keys(self, start, stop):
-        return self.keys[:, :, start:stop].flatten(2)  # a view: (n, Ck, T·h·w)
-
-    def _values(self, start, stop):
-        return self.values[:, :, start:stop].flatten(2)
-
     def _allocate(self, capacity, kept=None):
         positions = self.size[0] * self.size[1]
-        pin = self.offload and torch.cuda.is_available()
+        pin = self.storage.pinned
         keys = torch.empty((self.num_objects, self.key_dim, capacity, positions), dtype=self.dtype,
                            device=self.storage_device, pin_memory=pin)
         values = torch.empty((self.num_objects, self.value_dim, capacity, positions),
