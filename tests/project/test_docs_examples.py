@@ -19,7 +19,7 @@ import torch
 from helpers import synthetic_video
 from stm_model import cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 _BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
 

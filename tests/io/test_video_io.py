@@ -29,7 +29,7 @@ from stm_model.io import (
     write_overlay,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 DAVIS16 = DATA / "davis2016-val"
 OSVOS = DATA / "osvos-davis2017-val-predictions"
 CUTIE = DATA / "cutie-examples"

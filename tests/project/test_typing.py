@@ -12,8 +12,8 @@ import pytest
 import stm_kernels
 import stm_model
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-USAGE = ROOT / "tests" / "typing" / "public_api_usage.py"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+USAGE = ROOT / "tests" / "project" / "typing" / "public_api_usage.py"
 
 
 def _mypy(*paths, cwd=ROOT):

@@ -13,7 +13,7 @@ import torch
 from stm_kernels import selftest
 from stm_kernels.backends.triton import launch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_the_cpu_self_test_passes_and_writes_its_report(tmp_path):

@@ -11,7 +11,7 @@ from skimage.morphology import disk
 
 from stm_model import metrics
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = pathlib.Path(__file__).resolve().parents[2].parent / "shared"
 REFERENCE = SHARED / "reference" / "jf_reference.json"
 GT_ROOT = SHARED / "data" / "davis2016-val" / "Annotations" / "480p"
 PRED_ROOT = SHARED / "data" / "osvos-davis2017-val-predictions"

@@ -1,4 +1,4 @@
-"""Type-checked by tests/test_typing.py (not run): the public API as a user's code calls it.
+"""Type-checked by tests/project/test_typing.py (not run): the public API as a user's code calls it.
 Each reveal_type's expected result is checked by the test."""
 import torch
 

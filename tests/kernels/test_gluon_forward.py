@@ -29,7 +29,7 @@ from helpers import rel_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 H100_SHARED_MEMORY = 227 * 1024
 LOG2E = 1.4426950408889634
