@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import pathlib
 import platform
@@ -265,15 +264,6 @@ def warp_specialized_forward(config):
     with environment_variable(launch.WARP_SPECIALIZED_ENV, "1"), \
             launch.use_configs(warp_specialized=config):
         yield
-
-
-def rel_error(actual, expected):
-    """||actual - expected|| / ||expected|| in float64 on the CPU (tensors on any device, or
-    arrays); inf when actual has a NaN or an Inf. The tests' error measure too."""
-    actual, expected = (torch.as_tensor(x).detach().double().cpu() for x in (actual, expected))
-    if not torch.isfinite(actual).all():
-        return math.inf
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def subplots(*arguments, **options):

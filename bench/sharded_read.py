@@ -32,6 +32,7 @@ import torch
 
 from bench import common
 from stm_kernels.options import DTYPES
+from stm_kernels.selftest import relative_error
 
 VARIANTS = ("shard-only", "sharded", "sharded top-k", "sharded fwd+bwd")
 DEFAULTS = {"cuda": dict(hw=1620, frames=(50, 200), dtype="bf16"),
@@ -110,8 +111,8 @@ def _errors(args, q, k, v, k_shard, v_shard, backend):
                                    **options)
             actual = sharded_read(q, k_shard, v_shard, backend=backend, return_lse=True,
                                   **options)
-            errors[f"{name} out"] = common.rel_error(actual[0], expected[0])
-            errors[f"{name} lse"] = common.rel_error(actual[1], expected[1])
+            errors[f"{name} out"] = relative_error(actual[0], expected[0])
+            errors[f"{name} lse"] = relative_error(actual[1], expected[1])
     return errors
 
 

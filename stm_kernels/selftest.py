@@ -108,8 +108,9 @@ def _read(inputs, feature, similarity, backend, lengths, grad_seed):
 
 
 def relative_error(actual, expected):
-    """||actual - expected|| / ||expected|| in float64 (inf when actual is not finite)."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    """||actual - expected|| / ||expected|| in float64 on the CPU (tensors on any device, or
+    arrays); inf when actual has a NaN or an Inf. The benchmarks' and the tests' measure too."""
+    actual, expected = (torch.as_tensor(x).detach().double().cpu() for x in (actual, expected))
     if not torch.isfinite(actual).all():
         return math.inf
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()

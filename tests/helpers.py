@@ -4,7 +4,7 @@ import pathlib
 import pytest
 import torch
 
-from bench.common import rel_error  # noqa: F401 (the one error measure, re-exported)
+from stm_kernels.selftest import relative_error  # noqa: F401 (the one error measure)
 from stm_kernels import memory_read
 from stm_kernels.backends.triton import launch as triton_module
 
@@ -13,7 +13,7 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
-# Normalised RMS error bounds (rel_error) against a float64 reference: fp32 is exact
+# Normalised RMS error bounds (relative_error) against a float64 reference: fp32 is exact
 # float32 arithmetic (the GPU path follows torch's default "highest" matmul precision).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
@@ -63,7 +63,7 @@ def check_read(results, expected, dtype, grad_factor=3):
             continue
         bound = TOLERANCE[dtype] * (1 if name in ("out", "lse") else grad_factor)
         assert actual.shape == reference.shape, name
-        error = rel_error(actual, reference)
+        error = relative_error(actual, reference)
         assert error < bound, f"{name}: relative error {error:.2e} > {bound:.0e}"
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bench.common import environment_variable
-from helpers import rel_error
+from helpers import relative_error
 
 WORLD_SIZES = [2, 3]
 SHARD_SIZES = [37, 50, 23]  # positions per rank (ragged)
@@ -89,7 +89,7 @@ def assert_close(name, actual, expected, bound):
     if tuple(actual.flatten().shape) != tuple(expected.flatten().shape):
         FAILURES.append(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
         return
-    error = rel_error(actual.flatten(), expected.flatten())
+    error = relative_error(actual.flatten(), expected.flatten())
     check(error <= bound, f"{name}: relative error {error:.2e} > {bound:.0e}")
 
 
@@ -386,7 +386,7 @@ def scenario_memory_bank(rank, world):
                 for bank in (sharded, single):
                     bank.put(values[:, :4], keys.repeat(1, 2, 1, 1)[:, :6], 0)
             query = torch.randn(1, 4, 2, 3, generator=generator)
-            error = rel_error(sharded.read(query), single.read(query))
+            error = relative_error(sharded.read(query), single.read(query))
             check(error < 1e-6, f"{options} frame {t}: relative error {error:.1e}")
             check(sharded.local_frames == len(range(rank, single.num_frames, world)),
                   f"{options} frame {t}: {sharded.local_frames} local frames")

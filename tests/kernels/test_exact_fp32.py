@@ -10,7 +10,7 @@ emulation of its rounding, to show what the exact path buys.
 import pytest
 import torch
 
-from helpers import rel_error
+from helpers import relative_error
 from stm_kernels import memory_read
 from stm_kernels.backends.triton import launch
 
@@ -29,13 +29,13 @@ def target_shape():
 
 def test_the_torch_backend_is_exact_float32(target_shape):
     q, k, v, reference = target_shape
-    assert rel_error(memory_read(q, k, v, backend="torch"), reference) <= 1e-5
+    assert relative_error(memory_read(q, k, v, backend="torch"), reference) <= 1e-5
 
 
 @pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_the_kernels_in_ieee_are_exact_float32(target_shape):
     q, k, v, reference = target_shape
-    assert rel_error(memory_read(q, k, v, backend="triton"), reference) <= 1e-5
+    assert relative_error(memory_read(q, k, v, backend="triton"), reference) <= 1e-5
 
 
 def tf32(x):
@@ -52,7 +52,7 @@ def test_tf32_is_not_exact(target_shape):
     scores = (tf32(q[0].T) @ tf32(k[0])) * 128 ** -0.5
     probabilities = torch.softmax(scores, dim=1)
     out = (tf32(probabilities) @ tf32(v[0].T)).T[None]
-    assert 1e-4 < rel_error(out, reference) < 5e-3  # selftest's bound for TF32
+    assert 1e-4 < relative_error(out, reference) < 5e-3  # selftest's bound for TF32
 
 
 def test_the_tf32_rounding_keeps_ten_mantissa_bits():

@@ -25,7 +25,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import rel_error  # noqa: E402
+from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
 
@@ -403,8 +403,8 @@ def test_emulated_kernel_matches_reference(monkeypatch, B, Bq, Ck, Cv, HW, N, sp
     for seed in range(3):  # different interleavings of the partitions and TMA completions
         random.seed(seed)
         out, lse = _run_forward(q, k, v, scale, l2, splits, config)
-        assert rel_error(lse, ref_lse) < 1e-5, (seed, rel_error(lse, ref_lse))
-        assert rel_error(out, ref_out) < TOLERANCE[dtype], (seed, rel_error(out, ref_out))
+        assert relative_error(lse, ref_lse) < 1e-5, (seed, relative_error(lse, ref_lse))
+        assert relative_error(out, ref_out) < TOLERANCE[dtype], (seed, relative_error(out, ref_out))
     assert len(emulated.launches) == 3 * (B if batch_gap else 1)
 
 
@@ -442,10 +442,10 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, config):
     kd.requires_grad_(), vd.requires_grad_()
     ref_out, ref_lse = memory_read(qd, kd, vd, backend="naive", return_lse=True)
     ref_out.sum().backward()
-    assert rel_error(lse, ref_lse) < 1e-5
-    assert rel_error(out, ref_out) < TOLERANCE[torch.float16]
-    assert rel_error(v.grad, vd.grad) < TOLERANCE[torch.float16]
-    assert rel_error(k.grad, kd.grad) < 1e-2
+    assert relative_error(lse, ref_lse) < 1e-5
+    assert relative_error(out, ref_out) < TOLERANCE[torch.float16]
+    assert relative_error(v.grad, vd.grad) < TOLERANCE[torch.float16]
+    assert relative_error(k.grad, kd.grad) < 1e-2
 
 
 # --------------------------------------------------------------------------- 3. on a GPU
@@ -478,5 +478,5 @@ def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, splits, l2, 
     out, lse = _run_forward(q, k, v, scale, l2, splits, config)
     torch.cuda.synchronize()
     ref_out, ref_lse = _reference(q, k, v, scale, l2)
-    assert rel_error(out, ref_out) < TOLERANCE[dtype], rel_error(out, ref_out)
-    assert rel_error(lse, ref_lse) < 1e-4, rel_error(lse, ref_lse)
+    assert relative_error(out, ref_out) < TOLERANCE[dtype], relative_error(out, ref_out)
+    assert relative_error(lse, ref_lse) < 1e-4, relative_error(lse, ref_lse)

@@ -7,7 +7,7 @@ import torch
 
 from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, ragged_case,
                      ragged_read_with_grads, random_inputs, read_with_grads,
-                     reference_with_grads, rel_error, skip_unless_runnable)
+                     reference_with_grads, relative_error, skip_unless_runnable)
 from stm_kernels import memory_read, merge_reads, poison_outputs
 from stm_kernels import torch_common
 from stm_kernels.backends.triton import launch as triton_module
@@ -160,8 +160,8 @@ def test_auto_backend_uses_torch_on_cpu_and_naive_matches():
     q, k, v = random_inputs(2, 2, 16, 8, 10, 20, torch.float64, "cpu", seed=9)
     auto = memory_read(q, k, v)
     naive = memory_read(q, k, v, backend="naive")
-    assert rel_error(auto, naive) < 1e-12
-    assert rel_error(memory_read(q, k, v, scale=1 / math.sqrt(16)), naive) < 1e-12
+    assert relative_error(auto, naive) < 1e-12
+    assert relative_error(memory_read(q, k, v, scale=1 / math.sqrt(16)), naive) < 1e-12
 
 
 class _ReadModule(torch.nn.Module):
@@ -194,8 +194,8 @@ def test_torch_compile_fullgraph(device, backend, compiler):
     torch._dynamo.reset()
     compiled = torch.compile(module, fullgraph=True, backend=compiler)(q, k, v)
     compiled.backward()
-    assert rel_error(compiled, eager) < 1e-6
-    assert rel_error(k.grad, eager_grad) < 1e-6
+    assert relative_error(compiled, eager) < 1e-6
+    assert relative_error(k.grad, eager_grad) < 1e-6
 
 
 @pytest.mark.gpu
@@ -211,8 +211,8 @@ def test_64bit_offsets_on_a_memory_past_2_31_elements(dtype):
     k[:, :, -4096:] *= 2
     out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
     reference, reference_lse = memory_read(q, k, v, backend="torch", return_lse=True)
-    assert rel_error(out, reference) < TOLERANCE[dtype]
-    assert rel_error(lse, reference_lse) < 1e-3
+    assert relative_error(out, reference) < TOLERANCE[dtype]
+    assert relative_error(lse, reference_lse) < 1e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -425,4 +425,4 @@ def test_ragged_read_compiles_without_graph_breaks():
         return memory_read(q, k, v, memory_lengths=lengths, backend="torch")
     torch._dynamo.reset()
     compiled = torch.compile(read, fullgraph=True, backend="aot_eager")
-    assert rel_error(compiled(q, k, v, lengths), read(q, k, v, lengths)) < 1e-6
+    assert relative_error(compiled(q, k, v, lengths), read(q, k, v, lengths)) < 1e-6

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICES, TOLERANCE, random_inputs, rel_error, skip_unless_runnable
+from helpers import DEVICES, TOLERANCE, random_inputs, relative_error, skip_unless_runnable
 from stm_kernels import memory_read, memory_usage, poison_outputs
 from stm_kernels.backends.triton import launch as triton_module
 from stm_kernels.topk import read_selected, topk_scores
@@ -104,14 +104,15 @@ def check(actual, expected, dtype, grad_factor=3):
     out, lse, usage, grads = actual
     out64, lse64, usage64, grads64, _ = expected
     bound = TOLERANCE[dtype]
-    assert rel_error(out, out64) < bound, ("out", rel_error(out, out64))
-    assert rel_error(lse, lse64) < bound, ("lse", rel_error(lse, lse64))
-    assert rel_error(usage, usage64) < bound, ("usage", rel_error(usage, usage64))
+    assert relative_error(out, out64) < bound, ("out", relative_error(out, out64))
+    assert relative_error(lse, lse64) < bound, ("lse", relative_error(lse, lse64))
+    assert relative_error(usage, usage64) < bound, ("usage", relative_error(usage, usage64))
     names = ["dq", "dk", "dv", "dshrinkage", "dselection"]
     for name, grad, grad64 in zip(names, grads, grads64, strict=True):
         if grad64 is not None:
             assert grad is not None, name
-            assert rel_error(grad, grad64) < grad_factor * bound, (name, rel_error(grad, grad64))
+            error = relative_error(grad, grad64)
+            assert error < grad_factor * bound, (name, error)
 
 
 BACKENDS = ["triton", "torch", "naive"]
@@ -187,11 +188,11 @@ def test_topk_scores_and_read_selected(device, backend):
     assert (indices[1, :, 4:] == -1).all() and torch.isneginf(scores[1, :, 4:]).all()
     assert (indices[1, :, :4].sort(-1).values == torch.arange(4, device=device)).all()
     dense = dense_scores(q.double().cpu(), k.double().cpu(), 0.25, "dot")
-    assert rel_error(scores[0], dense[0].T.gather(1, indices[0].cpu())) < 1e-6
+    assert relative_error(scores[0], dense[0].T.gather(1, indices[0].cpu())) < 1e-6
     out, lse = read_selected(q, k, v, indices, return_lse=True)
     expected_out, expected_lse = memory_read(q, k, v, top_k=8, memory_lengths=lengths,
                                              return_lse=True, backend="naive")
-    assert rel_error(out, expected_out) < 1e-5 and rel_error(lse, expected_lse) < 1e-5
+    assert relative_error(out, expected_out) < 1e-5 and relative_error(lse, expected_lse) < 1e-5
     none = indices.clone()
     none[0, 3] = -1
     out, lse = read_selected(q, k, v, none, return_lse=True)
@@ -212,12 +213,12 @@ def test_usage_of_a_full_read_and_for_a_given_lse(device, backend, similarity):
     check(actual, expected, torch.float32)
     assert actual[2].shape == (2, 111) and actual[2].dtype == torch.float32
     assert (actual[2][1, 60:] == 0).all()
-    assert rel_error(actual[2].sum(1), torch.full((2,), 45.0)) < 1e-5  # each query sums to 1
+    assert relative_error(actual[2].sum(1), torch.full((2,), 45.0)) < 1e-5  # each query sums to 1
     # the share of this memory in a read over a larger one: usage under a larger lse
     lse = expected[1] + 0.5
     share = memory_usage(q, k, lse.float().to(device), similarity=similarity, backend=backend,
                          memory_lengths=torch.tensor(lengths, device=device))
-    assert rel_error(share, expected[2] * math.exp(-0.5)) < 1e-5
+    assert relative_error(share, expected[2] * math.exp(-0.5)) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -253,7 +254,8 @@ def test_xmem_spatial_layouts_and_chunks():
                           selection=selection.view(1, 8, 3, 4))
     chunked = memory_read(q, [k[:, :, :10], k[:, :, 10:]], [v[:, :, :10], v[:, :, 10:]],
                           similarity="xmem", shrinkage=shrinkage, selection=selection)
-    assert rel_error(spatial.flatten(2), flat) < 1e-12 and rel_error(chunked, flat) < 1e-12
+    assert relative_error(spatial.flatten(2), flat) < 1e-12
+    assert relative_error(chunked, flat) < 1e-12
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -289,4 +291,4 @@ def test_top_k_read_equals_stcns_own_read(backend):
     from bench.topk_read import stcn_read
     q, k, v = random_inputs(2, 1, 16, 32, 20, 300, torch.float64, "cpu", seed=27)
     ours = memory_read(q, k, v, similarity="l2", top_k=5, backend=backend)
-    assert rel_error(ours, stcn_read(q, k.clone(), v, 5)) < 1e-12
+    assert relative_error(ours, stcn_read(q, k.clone(), v, 5)) < 1e-12

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHARED, rel_error
+from helpers import SHARED, relative_error
 from stm_model import (STM, CheckpointError, STMConfig, VideoSegmenter, load_checkpoint,
                        load_official_checkpoint, save_checkpoint)
 from stm_model.network.checkpoint import official_to_ours, ours_to_official
@@ -50,8 +50,8 @@ def test_segmenter_reproduces_the_official_golden_outputs(golden, backend):
     assert torch.equal(first.argmax(0), data["first_mask"])
     prob_1 = seg.step(data["frames"][1])
     prob_2 = seg.step(data["frames"][2])
-    assert rel_error(prob_1, data["prob_1"]) < 1e-4
-    assert rel_error(prob_2, torch.softmax(data["logit_2"], dim=0)) < 1e-4
+    assert relative_error(prob_1, data["prob_1"]) < 1e-4
+    assert relative_error(prob_2, torch.softmax(data["logit_2"], dim=0)) < 1e-4
     assert seg.memory_frames == 2  # frame 0 kept, frame 1 as the temporary slot
 
 
@@ -61,8 +61,8 @@ def test_memory_encoder_matches_the_official_keys_and_values(golden):
     one_hot = torch.stack([(data["first_mask"] == i).float() for i in range(1, n + 1)])
     with torch.no_grad():
         keys, values = model.encode_memory(data["frames"][0:1], one_hot)
-    assert rel_error(keys, data["memory_key_0"][:, :, 0]) < 1e-4
-    assert rel_error(values, data["memory_value_0"][:, :, 0]) < 1e-4
+    assert relative_error(keys, data["memory_key_0"][:, :, 0]) < 1e-4
+    assert relative_error(values, data["memory_value_0"][:, :, 0]) < 1e-4
 
 
 def test_official_checkpoint_variants_load(recipe, tmp_path):

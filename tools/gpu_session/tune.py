@@ -34,6 +34,7 @@ from stm_kernels import memory_read
 from stm_kernels.backends.triton import launch as launchers
 from stm_kernels.backends.triton import tilings as triton_configs
 from stm_kernels.options import DTYPES
+from stm_kernels.selftest import relative_error
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3}
 
@@ -48,7 +49,7 @@ def _reference(q, k, v, grad):
 def time_forward(read, q, k, v, device, reference):
     """Error against the reference and timing of the forward read(q, k, v)."""
     out = read(q, k, v)
-    error = common.rel_error(out, reference[0])
+    error = relative_error(out, reference[0])
     median, low, high = common.time_ms(lambda: read(q, k, v), device)
     return dict(error=error, median_ms=median, q20_ms=low, q80_ms=high)
 
@@ -57,7 +58,7 @@ def time_forward_backward(read, q, k, v, grad, device, reference):
     """Largest gradient error against the reference and timing of forward + backward."""
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
     read(q, k, v).backward(grad)
-    error = max(common.rel_error(g, r)
+    error = max(relative_error(g, r)
                 for g, r in zip((q.grad, k.grad, v.grad), reference[1:], strict=True))
 
     def step():
