@@ -6,12 +6,12 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench demo small-model small-interactive-model test-gpu clean
+.PHONY: test lint docs bench demo small-model small-interactive-model test-gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev,bench,video]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,video,docs]'
 	touch $@
 
 # The linter first (ruff.toml), then the tests.
@@ -20,6 +20,10 @@ test: lint
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# The documentation site (docs/ and the API pages from the docstrings) into site/.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) -m bench kernel

@@ -26,5 +26,6 @@ setup(
         "dev": ["pytest>=7", "mypy>=1.10", "ruff>=0.5"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "mkdocs-include-markdown-plugin>=6"],
     },
 )
