@@ -17,7 +17,6 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -39,7 +38,7 @@ from stm_model.interactive import scribbles as scribble_format
 from stm_model.inference.batch_segmenter import BatchSegmenter
 from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
-from stm_model.runtime.devices import peak_memory_bytes, resolve_device
+from stm_model.runtime.devices import autocast_is_slow, peak_memory_bytes, resolve_device
 from stm_model.inference import options as options_module
 from stm_model.inference.masks import (DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count,
                                        object_ids)
@@ -221,7 +220,16 @@ def _device(name):
         raise UsageError(str(error)) from None
 
 
+def _warn_if_autocast_on_cpu(amp, device):
+    """--amp where the CPU has no native instructions for it (autocast_is_slow): say so once,
+    before the work."""
+    if amp and autocast_is_slow(device, amp):
+        print(f"warning: --amp {amp} on this CPU is many times slower than float32 (it has no "
+              f"native {amp} matrix instructions); drop --amp here", file=sys.stderr)
+
+
 def _model(args, device):
+    _warn_if_autocast_on_cpu(getattr(args, "amp_dtype", None), device)
     if args.checkpoint:
         return load_checkpoint(args.checkpoint, device)
     print("warning: no --checkpoint given: the model has random weights and its masks are "
@@ -521,14 +529,8 @@ def segment_dataset(args):
 def _write_json(path, payload):
     """Write JSON atomically (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
+    video_io.write_atomically(path, lambda file: file.write(
+        json.dumps(payload, indent=1).encode()))
 
 
 # --------------------------------------------------------------------------- interactive-eval
@@ -565,6 +567,7 @@ def interactive_evaluate(args):
     """`stm interactive-eval`: robot rounds per sequence, a table, JSON and a plot."""
     from stm_model.demo import load_small_model, SMALL_INTERACTIVE_WEIGHTS
     device = _device(args.device)
+    _warn_if_autocast_on_cpu(args.amp, device)
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
     _check_interactive_inputs(args)

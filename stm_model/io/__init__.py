@@ -28,7 +28,7 @@ Overlays
     under a temporary name (``.<name>.<random>.tmp``) in its folder and renamed into place.
 """
 
-from stm_model.io.files import remove_temporary_files
+from stm_model.io.files import remove_temporary_files, write_atomically
 from stm_model.io.frames import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, Frame, FrameReadError,
                                  FrameReader, list_frames, load_image, read_frames, to_tensor)
 from stm_model.io.annotations import (DAVIS_PALETTE, GRAY_MAX_IDS, check_mask_size, gray_to_ids,
@@ -39,5 +39,5 @@ __all__ = [
     "DAVIS_PALETTE", "GRAY_MAX_IDS", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "Frame", "FrameReadError",
     "FrameReader", "OverlayWriter", "check_mask_size", "gray_to_ids", "list_frames", "load_image",
     "masks_for_frames", "overlay", "read_frames", "remove_temporary_files", "read_mask",
-    "to_tensor", "write_mask", "write_overlay",
+    "to_tensor", "write_atomically", "write_mask", "write_overlay",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stm_model.io.files import _write_atomically
+from stm_model.io.files import write_atomically
 
 
 GRAY_MAX_IDS = 32
@@ -151,7 +151,7 @@ def write_mask(path: str | Path, labels: np.ndarray | torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(ids)  # mode 'L'; putpalette turns it into 'P'
     im.putpalette(DAVIS_PALETTE.tobytes())
-    _write_atomically(path, lambda file: im.save(file, format="PNG"))
+    write_atomically(path, lambda file: im.save(file, format="PNG"))
 
 
 def masks_for_frames(frame_names: Iterable[str], mask_folder: str | Path, *,
@@ -169,7 +169,8 @@ def masks_for_frames(frame_names: Iterable[str], mask_folder: str | Path, *,
 
     Raises:
         FileNotFoundError: the folder does not exist or holds no PNG.
-        ValueError: (strict) masks whose name is not a frame name.
+        ValueError: (strict) masks whose name is not a frame name (strict=False leaves
+            them out instead).
     """
     mask_folder = Path(mask_folder)
     if not mask_folder.is_dir():
@@ -186,6 +187,6 @@ def masks_for_frames(frame_names: Iterable[str], mask_folder: str | Path, *,
             more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
             example = f" (frames are named like {frame_names[0]!r})" if frame_names else ""
             raise ValueError(f"masks {shown}{more} in {mask_folder} match no frame name"
-                             f"{example}; masks must be named <frame name>.png (or pass "
-                             "strict=False to ignore them)")
+                             f"{example}; masks must be named <frame name>.png: rename or "
+                             "remove them")
     return {name: masks[name] for name in frame_names if name in masks}

@@ -8,14 +8,14 @@ import uuid
 from pathlib import Path
 
 
-_TEMPORARY = ".tmp"  # suffix of files being written (see _write_atomically)
+_TEMPORARY = ".tmp"  # suffix of files being written (see write_atomically)
 
 def _temporary_path(path: Path) -> Path:
     """A fresh hidden name beside ``path`` for the file while it is written."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{_TEMPORARY}")
 
 
-def _write_atomically(path: str | Path, write) -> None:
+def write_atomically(path: str | Path, write) -> None:
     """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it to
     ``path``: readers, and a run interrupted at any point, see the old file or the complete new
     one, never part of one. The temporary file is removed when ``write`` raises."""

@@ -12,7 +12,7 @@ from PIL import Image
 
 from stm_model.io.annotations import (DAVIS_PALETTE, _as_numpy, _check_labels, _size_text,
                                    check_mask_size)
-from stm_model.io.files import _temporary_path, _write_atomically
+from stm_model.io.files import _temporary_path, write_atomically
 from stm_model.io.frames import VIDEO_SUFFIXES, Frame, _import_av
 
 
@@ -156,7 +156,7 @@ class OverlayWriter:
                              f"first frame written to {self.path} is {_size_text(self._hw)}")
         if self.kind == "png":
             picture = Image.fromarray(image)
-            _write_atomically(self.path / f"{name or f'{self.count:05d}'}.png",
+            write_atomically(self.path / f"{name or f'{self.count:05d}'}.png",
                               lambda file: picture.save(file, format="PNG"))
         elif self.kind == "gif":
             self._gif_frames.append(Image.fromarray(image).quantize(colors=256))
@@ -200,7 +200,7 @@ class OverlayWriter:
         if self.kind == "gif" and self._gif_frames:
             first, *rest = self._gif_frames
             self._gif_frames = []
-            _write_atomically(self.path, lambda file: first.save(
+            write_atomically(self.path, lambda file: first.save(
                 file, format="GIF", save_all=True, append_images=rest, loop=0,
                 duration=max(10, round(1000.0 / self.fps))))
         elif self.kind == "video" and self._container is not None:

@@ -8,13 +8,13 @@ import dataclasses
 import os
 import pathlib
 import reprlib
-import tempfile
 from typing import Any, Optional, Union
 
 import torch
 
 from stm_kernels.options import BACKENDS, SIMILARITIES
 
+from stm_model.io.files import write_atomically
 from stm_model.network.stm import STM, STMConfig
 
 # (official prefix, our prefix): a key maps through the first entry whose prefix it starts
@@ -114,14 +114,7 @@ def save_checkpoint(model: STM, path: Union[str, os.PathLike],
                "state_dict": state, **extra}
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda file: torch.save(payload, file))  # the umask's file mode
 
 
 def load_checkpoint(path_or_payload: Union[str, os.PathLike, dict],

@@ -32,3 +32,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def autocast_is_slow(device: torch.device, amp: str) -> bool:
+    """Whether autocast in `amp` ("bf16", "fp16") runs slower than float32 on `device`: on a
+    CPU without native matrix instructions for that dtype (oneDNN's check), where autocast
+    emulates it (figures: bench/NOTES.md)."""
+    if device.type != "cpu":
+        return False
+    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[amp]
+    try:
+        return not getattr(torch.ops.mkldnn, check)()
+    except (AttributeError, RuntimeError):  # a build without the check: fp16 is the slow one
+        return amp == "fp16"

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from stm_kernels.options import BACKENDS
 
+from stm_model.io.files import remove_temporary_files
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.training.clip_forward import CHECKPOINTING, ClipForward
 from stm_model.training.datasets import (DavisClips, InteractiveClips, StaticImageClips,
@@ -292,7 +293,8 @@ def _remove_interrupted_saves(output):
     mid-write left in output: save_checkpoint writes <name><random>.tmp and renames it."""
     if not output.is_dir():
         return
-    for name in (CHECKPOINT, MODEL):
+    remove_temporary_files(output)  # .<name>.<random>.tmp (stm_model.io.files)
+    for name in (CHECKPOINT, MODEL):  # <name><random>.tmp, as earlier versions wrote them
         for path in output.glob(f"{name}*.tmp"):
             path.unlink(missing_ok=True)
     (output / METRICS).with_suffix(".tmp").unlink(missing_ok=True)
@@ -378,7 +380,11 @@ def run(args):
     show = not args.pop("no_progress")
     for name in ("command", "run"):  # set by the `stm` command's parser
         args.pop(name, None)
-    train(TrainConfig(**args), show_progress=show)
+    config = TrainConfig(**args)
+    train(config, show_progress=show)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank (one process: 0)
+        print(f"trained model: {pathlib.Path(config.output) / MODEL} (load it with --checkpoint "
+              "or stm_model.load_checkpoint)")
     return 0
 
 

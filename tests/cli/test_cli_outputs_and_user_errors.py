@@ -222,7 +222,7 @@ def test_batch_segmenter_refuses_a_video_whose_first_mask_has_no_object():
 # --------------------------------------------------------------------------- 3. stm train
 
 
-def test_stm_train_forwards_its_options(tmp_path, monkeypatch):
+def test_stm_train_forwards_its_options(tmp_path, monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(train_module, "train",
                         lambda config, show_progress: seen.append((config, show_progress)))
@@ -231,6 +231,27 @@ def test_stm_train_forwards_its_options(tmp_path, monkeypatch):
     config, show = seen[0]
     assert (config.steps, config.size, config.amp, show) == (7, (32, 48), False, False)
     assert config.output == str(tmp_path)
+    # it ends by saying where the trained model is
+    assert f"trained model: {tmp_path / 'model.pt'}" in capsys.readouterr().out
+
+
+def test_written_files_take_the_umask_mode_not_a_private_one(tmp_path):
+    """Checkpoints, exported models and JSON summaries are written atomically (a temporary
+    file renamed into place) with the mode any new file gets (0644 under umask 022), as the
+    masks are: not the 0600 of a private temporary file."""
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(STM(STMConfig.small()), tmp_path / "model.pt")
+        assert _cli(["export", str(tmp_path / "model.pt"), str(tmp_path / "small.pt"),
+                     "--dtype", "fp16"]) == 0
+        main_module = __import__("stm_model.cli", fromlist=["_write_json"])
+        main_module._write_json(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    for name in ("model.pt", "small.pt", "summary.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 1}
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_stm_train_accepts_only_known_models(tmp_path, capsys):
@@ -330,6 +351,47 @@ def test_undecodable_frame_is_named(tmp_path, capsys):
                          "--config", "small", "--output", str(tmp_path / "out"), "--quiet"],
                 "00001.png")
     assert not (tmp_path / "out" / "masks" / "00001.png").exists()
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_slow_autocast_on_the_cpu_is_warned_about_before_the_work(tmp_path, video, capsys,
+                                                                  monkeypatch, slow):
+    """A CPU without native fp16 (or bf16) instructions emulates autocast, many times slower
+    than float32: --amp there is warned about; where it has them, or without --amp, not."""
+    asked = []
+    monkeypatch.setattr("stm_model.cli.autocast_is_slow",
+                        lambda device, amp: asked.append((device.type, amp)) or slow)
+    assert _cli(_segment(video, tmp_path / "out", "--device", "cpu", "--amp", "fp16",
+                         "--overlay", "none")) == 0
+    err = capsys.readouterr().err
+    assert asked == [("cpu", "fp16")]
+    assert ("warning: --amp fp16 on this CPU is many times slower than float32" in err) == slow
+    assert _cli(_segment(video, tmp_path / "plain", "--device", "cpu", "--overlay",
+                         "none")) == 0
+    assert "--amp" not in capsys.readouterr().err and len(asked) == 1
+
+
+def test_autocast_is_slow_only_on_cpus_without_the_dtypes_instructions():
+    import torch as torch_
+    from stm_model.runtime.devices import autocast_is_slow
+    cpu = torch_.device("cpu")
+    assert autocast_is_slow(cpu, "fp16") == (not torch_.ops.mkldnn._is_mkldnn_fp16_supported())
+    assert autocast_is_slow(cpu, "bf16") == (not torch_.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not autocast_is_slow(torch_.device("cuda"), "fp16")
+
+
+def test_a_mask_named_like_no_frame_is_refused_in_the_commands_words(tmp_path, capsys):
+    """A masks folder with an extra 00099.png: the one-line error names it and says what to
+    do on the command line, not an argument of the Python API (strict=False)."""
+    frames = _frames(tmp_path / "frames")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _box_mask(masks / "00000.png")
+    _box_mask(masks / "00099.png")
+    message = _user_error(capsys, ["segment", str(frames), "--masks", str(masks), "--config",
+                                   "small", "--output", str(tmp_path / "out"), "--quiet"],
+                          "00099.png", "rename or remove them")
+    assert "strict" not in message
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:7", "cpu:x"])
