@@ -39,11 +39,25 @@ from stm_model.inference.batch_segmenter import BatchSegmenter
 from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.runtime.devices import autocast_is_slow, peak_memory_bytes, resolve_device
+from stm_model.io.files import can_write_into
 from stm_model.inference import options as options_module
 from stm_model.inference.masks import (DEFAULT_MAX_OBJECTS, check_first_mask, check_object_count,
                                        object_ids)
 from stm_model.network.stm import STM, STMConfig
 from stm_model.inference.video_segmenter import VideoSegmenter
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command: the message says what it left written."""
+
+
+# What an interrupted command leaves (a command that knows more raises Interrupted).
+INTERRUPTED = {
+    "segment-dataset": "the sequences completed are kept in the output; run the same command "
+                       "again to resume",
+    "train": "the last checkpoint is kept; run the same command again to resume",
+    "interactive-eval": "nothing is written until the end; run it again",
+}
 
 
 class UsageError(Exception):
@@ -142,6 +156,11 @@ def main(argv=None):
         return exit_.code
     try:
         return args.run(args)
+    except (Interrupted, KeyboardInterrupt) as error:  # Ctrl-C: one line, exit code 130
+        said = str(error) if isinstance(error, Interrupted) else INTERRUPTED.get(
+            args.command, "every file written is complete")
+        print(f"stm {args.command}: interrupted: {said}", file=sys.stderr)
+        return 130
     except USER_ERRORS as error:
         message = re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
         print(f"stm {args.command}: error: {message}", file=sys.stderr)
@@ -365,9 +384,10 @@ def segment(args):
         torch.cuda.reset_peak_memory_stats(device)
     start, count = time.perf_counter(), 0
     objects = memory_frames = memory_bytes = 0  # the largest over both passes
+    bar = tqdm(results, total=total, unit="frame", disable=args.quiet,
+               desc=f"segmenting {source.name}")
     try:
-        for result in tqdm(results, total=total, unit="frame", disable=args.quiet,
-                           desc=f"segmenting {source.name}"):
+        for result in bar:
             labels = result.labels.cpu().numpy()
             name = result.frame.name
             video_io.write_mask(output / "masks" / f"{name}.png", labels.astype(np.uint8))
@@ -381,10 +401,16 @@ def segment(args):
             for frame in frames.range(0, stop):
                 path = output / "masks" / f"{frame.name}.png"
                 writer.add(frame.image, video_io.read_mask(path), name=frame.name)
-    except BaseException:
+    except BaseException as error:
+        bar.close()
         if writer is not None:
             writer.abort()  # no truncated GIF or video; PNG frames are each complete
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"wrote {count} of {total} masks to {output / 'masks'}, each "
+                              "complete (an unfinished overlay video or GIF is dropped); run "
+                              "again with --overwrite to redo") from None
         raise
+    bar.close()
     if writer is not None:
         writer.close()
     elapsed = time.perf_counter() - start
@@ -682,6 +708,11 @@ def evaluate_results(results, annotations, sequences=None, output=None):
     for what, folder in (("results", results), ("annotations", annotations)):
         if not folder.is_dir():
             raise UsageError(f"the {what} folder {folder} does not exist")
+    target = pathlib.Path(output or results)
+    if not can_write_into(target):  # before the work, not after it
+        hint = "choose another --output" if output else "pass --output DIR for the CSV files"
+        raise UsageError(f"cannot write the CSV files into {target} (read-only or not a "
+                         f"folder); {hint}")
     scored = {}
     for name, result_folder, annotation_folder in _sequences(results, annotations, sequences):
         truth_paths = sorted(annotation_folder.glob("*.png"))

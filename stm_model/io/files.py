@@ -4,6 +4,7 @@ remove_temporary_files."""
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -40,3 +41,19 @@ def remove_temporary_files(folder: str | Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def can_write_into(folder: str | Path) -> bool:
+    """Whether files can be created in `folder` (or, where it does not exist yet, in its nearest
+    existing parent, where it would be made): a file is created there and removed, so a
+    read-only filesystem and missing permissions both count, whoever runs it."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return True
+    except OSError:
+        return False

@@ -5,6 +5,7 @@ errors.
 Everything runs the small untrained model on tiny synthetic frames (no ../shared needed)."""
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from stm_model import BatchSegmenter, STM, CheckpointError, STMConfig, VideoSegm
 from stm_model import io as video_io
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.cli import main
+from stm_model.io.files import can_write_into
 from stm_model.training.loop import TrainConfig, train
 
 HW = (32, 48)
@@ -102,7 +104,7 @@ def test_segment_refuses_an_output_holding_masks_unless_overwrite(tmp_path, vide
 
 
 @pytest.mark.parametrize("overlay", ["png", "gif", "mp4"])
-def test_an_interrupted_segment_leaves_only_complete_files(tmp_path, video, monkeypatch,
+def test_an_interrupted_segment_leaves_only_complete_files(tmp_path, video, monkeypatch, capsys,
                                                           overlay):
     if overlay == "mp4":
         pytest.importorskip("av")
@@ -118,8 +120,12 @@ def test_an_interrupted_segment_leaves_only_complete_files(tmp_path, video, monk
             raise KeyboardInterrupt
         return real_save(self, fp, *args, **kwargs)
     monkeypatch.setattr(Image.Image, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main(_segment(video, out, "--overlay", overlay))
+    capsys.readouterr()
+    assert main(_segment(video, out, "--overlay", overlay)) == 130  # Ctrl-C: 128 + SIGINT
+    err = capsys.readouterr().err
+    assert [line for line in err.strip().splitlines() if "warning:" not in line] == [
+        f"stm segment: interrupted: wrote 1 of 3 masks to {out / 'masks'}, each complete (an "
+        "unfinished overlay video or GIF is dropped); run again with --overwrite to redo"], err
     monkeypatch.setattr(Image.Image, "save", real_save)
     leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     expected = ["masks/00000.png"] + (["overlay/00000.png"] if overlay == "png" else [])
@@ -151,6 +157,26 @@ def test_eval_names_the_mask_it_cannot_read(tmp_path, capsys):
     (results / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     _user_error(capsys, ["eval", str(results.parent), str(truth.parent)],
                 str(results / "00001.png"))
+
+
+def test_eval_refuses_an_unwritable_output_before_scoring(tmp_path, capsys, monkeypatch):
+    """The CSVs' folder is checked first: a read-only one (here under /sys, read-only even for
+    root) is a one-line error with the way out, and no frame is scored."""
+    truth, results = tmp_path / "truth" / "seq", tmp_path / "results" / "seq"
+    for t in range(2):
+        _box_mask(truth / f"{t:05d}.png")
+        _box_mask(results / f"{t:05d}.png")
+    scored = []
+    monkeypatch.setattr("stm_model.metrics.evaluate_sequence",
+                        lambda *a: scored.append(a) or pytest.fail("scored"))
+    read_only = pathlib.Path("/sys/stm_eval_output")
+    if can_write_into(read_only):
+        pytest.skip("no read-only folder here")
+    _user_error(capsys, ["eval", str(results.parent), str(truth.parent), "--output",
+                         str(read_only)], "cannot write the CSV files into", "--output")
+    assert not scored
+    assert can_write_into(tmp_path / "new" / "folder") and not can_write_into(
+        results / "00000.png")
 
 
 # --------------------------------------------------------------------------- 2. first masks
