@@ -37,7 +37,7 @@ from stm_model import io as video_io
 from stm_model.interactive import scribbles as scribble_format
 from stm_model.inference.batch_segmenter import BatchSegmenter
 from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
-from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
+from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from stm_model.runtime.devices import autocast_is_slow, peak_memory_bytes, resolve_device
 from stm_model.io.files import can_write_into
 from stm_model.inference import options as options_module
@@ -201,11 +201,17 @@ def _segment_parser(parser):
 
 
 def _model_arguments(parser, device_help):
-    """--checkpoint, --config, --device: the model a segmenting command runs, and where."""
-    parser.add_argument("--checkpoint", help="official STM_weights.pth or an stm-kernels "
-                                             "checkpoint; without it the model is untrained")
-    parser.add_argument("--config", choices=["official", "small"], default="official",
-                        help="model size when no checkpoint is given")
+    """--checkpoint, --random-weights, --config, --device: the model a segmenting command
+    runs, and where."""
+    parser.add_argument("--checkpoint", help="the model: small (the trained small STM shipped "
+                                             "with the package; the default), "
+                                             "small-interactive, the official "
+                                             "STM_weights.pth or an stm-kernels checkpoint")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="an untrained network of --config instead (for training "
+                             "experiments: its masks are meaningless)")
+    parser.add_argument("--config", choices=["official", "small"],
+                        help="with --random-weights: the network's size (default: official)")
     parser.add_argument("--device", default="auto", help=device_help)
 
 
@@ -249,12 +255,27 @@ def _warn_if_autocast_on_cpu(amp, device):
 
 def _model(args, device):
     _warn_if_autocast_on_cpu(getattr(args, "amp_dtype", None), device)
-    if args.checkpoint:
-        return load_checkpoint(args.checkpoint, device)
-    print("warning: no --checkpoint given: the model has random weights and its masks are "
-          "meaningless", file=sys.stderr)
-    config = STMConfig() if args.config == "official" else STMConfig.small()
+    if not args.random_weights:
+        return load_checkpoint(resolve_checkpoint(args.checkpoint or "small"), device)
+    print("warning: --random-weights: an untrained network, for training experiments; its "
+          "masks are meaningless (drop it to segment with the trained small model)",
+          file=sys.stderr)
+    config = STMConfig() if args.config in (None, "official") else STMConfig.small()
     return STM(config).to(device).eval()
+
+
+def _check_model_arguments(args):
+    """The model options' combinations, before any work."""
+    if args.random_weights and args.checkpoint:
+        raise UsageError("--random-weights and --checkpoint exclude each other")
+    if args.config and not args.random_weights:
+        raise UsageError("--config applies with --random-weights (a checkpoint holds its own "
+                         "size)")
+    if not args.random_weights:
+        try:
+            resolve_checkpoint(args.checkpoint or "small")
+        except FileNotFoundError as error:
+            raise UsageError(f"--checkpoint: {error}") from None
 
 
 def _mask_lookup(args, reader):
@@ -337,6 +358,7 @@ def segment(args):
     removed (--overwrite; without it an output holding them is refused). Each mask and
     overlay frame is written atomically, so an interrupted run leaves complete files only (an
     unfinished GIF or video is dropped)."""
+    _check_model_arguments(args)
     if _is_davis_root(args.input):
         return _segment_davis_root(args)
     if not (args.mask or args.masks):
@@ -502,6 +524,7 @@ def segment_dataset(args):
     ranks; rank 0 prints the table, writes OUTPUT/segment_summary.json, optionally evaluates."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
+    _check_model_arguments(args)
     _device(args.device)  # a clear error for an unknown or absent device
     context = distributed.setup(args.device)
     try:
@@ -512,7 +535,7 @@ def segment_dataset(args):
         device = context.device
         if device.type == "cpu":
             cpu_allocator.keep_freed_memory()  # no page faults per step (see the module)
-        if not args.checkpoint:
+        if args.random_weights:
             torch.manual_seed(0)  # every rank builds the same untrained model
         model = _model(args, device)
         segmenter = BatchSegmenter.from_options(model, _segmenter_options(args))
@@ -545,7 +568,8 @@ def segment_dataset(args):
     _write_json(pathlib.Path(args.output) / "segment_summary.json", dict(
         sequences=summaries, skipped=plan["complete"], ranks=ranks,
         batch_size=args.batch_size, world_size=context.world_size, size=args.size,
-        checkpoint=args.checkpoint, mem_every=args.mem_every, masks=args.masks))
+        checkpoint=None if args.random_weights else (args.checkpoint or "small"),
+        mem_every=args.mem_every, masks=args.masks))
     if args.eval:
         evaluate_results(args.output, pathlib.Path(args.root) / "Annotations" / args.resolution,
                          plan["all"])
@@ -567,8 +591,9 @@ def _interactive_parser(parser):
                                      "Annotations/<res>/<seq> on every frame, optional "
                                      "Scribbles/<seq>/001.json for the first round)")
     parser.add_argument("--sequences", nargs="+", help="evaluate these sequences only")
-    parser.add_argument("--checkpoint", help="an interactive STM checkpoint (default: the "
-                                             "small interactive model shipped with the package)")
+    parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
+                                             "with the package; the default) or a checkpoint "
+                                             "file")
     parser.add_argument("--resolution", default="480p")
     parser.add_argument("--size", type=_count(1), nargs=2, metavar=("H", "W"),
                         help="segment at this size (scores stay at the annotations' size)")
@@ -597,8 +622,11 @@ def interactive_evaluate(args):
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
     _check_interactive_inputs(args)
-    model = (load_checkpoint(args.checkpoint, device) if args.checkpoint
-             else load_small_model(SMALL_INTERACTIVE_WEIGHTS, device))
+    try:
+        path = resolve_checkpoint(args.checkpoint or "small-interactive")
+    except FileNotFoundError as error:
+        raise UsageError(f"--checkpoint: {error}") from None
+    model = load_checkpoint(path, device) if args.checkpoint else load_small_model(path, device)
     results = interactive_eval.evaluate_davis(
         model, args.root, args.sequences, resolution=args.resolution, size=args.size,
         rounds=args.rounds, max_time=args.max_time, at_time=args.at_time,

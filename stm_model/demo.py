@@ -21,14 +21,13 @@ from tqdm import tqdm
 
 from stm_model import metrics
 from stm_model import io as video_io
-from stm_model.network.checkpoint import load_checkpoint
+from stm_model.network.checkpoint import SHIPPED, load_checkpoint
 from stm_model.training.datasets import HELD_OUT_SEEDS
 from stm_model.runtime.devices import peak_memory_bytes
 from stm_model.inference.video_segmenter import VideoSegmenter
 from stm_model.training.synthetic import SyntheticVideo
 
-WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights" / "stm_small_synthetic.pt"
-SMALL_INTERACTIVE_WEIGHTS = WEIGHTS.with_name("stm_small_interactive.pt")
+WEIGHTS, SMALL_INTERACTIVE_WEIGHTS = SHIPPED["small"], SHIPPED["small-interactive"]
 _RECIPES = {WEIGHTS.name: "make small-model",
             SMALL_INTERACTIVE_WEIGHTS.name: "make small-interactive-model"}
 

@@ -117,6 +117,24 @@ def save_checkpoint(model: STM, path: Union[str, os.PathLike],
     write_atomically(path, lambda file: torch.save(payload, file))  # the umask's file mode
 
 
+# The trained models shipped in the package (stm_model/weights), by name.
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "weights"
+SHIPPED = {"small": WEIGHTS_DIR / "stm_small_synthetic.pt",
+           "small-interactive": WEIGHTS_DIR / "stm_small_interactive.pt"}
+
+
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> pathlib.Path:
+    """The file of a checkpoint named by a shipped model's name ("small", "small-interactive")
+    or by a path; FileNotFoundError naming the choices when it is neither."""
+    if str(name_or_path) in SHIPPED:
+        return SHIPPED[str(name_or_path)]
+    path = pathlib.Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint {str(name_or_path)!r}: give a file, or one of "
+                                f"the shipped models {', '.join(SHIPPED)}")
+    return path
+
+
 def load_checkpoint(path_or_payload: Union[str, os.PathLike, dict],
                     device: Union[str, torch.device] = "cpu") -> STM:
     """A model from one of this project's checkpoints or from the official one (detected by

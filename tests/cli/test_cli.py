@@ -23,7 +23,7 @@ def test_segment_then_eval_on_real_frames(tmp_path, capsys):
     frames = DAVIS / "JPEGImages" / "480p" / "blackswan"
     annotation = DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png"
     out = tmp_path / "out"
-    code = main(["segment", str(frames), "--mask", str(annotation), "--config", "small",
+    code = main(["segment", str(frames), "--mask", str(annotation),
                  "--max-frames", "3", "--overlay", "gif", "--output", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -72,7 +72,7 @@ def test_segment_video_file_and_late_masks(tmp_path, capsys):
     video_io.write_mask(masks / "00000.png", first)
     video_io.write_mask(masks / "00002.png", later)
     out = tmp_path / "out"
-    assert main(["segment", str(video), "--masks", str(masks), "--config", "small",
+    assert main(["segment", str(video), "--masks", str(masks),
                  "--max-frames", "4", "--overlay", "png", "--output", str(out), "--quiet"]) == 0
     assert "objects: 2" in capsys.readouterr().out
     assert len(list((out / "overlay").glob("*.png"))) == 4
@@ -86,7 +86,7 @@ def test_mask_of_the_wrong_size_is_a_clear_error(tmp_path, capsys):
     for name in ("00000.png", "00005.png"):
         (masks / name).write_bytes((CUTIE / "masks" / "judo" / name).read_bytes())
     code = main(["segment", str(CUTIE / "images" / "judo"), "--masks", str(masks),
-                 "--config", "small", "--overlay", "none", "--output", str(tmp_path / "o"),
+                 "--overlay", "none", "--output", str(tmp_path / "o"),
                  "--quiet", "--max-frames", "6"])
     assert code == 2
     assert "853x480" in capsys.readouterr().err

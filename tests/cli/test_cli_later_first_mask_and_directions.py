@@ -23,7 +23,7 @@ def _folder_with_a_later_mask(tmp_path, frames=6, masked=3):
 
 
 def _segment(images, masks, output, *extra):
-    return main(["segment", str(images), "--masks", str(masks), "--config", "small",
+    return main(["segment", str(images), "--masks", str(masks),
                  "--output", str(output), "--overlay", "none", "--quiet", *extra])
 
 

@@ -74,7 +74,7 @@ def video(tmp_path):
 
 def _segment(video, output, *extra):
     frames, mask = video
-    return ["segment", str(frames), "--mask", str(mask), "--config", "small", "--output",
+    return ["segment", str(frames), "--mask", str(mask), "--output",
             str(output), "--quiet", *extra]
 
 
@@ -197,14 +197,14 @@ def test_segment_refuses_a_first_mask_without_objects(tmp_path, capsys):
     frames = _frames(tmp_path / "frames")
     empty = tmp_path / "empty.png"
     video_io.write_mask(empty, np.zeros(HW, np.uint8))
-    _user_error(capsys, ["segment", str(frames), "--mask", str(empty), "--config", "small",
+    _user_error(capsys, ["segment", str(frames), "--mask", str(empty),
                          "--output", str(tmp_path / "out"), "--quiet"],
                 str(empty), "no object")
     gray = tmp_path / "gray.png"
     ids = np.zeros(HW, np.uint8)
     ids[:4, :4] = 2                                                     # id 2 as gray level 2
     Image.fromarray(ids).save(gray)
-    assert _cli(["segment", str(frames), "--mask", str(gray), "--config", "small",
+    assert _cli(["segment", str(frames), "--mask", str(gray),
                  "--output", str(tmp_path / "out2"), "--quiet", "--overlay", "none"]) == 0
     assert "objects: 1" in capsys.readouterr().out
     assert set(np.unique(video_io.read_mask(tmp_path / "out2" / "masks" / "00000.png"))) \
@@ -215,7 +215,7 @@ def test_dataset_refuses_a_first_annotation_without_objects(davis_root, tmp_path
     first = davis_root / "Annotations" / "480p" / "synth" / "00000.png"
     video_io.write_mask(first, np.zeros(HW, np.uint8))
     _user_error(capsys, ["segment-dataset", str(davis_root), "--output", str(tmp_path / "o"),
-                         "--config", "small", "--quiet"], str(first), "no object")
+                         "--quiet"], str(first), "no object")
 
 
 def test_first_masks():
@@ -374,7 +374,7 @@ def test_undecodable_frame_is_named(tmp_path, capsys):
     frames = _frames(tmp_path / "frames")
     (frames / "00001.png").write_bytes(b"garbage")
     _user_error(capsys, ["segment", str(frames), "--mask", str(_box_mask(tmp_path / "m.png")),
-                         "--config", "small", "--output", str(tmp_path / "out"), "--quiet"],
+                         "--output", str(tmp_path / "out"), "--quiet"],
                 "00001.png")
     assert not (tmp_path / "out" / "masks" / "00001.png").exists()
 
@@ -406,6 +406,35 @@ def test_autocast_is_slow_only_on_cpus_without_the_dtypes_instructions():
     assert not autocast_is_slow(torch_.device("cuda"), "fp16")
 
 
+def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag(
+        tmp_path, video, capsys, monkeypatch):
+    """No --checkpoint: the trained small model shipped in the package; "small" and
+    "small-interactive" name the shipped files; an untrained network only with
+    --random-weights (and a warning that it is for training); bad combinations and a missing
+    checkpoint are refused before any work."""
+    loaded = []
+    real_load = checkpoint_module.load_checkpoint
+    monkeypatch.setattr("stm_model.cli.load_checkpoint",
+                        lambda path, device: loaded.append(path) or real_load(path, device))
+    for given, expected in ([], "small"), (["--checkpoint", "small"], "small"), (
+            ["--checkpoint", "small-interactive"], "small-interactive"):
+        assert _cli(_segment(video, tmp_path / f"out{len(loaded)}", "--overlay", "none",
+                             *given)) == 0
+        assert loaded[-1] == checkpoint_module.SHIPPED[expected]
+        assert "warning" not in capsys.readouterr().err
+    assert _cli(_segment(video, tmp_path / "random", "--overlay", "none", "--random-weights",
+                         "--config", "small")) == 0
+    assert "untrained network, for training experiments" in capsys.readouterr().err
+    count = len(loaded)
+    _user_error(capsys, _segment(video, tmp_path / "x", "--checkpoint", "nothing.pt"),
+                "--checkpoint", "nothing.pt", "small, small-interactive")
+    _user_error(capsys, _segment(video, tmp_path / "x", "--config", "small"),
+                "--config applies with --random-weights")
+    _user_error(capsys, _segment(video, tmp_path / "x", "--random-weights", "--checkpoint",
+                                 "small"), "exclude each other")
+    assert len(loaded) == count and not (tmp_path / "x").exists()
+
+
 def test_a_mask_named_like_no_frame_is_refused_in_the_commands_words(tmp_path, capsys):
     """A masks folder with an extra 00099.png: the one-line error names it and says what to
     do on the command line, not an argument of the Python API (strict=False)."""
@@ -414,8 +443,8 @@ def test_a_mask_named_like_no_frame_is_refused_in_the_commands_words(tmp_path, c
     masks.mkdir()
     _box_mask(masks / "00000.png")
     _box_mask(masks / "00099.png")
-    message = _user_error(capsys, ["segment", str(frames), "--masks", str(masks), "--config",
-                                   "small", "--output", str(tmp_path / "out"), "--quiet"],
+    message = _user_error(capsys, ["segment", str(frames), "--masks", str(masks),
+                                   "--output", str(tmp_path / "out"), "--quiet"],
                           "00099.png", "rename or remove them")
     assert "strict" not in message
 
@@ -480,7 +509,7 @@ def test_masks_with_too_many_objects_are_refused_unless_raised(tmp_path, capsys)
     labels = np.pad(labels, ((0, 0), (0, 24)))
     mask = tmp_path / "many.png"
     video_io.write_mask(mask, labels)
-    argv = ["segment", str(frames), "--mask", str(mask), "--config", "small", "--quiet",
+    argv = ["segment", str(frames), "--mask", str(mask), "--quiet",
             "--overlay", "none", "--output", str(tmp_path / "out")]
     _user_error(capsys, argv, "40 objects", "--max-objects")
     assert _cli(argv + ["--max-objects", "40"]) == 0
@@ -489,7 +518,7 @@ def test_masks_with_too_many_objects_are_refused_unless_raised(tmp_path, capsys)
 
 def test_dataset_masks_with_too_many_objects_are_refused(davis_root, tmp_path, capsys):
     _user_error(capsys, ["segment-dataset", str(davis_root), "--output", str(tmp_path / "o"),
-                         "--config", "small", "--quiet", "--max-objects", "1"],
+                         "--quiet", "--max-objects", "1"],
                 "2 objects", "--max-objects")
 
 
