@@ -52,8 +52,8 @@ case "${1:-tests}" in
     # Where the image has pytest-xdist and pytest-timeout (it had both on 2026-11-17), tests
     # run in worker processes (compiling kernels is CPU work: 16 cores) and a test past its
     # timeout ends its worker alone (xdist reports it as crashed and goes on).
-    kernel_tests="tests/test_memory_read.py tests/test_gluon_forward.py
-      tests/test_deterministic_backward.py tests/test_memory_read_family.py"
+    kernel_tests="tests/kernels/test_memory_read.py tests/kernels/test_gluon_forward.py
+      tests/kernels/test_deterministic_backward.py tests/kernels/test_memory_read_family.py"
     has() { python3 -c "import $1" 2>/dev/null; }
     gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARGS...
       local parallel=() limit=()
@@ -106,7 +106,7 @@ case "${1:-tests}" in
       mark=330; [ "$tool" = synccheck ] && mark=570
       timed "$(until_mark $mark)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
         --tool "$tool" --target-processes all --error-exitcode 3 --print-limit 20 \
-        python3 -m pytest -q -p no:cacheprovider -m "gpu and gluon" tests/test_gluon_forward.py \
+        python3 -m pytest -q -p no:cacheprovider -m "gpu and gluon" tests/kernels/test_gluon_forward.py \
         -k "test_gpu_matches_reference and 45-111 and not fp16"
     done ;;
   video) step python3 -m bench long-video ;;
