@@ -748,10 +748,10 @@ def evaluate_results(results, annotations, sequences=None, output=None):
         if missing:
             raise UsageError(f"{name}: no result for {len(missing)} annotated frames "
                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-        truth = [video_io.read_mask(p) for p in truth_paths]
+        truth, void = zip(*(video_io.read_annotation(p) for p in truth_paths), strict=True)
         predicted = [video_io.read_mask(result_folder / p.name, expected_hw=t.shape)
                      for p, t in zip(truth_paths, truth, strict=True)]
-        scored[name] = metrics.evaluate_sequence(truth, predicted)
+        scored[name] = metrics.evaluate_sequence(truth, predicted, void=void)  # void: left out
     per_object, global_row = metrics.summarize(scored)
     print(metrics.format_table(per_object, global_row))
     paths = metrics.write_csvs(pathlib.Path(output or results), per_object, global_row)

@@ -63,17 +63,18 @@ def _mask_pair(gt, pred):
     return gt.astype(bool), pred.astype(bool)
 
 
-def region_similarity(gt, pred):
+def region_similarity(gt, pred, void=None):
     """Region similarity J (Jaccard index) of two binary masks.
 
     Args:
         gt, pred: 2-D arrays of the same shape, anything castable to bool (True = object).
+        void: optional 2-D bool mask of pixels left out of both (DAVIS's void label).
     Returns:
         float |gt ∧ pred| / |gt ∨ pred|; 1.0 when both masks are empty (DAVIS convention).
     Raises:
         ValueError: an input is not 2-D or the shapes differ (the message names both shapes).
     """
-    gt, pred = _mask_pair(gt, pred)
+    gt, pred = _without_void(*_mask_pair(gt, pred), void)
     union = np.count_nonzero(gt | pred)
     if union == 0:
         return 1.0
@@ -142,7 +143,17 @@ def _count_matched(points, target, structure, chunk=1 << 20):
     return matched
 
 
-def boundary_precision_recall(gt, pred, bound_th=0.008):
+def _without_void(gt, pred, void):
+    """gt and pred with the void pixels cleared in both (as the DAVIS evaluation does)."""
+    if void is None:
+        return gt, pred
+    void = np.asarray(void, dtype=bool)
+    if void.shape != gt.shape:
+        raise ValueError(f"void shape {void.shape} and mask shape {gt.shape} differ")
+    return gt & ~void, pred & ~void
+
+
+def boundary_precision_recall(gt, pred, bound_th=0.008, void=None):
     """Boundary precision and recall of `pred` against `gt` (the two halves of F).
 
     Boundaries come from `boundary_map`; a boundary pixel counts as matched when the other
@@ -152,6 +163,7 @@ def boundary_precision_recall(gt, pred, bound_th=0.008):
     Args:
         gt, pred: 2-D arrays of the same shape, castable to bool.
         bound_th: tolerance, in pixels (>= 1) or as a fraction of the image diagonal (< 1).
+        void: optional 2-D bool mask of pixels cleared in both masks first (DAVIS's void).
     Returns:
         (precision, recall) floats: matched fraction of the predicted boundary pixels and of
         the ground-truth boundary pixels. Without a predicted boundary but with a ground-truth
@@ -160,7 +172,7 @@ def boundary_precision_recall(gt, pred, bound_th=0.008):
     Raises:
         ValueError: an input is not 2-D or the shapes differ.
     """
-    gt, pred = _mask_pair(gt, pred)
+    gt, pred = _without_void(*_mask_pair(gt, pred), void)
     gt_boundary = boundary_map(gt)
     pred_boundary = boundary_map(pred)
     n_gt = np.count_nonzero(gt_boundary)
@@ -177,19 +189,20 @@ def boundary_precision_recall(gt, pred, bound_th=0.008):
     return precision, recall
 
 
-def contour_accuracy(gt, pred, bound_th=0.008):
+def contour_accuracy(gt, pred, bound_th=0.008, void=None):
     """Contour accuracy F: the boundary F-measure of DAVIS.
 
     Args:
         gt, pred: 2-D arrays of the same shape, castable to bool.
         bound_th: boundary tolerance, see `boundary_precision_recall` (DAVIS uses 0.008).
+        void: optional pixels left out, see `boundary_precision_recall`.
     Returns:
         float 2PR / (P + R) of `boundary_precision_recall`, 0.0 when P + R = 0. Both masks
         empty gives 1.0; exactly one empty gives 0.0.
     Raises:
         ValueError: an input is not 2-D or the shapes differ (the message names both shapes).
     """
-    precision, recall = boundary_precision_recall(gt, pred, bound_th)
+    precision, recall = boundary_precision_recall(gt, pred, bound_th, void)
     if precision + recall == 0:
         return 0.0
     return 2 * precision * recall / (precision + recall)
@@ -218,7 +231,7 @@ def _object_ids_in(frames):
     return ids
 
 
-def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008):
+def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008, void=None):
     """Per-object, per-frame J and F of one sequence (DAVIS-2017 semi-supervised protocol).
 
     Args:
@@ -228,6 +241,8 @@ def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008):
         object_ids: objects to evaluate; default: every id present in any ground-truth frame.
             An object absent from a predicted frame is scored as an empty mask there.
         bound_th: boundary tolerance of F (see `boundary_precision_recall`).
+        void: optional T (H, W) bool masks of the ground truth's void pixels (DAVIS label 255,
+            `stm_model.io.read_annotation`), left out of J and F.
     Returns:
         dict with "object_ids" (list of int, ascending unless given), "J" and "F"
         (float64 arrays of shape (n_objects, T); every frame is scored, including the first
@@ -254,13 +269,16 @@ def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008):
     ids = sorted(gt_ids) if object_ids is None else [int(i) for i in object_ids]
 
     n_frames = len(gt_frames)
+    voids = [None] * n_frames if void is None else list(void)
+    if len(voids) != n_frames:
+        raise ValueError(f"void has {len(voids)} frames and gt has {n_frames}")
     j_values = np.empty((len(ids), n_frames))
     f_values = np.empty((len(ids), n_frames))
     for t, (gt, pred) in enumerate(zip(gt_frames, pred_frames, strict=True)):
         for k, object_id in enumerate(ids):
             gt_mask, pred_mask = gt == object_id, pred == object_id
-            j_values[k, t] = region_similarity(gt_mask, pred_mask)
-            f_values[k, t] = contour_accuracy(gt_mask, pred_mask, bound_th)
+            j_values[k, t] = region_similarity(gt_mask, pred_mask, voids[t])
+            f_values[k, t] = contour_accuracy(gt_mask, pred_mask, bound_th, voids[t])
     return {"object_ids": ids, "J": j_values, "F": f_values}
 
 

@@ -55,11 +55,17 @@ def check_mask_size(labels: np.ndarray | torch.Tensor, frame_hw: tuple[int, int]
                          f"{_size_text(frame_hw)}; masks must have their frame's size")
 
 
+VOID = 255
+"""The palette index DAVIS uses for void pixels (unlabelled, e.g. along object borders)."""
+
+
 def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Read an annotation PNG as an int64 (H, W) array of object ids (0 = background).
 
     Modes:
-        'P' (palette, DAVIS-2017): the palette indices are the ids (the colours are ignored).
+        'P' (palette, DAVIS-2017): the palette indices are the ids (the colours are ignored);
+            index 255 (:data:`VOID`) is DAVIS's void label, read as background (never an
+            object): :func:`read_annotation` also returns where it is.
         'L' (grayscale): as :func:`gray_to_ids`: 0 and 255 is one object (DAVIS-2016), gray
             levels 1..:data:`GRAY_MAX_IDS` are object ids, anything else is refused.
         '1' (bilevel): white -> 1, black -> 0.
@@ -74,6 +80,14 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
         ValueError: a file that is not a readable image (named), another mode (RGB, RGBA,
             16-bit, ...), an ambiguous grayscale mask, or a size mismatch.
     """
+    return read_annotation(path, expected_hw)[0]
+
+
+def read_annotation(path: str | Path, expected_hw: tuple[int, int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, void) of an annotation PNG: the ids as :func:`read_mask` reads them and the
+    (H, W) bool mask of its void pixels (palette index 255; none in other modes), which the
+    DAVIS evaluation leaves out of J and F."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -82,8 +96,12 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read mask {path}: {error}") from error
+    void = np.zeros(pixels.shape[:2], dtype=bool)
     if mode in ("P", "1"):
         labels = pixels.astype(np.int64)
+        if mode == "P":
+            void = labels == VOID
+            labels[void] = 0
     elif mode == "L":
         labels = gray_to_ids(pixels, path)
     else:
@@ -94,7 +112,7 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
             "palette PNG of object ids")
     if expected_hw is not None:
         check_mask_size(labels, expected_hw, mask_name=path.name)
-    return labels
+    return labels, void
 
 
 def gray_to_ids(gray: np.ndarray, path: str | Path = "") -> np.ndarray:

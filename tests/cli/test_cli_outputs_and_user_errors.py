@@ -159,6 +159,22 @@ def test_eval_names_the_mask_it_cannot_read(tmp_path, capsys):
                 str(results / "00001.png"))
 
 
+def test_eval_leaves_the_annotations_void_pixels_out(tmp_path, capsys):
+    """Ground truth with DAVIS's void label (255) along a band: a prediction that differs only
+    there scores J = F = 1 and void is no object of its own."""
+    truth, results = tmp_path / "truth" / "seq", tmp_path / "results" / "seq"
+    for t in range(3):
+        gt = np.zeros(HW, np.uint8)
+        gt[8:20, 10:30] = 1
+        gt[0:3, :] = 255
+        predicted = np.where(gt == 255, 1, gt).astype(np.uint8)  # wrong only under void
+        video_io.write_mask(truth / f"{t:05d}.png", gt)
+        video_io.write_mask(results / f"{t:05d}.png", predicted)
+    assert _cli(["eval", str(results.parent), str(truth.parent)]) == 0
+    rows = (results.parent / "per-sequence_results.csv").read_text().splitlines()
+    assert rows == ["Sequence,J-Mean,F-Mean", "seq_1,1.000,1.000"], rows
+
+
 def test_eval_refuses_an_unwritable_output_before_scoring(tmp_path, capsys, monkeypatch):
     """The CSVs' folder is checked first: a read-only one (here under /sys, read-only even for
     root) is a one-line error with the way out, and no frame is scored."""

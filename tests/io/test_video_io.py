@@ -74,8 +74,8 @@ def test_palette_matches_real_davis_files():
 
 def test_write_read_mask_round_trip_ragged(tmp_path):
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 256, size=(53, 37))                     # H=53, W=37
-    labels[0, 0], labels[-1, -1] = 0, 255
+    labels = rng.integers(0, 255, size=(53, 37))                     # H=53, W=37
+    labels[0, 0], labels[-1, -1] = 0, 254  # every object id (255 is DAVIS's void: below)
     path = tmp_path / "sub" / "00000.png"
     write_mask(path, labels)
     back = read_mask(path)
@@ -362,3 +362,24 @@ def test_overlay_writer_errors(tmp_path):
     with pytest.raises(ValueError, match="closed"):
         writer.add(np.zeros((4, 6, 3), np.uint8))
     assert video_io.__all__ and all(hasattr(video_io, n) for n in video_io.__all__)
+
+
+def test_palette_index_255_is_davis_void_not_an_object(tmp_path):
+    """DAVIS marks unlabelled pixels with palette index 255: read as background (never object
+    255), and read_annotation says where they are; a DAVIS-2016 gray mask's 255 stays object 1."""
+    ids = np.zeros((6, 8), np.uint8)
+    ids[1:4, 1:4] = 1
+    ids[0, :] = 255  # a void border
+    image = Image.fromarray(ids, mode="P")
+    image.putpalette(video_io.DAVIS_PALETTE.flatten().tolist())
+    image.save(tmp_path / "void.png")
+    labels = video_io.read_mask(tmp_path / "void.png")
+    assert set(np.unique(labels)) == {0, 1} and (labels[0] == 0).all()
+    labels, void = video_io.read_annotation(tmp_path / "void.png")
+    assert void.dtype == bool and void[0].all() and not void[1:].any()
+    assert np.array_equal(labels, video_io.read_mask(tmp_path / "void.png"))
+    gray = np.zeros((6, 8), np.uint8)
+    gray[2:5, 2:5] = 255
+    Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
+    labels, void = video_io.read_annotation(tmp_path / "gray.png")
+    assert set(np.unique(labels)) == {0, 1} and not void.any()

@@ -300,3 +300,23 @@ def test_matches_official_davis_values(sequence):
                                                                   abs=1e-6)
     assert per_object[f"{sequence}_1"]["F-Mean"] == pytest.approx(np.mean(ref["F"][1:-1]),
                                                                   abs=1e-6)
+
+
+def test_void_pixels_are_left_out_of_j_and_f():
+    """As the DAVIS evaluation does: pixels marked void (label 255 in the annotation) count in
+    neither mask, so a prediction that differs from the ground truth only there scores 1."""
+    gt = np.zeros((20, 20), bool)
+    gt[5:15, 5:15] = True
+    pred = gt.copy()
+    pred[0:3, :] = True  # wrong, but only under the void band
+    void = np.zeros((20, 20), bool)
+    void[0:3, :] = True
+    assert metrics.region_similarity(gt, pred) < 1
+    assert metrics.region_similarity(gt, pred, void) == 1.0
+    assert metrics.contour_accuracy(gt, pred, void=void) == 1.0
+    result = metrics.evaluate_sequence([gt.astype(np.int64)], [pred.astype(np.int64)],
+                                       void=[void])
+    assert result["J"][0, 0] == 1.0 and result["F"][0, 0] == 1.0
+    with pytest.raises(ValueError, match="void has 2 frames"):
+        metrics.evaluate_sequence([gt.astype(np.int64)], [pred.astype(np.int64)],
+                                  void=[void, void])
