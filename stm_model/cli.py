@@ -708,6 +708,9 @@ def _eval_parser(parser):
     parser.add_argument("--sequences", nargs="+", help="evaluate these sequences only")
     parser.add_argument("--output", help="folder for the CSV files (default: the results "
                                          "folder)")
+    parser.add_argument("--davis2016", action="store_true",
+                        help="DAVIS-2016 (single object): any object is foreground, in the "
+                             "results and the annotations")
     parser.set_defaults(run=evaluate)
 
 
@@ -726,12 +729,14 @@ def _sequences(results, annotations, only):
 
 def evaluate(args):
     """`stm eval`: per-object and global J&F, printed and written as the DAVIS CSV files."""
-    return evaluate_results(args.results, args.annotations, args.sequences, args.output)
+    return evaluate_results(args.results, args.annotations, args.sequences, args.output,
+                            davis2016=args.davis2016)
 
 
-def evaluate_results(results, annotations, sequences=None, output=None):
+def evaluate_results(results, annotations, sequences=None, output=None, davis2016=False):
     """J&F of result masks against annotations (see `stm eval`); prints the table and writes
-    the two DAVIS CSVs to output (default: the results folder)."""
+    the two DAVIS CSVs to output (default: the results folder). davis2016: every object id
+    counts as one foreground object (the DAVIS-2016 single-object protocol)."""
     results, annotations = pathlib.Path(results), pathlib.Path(annotations)
     for what, folder in (("results", results), ("annotations", annotations)):
         if not folder.is_dir():
@@ -751,7 +756,17 @@ def evaluate_results(results, annotations, sequences=None, output=None):
         truth, void = zip(*(video_io.read_annotation(p) for p in truth_paths), strict=True)
         predicted = [video_io.read_mask(result_folder / p.name, expected_hw=t.shape)
                      for p, t in zip(truth_paths, truth, strict=True)]
-        scored[name] = metrics.evaluate_sequence(truth, predicted, void=void)  # void: left out
+        if davis2016:  # one object: the union of all of them
+            truth = [(t > 0).astype(np.int64) for t in truth]
+            predicted = [(p > 0).astype(np.int64) for p in predicted]
+        try:
+            scored[name] = metrics.evaluate_sequence(truth, predicted, void=void)  # void: out
+        except ValueError as error:  # name the sequence and the frame's file
+            names = [path.name for path in truth_paths]
+            message = re.sub(r"frame (\d+)", lambda m, names=names: names[int(m.group(1))],
+                             str(error), count=1)
+            hint = "" if davis2016 else " (--davis2016 scores any object as the foreground)"
+            raise UsageError(f"{name}: {message}{hint}") from None
     per_object, global_row = metrics.summarize(scored)
     print(metrics.format_table(per_object, global_row))
     paths = metrics.write_csvs(pathlib.Path(output or results), per_object, global_row)

@@ -249,8 +249,8 @@ def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008, v
         and last: `summarize` excludes them for the challenge statistics).
     Raises:
         ValueError: frame counts or frame sizes differ (naming both), a frame is not 2-D, or
-            the prediction holds an object id that no ground-truth frame has (the official
-            evaluation refuses such results too).
+            the prediction holds an object id that no ground-truth frame has (naming the first
+            frame that does; the official evaluation refuses such results too).
         TypeError: labels are not integers.
     """
     gt_frames = _label_stack(gt_labels, "gt")
@@ -264,8 +264,10 @@ def evaluate_sequence(gt_labels, pred_labels, object_ids=None, bound_th=0.008, v
     gt_ids = _object_ids_in(gt_frames)
     extra = sorted(_object_ids_in(pred_frames) - gt_ids)
     if extra:
-        raise ValueError(f"prediction holds object ids {extra} that the ground truth lacks "
-                         f"(ground-truth ids: {sorted(gt_ids)})")
+        first = next(t for t, frame in enumerate(pred_frames)
+                     if set(np.unique(frame).tolist()) & set(extra))
+        raise ValueError(f"prediction frame {first} holds object ids {extra} that the ground "
+                         f"truth lacks (ground-truth ids: {sorted(gt_ids)})")
     ids = sorted(gt_ids) if object_ids is None else [int(i) for i in object_ids]
 
     n_frames = len(gt_frames)

@@ -175,6 +175,27 @@ def test_eval_leaves_the_annotations_void_pixels_out(tmp_path, capsys):
     assert rows == ["Sequence,J-Mean,F-Mean", "seq_1,1.000,1.000"], rows
 
 
+def test_eval_of_several_objects_against_one_names_the_frame_and_has_a_davis2016_mode(
+        tmp_path, capsys):
+    """Multi-object predictions against single-object (DAVIS-2016) ground truth: the error
+    names the sequence and the frame, and points to --davis2016, which scores the union of the
+    objects as the one foreground object."""
+    truth, results = tmp_path / "truth" / "seq", tmp_path / "results" / "seq"
+    for t in range(3):
+        gt = np.zeros(HW, np.uint8)
+        gt[8:20, 10:30] = 1
+        predicted = gt.copy()
+        if t >= 1:
+            predicted[8:20, 20:30] = 2  # the same foreground, split into two objects
+        video_io.write_mask(truth / f"{t:05d}.png", gt)
+        video_io.write_mask(results / f"{t:05d}.png", predicted)
+    _user_error(capsys, ["eval", str(results.parent), str(truth.parent)],
+                "seq: prediction 00001.png holds object ids [2]", "--davis2016")
+    assert _cli(["eval", str(results.parent), str(truth.parent), "--davis2016"]) == 0
+    rows = (results.parent / "per-sequence_results.csv").read_text().splitlines()
+    assert rows == ["Sequence,J-Mean,F-Mean", "seq_1,1.000,1.000"], rows
+
+
 def test_eval_refuses_an_unwritable_output_before_scoring(tmp_path, capsys, monkeypatch):
     """The CSVs' folder is checked first: a read-only one (here under /sys, read-only even for
     root) is a one-line error with the way out, and no frame is scored."""

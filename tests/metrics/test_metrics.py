@@ -320,3 +320,10 @@ def test_void_pixels_are_left_out_of_j_and_f():
     with pytest.raises(ValueError, match="void has 2 frames"):
         metrics.evaluate_sequence([gt.astype(np.int64)], [pred.astype(np.int64)],
                                   void=[void, void])
+
+
+def test_an_object_the_ground_truth_lacks_is_refused_naming_the_first_frame():
+    gt = [np.ones((4, 4), np.int64)] * 3
+    pred = [np.ones((4, 4), np.int64), np.full((4, 4), 2), np.full((4, 4), 3)]
+    with pytest.raises(ValueError, match=r"prediction frame 1 holds object ids \[2, 3\]"):
+        metrics.evaluate_sequence(gt, pred)
