@@ -282,6 +282,8 @@ def _mask_lookup(args, reader):
     """{frame name: mask path}, with the first frame's mask required."""
     if args.mask:
         return {None: pathlib.Path(args.mask)}  # None: the first frame, whatever its name
+    if not pathlib.Path(args.masks).is_dir():
+        raise UsageError(f"--masks {args.masks}: no such folder")
     if reader.names is not None:
         return video_io.masks_for_frames(reader.names, args.masks)
     return {path.stem: path for path in sorted(pathlib.Path(args.masks).glob("*.png"))}
@@ -291,6 +293,8 @@ def _mask_paths(args, frames, masks):
     """{frame index: mask path}: --mask is the first frame's; --masks may start on any frame
     (UsageError when none of its masks is named like a frame)."""
     if args.mask:
+        if not pathlib.Path(masks[None]).is_file():
+            raise UsageError(f"--mask {masks[None]}: no such file")
         return {0: masks[None]}
     position = {name: index for index, name in enumerate(frames.names)}
     paths = {position[name]: path for name, path in masks.items() if name in position}

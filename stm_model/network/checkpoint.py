@@ -8,6 +8,7 @@ import dataclasses
 import os
 import pathlib
 import reprlib
+import zipfile
 from typing import Any, Optional, Union
 
 import torch
@@ -220,11 +221,27 @@ def _read(path_or_payload):
     if isinstance(path_or_payload, (str, os.PathLike)):
         try:
             return torch.load(path_or_payload, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
         except Exception as error:
-            raise CheckpointError(
-                f"could not read {os.fspath(path_or_payload)!r} as a PyTorch checkpoint: "
-                f"{type(error).__name__}: {error}") from error
+            raise CheckpointError(f"could not read {os.fspath(path_or_payload)!r} as a PyTorch "
+                                  f"checkpoint: {_why_unreadable(path_or_payload, error)}"
+                                  ) from error
     return path_or_payload
+
+
+def _why_unreadable(path, error):
+    """Why torch.load failed, in a few words (its own message on weights_only runs to a
+    paragraph of advice)."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither a zip nor a pickle
+        return "it is not a file torch.save writes (a zip archive or a pickle)"
+    if "Weights only load failed" in str(error):
+        return ("it holds Python objects besides tensors, which are not loaded (only "
+                "checkpoints of tensors and plain values are)")
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 def _read_state_dict(path_or_state_dict):

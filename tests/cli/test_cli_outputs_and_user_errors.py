@@ -472,6 +472,25 @@ def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag
     assert len(loaded) == count and not (tmp_path / "x").exists()
 
 
+def test_missing_mask_inputs_name_their_option(tmp_path, video, capsys):
+    frames, _ = video
+    for option, missing in (("--mask", tmp_path / "nothing.png"),
+                            ("--masks", tmp_path / "no_folder")):
+        _user_error(capsys, ["segment", str(frames), option, str(missing), "--output",
+                             str(tmp_path / "out"), "--quiet"], f"{option} {missing}",
+                    "no such")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_one_short_line(tmp_path, video, capsys):
+    """A PNG given as --checkpoint: one line naming it, without torch.load's paragraph on
+    weights_only."""
+    png = _box_mask(tmp_path / "not_a_model.png")
+    message = _user_error(capsys, _segment(video, tmp_path / "out", "--checkpoint", str(png)),
+                          "could not read", "not_a_model.png")
+    assert "weights_only" not in message and len(message) < 400, message
+
+
 def test_a_mask_named_like_no_frame_is_refused_in_the_commands_words(tmp_path, capsys):
     """A masks folder with an extra 00099.png: the one-line error names it and says what to
     do on the command line, not an argument of the Python API (strict=False)."""
