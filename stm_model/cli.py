@@ -13,7 +13,6 @@ one line, `stm <command>: error: <message>`, with exit code 2; never a traceback
 """
 import argparse
 import json
-import os
 import pathlib
 import re
 import sys
@@ -321,15 +320,15 @@ def _earlier_results(output):
 
 
 def _check_output(output, overwrite):
-    """Create output and check it is writable; an output holding an earlier run's masks or
-    overlay frames is refused (the runs would mix) unless overwrite."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create the output folder {output}: "
-                         f"{error.strerror or error}") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to the output folder {output}: permission denied")
+    """Check, without creating it yet (a run that fails to start leaves no empty folder), that
+    output can be a folder of results: not a file, writable (a read-only filesystem and
+    missing permissions alike), and not holding an earlier run's masks or overlay frames
+    (the runs would mix) unless overwrite."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; give a folder (it is made if needed)")
+    if not can_write_into(output):
+        raise UsageError(f"cannot write into the output folder {output} (read-only, or a "
+                         "parent is a file); choose another --output")
     earlier = _earlier_results(output)
     if earlier and not overwrite:
         raise UsageError(f"{output} already holds the results of an earlier run ({len(earlier)} "
@@ -340,7 +339,8 @@ def _check_output(output, overwrite):
 def _clear_output(output):
     """Remove an earlier run's masks, overlay frames and videos (there are some only with
     --overwrite: see _check_output) and the temporary files of writes a run was killed in,
-    so that the new run's results are not mixed with older ones."""
+    so that the new run's results are not mixed with older ones. Makes the folder."""
+    output.mkdir(parents=True, exist_ok=True)
     for path in _earlier_results(output):
         path.unlink(missing_ok=True)
     for folder in (output, output / "masks", output / "overlay"):
@@ -365,6 +365,9 @@ def segment(args):
     _check_model_arguments(args)
     if _is_davis_root(args.input):
         return _segment_davis_root(args)
+    if (pathlib.Path(args.input) / "JPEGImages").is_dir():
+        raise UsageError(f"{args.input} has JPEGImages/ but no Annotations/: a DAVIS-format "
+                         "root needs both (or give a folder of frames with --mask/--masks)")
     if not (args.mask or args.masks):
         raise UsageError("one of --mask (the first frame's mask) or --masks (a folder of "
                          "masks) is required")

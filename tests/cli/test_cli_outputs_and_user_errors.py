@@ -405,6 +405,28 @@ def test_checkpoint_config_that_does_not_match_its_weights(small_payload, tmp_pa
 def test_unwritable_output_is_a_user_error(tmp_path, video, capsys):
     (tmp_path / "file").write_text("not a folder")
     _user_error(capsys, _segment(video, tmp_path / "file" / "out"), str(tmp_path / "file"))
+    # --output naming a file: said as it is, not "File exists"
+    message = _user_error(capsys, _segment(video, tmp_path / "file"), "--output",
+                          "is a file; give a folder")
+    assert "File exists" not in message
+    read_only = pathlib.Path("/sys/stm_segment_output")
+    if not can_write_into(read_only):  # read-only filesystem: not "permission denied"
+        message = _user_error(capsys, _segment(video, read_only), "read-only")
+        assert "permission denied" not in message
+
+
+def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, video, capsys):
+    frames, _ = video
+    _user_error(capsys, ["segment", str(frames), "--mask", str(tmp_path / "missing.png"),
+                         "--output", str(tmp_path / "out"), "--quiet"], "--mask")
+    _user_error(capsys, _segment(video, tmp_path / "out2", "--checkpoint",
+                                 str(_box_mask(tmp_path / "x.png"))), "could not read")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_davis_like_root_without_annotations_says_so(tmp_path, capsys):
+    (tmp_path / "root" / "JPEGImages" / "480p" / "seq").mkdir(parents=True)
+    _user_error(capsys, ["segment", str(tmp_path / "root")], "JPEGImages/ but no Annotations/")
 
 
 def test_undecodable_frame_is_named(tmp_path, capsys):
