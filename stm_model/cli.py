@@ -69,8 +69,26 @@ class UsageError(Exception):
 USER_ERRORS = (UsageError, ValueError, OSError, ImportError)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help with each option's default shown, where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or \
+                default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".strip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block), exit code 2."""
+    """An ArgumentParser whose errors are one line (no usage block), exit code 2, and whose
+    help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         # "argument --mem-every: must be at least 1" (a _count check) reads better without
@@ -111,9 +129,10 @@ def main(argv=None):
                         version=f"stm-kernels {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands.add_parser(
-        "segment", help="segment a video from a first-frame mask",
+        "segment", help="segment a video from a mask",
         description="Segment every frame of a video (a folder of JPEG/PNG frames or a video "
-                    "file) from the mask of its first frame; writes palette PNG masks named "
+                    "file) from a mask: of its first frame (--mask), or the first of a folder "
+                    "of masks on any frames (--masks); writes palette PNG masks named "
                     "like the input frames and an overlay. Given a DAVIS-format root, "
                     "segments every sequence (as segment-dataset)."))
     _dataset_parser(commands.add_parser(
@@ -137,9 +156,11 @@ def main(argv=None):
         description="Write the model of a checkpoint (an stm-kernels run's checkpoint.pt or "
                     "model.pt, or the official STM_weights.pth) as an stm-kernels weights "
                     "file, without optimiser state; --dtype fp16 halves its size.")
-    export.add_argument("source")
-    export.add_argument("target")
-    export.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    export.add_argument("source", help="a checkpoint: an stm-kernels run's checkpoint.pt or "
+                                       "model.pt, or the official STM_weights.pth")
+    export.add_argument("target", help="the weights file to write")
+    export.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="dtype of the stored weights (fp16 halves the file)")
     export.set_defaults(run=export_weights)
     train_parser = commands.add_parser(
         "train", help="train an STM (options: stm train --help)",
@@ -187,7 +208,9 @@ def _segment_parser(parser):
     parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
                         help="refuse masks with more object ids than this (default "
                              f"{DEFAULT_MAX_OBJECTS}; often a colour image read as ids)")
-    parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4")
+    parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4",
+                        help="the masks over the frames: a video, a GIF, a folder of PNGs, or "
+                             "none")
     parser.add_argument("--fps", type=_positive_float,
                         help="overlay frame rate (default: the video's, else 24)")
     parser.add_argument("--max-frames", type=_count(1),
@@ -490,7 +513,8 @@ def _dataset_parser(parser):
     parser.add_argument("root", help="DAVIS-format root (JPEGImages/<res>/<seq>/*.jpg, "
                                      "Annotations/<res>/<seq>/*.png)")
     parser.add_argument("--output", required=True, help="output folder: OUTPUT/<seq>/<frame>.png")
-    parser.add_argument("--resolution", default="480p")
+    parser.add_argument("--resolution", default="480p",
+                        help="the DAVIS resolution folder (JPEGImages/<resolution>)")
     parser.add_argument("--sequences", nargs="+", help="only these sequences")
     parser.add_argument("--masks", choices=dataset_segmentation.MASK_POLICIES, default="first",
                         help="first: the first frame's annotation only (DAVIS protocol); all: "
@@ -601,10 +625,12 @@ def _interactive_parser(parser):
     parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
                                              "with the package; the default) or a checkpoint "
                                              "file")
-    parser.add_argument("--resolution", default="480p")
+    parser.add_argument("--resolution", default="480p",
+                        help="the DAVIS resolution folder (JPEGImages/<resolution>)")
     parser.add_argument("--size", type=_count(1), nargs=2, metavar=("H", "W"),
                         help="segment at this size (scores stay at the annotations' size)")
-    parser.add_argument("--rounds", type=_count(1), default=8)
+    parser.add_argument("--rounds", type=_count(1), default=8,
+                        help="rounds of robot scribbles per sequence")
     parser.add_argument("--max-time", type=_positive_float, default=240.0,
                         help="AUC time range, seconds per object (default 8 x 30)")
     parser.add_argument("--at-time", type=_positive_float, default=60.0,
@@ -615,8 +641,10 @@ def _interactive_parser(parser):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=options_module.AMP_DTYPES,
                         help="autocast the network")
-    parser.add_argument("--backend", choices=BACKENDS)
-    parser.add_argument("--output", default="interactive_eval_output")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="memory read implementation (default: auto)")
+    parser.add_argument("--output", default="interactive_eval_output",
+                        help="folder for interactive_eval.json and the plot")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=interactive_evaluate)
 

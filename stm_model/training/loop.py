@@ -78,6 +78,28 @@ class TrainConfig:
         _check_train_config(self)
 
 
+# The command-line help of each TrainConfig field (`stm train --help`).
+HELP = dict(
+    output="run folder: checkpoint.pt (resumable), model.pt (the trained model), metrics.csv",
+    model="network size: small (torchvision ResNet-18 blocks, ~3M parameters) or official "
+          "(ResNet-50)",
+    data="training videos: synthetic (generated, deterministic) or a DAVIS-format root",
+    steps="optimiser steps", static_steps="first steps on static-image clips (pre-training)",
+    batch_size="clips per step (over all processes)", clip_len="frames per clip",
+    size="clip frame size H W", max_objects="objects per clip at most",
+    max_skip="frames skipped between a clip's frames: start, peak (mid-run) and end of the "
+             "curriculum",
+    lr="AdamW learning rate (after warm-up; cosine decay)", weight_decay="AdamW weight decay",
+    warmup_steps="linear learning-rate warm-up steps", grad_clip="gradient norm clip",
+    amp="bf16 autocast on CUDA (ignored on a CPU)",
+    checkpointing="activation checkpointing: none, encoders or all (less memory, more time)",
+    read_backend="memory read implementation", interactive="train the interactive STM on "
+    "synthesised scribbles", init_from="start from this checkpoint's weights (e.g. the "
+    "semi-supervised model for the interactive one)", seed="seed of data and initialisation",
+    workers="data-loading processes", log_every="steps between metrics.csv rows",
+    save_every="steps between checkpoints")
+
+
 def _check_train_config(config):
     """ValueError naming the first setting that cannot train: an unknown model, activation
     checkpointing level or read backend, or a count or size out of range."""
@@ -357,21 +379,24 @@ def add_arguments(parser):
     options of `python -m stm_model.training.loop` and of `stm train`."""
     for field in dataclasses.fields(TrainConfig):
         name = "--" + field.name.replace("_", "-")
+        text = HELP[field.name]
         if field.type is bool or isinstance(field.default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction,
-                                default=field.default)
+                                default=field.default, help=text)
         elif isinstance(field.default, tuple):
-            parser.add_argument(name, type=int, nargs=len(field.default), default=field.default)
+            parser.add_argument(name, type=int, nargs=len(field.default), default=field.default,
+                                help=text)
         else:
             parser.add_argument(name, type=type(field.default), default=field.default,
-                                choices=CHOICES.get(field.name))
-    parser.add_argument("--no-progress", action="store_true")
+                                choices=CHOICES.get(field.name), help=text)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def _parser():
-    return add_arguments(argparse.ArgumentParser(prog="stm train",
-                                                 description=__doc__.split("\n\n")[0]))
+    return add_arguments(argparse.ArgumentParser(
+        prog="stm train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
 
 
 def run(args):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from helpers import SHARED
 from stm_model import io as video_io
+from stm_model import cli
 from stm_model.cli import main
 
 DAVIS = SHARED / "data" / "davis2016-val"
@@ -97,3 +98,40 @@ def test_module_entry_point_prints_help():
                                capture_output=True, text=True)
     assert completed.returncode == 0
     assert "segment" in completed.stdout and "eval" in completed.stdout
+
+
+def _command_parsers():
+    """{command: its parser} of the stm command, as main builds them."""
+    import argparse
+    captured = {}
+    real = cli._Parser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+    cli._Parser.parse_args = grab
+    try:
+        cli.main(["--help"])
+    finally:
+        cli._Parser.parse_args = real
+    commands = next(action for action in captured["parser"]._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    return commands.choices
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    import argparse
+    for command, parser in _command_parsers().items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (command, action.option_strings or action.dest)
+            default = action.default
+            if action.option_strings and default not in (None, False, argparse.SUPPRESS) and \
+                    "default" not in action.help:
+                shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) \
+                    else str(default)
+                assert f"(default: {shown})" in " ".join(text.split()), (command, action.dest)
+    segment = _command_parsers()["segment"].description
+    assert "--masks" in segment and "first frame" in segment  # later first masks work too
