@@ -336,10 +336,15 @@ OVERLAY_FILES = ("overlay.mp4", "overlay.gif")  # `stm segment`'s overlay output
 
 
 def _earlier_results(output):
-    """Masks, overlay frames and overlay videos an earlier `stm segment` run left in output."""
+    """Masks, overlay frames and overlay videos an earlier `stm segment` run left in output,
+    and the J&F tables `stm eval` wrote beside them (they would score the old masks)."""
     frames = [path for folder in (output / "masks", output / "overlay") if folder.is_dir()
               for path in folder.iterdir() if path.suffix == ".png"]
-    return frames + [output / name for name in OVERLAY_FILES if (output / name).exists()]
+    tables = [folder / name for folder in (output, output / "masks")
+              for name in (metrics.GLOBAL_CSV, metrics.PER_OBJECT_CSV)
+              if (folder / name).is_file()]
+    return frames + tables + [output / name for name in OVERLAY_FILES
+                              if (output / name).exists()]
 
 
 def _check_output(output, overwrite):
@@ -355,8 +360,8 @@ def _check_output(output, overwrite):
     earlier = _earlier_results(output)
     if earlier and not overwrite:
         raise UsageError(f"{output} already holds the results of an earlier run ({len(earlier)} "
-                         "masks and overlay files); pass --overwrite to replace them, or choose "
-                         "another --output")
+                         "masks, overlay and J&F files); pass --overwrite to replace them, or "
+                         "choose another --output")
 
 
 def _clear_output(output):

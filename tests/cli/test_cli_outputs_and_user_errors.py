@@ -424,6 +424,23 @@ def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, video, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+def test_overwrite_also_removes_the_earlier_masks_jf_tables(tmp_path, video, capsys):
+    """stm eval wrote its CSVs beside the masks; a new run with --overwrite removes them with
+    the masks (they scored the old ones), and without it they count as earlier results."""
+    out = tmp_path / "out"
+    assert _cli(_segment(video, out, "--overlay", "none")) == 0
+    for folder in (out, out / "masks"):
+        (folder / "global_results.csv").write_text("J&F-Mean\n0.5\n")
+        (folder / "per-sequence_results.csv").write_text("Sequence,J-Mean,F-Mean\n")
+    (out / "masks" / "00000.png").unlink()
+    for name in ("00001.png", "00002.png"):
+        (out / "masks" / name).unlink()
+    _user_error(capsys, _segment(video, out, "--overlay", "none"), "--overwrite", "J&F")
+    assert _cli(_segment(video, out, "--overlay", "none", "--overwrite")) == 0
+    assert not list(out.rglob("*.csv"))
+    assert len(list((out / "masks").glob("*.png"))) == 3
+
+
 def test_a_davis_like_root_without_annotations_says_so(tmp_path, capsys):
     (tmp_path / "root" / "JPEGImages" / "480p" / "seq").mkdir(parents=True)
     _user_error(capsys, ["segment", str(tmp_path / "root")], "JPEGImages/ but no Annotations/")
