@@ -18,6 +18,13 @@ def merge_reads(outs: Sequence[torch.Tensor],
         (out, lse): out (B, Cv, *Q) in the dtype of outs[0], lse (B, *Q) in float32 (float64 if
         the lses are float64). Equal, up to rounding, to one `memory_read` over the memory chunks
         concatenated along N; differentiable, so chunks may live on other devices or on CPU.
+
+    Reads with `top_k` are not merged into a top-k read: each chunk's read is over that
+    chunk's top_k positions, so the merge is a softmax over up to chunks x top_k positions,
+    not the top_k of the whole memory. For the global top-k over chunks, select first over all
+    of them (`stm_kernels.topk.topk_scores` per chunk, keep the k best) and read those
+    (`stm_kernels.topk.read_selected`), as `stm_kernels.distributed.memory_read` does; or
+    pass the chunks as a list to `memory_read(..., top_k=k)`.
     """
     outs, lses = list(outs), list(lses)
     if not outs or len(outs) != len(lses):

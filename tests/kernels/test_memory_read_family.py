@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import DEVICES, TOLERANCE, random_inputs, relative_error, skip_unless_runnable
-from stm_kernels import memory_read, memory_usage, poison_outputs
+from stm_kernels import memory_read, memory_usage, merge_reads, poison_outputs
 from stm_kernels.backends.triton import launch as triton_module
 from stm_kernels.topk import read_selected, topk_scores
 
@@ -292,3 +292,18 @@ def test_top_k_read_equals_stcns_own_read(backend):
     q, k, v = random_inputs(2, 1, 16, 32, 20, 300, torch.float64, "cpu", seed=27)
     ours = memory_read(q, k, v, similarity="l2", top_k=5, backend=backend)
     assert relative_error(ours, stcn_read(q, k.clone(), v, 5)) < 1e-12
+
+
+def test_merged_top_k_reads_are_not_a_top_k_read_but_a_list_of_chunks_is():
+    """What merge_reads' docstring says: merging per-chunk top_k reads is a softmax over every
+    chunk's top_k (not the memory's top_k); chunks passed as a list read the global top_k."""
+    q, k, v = random_inputs(1, 1, 8, 6, 10, 60, torch.float64, "cpu", seed=4)
+    whole = memory_read(q, k, v, backend="torch", top_k=5)
+    chunks = [(k[:, :, :30], v[:, :, :30]), (k[:, :, 30:], v[:, :, 30:])]
+    listed = memory_read(q, [c[0] for c in chunks], [c[1] for c in chunks], backend="torch",
+                         top_k=5)
+    assert relative_error(listed, whole) < 1e-12
+    merged, _ = merge_reads(*zip(*(memory_read(q, ck, cv, backend="torch", top_k=5,
+                                               return_lse=True) for ck, cv in chunks),
+                                 strict=True))
+    assert relative_error(merged, whole) > 1e-3
