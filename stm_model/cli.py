@@ -326,6 +326,21 @@ def _mask_paths(args, frames, masks):
     return paths
 
 
+def _check_all_masks(paths, hw, max_objects):
+    """Every mask of a run, read once before the first frame: readable, of its frame's size,
+    and with at most max_objects ids in all (the message names the mask that brings the count
+    over and the limit all the masks need)."""
+    ids_by_mask = []
+    for index in sorted(paths):
+        mask = video_io.read_mask(paths[index], expected_hw=hw)
+        ids_by_mask.append((paths[index], object_ids(mask)))
+    every = set().union(*(ids for _, ids in ids_by_mask))
+    seen = set()
+    for path, ids in ids_by_mask:
+        seen |= set(ids)
+        check_object_count(seen, max_objects, name=path.name, needed=len(every))
+
+
 def _is_davis_root(path):
     path = pathlib.Path(path)
     return (path / "JPEGImages").is_dir() and (path / "Annotations").is_dir()
@@ -408,7 +423,8 @@ def segment(args):
     first_path = paths[first]
     first_mask = video_io.read_mask(first_path)
     check_first_mask(first_mask, [], name=first_path)
-    check_object_count(object_ids(first_mask), args.max_objects, name=first_path)
+    # before any work, not when reached (every frame has the first's size: FrameReader)
+    _check_all_masks(paths, frames[first].hw, args.max_objects)
     source = pathlib.Path(args.input)
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     _check_output(output, args.overwrite)

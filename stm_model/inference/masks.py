@@ -36,15 +36,20 @@ def check_first_mask(mask, known_ids, name=None):
                      "object with an id 1..n (a palette PNG, or gray levels 1..n)")
 
 
-def check_object_count(ids, limit=DEFAULT_MAX_OBJECTS, name=None):
-    """ValueError when more than `limit` object ids are given (`ids`: the ids seen so far in a
-    video); `name` (a mask's path) goes into the message."""
-    count = len(set(ids))
+def check_object_count(ids, limit=DEFAULT_MAX_OBJECTS, name=None, needed=None):
+    """ValueError when more than `limit` object ids are given (`ids`: the ids of a video's
+    masks so far); `name` (the mask that brought the count over) goes into the message and
+    `needed` (default: their count) is the limit it suggests, e.g. the ids of all the
+    video's masks."""
+    ids = sorted(set(ids))
+    count = len(ids)
     if limit is not None and count > limit:
-        where = f" in {name}" if name else ""
-        raise ValueError(f"{count} objects{where}, more than --max-objects {limit}: a colour or "
-                         "anti-aliased image read as ids? Save object ids as a palette PNG, or "
-                         f"raise the limit with --max-objects {count}")
+        shown = ", ".join(map(str, ids[:8])) + (", ..." if count > 8 else "")
+        where = f" (the masks up to {name})" if name else ""
+        raise ValueError(f"{count} objects (ids {shown}){where}, more than --max-objects "
+                         f"{limit}: a colour or anti-aliased image read as ids? Save object ids "
+                         "as a palette PNG, or raise the limit with --max-objects "
+                         f"{max(needed or count, count)}")
 
 
 def labels_of(probs: torch.Tensor, object_ids: Sequence[int]) -> torch.Tensor:

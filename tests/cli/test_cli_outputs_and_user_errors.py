@@ -611,6 +611,31 @@ def test_masks_with_too_many_objects_are_refused_unless_raised(tmp_path, capsys)
     assert "objects: 40" in capsys.readouterr().out
 
 
+def test_every_mask_is_checked_before_the_first_frame(tmp_path, capsys, monkeypatch):
+    """--masks on later frames: a mask of the wrong size or with too many objects in all is
+    refused before any frame is segmented, naming the mask and the limit all masks need."""
+    frames = _frames(tmp_path / "frames", count=6)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _box_mask(masks / "00000.png", ids=(1,))
+    _box_mask(masks / "00003.png", ids=(2,))
+    _box_mask(masks / "00005.png", ids=(3, 4))
+    stepped = []
+    real_step = VideoSegmenter.step
+    monkeypatch.setattr(VideoSegmenter, "step",
+                        lambda self, *a, **k: stepped.append(1) or real_step(self, *a, **k))
+    argv = ["segment", str(frames), "--masks", str(masks), "--quiet", "--overlay", "none",
+            "--output", str(tmp_path / "out")]
+    message = _user_error(capsys, argv + ["--max-objects", "1"], "2 objects (ids 1, 2)",
+                          "00003.png", "--max-objects 4")
+    assert "--max-objects 2" not in message and not stepped
+    wide = np.zeros((HW[0], HW[1] - 1), np.uint8)
+    wide[4:12, 4:12] = 2
+    video_io.write_mask(masks / "00005.png", wide)
+    _user_error(capsys, argv, "00005.png", "47x32")
+    assert not stepped and not (tmp_path / "out").exists()
+
+
 def test_dataset_masks_with_too_many_objects_are_refused(davis_root, tmp_path, capsys):
     _user_error(capsys, ["segment-dataset", str(davis_root), "--output", str(tmp_path / "o"),
                          "--quiet", "--max-objects", "1"],
