@@ -810,8 +810,15 @@ def evaluate_results(results, annotations, sequences=None, output=None, davis201
             raise UsageError(f"{name}: no result for {len(missing)} annotated frames "
                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         truth, void = zip(*(video_io.read_annotation(p) for p in truth_paths), strict=True)
-        predicted = [video_io.read_mask(result_folder / p.name, expected_hw=t.shape)
-                     for p, t in zip(truth_paths, truth, strict=True)]
+        predicted = []
+        for path, annotation in zip(truth_paths, truth, strict=True):
+            result = video_io.read_mask(result_folder / path.name)
+            if result.shape != annotation.shape:
+                raise UsageError(f"{name}: result {path.name} is {result.shape[1]}x"
+                                 f"{result.shape[0]} (WxH) but its annotation is "
+                                 f"{annotation.shape[1]}x{annotation.shape[0]}; results must "
+                                 "have the annotations' size")
+            predicted.append(result)
         if davis2016:  # one object: the union of all of them
             truth = [(t > 0).astype(np.int64) for t in truth]
             predicted = [(p > 0).astype(np.int64) for p in predicted]

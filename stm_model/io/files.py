@@ -23,7 +23,11 @@ def write_atomically(path: str | Path, write) -> None:
     path = Path(path)
     temporary = _temporary_path(path)
     try:
-        with open(temporary, "xb") as file:  # open(): the umask's mode, not mkstemp's 0600
+        file = open(temporary, "xb")  # open(): the umask's mode, not mkstemp's 0600
+    except OSError as error:  # name the file asked for, not the temporary one
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
+    try:
+        with file:
             write(file)
         os.replace(temporary, path)
     except BaseException:

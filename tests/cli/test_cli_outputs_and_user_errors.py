@@ -159,6 +159,26 @@ def test_eval_names_the_mask_it_cannot_read(tmp_path, capsys):
                 str(results / "00001.png"))
 
 
+def test_eval_of_results_of_another_size_names_the_sequence_and_file(tmp_path, capsys):
+    truth, results = tmp_path / "truth" / "seq", tmp_path / "results" / "seq"
+    for t in range(2):
+        _box_mask(truth / f"{t:05d}.png")
+        _box_mask(results / f"{t:05d}.png", hw=(HW[0] // 2, HW[1]))
+    message = _user_error(capsys, ["eval", str(results.parent), str(truth.parent)],
+                          "seq: result 00000.png is 48x16 (WxH) but its annotation is 48x32")
+    assert "its frame" not in message
+
+
+def test_writing_into_a_read_only_folder_names_the_file_asked_for(tmp_path, capsys):
+    target = pathlib.Path("/sys/stm_export.pt")
+    if can_write_into(target.parent):
+        pytest.skip("no read-only folder here")
+    save_checkpoint(STM(STMConfig.small()), tmp_path / "model.pt")
+    message = _user_error(capsys, ["export", str(tmp_path / "model.pt"), str(target)],
+                          f"cannot write {target}")
+    assert ".tmp" not in message
+
+
 def test_eval_leaves_the_annotations_void_pixels_out(tmp_path, capsys):
     """Ground truth with DAVIS's void label (255) along a band: a prediction that differs only
     there scores J = F = 1 and void is no object of its own."""
