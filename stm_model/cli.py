@@ -177,14 +177,23 @@ def main(argv=None):
     try:
         return args.run(args)
     except (Interrupted, KeyboardInterrupt) as error:  # Ctrl-C: one line, exit code 130
+        _end_progress_bars()
         said = str(error) if isinstance(error, Interrupted) else INTERRUPTED.get(
             args.command, "every file written is complete")
         print(f"stm {args.command}: interrupted: {said}", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
+        _end_progress_bars()
         message = re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
         print(f"stm {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars():
+    """Close the progress bars a failed command left open, so that its one line starts a line
+    of its own (not the end of a bar's)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # --------------------------------------------------------------------------- segment

@@ -610,6 +610,20 @@ def test_scribble_files_are_named(davis_root, tmp_path, capsys):
     _user_error(capsys, argv, str(scribbles), "object_id 7")
 
 
+def test_an_error_during_progress_starts_a_line_of_its_own(davis_root, tmp_path, capsys,
+                                                           monkeypatch):
+    """An error raised while interactive-eval's progress bar is drawn (a sequence that fails
+    to load mid-run) is printed on a line of its own, not at the end of the bar's."""
+    def unreadable(*args, **kwargs):
+        raise ValueError("a sequence that cannot be read")
+    monkeypatch.setattr("stm_model.interactive.robot.load_davis_sequence", unreadable)
+    assert _cli(["interactive-eval", str(davis_root), "--rounds", "1", "--output",
+                 str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.split("\n")
+    errors = [line for line in lines if "stm interactive-eval: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("stm interactive-eval: error:"), lines
+
+
 def test_line_width_beyond_the_frame_is_a_user_error(davis_root, tmp_path, capsys):
     _user_error(capsys, ["interactive-eval", str(davis_root), "--line-width", "500", "--quiet",
                          "--output", str(tmp_path / "out")], "--line-width")
