@@ -425,6 +425,8 @@ def segment(args):
                          "masks) is required")
     device = _device(args.device)
     reader = video_io.FrameReader(args.input)
+    if reader.paths is not None:
+        video_io.check_complete(reader.paths)  # a truncated frame now, not when reached
     frames = FrameSequence(reader)  # random access: a folder's images, a video's ranges
     masks = _mask_lookup(args, reader)
     paths = _mask_paths(args, frames, masks)

@@ -30,7 +30,8 @@ Overlays
 
 from stm_model.io.files import remove_temporary_files, write_atomically
 from stm_model.io.frames import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, Frame, FrameReadError,
-                                 FrameReader, list_frames, load_image, read_frames, to_tensor)
+                                 check_complete, FrameReader, list_frames, load_image,
+                                 read_frames, to_tensor)
 from stm_model.io.annotations import (DAVIS_PALETTE, GRAY_MAX_IDS, VOID, check_mask_size,
                                       gray_to_ids, masks_for_frames, read_annotation, read_mask,
                                       write_mask)
@@ -38,8 +39,8 @@ from stm_model.io.overlays import OverlayWriter, overlay, write_overlay
 
 __all__ = [
     "DAVIS_PALETTE", "GRAY_MAX_IDS", "VOID", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "Frame",
-    "FrameReadError", "FrameReader", "OverlayWriter", "check_mask_size", "gray_to_ids",
-    "list_frames", "load_image", "masks_for_frames", "overlay", "read_annotation", "read_frames",
-    "remove_temporary_files", "read_mask", "to_tensor", "write_atomically", "write_mask",
-    "write_overlay",
+    "FrameReadError", "FrameReader", "OverlayWriter", "check_complete", "check_mask_size",
+    "gray_to_ids", "list_frames", "load_image", "masks_for_frames", "overlay", "read_annotation",
+    "read_frames", "remove_temporary_files", "read_mask", "to_tensor", "write_atomically",
+    "write_mask", "write_overlay",
 ]

@@ -5,7 +5,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -64,6 +64,29 @@ def list_frames(folder: str | Path) -> list[Path]:
                              f"same name {p.stem!r}; keep one of them")
         seen[p.stem] = p
     return frames
+
+
+# The last bytes every complete file of these formats ends with (JPEG's EOI marker may be
+# followed by a little padding; PNG's IEND chunk with its CRC closes the file).
+_END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
+
+
+def check_complete(paths: Iterable[str | Path]) -> None:
+    """FrameReadError naming the first image file cut short (a copy or download that stopped):
+    a JPEG without its end-of-image marker, a PNG without its closing IEND chunk. It reads the
+    last bytes of each file only, so a long video's frames are checked in moments, before any
+    work; a file complete but corrupt inside is still found when decoded."""
+    for path in paths:
+        path = Path(path)
+        marker = _END_MARKERS.get(path.suffix.lower())
+        if marker is None:
+            continue
+        with open(path, "rb") as file:
+            file.seek(max(0, path.stat().st_size - 64))
+            tail = file.read()
+        if marker not in tail:
+            raise FrameReadError(f"frame {path} is cut short (no {path.suffix.lower()[1:].upper()}"
+                                 " end marker): a copy or download that stopped?")
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -466,6 +466,26 @@ def test_a_davis_like_root_without_annotations_says_so(tmp_path, capsys):
     _user_error(capsys, ["segment", str(tmp_path / "root")], "JPEGImages/ but no Annotations/")
 
 
+def test_a_frame_cut_short_is_found_before_any_work(tmp_path, capsys, monkeypatch):
+    """A truncated JPEG late in the folder (a copy that stopped) is refused before the first
+    frame is segmented, naming it; complete frames pass the check."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(1)
+    for t in range(4):
+        Image.fromarray(rng.integers(0, 256, HW + (3,), dtype=np.uint8)).save(
+            frames / f"{t:05d}.jpg", quality=90)
+    video_io.check_complete(sorted(frames.iterdir()))
+    cut = frames / "00003.jpg"
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    stepped = []
+    monkeypatch.setattr(VideoSegmenter, "step", lambda *a, **k: stepped.append(1))
+    _user_error(capsys, ["segment", str(frames), "--mask", str(_box_mask(tmp_path / "m.png")),
+                         "--output", str(tmp_path / "out"), "--quiet"], "00003.jpg",
+                "cut short")
+    assert not stepped and not (tmp_path / "out").exists()
+
+
 def test_undecodable_frame_is_named(tmp_path, capsys):
     frames = _frames(tmp_path / "frames")
     (frames / "00001.png").write_bytes(b"garbage")
