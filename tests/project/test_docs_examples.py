@@ -97,6 +97,13 @@ def namespace(tmp_path_factory):
     labels = torch.from_numpy(labels.astype(np.int64))
     model = STM(STMConfig.small()).eval()
     directory = tmp_path_factory.mktemp("examples")
+    from PIL import Image
+    from stm_model import io as video_io
+    (directory / "frames").mkdir()
+    for t, frame in enumerate(frames):  # a folder of frames and its first mask, on disk
+        image = (frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(image).save(directory / "frames" / f"{t:05d}.png")
+    video_io.write_mask(directory / "first.png", labels[0].numpy())
     official = {ours_to_official(name): value for name, value in
                 STM(STMConfig()).state_dict().items()}
     torch.save(official, directory / "STM_weights.pth")
@@ -139,3 +146,5 @@ def test_every_python_example_runs(where, code, namespace, monkeypatch):
         exec(compile(code, where, "exec"), scope)
     if "segment_videos" in code:
         assert len(names["saved"]) == 6  # three frames of two videos
+    if 'FrameReader("frames/")' in code:  # a mask written per frame of the folder
+        assert len(list((directory / "out").glob("*.png"))) == 3
