@@ -35,6 +35,8 @@ from stm_model.interactive import scribbles as scribble_format
 from stm_model.network.stm import (STM, load_into_interactive, pad_to_multiple, soft_aggregate,
                                    unpad)
 from stm_model.memory.query_cache import QueryFeatureCache
+from stm_model.inference.resize import (checked_max_internal_size, internal_size, resize_frame,
+                                        upsample_probs)
 from stm_model.inference.session import DtypeName, SessionCore, checked_frames, dtype_option
 
 
@@ -87,6 +89,9 @@ class InteractiveSession(SessionCore):
         read_backend: memory_read backend (default: the model config's).
         show_progress: a progress bar over each round's batches.
         sequence: the video's name (the progress bar's label).
+        max_internal_size: segment frames whose shorter side is larger than this resized to
+            it (as VideoSegmenter's); scribbles are drawn and masks kept at that size, and
+            labels() come back at the input size. None: the input size.
     """
 
     def __init__(self, model: STM, frames: torch.Tensor, num_objects: int, *,
@@ -95,8 +100,14 @@ class InteractiveSession(SessionCore):
                  memory_dtype: DtypeName = None, cache_dtype: DtypeName = None,
                  cache_device: Union[str, torch.device, None] = None,
                  amp_dtype: DtypeName = None, read_backend: Optional[str] = None,
-                 show_progress: bool = False, sequence: Optional[str] = None) -> None:
+                 show_progress: bool = False, sequence: Optional[str] = None,
+                 max_internal_size: Optional[int] = None) -> None:
         frames = checked_frames(frames)
+        self.input_size = tuple(frames.shape[-2:])
+        inner = internal_size(self.input_size, checked_max_internal_size(max_internal_size))
+        if inner != self.input_size:  # resized once, batch by batch (bounded memory)
+            frames = torch.cat([torch.stack([resize_frame(frame, inner) for frame in chunk])
+                                for chunk in frames.split(max(1, int(batch_size)))])
         if isinstance(num_objects, bool) or int(num_objects) != num_objects or num_objects < 1:
             raise ValueError(f"num_objects must be a positive integer; got {num_objects!r}")
         cache_dtype = dtype_option("cache_dtype", cache_dtype)
@@ -146,10 +157,22 @@ class InteractiveSession(SessionCore):
                           for start in range(0, self.num_frames, self.batch_size)])
 
     def labels_of(self, frames: Union[int, slice]) -> torch.Tensor:
-        """Object ids (on the CPU) of self.probs[frames] (an index or a slice)."""
+        """Object ids (on the CPU) of self.probs[frames] (an index or a slice), at the input
+        size (the masks upsampled when the session runs at a max_internal_size)."""
         objects = self.probs[frames].float()
         background = 1 - objects.sum(-3, keepdim=True)
-        return torch.cat([background, objects], -3).argmax(-3).cpu()
+        probs = torch.cat([background, objects], -3)
+        if self.size != self.input_size:
+            single = probs.dim() == 3
+            probs = torch.stack([upsample_probs(p, self.input_size)
+                                 for p in (probs[None] if single else probs)])
+            probs = probs[0] if single else probs
+        return probs.argmax(-3).cpu()
+
+    def _labels_inside(self, t: int) -> torch.Tensor:
+        """Object ids of frame t at the size the session works at (where scribbles are drawn)."""
+        objects = self.probs[t].float()
+        return torch.cat([1 - objects.sum(0, keepdim=True), objects]).argmax(0).cpu()
 
     @torch.no_grad()
     def interact(self, scribbles: dict) -> torch.Tensor:
@@ -172,7 +195,7 @@ class InteractiveSession(SessionCore):
                 # the regions the strokes contradict take the strokes' ids; the network then
                 # refines the mask from there
                 claimed = scribble_format.corrected_regions(
-                    self.labels_of(t).numpy(), drawn, self.num_objects)
+                    self._labels_inside(t).numpy(), drawn, self.num_objects)
                 channels = torch.from_numpy(scribble_format.scribble_channels(
                     claimed, self.num_objects)).to(self.cache_device)
                 self.probs[t] = scribble_format.paint_scribbles(

@@ -18,6 +18,7 @@ from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
 from stm_model.interactive.session import InteractiveSession, as_interactive, merge_weights
 from stm_model.interactive.robot import (RobotUser, evaluate_interactive, jf_scores,
                                         time_scores)
+from stm_model.inference.resize import resize_frame
 from stm_model.training.loop import TrainConfig, clip_loss, build_dataset, build_model
 
 
@@ -97,6 +98,26 @@ def test_unmerged_rounds_re_segment_every_frame(small_interactive):
     # the same frame annotated twice blends old and new masks without NaNs
     merged.interact(_round(gt, labels.numpy(), 4, 2))
     assert torch.isfinite(merged.probs).all()
+
+
+def test_a_max_internal_size_session_works_small_and_answers_at_the_input_size(
+        small_interactive):
+    """max_internal_size (as VideoSegmenter's): the session works on the frames resized so
+    that their shorter side is that size, exactly as a session given those frames, and its
+    labels come back at the input size."""
+    frames, gt = synthetic_video(4, size=(64, 96))
+    inner = torch.stack([resize_frame(frame, (32, 48)) for frame in frames])
+    large = InteractiveSession(small_interactive, frames, 2, batch_size=3, max_internal_size=32)
+    small = InteractiveSession(small_interactive, inner, 2, batch_size=3)
+    scribbles = _round(gt[:, ::2, ::2], np.zeros_like(gt[:, ::2, ::2]), 1, 2)
+    labels = large.interact(scribbles)
+    small.interact(scribbles)
+    assert large.size == (32, 48) and large.input_size == (64, 96)
+    torch.testing.assert_close(large.probs, small.probs)
+    assert labels.shape == (4, 64, 96) and labels.dtype == torch.int64
+    assert set(labels.unique().tolist()) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="max_internal_size"):
+        InteractiveSession(small_interactive, frames, 2, max_internal_size=8)
 
 
 def test_batched_reads_equal_one_frame_at_a_time_and_the_naive_read(small_interactive):
