@@ -151,6 +151,12 @@ def main(argv=None):
         description="Interactive segmentation of DAVIS-format sequences with a robot user: up "
                     "to --rounds rounds of scribbles on the worst frame, J&F after each round, "
                     "the AUC of J&F against time and J&F@60s; writes a JSON file and a plot."))
+    _interactive_scribbles_parser(commands.add_parser(
+        "interactive", help="segment a video from your own scribbles (DAVIS scribble files)",
+        description="Interactive segmentation from the command line: each --scribbles file "
+                    "(the DAVIS interactive format, strokes on any frames) is one round of "
+                    "InteractiveSession; writes palette PNG masks named like the frames and "
+                    "an overlay after the last round."))
     export = commands.add_parser(
         "export", help="rewrite a checkpoint as weights only (optionally fp16)",
         description="Write the model of a checkpoint (an stm-kernels run's checkpoint.pt or "
@@ -751,6 +757,90 @@ def _check_scribble_file(path, frames, annotations):
         scribble_format.check_scribbles(scribbles, len(frames), num_objects or None)
     except scribble_format.ScribbleError as error:
         raise UsageError(f"scribble file {path}: {error}") from None
+
+
+# --------------------------------------------------------------------------- interactive
+
+
+def _interactive_scribbles_parser(parser):
+    parser.add_argument("input", help="folder of frames (JPEG/PNG) or a video file")
+    parser.add_argument("--scribbles", nargs="+", required=True, metavar="FILE.json",
+                        help="scribble files in the DAVIS interactive format, one per round, "
+                             "in order")
+    parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
+                                             "with the package; the default) or a checkpoint "
+                                             "file")
+    parser.add_argument("--output", help="output folder (default: stm_output/<input name>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the masks and overlay of an earlier run in --output")
+    parser.add_argument("--size", type=_count(16), dest="max_internal_size", metavar="PIXELS",
+                        help="work on frames resized so that their shorter side is at most "
+                             "PIXELS (masks are written at the frames' size)")
+    parser.add_argument("--line-width", type=_count(1), default=3,
+                        help="scribble width in pixels")
+    parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4",
+                        help="the masks over the frames: a video, a GIF, a folder of PNGs, or "
+                             "none")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=interactive)
+
+
+def interactive(args):
+    """`stm interactive`: rounds of InteractiveSession from scribble files, then masks and an
+    overlay. Every input (frames, scribble files, model) is checked before the first round."""
+    from stm_model.interactive.session import InteractiveSession
+    device = _device(args.device)
+    reader = video_io.FrameReader(args.input)
+    if reader.paths is not None:
+        video_io.check_complete(reader.paths)
+    frames = list(reader)
+    rounds = []
+    for path in map(pathlib.Path, args.scribbles):
+        try:
+            scribbles = json.loads(path.read_text())
+            scribble_format.check_scribbles(scribbles, len(frames))
+        except FileNotFoundError:
+            raise UsageError(f"--scribbles {path}: no such file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, scribble_format.ScribbleError) as error:
+            raise UsageError(f"scribble file {path}: {error}") from None
+        rounds.append(scribbles)
+    num_objects = max(max(scribble_format.object_ids(r), default=0) for r in rounds)
+    if num_objects < 1:
+        raise UsageError("the scribbles name no object (object_id 1 or more)")
+    source = pathlib.Path(args.input)
+    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
+    _check_output(output, args.overwrite)
+    try:
+        path = resolve_checkpoint(args.checkpoint or "small-interactive")
+    except FileNotFoundError as error:
+        raise UsageError(f"--checkpoint: {error}") from None
+    model = load_checkpoint(path, device)
+    session = InteractiveSession(model, torch.stack([frame.tensor for frame in frames]),
+                                 num_objects, line_width=args.line_width,
+                                 max_internal_size=args.max_internal_size,
+                                 show_progress=not args.quiet, sequence=source.name)
+    for index, scribbles in enumerate(rounds):
+        labels = session.interact(scribbles)
+        if not args.quiet:
+            print(f"round {index + 1}: frames {scribble_format.annotated_frames(scribbles)} "
+                  f"annotated, {session.rounds[-1].seconds:.1f} s", file=sys.stderr)
+    _clear_output(output)
+    writer = _overlay_writer(args, output, reader.fps or 24.0)
+    try:
+        for frame, mask in zip(frames, labels.numpy().astype(np.uint8), strict=True):
+            video_io.write_mask(output / "masks" / f"{frame.name}.png", mask)
+            if writer is not None:
+                writer.add(frame.image, mask, name=frame.name)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    print(f"{len(rounds)} rounds, {num_objects} objects; masks in {output / 'masks'}"
+          + (f", overlay {writer.path}" if writer is not None else ""))
+    return 0
 
 
 # --------------------------------------------------------------------------- export

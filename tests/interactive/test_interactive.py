@@ -120,6 +120,43 @@ def test_a_max_internal_size_session_works_small_and_answers_at_the_input_size(
         InteractiveSession(small_interactive, frames, 2, max_internal_size=8)
 
 
+def test_stm_interactive_runs_your_scribble_files_as_rounds(tmp_path, capsys):
+    """`stm interactive FRAMES --scribbles R1.json R2.json`: the masks written are those of an
+    InteractiveSession given the same rounds with the shipped interactive model; a bad file
+    is one line naming it, before anything is written."""
+    import json
+    from PIL import Image
+    from stm_model import io as video_io
+    from stm_model.cli import main
+    frames, gt = synthetic_video(4, size=(32, 48))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(frames):
+        Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            folder / f"{t:05d}.png")
+    frames = torch.stack([frame.tensor for frame in video_io.FrameReader(folder)])
+    first = _round(gt, np.zeros_like(gt), 1, 2)
+    session = InteractiveSession(load_small_model(SMALL_INTERACTIVE_WEIGHTS), frames, 2)
+    labels = session.interact(first)
+    second = _round(gt, labels.numpy(), 3, 2)
+    expected = session.interact(second)
+    paths = [tmp_path / "r1.json", tmp_path / "r2.json"]
+    for path, scribbles in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(scribbles))
+    out = tmp_path / "out"
+    assert main(["interactive", str(folder), "--scribbles", *map(str, paths), "--output",
+                 str(out), "--overlay", "gif", "--quiet"]) == 0
+    assert "2 rounds, 2 objects" in capsys.readouterr().out
+    written = np.stack([video_io.read_mask(out / "masks" / f"{t:05d}.png") for t in range(4)])
+    assert np.array_equal(written, expected.numpy())
+    assert (out / "overlay.gif").exists()
+    paths[1].write_text("{not json")
+    assert main(["interactive", str(folder), "--scribbles", *map(str, paths), "--output",
+                 str(tmp_path / "bad"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"scribble file {paths[1]}" in err and not (tmp_path / "bad").exists()
+
+
 def test_batched_reads_equal_one_frame_at_a_time_and_the_naive_read(small_interactive):
     frames, gt = synthetic_video(5)
     scribbles = _round(gt, np.zeros_like(gt), 1, 2)
