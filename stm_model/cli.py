@@ -223,9 +223,7 @@ def _segment_parser(parser):
     parser.add_argument("--max-objects", type=_count(1), default=DEFAULT_MAX_OBJECTS,
                         help="refuse masks with more object ids than this (default "
                              f"{DEFAULT_MAX_OBJECTS}; often a colour image read as ids)")
-    parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4",
-                        help="the masks over the frames: a video, a GIF, a folder of PNGs, or "
-                             "none")
+    _overlay_argument(parser)
     parser.add_argument("--fps", type=_positive_float,
                         help="overlay frame rate (default: the video's, else 24)")
     parser.add_argument("--max-frames", type=_count(1),
@@ -256,15 +254,20 @@ def _segmenter_arguments(parser, one_video):
     """The segmenter's options (SegmenterOptions' fields with a flag; one_video=False: those
     BatchSegmenter takes), each under its field's name."""
     for field in options_module.cli_fields():
-        if field.metadata["one_video"] and not one_video:
-            continue
-        flag = field.metadata["flag"]
-        if flag.switch:
-            parser.add_argument(flag.name, dest=field.name, action="store_true", help=flag.help)
-            continue
-        kind = dict(type=_count(flag.minimum)) if flag.minimum is not None else {}
-        parser.add_argument(flag.name, dest=field.name, default=field.default,
-                            choices=flag.choices, metavar=flag.metavar, help=flag.help, **kind)
+        if not field.metadata["one_video"] or one_video:
+            _option_argument(parser, field.name)
+
+
+def _option_argument(parser, name):
+    """The flag of SegmenterOptions' field `name`, under the field's name."""
+    field = next(field for field in options_module.cli_fields() if field.name == name)
+    flag = field.metadata["flag"]
+    if flag.switch:
+        parser.add_argument(flag.name, dest=field.name, action="store_true", help=flag.help)
+        return
+    kind = dict(type=_count(flag.minimum)) if flag.minimum is not None else {}
+    parser.add_argument(flag.name, dest=field.name, default=field.default,
+                        choices=flag.choices, metavar=flag.metavar, help=flag.help, **kind)
 
 
 def _segmenter_options(args):
@@ -290,10 +293,18 @@ def _warn_if_autocast_on_cpu(amp, device):
               f"native {amp} matrix instructions); drop --amp here", file=sys.stderr)
 
 
+def _checkpoint_path(name):
+    """The file of a --checkpoint value (a shipped model's name or a path), or UsageError."""
+    try:
+        return resolve_checkpoint(name)
+    except FileNotFoundError as error:
+        raise UsageError(f"--checkpoint: {error}") from None
+
+
 def _model(args, device):
     _warn_if_autocast_on_cpu(getattr(args, "amp_dtype", None), device)
     if not args.random_weights:
-        return load_checkpoint(resolve_checkpoint(args.checkpoint or "small"), device)
+        return load_checkpoint(_checkpoint_path(args.checkpoint or "small"), device)
     print("warning: --random-weights: an untrained network, for training experiments; its "
           "masks are meaningless (drop it to segment with the trained small model)",
           file=sys.stderr)
@@ -309,10 +320,7 @@ def _check_model_arguments(args):
         raise UsageError("--config applies with --random-weights (a checkpoint holds its own "
                          "size)")
     if not args.random_weights:
-        try:
-            resolve_checkpoint(args.checkpoint or "small")
-        except FileNotFoundError as error:
-            raise UsageError(f"--checkpoint: {error}") from None
+        _checkpoint_path(args.checkpoint or "small")
 
 
 def _mask_lookup(args, reader):
@@ -342,12 +350,15 @@ def _mask_paths(args, frames, masks):
 
 
 def _check_all_masks(paths, hw, max_objects):
-    """Every mask of a run, read once before the first frame: readable, of its frame's size,
-    and with at most max_objects ids in all (the message names the mask that brings the count
-    over and the limit all the masks need)."""
+    """Every mask of a run, read once before the first frame: readable, the first with an
+    object, each of its frame's size, and with at most max_objects ids in all (the message
+    names the mask that brings the count over and the limit all the masks need)."""
     ids_by_mask = []
-    for index in sorted(paths):
-        mask = video_io.read_mask(paths[index], expected_hw=hw)
+    for position, index in enumerate(sorted(paths)):
+        mask = video_io.read_mask(paths[index])
+        if position == 0:  # segmenting starts there
+            check_first_mask(mask, [], name=paths[index])
+        video_io.check_mask_size(mask, hw, mask_name=paths[index].name)
         ids_by_mask.append((paths[index], object_ids(mask)))
     every = set().union(*(ids for _, ids in ids_by_mask))
     seen = set()
@@ -405,6 +416,18 @@ def _clear_output(output):
         video_io.remove_temporary_files(folder)
 
 
+def _overlay_argument(parser):
+    parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4",
+                        help="the masks over the frames: a video, a GIF, a folder of PNGs, or "
+                             "none")
+
+
+def _interactive_checkpoint_argument(parser):
+    parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
+                                             "with the package; the default) or a checkpoint "
+                                             "file")
+
+
 def _overlay_writer(args, output, fps):
     if args.overlay == "none":
         return None
@@ -437,9 +460,6 @@ def segment(args):
     masks = _mask_lookup(args, reader)
     paths = _mask_paths(args, frames, masks)
     first = min(paths)  # segmenting starts on the first frame with a mask
-    first_path = paths[first]
-    first_mask = video_io.read_mask(first_path)
-    check_first_mask(first_mask, [], name=first_path)
     # before any work, not when reached (every frame has the first's size: FrameReader)
     _check_all_masks(paths, frames[first].hw, args.max_objects)
     source = pathlib.Path(args.input)
@@ -455,16 +475,12 @@ def segment(args):
     stop = len(frames) if args.max_frames is None else min(len(frames),
                                                            first + args.max_frames)
     hw = frames[first].hw
-    seen_ids = set()
 
-    def mask_for(index):  # read when a pass reaches the frame
+    def mask_for(index):  # read when a pass reaches the frame (checked: _check_all_masks)
         path = paths.get(index)
         if path is None:
             return None
-        mask = video_io.read_mask(path, expected_hw=hw)
-        seen_ids.update(object_ids(mask))
-        check_object_count(seen_ids, args.max_objects, name=path)
-        return torch.from_numpy(mask)
+        return torch.from_numpy(video_io.read_mask(path, expected_hw=hw))
 
     run = segment_both_directions if args.both_directions else segment_forward
     results = run(seg, frames, mask_for, first, stop)
@@ -660,9 +676,7 @@ def _interactive_parser(parser):
                                      "Annotations/<res>/<seq> on every frame, optional "
                                      "Scribbles/<seq>/001.json for the first round)")
     parser.add_argument("--sequences", nargs="+", help="evaluate these sequences only")
-    parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
-                                             "with the package; the default) or a checkpoint "
-                                             "file")
+    _interactive_checkpoint_argument(parser)
     parser.add_argument("--resolution", default="480p",
                         help="the DAVIS resolution folder (JPEGImages/<resolution>)")
     parser.add_argument("--size", type=_count(1), nargs=2, metavar=("H", "W"),
@@ -695,10 +709,7 @@ def interactive_evaluate(args):
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
     _check_interactive_inputs(args)
-    try:
-        path = resolve_checkpoint(args.checkpoint or "small-interactive")
-    except FileNotFoundError as error:
-        raise UsageError(f"--checkpoint: {error}") from None
+    path = _checkpoint_path(args.checkpoint or "small-interactive")
     model = load_checkpoint(path, device) if args.checkpoint else load_small_model(path, device)
     results = interactive_eval.evaluate_davis(
         model, args.root, args.sequences, resolution=args.resolution, size=args.size,
@@ -767,20 +778,14 @@ def _interactive_scribbles_parser(parser):
     parser.add_argument("--scribbles", nargs="+", required=True, metavar="FILE.json",
                         help="scribble files in the DAVIS interactive format, one per round, "
                              "in order")
-    parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
-                                             "with the package; the default) or a checkpoint "
-                                             "file")
+    _interactive_checkpoint_argument(parser)
     parser.add_argument("--output", help="output folder (default: stm_output/<input name>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the masks and overlay of an earlier run in --output")
-    parser.add_argument("--size", type=_count(16), dest="max_internal_size", metavar="PIXELS",
-                        help="work on frames resized so that their shorter side is at most "
-                             "PIXELS (masks are written at the frames' size)")
+    _option_argument(parser, "max_internal_size")  # --size PIXELS, as stm segment's
     parser.add_argument("--line-width", type=_count(1), default=3,
                         help="scribble width in pixels")
-    parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4",
-                        help="the masks over the frames: a video, a GIF, a folder of PNGs, or "
-                             "none")
+    _overlay_argument(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=interactive)
@@ -811,10 +816,7 @@ def interactive(args):
     source = pathlib.Path(args.input)
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     _check_output(output, args.overwrite)
-    try:
-        path = resolve_checkpoint(args.checkpoint or "small-interactive")
-    except FileNotFoundError as error:
-        raise UsageError(f"--checkpoint: {error}") from None
+    path = _checkpoint_path(args.checkpoint or "small-interactive")
     model = load_checkpoint(path, device)
     session = InteractiveSession(model, torch.stack([frame.tensor for frame in frames]),
                                  num_objects, line_width=args.line_width,
