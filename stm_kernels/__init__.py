@@ -6,15 +6,46 @@
     out = memory_read(q, k, v, top_k=30)                               # STCN/XMem top-k read
 
 `python -m stm_kernels.selftest` checks the read on this machine's GPU (docs/kernels.md).
+
+The names below are imported on first use (PEP 562), so that importing a light submodule
+(stm_kernels.options) does not import torch and Triton.
 """
-from ._buffers import poison_outputs
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from . import topk
-from .backends import FallbackWarning
-from .backends.naive import naive_memory_read
-from .memory_read import memory_read, memory_usage
-from .merge import merge_reads
-from .options import BACKENDS, DTYPES, SIMILARITIES
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "memory_read": "memory_read", "memory_usage": "memory_read", "merge_reads": "merge",
+    "naive_memory_read": "backends.naive", "poison_outputs": "_buffers",
+    "FallbackWarning": "backends", "BACKENDS": "options", "DTYPES": "options",
+    "SIMILARITIES": "options",
+}
 
 __all__ = ["memory_read", "memory_usage", "merge_reads", "naive_memory_read", "poison_outputs",
            "topk", "FallbackWarning", "BACKENDS", "DTYPES", "SIMILARITIES", "__version__"]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported eagerly)
+    from . import topk
+    from ._buffers import poison_outputs
+    from .backends import FallbackWarning
+    from .backends.naive import naive_memory_read
+    from .memory_read import memory_read, memory_usage
+    from .merge import merge_reads
+    from .options import BACKENDS, DTYPES, SIMILARITIES
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name == "topk":
+        value = importlib.import_module(f"{__name__}.topk")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import FallbackWarning, __version__, memory_read, memory_usage
+from .selftest_options import DESCRIPTION, add_arguments
 from .backends import triton as triton_backend
 
 # Normalised RMS error bounds against float64, per dtype (gradients: GRADIENT_FACTOR times).
@@ -358,17 +359,6 @@ def timing_table(report):
     return "\n".join(lines)
 
 
-def add_arguments(parser):
-    """The self-test's options on an argparse parser (also `stm selftest`'s)."""
-    parser.add_argument("--device", default=None,
-                        help="torch device to test (default: cuda if available, else cpu)")
-    parser.add_argument("--json", default=None,
-                        help="report file (default: stm_selftest_<device>_<date>.json here)")
-    parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
-    parser.add_argument("--no-timing", action="store_true", help="correctness checks only")
-    return parser
-
-
 def run_arguments(args):
     """Run the self-test for parsed arguments; returns the exit status (1: a wrong result)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -394,7 +384,7 @@ def run_arguments(args):
 def main(argv=None):
     """`python -m stm_kernels.selftest`; returns the exit status (1: a wrong result)."""
     parser = add_arguments(argparse.ArgumentParser(prog="python -m stm_kernels.selftest",
-                                                   description=__doc__.split("\n\n")[0]))
+                                                   description=DESCRIPTION))
     args = parser.parse_args(argv)
     try:
         return run_arguments(args)

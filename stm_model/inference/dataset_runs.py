@@ -34,10 +34,11 @@ from tqdm import tqdm
 
 from stm_model import io as video_io
 from stm_model.inference.masks import check_first_mask, check_object_count, labels_of, object_ids
+from stm_model.inference.options import MASK_POLICIES
+from stm_model.inference.resize import checked_max_internal_size, internal_size
 from stm_model.inference.video_batches import FrameInput, VideoJob, segment_videos
 
 INCOMPLETE = ".incomplete"
-MASK_POLICIES = ("first", "all")
 
 
 @dataclasses.dataclass
@@ -179,15 +180,21 @@ class _SequenceWriter:
         os.replace(self.folder, self.target)
 
 
-def segment_sequences(segmenter, sequences, output, batch_size, *, size=None, workers=4,
-                      show_progress=True, rank=0, max_objects=None):
+def segment_sequences(segmenter, sequences, output, batch_size, *, size=None,
+                      max_internal_size=None, workers=4, show_progress=True, rank=0,
+                      max_objects=None):
     """Segment `sequences` batch_size at a time with a BatchSegmenter and write their masks
-    to output (see the module docstring). size=(h, w): segment at that size (masks are
-    written at the frames' size). A sequence whose first mask holds no object, or whose masks
+    to output (see the module docstring). size=(h, w): segment every sequence at that size;
+    max_internal_size: segment a sequence whose frames' shorter side is larger resized to it
+    (as VideoSegmenter's; the two exclude each other). Masks are written at the frames' size.
+    A sequence whose first mask holds no object, or whose masks
     give more than max_objects ids (None: no limit), raises ValueError naming the mask.
     Returns one summary dict per sequence (name, frames, objects, size, segmented_size,
     memory_frames, seconds from its first to its last frame, rank)."""
     output = pathlib.Path(output)
+    if size is not None and max_internal_size is not None:
+        raise ValueError("give size or max_internal_size, not both")
+    max_internal_size = checked_max_internal_size(max_internal_size)
     sequences = sorted(sequences, key=lambda s: (s.size, -s.num_frames, s.name))
     by_name = {s.name: s for s in sequences}
     summaries, writers, started = [], {}, {}
@@ -197,7 +204,8 @@ def segment_sequences(segmenter, sequences, output, batch_size, *, size=None, wo
                  position=1, dynamic_ncols=True, disable=not show_progress))
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        jobs = (VideoJob(s.name, _read_ahead(s, size, pool, max_objects=max_objects))
+        jobs = (VideoJob(s.name, _read_ahead(s, size or internal_size(s.size, max_internal_size),
+                                             pool, max_objects=max_objects))
                 for s in sequences)
         for result in segment_videos(segmenter, jobs, batch_size):
             sequence = by_name[result.video]

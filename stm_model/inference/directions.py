@@ -31,6 +31,8 @@ from stm_model.inference.video_segmenter import VideoSegmenter
 Frames = Union["FrameSequence", torch.Tensor, Sequence[Any]]
 # masks: {frame index: (H, W) ids}, or a callable frame index -> ids or None
 Masks = Union[Mapping[int, Any], Callable[[int], Any]]
+# written: frame index -> the (H, W) labels an interrupted run wrote for it, or None
+Written = Callable[[int], Any]
 
 
 class FrameSequence:
@@ -190,45 +192,53 @@ class FrameResult(typing.NamedTuple):
 
 
 def segment_forward(segmenter: VideoSegmenter, frames: Frames, masks: Masks,
-                    start: Optional[int] = None,
-                    stop: Optional[int] = None) -> Iterator[FrameResult]:
+                    start: Optional[int] = None, stop: Optional[int] = None, *,
+                    written: Optional[Written] = None) -> Iterator[FrameResult]:
     """Segment frames start, start + 1, ..., stop - 1 (default: to the end) from the mask on
     frame start (segmenter reset to start_frame=start); yields FrameResult per frame.
 
     frames: a FrameSequence, a (T, 3, H, W) tensor, or a sequence of (3, H, W) tensors (or
     video_io.Frames). masks: {frame index: (H, W) integer ids} or a callable index -> ids or
-    None; start defaults to the smallest index of a mask mapping.
+    None; start defaults to the smallest index of a mask mapping. written: resume an
+    interrupted run: a callable index -> the labels it wrote for that frame, or None; the
+    frames from start on that have labels are replayed from them (VideoSegmenter.replay: into
+    the memory, not segmented, not yielded) up to the first without, where segmenting goes on.
     """
     start = _start(masks, start, frames)
     stop = len(frames) if stop is None else stop
     segmenter.reset(start_frame=start)
-    yield from _run(segmenter, frames, masks, range(start, stop))
+    yield from _run(segmenter, frames, masks, range(start, stop), written)
 
 
 def segment_backward(segmenter: VideoSegmenter, frames: Frames, masks: Masks,
-                     start: Optional[int] = None) -> Iterator[FrameResult]:
+                     start: Optional[int] = None, *,
+                     written: Optional[Written] = None) -> Iterator[FrameResult]:
     """Segment frames start - 1, ..., 0 backwards from a memory seeded with frame start and
     its mask (segmenter reset to start_frame=start, reverse=True): the same as a forward run
     over the reversed frames from start's mask. Yields FrameResult per frame (not frame start
-    itself); arguments as segment_forward."""
+    itself); arguments as segment_forward (written: frame start, then start - 1, ...)."""
     start = _start(masks, start, frames)
     segmenter.reset(start_frame=start, reverse=True)
-    results = _run(segmenter, frames, masks, range(start, -1, -1))
-    next(results)  # frame start: the given mask, segmented by the forward pass
+    results = _run(segmenter, frames, masks, range(start, -1, -1), written)
+    if written is None or written(start) is None:
+        next(results)  # frame start: the given mask, segmented by the forward pass
     yield from results
 
 
 def segment_both_directions(segmenter: VideoSegmenter, frames: Frames, masks: Masks,
-                            start: Optional[int] = None,
-                            stop: Optional[int] = None) -> Iterator[FrameResult]:
+                            start: Optional[int] = None, stop: Optional[int] = None, *,
+                            written: Optional[Written] = None) -> Iterator[FrameResult]:
     """Frames start..stop-1 (segment_forward; stop defaults to the end), then start-1..0
     (segment_backward), with one segmenter reset between the passes; yields FrameResult per
     frame, every frame once. Call-time state (segmenter.object_ids, memory) is the current
-    pass's."""
+    pass's. written: as segment_forward's, for each pass; a pass whose every frame has
+    labels is skipped."""
     start = _start(masks, start, frames)
-    yield from segment_forward(segmenter, frames, masks, start, stop)
+    stop = len(frames) if stop is None else stop
+    if written is None or any(written(index) is None for index in range(start, stop)):
+        yield from segment_forward(segmenter, frames, masks, start, stop, written=written)
     if start > 0:
-        yield from segment_backward(segmenter, frames, masks, start)
+        yield from segment_backward(segmenter, frames, masks, start, written=written)
 
 
 def _start(masks, start, frames):
@@ -253,8 +263,16 @@ def _frames(frames, indices):
     return (frames[index] for index in indices)
 
 
-def _run(segmenter, frames, masks, indices):
+def _run(segmenter, frames, masks, indices, written=None):
+    replaying = written is not None
     for index, frame in zip(indices, _frames(frames, indices), strict=True):
         pixels = frame.tensor if isinstance(frame, video_io.Frame) else frame
-        probs = segmenter.step(pixels, mask=_mask(masks, index))
+        mask = _mask(masks, index)
+        if replaying:
+            labels = written(index)
+            if labels is not None:
+                segmenter.replay(pixels, torch.as_tensor(labels), annotated=mask is not None)
+                continue
+            replaying = False
+        probs = segmenter.step(pixels, mask=mask)
         yield FrameResult(index, frame, probs, list(segmenter.object_ids))

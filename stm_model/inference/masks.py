@@ -12,9 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from stm_model.inference.options import DEFAULT_MAX_OBJECTS
 from stm_model.network.stm import soft_aggregate
-
-DEFAULT_MAX_OBJECTS = 32
 
 
 def object_ids(mask):

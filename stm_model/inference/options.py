@@ -8,16 +8,26 @@ VideoSegmenter takes every field, BatchSegmenter those marked for batches; each 
 when the options are made. The `stm segment` and `stm segment-dataset` flags are made from the
 fields' CliFlag (flag name, help, choices or minimum), and a run over several videos refuses,
 by flag name and with the field's reason, an option that applies to one video only.
+
+This module imports no torch (the `stm` command builds its parsers from it before parsing):
+the checks that need the segmenters' modules import them when options are made. The other
+defaults the segmenting commands show (DEFAULT_MAX_OBJECTS, MASK_POLICIES) live here for that
+reason.
 """
+from __future__ import annotations
+
 import dataclasses
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from stm_kernels.options import BACKENDS, DTYPES
+from stm_kernels.options import BACKENDS, DTYPE_NAMES
 
-from stm_model.inference.resize import MIN_INTERNAL_SIZE, checked_max_internal_size
-from stm_model.inference.session import DtypeName, check_schedule, dtype_option
+if TYPE_CHECKING:
+    from stm_model.runtime.devices import DtypeName
 
-AMP_DTYPES = tuple(name for name in DTYPES if name != "fp32")  # autocast's lower precisions
+AMP_DTYPES = tuple(name for name in DTYPE_NAMES if name != "fp32")  # autocast's lower precisions
+MIN_INTERNAL_SIZE = 16  # the smallest max_internal_size: one stride-16 feature row
+DEFAULT_MAX_OBJECTS = 32  # object ids a video's masks may hold (more: a colour image as ids)
+MASK_POLICIES = ("first", "all")  # a dataset's masks: the first frame's, or every annotation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +57,7 @@ class SegmenterOptions:
         metavar="N"))
     memory_dtype: DtypeName = _option(None, CliFlag(
         "--memory-dtype", "storage dtype of the memory (default: the model's)",
-        choices=tuple(sorted(DTYPES))))
+        choices=tuple(sorted(DTYPE_NAMES))))
     max_memory_frames: Optional[int] = _option(None, CliFlag(
         "--max-memory-frames", "bound the frames in memory: the oldest kept frame but the "
         "first is evicted (default: unbounded)", minimum=2, metavar="N"))
@@ -68,10 +78,13 @@ class SegmenterOptions:
     max_internal_size: Optional[int] = _option(None, CliFlag(
         "--size", "run the network on frames resized so that their shorter side is at most "
         "PIXELS (masks are written at the frames' size)", minimum=MIN_INTERNAL_SIZE,
-        metavar="PIXELS"), one_video="stm segment-dataset --size H W sets a dataset's size")
+        metavar="PIXELS"), one_video="a dataset run resizes the frames as it reads them")
     compile: Union[bool, dict] = _option(False, one_video="not built for batches")
 
     def __post_init__(self):
+        from stm_model.inference.resize import checked_max_internal_size
+        from stm_model.memory.schedule import check_schedule
+        from stm_model.runtime.devices import dtype_option
         check_schedule(self.mem_every, self.max_memory_frames)
         dtype_option("memory_dtype", self.memory_dtype)
         dtype_option("amp_dtype", self.amp_dtype)

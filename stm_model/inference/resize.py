@@ -9,7 +9,7 @@ mask is merged at the input size and reaches the memory area-downsampled.
 """
 import torch.nn.functional as F
 
-MIN_INTERNAL_SIZE = 16  # one stride-16 feature row
+from stm_model.inference.options import MIN_INTERNAL_SIZE
 
 
 def checked_max_internal_size(max_internal_size):

@@ -7,40 +7,13 @@ frame and mask checks of a step live here too, so that every session refuses bad
 the same message.
 """
 import contextlib
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from stm_kernels.options import DTYPES
-
 from stm_model.memory.bank import MemoryBank
+from stm_model.runtime.devices import DtypeName, dtype_option
 from stm_model.network.stm import STM
-
-# a dtype by name ("fp32", "fp16", "bf16"), a torch.dtype, or None (the default)
-DtypeName = Union[str, torch.dtype, None]
-
-_DTYPE_OPTIONS: dict = {None: None, **DTYPES, **{dtype: dtype for dtype in DTYPES.values()}}
-
-
-def dtype_option(name: str, value: DtypeName) -> Optional[torch.dtype]:
-    """The torch dtype of a dtype option (None stays None); ValueError naming the option for
-    anything but fp32, fp16, bf16 or those torch dtypes."""
-    try:
-        return _DTYPE_OPTIONS[value]
-    except (KeyError, TypeError):
-        raise ValueError(f"{name} must be one of {', '.join(DTYPES)} (or a torch dtype); got "
-                         f"{value!r}") from None
-
-
-def check_schedule(mem_every: int, max_memory_frames: Optional[int]) -> None:
-    """ValueError for a memory schedule that cannot run: mem_every < 1, or a bound on the
-    memory frames below the two every step needs (the first frame and the previous one)."""
-    if isinstance(mem_every, bool) or int(mem_every) != mem_every or mem_every < 1:
-        raise ValueError(f"mem_every must be a positive integer; got {mem_every!r}")
-    if max_memory_frames is not None and max_memory_frames < 2:
-        raise ValueError("max_memory_frames must be at least 2 (the first frame and the "
-                         f"previous frame); got {max_memory_frames}")
-
 
 class SessionCore:
     """The model side of a segmenting session (see the module docstring).

@@ -21,6 +21,10 @@ backwards from a memory seeded with frame t); frame indices (memory slots, error
 are the video's, and the schedule counts from t. stm_model.inference.directions runs both
 directions over a random-access frame source.
 
+Resuming an interrupted run (`stm segment --resume`): replay(frame, labels) memorises a frame
+from the labels that run wrote for it, as step() would have after segmenting it, without
+segmenting it; only the frames the schedule keeps are encoded.
+
 High resolution (max_internal_size): see stm_model.inference.resize. compile=True: torch.compile
 of the per-frame network work and memory read, one graph for every memory length (see _Compiled).
 """
@@ -31,14 +35,15 @@ import torch
 
 from stm_kernels import memory_read
 
-from stm_model.inference.masks import check_first_mask, labels_of, merge_mask
+from stm_model.inference.masks import check_first_mask, labels_of, merge_mask, object_ids
 from stm_model.memory.bank import MemoryBank
 from stm_model.memory.schedule import PendingFrame, is_kept
 from stm_model.inference.options import SegmenterOptions
 from stm_model.network.stm import STM, pad_to_multiple, soft_aggregate, unpad
 from stm_model.inference.resize import (downsample_probs, internal_size,
                                         resize_frame, upsample_probs)
-from stm_model.inference.session import (DtypeName, SessionCore, checked_frame_and_mask)
+from stm_model.inference.session import SessionCore, checked_frame_and_mask
+from stm_model.runtime.devices import DtypeName
 
 
 class VideoSegmenter(SessionCore):
@@ -188,6 +193,48 @@ class VideoSegmenter(SessionCore):
         self.steps += 1
         return probs
 
+    @torch.no_grad()
+    def replay(self, frame: torch.Tensor, labels: torch.Tensor, annotated: bool = False
+               ) -> torch.Tensor:
+        """Take the next frame as segmented already, with these labels: it is memorised as
+        step() would have memorised it (kept or not by the schedule), without segmenting it.
+        Resumes an interrupted run from the masks it wrote: replaying its frames, then
+        stepping on, reaches the memory that run had (up to the probabilities: the run
+        memorised its soft ones, a replay the one-hot labels; see docs/segmenting.md).
+
+        frame: (3, H, W) as for step(); labels: (H, W) integer object ids written for it;
+        annotated: the frame came with a mask in that run (it is kept; ids new here become
+        objects, as a given mask's do; elsewhere an unknown id is a ValueError). Returns the
+        (K, H, W) one-hot probabilities of labels.
+        """
+        if labels is None:
+            raise ValueError("replay needs the labels written for the frame; got None")
+        frame, labels = self._checked(frame, labels)
+        if self.steps == 0:
+            check_first_mask(labels, self.object_ids)
+        new_ids = [i for i in object_ids(labels) if i not in self.object_ids]
+        if new_ids and not annotated:
+            raise ValueError(f"labels of frame {self.frame_index} hold ids {new_ids} that are "
+                             f"not objects of this video (objects: {self.object_ids}); new "
+                             "objects come with a mask (annotated=True)")
+        size = tuple(frame.shape[1:])
+        inner = internal_size(size, self.max_internal_size)
+        padded, _ = pad_to_multiple(resize_frame(frame, inner).unsqueeze(0))
+        if self._pending is not None and self._pending.keep:
+            self._memorise(self._pending)  # a temporary one: replaced by this frame anyway
+        self._pending = None
+        if new_ids:
+            self._add_objects(new_ids, padded.shape[-2:])
+        ids = torch.tensor([0] + self.object_ids, device=labels.device)
+        probs = (labels.unsqueeze(0) == ids[:, None, None]).float()
+        memorised = probs if inner == size else downsample_probs(probs, inner)
+        keep = is_kept(self.steps, self.mem_every, annotated=annotated)
+        self._pending = PendingFrame(padded, pad_to_multiple(memorised[1:])[0], keep,
+                                     self.frame_index)
+        self.frame_index += -1 if self.reverse else 1
+        self.steps += 1
+        return probs
+
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
         """(H, W) int64 object ids (0 = background) of the most probable channel."""
         return labels_of(probs, self.object_ids)
@@ -276,12 +323,16 @@ class VideoSegmenter(SessionCore):
         MemoryBank of their own (of the padded network size)."""
         probs, new_ids = merge_mask(foreground, mask, self.object_ids)
         if new_ids:
-            self.banks.append(self.new_memory_bank(
-                len(new_ids), padded_size, max_frames=self.max_memory_frames,
-                offload=self.offload, chunk_frames=self.offload_chunk_frames,
-                shard_memory=self.shard_memory, shard_group=self.shard_group))
-            self.object_ids += new_ids
+            self._add_objects(new_ids, padded_size)
         return probs
+
+    def _add_objects(self, new_ids, padded_size):
+        """New objects, entering together: a MemoryBank of their own (of the padded size)."""
+        self.banks.append(self.new_memory_bank(
+            len(new_ids), padded_size, max_frames=self.max_memory_frames,
+            offload=self.offload, chunk_frames=self.offload_chunk_frames,
+            shard_memory=self.shard_memory, shard_group=self.shard_group))
+        self.object_ids += new_ids
 
 
 def _encode_query(model, padded):

@@ -37,7 +37,8 @@ from stm_model.network.stm import (STM, load_into_interactive, pad_to_multiple, 
 from stm_model.memory.query_cache import QueryFeatureCache
 from stm_model.inference.resize import (checked_max_internal_size, internal_size, resize_frame,
                                         upsample_probs)
-from stm_model.inference.session import DtypeName, SessionCore, checked_frames, dtype_option
+from stm_model.inference.session import SessionCore, checked_frames
+from stm_model.runtime.devices import DtypeName, dtype_option
 
 
 def as_interactive(model: STM) -> STM:

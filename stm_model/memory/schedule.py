@@ -8,6 +8,7 @@ than the first is overwritten (FIFO). Occupied slots are always [0, num_frames).
 """
 import collections
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -35,6 +36,16 @@ def is_kept(step, mem_every, annotated):
     """Whether the step-th frame since the first mask (0-based) becomes a permanent memory
     frame: the first, every mem_every-th, and every frame that came with a mask."""
     return annotated or step % mem_every == 0
+
+
+def check_schedule(mem_every: int, max_memory_frames: Optional[int]) -> None:
+    """ValueError for a memory schedule that cannot run: mem_every < 1, or a bound on the
+    memory frames below the two every step needs (the first frame and the previous one)."""
+    if isinstance(mem_every, bool) or int(mem_every) != mem_every or mem_every < 1:
+        raise ValueError(f"mem_every must be a positive integer; got {mem_every!r}")
+    if max_memory_frames is not None and max_memory_frames < 2:
+        raise ValueError("max_memory_frames must be at least 2 (the first frame and the "
+                         f"previous frame); got {max_memory_frames}")
 
 
 class FrameSlots:

@@ -1,7 +1,11 @@
-"""Device names and peak memory, shared by the CLI, the demo and the benchmarks."""
+"""Device names, dtype options and peak memory, shared by the CLI, the segmenters, the demo and
+the benchmarks."""
 import resource
+from typing import Optional, Union
 
 import torch
+
+from stm_kernels.options import DTYPES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,3 +49,19 @@ def autocast_is_slow(device: torch.device, amp: str) -> bool:
         return not getattr(torch.ops.mkldnn, check)()
     except (AttributeError, RuntimeError):  # a build without the check: fp16 is the slow one
         return amp == "fp16"
+
+
+# a dtype by name ("fp32", "fp16", "bf16"), a torch.dtype, or None (the default)
+DtypeName = Union[str, torch.dtype, None]
+
+_DTYPE_OPTIONS: dict = {None: None, **DTYPES, **{dtype: dtype for dtype in DTYPES.values()}}
+
+
+def dtype_option(name: str, value: DtypeName) -> Optional[torch.dtype]:
+    """The torch dtype of a dtype option (None stays None); ValueError naming the option for
+    anything but fp32, fp16, bf16 or those torch dtypes."""
+    try:
+        return _DTYPE_OPTIONS[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{name} must be one of {', '.join(DTYPES)} (or a torch dtype); got "
+                         f"{value!r}") from None

@@ -15,10 +15,8 @@ from torch.utils.checkpoint import checkpoint
 from stm_kernels import memory_read
 
 from stm_model.network.stm import STM, QueryFeatures, foreground_of, per_object, soft_aggregate
+from stm_model.training.config import CHECKPOINTING
 
-# "encoders" recomputes the two encoders in the backward; "all" also each frame's head and
-# memory encoding (see _per_frame); the memory read keeps only its inputs either way
-CHECKPOINTING = ("none", "encoders", "all")
 
 
 class ClipForward(nn.Module):

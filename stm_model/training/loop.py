@@ -28,11 +28,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stm_kernels.options import BACKENDS
-
 from stm_model.io.files import remove_temporary_files
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
-from stm_model.training.clip_forward import CHECKPOINTING, ClipForward
+from stm_model.training.clip_forward import ClipForward
+from stm_model.training.config import DESCRIPTION, TrainConfig, add_arguments
 from stm_model.training.datasets import (DavisClips, InteractiveClips, StaticImageClips,
                                          SyntheticClips, collate_clips, max_skip_schedule)
 from stm_model.network.stm import STM, STMConfig, load_into_interactive
@@ -40,85 +39,6 @@ from stm_model.network.stm import STM, STMConfig, load_into_interactive
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 METRICS = "metrics.csv"
-MODELS = ("small", "official")
-# the TrainConfig fields that take one of a few names
-CHOICES = {"model": MODELS, "checkpointing": CHECKPOINTING, "read_backend": BACKENDS}
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved in its checkpoints)."""
-    output: str = "runs/small"
-    model: str = "small"               # "small" (STMConfig.small()) or "official" (ResNet-50)
-    data: str = "synthetic"            # "synthetic" or a DAVIS-format root folder
-    steps: int = 3000
-    static_steps: int = 0              # first steps on static-image clips (pre-training stage)
-    batch_size: int = 8
-    clip_len: int = 3
-    size: tuple = (128, 128)
-    max_objects: int = 3
-    max_skip: tuple = (1, 10, 5)       # curriculum: start, peak (mid-run), end
-    lr: float = 4e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    grad_clip: float = 3.0
-    amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
-    checkpointing: str = "none"        # activation checkpointing: none, encoders or all
-    read_backend: str = "auto"
-    interactive: bool = False          # the interactive STM on synthesised scribbles
-    init_from: str = ""                # start from this checkpoint's weights (e.g. the
-                                       # semi-supervised model for the interactive one)
-    seed: int = 0
-    workers: int = 0
-    log_every: int = 10
-    save_every: int = 200
-
-    def __post_init__(self):
-        self.size, self.max_skip = tuple(self.size), tuple(self.max_skip)
-        _check_train_config(self)
-
-
-# The command-line help of each TrainConfig field (`stm train --help`).
-HELP = dict(
-    output="run folder: checkpoint.pt (resumable), model.pt (the trained model), metrics.csv",
-    model="network size: small (torchvision ResNet-18 blocks, ~3M parameters) or official "
-          "(ResNet-50)",
-    data="training videos: synthetic (generated, deterministic) or a DAVIS-format root",
-    steps="optimiser steps", static_steps="first steps on static-image clips (pre-training)",
-    batch_size="clips per step (over all processes)", clip_len="frames per clip",
-    size="clip frame size H W", max_objects="objects per clip at most",
-    max_skip="frames skipped between a clip's frames: start, peak (mid-run) and end of the "
-             "curriculum",
-    lr="AdamW learning rate (after warm-up; cosine decay)", weight_decay="AdamW weight decay",
-    warmup_steps="linear learning-rate warm-up steps", grad_clip="gradient norm clip",
-    amp="bf16 autocast on CUDA (ignored on a CPU)",
-    checkpointing="activation checkpointing: none, encoders or all (less memory, more time)",
-    read_backend="memory read implementation", interactive="train the interactive STM on "
-    "synthesised scribbles", init_from="start from this checkpoint's weights (e.g. the "
-    "semi-supervised model for the interactive one)", seed="seed of data and initialisation",
-    workers="data-loading processes", log_every="steps between metrics.csv rows",
-    save_every="steps between checkpoints")
-
-
-def _check_train_config(config):
-    """ValueError naming the first setting that cannot train: an unknown model, activation
-    checkpointing level or read backend, or a count or size out of range."""
-    for name, allowed in CHOICES.items():
-        if getattr(config, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got "
-                             f"{getattr(config, name)!r}")
-    minimum = dict(steps=1, static_steps=0, batch_size=1, clip_len=2, max_objects=1,
-                   warmup_steps=0, workers=0, log_every=1, save_every=1)
-    for name, low in minimum.items():
-        if getattr(config, name) < low:
-            raise ValueError(f"{name} must be at least {low}; got {getattr(config, name)}")
-    if len(config.size) != 2 or min(config.size) < 1:
-        raise ValueError(f"size must be a positive (H, W); got {config.size}")
-    if len(config.max_skip) != 3 or min(config.max_skip) < 1:
-        raise ValueError("max_skip must be three skips (start, peak, end) of at least 1; got "
-                         f"{config.max_skip}")
-
-
 class StepSampler(torch.utils.data.Sampler):
     """Dataset indices of this rank's batches for steps [start, steps): step s, rank r and slot
     i read item (s·world + r)·batch + i, so ranks never share clips and a resumed run picks up
@@ -374,28 +294,9 @@ class _MetricsLog:
                              for k, v in row.items()})
 
 
-def add_arguments(parser):
-    """Add one option per TrainConfig field (and --no-progress) to an argparse parser: the
-    options of `python -m stm_model.training.loop` and of `stm train`."""
-    for field in dataclasses.fields(TrainConfig):
-        name = "--" + field.name.replace("_", "-")
-        text = HELP[field.name]
-        if field.type is bool or isinstance(field.default, bool):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction,
-                                default=field.default, help=text)
-        elif isinstance(field.default, tuple):
-            parser.add_argument(name, type=int, nargs=len(field.default), default=field.default,
-                                help=text)
-        else:
-            parser.add_argument(name, type=type(field.default), default=field.default,
-                                choices=CHOICES.get(field.name), help=text)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def _parser():
     return add_arguments(argparse.ArgumentParser(
-        prog="stm train", description=__doc__.split("\n\n")[0],
+        prog="stm train", description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
 
 

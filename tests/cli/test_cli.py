@@ -1,4 +1,5 @@
 """The `stm` command end to end on real frames from ../shared/data (small untrained model)."""
+import argparse
 import csv
 import json
 import subprocess
@@ -135,3 +136,41 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
                 assert f"(default: {shown})" in " ".join(text.split()), (command, action.dest)
     segment = _command_parsers()["segment"].description
     assert "--masks" in segment and "first frame" in segment  # later first masks work too
+
+
+def test_size_means_the_shorter_side_in_every_command(monkeypatch):
+    """--size PIXELS is one option with one meaning wherever it appears: the shorter side the
+    network works at (stm train's clip frame size is --clip-size)."""
+    seen = {}
+    original = cli._Parser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        seen["stm"] = self
+        return original(self, args, namespace)
+    monkeypatch.setattr(cli._Parser, "parse_args", capture)
+    cli.main(["eval", "a", "b", "--help"])
+    commands = next(action for action in seen["stm"]._actions
+                    if isinstance(action, argparse._SubParsersAction)).choices
+    with_size = {}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if "--size" in action.option_strings:
+                with_size[name] = (action.dest, action.metavar, action.nargs)
+    assert with_size == {name: ("max_internal_size", "PIXELS", None) for name in
+                         ("segment", "segment-dataset", "interactive-eval", "interactive")}
+    assert any("--clip-size" in action.option_strings for action in commands["train"]._actions)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["segment", "--help"], ["train", "--help"],
+                                  ["selftest", "--help"], ["--version"]])
+def test_help_imports_no_torch(argv):
+    """`stm --help` (and each command's) parses before importing torch, numpy or the
+    network: the help is there at once (the import alone took about 3 s)."""
+    code = ("import sys; from stm_model.cli import main; code = main(%r); "
+            "heavy = [m for m in ('torch', 'numpy', 'torchvision', 'triton', 'PIL') "
+            "if m in sys.modules]; print(code, heavy)" % (argv,))
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "0 []"
+    assert "usage: stm" in completed.stdout or "stm-kernels" in completed.stdout

@@ -19,6 +19,7 @@ from stm_model import BatchSegmenter, STM, CheckpointError, STMConfig, VideoSegm
 from stm_model import io as video_io
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.cli import main
+from stm_model.commands.common import write_json
 from stm_model.io.files import can_write_into
 from stm_model.training.loop import TrainConfig, train
 
@@ -125,10 +126,12 @@ def test_an_interrupted_segment_leaves_only_complete_files(tmp_path, video, monk
     err = capsys.readouterr().err
     assert [line for line in err.strip().splitlines() if "warning:" not in line] == [
         f"stm segment: interrupted: wrote 1 of 3 masks to {out / 'masks'}, each complete (an "
-        "unfinished overlay video or GIF is dropped); run again with --overwrite to redo"], err
+        "unfinished overlay video or GIF is dropped); run the same command with --resume to "
+        "continue"], err
     monkeypatch.setattr(Image.Image, "save", real_save)
     leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    expected = ["masks/00000.png"] + (["overlay/00000.png"] if overlay == "png" else [])
+    expected = ["masks/00000.png"] + (["overlay/00000.png"] if overlay == "png" else []) + [
+        "segment_run.json"]  # what --resume compares
     assert leftovers == expected
     video_io.read_mask(out / "masks" / "00000.png")  # complete
     assert _cli(_segment(video, out, "--overlay", overlay, "--overwrite")) == 0
@@ -309,7 +312,7 @@ def test_stm_train_forwards_its_options(tmp_path, monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(train_module, "train",
                         lambda config, show_progress: seen.append((config, show_progress)))
-    assert _cli(["train", "--output", str(tmp_path), "--steps", "7", "--size", "32", "48",
+    assert _cli(["train", "--output", str(tmp_path), "--steps", "7", "--clip-size", "32", "48",
                  "--no-amp", "--no-progress"]) == 0
     config, show = seen[0]
     assert (config.steps, config.size, config.amp, show) == (7, (32, 48), False, False)
@@ -327,8 +330,7 @@ def test_written_files_take_the_umask_mode_not_a_private_one(tmp_path):
         save_checkpoint(STM(STMConfig.small()), tmp_path / "model.pt")
         assert _cli(["export", str(tmp_path / "model.pt"), str(tmp_path / "small.pt"),
                      "--dtype", "fp16"]) == 0
-        main_module = __import__("stm_model.cli", fromlist=["_write_json"])
-        main_module._write_json(tmp_path / "summary.json", {"a": 1})
+        write_json(tmp_path / "summary.json", {"a": 1})
     finally:
         os.umask(previous)
     for name in ("model.pt", "small.pt", "summary.json"):
@@ -501,7 +503,7 @@ def test_slow_autocast_on_the_cpu_is_warned_about_before_the_work(tmp_path, vide
     """A CPU without native fp16 (or bf16) instructions emulates autocast, many times slower
     than float32: --amp there is warned about; where it has them, or without --amp, not."""
     asked = []
-    monkeypatch.setattr("stm_model.cli.autocast_is_slow",
+    monkeypatch.setattr("stm_model.commands.common.autocast_is_slow",
                         lambda device, amp: asked.append((device.type, amp)) or slow)
     assert _cli(_segment(video, tmp_path / "out", "--device", "cpu", "--amp", "fp16",
                          "--overlay", "none")) == 0
@@ -530,7 +532,7 @@ def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag
     checkpoint are refused before any work."""
     loaded = []
     real_load = checkpoint_module.load_checkpoint
-    monkeypatch.setattr("stm_model.cli.load_checkpoint",
+    monkeypatch.setattr("stm_model.commands.common.load_checkpoint",
                         lambda path, device: loaded.append(path) or real_load(path, device))
     for given, expected in ([], "small"), (["--checkpoint", "small"], "small"), (
             ["--checkpoint", "small-interactive"], "small-interactive"):
@@ -648,7 +650,7 @@ def test_line_width_beyond_the_frame_is_a_user_error(davis_root, tmp_path, capsy
     _user_error(capsys, ["interactive-eval", str(davis_root), "--line-width", "500", "--quiet",
                          "--output", str(tmp_path / "out")], "--line-width")
     _user_error(capsys, ["interactive-eval", str(davis_root), "--line-width", "40", "--size",
-                         "32", "32", "--quiet", "--output", str(tmp_path / "out")],
+                         "32", "--quiet", "--output", str(tmp_path / "out")],
                 "--line-width")
 
 

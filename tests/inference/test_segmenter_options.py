@@ -8,6 +8,7 @@ import pytest
 from stm_model import STM, BatchSegmenter, STMConfig, VideoSegmenter
 from stm_model import cli
 from stm_model.inference import options as options_module
+from stm_model.commands.common import segmenter_options
 from stm_model.inference.options import SegmenterOptions
 
 
@@ -73,16 +74,16 @@ def test_the_command_line_flags_are_made_from_the_options():
             continue
         assert field.metadata["flag"].name in _flags(dataset), field.name
     assert one_video == {"--offload", "--offload-chunk-frames", "--size"}
-    # segment-dataset has a --size of its own (H W), not the one-video PIXELS
-    args = dataset.parse_args(["root", "--output", "out", "--size", "32", "48"])
-    assert args.size == [32, 48] and not hasattr(args, "max_internal_size")
+    # --size means one thing: the shorter side the network works at (a dataset run resizes
+    # as it reads the frames, as BatchSegmenter takes no size)
+    args = dataset.parse_args(["root", "--output", "out", "--size", "240"])
+    assert args.max_internal_size == 240 and not hasattr(args, "size")
     args = segment.parse_args(["clip", "--size", "240", "--amp", "bf16", "--mem-every", "2"])
-    assert cli._segmenter_options(args) == SegmenterOptions(mem_every=2, amp_dtype="bf16",
+    assert segmenter_options(args) == SegmenterOptions(mem_every=2, amp_dtype="bf16",
                                                             max_internal_size=240)
 
 
 @pytest.mark.parametrize("flags, named", [(["--offload"], "--offload"),
-                                          (["--size", "240"], "--size"),
                                           (["--offload-chunk-frames", "8"],
                                            "--offload-chunk-frames")])
 def test_a_davis_root_refuses_one_video_options_by_flag(tmp_path, capsys, flags, named):

@@ -6,7 +6,9 @@ from stm_model import (STM, BatchSegmenter, InteractiveSession, STMConfig, Video
                        as_interactive)
 from stm_model.network.stm import QueryFeatures
 from stm_model.memory.query_cache import QueryFeatureCache
-from stm_model.inference.session import SessionCore, check_schedule, dtype_option
+from stm_model.inference.session import SessionCore
+from stm_model.memory.schedule import check_schedule
+from stm_model.runtime.devices import dtype_option
 
 
 @pytest.fixture(scope="module")

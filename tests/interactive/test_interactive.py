@@ -281,7 +281,7 @@ def test_cli_interactive_eval_on_a_davis_folder(tmp_path, capsys):
     write_davis_folder(tmp_path / "davis", frames, gt)
     output = tmp_path / "out"
     code = stm_main(["interactive-eval", str(tmp_path / "davis"), "--rounds", "2",
-                     "--size", "48", "64", "--output", str(output), "--quiet"])
+                     "--size", "48", "--output", str(output), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| synth | 2 | 8 |" in printed and "AUC" in printed
@@ -297,7 +297,7 @@ def test_cli_interactive_eval_on_a_davis_folder(tmp_path, capsys):
 def test_cli_interactive_eval_on_a_real_davis_sequence(tmp_path, capsys):
     output = tmp_path / "out"
     code = stm_main(["interactive-eval", str(SHARED / "data" / "davis2016-val"),
-                     "--sequences", "blackswan", "--rounds", "3", "--size", "120", "216",
+                     "--sequences", "blackswan", "--rounds", "3", "--size", "120",
                      "--output", str(output), "--quiet"])
     assert code == 0
     rounds = json.loads((output / "interactive_eval.json").read_text())[

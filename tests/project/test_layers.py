@@ -13,7 +13,9 @@ LAYERS = [
         "stm_model.network", "stm_model.memory", "stm_model.io", "stm_model.runtime",
         "stm_model.metrics", "stm_model.inference.masks", "stm_model.inference.resize",
         "stm_model.interactive.scribbles", "stm_model.training.clip_forward",
-        "stm_model.training.synthetic"]),
+        "stm_model.training.synthetic",
+        # the options declared without torch (the CLI's parsers are built from them)
+        "stm_model.inference.options", "stm_model.training.config"]),
     ("segmenters, training and checkpoints", [
         "stm_model.inference", "stm_model.interactive", "stm_model.training",
         "stm_model.network.checkpoint"]),

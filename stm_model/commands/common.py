@@ -1,0 +1,126 @@
+"""What several `stm` commands share: the device and model options, the output folder's
+checks and clean-up, the overlay writer, JSON written atomically."""
+import json
+import sys
+
+from stm_model import io as video_io
+from stm_model import metrics
+from stm_model.cli import UsageError
+from stm_model.inference import options as options_module
+from stm_model.io.files import can_write_into
+from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
+from stm_model.network.stm import STM, STMConfig
+from stm_model.runtime.devices import autocast_is_slow, resolve_device
+
+
+def segmenter_options(args):
+    """SegmenterOptions of the flags parsed by _segmenter_arguments."""
+    fields = options_module.cli_fields()
+    return options_module.SegmenterOptions(**{field.name: getattr(args, field.name)
+                                              for field in fields if hasattr(args, field.name)})
+
+
+def device_named(name):
+    """The torch device named by --device, or UsageError (devices.resolve_device)."""
+    try:
+        return resolve_device(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def warn_if_autocast_on_cpu(amp, device):
+    """--amp where the CPU has no native instructions for it (autocast_is_slow): say so once,
+    before the work."""
+    if amp and autocast_is_slow(device, amp):
+        print(f"warning: --amp {amp} on this CPU is many times slower than float32 (it has no "
+              f"native {amp} matrix instructions); drop --amp here", file=sys.stderr)
+
+
+def checkpoint_path(name):
+    """The file of a --checkpoint value (a shipped model's name or a path), or UsageError."""
+    try:
+        return resolve_checkpoint(name)
+    except FileNotFoundError as error:
+        raise UsageError(f"--checkpoint: {error}") from None
+
+
+def build_model(args, device):
+    warn_if_autocast_on_cpu(getattr(args, "amp_dtype", None), device)
+    if not args.random_weights:
+        return load_checkpoint(checkpoint_path(args.checkpoint or "small"), device)
+    print("warning: --random-weights: an untrained network, for training experiments; its "
+          "masks are meaningless (drop it to segment with the trained small model)",
+          file=sys.stderr)
+    config = STMConfig() if args.config in (None, "official") else STMConfig.small()
+    return STM(config).to(device).eval()
+
+
+def check_model_arguments(args):
+    """The model options' combinations, before any work."""
+    if args.random_weights and args.checkpoint:
+        raise UsageError("--random-weights and --checkpoint exclude each other")
+    if args.config and not args.random_weights:
+        raise UsageError("--config applies with --random-weights (a checkpoint holds its own "
+                         "size)")
+    if not args.random_weights:
+        checkpoint_path(args.checkpoint or "small")
+
+
+OVERLAY_FILES = ("overlay.mp4", "overlay.gif")  # `stm segment`'s overlay outputs, besides
+                                                # the folder overlay/ of PNGs
+
+
+def earlier_results(output):
+    """Masks, overlay frames and overlay videos an earlier `stm segment` run left in output,
+    and the J&F tables `stm eval` wrote beside them (they would score the old masks)."""
+    frames = [path for folder in (output / "masks", output / "overlay") if folder.is_dir()
+              for path in folder.iterdir() if path.suffix == ".png"]
+    tables = [folder / name for folder in (output, output / "masks")
+              for name in (metrics.GLOBAL_CSV, metrics.PER_OBJECT_CSV)
+              if (folder / name).is_file()]
+    return frames + tables + [output / name for name in OVERLAY_FILES
+                              if (output / name).exists()]
+
+
+def check_output(output, overwrite):
+    """Check, without creating it yet (a run that fails to start leaves no empty folder), that
+    output can be a folder of results: not a file, writable (a read-only filesystem and
+    missing permissions alike), and not holding an earlier run's masks or overlay frames
+    (the runs would mix) unless overwrite."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; give a folder (it is made if needed)")
+    if not can_write_into(output):
+        raise UsageError(f"cannot write into the output folder {output} (read-only, or a "
+                         "parent is a file); choose another --output")
+    earlier = earlier_results(output)
+    if earlier and not overwrite:
+        raise UsageError(f"{output} already holds the results of an earlier run ({len(earlier)} "
+                         "masks, overlay and J&F files); pass --overwrite to replace them, or "
+                         "choose another --output")
+
+
+def clear_output(output, keep_masks=False):
+    """Remove an earlier run's masks, overlay frames and videos (there are some only with
+    --overwrite or --resume: see check_output) and the temporary files of writes a run was
+    killed in, so that the new run's results are not mixed with older ones; keep_masks: the
+    masks stay (a resumed run goes on from them). Makes the folder."""
+    output.mkdir(parents=True, exist_ok=True)
+    for path in earlier_results(output):
+        if not (keep_masks and path.parent == output / "masks"):
+            path.unlink(missing_ok=True)
+    for folder in (output, output / "masks", output / "overlay"):
+        video_io.remove_temporary_files(folder)
+
+
+def overlay_writer(args, output, fps):
+    if args.overlay == "none":
+        return None
+    target = output / "overlay" if args.overlay == "png" else output / f"overlay.{args.overlay}"
+    return video_io.OverlayWriter(target, fps=fps)
+
+
+def write_json(path, payload):
+    """Write JSON atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    video_io.write_atomically(path, lambda file: file.write(
+        json.dumps(payload, indent=1).encode()))

@@ -1,0 +1,279 @@
+"""`stm segment`: one video (a folder of frames or a video file) from its masks, or a
+DAVIS-format root handed to `stm segment-dataset`."""
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stm_model import io as video_io
+from stm_model.cli import Interrupted, UsageError, _dataset_parser, _Parser
+from stm_model.commands.common import (build_model, check_model_arguments, check_output,
+                                       checkpoint_path, clear_output, device_named,
+                                       overlay_writer, segmenter_options, write_json)
+from stm_model.commands.dataset import segment_dataset
+from stm_model.inference import options as options_module
+from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
+from stm_model.inference.masks import check_first_mask, check_object_count, object_ids
+from stm_model.inference.video_segmenter import VideoSegmenter
+from stm_model.runtime.devices import peak_memory_bytes
+
+
+def _mask_lookup(args, reader):
+    """{frame name: mask path}, with the first frame's mask required."""
+    if args.mask:
+        return {None: pathlib.Path(args.mask)}  # None: the first frame, whatever its name
+    if not pathlib.Path(args.masks).is_dir():
+        raise UsageError(f"--masks {args.masks}: no such folder")
+    if reader.names is not None:
+        return video_io.masks_for_frames(reader.names, args.masks)
+    return {path.stem: path for path in sorted(pathlib.Path(args.masks).glob("*.png"))}
+
+
+def _mask_paths(args, frames, masks):
+    """{frame index: mask path}: --mask is the first frame's; --masks may start on any frame
+    (UsageError when none of its masks is named like a frame)."""
+    if args.mask:
+        if not pathlib.Path(masks[None]).is_file():
+            raise UsageError(f"--mask {masks[None]}: no such file")
+        return {0: masks[None]}
+    position = {name: index for index, name in enumerate(frames.names)}
+    paths = {position[name]: path for name, path in masks.items() if name in position}
+    if not paths:
+        raise UsageError(f"no mask in {args.masks} is named like a frame of {args.input} "
+                         f"(frames {frames.names[0]!r} ... {frames.names[-1]!r})")
+    return paths
+
+
+def _check_all_masks(paths, hw, max_objects):
+    """Every mask of a run, read once before the first frame: readable, the first with an
+    object, each of its frame's size, and with at most max_objects ids in all (the message
+    names the mask that brings the count over and the limit all the masks need). Returns
+    the set of their ids."""
+    ids_by_mask = []
+    for position, index in enumerate(sorted(paths)):
+        mask = video_io.read_mask(paths[index])
+        if position == 0:  # segmenting starts there
+            check_first_mask(mask, [], name=paths[index])
+        video_io.check_mask_size(mask, hw, mask_name=paths[index].name)
+        ids_by_mask.append((paths[index], object_ids(mask)))
+    every = set().union(*(ids for _, ids in ids_by_mask))
+    seen = set()
+    for path, ids in ids_by_mask:
+        seen |= set(ids)
+        check_object_count(seen, max_objects, name=path.name, needed=len(every))
+    return every
+
+
+RUN_RECORD = "segment_run.json"  # what a run was made from, for --resume to compare
+
+
+def _run_record(args, source):
+    """What decides a run's masks: its inputs, model and segmenting options (a resumed run
+    must have the same)."""
+    resolved = [str(pathlib.Path(path).resolve()) if path else None
+                for path in (source, args.mask, args.masks)]
+    return dict(input=resolved[0], mask=resolved[1], masks=resolved[2],
+                checkpoint=None if args.random_weights else
+                str(checkpoint_path(args.checkpoint or "small").resolve()),
+                options={field.name: getattr(args, field.name)
+                         for field in options_module.cli_fields()},
+                max_frames=args.max_frames, both_directions=args.both_directions)
+
+
+def _resumable(args, output, record):
+    """--resume: UsageError unless output holds a run made from `record` (or nothing yet)."""
+    if args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other (--resume keeps the "
+                         "masks written, --overwrite removes them)")
+    if args.random_weights:
+        raise UsageError("--resume needs a checkpoint: --random-weights differs per run")
+    path = output / RUN_RECORD
+    if not path.is_file():
+        if any((output / "masks").glob("*.png")):
+            raise UsageError(f"--resume: {output} holds masks but no record of the run that "
+                             f"wrote them ({RUN_RECORD}); pass --overwrite to start again")
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--resume: {path} is not JSON ({error}); pass --overwrite to start "
+                         "again") from None
+    changed = [f"{key}: {earlier.get(key)!r} then, {value!r} now"
+               for key, value in record.items() if earlier.get(key) != value]
+    if changed:
+        raise UsageError(f"--resume: the run in {output} was made with other settings ("
+                         f"{'; '.join(changed)}); give its options, or pass --overwrite to "
+                         "start again")
+
+
+def _written_masks(output, frames, indices, hw, ids):
+    """{frame index: path} of the masks an interrupted run wrote for `indices`, each checked
+    (complete, readable, of the frames' size, with ids the input masks have)."""
+    found = {index: output / "masks" / f"{frames.names[index]}.png" for index in indices}
+    found = {index: path for index, path in found.items() if path.is_file()}
+    for path in found.values():
+        try:
+            video_io.check_complete([path])
+            mask = video_io.read_mask(path)
+            video_io.check_mask_size(mask, hw, mask_name=path.name)
+        except ValueError as error:
+            raise UsageError(f"--resume: {error}; remove {path} to have it segmented again"
+                             ) from None
+        unknown = sorted(set(object_ids(mask)) - set(ids))
+        if unknown:
+            raise UsageError(f"--resume: {path} holds object ids {unknown} that no input mask "
+                             "has: not this run's; pass --overwrite to start again")
+    return found
+
+
+def _is_davis_root(path):
+    path = pathlib.Path(path)
+    return (path / "JPEGImages").is_dir() and (path / "Annotations").is_dir()
+
+
+def segment(args):
+    """`stm segment`: masks (and an overlay) for every frame; prints a summary. A DAVIS-format
+    root is segmented whole, as `stm segment-dataset` does with its defaults.
+
+    Inputs are checked (frames, first mask, model) before an earlier run's results are
+    removed (--overwrite; without it an output holding them is refused). Each mask and
+    overlay frame is written atomically, so an interrupted run leaves complete files only (an
+    unfinished GIF or video is dropped)."""
+    check_model_arguments(args)
+    if _is_davis_root(args.input):
+        return _segment_davis_root(args)
+    if (pathlib.Path(args.input) / "JPEGImages").is_dir():
+        raise UsageError(f"{args.input} has JPEGImages/ but no Annotations/: a DAVIS-format "
+                         "root needs both (or give a folder of frames with --mask/--masks)")
+    if not (args.mask or args.masks):
+        raise UsageError("one of --mask (the first frame's mask) or --masks (a folder of "
+                         "masks) is required")
+    device = device_named(args.device)
+    reader = video_io.FrameReader(args.input)
+    if reader.paths is not None:
+        video_io.check_complete(reader.paths)  # a truncated frame now, not when reached
+    frames = FrameSequence(reader)  # random access: a folder's images, a video's ranges
+    masks = _mask_lookup(args, reader)
+    paths = _mask_paths(args, frames, masks)
+    first = min(paths)  # segmenting starts on the first frame with a mask
+    # before any work, not when reached (every frame has the first's size: FrameReader)
+    hw = frames[first].hw
+    ids = _check_all_masks(paths, hw, args.max_objects)
+    source = pathlib.Path(args.input)
+    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
+    check_output(output, args.overwrite or args.resume)
+    stop = len(frames) if args.max_frames is None else min(len(frames),
+                                                           first + args.max_frames)
+    indices = list(range(first, stop)) + (list(range(first)) if args.both_directions else [])
+    record = _run_record(args, source)
+    written = {}
+    if args.resume:
+        _resumable(args, output, record)
+        written = _written_masks(output, frames, indices, hw, ids)
+    model = build_model(args, device)
+    seg = VideoSegmenter.from_options(model, segmenter_options(args))
+    if first > 0 and not args.both_directions:
+        print(f"note: the first mask is on frame {frames.names[first]}; the frames before it "
+              "are not segmented (--both-directions segments them backwards)", file=sys.stderr)
+    clear_output(output, keep_masks=args.resume)  # only now: a run that fails to start
+    write_json(output / RUN_RECORD, record)         # leaves the old results
+    writer = overlay_writer(args, output, args.fps or reader.fps or 24.0)
+
+    def mask_for(index):  # read when a pass reaches the frame (checked: _check_all_masks)
+        path = paths.get(index)
+        if path is None:
+            return None
+        return torch.from_numpy(video_io.read_mask(path, expected_hw=hw))
+
+    def written_labels(index):  # a resumed run's masks (checked: _written_masks)
+        path = written.get(index)
+        return None if path is None else torch.from_numpy(video_io.read_mask(path))
+
+    run = segment_both_directions if args.both_directions else segment_forward
+    results = run(seg, frames, mask_for, first, stop,
+                  written=written_labels if written else None)
+    # else the overlay is written at the end, in video order
+    in_order = (first == 0 or not args.both_directions) and not written
+    total = len(indices)
+    if written:
+        print(f"resuming: {len(written)} of {total} masks in {output / 'masks'} kept; the "
+              "memory is rebuilt from them", file=sys.stderr)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, count = time.perf_counter(), 0
+    objects = memory_frames = memory_bytes = 0  # the largest over both passes
+    bar = tqdm(results, total=total, initial=len(written), unit="frame", disable=args.quiet,
+               desc=f"segmenting {source.name}")
+    try:
+        for result in bar:
+            labels = result.labels.cpu().numpy()
+            name = result.frame.name
+            video_io.write_mask(output / "masks" / f"{name}.png", labels.astype(np.uint8))
+            if writer is not None and in_order:
+                writer.add(result.frame.image, labels, name=name)
+            count += 1
+            objects = max(objects, seg.num_objects)
+            memory_frames = max(memory_frames, seg.memory_frames)
+            memory_bytes = max(memory_bytes, seg.memory_bytes)
+        if writer is not None and not in_order:  # in video order, from the masks written
+            for frame in frames.range(0 if args.both_directions else first, stop):
+                path = output / "masks" / f"{frame.name}.png"
+                writer.add(frame.image, video_io.read_mask(path), name=frame.name)
+    except BaseException as error:
+        bar.close()
+        if writer is not None:
+            writer.abort()  # no truncated GIF or video; PNG frames are each complete
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"wrote {count + len(written)} of {total} masks to "
+                              f"{output / 'masks'}, each complete (an unfinished overlay video "
+                              "or GIF is dropped); run the same command with --resume to "
+                              "continue") from None
+        raise
+    bar.close()
+    if writer is not None:
+        writer.close()
+    elapsed = time.perf_counter() - start
+    summary = {
+        "frames": count, **({"kept (resumed)": len(written)} if args.resume else {}),
+        "fps": count / elapsed if elapsed else float("nan"),
+        "objects": objects, "memory frames": memory_frames,
+        "memory bank MiB": memory_bytes / 2**20,
+        "peak memory MiB": peak_memory_bytes(device) / 2**20, "device": str(device),
+        "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",
+    }
+    width = max(map(len, summary))
+    for name, value in summary.items():
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"{name:>{width}}: {text}")
+    return 0
+
+
+def _segment_davis_root(args):
+    """`stm segment DAVIS_ROOT`: `stm segment-dataset` with the options both commands have."""
+    if args.mask or args.masks:
+        raise UsageError(f"{args.input} is a DAVIS-format root: its masks come from its "
+                         "Annotations folder (drop --mask/--masks)")
+    output = args.output or str(pathlib.Path("stm_output") / pathlib.Path(args.input).name)
+    dataset_args = _dataset_parser(_Parser(prog="stm segment")).parse_args(
+        [args.input, "--output", output])
+    for field in options_module.one_video_fields():  # unless segment-dataset has it too
+        flag = field.metadata["flag"]
+        if flag and getattr(args, field.name) != field.default and \
+                field.name not in vars(dataset_args):
+            raise UsageError(f"{flag.name} applies to one video, not to a DAVIS-format root "
+                             f"({field.metadata['one_video']})")
+    if args.both_directions:
+        raise UsageError("--both-directions applies to one video, not to a DAVIS-format root")
+    if args.overwrite:
+        raise UsageError("--overwrite does not apply to a DAVIS-format root: its segmentation "
+                         "resumes, skipping the sequences already in the output; remove "
+                         "OUTPUT/<sequence> to redo one")
+    for name, value in vars(args).items():  # the options both commands have
+        if name in vars(dataset_args) and name not in ("masks", "output", "run") and \
+                value is not None:
+            setattr(dataset_args, name, value)
+    return segment_dataset(dataset_args)

@@ -1,0 +1,120 @@
+"""stm segment --resume: an interrupted run continues from the masks it wrote."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import synthetic_video
+from stm_model import io as video_io
+from stm_model.cli import main
+
+FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """Frames, masks (frame 0 holds object 1, frame 4 brings object 2) and later_masks (the
+    first on frame 4: --both-directions segments 4..11, then 3..0)."""
+    root = tmp_path_factory.mktemp("clip")
+    frames, labels = synthetic_video(FRAMES, size=(64, 96), seed=8, objects=2)
+    (root / "frames").mkdir()
+    (root / "masks").mkdir()
+    (root / "later_masks").mkdir()
+    for t, frame in enumerate(frames):
+        Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            root / "frames" / f"{t:05d}.png")
+    video_io.write_mask(root / "masks" / "00000.png", np.where(labels[0] == 1, 1, 0))
+    video_io.write_mask(root / "masks" / "00004.png", np.where(labels[4] == 2, 2, 0))
+    video_io.write_mask(root / "later_masks" / "00004.png", labels[4])
+    return root
+
+
+def _segment(clip, output, *extra, masks="masks"):
+    return main(["segment", str(clip / "frames"), "--masks", str(clip / masks), "--output",
+                 str(output), "--mem-every", "3", "--quiet", *extra])
+
+
+def _masks(output):
+    return {p.name: video_io.read_mask(p) for p in sorted((output / "masks").glob("*.png"))}
+
+
+def _interrupted(clip, output, monkeypatch, capsys, after, *extra, masks="masks"):
+    """Run, with Ctrl-C arriving as mask number `after` + 1 is written; returns stderr."""
+    real, written = video_io.write_mask, []
+
+    def write_then_stop(path, labels):
+        if len(written) == after:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, labels)
+    monkeypatch.setattr(video_io, "write_mask", write_then_stop)
+    assert _segment(clip, output, *extra, masks=masks) == 130
+    monkeypatch.setattr(video_io, "write_mask", real)
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("masks, extra, after", [
+    ("masks", (), 6), ("masks", (), 1),
+    ("later_masks", ("--both-directions",), 5),     # in the forward pass
+    ("later_masks", ("--both-directions",), 10)])   # in the backward pass
+def test_resume_continues_an_interrupted_run(clip, tmp_path, monkeypatch, capsys, masks, extra,
+                                             after):
+    """Ctrl-C after some masks; the same command with --resume keeps them (untouched),
+    rebuilds the memory from them and writes the rest and the overlay; the masks match an
+    uninterrupted run's."""
+    full = tmp_path / "full"
+    assert _segment(clip, full, "--overlay", "none", *extra, masks=masks) == 0
+    output = tmp_path / "out"
+    err = _interrupted(clip, output, monkeypatch, capsys, after, "--overlay", "png", *extra,
+                       masks=masks)
+    assert f"wrote {after} of {FRAMES} masks" in err and "with --resume to continue" in err
+    kept = {p: p.stat().st_mtime_ns for p in (output / "masks").glob("*.png")}
+    assert len(kept) == after
+    assert _segment(clip, output, "--overlay", "png", "--resume", *extra, masks=masks) == 0
+    captured = capsys.readouterr()
+    assert f"resuming: {after} of {FRAMES} masks" in captured.err
+    assert f"kept (resumed): {after}" in captured.out
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # kept, not rewritten
+    resumed, expected = _masks(output), _masks(full)
+    assert resumed.keys() == expected.keys() and len(resumed) == FRAMES
+    agreement = np.mean([(resumed[name] == expected[name]).mean() for name in expected])
+    assert agreement > 0.99, agreement
+    assert len(list((output / "overlay").glob("*.png"))) == FRAMES
+    # resuming a finished run writes nothing new and says so
+    assert _segment(clip, output, "--overlay", "none", "--resume", *extra, masks=masks) == 0
+    assert f"resuming: {FRAMES} of {FRAMES} masks" in capsys.readouterr().err
+
+
+def _error(capsys, code, *fragments):
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_resume_refuses_what_it_cannot_continue(clip, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "out"
+    _interrupted(clip, output, monkeypatch, capsys, 5, "--overlay", "none")
+    _error(capsys, _segment(clip, output, "--resume", "--overwrite"),
+           "--resume and --overwrite exclude each other")
+    _error(capsys, _segment(clip, output, "--resume", "--mem-every", "4"),
+           "was made with other settings", "mem_every")
+    _error(capsys, _segment(clip, output, "--resume", "--max-frames", "8"), "max_frames")
+    _error(capsys, _segment(clip, output, "--resume", "--random-weights"),
+           "--resume needs a checkpoint")
+    cut = output / "masks" / "00003.png"
+    cut.write_bytes(cut.read_bytes()[:-20])  # no IEND: a copy that stopped
+    _error(capsys, _segment(clip, output, "--resume"), "00003.png", "remove")
+    cut.unlink()
+    foreign = np.zeros((64, 96), np.uint8)
+    foreign[:8, :8] = 7
+    video_io.write_mask(output / "masks" / "00002.png", foreign)
+    _error(capsys, _segment(clip, output, "--resume"), "00002.png", "object ids [7]")
+    (output / "segment_run.json").unlink()
+    _error(capsys, _segment(clip, output, "--resume"), "no record of the run")
+
+
+def test_resume_without_an_earlier_run_starts_from_the_first_frame(clip, tmp_path, capsys):
+    output = tmp_path / "new"
+    assert _segment(clip, output, "--overlay", "none", "--resume") == 0
+    assert len(_masks(output)) == FRAMES
+    assert "resuming" not in capsys.readouterr().err
