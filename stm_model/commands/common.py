@@ -82,11 +82,12 @@ def earlier_results(output):
                               if (output / name).exists()]
 
 
-def check_output(output, overwrite):
+def check_output(output, overwrite, resumable=False):
     """Check, without creating it yet (a run that fails to start leaves no empty folder), that
     output can be a folder of results: not a file, writable (a read-only filesystem and
     missing permissions alike), and not holding an earlier run's masks or overlay frames
-    (the runs would mix) unless overwrite."""
+    (the runs would mix) unless overwrite. resumable: the command has --resume (the refusal
+    says so)."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; give a folder (it is made if needed)")
     if not can_write_into(output):
@@ -94,9 +95,10 @@ def check_output(output, overwrite):
                          "parent is a file); choose another --output")
     earlier = earlier_results(output)
     if earlier and not overwrite:
+        resume = ", --resume to continue it if it was interrupted," if resumable else ""
         raise UsageError(f"{output} already holds the results of an earlier run ({len(earlier)} "
-                         "masks, overlay and J&F files); pass --overwrite to replace them, or "
-                         "choose another --output")
+                         f"masks, overlay and J&F files); pass --overwrite to replace them{resume} "
+                         "or choose another --output")
 
 
 def clear_output(output, keep_masks=False):

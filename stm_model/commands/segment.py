@@ -165,7 +165,7 @@ def segment(args):
     ids = _check_all_masks(paths, hw, args.max_objects)
     source = pathlib.Path(args.input)
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
-    check_output(output, args.overwrite or args.resume)
+    check_output(output, args.overwrite or args.resume, resumable=True)
     stop = len(frames) if args.max_frames is None else min(len(frames),
                                                            first + args.max_frames)
     indices = list(range(first, stop)) + (list(range(first)) if args.both_directions else [])
@@ -196,12 +196,16 @@ def segment(args):
     run = segment_both_directions if args.both_directions else segment_forward
     results = run(seg, frames, mask_for, first, stop,
                   written=written_labels if written else None)
+    if len(written) == len(indices):  # a finished run: its overlay only
+        results = iter(())
     # else the overlay is written at the end, in video order
     in_order = (first == 0 or not args.both_directions) and not written
     total = len(indices)
     if written:
-        print(f"resuming: {len(written)} of {total} masks in {output / 'masks'} kept; the "
-              "memory is rebuilt from them", file=sys.stderr)
+        print(f"resuming: {len(written)} of {total} masks in {output / 'masks'} kept"
+              + ("; the memory is rebuilt from them" if len(written) < total else
+                 " (the run was complete: only its overlay is written again)"),
+              file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, count = time.perf_counter(), 0

@@ -69,6 +69,8 @@ def test_resume_continues_an_interrupted_run(clip, tmp_path, monkeypatch, capsys
     assert f"wrote {after} of {FRAMES} masks" in err and "with --resume to continue" in err
     kept = {p: p.stat().st_mtime_ns for p in (output / "masks").glob("*.png")}
     assert len(kept) == after
+    # the same command again without --resume is refused, pointing to it
+    _error(capsys, _segment(clip, output, *extra, masks=masks), "--resume to continue")
     assert _segment(clip, output, "--overlay", "png", "--resume", *extra, masks=masks) == 0
     captured = capsys.readouterr()
     assert f"resuming: {after} of {FRAMES} masks" in captured.err
@@ -81,7 +83,8 @@ def test_resume_continues_an_interrupted_run(clip, tmp_path, monkeypatch, capsys
     assert len(list((output / "overlay").glob("*.png"))) == FRAMES
     # resuming a finished run writes nothing new and says so
     assert _segment(clip, output, "--overlay", "none", "--resume", *extra, masks=masks) == 0
-    assert f"resuming: {FRAMES} of {FRAMES} masks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"resuming: {FRAMES} of {FRAMES} masks" in err and "the run was complete" in err
 
 
 def _error(capsys, code, *fragments):
