@@ -1,6 +1,7 @@
 """`stm eval`: DAVIS J&F of result masks against annotations."""
 import pathlib
 import re
+import sys
 
 import numpy as np
 
@@ -72,6 +73,12 @@ def evaluate_results(results, annotations, sequences=None, output=None, davis201
             raise UsageError(f"{name}: {message}{hint}") from None
     per_object, global_row = metrics.summarize(scored)
     print(metrics.format_table(per_object, global_row))
+    for name, result in scored.items():  # a NaN row would otherwise go unexplained
+        frames = result["J"].shape[1]
+        if frames < 3:
+            print(f"note: {name} has {frames} annotated frame{'s' * (frames != 1)}: the "
+                  "semi-supervised protocol scores frames 1..T-2 (the first is the given "
+                  "mask), so none is scored (nan)", file=sys.stderr)
     paths = metrics.write_csvs(pathlib.Path(output or results), per_object, global_row)
     print("wrote " + " and ".join(map(str, paths)))
     return 0

@@ -174,3 +174,23 @@ def test_help_imports_no_torch(argv):
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip().splitlines()[-1] == "0 []"
     assert "usage: stm" in completed.stdout or "stm-kernels" in completed.stdout
+
+
+def test_eval_of_too_few_annotated_frames_says_why_it_is_nan(tmp_path, capsys):
+    """The semi-supervised protocol leaves out the first and last frames: with one or two
+    annotated frames nothing is scored, and the command says so beside the NaN table."""
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+        labels = np.zeros((16, 16), np.uint8)
+        labels[4:10, 4:10] = 1
+        for t in range(2):
+            video_io.write_mask(tmp_path / folder / f"{t:05d}.png", labels)
+    assert main(["eval", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 0
+    captured = capsys.readouterr()
+    assert "nan" in captured.out
+    assert "note: gt has 2 annotated frames: the semi-supervised protocol scores frames " \
+           "1..T-2" in captured.err
+    (tmp_path / "gt" / "00002.png").write_bytes((tmp_path / "gt" / "00000.png").read_bytes())
+    (tmp_path / "pred" / "00002.png").write_bytes((tmp_path / "gt" / "00000.png").read_bytes())
+    assert main(["eval", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 0
+    assert "note:" not in capsys.readouterr().err
