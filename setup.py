@@ -17,13 +17,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["stm_kernels", "stm_kernels.*", "stm_model", "stm_model.*"]),
-    package_data={"stm_kernels": ["py.typed"], "stm_model": ["weights/*.pt", "py.typed"]},
+    package_data={"stm_kernels": ["py.typed"],
+                  "stm_model": ["weights/*.pt", "py.typed", "annotate/static/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "pillow", "scipy", "scikit-image",
                       "tqdm"],
     entry_points={"console_scripts": ["stm = stm_model.cli:main"]},
     extras_require={
-        "dev": ["pytest>=7", "mypy>=1.10", "ruff>=0.5"],
+        # selenium drives the system's Chromium in the browser tests (.ci/run installs it)
+        "dev": ["pytest>=7", "mypy>=1.10", "ruff>=0.5", "selenium>=4.10"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "mkdocs-include-markdown-plugin>=6"],

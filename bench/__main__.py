@@ -11,6 +11,7 @@
     python -m bench dataset-throughput  # a dataset batched K videos at a time vs one at a time
     python -m bench topk-read [...]     # top-k read vs STCN's materialised top-k; usage cost
     python -m bench sharded-read [...]  # one memory sharded over 1-3 processes
+    python -m bench annotate [...]      # the browser page of `stm annotate`: frame switches
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check|--prune]   # README and docs tables from the newest results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -23,7 +24,7 @@ import json
 import pathlib
 import sys
 
-from bench import (dataset_throughput, held_out, interactive, interactive_eval, kernel,
+from bench import (annotate, dataset_throughput, held_out, interactive, interactive_eval, kernel,
                    long_video, ragged_read, report, sharded_read, topk_read, training)
 
 BENCHMARKS = {  # sub-command: module (its results are bench/results/<module name>_*.json)
@@ -37,6 +38,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "dataset-throughput": dataset_throughput,
     "topk-read": topk_read,
     "sharded-read": sharded_read,
+    "annotate": annotate,
 }
 
 

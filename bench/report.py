@@ -15,7 +15,7 @@ import pathlib
 import re
 import sys
 
-from bench import (dataset_throughput, held_out, interactive, interactive_eval, kernel,
+from bench import (annotate, dataset_throughput, held_out, interactive, interactive_eval, kernel,
                    long_video, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
 from tools.gpu_session import ncu_summary, profile_target
@@ -37,6 +37,7 @@ RENDERERS = {
     "dataset_throughput": (dataset_throughput.plot, dataset_throughput.summary),
     "topk_read": (topk_read.plot, topk_read.summary),
     "sharded_read": (sharded_read.plot, sharded_read.summary),
+    "annotate": (annotate.plot, annotate.summary),
     "kernel_breakdown": (profile_target.plot, profile_target.summary),
     "ncu": (None, ncu_summary.summary),
 }

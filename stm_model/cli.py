@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 -m stm_model segment-dataset DAVIS_ROOT --output out/
     stm eval RESULTS_DIR ANNOTATIONS_DIR
     stm interactive-eval DAVIS_ROOT --sequences bear --rounds 8 --size 240
+    stm annotate FRAMES_DIR_OR_VIDEO --output out/     # a page to scribble on, in a browser
     stm train --output runs/small --steps 3000
 
 User errors (bad options, unreadable or ambiguous inputs, unwritable outputs) are reported as
@@ -143,6 +144,12 @@ def main(argv=None):
                     "(the DAVIS interactive format, strokes on any frames) is one round of "
                     "InteractiveSession; writes palette PNG masks named like the frames and "
                     "an overlay after the last round."))
+    _annotate_parser(commands.add_parser(
+        "annotate", help="segment a video interactively in a browser (a local web page)",
+        description="Start a local web server for one video and print the URL of its page: "
+                    "scribble on frames, run rounds of interactive segmentation, correct, "
+                    "export DAVIS palette masks, the scribbles and an overlay. The rounds are "
+                    "saved in the output folder: the same command continues them."))
     export = commands.add_parser(
         "export", help="rewrite a checkpoint as weights only (optionally fp16)",
         description="Write the model of a checkpoint (an stm-kernels run's checkpoint.pt or "
@@ -334,6 +341,30 @@ def _interactive_parser(parser):
                         help="folder for interactive_eval.json and the plot")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_command("stm_model.commands.interactive", "interactive_evaluate"))
+
+
+def _annotate_parser(parser):
+    parser.add_argument("input", help="folder of frames (JPEG/PNG) or a video file")
+    _interactive_checkpoint_argument(parser)
+    parser.add_argument("--output", help="folder for the exported masks, scribbles and overlay, "
+                                         "and the saved session (default: stm_output/<input "
+                                         "name>)")
+    parser.add_argument("--port", type=_count(0), default=8765,
+                        help="port of the page (0: any free one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on: the default keeps the page to this "
+                             "machine; another makes the video and the output folder "
+                             "reachable by anyone who reaches the port")
+    parser.add_argument("--size", "--max-internal-size", type=_count(16),
+                        dest="max_internal_size", metavar="PIXELS",
+                        help="segment frames resized so that their shorter side is at most "
+                             "PIXELS (masks are exported at the frames' size)")
+    parser.add_argument("--objects", type=_count(1), default=1,
+                        help="objects at the start (the page adds more)")
+    parser.add_argument("--restart", action="store_true",
+                        help="forget the session saved in --output and start a new one")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.set_defaults(run=_command("stm_model.commands.annotate", "annotate"))
 
 
 def _interactive_scribbles_parser(parser):

@@ -115,6 +115,19 @@ def synthetic_video(frames, size=(64, 64), seed=3, objects=2):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), np.stack(labels)
 
 
+def write_frames(folder, frames, size, seed=4, objects=2):
+    """A held-out synthetic video written as PNG frames into a new `folder`; returns its
+    (T, H, W) labels."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True)
+    images, labels = synthetic_video(frames, size=size, seed=seed, objects=objects)
+    for t, image in enumerate(images):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            folder / f"{t:05d}.png")
+    return labels
+
+
 def write_davis_folder(root, frames, labels, name="synth"):
     """A DAVIS-format folder (JPEGImages/480p/<name>, Annotations/480p/<name>) of a video."""
     import numpy as np

@@ -25,7 +25,7 @@ stroke take the stroke's label in the returned masks.
 import dataclasses
 import time
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -176,10 +176,16 @@ class InteractiveSession(SessionCore):
         return torch.cat([1 - objects.sum(0, keepdim=True), objects]).argmax(0).cpu()
 
     @torch.no_grad()
-    def interact(self, scribbles: dict) -> torch.Tensor:
+    def interact(self, scribbles: dict,
+                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
         """One round: add the scribbled frame(s) to the memory and re-segment every frame;
         returns the (T, H, W) int64 object ids (on the CPU). Scribbles are in the DAVIS
-        interactive format (see stm_model.interactive.scribbles) with one entry per frame."""
+        interactive format (see stm_model.interactive.scribbles) with one entry per frame.
+
+        progress: called as progress(frames done, frames to segment) before the first batch
+        and after each; an exception it raises stops the round and reaches the caller (the
+        session is then part-way through the round: a caller that stops a round rebuilds
+        the session, as stm annotate does)."""
         scribble_format.check_scribbles(scribbles, self.num_frames, self.num_objects)
         annotated = scribble_format.annotated_frames(scribbles)
         if not annotated:
@@ -214,7 +220,7 @@ class InteractiveSession(SessionCore):
                 self._memorise(t)
         weights = (merge_weights(self.num_frames, annotated, earlier) if self.merge
                    else np.ones(self.num_frames))
-        self._segment_all(weights)
+        self._segment_all(weights, progress)
         self.synchronize()
         self.rounds.append(RoundInfo(
             annotated_frames=annotated, seconds=time.perf_counter() - start,
@@ -235,14 +241,19 @@ class InteractiveSession(SessionCore):
                                                     pad_to_multiple(channels)[0])
         self.bank.put(keys, values, t)
 
-    def _segment_all(self, weights):
+    def _segment_all(self, weights, progress=None):
         """Segment the frames of nonzero weight, `batch_size` per read, blending the new masks
-        with the previous ones by `weights` (T,)."""
+        with the previous ones by `weights` (T,); progress(done, total) as interact's."""
         frames = [t for t in range(self.num_frames) if weights[t] > 0]
         starts = range(0, len(frames), self.batch_size)
+        if progress is not None:
+            progress(0, len(frames))
         for start in tqdm(starts, unit="batch", disable=not self.show_progress,
                           desc=f"segmenting {self.sequence or 'video'}"):
-            self._segment(frames[start:start + self.batch_size], weights)
+            batch = frames[start:start + self.batch_size]
+            self._segment(batch, weights)
+            if progress is not None:
+                progress(start + len(batch), len(frames))
 
     def _segment(self, indices, weights=None):
         """Segment frames `indices` from the memory in one fused read and update self.probs

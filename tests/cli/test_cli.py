@@ -157,12 +157,14 @@ def test_size_means_the_shorter_side_in_every_command(monkeypatch):
             if "--size" in action.option_strings:
                 with_size[name] = (action.dest, action.metavar, action.nargs)
     assert with_size == {name: ("max_internal_size", "PIXELS", None) for name in
-                         ("segment", "segment-dataset", "interactive-eval", "interactive")}
+                         ("segment", "segment-dataset", "interactive-eval", "interactive",
+                          "annotate")}
     assert any("--clip-size" in action.option_strings for action in commands["train"]._actions)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["segment", "--help"], ["train", "--help"],
-                                  ["selftest", "--help"], ["--version"]])
+                                  ["selftest", "--help"], ["annotate", "--help"],
+                                  ["--version"]])
 def test_help_imports_no_torch(argv):
     """`stm --help` (and each command's) parses before importing torch, numpy or the
     network: the help is there at once (the import alone took about 3 s)."""

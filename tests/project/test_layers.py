@@ -20,7 +20,8 @@ LAYERS = [
         "stm_model.inference", "stm_model.interactive", "stm_model.training",
         "stm_model.network.checkpoint"]),
     ("CLI, demo, benchmarks and developer tools", [
-        "stm_model.cli", "stm_model.demo", "stm_model.__main__", "stm_model", "bench", "tools"]),
+        "stm_model.cli", "stm_model.commands", "stm_model.annotate", "stm_model.demo",
+        "stm_model.__main__", "stm_model", "bench", "tools"]),
 ]
 PACKAGES = ("stm_kernels", "stm_model", "bench", "tools")
 

@@ -1,0 +1,56 @@
+"""`stm annotate`: the browser annotation tool's server, until Ctrl-C."""
+import errno
+import pathlib
+import time
+
+from stm_model.annotate.server import STATE_FOLDER, AnnotationServer
+from stm_model.cli import UsageError
+from stm_model.commands.common import checkpoint_path, device_named
+from stm_model.io.files import can_write_into
+from stm_model.network.checkpoint import load_checkpoint
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def annotate(args):
+    """Serve the page for one video; every input is checked before the model loads."""
+    device = device_named(args.device)
+    source = pathlib.Path(args.input)
+    if not source.exists():
+        raise UsageError(f"{source}: no such folder of frames or video file")
+    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; give a folder (it is made if needed)")
+    if not can_write_into(output):
+        raise UsageError(f"cannot write into the output folder {output} (read-only, or a "
+                         "parent is a file); choose another --output")
+    saved = output / STATE_FOLDER / "session.json"
+    if args.restart and saved.exists():
+        saved.unlink()
+    model = load_checkpoint(checkpoint_path(args.checkpoint or "small-interactive"), device)
+    try:
+        server = AnnotationServer(source, output, model, port=args.port, host=args.host,
+                                  max_internal_size=args.max_internal_size,
+                                  num_objects=args.objects, device=device)
+    except OSError as error:
+        if error.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise UsageError(f"--host {args.host} --port {args.port}: {error.strerror}; choose "
+                             "another port (--port 0: any free one)") from None
+        raise
+    if server.continued:
+        print(f"continuing the annotation session saved in {output} ({len(server.rounds)} "
+              "rounds, replayed now; --restart starts a new one)")
+    if args.host not in LOCAL_HOSTS:
+        print(f"warning: --host {args.host}: anyone who reaches this port can see the video "
+              f"and write into {output}")
+    server.start()
+    print(f"stm annotate: open {server.url} in a browser (Ctrl-C stops the server)",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    print(f"stopped; the rounds are saved in {output / STATE_FOLDER} (the same command "
+          f"continues them), exported files in {output}")
+    return 0
