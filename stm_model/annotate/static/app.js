@@ -90,8 +90,11 @@ function drawStrokes(strokes, alpha) {
       if (i === 0) context.moveTo(x * w, y * h); else context.lineTo(x * w, y * h);
     });
     if (stroke.path.length === 1) context.lineTo(stroke.path[0][0] * w + 0.5, stroke.path[0][1] * h);
-    context.lineWidth = width + 2;  // a dark edge: visible over the mask of its own colour
-    context.strokeStyle = `rgba(0, 0, 0, ${alpha * 0.7})`;
+    // An edge that stands out over the mask of its own colour: light around the (dark) palette
+    // colours, dark around the background's white.
+    context.lineWidth = width + 2;
+    context.strokeStyle = stroke.object_id ? `rgba(255, 255, 255, ${alpha})`
+      : `rgba(0, 0, 0, ${alpha * 0.7})`;
     context.stroke();
     context.lineWidth = width;
     context.strokeStyle = colour(stroke.object_id, alpha);
