@@ -18,7 +18,8 @@ merge_reads, usage and the sharded read) would be wrong without it. Without a se
 and k' = s_j / sqrt(Ck) [k, k^2], 2 Ck channels. Without a shrinkage s = 1. The augmentation
 is differentiable, so gradients reach the query, the memory keys, the selection and the
 shrinkage. It costs one (B, 2Ck+1, N) copy of the memory keys per read and twice the key
-channels in the score product.
+channels in the score product. The Triton kernels read 2 Ck + 1 = 257 channels (Ck = 128) on
+256-wide tiles, the last channel as a rank-1 score term (backends/triton/launch.py).
 """
 import torch
 

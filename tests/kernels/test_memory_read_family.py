@@ -242,6 +242,32 @@ def test_xmem_similarity_equals_xmems_formula(device, backend, terms, top_k):
     check(actual, expected, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("terms", ["shrinkage+selection", "selection", "shrinkage"])
+@pytest.mark.parametrize("top_k", [None, 10])
+def test_xmem_at_ck_128_equals_xmems_formula(device, backend, terms, top_k):
+    """XMem's read at Ck = 128: with a selection its 257 augmented key channels run on the
+    256-wide kernels with the last channel as a rank-1 score term (no fallback: the suite
+    fails on one); out, lse, usage and the gradients to the query, keys, values, shrinkage
+    and selection against XMem's formula. A ragged memory, the selection of a shared query."""
+    _skip(backend, device)
+    q, k, v = random_inputs(2, 1, 128, 16, 20, 40, torch.float32, device, seed=27)
+    generator = torch.Generator().manual_seed(28)
+    shrinkage = (1 + 4 * torch.rand(2, 1, 40, generator=generator)).to(device) \
+        if "shrinkage" in terms else None
+    selection = torch.rand(1, 128, 20, generator=generator).to(device) \
+        if "selection" in terms else None
+    lengths = [40, 23]
+    expected = reference(q, k, v, top_k=top_k, similarity="xmem", shrinkage=shrinkage,
+                         selection=selection, lengths=lengths)
+    actual = run(q, k, v, expected[-1], top_k=top_k, similarity="xmem", backend=backend,
+                 shrinkage=shrinkage, selection=selection,
+                 memory_lengths=torch.tensor(lengths, device=device))
+    check(actual, expected, torch.float32)
+    assert (actual[3][1][1, :, 23:] == 0).all()
+
+
 def test_xmem_spatial_layouts_and_chunks():
     """(T, H, W) memory with a (B, 1, T, H, W) shrinkage, (H, W) query and selection, and a
     memory given as chunks with one shrinkage for the whole."""

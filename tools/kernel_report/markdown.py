@@ -5,6 +5,13 @@ PRECISION_TITLES = {"fp16": "fp16", "bf16": "bf16", "tf32": "TF32 (\"high\")",
                     "fp32": "exact fp32 (\"highest\")"}
 
 
+def _keys(width):
+    """A table key width in words: "keys ≤ 256", or "257 keys (256 tiled + rank-1)"."""
+    if width in report.tilings.WIDTHS or width not in report.tilings.KEY_WIDTHS:
+        return f"keys ≤ {width}"
+    return f"{width} keys ({width - 1} tiled + rank-1)"
+
+
 def config_text(config):
     """ForwardConfig(block_m=128, block_n=64, block_v=256, ...) as 'm128 n64 v256 8w 3s'."""
     parts = [f"{name.removeprefix('block_')[0]}{value}" if name.startswith("block_")
@@ -133,11 +140,11 @@ def document(payload):
     by_reason: dict = {}
     for (architecture, kernel, precision, width), (reason, texts) in exceptions.items():
         if architecture is None:
-            where = f"every architecture, keys ≤ {width}"
+            where = f"every architecture, {_keys(width)}"
         elif kernel is None:
             where = f"`{architecture}`, every kernel"
         else:
-            where = f"`{architecture}` {kernel} {precision} keys ≤ {width}"
+            where = f"`{architecture}` {kernel} {precision} {_keys(width)}"
         by_reason.setdefault(reason, []).append((where, texts))
     if by_reason:
         lines += ["## Where the targets are not met (tilings.EXCEPTIONS)", ""]
@@ -151,7 +158,7 @@ def document(payload):
     for (architecture, read, precision, width), (reason, cases) in \
             report.on_torch(payload).items():
         designed.setdefault(reason, []).append(
-            f"`{architecture}` {read} {precision} keys ≤ {width} ({', '.join(cases)})")
+            f"`{architecture}` {read} {precision} {_keys(width)} ({', '.join(cases)})")
     if designed:
         lines += ["## Reads the torch backend computes by design (tilings.ON_TORCH)", "",
                   "There the Triton kernels of that read are not launched (the call's other "

@@ -267,16 +267,19 @@ def report(targets=None, precisions=None, cases=None, progress=None):
 
 
 PRECISION_CLASS = {"fp16": "16-bit", "bf16": "16-bit", "tf32": "tf32", "fp32": "fp32"}
-WIDTH = {"dot": 128, "l2": 128, "xmem Ck=64": 256, "xmem Ck=128": 512}
+# The tables' key width of each case (tilings.key_widths): XMem's 257 channels at Ck = 128
+# are 256 tiled and a rank-1 last one.
+WIDTH = {"dot": 128, "l2": 128, "xmem Ck=64": 256, "xmem Ck=128": 257}
 
 
 def shortfalls(payload):
     """[(exception key, text)] of every way the report falls short of the targets: a spill, a
     chosen config that fails or overflows shared memory, a duplicated dot, a dot/l2/xmem-64 case
     the kernels cannot run, a work ratio above its target. The key, (architecture, kernel,
-    precision class, key width), is where tilings.EXCEPTIONS may state why; keys wider than
-    any tiling share one key, (None, None, None, width), and so do a target's rows whose work
-    the report cannot read, (architecture, None, None, None)."""
+    precision class, key width), is where tilings.EXCEPTIONS may state why (a 257-wide key
+    also by its 256-wide entry: exception_key); keys wider than any tiling share one key,
+    (None, None, None, width), and so do a target's rows whose work the report cannot read,
+    (architecture, None, None, None)."""
     found = []
     for name, entry in payload["targets"].items():
         architecture = entry.get("architecture")
@@ -289,9 +292,9 @@ def shortfalls(payload):
                 key = (architecture, kernel, precision, width)
                 here = f"{where} {row['kernel']}"
                 if "unavailable" in row:
-                    if key in tilings.ON_TORCH:  # by design, with its reason: not a shortfall
+                    if tilings.stated_key(tilings.ON_TORCH, *key):  # by design, with its reason
                         continue
-                    if width > tilings.WIDTHS[-1]:  # one reason for all: no tiling that wide
+                    if width not in tilings.KEY_WIDTHS:  # one reason for all: no such tiling
                         found.append(((None, None, None, width),
                                       f"{here}: no kernel runs ({row['unavailable']})"))
                     elif row["unavailable"] != launch.EXACT_FP32_ON_TORCH:
@@ -324,10 +327,16 @@ def shortfalls(payload):
     return found
 
 
+def exception_key(key):
+    """The key of tilings.EXCEPTIONS that states a shortfall's reason, or None: the
+    shortfall's own key or, for a rank-1 key width (257), its tiles' (256)."""
+    return tilings.stated_key(tilings.EXCEPTIONS, *key)
+
+
 def problems(payload):
     """The shortfalls no entry of tilings.EXCEPTIONS explains, one line each (the targets
     hold when it is empty)."""
-    return [text for key, text in shortfalls(payload) if key not in tilings.EXCEPTIONS]
+    return [text for key, text in shortfalls(payload) if exception_key(key) is None]
 
 
 def on_torch(payload):
@@ -337,9 +346,10 @@ def on_torch(payload):
     for name, entry in payload["targets"].items():
         for case in entry["cases"]:
             for row in case["rows"]:
-                key = (entry.get("architecture"), row["kernel"],
-                       PRECISION_CLASS[case["precision"]], WIDTH[case["case"]])
-                if "unavailable" in row and key in tilings.ON_TORCH:
+                key = tilings.stated_key(tilings.ON_TORCH, entry.get("architecture"),
+                                         row["kernel"], PRECISION_CLASS[case["precision"]],
+                                         WIDTH[case["case"]])
+                if "unavailable" in row and key is not None:
                     found.setdefault(key, (tilings.ON_TORCH[key], []))[1].append(
                         f"{name} {case['precision']} {case['case']}")
     return found
@@ -349,6 +359,7 @@ def stated(payload):
     """{exception key: (its reason, [the shortfalls it explains])} of the report."""
     found = {}
     for key, text in shortfalls(payload):
-        if key in tilings.EXCEPTIONS:
-            found.setdefault(key, (tilings.EXCEPTIONS[key], []))[1].append(text)
+        stated_key = exception_key(key)
+        if stated_key is not None:
+            found.setdefault(stated_key, (tilings.EXCEPTIONS[stated_key], []))[1].append(text)
     return found

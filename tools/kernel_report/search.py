@@ -14,9 +14,11 @@ arguments are exactly a launch's), and keeps:
     fallbacks  up to two later candidates that compile and fit in less shared memory than the
                first (a device with less than the table assumes), spills allowed.
 Both the dot and the l2 similarity must pass for width 128 (Ck = 128), XMem's augmented keys
-of Ck = 64 (129 channels) for width 256. It prints the entries as Python for tilings.py and
-writes the rows it compiled to --json. The order of preference is the only guess here: larger
-tiles first (less traffic per pair), the work targets first of all; no GPU can time them.
+of Ck = 64 (129 channels) for width 256, and of Ck = 128 (257: 256 tiled and a rank-1 last
+one) for width 257, whose entries a table needs only where the 256-wide ones miss there.
+It prints the entries as Python for tilings.py and writes the rows it compiled to --json.
+The order of preference is the only guess here: larger tiles first (less traffic per pair),
+the work targets first of all; no GPU can time them.
 """
 import argparse
 import dataclasses
@@ -111,8 +113,8 @@ PASS_OF = dict(forward="forward", merge="forward", dv="backward", dkdq="backward
 # Per precision class: (report precision the search compiles, element size).
 CLASSES = {"16-bit": ("bf16", 2), "tf32": ("tf32", 4), "fp32": ("fp32", 4)}
 # Per key width: the cases that must pass: dot and l2 at Ck = 128 (STM, STCN); XMem's
-# augmented keys of Ck = 64 (129 channels, a dot) for width 256.
-WIDTH_CASES = {128: ((128, False), (128, True)), 256: ((129, False),)}
+# augmented keys of Ck = 64 (129 channels, a dot) for width 256, of Ck = 128 (257) for 257.
+WIDTH_CASES = {128: ((128, False), (128, True)), 256: ((129, False),), 257: ((257, False),)}
 # The other backward kernels' work per pair at the target shape when dV is chosen: forward
 # 768 (two value chunks) + dK/dQ 896; dV may take what keeps the total within 1.3x.
 DV_BUDGET = report.TOTAL_RATIO_TARGET * 3.5 * (128 + 512) - 768 - 896
@@ -277,8 +279,8 @@ def main(argv=None):
     parser.add_argument("--kernels", nargs="+", default=list(tilings.KERNELS),
                         choices=tilings.KERNELS)
     parser.add_argument("--precisions", nargs="+", default=list(CLASSES), choices=list(CLASSES))
-    parser.add_argument("--widths", nargs="+", type=int, default=list(tilings.WIDTHS),
-                        choices=tilings.WIDTHS)
+    parser.add_argument("--widths", nargs="+", type=int, default=list(tilings.KEY_WIDTHS),
+                        choices=tilings.KEY_WIDTHS)
     parser.add_argument("--json", help="write every compiled row here")
     args = parser.parse_args(argv)
     target = TARGETS[args.arch]
@@ -289,7 +291,7 @@ def main(argv=None):
             widths = args.widths if kernel != "merge" else [128]
             for width in widths:
                 _, size = CLASSES[precision_class]
-                narrower = [starts.get((size, w), 0) for w in tilings.WIDTHS if w < width]
+                narrower = [starts.get((size, w), 0) for w in tilings.KEY_WIDTHS if w < width]
                 faster = [starts.get((size, width), 0)] if precision_class == "fp32" else []
                 start = max([0] + narrower + faster)
                 first, others, tried = search(target, kernel, precision_class, width,

@@ -73,22 +73,21 @@ def test_the_committed_report_is_current_and_meets_the_targets(committed):
 
 def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
     """No precision of any target sends the STM and STCN reads (Ck = 128) or XMem's Ck = 64
-    to the torch backend but where tilings.ON_TORCH says so (never in 16-bit); each kernel's
-    row is the table's first candidate there; dK+dQ is fused but where SEPARATE_DQ says."""
+    and Ck = 128 (257 key channels: 256 tiled, the last a rank-1 term) to the torch backend
+    but where tilings.ON_TORCH says so (never in 16-bit); each kernel's row is the table's
+    first candidate there; dK+dQ is fused but where SEPARATE_DQ says."""
     from tools.kernel_report.compile import TARGETS
+    from tools.kernel_report.report import WIDTH
     for name, entry in committed["targets"].items():
         architecture = tilings.ARCHITECTURES[entry["architecture"]]
         assert tilings.architecture_of(TARGETS[name].device)[0] is architecture
         for case in entry["cases"]:
             rows = {row["kernel"]: row for row in case["rows"]}
-            if case["case"] == "xmem Ck=128":
-                assert "every" in rows  # 257 key channels: no tiling takes them (torch)
-                continue
             if case["precision"] == "fp32" and architecture.fp32_exact is None:
                 assert rows["every"]["unavailable"] == launch.EXACT_FP32_ON_TORCH, name
                 continue
             precision = PRECISION_CLASS[case["precision"]]
-            width = 128 if case["case"] in ("dot", "l2") else 256
+            width = WIDTH[case["case"]]
             expected = {"forward", "dv", "dkdq", "dk", "dq", "select", "usage"}
             if tilings.separates_dq(architecture, precision, width):
                 expected.discard("dkdq")
@@ -103,8 +102,8 @@ def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
             for row in rows.values():
                 kernel = row["kernel"]
                 if "unavailable" in row:  # only where the table takes the read to torch
-                    assert (entry["architecture"], kernel, precision, width) in \
-                        tilings.ON_TORCH, (name, case["precision"], case["case"], kernel)
+                    assert tilings.on_torch(architecture, kernel, precision, width), \
+                        (name, case["precision"], case["case"], kernel)
                     continue
                 first = architecture.candidates(kernel, precision, width)[0]
                 assert row["config"] == dataclasses.asdict(first) or "failed_candidates" in row,\

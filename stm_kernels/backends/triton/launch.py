@@ -10,6 +10,12 @@
     triton_select    memory_read_topk_kernel (top-k positions of every query)
     triton_usage     memory_read_usage_kernel (XMem's memory usage)
 
+A memory whose key channels are one past a tiling width (tilings.splits_last_channel: XMem's
+2 * 128 + 1 = 257) runs on tiles of that width: the kernels take its first channels as the
+tiled dot (CK) and the last as a rank-1 score term u_i w_j (RANK1), exact for any input; its
+gradients come back as the last channel of dq and dk. Its key width class is 257 (the tables'
+own entries for it, else the 256-wide ones).
+
 Every kernel is launched through `launch_first_that_runs`: the device's candidate tilings
 (tilings.py) in order, a candidate that fails to compile or launch falling through to the next;
 the choice is remembered per device, kernel and call signature. When none runs it raises
@@ -148,6 +154,7 @@ class Call:
     input_precision: str
     precision_class: str
     width: int
+    rank1: bool = False  # the last key channel runs as a rank-1 score term (RANK1)
 
 
 EXACT_FP32_ON_TORCH = (
@@ -156,9 +163,10 @@ EXACT_FP32_ON_TORCH = (
     "docs/kernels.md); torch.set_float32_matmul_precision(\"high\") runs the TF32 kernels")
 
 
-def _block_ck(k):
-    """The key tile width of a memory k: its channels rounded up to a power of two, at least 16."""
-    return max(16, triton.next_power_of_2(k.shape[1]))
+def _block_ck(channels):
+    """The key tile width of `channels` tiled key channels: rounded up to a power of two, at
+    least 16."""
+    return max(16, triton.next_power_of_2(channels))
 
 
 def _plan_call(k):
@@ -170,12 +178,15 @@ def _plan_call(k):
     input_precision = architecture.input_precision(k.dtype)
     if input_precision is None:
         return None, EXACT_FP32_ON_TORCH
-    width = tilings.width_class(_block_ck(k))
+    rank1 = tilings.splits_last_channel(k.shape[1])
+    block_ck = _block_ck(k.shape[1] - rank1)
+    width = tilings.width_class(block_ck)
     if width is None:
-        return None, (f"{k.shape[1]} key channels (a {_block_ck(k)}-wide key tile) are more "
+        return None, (f"{k.shape[1]} key channels (a {block_ck}-wide key tile) are more "
                       f"than the kernels' tilings take ({tilings.WIDTHS[-1]})")
+    # a rank-1 read has a key width of its own (257), whose tables fall back to its tiles'
     return Call(device, architecture, input_precision, tilings.precision_class(k.dtype),
-                width), None
+                width + rank1, rank1), None
 
 
 def unsupported_reason(k):
@@ -184,14 +195,16 @@ def unsupported_reason(k):
     return _plan_call(k)[1]
 
 
-def _call(k, read):
+def _call(k, read, l2):
     """The Call of `read` ("forward", "backward", "select", "usage") of memory k, or
     KernelUnavailable: no kernel reads it there, or the torch backend does by design
-    (tilings.ON_TORCH)."""
+    (tilings.ON_TORCH, tilings.RANK1_L2)."""
     call, reason = _plan_call(k)
     if call is None:
         raise KernelUnavailable("every", devices.describe(k.device), reason)
     reason = tilings.on_torch(call.architecture, read, call.precision_class, call.width)
+    if reason is None and call.rank1 and l2:
+        reason = tilings.RANK1_L2
     if reason is not None:
         raise KernelUnavailable(read, call.device, reason)
     return call
@@ -207,10 +220,12 @@ def _check_device(*tensors):
 
 def _launch_flags(call, inputs, outputs):
     """Constexprs shared by the kernels of one call (inputs start with q, k, v; outputs are the
-    (C, L) shapes of the contiguous outputs)."""
+    (C, L) shapes of the contiguous outputs) and CK, the key channels of the tiled dot."""
     k = inputs[1]
     return dict(
-        BLOCK_CK=_block_ck(k),
+        CK=k.shape[1] - call.rank1,
+        BLOCK_CK=_block_ck(k.shape[1] - call.rank1),
+        RANK1=call.rank1,
         PRECISION=call.input_precision,
         UPCAST=INTERPRETING and k.dtype == torch.bfloat16,
         I64=_needs_int64(*inputs, outputs=outputs),
@@ -328,10 +343,14 @@ def _padded_rows(t, compact=False):
     return padded
 
 
-def _key_norms(k, l2):
-    """|k|^2 (B, N) float32 for the L2 similarity, once per call (a per-block reduction in the
-    kernels costs block barriers); for "dot", k itself, a pointer the kernels never read."""
-    return k.float().square().sum(1) if l2 else k
+def _memory_term(k, l2, rank1):
+    """The per-memory-position score term (B, N) float32 the forward, selection and dQ kernels
+    read beside each key tile (their `ksq`), once per call: |k|^2 for the L2 similarity (a
+    per-block reduction in the kernels costs block barriers), the last key channel for a
+    rank-1 read; otherwise k itself, a pointer the kernels never read."""
+    if l2:
+        return k.float().square().sum(1)
+    return k[:, -1].float().contiguous() if rank1 else k
 
 
 def _lengths_argument(lengths, k):
@@ -404,22 +423,22 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
     positions per object (validated by the caller)."""
     _check_device(q, k, v)
-    call = _call(k, "forward")
+    call = _call(k, "forward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
     q = _padded_rows(q)
     flags = _launch_flags(call, (q, k, v), outputs=[(Cv, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
-    ksq = _key_norms(k, l2)
+    ksq = _memory_term(k, l2, call.rank1)
     lengths, ragged = _lengths_argument(lengths, k)
     arguments = dict(
         q=q, k=k, v=v, ksq=ksq, stride_sqb=ksq.stride(0), lengths=lengths, RAGGED=ragged,
         **_query_strides(q), **_memory_strides("k", k, align_k),
         **_memory_strides("v", v, align_v),
-        HW=HW, N=N, CK=Ck, CV=Cv, qk_scale=scale * LOG2E, L2=l2,
+        HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2,
         ALIGN_K=align_k, ALIGN_V=align_v, **flags)
-    gluon = None if ragged else _warp_specialized_forward(call, q, k, v)
+    gluon = None if ragged or call.rank1 else _warp_specialized_forward(call, q, k, v)
 
     def launch(config):
         plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
@@ -504,7 +523,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), dK and dQ take those
     two kernels in every mode."""
     _check_device(q, k, v)
-    call = _call(k, "backward")
+    call = _call(k, "backward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
@@ -526,8 +545,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     query = dict(q=q, k=k, do=grad_out, lse=lse, lengths=lengths, RAGGED=ragged,
                  **_query_strides(q), **_memory_strides("k", k, align_k),
                  **_strides("do", grad_out, "bcm"), **_strides("l", lse, "bm"),
-                 HW=HW, N=N, CK=Ck, CV=Cv, qk_scale=scale * LOG2E, L2=l2, ALIGN_K=align_k,
-                 **flags)
+                 HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2, ALIGN_K=align_k, **flags)
     signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
 
     def launch_dv(config):
@@ -559,8 +577,10 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         dk, dq = launch_first_that_runs("dk" if separate_dq else "dkdq", call, signature,
                                         launch_dkdq)
         if separate_dq:
-            # the dQ kernel's |k|^2 (the dK/dQ kernel computes its own from the block it holds)
-            dq = _dq_without_atomics(call, query, v, _key_norms(k, l2), delta, align_v)
+            # the dQ kernel's |k|^2 or rank-1 channel (the dK/dQ kernel loads its own from the
+            # block it holds)
+            dq = _dq_without_atomics(call, query, v, _memory_term(k, l2, call.rank1), delta,
+                                     align_v)
     dq = dq.mul_(2.0 * scale if l2 else scale)
     return dq.to(q_dtype), dk, dv
 
@@ -579,7 +599,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
     memory; one fused pass over the memory (kernels/topk.py)."""
     _check_device(q, k)
-    call = _call(k, "select")
+    call = _call(k, "select", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
     device = k.device
@@ -587,7 +607,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     block_n, top_k_pow2 = select_block_n(top_k)
     flags = _launch_flags(call, (q, k, k), outputs=[])
     align_k = _alignment(k)
-    ksq = _key_norms(k, l2)
+    ksq = _memory_term(k, l2, call.rank1)
     lengths_arg, ragged = _lengths_argument(lengths, k)
 
     def launch(config):
@@ -598,7 +618,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
             dict(q=q, k=k, ksq=ksq, lengths=lengths_arg, keys=keys, **_query_strides(q),
                  **_memory_strides("k", k, align_k), stride_sqb=ksq.stride(0),
                  stride_ks=keys.stride(0), stride_kyb=keys.stride(1), stride_km=keys.stride(2),
-                 HW=HW, N=N, CK=Ck, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
+                 HW=HW, N=N, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
                  BLOCK_M=config.block_m, BLOCK_N=block_n, TOP_K=top_k_pow2, RAGGED=ragged,
                  ALIGN_K=align_k, **flags), config, call)
         return keys
@@ -625,7 +645,7 @@ def _decoded(keys):
 def triton_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel)."""
     _check_device(q, k)
-    call = _call(k, "usage")
+    call = _call(k, "usage", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
     q = _padded_rows(q)
@@ -639,7 +659,7 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
         run(memory_read_usage_kernel, (triton.cdiv(N, config.block_n), B),
             dict(q=q, k=k, lse=lse, lengths=lengths_arg, usage=usage, **_query_strides(q),
                  **_memory_strides("k", k, align_k), **_strides("l", lse, "bm"),
-                 stride_ub=usage.stride(0), HW=HW, N=N, CK=Ck, qk_scale=scale * LOG2E, L2=l2,
+                 stride_ub=usage.stride(0), HW=HW, N=N, qk_scale=scale * LOG2E, L2=l2,
                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, RAGGED=ragged,
                  ALIGN_K=align_k, **flags), config, call)
         return usage

@@ -16,9 +16,12 @@ Keys of a table: (kernel, precision class, key width), where
     precision class  "16-bit" (fp16, bf16), "tf32" (float32 under matmul precision "high" or
                      "medium": TF32 or an equivalent), "fp32" (float32 under "highest": exact
                      float32, see Architecture.fp32_exact)
-    key width        128 (up to 128 key channels, STM/STCN's 64 or 128) or 256 (XMem's
-                     augmented channels); None in a key matches any precision or width.
-Wider keys (more than 256 channels) have no tiling: the torch backend reads them.
+    key width        128 (up to 128 key channels, STM/STCN's 64 or 128), 256 (XMem's
+                     augmented channels at Ck = 64: 129), or 257 (XMem's at Ck = 128: 256
+                     tiled channels and the last as a rank-1 score term, RANK1_WIDTHS); a
+                     257 read without an entry of its own takes the 256 one (key_widths);
+                     None in a key matches any precision or width.
+Other wider keys (more than 256 channels) have no tiling: the torch backend reads them.
 """
 import dataclasses
 from typing import Optional, Union
@@ -32,6 +35,18 @@ KERNELS = ("forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage")
 TWINS = {"dk": "dkdq"}
 PRECISIONS = ("16-bit", "tf32", "fp32")
 WIDTHS = (128, 256)
+# Tiling widths whose reads of width + 1 key channels run on them, the last channel as a
+# rank-1 score term u_i w_j beside the tiled dot (exact: launch.py): XMem's 2 * 128 + 1 = 257
+# channels would otherwise need a 512-wide key tile, which no tiling takes. 129 (XMem at
+# Ck = 64) keeps the 256-wide tilings: they meet the targets, and the 128-wide ones, at 255
+# registers in many entries, were not searched with the rank-1 term.
+RANK1_WIDTHS = (256,)
+# The key widths of the tables' keys: the tile widths, and one past each of RANK1_WIDTHS.
+KEY_WIDTHS = WIDTHS + tuple(width + 1 for width in RANK1_WIDTHS)
+# Why a rank-1 read with the l2 similarity reads with torch: its per-position slot holds |k|^2.
+RANK1_L2 = ("the l2 similarity with a key channel past the tile width (257 channels): the "
+            "kernels' per-memory-position score term holds |k|^2 there, so the rank-1 last "
+            "channel is not built for l2; the torch backend reads it")
 
 
 # --------------------------------------------------------------------------- configs
@@ -188,10 +203,11 @@ class Architecture:
 
     def candidates(self, kernel, precision, width):
         """The candidate configs of a kernel for a precision class and key width, in order
-        (the most specific table key wins: (kernel, precision, width), then with None for the
-        width, then for both)."""
+        (the most specific table key wins: (kernel, precision, width) for each of
+        key_widths(width), then with None for the width, then for both)."""
         for name in (kernel, TWINS.get(kernel)):
-            for key in ((name, precision, width), (name, precision, None), (name, None, None)):
+            keys = [(name, precision, key_width) for key_width in key_widths(width)]
+            for key in keys + [(name, precision, None), (name, None, None)]:
                 if key in self.tilings:
                     return self.tilings[key]
         raise KeyError(f"{self.name} has no tiling for {kernel} / {precision} / {width}")
@@ -216,6 +232,28 @@ def precision_class(dtype):
 def width_class(block_ck):
     """The key-width class of a power-of-two key tile, or None when no tiling takes it."""
     return next((width for width in WIDTHS if block_ck <= width), None)
+
+
+def key_widths(width):
+    """The table key widths a read of key width `width` looks up, most specific first: a
+    rank-1 width (257) its own, then its tiles' (256)."""
+    return (width, width - 1) if width - 1 in RANK1_WIDTHS else (width,)
+
+
+def stated_key(table, name, first, precision, width):
+    """The key (name, first, precision, w) of `table` (EXCEPTIONS, ON_TORCH) for the most
+    specific w of key_widths(width) that has one, or None."""
+    if width is None:
+        return (name, first, precision, width) if (name, first, precision, width) in table \
+            else None
+    return next(((name, first, precision, key_width) for key_width in key_widths(width)
+                 if (name, first, precision, key_width) in table), None)
+
+
+def splits_last_channel(channels):
+    """Whether a read of `channels` key channels runs its last channel as a rank-1 score term
+    beside a tile of the others (one past a width of RANK1_WIDTHS)."""
+    return channels - 1 in RANK1_WIDTHS
 
 
 # Shorthands for the tables below (positional fields in each class's order).
@@ -313,10 +351,12 @@ _SM_90 = Architecture(
         ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, None), K(128, 16, 8, 1, None),),
         ("dkdq", "16-bit", 256): (K(128, 16, 8, 2, 64), K(128, 16, 8, 1, 64),),
+        ("dkdq", "16-bit", 257): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
         ("dk", "tf32", 256): (K(128, 16, 8, 1, 16), K(64, 16, 4, 2, 64),),
         ("dq", "16-bit", 128): (Q(128, 64, 64, 8, 2), Q(128, 32, 64, 8, 3),),
         ("dq", "16-bit", 256): (Q(128, 32, 32, 8, 2), Q(64, 64, 64, 4, 2),),
+        ("dq", "16-bit", 257): (Q(64, 16, 32, 4, 1), Q(64, 16, 16, 4, 1),),
         ("dq", "tf32", 128): (Q(128, 32, 32, 8, 2), Q(64, 32, 32, 4, 2),),
         ("dq", "tf32", 256): (Q(64, 16, 32, 4, 1), Q(32, 32, 32, 4, 1),),
         ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
@@ -346,6 +386,7 @@ _SM_100 = Architecture(
         ("dq", "tf32", 128): (Q(128, 32, 32, 8, 2), Q(64, 32, 32, 4, 2),),
         ("dq", "tf32", 256): (Q(64, 16, 32, 4, 1), Q(32, 32, 32, 4, 1),),
         ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "16-bit", 257): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
         ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
@@ -376,6 +417,7 @@ _SM_120 = Architecture(
         ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
+        ("usage", "tf32", 257): (U(64, 32, 4, 1), U(32, 32, 4, 1),),
     })
 
 # Unknown newer NVIDIA GPUs, sized for 99 KiB: its search kept sm_80's tilings but for TF32's
@@ -389,6 +431,7 @@ _GENERIC = Architecture(
         ("forward", "tf32", 256): (F(16, 16, 256, 4, 2),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
+        ("usage", "tf32", 257): (U(64, 32, 4, 1), U(32, 32, 4, 1),),
     })
 
 _GFX90A = Architecture(
@@ -499,6 +542,7 @@ _GFX950 = Architecture(
         ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
         ("select", "tf32", 128): (S(64, 4, 2), S(32, 4, 2),),
         ("select", "tf32", 256): (S(32, 4, 1), S(16, 4, 1),),
+        ("select", "tf32", 257): (S(16, 4, 1),),
         ("select", "fp32", 128): (S(64, 4, 2), S(64, 4, 1),),
         ("select", "fp32", 256): (S(32, 4, 1), S(16, 4, 1),),
         ("usage", "16-bit", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
@@ -513,12 +557,9 @@ ARCHITECTURES = {arch.name: arch for arch in (
     _INTERPRETER, _SM_80, _SM_86, _SM_90, _SM_100, _SM_120, _GENERIC, _GFX90A, _GFX942, _GFX950)}
 # Why an entry's first tiling misses a target of the static report (a spill, a dot computed by
 # several warps, the work ratio), keyed (architecture, kernel, precision class, key width);
-# (None, None, None, width) for keys wider than any tiling. Each reason is a fact of the
+# (None, None, None, width) for keys wider than any tiling; a 256-wide entry also explains
+# the 257-wide (rank-1) rows of its kernel (key_widths). Each reason is a fact of the
 # compiles; docs/kernel_report.md lists each with the rows it explains and their figures.
-_WIDER_KEYS = (
-    "more than 256 key channels (XMem's 2 Ck + 1 = 257 at Ck = 128) need a 512-wide key tile, "
-    "twice the registers and shared memory of the widest tiling: the torch backend reads them "
-    "(keeping them at 256 channels, with |k|^2 as a separate per-position bias, is not built)")
 _WIDE_BACKWARD_MMA_SYNC = (
     "a dK program holds a 256-wide key tile with its dK accumulator; with mma.sync (operands "
     "and accumulators in registers, no warpgroup MMA reading them from shared memory) a few "
@@ -541,10 +582,25 @@ _TF32_WIDE = (
 _SELECT_WIDE = (
     "the selection keeps each query row's running top-64 (scores and indices) in registers "
     "beside a 256-wide query tile and a 64-position memory block: at 16 query rows per "
-    "program, the smallest tiling, a few registers still spill")
+    "program, the smallest tiling, a few registers still spill (16 B at 129 key channels, "
+    "48 B at 257 with the rank-1 channel's vectors)")
 _AMD_FP32_WIDE = (
     "32-bit operands at 256 key channels fit gfx90a's 64 KiB of LDS only with 16-32 row "
-    "blocks, where the forward spills a few bytes")
+    "blocks, where the forward spills a few bytes (20 B at 129 key channels, 56 B at 257)")
+_RANK1_DV_MMA_SYNC = (
+    "at 257 key channels the dV program holds its 128-position, 256-wide key tile and its "
+    "128-channel dV accumulator in registers (mma.sync) beside the rank-1 channel's vectors "
+    "(w per position, u per query block): 4 B spill on sm_80, 28 B on sm_120; every other "
+    "dV tiling the search tried spills hundreds of bytes or computes a dot on two warps")
+_RANK1_WIDE_SM_90 = (
+    "TF32 at 257 key channels on sm_90: 32-bit 256-wide tiles beside the rank-1 channel's "
+    "vectors; of every tiling the search tried, those that do not spill compute a dot on two "
+    "warpgroups, and the best of the others spills 56 B (forward, m64 n32 v128) or 4 B (dQ, "
+    "m64 n16)")
+_RANK1_DKDQ_GFX90A = (
+    "at 257 key channels the 16-bit dK+dQ tilings that fit gfx90a's 64 KiB of LDS (64 "
+    "positions, value chunks of 32) spill 8 B beside the rank-1 channel's vectors; the "
+    "others spill more or compute a dot on several wavefronts")
 _SELECT_GFX90A = (
     "the selection's memory block is max(64, top_k) positions: at 256 float32 key channels "
     "that block alone is 64 KiB, all of gfx90a's LDS, so no tiling fits; the torch backend "
@@ -552,7 +608,6 @@ _SELECT_GFX90A = (
 
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
-    (None, None, None, 512): _WIDER_KEYS,
     ("sm_86", "dkdq", "16-bit", 128): _SMALL_SHARED_BACKWARD,
     **{(name, "dk", "16-bit", 128): _SMALL_SHARED_BACKWARD for name in ("sm_120", "generic")},
     **{(name, "dk", "16-bit", 256): _WIDE_BACKWARD_MMA_SYNC for name in ("sm_120", "generic")},
@@ -561,6 +616,9 @@ EXCEPTIONS: dict = {
     ("generic", "forward", "tf32", 128): _TF32_MMA_SYNC,
     **{(name, "forward", "tf32", 256): _TF32_WIDE for name in _MMA_SYNC_TABLES},
     ("sm_80", "select", "16-bit", 256): _SELECT_WIDE,
+    **{(name, "dv", "16-bit", 257): _RANK1_DV_MMA_SYNC for name in ("sm_80", "sm_120", "generic")},
+    **{("sm_90", kernel, "tf32", 257): _RANK1_WIDE_SM_90 for kernel in ("forward", "dq")},
+    ("gfx90a", "dkdq", "16-bit", 257): _RANK1_DKDQ_GFX90A,
     **{("gfx90a", "forward", precision, 256): _AMD_FP32_WIDE for precision in ("tf32", "fp32")},
 }
 
@@ -576,8 +634,9 @@ _TF32_WIDE_ON_TORCH = (
     "backend's chunked TF32 products read it instead")
 _TF32_WIDE_SELECT_ON_TORCH = (
     "the selection's running top-64 beside a 32-bit 256-wide query tile spills hundreds of "
-    "bytes per thread at every tiling tried on sm_100; the torch backend selects there (the "
-    "other reads still run the kernels)")
+    "bytes per thread at every tiling tried on sm_100 (on sm_90 with the rank-1 channel of "
+    "257 key channels: 184-3,248 B at 7 tilings, m16-m64, 1-4 warps); the torch backend "
+    "selects there (the other reads still run the kernels)")
 # Reads the torch backend computes by design, keyed (architecture, read, precision class, key
 # width): no tiling of their kernels runs there without spilling hundreds of bytes, and the
 # torch backend's chunked products are the better path. The other reads of the same call
@@ -587,6 +646,7 @@ ON_TORCH: dict = {
        for name in _MMA_SYNC_TABLES for read in ("backward", "select")},
     **{("gfx90a", "select", precision, 256): _SELECT_GFX90A for precision in ("tf32", "fp32")},
     ("sm_100", "select", "tf32", 256): _TF32_WIDE_SELECT_ON_TORCH,
+    ("sm_90", "select", "tf32", 257): _TF32_WIDE_SELECT_ON_TORCH,
 }
 
 # Where the fused dK+dQ kernel cannot hold its dK and dQ accumulators beside a wide key tile
@@ -604,12 +664,14 @@ SEPARATE_DQ = frozenset(
 def on_torch(architecture, read, precision, width):
     """Why the torch backend computes `read` ("forward", "backward", "select", "usage") of
     this precision class and key width on the architecture by design, or None."""
-    return ON_TORCH.get((architecture.name, read, precision, width))
+    key = stated_key(ON_TORCH, architecture.name, read, precision, width)
+    return None if key is None else ON_TORCH[key]
 
 
 def separates_dq(architecture, precision, width):
     """Whether the backward computes dK and dQ with two kernels there (SEPARATE_DQ)."""
-    return (architecture.name, precision, width) in SEPARATE_DQ
+    return any((architecture.name, precision, key_width) in SEPARATE_DQ
+               for key_width in key_widths(width))
 
 
 def architecture_of(device: Device) -> tuple[Optional[Architecture], str]:
@@ -683,5 +745,6 @@ def warp_specialized_config():
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
            "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "ON_TORCH", "SEPARATE_DQ", "on_torch",
-           "separates_dq", "architecture_of", "candidates",
+           "separates_dq", "architecture_of", "candidates", "RANK1_WIDTHS", "RANK1_L2",
+           "KEY_WIDTHS", "key_widths", "stated_key", "splits_last_channel",
            "precision_class", "width_class", "use_configs", "warp_specialized_config"]

@@ -18,23 +18,34 @@ natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher appl
 similarity's factor); lengths (B,) int32 for ragged memories (RAGGED): positions past an
 object's length are never read and get zero dK, dV. With atomics dQ sums in a run-dependent
 order: not bitwise reproducible; the deterministic mode is.
+
+RANK1 (see kernels/forward.py): channel CK of q and k is the rank-1 score term u_i w_j. Its
+gradients are du_i = sum_j dS_ij w_j (a row sum beside dQ: added with the dQ atomics, or
+summed by the dQ kernel) and dw_j = sum_i dS_ij u_i (a column sum beside dK, in the dK/dQ
+kernel), stored as channel CK of dq and dk. The memory-block kernels load w from the block
+they hold, as they compute |k|^2 for L2; the dQ kernel reads it from ksq, as the forward.
 """
 import triton
 import triton.language as tl
 
-from .common import (LOG2E_C, aligned_stride, dot, key_tile, query_block, split_bounds,
-                            tile_offsets, tile_scores)
+from .common import (LOG2E_C, aligned_stride, dot, key_tile, query_block,
+                     query_term, rank1_offsets, split_bounds, tile_offsets, tile_scores)
 
 
 @triton.jit
-def _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2: tl.constexpr,
-                     MASK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # P^T [BLOCK_N, BLOCK_M] from K [BLOCK_N, BLOCK_CK], Q [BLOCK_CK, BLOCK_M], base-2 lse.
+def _probabilities_t(b_k, b_w, b_q, b_u, b_lse2, m_n, m_m, qk_scale, L2: tl.constexpr,
+                     RANK1: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    # P^T [BLOCK_N, BLOCK_M] from K [BLOCK_N, BLOCK_CK], Q [BLOCK_CK, BLOCK_M], base-2 lse,
+    # with the per-memory-position term b_w [BLOCK_N] as in common.tile_scores (|k|^2 for L2;
+    # for RANK1 the keys' rank-1 channel, times the queries' b_u [BLOCK_M]).
     # Rows past the memory (loaded as k = 0) are zeroed: exp2(0 - lse) can overflow fp16 when
     # the lse is very negative (L2 scores), and inf * 0 would reach dQ as NaN.
     b_st = dot(b_k, b_q, PRECISION, UPCAST)
     if L2:
-        b_st = 2.0 * b_st - b_ksq[:, None]
+        b_st = 2.0 * b_st - b_w[:, None]
+    if RANK1:
+        b_st = b_st + b_w[:, None] * b_u[None, :]
     b_pt = tl.exp2(b_st * qk_scale - b_lse2[None, :])
     if MASK_M:
         b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
@@ -56,28 +67,33 @@ def _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N: tl.constexpr, RAGGED: tl.cons
 
 
 @triton.jit
-def _key_block(k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc,
-               L2: tl.constexpr, BLOCK_N: tl.constexpr, RAGGED: tl.constexpr, I64: tl.constexpr,
-               ALIGN_K: tl.constexpr):
+def _key_block(k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc,
+               L2: tl.constexpr, RANK1: tl.constexpr, BLOCK_N: tl.constexpr,
+               RAGGED: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr):
     # This program's memory block of object i_b: (p_k its first position, K [BLOCK_N,
-    # BLOCK_CK], |k|^2 [BLOCK_N] in fp32 (L2 only, else 0), m_n its valid positions, hw_end
-    # the queries to loop over). Positions past the object's memory are never read.
+    # BLOCK_CK], its per-position score term w [BLOCK_N] in fp32 (|k|^2 for L2, the rank-1
+    # channel for RANK1, else 0), m_n its valid positions, hw_end the queries to loop over).
+    # Positions past the object's memory are never read.
     n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
     m_n = (i_n * BLOCK_N + o_n) < n_end
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + (i_n * BLOCK_N).to(tl.int64) * stride_kn
     b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
                   mask=m_n[:, None] & m_c[None, :], other=0.0)
-    b_ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b_w = tl.zeros([BLOCK_N], dtype=tl.float32)
     if L2:
         b_kf = b_k.to(tl.float32)
-        b_ksq = tl.sum(b_kf * b_kf, 1)
-    return p_k, b_k, b_ksq, m_n, hw_end
+        b_w = tl.sum(b_kf * b_kf, 1)
+    if RANK1:
+        b_w = tl.load(p_k + rank1_offsets(o_n, CK, stride_kc, stride_kn, RANK1, I64), mask=m_n,
+                      other=0.0).to(tl.float32)
+    return p_k, b_k, b_w, m_n, hw_end
 
 
 @triton.jit
-def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan, m_n,
-             m_m, stride_lm, qk_scale, L2: tl.constexpr, MASK_M: tl.constexpr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan, m_do_chan, m_n,
+             m_m, stride_lm, qk_scale, L2: tl.constexpr, RANK1: tl.constexpr,
+             BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     # One query block's contribution to this memory block's dV chunk. Only the last query
     # block is masked along HW (see common.block_scores).
     if MASK_M:
@@ -88,8 +104,9 @@ def _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_
         b_q = tl.load(p_q + o_q, mask=m_q_chan, other=0.0)
         b_lse2 = tl.load(p_lse + o_m * stride_lm) * LOG2E_C
         b_do = tl.load(p_do + o_do, mask=m_do_chan, other=0.0)
-    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2, MASK_M, PRECISION,
-                           UPCAST)
+    b_u = query_term(p_q, o_u, m_m, RANK1, MASK_M, BLOCK_M)
+    b_pt = _probabilities_t(b_k, b_w, b_q, b_u, b_lse2, m_n, m_m, qk_scale, L2, RANK1, MASK_M,
+                            PRECISION, UPCAST)
     return b_dv + dot(b_pt.to(b_do.dtype), tl.trans(b_do), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
 
 
@@ -104,7 +121,7 @@ def memory_read_bwd_kernel_dv(
     HW, N, CK, CV, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
+    UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr, RANK1: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_bv = tl.program_id(1)
@@ -120,11 +137,12 @@ def memory_read_bwd_kernel_dv(
     m_c = o_c < CK
     m_v = (i_v * BLOCK_V + o_v) < CV
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-    _, b_k, b_ksq, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
-        k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
-        BLOCK_N, RAGGED, I64, ALIGN_K)
+    _, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+        k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
+        RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
 
     p_q = q + i_b * stride_qb
+    o_u = rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64)  # [BLOCK_M]
     p_do = do + i_b * stride_dob + first_v * stride_doc
     p_lse = lse + i_b * stride_lb
     o_q = tile_offsets(o_c, o_m, stride_qc, stride_qm, I64)  # [BLOCK_CK, BLOCK_M]
@@ -135,15 +153,17 @@ def memory_read_bwd_kernel_dv(
     b_dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
-        b_dv = _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan,
-                        m_n, None, stride_lm, qk_scale, L2, False, PRECISION, UPCAST)
+        b_dv = _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan,
+                        m_do_chan, m_n, None, stride_lm, qk_scale, L2, RANK1, BLOCK_M, False,
+                        PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
         p_lse += BLOCK_M * stride_lm
     if full_m_end < hw_end:
         m_m = (full_m_end + o_m) < hw_end
-        b_dv = _dv_step(b_k, b_ksq, b_dv, p_q, p_do, p_lse, o_q, o_do, o_m, m_q_chan, m_do_chan,
-                        m_n, m_m, stride_lm, qk_scale, L2, True, PRECISION, UPCAST)
+        b_dv = _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan,
+                        m_do_chan, m_n, m_m, stride_lm, qk_scale, L2, RANK1, BLOCK_M, True,
+                        PRECISION, UPCAST)
 
     b_dv = tl.where(m_n[:, None], b_dv, 0.0)  # padded positions get zero gradient
     p_dv = dv + i_b * stride_dvb + first_n * stride_dvn + first_v * stride_dvc
@@ -181,13 +201,15 @@ def _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV,
 
 
 @triton.jit
-def _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq, o_q, o_vt,
-               o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm, stride_vc, stride_doc, CV,
-               qk_scale, L2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, MASK_M: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq, o_q, o_u,
+               o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm, stride_vc, stride_doc, CV,
+               qk_scale, L2: tl.constexpr, RANK1: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr,
+               MASK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
     # One query block: dK of this memory block accumulates, dQ of the query block is added
-    # (ATOMIC_DQ; otherwise memory_read_bwd_kernel_dq computes dQ in a fixed order).
+    # (ATOMIC_DQ; otherwise memory_read_bwd_kernel_dq computes dQ in a fixed order). b_dsum
+    # [BLOCK_N] accumulates sum_i dS_ij (L2) or sum_i dS_ij u_i (RANK1: dw).
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
@@ -196,20 +218,30 @@ def _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_
         b_q = tl.load(p_q + o_q, mask=m_q_chan, other=0.0)
         b_lse2 = tl.load(p_lse + o_m * stride_lm) * LOG2E_C
         b_delta = tl.load(p_delta + o_m * stride_lm)
-    b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2, MASK_M, PRECISION,
-                           UPCAST)
+    b_u = query_term(p_q, o_u, m_m, RANK1, MASK_M, BLOCK_M)
+    b_pt = _probabilities_t(b_k, b_w, b_q, b_u, b_lse2, m_n, m_m, qk_scale, L2, RANK1, MASK_M,
+                            PRECISION, UPCAST)
     b_dpt = _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV, BLOCK_N,
                   BLOCK_M, BLOCK_CV, NUM_CV, MASK_M, PRECISION, UPCAST)
     b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)  # [BLOCK_N, BLOCK_M]
     b_dk += dot(b_dst, tl.trans(b_q), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_CK]
+    # the sums beside dK and dQ take dS as their dots do (no float32 copy of it kept alive)
     if L2:
         b_dsum += tl.sum(b_dst.to(tl.float32), 1)
+    if RANK1:
+        b_dsum += tl.sum(b_dst.to(tl.float32) * b_u[None, :], 1)
     if ATOMIC_DQ:
         b_dqt = dot(tl.trans(b_k), b_dst, PRECISION, UPCAST)  # [BLOCK_CK, BLOCK_M]
         if MASK_M:
             tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan & m_m[None, :], sem="relaxed")
         else:
             tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan, sem="relaxed")
+        if RANK1:  # du, the rank-1 channel of dQ (dq shares q's strides)
+            b_du = tl.sum(b_dst.to(tl.float32) * b_w[:, None], 0)  # [BLOCK_M]
+            if MASK_M:
+                tl.atomic_add(p_dq + o_u, b_du, mask=m_m, sem="relaxed")
+            else:
+                tl.atomic_add(p_dq + o_u, b_du, sem="relaxed")
     return b_dk, b_dsum
 
 
@@ -227,7 +259,7 @@ def memory_read_bwd_kernel_dkdq(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
-    ALIGN_V: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ALIGN_V: tl.constexpr, ATOMIC_DQ: tl.constexpr, RANK1: tl.constexpr,
 ):
     # One program per (memory block, object). dq shares q's channel and position strides
     # (the launcher allocates it so); stride_dqb is 0 for a broadcast query, so every object
@@ -244,9 +276,9 @@ def memory_read_bwd_kernel_dkdq(
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
     stride_vc = aligned_stride(stride_vc, ALIGN_V)
-    p_k, b_k, b_ksq, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
-        k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
-        BLOCK_N, RAGGED, I64, ALIGN_K)
+    p_k, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+        k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
+        RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
 
     p_v = v + aligned_stride(i_b * stride_vb, ALIGN_V) + first_n * stride_vn
     o_vt = tile_offsets(o_n, o_cv, stride_vn, stride_vc, I64)  # [BLOCK_N, BLOCK_CV]
@@ -260,6 +292,7 @@ def memory_read_bwd_kernel_dkdq(
     p_lse = lse + i_b * stride_lb
     p_delta = delta + i_b * stride_lb
     o_q = tile_offsets(o_c, o_m, stride_qc, stride_qm, I64)  # [BLOCK_CK, BLOCK_M]
+    o_u = rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64)  # [BLOCK_M]
     o_do = tile_offsets(o_cv, o_m, stride_doc, stride_dom, I64)  # [BLOCK_CV, BLOCK_M]
     m_q_chan = m_c[:, None]
 
@@ -267,11 +300,11 @@ def memory_read_bwd_kernel_dkdq(
     b_dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
-        b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
-                                  p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, None, stride_lm,
-                                  stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
-                                  BLOCK_CV, NUM_CV, False, ATOMIC_DQ, PRECISION,
-                                  UPCAST)
+        b_dk, b_dsum = _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
+                                  p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, None,
+                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, L2, RANK1,
+                                  BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, False, ATOMIC_DQ,
+                                  PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_dq += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
@@ -279,11 +312,11 @@ def memory_read_bwd_kernel_dkdq(
         p_delta += BLOCK_M * stride_lm
     if full_m_end < hw_end:
         m_m = (full_m_end + o_m) < hw_end
-        b_dk, b_dsum = _dkdq_step(b_k, b_ksq, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
-                                  p_dq, o_q, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm,
-                                  stride_vc, stride_doc, CV, qk_scale, L2, BLOCK_N, BLOCK_M,
-                                  BLOCK_CV, NUM_CV, True, ATOMIC_DQ, PRECISION,
-                                  UPCAST)
+        b_dk, b_dsum = _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
+                                  p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m,
+                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, L2, RANK1,
+                                  BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, True, ATOMIC_DQ,
+                                  PRECISION, UPCAST)
 
     if L2:  # d/dk of 2 q.k - |k|^2; k is loaded again rather than kept in fp32 registers
         b_kf = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
@@ -295,17 +328,23 @@ def memory_read_bwd_kernel_dkdq(
     p_dk = dk + i_b * stride_dkb + first_n * stride_dkn
     tl.store(p_dk + tile_offsets(o_n, o_c, stride_dkn, stride_dkc, I64),
              b_dk.to(p_dk.dtype.element_ty), mask=((first_n + o_n) < N)[:, None] & m_c[None, :])
+    if RANK1:  # dw, the rank-1 channel of dK
+        b_dw = tl.where(m_n, scale * b_dsum, 0.0)
+        tl.store(p_dk + rank1_offsets(o_n, CK, stride_dkc, stride_dkn, RANK1, I64),
+                 b_dw.to(p_dk.dtype.element_ty), mask=(first_n + o_n) < N)
 
 
 @triton.jit
-def _dq_step(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do, o_cv,
-             m_k_chan, m_n, m_m, stride_vc, stride_doc, CV, qk_scale, L2: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
-             NUM_CV: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
-    # One memory block's contribution to the query block's dQ [BLOCK_M, BLOCK_CK].
+def _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do,
+             o_cv, m_k_chan, m_n, m_m, stride_vc, stride_doc, CV, qk_scale, L2: tl.constexpr,
+             RANK1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, MASK_N: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # One memory block's contribution to the query block's dQ [BLOCK_M, BLOCK_CK] and, RANK1,
+    # to du [BLOCK_M], the rank-1 channel's.
     b_k = key_tile(p_k, o_k, m_k_chan, m_n, MASK_N)  # [BLOCK_CK, BLOCK_N]
-    b_s = tile_scores(b_q, b_k, p_ksq, m_n, qk_scale, L2, BLOCK_N, MASK_N, PRECISION, UPCAST)
+    b_s, b_w = tile_scores(b_q, b_k, b_u, p_ksq, m_n, qk_scale, L2, RANK1, BLOCK_N, MASK_N,
+                           PRECISION, UPCAST)
     b_p = tl.exp2(b_s - b_lse2[:, None])  # 0 past the memory (scores -inf there)
     if NUM_CV == 1:  # the program holds its whole dO tile
         if MASK_N:
@@ -326,7 +365,9 @@ def _dq_step(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_ksq, p_v, p_do, o_k, o_v, 
             p_v += stride_vc.to(tl.int64) * BLOCK_CV
             p_do += stride_doc.to(tl.int64) * BLOCK_CV
     b_ds = b_p * (b_dp - b_delta[:, None])  # [BLOCK_M, BLOCK_N]
-    return b_dq + dot(b_ds.to(b_k.dtype), tl.trans(b_k), PRECISION, UPCAST)
+    if RANK1:
+        b_du += tl.sum(b_ds * b_w[None, :], 1)
+    return b_dq + dot(b_ds.to(b_k.dtype), tl.trans(b_k), PRECISION, UPCAST), b_du
 
 
 @triton.jit
@@ -342,7 +383,7 @@ def memory_read_bwd_kernel_dq(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
-    ALIGN_V: tl.constexpr,
+    ALIGN_V: tl.constexpr, RANK1: tl.constexpr,
 ):
     # Deterministic dQ: one program per (query block, object, memory split) recomputes P and
     # dP over its split's memory in order and stores its partial dQ (unscaled, fp32) into
@@ -362,8 +403,10 @@ def memory_read_bwd_kernel_dq(
     m_m = (i_m * BLOCK_M + o_m) < HW
     m_c = o_c < CK
 
-    b_q = query_block(q + i_b * stride_qb + first_m * stride_qm, o_m, o_c, m_m, m_c, stride_qm,
-                      stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    p_q = q + i_b * stride_qb + first_m * stride_qm
+    b_q = query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    b_u = query_term(p_q, rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64), m_m,
+                     RANK1, True, BLOCK_M)  # [BLOCK_M]
     p_do = do + i_b * stride_dob + first_m * stride_dom
     o_do = tile_offsets(o_m, o_cv, stride_dom, stride_doc, I64)  # [BLOCK_M, BLOCK_CV]
     b_do = tl.zeros([BLOCK_M, BLOCK_CV], dtype=do.dtype.element_ty)
@@ -377,28 +420,34 @@ def memory_read_bwd_kernel_dq(
     n_lo, n_hi, n_full_end = split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N, RAGGED)
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
     p_v = v + aligned_stride(i_b * stride_vb, ALIGN_V) + n_lo.to(tl.int64) * stride_vn
-    p_ksq = ksq + i_b * stride_sqb + n_lo  # |k|^2 (B, N) float32, for L2 only
+    p_ksq = ksq + i_b * stride_sqb + n_lo  # (B, N) float32, for L2 and RANK1 only
     o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
     o_v = tile_offsets(o_cv, o_n, stride_vc, stride_vn, I64)  # [BLOCK_CV, BLOCK_N]
     m_k_chan = m_c[:, None]
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_CK], dtype=tl.float32)
+    b_du = tl.zeros([BLOCK_M], dtype=tl.float32)
     for _ in range(n_lo, n_full_end, BLOCK_N):
-        b_dq = _dq_step(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do,
-                        o_cv, m_k_chan, None, m_m, stride_vc, stride_doc, CV, qk_scale, L2,
-                        BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, False, PRECISION, UPCAST)
+        b_dq, b_du = _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_k, p_ksq, p_v, p_do,
+                              o_k, o_v, o_do, o_cv, m_k_chan, None, m_m, stride_vc, stride_doc,
+                              CV, qk_scale, L2, RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, False,
+                              PRECISION, UPCAST)
         p_k += BLOCK_N * stride_kn
         p_ksq += BLOCK_N
         p_v += BLOCK_N * stride_vn
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_dq = _dq_step(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do,
-                        o_cv, m_k_chan, m_n, m_m, stride_vc, stride_doc, CV, qk_scale, L2,
-                        BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, True, PRECISION, UPCAST)
+        b_dq, b_du = _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_k, p_ksq, p_v, p_do,
+                              o_k, o_v, o_do, o_cv, m_k_chan, m_n, m_m, stride_vc, stride_doc,
+                              CV, qk_scale, L2, RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, True,
+                              PRECISION, UPCAST)
 
     p_part = dq_parts + i_s.to(tl.int64) * stride_pds + i_b * stride_pdb + first_m * stride_pdm
     tl.store(p_part + tile_offsets(o_m, o_c, stride_pdm, stride_pdc, I64), b_dq,
              mask=m_m[:, None] & m_c[None, :])
+    if RANK1:
+        tl.store(p_part + rank1_offsets(o_m, CK, stride_pdc, stride_pdm, RANK1, I64), b_du,
+                 mask=m_m)
 
 
 @triton.jit
@@ -411,7 +460,7 @@ def memory_read_usage_kernel(
     HW, N, CK, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     RAGGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
-    ALIGN_K: tl.constexpr,
+    ALIGN_K: tl.constexpr, RANK1: tl.constexpr,
 ):
     # Memory usage (XMem): one program per (memory block, object) sums the probabilities
     # exp2(S^T * c - lse) of its positions over all queries, as the dV kernel recomputes them.
@@ -423,12 +472,13 @@ def memory_read_usage_kernel(
     first_n = (i_n * BLOCK_N).to(tl.int64)
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-    _, b_k, b_ksq, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
-        k, lengths, i_b, i_n, N, HW, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
-        BLOCK_N, RAGGED, I64, ALIGN_K)
+    _, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+        k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
+        RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
     p_q = q + i_b * stride_qb
     p_lse = lse + i_b * stride_lb
     o_q = tile_offsets(o_c, o_m, stride_qc, stride_qm, I64)  # [BLOCK_CK, BLOCK_M]
+    o_u = rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64)  # [BLOCK_M]
     m_q_chan = m_c[:, None]
 
     b_usage = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -436,7 +486,8 @@ def memory_read_usage_kernel(
         m_m = (first_m + o_m) < hw_end
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
-        b_pt = _probabilities_t(b_k, b_ksq, b_q, b_lse2, m_n, m_m, qk_scale, L2, True,
+        b_u = query_term(p_q, o_u, m_m, RANK1, True, BLOCK_M)
+        b_pt = _probabilities_t(b_k, b_w, b_q, b_u, b_lse2, m_n, m_m, qk_scale, L2, RANK1, True,
                                 PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M]
         b_usage += tl.sum(b_pt, 1)
         p_q += BLOCK_M * stride_qm

@@ -54,6 +54,46 @@ def split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N: tl.constexpr, RAGGE
 
 
 @triton.jit
+def rank1_offsets(o_pos, channel, stride_chan, stride_pos, RANK1: tl.constexpr,
+                  I64: tl.constexpr):
+    # Offsets of positions o_pos of the rank-1 channel `channel` (RANK1; else o_pos, unread).
+    o_r = o_pos
+    if RANK1:
+        if I64:
+            o_r = channel.to(tl.int64) * stride_chan + o_pos.to(tl.int64) * stride_pos
+        else:
+            o_r = channel * stride_chan + o_pos * stride_pos
+    return o_r
+
+
+@triton.jit
+def query_term(p_q, o_u, m_m, RANK1: tl.constexpr, MASK_M: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    # u [BLOCK_M] float32: the query's rank-1 channel at p_q + o_u (rank1_offsets) for RANK1,
+    # 0 past m_m (MASK_M); zeros, never read, otherwise.
+    b_u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if RANK1:
+        if MASK_M:
+            b_u = tl.load(p_q + o_u, mask=m_m, other=0.0).to(tl.float32)
+        else:
+            b_u = tl.load(p_q + o_u).to(tl.float32)
+    return b_u
+
+
+@triton.jit
+def memory_term(p_ksq, m_n, USED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    # The per-memory-position score term [BLOCK_N] float32 of one memory block (|k|^2 for L2,
+    # the keys' rank-1 channel w for RANK1; zeros when USED is False), 0 past m_n.
+    b_w = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if USED:
+        if MASK_N:
+            b_w = tl.load(p_ksq + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
+        else:
+            b_w = tl.load(p_ksq + tl.arange(0, BLOCK_N))
+    return b_w
+
+
+@triton.jit
 def key_tile(p_k, o_k, m_k_chan, m_n, MASK_N: tl.constexpr):
     # The key tile [BLOCK_CK, BLOCK_N] of one memory block; m_n: its valid positions (None for
     # a whole block, MASK_N False). Only the last block of a split is masked along N: a mask
@@ -64,26 +104,33 @@ def key_tile(p_k, o_k, m_k_chan, m_n, MASK_N: tl.constexpr):
 
 
 @triton.jit
-def tile_scores(b_q, b_k, p_ksq, m_n, qk_scale, L2: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # Base-2 scores [BLOCK_M, BLOCK_N] of a query tile against a key tile, -inf past m_n.
+def tile_scores(b_q, b_k, b_u, p_ksq, m_n, qk_scale, L2: tl.constexpr, RANK1: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
+    # (base-2 scores [BLOCK_M, BLOCK_N] of a query tile against a key tile, -inf past m_n; the
+    # per-memory-position term b_w [BLOCK_N] they used). b_w (memory_term) is loaded after the
+    # dot, so it is not live across it (before it, sm_90's TF32 l2 forward spilled): L2
+    # subtracts |k|^2 (from the host: a reduction over channels here costs block barriers);
+    # RANK1 adds u_i w_j, the product of the channel past the tile (query b_u [BLOCK_M], keys
+    # b_w), which is exact: one channel's share of q.k is always an outer product.
     b_s = dot(b_q, b_k, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
-    if L2:  # |k|^2 comes from the host: a reduction over channels here costs block barriers
-        if MASK_N:
-            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
-        else:
-            b_ksq = tl.load(p_ksq + tl.arange(0, BLOCK_N))
-        b_s = 2.0 * b_s - b_ksq[None, :]
+    b_w = memory_term(p_ksq, m_n, L2 or RANK1, BLOCK_N, MASK_N)
+    if L2:
+        b_s = 2.0 * b_s - b_w[None, :]
+    if RANK1:
+        b_s = b_s + b_u[:, None] * b_w[None, :]
     b_s = b_s * qk_scale
     if MASK_N:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-    return b_s
+    return b_s, b_w
 
 
 @triton.jit
-def block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-                 UPCAST: tl.constexpr):
+def block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2: tl.constexpr,
+                 RANK1: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block (key_tile, then tile_scores).
     b_k = key_tile(p_k, o_k, m_k_chan, m_n, MASK_N)
-    return tile_scores(b_q, b_k, p_ksq, m_n, qk_scale, L2, BLOCK_N, MASK_N, PRECISION, UPCAST)
+    b_s, _ = tile_scores(b_q, b_k, b_u, p_ksq, m_n, qk_scale, L2, RANK1, BLOCK_N, MASK_N,
+                         PRECISION, UPCAST)
+    return b_s

@@ -3,7 +3,8 @@
 Layout (channel-first, as STM stores it; any strides):
     q   (Bq, Ck, HW)   query key, Bq = B or 1 (stride 0 broadcasts it over objects)
     k   (B,  Ck, N)    memory key
-    ksq (B, N)         |k|^2 in float32 (similarity "l2" only)
+    ksq (B, N)         the per-memory-position score term in float32: |k|^2 (similarity
+                       "l2"), or the keys' rank-1 channel (RANK1); unread otherwise
     lengths (B,)       valid memory positions per object (ragged memories only), int32
     v   (B,  Cv, N)    memory value
     o   (S, B, Cv, HW) read-out of each memory split s (the final output when S = 1)
@@ -11,12 +12,16 @@ Layout (channel-first, as STM stores it; any strides):
 
 Scores are kept in base 2 inside the kernels (scale folded with log2(e)); lse is stored in
 natural log. Offsets that can pass 2**31 (object, channel and position strides) are int64.
+
+RANK1: q and k have CK + 1 channels; the first CK form the tiled dot, and channel CK adds
+u_i w_j to the scores (u its query row, w = ksq its key row): a key width one past a tile
+width (XMem's 2 * 128 + 1) runs on that width's tiles instead of a tile twice as wide.
 """
 import triton
 import triton.language as tl
 
 from .common import (LN2_C, LOG2E_C, aligned_stride, block_scores, dot, query_block,
-                            split_bounds, tile_offsets)
+                     query_term, rank1_offsets, split_bounds, tile_offsets)
 
 
 @triton.jit
@@ -47,7 +52,7 @@ def memory_read_fwd_kernel(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
-    ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+    ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr, RANK1: tl.constexpr,
 ):
     # One program per (query block, object x value chunk, memory split). RAGGED: object b's
     # memory is its first lengths[b] positions; a split past it reads nothing and writes an
@@ -70,14 +75,16 @@ def memory_read_fwd_kernel(
     m_c = o_c < CK
     m_v = (i_v * BLOCK_V + o_v) < CV
 
-    b_q = query_block(q + i_b * stride_qb + first_m * stride_qm, o_m, o_c, m_m, m_c, stride_qm,
-                      stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    p_q = q + i_b * stride_qb + first_m * stride_qm
+    b_q = query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    b_u = query_term(p_q, rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64), m_m,
+                     RANK1, True, BLOCK_M)  # [BLOCK_M]
     n_lo, n_hi, n_full_end = split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N, RAGGED)
     # Scalar int64 pointers advance through memory; the in-tile offsets stay loop-invariant.
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
     p_v = (v + aligned_stride(i_b * stride_vb, ALIGN_V) + n_lo.to(tl.int64) * stride_vn
            + first_v * stride_vc)
-    p_ksq = ksq + i_b * stride_sqb + n_lo  # |k|^2 (B, N) float32, for L2 only
+    p_ksq = ksq + i_b * stride_sqb + n_lo  # (B, N) float32, for L2 and RANK1 only
     o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
     o_vt = tile_offsets(o_n, o_v, stride_vn, stride_vc, I64)  # [BLOCK_N, BLOCK_V]
     m_k_chan = m_c[:, None]
@@ -88,8 +95,8 @@ def memory_read_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     for _ in range(n_lo, n_full_end, BLOCK_N):
         # whole blocks: no mask along N (None)
-        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, BLOCK_N, False,
-                           PRECISION, UPCAST)
+        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, RANK1,
+                           BLOCK_N, False, PRECISION, UPCAST)
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
                                                   None, False, PRECISION, UPCAST)
         p_k += BLOCK_N * stride_kn
@@ -97,8 +104,8 @@ def memory_read_fwd_kernel(
         p_v += BLOCK_N * stride_vn
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, BLOCK_N, True,
-                           PRECISION, UPCAST)
+        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1,
+                           BLOCK_N, True, PRECISION, UPCAST)
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
                                                   m_n, True, PRECISION, UPCAST)
 

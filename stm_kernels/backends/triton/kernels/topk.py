@@ -12,7 +12,8 @@ Scores are in base 2 (scale folded with log2(e)), as in the forward kernel.
 import triton
 import triton.language as tl
 
-from .common import aligned_stride, block_scores, query_block, split_bounds, tile_offsets
+from .common import (aligned_stride, block_scores, query_block, query_term, rank1_offsets,
+                     split_bounds, tile_offsets)
 
 MIN_KEY = -(2**63)
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.
@@ -45,9 +46,10 @@ def memory_read_topk_kernel(
     HW, N, CK, n_per_split, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     TOP_K: tl.constexpr, RAGGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    I64: tl.constexpr, ALIGN_K: tl.constexpr,
+    I64: tl.constexpr, ALIGN_K: tl.constexpr, RANK1: tl.constexpr,
 ):
     # One program per (query block, object, memory split); keys (S, B, HW, TOP_K) int64.
+    # ksq and RANK1 as in the forward kernel (kernels/forward.py).
     i_m = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2)
@@ -60,8 +62,10 @@ def memory_read_topk_kernel(
     m_m = (i_m * BLOCK_M + o_m) < HW
     m_c = o_c < CK
 
-    b_q = query_block(q + i_b * stride_qb + first_m * stride_qm, o_m, o_c, m_m, m_c, stride_qm,
-                      stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    p_q = q + i_b * stride_qb + first_m * stride_qm
+    b_q = query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    b_u = query_term(p_q, rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64), m_m,
+                     RANK1, True, BLOCK_M)  # [BLOCK_M]
     n_lo, n_hi, n_full_end = split_bounds(lengths, i_b, i_s, n_per_split, N, BLOCK_N, RAGGED)
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + n_lo.to(tl.int64) * stride_kn
     p_ksq = ksq + i_b * stride_sqb + n_lo
@@ -70,15 +74,15 @@ def memory_read_topk_kernel(
 
     b_best = tl.full([BLOCK_M, TOP_K], MIN_KEY_C, tl.int64)
     for n_start in range(n_lo, n_full_end, BLOCK_N):
-        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, BLOCK_N, False,
-                           PRECISION, UPCAST)
+        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, RANK1,
+                           BLOCK_N, False, PRECISION, UPCAST)
         b_best = _merged(b_best, _packed(b_s, n_start + o_n), BLOCK_M, TOP_K)
         p_k += BLOCK_N * stride_kn
         p_ksq += BLOCK_N
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_s = block_scores(b_q, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, BLOCK_N, True,
-                           PRECISION, UPCAST)  # -inf past the split: never a better score
+        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1,
+                           BLOCK_N, True, PRECISION, UPCAST)  # -inf past the split: never better
         b_best = _merged(b_best, _packed(b_s, n_full_end + o_n), BLOCK_M, TOP_K)
 
     p_keys = keys + i_s.to(tl.int64) * stride_ks + i_b * stride_kyb + first_m * stride_km
