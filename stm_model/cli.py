@@ -352,7 +352,7 @@ def _annotate_parser(parser):
     parser.add_argument("--port", type=_count(0), default=8765,
                         help="port of the page (0: any free one)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on: the default keeps the page to this "
+                        help="address to listen on: 127.0.0.1 keeps the page to this "
                              "machine; another makes the video and the output folder "
                              "reachable by anyone who reaches the port")
     parser.add_argument("--size", "--max-internal-size", type=_count(16),
