@@ -1,6 +1,7 @@
 """`stm annotate`: the browser annotation tool's server, until Ctrl-C."""
 import errno
 import pathlib
+import signal
 import time
 
 from stm_model.annotate.server import STATE_FOLDER, AnnotationServer
@@ -43,6 +44,7 @@ def annotate(args):
     if args.host not in LOCAL_HOSTS:
         print(f"warning: --host {args.host}: anyone who reaches this port can see the video "
               f"and write into {output}")
+    _stop_on_signals()
     server.start()
     print(f"stm annotate: open {server.url} in a browser (Ctrl-C stops the server)",
           flush=True)
@@ -54,3 +56,12 @@ def annotate(args):
     print(f"stopped; the rounds are saved in {output / STATE_FOLDER} (the same command "
           f"continues them), exported files in {output}")
     return 0
+
+
+def _stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM stop the server cleanly: SIGINT even where the shell started
+    us with it ignored (a background job), SIGTERM as a service manager or `kill` sends it."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)

@@ -238,9 +238,11 @@ def test_the_server_listens_on_this_machine_only_by_default(server):
     assert server.url.startswith("http://127.0.0.1:")
 
 
-def test_stm_annotate_serves_until_ctrl_c_and_refuses_bad_input(video, tmp_path):
-    """The command prints the URL, serves the page, and stops on Ctrl-C (SIGINT) with a line
-    saying where the session is; bad input is a one-line error before any model loads."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stm_annotate_serves_until_ctrl_c_and_refuses_bad_input(video, tmp_path, stop):
+    """The command prints the URL, serves the page, and stops on Ctrl-C (SIGINT, even when
+    started as a background job, which ignores it) or SIGTERM with a line saying where the
+    session is; bad input is a one-line error before any model loads."""
     command = [sys.executable, "-m", "stm_model", "annotate", str(video[0]), "--output",
                str(tmp_path / "out"), "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -251,7 +253,7 @@ def test_stm_annotate_serves_until_ctrl_c_and_refuses_bad_input(video, tmp_path)
         url = line.split("open ")[1].split()[0]
         with urllib.request.urlopen(url + "api/session", timeout=30) as response:
             assert json.loads(response.read())["num_frames"] == FRAMES
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     finally:
         process.kill()
