@@ -94,15 +94,21 @@ SPLIT_CONFIGS = [
     (ForwardConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, splits=2),
      BackwardConfig(DvConfig(block_n=32, block_m=16, block_v=16, num_warps=4),
                     DkdqConfig(block_n=16, block_m=32, num_warps=4))),
+    (ForwardConfig(block_m=16, block_n=32, block_v=16, num_warps=4, num_stages=1, splits=2,
+                   stream_queries=True),
+     BackwardConfig(DvConfig(block_n=32, block_m=16, block_v=16, num_warps=4, stream_keys=True),
+                    DkdqConfig(block_n=32, block_m=16, num_warps=4, block_cv=16,
+                               stream_keys=True))),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("configs", SPLIT_CONFIGS, ids=["vsplit-3", "memsplit-2"])
+@pytest.mark.parametrize("configs", SPLIT_CONFIGS, ids=["vsplit-3", "memsplit-2", "streamed"])
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 def test_triton_memory_and_value_splits(device, configs, similarity):
-    """Flash-decoding memory splits, value-channel splits (dV) and value-channel chunks
-    streamed through the dP reduction (dK/dQ) are exact."""
+    """Flash-decoding memory splits, value-channel splits (dV), value-channel chunks streamed
+    through the dP reduction (dK/dQ), query tiles streamed per memory step (forward) and key
+    tiles per query step (dV, dK/dQ) are exact."""
     skip_unless_runnable("triton", device)
     q, k, v = random_inputs(2, 1, 24, 40, 37, 150, torch.float32, device, seed=5)
     with use_configs(*configs):

@@ -9,6 +9,7 @@ import torch
 from helpers import DEVICES, TOLERANCE, random_inputs, relative_error, skip_unless_runnable
 from stm_kernels import memory_read, memory_usage, merge_reads, poison_outputs
 from stm_kernels.backends.triton import launch as triton_module
+from stm_kernels.backends.triton.tilings import SelectConfig, use_configs
 from stm_kernels.topk import read_selected, topk_scores
 
 
@@ -173,6 +174,27 @@ def test_top_k_ties_go_to_the_lower_memory_index(device, backend):
     for row, chosen in zip(dense, five[0].cpu(), strict=True):
         order = torch.sort(row, descending=True, stable=True).indices[:15]
         assert chosen.tolist() == order.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_selection_streaming_its_query_tile(device, similarity):
+    """The selection kernel loading its query tile in every memory step (SelectConfig.
+    stream_queries) picks the float64 reference's positions (ties: lower index) with its
+    scores, over a ragged memory with a last partial block."""
+    skip_unless_runnable("triton", device)
+    q, k, _ = random_inputs(2, 1, 24, 8, 21, 150, torch.float32, device, seed=24)
+    lengths = torch.tensor([150, 77], device=device)
+    config = SelectConfig(block_m=16, num_warps=4, num_stages=1, stream_queries=True)
+    with use_configs(select=config):
+        scores, indices = topk_scores(q, k, 8, memory_lengths=lengths, similarity=similarity,
+                                      backend="triton")
+    dense = dense_scores(q.double().cpu(), k.double().cpu(), 24 ** -0.5, similarity,
+                         lengths.cpu())  # (B, N, HW)
+    for b in range(2):
+        order = torch.sort(dense[b].T, dim=1, descending=True, stable=True).indices[:, :8]
+        assert indices[b].cpu().tolist() == order.tolist()
+        assert relative_error(scores[b], dense[b].T.gather(1, order)) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

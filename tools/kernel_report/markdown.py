@@ -13,10 +13,13 @@ def _keys(width):
 
 
 def config_text(config):
-    """ForwardConfig(block_m=128, block_n=64, block_v=256, ...) as 'm128 n64 v256 8w 3s'."""
+    """ForwardConfig(block_m=128, block_n=64, block_v=256, ...) as 'm128 n64 v256 8w 3s'; a
+    tiling that streams its key (query) tile gets 'sk' ('sq') after its blocks."""
     parts = [f"{name.removeprefix('block_')[0]}{value}" if name.startswith("block_")
              else None for name, value in config.items() if value is not None]
-    parts = [part for part in parts if part]
+    parts = [part for part in parts if part] + [
+        short for flag, short in (("stream_keys", "sk"), ("stream_queries", "sq"))
+        if config.get(flag)]
     warps, stages = config.get("num_warps"), config.get("num_stages")
     return " ".join(parts + [f"{warps}w", f"{stages}s"])
 
@@ -117,7 +120,8 @@ def document(payload):
         f"{payload['date']}; kernel sources fingerprint `{payload['fingerprint']}`. Shape: "
         f"B = {shape['B']}, HW = {shape['HW']:,}, N = {shape['N']:,}, Cv = {shape['Cv']}; the "
         f"selection at top_k = {payload['select_top_k']}.", "",
-        "A cell: the config the runtime chooses there (block sizes, warps, stages) · "
+        "A cell: the config the runtime chooses there (block sizes, sk/sq: the key/query "
+        "tile streamed, warps, stages) · "
         "registers per thread · shared memory used / the GPU's limit · executed "
         "multiply-adds per (query, memory) pair (x3: exact float32 runs three TF32 products "
         "per dot). A kernel that cannot run reads with torch, with the reason. How the "

@@ -58,7 +58,8 @@ CANDIDATES = {
                      F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2), F(16, 32, 256, 8, 1),
                      F(16, 32, 256, 4, 1), F(16, 16, 256, 4, 2), F(16, 16, 256, 4, 1),
                      F(64, 32, 128, 4, 1), F(32, 32, 128, 4, 1), F(16, 64, 128, 8, 1),
-                     F(16, 32, 128, 8, 1), F(16, 32, 128, 4, 1), F(32, 16, 128, 4, 1),
+                     F(16, 32, 128, 8, 1), F(16, 32, 128, 4, 2),
+                     F(16, 32, 128, 4, 1), F(32, 16, 128, 4, 1),
                      F(16, 16, 64, 4, 1), F(16, 16, 64, 2, 1)],
     ("merge", 2): [M(64, 64, 4, 1), M(32, 64, 4, 1), M(32, 32, 4, 1)],
     ("dv", 2): [V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1), V(128, 16, 256, 8, 2),
@@ -81,8 +82,9 @@ CANDIDATES = {
                   K(32, 16, 2, 1, 64), K(32, 16, 2, 1, 32), K(32, 16, 4, 1, 32),
                   K(16, 16, 4, 1, 32), K(16, 16, 2, 1, 16)],
     ("dkdq", 4): [K(128, 16, 8, 1, 64), K(128, 16, 8, 2, 64), K(128, 16, 8, 1, 32),
-                  K(128, 16, 8, 1, 16), K(128, 16, 4, 1, 32), K(64, 16, 4, 2, 64),
-                  K(64, 16, 4, 1, 64), K(64, 16, 4, 1, 32), K(64, 16, 4, 1, 16),
+                  K(128, 16, 8, 1, 16), K(128, 16, 8, 3, 16), K(128, 16, 4, 1, 32),
+                  K(64, 16, 4, 2, 64), K(64, 16, 4, 1, 64), K(64, 16, 4, 1, 32),
+                  K(64, 16, 4, 1, 16),
                   K(64, 32, 4, 1, 32), K(64, 16, 8, 1, 32), K(64, 16, 8, 1, 16),
                   K(32, 16, 4, 1, 32), K(32, 16, 2, 1, 32), K(32, 16, 2, 1, 16),
                   K(32, 16, 4, 1, 16), K(16, 16, 4, 1, 16), K(16, 16, 2, 1, 16)],
@@ -103,6 +105,16 @@ CANDIDATES = {
                    U(64, 32, 4, 2), U(64, 32, 4, 1), U(64, 64, 8, 2), U(32, 32, 4, 1),
                    U(32, 16, 4, 1), U(32, 16, 2, 1), U(16, 16, 4, 1)],
 }
+# Each dV and dK+dQ tiling also with its key tile streamed (loaded in every query step), and
+# each float32 forward tiling with its query tile streamed (loaded in every memory step), right
+# after the same tiling holding it: where holding the tile spills, streaming it may not.
+_STREAMED = {"dv": dict(stream_keys=True), "dkdq": dict(stream_keys=True),
+             "forward": dict(stream_queries=True)}
+for (_kernel, _size), _configs in list(CANDIDATES.items()):
+    if _kernel in _STREAMED and (_kernel != "forward" or _size == 4):
+        CANDIDATES[(_kernel, _size)] = [
+            config for held in _configs
+            for config in (held, dataclasses.replace(held, **_STREAMED[_kernel]))]
 CANDIDATES.update({("dk", 2): CANDIDATES[("dkdq", 2)], ("dk", 4): CANDIDATES[("dkdq", 4)],
                    ("merge", 4): CANDIDATES[("merge", 2)],
                    ("select", 4): CANDIDATES[("select", 2)],

@@ -449,7 +449,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
             dict(o=part_out, lse=part_lse, **_strides("o", part_out, "sbcm"),
                  **_strides("l", part_lse, "sbm"), n_per_split=plan.per_split,
                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=plan.block_v,
-                 NUM_V=plan.num_v, **arguments), config, call)
+                 NUM_V=plan.num_v, STREAM_Q=config.stream_queries, **arguments), config, call)
         if plan.splits > 1:
             _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
         return out, lse
@@ -553,7 +553,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         dv = new_buffer((B, Cv, N), v.dtype, device)
         run(memory_read_bwd_kernel_dv, (triton.cdiv(N, config.block_n), B * num_v),
             dict(dv=dv, **_strides("dv", dv, "bcn"), BLOCK_M=config.block_m,
-                 BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v, **query), config, call)
+                 BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v,
+                 STREAM_K=config.stream_keys, **query), config, call)
         return dv
 
     def launch_dkdq(config):
@@ -569,7 +570,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                  **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
                  scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_CV=block_cv, NUM_CV=num_cv, ALIGN_V=align_v,
-                 ATOMIC_DQ=not separate_dq, **query), config, call)
+                 ATOMIC_DQ=not separate_dq, STREAM_K=config.stream_keys, **query), config,
+            call)
         return dk, dq
 
     with device_context(device):
@@ -620,7 +622,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
                  stride_ks=keys.stride(0), stride_kyb=keys.stride(1), stride_km=keys.stride(2),
                  HW=HW, N=N, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
                  BLOCK_M=config.block_m, BLOCK_N=block_n, TOP_K=top_k_pow2, RAGGED=ragged,
-                 ALIGN_K=align_k, **flags), config, call)
+                 ALIGN_K=align_k, STREAM_Q=config.stream_queries, **flags), config, call)
         return keys
 
     with device_context(device):

@@ -57,13 +57,16 @@ class ForwardConfig:
     """Tiling of `memory_read_fwd_kernel`: block_m query rows per program, block_n memory
     positions per step, block_v value channels per program (None: all; fewer split the values
     over programs, each recomputing q.k). splits=None picks the number of memory splits from
-    the device's multiprocessor count."""
+    the device's multiprocessor count. stream_queries loads the query tile in every memory
+    step instead of holding it in registers through the loop (where holding it spills;
+    kernels/forward.py)."""
     block_m: int = 64
     block_n: int = 64
     block_v: Optional[int] = None
     num_warps: int = 8
     num_stages: int = 2
     splits: Optional[int] = None
+    stream_queries: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +82,14 @@ class MergeConfig:
 @dataclasses.dataclass(frozen=True)
 class DvConfig:
     """Tiling of `memory_read_bwd_kernel_dv`: block_n memory rows per program, looping over
-    the queries block_m at a time; block_v value channels per program (None: all)."""
+    the queries block_m at a time; block_v value channels per program (None: all).
+    stream_keys as in DkdqConfig."""
     block_n: int = 64
     block_m: int = 64
     block_v: Optional[int] = None
     num_warps: int = 8
     num_stages: int = 1
+    stream_keys: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +97,15 @@ class DkdqConfig:
     """Tiling of `memory_read_bwd_kernel_dkdq`: block_n memory rows per program, looping over
     the queries block_m at a time. dP is reduced over all value channels: block_cv=None holds
     the program's whole V block; a smaller block_cv streams V and dO in chunks of that many
-    channels per query block (for V blocks too large for shared memory or registers)."""
+    channels per query block (for V blocks too large for shared memory or registers).
+    stream_keys loads the program's key tile in every query step instead of holding it in
+    registers through the loop (where holding it spills; kernels/backward.py)."""
     block_n: int = 64
     block_m: int = 64
     num_warps: int = 8
     num_stages: int = 1
     block_cv: Optional[int] = None
+    stream_keys: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +125,12 @@ class DqConfig:
 @dataclasses.dataclass(frozen=True)
 class SelectConfig:
     """Tiling of `memory_read_topk_kernel`: block_m query rows per program (the memory block is
-    max(64, top_k) positions: the running top-k merges with a block's own top-k)."""
+    max(64, top_k) positions: the running top-k merges with a block's own top-k).
+    stream_queries as in ForwardConfig."""
     block_m: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    stream_queries: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,19 +303,24 @@ _SM_80 = Architecture(
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
-        ("forward", "tf32", 256): (F(16, 16, 256, 4, 2),),
+        ("forward", "tf32", 256): (F(16, 64, 256, 8, 2, None, True),
+                                   F(16, 32, 128, 4, 2, None, True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
+        ("dv", "16-bit", 257): (V(128, 32, 128, 8, 2, True), V(128, 16, 128, 8, 2, True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
+        ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 16, True), K(64, 16, 4, 1, 32, True),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
-        ("dk", "tf32", 128): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", 128): (K(16, 16, 2, 1, 16, True),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", None): (Q(16, 16, 16, 2, 1),),
         ("select", "16-bit", None): (S(16, 2, 1),),
+        ("select", "16-bit", 256): (S(16, 4, 1, True), S(16, 2, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
+        ("select", "tf32", 256): (S(16, 8, 2, True), S(16, 8, 1, True),),
         ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 256): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
@@ -318,11 +333,13 @@ _SM_86 = Architecture(
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
-        ("forward", "tf32", 256): (F(16, 32, 256, 8, 2),),
+        ("forward", "tf32", 256): (F(16, 64, 256, 8, 1, None, True),
+                                   F(16, 32, 256, 4, 1, None, True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
-        ("dkdq", "16-bit", 128): (K(64, 16, 4, 2, 32),),
+        ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32, True), K(64, 16, 4, 2, 32, True),),
+        ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 16, True), K(64, 16, 4, 1, 32, True),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 64), K(128, 16, 8, 2, 32),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
         ("dk", "tf32", None): (K(16, 16, 2, 1, 16),),
@@ -332,6 +349,7 @@ _SM_86 = Architecture(
         ("select", "16-bit", 128): (S(32, 4, 1), S(16, 4, 1),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
+        ("select", "tf32", 256): (S(16, 8, 2, True), S(16, 8, 1, True),),
         ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 128): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
@@ -361,6 +379,7 @@ _SM_90 = Architecture(
         ("dq", "tf32", 256): (Q(64, 16, 32, 4, 1), Q(32, 32, 32, 4, 1),),
         ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
         ("select", "tf32", None): (S(64, 4, 2), S(64, 4, 1),),
+        ("select", "tf32", 257): (S(16, 8, 2, True), S(16, 8, 1, True),),
         ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 256): (U(128, 32, 8, 2), U(64, 32, 4, 2),),
@@ -388,6 +407,7 @@ _SM_100 = Architecture(
         ("select", "16-bit", None): (S(64, 4, 2), S(64, 4, 1),),
         ("select", "16-bit", 257): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
+        ("select", "tf32", 256): (S(16, 8, 1, True),),
         ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 256): (U(128, 32, 8, 2), U(64, 32, 4, 2),),
@@ -400,35 +420,44 @@ _SM_120 = Architecture(
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
-        ("forward", "tf32", 256): (F(16, 16, 256, 4, 2),),
+        ("forward", "tf32", 256): (F(16, 64, 256, 8, 1, None, True),
+                                   F(16, 32, 256, 4, 1, None, True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
-        ("dv", "tf32", 128): (V(128, 16, 128, 8, 2),),
+        ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, True),),
+        ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, True), V(128, 16, 128, 8, 2),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 2, 32),),
-        ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32),),
-        ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
-        ("dk", "tf32", None): (K(16, 16, 2, 1, 16),),
+        ("dkdq", "tf32", 128): (K(128, 16, 8, 3, 16, True), K(128, 16, 8, 2, 32, True),),
+        ("dk", "16-bit", 128): (K(128, 16, 8, 1, 64, True), K(128, 16, 8, 2, 32, True),),
+        ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16, True),),
+        ("dk", "tf32", None): (K(16, 16, 2, 1, 16, True),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", 128): (Q(32, 32, 16, 4, 1), Q(32, 32, 16, 2, 1),),
         ("select", "16-bit", 128): (S(32, 4, 2), S(32, 4, 1),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
+        ("select", "tf32", 256): (S(16, 8, 2, True), S(16, 8, 1, True),),
         ("usage", "16-bit", None): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(128, 32, 8, 2),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
         ("usage", "tf32", 257): (U(64, 32, 4, 1), U(32, 32, 4, 1),),
     })
 
-# Unknown newer NVIDIA GPUs, sized for 99 KiB: its search kept sm_80's tilings but for TF32's
-# forward and 256-wide usage, which need less shared memory here, and the 256-wide selection.
+# Unknown newer NVIDIA GPUs, sized for 99 KiB and compiled as sm_80 and as sm_120: sm_80's
+# tilings but for those that need less shared memory here (TF32's forwards, 256-wide usage)
+# or spill less on sm_120 (streamed keys in dV and the 256-wide dK), the 256-wide selection,
+# and TF32's dK and dQ apart (SEPARATE_DQ).
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
     fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
     tilings={
         **_SM_80.tilings,
-        ("forward", "tf32", 128): (F(16, 64, 128, 8, 1),),
-        ("forward", "tf32", 256): (F(16, 16, 256, 4, 2),),
+        ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 64, 128, 8, 1),),
+        ("forward", "tf32", 256): (F(16, 32, 128, 4, 2, None, True),),
+        ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, True),),
+        ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, True), V(128, 16, 128, 8, 1),),
+        ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16, True),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
         ("usage", "tf32", 257): (U(64, 32, 4, 1), U(32, 32, 4, 1),),
@@ -560,38 +589,25 @@ ARCHITECTURES = {arch.name: arch for arch in (
 # (None, None, None, width) for keys wider than any tiling; a 256-wide entry also explains
 # the 257-wide (rank-1) rows of its kernel (key_widths). Each reason is a fact of the
 # compiles; docs/kernel_report.md lists each with the rows it explains and their figures.
-_WIDE_BACKWARD_MMA_SYNC = (
-    "a dK program holds a 256-wide key tile with its dK accumulator; with mma.sync (operands "
-    "and accumulators in registers, no warpgroup MMA reading them from shared memory) a few "
-    "bytes spill on sm_120 even at the smallest tiling; dK and dQ already run apart there "
-    "(SEPARATE_DQ: the fused dK+dQ spilled hundreds)")
-_SMALL_SHARED_BACKWARD = (
-    "the dK+dQ (or dK) tilings that fit 99 KiB of shared memory keep more of the program in "
-    "registers than the 163/227 KiB ones: a few bytes spill with the l2 similarity")
-_TF32_MMA_SYNC = (
-    "TF32 operands are 32-bit: twice the registers and shared memory of a 16-bit tile, and "
-    "mma.sync's m16n8k8 takes them from registers. dK and dQ run as two kernels there "
-    "(SEPARATE_DQ: the fused dK+dQ spilled more); the dK kernel still spills with the l2 "
-    "similarity at the best of the tilings tried (the one row over 64 B: bench/NOTES.md), "
-    "and the dV tilings that do not spill are narrow (16 queries per step), so forward + "
-    "backward execute about 1.5x the useful multiply-adds")
-_TF32_WIDE = (
-    "TF32 at 256 key channels: a 32-bit 256-wide key tile is 64 KiB per 64 rows; the forward "
-    "tilings that fit leave too few rows per warp for every dot to have its own, or spill a "
-    "few bytes (the backward and the selection read with torch there: ON_TORCH)")
-_SELECT_WIDE = (
-    "the selection keeps each query row's running top-64 (scores and indices) in registers "
-    "beside a 256-wide query tile and a 64-position memory block: at 16 query rows per "
-    "program, the smallest tiling, a few registers still spill (16 B at 129 key channels, "
-    "48 B at 257 with the rank-1 channel's vectors)")
+_SMALL_SHARED_BACKWARD_GENERIC = (
+    "the dK tiling generic shares with sm_80, compiled as sm_120: its l2 form spills 8 B "
+    "there, with its key tile held or streamed; the sm_120 table's own dK (streamed keys, "
+    "value chunks of 64) spills 60 B compiled as sm_80")
+_TF32_DKDQ_MMA_SYNC = (
+    "TF32 operands are 32-bit, twice the registers of a 16-bit tile, and mma.sync takes them "
+    "from registers: the fused dK+dQ kernel streams its key tile (loaded in every query step, "
+    "not held) and still spills a few bytes at the best tiling tried (sm_80: 12 B with the "
+    "dot, 20 B with l2; sm_120: 28 B and 44 B); dK and dQ apart (SEPARATE_DQ) do not spill but "
+    "execute 1.49x the useful multiply-adds forward + backward, against 1.2x fused")
+_TF32_GENERIC = (
+    "unknown NVIDIA GPUs in TF32, compiled as sm_80 and as sm_120 with 99 KiB: the one-stage "
+    "forward over 256 value channels spills 12 B as sm_80 (two stages do not fit 99 KiB; "
+    "128-channel value chunks execute 1.6x the useful multiply-adds); the fused dK+dQ spills "
+    "72-80 B with l2 as one of the two at every tiling tried, so dK and dQ run apart "
+    "(SEPARATE_DQ) and forward + backward execute 1.49x the useful multiply-adds")
 _AMD_FP32_WIDE = (
     "32-bit operands at 256 key channels fit gfx90a's 64 KiB of LDS only with 16-32 row "
     "blocks, where the forward spills a few bytes (20 B at 129 key channels, 56 B at 257)")
-_RANK1_DV_MMA_SYNC = (
-    "at 257 key channels the dV program holds its 128-position, 256-wide key tile and its "
-    "128-channel dV accumulator in registers (mma.sync) beside the rank-1 channel's vectors "
-    "(w per position, u per query block): 4 B spill on sm_80, 28 B on sm_120; every other "
-    "dV tiling the search tried spills hundreds of bytes or computes a dot on two warps")
 _RANK1_WIDE_SM_90 = (
     "TF32 at 257 key channels on sm_90: 32-bit 256-wide tiles beside the rank-1 channel's "
     "vectors; of every tiling the search tried, those that do not spill compute a dot on two "
@@ -608,15 +624,9 @@ _SELECT_GFX90A = (
 
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
-    ("sm_86", "dkdq", "16-bit", 128): _SMALL_SHARED_BACKWARD,
-    **{(name, "dk", "16-bit", 128): _SMALL_SHARED_BACKWARD for name in ("sm_120", "generic")},
-    **{(name, "dk", "16-bit", 256): _WIDE_BACKWARD_MMA_SYNC for name in ("sm_120", "generic")},
-    **{(name, "dk", "tf32", 128): _TF32_MMA_SYNC for name in ("sm_80", "sm_120", "generic")},
-    **{(name, "dv", "tf32", 128): _TF32_MMA_SYNC for name in _MMA_SYNC_TABLES},
-    ("generic", "forward", "tf32", 128): _TF32_MMA_SYNC,
-    **{(name, "forward", "tf32", 256): _TF32_WIDE for name in _MMA_SYNC_TABLES},
-    ("sm_80", "select", "16-bit", 256): _SELECT_WIDE,
-    **{(name, "dv", "16-bit", 257): _RANK1_DV_MMA_SYNC for name in ("sm_80", "sm_120", "generic")},
+    ("generic", "dk", "16-bit", 128): _SMALL_SHARED_BACKWARD_GENERIC,
+    **{(name, "dkdq", "tf32", 128): _TF32_DKDQ_MMA_SYNC for name in ("sm_80", "sm_120")},
+    **{("generic", kernel, "tf32", 128): _TF32_GENERIC for kernel in ("forward", "dv")},
     **{("sm_90", kernel, "tf32", 257): _RANK1_WIDE_SM_90 for kernel in ("forward", "dq")},
     ("gfx90a", "dkdq", "16-bit", 257): _RANK1_DKDQ_GFX90A,
     **{("gfx90a", "forward", precision, 256): _AMD_FP32_WIDE for precision in ("tf32", "fp32")},
@@ -628,25 +638,18 @@ READS = {"forward": ("forward", "merge"), "backward": ("dv", "dkdq", "dk", "dq")
          "select": ("select",), "usage": ("usage",)}
 
 _TF32_WIDE_ON_TORCH = (
-    "TF32 at 256 key channels (XMem's augmented keys) on mma.sync GPUs: every tiling of this "
-    "read that fits shared memory spills hundreds of bytes per thread (a 32-bit 256-wide key "
-    "tile is 64 KiB per 64 rows and mma.sync takes its operands from registers); the torch "
+    "the TF32 backward at 256 key channels (XMem's augmented keys) on mma.sync GPUs: its dQ "
+    "kernel holds its query rows' 32-bit 256-wide tiles and dQ accumulator in registers "
+    "(mma.sync takes operands from them) and spills 368-3,260 B per thread at every tiling "
+    "tried, even where dV and dK, streaming their key tiles, compile clean; the torch "
     "backend's chunked TF32 products read it instead")
-_TF32_WIDE_SELECT_ON_TORCH = (
-    "the selection's running top-64 beside a 32-bit 256-wide query tile spills hundreds of "
-    "bytes per thread at every tiling tried on sm_100 (on sm_90 with the rank-1 channel of "
-    "257 key channels: 184-3,248 B at 7 tilings, m16-m64, 1-4 warps); the torch backend "
-    "selects there (the other reads still run the kernels)")
 # Reads the torch backend computes by design, keyed (architecture, read, precision class, key
 # width): no tiling of their kernels runs there without spilling hundreds of bytes, and the
 # torch backend's chunked products are the better path. The other reads of the same call
 # still run the kernels.
 ON_TORCH: dict = {
-    **{(name, read, "tf32", 256): _TF32_WIDE_ON_TORCH
-       for name in _MMA_SYNC_TABLES for read in ("backward", "select")},
+    **{(name, "backward", "tf32", 256): _TF32_WIDE_ON_TORCH for name in _MMA_SYNC_TABLES},
     **{("gfx90a", "select", precision, 256): _SELECT_GFX90A for precision in ("tf32", "fp32")},
-    ("sm_100", "select", "tf32", 256): _TF32_WIDE_SELECT_ON_TORCH,
-    ("sm_90", "select", "tf32", 257): _TF32_WIDE_SELECT_ON_TORCH,
 }
 
 # Where the fused dK+dQ kernel cannot hold its dK and dQ accumulators beside a wide key tile
@@ -655,7 +658,7 @@ ON_TORCH: dict = {
 # key width). It costs one more S and dP per pair, and spares the dQ atomics.
 SEPARATE_DQ = frozenset(
     {(name, "16-bit", 256) for name in _MMA_SYNC_TABLES}
-    | {(name, "tf32", 128) for name in _MMA_SYNC_TABLES}
+    | {("generic", "tf32", 128)}
     | {("sm_90", "tf32", 256), ("sm_100", "tf32", 256)}
     | {(name, precision, 256) for name in ("gfx90a", "gfx942", "gfx950")
        for precision in ("tf32", "fp32")})

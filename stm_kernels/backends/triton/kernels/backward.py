@@ -13,6 +13,13 @@ the probabilities from the saved log-sum-exp; tiles are transposed (memory posit
                                  without atomics (S and dP recomputed once more); the dK/dQ
                                  kernel then runs with ATOMIC_DQ off.
 
+STREAM_K (the dV and dK/dQ kernels): the program's key tile is loaded inside the loop, for
+every query step (in dK/dQ once more, transposed, for dQ), instead of being held in registers
+through it: where TF32, wide keys or the l2 similarity leave no room for it beside the
+accumulators (mma.sync takes operands from registers), a read per step is cheaper than a
+spill. With the dQ atomics in the loop the tile is read again from L1/L2 in every step;
+without them Triton may hoist the load and keep the tile in shared memory instead.
+
 Layout as in kernels/forward.py; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
 natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
 similarity's factor); lengths (B,) int32 for ragged memories (RAGGED): positions past an
@@ -91,11 +98,14 @@ def _key_block(k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride
 
 @triton.jit
 def _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan, m_do_chan, m_n,
-             m_m, stride_lm, qk_scale, L2: tl.constexpr, RANK1: tl.constexpr,
-             BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+             m_m, stride_lm, qk_scale, p_k, o_k, m_k, L2: tl.constexpr, RANK1: tl.constexpr,
+             BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, STREAM_K: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One query block's contribution to this memory block's dV chunk. Only the last query
-    # block is masked along HW (see common.block_scores).
+    # block is masked along HW (see common.block_scores). STREAM_K: the key tile is loaded
+    # here rather than held in b_k.
+    if STREAM_K:
+        b_k = tl.load(p_k + o_k, mask=m_k, other=0.0)  # [BLOCK_N, BLOCK_CK]
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
@@ -122,6 +132,7 @@ def memory_read_bwd_kernel_dv(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr, RANK1: tl.constexpr,
+    STREAM_K: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_bv = tl.program_id(1)
@@ -137,9 +148,11 @@ def memory_read_bwd_kernel_dv(
     m_c = o_c < CK
     m_v = (i_v * BLOCK_V + o_v) < CV
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-    _, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+    p_k, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
         k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
         RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
+    o_k = tile_offsets(o_n, o_c, stride_kn, stride_kc, I64)  # [BLOCK_N, BLOCK_CK]
+    m_k = m_n[:, None] & m_c[None, :]
 
     p_q = q + i_b * stride_qb
     o_u = rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64)  # [BLOCK_M]
@@ -154,16 +167,16 @@ def memory_read_bwd_kernel_dv(
     full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
         b_dv = _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan,
-                        m_do_chan, m_n, None, stride_lm, qk_scale, L2, RANK1, BLOCK_M, False,
-                        PRECISION, UPCAST)
+                        m_do_chan, m_n, None, stride_lm, qk_scale, p_k, o_k, m_k, L2, RANK1,
+                        BLOCK_M, False, STREAM_K, PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
         p_lse += BLOCK_M * stride_lm
     if full_m_end < hw_end:
         m_m = (full_m_end + o_m) < hw_end
         b_dv = _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan,
-                        m_do_chan, m_n, m_m, stride_lm, qk_scale, L2, RANK1, BLOCK_M, True,
-                        PRECISION, UPCAST)
+                        m_do_chan, m_n, m_m, stride_lm, qk_scale, p_k, o_k, m_k, L2, RANK1,
+                        BLOCK_M, True, STREAM_K, PRECISION, UPCAST)
 
     b_dv = tl.where(m_n[:, None], b_dv, 0.0)  # padded positions get zero gradient
     p_dv = dv + i_b * stride_dvb + first_n * stride_dvn + first_v * stride_dvc
@@ -203,13 +216,16 @@ def _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV,
 @triton.jit
 def _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq, o_q, o_u,
                o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm, stride_vc, stride_doc, CV,
-               qk_scale, L2: tl.constexpr, RANK1: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr,
-               MASK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
+               qk_scale, p_k, o_k, o_kt, m_k, L2: tl.constexpr, RANK1: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CV: tl.constexpr,
+               NUM_CV: tl.constexpr, MASK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+               STREAM_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One query block: dK of this memory block accumulates, dQ of the query block is added
     # (ATOMIC_DQ; otherwise memory_read_bwd_kernel_dq computes dQ in a fixed order). b_dsum
-    # [BLOCK_N] accumulates sum_i dS_ij (L2) or sum_i dS_ij u_i (RANK1: dw).
+    # [BLOCK_N] accumulates sum_i dS_ij (L2) or sum_i dS_ij u_i (RANK1: dw). STREAM_K: the key
+    # tile is loaded here (at o_k, and transposed at o_kt for dQ) rather than held in b_k.
+    if STREAM_K:
+        b_k = tl.load(p_k + o_k, mask=m_k, other=0.0)  # [BLOCK_N, BLOCK_CK]
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
@@ -231,7 +247,11 @@ def _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq
     if RANK1:
         b_dsum += tl.sum(b_dst.to(tl.float32) * b_u[None, :], 1)
     if ATOMIC_DQ:
-        b_dqt = dot(tl.trans(b_k), b_dst, PRECISION, UPCAST)  # [BLOCK_CK, BLOCK_M]
+        if STREAM_K:
+            b_kt = tl.load(p_k + o_kt, mask=m_q_chan & m_n[None, :], other=0.0)  # [CK, N]
+        else:
+            b_kt = tl.trans(b_k)
+        b_dqt = dot(b_kt, b_dst, PRECISION, UPCAST)  # [BLOCK_CK, BLOCK_M]
         if MASK_M:
             tl.atomic_add(p_dq + o_q, b_dqt, mask=m_q_chan & m_m[None, :], sem="relaxed")
         else:
@@ -260,6 +280,7 @@ def memory_read_bwd_kernel_dkdq(
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
     ALIGN_V: tl.constexpr, ATOMIC_DQ: tl.constexpr, RANK1: tl.constexpr,
+    STREAM_K: tl.constexpr,
 ):
     # One program per (memory block, object). dq shares q's channel and position strides
     # (the launcher allocates it so); stride_dqb is 0 for a broadcast query, so every object
@@ -296,15 +317,19 @@ def memory_read_bwd_kernel_dkdq(
     o_do = tile_offsets(o_cv, o_m, stride_doc, stride_dom, I64)  # [BLOCK_CV, BLOCK_M]
     m_q_chan = m_c[:, None]
 
+    o_k = tile_offsets(o_n, o_c, stride_kn, stride_kc, I64)  # [BLOCK_N, BLOCK_CK]
+    o_kt = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
+    m_k = m_n[:, None] & m_c[None, :]
+
     b_dk = tl.zeros([BLOCK_N, BLOCK_CK], dtype=tl.float32)
     b_dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     full_m_end = hw_end // BLOCK_M * BLOCK_M
     for _ in range(0, full_m_end, BLOCK_M):
         b_dk, b_dsum = _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, None,
-                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, L2, RANK1,
-                                  BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, False, ATOMIC_DQ,
-                                  PRECISION, UPCAST)
+                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, p_k, o_k, o_kt,
+                                  m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, False,
+                                  ATOMIC_DQ, STREAM_K, PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_dq += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
@@ -314,9 +339,9 @@ def memory_read_bwd_kernel_dkdq(
         m_m = (full_m_end + o_m) < hw_end
         b_dk, b_dsum = _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m,
-                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, L2, RANK1,
-                                  BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, True, ATOMIC_DQ,
-                                  PRECISION, UPCAST)
+                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, p_k, o_k, o_kt,
+                                  m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, True,
+                                  ATOMIC_DQ, STREAM_K, PRECISION, UPCAST)
 
     if L2:  # d/dk of 2 q.k - |k|^2; k is loaded again rather than kept in fp32 registers
         b_kf = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),

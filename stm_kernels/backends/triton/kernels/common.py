@@ -35,6 +35,16 @@ def tile_offsets(o_row, o_col, stride_row, stride_col, I64: tl.constexpr):
 
 
 @triton.jit
+def query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64: tl.constexpr,
+               STREAM_Q: tl.constexpr):
+    # The query tile of one memory step: the one held through the loop (b_q), or loaded in
+    # the step (STREAM_Q: not live in registers across the loop; see kernels/forward.py).
+    if STREAM_Q:
+        return query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64)
+    return b_q
+
+
+@triton.jit
 def query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64: tl.constexpr):
     # The query tile [BLOCK_M, BLOCK_CK] at p_q (its first position), zero past HW and CK.
     return tl.load(p_q + tile_offsets(o_m, o_c, stride_qm, stride_qc, I64),

@@ -16,12 +16,18 @@ natural log. Offsets that can pass 2**31 (object, channel and position strides) 
 RANK1: q and k have CK + 1 channels; the first CK form the tiled dot, and channel CK adds
 u_i w_j to the scores (u its query row, w = ksq its key row): a key width one past a tile
 width (XMem's 2 * 128 + 1) runs on that width's tiles instead of a tile twice as wide.
+
+STREAM_Q: the query tile is loaded inside the loop, for every memory step, instead of once
+before it and held in registers as the dot's operand: with 16 query rows per program and
+mma.sync (operands in registers) every warp would hold the whole tile, 128 registers per thread
+at 256 TF32 key channels. Streamed, it is not live in registers across the loop (Triton may
+hoist the load again, and then keeps the tile in shared memory, read into registers per step).
 """
 import triton
 import triton.language as tl
 
 from .common import (LN2_C, LOG2E_C, aligned_stride, block_scores, dot, query_block,
-                     query_term, rank1_offsets, split_bounds, tile_offsets)
+                     query_term, query_tile, rank1_offsets, split_bounds, tile_offsets)
 
 
 @triton.jit
@@ -52,7 +58,7 @@ def memory_read_fwd_kernel(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
-    ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr, RANK1: tl.constexpr,
+    ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr, RANK1: tl.constexpr, STREAM_Q: tl.constexpr,
 ):
     # One program per (query block, object x value chunk, memory split). RAGGED: object b's
     # memory is its first lengths[b] positions; a split past it reads nothing and writes an
@@ -95,7 +101,8 @@ def memory_read_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     for _ in range(n_lo, n_full_end, BLOCK_N):
         # whole blocks: no mask along N (None)
-        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, RANK1,
+        b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
+        b_s = block_scores(b_qs, b_u, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, RANK1,
                            BLOCK_N, False, PRECISION, UPCAST)
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
                                                   None, False, PRECISION, UPCAST)
@@ -104,7 +111,8 @@ def memory_read_fwd_kernel(
         p_v += BLOCK_N * stride_vn
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1,
+        b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
+        b_s = block_scores(b_qs, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1,
                            BLOCK_N, True, PRECISION, UPCAST)
         b_max, b_sum, b_acc = _softmax_and_values(b_s, b_max, b_sum, b_acc, p_v, o_vt, m_v_chan,
                                                   m_n, True, PRECISION, UPCAST)

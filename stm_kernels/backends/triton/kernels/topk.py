@@ -7,13 +7,14 @@ the lower index (high 32 bits: the float's bits made monotone as a signed intege
 registers; per memory block it takes the block's top-k keys (tl.topk, a bitonic sort) and
 merges them with the running ones (the top-k of both, joined). Memory splits run in parallel
 (flash-decoding style); the launcher merges their keys with torch.topk and decodes them.
-Scores are in base 2 (scale folded with log2(e)), as in the forward kernel.
+Scores are in base 2 (scale folded with log2(e)), as in the forward kernel. STREAM_Q as in
+the forward kernel: the query tile is loaded in every memory step rather than held.
 """
 import triton
 import triton.language as tl
 
-from .common import (aligned_stride, block_scores, query_block, query_term, rank1_offsets,
-                     split_bounds, tile_offsets)
+from .common import (aligned_stride, block_scores, query_block, query_term, query_tile,
+                     rank1_offsets, split_bounds, tile_offsets)
 
 MIN_KEY = -(2**63)
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.
@@ -46,7 +47,7 @@ def memory_read_topk_kernel(
     HW, N, CK, n_per_split, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     TOP_K: tl.constexpr, RAGGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    I64: tl.constexpr, ALIGN_K: tl.constexpr, RANK1: tl.constexpr,
+    I64: tl.constexpr, ALIGN_K: tl.constexpr, RANK1: tl.constexpr, STREAM_Q: tl.constexpr,
 ):
     # One program per (query block, object, memory split); keys (S, B, HW, TOP_K) int64.
     # ksq and RANK1 as in the forward kernel (kernels/forward.py).
@@ -74,14 +75,16 @@ def memory_read_topk_kernel(
 
     b_best = tl.full([BLOCK_M, TOP_K], MIN_KEY_C, tl.int64)
     for n_start in range(n_lo, n_full_end, BLOCK_N):
-        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, RANK1,
+        b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
+        b_s = block_scores(b_qs, b_u, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, RANK1,
                            BLOCK_N, False, PRECISION, UPCAST)
         b_best = _merged(b_best, _packed(b_s, n_start + o_n), BLOCK_M, TOP_K)
         p_k += BLOCK_N * stride_kn
         p_ksq += BLOCK_N
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_s = block_scores(b_q, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1,
+        b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
+        b_s = block_scores(b_qs, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1,
                            BLOCK_N, True, PRECISION, UPCAST)  # -inf past the split: never better
         b_best = _merged(b_best, _packed(b_s, n_full_end + o_n), BLOCK_M, TOP_K)
 
