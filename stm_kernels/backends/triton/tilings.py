@@ -311,7 +311,7 @@ _SM_80 = Architecture(
                                 V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
-        ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 16, stream_keys=True),
+        ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64, stream_keys=True),
                                 K(64, 16, 4, 1, 32, stream_keys=True),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
@@ -606,8 +606,8 @@ _SMALL_SHARED_BACKWARD_GENERIC = (
 _TF32_DKDQ_MMA_SYNC = (
     "TF32 operands are 32-bit, twice the registers of a 16-bit tile, and mma.sync takes them "
     "from registers: the fused dK+dQ kernel streams its key tile (loaded in every query step, "
-    "not held) and still spills a few bytes at the best tiling tried (sm_80: 12 B with the "
-    "dot, 20 B with l2; sm_120: 28 B and 44 B); dK and dQ apart (SEPARATE_DQ) do not spill but "
+    "not held) and still spills a few bytes at the best tiling tried (sm_80: 4 B with the "
+    "dot, 12 B with l2; sm_120: 28 B and 44 B); dK and dQ apart (SEPARATE_DQ) do not spill but "
     "execute 1.49x the useful multiply-adds forward + backward, against 1.2x fused")
 _TF32_GENERIC = (
     "unknown NVIDIA GPUs in TF32, compiled as sm_80 and as sm_120 with 99 KiB: the one-stage "
