@@ -77,15 +77,17 @@ def _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N: tl.constexpr, RAGGED: tl.cons
 def _key_block(k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc,
                L2: tl.constexpr, RANK1: tl.constexpr, BLOCK_N: tl.constexpr,
                RAGGED: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr):
-    # This program's memory block of object i_b: (p_k its first position, K [BLOCK_N,
-    # BLOCK_CK], its per-position score term w [BLOCK_N] in fp32 (|k|^2 for L2, the rank-1
-    # channel for RANK1, else 0), m_n its valid positions, hw_end the queries to loop over).
-    # Positions past the object's memory are never read.
+    # This program's memory block of object i_b: (p_k its first position, o_k and m_k the
+    # offsets and mask of its tile, K [BLOCK_N, BLOCK_CK], its per-position score term w
+    # [BLOCK_N] in fp32 (|k|^2 for L2, the rank-1 channel for RANK1, else 0), m_n its valid
+    # positions, hw_end the queries to loop over). Positions past the object's memory are
+    # never read.
     n_end, hw_end = _memory_end(lengths, i_b, i_n, N, HW, BLOCK_N, RAGGED)
     m_n = (i_n * BLOCK_N + o_n) < n_end
     p_k = k + aligned_stride(i_b * stride_kb, ALIGN_K) + (i_n * BLOCK_N).to(tl.int64) * stride_kn
-    b_k = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
-                  mask=m_n[:, None] & m_c[None, :], other=0.0)
+    o_k = tile_offsets(o_n, o_c, stride_kn, stride_kc, I64)  # [BLOCK_N, BLOCK_CK]
+    m_k = m_n[:, None] & m_c[None, :]
+    b_k = tl.load(p_k + o_k, mask=m_k, other=0.0)
     b_w = tl.zeros([BLOCK_N], dtype=tl.float32)
     if L2:
         b_kf = b_k.to(tl.float32)
@@ -93,7 +95,7 @@ def _key_block(k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride
     if RANK1:
         b_w = tl.load(p_k + rank1_offsets(o_n, CK, stride_kc, stride_kn, RANK1, I64), mask=m_n,
                       other=0.0).to(tl.float32)
-    return p_k, b_k, b_w, m_n, hw_end
+    return p_k, o_k, m_k, b_k, b_w, m_n, hw_end
 
 
 @triton.jit
@@ -148,11 +150,9 @@ def memory_read_bwd_kernel_dv(
     m_c = o_c < CK
     m_v = (i_v * BLOCK_V + o_v) < CV
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-    p_k, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+    p_k, o_k, m_k, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
         k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
         RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
-    o_k = tile_offsets(o_n, o_c, stride_kn, stride_kc, I64)  # [BLOCK_N, BLOCK_CK]
-    m_k = m_n[:, None] & m_c[None, :]
 
     p_q = q + i_b * stride_qb
     o_u = rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64)  # [BLOCK_M]
@@ -297,7 +297,7 @@ def memory_read_bwd_kernel_dkdq(
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
     stride_vc = aligned_stride(stride_vc, ALIGN_V)
-    p_k, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+    p_k, o_k, m_k, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
         k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
         RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
 
@@ -317,9 +317,7 @@ def memory_read_bwd_kernel_dkdq(
     o_do = tile_offsets(o_cv, o_m, stride_doc, stride_dom, I64)  # [BLOCK_CV, BLOCK_M]
     m_q_chan = m_c[:, None]
 
-    o_k = tile_offsets(o_n, o_c, stride_kn, stride_kc, I64)  # [BLOCK_N, BLOCK_CK]
     o_kt = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
-    m_k = m_n[:, None] & m_c[None, :]
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_CK], dtype=tl.float32)
     b_dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -344,8 +342,7 @@ def memory_read_bwd_kernel_dkdq(
                                   ATOMIC_DQ, STREAM_K, PRECISION, UPCAST)
 
     if L2:  # d/dk of 2 q.k - |k|^2; k is loaded again rather than kept in fp32 registers
-        b_kf = tl.load(p_k + tile_offsets(o_n, o_c, stride_kn, stride_kc, I64),
-                       mask=m_n[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        b_kf = tl.load(p_k + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_dk = scale * (2.0 * b_dk - 2.0 * b_kf * b_dsum[:, None])
     else:
         b_dk = scale * b_dk
@@ -497,7 +494,7 @@ def memory_read_usage_kernel(
     first_n = (i_n * BLOCK_N).to(tl.int64)
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-    _, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+    _, _, _, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
         k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
         RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
     p_q = q + i_b * stride_qb
