@@ -48,8 +48,7 @@ def resolve(backend, memory_key):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
-        fused = (triton is not None and memory_key.is_cuda and memory_key.dtype in TRITON_DTYPES
-                 and triton.preferred(memory_key))
+        fused = (triton is not None and memory_key.is_cuda and memory_key.dtype in TRITON_DTYPES)
         return "triton" if fused else "torch"
     if backend == "triton":
         if triton is None:

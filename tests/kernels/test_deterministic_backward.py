@@ -13,12 +13,14 @@ from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DqCo
                                            use_configs)
 
 # Memory splits (3) with value chunks streamed through dP, whole dO tiles without splits, and
-# the dK kernel's key tile streamed per query step.
+# the loop-invariant tiles streamed: the dK kernel's keys per query step, the dQ kernel's
+# queries per memory step.
 CONFIGS = {
-    "stream-keys": BackwardConfig(DvConfig(block_n=32, block_m=16, num_warps=4),
-                                  DkdqConfig(block_n=32, block_m=16, block_cv=16, num_warps=4,
-                                             stream_keys=True),
-                                  DqConfig(block_m=16, block_n=32, block_cv=16, splits=2)),
+    "stream-tiles": BackwardConfig(DvConfig(block_n=32, block_m=16, num_warps=4),
+                                   DkdqConfig(block_n=32, block_m=16, block_cv=16, num_warps=4,
+                                              stream_keys=True),
+                                   DqConfig(block_m=16, block_n=32, block_cv=16, splits=2,
+                                            stream_queries=True)),
     "split-streamed": BackwardConfig(DvConfig(block_n=16, block_m=16, block_v=16, num_warps=4),
                                      DkdqConfig(block_n=16, block_m=16, block_cv=16, num_warps=4),
                                      DqConfig(block_m=16, block_n=16, block_cv=16, splits=3)),

@@ -2,9 +2,9 @@
 query frame against N = 162,000 memory positions, Ck = 128, Cv = 512, for a sample of the
 query positions (each query's result depends on its own row only), against float64.
 
-Where it runs: the Triton kernels with input precision "ieee" on AMD (its float32 matrix
-cores) and in the interpreter; the torch backend on NVIDIA GPUs, where every exact Triton dot
-spills (docs/kernels.md). Both are held to 1e-5 here. TF32 ("high") is checked against an
+Where it runs: the Triton kernels with input precision "ieee" (AMD's float32 matrix cores,
+NVIDIA's CUDA-core FMA; here the interpreter) and the torch backend. Both are held to 1e-5
+here. TF32 ("high") is checked against an
 emulation of its rounding, to show what the exact path buys.
 """
 import pytest

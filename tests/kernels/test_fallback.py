@@ -194,7 +194,7 @@ def test_input_precision_follows_the_vendor_and_torchs_matmul_precision():
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert sm80.input_precision(torch.float32) is None  # exact: the torch backend's
+        assert sm80.input_precision(torch.float32) == "ieee"  # FMA on the CUDA cores
         assert gfx90a.input_precision(torch.float32) == "ieee"  # AMD's float32 matrix cores
         torch.set_float32_matmul_precision("high")
         assert sm80.input_precision(torch.float32) == "tf32"
@@ -206,22 +206,21 @@ def test_input_precision_follows_the_vendor_and_torchs_matmul_precision():
         assert architecture.input_precision(torch.bfloat16) == "ieee"
 
 
-def test_exact_float32_on_nvidia_is_read_by_torch_by_design(monkeypatch):
-    """backend="auto" picks torch for it with no warning; an explicit backend="triton" says
-    why, once, and gets the same result."""
-    from stm_kernels.backends import triton as triton_backend
+def test_exact_float32_on_nvidia_runs_the_kernels_with_fma_dots():
+    """Exact float32 ("highest") runs the kernels on NVIDIA too, with "ieee" dots (FMA on
+    the CUDA cores, tiled not to spill: docs/kernels.md), with no warning, the exact result."""
     q, k, v = _inputs(seed=8)
     previous = torch.get_float32_matmul_precision()
     try:
-        with devices.pretend(SM80):
+        with devices.pretend(SM80), warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
             torch.set_float32_matmul_precision("highest")
-            assert not triton_backend.preferred(k)
-            assert triton_backend.preferred(k.half())
-            with pytest.warns(FallbackWarning, match="exact float32 .* is read by the torch "
-                                                     "backend on NVIDIA GPUs"):
-                out = memory_read(q, k, v, backend="triton")
+            call, reason = launch._plan_call(k)
+            assert reason is None and call.architecture.name == "sm_80"
+            assert (call.input_precision, call.precision_class) == ("ieee", "fp32")
+            out = memory_read(q, k, v, backend="triton")
             torch.set_float32_matmul_precision("high")
-            assert triton_backend.preferred(k)
+            assert launch._plan_call(k)[0].input_precision == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
@@ -237,8 +236,6 @@ def test_every_architecture_has_every_kernel_precision_and_width():
     for architecture in tilings.ARCHITECTURES.values():
         for kernel in tilings.KERNELS:
             for precision in tilings.PRECISIONS:
-                if precision == "fp32" and architecture.fp32_exact is None:
-                    continue
                 for width in tilings.KEY_WIDTHS:
                     where = (architecture.name, kernel, precision, width)
                     if tilings.on_torch(architecture, read_of[kernel], precision, width) or (

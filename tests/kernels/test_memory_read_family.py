@@ -9,7 +9,7 @@ import torch
 from helpers import DEVICES, TOLERANCE, random_inputs, relative_error, skip_unless_runnable
 from stm_kernels import memory_read, memory_usage, merge_reads, poison_outputs
 from stm_kernels.backends.triton import launch as triton_module
-from stm_kernels.backends.triton.tilings import SelectConfig, use_configs
+from stm_kernels.backends.triton.tilings import SelectConfig, UsageConfig, use_configs
 from stm_kernels.topk import read_selected, topk_scores
 
 
@@ -195,6 +195,25 @@ def test_selection_streaming_its_query_tile(device, similarity):
         order = torch.sort(dense[b].T, dim=1, descending=True, stable=True).indices[:, :8]
         assert indices[b].cpu().tolist() == order.tolist()
         assert relative_error(scores[b], dense[b].T.gather(1, order)) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_usage_streaming_its_key_tile(device, similarity):
+    """The usage kernel loading its key tile in every query step (UsageConfig.stream_keys)
+    sums the float64 reference's probabilities over a ragged memory whose last block is
+    partial, zero past each length."""
+    skip_unless_runnable("triton", device)
+    q, k, v = random_inputs(2, 1, 24, 8, 37, 150, torch.float32, device, seed=26)
+    lengths = [150, 77]
+    expected = reference(q, k, v, similarity=similarity, lengths=lengths)
+    config = UsageConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, stream_keys=True)
+    with use_configs(usage=config):
+        usage = memory_usage(q, k, expected[1].float().to(device), similarity=similarity,
+                             memory_lengths=torch.tensor(lengths, device=device),
+                             backend="triton")
+    assert relative_error(usage, expected[2]) < 1e-5
+    assert (usage[1, 77:] == 0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

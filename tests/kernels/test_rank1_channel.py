@@ -17,7 +17,7 @@ from stm_kernels.backends.triton import launch as triton_module
 from stm_kernels.backends.triton import tilings
 from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DqConfig, DvConfig,
                                                 ForwardConfig, use_configs)
-from stm_kernels.backends.triton.tilings import SelectConfig
+from stm_kernels.backends.triton.tilings import SelectConfig, UsageConfig
 from stm_kernels.topk import topk_scores
 
 CHANNELS = 257
@@ -119,8 +119,8 @@ def test_257_channels_over_a_ragged_nan_padded_strided_memory(device, determinis
     """A ragged memory whose padding is NaN, read in place from a slice of a larger bank with
     channel-last values and a strided query: per-object reads of the reference, zero
     gradients past each length (the last key channel's too), with the kernels' loop-invariant
-    tiles held through their loops or loaded in every step (the forward's queries, the
-    backward's keys)."""
+    tiles held through their loops or loaded in every step (the forward's and the
+    deterministic dQ's queries, the backward's keys)."""
     _skip(device)
     q, k, v = rank1_inputs(3, 1, 24, 30, 100, torch.float32, device, seed=32)
     lengths = [100, 33, 1]
@@ -142,7 +142,8 @@ def test_257_channels_over_a_ragged_nan_padded_strided_memory(device, determinis
         forward=ForwardConfig(block_m=16, block_n=32, num_warps=4, num_stages=1,
                               stream_queries=True),
         dv=DvConfig(block_n=32, block_m=16, num_warps=4, stream_keys=True),
-        dkdq=DkdqConfig(block_n=32, block_m=16, block_cv=16, num_warps=4, stream_keys=True))
+        dkdq=DkdqConfig(block_n=32, block_m=16, block_cv=16, num_warps=4, stream_keys=True),
+        dq=DqConfig(block_m=16, block_n=32, block_cv=16, splits=2, stream_queries=True))
     with deterministic_algorithms() if deterministic else contextlib.nullcontext(), \
             use_configs(**streamed) if stream_tiles else contextlib.nullcontext():
         results = ragged_read_with_grads(q, k, v, torch.tensor(lengths, device=device),
@@ -157,25 +158,27 @@ def test_257_channels_over_a_ragged_nan_padded_strided_memory(device, determinis
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stream_queries", [False, True], ids=["held", "streamed"])
 def test_257_channel_top_k_selection_and_usage(device, stream_queries):
-    """The fused selection's scores and positions (its query tile held through the loop or
-    loaded in every memory step) and the usage kernel's sums include the rank-1 term: against
-    the float64 scores of the whole 257 channels."""
+    """The fused selection's scores and positions and the usage kernel's sums include the
+    rank-1 term (their loop-invariant tiles held, or loaded in every step: the selection's
+    queries, the usage's keys): against the float64 scores of the whole 257 channels."""
     _skip(device)
     q, k, _ = rank1_inputs(2, 1, 8, 20, 90, torch.float32, device, seed=33)
     lengths = torch.tensor([90, 41], device=device)
     dense = torch.bmm(k.double().cpu().transpose(1, 2), q.double().cpu().expand(2, -1, -1))
     dense = (dense * SCALE).masked_fill((torch.arange(90)[None, :] >= lengths.cpu()[:, None])
                                         .unsqueeze(2), float("-inf"))  # (B, N, HW)
-    streamed = SelectConfig(block_m=16, num_warps=4, num_stages=1, stream_queries=True)
-    with use_configs(select=streamed) if stream_queries else contextlib.nullcontext():
+    streamed = dict(
+        select=SelectConfig(block_m=16, num_warps=4, num_stages=1, stream_queries=True),
+        usage=UsageConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, stream_keys=True))
+    lse = torch.logsumexp(dense, dim=1)  # (B, HW)
+    with use_configs(**streamed) if stream_queries else contextlib.nullcontext():
         scores, indices = topk_scores(q, k, 8, scale=SCALE, memory_lengths=lengths,
                                       backend="triton")
+        usage = memory_usage(q, k, lse.float().to(device), scale=SCALE, memory_lengths=lengths,
+                             backend="triton")
     best = dense.transpose(1, 2).topk(8, dim=2).values  # (B, HW, 8)
     assert relative_error(scores, best) < 1e-5
     assert relative_error(dense.transpose(1, 2).gather(2, indices.cpu()), best) < 1e-5
-    lse = torch.logsumexp(dense, dim=1)  # (B, HW)
-    usage = memory_usage(q, k, lse.float().to(device), scale=SCALE, memory_lengths=lengths,
-                         backend="triton")
     assert relative_error(usage, torch.exp(dense - lse[:, None]).sum(2)) < 1e-5
     assert (usage[1, 41:] == 0).all()
 

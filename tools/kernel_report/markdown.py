@@ -25,7 +25,8 @@ def config_text(config):
 
 
 def cell(row):
-    """One kernel in one precision: config, registers, spills, shared memory, work."""
+    """One kernel in one precision: config, registers, shared memory, FMA dots (no matrix
+    instruction), spills, work."""
     if row is None:
         return "-"
     if "unavailable" in row:
@@ -34,6 +35,8 @@ def cell(row):
         return f"**{row['error']}**"
     text = (f"{config_text(row['config'])} · {row['registers']} r · "
             f"{row['shared_bytes'] / 1024:.0f}/{row['shared_limit'] / 1024:.0f} KiB")
+    if row.get("dots") and not row.get("mma"):  # no matrix instruction: CUDA-core FMA
+        text += " · FMA"
     if row["spill_bytes"]:
         text += f" · **spills {row['spill_bytes']} B**"
     if row["duplicated_dots"]:
@@ -122,9 +125,10 @@ def document(payload):
         f"selection at top_k = {payload['select_top_k']}.", "",
         "A cell: the config the runtime chooses there (block sizes, sk/sq: the key/query "
         "tile streamed, warps, stages) · "
-        "registers per thread · shared memory used / the GPU's limit · executed "
-        "multiply-adds per (query, memory) pair (x3: exact float32 runs three TF32 products "
-        "per dot). A kernel that cannot run reads with torch, with the reason. How the "
+        "registers per thread · shared memory used / the GPU's limit · FMA: its dots run as "
+        "FMA on the CUDA cores (exact float32 on NVIDIA) · executed multiply-adds per "
+        "(query, memory) pair (x3: a split precision's passes per dot, gfx950's bf16x3 for "
+        "\"high\"). A kernel that cannot run reads with torch, with the reason. How the "
         "tables are chosen: docs/kernels.md.", ""]
     problems = report.problems(payload)
     exceptions = report.stated(payload)

@@ -29,6 +29,9 @@ _WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.(\w+)
 _MMA_SYNC = re.compile(r"mma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.\w+\.\w+\.(\w+)\.(\w+)")
 _MMA_LAYOUT = re.compile(r"^#(\w+) = #ttg\.(nvidia_mma|amd_mfma)<\{version(?:Major)? = (\d+).*?"
                          r"warpsPerCTA = \[(\d+), (\d+)\].*?instrShape = \[([\d, ]+)\]")
+# A 2-D blocked layout (the FMA dot's, where no matrix instruction takes the operands).
+_BLOCKED_LAYOUT = re.compile(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[(\d+), (\d+)\], "
+                             r"threadsPerWarp = \[(\d+), (\d+)\], warpsPerCTA = \[(\d+), (\d+)\]")
 _MEMORY_OP = re.compile(r"\b(ttg\.async_copy_global_to_local|tt\.load|tt\.descriptor_load|"
                         r"ttng\.async_tma_copy_global_to_local|tt\.atomic_rmw|tt\.atomic_cas)\b")
 _POINTER_TENSOR = re.compile(r"tensor<([\dx]+)x!tt\.ptr<(\w+)>")
@@ -200,6 +203,14 @@ def loop_dots(ttgir):
             layouts[name] = dict(vendor="amd" if kind == "amd_mfma" else "nvidia",
                                  version=int(major), warps=(int(warps_m), int(warps_n)),
                                  instr=tuple(int(x) for x in instr.split(",")))
+        match = _BLOCKED_LAYOUT.match(line.strip())
+        if match:
+            name, *sizes = match.groups()
+            per_thread, lanes, warps = (tuple(int(x) for x in sizes[i:i + 2])
+                                        for i in (0, 2, 4))
+            layouts[name] = dict(vendor="fma", version=0, warps=warps, instr=None,
+                                 cover=tuple(per_thread[i] * lanes[i] * warps[i]
+                                             for i in (0, 1)))
     dots = []
     for stripped, regions, _ in _regions(ttgir):
         repeats = _main_loop_repeats(regions)
@@ -208,7 +219,7 @@ def loop_dots(ttgir):
         tcgen05 = _TCGEN05_DOT.search(stripped)
         if tcgen05:
             M, K, _, N = (int(x) for x in tcgen05.groups())
-            dots.append(dict(m=M, n=N, k=K, layout="tcgen05", warps=None, instr=None,
+            dots.append(dict(m=M, n=N, k=K, layout="tcgen05", fma=False, warps=None, instr=None,
                              duplication=1, repeats=repeats, useful_macs=M * N * K * repeats,
                              executed_macs=M * N * K * repeats))
             continue
@@ -220,8 +231,9 @@ def loop_dots(ttgir):
         M, N, K = int(m), int(n), int(a_cols)
         duplication = _duplication(M, N, layout) if layout else 1
         dots.append(dict(m=M, n=N, k=K, layout=layout_name,
+                         fma=bool(layout) and layout["vendor"] == "fma",
                          warps=list(layout["warps"]) if layout else None,
-                         instr=list(layout["instr"]) if layout else None,
+                         instr=list(layout["instr"]) if layout and layout["instr"] else None,
                          duplication=duplication, repeats=repeats,
                          useful_macs=M * N * K * repeats,
                          executed_macs=M * N * K * duplication * repeats))
@@ -271,7 +283,11 @@ def loop_memory(ttgir):
 def _duplication(M, N, layout):
     """How many warps compute each element of an M x N dot: a warp's MMA tile is 16 rows
     (NVIDIA; a Hopper warpgroup's 64 rows are 4 warps of 16) by the instruction's N (Hopper) or
-    8 (Ampere mma.sync), or the MFMA instruction's M x N (AMD)."""
+    8 (Ampere mma.sync), or the MFMA instruction's M x N (AMD); an FMA dot's blocked layout
+    covers its own rows x columns, and lanes past the tile repeat the elements inside it."""
+    if layout["vendor"] == "fma":
+        cover_m, cover_n = layout["cover"]
+        return max(1, cover_m // M) * max(1, cover_n // N)
     warps_m, warps_n = layout["warps"]
     if layout["vendor"] == "amd":
         rows_per_warp, cols_per_warp = layout["instr"][:2]

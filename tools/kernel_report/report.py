@@ -176,8 +176,8 @@ def analyse(record, target):
         row["compiler_warnings"] = compiled.warnings
     ttgir = compiled.asm["ttgir"]
     dots = ptx.loop_dots(ttgir)
-    row["dots"] = [{key: dot[key] for key in ("m", "n", "k", "warps", "instr", "duplication",
-                                              "repeats")} for dot in dots]
+    row["dots"] = [{key: dot[key] for key in ("m", "n", "k", "warps", "instr", "fma",
+                                              "duplication", "repeats")} for dot in dots]
     row["duplicated_dots"] = sum(dot["duplication"] > 1 for dot in dots)
     tile_pairs, repeats = _tile(record)
     if tile_pairs:
@@ -297,7 +297,7 @@ def shortfalls(payload):
                     if width not in tilings.KEY_WIDTHS:  # one reason for all: no such tiling
                         found.append(((None, None, None, width),
                                       f"{here}: no kernel runs ({row['unavailable']})"))
-                    elif row["unavailable"] != launch.EXACT_FP32_ON_TORCH:
+                    else:
                         found.append((key, f"{here}: no kernel runs ({row['unavailable']})"))
                     continue
                 if "error" in row:
@@ -308,10 +308,11 @@ def shortfalls(payload):
                 if row["shared_bytes"] > row["shared_limit"]:
                     found.append((key, f"{here}: shared memory {row['shared_bytes']} > "
                                        f"{row['shared_limit']}"))
-                if not row["mma"] and row["kernel"] != "merge":  # a matrix unit not parsed
-                    found.append(((architecture, None, None, None),
-                                  f"{here}: work not read (no matrix instruction the report "
-                                  f"parses)"))
+                fma = row["dots"] and all(dot["fma"] for dot in row["dots"])
+                if not row["mma"] and not fma and row["kernel"] != "merge":
+                    found.append(((architecture, None, None, None),  # a matrix unit not parsed
+                                  f"{here}: work not read (no matrix instruction nor FMA dot "
+                                  f"the report parses)"))
                 if row["duplicated_dots"]:
                     found.append((key, f"{here}: a dot computed by several warps "
                                        f"{[dot['duplication'] for dot in row['dots']]}"))

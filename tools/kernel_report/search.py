@@ -60,7 +60,10 @@ CANDIDATES = {
                      F(64, 32, 128, 4, 1), F(32, 32, 128, 4, 1), F(16, 64, 128, 8, 1),
                      F(16, 32, 128, 8, 1), F(16, 32, 128, 4, 2),
                      F(16, 32, 128, 4, 1), F(32, 16, 128, 4, 1),
-                     F(16, 16, 64, 4, 1), F(16, 16, 64, 2, 1)],
+                     F(16, 16, 64, 4, 1), F(16, 16, 64, 2, 1),
+                     # FMA dots (exact float32 on NVIDIA): small score tiles, every value
+                     # channel in one program (a value chunk would recompute the scores)
+                     F(32, 16, None, 8, 1), F(16, 16, None, 4, 1), F(16, 16, None, 2, 1)],
     ("merge", 2): [M(64, 64, 4, 1), M(32, 64, 4, 1), M(32, 32, 4, 1)],
     ("dv", 2): [V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1), V(128, 16, 256, 8, 2),
                 V(128, 32, 256, 4, 2), V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),
@@ -72,7 +75,7 @@ CANDIDATES = {
                 V(64, 32, 128, 8, 2), V(64, 16, 128, 8, 1), V(64, 16, 128, 4, 1),
                 V(32, 32, 128, 4, 1), V(32, 16, 128, 4, 1), V(32, 16, 128, 2, 1),
                 V(16, 16, 128, 4, 1), V(16, 16, 128, 2, 1), V(32, 16, 64, 4, 1),
-                V(16, 16, 64, 4, 1)],
+                V(16, 16, 64, 4, 1), V(32, 16, None, 8, 1), V(16, 16, None, 4, 1)],
     ("dkdq", 2): [K(128, 16, 8, 2, None), K(128, 16, 8, 1, None), K(128, 16, 8, 2, 128),
                   K(128, 16, 8, 2, 64), K(128, 16, 8, 1, 64), K(128, 16, 8, 2, 32),
                   K(128, 16, 8, 1, 32), K(128, 32, 8, 2, 64), K(128, 16, 4, 2, 64),
@@ -105,19 +108,23 @@ CANDIDATES = {
                    U(64, 32, 4, 2), U(64, 32, 4, 1), U(64, 64, 8, 2), U(32, 32, 4, 1),
                    U(32, 16, 4, 1), U(32, 16, 2, 1), U(16, 16, 4, 1)],
 }
-# Each dV and dK+dQ tiling also with its key tile streamed (loaded in every query step), and
-# each float32 forward tiling with its query tile streamed (loaded in every memory step), right
-# after the same tiling holding it: where holding the tile spills, streaming it may not.
+# The float32 selection: also 8 warps over small query blocks (FMA dots spill with fewer).
+CANDIDATES[("select", 4)] = CANDIDATES[("select", 2)] + [S(32, 8, 1), S(16, 8, 2), S(16, 8, 1)]
+# Each dV, dK+dQ and usage tiling also with its key tile streamed (loaded per query step), and
+# each float32 forward, dQ and selection tiling with its query tile streamed (loaded per memory
+# step), right after the same tiling holding it: where holding the tile spills, streaming it
+# may not.
 _STREAMED = {"dv": dict(stream_keys=True), "dkdq": dict(stream_keys=True),
-             "forward": dict(stream_queries=True)}
+             "usage": dict(stream_keys=True),
+             "forward": dict(stream_queries=True), "dq": dict(stream_queries=True),
+             "select": dict(stream_queries=True)}
 for (_kernel, _size), _configs in list(CANDIDATES.items()):
-    if _kernel in _STREAMED and (_kernel != "forward" or _size == 4):
+    if _kernel in _STREAMED and (_kernel in ("dv", "dkdq", "usage") or _size == 4):
         CANDIDATES[(_kernel, _size)] = [
             config for held in _configs
             for config in (held, dataclasses.replace(held, **_STREAMED[_kernel]))]
 CANDIDATES.update({("dk", 2): CANDIDATES[("dkdq", 2)], ("dk", 4): CANDIDATES[("dkdq", 4)],
                    ("merge", 4): CANDIDATES[("merge", 2)],
-                   ("select", 4): CANDIDATES[("select", 2)],
                    ("usage", 4): CANDIDATES[("usage", 2)]})
 # The kernels of each runtime entry point, and the pass that launches them.
 PASS_OF = dict(forward="forward", merge="forward", dv="backward", dkdq="backward",
@@ -197,14 +204,19 @@ def fits(rows, shared_limit):
 
 
 def dominates(big, small):
-    """Whether config `big` needs at least what `small` does: the same warps, and no block size
-    nor stage count below small's (None, all channels, counting as the largest)."""
+    """Whether config `big` needs at least what `small` does: the same warps and streamed
+    tiles, and no block size nor stage count below small's (None, all channels, counting as
+    the largest). A streamed tile needs fewer registers than a held one, never more."""
     if type(big) is not type(small) or big.num_warps != small.num_warps:
         return False
     for field in dataclasses.fields(big):
         if field.name in ("num_warps", "splits"):
             continue
         a, b = getattr(big, field.name), getattr(small, field.name)
+        if isinstance(a, bool):
+            if a != b:
+                return False
+            continue
         a, b = (1 << 30 if a is None else a), (1 << 30 if b is None else b)
         if a < b:
             return False

@@ -21,7 +21,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from stm_kernels.backends.triton import launch, tilings  # noqa: E402
+from stm_kernels.backends.triton import tilings  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "docs" / "kernel_report.json"
@@ -83,9 +83,6 @@ def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
         assert tilings.architecture_of(TARGETS[name].device)[0] is architecture
         for case in entry["cases"]:
             rows = {row["kernel"]: row for row in case["rows"]}
-            if case["precision"] == "fp32" and architecture.fp32_exact is None:
-                assert rows["every"]["unavailable"] == launch.EXACT_FP32_ON_TORCH, name
-                continue
             precision = PRECISION_CLASS[case["precision"]]
             width = WIDTH[case["case"]]
             expected = {"forward", "dv", "dkdq", "dk", "dq", "select", "usage"}
@@ -110,19 +107,17 @@ def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
                     (name, case["precision"], case["case"], kernel)
 
 
-def test_exact_float32_is_torch_on_nvidia_and_the_float32_matrix_cores_on_amd(committed):
-    """NVIDIA's exact float32 reads with the torch backend (every exact Triton dot spills
-    there: docs/kernels.md); AMD's runs its float32 matrix instructions, one pass per dot."""
+def test_exact_float32_is_fma_on_nvidia_and_the_float32_matrix_cores_on_amd(committed):
+    """Exact float32 runs the kernels everywhere in "ieee", one pass per dot: AMD's float32
+    matrix instructions; NVIDIA's CUDA-core FMA (no matrix instruction in the forward)."""
     for name, entry in committed["targets"].items():
         case = next(c for c in entry["cases"] if (c["precision"], c["case"]) == ("fp32", "dot"))
-        rows = {row["kernel"]: row for row in case["rows"]}
+        forward = next(row for row in case["rows"] if row["kernel"] == "forward")
+        assert forward["input_precision"] == "ieee" and forward["passes"] == 1, name
         if name.startswith("gfx"):
-            forward = rows["forward"]
-            assert forward["input_precision"] == "ieee" and forward["passes"] == 1, name
             assert any("f32" in instruction for instruction in forward["mma"]), forward["mma"]
         else:
-            assert set(rows) == {"every"}, name
-            assert rows["every"]["unavailable"] == launch.EXACT_FP32_ON_TORCH, name
+            assert forward["mma"] == {}, (name, forward["mma"])
 
 
 def test_the_deterministic_backward_swaps_the_dq_atomics_for_one_dq_pass(committed):
@@ -131,7 +126,7 @@ def test_the_deterministic_backward_swaps_the_dq_atomics_for_one_dq_pass(committ
     Ck, Cv = 128, committed["shape"]["Cv"]
     for name, entry in committed["targets"].items():
         for case in entry["cases"]:
-            if case["case"] != "dot" or case["precision"] == "fp32":
+            if case["case"] != "dot":
                 continue
             rows = {row["kernel"]: row for row in case["rows"]}
             where = f"{name} {case['precision']}"
@@ -139,7 +134,7 @@ def test_the_deterministic_backward_swaps_the_dq_atomics_for_one_dq_pass(committ
                 assert tilings.separates_dq(tilings.ARCHITECTURES[entry["architecture"]],
                                             PRECISION_CLASS[case["precision"]], 128), where
                 continue
-            if not rows["dkdq"]["mma"]:  # work not read there (a stated exception)
+            if not rows["dkdq"]["dots"]:  # work not read there (a stated exception)
                 assert (entry["architecture"], None, None, None) in tilings.EXCEPTIONS, where
                 continue
             dkdq, without = rows["dkdq"], rows["dk"]
@@ -297,15 +292,17 @@ def test_the_report_names_every_problem():
                       dict(good, kernel="dkdq", shared_bytes=300),
                       dict(good, kernel="select", error="CompilationError: x"),
                       dict(kernel="usage", unavailable="no tiling"),
-                      dict(good, kernel="dq", mma={})])
+                      dict(good, kernel="dq", mma={}),
+                      # an FMA dot (exact float32 on NVIDIA): no matrix instruction, work read
+                      dict(good, kernel="dk", mma={}, dots=[dict(fma=True)])])
     payload = dict(targets={"sm_80": dict(architecture="sm_80", cases=[case])})
     problems = report.problems(payload)
     assert problems == ["sm_80 bf16 dot dv: spills 8 B",
                         "sm_80 bf16 dot dkdq: shared memory 300 > 200",
                         "sm_80 bf16 dot select: CompilationError: x",
                         "sm_80 bf16 dot usage: no kernel runs (no tiling)",
-                        "sm_80 bf16 dot dq: work not read (no matrix instruction the report "
-                        "parses)",
+                        "sm_80 bf16 dot dq: work not read (no matrix instruction nor FMA dot "
+                        "the report parses)",
                         "sm_80 bf16 dot: forward executes 1.5x"]
     exception = ("sm_80", "dv", "16-bit", 128)
     tilings.EXCEPTIONS[exception] = "a stated reason"
@@ -340,6 +337,8 @@ def test_the_search_keeps_the_first_that_meets_the_targets_and_skips_what_cannot
     assert F(128, 64, 256, 8, 4) not in tried  # dominates the first, which overflowed
     assert search.dominates(F(64, 64, None, 8, 2), F(64, 32, 256, 8, 2))
     assert not search.dominates(F(64, 64, 256, 4, 2), F(64, 32, 256, 8, 2))
+    # a streamed tile needs fewer registers: a spill of the held tiling says nothing of it
+    assert not search.dominates(F(64, 32, 256, 8, 2, stream_queries=True), F(64, 32, 256, 8, 2))
 
 
 def test_when_nothing_meets_the_targets_a_small_spill_beats_a_duplicated_dot():
@@ -362,7 +361,7 @@ def test_when_nothing_meets_the_targets_a_small_spill_beats_a_duplicated_dot():
 
 def test_loop_reading_on_a_handmade_ptx_and_ttgir():
     """ptx.py on a tiny PTX/TTGIR: loop detection, nested trip counts, census, layouts
-    (Hopper's wgmma, Ampere's mma.sync, AMD's MFMA and Blackwell's tcgen05)."""
+    (Hopper's wgmma, Ampere's mma.sync, AMD's MFMA, Blackwell's tcgen05 and FMA dots)."""
     from tools.kernel_report import ptx
     text = "\n".join([
         "$L__BB0_1:",
@@ -394,6 +393,10 @@ def test_loop_reading_on_a_handmade_ptx_and_ttgir():
         "isTransposed = true}>",
         "#mma2 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [2, 2], "
         "instrShape = [16, 8]}>",
+        "#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [2, 16], "
+        "warpsPerCTA = [4, 1], order = [1, 0]}>",
+        "#blocked1 = #ttg.blocked<{sizePerThread = [4, 4], threadsPerWarp = [1, 32], "
+        "warpsPerCTA = [1, 4], order = [1, 0]}>",
         "%c0_i32 = arith.constant 0 : i32",
         "%c4_i32 = arith.constant 4 : i32",
         "%c1_i32 = arith.constant 1 : i32",
@@ -409,6 +412,12 @@ def test_loop_reading_on_a_handmade_ptx_and_ttgir():
         "-> tensor<128x32xf32, #mma1>",
         "  %x2 = tt.dot %p3, %v3, %c3 : tensor<32x64xbf16, #dot1> * tensor<64x16xbf16, #dot2> "
         "-> tensor<32x16xf32, #mma2>",
+        "  %f1 = tt.dot %q4, %k4, %c4 : tensor<16x128xf32, #ttg.dot_op<{opIdx = 0, parent = "
+        "#blocked}>> * tensor<128x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> "
+        "tensor<16x16xf32, #blocked>",
+        "  %f2 = tt.dot %p5, %v5, %c5 : tensor<16x16xf32, #ttg.dot_op<{opIdx = 0, parent = "
+        "#blocked1}>> * tensor<16x256xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked1}>> -> "
+        "tensor<16x256xf32, #blocked1>",
         "  ttng.tc_gen5_mma %a5, %b5, %d5, %true, %true, %bar[%true] {is_async} : "
         "!ttg.memdesc<64x64xbf16, #tmem1, #ttng.tensor_memory>, !ttg.memdesc<64x256xbf16, "
         "#shared, #smem>, !ttg.memdesc<64x256xf32, #tmem, #ttng.tensor_memory, mutable>, "
@@ -423,7 +432,10 @@ def test_loop_reading_on_a_handmade_ptx_and_ttgir():
         (64, 32, 128, 2, 1), (128, 32, 16, 1, 4),
         (128, 32, 64, 2, 1),  # 8 wavefronts x 32-row MFMAs over 128 rows: each row twice
         (32, 16, 64, 1, 1),  # 2 x 16 rows by 2 x 8 columns: each element once
+        (16, 16, 128, 1, 1),  # FMA: 8 rows x 16 columns of lanes, twice over the tile
+        (16, 256, 16, 2, 1),  # FMA: 4 rows x 512 columns of lanes, half of them repeats
         (64, 256, 64, 1, 1)]  # Blackwell's tcgen05: one MMA per block, A 64 x 64, B 64 x 256
+    assert [d["fma"] for d in dots] == [False] * 4 + [True] * 2 + [False]
     assert ptx.blocks_per_sm(255, 176 * 1024, 8) == 1
     assert ptx.blocks_per_sm(128, 40 * 1024, 8) == 2  # registers
     assert ptx.blocks_per_sm(64, 100 * 1024, 4) == 2  # shared memory

@@ -35,13 +35,6 @@ def _with_fallback(kernel, k, fused, reference, *args):
     return reference(*args)
 
 
-def preferred(k):
-    """Whether backend="auto" should run the kernels for a memory like k on its GPU: always,
-    but for exact float32 where the torch backend is the designed path (auto then picks it
-    without a warning; a device the kernels do not support still warns, once)."""
-    return launch.unsupported_reason(k) != launch.EXACT_FP32_ON_TORCH
-
-
 def forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW), lse (B, HW)): launch.triton_forward, or the torch backend's."""
     return _with_fallback("forward", k, launch.triton_forward, pytorch.forward, q, k, v, scale,

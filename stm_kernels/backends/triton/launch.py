@@ -156,11 +156,11 @@ class Call:
     width: int
     rank1: bool = False  # the last key channel runs as a rank-1 score term (RANK1)
 
-
-EXACT_FP32_ON_TORCH = (
-    "exact float32 (torch's default matmul precision \"highest\") is read by the torch backend "
-    "on NVIDIA GPUs: every exact Triton dot at 128 key channels spills registers there (see "
-    "docs/kernels.md); torch.set_float32_matmul_precision(\"high\") runs the TF32 kernels")
+    @property
+    def fma_dots(self):
+        """Whether tl.dot compiles to FMA on the CUDA cores (exact float32 on NVIDIA: no
+        tensor core takes it), where a hoisted streamed tile lands in registers."""
+        return self.architecture.vendor == "nvidia" and self.precision_class == "fp32"
 
 
 def _block_ck(channels):
@@ -176,8 +176,6 @@ def _plan_call(k):
     if architecture is None:
         return None, reason
     input_precision = architecture.input_precision(k.dtype)
-    if input_precision is None:
-        return None, EXACT_FP32_ON_TORCH
     rank1 = tilings.splits_last_channel(k.shape[1])
     block_ck = _block_ck(k.shape[1] - rank1)
     width = tilings.width_class(block_ck)
@@ -505,7 +503,7 @@ def _dq_without_atomics(call, query, v, ksq, delta, align_v):
                  **_memory_strides("v", v, align_v), **_strides("pd", parts, "sbcm"),
                  n_per_split=plan["per_split"], BLOCK_M=config.block_m,
                  BLOCK_N=config.block_n, BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"],
-                 ALIGN_V=align_v, **query), config, call)
+                 ALIGN_V=align_v, STREAM_Q=config.stream_queries, **query), config, call)
         return parts
 
     parts = launch_first_that_runs("dq", call, _signature(call, k.dtype, Ck, Cv, query["L2"],
@@ -554,7 +552,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         run(memory_read_bwd_kernel_dv, (triton.cdiv(N, config.block_n), B * num_v),
             dict(dv=dv, **_strides("dv", dv, "bcn"), BLOCK_M=config.block_m,
                  BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v,
-                 STREAM_K=config.stream_keys, **query), config, call)
+                 STREAM_K=config.stream_keys, VOLATILE_K=l2 and call.fma_dots, **query),
+            config, call)
         return dv
 
     def launch_dkdq(config):
@@ -570,8 +569,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                  **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
                  scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_CV=block_cv, NUM_CV=num_cv, ALIGN_V=align_v,
-                 ATOMIC_DQ=not separate_dq, STREAM_K=config.stream_keys, **query), config,
-            call)
+                 ATOMIC_DQ=not separate_dq, STREAM_K=config.stream_keys,
+                 VOLATILE_K=l2 and call.fma_dots and separate_dq, **query), config, call)
         return dk, dq
 
     with device_context(device):
@@ -663,7 +662,8 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
                  **_memory_strides("k", k, align_k), **_strides("l", lse, "bm"),
                  stride_ub=usage.stride(0), HW=HW, N=N, qk_scale=scale * LOG2E, L2=l2,
                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, RAGGED=ragged,
-                 ALIGN_K=align_k, **flags), config, call)
+                 ALIGN_K=align_k, STREAM_K=config.stream_keys,
+                 VOLATILE_K=l2 and call.fma_dots, **flags), config, call)
         return usage
 
     with device_context(k.device):

@@ -113,13 +113,15 @@ class DqConfig:
     """Tiling of `memory_read_bwd_kernel_dq` (deterministic mode only): block_m query rows per
     program, looping over its memory split block_n positions at a time; block_cv=None holds
     the whole dO tile, a smaller block_cv streams dO and V through the dP reduction in chunks.
-    splits=None picks the number of memory splits from the device's multiprocessor count."""
+    splits=None picks the number of memory splits from the device's multiprocessor count.
+    stream_queries as in ForwardConfig."""
     block_m: int = 64
     block_n: int = 32
     block_cv: Optional[int] = None
     num_warps: int = 4
     num_stages: int = 2
     splits: Optional[int] = None
+    stream_queries: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +138,12 @@ class SelectConfig:
 @dataclasses.dataclass(frozen=True)
 class UsageConfig:
     """Tiling of `memory_read_usage_kernel`: block_n memory rows per program, looping over the
-    queries block_m at a time."""
+    queries block_m at a time. stream_keys as in DkdqConfig."""
     block_n: int = 128
     block_m: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    stream_keys: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +200,7 @@ class Architecture:
     """One architecture's tilings and input precisions.
 
     fp16_bf16, fp32_fast, fp32_exact: the `input_precision` of tl.dot for 16-bit inputs, for
-    float32 under matmul precision "high"/"medium" and under "highest" (None: the kernels do
-    not take exact float32 there; the torch backend reads it). shared_memory: the per-block
+    float32 under matmul precision "high"/"medium" and under "highest". shared_memory: the per-block
     limit the tilings are sized for (the device's own limit decides at launch). options:
     compile options of every launch there (AMD: the MFMA instruction size)."""
     name: str
@@ -207,7 +209,7 @@ class Architecture:
     shared_memory: int
     fp16_bf16: str
     fp32_fast: str
-    fp32_exact: Optional[str]
+    fp32_exact: str
     tilings: dict
     options: dict = dataclasses.field(default_factory=dict)
 
@@ -224,7 +226,7 @@ class Architecture:
 
     def input_precision(self, dtype):
         """tl.dot's input_precision for operands of `dtype` under torch's current float32
-        matmul precision (None: no kernel here takes it)."""
+        matmul precision."""
         if dtype != torch.float32:
             return self.fp16_bf16
         return self.fp32_exact if torch.get_float32_matmul_precision() == "highest" \
@@ -283,11 +285,11 @@ _INTERPRETER = Architecture(
              ("usage", None, None): (U(32, 32, 4, 1),)})
 
 # Input precisions: 16-bit operands take "ieee" everywhere (NVIDIA ignores it for them; AMD
-# refuses "tf32" on gfx90a and gfx950). Exact float32 on NVIDIA is left to the torch backend
-# (cuBLAS): every exact form of a Triton dot at 128 key channels ("ieee", "tf32x3", "bf16x3",
-# "bf16x6") spills at every tiling on every NVIDIA target. AMD's "ieee" uses its float32
-# matrix cores and compiles clean. TF32 for "high": NVIDIA and gfx942 have it; gfx950 has the
-# more accurate "bf16x3" at bf16 rate; gfx90a has neither faster than "ieee".
+# refuses "tf32" on gfx90a and gfx950). Exact float32 ("highest") is "ieee" everywhere: AMD's
+# float32 matrix cores, FMA on NVIDIA's CUDA cores (no NVIDIA tensor core takes exact float32;
+# "tf32x3" keeps both halves of every operand in registers and spills). TF32 for "high":
+# NVIDIA and gfx942 have it; gfx950 has the more accurate "bf16x3" at bf16 rate; gfx90a has
+# neither faster than "ieee".
 # AMD: 16 x 16 MFMA instructions (as fast as 32 x 32 ones): with the 32-row ones, four
 # wavefronts over a 64-row tile, or eight over 128, compute the same scores twice.
 AMD_OPTIONS = {"matrix_instr_nonkdim": 16}
@@ -296,10 +298,70 @@ AMD_OPTIONS = {"matrix_instr_nonkdim": 16}
 # (Triton 3.8, offline compiles; the first candidate of each entry is the one that met
 # the targets, or the nearest when none did: EXCEPTIONS says why).
 
+# Exact float32 on NVIDIA (FMA dots): an FMA dot gives each thread the whole inner dimension of
+# the operands its outputs need, so every loop-invariant tile is streamed (loaded in each step)
+# and score tiles stay small; a dV program takes every value channel (a value chunk would
+# recompute the scores per chunk). Shared by the tables below where the same tiling compiles
+# clean: sm_80's, sm_90's (sm_100 too), the 99 KiB ones (sm_120, generic; sm_86 but for its
+# selection).
+_FP32_FMA_SM_80 = {
+    ("forward", "fp32", 128): (F(64, 16, 256, 8, 2, stream_queries=True),
+                               F(16, 32, 256, 8, 1, stream_queries=True),),
+    ("forward", "fp32", 256): (F(16, 32, 256, 8, 2, stream_queries=True),
+                               F(16, 32, 256, 8, 1, stream_queries=True),),
+    ("dv", "fp32", None): (V(32, 16, None, 8, 1, stream_keys=True),
+                           V(16, 16, None, 4, 1, stream_keys=True),),
+    ("dkdq", "fp32", 128): (K(64, 16, 8, 1, 32, stream_keys=True),
+                            K(16, 16, 4, 1, 16, stream_keys=True),),
+    ("dkdq", "fp32", 256): (K(16, 16, 4, 1, 16, stream_keys=True),),
+    ("dk", "fp32", None): (K(64, 16, 8, 1, 32, stream_keys=True),
+                           K(16, 16, 4, 1, 16, stream_keys=True),),
+    ("dq", "fp32", 128): (Q(32, 16, 32, 4, 1, stream_queries=True),
+                          Q(16, 16, 16, 4, 1, stream_queries=True),),
+    ("dq", "fp32", 256): (Q(16, 16, 16, 4, 1, stream_queries=True),),
+    ("select", "fp32", 128): (S(32, 8, 1, stream_queries=True),
+                              S(16, 8, 2, stream_queries=True),),
+    ("select", "fp32", 256): (S(16, 8, 2, stream_queries=True),
+                              S(16, 8, 1, stream_queries=True),),
+    ("usage", "fp32", None): (U(16, 16, 4, 1, stream_keys=True),),
+}
+_FP32_FMA_SM_90 = {
+    **_FP32_FMA_SM_80,
+    ("forward", "fp32", 128): (F(16, 64, 256, 8, 1, stream_queries=True),
+                               F(16, 32, 256, 8, 2, stream_queries=True),),
+    ("dkdq", "fp32", 128): (K(64, 16, 8, 1, 16, stream_keys=True),
+                            K(16, 16, 4, 1, 16, stream_keys=True),),
+    ("dq", "fp32", 128): (Q(64, 32, 32, 8, 2, stream_queries=True),
+                          Q(32, 16, 32, 4, 1, stream_queries=True),),
+    ("select", "fp32", 128): (S(16, 8, 2, stream_queries=True),),
+    ("select", "fp32", 256): (S(32, 8, 1, stream_queries=True),
+                              S(16, 8, 2, stream_queries=True),),
+}
+_FP32_FMA_99_KIB = {
+    **_FP32_FMA_SM_80,
+    ("forward", "fp32", 128): (F(16, 16, 256, 4, 2, stream_queries=True),
+                               F(16, 16, 256, 4, 1, stream_queries=True),),
+    ("forward", "fp32", 256): (F(16, 32, 256, 8, 1, stream_queries=True),
+                               F(16, 16, 256, 4, 2, stream_queries=True),),
+    ("forward", "fp32", 257): (F(16, 16, 256, 4, 2, stream_queries=True),
+                               F(16, 16, 256, 4, 1, stream_queries=True),),
+    ("dkdq", "fp32", 128): (K(64, 16, 8, 1, 16, stream_keys=True),
+                            K(16, 16, 4, 1, 16, stream_keys=True),),
+    ("dkdq", "fp32", 256): (K(16, 16, 8, 1, 16, stream_keys=True),),
+    ("dk", "fp32", None): (K(16, 16, 4, 1, 16, stream_keys=True),),
+    ("dq", "fp32", 128): (Q(16, 16, 16, 4, 1, stream_queries=True),),
+}
+_FP32_FMA_SM_86 = {
+    **_FP32_FMA_99_KIB,
+    ("select", "fp32", 128): (S(16, 8, 2, stream_queries=True),),
+    ("select", "fp32", 256): (S(16, 8, 1, stream_queries=True),),
+}
+
 _SM_80 = Architecture(
     "sm_80", "A100, A30", "nvidia", 163 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
     tilings={
+        **_FP32_FMA_SM_80,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
@@ -331,8 +393,9 @@ _SM_80 = Architecture(
 
 _SM_86 = Architecture(
     "sm_86", "RTX 30, RTX 40, A10, A40, L4, L40S (sm_86, sm_89)", "nvidia", 99 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
     tilings={
+        **_FP32_FMA_SM_86,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
@@ -363,8 +426,9 @@ _SM_86 = Architecture(
 
 _SM_90 = Architecture(
     "sm_90", "H100, H200, GH200", "nvidia", 227 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
     tilings={
+        **_FP32_FMA_SM_90,
         ("forward", "16-bit", 128): (F(128, 64, 256, 8, 3), F(128, 64, 256, 8, 2),),
         ("forward", "16-bit", 256): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
         ("forward", "tf32", 128): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
@@ -394,8 +458,9 @@ _SM_90 = Architecture(
 
 _SM_100 = Architecture(
     "sm_100", "B200, GB200", "nvidia", 227 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
     tilings={
+        **_FP32_FMA_SM_90,
         ("forward", "16-bit", None): (F(64, 64, 256, 8, 3), F(64, 64, 256, 8, 2),),
         ("forward", "tf32", 128): (F(64, 32, 256, 8, 3), F(64, 32, 256, 8, 2),),
         ("forward", "tf32", 256): (F(64, 16, 256, 8, 2), F(64, 16, 256, 4, 2),),
@@ -422,8 +487,9 @@ _SM_100 = Architecture(
 
 _SM_120 = Architecture(
     "sm_120", "RTX 50, DGX Spark", "nvidia", 99 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
     tilings={
+        **_FP32_FMA_99_KIB,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
@@ -460,9 +526,10 @@ _SM_120 = Architecture(
 # and TF32's dK and dQ apart (SEPARATE_DQ).
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact=None,
+    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
     tilings={
         **_SM_80.tilings,
+        **_FP32_FMA_99_KIB,
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 64, 128, 8, 1),),
         ("forward", "tf32", 256): (F(16, 32, 128, 4, 2, stream_queries=True),),
         ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, stream_keys=True),),
@@ -649,10 +716,12 @@ READS = {"forward": ("forward", "merge"), "backward": ("dv", "dkdq", "dk", "dq")
 
 _TF32_WIDE_ON_TORCH = (
     "the TF32 backward at 256 key channels (XMem's augmented keys) on mma.sync GPUs: its dQ "
-    "kernel holds its query rows' 32-bit 256-wide tiles and dQ accumulator in registers "
-    "(mma.sync takes operands from them) and spills 368-3,260 B per thread at every tiling "
-    "tried, even where dV and dK, streaming their key tiles, compile clean; the torch "
-    "backend's chunked TF32 products read it instead")
+    "kernel keeps a 256-wide float32 dQ accumulator beside its 32-bit tiles in registers "
+    "(mma.sync takes operands from them) and spills 208-3,260 B per thread at every tiling "
+    "tried, its query tile held or streamed, but for 16-row blocks on 4 warps, where two "
+    "warps compute the same scores (sm_80: 0 B, 1.75x the kernel's useful multiply-adds); "
+    "dV and dK, streaming their key tiles, compile clean; the torch backend's chunked TF32 "
+    "products read it instead")
 # Reads the torch backend computes by design, keyed (architecture, read, precision class, key
 # width): no tiling of their kernels runs there without spilling hundreds of bytes, and the
 # torch backend's chunked products are the better path. The other reads of the same call

@@ -18,7 +18,12 @@ every query step (in dK/dQ once more, transposed, for dQ), instead of being held
 through it: where TF32, wide keys or the l2 similarity leave no room for it beside the
 accumulators (mma.sync takes operands from registers), a read per step is cheaper than a
 spill. With the dQ atomics in the loop the tile is read again from L1/L2 in every step;
-without them Triton may hoist the load and keep the tile in shared memory instead.
+without them (dV, dK in the deterministic mode, the usage) Triton may hoist the load and keep
+the tile in shared memory instead. With FMA dots (exact float32 on NVIDIA) and the l2
+similarity it hoists it into registers and spills; there the launcher sets VOLATILE_K, and the
+load stays in the loop (read again from L2 in every step).
+STREAM_Q (the dQ kernel): likewise its query tile, loaded in every memory step beside the
+dQ accumulator it would otherwise share the registers with (see kernels/forward.py).
 
 Layout as in kernels/forward.py; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
 natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
@@ -35,8 +40,8 @@ they hold, as they compute |k|^2 for L2; the dQ kernel reads it from ksq, as the
 import triton
 import triton.language as tl
 
-from .common import (LOG2E_C, aligned_stride, dot, key_tile, query_block,
-                     query_term, rank1_offsets, split_bounds, tile_offsets, tile_scores)
+from .common import (LOG2E_C, aligned_stride, dot, key_tile, query_block, query_term,
+                     query_tile, rank1_offsets, split_bounds, tile_offsets, tile_scores)
 
 
 @triton.jit
@@ -102,12 +107,12 @@ def _key_block(k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride
 def _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan, m_do_chan, m_n,
              m_m, stride_lm, qk_scale, p_k, o_k, m_k, L2: tl.constexpr, RANK1: tl.constexpr,
              BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, STREAM_K: tl.constexpr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+             VOLATILE_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One query block's contribution to this memory block's dV chunk. Only the last query
     # block is masked along HW (see common.block_scores). STREAM_K: the key tile is loaded
     # here rather than held in b_k.
-    if STREAM_K:
-        b_k = tl.load(p_k + o_k, mask=m_k, other=0.0)  # [BLOCK_N, BLOCK_CK]
+    if STREAM_K:  # [BLOCK_N, BLOCK_CK]; volatile: see the module's docstring
+        b_k = tl.load(p_k + o_k, mask=m_k, other=0.0, volatile=VOLATILE_K)
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
@@ -134,7 +139,7 @@ def memory_read_bwd_kernel_dv(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr, RANK1: tl.constexpr,
-    STREAM_K: tl.constexpr,
+    STREAM_K: tl.constexpr, VOLATILE_K: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_bv = tl.program_id(1)
@@ -168,7 +173,8 @@ def memory_read_bwd_kernel_dv(
     for _ in range(0, full_m_end, BLOCK_M):
         b_dv = _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan,
                         m_do_chan, m_n, None, stride_lm, qk_scale, p_k, o_k, m_k, L2, RANK1,
-                        BLOCK_M, False, STREAM_K, PRECISION, UPCAST)
+                        BLOCK_M, False, STREAM_K, VOLATILE_K, PRECISION,
+                        UPCAST)
         p_q += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
         p_lse += BLOCK_M * stride_lm
@@ -176,7 +182,8 @@ def memory_read_bwd_kernel_dv(
         m_m = (full_m_end + o_m) < hw_end
         b_dv = _dv_step(b_k, b_w, b_dv, p_q, p_do, p_lse, o_q, o_u, o_do, o_m, m_q_chan,
                         m_do_chan, m_n, m_m, stride_lm, qk_scale, p_k, o_k, m_k, L2, RANK1,
-                        BLOCK_M, True, STREAM_K, PRECISION, UPCAST)
+                        BLOCK_M, True, STREAM_K, VOLATILE_K, PRECISION,
+                        UPCAST)
 
     b_dv = tl.where(m_n[:, None], b_dv, 0.0)  # padded positions get zero gradient
     p_dv = dv + i_b * stride_dvb + first_n * stride_dvn + first_v * stride_dvc
@@ -219,13 +226,14 @@ def _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq
                qk_scale, p_k, o_k, o_kt, m_k, L2: tl.constexpr, RANK1: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CV: tl.constexpr,
                NUM_CV: tl.constexpr, MASK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-               STREAM_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+               STREAM_K: tl.constexpr, VOLATILE_K: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
     # One query block: dK of this memory block accumulates, dQ of the query block is added
     # (ATOMIC_DQ; otherwise memory_read_bwd_kernel_dq computes dQ in a fixed order). b_dsum
     # [BLOCK_N] accumulates sum_i dS_ij (L2) or sum_i dS_ij u_i (RANK1: dw). STREAM_K: the key
     # tile is loaded here (at o_k, and transposed at o_kt for dQ) rather than held in b_k.
-    if STREAM_K:
-        b_k = tl.load(p_k + o_k, mask=m_k, other=0.0)  # [BLOCK_N, BLOCK_CK]
+    if STREAM_K:  # [BLOCK_N, BLOCK_CK]; volatile: see the module's docstring
+        b_k = tl.load(p_k + o_k, mask=m_k, other=0.0, volatile=VOLATILE_K)
     if MASK_M:
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)  # [BLOCK_CK, BLOCK_M]
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
@@ -280,7 +288,7 @@ def memory_read_bwd_kernel_dkdq(
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
     ALIGN_V: tl.constexpr, ATOMIC_DQ: tl.constexpr, RANK1: tl.constexpr,
-    STREAM_K: tl.constexpr,
+    STREAM_K: tl.constexpr, VOLATILE_K: tl.constexpr,
 ):
     # One program per (memory block, object). dq shares q's channel and position strides
     # (the launcher allocates it so); stride_dqb is 0 for a broadcast query, so every object
@@ -327,7 +335,7 @@ def memory_read_bwd_kernel_dkdq(
                                   p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, None,
                                   stride_lm, stride_vc, stride_doc, CV, qk_scale, p_k, o_k, o_kt,
                                   m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, False,
-                                  ATOMIC_DQ, STREAM_K, PRECISION, UPCAST)
+                                  ATOMIC_DQ, STREAM_K, VOLATILE_K, PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_dq += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
@@ -339,7 +347,7 @@ def memory_read_bwd_kernel_dkdq(
                                   p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m,
                                   stride_lm, stride_vc, stride_doc, CV, qk_scale, p_k, o_k, o_kt,
                                   m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, True,
-                                  ATOMIC_DQ, STREAM_K, PRECISION, UPCAST)
+                                  ATOMIC_DQ, STREAM_K, VOLATILE_K, PRECISION, UPCAST)
 
     if L2:  # d/dk of 2 q.k - |k|^2; k is loaded again rather than kept in fp32 registers
         b_kf = tl.load(p_k + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -357,15 +365,17 @@ def memory_read_bwd_kernel_dkdq(
 
 
 @triton.jit
-def _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_k, p_ksq, p_v, p_do, o_k, o_v, o_do,
-             o_cv, m_k_chan, m_n, m_m, stride_vc, stride_doc, CV, qk_scale, L2: tl.constexpr,
-             RANK1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, MASK_N: tl.constexpr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_q, p_k, p_ksq, p_v, p_do, o_m, o_c,
+             o_k, o_v, o_do, o_cv, m_c, m_k_chan, m_n, m_m, stride_qm, stride_qc, stride_vc,
+             stride_doc, CV, qk_scale, L2: tl.constexpr, RANK1: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
+             NUM_CV: tl.constexpr, MASK_N: tl.constexpr, I64: tl.constexpr,
+             STREAM_Q: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One memory block's contribution to the query block's dQ [BLOCK_M, BLOCK_CK] and, RANK1,
-    # to du [BLOCK_M], the rank-1 channel's.
+    # to du [BLOCK_M], the rank-1 channel's. STREAM_Q: the query tile is loaded here.
     b_k = key_tile(p_k, o_k, m_k_chan, m_n, MASK_N)  # [BLOCK_CK, BLOCK_N]
-    b_s, b_w = tile_scores(b_q, b_k, b_u, p_ksq, m_n, qk_scale, L2, RANK1, BLOCK_N, MASK_N,
+    b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
+    b_s, b_w = tile_scores(b_qs, b_k, b_u, p_ksq, m_n, qk_scale, L2, RANK1, BLOCK_N, MASK_N,
                            PRECISION, UPCAST)
     b_p = tl.exp2(b_s - b_lse2[:, None])  # 0 past the memory (scores -inf there)
     if NUM_CV == 1:  # the program holds its whole dO tile
@@ -405,7 +415,7 @@ def memory_read_bwd_kernel_dq(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
-    ALIGN_V: tl.constexpr, RANK1: tl.constexpr,
+    ALIGN_V: tl.constexpr, RANK1: tl.constexpr, STREAM_Q: tl.constexpr,
 ):
     # Deterministic dQ: one program per (query block, object, memory split) recomputes P and
     # dP over its split's memory in order and stores its partial dQ (unscaled, fp32) into
@@ -426,7 +436,9 @@ def memory_read_bwd_kernel_dq(
     m_c = o_c < CK
 
     p_q = q + i_b * stride_qb + first_m * stride_qm
-    b_q = query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64)  # [BLOCK_M, BLOCK_CK]
+    b_q = tl.zeros([BLOCK_M, BLOCK_CK], dtype=q.dtype.element_ty)  # STREAM_Q: never read
+    if not STREAM_Q:
+        b_q = query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64)
     b_u = query_term(p_q, rank1_offsets(o_m, CK, stride_qc, stride_qm, RANK1, I64), m_m,
                      RANK1, True, BLOCK_M)  # [BLOCK_M]
     p_do = do + i_b * stride_dob + first_m * stride_dom
@@ -450,18 +462,20 @@ def memory_read_bwd_kernel_dq(
     b_dq = tl.zeros([BLOCK_M, BLOCK_CK], dtype=tl.float32)
     b_du = tl.zeros([BLOCK_M], dtype=tl.float32)
     for _ in range(n_lo, n_full_end, BLOCK_N):
-        b_dq, b_du = _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_k, p_ksq, p_v, p_do,
-                              o_k, o_v, o_do, o_cv, m_k_chan, None, m_m, stride_vc, stride_doc,
-                              CV, qk_scale, L2, RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, False,
+        b_dq, b_du = _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_q, p_k, p_ksq, p_v,
+                              p_do, o_m, o_c, o_k, o_v, o_do, o_cv, m_c, m_k_chan, None, m_m,
+                              stride_qm, stride_qc, stride_vc, stride_doc, CV, qk_scale, L2,
+                              RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, False, I64, STREAM_Q,
                               PRECISION, UPCAST)
         p_k += BLOCK_N * stride_kn
         p_ksq += BLOCK_N
         p_v += BLOCK_N * stride_vn
     if n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_dq, b_du = _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_k, p_ksq, p_v, p_do,
-                              o_k, o_v, o_do, o_cv, m_k_chan, m_n, m_m, stride_vc, stride_doc,
-                              CV, qk_scale, L2, RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, True,
+        b_dq, b_du = _dq_step(b_q, b_u, b_do, b_lse2, b_delta, b_dq, b_du, p_q, p_k, p_ksq, p_v,
+                              p_do, o_m, o_c, o_k, o_v, o_do, o_cv, m_c, m_k_chan, m_n, m_m,
+                              stride_qm, stride_qc, stride_vc, stride_doc, CV, qk_scale, L2,
+                              RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, True, I64, STREAM_Q,
                               PRECISION, UPCAST)
 
     p_part = dq_parts + i_s.to(tl.int64) * stride_pds + i_b * stride_pdb + first_m * stride_pdm
@@ -482,10 +496,12 @@ def memory_read_usage_kernel(
     HW, N, CK, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     RAGGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
-    ALIGN_K: tl.constexpr, RANK1: tl.constexpr,
+    ALIGN_K: tl.constexpr, RANK1: tl.constexpr, STREAM_K: tl.constexpr,
+    VOLATILE_K: tl.constexpr,
 ):
     # Memory usage (XMem): one program per (memory block, object) sums the probabilities
     # exp2(S^T * c - lse) of its positions over all queries, as the dV kernel recomputes them.
+    # STREAM_K as in the dV kernel.
     i_n = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
@@ -494,7 +510,7 @@ def memory_read_usage_kernel(
     first_n = (i_n * BLOCK_N).to(tl.int64)
     m_c = o_c < CK
     stride_kc = aligned_stride(stride_kc, ALIGN_K)
-    _, _, _, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
+    p_k, o_k, m_k, b_k, b_w, m_n, hw_end = _key_block(  # b_k [BLOCK_N, BLOCK_CK]
         k, lengths, i_b, i_n, N, HW, CK, o_n, o_c, m_c, stride_kb, stride_kn, stride_kc, L2,
         RANK1, BLOCK_N, RAGGED, I64, ALIGN_K)
     p_q = q + i_b * stride_qb
@@ -509,6 +525,8 @@ def memory_read_usage_kernel(
         b_q = tl.load(p_q + o_q, mask=m_q_chan & m_m[None, :], other=0.0)
         b_lse2 = tl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
         b_u = query_term(p_q, o_u, m_m, RANK1, True, BLOCK_M)
+        if STREAM_K:
+            b_k = tl.load(p_k + o_k, mask=m_k, other=0.0, volatile=VOLATILE_K)
         b_pt = _probabilities_t(b_k, b_w, b_q, b_u, b_lse2, m_n, m_m, qk_scale, L2, RANK1, True,
                                 PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M]
         b_usage += tl.sum(b_pt, 1)
