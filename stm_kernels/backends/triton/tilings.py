@@ -15,7 +15,7 @@ Keys of a table: (kernel, precision class, key width), where
                      kernel), "select" (top-k), "usage"
     precision class  "16-bit" (fp16, bf16), "tf32" (float32 under matmul precision "high" or
                      "medium": TF32 or an equivalent), "fp32" (float32 under "highest": exact
-                     float32, see Architecture.fp32_exact)
+                     float32, see Architecture.input_precision)
     key width        128 (up to 128 key channels, STM/STCN's 64 or 128), 256 (XMem's
                      augmented channels at Ck = 64: 129), or 257 (XMem's at Ck = 128: 256
                      tiled channels and the last as a rank-1 score term, RANK1_WIDTHS); a
@@ -199,17 +199,15 @@ ROW_SPLIT_CONFIG = WarpSpecializedConfig(block_m=128, num_stages=3, value_chunks
 class Architecture:
     """One architecture's tilings and input precisions.
 
-    fp16_bf16, fp32_fast, fp32_exact: the `input_precision` of tl.dot for 16-bit inputs, for
-    float32 under matmul precision "high"/"medium" and under "highest". shared_memory: the per-block
+    fp32_fast: the `input_precision` of tl.dot for float32 under matmul precision "high" or
+    "medium" (every other read takes "ieee": input_precision). shared_memory: the per-block
     limit the tilings are sized for (the device's own limit decides at launch). options:
     compile options of every launch there (AMD: the MFMA instruction size)."""
     name: str
     devices: str
     vendor: str
     shared_memory: int
-    fp16_bf16: str
     fp32_fast: str
-    fp32_exact: str
     tilings: dict
     options: dict = dataclasses.field(default_factory=dict)
 
@@ -226,11 +224,12 @@ class Architecture:
 
     def input_precision(self, dtype):
         """tl.dot's input_precision for operands of `dtype` under torch's current float32
-        matmul precision."""
-        if dtype != torch.float32:
-            return self.fp16_bf16
-        return self.fp32_exact if torch.get_float32_matmul_precision() == "highest" \
-            else self.fp32_fast
+        matmul precision: fp32_fast for float32 under "high"/"medium", else "ieee" (16-bit
+        operands: the tensor cores, where AMD refuses "tf32"; exact float32: AMD's float32
+        matrix cores, FMA on NVIDIA's CUDA cores)."""
+        if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            return self.fp32_fast
+        return "ieee"
 
 
 def precision_class(dtype):
@@ -274,7 +273,7 @@ F, M, V, K, Q, S, U = (ForwardConfig, MergeConfig, DvConfig, DkdqConfig, DqConfi
 
 _INTERPRETER = Architecture(
     "interpreter", "Triton's CPU interpreter (tests)", "interpreter", 1 << 30,
-    fp16_bf16="ieee", fp32_fast="ieee", fp32_exact="ieee",
+    fp32_fast="ieee",
     # One Python step per tile operation: the largest tiles are the fastest there.
     tilings={("forward", None, None): (F(32, 32, None, 4, 1),),
              ("merge", None, None): (M(64, 64, 4, 1),),
@@ -359,7 +358,7 @@ _FP32_FMA_SM_86 = {
 
 _SM_80 = Architecture(
     "sm_80", "A100, A30", "nvidia", 163 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
+    fp32_fast="tf32",
     tilings={
         **_FP32_FMA_SM_80,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
@@ -393,7 +392,7 @@ _SM_80 = Architecture(
 
 _SM_86 = Architecture(
     "sm_86", "RTX 30, RTX 40, A10, A40, L4, L40S (sm_86, sm_89)", "nvidia", 99 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
+    fp32_fast="tf32",
     tilings={
         **_FP32_FMA_SM_86,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
@@ -426,7 +425,7 @@ _SM_86 = Architecture(
 
 _SM_90 = Architecture(
     "sm_90", "H100, H200, GH200", "nvidia", 227 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
+    fp32_fast="tf32",
     tilings={
         **_FP32_FMA_SM_90,
         ("forward", "16-bit", 128): (F(128, 64, 256, 8, 3), F(128, 64, 256, 8, 2),),
@@ -458,7 +457,7 @@ _SM_90 = Architecture(
 
 _SM_100 = Architecture(
     "sm_100", "B200, GB200", "nvidia", 227 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
+    fp32_fast="tf32",
     tilings={
         **_FP32_FMA_SM_90,
         ("forward", "16-bit", None): (F(64, 64, 256, 8, 3), F(64, 64, 256, 8, 2),),
@@ -487,7 +486,7 @@ _SM_100 = Architecture(
 
 _SM_120 = Architecture(
     "sm_120", "RTX 50, DGX Spark", "nvidia", 99 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
+    fp32_fast="tf32",
     tilings={
         **_FP32_FMA_99_KIB,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
@@ -526,7 +525,7 @@ _SM_120 = Architecture(
 # and TF32's dK and dQ apart (SEPARATE_DQ).
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
-    fp16_bf16="ieee", fp32_fast="tf32", fp32_exact="ieee",
+    fp32_fast="tf32",
     tilings={
         **_SM_80.tilings,
         **_FP32_FMA_99_KIB,
@@ -541,8 +540,8 @@ _GENERIC = Architecture(
     })
 
 _GFX90A = Architecture(
-    "gfx90a", "MI210, MI250X", "amd", 64 * KIB, fp16_bf16="ieee", fp32_fast="ieee",
-    fp32_exact="ieee", options=AMD_OPTIONS,
+    "gfx90a", "MI210, MI250X", "amd", 64 * KIB, fp32_fast="ieee",
+    options=AMD_OPTIONS,
     tilings={
         ("forward", "16-bit", 128): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
         ("forward", "16-bit", 256): (F(64, 32, 256, 4, 2), F(64, 32, 256, 4, 1),),
@@ -581,8 +580,8 @@ _GFX90A = Architecture(
     })
 
 _GFX942 = Architecture(
-    "gfx942", "MI300X, MI325X", "amd", 64 * KIB, fp16_bf16="ieee", fp32_fast="tf32",
-    fp32_exact="ieee", options=AMD_OPTIONS,
+    "gfx942", "MI300X, MI325X", "amd", 64 * KIB, fp32_fast="tf32",
+    options=AMD_OPTIONS,
     tilings={
         ("forward", "16-bit", 128): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
         ("forward", "16-bit", 256): (F(64, 32, 256, 4, 2), F(64, 32, 256, 4, 1),),
@@ -620,8 +619,8 @@ _GFX942 = Architecture(
     })
 
 _GFX950 = Architecture(
-    "gfx950", "MI350X, MI355X", "amd", 160 * KIB, fp16_bf16="ieee", fp32_fast="bf16x3",
-    fp32_exact="ieee", options=AMD_OPTIONS,
+    "gfx950", "MI350X, MI355X", "amd", 160 * KIB, fp32_fast="bf16x3",
+    options=AMD_OPTIONS,
     tilings={
         ("forward", "16-bit", 128): (F(128, 64, 256, 8, 2), F(128, 32, 256, 8, 3),),
         ("forward", "16-bit", 256): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
