@@ -371,15 +371,18 @@ _SM_80 = Architecture(
         ("dv", "16-bit", 257): (V(128, 32, 128, 8, 2, stream_keys=True),
                                 V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
+        ("dv", "tf32", 256): (V(128, 16, 128, 8, 2, stream_keys=True), V(128, 16, 128, 8, 1),),
+        ("dv", "tf32", 257): (V(128, 16, 128, 8, 1, stream_keys=True), V(64, 32, 128, 4, 2),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64, stream_keys=True),
                                 K(64, 16, 4, 1, 32, stream_keys=True),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 32), K(64, 16, 4, 2, 128),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
-        ("dk", "tf32", 128): (K(16, 16, 2, 1, 16, stream_keys=True),),
+        ("dk", "tf32", None): (K(16, 16, 2, 1, 16, stream_keys=True),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
-        ("dq", "tf32", None): (Q(16, 16, 16, 2, 1),),
+        ("dq", "tf32", 128): (Q(16, 16, 16, 2, 1),),
+        ("dq", "tf32", 256): (Q(16, 32, 32, 4, 1, stream_queries=True), Q(16, 16, 16, 4, 1),),
         ("select", "16-bit", None): (S(16, 2, 1),),
         ("select", "16-bit", 256): (S(16, 4, 1, stream_queries=True), S(16, 2, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
@@ -403,16 +406,19 @@ _SM_86 = Architecture(
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
+        ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 2, 32, stream_keys=True),
                                   K(64, 16, 4, 2, 32, stream_keys=True),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 16, stream_keys=True),
                                 K(64, 16, 4, 1, 32, stream_keys=True),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 64), K(128, 16, 8, 2, 32),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16),),
-        ("dk", "tf32", None): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", 128): (K(16, 16, 2, 1, 16),),
+        ("dk", "tf32", 256): (K(16, 16, 2, 1, 16, stream_keys=True),),
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", 128): (Q(32, 32, 32, 4, 1), Q(32, 32, 16, 2, 1),),
+        ("dq", "tf32", 256): (Q(32, 32, 32, 4, 1, stream_queries=True), Q(32, 32, 16, 2, 1),),
         ("select", "16-bit", 128): (S(32, 4, 1), S(16, 4, 1),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
@@ -498,6 +504,7 @@ _SM_120 = Architecture(
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, stream_keys=True), V(128, 16, 128, 8, 2),),
+        ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
         ("dkdq", "16-bit", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 2, 32),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 3, 16, stream_keys=True),
                                 K(128, 16, 8, 2, 32, stream_keys=True),),
@@ -508,6 +515,8 @@ _SM_120 = Architecture(
         ("dq", "16-bit", 128): (Q(128, 32, 64, 8, 3), Q(128, 32, 64, 8, 2),),
         ("dq", "16-bit", 256): (Q(16, 16, 16, 2, 1),),
         ("dq", "tf32", 128): (Q(32, 32, 16, 4, 1), Q(32, 32, 16, 2, 1),),
+        ("dq", "tf32", 256): (Q(32, 32, 16, 4, 1, stream_queries=True), Q(32, 32, 16, 2, 1),),
+        ("dq", "tf32", 257): (Q(16, 32, 32, 4, 1, stream_queries=True), Q(16, 16, 16, 4, 1),),
         ("select", "16-bit", 128): (S(32, 4, 2), S(32, 4, 1),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("select", "tf32", None): (S(16, 4, 1),),
@@ -520,9 +529,9 @@ _SM_120 = Architecture(
     })
 
 # Unknown newer NVIDIA GPUs, sized for 99 KiB and compiled as sm_80 and as sm_120: sm_80's
-# tilings but for those that need less shared memory here (TF32's forwards, 256-wide usage)
-# or spill less on sm_120 (streamed keys in dV and the 256-wide dK), the 256-wide selection,
-# and TF32's dK and dQ apart (SEPARATE_DQ).
+# tilings but for those that need less shared memory here (TF32's forwards and 256-wide dV,
+# 256-wide usage) or spill less on sm_120 (streamed keys in dV and the 256-wide dK), the
+# 256-wide selection, and TF32's dK and dQ apart (SEPARATE_DQ).
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
     fp32_fast="tf32",
@@ -533,6 +542,9 @@ _GENERIC = Architecture(
         ("forward", "tf32", 256): (F(16, 32, 128, 4, 2, stream_queries=True),),
         ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, stream_keys=True), V(128, 16, 128, 8, 1),),
+        ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
+        ("dv", "tf32", 257): (V(16, 16, 128, 2, 1, stream_keys=True),
+                              V(32, 16, 128, 4, 1, stream_keys=True),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16, stream_keys=True),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
@@ -713,20 +725,11 @@ EXCEPTIONS: dict = {
 READS = {"forward": ("forward", "merge"), "backward": ("dv", "dkdq", "dk", "dq"),
          "select": ("select",), "usage": ("usage",)}
 
-_TF32_WIDE_ON_TORCH = (
-    "the TF32 backward at 256 key channels (XMem's augmented keys) on mma.sync GPUs: its dQ "
-    "kernel keeps a 256-wide float32 dQ accumulator beside its 32-bit tiles in registers "
-    "(mma.sync takes operands from them) and spills 208-3,260 B per thread at every tiling "
-    "tried, its query tile held or streamed, but for 16-row blocks on 4 warps, where two "
-    "warps compute the same scores (sm_80: 0 B, 1.75x the kernel's useful multiply-adds); "
-    "dV and dK, streaming their key tiles, compile clean; the torch backend's chunked TF32 "
-    "products read it instead")
 # Reads the torch backend computes by design, keyed (architecture, read, precision class, key
 # width): no tiling of their kernels runs there without spilling hundreds of bytes, and the
 # torch backend's chunked products are the better path. The other reads of the same call
 # still run the kernels.
 ON_TORCH: dict = {
-    **{(name, "backward", "tf32", 256): _TF32_WIDE_ON_TORCH for name in _MMA_SYNC_TABLES},
     **{("gfx90a", "select", precision, 256): _SELECT_GFX90A for precision in ("tf32", "fp32")},
 }
 
@@ -735,7 +738,7 @@ ON_TORCH: dict = {
 # deterministic backward's "dk" and "dq") in every mode, keyed (architecture, precision class,
 # key width). It costs one more S and dP per pair, and spares the dQ atomics.
 SEPARATE_DQ = frozenset(
-    {(name, "16-bit", 256) for name in _MMA_SYNC_TABLES}
+    {(name, precision, 256) for name in _MMA_SYNC_TABLES for precision in ("16-bit", "tf32")}
     | {("generic", "tf32", 128)}
     | {("sm_90", "tf32", 256), ("sm_100", "tf32", 256)}
     | {(name, precision, 256) for name in ("gfx90a", "gfx942", "gfx950")
