@@ -178,18 +178,25 @@ def test_top_k_ties_go_to_the_lower_memory_index(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
-def test_selection_streaming_its_query_tile(device, similarity):
+@pytest.mark.parametrize("config", [
+    SelectConfig(block_m=16, num_warps=4, num_stages=1, stream_queries=True),
+    SelectConfig(block_m=16, num_warps=4, num_stages=1, block_ck=16)],
+    ids=["streamed", "chunked"])
+def test_selection_streaming_its_query_tile_or_summing_key_channel_chunks(device, similarity,
+                                                                          config):
     """The selection kernel loading its query tile in every memory step (SelectConfig.
-    stream_queries) picks the float64 reference's positions (ties: lower index) with its
-    scores, over a ragged memory with a last partial block."""
+    stream_queries), or computing each block's scores 16 key channels at a time (block_ck; of
+    45 channels, so the last chunk is partial), from strided keys, picks the float64
+    reference's positions (ties: lower index) with its scores, over a ragged memory with a
+    last partial block."""
     skip_unless_runnable("triton", device)
-    q, k, _ = random_inputs(2, 1, 24, 8, 21, 150, torch.float32, device, seed=24)
+    q, k, _ = random_inputs(2, 1, 45, 8, 21, 150, torch.float32, device, seed=24)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost: not contiguous
     lengths = torch.tensor([150, 77], device=device)
-    config = SelectConfig(block_m=16, num_warps=4, num_stages=1, stream_queries=True)
     with use_configs(select=config):
         scores, indices = topk_scores(q, k, 8, memory_lengths=lengths, similarity=similarity,
                                       backend="triton")
-    dense = dense_scores(q.double().cpu(), k.double().cpu(), 24 ** -0.5, similarity,
+    dense = dense_scores(q.double().cpu(), k.double().cpu(), 45 ** -0.5, similarity,
                          lengths.cpu())  # (B, N, HW)
     for b in range(2):
         order = torch.sort(dense[b].T, dim=1, descending=True, stable=True).indices[:, :8]

@@ -156,11 +156,12 @@ def test_257_channels_over_a_ragged_nan_padded_strided_memory(device, determinis
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stream_queries", [False, True], ids=["held", "streamed"])
-def test_257_channel_top_k_selection_and_usage(device, stream_queries):
+@pytest.mark.parametrize("tiles", ["held", "streamed", "chunked"])
+def test_257_channel_top_k_selection_and_usage(device, tiles):
     """The fused selection's scores and positions and the usage kernel's sums include the
     rank-1 term (their loop-invariant tiles held, or loaded in every step: the selection's
-    queries, the usage's keys): against the float64 scores of the whole 257 channels."""
+    queries, the usage's keys; or the selection's scores summed over 64-channel chunks of the
+    256 tiled ones): against the float64 scores of the whole 257 channels."""
     _skip(device)
     q, k, _ = rank1_inputs(2, 1, 8, 20, 90, torch.float32, device, seed=33)
     lengths = torch.tensor([90, 41], device=device)
@@ -170,8 +171,10 @@ def test_257_channel_top_k_selection_and_usage(device, stream_queries):
     streamed = dict(
         select=SelectConfig(block_m=16, num_warps=4, num_stages=1, stream_queries=True),
         usage=UsageConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, stream_keys=True))
+    chunked = dict(select=SelectConfig(block_m=16, num_warps=4, num_stages=1, block_ck=64))
     lse = torch.logsumexp(dense, dim=1)  # (B, HW)
-    with use_configs(**streamed) if stream_queries else contextlib.nullcontext():
+    configs = dict(held=None, streamed=streamed, chunked=chunked)[tiles]
+    with use_configs(**configs) if configs else contextlib.nullcontext():
         scores, indices = topk_scores(q, k, 8, scale=SCALE, memory_lengths=lengths,
                                       backend="triton")
         usage = memory_usage(q, k, lse.float().to(device), scale=SCALE, memory_lengths=lengths,

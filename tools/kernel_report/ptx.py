@@ -90,7 +90,8 @@ def main_loop(ptx, inner_trip_counts=()):
 
 def _regions(ttgir):
     """Walk the TTGIR: yield (line, enclosing regions, region the line opens or None) per line;
-    a region is ("main", 1) for a loop with runtime bounds, ("for", trips) for a loop with a
+    a region is ("main", 1) for a loop with runtime bounds, ("inner", None) for one nested in
+    such a loop (its trip count is the caller's: inner_trips), ("for", trips) for a loop with a
     constant trip count, ("other", 1) for anything else (functions, ifs, reductions)."""
     constants, regions = {}, []
     for line in ttgir.splitlines():
@@ -110,8 +111,12 @@ def _regions(ttgir):
             loop = re.search(r"scf\.for %\S+ = (%\w+) to (%\w+) step (%\w+)", stripped)
             if loop:
                 lower, upper, step = (constants.get(name) for name in loop.groups())
-                opened = ("main", 1) if None in (lower, upper, step) else (
-                    "for", max(0, -(-(upper - lower) // step)))
+                if None not in (lower, upper, step):
+                    opened = ("for", max(0, -(-(upper - lower) // step)))
+                elif any(kind == "main" for kind, _ in regions):
+                    opened = ("inner", None)
+                else:
+                    opened = ("main", 1)
         yield stripped, tuple(regions), opened
         if opened:
             regions.append(opened)
@@ -192,9 +197,10 @@ def count(lines, *opcodes):
     return total
 
 
-def loop_dots(ttgir):
+def loop_dots(ttgir, inner_trips=1):
     """Dots inside loops with runtime bounds (main loops; loops with a constant trip count nested
-    in them repeat their dots): M, N, K, warp layout, duplication factor, executed MACs."""
+    in them repeat their dots, and runtime loops nested in them inner_trips times): M, N, K,
+    warp layout, duplication factor, executed MACs."""
     layouts = {}
     for line in ttgir.splitlines():
         match = _MMA_LAYOUT.match(line.strip())
@@ -213,7 +219,7 @@ def loop_dots(ttgir):
                                              for i in (0, 1)))
     dots = []
     for stripped, regions, _ in _regions(ttgir):
-        repeats = _main_loop_repeats(regions)
+        repeats = _main_loop_repeats(regions, inner_trips)
         if repeats is None:
             continue
         tcgen05 = _TCGEN05_DOT.search(stripped)
@@ -240,26 +246,28 @@ def loop_dots(ttgir):
     return dots
 
 
-def _main_loop_repeats(regions):
+def _main_loop_repeats(regions, inner_trips):
     """How often a line inside these enclosing regions runs per iteration of the main loop (the
-    product of the constant trip counts around it), or None outside any main loop."""
+    product of the trip counts around it: constant ones, inner_trips for a runtime loop nested
+    in the main loop), or None outside any main loop."""
     if not any(kind == "main" for kind, _ in regions):
         return None
-    return math.prod(trips for _, trips in regions)
+    return math.prod(inner_trips if trips is None else trips for _, trips in regions)
 
 
-def loop_memory(ttgir):
+def loop_memory(ttgir, inner_trips=1):
     """Bytes of global memory that one iteration of the loops with runtime bounds reads
     (`load_bytes`: loads, cp.async and TMA copies, by their tensor or box shapes) and updates
     with atomics (`atomic_bytes`), all warps of the block together; loops with a constant trip
-    count nested in them repeat theirs. These are the logical tile bytes the kernel asks for
-    (served by the L2, which keeps K and V for the blocks streaming them together), not
-    per-thread instructions, so masked or replicated lanes do not inflate them. A kernel whose
-    partitions run separate loops (warp specialisation) sums them: its loads sit in one."""
+    count nested in them repeat theirs, runtime loops nested in them inner_trips times. These
+    are the logical tile bytes the kernel asks for (served by the L2, which keeps K and V for
+    the blocks streaming them together), not per-thread instructions, so masked or replicated
+    lanes do not inflate them. A kernel whose partitions run separate loops (warp
+    specialisation) sums them: its loads sit in one."""
     load, atomic = 0, 0
     for stripped, regions, _ in _regions(ttgir):
         operation = _MEMORY_OP.search(stripped)
-        repeats = _main_loop_repeats(regions)
+        repeats = _main_loop_repeats(regions, inner_trips)
         if not operation or repeats is None:
             continue
         name = operation.group(1)

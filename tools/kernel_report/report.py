@@ -143,6 +143,16 @@ def _tile(record):
     return block, arguments.get("NUM_V", 1)
 
 
+def _inner_trips(record):
+    """Trips of the runtime loop nested in a launch's main loop: the selection's key-channel
+    chunks (CHUNK_CK < BLOCK_CK: cdiv(CK, CHUNK_CK)); 1 for the kernels that have none."""
+    arguments = record.arguments
+    chunk = arguments.get("CHUNK_CK")
+    if chunk is None or chunk >= arguments["BLOCK_CK"]:
+        return 1
+    return -(-arguments["CK"] // chunk)
+
+
 def mma_instructions(asm):
     """{instruction name: count} of the matrix instructions in the whole kernel (PTX wgmma /
     mma.sync with shape and types, tcgen05.mma with its kind, or AMD v_mfma)."""
@@ -175,7 +185,8 @@ def analyse(record, target):
     if compiled.warnings:
         row["compiler_warnings"] = compiled.warnings
     ttgir = compiled.asm["ttgir"]
-    dots = ptx.loop_dots(ttgir)
+    inner_trips = _inner_trips(record)
+    dots = ptx.loop_dots(ttgir, inner_trips)
     row["dots"] = [{key: dot[key] for key in ("m", "n", "k", "warps", "instr", "fma",
                                               "duplication", "repeats")} for dot in dots]
     row["duplicated_dots"] = sum(dot["duplication"] > 1 for dot in dots)
@@ -183,7 +194,7 @@ def analyse(record, target):
     if tile_pairs:
         row["executed_macs_per_pair"] = sum(d["executed_macs"] for d in dots) * repeats / tile_pairs
         row["dot_macs_per_pair"] = sum(d["useful_macs"] for d in dots) * repeats / tile_pairs
-        memory = ptx.loop_memory(ttgir)
+        memory = ptx.loop_memory(ttgir, inner_trips)
         row["l2_bytes_per_pair"] = (memory["load_bytes"] + memory["atomic_bytes"]) * repeats \
             / tile_pairs
     return row

@@ -471,3 +471,30 @@ def test_memory_reading_on_a_handmade_ttgir():
     ])
     assert ptx.loop_memory(ttgir) == dict(
         load_bytes=128 * 64 * 2 + 2 * 64 * 32 * 4 + 256 * 64 * 2, atomic_bytes=128 * 16 * 4)
+
+
+def test_runtime_loop_nested_in_the_main_loop_repeats_inner_trips():
+    """A loop with runtime bounds inside the main loop (the selection's key-channel chunks) is
+    not a main loop of its own: its dots and loads repeat the caller's inner_trips times, and
+    the main loop's own once; a dot after the main loop is not counted."""
+    from tools.kernel_report import ptx
+    ttgir = "\n".join([
+        "%c0_i32 = arith.constant 0 : i32",
+        "%c64_i32 = arith.constant 64 : i32",
+        "%r = scf.for %n = %lo to %hi step %c64_i32 iter_args(%a = %x) -> (f32) {",
+        "  %s = scf.for %c = %c0_i32 to %ck step %c64_i32 iter_args(%b = %y) -> (f32) {",
+        "    %q = tt.load %pq : tensor<32x64x!tt.ptr<f32>, #blocked>",
+        "    %k = tt.load %pk : tensor<64x64x!tt.ptr<f32>, #blocked>",
+        "    %d = tt.dot %q2, %k2, %b : tensor<32x64xf32, #dot1> * tensor<64x64xf32, #dot2> "
+        "-> tensor<32x64xf32, #mma>",
+        "  }",
+        "  %w = tt.load %pw : tensor<64x!tt.ptr<f32>, #blocked1>",
+        "}",
+        "%e = tt.dot %q3, %k3, %z : tensor<32x64xf32, #dot1> * tensor<64x64xf32, #dot2> "
+        "-> tensor<32x64xf32, #mma>",
+    ])
+    assert [(d["k"], d["repeats"]) for d in ptx.loop_dots(ttgir)] == [(64, 1)]
+    assert [(d["k"], d["repeats"], d["executed_macs"]) for d in ptx.loop_dots(ttgir, 3)] == [
+        (64, 3, 3 * 32 * 64 * 64)]
+    assert ptx.loop_memory(ttgir, 3)["load_bytes"] == 3 * (32 + 64) * 64 * 4 + 64 * 4
+    assert ptx.inner_trip_counts(ttgir) == []

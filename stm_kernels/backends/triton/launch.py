@@ -156,11 +156,11 @@ class Call:
     width: int
     rank1: bool = False  # the last key channel runs as a rank-1 score term (RANK1)
 
-    @property
-    def fma_dots(self):
-        """Whether tl.dot compiles to FMA on the CUDA cores (exact float32 on NVIDIA: no
-        tensor core takes it), where a hoisted streamed tile lands in registers."""
-        return self.architecture.vendor == "nvidia" and self.precision_class == "fp32"
+    def volatile_keys(self, l2):
+        """VOLATILE_K of a kernel whose loop stores nothing: whether its streamed key load must
+        stay in the loop. With FMA dots (exact float32 on NVIDIA: no tensor core takes it) and
+        the l2 similarity, Triton hoists it and holds the tile in registers, which spills."""
+        return l2 and self.architecture.vendor == "nvidia" and self.precision_class == "fp32"
 
 
 def _block_ck(channels):
@@ -552,7 +552,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         run(memory_read_bwd_kernel_dv, (triton.cdiv(N, config.block_n), B * num_v),
             dict(dv=dv, **_strides("dv", dv, "bcn"), BLOCK_M=config.block_m,
                  BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v,
-                 STREAM_K=config.stream_keys, VOLATILE_K=l2 and call.fma_dots, **query),
+                 STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **query),
             config, call)
         return dv
 
@@ -570,7 +570,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                  scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_CV=block_cv, NUM_CV=num_cv, ALIGN_V=align_v,
                  ATOMIC_DQ=not separate_dq, STREAM_K=config.stream_keys,
-                 VOLATILE_K=l2 and call.fma_dots and separate_dq, **query), config, call)
+                 VOLATILE_K=call.volatile_keys(l2) and separate_dq, **query), config, call)
         return dk, dq
 
     with device_context(device):
@@ -621,7 +621,9 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
                  stride_ks=keys.stride(0), stride_kyb=keys.stride(1), stride_km=keys.stride(2),
                  HW=HW, N=N, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
                  BLOCK_M=config.block_m, BLOCK_N=block_n, TOP_K=top_k_pow2, RAGGED=ragged,
-                 ALIGN_K=align_k, STREAM_Q=config.stream_queries, **flags), config, call)
+                 ALIGN_K=align_k, STREAM_Q=config.stream_queries,
+                 CHUNK_CK=min(config.block_ck or flags["BLOCK_CK"], flags["BLOCK_CK"]), **flags),
+            config, call)
         return keys
 
     with device_context(device):
@@ -663,7 +665,7 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
                  stride_ub=usage.stride(0), HW=HW, N=N, qk_scale=scale * LOG2E, L2=l2,
                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, RAGGED=ragged,
                  ALIGN_K=align_k, STREAM_K=config.stream_keys,
-                 VOLATILE_K=l2 and call.fma_dots, **flags), config, call)
+                 VOLATILE_K=call.volatile_keys(l2), **flags), config, call)
         return usage
 
     with device_context(k.device):

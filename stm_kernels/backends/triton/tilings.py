@@ -128,11 +128,14 @@ class DqConfig:
 class SelectConfig:
     """Tiling of `memory_read_topk_kernel`: block_m query rows per program (the memory block is
     max(64, top_k) positions: the running top-k merges with a block's own top-k).
-    stream_queries as in ForwardConfig."""
+    stream_queries as in ForwardConfig. block_ck=None computes a block's scores over the whole
+    key tile; fewer channels sum them over chunks of that many, the query and key tiles loaded
+    per chunk (for key tiles larger than shared memory; stream_queries then does not apply)."""
     block_m: int = 64
     num_warps: int = 4
     num_stages: int = 2
     stream_queries: bool = False
+    block_ck: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -583,6 +586,8 @@ _GFX90A = Architecture(
         ("select", "16-bit", 256): (S(64, 4, 1), S(32, 4, 2),),
         ("select", "tf32", 128): (S(64, 4, 1), S(32, 4, 2),),
         ("select", "fp32", 128): (S(64, 4, 1), S(32, 4, 2),),
+        ("select", "tf32", 256): (S(64, 4, 1, block_ck=64),),
+        ("select", "fp32", 256): (S(64, 4, 1, block_ck=64),),
         ("usage", "16-bit", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
         ("usage", "16-bit", 256): (U(128, 32, 8, 2), U(64, 64, 4, 2),),
         ("usage", "tf32", 128): (U(128, 64, 8, 2), U(64, 64, 4, 2),),
@@ -698,17 +703,14 @@ _AMD_FP32_WIDE = (
     "blocks, where the forward spills a few bytes (20 B at 129 key channels, 56 B at 257)")
 _RANK1_WIDE_SM_90 = (
     "TF32 at 257 key channels on sm_90: 32-bit 256-wide tiles beside the rank-1 channel's "
-    "vectors; of every tiling the search tried, those that do not spill compute a dot on two "
+    "vectors; the 64-row tilings (warpgroup MMA) that do not spill compute a dot on two "
     "warpgroups, and the best of the others spills 56 B (forward, m64 n32 v128) or 4 B (dQ, "
-    "m64 n16)")
+    "m64 n16); 16-row tilings with the query tile streamed spill nothing but run mma.sync "
+    "and read 2.7x (forward) and 1.5x (dQ) the L2 bytes per pair")
 _RANK1_DKDQ_GFX90A = (
     "at 257 key channels the 16-bit dK+dQ tilings that fit gfx90a's 64 KiB of LDS (64 "
     "positions, value chunks of 32) spill 8 B beside the rank-1 channel's vectors; the "
     "others spill more or compute a dot on several wavefronts")
-_SELECT_GFX90A = (
-    "the selection's memory block is max(64, top_k) positions: at 256 float32 key channels "
-    "that block alone is 64 KiB, all of gfx90a's LDS, so no tiling fits; the torch backend "
-    "selects (the other kernels still run)")
 
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
@@ -726,12 +728,11 @@ READS = {"forward": ("forward", "merge"), "backward": ("dv", "dkdq", "dk", "dq")
          "select": ("select",), "usage": ("usage",)}
 
 # Reads the torch backend computes by design, keyed (architecture, read, precision class, key
-# width): no tiling of their kernels runs there without spilling hundreds of bytes, and the
-# torch backend's chunked products are the better path. The other reads of the same call
-# still run the kernels.
-ON_TORCH: dict = {
-    **{("gfx90a", "select", precision, 256): _SELECT_GFX90A for precision in ("tf32", "fp32")},
-}
+# width) with the reason: where no tiling of their kernels runs without spilling hundreds of
+# bytes, the torch backend's chunked products are the better path. The other reads of the same
+# call still run the kernels. Every read has a tiling that meets the targets or an EXCEPTIONS
+# entry today, so it is empty: the place for an architecture where that is not so.
+ON_TORCH: dict = {}
 
 # Where the fused dK+dQ kernel cannot hold its dK and dQ accumulators beside a wide key tile
 # without spilling or splitting a dot across warps, dK and dQ are computed by two kernels (the

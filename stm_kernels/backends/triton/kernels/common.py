@@ -123,7 +123,14 @@ def tile_scores(b_q, b_k, b_u, p_ksq, m_n, qk_scale, L2: tl.constexpr, RANK1: tl
     # subtracts |k|^2 (from the host: a reduction over channels here costs block barriers);
     # RANK1 adds u_i w_j, the product of the channel past the tile (query b_u [BLOCK_M], keys
     # b_w), which is exact: one channel's share of q.k is always an outer product.
-    b_s = dot(b_q, b_k, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
+    return scores_of_dot(dot(b_q, b_k, PRECISION, UPCAST), b_u, p_ksq, m_n, qk_scale, L2, RANK1,
+                         BLOCK_N, MASK_N)
+
+
+@triton.jit
+def scores_of_dot(b_s, b_u, p_ksq, m_n, qk_scale, L2: tl.constexpr, RANK1: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    # (tile_scores of the dot q.k b_s [BLOCK_M, BLOCK_N], however it was computed; b_w).
     b_w = memory_term(p_ksq, m_n, L2 or RANK1, BLOCK_N, MASK_N)
     if L2:
         b_s = 2.0 * b_s - b_w[None, :]
@@ -133,6 +140,7 @@ def tile_scores(b_q, b_k, b_u, p_ksq, m_n, qk_scale, L2: tl.constexpr, RANK1: tl
     if MASK_N:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
     return b_s, b_w
+
 
 
 @triton.jit

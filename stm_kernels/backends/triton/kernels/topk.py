@@ -9,12 +9,15 @@ merges them with the running ones (the top-k of both, joined). Memory splits run
 (flash-decoding style); the launcher merges their keys with torch.topk and decodes them.
 Scores are in base 2 (scale folded with log2(e)), as in the forward kernel. STREAM_Q as in
 the forward kernel: the query tile is loaded in every memory step rather than held.
+CHUNK_CK < BLOCK_CK: the score dot runs over CHUNK_CK key channels at a time, the query and key
+tiles loaded per chunk, so shared memory holds one chunk of the memory block's keys (a block
+of max(64, top_k) positions of 256 float32 channels is 64 KiB).
 """
 import triton
 import triton.language as tl
 
-from .common import (aligned_stride, block_scores, query_block, query_term, query_tile,
-                     rank1_offsets, split_bounds, tile_offsets)
+from .common import (aligned_stride, block_scores, dot, query_block, query_term, query_tile,
+                     rank1_offsets, scores_of_dot, split_bounds, tile_offsets)
 
 MIN_KEY = -(2**63)
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.
@@ -39,6 +42,55 @@ def _merged(b_best, b_key, BLOCK_M: tl.constexpr, TOP_K: tl.constexpr):
 
 
 @triton.jit
+def _chunked_dot(p_q, p_k, o_m, o_n, m_m, m_n, CK, stride_qm, stride_qc, stride_kc, stride_kn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_CK: tl.constexpr,
+                 MASK_N: tl.constexpr, I64: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    # q.k [BLOCK_M, BLOCK_N] float32 of the query rows at p_q against the memory block at p_k,
+    # summed over the CK key channels CHUNK_CK at a time, both tiles loaded per chunk: shared
+    # memory holds one chunk's operands, not a whole key tile (for a tile too large for it).
+    # The trip count is a runtime one: a constant one is unrolled, and the unrolled chunks'
+    # tiles are live at once. m_n: the block's valid positions (MASK_N; None otherwise).
+    o_c = tl.arange(0, CHUNK_CK)
+    o_q = tile_offsets(o_m, o_c, stride_qm, stride_qc, I64)  # [BLOCK_M, CHUNK_CK]
+    o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [CHUNK_CK, BLOCK_N]
+    m_q = m_m[:, None]
+    if MASK_N:
+        m_k = m_n[None, :]
+    b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for first_c in range(0, CK, CHUNK_CK):
+        m_c = (first_c + o_c) < CK
+        b_q = tl.load(p_q + o_q, mask=m_q & m_c[None, :], other=0.0)
+        if MASK_N:
+            b_k = tl.load(p_k + o_k, mask=m_c[:, None] & m_k, other=0.0)
+        else:
+            b_k = tl.load(p_k + o_k, mask=m_c[:, None], other=0.0)
+        b_s += dot(b_q, b_k, PRECISION, UPCAST)
+        p_q += stride_qc.to(tl.int64) * CHUNK_CK
+        p_k += stride_kc.to(tl.int64) * CHUNK_CK
+    return b_s
+
+
+@triton.jit
+def _block_scores(b_q, b_u, p_q, p_k, p_ksq, o_m, o_c, o_n, o_k, m_m, m_c, m_k_chan, m_n, CK,
+                  stride_qm, stride_qc, stride_kc, stride_kn, qk_scale, L2: tl.constexpr,
+                  RANK1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_CK: tl.constexpr, CHUNK_CK: tl.constexpr, MASK_N: tl.constexpr,
+                  I64: tl.constexpr, STREAM_Q: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    # Base-2 scores [BLOCK_M, BLOCK_N] of one memory block: over the whole key tile (the query
+    # tile held in b_q or streamed), or CHUNK_CK key channels at a time.
+    if CHUNK_CK < BLOCK_CK:
+        b_s = _chunked_dot(p_q, p_k, o_m, o_n, m_m, m_n, CK, stride_qm, stride_qc, stride_kc,
+                           stride_kn, BLOCK_M, BLOCK_N, CHUNK_CK, MASK_N, I64, PRECISION, UPCAST)
+        b_s, _ = scores_of_dot(b_s, b_u, p_ksq, m_n, qk_scale, L2, RANK1, BLOCK_N, MASK_N)
+        return b_s
+    b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
+    return block_scores(b_qs, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1, BLOCK_N,
+                        MASK_N, PRECISION, UPCAST)
+
+
+@triton.jit
 def memory_read_topk_kernel(
     q, k, ksq, lengths, keys,
     stride_qb, stride_qc, stride_qm,
@@ -48,6 +100,7 @@ def memory_read_topk_kernel(
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     TOP_K: tl.constexpr, RAGGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     I64: tl.constexpr, ALIGN_K: tl.constexpr, RANK1: tl.constexpr, STREAM_Q: tl.constexpr,
+    CHUNK_CK: tl.constexpr,
 ):
     # One program per (query block, object, memory split); keys (S, B, HW, TOP_K) int64.
     # ksq and RANK1 as in the forward kernel (kernels/forward.py).
@@ -73,19 +126,28 @@ def memory_read_topk_kernel(
     o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
     m_k_chan = m_c[:, None]
 
+    # Chunked scores take the last, partial block in the loop, masking every block: one
+    # chunk loop in the kernel, not a second one after it.
+    CHUNKED: tl.constexpr = CHUNK_CK < BLOCK_CK
+    loop_end = n_full_end
+    if CHUNKED:
+        loop_end = n_hi
     b_best = tl.full([BLOCK_M, TOP_K], MIN_KEY_C, tl.int64)
-    for n_start in range(n_lo, n_full_end, BLOCK_N):
-        b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
-        b_s = block_scores(b_qs, b_u, p_k, p_ksq, o_k, m_k_chan, None, qk_scale, L2, RANK1,
-                           BLOCK_N, False, PRECISION, UPCAST)
+    for n_start in range(n_lo, loop_end, BLOCK_N):
+        m_n = (n_start + o_n) < n_hi  # read only when CHUNKED
+        b_s = _block_scores(b_q, b_u, p_q, p_k, p_ksq, o_m, o_c, o_n, o_k, m_m, m_c, m_k_chan,
+                            m_n, CK, stride_qm, stride_qc, stride_kc, stride_kn, qk_scale, L2,
+                            RANK1, BLOCK_M, BLOCK_N, BLOCK_CK, CHUNK_CK, CHUNKED, I64,
+                            STREAM_Q, PRECISION, UPCAST)
         b_best = _merged(b_best, _packed(b_s, n_start + o_n), BLOCK_M, TOP_K)
         p_k += BLOCK_N * stride_kn
         p_ksq += BLOCK_N
-    if n_full_end < n_hi:
+    if not CHUNKED and n_full_end < n_hi:
         m_n = (n_full_end + o_n) < n_hi
-        b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
-        b_s = block_scores(b_qs, b_u, p_k, p_ksq, o_k, m_k_chan, m_n, qk_scale, L2, RANK1,
-                           BLOCK_N, True, PRECISION, UPCAST)  # -inf past the split: never better
+        b_s = _block_scores(b_q, b_u, p_q, p_k, p_ksq, o_m, o_c, o_n, o_k, m_m, m_c, m_k_chan,
+                            m_n, CK, stride_qm, stride_qc, stride_kc, stride_kn, qk_scale, L2,
+                            RANK1, BLOCK_M, BLOCK_N, BLOCK_CK, CHUNK_CK, True, I64, STREAM_Q,
+                            PRECISION, UPCAST)  # -inf past the split: never better
         b_best = _merged(b_best, _packed(b_s, n_full_end + o_n), BLOCK_M, TOP_K)
 
     p_keys = keys + i_s.to(tl.int64) * stride_ks + i_b * stride_kyb + first_m * stride_km
