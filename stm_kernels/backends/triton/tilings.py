@@ -541,7 +541,8 @@ _GENERIC = Architecture(
     tilings={
         **_SM_80.tilings,
         **_FP32_FMA_99_KIB,
-        ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 64, 128, 8, 1),),
+        ("forward", "tf32", 128): (F(16, 64, 256, 8, 1, stream_queries=True),
+                                   F(16, 64, 128, 8, 1),),
         ("forward", "tf32", 256): (F(16, 32, 128, 4, 2, stream_queries=True),),
         ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, stream_keys=True), V(128, 16, 128, 8, 1),),
@@ -693,11 +694,12 @@ _TF32_DKDQ_MMA_SYNC = (
     "dot, 12 B with l2; sm_120: 28 B and 44 B); dK and dQ apart (SEPARATE_DQ) do not spill but "
     "execute 1.49x the useful multiply-adds forward + backward, against 1.2x fused")
 _TF32_GENERIC = (
-    "unknown NVIDIA GPUs in TF32, compiled as sm_80 and as sm_120 with 99 KiB: the one-stage "
-    "forward over 256 value channels spills 12 B as sm_80 (two stages do not fit 99 KiB; "
-    "128-channel value chunks execute 1.6x the useful multiply-adds); the fused dK+dQ spills "
-    "72-80 B with l2 as one of the two at every tiling tried, so dK and dQ run apart "
-    "(SEPARATE_DQ) and forward + backward execute 1.49x the useful multiply-adds")
+    "unknown NVIDIA GPUs in TF32, compiled as sm_80 and as sm_120 with 99 KiB: the fused "
+    "dK+dQ spills 72-100 B in the worse of the two compiles at every tiling tried (1-3 "
+    "stages, value chunks of 16-64, 64 or 128 rows, key tile streamed), so "
+    "dK and dQ run apart (SEPARATE_DQ) and forward + backward execute 1.49x the useful "
+    "multiply-adds; meeting 1.3x with them apart would take every value channel in one "
+    "program in both the forward and dV, which spills or repeats dots")
 _AMD_FP32_WIDE = (
     "32-bit operands at 256 key channels fit gfx90a's 64 KiB of LDS only with 16-32 row "
     "blocks, where the forward spills a few bytes (20 B at 129 key channels, 56 B at 257)")
@@ -716,7 +718,7 @@ _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
     ("generic", "dk", "16-bit", 128): _SMALL_SHARED_BACKWARD_GENERIC,
     **{(name, "dkdq", "tf32", 128): _TF32_DKDQ_MMA_SYNC for name in ("sm_80", "sm_120")},
-    **{("generic", kernel, "tf32", 128): _TF32_GENERIC for kernel in ("forward", "dv")},
+    ("generic", "dv", "tf32", 128): _TF32_GENERIC,
     **{("sm_90", kernel, "tf32", 257): _RANK1_WIDE_SM_90 for kernel in ("forward", "dq")},
     ("gfx90a", "dkdq", "16-bit", 257): _RANK1_DKDQ_GFX90A,
     **{("gfx90a", "forward", precision, 256): _AMD_FP32_WIDE for precision in ("tf32", "fp32")},
