@@ -533,8 +533,8 @@ _SM_120 = Architecture(
 
 # Unknown newer NVIDIA GPUs, sized for 99 KiB and compiled as sm_80 and as sm_120: sm_80's
 # tilings but for those that need less shared memory here (TF32's forwards and 256-wide dV,
-# 256-wide usage) or spill less on sm_120 (streamed keys in dV and the 256-wide dK), the
-# 256-wide selection, and TF32's dK and dQ apart (SEPARATE_DQ).
+# 256-wide usage) or spill less on sm_120 (streamed keys in dV and the 256-wide dK, the 16-bit
+# dK's value chunks of 16), the 256-wide selection, and TF32's dK and dQ apart (SEPARATE_DQ).
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
     fp32_fast="tf32",
@@ -549,6 +549,7 @@ _GENERIC = Architecture(
         ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
         ("dv", "tf32", 257): (V(16, 16, 128, 2, 1, stream_keys=True),
                               V(32, 16, 128, 4, 1, stream_keys=True),),
+        ("dk", "16-bit", 128): (K(128, 16, 8, 2, 16),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16, stream_keys=True),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
         ("usage", "tf32", 256): (U(64, 32, 4, 2), U(64, 32, 4, 1),),
@@ -683,10 +684,6 @@ ARCHITECTURES = {arch.name: arch for arch in (
 # (None, None, None, width) for keys wider than any tiling; a 256-wide entry also explains
 # the 257-wide (rank-1) rows of its kernel (key_widths). Each reason is a fact of the
 # compiles; docs/kernel_report.md lists each with the rows it explains and their figures.
-_SMALL_SHARED_BACKWARD_GENERIC = (
-    "the dK tiling generic shares with sm_80, compiled as sm_120: its l2 form spills 8 B "
-    "there, with its key tile held or streamed; the sm_120 table's own dK (streamed keys, "
-    "value chunks of 64) spills 60 B compiled as sm_80")
 _TF32_DKDQ_MMA_SYNC = (
     "TF32 operands are 32-bit, twice the registers of a 16-bit tile, and mma.sync takes them "
     "from registers: the fused dK+dQ kernel streams its key tile (loaded in every query step, "
@@ -716,7 +713,6 @@ _RANK1_DKDQ_GFX90A = (
 
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
-    ("generic", "dk", "16-bit", 128): _SMALL_SHARED_BACKWARD_GENERIC,
     **{(name, "dkdq", "tf32", 128): _TF32_DKDQ_MMA_SYNC for name in ("sm_80", "sm_120")},
     ("generic", "dv", "tf32", 128): _TF32_GENERIC,
     **{("sm_90", kernel, "tf32", 257): _RANK1_WIDE_SM_90 for kernel in ("forward", "dq")},
