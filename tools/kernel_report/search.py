@@ -126,7 +126,10 @@ for (_kernel, _size), _configs in list(CANDIDATES.items()):
             for config in (held, dataclasses.replace(held, **_STREAMED[_kernel]))]
 # Right after the 64-row ones, the same with the scores summed over 64-channel key chunks:
 # where a block of 256 float32 key channels (64 KiB) does not fit beside 64 query rows.
-CANDIDATES[("select", 4)][4:4] = [S(64, 4, 1, block_ck=64), S(32, 4, 1, block_ck=64)]
+_AFTER_64_ROWS = 1 + max(index for index, config in enumerate(CANDIDATES[("select", 4)])
+                         if config.block_m == 64)
+CANDIDATES[("select", 4)][_AFTER_64_ROWS:_AFTER_64_ROWS] = [S(64, 4, 1, block_ck=64),
+                                                           S(32, 4, 1, block_ck=64)]
 CANDIDATES.update({("dk", 2): CANDIDATES[("dkdq", 2)], ("dk", 4): CANDIDATES[("dkdq", 4)],
                    ("merge", 4): CANDIDATES[("merge", 2)],
                    ("usage", 4): CANDIDATES[("usage", 2)]})
