@@ -12,8 +12,9 @@ similarities, in each dtype the device supports (float32 both exact and with TF3
 then times the fused read against the official read, PyTorch's SDPA and the same run's bf16
 matrix-multiply rate, at a few sizes including the target shape (one 480p frame, HW = 1,620,
 against 100 memory frames, N = 162,000, Ck = 128, Cv = 512). It prints a table, writes one JSON
-file (device, versions, the tilings chosen, warnings, errors, timings) to attach to a bug or
-performance report, and exits with status 1 if any result is wrong.
+file (device, versions, the tilings chosen, the registers and local memory of each compiled
+kernel, warnings, errors, timings) to attach to a bug or performance report, and exits with
+status 1 if any result is wrong.
 
 On a CPU the reads run on the torch backend; with TRITON_INTERPRET=1 set, on the Triton kernels
 in Triton's interpreter (small sizes only, and no bfloat16: the interpreter's bf16 dot is
@@ -308,6 +309,30 @@ def chosen_configs():
             for (device, kernel), config in launch.chosen_configs().items()}
 
 
+def compiled_kernels():
+    """[{kernel, device, config, registers, local_bytes}] of the kernels this process compiled
+    and launched, as the driver reports them: local memory per thread is where registers
+    spill, which the static report (docs/kernel_report.md) says each tiling does not, or
+    by how much."""
+    if triton_backend is None:
+        return []
+    from .backends.triton import launch
+    return [dict(kernel=kernel, device=device, config=dataclasses.asdict(config),
+                 registers=registers, local_bytes=local)
+            for (device, kernel, config), (registers, local)
+            in launch.compiled_resources().items()]
+
+
+def spill_summary(compiled):
+    """One line on the local memory of the compiled kernels ("" when none was compiled)."""
+    if not compiled:
+        return ""
+    spilling = [f"{item['kernel']} {item['local_bytes']} B" for item in compiled
+                if item["local_bytes"]]
+    return (f"local memory (spilled registers) per thread of the {len(compiled)} compiled "
+            f"kernels: {', '.join(spilling) if spilling else 'none'}")
+
+
 def table(checks):
     """The checks as text, one line each."""
     lines = [f"{'feature':13s} {'dtype':5s} {'similarity':10s} {'max error':>10s} "
@@ -333,7 +358,7 @@ def run(device, quick=False, timing=True, progress=print):
     report = dict(selftest=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), backend=backend, **device_report(device),
         checks=[dataclasses.asdict(check) for check in checks],
-        configs=chosen_configs(),
+        configs=chosen_configs(), compiled=compiled_kernels(),
         warnings=sorted({str(w.message) for w in caught if issubclass(w.category, FallbackWarning)
                          or str(w.message).lower().startswith("stm_kernels")}),
         passed=all(check.passed for check in checks))
@@ -369,6 +394,8 @@ def run_arguments(args):
     print(table(checks))
     if report.get("timings"):
         print(timing_table(report))
+    if report["compiled"]:
+        print(spill_summary(report["compiled"]))
     for message in report["warnings"]:
         print(f"warning: {message}")
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")

@@ -93,6 +93,110 @@ def test_a_config_that_fails_falls_through_to_the_next_and_is_remembered(monkeyp
     assert (kernel, config) == ("forward", second) and "interpreter" in device
 
 
+def test_a_config_over_its_local_memory_budget_falls_through_to_the_next(monkeypatch):
+    """A candidate with max_local_bytes is compiled and read before it is launched: where its
+    compile for the device uses more local memory (spilled registers) than that, the next
+    candidate runs, silently, and the choice is remembered; within the budget it runs."""
+    budget = 32
+    first = tilings.ForwardConfig(32, 32, None, 4, 1, max_local_bytes=budget)
+    second = tilings.ForwardConfig(16, 16, None, 4, 1, max_local_bytes=budget)
+    interpreter = tilings.ARCHITECTURES["interpreter"]
+    table = {**interpreter.tilings, ("forward", None, None): (first, second)}
+    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
+                        dataclasses.replace(interpreter, tilings=table))
+    checked = []
+
+    def local_memory_bytes(kernel, grid, arguments, options):  # what the GPU's compile says
+        checked.append(arguments["BLOCK_M"])
+        return 2 * budget if arguments["BLOCK_M"] == 32 else budget
+
+    monkeypatch.setattr(launch, "local_memory_bytes", local_memory_bytes)
+    launched = []
+    real = launch.run
+
+    def run(kernel, grid, arguments, config, call):
+        result = real(kernel, grid, arguments, config, call)
+        launched.append(config)
+        return result
+
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v = _inputs(seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback between tilings is quiet
+        out = memory_read(q, k, v, backend="triton")
+        memory_read(q, k, v, backend="triton")
+    assert checked == [32, 16, 16] and launched == [second, second]
+    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert list(launch.chosen_configs().values()) == [second]
+
+
+def test_the_local_memory_a_launch_checks_is_the_compiled_kernels(monkeypatch):
+    """On a GPU, launch.local_memory_bytes compiles the kernel for the launch's arguments and
+    options (JITFunction.warmup, not launched) and reads the driver's count of it (compat)."""
+    warmed = []
+
+    class Compiled:
+        n_spills = 9  # 4-byte words, as Triton keeps the driver's local size
+
+        def _init_handles(self):
+            warmed.append("loaded")
+
+    class Kernel:
+        def warmup(self, grid, **arguments):
+            warmed.append((grid, arguments))
+            return Compiled()
+
+    monkeypatch.setattr(launch, "INTERPRETING", False)
+    assert launch.local_memory_bytes(Kernel(), (3, 1), dict(x=1), dict(num_warps=4)) == 36
+    assert warmed == [((3, 1), dict(x=1, num_warps=4)), "loaded"]
+    monkeypatch.setattr(launch, "INTERPRETING", True)
+    assert launch.local_memory_bytes(Kernel(), (3, 1), {}, {}) is None  # compiles nothing
+
+
+@pytest.mark.parametrize("failure", ["local memory", "compile error"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failure,
+                                                              deterministic):
+    """When every dK+dQ candidate fails on the device (over its local memory budget, or not
+    compiling), the backward computes dK and dQ with two kernels, with no warning (no read
+    goes to torch), its gradients matching the float64 reference on a ragged memory."""
+    fused = (tilings.DkdqConfig(32, 32, 4, 1, None, max_local_bytes=32),
+             tilings.DkdqConfig(16, 16, 4, 1, None, max_local_bytes=32))
+    apart = tilings.DkdqConfig(16, 32, 4, 1, None)
+    interpreter = tilings.ARCHITECTURES["interpreter"]
+    table = {**interpreter.tilings, ("dkdq", None, None): fused, ("dk", None, None): (apart,)}
+    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
+                        dataclasses.replace(interpreter, tilings=table))
+    monkeypatch.setattr(launch, "local_memory_bytes",
+                        lambda *args: 64 if failure == "local memory" else 0)
+    launched = []
+    real = launch.run
+
+    def run(kernel, grid, arguments, config, call):
+        if failure == "compile error" and config in fused:
+            raise Injected("does not compile")
+        result = real(kernel, grid, arguments, config, call)
+        launched.append((kernel.__name__, arguments.get("ATOMIC_DQ"), config))
+        return result
+
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v, lengths, cotangents = ragged_case("cpu", seed=8, cotangent_seed=9)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            results = ragged_read_with_grads(q, k, v, lengths, cotangents, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+    check_read(results, per_object_reference(q, k, v, lengths, cotangents), torch.float32)
+    backward = [(name, atomic, config) for name, atomic, config in launched
+                if name != "memory_read_fwd_kernel"]
+    assert [name for name, _, _ in backward] == [
+        "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq", "memory_read_bwd_kernel_dq"]
+    assert backward[1][1:] == (False, apart)  # dK without the dQ atomics, the dk tiling
+
+
 @pytest.mark.parametrize("kernel, call", [
     ("fwd_kernel", "forward"), ("merge_kernel", "forward"), ("dv", "backward"),
     ("dkdq", "backward"), ("topk_kernel", "select"), ("usage_kernel", "usage")])
@@ -119,11 +223,13 @@ def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, 
         memory_read(q, k, v, backend="triton", top_k=5 if call == "select" else None)
     messages = _fallback_warnings(caught)
     assert len(messages) == 1, messages  # once per process, however many reads
+    # the dK+dQ kernel's code fails fused, then as the dK kernel beside the dQ kernel
     name = {"fwd_kernel": "forward", "merge_kernel": "merge", "topk_kernel": "select",
-            "usage_kernel": "usage"}.get(kernel, kernel)
+            "usage_kernel": "usage", "dkdq": "dk"}.get(kernel, kernel)
     assert f"the Triton {name} kernel cannot run on Triton interpreter (CPU)" in messages[0]
     assert "Injected: injected failure" in messages[0] and "\n" not in messages[0]
-    assert sum(counts.values()) == 1  # the failure is remembered: never tried again
+    # the failure is remembered: never tried again
+    assert sum(counts.values()) == (2 if kernel == "dkdq" else 1)
 
 
 def test_device_memory_exhaustion_is_not_a_fallback(monkeypatch):

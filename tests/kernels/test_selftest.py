@@ -44,6 +44,44 @@ def test_the_interpreted_self_test_runs_every_kernel(tmp_path, capsys):
     kernels = {name.split(" on ")[0] for name in report["configs"]}
     assert kernels == {"forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage"}
     assert report["warnings"] == []  # no fallback to torch
+    assert report["compiled"] == []  # the interpreter compiles nothing
+
+
+def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monkeypatch):
+    """Every launch keeps the registers and local memory (spilled registers) of its compiled
+    kernel, the most seen per device, kernel and config; the self-test's JSON lists them and
+    its summary names the kernels that spill. (A stand-in for a GPU's compiled kernel.)"""
+    from stm_kernels.backends.triton import tilings
+    from stm_kernels.backends.triton.devices import KIB, Device
+    monkeypatch.setattr(launch, "_resources", {})
+
+    class Compiled:  # what kernel[grid](...) returns on a GPU, loaded by the launch
+        def __init__(self, registers, words):
+            self.n_regs, self.n_spills = registers, words
+
+    class Kernel:
+        __name__ = "memory_read_fwd_kernel"
+
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def __getitem__(self, grid):
+            return lambda **arguments: self.compiled
+
+    device = Device("NVIDIA GB300", "nvidia", "sm_103", 227 * KIB, 160)
+    call = launch.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "tf32", 128)
+    config = tilings.ForwardConfig(16, 64, 256, 8, 1)
+    launch.run(Kernel(Compiled(200, 0)), (1,), {}, config, call)
+    launch.run(Kernel(Compiled(180, 6)), (1,), {}, config, call)  # another dtype's compile
+    launch.run(Kernel(None), (1,), {}, config, call)  # the interpreter compiles nothing
+    (item,) = selftest.compiled_kernels()
+    assert (item["kernel"], item["registers"], item["local_bytes"]) == \
+        ("memory_read_fwd_kernel", 200, 24)
+    assert "GB300" in item["device"] and item["config"]["block_n"] == 64
+    assert selftest.spill_summary([item]) == ("local memory (spilled registers) per thread of "
+                                              "the 1 compiled kernels: memory_read_fwd_kernel "
+                                              "24 B")
+    assert selftest.spill_summary([dict(item, local_bytes=0)]).endswith(": none")
 
 
 @pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")

@@ -1,4 +1,5 @@
-"""The interpreter fix for Triton 3.6 with NumPy >= 2.4 (stm_kernels/triton_compat.py)."""
+"""The Triton compatibility layer (stm_kernels/backends/triton/compat.py): the interpreter fix
+for Triton 3.6 with NumPy >= 2.4, and the reading of a compiled kernel's local memory."""
 import inspect
 
 import numpy as np
@@ -56,3 +57,26 @@ def test_the_installed_interpreter_has_no_old_index_left():
     installed = interpreter._patch_lang_tensor
     assert (getattr(installed, "patched_by_stm_kernels", False)
             or triton_compat._OLD_INDEX not in inspect.getsource(installed))
+
+
+def test_local_memory_is_read_off_the_loaded_kernel():
+    """compat.local_memory_bytes loads the compiled kernel (as its first launch would: an
+    OutOfResources there is raised, so the launch falls through) and turns Triton's n_spills
+    (4-byte words) into bytes; a Triton that does not keep it says None."""
+    from triton.runtime.errors import OutOfResources
+
+    class Compiled:
+        n_spills = None
+
+        def _init_handles(self):
+            self.n_spills = 16
+
+    assert triton_compat.local_memory_bytes(Compiled()) == 64
+
+    class TooLarge:
+        def _init_handles(self):
+            raise OutOfResources(200000, 101376, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        triton_compat.local_memory_bytes(TooLarge())
+    assert triton_compat.local_memory_bytes(object()) is None

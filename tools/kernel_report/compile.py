@@ -6,9 +6,10 @@
 
 `compiling_for(target)` pretends the target's device (stm_kernels' devices.pretend: its
 architecture, shared memory and multiprocessors) and replaces the launchers' one launch point
-(launch.recording) with an offline compile: a candidate whose compile fails or whose shared
-memory exceeds the target's limit raises as it would at the first launch on that GPU, so the
-runtime's own fallback picks the next candidate. What is recorded is exactly what the runtime
+(launch.recording) with an offline compile: a candidate whose compile fails, whose shared
+memory exceeds the target's limit or whose local memory (ptxas' stack frame) exceeds its
+config's max_local_bytes raises as it would at the first launch on that GPU, so the runtime's
+own fallback picks the next candidate. What is recorded is exactly what the runtime
 would launch there: grid, arguments, constexprs and the chosen config.
 
 Registers and spills come from the compiler itself: ptxas' own log of the compile Triton runs
@@ -103,12 +104,16 @@ class Launch:
 
 @dataclasses.dataclass
 class Resources:
-    """What the compiler says of one compiled kernel."""
+    """What the compiler says of one compiled kernel. spill_bytes: the bytes its spill
+    instructions store (ptxas' "spill stores"; AMD: spilled registers or scratch);
+    local_bytes: the local memory per thread they use (ptxas' stack frame; AMD: scratch), what
+    the driver reports at run time and a config's max_local_bytes is held to."""
     registers: int
     spill_bytes: int
     shared_bytes: int
     asm: dict
     warnings: list
+    local_bytes: int
 
 
 KERNEL_NAMES = {"memory_read_fwd_kernel": "forward", "memory_read_merge_kernel": "merge",
@@ -150,6 +155,8 @@ def signature_of(kernel, arguments):
 _compiled: dict = {}
 # A directory to keep compile results across runs (the search tool's long runs); unset: none.
 CACHE_ENV = "STM_KERNEL_REPORT_CACHE"
+# Part of every cache key: raised when Resources changes, so that older entries are not read.
+RESOURCES_FORMAT = 2
 
 
 def compile_kernel(kernel, arguments, options, target):
@@ -181,7 +188,8 @@ def _cached(memo, compile_):
     if directory:
         from tools.kernel_report.report import KERNEL_SOURCES, fingerprint
         # the memo holds every constexpr and option, so only the kernels' own sources count
-        key = hashlib.sha256(repr((fingerprint(KERNEL_SOURCES), memo)).encode()).hexdigest()
+        key = repr((fingerprint(KERNEL_SOURCES), RESOURCES_FORMAT, memo))
+        key = hashlib.sha256(key.encode()).hexdigest()
         path = os.path.join(directory, key + ".pickle")
         if os.path.exists(path):
             with open(path, "rb") as file:
@@ -209,23 +217,28 @@ def _compile(kernel, signature, constexprs, attrs, options, target):
     asm = {key: value for key, value in compiled.asm.items() if isinstance(value, str)}
     if target.backend == "cuda":
         text = log.getvalue()
-        registers = re.search(r"Used (\d+) registers", text)
-        spills = re.search(r"(\d+) bytes spill stores", text)
-        return Resources(int(registers.group(1)) if registers else 0,
-                         int(spills.group(1)) if spills else 0, compiled.metadata.shared, asm,
-                         sorted(set(re.findall(r"warning : (.*)", text))))
-    return Resources(*_amd_resources(asm["amdgcn"]), compiled.metadata.shared, asm, [])
+        def number(pattern):
+            match = re.search(pattern, text)
+            return int(match.group(1)) if match else 0
+        return Resources(number(r"Used (\d+) registers"), number(r"(\d+) bytes spill stores"),
+                         compiled.metadata.shared, asm,
+                         sorted(set(re.findall(r"warning : (.*)", text))),
+                         local_bytes=number(r"(\d+) bytes stack frame"))
+    registers, spilled, scratch = _amd_resources(asm["amdgcn"])
+    return Resources(registers, spilled, compiled.metadata.shared, asm, [], local_bytes=scratch)
 
 
 def _amd_resources(amdgcn):
-    """(VGPRs + AGPRs, spilled bytes) from an AMDGPU kernel's metadata: spill counts are in
-    registers of 4 bytes per lane; scratch (private segment) catches any other stack use."""
+    """(VGPRs + AGPRs, spilled bytes, scratch bytes) from an AMDGPU kernel's metadata: spill
+    counts are in registers of 4 bytes per lane; scratch (private segment) catches any other
+    stack use."""
     def field(name):
         match = re.search(rf"\.{name}:\s*(\d+)", amdgcn)
         return int(match.group(1)) if match else 0
     registers = field("vgpr_count") + field("agpr_count")
     spilled = 4 * (field("vgpr_spill_count") + field("sgpr_spill_count"))
-    return registers, max(spilled, field("private_segment_fixed_size"))
+    scratch = field("private_segment_fixed_size")
+    return registers, max(spilled, scratch), scratch
 
 
 @contextlib.contextmanager
@@ -255,6 +268,11 @@ def compiling_for(target, only=None):
                             f"{target.shared_memory}")
             raise OutOfResources(record.compiled.shared_bytes, target.shared_memory,
                                  "shared memory")
+        budget, used = config.max_local_bytes, record.compiled.local_bytes
+        if budget is not None and used > budget:
+            record.error = (f"LocalMemoryExceeded: {used} B of local memory per thread > "
+                            f"{budget} B")
+            raise launch.LocalMemoryExceeded(record.error)
 
     with devices.pretend(target.device), launch.recording(executor):
         yield launches

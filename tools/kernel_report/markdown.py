@@ -14,14 +14,17 @@ def _keys(width):
 
 def config_text(config):
     """ForwardConfig(block_m=128, block_n=64, block_v=256, ...) as 'm128 n64 v256 8w 3s'; a
-    tiling that streams its key (query) tile gets 'sk' ('sq') after its blocks."""
+    tiling that streams its key (query) tile gets 'sk' ('sq') after its blocks, one taken
+    only within a local memory budget '(≤ 32 B local)' at the end."""
     parts = [f"{name.removeprefix('block_')[0]}{value}" if name.startswith("block_")
              else None for name, value in config.items() if value is not None]
     parts = [part for part in parts if part] + [
         short for flag, short in (("stream_keys", "sk"), ("stream_queries", "sq"))
         if config.get(flag)]
     warps, stages = config.get("num_warps"), config.get("num_stages")
-    return " ".join(parts + [f"{warps}w", f"{stages}s"])
+    budget = config.get("max_local_bytes")
+    return " ".join(parts + [f"{warps}w", f"{stages}s"]
+                    + ([] if budget is None else [f"(≤ {budget} B local)"]))
 
 
 def cell(row):
@@ -124,7 +127,8 @@ def document(payload):
         f"B = {shape['B']}, HW = {shape['HW']:,}, N = {shape['N']:,}, Cv = {shape['Cv']}; the "
         f"selection at top_k = {payload['select_top_k']}.", "",
         "A cell: the config the runtime chooses there (block sizes, sk/sq: the key/query "
-        "tile streamed, warps, stages) · "
+        "tile streamed, warps, stages; \"≤ 32 B local\": taken only where its compile for "
+        "the device uses at most that much local memory per thread, else the next one is) · "
         "registers per thread · shared memory used / the GPU's limit · FMA: its dots run as "
         "FMA on the CUDA cores (exact float32 on NVIDIA) · executed multiply-adds per "
         "(query, memory) pair (x3: a split precision's passes per dot, gfx950's bf16x3 for "

@@ -180,6 +180,7 @@ def analyse(record, target):
         return row
     compiled = record.compiled
     row.update(registers=compiled.registers, spill_bytes=compiled.spill_bytes,
+               local_bytes=compiled.local_bytes,
                shared_bytes=compiled.shared_bytes, shared_limit=target.shared_memory,
                mma=mma_instructions(compiled.asm))
     if compiled.warnings:

@@ -232,6 +232,53 @@ def test_a_candidate_over_the_shared_memory_falls_through_offline():
 
 
 @needs_compiler
+def test_a_candidate_over_its_local_memory_budget_falls_through_offline():
+    """generic's TF32 dK+dQ compiled as sm_120: sm_80's tiling, first, uses more local memory
+    (ptxas' stack frame, what the driver reports at run time) than its max_local_bytes, so the
+    runtime takes sm_120's, which keeps within it."""
+    result = compiled(script="""
+        import dataclasses, json
+        from stm_kernels.backends.triton import tilings
+        from tools.kernel_report import report
+        from tools.kernel_report.compile import TARGETS
+        rows, _ = report.case_rows(TARGETS["generic@sm_120"], "tf32", "dot", only={"dkdq"})
+        first, second = tilings.ARCHITECTURES["generic"].candidates("dkdq", "tf32", 128)
+        print(json.dumps(dict(rows=rows, second=dataclasses.asdict(second))))
+    """)
+    (row,) = result["rows"]
+    budget = row["config"]["max_local_bytes"]
+    assert row["config"] == result["second"] and 0 < row["local_bytes"] <= budget
+    (failure,) = row["failed_candidates"]
+    used = int(failure.split(": ")[1].split(" B")[0])
+    assert failure.startswith("LocalMemoryExceeded") and used > budget
+
+
+def test_budgeted_tilings_are_taken_only_within_their_local_memory(committed):
+    """Every row of a candidate with max_local_bytes uses at most that much local memory, and
+    the candidates passed over before it were over theirs. generic's TF32 dK+dQ: sm_80's tiling
+    as sm_80, sm_120's as sm_120, fused either way (1.2x the useful work forward + backward)."""
+    budgeted = 0
+    for name, entry in committed["targets"].items():
+        for case in entry["cases"]:
+            for row in case["rows"]:
+                budget = row.get("config", {}).get("max_local_bytes")
+                if budget is None:
+                    continue
+                budgeted += 1
+                assert row["local_bytes"] <= budget, (name, case["case"], row["kernel"])
+                assert all(failure.startswith("LocalMemoryExceeded")
+                           for failure in row.get("failed_candidates", [])), row
+    assert budgeted
+    generic = tilings.ARCHITECTURES["generic"].candidates("dkdq", "tf32", 128)
+    for name, expected in (("generic@sm_80", generic[0]), ("generic@sm_120", generic[1])):
+        for case in committed["targets"][name]["cases"]:
+            if case["precision"] == "tf32" and case["case"] in ("dot", "l2"):
+                rows = {row["kernel"]: row for row in case["rows"]}
+                assert rows["dkdq"]["config"] == dataclasses.asdict(expected), name
+                assert case["totals"]["total_ratio"] <= 1.3, name
+
+
+@needs_compiler
 def test_the_report_sees_the_duplicated_scores_of_64_row_tiles():
     """The check can fail: 64 query rows for 8 warps on Hopper has both warpgroups computing
     the same QK product, 768 MACs per pair for 640 in its dots."""

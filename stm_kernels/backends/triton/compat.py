@@ -1,4 +1,5 @@
-"""Compatibility with older Triton releases.
+"""Compatibility with older Triton releases, and the one place that reads a compiled kernel's
+internals (its registers and local memory).
 
 Triton 3.6's CPU interpreter converts a loop bound such as `range(n_lo, n_end, BLOCK_N)` to
 an int with `int(ndarray)`, and program ids are 1-element arrays there; NumPy 2.4 refuses
@@ -43,3 +44,26 @@ def patch_interpreter_index():
     patch_lang_tensor.patched_by_stm_kernels = True
     interpreter._patch_lang_tensor = patch_lang_tensor
     return True
+
+
+def local_memory_bytes(compiled):
+    """Bytes of local memory per thread of a compiled kernel (`JITFunction.warmup`'s result:
+    mostly spilled registers), as the driver reports it when the kernel is loaded, or None
+    where this Triton does not say. Triton keeps it as `n_spills`, in 4-byte words (the
+    driver's local size / 4, on CUDA and ROCm alike), filled in when the kernel is loaded
+    (`_init_handles`, which raises OutOfResources as the launch would)."""
+    load = getattr(compiled, "_init_handles", None)
+    if load is not None:
+        load()
+    words = getattr(compiled, "n_spills", None)
+    return None if words is None else 4 * int(words)
+
+
+def compiled_resources(compiled):
+    """(registers, bytes of local memory) per thread of a launched kernel (what `kernel[grid]
+    (...)` returns, loaded by its launch), or None where it says neither (the interpreter
+    returns no compiled kernel)."""
+    registers, words = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
+    if registers is None or words is None:
+        return None
+    return int(registers), 4 * int(words)

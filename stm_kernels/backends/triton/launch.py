@@ -17,9 +17,11 @@ gradients come back as the last channel of dq and dk. Its key width class is 257
 own entries for it, else the 256-wide ones).
 
 Every kernel is launched through `launch_first_that_runs`: the device's candidate tilings
-(tilings.py) in order, a candidate that fails to compile or launch falling through to the next;
-the choice is remembered per device, kernel and call signature. When none runs it raises
-KernelUnavailable, and the backend (backends/triton/__init__.py) reads with torch instead.
+(tilings.py) in order, a candidate that fails to compile or launch, or that uses more local
+memory than its config allows (max_local_bytes), falling through to the next; the choice is
+remembered per device, kernel and call signature. When none runs it raises KernelUnavailable,
+and the backend (backends/triton/__init__.py) reads with torch instead; only the fused dK+dQ
+has a kernel path before that: dK and dQ by two kernels.
 `run` is the one place a kernel starts: the offline tools replace it (`recording`) to compile
 every launch for a device that is not there, with tensors on the "meta" device.
 
@@ -35,7 +37,7 @@ import torch
 import triton
 
 from ..._buffers import device_context, new_buffer
-from . import devices, tilings
+from . import compat, devices, tilings
 from .compat import patch_interpreter_index
 from .devices import INTERPRETING
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
@@ -70,14 +72,58 @@ class KernelUnavailable(RuntimeError):
 _executor = None
 
 
+class LocalMemoryExceeded(RuntimeError):
+    """A candidate's compile for the device uses more local memory per thread than its
+    config's max_local_bytes: the launch falls through to the next candidate."""
+
+
 def run(kernel, grid, arguments, config, call):
     """Launch kernel[grid](**arguments) with the config's warps and stages and the call's
-    architecture's compile options (or hand it all to the recording executor)."""
+    architecture's compile options (or hand it all to the recording executor). A config with
+    max_local_bytes is compiled first and not launched (LocalMemoryExceeded) where it uses
+    more local memory than that."""
     options = dict(call.architecture.options, num_warps=config.num_warps,
                    num_stages=config.num_stages)
     if _executor is not None:
         return _executor(kernel, grid, arguments, config, options)
-    kernel[grid](**arguments, **options)
+    if config.max_local_bytes is not None:
+        used = local_memory_bytes(kernel, grid, arguments, options)
+        if used is not None and used > config.max_local_bytes:
+            raise LocalMemoryExceeded(
+                f"{kernel.__name__} uses {used} B of local memory per thread on "
+                f"{call.device} (spilled registers), more than its tiling's "
+                f"{config.max_local_bytes} B")
+    compiled = kernel[grid](**arguments, **options)
+    _note_resources(call, kernel, config, compat.compiled_resources(compiled))
+
+
+def local_memory_bytes(kernel, grid, arguments, options):
+    """Bytes of local memory per thread of kernel(**arguments) compiled for the current
+    device (compiled, not launched; the launch that follows reuses the compile), or None
+    where that is not known (the interpreter compiles nothing)."""
+    if INTERPRETING:
+        return None
+    return compat.local_memory_bytes(kernel.warmup(grid=grid, **arguments, **options))
+
+
+_resources: dict = {}
+
+
+def _note_resources(call, kernel, config, found):
+    """Keep the registers and local memory of a launched compile (the most seen for the same
+    device, kernel and config: its compiles for other dtypes or similarities differ)."""
+    if found is None:
+        return
+    key = (str(call.device), kernel.__name__, config)
+    seen = _resources.get(key, (0, 0))
+    _resources[key] = (max(seen[0], found[0]), max(seen[1], found[1]))
+
+
+def compiled_resources():
+    """{(device, kernel function name, config): (registers, local bytes per thread)} of the
+    compiled kernels this process launched, as the driver reports them (the self-test's
+    record; empty where nothing was compiled, as in the interpreter)."""
+    return dict(_resources)
 
 
 @contextlib.contextmanager
@@ -518,8 +564,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     With lengths, positions past an object's length get zero dk, dv. dq is accumulated with
     atomics, except under torch.use_deterministic_algorithms(True), where a third kernel
     computes it in a fixed order (bitwise reproducible; about 40% more backward work). Where
-    the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), dK and dQ take those
-    two kernels in every mode."""
+    the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), or none of its
+    candidates runs there, dK and dQ take those two kernels in every mode."""
     _check_device(q, k, v)
     call = _call(k, "backward", l2)
     B, Ck, N = k.shape
@@ -556,10 +602,10 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             config, call)
         return dv
 
-    def launch_dkdq(config):
+    def launch_dkdq(config, atomic_dq):
         block_cv, num_cv = value_blocks(Cv, config.block_cv)
         dk = new_buffer((B, Ck, N), k.dtype, device)
-        if separate_dq:  # an unused pointer: ATOMIC_DQ is off, the dQ kernel computes dq
+        if not atomic_dq:  # an unused pointer: the dQ kernel computes dq
             dq = delta
         else:  # zeroed (atomics add into it), padded like q so that both share their strides
             dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
@@ -569,15 +615,21 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                  **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
                  scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_CV=block_cv, NUM_CV=num_cv, ALIGN_V=align_v,
-                 ATOMIC_DQ=not separate_dq, STREAM_K=config.stream_keys,
-                 VOLATILE_K=call.volatile_keys(l2) and separate_dq, **query), config, call)
+                 ATOMIC_DQ=atomic_dq, STREAM_K=config.stream_keys,
+                 VOLATILE_K=call.volatile_keys(l2) and not atomic_dq, **query), config, call)
         return dk, dq
 
     with device_context(device):
         dv = launch_first_that_runs("dv", call, signature, launch_dv)
-        dk, dq = launch_first_that_runs("dk" if separate_dq else "dkdq", call, signature,
-                                        launch_dkdq)
+        if not separate_dq:
+            try:
+                dk, dq = launch_first_that_runs(
+                    "dkdq", call, signature, lambda config: launch_dkdq(config, True))
+            except KernelUnavailable:  # no fused tiling runs here: dK and dQ apart
+                separate_dq = True
         if separate_dq:
+            dk, _ = launch_first_that_runs("dk", call, signature,
+                                           lambda config: launch_dkdq(config, False))
             # the dQ kernel's |k|^2 or rank-1 channel (the dK/dQ kernel loads its own from the
             # block it holds)
             dq = _dq_without_atomics(call, query, v, _memory_term(k, l2, call.rank1), delta,

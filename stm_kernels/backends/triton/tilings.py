@@ -3,11 +3,12 @@
 Adding a GPU architecture is one entry of ARCHITECTURES (and, for a new kind of device, a line
 of `architecture_of`). Each Architecture holds, per kernel, per precision class and per key
 width, the candidate tilings in order of preference; a launch tries them in order, and one that
-fails to compile or launch on the device falls through to the next (launch.py), the last to the
-torch backend. The first candidate of every entry is the one the static report
-(`python -m tools.kernel_report`) compiles offline for that architecture: no register spills,
-within its shared memory, no warpgroup repeating another's dot. Why each table looks the way it
-does, with the figures, is in docs/kernels.md; the report itself is in docs/kernel_report.md.
+fails to compile or launch on the device, or spills more than its config allows
+(max_local_bytes), falls through to the next (launch.py), the last to the torch backend. The
+first candidate of every entry is the one the static report (`python -m tools.kernel_report`)
+compiles offline for that architecture: no register spills, within its shared memory, no
+warpgroup repeating another's dot. Why each table looks the way it does, with the figures, is
+in docs/kernels.md; the report itself is in docs/kernel_report.md.
 
 Keys of a table: (kernel, precision class, key width), where
     kernel           "forward", "merge", "dv", "dkdq", "dk" and "dq" (the deterministic
@@ -51,6 +52,12 @@ RANK1_L2 = ("the l2 similarity with a key channel past the tile width (257 chann
 
 # --------------------------------------------------------------------------- configs
 
+# Every config ends with max_local_bytes: None takes the candidate wherever it compiles and
+# fits; a number takes it only where the device's own compile uses at most that many bytes of
+# local memory per thread (registers spilled: the driver's count, see launch.run), and falls
+# through to the next candidate otherwise. It is for tables whose GPUs were not compiled for
+# when the table was made (generic), where the same tiling spills little on one ISA and much
+# on another.
 
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig:
@@ -67,6 +74,7 @@ class ForwardConfig:
     num_stages: int = 2
     splits: Optional[int] = None
     stream_queries: bool = False
+    max_local_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,7 @@ class MergeConfig:
     block_v: int = 64
     num_warps: int = 4
     num_stages: int = 1
+    max_local_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +99,7 @@ class DvConfig:
     num_warps: int = 8
     num_stages: int = 1
     stream_keys: bool = False
+    max_local_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +116,7 @@ class DkdqConfig:
     num_stages: int = 1
     block_cv: Optional[int] = None
     stream_keys: bool = False
+    max_local_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +133,7 @@ class DqConfig:
     num_stages: int = 2
     splits: Optional[int] = None
     stream_queries: bool = False
+    max_local_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +148,7 @@ class SelectConfig:
     num_stages: int = 2
     stream_queries: bool = False
     block_ck: Optional[int] = None
+    max_local_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +160,7 @@ class UsageConfig:
     num_warps: int = 8
     num_stages: int = 2
     stream_keys: bool = False
+    max_local_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -534,7 +548,13 @@ _SM_120 = Architecture(
 # Unknown newer NVIDIA GPUs, sized for 99 KiB and compiled as sm_80 and as sm_120: sm_80's
 # tilings but for those that need less shared memory here (TF32's forwards and 256-wide dV,
 # 256-wide usage) or spill less on sm_120 (streamed keys in dV and the 256-wide dK, the 16-bit
-# dK's value chunks of 16), the 256-wide selection, and TF32's dK and dQ apart (SEPARATE_DQ).
+# dK's value chunks of 16), the 256-wide selection, and TF32's fused dK+dQ: sm_80's tiling,
+# then sm_120's, each only where the device's compile keeps within _TF32_DKDQ_LOCAL_BYTES of
+# local memory (each spills little on its own ISA and more on the other); where neither does,
+# dK and dQ run apart (launch.triton_backward).
+# Half the 64 B of spill stores a stated exception may have: stores can exceed the local memory
+# they fill (a 64 B frame here held 96 B of them), and the runtime sees only the memory.
+_TF32_DKDQ_LOCAL_BYTES = 32
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
     fp32_fast="tf32",
@@ -549,6 +569,9 @@ _GENERIC = Architecture(
         ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
         ("dv", "tf32", 257): (V(16, 16, 128, 2, 1, stream_keys=True),
                               V(32, 16, 128, 4, 1, stream_keys=True),),
+        ("dkdq", "tf32", 128): (
+            K(128, 16, 8, 1, 64, stream_keys=True, max_local_bytes=_TF32_DKDQ_LOCAL_BYTES),
+            K(128, 16, 8, 3, 16, stream_keys=True, max_local_bytes=_TF32_DKDQ_LOCAL_BYTES),),
         ("dk", "16-bit", 128): (K(128, 16, 8, 2, 16),),
         ("dk", "16-bit", 256): (K(16, 16, 2, 1, 16, stream_keys=True),),
         ("select", "16-bit", 256): (S(16, 4, 1),),
@@ -691,12 +714,13 @@ _TF32_DKDQ_MMA_SYNC = (
     "dot, 12 B with l2; sm_120: 28 B and 44 B); dK and dQ apart (SEPARATE_DQ) do not spill but "
     "execute 1.49x the useful multiply-adds forward + backward, against 1.2x fused")
 _TF32_GENERIC = (
-    "unknown NVIDIA GPUs in TF32, compiled as sm_80 and as sm_120 with 99 KiB: the fused "
-    "dK+dQ spills 72-100 B in the worse of the two compiles at every tiling tried (1-3 "
-    "stages, value chunks of 16-64, 64 or 128 rows, key tile streamed), so "
-    "dK and dQ run apart (SEPARATE_DQ) and forward + backward execute 1.49x the useful "
-    "multiply-adds; meeting 1.3x with them apart would take every value channel in one "
-    "program in both the forward and dV, which spills or repeats dots")
+    "unknown NVIDIA GPUs in TF32, compiled as sm_80 and as sm_120 with 99 KiB: no fused dK+dQ "
+    "tiling tried compiles without a spill on both (72-100 B in the worse of the two at every "
+    "one), so the table tries sm_80's, then sm_120's, each only where the device's compile "
+    "uses at most 32 B of local memory per thread: as sm_80 sm_80's is taken (4 B of spill "
+    "stores with the dot, 12 B with l2), as sm_120 it uses 64-96 B and sm_120's is taken "
+    "(28 B and 44 B); where neither is, dK and dQ run apart (no spill, 1.49x the useful "
+    "multiply-adds forward + backward, against 1.2x fused)")
 _AMD_FP32_WIDE = (
     "32-bit operands at 256 key channels fit gfx90a's 64 KiB of LDS only with 16-32 row "
     "blocks, where the forward spills a few bytes (20 B at 129 key channels, 56 B at 257)")
@@ -714,7 +738,7 @@ _RANK1_DKDQ_GFX90A = (
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
     **{(name, "dkdq", "tf32", 128): _TF32_DKDQ_MMA_SYNC for name in ("sm_80", "sm_120")},
-    ("generic", "dv", "tf32", 128): _TF32_GENERIC,
+    ("generic", "dkdq", "tf32", 128): _TF32_GENERIC,
     **{("sm_90", kernel, "tf32", 257): _RANK1_WIDE_SM_90 for kernel in ("forward", "dq")},
     ("gfx90a", "dkdq", "16-bit", 257): _RANK1_DKDQ_GFX90A,
     **{("gfx90a", "forward", precision, 256): _AMD_FP32_WIDE for precision in ("tf32", "fp32")},
@@ -738,7 +762,6 @@ ON_TORCH: dict = {}
 # key width). It costs one more S and dP per pair, and spares the dQ atomics.
 SEPARATE_DQ = frozenset(
     {(name, precision, 256) for name in _MMA_SYNC_TABLES for precision in ("16-bit", "tf32")}
-    | {("generic", "tf32", 128)}
     | {("sm_90", "tf32", 256), ("sm_100", "tf32", 256)}
     | {(name, precision, 256) for name in ("gfx90a", "gfx942", "gfx950")
        for precision in ("tf32", "fp32")})
