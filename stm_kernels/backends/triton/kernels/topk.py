@@ -16,8 +16,8 @@ of max(64, top_k) positions of 256 float32 channels is 64 KiB).
 import triton
 import triton.language as tl
 
-from .common import (aligned_stride, block_scores, dot, query_block, query_term, query_tile,
-                     rank1_offsets, scores_of_dot, split_bounds, tile_offsets)
+from .common import (aligned_stride, block_scores, dot, key_tile, query_block, query_term,
+                     query_tile, rank1_offsets, scores_of_dot, split_bounds, tile_offsets)
 
 MIN_KEY = -(2**63)
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.
@@ -52,19 +52,12 @@ def _chunked_dot(p_q, p_k, o_m, o_n, m_m, m_n, CK, stride_qm, stride_qc, stride_
     # The trip count is a runtime one: a constant one is unrolled, and the unrolled chunks'
     # tiles are live at once. m_n: the block's valid positions (MASK_N; None otherwise).
     o_c = tl.arange(0, CHUNK_CK)
-    o_q = tile_offsets(o_m, o_c, stride_qm, stride_qc, I64)  # [BLOCK_M, CHUNK_CK]
     o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [CHUNK_CK, BLOCK_N]
-    m_q = m_m[:, None]
-    if MASK_N:
-        m_k = m_n[None, :]
     b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for first_c in range(0, CK, CHUNK_CK):
         m_c = (first_c + o_c) < CK
-        b_q = tl.load(p_q + o_q, mask=m_q & m_c[None, :], other=0.0)
-        if MASK_N:
-            b_k = tl.load(p_k + o_k, mask=m_c[:, None] & m_k, other=0.0)
-        else:
-            b_k = tl.load(p_k + o_k, mask=m_c[:, None], other=0.0)
+        b_q = query_block(p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64)
+        b_k = key_tile(p_k, o_k, m_c[:, None], m_n, MASK_N)
         b_s += dot(b_q, b_k, PRECISION, UPCAST)
         p_q += stride_qc.to(tl.int64) * CHUNK_CK
         p_k += stride_kc.to(tl.int64) * CHUNK_CK
