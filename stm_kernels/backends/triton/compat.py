@@ -55,7 +55,11 @@ def local_memory_bytes(compiled):
     load = getattr(compiled, "_init_handles", None)
     if load is not None:
         load()
-    words = getattr(compiled, "n_spills", None)
+    return _local_bytes(compiled)
+
+
+def _local_bytes(compiled):
+    words = getattr(compiled, "n_spills", None)  # the driver's local size / 4
     return None if words is None else 4 * int(words)
 
 
@@ -63,7 +67,7 @@ def compiled_resources(compiled):
     """(registers, bytes of local memory) per thread of a launched kernel (what `kernel[grid]
     (...)` returns, loaded by its launch), or None where it says neither (the interpreter
     returns no compiled kernel)."""
-    registers, words = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
-    if registers is None or words is None:
+    registers, local = getattr(compiled, "n_regs", None), _local_bytes(compiled)
+    if registers is None or local is None:
         return None
-    return int(registers), 4 * int(words)
+    return int(registers), local

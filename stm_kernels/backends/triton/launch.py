@@ -114,7 +114,7 @@ def _note_resources(call, kernel, config, found):
     device, kernel and config: its compiles for other dtypes or similarities differ)."""
     if found is None:
         return
-    key = (str(call.device), kernel.__name__, config)
+    key = (call.device, kernel.__name__, config)
     seen = _resources.get(key, (0, 0))
     _resources[key] = (max(seen[0], found[0]), max(seen[1], found[1]))
 
@@ -123,7 +123,8 @@ def compiled_resources():
     """{(device, kernel function name, config): (registers, local bytes per thread)} of the
     compiled kernels this process launched, as the driver reports them (the self-test's
     record; empty where nothing was compiled, as in the interpreter)."""
-    return dict(_resources)
+    return {(str(device), kernel, config): found
+            for (device, kernel, config), found in _resources.items()}
 
 
 @contextlib.contextmanager
