@@ -242,10 +242,12 @@ def _segment_parser(parser):
 def _model_arguments(parser, device_help):
     """--checkpoint, --random-weights, --config, --device: the model a segmenting command
     runs, and where."""
-    parser.add_argument("--checkpoint", help="the model: small (the trained small STM shipped "
-                                             "with the package; the default), "
-                                             "small-interactive, the official "
-                                             "STM_weights.pth or an stm-kernels checkpoint")
+    parser.add_argument("--checkpoint", help="the model: small (the small STM shipped with "
+                                             "the package, trained on synthetic video; the "
+                                             "default), official (the authors' released "
+                                             "weights, downloaded once into the user cache), "
+                                             "small-interactive, or a file: STM_weights.pth "
+                                             "or an stm-kernels checkpoint")
     parser.add_argument("--random-weights", action="store_true",
                         help="an untrained network of --config instead (for training "
                              "experiments: its masks are meaningless)")
@@ -282,8 +284,11 @@ def _overlay_argument(parser):
 
 def _interactive_checkpoint_argument(parser):
     parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
-                                             "with the package; the default) or a checkpoint "
-                                             "file")
+                                             "with the package, trained on synthetic video; "
+                                             "the default), a checkpoint file, or official "
+                                             "(the authors' semi-supervised weights, "
+                                             "downloaded once; its scribble channels are "
+                                             "untrained)")
 
 
 def _dataset_parser(parser):

@@ -6,9 +6,8 @@ import time
 
 from stm_model.annotate.server import STATE_FOLDER, AnnotationServer
 from stm_model.cli import UsageError
-from stm_model.commands.common import checkpoint_path, device_named
+from stm_model.commands.common import device_named, load_model
 from stm_model.io.files import can_write_into
-from stm_model.network.checkpoint import load_checkpoint
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -28,7 +27,7 @@ def annotate(args):
     saved = output / STATE_FOLDER / "session.json"
     if args.restart and saved.exists():
         saved.unlink()
-    model = load_checkpoint(checkpoint_path(args.checkpoint or "small-interactive"), device)
+    model = load_model(args.checkpoint or "small-interactive", device)
     try:
         server = AnnotationServer(source, output, model, port=args.port, host=args.host,
                                   max_internal_size=args.max_internal_size,

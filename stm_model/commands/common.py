@@ -8,7 +8,8 @@ from stm_model import metrics
 from stm_model.cli import UsageError
 from stm_model.inference import options as options_module
 from stm_model.io.files import can_write_into
-from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
+from stm_model.network.checkpoint import (OFFICIAL, SHIPPED, OfficialWeightsUnavailable,
+                                          load_checkpoint, resolve_checkpoint)
 from stm_model.network.stm import STM, STMConfig
 from stm_model.runtime.devices import autocast_is_slow, resolve_device
 
@@ -36,18 +37,33 @@ def warn_if_autocast_on_cpu(amp, device):
               f"native {amp} matrix instructions); drop --amp here", file=sys.stderr)
 
 
-def checkpoint_path(name):
-    """The file of a --checkpoint value (a shipped model's name or a path), or UsageError."""
+def checkpoint_path(name, show_progress=True):
+    """The file of a --checkpoint value (a shipped model's name, official: downloaded on first
+    use, with a progress bar, or a path), or UsageError; a download that fails is one line
+    (OSError)."""
     try:
-        return resolve_checkpoint(name)
+        return resolve_checkpoint(name, show_progress=show_progress)
+    except OfficialWeightsUnavailable:
+        raise
     except FileNotFoundError as error:
         raise UsageError(f"--checkpoint: {error}") from None
+
+
+def load_model(name, device, quiet=False):
+    """The model of a --checkpoint value on device, in eval mode; a shipped model trained on
+    synthetic video only says so in one line (on stderr), naming --checkpoint official."""
+    path = checkpoint_path(name, show_progress=not quiet)
+    if path in SYNTHETIC_ONLY:
+        print(f"note: the shipped model {name} was trained on synthetic videos only and does "
+              "not follow objects in real video; --checkpoint official segments with the "
+              "authors' released weights (downloaded once)", file=sys.stderr)
+    return load_checkpoint(path, device)
 
 
 def build_model(args, device):
     warn_if_autocast_on_cpu(getattr(args, "amp_dtype", None), device)
     if not args.random_weights:
-        return load_checkpoint(checkpoint_path(args.checkpoint or "small"), device)
+        return load_model(args.checkpoint or "small", device, getattr(args, "quiet", False))
     print("warning: --random-weights: an untrained network, for training experiments; its "
           "masks are meaningless (drop it to segment with the trained small model)",
           file=sys.stderr)
@@ -62,9 +78,12 @@ def check_model_arguments(args):
     if args.config and not args.random_weights:
         raise UsageError("--config applies with --random-weights (a checkpoint holds its own "
                          "size)")
-    if not args.random_weights:
+    if not args.random_weights and args.checkpoint != OFFICIAL:  # downloaded when loaded
         checkpoint_path(args.checkpoint or "small")
 
+
+# The shipped models trained on synthetic video only (load_model notes it on real frames).
+SYNTHETIC_ONLY = (SHIPPED["small"], SHIPPED["small-interactive"])
 
 OVERLAY_FILES = ("overlay.mp4", "overlay.gif")  # `stm segment`'s overlay outputs, besides
                                                 # the folder overlay/ of PNGs

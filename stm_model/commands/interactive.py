@@ -10,24 +10,22 @@ from PIL import Image
 
 from stm_model import io as video_io
 from stm_model.cli import UsageError
-from stm_model.commands.common import (check_output, checkpoint_path, clear_output,
-                                       device_named, overlay_writer, warn_if_autocast_on_cpu)
+from stm_model.commands.common import (check_output, clear_output, device_named, load_model,
+                                       overlay_writer, warn_if_autocast_on_cpu)
 from stm_model.interactive import robot as interactive_eval
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format
-from stm_model.network.checkpoint import load_checkpoint
 
 
 def interactive_evaluate(args):
     """`stm interactive-eval`: robot rounds per sequence, a table, JSON and a plot."""
-    from stm_model.demo import load_small_model, SMALL_INTERACTIVE_WEIGHTS
+    from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS
     device = device_named(args.device)
     warn_if_autocast_on_cpu(args.amp, device)
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
     _check_interactive_inputs(args)
-    path = checkpoint_path(args.checkpoint or "small-interactive")
-    model = load_checkpoint(path, device) if args.checkpoint else load_small_model(path, device)
+    model = load_model(args.checkpoint or "small-interactive", device)
     results = interactive_eval.evaluate_davis(
         model, args.root, args.sequences, resolution=args.resolution,
         rounds=args.rounds, max_time=args.max_time, at_time=args.at_time,
@@ -111,8 +109,7 @@ def interactive(args):
     source = pathlib.Path(args.input)
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     check_output(output, args.overwrite)
-    path = checkpoint_path(args.checkpoint or "small-interactive")
-    model = load_checkpoint(path, device)
+    model = load_model(args.checkpoint or "small-interactive", device)
     session = InteractiveSession(model, torch.stack([frame.tensor for frame in frames]),
                                  num_objects, line_width=args.line_width,
                                  max_internal_size=args.max_internal_size,

@@ -4,6 +4,7 @@ The official state dict (the released STM_weights.pth: Encoder_M, Encoder_Q, KV_
 Decoder) names modules after the official code; OFFICIAL_NAMES maps each official name prefix
 onto this project's module names. It is the only place that knows the official names.
 """
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -15,6 +16,7 @@ import torch
 
 from stm_kernels.options import BACKENDS, SIMILARITIES
 
+from stm_model.io.download import download
 from stm_model.io.files import write_atomically
 from stm_model.network.stm import STM, STMConfig
 
@@ -82,12 +84,24 @@ def load_official_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
                              device: Union[str, torch.device] = "cpu") -> STM:
     """The official STM (ResNet-50, keys 128, values 512) with the authors' weights, in eval mode.
 
-    Accepts the released `STM_weights.pth` (a path) or its state dict: keys with or without the
-    `module.` prefix of nn.DataParallel, with or without BatchNorm `num_batches_tracked` buffers.
+    Accepts "official" (the released file, downloaded into the user cache on first use: see
+    official_weights), the released `STM_weights.pth` (a path) or its state dict: keys with or
+    without the `module.` prefix of nn.DataParallel, with or without BatchNorm
+    `num_batches_tracked` buffers.
     A file that is not that checkpoint raises CheckpointError listing missing and unexpected
     keys, or the key whose shape differs.
     """
-    state = _read_state_dict(path_or_state_dict)
+    if isinstance(path_or_state_dict, str) and path_or_state_dict == OFFICIAL:
+        path_or_state_dict = official_weights()
+    mapped, unexpected = _renamed_official(_read_state_dict(path_or_state_dict))
+    model = STM(STMConfig())
+    _load_into(model, mapped, unexpected, source="the official STM checkpoint",
+               describe=ours_to_official)
+    return model.to(device).eval()
+
+
+def _renamed_official(state):
+    """(state under our names, the official keys that map to none of ours)."""
     mapped, unexpected = {}, []
     for name, tensor in state.items():
         ours = official_to_ours(name)
@@ -95,10 +109,7 @@ def load_official_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
             unexpected.append(name)
         else:
             mapped[ours] = tensor
-    model = STM(STMConfig())
-    _load_into(model, mapped, unexpected, source="the official STM checkpoint",
-               describe=ours_to_official)
-    return model.to(device).eval()
+    return mapped, unexpected
 
 
 def save_checkpoint(model: STM, path: Union[str, os.PathLike],
@@ -123,15 +134,112 @@ WEIGHTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = {"small": WEIGHTS_DIR / "stm_small_synthetic.pt",
            "small-interactive": WEIGHTS_DIR / "stm_small_interactive.pt"}
 
+# The authors' released weights, as the official repository's README links them; fetched on
+# first use of the name "official" into the user cache (official_weights).
+OFFICIAL = "official"
+OFFICIAL_URL = "https://www.dropbox.com/s/mtfxdr93xc3q55i/STM_weights.pth?dl=1"
+OFFICIAL_FILE = "STM_weights.pth"
+CACHE_ENV = "STM_KERNELS_CACHE"  # overrides the cache folder (default ~/.cache/stm-kernels)
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> pathlib.Path:
-    """The file of a checkpoint named by a shipped model's name ("small", "small-interactive")
-    or by a path; FileNotFoundError naming the choices when it is neither."""
+
+class OfficialWeightsUnavailable(OSError):
+    """The official weights could not be downloaded (offline, refused, cut short)."""
+
+
+def cache_dir() -> pathlib.Path:
+    """Where downloaded weights are kept: $STM_KERNELS_CACHE, else $XDG_CACHE_HOME/stm-kernels,
+    else ~/.cache/stm-kernels (the XDG base-directory convention torch.hub and pip follow)."""
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path("~/.cache").expanduser()
+    return pathlib.Path(base) / "stm-kernels"
+
+
+def official_weights(url: Optional[str] = None, show_progress: bool = True) -> pathlib.Path:
+    """The path of the authors' released STM_weights.pth in the cache, downloaded on first use.
+
+    The download goes to STM_weights.pth.part (continued after an interruption), is checked
+    against the official key list and shapes, and only then renamed to STM_weights.pth, so the
+    cache never holds a partial or foreign file under that name. A file that arrives complete
+    but is not the official checkpoint is deleted (CheckpointError); a download that cannot
+    complete raises OfficialWeightsUnavailable, one line naming the URL, the path to put the
+    file at by hand, and the shipped model."""
+    url = url or OFFICIAL_URL
+    path = cache_dir() / OFFICIAL_FILE
+    if path.is_file():
+        return path
+    partial = path.with_name(path.name + ".part")
+    try:
+        with _locked(path.with_name(path.name + ".lock")):  # one download per cache
+            if path.is_file():  # another process finished it while this one waited
+                return path
+            download(url, partial, show_progress=show_progress, description=OFFICIAL_FILE)
+            try:
+                check_official_file(partial)
+            except CheckpointError as error:
+                partial.unlink(missing_ok=True)
+                raise CheckpointError(f"the file downloaded from {url} is not the official "
+                                      f"STM checkpoint and was deleted ({error})") from None
+            os.replace(partial, path)
+    except OSError as error:  # DownloadError, or the cache folder cannot be written
+        kept = " (the part received is kept: run again to continue)" if partial.exists() else ""
+        raise OfficialWeightsUnavailable(
+            f"cannot download the official STM weights from {url}: {error}{kept}; download "
+            f"the file by hand to {path}, or use the shipped model (--checkpoint small)"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def _locked(lock_path):
+    """An exclusive lock on lock_path (fcntl.flock; a no-op where fcntl is absent), so that
+    processes started together (torchrun ranks) download once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_official_file(path: Union[str, os.PathLike]) -> None:
+    """CheckpointError unless the file holds the official STM state dict: the official keys
+    (with or without 'module.'), each with its shape. Reads the file memory-mapped: the check
+    costs no copy of the weights."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise CheckpointError(f"could not read {os.fspath(path)!r} as a PyTorch checkpoint: "
+                              f"{_why_unreadable(path, error)}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{os.fspath(path)!r} is not a state dict (name -> tensor)")
+    mapped, unexpected = _renamed_official(state)
+    with torch.device("meta"):
+        skeleton = STM(STMConfig())
+    _check_state(skeleton.state_dict(), mapped, unexpected, "the file", ours_to_official)
+
+
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike],
+                       show_progress: bool = True) -> pathlib.Path:
+    """The file of a checkpoint named by a shipped model's name ("small", "small-interactive"),
+    by "official" (the authors' weights: official_weights, downloaded on first use) or by a
+    path; FileNotFoundError naming the choices when it is none of them."""
     if str(name_or_path) in SHIPPED:
         return SHIPPED[str(name_or_path)]
+    if str(name_or_path) == OFFICIAL:
+        return official_weights(show_progress=show_progress)
     path = pathlib.Path(name_or_path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint {str(name_or_path)!r}: give a file, or one of "
+        raise FileNotFoundError(f"no checkpoint {str(name_or_path)!r}: give a file, "
+                                f"{OFFICIAL} (the authors' weights, downloaded once), or one of "
                                 f"the shipped models {', '.join(SHIPPED)}")
     return path
 
