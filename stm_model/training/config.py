@@ -14,19 +14,26 @@ DESCRIPTION = ("STM main training: clips of frames, each later frame segmented f
 # "encoders" recomputes the two encoders in the backward; "all" also each frame's head and
 # memory encoding (ClipForward); the memory read keeps only its inputs either way
 CHECKPOINTING = ("none", "encoders", "all")
-MODELS = ("small", "official")
+MODELS = ("small", "small-real", "official")
 # the TrainConfig fields that take one of a few names
 CHOICES = {"model": MODELS, "checkpointing": CHECKPOINTING, "read_backend": BACKENDS}
 # flags named otherwise than their field: --size is a segmenting size in the other commands
 FLAGS = {"size": "--clip-size"}
+# the TrainConfig fields that take a list of names (any number, as the flag's arguments)
+NAME_LISTS = ("sequences",)
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in its checkpoints)."""
     output: str = "runs/small"
-    model: str = "small"               # "small" (STMConfig.small()) or "official" (ResNet-50)
+    model: str = "small"               # "small" (STMConfig.small()), "small-real"
+                                       # (STMConfig.small_real()) or "official" (ResNet-50)
     data: str = "synthetic"            # "synthetic" or a DAVIS-format root folder
+    sequences: tuple = ()              # with a DAVIS root: train on these sequences only
+                                       # (empty: all)
+    synthetic_ratio: float = 0.0       # with a DAVIS root: fraction of clips (both stages)
+                                       # drawn from synthetic videos instead
     steps: int = 3000
     static_steps: int = 0              # first steps on static-image clips (pre-training stage)
     batch_size: int = 8
@@ -40,6 +47,7 @@ class TrainConfig:
     grad_clip: float = 3.0
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
     checkpointing: str = "none"        # activation checkpointing: none, encoders or all
+    freeze_bn: bool = False            # encoders' BatchNorm statistics kept (eval mode)
     read_backend: str = "auto"
     interactive: bool = False          # the interactive STM on synthesised scribbles
     init_from: str = ""                # start from this checkpoint's weights (e.g. the
@@ -51,15 +59,23 @@ class TrainConfig:
 
     def __post_init__(self):
         self.size, self.max_skip = tuple(self.size), tuple(self.max_skip)
+        if isinstance(self.sequences, str):
+            self.sequences = tuple(name for name in self.sequences.split(",") if name)
+        self.sequences = tuple(self.sequences)
         _check_train_config(self)
 
 
 # The command-line help of each TrainConfig field (`stm train --help`).
 HELP = dict(
     output="run folder: checkpoint.pt (resumable), model.pt (the trained model), metrics.csv",
-    model="network size: small (torchvision ResNet-18 blocks, ~3M parameters) or official "
-          "(ResNet-50)",
+    model="network size: small (torchvision ResNet-18 blocks, ~3M parameters), small-real "
+          "(EfficientNet-Lite0 encoders from ImageNet weights, needs stm-kernels[train]) or "
+          "official (ResNet-50)",
     data="training videos: synthetic (generated, deterministic) or a DAVIS-format root",
+    sequences="with a DAVIS-format root: the sequences to train on (default: all); the "
+              "static-image stage takes its images from the same ones",
+    synthetic_ratio="with a DAVIS-format root: the fraction of clips (static and video stage) "
+                    "taken from synthetic videos instead",
     steps="optimiser steps", static_steps="first steps on static-image clips (pre-training)",
     batch_size="clips per step (over all processes)", clip_len="frames per clip",
     size="clip frame size H W (the frames are resized to it)",
@@ -70,6 +86,8 @@ HELP = dict(
     warmup_steps="linear learning-rate warm-up steps", grad_clip="gradient norm clip",
     amp="bf16 autocast on CUDA (ignored on a CPU)",
     checkpointing="activation checkpointing: none, encoders or all (less memory, more time)",
+    freeze_bn="keep the encoders' BatchNorm statistics (eval mode; their scale and shift still "
+              "train): for pretrained encoders and small batches",
     read_backend="memory read implementation", interactive="train the interactive STM on "
     "synthesised scribbles", init_from="start from this checkpoint's weights (e.g. the "
     "semi-supervised model for the interactive one)", seed="seed of data and initialisation",
@@ -94,6 +112,12 @@ def _check_train_config(config):
     if len(config.max_skip) != 3 or min(config.max_skip) < 1:
         raise ValueError("max_skip must be three skips (start, peak, end) of at least 1; got "
                          f"{config.max_skip}")
+    if config.sequences and config.data == "synthetic":
+        raise ValueError("sequences needs a DAVIS-format data root; data is synthetic")
+    if not all(isinstance(name, str) and name for name in config.sequences):
+        raise ValueError(f"sequences must be sequence names; got {config.sequences}")
+    if not 0 <= config.synthetic_ratio <= 1:
+        raise ValueError(f"synthetic_ratio must be in [0, 1]; got {config.synthetic_ratio}")
 
 
 def add_arguments(parser):
@@ -102,7 +126,10 @@ def add_arguments(parser):
     for field in dataclasses.fields(TrainConfig):
         name = FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
         text = HELP[field.name]
-        if field.type is bool or isinstance(field.default, bool):
+        if field.name in NAME_LISTS:
+            parser.add_argument(name, nargs="*", default=field.default, dest=field.name,
+                                metavar="NAME", help=text)
+        elif field.type is bool or isinstance(field.default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction,
                                 default=field.default, dest=field.name, help=text)
         elif isinstance(field.default, tuple):

@@ -4,7 +4,8 @@ Every dataset item is a dict with `frames` (T, 3, H, W) float32 RGB in [0, 1], `
 (T, H, W) int64 object ids 1..n (0 = background) and `num_objects` n, and is deterministic
 from (dataset seed, index), so training resumes and distributes without sampler state.
 `collate_clips` batches items for `ClipForward`. `InteractiveClips` adds synthesised scribbles
-for the interactive model.
+for the interactive model. `DavisFrames` gives a DAVIS folder's annotated frames as the images
+of `StaticImageClips`; `MixedClips` draws each item from one of two datasets.
 
 Seed convention: training videos use synthetic seeds below HELD_OUT_SEEDS; evaluation and the
 demo use HELD_OUT_SEEDS + s, videos no training clip ever saw.
@@ -90,25 +91,31 @@ class SyntheticClips(_Clips):
 
 class StaticImageClips(_Clips):
     """STM's pre-training stage: one image and its mask, turned into a clip by random affine
-    and colour transforms per frame. `source[i]` gives (image float (H, W, 3), labels (H, W));
-    the default source renders random synthetic frames."""
+    and colour transforms per frame. `source[i]` gives (image float (H, W, 3) in [0, 1], labels
+    (H, W)), e.g. DavisFrames; each item takes a random one, resized (aspect kept) to just cover
+    `size` and randomly cropped to it (as DavisClips). The default source renders random
+    synthetic frames at `size`."""
 
     def __init__(self, length, clip_len=3, size=(128, 128), max_objects=3, seed=0, source=None,
                  min_pixels=20):
         super().__init__(length, clip_len, size, max_objects, 1, seed, min_pixels)
         self.source = source
 
-    def _image(self, rng, index):
+    def _image(self, rng):
         if self.source is not None:
-            return self.source[index % len(self.source)]
+            image, labels = self.source[int(rng.integers(len(self.source)))]
+            frames = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+            masks = torch.from_numpy(np.asarray(labels, dtype=np.int64))[None, None]
+            frames, masks = _cover_crop(frames, masks, self.size, rng, self.min_pixels)
+            return frames[0], masks[0]
         video = SyntheticVideo(int(rng.integers(HELD_OUT_SEEDS)), *self.size)
-        return video.render(int(rng.integers(0, 3000)))
+        image, labels = video.render(int(rng.integers(0, 3000)))
+        return (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+                torch.from_numpy(np.asarray(labels, dtype=np.int64))[None])
 
     def __getitem__(self, index):
         rng = np.random.default_rng((self.seed, index, 1))
-        image, labels = self._image(rng, index)
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))[None]
+        image, labels = self._image(rng)
         frames, masks = [], []
         for t in range(self.clip_len):
             identity = t == 0
@@ -132,20 +139,73 @@ class StaticImageClips(_Clips):
         return _item(np.stack(frames), labels, count)
 
 
+def davis_sequences(root, resolution="480p", sequences=None):
+    """(JPEG folder, annotation folder, {sequence: frame paths}) of a DAVIS-format root:
+    <root>/JPEGImages/<res>/<seq>/*.jpg with masks in <root>/Annotations/<res>/<seq>/*.png.
+    `sequences` (names) restricts it to those (None or empty: all); ValueError naming any that
+    the root lacks, FileNotFoundError when it holds none."""
+    root = pathlib.Path(root)
+    images, annotations = root / "JPEGImages" / resolution, root / "Annotations" / resolution
+    if not annotations.is_dir():
+        raise FileNotFoundError(f"no sequences in {annotations}")
+    available = sorted(p.name for p in annotations.iterdir() if p.is_dir())
+    if sequences:
+        unknown = sorted(set(sequences) - set(available))
+        if unknown:
+            raise ValueError(f"sequences {', '.join(unknown)} are not in {annotations} (it has "
+                             f"{', '.join(available) or 'none'})")
+        available = [name for name in available if name in set(sequences)]
+    if not available:
+        raise FileNotFoundError(f"no sequences in {annotations}")
+    return images, annotations, {name: video_io.list_frames(images / name) for name in available}
+
+
+def _cover_crop(frames, masks, size, rng, min_pixels, tries=5):
+    """frames (T, 3, H, W) float and masks (T, 1, H, W) int resized (aspect kept) to just cover
+    size and cropped to it at a random place; up to `tries` places are drawn until frame 0 keeps
+    an object of min_pixels. Returns (frames (T, 3, h, w), masks (T, 1, h, w))."""
+    height, width = frames.shape[-2:]
+    factor = max(size[0] / height, size[1] / width)
+    resized = [math.ceil(height * factor), math.ceil(width * factor)]
+    frames = TF.resize(frames, resized, antialias=True)
+    masks = TF.resize(masks, resized, interpolation=TF.InterpolationMode.NEAREST)
+    for _ in range(tries):
+        top = int(rng.integers(0, resized[0] - size[0] + 1))
+        left = int(rng.integers(0, resized[1] - size[1] + 1))
+        crop = masks[..., top:top + size[0], left:left + size[1]]
+        ids, counts = np.unique(crop[0].numpy(), return_counts=True)
+        if ((ids != 0) & (counts >= min_pixels)).any():
+            break
+    return frames[..., top:top + size[0], left:left + size[1]], crop
+
+
+class DavisFrames:
+    """The annotated frames of a DAVIS-format folder (see davis_sequences), as the images of
+    StaticImageClips: item i is (image float32 (H, W, 3) in [0, 1], labels int64 (H, W))."""
+
+    def __init__(self, root, sequences=None, resolution="480p"):
+        _, self.annotations, frames = davis_sequences(root, resolution, sequences)
+        self.sequences = list(frames)
+        self.items = [(name, path) for name, paths in frames.items() for path in paths]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        name, path = self.items[index]
+        image = video_io.load_image(path).astype(np.float32) / 255
+        return image, video_io.read_mask(self.annotations / name / f"{path.stem}.png")
+
+
 class DavisClips(_Clips):
-    """Clips from a DAVIS-format folder: <root>/JPEGImages/<res>/<seq>/*.jpg with masks in
-    <root>/Annotations/<res>/<seq>/*.png on every frame (palette or DAVIS-2016 'L'); frames
-    are resized (aspect kept) to just cover `size` and randomly cropped to it."""
+    """Clips from a DAVIS-format folder (see davis_sequences; masks on every frame, palette or
+    DAVIS-2016 'L'), restricted to `sequences` when given; frames are resized (aspect kept) to
+    just cover `size` and randomly cropped to it."""
 
     def __init__(self, root, length, clip_len=3, size=(384, 384), max_objects=3, max_skip=5,
-                 seed=0, resolution="480p", min_pixels=100):
-        root = pathlib.Path(root)
-        images, annotations = root / "JPEGImages" / resolution, root / "Annotations" / resolution
-        self.sequences = sorted(p.name for p in annotations.iterdir() if p.is_dir())
-        if not self.sequences:
-            raise FileNotFoundError(f"no sequences in {annotations}")
-        self.frames = {name: video_io.list_frames(images / name) for name in self.sequences}
-        self.annotations = annotations
+                 seed=0, resolution="480p", min_pixels=100, sequences=None):
+        _, self.annotations, self.frames = davis_sequences(root, resolution, sequences)
+        self.sequences = list(self.frames)
         super().__init__(length, clip_len, size, max_objects, max_skip, seed, min_pixels)
 
     def __getitem__(self, index):
@@ -165,17 +225,27 @@ class DavisClips(_Clips):
                   for i in picks]
         frames = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
         masks = torch.from_numpy(np.stack(labels))[:, None]
-        height, width = frames.shape[-2:]
-        factor = max(self.size[0] / height, self.size[1] / width)
-        resized = [math.ceil(height * factor), math.ceil(width * factor)]
-        frames = TF.resize(frames, resized, antialias=True)
-        masks = TF.resize(masks, resized, interpolation=TF.InterpolationMode.NEAREST)
-        top = int(rng.integers(0, resized[0] - self.size[0] + 1))
-        left = int(rng.integers(0, resized[1] - self.size[1] + 1))
-        frames = frames[..., top:top + self.size[0], left:left + self.size[1]]
-        masks = masks[:, 0, top:top + self.size[0], left:left + self.size[1]].numpy()
-        labels, count = _choose_objects(masks, rng, self.max_objects, self.min_pixels)
+        frames, masks = _cover_crop(frames, masks, self.size, rng, self.min_pixels)
+        labels, count = _choose_objects(masks[:, 0].numpy(), rng, self.max_objects,
+                                        self.min_pixels)
         return _item(frames.permute(0, 2, 3, 1).numpy(), labels, count)
+
+
+class MixedClips(torch.utils.data.Dataset):
+    """Item i from `second` with probability `ratio` (drawn from (seed, i)), else from `first`;
+    both datasets give item i deterministically and have the same length."""
+
+    def __init__(self, first, second, ratio, seed=0):
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be in [0, 1]; got {ratio}")
+        self.first, self.second, self.ratio, self.seed = first, second, ratio, seed
+
+    def __len__(self):
+        return len(self.first)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, index, 4))
+        return (self.second if rng.random() < self.ratio else self.first)[index]
 
 
 class InteractiveClips(torch.utils.data.Dataset):

@@ -32,8 +32,9 @@ from stm_model.io.files import remove_temporary_files
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.training.clip_forward import ClipForward
 from stm_model.training.config import DESCRIPTION, TrainConfig, add_arguments
-from stm_model.training.datasets import (DavisClips, InteractiveClips, StaticImageClips,
-                                         SyntheticClips, collate_clips, max_skip_schedule)
+from stm_model.training.datasets import (DavisClips, DavisFrames, InteractiveClips, MixedClips,
+                                         StaticImageClips, SyntheticClips, collate_clips,
+                                         max_skip_schedule)
 from stm_model.network.stm import STM, STMConfig, load_into_interactive
 
 CHECKPOINT = "checkpoint.pt"
@@ -58,7 +59,9 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 def build_dataset(config, world_size=1):
-    """Item i belongs to step i // (batch · world); the max-skip curriculum follows the step."""
+    """Item i belongs to step i // (batch · world); the max-skip curriculum follows the step.
+    With a DAVIS root, both stages read its `sequences` (the static one their annotated frames)
+    and take a `synthetic_ratio` fraction of their clips from synthetic videos instead."""
     per_step = config.batch_size * world_size
     length = config.steps * per_step
 
@@ -66,13 +69,22 @@ def build_dataset(config, world_size=1):
         return max(1, max_skip_schedule(index // per_step, config.steps, *config.max_skip))
     common = dict(clip_len=config.clip_len, size=config.size, max_objects=config.max_objects,
                   seed=config.seed)
-    if config.data == "synthetic":
-        videos = SyntheticClips(length, max_skip=max_skip, **common)
-    else:
-        videos = DavisClips(config.data, length, max_skip=max_skip, **common)
-    if config.static_steps:
-        videos = _Staged(StaticImageClips(length, **common), videos,
-                         config.static_steps * per_step)
+    videos = SyntheticClips(length, max_skip=max_skip, **common)
+    static = StaticImageClips(length, **common) if config.static_steps else None
+    if config.data != "synthetic":
+        synthetic_videos, synthetic_static = videos, static
+        videos = DavisClips(config.data, length, max_skip=max_skip,
+                            sequences=config.sequences, **common)
+        if static is not None:
+            static = StaticImageClips(length, source=DavisFrames(config.data, config.sequences),
+                                      **common)
+        if config.synthetic_ratio:
+            videos = MixedClips(videos, synthetic_videos, config.synthetic_ratio, config.seed)
+            if static is not None:
+                static = MixedClips(static, synthetic_static, config.synthetic_ratio,
+                                    config.seed)
+    if static is not None:
+        videos = _Staged(static, videos, config.static_steps * per_step)
     return InteractiveClips(videos, seed=config.seed) if config.interactive else videos
 
 
@@ -91,8 +103,12 @@ class _Staged(torch.utils.data.Dataset):
 
 def build_model(config):
     """The STM to train; with init_from, its weights (an interactive model built from a
-    semi-supervised one gets the zero-initialised scribble conv on top)."""
-    model_config = STMConfig.small() if config.model == "small" else STMConfig()
+    semi-supervised one gets the zero-initialised scribble conv on top); otherwise small-real
+    starts from the ImageNet weights of its EfficientNet-Lite0 encoders."""
+    if config.model == "small-real":
+        model_config = STMConfig.small_real(pretrained_backbone=not config.init_from)
+    else:
+        model_config = STMConfig.small() if config.model == "small" else STMConfig()
     model_config = dataclasses.replace(model_config, read_backend=config.read_backend,
                                        interactive=config.interactive)
     model = STM(model_config)
@@ -100,6 +116,15 @@ def build_model(config):
         load_into_interactive(model, load_checkpoint(config.init_from).state_dict(),
                               source=f"the weights of --init-from {config.init_from}")
     return model
+
+
+def freeze_encoder_batch_norms(model):
+    """Put the encoders' BatchNorm layers in eval mode: they normalise with their running
+    statistics, which stay as they are; their scale and shift still train."""
+    for encoder in (model.memory_encoder, model.query_encoder):
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def clip_loss(forward, batch, device, amp_dtype=None):
@@ -167,6 +192,8 @@ def train(config, show_progress=True):
     output = pathlib.Path(config.output)
     torch.manual_seed(config.seed)
     model = build_model(config).to(device).train()
+    if config.freeze_bn:
+        freeze_encoder_batch_norms(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
