@@ -13,6 +13,7 @@ from stm_model.commands.common import (build_model, check_model_arguments, devic
 from stm_model.commands.evaluate import evaluate_results
 from stm_model.inference import dataset_runs as dataset_segmentation
 from stm_model.inference.batch_segmenter import BatchSegmenter
+from stm_model.inference.resize import model_internal_size
 from stm_model.runtime import cpu_allocator, distributed
 from stm_model.runtime.devices import peak_memory_bytes
 
@@ -61,7 +62,7 @@ def segment_dataset(args):
         start = time.perf_counter()
         summaries = dataset_segmentation.segment_sequences(
             segmenter, mine, args.output, args.batch_size,
-            max_internal_size=args.max_internal_size,
+            max_internal_size=model_internal_size(model, args.max_internal_size),
             workers=args.workers, show_progress=context.is_main and not args.quiet,
             rank=context.rank, max_objects=args.max_objects)
         info = dict(rank=context.rank, device=str(device),
@@ -82,7 +83,7 @@ def segment_dataset(args):
     write_json(pathlib.Path(args.output) / "segment_summary.json", dict(
         sequences=summaries, skipped=plan["complete"], ranks=ranks,
         batch_size=args.batch_size, world_size=context.world_size,
-        max_internal_size=args.max_internal_size,
+        max_internal_size=model_internal_size(model, args.max_internal_size),
         checkpoint=None if args.random_weights else (args.checkpoint or "small"),
         mem_every=args.mem_every, masks=args.masks))
     if args.eval:

@@ -23,6 +23,14 @@ def checked_max_internal_size(max_internal_size):
     return max_internal_size
 
 
+def model_internal_size(model, max_internal_size):
+    """The max_internal_size a session runs at: the caller's, else the model's own
+    (STMConfig.internal_size, the size it was trained at; None: the frames' size)."""
+    if max_internal_size is not None:
+        return max_internal_size
+    return getattr(getattr(model, "config", None), "internal_size", None)
+
+
 def internal_size(size, max_internal_size):
     """(height, width) the network sees for a frame of `size`: unchanged when its shorter side
     is at most max_internal_size (or that is None), else scaled so that the shorter side is

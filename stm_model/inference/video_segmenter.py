@@ -40,7 +40,7 @@ from stm_model.memory.bank import MemoryBank
 from stm_model.memory.schedule import PendingFrame, is_kept
 from stm_model.inference.options import SegmenterOptions
 from stm_model.network.stm import STM, pad_to_multiple, soft_aggregate, unpad
-from stm_model.inference.resize import (downsample_probs, internal_size,
+from stm_model.inference.resize import (downsample_probs, internal_size, model_internal_size,
                                         resize_frame, upsample_probs)
 from stm_model.inference.session import SessionCore, checked_frame_and_mask
 from stm_model.runtime.devices import DtypeName
@@ -71,7 +71,7 @@ class VideoSegmenter(SessionCore):
         reverse: the frames come in decreasing order (start_frame, start_frame - 1, ...).
         max_internal_size: run the network on frames whose shorter side is larger than this
             resized to it (stm_model.inference.resize); probabilities come back at the input size.
-            None: the input size.
+            None: the model's own (STMConfig.internal_size), else the input size.
         compile: torch.compile the per-frame work (query encoder, memory read, decoder;
             memory encoder). True: torch.compile's defaults (inductor); a dict: torch.compile
             keyword arguments (e.g. {"mode": "max-autotune"}). The memory length is a dynamic
@@ -97,7 +97,7 @@ class VideoSegmenter(SessionCore):
         self.mem_every, self.max_memory_frames = int(mem_every), max_memory_frames
         self.offload, self.offload_chunk_frames = offload, offload_chunk_frames
         self.shard_memory, self.shard_group = shard_memory, shard_group
-        self.max_internal_size = max_internal_size
+        self.max_internal_size = model_internal_size(model, max_internal_size)
         self._compiled = _Compiled.of(compile)
         self.reset(start_frame, reverse)
 

@@ -35,7 +35,8 @@ from stm_model.interactive import scribbles as scribble_format
 from stm_model.network.stm import (STM, load_into_interactive, pad_to_multiple, soft_aggregate,
                                    unpad)
 from stm_model.memory.query_cache import QueryFeatureCache
-from stm_model.inference.resize import (checked_max_internal_size, internal_size, resize_frame,
+from stm_model.inference.resize import (checked_max_internal_size, internal_size,
+                                        model_internal_size, resize_frame,
                                         upsample_probs)
 from stm_model.inference.session import SessionCore, checked_frames
 from stm_model.runtime.devices import DtypeName, dtype_option
@@ -92,7 +93,8 @@ class InteractiveSession(SessionCore):
         sequence: the video's name (the progress bar's label).
         max_internal_size: segment frames whose shorter side is larger than this resized to
             it (as VideoSegmenter's); scribbles are drawn and masks kept at that size, and
-            labels() come back at the input size. None: the input size.
+            labels() come back at the input size. None: the model's own
+            (STMConfig.internal_size), else the input size.
     """
 
     def __init__(self, model: STM, frames: torch.Tensor, num_objects: int, *,
@@ -105,7 +107,8 @@ class InteractiveSession(SessionCore):
                  max_internal_size: Optional[int] = None) -> None:
         frames = checked_frames(frames)
         self.input_size = tuple(frames.shape[-2:])
-        inner = internal_size(self.input_size, checked_max_internal_size(max_internal_size))
+        inner = internal_size(self.input_size, checked_max_internal_size(
+            model_internal_size(model, max_internal_size)))
         if inner != self.input_size:  # resized once, batch by batch (bounded memory)
             frames = torch.cat([torch.stack([resize_frame(frame, inner) for frame in chunk])
                                 for chunk in frames.split(max(1, int(batch_size)))])

@@ -312,6 +312,9 @@ def _config_problem(name, value):
             return "must be None or 3 ints (blocks in layer1..layer3)"
         if value is not None and not all(1 <= n <= CONFIG_LIMITS[name] for n in value):
             return f"block counts must be in 1..{CONFIG_LIMITS[name]}"
+    elif name == "internal_size":
+        if value is not None and (not _is_int(value) or not 16 <= value <= 8192):
+            return "must be None or an int in 16..8192 (pixels of the shorter side)"
     elif name in ("pretrained_backbone", "interactive"):
         if not isinstance(value, bool):
             return f"must be a bool; got {type(value).__name__}"

