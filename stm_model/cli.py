@@ -20,6 +20,7 @@ network works at).
 import argparse
 import importlib
 import importlib.metadata
+import os
 import re
 import sys
 
@@ -95,6 +96,14 @@ def _count(minimum):
         return value
     parse.__name__ = "count"
     return parse
+
+
+def _port(text):
+    """argparse type: a TCP port number, 0..65535 (0: any free one)."""
+    value = _count(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0..65535; got {value}")
+    return value
 
 
 def _positive_float(text):
@@ -174,7 +183,12 @@ def main(argv=None):
     except SystemExit as exit_:  # --help (0), or a usage error (2) printed by _Parser.error
         return exit_.code
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # the reader of stdout left (`stm eval ... | head`): not an error
+        _silence_stdout()
+        return 0
     except (Interrupted, KeyboardInterrupt) as error:  # Ctrl-C: one line, exit code 130
         _end_progress_bars()
         said = str(error) if isinstance(error, Interrupted) else INTERRUPTED.get(
@@ -195,6 +209,17 @@ def _command(module, function):
         return getattr(importlib.import_module(module), function)(args)
     run.__qualname__ = f"{module}.{function}"
     return run
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null once its reader has gone, so that the interpreter's final
+    flush does not fail again (Python's documented handling of SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (captured, closed)
+        pass
 
 
 def _end_progress_bars():
@@ -354,7 +379,7 @@ def _annotate_parser(parser):
     parser.add_argument("--output", help="folder for the exported masks, scribbles and overlay, "
                                          "and the saved session (default: stm_output/<input "
                                          "name>)")
-    parser.add_argument("--port", type=_count(0), default=8765,
+    parser.add_argument("--port", type=_port, default=8765,
                         help="port of the page (0: any free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on: 127.0.0.1 keeps the page to this "

@@ -2,9 +2,12 @@
 
     server = AnnotationServer("frames/", "out/")    # the shipped small-interactive model
     server.start()                                   # serves on a background thread
-    print(server.url)                                # http://127.0.0.1:PORT/
+    print(server.url)                                # http://127.0.0.1:PORT/?token=SECRET
     ...
     server.stop()
+
+Only the person who started it can use it (stm_model.annotate.security: the token of the
+URL, the Host, Origin and Content-Type checks, as Jupyter's).
 
 The page (static/) draws scribbles and sends each round's new strokes in the DAVIS scribble
 format; a round runs on a worker thread (one at a time) while the page polls its progress
@@ -16,13 +19,15 @@ rounds (the model is deterministic: the same masks) and goes on.
 
 Only the video's frames and the static files are served, by index or from a fixed list of
 names, never by a path taken from the request; files are written only into the output folder.
-Request bodies are bounded (MAX_BODY_BYTES).
+Request bodies are bounded (MAX_BODY_BYTES) and every malformed one is a 400 with a message; a
+client that hangs up mid-answer is not an error.
 """
 import http.server
 import io
 import json
 import pathlib
 import re
+import sys
 import threading
 import time
 import urllib.parse
@@ -33,6 +38,7 @@ import torch
 from PIL import Image
 
 from stm_model import io as video_io
+from stm_model.annotate.security import Guard, Refused, browsable_host, new_token
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format
 from stm_model.interactive.session import InteractiveSession
@@ -74,11 +80,12 @@ class AnnotationServer:
             at most this (InteractiveSession's); masks come back at the frames' size.
         num_objects: objects at the start (the page adds and removes them).
         device: where the model runs (with model None).
+        token: the secret of `url` (None: a fresh random one; see security).
     """
 
     def __init__(self, video, output, model=None, *, port: int = 0, host: str = "127.0.0.1",
                  max_internal_size: Optional[int] = None, num_objects: int = 1,
-                 device="cpu") -> None:
+                 device="cpu", token: Optional[str] = None) -> None:
         reader = video_io.FrameReader(video)
         if reader.paths is not None:
             video_io.check_complete(reader.paths)
@@ -102,16 +109,25 @@ class AnnotationServer:
         self._worker: Optional[threading.Thread] = None
         self._jpegs: dict = {}
         self._masks: dict = {}
-        self._httpd = http.server.ThreadingHTTPServer((host, port), _handler_for(self))
+        self.token = token or new_token()
+        self._httpd = _HTTPServer((host, port), _handler_for(self))
+        self.guard = Guard(self.token, host, self._httpd.server_address[1])
         self._serving: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------------ lifecycle
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """http://HOST:PORT of the server, HOST an address a browser can open (this machine's
+        loopback address for a server on every interface)."""
         host, port = self._httpd.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://{host}:{port}/"
+        return f"http://{browsable_host(host)}:{port}"
+
+    @property
+    def url(self) -> str:
+        """The page's URL with the token: what its user opens."""
+        return f"{self.address}/?token={self.token}"
 
     def start(self) -> None:
         """Serve on a background thread; a continued session's rounds are replayed first (on
@@ -379,8 +395,20 @@ def _handler_for(server: AnnotationServer):
     return Handler
 
 
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    """A ThreadingHTTPServer that lets a client hang up without a traceback in the terminal."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the browser closed the tab or dropped the request: nothing to report
+        super().handle_error(request, client_address)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Routes GET and POST to the AnnotationServer; errors as JSON {"error": message}."""
+    """Routes GET and POST to the AnnotationServer once its guard lets the request through;
+    errors as JSON {"error": message} (plain text for a page)."""
 
     annotation: AnnotationServer
     server_version = "stm-annotate"
@@ -395,19 +423,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _respond(self, route):
+        split = urllib.parse.urlsplit(self.path)
+        path, extra = urllib.parse.unquote(split.path), {}
         try:
-            status, content_type, body = route(urllib.parse.unquote(
-                urllib.parse.urlsplit(self.path).path))
-        except RequestError as error:
-            status, content_type = error.status, "application/json"
-            body = json.dumps({"error": str(error)}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store" if content_type == "application/json"
-                         else "max-age=3600")
-        self.end_headers()
-        self.wfile.write(body)
+            if self.annotation.guard.check(self.command, self.headers, split.query):
+                extra["Set-Cookie"] = self.annotation.guard.set_cookie()
+                if self.command == "GET" and path in ("/", "/index.html"):
+                    # the token leaves the address bar (and the history); the cookie holds it
+                    extra["Location"] = path
+                    raise RequestError(303, "the page is at " + path)
+            status, content_type, body = route(path)
+        except (RequestError, Refused) as error:
+            status = error.status
+            if path.startswith("/api/"):
+                content_type, body = "application/json", json.dumps(
+                    {"error": str(error)}).encode()
+            else:
+                content_type, body = "text/plain; charset=utf-8", f"{error}\n".encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store" if status != 200 or content_type in (
+                "application/json", CONTENT_TYPES[".html"]) else "max-age=3600")
+            for name, value in extra.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except ConnectionError:  # the client hung up: nobody to answer
+            self.close_connection = True
 
     def _get(self, path):
         server = self.annotation
@@ -452,6 +496,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise RequestError(400, "Content-Length must be a number") from None
         if length > MAX_BODY_BYTES:
             raise RequestError(413, f"the request is {length} bytes; at most {MAX_BODY_BYTES}")
+        if length < 0:
+            raise RequestError(400, "Content-Length must not be negative")
         raw = self.rfile.read(length) if length > 0 else b""
         if not raw:
             return {}
@@ -459,6 +505,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestError(400, f"the request body is not JSON: {error}") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is nested too deeply") from None
 
 
 def _field(body, name):

@@ -72,6 +72,8 @@ def evaluate_results(results, annotations, sequences=None, output=None, davis201
             hint = "" if davis2016 else " (--davis2016 scores any object as the foreground)"
             raise UsageError(f"{name}: {message}{hint}") from None
     per_object, global_row = metrics.summarize(scored)
+    # the files first: a reader that closes stdout early (`| head`) must not cost them
+    paths = metrics.write_csvs(pathlib.Path(output or results), per_object, global_row)
     print(metrics.format_table(per_object, global_row))
     for name, result in scored.items():  # a NaN row would otherwise go unexplained
         frames = result["J"].shape[1]
@@ -79,6 +81,5 @@ def evaluate_results(results, annotations, sequences=None, output=None, davis201
             print(f"note: {name} has {frames} annotated frame{'s' * (frames != 1)}: the "
                   "semi-supervised protocol scores frames 1..T-2 (the first is the given "
                   "mask), so none is scored (nan)", file=sys.stderr)
-    paths = metrics.write_csvs(pathlib.Path(output or results), per_object, global_row)
     print("wrote " + " and ".join(map(str, paths)))
     return 0

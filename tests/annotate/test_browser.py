@@ -259,3 +259,68 @@ def test_frames_are_stepped_from_the_keyboard_and_slider_without_loading(browser
         "return performance.getEntriesByType('resource').length") == requests
     times = browser.execute_script("return window.stmAnnotate.switchTimes")
     assert len(times) >= 7 and all(0 <= t < 10_000 for t in times)
+
+
+ATTACKER_PAGE = """<!doctype html><html><body><form id="form" method="POST"
+action="{target}/api/export" target="sink"><input name="x" value="1"></form>
+<iframe name="sink"></iframe><script>
+window.results = {{}};
+async function attempt(name, make) {{
+  try {{ const response = await make(); window.results[name] = "status " + response.status +
+         " " + (await response.text()); }}
+  catch (error) {{ window.results[name] = "blocked"; }}
+}}
+(async () => {{
+  // a text/plain POST needs no preflight: it is sent, with the cookie (same site)
+  await attempt("text", () => fetch("{target}/api/objects", {{method: "POST", mode: "no-cors",
+      credentials: "include", body: JSON.stringify({{num_objects: 7}}),
+      headers: {{"Content-Type": "text/plain"}}}}));
+  // a JSON POST needs a preflight, which no CORS header answers
+  await attempt("json", () => fetch("{target}/api/objects", {{method: "POST",
+      credentials: "include", body: JSON.stringify({{num_objects: 7}}),
+      headers: {{"Content-Type": "application/json"}}}}));
+  // reading the session or a frame from another origin
+  await attempt("read", () => fetch("{target}/api/session", {{credentials: "include"}}));
+  document.getElementById("form").submit();
+  setTimeout(() => {{ window.done = true; }}, 500);
+}})();
+</script></body></html>"""
+
+
+def test_a_page_of_another_origin_cannot_drive_or_read_the_server(browser, serve, tmp_path):
+    """The user has the page open (the cookie is set); a page on another port of the same
+    machine (same site, another origin) tries a no-preflight text/plain POST, a JSON POST, a
+    read of the session and a form POST: nothing changes, nothing is read, nothing is
+    exported; the user's own page still works."""
+    import http.server
+    import threading
+    server, _, _ = serve(objects=2)
+    open_page(browser, server)
+    page = ATTACKER_PAGE.format(target=server.address).encode()
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{attacker.server_address[1]}/")
+        wait_for(browser, "window.done === true")
+        results = browser.execute_script("return window.results")
+    finally:
+        attacker.shutdown()
+        attacker.server_close()
+    assert server.num_objects == 2, results
+    assert not (server.output / "masks").exists() and not list(server.output.glob("overlay*"))
+    assert results["json"] == "blocked" and results["read"] == "blocked", results
+    browser.get(server.address + "/")  # the cookie, not the token, opens the page now
+    wait_for(browser, 'document.body.dataset.ready === "1"')
+    assert browser.execute_script("return window.stmAnnotate.session.num_objects") == 2
+    assert "token" not in browser.current_url

@@ -42,10 +42,13 @@ def server(video, model, tmp_path):
 
 
 def call(server, path, body=None, raw=None):
-    """(status, decoded JSON or bytes) of a GET (no body) or POST."""
+    """(status, decoded JSON or bytes) of a GET (no body) or POST, as the page sends them
+    (the token, a JSON body)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.url.rstrip("/") + path, data=data,
-                                     method="GET" if data is None else "POST")
+    request = urllib.request.Request(server.address + path, data=data,
+                                     method="GET" if data is None else "POST",
+                                     headers={"Authorization": f"token {server.token}",
+                                              "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             status, content = response.status, response.read()
@@ -97,7 +100,8 @@ def test_session_frames_and_the_page(server):
                                   "/static//etc/passwd"])
 def test_only_the_videos_frames_and_the_static_files_are_served(server, path):
     status, reply = call(server, path)
-    assert status == 404 and "error" in reply, (path, reply)
+    assert status == 404, (path, reply)  # JSON for the API, plain text for a page
+    assert "error" in reply if path.startswith("/api/") else b"no such" in reply, reply
 
 
 def test_a_round_gives_the_masks_of_interactive_session(server, video, model):
@@ -141,9 +145,11 @@ def test_bad_bodies_and_sizes(server):
         status, reply = call(server, "/api/objects", {"num_objects": count})
         assert status == 400 and "num_objects" in reply["error"], count
     assert call(server, "/api/objects", {})[0] == 400
-    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    host, port = server.address.split("//")[1].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.putrequest("POST", "/api/round")
+    connection.putheader("Authorization", f"token {server.token}")
+    connection.putheader("Content-Type", "application/json")
     connection.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
     connection.endheaders()  # the server answers from the header, before any body
     response = connection.getresponse()
@@ -251,7 +257,10 @@ def test_stm_annotate_serves_until_ctrl_c_and_refuses_bad_input(video, tmp_path,
         line = process.stdout.readline()
         assert "stm annotate: open http://127.0.0.1:" in line, (line, process.stderr.read())
         url = line.split("open ")[1].split()[0]
-        with urllib.request.urlopen(url + "api/session", timeout=30) as response:
+        address, token = url.split("/?token=")
+        request = urllib.request.Request(address + "/api/session",
+                                         headers={"Authorization": f"token {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
             assert json.loads(response.read())["num_frames"] == FRAMES
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
@@ -269,8 +278,139 @@ def test_stm_annotate_serves_until_ctrl_c_and_refuses_bad_input(video, tmp_path,
 
 
 def test_a_port_in_use_is_a_user_error(video, tmp_path, server):
-    port = server.url.rstrip("/").rsplit(":", 1)[1]
+    port = server.address.rsplit(":", 1)[1]
     completed = subprocess.run([sys.executable, "-m", "stm_model", "annotate", str(video[0]),
                                 "--output", str(tmp_path / "o"), "--port", port],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and f"--port {port}" in completed.stderr, completed.stderr
+
+
+# ----------------------------------------------------------------------------- attacks
+
+
+def raw_request(server, method, path, headers=(), body=b""):
+    """(status, headers, body) of a request sent with exactly these headers (http.client adds
+    Host unless it is given)."""
+    host, port = server.address.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    names = {name.lower() for name, _ in headers}
+    connection.putrequest(method, path, skip_host="host" in names,
+                          skip_accept_encoding=True)
+    for name, value in headers:
+        connection.putheader(name, value)
+    if body or method == "POST":
+        connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body or None)
+    response = connection.getresponse()
+    result = response.status, dict(response.getheaders()), response.read()
+    connection.close()
+    return result
+
+
+def token_header(server):
+    return ("Authorization", f"token {server.token}")
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/"), ("GET", "/static/app.js"), ("GET", "/api/session"),
+    ("GET", "/api/frames/0.jpg"), ("POST", "/api/objects"), ("POST", "/api/export")])
+@pytest.mark.parametrize("credential", [None, "wrong token", "wrong cookie", "empty"])
+def test_without_the_token_nothing_is_served_or_changed(server, method, path, credential):
+    headers = [("Content-Type", "application/json")]
+    if credential == "wrong token":
+        headers.append(("Authorization", "token " + "x" * len(server.token)))
+    elif credential == "wrong cookie":
+        headers.append(("Cookie", f"{server.guard.cookie_name}=not-the-token"))
+    elif credential == "empty":
+        path += "?token="
+    status, _, content = raw_request(server, method, path, headers,
+                                     b'{"num_objects": 5}' if method == "POST" else b"")
+    assert status == 403 and b"token" in content, (status, content)
+    assert server.num_objects == 2 and not (server.output / "masks").exists()
+
+
+def test_the_token_of_the_url_becomes_a_strict_cookie_and_leaves_the_address(server):
+    status, headers, _ = raw_request(server, "GET", f"/?token={server.token}")
+    assert status == 303 and headers["Location"] == "/"
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith(f"{server.guard.cookie_name}={server.token};")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    with_cookie = [("Cookie", f"{server.guard.cookie_name}={server.token}")]
+    status, headers, page = raw_request(server, "GET", "/", with_cookie)
+    assert status == 200 and b"<html" in page.lower()
+    assert raw_request(server, "GET", "/api/session", with_cookie)[0] == 200
+    # another server's cookie (another port of the same host) does not open this one
+    other = [("Cookie", f"stm_annotate_1={server.token}x")]
+    assert raw_request(server, "GET", "/api/session", other)[0] == 403
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("127.0.0.1:{port}", True), ("localhost:{port}", True), ("[::1]:{port}", True),
+    ("10.1.2.3:{port}", True), ("evil.example:{port}", False), ("evil.example", False),
+    ("127.0.0.1.evil.example:{port}", False), (None, False)])
+def test_a_host_header_that_is_not_this_server_is_refused(server, host, allowed):
+    """DNS rebinding: a site's page, its domain resolved to 127.0.0.1, sends its own name."""
+    port = server.address.rsplit(":", 1)[1]
+    headers = [token_header(server)]
+    headers.append(("Host", host.format(port=port)) if host else ("Host", ""))
+    status, _, content = raw_request(server, "GET", "/api/session", headers)
+    assert (status == 200) == allowed, (host, status, content)
+    if not allowed:
+        assert b"Host" in content
+
+
+@pytest.mark.parametrize("headers, status", [
+    ([("Content-Type", "text/plain")], 415),               # no preflight: a site's fetch
+    ([("Content-Type", "application/x-www-form-urlencoded")], 415),  # a site's form
+    ([], 415),
+    ([("Content-Type", "application/json"), ("Origin", "http://127.0.0.1:1")], 403),
+    ([("Content-Type", "application/json"), ("Origin", "null")], 403),
+    ([("Content-Type", "application/json"), ("Sec-Fetch-Site", "same-site")], 403),
+    ([("Content-Type", "application/json"), ("Sec-Fetch-Site", "cross-site")], 403),
+    ([("Content-Type", "application/json"), ("Origin", "{origin}"),
+      ("Sec-Fetch-Site", "same-origin")], 200),
+])
+def test_state_changes_come_only_from_the_page_with_json(server, headers, status):
+    headers = [(name, value.format(origin=server.address)) for name, value in headers]
+    got, response_headers, content = raw_request(
+        server, "POST", "/api/objects", [token_header(server), *headers],
+        b'{"num_objects": 3}')
+    assert got == status, content
+    assert server.num_objects == (3 if status == 200 else 2)
+    assert not any(name.lower().startswith("access-control") for name in response_headers)
+
+
+def test_no_cors_and_no_preflight(server):
+    status, headers, _ = raw_request(server, "OPTIONS", "/api/objects", [
+        token_header(server), ("Origin", "http://127.0.0.1:1"),
+        ("Access-Control-Request-Method", "POST")])
+    assert status in (405, 501)
+    assert not any(name.lower().startswith("access-control") for name in headers)
+
+
+def test_a_deeply_nested_body_is_a_400_with_a_message(server):
+    status, reply = call(server, "/api/round", raw=b"[" * 200_000 + b"]" * 200_000)
+    assert status == 400 and "nested too deeply" in reply["error"]
+    assert call(server, "/api/session")[0] == 200  # the server goes on
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback(server, capfd):
+    """A dropped request (ConnectionError while answering) is not reported; any other error
+    still is."""
+    from stm_model.annotate.server import _HTTPServer
+    for error, reported in ((BrokenPipeError(32, "Broken pipe"), False),
+                            (ConnectionResetError(104, "reset"), False),
+                            (RuntimeError("a bug"), True)):
+        try:
+            raise error
+        except Exception:
+            _HTTPServer.handle_error(server._httpd, None, ("127.0.0.1", 1))
+        assert ("Traceback" in capfd.readouterr().err) == reported, error
+
+
+def test_a_server_on_every_interface_prints_an_address_a_browser_opens(video, model, tmp_path):
+    server = AnnotationServer(video[0], tmp_path / "out", model, host="0.0.0.0")
+    try:
+        assert server.url.startswith("http://127.0.0.1:") and "/?token=" in server.url
+    finally:
+        server.stop()

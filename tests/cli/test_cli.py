@@ -63,6 +63,22 @@ def test_eval_matches_the_official_per_frame_reference(tmp_path, capsys):
 
 
 @needs_data
+@pytest.mark.parametrize("reader", ["head -n 1", "true"])
+def test_eval_into_a_pipe_that_closes_writes_its_files_and_exits_0(tmp_path, reader):
+    """`stm eval ... | head`: the CSVs are written before the table is printed, and a reader
+    that leaves early is not an error (no message, exit status 0)."""
+    command = (f"{sys.executable} -m stm_model eval {OSVOS / 'camel'} "
+               f"{DAVIS / 'Annotations' / '480p' / 'camel'} --output {tmp_path} | {reader}; "
+               "echo status=${PIPESTATUS[0]} >&2")
+    completed = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                               timeout=300)
+    assert "status=0" in completed.stderr, completed.stderr
+    assert "rror" not in completed.stderr and "Broken pipe" not in completed.stderr
+    assert (tmp_path / "global_results.csv").is_file()
+    assert (tmp_path / "per-sequence_results.csv").is_file()
+
+
+@needs_data
 def test_segment_video_file_and_late_masks(tmp_path, capsys):
     video = CUTIE / "example.mp4"
     pytest.importorskip("av")
