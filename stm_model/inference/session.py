@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from stm_kernels import backends
+
 from stm_model.memory.bank import MemoryBank
 from stm_model.runtime.devices import DtypeName, dtype_option
 from stm_model.network.stm import STM
@@ -43,6 +45,9 @@ class SessionCore:
         self.memory_dtype = memory or parameter.dtype
         self.amp_dtype = amp
         self.read_backend = read_backend or model.config.read_backend
+        # a backend that cannot run here is refused now, before any frame or file
+        backends.resolve(self.read_backend, torch.empty(0, dtype=self.memory_dtype,
+                                                        device=self.device))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """torch.autocast with amp_dtype on the model's device (a no-op without amp_dtype)."""

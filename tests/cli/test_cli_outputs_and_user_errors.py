@@ -708,3 +708,16 @@ def test_dataset_masks_with_too_many_objects_are_refused(davis_root, tmp_path, c
 def test_argparse_errors_are_one_line(capsys):
     _user_error(capsys, ["segment"], "input")
     _user_error(capsys, ["segment", "x", "--overlay", "avi"], "--overlay")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels run on this GPU")
+def test_a_backend_that_cannot_run_here_is_refused_before_any_file(tmp_path, video, capsys,
+                                                                  monkeypatch):
+    """--backend triton on a machine without a GPU (and without the interpreter): one line,
+    before the first mask or the run record is written (a rerun needs no --overwrite)."""
+    from stm_kernels.backends.triton import launch
+    monkeypatch.setattr(launch, "INTERPRETING", False)
+    out = tmp_path / "out"
+    _user_error(capsys, _segment(video, out, "--backend", "triton"), "backend='triton'",
+                "CUDA")
+    assert not out.exists()

@@ -255,7 +255,9 @@ def _call(k, read, l2):
     return call
 
 
-def _check_device(*tensors):
+def check_device(*tensors):
+    """ValueError unless the tensors are where the kernels run (CUDA, or any device under
+    TRITON_INTERPRET=1; meta for shape checks)."""
     device = tensors[0].device
     if device.type not in ("cuda", "meta") and not INTERPRETING:
         raise ValueError(
@@ -467,7 +469,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW) float32) for q (Bq, Ck, HW), k (B, Ck, N),
     v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
     positions per object (validated by the caller)."""
-    _check_device(q, k, v)
+    check_device(q, k, v)
     call = _call(k, "forward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -567,7 +569,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     computes it in a fixed order (bitwise reproducible; about 40% more backward work). Where
     the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), or none of its
     candidates runs there, dK and dQ take those two kernels in every mode."""
-    _check_device(q, k, v)
+    check_device(q, k, v)
     call = _call(k, "backward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -652,7 +654,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
     top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
     memory; one fused pass over the memory (kernels/topk.py)."""
-    _check_device(q, k)
+    check_device(q, k)
     call = _call(k, "select", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
@@ -700,7 +702,7 @@ def _decoded(keys):
 
 def triton_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel)."""
-    _check_device(q, k)
+    check_device(q, k)
     call = _call(k, "usage", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
