@@ -72,12 +72,29 @@ _END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\
 
 
 def check_complete(paths: Iterable[str | Path]) -> None:
-    """FrameReadError naming the first image file cut short (a copy or download that stopped):
-    a JPEG without its end-of-image marker, a PNG without its closing IEND chunk. It reads the
-    last bytes of each file only, so a long video's frames are checked in moments, before any
-    work; a file complete but corrupt inside is still found when decoded."""
+    """FrameReadError naming the first image file that cannot be a frame of the sequence: not
+    an image at all, of another size than the first (read from the headers), or cut short (a
+    copy or download that stopped: a JPEG without its end-of-image marker, a PNG without its
+    closing IEND chunk). It reads each file's header and last bytes only, so a long video's
+    frames are checked in moments, before any work; a file complete but corrupt inside is
+    still found when decoded."""
+    first = None
     for path in paths:
         path = Path(path)
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except FileNotFoundError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            raise FrameReadError(f"frame {path} is not an image file (JPEG or PNG)") from None
+        if first is None:
+            first = (path, size)
+        elif size != first[1]:
+            raise FrameReadError(
+                f"frame {path.name} is {size[0]}x{size[1]} (WxH) but frame {first[0].name} is "
+                f"{first[1][0]}x{first[1][1]}; all frames of a sequence must have one size "
+                "(resize that frame to it)")
         marker = _END_MARKERS.get(path.suffix.lower())
         if marker is None:
             continue

@@ -495,6 +495,32 @@ def test_a_frame_cut_short_is_found_before_any_work(tmp_path, capsys, monkeypatc
     assert not stepped and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("bad", ["another size", "not an image"])
+def test_a_frame_of_another_size_or_no_image_is_found_before_any_work(tmp_path, capsys,
+                                                                     monkeypatch, bad):
+    """A 430x240 frame among 432x240 ones, or a file that is no image at all, late in the
+    folder: one line naming it (and the size) before the first mask is written."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(2)
+    for t in range(6):
+        width = 430 if bad == "another size" and t == 5 else 432
+        Image.fromarray(rng.integers(0, 256, (240, width, 3), dtype=np.uint8)).save(
+            frames / f"{t:05d}.jpg", quality=90)
+    if bad == "not an image":
+        (frames / "00005.jpg").write_bytes(b"<html>not found</html>")
+    mask = np.zeros((240, 432), np.uint8)
+    mask[50:120, 60:200] = 1
+    video_io.write_mask(tmp_path / "m.png", mask)
+    stepped = []
+    monkeypatch.setattr(VideoSegmenter, "step", lambda *a, **k: stepped.append(1))
+    fragments = ("00005.jpg", "430x240", "00000.jpg is 432x240") if bad == "another size" \
+        else ("00005.jpg", "not an image file")
+    _user_error(capsys, ["segment", str(frames), "--mask", str(tmp_path / "m.png"),
+                         "--output", str(tmp_path / "out"), "--quiet"], *fragments)
+    assert not stepped and not (tmp_path / "out").exists()
+
+
 def test_undecodable_frame_is_named(tmp_path, capsys):
     frames = _frames(tmp_path / "frames")
     (frames / "00001.png").write_bytes(b"garbage")
