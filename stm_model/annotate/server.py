@@ -39,6 +39,8 @@ from PIL import Image
 
 from stm_model import io as video_io
 from stm_model.annotate.security import Guard, Refused, browsable_host, new_token
+from stm_model.commands.common import describe_results, earlier_results
+from stm_model.io.files import note_written
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format
 from stm_model.interactive.session import InteractiveSession
@@ -46,6 +48,7 @@ from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 STATE_FOLDER = ".stm_annotate"  # in the output folder: what a new server continues from
+EXPORTED = "exported.txt"  # in STATE_FOLDER: the files the last export wrote
 DISPLAY_SIZE = 480  # frames and masks are sent with their shorter side at most this
 MAX_BODY_BYTES = 4 << 20  # a round's strokes are a few kB; anything this large is refused
 MAX_OBJECTS = 32
@@ -239,11 +242,18 @@ class AnnotationServer:
     def export(self) -> list:
         """POST /api/export: palette PNG masks named like the frames (masks/), each round's
         scribbles (scribbles/round_NNN.json, the DAVIS format) and an overlay video (an MP4,
-        or a GIF without PyAV); returns the paths written. Every file is written atomically."""
+        or a GIF without PyAV); returns the paths written. Every file is written atomically.
+        Refused (409) while the folder holds another run's results (foreign_results)."""
         with self._lock:
             if self.labels is None:
                 raise RequestError(400, "nothing to export yet: run a round first")
             labels, rounds = self.labels, list(self.rounds)
+        foreign = foreign_results(self.output)
+        if foreign:
+            raise RequestError(409, f"{self.output} holds another run's results "
+                                    f"({describe_results(foreign)}); nothing was exported, so "
+                                    "as not to replace them: start stm annotate with another "
+                                    "--output")
         written = []
         for frame, mask in zip(self.frames, labels, strict=True):
             path = self.output / "masks" / f"{frame.name}.png"
@@ -262,6 +272,9 @@ class AnnotationServer:
             for frame, mask in zip(self.frames, labels, strict=True):
                 writer.add(frame.image, mask, name=frame.name)
         written.append(overlay)
+        note_written(self.output, *written)
+        names = sorted({path.relative_to(self.output).as_posix() for path in written})
+        _write_text(self.output / STATE_FOLDER / EXPORTED, "".join(f"{n}\n" for n in names))
         return [str(path) for path in written]
 
     # ------------------------------------------------------------------------ rounds
@@ -372,11 +385,27 @@ class AnnotationServer:
         return True
 
 
+def foreign_results(output) -> list:
+    """The results in an output folder that no export of an annotation session there wrote
+    (another run's masks, overlay or J&F files, e.g. `stm segment`'s): an export would replace
+    them, so it is refused while there are any."""
+    output = pathlib.Path(output)
+    exported = output / STATE_FOLDER / EXPORTED
+    ours = set(exported.read_text().splitlines()) if exported.is_file() else set()
+    return [path for path in earlier_results(output)
+            if path.relative_to(output).as_posix() not in ours]
+
+
 def _checked_count(count):
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_OBJECTS:
         raise RequestError(400, f"num_objects must be an integer in 1..{MAX_OBJECTS}; got "
                                 f"{count!r}")
     return count
+
+
+def _write_text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    video_io.write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def _write_json(path, payload):

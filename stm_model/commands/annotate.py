@@ -4,9 +4,9 @@ import pathlib
 import signal
 import time
 
-from stm_model.annotate.server import STATE_FOLDER, AnnotationServer
+from stm_model.annotate.server import STATE_FOLDER, AnnotationServer, foreign_results
 from stm_model.cli import UsageError
-from stm_model.commands.common import device_named, load_model
+from stm_model.commands.common import describe_results, device_named, load_model
 from stm_model.io.files import can_write_into
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -27,6 +27,10 @@ def annotate(args):
     saved = output / STATE_FOLDER / "session.json"
     if args.restart and saved.exists():
         saved.unlink()
+    foreign = foreign_results(output)
+    if foreign:  # found now, not when the page's export is refused
+        raise UsageError(f"{output} holds another run's results ({describe_results(foreign)}), "
+                         "which the page's export would replace; choose another --output")
     model = load_model(args.checkpoint or "small-interactive", device)
     try:
         server = AnnotationServer(source, output, model, port=args.port, host=args.host,

@@ -11,7 +11,7 @@ from PIL import Image
 from stm_model import io as video_io
 from stm_model.cli import UsageError
 from stm_model.commands.common import (check_output, clear_output, device_named, load_model,
-                                       overlay_writer, warn_if_autocast_on_cpu)
+                                       overlay_writer, warn_if_autocast_on_cpu, write_mask)
 from stm_model.interactive import robot as interactive_eval
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format
@@ -123,7 +123,7 @@ def interactive(args):
     writer = overlay_writer(args, output, reader.fps or 24.0)
     try:
         for frame, mask in zip(frames, labels.numpy().astype(np.uint8), strict=True):
-            video_io.write_mask(output / "masks" / f"{frame.name}.png", mask)
+            write_mask(output, frame.name, mask)
             if writer is not None:
                 writer.add(frame.image, mask, name=frame.name)
     except BaseException:

@@ -13,7 +13,8 @@ from stm_model import io as video_io
 from stm_model.cli import Interrupted, UsageError, _dataset_parser, _Parser
 from stm_model.commands.common import (build_model, check_model_arguments, check_output,
                                        checkpoint_path, clear_output, device_named,
-                                       overlay_writer, segmenter_options, write_json)
+                                       overlay_writer, segmenter_options, write_json,
+                                       write_mask)
 from stm_model.commands.dataset import segment_dataset
 from stm_model.inference import options as options_module
 from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
@@ -216,7 +217,7 @@ def segment(args):
         for result in bar:
             labels = result.labels.cpu().numpy()
             name = result.frame.name
-            video_io.write_mask(output / "masks" / f"{name}.png", labels.astype(np.uint8))
+            write_mask(output, name, labels.astype(np.uint8))
             if writer is not None and in_order:
                 writer.add(result.frame.image, labels, name=name)
             count += 1

@@ -1,12 +1,14 @@
 """Files that appear complete or not at all: every write goes to a hidden temporary name
 beside its target and is renamed into place; what a killed run leaves is removed by
-remove_temporary_files."""
+remove_temporary_files. An output folder's list of the files runs wrote under it
+(note_written, written_files) lets --overwrite remove those and nothing a person put there."""
 from __future__ import annotations
 
 import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 
 _TEMPORARY = ".tmp"  # suffix of files being written (see write_atomically)
@@ -61,3 +63,37 @@ def can_write_into(folder: str | Path) -> bool:
             return True
     except OSError:
         return False
+
+
+WRITTEN = ".stm_written"  # in an output folder: the files runs of stm wrote under it
+
+
+def note_written(output: str | Path, *paths: str | Path) -> None:
+    """Record files under `output` as written by this run: their paths relative to it are
+    appended to output/WRITTEN, so that a later --overwrite removes what runs wrote there and
+    nothing else."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / WRITTEN, "a", encoding="utf-8") as file:
+        file.write("".join(f"{Path(path).relative_to(output).as_posix()}\n" for path in paths))
+
+
+def written_files(output: str | Path) -> set:
+    """The paths (under output) that runs recorded as written there (note_written)."""
+    listing = Path(output) / WRITTEN
+    if not listing.is_file():
+        return set()
+    return {Path(output) / name for name in listing.read_text(encoding="utf-8").splitlines()
+            if name}
+
+
+def forget_written(output: str | Path, removed: Iterable[str | Path]) -> None:
+    """Drop removed files from output's list of written files."""
+    listing = Path(output) / WRITTEN
+    remaining = written_files(output) - {Path(path) for path in removed}
+    if remaining:
+        names = sorted(path.relative_to(output).as_posix() for path in remaining)
+        write_atomically(listing, lambda file: file.write("".join(
+            f"{name}\n" for name in names).encode()))
+    else:
+        listing.unlink(missing_ok=True)

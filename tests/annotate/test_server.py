@@ -414,3 +414,36 @@ def test_a_server_on_every_interface_prints_an_address_a_browser_opens(video, mo
         assert server.url.startswith("http://127.0.0.1:") and "/?token=" in server.url
     finally:
         server.stop()
+
+
+def test_export_never_replaces_another_runs_results(video, model, tmp_path, capsys):
+    """`stm segment CLIP` then `stm annotate CLIP` default to one folder: the page's export
+    refuses a folder holding another run's masks (409, nothing written) and the command
+    refuses it before any model loads; the session's own earlier export is replaced."""
+    from stm_model.cli import main
+    output = tmp_path / "out"
+    (output / "masks").mkdir(parents=True)
+    video_io.write_mask(output / "masks" / "00000.png", np.ones(SIZE, np.uint8))
+    before = (output / "masks" / "00000.png").read_bytes()
+    server = AnnotationServer(video[0], output, model, num_objects=2)
+    server.start()
+    try:
+        run_round(server, strokes())
+        status, reply = call(server, "/api/export", {})
+        assert status == 409 and "another run's results (1 mask)" in reply["error"]
+        assert (output / "masks" / "00000.png").read_bytes() == before
+        assert sorted(p.name for p in (output / "masks").iterdir()) == ["00000.png"]
+    finally:
+        server.stop()
+    capsys.readouterr()
+    assert main(["annotate", str(video[0]), "--output", str(output), "--port", "0"]) == 2
+    assert "holds another run's results (1 mask)" in capsys.readouterr().err
+    clean = tmp_path / "clean"
+    server = AnnotationServer(video[0], clean, model, num_objects=2)
+    server.start()
+    try:
+        run_round(server, strokes())
+        assert call(server, "/api/export", {})[0] == 200
+        assert call(server, "/api/export", {})[0] == 200  # its own files: replaced
+    finally:
+        server.stop()

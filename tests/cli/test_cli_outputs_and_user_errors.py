@@ -95,7 +95,8 @@ def test_segment_refuses_an_output_holding_masks_unless_overwrite(tmp_path, vide
     _user_error(capsys, _segment(video, out, "--overlay", "png", "--max-frames", "2"),
                 str(out), "--overwrite")
     assert len(list((out / "masks").iterdir())) == 3  # untouched
-    (out / "overlay.gif").write_bytes(b"an earlier run's overlay")
+    assert _cli(_segment(video, out, "--overlay", "gif", "--overwrite")) == 0  # a GIF run
+    assert (out / "overlay.gif").exists()
     # --overwrite clears the old masks and overlays first: no mix of two runs
     assert _cli(_segment(video, out, "--overlay", "png", "--max-frames", "2",
                          "--overwrite")) == 0
@@ -135,7 +136,8 @@ def test_an_interrupted_segment_leaves_only_complete_files(tmp_path, video, monk
         "continue"], err
     monkeypatch.setattr(Image.Image, "save", real_save)
     leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    expected = ["masks/00000.png"] + (["overlay/00000.png"] if overlay == "png" else []) + [
+    expected = [".stm_written"] + ["masks/00000.png"] + (  # .stm_written: for --overwrite
+        ["overlay/00000.png"] if overlay == "png" else []) + [
         "segment_run.json"]  # what --resume compares
     assert leftovers == expected
     video_io.read_mask(out / "masks" / "00000.png")  # complete
@@ -747,3 +749,21 @@ def test_a_backend_that_cannot_run_here_is_refused_before_any_file(tmp_path, vid
     _user_error(capsys, _segment(video, out, "--backend", "triton"), "backend='triton'",
                 "CUDA")
     assert not out.exists()
+
+
+def test_overwrite_removes_what_runs_wrote_and_keeps_a_hand_made_file(tmp_path, video, capsys):
+    """--overwrite deletes the files the earlier run recorded and nothing else: a mask a
+    person put into masks/ stays (and a note says so); the refusal names only what exists."""
+    out = tmp_path / "out"
+    assert _cli(_segment(video, out, "--overlay", "none")) == 0
+    Image.fromarray(np.zeros(HW, np.uint8)).save(out / "masks" / "hand.png")
+    message = _user_error(capsys, _segment(video, out, "--overlay", "none"), "--overwrite")
+    assert "(4 masks)" in message and "overlay" not in message.split("(")[1]
+    assert _cli(_segment(video, out, "--overlay", "gif", "--max-frames", "2",
+                         "--overwrite")) == 0
+    err = capsys.readouterr().err
+    assert "kept 1 file" in err and "masks/hand.png" in err
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [
+        "00000.png", "00001.png", "hand.png"]
+    message = _user_error(capsys, _segment(video, out, "--overlay", "none"), "--overwrite")
+    assert "3 masks, overlay.gif" in message
