@@ -406,6 +406,10 @@ def _interactive_scribbles_parser(parser):
     parser.add_argument("--output", help="output folder (default: stm_output/<input name>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the masks and overlay of an earlier run in --output")
+    parser.add_argument("--objects", type=_count(1),
+                        help="the number of objects; ids above it are refused, an object "
+                             "without a scribble gets no pixels (default: the scribbles' ids, "
+                             "which must then be 1..n, each drawn)")
     _option_argument(parser, "max_internal_size")  # --size PIXELS, as stm segment's
     parser.add_argument("--line-width", type=_count(1), default=3,
                         help="scribble width in pixels")

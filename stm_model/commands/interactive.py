@@ -84,6 +84,32 @@ def _check_scribble_file(path, frames, annotations):
         raise UsageError(f"scribble file {path}: {error}") from None
 
 
+def _object_count(args, rounds):
+    """The session's object count: --objects (no scribble's id above it), else the scribbles'
+    ids, which must then be 1..n, each drawn (a gap is a typo more often than an empty
+    object, and every id costs a channel of work); UsageError naming the id and the file."""
+    used = {}
+    for path, scribbles in zip(args.scribbles, rounds, strict=True):
+        for object_id in scribble_format.object_ids(scribbles):
+            if object_id > 0:  # 0: the background's strokes
+                used.setdefault(object_id, path)
+    if not used:
+        raise UsageError("the scribbles name no object (object_id 1 or more)")
+    if args.objects is not None:
+        above = sorted(i for i in used if i > args.objects)
+        if above:
+            raise UsageError(f"object {above[0]} in {used[above[0]]} is above --objects "
+                             f"{args.objects}")
+        return args.objects
+    missing = sorted(set(range(1, max(used) + 1)) - set(used))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise UsageError(f"the scribbles draw objects {', '.join(map(str, sorted(used)))} but "
+                         f"not {shown} (object {max(used)} in {used[max(used)]}); give "
+                         f"--objects {max(used)} to keep the empty ones, or fix the ids")
+    return max(used)
+
+
 def interactive(args):
     """`stm interactive`: rounds of InteractiveSession from scribble files, then masks and an
     overlay. Every input (frames, scribble files, model) is checked before the first round."""
@@ -103,9 +129,7 @@ def interactive(args):
         except (UnicodeDecodeError, json.JSONDecodeError, scribble_format.ScribbleError) as error:
             raise UsageError(f"scribble file {path}: {error}") from None
         rounds.append(scribbles)
-    num_objects = max(max(scribble_format.object_ids(r), default=0) for r in rounds)
-    if num_objects < 1:
-        raise UsageError("the scribbles name no object (object_id 1 or more)")
+    num_objects = _object_count(args, rounds)
     source = pathlib.Path(args.input)
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     check_output(output, args.overwrite)

@@ -278,9 +278,23 @@ class InteractiveSession(SessionCore):
                 objects = weight * probs[1:] + (1 - weight) * self.probs[t].to(
                     probs.device, probs.dtype)
                 probs = torch.cat([(1 - objects.sum(0, keepdim=True)).clamp(min=0), objects])
+            probs = self._without_undrawn_objects(probs)
             if t in self.scribble_maps:
                 probs = _stroke_labels(probs, self.scribble_maps[t])
             self.probs[t] = probs[1:].to(self.cache_device, self.cache_dtype)
+
+    def _without_undrawn_objects(self, probs):
+        """probs (n + 1, H, W) with the objects no stroke has drawn yet at 0 (their share goes
+        to the background): an object has no pixels until it is scribbled."""
+        drawn = set()
+        for scribble_map in self.scribble_maps.values():
+            drawn.update(int(i) for i in np.unique(scribble_map) if i > 0)
+        undrawn = [o for o in range(self.num_objects) if o + 1 not in drawn]
+        if not undrawn:
+            return probs
+        objects = probs[1:].clone()
+        objects[undrawn] = 0
+        return torch.cat([(1 - objects.sum(0, keepdim=True)).clamp(min=0), objects])
 
     def _encode_queries(self, indices):
         """QueryFeatures of frames `indices`, batched (what self.queries keeps)."""

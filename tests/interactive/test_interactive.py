@@ -157,6 +157,59 @@ def test_stm_interactive_runs_your_scribble_files_as_rounds(tmp_path, capsys):
     assert f"scribble file {paths[1]}" in err and not (tmp_path / "bad").exists()
 
 
+def test_an_object_without_a_scribble_has_no_pixels(small_interactive):
+    """Objects 1 and 3 scribbled, object 2 never: object 2 gets no pixel on any frame until a
+    stroke draws it, then it does."""
+    frames, gt = synthetic_video(5, size=(48, 64), objects=3)
+    session = InteractiveSession(small_interactive, frames, 3)
+    scribbles = S.empty_scribbles(5)
+    for object_id in (1, 3):
+        scribbles["scribbles"][0] += [s for s in S.synthesize_strokes(
+            np.where(gt[0] == object_id, object_id, 0), np.zeros_like(gt[0]), 3)
+            if s["object_id"] == object_id]
+    assert {s["object_id"] for s in scribbles["scribbles"][0]} == {1, 3}
+    labels = session.interact(scribbles)
+    assert not (labels == 2).any() and (labels == 1).any() and (labels == 3).any()
+    assert float(session.probs[:, 1].abs().max()) == 0  # no share of any pixel
+    second = S.empty_scribbles(5)
+    second["scribbles"][2] = [s for s in S.synthesize_strokes(
+        np.where(gt[2] == 2, 2, 0), np.zeros_like(gt[2]), 3) if s["object_id"] == 2]
+    assert (session.interact(second) == 2).any()
+
+
+@pytest.mark.parametrize("ids, objects, fragment", [
+    ((1, 3), None, "draw objects 1, 3 but not 2"), ((1, 2, 40), None, "not 3, 4, 5, 6, 7, ..."),
+    ((1, 40), "2", "object 40 in"), ((1, 3), "3", None)])
+def test_stm_interactive_object_ids_must_be_in_use(tmp_path, capsys, ids, objects, fragment):
+    """An id above the objects in use (a typo'd 40) is one line naming it and the file, before
+    anything is written; --objects N keeps objects without scribbles (they get no pixels)."""
+    from PIL import Image
+    frames, gt = synthetic_video(3, size=(32, 48))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(frames):
+        Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            folder / f"{t:05d}.png")
+    scribbles = S.empty_scribbles(3)
+    scribbles["scribbles"][0] = [{"path": [[0.1 + 0.2 * n, 0.2 + 0.2 * n], [0.2, 0.5]],
+                                  "object_id": i, "start_time": 0, "end_time": 1}
+                                 for n, i in enumerate(ids)]
+    (tmp_path / "r1.json").write_text(json.dumps(scribbles))
+    out = tmp_path / "out"
+    argv = ["interactive", str(folder), "--scribbles", str(tmp_path / "r1.json"), "--output",
+            str(out), "--overlay", "none", "--quiet"] + (["--objects", objects] if objects
+                                                          else [])
+    code = stm_main(argv)
+    err = capsys.readouterr().err
+    if fragment is None:
+        assert code == 0
+        from stm_model import io as video_io
+        masks = [video_io.read_mask(path) for path in sorted((out / "masks").glob("*.png"))]
+        assert len(masks) == 3 and not any((mask == 2).any() for mask in masks)
+    else:
+        assert code == 2 and fragment in err and not out.exists(), err
+
+
 def test_batched_reads_equal_one_frame_at_a_time_and_the_naive_read(small_interactive):
     frames, gt = synthetic_video(5)
     scribbles = _round(gt, np.zeros_like(gt), 1, 2)
