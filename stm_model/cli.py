@@ -179,7 +179,10 @@ def main(argv=None):
         description=selftest_options.DESCRIPTION)).set_defaults(
             run=_command("stm_kernels.selftest", "run_arguments"))
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the command's own parser, so the hint is its --help
+            commands.choices[args.command].error(
+                f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exit_:  # --help (0), or a usage error (2) printed by _Parser.error
         return exit_.code
     try:

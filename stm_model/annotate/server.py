@@ -397,9 +397,15 @@ def foreign_results(output) -> list:
 
 
 def _checked_count(count):
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_OBJECTS:
+    """The number of objects, or a 400 saying in plain words why not (the page shows it under
+    its object buttons; `stm annotate --objects` says it too)."""
+    if isinstance(count, bool) or not isinstance(count, int):
         raise RequestError(400, f"num_objects must be an integer in 1..{MAX_OBJECTS}; got "
                                 f"{count!r}")
+    if count < 1:
+        raise RequestError(400, "at least one object is needed")
+    if count > MAX_OBJECTS:
+        raise RequestError(400, f"at most {MAX_OBJECTS} objects; asked for {count}")
     return count
 
 

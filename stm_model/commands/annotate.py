@@ -4,7 +4,8 @@ import pathlib
 import signal
 import time
 
-from stm_model.annotate.server import STATE_FOLDER, AnnotationServer, foreign_results
+from stm_model.annotate.server import (MAX_OBJECTS, STATE_FOLDER, AnnotationServer,
+                                       foreign_results)
 from stm_model.cli import UsageError
 from stm_model.commands.common import describe_results, device_named, load_model
 from stm_model.io.files import can_write_into
@@ -15,6 +16,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 def annotate(args):
     """Serve the page for one video; every input is checked before the model loads."""
     device = device_named(args.device)
+    if args.objects > MAX_OBJECTS:
+        raise UsageError(f"--objects must be at most {MAX_OBJECTS}; got {args.objects}")
     source = pathlib.Path(args.input)
     if not source.exists():
         raise UsageError(f"{source}: no such folder of frames or video file")

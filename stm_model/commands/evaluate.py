@@ -48,8 +48,12 @@ def evaluate_results(results, annotations, sequences=None, output=None, davis201
         truth_paths = sorted(annotation_folder.glob("*.png"))
         missing = [p.name for p in truth_paths if not (result_folder / p.name).exists()]
         if missing:
+            hint = ""
+            if any((result_folder / "masks").glob("*.png")):  # `stm segment`'s output folder
+                hint = f"; the masks are in {result_folder / 'masks'}: give that folder"
             raise UsageError(f"{name}: no result for {len(missing)} annotated frames "
-                             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+                             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+                             f"{hint}")
         truth, void = zip(*(video_io.read_annotation(p) for p in truth_paths), strict=True)
         predicted = []
         for path, annotation in zip(truth_paths, truth, strict=True):

@@ -85,6 +85,14 @@ def _run_record(args, source):
                 max_frames=args.max_frames, both_directions=args.both_directions)
 
 
+def _flag_of(field_name):
+    """The command-line flag of a SegmenterOptions field (--size for max_internal_size)."""
+    for field in options_module.cli_fields():
+        if field.name == field_name and field.metadata.get("flag"):
+            return field.metadata["flag"].name
+    return field_name
+
+
 def _resumable(args, output, record):
     """--resume: UsageError unless output holds a run made from `record` (or nothing yet)."""
     if args.overwrite:
@@ -103,8 +111,13 @@ def _resumable(args, output, record):
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(f"--resume: {path} is not JSON ({error}); pass --overwrite to start "
                          "again") from None
-    changed = [f"{key}: {earlier.get(key)!r} then, {value!r} now"
-               for key, value in record.items() if earlier.get(key) != value]
+    changed = []
+    for key, value in record.items():
+        if key == "options" and isinstance(earlier.get(key), dict):  # name the option itself
+            changed += [f"{_flag_of(name)} {earlier[key].get(name)!r} then, {now!r} now"
+                        for name, now in value.items() if earlier[key].get(name) != now]
+        elif earlier.get(key) != value:
+            changed.append(f"{key}: {earlier.get(key)!r} then, {value!r} now")
     if changed:
         raise UsageError(f"--resume: the run in {output} was made with other settings ("
                          f"{'; '.join(changed)}); give its options, or pass --overwrite to "

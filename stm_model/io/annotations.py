@@ -68,6 +68,8 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
             object): :func:`read_annotation` also returns where it is.
         'L' (grayscale): as :func:`gray_to_ids`: 0 and 255 is one object (DAVIS-2016), gray
             levels 1..:data:`GRAY_MAX_IDS` are object ids, anything else is refused.
+        'I;16', 'I' (16- or 32-bit grayscale): values 0..:data:`GRAY_MAX_IDS` are the ids; 0
+            and the maximum (255 or 65535) alone is one object.
         '1' (bilevel): white -> 1, black -> 0.
 
     Args:
@@ -78,7 +80,7 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
     Raises:
         FileNotFoundError: no such file.
         ValueError: a file that is not a readable image (named), another mode (RGB, RGBA,
-            16-bit, ...), an ambiguous grayscale mask, or a size mismatch.
+            ...), an ambiguous grayscale mask, or a size mismatch.
     """
     return read_annotation(path, expected_hw)[0]
 
@@ -104,6 +106,15 @@ def read_annotation(path: str | Path, expected_hw: tuple[int, int] | None = None
             labels[void] = 0
     elif mode == "L":
         labels = gray_to_ids(pixels, path)
+    elif mode.startswith("I") and pixels.ndim == 2:  # 16/32-bit grayscale: ids as the values
+        values = np.unique(pixels)
+        if values.min() < 0 or values.max() > GRAY_MAX_IDS and not (
+                len(values) <= 2 and values.max() in (255, 65535)):
+            raise ValueError(f"mask {path} is {mode} grayscale with values {values[:8].tolist()}"
+                             f"{'...' if len(values) > 8 else ''}; object ids must be "
+                             f"0..{GRAY_MAX_IDS} (or 0 and the maximum for one object)")
+        labels = (pixels > 0).astype(np.int64) if values.max() > GRAY_MAX_IDS else \
+            pixels.astype(np.int64)
     else:
         raise ValueError(
             f"mask {path} has image mode {mode!r}; accepted: palette 'P' (indices are "

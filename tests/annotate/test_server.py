@@ -141,9 +141,10 @@ def test_malformed_scribbles_are_a_400_the_page_can_show(server, body, fragment)
 def test_bad_bodies_and_sizes(server):
     status, reply = call(server, "/api/round", raw=b"{not json")
     assert status == 400 and "not JSON" in reply["error"]
-    for count in (0, 33, "3", True):
+    for count, fragment in ((0, "at least one object"), (33, "at most 32 objects"),
+                            ("3", "an integer"), (True, "an integer")):
         status, reply = call(server, "/api/objects", {"num_objects": count})
-        assert status == 400 and "num_objects" in reply["error"], count
+        assert status == 400 and fragment in reply["error"], count
     assert call(server, "/api/objects", {})[0] == 400
     host, port = server.address.split("//")[1].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -270,7 +271,10 @@ def test_stm_annotate_serves_until_ctrl_c_and_refuses_bad_input(video, tmp_path,
     assert "stopped; the rounds are saved in" in out
     for argv, fragment in ([str(tmp_path / "missing")], "no such folder"), (
             [str(video[0]), "--output", str(video[0] / "00000.png")], "is a file"), (
-            [str(video[0]), "--port", "-1"], "--port must be at least 0"):
+            [str(video[0]), "--port", "-1"], "--port must be at least 0"), (
+            [str(video[0]), "--port", "99999"], "--port must be a port number, 0..65535"), (
+            [str(video[0]), "--objects", "40"], "--objects must be at most 32"), (
+            [str(video[0]), "--bogus"], "(see stm annotate --help)"):
         completed = subprocess.run([sys.executable, "-m", "stm_model", "annotate", *argv],
                                    capture_output=True, text=True, timeout=120)
         assert completed.returncode == 2 and fragment in completed.stderr, completed.stderr

@@ -78,6 +78,24 @@ def test_eval_into_a_pipe_that_closes_writes_its_files_and_exits_0(tmp_path, rea
     assert (tmp_path / "per-sequence_results.csv").is_file()
 
 
+def test_an_unknown_option_points_to_the_commands_help(capsys):
+    assert main(["eval", "a", "b", "--bogus"]) == 2
+    assert capsys.readouterr().err.strip().endswith("(see stm eval --help)")
+
+
+def test_eval_of_a_run_folder_points_to_its_masks(tmp_path, capsys):
+    """`stm eval RUN` instead of RUN/masks: the message says where the masks are."""
+    from stm_model import io as video_io
+    truth = tmp_path / "truth"
+    run = tmp_path / "run"
+    for folder in (truth, run / "masks"):
+        folder.mkdir(parents=True)
+        for t in range(3):
+            video_io.write_mask(folder / f"{t:05d}.png", np.ones((8, 8), np.uint8))
+    assert main(["eval", str(run), str(truth)]) == 2
+    assert f"the masks are in {run / 'masks'}" in capsys.readouterr().err
+
+
 @needs_data
 def test_segment_video_file_and_late_masks(tmp_path, capsys):
     video = CUTIE / "example.mp4"

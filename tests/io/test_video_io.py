@@ -383,3 +383,20 @@ def test_palette_index_255_is_davis_void_not_an_object(tmp_path):
     Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
     labels, void = video_io.read_annotation(tmp_path / "gray.png")
     assert set(np.unique(labels)) == {0, 1} and not void.any()
+
+
+def test_16_bit_grayscale_masks_hold_ids(tmp_path):
+    """A 16-bit PNG of ids 0/1/2 (as some tools save masks) reads as those ids; 0 and 65535 is
+    one object; other values are refused naming them."""
+    from PIL import Image
+    ids = np.zeros((4, 5), np.uint16)
+    ids[1:3, 1:3], ids[0, 0] = 1, 2
+    Image.fromarray(ids).save(tmp_path / "ids.png")
+    assert Image.open(tmp_path / "ids.png").mode == "I;16"
+    np.testing.assert_array_equal(video_io.read_mask(tmp_path / "ids.png"), ids)
+    Image.fromarray((ids > 0).astype(np.uint16) * 65535).save(tmp_path / "one.png")
+    np.testing.assert_array_equal(video_io.read_mask(tmp_path / "one.png"), ids > 0)
+    ids[0, 1] = 300
+    Image.fromarray(ids).save(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"values \[0, 1, 2, 300\]"):
+        video_io.read_mask(tmp_path / "bad.png")
