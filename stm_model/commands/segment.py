@@ -245,6 +245,10 @@ def segment(args):
         bar.close()
         if writer is not None:
             writer.abort()  # no truncated GIF or video; PNG frames are each complete
+        if isinstance(error, video_io.FrameReadError):  # corrupt inside: found when decoded
+            raise UsageError(f"{error}; {count + len(written)} of {total} masks are written to "
+                             f"{output / 'masks'}: replace that frame and run the same command "
+                             "with --resume to continue") from None
         if isinstance(error, KeyboardInterrupt):
             raise Interrupted(f"wrote {count + len(written)} of {total} masks to "
                               f"{output / 'masks'}, each complete (an unfinished overlay video "

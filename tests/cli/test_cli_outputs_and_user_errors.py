@@ -767,3 +767,23 @@ def test_overwrite_removes_what_runs_wrote_and_keeps_a_hand_made_file(tmp_path, 
         "00000.png", "00001.png", "hand.png"]
     message = _user_error(capsys, _segment(video, out, "--overlay", "none"), "--overwrite")
     assert "3 masks, overlay.gif" in message
+
+
+def test_a_frame_corrupt_inside_stops_the_run_naming_resume(tmp_path, video, capsys,
+                                                             monkeypatch):
+    """A frame whose header and end are fine but whose data cannot be decoded is found when
+    it is reached: one line naming it, how many masks are written, and --resume."""
+    from stm_model.io import frames as frames_module
+    real = frames_module.load_image
+
+    def corrupt_third(path):
+        if str(path).endswith("00002.png"):
+            raise video_io.FrameReadError(f"cannot decode frame {path}: broken data stream")
+        return real(path)
+    monkeypatch.setattr(frames_module, "load_image", corrupt_third)
+    monkeypatch.setattr(video_io, "load_image", corrupt_third)
+    out = tmp_path / "out"
+    message = _user_error(capsys, _segment(video, out, "--overlay", "none"), "00002.png",
+                          "2 of 3 masks are written", "--resume")
+    assert "broken data stream" in message
+    assert sorted(p.name for p in (out / "masks").glob("*.png")) == ["00000.png", "00001.png"]
