@@ -131,6 +131,39 @@ def test_interactive_eval_benchmark_on_a_davis_folder(tmp_path, monkeypatch, cap
     assert "| synth | 2 | 6 |" in capsys.readouterr().out
 
 
+def test_davis_test_benchmark_scores_with_stm_eval_and_plots_the_curve(tmp_path, monkeypatch,
+                                                                       capsys):
+    """The benchmark's J&F per sequence is what `stm eval --davis2016` gives for the masks of
+    `stm segment` with the same model; the run's metrics.csv becomes the training curve."""
+    from bench import davis_test
+    from stm_model.cli import main as stm
+    frames, labels = synthetic_video(6, size=(64, 96), seed=2)
+    write_davis_folder(tmp_path / "davis", frames, labels)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("step,loss\n20,0.5\n40,0.3\n")
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path / "results"))
+    assert davis_test.main(["--checkpoint", "small", "--davis", str(tmp_path / "davis"),
+                            "--sequences", "synth", "--run", str(tmp_path / "run"),
+                            "--static-steps", "20"]) == 0
+    [path] = (tmp_path / "results").glob("davis_test_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / "results" / (path.stem + ".png")).exists()
+    assert payload["training"] == [{"step": 20, "loss": 0.5}, {"step": 40, "loss": 0.3}]
+    [record] = payload["records"]
+    assert record["frames"] == 6 and record["fps"] > 0
+    assert "| synth | 6 |" in capsys.readouterr().out
+    assert stm(["segment", str(tmp_path / "davis" / "JPEGImages" / "480p" / "synth"),
+                "--mask", str(tmp_path / "davis" / "Annotations" / "480p" / "synth" /
+                              "00000.png"), "--output", str(tmp_path / "seg"), "--overlay",
+                "none", "--quiet"]) == 0
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "seg" / "masks").rename(tmp_path / "eval" / "synth")
+    assert stm(["eval", str(tmp_path / "eval"), str(tmp_path / "davis" / "Annotations" / "480p"),
+                "--davis2016"]) == 0
+    row = (tmp_path / "eval" / "global_results.csv").read_text().splitlines()[1].split(",")
+    assert abs(float(row[0]) - payload["J&F"]) < 1e-9
+
+
 def test_ragged_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
     assert suite.main(["ragged-read", "--device", "cpu", "--frames", "1", "2", "--hw", "16",

@@ -1,0 +1,161 @@
+"""A checkpoint on real video: J&F on the ten DAVIS-2016 test sequences and fps at 480p input.
+
+    python -m bench davis-test                                  # the shipped small-real model
+    python -m bench davis-test --checkpoint official            # or any --checkpoint value
+    python -m bench davis-test --run runs/small-real            # + the run's training curve
+
+Each test sequence (TEST_SEQUENCES: never trained, tuned or selected on) is segmented from its
+first frame's annotation by VideoSegmenter (mem_every=5) at the model's own internal size
+(STMConfig.internal_size; --size overrides), its masks written as `stm segment` writes them,
+and the folder scored by `stm eval --davis2016`'s code (evaluate_results: DAVIS J&F, frames
+1..T-2). fps counts the segmenting of the 854x480 frames (decoding excluded). Writes
+bench/results/davis_test_<device>_<date>.json, a per-sequence bar plot, and with --run the
+training curve of that run's metrics.csv.
+"""
+import argparse
+import contextlib
+import csv
+import io
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from bench import common
+from stm_model import VideoSegmenter
+from stm_model import io as video_io
+from stm_model.commands.evaluate import evaluate_results
+from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
+
+# DAVIS-2016 val split into the sequences the small-real model trains on and these, its test
+# set (`make small-model` names the other ten).
+TEST_SEQUENCES = ("blackswan", "car-shadow", "dance-twirl", "dog", "drift-straight",
+                  "horsejump-high", "libby", "paragliding-launch", "scooter-black", "soapbox")
+DEFAULT_DAVIS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / \
+    "davis2016-val"
+
+
+def segment_sequence(model, frames_dir, annotation, output, mem_every, max_internal_size):
+    """Masks of one sequence written into output; returns (frames, seconds segmenting)."""
+    segmenter = VideoSegmenter(model, mem_every=mem_every, max_internal_size=max_internal_size)
+    first = torch.from_numpy(video_io.read_mask(annotation))
+    frames = list(video_io.FrameReader(frames_dir))
+    output.mkdir(parents=True, exist_ok=True)
+    busy = 0.0
+    for index, frame in enumerate(frames):
+        tensor = frame.tensor
+        start = time.perf_counter()
+        probs = segmenter.step(tensor, mask=first if index == 0 else None)
+        labels = segmenter.labels(probs)
+        busy += time.perf_counter() - start
+        video_io.write_mask(output / f"{frame.name}.png", labels.numpy().astype(np.uint8))
+    return len(frames), busy
+
+
+def summary(payload):
+    """Markdown table: J&F, J, F and fps per sequence, then the means."""
+    rows = ["| sequence | frames | J&F | J | F | fps |", "|---|---|---|---|---|---|"]
+    for r in payload["records"]:
+        rows.append(f"| {r['sequence']} | {r['frames']} | {r['J&F']:.3f} | {r['J']:.3f} | "
+                    f"{r['F']:.3f} | {r['fps']:.1f} |")
+    frames = sum(r["frames"] for r in payload["records"])
+    seconds = sum(r["seconds"] for r in payload["records"])
+    rows.append(f"| **mean** | {frames} | **{payload['J&F']:.3f}** | {payload['J']:.3f} | "
+                f"{payload['F']:.3f} | {frames / seconds:.1f} |")
+    return (f"`{payload['checkpoint']}` at internal size {payload['internal_size']} (shorter "
+            f"side), mem_every {payload['mem_every']}, {payload['device']}:\n\n" +
+            "\n".join(rows))
+
+
+def plot(payload, path):
+    """Per-sequence J&F bars (and the training curve when the run's metrics are recorded)."""
+    figure, axes = common.subplots(1, 2 if payload.get("training") else 1,
+                                   figsize=(12 if payload.get("training") else 7, 3.6),
+                                   squeeze=False)
+    names = [r["sequence"] for r in payload["records"]]
+    axes[0][0].bar(names, [r["J&F"] for r in payload["records"]], color="tab:blue")
+    axes[0][0].axhline(payload["J&F"], color="black", linestyle="--",
+                       label=f"mean {payload['J&F']:.3f}")
+    axes[0][0].set(ylim=(0, 1), ylabel="J&F", title="DAVIS-2016 test sequences")
+    axes[0][0].tick_params(axis="x", rotation=60)
+    axes[0][0].legend()
+    if payload.get("training"):
+        steps = [row["step"] for row in payload["training"]]
+        axes[0][1].plot(steps, [row["loss"] for row in payload["training"]])
+        axes[0][1].set(xlabel="step", ylabel="training loss (cross-entropy)", yscale="log",
+                       title="training curve")
+        static = payload.get("static_steps")
+        if static:
+            axes[0][1].axvline(static, color="gray", linestyle=":",
+                               label="static images -> video clips")
+            axes[0][1].legend()
+    figure.tight_layout()
+    return [common.save_figure(figure, path)]
+
+
+def _training_curve(run):
+    """[{step, loss}] of a run folder's metrics.csv."""
+    with open(pathlib.Path(run) / "metrics.csv", newline="") as file:
+        return [{"step": int(row["step"]), "loss": float(row["loss"])}
+                for row in csv.DictReader(file)]
+
+
+def main(argv=None):
+    """`python -m bench davis-test`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m bench davis-test",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="small-real",
+                        help="a --checkpoint value of stm segment (default: small-real)")
+    parser.add_argument("--davis", type=pathlib.Path, default=DEFAULT_DAVIS,
+                        help="the DAVIS-2016 root (JPEGImages/480p, Annotations/480p)")
+    parser.add_argument("--sequences", nargs="+", default=list(TEST_SEQUENCES),
+                        help="the sequences (default: the ten test sequences)")
+    parser.add_argument("--size", type=int, help="internal size (default: the model's own)")
+    parser.add_argument("--mem-every", type=int, default=5)
+    parser.add_argument("--run", type=pathlib.Path,
+                        help="the training run folder: its metrics.csv is plotted")
+    parser.add_argument("--static-steps", type=int,
+                        help="with --run: the steps of its static-image stage (marked)")
+    args = parser.parse_args(argv)
+    if not (args.davis / "Annotations" / "480p").is_dir():
+        raise SystemExit(f"{args.davis}: not a DAVIS-2016 root (give --davis)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
+    internal = args.size or model.config.internal_size
+    payload = common.environment(device)
+    payload.update(benchmark="davis_test", checkpoint=args.checkpoint, internal_size=internal,
+                   mem_every=args.mem_every, sequences=args.sequences, records=[])
+    if args.run:
+        payload.update(training=_training_curve(args.run), static_steps=args.static_steps)
+    with tempfile.TemporaryDirectory() as scratch:
+        results = pathlib.Path(scratch)
+        for name in args.sequences:
+            frames, seconds = segment_sequence(
+                model, args.davis / "JPEGImages" / "480p" / name,
+                args.davis / "Annotations" / "480p" / name / "00000.png", results / name,
+                args.mem_every, internal)
+            payload["records"].append(dict(sequence=name, frames=frames, seconds=seconds,
+                                           fps=frames / seconds))
+            print(f"{name}: {frames} frames, {frames / seconds:.1f} fps", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its table: ours is printed below
+            evaluate_results(results, args.davis / "Annotations" / "480p", args.sequences,
+                             output=results, davis2016=True)
+        with open(results / "per-sequence_results.csv", newline="") as file:
+            scores = {row["Sequence"].rsplit("_", 1)[0]: row for row in csv.DictReader(file)}
+        with open(results / "global_results.csv", newline="") as file:
+            overall = next(csv.DictReader(file))
+    for record in payload["records"]:
+        row = scores[record["sequence"]]
+        record.update(J=float(row["J-Mean"]), F=float(row["F-Mean"]))
+        record["J&F"] = (record["J"] + record["F"]) / 2
+    payload.update(**{"J&F": float(overall["J&F-Mean"])}, J=float(overall["J-Mean"]),
+                   F=float(overall["F-Mean"]))
+    common.finish_run("davis_test", payload, plot, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
