@@ -63,7 +63,8 @@ def load_model(name, device, quiet=False):
 def build_model(args, device):
     warn_if_autocast_on_cpu(getattr(args, "amp_dtype", None), device)
     if not args.random_weights:
-        return load_model(args.checkpoint or "small", device, getattr(args, "quiet", False))
+        return load_model(args.checkpoint or DEFAULT_CHECKPOINT, device,
+                          getattr(args, "quiet", False))
     print("warning: --random-weights: an untrained network, for training experiments; its "
           "masks are meaningless (drop it to segment with the trained small model)",
           file=sys.stderr)
@@ -79,9 +80,12 @@ def check_model_arguments(args):
         raise UsageError("--config applies with --random-weights (a checkpoint holds its own "
                          "size)")
     if not args.random_weights and args.checkpoint != OFFICIAL:  # downloaded when loaded
-        checkpoint_path(args.checkpoint or "small")
+        checkpoint_path(args.checkpoint or DEFAULT_CHECKPOINT)
 
 
+# The model of the segmenting commands when no --checkpoint is named: one shipped in the
+# package, so that a run needs no network, no download and no GPU (docs/segmenting.md).
+DEFAULT_CHECKPOINT = "small"
 # The shipped models trained on synthetic video only (load_model notes it on real frames).
 SYNTHETIC_ONLY = (SHIPPED["small"], SHIPPED["small-interactive"])
 

@@ -8,8 +8,8 @@ import time
 import torch
 
 from stm_model.cli import UsageError
-from stm_model.commands.common import (build_model, check_model_arguments, device_named,
-                                       segmenter_options, write_json)
+from stm_model.commands.common import (DEFAULT_CHECKPOINT, build_model, check_model_arguments,
+                                       device_named, segmenter_options, write_json)
 from stm_model.commands.evaluate import evaluate_results
 from stm_model.inference import dataset_runs as dataset_segmentation
 from stm_model.inference.batch_segmenter import BatchSegmenter
@@ -84,7 +84,7 @@ def segment_dataset(args):
         sequences=summaries, skipped=plan["complete"], ranks=ranks,
         batch_size=args.batch_size, world_size=context.world_size,
         max_internal_size=model_internal_size(model, args.max_internal_size),
-        checkpoint=None if args.random_weights else (args.checkpoint or "small"),
+        checkpoint=None if args.random_weights else (args.checkpoint or DEFAULT_CHECKPOINT),
         mem_every=args.mem_every, masks=args.masks))
     if args.eval:
         evaluate_results(args.output, pathlib.Path(args.root) / "Annotations" / args.resolution,

@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from stm_model import io as video_io
 from stm_model.cli import Interrupted, UsageError, _dataset_parser, _Parser
-from stm_model.commands.common import (build_model, check_model_arguments, check_output,
+from stm_model.commands.common import (DEFAULT_CHECKPOINT, build_model, check_model_arguments,
+                                       check_output,
                                        checkpoint_path, clear_output, device_named,
                                        overlay_writer, segmenter_options, write_json,
                                        write_mask)
@@ -79,7 +80,7 @@ def _run_record(args, source):
                 for path in (source, args.mask, args.masks)]
     return dict(input=resolved[0], mask=resolved[1], masks=resolved[2],
                 checkpoint=None if args.random_weights else
-                str(checkpoint_path(args.checkpoint or "small").resolve()),
+                str(checkpoint_path(args.checkpoint or DEFAULT_CHECKPOINT).resolve()),
                 options={field.name: getattr(args, field.name)
                          for field in options_module.cli_fields()},
                 max_frames=args.max_frames, both_directions=args.both_directions)
