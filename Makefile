@@ -45,7 +45,7 @@ SMALL_REAL_RUN ?= runs/small-real
 # mixed with synthetic ones; resumable (the same command continues a stopped run).
 small-model: $(STAMP)
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_RUN) --model small-real \
-		--data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 2400 --static-steps 600 \
+		--data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 2000 --static-steps 600 \
 		--batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 --max-skip 1 10 5 \
 		--synthetic-ratio 0.2 --freeze-bn --lr 3e-4 --seed 0 --save-every 100 --log-every 20
 	$(PY) -m stm_model export $(SMALL_REAL_RUN)/model.pt stm_model/weights/stm_small_real.pt \

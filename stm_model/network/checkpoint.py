@@ -131,7 +131,8 @@ def save_checkpoint(model: STM, path: Union[str, os.PathLike],
 
 # The trained models shipped in the package (stm_model/weights), by name.
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "weights"
-SHIPPED = {"small": WEIGHTS_DIR / "stm_small_synthetic.pt",
+SHIPPED = {"small-real": WEIGHTS_DIR / "stm_small_real.pt",
+           "small": WEIGHTS_DIR / "stm_small_synthetic.pt",
            "small-interactive": WEIGHTS_DIR / "stm_small_interactive.pt"}
 
 # The authors' released weights, as the official repository's README links them; fetched on
@@ -229,7 +230,8 @@ def check_official_file(path: Union[str, os.PathLike]) -> None:
 
 def resolve_checkpoint(name_or_path: Union[str, os.PathLike],
                        show_progress: bool = True) -> pathlib.Path:
-    """The file of a checkpoint named by a shipped model's name ("small", "small-interactive"),
+    """The file of a checkpoint named by a shipped model's name ("small-real", "small",
+    "small-interactive"),
     by "official" (the authors' weights: official_weights, downloaded on first use) or by a
     path; FileNotFoundError naming the choices when it is none of them."""
     if str(name_or_path) in SHIPPED:

@@ -259,3 +259,31 @@ def test_stm_segment_checkpoint_official_offline_is_one_line_before_any_file(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--checkpoint small" in err[0] and "cannot download" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["annotate", "interactive"])
+def test_the_interactive_commands_take_checkpoint_official_too(monkeypatch, tmp_path, capsys,
+                                                               command):
+    """`stm annotate` and `stm interactive` resolve --checkpoint official the same way (offline
+    here: the one line, before any file is written)."""
+    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint, "OFFICIAL_URL", _closed_port_url())
+    frames, _ = _clip(tmp_path)
+    extra = ["--port", "0"] if command == "annotate" else [
+        "--scribbles", str(_scribbles(tmp_path))]
+    code = main([command, str(frames), "--checkpoint", "official", "--output",
+                 str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot download" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def _scribbles(tmp_path):
+    import json
+    from stm_model.interactive import scribbles as scribble_format
+    scribbles = scribble_format.empty_scribbles(3)
+    scribbles["scribbles"][0] = [{"path": [[0.2, 0.2], [0.5, 0.5]], "object_id": 1,
+                                  "start_time": 0, "end_time": 1}]
+    path = tmp_path / "round1.json"
+    path.write_text(json.dumps(scribbles))
+    return path
