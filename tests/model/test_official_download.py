@@ -287,3 +287,13 @@ def _scribbles(tmp_path):
     path = tmp_path / "round1.json"
     path.write_text(json.dumps(scribbles))
     return path
+
+
+def test_a_refused_download_is_one_line_with_the_status(serve, monkeypatch, tmp_path):
+    server = serve(b"unused")
+    monkeypatch.setattr(checkpoint, "OFFICIAL_URL", server.url + "-moved")  # a 404 there
+    with pytest.raises(OfficialWeightsUnavailable) as caught:
+        official_weights(show_progress=False)
+    message = str(caught.value)
+    assert "HTTP 404" in message and "\n" not in message and "--checkpoint small" in message
+    assert not (tmp_path / "cache" / "STM_weights.pth.part").exists()
