@@ -270,10 +270,11 @@ def _segment_parser(parser):
 def _model_arguments(parser, device_help):
     """--checkpoint, --random-weights, --config, --device: the model a segmenting command
     runs, and where."""
-    parser.add_argument("--checkpoint", help="the model: small (the small STM shipped with "
-                                             "the package, trained on synthetic video; the "
+    parser.add_argument("--checkpoint", help="the model: small-real (the small STM shipped "
+                                             "with the package, trained on real video; the "
                                              "default), official (the authors' released "
                                              "weights, downloaded once into the user cache), "
+                                             "small (trained on synthetic video only), "
                                              "small-interactive, or a file: STM_weights.pth "
                                              "or an stm-kernels checkpoint")
     parser.add_argument("--random-weights", action="store_true",

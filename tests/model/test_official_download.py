@@ -241,8 +241,8 @@ def test_stm_segment_checkpoint_official(serve, official_bytes, tmp_path, capsys
     assert len(list((tmp_path / "out" / "masks").glob("*.png"))) == 3
     err = capsys.readouterr().err
     assert "synthetic" not in err  # the note is for the shipped small model only
-    code = main(["segment", str(frames), "--mask", str(mask), "--output",
-                 str(tmp_path / "small"), "--overlay", "none", "--quiet"])
+    code = main(["segment", str(frames), "--mask", str(mask), "--checkpoint", "small",
+                 "--output", str(tmp_path / "small"), "--overlay", "none", "--quiet"])
     assert code == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "synthetic" in line]
     assert len(notes) == 1 and "--checkpoint official" in notes[0]
