@@ -154,8 +154,8 @@ def test_davis_test_benchmark_scores_with_stm_eval_and_plots_the_curve(tmp_path,
     assert "| synth | 6 |" in capsys.readouterr().out
     assert stm(["segment", str(tmp_path / "davis" / "JPEGImages" / "480p" / "synth"),
                 "--mask", str(tmp_path / "davis" / "Annotations" / "480p" / "synth" /
-                              "00000.png"), "--output", str(tmp_path / "seg"), "--overlay",
-                "none", "--quiet"]) == 0
+                              "00000.png"), "--checkpoint", "small", "--output",
+                str(tmp_path / "seg"), "--overlay", "none", "--quiet"]) == 0
     (tmp_path / "eval").mkdir()
     (tmp_path / "seg" / "masks").rename(tmp_path / "eval" / "synth")
     assert stm(["eval", str(tmp_path / "eval"), str(tmp_path / "davis" / "Annotations" / "480p"),

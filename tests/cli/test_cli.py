@@ -139,16 +139,16 @@ def _command_parsers():
     """{command: its parser} of the stm command, as main builds them."""
     import argparse
     captured = {}
-    real = cli._Parser.parse_args
+    real = cli._Parser.parse_known_args
 
     def grab(self, args=None, namespace=None):
         captured["parser"] = self
         raise SystemExit(0)
-    cli._Parser.parse_args = grab
+    cli._Parser.parse_known_args = grab
     try:
         cli.main(["--help"])
     finally:
-        cli._Parser.parse_args = real
+        cli._Parser.parse_known_args = real
     commands = next(action for action in captured["parser"]._actions
                     if isinstance(action, argparse._SubParsersAction))
     return commands.choices
@@ -176,12 +176,12 @@ def test_size_means_the_shorter_side_in_every_command(monkeypatch):
     """--size PIXELS is one option with one meaning wherever it appears: the shorter side the
     network works at (stm train's clip frame size is --clip-size)."""
     seen = {}
-    original = cli._Parser.parse_args
+    original = cli._Parser.parse_known_args
 
     def capture(self, args=None, namespace=None):
-        seen["stm"] = self
+        seen.setdefault("stm", self)  # the first parser asked: stm's own
         return original(self, args, namespace)
-    monkeypatch.setattr(cli._Parser, "parse_args", capture)
+    monkeypatch.setattr(cli._Parser, "parse_known_args", capture)
     cli.main(["eval", "a", "b", "--help"])
     commands = next(action for action in seen["stm"]._actions
                     if isinstance(action, argparse._SubParsersAction)).choices

@@ -561,16 +561,18 @@ def test_autocast_is_slow_only_on_cpus_without_the_dtypes_instructions():
 
 def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag(
         tmp_path, video, capsys, monkeypatch):
-    """No --checkpoint: the trained small model shipped in the package; "small" and
-    "small-interactive" name the shipped files; an untrained network only with
+    """No --checkpoint: the small model trained on real video shipped in the package;
+    "small-real", "small" and "small-interactive" name the shipped files; an untrained network
+    only with
     --random-weights (and a warning that it is for training); bad combinations and a missing
     checkpoint are refused before any work."""
     loaded = []
     real_load = checkpoint_module.load_checkpoint
     monkeypatch.setattr("stm_model.commands.common.load_checkpoint",
                         lambda path, device: loaded.append(path) or real_load(path, device))
-    for given, expected in ([], "small"), (["--checkpoint", "small"], "small"), (
-            ["--checkpoint", "small-interactive"], "small-interactive"):
+    for given, expected in ([], "small-real"), (["--checkpoint", "small"], "small"), (
+            ["--checkpoint", "small-interactive"], "small-interactive"), (
+            ["--checkpoint", "small-real"], "small-real"):
         assert _cli(_segment(video, tmp_path / f"out{len(loaded)}", "--overlay", "none",
                              *given)) == 0
         assert loaded[-1] == checkpoint_module.SHIPPED[expected]
@@ -580,7 +582,7 @@ def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag
     assert "untrained network, for training experiments" in capsys.readouterr().err
     count = len(loaded)
     _user_error(capsys, _segment(video, tmp_path / "x", "--checkpoint", "nothing.pt"),
-                "--checkpoint", "nothing.pt", "small, small-interactive")
+                "--checkpoint", "nothing.pt", "small-real, small, small-interactive")
     _user_error(capsys, _segment(video, tmp_path / "x", "--config", "small"),
                 "--config applies with --random-weights")
     _user_error(capsys, _segment(video, tmp_path / "x", "--random-weights", "--checkpoint",

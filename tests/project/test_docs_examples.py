@@ -60,9 +60,20 @@ def test_the_pages_hold_examples():
 def test_every_command_exists_with_its_options(where, argv, monkeypatch):
     program, arguments = argv[0], argv[1:]
     if program == "stm":
+        real, depth = cli._Parser.parse_known_args, []
+
         def parse_only(self, args=None, namespace=None):
-            raise _Parsed(super(cli._Parser, self).parse_args(args, namespace))
-        monkeypatch.setattr(cli._Parser, "parse_args", parse_only)
+            if depth:  # a sub-command's parser, asked by stm's own: parse as usual
+                return real(self, args, namespace)
+            depth.append(self)
+            try:
+                parsed, unknown = real(self, args, namespace)
+            finally:
+                depth.clear()
+            if unknown:
+                pytest.fail(f"{where}: unrecognized arguments {unknown}")
+            raise _Parsed(parsed)
+        monkeypatch.setattr(cli._Parser, "parse_known_args", parse_only)
         if arguments == ["--version"]:
             return
         with pytest.raises(_Parsed):
