@@ -255,9 +255,7 @@ def _call(k, read, l2):
     return call
 
 
-def check_device(*tensors):
-    """ValueError unless the tensors are where the kernels run (CUDA, or any device under
-    TRITON_INTERPRET=1; meta for shape checks)."""
+def _check_device(*tensors):
     device = tensors[0].device
     if device.type not in ("cuda", "meta") and not INTERPRETING:
         raise ValueError(
@@ -469,7 +467,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW) float32) for q (Bq, Ck, HW), k (B, Ck, N),
     v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
     positions per object (validated by the caller)."""
-    check_device(q, k, v)
+    _check_device(q, k, v)
     call = _call(k, "forward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -569,7 +567,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     computes it in a fixed order (bitwise reproducible; about 40% more backward work). Where
     the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), or none of its
     candidates runs there, dK and dQ take those two kernels in every mode."""
-    check_device(q, k, v)
+    _check_device(q, k, v)
     call = _call(k, "backward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -654,7 +652,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
     top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
     memory; one fused pass over the memory (kernels/topk.py)."""
-    check_device(q, k)
+    _check_device(q, k)
     call = _call(k, "select", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
@@ -702,7 +700,7 @@ def _decoded(keys):
 
 def triton_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel)."""
-    check_device(q, k)
+    _check_device(q, k)
     call = _call(k, "usage", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
