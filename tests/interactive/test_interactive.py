@@ -183,13 +183,9 @@ def test_an_object_without_a_scribble_has_no_pixels(small_interactive):
 def test_stm_interactive_object_ids_must_be_in_use(tmp_path, capsys, ids, objects, fragment):
     """An id above the objects in use (a typo'd 40) is one line naming it and the file, before
     anything is written; --objects N keeps objects without scribbles (they get no pixels)."""
-    from PIL import Image
-    frames, gt = synthetic_video(3, size=(32, 48))
+    from helpers import write_frames
     folder = tmp_path / "frames"
-    folder.mkdir()
-    for t, frame in enumerate(frames):
-        Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
-            folder / f"{t:05d}.png")
+    write_frames(folder, 3, (32, 48))
     scribbles = S.empty_scribbles(3)
     scribbles["scribbles"][0] = [{"path": [[0.1 + 0.2 * n, 0.2 + 0.2 * n], [0.2, 0.5]],
                                   "object_id": i, "start_time": 0, "end_time": 1}
