@@ -8,8 +8,7 @@ from stm_model import metrics
 from stm_model.cli import UsageError
 from stm_model.inference import options as options_module
 from stm_model.io.files import can_write_into, forget_written, note_written, written_files
-from stm_model.network.checkpoint import (OFFICIAL, SHIPPED, OfficialWeightsUnavailable,
-                                          load_checkpoint, resolve_checkpoint)
+from stm_model.network.checkpoint import OFFICIAL, SHIPPED, load_checkpoint, resolve_checkpoint
 from stm_model.network.stm import STM, STMConfig
 from stm_model.runtime.devices import autocast_is_slow, resolve_device
 
@@ -43,8 +42,6 @@ def checkpoint_path(name, show_progress=True):
     (OSError)."""
     try:
         return resolve_checkpoint(name, show_progress=show_progress)
-    except OfficialWeightsUnavailable:
-        raise
     except FileNotFoundError as error:
         raise UsageError(f"--checkpoint: {error}") from None
 
