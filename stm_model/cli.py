@@ -275,7 +275,8 @@ def _model_arguments(parser, device_help):
                                              "default), official (the authors' released "
                                              "weights, downloaded once into the user cache), "
                                              "small (trained on synthetic video only), "
-                                             "small-interactive, or a file: STM_weights.pth "
+                                             "small-interactive, small-real-interactive, or a "
+                                             "file: STM_weights.pth "
                                              "or an stm-kernels checkpoint")
     parser.add_argument("--random-weights", action="store_true",
                         help="an untrained network of --config instead (for training "
@@ -312,9 +313,10 @@ def _overlay_argument(parser):
 
 
 def _interactive_checkpoint_argument(parser):
-    parser.add_argument("--checkpoint", help="an interactive STM: small-interactive (shipped "
-                                             "with the package, trained on synthetic video; "
-                                             "the default), a checkpoint file, or official "
+    parser.add_argument("--checkpoint", help="an interactive STM: small-real-interactive "
+                                             "(shipped with the package, trained on real "
+                                             "video; the default), small-interactive (trained "
+                                             "on synthetic video), a checkpoint file, or official "
                                              "(the authors' semi-supervised weights, "
                                              "downloaded once; its scribble channels are "
                                              "untrained)")

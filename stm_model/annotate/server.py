@@ -1,6 +1,6 @@
 """The server of `stm annotate`: one video, one InteractiveSession, the page and a JSON API.
 
-    server = AnnotationServer("frames/", "out/")    # the shipped small-interactive model
+    server = AnnotationServer("frames/", "out/")    # the shipped small-real-interactive model
     server.start()                                   # serves on a background thread
     print(server.url)                                # http://127.0.0.1:PORT/?token=SECRET
     ...
@@ -39,7 +39,8 @@ from PIL import Image
 
 from stm_model import io as video_io
 from stm_model.annotate.security import Guard, Refused, browsable_host, new_token
-from stm_model.commands.common import describe_results, earlier_results
+from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, describe_results,
+                                        earlier_results)
 from stm_model.io.files import note_written
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format
@@ -76,7 +77,7 @@ class AnnotationServer:
         video: a folder of frames (JPEG/PNG) or a video file.
         output: the folder export writes into (masks/, scribbles/, the overlay), and where the
             session is saved (.stm_annotate/); made if needed.
-        model: an interactive STM (None: the shipped small-interactive model).
+        model: an interactive STM (None: the shipped small-real-interactive model).
         port: the port to listen on (0: any free one; see `url`).
         host: the address to listen on; 127.0.0.1 keeps the page to this machine.
         max_internal_size: the session segments frames resized so that their shorter side is
@@ -97,7 +98,7 @@ class AnnotationServer:
         self.fps = reader.fps or 24.0
         self.output = pathlib.Path(output)
         self.model = model if model is not None else load_checkpoint(
-            resolve_checkpoint("small-interactive"), device)
+            resolve_checkpoint(DEFAULT_INTERACTIVE_CHECKPOINT), device)
         self.max_internal_size = max_internal_size
         self.display_size = internal_size(self.frames[0].hw, DISPLAY_SIZE)
         self.num_objects = _checked_count(num_objects)

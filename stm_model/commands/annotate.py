@@ -7,7 +7,8 @@ import time
 from stm_model.annotate.server import (MAX_OBJECTS, STATE_FOLDER, AnnotationServer,
                                        foreign_results)
 from stm_model.cli import UsageError
-from stm_model.commands.common import describe_results, device_named, load_model
+from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, describe_results,
+                                        device_named, load_model)
 from stm_model.io.files import can_write_into
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -34,7 +35,7 @@ def annotate(args):
     if foreign:  # found now, not when the page's export is refused
         raise UsageError(f"{output} holds another run's results ({describe_results(foreign)}), "
                          "which the page's export would replace; choose another --output")
-    model = load_model(args.checkpoint or "small-interactive", device)
+    model = load_model(args.checkpoint or DEFAULT_INTERACTIVE_CHECKPOINT, device)
     try:
         server = AnnotationServer(source, output, model, port=args.port, host=args.host,
                                   max_internal_size=args.max_internal_size,

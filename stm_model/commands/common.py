@@ -83,6 +83,8 @@ def check_model_arguments(args):
 # The model of the segmenting commands when no --checkpoint is named: one shipped in the
 # package, so that a run needs no network, no download and no GPU (docs/segmenting.md).
 DEFAULT_CHECKPOINT = "small-real"
+# The interactive commands' model when none is named: the interactive variant of small-real.
+DEFAULT_INTERACTIVE_CHECKPOINT = "small-real-interactive"
 # The shipped models trained on synthetic video only (load_model notes it on real frames).
 SYNTHETIC_ONLY = (SHIPPED["small"], SHIPPED["small-interactive"])
 

@@ -10,8 +10,9 @@ from PIL import Image
 
 from stm_model import io as video_io
 from stm_model.cli import UsageError
-from stm_model.commands.common import (check_output, clear_output, device_named, load_model,
-                                       overlay_writer, warn_if_autocast_on_cpu, write_mask)
+from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, check_output,
+                                       clear_output, device_named, load_model, overlay_writer,
+                                       warn_if_autocast_on_cpu, write_mask)
 from stm_model.interactive import robot as interactive_eval
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format
@@ -19,13 +20,12 @@ from stm_model.interactive import scribbles as scribble_format
 
 def interactive_evaluate(args):
     """`stm interactive-eval`: robot rounds per sequence, a table, JSON and a plot."""
-    from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS
     device = device_named(args.device)
     warn_if_autocast_on_cpu(args.amp, device)
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
     _check_interactive_inputs(args)
-    model = load_model(args.checkpoint or "small-interactive", device)
+    model = load_model(args.checkpoint or DEFAULT_INTERACTIVE_CHECKPOINT, device)
     results = interactive_eval.evaluate_davis(
         model, args.root, args.sequences, resolution=args.resolution,
         rounds=args.rounds, max_time=args.max_time, at_time=args.at_time,
@@ -36,7 +36,7 @@ def interactive_evaluate(args):
     output = pathlib.Path(args.output)
     path = interactive_eval.write_results(
         results, output / "interactive_eval.json", device=str(device),
-        torch=torch.__version__, checkpoint=args.checkpoint or str(SMALL_INTERACTIVE_WEIGHTS),
+        torch=torch.__version__, checkpoint=args.checkpoint or DEFAULT_INTERACTIVE_CHECKPOINT,
         max_internal_size=args.max_internal_size, rounds=args.rounds,
         batch_size=args.batch_size,
         line_width=args.line_width, amp=args.amp, backend=args.backend)
@@ -133,7 +133,7 @@ def interactive(args):
     source = pathlib.Path(args.input)
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     check_output(output, args.overwrite)
-    model = load_model(args.checkpoint or "small-interactive", device)
+    model = load_model(args.checkpoint or DEFAULT_INTERACTIVE_CHECKPOINT, device)
     session = InteractiveSession(model, torch.stack([frame.tensor for frame in frames]),
                                  num_objects, line_width=args.line_width,
                                  max_internal_size=args.max_internal_size,

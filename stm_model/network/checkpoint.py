@@ -132,6 +132,7 @@ def save_checkpoint(model: STM, path: Union[str, os.PathLike],
 # The trained models shipped in the package (stm_model/weights), by name.
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = {"small-real": WEIGHTS_DIR / "stm_small_real.pt",
+           "small-real-interactive": WEIGHTS_DIR / "stm_small_real_interactive.pt",
            "small": WEIGHTS_DIR / "stm_small_synthetic.pt",
            "small-interactive": WEIGHTS_DIR / "stm_small_interactive.pt"}
 
@@ -230,10 +231,10 @@ def check_official_file(path: Union[str, os.PathLike]) -> None:
 
 def resolve_checkpoint(name_or_path: Union[str, os.PathLike],
                        show_progress: bool = True) -> pathlib.Path:
-    """The file of a checkpoint named by a shipped model's name ("small-real", "small",
-    "small-interactive"),
-    by "official" (the authors' weights: official_weights, downloaded on first use) or by a
-    path; FileNotFoundError naming the choices when it is none of them."""
+    """The file of a checkpoint named by a shipped model's name ("small-real",
+    "small-real-interactive", "small", "small-interactive"), by "official" (the authors'
+    weights: official_weights, downloaded on first use) or by a path; FileNotFoundError naming
+    the choices when it is none of them."""
     if str(name_or_path) in SHIPPED:
         return SHIPPED[str(name_or_path)]
     if str(name_or_path) == OFFICIAL:
@@ -249,11 +250,14 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike],
 def load_checkpoint(path_or_payload: Union[str, os.PathLike, dict],
                     device: Union[str, torch.device] = "cpu") -> STM:
     """A model from one of this project's checkpoints or from the official one (detected by
-    content), in eval mode.
+    content), in eval mode; a shipped model's name ("small-real", "small-real-interactive",
+    "small", "small-interactive") stands for its file.
 
     The file is untrusted input: its config is checked (checked_config) and its weights are
     compared with the model that config describes, built on the meta device (no memory),
     before the model is built; any mismatch is a CheckpointError."""
+    if isinstance(path_or_payload, str) and path_or_payload in SHIPPED:
+        path_or_payload = SHIPPED[path_or_payload]
     payload = _read(path_or_payload)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         source = "the stm-kernels checkpoint"

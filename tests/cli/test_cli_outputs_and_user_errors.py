@@ -563,9 +563,8 @@ def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag
         tmp_path, video, capsys, monkeypatch):
     """No --checkpoint: the small model trained on real video shipped in the package;
     "small-real", "small" and "small-interactive" name the shipped files; an untrained network
-    only with
-    --random-weights (and a warning that it is for training); bad combinations and a missing
-    checkpoint are refused before any work."""
+    only with --random-weights (and a warning that it is for training); bad combinations and a
+    missing checkpoint are refused before any work."""
     loaded = []
     real_load = checkpoint_module.load_checkpoint
     monkeypatch.setattr("stm_model.commands.common.load_checkpoint",
@@ -582,7 +581,8 @@ def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag
     assert "untrained network, for training experiments" in capsys.readouterr().err
     count = len(loaded)
     _user_error(capsys, _segment(video, tmp_path / "x", "--checkpoint", "nothing.pt"),
-                "--checkpoint", "nothing.pt", "small-real, small, small-interactive")
+                "--checkpoint", "nothing.pt",
+                "small-real, small-real-interactive, small, small-interactive")
     _user_error(capsys, _segment(video, tmp_path / "x", "--config", "small"),
                 "--config applies with --random-weights")
     _user_error(capsys, _segment(video, tmp_path / "x", "--random-weights", "--checkpoint",

@@ -15,6 +15,8 @@ from stm_model.cli import main as stm_main
 from stm_model.training.clip_forward import ClipForward
 from stm_model.training.datasets import InteractiveClips, SyntheticClips, collate_clips
 from stm_model.demo import SMALL_INTERACTIVE_WEIGHTS, load_small_model
+from stm_model.commands.common import DEFAULT_INTERACTIVE_CHECKPOINT
+from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
 from stm_model.interactive.session import InteractiveSession, as_interactive, merge_weights
 from stm_model.interactive.robot import (RobotUser, evaluate_interactive, jf_scores,
                                         time_scores)
@@ -136,7 +138,9 @@ def test_stm_interactive_runs_your_scribble_files_as_rounds(tmp_path, capsys):
             folder / f"{t:05d}.png")
     frames = torch.stack([frame.tensor for frame in video_io.FrameReader(folder)])
     first = _round(gt, np.zeros_like(gt), 1, 2)
-    session = InteractiveSession(load_small_model(SMALL_INTERACTIVE_WEIGHTS), frames, 2)
+    # the command's default model (small-real-interactive) gives the session's masks
+    default = load_checkpoint(resolve_checkpoint(DEFAULT_INTERACTIVE_CHECKPOINT))
+    session = InteractiveSession(default, frames, 2)
     labels = session.interact(first)
     second = _round(gt, labels.numpy(), 3, 2)
     expected = session.interact(second)
@@ -346,15 +350,16 @@ def test_cli_interactive_eval_on_a_davis_folder(tmp_path, capsys):
 def test_cli_interactive_eval_on_a_real_davis_sequence(tmp_path, capsys):
     output = tmp_path / "out"
     code = stm_main(["interactive-eval", str(SHARED / "data" / "davis2016-val"),
-                     "--sequences", "blackswan", "--rounds", "3", "--size", "120",
+                     "--sequences", "blackswan", "--rounds", "3",
                      "--output", str(output), "--quiet"])
     assert code == 0
     rounds = json.loads((output / "interactive_eval.json").read_text())[
         "sequences"]["blackswan"]["rounds"]
-    # the small model never saw a real video: this checks the machinery on real frames (masks
-    # at full resolution, rounds, memory), not its accuracy, which is low there
+    # the default model (small-real-interactive) never saw blackswan: the machinery on real
+    # frames (masks at full resolution, rounds, memory) and, at its own internal size, masks
+    # that follow the swan (J&F 0.41 at half that size, 0.03 with the synthetic model)
     scores = [r["J&F"] for r in rounds]
-    assert len(rounds) == 3 and all(0 <= s <= 1 for s in scores)
+    assert len(rounds) == 3 and all(0.6 < s <= 1 for s in scores), scores
     assert [r["memory_frames"] for r in rounds][-1] == len({r["frame"] for r in rounds})
     assert scores[-1] >= scores[0] - 0.01, scores
 

@@ -117,6 +117,19 @@ def test_own_checkpoint_round_trip_and_auto_detection(tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 12
 
 
+def test_a_shipped_model_loads_by_name():
+    """load_checkpoint takes the names the CLI's --checkpoint takes for the shipped files."""
+    from stm_model.network.checkpoint import SHIPPED
+    interactive = load_checkpoint("small-real-interactive")
+    assert interactive.config.interactive and interactive.config.backbone == "efficientnet_lite0"
+    by_path = load_checkpoint(SHIPPED["small-real-interactive"])
+    for name, tensor in by_path.state_dict().items():
+        assert torch.equal(tensor, interactive.state_dict()[name]), name
+    assert not load_checkpoint("small-real").config.interactive
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint("small-rael")
+
+
 def test_small_config_builds_torchvision_resnet_and_checks_arguments():
     model = STM(STMConfig.small())
     from torchvision.models.resnet import BasicBlock
