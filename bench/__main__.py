@@ -13,6 +13,7 @@
     python -m bench sharded-read [...]  # one memory sharded over 1-3 processes
     python -m bench annotate [...]      # the browser page of `stm annotate`: frame switches
     python -m bench davis-test [...]    # a checkpoint on the DAVIS-2016 test sequences: J&F, fps
+    python -m bench integrations [...]  # Cutie and STCN on a long video: their read vs fused
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check|--prune]   # README and docs tables from the newest results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -25,9 +26,9 @@ import json
 import pathlib
 import sys
 
-from bench import (annotate, dataset_throughput, davis_test, held_out, interactive,
-                   interactive_eval, kernel, long_video, ragged_read, report, sharded_read,
-                   topk_read, training)
+from bench import (annotate, dataset_throughput, davis_test, held_out, integrations,
+                   interactive, interactive_eval, kernel, long_video, ragged_read, report,
+                   sharded_read, topk_read, training)
 
 BENCHMARKS = {  # sub-command: module (its results are bench/results/<module name>_*.json)
     "kernel": kernel,
@@ -36,6 +37,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "held-out": held_out,
     "interactive": interactive,
     "interactive-eval": interactive_eval,
+    "integrations": integrations,
     "ragged-read": ragged_read,
     "dataset-throughput": dataset_throughput,
     "topk-read": topk_read,

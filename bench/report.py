@@ -15,9 +15,9 @@ import pathlib
 import re
 import sys
 
-from bench import (annotate, dataset_throughput, davis_test, held_out, interactive,
-                   interactive_eval, kernel, long_video, ragged_read, sharded_read, topk_read,
-                   training)
+from bench import (annotate, dataset_throughput, davis_test, held_out, integrations,
+                   interactive, interactive_eval, kernel, long_video, ragged_read, sharded_read,
+                   topk_read, training)
 from bench.common import RESULTS
 from tools.gpu_session import ncu_summary, profile_target
 
@@ -40,6 +40,7 @@ RENDERERS = {
     "sharded_read": (sharded_read.plot, sharded_read.summary),
     "annotate": (annotate.plot, annotate.summary),
     "davis_test": (davis_test.plot, davis_test.summary),
+    "integrations": (integrations.plot, integrations.summary),
     "kernel_breakdown": (profile_target.plot, profile_target.summary),
     "ncu": (None, ncu_summary.summary),
 }

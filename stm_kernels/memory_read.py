@@ -208,8 +208,11 @@ def _memory_read_backward_op(
         scale: float, l2: bool, backend: str,
         lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with dk, dv over the concatenated memory (split per chunk by autograd)."""
-    return backends.implementation(backend).backward(
+    dq, dk, dv = backends.implementation(backend).backward(
         grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse, scale, l2, lengths)
+    # contiguous, as the fake below promises (torch.compile asserts the strides): the Triton
+    # backward may return dq as a view of a buffer padded to its query block
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_memory_read_backward_op.register_fake

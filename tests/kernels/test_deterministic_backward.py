@@ -42,10 +42,13 @@ def dq_launches(monkeypatch):
     kernel = triton_module.memory_read_bwd_kernel_dq
     grids = []
 
-    class Counting:
+    class Counting:  # the kernel itself, its launches counted
         def __getitem__(self, grid):
             grids.append(grid)
             return kernel[grid]
+
+        def __getattr__(self, name):  # __name__, warmup, ...: what a compiled launch reads
+            return getattr(kernel, name)
     monkeypatch.setattr(triton_module, "memory_read_bwd_kernel_dq", Counting())
     return grids
 

@@ -145,6 +145,7 @@ def test_every_python_example_runs(where, code, namespace, monkeypatch):
     directory, names = namespace
     monkeypatch.chdir(directory)
     scope = dict(names)
+    scope.update(_integration_models(code, directory))
     if "stm_kernels.distributed" in code:  # one rank of a world of one
         import torch.distributed as dist
         dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=0,
@@ -159,3 +160,19 @@ def test_every_python_example_runs(where, code, namespace, monkeypatch):
         assert len(names["saved"]) == 6  # three frames of two videos
     if 'FrameReader("frames/")' in code:  # a mask written per frame of the folder
         assert len(list((directory / "out").glob("*.png"))) == 3
+
+
+def _integration_models(code, directory):
+    """The Cutie processor and network, or the STCN processor, an example of
+    docs/integrations.md patches: bench.integrations' random-weight builds (skipped without
+    the package)."""
+    from bench import integrations
+    if "stm_kernels.integrations.cutie" in code:
+        pytest.importorskip("cutie")
+        _, processor, _ = integrations.build_cutie(torch.device("cpu"), directory)
+        return dict(processor=processor, network=processor.network)
+    if "stm_kernels.integrations.stcn" in code:
+        pytest.importorskip("stcnbuf")
+        _, stcn, _ = integrations.build_stcn(torch.device("cpu"))
+        return dict(stcn=stcn)
+    return {}
