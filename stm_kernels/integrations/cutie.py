@@ -43,15 +43,13 @@ rather than risking a silent wrong read.
 """
 import contextlib
 import functools
-import hashlib
-import importlib.metadata
-import inspect
 import types
 
 import torch
 
 from ..memory_read import memory_read
 from ..options import BACKENDS
+from ._versions import installed_version, unknown_functions
 
 __all__ = ["use_fused_read", "use_original_read", "fused_read"]
 
@@ -192,35 +190,17 @@ def _originals(target, kind):
     return functions
 
 
-def _fingerprint(function):
-    """The first 16 hex digits of the sha256 of function's source; None without source."""
-    try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):
-        return None
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
-def _installed_version():
-    try:
-        return importlib.metadata.version("rf-cutie")
-    except importlib.metadata.PackageNotFoundError:
-        return "none (no rf-cutie distribution; cutie imported from elsewhere)"
-
-
 def _check_known(functions):
     """RuntimeError, naming the installed and the known versions, unless every function has
     the fingerprint of one known rf-cutie version."""
-    fingerprints = {name: _fingerprint(function) for name, function in functions.items()}
-    for known in _KNOWN_FINGERPRINTS.values():
-        if all(known[name] == fingerprint for name, fingerprint in fingerprints.items()):
-            return
-    newest = list(_KNOWN_FINGERPRINTS)[-1]
-    differing = [name for name, fingerprint in fingerprints.items()
-                 if _KNOWN_FINGERPRINTS[newest][name] != fingerprint]
+    unknown = unknown_functions(functions, _KNOWN_FINGERPRINTS)
+    if unknown is None:
+        return
+    newest, differing = unknown
     raise RuntimeError(
         f"stm_kernels.integrations.cutie reproduces the memory read of rf-cutie "
-        f"{', '.join(_KNOWN_FINGERPRINTS)}; in the installed rf-cutie {_installed_version()} "
+        f"{', '.join(_KNOWN_FINGERPRINTS)}; in the installed rf-cutie "
+        f"{installed_version('rf-cutie', 'cutie')} "
         f"these functions differ from {newest}'s: {', '.join(differing)} (changed, or "
         "replaced by a subclass or a patch). Refusing to patch rather than risk a silently "
         "different read: install a known rf-cutie version, or keep Cutie's own read")

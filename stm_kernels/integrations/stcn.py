@@ -40,9 +40,6 @@ installed version, rather than risking a silent wrong read.
 """
 import contextlib
 import functools
-import hashlib
-import importlib.metadata
-import inspect
 import math
 import types
 from typing import cast
@@ -52,6 +49,7 @@ import torch
 from ..backends import TRITON_MAX_TOP_K
 from ..memory_read import memory_read
 from ..options import BACKENDS, Backend
+from ._versions import installed_version, unknown_functions
 
 __all__ = ["use_fused_read", "use_original_read", "fused_read"]
 
@@ -186,37 +184,18 @@ def _originals(target, kind):
     return functions
 
 
-def _fingerprint(function):
-    """The first 16 hex digits of the sha256 of function's source; None without source."""
-    try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):
-        return None
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
-def _installed_version():
-    try:
-        return importlib.metadata.version("stcnbuf")
-    except importlib.metadata.PackageNotFoundError:
-        return "none (no stcnbuf distribution; stcnbuf imported from elsewhere)"
-
-
 def _check_known(function_sets):
     """RuntimeError, naming the installed and the known versions, unless every function of
     each set has the fingerprint of one known stcnbuf version."""
     for functions in function_sets:
-        fingerprints = {name: _fingerprint(function) for name, function in functions.items()}
-        if any(all(known[name] == fingerprint for name, fingerprint in fingerprints.items())
-               for known in _KNOWN_FINGERPRINTS.values()):
+        unknown = unknown_functions(functions, _KNOWN_FINGERPRINTS)
+        if unknown is None:
             continue
-        newest = list(_KNOWN_FINGERPRINTS)[-1]
-        differing = [name for name, fingerprint in fingerprints.items()
-                     if _KNOWN_FINGERPRINTS[newest][name] != fingerprint]
+        newest, differing = unknown
         raise RuntimeError(
             f"stm_kernels.integrations.stcn reproduces the memory read of stcnbuf "
             f"{', '.join(_KNOWN_FINGERPRINTS)}; the installed stcnbuf is "
-            f"{_installed_version()} and its {', '.join(differing)} differ from "
+            f"{installed_version('stcnbuf', 'stcnbuf')} and its {', '.join(differing)} differ from "
             f"{newest}'s (or a subclass or patch replaces them). Refusing to patch rather than "
             "risk a silently different read: use a known stcnbuf version, or keep STCN's read")
 
