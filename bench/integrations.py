@@ -36,25 +36,15 @@ DEFAULTS = dict(lengths=[1000, 3000], size=[240, 432], sequence="blackswan", mem
 def build_cutie(device, work_dir, top_k=30, mem_every=5):
     """(step(frame, labels or None) -> probabilities, the object to patch, its name): Cutie-small
     with seeded random weights, long-term memory off and no cap on the working memory."""
-    import importlib.resources
     from cutie.inference.inference_core import InferenceCore
     from cutie.model.cutie import CUTIE
     from cutie.model.utils import resnet
-    from omegaconf import OmegaConf
     torch.manual_seed(0)
     # Cutie's constructor loads ImageNet weights by file name from this folder
     torch.save(resnet.resnet18(pretrained=False).state_dict(),
                pathlib.Path(work_dir) / "resnet18-5c106cde.pth")
-    root = importlib.resources.files("cutie") / "config"
-    cfg = OmegaConf.load(root / "eval_config.yaml")
-    for key in ("defaults", "hydra", "datasets"):
-        cfg.pop(key)
-    small = OmegaConf.load(root / "model" / "small.yaml")
-    small.pop("defaults")
-    cfg.model = OmegaConf.merge(OmegaConf.load(root / "model" / "base.yaml"), small)
-    cfg.model.resnet_model_path = str(work_dir)
-    cfg.merge_with({"use_long_term": False, "max_mem_frames": 10**9, "top_k": top_k,
-                    "mem_every": mem_every})
+    cfg = cutie_config(work_dir, {"use_long_term": False, "max_mem_frames": 10**9,
+                                  "top_k": top_k, "mem_every": mem_every})
     network = CUTIE(cfg).to(device).eval()
     processor = InferenceCore(network, cfg)
 
@@ -63,6 +53,25 @@ def build_cutie(device, work_dir, top_k=30, mem_every=5):
             return processor.step(frame, labels, [1])
         return processor.step(frame)
     return step, processor, "Cutie-small (rf-cutie, random weights)"
+
+
+def cutie_config(resnet_dir, *settings):
+    """Cutie's eval config with the small model, composed from the packaged yaml files (what
+    hydra would compose; hydra is not needed), its ResNet weights read from resnet_dir, then
+    each of `settings` (dicts) merged in."""
+    import importlib.resources
+    from omegaconf import OmegaConf
+    root = importlib.resources.files("cutie") / "config"
+    cfg = OmegaConf.load(root / "eval_config.yaml")
+    for key in ("defaults", "hydra", "datasets"):
+        cfg.pop(key)
+    small = OmegaConf.load(root / "model" / "small.yaml")
+    small.pop("defaults")
+    cfg.model = OmegaConf.merge(OmegaConf.load(root / "model" / "base.yaml"), small)
+    cfg.model.resnet_model_path = str(resnet_dir)
+    for setting in settings:
+        cfg.merge_with(setting)
+    return cfg
 
 
 def build_stcn(device, top_k=20):

@@ -12,7 +12,6 @@ on one thread: on a shared 2-core machine its thread pool otherwise spins for mo
 import contextlib
 import dataclasses
 import importlib.metadata
-import importlib.resources
 import subprocess
 import sys
 
@@ -27,8 +26,8 @@ from cutie.inference.memory_manager import MemoryManager  # noqa: E402
 from cutie.model.cutie import CUTIE  # noqa: E402
 from cutie.model.utils import resnet  # noqa: E402
 from cutie.utils.tensor_utils import pad_divide_by  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
+from bench.integrations import cutie_config  # noqa: E402
 from helpers import SHARED, TOLERANCE, relative_error, synthetic_video  # noqa: E402
 from stm_kernels.integrations import cutie as integration  # noqa: E402
 
@@ -59,25 +58,15 @@ def resnet_dir(tmp_path_factory):
 
 
 def config(resnet_dir, **overrides):
-    """Cutie's eval config with the small model, composed from the packaged yaml files
-    (what hydra would compose), long-term memory on and engaging within a few frames."""
-    root = importlib.resources.files("cutie") / "config"
-    cfg = OmegaConf.load(root / "eval_config.yaml")
-    for key in ("defaults", "hydra", "datasets"):
-        cfg.pop(key)
-    small = OmegaConf.load(root / "model" / "small.yaml")
-    small.pop("defaults")
-    cfg.model = OmegaConf.merge(OmegaConf.load(root / "model" / "base.yaml"), small)
-    cfg.model.resnet_model_path = str(resnet_dir)
-    cfg.merge_with({
+    """Cutie's eval config with the small model (bench.integrations.cutie_config), long-term
+    memory on and engaging within a few frames."""
+    return cutie_config(resnet_dir, {
         "use_long_term": True, "mem_every": 2, "top_k": 30,
         # consolidate every memory frame from the 4th frame on, 32 prototypes at a time, and
         # drop obsolete long-term features from the third consolidation on
         "long_term": {"max_mem_frames": 3, "min_mem_frames": 2, "num_prototypes": 32,
                       "max_num_tokens": 96, "buffer_tokens": 16, "count_usage": True},
-    })
-    cfg.merge_with(overrides)
-    return cfg
+    }, overrides)
 
 
 @pytest.fixture(scope="module")
