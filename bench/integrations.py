@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench import common
-from bench.long_video import SHARED_DAVIS, load_video, ping_pong
+from bench.long_video import SHARED_DAVIS, load_video, peak_bytes, ping_pong
 
 MODELS = ("cutie", "stcn")
 READS = ("original", "fused")
@@ -172,8 +172,7 @@ def run_one(spec):
 
 
 def _checkpoint(length, frame_ms, device, baseline, mem_every):
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else common.status_bytes("VmHWM"))
+    peak = peak_bytes(device)
     return dict(length=length, memory_frames=(length - 1) // mem_every + 1,
                 fps=length / (sum(frame_ms) / 1e3),
                 fps_last_100=min(100, length) / (sum(frame_ms[-100:]) / 1e3),

@@ -131,7 +131,8 @@ class _ReadTimer:
         self._module.read = self._original
 
 
-def _peak_bytes(device):
+def peak_bytes(device):
+    """Peak memory so far: the CUDA allocator's peak, or the resident set's high-water mark."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return common.status_bytes("VmHWM")
@@ -200,7 +201,7 @@ def run_variant(spec):
                     checkpoints.append(dict(
                         length=t + 1, fps=(t + 1) / (sum(frame_ms) / 1e3),
                         fps_last_100=min(100, t + 1) / (sum(frame_ms[-100:]) / 1e3),
-                        peak_mem_bytes=_peak_bytes(device) - baseline,
+                        peak_mem_bytes=peak_bytes(device) - baseline,
                         memory_frames=segmenter.memory_frames,
                         memory_bytes=segmenter.memory_bytes,
                         memory_bytes_per_frame=segmenter.memory_bytes_per_frame))
