@@ -57,7 +57,8 @@ def _assert_same(batched, alone):
     assert len(batched) == len(alone)
     for t, (ours, theirs) in enumerate(zip(batched, alone, strict=True)):
         assert ours.shape == theirs.shape, t
-        assert (ours - theirs).abs().max() < TOLERANCE, t
+        difference = (ours - theirs).abs().max().item()
+        assert difference < TOLERANCE, f"frame {t}: largest difference {difference:.2e}"
 
 
 @pytest.mark.parametrize("options", [
@@ -75,7 +76,10 @@ def test_batched_videos_equal_each_video_segmented_alone(model, videos, options)
 
 @pytest.mark.gpu
 def test_batched_videos_equal_each_video_segmented_alone_on_cuda(videos):
-    _check_against_alone(load_small_model(device="cuda"), videos, dict(mem_every=2))
+    """In float32 proper: cuDNN convolutions run in TF32 by default (10-bit mantissa), where
+    a batched and a single convolution may pick algorithms that differ by far more than 1e-4."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        _check_against_alone(load_small_model(device="cuda"), videos, dict(mem_every=2))
 
 
 def _check_against_alone(model, videos, options):

@@ -35,6 +35,41 @@ def test_the_cpu_self_test_passes_and_writes_its_report(tmp_path):
         completed.stdout
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("similarity", selftest.SIMILARITIES)
+def test_top_k_checks_hold_at_16_bit_precision(dtype, similarity):
+    """A GPU's 16-bit top-k checks, on the CPU's torch backend at the GPU's check shape: a
+    correct read passes (on random inputs rounding flipped near-ties and failed every one, as
+    on an H200), and a read off by one selected position still fails."""
+    shape = dict(B=3, Ck=64, Cv=96, HW=200, N=1000)
+    inputs = selftest._inputs(shape, similarity, seed=3, exact_scores=True)
+    for name, tensor in inputs.items():  # what scores is exact in bf16 (the values need not be)
+        assert name == "v" or torch.equal(tensor.to(torch.bfloat16).double(), tensor), name
+    check = selftest.run_check(selftest.Check("top_k", dtype, similarity, shape),
+                               torch.device("cpu"), "torch", seed=3)
+    assert check.passed, check.errors
+    wrong = selftest.Check("top_k", dtype, similarity, shape)
+    with _read_with_top_k(6):
+        assert not selftest.run_check(wrong, torch.device("cpu"), "torch", seed=3).passed
+
+
+class _read_with_top_k:
+    """Within it, the self-test's top-k reads on the torch backend keep `top_k` positions."""
+
+    def __init__(self, top_k):
+        self.top_k, self.original = top_k, selftest.memory_read
+
+    def __enter__(self):
+        def read(*args, backend=None, **options):
+            if backend == "torch" and "top_k" in options:
+                options["top_k"] = self.top_k
+            return self.original(*args, backend=backend, **options)
+        selftest.memory_read = read
+
+    def __exit__(self, *exc):
+        selftest.memory_read = self.original
+
+
 @pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_the_interpreted_self_test_runs_every_kernel(tmp_path, capsys):
     report_path = tmp_path / "report.json"
