@@ -93,7 +93,10 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
             stm_kernels/xmem.py).
         backend: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "torch"
             (chunked online softmax, bounded memory), "naive" (official materialising read) or
-            "auto" (triton on CUDA for fp16/bf16/fp32, torch otherwise).
+            "auto" (triton on CUDA for fp16/bf16/fp32, torch otherwise; exact float32 on
+            NVIDIA, PyTorch's default matmul precision, reads with torch unless the GPU's
+            architecture is known to be faster fused: docs/kernels.md, and
+            STM_KERNELS_EXACT_FLOAT32=triton|torch decides it for every GPU).
         return_lse: also return the log-sum-exp of the scores.
         memory_lengths: optional (B,) integer tensor (or sequence of ints): object b reads only
             its first memory_lengths[b] memory positions, 1 <= length <= N (positions counted

@@ -11,10 +11,12 @@ lengths, top-k, usage, for the dot, l2 and xmem
 similarities, in each dtype the device supports (float32 both exact and with TF32). On a GPU it
 then times the fused read against the official read, PyTorch's SDPA and the same run's bf16
 matrix-multiply rate, at a few sizes including the target shape (one 480p frame, HW = 1,620,
-against 100 memory frames, N = 162,000, Ck = 128, Cv = 512). It prints a table, writes one JSON
-file (device, versions, the tilings chosen, the registers and local memory of each compiled
-kernel, warnings, errors, timings) to attach to a bug or performance report, and exits with
-status 1 if any result is wrong.
+against 100 memory frames, N = 162,000, Ck = 128, Cv = 512), and in exact float32 the fused
+read against the torch backend's chunked read and the official read, saying whether
+backend="auto"'s choice for exact float32 is the faster one on this GPU. It prints a table,
+writes one JSON file (device, versions, the tilings chosen, the registers and local memory of
+each compiled kernel, warnings, errors, timings) to attach to a bug or performance report, and
+exits with status 1 if any result is wrong.
 
 On a CPU the reads run on the torch backend; with TRITON_INTERPRET=1 set, on the Triton kernels
 in Triton's interpreter (small sizes only, and no bfloat16: the interpreter's bf16 dot is
@@ -206,11 +208,11 @@ def plan_checks(device, quick=False):
 
 
 def backend_for(device):
-    """The backend the self-test exercises: what backend="auto" picks on a GPU (the kernels,
-    or torch where they do not run, with its warning in the report), the kernels under the
-    interpreter, torch on a CPU."""
+    """The backend the self-test exercises: the kernels on a GPU, in every dtype (exact float32
+    included, which backend="auto" may read with torch), or torch where they do not run (with
+    its warning in the report); the kernels under the interpreter, torch on a CPU."""
     if device.type == "cuda":
-        return "auto"
+        return "triton"
     interpreting = triton_backend is not None and triton_backend.INTERPRETING
     return "triton" if interpreting else "torch"
 
@@ -269,6 +271,73 @@ def timings(device, sizes=TIMED_N, dtype=torch.bfloat16):
                     torch.cuda.empty_cache()
                 rows.append(row)
     return rows
+
+
+EXACT_FLOAT32_PROVIDERS = {"fused": "triton", "torch": "torch", "official": "naive"}
+
+
+def exact_float32_timings(device, sizes=TIMED_N):
+    """Rows {provider, pass_, N, ms} in exact float32 (matmul precision "highest") at the
+    target shape: the fused kernels (CUDA-core FMA on NVIDIA), the torch backend's chunked
+    read (cuBLAS SGEMM) and the official read; what decides backend="auto"'s choice."""
+    B, HW, Ck, Cv = (TARGET[key] for key in ("B", "HW", "Ck", "Cv"))
+    previous = torch.get_float32_matmul_precision()
+    rows = []
+    try:
+        torch.set_float32_matmul_precision("highest")
+        for N in sizes:
+            q = torch.randn(1, Ck, HW, device=device)
+            k = torch.randn(B, Ck, N, device=device)
+            v = torch.randn(B, Cv, N, device=device)
+            grad = torch.randn(B, Cv, HW, device=device)
+            for provider, backend in EXACT_FLOAT32_PROVIDERS.items():
+                def call(backend=backend, q=q, k=k, v=v):
+                    return memory_read(q, k, v, backend=backend)
+                for pass_ in ("fwd", "fwd+bwd"):
+                    row = dict(provider=provider, pass_=pass_, N=N, dtype="fp32")
+                    try:
+                        row["ms"] = _time_ms(_timed(call, pass_, (q, k, v), grad, provider),
+                                             device)
+                    except torch.cuda.OutOfMemoryError:
+                        row["error"] = "out of memory"
+                        torch.cuda.empty_cache()
+                    rows.append(row)
+                for tensor in (q, k, v):
+                    tensor.requires_grad_(False)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return rows
+
+
+def exact_float32_verdict(rows, auto_reads_with):
+    """What the timings say of exact float32: {"fused_vs_torch": [lowest, highest] speed-up of
+    the fused read over the torch read across passes and sizes (above 1: fused faster),
+    "fastest": "triton", "torch" or "mixed", "auto": what backend="auto" takes here,
+    "agrees": whether that is the fastest (None where mixed or not measured)}."""
+    times = {(row["provider"], row["pass_"], row["N"]): row["ms"] for row in rows
+             if "ms" in row}
+    ratios = [times[("torch", pass_, N)] / ms for (provider, pass_, N), ms in times.items()
+              if provider == "fused" and ("torch", pass_, N) in times]
+    if not ratios:
+        return dict(fused_vs_torch=None, fastest=None, auto=auto_reads_with, agrees=None)
+    fastest = ("triton" if min(ratios) > 1 else "torch" if max(ratios) < 1 else "mixed")
+    return dict(fused_vs_torch=[min(ratios), max(ratios)], fastest=fastest,
+                auto=auto_reads_with, agrees=None if fastest == "mixed" else
+                fastest == auto_reads_with)
+
+
+def exact_float32_line(verdict):
+    """One line for the console on the exact float32 timings."""
+    if verdict["fastest"] is None:
+        return "exact float32: not timed (no run of both the fused and the torch read)"
+    low, high = verdict["fused_vs_torch"]
+    spread = f"{low:.2f}x" if abs(high - low) < 0.005 else f"{low:.2f}-{high:.2f}x"
+    line = (f"exact float32: the fused read is {spread} the speed of the torch read (cuBLAS) "
+            f"here; backend='auto' reads with {verdict['auto']}")
+    if verdict["agrees"] is False:
+        line += (": the timings say otherwise, please attach the report to an issue (or set "
+                 f"STM_KERNELS_EXACT_FLOAT32={verdict['fastest']})")
+    return line
 
 
 def _providers(q, k, v):
@@ -346,12 +415,18 @@ def compiled_kernels():
             in launch.compiled_resources().items()]
 
 
+def _config_label(config):
+    """A tiling in a few characters: "m64 n32 w4 s2" (block rows and positions, warps, stages)."""
+    names = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s"}
+    return " ".join(f"{short}{config[key]}" for key, short in names.items() if key in config)
+
+
 def spill_summary(compiled):
     """One line on the local memory of the compiled kernels ("" when none was compiled)."""
     if not compiled:
         return ""
-    spilling = [f"{item['kernel']} {item['local_bytes']} B" for item in compiled
-                if item["local_bytes"]]
+    spilling = [f"{item['kernel']} {item['local_bytes']} B ({_config_label(item['config'])})"
+                for item in compiled if item["local_bytes"]]
     return (f"local memory (spilled registers) per thread of the {len(compiled)} compiled "
             f"kernels: {', '.join(spilling) if spilling else 'none'}")
 
@@ -389,7 +464,23 @@ def run(device, quick=False, timing=True, progress=print):
         progress("timing ...")
         report["matmul_tflops_bf16"] = matmul_tflops(device)
         report["timings"] = timings(device, TIMED_N[:1] if quick else TIMED_N)
+        exact = exact_float32_timings(device, TIMED_N[:1] if quick else TIMED_N)
+        report["exact_float32"] = dict(timings=exact, **exact_float32_verdict(
+            exact, auto_exact_float32(device)))
     return report, checks
+
+
+def auto_exact_float32(device):
+    """"triton" or "torch": what backend="auto" reads exact float32 with on the device."""
+    if triton_backend is None:
+        return "torch"
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        from .backends import resolve
+        return resolve("auto", torch.empty(0, device=device))
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def timing_table(report):
@@ -417,6 +508,8 @@ def run_arguments(args):
     print(table(checks))
     if report.get("timings"):
         print(timing_table(report))
+    if report.get("exact_float32"):
+        print(exact_float32_line(report["exact_float32"]))
     if report["compiled"]:
         print(spill_summary(report["compiled"]))
     for message in report["warnings"]:

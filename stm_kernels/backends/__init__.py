@@ -48,7 +48,8 @@ def resolve(backend, memory_key):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
-        fused = (triton is not None and memory_key.is_cuda and memory_key.dtype in TRITON_DTYPES)
+        fused = (triton is not None and memory_key.is_cuda and memory_key.dtype in TRITON_DTYPES
+                 and not triton.launch.exact_float32_on_torch(memory_key))
         return "triton" if fused else "torch"
     if backend == "triton":
         if triton is None:

@@ -58,3 +58,54 @@ def test_tf32_is_not_exact(target_shape):
 def test_the_tf32_rounding_keeps_ten_mantissa_bits():
     x = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-11, 1 + 2**-12, -(1 + 3 * 2**-11)])
     assert tf32(x).tolist() == [1.0, 1 + 2**-10, 1 + 2**-10, 1.0, -(1 + 2**-9)]
+
+
+class _CudaKey:
+    """Stands for a CUDA memory key on the device devices.pretend describes."""
+
+    is_cuda = True
+    device = torch.device("cpu")
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+@pytest.mark.parametrize("arch, precision, dtype, expected", [
+    ("sm_80", "highest", torch.float32, "torch"),   # FMA at best level with SGEMM
+    ("sm_90", "highest", torch.float32, "torch"),   # behind it
+    ("sm_90", "high", torch.float32, "triton"),     # TF32: the tensor cores
+    ("sm_90", "highest", torch.bfloat16, "triton"),
+    ("gfx942", "highest", torch.float32, "triton"),  # AMD's float32 matrix cores
+])
+def test_auto_reads_exact_float32_by_the_static_estimate(monkeypatch, arch, precision, dtype,
+                                                         expected):
+    from stm_kernels import backends
+    from stm_kernels.backends.triton import devices, tilings
+    monkeypatch.delenv(tilings.EXACT_FLOAT32_ENV, raising=False)
+    vendor = "amd" if arch.startswith("gfx") else "nvidia"
+    device = devices.Device(f"a {arch} GPU", vendor, arch, 160 * 1024, 100)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        with devices.pretend(device):
+            assert backends.resolve("auto", _CudaKey(dtype)) == expected
+            monkeypatch.setattr(tilings, "EXACT_FLOAT32_FUSED", frozenset({arch}))
+            assert backends.resolve("auto", _CudaKey(dtype)) == "triton"  # a report moved it
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_the_user_decides_exact_float32_for_every_gpu(monkeypatch):
+    from stm_kernels import backends
+    from stm_kernels.backends.triton import devices, tilings
+    sm_90 = devices.Device("H100", "nvidia", "sm_90", 227 * 1024, 132)
+    with devices.pretend(sm_90):
+        monkeypatch.setenv(tilings.EXACT_FLOAT32_ENV, "triton")
+        assert backends.resolve("auto", _CudaKey(torch.float32)) == "triton"
+        assert backends.resolve("triton", _CudaKey(torch.float32)) == "triton"
+        monkeypatch.setenv(tilings.EXACT_FLOAT32_ENV, " Torch ")
+        assert backends.resolve("auto", _CudaKey(torch.float32)) == "torch"
+        monkeypatch.setenv(tilings.EXACT_FLOAT32_ENV, "cublas")
+        with pytest.raises(ValueError, match="STM_KERNELS_EXACT_FLOAT32 must be 'triton' or "
+                                             "'torch'; got 'cublas'"):
+            backends.resolve("auto", _CudaKey(torch.float32))

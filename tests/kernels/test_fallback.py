@@ -7,6 +7,8 @@ sm_75, a ROCm GPU, an unknown AMD architecture), fake CUDA device properties for
 reader, and a PyTorch without Triton. The kernels themselves run in the interpreter.
 """
 import dataclasses
+import os
+import pathlib
 import warnings
 
 import pytest
@@ -230,6 +232,100 @@ def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, 
     assert "Injected: injected failure" in messages[0] and "\n" not in messages[0]
     # the failure is remembered: never tried again
     assert sum(counts.values()) == (2 if kernel == "dkdq" else 1)
+
+
+def counting_launches(monkeypatch, failing_kernels):
+    """launch.run made to fail for `failing_kernels` (name suffixes), counting every launch
+    by kernel name; returns the counts."""
+    run, _ = failing(failing_kernels)
+    launched = {}
+
+    def counted(kernel, grid, arguments, config, call):
+        launched[kernel.__name__] = launched.get(kernel.__name__, 0) + 1
+        return run(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", counted)
+    return launched
+
+
+def test_a_failed_merge_is_remembered_and_the_forward_not_launched_again(monkeypatch):
+    """The split forward's merge has no tiling that runs: the first read launches the forward
+    kernel, fails on the merge and reads with torch; later reads fall back at once."""
+    launched = counting_launches(monkeypatch, ["merge_kernel"])
+    monkeypatch.setitem(tilings._override, "forward",
+                        tilings.ForwardConfig(16, 16, None, 4, 1, splits=3))
+    q, k, v = _inputs(seed=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [memory_read(q, k, v, backend="triton") for _ in range(3)]
+    assert launched == {"memory_read_fwd_kernel": 1, "memory_read_merge_kernel": 1}
+    assert len(_fallback_warnings(caught)) == 1
+    for out in outs:
+        assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+
+
+def test_a_failed_dk_kernel_is_remembered_and_dv_not_launched_again(monkeypatch):
+    """The backward's dV runs, then neither dK/dQ nor dK does: later backward passes fall back
+    at once instead of launching dV again."""
+    launched = counting_launches(monkeypatch, ["dkdq"])
+    q, k, v = _inputs(seed=9)
+    expected = reference_with_grads(q, k, v)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            check_read(read_with_grads(q, k, v, backend="triton"), expected, torch.float32)
+    assert launched["memory_read_bwd_kernel_dv"] == 1
+    assert launched["memory_read_bwd_kernel_dkdq"] == 2  # fused, then as the dK kernel: once
+    assert launched["memory_read_fwd_kernel"] == 3  # the forward is not part of the pair
+    assert [m for m in _fallback_warnings(caught) if "dk kernel" in m] == \
+        _fallback_warnings(caught)[:1]
+
+
+def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, capfd):
+    """What a failing compile writes to descriptor 2 (as Triton's MLIR passes do: an assertion,
+    then the module) is kept in a log file that the one-line warning names, with the
+    assertion; what a candidate that runs writes still reaches stderr."""
+    first, second = tilings.ForwardConfig(32, 32, None, 4, 1), tilings.ForwardConfig(16, 16,
+                                                                                   None, 4, 1)
+    interpreter = tilings.ARCHITECTURES["interpreter"]
+    table = {**interpreter.tilings, ("forward", None, None): (first, second)}
+    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
+                        dataclasses.replace(interpreter, tilings=table))
+    real = launch.run
+    dump = "".join(f"  %{i} = arith.constant {i} : i32\n" for i in range(400))
+    failing_configs = {first}
+
+    def run(kernel, grid, arguments, config, call):
+        if kernel.__name__ == "memory_read_fwd_kernel":
+            if config in failing_configs:
+                os.write(2, f"python: Pass.cpp:62: Assertion `unsupported' failed.\n"
+                            f"module {{\n{dump}}}\n".encode())
+                raise RuntimeError("PassManager::run failed")
+            os.write(2, b"a note from a compile that works\n")
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", run)
+    q, k, v = _inputs(seed=10)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first candidate's failure is quiet
+        memory_read(q, k, v, backend="triton")
+        memory_read(q, k, v, backend="triton")  # remembered: not captured, nor compiled again
+    assert capfd.readouterr().err == "a note from a compile that works\n" * 2
+
+    failing_configs.add(second)  # now no candidate compiles: the torch read, one line
+    launch._chosen.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = memory_read(q, k, v, backend="triton")
+    assert capfd.readouterr().err == ""
+    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    (message,) = _fallback_warnings(caught)
+    assert "RuntimeError: PassManager::run failed [Assertion `unsupported' failed.] " \
+           "(compiler output: " in message and "\n" not in message
+    log = pathlib.Path(message.split("(compiler output: ")[1].split(")")[0])
+    assert log.read_text().count(dump) >= 2  # both candidates' output
+    log.unlink()
 
 
 def test_device_memory_exhaustion_is_not_a_fallback(monkeypatch):

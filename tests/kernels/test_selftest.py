@@ -115,7 +115,7 @@ def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monk
     assert "GB300" in item["device"] and item["config"]["block_n"] == 64
     assert selftest.spill_summary([item]) == ("local memory (spilled registers) per thread of "
                                               "the 1 compiled kernels: memory_read_fwd_kernel "
-                                              "24 B")
+                                              "24 B (m16 n64 w8 s1)")
     assert selftest.spill_summary([dict(item, local_bytes=0)]).endswith(": none")
 
 
@@ -152,3 +152,69 @@ def test_stm_selftest_is_the_same_command(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r.json").read_text())["checks"][0]["similarity"] == "l2"
     assert cli.main(["selftest", "--device", "cuda:7"]) == (2 if not torch.cuda.is_available()
                                                             else 0)
+
+
+def _exact_rows(fused_ms, torch_ms, official_ms=50.0):
+    rows = []
+    for (pass_, N), fused in fused_ms.items():
+        for provider, ms in (("fused", fused), ("torch", torch_ms[pass_, N]),
+                             ("official", official_ms)):
+            rows.append(dict(provider=provider, pass_=pass_, N=N, dtype="fp32", ms=ms))
+    return rows
+
+
+def test_the_exact_float32_verdict_compares_the_fused_and_the_torch_read():
+    """Fused slower everywhere: torch is fastest, and auto taking torch agrees (no request);
+    faster everywhere: auto's torch disagrees and the line asks for the report; mixed: no
+    verdict; an official read that is fastest does not count (its memory is not bounded)."""
+    slower = _exact_rows({("fwd", 16200): 2.0, ("fwd+bwd", 16200): 8.0},
+                         {("fwd", 16200): 1.5, ("fwd+bwd", 16200): 6.0}, official_ms=0.1)
+    verdict = selftest.exact_float32_verdict(slower, "torch")
+    assert verdict == dict(fused_vs_torch=[0.75, 0.75], fastest="torch", auto="torch",
+                           agrees=True)
+    assert selftest.exact_float32_line(verdict) == (
+        "exact float32: the fused read is 0.75x the speed of the torch read (cuBLAS) here; "
+        "backend='auto' reads with torch")
+    faster = _exact_rows({("fwd", 16200): 1.0, ("fwd+bwd", 162000): 5.0},
+                         {("fwd", 16200): 1.2, ("fwd+bwd", 162000): 7.5})
+    verdict = selftest.exact_float32_verdict(faster, "torch")
+    assert verdict["fastest"] == "triton" and verdict["agrees"] is False
+    assert verdict["fused_vs_torch"] == pytest.approx([1.2, 1.5])
+    assert selftest.exact_float32_line(verdict).endswith(
+        "1.20-1.50x the speed of the torch read (cuBLAS) here; backend='auto' reads with "
+        "torch: the timings say otherwise, please attach the report to an issue (or set "
+        "STM_KERNELS_EXACT_FLOAT32=triton)")
+    mixed = _exact_rows({("fwd", 16200): 1.0, ("fwd+bwd", 16200): 9.0},
+                        {("fwd", 16200): 1.2, ("fwd+bwd", 16200): 7.5})
+    assert selftest.exact_float32_verdict(mixed, "triton")["agrees"] is None
+    failed = [dict(provider="torch", pass_=row["pass_"], N=row["N"], error="out of memory")
+              if row["provider"] == "torch" else row for row in slower]
+    assert selftest.exact_float32_verdict(failed, "torch")["fastest"] is None
+
+
+@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+def test_the_exact_float32_timings_run_every_read_in_float32_highest(monkeypatch):
+    """The timing loop itself (on the CPU: the interpreter's kernels, tiny sizes): every
+    provider and pass once per size, in exact float32 whatever the precision was, restored."""
+    monkeypatch.setattr(selftest, "TARGET", dict(B=1, HW=16, Ck=16, Cv=8))
+    seen = []
+    real = selftest.memory_read
+
+    def read(q, k, v, backend):
+        seen.append((backend, torch.get_float32_matmul_precision(), q.dtype))
+        return real(q, k, v, backend=backend)
+
+    monkeypatch.setattr(selftest, "memory_read", read)
+    monkeypatch.setattr(selftest, "_time_ms", lambda fn, device, repeats=10: fn() or 1.0)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        rows = selftest.exact_float32_timings(torch.device("cpu"), sizes=(40,))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert [(r["provider"], r["pass_"], r["ms"]) for r in rows] == [
+        (provider, pass_, 1.0) for provider in ("fused", "torch", "official")
+        for pass_ in ("fwd", "fwd+bwd")]
+    assert {entry for entry in seen} == {(backend, "highest", torch.float32)
+                                         for backend in ("triton", "torch", "naive")}

@@ -28,6 +28,8 @@ import torch
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 from triton.compiler import ASTSource
 from triton.runtime.errors import OutOfResources
 
@@ -105,7 +107,7 @@ class Launch:
 @dataclasses.dataclass
 class Resources:
     """What the compiler says of one compiled kernel. spill_bytes: the bytes its spill
-    instructions store (ptxas' "spill stores"; AMD: spilled registers or scratch);
+    instructions store (ptxas' "spill stores"; AMD: the scratch memory per lane);
     local_bytes: the local memory per thread they use (ptxas' stack frame; AMD: scratch), what
     the driver reports at run time and a config's max_local_bytes is held to."""
     registers: int
@@ -114,42 +116,14 @@ class Resources:
     asm: dict
     warnings: list
     local_bytes: int
+    vgpr_spills: int = 0  # AMD: VGPRs spilled (into AGPRs where there is no scratch)
+    sgpr_spills: int = 0  # AMD: SGPRs spilled into VGPR lanes (no memory traffic)
 
 
 KERNEL_NAMES = {"memory_read_fwd_kernel": "forward", "memory_read_merge_kernel": "merge",
                 "memory_read_bwd_kernel_dv": "dv", "memory_read_bwd_kernel_dkdq": "dkdq",
                 "memory_read_bwd_kernel_dq": "dq", "memory_read_topk_kernel": "select",
                 "memory_read_usage_kernel": "usage"}
-
-
-def signature_of(kernel, arguments):
-    """(signature, constexprs, attrs) for triton.compile of kernel(**arguments), specialised
-    as Triton's JIT specialises a launch: tensors as pointers of their dtype (16-byte aligned,
-    as fresh allocations are), an integer equal to 1 as a constant, other integers i32 (i64
-    from 2**31) with divisibility 16 when they are multiples of 16, floats fp32; the kernel's
-    constexpr parameters as constants."""
-    signature, constexprs, attrs = {}, {}, {}
-    for index, parameter in enumerate(kernel.params):
-        name, value = parameter.name, arguments[parameter.name]
-        if parameter.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + TORCH_TYPES[value.dtype]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            if value == 1:
-                signature[name], constexprs[name] = "constexpr", 1
-                continue
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.__name__}: no signature type for {name}={value!r}")
-    return signature, constexprs, attrs
 
 
 _compiled: dict = {}
@@ -159,20 +133,41 @@ CACHE_ENV = "STM_KERNEL_REPORT_CACHE"
 RESOURCES_FORMAT = 2
 
 
+def launch_specialisation(kernel, arguments, options, target):
+    """(signature, constexprs, attrs) of kernel(**arguments, **options) as Triton's JIT
+    specialises that launch on the target: the JIT's own binder and argument packing with the
+    target's backend, so every rule a real launch applies holds here too (16-byte divisibility,
+    integers equal to 1 as constants, and on AMD the 32-bit pointer range of tensors whose
+    storage is under 2 GB, which turns their loads into buffer loads). Attributes with nothing
+    in them are left out. constexprs are keyed by argument path, as the JIT passes them."""
+    backend = make_backend(target.gpu_target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, launch_options = binder(**arguments, **options)
+    _, signature, constexprs, attrs = kernel._pack_args(backend, dict(options), bound,
+                                                        specialization, launch_options)
+    return signature, constexprs, {path: attr for path, attr in attrs.items() if attr}
+
+
 def compile_kernel(kernel, arguments, options, target):
     """Resources of kernel(**arguments) compiled with the launch options (num_warps,
-    num_stages, ...) for the target (memoised per specialisation, and on disk under
+    num_stages, ...) for the target, specialised as the launch would be
+    (launch_specialisation; memoised per specialisation, and on disk under
     $STM_KERNEL_REPORT_CACHE, keyed with the kernel sources' fingerprint; a failed compile
     raises its error again from the cache)."""
-    signature, constexprs, attrs = signature_of(kernel, arguments)
+    signature, constexprs, attrs = launch_specialisation(kernel, arguments, options, target)
+    names = [parameter.name for parameter in kernel.params]
     memo = (kernel.__name__, tuple(sorted(signature.items())),
-            tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+            tuple(sorted((names[path[0]], str(v)) for path, v in constexprs.items())),
             tuple(sorted(attrs)), options["num_warps"], options["num_stages"],
             target.compiled_as)
     extra = tuple(sorted((k, v) for k, v in options.items()
                          if k not in ("num_warps", "num_stages")))
     if extra:  # keys without extra options stay those of the compiles made before them
         memo += extra
+    special = tuple(sorted((path, str(attr)) for path, attr in attrs.items()
+                           if attr != [["tt.divisibility", 16]]))
+    if special:  # likewise: attributes beyond divisibility (AMD's pointer range) join the key
+        memo += (("attrs",) + special,)
     if memo not in _compiled:
         _compiled[memo] = _cached(memo, lambda: _compile(kernel, signature, constexprs, attrs,
                                                          options, target))
@@ -224,21 +219,29 @@ def _compile(kernel, signature, constexprs, attrs, options, target):
                          compiled.metadata.shared, asm,
                          sorted(set(re.findall(r"warning : (.*)", text))),
                          local_bytes=number(r"(\d+) bytes stack frame"))
-    registers, spilled, scratch = _amd_resources(asm["amdgcn"])
-    return Resources(registers, spilled, compiled.metadata.shared, asm, [], local_bytes=scratch)
+    registers, scratch, vgpr_spills, sgpr_spills = _amd_resources(asm["amdgcn"], target.arch)
+    return Resources(registers, scratch, compiled.metadata.shared, asm, [], local_bytes=scratch,
+                     vgpr_spills=vgpr_spills, sgpr_spills=sgpr_spills)
 
 
-def _amd_resources(amdgcn):
-    """(VGPRs + AGPRs, spilled bytes, scratch bytes) from an AMDGPU kernel's metadata: spill
-    counts are in registers of 4 bytes per lane; scratch (private segment) catches any other
-    stack use."""
+# AMD architectures whose VGPRs and AGPRs are one register file: the metadata's .vgpr_count
+# already counts both (the AGPRs after the VGPRs), so adding .agpr_count counts them twice.
+UNIFIED_VGPR_FILE = ("gfx90a", "gfx942", "gfx950")
+
+
+def _amd_resources(amdgcn, arch):
+    """(registers per lane, scratch bytes per lane, VGPR spills, SGPR spills) from an AMDGPU
+    kernel's metadata. Registers: VGPRs and AGPRs, once. Scratch (the private segment) is the
+    memory spilled registers use. VGPR spills go to AGPRs where the file has room (no scratch)
+    and to scratch otherwise; SGPR spills go to VGPR lanes: neither touches memory by itself."""
     def field(name):
         match = re.search(rf"\.{name}:\s*(\d+)", amdgcn)
         return int(match.group(1)) if match else 0
-    registers = field("vgpr_count") + field("agpr_count")
-    spilled = 4 * (field("vgpr_spill_count") + field("sgpr_spill_count"))
-    scratch = field("private_segment_fixed_size")
-    return registers, max(spilled, scratch), scratch
+    registers = field("vgpr_count")
+    if arch not in UNIFIED_VGPR_FILE:
+        registers += field("agpr_count")
+    return (registers, field("private_segment_fixed_size"), field("vgpr_spill_count"),
+            field("sgpr_spill_count"))
 
 
 @contextlib.contextmanager

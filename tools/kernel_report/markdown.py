@@ -42,6 +42,10 @@ def cell(row):
         text += " · FMA"
     if row["spill_bytes"]:
         text += f" · **spills {row['spill_bytes']} B**"
+    if row.get("vgpr_spills") and not row["spill_bytes"]:
+        text += f" · **{row['vgpr_spills']} VGPRs spilled into AGPRs**"
+    if row.get("sgpr_spills"):
+        text += f" · {row['sgpr_spills']} SGPRs spilled into VGPR lanes (no memory)"
     if row["duplicated_dots"]:
         text += " · **duplicated dot**"
     if row.get("executed_macs_per_pair"):
@@ -132,8 +136,13 @@ def document(payload):
         "registers per thread · shared memory used / the GPU's limit · FMA: its dots run as "
         "FMA on the CUDA cores (exact float32 on NVIDIA) · executed multiply-adds per "
         "(query, memory) pair (x3: a split precision's passes per dot, gfx950's bf16x3 for "
-        "\"high\"). A kernel that cannot run reads with torch, with the reason. How the "
-        "tables are chosen: docs/kernels.md.", ""]
+        "\"high\"). AMD kernels are compiled as a ROCm launch specialises them (tensors "
+        "under 2 GB as 32-bit pointer ranges: buffer loads); their registers count VGPRs and "
+        "AGPRs once (one register file on gfx90a, gfx942 and gfx950), their spills are bytes "
+        "of scratch memory per lane, VGPRs spilled into AGPRs (no scratch) are named apart, "
+        "and SGPRs spilled into VGPR lanes (no memory) are counted but not a problem. A "
+        "kernel that cannot run reads with torch, with the reason. How the tables are "
+        "chosen: docs/kernels.md.", ""]
     problems = report.problems(payload)
     exceptions = report.stated(payload)
     rows = sum(len(texts) for _, texts in exceptions.values())

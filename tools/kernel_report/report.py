@@ -183,6 +183,9 @@ def analyse(record, target):
                local_bytes=compiled.local_bytes,
                shared_bytes=compiled.shared_bytes, shared_limit=target.shared_memory,
                mma=mma_instructions(compiled.asm))
+    for field in ("vgpr_spills", "sgpr_spills"):  # AMD's register-to-register spills
+        if getattr(compiled, field, 0):
+            row[field] = getattr(compiled, field)
     if compiled.warnings:
         row["compiler_warnings"] = compiled.warnings
     ttgir = compiled.asm["ttgir"]
@@ -317,6 +320,8 @@ def shortfalls(payload):
                     continue
                 if row["spill_bytes"]:
                     found.append((key, f"{here}: spills {row['spill_bytes']} B"))
+                elif row.get("vgpr_spills"):
+                    found.append((key, f"{here}: spills {row['vgpr_spills']} VGPRs into AGPRs"))
                 if row["shared_bytes"] > row["shared_limit"]:
                     found.append((key, f"{here}: shared memory {row['shared_bytes']} > "
                                        f"{row['shared_limit']}"))

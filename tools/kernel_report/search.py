@@ -194,8 +194,8 @@ def _run_pass(target, kernel, dtype, channels, l2):
 def meets_targets(kernel, width, rows):
     """Whether a candidate's rows may be the first of a table entry."""
     for row in rows:
-        if "error" in row or row["spill_bytes"] or row["duplicated_dots"] or \
-                row["shared_bytes"] > row["shared_limit"]:
+        if "error" in row or row["spill_bytes"] or row.get("vgpr_spills") or \
+                row["duplicated_dots"] or row["shared_bytes"] > row["shared_limit"]:
             return False
         executed = row.get("executed_macs_per_pair", 0) / row["passes"]  # per pass of a split dot
         if width == 128 and kernel == "forward" and \
@@ -300,7 +300,8 @@ def _summary(row):
         return f"{row['case']} {row['error'][:80]}"
     ratio = row.get("executed_macs_per_pair")
     return (f"{row['case']} {row['registers']}r {row['spill_bytes']}B "
-            f"{row['shared_bytes'] // 1024}K dup{row['duplicated_dots']}"
+            + (f"{row['vgpr_spills']}agpr " if row.get("vgpr_spills") else "")
+            + f"{row['shared_bytes'] // 1024}K dup{row['duplicated_dots']}"
             + (f" {ratio:.0f}/pair" if ratio else ""))
 
 

@@ -304,11 +304,18 @@ def test_the_report_sees_the_duplicated_scores_of_64_row_tiles():
                for problem in report.problems(payload))
 
 
-def test_signatures_are_specialised_as_the_jit_does():
+def test_compiles_are_specialised_as_a_launch_on_the_target_is():
+    """The report compiles each kernel with the specialisation Triton's JIT gives that launch
+    on the target: here derived independently (the JIT's binder and packing for the target's
+    backend, run by hand) and compared with what compile_kernel hands the compiler, for a
+    small merge and a launch at the report's shape. AMD adds the 32-bit pointer range of
+    tensors under 2 GB (its buffer loads), NVIDIA does not."""
     result = compiled(script="""
         import json, torch
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
         from stm_kernels.backends.triton.kernels.forward import memory_read_merge_kernel
-        from tools.kernel_report.compile import signature_of
+        from tools.kernel_report import compile as offline
         arguments = dict(po=torch.empty(2, 1, 8, 32, device="meta"),
                          plse=torch.empty(2, 1, 32, device="meta"),
                          o=torch.empty(1, 8, 32, dtype=torch.bfloat16, device="meta"),
@@ -317,17 +324,70 @@ def test_signatures_are_specialised_as_the_jit_does():
                          stride_pls=32, stride_plb=32, stride_plm=1, stride_ob=256,
                          stride_oc=32, stride_om=1, stride_lb=32, stride_lm=1, HW=30, CV=8,
                          SPLITS=2, BLOCK_M=64, BLOCK_V=64, I64=False)
-        signature, constexprs, attrs = signature_of(memory_read_merge_kernel, arguments)
         names = [parameter.name for parameter in memory_read_merge_kernel.params]
-        print(json.dumps(dict(signature=signature, constexprs=constexprs,
-                              divisible=[names[index[0]] for index in attrs])))
+        handed = {}
+        def compile_(kernel, signature, constexprs, attrs, options, target):
+            handed[target.name] = (signature, constexprs, attrs)
+            raise RuntimeError("not compiled here")
+        offline._compile = compile_
+        found = {}
+        for name in ("sm_90", "gfx942"):
+            target = offline.TARGETS[name]
+            options = dict(num_warps=4, num_stages=1)
+            try:
+                offline.compile_kernel(memory_read_merge_kernel, arguments, options, target)
+            except RuntimeError:
+                pass
+            backend = make_backend(target.gpu_target)
+            binder = create_function_from_signature(memory_read_merge_kernel.signature,
+                                                    memory_read_merge_kernel.params, backend)
+            bound, specialization, launch_options = binder(**arguments, **options)
+            _, signature, constexprs, attrs = memory_read_merge_kernel._pack_args(
+                backend, dict(options), bound, specialization, launch_options)
+            attrs = {path: attr for path, attr in attrs.items() if attr}
+            signature_, constexprs_, attrs_ = handed[name]
+            found[name] = dict(
+                same=[signature_ == signature, constexprs_ == constexprs, attrs_ == attrs],
+                signature=signature,
+                constexprs={names[path[0]]: value for path, value in constexprs.items()},
+                attrs={names[path[0]]: attr for path, attr in attrs.items()})
+        print(json.dumps(found))
     """)
-    signature, constexprs = result["signature"], result["constexprs"]
-    assert signature["po"] == "*fp32" and signature["o"] == "*bf16"
-    assert signature["stride_pom"] == "constexpr" and constexprs["stride_pom"] == 1
-    assert signature["HW"] == "i32" and constexprs["BLOCK_M"] == 64 and not constexprs["I64"]
-    assert "stride_pos" in result["divisible"] and "po" in result["divisible"]
-    assert "HW" not in result["divisible"]  # 30 is not a multiple of 16
+    for name in ("sm_90", "gfx942"):
+        found = result[name]
+        assert found["same"] == [True, True, True], name
+        signature, constexprs, attrs = found["signature"], found["constexprs"], found["attrs"]
+        assert signature["po"] == "*fp32" and signature["o"] == "*bf16"
+        assert signature["stride_pom"] == "constexpr" and constexprs["stride_pom"] == 1
+        assert signature["HW"] == "i32" and constexprs["BLOCK_M"] == 64 and not constexprs["I64"]
+        assert ["tt.divisibility", 16] in attrs["stride_pos"] and "HW" not in attrs  # 30
+    assert result["sm_90"]["attrs"]["po"] == [["tt.divisibility", 16]]
+    assert result["gfx942"]["attrs"]["po"] == [["tt.divisibility", 16], ["tt.pointer_range", 32]]
+    assert ["tt.pointer_range", 32] not in result["gfx942"]["attrs"]["stride_pos"]
+
+
+def test_amd_registers_are_counted_once_and_sgpr_spills_are_not_memory():
+    """An AMDGPU kernel's metadata (handmade): on gfx90a, gfx942 and gfx950 .vgpr_count holds
+    the AGPRs too (not added twice); the memory spilled is the scratch per lane; VGPR spills
+    without scratch went into AGPRs and SGPR spills into VGPR lanes, both counted apart."""
+    from tools.kernel_report.compile import _amd_resources
+    metadata = textwrap.dedent("""
+        amdhsa.kernels:
+          - .agpr_count:     128
+            .name:           memory_read_bwd_kernel_dv
+            .private_segment_fixed_size: 0
+            .sgpr_count:     96
+            .sgpr_spill_count: 12
+            .vgpr_count:     256
+            .vgpr_spill_count: 0
+    """)
+    assert _amd_resources(metadata, "gfx950") == (256, 0, 0, 12)
+    assert _amd_resources(metadata, "gfx908") == (384, 0, 0, 12)  # two register files there
+    into_agprs = metadata.replace(".vgpr_spill_count: 0", ".vgpr_spill_count: 8")
+    assert _amd_resources(into_agprs, "gfx950") == (256, 0, 8, 12)  # no scratch: AGPRs
+    to_memory = into_agprs.replace(".private_segment_fixed_size: 0",
+                                   ".private_segment_fixed_size: 80")
+    assert _amd_resources(to_memory, "gfx950") == (256, 80, 8, 12)
 
 
 def test_the_report_names_every_problem():
@@ -343,6 +403,12 @@ def test_the_report_names_every_problem():
                       # an FMA dot (exact float32 on NVIDIA): no matrix instruction, work read
                       dict(good, kernel="dk", mma={}, dots=[dict(fma=True)])])
     payload = dict(targets={"sm_80": dict(architecture="sm_80", cases=[case])})
+    amd = dict(precision="tf32", case="l2", totals={}, rows=[
+        dict(good, kernel="dv", vgpr_spills=8, sgpr_spills=4),  # into AGPRs: a problem
+        dict(good, kernel="forward", sgpr_spills=12)])  # SGPRs into VGPR lanes: none
+    assert report.problems(dict(targets={"gfx950": dict(architecture="gfx950",
+                                                         cases=[amd])})) == [
+        "gfx950 tf32 l2 dv: spills 8 VGPRs into AGPRs"]
     problems = report.problems(payload)
     assert problems == ["sm_80 bf16 dot dv: spills 8 B",
                         "sm_80 bf16 dot dkdq: shared memory 300 > 200",
@@ -386,6 +452,11 @@ def test_the_search_keeps_the_first_that_meets_the_targets_and_skips_what_cannot
     assert not search.dominates(F(64, 64, 256, 4, 2), F(64, 32, 256, 8, 2))
     # a streamed tile needs fewer registers: a spill of the held tiling says nothing of it
     assert not search.dominates(F(64, 32, 256, 8, 2, stream_queries=True), F(64, 32, 256, 8, 2))
+    # AMD: VGPRs spilled into AGPRs (no scratch) miss the targets as scratch spills do
+    clean = dict(case="Ck=128", spill_bytes=0, shared_bytes=1, shared_limit=2,
+                 duplicated_dots=0, executed_macs_per_pair=768, passes=1)
+    assert search.meets_targets("forward", 128, [clean])
+    assert not search.meets_targets("forward", 128, [dict(clean, vgpr_spills=8)])
 
 
 def test_when_nothing_meets_the_targets_a_small_spill_beats_a_duplicated_dot():

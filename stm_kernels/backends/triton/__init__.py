@@ -5,6 +5,7 @@
     devices.py    what a device is to the launchers (vendor, architecture, shared memory)
     kernels/      the @triton.jit kernels (forward and split merge, backward, top-k, usage)
     compat.py     fixes for older Triton releases
+    compiler_output.py  the compiler's stderr captured while candidates are tried
 
 forward, backward, select and usage run the kernels where they can. Where they cannot (a
 device below sm_80 or without a validated tiling, keys wider than the tilings take, or no

@@ -37,7 +37,7 @@ import torch
 import triton
 
 from ..._buffers import device_context, new_buffer
-from . import compat, devices, tilings
+from . import compat, compiler_output, devices, tilings
 from .compat import patch_interpreter_index
 from .devices import INTERPRETING
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
@@ -157,26 +157,60 @@ def _falls_through(error):
 def launch_first_that_runs(kernel, call, signature, launch):
     """launch(config) with the first candidate config of `kernel` that runs on the call's
     device; the index is remembered per (device, kernel, signature). KernelUnavailable when
-    none does (remembered too: later calls fail at once)."""
+    none does (remembered too: later calls fail at once). Until a choice is remembered, what
+    the compiler writes to stderr is captured (compiler_output): replayed after an attempt
+    that runs, kept in a log file named in the reason after one that fails."""
     options = tilings.candidates(kernel, call.architecture, call.precision_class, call.width)
     memo = (call.device, kernel, signature, options)
     start = _chosen.get(memo, 0)
     reason = _chosen.get((memo, "reason"), f"no tiling of it fits {call.architecture.name} "
                                            f"({call.precision_class}, keys up to {call.width})")
+    compiles = memo not in _chosen  # later calls reuse the compiles of the remembered choice
     for index in range(start, len(options)):
-        try:
-            result = launch(options[index])
-        except KernelUnavailable:
-            raise  # a kernel launched inside this one (the split merge) has none that runs
-        except Exception as error:
-            if not _falls_through(error):
-                raise
-            reason = one_line(error)
-            continue
-        _chosen[memo] = index
-        return result
+        with compiler_output.captured(compiles) as output:
+            try:
+                result = launch(options[index])
+            except Exception as error:
+                failed = error
+            else:
+                failed = None
+        if failed is None:
+            output.replay()
+            _chosen[memo] = index
+            return result
+        if isinstance(failed, KernelUnavailable) or not _falls_through(failed):
+            output.replay()  # a kernel launched inside this one (the split merge) has none
+            raise failed
+        reason = _failure_reason(failed, output, kernel)
     _chosen[memo], _chosen[(memo, "reason")] = len(options), reason
     raise KernelUnavailable(kernel, call.device, reason)
+
+
+def _failure_reason(error, output, kernel):
+    """One line: the error, the compiler's own diagnostic where it printed one (an
+    assertion says more than "PassManager::run failed"), and where its full output went."""
+    reason = one_line(error)
+    diagnostic = output.diagnostic()
+    if diagnostic and diagnostic not in reason:
+        reason += f" [{diagnostic}]"
+    log = output.save(f"{kernel}_compile")
+    return reason + (f" (compiler output: {log})" if log else "")
+
+
+@contextlib.contextmanager
+def kernels_in_sequence(call, pass_name, signature):
+    """A pass whose kernels run one after another (the forward and its split merge; dV, then
+    dK/dQ or dK and dQ): once one of them is unavailable for (device, signature), so is the
+    pass, remembered like a failed candidate, so that later calls fall back at once instead
+    of launching the kernels before it again."""
+    memo = (call.device, pass_name, signature)
+    if memo in _chosen:
+        raise KernelUnavailable(*_chosen[memo])
+    try:
+        yield
+    except KernelUnavailable as unavailable:
+        _chosen[memo] = (unavailable.kernel, unavailable.device, unavailable.reason)
+        raise
 
 
 def chosen_configs():
@@ -232,6 +266,15 @@ def _plan_call(k):
     # a rank-1 read has a key width of its own (257), whose tables fall back to its tiles'
     return Call(device, architecture, input_precision, tilings.precision_class(k.dtype),
                 width + rank1, rank1), None
+
+
+def exact_float32_on_torch(k):
+    """Whether backend="auto" reads memory k with the torch backend by choice: exact float32
+    operands on an architecture where tilings.exact_float32_read says "torch"."""
+    if k.dtype != torch.float32 or tilings.precision_class(k.dtype) != "fp32":
+        return False
+    architecture, _ = tilings.architecture_of(devices.describe(k.device))
+    return architecture is not None and tilings.exact_float32_read(architecture) == "torch"
 
 
 def unsupported_reason(k):
@@ -499,7 +542,8 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
             _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
         return out, lse
 
-    with device_context(device):
+    signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
+    with device_context(device), kernels_in_sequence(call, "forward pass", signature):
         if gluon is not None:
             try:
                 return _gluon_forward(gluon, call, q, k, v, scale, l2, flags["I64"])
@@ -508,8 +552,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
                     raise
                 warn_once(f"{WARP_SPECIALIZED_ENV}=1: the Gluon forward failed on "
                           f"{call.device} ({one_line(error)}); using the plain Triton forward")
-        return launch_first_that_runs(
-            "forward", call, _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"]), launch)
+        return launch_first_that_runs("forward", call, signature, launch)
 
 
 def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
@@ -620,7 +663,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                  VOLATILE_K=call.volatile_keys(l2) and not atomic_dq, **query), config, call)
         return dk, dq
 
-    with device_context(device):
+    with device_context(device), kernels_in_sequence(call, "backward pass", signature):
         dv = launch_first_that_runs("dv", call, signature, launch_dv)
         if not separate_dq:
             try:

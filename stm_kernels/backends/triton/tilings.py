@@ -25,6 +25,7 @@ Keys of a table: (kernel, precision class, key width), where
 Other wider keys (more than 256 channels) have no tiling: the torch backend reads them.
 """
 import dataclasses
+import os
 from typing import Optional, Union
 
 import torch
@@ -664,16 +665,18 @@ _GFX950 = Architecture(
     "gfx950", "MI350X, MI355X", "amd", 160 * KIB, fp32_fast="bf16x3",
     options=AMD_OPTIONS,
     tilings={
-        ("forward", "16-bit", 128): (F(128, 64, 256, 8, 2), F(128, 32, 256, 8, 3),),
+        ("forward", "16-bit", 128): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
         ("forward", "16-bit", 256): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
-        ("forward", "tf32", 128): (F(64, 32, 256, 4, 2), F(32, 16, 256, 4, 1),),
-        ("forward", "tf32", 256): (F(64, 32, 256, 4, 2), F(32, 32, 256, 4, 2),),
+        ("forward", "tf32", 128): (F(64, 32, 256, 4, 2, stream_queries=True),
+                                   F(32, 16, 256, 4, 1),),
+        ("forward", "tf32", 256): (F(64, 32, 256, 4, 2, stream_queries=True),
+                                   F(32, 32, 256, 4, 2),),
         ("forward", "fp32", None): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(128, 16, 256, 8, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
-        ("dv", "tf32", 256): (V(64, 32, 128, 4, 2), V(32, 32, 128, 4, 1),),
+        ("dv", "tf32", 256): (V(64, 16, 128, 4, 2), V(64, 32, 128, 4, 2),),
         ("dv", "fp32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
         ("dv", "fp32", 256): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
         ("dkdq", "16-bit", None): (K(64, 16, 4, 2, None), K(64, 16, 4, 2, 128),),
@@ -721,27 +724,18 @@ _TF32_GENERIC = (
     "stores with the dot, 12 B with l2), as sm_120 it uses 64-96 B and sm_120's is taken "
     "(28 B and 44 B); where neither is, dK and dQ run apart (no spill, 1.49x the useful "
     "multiply-adds forward + backward, against 1.2x fused)")
-_AMD_FP32_WIDE = (
-    "32-bit operands at 256 key channels fit gfx90a's 64 KiB of LDS only with 16-32 row "
-    "blocks, where the forward spills a few bytes (20 B at 129 key channels, 56 B at 257)")
 _RANK1_WIDE_SM_90 = (
     "TF32 at 257 key channels on sm_90: 32-bit 256-wide tiles beside the rank-1 channel's "
     "vectors; the 64-row tilings (warpgroup MMA) that do not spill compute a dot on two "
     "warpgroups, and the best of the others spills 56 B (forward, m64 n32 v128) or 4 B (dQ, "
     "m64 n16); 16-row tilings with the query tile streamed spill nothing but run mma.sync "
     "and read 2.7x (forward) and 1.5x (dQ) the L2 bytes per pair")
-_RANK1_DKDQ_GFX90A = (
-    "at 257 key channels the 16-bit dK+dQ tilings that fit gfx90a's 64 KiB of LDS (64 "
-    "positions, value chunks of 32) spill 8 B beside the rank-1 channel's vectors; the "
-    "others spill more or compute a dot on several wavefronts")
 
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
     **{(name, "dkdq", "tf32", 128): _TF32_DKDQ_MMA_SYNC for name in ("sm_80", "sm_120")},
     ("generic", "dkdq", "tf32", 128): _TF32_GENERIC,
     **{("sm_90", kernel, "tf32", 257): _RANK1_WIDE_SM_90 for kernel in ("forward", "dq")},
-    ("gfx90a", "dkdq", "16-bit", 257): _RANK1_DKDQ_GFX90A,
-    **{("gfx90a", "forward", precision, 256): _AMD_FP32_WIDE for precision in ("tf32", "fp32")},
 }
 
 
@@ -765,6 +759,31 @@ SEPARATE_DQ = frozenset(
     | {("sm_90", "tf32", 256), ("sm_100", "tf32", 256)}
     | {(name, precision, 256) for name in ("gfx90a", "gfx942", "gfx950")
        for precision in ("tf32", "fp32")})
+
+
+# Exact float32 (matmul precision "highest") under backend="auto" on NVIDIA: the kernels' dots
+# run as FMA on the CUDA cores, the units cuBLAS's SGEMM runs on, and SGEMM is what the torch
+# backend's chunked read (memory bounded too) uses. The static estimate from the compiled loops
+# puts the kernels at best level with SGEMM on sm_80 and behind it on sm_90 (docs/kernels.md,
+# "Exact float32: which read"), so "auto" reads exact float32 with torch on NVIDIA unless the
+# architecture is listed here. The self-test times both; users' reports are what adds one.
+# AMD's float32 runs on its matrix cores: always the kernels.
+EXACT_FLOAT32_FUSED: frozenset = frozenset()
+# Set to "triton" or "torch", it decides every architecture's exact float32 under "auto".
+EXACT_FLOAT32_ENV = "STM_KERNELS_EXACT_FLOAT32"
+
+
+def exact_float32_read(architecture):
+    """"triton" or "torch": the read backend="auto" takes for exact float32 operands on the
+    architecture ($STM_KERNELS_EXACT_FLOAT32 first, then EXACT_FLOAT32_FUSED)."""
+    chosen = os.environ.get(EXACT_FLOAT32_ENV, "").strip().lower()
+    if chosen in ("triton", "torch"):
+        return chosen
+    if chosen:
+        raise ValueError(f"${EXACT_FLOAT32_ENV} must be 'triton' or 'torch'; got {chosen!r}")
+    if architecture.vendor != "nvidia" or architecture.name in EXACT_FLOAT32_FUSED:
+        return "triton"
+    return "torch"
 
 
 def on_torch(architecture, read, precision, width):
@@ -851,6 +870,7 @@ def warp_specialized_config():
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
            "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "ON_TORCH", "SEPARATE_DQ", "on_torch",
+           "EXACT_FLOAT32_FUSED", "EXACT_FLOAT32_ENV", "exact_float32_read",
            "separates_dq", "architecture_of", "candidates", "RANK1_WIDTHS", "RANK1_L2",
            "KEY_WIDTHS", "key_widths", "stated_key", "splits_last_channel",
            "precision_class", "width_class", "use_configs", "warp_specialized_config"]

@@ -29,9 +29,13 @@ def tile_offsets(o_row, o_col, stride_row, stride_col, I64: tl.constexpr):
     # [len(o_row), len(o_col)] element offsets relative to a scalar int64 base pointer. Kept
     # int32 (fewer registers than a loop-carried pointer tensor) unless the host found that a
     # tile can span 2**31 elements (a channel stride of a bank with millions of positions).
+    # One return: Triton 3.6 type-checks both returns of a constexpr branch (int64 vs int32).
     if I64:
-        return o_row[:, None].to(tl.int64) * stride_row + o_col[None, :].to(tl.int64) * stride_col
-    return o_row[:, None] * stride_row + o_col[None, :] * stride_col
+        offsets = (o_row[:, None].to(tl.int64) * stride_row
+                   + o_col[None, :].to(tl.int64) * stride_col)
+    else:
+        offsets = o_row[:, None] * stride_row + o_col[None, :] * stride_col
+    return offsets
 
 
 @triton.jit
