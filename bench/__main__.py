@@ -10,6 +10,7 @@
     python -m bench ragged-read [...]   # ragged memories in one read vs padded / per video
     python -m bench dataset-throughput  # a dataset batched K videos at a time vs one at a time
     python -m bench topk-read [...]     # top-k read vs STCN's materialised top-k; usage cost
+    python -m bench cpu-read [...]      # the CPU read vs SDPA, the official read, FlexAttention
     python -m bench sharded-read [...]  # one memory sharded over 1-3 processes
     python -m bench annotate [...]      # the browser page of `stm annotate`: frame switches
     python -m bench davis-test [...]    # a checkpoint on the DAVIS-2016 test sequences: J&F, fps
@@ -26,9 +27,9 @@ import json
 import pathlib
 import sys
 
-from bench import (annotate, dataset_throughput, davis_test, held_out, integrations,
-                   interactive, interactive_eval, kernel, long_video, ragged_read, report,
-                   sharded_read, topk_read, training)
+from bench import (annotate, cpu_read, dataset_throughput, davis_test, held_out,
+                   integrations, interactive, interactive_eval, kernel, long_video, ragged_read,
+                   report, sharded_read, topk_read, training)
 
 BENCHMARKS = {  # sub-command: module (its results are bench/results/<module name>_*.json)
     "kernel": kernel,
@@ -41,6 +42,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "ragged-read": ragged_read,
     "dataset-throughput": dataset_throughput,
     "topk-read": topk_read,
+    "cpu-read": cpu_read,
     "sharded-read": sharded_read,
     "annotate": annotate,
     "davis-test": davis_test,

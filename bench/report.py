@@ -15,9 +15,9 @@ import pathlib
 import re
 import sys
 
-from bench import (annotate, dataset_throughput, davis_test, held_out, integrations,
-                   interactive, interactive_eval, kernel, long_video, ragged_read, sharded_read,
-                   topk_read, training)
+from bench import (annotate, cpu_read, dataset_throughput, davis_test, held_out,
+                   integrations, interactive, interactive_eval, kernel, long_video, ragged_read,
+                   sharded_read, topk_read, training)
 from bench.common import RESULTS
 from tools.gpu_session import ncu_summary, profile_target
 
@@ -37,6 +37,7 @@ RENDERERS = {
     "ragged_read": (ragged_read.plot, ragged_read.summary),
     "dataset_throughput": (dataset_throughput.plot, dataset_throughput.summary),
     "topk_read": (topk_read.plot, topk_read.summary),
+    "cpu_read": (cpu_read.plot, cpu_read.summary),
     "sharded_read": (sharded_read.plot, sharded_read.summary),
     "annotate": (annotate.plot, annotate.summary),
     "davis_test": (davis_test.plot, davis_test.summary),

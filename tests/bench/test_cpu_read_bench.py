@@ -1,0 +1,65 @@
+"""`python -m bench cpu-read`: the CPU read against SDPA, the official read and FlexAttention in
+one interleaved run (tiny sizes), and the comparison it reports."""
+import json
+
+import pytest
+
+from bench import cpu_read
+
+
+def test_every_provider_is_timed_and_compared(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(cpu_read, "SGEMM_SIZE", 128)
+    providers = ["stm", "sdpa", "official", "sgemm"]
+    assert cpu_read.main(["--ns", "96", "200", "--hw", "16", "--ck", "8", "--cv", "24",
+                          "--rounds", "3", "--providers", *providers]) == 0
+    [path] = tmp_path.glob("cpu_read_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / (path.stem + ".png")).exists()
+    assert payload["providers"] == providers and payload["busy"] is False
+    assert payload["threads"] >= 1
+    records = {(r["provider"], r["N"]): r for r in payload["records"]}
+    assert set(records) == {(p, N) for p in providers for N in (96, 200)}
+    for (provider, N), record in records.items():
+        assert record["status"] == "ok" and record["q20_ms"] <= record["median_ms"]
+        flops = 2 * 128 ** 3 if provider == "sgemm" else 2 * 16 * N * (8 + 24)
+        assert record["gflops"] == pytest.approx(flops / (record["median_ms"] * 1e-3) / 1e9)
+    found = cpu_read.comparison(payload["records"], 200)
+    peers = {p: records[(p, 200)]["median_ms"] for p in ("sdpa", "official")}
+    assert found["best_peer"] == min(peers, key=peers.get)
+    assert found["stm_vs_best_peer"] == pytest.approx(
+        min(peers.values()) / records[("stm", 200)]["median_ms"])
+    assert found["stm_of_sgemm"] == pytest.approx(
+        records[("stm", 200)]["gflops"] / records[("sgemm", 200)]["gflops"])
+    assert "| 200 |" in capsys.readouterr().out
+
+
+def test_a_peer_that_does_not_compile_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+
+    def no_compiler(*tensors):
+        raise RuntimeError("InductorError: no C++ compiler\nmore lines")
+    monkeypatch.setattr(cpu_read, "_compiled_flex", no_compiler)
+    assert cpu_read.main(["--ns", "64", "--hw", "8", "--ck", "8", "--cv", "8", "--rounds",
+                          "2", "--providers", "stm", "flex"]) == 0
+    [path] = tmp_path.glob("cpu_read_cpu_*.json")
+    records = {r["provider"]: r for r in json.loads(path.read_text())["records"]}
+    assert records["flex"]["status"] == ("error: RuntimeError: InductorError: no C++ compiler")
+    assert records["stm"]["status"] == "ok"
+    assert cpu_read.comparison(list(records.values()), 64)["best_peer"] is None
+
+
+def test_a_competing_process_runs_only_inside_the_block(monkeypatch):
+    started = []
+    real = cpu_read.subprocess.Popen
+
+    def popen(command, **options):
+        started.append(real(command, **options))
+        return started[-1]
+    monkeypatch.setattr(cpu_read.subprocess, "Popen", popen)
+    with cpu_read.competing_process(True):
+        (process,) = started
+        assert process.poll() is None  # spinning
+    assert process.poll() is not None  # gone after the block
+    with cpu_read.competing_process(False):
+        assert len(started) == 1
