@@ -60,10 +60,11 @@ _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTAL
 
 
 def result_key(payload):
-    """What a newer result replaces an older one for: (device type, frame size, longest video)
-    (the last two for benchmarks run at several sizes or lengths)."""
+    """What a newer result replaces an older one for: (device type, frame size, longest video,
+    busy) (the frame size and video length for benchmarks run at several; busy for a run made
+    beside a competing process on purpose, which does not replace a quiet one)."""
     return (payload.get("device_type"), tuple(payload.get("size") or ()),
-            max(payload.get("lengths") or [0]))
+            max(payload.get("lengths") or [0]), bool(payload.get("busy")))
 
 
 def newest_results(name, directory=RESULTS):

@@ -56,5 +56,7 @@ def test_superseded_names_the_older_result_of_a_key_and_its_plots(tmp_path):
         (tmp_path / f"training_cpu_{stamp}.png").write_bytes(b"")
     other_size = dict(base, size=[480, 864])
     (tmp_path / "training_cpu_20250101T000000.json").write_text(json.dumps(other_size))
+    busy = dict(base, busy=True)  # beside a competing process on purpose: kept beside quiet
+    (tmp_path / "training_cpu_20260301T000000.json").write_text(json.dumps(busy))
     assert [path.name for path in report.superseded(tmp_path)] == [
         "training_cpu_20260101T000000.json", "training_cpu_20260101T000000.png"]
