@@ -74,9 +74,9 @@ def cutie_config(resnet_dir, *settings):
     return cfg
 
 
-def build_stcn(device, top_k=20):
-    """The same for stcnbuf's STCN (ResNet-50 keys, ResNet-18 values), seeded random weights
-    (its ImageNet downloads replaced by untrained torchvision networks), unbounded memory."""
+def random_stcn():
+    """stcnbuf's STCN network (ResNet-50 keys, ResNet-18 values) in eval mode on the CPU with
+    seeded random weights: its ImageNet downloads replaced by untrained torchvision networks."""
     import torchvision
     from stcnbuf.model import eval_network, mod_resnet, modules
     resnet18 = mod_resnet.resnet18
@@ -88,7 +88,14 @@ def build_stcn(device, top_k=20):
         modules.mod_resnet = types.SimpleNamespace(
             resnet18=lambda pretrained, extra_chan: resnet18(False, extra_chan))
         torch.manual_seed(0)
-        network = eval_network.STCN().to(device).eval()
+        return eval_network.STCN().eval()
+
+
+def build_stcn(device, top_k=20):
+    """The same for stcnbuf's STCN (random_stcn), unbounded memory."""
+    import torchvision
+    from stcnbuf.model import eval_network
+    network = random_stcn().to(device)
     processor = eval_network.STCNInference(network, np.inf, 1, top_k, None)
     normalise = torchvision.transforms.Normalize(mean=[0.485, 0.456, 0.406],
                                                  std=[0.229, 0.224, 0.225])

@@ -22,7 +22,6 @@ import functools
 import math
 import subprocess
 import sys
-import types
 import warnings
 import weakref
 
@@ -35,6 +34,7 @@ pytest.importorskip("stcnbuf")
 import stcnbuf.model.eval_network as eval_network  # noqa: E402
 from stcnbuf.inference_memory_bank import MemoryBank  # noqa: E402
 
+from bench.integrations import random_stcn  # noqa: E402
 from helpers import SHARED, TOLERANCE, relative_error, synthetic_video  # noqa: E402
 from stm_kernels.integrations import stcn as integration  # noqa: E402
 
@@ -61,16 +61,7 @@ def network(video):
       probabilities coincide to within 1e-7 over much of the frame, where the label map is
       decided by rounding.
     """
-    import torchvision
-    from stcnbuf.model import mod_resnet, modules
-    resnet18 = mod_resnet.resnet18
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modules, "models", types.SimpleNamespace(
-            resnet50=lambda weights: torchvision.models.resnet50(weights=None)))
-        patch.setattr(modules, "mod_resnet", types.SimpleNamespace(
-            resnet18=lambda pretrained, extra_chan: resnet18(False, extra_chan)))
-        torch.manual_seed(0)
-        network = eval_network.STCN().eval()
+    network = random_stcn()
     frames, _ = video
     with torch.no_grad():
         key = network.encode_key(new_processor(network).im_transform(frames[0])[None])[0]
