@@ -249,9 +249,11 @@ def matmul_tflops(device, dtype=torch.bfloat16, size=4096):
     return 2 * size ** 3 / (_time_ms(lambda: a @ b, device) * 1e-3) / 1e12
 
 
-def timings(device, sizes=TIMED_N, dtype=torch.bfloat16):
-    """Rows {provider, pass_, N, ms, tflops}: the fused read, the official read and SDPA at
-    the target shape for each N (a provider that runs out of memory gets an error)."""
+def timings(device, sizes=TIMED_N, dtype=torch.bfloat16, providers=None):
+    """Rows {provider, pass_, N, ms, tflops}: each of providers(q, k, v) -> {provider: (call,
+    its input tensors)} (default: the fused read, the official read and SDPA) at the target
+    shape for each N (a provider that runs out of memory gets an error)."""
+    providers = providers or _providers
     B, HW, Ck, Cv = (TARGET[key] for key in ("B", "HW", "Ck", "Cv"))
     rows = []
     for N in sizes:
@@ -259,7 +261,7 @@ def timings(device, sizes=TIMED_N, dtype=torch.bfloat16):
         k = torch.randn(B, Ck, N, device=device, dtype=dtype)
         v = torch.randn(B, Cv, N, device=device, dtype=dtype)
         grad = torch.randn(B, Cv, HW, device=device, dtype=dtype)
-        for provider, (call, tensors) in _providers(q, k, v).items():
+        for provider, (call, tensors) in providers(q, k, v).items():
             for pass_ in ("fwd", "fwd+bwd"):
                 flops = 2.0 * B * HW * N * (Ck + Cv) * (1 if pass_ == "fwd" else 3.5)
                 row = dict(provider=provider, pass_=pass_, N=N, dtype=str(dtype))
@@ -277,36 +279,18 @@ EXACT_FLOAT32_PROVIDERS = {"fused": "triton", "torch": "torch", "official": "nai
 
 
 def exact_float32_timings(device, sizes=TIMED_N):
-    """Rows {provider, pass_, N, ms} in exact float32 (matmul precision "highest") at the
-    target shape: the fused kernels (CUDA-core FMA on NVIDIA), the torch backend's chunked
-    read (cuBLAS SGEMM) and the official read; what decides backend="auto"'s choice."""
-    B, HW, Ck, Cv = (TARGET[key] for key in ("B", "HW", "Ck", "Cv"))
+    """`timings` in exact float32 (matmul precision "highest"): the fused kernels (CUDA-core
+    FMA on NVIDIA), the torch backend's chunked read (cuBLAS SGEMM) and the official read;
+    what decides backend="auto"'s choice."""
+    def providers(q, k, v):
+        return {provider: (lambda backend=backend: memory_read(q, k, v, backend=backend),
+                           (q, k, v)) for provider, backend in EXACT_FLOAT32_PROVIDERS.items()}
     previous = torch.get_float32_matmul_precision()
-    rows = []
     try:
         torch.set_float32_matmul_precision("highest")
-        for N in sizes:
-            q = torch.randn(1, Ck, HW, device=device)
-            k = torch.randn(B, Ck, N, device=device)
-            v = torch.randn(B, Cv, N, device=device)
-            grad = torch.randn(B, Cv, HW, device=device)
-            for provider, backend in EXACT_FLOAT32_PROVIDERS.items():
-                def call(backend=backend, q=q, k=k, v=v):
-                    return memory_read(q, k, v, backend=backend)
-                for pass_ in ("fwd", "fwd+bwd"):
-                    row = dict(provider=provider, pass_=pass_, N=N, dtype="fp32")
-                    try:
-                        row["ms"] = _time_ms(_timed(call, pass_, (q, k, v), grad, provider),
-                                             device)
-                    except torch.cuda.OutOfMemoryError:
-                        row["error"] = "out of memory"
-                        torch.cuda.empty_cache()
-                    rows.append(row)
-                for tensor in (q, k, v):
-                    tensor.requires_grad_(False)
+        return timings(device, sizes, torch.float32, providers)
     finally:
         torch.set_float32_matmul_precision(previous)
-    return rows
 
 
 def exact_float32_verdict(rows, auto_reads_with):

@@ -60,6 +60,13 @@ def failing(kernels, failures=None, error=Injected):
     return run, counts
 
 
+def interpreter_tilings(monkeypatch, entries):
+    """The interpreter's tilings table with `entries` replacing its own, for the test."""
+    interpreter = tilings.ARCHITECTURES["interpreter"]
+    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter", dataclasses.replace(
+        interpreter, tilings={**interpreter.tilings, **entries}))
+
+
 def _fallback_warnings(caught):
     return [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
 
@@ -69,10 +76,7 @@ def test_a_config_that_fails_falls_through_to_the_next_and_is_remembered(monkeyp
     choice is remembered, so the next call does not try the failing one again."""
     first, second = tilings.ForwardConfig(32, 32, None, 4, 1), tilings.ForwardConfig(16, 16,
                                                                                    None, 4, 1)
-    interpreter = tilings.ARCHITECTURES["interpreter"]
-    table = {**interpreter.tilings, ("forward", None, None): (first, second)}
-    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
-                        dataclasses.replace(interpreter, tilings=table))
+    interpreter_tilings(monkeypatch, {("forward", None, None): (first, second)})
     tried = []
     real = launch.run
 
@@ -102,10 +106,7 @@ def test_a_config_over_its_local_memory_budget_falls_through_to_the_next(monkeyp
     budget = 32
     first = tilings.ForwardConfig(32, 32, None, 4, 1, max_local_bytes=budget)
     second = tilings.ForwardConfig(16, 16, None, 4, 1, max_local_bytes=budget)
-    interpreter = tilings.ARCHITECTURES["interpreter"]
-    table = {**interpreter.tilings, ("forward", None, None): (first, second)}
-    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
-                        dataclasses.replace(interpreter, tilings=table))
+    interpreter_tilings(monkeypatch, {("forward", None, None): (first, second)})
     checked = []
 
     def local_memory_bytes(kernel, grid, arguments, options):  # what the GPU's compile says
@@ -165,10 +166,7 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
     fused = (tilings.DkdqConfig(32, 32, 4, 1, None, max_local_bytes=32),
              tilings.DkdqConfig(16, 16, 4, 1, None, max_local_bytes=32))
     apart = tilings.DkdqConfig(16, 32, 4, 1, None)
-    interpreter = tilings.ARCHITECTURES["interpreter"]
-    table = {**interpreter.tilings, ("dkdq", None, None): fused, ("dk", None, None): (apart,)}
-    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
-                        dataclasses.replace(interpreter, tilings=table))
+    interpreter_tilings(monkeypatch, {("dkdq", None, None): fused, ("dk", None, None): (apart,)})
     monkeypatch.setattr(launch, "local_memory_bytes",
                         lambda *args: 64 if failure == "local memory" else 0)
     launched = []
@@ -287,10 +285,7 @@ def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, cap
     assertion; what a candidate that runs writes still reaches stderr."""
     first, second = tilings.ForwardConfig(32, 32, None, 4, 1), tilings.ForwardConfig(16, 16,
                                                                                    None, 4, 1)
-    interpreter = tilings.ARCHITECTURES["interpreter"]
-    table = {**interpreter.tilings, ("forward", None, None): (first, second)}
-    monkeypatch.setitem(tilings.ARCHITECTURES, "interpreter",
-                        dataclasses.replace(interpreter, tilings=table))
+    interpreter_tilings(monkeypatch, {("forward", None, None): (first, second)})
     real = launch.run
     dump = "".join(f"  %{i} = arith.constant {i} : i32\n" for i in range(400))
     failing_configs = {first}

@@ -271,7 +271,7 @@ def _plan_call(k):
 def exact_float32_on_torch(k):
     """Whether backend="auto" reads memory k with the torch backend by choice: exact float32
     operands on an architecture where tilings.exact_float32_read says "torch"."""
-    if k.dtype != torch.float32 or tilings.precision_class(k.dtype) != "fp32":
+    if tilings.precision_class(k.dtype) != "fp32":
         return False
     architecture, _ = tilings.architecture_of(devices.describe(k.device))
     return architecture is not None and tilings.exact_float32_read(architecture) == "torch"
