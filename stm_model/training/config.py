@@ -48,6 +48,8 @@ class TrainConfig:
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
     checkpointing: str = "none"        # activation checkpointing: none, encoders or all
     freeze_bn: bool = False            # encoders' BatchNorm statistics kept (eval mode)
+    augment: bool = False              # with a DAVIS root: zoom, flip, recolour and shake its
+                                       # clips (datasets.augment_clip)
     read_backend: str = "auto"
     interactive: bool = False          # the interactive STM on synthesised scribbles
     init_from: str = ""                # start from this checkpoint's weights (e.g. the
@@ -88,6 +90,8 @@ HELP = dict(
     checkpointing="activation checkpointing: none, encoders or all (less memory, more time)",
     freeze_bn="keep the encoders' BatchNorm statistics (eval mode; their scale and shift still "
               "train): for pretrained encoders and small batches",
+    augment="with a DAVIS-format root: zoom, flip and recolour each of its clips and shake "
+            "each frame a little (regularises training on few sequences)",
     read_backend="memory read implementation", interactive="train the interactive STM on "
     "synthesised scribbles", init_from="start from this checkpoint's weights (e.g. the "
     "semi-supervised model for the interactive one)", seed="seed of data and initialisation",
@@ -114,6 +118,8 @@ def _check_train_config(config):
                          f"{config.max_skip}")
     if config.sequences and config.data == "synthetic":
         raise ValueError("sequences needs a DAVIS-format data root; data is synthetic")
+    if config.augment and config.data == "synthetic":
+        raise ValueError("augment needs a DAVIS-format data root; data is synthetic")
     if not all(isinstance(name, str) and name for name in config.sequences):
         raise ValueError(f"sequences must be sequence names; got {config.sequences}")
     if not 0 <= config.synthetic_ratio <= 1:

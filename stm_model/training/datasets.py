@@ -160,12 +160,13 @@ def davis_sequences(root, resolution="480p", sequences=None):
     return images, annotations, {name: video_io.list_frames(images / name) for name in available}
 
 
-def _cover_crop(frames, masks, size, rng, min_pixels, tries=5):
-    """frames (T, 3, H, W) float and masks (T, 1, H, W) int resized (aspect kept) to just cover
-    size and cropped to it at a random place; up to `tries` places are drawn until frame 0 keeps
-    an object of min_pixels. Returns (frames (T, 3, h, w), masks (T, 1, h, w))."""
+def _cover_crop(frames, masks, size, rng, min_pixels, tries=5, zoom=1.0):
+    """frames (T, 3, H, W) float and masks (T, 1, H, W) int resized (aspect kept) to `zoom`
+    times just covering size and cropped to it at a random place; up to `tries` places are drawn
+    until frame 0 keeps an object of min_pixels. Returns (frames (T, 3, h, w), masks (T, 1, h,
+    w))."""
     height, width = frames.shape[-2:]
-    factor = max(size[0] / height, size[1] / width)
+    factor = max(size[0] / height, size[1] / width) * zoom
     resized = [math.ceil(height * factor), math.ceil(width * factor)]
     frames = TF.resize(frames, resized, antialias=True)
     masks = TF.resize(masks, resized, interpolation=TF.InterpolationMode.NEAREST)
@@ -200,12 +201,15 @@ class DavisFrames:
 class DavisClips(_Clips):
     """Clips from a DAVIS-format folder (see davis_sequences; masks on every frame, palette or
     DAVIS-2016 'L'), restricted to `sequences` when given; frames are resized (aspect kept) to
-    just cover `size` and randomly cropped to it."""
+    just cover `size` and randomly cropped to it. With `augment`, each clip is also zoomed,
+    flipped and recoloured and each frame slightly moved (augment_clip): a few sequences are
+    otherwise learnt by heart."""
 
     def __init__(self, root, length, clip_len=3, size=(384, 384), max_objects=3, max_skip=5,
-                 seed=0, resolution="480p", min_pixels=100, sequences=None):
+                 seed=0, resolution="480p", min_pixels=100, sequences=None, augment=False):
         _, self.annotations, self.frames = davis_sequences(root, resolution, sequences)
         self.sequences = list(self.frames)
+        self.augment = augment
         super().__init__(length, clip_len, size, max_objects, max_skip, seed, min_pixels)
 
     def __getitem__(self, index):
@@ -225,10 +229,41 @@ class DavisClips(_Clips):
                   for i in picks]
         frames = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
         masks = torch.from_numpy(np.stack(labels))[:, None]
-        frames, masks = _cover_crop(frames, masks, self.size, rng, self.min_pixels)
+        if self.augment:
+            frames, masks = augment_clip(frames, masks, self.size, self.min_pixels,
+                                         np.random.default_rng((self.seed, index, 5)))
+        else:
+            frames, masks = _cover_crop(frames, masks, self.size, rng, self.min_pixels)
         labels, count = _choose_objects(masks[:, 0].numpy(), rng, self.max_objects,
                                         self.min_pixels)
         return _item(frames.permute(0, 2, 3, 1).numpy(), labels, count)
+
+
+def augment_clip(frames, masks, size, min_pixels, rng, max_zoom=1.5):
+    """A clip of frames (T, 3, H, W) in [0, 1] and masks (T, 1, H, W) cropped to `size` as
+    _cover_crop does after a zoom of 1..max_zoom, flipped left-right half of the time and
+    recoloured (brightness, contrast, saturation, hue) the same way on every frame; each frame
+    after the first is then moved by a small affine (rotation, scale, shift, shear: camera
+    shake) and brightened a little on its own. Returns (frames, masks) at `size`."""
+    frames, masks = _cover_crop(frames, masks, size, rng, min_pixels,
+                                zoom=float(rng.uniform(1.0, max_zoom)))
+    if rng.random() < 0.5:
+        frames, masks = frames.flip(-1), masks.flip(-1)
+    frames = TF.adjust_brightness(frames, float(rng.uniform(0.7, 1.3)))
+    frames = TF.adjust_contrast(frames, float(rng.uniform(0.7, 1.3)))
+    frames = TF.adjust_saturation(frames, float(rng.uniform(0.7, 1.3)))
+    frames = TF.adjust_hue(frames, float(rng.uniform(-0.05, 0.05)))
+    moved_frames, moved_masks = [frames[0]], [masks[0]]
+    for frame, mask in zip(frames[1:], masks[1:], strict=True):
+        angle, scale = float(rng.uniform(-8, 8)), float(rng.uniform(0.93, 1.07))
+        shift = [int(v) for v in rng.uniform(-0.04, 0.04, 2) * size[::-1]]
+        shear = [float(v) for v in rng.uniform(-4, 4, 2)]
+        moved_frames.append(TF.adjust_brightness(TF.affine(
+            frame, angle=angle, translate=shift, scale=scale, shear=shear,
+            interpolation=TF.InterpolationMode.BILINEAR), float(rng.uniform(0.9, 1.1))))
+        moved_masks.append(TF.affine(mask, angle=angle, translate=shift, scale=scale,
+                                     shear=shear, interpolation=TF.InterpolationMode.NEAREST))
+    return torch.stack(moved_frames).clamp(0, 1), torch.stack(moved_masks)
 
 
 class MixedClips(torch.utils.data.Dataset):

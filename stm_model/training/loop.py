@@ -74,7 +74,7 @@ def build_dataset(config, world_size=1):
     if config.data != "synthetic":
         synthetic_videos, synthetic_static = videos, static
         videos = DavisClips(config.data, length, max_skip=max_skip,
-                            sequences=config.sequences, **common)
+                            sequences=config.sequences, augment=config.augment, **common)
         if static is not None:
             static = StaticImageClips(length, source=DavisFrames(config.data, config.sequences),
                                       **common)
