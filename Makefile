@@ -41,16 +41,25 @@ DAVIS_TRAIN := bmx-trees breakdance camel car-roundabout cows drift-chicane goat
 	motocross-jump parkour
 SMALL_REAL_RUN ?= runs/small-real
 
-# Reproduces stm_model/weights/stm_small_real.pt: EfficientNet-Lite0 encoders from ImageNet
-# weights, static-image pre-training on the training sequences' frames, then their clips
-# mixed with synthetic ones; resumable (the same command continues a stopped run).
+# Reproduces stm_model/weights/stm_small_real.pt in two runs, resumable (the same command
+# continues a stopped run). 1: EfficientNet-Lite0 encoders from ImageNet weights, static-image
+# pre-training on the training sequences' frames, then their clips mixed with synthetic ones.
+# 2: from run 1's weights (as exported in fp16), clips that are zoomed, flipped, recoloured and
+# shaken (--augment), longer gaps between their frames, more synthetic clips.
 small-model: $(STAMP)
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_RUN) --model small-real \
 		--data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 2000 --static-steps 600 \
 		--batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 --max-skip 1 10 5 \
 		--synthetic-ratio 0.2 --freeze-bn --lr 3e-4 --seed 0 --save-every 100 --log-every 20
-	$(PY) -m stm_model export $(SMALL_REAL_RUN)/model.pt stm_model/weights/stm_small_real.pt \
+	$(PY) -m stm_model export $(SMALL_REAL_RUN)/model.pt $(SMALL_REAL_RUN)/model_fp16.pt \
 		--dtype fp16
+	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_RUN)-augmented --model small-real \
+		--init-from $(SMALL_REAL_RUN)/model_fp16.pt --data $(DAVIS2016) --sequences $(DAVIS_TRAIN) \
+		--steps 1800 --warmup-steps 50 --batch-size 4 --clip-len 3 --clip-size 240 240 \
+		--max-objects 1 --max-skip 5 15 8 --synthetic-ratio 0.3 --augment --freeze-bn --lr 2e-4 \
+		--seed 2 --save-every 100 --log-every 20
+	$(PY) -m stm_model export $(SMALL_REAL_RUN)-augmented/model.pt \
+		stm_model/weights/stm_small_real.pt --dtype fp16
 
 # Reproduces stm_model/weights/stm_small_real_interactive.pt, the interactive commands' default:
 # small-real fine-tuned on synthesised scribbles over the same training sequences.
