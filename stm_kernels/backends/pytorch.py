@@ -2,7 +2,9 @@
 over memory chunks (forward), recomputation from the saved log-sum-exp (backward), a streaming
 top-k selection and the memory usage, all chunked so that no (N x HW) affinity is ever held.
 The CPU path, the fallback of the Triton backend, and the float64 path used by gradcheck."""
+import concurrent.futures
 import itertools
+import os
 
 import torch
 
@@ -40,12 +42,16 @@ def _rows(objects):
 def forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
-    lengths: optional (B,) valid memory positions per object. The memory is then cut where an
-    object's memory ends, and each chunk is one batched product over the objects whose memory
-    covers it: the work is proportional to the sum of the lengths and no position past an
-    object's length is ever read. Consecutive objects (lengths sorted either way) are read
-    through views; other subsets are gathered.
+    lengths: optional (B,) valid memory positions per object: the work is proportional to the
+    sum of the lengths and no position past an object's length is ever read. On a CPU the read
+    runs as row blocks on worker threads (_forward_row_blocks); elsewhere (the fallback on a
+    GPU) the memory is cut where an object's memory ends, and each chunk is one batched product
+    over the objects whose memory covers it (consecutive objects through views, other subsets
+    gathered).
     """
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if k.device.type == "cpu" and not differentiable and not torch.compiler.is_compiling():
+        return _forward_row_blocks(q, k, v, scale, l2, lengths)
     B, _, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = accumulation_dtype(v.dtype)
@@ -75,6 +81,87 @@ def forward(q, k, v, scale, l2, lengths=None):
         row_max[rows] = new_max
     out = acc.div_(row_sum.unsqueeze(2)).transpose(1, 2).to(v.dtype).contiguous()
     return out, row_max + torch.log(row_sum)
+
+
+# The CPU forward's tasks: ROW_BLOCK query rows at most, stepping over CPU_CHUNK memory positions
+# (a 256 x 1024 float32 score tile is 1 MB: about one core's L2).
+ROW_BLOCK = 256
+CPU_CHUNK = 1024
+_workers = {"pool": None, "size": 0, "pid": None}
+
+
+def _worker_pool(size):
+    """The worker threads of the CPU forward, each with a single-threaded torch (the count is
+    per thread: the caller's stays as it is); made again after a fork, whose child has none of
+    its parent's threads, or when torch's thread count changed."""
+    if _workers["pool"] is None or _workers["size"] != size or _workers["pid"] != os.getpid():
+        _workers.update(pool=concurrent.futures.ThreadPoolExecutor(
+            size, thread_name_prefix="stm_kernels_read", initializer=torch.set_num_threads,
+            initargs=(1,)), size=size, pid=os.getpid())
+    return _workers["pool"]
+
+
+def _forward_row_blocks(q, k, v, scale, l2, lengths):
+    """forward on a CPU: (object, block of query rows) tasks, each a whole online softmax over
+    its object's memory with single-threaded ops, shared out to torch.get_num_threads() worker
+    threads (the ops release the GIL). The threads meet only when every task is done, so a core
+    taken by another process slows its own thread, not every product of the read. Not
+    differentiable by autograd (the op's backward is `backward`): forward takes the other path
+    when gradients are to flow through it."""
+    B, Ck, N = k.shape
+    HW, Cv = q.shape[2], v.shape[1]
+    acc_dtype = accumulation_dtype(v.dtype)
+    ends = [N] * B if lengths is None else lengths.tolist()
+    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
+    k_norms = None
+    if l2:  # |k|² scaled, once per call (not once per row block)
+        k_norms = torch.empty((B, N), dtype=acc_dtype)
+        for start in range(0, N, CPU_CHUNK):
+            chunk = k[:, :, start:start + CPU_CHUNK].to(acc_dtype)
+            k_norms[:, start:start + CPU_CHUNK] = chunk.square().sum(1).mul_(scale)
+    out = torch.empty((B, HW, Cv), dtype=acc_dtype)
+    lse = torch.empty((B, HW), dtype=acc_dtype)
+    workers = torch.get_num_threads()
+    # blocks of at most ROW_BLOCK rows, as many per object as a multiple of the workers
+    per_worker = -(-HW // (workers * ROW_BLOCK))
+    rows = -(-HW // (workers * per_worker))
+
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
+
+    def task(b, first):
+        # no_grad inside: inference_mode(False) turns gradients on
+        with torch.inference_mode(inference), torch.no_grad():
+            _read_rows(b, first)
+
+    def _read_rows(b, first):
+        query = q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
+        row_max = torch.full((query.shape[0], 1), float("-inf"), dtype=acc_dtype)
+        row_sum = torch.zeros((query.shape[0], 1), dtype=acc_dtype)
+        acc = torch.zeros((query.shape[0], Cv), dtype=acc_dtype)
+        for start in range(0, ends[b], CPU_CHUNK):
+            stop = min(start + CPU_CHUNK, ends[b])
+            scores = query @ k[b, :, start:stop].to(acc_dtype)  # (rows, n)
+            if l2:
+                scores = scores.mul_(2).sub_(k_norms[b, start:stop])
+            new_max = torch.maximum(row_max, scores.amax(1, keepdim=True))
+            probabilities = scores.sub_(new_max).exp_()
+            alpha = row_max.sub_(new_max).exp_()
+            row_sum.mul_(alpha).add_(probabilities.sum(1, keepdim=True))
+            acc.mul_(alpha).addmm_(probabilities, v[b, :, start:stop].to(acc_dtype).T)
+            row_max = new_max
+        out[b, first:first + rows] = acc.div_(row_sum)
+        lse[b, first:first + rows] = row_max.add_(row_sum.log_()).squeeze(1)
+
+    # the longest memories first: the last tasks to finish are then the short ones
+    tasks = [(b, first) for b in sorted(range(B), key=lambda b: -ends[b])
+             for first in range(0, HW, rows)]
+    if workers == 1 or len(tasks) == 1:
+        for b, first in tasks:
+            task(b, first)
+    else:
+        for done in [_worker_pool(workers).submit(task, *t) for t in tasks]:
+            done.result()
+    return out.transpose(1, 2).to(v.dtype).contiguous(), lse
 
 
 @without_autocast

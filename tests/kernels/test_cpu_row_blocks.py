@@ -1,0 +1,75 @@
+"""The torch backend's CPU forward: (object, row block) tasks on worker threads, against the
+float64 reference with blocks and memory chunks small enough that every object takes several of
+each, ragged memories, a broadcast query, inference mode, any thread count, and after a fork."""
+import multiprocessing
+
+import pytest
+import torch
+
+from helpers import (check_read, per_object_reference, ragged_case,
+                     ragged_read_with_grads, random_inputs, read_with_grads,
+                     reference_with_grads)
+from stm_kernels import memory_read, poison_outputs
+from stm_kernels.backends import pytorch
+
+
+@pytest.fixture(autouse=True)
+def _small_tasks(monkeypatch):
+    """Blocks of at most 8 rows stepping over 16 positions: many tasks on small inputs."""
+    monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
+    monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
+    with poison_outputs():
+        yield
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("shape", [(2, 2, 20, 40, 45, 111), (3, 1, 12, 24, 70, 63)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_row_blocks_match_the_float64_read(shape, similarity, dtype, threads):
+    q, k, v = random_inputs(*shape, dtype, "cpu")
+    results = read_with_grads(q, k, v, similarity=similarity, backend="torch")
+    check_read(results, reference_with_grads(q, k, v, similarity=similarity), dtype)
+    assert torch.get_num_threads() == threads  # the workers' single thread stays theirs
+
+
+def test_ragged_memories_take_only_their_own_positions(threads):
+    case = ragged_case("cpu", seed=5, cotangent_seed=6, lengths=(160, 20))
+    results = ragged_read_with_grads(*case, backend="torch")
+    check_read(results, per_object_reference(*case), torch.float32)
+
+
+def test_inference_mode_and_every_thread_count_give_the_same_read(threads):
+    q, k, v = random_inputs(3, 1, 16, 24, 50, 90, torch.float32, "cpu", seed=2)
+    with torch.inference_mode():
+        out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
+    assert out.is_inference()
+    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
+                                         return_lse=True)
+    assert (out - expected).abs().max() < 1e-5 and (lse - expected_lse).abs().max() < 1e-5
+
+
+def _read_in_child(queue):
+    q, k, v = random_inputs(2, 1, 8, 8, 40, 50, torch.float32, "cpu", seed=3)
+    queue.put(memory_read(q, k, v, backend="torch").sum().item())
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_a_forked_child_reads_with_its_own_workers(threads):
+    q, k, v = random_inputs(2, 1, 8, 8, 40, 50, torch.float32, "cpu", seed=3)
+    parent = memory_read(q, k, v, backend="torch").sum().item()  # the parent's workers exist
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the forked child hung or failed reading"
+    assert queue.get(timeout=5) == pytest.approx(parent, rel=1e-6)
