@@ -7,7 +7,7 @@
 One object, one 480p query frame (HW = 1,620 at stride 16), Ck = 128, Cv = 512, float32, a
 forward read. Providers, timed round-robin (one call each per round, so that load from other
 processes hits every one alike):
-    stm        memory_read(backend="torch"): the library's CPU read (chunked online softmax)
+    stm        memory_read(backend="torch"): the library's CPU read (row blocks on worker threads)
     sdpa       torch.nn.functional.scaled_dot_product_attention with the full 512-wide value
     official   the official read (materialises the N x HW affinity)
     flex       FlexAttention compiled (torch.compile of flex_attention; skipped with its error
