@@ -95,6 +95,8 @@ def _worker_pool(size):
     per thread: the caller's stays as it is); made again after a fork, whose child has none of
     its parent's threads, or when torch's thread count changed."""
     if _workers["pool"] is None or _workers["size"] != size or _workers["pid"] != os.getpid():
+        if _workers["pool"] is not None and _workers["pid"] == os.getpid():
+            _workers["pool"].shutdown(wait=False)  # a count changed: its threads end when idle
         _workers.update(pool=concurrent.futures.ThreadPoolExecutor(
             size, thread_name_prefix="stm_kernels_read", initializer=torch.set_num_threads,
             initargs=(1,)), size=size, pid=os.getpid())
