@@ -43,15 +43,36 @@ def forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
 
     lengths: optional (B,) valid memory positions per object: the work is proportional to the
-    sum of the lengths and no position past an object's length is ever read. On a CPU the read
-    runs as row blocks on worker threads (_forward_row_blocks); elsewhere (the fallback on a
-    GPU) the memory is cut where an object's memory ends, and each chunk is one batched product
+    sum of the lengths and no position past an object's length is ever read. A large read on a
+    CPU runs as row blocks on worker threads (_forward_row_blocks); elsewhere (a small read, or
+    the fallback on a GPU) the memory is cut where an object's memory ends, and each chunk is one batched product
     over the objects whose memory covers it (consecutive objects through views, other subsets
     gathered).
     """
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if k.device.type == "cpu" and not differentiable and not torch.compiler.is_compiling():
+    if _row_blocks_pay(q, k, v, lengths):
         return _forward_row_blocks(q, k, v, scale, l2, lengths)
+    return _forward_batched(q, k, v, scale, l2, lengths)
+
+
+# Below this many multiply-adds (B·HW·N·(Ck + Cv)) a CPU read runs batched: the worker threads'
+# hand-offs cost more than they save, and under it a busy core costs little in absolute time.
+ROW_BLOCKS_MIN_WORK = 2 ** 27
+
+
+def _row_blocks_pay(q, k, v, lengths):
+    """Whether forward runs as row blocks: on a CPU, with no gradient flowing through the ops
+    (autograd cannot follow the worker threads' in-place updates), not inside torch.compile,
+    and only for a read large enough to outweigh the threads' hand-offs."""
+    if k.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    positions = k.shape[2] * k.shape[0] if lengths is None else int(lengths.sum())
+    return positions * q.shape[2] * (k.shape[1] + v.shape[1]) >= ROW_BLOCKS_MIN_WORK
+
+
+def _forward_batched(q, k, v, scale, l2, lengths):
+    """forward as one batched product per memory chunk, over the objects whose memory covers it."""
     B, _, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = accumulation_dtype(v.dtype)

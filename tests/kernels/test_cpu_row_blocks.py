@@ -15,7 +15,9 @@ from stm_kernels.backends import pytorch
 
 @pytest.fixture(autouse=True)
 def _small_tasks(monkeypatch):
-    """Blocks of at most 8 rows stepping over 16 positions: many tasks on small inputs."""
+    """Blocks of at most 8 rows stepping over 16 positions, and row blocks for every read
+    however small: many tasks on small inputs."""
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
     monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
     monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
     with poison_outputs():
@@ -55,6 +57,27 @@ def test_inference_mode_and_every_thread_count_give_the_same_read(threads):
     expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
                                          return_lse=True)
     assert (out - expected).abs().max() < 1e-5 and (lse - expected_lse).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("lengths", [None, (40, 7)], ids=["full", "ragged"])
+def test_a_small_read_runs_batched_and_a_large_one_in_row_blocks(monkeypatch, lengths):
+    q, k, v = random_inputs(2, 1, 12, 24, 10, 40, torch.float32, "cpu", seed=4)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    positions = 80 if lengths is None else 47
+    taken = []
+    for name in ("_forward_row_blocks", "_forward_batched"):
+        original = getattr(pytorch, name)
+        monkeypatch.setattr(pytorch, name, lambda *a, _f=original, _n=name: taken.append(_n)
+                            or _f(*a))
+    work = positions * 10 * (12 + 24)  # multiply-adds: memory positions x rows x (Ck + Cv)
+    expected = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
+                           memory_lengths=lengths)
+    for threshold, path in [(work + 1, "_forward_batched"), (work, "_forward_row_blocks")]:
+        monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", threshold)
+        with torch.no_grad():
+            out = memory_read(q, k, v, backend="torch", memory_lengths=lengths)
+        assert taken.pop() == path and not taken
+        assert (out - expected).abs().max() < 1e-5
 
 
 def _read_in_child(queue):
