@@ -105,8 +105,8 @@ def _forward_batched(q, k, v, scale, l2, lengths):
 
 
 # The CPU forward's tasks: ROW_BLOCK query rows at most, stepping over CPU_CHUNK memory positions
-# (a 256 x 1024 float32 score tile is 1 MB: about one core's L2).
-ROW_BLOCK = 256
+# (a 512 x 1024 float32 score tile is 2 MB, held by one worker while it is reduced).
+ROW_BLOCK = 512
 CPU_CHUNK = 1024
 _workers = {"pool": None, "size": 0, "pid": None}
 
@@ -125,8 +125,8 @@ def _worker_pool(size):
 
 
 def _forward_row_blocks(q, k, v, scale, l2, lengths):
-    """forward on a CPU: (object, block of query rows) tasks, each a whole online softmax over
-    its object's memory with single-threaded ops, shared out to torch.get_num_threads() worker
+    """forward on a CPU: (object, block of query rows) tasks, each a whole softmax over its
+    object's memory with single-threaded ops, shared out to torch.get_num_threads() worker
     threads (the ops release the GIL). The threads meet only when every task is done, so a core
     taken by another process slows its own thread, not every product of the read. Not
     differentiable by autograd (the op's backward is `backward`): forward takes the other path
@@ -149,31 +149,26 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     per_worker = -(-HW // (workers * ROW_BLOCK))
     rows = -(-HW // (workers * per_worker))
 
+    def chunks(b, query):
+        """(scores (rows, n), values (n, Cv)) of object b's memory, CPU_CHUNK positions each."""
+        for start in range(0, ends[b], CPU_CHUNK):
+            stop = min(start + CPU_CHUNK, ends[b])
+            scores = query @ k[b, :, start:stop].to(acc_dtype)
+            if l2:
+                scores = scores.mul_(2).sub_(k_norms[b, start:stop])
+            yield scores, v[b, :, start:stop].to(acc_dtype).T
+
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
 
     def task(b, first):
         # no_grad inside: inference_mode(False) turns gradients on
         with torch.inference_mode(inference), torch.no_grad():
-            _read_rows(b, first)
-
-    def _read_rows(b, first):
-        query = q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
-        row_max = torch.full((query.shape[0], 1), float("-inf"), dtype=acc_dtype)
-        row_sum = torch.zeros((query.shape[0], 1), dtype=acc_dtype)
-        acc = torch.zeros((query.shape[0], Cv), dtype=acc_dtype)
-        for start in range(0, ends[b], CPU_CHUNK):
-            stop = min(start + CPU_CHUNK, ends[b])
-            scores = query @ k[b, :, start:stop].to(acc_dtype)  # (rows, n)
-            if l2:
-                scores = scores.mul_(2).sub_(k_norms[b, start:stop])
-            new_max = torch.maximum(row_max, scores.amax(1, keepdim=True))
-            probabilities = scores.sub_(new_max).exp_()
-            alpha = row_max.sub_(new_max).exp_()
-            row_sum.mul_(alpha).add_(probabilities.sum(1, keepdim=True))
-            acc.mul_(alpha).addmm_(probabilities, v[b, :, start:stop].to(acc_dtype).T)
-            row_max = new_max
-        out[b, first:first + rows] = acc.div_(row_sum)
-        lse[b, first:first + rows] = row_max.add_(row_sum.log_()).squeeze(1)
+            query = q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
+            acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), Cv)
+            if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
+                acc, row_sum, offset = _online_softmax(chunks(b, query), Cv)
+            out[b, first:first + rows] = acc.div_(row_sum)
+            lse[b, first:first + rows] = offset.add_(row_sum.log_()).squeeze(1)
 
     # the longest memories first: the last tasks to finish are then the short ones
     tasks = [(b, first) for b in sorted(range(B), key=lambda b: -ends[b])
@@ -185,6 +180,43 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
         for done in [_worker_pool(workers).submit(task, *t) for t in tasks]:
             done.result()
     return out.transpose(1, 2).to(v.dtype).contiguous(), lse
+
+
+def _fixed_offset_softmax(chunks, Cv):
+    """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) of a softmax with one offset per
+    row, the first chunk's maximum: exp(scores - offset) summed and multiplied by the values,
+    with no maximum to take and nothing to rescale in the later chunks (two of the online
+    softmax's five passes over each chunk's scores). A later score that exceeds the offset by
+    more than the accumulation dtype's exp can hold (89 in float32) overflows: the result is
+    then not finite, and the caller reads the rows again with _online_softmax."""
+    acc = row_sum = offset = None
+    for scores, values in chunks:
+        if offset is None:
+            offset = scores.amax(1, keepdim=True)
+            acc = scores.new_zeros((scores.shape[0], Cv))
+            row_sum = scores.new_zeros((scores.shape[0], 1))
+        probabilities = scores.sub_(offset).exp_()
+        row_sum.add_(probabilities.sum(1, keepdim=True))
+        acc.addmm_(probabilities, values)
+    return acc, row_sum, offset
+
+
+def _online_softmax(chunks, Cv):
+    """_fixed_offset_softmax's result with a running maximum as the offset, each chunk's sums
+    rescaled to it when it grows: finite for any finite scores."""
+    acc = row_sum = row_max = None
+    for scores, values in chunks:
+        if row_max is None:
+            row_max = torch.full((scores.shape[0], 1), float("-inf"), dtype=scores.dtype)
+            acc = scores.new_zeros((scores.shape[0], Cv))
+            row_sum = scores.new_zeros((scores.shape[0], 1))
+        new_max = torch.maximum(row_max, scores.amax(1, keepdim=True))
+        probabilities = scores.sub_(new_max).exp_()
+        alpha = row_max.sub_(new_max).exp_()
+        row_sum.mul_(alpha).add_(probabilities.sum(1, keepdim=True))
+        acc.mul_(alpha).addmm_(probabilities, values)
+        row_max = new_max
+    return acc, row_sum, row_max
 
 
 @without_autocast

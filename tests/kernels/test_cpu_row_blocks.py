@@ -80,6 +80,41 @@ def test_a_small_read_runs_batched_and_a_large_one_in_row_blocks(monkeypatch, le
         assert (out - expected).abs().max() < 1e-5
 
 
+def _count_online_reads(monkeypatch):
+    """A list that gets one entry per row block read again by the online softmax."""
+    online = []
+    original = pytorch._online_softmax
+    monkeypatch.setattr(pytorch, "_online_softmax",
+                        lambda *a: online.append(1) or original(*a))
+    return online
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_scores_far_above_the_first_chunks_are_read_again_online(monkeypatch, similarity,
+                                                                 threads):
+    """The first chunk's maximum is each row's offset; later scores 100s above it overflow
+    exp in float32, and those row blocks are read again with a running maximum."""
+    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.float32, "cpu", seed=7)
+    if similarity == "dot":
+        k[:, :, 40:] *= 100  # scores ~ +-300 after the first chunks' ~ +-3
+    else:
+        k[:, :, :16] *= 50  # the first chunk far from every query: its scores ~ -10,000
+    online = _count_online_reads(monkeypatch)
+    results = read_with_grads(q, k, v, similarity=similarity, backend="torch")
+    assert online  # without the second read, those rows would be NaN
+    check_read(results, reference_with_grads(q, k, v, similarity=similarity), torch.float32)
+
+
+def test_ordinary_scores_take_the_fixed_offset_alone(monkeypatch):
+    q, k, v = random_inputs(3, 1, 12, 24, 20, 70, torch.float32, "cpu", seed=8)
+    online = _count_online_reads(monkeypatch)
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
+    assert online == []
+    expected = memory_read(*(t.double() for t in (q, k, v)), backend="naive")
+    assert (out - expected).abs().max() < 1e-5
+
+
 def _read_in_child(queue):
     q, k, v = random_inputs(2, 1, 8, 8, 40, 50, torch.float32, "cpu", seed=3)
     queue.put(memory_read(q, k, v, backend="torch").sum().item())
