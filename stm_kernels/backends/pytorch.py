@@ -80,8 +80,8 @@ def _forward_batched(q, k, v, scale, l2, lengths):
     # contiguous rows: a transposed left operand sends torch.matmul down a path 4x slower
     q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
     acc = torch.zeros((B, HW, Cv), dtype=acc_dtype, device=k.device)
-    row_sum = torch.zeros((B, HW), dtype=acc_dtype, device=k.device)
-    row_max = torch.full((B, HW), float("-inf"), dtype=acc_dtype, device=k.device)
+    row_sum = torch.zeros((B, HW, 1), dtype=acc_dtype, device=k.device)
+    row_max = torch.full((B, HW, 1), float("-inf"), dtype=acc_dtype, device=k.device)
     for start, stop, objects in _segments(ends, HW):
         rows = _rows(objects)
         if isinstance(rows, torch.Tensor):
@@ -90,18 +90,30 @@ def _forward_batched(q, k, v, scale, l2, lengths):
         k_chunk = k[rows, :, start:stop].to(acc_dtype).contiguous()
         v_rows = v[rows, :, start:stop].to(acc_dtype).transpose(1, 2)  # (n_objects, n, Cv)
         scores = chunk_scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
-        new_max = torch.maximum(row_max[rows], scores.amax(2))
-        probabilities = scores.sub_(new_max.unsqueeze(2)).exp_()  # (n_objects, HW, n)
-        alpha = torch.exp(row_max[rows] - new_max)
-        if isinstance(rows, slice):  # views: update in place
-            row_sum[rows].mul_(alpha).add_(probabilities.sum(2))
-            acc[rows].mul_(alpha.unsqueeze(2)).baddbmm_(probabilities, v_rows)
+        stats = _online_step(scores, v_rows, row_max[rows], row_sum[rows], acc[rows])
+        if isinstance(rows, slice):  # views: the sums were updated in place
+            row_max[rows] = stats[0]
         else:
-            row_sum[rows] = row_sum[rows].mul_(alpha).add_(probabilities.sum(2))
-            acc[rows] = acc[rows].mul_(alpha.unsqueeze(2)).baddbmm_(probabilities, v_rows)
-        row_max[rows] = new_max
-    out = acc.div_(row_sum.unsqueeze(2)).transpose(1, 2).to(v.dtype).contiguous()
-    return out, row_max + torch.log(row_sum)
+            row_max[rows], row_sum[rows], acc[rows] = stats
+    out = acc.div_(row_sum).transpose(1, 2).to(v.dtype).contiguous()
+    return out, (row_max + torch.log(row_sum)).squeeze(2)
+
+
+def _online_step(scores, values, row_max, row_sum, acc):
+    """One chunk of an online softmax: scores (..., rows, n) and values (..., n, Cv) folded into
+    the running row_max, row_sum (..., rows, 1) and acc (..., rows, Cv), which are rescaled
+    where the maximum grows. Returns (row_max, row_sum, acc): the new maximum, and the sums
+    updated in place (scores too is overwritten)."""
+    new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
+    probabilities = scores.sub_(new_max).exp_()
+    alpha = torch.exp(row_max - new_max)  # not in place: autograd may hold row_max
+    row_sum.mul_(alpha).add_(probabilities.sum(-1, keepdim=True))
+    acc.mul_(alpha)
+    if acc.dim() == 2:
+        acc.addmm_(probabilities, values)
+    else:
+        acc.baddbmm_(probabilities, values)
+    return new_max, row_sum, acc
 
 
 # The CPU forward's tasks: ROW_BLOCK query rows at most, stepping over CPU_CHUNK memory positions
@@ -210,12 +222,7 @@ def _online_softmax(chunks, Cv):
             row_max = torch.full((scores.shape[0], 1), float("-inf"), dtype=scores.dtype)
             acc = scores.new_zeros((scores.shape[0], Cv))
             row_sum = scores.new_zeros((scores.shape[0], 1))
-        new_max = torch.maximum(row_max, scores.amax(1, keepdim=True))
-        probabilities = scores.sub_(new_max).exp_()
-        alpha = row_max.sub_(new_max).exp_()
-        row_sum.mul_(alpha).add_(probabilities.sum(1, keepdim=True))
-        acc.mul_(alpha).addmm_(probabilities, values)
-        row_max = new_max
+        row_max, row_sum, acc = _online_step(scores, values, row_max, row_sum, acc)
     return acc, row_sum, row_max
 
 
