@@ -48,7 +48,9 @@ def environment(device):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} threads"
+        # the vector instructions torch uses (AVX2, AVX512...): the machines here vary
+        name = (f"{platform.processor() or platform.machine()} CPU "
+                f"({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} threads")
     return {
         "device": name,
         "device_type": device.type,

@@ -38,9 +38,12 @@ DEFAULT_DAVIS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" 
     "davis2016-val"
 
 
-def segment_sequence(model, frames_dir, annotation, output, mem_every, max_internal_size):
-    """Masks of one sequence written into output; returns (frames, seconds segmenting)."""
-    segmenter = VideoSegmenter(model, mem_every=mem_every, max_internal_size=max_internal_size)
+def segment_sequence(model, frames_dir, annotation, output, mem_every, max_internal_size,
+                     memory_dtype=None):
+    """Masks of one sequence written into output; returns (frames, seconds segmenting, memory
+    bytes per memory frame)."""
+    segmenter = VideoSegmenter(model, mem_every=mem_every, max_internal_size=max_internal_size,
+                               memory_dtype=memory_dtype)
     first = torch.from_numpy(video_io.read_mask(annotation))
     frames = list(video_io.FrameReader(frames_dir))
     output.mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ def segment_sequence(model, frames_dir, annotation, output, mem_every, max_inter
         labels = segmenter.labels(probs)
         busy += time.perf_counter() - start
         video_io.write_mask(output / f"{frame.name}.png", labels.numpy().astype(np.uint8))
-    return len(frames), busy
+    return len(frames), busy, segmenter.memory_bytes_per_frame
 
 
 def summary(payload):
@@ -133,7 +136,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         results = pathlib.Path(scratch)
         for name in args.sequences:
-            frames, seconds = segment_sequence(
+            frames, seconds, _ = segment_sequence(
                 model, args.davis / "JPEGImages" / "480p" / name,
                 args.davis / "Annotations" / "480p" / name / "00000.png", results / name,
                 args.mem_every, internal)

@@ -16,8 +16,8 @@ import re
 import sys
 
 from bench import (annotate, cpu_read, dataset_throughput, davis_test, held_out,
-                   integrations, interactive, interactive_eval, kernel, long_video, ragged_read,
-                   sharded_read, topk_read, training)
+                   integrations, interactive, interactive_eval, kernel, long_video,
+                   memory_dtype, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
 from tools.gpu_session import ncu_summary, profile_target
 
@@ -41,6 +41,7 @@ RENDERERS = {
     "sharded_read": (sharded_read.plot, sharded_read.summary),
     "annotate": (annotate.plot, annotate.summary),
     "davis_test": (davis_test.plot, davis_test.summary),
+    "memory_dtype": (memory_dtype.plot, memory_dtype.summary),
     "integrations": (integrations.plot, integrations.summary),
     "kernel_breakdown": (profile_target.plot, profile_target.summary),
     "ncu": (None, ncu_summary.summary),

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bench import __main__ as suite
@@ -162,6 +163,43 @@ def test_davis_test_benchmark_scores_with_stm_eval_and_plots_the_curve(tmp_path,
                 "--davis2016"]) == 0
     row = (tmp_path / "eval" / "global_results.csv").read_text().splitlines()[1].split(",")
     assert abs(float(row[0]) - payload["J&F"]) < 1e-9
+
+
+def test_memory_dtype_benchmark_scores_each_dtype_and_compares_its_masks(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Per dtype: J&F, fps and the memory per frame (float32 four bytes a channel-position,
+    bf16 and fp16 two); the masks' IoU with the first dtype's for the others."""
+    from bench import memory_dtype
+    frames, labels = synthetic_video(6, size=(64, 96), seed=2)
+    write_davis_folder(tmp_path / "davis", frames, labels)
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path / "results"))
+    with pytest.raises(SystemExit):  # each dtype once
+        memory_dtype.main(["--davis", str(tmp_path / "davis"), "--dtypes", "fp32", "fp32"])
+    assert memory_dtype.main(["--checkpoint", "small", "--davis", str(tmp_path / "davis"),
+                              "--sequences", "synth", "--dtypes", "fp32", "bf16", "fp16"]) == 0
+    [path] = (tmp_path / "results").glob("memory_dtype_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert (tmp_path / "results" / (path.stem + ".png")).exists()
+    results = payload["results"]
+    assert results["fp32"]["memory_bytes_per_frame"] == \
+        2 * results["bf16"]["memory_bytes_per_frame"] == \
+        2 * results["fp16"]["memory_bytes_per_frame"] > 0
+    assert "iou_with_first" not in results["fp32"]["records"][0]
+    for dtype in ("bf16", "fp16"):
+        [record] = results[dtype]["records"]
+        assert 0 <= record["iou_with_first"]["min"] <= record["iou_with_first"]["mean"] <= 1
+        assert record["frames"] == 6 and record["fps"] > 0 and 0 <= record["J&F"] <= 1
+    table = capsys.readouterr().out
+    assert "| fp32 |" in table and "| bf16 |" in table and "| - | - |" in table
+
+
+def test_mask_iou_per_object():
+    from bench.memory_dtype import mask_iou
+    a = np.array([[0, 1, 1], [2, 2, 0]])
+    b = np.array([[0, 1, 0], [2, 2, 2]])
+    assert mask_iou(a, b) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert mask_iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+    assert mask_iou(a, np.zeros_like(a)) == 0.0
 
 
 def test_ragged_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,172 @@
+"""The memory's storage dtype on real video: J&F, fps and memory per frame of the segmenter with
+its memory kept in float32, bfloat16 or float16, and how far its masks move from float32's.
+
+    python -m bench memory-dtype                          # small-real, its training sequences
+    python -m bench memory-dtype --dtypes fp32 bf16 --sequences camel cows
+
+Each sequence is segmented from its first frame's annotation by VideoSegmenter (mem_every=5,
+the model's own internal size) once per memory dtype, the network in float32 throughout: only
+the memory's keys and values are stored in the dtype (the query is cast to it for the read,
+whose sums stay float32), its masks scored by `stm eval --davis2016`'s code and compared with
+the float32 run's masks frame by frame (the IoU of each object's mask, 1 where both are
+empty). The default sequences are the ones the small-real model trains on, so that a choice
+made from this run is not made on its test set. Writes
+bench/results/memory_dtype_<device>_<date>.json and a PNG beside it.
+"""
+import argparse
+import contextlib
+import csv
+import io
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from bench import common
+from bench.davis_test import DEFAULT_DAVIS, segment_sequence
+from stm_model import io as video_io
+from stm_model.commands.evaluate import evaluate_results
+from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
+
+# The sequences `make small-model` trains small-real on (the Makefile's DAVIS_TRAIN).
+TRAINING_SEQUENCES = ("bmx-trees", "breakdance", "camel", "car-roundabout", "cows",
+                      "drift-chicane", "goat", "kite-surf", "motocross-jump", "parkour")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def mask_iou(labels, reference):
+    """Mean over objects of the IoU of each object's mask in labels and in reference (H, W)
+    integer arrays, 1 for an object empty in both; 1 when neither has an object."""
+    ids = (set(np.unique(labels)) | set(np.unique(reference))) - {0}
+    scores = []
+    for object_id in sorted(ids):
+        mine, theirs = labels == object_id, reference == object_id
+        union = np.logical_or(mine, theirs).sum()
+        scores.append(np.logical_and(mine, theirs).sum() / union if union else 1.0)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _scores(folder, annotations, sequences):
+    """({sequence: (J, F)}, (J&F, J, F) overall) of the masks in folder."""
+    with contextlib.redirect_stdout(io.StringIO()):  # its table: ours is printed
+        evaluate_results(folder, annotations, sequences, output=folder, davis2016=True)
+    with open(folder / "per-sequence_results.csv", newline="") as file:
+        rows = {row["Sequence"].rsplit("_", 1)[0]: row for row in csv.DictReader(file)}
+    with open(folder / "global_results.csv", newline="") as file:
+        overall = next(csv.DictReader(file))
+    per_sequence = {name: (float(row["J-Mean"]), float(row["F-Mean"]))
+                    for name, row in rows.items()}
+    return per_sequence, tuple(float(overall[key]) for key in ("J&F-Mean", "J-Mean", "F-Mean"))
+
+
+def run(model, args, scratch):
+    """{dtype: {"records": [per sequence], "J&F", "J", "F", "fps", ...}} of every dtype."""
+    annotations = args.davis / "Annotations" / "480p"
+    results = {}
+    for dtype in args.dtypes:
+        folder = scratch / dtype
+        records = []
+        for name in args.sequences:
+            frames, seconds, per_frame = segment_sequence(
+                model, args.davis / "JPEGImages" / "480p" / name,
+                annotations / name / "00000.png", folder / name, args.mem_every,
+                args.size or model.config.internal_size, memory_dtype=dtype)
+            records.append(dict(sequence=name, frames=frames, seconds=seconds,
+                                fps=frames / seconds, memory_bytes_per_frame=per_frame))
+            print(f"{dtype} {name}: {frames} frames, {frames / seconds:.1f} fps", flush=True)
+        per_sequence, (jf, j, f) = _scores(folder, annotations, args.sequences)
+        for record in records:
+            record["J"], record["F"] = per_sequence[record["sequence"]]
+            record["J&F"] = (record["J"] + record["F"]) / 2
+            if dtype != args.dtypes[0]:
+                record["iou_with_first"] = _iou_with(folder, scratch / args.dtypes[0],
+                                                     record["sequence"])
+        frames = sum(r["frames"] for r in records)
+        results[dtype] = {"records": records, "J&F": jf, "J": j, "F": f,
+                          "fps": frames / sum(r["seconds"] for r in records),
+                          "memory_bytes_per_frame": records[0]["memory_bytes_per_frame"]}
+    return results
+
+
+def _iou_with(folder, reference_folder, sequence):
+    """{"mean", "min"} of the per-frame mask IoU of a sequence's masks in two folders."""
+    ious = [mask_iou(video_io.read_mask(path), video_io.read_mask(reference_folder / sequence /
+                                                                 path.name))
+            for path in sorted((folder / sequence).glob("*.png"))]
+    return {"mean": float(np.mean(ious)), "min": float(np.min(ious))}
+
+
+def summary(payload):
+    """Markdown: per dtype the J&F, J, F, fps, memory per frame and the IoU with the first."""
+    first = payload["dtypes"][0]
+    rows = [f"| memory dtype | J&F | J | F | fps | KiB per memory frame | mask IoU with {first}: "
+            "mean | lowest frame |", "|---|---|---|---|---|---|---|---|"]
+    for dtype in payload["dtypes"]:
+        result = payload["results"][dtype]
+        ious = [r["iou_with_first"] for r in result["records"] if "iou_with_first" in r]
+        iou = (f"{np.mean([i['mean'] for i in ious]):.4f} | {min(i['min'] for i in ious):.4f}"
+               if ious else "- | -")
+        rows.append(f"| {dtype} | {result['J&F']:.4f} | {result['J']:.4f} | {result['F']:.4f} | "
+                    f"{result['fps']:.2f} | {result['memory_bytes_per_frame'] / 1024:.0f} | "
+                    f"{iou} |")
+    return (f"`{payload['checkpoint']}` at internal size {payload['internal_size']}, mem_every "
+            f"{payload['mem_every']}, {len(payload['sequences'])} DAVIS-2016 sequences "
+            f"({', '.join(payload['sequences'])}):\n\n" + "\n".join(rows))
+
+
+def plot(payload, path):
+    """J&F per sequence for each dtype, and each sequence's mask IoU with the first dtype."""
+    figure, axes = common.subplots(1, 2, figsize=(13, 3.8), squeeze=False)
+    names = payload["sequences"]
+    width = 0.8 / len(payload["dtypes"])
+    for index, dtype in enumerate(payload["dtypes"]):
+        records = payload["results"][dtype]["records"]
+        positions = np.arange(len(names)) + (index - (len(payload["dtypes"]) - 1) / 2) * width
+        axes[0][0].bar(positions, [r["J&F"] for r in records], width, label=dtype)
+        if index:
+            axes[0][1].bar(positions, [r["iou_with_first"]["mean"] for r in records], width,
+                           label=dtype)
+    for axis, title in ((axes[0][0], "J&F per sequence"),
+                        (axes[0][1], f"mask IoU with {payload['dtypes'][0]}")):
+        axis.set_xticks(np.arange(len(names)), names, rotation=60)
+        axis.set(title=title, ylim=(0, 1.02))
+        axis.legend()
+    figure.tight_layout()
+    return [common.save_figure(figure, path)]
+
+
+def main(argv=None):
+    """`python -m bench memory-dtype`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m bench memory-dtype",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="small-real",
+                        help="a --checkpoint value of stm segment (default: small-real)")
+    parser.add_argument("--davis", type=pathlib.Path, default=DEFAULT_DAVIS,
+                        help="the DAVIS-2016 root (JPEGImages/480p, Annotations/480p)")
+    parser.add_argument("--sequences", nargs="+", default=list(TRAINING_SEQUENCES),
+                        help="the sequences (default: small-real's ten training sequences)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES),
+                        help="the memory dtypes; the masks of the first are the reference")
+    parser.add_argument("--size", type=int, help="internal size (default: the model's own)")
+    parser.add_argument("--mem-every", type=int, default=5)
+    args = parser.parse_args(argv)
+    if len(set(args.dtypes)) != len(args.dtypes):
+        parser.error(f"--dtypes: each dtype once, got {' '.join(args.dtypes)}")
+    if not (args.davis / "Annotations" / "480p").is_dir():
+        raise SystemExit(f"{args.davis}: not a DAVIS-2016 root (give --davis)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
+    payload = common.environment(device)
+    payload.update(benchmark="memory_dtype", checkpoint=args.checkpoint,
+                   internal_size=args.size or model.config.internal_size,
+                   mem_every=args.mem_every, sequences=args.sequences, dtypes=args.dtypes)
+    with tempfile.TemporaryDirectory() as scratch:
+        payload["results"] = run(model, args, pathlib.Path(scratch))
+    common.finish_run("memory_dtype", payload, plot, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
