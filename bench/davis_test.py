@@ -58,6 +58,23 @@ def segment_sequence(model, frames_dir, annotation, output, mem_every, max_inter
     return len(frames), busy, segmenter.memory_bytes_per_frame
 
 
+def score_masks(folder, annotations, records):
+    """Scores the masks in folder/<sequence>/ with `stm eval --davis2016`'s code: J, F and J&F
+    into each record (a dict with "sequence"); returns the overall (J&F, J, F)."""
+    sequences = [record["sequence"] for record in records]
+    with contextlib.redirect_stdout(io.StringIO()):  # its table: the benchmark prints its own
+        evaluate_results(folder, annotations, sequences, output=folder, davis2016=True)
+    with open(folder / "per-sequence_results.csv", newline="") as file:
+        rows = {row["Sequence"].rsplit("_", 1)[0]: row for row in csv.DictReader(file)}
+    with open(folder / "global_results.csv", newline="") as file:
+        overall = next(csv.DictReader(file))
+    for record in records:
+        row = rows[record["sequence"]]
+        record.update(J=float(row["J-Mean"]), F=float(row["F-Mean"]))
+        record["J&F"] = (record["J"] + record["F"]) / 2
+    return tuple(float(overall[key]) for key in ("J&F-Mean", "J-Mean", "F-Mean"))
+
+
 def summary(payload):
     """Markdown table: J&F, J, F and fps per sequence, then the means."""
     rows = ["| sequence | frames | J&F | J | F | fps |", "|---|---|---|---|---|---|"]
@@ -143,19 +160,9 @@ def main(argv=None):
             payload["records"].append(dict(sequence=name, frames=frames, seconds=seconds,
                                            fps=frames / seconds))
             print(f"{name}: {frames} frames, {frames / seconds:.1f} fps", flush=True)
-        with contextlib.redirect_stdout(io.StringIO()):  # its table: ours is printed below
-            evaluate_results(results, args.davis / "Annotations" / "480p", args.sequences,
-                             output=results, davis2016=True)
-        with open(results / "per-sequence_results.csv", newline="") as file:
-            scores = {row["Sequence"].rsplit("_", 1)[0]: row for row in csv.DictReader(file)}
-        with open(results / "global_results.csv", newline="") as file:
-            overall = next(csv.DictReader(file))
-    for record in payload["records"]:
-        row = scores[record["sequence"]]
-        record.update(J=float(row["J-Mean"]), F=float(row["F-Mean"]))
-        record["J&F"] = (record["J"] + record["F"]) / 2
-    payload.update(**{"J&F": float(overall["J&F-Mean"])}, J=float(overall["J-Mean"]),
-                   F=float(overall["F-Mean"]))
+        jf, j, f = score_masks(results, args.davis / "Annotations" / "480p",
+                               payload["records"])
+    payload.update(**{"J&F": jf}, J=j, F=f)
     common.finish_run("davis_test", payload, plot, summary)
     return 0
 

@@ -14,9 +14,6 @@ made from this run is not made on its test set. Writes
 bench/results/memory_dtype_<device>_<date>.json and a PNG beside it.
 """
 import argparse
-import contextlib
-import csv
-import io
 import pathlib
 import sys
 import tempfile
@@ -25,9 +22,8 @@ import numpy as np
 import torch
 
 from bench import common
-from bench.davis_test import DEFAULT_DAVIS, segment_sequence
+from bench.davis_test import DEFAULT_DAVIS, score_masks, segment_sequence
 from stm_model import io as video_io
-from stm_model.commands.evaluate import evaluate_results
 from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
 
 # The sequences `make small-model` trains small-real on (the Makefile's DAVIS_TRAIN).
@@ -48,20 +44,7 @@ def mask_iou(labels, reference):
     return float(np.mean(scores)) if scores else 1.0
 
 
-def _scores(folder, annotations, sequences):
-    """({sequence: (J, F)}, (J&F, J, F) overall) of the masks in folder."""
-    with contextlib.redirect_stdout(io.StringIO()):  # its table: ours is printed
-        evaluate_results(folder, annotations, sequences, output=folder, davis2016=True)
-    with open(folder / "per-sequence_results.csv", newline="") as file:
-        rows = {row["Sequence"].rsplit("_", 1)[0]: row for row in csv.DictReader(file)}
-    with open(folder / "global_results.csv", newline="") as file:
-        overall = next(csv.DictReader(file))
-    per_sequence = {name: (float(row["J-Mean"]), float(row["F-Mean"]))
-                    for name, row in rows.items()}
-    return per_sequence, tuple(float(overall[key]) for key in ("J&F-Mean", "J-Mean", "F-Mean"))
-
-
-def run(model, args, scratch):
+def run(model, args, internal_size, scratch):
     """{dtype: {"records": [per sequence], "J&F", "J", "F", "fps", ...}} of every dtype."""
     annotations = args.davis / "Annotations" / "480p"
     results = {}
@@ -72,14 +55,12 @@ def run(model, args, scratch):
             frames, seconds, per_frame = segment_sequence(
                 model, args.davis / "JPEGImages" / "480p" / name,
                 annotations / name / "00000.png", folder / name, args.mem_every,
-                args.size or model.config.internal_size, memory_dtype=dtype)
+                internal_size, memory_dtype=dtype)
             records.append(dict(sequence=name, frames=frames, seconds=seconds,
                                 fps=frames / seconds, memory_bytes_per_frame=per_frame))
             print(f"{dtype} {name}: {frames} frames, {frames / seconds:.1f} fps", flush=True)
-        per_sequence, (jf, j, f) = _scores(folder, annotations, args.sequences)
+        jf, j, f = score_masks(folder, annotations, records)
         for record in records:
-            record["J"], record["F"] = per_sequence[record["sequence"]]
-            record["J&F"] = (record["J"] + record["F"]) / 2
             if dtype != args.dtypes[0]:
                 record["iou_with_first"] = _iou_with(folder, scratch / args.dtypes[0],
                                                      record["sequence"])
@@ -158,12 +139,12 @@ def main(argv=None):
         raise SystemExit(f"{args.davis}: not a DAVIS-2016 root (give --davis)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
+    internal = args.size or model.config.internal_size
     payload = common.environment(device)
-    payload.update(benchmark="memory_dtype", checkpoint=args.checkpoint,
-                   internal_size=args.size or model.config.internal_size,
+    payload.update(benchmark="memory_dtype", checkpoint=args.checkpoint, internal_size=internal,
                    mem_every=args.mem_every, sequences=args.sequences, dtypes=args.dtypes)
     with tempfile.TemporaryDirectory() as scratch:
-        payload["results"] = run(model, args, pathlib.Path(scratch))
+        payload["results"] = run(model, args, internal, pathlib.Path(scratch))
     common.finish_run("memory_dtype", payload, plot, summary)
     return 0
 
