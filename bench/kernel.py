@@ -342,6 +342,10 @@ def plot(payload, path):
         print("matplotlib is not installed (pip install -e .[bench]); no plot", file=sys.stderr)
         return []
     records = [r for r in payload["records"] if r.get("sweep", "scaling") == "scaling"]
+    if not records:  # the plots are of the scaling sweep; the others are tables only
+        print("no scaling sweep in this run: no plot (the table has the results)",
+              file=sys.stderr)
+        return []
     batches = sorted({r["B"] for r in records}) or [1]
     passes = [p for p in PASSES if any(r["pass"] == p for r in records)]
     title = (f"memory_read on {payload['device']} (torch {payload['torch']}, triton "

@@ -428,29 +428,48 @@ def table(checks):
 
 
 def run(device, quick=False, timing=True, progress=print):
-    """The self-test's report (a dict) for a torch.device."""
+    """The self-test's report (a dict) for a torch.device.
+
+    An interruption (Ctrl-C, or SIGINT from a time limit) ends the run early, and the report
+    keeps what was done: the checks that ran and the timings that finished, with
+    complete=False (a report is what a user attaches to a bug; a cut-off run should still
+    have one).
+
+    Returns (report, the checks that ran)."""
     backend = backend_for(device)
-    checks = plan_checks(device, quick)
+    planned = plan_checks(device, quick)
+    checks = []
+    interrupted = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
-        for index, check in enumerate(checks):
-            run_check(check, device, backend, seed=index)
-            progress(f"[{index + 1}/{len(checks)}] {check.feature} {check.dtype} "
-                     f"{check.similarity}: {'ok' if check.passed else 'FAILED'}")
+        try:
+            for index, check in enumerate(planned):
+                run_check(check, device, backend, seed=index)
+                checks.append(check)
+                progress(f"[{index + 1}/{len(planned)}] {check.feature} {check.dtype} "
+                         f"{check.similarity}: {'ok' if check.passed else 'FAILED'}")
+        except KeyboardInterrupt:
+            interrupted = True
+            progress(f"interrupted after {len(checks)} of {len(planned)} checks")
     report = dict(selftest=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), backend=backend, **device_report(device),
         checks=[dataclasses.asdict(check) for check in checks],
         configs=chosen_configs(), compiled=compiled_kernels(),
         warnings=sorted({str(w.message) for w in caught if issubclass(w.category, FallbackWarning)
                          or str(w.message).lower().startswith("stm_kernels")}),
-        passed=all(check.passed for check in checks))
-    if timing and device.type == "cuda":
+        passed=not interrupted and all(check.passed for check in checks),
+        complete=not interrupted)
+    if timing and device.type == "cuda" and not interrupted:
         progress("timing ...")
-        report["matmul_tflops_bf16"] = matmul_tflops(device)
-        report["timings"] = timings(device, TIMED_N[:1] if quick else TIMED_N)
-        exact = exact_float32_timings(device, TIMED_N[:1] if quick else TIMED_N)
-        report["exact_float32"] = dict(timings=exact, **exact_float32_verdict(
-            exact, auto_exact_float32(device)))
+        try:
+            report["matmul_tflops_bf16"] = matmul_tflops(device)
+            report["timings"] = timings(device, TIMED_N[:1] if quick else TIMED_N)
+            exact = exact_float32_timings(device, TIMED_N[:1] if quick else TIMED_N)
+            report["exact_float32"] = dict(timings=exact, **exact_float32_verdict(
+                exact, auto_exact_float32(device)))
+        except KeyboardInterrupt:
+            report["complete"] = False
+            progress("interrupted while timing: the report keeps the timings that finished")
     return report, checks
 
 
@@ -505,6 +524,9 @@ def run_arguments(args):
     failed = sum(not check.passed for check in checks)
     print(f"{len(checks) - failed} of {len(checks)} checks passed; report written to {path}"
           + ("" if not failed else " (attach it to a bug report: see README)"))
+    if not report["complete"]:
+        print("the self-test was interrupted: the report holds what ran before it stopped")
+        return 1 if failed else 130  # 130: the shell's status for a run ended by SIGINT
     return 1 if failed else 0
 
 

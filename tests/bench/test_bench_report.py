@@ -60,3 +60,24 @@ def test_superseded_names_the_older_result_of_a_key_and_its_plots(tmp_path):
     (tmp_path / "training_cpu_20260301T000000.json").write_text(json.dumps(busy))
     assert [path.name for path in report.superseded(tmp_path)] == [
         "training_cpu_20260101T000000.json", "training_cpu_20260101T000000.png"]
+
+
+def test_a_gpu_result_replaces_the_same_gpus_run_of_the_same_sweeps_only(tmp_path):
+    """An H100 run says nothing of an H200, and a kernel run of the float32 shapes sweep says
+    nothing of a bf16 targets run: both stay; a newer run of the same sweeps replaces the older."""
+    def write(stamp, device, sweeps):
+        records = [{"sweep": sweep, "dtype": dtype} for sweep, dtype in sweeps]
+        payload = {"benchmark": "kernel", "device_type": "cuda", "device": device,
+                   "records": records}
+        (tmp_path / f"kernel_cuda_{stamp}.json").write_text(json.dumps(payload))
+    write("20260101T000000", "NVIDIA H200", [("targets", "bf16"), ("scaling", "bf16")])
+    write("20260102T000000", "NVIDIA H100", [("targets", "bf16"), ("scaling", "bf16")])
+    write("20260103T000000", "NVIDIA H100", [("shapes", "fp32")])
+    assert report.superseded(tmp_path) == []
+    for stamp, name in (("20260101T0000", "NVIDIA H200"), ("20260102T0000", "NVIDIA H100")):
+        (tmp_path / f"selftest_cuda_sm90_{stamp}.json").write_text(json.dumps(
+            {"selftest": 1, "device": "cuda", "name": name}))
+    assert report.superseded(tmp_path) == []
+    write("20260104T000000", "NVIDIA H100", [("shapes", "fp32")])
+    assert [path.name for path in report.superseded(tmp_path)] == [
+        "kernel_cuda_20260103T000000.json"]

@@ -35,6 +35,19 @@ def test_kernel_sweep_runs_records_and_renders(tmp_path, monkeypatch, capsys):
     assert "| torch | fwd | fp32 | 2 | 256 | - | reached the end of the sweep |" in table
 
 
+def test_a_kernel_run_without_the_scaling_sweep_writes_its_results_and_no_plot(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert suite.main(["kernel", "--device", "cpu", "--hw", "16", "--shapes-n", "64",
+                       "--providers", "torch", "--passes", "fwd", "--sweeps", "shapes"]) == 0
+    [path] = tmp_path.glob("kernel_cpu_*.json")
+    records = json.loads(path.read_text())["records"]
+    assert {(r["sweep"], r["Ck"], r["Cv"]) for r in records} == {
+        ("shapes", ck, cv) for ck in (64, 128) for cv in (256, 512)}
+    assert not list(tmp_path.glob("*.png"))
+    assert "no scaling sweep in this run" in capsys.readouterr().err
+
+
 def test_kernel_sweeps_run_the_target_points_first():
     """A GPU run cut off by its time limit keeps the op's target points: they come first,
     whatever order --sweeps names them in."""

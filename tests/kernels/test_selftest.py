@@ -144,6 +144,31 @@ def test_a_wrong_result_or_a_crash_fails_the_self_test(tmp_path, monkeypatch, ca
     assert report["checks"][0]["failure"] == "RuntimeError: a driver error"
 
 
+def test_an_interrupted_self_test_writes_the_checks_that_ran(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGINT from a time limit) after two checks: the report holds those two,
+    marked incomplete and not passed, and the exit status is 130."""
+    real = selftest.run_check
+    calls = []
+
+    def interrupted_at_the_third(check, device, backend, seed):
+        calls.append(check)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(check, device, backend, seed)
+
+    monkeypatch.setattr(selftest, "run_check", interrupted_at_the_third)
+    monkeypatch.setattr(selftest, "FEATURES", ("read",))
+    path = tmp_path / "cut.json"
+    assert selftest.main(["--device", "cpu", "--json", str(path)]) == 130
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and report["passed"] is False
+    assert [(c["feature"], c["dtype"], c["similarity"]) for c in report["checks"]] == [
+        (c.feature, c.dtype, c.similarity) for c in calls[:2]]
+    assert all(c["passed"] and c["errors"] for c in report["checks"])
+    output = capsys.readouterr().out
+    assert "interrupted after 2 of" in output and "2 of 2 checks passed" in output
+
+
 def test_stm_selftest_is_the_same_command(tmp_path, monkeypatch):
     from stm_model import cli
     monkeypatch.setattr(selftest, "FEATURES", ("read",))
