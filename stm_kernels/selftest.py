@@ -394,8 +394,8 @@ def compiled_kernels():
         return []
     from .backends.triton import launch
     return [dict(kernel=kernel, device=device, config=dataclasses.asdict(config),
-                 registers=registers, local_bytes=local)
-            for (device, kernel, config), (registers, local)
+                 precision=precision, width=width, registers=registers, local_bytes=local)
+            for (device, kernel, config, precision, width), (registers, local)
             in launch.compiled_resources().items()]
 
 
@@ -409,7 +409,8 @@ def spill_summary(compiled):
     """One line on the local memory of the compiled kernels ("" when none was compiled)."""
     if not compiled:
         return ""
-    spilling = [f"{item['kernel']} {item['local_bytes']} B ({_config_label(item['config'])})"
+    spilling = [f"{item['kernel']} {item['local_bytes']} B ({item['precision']} "
+                f"{item['width']}: {_config_label(item['config'])})"
                 for item in compiled if item["local_bytes"]]
     return (f"local memory (spilled registers) per thread of the {len(compiled)} compiled "
             f"kernels: {', '.join(spilling) if spilling else 'none'}")

@@ -109,13 +109,19 @@ def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monk
     launch.run(Kernel(Compiled(200, 0)), (1,), {}, config, call)
     launch.run(Kernel(Compiled(180, 6)), (1,), {}, config, call)  # another dtype's compile
     launch.run(Kernel(None), (1,), {}, config, call)  # the interpreter compiles nothing
-    (item,) = selftest.compiled_kernels()
+    # the same config from another table row (16-bit, 256 key channels) is a compile apart
+    wide = launch.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "16-bit", 256)
+    launch.run(Kernel(Compiled(255, 100)), (1,), {}, config, wide)
+    item, other = selftest.compiled_kernels()
     assert (item["kernel"], item["registers"], item["local_bytes"]) == \
         ("memory_read_fwd_kernel", 200, 24)
+    assert (item["precision"], item["width"], other["precision"], other["width"]) == \
+        ("tf32", 128, "16-bit", 256)
+    assert (other["registers"], other["local_bytes"]) == (255, 400)
     assert "GB300" in item["device"] and item["config"]["block_n"] == 64
     assert selftest.spill_summary([item]) == ("local memory (spilled registers) per thread of "
                                               "the 1 compiled kernels: memory_read_fwd_kernel "
-                                              "24 B (m16 n64 w8 s1)")
+                                              "24 B (tf32 128: m16 n64 w8 s1)")
     assert selftest.spill_summary([dict(item, local_bytes=0)]).endswith(": none")
 
 

@@ -110,21 +110,24 @@ _resources: dict = {}
 
 
 def _note_resources(call, kernel, config, found):
-    """Keep the registers and local memory of a launched compile (the most seen for the same
-    device, kernel and config: its compiles for other dtypes or similarities differ)."""
+    """Keep the registers and local memory of a launched compile, per device, kernel, config
+    and the table row it came from (precision and key-width class: one config serves several
+    rows, and its compiles for each differ); the most seen where the similarities' compiles of
+    one row differ."""
     if found is None:
         return
-    key = (call.device, kernel.__name__, config)
+    key = (call.device, kernel.__name__, config, call.precision_class, call.width)
     seen = _resources.get(key, (0, 0))
     _resources[key] = (max(seen[0], found[0]), max(seen[1], found[1]))
 
 
 def compiled_resources():
-    """{(device, kernel function name, config): (registers, local bytes per thread)} of the
-    compiled kernels this process launched, as the driver reports them (the self-test's
-    record; empty where nothing was compiled, as in the interpreter)."""
-    return {(str(device), kernel, config): found
-            for (device, kernel, config), found in _resources.items()}
+    """{(device, kernel function name, config, precision class, key width class): (registers,
+    local bytes per thread)} of the compiled kernels this process launched, as the driver
+    reports them (the self-test's record; empty where nothing was compiled, as in the
+    interpreter)."""
+    return {(str(device), kernel, config, precision, width): found
+            for (device, kernel, config, precision, width), found in _resources.items()}
 
 
 @contextlib.contextmanager
