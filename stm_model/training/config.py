@@ -50,6 +50,8 @@ class TrainConfig:
     freeze_bn: bool = False            # encoders' BatchNorm statistics kept (eval mode)
     augment: bool = False              # with a DAVIS root: zoom, flip, recolour and shake its
                                        # clips (datasets.augment_clip)
+    bootstrap: float = 1.0             # bootstrapped cross-entropy: the share of hardest
+                                       # pixels in the loss at the end (1: plain)
     read_backend: str = "auto"
     interactive: bool = False          # the interactive STM on synthesised scribbles
     init_from: str = ""                # start from this checkpoint's weights (e.g. the
@@ -92,6 +94,9 @@ HELP = dict(
               "train): for pretrained encoders and small batches",
     augment="with a DAVIS-format root: zoom, flip and recolour each of its clips and shake "
             "each frame a little (regularises training on few sequences)",
+    bootstrap="bootstrapped cross-entropy: the loss averages the hardest pixels only, all of "
+              "them for the first 20%% of steps, then fewer, down to this share at 80%% (STCN: "
+              "0.15); 1: plain cross-entropy",
     read_backend="memory read implementation", interactive="train the interactive STM on "
     "synthesised scribbles", init_from="start from this checkpoint's weights (e.g. the "
     "semi-supervised model for the interactive one)", seed="seed of data and initialisation",
@@ -122,6 +127,8 @@ def _check_train_config(config):
         raise ValueError("augment needs a DAVIS-format data root; data is synthetic")
     if not all(isinstance(name, str) and name for name in config.sequences):
         raise ValueError(f"sequences must be sequence names; got {config.sequences}")
+    if not 0 < config.bootstrap <= 1:
+        raise ValueError(f"bootstrap must be in (0, 1]; got {config.bootstrap}")
     if not 0 <= config.synthetic_ratio <= 1:
         raise ValueError(f"synthetic_ratio must be in [0, 1]; got {config.synthetic_ratio}")
 

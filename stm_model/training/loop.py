@@ -127,9 +127,21 @@ def freeze_encoder_batch_norms(model):
                 module.eval()
 
 
-def clip_loss(forward, batch, device, amp_dtype=None):
+def hardest_fraction(step, steps, final):
+    """The share of pixels bootstrapped cross-entropy keeps at `step` of `steps`: all of them
+    for the first 20% of the run, down linearly to `final` at 80%, `final` after (STCN's
+    schedule, scaled to the run's length)."""
+    if final >= 1:
+        return 1.0
+    ramp = min(max((step / max(steps, 1) - 0.2) / 0.6, 0.0), 1.0)
+    return 1.0 + (final - 1.0) * ramp
+
+
+def clip_loss(forward, batch, device, amp_dtype=None, keep=1.0):
     """Mean cross-entropy of the soft-aggregated logits of frames 1..T-1 (0..T-1 for the
-    interactive model); forward: a ClipForward (or its DistributedDataParallel)."""
+    interactive model); forward: a ClipForward (or its DistributedDataParallel). keep < 1:
+    bootstrapped cross-entropy, the mean over that share of the batch's pixels with the
+    largest loss (the hard ones: boundaries, thin parts, distractors)."""
     frames = batch["frames"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     scribbles = batch.get("first_scribbles")
@@ -139,7 +151,12 @@ def clip_loss(forward, batch, device, amp_dtype=None):
                          None if scribbles is None else scribbles.to(device))
     # frames 1..T-1; the interactive model also predicts frame 0
     targets = labels[:, labels.shape[1] - logits.shape[1]:]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    if keep >= 1:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    pixels = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1),
+                             reduction="none").flatten()
+    hardest = max(1, int(keep * pixels.numel()))
+    return pixels.topk(hardest, sorted=False).values.mean()
 
 
 def _schedule(config):
@@ -222,7 +239,8 @@ def train(config, show_progress=True):
                     disable=rank != 0 or not show_progress)
     tick, clips = time.perf_counter(), 0
     for step, batch in zip(range(start, config.steps), loader, strict=False):
-        loss = clip_loss(forward, batch, device, amp_dtype)
+        loss = clip_loss(forward, batch, device, amp_dtype,
+                         hardest_fraction(step, config.steps, config.bootstrap))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -92,6 +92,39 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_bootstrapped_cross_entropy_averages_the_hardest_pixels():
+    """keep=1 is the plain mean; keep=0.25 the mean of the quarter of the batch's pixels with
+    the largest loss (against the per-pixel losses of the same logits); the share follows
+    STCN's schedule scaled to the run."""
+    torch.manual_seed(0)
+    batch = collate_clips([SyntheticClips(2, size=(32, 32), seed=5)[i] for i in range(2)], 3)
+
+    class Recorded:  # a forward that also keeps its logits
+        def __init__(self, forward):
+            self.forward, self.logits = forward, None
+
+        def __call__(self, *arguments):
+            self.logits = self.forward(*arguments)
+            return self.logits
+
+    forward = Recorded(ClipForward(STM(STMConfig.small()).eval()))
+    with torch.no_grad():
+        plain = clip_loss(forward, batch, torch.device("cpu"))
+        targets = batch["labels"][:, 1:].flatten(0, 1)
+        pixels = torch.nn.functional.cross_entropy(
+            forward.logits.flatten(0, 1), targets, reduction="none").flatten()
+        hard = clip_loss(forward, batch, torch.device("cpu"), keep=0.25)
+    assert torch.allclose(plain, pixels.mean(), rtol=1e-5)
+    quarter = pixels.sort(descending=True).values[:int(0.25 * pixels.numel())]
+    assert torch.allclose(hard, quarter.mean(), rtol=1e-4) and hard > plain
+    fraction = train_module.hardest_fraction
+    assert [fraction(s, 100, 0.15) for s in (0, 20, 50, 80, 99)] == pytest.approx(
+        [1.0, 1.0, 0.575, 0.15, 0.15])
+    assert fraction(50, 100, 1.0) == 1.0
+    with pytest.raises(ValueError, match="bootstrap must be in"):
+        TrainConfig(bootstrap=0.0)
+
+
 def _model_gradients(read, batch, dtype):
     torch.manual_seed(0)
     model = STM(STMConfig.small(read_backend=read)).train().to(dtype)
