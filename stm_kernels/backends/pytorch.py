@@ -176,9 +176,10 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
         # no_grad inside: inference_mode(False) turns gradients on
         with torch.inference_mode(inference), torch.no_grad():
             query = q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
-            acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), Cv)
+            shape = (query.shape[0], Cv, acc_dtype)
+            acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), *shape)
             if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
-                acc, row_sum, offset = _online_softmax(chunks(b, query), Cv)
+                acc, row_sum, offset = _online_softmax(chunks(b, query), *shape)
             out[b, first:first + rows] = acc.div_(row_sum)
             lse[b, first:first + rows] = offset.add_(row_sum.log_()).squeeze(1)
 
@@ -194,34 +195,33 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     return out.transpose(1, 2).to(v.dtype).contiguous(), lse
 
 
-def _fixed_offset_softmax(chunks, Cv):
-    """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) of a softmax with one offset per
-    row, the first chunk's maximum: exp(scores - offset) summed and multiplied by the values,
-    with no maximum to take and nothing to rescale in the later chunks (two of the online
-    softmax's five passes over each chunk's scores). A later score that exceeds the offset by
-    more than the accumulation dtype's exp can hold (89 in float32) overflows: the result is
-    then not finite, and the caller reads the rows again with _online_softmax."""
-    acc = row_sum = offset = None
+def _fixed_offset_softmax(chunks, rows, Cv, dtype):
+    """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) of a softmax over the (scores
+    (rows, n), values (n, Cv)) chunks with one offset per row, the first chunk's maximum:
+    exp(scores - offset) summed and multiplied by the values, with no maximum to take and
+    nothing to rescale in the later chunks (two of the online softmax's five passes over each
+    chunk's scores). A later score that exceeds the offset by more than the accumulation
+    dtype's exp can hold (89 in float32) overflows: the result is then not finite, and the
+    caller reads the rows again with _online_softmax."""
+    acc = torch.zeros((rows, Cv), dtype=dtype)
+    row_sum = torch.zeros((rows, 1), dtype=dtype)
+    offset = None
     for scores, values in chunks:
         if offset is None:
             offset = scores.amax(1, keepdim=True)
-            acc = scores.new_zeros((scores.shape[0], Cv))
-            row_sum = scores.new_zeros((scores.shape[0], 1))
         probabilities = scores.sub_(offset).exp_()
         row_sum.add_(probabilities.sum(1, keepdim=True))
         acc.addmm_(probabilities, values)
     return acc, row_sum, offset
 
 
-def _online_softmax(chunks, Cv):
+def _online_softmax(chunks, rows, Cv, dtype):
     """_fixed_offset_softmax's result with a running maximum as the offset, each chunk's sums
     rescaled to it when it grows: finite for any finite scores."""
-    acc = row_sum = row_max = None
+    row_max = torch.full((rows, 1), float("-inf"), dtype=dtype)
+    acc = torch.zeros((rows, Cv), dtype=dtype)
+    row_sum = torch.zeros((rows, 1), dtype=dtype)
     for scores, values in chunks:
-        if row_max is None:
-            row_max = torch.full((scores.shape[0], 1), float("-inf"), dtype=scores.dtype)
-            acc = scores.new_zeros((scores.shape[0], Cv))
-            row_sum = scores.new_zeros((scores.shape[0], 1))
         row_max, row_sum, acc = _online_step(scores, values, row_max, row_sum, acc)
     return acc, row_sum, row_max
 
