@@ -3,6 +3,7 @@
     python -m tools.gpu_session.tune                               # bf16, target shapes, full sweep
     python -m tools.gpu_session.tune --quick                       # the defaults and a few others
     python -m tools.gpu_session.tune --baseline .baseline/7acb609  # and an earlier commit's kernels
+    python -m tools.gpu_session.tune --only "dkdq block_n=64"      # those candidates alone
 
 Per shape it times, the device's own tilings first (tilings.py, its architecture's table), then
 the candidates of the offline search (tools/kernel_report/search.py): the forward under each
@@ -118,6 +119,18 @@ def candidates(dtype, quick, device=None):
     return runs
 
 
+def only_matching(runs, texts):
+    """The runs whose label holds one of texts (all of them for None); SystemExit naming the
+    labels there are when none does."""
+    if not texts:
+        return runs
+    kept = [run for run in runs if any(text in run[1] for text in texts)]
+    if not kept:
+        raise SystemExit("--only matches no candidate; the labels are:\n" +
+                         "\n".join(run[1] for run in runs))
+    return kept
+
+
 def _gluon_configs(quick):
     """(label, WarpSpecializedConfig) of the Gluon forward to time: the default (64 rows, 20 B
     from L2 per pair) and the row split (128 rows, 12 B per pair, 1.2x the MACs), whose 2-stage
@@ -181,6 +194,10 @@ def main(argv=None):
     parser.add_argument("--cv", type=int, default=512)
     parser.add_argument("--quick", action="store_true",
                         help="the defaults and a few more candidates")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="time only the candidates whose label holds one of these texts "
+                             "(e.g. 'dkdq block_n=64,block_m=16,num_warps=4,num_stages=2,"
+                             "stream_keys=False')")
     parser.add_argument("--baseline", default=None,
                         help="an exported earlier stm_kernels "
                              "(python -m tools.gpu_session.baseline export)")
@@ -189,7 +206,7 @@ def main(argv=None):
     if device.type == "cpu" and not triton_configs.INTERPRETING:
         sys.exit("needs a GPU (or TRITON_INTERPRET=1 for a slow logic check)")
     dtype = DTYPES[args.dtype]
-    runs = candidates(dtype, args.quick, device)
+    runs = only_matching(candidates(dtype, args.quick, device), args.only)
     if args.baseline:
         old = baseline.load(args.baseline)
         label = f"baseline {baseline.revision(args.baseline)}"

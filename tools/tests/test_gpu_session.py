@@ -1,6 +1,6 @@
 """tools/gpu_session/gpu_session.sh's time limits, checked on CPU with stand-in commands.
 
-The GPU session gets 30 minutes of device time in calls of at most 10: every stage must stop
+The GPU session gets 15 minutes of device time in calls of at most 10: every stage must stop
 its work itself (SIGINT, so pytest still writes its junit XML and the benchmarks their
 summary) before the call's limit kills it. `python3` and `nvidia-smi` are replaced by shims on
 PATH that record when they were started and interrupted, so no test waits on real work.
@@ -147,3 +147,32 @@ def test_sanitize_stage_selects_the_smallest_gluon_cases(tmp_path):
     ids = [line for line in collected.stdout.splitlines() if "::" in line]
     assert len(ids) == 2 and all("45-111" in i for i in ids), collected.stdout[-2000:]
     assert any(i.endswith("-bf16-rows]") for i in ids)
+
+
+def test_first_stage_runs_the_tests_the_self_test_and_the_kernel_targets(tmp_path):
+    completed, lines, _ = _run_stage(tmp_path, "first", 600, shim_seconds=0)
+    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 3, completed.stdout
+    tests, selftest, kernel = (line.split(" | ")[0].split() for line in lines)
+    assert tests[:3] == ["-m", "pytest", "-v"] and tests[-1] == "tests"
+    assert "gpu" in tests and f"{tmp_path}/out/gpu_tests.xml" in tests
+    assert selftest == ["-m", "stm_kernels.selftest", "--json", f"{tmp_path}/out/selftest.json"]
+    assert kernel == ["-m", "bench", "kernel", "--sweeps", "targets"]
+
+
+def test_suspects_stage_runs_the_wrong_dkdq_tilings_under_memcheck(tmp_path):
+    """The labels it passes to tune --only still name the four bf16 dK/dQ candidates."""
+    pytest.importorskip("triton")
+    import torch
+
+    from tools.gpu_session import tune
+    completed, lines, _ = _run_stage(tmp_path, "suspects", 600)
+    assert len(lines) == 1, (lines, completed.stdout)
+    command = shlex.split(lines[0].split(" ", 1)[1])
+    assert lines[0].startswith("caching-off=1 ") and command[:2] == ["--tool", "memcheck"]
+    texts = command[command.index("--only") + 1:]
+    kept = tune.only_matching(tune.candidates(torch.bfloat16, False), texts)
+    assert [label for _, label, _, _ in kept] == [
+        "dkdq block_n=64,block_m=16,num_warps=4,num_stages=2,stream_keys=False",
+        "dkdq block_n=64,block_m=16,num_warps=4,num_stages=2,stream_keys=True",
+        "dkdq block_n=64,block_m=16,num_warps=4,num_stages=1,block_cv=64,stream_keys=False",
+        "dkdq block_n=64,block_m=16,num_warps=4,num_stages=1,block_cv=32,stream_keys=False"]

@@ -69,3 +69,19 @@ def test_candidates_put_the_defaults_first_and_the_gluon_forward_last():
             else:  # the default Gluon tiling first, then the row split
                 assert len(gluon) == (2 if quick else 3) and gluon == labels[-len(gluon):]
                 assert "split_rows=False" in gluon[0] and "split_rows=True" in gluon[1]
+
+
+def test_only_keeps_the_candidates_whose_label_holds_a_text():
+    pytest.importorskip("triton")
+    import torch
+
+    from tools.gpu_session import tune
+    runs = tune.candidates(torch.bfloat16, False)
+    wanted = "dkdq block_n=64,block_m=16,num_warps=4,num_stages=2,stream_keys=False"
+    kept = tune.only_matching(runs, [wanted, "deterministic dq "])
+    assert kept[0][1] == wanted and len(kept) > 1
+    assert all(label == wanted or label.startswith("deterministic dq ")
+               for _, label, _, _ in kept)
+    assert tune.only_matching(runs, None) is runs
+    with pytest.raises(SystemExit, match="--only matches no candidate"):
+        tune.only_matching(runs, ["no such tiling"])
