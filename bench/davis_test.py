@@ -30,8 +30,10 @@ from stm_model import io as video_io
 from stm_model.commands.evaluate import evaluate_results
 from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
 
-# DAVIS-2016 val split into the sequences the small-real model trains on and these, its test
-# set (`make small-model` names the other ten).
+# DAVIS-2016 val split into the sequences the small-real model trains on (the Makefile's
+# DAVIS_TRAIN) and its test set.
+TRAINING_SEQUENCES = ("bmx-trees", "breakdance", "camel", "car-roundabout", "cows",
+                      "drift-chicane", "goat", "kite-surf", "motocross-jump", "parkour")
 TEST_SEQUENCES = ("blackswan", "car-shadow", "dance-twirl", "dog", "drift-straight",
                   "horsejump-high", "libby", "paragliding-launch", "scooter-black", "soapbox")
 DEFAULT_DAVIS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / \
@@ -56,6 +58,44 @@ def segment_sequence(model, frames_dir, annotation, output, mem_every, max_inter
         busy += time.perf_counter() - start
         video_io.write_mask(output / f"{frame.name}.png", labels.numpy().astype(np.uint8))
     return len(frames), busy, segmenter.memory_bytes_per_frame
+
+
+def add_arguments(parser, sequences, sequences_help):
+    """The options of a benchmark that segments DAVIS-2016 sequences with a checkpoint:
+    --checkpoint, --davis, --sequences (default `sequences`), --size and --mem-every."""
+    parser.add_argument("--checkpoint", default="small-real",
+                        help="a --checkpoint value of stm segment (default: small-real)")
+    parser.add_argument("--davis", type=pathlib.Path, default=DEFAULT_DAVIS,
+                        help="the DAVIS-2016 root (JPEGImages/480p, Annotations/480p)")
+    parser.add_argument("--sequences", nargs="+", default=list(sequences), help=sequences_help)
+    parser.add_argument("--size", type=int, help="internal size (default: the model's own)")
+    parser.add_argument("--mem-every", type=int, default=5)
+
+
+def load_model(args):
+    """(device, model, internal size) for add_arguments' parsed options; SystemExit when
+    --davis is not a DAVIS-2016 root."""
+    if not (args.davis / "Annotations" / "480p").is_dir():
+        raise SystemExit(f"{args.davis}: not a DAVIS-2016 root (give --davis)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
+    return device, model, args.size or model.config.internal_size
+
+
+def segment_sequences(model, args, internal_size, folder, memory_dtype=None):
+    """Each of args.sequences segmented from its first annotation into folder/<sequence>/;
+    returns [{sequence, frames, seconds, fps, memory_bytes_per_frame}], printing a line each."""
+    records = []
+    for name in args.sequences:
+        frames, seconds, per_frame = segment_sequence(
+            model, args.davis / "JPEGImages" / "480p" / name,
+            args.davis / "Annotations" / "480p" / name / "00000.png", folder / name,
+            args.mem_every, internal_size, memory_dtype=memory_dtype)
+        records.append(dict(sequence=name, frames=frames, seconds=seconds,
+                            fps=frames / seconds, memory_bytes_per_frame=per_frame))
+        print(f"{memory_dtype + ' ' if memory_dtype else ''}{name}: {frames} frames, "
+              f"{frames / seconds:.1f} fps", flush=True)
+    return records
 
 
 def score_masks(folder, annotations, records):
@@ -127,39 +167,23 @@ def main(argv=None):
     """`python -m bench davis-test`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m bench davis-test",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="small-real",
-                        help="a --checkpoint value of stm segment (default: small-real)")
-    parser.add_argument("--davis", type=pathlib.Path, default=DEFAULT_DAVIS,
-                        help="the DAVIS-2016 root (JPEGImages/480p, Annotations/480p)")
-    parser.add_argument("--sequences", nargs="+", default=list(TEST_SEQUENCES),
-                        help="the sequences (default: the ten test sequences)")
-    parser.add_argument("--size", type=int, help="internal size (default: the model's own)")
-    parser.add_argument("--mem-every", type=int, default=5)
+    add_arguments(parser, TEST_SEQUENCES, "the sequences (default: the ten test sequences)")
     parser.add_argument("--run", type=pathlib.Path,
                         help="the training run folder: its metrics.csv is plotted")
     parser.add_argument("--static-steps", type=int,
                         help="with --run: the steps of its static-image stage (marked)")
     args = parser.parse_args(argv)
-    if not (args.davis / "Annotations" / "480p").is_dir():
-        raise SystemExit(f"{args.davis}: not a DAVIS-2016 root (give --davis)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
-    internal = args.size or model.config.internal_size
+    device, model, internal = load_model(args)
     payload = common.environment(device)
     payload.update(benchmark="davis_test", checkpoint=args.checkpoint, internal_size=internal,
-                   mem_every=args.mem_every, sequences=args.sequences, records=[])
+                   mem_every=args.mem_every, sequences=args.sequences)
     if args.run:
         payload.update(training=_training_curve(args.run), static_steps=args.static_steps)
     with tempfile.TemporaryDirectory() as scratch:
         results = pathlib.Path(scratch)
-        for name in args.sequences:
-            frames, seconds, _ = segment_sequence(
-                model, args.davis / "JPEGImages" / "480p" / name,
-                args.davis / "Annotations" / "480p" / name / "00000.png", results / name,
-                args.mem_every, internal)
-            payload["records"].append(dict(sequence=name, frames=frames, seconds=seconds,
-                                           fps=frames / seconds))
-            print(f"{name}: {frames} frames, {frames / seconds:.1f} fps", flush=True)
+        payload["records"] = [
+            {key: value for key, value in record.items() if key != "memory_bytes_per_frame"}
+            for record in segment_sequences(model, args, internal, results)]
         jf, j, f = score_masks(results, args.davis / "Annotations" / "480p",
                                payload["records"])
     payload.update(**{"J&F": jf}, J=j, F=f)

@@ -19,16 +19,12 @@ import sys
 import tempfile
 
 import numpy as np
-import torch
 
 from bench import common
-from bench.davis_test import DEFAULT_DAVIS, score_masks, segment_sequence
+from bench.davis_test import (TRAINING_SEQUENCES, add_arguments, load_model, score_masks,
+                              segment_sequences)
 from stm_model import io as video_io
-from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
 
-# The sequences `make small-model` trains small-real on (the Makefile's DAVIS_TRAIN).
-TRAINING_SEQUENCES = ("bmx-trees", "breakdance", "camel", "car-roundabout", "cows",
-                      "drift-chicane", "goat", "kite-surf", "motocross-jump", "parkour")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -50,15 +46,7 @@ def run(model, args, internal_size, scratch):
     results = {}
     for dtype in args.dtypes:
         folder = scratch / dtype
-        records = []
-        for name in args.sequences:
-            frames, seconds, per_frame = segment_sequence(
-                model, args.davis / "JPEGImages" / "480p" / name,
-                annotations / name / "00000.png", folder / name, args.mem_every,
-                internal_size, memory_dtype=dtype)
-            records.append(dict(sequence=name, frames=frames, seconds=seconds,
-                                fps=frames / seconds, memory_bytes_per_frame=per_frame))
-            print(f"{dtype} {name}: {frames} frames, {frames / seconds:.1f} fps", flush=True)
+        records = segment_sequences(model, args, internal_size, folder, memory_dtype=dtype)
         jf, j, f = score_masks(folder, annotations, records)
         for record in records:
             if dtype != args.dtypes[0]:
@@ -122,24 +110,14 @@ def main(argv=None):
     """`python -m bench memory-dtype`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m bench memory-dtype",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="small-real",
-                        help="a --checkpoint value of stm segment (default: small-real)")
-    parser.add_argument("--davis", type=pathlib.Path, default=DEFAULT_DAVIS,
-                        help="the DAVIS-2016 root (JPEGImages/480p, Annotations/480p)")
-    parser.add_argument("--sequences", nargs="+", default=list(TRAINING_SEQUENCES),
-                        help="the sequences (default: small-real's ten training sequences)")
+    add_arguments(parser, TRAINING_SEQUENCES,
+                  "the sequences (default: small-real's ten training sequences)")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES),
                         help="the memory dtypes; the masks of the first are the reference")
-    parser.add_argument("--size", type=int, help="internal size (default: the model's own)")
-    parser.add_argument("--mem-every", type=int, default=5)
     args = parser.parse_args(argv)
     if len(set(args.dtypes)) != len(args.dtypes):
         parser.error(f"--dtypes: each dtype once, got {' '.join(args.dtypes)}")
-    if not (args.davis / "Annotations" / "480p").is_dir():
-        raise SystemExit(f"{args.davis}: not a DAVIS-2016 root (give --davis)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
-    internal = args.size or model.config.internal_size
+    device, model, internal = load_model(args)
     payload = common.environment(device)
     payload.update(benchmark="memory_dtype", checkpoint=args.checkpoint, internal_size=internal,
                    mem_every=args.mem_every, sequences=args.sequences, dtypes=args.dtypes)
