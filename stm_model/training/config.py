@@ -48,6 +48,7 @@ class TrainConfig:
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
     checkpointing: str = "none"        # activation checkpointing: none, encoders or all
     freeze_bn: bool = False            # encoders' BatchNorm statistics kept (eval mode)
+    trunk_lr_scale: float = 1.0        # the encoders' pretrained trunks learn at lr times this
     augment: bool = False              # with a DAVIS root: zoom, flip, recolour and shake its
                                        # clips (datasets.augment_clip)
     bootstrap: float = 1.0             # bootstrapped cross-entropy: the share of hardest
@@ -92,6 +93,9 @@ HELP = dict(
     checkpointing="activation checkpointing: none, encoders or all (less memory, more time)",
     freeze_bn="keep the encoders' BatchNorm statistics (eval mode; their scale and shift still "
               "train): for pretrained encoders and small batches",
+    trunk_lr_scale="the encoders' trunks (the ImageNet layers, not their mask and scribble "
+                   "inputs) learn at this fraction of lr: keeps more of the pretrained "
+                   "features when few sequences are trained on",
     augment="with a DAVIS-format root: zoom, flip and recolour each of its clips and shake "
             "each frame a little (regularises training on few sequences)",
     bootstrap="bootstrapped cross-entropy: the loss averages the hardest pixels only, all of "
@@ -127,6 +131,8 @@ def _check_train_config(config):
         raise ValueError("augment needs a DAVIS-format data root; data is synthetic")
     if not all(isinstance(name, str) and name for name in config.sequences):
         raise ValueError(f"sequences must be sequence names; got {config.sequences}")
+    if not 0 <= config.trunk_lr_scale <= 1:
+        raise ValueError(f"trunk_lr_scale must be in [0, 1]; got {config.trunk_lr_scale}")
     if not 0 < config.bootstrap <= 1:
         raise ValueError(f"bootstrap must be in (0, 1]; got {config.bootstrap}")
     if not 0 <= config.synthetic_ratio <= 1:

@@ -127,6 +127,25 @@ def freeze_encoder_batch_norms(model):
                 module.eval()
 
 
+# the encoders' inputs that are not part of the ImageNet trunk (new convs, trained from zero)
+ENCODER_INPUT_CONVS = ("mask_conv.", "other_conv.", "scribble_conv.")
+
+
+def parameter_groups(model, lr, trunk_lr_scale):
+    """AdamW's parameter groups: the encoders' trunk parameters at lr * trunk_lr_scale, all the
+    others (the encoders' mask and scribble convs, keys and values, decoder) at lr; one group
+    when the scale is 1. The scheduler's factor applies to both."""
+    if trunk_lr_scale == 1:
+        return [dict(params=list(model.parameters()), lr=lr)]
+    trunk, rest = [], []
+    for name, parameter in model.named_parameters():
+        encoder, _, inner = name.partition(".")
+        in_trunk = encoder in ("memory_encoder", "query_encoder") and \
+            not inner.startswith(ENCODER_INPUT_CONVS)
+        (trunk if in_trunk else rest).append(parameter)
+    return [dict(params=trunk, lr=lr * trunk_lr_scale), dict(params=rest, lr=lr)]
+
+
 def hardest_fraction(step, steps, final):
     """The share of pixels bootstrapped cross-entropy keeps at `step` of `steps`: all of them
     for the first 20% of the run, down linearly to `final` at 80%, `final` after (STCN's
@@ -211,7 +230,7 @@ def train(config, show_progress=True):
     model = build_model(config).to(device).train()
     if config.freeze_bn:
         freeze_encoder_batch_norms(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.trunk_lr_scale),
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0

@@ -10,7 +10,7 @@ from bench import cpu_read
 def test_every_provider_is_timed_and_compared(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
     monkeypatch.setattr(cpu_read, "SGEMM_SIZE", 128)
-    providers = ["stm", "sdpa", "official", "sgemm"]
+    providers = ["stm", "sdpa", "official", "products", "sgemm"]
     assert cpu_read.main(["--ns", "96", "200", "--hw", "16", "--ck", "8", "--cv", "24",
                           "--rounds", "3", "--providers", *providers]) == 0
     [path] = tmp_path.glob("cpu_read_cpu_*.json")
@@ -29,9 +29,21 @@ def test_every_provider_is_timed_and_compared(tmp_path, monkeypatch, capsys):
     assert found["best_peer"] == min(peers, key=peers.get)
     assert found["stm_vs_best_peer"] == pytest.approx(
         min(peers.values()) / records[("stm", 200)]["median_ms"])
+    assert found["products_vs_best_peer"] == pytest.approx(
+        min(peers.values()) / records[("products", 200)]["median_ms"])
     assert found["stm_of_sgemm"] == pytest.approx(
         records[("stm", 200)]["gflops"] / records[("sgemm", 200)]["gflops"])
     assert "| 200 |" in capsys.readouterr().out
+
+
+def test_the_products_are_the_reads_two_products_without_the_softmax(monkeypatch):
+    monkeypatch.setattr(cpu_read, "CPU_CHUNK", 7)  # ragged: 30 positions in chunks of 7
+    generator = cpu_read.torch.Generator().manual_seed(1)
+    q, k, v = (cpu_read.torch.randn(1, c, n, generator=generator)
+               for c, n in ((5, 11), (5, 30), (6, 30)))
+    expected = (q[0].double().T @ k[0].double()) @ v[0].double().T
+    cpu_read.torch.testing.assert_close(cpu_read._products(q, k, v).double(), expected,
+                                        rtol=0, atol=1e-4)
 
 
 def test_a_peer_that_does_not_compile_is_recorded_with_its_reason(tmp_path, monkeypatch):

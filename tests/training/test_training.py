@@ -15,7 +15,7 @@ from stm_model.training.datasets import (HELD_OUT_SEEDS, DavisClips, StaticImage
                                          SyntheticClips, collate_clips, max_skip_schedule)
 from stm_model.training.synthetic import SyntheticVideo
 import stm_model.training.loop as train_module
-from stm_model.training.loop import StepSampler, TrainConfig, clip_loss, train
+from stm_model.training.loop import StepSampler, TrainConfig, clip_loss, parameter_groups, train
 
 TINY = dict(model="small", steps=4, batch_size=2, clip_len=3, size=(64, 64), max_objects=2,
             warmup_steps=1, log_every=1, save_every=2, lr=1e-3)
@@ -90,6 +90,32 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("config", [STMConfig.small(), STMConfig.small_real()],
+                         ids=["resnet", "efficientnet-lite0"])
+def test_a_trunk_lr_scale_of_zero_leaves_the_pretrained_trunks_as_they_are(config):
+    torch.manual_seed(0)
+    model = STM(config).train()
+    groups = parameter_groups(model, 1e-3, 0.0)
+    assert [group["lr"] for group in groups] == [0.0, 1e-3]
+    names = {id(p): name for name, p in model.named_parameters()}
+    trunk = {names[id(p)] for p in groups[0]["params"]}
+    rest = {names[id(p)] for p in groups[1]["params"]}
+    assert trunk | rest == set(names.values()) and not trunk & rest
+    assert "memory_encoder.mask_conv.weight" in rest and "decoder" in " ".join(rest)
+    assert all(name.startswith(("memory_encoder.", "query_encoder.")) for name in trunk)
+    assert any(name.startswith("query_encoder.") for name in trunk)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batch = collate_clips([SyntheticClips(2, size=(64, 64), seed=3)[i] for i in range(2)], 3)
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+    clip_loss(ClipForward(model), batch, torch.device("cpu")).backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and changed <= rest
+    assert len(parameter_groups(model, 1e-3, 1.0)) == 1
+    with pytest.raises(ValueError, match="trunk_lr_scale must be in"):
+        TrainConfig(trunk_lr_scale=1.5)
 
 
 def test_bootstrapped_cross_entropy_averages_the_hardest_pixels():
