@@ -133,8 +133,9 @@ ENCODER_INPUT_CONVS = ("mask_conv.", "other_conv.", "scribble_conv.")
 
 def parameter_groups(model, lr, trunk_lr_scale):
     """AdamW's parameter groups: the encoders' trunk parameters at lr * trunk_lr_scale, all the
-    others (the encoders' mask and scribble convs, keys and values, decoder) at lr; one group
-    when the scale is 1. The scheduler's factor applies to both."""
+    others (the encoders' mask and scribble convs, keys and values, decoder) at lr, last (the
+    rate metrics.csv logs); one group when the scale is 1. The scheduler's factor applies to
+    both."""
     if trunk_lr_scale == 1:
         return [dict(params=list(model.parameters()), lr=lr)]
     trunk, rest = [], []
@@ -271,7 +272,7 @@ def train(config, show_progress=True):
             progress.update(1)
             if done % config.log_every == 0 or done == config.steps:
                 elapsed = time.perf_counter() - tick
-                row = dict(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[0],
+                row = dict(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[-1],
                            max_skip=max(1, max_skip_schedule(step, config.steps, *config.max_skip)),
                            clips_per_s=clips / elapsed, it_per_s=clips / elapsed /
                            (config.batch_size * world_size))
