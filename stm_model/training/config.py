@@ -15,8 +15,8 @@ DESCRIPTION = ("STM main training: clips of frames, each later frame segmented f
 # memory encoding (ClipForward); the memory read keeps only its inputs either way
 CHECKPOINTING = ("none", "encoders", "all")
 MODELS = ("small", "small-real", "official")
-# the encoders' trunks small-real can be built on (STMConfig backbones; the deeper Lite1 costs
-# about 7% more time per frame)
+# the encoders' trunks small-real can be built on: stm.LITE_VARIANTS's backbones, named here
+# because this module imports no torch (docs/training.md: what the deeper Lite1 costs)
 SMALL_REAL_TRUNKS = ("efficientnet_lite0", "efficientnet_lite1")
 # the TrainConfig fields that take one of a few names
 CHOICES = {"model": MODELS, "trunk": SMALL_REAL_TRUNKS, "checkpointing": CHECKPOINTING,

@@ -35,7 +35,7 @@ from stm_model.training.config import DESCRIPTION, TrainConfig, add_arguments
 from stm_model.training.datasets import (DavisClips, DavisFrames, InteractiveClips, MixedClips,
                                          StaticImageClips, SyntheticClips, collate_clips,
                                          max_skip_schedule)
-from stm_model.network.stm import STM, STMConfig, load_into_interactive
+from stm_model.network.stm import STM, STMConfig, load_into_interactive, trunk_parameters
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -128,23 +128,16 @@ def freeze_encoder_batch_norms(model):
                 module.eval()
 
 
-# the encoders' inputs that are not part of the ImageNet trunk (new convs, trained from zero)
-ENCODER_INPUT_CONVS = ("mask_conv.", "other_conv.", "scribble_conv.")
-
-
 def parameter_groups(model, lr, trunk_lr_scale):
-    """AdamW's parameter groups: the encoders' trunk parameters at lr * trunk_lr_scale, all the
-    others (the encoders' mask and scribble convs, keys and values, decoder) at lr, last (the
-    rate metrics.csv logs); one group when the scale is 1. The scheduler's factor applies to
-    both."""
+    """AdamW's parameter groups: the encoders' trunk parameters (stm.trunk_parameters) at
+    lr * trunk_lr_scale, all the others (the encoders' mask and scribble convs, keys and values,
+    decoder) at lr, last (the rate metrics.csv logs); one group when the scale is 1. The
+    scheduler's factor applies to both."""
     if trunk_lr_scale == 1:
         return [dict(params=list(model.parameters()), lr=lr)]
-    trunk, rest = [], []
-    for name, parameter in model.named_parameters():
-        encoder, _, inner = name.partition(".")
-        in_trunk = encoder in ("memory_encoder", "query_encoder") and \
-            not inner.startswith(ENCODER_INPUT_CONVS)
-        (trunk if in_trunk else rest).append(parameter)
+    trunk = list(trunk_parameters(model))
+    in_trunk = {id(parameter) for parameter in trunk}
+    rest = [parameter for parameter in model.parameters() if id(parameter) not in in_trunk]
     return [dict(params=trunk, lr=lr * trunk_lr_scale), dict(params=rest, lr=lr)]
 
 

@@ -9,7 +9,8 @@ from PIL import Image
 
 from helpers import SHARED
 from stm_model.network import efficientnet_lite
-from stm_model.training.config import TrainConfig, add_arguments
+from stm_model.network.stm import LITE_VARIANTS
+from stm_model.training.config import SMALL_REAL_TRUNKS, TrainConfig, add_arguments
 from stm_model.training.datasets import (DavisClips, DavisFrames, MixedClips, StaticImageClips,
                                          SyntheticClips)
 from stm_model.training.loop import build_dataset, build_model, train
@@ -176,6 +177,7 @@ def test_small_real_builds_from_imagenet_weights_unless_initialised(monkeypatch,
     assert deeper.config.backbone == "efficientnet_lite1"
     assert [trunk.variant for trunk in loaded] == ["lite1", "lite1"]
     assert [len(stage) for stage in deeper.query_encoder.trunk.stages] == [1, 3, 3, 4, 4]
+    assert SMALL_REAL_TRUNKS == tuple(LITE_VARIANTS)  # the torch-free copy of the names
     with pytest.raises(ValueError, match="trunk applies to the small-real model only"):
         TrainConfig(model="small", trunk="efficientnet_lite1")
     with pytest.raises(ValueError, match="trunk must be one of"):
