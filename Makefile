@@ -45,31 +45,34 @@ DAVIS_TRAIN := bmx-trees breakdance camel car-roundabout cows drift-chicane goat
 SMALL_REAL_RUN ?= runs/small-real
 
 # Reproduces stm_model/weights/stm_small_real.pt in two runs, resumable (the same command
-# continues a stopped run). 1: EfficientNet-Lite0 encoders from ImageNet weights, static-image
+# continues a stopped run). 1: EfficientNet-Lite1 encoders from ImageNet weights, static-image
 # pre-training on the training sequences' frames, then their clips mixed with synthetic ones.
 # 2: from run 1's weights (as exported in fp16), clips that are zoomed, flipped, recoloured and
 # shaken (--augment), longer gaps between their frames, more synthetic clips.
 small-model: $(STAMP)
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_RUN) --model small-real \
-		--data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 2000 --static-steps 600 \
-		--batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 --max-skip 1 10 5 \
+		--trunk efficientnet_lite1 --data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 2000 \
+		--static-steps 600 --batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 --max-skip 1 10 5 \
 		--synthetic-ratio 0.2 --freeze-bn --lr 3e-4 --seed 0 --save-every 100 --log-every 20
 	$(PY) -m stm_model export $(SMALL_REAL_RUN)/model.pt $(SMALL_REAL_RUN)/model_fp16.pt \
 		--dtype fp16
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_RUN)-augmented --model small-real \
-		--init-from $(SMALL_REAL_RUN)/model_fp16.pt --data $(DAVIS2016) --sequences $(DAVIS_TRAIN) \
-		--steps 1800 --warmup-steps 50 --batch-size 4 --clip-len 3 --clip-size 240 240 \
+		--trunk efficientnet_lite1 --init-from $(SMALL_REAL_RUN)/model_fp16.pt --data $(DAVIS2016) \
+		--sequences $(DAVIS_TRAIN) --steps 1800 --warmup-steps 50 --batch-size 4 --clip-len 3 --clip-size 240 240 \
 		--max-objects 1 --max-skip 5 15 8 --synthetic-ratio 0.3 --augment --freeze-bn --lr 2e-4 \
 		--seed 2 --save-every 100 --log-every 20
 	$(PY) -m stm_model export $(SMALL_REAL_RUN)-augmented/model.pt \
 		stm_model/weights/stm_small_real.pt --dtype fp16
 
 # Reproduces stm_model/weights/stm_small_real_interactive.pt, the interactive commands' default:
-# small-real fine-tuned on synthesised scribbles over the same training sequences.
+# small-real fine-tuned on synthesised scribbles over the same training sequences. (The file
+# shipped now was fine-tuned from the EfficientNet-Lite0 small-real that preceded the Lite1 one:
+# docs/training.md.)
 SMALL_REAL_INTERACTIVE_RUN ?= runs/small-real-interactive
 small-real-interactive-model: $(STAMP)
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_INTERACTIVE_RUN) --model small-real \
-		--interactive --init-from stm_model/weights/stm_small_real.pt --data $(DAVIS2016) \
+		--trunk efficientnet_lite1 --interactive --init-from stm_model/weights/stm_small_real.pt \
+		--data $(DAVIS2016) \
 		--sequences $(DAVIS_TRAIN) --steps 500 --warmup-steps 20 --batch-size 4 --clip-len 3 \
 		--clip-size 240 240 --max-objects 1 --max-skip 1 10 5 --synthetic-ratio 0.2 --freeze-bn \
 		--lr 1e-4 --seed 1 --save-every 50 --log-every 10
