@@ -43,6 +43,8 @@ DAVIS2016 ?= ../shared/data/davis2016-val
 DAVIS_TRAIN := bmx-trees breakdance camel car-roundabout cows drift-chicane goat kite-surf \
 	motocross-jump parkour
 SMALL_REAL_RUN ?= runs/small-real
+# the encoders' ImageNet trunk of the shipped small-real and of its interactive variant
+SMALL_REAL_TRUNK := efficientnet_lite1
 
 # Reproduces stm_model/weights/stm_small_real.pt in two runs, resumable (the same command
 # continues a stopped run). 1: EfficientNet-Lite1 encoders from ImageNet weights, static-image
@@ -51,16 +53,18 @@ SMALL_REAL_RUN ?= runs/small-real
 # shaken (--augment), longer gaps between their frames, more synthetic clips.
 small-model: $(STAMP)
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_RUN) --model small-real \
-		--trunk efficientnet_lite1 --data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 2000 \
-		--static-steps 600 --batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 --max-skip 1 10 5 \
-		--synthetic-ratio 0.2 --freeze-bn --lr 3e-4 --seed 0 --save-every 100 --log-every 20
+		--trunk $(SMALL_REAL_TRUNK) --data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 2000 \
+		--static-steps 600 --batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 \
+		--max-skip 1 10 5 --synthetic-ratio 0.2 --freeze-bn --lr 3e-4 --seed 0 --save-every 100 \
+		--log-every 20
 	$(PY) -m stm_model export $(SMALL_REAL_RUN)/model.pt $(SMALL_REAL_RUN)/model_fp16.pt \
 		--dtype fp16
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_RUN)-augmented --model small-real \
-		--trunk efficientnet_lite1 --init-from $(SMALL_REAL_RUN)/model_fp16.pt --data $(DAVIS2016) \
-		--sequences $(DAVIS_TRAIN) --steps 1800 --warmup-steps 50 --batch-size 4 --clip-len 3 --clip-size 240 240 \
-		--max-objects 1 --max-skip 5 15 8 --synthetic-ratio 0.3 --augment --freeze-bn --lr 2e-4 \
-		--seed 2 --save-every 100 --log-every 20
+		--trunk $(SMALL_REAL_TRUNK) --init-from $(SMALL_REAL_RUN)/model_fp16.pt \
+		--data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 1800 --warmup-steps 50 \
+		--batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 --max-skip 5 15 8 \
+		--synthetic-ratio 0.3 --augment --freeze-bn --lr 2e-4 --seed 2 --save-every 100 \
+		--log-every 20
 	$(PY) -m stm_model export $(SMALL_REAL_RUN)-augmented/model.pt \
 		stm_model/weights/stm_small_real.pt --dtype fp16
 
@@ -71,11 +75,10 @@ small-model: $(STAMP)
 SMALL_REAL_INTERACTIVE_RUN ?= runs/small-real-interactive
 small-real-interactive-model: $(STAMP)
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_INTERACTIVE_RUN) --model small-real \
-		--trunk efficientnet_lite1 --interactive --init-from stm_model/weights/stm_small_real.pt \
-		--data $(DAVIS2016) \
-		--sequences $(DAVIS_TRAIN) --steps 500 --warmup-steps 20 --batch-size 4 --clip-len 3 \
-		--clip-size 240 240 --max-objects 1 --max-skip 1 10 5 --synthetic-ratio 0.2 --freeze-bn \
-		--lr 1e-4 --seed 1 --save-every 50 --log-every 10
+		--trunk $(SMALL_REAL_TRUNK) --interactive --init-from stm_model/weights/stm_small_real.pt \
+		--data $(DAVIS2016) --sequences $(DAVIS_TRAIN) --steps 500 --warmup-steps 20 \
+		--batch-size 4 --clip-len 3 --clip-size 240 240 --max-objects 1 --max-skip 1 10 5 \
+		--synthetic-ratio 0.2 --freeze-bn --lr 1e-4 --seed 1 --save-every 50 --log-every 10
 	$(PY) -m stm_model export $(SMALL_REAL_INTERACTIVE_RUN)/model.pt \
 		stm_model/weights/stm_small_real_interactive.pt --dtype fp16
 
