@@ -428,19 +428,32 @@ def table(checks):
     return "\n".join(lines)
 
 
-def run(device, quick=False, timing=True, progress=print):
+def run(device, quick=False, timing=True, progress=print, save=None):
     """The self-test's report (a dict) for a torch.device.
 
     An interruption (Ctrl-C, or SIGINT from a time limit) ends the run early, and the report
     keeps what was done: the checks that ran and the timings that finished, with
     complete=False (a report is what a user attaches to a bug; a cut-off run should still
-    have one).
+    have one). save(report), when given, is called with the report so far after every check
+    and timing, so that even a run killed outright leaves one.
 
     Returns (report, the checks that ran)."""
     backend = backend_for(device)
     planned = plan_checks(device, quick)
     checks = []
     interrupted = False
+
+    def report_so_far(caught, complete):
+        return dict(selftest=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), backend=backend, **device_report(device),
+            checks=[dataclasses.asdict(check) for check in checks],
+            configs=chosen_configs(), compiled=compiled_kernels(),
+            warnings=sorted({str(w.message) for w in caught
+                             if issubclass(w.category, FallbackWarning)
+                             or str(w.message).lower().startswith("stm_kernels")}),
+            passed=len(checks) == len(planned) and all(check.passed for check in checks),
+            complete=complete)
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
         try:
@@ -449,27 +462,27 @@ def run(device, quick=False, timing=True, progress=print):
                 checks.append(check)
                 progress(f"[{index + 1}/{len(planned)}] {check.feature} {check.dtype} "
                          f"{check.similarity}: {'ok' if check.passed else 'FAILED'}")
+                if save is not None:
+                    save(report_so_far(caught, complete=False))
         except KeyboardInterrupt:
             interrupted = True
             progress(f"interrupted after {len(checks)} of {len(planned)} checks")
-    report = dict(selftest=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), backend=backend, **device_report(device),
-        checks=[dataclasses.asdict(check) for check in checks],
-        configs=chosen_configs(), compiled=compiled_kernels(),
-        warnings=sorted({str(w.message) for w in caught if issubclass(w.category, FallbackWarning)
-                         or str(w.message).lower().startswith("stm_kernels")}),
-        passed=not interrupted and all(check.passed for check in checks),
-        complete=not interrupted)
-    if timing and device.type == "cuda" and not interrupted:
+    timed = timing and device.type == "cuda" and not interrupted
+    report = report_so_far(caught, complete=not interrupted and not timed)
+    if timed:
         progress("timing ...")
+        if save is not None:
+            save(report)
         try:
             report["matmul_tflops_bf16"] = matmul_tflops(device)
             report["timings"] = timings(device, TIMED_N[:1] if quick else TIMED_N)
+            if save is not None:
+                save(report)
             exact = exact_float32_timings(device, TIMED_N[:1] if quick else TIMED_N)
             report["exact_float32"] = dict(timings=exact, **exact_float32_verdict(
                 exact, auto_exact_float32(device)))
+            report["complete"] = True
         except KeyboardInterrupt:
-            report["complete"] = False
             progress("interrupted while timing: the report keeps the timings that finished")
     return report, checks
 
@@ -508,7 +521,13 @@ def run_arguments(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available")
     print(f"stm_kernels {__version__} self-test on {device} (backend {backend_for(device)})")
-    report, checks = run(device, quick=args.quick, timing=not args.no_timing)
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    path = args.json or f"stm_selftest_{device.type}_{stamp}.json"
+
+    def save(report):
+        with open(path, "w") as file:
+            json.dump(report, file, indent=1)
+    report, checks = run(device, quick=args.quick, timing=not args.no_timing, save=save)
     print(table(checks))
     if report.get("timings"):
         print(timing_table(report))
@@ -518,10 +537,7 @@ def run_arguments(args):
         print(spill_summary(report["compiled"]))
     for message in report["warnings"]:
         print(f"warning: {message}")
-    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    path = args.json or f"stm_selftest_{device.type}_{stamp}.json"
-    with open(path, "w") as file:
-        json.dump(report, file, indent=1)
+    save(report)
     failed = sum(not check.passed for check in checks)
     print(f"{len(checks) - failed} of {len(checks)} checks passed; report written to {path}"
           + ("" if not failed else " (attach it to a bug report: see README)"))

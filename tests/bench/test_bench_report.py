@@ -81,3 +81,20 @@ def test_a_gpu_result_replaces_the_same_gpus_run_of_the_same_sweeps_only(tmp_pat
     write("20260104T000000", "NVIDIA H100", [("shapes", "fp32")])
     assert [path.name for path in report.superseded(tmp_path)] == [
         "kernel_cuda_20260103T000000.json"]
+
+
+def test_a_narrowed_tune_run_does_not_replace_a_full_one(tmp_path):
+    """A check of three tilings (--only, under compute-sanitizer) or a float32 tune says nothing
+    of the bf16 tuning over every candidate: all stay; a newer full bf16 tuning replaces it."""
+    def write(stamp, **scope):
+        payload = dict({"benchmark": "tune", "device_type": "cuda", "device": "NVIDIA H100",
+                        "dtype": "bf16", "HW": 1620, "records": []}, **scope)
+        (tmp_path / f"tune_cuda_{stamp}.json").write_text(json.dumps(payload))
+    write("20260101T000000")
+    write("20260102T000000", only=["dkdq block_n=64"], sanitizer="memcheck")
+    write("20260103T000000", only=["dkdq block_n=64"], sanitizer="racecheck", HW=540)
+    write("20260104T000000", dtype="fp32")
+    assert report.superseded(tmp_path) == []
+    write("20260105T000000")
+    assert [path.name for path in report.superseded(tmp_path)] == [
+        "tune_cuda_20260101T000000.json"]

@@ -175,6 +175,33 @@ def test_an_interrupted_self_test_writes_the_checks_that_ran(tmp_path, monkeypat
     assert "interrupted after 2 of" in output and "2 of 2 checks passed" in output
 
 
+def test_a_self_test_killed_outright_leaves_the_report_of_the_checks_before(tmp_path,
+                                                                            monkeypatch):
+    """A run that never gets to handle its end (SIGKILL 20 s after a SIGINT that arrived inside
+    a compile) still leaves a report: it is saved after every check, incomplete until the end."""
+    class Killed(BaseException):
+        pass
+
+    real = selftest.run_check
+    calls = []
+
+    def killed_at_the_third(check, device, backend, seed):
+        calls.append(check)
+        if len(calls) == 3:
+            raise Killed
+        return real(check, device, backend, seed)
+
+    monkeypatch.setattr(selftest, "run_check", killed_at_the_third)
+    monkeypatch.setattr(selftest, "FEATURES", ("read",))
+    path = tmp_path / "killed.json"
+    with pytest.raises(Killed):
+        selftest.main(["--device", "cpu", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and report["passed"] is False
+    assert [(c["feature"], c["dtype"], c["similarity"]) for c in report["checks"]] == [
+        (c.feature, c.dtype, c.similarity) for c in calls[:2]]
+
+
 def test_stm_selftest_is_the_same_command(tmp_path, monkeypatch):
     from stm_model import cli
     monkeypatch.setattr(selftest, "FEATURES", ("read",))

@@ -56,17 +56,18 @@ gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARG
 case "${1:-tests}" in
   first)
     # The one call of a 15-minute lease: every GPU test in 12 workers (2 minutes warm, the
-    # compiles fill Triton's cache), the self-test (its report is written even when its
-    # SIGINT comes first), then the kernel benchmark's target points.
+    # compiles fill Triton's cache), the self-test (cold, its 68 checks and timings take about
+    # 5 minutes; its report is saved after every check), then the kernel benchmark's target
+    # points (about 20 s once the self-test has compiled the kernels).
     gpu_tests "$(until_mark 230)" gpu_tests.xml gpu 12 150 tests
-    timed "$(until_mark 430)" python3 -m stm_kernels.selftest --json "$OUT/selftest.json"
+    timed "$(until_mark 525)" python3 -m stm_kernels.selftest --json "$OUT/selftest.json"
     timed "$(until_mark 570)" python3 -m bench kernel --sweeps targets ;;
   suspects)
     # The dK/dQ tilings that gave wrong gradients (and one an illegal address) on an H100
     # under Triton 3.6, each under memcheck at a small N: an out-of-bounds access is named
     # there, a miscompile is not (tune's error column still shows it).
-    timed "$(until_mark 570)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
-      --tool memcheck --target-processes all --print-limit 20 \
+    timed "$(until_mark 570)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 STM_SANITIZER=memcheck \
+      compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
       python3 -m tools.gpu_session.tune --ns 16200 --batches 1 --only \
       "dkdq block_n=64,block_m=16,num_warps=4,num_stages=2,stream_keys" \
       "dkdq block_n=64,block_m=16,num_warps=4,num_stages=1,block_cv=64,stream_keys=False" \

@@ -9,21 +9,23 @@ Per shape it times, the device's own tilings first (tilings.py, its architecture
 the candidates of the offline search (tools/kernel_report/search.py): the forward under each
 forward candidate; the backward with each dV candidate (dK/dQ at its default) and each dK/dQ
 candidate (dV at its default); the backward under torch.use_deterministic_algorithms with
-each dQ candidate (the dQ kernel
-instead of the atomics); the
-opt-in warp-specialised Gluon forward where it can run, at its default tiling and with the
+each dQ candidate (the dQ kernel instead of the atomics); the opt-in warp-specialised Gluon
+forward where it can run, at its default tiling and with the
 row split (triton_configs.ROW_SPLIT_CONFIG); and, with --baseline (an export of an
 earlier commit, `python -m tools.gpu_session.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
 backend on the same inputs (normalised error bound per dtype): a tiling that fails to compile,
 runs out of resources or computes a wrong result is recorded as such. TFLOP/s count forward
 2*B*HW*N*(Ck+Cv) and backward 2.5x that. Writes bench/results/tune_<device>_<date>.json; copy
-the winners into stm_kernels/backends/triton/tilings.py with the run that justifies them.
+the winners into stm_kernels/backends/triton/tilings.py with the run that justifies them. The
+file names the run's scope (dtype, HW, --only, and the compute-sanitizer tool from
+STM_SANITIZER, whose timings mean nothing), so that a narrowed run never replaces a full one.
 """
 import argparse
 import contextlib
 import dataclasses
 import itertools
+import os
 import sys
 
 import torch
@@ -218,6 +220,7 @@ def main(argv=None):
                      ("baseline", label, contextlib.nullcontext, "fwd+bwd")]
     payload = common.environment(device)
     payload.update(benchmark="tune", dtype=args.dtype, HW=args.hw, Ck=args.ck, Cv=args.cv,
+                   only=args.only, sanitizer=os.environ.get("STM_SANITIZER"),
                    baseline=args.baseline and baseline.revision(args.baseline), records=[])
     for B, N in itertools.product(args.batches, args.ns):
         inputs = common.read_inputs(B, args.hw, N, args.ck, args.cv, dtype, device)
