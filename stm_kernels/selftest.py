@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -524,9 +525,10 @@ def run_arguments(args):
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     path = args.json or f"stm_selftest_{device.type}_{stamp}.json"
 
-    def save(report):
-        with open(path, "w") as file:
+    def save(report):  # whole or not at all: a kill mid-write keeps the previous report
+        with open(f"{path}.part", "w") as file:
             json.dump(report, file, indent=1)
+        os.replace(f"{path}.part", path)
     report, checks = run(device, quick=args.quick, timing=not args.no_timing, save=save)
     print(table(checks))
     if report.get("timings"):
