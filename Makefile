@@ -69,9 +69,8 @@ small-model: $(STAMP)
 		stm_model/weights/stm_small_real.pt --dtype fp16
 
 # Reproduces stm_model/weights/stm_small_real_interactive.pt, the interactive commands' default:
-# small-real fine-tuned on synthesised scribbles over the same training sequences. (The file
-# shipped now was fine-tuned from the EfficientNet-Lite0 small-real that preceded the Lite1 one:
-# docs/training.md.)
+# small-real fine-tuned on synthesised scribbles over the same training sequences (22 minutes on
+# a 2-core CPU; its robot rounds: docs/performance.md).
 SMALL_REAL_INTERACTIVE_RUN ?= runs/small-real-interactive
 small-real-interactive-model: $(STAMP)
 	$(PY) -m stm_model.training.loop --output $(SMALL_REAL_INTERACTIVE_RUN) --model small-real \
