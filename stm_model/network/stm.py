@@ -1,5 +1,5 @@
-"""The STM network (Oh et al., ICCV 2019) on torchvision's ResNet or on EfficientNet-Lite0, with
-a configurable size.
+"""The STM network (Oh et al., ICCV 2019) on torchvision's ResNet or on EfficientNet-Lite0 or
+-Lite1, with a configurable size.
 
 Modules follow the official model: memory encoder (frame + object mask + other objects' mask),
 query encoder, key/value projections, the space-time memory read (`stm_kernels.memory_read`,
