@@ -150,27 +150,38 @@ def test_a_wrong_result_or_a_crash_fails_the_self_test(tmp_path, monkeypatch, ca
     assert report["checks"][0]["failure"] == "RuntimeError: a driver error"
 
 
-def test_an_interrupted_self_test_writes_the_checks_that_ran(tmp_path, monkeypatch, capsys):
-    """Ctrl-C (or SIGINT from a time limit) after two checks: the report holds those two,
-    marked incomplete and not passed, and the exit status is 130."""
+def _ended_at_the_third_check(monkeypatch, exception):
+    """run_check replaced by one that raises `exception` on the third check; returns the list
+    the checks are appended to as they start."""
     real = selftest.run_check
     calls = []
 
-    def interrupted_at_the_third(check, device, backend, seed):
+    def ended_at_the_third(check, device, backend, seed):
         calls.append(check)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise exception
         return real(check, device, backend, seed)
 
-    monkeypatch.setattr(selftest, "run_check", interrupted_at_the_third)
+    monkeypatch.setattr(selftest, "run_check", ended_at_the_third)
     monkeypatch.setattr(selftest, "FEATURES", ("read",))
-    path = tmp_path / "cut.json"
-    assert selftest.main(["--device", "cpu", "--json", str(path)]) == 130
+    return calls
+
+
+def _assert_report_of_the_first_two(path, calls):
     report = json.loads(path.read_text())
     assert report["complete"] is False and report["passed"] is False
     assert [(c["feature"], c["dtype"], c["similarity"]) for c in report["checks"]] == [
         (c.feature, c.dtype, c.similarity) for c in calls[:2]]
     assert all(c["passed"] and c["errors"] for c in report["checks"])
+
+
+def test_an_interrupted_self_test_writes_the_checks_that_ran(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGINT from a time limit) after two checks: the report holds those two,
+    marked incomplete and not passed, and the exit status is 130."""
+    calls = _ended_at_the_third_check(monkeypatch, KeyboardInterrupt)
+    path = tmp_path / "cut.json"
+    assert selftest.main(["--device", "cpu", "--json", str(path)]) == 130
+    _assert_report_of_the_first_two(path, calls)
     output = capsys.readouterr().out
     assert "interrupted after 2 of" in output and "2 of 2 checks passed" in output
 
@@ -182,24 +193,12 @@ def test_a_self_test_killed_outright_leaves_the_report_of_the_checks_before(tmp_
     class Killed(BaseException):
         pass
 
-    real = selftest.run_check
-    calls = []
-
-    def killed_at_the_third(check, device, backend, seed):
-        calls.append(check)
-        if len(calls) == 3:
-            raise Killed
-        return real(check, device, backend, seed)
-
-    monkeypatch.setattr(selftest, "run_check", killed_at_the_third)
-    monkeypatch.setattr(selftest, "FEATURES", ("read",))
+    calls = _ended_at_the_third_check(monkeypatch, Killed)
     path = tmp_path / "killed.json"
     with pytest.raises(Killed):
         selftest.main(["--device", "cpu", "--json", str(path)])
-    report = json.loads(path.read_text())
-    assert report["complete"] is False and report["passed"] is False
-    assert [(c["feature"], c["dtype"], c["similarity"]) for c in report["checks"]] == [
-        (c.feature, c.dtype, c.similarity) for c in calls[:2]]
+    _assert_report_of_the_first_two(path, calls)
+    assert not (tmp_path / "killed.json.part").exists()
 
 
 def test_stm_selftest_is_the_same_command(tmp_path, monkeypatch):
