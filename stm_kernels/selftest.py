@@ -471,9 +471,7 @@ def run(device, quick=False, timing=True, progress=print, save=None):
     timed = timing and device.type == "cuda" and not interrupted
     report = report_so_far(caught, complete=not interrupted and not timed)
     if timed:
-        progress("timing ...")
-        if save is not None:
-            save(report)
+        progress("timing ...")  # the last check's save already holds the report so far
         try:
             report["matmul_tflops_bf16"] = matmul_tflops(device)
             report["timings"] = timings(device, TIMED_N[:1] if quick else TIMED_N)

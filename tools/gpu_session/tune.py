@@ -10,9 +10,9 @@ the candidates of the offline search (tools/kernel_report/search.py): the forwar
 forward candidate; the backward with each dV candidate (dK/dQ at its default) and each dK/dQ
 candidate (dV at its default); the backward under torch.use_deterministic_algorithms with
 each dQ candidate (the dQ kernel instead of the atomics); the opt-in warp-specialised Gluon
-forward where it can run, at its default tiling and with the
-row split (triton_configs.ROW_SPLIT_CONFIG); and, with --baseline (an export of an
-earlier commit, `python -m tools.gpu_session.baseline export REV`), that library's forward and
+forward where it can run, at its default tiling and with the row split
+(triton_configs.ROW_SPLIT_CONFIG); and, with --baseline (an export of an earlier commit,
+`python -m tools.gpu_session.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
 backend on the same inputs (normalised error bound per dtype): a tiling that fails to compile,
 runs out of resources or computes a wrong result is recorded as such. TFLOP/s count forward
