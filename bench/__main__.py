@@ -14,6 +14,7 @@
     python -m bench sharded-read [...]  # one memory sharded over 1-3 processes
     python -m bench annotate [...]      # the browser page of `stm annotate`: frame switches
     python -m bench davis-test [...]    # a checkpoint on the DAVIS-2016 test sequences: J&F, fps
+    python -m bench multi-object [...]  # touching objects composited from the test sequences
     python -m bench memory-dtype [...]  # the memory stored in fp32 / bf16 / fp16: J&F, fps, bytes
     python -m bench integrations [...]  # Cutie and STCN on a long video: their read vs fused
     python -m bench render FILE.json    # plots and markdown table of any results file
@@ -30,7 +31,8 @@ import sys
 
 from bench import (annotate, cpu_read, dataset_throughput, davis_test, held_out,
                    integrations, interactive, interactive_eval, kernel, long_video,
-                   memory_dtype, ragged_read, report, sharded_read, topk_read, training)
+                   memory_dtype, multi_object, ragged_read, report, sharded_read, topk_read,
+                   training)
 
 BENCHMARKS = {  # sub-command: module (its results are bench/results/<module name>_*.json)
     "kernel": kernel,
@@ -47,6 +49,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "sharded-read": sharded_read,
     "annotate": annotate,
     "davis-test": davis_test,
+    "multi-object": multi_object,
     "memory-dtype": memory_dtype,
 }
 

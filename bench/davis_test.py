@@ -60,14 +60,17 @@ def segment_sequence(model, frames_dir, annotation, output, mem_every, max_inter
     return len(frames), busy, segmenter.memory_bytes_per_frame
 
 
-def add_arguments(parser, sequences, sequences_help):
+def add_arguments(parser, sequences=None, sequences_help=None):
     """The options of a benchmark that segments DAVIS-2016 sequences with a checkpoint:
-    --checkpoint, --davis, --sequences (default `sequences`), --size and --mem-every."""
+    --checkpoint, --davis, --sequences (default `sequences`; none when None), --size and
+    --mem-every."""
     parser.add_argument("--checkpoint", default="small-real",
                         help="a --checkpoint value of stm segment (default: small-real)")
     parser.add_argument("--davis", type=pathlib.Path, default=DEFAULT_DAVIS,
                         help="the DAVIS-2016 root (JPEGImages/480p, Annotations/480p)")
-    parser.add_argument("--sequences", nargs="+", default=list(sequences), help=sequences_help)
+    if sequences is not None:
+        parser.add_argument("--sequences", nargs="+", default=list(sequences),
+                            help=sequences_help)
     parser.add_argument("--size", type=int, help="internal size (default: the model's own)")
     parser.add_argument("--mem-every", type=int, default=5)
 

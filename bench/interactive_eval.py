@@ -29,8 +29,10 @@ def summary(payload):
         where = f"segmented at {width}x{height}"
     else:
         where = f"segmented at internal size {payload['internal_size']} (shorter side)"
+    reads = (f"propagated with a memory frame every {payload['mem_every']}"
+             if payload.get("mem_every") else f"{payload['batch_size']} frames per read")
     return (f"{payload['root']}: {payload['model_name']}, {where}, "
-            f"up to {payload['rounds']} rounds, {payload['batch_size']} frames per read; "
+            f"up to {payload['rounds']} rounds, {reads}; "
             f"AUC over 0-{payload['max_time']:g} s per object.\n\n"
             + format_report(payload["sequences"]))
 
@@ -53,6 +55,10 @@ def main(argv=None):
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mem-every", type=int,
+                        help="propagate each round from the annotated frames, memorising every "
+                             "N-th predicted frame (InteractiveSession's mem_every; default: "
+                             "the annotated frames alone)")
     args = parser.parse_args(argv)
     from stm_model.network.checkpoint import load_checkpoint, resolve_checkpoint
     from stm_model.interactive.robot import evaluate_davis
@@ -65,12 +71,12 @@ def main(argv=None):
     size = None if internal else list(
         args.size or ((480, 854) if device.type == "cuda" else (240, 432)))
     results = evaluate_davis(model, args.root, sequences, size=size, rounds=args.rounds,
-                             batch_size=args.batch_size,
+                             batch_size=args.batch_size, mem_every=args.mem_every,
                              amp_dtype="bf16" if device.type == "cuda" else None)
     payload = common.environment(device)
     payload.update(benchmark="interactive_eval", root=pathlib.Path(args.root).name,
                    model_name=args.checkpoint, size=size, internal_size=internal,
-                   rounds=args.rounds, batch_size=args.batch_size,
+                   rounds=args.rounds, batch_size=args.batch_size, mem_every=args.mem_every,
                    max_time=next(iter(results.values()))["max_time"], sequences=results)
     common.finish_run("interactive_eval", payload, plot, summary)
     return 0

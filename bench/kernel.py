@@ -1,14 +1,40 @@
-"""Kernel benchmark of the space-time memory read: fused Triton vs chunked torch vs the naive
-(official) read vs PyTorch SDPA, forward / backward / forward+backward, over memory sizes N.
+"""Kernel benchmark of the space-time memory read: the fused Triton read against the peers an
+expert would pick, forward / backward / forward+backward, over memory sizes N.
 
     python -m bench kernel                     # the three sweeps for the device present
     python -m bench kernel --quick             # a few points (smoke run)
+    python -m bench kernel --sweeps targets scaling --batches 1 --warmup   # a GPU lease's run
     python -m bench render FILE.json           # re-render a results file's plots and table
+
+Providers, timed in the same run (PROVIDERS; the fused one is "triton" on GPU, "torch" on CPU,
+every other one is a peer):
+    triton            memory_read(backend="triton"): the fused kernels
+    torch             memory_read(backend="torch"): the chunked torch read
+    naive             memory_read(backend="naive"): the official read (the whole affinity)
+    sdpa              F.scaled_dot_product_attention with the full 512-wide value (PyTorch picks
+                      the backend, recorded: the memory-efficient one on the H100 and H200)
+    sdpa_flash_split  SDPA with the value split into chunks as wide as the key (Ck = 128,
+                      Cv = 512: four 128-wide calls on the same q and k, outputs concatenated;
+                      QK^T recomputed per chunk, as MemFlow does with FlashAttention-2: the
+                      fused backends take a value only as wide as the key), flash forced
+    sdpa_cudnn_split  the same with the cuDNN backend forced
+    flex              FlexAttention compiled (torch.compile of flex_attention) with the whole
+                      value width
+A peer that cannot run is recorded with its reason, not timed: a forced SDPA backend that
+refuses ("refused: " and the first line of its error, with the first warning that says why),
+FlexAttention that does not compile ("error: " and its first line). The peers get their
+inputs in their own layout ((B, 1, L, C) contiguous, the value chunks split beforehand),
+prepared outside the timing. FLOPs are the read's (below) for every provider: a split peer
+executes more (QK^T once per chunk), so its TFLOP/s is time in the read's units. Each table
+row and plot point of the fused read names its best peer (the fastest that ran at that
+point) and the ratio (best peer's time / fused time). The same run times an 8192^3 matmul
+per dtype on GPU (2048^3 on CPU): the "% matmul" column.
 
 Three sweeps, one results file, run in this order (a run cut off by a time limit keeps the
 target points):
-- "targets": the op's target points, one 480p query frame (HW = 1,620), B=1: N = 64,800 and
-  162,000, forward and forward+backward on GPU; N = 162,000 forward on CPU;
+- "targets": the op's target points, one 480p query frame (HW = 1,620), B=1: N = 16,200
+  (10 memory frames), 64,800 and 162,000, forward and forward+backward on GPU; N = 162,000
+  forward on CPU;
 - "scaling": Ck=128, Cv=512, the main dtype (bf16 on GPU, fp32 on CPU), B in {1, 4, 8}, every
   pass, N grown until the provider runs out of memory (or past the time cap per call);
 - "shapes": N fixed, B=4, Ck in {64, 128} x Cv in {256, 512} x dtypes (fp32 with TF32, fp16,
@@ -17,12 +43,21 @@ Each record has the median and 20/80% quantiles of the call time, TFLOP/s, the f
 same run's matmul rate for that dtype, and the peak extra memory of one call. FLOPs per call:
 forward 2*B*HW*N*(Ck+Cv); backward 2.5x that; forward+backward 3.5x.
 
+With --warmup, every (provider, pass) series is first called untimed at its smallest N for
+--warmup-s seconds (kernels compiled, FlexAttention compiled, the GPU's clocks up) before the
+first timed point: a lease's first point was measured cold once (bench/NOTES.md, H100,
+N = 64,800).
+
 Writes bench/results/kernel_<device>_<date>.json and two PNGs beside it: the roofline
-(fraction of the matmul rate against N) and the memory plot (peak memory against N, with the
-point where each provider ran out of memory).
+(fraction of the matmul rate against N, each fused point labelled with its best peer and the
+ratio) and the memory plot (peak memory against N, with the point where each provider ran out
+of memory). `python -m bench report` draws docs/images/gpu_read.png from the newest GPU run
+(read_plot).
 """
 import math
 import sys
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +65,15 @@ import torch.nn.functional as F
 from bench import common
 from stm_kernels import memory_read, options
 
-PROVIDERS = ("triton", "torch", "naive", "sdpa")
+PROVIDERS = ("triton", "torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn_split", "flex")
+# The fused read of each device type; every other provider is its peer.
+FUSED = {"cuda": "triton", "cpu": "torch"}
+# The forced SDPA backend of each split peer; its value chunks are Ck wide (128 at the target).
+SPLIT_BACKENDS = {"sdpa_flash_split": "FLASH_ATTENTION", "sdpa_cudnn_split": "CUDNN_ATTENTION"}
+# Providers that may refuse these shapes or fail to compile: recorded with the reason.
+MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex",)
+# Providers in SDPA's (B, heads, L, C) layout.
+ATTENTION_LAYOUT = ("sdpa",) + MAY_REFUSE
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # "fp32-tf32": float32 tensors with torch.set_float32_matmul_precision("high") (TF32 cores)
 DTYPES = {**options.DTYPES, "fp32-tf32": torch.float32}
@@ -58,17 +101,34 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
 
     q, k, v = randn(1, Ck, HW), randn(B, Ck, N), randn(B, Cv, N)
     scale = 1.0 / math.sqrt(Ck)
-    if provider == "sdpa":
+    tensors = (q, k, v)
+    if provider in ATTENTION_LAYOUT:
         q = q.transpose(1, 2).unsqueeze(1).expand(B, 1, HW, Ck).contiguous()
         k = k.transpose(1, 2).unsqueeze(1).contiguous()
         v = v.transpose(1, 2).unsqueeze(1).contiguous()
-
+        tensors = (q, k, v)
+    if provider == "sdpa":
         def read():
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    elif provider in SPLIT_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, SPLIT_BACKENDS[provider])
+        chunks = [v[..., start:start + Ck].contiguous() for start in range(0, Cv, Ck)]
+        tensors = (q, k, *chunks)
+        del v
+
+        def read():
+            with sdpa_kernel([backend]):
+                return torch.cat([F.scaled_dot_product_attention(q, k, chunk, scale=scale)
+                                  for chunk in chunks], dim=-1)
+    elif provider == "flex":
+        flex = _compiled_flex()
+
+        def read():
+            return flex(q, k, v, scale=scale)
     else:
         def read():
             return memory_read(q, k, v, scale=scale, backend=provider)
-    tensors = (q, k, v)
     if pass_ == "fwd":
         def call():
             with torch.no_grad():
@@ -76,7 +136,7 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
         return call, ()
     for tensor in tensors:
         tensor.requires_grad_()
-    grad = randn(B, Cv, HW) if provider != "sdpa" else randn(B, 1, HW, Cv)
+    grad = randn(B, 1, HW, Cv) if provider in ATTENTION_LAYOUT else randn(B, Cv, HW)
     if pass_ == "bwd":
         out = read()
 
@@ -87,6 +147,54 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     def call():
         read().backward(grad)
     return call, tensors
+
+
+_FLEX = []
+
+
+def _compiled_flex():
+    """torch.compile(flex_attention), made once per process (shapes recompile inside it)."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX.append(torch.compile(flex_attention))
+    return _FLEX[0]
+
+
+def first_line(error):
+    """The first line of an exception's message (with the next one where it ends in ':', as
+    torch.compile's "backend='inductor' raised:" does), at most 240 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    line = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else \
+        f"{lines[0]} {lines[1]}"
+    return line[:240]
+
+
+def refusal(provider, error, caught=()):
+    """The status of a peer that cannot run: "refused: ..." for a forced SDPA backend (its
+    error's first line, and the first warning PyTorch gave for it), "error: Type: ..." for
+    anything else (FlexAttention that does not compile)."""
+    if provider in SPLIT_BACKENDS and isinstance(error, RuntimeError):
+        why = next((first_line(w.message) for w in caught
+                    if "attention" in str(w.message).lower()
+                    and not first_line(w.message).endswith(":")), None)
+        return f"refused: {first_line(error)}" + (f" ({why[:200]})" if why else "")
+    return f"error: {type(error).__name__}: {first_line(error)}"
+
+
+def probe(provider, call):
+    """None if one call of a peer that may refuse runs, else its refusal status (an out of
+    memory error is raised: run_point records it as such)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            call()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the reason is the record
+            if "out of memory" in str(error).lower():
+                raise
+            return refusal(provider, error, caught)
+    return None
 
 
 def sdpa_backend(dtype, B, HW, N, Ck, Cv, device):
@@ -146,13 +254,25 @@ def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
     spec = dict(provider=provider, pass_=pass_, dtype=dtype_name, B=B, HW=HW, N=N, Ck=Ck, Cv=Cv)
     if provider == "sdpa":
         record["sdpa_backend"] = sdpa_backend(dtype, B, HW, N, Ck, Cv, device)
+    elif provider in SPLIT_BACKENDS:
+        record["sdpa_backend"] = f"{SPLIT_BACKENDS[provider]} (forced, {Ck}-wide chunks)"
     if device.type == "cpu" and provider in ("naive", "sdpa") and \
             naive_bytes_estimate(pass_, B, HW, N, dtype) > 0.6 * common.available_memory_bytes():
         return {**record, "status": "oom (estimated: the affinity would not fit in free memory; "
                                     "not run)"}
     try:
         with _precision(dtype_name):
-            call, reset = make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device)
+            try:
+                call, reset = make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device)
+                refused = probe(provider, call) if provider in MAY_REFUSE else None
+            except (torch.cuda.OutOfMemoryError, RuntimeError):
+                raise
+            except Exception as error:  # noqa: BLE001 - a peer's setup (flex's import)
+                if provider not in MAY_REFUSE:
+                    raise
+                refused = refusal(provider, error)
+            if refused:
+                return {**record, "status": refused}
             median, low, high = common.time_ms(call, device, reset=reset)
             del call, reset
             peak = measure_memory(spec, device)
@@ -160,6 +280,8 @@ def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
         return {**record, "status": "oom"}
     except RuntimeError as error:
         if "out of memory" not in str(error).lower():
+            if provider in MAY_REFUSE:
+                return {**record, "status": refusal(provider, error)}
             raise
         return {**record, "status": "oom"}
     finally:
@@ -174,8 +296,9 @@ def plan(device, args):
     """The (sweep, provider, pass, dtype, B, HW, Ck, Cv, [N...]) series to run, in order."""
     kind = device.type
     hw = args.hw or FRAME_POSITIONS[kind]
-    providers = args.providers or (
-        list(PROVIDERS) if kind == "cuda" else ["torch", "naive", "sdpa"])
+    # On CPU the fused kernels run only in Triton's interpreter (times that mean nothing);
+    # the CUDA-only peers are still asked, and record their refusal.
+    providers = args.providers or [p for p in PROVIDERS if kind == "cuda" or p != "triton"]
     passes = args.passes or list(PASSES)
     main_dtype = "bf16" if kind == "cuda" else "fp32"
     shape_dtypes = args.dtypes or (["fp32-tf32", "fp16", "bf16"] if kind == "cuda" else ["fp32"])
@@ -186,7 +309,7 @@ def plan(device, args):
     # The target points first: a run cut off by a time limit (a lent GPU's) keeps them.
     if "targets" in args.sweeps:  # one 480p query frame (HW = 1,620)
         target_passes = ["fwd", "fwd+bwd"] if kind == "cuda" else ["fwd"]
-        target_ns = [64800, 162000] if kind == "cuda" else [162000]
+        target_ns = [16200, 64800, 162000] if kind == "cuda" else [162000]
         for pass_ in target_passes:
             for provider in providers:
                 series.append(("targets", provider, pass_, main_dtype, 1, 1620, 128, 512,
@@ -231,6 +354,11 @@ def run(args):
     for name in matmul_names:
         payload["matmul_tflops"][name] = matmul_tflops(name, device)
         print(f"matmul {name}: {payload['matmul_tflops'][name]:.2f} TFLOP/s", flush=True)
+    payload["matmul_size"] = 8192 if device.type == "cuda" else 2048
+    if getattr(args, "warmup", False):
+        payload["warmup"] = warm_up(series, device, args.warmup_s)
+        print(f"warm-up: {payload['warmup']['series']} series, "
+              f"{payload['warmup']['wall_s']:.1f} s", flush=True)
     if device.type == "cuda":  # the L2 bandwidth the kernels' L2 traffic meets (bench.l2_probe)
         from bench import l2_probe
         payload["l2_read"] = l2_probe.measure(device)
@@ -256,9 +384,44 @@ def run(args):
     return common.finish_run("kernel", payload, plot, summary)
 
 
+def warm_up(series, device, seconds):
+    """Call every (provider, pass, dtype, shape) series once at its smallest N, untimed, for
+    about `seconds` each (compiles, FlexAttention's compile, the clocks); what fails here is
+    left for the timed point to record. Returns {series, seconds_each, wall_s}."""
+    started = time.perf_counter()
+    seen = set()
+    for _, provider, pass_, dtype_name, B, hw, ck, cv, ns in series:
+        key = (provider, pass_, dtype_name, B, hw, ck, cv)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with _precision(dtype_name), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                call, reset = make_inputs(provider, pass_, DTYPES[dtype_name], B, hw, min(ns),
+                                          ck, cv, device)
+                until = time.perf_counter() + seconds
+                while True:
+                    for tensor in reset:
+                        tensor.grad = None
+                    call()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if time.perf_counter() >= until:
+                        break
+                del call, reset
+        except Exception:  # noqa: BLE001 - the timed point records why it cannot run
+            pass
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return dict(series=len(seen), seconds_each=seconds,
+                wall_s=time.perf_counter() - started)
+
+
 def format_record(record):
     """One record as a line of progress output."""
-    head = (f"{record.get('sweep', ''):>7} {record['provider']:>6} {record['pass']:>7} "
+    head = (f"{record.get('sweep', ''):>7} {record['provider']:>16} {record['pass']:>7} "
             f"{record['dtype']} B={record['B']} Ck={record['Ck']} Cv={record['Cv']} "
             f"N={record['N']:>7}")
     if record["status"] != "ok":
@@ -269,7 +432,7 @@ def format_record(record):
 
 
 def _fused(payload):
-    return "triton" if payload["device_type"] == "cuda" else "torch"
+    return FUSED.get(payload["device_type"], "torch")
 
 
 def _fraction(payload, record):
@@ -278,31 +441,102 @@ def _fraction(payload, record):
     return record["tflops"] / rate if rate else float("nan")
 
 
-def summary(payload):
-    """Markdown: the fused provider's time, TFLOP/s, % of matmul and memory with speed-ups
-    against naive and SDPA; then the N at which each provider ran out of memory."""
-    records = payload["records"]
-    ok = [r for r in records if r["status"] == "ok"]
-    key = ("sweep", "pass", "dtype", "B", "HW", "N", "Ck", "Cv")
-    index = {(r["provider"],) + tuple(r.get(k, "scaling") for k in key): r for r in ok}
+POINT_KEY = ("sweep", "pass", "dtype", "B", "HW", "N", "Ck", "Cv")
+
+
+def _point(record):
+    return tuple(record.get(key, "scaling") for key in POINT_KEY)
+
+
+def peers_of(payload):
+    """The peers a run has records of (every provider but the fused one), in PROVIDERS order
+    (then any other name, sorted)."""
     fused = _fused(payload)
+    present = {r["provider"] for r in payload["records"]} - {fused}
+    return [p for p in PROVIDERS if p in present] + sorted(present - set(PROVIDERS))
+
+
+def index_points(payload):
+    """{(provider,) + point: record}: the last record of each provider at each point (a
+    point measured twice in one run keeps the later, warmer one)."""
+    return {(r["provider"],) + _point(r): r for r in payload["records"]}
+
+
+def best_peer(payload, record, index=None):
+    """(name, ratio) of the fastest peer that ran at the record's point, ratio = its time /
+    the record's time (how many times faster the fused read is); (None, None) if none ran."""
+    index = index_points(payload) if index is None else index
+    times = {peer: index[(peer,) + _point(record)]["median_ms"] for peer in peers_of(payload)
+             if index.get((peer,) + _point(record), {}).get("status") == "ok"}
+    if not times or record.get("status") != "ok":
+        return None, None
+    name = min(times, key=times.get)
+    return name, times[name] / record["median_ms"]
+
+
+def _status_word(status):
+    """A short word for a record that did not run: oom, refused, error, not run."""
+    return status.split(":")[0].split(" (")[0]
+
+
+def summary(payload):
+    """Markdown: the fused provider's time, TFLOP/s, % of matmul and memory, its best peer
+    and the speed-up over it, the speed-up over each peer; then the peers that did not run
+    and why, and the N at which each provider ran out of memory."""
+    records = payload["records"]
+    index = index_points(payload)
+    fused = _fused(payload)
+    peers = peers_of(payload)
     rows = ["| sweep | pass | dtype | B | HW | Ck | Cv | N | ms | TFLOP/s | % matmul | peak MiB | "
-            "vs torch | vs naive | vs sdpa | naive peak / peak |", "|---" * 16 + "|"]
-    for r in ok:
-        if r["provider"] != fused:
+            "best peer | vs best peer | " + "".join(f"vs {peer} | " for peer in peers)
+            + "naive peak / peak |", "|---" * (15 + len(peers)) + "|"]
+    seen = set()
+    for r in records:
+        if r["provider"] != fused or r["status"] != "ok" or \
+                index.get((fused,) + _point(r)) is not r or _point(r) in seen:
             continue
+        seen.add(_point(r))
         cells = [r.get("sweep", "scaling"), r["pass"], r["dtype"], r["B"], r["HW"], r["Ck"],
                  r["Cv"],
                  r["N"], f"{r['median_ms']:.3f}", f"{r['tflops']:.2f}",
                  f"{100 * _fraction(payload, r):.0f}%", f"{r['peak_mem_bytes'] / 2**20:.1f}"]
-        for other in ("torch", "naive", "sdpa"):
-            base = None if other == fused else \
-                index.get((other,) + tuple(r.get(k, "scaling") for k in key))
-            cells.append(f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "n/a")
-        naive = index.get(("naive",) + tuple(r.get(k, "scaling") for k in key))
+        name, ratio = best_peer(payload, r, index)
+        cells += [name or "none ran", f"**{ratio:.2f}x**" if ratio else "n/a"]
+        for peer in peers:
+            base = index.get((peer,) + _point(r))
+            if base is None:
+                cells.append("n/a")
+            elif base["status"] != "ok":
+                cells.append(_status_word(base["status"]))
+            else:
+                cells.append(f"{base['median_ms'] / r['median_ms']:.2f}x")
+        naive = index.get(("naive",) + _point(r))
         cells.append(f"{naive['peak_mem_bytes'] / max(r['peak_mem_bytes'], 1):.1f}x"
-                     if naive and fused != "naive" else "n/a")
+                     if naive and naive["status"] == "ok" and fused != "naive" else "n/a")
         rows.append("| " + " | ".join(map(str, cells)) + " |")
+    rows += ["", "`vs X`: X's time over the fused read's (above 1: the fused read is faster); "
+                 "`best peer`: the fastest peer that ran at that point."]
+    rates = payload.get("matmul_tflops") or {}
+    if rates:
+        size = payload.get("matmul_size") or (8192 if payload["device_type"] == "cuda" else 2048)
+        rows += ["", f"Same-run {size}³ matmul: " + ", ".join(
+            f"{name} {rate:.1f} TFLOP/s" for name, rate in rates.items()) + "."]
+    if "warmup" in payload:
+        warm = payload["warmup"]
+        rows += ["", f"Warm-up before the first timed point: {warm['series']} series called "
+                     f"for {warm['seconds_each']:g} s each ({warm['wall_s']:.0f} s)."]
+    refused = {}
+    for r in records:
+        if r["provider"] != fused and r["status"] not in ("ok",) and \
+                not r["status"].startswith(("oom", "not run")):
+            refused.setdefault((r["provider"], r["status"]), []).append(r)
+    if refused:
+        rows += ["", "Peers that did not run, and why:", "",
+                 "| peer | passes | points | why |", "|---|---|---|---|"]
+        for (provider, status), found in refused.items():
+            passes = sorted({r["pass"] for r in found}, key=PASSES.index)
+            rows.append(f"| {provider} | {', '.join(passes)} | {len(found)} | "
+                        f"{status.replace('|', '/')} |")
     if "l2_read" in payload:
         probe = payload["l2_read"]
         rows += ["", f"L2 read probe (bench.l2_probe, a lower bound): {probe['tbps']:.2f} TB/s "
@@ -313,6 +547,8 @@ def summary(payload):
                  "| provider | pass | dtype | B | largest N run | stopped at N | why |",
                  "|---|---|---|---|---|---|---|"]
         for (provider, pass_, dtype, B), (largest, stop, why) in limits.items():
+            if why.startswith(("refused", "error")):  # the reason is in the table above
+                why = _status_word(why)
             rows.append(f"| {provider} | {pass_} | {dtype} | {B} | {largest or 'none'} | "
                         f"{stop or '-'} | {why} |")
     return "\n".join(rows)
@@ -334,6 +570,18 @@ def out_of_memory_points(payload):
     return limits
 
 
+COLOURS = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2", "C4", "C5", "C6"), strict=True))
+
+
+def _label_best_peers(axis, payload, fused_records, values, index):
+    """Write "<ratio>x <best peer>" beside each of the fused read's points."""
+    for record, y in zip(fused_records, values, strict=True):
+        name, ratio = best_peer(payload, record, index)
+        if name:
+            axis.annotate(f"{ratio:.1f}x {name}", (record["N"], y), textcoords="offset points",
+                          xytext=(3, 4), fontsize=6, rotation=35)
+
+
 def plot(payload, path):
     """Roofline (fraction of the matmul rate vs N) and memory (peak vs N) PNGs; returns paths."""
     try:
@@ -350,7 +598,8 @@ def plot(payload, path):
     passes = [p for p in PASSES if any(r["pass"] == p for r in records)]
     title = (f"memory_read on {payload['device']} (torch {payload['torch']}, triton "
              f"{payload['triton']}, {payload['date'][:10]}), HW={payload['HW']}, Ck=128, Cv=512")
-    colours = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2"), strict=True))
+    fused = _fused(payload)
+    index = index_points(payload)
     written = []
     for name, value, ylabel, log_y in (
             ("roofline", lambda r: 100 * _fraction(payload, r), "% of the same-run matmul rate",
@@ -372,24 +621,123 @@ def plot(payload, path):
                         values = [value(r) for r in ok]
                         positive = positive or max(values) > 0
                         axis.plot([r["N"] for r in ok], values, marker="o",
-                                  color=colours[provider], label=f"{provider} {ok[0]['dtype']}")
+                                  color=COLOURS[provider], label=f"{provider} {ok[0]['dtype']}")
+                    if provider == fused and name == "roofline":
+                        _label_best_peers(axis, payload, ok, values if ok else [], index)
                     stopped = [r for r in series if r["status"].startswith("oom")]
                     if stopped and ok:
                         axis.plot([stopped[0]["N"]], [value(ok[-1])], marker="x",
-                                  markersize=10, color=colours[provider], linestyle="none")
+                                  markersize=10, color=COLOURS[provider], linestyle="none")
                 axis.set(xscale="log", title=f"{pass_}, B={B}", xlabel="memory positions N")
                 if log_y and positive:  # a log axis needs a positive value to show
                     axis.set_yscale("log")
-                else:
-                    axis.set_ylim(bottom=0)
+                else:  # room above the points for the best-peer labels
+                    axis.set_ylim(bottom=0, top=axis.get_ylim()[1] * 1.25)
                 if column == 0:
                     axis.set_ylabel(ylabel)
                 axis.legend(fontsize=7)
         caption = ("x: the N at which the provider ran out of memory" if name == "memory"
-                   else "TFLOP/s as a fraction of a large square matmul in the same run")
+                   else "TFLOP/s as a fraction of a large square matmul in the same run; "
+                        f"labels: {fused}'s speed-up over the best peer at that N, and its name")
         figure.suptitle(f"{title}\n{caption}", fontsize=9)
         written += common.save_figure(figure, path, name=name)
     return written
+
+
+# The README's GPU plot: the target shape (one 480p query frame, one object, bf16).
+READ_PLOT_SHAPE = dict(dtype="bf16", B=1, HW=1620, Ck=128, Cv=512)
+READ_PLOT_PASSES = ("fwd", "fwd+bwd")
+
+
+def read_plot_points(payload):
+    """{(provider, pass): {N: record}} of the target shape in a run, its targets and scaling
+    sweeps together (the later record where a point was measured twice)."""
+    points = {}
+    for record in payload["records"]:
+        if record["pass"] in READ_PLOT_PASSES and record.get("sweep", "scaling") in (
+                "targets", "scaling") and all(record.get(key) == value
+                                              for key, value in READ_PLOT_SHAPE.items()):
+            points.setdefault((record["provider"], record["pass"]), {})[record["N"]] = record
+    return points
+
+
+def read_plot_run(payloads):
+    """The run the README's GPU plot is drawn from: of the GPU kernel runs given, the newest
+    with the fused read measured at three or more memory sizes of the target shape (a curve),
+    else the newest with any such point; None if none has one."""
+    def fused_sizes(payload):
+        found = read_plot_points(payload).get((FUSED["cuda"], "fwd"), {})
+        return sum(record["status"] == "ok" for record in found.values())
+    runs = sorted((p for p in payloads if p.get("device_type") == "cuda" and fused_sizes(p)),
+                  key=lambda p: p["date"])
+    curves = [p for p in runs if fused_sizes(p) >= 3]
+    return (curves or runs or [None])[-1]
+
+
+def read_plot(payload, path, source=None):
+    """The README's GPU plot: time against memory frames (N / HW) for the fused read's forward
+    and forward + backward, the best peer at each N (the fastest peer that ran there: its name
+    beside the point) and the naive read, the out-of-memory points marked; one object, one
+    480p query frame, bf16. Writes a PNG at path (its "Source" text names `source`); returns
+    [path]."""
+    import pathlib
+    common.subplots(1, 1)  # matplotlib off screen
+    import matplotlib.pyplot as plt
+    points = read_plot_points(payload)
+    fused = FUSED["cuda"]
+    peers = [p for p in PROVIDERS if p not in (fused, "naive")]
+    figure, axis = plt.subplots(1, 1, figsize=(8, 4.8))
+    hw = READ_PLOT_SHAPE["HW"]
+    styles = {"fwd": dict(linestyle="-", marker="o"), "fwd+bwd": dict(linestyle="--", marker="s")}
+    top = []
+    for pass_ in READ_PLOT_PASSES:
+        mine = points.get((fused, pass_), {})
+        ok = sorted((N, r) for N, r in mine.items() if r["status"] == "ok")
+        best = []
+        for N, record in ok:
+            times = {peer: points[(peer, pass_)][N]["median_ms"] for peer in peers
+                     if points.get((peer, pass_), {}).get(N, {}).get("status") == "ok"}
+            if times:
+                name = min(times, key=times.get)
+                best.append((N, times[name], name, times[name] / record["median_ms"]))
+        naive = sorted((N, r) for N, r in points.get(("naive", pass_), {}).items())
+        naive_ok = [(N, r["median_ms"]) for N, r in naive if r["status"] == "ok"]
+        for label, series, colour in ((f"fused {pass_}", [(N, r["median_ms"]) for N, r in ok],
+                                       "C0"),
+                                      (f"best peer {pass_}", [(N, ms) for N, ms, _, _ in best],
+                                       "C2"),
+                                      (f"naive {pass_}", naive_ok, "C3")):
+            if series:
+                axis.plot([N / hw for N, _ in series], [ms for _, ms in series], color=colour,
+                          label=label, **styles[pass_])
+                top += [ms for _, ms in series]
+        for N, ms, name, ratio in best:
+            axis.annotate(f"{ratio:.1f}x vs {name}", (N / hw, ms), textcoords="offset points",
+                          xytext=(4, -10 if pass_ == "fwd" else 6), fontsize=6.5, color="C2")
+        stopped = [(N, provider) for provider in [fused, "naive"] + peers
+                   for N, r in points.get((provider, pass_), {}).items()
+                   if r["status"].startswith("oom")]
+        for N, provider in stopped:
+            axis.plot([N / hw], [max(top or [1.0])], marker="x", markersize=10, color="k",
+                      linestyle="none")
+            axis.annotate(f"{provider} {pass_}: out of memory", (N / hw, max(top or [1.0])),
+                          textcoords="offset points", xytext=(-40, 8), fontsize=6.5)
+    axis.set(xscale="log", yscale="log", xlabel=f"memory frames (N / {hw})",
+             ylabel="time per read (ms, median)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left")
+    best_note = ("best peer: the fastest of " + ", ".join(
+        p for p in peers if any(k[0] == p for k in points)) + " at each N")
+    figure.suptitle(f"The memory read on {payload['device']}, {payload['date'][:10]} "
+                    f"(torch {payload['torch']}, triton {payload['triton']})\n"
+                    f"one object, one 480p query frame (HW = {hw}), Ck = 128, Cv = 512, bf16; "
+                    f"{best_note}; x: out of memory", fontsize=8)
+    figure.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, metadata={"Source": source or payload.get("_file", "")})
+    plt.close(figure)
+    return [path]
 
 
 def main(argv=None):
@@ -409,6 +757,10 @@ def main(argv=None):
                         help="stop growing N for a provider once one call takes longer "
                              "(default: 20 s on GPU, 1.5 s on CPU)")
     parser.add_argument("--quick", action="store_true", help="a few points only")
+    parser.add_argument("--warmup", action="store_true",
+                        help="call every series untimed at its smallest N before timing")
+    parser.add_argument("--warmup-s", type=float, default=1.0,
+                        help="seconds of untimed calls per series with --warmup (default 1)")
     args = common.parse_args_or_run_child(parser, argv, _cpu_memory_child)
     if args is not None:
         run(args)

@@ -22,6 +22,10 @@ variant runs once per input resolution; frames are upscaled from the --size cycl
 resolution outside the timed step and segmented with VideoSegmenter(max_internal_size=N).
 Each checkpoint records the memory per memory frame (bank storage) and the fps.
 
+--time-limit S stops each variant after S seconds of segmenting (a lent GPU's call is 10
+minutes): its record then ends with a checkpoint at the frame reached and the status "time
+limit (S s) at frame T". The results file is saved after each variant.
+
 Variant fused-compile: VideoSegmenter(compile=True). Its compilation runs in a warm-up of a
 few frames on a separate segmenter before timing (recorded as warmup_s; --warmup N gives
 every variant such a warm-up); per-read times are not available inside the compiled graph
@@ -187,8 +191,18 @@ def run_variant(spec):
         torch.cuda.memory_allocated(device)
     frame_ms, read_ms, memory_frames, checkpoints = [], [], [], []
     status = "ok"
+    limit = spec.get("time_limit")
+
+    def checkpoint(length):
+        return dict(length=length, fps=length / (sum(frame_ms) / 1e3),
+                    fps_last_100=min(100, length) / (sum(frame_ms[-100:]) / 1e3),
+                    peak_mem_bytes=peak_bytes(device) - baseline,
+                    memory_frames=segmenter.memory_frames,
+                    memory_bytes=segmenter.memory_bytes,
+                    memory_bytes_per_frame=segmenter.memory_bytes_per_frame)
     try:
         with torch.inference_mode():
+            started = time.perf_counter()
             for t in range(max(spec["lengths"])):
                 frame = frame_at(t)
                 tick = time.perf_counter()
@@ -198,13 +212,13 @@ def run_variant(spec):
                 read_ms.append(timer.collect_ms())
                 memory_frames.append(segmenter.memory_frames)
                 if t + 1 in spec["lengths"]:
-                    checkpoints.append(dict(
-                        length=t + 1, fps=(t + 1) / (sum(frame_ms) / 1e3),
-                        fps_last_100=min(100, t + 1) / (sum(frame_ms[-100:]) / 1e3),
-                        peak_mem_bytes=peak_bytes(device) - baseline,
-                        memory_frames=segmenter.memory_frames,
-                        memory_bytes=segmenter.memory_bytes,
-                        memory_bytes_per_frame=segmenter.memory_bytes_per_frame))
+                    checkpoints.append(checkpoint(t + 1))
+                if limit and time.perf_counter() - started > limit and \
+                        t + 1 < max(spec["lengths"]):
+                    status = f"time limit ({limit:g} s) at frame {t + 1}"
+                    if t + 1 not in spec["lengths"]:
+                        checkpoints.append(checkpoint(t + 1))
+                    break
     except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as error:
         if not isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) and \
                 "out of memory" not in str(error).lower():
@@ -354,6 +368,9 @@ def main(argv=None):
                         help="VideoSegmenter(max_internal_size=...): the network sees frames "
                              "whose shorter side is at most this (default with "
                              "--input-resolutions: 480; 0: the input size)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop each variant after this many seconds of segmenting "
+                             "(recorded, with a checkpoint at the frame reached)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="frames segmented by a separate segmenter before timing (at least "
                              f"{COMPILE_WARMUP_FRAMES} for compiled variants)")
@@ -373,7 +390,8 @@ def main(argv=None):
     spec = dict(device=str(device), model=args.model or defaults["model"],
                 size=list(size), lengths=lengths, source=source,
                 sequence=args.sequence, mem_every=args.mem_every,
-                max_internal_size=max_internal_size, warmup=args.warmup)
+                max_internal_size=max_internal_size, warmup=args.warmup,
+                time_limit=args.time_limit)
     payload = common.environment(device)
     payload.update(benchmark="long_video", **{k: v for k, v in spec.items() if k != "device"},
                    peak_mem_note=("CUDA: allocator peak above what was allocated before the "
@@ -395,6 +413,7 @@ def main(argv=None):
         shown = (f"{last['length']} frames {last['fps']:.1f} fps "
                  f"{last['peak_mem_bytes'] / 2**20:.0f} MiB" if last else "")
         print(f"{variant:20} {resolution or '':6} {record['status']:8} {shown}", flush=True)
+        common.save_progress("long_video", payload)  # a cut-off run keeps its variants
     common.finish_run("long_video", payload, plot, summary)
     return 0
 

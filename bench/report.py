@@ -8,6 +8,11 @@ Each holds `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` blocks; each is repl
 table of the newest bench/results/NAME_<device>_<date>.json per device, with the device,
 library versions, commit and date of the run that produced it. Nothing in those blocks is
 typed by hand.
+
+It also draws the README's GPU plot, docs/images/gpu_read.png (bench.kernel.read_plot: time
+against memory frames for the fused read, its best peer and the naive read), from the newest
+GPU kernel run with the target shape measured at three or more memory sizes (else the newest
+with any); the PNG's "Source" text names that file, and --check fails when it names another.
 """
 import argparse
 import json
@@ -17,12 +22,13 @@ import sys
 
 from bench import (annotate, cpu_read, dataset_throughput, davis_test, held_out,
                    integrations, interactive, interactive_eval, kernel, long_video,
-                   memory_dtype, ragged_read, sharded_read, topk_read, training)
+                   memory_dtype, multi_object, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
 from tools.gpu_session import ncu_summary, profile_target
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GPU_PLOT = ROOT / "docs" / "images" / "gpu_read.png"
 # The pages whose `bench:` blocks are generated: the README's headline, the performance page.
 DOCUMENTS = (README, ROOT / "docs" / "performance.md")
 # results "benchmark" field: (plot(payload, path) -> written paths, or None; summary(payload)
@@ -41,6 +47,7 @@ RENDERERS = {
     "sharded_read": (sharded_read.plot, sharded_read.summary),
     "annotate": (annotate.plot, annotate.summary),
     "davis_test": (davis_test.plot, davis_test.summary),
+    "multi_object": (multi_object.plot, multi_object.summary),
     "memory_dtype": (memory_dtype.plot, memory_dtype.summary),
     "integrations": (integrations.plot, integrations.summary),
     "kernel_breakdown": (profile_target.plot, profile_target.summary),
@@ -132,6 +139,39 @@ def rewrite(text, directory=RESULTS):
     return _BLOCK.sub(lambda m: m.group(1) + render(m.group(2), directory) + m.group(3), text)
 
 
+def kernel_runs(directory=RESULTS):
+    """Every kernel benchmark result in the directory (payloads, "_file" set)."""
+    runs = []
+    for path in sorted(pathlib.Path(directory).glob("kernel_*.json")):
+        payload = json.loads(path.read_text())
+        if benchmark_of(payload) == "kernel":
+            payload["_file"] = path.name
+            runs.append(payload)
+    return runs
+
+
+def plot_source(path):
+    """The "Source" text of a PNG written by read_plot (None without one, or no file)."""
+    try:
+        from PIL import Image
+        with Image.open(path) as image:
+            return image.text.get("Source")
+    except (OSError, ImportError):
+        return None
+
+
+def gpu_plot(directory=RESULTS, target=GPU_PLOT, check=False):
+    """Draw the README's GPU plot from the run kernel.read_plot_run picks (check: only say
+    whether the one there names it). Returns (the run's file name or None, up to date)."""
+    run = kernel.read_plot_run(kernel_runs(directory))
+    if run is None:
+        return None, True
+    if check:
+        return run["_file"], plot_source(target) == run["_file"]
+    kernel.read_plot(run, target, source=run["_file"])
+    return run["_file"], True
+
+
 def main(argv=None):
     """`python -m bench report [--check]`; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -154,6 +194,11 @@ def main(argv=None):
         if not args.check:
             document.write_text(updated)
             print(f"updated the benchmark blocks of {document.relative_to(ROOT)}")
+    source, current = gpu_plot(check=args.check)
+    if not current:
+        stale.append(GPU_PLOT)
+    elif source and not args.check:
+        print(f"drew {GPU_PLOT.relative_to(ROOT)} from bench/results/{source}")
     if args.check and stale:
         print(f"benchmark tables are stale in {', '.join(str(d.relative_to(ROOT)) for d in stale)}"
               ": run python -m bench report")

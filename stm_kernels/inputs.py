@@ -70,9 +70,35 @@ def check_tensor(name, tensor):
             "the number of memory positions N, must be at least 1")
 
 
-def flatten_checked(query_key, memory_key, memory_value):
+def check_one_dtype(named):
+    """ValueError naming every floating-point input [(name, tensor)] and its dtype unless
+    they all share one dtype. The read never promotes (as torch's
+    scaled_dot_product_attention refuses mixed dtypes): an fp16 query against an fp32 memory
+    would otherwise read, and return, fp32 without a word; the caller casts explicitly (a
+    memory bank stored in bf16 casts its query to bf16 at its call site)."""
+    dtypes = [tensor.dtype for _, tensor in named]
+    if len(set(dtypes)) == 1:
+        return
+    groups = {}  # argument (chunks grouped under their argument's name) -> [(name, dtype)]
+    for (name, _), dtype in zip(named, dtypes, strict=True):
+        groups.setdefault(name.split("[")[0], []).append((name, dtype))
+    parts = []
+    for argument, members in groups.items():
+        if len({dtype for _, dtype in members}) == 1:
+            chunks = f" ({len(members)} chunks)" if len(members) > 1 else ""
+            parts.append(f"{argument}{chunks} {members[0][1]}")
+        else:
+            parts += [f"{name} {dtype}" for name, dtype in members]
+    raise ValueError(f"the read's floating-point inputs must share one dtype (it does not "
+                     f"promote; cast them explicitly, e.g. query_key.to(memory_key.dtype)); "
+                     f"got {', '.join(parts)}")
+
+
+def flatten_checked(query_key, memory_key, memory_value, others=()):
     """Validate; return q (Bq, Ck, HW), key chunks [(B, Ck, N_i)], value chunks [(B, Cv, N_i)]
-    (views where the strides allow) and the query's spatial shape."""
+    (views where the strides allow) and the query's spatial shape. others: more
+    floating-point inputs [(name, tensor)] (XMem's shrinkage and selection) that must share
+    the query's and the memory's dtype."""
     check_tensor("query_key", query_key)
     keys, values = as_chunks("memory_key", memory_key), as_chunks("memory_value", memory_value)
     if len(keys) != len(values):
@@ -105,15 +131,12 @@ def flatten_checked(query_key, memory_key, memory_value):
             raise ValueError(
                 f"query_key, {key_name} and {value_name} must be on one device; got "
                 f"{query_key.device}, {key.device} and {value.device}")
-        if key.dtype != first_key.dtype or value.dtype != first_key.dtype:
-            raise TypeError(
-                f"memory_key and memory_value must share one dtype; got {key.dtype} "
-                f"({key_name}) and {value.dtype} ({value_name})")
     if query_key.shape[0] not in (1, B) or query_key.shape[1] != Ck:
         raise ValueError(
             f"query_key must have shape (B={B} or 1, Ck={Ck}, ...) to match memory_key "
             f"{tuple(first_key.shape)}; got shape {tuple(query_key.shape)}")
-    q = query_key.to(first_key.dtype).flatten(2)
+    check_one_dtype([("query_key", query_key), *keys, *values, *others])
+    q = query_key.flatten(2)
     return (q, [key.flatten(2) for _, key in keys], [value.flatten(2) for _, value in values],
             query_key.shape[2:])
 
@@ -173,7 +196,9 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
              shrinkage=None, selection=None, memory_lengths=None, backend="auto", top_k=None):
     """Validate a read's arguments (errors name the argument and the expected shape) and
     return the PreparedCall the backends run."""
-    q, keys, values, query_spatial = flatten_checked(query_key, memory_key, memory_value)
+    q, keys, values, query_spatial = flatten_checked(query_key, memory_key, memory_value,
+                                                     _xmem_tensors(similarity, shrinkage,
+                                                                   selection))
     similarity = checked_similarity(similarity)
     # XMem folds the scale into the memory keys (memory dtype); the other reads apply it to
     # the query in float32 (float64 for a float64 memory)
@@ -190,6 +215,18 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
     N = sum(key.shape[2] for key in keys)
     return PreparedCall(q, keys, values, tuple(query_spatial), float(scale),
                         similarity == "l2", backend, lengths, checked_top_k(top_k, backend, N))
+
+
+def _xmem_tensors(similarity, shrinkage, selection):
+    """[(name, tensor)] of the XMem inputs that are floating-point tensors (xmem.py's checks
+    name the rest)."""
+    if similarity != "xmem":
+        return []
+    chunks = list(shrinkage) if isinstance(shrinkage, (list, tuple)) else [shrinkage]
+    named = [(f"shrinkage[{index}]" if isinstance(shrinkage, (list, tuple)) else "shrinkage",
+              chunk) for index, chunk in enumerate(chunks)] + [("selection", selection)]
+    return [(name, tensor) for name, tensor in named
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()]
 
 
 def checked_top_k(top_k, backend, N):

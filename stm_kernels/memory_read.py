@@ -75,10 +75,11 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
 
     Args:
         query_key: (B or 1, Ck, HW) or (B or 1, Ck, H, W). Batch 1, or a stride-0 `expand`, is
-            shared by all B objects without copies. Any floating dtype: it is cast to the
-            memory's dtype before the read (an fp32 query against an fp16 memory bank reads
-            as fp16, as the kernels take one input dtype), and its gradient comes back in its
-            own dtype.
+            shared by all B objects without copies. float16, bfloat16, float32 or float64,
+            the dtype of the memory (and of shrinkage and selection): mixed dtypes are a
+            ValueError naming each argument's dtype, as for torch's
+            scaled_dot_product_attention; the read never promotes, so cast explicitly (e.g.
+            `query_key.to(memory_key.dtype)` against an fp16 memory bank).
         memory_key: (B, Ck, N) or (B, Ck, T, H', W'); B = objects, N = T*H'*W' positions.
             Or a list of such chunks (e.g. one per memory frame), read as their concatenation
             along N: autograd then saves the chunks themselves, not a concatenated copy, so a
@@ -245,3 +246,24 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _memory_read_op.register_autograd(_backward, setup_context=_setup_context)
+
+DOUBLE_BACKWARD_UNSUPPORTED = (
+    "double backward (higher-order gradients) of stm_kernels.memory_read is not supported by "
+    "its fused backends ('triton', 'torch'); backend='naive' (the materialising read, plain "
+    "PyTorch autograd) supports it")
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+def _double_backward(ctx, grad_dq, grad_dk, grad_dv):
+    """The backward of the backward: refused in one line (without it, torch's own error says
+    only that no autograd formula was registered)."""
+    raise RuntimeError(DOUBLE_BACKWARD_UNSUPPORTED)
+
+
+# Reached only when the first backward built a graph (create_graph=True) and that graph is
+# differentiated again.
+_memory_read_backward_op.register_autograd(_double_backward,
+                                           setup_context=_setup_backward_context)

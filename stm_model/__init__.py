@@ -1,7 +1,7 @@
 """stm_model: the STM network and everything model-side.
 
-    from stm_model import load_official_checkpoint, VideoSegmenter
-    model = load_official_checkpoint("STM_weights.pth")
+    from stm_model import load_checkpoint, VideoSegmenter
+    model = load_checkpoint("small-real")  # shipped; or load_official_checkpoint("official")
     seg = VideoSegmenter(model, mem_every=5)
     prob = seg.step(frame, mask=labels)   # then seg.step(frame) for every later frame
 

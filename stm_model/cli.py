@@ -41,7 +41,8 @@ class Interrupted(Exception):
 INTERRUPTED = {
     "segment-dataset": "the sequences completed are kept in the output; run the same command "
                        "again to resume",
-    "train": "the last checkpoint is kept; run the same command again to resume",
+    "train": "the checkpoint saved last, if any, is kept; run the same command again to "
+             "resume",
     "interactive-eval": "nothing is written until the end; run it again",
 }
 

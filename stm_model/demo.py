@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from stm_model import metrics
 from stm_model import io as video_io
-from stm_model.network.checkpoint import SHIPPED, load_checkpoint
+from stm_model.network.checkpoint import SHIPPED, acknowledge_synthetic_only, load_checkpoint
 from stm_model.training.datasets import HELD_OUT_SEEDS
 from stm_model.runtime.devices import peak_memory_bytes
 from stm_model.inference.video_segmenter import VideoSegmenter
@@ -34,14 +34,16 @@ _RECIPES = {WEIGHTS.name: "make small-synthetic-model",
 
 def load_small_model(path=None, device="cpu"):
     """The small STM trained on synthetic videos (the file committed with the package); pass
-    SMALL_INTERACTIVE_WEIGHTS for its interactive variant."""
+    SMALL_INTERACTIVE_WEIGHTS for its interactive variant. For synthetic video (the demo's,
+    the benchmarks', the tests'): its sessions do not warn that it was trained on synthetic
+    video only (load_checkpoint("small-real") is the model for real video)."""
     path = pathlib.Path(path or WEIGHTS)
     if not path.exists():
         recipe = _RECIPES.get(path.name, "make small-synthetic-model")
         raise FileNotFoundError(
             f"{path} is missing; train it with `{recipe}` (see README: the small trained "
             "models)")
-    return load_checkpoint(path, device)
+    return acknowledge_synthetic_only(load_checkpoint(path, device))
 
 
 def evaluate_video(model, video, frames, *, mem_every=5, overlay=None, fps=25.0,

@@ -38,8 +38,10 @@ makes torch.topk raise (memory_read reads the whole memory).
 Before patching, the Cutie functions whose behaviour the fused read reproduces (the methods
 replaced, and the similarity, softmax and readout functions they call, as the target's class
 and modules resolve them) are compared with fingerprints of their source in the known rf-cutie
-versions: any difference, even a comment, raises RuntimeError naming the installed version,
-rather than risking a silent wrong read.
+versions: any difference, even a comment, raises RuntimeError naming the installed version
+and the functions that differ, rather than risking a silent wrong read. Another release whose
+functions are unchanged is accepted; the "cutie" extra pins the known version (_check_known
+says why).
 """
 import contextlib
 import functools
@@ -69,6 +71,8 @@ _KNOWN_FINGERPRINTS = {
     },
 }
 
+# The version setup.py's "cutie" extra pins (rf-cutie==_PINNED): the newest known one.
+_PINNED = list(_KNOWN_FINGERPRINTS)[-1]
 _MISSING = object()
 
 
@@ -80,9 +84,10 @@ def use_fused_read(target, *, backend="auto"):
     CUDA, the chunked torch read otherwise). Calling it again changes the backend.
     The patch is per instance: other models, and the classes, keep Cutie's read.
 
-    Raises ImportError without Cutie (`pip install stm-kernels[cutie]`), TypeError for another
-    target, ValueError for an unknown backend or a method already replaced on this instance by
-    something else, RuntimeError when the installed Cutie functions are not ones it knows.
+    Raises ImportError without Cutie (`pip install "/path/to/stm-kernels[cutie]"`), TypeError
+    for another target, ValueError for an unknown backend or a method already replaced on this
+    instance by something else, RuntimeError when the installed Cutie functions are not ones
+    it knows (see _check_known).
     """
     kind = _kind(target)
     if backend not in BACKENDS:
@@ -143,8 +148,9 @@ def _cutie_classes():
         from cutie.inference.memory_manager import MemoryManager
         from cutie.model.cutie import CUTIE
     except ImportError as error:
-        raise ImportError("stm_kernels.integrations.cutie needs Cutie: pip install "
-                          "stm-kernels[cutie] (the rf-cutie package)") from error
+        raise ImportError("stm_kernels.integrations.cutie needs Cutie (the rf-cutie package): "
+                          'pip install "/path/to/stm-kernels[cutie]" (your clone), or pip '
+                          f'install "rf-cutie=={_PINNED}"') from error
     return InferenceCore, MemoryManager, CUTIE
 
 
@@ -191,8 +197,17 @@ def _originals(target, kind):
 
 
 def _check_known(functions):
-    """RuntimeError, naming the installed and the known versions, unless every function has
-    the fingerprint of one known rf-cutie version."""
+    """RuntimeError, naming the installed and the known versions and the functions that
+    differ, unless every function has the fingerprint of one known rf-cutie version.
+
+    The guard compares the functions, not the version string: any rf-cutie release whose
+    fingerprinted functions are unchanged is accepted. And setup.py's "cutie" extra pins
+    `rf-cutie==_PINNED` (not `>=`), so that `pip install "/path/to/stm-kernels[cutie]"`
+    always installs a version this guard accepts: with `>=`, a later release that changes
+    one of these functions would install without a word and only fail here, at run time. The
+    pin moves that decision to the resolver at install time, and a Cutie installed by other
+    means still gets the guard's verdict. A release that changes them is supported by
+    checking the fused read against it, adding its fingerprints and moving the pin."""
     unknown = unknown_functions(functions, _KNOWN_FINGERPRINTS)
     if unknown is None:
         return
@@ -203,7 +218,7 @@ def _check_known(functions):
         f"{installed_version('rf-cutie', 'cutie')} "
         f"these functions differ from {newest}'s: {', '.join(differing)} (changed, or "
         "replaced by a subclass or a patch). Refusing to patch rather than risk a silently "
-        "different read: install a known rf-cutie version, or keep Cutie's own read")
+        f'different read: pip install "rf-cutie=={_PINNED}", or keep Cutie\'s own read')
 
 
 # --------------------------------------------------------------------------- patching
@@ -307,13 +322,15 @@ def _fused_manager_read(manager, pix_feat, query_key, selection, last_mask, netw
             values = _visual_values(manager, objects)  # chunks of bs*(num_objects*C)*N
             # the usage does not depend on the values: counted once per bucket, as Cutie's
             count_usage = manager.use_long_term and chunk_index == 0
-            # memory_read takes one memory dtype; they differ only under autocast, where
-            # Cutie's matmuls would cast both too
+            # memory_read takes one dtype and never promotes; they differ only under
+            # autocast, where Cutie's matmuls would cast them all too
             dtype = torch.promote_types(keys[0].dtype, values[0].dtype)
             read = memory_read(
-                query_key, [key.to(dtype) for key in keys],
+                query_key.to(dtype), [key.to(dtype) for key in keys],
                 [value.to(dtype) for value in values], similarity="xmem",
-                shrinkage=shrinkages, selection=selection, top_k=manager.top_k,
+                shrinkage=[shrinkage.to(dtype) for shrinkage in shrinkages],
+                selection=selection.to(dtype),
+                top_k=manager.top_k,
                 return_usage=count_usage, backend=backend)
             if count_usage:
                 read, usage = read

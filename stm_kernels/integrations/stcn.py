@@ -36,7 +36,9 @@ Before patching, the stcnbuf functions whose behaviour the fused read reproduces
 (match_memory, _global_matching, softmax_w_top, add_memory's memory layout, and
 STCNInference.initialize, as the target's classes and modules resolve them) are compared with
 fingerprints of the known stcnbuf versions: a difference raises RuntimeError naming the
-installed version, rather than risking a silent wrong read.
+installed version and the functions that differ, rather than risking a silent wrong read.
+Another release whose functions are unchanged is accepted; the "stcn" extra pins the known
+version (_check_known says why).
 """
 import contextlib
 import functools
@@ -67,6 +69,8 @@ _KNOWN_FINGERPRINTS = {
 
 # The instance attribute holding a fused bank's backend (a TorchScript attribute once scripted)
 _BACKEND = "_stm_kernels_backend"
+# The version setup.py's "stcn" extra pins (stcnbuf==_PINNED): the newest known one.
+_PINNED = list(_KNOWN_FINGERPRINTS)[-1]
 _MISSING = object()
 
 
@@ -79,10 +83,10 @@ def use_fused_read(target, *, backend="auto"):
     otherwise; a bank's top_k above Triton's limit reads with "torch"). Calling it again
     changes the backend. The patch is per instance: other models keep STCN's read.
 
-    Raises ImportError without stcnbuf (`pip install stm-kernels[stcn]`), TypeError for
-    another target, ValueError for an unknown backend or an `initialize` already replaced on
-    this instance by something else, RuntimeError when the installed stcnbuf functions are not
-    ones it knows.
+    Raises ImportError without stcnbuf (`pip install "/path/to/stm-kernels[stcn]"`),
+    TypeError for another target, ValueError for an unknown backend or an `initialize`
+    already replaced on this instance by something else, RuntimeError when the installed
+    stcnbuf functions are not ones it knows (see _check_known).
     """
     kind = _kind(target)
     if backend not in BACKENDS:
@@ -138,8 +142,9 @@ def _stcn_classes():
         from stcnbuf.inference_memory_bank import MemoryBank
         from stcnbuf.model.eval_network import STCNInference
     except ImportError as error:
-        raise ImportError("stm_kernels.integrations.stcn needs STCN: pip install "
-                          "stm-kernels[stcn] (the stcnbuf package)") from error
+        raise ImportError("stm_kernels.integrations.stcn needs STCN (the stcnbuf package): "
+                          'pip install "/path/to/stm-kernels[stcn]" (your clone), or pip '
+                          f'install "stcnbuf=={_PINNED}"') from error
     return STCNInference, MemoryBank
 
 
@@ -185,8 +190,18 @@ def _originals(target, kind):
 
 
 def _check_known(function_sets):
-    """RuntimeError, naming the installed and the known versions, unless every function of
-    each set has the fingerprint of one known stcnbuf version."""
+    """RuntimeError, naming the installed and the known versions and the functions that
+    differ, unless every function of each set has the fingerprint of one known stcnbuf
+    version.
+
+    The guard compares the functions, not the version string: any stcnbuf release whose
+    fingerprinted functions are unchanged is accepted. And setup.py's "stcn" extra pins
+    `stcnbuf==_PINNED` (not `>=`), so that `pip install "/path/to/stm-kernels[stcn]"` always
+    installs a version this guard accepts: with `>=`, a later release that changes one of
+    these functions would install without a word and only fail here, at run time. The pin
+    moves that decision to the resolver at install time, and an stcnbuf installed by other
+    means still gets the guard's verdict. A release that changes them is supported by
+    checking the fused read against it, adding its fingerprints and moving the pin."""
     for functions in function_sets:
         unknown = unknown_functions(functions, _KNOWN_FINGERPRINTS)
         if unknown is None:
@@ -197,7 +212,8 @@ def _check_known(function_sets):
             f"{', '.join(_KNOWN_FINGERPRINTS)}; the installed stcnbuf is "
             f"{installed_version('stcnbuf', 'stcnbuf')} and its {', '.join(differing)} differ from "
             f"{newest}'s (or a subclass or patch replaces them). Refusing to patch rather than "
-            "risk a silently different read: use a known stcnbuf version, or keep STCN's read")
+            f'risk a silently different read: pip install "stcnbuf=={_PINNED}", or keep '
+            "STCN's read")
 
 
 # --------------------------------------------------------------------------- patching

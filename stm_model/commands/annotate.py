@@ -7,15 +7,19 @@ import time
 from stm_model.annotate.server import (MAX_OBJECTS, STATE_FOLDER, AnnotationServer,
                                        foreign_results)
 from stm_model.cli import UsageError
-from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, describe_results,
-                                        device_named, load_model)
-from stm_model.io.files import can_write_into
+from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, claim_output,
+                                       describe_results, device_named, load_model)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def annotate(args):
-    """Serve the page for one video; every input is checked before the model loads."""
+    """Serve the page for one video; every input is checked before the model loads.
+
+    The output folder is held for the server's whole life (claim_output), not only during an
+    export: the server saves its session there after every round and a second server (or a
+    `stm segment`) into the folder would interleave its rounds and exports with this one's;
+    it is refused at start instead."""
     device = device_named(args.device)
     if args.objects > MAX_OBJECTS:
         raise UsageError(f"--objects must be at most {MAX_OBJECTS}; got {args.objects}")
@@ -23,11 +27,12 @@ def annotate(args):
     if not source.exists():
         raise UsageError(f"{source}: no such folder of frames or video file")
     output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file; give a folder (it is made if needed)")
-    if not can_write_into(output):
-        raise UsageError(f"cannot write into the output folder {output} (read-only, or a "
-                         "parent is a file); choose another --output")
+    with claim_output(output, "stm annotate"):
+        return _serve(args, source, output, device)
+
+
+def _serve(args, source, output, device):
+    """annotate's server until Ctrl-C, holding output's lock."""
     saved = output / STATE_FOLDER / "session.json"
     if args.restart and saved.exists():
         saved.unlink()

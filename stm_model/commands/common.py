@@ -8,7 +8,9 @@ from stm_model import metrics
 from stm_model.cli import UsageError
 from stm_model.inference import options as options_module
 from stm_model.io.files import can_write_into, forget_written, note_written, written_files
-from stm_model.network.checkpoint import OFFICIAL, SHIPPED, load_checkpoint, resolve_checkpoint
+from stm_model.network.checkpoint import (OFFICIAL, acknowledge_synthetic_only, load_checkpoint,
+                                          resolve_checkpoint, synthetic_only_name,
+                                          synthetic_only_note)
 from stm_model.network.stm import STM, STMConfig
 from stm_model.runtime.devices import autocast_is_slow, resolve_device
 
@@ -48,13 +50,13 @@ def checkpoint_path(name, show_progress=True):
 
 def load_model(name, device, quiet=False):
     """The model of a --checkpoint value on device, in eval mode; a shipped model trained on
-    synthetic video only says so in one line (on stderr), naming --checkpoint official."""
+    synthetic video only says so in one line (on stderr), naming --checkpoint small-real (the
+    default) and official, instead of its sessions' SyntheticOnlyWarning."""
     path = checkpoint_path(name, show_progress=not quiet)
-    if path in SYNTHETIC_ONLY:
-        print(f"note: the shipped model {name} was trained on synthetic videos only and does "
-              "not follow objects in real video; --checkpoint official segments with the "
-              "authors' released weights (downloaded once)", file=sys.stderr)
-    return load_checkpoint(path, device)
+    synthetic = synthetic_only_name(path)
+    if synthetic:
+        print(f"note: {synthetic_only_note(synthetic, cli=True)}", file=sys.stderr)
+    return acknowledge_synthetic_only(load_checkpoint(path, device))
 
 
 def build_model(args, device):
@@ -85,8 +87,6 @@ def check_model_arguments(args):
 DEFAULT_CHECKPOINT = "small-real"
 # The interactive commands' model when none is named: the interactive variant of small-real.
 DEFAULT_INTERACTIVE_CHECKPOINT = "small-real-interactive"
-# The shipped models trained on synthetic video only (load_model notes it on real frames).
-SYNTHETIC_ONLY = (SHIPPED["small"], SHIPPED["small-interactive"])
 
 OVERLAY_FILES = ("overlay.mp4", "overlay.gif")  # `stm segment`'s overlay outputs, besides
                                                 # the folder overlay/ of PNGs
@@ -116,17 +116,31 @@ def describe_results(paths):
     return ", ".join(filter(None, parts))
 
 
-def check_output(output, overwrite, resumable=False):
+def check_folder(output):
     """Check, without creating it yet (a run that fails to start leaves no empty folder), that
     output can be a folder of results: not a file, writable (a read-only filesystem and
-    missing permissions alike), and not holding an earlier run's masks or overlay frames
-    (the runs would mix) unless overwrite. resumable: the command has --resume (the refusal
-    says so)."""
+    missing permissions alike)."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; give a folder (it is made if needed)")
     if not can_write_into(output):
         raise UsageError(f"cannot write into the output folder {output} (read-only, or a "
                          "parent is a file); choose another --output")
+
+
+def claim_output(output, command, enabled=True):
+    """check_folder, then the output folder's lock for the run (a context manager, see
+    stm_model.io.run_lock): a run already writing into it makes this run fail at once, in one
+    line naming it (OutputInUse), before this run changes anything there. Take it before
+    check_output: a live run's results are not an earlier run's, to --overwrite."""
+    check_folder(output)
+    return video_io.output_lock(output, command, enabled=enabled)
+
+
+def check_output(output, overwrite, resumable=False):
+    """check_folder, and that output does not hold an earlier run's masks or overlay frames
+    (the runs would mix) unless overwrite. resumable: the command has --resume (the refusal
+    says so)."""
+    check_folder(output)
     earlier = earlier_results(output)
     if earlier and not overwrite:
         resume = ", --resume to continue it if it was interrupted," if resumable else ""

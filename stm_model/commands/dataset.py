@@ -9,17 +9,24 @@ import torch
 
 from stm_model.cli import UsageError
 from stm_model.commands.common import (DEFAULT_CHECKPOINT, build_model, check_model_arguments,
-                                       device_named, segmenter_options, write_json)
+                                       check_folder, device_named, segmenter_options,
+                                       write_json)
 from stm_model.commands.evaluate import evaluate_results
 from stm_model.inference import dataset_runs as dataset_segmentation
 from stm_model.inference.batch_segmenter import BatchSegmenter
 from stm_model.inference.resize import model_internal_size
+from stm_model.io.run_lock import OutputInUse, output_lock
 from stm_model.runtime import cpu_allocator, distributed
 from stm_model.runtime.devices import peak_memory_bytes
 
 
-def _dataset_plan(args, world_size):
-    """(shares: one list of Sequences per rank, names of complete sequences) or an error."""
+def _dataset_plan(args, world_size, lock):
+    """(shares: one list of Sequences per rank, names of complete sequences) or an error; the
+    output's lock is taken first (a run already writing into it is the error)."""
+    try:
+        lock.acquire()
+    except OutputInUse as error:
+        return {"error": str(error)}
     try:
         sequences = dataset_segmentation.list_sequences(
             args.root, args.resolution, args.sequences, args.masks)
@@ -32,15 +39,27 @@ def _dataset_plan(args, world_size):
 
 def segment_dataset(args):
     """`stm segment-dataset`: every sequence, --batch-size at a time, split over torchrun's
-    ranks; rank 0 prints the table, writes OUTPUT/segment_summary.json, optionally evaluates."""
+    ranks; rank 0 prints the table, writes OUTPUT/segment_summary.json, optionally evaluates.
+    Rank 0 holds OUTPUT's lock for the whole run (output_lock): a second run into it is
+    refused at start, on every rank."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
     check_model_arguments(args)
     device_named(args.device)  # a clear error for an unknown or absent device
+    check_folder(pathlib.Path(args.output))
     context = distributed.setup(args.device)
+    lock = output_lock(args.output, "stm segment-dataset", enabled=context.is_main)
+    try:
+        return _segment_dataset(args, context, lock)
+    finally:
+        lock.release()
+
+
+def _segment_dataset(args, context, lock):
+    """segment_dataset once the processes are set up; rank 0 takes the lock in the plan."""
     try:
         plan = distributed.broadcast(
-            _dataset_plan(args, context.world_size) if context.is_main else None, context)
+            _dataset_plan(args, context.world_size, lock) if context.is_main else None, context)
         if "error" in plan:
             raise UsageError(plan["error"])
         device = context.device

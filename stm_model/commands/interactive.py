@@ -11,15 +11,21 @@ from PIL import Image
 from stm_model import io as video_io
 from stm_model.cli import UsageError
 from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, check_output,
-                                       clear_output, device_named, load_model, overlay_writer,
-                                       warn_if_autocast_on_cpu, write_mask)
+                                       claim_output, clear_output, device_named, load_model,
+                                       overlay_writer, warn_if_autocast_on_cpu, write_mask)
 from stm_model.interactive import robot as interactive_eval
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format
 
 
 def interactive_evaluate(args):
-    """`stm interactive-eval`: robot rounds per sequence, a table, JSON and a plot."""
+    """`stm interactive-eval`: robot rounds per sequence, a table, JSON and a plot; --output
+    is held for the whole run (claim_output), so that its JSON and plot are one run's."""
+    with claim_output(pathlib.Path(args.output), "stm interactive-eval"):
+        return _interactive_evaluate(args)
+
+
+def _interactive_evaluate(args):
     device = device_named(args.device)
     warn_if_autocast_on_cpu(args.amp, device)
     if args.rounds < 1:
@@ -44,7 +50,8 @@ def interactive_evaluate(args):
     try:
         print(f"wrote {interactive_eval.plot_curves(results, output / 'interactive_curve.png')}")
     except ImportError:
-        print("(no plot: matplotlib is not installed; pip install stm-kernels[bench])")
+        print('(no plot: matplotlib is not installed; pip install matplotlib, or pip install '
+              '"/path/to/stm-kernels[bench]" from a clone)')
     return 0
 
 
@@ -112,7 +119,17 @@ def _object_count(args, rounds):
 
 def interactive(args):
     """`stm interactive`: rounds of InteractiveSession from scribble files, then masks and an
-    overlay. Every input (frames, scribble files, model) is checked before the first round."""
+    overlay. Every input (frames, scribble files, model) is checked before the first round.
+    The output folder is held from the start (claim_output): a second run into it is refused
+    at once, not after its rounds."""
+    source = pathlib.Path(args.input)
+    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
+    with claim_output(output, "stm interactive"):
+        return _interactive(args, source, output)
+
+
+def _interactive(args, source, output):
+    """interactive's rounds and outputs, holding output's lock."""
     from stm_model.interactive.session import InteractiveSession
     device = device_named(args.device)
     reader = video_io.FrameReader(args.input)
@@ -130,8 +147,6 @@ def interactive(args):
             raise UsageError(f"scribble file {path}: {error}") from None
         rounds.append(scribbles)
     num_objects = _object_count(args, rounds)
-    source = pathlib.Path(args.input)
-    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     check_output(output, args.overwrite)
     model = load_model(args.checkpoint or DEFAULT_INTERACTIVE_CHECKPOINT, device)
     session = InteractiveSession(model, torch.stack([frame.tensor for frame in frames]),

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from stm_model import io as video_io
 from stm_model.cli import Interrupted, UsageError, _dataset_parser, _Parser
 from stm_model.commands.common import (DEFAULT_CHECKPOINT, build_model, check_model_arguments,
-                                       check_output,
+                                       check_output, claim_output,
                                        checkpoint_path, clear_output, device_named,
                                        overlay_writer, segmenter_options, write_json,
                                        write_mask)
@@ -52,15 +52,17 @@ def _mask_paths(args, frames, masks):
 
 def _check_all_masks(paths, hw, max_objects):
     """Every mask of a run, read once before the first frame: readable, the first with an
-    object, each of its frame's size, and with at most max_objects ids in all (the message
-    names the mask that brings the count over and the limit all the masks need). Returns
-    the set of their ids."""
+    object, each of its frame's size (or within 1%: resized, with a note), and with at most
+    max_objects ids in all (the message names the mask that brings the count over and the
+    limit all the masks need). Returns the set of their ids."""
     ids_by_mask = []
     for position, index in enumerate(sorted(paths)):
         mask = video_io.read_mask(paths[index])
         if position == 0:  # segmenting starts there
             check_first_mask(mask, [], name=paths[index])
-        video_io.check_mask_size(mask, hw, mask_name=paths[index].name)
+        mask, note = video_io.fit_mask_size(mask, hw, mask_name=paths[index].name)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         ids_by_mask.append((paths[index], object_ids(mask)))
     every = set().union(*(ids for _, ids in ids_by_mask))
     seen = set()
@@ -154,10 +156,11 @@ def segment(args):
     """`stm segment`: masks (and an overlay) for every frame; prints a summary. A DAVIS-format
     root is segmented whole, as `stm segment-dataset` does with its defaults.
 
-    Inputs are checked (frames, first mask, model) before an earlier run's results are
-    removed (--overwrite; without it an output holding them is refused). Each mask and
-    overlay frame is written atomically, so an interrupted run leaves complete files only (an
-    unfinished GIF or video is dropped)."""
+    The output folder is held for the whole run (claim_output): a second run into it is
+    refused at start. Inputs are checked (frames, first mask, model) before an earlier run's
+    results are removed (--overwrite; without it an output holding them is refused). Each
+    mask and overlay frame is written atomically, so an interrupted run leaves complete files
+    only (an unfinished GIF or video is dropped)."""
     check_model_arguments(args)
     if _is_davis_root(args.input):
         return _segment_davis_root(args)
@@ -167,6 +170,14 @@ def segment(args):
     if not (args.mask or args.masks):
         raise UsageError("one of --mask (the first frame's mask) or --masks (a folder of "
                          "masks) is required")
+    source = pathlib.Path(args.input)
+    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
+    with claim_output(output, "stm segment"):  # for the whole run: one run per folder
+        return _segment_video(args, source, output)
+
+
+def _segment_video(args, source, output):
+    """segment's one video into output, whose lock the caller holds."""
     device = device_named(args.device)
     reader = video_io.FrameReader(args.input)
     if reader.paths is not None:
@@ -178,8 +189,6 @@ def segment(args):
     # before any work, not when reached (every frame has the first's size: FrameReader)
     hw = frames[first].hw
     ids = _check_all_masks(paths, hw, args.max_objects)
-    source = pathlib.Path(args.input)
-    output = pathlib.Path(args.output or pathlib.Path("stm_output") / source.stem)
     check_output(output, args.overwrite or args.resume, resumable=True)
     stop = len(frames) if args.max_frames is None else min(len(frames),
                                                            first + args.max_frames)
@@ -202,7 +211,7 @@ def segment(args):
         path = paths.get(index)
         if path is None:
             return None
-        return torch.from_numpy(video_io.read_mask(path, expected_hw=hw))
+        return torch.from_numpy(video_io.fit_mask_size(video_io.read_mask(path), hw)[0])
 
     def written_labels(index):  # a resumed run's masks (checked: _written_masks)
         path = written.get(index)

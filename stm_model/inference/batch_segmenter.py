@@ -17,6 +17,12 @@ Rules: a step takes a frame for every running video (finish(video) a video that 
 a key seen for the first time starts a new video and needs a mask; all frames of a step have
 one size (one BatchSegmenter per frame size; once every video has finished, another size may
 start).
+
+Frames shrunk before the step (a dataset run segmenting at a smaller size): a mask may be
+given at the size its frame was shrunk from (at least as large in both dimensions). It is
+merged at that size, as VideoSegmenter merges a mask into a frame it resizes, so its own
+pixels are kept however thin its objects; that video's probabilities for the frame are
+returned at the mask's size, and memorised downsampled to the frame's.
 """
 import dataclasses
 from typing import Any, Optional
@@ -27,6 +33,7 @@ from stm_model.memory.batched import BatchedMemory
 from stm_model.memory.schedule import PendingFrame, is_kept
 from stm_model.inference.options import SegmenterOptions
 from stm_model.inference.masks import check_first_mask, labels_of, merge_mask
+from stm_model.inference.resize import downsample_probs, upsample_probs
 from stm_model.network.stm import QueryFeatures, pad_to_multiple, soft_aggregate, unpad
 from stm_model.inference.session import SessionCore, checked_frame_and_mask
 
@@ -121,7 +128,9 @@ class BatchSegmenter(SessionCore):
 
         frames: {video: (3, H, W) float RGB in [0, 1]}, one entry per running video (plus new
         videos), all of one size. masks: optional {video: (H, W) integer object ids}, required
-        for a video's first frame. Returns {video: (K, H, W) probabilities, background first}.
+        for a video's first frame; of the frame's size, or of the size the frame was shrunk
+        from (see the module docstring). Returns {video: (K, H, W) probabilities, background
+        first}, at the mask's size for a frame given a mask of another size.
         """
         checked = self._checked(frames, masks or {})
         for key in checked:
@@ -141,12 +150,18 @@ class BatchSegmenter(SessionCore):
             foreground = self._predict(videos, padded)
         results = {}
         for index, (video, (frame, mask)) in enumerate(zip(videos, checked.values(), strict=True)):
-            probs, keep = self._probabilities(video, foreground[index].float(), mask)
-            probs = unpad(probs, pad)
+            size = tuple(frame.shape[1:])
+            if mask is not None and tuple(mask.shape) != size:  # merged at the mask's size
+                probs = self._merged(video, upsample_probs(
+                    unpad(foreground[index].float(), pad), tuple(mask.shape)), mask)
+                keep, memorised = True, downsample_probs(probs, size)
+            else:
+                probs, keep = self._probabilities(video, foreground[index].float(), mask)
+                probs = memorised = unpad(probs, pad)
             # memorised as the official code does: the returned (cropped) probabilities
-            video.pending = PendingFrame(padded[index], pad_to_multiple(probs[1:])[0], keep,
+            video.pending = PendingFrame(padded[index], pad_to_multiple(memorised[1:])[0], keep,
                                          video.frame_index)
-            video.size = tuple(frame.shape[1:])
+            video.size = size
             video.frame_index += 1
             results[video.key] = probs
         return results
@@ -179,7 +194,8 @@ class BatchSegmenter(SessionCore):
             try:
                 checked[key] = checked_frame_and_mask(
                     frame, masks.get(key), expected_size=video.size if video else None,
-                    frame_index=video.frame_index if video else 0, device=self.device)
+                    frame_index=video.frame_index if video else 0, device=self.device,
+                    larger_mask=True)
                 if video is None:
                     check_first_mask(checked[key][1], [])
             except ValueError as error:
@@ -270,8 +286,13 @@ class BatchSegmenter(SessionCore):
         if mask is None:
             keep = is_kept(video.frame_index, self.mem_every, annotated=False)
             return torch.softmax(soft_aggregate(foreground), dim=0), keep
-        probs, new_ids = merge_mask(foreground, pad_to_multiple(mask)[0], video.object_ids)
+        return self._merged(video, foreground, pad_to_multiple(mask)[0]), True
+
+    def _merged(self, video, foreground, mask):
+        """Probabilities (K, H, W) of a frame given a mask of the foreground's size (see
+        merge_mask); its new ids become objects with a memory group of their own."""
+        probs, new_ids = merge_mask(foreground, mask, video.object_ids)
         if new_ids:
             video.groups.append(self.memory.add_group(len(new_ids), owner=video.key))
             video.object_ids += new_ids
-        return probs, True
+        return probs

@@ -25,6 +25,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import sys
 import time
 
 import torch
@@ -103,8 +104,11 @@ def split_complete(sequences, output):
 
 
 def _load_frame(sequence, index, size):
-    """FrameInput of frame `index`, resized to size=(h, w) when given (bilinear, antialiased;
-    masks nearest-neighbour)."""
+    """FrameInput of frame `index`, resized to size=(h, w) when given (bilinear, antialiased).
+    Its mask stays at the frame's size when the frame is shrunk (BatchSegmenter merges it
+    there, as a single run does, so an annotated frame is written as given) and is resized
+    with it (nearest neighbour) when it is enlarged. A mask within 1% of the frame's size is
+    resized to it first, with a note (fit_mask_size)."""
     path = sequence.frames[index]
     image = video_io.load_image(path)
     if image.shape[:2] != tuple(sequence.size):
@@ -114,15 +118,19 @@ def _load_frame(sequence, index, size):
     frame = video_io.to_tensor(image)
     mask = None
     if path.stem in sequence.masks:
-        mask = torch.from_numpy(video_io.read_mask(sequence.masks[path.stem],
-                                                   expected_hw=image.shape[:2]))
+        given = sequence.masks[path.stem]
+        labels, note = video_io.fit_mask_size(video_io.read_mask(given), image.shape[:2],
+                                              mask_name=f"{sequence.name}/{given.name}")
+        if note:
+            tqdm.write(f"note: {note}", file=sys.stderr)
+        mask = torch.from_numpy(labels)
         if index == 0:
             check_first_mask(mask, [], name=sequence.masks[path.stem])
     if size is not None and tuple(size) != tuple(sequence.size):
         frame = F.interpolate(frame[None], size=tuple(size), mode="bilinear", antialias=True,
                               align_corners=False)[0].clamp(0, 1)
-        if mask is not None:
-            mask = F.interpolate(mask[None, None].float(), size=tuple(size),
+        if mask is not None and (size[0] > sequence.size[0] or size[1] > sequence.size[1]):
+            mask = F.interpolate(mask[None, None].float(), size=tuple(size),  # enlarged
                                  mode="nearest")[0, 0].long()
     return FrameInput(path.stem, frame, mask)
 
@@ -149,8 +157,8 @@ def _read_ahead(sequence, size, pool, depth=3, max_objects=None):
 
 
 def _output_labels(result, size):
-    """uint8 (H, W) labels at the frames' size: the probabilities are upsampled (bilinear)
-    when the segmenter ran at a smaller size."""
+    """(H, W) labels at the frames' size: the probabilities are upsampled (bilinear) when the
+    segmenter ran at another size (a frame given a mask comes at the mask's size already)."""
     if tuple(result.labels.shape) == tuple(size):
         return result.labels
     probs = F.interpolate(result.probs[None].float(), size=tuple(size), mode="bilinear",

@@ -15,6 +15,7 @@ from stm_kernels import backends
 
 from stm_model.memory.bank import MemoryBank
 from stm_model.runtime.devices import DtypeName, dtype_option
+from stm_model.network.checkpoint import warn_if_synthetic_only
 from stm_model.network.stm import STM
 
 class SessionCore:
@@ -26,6 +27,9 @@ class SessionCore:
             default: the model's dtype).
         amp_dtype: run the network under torch.autocast with this dtype (None: no autocast).
         read_backend: memory_read backend (default: the model config's).
+
+    A shipped model trained on synthetic video only ("small", "small-interactive") warns once
+    here (SyntheticOnlyWarning; network.checkpoint.warn_if_synthetic_only says why here).
     """
 
     model: STM
@@ -40,6 +44,7 @@ class SessionCore:
         memory, amp = dtype_option("memory_dtype", memory_dtype), dtype_option("amp_dtype",
                                                                                  amp_dtype)
         self.model = model.eval()
+        warn_if_synthetic_only(model, stacklevel=3)  # the caller of the session's __init__
         parameter = next(model.parameters())
         self.device, self.model_dtype = parameter.device, parameter.dtype
         self.memory_dtype = memory or parameter.dtype
@@ -70,11 +75,14 @@ class SessionCore:
             torch.cuda.synchronize(self.device)
 
 
-def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device, first=None):
+def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device, first=None,
+                           larger_mask=False):
     """(frame float32 (3, H, W), mask int64 (H, W) or None) on `device`, after checking them:
     ValueError naming the problem for a frame that is not float (3, H, W), a frame of another
     size than `expected_size` (None: any), a mask that is not (H, W) integer ids >= 0 of the
-    frame's size, or no mask on the first frame (first; None: frame_index == 0)."""
+    frame's size (with larger_mask, or at least as large in both dimensions: the frame's mask
+    before the frame was shrunk), or no mask on the first frame (first; None: frame_index ==
+    0)."""
     frame = torch.as_tensor(frame)
     if frame.dim() != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
         raise ValueError("frame must be a float (3, H, W) RGB tensor in [0, 1]; got "
@@ -88,7 +96,8 @@ def checked_frame_and_mask(frame, mask, *, expected_size, frame_index, device, f
         if mask.is_floating_point() or mask.dtype == torch.bool or mask.dim() != 2:
             raise ValueError("mask must be an (H, W) integer tensor of object ids; got "
                              f"{tuple(mask.shape)} {mask.dtype}")
-        if tuple(mask.shape) != size:
+        if tuple(mask.shape) != size and not (larger_mask and mask.shape[0] >= size[0] and
+                                              mask.shape[1] >= size[1]):
             raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but frame "
                              f"{frame_index} is {size[1]}x{size[0]}")
         if mask.min() < 0:

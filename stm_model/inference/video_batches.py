@@ -20,7 +20,8 @@ import torch
 @dataclasses.dataclass
 class FrameInput:
     """One input frame: its name (for the output), (3, H, W) float RGB in [0, 1], and an
-    optional (H, W) integer mask (required on a video's first frame)."""
+    optional integer mask (required on a video's first frame) of the frame's size or of the
+    size it was shrunk from (see BatchSegmenter.step)."""
     name: str
     frame: torch.Tensor
     mask: Optional[torch.Tensor] = None

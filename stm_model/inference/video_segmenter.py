@@ -352,7 +352,8 @@ def _predict_from_views(model, padded, keys, values, similarity, backend):
     MemoryBank.memory_views) and the decoder, in one function so that torch.compile captures
     them as one graph (the read is an opaque custom op in it)."""
     query = model.encode_query(padded)
-    readout = torch.cat([memory_read(query.key, k, v, similarity=similarity, backend=backend)
+    readout = torch.cat([memory_read(query.key.to(k.dtype), k, v, similarity=similarity,
+                                     backend=backend)  # the storage dtype (--memory-dtype)
                          for k, v in zip(keys, values, strict=True)])
     return _foreground(model, readout, query)
 

@@ -15,12 +15,17 @@ scribbles as positive/negative channels; a frame annotated again replaces its ow
 (`refine_steps` times): the network serves as its own interaction network, so the memory holds
 a mask that follows the scribbles beyond the drawn pixels. (3) The other frames are segmented
 from that memory, `batch_size` frames per fused read (their query positions are concatenated:
-one read of all memory positions per batch), and their new masks blended with the previous
-ones by distance to the annotated frames, as IPN does (`merge`): frames beyond a frame annotated
-in an earlier round keep their masks and are not re-segmented (merge=False re-segments every
-frame). Query keys, values and decoder skips are computed once per frame and cached, so a round
-costs the memory encodings of the annotated frames, the reads and the decoders. Pixels under a
-stroke take the stroke's label in the returned masks.
+one read of all memory positions per batch); with `mem_every`, by propagation from the
+annotated frames instead, forwards and backwards, as the semi-supervised segmenter does from a
+first frame: each frame, propagated from its nearest frame annotated in this round, reads the
+annotated frames' memory plus every `mem_every`-th frame predicted on the way (kept for that
+propagation only), `mem_every` frames per read at most. The new masks are blended with the
+previous ones by distance to the annotated frames, as IPN does (`merge`): frames beyond a frame
+annotated in an earlier round keep their masks and are not re-segmented (merge=False
+re-segments every frame). Query keys, values and decoder skips are
+computed once per frame and cached, so a round costs the memory encodings of the annotated (and
+propagated) memory frames, the reads and the decoders. Pixels under a stroke take the stroke's
+label in the returned masks.
 """
 import dataclasses
 import time
@@ -31,7 +36,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stm_kernels import memory_read
 from stm_model.interactive import scribbles as scribble_format
+from stm_model.network.checkpoint import copy_synthetic_mark
 from stm_model.network.stm import (STM, load_into_interactive, pad_to_multiple, soft_aggregate,
                                    unpad)
 from stm_model.memory.query_cache import QueryFeatureCache
@@ -49,6 +56,7 @@ def as_interactive(model: STM) -> STM:
         return model
     interactive = STM(dataclasses.replace(model.config, interactive=True))
     load_into_interactive(interactive, model.state_dict())
+    copy_synthetic_mark(model, interactive)  # still the synthetic-only weights
     parameter = next(model.parameters())
     return interactive.to(parameter.device, parameter.dtype).train(model.training)
 
@@ -79,6 +87,10 @@ class InteractiveSession(SessionCore):
             annotated frame's mask before it is memorised (see the module docstring); False
             keeps the previous mask with only the drawn pixels changed, which the network
             tends to reproduce (an identity switch survives a stroke across it).
+        mem_every: propagate from the annotated frames, memorising every mem_every-th
+            predicted frame on the way (see the module docstring); None (the default: on the
+            DAVIS robot rounds propagation gained nothing, docs/interactive.md): the annotated
+            frames are the only memory.
         merge: blend each round's masks with the previous round's by distance to the frames
             annotated in the round (as IPN): a frame takes the new mask at a newly annotated
             frame, less of it towards a frame annotated in an earlier round, none beyond it
@@ -99,7 +111,7 @@ class InteractiveSession(SessionCore):
 
     def __init__(self, model: STM, frames: torch.Tensor, num_objects: int, *,
                  batch_size: int = 8, line_width: int = 3, refine_steps: int = 1,
-                 claim_regions: bool = True, merge: bool = True,
+                 claim_regions: bool = True, merge: bool = True, mem_every: Optional[int] = None,
                  memory_dtype: DtypeName = None, cache_dtype: DtypeName = None,
                  cache_device: Union[str, torch.device, None] = None,
                  amp_dtype: DtypeName = None, read_backend: Optional[str] = None,
@@ -117,6 +129,9 @@ class InteractiveSession(SessionCore):
         cache_dtype = dtype_option("cache_dtype", cache_dtype)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        if mem_every is not None and (isinstance(mem_every, bool) or int(mem_every) != mem_every
+                                      or mem_every < 1):
+            raise ValueError(f"mem_every must be a positive integer or None; got {mem_every!r}")
         if not model.config.interactive:
             warnings.warn("InteractiveSession got a semi-supervised STM: converted with "
                           "as_interactive (untrained scribble channels; the scribbles act "
@@ -129,6 +144,7 @@ class InteractiveSession(SessionCore):
         self.size = tuple(frames.shape[-2:])
         self.batch_size, self.line_width = int(batch_size), line_width
         self.refine_steps, self.merge = int(refine_steps), bool(merge)
+        self.mem_every = None if mem_every is None else int(mem_every)
         self.claim_regions = bool(claim_regions)
         self.cache_dtype = cache_dtype or self.model_dtype
         self.cache_device = torch.device(cache_device) if cache_device else self.device
@@ -223,7 +239,10 @@ class InteractiveSession(SessionCore):
                 self._memorise(t)
         weights = (merge_weights(self.num_frames, annotated, earlier) if self.merge
                    else np.ones(self.num_frames))
-        self._segment_all(weights, progress)
+        if self.mem_every is None:
+            self._segment_all(weights, progress)
+        else:
+            self._propagate_all(annotated, weights, progress)
         self.synchronize()
         self.rounds.append(RoundInfo(
             annotated_frames=annotated, seconds=time.perf_counter() - start,
@@ -258,16 +277,71 @@ class InteractiveSession(SessionCore):
             if progress is not None:
                 progress(start + len(batch), len(frames))
 
-    def _segment(self, indices, weights=None):
+    def _propagate_all(self, annotated, weights, progress=None):
+        """Segment the frames of nonzero weight by propagation from the annotated frames (see
+        the module docstring), blending by `weights` (T,); progress(done, total) as
+        interact's."""
+        anchors = np.asarray(sorted(annotated))
+        nearest = anchors[np.abs(np.arange(self.num_frames)[:, None] - anchors).argmin(1)]
+        runs = []  # (frames in propagation order) from each anchor, each way
+        for a in anchors:
+            for step in (1, -1):
+                run, t = [], a + step
+                while 0 <= t < self.num_frames and nearest[t] == a and weights[t] > 0:
+                    run.append(int(t))
+                    t += step
+                runs.append(run)
+        total = len(anchors) + sum(len(run) for run in runs)
+        if progress is not None:
+            progress(0, total)
+        done = 0
+
+        def segment(frames, extra=()):
+            nonlocal done
+            self._segment(frames, weights, extra)
+            done += len(frames)
+            if progress is not None:
+                progress(done, total)
+        segment([int(a) for a in anchors])  # as their refine steps left them
+        for run in tqdm(runs, unit="run", disable=not self.show_progress,
+                        desc=f"propagating {self.sequence or 'video'}"):
+            extra: list = []  # the frames memorised on the way
+            for start in range(0, len(run), self.mem_every):
+                block = run[start:start + self.mem_every]
+                for first in range(0, len(block), self.batch_size):
+                    segment(block[first:first + self.batch_size], extra)
+                if start + self.mem_every < len(run):
+                    extra.append(self._encode_prediction(block[-1]))
+
+    def _encode_prediction(self, t):
+        """(keys (n, Ck, h·w), values (n, Cv, h·w)) of frame t with its current masks and no
+        scribbles, in the memory's dtype: a propagation's memory frame."""
+        channels = torch.zeros((self.num_objects, 2) + self.size, device=self.device)
+        current = self.probs[t].to(self.device, torch.float32)
+        frame = pad_to_multiple(self.frames[t:t + 1].to(self.device, torch.float32))[0]
+        with self.autocast():
+            keys, values = self.model.encode_memory(frame, pad_to_multiple(current)[0],
+                                                    pad_to_multiple(channels)[0])
+        return (keys.flatten(2).to(self.bank.dtype), values.flatten(2).to(self.bank.dtype))
+
+    def _segment(self, indices, weights=None, extra=()):
         """Segment frames `indices` from the memory in one fused read and update self.probs
-        (blended with the previous masks by weights[t], default 1: replaced)."""
+        (blended with the previous masks by weights[t], default 1: replaced); `extra`: more
+        memory frames (keys, values) read with the bank's."""
         query = self.queries.batch(indices, dtype=self.model_dtype, device=self.device)
         count, key_dim, h, w = query.key.shape
         keys = query.key.transpose(0, 1).reshape(1, key_dim, count * h * w)
         config = self.model.config
         with self.autocast():
-            readout = self.bank.read(keys, similarity=config.similarity,
-                                     backend=self.read_backend)  # (n, Cv, count·h·w)
+            if extra:
+                stored_keys, stored_values = self.bank.memory_views()
+                readout = memory_read(keys.to(self.bank.dtype),
+                                      [stored_keys, *(k for k, _ in extra)],
+                                      [stored_values, *(v for _, v in extra)],
+                                      similarity=config.similarity, backend=self.read_backend)
+            else:
+                readout = self.bank.read(keys, similarity=config.similarity,
+                                         backend=self.read_backend)  # (n, Cv, count·h·w)
             readout = readout.unflatten(2, (count, h, w)).permute(2, 0, 1, 3, 4).flatten(0, 1)
             foreground = self.model.foreground(readout, query)
         foreground = foreground.float().unflatten(0, (count, self.num_objects))

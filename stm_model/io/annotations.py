@@ -55,6 +55,32 @@ def check_mask_size(labels: np.ndarray | torch.Tensor, frame_hw: tuple[int, int]
                          f"{_size_text(frame_hw)}; masks must have their frame's size")
 
 
+SIZE_TOLERANCE = 0.01
+"""A mask within this fraction of its frame's height and width is resized to it (a mask saved
+a pixel short, as Cutie's judo example is) by :func:`fit_mask_size`."""
+
+
+def fit_mask_size(labels: np.ndarray, frame_hw: tuple[int, int], *, mask_name: str = "",
+                  frame_name: str = "") -> tuple[np.ndarray, str]:
+    """(labels at the frame's (height, width), note): a mask within :data:`SIZE_TOLERANCE` of
+    the frame's size in each dimension is resized to it (nearest neighbour) and the note says
+    so in one line ("" when the size was right); other sizes raise check_mask_size's
+    ValueError."""
+    mask_hw = tuple(int(s) for s in labels.shape[-2:])
+    frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
+    if mask_hw == frame_hw:
+        return labels, ""
+    if any(abs(m - f) > SIZE_TOLERANCE * f for m, f in zip(mask_hw, frame_hw, strict=True)):
+        check_mask_size(labels, frame_hw, mask_name=mask_name, frame_name=frame_name)
+    rows, columns = ((np.arange(f) + 0.5) * m / f for m, f in zip(mask_hw, frame_hw,
+                                                                    strict=True))
+    resized = labels[..., rows.astype(np.int64)[:, None], columns.astype(np.int64)]
+    mask = f"mask {mask_name}" if mask_name else "mask"
+    frame = f"its frame {frame_name}" if frame_name else "its frame"
+    return resized, (f"{mask} is {_size_text(mask_hw)} (WxH) and {frame} "
+                     f"{_size_text(frame_hw)}: resized to the frame's size (nearest neighbour)")
+
+
 VOID = 255
 """The palette index DAVIS uses for void pixels (unlabelled, e.g. along object borders)."""
 
@@ -119,8 +145,9 @@ def read_annotation(path: str | Path, expected_hw: tuple[int, int] | None = None
         raise ValueError(
             f"mask {path} has image mode {mode!r}; accepted: palette 'P' (indices are "
             "object ids, DAVIS-2017), grayscale 'L' (0 and 255: one object, DAVIS-2016; or "
-            f"ids 1..{GRAY_MAX_IDS} as gray levels) or bilevel '1'. Convert colour masks to a "
-            "palette PNG of object ids")
+            f"ids 1..{GRAY_MAX_IDS} as gray levels), 16- or 32-bit grayscale 'I;16' or 'I' "
+            f"(ids 0..{GRAY_MAX_IDS}) or bilevel '1'. Convert colour masks to a palette PNG of "
+            "object ids")
     if expected_hw is not None:
         check_mask_size(labels, expected_hw, mask_name=path.name)
     return labels, void

@@ -27,7 +27,7 @@ def download(url: str, partial: str | os.PathLike, *, show_progress: bool = True
     Content-Range total) is reached, or once a response without a length ends cleanly; a
     tqdm progress bar on stderr counts the bytes when show_progress. Raises DownloadError
     (one line naming the cause) for anything that stops it; what arrived stays in
-    ``partial``."""
+    ``partial`` (an empty one is removed)."""
     partial = Path(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):
@@ -45,8 +45,13 @@ def download(url: str, partial: str | os.PathLike, *, show_progress: bool = True
         except (urllib.error.URLError, OSError, ValueError) as error:
             reason = getattr(error, "reason", None) or error
             raise DownloadError(f"cannot reach the server: {reason}") from None
-        with response:
-            _receive(response, partial, have, show_progress, description or partial.name)
+        try:
+            with response:
+                _receive(response, partial, have, show_progress, description or partial.name)
+        except DownloadError:
+            if partial.exists() and partial.stat().st_size == 0:
+                partial.unlink()  # nothing received: no empty part file left behind
+            raise
         return partial
     raise DownloadError("the server refused the range of the partial file twice")
 

@@ -19,7 +19,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
 """Suffixes that :class:`OverlayWriter` writes as an H.264 (or MPEG-4 part 2) video."""
 
-_PYAV_HINT = 'PyAV is needed to read and write video files: pip install "stm-kernels[video]"'
+_PYAV_HINT = ('PyAV is needed to read and write video files: pip install '
+              '"/path/to/stm-kernels[video]" (your clone), or pip install av')
 
 
 class FrameReadError(ValueError):

@@ -197,11 +197,13 @@ class MemoryBank:
 
     def read(self, query_key: torch.Tensor, *, scale: Optional[float] = None,
              similarity: str = "dot", backend: str = "auto") -> torch.Tensor:
-        """Memory read-out (n, Cv, h, w) for query_key (1 or n, Ck, h, w)."""
+        """Memory read-out (n, Cv, h, w), in the storage dtype, for query_key (1 or n, Ck, h,
+        w) of any floating dtype: it is cast to the storage dtype here (memory_read never
+        promotes; a bank stored in bf16 reads an fp32 query as bf16)."""
         if self.num_frames == 0:
             raise RuntimeError("the memory bank is empty: add a frame before reading")
         options: dict[str, Any] = dict(scale=scale, similarity=similarity, backend=backend)
-        return self.storage.read(self, query_key, self.local_frames, options)
+        return self.storage.read(self, query_key.to(self.dtype), self.local_frames, options)
 
     def _local_count(self, frames):
         """How many of the slots [0, frames) lie on this rank."""

@@ -151,7 +151,8 @@ class BatchedMemory:
         if min(frames) != longest:
             lengths = torch.tensor([f * positions for f in frames], device=self.device)
         rows = self.rows_in_use
-        return memory_read(query_key, self.keys[:rows, :, :longest].flatten(2),
+        return memory_read(query_key.to(self.dtype),  # the storage dtype: the read never promotes
+                           self.keys[:rows, :, :longest].flatten(2),
                            self.values[:rows, :, :longest].flatten(2), scale=scale,
                            similarity=similarity, backend=backend, memory_lengths=lengths)
 

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import pathlib
 import reprlib
+import warnings
 import zipfile
 from typing import Any, Optional, Union
 
@@ -136,6 +137,73 @@ SHIPPED = {"small-real": WEIGHTS_DIR / "stm_small_real.pt",
            "small": WEIGHTS_DIR / "stm_small_synthetic.pt",
            "small-interactive": WEIGHTS_DIR / "stm_small_interactive.pt"}
 
+# The shipped models trained on synthetic video only: their masks do not follow objects in real
+# video (the small model scores J&F 0.004 on DAVIS's blackswan), and nothing else says so.
+SYNTHETIC_ONLY = ("small", "small-interactive")
+# The attribute load_checkpoint sets on such a model: the shipped name, until a session warns.
+_SYNTHETIC_MARK = "stm_synthetic_only"
+
+
+class SyntheticOnlyWarning(UserWarning):
+    """A session segments with a shipped model trained on synthetic video only ("small",
+    "small-interactive"): its masks do not follow objects in real video."""
+
+
+def synthetic_only_note(name: str, cli: bool = False) -> str:
+    """The one line saying that the shipped model `name` was trained on synthetic video only,
+    naming small-real (the default, shipped: works offline) and official; cli: name them as
+    `--checkpoint` values rather than load_checkpoint's arguments."""
+    real = "--checkpoint small-real" if cli else 'load_checkpoint("small-real")'
+    official = "--checkpoint official" if cli else 'load_checkpoint("official")'
+    return (f"the shipped model {name} was trained on synthetic videos only and does not follow "
+            f"objects in real video; use small-real, the default ({real}: shipped with the "
+            f"package, no download, CPU speed), or {official} (the authors' weights, "
+            "downloaded once)")
+
+
+def synthetic_only_name(name_or_path: Union[str, os.PathLike]) -> Optional[str]:
+    """The shipped name ("small", "small-interactive") of a synthetic-only model given by that
+    name or by its shipped file; None for anything else."""
+    if str(name_or_path) in SYNTHETIC_ONLY:
+        return str(name_or_path)
+    try:
+        resolved = pathlib.Path(name_or_path).resolve()
+    except (TypeError, OSError):
+        return None
+    return next((name for name in SYNTHETIC_ONLY if SHIPPED[name].resolve() == resolved), None)
+
+
+def warn_if_synthetic_only(model: STM, stacklevel: int = 2) -> None:
+    """Warn once per model (SyntheticOnlyWarning) if it is a shipped synthetic-only model that
+    load_checkpoint loaded and nobody acknowledged (acknowledge_synthetic_only): the sessions
+    (VideoSegmenter, BatchSegmenter, InteractiveSession) call it when they are built.
+
+    Why there, and not in load_checkpoint or at the first step on "real-looking" frames: a
+    session is where the model segments the user's input, while loading alone also serves
+    training (a fine-tune starts from small), export and inspection, where the warning would
+    be noise; and no test of the frames' pixels tells a real video from a synthetic one
+    reliably, so that trigger would miss real videos or warn on synthetic ones. Which weights
+    were loaded is certain; the demo, which segments synthetic video on purpose, acknowledges
+    it (stm_model.demo.load_small_model), and the CLI prints the same line as its note."""
+    name = getattr(model, _SYNTHETIC_MARK, None)
+    if name:
+        setattr(model, _SYNTHETIC_MARK, None)
+        warnings.warn(synthetic_only_note(name), SyntheticOnlyWarning, stacklevel=stacklevel + 1)
+
+
+def acknowledge_synthetic_only(model: STM) -> STM:
+    """The model, without the synthetic-only warning its sessions would give (for callers
+    that segment synthetic video on purpose, or that said so already)."""
+    setattr(model, _SYNTHETIC_MARK, None)
+    return model
+
+
+def copy_synthetic_mark(source: STM, target: STM) -> STM:
+    """target, marked as synthetic-only when source is (a model converted from it)."""
+    setattr(target, _SYNTHETIC_MARK, getattr(source, _SYNTHETIC_MARK, None))
+    return target
+
+
 # The authors' released weights, as the official repository's README links them; fetched on
 # first use of the name "official" into the user cache (official_weights).
 OFFICIAL = "official"
@@ -165,7 +233,9 @@ def official_weights(url: Optional[str] = None, show_progress: bool = True) -> p
     cache never holds a partial or foreign file under that name. A file that arrives complete
     but is not the official checkpoint is deleted (CheckpointError); a download that cannot
     complete raises OfficialWeightsUnavailable, one line naming the URL, the path to put the
-    file at by hand, and the shipped model."""
+    file at by hand, and small-real (the default model, shipped: it works offline). A refused
+    or failed download leaves no lock file, nor an empty part file; a part that received bytes
+    is kept for the next attempt to continue."""
     url = url or OFFICIAL_URL
     path = cache_dir() / OFFICIAL_FILE
     if path.is_file():
@@ -187,7 +257,9 @@ def official_weights(url: Optional[str] = None, show_progress: bool = True) -> p
         kept = " (the part received is kept: run again to continue)" if partial.exists() else ""
         raise OfficialWeightsUnavailable(
             f"cannot download the official STM weights from {url}: {error}{kept}; download "
-            f"the file by hand to {path}, or use the shipped model (--checkpoint small)"
+            f"the file by hand to {path}, or use small-real, the default model shipped with "
+            "the package (--checkpoint small-real, load_checkpoint('small-real')), which "
+            "needs no download"
         ) from None
     return path
 
@@ -195,19 +267,32 @@ def official_weights(url: Optional[str] = None, show_progress: bool = True) -> p
 @contextlib.contextmanager
 def _locked(lock_path):
     """An exclusive lock on lock_path (fcntl.flock; a no-op where fcntl is absent), so that
-    processes started together (torchrun ranks) download once."""
+    processes started together (torchrun ranks) download once. The lock file is removed on
+    release (success or failure): the cache keeps no empty STM_weights.pth.lock. A process
+    that waited on a file removed meanwhile holds a lock nobody else sees, so after acquiring
+    it checks that lock_path is still its file, and starts over on the new one if not."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # Windows: no lock
         yield
         return
-    with open(lock_path, "a") as handle:
+    while True:
+        handle = open(lock_path, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            current = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()  # released by the holder that removed it: lock the new file
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while held: a waiter then sees it gone
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def check_official_file(path: Union[str, os.PathLike]) -> None:
@@ -253,9 +338,16 @@ def load_checkpoint(path_or_payload: Union[str, os.PathLike, dict],
     content), in eval mode; a shipped model's name ("small-real", "small-real-interactive",
     "small", "small-interactive") stands for its file.
 
+    "small" and "small-interactive" (by name or by their shipped files) were trained on
+    synthetic video only: the first session built over such a model warns once
+    (SyntheticOnlyWarning, see warn_if_synthetic_only); "small-real" is the model for real
+    video.
+
     The file is untrusted input: its config is checked (checked_config) and its weights are
     compared with the model that config describes, built on the meta device (no memory),
     before the model is built; any mismatch is a CheckpointError."""
+    synthetic = (synthetic_only_name(path_or_payload)
+                 if isinstance(path_or_payload, (str, os.PathLike)) else None)
     if isinstance(path_or_payload, str) and path_or_payload in SHIPPED:
         path_or_payload = SHIPPED[path_or_payload]
     payload = _read(path_or_payload)
@@ -273,6 +365,7 @@ def load_checkpoint(path_or_payload: Union[str, os.PathLike, dict],
         _check_state(skeleton.state_dict(), state, [], source)
         model = STM(config)
         _load_into(model, state, [], source=source)
+        setattr(model, _SYNTHETIC_MARK, synthetic)
         return model.to(device).eval()
     return load_official_checkpoint(payload, device)
 

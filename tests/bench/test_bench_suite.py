@@ -65,7 +65,7 @@ def test_kernel_sweeps_run_the_target_points_first():
         assert {(entry[4], entry[5], entry[6], entry[7]) for entry in targets} == {
             (1, 1620, 128, 512)}
         assert {N for entry in targets for N in entry[8]} == (
-            {64800, 162000} if device == "cuda" else {162000})
+            {16200, 64800, 162000} if device == "cuda" else {162000})
 
 
 def test_out_of_memory_and_time_cap_are_reported():
@@ -114,6 +114,22 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
         assert record["read_ms"][0] == 0  # the first frame has no memory to read
     assert [r["read_backend"] for r in payload["records"]] == ["torch", "naive"]
     assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out
+
+
+def test_long_video_stops_a_variant_at_its_time_limit(tmp_path, monkeypatch, capsys):
+    """--time-limit (a lent GPU's 10-minute call): the variant stops after the frame that
+    crossed it, recorded with a checkpoint there; the file is complete."""
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert long_video.main(["--device", "cpu", "--lengths", "2", "400", "--size", "32", "48",
+                            "--variants", "fused", "--source", "synthetic", "--mem-every", "3",
+                            "--time-limit", "0.001"]) == 0
+    [path] = tmp_path.glob("long_video_cpu_*.json")
+    payload = json.loads(path.read_text())
+    [record] = payload["records"]
+    assert payload["complete"] and payload["time_limit"] == 0.001
+    assert record["status"] == "time limit (0.001 s) at frame 1"
+    assert [c["length"] for c in record["checkpoints"]] == [1] and len(record["frame_ms"]) == 1
+    assert "| fused | torch | time limit (0.001 s) at frame 1 |" in capsys.readouterr().out
 
 
 def test_interactive_round_timing_records_and_renders(tmp_path, monkeypatch, capsys):
@@ -275,3 +291,42 @@ def test_a_run_cut_off_keeps_its_records_marked_incomplete(tmp_path, monkeypatch
                        "--sweeps", "scaling"]) == 0
     finished = max(tmp_path.glob("kernel_cpu_*.json"))
     assert json.loads(finished.read_text())["complete"] is True
+
+
+def test_multi_object_benchmark_composites_touching_objects_and_scores_each(
+        tmp_path, monkeypatch, capsys):
+    """Two one-object sequences make a clip whose first frame has both objects touching; each
+    object is scored as `stm eval` (DAVIS-2017 protocol) scores it, the clip by their mean."""
+    from bench import multi_object
+    from scipy import ndimage
+    from stm_model import io as video_io
+    for name, seed in (("a", 2), ("b", 5)):
+        frames, labels = synthetic_video(6, size=(64, 96), seed=seed, objects=1)
+        write_davis_folder(tmp_path / "davis", frames, labels, name=name)
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path / "results"))
+    assert multi_object.main(["--checkpoint", "small", "--davis", str(tmp_path / "davis"),
+                              "--clips", "a+b", "--write-root", str(tmp_path / "clips")]) == 0
+    first = video_io.read_mask(tmp_path / "clips" / "Annotations" / "480p" / "a+b" / "00000.png")
+    assert set(np.unique(first)) == {0, 1, 2}
+    assert (ndimage.binary_dilation(first == 2, iterations=2) & (first == 1)).any()
+    [path] = (tmp_path / "results").glob("multi_object_cpu_*.json")
+    assert path.with_suffix(".png").exists()
+    assert path.with_name(path.stem + "_clips.png").exists()
+    payload = json.loads(path.read_text())
+    [record] = payload["records"]
+    assert [obj["id"] for obj in record["objects"]] == [1, 2]
+    assert record["J&F"] == pytest.approx(np.mean([obj["J&F"] for obj in record["objects"]]))
+    assert "| a+b | 6 |" in capsys.readouterr().out
+    from stm_model.cli import main as stm
+    (tmp_path / "eval").mkdir()
+    assert stm(["segment", str(tmp_path / "clips" / "JPEGImages" / "480p" / "a+b"), "--mask",
+                str(tmp_path / "clips" / "Annotations" / "480p" / "a+b" / "00000.png"),
+                "--checkpoint", "small", "--output", str(tmp_path / "seg"), "--overlay", "none",
+                "--quiet"]) == 0
+    (tmp_path / "seg" / "masks").rename(tmp_path / "eval" / "a+b")
+    assert stm(["eval", str(tmp_path / "eval"),
+                str(tmp_path / "clips" / "Annotations" / "480p")]) == 0
+    row = (tmp_path / "eval" / "global_results.csv").read_text().splitlines()[1].split(",")
+    assert float(row[0]) == pytest.approx(payload["J&F"], abs=1e-3)  # the CSV's 3 decimals
+    with pytest.raises(SystemExit):
+        multi_object.main(["--davis", str(tmp_path / "davis"), "--clips", "a"])

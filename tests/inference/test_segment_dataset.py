@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,7 +142,8 @@ def test_two_gloo_processes_write_the_masks_of_one_process(davis_root, single_ru
 
 def test_segment_given_a_davis_root_and_every_annotation_as_input(davis_root, tmp_path):
     """`stm segment ROOT` runs segment-dataset; with --masks all every frame's annotation is
-    an input, so the output is the annotations themselves; --size writes frame-size masks."""
+    an input, so the output is the annotations themselves, at the frames' size however small
+    --size is."""
     output = tmp_path / "out"
     assert main(["segment", str(davis_root), "--output", str(output), "--batch-size", "2",
                  "--overlay", "none", *OPTIONS]) == 0
@@ -151,8 +153,7 @@ def test_segment_given_a_davis_root_and_every_annotation_as_input(davis_root, tm
                  "--size", "32", "--sequences", "alpha", "wide", *OPTIONS]) == 0
     for key, labels in _masks(given).items():
         truth = video_io.read_mask(davis_root / "Annotations" / "480p" / key)
-        assert labels.shape == truth.shape
-        assert (labels != truth).mean() < 0.05  # annotations through a round trip at 32 pixels
+        assert np.array_equal(labels, truth), key
 
 
 def test_segment_a_davis_root_at_a_shorter_side(davis_root, tmp_path):
@@ -210,4 +211,39 @@ def test_real_davis_sequence_at_reduced_size(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "blackswan_1" in printed and "| all |" in printed
     truth = video_io.read_mask(DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png")
-    assert (video_io.read_mask(masks[0]) != truth).mean() < 0.01  # (a 96x171 round trip)
+    assert np.array_equal(video_io.read_mask(masks[0]), truth)  # written as given
+
+
+def test_given_masks_are_written_as_given_and_the_rest_as_segmented_alone(tmp_path):
+    """At a smaller internal size (--size), a dataset run merges each given mask at the
+    frames' size as a single run does: every annotated frame is written exactly as given (the
+    first; with --masks all also a later one bringing a new object), and every frame equals
+    the sequence segmented alone with `stm segment`."""
+    root = tmp_path / "root"
+    for index, name in enumerate(("delta", "echo")):
+        images, labels = synthetic_video(5, size=(48, 80), seed=40 + index, objects=2)
+        if name == "echo":  # object 2 enters on frame 2, the frame annotated after the first
+            labels = labels.copy()
+            labels[:2][labels[:2] == 2] = 0
+        write_davis_folder(root, images, labels, name=name)
+    for t in (1, 3, 4):
+        (root / "Annotations" / "480p" / "echo" / f"{t:05d}.png").unlink()
+    first, every = tmp_path / "first", tmp_path / "every"
+    assert main(["segment", str(root), "--output", str(first), "--size", "24", *OPTIONS]) == 0
+    assert main(["segment-dataset", str(root), "--output", str(every), "--masks", "all",
+                 "--size", "24", *OPTIONS]) == 0
+    for name in ("delta", "echo"):
+        annotations = root / "Annotations" / "480p" / name
+        for output, given in ((first, ["--mask", str(annotations / "00000.png")]),
+                              (every, ["--masks", str(annotations)])):
+            alone = tmp_path / f"alone-{output.name}-{name}"
+            assert main(["segment", str(root / "JPEGImages" / "480p" / name), *given,
+                         "--output", str(alone), "--overlay", "none", "--size", "24",
+                         *OPTIONS]) == 0
+            for t in range(5):
+                ours = video_io.read_mask(output / name / f"{t:05d}.png")
+                annotation = annotations / f"{t:05d}.png"
+                if t == 0 or (output == every and annotation.exists()):
+                    assert np.array_equal(ours, video_io.read_mask(annotation)), (name, t)
+                single = video_io.read_mask(alone / "masks" / f"{t:05d}.png")
+                assert (ours != single).mean() < 1e-3, (output.name, name, t)

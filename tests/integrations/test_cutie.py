@@ -402,7 +402,8 @@ def test_bad_targets_and_backends(network, resnet_dir):
 
 def test_without_cutie_the_error_says_what_to_install(network, monkeypatch):
     monkeypatch.setitem(sys.modules, "cutie.inference.inference_core", None)
-    with pytest.raises(ImportError, match=r"pip install stm-kernels\[cutie\]"):
+    with pytest.raises(ImportError, match=r'pip install "/path/to/stm-kernels\[cutie\]" '
+                                          r'.*pip install "rf-cutie==1\.0\.1"'):
         integration.use_fused_read(network)
 
 

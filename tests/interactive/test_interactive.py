@@ -380,3 +380,44 @@ def test_session_on_cuda_with_the_triton_read_matches_the_cpu(small_interactive,
     assert difference < (2e-3 if amp is None else 2e-2)
     agreement = (session.labels() == reference.labels()).float().mean()
     assert agreement > (0.995 if amp is None else 0.98)
+
+
+def test_rounds_propagate_from_the_annotated_frame_through_predicted_memory_frames(
+        small_interactive, monkeypatch):
+    """Each frame is propagated from its nearest frame annotated in the round, both ways,
+    reading the annotated frames plus every mem_every-th frame predicted on the way; a run
+    stops at a frame annotated in an earlier round (merge) and at the midpoint between two
+    annotated now. mem_every=None reads the annotated frames alone."""
+    from stm_model.interactive import session as session_module
+    frames, gt = synthetic_video(16, size=(32, 32))
+    session = InteractiveSession(small_interactive, frames, 2, batch_size=2, mem_every=3)
+    encoded, reads = [], []
+    encode = session._encode_prediction
+    monkeypatch.setattr(session, "_encode_prediction",
+                        lambda t: encoded.append(t) or encode(t))
+    real_read = session_module.memory_read
+    monkeypatch.setattr(session_module, "memory_read", lambda q, ks, vs, **options: (
+        reads.append(len(ks) - 1) or real_read(q, ks, vs, **options)))
+    session.interact(_round(gt, np.zeros_like(gt), 5, 2))
+    # forwards 6-8 | 9-11 | 12-14 | 15 (memorising 8, 11, 14), backwards 4-2 | 1-0 (memorising 2)
+    assert encoded == [8, 11, 14, 2]
+    # a read per batch of two frames of a block, with the memory frames so far (the first
+    # block of each way reads the bank alone, through its own read)
+    assert reads == [1, 1, 2, 2, 3, 1]
+    encoded.clear()
+    before = session.probs.clone()
+    labels = session.interact(_round(gt, session.labels().numpy(), 12, 2))
+    # frames 6-15 are nearest 12 but 5 was annotated earlier: 11..6 backwards (weights > 0),
+    # 13-15 forwards; frames before 5 keep their masks
+    assert encoded == [9]
+    assert torch.equal(session.probs[:6], before[:6])
+    assert labels.shape == (16, 32, 32)
+    plain, propagated = (InteractiveSession(small_interactive, frames, 2, batch_size=2,
+                                            mem_every=mem_every) for mem_every in (None, 3))
+    for one in (plain, propagated):
+        one.interact(_round(gt, np.zeros_like(gt), 5, 2))
+    # the same until the first memory frame on the way, then read with more memory
+    torch.testing.assert_close(plain.probs[5:9], propagated.probs[5:9], atol=1e-4, rtol=0)
+    assert (plain.probs[9:] - propagated.probs[9:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="mem_every must be a positive integer or None"):
+        InteractiveSession(small_interactive, frames, 2, mem_every=0)

@@ -21,6 +21,11 @@ def test_progress_counts_the_frames_of_a_round_and_can_stop_it():
     labels = session.interact(_scribbles(7), progress=lambda done, total: calls.append(
         (done, total)))
     assert calls == [(0, 7), (3, 7), (6, 7), (7, 7)]
+    calls.clear()  # propagating: the scribbled frame, then 1-3, 4-5 (the memory frame at
+    # mem_every 5 ends a block), then 6
+    InteractiveSession(model, frames, 1, batch_size=3, mem_every=5).interact(
+        _scribbles(7), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 7), (1, 7), (4, 7), (6, 7), (7, 7)]
     assert torch.equal(labels, InteractiveSession(model, frames, 1, batch_size=3).interact(
         _scribbles(7)))
 

@@ -4,6 +4,7 @@ Real-data tests read ../shared/data in place and skip when it is absent; video t
 without PyAV.
 """
 import itertools
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -266,6 +267,50 @@ def test_mask_size_mismatch_judo_00005():
     # the other judo masks fit their frames
     for name in ["00000", "00008", "00013"]:
         read_mask(CUTIE / "masks" / "judo" / f"{name}.png", expected_hw=frame.hw)
+
+
+def test_the_mask_modes_docs_name_are_the_ones_read(tmp_path):
+    """docs/segmenting.md's Masks paragraph names the modes read_mask reads ('P', 'L', 'I;16',
+    'I', '1'); other modes are refused with a message naming the accepted ones."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "segmenting.md").read_text()
+    paragraph = text.split("- **Masks**:", 1)[1].split("\n- **", 1)[0]
+    assert set(re.findall(r"'([A-Z0-9;]+)'", paragraph)) == {"P", "L", "I;16", "I", "1"}
+    ids = np.array([[0, 1], [2, 0]])
+    write_mask(tmp_path / "P.png", ids)
+    Image.fromarray(ids.astype(np.uint8)).save(tmp_path / "L.png")
+    Image.fromarray(ids.astype(np.uint16)).save(tmp_path / "I16.png")
+    Image.fromarray(ids > 0).save(tmp_path / "1.png")
+    for name, mode in (("P", "P"), ("L", "L"), ("I16", "I;16"), ("1", "1")):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.mode == mode
+        assert np.array_equal(read_mask(tmp_path / f"{name}.png"), ids if name != "1" else
+                              ids > 0), name
+    for mode in ("RGB", "RGBA", "LA"):
+        Image.new(mode, (2, 2)).save(tmp_path / f"{mode}.png")
+        with pytest.raises(ValueError, match=f"has image mode '{mode}'; accepted: palette 'P'"
+                                             r".*'L'.*'I;16' or 'I'.* or bilevel '1'"):
+            read_mask(tmp_path / f"{mode}.png")
+
+
+def test_a_mask_within_one_percent_of_its_frame_is_resized_with_a_note():
+    """853 px wide on an 854 px frame (Cutie's judo 00005.png): resized nearest-neighbour,
+    every column kept and one doubled; 4 rows short of 480 also fits; 9 columns short (over
+    1%) is refused with check_mask_size's message; the right size is returned as it is."""
+    labels = np.tile(np.arange(853) % 7, (480, 1))
+    resized, note = video_io.fit_mask_size(labels, (480, 854), mask_name="00005.png")
+    assert resized.shape == (480, 854) and resized.dtype == labels.dtype
+    assert note == ("mask 00005.png is 853x480 (WxH) and its frame 854x480: resized to the "
+                    "frame's size (nearest neighbour)")
+    assert np.array_equal(resized[:, :427], labels[:, :427])   # column 426 is doubled
+    assert np.array_equal(resized[:, 427:], labels[:, 426:])
+    assert video_io.fit_mask_size(labels[:476], (480, 853))[0].shape == (480, 853)
+    same = labels[:, :845]
+    assert video_io.fit_mask_size(same, (480, 845)) == (same, "")
+    with pytest.raises(ValueError, match=r"mask m.png is 845x480 \(WxH\) but its frame is "
+                                         r"854x480; masks must have their frame's size"):
+        video_io.fit_mask_size(same, (480, 854), mask_name="m.png")
+    with pytest.raises(ValueError, match="475"):
+        video_io.fit_mask_size(labels[:475], (480, 853))
 
 
 # --- overlays -------------------------------------------------------------------------------

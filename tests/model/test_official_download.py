@@ -108,8 +108,8 @@ def test_downloaded_once_checked_and_loaded(serve, official_bytes, tmp_path):
     path = official_weights(show_progress=False)
     assert path == tmp_path / "cache" / "STM_weights.pth"
     assert path.read_bytes() == official_bytes
-    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == \
-        ["STM_weights.pth"]  # no partial file left
+    assert sorted(p.name for p in path.parent.iterdir()) == \
+        ["STM_weights.pth"]  # no partial file, no lock file left
     model = load_official_checkpoint("official")  # from the cache: no second request
     assert server.ranges == [None]
     served = torch.load(path, weights_only=True)
@@ -126,10 +126,11 @@ def test_a_cut_download_resumes_with_a_range_request(serve, official_bytes, tmp_
     with pytest.raises(OfficialWeightsUnavailable) as caught:
         official_weights(show_progress=False)
     message = str(caught.value)
-    assert "\n" not in message and server.url in message and "--checkpoint small" in message
+    assert "\n" not in message and server.url in message and "--checkpoint small-real" in message
     assert str(tmp_path / "cache" / "STM_weights.pth") in message and "run again" in message
     partial = tmp_path / "cache" / "STM_weights.pth.part"
     assert partial.stat().st_size == len(official_bytes) // 3
+    assert _cache_files(tmp_path) == ["STM_weights.pth.part"]  # kept to resume; no lock
     assert not (tmp_path / "cache" / "STM_weights.pth").exists()
     path = official_weights(show_progress=False)
     assert server.ranges == [None, f"bytes={len(official_bytes) // 3}-"]
@@ -173,7 +174,7 @@ def test_a_wrong_or_truncated_file_is_deleted_and_named(serve, official_bytes, t
     message = str(caught.value)
     assert "\n" not in message and "was deleted" in message
     assert "missing keys" in message if kind == "another model" else "could not read" in message
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    assert _cache_files(tmp_path) == []  # neither the file, a part nor a lock
 
 
 def test_offline_is_one_line_naming_url_path_and_the_shipped_model(monkeypatch, tmp_path):
@@ -183,9 +184,10 @@ def test_offline_is_one_line_naming_url_path_and_the_shipped_model(monkeypatch, 
     with pytest.raises(OfficialWeightsUnavailable) as caught:
         load_official_checkpoint("official")
     message = str(caught.value)
-    assert "\n" not in message and url in message and "--checkpoint small" in message
+    assert "\n" not in message and url in message and "--checkpoint small-real" in message
     assert str(tmp_path / "cache" / "STM_weights.pth") in message
     assert "run again" not in message  # nothing was received
+    assert _cache_files(tmp_path) == []  # no empty STM_weights.pth.lock left behind
 
 
 def test_a_file_put_there_by_hand_is_used(monkeypatch, official_bytes, tmp_path):
@@ -245,7 +247,8 @@ def test_stm_segment_checkpoint_official(serve, official_bytes, tmp_path, capsys
                  "--output", str(tmp_path / "small"), "--overlay", "none", "--quiet"])
     assert code == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "synthetic" in line]
-    assert len(notes) == 1 and "--checkpoint official" in notes[0]
+    assert len(notes) == 1 and "--checkpoint small-real" in notes[0]
+    assert "--checkpoint official" in notes[0]
 
 
 def test_stm_segment_checkpoint_official_offline_is_one_line_before_any_file(
@@ -257,8 +260,9 @@ def test_stm_segment_checkpoint_official_offline_is_one_line_before_any_file(
                  "--output", str(tmp_path / "out"), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--checkpoint small" in err[0] and "cannot download" in err[0]
+    assert len(err) == 1 and "--checkpoint small-real" in err[0] and "cannot download" in err[0]
     assert not (tmp_path / "out").exists()
+    assert _cache_files(tmp_path) == []
 
 
 @pytest.mark.parametrize("command", ["annotate", "interactive"])
@@ -295,5 +299,53 @@ def test_a_refused_download_is_one_line_with_the_status(serve, monkeypatch, tmp_
     with pytest.raises(OfficialWeightsUnavailable) as caught:
         official_weights(show_progress=False)
     message = str(caught.value)
-    assert "HTTP 404" in message and "\n" not in message and "--checkpoint small" in message
-    assert not (tmp_path / "cache" / "STM_weights.pth.part").exists()
+    assert "HTTP 404" in message and "\n" not in message and "--checkpoint small-real" in message
+    assert _cache_files(tmp_path) == []  # no part, no lock
+
+
+def test_a_connection_cut_before_any_byte_leaves_no_empty_part(serve, official_bytes,
+                                                                 tmp_path):
+    server = serve(official_bytes)
+    server.cut_after = 0
+    with pytest.raises(OfficialWeightsUnavailable) as caught:
+        official_weights(show_progress=False)
+    assert "run again" not in str(caught.value)  # nothing received, nothing to continue
+    assert _cache_files(tmp_path) == []
+    assert official_weights(show_progress=False).read_bytes() == official_bytes
+    assert server.ranges == [None, None]
+
+
+def test_the_lock_file_goes_with_its_last_holder_and_waiters_relock(tmp_path):
+    """The lock file is removed by its holder; a process that waited on the removed file
+    does not then run beside a newcomer that locked a new file: it locks the new file too."""
+    import time
+    lock = tmp_path / "cache" / "STM_weights.pth.lock"
+    entered, release, order = threading.Event(), threading.Event(), []
+
+    def hold(name, until=None):
+        with checkpoint._locked(lock):
+            order.append(f"{name} in")
+            entered.set()
+            until.wait(5) if until is not None else time.sleep(0.3)
+            order.append(f"{name} out")
+    first = threading.Thread(target=hold, args=("first", release))
+    first.start()
+    assert entered.wait(5)
+    waiter = threading.Thread(target=hold, args=("waiter",))
+    waiter.start()
+    time.sleep(0.2)  # the waiter now blocks on the file the first holder will remove
+    release.set()
+    first.join(5)
+    newcomer = threading.Thread(target=hold, args=("newcomer",))  # finds no file: makes one
+    newcomer.start()
+    for thread in (waiter, newcomer):
+        thread.join(10)
+    assert len(order) == 6 and order[:2] == ["first in", "first out"]
+    assert all(order[i].split()[0] == order[i + 1].split()[0] for i in range(0, 6, 2)), order
+    assert not lock.exists()
+
+
+def _cache_files(tmp_path):
+    """The names in the cache folder (none if it is absent)."""
+    cache = tmp_path / "cache"
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []

@@ -1,6 +1,7 @@
-"""The layer rule of the README's Layout section: a module imports only from its own layer or
-below. Every module of stm_kernels, stm_model, bench and tools must be placed in a layer here (a new
-module fails until it is), and every import (lazy ones inside functions included) is checked."""
+"""The layer rule of docs/architecture.md's Layers section: a module imports only from its own
+layer or below. Every module of stm_kernels, stm_model, bench and tools must be placed in a
+layer here (a new module fails until it is), and every import (lazy ones inside functions
+included) is checked."""
 import ast
 import pathlib
 
@@ -13,7 +14,7 @@ LAYERS = [
         "stm_model.network", "stm_model.memory", "stm_model.io", "stm_model.runtime",
         "stm_model.metrics", "stm_model.inference.masks", "stm_model.inference.resize",
         "stm_model.interactive.scribbles", "stm_model.training.clip_forward",
-        "stm_model.training.synthetic",
+        "stm_model.training.synthetic", "stm_model.training.composite",
         # the options declared without torch (the CLI's parsers are built from them)
         "stm_model.inference.options", "stm_model.training.config"]),
     ("segmenters, training and checkpoints", [

@@ -3,6 +3,7 @@ frames, mixing with synthetic clips, the options, and a few steps of the small-r
 import argparse
 
 import numpy as np
+from scipy import ndimage
 import pytest
 import torch
 from PIL import Image
@@ -222,3 +223,68 @@ def test_real_davis_training_sequences_only():
     assert {name for name, _ in frames.items} == set(TRAINING_SEQUENCES)
     static = StaticImageClips(2, clip_len=3, size=(96, 96), source=frames)[1]
     assert static["frames"].shape == (3, 3, 96, 96) and static["num_objects"] == 1
+
+
+def test_labels_folder_replaces_the_roots_annotations_for_its_sequences(davis_root, tmp_path):
+    """--labels: a sequence it has reads its masks (two objects here), the others the root's."""
+    from stm_model import io as video_io
+    for t in range(6):
+        labels = video_io.read_mask(davis_root / "Annotations" / "480p" / "red" / f"{t:05d}.png")
+        labels[:, 40:] *= 2  # the square split in two objects
+        video_io.write_mask(tmp_path / "labels" / "red" / f"{t:05d}.png",
+                            labels.astype(np.uint8))
+    clips = DavisClips(davis_root, 12, clip_len=2, size=(48, 80), max_skip=1, min_pixels=10,
+                       labels=tmp_path / "labels")
+    counts = {colour_of(clips[i]["frames"]): clips[i]["num_objects"] for i in range(12)}
+    assert counts["red"] == 2 and counts.get("green", 1) == counts.get("blue", 1) == 1
+    frames = DavisFrames(davis_root, ["red"], labels=tmp_path / "labels")
+    assert set(np.unique(frames[5][1])) == {0, 1, 2}  # the square has moved across x = 40
+
+
+def test_pasted_objects_touch_one_of_the_clips_objects(davis_root):
+    """PastedObjects adds the donor's object as id n+1, touching (not swallowing) an object
+    of the clip on frame 0, deterministically; probability 0 and max_objects leave items as
+    they are."""
+    from stm_model.training.datasets import PastedObjects
+    clips = DavisClips(davis_root, 20, clip_len=2, size=(48, 80), max_skip=1, seed=0,
+                       min_pixels=10, sequences=["red"])
+    donors = DavisClips(davis_root, 20, clip_len=2, size=(48, 80), max_skip=1, seed=1,
+                        min_pixels=10, sequences=["blue"])
+    pasted = PastedObjects(clips, donors, 1.0, max_objects=3, seed=0, min_pixels=10)
+    grown = 0
+    for index in range(20):
+        item = pasted[index]
+        assert torch.equal(item["labels"], pasted[index]["labels"])  # deterministic
+        if item["num_objects"] == 1:
+            continue
+        grown += 1
+        assert item["num_objects"] == 2
+        first, second = (item["labels"][0] == 1).numpy(), (item["labels"][0] == 2).numpy()
+        assert first.sum() >= 10 and second.sum() >= 10
+        assert (ndimage.binary_dilation(second, iterations=2) & first).any()  # they touch
+        pixels = item["frames"][0].permute(1, 2, 0)[torch.from_numpy(
+            ndimage.binary_erosion(second, iterations=2))]
+        assert len(pixels) == 0 or (pixels[:, 2] > pixels[:, 0]).float().mean() > 0.5 or \
+            (pixels.max(-1).values - pixels.min(-1).values < 0.1).all()  # the donor's pixels
+    assert grown >= 10
+    unchanged = PastedObjects(clips, donors, 0.0, max_objects=3)
+    assert all(torch.equal(unchanged[i]["frames"], clips[i]["frames"]) for i in range(5))
+    full = PastedObjects(clips, donors, 1.0, max_objects=1)
+    assert all(full[i]["num_objects"] == 1 for i in range(5))
+    with pytest.raises(ValueError, match="probability must be in"):
+        PastedObjects(clips, donors, 2.0, max_objects=3)
+
+
+def test_multi_object_training_options(davis_root, tmp_path):
+    config = TrainConfig(data=str(davis_root), labels=str(tmp_path), paste_objects=0.5,
+                         max_objects=3, size=(48, 80), steps=2, batch_size=2, clip_len=2)
+    dataset = build_dataset(config)
+    assert dataset[0]["num_objects"] >= 1
+    for name, value in (("labels", "x"), ("paste_objects", 0.5)):
+        with pytest.raises(ValueError, match=f"{name} needs a DAVIS-format data root"):
+            TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match="paste_objects must be in"):
+        TrainConfig(data=str(davis_root), paste_objects=1.5)
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--labels", "runs/labels", "--paste-objects", "0.3"])
+    assert (args.labels, args.paste_objects) == ("runs/labels", 0.3)

@@ -197,14 +197,14 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
 
     def killed_in_step_4(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:  # after step 3 was logged, before the step-4 checkpoint
+        if len(calls) == 4:  # Ctrl-C in step 4: step 3 is saved (save_every is 2)
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
     monkeypatch.setattr(train_module, "clip_loss", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="kept step 3 of 4"):
         train(config, show_progress=False)
     monkeypatch.setattr(train_module, "clip_loss", real_loss)
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 3
     resumed = train(config, show_progress=False)
     pairs = zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True)
     for (name, a), b in pairs:

@@ -1,23 +1,59 @@
 #!/usr/bin/env bash
 # Calls on a lent GPU machine (the device tool runs them in the repo root; results go to $OUT).
-# Each stage fits one 10-minute call. With 15 minutes of device time (one machine start and
-# one full call), run `first`; with more, the stages after it:
-#   bash tools/gpu_session/gpu_session.sh first      # GPU tests, the self-test, kernel targets
+# Each stage fits one 10-minute call (STAGE_LIMIT seconds, 600 by default; pass the call's
+# limit less 15 s, e.g. STAGE_LIMIT=585 with timeout_s=600).
+#
+# Which stage when (issue 57). A lease is 15 minutes of device time in all: the machine's start
+# (1-2 minutes) and one full call, sometimes a short second one. So:
+#   1. `first` is the lease's one call. Its first 400 of 600 s time the fused read against
+#      every peer (bench kernel: SDPA split into Ck-wide value chunks with flash and with cuDNN
+#      forced, FlexAttention compiled, the chunked torch read, the naive read, full-width SDPA,
+#      the same run's 8192^3 matmuls) at the target shape (bf16, B = 1, HW = 1,620, Ck = 128,
+#      Cv = 512): N = 16,200 / 64,800 / 162,000 forward and forward + backward after a
+#      warm-up of every series (the H100's cold N = 64,800 point of 2026-11-26), then the
+#      scaling sweep to N = 2.6 M as far as the time goes (saved after every point). Then the
+#      GPU tests until mark 570.
+#      Budget, from bench/NOTES.md: 16 target points took about 20 s warm (H100, 2026-11-26
+#      evening), the H200's targets and forward scaling sweep with four providers 190 s; here
+#      42 target points and up to 140 scaling points, the slow providers stopped at their
+#      first call over 1 s (--max-call-s 1), plus the warm-up's compiles (Triton's, and
+#      FlexAttention's, never timed here: a prediction of 1-2 minutes). Predicted 330-440 s:
+#      the scaling sweep's largest N may be cut off at mark 400. The GPU tests took 109-131 s
+#      warm in 12 workers (2026-11-26): they get the last 170 s.
+#      Why this order: the peers and the warm figures are what no offline work can give and
+#      what issue 57 is judged by; the tests check the other sessions' changes to the op since
+#      the last GPU run; the self-test needs about 5 minutes cold and has run three times on
+#      these kernels, so it waits for `second`.
+#   2. `second`, the next call (or the next lease): the self-test (about 100 s warm, 5 minutes
+#      cold: cut off at mark 240, it saves its report after every check), `bench long-video`
+#      at issue 57 item 7's settings (the official-size STM with random weights at 480p,
+#      mem_every 5, bf16, fused against naive read, each stopped after 75 s: the 10,000-frame
+#      length does not fit a call), and Cutie's own read against the fused one at 480p for
+#      what is left (35 s each).
+#   3. `profile` (Nsight Compute at the target shape: the DRAM and L2 bytes, tensor-pipe use
+#      and occupancy of docs/kernels.md's figures table), then `cutie` (Cutie at 480p and 1080p,
+#      120 s per run, towards the length where its own read runs out of memory).
+# `second` and `cutie` need Cutie, which the machine lacks: run `python -m
+# tools.gpu_session.deps` here first and pass carry=[".gpu_deps"] to the call.
+#
+#   bash tools/gpu_session/gpu_session.sh first      # peers sweep (warm), then the GPU tests
+#   bash tools/gpu_session/gpu_session.sh second     # self-test, long video, Cutie at 480p
+#   bash tools/gpu_session/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
+#   bash tools/gpu_session/gpu_session.sh cutie      # Cutie's read vs fused at 480p and 1080p
 #   bash tools/gpu_session/gpu_session.sh suspects   # memcheck on the dK/dQ tilings Triton 3.6
 #                                                    # computed wrong on an H100 (bench/NOTES.md)
 #   bash tools/gpu_session/gpu_session.sh tests      # GPU tests (bf16, the Gluon forward, int64 offsets)
 #   bash tools/gpu_session/gpu_session.sh tune       # old vs new kernels and tilings (python -m tools.gpu_session.tune)
-#   bash tools/gpu_session/gpu_session.sh kernel     # python -m bench kernel
+#   bash tools/gpu_session/gpu_session.sh kernel     # python -m bench kernel (every sweep: longer than a call)
 #   bash tools/gpu_session/gpu_session.sh video      # python -m bench long-video
 #   bash tools/gpu_session/gpu_session.sh training   # python -m bench training
 #   bash tools/gpu_session/gpu_session.sh interactive  # python -m bench interactive + interactive-eval
-#   bash tools/gpu_session/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
 #   bash tools/gpu_session/gpu_session.sh sanitize   # compute-sanitizer on the smallest Gluon cases
 # "tune" compares with the kernels of an earlier commit when .baseline/ holds an export of it:
 # run `python -m tools.gpu_session.baseline export REV` here first and pass carry=[".baseline"] to the call.
 # The machine has torch + Triton but no internet: the package is used from the work tree.
-# "tune" and "kernel" save their JSON after every point: a stage cut off by the time limit
-# still returns what it measured (marked "complete": false).
+# "tune", "kernel", "long-video" and "integrations" save their JSON as they go: a stage cut
+# off by the time limit still returns what it measured (marked "complete": false).
 # Every stage stops itself (SIGINT, KILL 20 s later) inside STAGE_LIMIT seconds (default 600,
 # one call's limit). With less device time left than that, pass the time left less a minute,
 # e.g. `STAGE_LIMIT=420 bash tools/gpu_session/gpu_session.sh kernel` with timeout_s=420: the stage then
@@ -46,6 +82,19 @@ timed() {
   else shift; echo "== no time left for $*"; fi
 }
 has() { python3 -c "import $1" 2>/dev/null; }
+# The peers sweep of issue 57 (bench/kernel.py): every provider, targets then scaling, B = 1.
+PEERS=(python3 -m bench kernel --sweeps targets scaling --batches 1 --passes fwd fwd+bwd
+       --warmup --max-call-s 1)
+cutie_step() {  # SECONDS_LEFT INTEGRATIONS_ARGS...: Cutie's own read vs fused (needs .gpu_deps)
+  local left=$1 deps="$PWD:$PWD/.gpu_deps"
+  shift
+  if PYTHONPATH="$deps" python3 -c "import cutie.model.cutie" 2>/dev/null; then
+    timed "$left" env PYTHONPATH="$deps" python3 -m bench integrations --models cutie \
+      --reads original fused "$@"
+  else
+    echo "== no Cutie here: run python -m tools.gpu_session.deps and pass carry=[\".gpu_deps\"]"
+  fi
+}
 gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARGS...
   local parallel=() limit=()
   has xdist && parallel=(-n "$4")
@@ -55,13 +104,23 @@ gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARG
 }
 case "${1:-tests}" in
   first)
-    # The one call of a 15-minute lease: every GPU test in 12 workers (2 minutes warm, the
-    # compiles fill Triton's cache), the self-test (cold, its 68 checks and timings take about
-    # 5 minutes; its report is saved after every check), then the kernel benchmark's target
-    # points (about 20 s once the self-test has compiled the kernels).
-    gpu_tests "$(until_mark 230)" gpu_tests.xml gpu 12 150 tests
-    timed "$(until_mark 525)" python3 -m stm_kernels.selftest --json "$OUT/selftest.json"
-    timed "$(until_mark 570)" python3 -m bench kernel --sweeps targets ;;
+    # The one call of a 15-minute lease (header): the peers sweep, warm, then the GPU tests
+    # in 12 workers.
+    timed "$(until_mark 400)" "${PEERS[@]}"
+    gpu_tests "$(until_mark 570)" gpu_tests.xml gpu 12 150 tests ;;
+  second)
+    # The next call: the self-test, the long video (issue 57 item 7: official size, 480p,
+    # mem_every 5, fused vs naive, 75 s each after a 5-frame warm-up), Cutie at 480p.
+    timed "$(until_mark 240)" python3 -m stm_kernels.selftest --json "$OUT/selftest.json"
+    timed "$(until_mark 470)" python3 -m bench long-video --variants fused naive \
+      --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 75 --warmup 5
+    cutie_step "$(until_mark 570)" --size 480 854 --lengths 1000 3000 10000 --time-limit 35 ;;
+  cutie)
+    # Cutie's own read against the fused one at 480p and 1080p (issue 57 item 7), 120 s a run.
+    cutie_step "$(until_mark 290)" --size 480 854 --lengths 1000 3000 10000 30000 \
+      --time-limit 120
+    cutie_step "$(until_mark 570)" --size 1080 1920 --lengths 300 1000 3000 10000 \
+      --time-limit 120 ;;
   suspects)
     # The dK/dQ tilings that gave wrong gradients (and one an illegal address) on an H100
     # under Triton 3.6, each under memcheck at a small N: an out-of-bounds access is named
@@ -107,6 +166,9 @@ case "${1:-tests}" in
     # (tools.gpu_session.profile_target brackets it with cudaProfilerStart/Stop), the clocks left as they
     # are (METHOD.md); (3) the report's raw metrics as CSV, summarised per kernel beside the
     # static work report's L2 bytes (tools.gpu_session.ncu_summary).
+    # (0) the same breakdown at N = 16,200 (ten memory frames), where the forward's time is
+    # flat from N = 1,620 on (H200): kernel time against the op's wall time (issue 57 item 3).
+    timed "$(until_mark 70)" python3 -m tools.gpu_session.profile_target --breakdown --n 16200
     timed "$(until_mark 150)" python3 -m tools.gpu_session.profile_target --breakdown
     timed "$(until_mark 510)" ncu --target-processes all --profile-from-start off \
       --clock-control none --kernel-name regex:memory_read --set full -o "$OUT/profile" -f \

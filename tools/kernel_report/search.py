@@ -234,11 +234,16 @@ def search(target, kernel, precision_class, width, fallbacks=1, log=print, start
     """(first, [fallbacks], {config: rows}) for one table entry; first is None when no
     candidate meets the targets. Candidates before `start` are skipped (a wider key or an
     exact precision never fits where the narrower or faster one did not), and so is one that
-    needs at least what a candidate that overflowed or spilled needed."""
+    needs at least what a candidate that overflowed or spilled needed, and one that
+    tilings.MISCOMPILED lists for the target's architecture."""
     _, size = CLASSES[precision_class]
     first, others, tried, failed = None, [], {}, []
     for config in CANDIDATES[(kernel, size)][start:]:
         if first is None and any(dominates(config, small) for small in failed):
+            continue
+        if target is not None and tilings.miscompiled(target.device.arch, kernel, config):
+            log(f"  {kernel:7s} {precision_class:6s} w{width} {_short(config)}: skipped "
+                "(tilings.MISCOMPILED)")
             continue
         started = time.time()
         limit = None if first is None else max(row["shared_bytes"] for row in tried[first]) - 1

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("time
 # A python3 that answers the script's version probe and otherwise runs until SIGINT, writing
 # one line per run to $SHIM_LOG: its arguments, then "interrupted" or "finished".
 PYTHON_SHIM = """#!/usr/bin/env bash
+case "$*" in *"import cutie"*) [ -n "${SHIM_NO_CUTIE:-}" ] && exit 1 ;; esac
 case "$*" in -c*) echo "torch shim triton shim"; exit 0 ;; esac
 sleep "${SHIM_SECONDS:-300}" &
 trap 'kill $!; echo "$* | interrupted" >> "$SHIM_LOG"; exit 130' INT
@@ -108,7 +109,9 @@ def test_profile_stage_breakdown_then_ncu_then_summary(tmp_path):
     passes = out / "profile_passes_cuda_20261123T100000.json"
     passes.write_text("{}")
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0)
-    assert len(lines) == 4, (lines, completed.stdout)
+    assert len(lines) == 5, (lines, completed.stdout)
+    assert lines[0] == "-m tools.gpu_session.profile_target --breakdown --n 16200 | finished"
+    lines = lines[1:]
     assert lines[0] == "-m tools.gpu_session.profile_target --breakdown | finished"
     profiled = lines[1].split()
     assert profiled[0] == "ncu"
@@ -127,8 +130,8 @@ def test_profile_stage_breakdown_then_ncu_then_summary(tmp_path):
 def test_profile_stage_keeps_the_breakdown_when_ncu_cannot_profile(tmp_path):
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0,
                                      SHIM_NCU_FAILS="1")
-    assert lines[0] == "-m tools.gpu_session.profile_target --breakdown | finished"
-    assert len(lines) == 2 and lines[1].startswith("ncu "), lines
+    assert lines[1] == "-m tools.gpu_session.profile_target --breakdown | finished"
+    assert len(lines) == 3 and lines[2].startswith("ncu "), lines
     assert "== no ncu report: see log.txt" in completed.stdout
 
 
@@ -149,14 +152,95 @@ def test_sanitize_stage_selects_the_smallest_gluon_cases(tmp_path):
     assert any(i.endswith("-bf16-rows]") for i in ids)
 
 
-def test_first_stage_runs_the_tests_the_self_test_and_the_kernel_targets(tmp_path):
-    completed, lines, _ = _run_stage(tmp_path, "first", 600, shim_seconds=0)
-    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 3, completed.stdout
-    tests, selftest, kernel = (line.split(" | ")[0].split() for line in lines)
+class Parsed(Exception):
+    pass
+
+
+def parsed_options(module, argv, monkeypatch):
+    """The options a benchmark's main parses from argv (its parser, nothing run)."""
+    from bench import common
+
+    def parse_only(parser, arguments, child):
+        raise Parsed(parser.parse_args(arguments))
+    monkeypatch.setattr(common, "parse_args_or_run_child", parse_only)
+    with pytest.raises(Parsed) as found:
+        module.main(argv)
+    return found.value.args[0]
+
+
+def test_first_stage_runs_the_peers_sweep_warm_then_the_gpu_tests(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from bench import kernel
+    completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0)
+    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 2, completed.stdout
+    peers, tests = (line.split(" | ")[0].split() for line in lines)
+    assert peers[:3] == ["-m", "bench", "kernel"]
+    options = parsed_options(kernel, peers[3:], monkeypatch)
+    assert options.sweeps == ["targets", "scaling"] and options.batches == [1]
+    assert options.passes == ["fwd", "fwd+bwd"] and options.warmup
+    assert options.providers is None  # every peer (kernel.PROVIDERS)
     assert tests[:3] == ["-m", "pytest", "-v"] and tests[-1] == "tests"
     assert "gpu" in tests and f"{tmp_path}/out/gpu_tests.xml" in tests
+
+
+def test_a_peers_sweep_that_runs_long_is_stopped_and_the_stage_still_ends_in_time(tmp_path):
+    # STAGE_LIMIT=60: the sweep's mark (400 of 600 s, 40 s) is capped at 60 - 30 = 30 s, so it
+    # is interrupted there, and the tests' mark (capped at 30 s too) leaves them no time.
+    completed, lines, seconds = _run_stage(tmp_path, "first", 60)
+    assert [line.split(" | ")[1] for line in lines] == ["interrupted"], (lines, completed.stdout)
+    assert lines[0].startswith("-m bench kernel --sweeps targets scaling")
+    assert "== no time left for python3 -m pytest" in completed.stdout
+    assert 28 <= seconds < 40, seconds
+
+
+def test_second_stage_runs_the_self_test_the_long_video_and_cutie(tmp_path, monkeypatch):
+    from bench import integrations, long_video
+    completed, lines, _ = _run_stage(tmp_path, "second", 585, shim_seconds=0)
+    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 3, completed.stdout
+    selftest, video, cutie = (line.split(" | ")[0].split() for line in lines)
     assert selftest == ["-m", "stm_kernels.selftest", "--json", f"{tmp_path}/out/selftest.json"]
-    assert kernel == ["-m", "bench", "kernel", "--sweeps", "targets"]
+    assert video[:3] == ["-m", "bench", "long-video"]
+    options = parsed_options(long_video, video[3:], monkeypatch)
+    # issue 57 item 7: fused against naive, mem_every 5, to 10,000 frames (as far as time goes)
+    assert options.variants == ["fused", "naive"] and options.mem_every == 5
+    assert max(options.lengths) == 10000 and options.time_limit == 75
+    assert options.model is None and options.size is None  # the GPU defaults: official, 480p
+    assert long_video.DEFAULTS["cuda"]["model"] == "official"
+    assert tuple(long_video.DEFAULTS["cuda"]["size"]) == (480, 854)
+    assert cutie[:3] == ["-m", "bench", "integrations"]
+    options = parsed_options(integrations, cutie[3:], monkeypatch)
+    assert options.models == ["cutie"] and options.reads == ["original", "fused"]
+    assert options.size == [480, 854]
+
+
+def test_cutie_stage_runs_480p_and_1080p_or_says_what_to_carry(tmp_path):
+    completed, lines, _ = _run_stage(tmp_path, "cutie", 585, shim_seconds=0)
+    sizes = [line.split("--size ")[1].split(" --")[0] for line in lines]
+    assert sizes == ["480 854", "1080 1920"], lines
+    (tmp_path / "none").mkdir()
+    completed, lines, _ = _run_stage(tmp_path / "none", "cutie", 585, shim_seconds=0,
+                                     SHIM_NO_CUTIE="1")
+    assert lines == [] and completed.stdout.count("== no Cutie here: run python -m "
+                                                  "tools.gpu_session.deps") == 2
+
+
+def test_deps_copies_cutie_and_its_imports_without_compiled_files(tmp_path):
+    pytest.importorskip("cutie.model.cutie")
+    from tools.gpu_session import deps
+    copied = deps.export(tmp_path / "deps")
+    assert [path.name for path in copied] == list(deps.PACKAGES)
+    files = [path for path in (tmp_path / "deps").rglob("*") if path.is_file()]
+    assert not [path for path in files if path.suffix in (".so", ".pyc", ".pyd")]
+    assert (tmp_path / "deps" / "cutie" / "model" / "cutie.py").exists()
+    # only the work tree and the copies on the path: cutie imports from the copy
+    script = ("import cutie.model.cutie as c, omegaconf, einops; "
+              "print(c.__file__, omegaconf.__file__)")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=f"{ROOT}:{tmp_path / 'deps'}"),
+                               cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split() == [str(tmp_path / "deps" / "cutie" / "model" / "cutie.py"),
+                                        str(tmp_path / "deps" / "omegaconf" / "__init__.py")]
 
 
 def test_suspects_stage_runs_the_wrong_dkdq_tilings_under_memcheck(tmp_path):

@@ -459,6 +459,35 @@ def test_the_search_keeps_the_first_that_meets_the_targets_and_skips_what_cannot
     assert not search.meets_targets("forward", 128, [dict(clean, vgpr_spills=8)])
 
 
+def test_the_search_skips_what_a_triton_release_compiles_wrong_for_the_target(monkeypatch):
+    """tilings.MISCOMPILED: on sm_90 the dK+dQ tilings of 64 key rows over 16 query rows on 4
+    warps are never compiled nor kept (first or fallback); elsewhere they are."""
+    from tools.kernel_report import search
+    from tools.kernel_report.compile import TARGETS
+    K = tilings.DkdqConfig
+    candidates = [K(128, 16, 8, 2, None), K(64, 16, 4, 2, None), K(64, 16, 4, 1, 64),
+                  K(64, 32, 4, 1, 32)]
+    monkeypatch.setitem(search.CANDIDATES, ("dkdq", 2), candidates)
+    compiled = []
+
+    def fake(target, kernel, precision_class, width, config, keep_going):
+        compiled.append(config)
+        row = dict(case="Ck=128", spill_bytes=0, shared_bytes=1000 * config.block_n,
+                   shared_limit=300_000, duplicated_dots=0, executed_macs_per_pair=896,
+                   passes=1, registers=200)
+        return [row, dict(row, case="Ck=128 l2")]
+
+    monkeypatch.setattr(search, "compile_candidate", fake)
+    first, others, _ = search.search(TARGETS["sm_90"], "dkdq", "16-bit", 128, fallbacks=2,
+                                     log=lambda text: None)
+    assert first == candidates[0] and others == [candidates[3]]
+    assert compiled == [candidates[0], candidates[3]]
+    compiled.clear()
+    first, others, _ = search.search(TARGETS["sm_100"], "dkdq", "16-bit", 128, fallbacks=2,
+                                     log=lambda text: None)
+    assert others == candidates[1:3]
+
+
 def test_when_nothing_meets_the_targets_a_small_spill_beats_a_duplicated_dot():
     from tools.kernel_report import search
     F = tilings.ForwardConfig

@@ -464,7 +464,8 @@ _SM_90 = Architecture(
         ("dkdq", "16-bit", 256): (K(128, 16, 8, 2, 64), K(128, 16, 8, 1, 64),),
         ("dkdq", "16-bit", 257): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
         ("dkdq", "tf32", 128): (K(128, 16, 8, 1, 64), K(128, 16, 8, 1, 32),),
-        ("dk", "tf32", 256): (K(128, 16, 8, 1, 16), K(64, 16, 4, 2, 64),),
+        # the fallback skips K(64, 16, w4, ...): MISCOMPILED
+        ("dk", "tf32", 256): (K(128, 16, 8, 1, 16), K(64, 32, 4, 1, 32),),
         ("dq", "16-bit", 128): (Q(128, 64, 64, 8, 2), Q(128, 32, 64, 8, 3),),
         ("dq", "16-bit", 256): (Q(128, 32, 32, 8, 2), Q(64, 64, 64, 4, 2),),
         ("dq", "16-bit", 257): (Q(64, 16, 32, 4, 1), Q(64, 16, 16, 4, 1),),
@@ -731,6 +732,31 @@ _RANK1_WIDE_SM_90 = (
     "m64 n16); 16-row tilings with the query tile streamed spill nothing but run mma.sync "
     "and read 2.7x (forward) and 1.5x (dQ) the L2 bytes per pair")
 
+# Tilings a Triton release compiles wrong for an architecture, keyed by the architecture: (the
+# kernels, the config fields that match). No table of that architecture may use a matching
+# candidate, first or fallback (tests/kernels/test_triton36_faults.py), and the search
+# (tools.kernel_report.search) skips them there; tools.gpu_session.tune still times them
+# when asked (--only), to see whether a newer Triton fixed them.
+# sm_90: the dK+dQ kernel (and the deterministic dK kernel, the same code) with 64 key rows
+# over 16 query rows on 4 warps, under Triton 3.6 on an H100 (bench/NOTES.md, GPU sessions of
+# 2026-11-26): K(64, 16, w4, s2, None) and K(64, 16, w4, s1, 64) gave wrong gradients (errors
+# 20-343 against 2e-2) with no memcheck error and no shared-memory race, K(64, 16, w4, s2,
+# None, stream_keys) an error of 0.067, and K(64, 16, w4, s1, 32) read shared memory out of
+# bounds in the compiler's own layout of a tl.dot; the interpreter gives the float64
+# gradients at all four. The fault is the compile of that warp layout, so the whole
+# geometry is kept out whatever its stages, value chunk and key streaming.
+MISCOMPILED = {
+    "sm_90": ((("dkdq", "dk"), dict(block_n=64, block_m=16, num_warps=4)),),
+}
+
+
+def miscompiled(architecture_name, kernel, config):
+    """Whether `config` of `kernel` matches a tiling MISCOMPILED lists for the architecture."""
+    return any(kernel in kernels and all(getattr(config, name, None) == value
+                                         for name, value in fields.items())
+               for kernels, fields in MISCOMPILED.get(architecture_name, ()))
+
+
 _MMA_SYNC_TABLES = ("sm_80", "sm_86", "sm_120", "generic")
 EXCEPTIONS: dict = {
     **{(name, "dkdq", "tf32", 128): _TF32_DKDQ_MMA_SYNC for name in ("sm_80", "sm_120")},
@@ -871,6 +897,7 @@ __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "Me
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
            "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "ON_TORCH", "SEPARATE_DQ", "on_torch",
            "EXACT_FLOAT32_FUSED", "EXACT_FLOAT32_ENV", "exact_float32_read",
+           "MISCOMPILED", "miscompiled",
            "separates_dq", "architecture_of", "candidates", "RANK1_WIDTHS", "RANK1_L2",
            "KEY_WIDTHS", "key_widths", "stated_key", "splits_last_channel",
            "precision_class", "width_class", "use_configs", "warp_specialized_config"]

@@ -1,0 +1,196 @@
+"""`python -m bench kernel`'s peers (issue 57, item 1): SDPA split into 128-wide value chunks
+with the flash and the cuDNN backends forced, FlexAttention compiled, the chunked torch read and
+the naive read, timed in the same run as the fused read; the best peer at each point and the
+ratio to it in the table and the plots; the peers that cannot run recorded with their reason.
+Tiny sizes on CPU, where the CUDA-only peers refuse."""
+import json
+import math
+
+import pytest
+import torch
+
+from bench import __main__ as suite
+from bench import kernel, report
+from stm_kernels import memory_read
+
+
+def _record(provider, ms, pass_="fwd", N=16200, status="ok", **extra):
+    return dict(sweep="targets", provider=provider, **{"pass": pass_}, dtype="bf16", B=1,
+                HW=1620, N=N, Ck=128, Cv=512, status=status,
+                **(dict(median_ms=ms, q20_ms=ms, q80_ms=ms, tflops=1.0, peak_mem_bytes=2**20)
+                   if status == "ok" else {}), **extra)
+
+
+def _payload(records):
+    return {"device_type": "cuda", "device": "Test GPU", "matmul_tflops": {"bf16": 700.0},
+            "matmul_size": 8192, "records": records}
+
+
+def test_the_best_peer_is_the_fastest_peer_that_ran_at_each_point():
+    records = [_record("triton", 0.5), _record("torch", 4.0), _record("naive", 60.0),
+               _record("sdpa", 3.0), _record("sdpa_flash_split", 1.5),
+               _record("sdpa_cudnn_split", None, status="refused: No available kernel. "
+                       "Aborting execution. (cuDNN attention does not support head dim 512)"),
+               _record("flex", None, status="error: InductorError: out of shared memory"),
+               # at another N the flash split refused: the best there is sdpa
+               _record("triton", 1.0, N=64800), _record("sdpa", 5.0, N=64800),
+               _record("sdpa_flash_split", None, N=64800, status="refused: no kernel"),
+               _record("naive", None, N=64800, status="oom")]
+    payload = _payload(records)
+    assert kernel.peers_of(payload) == ["torch", "naive", "sdpa", "sdpa_flash_split",
+                                        "sdpa_cudnn_split", "flex"]
+    assert kernel.best_peer(payload, records[0]) == ("sdpa_flash_split", 3.0)
+    assert kernel.best_peer(payload, records[7]) == ("sdpa", 5.0)
+    assert kernel.best_peer(payload, records[1]) == ("sdpa_flash_split", 1.5 / 4.0)
+    table = kernel.summary(payload)
+    header = table.splitlines()[0]
+    assert "| best peer | vs best peer | vs torch | vs naive | vs sdpa | vs sdpa_flash_split | " \
+           "vs sdpa_cudnn_split | vs flex |" in header
+    assert ("| targets | fwd | bf16 | 1 | 1620 | 128 | 512 | 16200 | 0.500 | 1.00 | 0% | 1.0 | "
+            "sdpa_flash_split | **3.00x** | 8.00x | 120.00x | 6.00x | 3.00x | refused | error | "
+            "1.0x |") in table
+    assert ("| targets | fwd | bf16 | 1 | 1620 | 128 | 512 | 64800 | 1.000 | 1.00 | 0% | 1.0 | "
+            "sdpa | **5.00x** | n/a | oom | 5.00x | refused | n/a | n/a | n/a |") in table
+    # the reasons, once per peer and reason, and the same run's matmul
+    assert "| sdpa_cudnn_split | fwd | 1 | refused: No available kernel. Aborting execution. " \
+           "(cuDNN attention does not support head dim 512) |" in table
+    assert "| flex | fwd | 1 | error: InductorError: out of shared memory |" in table
+    assert "Same-run 8192³ matmul: bf16 700.0 TFLOP/s." in table
+
+
+def test_no_peer_ran():
+    payload = _payload([_record("triton", 0.5),
+                        _record("flex", None, status="error: ImportError: no flex")])
+    assert kernel.best_peer(payload, payload["records"][0]) == (None, None)
+    assert "| none ran | n/a | error |" in kernel.summary(payload)
+
+
+def test_refusal_keeps_the_first_line_and_the_warning_that_says_why():
+    class Caught:
+        def __init__(self, message):
+            self.message = UserWarning(message)
+    error = RuntimeError("No available kernel. Aborting execution.\nmore detail")
+    caught = [Caught("some other warning"), Caught("Flash attention kernel not used because:"),
+              Caught("Flash attention requires q,k,v to have the same last dimension\nand more")]
+    assert kernel.refusal("sdpa_flash_split", error, caught) == (
+        "refused: No available kernel. Aborting execution. (Flash attention requires q,k,v to "
+        "have the same last dimension)")
+    assert kernel.refusal("sdpa_cudnn_split", error) == \
+        "refused: No available kernel. Aborting execution."
+    compile_error = RuntimeError("backend='inductor' raised:\nOutOfResources: shared memory\n..")
+    assert kernel.refusal("flex", compile_error) == (
+        "error: RuntimeError: backend='inductor' raised: OutOfResources: shared memory")
+
+
+def test_the_split_peers_read_what_the_op_reads():
+    """SDPA calls on value chunks as wide as the key (Ck = 128: four), on the same q and k,
+    concatenated, are the read of the whole value (flash forced: it runs on CPU too), forward
+    and gradients."""
+    B, HW, N, Ck, Cv = 2, 24, 40, 16, 512
+    call, tensors = kernel.make_inputs("sdpa_flash_split", "fwd", torch.float32, B, HW, N, Ck,
+                                       Cv, torch.device("cpu"))
+    out = call()  # (B, 1, HW, Cv)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=generator)
+               for shape in ((1, Ck, HW), (B, Ck, N), (B, Cv, N)))
+    expected = memory_read(q.double(), k.double(), v.double(), scale=1 / math.sqrt(Ck),
+                           backend="naive")
+    torch.testing.assert_close(out[:, 0].transpose(1, 2).double(), expected, rtol=1e-4,
+                               atol=1e-5)
+    call, tensors = kernel.make_inputs("sdpa_flash_split", "fwd+bwd", torch.float32, B, HW, N,
+                                       Ck, Cv, torch.device("cpu"))
+    call()
+    assert len(tensors) == 2 + Cv // Ck  # chunks as wide as the key
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in tensors)
+
+
+def test_a_cpu_run_times_the_peers_and_records_the_refusals(tmp_path, monkeypatch, capsys):
+    """On CPU the cuDNN backend refuses (recorded, not raised), FlexAttention's compile error is
+    recorded, the rest are timed; the warm-up is recorded; table and plots name the best peer."""
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(kernel, "measure_memory", lambda spec, device: 1024)
+
+    def no_compiler():
+        raise RuntimeError("InductorError: no C++ compiler\nmore lines")
+    monkeypatch.setattr(kernel, "_compiled_flex", no_compiler)
+    providers = ["torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn_split", "flex"]
+    assert suite.main(["kernel", "--device", "cpu", "--hw", "8", "--ns", "64", "128",
+                       "--batches", "1", "--providers", *providers, "--passes", "fwd",
+                       "fwd+bwd", "--sweeps", "scaling", "--warmup", "--warmup-s", "0"]) == 0
+    [path] = tmp_path.glob("kernel_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert payload["warmup"]["series"] == len(providers) * 2
+    status = {(r["provider"], r["pass"], r["N"]): r["status"] for r in payload["records"]}
+    for pass_ in ("fwd", "fwd+bwd"):
+        for provider in ("torch", "naive", "sdpa", "sdpa_flash_split"):
+            assert status[(provider, pass_, 64)] == status[(provider, pass_, 128)] == "ok"
+        # a peer that cannot run is recorded once per series: larger N are not tried
+        assert status[("sdpa_cudnn_split", pass_, 64)].startswith("refused: ")
+        assert ("sdpa_cudnn_split", pass_, 128) not in status
+        assert status[("flex", pass_, 64)] == "error: RuntimeError: InductorError: no C++ compiler"
+    table = capsys.readouterr().out
+    assert "| scaling | fwd | fp32 | 1 | 8 | 128 | 512 | 128 |" in table
+    assert "| sdpa_cudnn_split | fwd, fwd+bwd | 2 | refused: " in table
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        path.stem + "_roofline.png", path.stem + "_memory.png"}
+    # the torch read is the fused one on CPU: every row names its best peer
+    rows = [line for line in table.splitlines() if line.startswith("| scaling |")]
+    assert len(rows) == 4 and all(any(f"| {peer} | **" in row for peer in providers[1:])
+                                  for row in rows)
+
+
+def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
+    import argparse
+    args = argparse.Namespace(sweeps=["targets"], hw=None, providers=None, passes=None,
+                              dtypes=None, batches=None, ns=None, shapes_n=None, quick=False)
+    _, series = kernel.plan(torch.device("cuda"), args)
+    assert {entry[1] for entry in series} == set(kernel.PROVIDERS)
+    assert {(entry[2], tuple(entry[8])) for entry in series} == {
+        ("fwd", (16200, 64800, 162000)), ("fwd+bwd", (16200, 64800, 162000))}
+    _, series = kernel.plan(torch.device("cpu"), args)
+    assert {entry[1] for entry in series} == set(kernel.PROVIDERS) - {"triton"}
+
+
+# --------------------------------------------------------------------------- the README plot
+
+
+def test_the_readme_plot_is_drawn_from_the_newest_gpu_run_with_a_curve(tmp_path):
+    """From the committed results: the H200 run (its forward measured from 1 to 1,600 memory
+    frames) rather than the newer H100 one of two target points; the PNG names its source."""
+    runs = report.kernel_runs()
+    chosen = kernel.read_plot_run(runs)
+    assert chosen["device_type"] == "cuda"
+    curves = [run for run in runs if run["device_type"] == "cuda" and sum(
+        r["status"] == "ok" for r in kernel.read_plot_points(run).get(("triton", "fwd"),
+                                                                       {}).values()) >= 3]
+    assert chosen["_file"] == max(curves, key=lambda run: run["date"])["_file"]
+    target = tmp_path / "images" / "gpu_read.png"
+    assert kernel.read_plot(chosen, target, source=chosen["_file"]) == [target]
+    assert report.plot_source(target) == chosen["_file"]
+    # the committed plot is the one `bench report` draws now
+    assert report.gpu_plot(check=True) == (chosen["_file"], True), "run python -m bench report"
+
+
+def test_the_readme_plot_marks_out_of_memory_and_takes_the_later_of_two_measures(tmp_path):
+    records = [_record("triton", 2.0, N=64800), _record("triton", 0.5, N=16200),
+               _record("triton", 0.9, N=64800),  # re-measured warm later in the run
+               _record("triton", 1.4, N=162000), _record("sdpa", 4.0, N=64800),
+               _record("naive", 50.0, N=16200), _record("naive", None, N=64800, status="oom"),
+               _record("triton", 3.0, pass_="fwd+bwd", N=162000)]
+    payload = dict(_payload(records), torch="2", triton="3", date="2026-11-27T00:00:00")
+    points = kernel.read_plot_points(payload)
+    assert points[("triton", "fwd")][64800]["median_ms"] == 0.9
+    assert points[("naive", "fwd")][64800]["status"] == "oom"
+    older = dict(payload, date="2026-11-26T00:00:00", records=records[:1])
+    assert kernel.read_plot_run([older, payload]) is payload
+    assert kernel.read_plot_run([dict(payload, device_type="cpu")]) is None
+    [path] = kernel.read_plot(payload, tmp_path / "plot.png", source="x.json")
+    assert path.stat().st_size > 10_000 and report.plot_source(path) == "x.json"
+
+
+@pytest.mark.parametrize("status, word", [("oom", "oom"), ("refused: no kernel", "refused"),
+                                          ("error: X: y", "error"),
+                                          ("not run (a call at the previous N took over 4 s)",
+                                           "not run")])
+def test_status_words(status, word):
+    assert kernel._status_word(status) == word
