@@ -45,14 +45,21 @@ def environment(device):
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    cpu = {}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        # the vector instructions torch uses (AVX2, AVX512...): the machines here vary
-        name = (f"{platform.processor() or platform.machine()} CPU "
-                f"({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} threads")
+        # the processor, the flags that decide the read's speed and the threads used: the
+        # machines here vary, and figures from two processors are never one ratio
+        from stm_kernels.backends import cpu_features
+        info = cpu_features.cpu_info()
+        cpu = dict(cpu_model=info["model"], cpu_flags=info["flags"],
+                   threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+        name = (f"{info['model']} ({', '.join(info['flags']) or 'no AVX2'}), "
+                f"{cpu['threads']} threads")
     return {
         "device": name,
+        **cpu,
         "device_type": device.type,
         "torch": torch.__version__,
         "triton": triton_version,

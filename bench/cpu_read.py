@@ -3,10 +3,11 @@
     python -m bench cpu-read                          # N = 16,200 to 162,000, quiet machine
     python -m bench cpu-read --busy                   # the same with a process spinning on one core
     python -m bench cpu-read --ns 16200 --rounds 3    # quick
+    python -m bench cpu-read --dtype bf16             # bf16 inputs: the bf16 products' read
 
-One object, one 480p query frame (HW = 1,620 at stride 16), Ck = 128, Cv = 512, float32, a
-forward read. Providers, timed round-robin (one call each per round, so that load from other
-processes hits every one alike):
+One object, one 480p query frame (HW = 1,620 at stride 16), Ck = 128, Cv = 512, a forward read
+on float32 inputs, or with --dtype bf16 on bf16 ones. Providers, timed round-robin (one call
+each per round, so that load from other processes hits every one alike):
     stm        memory_read(backend="torch"): the library's CPU read (row blocks on worker threads)
     sdpa       torch.nn.functional.scaled_dot_product_attention with the full 512-wide value
     official   the official read (materialises the N x HW affinity)
@@ -16,11 +17,17 @@ processes hits every one alike):
                chunks of the CPU read's length, no softmax): the least time any read built on
                torch's BLAS needs, so best peer / products is the most speed-up one could show
     sgemm      a 2048^3 float32 matrix product: the machine's float32 rate in the same rounds
+With --dtype bf16 every provider above takes bf16 inputs (sgemm stays float32), and three more
+are timed: stm_fp32 and sdpa_fp32, the read and SDPA on the same inputs in float32 (the read's
+own float32 speed, and SDPA where it is fastest), and bgemm, a 2048^3 bf16 product (the
+machine's bf16 rate). On a CPU without bf16 dot products (stm_kernels.backends.cpu_features)
+the bf16 figures are oneDNN's emulation: the run says so and makes no speed claim.
 Records per N: median, 20% and 80% ms per provider, GFLOP/s (2 HW N (Ck + Cv) for the reads and
 the products), the stm read's speed over the best peer, the products' (the ceiling), and the
-read's rate as a share of the sgemm rate, the torch
-thread count, and whether a competing process ran. Writes bench/results/cpu_read_cpu_<date>.json
-and a PNG beside it.
+read's rate as a share of the sgemm rate (bgemm with --dtype bf16); with bf16 also its speed
+over its float32 read and its relative error against it; the torch thread count, the
+processor (model, flags), and whether a competing process ran. Writes
+bench/results/cpu_read_cpu_<date>.json and a PNG beside it.
 """
 import argparse
 import contextlib
@@ -33,10 +40,12 @@ import torch.nn.functional as F
 
 from bench import common
 from stm_kernels import memory_read
+from stm_kernels.backends import cpu_features
 from stm_kernels.backends.pytorch import CPU_CHUNK
 
-PEERS = ("sdpa", "official", "flex")
-PROVIDERS = ("stm",) + PEERS + ("products", "sgemm")
+PEERS = ("sdpa", "official", "flex", "sdpa_fp32")
+PROVIDERS = ("stm",) + PEERS[:3] + ("products", "sgemm")
+BF16_PROVIDERS = ("stm", "stm_fp32") + PEERS + ("products", "sgemm", "bgemm")
 SGEMM_SIZE = 2048
 
 
@@ -48,11 +57,14 @@ def read_flops(N, hw, ck, cv):
 def make_calls(N, args):
     """{provider: zero-argument call}, and {provider: why it cannot run} for the rest."""
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(1, args.ck, args.hw, generator=generator)
-    k = torch.randn(1, args.ck, N, generator=generator)
-    v = torch.randn(1, args.cv, N, generator=generator)
-    # SDPA and FlexAttention take (B, heads, L, C), contiguous
-    q4, k4, v4 = (t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v))
+    q32, k32, v32 = (torch.randn(1, channels, length, generator=generator)
+                     for channels, length in ((args.ck, args.hw), (args.ck, N), (args.cv, N)))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    q, k, v = (t.to(dtype) for t in (q32, k32, v32))
+
+    def rows(*tensors):  # SDPA and FlexAttention take (B, heads, L, C), contiguous
+        return [t.transpose(1, 2).unsqueeze(1).contiguous() for t in tensors]
+    q4, k4, v4 = rows(q, k, v)
     a = torch.randn(SGEMM_SIZE, SGEMM_SIZE, generator=generator)
     b = torch.randn(SGEMM_SIZE, SGEMM_SIZE, generator=generator)
     calls = {"stm": lambda: memory_read(q, k, v, backend="torch"),
@@ -60,6 +72,12 @@ def make_calls(N, args):
              "official": lambda: memory_read(q, k, v, backend="naive"),
              "products": lambda: _products(q, k, v),
              "sgemm": lambda: torch.mm(a, b)}
+    if args.dtype == "bf16":
+        q4_32, k4_32, v4_32 = rows(q32, k32, v32)
+        a16, b16 = a.to(dtype), b.to(dtype)
+        calls.update(stm_fp32=lambda: memory_read(q32, k32, v32, backend="torch"),
+                     sdpa_fp32=lambda: F.scaled_dot_product_attention(q4_32, k4_32, v4_32),
+                     bgemm=lambda: torch.mm(a16, b16))
     skipped = {}
     if "official" in args.providers and \
             4 * N * args.hw * 2 > 0.6 * common.available_memory_bytes():
@@ -75,12 +93,13 @@ def make_calls(N, args):
 
 
 def _products(q, k, v):
-    """The read's two products for one object, without the softmax in between: (HW, Cv)."""
+    """The read's two products for one object, without the softmax in between, in the inputs'
+    dtype (a bf16 product's output added to a float32 sum, as the bf16 read does): (HW, Cv)."""
     rows = q[0].T.contiguous()  # (HW, Ck)
     out = torch.zeros((rows.shape[0], v.shape[1]))
     for start in range(0, k.shape[2], CPU_CHUNK):
         scores = rows @ k[0, :, start:start + CPU_CHUNK]
-        out.addmm_(scores, v[0, :, start:start + CPU_CHUNK].T)
+        out.add_(scores @ v[0, :, start:start + CPU_CHUNK].T)
     return out
 
 
@@ -119,13 +138,18 @@ def run(args):
     with torch.no_grad(), competing_process(args.busy):
         for N in args.ns:
             calls, skipped = make_calls(N, args)
+            if "stm" in calls and "stm_fp32" in calls:  # the bf16 read's error, once per N
+                error = _relative_error(calls["stm"](), calls["stm_fp32"]())
+                records.append(dict(provider="stm", N=N, status="accuracy",
+                                    relative_error_vs_fp32=error))
+                print(f"N={N:7} bf16 read vs float32 read: relative error {error:.1e}")
             times = interleaved_times(calls, device, args.rounds)
             for provider in args.providers:
                 if provider in skipped:
                     records.append(dict(provider=provider, N=N, status=skipped[provider]))
                     continue
                 median, low, high = times[provider]
-                flops = 2.0 * SGEMM_SIZE ** 3 if provider == "sgemm" else \
+                flops = 2.0 * SGEMM_SIZE ** 3 if provider in ("sgemm", "bgemm") else \
                     read_flops(N, args.hw, args.ck, args.cv)
                 records.append(dict(provider=provider, N=N, status="ok", median_ms=median,
                                     q20_ms=low, q80_ms=high,
@@ -135,43 +159,78 @@ def run(args):
     return records
 
 
+def _relative_error(output, reference):
+    """|output - reference| / |reference| (Frobenius norms, in float64)."""
+    output, reference = output.double(), reference.double()
+    return float((output - reference).norm() / reference.norm())
+
+
 def comparison(records, N):
     """{best_peer, stm_vs_best_peer, products_vs_best_peer (the ceiling of stm_vs_best_peer for
-    a read on torch's BLAS), stm_of_sgemm} at N (None where not measured)."""
+    a read on torch's BLAS), stm_of_gemm (of bgemm's rate where timed, else sgemm's),
+    stm_vs_fp32 (the bf16 read's speed over its float32 read), stm_vs_sdpa_fp32 (over SDPA on
+    float32 inputs), relative_error_vs_fp32} at N
+    (None where not measured)."""
     ok = {r["provider"]: r for r in records if r["N"] == N and r.get("status") == "ok"}
     peers = {name: ok[name]["median_ms"] for name in PEERS if name in ok}
     best = min(peers, key=peers.get) if peers else None
     stm, products = ok.get("stm"), ok.get("products")
+    gemm = ok.get("bgemm") or ok.get("sgemm")
+    error = next((r["relative_error_vs_fp32"] for r in records
+                  if r["N"] == N and r.get("status") == "accuracy"), None)
     return dict(best_peer=best,
                 stm_vs_best_peer=peers[best] / stm["median_ms"] if stm and best else None,
                 products_vs_best_peer=peers[best] / products["median_ms"]
                 if products and best else None,
-                stm_of_sgemm=stm["gflops"] / ok["sgemm"]["gflops"]
-                if stm and "sgemm" in ok else None)
+                stm_of_gemm=stm["gflops"] / gemm["gflops"] if stm and gemm else None,
+                stm_vs_fp32=ok["stm_fp32"]["median_ms"] / stm["median_ms"]
+                if stm and "stm_fp32" in ok else None,
+                stm_vs_sdpa_fp32=ok["sdpa_fp32"]["median_ms"] / stm["median_ms"]
+                if stm and "sdpa_fp32" in ok else None,
+                relative_error_vs_fp32=error)
 
 
 def summary(payload):
     """Markdown table: ms per provider and N, the best peer, stm's speed-up and sgemm share."""
     providers = payload["providers"]
+    bf16 = payload.get("dtype") == "bf16"
+    gemm = "bgemm" if bf16 else "sgemm"
+    extra = " | stm vs sdpa_fp32 | stm vs stm_fp32 | error vs fp32" if bf16 else ""
     rows = ["| N | " + " | ".join(f"{p} ms" for p in providers) +
-            " | best peer | stm vs best peer | products vs best peer | stm GFLOP/s of sgemm |",
-            "|---|" + "---|" * (len(providers) + 4)]
+            f" | best peer | stm vs best peer | products vs best peer | stm GFLOP/s of {gemm}"
+            f"{extra} |", "|---|" + "---|" * (len(providers) + 4 + 3 * bf16)]
     for N in sorted({r["N"] for r in payload["records"]}):
-        by = {r["provider"]: r for r in payload["records"] if r["N"] == N}
+        by = {r["provider"]: r for r in payload["records"] if r["N"] == N
+              and r.get("status") != "accuracy"}
         cells = [f"{by[p]['median_ms']:.1f}" if by.get(p, {}).get("status") == "ok"
                  else by.get(p, {}).get("status", "-").split(":")[0] for p in providers]
         found = comparison(payload["records"], N)
         speed, ceiling = found["stm_vs_best_peer"], found["products_vs_best_peer"]
-        share = found["stm_of_sgemm"]
+        share = found["stm_of_gemm"]
+        tail = ""
+        if bf16:
+            own, error = found["stm_vs_fp32"], found["relative_error_vs_fp32"]
+            sdpa = found["stm_vs_sdpa_fp32"]
+            tail = (f" | {'-' if sdpa is None else f'{sdpa:.2f}x'}"
+                    f" | {'-' if own is None else f'{own:.2f}x'} | "
+                    f"{'-' if error is None else f'{error:.1e}'}")
         rows.append(f"| {N} | " + " | ".join(cells) + f" | {found['best_peer'] or '-'} | "
                     f"{'-' if speed is None else f'{speed:.2f}x'} | "
                     f"{'-' if ceiling is None else f'{ceiling:.2f}x'} | "
-                    f"{'-' if share is None else f'{share:.0%}'} |")
+                    f"{'-' if share is None else f'{share:.0%}'}{tail} |")
+    inputs = "bf16 inputs (stm_fp32, sdpa_fp32: float32)" if bf16 else "float32"
     rows.append(f"\nOne object, HW = {payload['hw']}, Ck = {payload['ck']}, Cv = "
-                f"{payload['cv']}, float32 forward, {payload['threads']} torch threads, "
+                f"{payload['cv']}, {inputs} forward, {payload['threads']} torch threads, "
                 f"{payload['rounds']} interleaved rounds"
-                f"{', one core kept busy by another process' if payload['busy'] else ''}. "
-                "Targets: stm >= 1.5x the best peer and >= 85% of the sgemm rate.")
+                f"{', one core kept busy by another process' if payload['busy'] else ''}. ")
+    if bf16 and not payload.get("bf16_dot_products"):
+        rows[-1] += ("This CPU has no bf16 dot products: its bf16 figures are oneDNN's "
+                     "emulation in float32, and no speed claim is made from them.")
+    elif bf16:
+        rows[-1] += ("Targets: stm >= 2.0x SDPA on float32 inputs, >= 1.7x its own float32 "
+                     "read, relative error <= 1e-2.")
+    else:
+        rows[-1] += "Targets: stm >= 1.5x the best peer and >= 85% of the sgemm rate."
     return "\n".join(rows)
 
 
@@ -202,16 +261,26 @@ def main(argv=None):
     parser.add_argument("--ns", type=int, nargs="+", default=[16200, 64800, 162000])
     common.add_read_shape_arguments(parser, hw=1620, ck=128, cv=512)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="the inputs' dtype (default fp32; bf16 adds the float32 read and "
+                             "SDPA as references)")
+    parser.add_argument("--providers", nargs="+", choices=BF16_PROVIDERS,
+                        help="default: every provider of the dtype")
     parser.add_argument("--busy", action="store_true",
                         help="keep one core busy with another process during the run")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice)")
     args = parser.parse_args(argv)
+    allowed = BF16_PROVIDERS if args.dtype == "bf16" else PROVIDERS
+    args.providers = args.providers or list(allowed)
+    if set(args.providers) - set(allowed):
+        parser.error(f"--providers {' '.join(sorted(set(args.providers) - set(allowed)))} "
+                     f"need --dtype bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
     payload = common.environment(torch.device("cpu"))
-    payload.update(benchmark="cpu_read", hw=args.hw, ck=args.ck, cv=args.cv,
+    payload.update(benchmark="cpu_read", hw=args.hw, ck=args.ck, cv=args.cv, dtype=args.dtype,
+                   bf16_dot_products=cpu_features.bf16_dot_products(),
                    rounds=args.rounds, busy=args.busy, threads=torch.get_num_threads(),
                    providers=list(args.providers), records=run(args))
     common.finish_run("cpu_read", payload, plot, summary)

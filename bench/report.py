@@ -69,12 +69,13 @@ _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTAL
 
 def result_key(payload):
     """What a newer result replaces an older one for: (device type, frame size, longest video,
-    busy, GPU, sweeps, scope) (the frame size and video length for benchmarks run at several;
-    busy for a run made beside a competing process on purpose, which does not replace a quiet
-    one; the GPU's name, as an H100 run says nothing of an H200; the (sweep, dtype) pairs of a
-    benchmark with sweeps, as a run of one sweep does not replace a run of another; the scope
-    of a run narrowed on purpose (its dtype and query size, the candidates picked with --only,
-    a run under compute-sanitizer), as a check of three tilings does not replace a tuning)."""
+    busy, GPU, sweeps, scope, CPU flags) (the frame size and video length for benchmarks run
+    at several; busy for a run made beside a competing process on purpose, which does not
+    replace a quiet one; the GPU's name, as an H100 run says nothing of an H200; the (sweep,
+    dtype) pairs of a benchmark with sweeps, as a run of one sweep does not replace a run of
+    another; the scope of a run narrowed on purpose (its dtype and query size, the candidates
+    picked with --only, a run under compute-sanitizer), as a check of three tilings does not
+    replace a tuning; the CPU's flags, as an AVX2 run says nothing of an AVX-512 one)."""
     if payload.get("selftest"):  # the self-test's report: device "cuda", the GPU in "name"
         gpu = payload.get("name") if payload.get("device") != "cpu" else None
     else:
@@ -85,8 +86,10 @@ def result_key(payload):
         if isinstance(records, list) else ()
     scope = (str(payload.get("dtype")), payload.get("HW"), tuple(payload.get("only") or ()),
              payload.get("sanitizer"))
+    cpu = tuple(payload.get("cpu_flags") or ())
     return (payload.get("device_type"), tuple(payload.get("size") or ()),
-            max(payload.get("lengths") or [0]), bool(payload.get("busy")), gpu, sweeps, scope)
+            max(payload.get("lengths") or [0]), bool(payload.get("busy")), gpu, sweeps, scope,
+            cpu)
 
 
 def newest_results(name, directory=RESULTS):

@@ -3,3 +3,40 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+# A process that takes the lock on argv[1] as argv[2], says so, and holds it until its stdin
+# closes; it loads run_lock.py alone (standard library only), so it starts in a moment.
+_LOCK_HOLDER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("run_lock", sys.argv[3])
+run_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_lock)
+with run_lock.output_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def holder():
+    """hold(folder, command="stm segment"): another process holding folder's run lock
+    (stm_model.io.run_lock), stopped at the test's end."""
+    from stm_model.io import run_lock
+    processes = []
+
+    def hold(folder, command="stm segment"):
+        process = subprocess.Popen(
+            [sys.executable, "-c", _LOCK_HOLDER, str(folder), command, run_lock.__file__],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stdout.readline() == "held\n"
+        return process
+    yield hold
+    for process in processes:
+        process.kill()
+        process.wait()

@@ -10,6 +10,7 @@ import torch
 
 from .. import torch_common
 from .._buffers import new_buffer
+from . import cpu_features
 from ..torch_common import accumulation_dtype, chunk_length, chunk_scores, without_autocast
 
 
@@ -142,10 +143,16 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     threads (the ops release the GIL). The threads meet only when every task is done, so a core
     taken by another process slows its own thread, not every product of the read. Not
     differentiable by autograd (the op's backward is `backward`): forward takes the other path
-    when gradients are to flow through it."""
+    when gradients are to flow through it. On bf16 inputs, on a CPU with bf16 dot products
+    (cpu_features), both products run in bf16 at twice the float32 rate (_bf16_softmax), the
+    softmax in float32."""
     B, Ck, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = accumulation_dtype(v.dtype)
+    # bf16 inputs only: fp16 ones rounded to bf16 lose 3 bits each (1.2e-2 off a peaked
+    # float32 read, against 5e-3 for bf16 inputs)
+    bf16 = v.dtype == torch.bfloat16 and cpu_features.bf16_dot_products()
+    keys = _augmented_keys(k, l2) if bf16 else None
     ends = [N] * B if lengths is None else lengths.tolist()
     q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
     k_norms = None
@@ -177,7 +184,12 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
         with torch.inference_mode(inference), torch.no_grad():
             query = q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
             shape = (query.shape[0], Cv, acc_dtype)
-            acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), *shape)
+            if bf16:
+                acc, row_sum, offset = _bf16_softmax(
+                    q[b if q.shape[0] > 1 else 0, :, first:first + rows],
+                    keys[b, :, :ends[b]], v[b, :, :ends[b]], scale, l2)
+            else:
+                acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), *shape)
             if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
                 acc, row_sum, offset = _online_softmax(chunks(b, query), *shape)
             out[b, first:first + rows] = acc.div_(row_sum)
@@ -213,6 +225,81 @@ def _fixed_offset_softmax(chunks, rows, Cv, dtype):
         row_sum.add_(probabilities.sum(1, keepdim=True))
         acc.addmm_(probabilities, values)
     return acc, row_sum, offset
+
+
+def _augmented_keys(k, l2):
+    """bf16 (B, Ck + 2, N) for dot similarity: k and two rows of ones, which multiply the
+    query's offset columns (_bf16_softmax); for L2 also two rows holding -|k|² split into a
+    bf16 high part and the rest (about 16 bits in all), (B, Ck + 4, N)."""
+    B, _, N = k.shape
+    keys = k.to(torch.bfloat16)
+    rows = [keys, keys.new_ones((B, 2, N))]
+    if l2:
+        norms = -keys.float().square().sum(1, keepdim=True)  # (B, 1, N), exact in float32
+        high = norms.to(torch.bfloat16)
+        rows += [high, (norms - high.float()).to(torch.bfloat16)]
+    return torch.cat(rows, 1)
+
+
+# A score may exceed its row's offset by this much (in score units) in a bf16 product: its
+# output is then rounded by at most 2 * 2^-9 = 0.004, a 0.4% error in its softmax weight.
+BF16_HEADROOM = 2.0
+
+
+def _bf16_softmax(query, keys, values, scale, l2):
+    """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) as _fixed_offset_softmax gives
+    them, with both products in bf16 (float32 accumulation inside oneDNN), for one block of
+    query rows: query (Ck, rows) of one object, bf16; keys its _augmented_keys (Ck + 2 or + 4,
+    n); values (Cv, n), bf16.
+
+    A bf16 product rounds its output to 8 significant bits: 0.25 near a score of 50, a 13%
+    error in its exp. So each row's offset is subtracted inside the product, through two extra
+    query columns (the offset in a bf16 high and low part, about 16 bits) against the keys'
+    rows of ones: the product is then near 0 where the softmax weight is, and exact there to
+    bf16's relative precision. A chunk whose scores rise more than BF16_HEADROOM above a row's
+    offset (the first chunk always: the offset starts at 0) raises that row's offset to the
+    chunk's maximum, rescales the row's sums, and is multiplied again: an online softmax whose
+    maximum is taken from the product itself. The rounding of an offset is one constant per
+    row, which the softmax cancels and the log-sum-exp takes back (the offset returned is the
+    one subtracted). The scale multiplies the bf16 product afterwards, so the query enters
+    unrounded; that product and its exp round like the product itself (about 2^-9 of an
+    exponent near 0), and the row sums and the read-out accumulate in float32."""
+    rows, Cv = query.shape[1], values.shape[0]
+    columns = [query.T * (2 if l2 else 1)]  # 2q: exact in bf16
+    ones = [query.new_ones((rows, 2))] if l2 else []  # against -|k|² high and low
+    target = torch.zeros((rows, 1), dtype=torch.float32)  # the offset, before the scale
+
+    def product(start, stop):
+        high = target.to(torch.bfloat16)
+        low = (target - high.float()).to(torch.bfloat16)
+        augmented = torch.cat(columns + [-high, -low] + ones, 1)  # (rows, Ck + 2 or + 4)
+        return augmented @ keys[:, start:stop], high.float() + low.float()
+
+    acc = torch.zeros((rows, Cv), dtype=torch.float32)
+    row_sum = torch.zeros((rows, 1), dtype=torch.float32)
+    partial = torch.empty((rows, Cv), dtype=torch.bfloat16)
+    subtracted = None
+    for start in range(0, keys.shape[1], CPU_CHUNK):
+        stop = start + CPU_CHUNK
+        products, used = product(start, stop)
+        peak = products.amax(1, keepdim=True).float()
+        rising = peak * scale > BF16_HEADROOM
+        if subtracted is None or rising.any():
+            raised = used + peak if subtracted is None else torch.where(rising, used + peak,
+                                                                         used)
+            target = raised
+            products, now = product(start, stop)
+            if subtracted is not None:  # the sums so far, to the new offsets
+                factor = torch.exp((subtracted - now) * scale)
+                acc.mul_(factor)
+                row_sum.mul_(factor)
+            used = now
+        subtracted = used
+        probabilities = products.mul_(scale).exp_()  # in bf16: half the bytes of float32
+        row_sum.add_(probabilities.sum(1, keepdim=True, dtype=torch.float32))
+        torch.mm(probabilities, values[:, start:stop].T, out=partial)
+        acc.add_(partial)
+    return acc, row_sum, subtracted * scale
 
 
 def _online_softmax(chunks, rows, Cv, dtype):

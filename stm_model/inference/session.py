@@ -14,7 +14,7 @@ import torch
 from stm_kernels import backends
 
 from stm_model.memory.bank import MemoryBank
-from stm_model.runtime.devices import DtypeName, dtype_option
+from stm_model.runtime.devices import DtypeName, dtype_option, memory_dtype_option
 from stm_model.network.checkpoint import warn_if_synthetic_only
 from stm_model.network.stm import STM
 
@@ -24,7 +24,9 @@ class SessionCore:
     Args:
         model: an STM (put in eval mode here).
         memory_dtype: storage dtype of the memory ("fp32", "fp16", "bf16" or a torch dtype;
-            default: the model's dtype).
+            default: the model's dtype); "auto": bf16 on a CPU with bf16 dot products, a
+            float32 model and no fp16 autocast, else the model's
+            (runtime.devices.memory_dtype_option).
         amp_dtype: run the network under torch.autocast with this dtype (None: no autocast).
         read_backend: memory_read backend (default: the model config's).
 
@@ -41,13 +43,12 @@ class SessionCore:
 
     def __init__(self, model: STM, *, memory_dtype: DtypeName = None,
                  amp_dtype: DtypeName = None, read_backend: Optional[str] = None) -> None:
-        memory, amp = dtype_option("memory_dtype", memory_dtype), dtype_option("amp_dtype",
-                                                                                 amp_dtype)
+        amp = dtype_option("amp_dtype", amp_dtype)
         self.model = model.eval()
         warn_if_synthetic_only(model, stacklevel=3)  # the caller of the session's __init__
         parameter = next(model.parameters())
         self.device, self.model_dtype = parameter.device, parameter.dtype
-        self.memory_dtype = memory or parameter.dtype
+        self.memory_dtype = memory_dtype_option(memory_dtype, self.device, parameter.dtype, amp)
         self.amp_dtype = amp
         self.read_backend = read_backend or model.config.read_backend
         # a backend that cannot run here is refused now, before any frame or file

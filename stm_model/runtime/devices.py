@@ -57,6 +57,28 @@ DtypeName = Union[str, torch.dtype, None]
 _DTYPE_OPTIONS: dict = {None: None, **DTYPES, **{dtype: dtype for dtype in DTYPES.values()}}
 
 
+AUTO = "auto"  # a memory dtype chosen for the device (memory_dtype_option)
+
+
+def memory_dtype_option(value: DtypeName, device: torch.device, model_dtype: torch.dtype,
+                        amp_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The memory's storage dtype for a memory_dtype option: "auto" is bf16 on a CPU with bf16
+    dot products, a float32 model and no autocast other than bf16's (the read's products then
+    run at twice the float32 rate, and the memory takes half the bytes; the masks are the
+    same: docs/performance.md, memory-dtype), else the model's dtype; None is the model's
+    dtype; anything else as dtype_option."""
+    if value == AUTO:
+        from stm_kernels.backends import cpu_features
+        bf16 = (device.type == "cpu" and model_dtype == torch.float32
+                and amp_dtype in (None, torch.bfloat16) and cpu_features.bf16_dot_products())
+        return torch.bfloat16 if bf16 else model_dtype
+    try:
+        return dtype_option("memory_dtype", value) or model_dtype
+    except ValueError:
+        raise ValueError(f"memory_dtype must be one of {', '.join(DTYPES)}, {AUTO} (or a "
+                         f"torch dtype); got {value!r}") from None
+
+
 def dtype_option(name: str, value: DtypeName) -> Optional[torch.dtype]:
     """The torch dtype of a dtype option (None stays None); ValueError naming the option for
     anything but fp32, fp16, bf16 or those torch dtypes."""

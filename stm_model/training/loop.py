@@ -334,22 +334,52 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says which step's checkpoint is kept."""
 
 
+# the signals that stop a run and keep its last step: Ctrl-C, and a scheduler's or `kill`'s
+# SIGTERM (stm train turns it into a KeyboardInterrupt while it trains: _stop_on_sigterm)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _uninterrupted():
-    """Ctrl-C (SIGINT) inside the block takes effect at its end (main thread only)."""
+    """A stop signal (STOP_SIGNALS) inside the block takes effect at its end (main thread
+    only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *received: caught.append(received))
+    previous = {number: signal.signal(number, lambda *received: caught.append(received))
+                for number in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(*caught[0])
-    elif caught and previous != signal.SIG_IGN:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught:
+        number, frame = caught[0]
+        handler = previous[number]
+        if callable(handler):
+            handler(number, frame)
+        elif handler == signal.SIG_DFL and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(number)  # the default action, now that the step is whole
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """Within the block, SIGTERM stops training as Ctrl-C does (the last step completed is
+    kept): schedulers and `kill` send it before they kill a run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(number, frame):
         raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _save_due(config, done, saved_at):
@@ -428,8 +458,9 @@ def run(args):
     with output_lock(config.output, "stm train",
                      enabled=int(os.environ.get("RANK", "0")) == 0):
         try:
-            train(config, show_progress=show)
-        except TrainingInterrupted as stopped:  # Ctrl-C: one line, exit code 130
+            with _stop_on_sigterm():
+                train(config, show_progress=show)
+        except TrainingInterrupted as stopped:  # Ctrl-C, SIGTERM: one line, exit code 130
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"stm train: interrupted: {stopped}", file=sys.stderr)
             return 130

@@ -98,3 +98,16 @@ def test_a_narrowed_tune_run_does_not_replace_a_full_one(tmp_path):
     write("20260105T000000")
     assert [path.name for path in report.superseded(tmp_path)] == [
         "tune_cuda_20260101T000000.json"]
+
+
+def test_a_cpu_result_replaces_the_same_processors_run_only(tmp_path):
+    """An AVX2 run says nothing of an AVX-512 one with bf16 dot products: both stay, each
+    named by its processor; a newer run on the same kind of processor replaces the older."""
+    def write(stamp, flags):
+        payload = {"benchmark": "cpu_read", "device_type": "cpu", "cpu_flags": flags}
+        (tmp_path / f"cpu_read_cpu_{stamp}.json").write_text(json.dumps(payload))
+    write("20260101T000000", ["avx2"])
+    write("20260201T000000", ["avx2", "avx512f", "avx512_bf16"])
+    write("20260301T000000", ["avx2"])
+    assert [path.name for path in report.superseded(tmp_path)] == [
+        "cpu_read_cpu_20260101T000000.json"]

@@ -31,7 +31,7 @@ def test_every_provider_is_timed_and_compared(tmp_path, monkeypatch, capsys):
         min(peers.values()) / records[("stm", 200)]["median_ms"])
     assert found["products_vs_best_peer"] == pytest.approx(
         min(peers.values()) / records[("products", 200)]["median_ms"])
-    assert found["stm_of_sgemm"] == pytest.approx(
+    assert found["stm_of_gemm"] == pytest.approx(
         records[("stm", 200)]["gflops"] / records[("sgemm", 200)]["gflops"])
     assert "| 200 |" in capsys.readouterr().out
 
@@ -75,3 +75,36 @@ def test_a_competing_process_runs_only_inside_the_block(monkeypatch):
     assert process.poll() is not None  # gone after the block
     with cpu_read.competing_process(False):
         assert len(started) == 1
+
+
+@pytest.mark.parametrize("has_bf16", [True, False], ids=["bf16-dot", "no-bf16-dot"])
+def test_bf16_inputs_are_compared_with_the_float32_read_and_sdpa(tmp_path, monkeypatch, capsys,
+                                                                 has_bf16):
+    """--dtype bf16: the read on bf16 inputs against its own float32 read (speed and relative
+    error), SDPA on float32 and bf16 inputs and the bf16 matmul rate; a CPU without bf16 dot
+    products says so and states no target."""
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1" if has_bf16 else "0")
+    monkeypatch.setattr(cpu_read, "SGEMM_SIZE", 64)
+    providers = ["stm", "stm_fp32", "sdpa", "sdpa_fp32", "products", "bgemm"]
+    assert cpu_read.main(["--dtype", "bf16", "--ns", "200", "--hw", "16", "--ck", "8", "--cv",
+                          "24", "--rounds", "3", "--providers", *providers]) == 0
+    [path] = tmp_path.glob("cpu_read_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert payload["dtype"] == "bf16" and payload["bf16_dot_products"] is has_bf16
+    assert payload["cpu_model"] and payload["threads"] >= 1
+    records = [r for r in payload["records"] if r["status"] == "ok"]
+    assert {r["provider"] for r in records} == set(providers)
+    [accuracy] = [r for r in payload["records"] if r["status"] == "accuracy"]
+    assert 0 < accuracy["relative_error_vs_fp32"] < 1e-2
+    found = cpu_read.comparison(payload["records"], 200)
+    times = {r["provider"]: r["median_ms"] for r in records}
+    assert found["stm_vs_fp32"] == pytest.approx(times["stm_fp32"] / times["stm"])
+    assert found["stm_vs_sdpa_fp32"] == pytest.approx(times["sdpa_fp32"] / times["stm"])
+    assert found["best_peer"] == min(("sdpa", "sdpa_fp32"), key=times.get)
+    assert found["relative_error_vs_fp32"] == accuracy["relative_error_vs_fp32"]
+    out = capsys.readouterr().out
+    assert "stm vs stm_fp32" in out
+    assert ("no speed claim" in out) is not has_bf16 and ("Targets" in out) is has_bf16
+    with pytest.raises(SystemExit):
+        cpu_read.main(["--providers", "stm_fp32"])  # float32 inputs have no float32 twin

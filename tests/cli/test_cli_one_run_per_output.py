@@ -18,26 +18,12 @@ from PIL import Image
 from helpers import synthetic_video, write_davis_folder
 from stm_model import io as video_io
 from stm_model.cli import main
-from stm_model.io import run_lock
 from stm_model.io.files import WRITTEN
 from stm_model.io.run_lock import LOCK_FILE, read_lock
 
 HW = (32, 48)
 FRAMES = 10
 ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1")  # two runs on a small machine
-
-# A process that takes the lock on argv[1] as argv[2] and holds it until its stdin closes (it
-# loads run_lock.py alone, standard library only, so it starts in a moment).
-HOLDER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("run_lock", sys.argv[3])
-run_lock = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_lock)
-with run_lock.output_lock(sys.argv[1], sys.argv[2]):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
 
 def _frames(folder, count=FRAMES):
     folder.mkdir(parents=True)
@@ -75,29 +61,34 @@ def _snapshot(folder):
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+def _pause_the_lock_holder_until_the_other_ends(output, processes):
+    """SIGSTOP the process that took output's lock until the other one exits, so that the
+    other meets a live run however slowly it starts (a loaded machine may start it after a
+    ten-frame run has ended: then it would find finished results, not a live run)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        pid = (read_lock(output) or {}).get("pid")
+        holder = next((p for p in processes if p.pid == pid), None)
+        if holder is not None:
+            break
+        if all(p.poll() is not None for p in processes):
+            return  # both ended before the lock was seen: the asserts say what happened
+        time.sleep(0.005)
+    else:
+        pytest.fail("neither run took the output folder's lock in 300 s")
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        other = next(p for p in processes if p is not holder)
+        other.wait(timeout=300)
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+
+
 @pytest.fixture
 def video(tmp_path):
     """(frames folder, mask of object 1, mask of objects 1 and 2)."""
     return (_frames(tmp_path / "frames"), _mask(tmp_path / "a.png", (1,)),
             _mask(tmp_path / "b.png", (1, 2)))
-
-
-@pytest.fixture
-def holder():
-    """hold(folder, command): a process holding folder's lock (stopped at the test's end)."""
-    processes = []
-
-    def hold(folder, command):
-        process = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(folder), command, run_lock.__file__],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        processes.append(process)
-        assert process.stdout.readline() == "held\n"
-        return process
-    yield hold
-    for process in processes:
-        process.kill()
-        process.wait()
 
 
 def test_two_runs_started_together_into_one_folder_do_not_mix(video, tmp_path):
@@ -107,6 +98,7 @@ def test_two_runs_started_together_into_one_folder_do_not_mix(video, tmp_path):
     output = tmp_path / "out"
     runs = {mask: _stm("segment", frames, "--mask", mask, "--output", output, "--device", "cpu",
                        "--overlay", "none", "--quiet") for mask in (mask_a, mask_b)}
+    _pause_the_lock_holder_until_the_other_ends(output, list(runs.values()))
     results = {mask: (process, *process.communicate(timeout=600))
                for mask, process in runs.items()}
     codes = sorted(process.returncode for process, _, _ in results.values())

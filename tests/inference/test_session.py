@@ -8,7 +8,8 @@ from stm_model.network.stm import QueryFeatures
 from stm_model.memory.query_cache import QueryFeatureCache
 from stm_model.inference.session import SessionCore
 from stm_model.memory.schedule import check_schedule
-from stm_model.runtime.devices import dtype_option
+from stm_model.inference.options import SegmenterOptions
+from stm_model.runtime.devices import dtype_option, memory_dtype_option
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,30 @@ def test_dtype_options_by_name_or_dtype_and_errors_naming_the_option():
     for bad in ("float16", torch.int8, 16, ["fp16"]):
         with pytest.raises(ValueError, match="cache_dtype must be one of fp32, fp16, bf16"):
             dtype_option("cache_dtype", bad)
+
+
+@pytest.mark.parametrize("bf16_products", [True, False], ids=["bf16-dot", "no-bf16-dot"])
+def test_auto_memory_dtype_is_bf16_on_a_cpu_with_bf16_products(monkeypatch, model,
+                                                              bf16_products):
+    """memory_dtype="auto" (the CLI's default): bf16 where the CPU multiplies bf16 at twice
+    the float32 rate, the model is float32 and no fp16 autocast runs, else the model's
+    dtype."""
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1" if bf16_products else "0")
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if bf16_products else torch.float32
+    assert memory_dtype_option("auto", cpu, torch.float32) is expected
+    assert memory_dtype_option("auto", cpu, torch.float16) is torch.float16
+    # fp16 autocast cannot mix with a bf16 memory; bf16 autocast can
+    assert memory_dtype_option("auto", cpu, torch.float32, torch.float16) is torch.float32
+    assert memory_dtype_option("auto", cpu, torch.float32, torch.bfloat16) is expected
+    assert memory_dtype_option("auto", torch.device("cuda"), torch.float32) is torch.float32
+    assert memory_dtype_option(None, cpu, torch.float32) is torch.float32
+    assert memory_dtype_option("fp16", cpu, torch.float32) is torch.float16
+    with pytest.raises(ValueError, match="memory_dtype must be one of fp32, fp16, bf16, auto"):
+        memory_dtype_option("half", cpu, torch.float32)
+    assert SegmenterOptions().memory_dtype == "auto"
+    assert VideoSegmenter(model, memory_dtype="auto").memory_dtype is expected
+    assert VideoSegmenter(model).memory_dtype is torch.float32  # Python: the model's
 
 
 def test_schedule_checks():

@@ -5,47 +5,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from stm_model.io import run_lock
 from stm_model.io.run_lock import LOCK_FILE, OutputInUse, OutputLock, output_lock, read_lock
-
-MODULE = Path(run_lock.__file__)
-
-# A process that takes the lock on argv[1] as argv[2], says so, and holds it until its stdin
-# closes; it loads run_lock.py alone (standard library only), so it starts in a moment.
-HOLDER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("run_lock", sys.argv[3])
-run_lock = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_lock)
-with run_lock.output_lock(sys.argv[1], sys.argv[2]):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-@pytest.fixture
-def holder():
-    """hold(folder, command): a process holding folder's lock (stopped at the test's end)."""
-    processes = []
-
-    def hold(folder, command="stm segment"):
-        process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), command,
-                                    str(MODULE)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
-        processes.append(process)
-        assert process.stdout.readline() == "held\n"
-        return process
-    yield hold
-    for process in processes:
-        process.kill()
-        process.wait()
-
 
 def test_the_lock_file_records_the_run_and_goes_at_release(tmp_path):
     folder = tmp_path / "out"

@@ -6,7 +6,7 @@ import multiprocessing
 import pytest
 import torch
 
-from helpers import (check_read, per_object_reference, ragged_case,
+from helpers import (check_read, per_object_reference, ragged_case, relative_error,
                      ragged_read_with_grads, random_inputs, read_with_grads,
                      reference_with_grads)
 from stm_kernels import memory_read, poison_outputs
@@ -131,3 +131,80 @@ def test_a_forked_child_reads_with_its_own_workers(threads):
     child.join(timeout=60)
     assert child.exitcode == 0, "the forked child hung or failed reading"
     assert queue.get(timeout=5) == pytest.approx(parent, rel=1e-6)
+
+
+@pytest.fixture
+def bf16_products(monkeypatch):
+    """The bf16 products' path on any CPU (its numerics need no bf16 instructions)."""
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
+    taken = []
+    original = pytorch._bf16_softmax
+    monkeypatch.setattr(pytorch, "_bf16_softmax", lambda *a: taken.append(1) or original(*a))
+    return taken
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("peak", [1.0, 3.0], ids=["plain", "peaked"])
+@pytest.mark.parametrize("lengths", [None, (70, 23)], ids=["full", "ragged"])
+def test_bf16_products_match_the_float64_read(bf16_products, similarity, peak, lengths,
+                                              threads):
+    """bf16 inputs read with both products in bf16: within bf16's bound of the float64 read
+    of the same inputs, its log-sum-exp too, with scores peaked enough (peak 3: ~±30) that a
+    product rounded to bf16 without the offset inside would be off by 10%."""
+    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.float64, "cpu", seed=9)
+    q, k = q * peak, k * peak
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    lengths = None if lengths is None else torch.tensor(lengths)
+    with torch.no_grad():
+        out, lse = memory_read(q, k, v, similarity=similarity, backend="torch",
+                               memory_lengths=lengths, return_lse=True)
+    assert bf16_products and out.dtype == torch.bfloat16
+    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
+                                         similarity=similarity, memory_lengths=lengths,
+                                         return_lse=True)
+    assert relative_error(out, expected) < 1e-2
+    assert (lse.double() - expected_lse).abs().max() < 0.05  # 8 bits of a score of ~30
+    assert relative_error(lse, expected_lse) < 1e-3
+
+
+def test_bf16_products_are_taken_for_bf16_inputs_only(bf16_products, monkeypatch):
+    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.float32, "cpu", seed=10)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float16):
+            memory_read(*(t.to(dtype) for t in (q, k, v)), backend="torch")
+        assert not bf16_products  # fp16 keeps its 3 more bits: float32 products
+        memory_read(*(t.to(torch.bfloat16) for t in (q, k, v)), backend="torch")
+        assert bf16_products
+        monkeypatch.setenv("STM_KERNELS_CPU_BF16", "0")
+        bf16_products.clear()
+        memory_read(*(t.to(torch.bfloat16) for t in (q, k, v)), backend="torch")
+        assert not bf16_products
+
+
+def test_bf16_scores_far_above_the_first_chunks_raise_the_offset_themselves(bf16_products,
+                                                                            monkeypatch):
+    """Scores hundreds above the first chunks' raise the rows' offsets inside the bf16 read
+    (the chunk multiplied again): finite and accurate, with no second read."""
+    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.float32, "cpu", seed=7)
+    k[:, :, 40:] *= 100
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    online = _count_online_reads(monkeypatch)
+    with torch.no_grad():
+        out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
+    assert bf16_products and not online
+    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
+                                         return_lse=True)
+    assert torch.isfinite(out).all() and relative_error(out, expected) < 1e-2
+    assert relative_error(lse, expected_lse) < 1e-3
+
+
+def test_cpu_features_name_the_processor_and_its_flags(monkeypatch):
+    from stm_kernels.backends import cpu_features
+    info = cpu_features.cpu_info()
+    assert info["model"] and set(info["flags"]) <= set(cpu_features.FLAGS)
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("STM_KERNELS_CPU_BF16", value)
+        assert cpu_features.bf16_dot_products() is expected
+    monkeypatch.delenv("STM_KERNELS_CPU_BF16")
+    assert cpu_features.bf16_dot_products() == bool(
+        set(info["flags"]) & set(cpu_features.BF16_DOT_FLAGS))

@@ -28,10 +28,11 @@ def _logged_steps(output):
     return len(path.read_text().splitlines()) - 1 if path.exists() else 0
 
 
-def test_ctrl_c_saves_the_last_step_and_a_rerun_resumes_from_it(tmp_path, monkeypatch):
-    """SIGINT to a real training process before its first checkpoint is due (200 steps or
-    10 minutes): it saves the last step completed, names it, exits with 130; a rerun goes on
-    from that step."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_the_last_step_and_a_rerun_resumes_from_it(tmp_path, monkeypatch, stop):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`) to a real training process before its
+    first checkpoint is due (200 steps or 10 minutes): it saves the last step completed,
+    names it, exits with 130; a rerun goes on from that step."""
     output = tmp_path / "run"
     argv = ["--output", str(output), "--steps", "1000", *COMMAND]
     process = subprocess.Popen([sys.executable, "-m", "stm_model.training.loop", *argv],
@@ -44,7 +45,7 @@ def test_ctrl_c_saves_the_last_step_and_a_rerun_resumes_from_it(tmp_path, monkey
             assert time.monotonic() < deadline, "no two steps in 10 minutes"
             time.sleep(0.1)
         assert not (output / "checkpoint.pt").exists()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, err = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
