@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev,bench,video,docs,train,cutie,stcn]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,video,docs,train,cutie,stcn,deploy]'
 	touch $@
 
 # The linter first (ruff.toml), then the tests in TEST_WORKERS processes (pytest-xdist; most

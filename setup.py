@@ -36,6 +36,9 @@ setup(
         # release that use_fused_read then refuses
         "cutie": ["rf-cutie==1.0.1"],
         "stcn": ["stcnbuf==0.2.2"],
+        # `stm export --format onnx` (onnx, onnxscript: torch.onnx's exporter) and the ONNX
+        # runner stm_model.deploy (onnxruntime: the Attention operator from 1.23 on)
+        "deploy": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "mkdocs-include-markdown-plugin>=6"],
     },
 )

@@ -17,6 +17,7 @@
     python -m bench multi-object [...]  # touching objects composited from the test sequences
     python -m bench memory-dtype [...]  # the memory stored in fp32 / bf16 / fp16: J&F, fps, bytes
     python -m bench integrations [...]  # Cutie and STCN on a long video: their read vs fused
+    python -m bench deploy [...]        # the ONNX runner vs torch: fps, J&F, peak memory
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check|--prune]   # README and docs tables from the newest results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -29,7 +30,7 @@ import json
 import pathlib
 import sys
 
-from bench import (annotate, cpu_read, dataset_throughput, davis_test, held_out,
+from bench import (annotate, cpu_read, dataset_throughput, davis_test, deploy, held_out,
                    integrations, interactive, interactive_eval, kernel, long_video,
                    memory_dtype, multi_object, ragged_read, report, sharded_read, topk_read,
                    training)
@@ -50,6 +51,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "annotate": annotate,
     "davis-test": davis_test,
     "multi-object": multi_object,
+    "deploy": deploy,
     "memory-dtype": memory_dtype,
 }
 

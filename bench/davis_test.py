@@ -128,8 +128,9 @@ def summary(payload):
     seconds = sum(r["seconds"] for r in payload["records"])
     rows.append(f"| **mean** | {frames} | **{payload['J&F']:.3f}** | {payload['J']:.3f} | "
                 f"{payload['F']:.3f} | {frames / seconds:.1f} |")
+    memory = f", memory {payload['memory_dtype']}" if "memory_dtype" in payload else ""
     return (f"`{payload['checkpoint']}` at internal size {payload['internal_size']} (shorter "
-            f"side), mem_every {payload['mem_every']}, {payload['device']}:\n\n" +
+            f"side), mem_every {payload['mem_every']}{memory}, {payload['device']}:\n\n" +
             "\n".join(rows))
 
 
@@ -175,18 +176,23 @@ def main(argv=None):
                         help="the training run folder: its metrics.csv is plotted")
     parser.add_argument("--static-steps", type=int,
                         help="with --run: the steps of its static-image stage (marked)")
+    parser.add_argument("--memory-dtype", default="auto",
+                        help="the memory's storage dtype (default: auto, as `stm segment`)")
     args = parser.parse_args(argv)
     device, model, internal = load_model(args)
     payload = common.environment(device)
+    memory_dtype = VideoSegmenter(model, memory_dtype=args.memory_dtype).memory_dtype
     payload.update(benchmark="davis_test", checkpoint=args.checkpoint, internal_size=internal,
-                   mem_every=args.mem_every, sequences=args.sequences)
+                   mem_every=args.mem_every, sequences=args.sequences,
+                   memory_dtype=str(memory_dtype).replace("torch.", ""))
     if args.run:
         payload.update(training=_training_curve(args.run), static_steps=args.static_steps)
     with tempfile.TemporaryDirectory() as scratch:
         results = pathlib.Path(scratch)
         payload["records"] = [
             {key: value for key, value in record.items() if key != "memory_bytes_per_frame"}
-            for record in segment_sequences(model, args, internal, results)]
+            for record in segment_sequences(model, args, internal, results,
+                                            memory_dtype=args.memory_dtype)]
         jf, j, f = score_masks(results, args.davis / "Annotations" / "480p",
                                payload["records"])
     payload.update(**{"J&F": jf}, J=j, F=f)

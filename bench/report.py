@@ -20,7 +20,7 @@ import pathlib
 import re
 import sys
 
-from bench import (annotate, cpu_read, dataset_throughput, davis_test, held_out,
+from bench import (annotate, cpu_read, dataset_throughput, davis_test, deploy, held_out,
                    integrations, interactive, interactive_eval, kernel, long_video,
                    memory_dtype, multi_object, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
@@ -48,6 +48,7 @@ RENDERERS = {
     "annotate": (annotate.plot, annotate.summary),
     "davis_test": (davis_test.plot, davis_test.summary),
     "multi_object": (multi_object.plot, multi_object.summary),
+    "deploy": (deploy.plot, deploy.summary),
     "memory_dtype": (memory_dtype.plot, memory_dtype.summary),
     "integrations": (integrations.plot, integrations.summary),
     "kernel_breakdown": (profile_target.plot, profile_target.summary),

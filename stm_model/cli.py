@@ -161,16 +161,25 @@ def main(argv=None):
                     "export DAVIS palette masks, the scribbles and an overlay. The rounds are "
                     "saved in the output folder: the same command continues them."))
     export = commands.add_parser(
-        "export", help="rewrite a checkpoint as weights only (optionally fp16)",
-        description="Write the model of a checkpoint (an stm-kernels run's checkpoint.pt or "
-                    "model.pt, or the official STM_weights.pth) as an stm-kernels weights "
-                    "file, without optimiser state; --dtype fp16 halves its size.")
-    export.add_argument("source", help="a checkpoint: an stm-kernels run's checkpoint.pt or "
+        "export", help="rewrite a checkpoint as weights only (optionally fp16), or as ONNX "
+                       "graphs",
+        description="Write the model of a checkpoint (a shipped model's name, an stm-kernels "
+                    "run's checkpoint.pt or model.pt, or the official STM_weights.pth) as an "
+                    "stm-kernels weights file, without optimiser state (--dtype fp16 halves "
+                    "its size), or as a folder of ONNX graphs that onnxruntime runs without "
+                    "PyTorch (--format onnx; docs/deploy.md).")
+    export.add_argument("source", help="a checkpoint: small-real, official, ... (as "
+                                       "--checkpoint), an stm-kernels run's checkpoint.pt or "
                                        "model.pt, or the official STM_weights.pth")
-    export.add_argument("target", help="the weights file to write")
+    export.add_argument("target", help="the weights file to write, or the folder of ONNX "
+                                       "graphs")
+    export.add_argument("--format", choices=("auto", "weights", "onnx"), default="auto",
+                        help="weights (a .pt file) or onnx (a folder); default: onnx when "
+                             "TARGET does not end in .pt or .pth")
     export.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
-                        help="dtype of the stored weights (fp16 halves the file)")
-    export.set_defaults(run=_command("stm_model.commands.export", "export_weights"))
+                        help="dtype of the stored weights (fp16 halves the file; ONNX graphs "
+                             "are float32)")
+    export.set_defaults(run=_command("stm_model.commands.export", "export"))
     train_config.add_arguments(commands.add_parser(
         "train", help="train an STM (options: stm train --help)",
         description=train_config.DESCRIPTION)).set_defaults(
@@ -264,6 +273,13 @@ def _segment_parser(parser):
     parser.add_argument("--both-directions", action="store_true",
                         help="when the first mask is on a later frame t: also segment frames "
                              "t-1..0 backwards, from a memory seeded with frame t")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="torch (default), or onnxruntime: the model's ONNX graphs "
+                             "(--checkpoint an `stm export ... --format onnx` folder, or any "
+                             "model, exported once into the user cache; docs/deploy.md)")
+    parser.add_argument("--onnx-read", choices=("chunk", "whole"),
+                        help="with --runtime onnxruntime: the memory read in chunks of bounded "
+                             "memory (default) or as one graph (the Attention operator)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_command("stm_model.commands.segment", "segment"))
 

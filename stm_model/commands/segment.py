@@ -17,6 +17,8 @@ from stm_model.commands.common import (DEFAULT_CHECKPOINT, build_model, check_mo
                                        overlay_writer, segmenter_options, write_json,
                                        write_mask)
 from stm_model.commands.dataset import segment_dataset
+from stm_model.commands.onnx_runtime import check_onnx_arguments, onnx_segmenter
+from stm_model.deploy.manifest import is_export_folder
 from stm_model.inference import options as options_module
 from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
 from stm_model.inference.masks import check_first_mask, check_object_count, object_ids
@@ -161,7 +163,9 @@ def segment(args):
     results are removed (--overwrite; without it an output holding them is refused). Each
     mask and overlay frame is written atomically, so an interrupted run leaves complete files
     only (an unfinished GIF or video is dropped)."""
-    check_model_arguments(args)
+    check_onnx_arguments(args)
+    if args.runtime == "torch" or not is_export_folder(args.checkpoint or ""):
+        check_model_arguments(args)
     if _is_davis_root(args.input):
         return _segment_davis_root(args)
     if (pathlib.Path(args.input) / "JPEGImages").is_dir():
@@ -198,8 +202,12 @@ def _segment_video(args, source, output):
     if args.resume:
         _resumable(args, output, record)
         written = _written_masks(output, frames, indices, hw, ids)
-    model = build_model(args, device)
-    seg = VideoSegmenter.from_options(model, segmenter_options(args))
+    if args.runtime == "onnxruntime":
+        seg = onnx_segmenter(args, segmenter_options(args))
+        device = "onnxruntime (CPU)"
+    else:
+        seg = VideoSegmenter.from_options(build_model(args, device),
+                                          segmenter_options(args))
     if first > 0 and not args.both_directions:
         print(f"note: the first mask is on frame {frames.names[first]}; the frames before it "
               "are not segmented (--both-directions segments them backwards)", file=sys.stderr)
@@ -230,7 +238,7 @@ def _segment_video(args, source, output):
               + ("; the memory is rebuilt from them" if len(written) < total else
                  " (the run was complete: only its overlay is written again)"),
               file=sys.stderr)
-    if device.type == "cuda":
+    if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, count = time.perf_counter(), 0
     objects = memory_frames = memory_bytes = 0  # the largest over both passes
@@ -274,7 +282,9 @@ def _segment_video(args, source, output):
         "fps": count / elapsed if elapsed else float("nan"),
         "objects": objects, "memory frames": memory_frames,
         "memory bank MiB": memory_bytes / 2**20,
-        "peak memory MiB": peak_memory_bytes(device) / 2**20, "device": str(device),
+        "peak memory MiB": peak_memory_bytes(device if isinstance(device, torch.device)
+                                             else torch.device("cpu")) / 2**20,
+        "device": str(device),
         "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",
     }
     width = max(map(len, summary))
@@ -300,6 +310,9 @@ def _segment_davis_root(args):
                              f"({field.metadata['one_video']})")
     if args.both_directions:
         raise UsageError("--both-directions applies to one video, not to a DAVIS-format root")
+    if args.runtime != "torch":
+        raise UsageError("--runtime onnxruntime applies to one video, not to a DAVIS-format "
+                         "root")
     if args.overwrite:
         raise UsageError("--overwrite does not apply to a DAVIS-format root: its segmentation "
                          "resumes, skipping the sequences already in the output; remove "

@@ -8,9 +8,8 @@ than the first is overwritten (FIFO). Occupied slots are always [0, num_frames).
 """
 import collections
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
-import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +21,8 @@ class PendingFrame:
     frame: the padded frame as the segmenter's memory encoder takes it; object_probs: (K, Hp,
     Wp) the objects' probabilities, padded, background excluded; keep: a permanent memory
     frame (else the temporary previous-frame slot); frame_index: the video's frame index."""
-    frame: torch.Tensor
-    object_probs: torch.Tensor
+    frame: Any  # a tensor (torch segmenters) or an array (the ONNX runner)
+    object_probs: Any
     keep: bool
     frame_index: int
 

@@ -60,11 +60,16 @@ class SameConv2d(nn.Conv2d):
                          bias=False)
 
     def forward(self, x):
-        """The convolution of x (B, C, H, W) -> (B, out, ceil(H / s), ceil(W / s))."""
+        """The convolution of x (B, C, H, W) -> (B, out, ceil(H / s), ceil(W / s)). In an ONNX
+        export the sizes are symbolic and taken to be even (STM's frames are padded to
+        multiples of 16), where the padding is the constant kernel - stride."""
         (kernel, _), (stride, _) = self.kernel_size, self.stride
         pads = []
         for size in (x.shape[-1], x.shape[-2]):
-            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            if torch.onnx.is_in_onnx_export():
+                total = max(kernel - stride, 0)
+            else:
+                total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
             pads += [total // 2, total - total // 2]
         return super().forward(F.pad(x, pads))
 

@@ -330,3 +330,32 @@ def test_multi_object_benchmark_composites_touching_objects_and_scores_each(
     assert float(row[0]) == pytest.approx(payload["J&F"], abs=1e-3)  # the CSV's 3 decimals
     with pytest.raises(SystemExit):
         multi_object.main(["--davis", str(tmp_path / "davis"), "--clips", "a"])
+
+
+def test_deploy_benchmark_times_every_runtime_and_measures_memory_per_size(
+        tmp_path, monkeypatch, capsys):
+    """A synthetic clip (no DAVIS root given): fps of torch and both ONNX reads, and each
+    runtime's memory and step peak in fresh processes at two memory sizes; the whole read's
+    step grows with the memory, the chunk read's does not by as much."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from bench import deploy
+    from stm_model.export import to_onnx
+    to_onnx("small", tmp_path / "onnx")
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(deploy, "FRAME_SIZE", (96, 128))
+    assert deploy.main(["--checkpoint", "small", "--export", str(tmp_path / "onnx"),
+                        "--davis", str(tmp_path / "none"), "--frames", "3",
+                        "--memory-frames", "2", "40"]) == 0
+    [path] = (tmp_path / "results").glob("deploy_cpu_*.json")
+    assert path.with_suffix(".png").exists()
+    payload = json.loads(path.read_text())
+    assert [r["runtime"] for r in payload["speed"]] == list(deploy.RUNTIMES)
+    assert all(r["fps"] > 0 and len(r["fps_runs"]) == 2 for r in payload["speed"])
+    memory = {(r["runtime"], r["memory_frames"]): r for r in payload["memory"]}
+    assert all(r["status"] == "ok" for r in memory.values()), memory
+    assert memory[("onnx_chunk", 40)]["memory_bytes"] > 10 * memory[("onnx_chunk", 2)][
+        "memory_bytes"]
+    assert set(deploy.peak_ratios(payload)) == {2, 40}
+    out = capsys.readouterr().out
+    assert "| onnx_chunk |" in out and "| 40 |" in out

@@ -19,7 +19,9 @@ LAYERS = [
         "stm_model.inference.options", "stm_model.training.config"]),
     ("segmenters, training and checkpoints", [
         "stm_model.inference", "stm_model.interactive", "stm_model.training",
-        "stm_model.network.checkpoint"]),
+        "stm_model.network.checkpoint",
+        # the ONNX export (of a checkpoint) and its runner (numpy, onnxruntime; no torch)
+        "stm_model.export", "stm_model.deploy"]),
     ("CLI, demo, benchmarks and developer tools", [
         "stm_model.cli", "stm_model.commands", "stm_model.annotate", "stm_model.demo",
         "stm_model.__main__", "stm_model", "bench", "tools"]),

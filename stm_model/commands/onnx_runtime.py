@@ -1,0 +1,96 @@
+"""`stm segment --runtime onnxruntime`: the run on an ONNX export (stm_model.deploy) instead of
+the torch segmenter, behind the torch segmenter's interface, so that the command's frames,
+masks, resume and outputs are the same code for both runtimes."""
+import hashlib
+import sys
+
+import numpy as np
+import torch
+
+from stm_model.cli import UsageError
+from stm_model.commands.common import DEFAULT_CHECKPOINT, checkpoint_path
+from stm_model.deploy.manifest import ExportFolderError, is_export_folder
+
+RUNTIMES = ("torch", "onnxruntime")
+# flags of the torch segmenter that the ONNX runner does not have, and their default values
+TORCH_ONLY = {"amp_dtype": ("--amp", None), "read_backend": ("--backend", None),
+              "offload": ("--offload", False),
+              "offload_chunk_frames": ("--offload-chunk-frames", 64)}
+
+
+def check_onnx_arguments(args):
+    """UsageError for flags the ONNX runner does not take, before any work."""
+    if args.runtime != "onnxruntime":
+        if args.onnx_read is not None:
+            raise UsageError("--onnx-read applies with --runtime onnxruntime")
+        return
+    for name, (flag, default) in TORCH_ONLY.items():
+        if getattr(args, name, default) != default:
+            raise UsageError(f"{flag} applies to the torch runtime, not to --runtime "
+                             "onnxruntime")
+    if args.memory_dtype not in ("auto", "fp32"):
+        raise UsageError("--memory-dtype: the ONNX runner keeps its memory in float32 (drop "
+                         "--memory-dtype, or use --runtime torch)")
+    if args.random_weights:
+        raise UsageError("--random-weights applies to the torch runtime")
+    if args.device not in ("auto", "cpu"):
+        raise UsageError("--device: the ONNX runner runs on onnxruntime's CPU provider (drop "
+                         "--device)")
+
+
+def export_folder(args):
+    """The ONNX export to run: --checkpoint itself when it is an export folder, else the
+    checkpoint exported once into the user cache (keyed by the file's content)."""
+    name = args.checkpoint or DEFAULT_CHECKPOINT
+    if is_export_folder(name):
+        return name
+    from stm_model.export import ExportError, to_onnx
+    from stm_model.network.checkpoint import cache_dir
+    path = checkpoint_path(name, show_progress=not args.quiet)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    folder = cache_dir() / "onnx" / f"{path.stem}-{digest}"
+    if not is_export_folder(folder):
+        print(f"note: exporting {name} to ONNX once, into {folder}", file=sys.stderr)
+        try:
+            to_onnx(path, folder, source=str(name))
+        except ExportError as error:
+            raise UsageError(str(error)) from None
+    return folder
+
+
+class TensorFacade:
+    """An OnnxSegmenter seen as a VideoSegmenter: torch tensors in and out (CPU, no copies),
+    the rest passed through."""
+
+    def __init__(self, segmenter):
+        self.segmenter = segmenter
+
+    def __getattr__(self, name):
+        return getattr(self.segmenter, name)
+
+    def reset(self, start_frame=0, reverse=False):
+        self.segmenter.reset(start_frame, reverse)
+
+    def step(self, frame, mask=None):
+        return torch.from_numpy(self.segmenter.step(_array(frame), _array(mask)))
+
+    def replay(self, frame, labels, annotated=False):
+        return torch.from_numpy(self.segmenter.replay(_array(frame), _array(labels),
+                                                      annotated))
+
+
+def onnx_segmenter(args, options):
+    """The run's segmenter on onnxruntime (a TensorFacade), from the parsed flags."""
+    from stm_model.deploy import OnnxSegmenter
+    try:
+        segmenter = OnnxSegmenter(export_folder(args), options.mem_every,
+                                  read=args.onnx_read or "chunk",
+                                  max_memory_frames=options.max_memory_frames,
+                                  max_internal_size=options.max_internal_size)
+    except (ExportFolderError, ImportError) as error:
+        raise UsageError(str(error)) from None
+    return TensorFacade(segmenter)
+
+
+def _array(tensor):
+    return None if tensor is None else np.asarray(tensor)
