@@ -1,6 +1,6 @@
 """The array work around the graphs, in numpy and PIL, each the twin of the torch segmenter's:
 padding to multiples of 16, resizing, the merge of a given mask, labels, and the exact merge of
-chunk reads. No torch."""
+chunk reads. No torch (the internal size is inference.options.internal_size, torch-free)."""
 import numpy as np
 from PIL import Image
 
@@ -21,17 +21,6 @@ def unpad(x, pad):
     """Crop what pad_to_multiple added."""
     left, right, top, bottom = pad
     return x[..., top:x.shape[-2] - bottom, left:x.shape[-1] - right]
-
-
-def internal_size(size, max_internal_size):
-    """(height, width) the network sees (inference.resize.internal_size)."""
-    height, width = size
-    if max_internal_size is None or min(height, width) <= max_internal_size:
-        return tuple(size)
-    scale = max_internal_size / min(height, width)
-    if height <= width:
-        return max_internal_size, max(1, round(width * scale))
-    return max(1, round(height * scale)), max_internal_size
 
 
 def resize_bilinear(x, size):

@@ -22,6 +22,7 @@ import numpy as np
 
 from stm_model.deploy import arrays
 from stm_model.deploy.manifest import READ_FORMS, graph_file, read_manifest
+from stm_model.inference.options import internal_size
 from stm_model.memory.schedule import FrameSlots, PendingFrame, check_schedule, is_kept
 
 
@@ -170,7 +171,7 @@ class OnnxSegmenter:
         if self.steps == 0 and not arrays.object_ids(mask):
             raise ValueError("the first frame's mask has no object (every pixel is 0)")
         size = frame.shape[1:]
-        inner = arrays.internal_size(size, self.max_internal_size)
+        inner = internal_size(size, self.max_internal_size)
         resized = inner != size
         padded, pad = arrays.pad_to_multiple(arrays.resize_bilinear(frame, inner)[None])
         if self._pending is not None:
@@ -208,7 +209,7 @@ class OnnxSegmenter:
                              f"not objects of this video (objects: {self.object_ids}); new "
                              "objects come with a mask (annotated=True)")
         size = frame.shape[1:]
-        inner = arrays.internal_size(size, self.max_internal_size)
+        inner = internal_size(size, self.max_internal_size)
         padded, _ = arrays.pad_to_multiple(arrays.resize_bilinear(frame, inner)[None])
         if self._pending is not None and self._pending.keep:
             self._memorise(self._pending)

@@ -131,3 +131,17 @@ def one_video_fields() -> list:
     """The fields that apply to one video only (VideoSegmenter's, not BatchSegmenter's)."""
     return [field for field in dataclasses.fields(SegmenterOptions)
             if field.metadata["one_video"]]
+
+
+def internal_size(size, max_internal_size):
+    """(height, width) the network sees for a frame of `size`: unchanged when its shorter side
+    is at most max_internal_size (or that is None), else scaled so that the shorter side is
+    exactly max_internal_size (the longer side rounded). Here, without torch, for the ONNX
+    runner too (stm_model.deploy)."""
+    height, width = size
+    if max_internal_size is None or min(height, width) <= max_internal_size:
+        return tuple(size)
+    scale = max_internal_size / min(height, width)
+    if height <= width:
+        return max_internal_size, max(1, round(width * scale))
+    return max(1, round(height * scale)), max_internal_size

@@ -9,7 +9,7 @@ mask is merged at the input size and reaches the memory area-downsampled.
 """
 import torch.nn.functional as F
 
-from stm_model.inference.options import MIN_INTERNAL_SIZE
+from stm_model.inference.options import MIN_INTERNAL_SIZE, internal_size  # noqa: F401 (re-exported)
 
 
 def checked_max_internal_size(max_internal_size):
@@ -29,19 +29,6 @@ def model_internal_size(model, max_internal_size):
     if max_internal_size is not None:
         return max_internal_size
     return getattr(getattr(model, "config", None), "internal_size", None)
-
-
-def internal_size(size, max_internal_size):
-    """(height, width) the network sees for a frame of `size`: unchanged when its shorter side
-    is at most max_internal_size (or that is None), else scaled so that the shorter side is
-    exactly max_internal_size (the longer side rounded)."""
-    height, width = size
-    if max_internal_size is None or min(height, width) <= max_internal_size:
-        return tuple(size)
-    scale = max_internal_size / min(height, width)
-    if height <= width:
-        return max_internal_size, max(1, round(width * scale))
-    return max(1, round(height * scale)), max_internal_size
 
 
 def resize_frame(frame, size):

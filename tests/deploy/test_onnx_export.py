@@ -327,4 +327,3 @@ def test_the_array_twins_equal_the_torch_resizes():
     for size in ((48, 64), (31, 47)):
         assert np.abs(arrays.downsample_area(frame, size) -
                       downsample_probs(torch.from_numpy(frame), size).numpy()).max() <= 1e-5
-    assert arrays.internal_size((480, 854), 240) == (240, 427)
