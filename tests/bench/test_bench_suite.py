@@ -118,18 +118,19 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
 
 def test_long_video_stops_a_variant_at_its_time_limit(tmp_path, monkeypatch, capsys):
     """--time-limit (a lent GPU's 10-minute call): the variant stops after the frame that
-    crossed it, recorded with a checkpoint there; the file is complete."""
+    crossed it, recorded with a checkpoint there; the file is complete. The limit is 1 ns: the
+    first frame (a mask merged, nothing read) can take under a millisecond."""
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
     assert long_video.main(["--device", "cpu", "--lengths", "2", "400", "--size", "32", "48",
                             "--variants", "fused", "--source", "synthetic", "--mem-every", "3",
-                            "--time-limit", "0.001"]) == 0
+                            "--time-limit", "1e-9"]) == 0
     [path] = tmp_path.glob("long_video_cpu_*.json")
     payload = json.loads(path.read_text())
     [record] = payload["records"]
-    assert payload["complete"] and payload["time_limit"] == 0.001
-    assert record["status"] == "time limit (0.001 s) at frame 1"
+    assert payload["complete"] and payload["time_limit"] == 1e-9
+    assert record["status"] == "time limit (1e-09 s) at frame 1"
     assert [c["length"] for c in record["checkpoints"]] == [1] and len(record["frame_ms"]) == 1
-    assert "| fused | torch | time limit (0.001 s) at frame 1 |" in capsys.readouterr().out
+    assert "| fused | torch | time limit (1e-09 s) at frame 1 |" in capsys.readouterr().out
 
 
 def test_interactive_round_timing_records_and_renders(tmp_path, monkeypatch, capsys):
