@@ -272,14 +272,13 @@ def train(config, show_progress=True):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            with _uninterrupted():  # a checkpoint holds whole steps only
+            # a checkpoint holds whole steps only, each with its metrics row when one is due
+            with _uninterrupted():
                 optimizer.step()
                 scheduler.step()
                 done, rng = step + 1, _rng_state()
-            clips += config.batch_size * world_size
-            if rank == 0:
-                progress.update(1)
-                if done % config.log_every == 0 or done == config.steps:
+                clips += config.batch_size * world_size
+                if rank == 0 and (done % config.log_every == 0 or done == config.steps):
                     elapsed = time.perf_counter() - tick
                     row = dict(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[-1],
                                max_skip=max(1, max_skip_schedule(step, config.steps,
@@ -290,6 +289,8 @@ def train(config, show_progress=True):
                     progress.set_postfix(loss=f"{row['loss']:.4f}",
                                          it_s=f"{row['it_per_s']:.2f}")
                     tick, clips = time.perf_counter(), 0
+            if rank == 0:
+                progress.update(1)
                 if _save_due(config, done, saved_at):
                     _save(model, optimizer, scheduler, done, config, output, rng)
                     saved, saved_at = done, time.monotonic()
