@@ -123,17 +123,18 @@ class OnnxSegmenter:
 
         self.query_encoder, self.memory_encoder = graph("query_encoder"), graph("memory_encoder")
         self.decoder, self.aggregate_graph = graph("decoder"), graph("aggregate")
-        self.read_graph_name = "read_chunk" if read == "chunk" else "read"
-        if read == "whole":  # the Attention operator, where this onnxruntime has it
+        if read == "chunk":
+            self.read_graph_name, self.read_graph = "read_chunk", graph("read_chunk")
+        else:  # the Attention operator, where this onnxruntime has it
             try:
                 attention = graph("read")
                 key_dim, value_dim = self.manifest["key_dim"], self.manifest["value_dim"]
                 attention(np.zeros((1, key_dim, 1), np.float32),
                           np.zeros((1, key_dim, 1), np.float32),
                           np.zeros((1, value_dim, 1), np.float32))
+                self.read_graph_name, self.read_graph = "read", attention
             except Exception:  # noqa: BLE001 (an older runtime: no Attention kernel)
-                self.read_graph_name = "read_matmul"
-        self.read_graph = graph(self.read_graph_name)
+                self.read_graph_name, self.read_graph = "read_matmul", graph("read_matmul")
         self.interactive = bool(self.manifest["interactive"])
         self.reset(start_frame, reverse)
 
