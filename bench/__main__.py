@@ -101,4 +101,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a benchmark saves what it measured before this (its message)
+        print("python -m bench: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -150,6 +150,20 @@ def cpu_peak_extra_bytes(fn):
 CHILD_OPTION = "--_child"  # hidden: the JSON spec of a process started by run_isolated
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a stage's SIGINT) while an isolated run was going; `result` is what its
+    child had measured when it stopped, or None."""
+
+    def __init__(self, result=None):
+        super().__init__()
+        self.result = result
+
+
+# Seconds an interrupted child gets to print what it measured (a lent GPU's stage sends KILL
+# 20 s after its SIGINT).
+INTERRUPT_GRACE_S = 15
+
+
 def run_isolated(module, spec, timeout=1800, unmap_freed_memory=True):
     """Run `python -m module` in a fresh process on one JSON spec and return what it printed.
 
@@ -157,17 +171,52 @@ def run_isolated(module, spec, timeout=1800, unmap_freed_memory=True):
     to its child function and prints the JSON of the result as the last line. With
     unmap_freed_memory, glibc maps every block of 64 KiB or more afresh and unmaps it when
     freed (what `cpu_peak_extra_bytes` needs); without it the process keeps glibc's defaults.
+    Interrupted (SIGINT reaches the child too: one process group), the child gets
+    INTERRUPT_GRACE_S to stop where it is and print its result, raised as Interrupted.result.
     """
     environment = dict(os.environ)
     if unmap_freed_memory:
         environment.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    completed = subprocess.run([sys.executable, "-m", module, CHILD_OPTION, json.dumps(spec)],
-                               capture_output=True, text=True, timeout=timeout, env=environment,
-                               cwd=pathlib.Path(__file__).resolve().parents[1])
-    if completed.returncode != 0:
-        raise RuntimeError(completed.stderr.strip().splitlines()[-1] if completed.stderr
-                           else f"exit code {completed.returncode}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen([sys.executable, "-m", module, CHILD_OPTION, json.dumps(spec)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment, cwd=pathlib.Path(__file__).resolve().parents[1])
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except KeyboardInterrupt:
+        try:
+            stdout, _ = process.communicate(timeout=INTERRUPT_GRACE_S)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            process.kill()
+            process.communicate()
+            raise Interrupted() from None
+        raise Interrupted(_last_json(stdout)) from None
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(stderr.strip().splitlines()[-1] if stderr.strip()
+                           else f"exit code {process.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _last_json(stdout):
+    """The JSON object on the last line of a child's output, or None."""
+    lines = (stdout or "").strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def keep_interrupted(name, payload, stop):
+    """After an Interrupted run: its child's result (if any) joins payload["records"] and the
+    payload is saved as incomplete, so that a cut-off run keeps every record it made."""
+    if stop.result is not None:
+        payload["records"].append(stop.result)
+    path = save_progress(name, payload)
+    print(f"interrupted: what was measured is in {path}", file=sys.stderr, flush=True)
 
 
 def parse_args_or_run_child(parser, argv, child):

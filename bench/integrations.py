@@ -170,6 +170,8 @@ def run_one(spec):
                 "out of memory" not in str(error).lower():
             raise
         status = f"out of memory at frame {len(frame_ms)}"
+    except KeyboardInterrupt:  # the frames so far are the run's result (run_isolated)
+        status = f"interrupted at frame {len(frame_ms)}"
     last = _checkpoint(len(frame_ms), frame_ms, device, baseline, spec["mem_every"]) \
         if frame_ms else None
     return dict(model=spec["model"], read=spec["read"], top_k=spec["top_k"],
@@ -262,9 +264,13 @@ def main(argv=None):
     for model in args.models:
         for read in args.reads:
             top_k = args.top_k or {"cutie": 30, "stcn": 20}[model]
-            record = common.run_isolated("bench.integrations",
-                                         dict(spec, model=model, read=read, top_k=top_k),
-                                         timeout=args.time_limit + 1800)
+            try:
+                record = common.run_isolated("bench.integrations",
+                                             dict(spec, model=model, read=read, top_k=top_k),
+                                             timeout=args.time_limit + 1800)
+            except common.Interrupted as stop:
+                common.keep_interrupted("integrations", payload, stop)
+                raise
             payload["records"].append(record)
             payload.setdefault("video", record["video"])
             last = record["last"]

@@ -219,6 +219,12 @@ def run_variant(spec):
                     if t + 1 not in spec["lengths"]:
                         checkpoints.append(checkpoint(t + 1))
                     break
+    except KeyboardInterrupt:  # the run's frames so far are its result (run_isolated)
+        frames_done = min(len(frame_ms), len(read_ms), len(memory_frames))
+        del frame_ms[frames_done:], read_ms[frames_done:], memory_frames[frames_done:]
+        status = f"interrupted at frame {frames_done}"
+        if frames_done and (not checkpoints or checkpoints[-1]["length"] != frames_done):
+            checkpoints.append(checkpoint(frames_done))
     except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as error:
         if not isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) and \
                 "out of memory" not in str(error).lower():
@@ -405,7 +411,11 @@ def main(argv=None):
     for variant, resolution in runs:
         run_spec = dict(spec, variant=variant,
                         input_size=list(INPUT_RESOLUTIONS[resolution]) if resolution else None)
-        record = common.run_isolated("bench.long_video", run_spec, timeout=6 * 3600)
+        try:
+            record = common.run_isolated("bench.long_video", run_spec, timeout=6 * 3600)
+        except common.Interrupted as stop:
+            common.keep_interrupted("long_video", payload, stop)
+            raise
         payload["records"].append(record)
         payload.setdefault("video", record["video"])
         payload.setdefault("model_name", record["model_name"])

@@ -24,7 +24,7 @@ from bench import (annotate, cpu_read, dataset_throughput, davis_test, deploy, h
                    integrations, interactive, interactive_eval, kernel, long_video,
                    memory_dtype, multi_object, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
-from tools.gpu_session import ncu_summary, profile_target
+from tools.gpu_session import host_path, ncu_summary, profile_target
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -53,6 +53,7 @@ RENDERERS = {
     "integrations": (integrations.plot, integrations.summary),
     "kernel_breakdown": (profile_target.plot, profile_target.summary),
     "ncu": (None, ncu_summary.summary),
+    "host_path": (None, host_path.summary),
 }
 # Earlier names of a benchmark, as committed result files still record them in their
 # "benchmark" field: `python -m bench kernel` wrote "memory_read" before it was named "kernel".
@@ -76,7 +77,9 @@ def result_key(payload):
     dtype) pairs of a benchmark with sweeps, as a run of one sweep does not replace a run of
     another; the scope of a run narrowed on purpose (its dtype and query size, the candidates
     picked with --only, a run under compute-sanitizer), as a check of three tilings does not
-    replace a tuning; the CPU's flags, as an AVX2 run says nothing of an AVX-512 one)."""
+    replace a tuning; the CPU's flags, as an AVX2 run says nothing of an AVX-512 one; the
+    shape of a run at one shape (the profiles at N = 16,200 and 162,000); cut off, as a run
+    stopped by its time limit does not replace a whole one)."""
     if payload.get("selftest"):  # the self-test's report: device "cuda", the GPU in "name"
         gpu = payload.get("name") if payload.get("device") != "cpu" else None
     else:
@@ -85,8 +88,10 @@ def result_key(payload):
     sweeps = tuple(sorted({(r["sweep"], str(r.get("dtype"))) for r in records
                            if isinstance(r, dict) and "sweep" in r})) \
         if isinstance(records, list) else ()
+    shape = payload.get("shape") if isinstance(payload.get("shape"), dict) else {}
     scope = (str(payload.get("dtype")), payload.get("HW"), tuple(payload.get("only") or ()),
-             payload.get("sanitizer"))
+             payload.get("sanitizer"), tuple(sorted((k, str(v)) for k, v in shape.items())),
+             payload.get("complete") is False)
     cpu = tuple(payload.get("cpu_flags") or ())
     return (payload.get("device_type"), tuple(payload.get("size") or ()),
             max(payload.get("lengths") or [0]), bool(payload.get("busy")), gpu, sweeps, scope,

@@ -111,3 +111,22 @@ def test_a_cpu_result_replaces_the_same_processors_run_only(tmp_path):
     write("20260301T000000", ["avx2"])
     assert [path.name for path in report.superseded(tmp_path)] == [
         "cpu_read_cpu_20260101T000000.json"]
+
+
+def test_profiles_at_two_shapes_both_stay_and_a_cut_off_run_replaces_no_whole_one(tmp_path):
+    """The kernel breakdowns at N = 16,200 and 162,000 answer two questions: both stay. A
+    self-test stopped after 25 of its 68 checks does not replace the last whole one; the next
+    whole one does."""
+    def write(benchmark, stamp, **fields):
+        payload = dict({"benchmark": benchmark, "device_type": "cuda", "device": "NVIDIA H100"},
+                       **fields)
+        (tmp_path / f"{benchmark}_cuda_{stamp}.json").write_text(json.dumps(payload))
+    write("kernel_breakdown", "20260101T000000", shape=dict(N=16200, HW=1620))
+    write("kernel_breakdown", "20260101T000100", shape=dict(N=162000, HW=1620))
+    write("selftest", "20260101T000000", selftest=True, name="NVIDIA H100", complete=True)
+    write("selftest", "20260102T000000", selftest=True, name="NVIDIA H100", complete=False)
+    assert report.superseded(tmp_path) == []
+    write("kernel_breakdown", "20260103T000000", shape=dict(N=16200, HW=1620))
+    write("selftest", "20260103T000000", selftest=True, name="NVIDIA H100", complete=True)
+    assert [path.name for path in report.superseded(tmp_path)] == [
+        "kernel_breakdown_cuda_20260101T000000.json", "selftest_cuda_20260101T000000.json"]

@@ -34,7 +34,6 @@ import os
 import warnings
 
 import torch
-import triton
 
 from ..._buffers import device_context, new_buffer
 from . import compat, compiler_output, devices, tilings
@@ -67,6 +66,19 @@ class KernelUnavailable(RuntimeError):
 
 
 # --------------------------------------------------------------------------- running
+
+
+# Host code's own integer helpers: triton.cdiv and triton.next_power_of_2 are
+# constexpr_functions, whose call wrapper costs microseconds, and a launch makes dozens.
+def cdiv(a, b):
+    """ceil(a / b) of two positive Python ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
 
 
 _executor = None
@@ -250,7 +262,7 @@ class Call:
 def _block_ck(channels):
     """The key tile width of `channels` tiled key channels: rounded up to a power of two, at
     least 16."""
-    return max(16, triton.next_power_of_2(channels))
+    return max(16, next_power_of_2(channels))
 
 
 def _plan_call(k):
@@ -345,9 +357,9 @@ class ForwardPlan:
 
 def value_blocks(Cv, block_v):
     """(BLOCK_V, number of value chunks) for a requested chunk size (None: all channels)."""
-    full = max(16, triton.next_power_of_2(Cv))
+    full = max(16, next_power_of_2(Cv))
     block_v = full if block_v is None else min(block_v, full)
-    return block_v, triton.cdiv(Cv, block_v)
+    return block_v, cdiv(Cv, block_v)
 
 
 def memory_splits(requested, programs, n_blocks, multiprocessors):
@@ -363,12 +375,12 @@ def memory_splits(requested, programs, n_blocks, multiprocessors):
 def forward_plan(config, B, HW, N, Cv, multiprocessors):
     """Value chunks, query blocks and memory splits of a forward launch."""
     block_v, num_v = value_blocks(Cv, config.block_v)
-    m_blocks = triton.cdiv(HW, config.block_m)
-    n_blocks = triton.cdiv(N, config.block_n)
+    m_blocks = cdiv(HW, config.block_m)
+    n_blocks = cdiv(N, config.block_n)
     splits = memory_splits(config.splits, m_blocks * B * num_v, n_blocks, multiprocessors)
     # Positions per split: a multiple of block_n; fewer splits when the last would be empty.
-    per_split = triton.cdiv(n_blocks, splits) * config.block_n
-    return ForwardPlan(block_v, num_v, m_blocks, triton.cdiv(N, per_split), per_split)
+    per_split = cdiv(n_blocks, splits) * config.block_n
+    return ForwardPlan(block_v, num_v, m_blocks, cdiv(N, per_split), per_split)
 
 
 def dq_plan(config, B, HW, N, Cv, multiprocessors):
@@ -386,7 +398,7 @@ def dq_plan(config, B, HW, N, Cv, multiprocessors):
 
 
 def _tile_span(sizes, strides):
-    return sum(triton.next_power_of_2(size) * abs(stride)
+    return sum(next_power_of_2(size) * abs(stride)
                for size, stride in zip(sizes, strides, strict=True))
 
 
@@ -423,7 +435,7 @@ def _padded_rows(t, compact=False):
     already do (compact: also exactly round16(L) apart, with no gaps between channels). Used
     for query-sized tensors (q, dO), which the kernels re-read per block."""
     length = t.shape[2]
-    padded_length = triton.cdiv(length, 16) * 16
+    padded_length = cdiv(length, 16) * 16
     channel_ok = t.stride(1) == padded_length if compact else t.stride(1) % 16 == 0
     batch_ok = t.shape[0] == 1 or t.stride(0) % 16 == 0
     if t.stride(2) == 1 and channel_ok and batch_ok:
@@ -499,7 +511,7 @@ def _merge_splits(call, part_out, part_lse, out, lse, i64):
 
     def launch(config):
         run(memory_read_merge_kernel,
-            (triton.cdiv(HW, config.block_m), triton.cdiv(Cv, config.block_v), B),
+            (cdiv(HW, config.block_m), cdiv(Cv, config.block_v), B),
             dict(po=part_out, plse=part_lse, o=out, lse=lse,
                  **_strides("po", part_out, "sbcm"), **_strides("pl", part_lse, "sbm"),
                  **_strides("o", out, "bcm"), **_strides("l", lse, "bm"),
@@ -563,10 +575,10 @@ def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
     B, _, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     ws_config = warp_specialized_config()
-    chunk = triton.cdiv(Cv, ws_config.value_chunks)
+    chunk = cdiv(Cv, ws_config.value_chunks)
     plan = forward_plan(ForwardConfig(
         block_m=ws_config.block_m, block_n=ws_config.block_n,
-        block_v=None if ws_config.value_chunks == 1 else triton.next_power_of_2(chunk)),
+        block_v=None if ws_config.value_chunks == 1 else next_power_of_2(chunk)),
         B, HW, N, Cv, call.device.multiprocessors)
     out = new_buffer((B, Cv, HW), v.dtype, k.device)
     lse = new_buffer((B, HW), torch.float32, k.device)
@@ -642,7 +654,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     def launch_dv(config):
         block_v, num_v = value_blocks(Cv, config.block_v)
         dv = new_buffer((B, Cv, N), v.dtype, device)
-        run(memory_read_bwd_kernel_dv, (triton.cdiv(N, config.block_n), B * num_v),
+        run(memory_read_bwd_kernel_dv, (cdiv(N, config.block_n), B * num_v),
             dict(dv=dv, **_strides("dv", dv, "bcn"), BLOCK_M=config.block_m,
                  BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v,
                  STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **query),
@@ -657,7 +669,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         else:  # zeroed (atomics add into it), padded like q so that both share their strides
             dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
             dq = dq[:, :, :HW]
-        run(memory_read_bwd_kernel_dkdq, (triton.cdiv(N, config.block_n), B),
+        run(memory_read_bwd_kernel_dkdq, (cdiv(N, config.block_n), B),
             dict(v=v, delta=delta, dk=dk, dq=dq, **_memory_strides("v", v, align_v),
                  **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
                  scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -690,7 +702,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
 
 def select_block_n(top_k):
     """(memory positions per block, top_k rounded up to a power of two) of the selection."""
-    top_k_pow2 = triton.next_power_of_2(top_k)
+    top_k_pow2 = next_power_of_2(top_k)
     return max(64, top_k_pow2), top_k_pow2
 
 
@@ -758,7 +770,7 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
 
     def launch(config):
         usage = torch.empty((B, N), dtype=torch.float32, device=k.device)
-        run(memory_read_usage_kernel, (triton.cdiv(N, config.block_n), B),
+        run(memory_read_usage_kernel, (cdiv(N, config.block_n), B),
             dict(q=q, k=k, lse=lse, lengths=lengths_arg, usage=usage, **_query_strides(q),
                  **_memory_strides("k", k, align_k), **_strides("l", lse, "bm"),
                  stride_ub=usage.stride(0), HW=HW, N=N, qk_scale=scale * LOG2E, L2=l2,

@@ -1,0 +1,44 @@
+"""tools.gpu_session.host_path: the read's host time, layer by layer (its CPU rows here)."""
+import json
+
+import torch
+
+from stm_kernels.backends.triton import devices, launch
+from tools.gpu_session import host_path
+
+
+def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    host_path.main(["--ns", "1620", "3240", "--calls", "3"])
+    files = list(tmp_path.glob("host_path_cpu_*.json"))
+    assert len(files) == 1
+    payload = json.loads(files[0].read_text())
+    assert payload["complete"] is True and payload["device_type"] == "cpu"
+    assert [(row["layer"], row["N"]) for row in payload["records"]] == [
+        ("launcher, no launch", 1620), ("launcher, no launch", 3240)]
+    assert all(0 < row["us"] < 1e6 for row in payload["records"])
+    table = host_path.summary(payload)
+    assert "| launcher, no launch |" in table and "N = 3,240" in table
+    assert table in capsys.readouterr().out
+
+
+def test_recorded_launches_are_the_forwards_kernels_with_their_arguments():
+    q = torch.empty(1, 128, 1620, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 128, 16200, dtype=torch.bfloat16, device="meta")
+    v = torch.empty(1, 512, 16200, dtype=torch.bfloat16, device="meta")
+    with devices.pretend(host_path.H100):
+        launches = host_path.recorded_launches(
+            lambda: launch.triton_forward(q, k, v, 0.1, False))
+    names = [kernel.__name__ for kernel, *_ in launches]
+    # ten memory frames on 132 multiprocessors: the memory is split, then merged
+    assert names == ["memory_read_fwd_kernel", "memory_read_merge_kernel"]
+    grid, arguments, options = launches[0][1:]
+    assert arguments["q"] is not None and arguments["N"] == 16200 and arguments["HW"] == 1620
+    assert grid[2] > 1 and options["num_warps"] in (4, 8)
+
+
+def test_per_call_time_counts_every_call():
+    calls = []
+    us = host_path.per_call_us(lambda: calls.append(1), 7, torch.device("cpu"), repeats=2)
+    assert us > 0
+    assert len(calls) == 3 + 2 * 7  # warm-up (at least 3), then two rounds of 7

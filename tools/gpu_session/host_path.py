@@ -1,0 +1,187 @@
+"""Where the memory read's host time goes, layer by layer.
+
+    python -m tools.gpu_session.host_path [--ns 1620 16200] [--calls 300]
+
+At N = 16,200 (ten 480p memory frames) the forward's kernels take about 0.1 ms on an H100
+while the op takes 0.4-0.6 ms (bench/NOTES.md): below a hundred memory frames the read is
+bound by the host, not the GPU. This tool times each layer of a read's host path, outermost
+first, so that the share of each (checks, the custom op, planning, Triton's launcher) is a
+measurement, not a guess:
+
+    op                     memory_read(q, k, v, backend="triton") without gradients
+    custom op              torch.ops.stm_kernels.memory_read (no input checks)
+    launcher               launch.triton_forward (no custom op, no fallback wrapper)
+    launcher, no launch    the same with every kernel launch replaced by nothing: our Python
+    Triton launches        the launcher's kernels launched alone, with the arguments it made
+    forward + backward     memory_read(...).backward(grad), then the backward's launcher with
+                           and without its launches
+    peer                   bench kernel's sdpa_flash_split: four SDPA calls and a cat
+
+Each row is the wall time per call of `--calls` back-to-back calls, the device synchronised
+only before and after: where the kernels are shorter than the host's work (N = 1,620), that
+is the host time per call. Without CUDA only the forward's "no launch" row runs, on "meta"
+tensors planned for an H100 (devices.pretend): the launcher's Python alone, on this CPU (the
+backward's is left out there: it computes with torch, whose operations on meta tensors run
+Python reference code, far slower than CUDA's dispatch).
+
+Writes bench/results/host_path_<device>_<date>.json.
+"""
+import argparse
+import time
+
+import torch
+
+from bench import common
+from stm_kernels import memory_read
+from stm_kernels.backends.triton import devices, launch
+
+B, HW, CK, CV = 1, 1620, 128, 512
+# What "meta" rows plan for: an H100's sm_90 tilings and 132 multiprocessors.
+H100 = devices.Device("NVIDIA H100 (planned on meta tensors)", "nvidia", "sm_90", 227 * 1024,
+                      132)
+
+
+def per_call_us(call, calls, device, repeats=5):
+    """The best of `repeats` rounds of `calls` calls: wall microseconds per call, the device
+    synchronised before and after each round."""
+    for _ in range(max(3, calls // 10)):
+        call()
+    best = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def recorded_launches(run):
+    """[(kernel, grid, arguments, options)] of the kernel launches `run()` makes, recorded
+    instead of launched (launch.recording)."""
+    launches = []
+
+    def record(kernel, grid, arguments, config, options):
+        launches.append((kernel, grid, arguments, options))
+
+    with launch.recording(record):
+        run()
+    return launches
+
+
+def _nothing(kernel, grid, arguments, config, options):
+    return None
+
+
+def rows_for(N, calls, device):
+    """[dict(layer, N, us)] of one memory size: every layer on CUDA, the Python-only layers
+    elsewhere."""
+    meta = device.type != "cuda"
+    if meta:
+        q, k, v, grad = (torch.empty(shape, dtype=torch.bfloat16, device="meta")
+                         for shape in ((1, CK, HW), (B, CK, N), (B, CV, N), (B, CV, HW)))
+    else:
+        q, k, v, grad = common.read_inputs(B, HW, N, CK, CV, torch.bfloat16, device)
+    scale = CK ** -0.5
+    rows = []
+
+    def row(layer, call):
+        rows.append(dict(layer=layer, N=N, us=round(per_call_us(call, calls, device), 2)))
+
+    def forward():
+        return launch.triton_forward(q, k, v, scale, False)
+
+    if meta:
+        with devices.pretend(H100), launch.recording(_nothing):
+            row("launcher, no launch", forward)
+        return rows
+    out, lse = forward()
+    with torch.no_grad():
+        row("op", lambda: memory_read(q, k, v, backend="triton"))
+        row("custom op", lambda: torch.ops.stm_kernels.memory_read(q, [k], [v], scale, False,
+                                                                    "triton", None))
+        row("launcher", forward)
+        with launch.recording(_nothing):
+            row("launcher, no launch", forward)
+        launches = recorded_launches(forward)
+        row("Triton launches", lambda: [kernel[grid](**arguments, **options)
+                                        for kernel, grid, arguments, options in launches])
+        row("peer: sdpa_flash_split", _flash_split(q, k, v, scale))
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        memory_read(*leaves, backend="triton").backward(grad)
+
+    row("forward + backward", forward_backward)
+
+    def backward():
+        return launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
+
+    row("backward launcher", backward)
+    with launch.recording(_nothing):
+        row("backward launcher, no launch", backward)
+    launches = recorded_launches(backward)
+    row("backward Triton launches", lambda: [kernel[grid](**arguments, **options)
+                                             for kernel, grid, arguments, options in launches])
+    return rows
+
+
+def _flash_split(q, k, v, scale):
+    """bench kernel's best GPU peer: SDPA (flash forced) on Ck-wide value chunks, concatenated."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = q.transpose(1, 2).unsqueeze(1).contiguous()
+    k = k.transpose(1, 2).unsqueeze(1).contiguous()
+    chunks = [v[:, start:start + CK].transpose(1, 2).unsqueeze(1).contiguous()
+              for start in range(0, CV, CK)]
+
+    def read():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return torch.cat([F.scaled_dot_product_attention(q, k, chunk, scale=scale)
+                              for chunk in chunks], dim=-1)
+    return read
+
+
+def summary(payload):
+    """Markdown table: microseconds per call of each layer, one column per N."""
+    ns = sorted({row["N"] for row in payload["records"]})
+    layers = list(dict.fromkeys(row["layer"] for row in payload["records"]))
+    us = {(row["layer"], row["N"]): row["us"] for row in payload["records"]}
+    lines = ["| layer | " + " | ".join(f"us per call, N = {n:,}" for n in ns) + " |",
+             "|---|" + "---|" * len(ns)]
+    for layer in layers:
+        cells = [f"{us[(layer, n)]:.1f}" if (layer, n) in us else "" for n in ns]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """`python -m tools.gpu_session.host_path`: host microseconds per call of each layer."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ns", type=int, nargs="+", default=[1620, 16200],
+                        help="memory positions (1,620 per 480p frame)")
+    parser.add_argument("--calls", type=int, default=300, help="calls per timed round")
+    args = parser.parse_args(argv)
+    if any(n < 1 for n in args.ns) or args.calls < 1:
+        raise SystemExit("--ns and --calls must be positive")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    payload = dict(benchmark="host_path", **common.environment(device),
+                   shape=dict(B=B, HW=HW, Ck=CK, Cv=CV, dtype="bf16"), calls=args.calls,
+                   records=[])
+    for n in args.ns:
+        payload["records"] += rows_for(n, args.calls, device)
+        common.save_progress("host_path", payload)
+    common.finish_run("host_path", payload, None, summary)
+
+
+if __name__ == "__main__":
+    main()
