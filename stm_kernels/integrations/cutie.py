@@ -364,6 +364,8 @@ def _visual_values(manager, objects):
     stores = [manager.work_mem]
     if manager.use_long_term and objects[0] in manager.long_mem.value:
         stores.insert(0, manager.long_mem)
+    if len(objects) == 1:  # a view: stacking one object would copy its whole value memory
+        return [store.value[objects[0]] for store in stores]
     return [torch.stack([store.value[obj] for obj in objects], dim=1).flatten(1, 2)
             for store in stores]
 
