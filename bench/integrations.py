@@ -209,7 +209,7 @@ def _measured(spec, device, timeout):
         memory = common.run_isolated("bench.integrations",
                                      dict(spec, lengths=lengths, time_limit=float("inf")),
                                      timeout=timeout)
-    except common.Interrupted as stop:  # the speed run is whole: keep it, with no peaks
+    except common.Interrupted:  # the speed run is whole: keep it, with no peaks
         raise common.Interrupted(_without_peaks(record)) from None
     peaks = {row["length"]: row["peak_mem_bytes"]
              for row in memory["checkpoints"] + ([memory["last"]] if memory["last"] else [])}

@@ -79,9 +79,10 @@ def _nothing(kernel, grid, arguments, config, options):
     return None
 
 
-def rows_for(N, calls, device):
+def rows_for(N, calls, device, measured=lambda row: None):
     """[dict(layer, N, us)] of one memory size: every layer on CUDA, the Python-only layers
-    elsewhere."""
+    elsewhere; measured(row) is called after each (a cold GPU compiles for tens of seconds
+    before the first rows: a stage's time limit keeps the rows before it)."""
     meta = device.type != "cuda"
     if meta:
         q, k, v, grad = (torch.empty(shape, dtype=torch.bfloat16, device="meta")
@@ -93,6 +94,7 @@ def rows_for(N, calls, device):
 
     def row(layer, call):
         rows.append(dict(layer=layer, N=N, us=round(per_call_us(call, calls, device), 2)))
+        measured(rows[-1])
 
     def forward():
         return launch.triton_forward(q, k, v, scale, False)
@@ -177,9 +179,12 @@ def main(argv=None):
     payload = dict(benchmark="host_path", **common.environment(device),
                    shape=dict(B=B, HW=HW, Ck=CK, Cv=CV, dtype="bf16"), calls=args.calls,
                    records=[])
-    for n in args.ns:
-        payload["records"] += rows_for(n, args.calls, device)
+    def measured(row):
+        payload["records"].append(row)
         common.save_progress("host_path", payload)
+
+    for n in args.ns:
+        rows_for(n, args.calls, device, measured)
     common.finish_run("host_path", payload, None, summary)
 
 
