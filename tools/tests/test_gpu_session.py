@@ -168,12 +168,14 @@ def parsed_options(module, argv, monkeypatch):
     return found.value.args[0]
 
 
-def test_first_stage_runs_the_peers_sweep_warm_then_the_gpu_tests(tmp_path, monkeypatch):
+def test_first_stage_runs_the_host_path_the_peers_sweep_warm_then_the_gpu_tests(tmp_path,
+                                                                                 monkeypatch):
     pytest.importorskip("matplotlib")
     from bench import kernel
     completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0)
-    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 2, completed.stdout
-    peers, tests = (line.split(" | ")[0].split() for line in lines)
+    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 3, completed.stdout
+    host, peers, tests = (line.split(" | ")[0].split() for line in lines)
+    assert host == ["-m", "tools.gpu_session.host_path", "--ns", "1620", "16200"]
     assert peers[:3] == ["-m", "bench", "kernel"]
     options = parsed_options(kernel, peers[3:], monkeypatch)
     assert options.sweeps == ["targets", "scaling"] and options.batches == [1]
@@ -184,11 +186,13 @@ def test_first_stage_runs_the_peers_sweep_warm_then_the_gpu_tests(tmp_path, monk
 
 
 def test_a_peers_sweep_that_runs_long_is_stopped_and_the_stage_still_ends_in_time(tmp_path):
-    # STAGE_LIMIT=60: the sweep's mark (400 of 600 s, 40 s) is capped at 60 - 30 = 30 s, so it
-    # is interrupted there, and the tests' mark (capped at 30 s too) leaves them no time.
+    # STAGE_LIMIT=60: the host path's mark (90 of 600 s) is 9 s, too little to start it; the
+    # sweep's (430 of 600 s, 43 s) is capped at 60 - 30 = 30 s, so it is interrupted there, and
+    # the tests' mark (capped at 30 s too) leaves them no time.
     completed, lines, seconds = _run_stage(tmp_path, "first", 60)
     assert [line.split(" | ")[1] for line in lines] == ["interrupted"], (lines, completed.stdout)
     assert lines[0].startswith("-m bench kernel --sweeps targets scaling")
+    assert "== no time left for python3 -m tools.gpu_session.host_path" in completed.stdout
     assert "== no time left for python3 -m pytest" in completed.stdout
     assert 28 <= seconds < 40, seconds
 
