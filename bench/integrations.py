@@ -200,7 +200,7 @@ def _measured(spec, device, timeout):
                                  unmap_freed_memory=device.type != "cpu")
     if device.type != "cpu":
         return record
-    rows = record["checkpoints"] + ([record["last"]] if record["last"] else [])
+    rows = _rows(record)
     if not rows:
         return record
     # the same frames as the speed run reached, whatever the clock says this time
@@ -211,16 +211,20 @@ def _measured(spec, device, timeout):
                                      timeout=timeout)
     except common.Interrupted:  # the speed run is whole: keep it, with no peaks
         raise common.Interrupted(_without_peaks(record)) from None
-    peaks = {row["length"]: row["peak_mem_bytes"]
-             for row in memory["checkpoints"] + ([memory["last"]] if memory["last"] else [])}
+    peaks = {row["length"]: row["peak_mem_bytes"] for row in _rows(memory)}
     for row in rows:
         row["peak_mem_bytes"] = peaks.get(row["length"])
     record["memory_status"] = memory["status"]
     return record
 
 
+def _rows(record):
+    """A record's checkpoints and its last frame's row (which may repeat the last checkpoint)."""
+    return record["checkpoints"] + ([record["last"]] if record["last"] else [])
+
+
 def _without_peaks(record):
-    for row in record["checkpoints"] + ([record["last"]] if record["last"] else []):
+    for row in _rows(record):
         row["peak_mem_bytes"] = None
     return record
 
@@ -258,8 +262,7 @@ def plot(payload, path):
         step = max(1, (record["last"] or {}).get("length", 1) // max(1, len(record["frame_ms"])))
         time_axis.plot(np.arange(len(record["frame_ms"])) * step, record["frame_ms"],
                        label=label, linewidth=0.8)
-        rows = record["checkpoints"] + ([record["last"]] if record["last"] else [])
-        rows = [row for row in rows if row["peak_mem_bytes"] is not None]
+        rows = [row for row in _rows(record) if row["peak_mem_bytes"] is not None]
         memory_axis.plot([row["length"] for row in rows],
                          [row["peak_mem_bytes"] / 2**20 for row in rows], "o-", label=label)
     time_axis.set(xlabel="frame", ylabel="ms per frame", yscale="log")

@@ -32,6 +32,7 @@ import time
 import torch
 
 from bench import common
+from bench import kernel as kernel_bench
 from stm_kernels import memory_read
 from stm_kernels.backends.triton import devices, launch
 
@@ -96,6 +97,15 @@ def rows_for(N, calls, device, measured=lambda row: None):
         rows.append(dict(layer=layer, N=N, us=round(per_call_us(call, calls, device), 2)))
         measured(rows[-1])
 
+    def launcher_rows(prefix, run):
+        """The launcher, its Python alone, and the kernels it launches alone."""
+        row(f"{prefix}launcher", run)
+        with launch.recording(_nothing):
+            row(f"{prefix}launcher, no launch", run)
+        launches = recorded_launches(run)
+        row(f"{prefix}Triton launches", lambda: [kernel[grid](**arguments, **options)
+                                                 for kernel, grid, arguments, options in launches])
+
     def forward():
         return launch.triton_forward(q, k, v, scale, False)
 
@@ -108,13 +118,10 @@ def rows_for(N, calls, device, measured=lambda row: None):
         row("op", lambda: memory_read(q, k, v, backend="triton"))
         row("custom op", lambda: torch.ops.stm_kernels.memory_read(q, [k], [v], scale, False,
                                                                     "triton", None))
-        row("launcher", forward)
-        with launch.recording(_nothing):
-            row("launcher, no launch", forward)
-        launches = recorded_launches(forward)
-        row("Triton launches", lambda: [kernel[grid](**arguments, **options)
-                                        for kernel, grid, arguments, options in launches])
-        row("peer: sdpa_flash_split", _flash_split(q, k, v, scale))
+        launcher_rows("", forward)
+        peer, _ = kernel_bench.make_inputs("sdpa_flash_split", "fwd", torch.bfloat16, B, HW, N,
+                                           CK, CV, device)
+        row("peer: sdpa_flash_split", peer)
 
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
@@ -128,29 +135,8 @@ def rows_for(N, calls, device, measured=lambda row: None):
     def backward():
         return launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
 
-    row("backward launcher", backward)
-    with launch.recording(_nothing):
-        row("backward launcher, no launch", backward)
-    launches = recorded_launches(backward)
-    row("backward Triton launches", lambda: [kernel[grid](**arguments, **options)
-                                             for kernel, grid, arguments, options in launches])
+    launcher_rows("backward ", backward)
     return rows
-
-
-def _flash_split(q, k, v, scale):
-    """bench kernel's best GPU peer: SDPA (flash forced) on Ck-wide value chunks, concatenated."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    q = q.transpose(1, 2).unsqueeze(1).contiguous()
-    k = k.transpose(1, 2).unsqueeze(1).contiguous()
-    chunks = [v[:, start:start + CK].transpose(1, 2).unsqueeze(1).contiguous()
-              for start in range(0, CV, CK)]
-
-    def read():
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return torch.cat([F.scaled_dot_product_attention(q, k, chunk, scale=scale)
-                              for chunk in chunks], dim=-1)
-    return read
 
 
 def summary(payload):
