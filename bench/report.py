@@ -79,7 +79,8 @@ def result_key(payload):
     picked with --only, a run under compute-sanitizer), as a check of three tilings does not
     replace a tuning; the CPU's flags, as an AVX2 run says nothing of an AVX-512 one; the
     shape of a run at one shape (the profiles at N = 16,200 and 162,000); cut off, as a run
-    stopped by its time limit does not replace a whole one)."""
+    stopped by its time limit does not replace a whole one; the memory sizes its records
+    cover, as a quick check at one N does not replace a sweep)."""
     if payload.get("selftest"):  # the self-test's report: device "cuda", the GPU in "name"
         gpu = payload.get("name") if payload.get("device") != "cpu" else None
     else:
@@ -89,9 +90,11 @@ def result_key(payload):
                            if isinstance(r, dict) and "sweep" in r})) \
         if isinstance(records, list) else ()
     shape = payload.get("shape") if isinstance(payload.get("shape"), dict) else {}
+    memory_sizes = tuple(sorted({r["N"] for r in records if isinstance(r, dict) and "N" in r})) \
+        if isinstance(records, list) else ()
     scope = (str(payload.get("dtype")), payload.get("HW"), tuple(payload.get("only") or ()),
              payload.get("sanitizer"), tuple(sorted((k, str(v)) for k, v in shape.items())),
-             payload.get("complete") is False)
+             payload.get("complete") is False, memory_sizes)
     cpu = tuple(payload.get("cpu_flags") or ())
     return (payload.get("device_type"), tuple(payload.get("size") or ()),
             max(payload.get("lengths") or [0]), bool(payload.get("busy")), gpu, sweeps, scope,

@@ -261,41 +261,50 @@ def _bf16_softmax(query, keys, values, scale, l2):
     chunk's maximum, rescales the row's sums, and is multiplied again: an online softmax whose
     maximum is taken from the product itself. The rounding of an offset is one constant per
     row, which the softmax cancels and the log-sum-exp takes back (the offset returned is the
-    one subtracted). The scale multiplies the bf16 product afterwards, so the query enters
-    unrounded; that product and its exp round like the product itself (about 2^-9 of an
-    exponent near 0), and the row sums and the read-out accumulate in float32."""
+    one subtracted). The scale multiplies the product inside it (addmm's alpha, on the float32
+    sum before its one rounding), so the query enters unrounded and no pass over the scores
+    is spent on it; the scaled product and its exp round to about 2^-9 of an exponent near 0,
+    and the row sums and the read-out accumulate in float32."""
     rows, Cv = query.shape[1], values.shape[0]
     columns = [query.T * (2 if l2 else 1)]  # 2q: exact in bf16
     ones = [query.new_ones((rows, 2))] if l2 else []  # against -|k|² high and low
-    target = torch.zeros((rows, 1), dtype=torch.float32)  # the offset, before the scale
 
-    def product(start, stop):
+    def augment(target):
+        """(the query's columns with -target in two bf16 parts (rows, Ck + 2 or + 4), the
+        offset they subtract): rebuilt only when an offset rises."""
         high = target.to(torch.bfloat16)
         low = (target - high.float()).to(torch.bfloat16)
-        augmented = torch.cat(columns + [-high, -low] + ones, 1)  # (rows, Ck + 2 or + 4)
-        return augmented @ keys[:, start:stop], high.float() + low.float()
+        return torch.cat(columns + [-high, -low] + ones, 1), high.float() + low.float()
 
+    augmented, used = augment(torch.zeros((rows, 1), dtype=torch.float32))
+    unused = query.new_zeros((1, 1))  # addmm's input, ignored at beta = 0
+
+    def product(start, stop):
+        """scale * (query . keys - offset) for positions start:stop, rounded once to bf16."""
+        chunk = keys[:, start:stop]
+        return torch.addmm(unused.expand(rows, chunk.shape[1]), augmented, chunk, beta=0,
+                           alpha=scale)
     acc = torch.zeros((rows, Cv), dtype=torch.float32)
     row_sum = torch.zeros((rows, 1), dtype=torch.float32)
     partial = torch.empty((rows, Cv), dtype=torch.bfloat16)
     subtracted = None
     for start in range(0, keys.shape[1], CPU_CHUNK):
         stop = start + CPU_CHUNK
-        products, used = product(start, stop)
-        peak = products.amax(1, keepdim=True).float()
-        rising = peak * scale > BF16_HEADROOM
+        products = product(start, stop)
+        peak = products.amax(1, keepdim=True).float()  # scaled
+        rising = peak > BF16_HEADROOM
         if subtracted is None or rising.any():
-            raised = used + peak if subtracted is None else torch.where(rising, used + peak,
-                                                                         used)
-            target = raised
-            products, now = product(start, stop)
+            top = used + peak / scale
+            augmented, now = augment(top if subtracted is None else torch.where(rising, top,
+                                                                                used))
+            products = product(start, stop)
             if subtracted is not None:  # the sums so far, to the new offsets
                 factor = torch.exp((subtracted - now) * scale)
                 acc.mul_(factor)
                 row_sum.mul_(factor)
             used = now
         subtracted = used
-        probabilities = products.mul_(scale).exp_()  # in bf16: half the bytes of float32
+        probabilities = products.exp_()  # in bf16: half the bytes of float32
         row_sum.add_(probabilities.sum(1, keepdim=True, dtype=torch.float32))
         torch.mm(probabilities, values[:, start:stop].T, out=partial)
         acc.add_(partial)

@@ -130,3 +130,18 @@ def test_profiles_at_two_shapes_both_stay_and_a_cut_off_run_replaces_no_whole_on
     write("selftest", "20260103T000000", selftest=True, name="NVIDIA H100", complete=True)
     assert [path.name for path in report.superseded(tmp_path)] == [
         "kernel_breakdown_cuda_20260101T000000.json", "selftest_cuda_20260101T000000.json"]
+
+
+def test_a_run_at_fewer_memory_sizes_does_not_replace_a_whole_sweep(tmp_path):
+    """`bench cpu-read --ns 16200` (a quick check) leaves the last run of 16,200 to 162,000 in
+    place; the next run of the whole sweep replaces it."""
+    def write(stamp, ns):
+        payload = {"benchmark": "cpu_read", "device_type": "cpu", "cpu_flags": ["avx2"],
+                   "records": [{"provider": "stm", "N": n, "median_ms": 1.0} for n in ns]}
+        (tmp_path / f"cpu_read_cpu_{stamp}.json").write_text(json.dumps(payload))
+    write("20260101T000000", [16200, 64800, 162000])
+    write("20260102T000000", [16200])
+    assert report.superseded(tmp_path) == []
+    write("20260103T000000", [16200, 64800, 162000])
+    assert [path.name for path in report.superseded(tmp_path)] == [
+        "cpu_read_cpu_20260101T000000.json"]
