@@ -12,7 +12,8 @@ What happens to an input, in order:
        read with PyTorch autograd; "triton" and "torch" go through the custom op
        `stm_kernels::memory_read`, whose autograd calls the custom op
        `stm_kernels::memory_read_backward` (both have fake implementations, so torch.compile
-       traces them without graph breaks).
+       traces them without graph breaks). In plain eager mode the same implementations are
+       called directly (_fused_read): the custom op's dispatch costs tens of microseconds.
     4. return_usage: one more pass over the memory from the read's lse (backends: usage).
 
 Precision: all backends accumulate in float32 (float64 for float64 inputs). For float32
@@ -143,9 +144,8 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
                                          need_lse=return_lse or return_usage,
                                          lengths=call.lengths)
         else:
-            out, lse = torch.ops.stm_kernels.memory_read(call.q, call.keys, call.values,
-                                                         call.scale, call.l2, call.backend,
-                                                         call.lengths)
+            out, lse = _fused_read(call.q, call.keys, call.values, call.scale, call.l2,
+                                   call.backend, call.lengths)
         memory_usage_ = _usage(call, lse.detach()) if return_usage else None
     results = [out.unflatten(2, call.query_spatial)]
     if return_lse:
@@ -182,6 +182,68 @@ def _usage(call, lse):
     with torch.no_grad():
         return backends.implementation(call.backend).usage(
             call.q, concatenated(call.keys), lse, call.scale, call.l2, call.lengths)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _fused_read(q, ks, vs, scale, l2, backend, lengths):
+    """(out, lse) of a "triton" or "torch" read. The custom op wherever torch's machinery has
+    to see one op (torch.compile, fake or subclass tensors, dispatch and function modes,
+    torch.func transforms); otherwise the same implementation called directly, through
+    _FusedRead when gradients flow: the custom op's eager dispatch costs 30-110 us a call (a
+    list-of-tensors schema takes torch's slow path), as long as the GPU read of ten memory
+    frames (docs/performance.md)."""
+    tensors = (q, *ks, *vs)
+    if not _plain_eager(tensors if lengths is None else tensors + (lengths,)):
+        return torch.ops.stm_kernels.memory_read(q, ks, vs, scale, l2, backend, lengths)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _FusedRead.apply(scale, l2, backend, lengths, len(ks), q, *ks, *vs)
+    return backends.implementation(backend).forward(q, concatenated(ks), concatenated(vs), scale,
+                                                    l2, lengths)
+
+
+def _plain_eager(tensors):
+    """Whether a call runs in plain eager mode on plain tensors: nothing (compiler, mode,
+    transform, subclass, meta tensor) that must see the custom op instead of its insides."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or \
+            torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(type(t) is torch.Tensor and not t.is_meta for t in tensors)
+
+
+class _FusedRead(torch.autograd.Function):
+    """The custom op's autograd without its dispatch: the backend's forward, and its backward
+    (the backward custom op under create_graph=True, whose own autograd refuses a second
+    derivative in one line)."""
+
+    @staticmethod
+    def forward(ctx, scale, l2, backend, lengths, chunks, q, *memory):
+        ks, vs = memory[:chunks], memory[chunks:]
+        out, lse = backends.implementation(backend).forward(
+            q, concatenated(ks), concatenated(vs), scale, l2, lengths)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        ctx.save_for_backward(q, out, lse, lengths, *memory)
+        ctx.chunks, ctx.options = chunks, (scale, l2, backend)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, out, lse, lengths, *memory = ctx.saved_tensors
+        ks, vs = memory[:ctx.chunks], memory[ctx.chunks:]
+        if grad_out is None and grad_lse is None:
+            return (None,) * (5 + len(memory) + 1)
+        if grad_out is None:  # only lse was used
+            grad_out = torch.zeros_like(out)
+        if torch.is_grad_enabled():
+            dq, dk, dv = torch.ops.stm_kernels.memory_read_backward(
+                grad_out, grad_lse, q, list(ks), list(vs), out, lse, *ctx.options, lengths)
+        else:
+            dq, dk, dv = backends.implementation(ctx.options[2]).backward(
+                grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse,
+                *ctx.options[:2], lengths)
+        sizes = [k.shape[2] for k in ks]
+        return (None,) * 5 + (dq, *dk.split(sizes, dim=2), *dv.split(sizes, dim=2))
 
 
 # --------------------------------------------------------------------------- custom ops

@@ -8,8 +8,10 @@ bound by the host, not the GPU. This tool times each layer of a read's host path
 first, so that the share of each (checks, the custom op, planning, Triton's launcher) is a
 measurement, not a guess:
 
-    op                     memory_read(q, k, v, backend="triton") without gradients
-    custom op              torch.ops.stm_kernels.memory_read (no input checks)
+    op                     memory_read(q, k, v, backend="triton") without gradients: the
+                           input checks, then (plain eager mode) the launcher called directly
+    custom op              torch.ops.stm_kernels.memory_read (no input checks): the route
+                           torch.compile and dispatch modes take, for its dispatch cost
     launcher               launch.triton_forward (no custom op, no fallback wrapper)
     launcher, no launch    the same with every kernel launch replaced by nothing: our Python
     Triton launches        the launcher's kernels launched alone, with the arguments it made

@@ -1,0 +1,78 @@
+"""memory_read's two routes to the fused backends: the custom op (torch.compile, modes,
+subclasses, torch.func) and, in plain eager mode, the same implementation called directly.
+Both must give the same numbers and the same gradients; modes must still see one op."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stm_kernels import memory_read
+from tests.helpers import random_inputs
+
+
+class _Recorder(TorchDispatchMode):
+    """Runs every op unchanged and keeps its name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _read_and_grads(q, ks, vs, use, **kwargs):
+    """out, lse and the gradients of q and every memory chunk, for a loss on `use`."""
+    q = q.detach().requires_grad_()
+    ks = [k.detach().requires_grad_() for k in ks]
+    vs = [v.detach().requires_grad_() for v in vs]
+    out, lse = memory_read(q, ks, vs, return_lse=True, backend="torch", **kwargs)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    loss = {"out": (out * weights).sum(), "lse": lse.square().sum(),
+            "both": (out * weights).sum() + lse.sum()}[use]
+    grads = torch.autograd.grad(loss, [q, *ks, *vs])
+    return [out.detach(), lse.detach(), *grads]
+
+
+@pytest.mark.parametrize("use", ["out", "lse", "both"])
+@pytest.mark.parametrize("lengths", [None, [23, 9]])
+def test_eager_route_equals_the_custom_op(use, lengths):
+    """Three memory chunks of ragged lengths, two objects, a shared query: the custom op's
+    result and gradients to float32 rounding (a recording mode forces the custom op; it passes
+    zeros for an unused output's gradient where the eager route passes nothing)."""
+    q, k, v = random_inputs(2, 1, 8, 6, 11, 23, torch.float32, "cpu", seed=3)
+    ks, vs = list(k.split([7, 10, 6], 2)), list(v.split([7, 10, 6], 2))
+    kwargs = {} if lengths is None else {"memory_lengths": lengths}
+    eager = _read_and_grads(q, ks, vs, use, **kwargs)
+    with _Recorder() as recorder:
+        through_op = _read_and_grads(q, ks, vs, use, **kwargs)
+    assert "stm_kernels.memory_read.default" in recorder.names
+    assert "stm_kernels.memory_read_backward.default" in recorder.names
+    for a, b in zip(eager, through_op, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_eager_calls_skip_the_custom_op(monkeypatch):
+    """Without gradients, with gradients, and in the backward: the implementation is called
+    directly (the custom op's dispatch is the cost this route saves)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op was called in plain eager mode")
+    monkeypatch.setattr(torch.ops.stm_kernels, "memory_read", refuse)
+    monkeypatch.setattr(torch.ops.stm_kernels, "memory_read_backward", refuse)
+    q, k, v = random_inputs(1, 1, 8, 6, 5, 12, torch.float32, "cpu", seed=4)
+    with torch.no_grad():
+        memory_read(q, k, v, backend="torch")
+    q.requires_grad_()
+    memory_read(q, k, v, backend="torch").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_a_dispatch_mode_sees_one_op():
+    """FlopCounterMode, FakeTensorMode and the like see the read as stm_kernels::memory_read,
+    not as the torch operations inside it."""
+    q, k, v = random_inputs(1, 1, 8, 6, 5, 12, torch.float32, "cpu", seed=5)
+    with torch.no_grad(), _Recorder() as recorder:
+        memory_read(q, k, v, backend="torch")
+    assert [name for name in recorder.names if name != "aten.view.default"] == [
+        "stm_kernels.memory_read.default"]
+
