@@ -17,8 +17,13 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     assert [(row["layer"], row["N"]) for row in payload["records"]] == [
         ("launcher, no launch", 1620), ("launcher, no launch", 3240)]
     assert all(0 < row["us"] < 1e6 for row in payload["records"])
+    assert [(profile["layer"], profile["N"]) for profile in payload["profiles"]] == [
+        ("launcher, no launch", 1620), ("launcher, no launch", 3240)]
+    functions = [entry["function"] for entry in payload["profiles"][0]["functions"]]
+    assert "triton/launch.py" in " ".join(functions)
     table = host_path.summary(payload)
     assert "| launcher, no launch |" in table and "N = 3,240" in table
+    assert "cProfile, launcher, no launch, N = 1,620" in table
     assert table in capsys.readouterr().out
 
 
@@ -42,3 +47,23 @@ def test_per_call_time_counts_every_call():
     us = host_path.per_call_us(lambda: calls.append(1), 7, torch.device("cpu"), repeats=2)
     assert us > 0
     assert len(calls) == 3 + 2 * 7  # warm-up (at least 3), then two rounds of 7
+
+
+def _busy(n):
+    return sum(i * i for i in range(n))
+
+
+def test_python_profile_ranks_functions_by_own_time_per_call():
+    """Per call of the profiled call: the generator's 20,001 steps, sum's and _busy's one."""
+    def call():
+        _busy(20000)
+    profile = host_path.python_profile(call, 4, torch.device("cpu"), top=5)
+    assert len(profile) == 5
+    assert profile == sorted(profile, key=lambda entry: -entry["own_us"])
+    by_name = {entry["function"]: entry for entry in profile}
+    line = _busy.__code__.co_firstlineno
+    assert profile[0]["function"] == f"bench/test_host_path.py:{line + 1}(<genexpr>)"
+    assert profile[0]["calls"] == 20001
+    assert by_name["<built-in method builtins.sum>"]["calls"] == 1
+    busy = by_name[f"bench/test_host_path.py:{line}(_busy)"]
+    assert busy["calls"] == 1 and busy["total_us"] >= profile[0]["own_us"]

@@ -19,6 +19,14 @@ measurement, not a guess:
                            and without its launches
     peer                   bench kernel's sdpa_flash_split: four SDPA calls and a cat
 
+Beside the rows, cProfile's view of three of them (the forward through the op, forward +
+backward, the backward's launcher; without CUDA the launcher's Python): the functions with the
+most own time per call, Python and the C calls it makes (Triton's launcher, torch's ops). The
+profiler inflates Python-heavy functions about twofold, so its figures are shares to read
+beside the rows, not times; it sees only the calling thread, and the autograd engine runs a
+CUDA backward on a thread of its own (it shows as run_backward), hence the backward launcher's
+own profile.
+
 Each row is the wall time per call of `--calls` back-to-back calls, the device synchronised
 only before and after: where the kernels are shorter than the host's work (N = 1,620), that
 is the host time per call. Without CUDA only the forward's "no launch" row runs, on "meta"
@@ -29,6 +37,9 @@ Python reference code, far slower than CUDA's dispatch).
 Writes bench/results/host_path_<device>_<date>.json.
 """
 import argparse
+import cProfile
+import pathlib
+import pstats
 import time
 
 import torch
@@ -60,6 +71,33 @@ def per_call_us(call, calls, device, repeats=5):
     return best
 
 
+def python_profile(call, calls, device, top=20):
+    """[dict(function, calls, own_us, total_us)] per call of call(), for the `top` functions
+    by own time over `calls` calls under cProfile (this thread only), the device synchronised
+    before and after."""
+    for _ in range(3):
+        call()
+    _synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    _synchronize(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, all calls, own, total, _)}
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [dict(function=_function_name(*key), calls=round(every / calls, 2),
+                 own_us=round(own / calls * 1e6, 2), total_us=round(total / calls * 1e6, 2))
+            for key, (_, every, own, total, _) in ranked]
+
+
+def _function_name(file, line, name):
+    """`folder/file.py:line(name)`, or the C function's own name (cProfile's "~" file)."""
+    if file == "~":
+        return name
+    return f"{'/'.join(pathlib.Path(file).parts[-2:])}:{line}({name})"
+
+
 def _synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -82,10 +120,11 @@ def _nothing(kernel, grid, arguments, config, options):
     return None
 
 
-def rows_for(N, calls, device, measured=lambda row: None):
+def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profile: None):
     """[dict(layer, N, us)] of one memory size: every layer on CUDA, the Python-only layers
     elsewhere; measured(row) is called after each (a cold GPU compiles for tens of seconds
-    before the first rows: a stage's time limit keeps the rows before it)."""
+    before the first rows: a stage's time limit keeps the rows before it), and
+    profiled(dict(layer, N, functions)) after each cProfile view (python_profile)."""
     meta = device.type != "cuda"
     if meta:
         q, k, v, grad = (torch.empty(shape, dtype=torch.bfloat16, device="meta")
@@ -98,6 +137,9 @@ def rows_for(N, calls, device, measured=lambda row: None):
     def row(layer, call):
         rows.append(dict(layer=layer, N=N, us=round(per_call_us(call, calls, device), 2)))
         measured(rows[-1])
+
+    def profile(layer, call):
+        profiled(dict(layer=layer, N=N, functions=python_profile(call, min(calls, 50), device)))
 
     def launcher_rows(prefix, run):
         """The launcher, its Python alone, and the kernels it launches alone."""
@@ -114,6 +156,7 @@ def rows_for(N, calls, device, measured=lambda row: None):
     if meta:
         with devices.pretend(H100), launch.recording(_nothing):
             row("launcher, no launch", forward)
+            profile("launcher, no launch", forward)
         return rows
     out, lse = forward()
     with torch.no_grad():
@@ -138,6 +181,10 @@ def rows_for(N, calls, device, measured=lambda row: None):
         return launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
 
     launcher_rows("backward ", backward)
+    with torch.no_grad():
+        profile("op", lambda: memory_read(q, k, v, backend="triton"))
+    profile("forward + backward", forward_backward)
+    profile("backward launcher", backward)
     return rows
 
 
@@ -151,7 +198,16 @@ def summary(payload):
     for layer in layers:
         cells = [f"{us[(layer, n)]:.1f}" if (layer, n) in us else "" for n in ns]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    for profile in payload.get("profiles", []):
+        lines += ["", f"cProfile, {profile['layer']}, N = {profile['N']:,} (per call; shares, "
+                      "not times):", "", "| function | calls | own us | total us |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{entry['function']}` | {entry['calls']:g} | {entry['own_us']:.1f} | "
+                  f"{entry['total_us']:.1f} |" for entry in profile["functions"][:SHOWN]]
     return "\n".join(lines)
+
+
+SHOWN = 8  # functions of each profile in the summary (the JSON keeps python_profile's top)
 
 
 def main(argv=None):
@@ -166,13 +222,16 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     payload = dict(benchmark="host_path", **common.environment(device),
                    shape=dict(B=B, HW=HW, Ck=CK, Cv=CV, dtype="bf16"), calls=args.calls,
-                   records=[])
-    def measured(row):
-        payload["records"].append(row)
-        common.save_progress("host_path", payload)
+                   records=[], profiles=[])
+
+    def kept(key):
+        def keep(entry):
+            payload[key].append(entry)
+            common.save_progress("host_path", payload)
+        return keep
 
     for n in args.ns:
-        rows_for(n, args.calls, device, measured)
+        rows_for(n, args.calls, device, kept("records"), kept("profiles"))
     common.finish_run("host_path", payload, None, summary)
 
 
