@@ -219,6 +219,44 @@ def keep_interrupted(name, payload, stop):
     print(f"interrupted: what was measured is in {path}", file=sys.stderr, flush=True)
 
 
+def speed_then_peak(module, spec, device, merge, peak_spec=None, timeout=1800):
+    """The record of an isolated run of `module` on spec; on a CPU from two fresh processes:
+    the speed with glibc's own allocator, then the peak memory from a second run under the
+    unmapping allocator (run_isolated's unmap_freed_memory: what an exact resident-set peak
+    needs, but each freed block of 64 KiB or more is then mapped and faulted in afresh, which
+    slowed Cutie's reads at 480p by about 45%). peak_spec(record) is the second run's spec
+    (default: spec; None skips it), merge(record, memory_record) copies its peaks into the
+    speed run's record (memory_record None: the second run was interrupted, the peaks are
+    unknown; Interrupted is raised again with the speed run's record)."""
+    record = run_isolated(module, spec, timeout=timeout, unmap_freed_memory=device.type != "cpu")
+    if device.type != "cpu":
+        return record
+    second = spec if peak_spec is None else peak_spec(record)
+    if second is None:
+        return record
+    try:
+        memory = run_isolated(module, second, timeout=timeout)
+    except Interrupted:
+        merge(record, None)
+        raise Interrupted(record) from None
+    merge(record, memory)
+    return record
+
+
+def merge_peaks_by_length(rows):
+    """A speed_then_peak merge for records of rows at video lengths (rows(record): its rows,
+    each with "length" and "peak_mem_bytes"): each row takes the second run's peak at its
+    length, and the record the second run's status as memory_status."""
+    def merge(record, memory):
+        peaks = {} if memory is None else {row["length"]: row["peak_mem_bytes"]
+                                           for row in rows(memory)}
+        for row in rows(record):
+            row["peak_mem_bytes"] = peaks.get(row["length"])
+        if memory is not None:
+            record["memory_status"] = memory["status"]
+    return merge
+
+
 def parse_args_or_run_child(parser, argv, child):
     """parser.parse_args(argv); or, in a process started by `run_isolated`, None once the JSON
     of child(spec) has been printed."""

@@ -191,42 +191,19 @@ def _checkpoint(length, frame_ms, device, baseline, mem_every):
 
 
 def _measured(spec, device, timeout):
-    """One model x read's record. On a CPU from two fresh processes: the speed with glibc's
-    own allocator, the peak memory from a second run in which every freed block of 64 KiB or
-    more goes back to the system (what an exact resident-set peak needs, but each such block
-    is then mapped and faulted in afresh, which slowed both reads by about 45% and the
-    chunked one more); each checkpoint's peak_mem_bytes is the second run's at its length."""
-    record = common.run_isolated("bench.integrations", spec, timeout=timeout,
-                                 unmap_freed_memory=device.type != "cpu")
-    if device.type != "cpu":
-        return record
-    rows = _rows(record)
-    if not rows:
-        return record
-    # the same frames as the speed run reached, whatever the clock says this time
-    lengths = sorted({row["length"] for row in rows})
-    try:
-        memory = common.run_isolated("bench.integrations",
-                                     dict(spec, lengths=lengths, time_limit=float("inf")),
-                                     timeout=timeout)
-    except common.Interrupted:  # the speed run is whole: keep it, with no peaks
-        raise common.Interrupted(_without_peaks(record)) from None
-    peaks = {row["length"]: row["peak_mem_bytes"] for row in _rows(memory)}
-    for row in rows:
-        row["peak_mem_bytes"] = peaks.get(row["length"])
-    record["memory_status"] = memory["status"]
-    return record
+    """One model x read's record: its speed and, on a CPU, its peaks from a second run over
+    the frames the first reached, whatever the clock says this time (common.speed_then_peak);
+    each row's peak_mem_bytes is the second run's at its length."""
+    def peak_spec(record):
+        lengths = sorted({row["length"] for row in _rows(record)})
+        return dict(spec, lengths=lengths, time_limit=float("inf")) if lengths else None
+    return common.speed_then_peak("bench.integrations", spec, device,
+                                  common.merge_peaks_by_length(_rows), peak_spec, timeout)
 
 
 def _rows(record):
     """A record's checkpoints and its last frame's row (which may repeat the last checkpoint)."""
     return record["checkpoints"] + ([record["last"]] if record["last"] else [])
-
-
-def _without_peaks(record):
-    for row in _rows(record):
-        row["peak_mem_bytes"] = None
-    return record
 
 
 def _mib(value):

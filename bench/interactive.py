@@ -13,7 +13,9 @@ is recorded: one round = the memory encoding of the annotated frame, the batched
 naive) reads and the decoders of all frames (merge=False: a merged round re-segments only the
 frames up to the neighbouring annotations, and would time less). Scribbles: the robot's
 strokes (ground truth
-against the current masks). GPU: the official-size interactive STM (random weights: timing does
+against the current masks). On a CPU each variant runs twice: timed with glibc's allocator as
+it is, then again for the peak with freed blocks unmapped (bench.common.speed_then_peak).
+GPU: the official-size interactive STM (random weights: timing does
 not depend on them) at 480p under bf16 autocast; CPU: the small interactive model at a smaller
 size. Writes bench/results/interactive_<device>_<date>.json and a PNG beside it.
 """
@@ -123,6 +125,11 @@ def run_variant(spec):
                 peak_mem_bytes=peak)
 
 
+def _merge_peak(record, memory):
+    """The peak of the second (memory) run of a CPU variant (common.speed_then_peak)."""
+    record["peak_mem_bytes"] = None if memory is None else memory["peak_mem_bytes"]
+
+
 def summary(payload):
     """Markdown table: per variant the first round and the rounds at each memory size."""
     ks = sorted({int(k) for record in payload["records"] for k in record["rounds"]})
@@ -141,7 +148,8 @@ def summary(payload):
                  else "-" for k in ks]
         rows.append(f"| {record['variant']} | {record['read_backend']} | "
                     f"{record['first_round_s']:.2f} | " + " | ".join(cells)
-                    + f" | {record['peak_mem_bytes'] / 2**20:.0f} |")
+                    + " | " + ("-" if record["peak_mem_bytes"] is None
+                               else f"{record['peak_mem_bytes'] / 2**20:.0f}") + " |")
     return "\n".join(rows)
 
 
@@ -190,7 +198,8 @@ def main(argv=None):
                    records=[])
     for variant in args.variants or defaults["variants"]:
         tick = time.perf_counter()
-        record = common.run_isolated("bench.interactive", dict(spec, variant=variant))
+        record = common.speed_then_peak("bench.interactive", dict(spec, variant=variant),
+                                        device, _merge_peak)
         payload["records"].append(record)
         print(f"{variant:8} done in {time.perf_counter() - tick:.0f} s", flush=True)
     common.finish_run("interactive", payload, plot, summary)

@@ -12,7 +12,10 @@ forwards ...) to the longest length when that folder is present, a synthetic vid
 frames are decoded and resized once, before timing. Each variant runs in a fresh process that
 segments the video with VideoSegmenter (mem_every=5: 2,000 memory frames at 10,000 frames)
 and records at each length of --lengths the fps so far and the peak memory so far; per frame,
-the wall time of the step and of its memory reads. A variant that runs out of memory stops
+the wall time of the step and of its memory reads. On a CPU each variant runs twice: timed
+with glibc's allocator as it is, then again over the lengths reached for the peaks, with freed
+blocks unmapped (bench.common.speed_then_peak; that allocator slows a run by tens of
+percent). A variant that runs out of memory stops
 there (recorded). GPU: the official-size STM (ResNet-50, random weights: timing does not
 depend on them) at 480p under bf16 autocast; CPU: the small trained model at a smaller size.
 Writes bench/results/long_video_<device>_<date>.json and a PNG beside it.
@@ -263,7 +266,7 @@ def summary(payload):
                 if record.get("read_timed", True) else ("-", "-")
             rows.append(f"| {record['variant']} | {record['read_backend']} | {c['length']} | "
                         f"{c['memory_frames']} | {c['fps']:.1f} | {c['fps_last_100']:.1f} | "
-                        f"{c['peak_mem_bytes'] / 2**20:.0f} | {c['memory_bytes'] / 2**20:.0f} | "
+                        f"{_mib(c['peak_mem_bytes'])} | {c['memory_bytes'] / 2**20:.0f} | "
                         f"{read} | {rest} |")
         if record["status"] != "ok":
             rows.append(f"| {record['variant']} | {record['read_backend']} | "
@@ -299,7 +302,7 @@ def _resolutions_summary(payload):
         for c in record["checkpoints"]:
             rows.append(f"| {width}x{height} | {record['variant']} | {network} | {c['length']} | "
                         f"{c['memory_frames']} | {c['memory_bytes_per_frame'] / 2**10:.0f} | "
-                        f"{c['fps']:.2f} | {c['peak_mem_bytes'] / 2**20:.0f} | {warmup} |")
+                        f"{c['fps']:.2f} | {_mib(c['peak_mem_bytes'])} | {warmup} |")
         if record["status"] != "ok":
             rows.append(f"| {width}x{height} | {record['variant']} | {record['status']} "
                         "| | | | | | |")
@@ -324,7 +327,8 @@ def plot(payload, path):
         lengths = [c["length"] for c in record["checkpoints"]]
         fps_axis.plot(lengths, [c["fps"] for c in record["checkpoints"]], marker="o",
                       color=colour, label=label)
-        memory_axis.plot(lengths, [c["peak_mem_bytes"] / 2**20 for c in record["checkpoints"]],
+        memory_axis.plot(lengths, [np.nan if c["peak_mem_bytes"] is None else
+                                   c["peak_mem_bytes"] / 2**20 for c in record["checkpoints"]],
                          marker="o", color=colour, label=label)
         if record["status"] != "ok":
             for axis in (fps_axis, memory_axis):
@@ -412,7 +416,10 @@ def main(argv=None):
         run_spec = dict(spec, variant=variant,
                         input_size=list(INPUT_RESOLUTIONS[resolution]) if resolution else None)
         try:
-            record = common.run_isolated("bench.long_video", run_spec, timeout=6 * 3600)
+            record = common.speed_then_peak(
+                "bench.long_video", run_spec, device,
+                common.merge_peaks_by_length(lambda record: record["checkpoints"]),
+                _peak_spec(run_spec), timeout=6 * 3600)
         except common.Interrupted as stop:
             common.keep_interrupted("long_video", payload, stop)
             raise
@@ -421,11 +428,24 @@ def main(argv=None):
         payload.setdefault("model_name", record["model_name"])
         last = record["checkpoints"][-1] if record["checkpoints"] else None
         shown = (f"{last['length']} frames {last['fps']:.1f} fps "
-                 f"{last['peak_mem_bytes'] / 2**20:.0f} MiB" if last else "")
+                 f"{_mib(last['peak_mem_bytes'])} MiB" if last else "")
         print(f"{variant:20} {resolution or '':6} {record['status']:8} {shown}", flush=True)
         common.save_progress("long_video", payload)  # a cut-off run keeps its variants
     common.finish_run("long_video", payload, plot, summary)
     return 0
+
+
+def _peak_spec(spec):
+    """The second (peak) run's spec of a CPU run (common.speed_then_peak): the lengths the
+    speed run reached, with no time limit."""
+    def peak_spec(record):
+        lengths = sorted({row["length"] for row in record["checkpoints"]})
+        return dict(spec, lengths=lengths, time_limit=None) if lengths else None
+    return peak_spec
+
+
+def _mib(value):
+    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 if __name__ == "__main__":

@@ -55,27 +55,32 @@ def make_step(spec, device):
 
 
 def measure(spec, device):
-    """Step time and peak extra memory of one spec (on CPU in a fresh process)."""
+    """Step time and peak extra memory of one spec; on a CPU from two fresh processes, the
+    time with glibc's allocator as it is, the peak with freed blocks unmapped
+    (common.speed_then_peak)."""
     if device.type == "cuda":
         step = make_step(spec, device)
         step()
         median, low, high = common.time_ms(step, device, min_runs=3, budget_s=1.0)
         peak = common.cuda_peak_extra_bytes(step, device)
         return dict(step_ms=median, step_q20_ms=low, step_q80_ms=high, peak_mem_bytes=peak)
-    return common.run_isolated("bench.training", spec)
+
+    def merge(record, memory):
+        record["peak_mem_bytes"] = None if memory is None else memory["peak_mem_bytes"]
+    return common.speed_then_peak("bench.training", dict(spec, measure="time"), device, merge,
+                                  peak_spec=lambda record: dict(spec, measure="peak"))
 
 
 def _cpu_child(spec):
-    device = torch.device("cpu")
-    step = make_step(spec, device)
-    timings = []
-
-    def timed():
-        start = time.perf_counter()
-        step()
-        timings.append((time.perf_counter() - start) * 1e3)
-    peak = common.cpu_peak_extra_bytes(timed)  # one warm-up call, then the measured one
-    return dict(step_ms=timings[-1], peak_mem_bytes=peak)
+    """measure "time": a warm-up step, then the time of one; "peak": the resident-set peak of
+    a step after a warm-up one (common.cpu_peak_extra_bytes)."""
+    step = make_step(spec, torch.device("cpu"))
+    if spec["measure"] == "peak":
+        return dict(peak_mem_bytes=common.cpu_peak_extra_bytes(step))
+    step()
+    start = time.perf_counter()
+    step()
+    return dict(step_ms=(time.perf_counter() - start) * 1e3)
 
 
 def longest_within(records, read, checkpointing, budget):
@@ -166,7 +171,9 @@ def main(argv=None):
                    feature_positions=(size[0] // 16) * (size[1] // 16),
                    peak_mem_note=("CUDA allocator peak of one step above what was allocated "
                                   "before; CPU: resident-set high-water mark of the second step "
-                                  "in a fresh process"), records=[])
+                                  "in a fresh process whose allocator unmaps freed blocks (the "
+                                  "step time from another process, under glibc's defaults)"),
+                   records=[])
     for level in args.checkpointing:
         for read in READS:
             for clip_len in args.clip_lens:
