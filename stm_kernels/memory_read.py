@@ -189,11 +189,11 @@ def _usage(call, lse):
 
 def _fused_read(q, ks, vs, scale, l2, backend, lengths):
     """(out, lse) of a "triton" or "torch" read. The custom op wherever torch's machinery has
-    to see one op (torch.compile, fake or subclass tensors, dispatch and function modes,
-    torch.func transforms); otherwise the same implementation called directly, through
-    _FusedRead when gradients flow: the custom op's eager dispatch costs 30-110 us a call (a
-    list-of-tensors schema takes torch's slow path), as long as the GPU read of ten memory
-    frames (docs/performance.md)."""
+    to see one op (torch.compile, torch.jit.trace, fake or subclass tensors, dispatch and
+    function modes, torch.func transforms); otherwise the same implementation called
+    directly, through _FusedRead when gradients flow: the custom op's eager dispatch costs
+    30-110 us a call (a list-of-tensors schema takes torch's slow path), as long as the GPU
+    read of ten memory frames (docs/performance.md)."""
     tensors = (q, *ks, *vs)
     if not _plain_eager(tensors if lengths is None else tensors + (lengths,)):
         return torch.ops.stm_kernels.memory_read(q, ks, vs, scale, l2, backend, lengths)
@@ -206,7 +206,8 @@ def _fused_read(q, ks, vs, scale, l2, backend, lengths):
 def _plain_eager(tensors):
     """Whether a call runs in plain eager mode on plain tensors: nothing (compiler, mode,
     transform, subclass, meta tensor) that must see the custom op instead of its insides."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or \
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
+            torch._C._are_functorch_transforms_active() or \
             torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return False
     return all(type(t) is torch.Tensor and not t.is_meta for t in tensors)

@@ -76,3 +76,10 @@ def test_a_dispatch_mode_sees_one_op():
     assert [name for name in recorder.names if name != "aten.view.default"] == [
         "stm_kernels.memory_read.default"]
 
+
+
+def test_a_jit_trace_records_the_custom_op():
+    q, k, v = random_inputs(1, 1, 8, 6, 5, 12, torch.float32, "cpu", seed=6)
+    traced = torch.jit.trace(lambda q, k, v: memory_read(q, k, v, backend="torch"), (q, k, v))
+    assert "stm_kernels::memory_read" in str(traced.graph)
+    torch.testing.assert_close(traced(q, k, v), memory_read(q, k, v, backend="torch"))
