@@ -243,6 +243,27 @@ def speed_then_peak(module, spec, device, merge, peak_spec=None, timeout=1800):
     return record
 
 
+def speed_then_peak_over_lengths(module, spec, device, rows, timeout=1800):
+    """speed_then_peak for a video benchmark whose record holds rows(record) at lengths: the
+    second run covers the lengths the first reached, whatever the clock says this time (no
+    time limit), and each row takes its peak (merge_peaks_by_length)."""
+    def peak_spec(record):
+        lengths = sorted({row["length"] for row in rows(record)})
+        return dict(spec, lengths=lengths, time_limit=float("inf")) if lengths else None
+    return speed_then_peak(module, spec, device, merge_peaks_by_length(rows), peak_spec,
+                           timeout)
+
+
+def merge_peak(record, memory):
+    """A speed_then_peak merge for a record with one peak_mem_bytes (None: unknown)."""
+    record["peak_mem_bytes"] = None if memory is None else memory["peak_mem_bytes"]
+
+
+def mib(value):
+    """Bytes as whole MiB for a table, or "-" where unknown (None)."""
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
 def merge_peaks_by_length(rows):
     """A speed_then_peak merge for records of rows at video lengths (rows(record): its rows,
     each with "length" and "peak_mem_bytes"): each row takes the second run's peak at its

@@ -194,20 +194,13 @@ def _measured(spec, device, timeout):
     """One model x read's record: its speed and, on a CPU, its peaks from a second run over
     the frames the first reached, whatever the clock says this time (common.speed_then_peak);
     each row's peak_mem_bytes is the second run's at its length."""
-    def peak_spec(record):
-        lengths = sorted({row["length"] for row in _rows(record)})
-        return dict(spec, lengths=lengths, time_limit=float("inf")) if lengths else None
-    return common.speed_then_peak("bench.integrations", spec, device,
-                                  common.merge_peaks_by_length(_rows), peak_spec, timeout)
+    return common.speed_then_peak_over_lengths("bench.integrations", spec, device, _rows,
+                                               timeout)
 
 
 def _rows(record):
     """A record's checkpoints and its last frame's row (which may repeat the last checkpoint)."""
     return record["checkpoints"] + ([record["last"]] if record["last"] else [])
-
-
-def _mib(value):
-    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 def summary(payload):
@@ -226,7 +219,7 @@ def summary(payload):
         for row in rows:
             lines.append(f"| {record['model']} | {record['read']} | {row['length']} | "
                          f"{row['memory_frames']} | {row['fps']:.2f} | "
-                         f"{row['fps_last_100']:.2f} | {_mib(row['peak_mem_bytes'])} | "
+                         f"{row['fps_last_100']:.2f} | {common.mib(row['peak_mem_bytes'])} | "
                          f"{record['status']} |")
     return "\n".join(lines)
 
@@ -299,7 +292,7 @@ def main(argv=None):
             last = record["last"]
             print(f"{model:6} {read:9} {record['status']:30} "
                   + (f"{last['length']} frames {last['fps']:.2f} fps "
-                     f"{_mib(last['peak_mem_bytes'])} MiB" if last else ""), flush=True)
+                     f"{common.mib(last['peak_mem_bytes'])} MiB" if last else ""), flush=True)
             common.save_progress("integrations", payload)
     common.finish_run("integrations", payload, plot, summary)
     return 0

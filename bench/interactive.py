@@ -125,11 +125,6 @@ def run_variant(spec):
                 peak_mem_bytes=peak)
 
 
-def _merge_peak(record, memory):
-    """The peak of the second (memory) run of a CPU variant (common.speed_then_peak)."""
-    record["peak_mem_bytes"] = None if memory is None else memory["peak_mem_bytes"]
-
-
 def summary(payload):
     """Markdown table: per variant the first round and the rounds at each memory size."""
     ks = sorted({int(k) for record in payload["records"] for k in record["rounds"]})
@@ -148,8 +143,7 @@ def summary(payload):
                  else "-" for k in ks]
         rows.append(f"| {record['variant']} | {record['read_backend']} | "
                     f"{record['first_round_s']:.2f} | " + " | ".join(cells)
-                    + " | " + ("-" if record["peak_mem_bytes"] is None
-                               else f"{record['peak_mem_bytes'] / 2**20:.0f}") + " |")
+                    + f" | {common.mib(record['peak_mem_bytes'])} |")
     return "\n".join(rows)
 
 
@@ -199,7 +193,7 @@ def main(argv=None):
     for variant in args.variants or defaults["variants"]:
         tick = time.perf_counter()
         record = common.speed_then_peak("bench.interactive", dict(spec, variant=variant),
-                                        device, _merge_peak)
+                                        device, common.merge_peak)
         payload["records"].append(record)
         print(f"{variant:8} done in {time.perf_counter() - tick:.0f} s", flush=True)
     common.finish_run("interactive", payload, plot, summary)

@@ -266,7 +266,7 @@ def summary(payload):
                 if record.get("read_timed", True) else ("-", "-")
             rows.append(f"| {record['variant']} | {record['read_backend']} | {c['length']} | "
                         f"{c['memory_frames']} | {c['fps']:.1f} | {c['fps_last_100']:.1f} | "
-                        f"{_mib(c['peak_mem_bytes'])} | {c['memory_bytes'] / 2**20:.0f} | "
+                        f"{common.mib(c['peak_mem_bytes'])} | {c['memory_bytes'] / 2**20:.0f} | "
                         f"{read} | {rest} |")
         if record["status"] != "ok":
             rows.append(f"| {record['variant']} | {record['read_backend']} | "
@@ -302,7 +302,7 @@ def _resolutions_summary(payload):
         for c in record["checkpoints"]:
             rows.append(f"| {width}x{height} | {record['variant']} | {network} | {c['length']} | "
                         f"{c['memory_frames']} | {c['memory_bytes_per_frame'] / 2**10:.0f} | "
-                        f"{c['fps']:.2f} | {_mib(c['peak_mem_bytes'])} | {warmup} |")
+                        f"{c['fps']:.2f} | {common.mib(c['peak_mem_bytes'])} | {warmup} |")
         if record["status"] != "ok":
             rows.append(f"| {width}x{height} | {record['variant']} | {record['status']} "
                         "| | | | | | |")
@@ -416,10 +416,9 @@ def main(argv=None):
         run_spec = dict(spec, variant=variant,
                         input_size=list(INPUT_RESOLUTIONS[resolution]) if resolution else None)
         try:
-            record = common.speed_then_peak(
-                "bench.long_video", run_spec, device,
-                common.merge_peaks_by_length(lambda record: record["checkpoints"]),
-                _peak_spec(run_spec), timeout=6 * 3600)
+            record = common.speed_then_peak_over_lengths(
+                "bench.long_video", run_spec, device, lambda record: record["checkpoints"],
+                timeout=6 * 3600)
         except common.Interrupted as stop:
             common.keep_interrupted("long_video", payload, stop)
             raise
@@ -428,24 +427,11 @@ def main(argv=None):
         payload.setdefault("model_name", record["model_name"])
         last = record["checkpoints"][-1] if record["checkpoints"] else None
         shown = (f"{last['length']} frames {last['fps']:.1f} fps "
-                 f"{_mib(last['peak_mem_bytes'])} MiB" if last else "")
+                 f"{common.mib(last['peak_mem_bytes'])} MiB" if last else "")
         print(f"{variant:20} {resolution or '':6} {record['status']:8} {shown}", flush=True)
         common.save_progress("long_video", payload)  # a cut-off run keeps its variants
     common.finish_run("long_video", payload, plot, summary)
     return 0
-
-
-def _peak_spec(spec):
-    """The second (peak) run's spec of a CPU run (common.speed_then_peak): the lengths the
-    speed run reached, with no time limit."""
-    def peak_spec(record):
-        lengths = sorted({row["length"] for row in record["checkpoints"]})
-        return dict(spec, lengths=lengths, time_limit=None) if lengths else None
-    return peak_spec
-
-
-def _mib(value):
-    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 if __name__ == "__main__":

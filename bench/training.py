@@ -64,10 +64,8 @@ def measure(spec, device):
         median, low, high = common.time_ms(step, device, min_runs=3, budget_s=1.0)
         peak = common.cuda_peak_extra_bytes(step, device)
         return dict(step_ms=median, step_q20_ms=low, step_q80_ms=high, peak_mem_bytes=peak)
-
-    def merge(record, memory):
-        record["peak_mem_bytes"] = None if memory is None else memory["peak_mem_bytes"]
-    return common.speed_then_peak("bench.training", dict(spec, measure="time"), device, merge,
+    return common.speed_then_peak("bench.training", dict(spec, measure="time"), device,
+                                  common.merge_peak,
                                   peak_spec=lambda record: dict(spec, measure="peak"))
 
 

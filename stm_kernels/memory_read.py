@@ -199,8 +199,27 @@ def _fused_read(q, ks, vs, scale, l2, backend, lengths):
         return torch.ops.stm_kernels.memory_read(q, ks, vs, scale, l2, backend, lengths)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FusedRead.apply(scale, l2, backend, lengths, len(ks), q, *ks, *vs)
+    return _forward(q, ks, vs, scale, l2, backend, lengths)
+
+
+def _forward(q, ks, vs, scale, l2, backend, lengths):
+    """The backend's (out, lse) over the memory chunks, concatenated only here (transiently):
+    the custom op's implementation and the eager route's."""
     return backends.implementation(backend).forward(q, concatenated(ks), concatenated(vs), scale,
                                                     l2, lengths)
+
+
+def _backward(grad_out, grad_lse, q, ks, vs, out, lse, scale, l2, backend, lengths):
+    """The backend's (dq, dk, dv), dk and dv over the concatenated memory: the eager route's
+    backward, and the backward custom op's before it makes them contiguous."""
+    return backends.implementation(backend).backward(
+        grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse, scale, l2, lengths)
+
+
+def _chunk_gradients(dq, dk, dv, ks):
+    """(dq, [dk per memory chunk], [dv per memory chunk]) of gradients over the whole memory."""
+    sizes = [k.shape[2] for k in ks]
+    return dq, list(dk.split(sizes, dim=2)), list(dv.split(sizes, dim=2))
 
 
 def _plain_eager(tensors):
@@ -220,31 +239,22 @@ class _FusedRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scale, l2, backend, lengths, chunks, q, *memory):
-        ks, vs = memory[:chunks], memory[chunks:]
-        out, lse = backends.implementation(backend).forward(
-            q, concatenated(ks), concatenated(vs), scale, l2, lengths)
+        ks, vs = list(memory[:chunks]), list(memory[chunks:])
+        out, lse = _forward(q, ks, vs, scale, l2, backend, lengths)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        ctx.save_for_backward(q, out, lse, lengths, *memory)
-        ctx.chunks, ctx.options = chunks, (scale, l2, backend)
+        _setup_context(ctx, (q, ks, vs, scale, l2, backend, lengths), (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, out, lse, lengths, *memory = ctx.saved_tensors
-        ks, vs = memory[:ctx.chunks], memory[ctx.chunks:]
-        if grad_out is None and grad_lse is None:
-            return (None,) * (5 + len(memory) + 1)
-        if grad_out is None:  # only lse was used
-            grad_out = torch.zeros_like(out)
-        if torch.is_grad_enabled():
-            dq, dk, dv = torch.ops.stm_kernels.memory_read_backward(
-                grad_out, grad_lse, q, list(ks), list(vs), out, lse, *ctx.options, lengths)
-        else:
-            dq, dk, dv = backends.implementation(ctx.options[2]).backward(
-                grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse,
-                *ctx.options[:2], lengths)
-        sizes = [k.shape[2] for k in ks]
-        return (None,) * 5 + (dq, *dk.split(sizes, dim=2), *dv.split(sizes, dim=2))
+        if grad_out is None and grad_lse is None:  # one None per input of forward
+            memory_chunks = len(ctx.saved_tensors) - 4  # saved after q, out, lse, lengths
+            return (None,) * (6 + memory_chunks)
+        # under create_graph=True the backward custom op, whose autograd refuses a second one
+        backward = torch.ops.stm_kernels.memory_read_backward if torch.is_grad_enabled() \
+            else _backward
+        dq, dk, dv = _saved_gradients(ctx, grad_out, grad_lse, backward)
+        return (None,) * 5 + (dq, *dk, *dv)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -257,8 +267,7 @@ class _FusedRead(torch.autograd.Function):
 def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
                     scale: float, l2: bool, backend: str,
                     lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return backends.implementation(backend).forward(q, concatenated(ks), concatenated(vs), scale,
-                                                    l2, lengths)
+    return _forward(q, ks, vs, scale, l2, backend, lengths)
 
 
 @_memory_read_op.register_fake
@@ -275,8 +284,7 @@ def _memory_read_backward_op(
         scale: float, l2: bool, backend: str,
         lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with dk, dv over the concatenated memory (split per chunk by autograd)."""
-    dq, dk, dv = backends.implementation(backend).backward(
-        grad_out, grad_lse, q, concatenated(ks), concatenated(vs), out, lse, scale, l2, lengths)
+    dq, dk, dv = _backward(grad_out, grad_lse, q, ks, vs, out, lse, scale, l2, backend, lengths)
     # contiguous, as the fake below promises (torch.compile asserts the strides): the Triton
     # backward may return dq as a view of a buffer padded to its query block
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -297,18 +305,23 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (scale, l2, backend)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _saved_gradients(ctx, grad_out, grad_lse, backward):
+    """(dq, [dk per chunk], [dv per chunk]) by backward(...) (the backward custom op, or
+    _backward) from what _setup_context saved."""
     q, out, lse, lengths, *memory = ctx.saved_tensors
     ks, vs = memory[:ctx.chunks], memory[ctx.chunks:]
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.stm_kernels.memory_read_backward(
-        grad_out, grad_lse, q, ks, vs, out, lse, *ctx.options, lengths)
-    sizes = [k.shape[2] for k in ks]
-    return dq, list(dk.split(sizes, dim=2)), list(dv.split(sizes, dim=2)), None, None, None, None
+    return _chunk_gradients(*backward(grad_out, grad_lse, q, ks, vs, out, lse, *ctx.options,
+                                      lengths), ks)
 
 
-_memory_read_op.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, grad_out, grad_lse):
+    return _saved_gradients(ctx, grad_out, grad_lse,
+                            torch.ops.stm_kernels.memory_read_backward) + (None,) * 4
+
+
+_memory_read_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 DOUBLE_BACKWARD_UNSUPPORTED = (
     "double backward (higher-order gradients) of stm_kernels.memory_read is not supported by "

@@ -158,9 +158,12 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
             row("launcher, no launch", forward)
             profile("launcher, no launch", forward)
         return rows
+    def op():
+        return memory_read(q, k, v, backend="triton")
+
     out, lse = forward()
     with torch.no_grad():
-        row("op", lambda: memory_read(q, k, v, backend="triton"))
+        row("op", op)
         row("custom op", lambda: torch.ops.stm_kernels.memory_read(q, [k], [v], scale, False,
                                                                     "triton", None))
         launcher_rows("", forward)
@@ -182,7 +185,7 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
 
     launcher_rows("backward ", backward)
     with torch.no_grad():
-        profile("op", lambda: memory_read(q, k, v, backend="triton"))
+        profile("op", op)
     profile("forward + backward", forward_backward)
     profile("backward launcher", backward)
     return rows
