@@ -7,7 +7,8 @@
 Each holds `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->` blocks; each is replaced by the
 table of the newest bench/results/NAME_<device>_<date>.json per device, with the device,
 library versions, commit and date of the run that produced it. Nothing in those blocks is
-typed by hand.
+typed by hand. `<!-- bench:NAME field=value -->` keeps only the results whose field has that
+value (the README's tables show the default model; docs/performance.md every model).
 
 It also draws the README's GPU plot, docs/images/gpu_read.png (bench.kernel.read_plot: time
 against memory frames for the fused read, its best peer and the naive read), from the newest
@@ -66,7 +67,8 @@ def benchmark_of(payload):
     return ALIASES.get(name, name)
 
 
-_BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n).*?(<!-- /bench:\2 -->)", re.DOTALL)
+_BLOCK = re.compile(r"(<!-- bench:(\w+)((?: [\w-]+=[^\s>]+)*) -->\n).*?(<!-- /bench:\2 -->)",
+                    re.DOTALL)
 
 
 def result_key(payload):
@@ -80,7 +82,8 @@ def result_key(payload):
     replace a tuning; the CPU's flags, as an AVX2 run says nothing of an AVX-512 one; the
     shape of a run at one shape (the profiles at N = 16,200 and 162,000); cut off, as a run
     stopped by its time limit does not replace a whole one; the memory sizes its records
-    cover, as a quick check at one N does not replace a sweep)."""
+    cover, as a quick check at one N does not replace a sweep; the checkpoint of a model's
+    benchmark, as the interactive model's scores do not replace the default model's)."""
     if payload.get("selftest"):  # the self-test's report: device "cuda", the GPU in "name"
         gpu = payload.get("name") if payload.get("device") != "cpu" else None
     else:
@@ -94,7 +97,7 @@ def result_key(payload):
         if isinstance(records, list) else ()
     scope = (str(payload.get("dtype")), payload.get("HW"), tuple(payload.get("only") or ()),
              payload.get("sanitizer"), tuple(sorted((k, str(v)) for k, v in shape.items())),
-             payload.get("complete") is False, memory_sizes)
+             payload.get("complete") is False, memory_sizes, payload.get("checkpoint"))
     cpu = tuple(payload.get("cpu_flags") or ())
     return (payload.get("device_type"), tuple(payload.get("size") or ()),
             max(payload.get("lengths") or [0]), bool(payload.get("busy")), gpu, sweeps, scope,
@@ -128,11 +131,14 @@ def superseded(directory=RESULTS):
     return sorted(old + plots)
 
 
-def render(name, directory=RESULTS):
-    """The markdown of one `bench:` block: the newest results of benchmark `name` per device."""
-    results = newest_results(name, directory)
+def render(name, directory=RESULTS, only=None):
+    """The markdown of one `bench:` block: the newest results of benchmark `name` per device
+    (only: {field: value} the results must match, as strings)."""
+    results = {key: payload for key, payload in newest_results(name, directory).items()
+               if all(str(payload.get(field)) == value for field, value in (only or {}).items())}
     if not results:
-        return f"_No `{name}` results committed yet._\n"
+        wanted = "".join(f" with {field} {value}" for field, value in (only or {}).items())
+        return f"_No `{name}` results{wanted} committed yet._\n"
     parts = []
     for key in sorted(results, key=lambda k: (k[0] != "cuda", k[1], k[2])):
         payload = results[key]
@@ -147,8 +153,12 @@ def render(name, directory=RESULTS):
 
 
 def rewrite(text, directory=RESULTS):
-    """text with every `<!-- bench:NAME -->` block replaced by render(NAME)."""
-    return _BLOCK.sub(lambda m: m.group(1) + render(m.group(2), directory) + m.group(3), text)
+    """text with every `<!-- bench:NAME [field=value ...] -->` block replaced by
+    render(NAME, only={field: value})."""
+    def block(match):
+        only = dict(pair.split("=", 1) for pair in match.group(3).split())
+        return match.group(1) + render(match.group(2), directory, only) + match.group(4)
+    return _BLOCK.sub(block, text)
 
 
 def kernel_runs(directory=RESULTS):

@@ -145,3 +145,25 @@ def test_a_run_at_fewer_memory_sizes_does_not_replace_a_whole_sweep(tmp_path):
     write("20260103T000000", [16200, 64800, 162000])
     assert [path.name for path in report.superseded(tmp_path)] == [
         "cpu_read_cpu_20260101T000000.json"]
+
+
+def test_each_checkpoint_keeps_its_result_and_a_block_can_pick_one(tmp_path):
+    """The interactive model's multi-object scores do not replace the default model's; the
+    README's block shows the default model's only (`checkpoint=small-real`)."""
+    path = sorted(report.RESULTS.glob("multi_object_cpu_*.json"))[0]
+    default = json.loads(path.read_text())
+    base = dict(default, checkpoint="small-real", date="2026-01-01T00:00:00+00:00")
+    (tmp_path / "multi_object_cpu_20260101T000000.json").write_text(json.dumps(base))
+    other = dict(base, checkpoint="small-real-interactive", date="2026-02-01T00:00:00+00:00")
+    (tmp_path / "multi_object_cpu_20260201T000000.json").write_text(json.dumps(other))
+    assert len(report.newest_results("multi_object", tmp_path)) == 2
+    assert report.superseded(tmp_path) == []
+    every = report.rewrite("<!-- bench:multi_object -->\n<!-- /bench:multi_object -->", tmp_path)
+    assert "`small-real` at" in every and "`small-real-interactive` at" in every
+    picked = report.rewrite("<!-- bench:multi_object checkpoint=small-real -->\nstale\n"
+                            "<!-- /bench:multi_object -->", tmp_path)
+    assert "`small-real` at" in picked and "interactive" not in picked and "stale" not in picked
+    assert picked.startswith("<!-- bench:multi_object checkpoint=small-real -->\n")
+    none = report.rewrite("<!-- bench:multi_object checkpoint=official -->\n"
+                          "<!-- /bench:multi_object -->", tmp_path)
+    assert "_No `multi_object` results with checkpoint official committed yet._" in none
