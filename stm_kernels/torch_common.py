@@ -19,6 +19,32 @@ def chunk_length(B, HW, N):
     return max(1, min(N, CHUNK_ELEMENTS // max(B * HW, 1)))
 
 
+# The read's softmax weights are powers of two: scores scaled by LOG2E and exp2, which torch's
+# CPU runs several times faster than exp, whose slow path (below -87 in float32: denormal or
+# zero results) a trained model's peaked scores take for most weights (docs/op.md).
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# The smallest exponent of 2 whose power is a normal number: arguments below it are raised to
+# it (denormal and zero results take a slower path of exp2 as well).
+EXP2_FLOOR = {torch.float32: -126.0, torch.float64: -1022.0}
+
+
+def floored_for_exp2_(shifted):
+    """shifted (base-2 scores minus an offset of their row) raised to EXP2_FLOOR in place on a
+    CPU: a weight of 2^EXP2_FLOOR instead of a smaller one moves a row's sum (at least 1 or its
+    offset's share) by at most N 2^EXP2_FLOOR of it. Other devices and dtypes as they are."""
+    floor = EXP2_FLOOR.get(shifted.dtype)
+    if floor is not None and shifted.device.type == "cpu":
+        shifted.clamp_(min=floor)
+    return shifted
+
+
+def exp2_shifted_(shifted):
+    """2^shifted in place (floored_for_exp2_ first): the weights of base-2 scores minus an
+    offset of their row."""
+    return floored_for_exp2_(shifted).exp2_()
+
+
 def chunk_scores(q_rows, k_chunk, scale, l2):
     """Scaled scores (B, HW, n) for q_rows (Bq, HW, Ck) already multiplied by scale and a
     memory chunk k_chunk (B, Ck, n); l2: the L2 similarity (2 q·k - |k|², scaled)."""

@@ -11,7 +11,8 @@ import torch
 from .. import torch_common
 from .._buffers import new_buffer
 from . import cpu_features
-from ..torch_common import accumulation_dtype, chunk_length, chunk_scores, without_autocast
+from ..torch_common import (LN2, LOG2E, accumulation_dtype, chunk_length, chunk_scores,
+                            exp2_shifted_, floored_for_exp2_, without_autocast)
 
 
 def _per_object(q, lengths):
@@ -20,14 +21,22 @@ def _per_object(q, lengths):
         yield b, q[b:b + 1] if q.shape[0] > 1 else q, length
 
 
-def _segments(lengths, HW):
+# Memory elements (objects x (Ck + Cv) x chunk) one batched chunk may copy (float32 copies of
+# a 16-bit memory, contiguous key slices): 4 MB in float32, so that a short query's chunk,
+# long by the score bound alone, does not copy a whole 16-bit memory at once.
+COPY_ELEMENTS = 1 << 20
+
+
+def _segments(lengths, HW, channels):
     """(start, stop, objects) chunks of a ragged memory: cut where an object's memory ends (the
     objects reading a chunk are then valid over all of it), at most a chunk's worth of scores
-    each. objects: the indices of the objects whose memory covers the chunk."""
+    and COPY_ELEMENTS of its `channels` (Ck + Cv) each. objects: the indices of the objects
+    whose memory covers the chunk."""
     bounds = sorted(set(lengths) | {0})
     for low, high in itertools.pairwise(bounds):
         objects = [b for b, length in enumerate(lengths) if length >= high]
-        step = chunk_length(len(objects), HW, high - low)
+        step = min(chunk_length(len(objects), HW, high - low),
+                   max(1, COPY_ELEMENTS // (len(objects) * channels)))
         for start in range(low, high, step):
             yield start, min(start + step, high), objects
 
@@ -45,10 +54,10 @@ def forward(q, k, v, scale, l2, lengths=None):
 
     lengths: optional (B,) valid memory positions per object: the work is proportional to the
     sum of the lengths and no position past an object's length is ever read. A large read on a
-    CPU runs as row blocks on worker threads (_forward_row_blocks); elsewhere (a small read, or
-    the fallback on a GPU) the memory is cut where an object's memory ends, and each chunk is
-    one batched product over the objects whose memory covers it (consecutive objects through
-    views, other subsets gathered).
+    CPU runs as row blocks on worker threads (_forward_row_blocks); elsewhere (a small read, a
+    short query, or the fallback on a GPU) the memory is cut where an object's memory ends, and
+    each chunk is one batched product over the objects whose memory covers it (consecutive
+    objects through views, other subsets gathered).
     """
     if _row_blocks_pay(q, k, v, lengths):
         return _forward_row_blocks(q, k, v, scale, l2, lengths)
@@ -58,18 +67,32 @@ def forward(q, k, v, scale, l2, lengths=None):
 # Below this many multiply-adds (B·HW·N·(Ck + Cv)) a CPU read runs batched: the worker threads'
 # hand-offs cost more than they save, and under it a busy core costs little in absolute time.
 ROW_BLOCKS_MIN_WORK = 2 ** 27
+# Below this many query rows per block a CPU read runs batched: a single-threaded product of so
+# few rows runs far under the rate of torch's threaded one over all of them (a 112-position
+# query on two threads: 56-row blocks).
+ROW_BLOCKS_MIN_ROWS = 64
 
 
 def _row_blocks_pay(q, k, v, lengths):
     """Whether forward runs as row blocks: on a CPU, with no gradient flowing through the ops
     (autograd cannot follow the worker threads' in-place updates), not inside torch.compile,
-    and only for a read large enough to outweigh the threads' hand-offs."""
+    and only for a read large enough to outweigh the threads' hand-offs, in blocks of at least
+    ROW_BLOCKS_MIN_ROWS query rows."""
     if k.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
+    if _block_rows(q.shape[2], torch.get_num_threads()) < ROW_BLOCKS_MIN_ROWS:
+        return False
     positions = k.shape[2] * k.shape[0] if lengths is None else int(lengths.sum())
     return positions * q.shape[2] * (k.shape[1] + v.shape[1]) >= ROW_BLOCKS_MIN_WORK
+
+
+def _block_rows(HW, workers):
+    """Query rows per row block: blocks of at most ROW_BLOCK rows, as many per object as a
+    multiple of the workers."""
+    per_worker = -(-HW // (workers * ROW_BLOCK))
+    return -(-HW // (workers * per_worker))
 
 
 def _forward_batched(q, k, v, scale, l2, lengths):
@@ -78,36 +101,39 @@ def _forward_batched(q, k, v, scale, l2, lengths):
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = accumulation_dtype(v.dtype)
     ends = [N] * B if lengths is None else lengths.tolist()
+    scale2 = scale * LOG2E  # base-2 scores (_online_step)
     # contiguous rows: a transposed left operand sends torch.matmul down a path 4x slower
-    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
+    q_rows = (q.to(acc_dtype) * scale2).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
     acc = torch.zeros((B, HW, Cv), dtype=acc_dtype, device=k.device)
     row_sum = torch.zeros((B, HW, 1), dtype=acc_dtype, device=k.device)
     row_max = torch.full((B, HW, 1), float("-inf"), dtype=acc_dtype, device=k.device)
-    for start, stop, objects in _segments(ends, HW):
+    for start, stop, objects in _segments(ends, HW, k.shape[1] + Cv):
         rows = _rows(objects)
         if isinstance(rows, torch.Tensor):
             rows = rows.to(k.device)
         # contiguous: a strided chunk of a long memory makes the product ~1.5x slower on CPU
         k_chunk = k[rows, :, start:stop].to(acc_dtype).contiguous()
         v_rows = v[rows, :, start:stop].to(acc_dtype).transpose(1, 2)  # (n_objects, n, Cv)
-        scores = chunk_scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale, l2)
+        scores = chunk_scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale2,
+                              l2)
         stats = _online_step(scores, v_rows, row_max[rows], row_sum[rows], acc[rows])
         if isinstance(rows, slice):  # views: the sums were updated in place
             row_max[rows] = stats[0]
         else:
             row_max[rows], row_sum[rows], acc[rows] = stats
     out = acc.div_(row_sum).transpose(1, 2).to(v.dtype).contiguous()
-    return out, (row_max + torch.log(row_sum)).squeeze(2)
+    return out, (row_max * LN2 + torch.log(row_sum)).squeeze(2)
 
 
 def _online_step(scores, values, row_max, row_sum, acc):
-    """One chunk of an online softmax: scores (..., rows, n) and values (..., n, Cv) folded into
-    the running row_max, row_sum (..., rows, 1) and acc (..., rows, Cv), which are rescaled
-    where the maximum grows. Returns (row_max, row_sum, acc): the new maximum, and the sums
-    updated in place (scores too is overwritten)."""
+    """One chunk of an online softmax: base-2 scores (..., rows, n) (scaled by LOG2E; the
+    weights are powers of two) and values (..., n, Cv) folded into the running row_max, row_sum
+    (..., rows, 1) and acc (..., rows, Cv), which are rescaled where the maximum grows. Returns
+    (row_max, row_sum, acc): the new maximum, and the sums updated in place (scores too is
+    overwritten)."""
     new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
-    probabilities = scores.sub_(new_max).exp_()
-    alpha = torch.exp(row_max - new_max)  # not in place: autograd may hold row_max
+    probabilities = exp2_shifted_(scores.sub_(new_max))
+    alpha = torch.exp2(row_max - new_max)  # not in place: autograd may hold row_max
     row_sum.mul_(alpha).add_(probabilities.sum(-1, keepdim=True))
     acc.mul_(alpha)
     if acc.dim() == 2:
@@ -154,19 +180,18 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     bf16 = v.dtype == torch.bfloat16 and cpu_features.bf16_dot_products()
     keys = _augmented_keys(k, l2) if bf16 else None
     ends = [N] * B if lengths is None else lengths.tolist()
-    q_rows = (q.to(acc_dtype) * scale).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
+    scale2 = scale * LOG2E  # base-2 scores (_fixed_offset_softmax)
+    q_rows = (q.to(acc_dtype) * scale2).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
     k_norms = None
     if l2:  # |k|² scaled, once per call (not once per row block)
         k_norms = torch.empty((B, N), dtype=acc_dtype)
         for start in range(0, N, CPU_CHUNK):
             chunk = k[:, :, start:start + CPU_CHUNK].to(acc_dtype)
-            k_norms[:, start:start + CPU_CHUNK] = chunk.square().sum(1).mul_(scale)
+            k_norms[:, start:start + CPU_CHUNK] = chunk.square().sum(1).mul_(scale2)
     out = torch.empty((B, HW, Cv), dtype=acc_dtype)
     lse = torch.empty((B, HW), dtype=acc_dtype)
     workers = torch.get_num_threads()
-    # blocks of at most ROW_BLOCK rows, as many per object as a multiple of the workers
-    per_worker = -(-HW // (workers * ROW_BLOCK))
-    rows = -(-HW // (workers * per_worker))
+    rows = _block_rows(HW, workers)
 
     def chunks(b, query):
         """(scores (rows, n), values (n, Cv)) of object b's memory, CPU_CHUNK positions each."""
@@ -208,12 +233,13 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
 
 
 def _fixed_offset_softmax(chunks, rows, Cv, dtype):
-    """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) of a softmax over the (scores
-    (rows, n), values (n, Cv)) chunks with one offset per row, the first chunk's maximum:
-    exp(scores - offset) summed and multiplied by the values, with no maximum to take and
-    nothing to rescale in the later chunks (two of the online softmax's five passes over each
-    chunk's scores). A later score that exceeds the offset by more than the accumulation
-    dtype's exp can hold (89 in float32) overflows: the result is then not finite, and the
+    """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) of a softmax over the (base-2
+    scores (rows, n), values (n, Cv)) chunks with one offset per row, the first chunk's
+    maximum: 2^(scores - offset) summed and multiplied by the values, with no maximum to take
+    and nothing to rescale in the later chunks (two of the online softmax's five passes over
+    each chunk's scores); the offset is returned in natural units (times LN2), as the lse
+    takes it. A later score that exceeds the offset by more than the accumulation dtype's
+    exponent can hold (128 in float32) overflows: the result is then not finite, and the
     caller reads the rows again with _online_softmax."""
     acc = torch.zeros((rows, Cv), dtype=dtype)
     row_sum = torch.zeros((rows, 1), dtype=dtype)
@@ -221,10 +247,10 @@ def _fixed_offset_softmax(chunks, rows, Cv, dtype):
     for scores, values in chunks:
         if offset is None:
             offset = scores.amax(1, keepdim=True)
-        probabilities = scores.sub_(offset).exp_()
+        probabilities = exp2_shifted_(scores.sub_(offset))
         row_sum.add_(probabilities.sum(1, keepdim=True))
         acc.addmm_(probabilities, values)
-    return acc, row_sum, offset
+    return acc, row_sum, offset * LN2
 
 
 def _augmented_keys(k, l2):
@@ -319,7 +345,7 @@ def _online_softmax(chunks, rows, Cv, dtype):
     row_sum = torch.zeros((rows, 1), dtype=dtype)
     for scores, values in chunks:
         row_max, row_sum, acc = _online_step(scores, values, row_max, row_sum, acc)
-    return acc, row_sum, row_max
+    return acc, row_sum, row_max * LN2
 
 
 @without_autocast
@@ -346,8 +372,9 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     if grad_lse is not None:
         delta = delta - grad_lse.to(acc_dtype)
     q_cols = q.to(acc_dtype)  # (Bq, Ck, HW)
-    q_rows = (q_cols.transpose(1, 2) * scale).contiguous()
-    lse = lse.to(acc_dtype).unsqueeze(2)
+    scale2 = scale * LOG2E  # base-2 scores and lse: the weights are powers of two
+    q_rows = (q_cols.transpose(1, 2) * scale2).contiguous()
+    lse = lse.to(acc_dtype).unsqueeze(2) * LOG2E
     delta = delta.unsqueeze(2)
     dq_rows = torch.zeros((B, HW, Ck), dtype=acc_dtype, device=k.device)
     dk = new_buffer((B, Ck, N), k.dtype, k.device)
@@ -358,7 +385,8 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
         stop = min(start + chunk, N)
         k_chunk = k[:, :, start:stop].to(acc_dtype).contiguous()
         v_chunk = v[:, :, start:stop].to(acc_dtype)
-        probabilities = chunk_scores(q_rows, k_chunk, scale, l2).sub_(lse).exp_()  # (B, HW, n)
+        # (B, HW, n)
+        probabilities = exp2_shifted_(chunk_scores(q_rows, k_chunk, scale2, l2).sub_(lse))
         dv[:, :, start:stop] = torch.bmm(d_out, probabilities)
         d_scores = torch.bmm(d_out_rows, v_chunk).sub_(delta).mul_(probabilities)
         dk_chunk = torch.matmul(q_cols, d_scores).mul_(q_grad_scale)  # (B, Ck, n)
@@ -456,18 +484,19 @@ def padded(values, indices, top_k):
 @without_autocast
 def usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 usage of the memory positions, one memory chunk at a time. The shifted
-    scores s_ij - lse_i come out of one product over augmented channels (q' = [scale q, -lse],
-    k' = [k, 1]; for L2 q' = [2 scale q, -scale, -lse], k' = [k, |k|^2, 1]), so each chunk
-    costs one product, one exp and a sum over the queries."""
+    scores s_ij - lse_i, in base 2, come out of one product over augmented channels (q' =
+    log2(e) [scale q, -lse], k' = [k, 1]; for L2 q' = log2(e) [2 scale q, -scale, -lse], k' =
+    [k, |k|^2, 1]), so each chunk costs one product, one exp2 and a sum over the queries."""
     B, Ck, N = k.shape
     HW = q.shape[2]
     acc_dtype = accumulation_dtype(k.dtype)
     lse = lse.to(acc_dtype)
     q_rows = q.to(acc_dtype).transpose(1, 2).expand(B, -1, -1)  # (B, HW, Ck)
-    columns = [q_rows * (2 * scale if l2 else scale)]
+    scale2 = scale * LOG2E
+    columns = [q_rows * (2 * scale2 if l2 else scale2)]
     if l2:
-        columns.append(q_rows.new_full((B, HW, 1), -scale))
-    q_aug = torch.cat(columns + [-lse.unsqueeze(2)], 2)  # (B, HW, Ck + 1 or 2)
+        columns.append(q_rows.new_full((B, HW, 1), -scale2))
+    q_aug = torch.cat(columns + [-LOG2E * lse.unsqueeze(2)], 2)  # (B, HW, Ck + 1 or 2)
     usage = torch.zeros((B, N), dtype=torch.float32, device=k.device)
     ones = q_aug.new_ones((B, 1, HW))
     chunk = chunk_length(B, HW, N)
@@ -476,10 +505,10 @@ def usage(q, k, lse, scale, l2, lengths=None):
         n = k_chunk.shape[2]
         rows = [k_chunk] + ([k_chunk.square().sum(1, keepdim=True)] if l2 else [])
         k_aug = torch.cat(rows + [k_chunk.new_ones((B, 1, n))], 1)
-        shifted = torch.bmm(q_aug, k_aug)  # (B, HW, n): s_ij - lse_i
+        shifted = floored_for_exp2_(torch.bmm(q_aug, k_aug))  # (B, HW, n): log2(e) (s - lse)
         if lengths is not None and int(lengths.min()) < start + n:
             positions = torch.arange(start, start + n, device=k.device)
             shifted.masked_fill_((positions >= lengths[:, None])[:, None, :], float("-inf"))
         # a product with ones sums over the queries faster than .sum(1) on CPU
-        usage[:, start:start + n] = torch.bmm(ones, shifted.exp_()).squeeze(1)
+        usage[:, start:start + n] = torch.bmm(ones, shifted.exp2_()).squeeze(1)
     return usage

@@ -18,6 +18,7 @@ def _small_tasks(monkeypatch):
     """Blocks of at most 8 rows stepping over 16 positions, and row blocks for every read
     however small: many tasks on small inputs."""
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
     monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
     monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
     with poison_outputs():
@@ -208,3 +209,36 @@ def test_cpu_features_name_the_processor_and_its_flags(monkeypatch):
     monkeypatch.delenv("STM_KERNELS_CPU_BF16")
     assert cpu_features.bf16_dot_products() == bool(
         set(info["flags"]) & set(cpu_features.BF16_DOT_FLAGS))
+
+
+def test_a_short_query_runs_batched_in_chunks_of_bounded_copies(monkeypatch):
+    """Blocks of fewer than ROW_BLOCKS_MIN_ROWS query rows would be too thin for the products:
+    such a read runs batched, its chunks copying at most COPY_ELEMENTS memory elements each
+    (a 16-bit memory's float32 copies), and still matches the float64 read."""
+    q, k, v = random_inputs(2, 1, 12, 20, 10, 300, torch.float16, "cpu", seed=8)
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 6)  # 10 rows on 2 threads: 5 a block
+    monkeypatch.setattr(pytorch, "COPY_ELEMENTS", 2 * 32 * 40)  # 40 positions of 2 objects
+    taken, chunks = [], []
+    original = pytorch._forward_batched
+    monkeypatch.setattr(pytorch, "_forward_batched",
+                        lambda *a: taken.append("batched") or original(*a))
+    segments = pytorch._segments
+    monkeypatch.setattr(pytorch, "_segments", lambda *a: [
+        chunks.append(c) or c for c in segments(*a)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
+    finally:
+        torch.set_num_threads(before)
+    assert taken == ["batched"]
+    assert [stop - start for start, stop, _ in chunks] == [40] * 7 + [20]
+    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
+                                         return_lse=True)
+    assert relative_error(out.double(), expected) < 2e-3
+    assert (lse.double() - expected_lse).abs().max() < 1e-2
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 5)  # 5-row blocks are enough now
+    with torch.no_grad():
+        memory_read(q, k, v, backend="torch")
+    assert taken == ["batched"]  # the row blocks took it
