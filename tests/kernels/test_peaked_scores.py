@@ -4,7 +4,6 @@ exp is 10-25x slower. The torch backend takes its weights as powers of two (exp2
 any argument) with the arguments raised to EXP2_FLOOR first. The results must still be those
 of the float64 read: forward, lse, gradients and usage, on every CPU path (batched, row
 blocks, backward, usage)."""
-import math
 
 import pytest
 import torch
