@@ -23,12 +23,12 @@ def _with_fallback(kernel, k, fused, reference, *args):
     FallbackWarning saying why."""
     if k.device.type == "cpu" and not INTERPRETING:
         return fused(*args)  # raises the user's error: backend="triton" needs a GPU
-    reason = launch.unsupported_reason(k)
-    if reason is None:
-        try:
-            return fused(*args)
-        except launch.KernelUnavailable as unavailable:
-            kernel, reason = unavailable.kernel, unavailable.reason
+    try:  # planned once, by the launcher: a device no kernel runs on is its first refusal
+        return fused(*args)
+    except launch.KernelUnavailable as unavailable:
+        reason = unavailable.reason
+        if unavailable.kernel != launch.EVERY_KERNEL:
+            kernel = unavailable.kernel
     device = launch.devices.describe(k.device)
     launch.warn_once(f"stm_kernels: the Triton {kernel} kernel cannot run on {device}: {reason}. "
                      "The torch backend computes this read instead (same result, slower).",
