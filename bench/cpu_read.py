@@ -4,6 +4,8 @@
     python -m bench cpu-read --busy                   # the same with a process spinning on one core
     python -m bench cpu-read --ns 16200 --rounds 3    # quick
     python -m bench cpu-read --dtype bf16             # bf16 inputs: the bf16 products' read
+    python -m bench cpu-read --key-scale 20           # scores spanning hundreds, as a trained
+                                                      # model's do (random keys: a few units)
 
 One object, one 480p query frame (HW = 1,620 at stride 16), Ck = 128, Cv = 512, a forward read
 on float32 inputs, or with --dtype bf16 on bf16 ones. Providers, timed round-robin (one call
@@ -60,6 +62,7 @@ def make_calls(N, args):
     q32, k32, v32 = (torch.randn(1, channels, length, generator=generator)
                      for channels, length in ((args.ck, args.hw), (args.ck, N), (args.cv, N)))
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    k32 = k32 * args.key_scale
     q, k, v = (t.to(dtype) for t in (q32, k32, v32))
 
     def rows(*tensors):  # SDPA and FlexAttention take (B, heads, L, C), contiguous
@@ -190,6 +193,11 @@ def comparison(records, N):
                 relative_error_vs_fp32=error)
 
 
+def _keys(key_scale):
+    """How a run's keys were drawn, where not unit normals."""
+    return "" if key_scale == 1.0 else f", keys {key_scale:g}x unit normals (peaked scores)"
+
+
 def summary(payload):
     """Markdown table: ms per provider and N, the best peer, stm's speed-up and sgemm share."""
     providers = payload["providers"]
@@ -222,7 +230,8 @@ def summary(payload):
     rows.append(f"\nOne object, HW = {payload['hw']}, Ck = {payload['ck']}, Cv = "
                 f"{payload['cv']}, {inputs} forward, {payload['threads']} torch threads, "
                 f"{payload['rounds']} interleaved rounds"
-                f"{', one core kept busy by another process' if payload['busy'] else ''}. ")
+                f"{', one core kept busy by another process' if payload['busy'] else ''}"
+                f"{_keys(payload.get('key_scale', 1.0))}. ")
     if bf16 and not payload.get("bf16_dot_products"):
         rows[-1] += ("This CPU has no bf16 dot products: its bf16 figures are oneDNN's "
                      "emulation in float32, and no speed claim is made from them.")
@@ -270,6 +279,10 @@ def main(argv=None):
                         help="keep one core busy with another process during the run")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice)")
+    parser.add_argument("--key-scale", type=float, default=1.0,
+                        help="multiply the random keys by this (default 1: scores of a few "
+                             "units; 20: spanning hundreds, as a trained STM's do, where most "
+                             "softmax weights underflow float32)")
     args = parser.parse_args(argv)
     allowed = BF16_PROVIDERS if args.dtype == "bf16" else PROVIDERS
     args.providers = args.providers or list(allowed)
@@ -282,6 +295,7 @@ def main(argv=None):
     payload.update(benchmark="cpu_read", hw=args.hw, ck=args.ck, cv=args.cv, dtype=args.dtype,
                    bf16_dot_products=cpu_features.bf16_dot_products(),
                    rounds=args.rounds, busy=args.busy, threads=torch.get_num_threads(),
+                   key_scale=args.key_scale,
                    providers=list(args.providers), records=run(args))
     common.finish_run("cpu_read", payload, plot, summary)
     return 0

@@ -108,3 +108,31 @@ def test_bf16_inputs_are_compared_with_the_float32_read_and_sdpa(tmp_path, monke
     assert ("no speed claim" in out) is not has_bf16 and ("Targets" in out) is has_bf16
     with pytest.raises(SystemExit):
         cpu_read.main(["--providers", "stm_fp32"])  # float32 inputs have no float32 twin
+
+
+def test_key_scale_draws_peaked_scores_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """--key-scale multiplies the keys (a trained model's scores span hundreds): the stm read
+    still matches the official one there, the run says so, and its result does not replace a
+    run on unit keys."""
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    seen = []
+    real = cpu_read.make_calls
+
+    def recorded(N, args):
+        calls, skipped = real(N, args)
+        seen.append((calls["stm"](), calls["official"]()))
+        return calls, skipped
+    monkeypatch.setattr(cpu_read, "make_calls", recorded)
+    assert cpu_read.main(["--ns", "64", "--hw", "8", "--ck", "16", "--cv", "8", "--rounds",
+                          "2", "--providers", "stm", "official", "--key-scale", "40"]) == 0
+    [(stm, official)] = seen
+    assert (stm - official).abs().max() < 1e-4 * official.abs().max()
+    [path] = tmp_path.glob("cpu_read_cpu_*.json")
+    payload = json.loads(path.read_text())
+    assert payload["key_scale"] == 40.0
+    assert "keys 40x unit normals (peaked scores)" in capsys.readouterr().out
+    from bench import report
+    unit = dict(payload, key_scale=1.0)
+    assert report.result_key(unit) != report.result_key(payload)
+    del unit["key_scale"]  # results from before the option: unit keys
+    assert report.result_key(unit) == report.result_key(dict(payload, key_scale=1.0))
