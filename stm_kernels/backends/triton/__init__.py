@@ -17,6 +17,9 @@ from .. import FallbackWarning, pytorch
 from . import launch
 from .devices import INTERPRETING  # noqa: F401
 
+# The kernel a KernelUnavailable names when no kernel reads the memory on its device (_call).
+EVERY_KERNEL = "every"
+
 
 def _with_fallback(kernel, k, fused, reference, *args):
     """fused(*args) where the kernels run on k's device, else reference(*args) with one
@@ -27,7 +30,7 @@ def _with_fallback(kernel, k, fused, reference, *args):
         return fused(*args)
     except launch.KernelUnavailable as unavailable:
         reason = unavailable.reason
-        if unavailable.kernel != launch.EVERY_KERNEL:
+        if unavailable.kernel != EVERY_KERNEL:
             kernel = unavailable.kernel
     device = launch.devices.describe(k.device)
     launch.warn_once(f"stm_kernels: the Triton {kernel} kernel cannot run on {device}: {reason}. "

@@ -298,17 +298,13 @@ def unsupported_reason(k):
     return _plan_call(k)[1]
 
 
-# The kernel a KernelUnavailable names when no kernel reads the memory on its device.
-EVERY_KERNEL = "every"
-
-
 def _call(k, read, l2):
     """The Call of `read` ("forward", "backward", "select", "usage") of memory k, or
     KernelUnavailable: no kernel reads it there, or the torch backend does by design
     (tilings.ON_TORCH, tilings.RANK1_L2)."""
     call, reason = _plan_call(k)
     if call is None:
-        raise KernelUnavailable(EVERY_KERNEL, devices.describe(k.device), reason)
+        raise KernelUnavailable("every", devices.describe(k.device), reason)
     reason = tilings.on_torch(call.architecture, read, call.precision_class, call.width)
     if reason is None and call.rank1 and l2:
         reason = tilings.RANK1_L2
