@@ -34,6 +34,7 @@ import torch
 
 from .._buffers import device_context
 from ..backends.triton import devices
+from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
 
@@ -42,8 +43,6 @@ try:
 except ImportError:  # a PyTorch without Triton: AVAILABLE stays False
     triton = None
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 SM90_SHARED_MEMORY = 227 * 1024  # the architecture's per-block limit (its devices report it)
 
 AVAILABLE = False
