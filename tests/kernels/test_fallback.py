@@ -32,6 +32,7 @@ RDNA3 = Device("AMD Radeon RX 7900 XTX", "amd", "gfx1100", 64 * KIB, 48)
 def fresh_memory(monkeypatch):
     """Each test starts with no remembered choice and no warning given yet."""
     monkeypatch.setattr(launch, "_chosen", {})
+    monkeypatch.setattr(launch, "_prepared", {})
     monkeypatch.setattr(launch, "_warned", set())
 
 
@@ -309,7 +310,7 @@ def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, cap
     assert capfd.readouterr().err == "a note from a compile that works\n" * 2
 
     failing_configs.add(second)  # now no candidate compiles: the torch read, one line
-    launch._chosen.clear()
+    launch.forget_choices()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = memory_read(q, k, v, backend="triton")

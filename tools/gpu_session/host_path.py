@@ -30,9 +30,12 @@ own profile.
 Each row is the wall time per call of `--calls` back-to-back calls, the device synchronised
 only before and after: where the kernels are shorter than the host's work (N = 1,620), that
 is the host time per call. Without CUDA only the forward's "no launch" row runs, on "meta"
-tensors planned for an H100 (devices.pretend): the launcher's Python alone, on this CPU (the
-backward's is left out there: it computes with torch, whose operations on meta tensors run
-Python reference code, far slower than CUDA's dispatch).
+tensors planned for an H100 (devices.pretend): the launcher's Python alone, on this CPU. The
+backward computes with torch, whose operations on meta tensors run Python reference code, far
+slower than CUDA's dispatch: its "no launch" row runs on small CPU tensors instead (HW = 20,
+N = 64, where its torch work takes microseconds), and so do the op's rows without gradients and
+with forward + backward (kernels dropped: the checks, the autograd function and the wrappers);
+only under TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
 
 Writes bench/results/host_path_<device>_<date>.json.
 """
@@ -120,6 +123,34 @@ def _nothing(kernel, grid, arguments, config, options):
     return None
 
 
+SMALL = "(HW 20, N 64 on the CPU)"  # the rows of _small_cpu_layers, in their names
+
+
+def _small_cpu_layers():
+    """{layer: call} on small CPU tensors of the target's channels, kernels dropped: the
+    backward's launcher, the op without gradients and the op's forward + backward (the input
+    checks, the autograd function and the fallback wrapper around the launchers)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, out, grad = (torch.randn(shape, generator=generator).bfloat16() for shape in (
+        (1, CK, 20), (B, CK, 64), (B, CV, 64), (B, CV, 20), (B, CV, 20)))
+    lse = torch.randn(B, 20, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def op():
+        with torch.no_grad():
+            return memory_read(q, k, v, backend="triton")
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        memory_read(*leaves, backend="triton").backward(grad)
+
+    return {f"backward launcher, no launch {SMALL}":
+            lambda: launch.triton_backward(grad, None, q, k, v, out, lse, CK ** -0.5, False),
+            f"op, no launch {SMALL}": op,
+            f"forward + backward, no launch {SMALL}": forward_backward}
+
+
 def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profile: None):
     """[dict(layer, N, us)] of one memory size: every layer on CUDA, the Python-only layers
     elsewhere; measured(row) is called after each (a cold GPU compiles for tens of seconds
@@ -157,6 +188,9 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         with devices.pretend(H100), launch.recording(_nothing):
             row("launcher, no launch", forward)
             profile("launcher, no launch", forward)
+            if launch.INTERPRETING:
+                for layer, call in _small_cpu_layers().items():
+                    row(layer, call)
         return rows
     def op():
         return memory_read(q, k, v, backend="triton")

@@ -85,7 +85,7 @@ def run_case(target, precision, case, only=None):
     records, unavailable = {}, {}
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(matmul_precision)
-    launch._chosen.clear()  # choices are the runtime's per process; each case starts afresh
+    launch.forget_choices()  # choices are the runtime's per process; each case starts afresh
     try:
         with compiling_for(target, only=only) as launches:
             reason = launch.unsupported_reason(k)

@@ -182,7 +182,7 @@ def _run_pass(target, kernel, dtype, channels, l2):
     from tools.kernel_report.compile import compiling_for
     q, k, v = report._meta_inputs(dtype, channels)
     scale = channels ** -0.5
-    launch._chosen.clear()  # a forced config that failed before must be tried again
+    launch.forget_choices()  # a forced config that failed before must be tried again
     with compiling_for(target, only={kernel}) as launches:
         try:
             report.passes(q, k, v, scale, l2)[PASS_OF[kernel]]()

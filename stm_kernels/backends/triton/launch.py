@@ -21,7 +21,9 @@ Every kernel is launched through `launch_first_that_runs`: the device's candidat
 memory than its config allows (max_local_bytes), falling through to the next; the choice is
 remembered per device, kernel and call signature. When none runs it raises KernelUnavailable,
 and the backend (backends/triton/__init__.py) reads with torch instead; only the fused dK+dQ
-has a kernel path before that: dK and dQ by two kernels.
+has a kernel path before that: dK and dQ by two kernels. A pass's launches, each with its
+chosen config and fixed arguments, are kept per call layout (PreparedForward,
+PreparedBackward; _layout_key): a repeated call only allocates its outputs and launches.
 `run` is the one place a kernel starts: the offline tools replace it (`recording`) to compile
 every launch for a device that is not there, with tensors on the "meta" device.
 
@@ -36,12 +38,12 @@ import warnings
 import torch
 
 from ..._buffers import device_context, new_buffer
+from ...torch_common import LOG2E
 from . import compat, compiler_output, devices, tilings
 from .compat import patch_interpreter_index
 from .devices import INTERPRETING
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
                                memory_read_bwd_kernel_dv, memory_read_usage_kernel)
-from .kernels.common import LOG2E
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import MIN_KEY, memory_read_topk_kernel
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
@@ -53,6 +55,11 @@ NO_FALLBACK_ENV = "STM_KERNELS_NO_FALLBACK"
 if INTERPRETING:
     patch_interpreter_index()  # Triton 3.6's interpreter with NumPy >= 2.4 (compat.py)
 _chosen: dict = {}
+# Prepared launches per call layout (_layout_key), oldest first, at most PREPARED_LAYOUTS: a
+# video's memory grows by one size per memory frame, and a size it has outgrown is not read
+# again.
+_prepared: dict = {}
+PREPARED_LAYOUTS = 256
 _warned: set = set()
 
 
@@ -494,7 +501,100 @@ def _warp_specialized_forward(call, q, k, v):
     return gluon
 
 
+# --------------------------------------------------------------------------- prepared launches
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelLaunch:
+    """One launch of `kernel` with the arguments a call's layout fixes (sizes, strides,
+    constexprs, grid, config): called with a call's tensors, it launches the kernel on them
+    (through `run`)."""
+    kernel: object
+    grid: tuple
+    config: object
+    fixed: dict
+
+    def __call__(self, call, **tensors):
+        run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call)
+
+
+def _layout_key(read, call, scale, l2, lengths, *tensors):
+    """What the planning of a read depends on besides its tensors' values: the device and
+    precision, every tensor's shape, strides and dtype, the scale, similarity and raggedness.
+    A prepared launch is kept under it (a repeated call then skips planning: at ten memory
+    frames the host's work outweighs a GPU's). None, and nothing kept, while use_configs forces
+    a config."""
+    if tilings.configs_forced():
+        return None
+    return (read, call.device, call.input_precision, scale, l2, lengths is None,
+            *[(t.shape, t.stride(), t.dtype) for t in tensors])
+
+
+def _run_prepared(layout, *tensors):
+    """The result of the launch prepared for `layout` on `tensors`, or None where there is none
+    or it failed (dropped then: the caller plans afresh, and a failing candidate falls
+    through to the next as on a first call)."""
+    prepared = _prepared.get(layout) if layout is not None else None
+    if prepared is None:
+        return None
+    try:
+        return prepared(*tensors)
+    except Exception:
+        _prepared.pop(layout, None)
+        return None
+
+
+def _keep_prepared(layout, prepared):
+    """Keep a pass's launches for its layout (none while use_configs forces a config), the
+    oldest dropped beyond PREPARED_LAYOUTS."""
+    if layout is None:
+        return
+    if len(_prepared) >= PREPARED_LAYOUTS:
+        del _prepared[next(iter(_prepared))]
+    _prepared[layout] = prepared
+
+
+def forget_choices():
+    """Forget every remembered choice and prepared launch: the next call of each kernel tries
+    its candidates again (the offline tools start each case afresh)."""
+    _chosen.clear()
+    _prepared.clear()
+
+
 # --------------------------------------------------------------------------- forward
+
+
+def _forward_inputs(q, k, v, l2, rank1, lengths):
+    """The forward kernel's tensor arguments: the query with 16-aligned rows, the memory, the
+    memory's score term and the lengths pointer."""
+    return dict(q=_padded_rows(q), k=k, v=v, ksq=_memory_term(k, l2, rank1),
+                lengths=_lengths_argument(lengths, k)[0])
+
+
+def _forward_outputs(splits, B, Cv, HW, dtype, device):
+    """(out, lse, the splits' partial out, partial lse) buffers of a forward."""
+    out = new_buffer((B, Cv, HW), dtype, device)
+    lse = new_buffer((B, HW), torch.float32, device)
+    return (out, lse) + _split_buffers(splits, out, lse)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedForward:
+    """A forward planned for one layout: its kernel launches, each with its chosen config."""
+    call: Call
+    l2: bool
+    outputs: tuple  # (splits, B, Cv, HW, dtype)
+    forward: KernelLaunch
+    merge: KernelLaunch | None  # None: one split, nothing to merge
+
+    def __call__(self, q, k, v, lengths):
+        out, lse, part_out, part_lse = _forward_outputs(*self.outputs, k.device)
+        with device_context(k.device):
+            self.forward(self.call, o=part_out, lse=part_lse,
+                         **_forward_inputs(q, k, v, self.l2, self.call.rank1, lengths))
+            if self.merge is not None:
+                self.merge(self.call, po=part_out, plse=part_lse, o=out, lse=lse)
+        return out, lse
 
 
 def _split_buffers(splits, out, lse):
@@ -506,37 +606,43 @@ def _split_buffers(splits, out, lse):
 
 
 def _merge_splits(call, part_out, part_lse, out, lse, i64):
-    """out, lse from the memory splits' partial reads (memory_read_merge_kernel)."""
+    """out, lse from the memory splits' partial reads (memory_read_merge_kernel); returns the
+    launch it ran."""
     B, Cv, HW = out.shape
 
     def launch(config):
-        run(memory_read_merge_kernel,
-            (cdiv(HW, config.block_m), cdiv(Cv, config.block_v), B),
-            dict(po=part_out, plse=part_lse, o=out, lse=lse,
-                 **_strides("po", part_out, "sbcm"), **_strides("pl", part_lse, "sbm"),
-                 **_strides("o", out, "bcm"), **_strides("l", lse, "bm"),
-                 HW=HW, CV=Cv, SPLITS=part_out.shape[0], BLOCK_M=config.block_m,
-                 BLOCK_V=config.block_v, I64=i64), config, call)
+        fixed = dict(**_strides("po", part_out, "sbcm"), **_strides("pl", part_lse, "sbm"),
+                     **_strides("o", out, "bcm"), **_strides("l", lse, "bm"), HW=HW, CV=Cv,
+                     SPLITS=part_out.shape[0], BLOCK_M=config.block_m, BLOCK_V=config.block_v,
+                     I64=i64)
+        merge = KernelLaunch(memory_read_merge_kernel,
+                             (cdiv(HW, config.block_m), cdiv(Cv, config.block_v), B), config, fixed)
+        merge(call, po=part_out, plse=part_lse, o=out, lse=lse)
+        return merge
 
-    launch_first_that_runs("merge", call, _signature(call, out.dtype, i64), launch)
+    return launch_first_that_runs("merge", call, _signature(call, out.dtype, i64), launch)
 
 
 def triton_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW) float32) for q (Bq, Ck, HW), k (B, Ck, N),
     v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
-    positions per object (validated by the caller)."""
+    positions per object (validated by the caller). Planned once per layout (_layout_key)."""
     _check_device(q, k, v)
     call = _call(k, "forward", l2)
+    opted_in = os.environ.get(WARP_SPECIALIZED_ENV, "0") == "1"  # the Gluon forward's own plan
+    layout = None if opted_in else _layout_key("forward", call, scale, l2, lengths, q, k, v)
+    result = _run_prepared(layout, q, k, v, lengths)
+    if result is not None:
+        return result
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
-    q = _padded_rows(q)
+    inputs = _forward_inputs(q, k, v, l2, call.rank1, lengths)
+    q, ksq, ragged = inputs["q"], inputs["ksq"], lengths is not None
     flags = _launch_flags(call, (q, k, v), outputs=[(Cv, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
-    ksq = _memory_term(k, l2, call.rank1)
-    lengths, ragged = _lengths_argument(lengths, k)
     arguments = dict(
-        q=q, k=k, v=v, ksq=ksq, stride_sqb=ksq.stride(0), lengths=lengths, RAGGED=ragged,
+        stride_sqb=ksq.stride(0), RAGGED=ragged,
         **_query_strides(q), **_memory_strides("k", k, align_k),
         **_memory_strides("v", v, align_v),
         HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2,
@@ -545,17 +651,18 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
 
     def launch(config):
         plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
-        out = new_buffer((B, Cv, HW), v.dtype, device)
-        lse = new_buffer((B, HW), torch.float32, device)
-        part_out, part_lse = _split_buffers(plan.splits, out, lse)
-        run(memory_read_fwd_kernel, plan.grid(B),
-            dict(o=part_out, lse=part_lse, **_strides("o", part_out, "sbcm"),
-                 **_strides("l", part_lse, "sbm"), n_per_split=plan.per_split,
-                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=plan.block_v,
-                 NUM_V=plan.num_v, STREAM_Q=config.stream_queries, **arguments), config, call)
+        outputs = (plan.splits, B, Cv, HW, v.dtype)
+        out, lse, part_out, part_lse = _forward_outputs(*outputs, device)
+        fixed = dict(**_strides("o", part_out, "sbcm"), **_strides("l", part_lse, "sbm"),
+                     n_per_split=plan.per_split, BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, BLOCK_V=plan.block_v, NUM_V=plan.num_v,
+                     STREAM_Q=config.stream_queries, **arguments)
+        forward = KernelLaunch(memory_read_fwd_kernel, plan.grid(B), config, fixed)
+        forward(call, o=part_out, lse=part_lse, **inputs)
+        merge = None
         if plan.splits > 1:
-            _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
-        return out, lse
+            merge = _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
+        return out, lse, PreparedForward(call, l2, outputs, forward, merge)
 
     signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
     with device_context(device), kernels_in_sequence(call, "forward pass", signature):
@@ -567,7 +674,9 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
                     raise
                 warn_once(f"{WARP_SPECIALIZED_ENV}=1: the Gluon forward failed on "
                           f"{call.device} ({one_line(error)}); using the plain Triton forward")
-        return launch_first_that_runs("forward", call, signature, launch)
+        out, lse, prepared = launch_first_that_runs("forward", call, signature, launch)
+    _keep_prepared(layout, prepared)
+    return out, lse
 
 
 def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
@@ -593,29 +702,92 @@ def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
 # --------------------------------------------------------------------------- backward
 
 
-def _dq_without_atomics(call, query, v, ksq, delta, align_v):
-    """dQ (Bq, Ck, HW) float32, unscaled, without atomics: memory_read_bwd_kernel_dq's
-    partials per (memory split, object), summed on the host in a fixed order."""
-    k, q = query["k"], query["q"]
+def _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths):
+    """(the tensors every backward kernel reads, delta (B, HW) float32): q and dO with
+    16-aligned rows, dQ accumulating with q's own compact strides (see the dK/dQ kernel)."""
+    # delta_i = sum_c dO_ci O_ci, minus the incoming gradient of lse (d lse / d s = p).
+    delta = (grad_out.float() * out.float()).sum(1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    inputs = dict(q=_padded_rows(q, compact=True), k=k, do=_padded_rows(grad_out),
+                  lse=lse.contiguous(), lengths=_lengths_argument(lengths, k)[0])
+    return inputs, delta.contiguous()
+
+
+def _atomic_dq(q):
+    """The zeroed dQ buffer (Bq, Ck, HW) float32 that the dK/dQ kernel's atomics add into,
+    with the padded query's strides."""
+    dq = torch.zeros(q.shape[:2] + (q.stride(1),), dtype=torch.float32, device=q.device)
+    return dq[:, :, :q.shape[2]]
+
+
+def _summed_dq(parts, q):
+    """dQ from the dQ kernel's partials (splits, B, Ck, HW), summed in a fixed order. A batch-1
+    query's gradient sums over the objects too (an expanded one's does not: its expand's
+    backward sums, as for the atomics path)."""
+    return parts.sum(0) if q.shape[0] == parts.shape[1] else parts.sum((0, 1))[None]
+
+
+def _scaled_dq(dq, scale, l2, dtype):
+    """The kernels' unscaled dQ times the score's derivative factor, in the query's dtype."""
+    return dq.mul_(2.0 * scale if l2 else scale).to(dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedBackward:
+    """A backward planned for one layout: its kernel launches, each with its chosen config.
+    dq is None where the dK/dQ kernel accumulates dQ by atomics; else dkdq computes dK alone
+    and dq is the deterministic dQ kernel's launch, writing partials of shape dq_parts."""
+    call: Call
+    scale: float
+    l2: bool
+    dv: KernelLaunch
+    dkdq: KernelLaunch
+    dq: KernelLaunch | None = None
+    dq_parts: tuple | None = None
+
+    def __call__(self, grad_out, grad_lse, q, k, v, out, lse, lengths):
+        inputs, delta = _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths)
+        B, Ck, N = k.shape
+        dv = new_buffer((B, v.shape[1], N), v.dtype, k.device)
+        dk = new_buffer((B, Ck, N), k.dtype, k.device)
+        with device_context(k.device):
+            self.dv(self.call, dv=dv, **inputs)
+            if self.dq is None:
+                dq = _atomic_dq(inputs["q"])
+                self.dkdq(self.call, v=v, delta=delta, dk=dk, dq=dq, **inputs)
+            else:
+                self.dkdq(self.call, v=v, delta=delta, dk=dk, dq=delta, **inputs)
+                parts = new_buffer(self.dq_parts, torch.float32, k.device)
+                self.dq(self.call, v=v, delta=delta, dq_parts=parts,
+                        ksq=_memory_term(k, self.l2, self.call.rank1), **inputs)
+                dq = _summed_dq(parts, inputs["q"])
+        return _scaled_dq(dq, self.scale, self.l2, q.dtype), dk, dv
+
+
+def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v):
+    """(dQ (Bq, Ck, HW) float32 unscaled, the launch that ran, its partials' shape):
+    memory_read_bwd_kernel_dq's partials per (memory split, object), summed on the host in a
+    fixed order (_summed_dq). shared: the arguments all backward kernels take."""
+    k, q = inputs["k"], inputs["q"]
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
 
     def launch(config):
         plan = dq_plan(config, B, HW, N, Cv, call.device.multiprocessors)
         parts = new_buffer((plan["splits"], B, Ck, HW), torch.float32, k.device)
-        run(memory_read_bwd_kernel_dq, plan["grid"],
-            dict(v=v, ksq=ksq, delta=delta, dq_parts=parts, stride_sqb=ksq.stride(0),
-                 **_memory_strides("v", v, align_v), **_strides("pd", parts, "sbcm"),
-                 n_per_split=plan["per_split"], BLOCK_M=config.block_m,
-                 BLOCK_N=config.block_n, BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"],
-                 ALIGN_V=align_v, STREAM_Q=config.stream_queries, **query), config, call)
-        return parts
+        fixed = dict(stride_sqb=ksq.stride(0), **_memory_strides("v", v, align_v),
+                     **_strides("pd", parts, "sbcm"), n_per_split=plan["per_split"],
+                     BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                     BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"], ALIGN_V=align_v,
+                     STREAM_Q=config.stream_queries, **shared)
+        dq = KernelLaunch(memory_read_bwd_kernel_dq, plan["grid"], config, fixed)
+        dq(call, v=v, ksq=ksq, delta=delta, dq_parts=parts, **inputs)
+        return parts, dq
 
-    parts = launch_first_that_runs("dq", call, _signature(call, k.dtype, Ck, Cv, query["L2"],
-                                                          query["RAGGED"], query["I64"]), launch)
-    # A batch-1 query's gradient sums over the objects too (an expanded one's does not: its
-    # expand's backward sums, as for the atomics path).
-    return parts.sum(0) if q.shape[0] == B else parts.sum((0, 1))[None]
+    parts, dq = launch_first_that_runs("dq", call, _signature(
+        call, k.dtype, Ck, Cv, shared["L2"], shared["RAGGED"], shared["I64"]), launch)
+    return _summed_dq(parts, q), dq, tuple(parts.shape)
 
 
 def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
@@ -624,77 +796,78 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     atomics, except under torch.use_deterministic_algorithms(True), where a third kernel
     computes it in a fixed order (bitwise reproducible; about 40% more backward work). Where
     the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), or none of its
-    candidates runs there, dK and dQ take those two kernels in every mode."""
+    candidates runs there, dK and dQ take those two kernels in every mode. Planned once per
+    layout (_layout_key)."""
     _check_device(q, k, v)
     call = _call(k, "backward", l2)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    layout = _layout_key(("backward", deterministic), call, scale, l2, lengths, q, k, v,
+                         grad_out)
+    result = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
+    if result is not None:
+        return result
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
-    # delta_i = sum_c dO_ci O_ci, minus the incoming gradient of lse (d lse / d s = p).
-    delta = (grad_out.float() * out.float()).sum(1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta, lse = delta.contiguous(), lse.contiguous()
-    q_dtype = q.dtype
-    # dQ is accumulated with the query's own (compact, padded) strides, see the dK/dQ kernel.
-    q, grad_out = _padded_rows(q, compact=True), _padded_rows(grad_out)
-    dq_batches = 1 if q.shape[0] == 1 else q.shape[0]
+    inputs, delta = _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths)
+    q, grad_out, ragged = inputs["q"], inputs["do"], lengths is not None
     flags = _launch_flags(call, (q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
-    lengths, ragged = _lengths_argument(lengths, k)
     # dK and dQ by two kernels (no atomics): deterministic, or where dK+dQ does not fit
-    separate_dq = torch.are_deterministic_algorithms_enabled() or tilings.separates_dq(
+    separate_dq = deterministic or tilings.separates_dq(
         call.architecture, call.precision_class, call.width)
-    query = dict(q=q, k=k, do=grad_out, lse=lse, lengths=lengths, RAGGED=ragged,
-                 **_query_strides(q), **_memory_strides("k", k, align_k),
-                 **_strides("do", grad_out, "bcm"), **_strides("l", lse, "bm"),
-                 HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2, ALIGN_K=align_k, **flags)
+    shared = dict(RAGGED=ragged, **_query_strides(q), **_memory_strides("k", k, align_k),
+                  **_strides("do", grad_out, "bcm"), **_strides("l", inputs["lse"], "bm"),
+                  HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2, ALIGN_K=align_k, **flags)
     signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
 
     def launch_dv(config):
         block_v, num_v = value_blocks(Cv, config.block_v)
         dv = new_buffer((B, Cv, N), v.dtype, device)
-        run(memory_read_bwd_kernel_dv, (cdiv(N, config.block_n), B * num_v),
-            dict(dv=dv, **_strides("dv", dv, "bcn"), BLOCK_M=config.block_m,
-                 BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v,
-                 STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **query),
-            config, call)
-        return dv
+        fixed = dict(**_strides("dv", dv, "bcn"), BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, BLOCK_V=block_v, NUM_V=num_v,
+                     STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **shared)
+        launch = KernelLaunch(memory_read_bwd_kernel_dv, (cdiv(N, config.block_n), B * num_v),
+                              config, fixed)
+        launch(call, dv=dv, **inputs)
+        return dv, launch
 
     def launch_dkdq(config, atomic_dq):
         block_cv, num_cv = value_blocks(Cv, config.block_cv)
         dk = new_buffer((B, Ck, N), k.dtype, device)
-        if not atomic_dq:  # an unused pointer: the dQ kernel computes dq
-            dq = delta
-        else:  # zeroed (atomics add into it), padded like q so that both share their strides
-            dq = torch.zeros((dq_batches, Ck, q.stride(1)), dtype=torch.float32, device=device)
-            dq = dq[:, :, :HW]
-        run(memory_read_bwd_kernel_dkdq, (cdiv(N, config.block_n), B),
-            dict(v=v, delta=delta, dk=dk, dq=dq, **_memory_strides("v", v, align_v),
-                 **_strides("dk", dk, "bcn"), stride_dqb=0 if dq_batches == 1 else dq.stride(0),
-                 scale=scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                 BLOCK_CV=block_cv, NUM_CV=num_cv, ALIGN_V=align_v,
-                 ATOMIC_DQ=atomic_dq, STREAM_K=config.stream_keys,
-                 VOLATILE_K=call.volatile_keys(l2) and not atomic_dq, **query), config, call)
-        return dk, dq
+        # an unused pointer where the dQ kernel computes dq
+        dq = _atomic_dq(q) if atomic_dq else delta
+        fixed = dict(**_memory_strides("v", v, align_v), **_strides("dk", dk, "bcn"),
+                     stride_dqb=0 if q.shape[0] == 1 else dq.stride(0), scale=scale,
+                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_CV=block_cv,
+                     NUM_CV=num_cv, ALIGN_V=align_v, ATOMIC_DQ=atomic_dq,
+                     STREAM_K=config.stream_keys,
+                     VOLATILE_K=call.volatile_keys(l2) and not atomic_dq, **shared)
+        launch = KernelLaunch(memory_read_bwd_kernel_dkdq, (cdiv(N, config.block_n), B), config,
+                              fixed)
+        launch(call, v=v, delta=delta, dk=dk, dq=dq, **inputs)
+        return dk, dq, launch
 
     with device_context(device), kernels_in_sequence(call, "backward pass", signature):
-        dv = launch_first_that_runs("dv", call, signature, launch_dv)
+        dv, dv_launch = launch_first_that_runs("dv", call, signature, launch_dv)
         if not separate_dq:
             try:
-                dk, dq = launch_first_that_runs(
+                dk, dq, dkdq_launch = launch_first_that_runs(
                     "dkdq", call, signature, lambda config: launch_dkdq(config, True))
+                prepared = PreparedBackward(call, scale, l2, dv_launch, dkdq_launch)
             except KernelUnavailable:  # no fused tiling runs here: dK and dQ apart
                 separate_dq = True
         if separate_dq:
-            dk, _ = launch_first_that_runs("dk", call, signature,
-                                           lambda config: launch_dkdq(config, False))
+            dk, _, dk_launch = launch_first_that_runs(
+                "dk", call, signature, lambda config: launch_dkdq(config, False))
             # the dQ kernel's |k|^2 or rank-1 channel (the dK/dQ kernel loads its own from the
             # block it holds)
-            dq = _dq_without_atomics(call, query, v, _memory_term(k, l2, call.rank1), delta,
-                                     align_v)
-    dq = dq.mul_(2.0 * scale if l2 else scale)
-    return dq.to(q_dtype), dk, dv
+            dq, dq_launch, dq_parts = _dq_without_atomics(
+                call, inputs, shared, v, _memory_term(k, l2, call.rank1), delta, align_v)
+            prepared = PreparedBackward(call, scale, l2, dv_launch, dk_launch, dq_launch,
+                                        dq_parts)
+    _keep_prepared(layout, prepared)
+    return _scaled_dq(dq, scale, l2, q.dtype), dk, dv
 
 
 # --------------------------------------------------------------------------- top-k and usage

@@ -2,10 +2,11 @@
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ....torch_common import LN2, LOG2E
+
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.
 LOG2E_C = tl.constexpr(LOG2E)
-LN2_C = tl.constexpr(0.6931471805599453)
+LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit

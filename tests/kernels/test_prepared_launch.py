@@ -1,0 +1,207 @@
+"""Prepared launches: a read planned once per layout (device, precision, shapes, strides,
+dtype, scale, similarity, raggedness), later calls running the kept launches with their own
+tensors. What must hold: a repeated call plans nothing and computes its own inputs' result
+(never the first call's), a new layout or mode plans anew, forced configs are honoured, a
+failing prepared launch plans afresh, and nothing kept holds a tensor. The kernels run in the
+interpreter; results are checked against the float64 naive read.
+"""
+import pytest
+import torch
+
+from helpers import TOLERANCE, check_read, random_inputs, read_with_grads, reference_with_grads
+from stm_kernels import memory_read, poison_outputs
+from stm_kernels.backends.triton import launch
+from stm_kernels.backends.triton.launch import ForwardConfig, use_configs
+
+pytestmark = [pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
+              # the kernels, never the torch backend's fallback, compute every result here
+              pytest.mark.filterwarnings("error::stm_kernels.FallbackWarning")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory(monkeypatch):
+    """No remembered choice or prepared launch from other tests; outputs NaN-poisoned."""
+    monkeypatch.setattr(launch, "_chosen", {})
+    monkeypatch.setattr(launch, "_prepared", {})
+    with poison_outputs():
+        yield
+
+
+@pytest.fixture
+def plannings(monkeypatch):
+    """{kernel name: times a config was chosen for it} (launch_first_that_runs calls)."""
+    counts = {}
+    real = launch.launch_first_that_runs
+
+    def counted(kernel, call, signature, run):
+        counts[kernel] = counts.get(kernel, 0) + 1
+        return real(kernel, call, signature, run)
+
+    monkeypatch.setattr(launch, "launch_first_that_runs", counted)
+    return counts
+
+
+def _prepared():
+    return list(launch._prepared.values())
+
+
+# B, Bq, Ck, Cv, HW, N: the memory split in several parts (a merge launch), ragged sizes
+SHAPE = (2, 1, 16, 24, 30, 300)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_a_repeated_read_plans_once_and_computes_its_own_inputs(plannings, similarity,
+                                                                 deterministic):
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        first = random_inputs(*SHAPE, torch.float32, "cpu", seed=0)
+        read_with_grads(*first, backend="triton", similarity=similarity)
+        planned = dict(plannings)
+        assert planned.get("forward") == 1 and planned.get("merge") == 1
+        assert planned.get("dv") == 1
+        assert planned.get("dq" if deterministic else "dkdq") == 1
+
+        second = random_inputs(*SHAPE, torch.float32, "cpu", seed=5)
+        results = read_with_grads(*second, seed=7, backend="triton", similarity=similarity)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert plannings == planned  # the second call chose no config
+    check_read(results, reference_with_grads(*second, seed=7, similarity=similarity),
+               torch.float32)
+    forward, backward = sorted(_prepared(), key=lambda p: type(p).__name__ != "PreparedForward")
+    assert forward.merge is not None  # the split's merge was kept too
+    assert (backward.dq is not None) == deterministic
+
+
+def test_a_new_layout_or_mode_plans_anew(plannings):
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    memory_read(q, k, v, backend="triton")
+    variants = [
+        lambda: memory_read(q.transpose(1, 2).contiguous().transpose(1, 2), k, v,
+                            backend="triton"),  # the query's strides
+        lambda: memory_read(q, k[:, :, :200], v[:, :, :200], backend="triton"),  # N
+        lambda: memory_read(q, k, v, backend="triton", similarity="l2"),
+        lambda: memory_read(q, k, v, backend="triton", scale=0.5),
+        lambda: memory_read(q, k, v, backend="triton", memory_lengths=torch.tensor([300, 90])),
+    ]
+    for index, variant in enumerate(variants):
+        before = plannings["forward"]
+        variant()
+        assert plannings["forward"] == before + 1, f"variant {index} reused a plan"
+    assert len(_prepared()) == 1 + len(variants)
+
+
+def test_ragged_lengths_are_read_per_call(plannings):
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    memory_read(q, k, v, backend="triton", memory_lengths=torch.tensor([300, 90]))
+    lengths = torch.tensor([40, 250])
+    out = memory_read(q, k, v, backend="triton", memory_lengths=lengths)
+    assert plannings["forward"] == 1
+    for b, length in enumerate(lengths.tolist()):
+        expected = memory_read(q[:, :, :].double(), k[b:b + 1, :, :length].double(),
+                               v[b:b + 1, :, :length].double(), backend="naive")
+        assert torch.allclose(out[b:b + 1].double(), expected, atol=TOLERANCE[torch.float32])
+
+
+def test_forced_configs_are_honoured_after_a_plan_is_kept(monkeypatch):
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    memory_read(q, k, v, backend="triton")
+    configs = []
+    real = launch.run
+
+    def recorded(kernel, grid, arguments, config, call):
+        configs.append((kernel.__name__, config))
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", recorded)
+    forced = ForwardConfig(block_m=16, block_n=16, splits=1, num_warps=4, num_stages=1)
+    with use_configs(forward=forced):
+        out = memory_read(q, k, v, backend="triton")
+    assert configs == [("memory_read_fwd_kernel", forced)]
+    expected = memory_read(q.double(), k.double(), v.double(), backend="naive")
+    assert torch.allclose(out.double(), expected, atol=TOLERANCE[torch.float32])
+
+
+def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    memory_read(q, k, v, backend="triton")
+    real, failures = launch.run, []
+
+    def fails_once(kernel, grid, arguments, config, call):
+        if not failures:
+            failures.append(kernel.__name__)
+            raise RuntimeError("injected failure of a prepared launch")
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", fails_once)
+    out = memory_read(q, k, v, backend="triton")
+    assert failures == ["memory_read_fwd_kernel"] and plannings["forward"] == 2
+    expected = memory_read(q.double(), k.double(), v.double(), backend="naive")
+    assert torch.allclose(out.double(), expected, atol=TOLERANCE[torch.float32])
+
+
+def test_nothing_kept_holds_a_tensor():
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    read_with_grads(q, k, v, backend="triton", similarity="l2")
+    kept = _prepared()
+    assert len(kept) == 2
+    for prepared in kept:
+        for launched in (getattr(prepared, name, None)
+                         for name in ("forward", "merge", "dv", "dkdq", "dq")):
+            if launched is not None:
+                assert not [name for name, value in launched.fixed.items()
+                            if torch.is_tensor(value)]
+
+
+def test_deterministic_mode_plans_its_own_backward(plannings):
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    read_with_grads(q, k, v, backend="triton")
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = read_with_grads(q, k, v, backend="triton")
+        second = read_with_grads(q, k, v, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert plannings.get("dq") == 1  # planned when the mode changed, kept after
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)  # bitwise: the kept launches are the deterministic ones
+
+
+def test_the_oldest_layouts_are_dropped_beyond_the_limit(monkeypatch, plannings):
+    monkeypatch.setattr(launch, "PREPARED_LAYOUTS", 2)
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    for n in (100, 200, 300):  # a memory growing by one size per memory frame
+        memory_read(q, k[:, :, :n], v[:, :, :n], backend="triton")
+    kept = [key for key in launch._prepared]
+    assert len(kept) == 2 and [key[-2][0][-1] for key in kept] == [200, 300]
+    memory_read(q, k[:, :, :300], v[:, :, :300], backend="triton")
+    assert plannings["forward"] == 3  # the newest is still kept
+    memory_read(q, k[:, :, :100], v[:, :, :100], backend="triton")
+    assert plannings["forward"] == 4  # the oldest was dropped: planned again
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_every_launch_passes_exactly_its_kernels_parameters(monkeypatch, deterministic):
+    """The interpreter ignores a keyword argument its kernel lacks; a GPU's launcher refuses
+    it (and the read would fall back to torch): first and prepared calls alike."""
+    launches = []
+    real = launch.run
+
+    def checked(kernel, grid, arguments, config, call):
+        launches.append(kernel.__name__)
+        assert sorted(arguments) == sorted(kernel.arg_names), kernel.__name__
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", checked)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for seed in (0, 1):
+            read_with_grads(*random_inputs(*SHAPE, torch.float32, "cpu", seed=seed),
+                            backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    per_call = ["memory_read_fwd_kernel", "memory_read_merge_kernel",
+                "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq"]
+    per_call += ["memory_read_bwd_kernel_dq"] * deterministic
+    assert launches == per_call * 2
