@@ -15,7 +15,8 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     payload = json.loads(files[0].read_text())
     assert payload["complete"] is True and payload["device_type"] == "cpu"
     small = [f"{layer} {host_path.SMALL}" for layer in (
-        "backward launcher, no launch", "op, no launch", "forward + backward, no launch")]
+        "backward launcher, no launch", "top-7 selection launcher, no launch",
+        "usage launcher, no launch", "op, no launch", "forward + backward, no launch")]
     layers = ["launcher, no launch"] + small * launch.INTERPRETING
     assert [(row["layer"], row["N"]) for row in payload["records"]] == [
         (layer, n) for n in (1620, 3240) for layer in layers]

@@ -205,3 +205,42 @@ def test_every_launch_passes_exactly_its_kernels_parameters(monkeypatch, determi
                 "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq"]
     per_call += ["memory_read_bwd_kernel_dq"] * deterministic
     assert launches == per_call * 2
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_selection_and_usage_plan_once_and_compute_their_own_inputs(plannings, similarity):
+    from stm_kernels.backends import pytorch
+    l2, scale = similarity == "l2", 0.25
+    for seed in (0, 3):
+        q, k, _ = random_inputs(*SHAPE, torch.float32, "cpu", seed=seed)
+        lse = torch.randn(SHAPE[0], SHAPE[4], generator=torch.Generator().manual_seed(seed))
+        lengths = torch.tensor([300, 90 + seed])
+        scores, indices = launch.triton_select(q, k, 7, scale, l2, lengths)
+        usage = launch.triton_usage(q, k, lse, scale, l2, lengths)
+        expected_scores, expected_indices = pytorch.select(q.double(), k.double(), 7, scale, l2,
+                                                           lengths)
+        assert torch.equal(indices, expected_indices)
+        assert torch.allclose(scores.double(), expected_scores, atol=1e-4)
+        expected_usage = pytorch.usage(q.double(), k.double(), lse.double(), scale, l2, lengths)
+        assert torch.allclose(usage.double(), expected_usage.double(), rtol=1e-4, atol=1e-6)
+    assert plannings == {"select": 1, "usage": 1}
+    # another top_k is another plan (its kernel keeps 16 positions per query, not 8)
+    scores, indices = launch.triton_select(q, k, 12, scale, l2, lengths)
+    assert torch.equal(indices, pytorch.select(q.double(), k.double(), 12, scale, l2, lengths)[1])
+    assert plannings["select"] == 2
+
+
+def test_selection_and_usage_launches_pass_exactly_their_kernels_parameters(monkeypatch):
+    real, launches = launch.run, []
+
+    def checked(kernel, grid, arguments, config, call):
+        launches.append(kernel.__name__)
+        assert sorted(arguments) == sorted(kernel.arg_names), kernel.__name__
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", checked)
+    q, k, _ = random_inputs(*SHAPE, torch.float32, "cpu")
+    for _ in range(2):
+        launch.triton_select(q, k, 7, 0.25, False)
+        launch.triton_usage(q, k, torch.zeros(SHAPE[0], SHAPE[4]), 0.25, False)
+    assert launches == ["memory_read_topk_kernel", "memory_read_usage_kernel"] * 2

@@ -33,7 +33,8 @@ is the host time per call. Without CUDA only the forward's "no launch" row runs,
 tensors planned for an H100 (devices.pretend): the launcher's Python alone, on this CPU. The
 backward computes with torch, whose operations on meta tensors run Python reference code, far
 slower than CUDA's dispatch: its "no launch" row runs on small CPU tensors instead (HW = 20,
-N = 64, where its torch work takes microseconds), and so do the op's rows without gradients and
+N = 64, where its torch work takes microseconds), and so do the selection's and the usage's
+launchers and the op's rows without gradients and
 with forward + backward (kernels dropped: the checks, the autograd function and the wrappers);
 only under TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
 
@@ -128,8 +129,9 @@ SMALL = "(HW 20, N 64 on the CPU)"  # the rows of _small_cpu_layers, in their na
 
 def _small_cpu_layers():
     """{layer: call} on small CPU tensors of the target's channels, kernels dropped: the
-    backward's launcher, the op without gradients and the op's forward + backward (the input
-    checks, the autograd function and the fallback wrapper around the launchers)."""
+    launchers of the backward, the top-k selection and the usage, the op without gradients
+    and the op's forward + backward (the input checks, the autograd function and the fallback
+    wrapper around the launchers)."""
     generator = torch.Generator().manual_seed(0)
     q, k, v, out, grad = (torch.randn(shape, generator=generator).bfloat16() for shape in (
         (1, CK, 20), (B, CK, 64), (B, CV, 64), (B, CV, 20), (B, CV, 20)))
@@ -145,8 +147,13 @@ def _small_cpu_layers():
             leaf.grad = None
         memory_read(*leaves, backend="triton").backward(grad)
 
+    scale = CK ** -0.5
     return {f"backward launcher, no launch {SMALL}":
-            lambda: launch.triton_backward(grad, None, q, k, v, out, lse, CK ** -0.5, False),
+            lambda: launch.triton_backward(grad, None, q, k, v, out, lse, scale, False),
+            f"top-7 selection launcher, no launch {SMALL}":
+            lambda: launch.triton_select(q, k, 7, scale, False),
+            f"usage launcher, no launch {SMALL}":
+            lambda: launch.triton_usage(q, k, lse, scale, False),
             f"op, no launch {SMALL}": op,
             f"forward + backward, no launch {SMALL}": forward_backward}
 

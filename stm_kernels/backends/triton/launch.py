@@ -23,7 +23,8 @@ remembered per device, kernel and call signature. When none runs it raises Kerne
 and the backend (backends/triton/__init__.py) reads with torch instead; only the fused dK+dQ
 has a kernel path before that: dK and dQ by two kernels. A pass's launches, each with its
 chosen config and fixed arguments, are kept per call layout (PreparedForward,
-PreparedBackward; _layout_key): a repeated call only allocates its outputs and launches.
+PreparedBackward, PreparedSingle for the selection and usage; _layout_key): a repeated call
+only allocates its outputs and launches.
 `run` is the one place a kernel starts: the offline tools replace it (`recording`) to compile
 every launch for a device that is not there, with tensors on the "meta" device.
 
@@ -32,6 +33,7 @@ arguments are passed by name.
 """
 import contextlib
 import dataclasses
+import functools
 import os
 import warnings
 
@@ -564,11 +566,16 @@ def forget_choices():
 # --------------------------------------------------------------------------- forward
 
 
-def _forward_inputs(q, k, v, l2, rank1, lengths):
-    """The forward kernel's tensor arguments: the query with 16-aligned rows, the memory, the
-    memory's score term and the lengths pointer."""
-    return dict(q=_padded_rows(q), k=k, v=v, ksq=_memory_term(k, l2, rank1),
+def _query_inputs(q, k, lengths, l2, rank1):
+    """The tensor arguments of the kernels that stream the memory per query block (forward,
+    selection): the query with 16-aligned rows, the keys, their score term, the lengths."""
+    return dict(q=_padded_rows(q), k=k, ksq=_memory_term(k, l2, rank1),
                 lengths=_lengths_argument(lengths, k)[0])
+
+
+def _forward_inputs(q, k, v, l2, rank1, lengths):
+    """The forward kernel's tensor arguments: _query_inputs and the values."""
+    return dict(_query_inputs(q, k, lengths, l2, rank1), v=v)
 
 
 def _forward_outputs(splits, B, Cv, HW, dtype, device):
@@ -879,41 +886,77 @@ def select_block_n(top_k):
     return max(64, top_k_pow2), top_k_pow2
 
 
-def triton_select(q, k, top_k, scale, l2, lengths=None):
-    """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
-    top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
-    memory; one fused pass over the memory (kernels/topk.py)."""
-    _check_device(q, k)
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedSingle:
+    """A one-kernel pass (selection, usage) planned for one layout: its launch, and the buffer
+    it writes (the kernel argument `output`, of `shape` and `dtype`); inputs(*tensors) makes
+    the per-call tensor arguments."""
+    call: Call
+    launch: KernelLaunch
+    output: str
+    shape: tuple
+    dtype: torch.dtype
+    inputs: object
+
+    def __call__(self, *tensors):
+        device = tensors[1].device
+        result = torch.empty(self.shape, dtype=self.dtype, device=device)
+        with device_context(device):
+            self.launch(self.call, **{self.output: result}, **self.inputs(*tensors))
+        return result
+
+
+def _selected_keys(q, k, top_k, scale, l2, lengths):
+    """The packed keys (splits, B, HW, top_k rounded up to a power of two) int64 of each
+    memory split's top positions per query (memory_read_topk_kernel)."""
     call = _call(k, "select", l2)
+    layout = _layout_key(("select", top_k), call, scale, l2, lengths, q, k)
+    keys = _run_prepared(layout, q, k, lengths)
+    if keys is not None:
+        return keys
     B, Ck, N = k.shape
     HW = q.shape[2]
-    device = k.device
-    q = _padded_rows(q)
+    inputs = functools.partial(_query_inputs, l2=l2, rank1=call.rank1)
+    tensors = inputs(q, k, lengths)
+    q, ksq, ragged = tensors["q"], tensors["ksq"], lengths is not None
     block_n, top_k_pow2 = select_block_n(top_k)
     flags = _launch_flags(call, (q, k, k), outputs=[])
     align_k = _alignment(k)
-    ksq = _memory_term(k, l2, call.rank1)
-    lengths_arg, ragged = _lengths_argument(lengths, k)
 
     def launch(config):
         plan = forward_plan(ForwardConfig(block_m=config.block_m, block_n=block_n), B, HW, N,
                             16, call.device.multiprocessors)
-        keys = torch.empty((plan.splits, B, HW, top_k_pow2), dtype=torch.int64, device=device)
-        run(memory_read_topk_kernel, (plan.m_blocks, B, plan.splits),
-            dict(q=q, k=k, ksq=ksq, lengths=lengths_arg, keys=keys, **_query_strides(q),
-                 **_memory_strides("k", k, align_k), stride_sqb=ksq.stride(0),
-                 stride_ks=keys.stride(0), stride_kyb=keys.stride(1), stride_km=keys.stride(2),
-                 HW=HW, N=N, n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
-                 BLOCK_M=config.block_m, BLOCK_N=block_n, TOP_K=top_k_pow2, RAGGED=ragged,
-                 ALIGN_K=align_k, STREAM_Q=config.stream_queries,
-                 CHUNK_CK=min(config.block_ck or flags["BLOCK_CK"], flags["BLOCK_CK"]), **flags),
-            config, call)
-        return keys
+        shape = (plan.splits, B, HW, top_k_pow2)
+        keys = torch.empty(shape, dtype=torch.int64, device=k.device)
+        fixed = dict(**_query_strides(q), **_memory_strides("k", k, align_k),
+                     stride_sqb=ksq.stride(0), stride_ks=keys.stride(0),
+                     stride_kyb=keys.stride(1), stride_km=keys.stride(2), HW=HW, N=N,
+                     n_per_split=plan.per_split, qk_scale=scale * LOG2E, L2=l2,
+                     BLOCK_M=config.block_m, BLOCK_N=block_n, TOP_K=top_k_pow2,
+                     RAGGED=ragged, ALIGN_K=align_k, STREAM_Q=config.stream_queries,
+                     CHUNK_CK=min(config.block_ck or flags["BLOCK_CK"], flags["BLOCK_CK"]),
+                     **flags)
+        selection = KernelLaunch(memory_read_topk_kernel, (plan.m_blocks, B, plan.splits),
+                                 config, fixed)
+        selection(call, keys=keys, **tensors)
+        return keys, PreparedSingle(call, selection, "keys", shape, torch.int64, inputs)
 
-    with device_context(device):
-        keys = launch_first_that_runs(
+    with device_context(k.device):
+        keys, prepared = launch_first_that_runs(
             "select", call, _signature(call, k.dtype, Ck, l2, ragged, top_k_pow2, flags["I64"]),
             launch)
+    _keep_prepared(layout, prepared)
+    return keys
+
+
+def triton_select(q, k, top_k, scale, l2, lengths=None):
+    """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
+    top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
+    memory; one fused pass over the memory (kernels/topk.py). Planned once per layout
+    (_layout_key)."""
+    _check_device(q, k)
+    keys = _selected_keys(q, k, top_k, scale, l2, lengths)
+    B, HW = k.shape[0], q.shape[2]
     merged = keys.permute(1, 2, 0, 3).reshape(B, HW, -1)
     best = torch.topk(merged, top_k, dim=-1).values  # distinct keys: score desc, index asc
     return _decoded(best)
@@ -929,29 +972,44 @@ def _decoded(keys):
     return (scores.masked_fill(empty, float("-inf")), indices.masked_fill(empty, -1))
 
 
+def _usage_inputs(q, k, lse, lengths):
+    """The usage kernel's tensor arguments: the query with 16-aligned rows, the keys, the
+    read's lse as contiguous float32, the lengths."""
+    return dict(q=_padded_rows(q), k=k, lse=lse.float().contiguous(),
+                lengths=_lengths_argument(lengths, k)[0])
+
+
 def triton_usage(q, k, lse, scale, l2, lengths=None):
-    """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel)."""
+    """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel).
+    Planned once per layout (_layout_key)."""
     _check_device(q, k)
     call = _call(k, "usage", l2)
+    layout = _layout_key("usage", call, scale, l2, lengths, q, k)
+    usage = _run_prepared(layout, q, k, lse, lengths)
+    if usage is not None:
+        return usage
     B, Ck, N = k.shape
     HW = q.shape[2]
-    q = _padded_rows(q)
-    lse = lse.float().contiguous()
+    tensors = _usage_inputs(q, k, lse, lengths)
+    q, ragged = tensors["q"], lengths is not None
     flags = _launch_flags(call, (q, k, k), outputs=[(1, N)])
     align_k = _alignment(k)
-    lengths_arg, ragged = _lengths_argument(lengths, k)
 
     def launch(config):
         usage = torch.empty((B, N), dtype=torch.float32, device=k.device)
-        run(memory_read_usage_kernel, (cdiv(N, config.block_n), B),
-            dict(q=q, k=k, lse=lse, lengths=lengths_arg, usage=usage, **_query_strides(q),
-                 **_memory_strides("k", k, align_k), **_strides("l", lse, "bm"),
-                 stride_ub=usage.stride(0), HW=HW, N=N, qk_scale=scale * LOG2E, L2=l2,
-                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, RAGGED=ragged,
-                 ALIGN_K=align_k, STREAM_K=config.stream_keys,
-                 VOLATILE_K=call.volatile_keys(l2), **flags), config, call)
-        return usage
+        fixed = dict(**_query_strides(q), **_memory_strides("k", k, align_k),
+                     **_strides("l", tensors["lse"], "bm"), stride_ub=usage.stride(0), HW=HW,
+                     N=N, qk_scale=scale * LOG2E, L2=l2, BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, RAGGED=ragged, ALIGN_K=align_k,
+                     STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **flags)
+        counting = KernelLaunch(memory_read_usage_kernel, (cdiv(N, config.block_n), B), config,
+                                fixed)
+        counting(call, usage=usage, **tensors)
+        return usage, PreparedSingle(call, counting, "usage", (B, N), torch.float32,
+                                     _usage_inputs)
 
     with device_context(k.device):
-        return launch_first_that_runs(
+        usage, prepared = launch_first_that_runs(
             "usage", call, _signature(call, k.dtype, Ck, l2, ragged, flags["I64"]), launch)
+    _keep_prepared(layout, prepared)
+    return usage

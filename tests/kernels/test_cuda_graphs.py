@@ -1,0 +1,69 @@
+"""The read captured in a CUDA graph (GPU only): at a few memory frames the host's work outweighs
+the kernels' (docs/kernels.md), and a captured graph replays the kernels without it. One eager
+call first compiles the kernels, chooses their configs and keeps the prepared launches; the
+capture then records launches only, and a replay reads whatever the captured input tensors
+hold by then.
+"""
+import pytest
+import torch
+
+from helpers import TOLERANCE, random_inputs, relative_error
+from stm_kernels import memory_read, memory_usage
+
+pytestmark = pytest.mark.gpu
+
+
+def _captured(read, inputs):
+    """(graph, the output tensors it writes) of read(*inputs), after warm-up calls on a side
+    stream (torch.cuda.graph's recipe: nothing of the warm-up lands in the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            read(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = read(*inputs)
+    return graph, outputs
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_a_captured_read_replays_on_new_inputs(similarity):
+    dtype = torch.bfloat16
+    static = random_inputs(2, 1, 64, 96, 300, 4000, dtype, "cuda", seed=0)
+
+    def read(q, k, v):
+        with torch.no_grad():
+            return memory_read(q, k, v, backend="triton", similarity=similarity,
+                               return_lse=True)
+
+    graph, (out, lse) = _captured(read, static)
+    for seed in (1, 2):
+        fresh = random_inputs(2, 1, 64, 96, 300, 4000, dtype, "cuda", seed=seed)
+        for captured, new in zip(static, fresh, strict=True):
+            captured.copy_(new)
+        graph.replay()
+        expected, expected_lse = memory_read(*(t.double() for t in fresh), backend="naive",
+                                             similarity=similarity, return_lse=True)
+        assert relative_error(out, expected) < TOLERANCE[dtype]
+        assert relative_error(lse, expected_lse) < 1e-3
+
+
+def test_a_captured_top_k_read_and_usage_replay_on_new_inputs():
+    dtype = torch.float16
+    static = random_inputs(2, 1, 64, 96, 300, 4000, dtype, "cuda", seed=3)
+
+    def read(q, k, v):
+        with torch.no_grad():
+            out, lse = memory_read(q, k, v, backend="triton", top_k=20, return_lse=True)
+            return out, memory_usage(q, k, lse, backend="triton")
+
+    graph, (out, usage) = _captured(read, static)
+    fresh = random_inputs(2, 1, 64, 96, 300, 4000, dtype, "cuda", seed=4)
+    for captured, new in zip(static, fresh, strict=True):
+        captured.copy_(new)
+    graph.replay()
+    expected, lse = memory_read(*fresh, backend="torch", top_k=20, return_lse=True)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+    assert relative_error(usage, memory_usage(fresh[0], fresh[1], lse, backend="torch")) < 1e-2
