@@ -244,3 +244,30 @@ def test_selection_and_usage_launches_pass_exactly_their_kernels_parameters(monk
         launch.triton_select(q, k, 7, 0.25, False)
         launch.triton_usage(q, k, torch.zeros(SHAPE[0], SHAPE[4]), 0.25, False)
     assert launches == ["memory_read_topk_kernel", "memory_read_usage_kernel"] * 2
+
+
+def test_threads_keeping_layouts_at_the_limit_never_fail(monkeypatch):
+    """Layouts kept from many threads at once (a server's workers meeting new shapes): the
+    oldest are dropped once each, never twice (which raised KeyError), and the limit holds."""
+    import sys
+    import threading
+    monkeypatch.setattr(launch, "PREPARED_LAYOUTS", 4)
+    errors, interval = [], sys.getswitchinterval()
+
+    def keep(thread):
+        try:
+            for index in range(2000):
+                launch._keep_prepared((thread, index), object())
+        except Exception as error:  # noqa: BLE001 - any failure is the finding
+            errors.append(error)
+
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show
+    try:
+        threads = [threading.Thread(target=keep, args=(thread,)) for thread in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and len(launch._prepared) <= 4

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -62,6 +63,7 @@ _chosen: dict = {}
 # again.
 _prepared: dict = {}
 PREPARED_LAYOUTS = 256
+_keeping = threading.Lock()  # held where _prepared changes (reads need none: one dict lookup)
 _warned: set = set()
 
 
@@ -542,7 +544,8 @@ def _run_prepared(layout, *tensors):
     try:
         return prepared(*tensors)
     except Exception:
-        _prepared.pop(layout, None)
+        with _keeping:
+            _prepared.pop(layout, None)
         return None
 
 
@@ -551,16 +554,18 @@ def _keep_prepared(layout, prepared):
     oldest dropped beyond PREPARED_LAYOUTS."""
     if layout is None:
         return
-    if len(_prepared) >= PREPARED_LAYOUTS:
-        del _prepared[next(iter(_prepared))]
-    _prepared[layout] = prepared
+    with _keeping:  # two threads keeping at the limit must not drop one layout twice
+        while _prepared and len(_prepared) >= PREPARED_LAYOUTS:
+            del _prepared[next(iter(_prepared))]
+        _prepared[layout] = prepared
 
 
 def forget_choices():
     """Forget every remembered choice and prepared launch: the next call of each kernel tries
     its candidates again (the offline tools start each case afresh)."""
     _chosen.clear()
-    _prepared.clear()
+    with _keeping:
+        _prepared.clear()
 
 
 # --------------------------------------------------------------------------- forward
