@@ -41,6 +41,20 @@ def plannings(monkeypatch):
     return counts
 
 
+@pytest.fixture
+def checked_launches(monkeypatch):
+    """[kernel name] of every launch, each checked to pass exactly its kernel's parameters."""
+    real, launches = launch.run, []
+
+    def checked(kernel, grid, arguments, config, call):
+        launches.append(kernel.__name__)
+        assert sorted(arguments) == sorted(kernel.arg_names), kernel.__name__
+        return real(kernel, grid, arguments, config, call)
+
+    monkeypatch.setattr(launch, "run", checked)
+    return launches
+
+
 def _prepared():
     return list(launch._prepared.values())
 
@@ -182,18 +196,9 @@ def test_the_oldest_layouts_are_dropped_beyond_the_limit(monkeypatch, plannings)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
-def test_every_launch_passes_exactly_its_kernels_parameters(monkeypatch, deterministic):
+def test_every_launch_passes_exactly_its_kernels_parameters(checked_launches, deterministic):
     """The interpreter ignores a keyword argument its kernel lacks; a GPU's launcher refuses
     it (and the read would fall back to torch): first and prepared calls alike."""
-    launches = []
-    real = launch.run
-
-    def checked(kernel, grid, arguments, config, call):
-        launches.append(kernel.__name__)
-        assert sorted(arguments) == sorted(kernel.arg_names), kernel.__name__
-        return real(kernel, grid, arguments, config, call)
-
-    monkeypatch.setattr(launch, "run", checked)
     torch.use_deterministic_algorithms(deterministic)
     try:
         for seed in (0, 1):
@@ -204,7 +209,7 @@ def test_every_launch_passes_exactly_its_kernels_parameters(monkeypatch, determi
     per_call = ["memory_read_fwd_kernel", "memory_read_merge_kernel",
                 "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq"]
     per_call += ["memory_read_bwd_kernel_dq"] * deterministic
-    assert launches == per_call * 2
+    assert checked_launches == per_call * 2
 
 
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
@@ -230,20 +235,12 @@ def test_selection_and_usage_plan_once_and_compute_their_own_inputs(plannings, s
     assert plannings["select"] == 2
 
 
-def test_selection_and_usage_launches_pass_exactly_their_kernels_parameters(monkeypatch):
-    real, launches = launch.run, []
-
-    def checked(kernel, grid, arguments, config, call):
-        launches.append(kernel.__name__)
-        assert sorted(arguments) == sorted(kernel.arg_names), kernel.__name__
-        return real(kernel, grid, arguments, config, call)
-
-    monkeypatch.setattr(launch, "run", checked)
+def test_selection_and_usage_launches_pass_exactly_their_kernels_parameters(checked_launches):
     q, k, _ = random_inputs(*SHAPE, torch.float32, "cpu")
     for _ in range(2):
         launch.triton_select(q, k, 7, 0.25, False)
         launch.triton_usage(q, k, torch.zeros(SHAPE[0], SHAPE[4]), 0.25, False)
-    assert launches == ["memory_read_topk_kernel", "memory_read_usage_kernel"] * 2
+    assert checked_launches == ["memory_read_topk_kernel", "memory_read_usage_kernel"] * 2
 
 
 def test_threads_keeping_layouts_at_the_limit_never_fail(monkeypatch):

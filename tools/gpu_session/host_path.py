@@ -33,9 +33,9 @@ is the host time per call. Without CUDA only the forward's "no launch" row runs,
 tensors planned for an H100 (devices.pretend): the launcher's Python alone, on this CPU. The
 backward computes with torch, whose operations on meta tensors run Python reference code, far
 slower than CUDA's dispatch: its "no launch" row runs on small CPU tensors instead (HW = 20,
-N = 64, where its torch work takes microseconds), and so do the selection's and the usage's
-launchers and the op's rows without gradients and
-with forward + backward (kernels dropped: the checks, the autograd function and the wrappers);
+N = 64, where its torch work takes microseconds; once a run, in the N = 64 column), and so do
+the selection's and the usage's launchers and the op's rows without gradients and with
+forward + backward (kernels dropped: the checks, the autograd function and the wrappers);
 only under TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
 
 Writes bench/results/host_path_<device>_<date>.json.
@@ -125,6 +125,7 @@ def _nothing(kernel, grid, arguments, config, options):
 
 
 SMALL = "(HW 20, N 64 on the CPU)"  # the rows of _small_cpu_layers, in their names
+SMALL_N = 64
 
 
 def _small_cpu_layers():
@@ -134,7 +135,7 @@ def _small_cpu_layers():
     wrapper around the launchers)."""
     generator = torch.Generator().manual_seed(0)
     q, k, v, out, grad = (torch.randn(shape, generator=generator).bfloat16() for shape in (
-        (1, CK, 20), (B, CK, 64), (B, CV, 64), (B, CV, 20), (B, CV, 20)))
+        (1, CK, 20), (B, CK, SMALL_N), (B, CV, SMALL_N), (B, CV, 20), (B, CV, 20)))
     lse = torch.randn(B, 20, generator=generator)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
@@ -156,6 +157,18 @@ def _small_cpu_layers():
             lambda: launch.triton_usage(q, k, lse, scale, False),
             f"op, no launch {SMALL}": op,
             f"forward + backward, no launch {SMALL}": forward_backward}
+
+
+def small_cpu_rows(calls, measured=lambda row: None):
+    """[dict(layer, N, us)] of _small_cpu_layers (N = SMALL_N, their memory), once a run:
+    planned for an H100, kernels dropped; only under TRITON_INTERPRET=1."""
+    rows = []
+    with devices.pretend(H100), launch.recording(_nothing):
+        for layer, call in _small_cpu_layers().items():
+            rows.append(dict(layer=layer, N=SMALL_N,
+                             us=round(per_call_us(call, calls, torch.device("cpu")), 2)))
+            measured(rows[-1])
+    return rows
 
 
 def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profile: None):
@@ -195,9 +208,6 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         with devices.pretend(H100), launch.recording(_nothing):
             row("launcher, no launch", forward)
             profile("launcher, no launch", forward)
-            if launch.INTERPRETING:
-                for layer, call in _small_cpu_layers().items():
-                    row(layer, call)
         return rows
     def op():
         return memory_read(q, k, v, backend="triton")
@@ -276,6 +286,8 @@ def main(argv=None):
 
     for n in args.ns:
         rows_for(n, args.calls, device, kept("records"), kept("profiles"))
+    if device.type != "cuda" and launch.INTERPRETING:
+        small_cpu_rows(args.calls, kept("records"))
     common.finish_run("host_path", payload, None, summary)
 
 
