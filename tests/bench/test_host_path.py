@@ -58,7 +58,8 @@ def _busy(n):
 
 
 def test_python_profile_ranks_functions_by_own_time_per_call():
-    """Per call of the profiled call: the generator's 20,001 steps, sum's and _busy's one."""
+    """Per call of the profiled call: the generator's 20,001 steps, sum's and _busy's one,
+    ranked by own time."""
     def call():
         _busy(20000)
     profile = host_path.python_profile(call, 4, torch.device("cpu"), top=5)
@@ -66,8 +67,9 @@ def test_python_profile_ranks_functions_by_own_time_per_call():
     assert profile == sorted(profile, key=lambda entry: -entry["own_us"])
     by_name = {entry["function"]: entry for entry in profile}
     line = _busy.__code__.co_firstlineno
-    assert profile[0]["function"] == f"bench/test_host_path.py:{line + 1}(<genexpr>)"
-    assert profile[0]["calls"] == 20001
+    # which of the generator and sum spends more own time depends on the machine: not asserted
+    steps = by_name[f"bench/test_host_path.py:{line + 1}(<genexpr>)"]
+    assert steps["calls"] == 20001
     assert by_name["<built-in method builtins.sum>"]["calls"] == 1
     busy = by_name[f"bench/test_host_path.py:{line}(_busy)"]
-    assert busy["calls"] == 1 and busy["total_us"] >= profile[0]["own_us"]
+    assert busy["calls"] == 1 and busy["total_us"] >= steps["own_us"] > 0
