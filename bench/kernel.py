@@ -649,29 +649,30 @@ READ_PLOT_SHAPE = dict(dtype="bf16", B=1, HW=1620, Ck=128, Cv=512)
 READ_PLOT_PASSES = ("fwd", "fwd+bwd")
 
 
-def read_plot_points(payload):
-    """{(provider, pass): {N: record}} of the target shape in a run, its targets and scaling
-    sweeps together (the later record where a point was measured twice)."""
+def read_plot_points(payload, sweeps=("targets", "scaling")):
+    """{(provider, pass): {N: record}} of the target shape in a run, the given sweeps together
+    (the later record where a point was measured twice)."""
     points = {}
     for record in payload["records"]:
-        if record["pass"] in READ_PLOT_PASSES and record.get("sweep", "scaling") in (
-                "targets", "scaling") and all(record.get(key) == value
-                                              for key, value in READ_PLOT_SHAPE.items()):
+        if record["pass"] in READ_PLOT_PASSES and record.get("sweep", "scaling") in sweeps \
+                and all(record.get(key) == value for key, value in READ_PLOT_SHAPE.items()):
             points.setdefault((record["provider"], record["pass"]), {})[record["N"]] = record
     return points
 
 
 def read_plot_run(payloads):
     """The run the README's GPU plot is drawn from: of the GPU kernel runs given, the newest
-    with the fused read measured at three or more memory sizes of the target shape (a curve),
-    else the newest with any such point; None if none has one."""
-    def fused_sizes(payload):
-        found = read_plot_points(payload).get((FUSED["cuda"], "fwd"), {})
+    whose scaling sweep measured the fused read at three or more memory sizes of the target
+    shape (the curve to millions of positions), else the newest with three or more such sizes
+    in any sweep (a targets-only run's three), else the newest with any; None if none has one."""
+    def fused_sizes(payload, sweeps=("targets", "scaling")):
+        found = read_plot_points(payload, sweeps).get((FUSED["cuda"], "fwd"), {})
         return sum(record["status"] == "ok" for record in found.values())
     runs = sorted((p for p in payloads if p.get("device_type") == "cuda" and fused_sizes(p)),
                   key=lambda p: p["date"])
+    swept = [p for p in runs if fused_sizes(p, ("scaling",)) >= 3]
     curves = [p for p in runs if fused_sizes(p) >= 3]
-    return (curves or runs or [None])[-1]
+    return (swept or curves or runs or [None])[-1]
 
 
 def read_plot(payload, path, source=None):

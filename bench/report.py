@@ -12,8 +12,10 @@ value (the README's tables show the default model; docs/performance.md every mod
 
 It also draws the README's GPU plot, docs/images/gpu_read.png (bench.kernel.read_plot: time
 against memory frames for the fused read, its best peer and the naive read), from the newest
-GPU kernel run with the target shape measured at three or more memory sizes (else the newest
-with any); the PNG's "Source" text names that file, and --check fails when it names another.
+GPU kernel run whose scaling sweep measured the target shape at three or more memory sizes
+(else the newest with three or more in any sweep, else the newest with any:
+bench.kernel.read_plot_run); the PNG's "Source" text names that file, and --check fails when it
+names another.
 """
 import argparse
 import json

@@ -155,14 +155,14 @@ def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
 
 
 def test_the_readme_plot_is_drawn_from_the_newest_gpu_run_with_a_curve(tmp_path):
-    """From the committed results: the H200 run (its forward measured from 1 to 1,600 memory
-    frames) rather than the newer H100 one of two target points; the PNG names its source."""
+    """From the committed results: the newest GPU run whose scaling sweep measured the fused
+    forward at three or more sizes (a curve); the PNG names its source."""
     runs = report.kernel_runs()
     chosen = kernel.read_plot_run(runs)
     assert chosen["device_type"] == "cuda"
     curves = [run for run in runs if run["device_type"] == "cuda" and sum(
-        r["status"] == "ok" for r in kernel.read_plot_points(run).get(("triton", "fwd"),
-                                                                       {}).values()) >= 3]
+        r["status"] == "ok" for r in kernel.read_plot_points(run, ("scaling",)).get(
+            ("triton", "fwd"), {}).values()) >= 3]
     assert chosen["_file"] == max(curves, key=lambda run: run["date"])["_file"]
     target = tmp_path / "images" / "gpu_read.png"
     assert kernel.read_plot(chosen, target, source=chosen["_file"]) == [target]
@@ -183,6 +183,10 @@ def test_the_readme_plot_marks_out_of_memory_and_takes_the_later_of_two_measures
     assert points[("naive", "fwd")][64800]["status"] == "oom"
     older = dict(payload, date="2026-11-26T00:00:00", records=records[:1])
     assert kernel.read_plot_run([older, payload]) is payload
+    # a newer run of the target points alone: a scaling sweep's curve stays the plot's
+    swept = dict(payload, records=[dict(record, sweep="scaling") for record in records])
+    targets = dict(payload, date="2026-11-28T00:00:00")
+    assert kernel.read_plot_run([older, swept, targets]) is swept
     assert kernel.read_plot_run([dict(payload, device_type="cpu")]) is None
     [path] = kernel.read_plot(payload, tmp_path / "plot.png", source="x.json")
     assert path.stat().st_size > 10_000 and report.plot_source(path) == "x.json"

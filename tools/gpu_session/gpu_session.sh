@@ -5,39 +5,40 @@
 #
 # Which stage when (issue 57). A lease is 15 minutes of device time in all: the machine's start
 # (1-2 minutes) and one full call, sometimes a short second one. So:
-#   1. `first` is the lease's one call. It starts with the host path's layers (host_path.py:
-#      at N = 16,200 about 80% of a read was host time on 2026-11-27), then until mark 430
-#      of 600 times the fused read against
-#      every peer (bench kernel: SDPA split into Ck-wide value chunks with flash and with cuDNN
-#      forced, FlexAttention compiled, the chunked torch read, the naive read, full-width SDPA,
-#      the same run's 8192^3 matmuls) at the target shape (bf16, B = 1, HW = 1,620, Ck = 128,
-#      Cv = 512): N = 16,200 / 64,800 / 162,000 forward and forward + backward after a
-#      warm-up of every series (the H100's cold N = 64,800 point of 2026-11-26), then the
-#      scaling sweep to N = 2.6 M as far as the time goes (saved after every point). Then the
-#      GPU tests until mark 570.
-#      Budget, measured on an H100 on 2026-11-27: the whole peers sweep (warm-up of 14
-#      series 33 s, targets, both scaling sweeps to N = 2.6 M) about 330 s, the GPU tests
-#      120 s in 12 workers, 457 s in all. The host path's layers come first now (cut at
-#      mark 90: the forward and backward kernels compile cold there first), the sweep gets
-#      until mark 430 (its last scaling points may be cut; saved after every point), the
-#      tests the last 140 s.
-#      Why this order: the peers and the warm figures are what no offline work can give and
-#      what issue 57 is judged by; the tests check the other sessions' changes to the op since
-#      the last GPU run; the self-test needs about 5 minutes cold and has run three times on
-#      these kernels, so it waits for `second`.
+#   1. `first` is the lease's one call, what no offline work can give, in the order issue 57
+#      is judged by:
+#      - until mark 90 of 600: the host path's layers (host_path.py; at N = 16,200 about 80% of
+#        a read was host time on 2026-11-27; the forward and backward kernels compile cold
+#        here first);
+#      - until mark 230: the fused read against every peer (bench kernel: SDPA split into
+#        Ck-wide value chunks with flash and with cuDNN forced, FlexAttention compiled, the
+#        chunked torch read, the naive read, full-width SDPA, the same run's 8192^3 matmuls)
+#        at the target points only (bf16, B = 1, HW = 1,620, Ck = 128, Cv = 512; N = 16,200 /
+#        64,800 / 162,000, forward and forward + backward) after a warm-up of every series;
+#      - until mark 390: `bench long-video` at item 7's settings (the official-size STM with
+#        random weights at 480p, mem_every 5, bf16, fused against naive read, 60 s each after a
+#        5-frame warm-up);
+#      - until mark 465: Cutie's own read against the fused one at 480p, 30 s each;
+#      - the GPU tests in 12 workers until mark 570.
+#      Budget, measured on an H100 on 2026-11-27: the warm-up of 14 series 33 s, the whole
+#      peers sweep with both scaling sweeps to N = 2.6 M about 330 s, the GPU tests 120 s.
+#      The scaling sweep (measured on an H100 and an H200, 2026-11-26/27) is the `peers`
+#      stage's now: item 7 had never been measured on a GPU, the `second` call that held it
+#      had 102 s left when it came.
 #   2. `second`, the next call (or the next lease): the self-test (about 100 s warm, 5 minutes
 #      cold: cut off at mark 240, it saves its report after every check), `bench long-video`
-#      at issue 57 item 7's settings (the official-size STM with random weights at 480p,
-#      mem_every 5, bf16, fused against naive read, each stopped after 75 s: the 10,000-frame
-#      length does not fit a call), and Cutie's own read against the fused one at 480p for
-#      what is left (35 s each).
-#   3. `profile` (Nsight Compute at the target shape: the DRAM and L2 bytes, tensor-pipe use
-#      and occupancy of docs/kernels.md's figures table), then `cutie` (Cutie at 480p and 1080p,
-#      120 s per run, towards the length where its own read runs out of memory).
-# `second` and `cutie` need Cutie, which the machine lacks: run `python -m
+#      longer (75 s a variant), Cutie at 480p for what is left (35 s each).
+#   3. `peers` (the whole peers sweep: the targets, then the scaling sweep to N = 2.6 M as far
+#      as the time goes, saved after every point), `profile` (Nsight Compute at the target
+#      shape: the DRAM and L2 bytes, tensor-pipe use and occupancy of docs/kernels.md's
+#      figures table), then `cutie` (Cutie at 480p and 1080p, 120 s per run, towards the
+#      length where its own read runs out of memory).
+# `first`, `second` and `cutie` need Cutie, which the machine lacks: run `python -m
 # tools.gpu_session.deps` here first and pass carry=[".gpu_deps"] to the call.
 #
-#   bash tools/gpu_session/gpu_session.sh first      # peers sweep (warm), then the GPU tests
+#   bash tools/gpu_session/gpu_session.sh first      # host path, peers at the targets, long video,
+#                                                    # Cutie at 480p, the GPU tests
+#   bash tools/gpu_session/gpu_session.sh peers      # the peers sweep: targets, then scaling
 #   bash tools/gpu_session/gpu_session.sh second     # self-test, long video, Cutie at 480p
 #   bash tools/gpu_session/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
 #   bash tools/gpu_session/gpu_session.sh cutie      # Cutie's read vs fused at 480p and 1080p
@@ -83,9 +84,11 @@ timed() {
   else shift; echo "== no time left for $*"; fi
 }
 has() { python3 -c "import $1" 2>/dev/null; }
-# The peers sweep of issue 57 (bench/kernel.py): every provider, targets then scaling, B = 1.
-PEERS=(python3 -m bench kernel --sweeps targets scaling --batches 1 --passes fwd fwd+bwd
-       --warmup --max-call-s 1)
+# The peers sweep of issue 57 (bench/kernel.py): every provider, B = 1, each series warmed up;
+# the target points alone, or the targets then the scaling sweep.
+PEER_OPTIONS=(--batches 1 --passes fwd fwd+bwd --warmup --max-call-s 1)
+TARGETS=(python3 -m bench kernel --sweeps targets "${PEER_OPTIONS[@]}")
+PEERS=(python3 -m bench kernel --sweeps targets scaling "${PEER_OPTIONS[@]}")
 cutie_step() {  # SECONDS_LEFT INTEGRATIONS_ARGS...: Cutie's own read vs fused (needs .gpu_deps)
   local left=$1 deps="$PWD:$PWD/.gpu_deps"
   shift
@@ -106,11 +109,18 @@ gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARG
 case "${1:-tests}" in
   first)
     # The one call of a 15-minute lease (header): the host path's layers (their kernels'
-    # compiles on a fresh machine, then about 20 s; saved after every row), the peers sweep,
-    # warm, then the GPU tests in 12 workers.
+    # compiles on a fresh machine, then about 20 s; saved after every row), the peers at the
+    # target points, warm, the long video and Cutie (issue 57 item 7), the GPU tests.
     timed "$(until_mark 90)" python3 -m tools.gpu_session.host_path --ns 1620 16200
-    timed "$(until_mark 430)" "${PEERS[@]}"
-    gpu_tests "$(until_mark 570)" gpu_tests.xml gpu 12 150 tests ;;
+    timed "$(until_mark 230)" "${TARGETS[@]}"
+    timed "$(until_mark 390)" python3 -m bench long-video --variants fused naive \
+      --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 60 --warmup 5
+    cutie_step "$(until_mark 465)" --size 480 854 --lengths 1000 3000 10000 --time-limit 30
+    gpu_tests "$(until_mark 570)" gpu_tests.xml gpu 12 90 tests ;;
+  peers)
+    # The whole peers sweep: the targets, then the scaling sweep to N = 2.6 M as far as the
+    # time goes (saved after every point).
+    timed "$(until_mark 570)" "${PEERS[@]}" ;;
   second)
     # The next call: the self-test, the long video (issue 57 item 7: official size, 480p,
     # mem_every 5, fused vs naive, 75 s each after a 5-frame warm-up), Cutie at 480p.

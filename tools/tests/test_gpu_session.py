@@ -168,33 +168,62 @@ def parsed_options(module, argv, monkeypatch):
     return found.value.args[0]
 
 
-def test_first_stage_runs_the_host_path_the_peers_sweep_warm_then_the_gpu_tests(tmp_path,
-                                                                                 monkeypatch):
+def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_gpu_tests(
+        tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from bench import kernel
+    from bench import integrations, kernel, long_video
     completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0)
-    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 3, completed.stdout
-    host, peers, tests = (line.split(" | ")[0].split() for line in lines)
+    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 5, completed.stdout
+    host, peers, video, cutie, tests = (line.split(" | ")[0].split() for line in lines)
     assert host == ["-m", "tools.gpu_session.host_path", "--ns", "1620", "16200"]
     assert peers[:3] == ["-m", "bench", "kernel"]
     options = parsed_options(kernel, peers[3:], monkeypatch)
-    assert options.sweeps == ["targets", "scaling"] and options.batches == [1]
+    assert options.sweeps == ["targets"] and options.batches == [1]
     assert options.passes == ["fwd", "fwd+bwd"] and options.warmup
     assert options.providers is None  # every peer (kernel.PROVIDERS)
+    # issue 57 item 7: fused against naive, mem_every 5, official size at 480p (GPU defaults)
+    options = parsed_options(long_video, video[3:], monkeypatch)
+    assert video[:3] == ["-m", "bench", "long-video"]
+    assert options.variants == ["fused", "naive"] and options.mem_every == 5
+    assert max(options.lengths) == 10000 and options.time_limit == 60 and options.warmup == 5
+    assert options.model is None and options.size is None
+    options = parsed_options(integrations, cutie[3:], monkeypatch)
+    assert cutie[:3] == ["-m", "bench", "integrations"]
+    assert options.models == ["cutie"] and options.reads == ["original", "fused"]
+    assert options.size == [480, 854] and options.time_limit == 30
     assert tests[:3] == ["-m", "pytest", "-v"] and tests[-1] == "tests"
     assert "gpu" in tests and f"{tmp_path}/out/gpu_tests.xml" in tests
 
 
+def test_first_stage_says_what_to_carry_where_cutie_is_missing(tmp_path):
+    completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0,
+                                     SHIM_NO_CUTIE="1")
+    assert len(lines) == 4 and not any("integrations" in line for line in lines), lines
+    assert "== no Cutie here: run python -m tools.gpu_session.deps" in completed.stdout
+
+
+def test_peers_stage_sweeps_the_targets_then_the_scaling(tmp_path, monkeypatch):
+    from bench import kernel
+    completed, lines, _ = _run_stage(tmp_path, "peers", 585, shim_seconds=0)
+    assert len(lines) == 1 and lines[0].endswith(" | finished"), (lines, completed.stdout)
+    options = parsed_options(kernel, lines[0].split(" | ")[0].split()[3:], monkeypatch)
+    assert options.sweeps == ["targets", "scaling"] and options.batches == [1]
+    assert options.warmup and options.providers is None
+
+
 def test_a_peers_sweep_that_runs_long_is_stopped_and_the_stage_still_ends_in_time(tmp_path):
     # STAGE_LIMIT=60: the host path's mark (90 of 600 s) is 9 s, too little to start it; the
-    # sweep's (430 of 600 s, 43 s) is capped at 60 - 30 = 30 s, so it is interrupted there, and
-    # the tests' mark (capped at 30 s too) leaves them no time.
+    # targets' (230 of 600 s) is 23 s, so the sweep is interrupted there; the later marks,
+    # capped at 60 - 30 = 30 s, leave the rest at most 7 s: no time.
     completed, lines, seconds = _run_stage(tmp_path, "first", 60)
     assert [line.split(" | ")[1] for line in lines] == ["interrupted"], (lines, completed.stdout)
-    assert lines[0].startswith("-m bench kernel --sweeps targets scaling")
-    assert "== no time left for python3 -m tools.gpu_session.host_path" in completed.stdout
-    assert "== no time left for python3 -m pytest" in completed.stdout
-    assert 28 <= seconds < 40, seconds
+    assert lines[0].startswith("-m bench kernel --sweeps targets --batches 1")
+    not_started = [line for line in completed.stdout.splitlines()
+                   if line.startswith("== no time left for ")]
+    for skipped in ("tools.gpu_session.host_path", "bench long-video", "bench integrations",
+                    "pytest"):
+        assert any(f"python3 -m {skipped}" in line for line in not_started), skipped
+    assert 21 <= seconds < 32, seconds
 
 
 def test_second_stage_runs_the_self_test_the_long_video_and_cutie(tmp_path, monkeypatch):
