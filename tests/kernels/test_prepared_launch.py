@@ -46,10 +46,10 @@ def checked_launches(monkeypatch):
     """[kernel name] of every launch, each checked to pass exactly its kernel's parameters."""
     real, launches = launch.run, []
 
-    def checked(kernel, grid, arguments, config, call):
+    def checked(kernel, grid, arguments, config, call, **options):
         launches.append(kernel.__name__)
         assert sorted(arguments) == sorted(kernel.arg_names), kernel.__name__
-        return real(kernel, grid, arguments, config, call)
+        return real(kernel, grid, arguments, config, call, **options)
 
     monkeypatch.setattr(launch, "run", checked)
     return launches
@@ -124,9 +124,9 @@ def test_forced_configs_are_honoured_after_a_plan_is_kept(monkeypatch):
     configs = []
     real = launch.run
 
-    def recorded(kernel, grid, arguments, config, call):
+    def recorded(kernel, grid, arguments, config, call, **options):
         configs.append((kernel.__name__, config))
-        return real(kernel, grid, arguments, config, call)
+        return real(kernel, grid, arguments, config, call, **options)
 
     monkeypatch.setattr(launch, "run", recorded)
     forced = ForwardConfig(block_m=16, block_n=16, splits=1, num_warps=4, num_stages=1)
@@ -142,11 +142,11 @@ def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):
     memory_read(q, k, v, backend="triton")
     real, failures = launch.run, []
 
-    def fails_once(kernel, grid, arguments, config, call):
+    def fails_once(kernel, grid, arguments, config, call, **options):
         if not failures:
             failures.append(kernel.__name__)
             raise RuntimeError("injected failure of a prepared launch")
-        return real(kernel, grid, arguments, config, call)
+        return real(kernel, grid, arguments, config, call, **options)
 
     monkeypatch.setattr(launch, "run", fails_once)
     out = memory_read(q, k, v, backend="triton")

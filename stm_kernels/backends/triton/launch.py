@@ -100,16 +100,17 @@ class LocalMemoryExceeded(RuntimeError):
     config's max_local_bytes: the launch falls through to the next candidate."""
 
 
-def run(kernel, grid, arguments, config, call):
+def run(kernel, grid, arguments, config, call, check_local=True):
     """Launch kernel[grid](**arguments) with the config's warps and stages and the call's
     architecture's compile options (or hand it all to the recording executor). A config with
     max_local_bytes is compiled first and not launched (LocalMemoryExceeded) where it uses
-    more local memory than that."""
+    more local memory than that; check_local=False skips that check (a kept launch, whose
+    first call made it)."""
     options = dict(call.architecture.options, num_warps=config.num_warps,
                    num_stages=config.num_stages)
     if _executor is not None:
         return _executor(kernel, grid, arguments, config, options)
-    if config.max_local_bytes is not None:
+    if check_local and config.max_local_bytes is not None:
         used = local_memory_bytes(kernel, grid, arguments, options)
         if used is not None and used > config.max_local_bytes:
             raise LocalMemoryExceeded(
@@ -487,9 +488,14 @@ def warn_once(message, category=RuntimeWarning):
         warnings.warn(message, category, stacklevel=3)
 
 
+def warp_specialized_opted_in():
+    """Whether STM_KERNELS_WARP_SPECIALIZED=1 opts into the Gluon warp-specialised forward."""
+    return os.environ.get(WARP_SPECIALIZED_ENV, "0") == "1"
+
+
 def _warp_specialized_forward(call, q, k, v):
     """The Gluon warp-specialised forward's module when opted in and usable, else None."""
-    if os.environ.get(WARP_SPECIALIZED_ENV, "0") != "1":
+    if not warp_specialized_opted_in():
         return None
     try:
         from ...experimental import gluon_forward as gluon
@@ -512,14 +518,20 @@ def _warp_specialized_forward(call, q, k, v):
 class KernelLaunch:
     """One launch of `kernel` with the arguments a call's layout fixes (sizes, strides,
     constexprs, grid, config): called with a call's tensors, it launches the kernel on them
-    (through `run`)."""
+    (through `run`). `first` is the launch of the call that plans it, which also checks the
+    compile's local memory against the config's budget; the kept launches skip that check
+    (the compile of a layout does not change)."""
     kernel: object
     grid: tuple
     config: object
     fixed: dict
 
-    def __call__(self, call, **tensors):
+    def first(self, call, **tensors):
         run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call)
+
+    def __call__(self, call, **tensors):
+        run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call,
+            check_local=False)
 
 
 def _layout_key(read, call, scale, l2, lengths, *tensors):
@@ -629,7 +641,7 @@ def _merge_splits(call, part_out, part_lse, out, lse, i64):
                      I64=i64)
         merge = KernelLaunch(memory_read_merge_kernel,
                              (cdiv(HW, config.block_m), cdiv(Cv, config.block_v), B), config, fixed)
-        merge(call, po=part_out, plse=part_lse, o=out, lse=lse)
+        merge.first(call, po=part_out, plse=part_lse, o=out, lse=lse)
         return merge
 
     return launch_first_that_runs("merge", call, _signature(call, out.dtype, i64), launch)
@@ -641,8 +653,9 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     positions per object (validated by the caller). Planned once per layout (_layout_key)."""
     _check_device(q, k, v)
     call = _call(k, "forward", l2)
-    opted_in = os.environ.get(WARP_SPECIALIZED_ENV, "0") == "1"  # the Gluon forward's own plan
-    layout = None if opted_in else _layout_key("forward", call, scale, l2, lengths, q, k, v)
+    # the opted-in Gluon forward plans its own launches
+    layout = None if warp_specialized_opted_in() else _layout_key("forward", call, scale, l2,
+                                                                   lengths, q, k, v)
     result = _run_prepared(layout, q, k, v, lengths)
     if result is not None:
         return result
@@ -670,7 +683,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
                      BLOCK_N=config.block_n, BLOCK_V=plan.block_v, NUM_V=plan.num_v,
                      STREAM_Q=config.stream_queries, **arguments)
         forward = KernelLaunch(memory_read_fwd_kernel, plan.grid(B), config, fixed)
-        forward(call, o=part_out, lse=part_lse, **inputs)
+        forward.first(call, o=part_out, lse=part_lse, **inputs)
         merge = None
         if plan.splits > 1:
             merge = _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
@@ -794,7 +807,7 @@ def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v):
                      BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"], ALIGN_V=align_v,
                      STREAM_Q=config.stream_queries, **shared)
         dq = KernelLaunch(memory_read_bwd_kernel_dq, plan["grid"], config, fixed)
-        dq(call, v=v, ksq=ksq, delta=delta, dq_parts=parts, **inputs)
+        dq.first(call, v=v, ksq=ksq, delta=delta, dq_parts=parts, **inputs)
         return parts, dq
 
     parts, dq = launch_first_that_runs("dq", call, _signature(
@@ -841,7 +854,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                      STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **shared)
         launch = KernelLaunch(memory_read_bwd_kernel_dv, (cdiv(N, config.block_n), B * num_v),
                               config, fixed)
-        launch(call, dv=dv, **inputs)
+        launch.first(call, dv=dv, **inputs)
         return dv, launch
 
     def launch_dkdq(config, atomic_dq):
@@ -857,7 +870,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                      VOLATILE_K=call.volatile_keys(l2) and not atomic_dq, **shared)
         launch = KernelLaunch(memory_read_bwd_kernel_dkdq, (cdiv(N, config.block_n), B), config,
                               fixed)
-        launch(call, v=v, delta=delta, dk=dk, dq=dq, **inputs)
+        launch.first(call, v=v, delta=delta, dk=dk, dq=dq, **inputs)
         return dk, dq, launch
 
     with device_context(device), kernels_in_sequence(call, "backward pass", signature):
@@ -943,7 +956,7 @@ def _selected_keys(q, k, top_k, scale, l2, lengths):
                      **flags)
         selection = KernelLaunch(memory_read_topk_kernel, (plan.m_blocks, B, plan.splits),
                                  config, fixed)
-        selection(call, keys=keys, **tensors)
+        selection.first(call, keys=keys, **tensors)
         return keys, PreparedSingle(call, selection, "keys", shape, torch.int64, inputs)
 
     with device_context(k.device):
@@ -1009,7 +1022,7 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
                      STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **flags)
         counting = KernelLaunch(memory_read_usage_kernel, (cdiv(N, config.block_n), B), config,
                                 fixed)
-        counting(call, usage=usage, **tensors)
+        counting.first(call, usage=usage, **tensors)
         return usage, PreparedSingle(call, counting, "usage", (B, N), torch.float32,
                                      _usage_inputs)
 
