@@ -28,20 +28,6 @@ def fresh_memory(monkeypatch):
 
 
 @pytest.fixture
-def plannings(monkeypatch):
-    """{kernel name: times a config was chosen for it} (launch_first_that_runs calls)."""
-    counts = {}
-    real = launch.launch_first_that_runs
-
-    def counted(kernel, call, signature, run):
-        counts[kernel] = counts.get(kernel, 0) + 1
-        return real(kernel, call, signature, run)
-
-    monkeypatch.setattr(launch, "launch_first_that_runs", counted)
-    return counts
-
-
-@pytest.fixture
 def checked_launches(monkeypatch):
     """[kernel name] of every launch, each checked to pass exactly its kernel's parameters."""
     real, launches = launch.run, []
