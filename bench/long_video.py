@@ -251,14 +251,17 @@ def run_variant(spec):
 
 def summary(payload):
     """Markdown table: per variant and length, fps, memory and the read's share of a frame
-    (with --input-resolutions, per input resolution instead)."""
+    (with --input-resolutions, per input resolution instead). "beyond memory" is the peak less
+    the memory bank: a frame's working memory, flat where only the bank grows (the fused read),
+    growing with the memory where the read materialises the affinity (the naive one); "-" where
+    the bank is offloaded to the host."""
     if any(record.get("input_size") for record in payload["records"]):
         return _resolutions_summary(payload)
     rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
             f"{payload['model_name']}, mem_every={payload['mem_every']}.", "",
             "| variant | read | frames | memory frames | fps | fps (last 100) | peak MiB | "
-            "memory MiB | read ms/frame (last) | rest ms/frame (last) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "memory MiB | beyond memory MiB | read ms/frame (last) | rest ms/frame (last) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in payload["records"]:
         ends = _last_read_and_rest(record)
         for c in record["checkpoints"]:
@@ -267,11 +270,20 @@ def summary(payload):
             rows.append(f"| {record['variant']} | {record['read_backend']} | {c['length']} | "
                         f"{c['memory_frames']} | {c['fps']:.1f} | {c['fps_last_100']:.1f} | "
                         f"{common.mib(c['peak_mem_bytes'])} | {c['memory_bytes'] / 2**20:.0f} | "
-                        f"{read} | {rest} |")
+                        f"{common.mib(_beyond_memory(record, c))} | {read} | {rest} |")
         if record["status"] != "ok":
             rows.append(f"| {record['variant']} | {record['read_backend']} | "
-                        f"{record['status']} | | | | | | | |")
+                        f"{record['status']} | | | | | | | | |")
     return "\n".join(rows)
+
+
+def _beyond_memory(record, checkpoint):
+    """Bytes of a checkpoint's peak beyond its memory bank, or None where the bank is not on
+    the device the peak measures (offload) or the peak is unknown."""
+    if VARIANTS.get(record["variant"], {}).get("offload") or \
+            checkpoint["peak_mem_bytes"] is None:
+        return None
+    return checkpoint["peak_mem_bytes"] - checkpoint["memory_bytes"]
 
 
 def _last_read_and_rest(record):

@@ -116,6 +116,25 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
     assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out
 
 
+def test_long_video_table_shows_the_peak_beyond_the_memory_bank():
+    """Issue 57 item 7's memory goal read off the table: the peak less the bank, per length
+    ("-" for an offloaded bank, whose bytes are not on the device the peak measures)."""
+    def checkpoint(length, peak_mib, memory_mib):
+        return dict(length=length, memory_frames=length // 5, fps=40.0, fps_last_100=40.0,
+                    peak_mem_bytes=peak_mib * 2**20, memory_bytes=memory_mib * 2**20)
+    records = [dict(variant=variant, read_backend="triton", status="ok", read_timed=True,
+                    checkpoints=[checkpoint(100, 300 + growth, 20),
+                                 checkpoint(1000, 500 + 10 * growth, 200)],
+                    frame_index=list(range(1000)), frame_ms=[25.0] * 1000, read_ms=[5.0] * 1000)
+               for variant, growth in (("fused", 0), ("naive", 90), ("fused-offload", 0))]
+    table = long_video.summary(dict(video="v", size=[480, 854], model_name="official",
+                                    mem_every=5, records=records))
+    assert "| fused | triton | 100 | 20 | 40.0 | 40.0 | 300 | 20 | 280 | 5.00 | 20.00 |" in table
+    assert "| fused | triton | 1000 | 200 | 40.0 | 40.0 | 500 | 200 | 300 |" in table
+    assert "| naive | triton | 1000 | 200 | 40.0 | 40.0 | 1400 | 200 | 1200 |" in table
+    assert "| fused-offload | triton | 1000 | 200 | 40.0 | 40.0 | 500 | 200 | - |" in table
+
+
 def test_long_video_stops_a_variant_at_its_time_limit(tmp_path, monkeypatch, capsys):
     """--time-limit (a lent GPU's 10-minute call): the variant stops after the frame that
     crossed it, recorded with a checkpoint there; the file is complete. The limit is 1 ns: the
