@@ -254,7 +254,9 @@ def summary(payload):
     (with --input-resolutions, per input resolution instead). "beyond memory" is the peak less
     the memory bank: a frame's working memory, flat where only the bank grows (the fused read),
     growing with the memory where the read materialises the affinity (the naive one); "-" where
-    the bank is offloaded to the host."""
+    the bank is offloaded to the host. It includes the bank's growth copy: when the bank
+    doubles, its old storage (half the new) is held beside the new while the frames are
+    copied; the fused and naive reads share that term."""
     if any(record.get("input_size") for record in payload["records"]):
         return _resolutions_summary(payload)
     rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
