@@ -25,9 +25,10 @@
 #      The scaling sweep (measured on an H100 and an H200, 2026-11-26/27) is the `peers`
 #      stage's now: item 7 had never been measured on a GPU, the `second` call that held it
 #      had 102 s left when it came.
-#   2. `second`, the next call (or the next lease): the self-test (about 100 s warm, 5 minutes
-#      cold: cut off at mark 240, it saves its report after every check), `bench long-video`
-#      longer (75 s a variant), Cutie at 480p for what is left (35 s each).
+#   2. `second`, the next call (or the next lease), what `first` leaves of item 7 after the
+#      self-test (about 100 s warm, 5 minutes cold: cut off at mark 240, it saves its report
+#      after every check): Cutie at 1080p (60 s each), then the fused read's long video alone
+#      toward 10,000 frames for what is left.
 #   3. `peers` (the whole peers sweep: the targets, then the scaling sweep to N = 2.6 M as far
 #      as the time goes, saved after every point), `profile` (Nsight Compute at the target
 #      shape: the DRAM and L2 bytes, tensor-pipe use and occupancy of docs/kernels.md's
@@ -39,7 +40,7 @@
 #   bash tools/gpu_session/gpu_session.sh first      # host path, peers at the targets, long video,
 #                                                    # Cutie at 480p, the GPU tests
 #   bash tools/gpu_session/gpu_session.sh peers      # the peers sweep: targets, then scaling
-#   bash tools/gpu_session/gpu_session.sh second     # self-test, long video, Cutie at 480p
+#   bash tools/gpu_session/gpu_session.sh second     # self-test, Cutie at 1080p, the fused long video
 #   bash tools/gpu_session/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
 #   bash tools/gpu_session/gpu_session.sh cutie      # Cutie's read vs fused at 480p and 1080p
 #   bash tools/gpu_session/gpu_session.sh suspects   # memcheck on the dK/dQ tilings Triton 3.6
@@ -122,12 +123,12 @@ case "${1:-tests}" in
     # time goes (saved after every point).
     timed "$(until_mark 570)" "${PEERS[@]}" ;;
   second)
-    # The next call: the self-test, the long video (issue 57 item 7: official size, 480p,
-    # mem_every 5, fused vs naive, 75 s each after a 5-frame warm-up), Cutie at 480p.
+    # The next call: the self-test, Cutie at 1080p (issue 57 item 7; `first` ran 480p), the
+    # fused read's long video alone (official size, 480p, mem_every 5) toward 10,000 frames.
     timed "$(until_mark 240)" python3 -m stm_kernels.selftest --json "$OUT/selftest.json"
-    timed "$(until_mark 470)" python3 -m bench long-video --variants fused naive \
-      --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 75 --warmup 5
-    cutie_step "$(until_mark 570)" --size 480 854 --lengths 1000 3000 10000 --time-limit 35 ;;
+    cutie_step "$(until_mark 400)" --size 1080 1920 --lengths 300 1000 3000 --time-limit 60
+    timed "$(until_mark 570)" python3 -m bench long-video --variants fused \
+      --lengths 100 300 1000 3000 10000 --mem-every 5 --warmup 5 ;;
   cutie)
     # Cutie's own read against the fused one at 480p and 1080p (issue 57 item 7), 120 s a run.
     cutie_step "$(until_mark 290)" --size 480 854 --lengths 1000 3000 10000 30000 \

@@ -226,24 +226,25 @@ def test_a_peers_sweep_that_runs_long_is_stopped_and_the_stage_still_ends_in_tim
     assert 21 <= seconds < 32, seconds
 
 
-def test_second_stage_runs_the_self_test_the_long_video_and_cutie(tmp_path, monkeypatch):
+def test_second_stage_runs_the_self_test_cutie_at_1080p_and_the_fused_long_video(
+        tmp_path, monkeypatch):
     from bench import integrations, long_video
     completed, lines, _ = _run_stage(tmp_path, "second", 585, shim_seconds=0)
     assert [line.split(" | ")[1] for line in lines] == ["finished"] * 3, completed.stdout
-    selftest, video, cutie = (line.split(" | ")[0].split() for line in lines)
+    selftest, cutie, video = (line.split(" | ")[0].split() for line in lines)
     assert selftest == ["-m", "stm_kernels.selftest", "--json", f"{tmp_path}/out/selftest.json"]
-    assert video[:3] == ["-m", "bench", "long-video"]
-    options = parsed_options(long_video, video[3:], monkeypatch)
-    # issue 57 item 7: fused against naive, mem_every 5, to 10,000 frames (as far as time goes)
-    assert options.variants == ["fused", "naive"] and options.mem_every == 5
-    assert max(options.lengths) == 10000 and options.time_limit == 75
-    assert options.model is None and options.size is None  # the GPU defaults: official, 480p
-    assert long_video.DEFAULTS["cuda"]["model"] == "official"
-    assert tuple(long_video.DEFAULTS["cuda"]["size"]) == (480, 854)
     assert cutie[:3] == ["-m", "bench", "integrations"]
     options = parsed_options(integrations, cutie[3:], monkeypatch)
     assert options.models == ["cutie"] and options.reads == ["original", "fused"]
-    assert options.size == [480, 854]
+    assert options.size == [1080, 1920]  # `first` ran 480p
+    assert video[:3] == ["-m", "bench", "long-video"]
+    options = parsed_options(long_video, video[3:], monkeypatch)
+    # issue 57 item 7: the fused read toward 10,000 frames, until the stage's SIGINT
+    assert options.variants == ["fused"] and options.mem_every == 5
+    assert max(options.lengths) == 10000 and options.time_limit is None
+    assert options.model is None and options.size is None  # the GPU defaults: official, 480p
+    assert long_video.DEFAULTS["cuda"]["model"] == "official"
+    assert tuple(long_video.DEFAULTS["cuda"]["size"]) == (480, 854)
 
 
 def test_cutie_stage_runs_480p_and_1080p_or_says_what_to_carry(tmp_path):
