@@ -18,7 +18,8 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
         "backward launcher, no launch", "top-7 selection launcher, no launch",
         "usage launcher, no launch", "op, no launch", "forward + backward, no launch")]
     assert [(row["layer"], row["N"]) for row in payload["records"]] == [
-        ("launcher, no launch", 1620), ("launcher, no launch", 3240)] + [
+        (layer, n) for n in (1620, 3240) for layer in (
+            "launcher, no launch", "launcher, no launch, planned every call")] + [
         (layer, host_path.SMALL_N) for layer in small * launch.INTERPRETING]
     assert all(0 < row["us"] < 1e6 for row in payload["records"])
     assert [(profile["layer"], profile["N"]) for profile in payload["profiles"]] == [
@@ -44,6 +45,27 @@ def test_recorded_launches_are_the_forwards_kernels_with_their_arguments():
     grid, arguments, options = launches[0][1:]
     assert arguments["q"] is not None and arguments["N"] == 16200 and arguments["HW"] == 1620
     assert grid[2] > 1 and options["num_warps"] in (4, 8)
+
+
+def test_planning_every_call_keeps_nothing_and_restores_the_kept_launches(plannings):
+    """The A/B rows' switch: inside it every forward plans; outside, the launches kept before
+    it are used again."""
+    q = torch.empty(1, 128, 1620, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 128, 16200, dtype=torch.bfloat16, device="meta")
+    v = torch.empty(1, 512, 16200, dtype=torch.bfloat16, device="meta")
+    launch.forget_choices()
+    with devices.pretend(host_path.H100), launch.recording(host_path._nothing):
+        launch.triton_forward(q, k, v, 0.1, False)
+        kept = dict(launch._prepared)
+        assert len(kept) == 1 and plannings["forward"] == 1
+        with host_path.planning_every_call():
+            for _ in range(2):
+                launch.triton_forward(q, k, v, 0.1, False)
+            assert not launch._prepared
+        assert plannings["forward"] == 3 and launch._prepared == kept
+        launch.triton_forward(q, k, v, 0.1, False)
+    assert plannings["forward"] == 3  # the kept launch ran
+    launch.forget_choices()
 
 
 def test_per_call_time_counts_every_call():

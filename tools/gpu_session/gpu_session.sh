@@ -7,9 +7,9 @@
 # (1-2 minutes) and one full call, sometimes a short second one. So:
 #   1. `first` is the lease's one call, what no offline work can give, in the order issue 57
 #      is judged by:
-#      - until mark 90 of 600: the host path's layers (host_path.py; at N = 16,200 about 80% of
-#        a read was host time on 2026-11-27; the forward and backward kernels compile cold
-#        here first);
+#      - until mark 100 of 600: the host path's layers (host_path.py; at N = 16,200 about 80%
+#        of a read was host time on 2026-11-27; the forward and backward kernels compile cold
+#        here first), at N = 16,200 first, each with and without the kept launches;
 #      - until mark 230: the fused read against every peer (bench kernel: SDPA split into
 #        Ck-wide value chunks with flash and with cuDNN forced, FlexAttention compiled, the
 #        chunked torch read, the naive read, full-width SDPA, the same run's 8192^3 matmuls)
@@ -112,7 +112,7 @@ case "${1:-tests}" in
     # The one call of a 15-minute lease (header): the host path's layers (their kernels'
     # compiles on a fresh machine, then about 20 s; saved after every row), the peers at the
     # target points, warm, the long video and Cutie (issue 57 item 7), the GPU tests.
-    timed "$(until_mark 90)" python3 -m tools.gpu_session.host_path --ns 1620 16200
+    timed "$(until_mark 100)" python3 -m tools.gpu_session.host_path --ns 16200 1620
     timed "$(until_mark 230)" "${TARGETS[@]}"
     timed "$(until_mark 390)" python3 -m bench long-video --variants fused naive \
       --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 60 --warmup 5

@@ -18,6 +18,9 @@ measurement, not a guess:
     forward + backward     memory_read(...).backward(grad), then the backward's launcher with
                            and without its launches
     peer                   bench kernel's sdpa_flash_split: four SDPA calls and a cat
+    ..., planned every call   the op, forward + backward and both launchers again with no
+                           launch kept (planning_every_call): the kept launches' saving,
+                           measured in the same run
 
 Beside the rows, cProfile's view of three of them (the forward through the op, forward +
 backward, the backward's launcher; without CUDA the launcher's Python): the functions with the
@@ -41,6 +44,7 @@ only under TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
 Writes bench/results/host_path_<device>_<date>.json.
 """
 import argparse
+import contextlib
 import cProfile
 import pathlib
 import pstats
@@ -122,6 +126,21 @@ def recorded_launches(run):
 
 def _nothing(kernel, grid, arguments, config, options):
     return None
+
+
+@contextlib.contextmanager
+def planning_every_call():
+    """Within the block the launchers keep no launches: every call plans as a layout's first
+    call does (the launchers before they kept launches), for an A/B within one run. The kept
+    launches are set aside and restored after."""
+    kept, keep = dict(launch._prepared), launch._keep_prepared
+    launch._prepared.clear()
+    launch._keep_prepared = lambda layout, prepared: None
+    try:
+        yield
+    finally:
+        launch._keep_prepared = keep
+        launch._prepared.update(kept)
 
 
 SMALL = "(HW 20, N 64 on the CPU)"  # the rows of _small_cpu_layers, in their names
@@ -208,6 +227,8 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         with devices.pretend(H100), launch.recording(_nothing):
             row("launcher, no launch", forward)
             profile("launcher, no launch", forward)
+            with planning_every_call():
+                row("launcher, no launch, planned every call", forward)
         return rows
     def op():
         return memory_read(q, k, v, backend="triton")
@@ -235,6 +256,12 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         return launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
 
     launcher_rows("backward ", backward)
+    with planning_every_call():
+        with torch.no_grad():
+            row("op, planned every call", op)
+            row("launcher, planned every call", forward)
+        row("forward + backward, planned every call", forward_backward)
+        row("backward launcher, planned every call", backward)
     with torch.no_grad():
         profile("op", op)
     profile("forward + backward", forward_backward)

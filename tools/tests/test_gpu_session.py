@@ -175,7 +175,7 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0)
     assert [line.split(" | ")[1] for line in lines] == ["finished"] * 5, completed.stdout
     host, peers, video, cutie, tests = (line.split(" | ")[0].split() for line in lines)
-    assert host == ["-m", "tools.gpu_session.host_path", "--ns", "1620", "16200"]
+    assert host == ["-m", "tools.gpu_session.host_path", "--ns", "16200", "1620"]
     assert peers[:3] == ["-m", "bench", "kernel"]
     options = parsed_options(kernel, peers[3:], monkeypatch)
     assert options.sweeps == ["targets"] and options.batches == [1]
@@ -212,7 +212,7 @@ def test_peers_stage_sweeps_the_targets_then_the_scaling(tmp_path, monkeypatch):
 
 
 def test_a_peers_sweep_that_runs_long_is_stopped_and_the_stage_still_ends_in_time(tmp_path):
-    # STAGE_LIMIT=60: the host path's mark (90 of 600 s) is 9 s, too little to start it; the
+    # STAGE_LIMIT=60: the host path's mark (100 of 600 s) is 10 s, too little to start it; the
     # targets' (230 of 600 s) is 23 s, so the sweep is interrupted there; the later marks,
     # capped at 60 - 30 = 30 s, leave the rest at most 7 s: no time.
     completed, lines, seconds = _run_stage(tmp_path, "first", 60)
