@@ -19,7 +19,8 @@
 #        random weights at 480p, mem_every 5, bf16, fused against naive read, 60 s each after a
 #        5-frame warm-up);
 #      - until mark 465: Cutie's own read against the fused one at 480p, 30 s each;
-#      - the GPU tests in 12 workers until mark 570.
+#      - the GPU tests in 12 workers: those of the kept launches and the CUDA graphs (never
+#        run on a GPU) until mark 495, the others until 570.
 #      Budget, measured on an H100 on 2026-11-27: the warm-up of 14 series 33 s, the whole
 #      peers sweep with both scaling sweeps to N = 2.6 M about 330 s, the GPU tests 120 s.
 #      The scaling sweep (measured on an H100 and an H200, 2026-11-26/27) is the `peers`
@@ -117,7 +118,14 @@ case "${1:-tests}" in
     timed "$(until_mark 390)" python3 -m bench long-video --variants fused naive \
       --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 60 --warmup 5
     cutie_step "$(until_mark 465)" --size 480 854 --lengths 1000 3000 10000 --time-limit 30
-    gpu_tests "$(until_mark 570)" gpu_tests.xml gpu 12 90 tests ;;
+    # the tests of what has never run on a GPU first, in a pytest run of their own (pytest
+    # collects overlapping paths in tree order, not in the order given), then the rest
+    new_tests="tests/kernels/test_prepared_launch_gpu.py tests/kernels/test_cuda_graphs.py"
+    # shellcheck disable=SC2086
+    gpu_tests "$(until_mark 495)" gpu_tests_new.xml gpu 12 60 $new_tests
+    # shellcheck disable=SC2086
+    gpu_tests "$(until_mark 570)" gpu_tests.xml gpu 12 90 tests \
+      $(printf -- '--ignore=%s ' $new_tests) ;;
   peers)
     # The whole peers sweep: the targets, then the scaling sweep to N = 2.6 M as far as the
     # time goes (saved after every point).

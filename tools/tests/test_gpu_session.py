@@ -173,8 +173,9 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     pytest.importorskip("matplotlib")
     from bench import integrations, kernel, long_video
     completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0)
-    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 5, completed.stdout
-    host, peers, video, cutie, tests = (line.split(" | ")[0].split() for line in lines)
+    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 6, completed.stdout
+    host, peers, video, cutie, new_tests, tests = (line.split(" | ")[0].split()
+                                                   for line in lines)
     assert host == ["-m", "tools.gpu_session.host_path", "--ns", "16200", "1620"]
     assert peers[:3] == ["-m", "bench", "kernel"]
     options = parsed_options(kernel, peers[3:], monkeypatch)
@@ -191,14 +192,21 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     assert cutie[:3] == ["-m", "bench", "integrations"]
     assert options.models == ["cutie"] and options.reads == ["original", "fused"]
     assert options.size == [480, 854] and options.time_limit == 30
-    assert tests[:3] == ["-m", "pytest", "-v"] and tests[-1] == "tests"
-    assert "gpu" in tests and f"{tmp_path}/out/gpu_tests.xml" in tests
+    # what has never run on a GPU first, in a run of its own (files that exist), then the rest
+    first_files = ["tests/kernels/test_prepared_launch_gpu.py",
+                   "tests/kernels/test_cuda_graphs.py"]
+    assert all((ROOT / path).exists() for path in first_files)
+    assert new_tests[:3] == ["-m", "pytest", "-v"] and new_tests[-2:] == first_files
+    assert "gpu" in new_tests and f"{tmp_path}/out/gpu_tests_new.xml" in new_tests
+    assert tests[:3] == ["-m", "pytest", "-v"] and "gpu" in tests
+    assert f"{tmp_path}/out/gpu_tests.xml" in tests
+    assert tests[-3:] == ["tests"] + [f"--ignore={path}" for path in first_files]
 
 
 def test_first_stage_says_what_to_carry_where_cutie_is_missing(tmp_path):
     completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0,
                                      SHIM_NO_CUTIE="1")
-    assert len(lines) == 4 and not any("integrations" in line for line in lines), lines
+    assert len(lines) == 5 and not any("integrations" in line for line in lines), lines
     assert "== no Cutie here: run python -m tools.gpu_session.deps" in completed.stdout
 
 
