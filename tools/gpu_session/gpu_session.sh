@@ -15,12 +15,13 @@
 #        chunked torch read, the naive read, full-width SDPA, the same run's 8192^3 matmuls)
 #        at the target points only (bf16, B = 1, HW = 1,620, Ck = 128, Cv = 512; N = 16,200 /
 #        64,800 / 162,000, forward and forward + backward) after a warm-up of every series;
-#      - until mark 390: `bench long-video` at item 7's settings (the official-size STM with
-#        random weights at 480p, mem_every 5, bf16, fused against naive read, 60 s each after a
+#      - until mark 385: `bench long-video` at item 7's settings (the official-size STM with
+#        random weights at 480p, mem_every 5, bf16, fused against naive read, 55 s each after a
 #        5-frame warm-up);
-#      - until mark 465: Cutie's own read against the fused one at 480p, 30 s each;
-#      - the GPU tests in 12 workers: those of the kept launches and the CUDA graphs (never
-#        run on a GPU) until mark 495, the others until 570.
+#      - until mark 455: Cutie's own read against the fused one at 480p, 25 s each;
+#      - the GPU tests: those of the kept launches and the CUDA graphs (never run on a GPU)
+#        in 4 workers until mark 515 (fewer workers compile fewer duplicate kernels), the
+#        others in 12 until 570.
 #      Budget, measured on an H100 on 2026-11-27: the warm-up of 14 series 33 s, the whole
 #      peers sweep with both scaling sweeps to N = 2.6 M about 330 s, the GPU tests 120 s.
 #      The scaling sweep (measured on an H100 and an H200, 2026-11-26/27) is the `peers`
@@ -115,14 +116,14 @@ case "${1:-tests}" in
     # target points, warm, the long video and Cutie (issue 57 item 7), the GPU tests.
     timed "$(until_mark 100)" python3 -m tools.gpu_session.host_path --ns 16200 1620
     timed "$(until_mark 230)" "${TARGETS[@]}"
-    timed "$(until_mark 390)" python3 -m bench long-video --variants fused naive \
-      --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 60 --warmup 5
-    cutie_step "$(until_mark 465)" --size 480 854 --lengths 1000 3000 10000 --time-limit 30
+    timed "$(until_mark 385)" python3 -m bench long-video --variants fused naive \
+      --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 55 --warmup 5
+    cutie_step "$(until_mark 455)" --size 480 854 --lengths 1000 3000 10000 --time-limit 25
     # the tests of what has never run on a GPU first, in a pytest run of their own (pytest
     # collects overlapping paths in tree order, not in the order given), then the rest
     new_tests="tests/kernels/test_prepared_launch_gpu.py tests/kernels/test_cuda_graphs.py"
     # shellcheck disable=SC2086
-    gpu_tests "$(until_mark 495)" gpu_tests_new.xml gpu 12 60 $new_tests
+    gpu_tests "$(until_mark 515)" gpu_tests_new.xml gpu 4 60 $new_tests
     # shellcheck disable=SC2086
     gpu_tests "$(until_mark 570)" gpu_tests.xml gpu 12 90 tests \
       $(printf -- '--ignore=%s ' $new_tests) ;;

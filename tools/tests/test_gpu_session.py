@@ -186,12 +186,12 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     options = parsed_options(long_video, video[3:], monkeypatch)
     assert video[:3] == ["-m", "bench", "long-video"]
     assert options.variants == ["fused", "naive"] and options.mem_every == 5
-    assert max(options.lengths) == 10000 and options.time_limit == 60 and options.warmup == 5
+    assert max(options.lengths) == 10000 and options.time_limit == 55 and options.warmup == 5
     assert options.model is None and options.size is None
     options = parsed_options(integrations, cutie[3:], monkeypatch)
     assert cutie[:3] == ["-m", "bench", "integrations"]
     assert options.models == ["cutie"] and options.reads == ["original", "fused"]
-    assert options.size == [480, 854] and options.time_limit == 30
+    assert options.size == [480, 854] and options.time_limit == 25
     # what has never run on a GPU first, in a run of its own (files that exist), then the rest
     first_files = ["tests/kernels/test_prepared_launch_gpu.py",
                    "tests/kernels/test_cuda_graphs.py"]
