@@ -145,6 +145,15 @@ def peak_bytes(device):
     return common.status_bytes("VmHWM")
 
 
+def reserved_frames(spec):
+    """With --reserve-memory, the memory frames of the longest length plus the previous frame
+    and a spare (VideoSegmenter(max_memory_frames=...) allocates them up front and never
+    evicts below that); else None (the bank grows by doubling)."""
+    if not spec.get("reserve_memory"):
+        return None
+    return -(-max(spec["lengths"]) // spec["mem_every"]) + 2
+
+
 def run_variant(spec):
     """Segment the long video with one variant; returns its record (run in a fresh process)."""
     from stm_model.inference.video_segmenter import VideoSegmenter
@@ -170,6 +179,7 @@ def run_variant(spec):
                              align_corners=False)[0]
 
     segmenter = VideoSegmenter(model, mem_every=spec["mem_every"],
+                               max_memory_frames=reserved_frames(spec),
                                memory_dtype=options.get("memory_dtype"),
                                offload=options.get("offload", False), read_backend=backend,
                                amp_dtype="bf16" if device.type == "cuda" else None,
@@ -259,8 +269,10 @@ def summary(payload):
     copied; the fused and naive reads share that term."""
     if any(record.get("input_size") for record in payload["records"]):
         return _resolutions_summary(payload)
+    reserved = ", the memory bank allocated up front for the longest length" \
+        if payload.get("reserve_memory") else ""
     rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
-            f"{payload['model_name']}, mem_every={payload['mem_every']}.", "",
+            f"{payload['model_name']}, mem_every={payload['mem_every']}{reserved}.", "",
             "| variant | read | frames | memory frames | fps | fps (last 100) | peak MiB | "
             "memory MiB | beyond memory MiB | read ms/frame (last) | rest ms/frame (last) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -395,6 +407,10 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop each variant after this many seconds of segmenting "
                              "(recorded, with a checkpoint at the frame reached)")
+    parser.add_argument("--reserve-memory", action="store_true",
+                        help="allocate the memory bank for the longest length up front "
+                             "(VideoSegmenter(max_memory_frames=...)): no doubling copy, so "
+                             "the peak beyond the bank is the frame's own working memory")
     parser.add_argument("--warmup", type=int, default=0,
                         help="frames segmented by a separate segmenter before timing (at least "
                              f"{COMPILE_WARMUP_FRAMES} for compiled variants)")
@@ -415,7 +431,7 @@ def main(argv=None):
                 size=list(size), lengths=lengths, source=source,
                 sequence=args.sequence, mem_every=args.mem_every,
                 max_internal_size=max_internal_size, warmup=args.warmup,
-                time_limit=args.time_limit)
+                time_limit=args.time_limit, reserve_memory=args.reserve_memory)
     payload = common.environment(device)
     payload.update(benchmark="long_video", **{k: v for k, v in spec.items() if k != "device"},
                    peak_mem_note=("CUDA: allocator peak above what was allocated before the "

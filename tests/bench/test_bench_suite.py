@@ -116,6 +116,35 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
     assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out
 
 
+def test_long_video_can_reserve_the_memory_up_front(tmp_path, monkeypatch, capsys):
+    """--reserve-memory: the bank holds the longest length's memory frames from the first
+    frame (no doubling copy), evicts nothing, and the run is a result of its own."""
+    from bench import report
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    arguments = ["--device", "cpu", "--lengths", "6", "60", "--size", "32", "48", "--variants",
+                 "fused", "--source", "synthetic", "--mem-every", "3"]
+    assert long_video.main(arguments + ["--reserve-memory"]) == 0
+    [path] = tmp_path.glob("long_video_cpu_*.json")
+    reserved = json.loads(path.read_text())
+    path.unlink()
+    assert long_video.main(arguments) == 0
+    [path] = tmp_path.glob("long_video_cpu_*.json")
+    growing = json.loads(path.read_text())
+    assert reserved["reserve_memory"] and not growing["reserve_memory"]
+    assert long_video.reserved_frames(reserved) == 60 // 3 + 2
+    [held], [grown] = reserved["records"], growing["records"]
+    frames = [c["memory_frames"] for c in held["checkpoints"]]
+    assert frames == [c["memory_frames"] for c in grown["checkpoints"]]  # nothing evicted
+    assert frames[-1] > 16  # past the growing bank's first 16 slots
+    # the reserved bank's bytes never change; the growing one's double past its 16 slots
+    held_bytes = [c["memory_bytes"] for c in held["checkpoints"]]
+    grown_bytes = [c["memory_bytes"] for c in grown["checkpoints"]]
+    assert held_bytes[0] == held_bytes[-1] == grown_bytes[-1] == 2 * grown_bytes[0]
+    assert report.result_key(reserved) != report.result_key(growing)
+    assert "the memory bank allocated up front for the longest length" in \
+        long_video.summary(reserved)
+
+
 def test_long_video_table_shows_the_peak_beyond_the_memory_bank():
     """Issue 57 item 7's memory goal read off the table: the peak less the bank, per length
     ("-" for an offloaded bank, whose bytes are not on the device the peak measures)."""

@@ -30,7 +30,8 @@
 #   2. `second`, the next call (or the next lease), what `first` leaves of item 7 after the
 #      self-test (about 100 s warm, 5 minutes cold: cut off at mark 240, it saves its report
 #      after every check): Cutie at 1080p (60 s each), then the fused read's long video alone
-#      toward 10,000 frames for what is left.
+#      toward 10,000 frames for what is left, its memory reserved up front (no doubling copy:
+#      the peak beyond the bank is the read's own working memory).
 #   3. `peers` (the whole peers sweep: the targets, then the scaling sweep to N = 2.6 M as far
 #      as the time goes, saved after every point), `profile` (Nsight Compute at the target
 #      shape: the DRAM and L2 bytes, tensor-pipe use and occupancy of docs/kernels.md's
@@ -137,7 +138,7 @@ case "${1:-tests}" in
     timed "$(until_mark 240)" python3 -m stm_kernels.selftest --json "$OUT/selftest.json"
     cutie_step "$(until_mark 400)" --size 1080 1920 --lengths 300 1000 3000 --time-limit 60
     timed "$(until_mark 570)" python3 -m bench long-video --variants fused \
-      --lengths 100 300 1000 3000 10000 --mem-every 5 --warmup 5 ;;
+      --lengths 100 300 1000 3000 10000 --mem-every 5 --warmup 5 --reserve-memory ;;
   cutie)
     # Cutie's own read against the fused one at 480p and 1080p (issue 57 item 7), 120 s a run.
     cutie_step "$(until_mark 290)" --size 480 854 --lengths 1000 3000 10000 30000 \

@@ -250,6 +250,7 @@ def test_second_stage_runs_the_self_test_cutie_at_1080p_and_the_fused_long_video
     # issue 57 item 7: the fused read toward 10,000 frames, until the stage's SIGINT
     assert options.variants == ["fused"] and options.mem_every == 5
     assert max(options.lengths) == 10000 and options.time_limit is None
+    assert options.reserve_memory  # the peak beyond the bank without the doubling copy
     assert options.model is None and options.size is None  # the GPU defaults: official, 480p
     assert long_video.DEFAULTS["cuda"]["model"] == "official"
     assert tuple(long_video.DEFAULTS["cuda"]["size"]) == (480, 854)
