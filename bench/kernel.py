@@ -647,9 +647,10 @@ def plot(payload, path):
 # The README's GPU plot: the target shape (one 480p query frame, one object, bf16).
 READ_PLOT_SHAPE = dict(dtype="bf16", B=1, HW=1620, Ck=128, Cv=512)
 READ_PLOT_PASSES = ("fwd", "fwd+bwd")
+READ_PLOT_SWEEPS = ("targets", "scaling")
 
 
-def read_plot_points(payload, sweeps=("targets", "scaling")):
+def read_plot_points(payload, sweeps=READ_PLOT_SWEEPS):
     """{(provider, pass): {N: record}} of the target shape in a run, the given sweeps together
     (the later record where a point was measured twice)."""
     points = {}
@@ -665,7 +666,7 @@ def read_plot_run(payloads):
     whose scaling sweep measured the fused read at three or more memory sizes of the target
     shape (the curve to millions of positions), else the newest with three or more such sizes
     in any sweep (a targets-only run's three), else the newest with any; None if none has one."""
-    def fused_sizes(payload, sweeps=("targets", "scaling")):
+    def fused_sizes(payload, sweeps=READ_PLOT_SWEEPS):
         found = read_plot_points(payload, sweeps).get((FUSED["cuda"], "fwd"), {})
         return sum(record["status"] == "ok" for record in found.values())
     runs = sorted((p for p in payloads if p.get("device_type") == "cuda" and fused_sizes(p)),

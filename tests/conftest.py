@@ -56,3 +56,14 @@ def plannings(monkeypatch):
 
     monkeypatch.setattr(launch, "launch_first_that_runs", counted)
     return counts
+
+
+@pytest.fixture
+def fresh_launches(monkeypatch):
+    """No remembered choice or kept launch from other tests; outputs NaN-poisoned."""
+    from stm_kernels import poison_outputs
+    from stm_kernels.backends.triton import launch
+    monkeypatch.setattr(launch, "_chosen", {})
+    monkeypatch.setattr(launch, "_prepared", {})
+    with poison_outputs():
+        yield

@@ -9,22 +9,14 @@ import pytest
 import torch
 
 from helpers import TOLERANCE, check_read, random_inputs, read_with_grads, reference_with_grads
-from stm_kernels import memory_read, poison_outputs
+from stm_kernels import memory_read
 from stm_kernels.backends.triton import launch
 from stm_kernels.backends.triton.launch import ForwardConfig, use_configs
 
 pytestmark = [pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
               # the kernels, never the torch backend's fallback, compute every result here
-              pytest.mark.filterwarnings("error::stm_kernels.FallbackWarning")]
-
-
-@pytest.fixture(autouse=True)
-def fresh_memory(monkeypatch):
-    """No remembered choice or prepared launch from other tests; outputs NaN-poisoned."""
-    monkeypatch.setattr(launch, "_chosen", {})
-    monkeypatch.setattr(launch, "_prepared", {})
-    with poison_outputs():
-        yield
+              pytest.mark.filterwarnings("error::stm_kernels.FallbackWarning"),
+              pytest.mark.usefixtures("fresh_launches")]
 
 
 @pytest.fixture

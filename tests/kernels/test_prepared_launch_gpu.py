@@ -15,17 +15,11 @@ from stm_kernels.backends.triton import launch
 
 pytestmark = [pytest.mark.gpu,
               # the kernels, never the torch backend's fallback, compute every result here
-              pytest.mark.filterwarnings("error::stm_kernels.FallbackWarning")]
+              pytest.mark.filterwarnings("error::stm_kernels.FallbackWarning"),
+              pytest.mark.usefixtures("fresh_launches")]
 
 # B, Bq, Ck, Cv, HW, N: the memory split in several parts on any GPU (a merge launch)
 SHAPE = (2, 1, 64, 96, 300, 4000)
-
-
-@pytest.fixture(autouse=True)
-def fresh_memory(monkeypatch):
-    """No remembered choice or prepared launch from other tests."""
-    monkeypatch.setattr(launch, "_chosen", {})
-    monkeypatch.setattr(launch, "_prepared", {})
 
 
 def _kept(kind):
