@@ -1,6 +1,7 @@
 """tools.gpu_session.host_path: the read's host time, layer by layer (its CPU rows here)."""
 import json
 
+import pytest
 import torch
 
 from stm_kernels.backends.triton import devices, launch
@@ -17,9 +18,11 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     small = [f"{layer} {host_path.SMALL}" for layer in (
         "backward launcher, no launch", "top-7 selection launcher, no launch",
         "usage launcher, no launch", "op, no launch", "forward + backward, no launch")]
+    binding = [f"Triton's binding, memory_read_{name}_kernel, no launch"
+               for name in ("fwd", "merge")]
     assert [(row["layer"], row["N"]) for row in payload["records"]] == [
         (layer, n) for n in (1620, 3240) for layer in (
-            "launcher, no launch", "launcher, no launch, planned every call")] + [
+            "launcher, no launch", "launcher, no launch, planned every call", *binding)] + [
         (layer, host_path.SMALL_N) for layer in small * launch.INTERPRETING]
     assert all(0 < row["us"] < 1e6 for row in payload["records"])
     assert [(profile["layer"], profile["N"]) for profile in payload["profiles"]] == [
@@ -47,25 +50,25 @@ def test_recorded_launches_are_the_forwards_kernels_with_their_arguments():
     assert grid[2] > 1 and options["num_warps"] in (4, 8)
 
 
-def test_planning_every_call_keeps_nothing_and_restores_the_kept_launches(plannings):
-    """The A/B rows' switch: inside it every forward plans; outside, the launches kept before
-    it are used again."""
+def test_tritons_binding_binds_every_argument_of_the_recorded_launch():
     q = torch.empty(1, 128, 1620, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, 128, 16200, dtype=torch.bfloat16, device="meta")
     v = torch.empty(1, 512, 16200, dtype=torch.bfloat16, device="meta")
-    launch.forget_choices()
-    with devices.pretend(host_path.H100), launch.recording(host_path._nothing):
-        launch.triton_forward(q, k, v, 0.1, False)
-        kept = dict(launch._prepared)
-        assert len(kept) == 1 and plannings["forward"] == 1
-        with host_path.planning_every_call():
-            for _ in range(2):
-                launch.triton_forward(q, k, v, 0.1, False)
-            assert not launch._prepared
-        assert plannings["forward"] == 3 and launch._prepared == kept
-        launch.triton_forward(q, k, v, 0.1, False)
-    assert plannings["forward"] == 3  # the kept launch ran
-    launch.forget_choices()
+    with devices.pretend(host_path.H100):
+        launches = host_path.recorded_launches(
+            lambda: launch.triton_forward(q, k, v, 0.1, False))
+    forward, merge = host_path.triton_binding_calls(launches).values()
+    key = forward()
+    assert key is not None and forward() is key  # the second call hits the key cache
+    kernel, grid, arguments, options = launches[0]
+    other = {**arguments, "BLOCK_M": arguments["BLOCK_M"] // 2}  # another compile's key
+    [elsewhere] = host_path.triton_binding_calls([(kernel, grid, other, options)]).values()
+    assert elsewhere() != key
+    kernel, grid, arguments, options = launches[1]
+    del arguments["HW"]  # a launch missing an argument fails in Triton's binder
+    [incomplete] = host_path.triton_binding_calls([(kernel, grid, arguments, options)]).values()
+    with pytest.raises(TypeError):
+        incomplete()
 
 
 def test_per_call_time_counts_every_call():

@@ -246,3 +246,21 @@ def test_threads_keeping_layouts_at_the_limit_never_fail(monkeypatch):
     finally:
         sys.setswitchinterval(interval)
     assert errors == [] and len(launch._prepared) <= 4
+
+
+def test_planning_every_call_keeps_and_reuses_nothing_until_it_ends(plannings):
+    """host_path's A/B switch: inside it every read plans and computes its own inputs' result,
+    and nothing is kept; after it, the launches kept before it run again."""
+    first = random_inputs(*SHAPE, torch.float32, "cpu", seed=0)
+    read_with_grads(*first, backend="triton")
+    kept = dict(launch._prepared)
+    assert len(kept) == 2 and plannings["forward"] == plannings["dv"] == 1
+    with launch.planning_every_call():
+        for seed in (3, 4):
+            inputs = random_inputs(*SHAPE, torch.float32, "cpu", seed=seed)
+            check_read(read_with_grads(*inputs, seed=seed, backend="triton"),
+                       reference_with_grads(*inputs, seed=seed), torch.float32)
+        assert launch._prepared == kept
+    assert plannings["forward"] == plannings["dv"] == 3
+    read_with_grads(*first, backend="triton")
+    assert plannings["forward"] == plannings["dv"] == 3  # the kept launches ran

@@ -15,11 +15,13 @@ measurement, not a guess:
     launcher               launch.triton_forward (no custom op, no fallback wrapper)
     launcher, no launch    the same with every kernel launch replaced by nothing: our Python
     Triton launches        the launcher's kernels launched alone, with the arguments it made
+    Triton's binding       of each kernel: Triton's own work before its launch, up to its
+                           compile-cache lookup (triton_binding_calls; also without CUDA)
     forward + backward     memory_read(...).backward(grad), then the backward's launcher with
                            and without its launches
     peer                   bench kernel's sdpa_flash_split: four SDPA calls and a cat
     ..., planned every call   the op, forward + backward and both launchers again with no
-                           launch kept (planning_every_call): the kept launches' saving,
+                           launch kept (launch.planning_every_call): the kept launches' saving,
                            measured in the same run
 
 Beside the rows, cProfile's view of three of them (the forward through the op, forward +
@@ -32,8 +34,9 @@ own profile.
 
 Each row is the wall time per call of `--calls` back-to-back calls, the device synchronised
 only before and after: where the kernels are shorter than the host's work (N = 1,620), that
-is the host time per call. Without CUDA only the forward's "no launch" row runs, on "meta"
-tensors planned for an H100 (devices.pretend): the launcher's Python alone, on this CPU. The
+is the host time per call. Without CUDA only the forward's "no launch" rows run, on "meta"
+tensors planned for an H100 (devices.pretend): the launcher's Python alone, on this CPU, then
+Triton's binding of the two kernels it would launch, for sm_90 on CPU tensors. The
 backward computes with torch, whose operations on meta tensors run Python reference code, far
 slower than CUDA's dispatch: its "no launch" row runs on small CPU tensors instead (HW = 20,
 N = 64, where its torch work takes microseconds; once a run, in the N = 64 column), and so do
@@ -44,7 +47,6 @@ only under TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
 Writes bench/results/host_path_<device>_<date>.json.
 """
 import argparse
-import contextlib
 import cProfile
 import pathlib
 import pstats
@@ -124,23 +126,49 @@ def recorded_launches(run):
     return launches
 
 
+def triton_binding_calls(launches, prefix=""):
+    """{row name: call} of Triton's own host work for each recorded launch, up to its
+    compile-cache lookup: the JIT binder (every argument specialised: alignment, divisibility
+    by 16, value 1), then the cache key. For the current GPU, or without one for an H100's
+    sm_90 with CPU tensors in place of the meta ones. What follows it (the launch metadata, the
+    C launcher, cuLaunchKernel) is the rest of the "Triton launches" row. {} where this Triton
+    lacks the private functions it uses."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime import driver
+        from triton.runtime.jit import (JITFunction, compute_cache_key,
+                                        create_function_from_signature)
+    except ImportError:
+        return {}
+    target = driver.active.get_current_target() if torch.cuda.is_available() else \
+        GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    calls = {}
+    for kernel, _, arguments, options in launches:
+        jitted = JITFunction(kernel.fn)  # the interpreter's kernels have no binder of their own
+        binder = create_function_from_signature(jitted.signature, jitted.params, backend)
+        keywords = {name: _materialised(value) for name, value in arguments.items()}
+        keywords.update(options, debug=False)
+
+        def bind(binder=binder, keywords=keywords, cache={}):  # noqa: B006 - the key cache
+            _, specialization, bound_options = binder(**keywords)
+            return compute_cache_key(cache, specialization, bound_options)
+
+        calls[f"{prefix}Triton's binding, {kernel.fn.__name__}, no launch"] = bind
+    return calls
+
+
+def _materialised(value):
+    """A meta tensor's CPU twin (same shape, strides and dtype: what the binder reads); any
+    other argument as it is."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+    return value
+
+
 def _nothing(kernel, grid, arguments, config, options):
     return None
-
-
-@contextlib.contextmanager
-def planning_every_call():
-    """Within the block the launchers keep no launches: every call plans as a layout's first
-    call does (the launchers before they kept launches), for an A/B within one run. The kept
-    launches are set aside and restored after."""
-    kept, keep = dict(launch._prepared), launch._keep_prepared
-    launch._prepared.clear()
-    launch._keep_prepared = lambda layout, prepared: None
-    try:
-        yield
-    finally:
-        launch._keep_prepared = keep
-        launch._prepared.update(kept)
 
 
 SMALL = "(HW 20, N 64 on the CPU)"  # the rows of _small_cpu_layers, in their names
@@ -219,6 +247,8 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         launches = recorded_launches(run)
         row(f"{prefix}Triton launches", lambda: [kernel[grid](**arguments, **options)
                                                  for kernel, grid, arguments, options in launches])
+        for layer, call in triton_binding_calls(launches, prefix).items():
+            row(layer, call)
 
     def forward():
         return launch.triton_forward(q, k, v, scale, False)
@@ -227,8 +257,11 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         with devices.pretend(H100), launch.recording(_nothing):
             row("launcher, no launch", forward)
             profile("launcher, no launch", forward)
-            with planning_every_call():
+            with launch.planning_every_call():
                 row("launcher, no launch, planned every call", forward)
+            launches = recorded_launches(forward)
+        for layer, call in triton_binding_calls(launches).items():
+            row(layer, call)
         return rows
     def op():
         return memory_read(q, k, v, backend="triton")
@@ -256,7 +289,7 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         return launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
 
     launcher_rows("backward ", backward)
-    with planning_every_call():
+    with launch.planning_every_call():
         with torch.no_grad():
             row("op, planned every call", op)
             row("launcher, planned every call", forward)

@@ -63,6 +63,7 @@ _chosen: dict = {}
 # again.
 _prepared: dict = {}
 PREPARED_LAYOUTS = 256
+_keeping_launches = True  # False inside planning_every_call
 _keeping = threading.Lock()  # held where _prepared changes (reads need none: one dict lookup)
 _warned: set = set()
 
@@ -518,20 +519,17 @@ def _warp_specialized_forward(call, q, k, v):
 class KernelLaunch:
     """One launch of `kernel` with the arguments a call's layout fixes (sizes, strides,
     constexprs, grid, config): called with a call's tensors, it launches the kernel on them
-    (through `run`). `first` is the launch of the call that plans it, which also checks the
-    compile's local memory against the config's budget; the kept launches skip that check
+    (through `run`). first=True is the launch of the call that plans it, which also checks
+    the compile's local memory against the config's budget; the kept launches skip that check
     (the compile of a layout does not change)."""
     kernel: object
     grid: tuple
     config: object
     fixed: dict
 
-    def first(self, call, **tensors):
-        run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call)
-
-    def __call__(self, call, **tensors):
+    def __call__(self, call, first=False, **tensors):
         run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call,
-            check_local=False)
+            check_local=first)
 
 
 def _layout_key(read, call, scale, l2, lengths, *tensors):
@@ -550,7 +548,7 @@ def _run_prepared(layout, *tensors):
     """The result of the launch prepared for `layout` on `tensors`, or None where there is none
     or it failed (dropped then: the caller plans afresh, and a failing candidate falls
     through to the next as on a first call)."""
-    prepared = _prepared.get(layout) if layout is not None else None
+    prepared = _prepared.get(layout) if layout is not None and _keeping_launches else None
     if prepared is None:
         return None
     try:
@@ -562,14 +560,27 @@ def _run_prepared(layout, *tensors):
 
 
 def _keep_prepared(layout, prepared):
-    """Keep a pass's launches for its layout (none while use_configs forces a config), the
-    oldest dropped beyond PREPARED_LAYOUTS."""
-    if layout is None:
+    """Keep a pass's launches for its layout (none while use_configs forces a config, nor
+    inside planning_every_call), the oldest dropped beyond PREPARED_LAYOUTS."""
+    if layout is None or not _keeping_launches:
         return
     with _keeping:  # two threads keeping at the limit must not drop one layout twice
         while _prepared and len(_prepared) >= PREPARED_LAYOUTS:
             del _prepared[next(iter(_prepared))]
         _prepared[layout] = prepared
+
+
+@contextlib.contextmanager
+def planning_every_call():
+    """Within the block no launch is kept or reused: every call plans as a layout's first call
+    does, as the launchers did before they kept launches (an A/B of their saving within one
+    run). The launches kept before the block are kept for after it."""
+    global _keeping_launches
+    previous, _keeping_launches = _keeping_launches, False
+    try:
+        yield
+    finally:
+        _keeping_launches = previous
 
 
 def forget_choices():
@@ -641,7 +652,7 @@ def _merge_splits(call, part_out, part_lse, out, lse, i64):
                      I64=i64)
         merge = KernelLaunch(memory_read_merge_kernel,
                              (cdiv(HW, config.block_m), cdiv(Cv, config.block_v), B), config, fixed)
-        merge.first(call, po=part_out, plse=part_lse, o=out, lse=lse)
+        merge(call, first=True, po=part_out, plse=part_lse, o=out, lse=lse)
         return merge
 
     return launch_first_that_runs("merge", call, _signature(call, out.dtype, i64), launch)
@@ -683,7 +694,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
                      BLOCK_N=config.block_n, BLOCK_V=plan.block_v, NUM_V=plan.num_v,
                      STREAM_Q=config.stream_queries, **arguments)
         forward = KernelLaunch(memory_read_fwd_kernel, plan.grid(B), config, fixed)
-        forward.first(call, o=part_out, lse=part_lse, **inputs)
+        forward(call, first=True, o=part_out, lse=part_lse, **inputs)
         merge = None
         if plan.splits > 1:
             merge = _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
@@ -807,7 +818,7 @@ def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v):
                      BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"], ALIGN_V=align_v,
                      STREAM_Q=config.stream_queries, **shared)
         dq = KernelLaunch(memory_read_bwd_kernel_dq, plan["grid"], config, fixed)
-        dq.first(call, v=v, ksq=ksq, delta=delta, dq_parts=parts, **inputs)
+        dq(call, first=True, v=v, ksq=ksq, delta=delta, dq_parts=parts, **inputs)
         return parts, dq
 
     parts, dq = launch_first_that_runs("dq", call, _signature(
@@ -854,7 +865,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                      STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **shared)
         launch = KernelLaunch(memory_read_bwd_kernel_dv, (cdiv(N, config.block_n), B * num_v),
                               config, fixed)
-        launch.first(call, dv=dv, **inputs)
+        launch(call, first=True, dv=dv, **inputs)
         return dv, launch
 
     def launch_dkdq(config, atomic_dq):
@@ -870,7 +881,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                      VOLATILE_K=call.volatile_keys(l2) and not atomic_dq, **shared)
         launch = KernelLaunch(memory_read_bwd_kernel_dkdq, (cdiv(N, config.block_n), B), config,
                               fixed)
-        launch.first(call, v=v, delta=delta, dk=dk, dq=dq, **inputs)
+        launch(call, first=True, v=v, delta=delta, dk=dk, dq=dq, **inputs)
         return dk, dq, launch
 
     with device_context(device), kernels_in_sequence(call, "backward pass", signature):
@@ -956,7 +967,7 @@ def _selected_keys(q, k, top_k, scale, l2, lengths):
                      **flags)
         selection = KernelLaunch(memory_read_topk_kernel, (plan.m_blocks, B, plan.splits),
                                  config, fixed)
-        selection.first(call, keys=keys, **tensors)
+        selection(call, first=True, keys=keys, **tensors)
         return keys, PreparedSingle(call, selection, "keys", shape, torch.int64, inputs)
 
     with device_context(k.device):
@@ -1022,7 +1033,7 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
                      STREAM_K=config.stream_keys, VOLATILE_K=call.volatile_keys(l2), **flags)
         counting = KernelLaunch(memory_read_usage_kernel, (cdiv(N, config.block_n), B), config,
                                 fixed)
-        counting.first(call, usage=usage, **tensors)
+        counting(call, first=True, usage=usage, **tensors)
         return usage, PreparedSingle(call, counting, "usage", (B, N), torch.float32,
                                      _usage_inputs)
 
