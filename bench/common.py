@@ -378,8 +378,7 @@ def warp_specialized_forward(config):
     """The opt-in warp-specialised Gluon forward under this WarpSpecializedConfig for a block
     (where it cannot run, the launcher warns once and runs the plain forward)."""
     from stm_kernels.backends.triton import launch
-    with environment_variable(launch.WARP_SPECIALIZED_ENV, "1"), \
-            launch.use_configs(warp_specialized=config):
+    with launch.warp_specialized_forward(), launch.use_configs(warp_specialized=config):
         yield
 
 

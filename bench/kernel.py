@@ -20,6 +20,10 @@ every other one is a peer):
     sdpa_cudnn_split  the same with the cuDNN backend forced
     flex              FlexAttention compiled (torch.compile of flex_attention) with the whole
                       value width
+    triton_ws         the fused read with the opt-in warp-specialised Gluon forward
+                      (STM_KERNELS_WARP_SPECIALIZED=1; sm_90 only; its backward is the plain
+                      one): a candidate for sm_90's default (CANDIDATES), not a peer. It has its
+                      "vs" column but never counts as the best peer.
 A peer that cannot run is recorded with its reason, not timed: a forced SDPA backend that
 refuses ("refused: " and the first line of its error, with the first warning that says why),
 FlexAttention that does not compile ("error: " and its first line). The peers get their
@@ -65,13 +69,20 @@ import torch.nn.functional as F
 from bench import common
 from stm_kernels import memory_read, options
 
-PROVIDERS = ("triton", "torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn_split", "flex")
-# The fused read of each device type; every other provider is its peer.
+PROVIDERS = ("triton", "torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn_split", "flex",
+             "triton_ws")
+# The fused read of each device type; every other provider but the candidates is its peer.
 FUSED = {"cuda": "triton", "cpu": "torch"}
+# Other ways of running the fused read, timed beside it to choose the default (never peers).
+CANDIDATES = ("triton_ws",)
+# Providers whose kernels run only on a GPU (on CPU, in Triton's interpreter: not timed).
+GPU_ONLY = ("triton", "triton_ws")
 # The forced SDPA backend of each split peer; its value chunks are Ck wide (128 at the target).
 SPLIT_BACKENDS = {"sdpa_flash_split": "FLASH_ATTENTION", "sdpa_cudnn_split": "CUDNN_ATTENTION"}
 # Providers that may refuse these shapes or fail to compile: recorded with the reason.
-MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex",)
+MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex", "triton_ws")
+# Those whose refusal is a "refused:" (a forced backend, an opt-in that does not apply).
+REFUSING = tuple(SPLIT_BACKENDS) + ("triton_ws",)
 # Providers in SDPA's (B, heads, L, C) layout.
 ATTENTION_LAYOUT = ("sdpa",) + MAY_REFUSE
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -126,6 +137,16 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
 
         def read():
             return flex(q, k, v, scale=scale)
+    elif provider == "triton_ws":
+        reason = _warp_specialized_reason(q, k, v)
+        if reason is not None:
+            raise RuntimeError(f"the Gluon forward does not run here: {reason}")
+
+        from stm_kernels.backends.triton import launch
+
+        def read():
+            with launch.warp_specialized_forward():
+                return memory_read(q, k, v, scale=scale, backend="triton")
     else:
         def read():
             return memory_read(q, k, v, scale=scale, backend=provider)
@@ -147,6 +168,14 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     def call():
         read().backward(grad)
     return call, tensors
+
+
+def _warp_specialized_reason(q, k, v):
+    """Why the opted-in Gluon forward would not run on these inputs (the read would warn and
+    take the plain forward), or None."""
+    from stm_kernels.backends.triton import tilings
+    from stm_kernels.experimental import gluon_forward
+    return gluon_forward.unsupported_reason(q, k, v, tilings.warp_specialized_config())
 
 
 _FLEX = []
@@ -173,7 +202,7 @@ def refusal(provider, error, caught=()):
     """The status of a peer that cannot run: "refused: ..." for a forced SDPA backend (its
     error's first line, and the first warning PyTorch gave for it), "error: Type: ..." for
     anything else (FlexAttention that does not compile)."""
-    if provider in SPLIT_BACKENDS and isinstance(error, RuntimeError):
+    if provider in REFUSING and isinstance(error, RuntimeError):
         why = next((first_line(w.message) for w in caught
                     if "attention" in str(w.message).lower()
                     and not first_line(w.message).endswith(":")), None)
@@ -183,7 +212,8 @@ def refusal(provider, error, caught=()):
 
 def probe(provider, call):
     """None if one call of a peer that may refuse runs, else its refusal status (an out of
-    memory error is raised: run_point records it as such)."""
+    memory error is raised: run_point records it as such). The Gluon candidate is refused
+    where its read warned that it took the plain forward instead."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -194,6 +224,9 @@ def probe(provider, call):
             if "out of memory" in str(error).lower():
                 raise
             return refusal(provider, error, caught)
+    fell_back = [w for w in caught if "STM_KERNELS_WARP_SPECIALIZED" in str(w.message)]
+    if provider == "triton_ws" and fell_back:
+        return f"refused: {first_line(fell_back[0].message)}"
     return None
 
 
@@ -298,7 +331,7 @@ def plan(device, args):
     hw = args.hw or FRAME_POSITIONS[kind]
     # On CPU the fused kernels run only in Triton's interpreter (times that mean nothing);
     # the CUDA-only peers are still asked, and record their refusal.
-    providers = args.providers or [p for p in PROVIDERS if kind == "cuda" or p != "triton"]
+    providers = args.providers or [p for p in PROVIDERS if kind == "cuda" or p not in GPU_ONLY]
     passes = args.passes or list(PASSES)
     main_dtype = "bf16" if kind == "cuda" else "fp32"
     shape_dtypes = args.dtypes or (["fp32-tf32", "fp16", "bf16"] if kind == "cuda" else ["fp32"])
@@ -336,7 +369,7 @@ def run(args):
     """Run the planned sweeps and write the results; returns their path."""
     device = common.pick_device(args.device)
     hw, series = plan(device, args)
-    if device.type == "cpu" and any(s[1] == "triton" for s in series):
+    if device.type == "cpu" and any(s[1] in GPU_ONLY for s in series):
         print("note: triton on CPU runs in the interpreter; its times mean nothing",
               file=sys.stderr)
     payload = common.environment(device)
@@ -449,11 +482,16 @@ def _point(record):
 
 
 def peers_of(payload):
-    """The peers a run has records of (every provider but the fused one), in PROVIDERS order
-    (then any other name, sorted)."""
-    fused = _fused(payload)
-    present = {r["provider"] for r in payload["records"]} - {fused}
+    """The peers a run has records of (every provider but the fused one and the candidates),
+    in PROVIDERS order (then any other name, sorted)."""
+    present = {r["provider"] for r in payload["records"]} - {_fused(payload), *CANDIDATES}
     return [p for p in PROVIDERS if p in present] + sorted(present - set(PROVIDERS))
+
+
+def candidates_of(payload):
+    """The candidates (CANDIDATES) a run has records of."""
+    present = {r["provider"] for r in payload["records"]}
+    return [c for c in CANDIDATES if c in present]
 
 
 def index_points(payload):
@@ -487,9 +525,10 @@ def summary(payload):
     index = index_points(payload)
     fused = _fused(payload)
     peers = peers_of(payload)
+    others = peers + candidates_of(payload)  # a "vs" column each
     rows = ["| sweep | pass | dtype | B | HW | Ck | Cv | N | ms | TFLOP/s | % matmul | peak MiB | "
-            "best peer | vs best peer | " + "".join(f"vs {peer} | " for peer in peers)
-            + "naive peak / peak |", "|---" * (15 + len(peers)) + "|"]
+            "best peer | vs best peer | " + "".join(f"vs {other} | " for other in others)
+            + "naive peak / peak |", "|---" * (15 + len(others)) + "|"]
     seen = set()
     for r in records:
         if r["provider"] != fused or r["status"] != "ok" or \
@@ -502,8 +541,8 @@ def summary(payload):
                  f"{100 * _fraction(payload, r):.0f}%", f"{r['peak_mem_bytes'] / 2**20:.1f}"]
         name, ratio = best_peer(payload, r, index)
         cells += [name or "none ran", f"**{ratio:.2f}x**" if ratio else "n/a"]
-        for peer in peers:
-            base = index.get((peer,) + _point(r))
+        for other in others:
+            base = index.get((other,) + _point(r))
             if base is None:
                 cells.append("n/a")
             elif base["status"] != "ok":
@@ -516,6 +555,10 @@ def summary(payload):
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     rows += ["", "`vs X`: X's time over the fused read's (above 1: the fused read is faster); "
                  "`best peer`: the fastest peer that ran at that point."]
+    if candidates_of(payload):
+        rows[-1] += (" Candidates (" + ", ".join(candidates_of(payload)) + ": other ways of "
+                     "running the fused read, timed to choose the default) are never a peer; "
+                     "below 1, the candidate was faster.")
     rates = payload.get("matmul_tflops") or {}
     if rates:
         size = payload.get("matmul_size") or (8192 if payload["device_type"] == "cuda" else 2048)
@@ -531,7 +574,7 @@ def summary(payload):
                 not r["status"].startswith(("oom", "not run")):
             refused.setdefault((r["provider"], r["status"]), []).append(r)
     if refused:
-        rows += ["", "Peers that did not run, and why:", "",
+        rows += ["", "Peers (and candidates) that did not run, and why:", "",
                  "| peer | passes | points | why |", "|---|---|---|---|"]
         for (provider, status), found in refused.items():
             passes = sorted({r["pass"] for r in found}, key=PASSES.index)
@@ -570,7 +613,7 @@ def out_of_memory_points(payload):
     return limits
 
 
-COLOURS = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2", "C4", "C5", "C6"), strict=True))
+COLOURS = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2", "C4", "C5", "C6", "C7"), strict=True))
 
 
 def _label_best_peers(axis, payload, fused_records, values, index):
@@ -687,7 +730,7 @@ def read_plot(payload, path, source=None):
     import matplotlib.pyplot as plt
     points = read_plot_points(payload)
     fused = FUSED["cuda"]
-    peers = [p for p in PROVIDERS if p not in (fused, "naive")]
+    peers = [p for p in PROVIDERS if p not in (fused, "naive", *CANDIDATES)]
     figure, axis = plt.subplots(1, 1, figsize=(8, 4.8))
     hw = READ_PLOT_SHAPE["HW"]
     styles = {"fwd": dict(linestyle="-", marker="o"), "fwd+bwd": dict(linestyle="--", marker="s")}

@@ -30,6 +30,8 @@ to 16-byte-aligned rows when it is not (it is small). The object dimension is fo
 TMA rows when k/v's batch stride is C * channel stride (contiguous tensors, slices along N);
 otherwise the kernel is launched once per object.
 """
+import dataclasses
+
 import torch
 
 from .._buffers import device_context
@@ -461,6 +463,15 @@ def ws_forward(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=N
     part_out.shape[0]. part_out (splits, B, Cv, HW) and part_lse (splits, B, HW) as
     memory_read_fwd_kernel writes them (out in v's dtype and lse when splits == 1, fp32 partials
     otherwise). per_split: memory positions per split; qk_scale = scale * log2(e)."""
+    launch = prepare(q, k, v, part_out, part_lse, per_split=per_split, qk_scale=qk_scale, l2=l2,
+                     config=config)
+    launch(q, k, v, part_out, part_lse)
+    return part_out, part_lse
+
+
+def prepare(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None):
+    """The WsLaunch of ws_forward's arguments, checked (ValueError where ws_forward cannot run
+    them); it launches on any later call's tensors of the same layout."""
     reason = unsupported_reason(q, k, v, config)
     if reason is not None:
         raise ValueError(f"warp-specialised forward unsupported: {reason}")
@@ -473,28 +484,48 @@ def ws_forward(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=N
                          f"do not match (splits, B, Cv, HW) = ({splits}, {B}, {Cv}, {HW})")
     if splits * per_split < N or (splits - 1) * per_split >= N:
         raise ValueError(f"{splits} splits of {per_split} positions do not cover N = {N} exactly")
-    broadcast = q.shape[0] == 1 or q.stride(0) == 0
-    q = _aligned_query(q[:1] if broadcast else q)
     layouts = _layouts(k.dtype, Ck, Cv, config)
-    grid_m = _cdiv(HW, config.block_m) * config.value_chunks
-    constexprs = _constexprs(l2, Ck, Cv, config, layouts)
-    k2, v2 = _rows_2d(k), _rows_2d(v)
-    if k2 is not None and v2 is not None:
-        launches = [(slice(None), _rows_2d(q), k2, v2, B, broadcast)]
-    else:  # object strides that do not fold into TMA rows: one launch per object
-        launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], 1, True)
-                    for b in range(B)]
-    with device_context(k.device):
-        for objects, q2, k2, v2, grid_b, q_broadcast in launches:
-            out, lse = part_out[:, objects], part_lse[:, objects]
-            memory_read_ws_fwd_kernel[(grid_m, grid_b, splits)](
-                q_desc=_descriptor(q2, *layouts["q"]), k_desc=_descriptor(k2, *layouts["k"]),
-                v_desc=_descriptor(v2, *layouts["v"]), o=out, lse=lse,
-                stride_os=out.stride(0), stride_ob=out.stride(1), stride_oc=out.stride(2),
-                stride_om=out.stride(3), stride_ls=lse.stride(0), stride_lb=lse.stride(1),
-                stride_lm=lse.stride(2), HW=HW, N=N, n_per_split=per_split,
-                qk_scale=float(qk_scale), Q_BROADCAST=q_broadcast, num_warps=4, **constexprs)
-    return part_out, part_lse
+    folded = _rows_2d(k) is not None and _rows_2d(v) is not None
+    # an object's slice of the outputs has their strides: one set for every launch
+    out, lse = part_out, part_lse
+    fixed = dict(stride_os=out.stride(0), stride_ob=out.stride(1), stride_oc=out.stride(2),
+                 stride_om=out.stride(3), stride_ls=lse.stride(0), stride_lb=lse.stride(1),
+                 stride_lm=lse.stride(2), HW=HW, N=N, n_per_split=per_split,
+                 qk_scale=float(qk_scale), num_warps=4,
+                 **_constexprs(l2, Ck, Cv, config, layouts))
+    grid = (_cdiv(HW, config.block_m) * config.value_chunks, B if folded else 1, splits)
+    return WsLaunch(grid, layouts, fixed, folded)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WsLaunch:
+    """ws_forward planned for one call layout (shapes, strides, dtype, scale, similarity,
+    config): the grid, the shared-memory layouts, the constexprs and the output strides. Called
+    with a call's tensors of that layout, it makes their TMA descriptors and launches (k and v
+    must still start on 16 bytes: a ValueError otherwise, as TMA requires). folded: the objects
+    folded into the TMA rows, one launch; else one launch per object."""
+    grid: tuple
+    layouts: dict
+    fixed: dict
+    folded: bool
+
+    def __call__(self, q, k, v, part_out, part_lse):
+        if k.data_ptr() % 16 or v.data_ptr() % 16:
+            raise ValueError("warp-specialised forward: k and v must start on 16 bytes (TMA)")
+        broadcast = q.shape[0] == 1 or q.stride(0) == 0
+        q = _aligned_query(q[:1] if broadcast else q)
+        if self.folded:
+            launches = [(slice(None), _rows_2d(q), _rows_2d(k), _rows_2d(v), broadcast)]
+        else:  # object strides that do not fold into TMA rows: one launch per object
+            launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], True)
+                        for b in range(k.shape[0])]
+        with device_context(k.device):
+            for objects, q2, k2, v2, q_broadcast in launches:
+                memory_read_ws_fwd_kernel[self.grid](
+                    q_desc=_descriptor(q2, *self.layouts["q"]),
+                    k_desc=_descriptor(k2, *self.layouts["k"]),
+                    v_desc=_descriptor(v2, *self.layouts["v"]), o=part_out[:, objects],
+                    lse=part_lse[:, objects], Q_BROADCAST=q_broadcast, **self.fixed)
 
 
 def _constexprs(l2, Ck, Cv, config, layouts):

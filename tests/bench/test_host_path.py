@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from stm_kernels.backends.triton import devices, launch
+from stm_kernels.experimental import gluon_forward
 from tools.gpu_session import host_path
 
 
+@pytest.mark.filterwarnings("error:STM_KERNELS_WARP_SPECIALIZED")  # no Gluon row falls back
 def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(launch, "_warned", set())  # a fallback warns here, whatever ran before
     host_path.main(["--ns", "1620", "3240", "--calls", "3"])
     files = list(tmp_path.glob("host_path_cpu_*.json"))
     assert len(files) == 1
@@ -20,9 +23,13 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
         "usage launcher, no launch", "op, no launch", "forward + backward, no launch")]
     binding = [f"Triton's binding, memory_read_{name}_kernel, no launch"
                for name in ("fwd", "merge")]
+    # the Gluon rows where its TMA reads the memory: N % 8 == 0 (3,240, not 1,620)
+    gluon = ["Gluon launcher, no launch", "Gluon launcher, no launch, planned every call"]
+    gluon = {1620: [], 3240: gluon * gluon_forward.AVAILABLE}
     assert [(row["layer"], row["N"]) for row in payload["records"]] == [
         (layer, n) for n in (1620, 3240) for layer in (
-            "launcher, no launch", "launcher, no launch, planned every call", *binding)] + [
+            "launcher, no launch", "launcher, no launch, planned every call", *gluon[n],
+            *binding)] + [
         (layer, host_path.SMALL_N) for layer in small * launch.INTERPRETING]
     assert all(0 < row["us"] < 1e6 for row in payload["records"])
     assert [(profile["layer"], profile["N"]) for profile in payload["profiles"]] == [
@@ -69,6 +76,30 @@ def test_tritons_binding_binds_every_argument_of_the_recorded_launch():
     [incomplete] = host_path.triton_binding_calls([(kernel, grid, arguments, options)]).values()
     with pytest.raises(TypeError):
         incomplete()
+
+
+def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(monkeypatch):
+    if not gluon_forward.AVAILABLE:
+        pytest.skip(f"Gluon unavailable: {gluon_forward.UNAVAILABLE_REASON}")
+    prepared, prepare = [], gluon_forward.prepare
+    monkeypatch.setattr(gluon_forward, "prepare",
+                        lambda *args, **kwargs: prepared.append(1) or prepare(*args, **kwargs))
+    q = torch.empty(1, 128, 1620, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 128, 16200, dtype=torch.bfloat16, device="meta")
+    v = torch.empty(1, 512, 16200, dtype=torch.bfloat16, device="meta")
+    launch.forget_choices()
+    kernel = gluon_forward.memory_read_ws_fwd_kernel
+    with devices.pretend(host_path.H100), launch.recording(host_path._nothing), \
+            host_path.gluon_without_launch():
+        for _ in range(3):
+            launch.triton_forward(q, k, v, 0.1, False)
+        with launch.planning_every_call():
+            launch.triton_forward(q, k, v, 0.1, False)
+        assert gluon_forward.memory_read_ws_fwd_kernel is not kernel
+    assert gluon_forward.memory_read_ws_fwd_kernel is kernel  # restored
+    assert not launch.warp_specialized_opted_in()
+    assert len(prepared) == 2  # the first call, then the one planned every call
+    launch.forget_choices()
 
 
 def test_per_call_time_counts_every_call():

@@ -148,7 +148,51 @@ def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
     assert {(entry[2], tuple(entry[8])) for entry in series} == {
         ("fwd", (16200, 64800, 162000)), ("fwd+bwd", (16200, 64800, 162000))}
     _, series = kernel.plan(torch.device("cpu"), args)
-    assert {entry[1] for entry in series} == set(kernel.PROVIDERS) - {"triton"}
+    assert {entry[1] for entry in series} == set(kernel.PROVIDERS) - {"triton", "triton_ws"}
+
+
+def test_a_candidate_has_its_column_but_is_never_the_best_peer():
+    """The Gluon forward (triton_ws) is another way of running the fused read: its time is
+    compared with the default's, never counted as a peer's, however fast it is."""
+    records = [_record("triton", 0.5), _record("sdpa_flash_split", 1.5),
+               _record("triton_ws", 0.4),
+               _record("triton", 1.0, N=64800), _record("sdpa_flash_split", 2.0, N=64800),
+               _record("triton_ws", None, N=64800, status="refused: needs an sm_90 GPU")]
+    payload = _payload(records)
+    assert kernel.peers_of(payload) == ["sdpa_flash_split"]
+    assert kernel.candidates_of(payload) == ["triton_ws"]
+    assert kernel.best_peer(payload, records[0]) == ("sdpa_flash_split", 3.0)
+    table = kernel.summary(payload)
+    assert "| best peer | vs best peer | vs sdpa_flash_split | vs triton_ws | naive" in table
+    assert "| 16200 | 0.500 | 1.00 | 0% | 1.0 | sdpa_flash_split | **3.00x** | 3.00x | 0.80x |" \
+        in table
+    assert "| 64800 | 1.000 | 1.00 | 0% | 1.0 | sdpa_flash_split | **2.00x** | 2.00x | refused |" \
+        in table
+    assert "| triton_ws | fwd | 1 | refused: needs an sm_90 GPU |" in table
+    assert "below 1, the candidate was faster" in table
+
+
+def test_the_gluon_candidate_is_refused_with_its_reason_where_it_cannot_run():
+    """On CPU tensors the Gluon forward cannot run: the candidate is refused with the reason
+    (never timed as the plain forward it would fall back to)."""
+    with pytest.raises(RuntimeError, match="the Gluon forward does not run here: "):
+        kernel.make_inputs("triton_ws", "fwd", torch.float32, 1, 8, 64, 16, 32,
+                           torch.device("cpu"))
+    record = kernel.run_point("triton_ws", "fwd", "fp32", 1, 8, 64, 16, 32, torch.device("cpu"),
+                              "targets")
+    assert record["status"].startswith("refused: the Gluon forward does not run here: ")
+
+
+def test_a_gluon_candidate_that_fell_back_to_the_plain_forward_is_refused():
+    import warnings
+
+    def fell_back():
+        warnings.warn("STM_KERNELS_WARP_SPECIALIZED=1: the Gluon forward failed on H100 (x); "
+                      "using the plain Triton forward", RuntimeWarning, stacklevel=2)
+    assert kernel.probe("triton_ws", fell_back).startswith(
+        "refused: STM_KERNELS_WARP_SPECIALIZED=1: the Gluon forward failed")
+    assert kernel.probe("triton_ws", lambda: None) is None
+    assert kernel.probe("sdpa_flash_split", fell_back) is None  # only the candidate's warning
 
 
 # --------------------------------------------------------------------------- the README plot

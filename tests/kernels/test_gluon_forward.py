@@ -448,6 +448,55 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, config):
     assert relative_error(k.grad, kd.grad) < 1e-2
 
 
+@needs_gluon
+@pytest.mark.parametrize("batch_gap", [0, 16], ids=["folded", "per-object"])
+def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, batch_gap):
+    """The opted-in forward behind memory_read plans once per layout, like the plain one: a
+    repeated read of new inputs makes no new WsLaunch and computes its own result. A later
+    call whose keys do not start on 16 bytes (the same layout otherwise) cannot take TMA: its
+    kept launch refuses it, and the read plans again and falls back to the plain forward."""
+    from stm_kernels import poison_outputs
+    from stm_kernels.backends.triton import devices, launch as launchers
+    if not launchers.INTERPRETING:
+        pytest.skip("the merge kernel needs TRITON_INTERPRET=1 on CPU")
+    emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
+    monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
+    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
+    prepared, prepare = [], gluon_forward.prepare
+    monkeypatch.setattr(gluon_forward, "prepare",
+                        lambda *args, **kwargs: prepared.append(prepare(*args, **kwargs)) or
+                        prepared[-1])
+    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setattr(launchers, "_prepared", {})
+    monkeypatch.setattr(launchers, "_chosen", {})
+    monkeypatch.setattr(launchers, "_warned", set())
+    h100 = devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
+    B, Ck, Cv, HW, N = 2, 32, 96, 45, 768  # 12 memory blocks of 64: 3 splits
+    with poison_outputs(), devices.pretend(h100):
+        for seed in range(3):
+            q, k, v = _inputs(B, 1, Ck, Cv, HW, N, torch.float16, "cpu", seed=seed,
+                              batch_gap=batch_gap)
+            random.seed(seed)
+            out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
+            ref_out, ref_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
+                                           return_lse=True)
+            assert relative_error(lse, ref_lse) < 1e-5, seed
+            assert relative_error(out, ref_out) < TOLERANCE[torch.float16], seed
+        assert len(prepared) == 1  # planned by the first read only
+        launches = len(emulated.launches)
+        assert launches == 3 * (B if batch_gap else 1)
+        assert emulated.launches[0][0][2] > 1  # memory splits, merged by the merge kernel
+        rows = B * (Ck + batch_gap) * N
+        storage = torch.randn(rows + 1, dtype=torch.float64).half()
+        shifted = storage[1:].view(B, Ck + batch_gap, N)[:, :Ck]  # k's layout, 2 bytes later
+        assert shifted.stride() == k.stride() and shifted.data_ptr() % 16
+        with pytest.warns(RuntimeWarning, match="Gluon forward failed"):
+            out = memory_read(q, shifted, v, backend="triton")
+        assert len(emulated.launches) == launches  # the plain forward read it
+        reference = memory_read(q.double(), shifted.double(), v.double(), backend="naive")
+        assert relative_error(out, reference) < TOLERANCE[torch.float16]
+
+
 # --------------------------------------------------------------------------- 3. on a GPU
 
 GPU_CASES = [
@@ -480,3 +529,34 @@ def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, splits, l2, 
     ref_out, ref_lse = _reference(q, k, v, scale, l2)
     assert relative_error(out, ref_out) < TOLERANCE[dtype], relative_error(out, ref_out)
     assert relative_error(lse, ref_lse) < 1e-4, relative_error(lse, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.gluon
+@needs_gluon
+@pytest.mark.parametrize("batch_gap", [0, 16], ids=["folded", "per-object"])
+def test_gpu_kept_launch_runs_on_new_inputs(monkeypatch, fresh_launches, batch_gap):
+    """The opted-in read's kept forward (its WsLaunch and the merge) called directly on other
+    inputs of the same layout, so that its exceptions propagate, then the same inputs through
+    memory_read: nothing is planned again, and both match float64."""
+    from stm_kernels.backends.triton import launch as launchers
+    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
+    prepared, prepare = [], gluon_forward.prepare
+    monkeypatch.setattr(gluon_forward, "prepare",
+                        lambda *args, **kwargs: prepared.append(prepare(*args, **kwargs)) or
+                        prepared[-1])
+    shape = (3, 1, 128, 512, 1620, 16200)
+    q, k, v = _inputs(*shape, torch.bfloat16, "cuda", seed=0, batch_gap=batch_gap)
+    if gluon_forward.unsupported_reason(q, k, v) is not None:
+        pytest.skip(gluon_forward.unsupported_reason(q, k, v))
+    memory_read(q, k, v, backend="triton")
+    [kept] = launchers._prepared.values()
+    assert isinstance(kept.forward, gluon_forward.WsLaunch) and kept.merge is not None
+    q, k, v = _inputs(*shape, torch.bfloat16, "cuda", seed=1, batch_gap=batch_gap)
+    direct, direct_lse = kept(q, k, v, None)
+    out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
+    assert len(prepared) == 1, "a kept launch failed and its call was planned again"
+    ref_out, ref_lse = _reference(q, k, v, 1 / math.sqrt(shape[2]), False)
+    for result, result_lse in ((direct, direct_lse), (out, lse)):
+        assert relative_error(result, ref_out) < TOLERANCE[torch.bfloat16]
+        assert relative_error(result_lse, ref_lse) < 1e-4

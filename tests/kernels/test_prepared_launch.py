@@ -110,9 +110,29 @@ def test_forced_configs_are_honoured_after_a_plan_is_kept(monkeypatch):
     forced = ForwardConfig(block_m=16, block_n=16, splits=1, num_warps=4, num_stages=1)
     with use_configs(forward=forced):
         out = memory_read(q, k, v, backend="triton")
-    assert configs == [("memory_read_fwd_kernel", forced)]
+        again = memory_read(q, k, v, backend="triton")  # the forced set's own kept launch
+    assert configs == [("memory_read_fwd_kernel", forced)] * 2
     expected = memory_read(q.double(), k.double(), v.double(), backend="naive")
     assert torch.allclose(out.double(), expected, atol=TOLERANCE[torch.float32])
+    assert torch.equal(out, again)
+    configs.clear()
+    memory_read(q, k, v, backend="triton")  # the default's kept launch again
+    assert [config for _, config in configs] != [forced] and len(configs) == 2  # split, merge
+    assert len(launch._prepared) == 2
+
+
+def test_a_forced_config_set_plans_once_and_keeps_its_own_launches(plannings):
+    """use_configs is part of the layout key: a repeated forced read plans once, and another
+    forced set, or none, has launches of its own."""
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
+    small = ForwardConfig(block_m=16, block_n=16, splits=1, num_warps=4, num_stages=1)
+    other = ForwardConfig(block_m=16, block_n=32, splits=2, num_warps=4, num_stages=1)
+    for config in (small, small, other, other, small):
+        with use_configs(forward=config):
+            memory_read(q, k, v, backend="triton")
+    assert plannings["forward"] == 2
+    memory_read(q, k, v, backend="triton")
+    assert plannings["forward"] == 3 and len(launch._prepared) == 3
 
 
 def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):

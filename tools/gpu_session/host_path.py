@@ -17,6 +17,8 @@ measurement, not a guess:
     Triton launches        the launcher's kernels launched alone, with the arguments it made
     Triton's binding       of each kernel: Triton's own work before its launch, up to its
                            compile-cache lookup (triton_binding_calls; also without CUDA)
+    Gluon ...              the op (without CUDA: the launcher, no launch) with the opt-in
+                           Gluon forward, with and without its kept launch
     forward + backward     memory_read(...).backward(grad), then the backward's launcher with
                            and without its launches
     peer                   bench kernel's sdpa_flash_split: four SDPA calls and a cat
@@ -47,6 +49,7 @@ only under TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
 Writes bench/results/host_path_<device>_<date>.json.
 """
 import argparse
+import contextlib
 import cProfile
 import pathlib
 import pstats
@@ -159,12 +162,43 @@ def triton_binding_calls(launches, prefix=""):
     return calls
 
 
+@contextlib.contextmanager
+def gluon_without_launch():
+    """Within the block the opted-in Gluon forward plans and makes its descriptors but launches
+    nothing, and its device check passes: its launcher's Python alone, without CUDA (its
+    kernel does not go through launch.run, which launch.recording replaces)."""
+    from stm_kernels.experimental import gluon_forward
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda **arguments: None
+
+    saved = gluon_forward.memory_read_ws_fwd_kernel, gluon_forward.unsupported_reason
+    gluon_forward.memory_read_ws_fwd_kernel = NoLaunch()
+    gluon_forward.unsupported_reason = lambda *args, **kwargs: None
+    try:
+        with launch.warp_specialized_forward():
+            yield
+    finally:
+        gluon_forward.memory_read_ws_fwd_kernel, gluon_forward.unsupported_reason = saved
+
+
 def _materialised(value):
     """A meta tensor's CPU twin (same shape, strides and dtype: what the binder reads); any
     other argument as it is."""
     if isinstance(value, torch.Tensor) and value.is_meta:
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
     return value
+
+
+def _gluon_runs(q, k, v):
+    """Whether the opted-in Gluon forward reads q, k, v (else the read falls back to the plain
+    forward, and a Gluon row would time that): its own check on a GPU; without one, that Gluon
+    imports and that TMA can address k and v (rows on 16 bytes: N % 8 == 0)."""
+    from stm_kernels.experimental import gluon_forward
+    if k.is_cuda:
+        return gluon_forward.unsupported_reason(q, k, v) is None
+    return gluon_forward.AVAILABLE and all(gluon_forward._tma_strides_ok(t) for t in (k, v))
 
 
 def _nothing(kernel, grid, arguments, config, options):
@@ -260,6 +294,11 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
             with launch.planning_every_call():
                 row("launcher, no launch, planned every call", forward)
             launches = recorded_launches(forward)
+            if _gluon_runs(q, k, v):
+                with gluon_without_launch():
+                    row("Gluon launcher, no launch", forward)
+                    with launch.planning_every_call():
+                        row("Gluon launcher, no launch, planned every call", forward)
         for layer, call in triton_binding_calls(launches).items():
             row(layer, call)
         return rows
@@ -299,6 +338,11 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         profile("op", op)
     profile("forward + backward", forward_backward)
     profile("backward launcher", backward)
+    if _gluon_runs(q, k, v):  # last: its kernel compiles cold here
+        with torch.no_grad(), launch.warp_specialized_forward():
+            row("op, Gluon forward", op)
+            with launch.planning_every_call():
+                row("op, Gluon forward, planned every call", op)
     return rows
 
 

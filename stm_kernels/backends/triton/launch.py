@@ -489,9 +489,25 @@ def warn_once(message, category=RuntimeWarning):
         warnings.warn(message, category, stacklevel=3)
 
 
+_warp_specialized = False  # True inside warp_specialized_forward()
+
+
 def warp_specialized_opted_in():
-    """Whether STM_KERNELS_WARP_SPECIALIZED=1 opts into the Gluon warp-specialised forward."""
-    return os.environ.get(WARP_SPECIALIZED_ENV, "0") == "1"
+    """Whether the forward opts into the Gluon warp-specialised forward:
+    STM_KERNELS_WARP_SPECIALIZED=1, or inside warp_specialized_forward()."""
+    return _warp_specialized or os.environ.get(WARP_SPECIALIZED_ENV, "0") == "1"
+
+
+@contextlib.contextmanager
+def warp_specialized_forward():
+    """Within the block the forward opts into the Gluon warp-specialised forward, as
+    STM_KERNELS_WARP_SPECIALIZED=1 does (a benchmark's candidate beside the default)."""
+    global _warp_specialized
+    previous, _warp_specialized = _warp_specialized, True
+    try:
+        yield
+    finally:
+        _warp_specialized = previous
 
 
 def _warp_specialized_forward(call, q, k, v):
@@ -534,21 +550,18 @@ class KernelLaunch:
 
 def _layout_key(read, call, scale, l2, lengths, *tensors):
     """What the planning of a read depends on besides its tensors' values: the device and
-    precision, every tensor's shape, strides and dtype, the scale, similarity and raggedness.
-    A prepared launch is kept under it (a repeated call then skips planning: at ten memory
-    frames the host's work outweighs a GPU's). None, and nothing kept, while use_configs forces
-    a config."""
-    if tilings.configs_forced():
-        return None
+    precision, every tensor's shape, strides and dtype, the scale, similarity and raggedness,
+    and the configs use_configs forces. A prepared launch is kept under it (a repeated call
+    then skips planning: at ten memory frames the host's work outweighs a GPU's)."""
     return (read, call.device, call.input_precision, scale, l2, lengths is None,
-            *[(t.shape, t.stride(), t.dtype) for t in tensors])
+            tilings.forced_configs(), *[(t.shape, t.stride(), t.dtype) for t in tensors])
 
 
 def _run_prepared(layout, *tensors):
     """The result of the launch prepared for `layout` on `tensors`, or None where there is none
     or it failed (dropped then: the caller plans afresh, and a failing candidate falls
     through to the next as on a first call)."""
-    prepared = _prepared.get(layout) if layout is not None and _keeping_launches else None
+    prepared = _prepared.get(layout) if _keeping_launches else None
     if prepared is None:
         return None
     try:
@@ -560,9 +573,9 @@ def _run_prepared(layout, *tensors):
 
 
 def _keep_prepared(layout, prepared):
-    """Keep a pass's launches for its layout (none while use_configs forces a config, nor
-    inside planning_every_call), the oldest dropped beyond PREPARED_LAYOUTS."""
-    if layout is None or not _keeping_launches:
+    """Keep a pass's launches for its layout (none inside planning_every_call), the oldest
+    dropped beyond PREPARED_LAYOUTS."""
+    if not _keeping_launches:
         return
     with _keeping:  # two threads keeping at the limit must not drop one layout twice
         while _prepared and len(_prepared) >= PREPARED_LAYOUTS:
@@ -615,18 +628,24 @@ def _forward_outputs(splits, B, Cv, HW, dtype, device):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PreparedForward:
-    """A forward planned for one layout: its kernel launches, each with its chosen config."""
+    """A forward planned for one layout: its kernel launches, each with its chosen config.
+    forward is the plain kernel's launch, or the opted-in Gluon forward's (gluon_forward.
+    WsLaunch, which takes the tensors as they are: it pads the query and streams the keys'
+    norms itself)."""
     call: Call
     l2: bool
     outputs: tuple  # (splits, B, Cv, HW, dtype)
-    forward: KernelLaunch
+    forward: object  # KernelLaunch, or the Gluon forward's WsLaunch
     merge: KernelLaunch | None  # None: one split, nothing to merge
 
     def __call__(self, q, k, v, lengths):
         out, lse, part_out, part_lse = _forward_outputs(*self.outputs, k.device)
         with device_context(k.device):
-            self.forward(self.call, o=part_out, lse=part_lse,
-                         **_forward_inputs(q, k, v, self.l2, self.call.rank1, lengths))
+            if isinstance(self.forward, KernelLaunch):
+                self.forward(self.call, o=part_out, lse=part_lse,
+                             **_forward_inputs(q, k, v, self.l2, self.call.rank1, lengths))
+            else:
+                self.forward(q, k, v, part_out, part_lse)
             if self.merge is not None:
                 self.merge(self.call, po=part_out, plse=part_lse, o=out, lse=lse)
         return out, lse
@@ -664,9 +683,8 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     positions per object (validated by the caller). Planned once per layout (_layout_key)."""
     _check_device(q, k, v)
     call = _call(k, "forward", l2)
-    # the opted-in Gluon forward plans its own launches
-    layout = None if warp_specialized_opted_in() else _layout_key("forward", call, scale, l2,
-                                                                   lengths, q, k, v)
+    layout = _layout_key(("forward", warp_specialized_opted_in()), call, scale, l2, lengths,
+                         q, k, v)
     result = _run_prepared(layout, q, k, v, lengths)
     if result is not None:
         return result
@@ -702,21 +720,25 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
 
     signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
     with device_context(device), kernels_in_sequence(call, "forward pass", signature):
+        planned = None
         if gluon is not None:
             try:
-                return _gluon_forward(gluon, call, q, k, v, scale, l2, flags["I64"])
+                planned = _gluon_forward(gluon, call, q, k, v, scale, l2, flags["I64"])
             except Exception as error:
                 if not _falls_through(error):
                     raise
                 warn_once(f"{WARP_SPECIALIZED_ENV}=1: the Gluon forward failed on "
                           f"{call.device} ({one_line(error)}); using the plain Triton forward")
-        out, lse, prepared = launch_first_that_runs("forward", call, signature, launch)
+        if planned is None:
+            planned = launch_first_that_runs("forward", call, signature, launch)
+    out, lse, prepared = planned
     _keep_prepared(layout, prepared)
     return out, lse
 
 
 def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
-    """The opt-in warp-specialised forward: its own query blocks and value chunks."""
+    """(out, lse, PreparedForward) of the opt-in warp-specialised forward: its own query
+    blocks and value chunks, then the plain merge."""
     B, _, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     ws_config = warp_specialized_config()
@@ -725,14 +747,15 @@ def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
         block_m=ws_config.block_m, block_n=ws_config.block_n,
         block_v=None if ws_config.value_chunks == 1 else next_power_of_2(chunk)),
         B, HW, N, Cv, call.device.multiprocessors)
-    out = new_buffer((B, Cv, HW), v.dtype, k.device)
-    lse = new_buffer((B, HW), torch.float32, k.device)
-    part_out, part_lse = _split_buffers(plan.splits, out, lse)
-    gluon.ws_forward(q, k, v, part_out, part_lse, per_split=plan.per_split,
-                     qk_scale=scale * LOG2E, l2=l2, config=ws_config)
+    outputs = (plan.splits, B, Cv, HW, v.dtype)
+    out, lse, part_out, part_lse = _forward_outputs(*outputs, k.device)
+    forward = gluon.prepare(q, k, v, part_out, part_lse, per_split=plan.per_split,
+                            qk_scale=scale * LOG2E, l2=l2, config=ws_config)
+    forward(q, k, v, part_out, part_lse)
+    merge = None
     if plan.splits > 1:
-        _merge_splits(call, part_out, part_lse, out, lse, i64)
-    return out, lse
+        merge = _merge_splits(call, part_out, part_lse, out, lse, i64)
+    return out, lse, PreparedForward(call, l2, outputs, forward, merge)
 
 
 # --------------------------------------------------------------------------- backward

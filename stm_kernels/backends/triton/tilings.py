@@ -887,10 +887,10 @@ def candidates(kernel, architecture, precision, width):
     return architecture.candidates(kernel, precision, width)
 
 
-def configs_forced():
-    """Whether use_configs forces any config now (the launchers then plan every call afresh,
-    keeping no prepared launch)."""
-    return bool(_override)
+def forced_configs():
+    """The configs use_configs forces now, as ((kernel, config), ...) sorted by kernel; () when
+    none is. Part of a kept launch's layout key: a forced set plans and keeps its own."""
+    return tuple(sorted(_override.items()))
 
 
 def warp_specialized_config():
@@ -904,7 +904,7 @@ __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "Me
            "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "ON_TORCH", "SEPARATE_DQ", "on_torch",
            "EXACT_FLOAT32_FUSED", "EXACT_FLOAT32_ENV", "exact_float32_read",
            "MISCOMPILED", "miscompiled",
-           "separates_dq", "architecture_of", "candidates", "configs_forced", "RANK1_WIDTHS",
+           "separates_dq", "architecture_of", "candidates", "forced_configs", "RANK1_WIDTHS",
            "RANK1_L2",
            "KEY_WIDTHS", "key_widths", "stated_key", "splits_last_channel",
            "precision_class", "width_class", "use_configs", "warp_specialized_config"]
