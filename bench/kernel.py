@@ -21,9 +21,10 @@ every other one is a peer):
     flex              FlexAttention compiled (torch.compile of flex_attention) with the whole
                       value width
     triton_ws         the fused read with the opt-in warp-specialised Gluon forward
-                      (STM_KERNELS_WARP_SPECIALIZED=1; sm_90 only; its backward is the plain
-                      one): a candidate for sm_90's default (CANDIDATES), not a peer. It has its
-                      "vs" column but never counts as the best peer.
+                      (STM_KERNELS_WARP_SPECIALIZED=1; sm_90 only), forward pass only (its
+                      backward is the plain one): a candidate for sm_90's default
+                      (CANDIDATES), not a peer. It has its "vs" column but never counts as
+                      the best peer.
 A peer that cannot run is recorded with its reason, not timed: a forced SDPA backend that
 refuses ("refused: " and the first line of its error, with the first warning that says why),
 FlexAttention that does not compile ("error: " and its first line). The peers get their
@@ -73,8 +74,10 @@ PROVIDERS = ("triton", "torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn
              "triton_ws")
 # The fused read of each device type; every other provider but the candidates is its peer.
 FUSED = {"cuda": "triton", "cpu": "torch"}
-# Other ways of running the fused read, timed beside it to choose the default (never peers).
+# Other ways of running the fused read, timed beside it to choose the default (never peers);
+# each runs only the passes it changes.
 CANDIDATES = ("triton_ws",)
+CANDIDATE_PASSES = {"triton_ws": ("fwd",)}
 # Providers whose kernels run only on a GPU (on CPU, in Triton's interpreter: not timed).
 GPU_ONLY = ("triton", "triton_ws")
 # The forced SDPA backend of each split peer; its value chunks are Ck wide (128 at the target).
@@ -339,18 +342,22 @@ def plan(device, args):
     frames = SCALING_FRAMES[kind] if not args.quick else SCALING_FRAMES[kind][:2]
     ns = args.ns or [hw * t for t in frames]
     series = []
+
+    def runs(provider, pass_):
+        return pass_ in CANDIDATE_PASSES.get(provider, PASSES)
+
     # The target points first: a run cut off by a time limit (a lent GPU's) keeps them.
     if "targets" in args.sweeps:  # one 480p query frame (HW = 1,620)
         target_passes = ["fwd", "fwd+bwd"] if kind == "cuda" else ["fwd"]
         target_ns = [16200, 64800, 162000] if kind == "cuda" else [162000]
         for pass_ in target_passes:
-            for provider in providers:
+            for provider in filter(lambda p: runs(p, pass_), providers):
                 series.append(("targets", provider, pass_, main_dtype, 1, 1620, 128, 512,
                                target_ns))
     if "scaling" in args.sweeps:
         for pass_ in passes:
             for B in batches if not args.quick else batches[:1]:
-                for provider in providers:
+                for provider in filter(lambda p: runs(p, pass_), providers):
                     series.append(("scaling", provider, pass_, main_dtype, B, hw, 128, 512,
                                    ns))
     if "shapes" in args.sweeps:
@@ -359,7 +366,7 @@ def plan(device, args):
         for dtype_name in shape_dtypes if not args.quick else shape_dtypes[:1]:
             for pass_ in passes:
                 for ck, cv in shapes if not args.quick else shapes[-1:]:
-                    for provider in providers:
+                    for provider in filter(lambda p: runs(p, pass_), providers):
                         series.append(("shapes", provider, pass_, dtype_name, 4, hw, ck, cv,
                                        [n]))
     return hw, series

@@ -147,6 +147,10 @@ def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
     assert {entry[1] for entry in series} == set(kernel.PROVIDERS)
     assert {(entry[2], tuple(entry[8])) for entry in series} == {
         ("fwd", (16200, 64800, 162000)), ("fwd+bwd", (16200, 64800, 162000))}
+    # the Gluon candidate changes the forward only; each pass's peers come before it
+    assert [entry[2] for entry in series if entry[1] == "triton_ws"] == ["fwd"]
+    forward = [entry[1] for entry in series if entry[2] == "fwd"]
+    assert forward[0] == "triton" and forward[-1] == "triton_ws"
     _, series = kernel.plan(torch.device("cpu"), args)
     assert {entry[1] for entry in series} == set(kernel.PROVIDERS) - {"triton", "triton_ws"}
 

@@ -13,8 +13,8 @@
 #      - until mark 230: the fused read against every peer (bench kernel: SDPA split into
 #        Ck-wide value chunks with flash and with cuDNN forced, FlexAttention compiled, the
 #        chunked torch read, the naive read, full-width SDPA, the same run's 8192^3 matmuls;
-#        and, after the peers of each pass, the opt-in Gluon forward as a candidate for
-#        sm_90's default) at the target points only (bf16, B = 1, HW = 1,620, Ck = 128, Cv = 512; N = 16,200 /
+#        and, after the forward's peers, the opt-in Gluon forward as a candidate for sm_90's
+#        default) at the target points only (bf16, B = 1, HW = 1,620, Ck = 128, Cv = 512; N = 16,200 /
 #        64,800 / 162,000, forward and forward + backward) after a warm-up of every series;
 #      - until mark 385: `bench long-video` at item 7's settings (the official-size STM with
 #        random weights at 480p, mem_every 5, bf16, fused against naive read, 55 s each after a
