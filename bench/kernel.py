@@ -7,7 +7,7 @@ expert would pick, forward / backward / forward+backward, over memory sizes N.
     python -m bench render FILE.json           # re-render a results file's plots and table
 
 Providers, timed in the same run (PROVIDERS; the fused one is "triton" on GPU, "torch" on CPU,
-every other one is a peer):
+every other one a peer, but the candidates):
     triton            memory_read(backend="triton"): the fused kernels
     torch             memory_read(backend="torch"): the chunked torch read
     naive             memory_read(backend="naive"): the official read (the whole affinity)
