@@ -487,10 +487,10 @@ def prepare(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None
     layouts = _layouts(k.dtype, Ck, Cv, config)
     folded = _rows_2d(k) is not None and _rows_2d(v) is not None
     # an object's slice of the outputs has their strides: one set for every launch
-    out, lse = part_out, part_lse
-    fixed = dict(stride_os=out.stride(0), stride_ob=out.stride(1), stride_oc=out.stride(2),
-                 stride_om=out.stride(3), stride_ls=lse.stride(0), stride_lb=lse.stride(1),
-                 stride_lm=lse.stride(2), HW=HW, N=N, n_per_split=per_split,
+    fixed = dict(stride_os=part_out.stride(0), stride_ob=part_out.stride(1),
+                 stride_oc=part_out.stride(2), stride_om=part_out.stride(3),
+                 stride_ls=part_lse.stride(0), stride_lb=part_lse.stride(1),
+                 stride_lm=part_lse.stride(2), HW=HW, N=N, n_per_split=per_split,
                  qk_scale=float(qk_scale), num_warps=4,
                  **_constexprs(l2, Ck, Cv, config, layouts))
     grid = (_cdiv(HW, config.block_m) * config.value_chunks, B if folded else 1, splits)
