@@ -87,7 +87,7 @@ MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex", "triton_ws")
 # Those whose refusal is a "refused:" (a forced backend, an opt-in that does not apply).
 REFUSING = tuple(SPLIT_BACKENDS) + ("triton_ws",)
 # Providers in SDPA's (B, heads, L, C) layout.
-ATTENTION_LAYOUT = ("sdpa",) + MAY_REFUSE
+ATTENTION_LAYOUT = ("sdpa", "flex") + tuple(SPLIT_BACKENDS)
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # "fp32-tf32": float32 tensors with torch.set_float32_matmul_precision("high") (TF32 cores)
 DTYPES = {**options.DTYPES, "fp32-tf32": torch.float32}

@@ -187,6 +187,24 @@ def test_the_gluon_candidate_is_refused_with_its_reason_where_it_cannot_run():
     assert record["status"].startswith("refused: the Gluon forward does not run here: ")
 
 
+def test_the_gluon_candidate_reads_the_fused_reads_layout(monkeypatch):
+    """triton_ws is memory_read with the Gluon forward: (B, C, L) tensors as for triton, never
+    SDPA's (B, 1, L, C), which the Gluon forward would refuse on every GPU."""
+    from stm_kernels.backends.triton import launch
+    monkeypatch.setattr(launch, "_warned", set())  # the warning below, whatever ran before
+    checked = []
+    monkeypatch.setattr(kernel, "_warp_specialized_reason",
+                        lambda q, k, v: checked.append((q.shape, k.shape, v.shape)))
+    call, _ = kernel.make_inputs("triton_ws", "fwd", torch.float32, 2, 8, 64, 16, 32,
+                                 torch.device("cpu"))
+    assert checked == [((1, 16, 8), (2, 16, 64), (2, 32, 64))]
+    triton, _ = kernel.make_inputs("triton", "fwd", torch.float32, 2, 8, 64, 16, 32,
+                                   torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="STM_KERNELS_WARP_SPECIALIZED=1 ignored"):
+        out = call()  # on CPU the opted-in read warns and takes the plain forward
+    assert out.shape == (2, 32, 8) and torch.allclose(out, triton(), atol=1e-5)
+
+
 def test_a_gluon_candidate_that_fell_back_to_the_plain_forward_is_refused():
     import warnings
 
