@@ -42,13 +42,21 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     assert table in capsys.readouterr().out
 
 
-def test_recorded_launches_are_the_forwards_kernels_with_their_arguments():
-    q = torch.empty(1, 128, 1620, dtype=torch.bfloat16, device="meta")
-    k = torch.empty(1, 128, 16200, dtype=torch.bfloat16, device="meta")
-    v = torch.empty(1, 512, 16200, dtype=torch.bfloat16, device="meta")
+def _meta_read():
+    """q, k, v of one 480p query frame over ten memory frames, on the "meta" device."""
+    return (torch.empty(shape, dtype=torch.bfloat16, device="meta")
+            for shape in ((1, 128, 1620), (1, 128, 16200), (1, 512, 16200)))
+
+
+def _forward_launches():
+    """The forward's launches for an H100 at that size, recorded (host_path.recorded_launches)."""
+    q, k, v = _meta_read()
     with devices.pretend(host_path.H100):
-        launches = host_path.recorded_launches(
-            lambda: launch.triton_forward(q, k, v, 0.1, False))
+        return host_path.recorded_launches(lambda: launch.triton_forward(q, k, v, 0.1, False))
+
+
+def test_recorded_launches_are_the_forwards_kernels_with_their_arguments():
+    launches = _forward_launches()
     names = [kernel.__name__ for kernel, *_ in launches]
     # ten memory frames on 132 multiprocessors: the memory is split, then merged
     assert names == ["memory_read_fwd_kernel", "memory_read_merge_kernel"]
@@ -58,12 +66,7 @@ def test_recorded_launches_are_the_forwards_kernels_with_their_arguments():
 
 
 def test_tritons_binding_binds_every_argument_of_the_recorded_launch():
-    q = torch.empty(1, 128, 1620, dtype=torch.bfloat16, device="meta")
-    k = torch.empty(1, 128, 16200, dtype=torch.bfloat16, device="meta")
-    v = torch.empty(1, 512, 16200, dtype=torch.bfloat16, device="meta")
-    with devices.pretend(host_path.H100):
-        launches = host_path.recorded_launches(
-            lambda: launch.triton_forward(q, k, v, 0.1, False))
+    launches = _forward_launches()
     forward, merge = host_path.triton_binding_calls(launches).values()
     key = forward()
     assert key is not None and forward() is key  # the second call hits the key cache
@@ -84,9 +87,7 @@ def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(monkeypatch):
     prepared, prepare = [], gluon_forward.prepare
     monkeypatch.setattr(gluon_forward, "prepare",
                         lambda *args, **kwargs: prepared.append(1) or prepare(*args, **kwargs))
-    q = torch.empty(1, 128, 1620, dtype=torch.bfloat16, device="meta")
-    k = torch.empty(1, 128, 16200, dtype=torch.bfloat16, device="meta")
-    v = torch.empty(1, 512, 16200, dtype=torch.bfloat16, device="meta")
+    q, k, v = _meta_read()
     launch.forget_choices()
     kernel = gluon_forward.memory_read_ws_fwd_kernel
     with devices.pretend(host_path.H100), launch.recording(host_path._nothing), \
