@@ -59,6 +59,21 @@ def plannings(monkeypatch):
 
 
 @pytest.fixture
+def gluon_plannings(monkeypatch):
+    """[WsLaunch] of every plan of the Gluon forward (gluon_forward.prepare calls): a read that
+    runs its kept launch adds none."""
+    from stm_kernels.experimental import gluon_forward
+    planned, real = [], gluon_forward.prepare
+
+    def counted(*args, **kwargs):
+        planned.append(real(*args, **kwargs))
+        return planned[-1]
+
+    monkeypatch.setattr(gluon_forward, "prepare", counted)
+    return planned
+
+
+@pytest.fixture
 def fresh_launches(monkeypatch):
     """No remembered choice or kept launch from other tests; outputs NaN-poisoned."""
     from stm_kernels import poison_outputs

@@ -81,12 +81,9 @@ def test_tritons_binding_binds_every_argument_of_the_recorded_launch():
         incomplete()
 
 
-def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(monkeypatch):
+def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(gluon_plannings):
     if not gluon_forward.AVAILABLE:
         pytest.skip(f"Gluon unavailable: {gluon_forward.UNAVAILABLE_REASON}")
-    prepared, prepare = [], gluon_forward.prepare
-    monkeypatch.setattr(gluon_forward, "prepare",
-                        lambda *args, **kwargs: prepared.append(1) or prepare(*args, **kwargs))
     q, k, v = _meta_read()
     launch.forget_choices()
     kernel = gluon_forward.memory_read_ws_fwd_kernel
@@ -99,7 +96,7 @@ def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(monkeypatch):
         assert gluon_forward.memory_read_ws_fwd_kernel is not kernel
     assert gluon_forward.memory_read_ws_fwd_kernel is kernel  # restored
     assert not launch.warp_specialized_opted_in()
-    assert len(prepared) == 2  # the first call, then the one planned every call
+    assert len(gluon_plannings) == 2  # the first call, then the one planned every call
     launch.forget_choices()
 
 

@@ -450,7 +450,8 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, config):
 
 @needs_gluon
 @pytest.mark.parametrize("batch_gap", [0, 16], ids=["folded", "per-object"])
-def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, batch_gap):
+def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, gluon_plannings,
+                                                        batch_gap):
     """The opted-in forward behind memory_read plans once per layout, like the plain one: a
     repeated read of new inputs makes no new WsLaunch and computes its own result. A later
     call whose keys do not start on 16 bytes (the same layout otherwise) cannot take TMA: its
@@ -462,10 +463,6 @@ def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, batch_gap):
     emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
     monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
     monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
-    prepared, prepare = [], gluon_forward.prepare
-    monkeypatch.setattr(gluon_forward, "prepare",
-                        lambda *args, **kwargs: prepared.append(prepare(*args, **kwargs)) or
-                        prepared[-1])
     monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
     monkeypatch.setattr(launchers, "_prepared", {})
     monkeypatch.setattr(launchers, "_chosen", {})
@@ -482,7 +479,7 @@ def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, batch_gap):
                                            return_lse=True)
             assert relative_error(lse, ref_lse) < 1e-5, seed
             assert relative_error(out, ref_out) < TOLERANCE[torch.float16], seed
-        assert len(prepared) == 1  # planned by the first read only
+        assert len(gluon_plannings) == 1  # planned by the first read only
         launches = len(emulated.launches)
         assert launches == 3 * (B if batch_gap else 1)
         assert emulated.launches[0][0][2] > 1  # memory splits, merged by the merge kernel
@@ -535,16 +532,13 @@ def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, splits, l2, 
 @pytest.mark.gluon
 @needs_gluon
 @pytest.mark.parametrize("batch_gap", [0, 16], ids=["folded", "per-object"])
-def test_gpu_kept_launch_runs_on_new_inputs(monkeypatch, fresh_launches, batch_gap):
+def test_gpu_kept_launch_runs_on_new_inputs(monkeypatch, fresh_launches, gluon_plannings,
+                                            batch_gap):
     """The opted-in read's kept forward (its WsLaunch and the merge) called directly on other
     inputs of the same layout, so that its exceptions propagate, then the same inputs through
     memory_read: nothing is planned again, and both match float64."""
     from stm_kernels.backends.triton import launch as launchers
     monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
-    prepared, prepare = [], gluon_forward.prepare
-    monkeypatch.setattr(gluon_forward, "prepare",
-                        lambda *args, **kwargs: prepared.append(prepare(*args, **kwargs)) or
-                        prepared[-1])
     shape = (2, 1, 128, 512, 1620, 16200)  # 52 programs on 132 SMs: 2 splits, merged
     q, k, v = _inputs(*shape, torch.bfloat16, "cuda", seed=0, batch_gap=batch_gap)
     if gluon_forward.unsupported_reason(q, k, v) is not None:
@@ -555,7 +549,7 @@ def test_gpu_kept_launch_runs_on_new_inputs(monkeypatch, fresh_launches, batch_g
     q, k, v = _inputs(*shape, torch.bfloat16, "cuda", seed=1, batch_gap=batch_gap)
     direct, direct_lse = kept(q, k, v, None)
     out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
-    assert len(prepared) == 1, "a kept launch failed and its call was planned again"
+    assert len(gluon_plannings) == 1, "a kept launch failed and its call was planned again"
     ref_out, ref_lse = _reference(q, k, v, 1 / math.sqrt(shape[2]), False)
     for result, result_lse in ((direct, direct_lse), (out, lse)):
         assert relative_error(result, ref_out) < TOLERANCE[torch.bfloat16]
