@@ -1,5 +1,7 @@
 """tools.gpu_session.host_path: the read's host time, layer by layer (its CPU rows here)."""
+import inspect
 import json
+import types
 
 import pytest
 import torch
@@ -20,9 +22,11 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     assert payload["complete"] is True and payload["device_type"] == "cpu"
     small = [f"{layer} {host_path.SMALL}" for layer in (
         "backward launcher, no launch", "top-7 selection launcher, no launch",
-        "usage launcher, no launch", "op, no launch", "forward + backward, no launch")]
-    binding = [f"Triton's binding, memory_read_{name}_kernel, no launch"
-               for name in ("fwd", "merge")]
+        "usage launcher, no launch", "op, no launch", "forward + backward, no launch",
+        *[f"{path}, memory_read_bwd_kernel_{name}, no launch"
+          for path in ("Triton's binding", "direct launch") for name in ("dv", "dkdq")])]
+    binding = [f"{path}, memory_read_{name}_kernel, no launch"
+               for path in ("Triton's binding", "direct launch") for name in ("fwd", "merge")]
     # the Gluon rows where its TMA reads the memory: N % 8 == 0 (3,240, not 1,620)
     gluon = ["Gluon launcher, no launch", "Gluon launcher, no launch, planned every call"]
     gluon = {1620: [], 3240: gluon * gluon_forward.AVAILABLE}
@@ -127,3 +131,27 @@ def test_python_profile_ranks_functions_by_own_time_per_call():
     assert by_name["<built-in method builtins.sum>"]["calls"] == 1
     busy = by_name[f"bench/test_host_path.py:{line}(_busy)"]
     assert busy["calls"] == 1 and busy["total_us"] >= steps["own_us"] > 0
+
+
+def test_the_direct_launch_rows_launch_the_recorded_arguments_as_tritons_binder_binds_them():
+    launches = _forward_launches()
+    launched = []
+
+    def compiled_of(kernel, grid, arguments, options):
+        return types.SimpleNamespace(run=lambda *call: launched.append(call), function=None,
+                                     packed_metadata=None)
+
+    directs = host_path._direct_launches(launches, compiled_of)
+    for (kernel, grid, arguments, _), (direct, tensors) in zip(launches, directs, strict=True):
+        assert direct(tensors)
+        assert launched[-1][:3] == tuple(grid) + (1,) * (3 - len(grid))
+        names = list(inspect.signature(kernel.fn).parameters)
+        sent = dict(zip(names, launched[-1][9:], strict=True))
+        assert sent.keys() == arguments.keys()
+        for name, value in arguments.items():  # tensors: the CPU twins of the meta ones
+            if isinstance(value, torch.Tensor):
+                assert (sent[name].shape, sent[name].stride()) == (value.shape, value.stride())
+            else:
+                assert sent[name] == value
+    forward, merge = host_path.direct_launch_calls(launches).values()
+    assert forward() is True and merge() is True

@@ -74,3 +74,62 @@ def test_kept_selection_and_usage_run_compiled_on_new_inputs(plannings, similari
         expected_usage = pytorch.usage(q.double(), k.double(), lse.double(), scale, l2, None)
         assert torch.allclose(usage.double(), expected_usage.double(), rtol=1e-2, atol=1e-4)
     assert plannings == {"select": 1, "usage": 1}
+
+
+@pytest.fixture
+def launch_routes(monkeypatch):
+    """{"direct": kernels launched by a kept launch's DirectLaunch, "triton": through launch.run
+    (Triton's binder)}, counted as they happen."""
+    from stm_kernels.backends.triton.direct_launch import DirectLaunch
+    counts, real_run, real_direct = {"direct": 0, "triton": 0}, launch.run, DirectLaunch.__call__
+
+    def run(*args, **kwargs):
+        counts["triton"] += 1
+        return real_run(*args, **kwargs)
+
+    def direct(self, tensors):
+        launched = real_direct(self, tensors)
+        counts["direct"] += launched
+        return launched
+
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(DirectLaunch, "__call__", direct)
+    return counts
+
+
+def _misaligned_copy(tensor):
+    """tensor's values in a tensor of its shape, strides and dtype starting off 16 bytes."""
+    storage = torch.empty(tensor.numel() + 8, dtype=tensor.dtype, device=tensor.device)
+    view = storage[1:1 + tensor.numel()].view(tensor.shape)
+    view.copy_(tensor)
+    assert view.data_ptr() % 16
+    return view
+
+
+def test_kept_launches_go_direct_and_compute_what_tritons_launch_does(launch_routes):
+    dtype = torch.bfloat16
+    memory_read(*random_inputs(*SHAPE, dtype, "cuda", seed=0), backend="triton")
+    assert launch_routes == {"direct": 0, "triton": 2}  # planned: the forward and its merge
+    q, k, v = random_inputs(*SHAPE, dtype, "cuda", seed=5)
+    direct = memory_read(q, k, v, backend="triton")
+    assert launch_routes == {"direct": 2, "triton": 2}
+    with launch.binding_every_launch():
+        through_triton = memory_read(q, k, v, backend="triton")
+    assert launch_routes == {"direct": 2, "triton": 4}
+    assert torch.equal(direct, through_triton)
+    assert relative_error(direct, memory_read(q.double(), k.double(), v.double(),
+                                              backend="naive")) < TOLERANCE[dtype]
+
+    # values off 16 bytes: the forward kernel goes through Triton (another compile), the merge
+    # of its aligned buffers still directly
+    misaligned = memory_read(q, k, _misaligned_copy(v), backend="triton")
+    assert launch_routes == {"direct": 3, "triton": 5}
+    assert relative_error(misaligned, direct.double()) < TOLERANCE[dtype]
+
+    # the backward: planned once, then direct
+    read_with_grads(q, k, v, backend="triton")
+    planned = dict(launch_routes)
+    results = read_with_grads(q, k, v, seed=7, backend="triton")
+    assert launch_routes["triton"] == planned["triton"]
+    assert launch_routes["direct"] - planned["direct"] >= 4  # forward, merge, dV, dK/dQ
+    check_read(results, reference_with_grads(q, k, v, seed=7), dtype)

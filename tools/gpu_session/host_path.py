@@ -17,6 +17,12 @@ measurement, not a guess:
     Triton launches        the launcher's kernels launched alone, with the arguments it made
     Triton's binding       of each kernel: Triton's own work before its launch, up to its
                            compile-cache lookup (triton_binding_calls; also without CUDA)
+    direct launch(es)      the kept launches' way past that binding (direct_launch.py): the
+                           kernels launched alone by their compiles' launchers, and each
+                           one's Python with no launcher (direct_launch_calls; also
+                           without CUDA); ", through Triton's binder" rows: the op, the
+                           launchers and forward + backward with kept launches going through
+                           kernel[grid](...) instead (launch.binding_every_launch)
     Gluon ...              the op (without CUDA: the launcher, no launch) with the opt-in
                            Gluon forward, with and without its kept launch
     forward + backward     memory_read(...).backward(grad), then the backward's launcher with
@@ -43,17 +49,20 @@ backward computes with torch, whose operations on meta tensors run Python refere
 slower than CUDA's dispatch: its "no launch" row runs on small CPU tensors instead (HW = 20,
 N = 64, where its torch work takes microseconds; once a run, in the N = 64 column), and so do
 the selection's and the usage's launchers and the op's rows without gradients and with
-forward + backward (kernels dropped: the checks, the autograd function and the wrappers);
-only under TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
+forward + backward (kernels dropped: the checks, the autograd function and the wrappers),
+and Triton's binding and the direct launch of the backward's dV and dK/dQ kernels; only under
+TRITON_INTERPRET=1, which lets CPU tensors through the launcher.
 
 Writes bench/results/host_path_<device>_<date>.json.
 """
 import argparse
 import contextlib
 import cProfile
+import functools
 import pathlib
 import pstats
 import time
+import types
 
 import torch
 
@@ -61,6 +70,7 @@ from bench import common
 from bench import kernel as kernel_bench
 from stm_kernels import memory_read
 from stm_kernels.backends.triton import devices, launch
+from stm_kernels.backends.triton.direct_launch import DirectLaunch
 
 B, HW, CK, CV = 1, 1620, 128, 512
 # What "meta" rows plan for: an H100's sm_90 tilings and 132 multiprocessors.
@@ -162,6 +172,38 @@ def triton_binding_calls(launches, prefix=""):
     return calls
 
 
+def _direct_launches(launches, compiled_of):
+    """[(DirectLaunch, its tensors)] of recorded launches, each kernel's compile given by
+    compiled_of(kernel, grid, arguments, options); every tensor argument in a slot (the
+    upper bound of a kept launch's per-call tensors)."""
+    directs = []
+    streams = None if torch.cuda.is_available() else ((lambda: 0), (lambda device: 0))
+    for kernel, grid, arguments, options in launches:
+        arguments = {name: _materialised(value) for name, value in arguments.items()}
+        tensors = {name: value for name, value in arguments.items()
+                   if isinstance(value, torch.Tensor)}
+        fixed = {name: value for name, value in arguments.items() if name not in tensors}
+        compiled = compiled_of(kernel, grid, arguments, options)
+        directs.append((DirectLaunch.of(kernel, grid, compiled, fixed, tensors, streams),
+                        tensors))
+    return directs
+
+
+def direct_launch_calls(launches, prefix=""):
+    """{row name: call} of a kept launch's direct path (direct_launch.DirectLaunch) for each
+    recorded launch, its compiled kernel's launcher replaced by nothing: the arguments put in
+    their slots, the alignment checked, the stream looked up: what it does in place of the
+    "Triton's binding" rows. Also without CUDA (CPU tensors, no stream)."""
+    def no_launcher(kernel, grid, arguments, options):
+        return types.SimpleNamespace(run=lambda *arguments: None, function=None,
+                                     packed_metadata=None)
+
+    return {f"{prefix}direct launch, {kernel.fn.__name__}, no launch":
+            functools.partial(direct, tensors)
+            for (kernel, *_), (direct, tensors) in zip(
+                launches, _direct_launches(launches, no_launcher), strict=True)}
+
+
 @contextlib.contextmanager
 def gluon_without_launch():
     """Within the block the opted-in Gluon forward plans and makes its descriptors but launches
@@ -242,13 +284,21 @@ def _small_cpu_layers():
 
 def small_cpu_rows(calls, measured=lambda row: None):
     """[dict(layer, N, us)] of _small_cpu_layers (N = SMALL_N, their memory), once a run:
-    planned for an H100, kernels dropped; only under TRITON_INTERPRET=1."""
+    planned for an H100, kernels dropped; then Triton's binding and the direct launch of the
+    backward's kernels (dV, dK/dQ) at that size; only under TRITON_INTERPRET=1."""
     rows = []
-    with devices.pretend(H100), launch.recording(_nothing):
-        for layer, call in _small_cpu_layers().items():
-            rows.append(dict(layer=layer, N=SMALL_N,
-                             us=round(per_call_us(call, calls, torch.device("cpu")), 2)))
-            measured(rows[-1])
+    layers = _small_cpu_layers()
+    with devices.pretend(H100):
+        backward = recorded_launches(layers[f"backward launcher, no launch {SMALL}"])
+        with launch.recording(_nothing):
+            for layer, call in layers.items():
+                rows.append(dict(layer=layer, N=SMALL_N,
+                                 us=round(per_call_us(call, calls, torch.device("cpu")), 2)))
+                measured(rows[-1])
+    for layer, call in {**triton_binding_calls(backward), **direct_launch_calls(backward)}.items():
+        rows.append(dict(layer=f"{layer} {SMALL}", N=SMALL_N,
+                         us=round(per_call_us(call, calls, torch.device("cpu")), 2)))
+        measured(rows[-1])
     return rows
 
 
@@ -274,14 +324,21 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         profiled(dict(layer=layer, N=N, functions=python_profile(call, min(calls, 50), device)))
 
     def launcher_rows(prefix, run):
-        """The launcher, its Python alone, and the kernels it launches alone."""
+        """The launcher (with its kept launches direct, then through Triton's binder), its
+        Python alone, and the kernels it launches alone, through Triton and directly."""
         row(f"{prefix}launcher", run)
+        with launch.binding_every_launch():
+            row(f"{prefix}launcher, through Triton's binder", run)
         with launch.recording(_nothing):
             row(f"{prefix}launcher, no launch", run)
         launches = recorded_launches(run)
         row(f"{prefix}Triton launches", lambda: [kernel[grid](**arguments, **options)
                                                  for kernel, grid, arguments, options in launches])
-        for layer, call in triton_binding_calls(launches, prefix).items():
+        directs = _direct_launches(launches, lambda kernel, grid, arguments, options:
+                                   kernel[grid](**arguments, **options))
+        row(f"{prefix}direct launches", lambda: [direct(tensors) for direct, tensors in directs])
+        for layer, call in {**triton_binding_calls(launches, prefix),
+                            **direct_launch_calls(launches, prefix)}.items():
             row(layer, call)
 
     def forward():
@@ -299,7 +356,8 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
                     row("Gluon launcher, no launch", forward)
                     with launch.planning_every_call():
                         row("Gluon launcher, no launch, planned every call", forward)
-        for layer, call in triton_binding_calls(launches).items():
+        for layer, call in {**triton_binding_calls(launches),
+                            **direct_launch_calls(launches)}.items():
             row(layer, call)
         return rows
     def op():
@@ -308,6 +366,8 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
     out, lse = forward()
     with torch.no_grad():
         row("op", op)
+        with launch.binding_every_launch():
+            row("op, through Triton's binder", op)
         row("custom op", lambda: torch.ops.stm_kernels.memory_read(q, [k], [v], scale, False,
                                                                     "triton", None))
         launcher_rows("", forward)
@@ -323,6 +383,8 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         memory_read(*leaves, backend="triton").backward(grad)
 
     row("forward + backward", forward_backward)
+    with launch.binding_every_launch():
+        row("forward + backward, through Triton's binder", forward_backward)
 
     def backward():
         return launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)

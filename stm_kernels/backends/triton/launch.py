@@ -24,9 +24,11 @@ and the backend (backends/triton/__init__.py) reads with torch instead; only the
 has a kernel path before that: dK and dQ by two kernels. A pass's launches, each with its
 chosen config and fixed arguments, are kept per call layout (PreparedForward,
 PreparedBackward, PreparedSingle for the selection and usage; _layout_key): a repeated call
-only allocates its outputs and launches.
-`run` is the one place a kernel starts: the offline tools replace it (`recording`) to compile
-every launch for a device that is not there, with tensors on the "meta" device.
+only allocates its outputs and launches, each kernel's compile called directly
+(direct_launch.py) without Triton's binder.
+`run` is the one place a kernel is compiled and first launched: the offline tools replace it
+(`recording`) to compile every launch for a device that is not there, with tensors on the
+"meta" device; while they do, kept launches go through it too.
 
 The kernels are in kernels/, their tilings in tilings.py, devices in devices.py. Kernel
 arguments are passed by name.
@@ -43,6 +45,7 @@ import torch
 from ..._buffers import device_context, new_buffer
 from ...torch_common import LOG2E
 from . import compat, compiler_output, devices, tilings
+from .direct_launch import DirectLaunch
 from .compat import patch_interpreter_index
 from .devices import INTERPRETING
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
@@ -64,6 +67,7 @@ _chosen: dict = {}
 _prepared: dict = {}
 PREPARED_LAYOUTS = 256
 _keeping_launches = True  # False inside planning_every_call
+_launching_directly = True  # False inside binding_every_launch (KernelLaunch)
 _keeping = threading.Lock()  # held where _prepared changes (reads need none: one dict lookup)
 _warned: set = set()
 
@@ -103,10 +107,11 @@ class LocalMemoryExceeded(RuntimeError):
 
 def run(kernel, grid, arguments, config, call, check_local=True):
     """Launch kernel[grid](**arguments) with the config's warps and stages and the call's
-    architecture's compile options (or hand it all to the recording executor). A config with
-    max_local_bytes is compiled first and not launched (LocalMemoryExceeded) where it uses
-    more local memory than that; check_local=False skips that check (a kept launch, whose
-    first call made it)."""
+    architecture's compile options (or hand it all to the recording executor); returns what
+    Triton's launch returns (the compiled kernel; None in the interpreter or when recording).
+    A config with max_local_bytes is compiled first and not launched (LocalMemoryExceeded)
+    where it uses more local memory than that; check_local=False skips that check (a kept
+    launch, whose first call made it)."""
     options = dict(call.architecture.options, num_warps=config.num_warps,
                    num_stages=config.num_stages)
     if _executor is not None:
@@ -120,6 +125,7 @@ def run(kernel, grid, arguments, config, call, check_local=True):
                 f"{config.max_local_bytes} B")
     compiled = kernel[grid](**arguments, **options)
     _note_resources(call, kernel, config, compat.compiled_resources(compiled))
+    return compiled
 
 
 def local_memory_bytes(kernel, grid, arguments, options):
@@ -531,21 +537,55 @@ def _warp_specialized_forward(call, q, k, v):
 # --------------------------------------------------------------------------- prepared launches
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(eq=False)
 class KernelLaunch:
     """One launch of `kernel` with the arguments a call's layout fixes (sizes, strides,
-    constexprs, grid, config): called with a call's tensors, it launches the kernel on them
-    (through `run`). first=True is the launch of the call that plans it, which also checks
-    the compile's local memory against the config's budget; the kept launches skip that check
-    (the compile of a layout does not change)."""
+    constexprs, grid, config): called with a call's tensors, it launches the kernel on them.
+    first=True is the launch of the call that plans it, through `run`, which also checks the
+    compile's local memory against the config's budget; it keeps the compile, and later calls
+    launch that directly (direct_launch.DirectLaunch: Triton's binder and cache lookup skipped),
+    or through `run` where the direct launch declines (a tensor off the alignment the compile
+    assumed, a profiler's launch hook) or is switched off (binding_every_launch)."""
     kernel: object
     grid: tuple
     config: object
     fixed: dict
+    direct: DirectLaunch | None = dataclasses.field(default=None, init=False)
 
     def __call__(self, call, first=False, **tensors):
-        run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call,
-            check_local=first)
+        if (not first and self.direct is not None and _launching_directly
+                and _executor is None and _direct_launched(self.direct, tensors)):
+            return
+        compiled = run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call,
+                       check_local=first)
+        if first and _keeping_launches:
+            self.direct = DirectLaunch.of(self.kernel, self.grid, compiled, self.fixed, tensors)
+
+
+def _direct_launched(direct, tensors):
+    """direct(tensors); False, with a warning once, where this Triton's launcher refuses the
+    call (an argument it parses differently): launches then go through Triton's own path."""
+    global _launching_directly
+    try:
+        return direct(tensors)
+    except (TypeError, ValueError, AttributeError) as error:
+        _launching_directly = False
+        warn_once(f"launching kept Triton kernels directly failed ({one_line(error)}); "
+                  "launching them through Triton's binder from now on")
+        return False
+
+
+@contextlib.contextmanager
+def binding_every_launch():
+    """Within the block kept launches go through Triton's binder (`kernel[grid](...)`) as a
+    first call does, instead of launching their compiled kernel directly (an A/B of the
+    direct launch's saving within one run)."""
+    global _launching_directly
+    previous, _launching_directly = _launching_directly, False
+    try:
+        yield
+    finally:
+        _launching_directly = previous
 
 
 def _layout_key(read, call, scale, l2, lengths, *tensors):

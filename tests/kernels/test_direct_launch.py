@@ -1,0 +1,251 @@
+"""Kept launches call their compiled kernel directly (direct_launch.DirectLaunch), skipping
+Triton's binder. What must hold, without a GPU: the arguments it passes are those Triton's own
+binder would pass to the same compiled kernel's launcher, in the same order, for every kernel
+the launchers start; the alignment it checks is the specialisation that binder makes; a call
+off that alignment, or with a profiler's launch hook installed, declines (and goes through
+Triton); a KernelLaunch launches directly only after its first call, never while launches
+are recorded or inside binding_every_launch, and a launcher that refuses the call switches
+direct launches off with a warning. On a GPU tests/kernels/test_prepared_launch_gpu.py runs
+them for real.
+"""
+import types
+
+import pytest
+import torch
+
+from stm_kernels.backends.triton import devices, launch
+from stm_kernels.backends.triton.direct_launch import ALIGNMENT, DirectLaunch
+
+binder = pytest.importorskip("triton.runtime.jit")
+pytestmark = [pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("fresh_launches")]
+
+H100 = devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * 1024, 132)
+B, CK, CV, HW, N = 2, 128, 512, 20, 2048  # N: memory splits, so the merge launches too
+STREAM = 12345
+
+
+class Launcher:
+    """A compiled kernel's stand-in: its launcher records what it is called with."""
+
+    def __init__(self, error=None):
+        self.calls, self.error = [], error
+        self.compiled = types.SimpleNamespace(run=self, function="function",
+                                              packed_metadata="metadata")
+
+    def __call__(self, *arguments):
+        if self.error is not None:
+            raise self.error
+        self.calls.append(arguments)
+
+
+def streams():
+    return (lambda: 0), (lambda device: STREAM)
+
+
+def _inputs(dtype=torch.bfloat16):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, out, grad = (torch.randn(shape, generator=generator).to(dtype) for shape in (
+        (1, CK, HW), (B, CK, N), (B, CV, N), (B, CV, HW), (B, CV, HW)))
+    return q, k, v, out, grad, torch.randn(B, HW, generator=generator)
+
+
+def recorded_launches():
+    """[(kernel, grid, arguments)] of every kernel the launchers start, planned for an H100 on
+    CPU tensors: forward and merge, dV and dK/dQ, the deterministic dQ, selection, usage."""
+    q, k, v, out, grad, lse = _inputs()
+    scale, launches = CK ** -0.5, []
+
+    def record(kernel, grid, arguments, config, options):
+        launches.append((kernel, grid, arguments, options))
+
+    with devices.pretend(H100), launch.recording(record):
+        launch.triton_forward(q, k, v, scale, False)
+        launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
+        torch.use_deterministic_algorithms(True)
+        try:
+            launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        launch.triton_select(q, k, 7, scale, False)
+        launch.triton_usage(q, k, lse, scale, False)
+    return launches
+
+
+def _split(arguments):
+    """(fixed, tensors) of a launch's arguments, as KernelLaunch holds them."""
+    tensors = {name: value for name, value in arguments.items()
+               if isinstance(value, torch.Tensor)}
+    return {name: value for name, value in arguments.items() if name not in tensors}, tensors
+
+
+def _triton_binding(kernel, arguments, options):
+    """(bound arguments in order, {name: (type, specialisation)}) of Triton's binder for
+    sm_90, as JITFunction.run binds them before it calls the compile's launcher."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    jitted = binder.JITFunction(kernel.fn)
+    bind = binder.create_function_from_signature(jitted.signature, jitted.params,
+                                                 make_backend(GPUTarget("cuda", 90, 32)))
+    bound, specialization, _ = bind(**arguments, **options, debug=False)
+    return list(bound.values()), dict(zip(bound, specialization, strict=True))
+
+
+def _same(ours, theirs):
+    assert len(ours) == len(theirs)
+    for mine, triton in zip(ours, theirs, strict=True):
+        assert mine is triton if isinstance(triton, torch.Tensor) else mine == triton
+
+
+def test_every_kernel_gets_the_arguments_and_alignment_tritons_binder_gives():
+    launches = recorded_launches()
+    names = {kernel.fn.__name__ for kernel, *_ in launches}
+    assert names == {"memory_read_fwd_kernel", "memory_read_merge_kernel",
+                     "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq",
+                     "memory_read_bwd_kernel_dq", "memory_read_topk_kernel",
+                     "memory_read_usage_kernel"}
+    for kernel, grid, arguments, options in launches:
+        fixed, tensors = _split(arguments)
+        launcher = Launcher()
+        direct = DirectLaunch.of(kernel, grid, launcher.compiled, fixed, tensors, streams())
+        bound, specialization = _triton_binding(kernel, arguments, options)
+        _same(direct.positional(tensors), bound)
+        aligned = {name for name, (kind, attribute) in specialization.items()
+                   if kind.startswith("*") and attribute == "D"}
+        assert direct.aligned == aligned, kernel.fn.__name__
+
+        assert direct(tensors)
+        (call,) = launcher.calls
+        grid3 = tuple(grid) + (1,) * (3 - len(grid))
+        assert call[:9] == grid3 + (STREAM, "function", "metadata", None, None, None)
+        _same(list(call[9:]), bound)
+
+
+def _forward_launch():
+    kernel, grid, arguments, _ = next(launch for launch in recorded_launches()
+                                      if launch[0].fn.__name__ == "memory_read_fwd_kernel")
+    return (kernel, grid) + _split(arguments)
+
+
+def _misaligned(tensor):
+    """A tensor of the same shape, strides and dtype whose data starts off 16 bytes."""
+    storage = torch.empty(tensor.numel() + 8, dtype=tensor.dtype)
+    view = storage[1:1 + tensor.numel()].view(tensor.shape)
+    assert view.data_ptr() % ALIGNMENT
+    return view
+
+
+def test_a_tensor_off_the_compiles_alignment_declines():
+    kernel, grid, fixed, tensors = _forward_launch()
+    launcher = Launcher()
+    direct = DirectLaunch.of(kernel, grid, launcher.compiled, fixed, tensors, streams())
+    assert "v" in direct.aligned
+    assert not direct({**tensors, "v": _misaligned(tensors["v"])})
+    assert launcher.calls == []
+    assert direct(tensors) and len(launcher.calls) == 1
+
+
+def test_a_compile_for_an_unaligned_tensor_takes_any():
+    kernel, grid, fixed, tensors = _forward_launch()
+    tensors = {**tensors, "v": _misaligned(tensors["v"])}
+    launcher = Launcher()
+    direct = DirectLaunch.of(kernel, grid, launcher.compiled, fixed, tensors, streams())
+    assert "v" not in direct.aligned
+    assert direct({**tensors, "v": _misaligned(tensors["v"])})
+    assert direct(tensors) and len(launcher.calls) == 2
+
+
+def test_a_profilers_launch_hook_declines(monkeypatch):
+    knobs = pytest.importorskip("triton").knobs
+    kernel, grid, fixed, tensors = _forward_launch()
+    launcher = Launcher()
+    direct = DirectLaunch.of(kernel, grid, launcher.compiled, fixed, tensors, streams())
+    chain = knobs.runtime.launch_enter_hook
+    hook = chain.add if hasattr(chain, "add") else None
+
+    def profiler(metadata):
+        return None
+
+    if hook is not None:  # Triton's hook chain: one hook added
+        hook(profiler)
+        try:
+            assert not direct(tensors) and launcher.calls == []
+        finally:
+            chain.remove(profiler)
+        assert direct(tensors) and len(launcher.calls) == 1
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", profiler)
+    assert not direct(tensors) and len(launcher.calls) == (1 if hook else 0)
+
+
+def test_nothing_to_keep_without_a_compile():
+    kernel, grid, fixed, tensors = _forward_launch()
+    assert DirectLaunch.of(kernel, grid, None, fixed, tensors, streams()) is None
+    assert DirectLaunch.of(kernel, grid, object(), fixed, tensors, streams()) is None
+
+
+@pytest.fixture
+def kernel_launch():
+    """(KernelLaunch of the forward kernel, its first call's tensors), recorded."""
+    kernel, grid, fixed, tensors = _forward_launch()
+    return launch.KernelLaunch(kernel, grid, None, fixed), tensors
+
+
+@pytest.fixture
+def compiles(monkeypatch, kernel_launch):
+    """launch.run replaced by a compile's stand-in (after kernel_launch's recording): [arguments
+    of each run], the Launcher its compiled kernel launches through; Triton's streams stood in
+    for."""
+    runs, launcher = [], Launcher()
+
+    def run(kernel, grid, arguments, config, call, check_local=True):
+        runs.append(arguments)
+        return launcher.compiled
+
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr("stm_kernels.backends.triton.direct_launch._triton_streams", streams)
+    return runs, launcher
+
+
+def test_a_kernel_launch_goes_direct_after_its_first_call(compiles, kernel_launch):
+    runs, launcher = compiles
+    kept, tensors = kernel_launch
+    kept(None, first=True, **tensors)
+    assert len(runs) == 1 and launcher.calls == []
+    other = {name: tensor.clone() for name, tensor in tensors.items()}
+    kept(None, **other)
+    kept(None, **other)
+    assert len(runs) == 1 and len(launcher.calls) == 2
+    assert launcher.calls[-1][9 + list(kept.direct.positional(other)).index(other["q"])] \
+        is other["q"]
+
+    with launch.binding_every_launch():
+        kept(None, **other)
+    assert len(runs) == 2 and len(launcher.calls) == 2
+    with launch.recording(lambda *args: None):
+        kept(None, **other)
+    assert len(runs) == 3 and len(launcher.calls) == 2
+    kept(None, **{**other, "v": _misaligned(other["v"])})
+    assert len(runs) == 4 and len(launcher.calls) == 2
+
+
+def test_planning_every_call_keeps_no_compile(compiles, kernel_launch):
+    runs, launcher = compiles
+    kept, tensors = kernel_launch
+    with launch.planning_every_call():
+        kept(None, first=True, **tensors)
+    assert kept.direct is None
+
+
+def test_a_launcher_that_refuses_switches_direct_launches_off(compiles, kernel_launch,
+                                                             monkeypatch):
+    runs, launcher = compiles
+    launcher.error = TypeError("function takes 30 arguments (31 given)")
+    monkeypatch.setattr(launch, "_launching_directly", True)
+    monkeypatch.setattr(launch, "_warned", set())
+    kept, tensors = kernel_launch
+    kept(None, first=True, **tensors)
+    with pytest.warns(RuntimeWarning, match="launching kept Triton kernels directly failed"):
+        kept(None, **tensors)
+    assert len(runs) == 2 and not launch._launching_directly
+    kept(None, **tensors)
+    assert len(runs) == 3
