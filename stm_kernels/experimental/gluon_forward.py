@@ -36,6 +36,8 @@ import torch
 
 from .._buffers import device_context
 from ..backends.triton import devices
+from ..backends.triton.direct_launch import DirectLaunch
+from ..backends.triton.launch import keeping_launches, launched_directly
 from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
@@ -497,17 +499,20 @@ def prepare(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None
     return WsLaunch(grid, layouts, fixed, folded)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(eq=False)
 class WsLaunch:
     """ws_forward planned for one call layout (shapes, strides, dtype, scale, similarity,
     config): the grid, the shared-memory layouts, the constexprs and the output strides. Called
     with a call's tensors of that layout, it makes their TMA descriptors and launches (k and v
     must still start on 16 bytes: a ValueError otherwise, as TMA requires). folded: the objects
-    folded into the TMA rows, one launch; else one launch per object."""
+    folded into the TMA rows, one launch; else one launch per object. From its second launch
+    on it calls its first launch's compile directly (launch.launched_directly), as the plain
+    kernels' kept launches do."""
     grid: tuple
     layouts: dict
     fixed: dict
     folded: bool
+    direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
 
     def __call__(self, q, k, v, part_out, part_lse):
         if k.data_ptr() % 16 or v.data_ptr() % 16:
@@ -521,11 +526,18 @@ class WsLaunch:
                         for b in range(k.shape[0])]
         with device_context(k.device):
             for objects, q2, k2, v2, q_broadcast in launches:
-                memory_read_ws_fwd_kernel[self.grid](
-                    q_desc=_descriptor(q2, *self.layouts["q"]),
-                    k_desc=_descriptor(k2, *self.layouts["k"]),
-                    v_desc=_descriptor(v2, *self.layouts["v"]), o=part_out[:, objects],
-                    lse=part_lse[:, objects], Q_BROADCAST=q_broadcast, **self.fixed)
+                # Q_BROADCAST is the layout's (folded) or True (one launch per object)
+                per_call = dict(q_desc=_descriptor(q2, *self.layouts["q"]),
+                                k_desc=_descriptor(k2, *self.layouts["k"]),
+                                v_desc=_descriptor(v2, *self.layouts["v"]),
+                                o=part_out[:, objects], lse=part_lse[:, objects])
+                if launched_directly(self.direct, per_call):
+                    continue
+                fixed = dict(self.fixed, Q_BROADCAST=q_broadcast)
+                compiled = memory_read_ws_fwd_kernel[self.grid](**per_call, **fixed)
+                if self.direct is None and keeping_launches():
+                    self.direct = DirectLaunch.of(memory_read_ws_fwd_kernel, self.grid,
+                                                  compiled, fixed, per_call)
 
 
 def _constexprs(l2, Ck, Cv, config, layouts):

@@ -91,10 +91,18 @@ def _triton_binding(kernel, arguments, options):
     return list(bound.values()), dict(zip(bound, specialization, strict=True))
 
 
+def _view(tensor):
+    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype
+
+
 def _same(ours, theirs):
+    """The same arguments: tensors viewing the same memory the same way, the rest equal."""
     assert len(ours) == len(theirs)
     for mine, triton in zip(ours, theirs, strict=True):
-        assert mine is triton if isinstance(triton, torch.Tensor) else mine == triton
+        if isinstance(triton, torch.Tensor):
+            assert _view(mine) == _view(triton)
+        else:
+            assert mine == triton
 
 
 def test_every_kernel_gets_the_arguments_and_alignment_tritons_binder_gives():
@@ -181,6 +189,10 @@ def test_nothing_to_keep_without_a_compile():
     kernel, grid, fixed, tensors = _forward_launch()
     assert DirectLaunch.of(kernel, grid, None, fixed, tensors, streams()) is None
     assert DirectLaunch.of(kernel, grid, object(), fixed, tensors, streams()) is None
+    compiled = Launcher().compiled
+    assert DirectLaunch.of(kernel, grid, compiled, fixed, tensors, streams()) is not None
+    del fixed["HW"]  # arguments that do not bind: Triton's path, which raises, is kept
+    assert DirectLaunch.of(kernel, grid, compiled, fixed, tensors, streams()) is None
 
 
 @pytest.fixture
@@ -249,3 +261,58 @@ def test_a_launcher_that_refuses_switches_direct_launches_off(compiles, kernel_l
     assert len(runs) == 2 and not launch._launching_directly
     kept(None, **tensors)
     assert len(runs) == 3
+
+
+class GluonKernel:
+    """The Gluon forward kernel's stand-in for its WsLaunch: records each launch through
+    Triton's path, returns a compile whose launcher records its direct launches."""
+
+    def __init__(self, kernel, launcher):
+        self.fn, self.params, self.launcher, self.launches = kernel.fn, kernel.params, launcher, []
+
+    def __getitem__(self, grid):
+        def launch(**arguments):
+            self.launches.append(arguments)
+            return self.launcher.compiled
+        return launch
+
+
+def test_the_gluon_forwards_kept_launch_goes_direct_with_tritons_arguments(compiles, monkeypatch):
+    gluon_forward = pytest.importorskip("stm_kernels.experimental.gluon_forward")
+    if not gluon_forward.AVAILABLE:
+        pytest.skip(gluon_forward.UNAVAILABLE_REASON)
+    _, launcher = compiles
+    real = gluon_forward.memory_read_ws_fwd_kernel
+    kernel = GluonKernel(real, launcher)
+    monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", kernel)
+    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
+    q, k, v, *_ = _inputs()
+    k, v = k[:1], v[:1]  # one object: its rows fold into the TMA boxes, one launch a call
+    splits, per_split = 4, 512
+    part_out, part_lse = torch.empty(splits, 1, CV, HW), torch.empty(splits, 1, HW)
+    kept = gluon_forward.prepare(q, k, v, part_out, part_lse, per_split=per_split,
+                                 qk_scale=0.1, l2=False)
+    kept(q, k, v, part_out, part_lse)
+    assert len(kernel.launches) == 1 and kept.direct is not None and launcher.calls == []
+
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    kept(q2, k2, v2, part_out, part_lse)
+    assert len(kernel.launches) == 1 and len(launcher.calls) == 1
+    sent = launcher.calls[0][9:]
+    # this call's tensors (the query's 20 rows of 40 bytes in a padded copy, for TMA)
+    assert [descriptor.base.data_ptr() for descriptor in sent[1:3]] == [k2.data_ptr(),
+                                                                         v2.data_ptr()]
+    assert torch.equal(sent[0].base, q2[0])
+    # Triton's binder, on the arguments Triton's path would get for this call
+    arguments = {**kept.fixed, "Q_BROADCAST": True,
+                 **dict(zip(("q_desc", "k_desc", "v_desc"), sent[:3], strict=True)),
+                 "o": part_out, "lse": part_lse}
+    options = {"num_warps": arguments.pop("num_warps")}
+    bound, specialization = _triton_binding(real, arguments, options)
+    _same(list(sent), bound)
+    assert kept.direct.aligned == {name for name, (kind, attribute) in specialization.items()
+                                   if kind.startswith("*") and attribute == "D"}
+
+    with launch.binding_every_launch():
+        kept(q2, k2, v2, part_out, part_lse)
+    assert len(kernel.launches) == 2 and len(launcher.calls) == 1

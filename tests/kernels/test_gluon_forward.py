@@ -546,10 +546,13 @@ def test_gpu_kept_launch_runs_on_new_inputs(monkeypatch, fresh_launches, gluon_p
     memory_read(q, k, v, backend="triton")
     [kept] = launchers._prepared.values()
     assert isinstance(kept.forward, gluon_forward.WsLaunch) and kept.merge is not None
+    assert kept.forward.direct is not None  # later launches call its compile directly
     q, k, v = _inputs(*shape, torch.bfloat16, "cuda", seed=1, batch_gap=batch_gap)
     direct, direct_lse = kept(q, k, v, None)
     out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
     assert len(gluon_plannings) == 1, "a kept launch failed and its call was planned again"
+    with launchers.binding_every_launch():  # Triton's own launch path: the same kernels
+        assert torch.equal(memory_read(q, k, v, backend="triton"), out)
     ref_out, ref_lse = _reference(q, k, v, 1 / math.sqrt(shape[2]), False)
     for result, result_lse in ((direct, direct_lse), (out, lse)):
         assert relative_error(result, ref_out) < TOLERANCE[torch.bfloat16]

@@ -5,6 +5,8 @@ tensors. What must hold: a repeated call plans nothing and computes its own inpu
 failing prepared launch plans afresh, and nothing kept holds a tensor. The kernels run in the
 interpreter; results are checked against the float64 naive read.
 """
+import types
+
 import pytest
 import torch
 
@@ -153,17 +155,43 @@ def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):
     assert torch.allclose(out.double(), expected, atol=TOLERANCE[torch.float32])
 
 
-def test_nothing_kept_holds_a_tensor():
+def _tensors_in(value, depth=0):
+    """The tensors reachable from a kept launch through its fields, slots, lists and dicts."""
+    if torch.is_tensor(value):
+        return [value]
+    if depth > 4 or isinstance(value, (str, bytes, int, float, type(None))):
+        return []
+    if isinstance(value, dict):
+        children = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        children = list(value)
+    else:
+        names = list(getattr(value, "__dict__", {})) + list(getattr(type(value), "__slots__", ()))
+        children = [getattr(value, name, None) for name in names]
+    return [tensor for child in children for tensor in _tensors_in(child, depth + 1)]
+
+
+def test_nothing_kept_holds_a_tensor(monkeypatch):
+    # each launch's compile stood in for (the interpreter makes none), so that the kept
+    # launches keep their direct launches too
+    real = launch.run
+
+    def run(*args, **kwargs):
+        real(*args, **kwargs)
+        return types.SimpleNamespace(run=None, function=None, packed_metadata=None)
+
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr("stm_kernels.backends.triton.direct_launch._triton_streams",
+                        lambda: (None, None))
     q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
     read_with_grads(q, k, v, backend="triton", similarity="l2")
     kept = _prepared()
     assert len(kept) == 2
-    for prepared in kept:
-        for launched in (getattr(prepared, name, None)
-                         for name in ("forward", "merge", "dv", "dkdq", "dq")):
-            if launched is not None:
-                assert not [name for name, value in launched.fixed.items()
-                            if torch.is_tensor(value)]
+    launches = [launched for prepared in kept for launched in (
+        getattr(prepared, name, None) for name in ("forward", "merge", "dv", "dkdq", "dq"))
+        if launched is not None]
+    assert len(launches) == 4 and all(launched.direct is not None for launched in launches)
+    assert _tensors_in(kept) == []
 
 
 def test_deterministic_mode_plans_its_own_backward(plannings):

@@ -37,8 +37,9 @@ def _hooked():
 
 class DirectLaunch:
     """Launches `compiled` (what kernel[grid](**arguments) returned on a layout's first call)
-    on a later call's tensors: call it with {name: tensor} of the names given at construction.
-    Returns whether it launched."""
+    on a later call's tensors: call it with {name: value} of the names given at construction
+    (tensors, whose alignment it checks, or other per-call objects such as TMA descriptors,
+    which their maker checks). Returns whether it launched."""
 
     __slots__ = ("compiled", "grid", "arguments", "slots", "aligned", "launcher",
                  "current_device", "current_stream")
@@ -55,12 +56,19 @@ class DirectLaunch:
     @classmethod
     def of(cls, kernel, grid, compiled, fixed, tensors, streams=None):
         """The DirectLaunch of the compile `kernel[grid](**fixed, **tensors)` returned, or None
-        where it cannot be kept: no compile (the interpreter, a recording executor) or a
-        compiled kernel without the launcher Triton's own run calls."""
+        where it cannot be kept: no compile (the interpreter, a recording executor), a
+        compiled kernel without the launcher Triton's own run calls, or arguments that do not
+        bind to the kernel's parameters."""
         if compiled is None or not all(hasattr(compiled, name) for name in
                                        ("run", "function", "packed_metadata")):
             return None
-        bound = inspect.signature(kernel.fn).bind(**fixed, **tensors)
+        signature = inspect.signature(kernel.fn)
+        # compile options among the arguments (num_warps) are not the kernel's parameters
+        fixed = {name: value for name, value in fixed.items() if name in signature.parameters}
+        try:
+            bound = signature.bind(**fixed, **tensors)
+        except TypeError:  # not this kernel's arguments: its launches go through Triton
+            return None
         bound.apply_defaults()
         names = list(bound.arguments)
         slots = tuple((names.index(name), name) for name in tensors)
@@ -69,7 +77,10 @@ class DirectLaunch:
         aligned = frozenset(name for name, tensor in tensors.items()
                             if isinstance(tensor, torch.Tensor) and name not in not_specialised
                             and tensor.data_ptr() % ALIGNMENT == 0)
-        return cls(compiled, grid, list(bound.arguments.values()), slots, aligned, streams)
+        arguments = list(bound.arguments.values())
+        for index, _ in slots:
+            arguments[index] = None  # kept launches hold no tensor of the call that made them
+        return cls(compiled, grid, arguments, slots, aligned, streams)
 
     def positional(self, tensors):
         """The kernel's arguments in parameter order with `tensors` in their slots, or None

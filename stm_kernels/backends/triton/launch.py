@@ -553,8 +553,7 @@ class KernelLaunch:
     direct: DirectLaunch | None = dataclasses.field(default=None, init=False)
 
     def __call__(self, call, first=False, **tensors):
-        if (not first and self.direct is not None and _launching_directly
-                and _executor is None and _direct_launched(self.direct, tensors)):
+        if not first and launched_directly(self.direct, tensors):
             return
         compiled = run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call,
                        check_local=first)
@@ -562,10 +561,19 @@ class KernelLaunch:
             self.direct = DirectLaunch.of(self.kernel, self.grid, compiled, self.fixed, tensors)
 
 
-def _direct_launched(direct, tensors):
-    """direct(tensors); False, with a warning once, where this Triton's launcher refuses the
-    call (an argument it parses differently): launches then go through Triton's own path."""
+def keeping_launches():
+    """Whether launches are kept per layout now (not inside planning_every_call)."""
+    return _keeping_launches
+
+
+def launched_directly(direct, tensors):
+    """Whether a kept launch's DirectLaunch (or None) launched on `tensors`: not while
+    launches are recorded or inside binding_every_launch, nor where it declines; False, with a
+    warning once, where this Triton's launcher refuses the call (an argument it parses
+    differently): launches then go through Triton's own path."""
     global _launching_directly
+    if direct is None or not _launching_directly or _executor is not None:
+        return False
     try:
         return direct(tensors)
     except (TypeError, ValueError, AttributeError) as error:
