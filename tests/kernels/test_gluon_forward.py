@@ -386,16 +386,42 @@ EMULATED_CASES = [
 ]
 
 
-@needs_gluon
-@pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, splits, l2, dtype, config, pad_n, batch_gap",
-                         EMULATED_CASES)
-def test_emulated_kernel_matches_reference(monkeypatch, B, Bq, Ck, Cv, HW, N, splits, l2, dtype,
-                                           config, pad_n, batch_gap):
-    """The kernel source and ws_forward, emulated on CPU (see the module docstring), against the
-    float64 naive read: pipeline protocol, masks, splits, value halves, transposed stores."""
+@pytest.fixture
+def emulated_kernel(monkeypatch):
+    """The Gluon kernel replaced by its CPU emulation, its device checks passed: the
+    _EmulatedKernel, which records its launches."""
     emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
     monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
     monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
+    return emulated
+
+
+@pytest.fixture
+def emulated_read(monkeypatch, emulated_kernel):
+    """emulated_kernel behind memory_read: the read opted into the Gluon forward; the merge
+    (and backward) kernels run in Triton's interpreter."""
+    from stm_kernels.backends.triton import launch as launchers
+    if not launchers.INTERPRETING:
+        pytest.skip("the merge and backward kernels need TRITON_INTERPRET=1 on CPU")
+    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
+    return emulated_kernel
+
+
+def _pretended_h100():
+    """An H100 with 32 multiprocessors (a few memory splits at small N), its tilings run by
+    the interpreter."""
+    from stm_kernels.backends.triton import devices
+    return devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
+
+
+@needs_gluon
+@pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, splits, l2, dtype, config, pad_n, batch_gap",
+                         EMULATED_CASES)
+def test_emulated_kernel_matches_reference(emulated_kernel, B, Bq, Ck, Cv, HW, N, splits, l2,
+                                           dtype, config, pad_n, batch_gap):
+    """The kernel source and ws_forward, emulated on CPU (see the module docstring), against the
+    float64 naive read: pipeline protocol, masks, splits, value halves, transposed stores."""
+    emulated = emulated_kernel
     q, k, v = _inputs(B, Bq, Ck, Cv, HW, N, dtype, "cpu", pad_n=pad_n, batch_gap=batch_gap)
     scale = 1 / math.sqrt(Ck)
     config = gluon_forward.WarpSpecializedConfig(**config)
@@ -412,20 +438,13 @@ def test_emulated_kernel_matches_reference(monkeypatch, B, Bq, Ck, Cv, HW, N, sp
 @pytest.mark.parametrize("config", [
     dict(block_m=32, block_n=16),
     dict(block_m=32, block_n=16, value_chunks=2, split_rows=True)], ids=["default", "rows"])
-def test_emulated_kernel_behind_memory_read(monkeypatch, config):
+def test_emulated_kernel_behind_memory_read(emulated_read, config):
     """memory_read with the opt-in (STM_KERNELS_WARP_SPECIALIZED=1) and a tiling forced by
     use_configs: the launcher's split plan (value chunks included), its NaN-poisoned buffers,
     the merge kernel (interpreted) and the plain backward on the emulated kernel's lse."""
     from stm_kernels.backends.triton import devices, launch as launchers
     from stm_kernels import poison_outputs
-    if not launchers.INTERPRETING:
-        pytest.skip("the merge and backward kernels need TRITON_INTERPRET=1 on CPU")
-    emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
-    monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
-    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
-    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
-    # An H100 with 32 multiprocessors (3 memory splits), its tilings run by the interpreter.
-    h100 = devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
+    emulated, h100 = emulated_read, _pretended_h100()  # 3 memory splits here
     q, k, v = _inputs(2, 1, 32, 96, 45, 200, torch.float16, "cpu", seed=5)
     k, v = k.requires_grad_(), v.requires_grad_()
     config = gluon_forward.WarpSpecializedConfig(**config)
@@ -450,7 +469,8 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, config):
 
 @needs_gluon
 @pytest.mark.parametrize("batch_gap", [0, 16], ids=["folded", "per-object"])
-def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, gluon_plannings,
+def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, emulated_read,
+                                                        fresh_launches, gluon_plannings,
                                                         batch_gap):
     """The opted-in forward behind memory_read plans once per layout, like the plain one: a
     repeated read of new inputs makes no new WsLaunch and computes its own result. A later
@@ -458,16 +478,8 @@ def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, gluon_plannin
     kept launch refuses it, and the read plans again and falls back to the plain forward."""
     from stm_kernels import poison_outputs
     from stm_kernels.backends.triton import devices, launch as launchers
-    if not launchers.INTERPRETING:
-        pytest.skip("the merge kernel needs TRITON_INTERPRET=1 on CPU")
-    emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
-    monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
-    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
-    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
-    monkeypatch.setattr(launchers, "_prepared", {})
-    monkeypatch.setattr(launchers, "_chosen", {})
     monkeypatch.setattr(launchers, "_warned", set())
-    h100 = devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
+    emulated, h100 = emulated_read, _pretended_h100()
     B, Ck, Cv, HW, N = 2, 32, 96, 45, 768  # 12 memory blocks of 64: 3 splits
     with poison_outputs(), devices.pretend(h100):
         for seed in range(3):
