@@ -15,12 +15,11 @@ import torch
 
 from stm_kernels.backends.triton import devices, launch
 from stm_kernels.backends.triton.direct_launch import ALIGNMENT, DirectLaunch
+from tools.gpu_session import host_path
 
-binder = pytest.importorskip("triton.runtime.jit")
 pytestmark = [pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
               pytest.mark.usefixtures("fresh_launches")]
 
-H100 = devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * 1024, 132)
 B, CK, CV, HW, N = 2, 128, 512, 20, 2048  # N: memory splits, so the merge launches too
 STREAM = 12345
 
@@ -51,15 +50,13 @@ def _inputs(dtype=torch.bfloat16):
 
 
 def recorded_launches():
-    """[(kernel, grid, arguments)] of every kernel the launchers start, planned for an H100 on
-    CPU tensors: forward and merge, dV and dK/dQ, the deterministic dQ, selection, usage."""
+    """[(kernel, grid, arguments, options)] of every kernel the launchers start, planned for an
+    H100 on CPU tensors: forward and merge, dV and dK/dQ, the deterministic dQ, selection,
+    usage."""
     q, k, v, out, grad, lse = _inputs()
-    scale, launches = CK ** -0.5, []
+    scale = CK ** -0.5
 
-    def record(kernel, grid, arguments, config, options):
-        launches.append((kernel, grid, arguments, options))
-
-    with devices.pretend(H100), launch.recording(record):
+    def every_read():
         launch.triton_forward(q, k, v, scale, False)
         launch.triton_backward(grad, None, q, k, v, out, lse, scale, False)
         torch.use_deterministic_algorithms(True)
@@ -69,24 +66,17 @@ def recorded_launches():
             torch.use_deterministic_algorithms(False)
         launch.triton_select(q, k, 7, scale, False)
         launch.triton_usage(q, k, lse, scale, False)
-    return launches
 
-
-def _split(arguments):
-    """(fixed, tensors) of a launch's arguments, as KernelLaunch holds them."""
-    tensors = {name: value for name, value in arguments.items()
-               if isinstance(value, torch.Tensor)}
-    return {name: value for name, value in arguments.items() if name not in tensors}, tensors
+    with devices.pretend(host_path.H100):
+        return host_path.recorded_launches(every_read)
 
 
 def _triton_binding(kernel, arguments, options):
     """(bound arguments in order, {name: (type, specialisation)}) of Triton's binder for
     sm_90, as JITFunction.run binds them before it calls the compile's launcher."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    jitted = binder.JITFunction(kernel.fn)
-    bind = binder.create_function_from_signature(jitted.signature, jitted.params,
-                                                 make_backend(GPUTarget("cuda", 90, 32)))
+    bind = host_path.triton_binder(kernel)
+    if bind is None:
+        pytest.skip("this Triton lacks the binder's private functions")
     bound, specialization, _ = bind(**arguments, **options, debug=False)
     return list(bound.values()), dict(zip(bound, specialization, strict=True))
 
@@ -113,7 +103,7 @@ def test_every_kernel_gets_the_arguments_and_alignment_tritons_binder_gives():
                      "memory_read_bwd_kernel_dq", "memory_read_topk_kernel",
                      "memory_read_usage_kernel"}
     for kernel, grid, arguments, options in launches:
-        fixed, tensors = _split(arguments)
+        fixed, tensors = host_path.fixed_and_tensors(arguments)
         launcher = Launcher()
         direct = DirectLaunch.of(kernel, grid, launcher.compiled, fixed, tensors, streams())
         bound, specialization = _triton_binding(kernel, arguments, options)
@@ -132,7 +122,7 @@ def test_every_kernel_gets_the_arguments_and_alignment_tritons_binder_gives():
 def _forward_launch():
     kernel, grid, arguments, _ = next(launch for launch in recorded_launches()
                                       if launch[0].fn.__name__ == "memory_read_fwd_kernel")
-    return (kernel, grid) + _split(arguments)
+    return (kernel, grid) + host_path.fixed_and_tensors(arguments)
 
 
 def _misaligned(tensor):

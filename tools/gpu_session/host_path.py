@@ -139,6 +139,24 @@ def recorded_launches(run):
     return launches
 
 
+def triton_binder(kernel):
+    """Triton's own JIT binder of `kernel` for the current GPU, or without one for an H100's
+    sm_90: called with a launch's keyword arguments, options and debug=False, it returns
+    (bound arguments in parameter order, their specialisation, options), as JITFunction.run
+    binds them before its cache lookup. None where this Triton lacks the private functions."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError:
+        return None
+    target = driver.active.get_current_target() if torch.cuda.is_available() else \
+        GPUTarget("cuda", 90, 32)
+    jitted = JITFunction(kernel.fn)  # the interpreter's kernels have no binder of their own
+    return create_function_from_signature(jitted.signature, jitted.params, make_backend(target))
+
+
 def triton_binding_calls(launches, prefix=""):
     """{row name: call} of Triton's own host work for each recorded launch, up to its
     compile-cache lookup: the JIT binder (every argument specialised: alignment, divisibility
@@ -147,20 +165,14 @@ def triton_binding_calls(launches, prefix=""):
     C launcher, cuLaunchKernel) is the rest of the "Triton launches" row. {} where this Triton
     lacks the private functions it uses."""
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-        from triton.runtime import driver
-        from triton.runtime.jit import (JITFunction, compute_cache_key,
-                                        create_function_from_signature)
+        from triton.runtime.jit import compute_cache_key
     except ImportError:
         return {}
-    target = driver.active.get_current_target() if torch.cuda.is_available() else \
-        GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     calls = {}
     for kernel, _, arguments, options in launches:
-        jitted = JITFunction(kernel.fn)  # the interpreter's kernels have no binder of their own
-        binder = create_function_from_signature(jitted.signature, jitted.params, backend)
+        binder = triton_binder(kernel)
+        if binder is None:
+            return {}
         keywords = {name: _materialised(value) for name, value in arguments.items()}
         keywords.update(options, debug=False)
 
@@ -172,17 +184,22 @@ def triton_binding_calls(launches, prefix=""):
     return calls
 
 
+def fixed_and_tensors(arguments):
+    """(the arguments that are not tensors, the tensors) of a launch: every tensor as a
+    per-call slot (the upper bound of what a kept launch passes per call)."""
+    tensors = {name: value for name, value in arguments.items()
+               if isinstance(value, torch.Tensor)}
+    return {name: value for name, value in arguments.items() if name not in tensors}, tensors
+
+
 def _direct_launches(launches, compiled_of):
-    """[(DirectLaunch, its tensors)] of recorded launches, each kernel's compile given by
-    compiled_of(kernel, grid, arguments, options); every tensor argument in a slot (the
-    upper bound of a kept launch's per-call tensors)."""
+    """[(DirectLaunch, its tensors)] of recorded launches (fixed_and_tensors), each kernel's
+    compile given by compiled_of(kernel, grid, arguments, options)."""
     directs = []
     streams = None if torch.cuda.is_available() else ((lambda: 0), (lambda device: 0))
     for kernel, grid, arguments, options in launches:
         arguments = {name: _materialised(value) for name, value in arguments.items()}
-        tensors = {name: value for name, value in arguments.items()
-                   if isinstance(value, torch.Tensor)}
-        fixed = {name: value for name, value in arguments.items() if name not in tensors}
+        fixed, tensors = fixed_and_tensors(arguments)
         compiled = compiled_of(kernel, grid, arguments, options)
         directs.append((DirectLaunch.of(kernel, grid, compiled, fixed, tensors, streams),
                         tensors))
