@@ -24,12 +24,16 @@ def _triton_streams():
     return driver.active.get_current_device, driver.active.get_current_stream
 
 
+try:  # imported once here: _hooked runs on every direct launch
+    from triton import knobs
+except ImportError:  # pragma: no cover - Triton before 3.4 keeps the hooks elsewhere
+    knobs = None
+
+
 def _hooked():
     """Whether a launch hook is installed (a profiler's, e.g. Proton's). Triton 3.6 and 3.8 hold
     them in chains that are empty, not None, when there is none."""
-    try:
-        from triton import knobs
-    except ImportError:  # pragma: no cover - Triton before 3.4 keeps them elsewhere
+    if knobs is None:  # pragma: no cover
         return False
     return any(getattr(hook, "calls", hook) for hook in
                (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
