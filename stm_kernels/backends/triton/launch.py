@@ -495,6 +495,19 @@ def warn_once(message, category=RuntimeWarning):
         warnings.warn(message, category, stacklevel=3)
 
 
+@contextlib.contextmanager
+def _flag_within_block(name, value):
+    """Within the block this module's flag `name` is `value`; the value before is restored
+    after it (the switches below: warp_specialized_forward, binding_every_launch,
+    planning_every_call)."""
+    previous = globals()[name]
+    globals()[name] = value
+    try:
+        yield
+    finally:
+        globals()[name] = previous
+
+
 _warp_specialized = False  # True inside warp_specialized_forward()
 
 
@@ -504,16 +517,10 @@ def warp_specialized_opted_in():
     return _warp_specialized or os.environ.get(WARP_SPECIALIZED_ENV, "0") == "1"
 
 
-@contextlib.contextmanager
 def warp_specialized_forward():
     """Within the block the forward opts into the Gluon warp-specialised forward, as
     STM_KERNELS_WARP_SPECIALIZED=1 does (a benchmark's candidate beside the default)."""
-    global _warp_specialized
-    previous, _warp_specialized = _warp_specialized, True
-    try:
-        yield
-    finally:
-        _warp_specialized = previous
+    return _flag_within_block("_warp_specialized", True)
 
 
 def _warp_specialized_forward(call, q, k, v):
@@ -583,17 +590,11 @@ def launched_directly(direct, tensors):
         return False
 
 
-@contextlib.contextmanager
 def binding_every_launch():
     """Within the block kept launches go through Triton's binder (`kernel[grid](...)`) as a
     first call does, instead of launching their compiled kernel directly (an A/B of the
     direct launch's saving within one run)."""
-    global _launching_directly
-    previous, _launching_directly = _launching_directly, False
-    try:
-        yield
-    finally:
-        _launching_directly = previous
+    return _flag_within_block("_launching_directly", False)
 
 
 def _layout_key(read, call, scale, l2, lengths, *tensors):
@@ -631,17 +632,11 @@ def _keep_prepared(layout, prepared):
         _prepared[layout] = prepared
 
 
-@contextlib.contextmanager
 def planning_every_call():
     """Within the block no launch is kept or reused: every call plans as a layout's first call
     does, as the launchers did before they kept launches (an A/B of their saving within one
     run). The launches kept before the block are kept for after it."""
-    global _keeping_launches
-    previous, _keeping_launches = _keeping_launches, False
-    try:
-        yield
-    finally:
-        _keeping_launches = previous
+    return _flag_within_block("_keeping_launches", False)
 
 
 def forget_choices():
