@@ -21,13 +21,11 @@ from .torch_common import accumulation_dtype, without_autocast
 # --------------------------------------------------------------------------- read
 
 
-def _gathered(t, indices):
-    """t (B, C, N) at indices (B, h, k) -> (B, C, h, k), gathering along N (index -1 reads
-    position 0): each channel's row is contiguous, so this never copies the memory."""
+def _gathered(t, flat, h, k):
+    """t (B, C, N) at positions flat (B, 1, h * k) -> (B, C, h, k), gathering along N: each
+    channel's row is contiguous, so this never copies the memory."""
     B, C, _ = t.shape
-    h, k = indices.shape[1:]
-    flat = indices.clamp_min(0).reshape(B, 1, h * k).expand(-1, C, -1)
-    return torch.gather(t, 2, flat).view(B, C, h, k)
+    return torch.gather(t, 2, flat.expand(-1, C, -1)).view(B, C, h, k)
 
 
 @without_autocast
@@ -44,9 +42,11 @@ def selected_read(q, k, v, indices, scale, l2):
     outs, lses, probabilities = [], [], []
     for start in range(0, HW, step):
         part = indices[:, start:start + step]
+        h = part.shape[1]
+        flat = part.clamp_min(0).reshape(B, 1, h * top_k)  # index -1 reads position 0
         q_part = q[:, :, start:start + step].to(acc_dtype)  # (Bq, Ck, h)
-        k_sel = _gathered(k, part).to(acc_dtype)  # (B, Ck, h, k)
-        v_sel = _gathered(v, part).to(acc_dtype)  # (B, Cv, h, k)
+        k_sel = _gathered(k, flat, h, top_k).to(acc_dtype)  # (B, Ck, h, k)
+        v_sel = _gathered(v, flat, h, top_k).to(acc_dtype)  # (B, Cv, h, k)
         scores = torch.einsum("bch,bchk->bhk", q_part.expand(k.shape[0], -1, -1), k_sel)
         if l2:
             scores = 2 * scores - (k_sel * k_sel).sum(1)
@@ -56,6 +56,8 @@ def selected_read(q, k, v, indices, scale, l2):
         outs.append(torch.einsum("bchk,bhk->bch", v_sel, p))  # (B, Cv, h)
         lses.append(lse)
         probabilities.append(p.detach())
+    if len(outs) == 1:  # one chunk (every read with gradients): no copy through cat
+        return outs[0].to(v.dtype), lses[0], probabilities[0]
     out = torch.cat(outs, 2).to(v.dtype)
     return out, torch.cat(lses, 1), torch.cat(probabilities, 1)
 
