@@ -218,6 +218,8 @@ def _backward(grad_out, grad_lse, q, ks, vs, out, lse, scale, l2, backend, lengt
 
 def _chunk_gradients(dq, dk, dv, ks):
     """(dq, [dk per memory chunk], [dv per memory chunk]) of gradients over the whole memory."""
+    if len(ks) == 1:  # one chunk: the gradients as they are (split costs a Python call)
+        return dq, [dk], [dv]
     sizes = [k.shape[2] for k in ks]
     return dq, list(dk.split(sizes, dim=2)), list(dv.split(sizes, dim=2))
 

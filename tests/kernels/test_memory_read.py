@@ -69,6 +69,28 @@ def test_spatial_layout_custom_scale_and_broadcast(device, backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("scale", [-0.4, 0.0, 0.25])
+def test_gradients_carry_the_scale_its_sign_and_zero(device, deterministic, similarity, scale):
+    """The kernels put the score's factor (scale, 2 scale for l2) into dS themselves, so the
+    gradients' scaling rests on them: a negative scale flips it, a zero one zeroes dq and dk
+    (and makes the read a plain mean of the values), in both ways of computing dQ."""
+    skip_unless_runnable("triton", device)
+    q, k, v = random_inputs(2, 1, 16, 24, 30, 70, torch.float32, device, seed=2)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = read_with_grads(q, k, v, backend="triton", similarity=similarity,
+                                  scale=scale)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    check_read(results, reference_with_grads(q, k, v, similarity=similarity, scale=scale),
+               torch.float32)
+    if scale == 0.0:
+        assert not results[2].any() and not results[3].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_memory_is_read_in_place(device, backend):
     """A slice of a preallocated bank (T < capacity), channel-last storage and a query slice."""

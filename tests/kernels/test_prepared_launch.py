@@ -5,13 +5,16 @@ tensors. What must hold: a repeated call plans nothing and computes its own inpu
 failing prepared launch plans afresh, and nothing kept holds a tensor. The kernels run in the
 interpreter; results are checked against the float64 naive read.
 """
+import collections
 import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import TOLERANCE, check_read, random_inputs, read_with_grads, reference_with_grads
-from stm_kernels import memory_read
+from helpers import (TOLERANCE, check_read, random_inputs, read_with_grads, reference_with_grads,
+                     relative_error)
+from stm_kernels import memory_read, poison_outputs
 from stm_kernels.backends.triton import launch
 from stm_kernels.backends.triton.launch import ForwardConfig, use_configs
 
@@ -192,6 +195,70 @@ def test_nothing_kept_holds_a_tensor(monkeypatch):
         if launched is not None]
     assert len(launches) == 4 and all(launched.direct is not None for launched in launches)
     assert _tensors_in(kept) == []
+
+
+class _CountedOps(TorchDispatchMode):
+    """{aten op name: calls} of the torch operations run within the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("with_lse_gradient", [False, True], ids=["dO", "dO-and-dlse"])
+def test_a_kept_backward_runs_only_its_own_torch_work(with_lse_gradient):
+    # Beside its kernels (dropped here) a kept bf16 backward computes delta from dO and O
+    # (one float32 copy of dO, one product, one sum; minus d lse in place), pads q and dO
+    # (their rows are 30 apart), zeroes the dQ accumulator and casts dQ: no copy of O, no
+    # pass of its own to scale dQ (the kernels add it scaled). Each operation is a launch on a
+    # GPU, at ten memory frames about as long as the kernels (docs/performance.md).
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, out, grad_out = (torch.randn(shape, generator=generator).bfloat16()
+                              for shape in ((1, 16, 30), (2, 16, 64), (2, 24, 64), (2, 24, 30),
+                                            (2, 24, 30)))
+    lse = torch.randn(2, 30, generator=generator)
+    grad_lse = torch.randn(2, 30, generator=generator) if with_lse_gradient else None
+
+    def backward():
+        return launch.triton_backward(grad_out, grad_lse, q, k, v, out, lse, 0.25, False)
+
+    # (without the suite's NaN poisoning of every new buffer, a fill of its own)
+    with launch.recording(lambda *arguments: None), poison_outputs(False):
+        backward()  # plans and keeps the launches
+        with _CountedOps() as counted:
+            dq, _, _ = backward()
+    arithmetic = {name: calls for name, calls in counted.ops.items()
+                  if name not in ("empty", "slice", "zeros")}
+    assert arithmetic == {"_to_copy": 2, "mul": 1, "sum": 1, "copy_": 2,
+                          **({"sub_": 1} if with_lse_gradient else {})}
+    assert counted.ops["zeros"] == 1 and dq.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype, streamed, copies", [
+    (torch.float16, False, 0), (torch.float16, True, 1), (torch.float32, False, 1)],
+    ids=["fp16-held", "fp16-streamed", "fp32-held"])
+def test_a_forward_copies_its_query_only_where_its_tiling_needs_it(dtype, streamed, copies):
+    # A forward program loads its 16-bit query tile once, as it is (rows 30 apart here, off
+    # the 16-element alignment); a tiling that streams the tile (re-read per memory step), and
+    # any 32-bit one, gets the query with aligned rows: a copy. Each computes the read.
+    q, k, v = random_inputs(2, 1, 16, 24, 30, 100, dtype, "cpu", seed=3)
+    config = ForwardConfig(32, 32, None, 4, 1, stream_queries=streamed)
+    with use_configs(forward=config):
+        out = memory_read(q, k, v, backend="triton", scale=0.25)
+        # the launcher itself (memory_read under a dispatch mode takes the custom op), its
+        # kernels dropped (the interpreter's own torch work would be counted)
+        with launch.recording(lambda *arguments: None), poison_outputs(False):
+            launch.triton_forward(q, k, v, 0.25, False)  # plans and keeps the launches
+            with _CountedOps() as counted:
+                launch.triton_forward(q, k, v, 0.25, False)
+    assert counted.ops["copy_"] == copies, dict(counted.ops)
+    assert counted.ops["empty"] >= 2  # the outputs: the operations were seen
+    expected = memory_read(*(t.double() for t in (q, k, v)), backend="naive", scale=0.25)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
 def test_deterministic_mode_plans_its_own_backward(plannings):

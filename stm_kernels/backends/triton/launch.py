@@ -459,10 +459,9 @@ def _padded_rows(t, compact=False):
     batch_ok = t.shape[0] == 1 or t.stride(0) % 16 == 0
     if t.stride(2) == 1 and channel_ok and batch_ok:
         return t
-    padded = torch.empty(t.shape[:2] + (padded_length,), dtype=t.dtype, device=t.device)
-    padded = padded[:, :, :length]
-    padded.copy_(t)
-    return padded
+    padded = torch.empty((t.shape[0], t.shape[1], padded_length), dtype=t.dtype,
+                         device=t.device).narrow(2, 0, length)  # narrow: no indexing machinery
+    return padded.copy_(t)
 
 
 def _memory_term(k, l2, rank1):
@@ -650,16 +649,28 @@ def forget_choices():
 # --------------------------------------------------------------------------- forward
 
 
-def _query_inputs(q, k, lengths, l2, rank1):
+def _query_inputs(q, k, lengths, l2, rank1, pad_query=True):
     """The tensor arguments of the kernels that stream the memory per query block (forward,
-    selection): the query with 16-aligned rows, the keys, their score term, the lengths."""
-    return dict(q=_padded_rows(q), k=k, ksq=_memory_term(k, l2, rank1),
+    selection): the query (with 16-aligned rows unless pad_query is False), the keys, their
+    score term, the lengths."""
+    return dict(q=_padded_rows(q) if pad_query else q, k=k, ksq=_memory_term(k, l2, rank1),
                 lengths=_lengths_argument(lengths, k)[0])
 
 
-def _forward_inputs(q, k, v, l2, rank1, lengths):
+def _forward_inputs(q, k, v, l2, rank1, lengths, pad_query):
     """The forward kernel's tensor arguments: _query_inputs and the values."""
-    return dict(_query_inputs(q, k, lengths, l2, rank1), v=v)
+    return dict(_query_inputs(q, k, lengths, l2, rank1, pad_query), v=v)
+
+
+def _forward_pads_query(call):
+    """Whether a forward of `call` gets its query with 16-aligned rows (a copy where they are
+    not): with 32-bit operands, and where one of its candidate tilings streams the query tile
+    (re-read in every memory step). A 16-bit query tile that a program loads once is read as
+    it is: unaligned, its loads of one tile cost less than the copy's launch (a 32-bit one
+    made the TF32 tilings of sm_86 and sm_89 spill, compiled offline)."""
+    return call.precision_class != "16-bit" or any(
+        config.stream_queries for config in tilings.candidates(
+            "forward", call.architecture, call.precision_class, call.width))
 
 
 def _forward_outputs(splits, B, Cv, HW, dtype, device):
@@ -680,13 +691,15 @@ class PreparedForward:
     outputs: tuple  # (splits, B, Cv, HW, dtype)
     forward: object  # KernelLaunch, or the Gluon forward's WsLaunch
     merge: KernelLaunch | None  # None: one split, nothing to merge
+    pad_query: bool = True  # the plain kernel's query with 16-aligned rows (_forward_pads_query)
 
     def __call__(self, q, k, v, lengths):
         out, lse, part_out, part_lse = _forward_outputs(*self.outputs, k.device)
         with device_context(k.device):
             if isinstance(self.forward, KernelLaunch):
                 self.forward(self.call, o=part_out, lse=part_lse,
-                             **_forward_inputs(q, k, v, self.l2, self.call.rank1, lengths))
+                             **_forward_inputs(q, k, v, self.l2, self.call.rank1, lengths,
+                                               self.pad_query))
             else:
                 self.forward(q, k, v, part_out, part_lse)
             if self.merge is not None:
@@ -734,7 +747,8 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
-    inputs = _forward_inputs(q, k, v, l2, call.rank1, lengths)
+    pad_query = _forward_pads_query(call)
+    inputs = _forward_inputs(q, k, v, l2, call.rank1, lengths, pad_query)
     q, ksq, ragged = inputs["q"], inputs["ksq"], lengths is not None
     flags = _launch_flags(call, (q, k, v), outputs=[(Cv, HW)])
     align_k, align_v = _alignment(k), _alignment(v)
@@ -759,7 +773,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
         merge = None
         if plan.splits > 1:
             merge = _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
-        return out, lse, PreparedForward(call, l2, outputs, forward, merge)
+        return out, lse, PreparedForward(call, l2, outputs, forward, merge, pad_query)
 
     signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
     with device_context(device), kernels_in_sequence(call, "forward pass", signature):
@@ -808,9 +822,11 @@ def _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths):
     """(the tensors every backward kernel reads, delta (B, HW) float32): q and dO with
     16-aligned rows, dQ accumulating with q's own compact strides (see the dK/dQ kernel)."""
     # delta_i = sum_c dO_ci O_ci, minus the incoming gradient of lse (d lse / d s = p).
-    delta = (grad_out.float() * out.float()).sum(1)
+    # (the product promotes out to float32 as it multiplies: no float32 copy of out is made;
+    # not in place: float() of a float32 dO is dO itself, the caller's)
+    delta = (grad_out.float() * out).sum(1)
     if grad_lse is not None:
-        delta = delta - grad_lse.float()
+        delta.sub_(grad_lse)
     inputs = dict(q=_padded_rows(q, compact=True), k=k, do=_padded_rows(grad_out),
                   lse=lse.contiguous(), lengths=_lengths_argument(lengths, k)[0])
     return inputs, delta.contiguous()
@@ -830,18 +846,12 @@ def _summed_dq(parts, q):
     return parts.sum(0) if q.shape[0] == parts.shape[1] else parts.sum((0, 1))[None]
 
 
-def _scaled_dq(dq, scale, l2, dtype):
-    """The kernels' unscaled dQ times the score's derivative factor, in the query's dtype."""
-    return dq.mul_(2.0 * scale if l2 else scale).to(dtype)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class PreparedBackward:
     """A backward planned for one layout: its kernel launches, each with its chosen config.
     dq is None where the dK/dQ kernel accumulates dQ by atomics; else dkdq computes dK alone
     and dq is the deterministic dQ kernel's launch, writing partials of shape dq_parts."""
     call: Call
-    scale: float
     l2: bool
     dv: KernelLaunch
     dkdq: KernelLaunch
@@ -864,11 +874,11 @@ class PreparedBackward:
                 self.dq(self.call, v=v, delta=delta, dq_parts=parts,
                         ksq=_memory_term(k, self.l2, self.call.rank1), **inputs)
                 dq = _summed_dq(parts, inputs["q"])
-        return _scaled_dq(dq, self.scale, self.l2, q.dtype), dk, dv
+        return dq.to(q.dtype), dk, dv
 
 
-def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v):
-    """(dQ (Bq, Ck, HW) float32 unscaled, the launch that ran, its partials' shape):
+def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v, scale):
+    """(dQ (Bq, Ck, HW) float32, the launch that ran, its partials' shape):
     memory_read_bwd_kernel_dq's partials per (memory split, object), summed on the host in a
     fixed order (_summed_dq). shared: the arguments all backward kernels take."""
     k, q = inputs["k"], inputs["q"]
@@ -878,7 +888,7 @@ def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v):
     def launch(config):
         plan = dq_plan(config, B, HW, N, Cv, call.device.multiprocessors)
         parts = new_buffer((plan["splits"], B, Ck, HW), torch.float32, k.device)
-        fixed = dict(stride_sqb=ksq.stride(0), **_memory_strides("v", v, align_v),
+        fixed = dict(stride_sqb=ksq.stride(0), scale=scale, **_memory_strides("v", v, align_v),
                      **_strides("pd", parts, "sbcm"), n_per_split=plan["per_split"],
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"], ALIGN_V=align_v,
@@ -956,7 +966,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             try:
                 dk, dq, dkdq_launch = launch_first_that_runs(
                     "dkdq", call, signature, lambda config: launch_dkdq(config, True))
-                prepared = PreparedBackward(call, scale, l2, dv_launch, dkdq_launch)
+                prepared = PreparedBackward(call, l2, dv_launch, dkdq_launch)
             except KernelUnavailable:  # no fused tiling runs here: dK and dQ apart
                 separate_dq = True
         if separate_dq:
@@ -965,11 +975,11 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             # the dQ kernel's |k|^2 or rank-1 channel (the dK/dQ kernel loads its own from the
             # block it holds)
             dq, dq_launch, dq_parts = _dq_without_atomics(
-                call, inputs, shared, v, _memory_term(k, l2, call.rank1), delta, align_v)
-            prepared = PreparedBackward(call, scale, l2, dv_launch, dk_launch, dq_launch,
+                call, inputs, shared, v, _memory_term(k, l2, call.rank1), delta, align_v, scale)
+            prepared = PreparedBackward(call, l2, dv_launch, dk_launch, dq_launch,
                                         dq_parts)
     _keep_prepared(layout, prepared)
-    return _scaled_dq(dq, scale, l2, q.dtype), dk, dv
+    return dq.to(q.dtype), dk, dv
 
 
 # --------------------------------------------------------------------------- top-k and usage

@@ -554,9 +554,11 @@ _SM_120 = Architecture(
 # then sm_120's, each only where the device's compile keeps within _TF32_DKDQ_LOCAL_BYTES of
 # local memory (each spills little on its own ISA and more on the other); where neither does,
 # dK and dQ run apart (launch.triton_backward).
-# Half the 64 B of spill stores a stated exception may have: stores can exceed the local memory
-# they fill (a 64 B frame here held 96 B of them), and the runtime sees only the memory.
-_TF32_DKDQ_LOCAL_BYTES = 32
+# Below the 64 B of spill stores a stated exception may have (stores can exceed the local
+# memory they fill: a 64 B frame here held 96 B of them, and the runtime sees only the memory),
+# and at what sm_120's tiling uses as sm_120 with the l2 similarity (40 B, with dS scaled for
+# the dQ atomics in the kernel).
+_TF32_DKDQ_LOCAL_BYTES = 40
 _GENERIC = Architecture(
     "generic", "NVIDIA GPUs newer than these tables (sm_110, ...)", "nvidia", 99 * KIB,
     fp32_fast="tf32",
@@ -721,9 +723,9 @@ _TF32_GENERIC = (
     "unknown NVIDIA GPUs in TF32, compiled as sm_80 and as sm_120 with 99 KiB: no fused dK+dQ "
     "tiling tried compiles without a spill on both (72-100 B in the worse of the two at every "
     "one), so the table tries sm_80's, then sm_120's, each only where the device's compile "
-    "uses at most 32 B of local memory per thread: as sm_80 sm_80's is taken (4 B of spill "
+    "uses at most 40 B of local memory per thread: as sm_80 sm_80's is taken (4 B of spill "
     "stores with the dot, 12 B with l2), as sm_120 it uses 64-96 B and sm_120's is taken "
-    "(28 B and 44 B); where neither is, dK and dQ run apart (no spill, 1.49x the useful "
+    "(28 B and 40 B); where neither is, dK and dQ run apart (no spill, 1.49x the useful "
     "multiply-adds forward + backward, against 1.2x fused)")
 _RANK1_WIDE_SM_90 = (
     "TF32 at 257 key channels on sm_90: 32-bit 256-wide tiles beside the rank-1 channel's "

@@ -25,9 +25,10 @@ load stays in the loop (read again from L2 in every step).
 STREAM_Q (the dQ kernel): likewise its query tile, loaded in every memory step beside the
 dQ accumulator it would otherwise share the registers with (see kernels/forward.py).
 
-Layout as in kernels/forward.py; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse (B, HW)
-natural log; dq (Bq, Ck, HW) float32, zero on entry, unscaled (the launcher applies the
-similarity's factor); lengths (B,) int32 for ragged memories (RAGGED): positions past an
+Layout as in kernels/forward.py; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse
+(B, HW) natural log; dq (Bq, Ck, HW) float32, zero on entry, the kernels' dQ terms added times
+the score's derivative factor (scale, 2 scale for L2: the launcher only casts dq, no pass of
+its own to scale it); lengths (B,) int32 for ragged memories (RAGGED): positions past an
 object's length are never read and get zero dK, dV. With atomics dQ sums in a run-dependent
 order: not bitwise reproducible; the deterministic mode is.
 
@@ -223,13 +224,14 @@ def _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV,
 @triton.jit
 def _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq, o_q, o_u,
                o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m, stride_lm, stride_vc, stride_doc, CV,
-               qk_scale, p_k, o_k, o_kt, m_k, L2: tl.constexpr, RANK1: tl.constexpr,
+               qk_scale, dq_scale, p_k, o_k, o_kt, m_k, L2: tl.constexpr, RANK1: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CV: tl.constexpr,
                NUM_CV: tl.constexpr, MASK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                STREAM_K: tl.constexpr, VOLATILE_K: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
     # One query block: dK of this memory block accumulates, dQ of the query block is added
-    # (ATOMIC_DQ; otherwise memory_read_bwd_kernel_dq computes dQ in a fixed order). b_dsum
+    # (ATOMIC_DQ; otherwise memory_read_bwd_kernel_dq computes dQ in a fixed order); with
+    # the atomics both from dS times dq_scale, the score's derivative factor. b_dsum
     # [BLOCK_N] accumulates sum_i dS_ij (L2) or sum_i dS_ij u_i (RANK1: dw). STREAM_K: the key
     # tile is loaded here (at o_k, and transposed at o_kt for dQ) rather than held in b_k.
     if STREAM_K:  # [BLOCK_N, BLOCK_CK]; volatile: see the module's docstring
@@ -247,7 +249,14 @@ def _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta, p_dq
                             PRECISION, UPCAST)
     b_dpt = _dp_t(b_v, p_v, p_do, o_vt, o_do, o_cv, m_n, m_m, stride_vc, stride_doc, CV, BLOCK_N,
                   BLOCK_M, BLOCK_CV, NUM_CV, MASK_M, PRECISION, UPCAST)
-    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)  # [BLOCK_N, BLOCK_M]
+    # dS^T [BLOCK_N, BLOCK_M]; with the dQ atomics times the score's derivative factor, so
+    # that dQ's terms, dK and the sums come out scaled (a product on dQ's terms instead cost
+    # gfx90a's rank-1 fp16 compile a spill); dK alone is scaled once at the end (a product
+    # here cost sm_90's rank-1 TF32 compile one)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    if ATOMIC_DQ:
+        b_dst = b_dst * dq_scale
+    b_dst = b_dst.to(b_q.dtype)
     b_dk += dot(b_dst, tl.trans(b_q), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_CK]
     # the sums beside dK and dQ take dS as their dots do (no float32 copy of it kept alive)
     if L2:
@@ -326,6 +335,9 @@ def memory_read_bwd_kernel_dkdq(
     m_q_chan = m_c[:, None]
 
     o_kt = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
+    dq_scale = scale  # d score / d q: scale k for a dot, 2 scale k for L2
+    if L2:
+        dq_scale = 2.0 * scale
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_CK], dtype=tl.float32)
     b_dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -333,9 +345,9 @@ def memory_read_bwd_kernel_dkdq(
     for _ in range(0, full_m_end, BLOCK_M):
         b_dk, b_dsum = _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, None,
-                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, p_k, o_k, o_kt,
-                                  m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, False,
-                                  ATOMIC_DQ, STREAM_K, VOLATILE_K, PRECISION, UPCAST)
+                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, dq_scale, p_k,
+                                  o_k, o_kt, m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV,
+                                  False, ATOMIC_DQ, STREAM_K, VOLATILE_K, PRECISION, UPCAST)
         p_q += BLOCK_M * stride_qm
         p_dq += BLOCK_M * stride_qm
         p_do += BLOCK_M * stride_dom
@@ -345,21 +357,24 @@ def memory_read_bwd_kernel_dkdq(
         m_m = (full_m_end + o_m) < hw_end
         b_dk, b_dsum = _dkdq_step(b_k, b_w, b_v, b_dk, b_dsum, p_q, p_v, p_do, p_lse, p_delta,
                                   p_dq, o_q, o_u, o_vt, o_do, o_m, o_cv, m_q_chan, m_n, m_m,
-                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, p_k, o_k, o_kt,
-                                  m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV, True,
-                                  ATOMIC_DQ, STREAM_K, VOLATILE_K, PRECISION, UPCAST)
+                                  stride_lm, stride_vc, stride_doc, CV, qk_scale, dq_scale, p_k,
+                                  o_k, o_kt, m_k, L2, RANK1, BLOCK_N, BLOCK_M, BLOCK_CV, NUM_CV,
+                                  True, ATOMIC_DQ, STREAM_K, VOLATILE_K, PRECISION, UPCAST)
 
-    if L2:  # d/dk of 2 q.k - |k|^2; k is loaded again rather than kept in fp32 registers
+    # dK = dq_scale (dS^T Q - [L2] k sum_i dS): d/dk of scale (2 q.k - |k|^2) is 2 scale
+    # (q - k); dS came times dq_scale already where the dQ atomics ran
+    if L2:  # k is loaded again rather than kept in fp32 registers
         b_kf = tl.load(p_k + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_dk = scale * (2.0 * b_dk - 2.0 * b_kf * b_dsum[:, None])
-    else:
-        b_dk = scale * b_dk
+        b_dk = b_dk - b_kf * b_dsum[:, None]
+    if not ATOMIC_DQ:
+        b_dk = b_dk * dq_scale
+        b_dsum = b_dsum * dq_scale
     b_dk = tl.where(m_n[:, None], b_dk, 0.0)  # padded positions get zero gradient
     p_dk = dk + i_b * stride_dkb + first_n * stride_dkn
     tl.store(p_dk + tile_offsets(o_n, o_c, stride_dkn, stride_dkc, I64),
              b_dk.to(p_dk.dtype.element_ty), mask=((first_n + o_n) < N)[:, None] & m_c[None, :])
     if RANK1:  # dw, the rank-1 channel of dK
-        b_dw = tl.where(m_n, scale * b_dsum, 0.0)
+        b_dw = tl.where(m_n, b_dsum, 0.0)
         tl.store(p_dk + rank1_offsets(o_n, CK, stride_dkc, stride_dkn, RANK1, I64),
                  b_dw.to(p_dk.dtype.element_ty), mask=(first_n + o_n) < N)
 
@@ -411,16 +426,17 @@ def memory_read_bwd_kernel_dq(
     stride_dob, stride_doc, stride_dom,
     stride_lb, stride_lm,
     stride_pds, stride_pdb, stride_pdc, stride_pdm,
-    HW, N, CK, CV, n_per_split, qk_scale,
+    HW, N, CK, CV, n_per_split, scale, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
     ALIGN_V: tl.constexpr, RANK1: tl.constexpr, STREAM_Q: tl.constexpr,
 ):
     # Deterministic dQ: one program per (query block, object, memory split) recomputes P and
-    # dP over its split's memory in order and stores its partial dQ (unscaled, fp32) into
-    # dq_parts (S, B, CK, HW); the host sums the partials in a fixed order. No atomics, so
-    # the gradient is bitwise reproducible (torch.use_deterministic_algorithms).
+    # dP over its split's memory in order and stores its partial dQ (fp32, times the score's
+    # derivative factor, as the dK/dQ kernel's atomics add theirs) into dq_parts (S, B, CK,
+    # HW); the host sums the partials in a fixed order. No atomics, so the gradient is
+    # bitwise reproducible (torch.use_deterministic_algorithms).
     i_m = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2)
@@ -478,12 +494,15 @@ def memory_read_bwd_kernel_dq(
                               RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, True, I64, STREAM_Q,
                               PRECISION, UPCAST)
 
+    dq_scale = scale  # the score's derivative factor, as in memory_read_bwd_kernel_dkdq
+    if L2:
+        dq_scale = 2.0 * scale
     p_part = dq_parts + i_s.to(tl.int64) * stride_pds + i_b * stride_pdb + first_m * stride_pdm
-    tl.store(p_part + tile_offsets(o_m, o_c, stride_pdm, stride_pdc, I64), b_dq,
+    tl.store(p_part + tile_offsets(o_m, o_c, stride_pdm, stride_pdc, I64), b_dq * dq_scale,
              mask=m_m[:, None] & m_c[None, :])
     if RANK1:
-        tl.store(p_part + rank1_offsets(o_m, CK, stride_pdc, stride_pdm, RANK1, I64), b_du,
-                 mask=m_m)
+        tl.store(p_part + rank1_offsets(o_m, CK, stride_pdc, stride_pdm, RANK1, I64),
+                 b_du * dq_scale, mask=m_m)
 
 
 @triton.jit
