@@ -1,8 +1,11 @@
 """Shared test utilities: devices, tolerances, the float64 reference, ../shared."""
 import pathlib
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stm_kernels.selftest import relative_error  # noqa: F401 (the one error measure)
 from stm_kernels import memory_read
@@ -140,3 +143,21 @@ def write_davis_folder(root, frames, labels, name="synth"):
         Image.fromarray(array).save(images / f"{t:05d}.jpg", quality=95)
         video_io.write_mask(root / "Annotations" / "480p" / name / f"{t:05d}.png",
                             mask.astype(np.uint8))
+
+
+class RecordedOps(TorchDispatchMode):
+    """Within the block, runs every torch operation unchanged and keeps its name: `names`,
+    the overloads in call order ("aten.mm.default"); counts(), {op name ("mm"): calls}."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+        self._packets = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        self._packets.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def counts(self):
+        return collections.Counter(self._packets)

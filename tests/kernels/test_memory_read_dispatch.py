@@ -3,22 +3,9 @@ subclasses, torch.func) and, in plain eager mode, the same implementation called
 Both must give the same numbers and the same gradients; modes must still see one op."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from stm_kernels import memory_read
-from tests.helpers import random_inputs
-
-
-class _Recorder(TorchDispatchMode):
-    """Runs every op unchanged and keeps its name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
+from tests.helpers import RecordedOps, random_inputs
 
 
 def _read_and_grads(q, ks, vs, use, **kwargs):
@@ -44,7 +31,7 @@ def test_eager_route_equals_the_custom_op(use, lengths):
     ks, vs = list(k.split([7, 10, 6], 2)), list(v.split([7, 10, 6], 2))
     kwargs = {} if lengths is None else {"memory_lengths": lengths}
     eager = _read_and_grads(q, ks, vs, use, **kwargs)
-    with _Recorder() as recorder:
+    with RecordedOps() as recorder:
         through_op = _read_and_grads(q, ks, vs, use, **kwargs)
     assert "stm_kernels.memory_read.default" in recorder.names
     assert "stm_kernels.memory_read_backward.default" in recorder.names
@@ -71,7 +58,7 @@ def test_a_dispatch_mode_sees_one_op():
     """FlopCounterMode, FakeTensorMode and the like see the read as stm_kernels::memory_read,
     not as the torch operations inside it."""
     q, k, v = random_inputs(1, 1, 8, 6, 5, 12, torch.float32, "cpu", seed=5)
-    with torch.no_grad(), _Recorder() as recorder:
+    with torch.no_grad(), RecordedOps() as recorder:
         memory_read(q, k, v, backend="torch")
     assert [name for name in recorder.names if name != "aten.view.default"] == [
         "stm_kernels.memory_read.default"]

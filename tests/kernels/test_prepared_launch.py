@@ -5,15 +5,13 @@ tensors. What must hold: a repeated call plans nothing and computes its own inpu
 failing prepared launch plans afresh, and nothing kept holds a tensor. The kernels run in the
 interpreter; results are checked against the float64 naive read.
 """
-import collections
 import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import (TOLERANCE, check_read, random_inputs, read_with_grads, reference_with_grads,
-                     relative_error)
+from helpers import (TOLERANCE, RecordedOps, check_read, random_inputs, read_with_grads,
+                     reference_with_grads, relative_error)
 from stm_kernels import memory_read, poison_outputs
 from stm_kernels.backends.triton import launch
 from stm_kernels.backends.triton.launch import ForwardConfig, use_configs
@@ -197,18 +195,6 @@ def test_nothing_kept_holds_a_tensor(monkeypatch):
     assert _tensors_in(kept) == []
 
 
-class _CountedOps(TorchDispatchMode):
-    """{aten op name: calls} of the torch operations run within the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("with_lse_gradient", [False, True], ids=["dO", "dO-and-dlse"])
 def test_a_kept_backward_runs_only_its_own_torch_work(with_lse_gradient):
     # Beside its kernels (dropped here) a kept bf16 backward computes delta from dO and O
@@ -229,13 +215,14 @@ def test_a_kept_backward_runs_only_its_own_torch_work(with_lse_gradient):
     # (without the suite's NaN poisoning of every new buffer, a fill of its own)
     with launch.recording(lambda *arguments: None), poison_outputs(False):
         backward()  # plans and keeps the launches
-        with _CountedOps() as counted:
+        with RecordedOps() as recorded:
             dq, _, _ = backward()
-    arithmetic = {name: calls for name, calls in counted.ops.items()
+    counts = recorded.counts()
+    arithmetic = {name: calls for name, calls in counts.items()
                   if name not in ("empty", "slice", "zeros")}
     assert arithmetic == {"_to_copy": 2, "mul": 1, "sum": 1, "copy_": 2,
                           **({"sub_": 1} if with_lse_gradient else {})}
-    assert counted.ops["zeros"] == 1 and dq.dtype == torch.bfloat16
+    assert counts["zeros"] == 1 and dq.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype, streamed, copies", [
@@ -253,10 +240,11 @@ def test_a_forward_copies_its_query_only_where_its_tiling_needs_it(dtype, stream
         # kernels dropped (the interpreter's own torch work would be counted)
         with launch.recording(lambda *arguments: None), poison_outputs(False):
             launch.triton_forward(q, k, v, 0.25, False)  # plans and keeps the launches
-            with _CountedOps() as counted:
+            with RecordedOps() as recorded:
                 launch.triton_forward(q, k, v, 0.25, False)
-    assert counted.ops["copy_"] == copies, dict(counted.ops)
-    assert counted.ops["empty"] >= 2  # the outputs: the operations were seen
+    counts = recorded.counts()
+    assert counts["copy_"] == copies, dict(counts)
+    assert counts["empty"] >= 2  # the outputs: the operations were seen
     expected = memory_read(*(t.double() for t in (q, k, v)), backend="naive", scale=0.25)
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
