@@ -382,6 +382,16 @@ def warp_specialized_forward(config):
         yield
 
 
+@contextlib.contextmanager
+def warp_specialized_backward(config):
+    """The opt-in warp-specialised Gluon dK/dQ kernel under this WarpSpecializedBackwardConfig
+    for a block (where it cannot run, the launcher warns once and runs the plain kernel)."""
+    from stm_kernels.backends.triton import launch
+    with launch.warp_specialized_backward(), \
+            launch.use_configs(warp_specialized_backward=config):
+        yield
+
+
 def subplots(*arguments, **options):
     """matplotlib.pyplot.subplots(...) drawing off screen (the Agg backend): (figure, axes)."""
     import matplotlib

@@ -25,6 +25,10 @@ every other one a peer, but the candidates):
                       backward is the plain one): a candidate for sm_90's default
                       (CANDIDATES), not a peer. It has its "vs" column but never counts as
                       the best peer.
+    triton_ws_bwd     the fused read with the opt-in warp-specialised Gluon dK/dQ kernel
+                      (STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1; sm_90 only), the backward
+                      passes only (its forward is the plain one): a candidate too; last in
+                      the run's order, since it has never run on a GPU.
 A peer that cannot run is recorded with its reason, not timed: a forced SDPA backend that
 refuses ("refused: " and the first line of its error, with the first warning that says why),
 FlexAttention that does not compile ("error: " and its first line). The peers get their
@@ -59,6 +63,7 @@ ratio) and the memory plot (peak memory against N, with the point where each pro
 of memory). `python -m bench report` draws docs/images/gpu_read.png from the newest GPU run
 (read_plot).
 """
+import contextlib
 import math
 import sys
 import time
@@ -71,21 +76,21 @@ from bench import common
 from stm_kernels import memory_read, options
 
 PROVIDERS = ("triton", "torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn_split", "flex",
-             "triton_ws")
+             "triton_ws", "triton_ws_bwd")
 # The fused read of each device type; every other provider but the candidates is its peer.
 FUSED = {"cuda": "triton", "cpu": "torch"}
 # Other ways of running the fused read, timed beside it to choose the default (never peers);
 # each runs only the passes it changes.
-CANDIDATES = ("triton_ws",)
-CANDIDATE_PASSES = {"triton_ws": ("fwd",)}
+CANDIDATES = ("triton_ws", "triton_ws_bwd")
+CANDIDATE_PASSES = {"triton_ws": ("fwd",), "triton_ws_bwd": ("bwd", "fwd+bwd")}
 # Providers whose kernels run only on a GPU (on CPU, in Triton's interpreter: not timed).
-GPU_ONLY = ("triton", "triton_ws")
+GPU_ONLY = ("triton",) + CANDIDATES
 # The forced SDPA backend of each split peer; its value chunks are Ck wide (128 at the target).
 SPLIT_BACKENDS = {"sdpa_flash_split": "FLASH_ATTENTION", "sdpa_cudnn_split": "CUDNN_ATTENTION"}
 # Providers that may refuse these shapes or fail to compile: recorded with the reason.
-MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex", "triton_ws")
+MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex",) + CANDIDATES
 # Those whose refusal is a "refused:" (a forced backend, an opt-in that does not apply).
-REFUSING = tuple(SPLIT_BACKENDS) + ("triton_ws",)
+REFUSING = tuple(SPLIT_BACKENDS) + CANDIDATES
 # Providers in SDPA's (B, heads, L, C) layout.
 ATTENTION_LAYOUT = ("sdpa", "flex") + tuple(SPLIT_BACKENDS)
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -116,6 +121,7 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     q, k, v = randn(1, Ck, HW), randn(B, Ck, N), randn(B, Cv, N)
     scale = 1.0 / math.sqrt(Ck)
     tensors = (q, k, v)
+    backward_context = contextlib.nullcontext  # the backward's opt-in (triton_ws_bwd)
     if provider in ATTENTION_LAYOUT:
         q = q.transpose(1, 2).unsqueeze(1).expand(B, 1, HW, Ck).contiguous()
         k = k.transpose(1, 2).unsqueeze(1).contiguous()
@@ -150,6 +156,16 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
         def read():
             with launch.warp_specialized_forward():
                 return memory_read(q, k, v, scale=scale, backend="triton")
+    elif provider == "triton_ws_bwd":  # opted in around the backward below
+        reason = _warp_specialized_backward_reason(q, k, v)
+        if reason is not None:
+            raise RuntimeError(f"the Gluon dK/dQ kernel does not run here: {reason}")
+
+        from stm_kernels.backends.triton import launch
+        backward_context = launch.warp_specialized_backward
+
+        def read():
+            return memory_read(q, k, v, scale=scale, backend="triton")
     else:
         def read():
             return memory_read(q, k, v, scale=scale, backend=provider)
@@ -165,11 +181,14 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
         out = read()
 
         def call():
-            out.backward(grad, retain_graph=True)
+            with backward_context():
+                out.backward(grad, retain_graph=True)
         return call, tensors
 
     def call():
-        read().backward(grad)
+        out = read()
+        with backward_context():
+            out.backward(grad)
     return call, tensors
 
 
@@ -179,6 +198,22 @@ def _warp_specialized_reason(q, k, v):
     from stm_kernels.backends.triton import tilings
     from stm_kernels.experimental import gluon_forward
     return gluon_forward.unsupported_reason(q, k, v, tilings.warp_specialized_config())
+
+
+def _warp_specialized_backward_reason(q, k, v):
+    """Why the opted-in Gluon dK/dQ kernel would not run on these inputs (the backward would
+    warn and take the plain kernel), or None: checked on q and a dO laid out as the backward
+    pads them (rows 16 elements apart)."""
+    from stm_kernels.backends.triton import tilings
+    from stm_kernels.experimental import gluon_backward
+
+    def padded(t):
+        width = -(-t.shape[2] // 16) * 16
+        return torch.empty(t.shape[:2] + (width,), dtype=t.dtype,
+                           device=t.device)[:, :, :t.shape[2]]
+    do = torch.empty((k.shape[0], v.shape[1], q.shape[2]), dtype=v.dtype, device=v.device)
+    return gluon_backward.unsupported_reason(padded(q), k, v, padded(do),
+                                             tilings.warp_specialized_backward_config())
 
 
 _FLEX = []
@@ -215,8 +250,8 @@ def refusal(provider, error, caught=()):
 
 def probe(provider, call):
     """None if one call of a peer that may refuse runs, else its refusal status (an out of
-    memory error is raised: run_point records it as such). The Gluon candidate is refused
-    where its read warned that it took the plain forward instead."""
+    memory error is raised: run_point records it as such). A Gluon candidate is refused
+    where its read warned that it took the plain kernel instead."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -228,7 +263,7 @@ def probe(provider, call):
                 raise
             return refusal(provider, error, caught)
     fell_back = [w for w in caught if "STM_KERNELS_WARP_SPECIALIZED" in str(w.message)]
-    if provider == "triton_ws" and fell_back:
+    if provider in CANDIDATES and fell_back:
         return f"refused: {first_line(fell_back[0].message)}"
     return None
 
@@ -620,7 +655,8 @@ def out_of_memory_points(payload):
     return limits
 
 
-COLOURS = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2", "C4", "C5", "C6", "C7"), strict=True))
+COLOURS = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2", "C4", "C5", "C6", "C7", "C8"),
+                   strict=True))
 
 
 def _label_best_peers(axis, payload, fused_records, values, index):

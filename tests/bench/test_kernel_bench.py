@@ -147,12 +147,16 @@ def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
     assert {entry[1] for entry in series} == set(kernel.PROVIDERS)
     assert {(entry[2], tuple(entry[8])) for entry in series} == {
         ("fwd", (16200, 64800, 162000)), ("fwd+bwd", (16200, 64800, 162000))}
-    # the Gluon candidate changes the forward only; each pass's peers come before it
+    # the Gluon candidates change one pass each; each pass's peers come before them, and the
+    # dK/dQ kernel (never run on a GPU) comes last of all
     assert [entry[2] for entry in series if entry[1] == "triton_ws"] == ["fwd"]
+    assert [entry[2] for entry in series if entry[1] == "triton_ws_bwd"] == ["fwd+bwd"]
     forward = [entry[1] for entry in series if entry[2] == "fwd"]
     assert forward[0] == "triton" and forward[-1] == "triton_ws"
+    assert series[-1][1] == "triton_ws_bwd"
     _, series = kernel.plan(torch.device("cpu"), args)
-    assert {entry[1] for entry in series} == set(kernel.PROVIDERS) - {"triton", "triton_ws"}
+    assert {entry[1] for entry in series} == \
+        set(kernel.PROVIDERS) - {"triton", "triton_ws", "triton_ws_bwd"}
 
 
 def test_a_candidate_has_its_column_but_is_never_the_best_peer():
@@ -185,6 +189,42 @@ def test_the_gluon_candidate_is_refused_with_its_reason_where_it_cannot_run():
     record = kernel.run_point("triton_ws", "fwd", "fp32", 1, 8, 64, 16, 32, torch.device("cpu"),
                               "targets")
     assert record["status"].startswith("refused: the Gluon forward does not run here: ")
+
+
+def test_the_gluon_backward_candidate_is_refused_with_its_reason_where_it_cannot_run():
+    with pytest.raises(RuntimeError, match="the Gluon dK/dQ kernel does not run here: "):
+        kernel.make_inputs("triton_ws_bwd", "fwd+bwd", torch.float32, 1, 8, 64, 16, 32,
+                           torch.device("cpu"))
+    record = kernel.run_point("triton_ws_bwd", "fwd+bwd", "fp32", 1, 8, 64, 16, 32,
+                              torch.device("cpu"), "targets")
+    assert record["status"].startswith("refused: the Gluon dK/dQ kernel does not run here: ")
+
+
+def test_the_gluon_backward_candidate_checks_the_padded_layout(monkeypatch):
+    """triton_ws_bwd asks the kernel about q and dO as the backward pads them (16-element
+    rows: HW = 1,620 is not), and its read opts the backward in: on CPU it warns and takes
+    the plain dK/dQ kernel, with the plain read's gradients."""
+    from stm_kernels.backends.triton import launch
+    from stm_kernels.experimental import gluon_backward
+    monkeypatch.setattr(launch, "_warned", set())
+    checked = []
+    monkeypatch.setattr(gluon_backward, "unsupported_reason",
+                        lambda q, k, v, do, config: checked.append((q, do)))
+    # fp16: a float32 read on CPU takes the torch backend (exact float32), no kernels at all
+    call, tensors = kernel.make_inputs("triton_ws_bwd", "fwd+bwd", torch.float16, 2, 20, 64,
+                                       16, 32, torch.device("cpu"))
+    [(q, do)] = checked
+    assert q.shape == (1, 16, 20) and q.stride(1) == 32 and do.shape == (2, 32, 20)
+    assert do.stride(1) == 32
+    monkeypatch.setattr(gluon_backward, "unsupported_reason", lambda *args: "needs CUDA")
+    with pytest.warns(RuntimeWarning, match="STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1 ignored"):
+        call()
+    grads = [t.grad.clone() for t in tensors]
+    plain, plain_tensors = kernel.make_inputs("triton", "fwd+bwd", torch.float16, 2, 20, 64,
+                                              16, 32, torch.device("cpu"))
+    plain()
+    for grad, tensor in zip(grads, plain_tensors, strict=True):
+        assert torch.equal(grad, tensor.grad)
 
 
 def test_the_gluon_candidate_reads_the_fused_reads_layout(monkeypatch):

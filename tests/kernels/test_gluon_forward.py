@@ -5,26 +5,22 @@ for a GPU driver), so besides the compile-only checks for sm_90 (tools/tests/
 test_gluon_compile.py: TMA, mbarriers and wgmma in the PTX, S computed by one partition only,
 no spills, shared memory within 227 KiB) it is tested in two layers:
 
-2. an emulation on CPU: the kernel's own Python source (the same function objects Gluon
-   compiles) runs with a small stand-in for gl / mbarrier / tma / wgmma: one thread per
-   partition, mbarriers with phases, counts and transaction bytes, TMA copies that land after a
-   random delay (zero-filled outside the tensor), wgmma that reads shared memory only at its
-   wait. This checks the ring indexing, barrier parities and counts, masks, splits and the host
-   launcher (ws_forward) end to end; it does not check layouts or Gluon's lowering;
+2. an emulation on CPU (tests/gluon_emulation.py): the kernel's own Python source runs with
+   stand-ins for gl / mbarrier / tma / wgmma, which checks the ring indexing, barrier parities
+   and counts, masks, splits and the host launcher (ws_forward) end to end, not layouts or
+   Gluon's lowering;
 3. on a GPU (`pytest -m gpu`): the real kernel against a float64 reference.
 """
 import math
 import pathlib
 import random
-import threading
-import time
-import types
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from gluon_emulation import EmulatedKernel  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
@@ -56,261 +52,6 @@ def test_unsupported_reason_on_cpu():
 
 
 # --------------------------------------------------------------------------- 2. CPU emulation
-
-
-def _jitter():
-    if random.random() < 0.3:
-        time.sleep(random.random() * 2e-4)
-
-
-class _Barrier:
-    """An mbarrier: pending arrivals and transaction bytes; completing a phase flips parity.
-    try_wait.parity(P) succeeds once the phase of parity P has completed, i.e. while the
-    current (incomplete) phase's parity differs from P."""
-
-    def __init__(self, lock):
-        self.cond = threading.Condition(lock)
-        self.count = None
-
-    def init(self, count):
-        self.count, self.pending, self.tx, self.completed = count, count, 0, 0
-
-    def _check(self):
-        assert self.pending >= 0, "more arrivals than the barrier's count in one phase"
-        if self.pending == 0 and self.tx == 0:
-            self.completed += 1
-            self.pending = self.count
-            self.cond.notify_all()
-
-    def arrive(self, count=1):
-        with self.cond:
-            assert self.count is not None, "arrive on an uninitialised barrier"
-            self.pending -= count
-            self._check()
-
-    def expect(self, nbytes):
-        with self.cond:
-            self.tx += nbytes
-            self.pending -= 1
-            self._check()
-
-    def complete_tx(self, nbytes):
-        with self.cond:
-            self.tx -= nbytes
-            assert self.tx >= 0, "TMA delivered more bytes than expected"
-            self._check()
-
-    def wait(self, parity, timeout=20.0):
-        with self.cond:
-            assert self.count is not None, "wait on an uninitialised barrier"
-            ok = self.cond.wait_for(lambda: (self.completed & 1) != parity, timeout)
-            assert ok, f"deadlock: waiting for parity {parity}, {self.completed} phases done"
-
-
-class _BarrierRef:
-    def __init__(self, cells, i=0):
-        self.cells, self.i = cells, i
-
-    def index(self, i):
-        return _BarrierRef(self.cells, int(i))
-
-    @property
-    def cell(self):
-        return self.cells[self.i]
-
-
-class _Smem:
-    def __init__(self, data):
-        self.data = data
-
-    shape = property(lambda self: list(self.data.shape))
-    dtype = property(lambda self: self.data.dtype)
-
-    def index(self, i):
-        return _Smem(self.data[int(i)])
-
-    def slice(self, start, length, dim=0):
-        return _Smem(self.data.narrow(dim, int(start), int(length)))
-
-    def permute(self, order):
-        return _Smem(self.data.permute(*order))
-
-    def load(self, layout=None):
-        return self.data.clone()
-
-    def store(self, value):
-        _jitter()
-        self.data.copy_(value)
-
-
-class _Pointer:
-    """A scalar or tensor of element offsets into a tensor's storage (gl pointer arithmetic)."""
-
-    def __init__(self, tensor, offset=0):
-        self.tensor, self.offset = tensor, offset
-        self.dtype = types.SimpleNamespace(element_ty=tensor.dtype)
-
-    def __add__(self, other):
-        if isinstance(other, torch.Tensor):
-            other = other.to(torch.int64)
-        return _Pointer(self.tensor, self.offset + other)
-
-    __radd__ = __add__
-
-
-class _Lazy:
-    """An async wgmma: shared memory is read at the wait, the latest legal moment."""
-
-    def __init__(self, a, b, acc, use_acc):
-        self.a, self.b, self.acc, self.use_acc = a, b, acc, use_acc
-
-    def value(self):
-        a = self.a.data if isinstance(self.a, _Smem) else self.a
-        out = a.float() @ self.b.data.float()
-        return out + self.acc.float() if self.use_acc else out
-
-
-def _make_fake_gluon(state):
-    """Stand-ins for the names the kernel's source uses (gl, mbarrier, tma, wgmma, fences)."""
-    lock = threading.Lock()
-    layout = lambda *args, **kwargs: None  # noqa: E731
-    int64, float32 = torch.int64, torch.float32
-
-    class MBarrierLayout:
-        pass
-
-    def allocate_shared_memory(dtype, shape, layout):
-        if isinstance(layout, MBarrierLayout):
-            return _BarrierRef([_Barrier(lock) for _ in range(shape[0])])
-        return _Smem(torch.full(list(shape), float("nan"), dtype=dtype))
-
-    def as_tensor(x):
-        return x if isinstance(x, torch.Tensor) else torch.tensor(x)
-
-    def store(pointer, value, mask=None):
-        t = pointer.tensor
-        length = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
-        flat = t.as_strided((length,), (1,), t.storage_offset())
-        offsets = torch.broadcast_to(as_tensor(pointer.offset), value.shape)
-        mask = torch.ones_like(offsets, dtype=torch.bool) if mask is None else \
-            torch.broadcast_to(mask, value.shape)
-        flat[offsets[mask]] = value[mask].to(t.dtype)
-
-    def warp_specialize(functions_and_args, worker_num_warps, worker_num_regs):
-        assert len(functions_and_args) == len(worker_num_warps) + 1 == len(worker_num_regs) + 1
-        errors = []
-
-        def run(fn, args):
-            try:
-                state["compile"](fn)(*args)
-            except BaseException as error:  # noqa: BLE001 - reported below
-                errors.append(error)
-
-        threads = [threading.Thread(target=run, args=pair, daemon=True)
-                   for pair in functions_and_args]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-            assert not thread.is_alive(), "a partition never finished"
-        if errors:
-            raise errors[0]
-
-    gl = types.SimpleNamespace(
-        constexpr=lambda x: x, int64=int64, float32=float32,
-        NVMMADistributedLayout=layout, DotOperandLayout=layout, SliceLayout=layout,
-        BlockedLayout=layout, SwizzledSharedLayout=layout,
-        program_id=lambda axis: torch.tensor(state["pid"][axis], dtype=torch.int32),
-        minimum=lambda a, b: torch.minimum(as_tensor(a), as_tensor(b)),
-        maximum=lambda a, b: torch.maximum(as_tensor(a), as_tensor(b)),
-        cdiv=lambda a, b: (a + b - 1) // b,
-        full=lambda shape, value, dtype, layout=None: torch.full(list(shape), value, dtype=dtype),
-        zeros=lambda shape, dtype, layout=None: torch.zeros(list(shape), dtype=dtype),
-        arange=lambda start, end, layout=None: torch.arange(start, end),
-        where=lambda c, x, y: torch.where(c, x, torch.as_tensor(y, dtype=x.dtype)),
-        max=lambda x, axis: x.amax(axis), sum=lambda x, axis: x.sum(axis),
-        exp2=torch.exp2, log2=torch.log2, convert_layout=lambda x, layout: x,
-        store=store, static_range=range, allocate_shared_memory=allocate_shared_memory,
-        warp_specialize=warp_specialize)
-
-    def wait(bar, phase):
-        _jitter()
-        bar.cell.wait(int(phase))
-
-    def arrive(bar, count=1):
-        _jitter()
-        bar.cell.arrive(count)
-
-    mbarrier = types.SimpleNamespace(MBarrierLayout=MBarrierLayout,
-                                     init=lambda bar, count: bar.cell.init(count),
-                                     expect=lambda bar, nbytes: bar.cell.expect(nbytes),
-                                     wait=wait, arrive=arrive)
-
-    def async_copy_global_to_shared(desc, coord, bar, smem):
-        # The box [r0, r0 + R) x [c0, c0 + C) of the 2-D tensor, zero outside it, lands later.
-        r0, c0 = (int(c) for c in coord)
-        rows, cols = desc.block_shape
-        source = desc.base
-        box = torch.zeros(rows, cols, dtype=source.dtype)
-        r1, c1 = min(r0 + rows, source.shape[0]), min(c0 + cols, source.shape[1])
-        if r1 > r0 and c1 > c0:
-            box[:r1 - r0, :c1 - c0] = source[r0:r1, c0:c1]
-        assert list(smem.shape) == [rows, cols]
-
-        def land():
-            time.sleep(random.random() * 3e-4)
-            smem.data.copy_(box)
-            bar.cell.complete_tx(box.numel() * box.element_size())
-
-        threading.Thread(target=land, daemon=True).start()
-
-    tma = types.SimpleNamespace(async_copy_global_to_shared=async_copy_global_to_shared)
-    fake = dict(gl=gl, mbarrier=mbarrier, tma=tma, fence_async_shared=lambda: None,
-                warpgroup_mma=lambda a, b, acc, use_acc=True, is_async=False:
-                    _Lazy(a, b, acc, use_acc),
-                warpgroup_mma_wait=lambda num_outstanding=0, deps=():
-                    deps[0].value() if len(deps) == 1 else tuple(d.value() for d in deps),
-                LN2_C=math.log(2.0))
-    return fake
-
-
-class _EmulatedKernel:
-    """`memory_read_ws_fwd_kernel[grid](**kwargs)` running the kernel's Python source on CPU."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.state = {"pid": (0, 0, 0)}
-        self.fake = _make_fake_gluon(self.state)
-        self.cache = {}
-        self.state["compile"] = self.compile
-        self.launches = []
-
-    def compile(self, jit_fn):
-        fn = getattr(jit_fn, "fn", jit_fn)
-        if fn not in self.cache:
-            scope = dict(fn.__globals__, **self.fake)
-            self.cache[fn] = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__,
-                                                fn.__closure__)
-        return self.cache[fn]
-
-    def __getitem__(self, grid):
-        def launch(**kwargs):
-            kwargs.pop("num_warps", None)
-            self.launches.append((grid, dict(kwargs)))
-            for name in ("q_desc", "k_desc", "v_desc"):
-                desc = kwargs[name]
-                kwargs[name] = types.SimpleNamespace(
-                    base=desc.base, block_shape=list(desc.block_shape), layout=desc.layout,
-                    dtype=desc.base.dtype,
-                    block_type=types.SimpleNamespace(shape=list(desc.block_shape)))
-            kwargs["o"], kwargs["lse"] = _Pointer(kwargs["o"]), _Pointer(kwargs["lse"])
-            args = [kwargs[name] for name in self.kernel.arg_names]
-            for i_m in range(grid[0]):
-                for i_b in range(grid[1]):
-                    for i_s in range(grid[2]):
-                        self.state["pid"] = (i_m, i_b, i_s)
-                        self.compile(self.kernel)(*args)
-        return launch
 
 
 def _split_plan(N, block_n, splits):
@@ -389,8 +130,8 @@ EMULATED_CASES = [
 @pytest.fixture
 def emulated_kernel(monkeypatch):
     """The Gluon kernel replaced by its CPU emulation, its device checks passed: the
-    _EmulatedKernel, which records its launches."""
-    emulated = _EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
+    EmulatedKernel, which records its launches."""
+    emulated = EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
     monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
     monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
     return emulated

@@ -115,7 +115,8 @@ case "${1:-tests}" in
   first)
     # The one call of a 15-minute lease (header): the host path's layers (their kernels'
     # compiles on a fresh machine, then about 20 s; saved after every row), the peers at the
-    # target points, warm, the long video and Cutie (issue 57 item 7), the GPU tests.
+    # target points, warm (the Gluon dK/dQ candidate last: it has never run on a GPU), the
+    # long video and Cutie (issue 57 item 7), the GPU tests.
     timed "$(until_mark 100)" python3 -m tools.gpu_session.host_path --ns 16200 1620
     timed "$(until_mark 230)" "${TARGETS[@]}"
     timed "$(until_mark 385)" python3 -m bench long-video --variants fused naive \
@@ -123,7 +124,8 @@ case "${1:-tests}" in
     cutie_step "$(until_mark 455)" --size 480 854 --lengths 1000 3000 10000 --time-limit 25
     # the tests of what has never run on a GPU first, in a pytest run of their own (pytest
     # collects overlapping paths in tree order, not in the order given), then the rest
-    new_tests="tests/kernels/test_prepared_launch_gpu.py tests/kernels/test_cuda_graphs.py"
+    new_tests="tests/kernels/test_prepared_launch_gpu.py tests/kernels/test_cuda_graphs.py
+      tests/kernels/test_gluon_backward.py"
     # shellcheck disable=SC2086
     gpu_tests "$(until_mark 515)" gpu_tests_new.xml gpu 4 60 $new_tests
     # shellcheck disable=SC2086
@@ -167,7 +169,8 @@ case "${1:-tests}" in
     # run in worker processes (compiling kernels is CPU work: 16 cores) and a test past its
     # timeout ends its worker alone (xdist reports it as crashed and goes on).
     kernel_tests="tests/kernels/test_memory_read.py tests/kernels/test_gluon_forward.py
-      tests/kernels/test_deterministic_backward.py tests/kernels/test_memory_read_family.py"
+      tests/kernels/test_gluon_backward.py tests/kernels/test_deterministic_backward.py
+      tests/kernels/test_memory_read_family.py"
     # shellcheck disable=SC2086
     gpu_tests "$(until_mark 330)" gpu_tests_kernels.xml "gpu and not gluon" 8 240 $kernel_tests
     # shellcheck disable=SC2086

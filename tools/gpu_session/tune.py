@@ -11,7 +11,8 @@ forward candidate; the backward with each dV candidate (dK/dQ at its default) an
 candidate (dV at its default); the backward under torch.use_deterministic_algorithms with
 each dQ candidate (the dQ kernel instead of the atomics); the opt-in warp-specialised Gluon
 forward where it can run, at its default tiling and with the row split
-(triton_configs.ROW_SPLIT_CONFIG); and, with --baseline (an export of an earlier commit,
+(triton_configs.ROW_SPLIT_CONFIG), and the opt-in Gluon dK/dQ kernel (forward + backward) at
+16 and 32 query rows per step; and, with --baseline (an export of an earlier commit,
 `python -m tools.gpu_session.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
 backend on the same inputs (normalised error bound per dtype): a tiling that fails to compile,
@@ -118,6 +119,9 @@ def candidates(dtype, quick, device=None):
         for label, config in _gluon_configs(quick):
             runs.append(("forward", label,
                          lambda c=config: common.warp_specialized_forward(c), "fwd"))
+        for label, config in _gluon_backward_configs(quick):
+            runs.append(("backward", label,
+                         lambda c=config: common.warp_specialized_backward(c), "fwd+bwd"))
     return runs
 
 
@@ -140,6 +144,15 @@ def _gluon_configs(quick):
     configs = [triton_configs.WarpSpecializedConfig(), triton_configs.ROW_SPLIT_CONFIG,
                dataclasses.replace(triton_configs.ROW_SPLIT_CONFIG, num_stages=2)]
     return [("warp-specialized (Gluon) " + _label(c), c) for c in configs[:2 if quick else 3]]
+
+
+def _gluon_backward_configs(quick):
+    """(label, WarpSpecializedBackwardConfig) of the Gluon dK/dQ kernel to time: the default
+    (16 query rows per step, compiled without spills) and 32 rows (wgmma N = 32: fewer
+    shared-memory bytes per MAC, but 160 B spilled offline)."""
+    configs = [triton_configs.WarpSpecializedBackwardConfig(),
+               triton_configs.WarpSpecializedBackwardConfig(block_m=32, num_stages=2)]
+    return [("warp-specialized dkdq (Gluon) " + _label(c), c) for c in configs[:1 if quick else 2]]
 
 
 @contextlib.contextmanager
@@ -170,7 +183,12 @@ def _measure(read, label, context, pass_, inputs, device, reference):
     """The timing and error of one candidate on inputs (q, k, v, grad)."""
     q, k, v, grad = inputs
     with context():
-        if label.startswith("warp-specialized"):
+        if label.startswith("warp-specialized dkdq"):
+            from bench.kernel import _warp_specialized_backward_reason
+            reason = _warp_specialized_backward_reason(q, k, v)
+            if reason is not None:  # the launcher would run the plain kernel instead
+                raise RuntimeError(reason)
+        elif label.startswith("warp-specialized"):
             from stm_kernels.experimental import gluon_forward as memory_read_gluon
             reason = memory_read_gluon.unsupported_reason(
                 q, k, v, triton_configs.warp_specialized_config())

@@ -67,3 +67,34 @@ def specialised_signature(arg_names, types, values, constexprs):
             if values[name] % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
+
+
+def compile_backward_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620,
+                              N=162000, Ck=128, Cv=512, B=1):
+    """The warp-specialised dK/dQ kernel (stm_kernels/experimental/gluon_backward.py) compiled
+    ahead of time as a launch on the backward's contiguous, padded tensors of these sizes (a
+    broadcast query) would be; as compile_for_arch."""
+    from stm_kernels.experimental import gluon_backward as backward
+
+    config = config or backward.WarpSpecializedBackwardConfig()
+    torch_dtype = gluon._SIGNATURE_DTYPES[dtype]
+    layouts = backward._layouts(torch_dtype, Ck, Cv, config)
+
+    def descriptor(key):
+        shape, layout = layouts[key]
+        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
+
+    padded_hw = -(-HW // 16) * 16
+    values = dict(stride_lb=HW, stride_lm=1, stride_dqb=0, stride_dqc=padded_hw, stride_dqm=1,
+                  stride_dkb=Ck * N, stride_dkc=N, stride_dkn=1, HW=HW, N=N)
+    kernel = backward.memory_read_ws_bwd_dkdq_kernel
+    constexprs = dict(backward.constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
+    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
+                 do_desc=descriptor("do"), lse="*fp32", delta="*fp32", dq="*fp32",
+                 dk=f"*{dtype}", qk_scale="fp32", dq_scale="fp32")
+    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
+                                                         constexprs)
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))

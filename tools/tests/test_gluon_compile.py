@@ -1,6 +1,7 @@
-"""The warp-specialised Gluon forward compiled for sm_90 without a GPU: the PTX has TMA,
-mbarriers and wgmma, S is computed by one partition only, ptxas reports no spills, shared
-memory fits 227 KiB (tools/kernel_report/gluon_compile.py)."""
+"""The warp-specialised Gluon kernels compiled for sm_90 without a GPU
+(tools/kernel_report/gluon_compile.py). The forward: the PTX has TMA, mbarriers and wgmma, S is
+computed by one partition only, ptxas reports no spills, shared memory fits 227 KiB. The dK/dQ
+kernel: no spills, shared memory, TMA, and each MMA warpgroup's wgmma per query block."""
 import json
 import os
 import pathlib
@@ -11,7 +12,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from stm_kernels.experimental import gluon_forward  # noqa: E402
+from stm_kernels.experimental import gluon_backward, gluon_forward  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -25,6 +26,13 @@ VARIANTS = {"bf16-dot": dict(dtype="bf16", l2=False), "bf16-l2": dict(dtype="bf1
             "bf16-l2-rows": dict(dtype="bf16", l2=True, split_rows=True)}
 
 
+# The warp-specialised dK/dQ kernel (stm_kernels/experimental/gluon_backward.py), at its
+# default tiling.
+BACKWARD_VARIANTS = {"bwd-bf16-dot": dict(dtype="bf16", l2=False, backward=True),
+                     "bwd-bf16-l2": dict(dtype="bf16", l2=True, backward=True),
+                     "bwd-fp16-dot": dict(dtype="fp16", l2=False, backward=True)}
+
+
 def _config(variant):
     return (gluon_forward.ROW_SPLIT_CONFIG if VARIANTS[variant].get("split_rows")
             else gluon_forward.WarpSpecializedConfig())
@@ -34,12 +42,15 @@ def _config(variant):
 COMPILE_SCRIPT = r"""
 import json, re, subprocess, sys, tempfile, os
 from stm_kernels.experimental import gluon_forward as g
-from tools.kernel_report.gluon_compile import compile_for_arch
+from tools.kernel_report.gluon_compile import compile_backward_for_arch, compile_for_arch
 ptxas, variants = sys.argv[1], json.loads(sys.argv[2])
 report = {}
 for name, kwargs in variants.items():
-    config = g.ROW_SPLIT_CONFIG if kwargs.pop("split_rows", False) else None
-    compiled = compile_for_arch(config=config, **kwargs)
+    if kwargs.pop("backward", False):
+        compiled = compile_backward_for_arch(**kwargs)
+    else:
+        config = g.ROW_SPLIT_CONFIG if kwargs.pop("split_rows", False) else None
+        compiled = compile_for_arch(config=config, **kwargs)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
@@ -73,7 +84,8 @@ def compile_report():
         pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     completed = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, str(PTXAS), json.dumps(VARIANTS)], cwd=ROOT,
+        [sys.executable, "-c", COMPILE_SCRIPT, str(PTXAS),
+         json.dumps({**VARIANTS, **BACKWARD_VARIANTS})], cwd=ROOT,
         env=environment, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -108,3 +120,34 @@ def test_no_duplicated_mma(compile_report, variant):
     assert wgmma.count(f"m64n{config.block_n}k16") == s_count, wgmma
     assert wgmma.count("m64n128k16") == pv_count, wgmma
     assert len(wgmma) == s_count + pv_count, wgmma
+
+
+@pytest.mark.parametrize("variant", sorted(BACKWARD_VARIANTS))
+def test_backward_compiles_for_sm90(compile_report, variant):
+    """The dK/dQ kernel: no spills (the K and V blocks' wgmma descriptors formed in the loop,
+    see _opaque_zero), shared memory within 227 KiB, TMA loads of K, V, Q and dO completing on
+    mbarriers, both MMA warpgroups' and the load warp's register budgets."""
+    row = compile_report[variant]
+    assert row["ptxas_rc"] == 0, row["ptxas_log"]
+    assert row["spill_stores"] == 0, row["ptxas_log"]
+    assert 0 < row["shared"] <= H100_SHARED_MEMORY, row["shared"]
+    assert row["ttgir_warp_specialize"]
+    assert row["tma"] >= 6 and row["expect_tx"] >= 3, row  # K, 2 V boxes, Q, 2 dO boxes
+    assert row["fence_proxy_async"] >= 1  # dS^T written by threads, read by wgmma
+    config = gluon_backward.WarpSpecializedBackwardConfig()
+    assert str(config.mma_regs) in row["setmaxnreg"], row["setmaxnreg"]
+    assert str(config.load_regs) in row["setmaxnreg"], row["setmaxnreg"]
+
+
+@pytest.mark.parametrize("variant", sorted(BACKWARD_VARIANTS))
+def test_backward_mma_per_query_block(compile_report, variant):
+    """Each MMA warpgroup issues, per query block of 16: S^T (Ck/16 k-steps), dP^T (Cv/16),
+    dQ^T (two M tiles of Ck over block_n/16 k-steps), all m64n16k16, and dK as one m64n128k16
+    with dS^T from registers: nothing computed twice, nothing issued by the load warp."""
+    config = gluon_backward.WarpSpecializedBackwardConfig()
+    wgmma = compile_report[variant]["wgmma"]
+    per_warpgroup = 128 // 16 + 512 // 16 + 2 * (config.block_n // 16)
+    assert wgmma.count(f"m64n{config.block_m}k16") == 2 * per_warpgroup, wgmma
+    assert wgmma.count("m64n128k16") == 2 * (config.block_m // 16), wgmma
+    assert len(wgmma) == 2 * per_warpgroup + 2 * (config.block_m // 16), wgmma
+

@@ -48,9 +48,9 @@ def test_tune_times_current_tilings_and_an_exported_baseline(tmp_path):
         assert record["ok"], record  # every tiling and the old kernels match the torch backend
 
 
-def test_candidates_put_the_defaults_first_and_the_gluon_forward_last():
-    """The Gluon forward has never run on a GPU and may poison the CUDA context: it is timed
-    after everything else; the defaults come first."""
+def test_candidates_put_the_defaults_first_and_the_gluon_kernels_last():
+    """The Gluon kernels may poison the CUDA context (the dK/dQ kernel has never run on a
+    GPU): they are timed after everything else; the defaults come first."""
     pytest.importorskip("triton")
     import torch
 
@@ -66,9 +66,14 @@ def test_candidates_put_the_defaults_first_and_the_gluon_forward_last():
             gluon = [label for label in labels if label.startswith("warp-specialized")]
             if dtype == torch.float32:
                 assert not gluon
-            else:  # the default Gluon tiling first, then the row split
-                assert len(gluon) == (2 if quick else 3) and gluon == labels[-len(gluon):]
+            else:  # the default Gluon tiling first, then the row split, then the dK/dQ kernel
+                forward = [label for label in gluon if "dkdq" not in label]
+                backward = [label for label in gluon if "dkdq" in label]
+                assert len(forward) == (2 if quick else 3)
+                assert len(backward) == (1 if quick else 2)
+                assert gluon == labels[-len(gluon):] and gluon == forward + backward
                 assert "split_rows=False" in gluon[0] and "split_rows=True" in gluon[1]
+                assert "block_m=16" in backward[0]
 
 
 def test_only_keeps_the_candidates_whose_label_holds_a_text():

@@ -53,9 +53,10 @@ from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kern
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import MIN_KEY, memory_read_topk_kernel
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
-                      use_configs, warp_specialized_config)
+                      use_configs, warp_specialized_backward_config, warp_specialized_config)
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
+WARP_SPECIALIZED_BACKWARD_ENV = "STM_KERNELS_WARP_SPECIALIZED_BACKWARD"
 # Set to 1, a kernel that fails raises its own error instead of falling through (debugging).
 NO_FALLBACK_ENV = "STM_KERNELS_NO_FALLBACK"
 if INTERPRETING:
@@ -540,6 +541,60 @@ def _warp_specialized_forward(call, q, k, v):
     return gluon
 
 
+_warp_specialized_backward = False  # True inside warp_specialized_backward()
+
+
+def warp_specialized_backward_opted_in():
+    """Whether the backward opts into the Gluon warp-specialised dK/dQ kernel:
+    STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1, or inside warp_specialized_backward()."""
+    return (_warp_specialized_backward
+            or os.environ.get(WARP_SPECIALIZED_BACKWARD_ENV, "0") == "1")
+
+
+def warp_specialized_backward():
+    """Within the block the backward opts into the Gluon warp-specialised dK/dQ kernel, as
+    STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1 does (a benchmark's candidate beside the default)."""
+    return _flag_within_block("_warp_specialized_backward", True)
+
+
+def _warp_specialized_dkdq(call, inputs, v):
+    """The Gluon dK/dQ kernel's module when opted in and usable on the backward's (padded)
+    inputs, else None (with a warning once where it was opted in)."""
+    if not warp_specialized_backward_opted_in():
+        return None
+    from ...experimental import gluon_backward as gluon
+    reason = gluon.unsupported_reason(inputs["q"], inputs["k"], v, inputs["do"],
+                                      warp_specialized_backward_config())
+    if reason is None and call.device.arch != "sm_90":
+        reason = f"it runs on sm_90 only, not {call.device}"
+    if reason is not None:
+        warn_once(f"{WARP_SPECIALIZED_BACKWARD_ENV}=1 ignored ({reason}); using the plain "
+                  "Triton dK/dQ kernel")
+        return None
+    return gluon
+
+
+@dataclasses.dataclass(eq=False)
+class GluonDkdqLaunch:
+    """The Gluon dK/dQ kernel's planned launch (gluon_backward.WsBackwardLaunch) in a
+    PreparedBackward's dkdq place, called as the plain kernel's KernelLaunch is."""
+    launch: object
+
+    def __call__(self, call, first=False, *, q, k, v, do, lse, delta, dk, dq, **_):
+        self.launch(q, k, v, do, lse, delta, dq, dk)
+
+
+def _gluon_dkdq(gluon, inputs, v, delta, scale, l2):
+    """(dk, dq, GluonDkdqLaunch) of the opt-in Gluon dK/dQ kernel, run once."""
+    q, k = inputs["q"], inputs["k"]
+    dk = new_buffer(tuple(k.shape), k.dtype, k.device)
+    dq = _atomic_dq(q)
+    ws = gluon.prepare(q, k, v, inputs["do"], inputs["lse"], delta, dq, dk, scale=scale, l2=l2,
+                       config=warp_specialized_backward_config())
+    ws(q, k, v, inputs["do"], inputs["lse"], delta, dq, dk)
+    return dk, dq, GluonDkdqLaunch(ws)
+
+
 # --------------------------------------------------------------------------- prepared launches
 
 
@@ -913,8 +968,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     _check_device(q, k, v)
     call = _call(k, "backward", l2)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    layout = _layout_key(("backward", deterministic), call, scale, l2, lengths, q, k, v,
-                         grad_out)
+    layout = _layout_key(("backward", deterministic, warp_specialized_backward_opted_in()),
+                         call, scale, l2, lengths, q, k, v, grad_out)
     result = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
     if result is not None:
         return result
@@ -962,7 +1017,19 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
 
     with device_context(device), kernels_in_sequence(call, "backward pass", signature):
         dv, dv_launch = launch_first_that_runs("dv", call, signature, launch_dv)
-        if not separate_dq:
+        gluon = None if separate_dq or ragged or call.rank1 else \
+            _warp_specialized_dkdq(call, inputs, v)
+        if gluon is not None:
+            try:
+                dk, dq, gluon_launch = _gluon_dkdq(gluon, inputs, v, delta, scale, l2)
+                prepared = PreparedBackward(call, l2, dv_launch, gluon_launch)
+            except Exception as error:
+                if not _falls_through(error):
+                    raise
+                warn_once(f"{WARP_SPECIALIZED_BACKWARD_ENV}=1: the Gluon dK/dQ kernel failed "
+                          f"on {call.device} ({one_line(error)}); using the plain one")
+                gluon = None
+        if not separate_dq and gluon is None:
             try:
                 dk, dq, dkdq_launch = launch_first_that_runs(
                     "dkdq", call, signature, lambda config: launch_dkdq(config, True))

@@ -205,6 +205,23 @@ class WarpSpecializedConfig:
     split_rows: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class WarpSpecializedBackwardConfig:
+    """Tiling of the warp-specialised Gluon dK/dQ kernel (stm_kernels/experimental/
+    gluon_backward.py, opt-in, sm_90 only; never run on a GPU). block_m: query rows per step
+    (the wgmma N of S^T, dP^T and dQ^T; the Q and dO ring stages grow with it); block_n: memory
+    positions per program (one wgmma M tile); num_stages: depth of the Q and dO TMA rings;
+    mma_regs / load_regs: setmaxnreg targets of the second MMA warpgroup and the load warp (the
+    first gets what is left of 128 x 4 per thread of a warpgroup). The defaults are the widest
+    query step that compiles without spills (block_m = 32 spilled 160 B in the second MMA
+    warpgroup), with the rings as deep as shared memory allows."""
+    block_m: int = 16
+    block_n: int = 64
+    num_stages: int = 4
+    mma_regs: int = 240
+    load_regs: int = 24
+
+
 # The Gluon forward's other candidate (which one is faster only a GPU run can tell).
 ROW_SPLIT_CONFIG = WarpSpecializedConfig(block_m=128, num_stages=3, value_chunks=2,
                                          split_rows=True)
@@ -858,14 +875,16 @@ class use_configs:
     """Context manager forcing kernel configs (tests, tuning): `with use_configs(
     forward=ForwardConfig(...), backward=BackwardConfig(...), select=SelectConfig(...),
     warp_specialized=WarpSpecializedConfig(...)): ...`; also dv=, dkdq=, dk=, dq=, merge=,
-    usage=. A forced config is the only candidate (the last one applies where the
-    warp-specialised forward is opted in)."""
+    usage=, warp_specialized_backward=. A forced config is the only candidate (the
+    warp-specialised ones apply where those kernels are opted in)."""
 
-    def __init__(self, forward=None, backward=None, warp_specialized=None, **kernels):
+    def __init__(self, forward=None, backward=None, warp_specialized=None,
+                 warp_specialized_backward=None, **kernels):
         unknown = set(kernels) - set(KERNELS)
         if unknown:
             raise TypeError(f"use_configs: unknown kernels {sorted(unknown)}")
-        self.configs = dict(kernels, forward=forward, warp_specialized=warp_specialized)
+        self.configs = dict(kernels, forward=forward, warp_specialized=warp_specialized,
+                            warp_specialized_backward=warp_specialized_backward)
         if backward is not None:
             self.configs.update(dv=backward.dv, dkdq=backward.dkdq, dq=backward.dq,
                                 dk=backward.dk or backward.dkdq)
@@ -901,9 +920,16 @@ def warp_specialized_config():
     return _override.get("warp_specialized") or WarpSpecializedConfig()
 
 
+def warp_specialized_backward_config():
+    """The warp-specialised dK/dQ kernel's tiling: the one forced by use_configs, else the
+    default."""
+    return _override.get("warp_specialized_backward") or WarpSpecializedBackwardConfig()
+
+
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
-           "WarpSpecializedConfig", "ROW_SPLIT_CONFIG", "ON_TORCH", "SEPARATE_DQ", "on_torch",
+           "WarpSpecializedConfig", "WarpSpecializedBackwardConfig", "ROW_SPLIT_CONFIG",
+           "ON_TORCH", "SEPARATE_DQ", "on_torch", "warp_specialized_backward_config",
            "EXACT_FLOAT32_FUSED", "EXACT_FLOAT32_ENV", "exact_float32_read",
            "MISCOMPILED", "miscompiled",
            "separates_dq", "architecture_of", "candidates", "forced_configs", "RANK1_WIDTHS",
