@@ -211,14 +211,16 @@ case "${1:-tests}" in
   kernel) timed "$(until_mark 570)" python3 -m bench kernel ;;
   sanitize)
     # Where the gluon tests fail: compute-sanitizer on the smallest Gluon case of each bf16
-    # tiling, memcheck (out-of-bounds and misaligned accesses; PyTorch's caching allocator off,
-    # or an access past a tensor lands in a pooled block unseen) then synccheck (barrier
-    # misuse). It reads the device only on Firecracker machines (KINDS.md).
+    # tiling of the forward and of the dK/dQ kernel, memcheck (out-of-bounds and misaligned
+    # accesses; PyTorch's caching allocator off, or an access past a tensor lands in a pooled
+    # block unseen) then synccheck (barrier misuse). It reads the device only on Firecracker
+    # machines (KINDS.md).
     for tool in memcheck synccheck; do
       mark=330; [ "$tool" = synccheck ] && mark=570
       timed "$(until_mark $mark)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
         --tool "$tool" --target-processes all --error-exitcode 3 --print-limit 20 \
-        python3 -m pytest -q -p no:cacheprovider -m "gpu and gluon" tests/kernels/test_gluon_forward.py \
+        python3 -m pytest -q -p no:cacheprovider -m "gpu and gluon" \
+        tests/kernels/test_gluon_forward.py tests/kernels/test_gluon_backward.py \
         -k "test_gpu_matches_reference and 45-111 and not fp16"
     done ;;
   video) step python3 -m bench long-video ;;
