@@ -45,6 +45,13 @@ def exp2_shifted_(shifted):
     return floored_for_exp2_(shifted).exp2_()
 
 
+def score_gradient_factor(scale, l2):
+    """d score / d (q.k) per unit of dS: scale for the dot similarity's scale q.k, 2 scale for
+    l2's scale (2 q.k - |k|^2). The backward kernels take dS times it, so that dQ and dK come
+    out scaled."""
+    return scale * (2.0 if l2 else 1.0)
+
+
 def chunk_scores(q_rows, k_chunk, scale, l2):
     """Scaled scores (B, HW, n) for q_rows (Bq, HW, Ck) already multiplied by scale and a
     memory chunk k_chunk (B, Ck, n); l2: the L2 similarity (2 q·k - |k|², scaled)."""

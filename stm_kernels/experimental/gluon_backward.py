@@ -30,7 +30,7 @@ import torch
 from .._buffers import device_context
 from ..backends.triton import devices
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
-from ..torch_common import LOG2E
+from ..torch_common import LOG2E, score_gradient_factor
 from . import gluon_forward
 from .gluon_forward import AVAILABLE, UNAVAILABLE_REASON, _cdiv, _rows_2d, _tma_strides_ok
 
@@ -114,9 +114,6 @@ if AVAILABLE:
             phase = (j // NUM_STAGES) & 1
             o_m = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
             m_m = o_m < HW
-            # read before the waits: their latency under the TMA's
-            b_lse2 = gl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
-            b_delta = gl.load(p_delta + o_m * stride_lm, mask=m_m, other=0.0)
 
             # K and V through an index the compiler cannot see is 0: their wgmma descriptors
             # (one 64-bit value per k-step) are formed in the loop instead of being hoisted
@@ -133,12 +130,17 @@ if AVAILABLE:
                                       do_smem.index(slot * V_BOXES + box), b_dpt,
                                       use_acc=box > 0, is_async=True)
             b_st = warpgroup_mma_wait(num_outstanding=V_BOXES, deps=(b_st,))
+            # lse and delta loaded where they are used, not before the waits (live across
+            # them, they made the second warpgroup spill at block_m = 32); the other
+            # warpgroup's MMAs cover the loads' latency
+            b_lse2 = gl.load(p_lse + o_m * stride_lm, mask=m_m, other=0.0) * LOG2E_C
             if L2:
                 b_st = 2.0 * b_st - b_ksq[:, None]
             b_pt = gl.exp2(b_st * qk_scale - b_lse2[None, :])
             b_pt = gl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
             b_dpt = warpgroup_mma_wait(num_outstanding=0, deps=(b_dpt,))
             mbarrier.arrive(do_empty.index(slot), count=1)
+            b_delta = gl.load(p_delta + o_m * stride_lm, mask=m_m, other=0.0)
 
             # dS^T times the score's derivative factor: dQ's terms, dK and the sums scaled
             b_ds = (b_pt * (b_dpt - b_delta[None, :]) * dq_scale).to(dtype)
@@ -382,7 +384,7 @@ def prepare(q, k, v, do, lse, delta, dq, dk, *, scale, l2, config=None):
                  stride_dqb=0 if q.shape[0] == 1 else dq.stride(0), stride_dqc=dq.stride(1),
                  stride_dqm=dq.stride(2), stride_dkb=dk.stride(0), stride_dkc=dk.stride(1),
                  stride_dkn=dk.stride(2), HW=HW, N=N, qk_scale=float(scale) * LOG2E,
-                 dq_scale=float(scale) * (2.0 if l2 else 1.0), num_warps=4,
+                 dq_scale=score_gradient_factor(float(scale), l2), num_warps=4,
                  **constexprs(l2, Ck, Cv, config, layouts))
     return WsBackwardLaunch((_cdiv(N, config.block_n), B if folded else 1), layouts, fixed,
                             folded)

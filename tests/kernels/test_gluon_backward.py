@@ -103,8 +103,8 @@ EMULATED_CASES = [
                  id="broadcast-query-l2"),
     pytest.param(1, 1, 16, 32, 100, 64, False, torch.float16, dict(num_stages=3), 0,
                  id="three-stages-shared-by-both-warpgroups"),
-    pytest.param(2, 2, 32, 64, 33, 64, False, torch.float16, dict(block_m=32, num_stages=2),
-                 0, id="block-m-32-two-stages"),
+    pytest.param(2, 2, 32, 64, 33, 64, False, torch.float16, dict(block_m=16, num_stages=4),
+                 0, id="block-m-16-four-stages"),
     pytest.param(2, 2, 16, 32, 16, 100, True, torch.float16, dict(num_stages=3), 8,
                  id="per-object-launches-one-query-block"),
 ]
@@ -247,11 +247,14 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.gluon
 @needs_gluon
+@pytest.mark.parametrize("config", [Config(), Config(block_m=16, num_stages=4)],
+                         ids=["default", "m16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, l2, batch_gap", GPU_CASES)
-def test_gpu_matches_reference(dtype, B, Bq, Ck, Cv, HW, N, l2, batch_gap):
+def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, l2, batch_gap):
+    """Both tilings tune times, against float64."""
     q, k, v, do = _inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap, device="cuda")
-    reason = gluon_backward.unsupported_reason(_padded(q), k, v, _padded(do))
+    reason = gluon_backward.unsupported_reason(_padded(q), k, v, _padded(do), config)
     if reason is not None:
         pytest.skip(reason)
     scale = 1 / math.sqrt(Ck)
@@ -260,7 +263,7 @@ def test_gpu_matches_reference(dtype, B, Bq, Ck, Cv, HW, N, l2, batch_gap):
     dq = torch.zeros(q.shape[:2] + (q.stride(1),), device="cuda")[:, :, :q.shape[2]]
     dk = torch.full(k.shape, float("nan"), dtype=k.dtype, device="cuda")
     gluon_backward.ws_backward_dkdq(q, k, v, do, lse.float().cuda(), delta.float().cuda(), dq,
-                                    dk, scale=scale, l2=l2)
+                                    dk, scale=scale, l2=l2, config=config)
     torch.cuda.synchronize()
     assert relative_error(dk.cpu(), ref_dk) < TOLERANCE[dtype]
     assert relative_error(dq.cpu(), ref_dq) < TOLERANCE[dtype]

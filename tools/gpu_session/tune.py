@@ -148,10 +148,10 @@ def _gluon_configs(quick):
 
 def _gluon_backward_configs(quick):
     """(label, WarpSpecializedBackwardConfig) of the Gluon dK/dQ kernel to time: the default
-    (16 query rows per step, compiled without spills) and 32 rows (wgmma N = 32: fewer
-    shared-memory bytes per MAC, but 160 B spilled offline)."""
+    (32 query rows per step, 2 ring stages) and 16 rows with 4 stages (wgmma N = 16: more
+    shared-memory bytes per MAC, a deeper ring); both compile without spills."""
     configs = [triton_configs.WarpSpecializedBackwardConfig(),
-               triton_configs.WarpSpecializedBackwardConfig(block_m=32, num_stages=2)]
+               triton_configs.WarpSpecializedBackwardConfig(block_m=16, num_stages=4)]
     return [("warp-specialized dkdq (Gluon) " + _label(c), c) for c in configs[:1 if quick else 2]]
 
 

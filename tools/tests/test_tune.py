@@ -73,7 +73,7 @@ def test_candidates_put_the_defaults_first_and_the_gluon_kernels_last():
                 assert len(backward) == (1 if quick else 2)
                 assert gluon == labels[-len(gluon):] and gluon == forward + backward
                 assert "split_rows=False" in gluon[0] and "split_rows=True" in gluon[1]
-                assert "block_m=16" in backward[0]
+                assert "block_m=32" in backward[0]
 
 
 def test_only_keeps_the_candidates_whose_label_holds_a_text():

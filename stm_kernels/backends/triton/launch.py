@@ -43,7 +43,7 @@ import warnings
 import torch
 
 from ..._buffers import device_context, new_buffer
-from ...torch_common import LOG2E
+from ...torch_common import LOG2E, score_gradient_factor
 from . import compat, compiler_output, devices, tilings
 from .direct_launch import DirectLaunch
 from .compat import patch_interpreter_index
@@ -932,7 +932,7 @@ class PreparedBackward:
         return dq.to(q.dtype), dk, dv
 
 
-def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v, scale):
+def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v, dq_scale):
     """(dQ (Bq, Ck, HW) float32, the launch that ran, its partials' shape):
     memory_read_bwd_kernel_dq's partials per (memory split, object), summed on the host in a
     fixed order (_summed_dq). shared: the arguments all backward kernels take."""
@@ -943,7 +943,8 @@ def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v, scale):
     def launch(config):
         plan = dq_plan(config, B, HW, N, Cv, call.device.multiprocessors)
         parts = new_buffer((plan["splits"], B, Ck, HW), torch.float32, k.device)
-        fixed = dict(stride_sqb=ksq.stride(0), scale=scale, **_memory_strides("v", v, align_v),
+        fixed = dict(stride_sqb=ksq.stride(0), dq_scale=dq_scale,
+                     **_memory_strides("v", v, align_v),
                      **_strides("pd", parts, "sbcm"), n_per_split=plan["per_split"],
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      BLOCK_CV=plan["block_cv"], NUM_CV=plan["num_cv"], ALIGN_V=align_v,
@@ -1005,7 +1006,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         # an unused pointer where the dQ kernel computes dq
         dq = _atomic_dq(q) if atomic_dq else delta
         fixed = dict(**_memory_strides("v", v, align_v), **_strides("dk", dk, "bcn"),
-                     stride_dqb=0 if q.shape[0] == 1 else dq.stride(0), scale=scale,
+                     stride_dqb=0 if q.shape[0] == 1 else dq.stride(0),
+                     dq_scale=score_gradient_factor(scale, l2),
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_CV=block_cv,
                      NUM_CV=num_cv, ALIGN_V=align_v, ATOMIC_DQ=atomic_dq,
                      STREAM_K=config.stream_keys,
@@ -1042,7 +1044,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             # the dQ kernel's |k|^2 or rank-1 channel (the dK/dQ kernel loads its own from the
             # block it holds)
             dq, dq_launch, dq_parts = _dq_without_atomics(
-                call, inputs, shared, v, _memory_term(k, l2, call.rank1), delta, align_v, scale)
+                call, inputs, shared, v, _memory_term(k, l2, call.rank1), delta, align_v,
+                score_gradient_factor(scale, l2))
             prepared = PreparedBackward(call, l2, dv_launch, dk_launch, dq_launch,
                                         dq_parts)
     _keep_prepared(layout, prepared)

@@ -212,12 +212,12 @@ class WarpSpecializedBackwardConfig:
     (the wgmma N of S^T, dP^T and dQ^T; the Q and dO ring stages grow with it); block_n: memory
     positions per program (one wgmma M tile); num_stages: depth of the Q and dO TMA rings;
     mma_regs / load_regs: setmaxnreg targets of the second MMA warpgroup and the load warp (the
-    first gets what is left of 128 x 4 per thread of a warpgroup). The defaults are the widest
-    query step that compiles without spills (block_m = 32 spilled 160 B in the second MMA
-    warpgroup), with the rings as deep as shared memory allows."""
-    block_m: int = 16
+    first gets what is left of 128 x 4 per thread of a warpgroup). The default step of 32
+    queries reads fewer shared-memory bytes per MAC than 16 (wgmma N = 32), which leaves room
+    for 2 ring stages; 16 queries with 4 stages is the other candidate tune times."""
+    block_m: int = 32
     block_n: int = 64
-    num_stages: int = 4
+    num_stages: int = 2
     mma_regs: int = 240
     load_regs: int = 24
 

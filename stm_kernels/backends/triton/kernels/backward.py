@@ -27,10 +27,11 @@ dQ accumulator it would otherwise share the registers with (see kernels/forward.
 
 Layout as in kernels/forward.py; do (B, Cv, HW), delta (B, HW) = rowsum(dO * O) - d lse, lse
 (B, HW) natural log; dq (Bq, Ck, HW) float32, zero on entry, the kernels' dQ terms added times
-the score's derivative factor (scale, 2 scale for L2: the launcher only casts dq, no pass of
-its own to scale it); lengths (B,) int32 for ragged memories (RAGGED): positions past an
-object's length are never read and get zero dK, dV. With atomics dQ sums in a run-dependent
-order: not bitwise reproducible; the deterministic mode is.
+the score's derivative factor dq_scale (torch_common.score_gradient_factor: scale, 2 scale for
+L2; the launcher only casts dq, no pass of its own to scale it); lengths (B,) int32 for
+ragged memories (RAGGED): positions past an object's length are never read and get zero dK,
+dV. With atomics dQ sums in a run-dependent order: not bitwise reproducible; the
+deterministic mode is.
 
 RANK1 (see kernels/forward.py): channel CK of q and k is the rank-1 score term u_i w_j. Its
 gradients are du_i = sum_j dS_ij w_j (a row sum beside dQ: added with the dQ atomics, or
@@ -292,7 +293,7 @@ def memory_read_bwd_kernel_dkdq(
     stride_lb, stride_lm,
     stride_dkb, stride_dkc, stride_dkn,
     stride_dqb,
-    HW, N, CK, CV, scale, qk_scale,
+    HW, N, CK, CV, dq_scale, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
@@ -335,10 +336,6 @@ def memory_read_bwd_kernel_dkdq(
     m_q_chan = m_c[:, None]
 
     o_kt = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
-    dq_scale = scale  # d score / d q: scale k for a dot, 2 scale k for L2
-    if L2:
-        dq_scale = 2.0 * scale
-
     b_dk = tl.zeros([BLOCK_N, BLOCK_CK], dtype=tl.float32)
     b_dsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     full_m_end = hw_end // BLOCK_M * BLOCK_M
@@ -426,7 +423,7 @@ def memory_read_bwd_kernel_dq(
     stride_dob, stride_doc, stride_dom,
     stride_lb, stride_lm,
     stride_pds, stride_pdb, stride_pdc, stride_pdm,
-    HW, N, CK, CV, n_per_split, scale, qk_scale,
+    HW, N, CK, CV, n_per_split, dq_scale, qk_scale,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_CV: tl.constexpr, NUM_CV: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr, ALIGN_K: tl.constexpr,
@@ -494,9 +491,6 @@ def memory_read_bwd_kernel_dq(
                               RANK1, BLOCK_M, BLOCK_N, BLOCK_CV, NUM_CV, True, I64, STREAM_Q,
                               PRECISION, UPCAST)
 
-    dq_scale = scale  # the score's derivative factor, as in memory_read_bwd_kernel_dkdq
-    if L2:
-        dq_scale = 2.0 * scale
     p_part = dq_parts + i_s.to(tl.int64) * stride_pds + i_b * stride_pdb + first_m * stride_pdm
     tl.store(p_part + tile_offsets(o_m, o_c, stride_pdm, stride_pdc, I64), b_dq * dq_scale,
              mask=m_m[:, None] & m_c[None, :])
