@@ -31,14 +31,16 @@ from .._buffers import device_context
 from ..backends.triton import devices
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
 from ..torch_common import LOG2E, score_gradient_factor
-from . import gluon_forward
-from .gluon_forward import AVAILABLE, UNAVAILABLE_REASON, _cdiv, _rows_2d, _tma_strides_ok
+from .gluon_common import (AVAILABLE, GL_DTYPES, UNAVAILABLE_REASON, cdiv, descriptor, gl_dtype,
+                           rows_2d, tma_strides_ok)
 
 if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+
+    from .gluon_common import barrier_ring
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "WarpSpecializedBackwardConfig",
            "unsupported_reason", "shared_memory_bytes", "ws_backward_dkdq", "prepare"]
@@ -239,20 +241,12 @@ if AVAILABLE:
         dsum_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_N],
                                               gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        dk_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        do_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        mbarrier.init(kv_bar, count=1)
-        mbarrier.init(dk_bar, count=1)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=1)
-            mbarrier.init(do_ready.index(i), count=1)
-            mbarrier.init(do_empty.index(i), count=1)
+        kv_bar = barrier_ring(1, 1).index(0)
+        dk_bar = barrier_ring(1, 1).index(0)
+        q_ready = barrier_ring(NUM_STAGES, 1)
+        q_empty = barrier_ring(NUM_STAGES, 1)
+        do_ready = barrier_ring(NUM_STAGES, 1)
+        do_empty = barrier_ring(NUM_STAGES, 1)
         # the object folded into the pointers once, before the partitions
         p_lse = lse + i_b * stride_lb
         p_delta = delta + i_b * stride_lb
@@ -282,7 +276,7 @@ if AVAILABLE:
 
 def _layouts(dtype, Ck, Cv, config):
     """Shared-memory layouts (NVMMA swizzles) of the TMA boxes and the dS^T tile."""
-    element = getattr(gl, gluon_forward._GL_DTYPES[dtype])
+    element = gl_dtype(dtype)
     box, m, n = value_box(Cv), config.block_m, config.block_n
     shapes = dict(q=[Ck, m], k=[Ck, n], v=[box, n], do=[box, m], ds=[n, m])
     return {name: (shape, gl.NVMMASharedLayout.get_default_for(shape, element))
@@ -298,7 +292,7 @@ def unsupported_reason(q, k, v, do, config=None):
     tensors = dict(q=q, k=k, v=v, do=do)
     if any(t.device.type != "cuda" for t in tensors.values()):
         return "needs CUDA tensors"
-    if k.dtype not in gluon_forward._GL_DTYPES or any(t.dtype != k.dtype for t in tensors.values()):
+    if k.dtype not in GL_DTYPES or any(t.dtype != k.dtype for t in tensors.values()):
         return f"needs q, k, v, do all bf16 or all fp16 (got {q.dtype}, {k.dtype}, {v.dtype}, " \
                f"{do.dtype})"
     if torch.cuda.get_device_capability(k.device) != (9, 0):
@@ -337,7 +331,7 @@ def _shape_reason(q, k, v, do, config):
 
 def _memory_reason(tensors, k, config):
     for name, t in tensors.items():
-        if not _tma_strides_ok(t):
+        if not tma_strides_ok(t):
             return (f"{name} is not TMA-addressable: needs position stride 1, other strides and "
                     f"the base 16-byte aligned; got strides {tuple(t.stride())}")
         if t.shape[1] * t.stride(1) * t.shape[0] >= 2**31:
@@ -379,14 +373,14 @@ def prepare(q, k, v, do, lse, delta, dq, dk, *, scale, l2, config=None):
     if max(t.numel() for t in (dq, dk, lse)) >= 2**31:
         raise ValueError("dq, dk or lse has >= 2**31 elements (32-bit offsets)")
     layouts = _layouts(k.dtype, Ck, Cv, config)
-    folded = all(_rows_2d(t) is not None for t in (q, k, v, do))
+    folded = all(rows_2d(t) is not None for t in (q, k, v, do))
     fixed = dict(stride_lb=lse.stride(0), stride_lm=lse.stride(1),
                  stride_dqb=0 if q.shape[0] == 1 else dq.stride(0), stride_dqc=dq.stride(1),
                  stride_dqm=dq.stride(2), stride_dkb=dk.stride(0), stride_dkc=dk.stride(1),
                  stride_dkn=dk.stride(2), HW=HW, N=N, qk_scale=float(scale) * LOG2E,
                  dq_scale=score_gradient_factor(float(scale), l2), num_warps=4,
                  **constexprs(l2, Ck, Cv, config, layouts))
-    return WsBackwardLaunch((_cdiv(N, config.block_n), B if folded else 1), layouts, fixed,
+    return WsBackwardLaunch((cdiv(N, config.block_n), B if folded else 1), layouts, fixed,
                             folded)
 
 
@@ -414,7 +408,7 @@ class WsBackwardLaunch:
                              "(TMA)")
         broadcast = q.shape[0] == 1
         if self.folded:
-            launches = [(slice(None), _rows_2d(q), _rows_2d(k), _rows_2d(v), _rows_2d(do),
+            launches = [(slice(None), rows_2d(q), rows_2d(k), rows_2d(v), rows_2d(do),
                          broadcast)]
         else:  # object strides that do not fold into TMA rows: one launch per object
             launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], do[b], True)
@@ -423,9 +417,9 @@ class WsBackwardLaunch:
             for objects, q2, k2, v2, do2, q_broadcast in launches:
                 dq_objects = slice(None) if broadcast else objects
                 memory_read_ws_bwd_dkdq_kernel[self.grid](
-                    q_desc=gluon_forward._descriptor(q2, *self.layouts["q"]),
-                    k_desc=gluon_forward._descriptor(k2, *self.layouts["k"]),
-                    v_desc=gluon_forward._descriptor(v2, *self.layouts["v"]),
-                    do_desc=gluon_forward._descriptor(do2, *self.layouts["do"]),
+                    q_desc=descriptor(q2, *self.layouts["q"]),
+                    k_desc=descriptor(k2, *self.layouts["k"]),
+                    v_desc=descriptor(v2, *self.layouts["v"]),
+                    do_desc=descriptor(do2, *self.layouts["do"]),
                     lse=lse[objects], delta=delta[objects], dq=dq[dq_objects], dk=dk[objects],
                     Q_BROADCAST=q_broadcast, **self.fixed)

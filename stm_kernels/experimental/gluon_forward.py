@@ -41,48 +41,23 @@ from ..backends.triton.launch import keeping_launches, launched_directly
 from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
+from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, GL_DTYPES,
+                           cdiv, descriptor, gl_dtype, rows_2d, tma_strides_ok)
 
-try:
-    import triton
-except ImportError:  # a PyTorch without Triton: AVAILABLE stays False
-    triton = None
-
-SM90_SHARED_MEMORY = 227 * 1024  # the architecture's per-block limit (its devices report it)
-
-AVAILABLE = False
-UNAVAILABLE_REASON = "not checked"
-
-try:
+if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    for _module, _names in ((gl, ("warp_specialize", "allocate_shared_memory", "NVMMASharedLayout",
-                                  "NVMMADistributedLayout", "DotOperandLayout", "SliceLayout",
-                                  "BlockedLayout", "SwizzledSharedLayout", "convert_layout",
-                                  "exp2", "log2")),
-                            (mbarrier, ("MBarrierLayout", "init", "expect", "wait", "arrive")),
-                            (tma, ("async_copy_global_to_shared",))):
-        _missing = [name for name in _names if not hasattr(_module, name)]
-        if _missing:
-            raise ImportError(f"{_module.__name__} lacks {', '.join(_missing)}")
-    AVAILABLE, UNAVAILABLE_REASON = True, ""
-except Exception as _error:  # no Triton, or one without (this version of) Gluon's Hopper API
-    UNAVAILABLE_REASON = (f"Triton {getattr(triton, '__version__', 'missing')}: Gluon Hopper API "
-                          f"unavailable ({type(_error).__name__}: {str(_error).splitlines()[0]})")
-
-
-def _cdiv(a, b):
-    return -(-a // b)
+    from .gluon_common import barrier_ring
 
 
 def _shapes(Cv, config):
     """(channels per PV warpgroup, rows of its V TMA box = next power of two, V boxes per
     stage: 2 when the PV warpgroups split the channels, 1 when they split the rows)."""
-    chunk = _cdiv(Cv, config.value_chunks)
-    channels = chunk if config.split_rows else _cdiv(chunk, 2)
+    chunk = cdiv(Cv, config.value_chunks)
+    channels = chunk if config.split_rows else cdiv(chunk, 2)
     return channels, 1 << max(channels - 1, 0).bit_length(), 1 if config.split_rows else 2
 
 
@@ -300,25 +275,14 @@ if AVAILABLE:
         alpha_smem = gl.allocate_shared_memory(gl.float32, [NUM_P, BLOCK_M], vec_layout)
         l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec_layout)
 
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        o_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        p_ready = gl.allocate_shared_memory(gl.int64, [NUM_P, 1], bar_layout)
-        p_empty = gl.allocate_shared_memory(gl.int64, [NUM_P, 1], bar_layout)
-        mbarrier.init(q_bar, count=1)
-        mbarrier.init(o_bar, count=1)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=2)
-        for i in gl.static_range(NUM_P):
-            mbarrier.init(p_ready.index(i), count=1)
-            mbarrier.init(p_empty.index(i), count=2)
+        q_bar = barrier_ring(1, 1).index(0)
+        o_bar = barrier_ring(1, 1).index(0)
+        k_ready = barrier_ring(NUM_STAGES, 1)
+        k_empty = barrier_ring(NUM_STAGES, 1)
+        v_ready = barrier_ring(NUM_STAGES, 1)
+        v_empty = barrier_ring(NUM_STAGES, 2)  # both PV warpgroups release a V stage
+        p_ready = barrier_ring(NUM_P, 1)
+        p_empty = barrier_ring(NUM_P, 2)
 
         gl.warp_specialize([
             (_ws_softmax_partition,
@@ -344,34 +308,15 @@ if AVAILABLE:
 
 # --------------------------------------------------------------------------- host side
 
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_SIGNATURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _gl_dtype(dtype):
-    return getattr(gl, _GL_DTYPES[dtype])
-
-
 def _layouts(dtype, Ck, Cv, config):
     """Shared-memory layouts of the TMA boxes and the P tile (NVMMA swizzles)."""
     _, box, _ = _shapes(Cv, config)
-    element = _gl_dtype(dtype)
+    element = gl_dtype(dtype)
     m, n = config.block_m, config.block_n
     return dict(q=([Ck, m], gl.NVMMASharedLayout.get_default_for([Ck, m], element)),
                 k=([Ck, n], gl.NVMMASharedLayout.get_default_for([Ck, n], element)),
                 v=([box, n], gl.NVMMASharedLayout.get_default_for([box, n], element)),
                 p=([m, n], gl.NVMMASharedLayout.get_default_for([m, n], element)))
-
-
-def _tma_strides_ok(t):
-    """Innermost stride 1, other strides (of dims longer than 1) 16-byte aligned, base aligned."""
-    size = t.element_size()
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        return False
-    if t.data_ptr() % 16:
-        return False
-    return all((stride * size) % 16 == 0
-               for dim, stride in zip(t.shape[:-1], t.stride()[:-1], strict=True) if dim > 1)
 
 
 def unsupported_reason(q, k, v, config=None):
@@ -382,7 +327,7 @@ def unsupported_reason(q, k, v, config=None):
     config = config or WarpSpecializedConfig()
     if any(t.device.type != "cuda" for t in (q, k, v)):
         return "needs CUDA tensors"
-    if k.dtype not in _GL_DTYPES or q.dtype != k.dtype or v.dtype != k.dtype:
+    if k.dtype not in GL_DTYPES or q.dtype != k.dtype or v.dtype != k.dtype:
         return f"needs q, k, v all bf16 or all fp16 (got {q.dtype}, {k.dtype}, {v.dtype})"
     if torch.cuda.get_device_capability(k.device) != (9, 0):
         return "needs an sm_90 (Hopper) GPU: wgmma, TMA and setmaxnreg as compiled here"
@@ -405,7 +350,7 @@ def unsupported_reason(q, k, v, config=None):
     if q.shape[2] == 0 or N == 0 or B == 0:
         return "empty tensor"
     for name, t in (("k", k), ("v", v)):
-        if not _tma_strides_ok(t):
+        if not tma_strides_ok(t):
             return (f"{name} is not TMA-addressable: needs position stride 1, other strides and "
                     f"the base 16-byte aligned (N % 8 == 0 when contiguous); got strides "
                     f"{tuple(t.stride())}")
@@ -435,29 +380,16 @@ def _config_reason(config):
     return None
 
 
-def _rows_2d(t):
-    """t (B, C, L) as a 2-D (B*C, L) strided view when the object dimension folds into the rows
-    (one TMA descriptor for all objects), else None."""
-    B, C, L = t.shape
-    if B == 1 or t.stride(0) == C * t.stride(1):
-        return t.as_strided((B * C, L), (t.stride(1), 1))
-    return None
-
-
 def _aligned_query(q):
     """q (Bq, Ck, HW) with 16-byte aligned rows and a foldable object dimension (a padded copy
     otherwise; q is query-sized)."""
-    if _tma_strides_ok(q) and _rows_2d(q) is not None:
+    if tma_strides_ok(q) and rows_2d(q) is not None:
         return q
     Bq, Ck, HW = q.shape
-    width = _cdiv(HW, 8) * 8
+    width = cdiv(HW, 8) * 8
     padded = torch.empty((Bq, Ck, width), dtype=q.dtype, device=q.device)[:, :, :HW]
     padded.copy_(q)
     return padded
-
-
-def _descriptor(t2, block_shape, layout):
-    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), list(block_shape), layout)
 
 
 def ws_forward(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None):
@@ -487,7 +419,7 @@ def prepare(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None
     if splits * per_split < N or (splits - 1) * per_split >= N:
         raise ValueError(f"{splits} splits of {per_split} positions do not cover N = {N} exactly")
     layouts = _layouts(k.dtype, Ck, Cv, config)
-    folded = _rows_2d(k) is not None and _rows_2d(v) is not None
+    folded = rows_2d(k) is not None and rows_2d(v) is not None
     # an object's slice of the outputs has their strides: one set for every launch
     fixed = dict(stride_os=part_out.stride(0), stride_ob=part_out.stride(1),
                  stride_oc=part_out.stride(2), stride_om=part_out.stride(3),
@@ -495,7 +427,7 @@ def prepare(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None
                  stride_lm=part_lse.stride(2), HW=HW, N=N, n_per_split=per_split,
                  qk_scale=float(qk_scale), num_warps=4,
                  **_constexprs(l2, Ck, Cv, config, layouts))
-    grid = (_cdiv(HW, config.block_m) * config.value_chunks, B if folded else 1, splits)
+    grid = (cdiv(HW, config.block_m) * config.value_chunks, B if folded else 1, splits)
     return WsLaunch(grid, layouts, fixed, folded)
 
 
@@ -520,16 +452,16 @@ class WsLaunch:
         broadcast = q.shape[0] == 1 or q.stride(0) == 0
         q = _aligned_query(q[:1] if broadcast else q)
         if self.folded:
-            launches = [(slice(None), _rows_2d(q), _rows_2d(k), _rows_2d(v), broadcast)]
+            launches = [(slice(None), rows_2d(q), rows_2d(k), rows_2d(v), broadcast)]
         else:  # object strides that do not fold into TMA rows: one launch per object
             launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], True)
                         for b in range(k.shape[0])]
         with device_context(k.device):
             for objects, q2, k2, v2, q_broadcast in launches:
                 # Q_BROADCAST is the layout's (folded) or True (one launch per object)
-                per_call = dict(q_desc=_descriptor(q2, *self.layouts["q"]),
-                                k_desc=_descriptor(k2, *self.layouts["k"]),
-                                v_desc=_descriptor(v2, *self.layouts["v"]),
+                per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
+                                k_desc=descriptor(k2, *self.layouts["k"]),
+                                v_desc=descriptor(v2, *self.layouts["v"]),
                                 o=part_out[:, objects], lse=part_lse[:, objects])
                 if launched_directly(self.direct, per_call):
                     continue
@@ -550,8 +482,8 @@ def _constexprs(l2, Ck, Cv, config, layouts):
 def default_splits(HW, N, B, config, sm_count):
     """(splits, per_split) the way triton_forward picks them (enough programs for the SMs)."""
     config = config or WarpSpecializedConfig()
-    n_blocks = _cdiv(N, config.block_n)
-    splits = sm_count // max(_cdiv(HW, config.block_m) * config.value_chunks * B, 1)
+    n_blocks = cdiv(N, config.block_n)
+    splits = sm_count // max(cdiv(HW, config.block_m) * config.value_chunks * B, 1)
     splits = max(1, min(splits, n_blocks // 4, n_blocks))
-    per_split = _cdiv(n_blocks, splits) * config.block_n
-    return _cdiv(N, per_split), per_split
+    per_split = cdiv(n_blocks, splits) * config.block_n
+    return cdiv(N, per_split), per_split

@@ -254,10 +254,10 @@ def _gluon_runs(q, k, v):
     """Whether the opted-in Gluon forward reads q, k, v (else the read falls back to the plain
     forward, and a Gluon row would time that): its own check on a GPU; without one, that Gluon
     imports and that TMA can address k and v (rows on 16 bytes: N % 8 == 0)."""
-    from stm_kernels.experimental import gluon_forward
+    from stm_kernels.experimental import gluon_common, gluon_forward
     if k.is_cuda:
         return gluon_forward.unsupported_reason(q, k, v) is None
-    return gluon_forward.AVAILABLE and all(gluon_forward._tma_strides_ok(t) for t in (k, v))
+    return gluon_common.AVAILABLE and all(gluon_common.tma_strides_ok(t) for t in (k, v))
 
 
 def _nothing(kernel, grid, arguments, config, options):

@@ -5,6 +5,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from stm_kernels.experimental import gluon_forward as gluon
+from stm_kernels.experimental.gluon_common import SIGNATURE_DTYPES, cdiv
 from tools.kernel_report.compile import TARGETS
 
 
@@ -18,12 +19,12 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
     if not gluon.AVAILABLE:
         raise RuntimeError(gluon.UNAVAILABLE_REASON)
     config = config or gluon.WarpSpecializedConfig()
-    torch_dtype = gluon._SIGNATURE_DTYPES[dtype]
+    torch_dtype = SIGNATURE_DTYPES[dtype]
     if splits is None:
         splits, per_split = gluon.default_splits(HW, N, B, config,
                                                  TARGETS["sm_90"].multiprocessors)
     else:
-        per_split = gluon._cdiv(gluon._cdiv(N, config.block_n), splits) * config.block_n
+        per_split = cdiv(cdiv(N, config.block_n), splits) * config.block_n
     layouts = gluon._layouts(torch_dtype, Ck, Cv, config)
 
     def descriptor(key):
@@ -77,7 +78,7 @@ def compile_backward_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, H
     from stm_kernels.experimental import gluon_backward as backward
 
     config = config or backward.WarpSpecializedBackwardConfig()
-    torch_dtype = gluon._SIGNATURE_DTYPES[dtype]
+    torch_dtype = SIGNATURE_DTYPES[dtype]
     layouts = backward._layouts(torch_dtype, Ck, Cv, config)
 
     def descriptor(key):
