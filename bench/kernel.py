@@ -201,19 +201,12 @@ def _warp_specialized_reason(q, k, v):
 
 
 def _warp_specialized_backward_reason(q, k, v):
-    """Why the opted-in Gluon dK/dQ kernel would not run on these inputs (the backward would
-    warn and take the plain kernel), or None: checked on q and a dO laid out as the backward
-    pads them (rows 16 elements apart)."""
+    """Why the opted-in Gluon dK/dQ kernel would not run in these inputs' backward (it would
+    warn and take the plain kernel), or None."""
     from stm_kernels.backends.triton import tilings
     from stm_kernels.experimental import gluon_backward
-
-    def padded(t):
-        width = -(-t.shape[2] // 16) * 16
-        return torch.empty(t.shape[:2] + (width,), dtype=t.dtype,
-                           device=t.device)[:, :, :t.shape[2]]
-    do = torch.empty((k.shape[0], v.shape[1], q.shape[2]), dtype=v.dtype, device=v.device)
-    return gluon_backward.unsupported_reason(padded(q), k, v, padded(do),
-                                             tilings.warp_specialized_backward_config())
+    return gluon_backward.read_unsupported_reason(q, k, v,
+                                                  tilings.warp_specialized_backward_config())
 
 
 _FLEX = []

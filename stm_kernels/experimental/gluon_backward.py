@@ -43,7 +43,8 @@ if AVAILABLE:
     from .gluon_common import barrier_ring
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "WarpSpecializedBackwardConfig",
-           "unsupported_reason", "shared_memory_bytes", "ws_backward_dkdq", "prepare"]
+           "unsupported_reason", "read_unsupported_reason", "shared_memory_bytes",
+           "ws_backward_dkdq", "prepare"]
 
 
 def value_box(Cv):
@@ -298,6 +299,18 @@ def unsupported_reason(q, k, v, do, config=None):
     if torch.cuda.get_device_capability(k.device) != (9, 0):
         return "needs an sm_90 (Hopper) GPU: wgmma, TMA and setmaxnreg as compiled here"
     return _shape_reason(q, k, v, do, config) or _memory_reason(tensors, k, config)
+
+
+def read_unsupported_reason(q, k, v, config=None):
+    """Why the opted-in kernel would not run in the backward of memory_read(q, k, v) (the
+    backward then warns and takes the plain kernel), or None: unsupported_reason on q and a dO
+    laid out as the backward pads them (rows 16 elements apart), nothing copied."""
+    def padded(t):
+        width = cdiv(t.shape[2], 16) * 16
+        return torch.empty(t.shape[:2] + (width,), dtype=t.dtype,
+                           device=t.device)[:, :, :t.shape[2]]
+    do = torch.empty((k.shape[0], v.shape[1], q.shape[2]), dtype=v.dtype, device=v.device)
+    return unsupported_reason(padded(q), k, v, padded(do), config)
 
 
 def _shape_reason(q, k, v, do, config):

@@ -184,8 +184,9 @@ def _measure(read, label, context, pass_, inputs, device, reference):
     q, k, v, grad = inputs
     with context():
         if label.startswith("warp-specialized dkdq"):
-            from bench.kernel import _warp_specialized_backward_reason
-            reason = _warp_specialized_backward_reason(q, k, v)
+            from stm_kernels.experimental import gluon_backward
+            reason = gluon_backward.read_unsupported_reason(
+                q, k, v, triton_configs.warp_specialized_backward_config())
             if reason is not None:  # the launcher would run the plain kernel instead
                 raise RuntimeError(reason)
         elif label.startswith("warp-specialized"):

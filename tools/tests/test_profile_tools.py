@@ -200,9 +200,10 @@ def test_passes_run_in_the_interpreter_and_gluon_is_skipped_without_sm90():
                                        requires_grad=True)
     runs = profile_target.passes(q, k, v, grad)
     assert [run["name"] for run in runs] == [
-        "forward", "forward+backward", "forward (Gluon)", "forward (Gluon, split rows)"]
+        "forward", "forward+backward", "forward (Gluon)", "forward (Gluon, split rows)",
+        "forward+backward (Gluon dK/dQ)"]
     assert [run["flops"] for run in runs] == [2.0 * 2 * 20 * 70 * 40 * f
-                                              for f in (1, 3.5, 1, 1)]
+                                              for f in (1, 3.5, 1, 1, 3.5)]
     for run in runs[:2]:
         assert run["skipped"] is None
         run["run"]()
@@ -211,8 +212,9 @@ def test_passes_run_in_the_interpreter_and_gluon_is_skipped_without_sm90():
     once = k.grad.clone()
     runs[1]["run"]()
     assert torch.equal(k.grad, once)
-    for run in runs[2:]:
+    for run in runs[2:4]:
         assert run["skipped"] and run["lead_kernel"] == profile_target.WARP_SPECIALIZED_KERNEL
+    assert runs[4]["skipped"] and runs[4]["lead_kernel"] == profile_target.FORWARD_KERNEL
     described = profile_target._describe(runs)
     assert "run" not in described[0] and json.dumps(described)
 
