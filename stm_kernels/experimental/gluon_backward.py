@@ -2,8 +2,9 @@
 
 Opt-in and experimental: nothing dispatches here by default. It compiles for sm_90 without a
 GPU (tools/tests/test_gluon_compile.py) and its pipeline runs on CPU under an emulation of the
-Gluon primitives (tests/kernels/test_gluon_backward.py); it stays out of the backward until a
-GPU run shows it correct and faster than `memory_read_bwd_kernel_dkdq` (docs/gluon_backward.md).
+Gluon primitives (tests/gluon_emulation.py, in tests/kernels/test_gluon_backward.py); the
+backward uses it only when opted in (STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1), until a GPU run
+shows it correct and faster than `memory_read_bwd_kernel_dkdq` (docs/gluon_backward.md).
 
 Same contract as `memory_read_bwd_kernel_dkdq` with its dQ atomics (backends/triton/kernels/
 backward.py), without ragged memories or the rank-1 channel: q (Bq, Ck, HW) with Bq = B or 1,
