@@ -51,7 +51,7 @@ from .devices import INTERPRETING
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
                                memory_read_bwd_kernel_dv, memory_read_usage_kernel)
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
-from .kernels.topk import MIN_KEY, memory_read_topk_kernel
+from .kernels.topk import memory_read_topk_kernel
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
                       use_configs, warp_specialized_backward_config, warp_specialized_config)
 
@@ -1138,13 +1138,14 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
 
 
 def _decoded(keys):
-    """(scores in natural units, indices) of packed keys; -inf / -1 for empty ones."""
+    """(scores in natural units, indices) of packed keys; -inf / -1 for empty ones: an unfilled
+    slot (MIN_KEY, whose high half decodes to NaN) or a position past the memory (-inf)."""
     high = (keys >> 32).to(torch.int32)
     bits = torch.where(high < 0, high ^ 0x7FFFFFFF, high)
     scores = bits.view(torch.float32) * (1.0 / LOG2E)
-    indices = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
-    empty = (keys == MIN_KEY) | torch.isneginf(scores)
-    return (scores.masked_fill(empty, float("-inf")), indices.masked_fill(empty, -1))
+    filled = scores > float("-inf")  # False for NaN and -inf alike: one test for both
+    indices = ~keys & 0xFFFFFFFF  # the low half holds 0xFFFFFFFF - index
+    return torch.where(filled, scores, float("-inf")), torch.where(filled, indices, -1)
 
 
 def _usage_inputs(q, k, lse, lengths):
