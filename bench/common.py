@@ -383,13 +383,30 @@ def warp_specialized_forward(config):
 
 
 @contextlib.contextmanager
-def warp_specialized_backward(config):
-    """The opt-in warp-specialised Gluon dK/dQ kernel under this WarpSpecializedBackwardConfig
-    for a block (where it cannot run, the launcher warns once and runs the plain kernel)."""
+def warp_specialized_backward(config=None, dv_config=None):
+    """The opt-in warp-specialised Gluon dV and dK/dQ kernels for a block, under this
+    WarpSpecializedBackwardConfig (dK/dQ) and WarpSpecializedDvConfig (dV), None for a
+    default (where one cannot run, the launcher warns once and runs the plain kernel)."""
     from stm_kernels.backends.triton import launch
     with launch.warp_specialized_backward(), \
-            launch.use_configs(warp_specialized_backward=config):
+            launch.use_configs(warp_specialized_backward=config, warp_specialized_dv=dv_config):
         yield
+
+
+def warp_specialized_backward_reason(q, k, v):
+    """Why the opted-in Gluon backward would not run whole in the backward of
+    memory_read(q, k, v) under the tilings in force (one of its kernels would warn and take the
+    plain one): "the Gluon dK/dQ kernel does not run here: ..." or the dV kernel's; None
+    where both run."""
+    from stm_kernels.backends.triton import tilings
+    from stm_kernels.experimental import gluon_backward, gluon_backward_dv
+    for name, module, config in (
+            ("dK/dQ", gluon_backward, tilings.warp_specialized_backward_config()),
+            ("dV", gluon_backward_dv, tilings.warp_specialized_dv_config())):
+        reason = module.read_unsupported_reason(q, k, v, config)
+        if reason is not None:
+            return f"the Gluon {name} kernel does not run here: {reason}"
+    return None
 
 
 def subplots(*arguments, **options):

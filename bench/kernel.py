@@ -25,10 +25,10 @@ every other one a peer, but the candidates):
                       backward is the plain one): a candidate for sm_90's default
                       (CANDIDATES), not a peer. It has its "vs" column but never counts as
                       the best peer.
-    triton_ws_bwd     the fused read with the opt-in warp-specialised Gluon dK/dQ kernel
-                      (STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1; sm_90 only), the backward
-                      passes only (its forward is the plain one): a candidate too; last in
-                      the run's order, since it has never run on a GPU.
+    triton_ws_bwd     the fused read with the opt-in warp-specialised Gluon dV and dK/dQ
+                      kernels (STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1; sm_90 only), the
+                      backward passes only (its forward is the plain one): a candidate too;
+                      last in the run's order, since they have never run on a GPU.
 A peer that cannot run is recorded with its reason, not timed: a forced SDPA backend that
 refuses ("refused: " and the first line of its error, with the first warning that says why),
 FlexAttention that does not compile ("error: " and its first line). The peers get their
@@ -157,9 +157,9 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
             with launch.warp_specialized_forward():
                 return memory_read(q, k, v, scale=scale, backend="triton")
     elif provider == "triton_ws_bwd":  # opted in around the backward below
-        reason = _warp_specialized_backward_reason(q, k, v)
+        reason = common.warp_specialized_backward_reason(q, k, v)
         if reason is not None:
-            raise RuntimeError(f"the Gluon dK/dQ kernel does not run here: {reason}")
+            raise RuntimeError(reason)
 
         from stm_kernels.backends.triton import launch
         backward_context = launch.warp_specialized_backward
@@ -198,15 +198,6 @@ def _warp_specialized_reason(q, k, v):
     from stm_kernels.backends.triton import tilings
     from stm_kernels.experimental import gluon_forward
     return gluon_forward.unsupported_reason(q, k, v, tilings.warp_specialized_config())
-
-
-def _warp_specialized_backward_reason(q, k, v):
-    """Why the opted-in Gluon dK/dQ kernel would not run in these inputs' backward (it would
-    warn and take the plain kernel), or None."""
-    from stm_kernels.backends.triton import tilings
-    from stm_kernels.experimental import gluon_backward
-    return gluon_backward.read_unsupported_reason(q, k, v,
-                                                  tilings.warp_specialized_backward_config())
 
 
 _FLEX = []

@@ -1,14 +1,15 @@
 """A CPU emulation of the Gluon primitives the warp-specialised kernels use
-(stm_kernels/experimental/gluon_forward.py, gluon_backward.py), for their tests.
+(stm_kernels/experimental/gluon_forward.py, gluon_backward.py, gluon_backward_dv.py), for their
+tests.
 
 Triton's CPU interpreter does not run Gluon (a Gluon launch under TRITON_INTERPRET=1 still asks
 for a GPU driver). `EmulatedKernel(kernel)[grid](**kwargs)` runs the kernel's own Python source
 (the same function objects Gluon compiles) with small stand-ins: one thread per partition,
 mbarriers with phases, counts and transaction bytes, TMA copies that land after a random delay
-(zero-filled outside the tensor), wgmma that reads shared memory only at its wait, loads,
-stores and atomics through element offsets into a tensor's storage. This checks ring indexing,
-barrier parities and counts, masks, splits and the host launchers end to end; it does not check
-layouts or Gluon's lowering.
+(zero-filled outside the tensor) and TMA stores (clipped to it), wgmma that reads shared memory
+only at its wait, loads, stores and atomics through element offsets into a tensor's storage.
+This checks ring indexing, barrier parities and counts, masks, splits and the host launchers
+end to end; it does not check layouts or Gluon's lowering.
 """
 import itertools
 import math
@@ -256,7 +257,22 @@ def _make_fake_gluon(state):
 
         threading.Thread(target=land, daemon=True).start()
 
-    tma = types.SimpleNamespace(async_copy_global_to_shared=async_copy_global_to_shared)
+    def async_copy_shared_to_global(desc, coord, smem):
+        # The tile into the box at [r0, c0) of the 2-D tensor, clipped to its bounds; written
+        # at once (store_wait has nothing left to wait for).
+        r0, c0 = (int(c) for c in coord)
+        rows, cols = desc.block_shape
+        target = desc.base
+        assert list(smem.shape) == [rows, cols]
+        r1, c1 = min(r0 + rows, target.shape[0]), min(c0 + cols, target.shape[1])
+        _jitter()
+        if r1 > r0 and c1 > c0:
+            with torch.no_grad():
+                target[r0:r1, c0:c1] = smem.data[:r1 - r0, :c1 - c0].to(target.dtype)
+
+    tma = types.SimpleNamespace(async_copy_global_to_shared=async_copy_global_to_shared,
+                                async_copy_shared_to_global=async_copy_shared_to_global,
+                                store_wait=lambda pendings: None)
     fake = dict(gl=gl, mbarrier=mbarrier, tma=tma, fence_async_shared=lambda: None,
                 warpgroup_mma=lambda a, b, acc, use_acc=True, is_async=False:
                     _Lazy(a, b, acc, use_acc),

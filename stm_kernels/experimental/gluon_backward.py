@@ -30,6 +30,7 @@ import torch
 
 from .._buffers import device_context
 from ..backends.triton import devices
+from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
 from ..torch_common import LOG2E, score_gradient_factor
 from .gluon_common import (AVAILABLE, GL_DTYPES, UNAVAILABLE_REASON, cdiv, descriptor, gl_dtype,
@@ -304,14 +305,10 @@ def unsupported_reason(q, k, v, do, config=None):
 
 def read_unsupported_reason(q, k, v, config=None):
     """Why the opted-in kernel would not run in the backward of memory_read(q, k, v) (the
-    backward then warns and takes the plain kernel), or None: unsupported_reason on q and a dO
-    laid out as the backward pads them (rows 16 elements apart), nothing copied."""
-    def padded(t):
-        width = cdiv(t.shape[2], 16) * 16
-        return torch.empty(t.shape[:2] + (width,), dtype=t.dtype,
-                           device=t.device)[:, :, :t.shape[2]]
-    do = torch.empty((k.shape[0], v.shape[1], q.shape[2]), dtype=v.dtype, device=v.device)
-    return unsupported_reason(padded(q), k, v, padded(do), config)
+    backward then warns and takes the plain kernel), or None: unsupported_reason on the q and
+    dO the backward passes its kernels (launch.backward_operands: empty, nothing copied)."""
+    q, do = backward_operands(q, k, v)
+    return unsupported_reason(q, k, v, do, config)
 
 
 def _shape_reason(q, k, v, do, config):

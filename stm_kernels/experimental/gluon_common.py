@@ -1,6 +1,6 @@
-"""What the warp-specialised Gluon kernels (gluon_forward.py, gluon_backward.py) share: whether
-this Triton has the Gluon Hopper API they use, the TMA-side helpers of their launchers, and the
-mbarrier rings of their kernels.
+"""What the warp-specialised Gluon kernels (gluon_forward.py, gluon_backward.py,
+gluon_backward_dv.py) share: whether this Triton has the Gluon Hopper API they use, the TMA-side
+helpers of their launchers, and the mbarrier rings of their kernels.
 
 AVAILABLE is False (UNAVAILABLE_REASON says why) without Triton, or with one whose Gluon lacks
 a name the kernels use; the kernels' modules then import, and refuse every call.
@@ -30,7 +30,8 @@ try:
                                   "BlockedLayout", "SwizzledSharedLayout", "convert_layout",
                                   "exp2", "log2", "atomic_add", "inline_asm_elementwise")),
                             (mbarrier, ("MBarrierLayout", "init", "expect", "wait", "arrive")),
-                            (tma, ("async_copy_global_to_shared",))):
+                            (tma, ("async_copy_global_to_shared", "async_copy_shared_to_global",
+                                   "store_wait"))):
         _missing = [name for name in _names if not hasattr(_module, name)]
         if _missing:
             raise ImportError(f"{_module.__name__} lacks {', '.join(_missing)}")

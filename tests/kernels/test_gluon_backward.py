@@ -185,16 +185,19 @@ def _pretended_h100():
 @pytest.mark.parametrize("l2", [False, True], ids=["dot", "l2"])
 def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_launches, l2):
     """memory_read's backward opted into the Gluon dK/dQ kernel (warp_specialized_backward),
-    the forward and dV kernels in Triton's interpreter: gradients against float64, planned
-    once, and the kept backward computing new inputs' gradients with the same launch."""
+    the forward and dV kernels in Triton's interpreter (the Gluon dV kernel, opted in with it,
+    cannot run on CPU tensors: it warns): gradients against float64, planned once, and the
+    kept backward computing new inputs' gradients with the same launch."""
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import devices, launch as launchers
     if not launchers.INTERPRETING:
         pytest.skip("the forward and dV kernels need TRITON_INTERPRET=1 on CPU")
+    monkeypatch.setattr(launchers, "_warned", set())
     plannings, real = [], gluon_backward.prepare
     monkeypatch.setattr(gluon_backward, "prepare",
                         lambda *a, **kw: plannings.append(1) or real(*a, **kw))
-    with launchers.warp_specialized_backward(), devices.pretend(_pretended_h100()):
+    with launchers.warp_specialized_backward(), devices.pretend(_pretended_h100()), \
+            pytest.warns(RuntimeWarning, match="plain Triton dV kernel"):
         for seed in range(2):
             q, k, v, do = _inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=seed)
             q, k, v = (t.requires_grad_() for t in (q, k, v))

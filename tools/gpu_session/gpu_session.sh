@@ -125,7 +125,7 @@ case "${1:-tests}" in
     # the tests of what has never run on a GPU first, in a pytest run of their own (pytest
     # collects overlapping paths in tree order, not in the order given), then the rest
     new_tests="tests/kernels/test_prepared_launch_gpu.py tests/kernels/test_cuda_graphs.py
-      tests/kernels/test_gluon_backward.py"
+      tests/kernels/test_gluon_backward.py tests/kernels/test_gluon_backward_dv.py"
     # shellcheck disable=SC2086
     gpu_tests "$(until_mark 515)" gpu_tests_new.xml gpu 4 60 $new_tests
     # shellcheck disable=SC2086
@@ -169,8 +169,8 @@ case "${1:-tests}" in
     # run in worker processes (compiling kernels is CPU work: 16 cores) and a test past its
     # timeout ends its worker alone (xdist reports it as crashed and goes on).
     kernel_tests="tests/kernels/test_memory_read.py tests/kernels/test_gluon_forward.py
-      tests/kernels/test_gluon_backward.py tests/kernels/test_deterministic_backward.py
-      tests/kernels/test_memory_read_family.py"
+      tests/kernels/test_gluon_backward.py tests/kernels/test_gluon_backward_dv.py
+      tests/kernels/test_deterministic_backward.py tests/kernels/test_memory_read_family.py"
     # shellcheck disable=SC2086
     gpu_tests "$(until_mark 330)" gpu_tests_kernels.xml "gpu and not gluon" 8 240 $kernel_tests
     # shellcheck disable=SC2086
@@ -221,7 +221,8 @@ case "${1:-tests}" in
         --tool "$tool" --target-processes all --error-exitcode 3 --print-limit 20 \
         python3 -m pytest -q -p no:cacheprovider -m "gpu and gluon" \
         tests/kernels/test_gluon_forward.py tests/kernels/test_gluon_backward.py \
-        -k "test_gpu_matches_reference and 45-111 and not fp16"
+        tests/kernels/test_gluon_backward_dv.py \
+        -k "test_gpu_matches_reference and 45-111 and not fp16 and not num-p-3"
     done ;;
   video) step python3 -m bench long-video ;;
   training) step python3 -m bench training ;;

@@ -8,8 +8,9 @@
 Target: B=1, HW=1,620 (one 480p frame), N=162,000 (100 memory frames), Ck=128, Cv=512, bf16.
 Passes, in this order: the forward, the forward+backward, the opt-in warp-specialised Gluon
 forward at its default tiling and with the row split, and the forward+backward with the opt-in
-Gluon dK/dQ kernel (last: it has never run on a GPU). A Gluon pass runs where it can (sm_90 and
-a Triton with Gluon's Hopper API); otherwise it is recorded as skipped, with the reason.
+Gluon dV and dK/dQ kernels (last: they have never run on a GPU). A Gluon pass runs where it can
+(sm_90 and a Triton with Gluon's Hopper API); otherwise it is recorded as skipped, with the
+reason.
 
 Default mode: writes profile_passes_<device>_<date>.json (the passes in order, for
 `python -m tools.gpu_session.ncu_summary`), then runs every pass once to compile and warm up and
@@ -41,16 +42,15 @@ WARP_SPECIALIZED_PASSES = (
     ("forward (Gluon)", "fwd_ws (opt-in)", triton_configs.WarpSpecializedConfig()),
     ("forward (Gluon, split rows)", "fwd_ws rows (opt-in)", triton_configs.ROW_SPLIT_CONFIG),
 )
-# The forward+backward with the Gluon dK/dQ kernel (its lead kernel is the plain forward's).
-WARP_SPECIALIZED_BACKWARD_PASS = ("forward+backward (Gluon dK/dQ)",
-                                  triton_configs.WarpSpecializedBackwardConfig())
+# The forward+backward with the Gluon dV and dK/dQ kernels at their default tilings (its lead
+# kernel is the plain forward's).
+WARP_SPECIALIZED_BACKWARD_PASS = "forward+backward (Gluon dV, dK/dQ)"
 FLOP_FACTOR = {"forward": 1.0, "forward+backward": 3.5}
 
 
 def passes(q, k, v, grad):
     """[dict(name, run, flops, lead_kernel, static_row, skipped)] of the profiled passes, in
     order; `skipped` is the reason a pass cannot run here (None when it can)."""
-    from stm_kernels.experimental import gluon_backward
     from stm_kernels.experimental import gluon_forward as gluon
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
@@ -77,15 +77,13 @@ def passes(q, k, v, grad):
         runs.append(dict(name=name, run=warp_specialized(config), flops=forward_flops,
                          lead_kernel=WARP_SPECIALIZED_KERNEL, static_row=static_row,
                          skipped=gluon.unsupported_reason(q, k, v, config)))
-    name, config = WARP_SPECIALIZED_BACKWARD_PASS
-
     def warp_specialized_backward():
-        with common.warp_specialized_backward(config):
+        with common.warp_specialized_backward():
             forward_backward()
-    runs.append(dict(name=name, run=warp_specialized_backward,
+    runs.append(dict(name=WARP_SPECIALIZED_BACKWARD_PASS, run=warp_specialized_backward,
                      flops=forward_flops * FLOP_FACTOR["forward+backward"],
                      lead_kernel=FORWARD_KERNEL, static_row=None,
-                     skipped=gluon_backward.read_unsupported_reason(q, k, v, config)))
+                     skipped=common.warp_specialized_backward_reason(q, k, v)))
     return runs
 
 

@@ -11,8 +11,9 @@ forward candidate; the backward with each dV candidate (dK/dQ at its default) an
 candidate (dV at its default); the backward under torch.use_deterministic_algorithms with
 each dQ candidate (the dQ kernel instead of the atomics); the opt-in warp-specialised Gluon
 forward where it can run, at its default tiling and with the row split
-(triton_configs.ROW_SPLIT_CONFIG), and the opt-in Gluon dK/dQ kernel (forward + backward) at
-16 and 32 query rows per step; and, with --baseline (an export of an earlier commit,
+(triton_configs.ROW_SPLIT_CONFIG), and the opt-in Gluon backward (dV and dK/dQ kernels;
+forward + backward) at their defaults, with dK/dQ at 16 query rows per step, and with dV's
+deeper P^T ring; and, with --baseline (an export of an earlier commit,
 `python -m tools.gpu_session.baseline export REV`), that library's forward and
 forward+backward at its own defaults. Every timed call is first checked against the torch
 backend on the same inputs (normalised error bound per dtype): a tiling that fails to compile,
@@ -119,9 +120,9 @@ def candidates(dtype, quick, device=None):
         for label, config in _gluon_configs(quick):
             runs.append(("forward", label,
                          lambda c=config: common.warp_specialized_forward(c), "fwd"))
-        for label, config in _gluon_backward_configs(quick):
-            runs.append(("backward", label,
-                         lambda c=config: common.warp_specialized_backward(c), "fwd+bwd"))
+        for label, config, dv_config in _gluon_backward_configs(quick):
+            runs.append(("backward", label, lambda c=config, d=dv_config:
+                         common.warp_specialized_backward(c, d), "fwd+bwd"))
     return runs
 
 
@@ -147,12 +148,14 @@ def _gluon_configs(quick):
 
 
 def _gluon_backward_configs(quick):
-    """(label, WarpSpecializedBackwardConfig) of the Gluon dK/dQ kernel to time: the default
-    (32 query rows per step, 2 ring stages) and 16 rows with 4 stages (wgmma N = 16: more
-    shared-memory bytes per MAC, a deeper ring); both compile without spills."""
-    configs = [triton_configs.WarpSpecializedBackwardConfig(),
-               triton_configs.WarpSpecializedBackwardConfig(block_m=16, num_stages=4)]
-    return [("warp-specialized dkdq (Gluon) " + _label(c), c) for c in configs[:1 if quick else 2]]
+    """(label, WarpSpecializedBackwardConfig, WarpSpecializedDvConfig) of the Gluon backward
+    to time: both kernels' defaults; dK/dQ at 16 query rows with 4 stages (wgmma N = 16: more
+    shared-memory bytes per MAC, a deeper ring); dV with 3 P^T slots (the P^T warpgroup
+    further ahead of the dV ones). All compile without spills."""
+    dkdq, dv = triton_configs.WarpSpecializedBackwardConfig, triton_configs.WarpSpecializedDvConfig
+    configs = [(dkdq(), dv()), (dkdq(block_m=16, num_stages=4), dv()), (dkdq(), dv(num_p=3))]
+    return [(f"warp-specialized backward (Gluon) dkdq {_label(c)}; dv {_label(d)}", c, d)
+            for c, d in configs[:1 if quick else 3]]
 
 
 @contextlib.contextmanager
@@ -183,11 +186,9 @@ def _measure(read, label, context, pass_, inputs, device, reference):
     """The timing and error of one candidate on inputs (q, k, v, grad)."""
     q, k, v, grad = inputs
     with context():
-        if label.startswith("warp-specialized dkdq"):
-            from stm_kernels.experimental import gluon_backward
-            reason = gluon_backward.read_unsupported_reason(
-                q, k, v, triton_configs.warp_specialized_backward_config())
-            if reason is not None:  # the launcher would run the plain kernel instead
+        if label.startswith("warp-specialized backward"):
+            reason = common.warp_specialized_backward_reason(q, k, v)
+            if reason is not None:  # the launcher would run a plain kernel instead
                 raise RuntimeError(reason)
         elif label.startswith("warp-specialized"):
             from stm_kernels.experimental import gluon_forward as memory_read_gluon

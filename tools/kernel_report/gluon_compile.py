@@ -99,3 +99,30 @@ def compile_backward_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, H
 
     source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+
+
+def compile_backward_dv_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620,
+                                 N=162000, Ck=128, Cv=512, B=1):
+    """The warp-specialised dV kernel (stm_kernels/experimental/gluon_backward_dv.py) compiled
+    ahead of time as a launch on the backward's contiguous, padded tensors of these sizes (a
+    broadcast query) would be; as compile_for_arch."""
+    from stm_kernels.experimental import gluon_backward_dv as backward_dv
+
+    config = config or backward_dv.WarpSpecializedDvConfig()
+    layouts = backward_dv._layouts(SIGNATURE_DTYPES[dtype], Ck, Cv, config)
+
+    def descriptor(key):
+        shape, layout = layouts[key]
+        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
+
+    values = dict(stride_lb=HW, stride_lm=1, HW=HW, N=N)
+    kernel = backward_dv.memory_read_ws_bwd_dv_kernel
+    constexprs = dict(backward_dv.constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
+    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), do_desc=descriptor("do"),
+                 dv_desc=descriptor("dv"), lse="*fp32", qk_scale="fp32")
+    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
+                                                         constexprs)
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))

@@ -1,7 +1,8 @@
 """The warp-specialised Gluon kernels compiled for sm_90 without a GPU
 (tools/kernel_report/gluon_compile.py). The forward: the PTX has TMA, mbarriers and wgmma, S is
 computed by one partition only, ptxas reports no spills, shared memory fits 227 KiB. The dK/dQ
-kernel: no spills, shared memory, TMA, and each MMA warpgroup's wgmma per query block."""
+kernel: no spills, shared memory, TMA, and each MMA warpgroup's wgmma per query block. The dV
+kernel: no spills, shared memory, TMA loads and stores, S^T once per query block."""
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from stm_kernels.experimental import gluon_backward, gluon_forward  # noqa: E402
+from stm_kernels.experimental import gluon_backward, gluon_backward_dv, gluon_forward  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -31,6 +32,12 @@ VARIANTS = {"bf16-dot": dict(dtype="bf16", l2=False), "bf16-l2": dict(dtype="bf1
 BACKWARD_VARIANTS = {"bwd-bf16-dot": dict(dtype="bf16", l2=False, backward=True),
                      "bwd-bf16-l2": dict(dtype="bf16", l2=True, backward=True),
                      "bwd-fp16-dot": dict(dtype="fp16", l2=False, backward=True)}
+# The warp-specialised dV kernel (stm_kernels/experimental/gluon_backward_dv.py): its default
+# tiling, and the deeper P^T ring tune times.
+DV_VARIANTS = {"dv-bf16-dot": dict(dtype="bf16", l2=False, dv={}),
+               "dv-bf16-l2": dict(dtype="bf16", l2=True, dv={}),
+               "dv-fp16-dot": dict(dtype="fp16", l2=False, dv={}),
+               "dv-bf16-dot-p3": dict(dtype="bf16", l2=False, dv=dict(num_p=3))}
 
 
 def _config(variant):
@@ -42,11 +49,16 @@ def _config(variant):
 COMPILE_SCRIPT = r"""
 import json, re, subprocess, sys, tempfile, os
 from stm_kernels.experimental import gluon_forward as g
-from tools.kernel_report.gluon_compile import compile_backward_for_arch, compile_for_arch
+from stm_kernels.experimental import gluon_backward_dv as dv
+from tools.kernel_report.gluon_compile import (compile_backward_dv_for_arch,
+                                               compile_backward_for_arch, compile_for_arch)
 ptxas, variants = sys.argv[1], json.loads(sys.argv[2])
 report = {}
 for name, kwargs in variants.items():
-    if kwargs.pop("backward", False):
+    if "dv" in kwargs:
+        config = dv.WarpSpecializedDvConfig(**kwargs.pop("dv"))
+        compiled = compile_backward_dv_for_arch(config=config, **kwargs)
+    elif kwargs.pop("backward", False):
         compiled = compile_backward_for_arch(**kwargs)
     else:
         config = g.ROW_SPLIT_CONFIG if kwargs.pop("split_rows", False) else None
@@ -66,6 +78,7 @@ for name, kwargs in variants.items():
         registers=int(regs.group(1)) if regs else None,
         wgmma=re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx),
         tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        tma_store=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
         mbarrier_wait=len(re.findall(r"mbarrier\.try_wait", ptx)),
         mbarrier_arrive=len(re.findall(r"mbarrier\.arrive", ptx)),
         expect_tx=len(re.findall(r"mbarrier\.arrive\.expect_tx", ptx)),
@@ -85,7 +98,7 @@ def compile_report():
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     completed = subprocess.run(
         [sys.executable, "-c", COMPILE_SCRIPT, str(PTXAS),
-         json.dumps({**VARIANTS, **BACKWARD_VARIANTS})], cwd=ROOT,
+         json.dumps({**VARIANTS, **BACKWARD_VARIANTS, **DV_VARIANTS})], cwd=ROOT,
         env=environment, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -151,3 +164,36 @@ def test_backward_mma_per_query_block(compile_report, variant):
     assert wgmma.count("m64n128k16") == 2 * (config.block_m // 16), wgmma
     assert len(wgmma) == 2 * per_warpgroup + 2 * (config.block_m // 16), wgmma
 
+
+
+@pytest.mark.parametrize("variant", sorted(DV_VARIANTS))
+def test_dv_compiles_for_sm90(compile_report, variant):
+    """The dV kernel: no spills (the accumulator stored through shared memory by TMA, not by
+    per-element stores), shared memory within 227 KiB, TMA loads of K, Q and two dO boxes per
+    stage completing on mbarriers and one TMA store per dV warpgroup, the dV warpgroups' and
+    the load warp's register budgets."""
+    row = compile_report[variant]
+    assert row["ptxas_rc"] == 0, row["ptxas_log"]
+    assert row["spill_stores"] == 0, row["ptxas_log"]
+    assert 0 < row["shared"] <= H100_SHARED_MEMORY, row["shared"]
+    assert row["ttgir_warp_specialize"]
+    assert row["tma_store"] == 2, row
+    assert row["tma"] - row["tma_store"] >= 4 and row["expect_tx"] >= 3, row
+    assert row["fence_proxy_async"] >= 2  # P^T and the staged dV written by threads
+    config = gluon_backward_dv.WarpSpecializedDvConfig()
+    assert str(config.dv_regs) in row["setmaxnreg"], row["setmaxnreg"]
+    assert str(config.load_regs) in row["setmaxnreg"], row["setmaxnreg"]
+
+
+@pytest.mark.parametrize("variant", sorted(DV_VARIANTS))
+def test_dv_mma_per_query_block(compile_report, variant):
+    """S^T = K^T Q (m64n64k16, Ck/16 k-steps) is issued by the P^T warpgroup alone, once per
+    query block; dV's product (m64n128k16: 256 channels in two halves, block_m/16 k-steps)
+    by each dV warpgroup, twice in the code (the first block is peeled out of the loop)."""
+    config = gluon_backward_dv.WarpSpecializedDvConfig()
+    wgmma = compile_report[variant]["wgmma"]
+    s_count = 128 // 16
+    dv_count = 2 * 2 * (config.block_m // 16) * 2
+    assert wgmma.count(f"m64n{config.block_m}k16") == s_count, wgmma
+    assert wgmma.count("m64n128k16") == dv_count, wgmma
+    assert len(wgmma) == s_count + dv_count, wgmma

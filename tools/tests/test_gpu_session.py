@@ -143,16 +143,18 @@ def test_sanitize_stage_selects_the_smallest_gluon_cases(tmp_path):
     assert [command[:2] for command in commands] == [["--tool", "memcheck"],
                                                      ["--tool", "synccheck"]]
     # the pytest selection the script passes still names the smallest case of each bf16 tiling
-    # of the forward and of the dK/dQ kernel
+    # of the forward and of the dK/dQ kernel, and of the dV kernel's default
     pytest_args = commands[0][commands[0].index("python3") + 3:]
     collected = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", *pytest_args], cwd=ROOT,
         capture_output=True, text=True, timeout=300)
     ids = [line for line in collected.stdout.splitlines() if "::" in line]
-    assert len(ids) == 4 and all("45-111" in i for i in ids), collected.stdout[-2000:]
+    assert len(ids) == 5 and all("45-111" in i for i in ids), collected.stdout[-2000:]
     assert any(i.endswith("-bf16-rows]") for i in ids)
     backward = [i for i in ids if "test_gluon_backward.py" in i]
     assert len(backward) == 2 and all("-bf16-" in i for i in backward)
+    [dv] = [i for i in ids if "test_gluon_backward_dv.py" in i]
+    assert dv.endswith("-bf16-default]")
 
 
 class Parsed(Exception):
@@ -197,7 +199,8 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     assert options.size == [480, 854] and options.time_limit == 25
     # what has never run on a GPU first, in a run of its own (files that exist), then the rest
     first_files = ["tests/kernels/test_prepared_launch_gpu.py",
-                   "tests/kernels/test_cuda_graphs.py", "tests/kernels/test_gluon_backward.py"]
+                   "tests/kernels/test_cuda_graphs.py", "tests/kernels/test_gluon_backward.py",
+                   "tests/kernels/test_gluon_backward_dv.py"]
     assert all((ROOT / path).exists() for path in first_files)
     assert new_tests[:3] == ["-m", "pytest", "-v"] and new_tests[-len(first_files):] == first_files
     assert "gpu" in new_tests and f"{tmp_path}/out/gpu_tests_new.xml" in new_tests

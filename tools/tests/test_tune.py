@@ -49,7 +49,7 @@ def test_tune_times_current_tilings_and_an_exported_baseline(tmp_path):
 
 
 def test_candidates_put_the_defaults_first_and_the_gluon_kernels_last():
-    """The Gluon kernels may poison the CUDA context (the dK/dQ kernel has never run on a
+    """The Gluon kernels may poison the CUDA context (the backward's have never run on a
     GPU): they are timed after everything else; the defaults come first."""
     pytest.importorskip("triton")
     import torch
@@ -66,14 +66,17 @@ def test_candidates_put_the_defaults_first_and_the_gluon_kernels_last():
             gluon = [label for label in labels if label.startswith("warp-specialized")]
             if dtype == torch.float32:
                 assert not gluon
-            else:  # the default Gluon tiling first, then the row split, then the dK/dQ kernel
-                forward = [label for label in gluon if "dkdq" not in label]
-                backward = [label for label in gluon if "dkdq" in label]
+            else:  # the default Gluon tiling first, then the row split, then the backward
+                forward = [label for label in gluon if "backward" not in label]
+                backward = [label for label in gluon if "backward" in label]
                 assert len(forward) == (2 if quick else 3)
-                assert len(backward) == (1 if quick else 2)
+                assert len(backward) == (1 if quick else 3)
                 assert gluon == labels[-len(gluon):] and gluon == forward + backward
                 assert "split_rows=False" in gluon[0] and "split_rows=True" in gluon[1]
-                assert "block_m=32" in backward[0]
+                # both kernels' defaults first, then dK/dQ at block_m 16, dV with 3 P^T slots
+                assert "dkdq block_m=32" in backward[0] and "num_p=2" in backward[0]
+                if not quick:
+                    assert "dkdq block_m=16" in backward[1] and "num_p=3" in backward[2]
 
 
 def test_only_keeps_the_candidates_whose_label_holds_a_text():

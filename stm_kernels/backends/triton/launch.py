@@ -36,6 +36,7 @@ arguments are passed by name.
 import contextlib
 import dataclasses
 import functools
+import importlib
 import os
 import threading
 import warnings
@@ -53,7 +54,8 @@ from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kern
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import memory_read_topk_kernel
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
-                      use_configs, warp_specialized_backward_config, warp_specialized_config)
+                      use_configs, warp_specialized_backward_config, warp_specialized_config,
+                      warp_specialized_dv_config)
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
 WARP_SPECIALIZED_BACKWARD_ENV = "STM_KERNELS_WARP_SPECIALIZED_BACKWARD"
@@ -509,6 +511,7 @@ def _flag_within_block(name, value):
 
 
 _warp_specialized = False  # True inside warp_specialized_forward()
+_warp_specialized_backward = False  # True inside warp_specialized_backward()
 
 
 def warp_specialized_opted_in():
@@ -523,55 +526,70 @@ def warp_specialized_forward():
     return _flag_within_block("_warp_specialized", True)
 
 
-def _warp_specialized_forward(call, q, k, v):
-    """The Gluon warp-specialised forward's module when opted in and usable, else None."""
-    if not warp_specialized_opted_in():
-        return None
-    try:
-        from ...experimental import gluon_forward as gluon
-    except ImportError as error:  # pragma: no cover - the module imports on every Triton
-        warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored: {error}; using the plain Triton forward")
-        return None
-    reason = gluon.unsupported_reason(q, k, v, warp_specialized_config())
-    if reason is None and call.device.arch != "sm_90":
-        reason = f"it runs on sm_90 only, not {call.device}"
-    if reason is not None:
-        warn_once(f"{WARP_SPECIALIZED_ENV}=1 ignored ({reason}); using the plain Triton forward")
-        return None
-    return gluon
-
-
-_warp_specialized_backward = False  # True inside warp_specialized_backward()
-
-
 def warp_specialized_backward_opted_in():
-    """Whether the backward opts into the Gluon warp-specialised dK/dQ kernel:
+    """Whether the backward opts into the Gluon warp-specialised dV and dK/dQ kernels:
     STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1, or inside warp_specialized_backward()."""
     return (_warp_specialized_backward
             or os.environ.get(WARP_SPECIALIZED_BACKWARD_ENV, "0") == "1")
 
 
 def warp_specialized_backward():
-    """Within the block the backward opts into the Gluon warp-specialised dK/dQ kernel, as
-    STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1 does (a benchmark's candidate beside the default)."""
+    """Within the block the backward opts into the Gluon warp-specialised dV and dK/dQ
+    kernels, as STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1 does (a benchmark's candidate beside
+    the default)."""
     return _flag_within_block("_warp_specialized_backward", True)
 
 
-def _warp_specialized_dkdq(call, inputs, v):
-    """The Gluon dK/dQ kernel's module when opted in and usable on the backward's (padded)
-    inputs, else None (with a warning once where it was opted in)."""
-    if not warp_specialized_backward_opted_in():
-        return None
-    from ...experimental import gluon_backward as gluon
-    reason = gluon.unsupported_reason(inputs["q"], inputs["k"], v, inputs["do"],
-                                      warp_specialized_backward_config())
+def _usable_gluon(call, env, module_name, plain, reason_of):
+    """The opted-in Gluon kernel's module (stm_kernels.experimental.<module_name>) where
+    reason_of(module) has nothing against the call's inputs and the device is an sm_90; else
+    None, with a one-line warning (once) that env=1 is ignored and the plain Triton `plain`
+    runs instead."""
+    try:
+        module = importlib.import_module(f"stm_kernels.experimental.{module_name}")
+    except ImportError as error:  # pragma: no cover - the modules import on every Triton
+        reason = one_line(error)
+    else:
+        reason = reason_of(module)
     if reason is None and call.device.arch != "sm_90":
         reason = f"it runs on sm_90 only, not {call.device}"
     if reason is not None:
-        warn_once(f"{WARP_SPECIALIZED_BACKWARD_ENV}=1 ignored ({reason}); using the plain "
-                  "Triton dK/dQ kernel")
+        warn_once(f"{env}=1 ignored ({reason}); using the plain Triton {plain}")
         return None
-    return gluon
+    return module
+
+
+def _run_or_warn(env, what, call, run):
+    """run() of an opted-in Gluon kernel; None where it raises what a plain kernel would fall
+    through on (_falls_through: the caller then runs the plain one), with a one-line warning
+    (once) naming env and the Gluon `what`."""
+    try:
+        return run()
+    except Exception as error:
+        if not _falls_through(error):
+            raise
+        warn_once(f"{env}=1: the Gluon {what} failed on {call.device} ({one_line(error)}); "
+                  f"using the plain Triton {what}")
+        return None
+
+
+def _warp_specialized_forward(call, q, k, v):
+    """The Gluon warp-specialised forward's module when opted in and usable, else None."""
+    if not warp_specialized_opted_in():
+        return None
+    return _usable_gluon(call, WARP_SPECIALIZED_ENV, "gluon_forward", "forward",
+                         lambda gluon: gluon.unsupported_reason(q, k, v,
+                                                                warp_specialized_config()))
+
+
+@dataclasses.dataclass(eq=False)
+class GluonDvLaunch:
+    """The Gluon dV kernel's planned launch (gluon_backward_dv.WsDvLaunch) in a
+    PreparedBackward's dv place, called as the plain kernel's KernelLaunch is."""
+    launch: object
+
+    def __call__(self, call, first=False, *, q, k, do, lse, dv, **_):
+        self.launch(q, k, do, lse, dv)
 
 
 @dataclasses.dataclass(eq=False)
@@ -584,15 +602,43 @@ class GluonDkdqLaunch:
         self.launch(q, k, v, do, lse, delta, dq, dk)
 
 
-def _gluon_dkdq(gluon, inputs, v, delta, scale, l2):
-    """(dk, dq, GluonDkdqLaunch) of the opt-in Gluon dK/dQ kernel, run once."""
-    q, k = inputs["q"], inputs["k"]
-    dk = new_buffer(tuple(k.shape), k.dtype, k.device)
-    dq = _atomic_dq(q)
-    ws = gluon.prepare(q, k, v, inputs["do"], inputs["lse"], delta, dq, dk, scale=scale, l2=l2,
-                       config=warp_specialized_backward_config())
-    ws(q, k, v, inputs["do"], inputs["lse"], delta, dq, dk)
-    return dk, dq, GluonDkdqLaunch(ws)
+def _gluon_dv(call, inputs, v, scale, l2):
+    """(dv, GluonDvLaunch) of the opt-in Gluon dV kernel, run once; None where it is not
+    opted in or cannot run (with a warning)."""
+    q, k, do = inputs["q"], inputs["k"], inputs["do"]
+    dv = new_buffer(tuple(v.shape), v.dtype, v.device)
+    config = warp_specialized_dv_config()
+    gluon = _usable_gluon(call, WARP_SPECIALIZED_BACKWARD_ENV, "gluon_backward_dv", "dV kernel",
+                          lambda gluon: gluon.unsupported_reason(q, k, do, dv, config))
+    if gluon is None:
+        return None
+
+    def run():
+        ws = gluon.prepare(q, k, do, inputs["lse"], dv, scale=scale, l2=l2, config=config)
+        ws(q, k, do, inputs["lse"], dv)
+        return dv, GluonDvLaunch(ws)
+    return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dV kernel", call, run)
+
+
+def _gluon_dkdq(call, inputs, v, delta, scale, l2):
+    """(dk, dq, GluonDkdqLaunch) of the opt-in Gluon dK/dQ kernel, run once; None where it
+    cannot run (with a warning)."""
+    q, k, do = inputs["q"], inputs["k"], inputs["do"]
+    config = warp_specialized_backward_config()
+    gluon = _usable_gluon(call, WARP_SPECIALIZED_BACKWARD_ENV, "gluon_backward",
+                          "dK/dQ kernel",
+                          lambda gluon: gluon.unsupported_reason(q, k, v, do, config))
+    if gluon is None:
+        return None
+
+    def run():
+        dk = new_buffer(tuple(k.shape), k.dtype, k.device)
+        dq = _atomic_dq(q)
+        ws = gluon.prepare(q, k, v, do, inputs["lse"], delta, dq, dk, scale=scale, l2=l2,
+                           config=config)
+        ws(q, k, v, do, inputs["lse"], delta, dq, dk)
+        return dk, dq, GluonDkdqLaunch(ws)
+    return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dK/dQ kernel", call, run)
 
 
 # --------------------------------------------------------------------------- prepared launches
@@ -834,13 +880,8 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     with device_context(device), kernels_in_sequence(call, "forward pass", signature):
         planned = None
         if gluon is not None:
-            try:
-                planned = _gluon_forward(gluon, call, q, k, v, scale, l2, flags["I64"])
-            except Exception as error:
-                if not _falls_through(error):
-                    raise
-                warn_once(f"{WARP_SPECIALIZED_ENV}=1: the Gluon forward failed on "
-                          f"{call.device} ({one_line(error)}); using the plain Triton forward")
+            planned = _run_or_warn(WARP_SPECIALIZED_ENV, "forward", call, lambda: _gluon_forward(
+                gluon, call, q, k, v, scale, l2, flags["I64"]))
         if planned is None:
             planned = launch_first_that_runs("forward", call, signature, launch)
     out, lse, prepared = planned
@@ -885,6 +926,14 @@ def _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths):
     inputs = dict(q=_padded_rows(q, compact=True), k=k, do=_padded_rows(grad_out),
                   lse=lse.contiguous(), lengths=_lengths_argument(lengths, k)[0])
     return inputs, delta.contiguous()
+
+
+def backward_operands(q, k, v):
+    """Empty (q, dO) laid out as the backward passes them to its kernels (_backward_inputs'
+    padding), for a kernel's layout check; nothing of q is read."""
+    q = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
+    do = torch.empty((k.shape[0], v.shape[1], q.shape[2]), dtype=v.dtype, device=v.device)
+    return _padded_rows(q, compact=True), _padded_rows(do)
 
 
 def _atomic_dq(q):
@@ -1017,21 +1066,21 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         launch(call, first=True, v=v, delta=delta, dk=dk, dq=dq, **inputs)
         return dk, dq, launch
 
+    # the opt-in Gluon kernels: neither takes ragged memories or the rank-1 channel; dK/dQ's
+    # atomics are not deterministic, the dV kernel has none
+    gluon = warp_specialized_backward_opted_in() and not (ragged or call.rank1)
     with device_context(device), kernels_in_sequence(call, "backward pass", signature):
-        dv, dv_launch = launch_first_that_runs("dv", call, signature, launch_dv)
-        gluon = None if separate_dq or ragged or call.rank1 else \
-            _warp_specialized_dkdq(call, inputs, v)
-        if gluon is not None:
-            try:
-                dk, dq, gluon_launch = _gluon_dkdq(gluon, inputs, v, delta, scale, l2)
-                prepared = PreparedBackward(call, l2, dv_launch, gluon_launch)
-            except Exception as error:
-                if not _falls_through(error):
-                    raise
-                warn_once(f"{WARP_SPECIALIZED_BACKWARD_ENV}=1: the Gluon dK/dQ kernel failed "
-                          f"on {call.device} ({one_line(error)}); using the plain one")
-                gluon = None
-        if not separate_dq and gluon is None:
+        gluon_dv = _gluon_dv(call, inputs, v, scale, l2) if gluon else None
+        if gluon_dv is not None:
+            dv, dv_launch = gluon_dv
+        else:
+            dv, dv_launch = launch_first_that_runs("dv", call, signature, launch_dv)
+        gluon_dkdq = _gluon_dkdq(call, inputs, v, delta, scale, l2) \
+            if gluon and not separate_dq else None
+        if gluon_dkdq is not None:
+            dk, dq, gluon_launch = gluon_dkdq
+            prepared = PreparedBackward(call, l2, dv_launch, gluon_launch)
+        if not separate_dq and gluon_dkdq is None:
             try:
                 dk, dq, dkdq_launch = launch_first_that_runs(
                     "dkdq", call, signature, lambda config: launch_dkdq(config, True))

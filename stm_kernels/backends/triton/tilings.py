@@ -222,6 +222,25 @@ class WarpSpecializedBackwardConfig:
     load_regs: int = 24
 
 
+@dataclasses.dataclass(frozen=True)
+class WarpSpecializedDvConfig:
+    """Tiling of the warp-specialised Gluon dV kernel (stm_kernels/experimental/
+    gluon_backward_dv.py, opt-in with the dK/dQ one, sm_90 only; never run on a GPU). block_m:
+    query rows per step (the wgmma N of S^T, the K of dV's product); block_n: memory positions
+    per program (one wgmma M tile); num_stages: depth of the Q and dO TMA rings; num_p: depth
+    of the P^T ring between the P^T warpgroup and the two dV warpgroups; dv_regs / load_regs:
+    setmaxnreg targets of the dV warpgroups (a 64 x 256 float32 accumulator each) and the load
+    warp (the P^T warpgroup gets what is left of 128 x 4 per thread of a warpgroup). The
+    default step of 64 queries fills the ring's 2 stages to 192 KiB at Ck 128, Cv 512; 32
+    queries with 4 stages is the other candidate tune times."""
+    block_m: int = 64
+    block_n: int = 64
+    num_stages: int = 2
+    num_p: int = 2
+    dv_regs: int = 168
+    load_regs: int = 24
+
+
 # The Gluon forward's other candidate (which one is faster only a GPU run can tell).
 ROW_SPLIT_CONFIG = WarpSpecializedConfig(block_m=128, num_stages=3, value_chunks=2,
                                          split_rows=True)
@@ -875,16 +894,17 @@ class use_configs:
     """Context manager forcing kernel configs (tests, tuning): `with use_configs(
     forward=ForwardConfig(...), backward=BackwardConfig(...), select=SelectConfig(...),
     warp_specialized=WarpSpecializedConfig(...)): ...`; also dv=, dkdq=, dk=, dq=, merge=,
-    usage=, warp_specialized_backward=. A forced config is the only candidate (the
-    warp-specialised ones apply where those kernels are opted in)."""
+    usage=, warp_specialized_backward=, warp_specialized_dv=. A forced config is the only
+    candidate (the warp-specialised ones apply where those kernels are opted in)."""
 
     def __init__(self, forward=None, backward=None, warp_specialized=None,
-                 warp_specialized_backward=None, **kernels):
+                 warp_specialized_backward=None, warp_specialized_dv=None, **kernels):
         unknown = set(kernels) - set(KERNELS)
         if unknown:
             raise TypeError(f"use_configs: unknown kernels {sorted(unknown)}")
         self.configs = dict(kernels, forward=forward, warp_specialized=warp_specialized,
-                            warp_specialized_backward=warp_specialized_backward)
+                            warp_specialized_backward=warp_specialized_backward,
+                            warp_specialized_dv=warp_specialized_dv)
         if backward is not None:
             self.configs.update(dv=backward.dv, dkdq=backward.dkdq, dq=backward.dq,
                                 dk=backward.dk or backward.dkdq)
@@ -926,9 +946,16 @@ def warp_specialized_backward_config():
     return _override.get("warp_specialized_backward") or WarpSpecializedBackwardConfig()
 
 
+def warp_specialized_dv_config():
+    """The warp-specialised dV kernel's tiling: the one forced by use_configs, else the
+    default."""
+    return _override.get("warp_specialized_dv") or WarpSpecializedDvConfig()
+
+
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
-           "WarpSpecializedConfig", "WarpSpecializedBackwardConfig", "ROW_SPLIT_CONFIG",
+           "WarpSpecializedConfig", "WarpSpecializedBackwardConfig", "WarpSpecializedDvConfig",
+           "ROW_SPLIT_CONFIG", "warp_specialized_dv_config",
            "ON_TORCH", "SEPARATE_DQ", "on_torch", "warp_specialized_backward_config",
            "EXACT_FLOAT32_FUSED", "EXACT_FLOAT32_ENV", "exact_float32_read",
            "MISCOMPILED", "miscompiled",
