@@ -34,8 +34,8 @@ from ..backends.triton import devices
 from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedDvConfig
 from ..torch_common import LOG2E
-from .gluon_common import (AVAILABLE, GL_DTYPES, UNAVAILABLE_REASON, cdiv, descriptor, gl_dtype,
-                           rows_2d, tma_strides_ok)
+from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, cdiv, descriptor, device_reason,
+                           nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -245,11 +245,9 @@ if AVAILABLE:
 def _layouts(dtype, Ck, Cv, config):
     """Shared-memory layouts (NVMMA swizzles) of the TMA boxes and the P^T tile; dV's box is a
     dO box (its staging buffer)."""
-    element = gl_dtype(dtype)
     m, n = config.block_m, config.block_n
-    shapes = dict(q=[Ck, m], k=[Ck, n], do=[Cv // 2, m], dv=[Cv // 2, n], p=[n, m])
-    return {name: (shape, gl.NVMMASharedLayout.get_default_for(shape, element))
-            for name, shape in shapes.items()}
+    return nvmma_layouts(dtype, dict(q=[Ck, m], k=[Ck, n], do=[Cv // 2, m], dv=[Cv // 2, n],
+                                     p=[n, m]))
 
 
 def unsupported_reason(q, k, do, dv, config=None):
@@ -259,14 +257,11 @@ def unsupported_reason(q, k, do, dv, config=None):
         return UNAVAILABLE_REASON
     config = config or WarpSpecializedDvConfig()
     tensors = dict(q=q, k=k, do=do, dv=dv)
-    if any(t.device.type != "cuda" for t in tensors.values()):
-        return "needs CUDA tensors"
-    if k.dtype not in GL_DTYPES or any(t.dtype != k.dtype for t in tensors.values()):
-        return (f"needs q, k, do, dv all bf16 or all fp16 (got {q.dtype}, {k.dtype}, {do.dtype}, "
-                f"{dv.dtype})")
-    if torch.cuda.get_device_capability(k.device) != (9, 0):
-        return "needs an sm_90 (Hopper) GPU: wgmma, TMA and setmaxnreg as compiled here"
-    return _shape_reason(q, k, do, dv, config) or _memory_reason(tensors, k, do, config)
+    reason = device_reason(tensors) or _shape_reason(q, k, do, dv, config)
+    if reason is not None:
+        return reason
+    shared = shared_memory_bytes(k.shape[1], do.shape[1], k.element_size(), config)
+    return tma_reason(tensors, shared, devices.describe(k.device).shared_memory)
 
 
 def read_unsupported_reason(q, k, v, config=None):
@@ -303,20 +298,6 @@ def _shape_reason(q, k, do, dv, config):
     if config.load_regs < 24 or config.dv_regs > 256 or config.dv_regs % 8 or \
             config.load_regs % 8:
         return "register budgets must be multiples of 8 in [24, 256]"
-    return None
-
-
-def _memory_reason(tensors, k, do, config):
-    for name, t in tensors.items():
-        if not tma_strides_ok(t):
-            return (f"{name} is not TMA-addressable: needs position stride 1, other strides and "
-                    f"the base 16-byte aligned; got strides {tuple(t.stride())}")
-        if t.shape[1] * t.stride(1) * t.shape[0] >= 2**31:
-            return f"{name} spans >= 2**31 elements"
-    smem = shared_memory_bytes(k.shape[1], do.shape[1], k.element_size(), config)
-    limit = devices.describe(k.device).shared_memory
-    if smem + 1024 > limit:  # + scheduling state, layout scratch
-        return f"needs ~{smem} bytes of shared memory (> {limit // 1024} KiB) at this config"
     return None
 
 

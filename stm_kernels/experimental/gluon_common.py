@@ -70,6 +70,45 @@ def rows_2d(t):
     return None
 
 
+def nvmma_layouts(dtype, shapes):
+    """{name: (shape, its NVMMA shared layout)} of a kernel's TMA boxes and shared tiles, from
+    {name: shape} (the default swizzle for the shape and the 16-bit torch dtype)."""
+    element = gl_dtype(dtype)
+    return {name: (shape, gl.NVMMASharedLayout.get_default_for(shape, element))
+            for name, shape in shapes.items()}
+
+
+def device_reason(tensors):
+    """Why a Gluon Hopper kernel cannot take these tensors ({name: tensor}), or None: CUDA
+    tensors, all bf16 or all fp16, an sm_90 device. (Each kernel's module checks its AVAILABLE
+    first: a test may patch it there.)"""
+    if any(t.device.type != "cuda" for t in tensors.values()):
+        return "needs CUDA tensors"
+    dtypes = [t.dtype for t in tensors.values()]
+    if dtypes[0] not in GL_DTYPES or any(dtype != dtypes[0] for dtype in dtypes):
+        got = ", ".join(str(dtype) for dtype in dtypes)
+        return f"needs {', '.join(tensors)} all bf16 or all fp16 (got {got})"
+    if torch.cuda.get_device_capability(next(iter(tensors.values())).device) != (9, 0):
+        return "needs an sm_90 (Hopper) GPU: wgmma, TMA and setmaxnreg as compiled here"
+    return None
+
+
+def tma_reason(tensors, shared_bytes, shared_limit):
+    """Why these (B, C, L) tensors ({name: tensor}) cannot be a kernel's TMA operands, or a
+    program's shared_bytes not fit the device's shared_limit (with room for barriers, scheduling
+    state and layout scratch); None where they can."""
+    for name, t in tensors.items():
+        if not tma_strides_ok(t):
+            return (f"{name} is not TMA-addressable: needs position stride 1, other strides and "
+                    f"the base 16-byte aligned; got strides {tuple(t.stride())}")
+        if t.shape[1] * t.stride(1) * t.shape[0] >= 2**31:
+            return f"{name} spans >= 2**31 elements"
+    if shared_bytes + 1024 > shared_limit:
+        return (f"needs ~{shared_bytes} bytes of shared memory (> {shared_limit // 1024} KiB) "
+                "at this config")
+    return None
+
+
 def descriptor(t2, block_shape, layout):
     """The TMA descriptor of a 2-D tensor, boxes of block_shape in the shared layout."""
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), list(block_shape), layout)

@@ -41,8 +41,8 @@ from ..backends.triton.launch import keeping_launches, launched_directly
 from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
-from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, GL_DTYPES,
-                           cdiv, descriptor, gl_dtype, rows_2d, tma_strides_ok)
+from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, cdiv, descriptor,
+                           device_reason, nvmma_layouts, rows_2d, tma_strides_ok)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -311,12 +311,8 @@ if AVAILABLE:
 def _layouts(dtype, Ck, Cv, config):
     """Shared-memory layouts of the TMA boxes and the P tile (NVMMA swizzles)."""
     _, box, _ = _shapes(Cv, config)
-    element = gl_dtype(dtype)
     m, n = config.block_m, config.block_n
-    return dict(q=([Ck, m], gl.NVMMASharedLayout.get_default_for([Ck, m], element)),
-                k=([Ck, n], gl.NVMMASharedLayout.get_default_for([Ck, n], element)),
-                v=([box, n], gl.NVMMASharedLayout.get_default_for([box, n], element)),
-                p=([m, n], gl.NVMMASharedLayout.get_default_for([m, n], element)))
+    return nvmma_layouts(dtype, dict(q=[Ck, m], k=[Ck, n], v=[box, n], p=[m, n]))
 
 
 def unsupported_reason(q, k, v, config=None):
@@ -325,12 +321,9 @@ def unsupported_reason(q, k, v, config=None):
     if not AVAILABLE:
         return UNAVAILABLE_REASON
     config = config or WarpSpecializedConfig()
-    if any(t.device.type != "cuda" for t in (q, k, v)):
-        return "needs CUDA tensors"
-    if k.dtype not in GL_DTYPES or q.dtype != k.dtype or v.dtype != k.dtype:
-        return f"needs q, k, v all bf16 or all fp16 (got {q.dtype}, {k.dtype}, {v.dtype})"
-    if torch.cuda.get_device_capability(k.device) != (9, 0):
-        return "needs an sm_90 (Hopper) GPU: wgmma, TMA and setmaxnreg as compiled here"
+    reason = device_reason(dict(q=q, k=k, v=v))
+    if reason is not None:
+        return reason
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         return "needs (B, C, L) tensors"
     B, Ck, N = k.shape

@@ -13,9 +13,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # noqa: E402
+                         pretended_h100)
 from gluon_emulation import EmulatedKernel  # noqa: E402
 from helpers import relative_error  # noqa: E402
-from stm_kernels import naive_memory_read  # noqa: E402
 from stm_kernels.experimental import gluon_backward  # noqa: E402
 
 H100_SHARED_MEMORY = 227 * 1024
@@ -53,41 +54,17 @@ def test_unsupported_reason_on_cpu():
 # --------------------------------------------------------------------------- CPU emulation
 
 
-def _inputs(B, Bq, Ck, Cv, HW, N, dtype, seed=0, batch_gap=0, device="cpu"):
-    """q, k, v, dO; k and v stored with rows of round8(N) (TMA's 16-byte strides; a ragged N
-    is a slice, zero-filled past it by TMA) and batch_gap extra channels between objects
-    (object strides that do not fold into TMA rows: one launch per object)."""
-    generator = torch.Generator().manual_seed(seed)
-    width = -(-N // 8) * 8
-    q = torch.randn(Bq, Ck, HW, generator=generator, dtype=torch.float64)
-    k = torch.randn(B, Ck + batch_gap, width, generator=generator, dtype=torch.float64)
-    v = torch.randn(B, Cv + batch_gap, width, generator=generator, dtype=torch.float64)
-    do = torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64)
-    q, k, v, do = (t.to(device=device, dtype=dtype) for t in (q, k, v, do))
-    return q, k[:, :Ck, :N], v[:, :Cv, :N], do
-
-
 def _reference(q, k, v, do, scale, l2):
     """(dq, dk, lse, delta) in float64: autograd of the naive read."""
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out, lse = naive_memory_read(qd, kd, vd, scale, l2)
-    out.backward(do.double())
-    delta = (do.double() * out.detach()).sum(1)
-    return qd.grad, kd.grad, lse.detach(), delta
-
-
-def _padded(t):
-    """t with rows 16 elements apart, as the backward's launcher pads q and dO."""
-    width = -(-t.shape[2] // 16) * 16
-    padded = torch.zeros(t.shape[:2] + (width,), dtype=t.dtype, device=t.device)
-    return padded[:, :, :t.shape[2]].copy_(t)
+    ref = backward_reference(q, k, v, do, scale, l2)
+    return ref.dq, ref.dk, ref.lse, ref.delta
 
 
 def _run(q, k, v, do, scale, l2, config):
     """The launcher's call: padded q and dO, float32 lse and delta, zeroed float32 dq (with the
     padded query's strides), NaN-poisoned dk."""
     _, _, lse, delta = _reference(q, k, v, do, scale, l2)
-    q, do = _padded(q), _padded(do)
+    q, do = padded_rows(q), padded_rows(do)
     dq = torch.zeros(q.shape[:2] + (q.stride(1),))[:, :, :q.shape[2]]
     dk = torch.full(k.shape, float("nan"), dtype=k.dtype)
     gluon_backward.ws_backward_dkdq(q, k, v, do, lse.float(), delta.float(), dq, dk,
@@ -125,7 +102,7 @@ def test_emulated_kernel_matches_reference(emulated_kernel, B, Bq, Ck, Cv, HW, N
                                            config, batch_gap):
     """The kernel source and its launcher, emulated on CPU, against float64 autograd of the
     naive read: dK written whole (NaN-poisoned), dQ's terms added into dq, both scaled."""
-    q, k, v, do = _inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap)
+    q, k, v, do = backward_inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap)
     scale = 1 / math.sqrt(Ck)
     config = Config(**config)
     ref_dq, ref_dk, _, _ = _reference(q, k, v, do, scale, l2)
@@ -145,7 +122,7 @@ def test_emulated_kernel_masks_positions_past_the_memory(emulated_kernel):
     """L2 scores of long keys (scale (2 q.k - |k|^2)): the lse is so negative that
     exp2(0 - lse), the probability of a TMA-zeroed position past N, overflows float32; the
     kernel zeroes those rows (else inf * 0 reaches dQ as NaN)."""
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 70, torch.float16, seed=3)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16, seed=3)
     k.mul_(40)  # in place: k keeps its 16-byte row stride
     scale = 1 / math.sqrt(16)
     ref_dq, ref_dk, lse, _ = _reference(q, k, v, do, scale, True)
@@ -160,7 +137,7 @@ def test_emulated_kernel_masks_positions_past_the_memory(emulated_kernel):
 @needs_gluon
 def test_emulated_kernel_fails_without_the_scale(emulated_kernel, monkeypatch):
     """The comparison can fail: a kernel given the wrong derivative factor is caught."""
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 70, torch.float16)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16)
     scale = 0.25
     ref_dq, ref_dk, _, _ = _reference(q, k, v, do, scale, False)
     original = gluon_backward.prepare
@@ -173,12 +150,6 @@ def test_emulated_kernel_fails_without_the_scale(emulated_kernel, monkeypatch):
     monkeypatch.setattr(gluon_backward, "prepare", unscaled)
     dq, dk = _run(q, k, v, do, scale, False, Config())
     assert relative_error(dk, ref_dk) > 1.0 and relative_error(dq, ref_dq) > 1.0
-
-
-def _pretended_h100():
-    """An H100 with 32 multiprocessors, its tilings run by the interpreter."""
-    from stm_kernels.backends.triton import devices
-    return devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
 
 
 @needs_gluon
@@ -196,10 +167,10 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
     plannings, real = [], gluon_backward.prepare
     monkeypatch.setattr(gluon_backward, "prepare",
                         lambda *a, **kw: plannings.append(1) or real(*a, **kw))
-    with launchers.warp_specialized_backward(), devices.pretend(_pretended_h100()), \
+    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             pytest.warns(RuntimeWarning, match="plain Triton dV kernel"):
         for seed in range(2):
-            q, k, v, do = _inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=seed)
+            q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=seed)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             random.seed(seed)
             memory_read(q, k, v, backend="triton", similarity="l2" if l2 else "dot").backward(do)
@@ -218,7 +189,7 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(fresh_launches):
     from stm_kernels.backends.triton import launch as launchers
     if not launchers.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 70, torch.float16)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     with launchers.warp_specialized_backward(), \
             pytest.warns(RuntimeWarning, match="WARP_SPECIALIZED_BACKWARD=1 ignored"):
@@ -229,7 +200,7 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(fresh_launches):
 
 def test_prepare_names_the_argument_with_the_wrong_shape(monkeypatch):
     monkeypatch.setattr(gluon_backward, "unsupported_reason", lambda *args, **kwargs: None)
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 70, torch.float16)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16)
     lse = delta = torch.zeros(1, 20)
     with pytest.raises(ValueError, match=r"dk must have shape \(1, 16, 70\)"):
         gluon_backward.prepare(q, k, v, do, lse, delta, torch.zeros(1, 16, 20),
@@ -256,13 +227,13 @@ GPU_CASES = [
 @pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, l2, batch_gap", GPU_CASES)
 def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, l2, batch_gap):
     """Both tilings tune times, against float64."""
-    q, k, v, do = _inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap, device="cuda")
-    reason = gluon_backward.unsupported_reason(_padded(q), k, v, _padded(do), config)
+    q, k, v, do = backward_inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap, device="cuda")
+    reason = gluon_backward.unsupported_reason(padded_rows(q), k, v, padded_rows(do), config)
     if reason is not None:
         pytest.skip(reason)
     scale = 1 / math.sqrt(Ck)
     ref_dq, ref_dk, lse, delta = _reference(q.cpu(), k.cpu(), v.cpu(), do.cpu(), scale, l2)
-    q, do = _padded(q), _padded(do)
+    q, do = padded_rows(q), padded_rows(do)
     dq = torch.zeros(q.shape[:2] + (q.stride(1),), device="cuda")[:, :, :q.shape[2]]
     dk = torch.full(k.shape, float("nan"), dtype=k.dtype, device="cuda")
     gluon_backward.ws_backward_dkdq(q, k, v, do, lse.float().cuda(), delta.float().cuda(), dq,
@@ -289,9 +260,10 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
     with launchers.warp_specialized_backward(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
         for seed in range(2):
-            q, k, v, do = _inputs(*shape, torch.bfloat16, seed=seed, device="cuda")
-            if gluon_backward.unsupported_reason(_padded(q), k, v, _padded(do)) is not None:
-                pytest.skip(gluon_backward.unsupported_reason(_padded(q), k, v, _padded(do)))
+            q, k, v, do = backward_inputs(*shape, torch.bfloat16, seed=seed, device="cuda")
+            reason = gluon_backward.read_unsupported_reason(q, k, v)
+            if reason is not None:
+                pytest.skip(reason)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             memory_read(q, k, v, backend="triton", similarity="l2" if l2 else "dot").backward(do)
             ref_dq, ref_dk, _, _ = _reference(*(t.detach().cpu() for t in (q, k, v, do)),

@@ -13,9 +13,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # noqa: E402
+                         pretended_h100)
 from gluon_emulation import EmulatedKernel  # noqa: E402
 from helpers import relative_error  # noqa: E402
-from stm_kernels import naive_memory_read  # noqa: E402
 from stm_kernels.experimental import gluon_backward_dv  # noqa: E402
 
 H100_SHARED_MEMORY = 227 * 1024
@@ -58,33 +59,10 @@ def test_unsupported_reason_on_cpu():
 # --------------------------------------------------------------------------- CPU emulation
 
 
-def _inputs(B, Bq, Ck, Cv, HW, N, dtype, seed=0, batch_gap=0, device="cpu"):
-    """q, k, v, dO; k and v stored with rows of round8(N) (TMA's 16-byte strides; a ragged N
-    is a slice, zero-filled past it by TMA) and batch_gap extra channels between objects
-    (object strides that do not fold into TMA rows: one launch per object)."""
-    generator = torch.Generator().manual_seed(seed)
-    width = -(-N // 8) * 8
-    q = torch.randn(Bq, Ck, HW, generator=generator, dtype=torch.float64)
-    k = torch.randn(B, Ck + batch_gap, width, generator=generator, dtype=torch.float64)
-    v = torch.randn(B, Cv + batch_gap, width, generator=generator, dtype=torch.float64)
-    do = torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64)
-    q, k, v, do = (t.to(device=device, dtype=dtype) for t in (q, k, v, do))
-    return q, k[:, :Ck, :N], v[:, :Cv, :N], do
-
-
 def _reference(q, k, v, do, scale, l2):
     """(dv, lse) in float64: autograd of the naive read."""
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out, lse = naive_memory_read(qd, kd, vd, scale, l2)
-    out.backward(do.double())
-    return vd.grad, lse.detach()
-
-
-def _padded(t):
-    """t with rows 16 elements apart, as the backward's launcher pads q and dO."""
-    width = -(-t.shape[2] // 16) * 16
-    padded = torch.zeros(t.shape[:2] + (width,), dtype=t.dtype, device=t.device)
-    return padded[:, :, :t.shape[2]].copy_(t)
+    ref = backward_reference(q, k, v, do, scale, l2)
+    return ref.dv, ref.lse
 
 
 def _poisoned_dv(v):
@@ -98,7 +76,7 @@ def _run(q, k, v, do, scale, l2, config):
     """The launcher's call: padded q and dO, float32 lse, a NaN-poisoned dv."""
     _, lse = _reference(q, k, v, do, scale, l2)
     dv = _poisoned_dv(v)
-    gluon_backward_dv.ws_backward_dv(_padded(q), k, _padded(do), lse.float().to(q.device), dv,
+    gluon_backward_dv.ws_backward_dv(padded_rows(q), k, padded_rows(do), lse.float(), dv,
                                      scale=scale, l2=l2, config=config)
     return dv
 
@@ -133,7 +111,7 @@ def test_emulated_kernel_matches_reference(emulated_kernel, B, Bq, Ck, Cv, HW, N
                                            config, batch_gap):
     """The kernel source and its launcher, emulated on CPU, against float64 autograd of the
     naive read: dV written whole (NaN-poisoned), both halves of the channels."""
-    q, k, v, do = _inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap)
+    q, k, v, do = backward_inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap)
     scale = 1 / math.sqrt(Ck)
     config = Config(**config)
     ref_dv, _ = _reference(q, k, v, do, scale, l2)
@@ -154,7 +132,7 @@ def test_emulated_kernel_masks_positions_past_the_memory(emulated_kernel):
     """L2 scores of long keys: the lse is so negative that exp2(0 - lse), the probability of
     a TMA-zeroed position past N, overflows float32; those rows are zeroed, and stored
     nowhere (the TMA store stops at N)."""
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 70, torch.float16, seed=3)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16, seed=3)
     k.mul_(40)  # in place: k keeps its 16-byte row stride
     scale = 1 / math.sqrt(16)
     ref_dv, lse = _reference(q, k, v, do, scale, True)
@@ -167,7 +145,7 @@ def test_emulated_kernel_masks_positions_past_the_memory(emulated_kernel):
 @needs_gluon
 def test_emulated_kernel_fails_with_a_wrong_scale(emulated_kernel, monkeypatch):
     """The comparison can fail: a kernel given the wrong score scale is caught."""
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 70, torch.float16)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16)
     scale = 0.25
     ref_dv, _ = _reference(q, k, v, do, scale, False)
     original = gluon_backward_dv.prepare
@@ -180,12 +158,6 @@ def test_emulated_kernel_fails_with_a_wrong_scale(emulated_kernel, monkeypatch):
     monkeypatch.setattr(gluon_backward_dv, "prepare", rescaled)
     dv = _run(q, k, v, do, scale, False, Config())
     assert relative_error(dv, ref_dv) > 0.1
-
-
-def _pretended_h100():
-    """An H100 with 32 multiprocessors, its tilings run by the interpreter."""
-    from stm_kernels.backends.triton import devices
-    return devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
 
 
 @needs_gluon
@@ -204,10 +176,10 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
     plannings, real = [], gluon_backward_dv.prepare
     monkeypatch.setattr(gluon_backward_dv, "prepare",
                         lambda *a, **kw: plannings.append(1) or real(*a, **kw))
-    with launchers.warp_specialized_backward(), devices.pretend(_pretended_h100()), \
+    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             pytest.warns(RuntimeWarning, match="dK/dQ kernel"):
         for seed in range(2):
-            q, k, v, do = _inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=seed)
+            q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=seed)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             random.seed(seed)
             memory_read(q, k, v, backend="triton", similarity="l2" if l2 else "dot").backward(do)
@@ -235,18 +207,17 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
     monkeypatch.setattr(gluon_backward, "memory_read_ws_bwd_dkdq_kernel", dkdq)
     monkeypatch.setattr(gluon_backward, "unsupported_reason", lambda *args, **kwargs: None)
     monkeypatch.setattr(launchers, "_warned", set())
-    with launchers.warp_specialized_backward(), devices.pretend(_pretended_h100()), \
+    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
         for seed in range(2):
-            q, k, v, do = _inputs(2, 1, 32, 64, 45, 136, torch.bfloat16, seed=seed)
+            q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.bfloat16, seed=seed)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             random.seed(seed)
             memory_read(q, k, v, backend="triton", similarity="l2").backward(do)
-            qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-            naive_memory_read(qd, kd, vd, 1 / math.sqrt(32), True)[0].backward(do.double())
-            for tensor, reference in ((q, qd), (k, kd), (v, vd)):
-                error = relative_error(tensor.grad, reference.grad)
+            ref = backward_reference(q, k, v, do, 1 / math.sqrt(32), True)
+            for tensor, reference in ((q, ref.dq), (k, ref.dk), (v, ref.dv)):
+                error = relative_error(tensor.grad, reference)
                 assert error < TOLERANCE[torch.bfloat16], (seed, error)
     assert len(emulated_kernel.launches) == 2 and len(dkdq.launches) == 2
     [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
@@ -263,7 +234,7 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(monkeypatch, fresh_laun
     if not launchers.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
     monkeypatch.setattr(launchers, "_warned", set())
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 72, torch.float16)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 72, torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     with launchers.warp_specialized_backward(), \
             pytest.warns(RuntimeWarning) as caught:
@@ -278,7 +249,7 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(monkeypatch, fresh_laun
 
 def test_prepare_names_the_argument_with_the_wrong_shape(monkeypatch):
     monkeypatch.setattr(gluon_backward_dv, "unsupported_reason", lambda *args, **kwargs: None)
-    q, k, v, do = _inputs(1, 1, 16, 32, 20, 70, torch.float16)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16)
     with pytest.raises(ValueError, match=r"lse must have shape \(1, 20\)"):
         gluon_backward_dv.prepare(q, k, do, torch.zeros(1, 21), torch.empty_like(v), scale=1.0,
                                   l2=False)
@@ -303,14 +274,14 @@ GPU_CASES = [
 @pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, l2, batch_gap", GPU_CASES)
 def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, l2, batch_gap):
     """Both tilings tune times, against float64."""
-    q, k, v, do = _inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap, device="cuda")
+    q, k, v, do = backward_inputs(B, Bq, Ck, Cv, HW, N, dtype, batch_gap=batch_gap, device="cuda")
     dv = _poisoned_dv(v)
-    reason = gluon_backward_dv.unsupported_reason(_padded(q), k, _padded(do), dv, config)
+    reason = gluon_backward_dv.unsupported_reason(padded_rows(q), k, padded_rows(do), dv, config)
     if reason is not None:
         pytest.skip(reason)
     scale = 1 / math.sqrt(Ck)
     ref_dv, lse = _reference(q.cpu(), k.cpu(), v.cpu(), do.cpu(), scale, l2)
-    gluon_backward_dv.ws_backward_dv(_padded(q), k, _padded(do), lse.float().cuda(), dv,
+    gluon_backward_dv.ws_backward_dv(padded_rows(q), k, padded_rows(do), lse.float().cuda(), dv,
                                      scale=scale, l2=l2, config=config)
     torch.cuda.synchronize()
     assert not dv.isnan().any()
@@ -334,7 +305,7 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
     with launchers.warp_specialized_backward(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
         for seed in range(2):
-            q, k, v, do = _inputs(*shape, torch.bfloat16, seed=seed, device="cuda")
+            q, k, v, do = backward_inputs(*shape, torch.bfloat16, seed=seed, device="cuda")
             reason = gluon_backward_dv.read_unsupported_reason(q, k, v)
             if reason is not None:
                 pytest.skip(reason)

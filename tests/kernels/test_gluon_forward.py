@@ -20,6 +20,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from gluon_cases import pretended_h100  # noqa: E402
 from gluon_emulation import EmulatedKernel  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
@@ -148,13 +149,6 @@ def emulated_read(monkeypatch, emulated_kernel):
     return emulated_kernel
 
 
-def _pretended_h100():
-    """An H100 with 32 multiprocessors (a few memory splits at small N), its tilings run by
-    the interpreter."""
-    from stm_kernels.backends.triton import devices
-    return devices.Device("NVIDIA H100 (pretended)", "nvidia", "sm_90", 227 * devices.KIB, 32)
-
-
 @needs_gluon
 @pytest.mark.parametrize("B, Bq, Ck, Cv, HW, N, splits, l2, dtype, config, pad_n, batch_gap",
                          EMULATED_CASES)
@@ -185,7 +179,7 @@ def test_emulated_kernel_behind_memory_read(emulated_read, config):
     the merge kernel (interpreted) and the plain backward on the emulated kernel's lse."""
     from stm_kernels.backends.triton import devices, launch as launchers
     from stm_kernels import poison_outputs
-    emulated, h100 = emulated_read, _pretended_h100()  # 3 memory splits here
+    emulated, h100 = emulated_read, pretended_h100()  # 3 memory splits here
     q, k, v = _inputs(2, 1, 32, 96, 45, 200, torch.float16, "cpu", seed=5)
     k, v = k.requires_grad_(), v.requires_grad_()
     config = gluon_forward.WarpSpecializedConfig(**config)
@@ -220,7 +214,7 @@ def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, emulated_read
     from stm_kernels import poison_outputs
     from stm_kernels.backends.triton import devices, launch as launchers
     monkeypatch.setattr(launchers, "_warned", set())
-    emulated, h100 = emulated_read, _pretended_h100()
+    emulated, h100 = emulated_read, pretended_h100()
     B, Ck, Cv, HW, N = 2, 32, 96, 45, 768  # 12 memory blocks of 64: 3 splits
     with poison_outputs(), devices.pretend(h100):
         for seed in range(3):
