@@ -21,7 +21,14 @@ exits with status 1 if any result is wrong.
 On a CPU the reads run on the torch backend; with TRITON_INTERPRET=1 set, on the Triton kernels
 in Triton's interpreter (small sizes only, and no bfloat16: the interpreter's bf16 dot is
 wrong). About a minute on a GPU.
+
+--experimental adds the opt-in warp-specialised Gluon kernels (stm_kernels/experimental: the
+forward, dV and dK/dQ kernels, sm_90 only, bf16 and fp16): the read and its gradients with them
+opted in (the "gluon read" checks, which record per kernel whether it ran or why not) and
+their timings beside the default kernels'. They have not run on a GPU before; a report from an
+H100 or H200 says whether they are right and faster.
 """
+import contextlib
 import argparse
 import dataclasses
 import datetime
@@ -49,6 +56,9 @@ DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
           "fp16": torch.float16, "bf16": torch.bfloat16}
 SIMILARITIES = ("dot", "l2", "xmem")
 FEATURES = ("read", "deterministic", "ragged", "top_k", "usage")
+# The read and its gradients with the opt-in Gluon kernels (--experimental).
+GLUON_FEATURE = "gluon read"
+GLUON_SIMILARITIES = ("dot", "l2")  # the Gluon kernels read neither xmem nor the rank-1 term
 TARGET = dict(B=1, HW=1620, Ck=128, Cv=512)
 TIMED_N = (16200, 162000)
 
@@ -64,6 +74,8 @@ class Check:
     bound: float = 0.0
     passed: bool = False
     failure: Optional[str] = None
+    # GLUON_FEATURE: {Gluon kernel: None where it ran, else why the plain one ran instead}
+    gluon: Optional[dict] = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -157,14 +169,19 @@ def run_check(check, device, backend, seed):
         on_device = {name: tensor.to(device, dtype) for name, tensor in inputs.items()}
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(check.feature == "deterministic")
+        gluon = check.feature == GLUON_FEATURE
+        feature = "read" if gluon else check.feature
+        if gluon:
+            check.gluon = gluon_reasons(on_device["q"], on_device["k"], on_device["v"])
         try:
-            actual = _read(on_device, check.feature, check.similarity, backend,
-                           torch.tensor(lengths, device=device), seed + 1)
+            with gluon_opted_in() if gluon else contextlib.nullcontext():
+                actual = _read(on_device, feature, check.similarity, backend,
+                               torch.tensor(lengths, device=device), seed + 1)
         finally:
             torch.use_deterministic_algorithms(deterministic)
         # float64 on the device itself (a GPU's float64 is slow but ample for these sizes)
         reference = {name: tensor.to(device) for name, tensor in inputs.items()}
-        expected = _read(reference, check.feature, check.similarity, "naive",
+        expected = _read(reference, feature, check.similarity, "naive",
                          torch.tensor(lengths, device=device), seed + 1)
     except Exception as error:  # a crash is a failed check, reported with the others
         check.failure = "".join(traceback.format_exception_only(type(error), error)).strip()
@@ -181,21 +198,50 @@ def run_check(check, device, backend, seed):
     return check
 
 
+@contextlib.contextmanager
+def gluon_opted_in():
+    """Within the block the reads opt into every Gluon kernel (forward, dV, dK/dQ), as
+    STM_KERNELS_WARP_SPECIALIZED=1 and STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1 do."""
+    from .backends.triton import launch
+    with launch.warp_specialized_forward(), launch.warp_specialized_backward():
+        yield
+
+
+def gluon_reasons(q, k, v):
+    """{Gluon kernel: None where the opted-in read of (q, k, v) runs it, else why it takes the
+    plain kernel instead} (each module's own check, at the tilings in force)."""
+    from .experimental import gluon_backward, gluon_backward_dv, gluon_forward
+    from .backends.triton import tilings
+    return {"forward": gluon_forward.unsupported_reason(q, k, v,
+                                                         tilings.warp_specialized_config()),
+            "dV": gluon_backward_dv.read_unsupported_reason(q, k, v,
+                                                            tilings.warp_specialized_dv_config()),
+            "dK/dQ": gluon_backward.read_unsupported_reason(
+                q, k, v, tilings.warp_specialized_backward_config())}
+
+
 # --------------------------------------------------------------------------- plan
 
 
-def plan_checks(device, quick=False):
-    """The Checks to run on this device: every feature x similarity in each dtype it runs."""
+def plan_checks(device, quick=False, experimental=False):
+    """The Checks to run on this device: every feature x similarity in each dtype it runs;
+    experimental: also the read with the Gluon kernels (GPU only; bf16 and fp16, the dot and
+    l2 similarities, a small shape the Gluon kernels take and, unless quick, the target)."""
     interpreting = triton_backend is not None and triton_backend.INTERPRETING
     if device.type == "cuda":
         dtypes = ["fp32", "tf32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
         small = dict(B=3, Ck=64, Cv=96, HW=200, N=1000)
+        target = dict(B=2, Ck=128, Cv=512, HW=1620, N=16200)
         checks = [Check(feature, dtype, similarity, small) for dtype in dtypes
                   for similarity in SIMILARITIES for feature in FEATURES]
         if not quick:  # one 480p query frame against ten memory frames, both similarities
-            target = dict(B=2, Ck=128, Cv=512, HW=1620, N=16200)
             checks += [Check("read", dtype, similarity, target) for dtype in dtypes
                        for similarity in ("dot", "l2")]
+        if experimental:  # Cv twice a power of two, N % 8 == 0: what the Gluon kernels take
+            shapes = [dict(B=3, Ck=64, Cv=128, HW=200, N=1000)] + ([] if quick else [target])
+            checks += [Check(GLUON_FEATURE, dtype, similarity, shape) for shape in shapes
+                       for dtype in dtypes if dtype in ("fp16", "bf16")
+                       for similarity in GLUON_SIMILARITIES]
         return checks
     if interpreting:
         dtypes = ["fp32"]  # the interpreter's bf16 dot is wrong; fp16 adds nothing here
@@ -325,6 +371,11 @@ def exact_float32_line(verdict):
     return line
 
 
+def _gluon_providers(q, k, v):
+    """{"fused (Gluon)": the fused read}, for timing within gluon_opted_in()."""
+    return {"fused (Gluon)": (lambda: memory_read(q, k, v, backend="triton"), (q, k, v))}
+
+
 def _providers(q, k, v):
     """{provider: (call, its input tensors)}; SDPA gets its own (B, 1, L, C) layout."""
     import torch.nn.functional as F
@@ -417,6 +468,15 @@ def spill_summary(compiled):
             f"kernels: {', '.join(spilling) if spilling else 'none'}")
 
 
+def gluon_note(gluon):
+    """What a "gluon read" check ran, in a few words: "Gluon forward, dV, dK/dQ", or with the
+    kernels that took the plain one instead and why ("; plain forward: needs ...")."""
+    ran = [kernel for kernel, reason in gluon.items() if reason is None]
+    note = "Gluon " + (", ".join(ran) if ran else "none")
+    return note + "".join(f"; plain {kernel}: {reason}" for kernel, reason in gluon.items()
+                          if reason is not None)
+
+
 def table(checks):
     """The checks as text, one line each."""
     lines = [f"{'feature':13s} {'dtype':5s} {'similarity':10s} {'max error':>10s} "
@@ -424,13 +484,16 @@ def table(checks):
     for check in checks:
         worst = max(check.errors.values()) if check.errors else math.nan
         verdict = "ok" if check.passed else f"FAILED {check.failure or ''}".strip()
+        if check.gluon is not None:
+            verdict += f" ({gluon_note(check.gluon)})"
         lines.append(f"{check.feature:13s} {check.dtype:5s} {check.similarity:10s} "
                      f"{worst:10.2e} {check.bound:8.0e}  {verdict}")
     return "\n".join(lines)
 
 
-def run(device, quick=False, timing=True, progress=print, save=None):
-    """The self-test's report (a dict) for a torch.device.
+def run(device, quick=False, timing=True, progress=print, save=None, experimental=False):
+    """The self-test's report (a dict) for a torch.device (experimental: with the Gluon
+    kernels' checks and timings, plan_checks).
 
     An interruption (Ctrl-C, or SIGINT from a time limit) ends the run early, and the report
     keeps what was done: the checks that ran and the timings that finished, with
@@ -440,7 +503,7 @@ def run(device, quick=False, timing=True, progress=print, save=None):
 
     Returns (report, the checks that ran)."""
     backend = backend_for(device)
-    planned = plan_checks(device, quick)
+    planned = plan_checks(device, quick, experimental)
     checks = []
     interrupted = False
 
@@ -475,6 +538,10 @@ def run(device, quick=False, timing=True, progress=print, save=None):
         try:
             report["matmul_tflops_bf16"] = matmul_tflops(device)
             report["timings"] = timings(device, TIMED_N[:1] if quick else TIMED_N)
+            if experimental:
+                with gluon_opted_in():
+                    report["timings"] += timings(device, TIMED_N[:1] if quick else TIMED_N,
+                                                 providers=_gluon_providers)
             if save is not None:
                 save(report)
             exact = exact_float32_timings(device, TIMED_N[:1] if quick else TIMED_N)
@@ -503,14 +570,16 @@ def timing_table(report):
     if "timings" not in report:
         return ""
     rate = report["matmul_tflops_bf16"]
-    lines = [f"bf16 matmul: {rate:.0f} TFLOP/s this run", f"{'provider':9s} {'pass':8s} "
+    width = max(9, *(len(row["provider"]) for row in report["timings"]))
+    lines = [f"bf16 matmul: {rate:.0f} TFLOP/s this run", f"{'provider':{width}s} {'pass':8s} "
              f"{'N':>7s} {'ms':>9s} {'TFLOP/s':>8s} {'of matmul':>9s}"]
     for row in report["timings"]:
         if "error" in row:
-            lines.append(f"{row['provider']:9s} {row['pass_']:8s} {row['N']:7d} {row['error']}")
+            lines.append(f"{row['provider']:{width}s} {row['pass_']:8s} {row['N']:7d} "
+                         f"{row['error']}")
             continue
-        lines.append(f"{row['provider']:9s} {row['pass_']:8s} {row['N']:7d} {row['ms']:9.3f} "
-                     f"{row['tflops']:8.1f} {row['tflops'] / rate:9.0%}")
+        lines.append(f"{row['provider']:{width}s} {row['pass_']:8s} {row['N']:7d} "
+                     f"{row['ms']:9.3f} {row['tflops']:8.1f} {row['tflops'] / rate:9.0%}")
     return "\n".join(lines)
 
 
@@ -520,6 +589,9 @@ def run_arguments(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available")
     print(f"stm_kernels {__version__} self-test on {device} (backend {backend_for(device)})")
+    experimental = getattr(args, "experimental", False)
+    if experimental and device.type != "cuda":
+        print("--experimental: the Gluon kernels run on sm_90 GPUs only; not checked here")
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     path = args.json or f"stm_selftest_{device.type}_{stamp}.json"
 
@@ -527,7 +599,8 @@ def run_arguments(args):
         with open(f"{path}.part", "w") as file:
             json.dump(report, file, indent=1)
         os.replace(f"{path}.part", path)
-    report, checks = run(device, quick=args.quick, timing=not args.no_timing, save=save)
+    report, checks = run(device, quick=args.quick, timing=not args.no_timing, save=save,
+                         experimental=experimental)
     print(table(checks))
     if report.get("timings"):
         print(timing_table(report))

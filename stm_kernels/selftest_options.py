@@ -13,4 +13,8 @@ def add_arguments(parser):
                         help="report file (default: stm_selftest_<device>_<date>.json here)")
     parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     parser.add_argument("--no-timing", action="store_true", help="correctness checks only")
+    parser.add_argument("--experimental", action="store_true",
+                        help="also check and time the opt-in warp-specialised Gluon kernels "
+                             "(forward, dV, dK/dQ; sm_90 GPUs, bf16 and fp16) beside the default "
+                             "ones: please attach the report to an issue")
     return parser

@@ -275,3 +275,71 @@ def test_the_exact_float32_timings_run_every_read_in_float32_highest(monkeypatch
         for pass_ in ("fwd", "fwd+bwd")]
     assert {entry for entry in seen} == {(backend, "highest", torch.float32)
                                          for backend in ("triton", "torch", "naive")}
+
+
+# --------------------------------------------------------------------------- --experimental
+
+
+def test_experimental_plans_the_gluon_read_on_a_gpu_only(monkeypatch):
+    """--experimental adds the read with the Gluon kernels on a GPU: bf16 and fp16, dot and
+    l2, a small shape the Gluon kernels take (Cv twice a power of two, N % 8 == 0) and the
+    target unless quick; nothing on a CPU, and nothing without the option."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    cuda = torch.device("cuda")
+    plain = selftest.plan_checks(cuda)
+    assert not [c for c in plain if c.feature == selftest.GLUON_FEATURE]
+    for quick, shapes in ((False, 2), (True, 1)):
+        checks = selftest.plan_checks(cuda, quick=quick, experimental=True)
+        gluon = [c for c in checks if c.feature == selftest.GLUON_FEATURE]
+        assert checks[:len(checks) - len(gluon)] == selftest.plan_checks(cuda, quick=quick)
+        assert len(gluon) == shapes * 2 * 2
+        assert {(c.dtype, c.similarity) for c in gluon} == {
+            (dtype, similarity) for dtype in ("fp16", "bf16") for similarity in ("dot", "l2")}
+        for check in gluon:
+            assert (check.shape["Cv"] // 2) & (check.shape["Cv"] // 2 - 1) == 0
+            assert check.shape["N"] % 8 == 0
+    assert not [c for c in selftest.plan_checks(torch.device("cpu"), experimental=True)
+                if c.feature == selftest.GLUON_FEATURE]
+
+
+@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+def test_a_gluon_check_says_which_kernels_ran_and_checks_the_read(monkeypatch):
+    """A "gluon read" check runs the read and its gradients opted into the Gluon kernels and
+    records, per kernel, why the plain one ran instead (on CPU tensors, every kernel: they
+    need CUDA); the numbers are checked against float64 as for every read."""
+    monkeypatch.setattr(launch, "_warned", set())
+    shape = dict(B=2, Ck=16, Cv=32, HW=30, N=304)
+    check = selftest.Check(selftest.GLUON_FEATURE, "fp16", "l2", shape)
+    with pytest.warns(RuntimeWarning, match="WARP_SPECIALIZED"):
+        selftest.run_check(check, torch.device("cpu"), "triton", seed=2)
+    assert check.passed, (check.errors, check.failure)
+    assert set(check.errors) == {"out", "lse", "dq", "dk", "dv"}
+    assert check.gluon == {"forward": "needs CUDA tensors", "dV": "needs CUDA tensors",
+                           "dK/dQ": "needs CUDA tensors"}
+    assert "(Gluon none; plain forward: needs CUDA tensors; plain dV: " in \
+        selftest.table([check])
+
+
+def test_the_gluon_note_names_what_ran_and_what_did_not():
+    assert selftest.gluon_note({"forward": None, "dV": None, "dK/dQ": None}) == \
+        "Gluon forward, dV, dK/dQ"
+    assert selftest.gluon_note({"forward": None, "dV": "Cv must be twice a power of two",
+                                "dK/dQ": None}) == \
+        "Gluon forward, dK/dQ; plain dV: Cv must be twice a power of two"
+
+
+def test_the_timing_table_fits_the_gluon_provider():
+    report = dict(matmul_tflops_bf16=700.0, timings=[
+        dict(provider="fused", pass_="fwd", N=16200, ms=0.1, tflops=336.0),
+        dict(provider="fused (Gluon)", pass_="fwd", N=16200, ms=0.09, tflops=373.0),
+        dict(provider="fused (Gluon)", pass_="fwd+bwd", N=162000, error="out of memory")])
+    lines = selftest.timing_table(report).splitlines()
+    assert lines[1].startswith("provider      pass")
+    assert lines[3].startswith("fused (Gluon) fwd") and "53%" in lines[3]
+    assert lines[4].endswith("out of memory")
+
+
+def test_experimental_on_a_cpu_says_it_checks_nothing_there(tmp_path, capsys):
+    assert selftest.main(["--device", "cpu", "--experimental", "--no-timing", "--quick",
+                          "--json", str(tmp_path / "report.json")]) == 0
+    assert "--experimental: the Gluon kernels run on sm_90 GPUs only" in capsys.readouterr().out
