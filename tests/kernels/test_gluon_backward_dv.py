@@ -226,6 +226,40 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
 
 
 @needs_gluon
+def test_deterministic_backward_keeps_the_gluon_dv_kernel(monkeypatch, emulated_kernel,
+                                                          fresh_launches):
+    """Under torch.use_deterministic_algorithms the dV kernel (no atomics) stays Gluon; dK and
+    dQ take the deterministic kernels (the Gluon dK/dQ kernel adds dQ with atomics), without
+    a warning; the gradients are right and a second call gives the same bits."""
+    import warnings
+
+    from stm_kernels import memory_read
+    from stm_kernels.backends.triton import devices, launch as launchers
+    if not launchers.INTERPRETING:
+        pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
+    monkeypatch.setattr(launchers, "_warned", set())
+    q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=4)
+    grads = []
+    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
+        torch.use_deterministic_algorithms(True)
+        try:
+            for _ in range(2):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                memory_read(*leaves, backend="triton").backward(do)
+                grads.append([t.grad for t in leaves])
+        finally:
+            torch.use_deterministic_algorithms(False)
+    ref = backward_reference(q, k, v, do, 1 / math.sqrt(32), False)
+    for grad, reference in zip(grads[0], (ref.dq, ref.dk, ref.dv), strict=True):
+        assert relative_error(grad, reference) < TOLERANCE[torch.float16]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    assert isinstance(kept.dv, launchers.GluonDvLaunch) and kept.dq is not None
+
+
+@needs_gluon
 def test_opt_in_warns_and_falls_back_where_it_cannot_run(monkeypatch, fresh_launches):
     """On CPU tensors (no Hopper GPU) the opted-in backward warns once for each Gluon kernel
     and takes the plain ones: the gradients are still right."""
