@@ -232,7 +232,7 @@ def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, l2, batch_ga
     if reason is not None:
         pytest.skip(reason)
     scale = 1 / math.sqrt(Ck)
-    ref_dq, ref_dk, lse, delta = _reference(q.cpu(), k.cpu(), v.cpu(), do.cpu(), scale, l2)
+    ref_dq, ref_dk, lse, delta = _reference(q, k, v, do, scale, l2)
     q, do = padded_rows(q), padded_rows(do)
     dq = torch.zeros(q.shape[:2] + (q.stride(1),), device="cuda")[:, :, :q.shape[2]]
     dk = torch.full(k.shape, float("nan"), dtype=k.dtype, device="cuda")
@@ -266,7 +266,7 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
                 pytest.skip(reason)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             memory_read(q, k, v, backend="triton", similarity="l2" if l2 else "dot").backward(do)
-            ref_dq, ref_dk, _, _ = _reference(*(t.detach().cpu() for t in (q, k, v, do)),
+            ref_dq, ref_dk, _, _ = _reference(*(t.detach() for t in (q, k, v, do)),
                                               1 / math.sqrt(128), l2)
             assert relative_error(k.grad.cpu(), ref_dk) < TOLERANCE[torch.bfloat16], seed
             assert relative_error(q.grad.cpu(), ref_dq) < TOLERANCE[torch.bfloat16], seed

@@ -314,7 +314,7 @@ def test_gpu_matches_reference(dtype, config, B, Bq, Ck, Cv, HW, N, l2, batch_ga
     if reason is not None:
         pytest.skip(reason)
     scale = 1 / math.sqrt(Ck)
-    ref_dv, lse = _reference(q.cpu(), k.cpu(), v.cpu(), do.cpu(), scale, l2)
+    ref_dv, lse = _reference(q, k, v, do, scale, l2)
     gluon_backward_dv.ws_backward_dv(padded_rows(q), k, padded_rows(do), lse.float().cuda(), dv,
                                      scale=scale, l2=l2, config=config)
     torch.cuda.synchronize()
@@ -345,7 +345,7 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
                 pytest.skip(reason)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             memory_read(q, k, v, backend="triton", similarity="l2" if l2 else "dot").backward(do)
-            ref = _reference(*(t.detach().cpu() for t in (q, k, v, do)), 1 / math.sqrt(128), l2)
+            ref = _reference(*(t.detach() for t in (q, k, v, do)), 1 / math.sqrt(128), l2)
             assert relative_error(v.grad.cpu(), ref[0]) < TOLERANCE[torch.bfloat16], seed
     [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dv, launchers.GluonDvLaunch)
