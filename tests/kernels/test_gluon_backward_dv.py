@@ -259,6 +259,70 @@ def test_deterministic_backward_keeps_the_gluon_dv_kernel(monkeypatch, emulated_
     assert isinstance(kept.dv, launchers.GluonDvLaunch) and kept.dq is not None
 
 
+def _sm90_running_by_default(monkeypatch, kernels):
+    """sm_90's table with these Gluon kernels on by default (Architecture.warp_specialized),
+    as a GPU run that shows them faster would set it."""
+    import dataclasses
+
+    from stm_kernels.backends.triton import tilings
+    default = dataclasses.replace(tilings.ARCHITECTURES["sm_90"],
+                                  warp_specialized=frozenset(kernels))
+    monkeypatch.setitem(tilings.ARCHITECTURES, "sm_90", default)
+
+
+@needs_gluon
+@pytest.mark.parametrize("switch", [None, "0"], ids=["unset", "off"])
+def test_an_architecture_default_runs_without_the_opt_in(monkeypatch, emulated_kernel,
+                                                         fresh_launches, switch):
+    """Where the architecture lists the dV kernel (tilings: Architecture.warp_specialized),
+    the backward takes it without being asked, and STM_KERNELS_WARP_SPECIALIZED_BACKWARD=0
+    turns it off; dK/dQ, not listed, stays plain; no warning either way."""
+    import warnings
+
+    from stm_kernels import memory_read
+    from stm_kernels.backends.triton import devices, launch as launchers
+    if not launchers.INTERPRETING:
+        pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
+    _sm90_running_by_default(monkeypatch, {"dv"})
+    if switch is None:
+        monkeypatch.delenv(launchers.WARP_SPECIALIZED_BACKWARD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launchers.WARP_SPECIALIZED_BACKWARD_ENV, switch)
+    q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=6)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with devices.pretend(pretended_h100()), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory_read(q, k, v, backend="triton").backward(do)
+    ref = backward_reference(q, k, v, do, 1 / math.sqrt(32), False)
+    assert relative_error(v.grad, ref.dv) < TOLERANCE[torch.float16]
+    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    assert isinstance(kept.dv, launchers.GluonDvLaunch) == (switch is None)
+    assert len(emulated_kernel.launches) == (1 if switch is None else 0)
+    assert not isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
+
+
+@needs_gluon
+def test_an_architecture_default_that_cannot_run_falls_back_silently(monkeypatch,
+                                                                      fresh_launches):
+    """A default Gluon kernel that does not take the inputs (here: CPU tensors) gives way to
+    the plain one without a warning: nobody asked for it."""
+    import warnings
+
+    from stm_kernels import memory_read
+    from stm_kernels.backends.triton import devices, launch as launchers
+    if not launchers.INTERPRETING:
+        pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
+    _sm90_running_by_default(monkeypatch, {"dv", "dkdq"})
+    monkeypatch.delenv(launchers.WARP_SPECIALIZED_BACKWARD_ENV, raising=False)
+    q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 72, torch.float16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with devices.pretend(pretended_h100()), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory_read(q, k, v, backend="triton").backward(do)
+    ref = backward_reference(q, k, v, do, 0.25, False)
+    assert relative_error(v.grad, ref.dv) < 1e-2 and relative_error(k.grad, ref.dk) < 1e-2
+
+
 @needs_gluon
 def test_opt_in_warns_and_falls_back_where_it_cannot_run(monkeypatch, fresh_launches):
     """On CPU tensors (no Hopper GPU) the opted-in backward warns once for each Gluon kernel

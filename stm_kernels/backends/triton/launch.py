@@ -514,10 +514,17 @@ _warp_specialized = False  # True inside warp_specialized_forward()
 _warp_specialized_backward = False  # True inside warp_specialized_backward()
 
 
+def _switch(env, within_block):
+    """"1" where the Gluon kernels of env are asked for (env=1, or within their block), "0"
+    where they are turned off (env=0), None where the architecture decides (unset)."""
+    value = os.environ.get(env)
+    return "1" if within_block or value == "1" else "0" if value == "0" else None
+
+
 def warp_specialized_opted_in():
     """Whether the forward opts into the Gluon warp-specialised forward:
     STM_KERNELS_WARP_SPECIALIZED=1, or inside warp_specialized_forward()."""
-    return _warp_specialized or os.environ.get(WARP_SPECIALIZED_ENV, "0") == "1"
+    return _switch(WARP_SPECIALIZED_ENV, _warp_specialized) == "1"
 
 
 def warp_specialized_forward():
@@ -529,8 +536,7 @@ def warp_specialized_forward():
 def warp_specialized_backward_opted_in():
     """Whether the backward opts into the Gluon warp-specialised dV and dK/dQ kernels:
     STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1, or inside warp_specialized_backward()."""
-    return (_warp_specialized_backward
-            or os.environ.get(WARP_SPECIALIZED_BACKWARD_ENV, "0") == "1")
+    return _switch(WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward) == "1"
 
 
 def warp_specialized_backward():
@@ -540,11 +546,24 @@ def warp_specialized_backward():
     return _flag_within_block("_warp_specialized_backward", True)
 
 
-def _usable_gluon(call, env, module_name, plain, reason_of):
-    """The opted-in Gluon kernel's module (stm_kernels.experimental.<module_name>) where
+def _gluon_wanted(call, kernel):
+    """(wanted, asked) for the Gluon `kernel` (tilings.WARP_SPECIALIZED_KERNELS) on `call`'s
+    device: asked for by its switch (_switch: env=1 or its block), or the architecture's
+    default (tilings: Architecture.warp_specialized) unless its env is 0."""
+    env, flag = ((WARP_SPECIALIZED_ENV, _warp_specialized) if kernel == "forward" else
+                 (WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward))
+    switch = _switch(env, flag)
+    if switch is not None:
+        return switch == "1", switch == "1"
+    return kernel in call.architecture.warp_specialized, False
+
+
+def _usable_gluon(call, env, module_name, plain, reason_of, asked=True):
+    """The Gluon kernel's module (stm_kernels.experimental.<module_name>) where
     reason_of(module) has nothing against the call's inputs and the device is an sm_90; else
-    None, with a one-line warning (once) that env=1 is ignored and the plain Triton `plain`
-    runs instead."""
+    None: the plain Triton `plain` runs instead, with a one-line warning (once) where the
+    Gluon kernel was asked for (env=1; an architecture's default that does not take these
+    inputs is no news)."""
     try:
         module = importlib.import_module(f"stm_kernels.experimental.{module_name}")
     except ImportError as error:  # pragma: no cover - the modules import on every Triton
@@ -554,32 +573,37 @@ def _usable_gluon(call, env, module_name, plain, reason_of):
     if reason is None and call.device.arch != "sm_90":
         reason = f"it runs on sm_90 only, not {call.device}"
     if reason is not None:
-        warn_once(f"{env}=1 ignored ({reason}); using the plain Triton {plain}")
+        if asked:
+            warn_once(f"{env}=1 ignored ({reason}); using the plain Triton {plain}")
         return None
     return module
 
 
-def _run_or_warn(env, what, call, run):
-    """run() of an opted-in Gluon kernel; None where it raises what a plain kernel would fall
-    through on (_falls_through: the caller then runs the plain one), with a one-line warning
-    (once) naming env and the Gluon `what`."""
+def _run_or_warn(env, what, call, run, asked=True):
+    """run() of a Gluon kernel; None where it raises what a plain kernel would fall through on
+    (_falls_through: the caller then runs the plain one), with a one-line warning (once)
+    naming the Gluon `what` and, where it was asked for, env."""
     try:
         return run()
     except Exception as error:
         if not _falls_through(error):
             raise
-        warn_once(f"{env}=1: the Gluon {what} failed on {call.device} ({one_line(error)}); "
+        switch = f"{env}=1: " if asked else ""
+        warn_once(f"{switch}the Gluon {what} failed on {call.device} ({one_line(error)}); "
                   f"using the plain Triton {what}")
         return None
 
 
 def _warp_specialized_forward(call, q, k, v):
-    """The Gluon warp-specialised forward's module when opted in and usable, else None."""
-    if not warp_specialized_opted_in():
+    """The Gluon warp-specialised forward's module where it is wanted (_gluon_wanted) and
+    usable, else None."""
+    wanted, asked = _gluon_wanted(call, "forward")
+    if not wanted:
         return None
     return _usable_gluon(call, WARP_SPECIALIZED_ENV, "gluon_forward", "forward",
                          lambda gluon: gluon.unsupported_reason(q, k, v,
-                                                                warp_specialized_config()))
+                                                                warp_specialized_config()),
+                         asked)
 
 
 @dataclasses.dataclass(eq=False)
@@ -602,14 +626,14 @@ class GluonDkdqLaunch:
         self.launch(q, k, v, do, lse, delta, dq, dk)
 
 
-def _gluon_dv(call, inputs, v, scale, l2):
-    """(dv, GluonDvLaunch) of the opt-in Gluon dV kernel, run once; None where it is not
-    opted in or cannot run (with a warning)."""
+def _gluon_dv(call, inputs, v, scale, l2, asked):
+    """(dv, GluonDvLaunch) of the Gluon dV kernel, run once; None where it cannot run (with a
+    warning where it was asked for)."""
     q, k, do = inputs["q"], inputs["k"], inputs["do"]
     dv = new_buffer(tuple(v.shape), v.dtype, v.device)
     config = warp_specialized_dv_config()
     gluon = _usable_gluon(call, WARP_SPECIALIZED_BACKWARD_ENV, "gluon_backward_dv", "dV kernel",
-                          lambda gluon: gluon.unsupported_reason(q, k, do, dv, config))
+                          lambda gluon: gluon.unsupported_reason(q, k, do, dv, config), asked)
     if gluon is None:
         return None
 
@@ -617,17 +641,17 @@ def _gluon_dv(call, inputs, v, scale, l2):
         ws = gluon.prepare(q, k, do, inputs["lse"], dv, scale=scale, l2=l2, config=config)
         ws(q, k, do, inputs["lse"], dv)
         return dv, GluonDvLaunch(ws)
-    return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dV kernel", call, run)
+    return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dV kernel", call, run, asked)
 
 
-def _gluon_dkdq(call, inputs, v, delta, scale, l2):
-    """(dk, dq, GluonDkdqLaunch) of the opt-in Gluon dK/dQ kernel, run once; None where it
-    cannot run (with a warning)."""
+def _gluon_dkdq(call, inputs, v, delta, scale, l2, asked):
+    """(dk, dq, GluonDkdqLaunch) of the Gluon dK/dQ kernel, run once; None where it cannot
+    run (with a warning where it was asked for)."""
     q, k, do = inputs["q"], inputs["k"], inputs["do"]
     config = warp_specialized_backward_config()
     gluon = _usable_gluon(call, WARP_SPECIALIZED_BACKWARD_ENV, "gluon_backward",
                           "dK/dQ kernel",
-                          lambda gluon: gluon.unsupported_reason(q, k, v, do, config))
+                          lambda gluon: gluon.unsupported_reason(q, k, v, do, config), asked)
     if gluon is None:
         return None
 
@@ -638,7 +662,7 @@ def _gluon_dkdq(call, inputs, v, delta, scale, l2):
                            config=config)
         ws(q, k, v, do, inputs["lse"], delta, dq, dk)
         return dk, dq, GluonDkdqLaunch(ws)
-    return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dK/dQ kernel", call, run)
+    return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dK/dQ kernel", call, run, asked)
 
 
 # --------------------------------------------------------------------------- prepared launches
@@ -840,7 +864,8 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     positions per object (validated by the caller). Planned once per layout (_layout_key)."""
     _check_device(q, k, v)
     call = _call(k, "forward", l2)
-    layout = _layout_key(("forward", warp_specialized_opted_in()), call, scale, l2, lengths,
+    layout = _layout_key(("forward", _switch(WARP_SPECIALIZED_ENV, _warp_specialized)), call,
+                         scale, l2, lengths,
                          q, k, v)
     result = _run_prepared(layout, q, k, v, lengths)
     if result is not None:
@@ -881,7 +906,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
         planned = None
         if gluon is not None:
             planned = _run_or_warn(WARP_SPECIALIZED_ENV, "forward", call, lambda: _gluon_forward(
-                gluon, call, q, k, v, scale, l2, flags["I64"]))
+                gluon, call, q, k, v, scale, l2, flags["I64"]), _gluon_wanted(call, "forward")[1])
         if planned is None:
             planned = launch_first_that_runs("forward", call, signature, launch)
     out, lse, prepared = planned
@@ -1018,7 +1043,8 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     _check_device(q, k, v)
     call = _call(k, "backward", l2)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    layout = _layout_key(("backward", deterministic, warp_specialized_backward_opted_in()),
+    layout = _layout_key(("backward", deterministic,
+                          _switch(WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward)),
                          call, scale, l2, lengths, q, k, v, grad_out)
     result = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
     if result is not None:
@@ -1066,17 +1092,20 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         launch(call, first=True, v=v, delta=delta, dk=dk, dq=dq, **inputs)
         return dk, dq, launch
 
-    # the opt-in Gluon kernels: neither takes ragged memories or the rank-1 channel; dK/dQ's
-    # atomics are not deterministic, the dV kernel has none
-    gluon = warp_specialized_backward_opted_in() and not (ragged or call.rank1)
+    # the Gluon kernels (_gluon_wanted): neither takes ragged memories or the rank-1 channel;
+    # dK/dQ's atomics are not deterministic, the dV kernel has none
+    plain_only = ragged or call.rank1
+    (dv_wanted, dv_asked), (dkdq_wanted, dkdq_asked) = (
+        _gluon_wanted(call, "dv"), _gluon_wanted(call, "dkdq"))
     with device_context(device), kernels_in_sequence(call, "backward pass", signature):
-        gluon_dv = _gluon_dv(call, inputs, v, scale, l2) if gluon else None
+        gluon_dv = _gluon_dv(call, inputs, v, scale, l2, dv_asked) \
+            if dv_wanted and not plain_only else None
         if gluon_dv is not None:
             dv, dv_launch = gluon_dv
         else:
             dv, dv_launch = launch_first_that_runs("dv", call, signature, launch_dv)
-        gluon_dkdq = _gluon_dkdq(call, inputs, v, delta, scale, l2) \
-            if gluon and not separate_dq else None
+        gluon_dkdq = _gluon_dkdq(call, inputs, v, delta, scale, l2, dkdq_asked) \
+            if dkdq_wanted and not (plain_only or separate_dq) else None
         if gluon_dkdq is not None:
             dk, dq, gluon_launch = gluon_dkdq
             prepared = PreparedBackward(call, l2, dv_launch, gluon_launch)

@@ -241,6 +241,10 @@ class WarpSpecializedDvConfig:
     load_regs: int = 24
 
 
+# The experimental Gluon kernels (stm_kernels/experimental), by the name an Architecture's
+# warp_specialized lists them: the forward, the backward's dV and dK/dQ kernels.
+WARP_SPECIALIZED_KERNELS = ("forward", "dv", "dkdq")
+
 # The Gluon forward's other candidate (which one is faster only a GPU run can tell).
 ROW_SPLIT_CONFIG = WarpSpecializedConfig(block_m=128, num_stages=3, value_chunks=2,
                                          split_rows=True)
@@ -256,7 +260,11 @@ class Architecture:
     fp32_fast: the `input_precision` of tl.dot for float32 under matmul precision "high" or
     "medium" (every other read takes "ieee": input_precision). shared_memory: the per-block
     limit the tilings are sized for (the device's own limit decides at launch). options:
-    compile options of every launch there (AMD: the MFMA instruction size)."""
+    compile options of every launch there (AMD: the MFMA instruction size).
+    warp_specialized: the Gluon kernels (WARP_SPECIALIZED_KERNELS) the architecture runs by
+    default, where they take the inputs, once a GPU run has shown them right and faster; the
+    others are opt-in (STM_KERNELS_WARP_SPECIALIZED=1 / _BACKWARD=1; =0 turns the defaults
+    off)."""
     name: str
     devices: str
     vendor: str
@@ -264,6 +272,7 @@ class Architecture:
     fp32_fast: str
     tilings: dict
     options: dict = dataclasses.field(default_factory=dict)
+    warp_specialized: frozenset = frozenset()
 
     def candidates(self, kernel, precision, width):
         """The candidate configs of a kernel for a precision class and key width, in order
@@ -486,6 +495,9 @@ _SM_86 = Architecture(
 _SM_90 = Architecture(
     "sm_90", "H100, H200, GH200", "nvidia", 227 * KIB,
     fp32_fast="tf32",
+    # none of the Gluon kernels by default until a GPU run shows one faster (bench kernel's
+    # candidates triton_ws and triton_ws_bwd, tools.gpu_session.tune)
+    warp_specialized=frozenset(),
     tilings={
         **_FP32_FMA_SM_90,
         ("forward", "16-bit", 128): (F(128, 64, 256, 8, 3), F(128, 64, 256, 8, 2),),
@@ -955,6 +967,7 @@ def warp_specialized_dv_config():
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
            "WarpSpecializedConfig", "WarpSpecializedBackwardConfig", "WarpSpecializedDvConfig",
+           "WARP_SPECIALIZED_KERNELS",
            "ROW_SPLIT_CONFIG", "warp_specialized_dv_config",
            "ON_TORCH", "SEPARATE_DQ", "on_torch", "warp_specialized_backward_config",
            "EXACT_FLOAT32_FUSED", "EXACT_FLOAT32_ENV", "exact_float32_read",
