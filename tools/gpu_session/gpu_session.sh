@@ -115,7 +115,7 @@ case "${1:-tests}" in
   first)
     # The one call of a 15-minute lease (header): the host path's layers (their kernels'
     # compiles on a fresh machine, then about 20 s; saved after every row), the peers at the
-    # target points, warm (the Gluon dK/dQ candidate last: it has never run on a GPU), the
+    # target points, warm (the Gluon backward candidate last: it has never run on a GPU), the
     # long video and Cutie (issue 57 item 7), the GPU tests.
     timed "$(until_mark 100)" python3 -m tools.gpu_session.host_path --ns 16200 1620
     timed "$(until_mark 230)" "${TARGETS[@]}"
