@@ -865,8 +865,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     _check_device(q, k, v)
     call = _call(k, "forward", l2)
     layout = _layout_key(("forward", _switch(WARP_SPECIALIZED_ENV, _warp_specialized)), call,
-                         scale, l2, lengths,
-                         q, k, v)
+                         scale, l2, lengths, q, k, v)
     result = _run_prepared(layout, q, k, v, lengths)
     if result is not None:
         return result
