@@ -34,7 +34,7 @@ from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
 from ..torch_common import LOG2E, score_gradient_factor
 from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, cdiv, descriptor, device_reason,
-                           nvmma_layouts, rows_2d, tma_reason)
+                           launch_keeping, nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -387,11 +387,13 @@ class WsBackwardLaunch:
     """ws_backward_dkdq planned for one call layout: the grid, the shared-memory layouts, the
     constexprs and strides. Called with a call's tensors of that layout, it makes their TMA
     descriptors and launches; folded: the objects folded into the TMA rows, one launch; else
-    one launch per object."""
+    one launch per object. From its second launch on it calls its first launch's compile
+    directly (gluon_common.launch_keeping), as the plain kernels' kept launches do."""
     grid: tuple
     layouts: dict
     fixed: dict
     folded: bool
+    direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
 
     def __call__(self, q, k, v, do, lse, delta, dq, dk):
         if any(t.data_ptr() % 16 for t in (q, k, v, do)):
@@ -407,10 +409,12 @@ class WsBackwardLaunch:
         with device_context(k.device):
             for objects, q2, k2, v2, do2, q_broadcast in launches:
                 dq_objects = slice(None) if broadcast else objects
-                memory_read_ws_bwd_dkdq_kernel[self.grid](
-                    q_desc=descriptor(q2, *self.layouts["q"]),
-                    k_desc=descriptor(k2, *self.layouts["k"]),
-                    v_desc=descriptor(v2, *self.layouts["v"]),
-                    do_desc=descriptor(do2, *self.layouts["do"]),
-                    lse=lse[objects], delta=delta[objects], dq=dq[dq_objects], dk=dk[objects],
-                    Q_BROADCAST=q_broadcast, **self.fixed)
+                per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
+                                k_desc=descriptor(k2, *self.layouts["k"]),
+                                v_desc=descriptor(v2, *self.layouts["v"]),
+                                do_desc=descriptor(do2, *self.layouts["do"]),
+                                lse=lse[objects], delta=delta[objects], dq=dq[dq_objects],
+                                dk=dk[objects])
+                self.direct = launch_keeping(memory_read_ws_bwd_dkdq_kernel, self.grid, per_call,
+                                             dict(self.fixed, Q_BROADCAST=q_broadcast),
+                                             self.direct)

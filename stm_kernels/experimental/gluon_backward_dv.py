@@ -35,7 +35,7 @@ from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedDvConfig
 from ..torch_common import LOG2E
 from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, cdiv, descriptor, device_reason,
-                           nvmma_layouts, rows_2d, tma_reason)
+                           launch_keeping, nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -344,11 +344,13 @@ class WsDvLaunch:
     """ws_backward_dv planned for one call layout: the grid, the shared-memory layouts, the
     constexprs and strides. Called with a call's tensors of that layout, it makes their TMA
     descriptors and launches; folded: the objects folded into the TMA rows, one launch; else
-    one launch per object."""
+    one launch per object. From its second launch on it calls its first launch's compile
+    directly (gluon_common.launch_keeping), as the plain kernels' kept launches do."""
     grid: tuple
     layouts: dict
     fixed: dict
     folded: bool
+    direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
 
     def __call__(self, q, k, do, lse, dv):
         if any(t.data_ptr() % 16 for t in (q, k, do, dv)):
@@ -362,9 +364,10 @@ class WsDvLaunch:
                         for b in range(k.shape[0])]
         with device_context(k.device):
             for objects, q2, k2, do2, dv2, q_broadcast in launches:
-                memory_read_ws_bwd_dv_kernel[self.grid](
-                    q_desc=descriptor(q2, *self.layouts["q"]),
-                    k_desc=descriptor(k2, *self.layouts["k"]),
-                    do_desc=descriptor(do2, *self.layouts["do"]),
-                    dv_desc=descriptor(dv2, *self.layouts["dv"]),
-                    lse=lse[objects], Q_BROADCAST=q_broadcast, **self.fixed)
+                per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
+                                k_desc=descriptor(k2, *self.layouts["k"]),
+                                do_desc=descriptor(do2, *self.layouts["do"]),
+                                dv_desc=descriptor(dv2, *self.layouts["dv"]), lse=lse[objects])
+                self.direct = launch_keeping(memory_read_ws_bwd_dv_kernel, self.grid, per_call,
+                                             dict(self.fixed, Q_BROADCAST=q_broadcast),
+                                             self.direct)

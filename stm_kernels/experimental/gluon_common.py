@@ -109,6 +109,22 @@ def tma_reason(tensors, shared_bytes, shared_limit):
     return None
 
 
+def launch_keeping(kernel, grid, per_call, fixed, direct):
+    """kernel[grid](**per_call, **fixed), or the same through `direct` (the DirectLaunch kept
+    from a first launch of this layout, or None) where it takes the call: past Triton's binder,
+    as the plain kernels' kept launches are (backends/triton/direct_launch.py). Returns the
+    DirectLaunch to keep: `direct`, or this launch's where none was kept yet and launches are
+    kept (launch.keeping_launches)."""
+    from ..backends.triton.direct_launch import DirectLaunch
+    from ..backends.triton.launch import keeping_launches, launched_directly
+    if launched_directly(direct, per_call):
+        return direct
+    compiled = kernel[grid](**per_call, **fixed)
+    if direct is None and keeping_launches():
+        direct = DirectLaunch.of(kernel, grid, compiled, fixed, per_call)
+    return direct
+
+
 def descriptor(t2, block_shape, layout):
     """The TMA descriptor of a 2-D tensor, boxes of block_shape in the shared layout."""
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), list(block_shape), layout)

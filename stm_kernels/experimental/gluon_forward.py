@@ -36,13 +36,12 @@ import torch
 
 from .._buffers import device_context
 from ..backends.triton import devices
-from ..backends.triton.direct_launch import DirectLaunch
-from ..backends.triton.launch import keeping_launches, launched_directly
 from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
 from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, cdiv, descriptor,
-                           device_reason, nvmma_layouts, rows_2d, tma_strides_ok)
+                           device_reason, launch_keeping, nvmma_layouts, rows_2d,
+                           tma_strides_ok)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -456,13 +455,9 @@ class WsLaunch:
                                 k_desc=descriptor(k2, *self.layouts["k"]),
                                 v_desc=descriptor(v2, *self.layouts["v"]),
                                 o=part_out[:, objects], lse=part_lse[:, objects])
-                if launched_directly(self.direct, per_call):
-                    continue
-                fixed = dict(self.fixed, Q_BROADCAST=q_broadcast)
-                compiled = memory_read_ws_fwd_kernel[self.grid](**per_call, **fixed)
-                if self.direct is None and keeping_launches():
-                    self.direct = DirectLaunch.of(memory_read_ws_fwd_kernel, self.grid,
-                                                  compiled, fixed, per_call)
+                self.direct = launch_keeping(memory_read_ws_fwd_kernel, self.grid, per_call,
+                                             dict(self.fixed, Q_BROADCAST=q_broadcast),
+                                             self.direct)
 
 
 def _constexprs(l2, Ck, Cv, config, layouts):

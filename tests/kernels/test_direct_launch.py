@@ -306,3 +306,46 @@ def test_the_gluon_forwards_kept_launch_goes_direct_with_tritons_arguments(compi
     with launch.binding_every_launch():
         kept(q2, k2, v2, part_out, part_lse)
     assert len(kernel.launches) == 2 and len(launcher.calls) == 1
+
+
+def test_a_gluon_launch_keeps_its_first_compile_and_launches_it_directly(monkeypatch):
+    """gluon_common.launch_keeping (the Gluon kernels' kept launches): the first call goes
+    through kernel[grid] and keeps a DirectLaunch of its compile; a later call launches that
+    compile directly with its own per-call arguments (TMA descriptors, tensors); nothing is
+    kept while launches are planned every call, and binding_every_launch goes through
+    Triton."""
+    from stm_kernels.backends.triton import direct_launch
+    from stm_kernels.experimental.gluon_common import launch_keeping
+    monkeypatch.setattr(direct_launch, "_triton_streams", streams)
+    launcher, bound = Launcher(), []
+
+    def fn(q_desc, lse, HW, BLOCK: "constexpr"):  # noqa: F821 - a stand-in's annotation
+        pass
+
+    class Kernel:
+        def __init__(self):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def run(**arguments):
+                bound.append((grid, arguments))
+                return launcher.compiled
+            return run
+
+    kernel, fixed = Kernel(), dict(HW=20, BLOCK=64, num_warps=4)
+    first = dict(q_desc="descriptor 1", lse=torch.zeros(4))
+    direct = launch_keeping(kernel, (3, 1), first, fixed, None)
+    assert isinstance(direct, DirectLaunch) and len(bound) == 1 and not launcher.calls
+    second = dict(q_desc="descriptor 2", lse=torch.zeros(4))
+    assert launch_keeping(kernel, (3, 1), second, fixed, direct) is direct
+    assert len(bound) == 1 and len(launcher.calls) == 1
+    # (grid x 3, stream, function, metadata, three hooks, the arguments in order)
+    grid_and_stream, arguments = launcher.calls[0][:4], launcher.calls[0][9:]
+    assert grid_and_stream == (3, 1, 1, STREAM)
+    assert arguments[0] == "descriptor 2" and arguments[1] is second["lse"]
+    assert arguments[2:] == (20, 64)
+    with launch.binding_every_launch():
+        assert launch_keeping(kernel, (3, 1), second, fixed, direct) is direct
+    assert len(bound) == 2 and len(launcher.calls) == 1
+    with launch.planning_every_call():
+        assert launch_keeping(kernel, (3, 1), first, fixed, None) is None
