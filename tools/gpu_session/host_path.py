@@ -24,7 +24,8 @@ measurement, not a guess:
                            launchers and forward + backward with kept launches going through
                            kernel[grid](...) instead (launch.binding_every_launch)
     Gluon ...              the op (without CUDA: the launcher, no launch) with the opt-in
-                           Gluon forward, with and without its kept launch
+                           Gluon forward, with and without its kept launch; on a GPU also
+                           forward + backward with the opt-in Gluon backward (dV, dK/dQ)
     forward + backward     memory_read(...).backward(grad), then the backward's launcher with
                            and without its launches
     peer                   bench kernel's sdpa_flash_split: four SDPA calls and a cat
@@ -422,6 +423,11 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
             row("op, Gluon forward", op)
             with launch.planning_every_call():
                 row("op, Gluon forward, planned every call", op)
+    if common.warp_specialized_backward_reason(q, k, v) is None:  # likewise
+        with launch.warp_specialized_backward():
+            row("forward + backward, Gluon backward", forward_backward)
+            with launch.planning_every_call():
+                row("forward + backward, Gluon backward, planned every call", forward_backward)
     return rows
 
 
