@@ -23,6 +23,7 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     small = [f"{layer} {host_path.SMALL}" for layer in (
         "backward launcher, no launch", "top-7 selection launcher, no launch",
         "usage launcher, no launch", "op, no launch", "forward + backward, no launch",
+        *["Gluon backward launcher, no launch"] * gluon_forward.AVAILABLE,
         *[f"{path}, memory_read_bwd_kernel_{name}, no launch"
           for path in ("Triton's binding", "direct launch") for name in ("dv", "dkdq")])]
     binding = [f"{path}, memory_read_{name}_kernel, no launch"
@@ -102,6 +103,37 @@ def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(gluon_plannings)
     assert not launch.warp_specialized_opted_in()
     assert len(gluon_plannings) == 2  # the first call, then the one planned every call
     launch.forget_choices()
+
+
+def test_the_gluon_backward_row_plans_both_kernels_once_and_launches_nothing(monkeypatch,
+                                                                            fresh_launches):
+    """gluon_without_launch(backward=True): the backward launcher, on small CPU tensors planned
+    for an H100, plans the Gluon dV and dK/dQ kernels once each and keeps them (later calls
+    make their descriptors and launch nothing); the kernels and checks are restored after."""
+    if not launch.INTERPRETING:
+        pytest.skip("the small CPU rows need TRITON_INTERPRET=1")
+    from stm_kernels.experimental import gluon_backward, gluon_backward_dv
+    if not gluon_backward.AVAILABLE:
+        pytest.skip(f"Gluon unavailable: {gluon_backward.UNAVAILABLE_REASON}")
+    plannings = []
+    for module in (gluon_backward, gluon_backward_dv):
+        real = module.prepare
+        monkeypatch.setattr(module, "prepare", lambda *a, real=real, module=module, **kw:
+                            plannings.append(module.__name__) or real(*a, **kw))
+    kernels = (gluon_backward.memory_read_ws_bwd_dkdq_kernel,
+               gluon_backward_dv.memory_read_ws_bwd_dv_kernel)
+    backward = host_path._small_cpu_layers()[f"backward launcher, no launch {host_path.SMALL}"]
+    with devices.pretend(host_path.H100), launch.recording(host_path._nothing), \
+            host_path.gluon_without_launch(backward=True):
+        for _ in range(3):
+            backward()
+    assert sorted(plannings) == sorted(m.__name__ for m in (gluon_backward, gluon_backward_dv))
+    [kept] = [p for key, p in launch._prepared.items() if key[0][0] == "backward"]
+    assert isinstance(kept.dv, launch.GluonDvLaunch)
+    assert isinstance(kept.dkdq, launch.GluonDkdqLaunch)
+    assert (gluon_backward.memory_read_ws_bwd_dkdq_kernel,
+            gluon_backward_dv.memory_read_ws_bwd_dv_kernel) == kernels  # restored
+    assert not launch.warp_specialized_backward_opted_in()
 
 
 def test_per_call_time_counts_every_call():

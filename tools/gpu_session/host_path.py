@@ -223,24 +223,33 @@ def direct_launch_calls(launches, prefix=""):
 
 
 @contextlib.contextmanager
-def gluon_without_launch():
-    """Within the block the opted-in Gluon forward plans and makes its descriptors but launches
-    nothing, and its device check passes: its launcher's Python alone, without CUDA (its
-    kernel does not go through launch.run, which launch.recording replaces)."""
-    from stm_kernels.experimental import gluon_forward
+def gluon_without_launch(backward=False):
+    """Within the block the opted-in Gluon forward (backward: the Gluon dV and dK/dQ kernels)
+    plans and makes its descriptors but launches nothing, and its device check passes: its
+    launcher's Python alone, without CUDA (Gluon kernels do not go through launch.run, which
+    launch.recording replaces)."""
+    from stm_kernels.experimental import gluon_backward, gluon_backward_dv, gluon_forward
 
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda **arguments: None
 
-    saved = gluon_forward.memory_read_ws_fwd_kernel, gluon_forward.unsupported_reason
-    gluon_forward.memory_read_ws_fwd_kernel = NoLaunch()
-    gluon_forward.unsupported_reason = lambda *args, **kwargs: None
+    kernels = ([(gluon_backward, "memory_read_ws_bwd_dkdq_kernel"),
+                (gluon_backward_dv, "memory_read_ws_bwd_dv_kernel")] if backward else
+               [(gluon_forward, "memory_read_ws_fwd_kernel")])
+    saved = [(module, name, getattr(module, name), module.unsupported_reason)
+             for module, name in kernels]
+    for module, name in kernels:
+        setattr(module, name, NoLaunch())
+        module.unsupported_reason = lambda *args, **kwargs: None
     try:
-        with launch.warp_specialized_forward():
+        with launch.warp_specialized_backward() if backward else \
+                launch.warp_specialized_forward():
             yield
     finally:
-        gluon_forward.memory_read_ws_fwd_kernel, gluon_forward.unsupported_reason = saved
+        for module, name, kernel, reason in saved:
+            setattr(module, name, kernel)
+            module.unsupported_reason = reason
 
 
 def _materialised(value):
@@ -313,6 +322,14 @@ def small_cpu_rows(calls, measured=lambda row: None):
                 rows.append(dict(layer=layer, N=SMALL_N,
                                  us=round(per_call_us(call, calls, torch.device("cpu")), 2)))
                 measured(rows[-1])
+            from stm_kernels.experimental import gluon_common
+            if gluon_common.AVAILABLE:  # the Gluon backward's launchers, on CPU tensors
+                with gluon_without_launch(backward=True):
+                    call = layers[f"backward launcher, no launch {SMALL}"]
+                    rows.append(dict(layer=f"Gluon backward launcher, no launch {SMALL}",
+                                     N=SMALL_N, us=round(per_call_us(call, calls,
+                                                                     torch.device("cpu")), 2)))
+                    measured(rows[-1])
     for layer, call in {**triton_binding_calls(backward), **direct_launch_calls(backward)}.items():
         rows.append(dict(layer=f"{layer} {SMALL}", N=SMALL_N,
                          us=round(per_call_us(call, calls, torch.device("cpu")), 2)))
