@@ -4,7 +4,8 @@ Opt-in and experimental: nothing dispatches here by default. It compiles for sm_
 GPU (tools/tests/test_gluon_compile.py) and its pipeline runs on CPU under an emulation of the
 Gluon primitives (tests/gluon_emulation.py, in tests/kernels/test_gluon_backward.py); the
 backward uses it only when opted in (STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1), until a GPU run
-shows it correct and faster than `memory_read_bwd_kernel_dkdq` (docs/gluon_backward.md).
+shows it correct and faster than `memory_read_bwd_kernel_dkdq` (docs/gluon_backward.md); then
+"dkdq" in sm_90's tilings.Architecture.warp_specialized makes it the default.
 
 Same contract as `memory_read_bwd_kernel_dkdq` with its dQ atomics (backends/triton/kernels/
 backward.py), without ragged memories or the rank-1 channel: q (Bq, Ck, HW) with Bq = B or 1,

@@ -3,7 +3,8 @@
 Opt-in and experimental, beside the Gluon dK/dQ kernel (gluon_backward.py) and under the same
 switch: the backward uses it only when opted in (STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1),
 until a GPU run shows it correct and faster than `memory_read_bwd_kernel_dv`
-(docs/gluon_backward.md). It compiles for sm_90 without a GPU (tools/tests/test_gluon_compile.py)
+(docs/gluon_backward.md); then "dv" in sm_90's tilings.Architecture.warp_specialized makes it
+the default. It compiles for sm_90 without a GPU (tools/tests/test_gluon_compile.py)
 and its pipeline runs on CPU under an emulation of the Gluon primitives (tests/gluon_emulation.py,
 in tests/kernels/test_gluon_backward_dv.py).
 

@@ -3,7 +3,8 @@
 Opt-in and experimental: nothing dispatches here by default. It compiles for sm_90 without a
 GPU (tools/tests/test_gluon_compile.py checks the PTX and ptxas' resource report) and stays
 opt-in until a GPU run shows it correct (tests marked `gpu` in
-tests/kernels/test_gluon_forward.py) and faster than `memory_read_fwd_kernel` (bench.kernel).
+tests/kernels/test_gluon_forward.py) and faster than `memory_read_fwd_kernel` (bench.kernel);
+then "forward" in sm_90's tilings.Architecture.warp_specialized makes it the default.
 
 Same contract as `memory_read_fwd_kernel` (stm_kernels/backends/triton/kernels/forward.py):
 q (Bq, Ck, HW) with Bq = B or 1 (or a stride-0 batch), k (B, Ck, N), v (B, Cv, N); the program
