@@ -26,20 +26,26 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
     else:
         per_split = cdiv(cdiv(N, config.block_n), splits) * config.block_n
     layouts = gluon._layouts(torch_dtype, Ck, Cv, config)
+    out_type = f"*{dtype}" if splits == 1 else "*fp32"
+    values = dict(stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
+                  stride_ls=B * HW, stride_lb=HW, stride_lm=1, HW=HW, N=N, n_per_split=per_split)
+    return _compile(gluon.memory_read_ws_fwd_kernel, dtype, layouts, ("q", "k", "v"),
+                    dict(o=out_type, lse="*fp32", qk_scale="fp32"), values,
+                    gluon._constexprs(l2, Ck, Cv, config, layouts), arch)
 
+
+def _compile(kernel, dtype, layouts, descriptors, types, values, constexprs, arch):
+    """triton.compile of a Gluon kernel for GPUTarget("cuda", arch, 32), 4 warps: its
+    `descriptors` arguments (<name>_desc) typed from their TMA boxes' shapes and layouts,
+    the other typed arguments `types`, the integers `values` specialised as the JIT does
+    (specialised_signature), `constexprs` and a broadcast query."""
     def descriptor(key):
         shape, layout = layouts[key]
         return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
 
-    out_type = f"*{dtype}" if splits == 1 else "*fp32"
-    values = dict(stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
-                  stride_ls=B * HW, stride_lb=HW, stride_lm=1, HW=HW, N=N, n_per_split=per_split)
-    kernel = gluon.memory_read_ws_fwd_kernel
-    constexprs = dict(gluon._constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
-    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
-                 o=out_type, lse="*fp32", qk_scale="fp32")
-    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
-                                                         constexprs)
+    types = dict({f"{name}_desc": descriptor(name) for name in descriptors}, **types)
+    signature, constexprs, attrs = specialised_signature(
+        kernel.arg_names, types, values, dict(constexprs, Q_BROADCAST=True))
     from triton.experimental.gluon._runtime import GluonASTSource
 
     source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
@@ -80,25 +86,14 @@ def compile_backward_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, H
     config = config or backward.WarpSpecializedBackwardConfig()
     torch_dtype = SIGNATURE_DTYPES[dtype]
     layouts = backward._layouts(torch_dtype, Ck, Cv, config)
-
-    def descriptor(key):
-        shape, layout = layouts[key]
-        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
-
     padded_hw = -(-HW // 16) * 16
     values = dict(stride_lb=HW, stride_lm=1, stride_dqb=0, stride_dqc=padded_hw, stride_dqm=1,
                   stride_dkb=Ck * N, stride_dkc=N, stride_dkn=1, HW=HW, N=N)
-    kernel = backward.memory_read_ws_bwd_dkdq_kernel
-    constexprs = dict(backward.constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
-    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), v_desc=descriptor("v"),
-                 do_desc=descriptor("do"), lse="*fp32", delta="*fp32", dq="*fp32",
-                 dk=f"*{dtype}", qk_scale="fp32", dq_scale="fp32")
-    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
-                                                         constexprs)
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    types = dict(lse="*fp32", delta="*fp32", dq="*fp32", dk=f"*{dtype}", qk_scale="fp32",
+                 dq_scale="fp32")
+    return _compile(backward.memory_read_ws_bwd_dkdq_kernel, dtype, layouts,
+                    ("q", "k", "v", "do"), types, values,
+                    backward.constexprs(l2, Ck, Cv, config, layouts), arch)
 
 
 def compile_backward_dv_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620,
@@ -110,19 +105,7 @@ def compile_backward_dv_for_arch(*, dtype="bf16", l2=False, arch=90, config=None
 
     config = config or backward_dv.WarpSpecializedDvConfig()
     layouts = backward_dv._layouts(SIGNATURE_DTYPES[dtype], Ck, Cv, config)
-
-    def descriptor(key):
-        shape, layout = layouts[key]
-        return f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"
-
-    values = dict(stride_lb=HW, stride_lm=1, HW=HW, N=N)
-    kernel = backward_dv.memory_read_ws_bwd_dv_kernel
-    constexprs = dict(backward_dv.constexprs(l2, Ck, Cv, config, layouts), Q_BROADCAST=True)
-    types = dict(q_desc=descriptor("q"), k_desc=descriptor("k"), do_desc=descriptor("do"),
-                 dv_desc=descriptor("dv"), lse="*fp32", qk_scale="fp32")
-    signature, constexprs, attrs = specialised_signature(kernel.arg_names, types, values,
-                                                         constexprs)
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    return _compile(backward_dv.memory_read_ws_bwd_dv_kernel, dtype, layouts,
+                    ("q", "k", "do", "dv"), dict(lse="*fp32", qk_scale="fp32"),
+                    dict(stride_lb=HW, stride_lm=1, HW=HW, N=N),
+                    backward_dv.constexprs(l2, Ck, Cv, config, layouts), arch)
