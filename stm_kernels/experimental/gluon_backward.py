@@ -35,7 +35,7 @@ from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
 from ..torch_common import LOG2E, score_gradient_factor
 from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, cdiv, descriptor, device_reason,
-                           launch_keeping, nvmma_layouts, rows_2d, tma_reason)
+                           launch_keeping, launch_views, nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -400,16 +400,11 @@ class WsBackwardLaunch:
         if any(t.data_ptr() % 16 for t in (q, k, v, do)):
             raise ValueError("warp-specialised dK/dQ: q, k, v and dO must start on 16 bytes "
                              "(TMA)")
-        broadcast = q.shape[0] == 1
-        if self.folded:
-            launches = [(slice(None), rows_2d(q), rows_2d(k), rows_2d(v), rows_2d(do),
-                         broadcast)]
-        else:  # object strides that do not fold into TMA rows: one launch per object
-            launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], do[b], True)
-                        for b in range(k.shape[0])]
         with device_context(k.device):
-            for objects, q2, k2, v2, do2, q_broadcast in launches:
-                dq_objects = slice(None) if broadcast else objects
+            for objects, q2, (k2, v2, do2), q_broadcast in launch_views(q, (k, v, do),
+                                                                        self.folded):
+                # a batch-1 query's dq gathers every object's terms
+                dq_objects = slice(None) if q.shape[0] == 1 else objects
                 per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
                                 k_desc=descriptor(k2, *self.layouts["k"]),
                                 v_desc=descriptor(v2, *self.layouts["v"]),

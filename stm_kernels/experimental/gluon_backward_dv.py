@@ -36,7 +36,7 @@ from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedDvConfig
 from ..torch_common import LOG2E
 from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, cdiv, descriptor, device_reason,
-                           launch_keeping, nvmma_layouts, rows_2d, tma_reason)
+                           launch_keeping, launch_views, nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -356,15 +356,9 @@ class WsDvLaunch:
     def __call__(self, q, k, do, lse, dv):
         if any(t.data_ptr() % 16 for t in (q, k, do, dv)):
             raise ValueError("warp-specialised dV: q, k, dO and dV must start on 16 bytes (TMA)")
-        broadcast = q.shape[0] == 1
-        if self.folded:
-            launches = [(slice(None), rows_2d(q), rows_2d(k), rows_2d(do), rows_2d(dv),
-                         broadcast)]
-        else:  # object strides that do not fold into TMA rows: one launch per object
-            launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], do[b], dv[b], True)
-                        for b in range(k.shape[0])]
         with device_context(k.device):
-            for objects, q2, k2, do2, dv2, q_broadcast in launches:
+            for objects, q2, (k2, do2, dv2), q_broadcast in launch_views(q, (k, do, dv),
+                                                                         self.folded):
                 per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
                                 k_desc=descriptor(k2, *self.layouts["k"]),
                                 do_desc=descriptor(do2, *self.layouts["do"]),

@@ -125,6 +125,18 @@ def launch_keeping(kernel, grid, per_call, fixed, direct):
     return direct
 
 
+def launch_views(q, tensors, folded):
+    """[(objects, q2, [t2, ...], q_broadcast)]: the 2-D TMA views of a Gluon kernel's (B, C, L)
+    operands, one launch with the objects folded into the rows (folded: rows_2d of each) or one
+    launch per object (objects: its slice of the per-object outputs); a batch-1 query serves
+    every object (q_broadcast, as the kernels' Q_BROADCAST)."""
+    broadcast = q.shape[0] == 1
+    if folded:
+        return [(slice(None), rows_2d(q), [rows_2d(t) for t in tensors], broadcast)]
+    return [(slice(b, b + 1), q[0 if broadcast else b], [t[b] for t in tensors], True)
+            for b in range(tensors[0].shape[0])]
+
+
 def descriptor(t2, block_shape, layout):
     """The TMA descriptor of a 2-D tensor, boxes of block_shape in the shared layout."""
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), list(block_shape), layout)

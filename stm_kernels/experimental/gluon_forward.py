@@ -41,7 +41,7 @@ from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
 from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, cdiv, descriptor,
-                           device_reason, launch_keeping, nvmma_layouts, rows_2d,
+                           device_reason, launch_keeping, launch_views, nvmma_layouts, rows_2d,
                            tma_strides_ok)
 
 if AVAILABLE:
@@ -444,13 +444,8 @@ class WsLaunch:
             raise ValueError("warp-specialised forward: k and v must start on 16 bytes (TMA)")
         broadcast = q.shape[0] == 1 or q.stride(0) == 0
         q = _aligned_query(q[:1] if broadcast else q)
-        if self.folded:
-            launches = [(slice(None), rows_2d(q), rows_2d(k), rows_2d(v), broadcast)]
-        else:  # object strides that do not fold into TMA rows: one launch per object
-            launches = [(slice(b, b + 1), q[0 if broadcast else b], k[b], v[b], True)
-                        for b in range(k.shape[0])]
         with device_context(k.device):
-            for objects, q2, k2, v2, q_broadcast in launches:
+            for objects, q2, (k2, v2), q_broadcast in launch_views(q, (k, v), self.folded):
                 # Q_BROADCAST is the layout's (folded) or True (one launch per object)
                 per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
                                 k_desc=descriptor(k2, *self.layouts["k"]),
