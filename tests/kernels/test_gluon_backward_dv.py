@@ -301,6 +301,16 @@ def test_an_architecture_default_runs_without_the_opt_in(monkeypatch, emulated_k
     assert not isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
 
 
+def test_an_architecture_refuses_a_gluon_kernel_it_cannot_name():
+    """A misspelt name in Architecture.warp_specialized ("dV" for "dv") would leave the kernel
+    opt-in without a word: the table refuses it."""
+    import dataclasses
+
+    from stm_kernels.backends.triton import tilings
+    with pytest.raises(ValueError, match=r"names no Gluon kernel: \['dV'\]"):
+        dataclasses.replace(tilings.ARCHITECTURES["sm_90"], warp_specialized=frozenset({"dV"}))
+
+
 @needs_gluon
 def test_an_architecture_default_that_cannot_run_falls_back_silently(monkeypatch,
                                                                       fresh_launches):

@@ -230,9 +230,9 @@ class WarpSpecializedDvConfig:
     per program (one wgmma M tile); num_stages: depth of the Q and dO TMA rings; num_p: depth
     of the P^T ring between the P^T warpgroup and the two dV warpgroups; dv_regs / load_regs:
     setmaxnreg targets of the dV warpgroups (a 64 x 256 float32 accumulator each) and the load
-    warp (the P^T warpgroup gets what is left of 128 x 4 per thread of a warpgroup). The
-    default step of 64 queries fills the ring's 2 stages to 192 KiB at Ck 128, Cv 512; 32
-    queries with 4 stages is the other candidate tune times."""
+    warp (the P^T warpgroup gets what is left of 128 x 4 per thread of a warpgroup). The step
+    is as long as the memory block (dV is staged in a dO box), which fills the ring's 2
+    stages to 192 KiB at Ck 128, Cv 512; 3 P^T slots is the other candidate tune times."""
     block_m: int = 64
     block_n: int = 64
     num_stages: int = 2
@@ -273,6 +273,12 @@ class Architecture:
     tilings: dict
     options: dict = dataclasses.field(default_factory=dict)
     warp_specialized: frozenset = frozenset()
+
+    def __post_init__(self):
+        unknown = set(self.warp_specialized) - set(WARP_SPECIALIZED_KERNELS)
+        if unknown:  # a misspelt name would leave its kernel opt-in without a word
+            raise ValueError(f"{self.name}: warp_specialized names no Gluon kernel: "
+                             f"{sorted(unknown)} (the kernels: {WARP_SPECIALIZED_KERNELS})")
 
     def candidates(self, kernel, precision, width):
         """The candidate configs of a kernel for a precision class and key width, in order
