@@ -398,14 +398,11 @@ def warp_specialized_backward_reason(q, k, v):
     memory_read(q, k, v) under the tilings in force (one of its kernels would warn and take the
     plain one): "the Gluon dK/dQ kernel does not run here: ..." or the dV kernel's; None
     where both run."""
-    from stm_kernels.backends.triton import tilings
-    from stm_kernels.experimental import gluon_backward, gluon_backward_dv
-    for name, module, config in (
-            ("dK/dQ", gluon_backward, tilings.warp_specialized_backward_config()),
-            ("dV", gluon_backward_dv, tilings.warp_specialized_dv_config())):
-        reason = module.read_unsupported_reason(q, k, v, config)
-        if reason is not None:
-            return f"the Gluon {name} kernel does not run here: {reason}"
+    from stm_kernels import experimental
+    reasons = experimental.read_unsupported_reasons(q, k, v)
+    for name in ("dK/dQ", "dV"):
+        if reasons[name] is not None:
+            return f"the Gluon {name} kernel does not run here: {reasons[name]}"
     return None
 
 

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from . import FallbackWarning, __version__, memory_read, memory_usage
+from .experimental import read_unsupported_reasons
 from .selftest_options import DESCRIPTION, add_arguments
 from .backends import triton as triton_backend
 
@@ -172,7 +173,7 @@ def run_check(check, device, backend, seed):
         gluon = check.feature == GLUON_FEATURE
         feature = "read" if gluon else check.feature
         if gluon:
-            check.gluon = gluon_reasons(on_device["q"], on_device["k"], on_device["v"])
+            check.gluon = read_unsupported_reasons(on_device["q"], on_device["k"], on_device["v"])
         try:
             with gluon_opted_in() if gluon else contextlib.nullcontext():
                 actual = _read(on_device, feature, check.similarity, backend,
@@ -205,19 +206,6 @@ def gluon_opted_in():
     from .backends.triton import launch
     with launch.warp_specialized_forward(), launch.warp_specialized_backward():
         yield
-
-
-def gluon_reasons(q, k, v):
-    """{Gluon kernel: None where the opted-in read of (q, k, v) runs it, else why it takes the
-    plain kernel instead} (each module's own check, at the tilings in force)."""
-    from .experimental import gluon_backward, gluon_backward_dv, gluon_forward
-    from .backends.triton import tilings
-    return {"forward": gluon_forward.unsupported_reason(q, k, v,
-                                                         tilings.warp_specialized_config()),
-            "dV": gluon_backward_dv.read_unsupported_reason(q, k, v,
-                                                            tilings.warp_specialized_dv_config()),
-            "dK/dQ": gluon_backward.read_unsupported_reason(
-                q, k, v, tilings.warp_specialized_backward_config())}
 
 
 # --------------------------------------------------------------------------- plan

@@ -202,21 +202,21 @@ def test_the_gluon_backward_candidate_is_refused_with_its_reason_where_it_cannot
 
 def test_the_gluon_backward_candidate_checks_the_padded_layout(monkeypatch):
     """triton_ws_bwd asks the kernel about q and dO as the backward pads them (16-element
-    rows: HW = 1,620 is not), both Gluon kernels' (dK/dQ, then dV with the contiguous dv it
-    is given), and its read opts the backward in: on CPU it warns and takes the plain kernels,
+    rows: HW = 1,620 is not), each Gluon kernel's (dV with the contiguous dv it is
+    given), and its read opts the backward in: on CPU it warns and takes the plain kernels,
     with the plain read's gradients."""
     from stm_kernels.backends.triton import launch
     from stm_kernels.experimental import gluon_backward, gluon_backward_dv
     monkeypatch.setattr(launch, "_warned", set())
-    checked = []
+    dkdq_checked, dv_checked = [], []
     monkeypatch.setattr(gluon_backward, "unsupported_reason",
-                        lambda q, k, v, do, config: checked.append((q, do)))
+                        lambda q, k, v, do, config: dkdq_checked.append((q, do)))
     monkeypatch.setattr(gluon_backward_dv, "unsupported_reason",
-                        lambda q, k, do, dv, config: checked.append((q, do, dv)))
+                        lambda q, k, do, dv, config: dv_checked.append((q, do, dv)))
     # fp16: a float32 read on CPU takes the torch backend (exact float32), no kernels at all
     call, tensors = kernel.make_inputs("triton_ws_bwd", "fwd+bwd", torch.float16, 2, 20, 64,
                                        16, 32, torch.device("cpu"))
-    (q, do), (q_dv, do_dv, dv) = checked
+    [(q, do)], [(q_dv, do_dv, dv)] = dkdq_checked, dv_checked
     assert q.shape == (1, 16, 20) and q.stride(1) == 32 and do.shape == (2, 32, 20)
     assert do.stride(1) == 32
     assert q_dv.stride() == q.stride() and do_dv.stride() == do.stride()

@@ -555,7 +555,7 @@ def test_the_gluon_forward_is_never_chosen_off_sm90(monkeypatch):
     call = launch.Call(MI300X, tilings.ARCHITECTURES["gfx942"], "ieee", "16-bit", 128)
     q, k, v = _inputs()
     with pytest.warns(RuntimeWarning, match=r"runs on sm_90 only, not AMD Instinct MI300X"):
-        assert launch._warp_specialized_forward(call, q, k, v) is None
+        assert launch._warp_specialized_forward(call, q, k, v) == (None, True)
 
 
 def test_without_triton_the_triton_backend_reads_with_torch(monkeypatch):

@@ -595,15 +595,15 @@ def _run_or_warn(env, what, call, run, asked=True):
 
 
 def _warp_specialized_forward(call, q, k, v):
-    """The Gluon warp-specialised forward's module where it is wanted (_gluon_wanted) and
-    usable, else None."""
+    """(the Gluon warp-specialised forward's module where it is wanted (_gluon_wanted) and
+    usable, else None; whether it was asked for)."""
     wanted, asked = _gluon_wanted(call, "forward")
     if not wanted:
-        return None
+        return None, asked
     return _usable_gluon(call, WARP_SPECIALIZED_ENV, "gluon_forward", "forward",
                          lambda gluon: gluon.unsupported_reason(q, k, v,
                                                                 warp_specialized_config()),
-                         asked)
+                         asked), asked
 
 
 @dataclasses.dataclass(eq=False)
@@ -883,7 +883,8 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
         **_memory_strides("v", v, align_v),
         HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2,
         ALIGN_K=align_k, ALIGN_V=align_v, **flags)
-    gluon = None if ragged or call.rank1 else _warp_specialized_forward(call, q, k, v)
+    gluon, asked = (None, False) if ragged or call.rank1 else \
+        _warp_specialized_forward(call, q, k, v)
 
     def launch(config):
         plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
@@ -905,7 +906,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
         planned = None
         if gluon is not None:
             planned = _run_or_warn(WARP_SPECIALIZED_ENV, "forward", call, lambda: _gluon_forward(
-                gluon, call, q, k, v, scale, l2, flags["I64"]), _gluon_wanted(call, "forward")[1])
+                gluon, call, q, k, v, scale, l2, flags["I64"]), asked)
         if planned is None:
             planned = launch_first_that_runs("forward", call, signature, launch)
     out, lse, prepared = planned
