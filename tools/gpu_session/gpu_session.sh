@@ -35,8 +35,8 @@
 #      the peak beyond the bank is the read's own working memory).
 #   3. `peers` (the whole peers sweep: the targets, then the scaling sweep to N = 2.6 M as far
 #      as the time goes, saved after every point), `profile` (Nsight Compute at the target
-#      shape: the DRAM and L2 bytes, tensor-pipe use and occupancy of docs/kernels.md's
-#      figures table), then `cutie` (Cutie at 480p and 1080p, 120 s per run, towards the
+#      shape, and on the forwards alone at N = 16,200: the DRAM and L2 bytes, tensor-pipe use
+#      and occupancy of docs/kernels.md's figures table), then `cutie` (Cutie at 480p and 1080p, 120 s per run, towards the
 #      length where its own read runs out of memory).
 # `first`, `second` and `cutie` need Cutie, which the machine lacks: run `python -m
 # tools.gpu_session.deps` here first and pass carry=[".gpu_deps"] to the call.
@@ -103,6 +103,23 @@ cutie_step() {  # SECONDS_LEFT INTEGRATIONS_ARGS...: Cutie's own read vs fused (
   else
     echo "== no Cutie here: run python -m tools.gpu_session.deps and pass carry=[\".gpu_deps\"]"
   fi
+}
+ncu_step() {  # NCU_MARK SUMMARY_MARK NAME PROFILE_TARGET_ARGS...: ncu on profile_target's
+  # passes (only the cudaProfilerStart/Stop round, the clocks left as they are: METHOD.md) into
+  # $OUT/NAME.ncu-rep, its raw metrics as CSV, their summary per kernel (ncu_summary, beside
+  # the static report's predictions)
+  local ncu_mark=$1 summary_mark=$2 name=$3 passes
+  shift 3
+  timed "$(until_mark "$ncu_mark")" ncu --target-processes all --profile-from-start off \
+    --clock-control none --kernel-name regex:memory_read --set full -o "$OUT/$name" -f \
+    python3 -m tools.gpu_session.profile_target "$@"
+  if [ -f "$OUT/$name.ncu-rep" ]; then
+    ncu --import "$OUT/$name.ncu-rep" --page raw --csv --print-units base \
+      > "$OUT/${name}_raw.csv"
+    passes=$(ls -t "$OUT"/profile_passes_*.json 2>/dev/null | head -1)
+    timed "$(until_mark "$summary_mark")" python3 -m tools.gpu_session.ncu_summary \
+      "$OUT/${name}_raw.csv" ${passes:+--passes "$passes"}
+  else echo "== no ncu report for $name: see log.txt"; fi
 }
 gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARGS...
   local parallel=() limit=()
@@ -196,18 +213,12 @@ case "${1:-tests}" in
     # static work report's L2 bytes (tools.gpu_session.ncu_summary).
     # (0) the same breakdown at N = 16,200 (ten memory frames), where the forward's time is
     # flat from N = 1,620 on (H200): kernel time against the op's wall time (issue 57 item 3).
+    # (2') ncu at N = 16,200 on the forward passes alone first (the plain and the Gluon
+    # forward: at ten memory frames the forward kernel ran 27% below its N = 162,000 rate).
     timed "$(until_mark 70)" python3 -m tools.gpu_session.profile_target --breakdown --n 16200
     timed "$(until_mark 150)" python3 -m tools.gpu_session.profile_target --breakdown
-    timed "$(until_mark 510)" ncu --target-processes all --profile-from-start off \
-      --clock-control none --kernel-name regex:memory_read --set full -o "$OUT/profile" -f \
-      python3 -m tools.gpu_session.profile_target
-    if [ -f "$OUT/profile.ncu-rep" ]; then
-      ncu --import "$OUT/profile.ncu-rep" --page raw --csv --print-units base \
-        > "$OUT/profile_raw.csv"
-      passes=$(ls -t "$OUT"/profile_passes_*.json 2>/dev/null | head -1)
-      timed "$(until_mark 570)" python3 -m tools.gpu_session.ncu_summary "$OUT/profile_raw.csv" \
-        ${passes:+--passes "$passes"}
-    else echo "== no ncu report: see log.txt"; fi ;;
+    ncu_step 230 250 profile_16200 --n 16200 --passes forward "forward (Gluon)"
+    ncu_step 510 570 profile ;;
   kernel) timed "$(until_mark 570)" python3 -m bench kernel ;;
   sanitize)
     # Where the gluon tests fail: compute-sanitizer on the smallest Gluon case of each bf16

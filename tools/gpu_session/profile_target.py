@@ -12,6 +12,10 @@ Gluon dV and dK/dQ kernels (last: they have never run on a GPU). A Gluon pass ru
 (sm_90 and a Triton with Gluon's Hopper API); otherwise it is recorded as skipped, with the
 reason.
 
+--passes NAME ...: only these passes (e.g. `--n 16200 --passes forward "forward (Gluon)"`,
+the profile stage's look at ten memory frames, where the forward's kernel runs furthest below
+its rate at N = 162,000).
+
 Default mode: writes profile_passes_<device>_<date>.json (the passes in order, for
 `python -m tools.gpu_session.ncu_summary`), then runs every pass once to compile and warm up and
 once more
@@ -46,6 +50,9 @@ WARP_SPECIALIZED_PASSES = (
 # kernel is the plain forward's).
 WARP_SPECIALIZED_BACKWARD_PASS = "forward+backward (Gluon dV, dK/dQ)"
 FLOP_FACTOR = {"forward": 1.0, "forward+backward": 3.5}
+# Every pass's name, in the order they run (--passes picks some).
+PASS_NAMES = ("forward", "forward+backward",
+              *(name for name, _, _ in WARP_SPECIALIZED_PASSES), WARP_SPECIALIZED_BACKWARD_PASS)
 
 
 def passes(q, k, v, grad):
@@ -183,6 +190,9 @@ def main(argv=None):
                         help="kernel times per pass by torch.profiler (no hardware counters)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="repetitions of each pass under torch.profiler (--breakdown)")
+    parser.add_argument("--passes", nargs="+", metavar="NAME", choices=PASS_NAMES,
+                        help="run only these passes, in their usual order (default: all; "
+                             "names: %(choices)s)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -191,7 +201,8 @@ def main(argv=None):
     device = torch.device("cuda")
     q, k, v, grad = common.read_inputs(args.batch, args.hw, args.n, 128, 512,
                                        torch.bfloat16, device, requires_grad=True)
-    runs = passes(q, k, v, grad)
+    runs = [run for run in passes(q, k, v, grad)
+            if args.passes is None or run["name"] in args.passes]
     payload = dict(benchmark="kernel_breakdown" if args.breakdown else "profile_passes",
                    **common.environment(device),
                    shape=dict(B=args.batch, HW=args.hw, N=args.n, Ck=128, Cv=512,

@@ -109,30 +109,36 @@ def test_profile_stage_breakdown_then_ncu_then_summary(tmp_path):
     passes = out / "profile_passes_cuda_20261123T100000.json"
     passes.write_text("{}")
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0)
-    assert len(lines) == 5, (lines, completed.stdout)
+    assert len(lines) == 8, (lines, completed.stdout)
     assert lines[0] == "-m tools.gpu_session.profile_target --breakdown --n 16200 | finished"
-    lines = lines[1:]
-    assert lines[0] == "-m tools.gpu_session.profile_target --breakdown | finished"
-    profiled = lines[1].split()
-    assert profiled[0] == "ncu"
-    assert profiled[-3:] == ["python3", "-m", "tools.gpu_session.profile_target"]
-    # only the cudaProfilerStart/Stop round, and the clocks left as they are (METHOD.md)
-    for option in ("--profile-from-start off", "--clock-control none", "--set full",
-                   f"-o {out}/profile"):
-        assert option in lines[1], option
-    assert lines[2] == (f"ncu --import {out}/profile.ncu-rep --page raw --csv "
-                        "--print-units base")
-    assert (out / "profile_raw.csv").read_text() == '"ID","Kernel Name"\n'
-    assert lines[3] == (f"-m tools.gpu_session.ncu_summary {out}/profile_raw.csv "
-                        f"--passes {passes} | finished")
+    assert lines[1] == "-m tools.gpu_session.profile_target --breakdown | finished"
+    # ncu at ten memory frames on the forward passes alone, then at the target on every pass
+    for (profiled, imported, summarised), name, arguments in (
+            (lines[2:5], "profile_16200", ["--n", "16200", "--passes", "forward", "forward",
+                                           "(Gluon)"]),
+            (lines[5:8], "profile", [])):
+        words = profiled.split()
+        assert words[0] == "ncu"
+        assert words[words.index("python3"):] == [
+            "python3", "-m", "tools.gpu_session.profile_target", *arguments]
+        # only the cudaProfilerStart/Stop round, and the clocks left as they are (METHOD.md)
+        for option in ("--profile-from-start off", "--clock-control none", "--set full",
+                       f"-o {out}/{name} "):
+            assert option in profiled, option
+        assert imported == (f"ncu --import {out}/{name}.ncu-rep --page raw --csv "
+                            "--print-units base")
+        assert (out / f"{name}_raw.csv").read_text() == '"ID","Kernel Name"\n'
+        assert summarised == (f"-m tools.gpu_session.ncu_summary {out}/{name}_raw.csv "
+                              f"--passes {passes} | finished")
 
 
 def test_profile_stage_keeps_the_breakdown_when_ncu_cannot_profile(tmp_path):
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0,
                                      SHIM_NCU_FAILS="1")
     assert lines[1] == "-m tools.gpu_session.profile_target --breakdown | finished"
-    assert len(lines) == 3 and lines[2].startswith("ncu "), lines
-    assert "== no ncu report: see log.txt" in completed.stdout
+    assert len(lines) == 4 and all(line.startswith("ncu ") for line in lines[2:]), lines
+    for name in ("profile_16200", "profile"):
+        assert f"== no ncu report for {name}: see log.txt" in completed.stdout
 
 
 def test_sanitize_stage_selects_the_smallest_gluon_cases(tmp_path):

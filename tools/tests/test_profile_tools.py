@@ -281,3 +281,29 @@ def test_breakdown_records_on_cpu(monkeypatch):
     assert records[1]["skipped"] and "median_ms" not in records[1]
     assert "| forward | no kernel events recorded |" in profile_target.summary(
         dict(records=records))
+
+
+def test_profile_target_runs_only_the_passes_named(tmp_path, monkeypatch, capsys):
+    """--passes: the passes file lists only the named passes, and only they run between
+    cudaProfilerStart and Stop (on CPU here, in the interpreter, at a tiny shape)."""
+    pytest.importorskip("triton")
+    with pytest.raises(SystemExit):
+        profile_target.main(["--passes", "backward"])  # not a pass's name
+    assert "invalid choice: 'backward'" in capsys.readouterr().err
+    reads = common.read_inputs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "no GPU (test)")
+    profiled = []
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: profiled.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: profiled.append("stop"))
+    monkeypatch.setattr(common, "read_inputs", lambda *args, **kwargs: reads(
+        1, 20, 70, 16, 24, torch.float32, "cpu", requires_grad=True))
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    profile_target.main(["--n", "16200", "--passes", "forward", "forward (Gluon)"])
+    [written] = tmp_path.glob("profile_passes_*.json")
+    passes = json.loads(written.read_text())["passes"]
+    assert [entry["name"] for entry in passes] == ["forward", "forward (Gluon)"]
+    assert passes[1]["skipped"]  # no sm_90 here: recorded, not run
+    assert profiled == ["start", "stop"]
+    assert "profiled: forward\n" in capsys.readouterr().out
