@@ -6,6 +6,7 @@ naive read, with and without fp16 memory storage and memory offload.
     python -m bench long-video --lengths 100 1000 --variants fused naive
     python -m bench long-video --lengths 30 --input-resolutions 480p 1080p 4k  # internal 480
     python -m bench long-video --lengths 30 100 --variants fused fused-compile
+    python -m bench long-video --variants fused fused-graphs --warmup 5   # GPU: CUDA graphs
 
 The video: a real DAVIS-2016 sequence from ../shared/data ping-ponged (forwards, backwards,
 forwards ...) to the longest length when that folder is present, a synthetic video otherwise;
@@ -32,7 +33,9 @@ limit (S s) at frame T". The results file is saved after each variant.
 Variant fused-compile: VideoSegmenter(compile=True). Its compilation runs in a warm-up of a
 few frames on a separate segmenter before timing (recorded as warmup_s; --warmup N gives
 every variant such a warm-up); per-read times are not available inside the compiled graph
-(read_timed false).
+(read_timed false). Variant fused-graphs: VideoSegmenter(compile={"mode": "reduce-overhead"}):
+the query encoder, decoder and memory encoder compiled and replayed as CUDA graphs (on a GPU;
+a CPU runs them compiled), the read eager between them, so its time per frame is recorded.
 """
 import pathlib
 import sys
@@ -53,9 +56,12 @@ VARIANTS = {  # name: VideoSegmenter options ("fused" = triton on CUDA, torch on
     "fused-offload": dict(read="fused", offload=True),
     "fused-fp16-offload": dict(read="fused", memory_dtype="fp16", offload=True),
     "fused-compile": dict(read="fused", compile=True),
+    "fused-graphs": dict(read="fused", compile={"mode": "reduce-overhead"}),
 }
 INPUT_RESOLUTIONS = {"480p": (480, 854), "1080p": (1080, 1920), "4k": (2160, 3840)}
-COMPILE_WARMUP_FRAMES = 3  # the masked frame, then predictions (compiles both functions)
+# the masked frame, then predictions: compiles every function, and with CUDA graphs each is
+# called twice before timing (graph trees run a function once, then record it)
+COMPILE_WARMUP_FRAMES = 3
 DEFAULTS = {
     "cuda": dict(model="official", size=(480, 854), lengths=(100, 300, 1000, 3000, 10000),
                  variants=("fused", "naive", "fused-fp16", "naive-fp16", "fused-offload",
@@ -136,6 +142,14 @@ class _ReadTimer:
 
     def close(self):
         self._module.read = self._original
+
+
+def read_timed(options):
+    """Whether a variant's reads are timed one by one: not inside a compiled graph, but where
+    the segmenter keeps them eager between its CUDA graphs."""
+    from stm_model.inference.video_segmenter import uses_cuda_graphs
+    compile = options.get("compile", False)
+    return not compile or (isinstance(compile, dict) and uses_cuda_graphs(compile))
 
 
 def peak_bytes(device):
@@ -256,7 +270,7 @@ def run_variant(spec):
                 frame_index=list(range(0, len(frame_ms), stride)),
                 frame_ms=frame_ms[::stride], read_ms=read_ms[::stride],
                 memory_frames=memory_frames[::stride], warmup_s=warmup_s,
-                read_timed=not options.get("compile", False), network_size=network_size)
+                read_timed=read_timed(options), network_size=network_size)
 
 
 def summary(payload):

@@ -26,7 +26,8 @@ from the labels that run wrote for it, as step() would have after segmenting it,
 segmenting it; only the frames the schedule keeps are encoded.
 
 High resolution (max_internal_size): see stm_model.inference.resize. compile=True: torch.compile
-of the per-frame network work and memory read, one graph for every memory length (see _Compiled).
+of the per-frame network work and memory read, one graph for every memory length (see _Compiled;
+with CUDA graphs, the read stays eager between the graphed encoder and decoder).
 """
 import dataclasses
 from typing import Any, Iterable, Optional, Union
@@ -76,7 +77,10 @@ class VideoSegmenter(SessionCore):
             memory encoder). True: torch.compile's defaults (inductor); a dict: torch.compile
             keyword arguments (e.g. {"mode": "max-autotune"}). The memory length is a dynamic
             dimension: growing memory does not recompile (a frame size, object count or
-            dtype does).
+            dtype does). With CUDA graphs ({"mode": "reduce-overhead"}, "max-autotune", or
+            backend "cudagraphs": each step's network work replayed with one launch per
+            graph) the read stays eager between the graphed query encoder and decoder: a
+            graph is recorded per shape, and the memory's length changes every kept frame.
     """
 
     def __init__(self, model: STM, mem_every: int = 5, *, memory_dtype: DtypeName = None,
@@ -162,6 +166,7 @@ class VideoSegmenter(SessionCore):
         frame, mask = self._checked(frame, mask)
         if self.steps == 0:
             check_first_mask(mask, self.object_ids)
+        self._begin_graphed_step()
         size = tuple(frame.shape[1:])
         inner = internal_size(size, self.max_internal_size)
         resized = inner != size
@@ -172,7 +177,8 @@ class VideoSegmenter(SessionCore):
         with self.autocast():
             foreground = self._predict(padded) if self.banks else padded.new_zeros(
                 (0,) + padded.shape[-2:])
-        foreground = foreground.float()
+        # a copy where CUDA graphs own the decoder's output (the next replay overwrites it)
+        foreground = foreground.to(torch.float32, copy=self._graphed)
         if mask is None:
             probs = unpad(torch.softmax(soft_aggregate(foreground), dim=0), pad)
             keep = is_kept(self.steps, self.mem_every, annotated=False)
@@ -220,6 +226,7 @@ class VideoSegmenter(SessionCore):
         size = tuple(frame.shape[1:])
         inner = internal_size(size, self.max_internal_size)
         padded, _ = pad_to_multiple(resize_frame(frame, inner).unsqueeze(0))
+        self._begin_graphed_step()
         if self._pending is not None and self._pending.keep:
             self._memorise(self._pending)  # a temporary one: replaced by this frame anyway
         self._pending = None
@@ -285,6 +292,17 @@ class VideoSegmenter(SessionCore):
         self._size = tuple(frame.shape[1:])
         return frame, mask
 
+    @property
+    def _graphed(self) -> bool:
+        """Whether the compiled network work runs as CUDA graphs (see `compile`)."""
+        return self._compiled is not None and self._compiled.graphs
+
+    def _begin_graphed_step(self):
+        """Tell CUDA graph trees that a step begins: the previous step's graph outputs may be
+        overwritten now (each is copied or consumed within its step)."""
+        if self._graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def _memorise(self, pending: PendingFrame):
         if not self.banks:  # no objects (all removed, or a mask without any)
             return
@@ -301,7 +319,7 @@ class VideoSegmenter(SessionCore):
         """Foreground probabilities (n, Hp, Wp) of the known objects from their memory."""
         config = self.model.config
         compiled = self._compiled
-        if compiled is not None and not (self.offload or self.shard_memory):
+        if compiled is not None and not (self.offload or self.shard_memory or compiled.graphs):
             for bank in self.banks:
                 if bank.num_frames == bank.capacity:
                     # a view filling its storage is contiguous, which inductor's graph for
@@ -312,7 +330,8 @@ class VideoSegmenter(SessionCore):
             return compiled.predict(self.model, padded, compiled.dynamic(keys),
                                     compiled.dynamic(values), config.similarity,
                                     self.read_backend)
-        # offloaded or sharded memory: the read (chunked copies, collectives) stays eager
+        # offloaded or sharded memory (chunked copies, collectives) or CUDA graphs (one per
+        # shape): the read stays eager
         query = (compiled.encode_query if compiled else _encode_query)(self.model, padded)
         readout = torch.cat([bank.read(query.key, similarity=config.similarity,
                                        backend=self.read_backend) for bank in self.banks])
@@ -358,6 +377,20 @@ def _predict_from_views(model, padded, keys, values, similarity, backend):
     return _foreground(model, readout, query)
 
 
+def uses_cuda_graphs(options: dict) -> bool:
+    """Whether torch.compile with these keyword arguments replays CUDA graphs: the cudagraphs
+    backend, or inductor with triton.cudagraphs set by its mode ("reduce-overhead",
+    "max-autotune") or its options."""
+    backend = options.get("backend", "inductor")
+    if backend == "cudagraphs":
+        return True
+    if backend != "inductor":
+        return False
+    from torch._inductor import list_mode_options
+    settings = {**list_mode_options(options.get("mode")), **(options.get("options") or {})}
+    return bool(settings.get("triton.cudagraphs", False))
+
+
 class _Compiled:
     """The torch.compile'd per-frame functions of a VideoSegmenter.
 
@@ -369,10 +402,15 @@ class _Compiled:
     graph, compiled mid-video): such a bank grows first (VideoSegmenter._predict). Reading
     the whole capacity with memory_lengths would bound recompiles too, but memory_read's
     argument checks specialise on N then: one graph per capacity.
+
+    CUDA graphs (graphs=True) are recorded per concrete shape, dynamic dimensions included: a
+    graph holding the read would be recorded again every kept frame. Then the query encoder
+    and decoder are graphed apart and the read runs eagerly between them.
     """
 
     def __init__(self, options):
         self.options = options
+        self.graphs = uses_cuda_graphs(options)
         self.predict = torch.compile(_predict_from_views, **options)
         self.encode_query = torch.compile(_encode_query, **options)
         self.foreground = torch.compile(_foreground, **options)

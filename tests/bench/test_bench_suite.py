@@ -116,6 +116,15 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
     assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out
 
 
+def test_long_video_times_the_reads_kept_eager_between_cuda_graphs():
+    """fused-graphs asks for CUDA graphs, which keep the read eager (its time per frame is
+    recorded); a read inside one compiled graph is not timed."""
+    assert long_video.read_timed(long_video.VARIANTS["fused"])
+    assert long_video.read_timed(long_video.VARIANTS["fused-graphs"])
+    assert not long_video.read_timed(long_video.VARIANTS["fused-compile"])
+    assert not long_video.read_timed(dict(compile={"mode": "max-autotune-no-cudagraphs"}))
+
+
 def test_long_video_can_reserve_the_memory_up_front(tmp_path, monkeypatch, capsys):
     """--reserve-memory: the bank holds the longest length's memory frames from the first
     frame (no doubling copy), evicts nothing, and the run is a result of its own."""

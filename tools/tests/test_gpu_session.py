@@ -268,6 +268,21 @@ def test_second_stage_runs_the_self_test_cutie_at_1080p_and_the_fused_long_video
     assert tuple(long_video.DEFAULTS["cuda"]["size"]) == (480, 854)
 
 
+def test_graphs_stage_times_the_network_eager_and_as_cuda_graphs(tmp_path, monkeypatch):
+    from bench import long_video
+    completed, lines, _ = _run_stage(tmp_path, "graphs", 585, shim_seconds=0)
+    [(command, outcome)] = [line.split(" | ") for line in lines]
+    assert outcome == "finished", completed.stdout
+    video = command.split()
+    assert video[:3] == ["-m", "bench", "long-video"]
+    options = parsed_options(long_video, video[3:], monkeypatch)
+    # in one run: the same video and model, the network eager and graphed
+    assert options.variants == ["fused", "fused-graphs"] and options.mem_every == 5
+    assert options.warmup >= long_video.COMPILE_WARMUP_FRAMES  # compiled and recorded first
+    assert 2 * options.time_limit < 570  # both variants inside the call
+    assert options.model is None and options.size is None  # the GPU defaults: official, 480p
+
+
 def test_cutie_stage_runs_480p_and_1080p_or_says_what_to_carry(tmp_path):
     completed, lines, _ = _run_stage(tmp_path, "cutie", 585, shim_seconds=0)
     sizes = [line.split("--size ")[1].split(" --")[0] for line in lines]
