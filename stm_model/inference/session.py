@@ -18,6 +18,15 @@ from stm_model.runtime.devices import DtypeName, dtype_option, memory_dtype_opti
 from stm_model.network.checkpoint import warn_if_synthetic_only
 from stm_model.network.stm import STM
 
+def channels_last_on(model: STM) -> None:
+    """The model's 4-D weights in channels-last layout (in place; values unchanged) on a CPU,
+    where oneDNN's convolutions and max-pooling then run without reordering every activation
+    (docs/performance.md has the measured step times). A GPU's model keeps its layout until a
+    GPU run measures the other."""
+    if next(model.parameters()).device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+
+
 class SessionCore:
     """The model side of a segmenting session (see the module docstring).
 
@@ -45,6 +54,7 @@ class SessionCore:
                  amp_dtype: DtypeName = None, read_backend: Optional[str] = None) -> None:
         amp = dtype_option("amp_dtype", amp_dtype)
         self.model = model.eval()
+        channels_last_on(model)
         warn_if_synthetic_only(model, stacklevel=3)  # the caller of the session's __init__
         parameter = next(model.parameters())
         self.device, self.model_dtype = parameter.device, parameter.dtype

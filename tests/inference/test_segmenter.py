@@ -205,3 +205,35 @@ def test_long_video_memory_grows_only_with_the_bank(small_model):
     config = small_model.config
     assert seg.memory_bytes == 2 * (config.key_dim + config.value_dim) * 64 * (2 * 3) * 4
     assert len(bank.slot_frames) == 41
+
+
+def test_a_cpu_session_lays_the_weights_out_channels_last(monkeypatch):
+    """On a CPU every session puts the model's 4-D weights in channels-last layout (faster
+    convolutions and max-pooling there; docs/performance.md): the same probabilities as
+    the model left in its own layout, to float32 rounding."""
+    from stm_model import BatchSegmenter, InteractiveSession
+    from stm_model.inference import session
+    torch.manual_seed(0)
+    frames = torch.rand(6, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(48, 64, dtype=torch.int64)
+    mask[8:30, 10:40] = 1
+
+    def probabilities(model):
+        segmenter = VideoSegmenter(model, mem_every=2)
+        return [segmenter.step(frame, mask=mask if t == 0 else None)
+                for t, frame in enumerate(frames)]
+    model = STM(STMConfig.small()).eval()
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    with monkeypatch.context() as patched:
+        patched.setattr(session, "channels_last_on", lambda model: None)
+        as_given = probabilities(model)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    laid_out = probabilities(model)
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    for actual, expected in zip(laid_out, as_given, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
+    for made in (BatchSegmenter(STM(STMConfig.small())),
+                 InteractiveSession(STM(STMConfig.small(interactive=True)), frames, 1)):
+        assert all(p.is_contiguous(memory_format=torch.channels_last)
+                   for p in made.model.parameters() if p.dim() == 4)
