@@ -36,6 +36,9 @@ every variant such a warm-up); per-read times are not available inside the compi
 (read_timed false). Variant fused-graphs: VideoSegmenter(compile={"mode": "reduce-overhead"}):
 the query encoder, decoder and memory encoder compiled and replayed as CUDA graphs (on a GPU;
 a CPU runs them compiled), the read eager between them, so its time per frame is recorded.
+Variant fused-channels-last: the model's weights laid out channels-last before the segmenter
+takes it, which a GPU's session otherwise leaves as they are (on a CPU every session does it:
+there the variant is "fused").
 """
 import pathlib
 import sys
@@ -57,6 +60,7 @@ VARIANTS = {  # name: VideoSegmenter options ("fused" = triton on CUDA, torch on
     "fused-fp16-offload": dict(read="fused", memory_dtype="fp16", offload=True),
     "fused-compile": dict(read="fused", compile=True),
     "fused-graphs": dict(read="fused", compile={"mode": "reduce-overhead"}),
+    "fused-channels-last": dict(read="fused", channels_last=True),
 }
 INPUT_RESOLUTIONS = {"480p": (480, 854), "1080p": (1080, 1920), "4k": (2160, 3840)}
 # the masked frame, then predictions: compiles every function, and with CUDA graphs each is
@@ -177,6 +181,8 @@ def run_variant(spec):
         else "naive"
     torch.manual_seed(0)
     model, model_name = common.build_model(spec["model"], device)
+    if options.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
     cycle_frames, first_labels, video_name = load_video(
         spec["source"], max(spec["lengths"]), tuple(spec["size"]), spec["sequence"])
     cycle_frames = cycle_frames.to(device)

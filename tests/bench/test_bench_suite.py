@@ -100,8 +100,8 @@ def test_ping_pong_walks_the_clip_forwards_and_backwards():
 def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
     assert long_video.main(["--device", "cpu", "--lengths", "6", "12", "--size", "48", "64",
-                            "--variants", "fused", "naive", "--source", "synthetic",
-                            "--mem-every", "3"]) == 0
+                            "--variants", "fused", "naive", "fused-channels-last", "--source",
+                            "synthetic", "--mem-every", "3"]) == 0
     [path] = tmp_path.glob("long_video_cpu_*.json")
     payload = json.loads(path.read_text())
     assert (tmp_path / (path.stem + ".png")).exists()
@@ -112,7 +112,7 @@ def test_long_video_records_fps_memory_and_read_times(tmp_path, monkeypatch, cap
         assert all(0 < r <= f for r, f in zip(record["read_ms"][1:], record["frame_ms"][1:],
                                                  strict=True))
         assert record["read_ms"][0] == 0  # the first frame has no memory to read
-    assert [r["read_backend"] for r in payload["records"]] == ["torch", "naive"]
+    assert [r["read_backend"] for r in payload["records"]] == ["torch", "naive", "torch"]
     assert "| fused | torch | 12 | 5 |" in capsys.readouterr().out
 
 

@@ -38,8 +38,8 @@
 #      shape, and on the forwards alone at N = 16,200: the DRAM and L2 bytes, tensor-pipe use
 #      and occupancy of docs/kernels.md's figures table), `cutie` (Cutie at 480p and 1080p,
 #      120 s per run, towards the length where its own read runs out of memory), then
-#      `graphs` (the per-frame network as CUDA graphs against eager, the read eager in both:
-#      issue 57 item 3's last candidate).
+#      `graphs` (the per-frame network as CUDA graphs, and with channels-last weights, against
+#      eager: the read eager in all three; issue 57 item 3's last candidate).
 # `first`, `second` and `cutie` need Cutie, which the machine lacks: run `python -m
 # tools.gpu_session.deps` here first and pass carry=[".gpu_deps"] to the call.
 #
@@ -49,7 +49,8 @@
 #   bash tools/gpu_session/gpu_session.sh second     # self-test, Cutie at 1080p, the fused long video
 #   bash tools/gpu_session/gpu_session.sh profile    # kernel times per pass, ncu, its summary per kernel
 #   bash tools/gpu_session/gpu_session.sh cutie      # Cutie's read vs fused at 480p and 1080p
-#   bash tools/gpu_session/gpu_session.sh graphs     # long video: network eager vs CUDA graphs
+#   bash tools/gpu_session/gpu_session.sh graphs     # long video: network eager, CUDA graphs,
+#                                                    # channels-last
 #   bash tools/gpu_session/gpu_session.sh suspects   # memcheck on the dK/dQ tilings Triton 3.6
 #                                                    # computed wrong on an H100 (bench/NOTES.md)
 #   bash tools/gpu_session/gpu_session.sh tests      # GPU tests (bf16, the Gluon forward, int64 offsets)
@@ -171,10 +172,12 @@ case "${1:-tests}" in
   graphs)
     # The segmenter's per-frame network replayed as CUDA graphs (compile={"mode":
     # "reduce-overhead"}: query encoder, decoder, memory encoder; the read eager between them)
-    # against eager: the official-size STM at 480p, mem_every 5, fused read, 150 s each after
-    # a warm-up that compiles and records the graphs (inductor's compile: a minute or two).
+    # and with channels-last weights, against eager as given: the official-size STM at 480p,
+    # mem_every 5, fused read, 110 s each after a warm-up (the graphs' compile and recording:
+    # a minute or two).
     timed "$(until_mark 570)" python3 -m bench long-video --variants fused fused-graphs \
-      --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 150 --warmup 5 ;;
+      fused-channels-last --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 110 \
+      --warmup 5 ;;
   suspects)
     # The dK/dQ tilings that gave wrong gradients (and one an illegal address) on an H100
     # under Triton 3.6, each under memcheck at a small N: an out-of-bounds access is named
