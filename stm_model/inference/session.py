@@ -18,6 +18,7 @@ from stm_model.runtime.devices import DtypeName, dtype_option, memory_dtype_opti
 from stm_model.network.checkpoint import warn_if_synthetic_only
 from stm_model.network.stm import STM
 
+
 def channels_last_on(model: STM) -> None:
     """The model's 4-D weights in channels-last layout (in place; values unchanged) on a CPU,
     where oneDNN's convolutions and max-pooling then run without reordering every activation
