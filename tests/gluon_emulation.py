@@ -331,3 +331,13 @@ class EmulatedKernel:
                 self.state["pid"] = tuple(pid) + (0,) * (3 - len(pid))
                 self.compile(self.kernel)(*args)
         return launch
+
+
+def emulate(monkeypatch, module, kernel_name):
+    """module.<kernel_name> (a Gluon kernel) replaced by its EmulatedKernel for the test and
+    module.unsupported_reason passed (its device checks refuse CPU tensors); returns the
+    EmulatedKernel, which records its launches."""
+    emulated = EmulatedKernel(getattr(module, kernel_name))
+    monkeypatch.setattr(module, kernel_name, emulated)
+    monkeypatch.setattr(module, "unsupported_reason", lambda *args, **kwargs: None)
+    return emulated

@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 
 from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # noqa: E402
                          pretended_h100)
-from gluon_emulation import EmulatedKernel  # noqa: E402
+from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward  # noqa: E402
 
@@ -90,10 +90,7 @@ EMULATED_CASES = [
 @pytest.fixture
 def emulated_kernel(monkeypatch):
     """The Gluon kernel replaced by its CPU emulation, its device checks passed."""
-    emulated = EmulatedKernel(gluon_backward.memory_read_ws_bwd_dkdq_kernel)
-    monkeypatch.setattr(gluon_backward, "memory_read_ws_bwd_dkdq_kernel", emulated)
-    monkeypatch.setattr(gluon_backward, "unsupported_reason", lambda *args, **kwargs: None)
-    return emulated
+    return emulate(monkeypatch, gluon_backward, "memory_read_ws_bwd_dkdq_kernel")
 
 
 @needs_gluon

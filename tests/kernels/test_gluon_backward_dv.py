@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 
 from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # noqa: E402
                          pretended_h100)
-from gluon_emulation import EmulatedKernel  # noqa: E402
+from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward_dv  # noqa: E402
 
@@ -99,10 +99,7 @@ EMULATED_CASES = [
 @pytest.fixture
 def emulated_kernel(monkeypatch):
     """The Gluon kernel replaced by its CPU emulation, its device checks passed."""
-    emulated = EmulatedKernel(gluon_backward_dv.memory_read_ws_bwd_dv_kernel)
-    monkeypatch.setattr(gluon_backward_dv, "memory_read_ws_bwd_dv_kernel", emulated)
-    monkeypatch.setattr(gluon_backward_dv, "unsupported_reason", lambda *args, **kwargs: None)
-    return emulated
+    return emulate(monkeypatch, gluon_backward_dv, "memory_read_ws_bwd_dv_kernel")
 
 
 @needs_gluon
@@ -203,9 +200,7 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
     from stm_kernels.experimental import gluon_backward
     if not launchers.INTERPRETING:
         pytest.skip("the forward needs TRITON_INTERPRET=1 on CPU")
-    dkdq = EmulatedKernel(gluon_backward.memory_read_ws_bwd_dkdq_kernel)
-    monkeypatch.setattr(gluon_backward, "memory_read_ws_bwd_dkdq_kernel", dkdq)
-    monkeypatch.setattr(gluon_backward, "unsupported_reason", lambda *args, **kwargs: None)
+    dkdq = emulate(monkeypatch, gluon_backward, "memory_read_ws_bwd_dkdq_kernel")
     monkeypatch.setattr(launchers, "_warned", set())
     with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             warnings.catch_warnings():

@@ -21,7 +21,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from gluon_cases import pretended_h100  # noqa: E402
-from gluon_emulation import EmulatedKernel  # noqa: E402
+from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
@@ -132,10 +132,7 @@ EMULATED_CASES = [
 def emulated_kernel(monkeypatch):
     """The Gluon kernel replaced by its CPU emulation, its device checks passed: the
     EmulatedKernel, which records its launches."""
-    emulated = EmulatedKernel(gluon_forward.memory_read_ws_fwd_kernel)
-    monkeypatch.setattr(gluon_forward, "memory_read_ws_fwd_kernel", emulated)
-    monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args, **kwargs: None)
-    return emulated
+    return emulate(monkeypatch, gluon_forward, "memory_read_ws_fwd_kernel")
 
 
 @pytest.fixture
