@@ -202,6 +202,7 @@ def test_passes_run_in_the_interpreter_and_gluon_is_skipped_without_sm90():
     assert [run["name"] for run in runs] == [
         "forward", "forward+backward", "forward (Gluon)", "forward (Gluon, split rows)",
         "forward+backward (Gluon dV, dK/dQ)"]
+    assert [run["name"] for run in runs] == list(profile_target.PASS_NAMES)  # --passes' choices
     assert [run["flops"] for run in runs] == [2.0 * 2 * 20 * 70 * 40 * f
                                               for f in (1, 3.5, 1, 1, 3.5)]
     for run in runs[:2]:
