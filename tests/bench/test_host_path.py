@@ -25,7 +25,7 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
         "usage launcher, no launch", "op, no launch", "forward + backward, no launch",
         *["Gluon backward launcher, no launch"] * gluon_forward.AVAILABLE,
         *[f"{path}, memory_read_bwd_kernel_{name}, no launch"
-          for path in ("Triton's binding", "direct launch") for name in ("dv", "dkdq")])]
+          for path in ("Triton's binding", "direct launch") for name in ("prepare", "dv", "dkdq")])]
     binding = [f"{path}, memory_read_{name}_kernel, no launch"
                for path in ("Triton's binding", "direct launch") for name in ("fwd", "merge")]
     # the Gluon rows where its TMA reads the memory: N % 8 == 0 (3,240, not 1,620)

@@ -99,9 +99,9 @@ def test_every_kernel_gets_the_arguments_and_alignment_tritons_binder_gives():
     launches = recorded_launches()
     names = {kernel.fn.__name__ for kernel, *_ in launches}
     assert names == {"memory_read_fwd_kernel", "memory_read_merge_kernel",
-                     "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq",
-                     "memory_read_bwd_kernel_dq", "memory_read_topk_kernel",
-                     "memory_read_usage_kernel"}
+                     "memory_read_bwd_kernel_prepare", "memory_read_bwd_kernel_dv",
+                     "memory_read_bwd_kernel_dkdq", "memory_read_bwd_kernel_dq",
+                     "memory_read_topk_kernel", "memory_read_usage_kernel"}
     for kernel, grid, arguments, options in launches:
         fixed, tensors = host_path.fixed_and_tensors(arguments)
         launcher = Launcher()

@@ -195,13 +195,27 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
     backward = [(name, atomic, config) for name, atomic, config in launched
                 if name != "memory_read_fwd_kernel"]
     assert [name for name, _, _ in backward] == [
-        "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq", "memory_read_bwd_kernel_dq"]
-    assert backward[1][1:] == (False, apart)  # dK without the dQ atomics, the dk tiling
+        "memory_read_bwd_kernel_prepare", "memory_read_bwd_kernel_dv",
+        "memory_read_bwd_kernel_dkdq", "memory_read_bwd_kernel_dq"]
+    assert backward[2][1:] == (False, apart)  # dK without the dQ atomics, the dk tiling
+    # the kept backward (its prepare kernel planned for the atomics when the fused dK/dQ
+    # kernel failed) gives the same gradients
+    launched.clear()
+    try:
+        torch.use_deterministic_algorithms(deterministic)
+        again = ragged_read_with_grads(q, k, v, lengths, cotangents, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+    kept = [prepared for prepared in launch._prepared.values()
+            if isinstance(prepared, launch.PreparedBackward)]
+    assert len(kept) == 1 and kept[0].dq is not None and kept[0].zero_dq != deterministic
+    for first, second in zip(results, again, strict=True):
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kernel, call", [
-    ("fwd_kernel", "forward"), ("merge_kernel", "forward"), ("dv", "backward"),
-    ("dkdq", "backward"), ("topk_kernel", "select"), ("usage_kernel", "usage")])
+    ("fwd_kernel", "forward"), ("merge_kernel", "forward"), ("prepare", "backward"),
+    ("dv", "backward"), ("dkdq", "backward"), ("topk_kernel", "select"), ("usage_kernel", "usage")])
 def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, call):
     run, counts = failing([kernel])
     monkeypatch.setattr(launch, "run", run)

@@ -189,18 +189,19 @@ def test_nothing_kept_holds_a_tensor(monkeypatch):
     kept = _prepared()
     assert len(kept) == 2
     launches = [launched for prepared in kept for launched in (
-        getattr(prepared, name, None) for name in ("forward", "merge", "dv", "dkdq", "dq"))
+        getattr(prepared, name, None)
+        for name in ("forward", "merge", "prepare", "dv", "dkdq", "dq"))
         if launched is not None]
-    assert len(launches) == 4 and all(launched.direct is not None for launched in launches)
+    assert len(launches) == 5 and all(launched.direct is not None for launched in launches)
     assert _tensors_in(kept) == []
 
 
 @pytest.mark.parametrize("with_lse_gradient", [False, True], ids=["dO", "dO-and-dlse"])
 def test_a_kept_backward_runs_only_its_own_torch_work(with_lse_gradient):
-    # Beside its kernels (dropped here) a kept bf16 backward computes delta from dO and O
-    # (one float32 copy of dO, one product, one sum; minus d lse in place), pads q and dO
-    # (their rows are 30 apart), zeroes the dQ accumulator and casts dQ: no copy of O, no
-    # pass of its own to scale dQ (the kernels add it scaled). Each operation is a launch on a
+    # Beside its kernels (dropped here) a kept bf16 backward only casts dQ: delta (from dO and
+    # O, minus d lse), the copies of q and dO with aligned rows (theirs are 30 apart) and the
+    # zeroed dQ accumulator are the prepare kernel's, one launch; no copy of O, no pass of its
+    # own to scale dQ (the kernels add it scaled). Each torch operation would be a launch on a
     # GPU, at ten memory frames about as long as the kernels (docs/performance.md).
     generator = torch.Generator().manual_seed(0)
     q, k, v, out, grad_out = (torch.randn(shape, generator=generator).bfloat16()
@@ -208,21 +209,31 @@ def test_a_kept_backward_runs_only_its_own_torch_work(with_lse_gradient):
                                             (2, 24, 30)))
     lse = torch.randn(2, 30, generator=generator)
     grad_lse = torch.randn(2, 30, generator=generator) if with_lse_gradient else None
+    launched = []
 
     def backward():
         return launch.triton_backward(grad_out, grad_lse, q, k, v, out, lse, 0.25, False)
 
     # (without the suite's NaN poisoning of every new buffer, a fill of its own)
-    with launch.recording(lambda *arguments: None), poison_outputs(False):
+    with launch.recording(lambda kernel, grid, arguments, *_: launched.append(
+            (kernel.fn.__name__, arguments))), poison_outputs(False):
         backward()  # plans and keeps the launches
+        launched.clear()
         with RecordedOps() as recorded:
             dq, _, _ = backward()
     counts = recorded.counts()
-    arithmetic = {name: calls for name, calls in counts.items()
-                  if name not in ("empty", "slice", "zeros")}
-    assert arithmetic == {"_to_copy": 2, "mul": 1, "sum": 1, "copy_": 2,
-                          **({"sub_": 1} if with_lse_gradient else {})}
-    assert counts["zeros"] == 1 and dq.dtype == torch.bfloat16
+    arithmetic = {name: calls for name, calls in counts.items() if name not in ("empty", "slice")}
+    assert arithmetic == {"_to_copy": 1} and dq.dtype == torch.bfloat16
+    assert [name for name, _ in launched] == [
+        "memory_read_bwd_kernel_prepare", "memory_read_bwd_kernel_dv",
+        "memory_read_bwd_kernel_dkdq"]
+    prepare = launched[0][1]
+    assert (prepare["COPY_DO"], prepare["COPY_Q"], prepare["ZERO_DQ"], prepare["GRAD_LSE"]) == \
+        (True, True, True, with_lse_gradient)
+    # the kernels after it read its buffers
+    for name, arguments in launched[1:]:
+        assert arguments["do"] is prepare["do_copy"] and arguments["q"] is prepare["q_copy"], name
+    assert launched[2][1]["delta"] is prepare["delta"] and launched[2][1]["dq"] is prepare["dq"]
 
 
 @pytest.mark.parametrize("dtype, streamed, copies", [
@@ -288,7 +299,8 @@ def test_every_launch_passes_exactly_its_kernels_parameters(checked_launches, de
     finally:
         torch.use_deterministic_algorithms(False)
     per_call = ["memory_read_fwd_kernel", "memory_read_merge_kernel",
-                "memory_read_bwd_kernel_dv", "memory_read_bwd_kernel_dkdq"]
+                "memory_read_bwd_kernel_prepare", "memory_read_bwd_kernel_dv",
+                "memory_read_bwd_kernel_dkdq"]
     per_call += ["memory_read_bwd_kernel_dq"] * deterministic
     assert checked_launches == per_call * 2
 

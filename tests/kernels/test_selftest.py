@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stm_kernels import selftest
-from stm_kernels.backends.triton import launch
+from stm_kernels.backends.triton import launch, tilings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_the_interpreted_self_test_runs_every_kernel(tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert report["backend"] == "triton" and report["passed"]
     kernels = {name.split(" on ")[0] for name in report["configs"]}
-    assert kernels == {"forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage"}
+    assert kernels == set(tilings.KERNELS)
     assert report["warnings"] == []  # no fallback to torch
     assert report["compiled"] == []  # the interpreter compiles nothing
 
@@ -86,7 +86,6 @@ def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monk
     """Every launch keeps the registers and local memory (spilled registers) of its compiled
     kernel, the most seen per device, kernel and config; the self-test's JSON lists them and
     its summary names the kernels that spill. (A stand-in for a GPU's compiled kernel.)"""
-    from stm_kernels.backends.triton import tilings
     from stm_kernels.backends.triton.devices import KIB, Device
     monkeypatch.setattr(launch, "_resources", {})
 

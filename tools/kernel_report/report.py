@@ -45,7 +45,10 @@ FORWARD_RATIO_TARGET = 1.2
 TOTAL_RATIO_TARGET = 1.3
 # dk, dq: dK and dQ by two kernels, the deterministic backward's (and, where tilings.SEPARATE_DQ
 # says, every backward's); dkdq: the fused kernel with dQ by atomics.
-KERNEL_ORDER = ("forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage")
+KERNEL_ORDER = ("forward", "merge", "prepare", "dv", "dkdq", "dk", "dq", "select", "usage")
+# Kernels without a product of tiles (a merge of partial reads, the backward's elementwise
+# prepare pass): no MACs per pair to count, no matrix instruction expected.
+NO_DOT_KERNELS = ("merge", "prepare")
 # The sources whose change can change a compile: the report records their hash.
 KERNEL_SOURCES = ("stm_kernels/backends/triton/kernels/forward.py",
                   "stm_kernels/backends/triton/kernels/backward.py",
@@ -137,7 +140,7 @@ def fields(config):
 def _tile(record):
     """(tile pairs of one main-loop iteration, programs repeating a pair) of a launch."""
     arguments = record.arguments
-    if record.kernel == "merge":
+    if record.kernel in NO_DOT_KERNELS:
         return None, 0
     block = arguments["BLOCK_M"] * arguments["BLOCK_N"]
     return block, arguments.get("NUM_V", 1)
@@ -326,7 +329,7 @@ def shortfalls(payload):
                     found.append((key, f"{here}: shared memory {row['shared_bytes']} > "
                                        f"{row['shared_limit']}"))
                 fma = row["dots"] and all(dot["fma"] for dot in row["dots"])
-                if not row["mma"] and not fma and row["kernel"] != "merge":
+                if not row["mma"] and not fma and row["kernel"] not in NO_DOT_KERNELS:
                     found.append(((architecture, None, None, None),  # a matrix unit not parsed
                                   f"{here}: work not read (no matrix instruction nor FMA dot "
                                   f"the report parses)"))

@@ -31,8 +31,8 @@ import torch
 from stm_kernels.backends.triton import launch, tilings
 from stm_kernels.backends.triton.tilings import (DkdqConfig as K, DqConfig as Q,
                                                  DvConfig as V, ForwardConfig as F,
-                                                 MergeConfig as M, SelectConfig as S,
-                                                 UsageConfig as U)
+                                                 MergeConfig as M, PrepareConfig as P,
+                                                 SelectConfig as S, UsageConfig as U)
 from tools.kernel_report import report
 from tools.kernel_report.compile import TARGETS
 
@@ -65,6 +65,7 @@ CANDIDATES = {
                      # channel in one program (a value chunk would recompute the scores)
                      F(32, 16, None, 8, 1), F(16, 16, None, 4, 1), F(16, 16, None, 2, 1)],
     ("merge", 2): [M(64, 64, 4, 1), M(32, 64, 4, 1), M(32, 32, 4, 1)],
+    ("prepare", 2): [P(32, 64, 4, 1), P(64, 64, 4, 1), P(32, 32, 4, 1)],
     ("dv", 2): [V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1), V(128, 16, 256, 8, 2),
                 V(128, 32, 256, 4, 2), V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),
                 V(64, 32, 256, 8, 2), V(64, 16, 256, 4, 1), V(128, 32, 128, 8, 2),
@@ -132,10 +133,12 @@ CANDIDATES[("select", 4)][_AFTER_64_ROWS:_AFTER_64_ROWS] = [S(64, 4, 1, block_ck
                                                            S(32, 4, 1, block_ck=64)]
 CANDIDATES.update({("dk", 2): CANDIDATES[("dkdq", 2)], ("dk", 4): CANDIDATES[("dkdq", 4)],
                    ("merge", 4): CANDIDATES[("merge", 2)],
+                   ("prepare", 4): CANDIDATES[("prepare", 2)],
                    ("usage", 4): CANDIDATES[("usage", 2)]})
 # The kernels of each runtime entry point, and the pass that launches them.
-PASS_OF = dict(forward="forward", merge="forward", dv="backward", dkdq="backward",
-               dk="deterministic", dq="deterministic", select="select", usage="usage")
+PASS_OF = dict(forward="forward", merge="forward", prepare="backward", dv="backward",
+               dkdq="backward", dk="deterministic", dq="deterministic", select="select",
+               usage="usage")
 # Per precision class: (report precision the search compiles, element size).
 CLASSES = {"16-bit": ("bf16", 2), "tf32": ("tf32", 4), "fp32": ("fp32", 4)}
 # Per key width: the cases that must pass: dot and l2 at Ck = 128 (STM, STCN); XMem's
@@ -325,7 +328,7 @@ def main(argv=None):
     for kernel in args.kernels:
         starts = {}  # where the search of the narrower key or faster precision ended
         for precision_class in args.precisions:
-            widths = args.widths if kernel != "merge" else [128]
+            widths = args.widths if kernel not in report.NO_DOT_KERNELS else [128]
             for width in widths:
                 _, size = CLASSES[precision_class]
                 narrower = [starts.get((size, w), 0) for w in tilings.KEY_WIDTHS if w < width]

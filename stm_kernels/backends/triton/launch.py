@@ -3,7 +3,8 @@
     triton_forward   memory_read_fwd_kernel over (query block, object x value chunk, memory
                      split), then memory_read_merge_kernel when the memory is split
                      (flash-decoding); or, opted in, the warp-specialised Gluon forward
-    triton_backward  delta = rowsum(dO * O) - d lse on the host, then
+    triton_backward  memory_read_bwd_kernel_prepare (delta = rowsum(dO * O) - d lse, aligned
+                     copies of dO and q, the zeroed dQ), then
                      memory_read_bwd_kernel_dv and memory_read_bwd_kernel_dkdq (dQ by atomics;
                      under torch.use_deterministic_algorithms, and where dK+dQ does not fit
                      the device, memory_read_bwd_kernel_dq)
@@ -50,7 +51,8 @@ from .direct_launch import DirectLaunch
 from .compat import patch_interpreter_index
 from .devices import INTERPRETING
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
-                               memory_read_bwd_kernel_dv, memory_read_usage_kernel)
+                               memory_read_bwd_kernel_dv, memory_read_bwd_kernel_prepare,
+                               memory_read_usage_kernel)
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import memory_read_topk_kernel
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
@@ -452,19 +454,27 @@ def _strides(name, t, suffixes):
             for suffix, stride in zip(suffixes, t.stride(), strict=True)}
 
 
-def _padded_rows(t, compact=False):
-    """t (B, C, L) with rows starting on 16-element boundaries: a padded copy unless they
-    already do (compact: also exactly round16(L) apart, with no gaps between channels). Used
-    for query-sized tensors (q, dO), which the kernels re-read per block."""
-    length = t.shape[2]
-    padded_length = cdiv(length, 16) * 16
+def _rows_aligned(t, compact=False):
+    """Whether the rows of t (B, C, L) start on 16-element boundaries (compact: also exactly
+    round16(L) apart, with no gaps between channels)."""
+    padded_length = cdiv(t.shape[2], 16) * 16
     channel_ok = t.stride(1) == padded_length if compact else t.stride(1) % 16 == 0
     batch_ok = t.shape[0] == 1 or t.stride(0) % 16 == 0
-    if t.stride(2) == 1 and channel_ok and batch_ok:
-        return t
-    padded = torch.empty((t.shape[0], t.shape[1], padded_length), dtype=t.dtype,
-                         device=t.device).narrow(2, 0, length)  # narrow: no indexing machinery
-    return padded.copy_(t)
+    return t.stride(2) == 1 and channel_ok and batch_ok
+
+
+def _padded_buffer(t, dtype=None):
+    """An empty (B, C, L) buffer like t (or of `dtype`) whose rows are round16(L) apart."""
+    length = t.shape[2]
+    return new_buffer((t.shape[0], t.shape[1], cdiv(length, 16) * 16), dtype or t.dtype,
+                      t.device).narrow(2, 0, length)  # narrow: no indexing machinery
+
+
+def _padded_rows(t, compact=False):
+    """t (B, C, L) with rows starting on 16-element boundaries (_rows_aligned): a padded copy
+    unless they already do. Used for query-sized tensors (q, dO), which the kernels re-read
+    per block."""
+    return t if _rows_aligned(t, compact) else _padded_buffer(t).copy_(t)
 
 
 def _memory_term(k, l2, rank1):
@@ -644,9 +654,10 @@ def _gluon_dv(call, inputs, v, scale, l2, asked):
     return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dV kernel", call, run, asked)
 
 
-def _gluon_dkdq(call, inputs, v, delta, scale, l2, asked):
-    """(dk, dq, GluonDkdqLaunch) of the Gluon dK/dQ kernel, run once; None where it cannot
-    run (with a warning where it was asked for)."""
+def _gluon_dkdq(call, inputs, v, delta, dq, scale, l2, asked):
+    """(dk, dq, GluonDkdqLaunch) of the Gluon dK/dQ kernel, run once, adding into dq (the
+    zeroed float32 buffer of the atomics); None where it cannot run (with a warning where it
+    was asked for)."""
     q, k, do = inputs["q"], inputs["k"], inputs["do"]
     config = warp_specialized_backward_config()
     gluon = _usable_gluon(call, WARP_SPECIALIZED_BACKWARD_ENV, "gluon_backward",
@@ -657,7 +668,6 @@ def _gluon_dkdq(call, inputs, v, delta, scale, l2, asked):
 
     def run():
         dk = new_buffer(tuple(k.shape), k.dtype, k.device)
-        dq = _atomic_dq(q)
         ws = gluon.prepare(q, k, v, do, inputs["lse"], delta, dq, dk, scale=scale, l2=l2,
                            config=config)
         ws(q, k, v, do, inputs["lse"], delta, dq, dk)
@@ -939,33 +949,63 @@ def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
 # --------------------------------------------------------------------------- backward
 
 
-def _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths):
-    """(the tensors every backward kernel reads, delta (B, HW) float32): q and dO with
-    16-aligned rows, dQ accumulating with q's own compact strides (see the dK/dQ kernel)."""
-    # delta_i = sum_c dO_ci O_ci, minus the incoming gradient of lse (d lse / d s = p).
-    # (the product promotes out to float32 as it multiplies: no float32 copy of out is made;
-    # not in place: float() of a float32 dO is dO itself, the caller's)
-    delta = (grad_out.float() * out).sum(1)
-    if grad_lse is not None:
-        delta.sub_(grad_lse)
-    inputs = dict(q=_padded_rows(q, compact=True), k=k, do=_padded_rows(grad_out),
-                  lse=lse.contiguous(), lengths=_lengths_argument(lengths, k)[0])
-    return inputs, delta.contiguous()
+def _prepare_tensors(grad_out, grad_lse, q, out, atomic_dq):
+    """The prepare kernel's tensor arguments (memory_read_bwd_kernel_prepare) with the buffers
+    it fills: delta (B, HW) float32; dO and q with 16-aligned rows (q compact: dQ accumulates
+    with its strides), the caller's own where they already are (then only read); with
+    atomic_dq the float32 dQ buffer it zeroes. An argument a call does not use (no incoming
+    gradient of lse, no dQ buffer) points at delta."""
+    B, _, HW = grad_out.shape
+    delta = new_buffer((B, HW), torch.float32, grad_out.device)
+    q_rows = q if _rows_aligned(q, compact=True) else _padded_buffer(q)
+    return dict(do=grad_out, o=out, dlse=delta if grad_lse is None else grad_lse, delta=delta,
+                do_copy=grad_out if _rows_aligned(grad_out) else _padded_buffer(grad_out),
+                q=q, q_copy=q_rows,
+                dq=_padded_buffer(q_rows, torch.float32) if atomic_dq else delta)
+
+
+def _backward_inputs(filled, k, lse, lengths):
+    """(the tensors every backward kernel reads, delta, dQ's zeroed buffer or None) from the
+    prepare kernel's tensors (_prepare_tensors), once it has run."""
+    inputs = dict(q=filled["q_copy"], k=k, do=filled["do_copy"], lse=lse.contiguous(),
+                  lengths=_lengths_argument(lengths, k)[0])
+    dq = filled["dq"]
+    return inputs, filled["delta"], None if dq is filled["delta"] else dq
+
+
+def _prepare_backward(call, grad_out, grad_lse, q, out, atomic_dq, i64):
+    """(the prepare kernel's tensors, its KernelLaunch), run once."""
+    filled = _prepare_tensors(grad_out, grad_lse, q, out, atomic_dq)
+    B, Cv, HW = grad_out.shape
+    flags = dict(GRAD_LSE=grad_lse is not None, COPY_DO=filled["do_copy"] is not grad_out,
+                 COPY_Q=filled["q_copy"] is not q, ZERO_DQ=atomic_dq, I64=i64)
+
+    def launch(config):
+        fixed = dict(**_strides("do", grad_out, "bcm"), **_strides("o", out, "bcm"),
+                     **_strides("gl", filled["dlse"], "bm"),
+                     **_strides("d", filled["delta"], "bm"),
+                     **_strides("c", filled["do_copy"], "bcm"), **_strides("q", q, "bcm"),
+                     **_strides("p", filled["q_copy"], "bcm"),
+                     **(_strides("dq", filled["dq"], "bcm") if atomic_dq else
+                        dict(stride_dqb=0, stride_dqc=0, stride_dqm=0)),  # dq unused
+                     HW=HW, CV=Cv, QC=q.shape[1], BQ=q.shape[0], BLOCK_M=config.block_m,
+                     BLOCK_C=config.block_c, **flags)
+        prepare = KernelLaunch(memory_read_bwd_kernel_prepare, (cdiv(HW, config.block_m), B),
+                               config, fixed)
+        prepare(call, first=True, **filled)
+        return prepare
+
+    prepare = launch_first_that_runs("prepare", call, _signature(call, grad_out.dtype, i64),
+                                     launch)
+    return filled, prepare
 
 
 def backward_operands(q, k, v):
-    """Empty (q, dO) laid out as the backward passes them to its kernels (_backward_inputs'
+    """Empty (q, dO) laid out as the backward passes them to its kernels (_prepare_tensors'
     padding), for a kernel's layout check; nothing of q is read."""
     q = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
     do = torch.empty((k.shape[0], v.shape[1], q.shape[2]), dtype=v.dtype, device=v.device)
     return _padded_rows(q, compact=True), _padded_rows(do)
-
-
-def _atomic_dq(q):
-    """The zeroed dQ buffer (Bq, Ck, HW) float32 that the dK/dQ kernel's atomics add into,
-    with the padded query's strides."""
-    dq = torch.zeros(q.shape[:2] + (q.stride(1),), dtype=torch.float32, device=q.device)
-    return dq[:, :, :q.shape[2]]
 
 
 def _summed_dq(parts, q):
@@ -978,24 +1018,28 @@ def _summed_dq(parts, q):
 @dataclasses.dataclass(frozen=True, eq=False)
 class PreparedBackward:
     """A backward planned for one layout: its kernel launches, each with its chosen config.
-    dq is None where the dK/dQ kernel accumulates dQ by atomics; else dkdq computes dK alone
-    and dq is the deterministic dQ kernel's launch, writing partials of shape dq_parts."""
+    dq is None where the dK/dQ kernel accumulates dQ by atomics (into the buffer the prepare
+    kernel zeroes); else dkdq computes dK alone and dq is the deterministic dQ kernel's launch,
+    writing partials of shape dq_parts."""
     call: Call
     l2: bool
+    prepare: KernelLaunch
     dv: KernelLaunch
     dkdq: KernelLaunch
     dq: KernelLaunch | None = None
     dq_parts: tuple | None = None
+    zero_dq: bool = True  # the prepare kernel zeroes a dQ buffer (planned for the atomics)
 
     def __call__(self, grad_out, grad_lse, q, k, v, out, lse, lengths):
-        inputs, delta = _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths)
+        filled = _prepare_tensors(grad_out, grad_lse, q, out, self.zero_dq)
         B, Ck, N = k.shape
         dv = new_buffer((B, v.shape[1], N), v.dtype, k.device)
         dk = new_buffer((B, Ck, N), k.dtype, k.device)
         with device_context(k.device):
+            self.prepare(self.call, **filled)
+            inputs, delta, dq = _backward_inputs(filled, k, lse, lengths)
             self.dv(self.call, dv=dv, **inputs)
             if self.dq is None:
-                dq = _atomic_dq(inputs["q"])
                 self.dkdq(self.call, v=v, delta=delta, dk=dk, dq=dq, **inputs)
             else:
                 self.dkdq(self.call, v=v, delta=delta, dk=dk, dq=delta, **inputs)
@@ -1034,35 +1078,45 @@ def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v, dq_scale):
 
 def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """Gradients (dq shaped like q, dk, dv) of the read; probabilities are recomputed from lse.
-    With lengths, positions past an object's length get zero dk, dv. dq is accumulated with
-    atomics, except under torch.use_deterministic_algorithms(True), where a third kernel
-    computes it in a fixed order (bitwise reproducible; about 40% more backward work). Where
-    the fused dK/dQ kernel does not fit the device (tilings.SEPARATE_DQ), or none of its
-    candidates runs there, dK and dQ take those two kernels in every mode. Planned once per
-    layout (_layout_key)."""
+    A first kernel (memory_read_bwd_kernel_prepare) makes what the others read besides the
+    inputs: delta, dO and q with aligned rows, the zeroed dQ accumulator. With lengths,
+    positions past an object's length get zero dk, dv. dq is accumulated with atomics, except
+    under torch.use_deterministic_algorithms(True), where a third kernel computes it in a
+    fixed order (bitwise reproducible; about 40% more backward work). Where the fused dK/dQ
+    kernel does not fit the device (tilings.SEPARATE_DQ), or none of its candidates runs
+    there, dK and dQ take those two kernels in every mode. Planned once per layout
+    (_layout_key)."""
     _check_device(q, k, v)
     call = _call(k, "backward", l2)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    layout = _layout_key(("backward", deterministic,
+    layout = _layout_key(("backward", deterministic, grad_lse is None,
                           _switch(WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward)),
-                         call, scale, l2, lengths, q, k, v, grad_out)
+                         call, scale, l2, lengths, q, k, v, grad_out, out,
+                         *(() if grad_lse is None else (grad_lse,)))
     result = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
     if result is not None:
         return result
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
-    inputs, delta = _backward_inputs(grad_out, grad_lse, q, k, out, lse, lengths)
-    q, grad_out, ragged = inputs["q"], inputs["do"], lengths is not None
-    flags = _launch_flags(call, (q, k, v, grad_out), outputs=[(Ck, N), (Cv, N), (Ck, HW)])
+    ragged = lengths is not None
+    padded = cdiv(HW, 16) * 16
+    flags = _launch_flags(call, (q, k, v, grad_out, out),
+                          outputs=[(Ck, N), (Cv, N), (Ck, padded), (Cv, padded)])
     align_k, align_v = _alignment(k), _alignment(v)
     # dK and dQ by two kernels (no atomics): deterministic, or where dK+dQ does not fit
     separate_dq = deterministic or tilings.separates_dq(
         call.architecture, call.precision_class, call.width)
+    signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
+    # the prepare kernel first: the others read its delta, aligned copies and zeroed dQ
+    with device_context(device), kernels_in_sequence(call, "backward pass", signature):
+        filled, prepare = _prepare_backward(call, grad_out, grad_lse, q, out, not separate_dq,
+                                            flags["I64"])
+    inputs, delta, atomic_dq_buffer = _backward_inputs(filled, k, lse, lengths)
+    q, grad_out = inputs["q"], inputs["do"]
     shared = dict(RAGGED=ragged, **_query_strides(q), **_memory_strides("k", k, align_k),
                   **_strides("do", grad_out, "bcm"), **_strides("l", inputs["lse"], "bm"),
                   HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2, ALIGN_K=align_k, **flags)
-    signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
 
     def launch_dv(config):
         block_v, num_v = value_blocks(Cv, config.block_v)
@@ -1079,7 +1133,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         block_cv, num_cv = value_blocks(Cv, config.block_cv)
         dk = new_buffer((B, Ck, N), k.dtype, device)
         # an unused pointer where the dQ kernel computes dq
-        dq = _atomic_dq(q) if atomic_dq else delta
+        dq = atomic_dq_buffer if atomic_dq else delta
         fixed = dict(**_memory_strides("v", v, align_v), **_strides("dk", dk, "bcn"),
                      stride_dqb=0 if q.shape[0] == 1 else dq.stride(0),
                      dq_scale=score_gradient_factor(scale, l2),
@@ -1104,18 +1158,22 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             dv, dv_launch = gluon_dv
         else:
             dv, dv_launch = launch_first_that_runs("dv", call, signature, launch_dv)
-        gluon_dkdq = _gluon_dkdq(call, inputs, v, delta, scale, l2, dkdq_asked) \
-            if dkdq_wanted and not (plain_only or separate_dq) else None
+        gluon_dkdq = None
+        if dkdq_wanted and not (plain_only or separate_dq):
+            gluon_dkdq = _gluon_dkdq(call, inputs, v, delta, atomic_dq_buffer, scale, l2,
+                                     dkdq_asked)
+            if gluon_dkdq is None:  # zeroed again in case it failed after adding into dQ
+                atomic_dq_buffer.zero_()
         if gluon_dkdq is not None:
             dk, dq, gluon_launch = gluon_dkdq
-            prepared = PreparedBackward(call, l2, dv_launch, gluon_launch)
+            kept = PreparedBackward(call, l2, prepare, dv_launch, gluon_launch)
         if not separate_dq and gluon_dkdq is None:
             try:
                 dk, dq, dkdq_launch = launch_first_that_runs(
                     "dkdq", call, signature, lambda config: launch_dkdq(config, True))
-                prepared = PreparedBackward(call, l2, dv_launch, dkdq_launch)
-            except KernelUnavailable:  # no fused tiling runs here: dK and dQ apart
-                separate_dq = True
+                kept = PreparedBackward(call, l2, prepare, dv_launch, dkdq_launch)
+            except KernelUnavailable:  # no fused tiling runs here: dK and dQ apart (the
+                separate_dq = True     # prepare kernel still zeroes the unused dQ buffer)
         if separate_dq:
             dk, _, dk_launch = launch_first_that_runs(
                 "dk", call, signature, lambda config: launch_dkdq(config, False))
@@ -1124,9 +1182,9 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             dq, dq_launch, dq_parts = _dq_without_atomics(
                 call, inputs, shared, v, _memory_term(k, l2, call.rank1), delta, align_v,
                 score_gradient_factor(scale, l2))
-            prepared = PreparedBackward(call, l2, dv_launch, dk_launch, dq_launch,
-                                        dq_parts)
-    _keep_prepared(layout, prepared)
+            kept = PreparedBackward(call, l2, prepare, dv_launch, dk_launch, dq_launch,
+                                    dq_parts, zero_dq=atomic_dq_buffer is not None)
+    _keep_prepared(layout, kept)
     return dq.to(q.dtype), dk, dv
 
 

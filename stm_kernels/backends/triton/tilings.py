@@ -11,7 +11,8 @@ warpgroup repeating another's dot. Why each table looks the way it does, with th
 in docs/kernels.md; the report itself is in docs/kernel_report.md.
 
 Keys of a table: (kernel, precision class, key width), where
-    kernel           "forward", "merge", "dv", "dkdq", "dk" and "dq" (the deterministic
+    kernel           "forward", "merge", "prepare" (the backward's first: delta, aligned
+                     copies, the zeroed dQ), "dv", "dkdq", "dk" and "dq" (the deterministic
                      backward's dK kernel, i.e. dK+dQ without its dQ atomics, and its dQ
                      kernel), "select" (top-k), "usage"
     precision class  "16-bit" (fp16, bf16), "tf32" (float32 under matmul precision "high" or
@@ -32,7 +33,7 @@ import torch
 
 from .devices import INTERPRETING, KIB, Device
 
-KERNELS = ("forward", "merge", "dv", "dkdq", "dk", "dq", "select", "usage")
+KERNELS = ("forward", "merge", "prepare", "dv", "dkdq", "dk", "dq", "select", "usage")
 # A kernel with no entry of its own in a table runs its twin's tilings (the same kernel code).
 TWINS = {"dk": "dkdq"}
 PRECISIONS = ("16-bit", "tf32", "fp32")
@@ -84,6 +85,17 @@ class MergeConfig:
     block_m query positions by block_v value channels per program."""
     block_m: int = 64
     block_v: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+    max_local_bytes: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """Tiling of `memory_read_bwd_kernel_prepare` (the backward's delta, aligned copies and
+    zeroed dQ): block_m query positions per program, block_c channels per loop step."""
+    block_m: int = 32
+    block_c: int = 64
     num_warps: int = 4
     num_stages: int = 1
     max_local_bytes: Optional[int] = None
@@ -174,11 +186,11 @@ class BackwardConfig:
     dk: Optional[DkdqConfig] = None
 
 
-Config = Union[ForwardConfig, MergeConfig, DvConfig, DkdqConfig, DqConfig, SelectConfig,
-               UsageConfig]
-CONFIG_CLASSES = dict(forward=ForwardConfig, merge=MergeConfig, dv=DvConfig, dkdq=DkdqConfig,
-                      dk=DkdqConfig,
-                      dq=DqConfig, select=SelectConfig, usage=UsageConfig)
+Config = Union[ForwardConfig, MergeConfig, PrepareConfig, DvConfig, DkdqConfig, DqConfig,
+               SelectConfig, UsageConfig]
+CONFIG_CLASSES = dict(forward=ForwardConfig, merge=MergeConfig, prepare=PrepareConfig,
+                      dv=DvConfig, dkdq=DkdqConfig, dk=DkdqConfig, dq=DqConfig,
+                      select=SelectConfig, usage=UsageConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,8 +349,8 @@ def splits_last_channel(channels):
 
 
 # Shorthands for the tables below (positional fields in each class's order).
-F, M, V, K, Q, S, U = (ForwardConfig, MergeConfig, DvConfig, DkdqConfig, DqConfig, SelectConfig,
-                       UsageConfig)
+F, M, P, V, K, Q, S, U = (ForwardConfig, MergeConfig, PrepareConfig, DvConfig, DkdqConfig,
+                          DqConfig, SelectConfig, UsageConfig)
 
 _INTERPRETER = Architecture(
     "interpreter", "Triton's CPU interpreter (tests)", "interpreter", 1 << 30,
@@ -346,6 +358,7 @@ _INTERPRETER = Architecture(
     # One Python step per tile operation: the largest tiles are the fastest there.
     tilings={("forward", None, None): (F(32, 32, None, 4, 1),),
              ("merge", None, None): (M(64, 64, 4, 1),),
+             ("prepare", None, None): (P(64, 64, 4, 1),),
              ("dv", None, None): (V(32, 32, None, 4, 1),),
              ("dkdq", None, None): (K(32, 32, 4, 1, None),),
              ("dq", None, None): (Q(32, 32, None, 4, 1),),
@@ -436,6 +449,7 @@ _SM_80 = Architecture(
         ("forward", "tf32", 256): (F(16, 64, 256, 8, 2, stream_queries=True),
                                    F(16, 32, 128, 4, 2, stream_queries=True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "16-bit", 257): (V(128, 32, 128, 8, 2, stream_keys=True),
                                 V(128, 16, 128, 8, 2, stream_keys=True),),
@@ -473,6 +487,7 @@ _SM_86 = Architecture(
         ("forward", "tf32", 256): (F(16, 64, 256, 8, 1, stream_queries=True),
                                    F(16, 32, 256, 4, 1, stream_queries=True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
         ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
@@ -511,6 +526,7 @@ _SM_90 = Architecture(
         ("forward", "tf32", 128): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
         ("forward", "tf32", 256): (F(64, 32, 128, 4, 1), F(32, 32, 128, 4, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
         ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
@@ -543,6 +559,7 @@ _SM_100 = Architecture(
         ("forward", "tf32", 128): (F(64, 32, 256, 8, 3), F(64, 32, 256, 8, 2),),
         ("forward", "tf32", 256): (F(64, 16, 256, 8, 2), F(64, 16, 256, 4, 2),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
         ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
@@ -574,6 +591,7 @@ _SM_120 = Architecture(
         ("forward", "tf32", 256): (F(16, 64, 256, 8, 1, stream_queries=True),
                                    F(16, 32, 256, 4, 1, stream_queries=True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, stream_keys=True), V(128, 16, 128, 8, 2),),
@@ -648,6 +666,7 @@ _GFX90A = Architecture(
         ("forward", "fp32", 128): (F(64, 16, 256, 4, 2), F(32, 32, 256, 4, 1),),
         ("forward", "fp32", 256): (F(32, 32, 256, 2, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
@@ -690,6 +709,7 @@ _GFX942 = Architecture(
         ("forward", "fp32", 128): (F(64, 16, 256, 4, 2), F(64, 32, 256, 4, 1),),
         ("forward", "fp32", 256): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 1), V(64, 16, 128, 4, 2),),
@@ -730,6 +750,7 @@ _GFX950 = Architecture(
                                    F(32, 32, 256, 4, 2),),
         ("forward", "fp32", None): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
+        ("prepare", None, None): (P(32, 64, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(128, 16, 256, 8, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
@@ -822,7 +843,7 @@ EXCEPTIONS: dict = {
 
 
 # Which kernels each read launches: a read the torch backend takes (ON_TORCH) launches none.
-READS = {"forward": ("forward", "merge"), "backward": ("dv", "dkdq", "dk", "dq"),
+READS = {"forward": ("forward", "merge"), "backward": ("prepare", "dv", "dkdq", "dk", "dq"),
          "select": ("select",), "usage": ("usage",)}
 
 # Reads the torch backend computes by design, keyed (architecture, read, precision class, key
@@ -912,7 +933,7 @@ class use_configs:
     """Context manager forcing kernel configs (tests, tuning): `with use_configs(
     forward=ForwardConfig(...), backward=BackwardConfig(...), select=SelectConfig(...),
     warp_specialized=WarpSpecializedConfig(...)): ...`; also dv=, dkdq=, dk=, dq=, merge=,
-    usage=, warp_specialized_backward=, warp_specialized_dv=. A forced config is the only
+    prepare=, usage=, warp_specialized_backward=, warp_specialized_dv=. A forced config is the only
     candidate (the warp-specialised ones apply where those kernels are opted in)."""
 
     def __init__(self, forward=None, backward=None, warp_specialized=None,
@@ -971,6 +992,7 @@ def warp_specialized_dv_config():
 
 
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
+           "PrepareConfig",
            "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
            "WarpSpecializedConfig", "WarpSpecializedBackwardConfig", "WarpSpecializedDvConfig",
            "WARP_SPECIALIZED_KERNELS",

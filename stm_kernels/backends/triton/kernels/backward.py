@@ -1,6 +1,12 @@
 """Backward kernels of the fused memory read.
 
-The first two kernels own a block of memory positions and loop over all queries, recomputing
+    memory_read_bwd_kernel_prepare  one pass over the queries before the others: delta, the
+                                 copies of dO and q with 16-aligned rows that the other
+                                 kernels read (where the caller's are not), and the zeroed
+                                 dQ buffer of the atomics, one launch instead of a torch
+                                 operation (and a launch) each.
+
+The next two kernels own a block of memory positions and loop over all queries, recomputing
 the probabilities from the saved log-sum-exp; tiles are transposed (memory positions as rows):
 
     memory_read_bwd_kernel_dv    dV = P^T dO, one program per (memory block, object x value
@@ -44,6 +50,78 @@ import triton.language as tl
 
 from .common import (LOG2E_C, aligned_stride, dot, key_tile, query_block, query_term,
                      query_tile, rank1_offsets, split_bounds, tile_offsets, tile_scores)
+
+
+@triton.jit
+def _copy_block(src, dst, o_c, o_m, m_m, C, stride_sc, stride_sm, stride_dc, stride_dm,
+                BLOCK_C: tl.constexpr, I64: tl.constexpr):
+    # Copies channels [0, C) of one block of positions (offsets o_m, mask m_m) from src to dst.
+    o_s = tile_offsets(o_c, o_m, stride_sc, stride_sm, I64)
+    o_d = tile_offsets(o_c, o_m, stride_dc, stride_dm, I64)
+    for c in range(0, C, BLOCK_C):
+        m_cm = ((c + o_c) < C)[:, None] & m_m[None, :]
+        tl.store(dst + c * stride_dc + o_d, tl.load(src + c * stride_sc + o_s, mask=m_cm),
+                 mask=m_cm)
+
+
+@triton.jit
+def memory_read_bwd_kernel_prepare(
+    do, o, dlse, delta, do_copy, q, q_copy, dq,
+    stride_dob, stride_doc, stride_dom,
+    stride_ob, stride_oc, stride_om,
+    stride_glb, stride_glm,
+    stride_db, stride_dm,
+    stride_cb, stride_cc, stride_cm,
+    stride_qb, stride_qc, stride_qm,
+    stride_pb, stride_pc, stride_pm,
+    stride_dqb, stride_dqc, stride_dqm,
+    HW, CV, QC, BQ,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GRAD_LSE: tl.constexpr,
+    COPY_DO: tl.constexpr, COPY_Q: tl.constexpr, ZERO_DQ: tl.constexpr, I64: tl.constexpr,
+):
+    # One program per (block of BLOCK_M queries, object): delta = rowsum(dO * O) (minus the
+    # incoming gradient of lse: GRAD_LSE) in float32; COPY_DO: dO into do_copy; and for the
+    # query's own objects (BQ: 1 for a query shared by all), COPY_Q: q's QC channels into
+    # q_copy, ZERO_DQ: zeros into dq's QC channels (the dK/dQ kernel's atomics add into them).
+    i_m = tl.program_id(0)
+    i_b = tl.program_id(1)
+    i_b64 = i_b.to(tl.int64)
+    o_m = tl.arange(0, BLOCK_M)
+    o_c = tl.arange(0, BLOCK_C)
+    first_m = (i_m * BLOCK_M).to(tl.int64)
+    m_m = (i_m * BLOCK_M + o_m) < HW
+
+    p_do = do + i_b64 * stride_dob + first_m * stride_dom
+    p_o = o + i_b64 * stride_ob + first_m * stride_om
+    p_c = do_copy + i_b64 * stride_cb + first_m * stride_cm
+    o_do = tile_offsets(o_c, o_m, stride_doc, stride_dom, I64)
+    o_o = tile_offsets(o_c, o_m, stride_oc, stride_om, I64)
+    o_cp = tile_offsets(o_c, o_m, stride_cc, stride_cm, I64)
+    b_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c in range(0, CV, BLOCK_C):
+        m_cm = ((c + o_c) < CV)[:, None] & m_m[None, :]
+        b_do = tl.load(p_do + c * stride_doc + o_do, mask=m_cm, other=0.0)
+        b_o = tl.load(p_o + c * stride_oc + o_o, mask=m_cm, other=0.0)
+        b_delta += tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=0)
+        if COPY_DO:
+            tl.store(p_c + c * stride_cc + o_cp, b_do, mask=m_cm)
+    if GRAD_LSE:
+        b_delta -= tl.load(dlse + i_b64 * stride_glb + (first_m + o_m) * stride_glm, mask=m_m,
+                           other=0.0)
+    tl.store(delta + i_b64 * stride_db + (first_m + o_m) * stride_dm, b_delta, mask=m_m)
+
+    if i_b < BQ:
+        if COPY_Q:
+            _copy_block(q + i_b64 * stride_qb + first_m * stride_qm,
+                        q_copy + i_b64 * stride_pb + first_m * stride_pm, o_c, o_m, m_m, QC,
+                        stride_qc, stride_qm, stride_pc, stride_pm, BLOCK_C, I64)
+        if ZERO_DQ:
+            p_dq = dq + i_b64 * stride_dqb + first_m * stride_dqm
+            o_dq = tile_offsets(o_c, o_m, stride_dqc, stride_dqm, I64)
+            for c in range(0, QC, BLOCK_C):
+                tl.store(p_dq + c * stride_dqc + o_dq,
+                         tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32),
+                         mask=((c + o_c) < QC)[:, None] & m_m[None, :])
 
 
 @triton.jit
