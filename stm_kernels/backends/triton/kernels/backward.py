@@ -60,7 +60,8 @@ def _copy_block(src, dst, o_c, o_m, m_m, C, stride_sc, stride_sm, stride_dc, str
     o_d = tile_offsets(o_c, o_m, stride_dc, stride_dm, I64)
     for c in range(0, C, BLOCK_C):
         m_cm = ((c + o_c) < C)[:, None] & m_m[None, :]
-        tl.store(dst + c * stride_dc + o_d, tl.load(src + c * stride_sc + o_s, mask=m_cm),
+        c64 = tl.cast(c, tl.int64)  # the step's channel offsets as int64 scalars, whatever I64 says
+        tl.store(dst + c64 * stride_dc + o_d, tl.load(src + c64 * stride_sc + o_s, mask=m_cm),
                  mask=m_cm)
 
 
@@ -100,11 +101,12 @@ def memory_read_bwd_kernel_prepare(
     b_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c in range(0, CV, BLOCK_C):
         m_cm = ((c + o_c) < CV)[:, None] & m_m[None, :]
-        b_do = tl.load(p_do + c * stride_doc + o_do, mask=m_cm, other=0.0)
-        b_o = tl.load(p_o + c * stride_oc + o_o, mask=m_cm, other=0.0)
+        c64 = tl.cast(c, tl.int64)  # as in _copy_block
+        b_do = tl.load(p_do + c64 * stride_doc + o_do, mask=m_cm, other=0.0)
+        b_o = tl.load(p_o + c64 * stride_oc + o_o, mask=m_cm, other=0.0)
         b_delta += tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=0)
         if COPY_DO:
-            tl.store(p_c + c * stride_cc + o_cp, b_do, mask=m_cm)
+            tl.store(p_c + c64 * stride_cc + o_cp, b_do, mask=m_cm)
     if GRAD_LSE:
         b_delta -= tl.load(dlse + i_b64 * stride_glb + (first_m + o_m) * stride_glm, mask=m_m,
                            other=0.0)
@@ -119,7 +121,7 @@ def memory_read_bwd_kernel_prepare(
             p_dq = dq + i_b64 * stride_dqb + first_m * stride_dqm
             o_dq = tile_offsets(o_c, o_m, stride_dqc, stride_dqm, I64)
             for c in range(0, QC, BLOCK_C):
-                tl.store(p_dq + c * stride_dqc + o_dq,
+                tl.store(p_dq + tl.cast(c, tl.int64) * stride_dqc + o_dq,
                          tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32),
                          mask=((c + o_c) < QC)[:, None] & m_m[None, :])
 
