@@ -208,7 +208,8 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
         torch.use_deterministic_algorithms(previous_deterministic)
     kept = [prepared for prepared in launch._prepared.values()
             if isinstance(prepared, launch.PreparedBackward)]
-    assert len(kept) == 1 and kept[0].dq is not None and kept[0].zero_dq != deterministic
+    assert len(kept) == 1 and kept[0].dq is not None and \
+        kept[0].prepare.fixed["ZERO_DQ"] != deterministic
     for first, second in zip(results, again, strict=True):
         torch.testing.assert_close(second, first, rtol=0, atol=0)
 

@@ -454,11 +454,15 @@ def _strides(name, t, suffixes):
             for suffix, stride in zip(suffixes, t.stride(), strict=True)}
 
 
+def _aligned_length(length):
+    """round16(length): the row length of a query-sized buffer with 16-aligned rows."""
+    return cdiv(length, 16) * 16
+
+
 def _rows_aligned(t, compact=False):
     """Whether the rows of t (B, C, L) start on 16-element boundaries (compact: also exactly
     round16(L) apart, with no gaps between channels)."""
-    padded_length = cdiv(t.shape[2], 16) * 16
-    channel_ok = t.stride(1) == padded_length if compact else t.stride(1) % 16 == 0
+    channel_ok = t.stride(1) == _aligned_length(t.shape[2]) if compact else t.stride(1) % 16 == 0
     batch_ok = t.shape[0] == 1 or t.stride(0) % 16 == 0
     return t.stride(2) == 1 and channel_ok and batch_ok
 
@@ -466,7 +470,7 @@ def _rows_aligned(t, compact=False):
 def _padded_buffer(t, dtype=None):
     """An empty (B, C, L) buffer like t (or of `dtype`) whose rows are round16(L) apart."""
     length = t.shape[2]
-    return new_buffer((t.shape[0], t.shape[1], cdiv(length, 16) * 16), dtype or t.dtype,
+    return new_buffer((t.shape[0], t.shape[1], _aligned_length(length)), dtype or t.dtype,
                       t.device).narrow(2, 0, length)  # narrow: no indexing machinery
 
 
@@ -1028,10 +1032,10 @@ class PreparedBackward:
     dkdq: KernelLaunch
     dq: KernelLaunch | None = None
     dq_parts: tuple | None = None
-    zero_dq: bool = True  # the prepare kernel zeroes a dQ buffer (planned for the atomics)
 
     def __call__(self, grad_out, grad_lse, q, k, v, out, lse, lengths):
-        filled = _prepare_tensors(grad_out, grad_lse, q, out, self.zero_dq)
+        # a dQ buffer wherever the prepare kernel was planned to zero one (for the atomics)
+        filled = _prepare_tensors(grad_out, grad_lse, q, out, self.prepare.fixed["ZERO_DQ"])
         B, Ck, N = k.shape
         dv = new_buffer((B, v.shape[1], N), v.dtype, k.device)
         dk = new_buffer((B, Ck, N), k.dtype, k.device)
@@ -1100,7 +1104,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
     ragged = lengths is not None
-    padded = cdiv(HW, 16) * 16
+    padded = _aligned_length(HW)
     flags = _launch_flags(call, (q, k, v, grad_out, out),
                           outputs=[(Ck, N), (Cv, N), (Ck, padded), (Cv, padded)])
     align_k, align_v = _alignment(k), _alignment(v)
@@ -1183,7 +1187,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
                 call, inputs, shared, v, _memory_term(k, l2, call.rank1), delta, align_v,
                 score_gradient_factor(scale, l2))
             kept = PreparedBackward(call, l2, prepare, dv_launch, dk_launch, dq_launch,
-                                    dq_parts, zero_dq=atomic_dq_buffer is not None)
+                                    dq_parts)
     _keep_prepared(layout, kept)
     return dq.to(q.dtype), dk, dv
 
