@@ -136,9 +136,14 @@ def flatten_checked(query_key, memory_key, memory_value, others=()):
             f"query_key must have shape (B={B} or 1, Ck={Ck}, ...) to match memory_key "
             f"{tuple(first_key.shape)}; got shape {tuple(query_key.shape)}")
     check_one_dtype([("query_key", query_key), *keys, *values, *others])
-    q = query_key.flatten(2)
-    return (q, [key.flatten(2) for _, key in keys], [value.flatten(2) for _, value in values],
-            query_key.shape[2:])
+    return (_positions_last(query_key), [_positions_last(key) for _, key in keys],
+            [_positions_last(value) for _, value in values], query_key.shape[2:])
+
+
+def _positions_last(tensor):
+    """(B, C, *positions) as (B, C, L): a view where the strides allow; a (B, C, L) tensor
+    itself (flatten's dispatch costs a call about a microsecond)."""
+    return tensor if tensor.dim() == 3 else tensor.flatten(2)
 
 
 def checked_lengths(memory_lengths, keys):

@@ -34,7 +34,7 @@ from ..backends.triton import devices
 from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
 from ..torch_common import LOG2E, score_gradient_factor
-from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, cdiv, descriptor, device_reason,
+from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, Descriptors, cdiv, device_reason,
                            launch_keeping, launch_views, nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
@@ -395,6 +395,10 @@ class WsBackwardLaunch:
     fixed: dict
     folded: bool
     direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
+    descriptors: Descriptors = dataclasses.field(init=False)  # its operands' TMA descriptors
+
+    def __post_init__(self):
+        self.descriptors = Descriptors(self.layouts)
 
     def __call__(self, q, k, v, do, lse, delta, dq, dk):
         if any(t.data_ptr() % 16 for t in (q, k, v, do)):
@@ -405,10 +409,10 @@ class WsBackwardLaunch:
                                                                         self.folded):
                 # a batch-1 query's dq gathers every object's terms
                 dq_objects = slice(None) if q.shape[0] == 1 else objects
-                per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
-                                k_desc=descriptor(k2, *self.layouts["k"]),
-                                v_desc=descriptor(v2, *self.layouts["v"]),
-                                do_desc=descriptor(do2, *self.layouts["do"]),
+                per_call = dict(q_desc=self.descriptors("q", q2),
+                                k_desc=self.descriptors("k", k2),
+                                v_desc=self.descriptors("v", v2),
+                                do_desc=self.descriptors("do", do2),
                                 lse=lse[objects], delta=delta[objects], dq=dq[dq_objects],
                                 dk=dk[objects])
                 self.direct = launch_keeping(memory_read_ws_bwd_dkdq_kernel, self.grid, per_call,

@@ -35,7 +35,7 @@ from ..backends.triton import devices
 from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedDvConfig
 from ..torch_common import LOG2E
-from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, cdiv, descriptor, device_reason,
+from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, Descriptors, cdiv, device_reason,
                            launch_keeping, launch_views, nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
@@ -352,6 +352,10 @@ class WsDvLaunch:
     fixed: dict
     folded: bool
     direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
+    descriptors: Descriptors = dataclasses.field(init=False)  # its operands' TMA descriptors
+
+    def __post_init__(self):
+        self.descriptors = Descriptors(self.layouts)
 
     def __call__(self, q, k, do, lse, dv):
         if any(t.data_ptr() % 16 for t in (q, k, do, dv)):
@@ -359,10 +363,10 @@ class WsDvLaunch:
         with device_context(k.device):
             for objects, q2, (k2, do2, dv2), q_broadcast in launch_views(q, (k, do, dv),
                                                                          self.folded):
-                per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
-                                k_desc=descriptor(k2, *self.layouts["k"]),
-                                do_desc=descriptor(do2, *self.layouts["do"]),
-                                dv_desc=descriptor(dv2, *self.layouts["dv"]), lse=lse[objects])
+                per_call = dict(q_desc=self.descriptors("q", q2),
+                                k_desc=self.descriptors("k", k2),
+                                do_desc=self.descriptors("do", do2),
+                                dv_desc=self.descriptors("dv", dv2), lse=lse[objects])
                 self.direct = launch_keeping(memory_read_ws_bwd_dv_kernel, self.grid, per_call,
                                              dict(self.fixed, Q_BROADCAST=q_broadcast),
                                              self.direct)

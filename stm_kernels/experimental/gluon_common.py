@@ -142,6 +142,32 @@ def descriptor(t2, block_shape, layout):
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), list(block_shape), layout)
 
 
+class Descriptors:
+    """The TMA descriptors of a kept launch's operands, by name ({name: (block_shape,
+    layout)}). The first of a name is made by Triton (which checks the shape, strides, dtype,
+    alignment and box); a later tensor of the same shape, strides and dtype on 16 bytes gets a
+    copy of it with its own base, since Triton's checks would only repeat themselves (2 us a
+    descriptor on a CPU core, eight in a Gluon backward). Holds no tensor of a call."""
+
+    def __init__(self, layouts):
+        self.layouts = layouts
+        self.made = {}  # name -> ((shape, strides, dtype), the descriptor's fields but its base)
+
+    def __call__(self, name, t2):
+        known = self.made.get(name)
+        if known is not None and known[0] == (t2.shape, t2.stride(), t2.dtype) and \
+                t2.data_ptr() % 16 == 0:
+            made = object.__new__(TensorDescriptor)
+            made.__dict__.update(known[1], base=t2)
+            return made
+        made = descriptor(t2, *self.layouts[name])
+        if hasattr(made, "__dict__"):  # a Triton whose descriptors have slots makes every one
+            self.made[name] = ((t2.shape, t2.stride(), t2.dtype),
+                               {field: value for field, value in vars(made).items()
+                                if field != "base"})
+        return made
+
+
 if AVAILABLE:
     @gluon.jit
     def barrier_ring(STAGES: gl.constexpr, COUNT: gl.constexpr):

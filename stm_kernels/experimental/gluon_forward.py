@@ -40,7 +40,7 @@ from ..backends.triton import devices
 from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
-from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, cdiv, descriptor,
+from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, Descriptors, cdiv,
                            device_reason, launch_keeping, launch_views, nvmma_layouts, rows_2d,
                            tma_strides_ok)
 
@@ -438,6 +438,10 @@ class WsLaunch:
     fixed: dict
     folded: bool
     direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
+    descriptors: Descriptors = dataclasses.field(init=False)  # its operands' TMA descriptors
+
+    def __post_init__(self):
+        self.descriptors = Descriptors(self.layouts)
 
     def __call__(self, q, k, v, part_out, part_lse):
         if k.data_ptr() % 16 or v.data_ptr() % 16:
@@ -447,9 +451,9 @@ class WsLaunch:
         with device_context(k.device):
             for objects, q2, (k2, v2), q_broadcast in launch_views(q, (k, v), self.folded):
                 # Q_BROADCAST is the layout's (folded) or True (one launch per object)
-                per_call = dict(q_desc=descriptor(q2, *self.layouts["q"]),
-                                k_desc=descriptor(k2, *self.layouts["k"]),
-                                v_desc=descriptor(v2, *self.layouts["v"]),
+                per_call = dict(q_desc=self.descriptors("q", q2),
+                                k_desc=self.descriptors("k", k2),
+                                v_desc=self.descriptors("v", v2),
                                 o=part_out[:, objects], lse=part_lse[:, objects])
                 self.direct = launch_keeping(memory_read_ws_fwd_kernel, self.grid, per_call,
                                              dict(self.fixed, Q_BROADCAST=q_broadcast),
