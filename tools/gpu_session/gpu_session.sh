@@ -226,11 +226,18 @@ case "${1:-tests}" in
     # static work report's L2 bytes (tools.gpu_session.ncu_summary).
     # (0) the same breakdown at N = 16,200 (ten memory frames), where the forward's time is
     # flat from N = 1,620 on (H200): kernel time against the op's wall time (issue 57 item 3).
+    # (1') the forwards alone at three more memory sizes (2, 20 and 40 frames), then each
+    # kernel's time fitted against N over the five: a fixed part and a part per memory frame
+    # (the forward kernel's fixed ~27 us per program at 16,200 and 162,000 on an H100, drawn
+    # through two points only).
     # (2') ncu at N = 16,200 on the forward passes alone first (the plain and the Gluon
     # forward: at ten memory frames the forward kernel ran 27% below its N = 162,000 rate).
     timed "$(until_mark 70)" python3 -m tools.gpu_session.profile_target --breakdown --n 16200
     timed "$(until_mark 150)" python3 -m tools.gpu_session.profile_target --breakdown
-    ncu_step 230 250 profile_16200 --n 16200 --passes forward "forward (Gluon)"
+    timed "$(until_mark 185)" python3 -m tools.gpu_session.profile_target --breakdown \
+      --n 3240 32400 64800 --passes forward "forward (Gluon)"
+    step python3 -m tools.gpu_session.profile_target --fit "$OUT"/kernel_breakdown_*.json
+    ncu_step 240 260 profile_16200 --n 16200 --passes forward "forward (Gluon)"
     ncu_step 510 570 profile ;;
   kernel) timed "$(until_mark 570)" python3 -m bench kernel ;;
   sanitize)

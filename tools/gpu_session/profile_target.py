@@ -25,10 +25,20 @@ off` profiles.
 --breakdown: where the time goes without hardware counters (ncu cannot read them on every
 machine): each pass --rounds times under torch.profiler, the device time of every kernel per
 pass, and the pass's own time by CUDA events (the difference is launch gaps and host work);
-writes kernel_breakdown_<device>_<date>.json and a bar chart of the kernel times beside it.
+writes kernel_breakdown_<device>_<date>.json and a bar chart of the kernel times beside it,
+one file per --n given (`--n 3240 32400 64800`), then the fit below over them.
+
+--fit FILE ...: the time of each of our kernels in each pass against the memory size, over
+breakdown files of one GPU and query shape, fitted by least squares as fixed + per-frame x
+N / 1,620: the fixed part is what the kernel costs whatever the memory (the forward runs one
+wave of the same programs at every N, so it is a program's cost beside its memory blocks),
+the per-frame part what each memory frame adds. Prints a table.
 """
 import argparse
 import collections
+import json
+import pathlib
+import time
 
 import torch
 
@@ -155,6 +165,56 @@ def summary(payload):
     return "\n".join(lines)
 
 
+FRAME = 1620  # memory positions per 480p frame: the fit's unit of memory
+
+
+def fixed_costs(payloads):
+    """[dict(device, B, HW, name, kernel, ns, fixed_us, frame_us, worst_residual)] of each
+    of our kernels (memory_read_*) in each pass measured at two or more memory sizes N among
+    the kernel breakdowns `payloads`: its time fitted as fixed_us + frame_us * N / FRAME by
+    least squares, and the largest distance of a measured time from that line as a share of
+    the time. Runs of another GPU or query shape are fitted apart."""
+    points = collections.defaultdict(dict)  # (device, B, HW, pass, kernel) -> {N: us}
+    for payload in payloads:
+        shape = payload["shape"]
+        for record in payload["records"]:
+            for kernel, measured in (record.get("kernels") or {}).items():
+                if kernel.startswith("memory_read"):
+                    key = (payload["device"], shape["B"], shape["HW"], record["name"], kernel)
+                    points[key][shape["N"]] = measured["us"]  # a later file's N replaces
+    rows = []
+    for (device, B, HW, name, kernel), by_n in points.items():
+        if len(by_n) < 2:
+            continue
+        ns = sorted(by_n)
+        frames = [n / FRAME for n in ns]
+        times = [by_n[n] for n in ns]
+        mean_f, mean_t = sum(frames) / len(frames), sum(times) / len(times)
+        frame_us = sum((f - mean_f) * (t - mean_t) for f, t in zip(frames, times, strict=True)) \
+            / sum((f - mean_f) ** 2 for f in frames)
+        fixed_us = mean_t - frame_us * mean_f
+        worst = max(abs(t - fixed_us - frame_us * f) / t
+                    for f, t in zip(frames, times, strict=True))
+        rows.append(dict(device=device, B=B, HW=HW, name=name, kernel=kernel, ns=ns,
+                         fixed_us=round(fixed_us, 2) + 0.0, frame_us=round(frame_us, 3) + 0.0,
+                         worst_residual=round(worst, 4)))
+    return rows
+
+
+def fixed_cost_table(rows):
+    """fixed_costs' rows as a markdown table (a line saying so where there are none)."""
+    if not rows:
+        return "no kernel measured at two or more memory sizes in these breakdowns"
+    lines = ["| GPU | B | HW | pass | kernel | N measured | fixed us | us per memory frame "
+             "| worst residual |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['device']} | {row['B']} | {row['HW']} | {row['name']} | "
+                     f"{row['kernel']} | {', '.join(f'{n:,}' for n in row['ns'])} | "
+                     f"{row['fixed_us']:.1f} | {row['frame_us']:.2f} | "
+                     f"{row['worst_residual']:.1%} |")
+    return "\n".join(lines)
+
+
 def plot(payload, path):
     """Horizontal stacked bars: each pass's kernel times (ms per call)."""
     records = [record for record in payload["records"] if record["skipped"] is None]
@@ -183,7 +243,8 @@ def main(argv=None):
     """`python -m tools.gpu_session.profile_target`: the passes for ncu, or their kernel
     breakdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=162000)
+    parser.add_argument("--n", type=int, nargs="+", default=[162000],
+                        help="memory positions; several with --breakdown: one file each")
     parser.add_argument("--hw", type=int, default=1620)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--breakdown", action="store_true",
@@ -193,29 +254,32 @@ def main(argv=None):
     parser.add_argument("--passes", nargs="+", metavar="NAME", choices=PASS_NAMES,
                         help="run only these passes, in their usual order (default: all; "
                              "names: %(choices)s)")
+    parser.add_argument("--fit", nargs="+", metavar="FILE", type=pathlib.Path,
+                        help="fit the lead kernels' times of these breakdown files against N "
+                             "(no GPU needed)")
     args = parser.parse_args(argv)
+    if args.fit:
+        missing = [str(path) for path in args.fit if not path.is_file()]
+        if missing:
+            raise SystemExit(f"no breakdown file {', '.join(missing)}")
+        print(fixed_cost_table(fixed_costs(json.loads(path.read_text()) for path in args.fit)))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    if args.n < 1 or args.hw < 1 or args.batch < 1 or args.rounds < 1:
+    if min(args.n) < 1 or args.hw < 1 or args.batch < 1 or args.rounds < 1:
         raise SystemExit("--n, --hw, --batch and --rounds must be positive")
+    if len(args.n) > 1 and not args.breakdown:
+        raise SystemExit("several --n need --breakdown (ncu profiles one memory size)")
     device = torch.device("cuda")
-    q, k, v, grad = common.read_inputs(args.batch, args.hw, args.n, 128, 512,
-                                       torch.bfloat16, device, requires_grad=True)
-    runs = [run for run in passes(q, k, v, grad)
-            if args.passes is None or run["name"] in args.passes]
-    payload = dict(benchmark="kernel_breakdown" if args.breakdown else "profile_passes",
-                   **common.environment(device),
-                   shape=dict(B=args.batch, HW=args.hw, N=args.n, Ck=128, Cv=512,
-                              dtype="bf16"))
-    # Saved before any pass runs, and the breakdown after every pass: the Gluon passes come
-    # last and have never run on a GPU; if one crashes the process, the others' data stay.
     if args.breakdown:
-        payload.update(rounds=args.rounds, records=[])
-        for record in breakdown(runs, device, args.rounds):
-            payload["records"].append(record)
-            common.save_progress("kernel_breakdown", payload)
-        common.finish_run("kernel_breakdown", payload, plot, summary)
+        payloads = []
+        for n in args.n:
+            payloads.append(_breakdown_at(n, args, device,
+                                          after=payloads[-1]["date"] if payloads else None))
+        if len(payloads) > 1:
+            print(fixed_cost_table(fixed_costs(payloads)))
         return
+    runs, payload = _runs_at(args.n[0], args, device)
     payload.update(passes=_describe(runs))
     print(f"passes written to {common.write_results('profile_passes', payload)}")
     for run in runs:
@@ -227,6 +291,36 @@ def main(argv=None):
             torch.cuda.synchronize(device)
             torch.cuda.profiler.stop()
             print(f"profiled: {run['name']}")
+
+
+def _runs_at(n, args, device):
+    """(the passes --passes picks at memory size n, their results payload so far)."""
+    q, k, v, grad = common.read_inputs(args.batch, args.hw, n, 128, 512, torch.bfloat16,
+                                       device, requires_grad=True)
+    runs = [run for run in passes(q, k, v, grad)
+            if args.passes is None or run["name"] in args.passes]
+    payload = dict(benchmark="kernel_breakdown" if args.breakdown else "profile_passes",
+                   **common.environment(device),
+                   shape=dict(B=args.batch, HW=args.hw, N=n, Ck=128, Cv=512, dtype="bf16"))
+    return runs, payload
+
+
+def _breakdown_at(n, args, device, after=None):
+    """The kernel breakdown at memory size n, written (saved after every pass: the Gluon
+    passes come last and have never run on a GPU; if one crashes the process, the others'
+    data stay); returns its payload. after: the date of the breakdown written before it in
+    this run, which its own must differ from (the file is named by the date, to the
+    second)."""
+    runs, payload = _runs_at(n, args, device)
+    while payload["date"] == after:
+        time.sleep(0.1)
+        payload.update(date=common.environment(device)["date"])
+    payload.update(rounds=args.rounds, records=[])
+    for record in breakdown(runs, device, args.rounds):
+        payload["records"].append(record)
+        common.save_progress("kernel_breakdown", payload)
+    common.finish_run("kernel_breakdown", payload, plot, summary)
+    return payload
 
 
 if __name__ == "__main__":

@@ -109,14 +109,19 @@ def test_profile_stage_breakdown_then_ncu_then_summary(tmp_path):
     passes = out / "profile_passes_cuda_20261123T100000.json"
     passes.write_text("{}")
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0)
-    assert len(lines) == 8, (lines, completed.stdout)
+    assert len(lines) == 10, (lines, completed.stdout)
     assert lines[0] == "-m tools.gpu_session.profile_target --breakdown --n 16200 | finished"
     assert lines[1] == "-m tools.gpu_session.profile_target --breakdown | finished"
+    # the forwards alone at three more memory sizes, then every kernel fitted against N
+    assert lines[2] == ("-m tools.gpu_session.profile_target --breakdown --n 3240 32400 64800 "
+                        "--passes forward forward (Gluon) | finished")
+    assert lines[3] == (f"-m tools.gpu_session.profile_target --fit {out}/kernel_breakdown_*.json"
+                        " | finished")
     # ncu at ten memory frames on the forward passes alone, then at the target on every pass
     for (profiled, imported, summarised), name, arguments in (
-            (lines[2:5], "profile_16200", ["--n", "16200", "--passes", "forward", "forward",
+            (lines[4:7], "profile_16200", ["--n", "16200", "--passes", "forward", "forward",
                                            "(Gluon)"]),
-            (lines[5:8], "profile", [])):
+            (lines[7:10], "profile", [])):
         words = profiled.split()
         assert words[0] == "ncu"
         assert words[words.index("python3"):] == [
@@ -136,7 +141,7 @@ def test_profile_stage_keeps_the_breakdown_when_ncu_cannot_profile(tmp_path):
     completed, lines, _ = _run_stage(tmp_path, "profile", 600, shim_seconds=0,
                                      SHIM_NCU_FAILS="1")
     assert lines[1] == "-m tools.gpu_session.profile_target --breakdown | finished"
-    assert len(lines) == 4 and all(line.startswith("ncu ") for line in lines[2:]), lines
+    assert len(lines) == 6 and all(line.startswith("ncu ") for line in lines[4:]), lines
     for name in ("profile_16200", "profile"):
         assert f"== no ncu report for {name}: see log.txt" in completed.stdout
 

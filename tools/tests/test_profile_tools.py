@@ -308,3 +308,87 @@ def test_profile_target_runs_only_the_passes_named(tmp_path, monkeypatch, capsys
     assert passes[1]["skipped"]  # no sm_90 here: recorded, not run
     assert profiled == ["start", "stop"]
     assert "profiled: forward\n" in capsys.readouterr().out
+
+
+def _breakdown_payload(device, N, kernels, HW=1620, skipped=None):
+    """A kernel breakdown at memory size N: a forward pass with {kernel: us}."""
+    return dict(benchmark="kernel_breakdown", device=device,
+                shape=dict(SHAPE, HW=HW, N=N), records=[
+                    dict(name="forward", lead_kernel="memory_read_fwd_kernel", skipped=skipped,
+                         kernels={name: dict(calls=1.0, us=us) for name, us in kernels.items()})])
+
+
+def test_fixed_costs_fit_each_kernel_against_the_memory_size():
+    frames = (2, 10, 20, 100)
+    payloads = [_breakdown_payload("H100", 1620 * f, {
+        "memory_read_fwd_kernel": 27.5 + 6.5 * f, "memory_read_merge_kernel": 6.0,
+        "void at::native::elementwise_kernel": 3.0}) for f in frames]
+    payloads.append(_breakdown_payload("H200", 1620 * 10, {"memory_read_fwd_kernel": 80.0}))
+    payloads.append(_breakdown_payload("H100", 1620 * 10, {"memory_read_fwd_kernel": 90.0},
+                                       HW=405))
+    payloads.append(_breakdown_payload("H100", 1620 * 5, {}, skipped="needs sm_90"))
+    rows = profile_target.fixed_costs(payloads)
+    # one GPU and query shape, our kernels only; one memory size is not a line
+    assert [(row["device"], row["HW"], row["kernel"]) for row in rows] == [
+        ("H100", 1620, "memory_read_fwd_kernel"), ("H100", 1620, "memory_read_merge_kernel")]
+    forward, merge = rows
+    assert forward["ns"] == [1620 * f for f in frames]
+    assert forward["fixed_us"] == pytest.approx(27.5) and forward["frame_us"] == pytest.approx(6.5)
+    assert forward["worst_residual"] == 0.0
+    assert (merge["fixed_us"], merge["frame_us"]) == (pytest.approx(6.0), 0.0)
+    # a point off the line: its distance from the fit, as a share of its time
+    payloads[0]["records"][0]["kernels"]["memory_read_fwd_kernel"]["us"] += 10.0
+    forward = profile_target.fixed_costs(payloads)[0]
+    assert forward["fixed_us"] > 27.5 and forward["frame_us"] < 6.5
+    assert 0.1 < forward["worst_residual"] < 10.0 / 50.5
+    table = profile_target.fixed_cost_table(rows)
+    assert ("| H100 | 1 | 1620 | forward | memory_read_fwd_kernel | 3,240, 16,200, 32,400, "
+            "162,000 | 27.5 | 6.50 | 0.0% |") in table
+    assert profile_target.fixed_cost_table([]).startswith("no kernel measured at two")
+
+
+def test_fit_reads_breakdown_files(tmp_path, capsys):
+    paths = []
+    for frames in (10, 100):
+        path = tmp_path / f"kernel_breakdown_cuda_{frames}.json"
+        path.write_text(json.dumps(_breakdown_payload(
+            "H100", 1620 * frames, {"memory_read_fwd_kernel": 27.5 + 6.5 * frames})))
+        paths.append(str(path))
+    profile_target.main(["--fit", *paths])
+    assert "| forward | memory_read_fwd_kernel | 16,200, 162,000 | 27.5 | 6.50 |" in \
+        capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no breakdown file .*kernel_breakdown_\\*.json"):
+        profile_target.main(["--fit", str(tmp_path / "kernel_breakdown_*.json")])
+
+
+def test_breakdown_at_several_memory_sizes_writes_a_file_each_then_fits(
+        tmp_path, monkeypatch, capsys):
+    """--breakdown --n A B: a file per memory size, named by distinct dates, then the fit (on
+    CPU: the passes measured by a stand-in, the dates by a clock that does not move)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common, "read_inputs", lambda B, HW, N, *args, **kwargs: (
+        torch.zeros(1, 1, N),) * 4)
+    monkeypatch.setattr(common, "environment", lambda device: dict(
+        device="H100 (test)", device_type="cuda", date=next(dates)))
+    dates = iter(["2026-11-28T10:00:00+00:00", "2026-11-28T10:00:00+00:00",
+                  "2026-11-28T10:00:01+00:00"])
+    monkeypatch.setattr(profile_target.time, "sleep", lambda seconds: None)
+
+    def measured(runs, device, rounds):
+        N = runs[0]["flops"] / (2.0 * 1620 * 640)
+        yield dict(name="forward", lead_kernel="memory_read_fwd_kernel", skipped=None,
+                   kernels={"memory_read_fwd_kernel": dict(calls=1.0, us=27.5 + 6.5 * N / 1620)},
+                   kernel_ms=0.0, median_ms=1.0, q20_ms=1.0, q80_ms=1.0, tflops=1.0)
+    monkeypatch.setattr(profile_target, "breakdown", measured)
+    monkeypatch.setattr(profile_target, "passes", lambda q, k, v, grad: [dict(
+        name="forward", run=None, flops=2.0 * 1620 * q.shape[2] * 640, lead_kernel="x",
+        static_row=None, skipped=None)])
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    profile_target.main(["--breakdown", "--n", "16200", "162000", "--passes", "forward"])
+    written = sorted(tmp_path.glob("kernel_breakdown_*.json"))
+    assert [path.name for path in written] == ["kernel_breakdown_cuda_20261128T100000.json",
+                                               "kernel_breakdown_cuda_20261128T100001.json"]
+    assert [json.loads(path.read_text())["shape"]["N"] for path in written] == [16200, 162000]
+    assert "| 16,200, 162,000 | 27.5 | 6.50 | 0.0% |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="several --n need --breakdown"):
+        profile_target.main(["--n", "16200", "162000"])
