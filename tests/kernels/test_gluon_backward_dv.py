@@ -304,6 +304,34 @@ def test_an_architecture_refuses_a_gluon_kernel_it_cannot_name():
     from stm_kernels.backends.triton import tilings
     with pytest.raises(ValueError, match=r"names no Gluon kernel: \['dV'\]"):
         dataclasses.replace(tilings.ARCHITECTURES["sm_90"], warp_specialized=frozenset({"dV"}))
+    with pytest.raises(ValueError, match=r"names no Gluon kernel: \['dV'\]"):
+        dataclasses.replace(tilings.ARCHITECTURES["sm_90"], warp_specialized={"dV": 16200})
+
+
+@pytest.mark.parametrize("fewest", [0, -1, 1.5, True, "16200"])
+def test_an_architecture_refuses_a_memory_size_that_is_not_a_positive_integer(fewest):
+    import dataclasses
+
+    from stm_kernels.backends.triton import tilings
+    with pytest.raises(ValueError, match="memory sizes must be positive integers"):
+        dataclasses.replace(tilings.ARCHITECTURES["sm_90"], warp_specialized={"dv": fewest})
+
+
+def test_an_architecture_runs_a_gluon_kernel_by_default_from_its_memory_size_on():
+    """Architecture.warp_specialized: a set of names runs them at every memory size, a mapping
+    from its N on; a kernel it does not name never runs by default."""
+    import dataclasses
+
+    from stm_kernels.backends.triton import tilings
+    sm_90 = tilings.ARCHITECTURES["sm_90"]
+    everywhere = dataclasses.replace(sm_90, warp_specialized=frozenset({"dv"}))
+    from_n = dataclasses.replace(sm_90, warp_specialized={"forward": 16200, "dkdq": 1})
+    assert [everywhere.runs_warp_specialized("dv", N) for N in (1, 10**9)] == [True, True]
+    assert [from_n.runs_warp_specialized("forward", N) for N in (16199, 16200, 10**7)] == [
+        False, True, True]
+    assert from_n.runs_warp_specialized("dkdq", 1)
+    assert not any(arch.runs_warp_specialized("dv", 10**9) for arch in (from_n, sm_90))
+    assert dataclasses.replace(from_n).warp_specialized == {"forward": 16200, "dkdq": 1}
 
 
 @needs_gluon

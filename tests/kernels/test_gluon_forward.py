@@ -301,3 +301,32 @@ def test_gpu_kept_launch_runs_on_new_inputs(monkeypatch, fresh_launches, gluon_p
     for result, result_lse in ((direct, direct_lse), (out, lse)):
         assert relative_error(result, ref_out) < TOLERANCE[torch.bfloat16]
         assert relative_error(result_lse, ref_lse) < 1e-4
+
+
+@needs_gluon
+def test_an_architecture_default_from_a_memory_size_on(monkeypatch, emulated_kernel,
+                                                       fresh_launches):
+    """sm_90's table with the Gluon forward on by default from N = 200 memory positions on
+    (Architecture.warp_specialized as a mapping): a read of 200 positions takes it without
+    being asked, one of 192 reads with the plain forward; both right, no warning."""
+    import dataclasses
+    import warnings
+
+    from stm_kernels.backends.triton import devices, launch as launchers, tilings
+    if not launchers.INTERPRETING:
+        pytest.skip("the merge kernel and the plain forward need TRITON_INTERPRET=1 on CPU")
+    monkeypatch.delenv(launchers.WARP_SPECIALIZED_ENV, raising=False)
+    monkeypatch.setitem(tilings.ARCHITECTURES, "sm_90", dataclasses.replace(
+        tilings.ARCHITECTURES["sm_90"], warp_specialized={"forward": 200}))
+    config = gluon_forward.WarpSpecializedConfig(block_m=32, block_n=16)
+    random.seed(0)
+    for N, gluon in ((192, False), (200, True)):
+        q, k, v = _inputs(1, 1, 32, 96, 45, N, torch.float16, "cpu", seed=N)
+        before = len(emulated_kernel.launches)
+        with launchers.use_configs(warp_specialized=config), devices.pretend(pretended_h100()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = memory_read(q, k, v, backend="triton")
+        assert (len(emulated_kernel.launches) > before) == gluon, N
+        reference = memory_read(q.double(), k.double(), v.double(), backend="naive")
+        assert relative_error(out, reference) < TOLERANCE[torch.float16], N

@@ -560,16 +560,17 @@ def warp_specialized_backward():
     return _flag_within_block("_warp_specialized_backward", True)
 
 
-def _gluon_wanted(call, kernel):
+def _gluon_wanted(call, kernel, N):
     """(wanted, asked) for the Gluon `kernel` (tilings.WARP_SPECIALIZED_KERNELS) on `call`'s
-    device: asked for by its switch (_switch: env=1 or its block), or the architecture's
-    default (tilings: Architecture.warp_specialized) unless its env is 0."""
+    device and a memory of N positions: asked for by its switch (_switch: env=1 or its block),
+    or the architecture's default (tilings: Architecture.warp_specialized) unless its env is
+    0."""
     env, flag = ((WARP_SPECIALIZED_ENV, _warp_specialized) if kernel == "forward" else
                  (WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward))
     switch = _switch(env, flag)
     if switch is not None:
         return switch == "1", switch == "1"
-    return kernel in call.architecture.warp_specialized, False
+    return call.architecture.runs_warp_specialized(kernel, N), False
 
 
 def _usable_gluon(call, env, module_name, plain, reason_of, asked=True):
@@ -611,7 +612,7 @@ def _run_or_warn(env, what, call, run, asked=True):
 def _warp_specialized_forward(call, q, k, v):
     """(the Gluon warp-specialised forward's module where it is wanted (_gluon_wanted) and
     usable, else None; whether it was asked for)."""
-    wanted, asked = _gluon_wanted(call, "forward")
+    wanted, asked = _gluon_wanted(call, "forward", k.shape[2])
     if not wanted:
         return None, asked
     return _usable_gluon(call, WARP_SPECIALIZED_ENV, "gluon_forward", "forward",
@@ -1154,7 +1155,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     # dK/dQ's atomics are not deterministic, the dV kernel has none
     plain_only = ragged or call.rank1
     (dv_wanted, dv_asked), (dkdq_wanted, dkdq_asked) = (
-        _gluon_wanted(call, "dv"), _gluon_wanted(call, "dkdq"))
+        _gluon_wanted(call, "dv", N), _gluon_wanted(call, "dkdq", N))
     with device_context(device), kernels_in_sequence(call, "backward pass", signature):
         gluon_dv = _gluon_dv(call, inputs, v, scale, l2, dv_asked) \
             if dv_wanted and not plain_only else None

@@ -27,6 +27,8 @@ Other wider keys (more than 256 channels) have no tiling: the torch backend read
 """
 import dataclasses
 import os
+import types
+from collections.abc import Mapping
 from typing import Optional, Union
 
 import torch
@@ -274,9 +276,11 @@ class Architecture:
     limit the tilings are sized for (the device's own limit decides at launch). options:
     compile options of every launch there (AMD: the MFMA instruction size).
     warp_specialized: the Gluon kernels (WARP_SPECIALIZED_KERNELS) the architecture runs by
-    default, where they take the inputs, once a GPU run has shown them right and faster; the
-    others are opt-in (STM_KERNELS_WARP_SPECIALIZED=1 / _BACKWARD=1; =0 turns the defaults
-    off)."""
+    default, where they take the inputs, once a GPU run has shown them right and faster: a set
+    of names, or {name: the fewest memory positions N from which it runs} where a kernel is
+    faster only on larger memories (the Gluon forward costs more per program and less per
+    memory block than the plain one); the others are opt-in (STM_KERNELS_WARP_SPECIALIZED=1 /
+    _BACKWARD=1; =0 turns the defaults off)."""
     name: str
     devices: str
     vendor: str
@@ -284,13 +288,25 @@ class Architecture:
     fp32_fast: str
     tilings: dict
     options: dict = dataclasses.field(default_factory=dict)
-    warp_specialized: frozenset = frozenset()
+    warp_specialized: Union[frozenset, Mapping[str, int]] = frozenset()
 
     def __post_init__(self):
         unknown = set(self.warp_specialized) - set(WARP_SPECIALIZED_KERNELS)
         if unknown:  # a misspelt name would leave its kernel opt-in without a word
             raise ValueError(f"{self.name}: warp_specialized names no Gluon kernel: "
                              f"{sorted(unknown)} (the kernels: {WARP_SPECIALIZED_KERNELS})")
+        fewest = dict(self.warp_specialized) if isinstance(self.warp_specialized, Mapping) \
+            else dict.fromkeys(self.warp_specialized, 1)
+        wrong = {name: n for name, n in fewest.items()
+                 if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if wrong:
+            raise ValueError(f"{self.name}: warp_specialized's memory sizes must be positive "
+                             f"integers; got {wrong}")
+        object.__setattr__(self, "warp_specialized", types.MappingProxyType(fewest))
+
+    def runs_warp_specialized(self, kernel, N):
+        """Whether the Gluon `kernel` runs by default on a memory of N positions."""
+        return N >= self.warp_specialized.get(kernel, N + 1)
 
     def candidates(self, kernel, precision, width):
         """The candidate configs of a kernel for a precision class and key width, in order
@@ -517,7 +533,8 @@ _SM_90 = Architecture(
     "sm_90", "H100, H200, GH200", "nvidia", 227 * KIB,
     fp32_fast="tf32",
     # none of the Gluon kernels by default until a GPU run shows one faster (bench kernel's
-    # candidates triton_ws and triton_ws_bwd, tools.gpu_session.tune)
+    # candidates triton_ws and triton_ws_bwd, tools.gpu_session.tune); one faster only on
+    # larger memories goes in as {name: the fewest memory positions N it runs from}
     warp_specialized=frozenset(),
     tilings={
         **_FP32_FMA_SM_90,
