@@ -29,6 +29,9 @@ every other one a peer, but the candidates):
                       kernels (STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1; sm_90 only), the
                       backward passes only (its forward is the plain one): a candidate too;
                       last in the run's order, since they have never run on a GPU.
+The summary gives each candidate's verdict: the memory sizes at which it was at least 3% faster
+than the fused read, and the fewest N from which it stayed faster, written as the entry
+`tilings.Architecture.warp_specialized` would take to make its kernels the default from there.
 A peer that cannot run is recorded with its reason, not timed: a forced SDPA backend that
 refuses ("refused: " and the first line of its error, with the first warning that says why),
 FlexAttention that does not compile ("error: " and its first line). The peers get their
@@ -83,6 +86,11 @@ FUSED = {"cuda": "triton", "cpu": "torch"}
 # each runs only the passes it changes.
 CANDIDATES = ("triton_ws", "triton_ws_bwd")
 CANDIDATE_PASSES = {"triton_ws": ("fwd",), "triton_ws_bwd": ("bwd", "fwd+bwd")}
+# The Gluon kernels (tilings.WARP_SPECIALIZED_KERNELS) each candidate runs.
+CANDIDATE_KERNELS = {"triton_ws": ("forward",), "triton_ws_bwd": ("dv", "dkdq")}
+# How much faster than the default a candidate must be at a point to count as faster there
+# (run-to-run noise of a warm GPU point is a few percent).
+CANDIDATE_MARGIN = 0.03
 # Providers whose kernels run only on a GPU (on CPU, in Triton's interpreter: not timed).
 GPU_ONLY = ("triton",) + CANDIDATES
 # The forced SDPA backend of each split peer; its value chunks are Ck wide (128 at the target).
@@ -526,6 +534,58 @@ def index_points(payload):
     return {(r["provider"],) + _point(r): r for r in payload["records"]}
 
 
+def candidate_verdicts(payload):
+    """[dict(candidate, pass, dtype, B, ns, faster, faster_from)] per candidate and pass it ran
+    with the fused read beside it: the memory sizes N measured by both, at which of them the
+    candidate was at least CANDIDATE_MARGIN faster, and the fewest N from which it was faster
+    at every larger N measured (None: at none, or not at the largest): the entry
+    tilings.Architecture.warp_specialized would take for its kernels."""
+    index = index_points(payload)
+    fused = _fused(payload)
+    verdicts = {}
+    for r in payload["records"]:
+        if r["provider"] not in CANDIDATES or r["status"] != "ok":
+            continue
+        base = index.get((fused,) + _point(r))
+        if base is None or base.get("status") != "ok" or index.get((r["provider"],) +
+                                                                   _point(r)) is not r:
+            continue
+        key = (r["provider"], r["pass"], r["dtype"], r["B"], r["HW"], r["Ck"], r["Cv"])
+        verdicts.setdefault(key, {})[r["N"]] = \
+            r["median_ms"] <= (1.0 - CANDIDATE_MARGIN) * base["median_ms"]
+    rows = []
+    for (candidate, pass_, dtype, B, *_), faster in verdicts.items():
+        ns = sorted(faster)
+        faster_from = None
+        for n in reversed(ns):  # the longest run of faster points that ends at the largest N
+            if not faster[n]:
+                break
+            faster_from = n
+        rows.append({"candidate": candidate, "pass": pass_, "dtype": dtype, "B": B, "ns": ns,
+                     "faster": [n for n in ns if faster[n]], "faster_from": faster_from})
+    return rows
+
+
+def _candidate_lines(payload):
+    """Markdown lines: each candidate's verdict against the fused read (candidate_verdicts)."""
+    rows = candidate_verdicts(payload)
+    if not rows:
+        return []
+    lines = ["", f"Candidates against the fused read (faster: at least "
+                 f"{CANDIDATE_MARGIN:.0%} shorter at that N):", "",
+             "| candidate | pass | dtype | B | N measured | faster at | faster from N on | "
+             "as a default (tilings.Architecture.warp_specialized) |", "|---" * 8 + "|"]
+    for row in rows:
+        entry = ", ".join(f'"{kernel}": {row["faster_from"]}'
+                          for kernel in CANDIDATE_KERNELS[row["candidate"]])
+        lines.append(
+            f"| {row['candidate']} | {row['pass']} | {row['dtype']} | {row['B']} | "
+            f"{', '.join(map(str, row['ns']))} | {', '.join(map(str, row['faster'])) or 'none'}"
+            f" | {row['faster_from'] or 'never'} | "
+            + (f"{{{entry}}}" if row["faster_from"] else "not faster: stays opt-in") + " |")
+    return lines
+
+
 def best_peer(payload, record, index=None):
     """(name, ratio) of the fastest peer that ran at the record's point, ratio = its time /
     the record's time (how many times faster the fused read is); (None, None) if none ran."""
@@ -585,6 +645,7 @@ def summary(payload):
         rows[-1] += (" Candidates (" + ", ".join(candidates_of(payload)) + ": other ways of "
                      "running the fused read, timed to choose the default) are never a peer; "
                      "below 1, the candidate was faster.")
+    rows += _candidate_lines(payload)
     rates = payload.get("matmul_tflops") or {}
     if rates:
         size = payload.get("matmul_size") or (8192 if payload["device_type"] == "cuda" else 2048)

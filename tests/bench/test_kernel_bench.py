@@ -309,3 +309,35 @@ def test_the_readme_plot_marks_out_of_memory_and_takes_the_later_of_two_measures
                                            "not run")])
 def test_status_words(status, word):
     assert kernel._status_word(status) == word
+
+
+def test_a_candidates_verdict_names_the_memory_size_it_is_faster_from():
+    """Each candidate's verdict against the fused read: where it was at least 3% faster, and
+    from which N on it stayed faster: the tilings entry that would make it a default there."""
+    records = [_record("triton", 0.40), _record("triton_ws", 0.45),
+               _record("triton", 0.50, N=64800), _record("triton_ws", 0.49, N=64800),
+               _record("triton", 0.75, N=162000), _record("triton_ws", 0.60, N=162000),
+               _record("triton", 2.0, pass_="fwd+bwd"),
+               _record("triton_ws_bwd", 1.5, pass_="fwd+bwd"),
+               _record("triton", 4.0, pass_="fwd+bwd", N=162000),
+               _record("triton_ws_bwd", 4.1, pass_="fwd+bwd", N=162000),
+               _record("triton", 9.0, pass_="fwd+bwd", N=324000),
+               _record("triton_ws_bwd", None, pass_="fwd+bwd", N=324000,
+                       status="refused: needs an sm_90 GPU")]
+    payload = _payload(records)
+    forward, backward = kernel.candidate_verdicts(payload)
+    # 0.49 against 0.50 is within the 3% margin: not faster there
+    assert forward == dict(candidate="triton_ws", **{"pass": "fwd"}, dtype="bf16", B=1,
+                           ns=[16200, 64800, 162000], faster=[162000], faster_from=162000)
+    assert (backward["ns"], backward["faster"], backward["faster_from"]) == (
+        [16200, 162000], [16200], None)  # faster at the smaller N only: no default
+    table = kernel.summary(payload)
+    assert ('| triton_ws | fwd | bf16 | 1 | 16200, 64800, 162000 | 162000 | 162000 | '
+            '{"forward": 162000} |') in table
+    assert ('| triton_ws_bwd | fwd+bwd | bf16 | 1 | 16200, 162000 | 16200 | never | '
+            'not faster: stays opt-in |') in table
+    records[3]["median_ms"] = 0.40
+    forward = kernel.candidate_verdicts(_payload(records))[0]
+    assert forward["faster_from"] == 64800
+    assert '{"forward": 64800}' in kernel.summary(_payload(records))
+    assert "Candidates against" not in kernel.summary(_payload(records[:1]))
