@@ -101,7 +101,8 @@ def test_every_kernel_gets_the_arguments_and_alignment_tritons_binder_gives():
     assert names == {"memory_read_fwd_kernel", "memory_read_merge_kernel",
                      "memory_read_bwd_kernel_prepare", "memory_read_bwd_kernel_dv",
                      "memory_read_bwd_kernel_dkdq", "memory_read_bwd_kernel_dq",
-                     "memory_read_topk_kernel", "memory_read_usage_kernel"}
+                     "memory_read_topk_kernel", "memory_read_topk_merge_kernel",
+                     "memory_read_usage_kernel"}
     for kernel, grid, arguments, options in launches:
         fixed, tensors = host_path.fixed_and_tensors(arguments)
         launcher = Launcher()

@@ -216,7 +216,8 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
 
 @pytest.mark.parametrize("kernel, call", [
     ("fwd_kernel", "forward"), ("merge_kernel", "forward"), ("prepare", "backward"),
-    ("dv", "backward"), ("dkdq", "backward"), ("topk_kernel", "select"), ("usage_kernel", "usage")])
+    ("dv", "backward"), ("dkdq", "backward"), ("topk_kernel", "select"),
+    ("topk_merge_kernel", "select"), ("usage_kernel", "usage")])
 def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, call):
     run, counts = failing([kernel])
     monkeypatch.setattr(launch, "run", run)
@@ -242,7 +243,8 @@ def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, 
     assert len(messages) == 1, messages  # once per process, however many reads
     # the dK+dQ kernel's code fails fused, then as the dK kernel beside the dQ kernel
     name = {"fwd_kernel": "forward", "merge_kernel": "merge", "topk_kernel": "select",
-            "usage_kernel": "usage", "dkdq": "dk"}.get(kernel, kernel)
+            "topk_merge_kernel": "select_merge", "usage_kernel": "usage",
+            "dkdq": "dk"}.get(kernel, kernel)
     assert f"the Triton {name} kernel cannot run on Triton interpreter (CPU)" in messages[0]
     assert "Injected: injected failure" in messages[0] and "\n" not in messages[0]
     # the failure is remembered: never tried again

@@ -352,34 +352,6 @@ def test_bad_family_arguments_are_rejected(kwargs, error, message):
         memory_read(q, k, v, **kwargs)
 
 
-def _packed_key(score, index):
-    """The selection kernel's int64 key (kernels/topk.py _packed) of a base-2 float32 score and
-    a memory index: order-preserving score bits high, 0xFFFFFFFF - index low."""
-    bits = torch.tensor([score], dtype=torch.float32).view(torch.int32).item()
-    mono = bits ^ 0x7FFFFFFF if bits < 0 else bits
-    return (mono << 32) | (0xFFFFFFFF - index)
-
-
-def test_decoded_keys_give_natural_scores_and_indices_and_empty_slots():
-    """The launcher's decode of packed keys: scores back in natural units, indices, and -inf /
-    -1 both for an unfilled slot (MIN_KEY) and for a position past the memory (a -inf score);
-    in 11 kernels (13 before -inf and NaN shared one test)."""
-    from helpers import RecordedOps
-    from stm_kernels.backends.triton.kernels.topk import MIN_KEY
-    log2e = 1 / math.log(2)
-    cases = [(2.5, 7), (-3.25, 0), (0.0, 123456), (-0.0, 5), (float("-inf"), 9)]
-    keys = torch.tensor([[_packed_key(s * log2e, i) for s, i in cases] + [MIN_KEY]])
-    with RecordedOps() as recorded:
-        scores, indices = triton_module._decoded(keys)
-    expected = torch.tensor([[2.5, -3.25, 0.0, 0.0, float("-inf"), float("-inf")]])
-    assert torch.allclose(scores, expected, rtol=1e-6) and scores.dtype == torch.float32
-    assert indices.tolist() == [[7, 0, 123456, 5, -1, -1]] and indices.dtype == torch.int64
-    # views and the wrapped Python scalars of torch.where run no kernel
-    kernels = [name for name in recorded.counts().elements()
-               if name not in ("view", "detach", "scalar_tensor")]
-    assert len(kernels) == 11, kernels
-
-
 def test_triton_top_k_above_64_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(triton_module, "INTERPRETING", True)  # resolve without running
     q, k, v = random_inputs(1, 1, 8, 6, 10, 100, torch.float32, "cpu")

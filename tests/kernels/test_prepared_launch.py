@@ -321,11 +321,11 @@ def test_selection_and_usage_plan_once_and_compute_their_own_inputs(plannings, s
         assert torch.allclose(scores.double(), expected_scores, atol=1e-4)
         expected_usage = pytorch.usage(q.double(), k.double(), lse.double(), scale, l2, lengths)
         assert torch.allclose(usage.double(), expected_usage.double(), rtol=1e-4, atol=1e-6)
-    assert plannings == {"select": 1, "usage": 1}
+    assert plannings == {"select": 1, "select_merge": 1, "usage": 1}
     # another top_k is another plan (its kernel keeps 16 positions per query, not 8)
     scores, indices = launch.triton_select(q, k, 12, scale, l2, lengths)
     assert torch.equal(indices, pytorch.select(q.double(), k.double(), 12, scale, l2, lengths)[1])
-    assert plannings["select"] == 2
+    assert plannings["select"] == plannings["select_merge"] == 2
 
 
 def test_selection_and_usage_launches_pass_exactly_their_kernels_parameters(checked_launches):
@@ -333,7 +333,8 @@ def test_selection_and_usage_launches_pass_exactly_their_kernels_parameters(chec
     for _ in range(2):
         launch.triton_select(q, k, 7, 0.25, False)
         launch.triton_usage(q, k, torch.zeros(SHAPE[0], SHAPE[4]), 0.25, False)
-    assert checked_launches == ["memory_read_topk_kernel", "memory_read_usage_kernel"] * 2
+    assert checked_launches == ["memory_read_topk_kernel", "memory_read_topk_merge_kernel",
+                                "memory_read_usage_kernel"] * 2
 
 
 def test_threads_keeping_layouts_at_the_limit_never_fail(monkeypatch):
@@ -379,3 +380,25 @@ def test_planning_every_call_keeps_and_reuses_nothing_until_it_ends(plannings):
     assert plannings["forward"] == plannings["dv"] == 3
     read_with_grads(*first, backend="triton")
     assert plannings["forward"] == plannings["dv"] == 3  # the kept launches ran
+
+
+def test_a_kept_selection_runs_its_two_kernels_and_no_torch_arithmetic():
+    """A kept top-k selection allocates its buffers and launches the top-k kernel and the
+    merge of its memory splits, which decodes the keys too: no torch operation between them
+    (the splits' merge and decoding were thirteen torch kernels, each a launch on a GPU). The
+    query's rows are aligned here: the launcher copies an unaligned query into 16-aligned rows
+    first."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(shape, generator=generator).bfloat16()
+            for shape in ((1, 16, 32), (2, 16, 300)))
+    launched = []
+    with launch.recording(lambda kernel, grid, arguments, *_: launched.append(
+            kernel.fn.__name__)), poison_outputs(False):
+        launch.triton_select(q, k, 7, 0.25, False)  # plans and keeps the launches
+        launched.clear()
+        with RecordedOps() as recorded:
+            scores, indices = launch.triton_select(q, k, 7, 0.25, False)
+    arithmetic = {name: calls for name, calls in recorded.counts().items()
+                  if name not in ("empty", "slice")}
+    assert arithmetic == {} and scores.shape == indices.shape == (2, 32, 7)
+    assert launched == ["memory_read_topk_kernel", "memory_read_topk_merge_kernel"]

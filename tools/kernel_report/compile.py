@@ -124,6 +124,7 @@ KERNEL_NAMES = {"memory_read_fwd_kernel": "forward", "memory_read_merge_kernel":
                 "memory_read_bwd_kernel_prepare": "prepare",
                 "memory_read_bwd_kernel_dv": "dv", "memory_read_bwd_kernel_dkdq": "dkdq",
                 "memory_read_bwd_kernel_dq": "dq", "memory_read_topk_kernel": "select",
+                "memory_read_topk_merge_kernel": "select_merge",
                 "memory_read_usage_kernel": "usage"}
 
 

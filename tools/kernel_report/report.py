@@ -45,10 +45,12 @@ FORWARD_RATIO_TARGET = 1.2
 TOTAL_RATIO_TARGET = 1.3
 # dk, dq: dK and dQ by two kernels, the deterministic backward's (and, where tilings.SEPARATE_DQ
 # says, every backward's); dkdq: the fused kernel with dQ by atomics.
-KERNEL_ORDER = ("forward", "merge", "prepare", "dv", "dkdq", "dk", "dq", "select", "usage")
+KERNEL_ORDER = ("forward", "merge", "prepare", "dv", "dkdq", "dk", "dq", "select",
+                "select_merge", "usage")
 # Kernels without a product of tiles (a merge of partial reads, the backward's elementwise
-# prepare pass): no MACs per pair to count, no matrix instruction expected.
-NO_DOT_KERNELS = ("merge", "prepare")
+# prepare pass, the selection's merge of its splits' keys): no MACs per pair to count, no
+# matrix instruction expected.
+NO_DOT_KERNELS = ("merge", "prepare", "select_merge")
 # The sources whose change can change a compile: the report records their hash.
 KERNEL_SOURCES = ("stm_kernels/backends/triton/kernels/forward.py",
                   "stm_kernels/backends/triton/kernels/backward.py",

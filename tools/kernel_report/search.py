@@ -32,7 +32,8 @@ from stm_kernels.backends.triton import launch, tilings
 from stm_kernels.backends.triton.tilings import (DkdqConfig as K, DqConfig as Q,
                                                  DvConfig as V, ForwardConfig as F,
                                                  MergeConfig as M, PrepareConfig as P,
-                                                 SelectConfig as S, UsageConfig as U)
+                                                 SelectConfig as S, SelectMergeConfig as SM,
+                                                 UsageConfig as U)
 from tools.kernel_report import report
 from tools.kernel_report.compile import TARGETS
 
@@ -66,6 +67,7 @@ CANDIDATES = {
                      F(32, 16, None, 8, 1), F(16, 16, None, 4, 1), F(16, 16, None, 2, 1)],
     ("merge", 2): [M(64, 64, 4, 1), M(32, 64, 4, 1), M(32, 32, 4, 1)],
     ("prepare", 2): [P(32, 64, 4, 1), P(64, 64, 4, 1), P(32, 32, 4, 1)],
+    ("select_merge", 2): [SM(16, 4, 1), SM(32, 4, 1), SM(8, 4, 1)],
     ("dv", 2): [V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1), V(128, 16, 256, 8, 2),
                 V(128, 32, 256, 4, 2), V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),
                 V(64, 32, 256, 8, 2), V(64, 16, 256, 4, 1), V(128, 32, 128, 8, 2),
@@ -134,11 +136,12 @@ CANDIDATES[("select", 4)][_AFTER_64_ROWS:_AFTER_64_ROWS] = [S(64, 4, 1, block_ck
 CANDIDATES.update({("dk", 2): CANDIDATES[("dkdq", 2)], ("dk", 4): CANDIDATES[("dkdq", 4)],
                    ("merge", 4): CANDIDATES[("merge", 2)],
                    ("prepare", 4): CANDIDATES[("prepare", 2)],
+                   ("select_merge", 4): CANDIDATES[("select_merge", 2)],
                    ("usage", 4): CANDIDATES[("usage", 2)]})
 # The kernels of each runtime entry point, and the pass that launches them.
 PASS_OF = dict(forward="forward", merge="forward", prepare="backward", dv="backward",
                dkdq="backward", dk="deterministic", dq="deterministic", select="select",
-               usage="usage")
+               select_merge="select", usage="usage")
 # Per precision class: (report precision the search compiles, element size).
 CLASSES = {"16-bit": ("bf16", 2), "tf32": ("tf32", 4), "fp32": ("fp32", 4)}
 # Per key width: the cases that must pass: dot and l2 at Ck = 128 (STM, STCN); XMem's

@@ -85,7 +85,8 @@ def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
             rows = {row["kernel"]: row for row in case["rows"]}
             precision = PRECISION_CLASS[case["precision"]]
             width = WIDTH[case["case"]]
-            expected = {"forward", "prepare", "dv", "dkdq", "dk", "dq", "select", "usage"}
+            expected = {"forward", "prepare", "dv", "dkdq", "dk", "dq", "select",
+                        "select_merge", "usage"}
             if tilings.separates_dq(architecture, precision, width):
                 expected.discard("dkdq")
             for read, kernels in tilings.READS.items():

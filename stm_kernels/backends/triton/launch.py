@@ -8,7 +8,8 @@
                      memory_read_bwd_kernel_dv and memory_read_bwd_kernel_dkdq (dQ by atomics;
                      under torch.use_deterministic_algorithms, and where dK+dQ does not fit
                      the device, memory_read_bwd_kernel_dq)
-    triton_select    memory_read_topk_kernel (top-k positions of every query)
+    triton_select    memory_read_topk_kernel (top-k positions of every query), then
+                     memory_read_topk_merge_kernel (the top-k of its memory splits, decoded)
     triton_usage     memory_read_usage_kernel (XMem's memory usage)
 
 A memory whose key channels are one past a tiling width (tilings.splits_last_channel: XMem's
@@ -24,7 +25,7 @@ remembered per device, kernel and call signature. When none runs it raises Kerne
 and the backend (backends/triton/__init__.py) reads with torch instead; only the fused dK+dQ
 has a kernel path before that: dK and dQ by two kernels. A pass's launches, each with its
 chosen config and fixed arguments, are kept per call layout (PreparedForward,
-PreparedBackward, PreparedSingle for the selection and usage; _layout_key): a repeated call
+PreparedBackward, PreparedSelect, PreparedSingle for the usage; _layout_key): a repeated call
 only allocates its outputs and launches, each kernel's compile called directly
 (direct_launch.py) without Triton's binder.
 `run` is the one place a kernel is compiled and first launched: the offline tools replace it
@@ -54,7 +55,7 @@ from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kern
                                memory_read_bwd_kernel_dv, memory_read_bwd_kernel_prepare,
                                memory_read_usage_kernel)
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
-from .kernels.topk import memory_read_topk_kernel
+from .kernels.topk import memory_read_topk_kernel, memory_read_topk_merge_kernel
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
                       use_configs, warp_specialized_backward_config, warp_specialized_config,
                       warp_specialized_dv_config)
@@ -1222,14 +1223,70 @@ class PreparedSingle:
         return result
 
 
-def _selected_keys(q, k, top_k, scale, l2, lengths):
-    """The packed keys (splits, B, HW, top_k rounded up to a power of two) int64 of each
-    memory split's top positions per query (memory_read_topk_kernel)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedSelect:
+    """A selection planned for one layout: the top-k kernel's launch over the memory splits
+    (writing their packed keys, `keys_shape`) and the launch that merges and decodes them into
+    (B, HW, top_k) scores and indices; inputs(*tensors) makes the top-k kernel's per-call
+    tensor arguments."""
+    call: Call
+    selection: KernelLaunch
+    merge: KernelLaunch
+    keys_shape: tuple
+    top_k: int
+    inputs: object
+
+    def __call__(self, q, k, lengths):
+        keys = torch.empty(self.keys_shape, dtype=torch.int64, device=k.device)
+        scores, indices = _select_outputs(keys, self.top_k)
+        with device_context(k.device):
+            self.selection(self.call, keys=keys, **self.inputs(q, k, lengths))
+            self.merge(self.call, keys=keys, scores=scores, indices=indices)
+        return scores, indices
+
+
+def _select_outputs(keys, top_k):
+    """The (B, HW, top_k) float32 scores and int64 indices of a selection's packed keys
+    (splits, B, HW, TOP_K)."""
+    _, B, HW, _ = keys.shape
+    return (new_buffer((B, HW, top_k), torch.float32, keys.device),
+            new_buffer((B, HW, top_k), torch.int64, keys.device))
+
+
+def _merge_selection(call, keys, top_k, i64):
+    """(scores, indices, the launch) of memory_read_topk_merge_kernel over the selection's
+    packed keys: the top_k of its memory splits, decoded."""
+    splits, B, HW, top_k_pow2 = keys.shape
+    scores, indices = _select_outputs(keys, top_k)
+
+    def launch(config):
+        fixed = dict(stride_ks=keys.stride(0), stride_kyb=keys.stride(1),
+                     stride_km=keys.stride(2), stride_sb=scores.stride(0),
+                     stride_sm=scores.stride(1), stride_ib=indices.stride(0),
+                     stride_im=indices.stride(1), HW=HW, SPLITS=splits, top_k=top_k,
+                     BLOCK_M=config.block_m, TOP_K=top_k_pow2, I64=i64)
+        merge = KernelLaunch(memory_read_topk_merge_kernel, (cdiv(HW, config.block_m), B),
+                             config, fixed)
+        merge(call, first=True, keys=keys, scores=scores, indices=indices)
+        return merge
+
+    merge = launch_first_that_runs("select_merge", call, _signature(call, i64, top_k_pow2),
+                                   launch)
+    return scores, indices, merge
+
+
+def triton_select(q, k, top_k, scale, l2, lengths=None):
+    """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
+    top_k memory positions of each query, best first (ties: lower index), -1 / -inf past an
+    object's memory: one fused pass over the memory in parallel memory splits
+    (memory_read_topk_kernel, kernels/topk.py), then the top_k of the splits' keys, decoded
+    (memory_read_topk_merge_kernel). Planned once per layout (_layout_key)."""
+    _check_device(q, k)
     call = _call(k, "select", l2)
     layout = _layout_key(("select", top_k), call, scale, l2, lengths, q, k)
-    keys = _run_prepared(layout, q, k, lengths)
-    if keys is not None:
-        return keys
+    selected = _run_prepared(layout, q, k, lengths)
+    if selected is not None:
+        return selected
     B, Ck, N = k.shape
     HW = q.shape[2]
     inputs = functools.partial(_query_inputs, l2=l2, rank1=call.rank1)
@@ -1255,38 +1312,14 @@ def _selected_keys(q, k, top_k, scale, l2, lengths):
         selection = KernelLaunch(memory_read_topk_kernel, (plan.m_blocks, B, plan.splits),
                                  config, fixed)
         selection(call, first=True, keys=keys, **tensors)
-        return keys, PreparedSingle(call, selection, "keys", shape, torch.int64, inputs)
+        scores, indices, merge = _merge_selection(call, keys, top_k, flags["I64"])
+        return scores, indices, PreparedSelect(call, selection, merge, shape, top_k, inputs)
 
-    with device_context(k.device):
-        keys, prepared = launch_first_that_runs(
-            "select", call, _signature(call, k.dtype, Ck, l2, ragged, top_k_pow2, flags["I64"]),
-            launch)
+    signature = _signature(call, k.dtype, Ck, l2, ragged, top_k_pow2, flags["I64"])
+    with device_context(k.device), kernels_in_sequence(call, "selection", signature):
+        scores, indices, prepared = launch_first_that_runs("select", call, signature, launch)
     _keep_prepared(layout, prepared)
-    return keys
-
-
-def triton_select(q, k, top_k, scale, l2, lengths=None):
-    """(scores (B, HW, top_k) float32 natural units, indices (B, HW, top_k) int64) of the
-    top_k memory positions of each query (ties: lower index), -1 / -inf past an object's
-    memory; one fused pass over the memory (kernels/topk.py). Planned once per layout
-    (_layout_key)."""
-    _check_device(q, k)
-    keys = _selected_keys(q, k, top_k, scale, l2, lengths)
-    B, HW = k.shape[0], q.shape[2]
-    merged = keys.permute(1, 2, 0, 3).reshape(B, HW, -1)
-    best = torch.topk(merged, top_k, dim=-1).values  # distinct keys: score desc, index asc
-    return _decoded(best)
-
-
-def _decoded(keys):
-    """(scores in natural units, indices) of packed keys; -inf / -1 for empty ones: an unfilled
-    slot (MIN_KEY, whose high half decodes to NaN) or a position past the memory (-inf)."""
-    high = (keys >> 32).to(torch.int32)
-    bits = torch.where(high < 0, high ^ 0x7FFFFFFF, high)
-    scores = bits.view(torch.float32) * (1.0 / LOG2E)
-    filled = scores > float("-inf")  # False for NaN and -inf alike: one test for both
-    indices = ~keys & 0xFFFFFFFF  # the low half holds 0xFFFFFFFF - index
-    return torch.where(filled, scores, float("-inf")), torch.where(filled, indices, -1)
+    return scores, indices
 
 
 def _usage_inputs(q, k, lse, lengths):

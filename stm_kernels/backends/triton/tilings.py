@@ -14,7 +14,8 @@ Keys of a table: (kernel, precision class, key width), where
     kernel           "forward", "merge", "prepare" (the backward's first: delta, aligned
                      copies, the zeroed dQ), "dv", "dkdq", "dk" and "dq" (the deterministic
                      backward's dK kernel, i.e. dK+dQ without its dQ atomics, and its dQ
-                     kernel), "select" (top-k), "usage"
+                     kernel), "select" (top-k), "select_merge" (the top-k of its memory
+                     splits, decoded), "usage"
     precision class  "16-bit" (fp16, bf16), "tf32" (float32 under matmul precision "high" or
                      "medium": TF32 or an equivalent), "fp32" (float32 under "highest": exact
                      float32, see Architecture.input_precision)
@@ -35,7 +36,8 @@ import torch
 
 from .devices import INTERPRETING, KIB, Device
 
-KERNELS = ("forward", "merge", "prepare", "dv", "dkdq", "dk", "dq", "select", "usage")
+KERNELS = ("forward", "merge", "prepare", "dv", "dkdq", "dk", "dq", "select", "select_merge",
+           "usage")
 # A kernel with no entry of its own in a table runs its twin's tilings (the same kernel code).
 TWINS = {"dk": "dkdq"}
 PRECISIONS = ("16-bit", "tf32", "fp32")
@@ -167,6 +169,16 @@ class SelectConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SelectMergeConfig:
+    """Tiling of `memory_read_topk_merge_kernel` (the top-k of the selection's memory splits,
+    decoded): block_m query rows per program, each merging one split's keys per step."""
+    block_m: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+    max_local_bytes: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class UsageConfig:
     """Tiling of `memory_read_usage_kernel`: block_n memory rows per program, looping over the
     queries block_m at a time. stream_keys as in DkdqConfig."""
@@ -189,10 +201,10 @@ class BackwardConfig:
 
 
 Config = Union[ForwardConfig, MergeConfig, PrepareConfig, DvConfig, DkdqConfig, DqConfig,
-               SelectConfig, UsageConfig]
+               SelectConfig, SelectMergeConfig, UsageConfig]
 CONFIG_CLASSES = dict(forward=ForwardConfig, merge=MergeConfig, prepare=PrepareConfig,
                       dv=DvConfig, dkdq=DkdqConfig, dk=DkdqConfig, dq=DqConfig,
-                      select=SelectConfig, usage=UsageConfig)
+                      select=SelectConfig, select_merge=SelectMergeConfig, usage=UsageConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,8 +377,8 @@ def splits_last_channel(channels):
 
 
 # Shorthands for the tables below (positional fields in each class's order).
-F, M, P, V, K, Q, S, U = (ForwardConfig, MergeConfig, PrepareConfig, DvConfig, DkdqConfig,
-                          DqConfig, SelectConfig, UsageConfig)
+F, M, P, V, K, Q, S, SM, U = (ForwardConfig, MergeConfig, PrepareConfig, DvConfig,
+                              DkdqConfig, DqConfig, SelectConfig, SelectMergeConfig, UsageConfig)
 
 _INTERPRETER = Architecture(
     "interpreter", "Triton's CPU interpreter (tests)", "interpreter", 1 << 30,
@@ -379,6 +391,7 @@ _INTERPRETER = Architecture(
              ("dkdq", None, None): (K(32, 32, 4, 1, None),),
              ("dq", None, None): (Q(32, 32, None, 4, 1),),
              ("select", None, None): (S(16, 4, 1),),
+             ("select_merge", None, None): (SM(64, 4, 1),),
              ("usage", None, None): (U(32, 32, 4, 1),)})
 
 # Input precisions: 16-bit operands take "ieee" everywhere (NVIDIA ignores it for them; AMD
@@ -466,6 +479,7 @@ _SM_80 = Architecture(
                                    F(16, 32, 128, 4, 2, stream_queries=True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "16-bit", 257): (V(128, 32, 128, 8, 2, stream_keys=True),
                                 V(128, 16, 128, 8, 2, stream_keys=True),),
@@ -504,6 +518,7 @@ _SM_86 = Architecture(
                                    F(16, 32, 256, 4, 1, stream_queries=True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
         ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
@@ -544,6 +559,7 @@ _SM_90 = Architecture(
         ("forward", "tf32", 256): (F(64, 32, 128, 4, 1), F(32, 32, 128, 4, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
         ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
@@ -577,6 +593,7 @@ _SM_100 = Architecture(
         ("forward", "tf32", 256): (F(64, 16, 256, 8, 2), F(64, 16, 256, 4, 2),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
         ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
@@ -609,6 +626,7 @@ _SM_120 = Architecture(
                                    F(16, 32, 256, 4, 1, stream_queries=True),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, stream_keys=True), V(128, 16, 128, 8, 2),),
@@ -684,6 +702,7 @@ _GFX90A = Architecture(
         ("forward", "fp32", 256): (F(32, 32, 256, 2, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
@@ -727,6 +746,7 @@ _GFX942 = Architecture(
         ("forward", "fp32", 256): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 1), V(64, 16, 128, 4, 2),),
@@ -768,6 +788,7 @@ _GFX950 = Architecture(
         ("forward", "fp32", None): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
         ("merge", None, None): (M(64, 64, 4, 1),),
         ("prepare", None, None): (P(32, 64, 4, 1),),
+        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(128, 16, 256, 8, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
@@ -861,7 +882,7 @@ EXCEPTIONS: dict = {
 
 # Which kernels each read launches: a read the torch backend takes (ON_TORCH) launches none.
 READS = {"forward": ("forward", "merge"), "backward": ("prepare", "dv", "dkdq", "dk", "dq"),
-         "select": ("select",), "usage": ("usage",)}
+         "select": ("select", "select_merge"), "usage": ("usage",)}
 
 # Reads the torch backend computes by design, keyed (architecture, read, precision class, key
 # width) with the reason: where no tiling of their kernels runs without spilling hundreds of
@@ -1010,7 +1031,8 @@ def warp_specialized_dv_config():
 
 __all__ = ["INTERPRETING", "ARCHITECTURES", "Architecture", "ForwardConfig", "MergeConfig",
            "PrepareConfig",
-           "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "UsageConfig", "BackwardConfig",
+           "DvConfig", "DkdqConfig", "DqConfig", "SelectConfig", "SelectMergeConfig",
+           "UsageConfig", "BackwardConfig",
            "WarpSpecializedConfig", "WarpSpecializedBackwardConfig", "WarpSpecializedDvConfig",
            "WARP_SPECIALIZED_KERNELS",
            "ROW_SPLIT_CONFIG", "warp_specialized_dv_config",

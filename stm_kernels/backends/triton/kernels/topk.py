@@ -6,7 +6,7 @@ the lower index (high 32 bits: the float's bits made monotone as a signed intege
 0xFFFFFFFF - index). A program keeps its query rows' running top-k keys [BLOCK_M, TOP_K] in
 registers; per memory block it takes the block's top-k keys (tl.topk, a bitonic sort) and
 merges them with the running ones (the top-k of both, joined). Memory splits run in parallel
-(flash-decoding style); the launcher merges their keys with torch.topk and decodes them.
+(flash-decoding style); memory_read_topk_merge_kernel merges their keys and decodes them.
 Scores are in base 2 (scale folded with log2(e)), as in the forward kernel. STREAM_Q as in
 the forward kernel: the query tile is loaded in every memory step rather than held.
 CHUNK_CK < BLOCK_CK: the score dot runs over CHUNK_CK key channels at a time, the query and key
@@ -16,8 +16,9 @@ of max(64, top_k) positions of 256 float32 channels is 64 KiB).
 import triton
 import triton.language as tl
 
-from .common import (aligned_stride, block_scores, dot, key_tile, query_block, query_term,
-                     query_tile, rank1_offsets, scores_of_dot, split_bounds, tile_offsets)
+from .common import (LN2_C, aligned_stride, block_scores, dot, key_tile, query_block,
+                     query_term, query_tile, rank1_offsets, scores_of_dot, split_bounds,
+                     tile_offsets)
 
 MIN_KEY = -(2**63)
 # Globals read inside @triton.jit functions must be constexpr when compiled for a GPU.
@@ -145,3 +146,44 @@ def memory_read_topk_kernel(
 
     p_keys = keys + i_s.to(tl.int64) * stride_ks + i_b * stride_kyb + first_m * stride_km
     tl.store(p_keys + o_m[:, None] * stride_km + o_t[None, :], b_best, mask=m_m[:, None])
+
+
+@triton.jit
+def memory_read_topk_merge_kernel(
+    keys, scores, indices,
+    stride_ks, stride_kyb, stride_km,
+    stride_sb, stride_sm, stride_ib, stride_im,
+    HW, SPLITS, top_k,
+    BLOCK_M: tl.constexpr, TOP_K: tl.constexpr, I64: tl.constexpr,
+):
+    # One program per (query block, object): the top_k best of the memory splits' keys
+    # (S, B, HW, TOP_K) int64, best first, decoded to scores in natural units and memory
+    # indices; an unfilled slot (MIN_KEY, whose high half decodes to NaN) or a position past
+    # the memory (a -inf score) gives -inf and -1.
+    i_m = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_m = tl.arange(0, BLOCK_M)
+    o_t = tl.arange(0, TOP_K)
+    first_m = (i_m * BLOCK_M).to(tl.int64)
+    m_m = (i_m * BLOCK_M + o_m) < HW
+
+    p_keys = keys + i_b * stride_kyb + first_m * stride_km
+    o_keys = tile_offsets(o_m, o_t, stride_km, 1, I64)  # [BLOCK_M, TOP_K]
+    b_best = tl.full([BLOCK_M, TOP_K], MIN_KEY_C, tl.int64)
+    for _ in range(SPLITS):
+        b_split = tl.load(p_keys + o_keys, mask=m_m[:, None], other=MIN_KEY_C)
+        b_best = tl.topk(tl.reshape(tl.join(b_best, b_split), [BLOCK_M, 2 * TOP_K]), TOP_K)
+        p_keys += stride_ks
+
+    b_high = (b_best >> 32).to(tl.int32)
+    b_bits = tl.where(b_high < 0, b_high ^ 0x7FFFFFFF, b_high)
+    b_score = b_bits.to(tl.float32, bitcast=True) * LN2_C  # base 2 -> natural units
+    b_filled = b_score > float("-inf")  # False for NaN and -inf alike
+    b_index = ~b_best & 0xFFFFFFFF  # the low half holds 0xFFFFFFFF - index
+    m_out = m_m[:, None] & (o_t < top_k)[None, :]
+    p_scores = scores + i_b * stride_sb + first_m * stride_sm
+    tl.store(p_scores + tile_offsets(o_m, o_t, stride_sm, 1, I64),
+             tl.where(b_filled, b_score, float("-inf")), mask=m_out)
+    p_indices = indices + i_b * stride_ib + first_m * stride_im
+    tl.store(p_indices + tile_offsets(o_m, o_t, stride_im, 1, I64),
+             tl.where(b_filled, b_index, -1), mask=m_out)
