@@ -535,7 +535,8 @@ def index_points(payload):
 
 
 def candidate_verdicts(payload):
-    """[dict(candidate, pass, dtype, B, ns, faster, faster_from)] per candidate and pass it ran
+    """[dict(candidate, pass, dtype, B, HW, Ck, Cv, ns, faster, faster_from)] per candidate,
+    pass and shape it ran
     with the fused read beside it: the memory sizes N measured by both, at which of them the
     candidate was at least CANDIDATE_MARGIN faster, and the fewest N from which it was faster
     at every larger N measured (None: at none, or not at the largest): the entry
@@ -554,15 +555,16 @@ def candidate_verdicts(payload):
         verdicts.setdefault(key, {})[r["N"]] = \
             r["median_ms"] <= (1.0 - CANDIDATE_MARGIN) * base["median_ms"]
     rows = []
-    for (candidate, pass_, dtype, B, *_), faster in verdicts.items():
+    for (candidate, pass_, dtype, B, HW, Ck, Cv), faster in verdicts.items():
         ns = sorted(faster)
         faster_from = None
         for n in reversed(ns):  # the longest run of faster points that ends at the largest N
             if not faster[n]:
                 break
             faster_from = n
-        rows.append({"candidate": candidate, "pass": pass_, "dtype": dtype, "B": B, "ns": ns,
-                     "faster": [n for n in ns if faster[n]], "faster_from": faster_from})
+        rows.append({"candidate": candidate, "pass": pass_, "dtype": dtype, "B": B, "HW": HW,
+                     "Ck": Ck, "Cv": Cv, "ns": ns, "faster": [n for n in ns if faster[n]],
+                     "faster_from": faster_from})
     return rows
 
 
@@ -573,15 +575,18 @@ def _candidate_lines(payload):
         return []
     lines = ["", f"Candidates against the fused read (faster: at least "
                  f"{CANDIDATE_MARGIN:.0%} shorter at that N):", "",
-             "| candidate | pass | dtype | B | N measured | faster at | faster from N on | "
-             "as a default (tilings.Architecture.warp_specialized) |", "|---" * 8 + "|"]
+             "| candidate | pass | dtype | B | HW | Ck | Cv | N measured | faster at | "
+             "faster from N on | as a default (tilings.Architecture.warp_specialized) |",
+             "|---" * 11 + "|"]
     for row in rows:
         entry = ", ".join(f'"{kernel}": {row["faster_from"]}'
                           for kernel in CANDIDATE_KERNELS[row["candidate"]])
+        measured = ", ".join(map(str, row["ns"]))
+        faster = ", ".join(map(str, row["faster"])) or "none"
         lines.append(
             f"| {row['candidate']} | {row['pass']} | {row['dtype']} | {row['B']} | "
-            f"{', '.join(map(str, row['ns']))} | {', '.join(map(str, row['faster'])) or 'none'}"
-            f" | {row['faster_from'] or 'never'} | "
+            f"{row['HW']} | {row['Ck']} | {row['Cv']} | {measured} | {faster} | "
+            f"{row['faster_from'] or 'never'} | "
             + (f"{{{entry}}}" if row["faster_from"] else "not faster: stays opt-in") + " |")
     return lines
 

@@ -328,13 +328,16 @@ def test_a_candidates_verdict_names_the_memory_size_it_is_faster_from():
     forward, backward = kernel.candidate_verdicts(payload)
     # 0.49 against 0.50 is within the 3% margin: not faster there
     assert forward == dict(candidate="triton_ws", **{"pass": "fwd"}, dtype="bf16", B=1,
-                           ns=[16200, 64800, 162000], faster=[162000], faster_from=162000)
+                           HW=1620, Ck=128, Cv=512, ns=[16200, 64800, 162000], faster=[162000],
+                           faster_from=162000)
     assert (backward["ns"], backward["faster"], backward["faster_from"]) == (
         [16200, 162000], [16200], None)  # faster at the smaller N only: no default
     table = kernel.summary(payload)
-    assert ('| triton_ws | fwd | bf16 | 1 | 16200, 64800, 162000 | 162000 | 162000 | '
+    assert ('| triton_ws | fwd | bf16 | 1 | 1620 | 128 | 512 | 16200, 64800, 162000 | 162000 | '
+            '162000 | '
             '{"forward": 162000} |') in table
-    assert ('| triton_ws_bwd | fwd+bwd | bf16 | 1 | 16200, 162000 | 16200 | never | '
+    assert ('| triton_ws_bwd | fwd+bwd | bf16 | 1 | 1620 | 128 | 512 | 16200, 162000 | 16200 | '
+            'never | '
             'not faster: stays opt-in |') in table
     records[3]["median_ms"] = 0.40
     forward = kernel.candidate_verdicts(_payload(records))[0]
