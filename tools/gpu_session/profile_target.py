@@ -255,8 +255,8 @@ def main(argv=None):
                         help="run only these passes, in their usual order (default: all; "
                              "names: %(choices)s)")
     parser.add_argument("--fit", nargs="+", metavar="FILE", type=pathlib.Path,
-                        help="fit the lead kernels' times of these breakdown files against N "
-                             "(no GPU needed)")
+                        help="fit each of our kernels' times in these breakdown files "
+                             "against N (no GPU needed)")
     args = parser.parse_args(argv)
     if args.fit:
         missing = [str(path) for path in args.fit if not path.is_file()]
