@@ -25,17 +25,15 @@ power of two in [16, 256]; Cv a multiple of 16 (loaded as boxes of the largest p
 channels); every tensor TMA-addressable (position stride 1, other strides and the base 16-byte
 aligned: the launcher's padded q and dO are); the shared-memory estimate within 227 KiB.
 """
-import dataclasses
 
 import torch
 
-from .._buffers import device_context
 from ..backends.triton import devices
 from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
 from ..torch_common import LOG2E, score_gradient_factor
-from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, Descriptors, cdiv, device_reason,
-                           launch_keeping, launch_views, nvmma_layouts, rows_2d, tma_reason)
+from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, KeptGluonLaunch, cdiv, device_reason,
+                           nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -383,38 +381,19 @@ def constexprs(l2, Ck, Cv, config, layouts):
                 MMA_REGS=config.mma_regs, LOAD_REGS=config.load_regs)
 
 
-@dataclasses.dataclass(eq=False)
-class WsBackwardLaunch:
-    """ws_backward_dkdq planned for one call layout: the grid, the shared-memory layouts, the
-    constexprs and strides. Called with a call's tensors of that layout, it makes their TMA
-    descriptors and launches; folded: the objects folded into the TMA rows, one launch; else
-    one launch per object. From its second launch on it calls its first launch's compile
-    directly (gluon_common.launch_keeping), as the plain kernels' kept launches do."""
-    grid: tuple
-    layouts: dict
-    fixed: dict
-    folded: bool
-    direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
-    descriptors: Descriptors = dataclasses.field(init=False)  # its operands' TMA descriptors
-
-    def __post_init__(self):
-        self.descriptors = Descriptors(self.layouts)
+class WsBackwardLaunch(KeptGluonLaunch):
+    """ws_backward_dkdq planned for one call layout (gluon_common.KeptGluonLaunch). Called
+    with a call's tensors of that layout, it writes dK and adds to dQ."""
 
     def __call__(self, q, k, v, do, lse, delta, dq, dk):
         if any(t.data_ptr() % 16 for t in (q, k, v, do)):
             raise ValueError("warp-specialised dK/dQ: q, k, v and dO must start on 16 bytes "
                              "(TMA)")
-        with device_context(k.device):
-            for objects, q2, (k2, v2, do2), q_broadcast in launch_views(q, (k, v, do),
-                                                                        self.folded):
-                # a batch-1 query's dq gathers every object's terms
-                dq_objects = slice(None) if q.shape[0] == 1 else objects
-                per_call = dict(q_desc=self.descriptors("q", q2),
-                                k_desc=self.descriptors("k", k2),
-                                v_desc=self.descriptors("v", v2),
-                                do_desc=self.descriptors("do", do2),
-                                lse=lse[objects], delta=delta[objects], dq=dq[dq_objects],
-                                dk=dk[objects])
-                self.direct = launch_keeping(memory_read_ws_bwd_dkdq_kernel, self.grid, per_call,
-                                             dict(self.fixed, Q_BROADCAST=q_broadcast),
-                                             self.direct)
+
+        def pointers(objects):
+            # a batch-1 query's dq gathers every object's terms
+            dq_objects = slice(None) if q.shape[0] == 1 else objects
+            return dict(lse=lse[objects], delta=delta[objects], dq=dq[dq_objects],
+                        dk=dk[objects])
+
+        self.launch(memory_read_ws_bwd_dkdq_kernel, q, dict(k=k, v=v, do=do), pointers)

@@ -26,17 +26,15 @@ are one TMA box, loaded and stored whole); every tensor TMA-addressable (positio
 other strides and the base on 16 bytes: the launcher's padded q and dO are, a contiguous dv
 needs N % 8 == 0 as k does); the shared-memory estimate within the device's limit.
 """
-import dataclasses
 
 import torch
 
-from .._buffers import device_context
 from ..backends.triton import devices
 from ..backends.triton.launch import backward_operands
 from ..backends.triton.tilings import WarpSpecializedDvConfig
 from ..torch_common import LOG2E
-from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, Descriptors, cdiv, device_reason,
-                           launch_keeping, launch_views, nvmma_layouts, rows_2d, tma_reason)
+from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, KeptGluonLaunch, cdiv, device_reason,
+                           nvmma_layouts, rows_2d, tma_reason)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -340,33 +338,12 @@ def constexprs(l2, Ck, Cv, config, layouts):
                 DV_REGS=config.dv_regs, LOAD_REGS=config.load_regs)
 
 
-@dataclasses.dataclass(eq=False)
-class WsDvLaunch:
-    """ws_backward_dv planned for one call layout: the grid, the shared-memory layouts, the
-    constexprs and strides. Called with a call's tensors of that layout, it makes their TMA
-    descriptors and launches; folded: the objects folded into the TMA rows, one launch; else
-    one launch per object. From its second launch on it calls its first launch's compile
-    directly (gluon_common.launch_keeping), as the plain kernels' kept launches do."""
-    grid: tuple
-    layouts: dict
-    fixed: dict
-    folded: bool
-    direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
-    descriptors: Descriptors = dataclasses.field(init=False)  # its operands' TMA descriptors
-
-    def __post_init__(self):
-        self.descriptors = Descriptors(self.layouts)
+class WsDvLaunch(KeptGluonLaunch):
+    """ws_backward_dv planned for one call layout (gluon_common.KeptGluonLaunch). Called with a
+    call's tensors of that layout, it writes dV."""
 
     def __call__(self, q, k, do, lse, dv):
         if any(t.data_ptr() % 16 for t in (q, k, do, dv)):
             raise ValueError("warp-specialised dV: q, k, dO and dV must start on 16 bytes (TMA)")
-        with device_context(k.device):
-            for objects, q2, (k2, do2, dv2), q_broadcast in launch_views(q, (k, do, dv),
-                                                                         self.folded):
-                per_call = dict(q_desc=self.descriptors("q", q2),
-                                k_desc=self.descriptors("k", k2),
-                                do_desc=self.descriptors("do", do2),
-                                dv_desc=self.descriptors("dv", dv2), lse=lse[objects])
-                self.direct = launch_keeping(memory_read_ws_bwd_dv_kernel, self.grid, per_call,
-                                             dict(self.fixed, Q_BROADCAST=q_broadcast),
-                                             self.direct)
+        self.launch(memory_read_ws_bwd_dv_kernel, q, dict(k=k, do=do, dv=dv),
+                    lambda objects: dict(lse=lse[objects]))

@@ -5,7 +5,11 @@ helpers of their launchers, and the mbarrier rings of their kernels.
 AVAILABLE is False (UNAVAILABLE_REASON says why) without Triton, or with one whose Gluon lacks
 a name the kernels use; the kernels' modules then import, and refuse every call.
 """
+import dataclasses
+
 import torch
+
+from .._buffers import device_context
 
 try:
     import triton
@@ -140,6 +144,39 @@ def launch_views(q, tensors, folded):
 def descriptor(t2, block_shape, layout):
     """The TMA descriptor of a 2-D tensor, boxes of block_shape in the shared layout."""
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), list(block_shape), layout)
+
+
+@dataclasses.dataclass(eq=False)
+class KeptGluonLaunch:
+    """A Gluon kernel planned for one call layout: its grid, its operands' shared-memory layouts
+    ({name: (block shape, layout)}), the constexprs and strides the layout fixes, and whether
+    the objects fold into the TMA rows (one launch) or launch one by one. A subclass's
+    __call__ checks a call's tensors and calls `launch`, which makes their TMA descriptors and
+    launches; from its second launch on it calls its first launch's compile directly
+    (launch_keeping), as the plain kernels' kept launches do."""
+    grid: tuple
+    layouts: dict
+    fixed: dict
+    folded: bool
+    direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
+    descriptors: "Descriptors" = dataclasses.field(init=False)  # its operands' TMA descriptors
+
+    def __post_init__(self):
+        self.descriptors = Descriptors(self.layouts)
+
+    def launch(self, kernel, q, operands, pointers):
+        """`kernel` over a call's (B, C, L) TMA operands: q and `operands` ({name: tensor}),
+        passed as their descriptors (argument `<name>_desc`), and the other arguments
+        `pointers(objects)` gives for a launch's objects (a slice of the batch)."""
+        with device_context(q.device):
+            for objects, q2, views, q_broadcast in launch_views(q, list(operands.values()),
+                                                                self.folded):
+                per_call = {f"{name}_desc": self.descriptors(name, t2)
+                            for name, t2 in zip(("q", *operands), (q2, *views), strict=True)}
+                per_call.update(pointers(objects))
+                self.direct = launch_keeping(kernel, self.grid, per_call,
+                                             dict(self.fixed, Q_BROADCAST=q_broadcast),
+                                             self.direct)
 
 
 class Descriptors:

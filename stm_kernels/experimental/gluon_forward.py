@@ -31,18 +31,15 @@ to 16-byte-aligned rows when it is not (it is small). The object dimension is fo
 TMA rows when k/v's batch stride is C * channel stride (contiguous tensors, slices along N);
 otherwise the kernel is launched once per object.
 """
-import dataclasses
 
 import torch
 
-from .._buffers import device_context
 from ..backends.triton import devices
 from ..torch_common import LN2
 # Re-exported: the tilings belong with the others, the kernel's users look for them here.
 from ..backends.triton.tilings import ROW_SPLIT_CONFIG, WarpSpecializedConfig  # noqa: F401
-from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, Descriptors, cdiv,
-                           device_reason, launch_keeping, launch_views, nvmma_layouts, rows_2d,
-                           tma_strides_ok)
+from .gluon_common import (AVAILABLE, SM90_SHARED_MEMORY, UNAVAILABLE_REASON, KeptGluonLaunch,
+                           cdiv, device_reason, nvmma_layouts, rows_2d, tma_strides_ok)
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -424,40 +421,19 @@ def prepare(q, k, v, part_out, part_lse, *, per_split, qk_scale, l2, config=None
     return WsLaunch(grid, layouts, fixed, folded)
 
 
-@dataclasses.dataclass(eq=False)
-class WsLaunch:
+class WsLaunch(KeptGluonLaunch):
     """ws_forward planned for one call layout (shapes, strides, dtype, scale, similarity,
-    config): the grid, the shared-memory layouts, the constexprs and the output strides. Called
-    with a call's tensors of that layout, it makes their TMA descriptors and launches (k and v
-    must still start on 16 bytes: a ValueError otherwise, as TMA requires). folded: the objects
-    folded into the TMA rows, one launch; else one launch per object. From its second launch
-    on it calls its first launch's compile directly (launch.launched_directly), as the plain
-    kernels' kept launches do."""
-    grid: tuple
-    layouts: dict
-    fixed: dict
-    folded: bool
-    direct: object = dataclasses.field(default=None, init=False)  # a DirectLaunch, or None
-    descriptors: Descriptors = dataclasses.field(init=False)  # its operands' TMA descriptors
-
-    def __post_init__(self):
-        self.descriptors = Descriptors(self.layouts)
+    config; gluon_common.KeptGluonLaunch). Called with a call's tensors of that layout, it
+    writes the memory splits' partial reads (k and v must still start on 16 bytes: a ValueError
+    otherwise, as TMA requires)."""
 
     def __call__(self, q, k, v, part_out, part_lse):
         if k.data_ptr() % 16 or v.data_ptr() % 16:
             raise ValueError("warp-specialised forward: k and v must start on 16 bytes (TMA)")
         broadcast = q.shape[0] == 1 or q.stride(0) == 0
-        q = _aligned_query(q[:1] if broadcast else q)
-        with device_context(k.device):
-            for objects, q2, (k2, v2), q_broadcast in launch_views(q, (k, v), self.folded):
-                # Q_BROADCAST is the layout's (folded) or True (one launch per object)
-                per_call = dict(q_desc=self.descriptors("q", q2),
-                                k_desc=self.descriptors("k", k2),
-                                v_desc=self.descriptors("v", v2),
-                                o=part_out[:, objects], lse=part_lse[:, objects])
-                self.direct = launch_keeping(memory_read_ws_fwd_kernel, self.grid, per_call,
-                                             dict(self.fixed, Q_BROADCAST=q_broadcast),
-                                             self.direct)
+        self.launch(memory_read_ws_fwd_kernel, _aligned_query(q[:1] if broadcast else q),
+                    dict(k=k, v=v), lambda objects: dict(o=part_out[:, objects],
+                                                         lse=part_lse[:, objects]))
 
 
 def _constexprs(l2, Ck, Cv, config, layouts):
