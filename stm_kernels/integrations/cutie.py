@@ -44,13 +44,12 @@ functions are unchanged is accepted; the "cutie" extra pins the known version (_
 says why).
 """
 import contextlib
-import functools
-import types
 
 import torch
 
 from ..memory_read import memory_read
 from ..options import BACKENDS
+from ._patching import MISSING, backend_of, check_free, install
 from ._versions import installed_version, unknown_functions
 
 __all__ = ["use_fused_read", "use_original_read", "fused_read"]
@@ -73,7 +72,6 @@ _KNOWN_FINGERPRINTS = {
 
 # The version setup.py's "cutie" extra pins (rf-cutie==_PINNED): the newest known one.
 _PINNED = list(_KNOWN_FINGERPRINTS)[-1]
-_MISSING = object()
 
 
 def use_fused_read(target, *, backend="auto"):
@@ -96,14 +94,14 @@ def use_fused_read(target, *, backend="auto"):
     if kind == "processor":
         _check_free(target, "clear_memory")
         _check_free(target.memory, "read")
-        _install(target, "clear_memory", _fused_clear_memory, backend)
-        _install(target.memory, "read", _fused_manager_read, backend)
+        install(target, "clear_memory", _fused_clear_memory, backend)
+        install(target.memory, "read", _fused_manager_read, backend)
     elif kind == "manager":
         _check_free(target, "read")
-        _install(target, "read", _fused_manager_read, backend)
+        install(target, "read", _fused_manager_read, backend)
     else:
         _check_free(target, "read_memory")
-        _install(target, "read_memory", _fused_read_memory, backend)
+        install(target, "read_memory", _fused_read_memory, backend)
     return target
 
 
@@ -224,25 +222,13 @@ def _check_known(functions):
 # --------------------------------------------------------------------------- patching
 
 
-def _install(obj, name, function, backend):
-    """obj.name = function bound to obj with backend, as an instance attribute."""
-    setattr(obj, name, types.MethodType(functools.partial(function, backend=backend), obj))
-
-
 def _ours(method):
     """The backend of one of our installed methods; None for anything else."""
-    partial = getattr(method, "__func__", None)
-    if isinstance(partial, functools.partial) and partial.func in _FUSED_FUNCTIONS:
-        return partial.keywords["backend"]
-    return None
+    return backend_of(method, _FUSED_FUNCTIONS)
 
 
 def _check_free(obj, name):
-    """ValueError when obj.name is replaced on the instance by something other than us."""
-    method = vars(obj).get(name, _MISSING)
-    if method is not _MISSING and _ours(method) is None:
-        raise ValueError(f"{type(obj).__name__}.{name} is already replaced on this instance by "
-                         f"{method!r}; the fused read would silently discard it")
+    check_free(obj, name, _FUSED_FUNCTIONS)
 
 
 def _uninstall(obj, name):
@@ -253,7 +239,7 @@ def _uninstall(obj, name):
 def _saved_state(target, kind):
     """The instance attributes the patch may change, as they are now."""
     def attribute(obj, name):
-        return vars(obj).get(name, _MISSING)
+        return vars(obj).get(name, MISSING)
     if kind == "processor":
         return {"clear_memory": attribute(target, "clear_memory"), "memory": target.memory,
                 "read": attribute(target.memory, "read")}
@@ -263,7 +249,7 @@ def _saved_state(target, kind):
 
 def _restore_state(target, kind, saved):
     def put(obj, name, value):
-        if value is not _MISSING:
+        if value is not MISSING:
             setattr(obj, name, value)
         elif name in vars(obj):
             delattr(obj, name)
@@ -278,7 +264,7 @@ def _restore_state(target, kind, saved):
         if backend is None:
             _uninstall(target.memory, "read")
         else:
-            _install(target.memory, "read", _fused_manager_read, backend)
+            install(target.memory, "read", _fused_manager_read, backend)
 
 
 # --------------------------------------------------------------------------- fused methods
@@ -287,7 +273,7 @@ def _restore_state(target, kind, saved):
 def _fused_clear_memory(processor, *, backend):
     """InferenceCore.clear_memory, then the new memory manager reads fused too."""
     type(processor).clear_memory(processor)
-    _install(processor.memory, "read", _fused_manager_read, backend)
+    install(processor.memory, "read", _fused_manager_read, backend)
 
 
 def _fused_manager_read(manager, pix_feat, query_key, selection, last_mask, network, *,

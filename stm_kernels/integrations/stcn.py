@@ -43,7 +43,6 @@ version (_check_known says why).
 import contextlib
 import functools
 import math
-import types
 from typing import cast
 
 import torch
@@ -51,6 +50,7 @@ import torch
 from ..backends import TRITON_MAX_TOP_K
 from ..memory_read import memory_read
 from ..options import BACKENDS, Backend
+from ._patching import MISSING, backend_of, check_free, install
 from ._versions import installed_version, unknown_functions
 
 __all__ = ["use_fused_read", "use_original_read", "fused_read"]
@@ -71,7 +71,6 @@ _KNOWN_FINGERPRINTS = {
 _BACKEND = "_stm_kernels_backend"
 # The version setup.py's "stcn" extra pins (stcnbuf==_PINNED): the newest known one.
 _PINNED = list(_KNOWN_FINGERPRINTS)[-1]
-_MISSING = object()
 
 
 def use_fused_read(target, *, backend="auto"):
@@ -94,8 +93,7 @@ def use_fused_read(target, *, backend="auto"):
     _check_known(_originals(target, kind))
     if kind == "processor":
         _check_free(target, "initialize")
-        target.initialize = types.MethodType(
-            functools.partial(_fused_initialize, backend=backend), target)
+        install(target, "initialize", _fused_initialize, backend)
         if target.memory_bank is not None:
             _fuse_bank(target.memory_bank, backend)
     else:
@@ -259,29 +257,22 @@ def _unfuse_bank(bank):
 
 def _ours(method):
     """The backend of our installed initialize; None for anything else."""
-    partial = getattr(method, "__func__", None)
-    if isinstance(partial, functools.partial) and partial.func is _fused_initialize:
-        return partial.keywords["backend"]
-    return None
+    return backend_of(method, (_fused_initialize,))
 
 
 def _check_free(obj, name):
-    """ValueError when obj.name is replaced on the instance by something other than us."""
-    method = vars(obj).get(name, _MISSING)
-    if method is not _MISSING and _ours(method) is None:
-        raise ValueError(f"{type(obj).__name__}.{name} is already replaced on this instance by "
-                         f"{method!r}; the fused read would silently discard it")
+    check_free(obj, name, (_fused_initialize,))
 
 
 def _bank_state(bank):
-    return None if bank is None else (bank, type(bank), vars(bank).get(_BACKEND, _MISSING))
+    return None if bank is None else (bank, type(bank), vars(bank).get(_BACKEND, MISSING))
 
 
 def _saved_state(target, kind):
     """What the patch may change, as it is now."""
     if kind == "bank":
         return {"bank": _bank_state(target)}
-    return {"initialize": vars(target).get("initialize", _MISSING),
+    return {"initialize": vars(target).get("initialize", MISSING),
             "bank": _bank_state(target.memory_bank)}
 
 
@@ -289,13 +280,13 @@ def _restore_state(target, kind, saved):
     if saved["bank"] is not None:
         bank, bank_class, backend = saved["bank"]
         bank.__class__ = bank_class
-        if backend is not _MISSING:
+        if backend is not MISSING:
             setattr(bank, _BACKEND, backend)
         elif _BACKEND in vars(bank):
             delattr(bank, _BACKEND)
     if kind == "bank":
         return
-    if saved["initialize"] is not _MISSING:
+    if saved["initialize"] is not MISSING:
         target.initialize = saved["initialize"]
     elif "initialize" in vars(target):
         delattr(target, "initialize")
