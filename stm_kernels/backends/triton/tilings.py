@@ -404,6 +404,14 @@ _INTERPRETER = Architecture(
 # wavefronts over a 64-row tile, or eight over 128, compute the same scores twice.
 AMD_OPTIONS = {"matrix_instr_nonkdim": 16}
 
+# The kernels without a product (the split merges, the backward's prepare kernel): the same
+# tiling on every GPU (each table's search derived it), so one entry the tables share.
+_NO_DOT_KERNELS = {
+    ("merge", None, None): (M(64, 64, 4, 1),),
+    ("prepare", None, None): (P(32, 64, 4, 1),),
+    ("select_merge", None, None): (SM(16, 4, 1),),
+}
+
 # The tables below were derived by `python -m tools.kernel_report.search --arch NAME`
 # (Triton 3.8, offline compiles; the first candidate of each entry is the one that met
 # the targets, or the nearest when none did: EXCEPTIONS says why).
@@ -471,15 +479,13 @@ _SM_80 = Architecture(
     "sm_80", "A100, A30", "nvidia", 163 * KIB,
     fp32_fast="tf32",
     tilings={
+        **_NO_DOT_KERNELS,
         **_FP32_FMA_SM_80,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 256): (F(16, 64, 256, 8, 2, stream_queries=True),
                                    F(16, 32, 128, 4, 2, stream_queries=True),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "16-bit", 257): (V(128, 32, 128, 8, 2, stream_keys=True),
                                 V(128, 16, 128, 8, 2, stream_keys=True),),
@@ -510,15 +516,13 @@ _SM_86 = Architecture(
     "sm_86", "RTX 30, RTX 40, A10, A40, L4, L40S (sm_86, sm_89)", "nvidia", 99 * KIB,
     fp32_fast="tf32",
     tilings={
+        **_NO_DOT_KERNELS,
         **_FP32_FMA_SM_86,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
         ("forward", "tf32", 256): (F(16, 64, 256, 8, 1, stream_queries=True),
                                    F(16, 32, 256, 4, 1, stream_queries=True),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
         ("dv", "tf32", 256): (V(32, 32, 128, 4, 1, stream_keys=True), V(32, 16, 128, 4, 1),),
@@ -552,14 +556,12 @@ _SM_90 = Architecture(
     # larger memories goes in as {name: the fewest memory positions N it runs from}
     warp_specialized=frozenset(),
     tilings={
+        **_NO_DOT_KERNELS,
         **_FP32_FMA_SM_90,
         ("forward", "16-bit", 128): (F(128, 64, 256, 8, 3), F(128, 64, 256, 8, 2),),
         ("forward", "16-bit", 256): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
         ("forward", "tf32", 128): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
         ("forward", "tf32", 256): (F(64, 32, 128, 4, 1), F(32, 32, 128, 4, 1),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
         ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
@@ -587,13 +589,11 @@ _SM_100 = Architecture(
     "sm_100", "B200, GB200", "nvidia", 227 * KIB,
     fp32_fast="tf32",
     tilings={
+        **_NO_DOT_KERNELS,
         **_FP32_FMA_SM_90,
         ("forward", "16-bit", None): (F(64, 64, 256, 8, 3), F(64, 64, 256, 8, 2),),
         ("forward", "tf32", 128): (F(64, 32, 256, 8, 3), F(64, 32, 256, 8, 2),),
         ("forward", "tf32", 256): (F(64, 16, 256, 8, 2), F(64, 16, 256, 4, 2),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(128, 16, 128, 8, 2),),
         ("dv", "tf32", 256): (V(128, 16, 128, 8, 2), V(128, 16, 128, 8, 1),),
@@ -618,15 +618,13 @@ _SM_120 = Architecture(
     "sm_120", "RTX 50, DGX Spark", "nvidia", 99 * KIB,
     fp32_fast="tf32",
     tilings={
+        **_NO_DOT_KERNELS,
         **_FP32_FMA_99_KIB,
         ("forward", "16-bit", 128): (F(32, 32, 256, 4, 3), F(32, 32, 256, 4, 2),),
         ("forward", "16-bit", 256): (F(16, 64, 256, 8, 2), F(16, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(16, 64, 256, 8, 1), F(16, 32, 256, 8, 2),),
         ("forward", "tf32", 256): (F(16, 64, 256, 8, 1, stream_queries=True),
                                    F(16, 32, 256, 4, 1, stream_queries=True),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", None): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),
         ("dv", "16-bit", 257): (V(128, 16, 128, 8, 2, stream_keys=True),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 2, stream_keys=True), V(128, 16, 128, 8, 2),),
@@ -694,15 +692,13 @@ _GFX90A = Architecture(
     "gfx90a", "MI210, MI250X", "amd", 64 * KIB, fp32_fast="ieee",
     options=AMD_OPTIONS,
     tilings={
+        **_NO_DOT_KERNELS,
         ("forward", "16-bit", 128): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
         ("forward", "16-bit", 256): (F(64, 32, 256, 4, 2), F(64, 32, 256, 4, 1),),
         ("forward", "tf32", 128): (F(64, 16, 256, 4, 2), F(32, 32, 256, 4, 1),),
         ("forward", "tf32", 256): (F(32, 32, 256, 2, 1),),
         ("forward", "fp32", 128): (F(64, 16, 256, 4, 2), F(32, 32, 256, 4, 1),),
         ("forward", "fp32", 256): (F(32, 32, 256, 2, 1),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(64, 16, 128, 4, 2), V(64, 16, 128, 8, 1),),
@@ -738,15 +734,13 @@ _GFX942 = Architecture(
     "gfx942", "MI300X, MI325X", "amd", 64 * KIB, fp32_fast="tf32",
     options=AMD_OPTIONS,
     tilings={
+        **_NO_DOT_KERNELS,
         ("forward", "16-bit", 128): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
         ("forward", "16-bit", 256): (F(64, 32, 256, 4, 2), F(64, 32, 256, 4, 1),),
         ("forward", "tf32", 128): (F(64, 16, 256, 4, 2), F(64, 32, 256, 4, 1),),
         ("forward", "tf32", 256): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
         ("forward", "fp32", 128): (F(64, 16, 256, 4, 2), F(64, 32, 256, 4, 1),),
         ("forward", "fp32", 256): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(64, 32, 256, 4, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(128, 16, 128, 8, 1), V(64, 16, 128, 4, 2),),
@@ -779,6 +773,7 @@ _GFX950 = Architecture(
     "gfx950", "MI350X, MI355X", "amd", 160 * KIB, fp32_fast="bf16x3",
     options=AMD_OPTIONS,
     tilings={
+        **_NO_DOT_KERNELS,
         ("forward", "16-bit", 128): (F(128, 32, 256, 8, 3), F(128, 32, 256, 8, 2),),
         ("forward", "16-bit", 256): (F(128, 32, 256, 8, 2), F(64, 64, 256, 8, 1),),
         ("forward", "tf32", 128): (F(64, 32, 256, 4, 2, stream_queries=True),
@@ -786,9 +781,6 @@ _GFX950 = Architecture(
         ("forward", "tf32", 256): (F(64, 32, 256, 4, 2, stream_queries=True),
                                    F(32, 32, 256, 4, 2),),
         ("forward", "fp32", None): (F(64, 32, 256, 4, 1), F(32, 32, 256, 4, 1),),
-        ("merge", None, None): (M(64, 64, 4, 1),),
-        ("prepare", None, None): (P(32, 64, 4, 1),),
-        ("select_merge", None, None): (SM(16, 4, 1),),
         ("dv", "16-bit", 128): (V(128, 32, 256, 8, 2), V(128, 32, 256, 8, 1),),
         ("dv", "16-bit", 256): (V(128, 16, 256, 8, 2), V(64, 16, 256, 4, 2),),
         ("dv", "tf32", 128): (V(128, 32, 128, 8, 2), V(64, 32, 128, 4, 2),),

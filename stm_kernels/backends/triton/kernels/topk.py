@@ -26,20 +26,30 @@ MIN_KEY_C = tl.constexpr(MIN_KEY)
 
 
 @triton.jit
+def _monotone(b_bits):
+    # A float32's bits (int32) to an int32 in the floats' order: a negative float's magnitude
+    # bits flipped. Its own inverse, so it also turns such an int32 back into the float's bits.
+    return tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits)
+
+
+@triton.jit
 def _packed(b_s, o_index):
     # [BLOCK_M, BLOCK_N] int64 keys of scores b_s (float32) at memory positions o_index (int32).
-    b_bits = b_s.to(tl.int32, bitcast=True)
-    b_mono = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits)
+    b_mono = _monotone(b_s.to(tl.int32, bitcast=True))
     b_low = (0xFFFFFFFF - o_index.to(tl.int64))[None, :]
     return (b_mono.to(tl.int64) << 32) | b_low
 
 
 @triton.jit
+def _top_of_both(b_best, b_other, BLOCK_M: tl.constexpr, TOP_K: tl.constexpr):
+    # The TOP_K largest of two [BLOCK_M, TOP_K] sets of keys.
+    return tl.topk(tl.reshape(tl.join(b_best, b_other), [BLOCK_M, 2 * TOP_K]), TOP_K)
+
+
+@triton.jit
 def _merged(b_best, b_key, BLOCK_M: tl.constexpr, TOP_K: tl.constexpr):
     # The TOP_K largest of the running keys and one block's keys.
-    b_top = tl.topk(b_key, TOP_K)  # [BLOCK_M, TOP_K]
-    b_both = tl.reshape(tl.join(b_best, b_top), [BLOCK_M, 2 * TOP_K])
-    return tl.topk(b_both, TOP_K)
+    return _top_of_both(b_best, tl.topk(b_key, TOP_K), BLOCK_M, TOP_K)
 
 
 @triton.jit
@@ -172,11 +182,10 @@ def memory_read_topk_merge_kernel(
     b_best = tl.full([BLOCK_M, TOP_K], MIN_KEY_C, tl.int64)
     for _ in range(SPLITS):
         b_split = tl.load(p_keys + o_keys, mask=m_m[:, None], other=MIN_KEY_C)
-        b_best = tl.topk(tl.reshape(tl.join(b_best, b_split), [BLOCK_M, 2 * TOP_K]), TOP_K)
+        b_best = _top_of_both(b_best, b_split, BLOCK_M, TOP_K)
         p_keys += stride_ks
 
-    b_high = (b_best >> 32).to(tl.int32)
-    b_bits = tl.where(b_high < 0, b_high ^ 0x7FFFFFFF, b_high)
+    b_bits = _monotone((b_best >> 32).to(tl.int32))
     b_score = b_bits.to(tl.float32, bitcast=True) * LN2_C  # base 2 -> natural units
     b_filled = b_score > float("-inf")  # False for NaN and -inf alike
     b_index = ~b_best & 0xFFFFFFFF  # the low half holds 0xFFFFFFFF - index
