@@ -442,12 +442,3 @@ def _constexprs(l2, Ck, Cv, config, layouts):
                 PV_REGS=config.pv_regs, LOAD_REGS=config.load_regs,
                 VALUE_CHUNKS=config.value_chunks, SPLIT_ROWS=bool(config.split_rows))
 
-
-def default_splits(HW, N, B, config, sm_count):
-    """(splits, per_split) the way triton_forward picks them (enough programs for the SMs)."""
-    config = config or WarpSpecializedConfig()
-    n_blocks = cdiv(N, config.block_n)
-    splits = sm_count // max(cdiv(HW, config.block_m) * config.value_chunks * B, 1)
-    splits = max(1, min(splits, n_blocks // 4, n_blocks))
-    per_split = cdiv(n_blocks, splits) * config.block_n
-    return cdiv(N, per_split), per_split

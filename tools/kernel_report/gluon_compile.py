@@ -4,6 +4,7 @@ the compile tests."""
 import triton
 from triton.backends.compiler import GPUTarget
 
+from stm_kernels.backends.triton.launch import warp_specialized_forward_plan
 from stm_kernels.experimental import gluon_forward as gluon
 from stm_kernels.experimental.gluon_common import SIGNATURE_DTYPES, cdiv
 from tools.kernel_report.compile import TARGETS
@@ -21,8 +22,9 @@ def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N
     config = config or gluon.WarpSpecializedConfig()
     torch_dtype = SIGNATURE_DTYPES[dtype]
     if splits is None:
-        splits, per_split = gluon.default_splits(HW, N, B, config,
-                                                 TARGETS["sm_90"].multiprocessors)
+        plan = warp_specialized_forward_plan(config, B, HW, N, Cv,
+                                             TARGETS["sm_90"].multiprocessors)
+        splits, per_split = plan.splits, plan.per_split
     else:
         per_split = cdiv(cdiv(N, config.block_n), splits) * config.block_n
     layouts = gluon._layouts(torch_dtype, Ck, Cv, config)

@@ -930,17 +930,23 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     return out, lse
 
 
+def warp_specialized_forward_plan(ws_config, B, HW, N, Cv, multiprocessors):
+    """The Gluon forward's ForwardPlan: its query blocks and value chunks, memory splits
+    picked as for the plain forward (also the offline compile's)."""
+    chunk = cdiv(Cv, ws_config.value_chunks)
+    return forward_plan(ForwardConfig(
+        block_m=ws_config.block_m, block_n=ws_config.block_n,
+        block_v=None if ws_config.value_chunks == 1 else next_power_of_2(chunk)),
+        B, HW, N, Cv, multiprocessors)
+
+
 def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
     """(out, lse, PreparedForward) of the opt-in warp-specialised forward: its own query
     blocks and value chunks, then the plain merge."""
     B, _, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     ws_config = warp_specialized_config()
-    chunk = cdiv(Cv, ws_config.value_chunks)
-    plan = forward_plan(ForwardConfig(
-        block_m=ws_config.block_m, block_n=ws_config.block_n,
-        block_v=None if ws_config.value_chunks == 1 else next_power_of_2(chunk)),
-        B, HW, N, Cv, call.device.multiprocessors)
+    plan = warp_specialized_forward_plan(ws_config, B, HW, N, Cv, call.device.multiprocessors)
     outputs = (plan.splits, B, Cv, HW, v.dtype)
     out, lse, part_out, part_lse = _forward_outputs(*outputs, k.device)
     forward = gluon.prepare(q, k, v, part_out, part_lse, per_split=plan.per_split,
