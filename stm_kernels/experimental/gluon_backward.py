@@ -384,6 +384,7 @@ def constexprs(l2, Ck, Cv, config, layouts):
 class WsBackwardLaunch(KeptGluonLaunch):
     """ws_backward_dkdq planned for one call layout (gluon_common.KeptGluonLaunch). Called
     with a call's tensors of that layout, it writes dK and adds to dQ."""
+    operands = ("q", "k", "v", "do")
 
     def __call__(self, q, k, v, do, lse, delta, dq, dk):
         if any(t.data_ptr() % 16 for t in (q, k, v, do)):
@@ -396,4 +397,4 @@ class WsBackwardLaunch(KeptGluonLaunch):
             return dict(lse=lse[objects], delta=delta[objects], dq=dq[dq_objects],
                         dk=dk[objects])
 
-        self.launch(memory_read_ws_bwd_dkdq_kernel, q, dict(k=k, v=v, do=do), pointers)
+        self.launch(memory_read_ws_bwd_dkdq_kernel, q, (k, v, do), pointers)

@@ -341,9 +341,10 @@ def constexprs(l2, Ck, Cv, config, layouts):
 class WsDvLaunch(KeptGluonLaunch):
     """ws_backward_dv planned for one call layout (gluon_common.KeptGluonLaunch). Called with a
     call's tensors of that layout, it writes dV."""
+    operands = ("q", "k", "do", "dv")
 
     def __call__(self, q, k, do, lse, dv):
         if any(t.data_ptr() % 16 for t in (q, k, do, dv)):
             raise ValueError("warp-specialised dV: q, k, dO and dV must start on 16 bytes (TMA)")
-        self.launch(memory_read_ws_bwd_dv_kernel, q, dict(k=k, do=do, dv=dv),
+        self.launch(memory_read_ws_bwd_dv_kernel, q, (k, do, dv),
                     lambda objects: dict(lse=lse[objects]))

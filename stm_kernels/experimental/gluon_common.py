@@ -6,6 +6,7 @@ AVAILABLE is False (UNAVAILABLE_REASON says why) without Triton, or with one who
 a name the kernels use; the kernels' modules then import, and refuse every call.
 """
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -150,10 +151,12 @@ def descriptor(t2, block_shape, layout):
 class KeptGluonLaunch:
     """A Gluon kernel planned for one call layout: its grid, its operands' shared-memory layouts
     ({name: (block shape, layout)}), the constexprs and strides the layout fixes, and whether
-    the objects fold into the TMA rows (one launch) or launch one by one. A subclass's
+    the objects fold into the TMA rows (one launch) or launch one by one. A subclass names its
+    TMA operands (`operands`, the query first; the kernel takes each as `<name>_desc`); its
     __call__ checks a call's tensors and calls `launch`, which makes their TMA descriptors and
     launches; from its second launch on it calls its first launch's compile directly
     (launch_keeping), as the plain kernels' kept launches do."""
+    operands: ClassVar[tuple] = ("q",)
     grid: tuple
     layouts: dict
     fixed: dict
@@ -163,17 +166,18 @@ class KeptGluonLaunch:
 
     def __post_init__(self):
         self.descriptors = Descriptors(self.layouts)
+        self._arguments = tuple(zip(self.operands, [f"{name}_desc" for name in self.operands],
+                                    strict=True))
 
-    def launch(self, kernel, q, operands, pointers):
-        """`kernel` over a call's (B, C, L) TMA operands: q and `operands` ({name: tensor}),
-        passed as their descriptors (argument `<name>_desc`), and the other arguments
+    def launch(self, kernel, q, tensors, pointers):
+        """`kernel` over a call's (B, C, L) TMA operands, q and then `tensors` in the order
+        of `operands` (passed as their descriptors), with the other arguments
         `pointers(objects)` gives for a launch's objects (a slice of the batch)."""
         with device_context(q.device):
-            for objects, q2, views, q_broadcast in launch_views(q, list(operands.values()),
-                                                                self.folded):
-                per_call = {f"{name}_desc": self.descriptors(name, t2)
-                            for name, t2 in zip(("q", *operands), (q2, *views), strict=True)}
-                per_call.update(pointers(objects))
+            for objects, q2, views, q_broadcast in launch_views(q, tensors, self.folded):
+                per_call = pointers(objects)
+                for (name, argument), t2 in zip(self._arguments, (q2, *views), strict=True):
+                    per_call[argument] = self.descriptors(name, t2)
                 self.direct = launch_keeping(kernel, self.grid, per_call,
                                              dict(self.fixed, Q_BROADCAST=q_broadcast),
                                              self.direct)

@@ -426,14 +426,15 @@ class WsLaunch(KeptGluonLaunch):
     config; gluon_common.KeptGluonLaunch). Called with a call's tensors of that layout, it
     writes the memory splits' partial reads (k and v must still start on 16 bytes: a ValueError
     otherwise, as TMA requires)."""
+    operands = ("q", "k", "v")
 
     def __call__(self, q, k, v, part_out, part_lse):
         if k.data_ptr() % 16 or v.data_ptr() % 16:
             raise ValueError("warp-specialised forward: k and v must start on 16 bytes (TMA)")
         broadcast = q.shape[0] == 1 or q.stride(0) == 0
         self.launch(memory_read_ws_fwd_kernel, _aligned_query(q[:1] if broadcast else q),
-                    dict(k=k, v=v), lambda objects: dict(o=part_out[:, objects],
-                                                         lse=part_lse[:, objects]))
+                    (k, v), lambda objects: dict(o=part_out[:, objects],
+                                                 lse=part_lse[:, objects]))
 
 
 def _constexprs(l2, Ck, Cv, config, layouts):
