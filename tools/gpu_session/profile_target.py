@@ -169,11 +169,11 @@ FRAME = 1620  # memory positions per 480p frame: the fit's unit of memory
 
 
 def fixed_costs(payloads):
-    """[dict(device, B, HW, name, kernel, ns, fixed_us, frame_us, worst_residual)] of each
-    of our kernels (memory_read_*) in each pass measured at two or more memory sizes N among
-    the kernel breakdowns `payloads`: its time fitted as fixed_us + frame_us * N / FRAME by
-    least squares, and the largest distance of a measured time from that line as a share of
-    the time. Runs of another GPU or query shape are fitted apart."""
+    """[dict(device, B, HW, name, kernel, ns, us, fixed_us, frame_us, worst_residual)] of
+    each of our kernels (memory_read_*) in each pass measured at two or more memory sizes N
+    (ns, its times us) among the kernel breakdowns `payloads`: its time fitted as fixed_us +
+    frame_us * N / FRAME by least squares, and the largest distance of a measured time from
+    that line as a share of the time. Runs of another GPU or query shape are fitted apart."""
     points = collections.defaultdict(dict)  # (device, B, HW, pass, kernel) -> {N: us}
     for payload in payloads:
         shape = payload["shape"]
@@ -195,7 +195,7 @@ def fixed_costs(payloads):
         fixed_us = mean_t - frame_us * mean_f
         worst = max(abs(t - fixed_us - frame_us * f) / t
                     for f, t in zip(frames, times, strict=True))
-        rows.append(dict(device=device, B=B, HW=HW, name=name, kernel=kernel, ns=ns,
+        rows.append(dict(device=device, B=B, HW=HW, name=name, kernel=kernel, ns=ns, us=times,
                          fixed_us=round(fixed_us, 2) + 0.0, frame_us=round(frame_us, 3) + 0.0,
                          worst_residual=round(worst, 4)))
     return rows
@@ -213,6 +213,34 @@ def fixed_cost_table(rows):
                      f"{row['fixed_us']:.1f} | {row['frame_us']:.2f} | "
                      f"{row['worst_residual']:.1%} |")
     return "\n".join(lines)
+
+
+def fit_plot(rows, path):
+    """fixed_costs' rows drawn, one panel per GPU, query shape and pass: each kernel's measured
+    times against the memory frames (points) and its fitted line, so that a bend the line
+    misses shows. Saved as the PNG `path`; returns [path] ([] without rows)."""
+    if not rows:
+        return []
+    panels = {}
+    for row in rows:
+        panels.setdefault((row["device"], row["B"], row["HW"], row["name"]), []).append(row)
+    figure, axes = common.panels(list(panels), 4.2)
+    for axis, (device, B, HW, name) in axes:
+        for row in panels[(device, B, HW, name)]:
+            frames = [n / FRAME for n in row["ns"]]
+            points = axis.plot(frames, row["us"], "o")[0]
+            ends = [0.0, max(frames)]
+            axis.plot(ends, [row["fixed_us"] + row["frame_us"] * f for f in ends], "-",
+                      color=points.get_color(),
+                      label=f"{row['kernel'].replace('memory_read_', '')}: "
+                            f"{row['fixed_us']:.1f} + {row['frame_us']:.2f}/frame us")
+        axis.set_xlabel(f"memory frames ({FRAME:,} positions each)")
+        axis.set_ylabel("kernel time (us)")
+        axis.set_xlim(left=0)
+        axis.set_ylim(bottom=0)
+        axis.set_title(f"{name}\n{device}, B={B}, HW={HW}", fontsize=8)
+        axis.legend(fontsize=6)
+    return common.save_figure(figure, pathlib.Path(path))
 
 
 def plot(payload, path):
@@ -256,13 +284,17 @@ def main(argv=None):
                              "names: %(choices)s)")
     parser.add_argument("--fit", nargs="+", metavar="FILE", type=pathlib.Path,
                         help="fit each of our kernels' times in these breakdown files "
-                             "against N (no GPU needed)")
+                             "against N (no GPU needed); the plot goes beside the last file "
+                             "(<its name>_fit.png)")
     args = parser.parse_args(argv)
     if args.fit:
         missing = [str(path) for path in args.fit if not path.is_file()]
         if missing:
             raise SystemExit(f"no breakdown file {', '.join(missing)}")
-        print(fixed_cost_table(fixed_costs(json.loads(path.read_text()) for path in args.fit)))
+        rows = fixed_costs(json.loads(path.read_text()) for path in args.fit)
+        print(fixed_cost_table(rows))
+        for written in fit_plot(rows, args.fit[-1].with_name(f"{args.fit[-1].stem}_fit.png")):
+            print(f"plot: {written}")
         return
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")

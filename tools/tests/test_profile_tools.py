@@ -333,6 +333,7 @@ def test_fixed_costs_fit_each_kernel_against_the_memory_size():
         ("H100", 1620, "memory_read_fwd_kernel"), ("H100", 1620, "memory_read_merge_kernel")]
     forward, merge = rows
     assert forward["ns"] == [1620 * f for f in frames]
+    assert forward["us"] == [27.5 + 6.5 * f for f in frames]
     assert forward["fixed_us"] == pytest.approx(27.5) and forward["frame_us"] == pytest.approx(6.5)
     assert forward["worst_residual"] == 0.0
     assert (merge["fixed_us"], merge["frame_us"]) == (pytest.approx(6.0), 0.0)
@@ -355,10 +356,32 @@ def test_fit_reads_breakdown_files(tmp_path, capsys):
             "H100", 1620 * frames, {"memory_read_fwd_kernel": 27.5 + 6.5 * frames})))
         paths.append(str(path))
     profile_target.main(["--fit", *paths])
-    assert "| forward | memory_read_fwd_kernel | 16,200, 162,000 | 27.5 | 6.50 |" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| forward | memory_read_fwd_kernel | 16,200, 162,000 | 27.5 | 6.50 |" in out
+    plot = tmp_path / "kernel_breakdown_cuda_100_fit.png"  # beside the last file
+    assert f"plot: {plot}" in out and plot.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(SystemExit, match="no breakdown file .*kernel_breakdown_\\*.json"):
         profile_target.main(["--fit", str(tmp_path / "kernel_breakdown_*.json")])
+
+
+def test_fit_plot_draws_a_panel_per_pass_with_points_and_lines(tmp_path, monkeypatch):
+    payloads = [_breakdown_payload("H100", 1620 * f, {
+        "memory_read_fwd_kernel": 27.5 + 6.5 * f, "memory_read_merge_kernel": 6.0})
+        for f in (2, 10, 100)]
+    rows = profile_target.fixed_costs(payloads)
+    figures = []
+    monkeypatch.setattr(common, "save_figure", lambda figure, path: figures.append(
+        (figure, path)) or [path])
+    assert profile_target.fit_plot(rows, tmp_path / "fit.png") == [tmp_path / "fit.png"]
+    (figure, _), = figures
+    (axis,) = figure.axes
+    lines = axis.get_lines()  # per kernel: its points, then its line
+    assert [list(line.get_ydata()) for line in lines[::2]] == [row["us"] for row in rows]
+    assert list(lines[1].get_xdata()) == [0.0, 100.0]
+    assert list(lines[1].get_ydata()) == pytest.approx([27.5, 27.5 + 650.0])
+    assert "fwd_kernel: 27.5 + 6.50/frame us" in [text.get_text() for text in
+                                                   axis.get_legend().get_texts()]
+    assert profile_target.fit_plot([], tmp_path / "none.png") == []
 
 
 def test_breakdown_at_several_memory_sizes_writes_a_file_each_then_fits(
