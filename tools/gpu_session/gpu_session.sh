@@ -227,9 +227,9 @@ case "${1:-tests}" in
     # (0) the same breakdown at N = 16,200 (ten memory frames), where the forward's time is
     # flat from N = 1,620 on (H200): kernel time against the op's wall time (issue 57 item 3).
     # (1') the forwards alone at three more memory sizes (2, 20 and 40 frames), then each
-    # kernel's time fitted against N over the five: a fixed part and a part per memory frame
-    # (the forward kernel's fixed ~27 us per program at 16,200 and 162,000 on an H100, drawn
-    # through two points only).
+    # kernel's time fitted against N over the five, a fixed part and a part per memory frame,
+    # and drawn (<last file>_fit.png) (the forward kernel's fixed ~27 us per program at 16,200
+    # and 162,000 on an H100, drawn through two points only).
     # (2') ncu at N = 16,200 on the forward passes alone first (the plain and the Gluon
     # forward: at ten memory frames the forward kernel ran 27% below its N = 162,000 rate).
     timed "$(until_mark 70)" python3 -m tools.gpu_session.profile_target --breakdown --n 16200
