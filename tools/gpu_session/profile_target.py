@@ -32,7 +32,8 @@ one file per --n given (`--n 3240 32400 64800`), then the fit below over them.
 breakdown files of one GPU and query shape, fitted by least squares as fixed + per-frame x
 N / 1,620: the fixed part is what the kernel costs whatever the memory (the forward runs one
 wave of the same programs at every N, so it is a program's cost beside its memory blocks),
-the per-frame part what each memory frame adds. Prints a table.
+the per-frame part what each memory frame adds. Prints a table and draws each pass's kernels
+(the measured times as points, the fitted lines) beside the last file: <its name>_fit.png.
 """
 import argparse
 import collections
@@ -291,10 +292,7 @@ def main(argv=None):
         missing = [str(path) for path in args.fit if not path.is_file()]
         if missing:
             raise SystemExit(f"no breakdown file {', '.join(missing)}")
-        rows = fixed_costs(json.loads(path.read_text()) for path in args.fit)
-        print(fixed_cost_table(rows))
-        for written in fit_plot(rows, args.fit[-1].with_name(f"{args.fit[-1].stem}_fit.png")):
-            print(f"plot: {written}")
+        _print_fit(fixed_costs(json.loads(path.read_text()) for path in args.fit), args.fit[-1])
         return
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -304,12 +302,13 @@ def main(argv=None):
         raise SystemExit("several --n need --breakdown (ncu profiles one memory size)")
     device = torch.device("cuda")
     if args.breakdown:
-        payloads = []
+        payloads, path = [], None
         for n in args.n:
-            payloads.append(_breakdown_at(n, args, device,
-                                          after=payloads[-1]["date"] if payloads else None))
+            payload, path = _breakdown_at(n, args, device,
+                                          after=payloads[-1]["date"] if payloads else None)
+            payloads.append(payload)
         if len(payloads) > 1:
-            print(fixed_cost_table(fixed_costs(payloads)))
+            _print_fit(fixed_costs(payloads), path)
         return
     runs, payload = _runs_at(args.n[0], args, device)
     payload.update(passes=_describe(runs))
@@ -323,6 +322,13 @@ def main(argv=None):
             torch.cuda.synchronize(device)
             torch.cuda.profiler.stop()
             print(f"profiled: {run['name']}")
+
+
+def _print_fit(rows, last_file):
+    """Print fixed_costs' table and draw it beside the last breakdown file read or written."""
+    print(fixed_cost_table(rows))
+    for written in fit_plot(rows, last_file.with_name(f"{last_file.stem}_fit.png")):
+        print(f"plot: {written}")
 
 
 def _runs_at(n, args, device):
@@ -340,9 +346,9 @@ def _runs_at(n, args, device):
 def _breakdown_at(n, args, device, after=None):
     """The kernel breakdown at memory size n, written (saved after every pass: the Gluon
     passes come last and have never run on a GPU; if one crashes the process, the others'
-    data stay); returns its payload. after: the date of the breakdown written before it in
-    this run, which its own must differ from (the file is named by the date, to the
-    second)."""
+    data stay); returns its payload and its file. after: the date of the breakdown written
+    before it in this run, which its own must differ from (the file is named by the date, to
+    the second)."""
     runs, payload = _runs_at(n, args, device)
     while payload["date"] == after:
         time.sleep(0.1)
@@ -351,8 +357,7 @@ def _breakdown_at(n, args, device, after=None):
     for record in breakdown(runs, device, args.rounds):
         payload["records"].append(record)
         common.save_progress("kernel_breakdown", payload)
-    common.finish_run("kernel_breakdown", payload, plot, summary)
-    return payload
+    return payload, common.finish_run("kernel_breakdown", payload, plot, summary)
 
 
 if __name__ == "__main__":

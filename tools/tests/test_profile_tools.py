@@ -412,6 +412,9 @@ def test_breakdown_at_several_memory_sizes_writes_a_file_each_then_fits(
     assert [path.name for path in written] == ["kernel_breakdown_cuda_20261128T100000.json",
                                                "kernel_breakdown_cuda_20261128T100001.json"]
     assert [json.loads(path.read_text())["shape"]["N"] for path in written] == [16200, 162000]
-    assert "| 16,200, 162,000 | 27.5 | 6.50 | 0.0% |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 16,200, 162,000 | 27.5 | 6.50 | 0.0% |" in out
+    plot = tmp_path / "kernel_breakdown_cuda_20261128T100001_fit.png"  # beside the last file
+    assert f"plot: {plot}" in out and plot.is_file()
     with pytest.raises(SystemExit, match="several --n need --breakdown"):
         profile_target.main(["--n", "16200", "162000"])
