@@ -25,7 +25,6 @@ power of two in [16, 256]; Cv a multiple of 16 (loaded as boxes of the largest p
 channels); every tensor TMA-addressable (position stride 1, other strides and the base 16-byte
 aligned: the launcher's padded q and dO are); the shared-memory estimate within 227 KiB.
 """
-
 import torch
 
 from ..backends.triton import devices

@@ -26,7 +26,6 @@ are one TMA box, loaded and stored whole); every tensor TMA-addressable (positio
 other strides and the base on 16 bytes: the launcher's padded q and dO are, a contiguous dv
 needs N % 8 == 0 as k does); the shared-memory estimate within the device's limit.
 """
-
 import torch
 
 from ..backends.triton import devices

@@ -31,7 +31,6 @@ to 16-byte-aligned rows when it is not (it is small). The object dimension is fo
 TMA rows when k/v's batch stride is C * channel stride (contiguous tensors, slices along N);
 otherwise the kernel is launched once per object.
 """
-
 import torch
 
 from ..backends.triton import devices
