@@ -1,7 +1,7 @@
 """Shared test utilities: devices, tolerances, the float64 reference, ../shared."""
-import pathlib
-
 import collections
+import pathlib
+import signal
 
 import pytest
 import torch
@@ -19,6 +19,13 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 # Normalised RMS error bounds (relative_error) against a float64 reference: fp32 is exact
 # float32 arithmetic (the GPU path follows torch's default "highest" matmul precision).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+
+
+def ctrl_c_as_at_a_terminal():
+    """A subprocess's preexec_fn: SIGINT's default action, as a command typed at a terminal has
+    it, even when the tests run as a background job (`make test &`, nohup), which ignores SIGINT
+    and passes that on to every process it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def skip_unless_runnable(backend, device, dtype=torch.float32):

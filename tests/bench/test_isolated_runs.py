@@ -10,6 +10,7 @@ import time
 import pytest
 
 from bench import common
+from helpers import ctrl_c_as_at_a_terminal
 
 CHILD = textwrap.dedent('''
     import argparse, pathlib, sys, time
@@ -51,7 +52,7 @@ def test_an_interrupted_isolated_run_keeps_what_its_child_measured(tmp_path):
     # Its own process group, as a terminal's Ctrl-C or a stage's `timeout -s INT` signals one.
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(started)], cwd=root,
                               env=environment, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=ctrl_c_as_at_a_terminal)
     deadline = time.monotonic() + 120
     while not started.exists():
         assert parent.poll() is None, parent.stderr.read()

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from helpers import ctrl_c_as_at_a_terminal
 import stm_model.training.loop as train_module
 from stm_model.training.loop import TrainConfig, _parser, train
 
@@ -37,7 +38,8 @@ def test_ctrl_c_saves_the_last_step_and_a_rerun_resumes_from_it(tmp_path, monkey
     argv = ["--output", str(output), "--steps", "1000", *COMMAND]
     process = subprocess.Popen([sys.executable, "-m", "stm_model.training.loop", *argv],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+                               env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               preexec_fn=ctrl_c_as_at_a_terminal)
     try:
         deadline = time.monotonic() + 600
         while _logged_steps(output) < 2:
