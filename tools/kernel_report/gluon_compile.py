@@ -6,27 +6,23 @@ from triton.backends.compiler import GPUTarget
 
 from stm_kernels.backends.triton.launch import warp_specialized_forward_plan
 from stm_kernels.experimental import gluon_forward as gluon
-from stm_kernels.experimental.gluon_common import SIGNATURE_DTYPES, cdiv
+from stm_kernels.experimental.gluon_common import SIGNATURE_DTYPES
 from tools.kernel_report.compile import TARGETS
 
 
 def compile_for_arch(*, dtype="bf16", l2=False, arch=90, config=None, HW=1620, N=162000,
-                     Ck=128, Cv=512, B=1, splits=None):
+                     Ck=128, Cv=512, B=1):
     """Compile the kernel ahead of time, without a GPU, for GPUTarget("cuda", arch, 32), as a
-    launch on contiguous tensors of these sizes would (broadcast query, fp32 partial outputs
-    when splits > 1, integer arguments specialised like the JIT: 1 -> constant, multiples of 16
-    -> divisibility 16). Returns the compiled kernel (.asm["ptx"], .asm["ttgir"],
-    .metadata.shared)."""
+    launch on contiguous tensors of these sizes would on an H100 (its memory splits as the
+    launcher plans them, fp32 partial outputs when there are several, a broadcast query,
+    integer arguments specialised like the JIT: 1 -> constant, multiples of 16 -> divisibility
+    16). Returns the compiled kernel (.asm["ptx"], .asm["ttgir"], .metadata.shared)."""
     if not gluon.AVAILABLE:
         raise RuntimeError(gluon.UNAVAILABLE_REASON)
     config = config or gluon.WarpSpecializedConfig()
     torch_dtype = SIGNATURE_DTYPES[dtype]
-    if splits is None:
-        plan = warp_specialized_forward_plan(config, B, HW, N, Cv,
-                                             TARGETS["sm_90"].multiprocessors)
-        splits, per_split = plan.splits, plan.per_split
-    else:
-        per_split = cdiv(cdiv(N, config.block_n), splits) * config.block_n
+    plan = warp_specialized_forward_plan(config, B, HW, N, Cv, TARGETS["sm_90"].multiprocessors)
+    splits, per_split = plan.splits, plan.per_split
     layouts = gluon._layouts(torch_dtype, Ck, Cv, config)
     out_type = f"*{dtype}" if splits == 1 else "*fp32"
     values = dict(stride_os=B * Cv * HW, stride_ob=Cv * HW, stride_oc=HW, stride_om=1,
