@@ -17,8 +17,8 @@ $(STAMP): setup.py
 	touch $@
 
 # The linter first (ruff.toml), then the tests in TEST_WORKERS processes (pytest-xdist; most
-# tests are single-threaded Python under the Triton interpreter, so 2 processes on 2 cores take
-# 22 minutes where one takes 28).
+# tests are single-threaded Python under the Triton interpreter; conftest.py shares the cores
+# out among the workers' torch threads; docs/testing.md has the times).
 TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
