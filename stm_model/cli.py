@@ -14,12 +14,16 @@ one line, `stm <command>: error: <message>`, with exit code 2; never a traceback
 
 This module holds the parsers and the dispatch; what a command does is in its module of
 stm_model.commands, imported once the arguments are parsed (so `stm --help` imports no torch).
+Where PyTorch is not installed (the torch-free distribution, stm-kernels-onnx: docs/deploy.md),
+`stm segment --runtime onnxruntime` and `stm eval` run, and the other commands say in one line
+that they need PyTorch.
 An option means the same in every command that has it (`--size PIXELS`: the shorter side the
 network works at).
 """
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import re
 import sys
@@ -118,12 +122,49 @@ def _positive_float(text):
     return value
 
 
+def torch_available():
+    """Whether PyTorch can be imported here (found without importing it)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ValueError, ImportError):  # sys.modules["torch"] = None: imports of it fail
+        return False
+
+
+TORCH_MISSING = ("needs PyTorch, which is not installed here: install PyTorch "
+                 "(https://pytorch.org), then the full stm-kernels (pip install "
+                 "/path/to/stm-kernels); without PyTorch, `stm segment --runtime onnxruntime "
+                 "--checkpoint FOLDER` runs an exported model (docs/deploy.md)")
+
+
+def resolve_runtime(runtime):
+    """--runtime's value: auto is torch where PyTorch is installed, else onnxruntime;
+    UsageError for torch where it is not."""
+    if runtime == "auto":
+        return "torch" if torch_available() else "onnxruntime"
+    if runtime == "torch" and not torch_available():
+        raise UsageError(f"--runtime torch {TORCH_MISSING}")
+    return runtime
+
+
+def _version_line():
+    """`stm --version`: this package's version and the runtime it has (torch's version, or
+    onnxruntime's where PyTorch is not installed)."""
+    for name in ("torch", "onnxruntime"):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if name == "torch" and torch_available():
+            return f"stm-kernels {__version__} (torch {version})"
+        if name == "onnxruntime":
+            return f"stm-kernels {__version__} (no PyTorch; onnxruntime {version})"
+    return f"stm-kernels {__version__} (neither PyTorch nor onnxruntime is installed)"
+
+
 def main(argv=None):
     """The `stm` command; returns the exit code (2 for a user error, printed as one line)."""
     parser = _Parser(prog="stm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version",
-                        version=f"stm-kernels {__version__} (torch "
-                                f"{importlib.metadata.version('torch')})")
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands.add_parser(
         "segment", help="segment a video from a mask",
@@ -215,10 +256,13 @@ def main(argv=None):
         return 2
 
 
-def _command(module, function):
+def _command(module, function, needs_torch=True):
     """The `run` of a sub-command: module.function(args), the module imported when the command
-    runs (not when the parsers are built)."""
+    runs (not when the parsers are built); needs_torch: without PyTorch the command is refused
+    in one line, before its module is imported."""
     def run(args):
+        if needs_torch and not torch_available():
+            raise UsageError(f"this command {TORCH_MISSING}")
         return getattr(importlib.import_module(module), function)(args)
     run.__qualname__ = f"{module}.{function}"
     return run
@@ -273,15 +317,17 @@ def _segment_parser(parser):
     parser.add_argument("--both-directions", action="store_true",
                         help="when the first mask is on a later frame t: also segment frames "
                              "t-1..0 backwards, from a memory seeded with frame t")
-    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
-                        help="torch (default), or onnxruntime: the model's ONNX graphs "
-                             "(--checkpoint an `stm export ... --format onnx` folder, or any "
-                             "model, exported once into the user cache; docs/deploy.md)")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
+                        help="torch, or onnxruntime: the model's ONNX graphs (--checkpoint an "
+                             "`stm export ... --format onnx` folder, or any model, exported "
+                             "once into the user cache; docs/deploy.md); default: torch where "
+                             "PyTorch is installed, else onnxruntime")
     parser.add_argument("--onnx-read", choices=("chunk", "whole"),
                         help="with --runtime onnxruntime: the memory read in chunks of bounded "
                              "memory (default) or as one graph (the Attention operator)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_command("stm_model.commands.segment", "segment"))
+    # the runtime decides whether it needs torch (stm_model.commands.segment)
+    parser.set_defaults(run=_command("stm_model.commands.segment", "segment", needs_torch=False))
 
 
 def _model_arguments(parser, device_help):
@@ -452,7 +498,8 @@ def _eval_parser(parser):
     parser.add_argument("--davis2016", action="store_true",
                         help="DAVIS-2016 (single object): any object is foreground, in the "
                              "results and the annotations")
-    parser.set_defaults(run=_command("stm_model.commands.evaluate", "evaluate"))
+    parser.set_defaults(run=_command("stm_model.commands.evaluate", "evaluate",
+                                     needs_torch=False))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 import warnings
 
 import numpy as np
-from skimage.morphology import disk
 
 __all__ = [
     "GLOBAL_COLUMNS",
@@ -183,10 +182,21 @@ def boundary_precision_recall(gt, pred, bound_th=0.008, void=None):
         return 1.0, 0.0
     if n_gt == 0:
         return 0.0, 1.0
-    structure = disk(_tolerance_pixels(bound_th, gt.shape)).astype(bool)
+    structure = _disk(_tolerance_pixels(bound_th, gt.shape))
     precision = _count_matched(pred_boundary, gt_boundary, structure) / n_pred
     recall = _count_matched(gt_boundary, pred_boundary, structure) / n_gt
     return precision, recall
+
+
+def _disk(radius):
+    """The boolean disk of `radius` (skimage.morphology.disk, the DAVIS toolkit's); imported
+    here, so that importing the metrics needs numpy alone."""
+    try:
+        from skimage.morphology import disk
+    except ImportError as error:
+        raise ImportError("the boundary measure F needs scikit-image: pip install "
+                          "scikit-image") from error
+    return disk(radius).astype(bool)
 
 
 def contour_accuracy(gt, pred, bound_th=0.008, void=None):

@@ -8,7 +8,8 @@ from stm_model.annotate.server import (MAX_OBJECTS, STATE_FOLDER, AnnotationServ
                                        foreign_results)
 from stm_model.cli import UsageError
 from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, claim_output,
-                                       describe_results, device_named, load_model)
+                                       describe_results)
+from stm_model.commands.models import device_named, load_model
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 

@@ -8,9 +8,9 @@ import time
 import torch
 
 from stm_model.cli import UsageError
-from stm_model.commands.common import (DEFAULT_CHECKPOINT, build_model, check_model_arguments,
-                                       check_folder, device_named, segmenter_options,
+from stm_model.commands.common import (DEFAULT_CHECKPOINT, check_folder, segmenter_options,
                                        write_json)
+from stm_model.commands.models import build_model, check_model_arguments, device_named
 from stm_model.commands.evaluate import evaluate_results
 from stm_model.inference import dataset_runs as dataset_segmentation
 from stm_model.inference.batch_segmenter import BatchSegmenter

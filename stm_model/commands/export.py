@@ -4,7 +4,7 @@ import pathlib
 from stm_kernels.options import DTYPES
 
 from stm_model.cli import UsageError
-from stm_model.commands.common import checkpoint_path
+from stm_model.commands.models import checkpoint_path
 from stm_model.network.checkpoint import load_checkpoint, save_checkpoint
 
 WEIGHTS_SUFFIXES = (".pt", ".pth")

@@ -11,8 +11,8 @@ from PIL import Image
 from stm_model import io as video_io
 from stm_model.cli import UsageError
 from stm_model.commands.common import (DEFAULT_INTERACTIVE_CHECKPOINT, check_output,
-                                       claim_output, clear_output, device_named, load_model,
-                                       overlay_writer, warn_if_autocast_on_cpu, write_mask)
+                                       claim_output, clear_output, overlay_writer, write_mask)
+from stm_model.commands.models import device_named, load_model, warn_if_autocast_on_cpu
 from stm_model.interactive import robot as interactive_eval
 from stm_model.inference.resize import internal_size
 from stm_model.interactive import scribbles as scribble_format

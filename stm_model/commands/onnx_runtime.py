@@ -1,14 +1,12 @@
 """`stm segment --runtime onnxruntime`: the run on an ONNX export (stm_model.deploy) instead of
-the torch segmenter, behind the torch segmenter's interface, so that the command's frames,
-masks, resume and outputs are the same code for both runtimes."""
+the torch segmenter; the command's frames, masks, resume and outputs are the same code for both
+runtimes (stm_model.inference.directions drives either). Imports no torch: this is the path
+that runs where PyTorch is not installed."""
 import hashlib
 import sys
 
-import numpy as np
-import torch
-
-from stm_model.cli import UsageError
-from stm_model.commands.common import DEFAULT_CHECKPOINT, checkpoint_path
+from stm_model.cli import UsageError, torch_available
+from stm_model.commands.common import DEFAULT_CHECKPOINT
 from stm_model.deploy.manifest import ExportFolderError, is_export_folder
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -36,6 +34,11 @@ def check_onnx_arguments(args):
     if args.device not in ("auto", "cpu"):
         raise UsageError("--device: the ONNX runner runs on onnxruntime's CPU provider (drop "
                          "--device)")
+    name = args.checkpoint or DEFAULT_CHECKPOINT
+    if not is_export_folder(name) and not torch_available():
+        raise UsageError(f"--checkpoint {name}: without PyTorch the ONNX runner needs an "
+                         "exported model, a folder written by `stm export MODEL FOLDER` where "
+                         "PyTorch is installed (docs/deploy.md); give --checkpoint FOLDER")
 
 
 def export_folder(args):
@@ -44,6 +47,7 @@ def export_folder(args):
     name = args.checkpoint or DEFAULT_CHECKPOINT
     if is_export_folder(name):
         return name
+    from stm_model.commands.models import checkpoint_path
     from stm_model.export import ExportError, to_onnx
     from stm_model.network.checkpoint import cache_dir
     path = checkpoint_path(name, show_progress=not args.quiet)
@@ -58,29 +62,8 @@ def export_folder(args):
     return folder
 
 
-class TensorFacade:
-    """An OnnxSegmenter seen as a VideoSegmenter: torch tensors in and out (CPU, no copies),
-    the rest passed through."""
-
-    def __init__(self, segmenter):
-        self.segmenter = segmenter
-
-    def __getattr__(self, name):
-        return getattr(self.segmenter, name)
-
-    def reset(self, start_frame=0, reverse=False):
-        self.segmenter.reset(start_frame, reverse)
-
-    def step(self, frame, mask=None):
-        return torch.from_numpy(self.segmenter.step(_array(frame), _array(mask)))
-
-    def replay(self, frame, labels, annotated=False):
-        return torch.from_numpy(self.segmenter.replay(_array(frame), _array(labels),
-                                                      annotated))
-
-
 def onnx_segmenter(args, options):
-    """The run's segmenter on onnxruntime (a TensorFacade), from the parsed flags."""
+    """The run's OnnxSegmenter, from the parsed flags."""
     from stm_model.deploy import OnnxSegmenter
     try:
         segmenter = OnnxSegmenter(export_folder(args), options.mem_every,
@@ -89,8 +72,4 @@ def onnx_segmenter(args, options):
                                   max_internal_size=options.max_internal_size)
     except (ExportFolderError, ImportError) as error:
         raise UsageError(str(error)) from None
-    return TensorFacade(segmenter)
-
-
-def _array(tensor):
-    return None if tensor is None else np.asarray(tensor)
+    return segmenter

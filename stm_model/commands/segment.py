@@ -1,29 +1,27 @@
 """`stm segment`: one video (a folder of frames or a video file) from its masks, or a
-DAVIS-format root handed to `stm segment-dataset`."""
+DAVIS-format root handed to `stm segment-dataset`.
+
+Imports no torch: with --runtime onnxruntime the command runs where PyTorch is not installed
+(the torch runtime's modules are imported when it is chosen)."""
 import json
 import pathlib
+import resource
 import sys
 import time
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from stm_model import io as video_io
-from stm_model.cli import Interrupted, UsageError, _dataset_parser, _Parser
-from stm_model.commands.common import (DEFAULT_CHECKPOINT, build_model, check_model_arguments,
-                                       check_output, claim_output,
-                                       checkpoint_path, clear_output, device_named,
-                                       overlay_writer, segmenter_options, write_json,
-                                       write_mask)
-from stm_model.commands.dataset import segment_dataset
+from stm_model.cli import Interrupted, UsageError, _dataset_parser, _Parser, resolve_runtime
+from stm_model.commands.common import (DEFAULT_CHECKPOINT, check_output, claim_output,
+                                       clear_output, overlay_writer, segmenter_options,
+                                       write_json, write_mask)
 from stm_model.commands.onnx_runtime import check_onnx_arguments, onnx_segmenter
 from stm_model.deploy.manifest import is_export_folder
 from stm_model.inference import options as options_module
 from stm_model.inference.directions import FrameSequence, segment_both_directions, segment_forward
 from stm_model.inference.masks import check_first_mask, check_object_count, object_ids
-from stm_model.inference.video_segmenter import VideoSegmenter
-from stm_model.runtime.devices import peak_memory_bytes
 
 
 def _mask_lookup(args, reader):
@@ -83,11 +81,19 @@ def _run_record(args, source):
     resolved = [str(pathlib.Path(path).resolve()) if path else None
                 for path in (source, args.mask, args.masks)]
     return dict(input=resolved[0], mask=resolved[1], masks=resolved[2],
-                checkpoint=None if args.random_weights else
-                str(checkpoint_path(args.checkpoint or DEFAULT_CHECKPOINT).resolve()),
+                checkpoint=None if args.random_weights else str(_model_file(args).resolve()),
                 options={field.name: getattr(args, field.name)
                          for field in options_module.cli_fields()},
                 max_frames=args.max_frames, both_directions=args.both_directions)
+
+
+def _model_file(args):
+    """The file (or ONNX export folder) of the run's --checkpoint."""
+    name = args.checkpoint or DEFAULT_CHECKPOINT
+    if is_export_folder(name):
+        return pathlib.Path(name)
+    from stm_model.commands.models import checkpoint_path
+    return checkpoint_path(name)
 
 
 def _flag_of(field_name):
@@ -163,8 +169,10 @@ def segment(args):
     results are removed (--overwrite; without it an output holding them is refused). Each
     mask and overlay frame is written atomically, so an interrupted run leaves complete files
     only (an unfinished GIF or video is dropped)."""
+    args.runtime = resolve_runtime(args.runtime)
     check_onnx_arguments(args)
     if args.runtime == "torch" or not is_export_folder(args.checkpoint or ""):
+        from stm_model.commands.models import check_model_arguments
         check_model_arguments(args)
     if _is_davis_root(args.input):
         return _segment_davis_root(args)
@@ -182,7 +190,10 @@ def segment(args):
 
 def _segment_video(args, source, output):
     """segment's one video into output, whose lock the caller holds."""
-    device = device_named(args.device)
+    device = None  # onnxruntime's CPU provider
+    if args.runtime == "torch":
+        from stm_model.commands.models import device_named
+        device = device_named(args.device)
     reader = video_io.FrameReader(args.input)
     if reader.paths is not None:
         video_io.check_complete(reader.paths)  # a truncated frame now, not when reached
@@ -204,8 +215,9 @@ def _segment_video(args, source, output):
         written = _written_masks(output, frames, indices, hw, ids)
     if args.runtime == "onnxruntime":
         seg = onnx_segmenter(args, segmenter_options(args))
-        device = "onnxruntime (CPU)"
     else:
+        from stm_model.commands.models import build_model
+        from stm_model.inference.video_segmenter import VideoSegmenter
         seg = VideoSegmenter.from_options(build_model(args, device),
                                           segmenter_options(args))
     if first > 0 and not args.both_directions:
@@ -219,11 +231,11 @@ def _segment_video(args, source, output):
         path = paths.get(index)
         if path is None:
             return None
-        return torch.from_numpy(video_io.fit_mask_size(video_io.read_mask(path), hw)[0])
+        return video_io.fit_mask_size(video_io.read_mask(path), hw)[0]
 
     def written_labels(index):  # a resumed run's masks (checked: _written_masks)
         path = written.get(index)
-        return None if path is None else torch.from_numpy(video_io.read_mask(path))
+        return None if path is None else video_io.read_mask(path)
 
     run = segment_both_directions if args.both_directions else segment_forward
     results = run(seg, frames, mask_for, first, stop,
@@ -238,7 +250,8 @@ def _segment_video(args, source, output):
               + ("; the memory is rebuilt from them" if len(written) < total else
                  " (the run was complete: only its overlay is written again)"),
               file=sys.stderr)
-    if isinstance(device, torch.device) and device.type == "cuda":
+    if device is not None and device.type == "cuda":
+        import torch
         torch.cuda.reset_peak_memory_stats(device)
     start, count = time.perf_counter(), 0
     objects = memory_frames = memory_bytes = 0  # the largest over both passes
@@ -246,7 +259,7 @@ def _segment_video(args, source, output):
                desc=f"segmenting {source.name}")
     try:
         for result in bar:
-            labels = result.labels.cpu().numpy()
+            labels = video_io.as_numpy(result.labels)
             name = result.frame.name
             write_mask(output, name, labels.astype(np.uint8))
             if writer is not None and in_order:
@@ -282,9 +295,8 @@ def _segment_video(args, source, output):
         "fps": count / elapsed if elapsed else float("nan"),
         "objects": objects, "memory frames": memory_frames,
         "memory bank MiB": memory_bytes / 2**20,
-        "peak memory MiB": peak_memory_bytes(device if isinstance(device, torch.device)
-                                             else torch.device("cpu")) / 2**20,
-        "device": str(device),
+        "peak memory MiB": _peak_memory_bytes(device) / 2**20,
+        "device": "onnxruntime (CPU)" if device is None else str(device),
         "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",
     }
     width = max(map(len, summary))
@@ -292,6 +304,15 @@ def _segment_video(args, source, output):
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name:>{width}}: {text}")
     return 0
+
+
+def _peak_memory_bytes(device):
+    """The run's peak memory: the torch device's (devices.peak_memory_bytes), or the process's
+    peak resident set for onnxruntime's CPU run (Linux reports it in KiB)."""
+    if device is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from stm_model.runtime.devices import peak_memory_bytes
+    return peak_memory_bytes(device)
 
 
 def _segment_davis_root(args):
@@ -321,4 +342,5 @@ def _segment_davis_root(args):
         if name in vars(dataset_args) and name not in ("masks", "output", "run") and \
                 value is not None:
             setattr(dataset_args, name, value)
+    from stm_model.commands.dataset import segment_dataset
     return segment_dataset(dataset_args)

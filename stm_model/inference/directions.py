@@ -15,20 +15,28 @@ FrameSequence gives random access: a folder reads the images it is asked for; a 
 indexed once from its packets' timestamps (no decoding) and a range of frames is decoded from
 the keyframe before it, backwards in chunks of chunk_frames (each decoded forwards, then
 handed out in reverse), so a backward pass never holds the whole video.
+
+The passes drive any segmenter with VideoSegmenter's reset/step/replay (the ONNX runner's
+too): frames and masks go to it as numpy arrays or as given, probabilities come back as it
+returns them; torch is not imported here.
 """
+from __future__ import annotations
+
 import collections.abc
 import typing
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 from pathlib import Path
-
-import torch
 
 from stm_model import io as video_io
 from stm_model.inference.masks import labels_of
-from stm_model.inference.video_segmenter import VideoSegmenter
+
+if TYPE_CHECKING:
+    import torch
+
+    from stm_model.inference.video_segmenter import VideoSegmenter
 
 # frames: a FrameSequence, a (T, 3, H, W) tensor or a sequence of (3, H, W) tensors / Frames
-Frames = Union["FrameSequence", torch.Tensor, Sequence[Any]]
+Frames = Union["FrameSequence", "torch.Tensor", Sequence[Any]]
 # masks: {frame index: (H, W) ids}, or a callable frame index -> ids or None
 Masks = Union[Mapping[int, Any], Callable[[int], Any]]
 # written: frame index -> the (H, W) labels an interrupted run wrote for it, or None
@@ -182,12 +190,13 @@ class FrameResult(typing.NamedTuple):
     their channels 1..K-1 (as at that step)."""
     index: int  # type: ignore[assignment]  # shadows tuple.index, as a frame index reads best
     frame: typing.Any
-    probs: torch.Tensor
+    probs: Any  # a torch.Tensor (VideoSegmenter), a numpy array (the ONNX runner)
     object_ids: list
 
     @property
-    def labels(self) -> torch.Tensor:
-        """(H, W) int64 object ids of the most probable channel."""
+    def labels(self) -> Any:
+        """(H, W) int64 object ids of the most probable channel (a tensor or an array, as
+        probs)."""
         return labels_of(self.probs, self.object_ids)
 
 
@@ -253,8 +262,8 @@ def _start(masks, start, frames):
 
 
 def _mask(masks, index):
-    mask = masks(index) if callable(masks) else masks.get(index)
-    return None if mask is None else torch.as_tensor(mask)
+    """The mask of frame index, as given (the segmenter converts it), or None."""
+    return masks(index) if callable(masks) else masks.get(index)
 
 
 def _frames(frames, indices):
@@ -266,12 +275,12 @@ def _frames(frames, indices):
 def _run(segmenter, frames, masks, indices, written=None):
     replaying = written is not None
     for index, frame in zip(indices, _frames(frames, indices), strict=True):
-        pixels = frame.tensor if isinstance(frame, video_io.Frame) else frame
+        pixels = frame.array if isinstance(frame, video_io.Frame) else frame
         mask = _mask(masks, index)
         if replaying:
             labels = written(index)
             if labels is not None:
-                segmenter.replay(pixels, torch.as_tensor(labels), annotated=mask is not None)
+                segmenter.replay(pixels, labels, annotated=mask is not None)
                 continue
             replaying = False
         probs = segmenter.step(pixels, mask=mask)

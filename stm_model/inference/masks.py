@@ -6,19 +6,27 @@ A first mask without any object would start a segmentation that tracks nothing (
 frame all background); a mask with hundreds of ids is nearly always a colour or anti-aliased
 image read as ids, and would build a memory per id. Both are refused with a message naming
 the mask.
+
+Masks and probabilities are torch tensors or numpy arrays (the ONNX runner's); torch is
+imported only for tensors, so that the command's checks run where PyTorch is not installed.
 """
-from typing import Sequence
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from stm_model.inference.options import DEFAULT_MAX_OBJECTS
-from stm_model.network.stm import soft_aggregate
+from stm_model.io.annotations import is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 def object_ids(mask):
     """The object ids (> 0) of a (H, W) mask (tensor or array), ascending."""
-    if isinstance(mask, torch.Tensor):
+    if is_tensor(mask):
+        import torch
         return [int(i) for i in torch.unique(mask) if i > 0]
     return [int(i) for i in np.unique(np.asarray(mask)) if i > 0]
 
@@ -51,9 +59,14 @@ def check_object_count(ids, limit=DEFAULT_MAX_OBJECTS, name=None, needed=None):
                          f"{max(needed or count, count)}")
 
 
-def labels_of(probs: torch.Tensor, object_ids: Sequence[int]) -> torch.Tensor:
+def labels_of(probs: torch.Tensor | np.ndarray, object_ids: Sequence[int]
+              ) -> torch.Tensor | np.ndarray:
     """(H, W) int64 object ids (0 = background) of the most probable channel of probs
-    (K, H, W), channel k being object_ids[k - 1]; ties go to the first channel."""
+    (K, H, W), channel k being object_ids[k - 1]; ties go to the first channel. A tensor for a
+    tensor, an array for an array."""
+    if not is_tensor(probs):
+        return np.asarray([0] + list(object_ids), np.int64)[np.asarray(probs).argmax(0)]
+    import torch
     ids = torch.tensor([0] + list(object_ids), device=probs.device)
     # max(0).indices is argmax(0) (first maximum), but far faster on CPU
     return ids[probs.max(0).indices]
@@ -68,6 +81,9 @@ def merge_mask(foreground, mask, object_ids):
     the mask claims. When the mask gives every object, the probabilities are the mask itself
     (the official first frame); otherwise they are soft-aggregated.
     """
+    import torch
+
+    from stm_model.network.stm import soft_aggregate
     ids = [int(i) for i in torch.unique(mask) if i != 0]
     new_ids = [i for i in ids if i not in object_ids]
     all_ids = list(object_ids) + new_ids

@@ -83,13 +83,11 @@ class SegmenterOptions:
     compile: Union[bool, dict] = _option(False, one_video="not built for batches")
 
     def __post_init__(self):
-        from stm_model.inference.resize import checked_max_internal_size
         from stm_model.memory.schedule import check_schedule
-        from stm_model.runtime.devices import dtype_option
         check_schedule(self.mem_every, self.max_memory_frames)
         if self.memory_dtype != "auto":
-            dtype_option("memory_dtype", self.memory_dtype)
-        dtype_option("amp_dtype", self.amp_dtype)
+            _check_dtype("memory_dtype", self.memory_dtype)
+        _check_dtype("amp_dtype", self.amp_dtype)
         if self.read_backend is not None and self.read_backend not in BACKENDS:
             raise ValueError(f"read_backend must be one of {', '.join(BACKENDS)} or None; got "
                              f"{self.read_backend!r}")
@@ -116,6 +114,15 @@ class SegmenterOptions:
         return {field.name: getattr(self, field.name) for field in batch_fields()}
 
 
+def _check_dtype(name, value):
+    """ValueError naming the option unless value is None, a dtype's name (checked without
+    torch: the ONNX runner's options are these too) or a torch dtype."""
+    if value is None or (isinstance(value, str) and value in DTYPE_NAMES):
+        return
+    from stm_model.runtime.devices import dtype_option
+    dtype_option(name, value)
+
+
 def cli_fields() -> list:
     """The fields with a command-line flag, in declaration order."""
     return [field for field in dataclasses.fields(SegmenterOptions) if field.metadata["flag"]]
@@ -131,6 +138,17 @@ def one_video_fields() -> list:
     """The fields that apply to one video only (VideoSegmenter's, not BatchSegmenter's)."""
     return [field for field in dataclasses.fields(SegmenterOptions)
             if field.metadata["one_video"]]
+
+
+def checked_max_internal_size(max_internal_size):
+    """max_internal_size as an int (or None), or ValueError naming the argument."""
+    if max_internal_size is None:
+        return None
+    if isinstance(max_internal_size, bool) or not isinstance(max_internal_size, int) or \
+            max_internal_size < MIN_INTERNAL_SIZE:
+        raise ValueError(f"max_internal_size must be an integer >= {MIN_INTERNAL_SIZE} (pixels "
+                         f"of the shorter side) or None; got {max_internal_size!r}")
+    return max_internal_size
 
 
 def internal_size(size, max_internal_size):

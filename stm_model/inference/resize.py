@@ -9,18 +9,9 @@ mask is merged at the input size and reaches the memory area-downsampled.
 """
 import torch.nn.functional as F
 
-from stm_model.inference.options import MIN_INTERNAL_SIZE, internal_size  # noqa: F401 (re-exported)
-
-
-def checked_max_internal_size(max_internal_size):
-    """max_internal_size as an int (or None), or ValueError naming the argument."""
-    if max_internal_size is None:
-        return None
-    if isinstance(max_internal_size, bool) or not isinstance(max_internal_size, int) or \
-            max_internal_size < MIN_INTERNAL_SIZE:
-        raise ValueError(f"max_internal_size must be an integer >= {MIN_INTERNAL_SIZE} (pixels "
-                         f"of the shorter side) or None; got {max_internal_size!r}")
-    return max_internal_size
+# re-exported: declared without torch in options, for the ONNX runner and the CLI
+from stm_model.inference.options import (MIN_INTERNAL_SIZE, checked_max_internal_size,  # noqa: F401
+                                         internal_size)
 
 
 def model_internal_size(model, max_internal_size):

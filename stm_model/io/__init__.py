@@ -6,8 +6,9 @@ Frames
     an optional dependency: ``pip install "/path/to/stm-kernels[video]"`` from a clone).
     :class:`FrameReader` streams the frames one at a time as :class:`Frame` objects, each with
     a name (the image's stem for folders, a zero-padded index ``00000`` for videos), the RGB
-    pixels as a uint8 (H, W, 3) array and, via :attr:`Frame.tensor`, as a float32 (3, H, W)
-    tensor in [0, 1].
+    pixels as a uint8 (H, W, 3) array and, via :attr:`Frame.array` (numpy) or
+    :attr:`Frame.tensor` (torch), as float32 (3, H, W) in [0, 1]. Reading frames and masks
+    needs numpy and PIL alone (PyTorch is imported only for :attr:`Frame.tensor`).
 
 Masks
     Annotations are PNGs of object ids, read by :func:`read_mask` into an int64 (H, W) array:
@@ -43,18 +44,19 @@ Output folders
 from stm_model.io.files import remove_temporary_files, write_atomically
 from stm_model.io.frames import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, Frame, FrameReadError,
                                  check_complete, FrameReader, list_frames, load_image,
-                                 read_frames, to_tensor)
+                                 read_frames, to_array, to_tensor)
 from stm_model.io.annotations import (DAVIS_PALETTE, GRAY_MAX_IDS, SIZE_TOLERANCE, VOID,
-                                      check_mask_size, fit_mask_size, gray_to_ids,
-                                      masks_for_frames, read_annotation, read_mask, write_mask)
+                                      as_numpy, check_mask_size, fit_mask_size, gray_to_ids,
+                                      is_tensor, masks_for_frames, read_annotation, read_mask,
+                                      write_mask)
 from stm_model.io.overlays import OverlayWriter, overlay, write_overlay
 from stm_model.io.run_lock import LOCK_FILE, OutputInUse, OutputLock, output_lock
 
 __all__ = [
     "DAVIS_PALETTE", "GRAY_MAX_IDS", "SIZE_TOLERANCE", "VOID", "IMAGE_SUFFIXES", "LOCK_FILE",
     "VIDEO_SUFFIXES", "Frame", "FrameReadError", "FrameReader", "OutputInUse", "OutputLock",
-    "OverlayWriter", "check_complete", "check_mask_size", "fit_mask_size", "gray_to_ids",
-    "list_frames", "load_image", "masks_for_frames", "output_lock", "overlay",
-    "read_annotation", "read_frames", "remove_temporary_files", "read_mask", "to_tensor",
-    "write_atomically", "write_mask", "write_overlay",
+    "OverlayWriter", "as_numpy", "check_complete", "check_mask_size", "fit_mask_size",
+    "gray_to_ids", "is_tensor", "list_frames", "load_image", "masks_for_frames",
+    "output_lock", "overlay", "read_annotation", "read_frames", "remove_temporary_files",
+    "read_mask", "to_array", "to_tensor", "write_atomically", "write_mask", "write_overlay",
 ]

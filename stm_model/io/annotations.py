@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+import sys
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # masks are read and written with numpy alone; tensors are taken too
+    import torch
 
 from stm_model.io.files import write_atomically
 
@@ -173,15 +176,23 @@ def gray_to_ids(gray: np.ndarray, path: str | Path = "") -> np.ndarray:
         f"DAVIS-2016) nor object ids 1..{GRAY_MAX_IDS}; save object ids as a palette ('P') PNG")
 
 
-def _as_numpy(array) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
+def as_numpy(array) -> np.ndarray:
+    """A numpy array of an array or a torch tensor (on any device)."""
+    if is_tensor(array):
         return array.detach().cpu().numpy()
     return np.asarray(array)
 
 
+def is_tensor(value) -> bool:
+    """Whether value is a torch tensor, without importing torch (a process that has not
+    imported it holds no tensor)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _check_labels(labels, what: str = "labels") -> np.ndarray:
     """(H, W) integer/bool ids in 0..255 -> uint8 array, with clear errors otherwise."""
-    labels = _as_numpy(labels)
+    labels = as_numpy(labels)
     if labels.ndim != 2:
         raise ValueError(f"{what} must be a 2-D (H, W) array of object ids, got shape "
                          f"{labels.shape}")

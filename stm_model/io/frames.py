@@ -5,11 +5,13 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where a tensor is asked for: reading needs numpy alone
+    import torch
 
 
 
@@ -124,12 +126,21 @@ def load_image(path: str | Path) -> np.ndarray:
         raise FrameReadError(f"cannot decode frame {path}: {error}") from error
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> contiguous float32 (3, H, W) tensor in [0, 1]."""
+def to_array(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB -> contiguous float32 (3, H, W) array in [0, 1] (numpy alone: the
+    input of the ONNX runner, and of the torch segmenters, which take arrays too)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
-    return torch.from_numpy(chw).to(torch.float32).div_(255.0)
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32)
+    chw /= np.float32(255.0)
+    return chw
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> contiguous float32 (3, H, W) tensor in [0, 1]: to_array's
+    values, shared with torch (no copy)."""
+    import torch
+    return torch.from_numpy(to_array(image))
 
 
 @dataclass(frozen=True)
@@ -148,8 +159,14 @@ class Frame:
     image: np.ndarray
 
     @property
+    def array(self) -> np.ndarray:
+        """The frame as a float32 (3, H, W) RGB array in [0, 1] (a new array per call)."""
+        return to_array(self.image)
+
+    @property
     def tensor(self) -> torch.Tensor:
-        """The frame as a float32 (3, H, W) RGB tensor in [0, 1] (a new tensor per call)."""
+        """The frame as a float32 (3, H, W) RGB tensor in [0, 1] (a new tensor per call; the
+        values of :attr:`array`)."""
         return to_tensor(self.image)
 
     @property

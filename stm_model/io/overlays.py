@@ -4,14 +4,16 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
-import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from stm_model.io.annotations import (DAVIS_PALETTE, _as_numpy, _check_labels, _size_text,
-                                   check_mask_size)
+if TYPE_CHECKING:  # overlays are drawn with numpy and PIL alone; tensors are taken too
+    import torch
+
+from stm_model.io.annotations import (DAVIS_PALETTE, _check_labels, _size_text, as_numpy,
+                                      check_mask_size)
 from stm_model.io.files import _temporary_path, write_atomically
 from stm_model.io.frames import VIDEO_SUFFIXES, Frame, _import_av
 
@@ -54,13 +56,12 @@ def overlay(frame: np.ndarray, labels: np.ndarray | torch.Tensor, alpha: float =
     pixels = out[objects].astype(np.float32)
     out[objects] = np.clip(np.rint(pixels + alpha * (colours - pixels)), 0, 255).astype(np.uint8)
     if boundary_width > 0:
-        from scipy import ndimage
-
-        size = 2 * boundary_width + 1
-        # A pixel is on an outline when its neighbourhood holds another id; 'nearest' extends
-        # the image, so objects touching the border get no outline along it.
-        high = ndimage.maximum_filter(ids, size=size, mode="nearest")
-        low = ndimage.minimum_filter(ids, size=size, mode="nearest")
+        image, size = Image.fromarray(ids), 2 * boundary_width + 1
+        # A pixel is on an outline when its neighbourhood holds another id; PIL's rank filters
+        # extend the image by its edge pixels, so objects touching the border get no outline
+        # along it.
+        high = np.asarray(image.filter(ImageFilter.MaxFilter(size)))
+        low = np.asarray(image.filter(ImageFilter.MinFilter(size)))
         edge = objects & (high != low)
         out[edge] = DAVIS_PALETTE[ids[edge]]
     return out
@@ -145,7 +146,7 @@ class OverlayWriter:
             raise ValueError(f"image must be uint8 (H, W, 3) RGB, got {image.dtype} "
                              f"{image.shape}")
         if labels is not None:
-            labels = _as_numpy(labels)
+            labels = as_numpy(labels)
             check_mask_size(labels, image.shape[:2], frame_name=name or "")
             image = overlay(image, labels, self.alpha, self.boundary_width)
         hw = image.shape[:2]

@@ -538,7 +538,7 @@ def test_slow_autocast_on_the_cpu_is_warned_about_before_the_work(tmp_path, vide
     """A CPU without native fp16 (or bf16) instructions emulates autocast, many times slower
     than float32: --amp there is warned about; where it has them, or without --amp, not."""
     asked = []
-    monkeypatch.setattr("stm_model.commands.common.autocast_is_slow",
+    monkeypatch.setattr("stm_model.commands.models.autocast_is_slow",
                         lambda device, amp: asked.append((device.type, amp)) or slow)
     assert _cli(_segment(video, tmp_path / "out", "--device", "cpu", "--amp", "fp16",
                          "--overlay", "none")) == 0
@@ -567,7 +567,7 @@ def test_the_shipped_trained_model_is_the_default_and_random_weights_need_a_flag
     missing checkpoint are refused before any work."""
     loaded = []
     real_load = checkpoint_module.load_checkpoint
-    monkeypatch.setattr("stm_model.commands.common.load_checkpoint",
+    monkeypatch.setattr("stm_model.commands.models.load_checkpoint",
                         lambda path, device: loaded.append(path) or real_load(path, device))
     for given, expected in ([], "small-real"), (["--checkpoint", "small"], "small"), (
             ["--checkpoint", "small-interactive"], "small-interactive"), (
