@@ -10,9 +10,9 @@
 The names below are imported on first use (PEP 562), so that importing a light submodule
 (stm_kernels.options) does not import torch and Triton.
 """
-import importlib
 from typing import TYPE_CHECKING
 
+from ._lazy_imports import import_module
 from ._version import __version__
 
 # name -> the submodule that defines it
@@ -38,9 +38,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported e
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}", f"{__name__}.{name}"),
+                        name)
     elif name == "topk":
-        value = importlib.import_module(f"{__name__}.topk")
+        value = import_module(f"{__name__}.topk", f"{__name__}.topk")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

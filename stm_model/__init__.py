@@ -18,9 +18,9 @@ read wants and the read never materialises the affinity.
 The names below are imported on first use (PEP 562): the `stm` command parses its arguments
 before anything imports torch.
 """
-import importlib
 from typing import TYPE_CHECKING
 
+from stm_kernels._lazy_imports import import_module
 from stm_kernels._version import __version__
 
 # name -> the module that defines it
@@ -67,7 +67,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported e
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}", f"{__name__}.{name}"), name)
     globals()[name] = value
     return value
 

@@ -23,12 +23,12 @@ network works at).
 import argparse
 import importlib
 import importlib.metadata
-import importlib.util
 import os
 import re
 import sys
 
 from stm_kernels import __version__
+from stm_kernels._lazy_imports import TORCH_MISSING, torch_available
 from stm_kernels.options import BACKENDS, DTYPE_NAMES
 from stm_kernels import selftest_options
 
@@ -120,20 +120,6 @@ def _positive_float(text):
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number; got {text}")
     return value
-
-
-def torch_available():
-    """Whether PyTorch can be imported here (found without importing it)."""
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ValueError, ImportError):  # sys.modules["torch"] = None: imports of it fail
-        return False
-
-
-TORCH_MISSING = ("needs PyTorch, which is not installed here: install PyTorch "
-                 "(https://pytorch.org), then the full stm-kernels (pip install "
-                 "/path/to/stm-kernels); without PyTorch, `stm segment --runtime onnxruntime "
-                 "--checkpoint FOLDER` runs an exported model (docs/deploy.md)")
 
 
 def resolve_runtime(runtime):
