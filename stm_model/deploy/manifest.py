@@ -48,20 +48,165 @@ def is_export_folder(path):
 
 
 def read_manifest(folder):
-    """The manifest (a dict) of an export folder, checked: ExportFolderError naming what is
-    missing or of another format version."""
+    """The manifest (a dict) of an export folder, checked: ExportFolderError, in one line
+    naming the file, for a missing or malformed manifest, another format version, a missing
+    graph, or a graph whose file is not ONNX or whose opset is not the manifest's."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise ExportFolderError(f"{folder} is not an ONNX export of an STM (no {MANIFEST}); "
                                 f"write one with: stm export MODEL {folder} --format onnx")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportFolderError(f"{path} is not JSON ({error}): export the model again"
+                                ) from None
+    if not isinstance(manifest, dict):
+        raise ExportFolderError(f"{path} is malformed (not a JSON object): export the model "
+                                "again")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportFolderError(f"{path} is format version {manifest.get('format_version')}; "
                                 f"this stm-kernels reads version {FORMAT_VERSION}: export the "
                                 "model again")
+    _check_fields(manifest, path)
     missing = [graph_file(name) for name in manifest["graphs"]
                if not (folder / graph_file(name)).is_file()]
     if missing:
         raise ExportFolderError(f"{folder} lacks {', '.join(missing)}: export the model again")
+    for name, graph in manifest["graphs"].items():
+        opset = graph_opsets(folder / graph_file(name)).get("", 1)
+        if opset != graph["opset"]:
+            raise ExportFolderError(f"{folder / graph_file(name)} is of opset {opset} but "
+                                    f"{path} says {graph['opset']}: not this export's graph; "
+                                    "export the model again")
     return manifest
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# manifest key -> (check, what it must be)
+_FIELDS = {
+    "key_dim": (_positive_int, "a positive integer"),
+    "value_dim": (_positive_int, "a positive integer"),
+    "similarity": (lambda value: value in ("dot", "l2"), "dot or l2"),
+    "internal_size": (lambda value: value is None or _positive_int(value),
+                      "a positive integer or null"),
+    "interactive": (lambda value: isinstance(value, bool), "true or false"),
+    "graphs": (lambda value: isinstance(value, dict) and set(value) == set(GRAPHS),
+               f"an object naming the graphs {', '.join(GRAPHS)}"),
+}
+
+
+def _check_fields(manifest, path):
+    """ExportFolderError naming the manifest's first missing or malformed field."""
+    for key, (valid, what) in _FIELDS.items():
+        if key not in manifest or not valid(manifest[key]):
+            found = "missing" if key not in manifest else repr(manifest[key])[:60]
+            raise ExportFolderError(f"{path} is malformed: {key} must be {what}; got {found}. "
+                                    "Export the model again")
+    for name, graph in manifest["graphs"].items():
+        if not (isinstance(graph, dict) and _positive_int(graph.get("opset")) and
+                isinstance(graph.get("inputs"), list) and
+                isinstance(graph.get("outputs"), list)):
+            raise ExportFolderError(f"{path} is malformed: graphs.{name} must have an opset, "
+                                    "inputs and outputs. Export the model again")
+
+
+# (graph, input or output name) -> the manifest's size of its channel axis (axis 1)
+CHANNELS = {
+    ("query_encoder", "key"): "key_dim", ("query_encoder", "value"): "value_dim",
+    ("memory_encoder", "key"): "key_dim", ("memory_encoder", "value"): "value_dim",
+    ("decoder", "readout"): "value_dim", ("decoder", "value"): "value_dim",
+    **{(read, name): size for read in ("read", "read_matmul", "read_chunk")
+       for name, size in (("query_key", "key_dim"), ("memory_key", "key_dim"),
+                          ("memory_value", "value_dim"), ("readout", "value_dim"))},
+}
+
+
+def check_graph_interface(path, name, manifest, inputs, outputs):
+    """ExportFolderError unless graph `name` (file `path`) has the inputs and outputs the
+    manifest lists, with its key and value sizes. inputs, outputs: [(name, shape)] as the
+    runtime reads them from the graph (onnxruntime's get_inputs(), a symbolic axis a str)."""
+    listed = manifest["graphs"][name]
+    for kind, found, expected in (("inputs", inputs, listed["inputs"]),
+                                  ("outputs", outputs, listed["outputs"])):
+        names = [entry for entry, _ in found]
+        if names != list(expected):
+            raise ExportFolderError(f"{path} has the {kind} {names}, but the manifest lists "
+                                    f"{list(expected)}: not this export's graph; export the "
+                                    "model again")
+    for entry, shape in [*inputs, *outputs]:
+        size = CHANNELS.get((name, entry))
+        if size is not None and len(shape) > 1 and shape[1] != manifest[size]:
+            raise ExportFolderError(f"{path}: {entry} has {shape[1]} channels but the "
+                                    f"manifest's {size} is {manifest[size]}: not this export's "
+                                    "graph; export the model again")
+
+
+def graph_opsets(path):
+    """{domain: opset version} of an ONNX file's opset_import ("" is the default domain),
+    read from the ModelProto's top-level fields alone (onnx need not be installed);
+    ExportFolderError naming the file when it is not an ONNX model."""
+    data = Path(path).read_bytes()
+    opsets, position = {}, 0
+    try:
+        while position < len(data):
+            key, position = _varint(data, position)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                _, position = _varint(data, position)
+            elif wire == 2:
+                length, position = _varint(data, position)
+                if position + length > len(data):
+                    raise ValueError("a field runs past the end of the file")
+                if field == _OPSET_IMPORT:
+                    domain, version = _operator_set(data[position:position + length])
+                    opsets[domain] = version
+                position += length
+            elif wire in (1, 5):  # fixed 64 and 32 bits
+                position += 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"wire type {wire}")
+        if not opsets or position != len(data):
+            raise ValueError("no opset_import")
+    except (ValueError, IndexError, UnicodeDecodeError) as error:
+        raise ExportFolderError(f"{path} is not an ONNX model ({error}): corrupt or "
+                                "truncated; export the model again") from None
+    return opsets
+
+
+_OPSET_IMPORT = 8  # ModelProto.opset_import; OperatorSetIdProto: domain = 1, version = 2
+
+
+def _varint(data, position):
+    """(value, next position) of the protobuf varint at position."""
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+        if shift > 63:
+            raise ValueError("a varint longer than 64 bits")
+
+
+def _operator_set(data):
+    """(domain, version) of an OperatorSetIdProto."""
+    domain, version, position = "", None, 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        if key == (1 << 3) | 2:
+            length, position = _varint(data, position)
+            domain = data[position:position + length].decode()
+            position += length
+        elif key == (2 << 3) | 0:
+            version, position = _varint(data, position)
+        else:
+            raise ValueError("an unexpected field in opset_import")
+    if version is None:
+        raise ValueError("an opset_import without a version")
+    return domain, version

@@ -21,7 +21,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from stm_model.deploy import arrays
-from stm_model.deploy.manifest import READ_FORMS, graph_file, read_manifest
+from stm_model.deploy.manifest import (READ_FORMS, ExportFolderError, check_graph_interface,
+                                       graph_file, read_manifest)
 from stm_model.inference.options import internal_size
 from stm_model.memory.schedule import FrameSlots, PendingFrame, check_schedule, is_kept
 
@@ -36,11 +37,26 @@ def _onnxruntime():
 
 
 class _Graph:
-    """One ONNX graph in an onnxruntime session, called with its inputs by name."""
+    """One ONNX graph in an onnxruntime session, called with its inputs by name; checked
+    against the manifest (ExportFolderError naming the file when it cannot be loaded or does
+    not match)."""
 
-    def __init__(self, path, options, providers):
-        self.session = _onnxruntime().InferenceSession(str(path), options, providers=providers)
-        self.inputs = [i.name for i in self.session.get_inputs()]
+    def __init__(self, path, name, manifest, options, providers):
+        try:
+            self.session = _onnxruntime().InferenceSession(str(path), options,
+                                                           providers=providers)
+        except ImportError:
+            raise
+        except Exception as error:  # noqa: BLE001 (onnxruntime's own exception types)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else \
+                type(error).__name__
+            raise ExportFolderError(f"onnxruntime cannot load {path} ({reason}): corrupt, or "
+                                    "not this export's graph; export the model again"
+                                    ) from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        check_graph_interface(path, name, manifest, [(i.name, i.shape) for i in inputs],
+                              [(o.name, o.shape) for o in outputs])
+        self.inputs = [i.name for i in inputs]
 
     def __call__(self, *arrays_in):
         return self.session.run(None, dict(zip(self.inputs, arrays_in, strict=True)))
@@ -119,7 +135,8 @@ class OnnxSegmenter:
         providers = list(providers or ["CPUExecutionProvider"])
 
         def graph(name):
-            return _Graph(self.folder / graph_file(name), options, providers)
+            return _Graph(self.folder / graph_file(name), name, self.manifest, options,
+                          providers)
 
         self.query_encoder, self.memory_encoder = graph("query_encoder"), graph("memory_encoder")
         self.decoder, self.aggregate_graph = graph("decoder"), graph("aggregate")

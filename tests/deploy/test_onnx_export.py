@@ -223,6 +223,93 @@ def test_the_runner_refuses_bad_input_naming_it(export, tmp_path):
         OnnxSegmenter(broken)
 
 
+def _copy(folder, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def _manifest_with(folder, change):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _graph_body_garbled(path):
+    """path rewritten as a model with its own opset_import but a graph field of junk bytes:
+    past the header, only onnxruntime can tell."""
+    from stm_model.deploy.manifest import graph_opsets
+    (domain, version), = graph_opsets(path).items()
+    opset = bytes([0x0A, len(domain)]) + domain.encode() + bytes([0x10, version])
+    junk = bytes(range(7, 120))  # shorter than 128: one-byte lengths
+    path.write_bytes(bytes([0x42, len(opset)]) + opset + bytes([0x3A, len(junk)]) + junk)
+
+
+# (what is wrong, how the copy is broken, the message's pattern)
+BROKEN_FOLDERS = [
+    ("truncated graph", lambda f: (f / "query_encoder.onnx").write_bytes(
+        (f / "query_encoder.onnx").read_bytes()[:5000]), r"query_encoder\.onnx is not an ONNX"),
+    ("junk graph", lambda f: (f / "decoder.onnx").write_bytes(b"not a model at all\n" * 9),
+     r"decoder\.onnx is not an ONNX"),
+    ("garbled graph body", lambda f: _graph_body_garbled(f / "aggregate.onnx"),
+     r"onnxruntime cannot load \S*aggregate\.onnx"),
+    ("manifest not JSON", lambda f: (f / MANIFEST).write_text("{not json"),
+     r"stm_onnx\.json is not JSON"),
+    ("manifest without key_dim", lambda f: _manifest_with(f, lambda m: m.pop("key_dim")),
+     r"stm_onnx\.json is malformed: key_dim must be a positive integer; got missing"),
+    ("manifest's graphs a list", lambda f: _manifest_with(
+        f, lambda m: m.update(graphs=[])), r"stm_onnx\.json is malformed: graphs must be"),
+    ("key size contradicted", lambda f: _manifest_with(f, lambda m: m.update(key_dim=32)),
+     r"query_encoder\.onnx: key has 64 channels but the manifest's key_dim is 32"),
+    ("value size contradicted", lambda f: _manifest_with(f, lambda m: m.update(value_dim=512)),
+     r"query_encoder\.onnx: value has 256 channels but the manifest's value_dim is 512"),
+    ("opset contradicted", lambda f: _manifest_with(
+        f, lambda m: m["graphs"]["decoder"].update(opset=17)),
+     r"decoder\.onnx is of opset 18 but \S*stm_onnx\.json says 17"),
+    ("format version contradicted", lambda f: _manifest_with(
+        f, lambda m: m.update(format_version=99)), r"is format version 99"),
+    ("outputs contradicted", lambda f: _manifest_with(
+        f, lambda m: m["graphs"]["read_chunk"].update(outputs=["readout"])),
+     r"read_chunk\.onnx has the outputs \['readout', 'lse'\], but the manifest lists"),
+]
+
+
+@pytest.mark.parametrize("what, break_, message", BROKEN_FOLDERS,
+                         ids=[what for what, _, _ in BROKEN_FOLDERS])
+def test_a_broken_export_folder_is_refused_in_one_line_naming_the_file(export, tmp_path, what,
+                                                                        break_, message):
+    _, folder = export
+    copy = _copy(folder, tmp_path)
+    break_(copy)
+    with pytest.raises(ExportFolderError, match=message):
+        OnnxSegmenter(copy)
+    images, labels = _video(frames=2)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    from PIL import Image
+    for t, image in enumerate(images):
+        Image.fromarray((image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(
+            frames / f"{t:05d}.png")
+    Image.fromarray(labels[0].astype(np.uint8)).save(tmp_path / "mask.png")
+    result = subprocess.run([sys.executable, "-m", "stm_model", "segment", str(frames),
+                             "--mask", str(tmp_path / "mask.png"), "--runtime", "onnxruntime",
+                             "--checkpoint", str(copy), "--output", str(tmp_path / "out"),
+                             "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("stm segment: error: ")
+
+
+def test_the_opset_reader_agrees_with_onnx(export):
+    from stm_model.deploy.manifest import graph_opsets
+    _, folder = export
+    for name in GRAPHS:
+        model = onnx.load(folder / graph_file(name), load_external_data=False)
+        assert graph_opsets(folder / graph_file(name)) == {
+            entry.domain: entry.version for entry in model.opset_import}
+
+
 # A runner in a process where importing torch fails: the masks it writes are compared with
 # the parent's torch run.
 _NO_TORCH = """
