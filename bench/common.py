@@ -10,6 +10,7 @@ import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -420,10 +421,33 @@ def panels(values, width, height=3.6):
     return figure, list(zip(axes[0], values, strict=True))
 
 
+def fit_title(figure, margin=0.96):
+    """Wrap each line of the figure's title (its suptitle) that is wider than `margin` of the
+    figure, at spaces: a long CPU name would otherwise run off both sides."""
+    title = figure._suptitle  # matplotlib keeps the suptitle's Text here (None without one)
+    if title is None or not title.get_text():
+        return
+    renderer, limit = figure.canvas.get_renderer(), figure.bbox.width * margin
+
+    def width(text):
+        title.set_text(text)
+        return title.get_window_extent(renderer).width
+
+    lines = []
+    for line in title.get_text().split("\n"):
+        wrapped, chars = [line], len(line)
+        while chars > 10 and max(map(width, wrapped)) > limit:
+            chars -= max(1, chars // 20)
+            wrapped = textwrap.wrap(line, chars) or [line]
+        lines += wrapped
+    title.set_text("\n".join(lines))
+
+
 def save_figure(figure, results_path, dpi=100, name=None):
     """Save a matplotlib figure as the PNG beside a results file (<stem>_<name>.png with a
-    name), close it; returns [path]."""
+    name), its title fitted to its width (fit_title), close it; returns [path]."""
     import matplotlib.pyplot as plt
+    fit_title(figure)
     figure.tight_layout()
     results_path = pathlib.Path(results_path)
     target = results_path.with_name(f"{results_path.stem}_{name}.png") if name else \

@@ -2,7 +2,8 @@
 expert would pick, forward / backward / forward+backward, over memory sizes N.
 
     python -m bench kernel                     # the three sweeps for the device present
-    python -m bench kernel --quick             # a few points (smoke run)
+    python -m bench kernel --quick             # a few points (smoke run; a CPU's default)
+    python -m bench kernel --full              # on a CPU: every point (hours on 2 cores)
     python -m bench kernel --sweeps targets scaling --batches 1 --warmup   # a GPU lease's run
     python -m bench render FILE.json           # re-render a results file's plots and table
 
@@ -46,7 +47,7 @@ Three sweeps, one results file, run in this order (a run cut off by a time limit
 target points):
 - "targets": the op's target points, one 480p query frame (HW = 1,620), B=1: N = 16,200
   (10 memory frames), 64,800 and 162,000, forward and forward+backward on GPU; N = 162,000
-  forward on CPU;
+  forward on CPU (16,200 in the quick form);
 - "scaling": Ck=128, Cv=512, the main dtype (bf16 on GPU, fp32 on CPU), B in {1, 4, 8}, every
   pass, N grown until the provider runs out of memory (or past the time cap per call);
 - "shapes": N fixed, B=4, Ck in {64, 128} x Cv in {256, 512} x dtypes (fp32 with TF32, fp16,
@@ -366,7 +367,8 @@ def plan(device, args):
     main_dtype = "bf16" if kind == "cuda" else "fp32"
     shape_dtypes = args.dtypes or (["fp32-tf32", "fp16", "bf16"] if kind == "cuda" else ["fp32"])
     batches = args.batches or ([1, 4, 8] if kind == "cuda" else [1])
-    frames = SCALING_FRAMES[kind] if not args.quick else SCALING_FRAMES[kind][:2]
+    quick = is_quick(device, args)
+    frames = SCALING_FRAMES[kind] if not quick else SCALING_FRAMES[kind][:2]
     ns = args.ns or [hw * t for t in frames]
     series = []
 
@@ -376,33 +378,43 @@ def plan(device, args):
     # The target points first: a run cut off by a time limit (a lent GPU's) keeps them.
     if "targets" in args.sweeps:  # one 480p query frame (HW = 1,620)
         target_passes = ["fwd", "fwd+bwd"] if kind == "cuda" else ["fwd"]
-        target_ns = [16200, 64800, 162000] if kind == "cuda" else [162000]
+        target_ns = [16200, 64800, 162000] if kind == "cuda" else \
+            [16200] if quick else [162000]
         for pass_ in target_passes:
             for provider in filter(lambda p: runs(p, pass_), providers):
                 series.append(("targets", provider, pass_, main_dtype, 1, 1620, 128, 512,
                                target_ns))
     if "scaling" in args.sweeps:
         for pass_ in passes:
-            for B in batches if not args.quick else batches[:1]:
+            for B in batches if not quick else batches[:1]:
                 for provider in filter(lambda p: runs(p, pass_), providers):
                     series.append(("scaling", provider, pass_, main_dtype, B, hw, 128, 512,
                                    ns))
     if "shapes" in args.sweeps:
         n = args.shapes_n or hw * SHAPES_FRAMES[kind]
         shapes = [(64, 256), (64, 512), (128, 256), (128, 512)]
-        for dtype_name in shape_dtypes if not args.quick else shape_dtypes[:1]:
+        for dtype_name in shape_dtypes if not quick else shape_dtypes[:1]:
             for pass_ in passes:
-                for ck, cv in shapes if not args.quick else shapes[-1:]:
+                for ck, cv in shapes if not quick else shapes[-1:]:
                     for provider in filter(lambda p: runs(p, pass_), providers):
                         series.append(("shapes", provider, pass_, dtype_name, 4, hw, ck, cv,
                                        [n]))
     return hw, series
 
 
+def is_quick(device, args):
+    """Whether the run takes the quick form: asked for, or a CPU's default (its full form
+    takes hours on two cores: the points sized for a GPU), unless --full."""
+    return args.quick or (device.type == "cpu" and not getattr(args, "full", False))
+
+
 def run(args):
     """Run the planned sweeps and write the results; returns their path."""
     device = common.pick_device(args.device)
     hw, series = plan(device, args)
+    if is_quick(device, args) and not args.quick:
+        print("note: on a CPU the quick form runs (about 10 minutes on 2 cores); --full runs "
+              "every point (hours)", file=sys.stderr)
     if device.type == "cpu" and any(s[1] in GPU_ONLY for s in series):
         print("note: triton on CPU runs in the interpreter; its times mean nothing",
               file=sys.stderr)
@@ -870,6 +882,7 @@ def read_plot(payload, path, source=None):
                     f"(torch {payload['torch']}, triton {payload['triton']})\n"
                     f"one object, one 480p query frame (HW = {hw}), Ck = 128, Cv = 512, bf16; "
                     f"{best_note}; x: out of memory", fontsize=8)
+    common.fit_title(figure)
     figure.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -894,7 +907,11 @@ def main(argv=None):
     parser.add_argument("--max-call-s", type=float,
                         help="stop growing N for a provider once one call takes longer "
                              "(default: 20 s on GPU, 1.5 s on CPU)")
-    parser.add_argument("--quick", action="store_true", help="a few points only")
+    quick = parser.add_mutually_exclusive_group()
+    quick.add_argument("--quick", action="store_true",
+                       help="a few points only (the default on a CPU)")
+    quick.add_argument("--full", action="store_true",
+                       help="on a CPU: every point (hours on two cores), not the quick form")
     parser.add_argument("--warmup", action="store_true",
                         help="call every series untimed at its smallest N before timing")
     parser.add_argument("--warmup-s", type=float, default=1.0,

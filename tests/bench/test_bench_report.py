@@ -1,5 +1,5 @@
 """The benchmark tables (README.md, docs/performance.md) come from the committed result files,
-unedited."""
+unedited; the plots' titles fit their figures."""
 import json
 
 from bench import __main__ as suite
@@ -167,3 +167,19 @@ def test_each_checkpoint_keeps_its_result_and_a_block_can_pick_one(tmp_path):
     none = report.rewrite("<!-- bench:multi_object checkpoint=official -->\n"
                           "<!-- /bench:multi_object -->", tmp_path)
     assert "_No `multi_object` results with checkpoint official committed yet._" in none
+
+
+def test_a_long_title_is_wrapped_to_the_figure_width():
+    """A long CPU name in a plot's title (an Intel Xeon with its flags) ran off both sides of
+    the cpu-read plot: save_figure wraps it at spaces to the figure's width."""
+    from bench import common
+    long = ("CPU read vs peers, Intel(R) Xeon(R) Platinum 8480+ (avx2, avx512f, avx512_bf16, "
+            "amx_bf16), 2 threads")
+    for text, lines in ((long, 2), ("short title", 1), (f"{long}\nsecond line", 3)):
+        figure, _ = common.subplots(1, 1, figsize=(6.5, 3.8))
+        title = figure.suptitle(text)
+        renderer = figure.canvas.get_renderer()
+        common.fit_title(figure)
+        assert title.get_window_extent(renderer).width <= figure.bbox.width * 0.96
+        assert title.get_text().count("\n") + 1 == lines
+        assert title.get_text().split() == text.split()  # every word, in order

@@ -142,7 +142,8 @@ def test_a_cpu_run_times_the_peers_and_records_the_refusals(tmp_path, monkeypatc
 def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
     import argparse
     args = argparse.Namespace(sweeps=["targets"], hw=None, providers=None, passes=None,
-                              dtypes=None, batches=None, ns=None, shapes_n=None, quick=False)
+                              dtypes=None, batches=None, ns=None, shapes_n=None, quick=False,
+                              full=True)
     _, series = kernel.plan(torch.device("cuda"), args)
     assert {entry[1] for entry in series} == set(kernel.PROVIDERS)
     assert {(entry[2], tuple(entry[8])) for entry in series} == {
@@ -157,6 +158,31 @@ def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
     _, series = kernel.plan(torch.device("cpu"), args)
     assert {entry[1] for entry in series} == \
         set(kernel.PROVIDERS) - {"triton", "triton_ws", "triton_ws_bwd"}
+
+
+def test_a_cpu_runs_the_quick_form_unless_full_is_asked_for(capsys):
+    """`make bench` on a CPU: the quick form (16,200 memory positions at most at the target,
+    two scaling sizes), about ten minutes on two cores; --full: every point (hours)."""
+    import argparse
+
+    def args(**given):
+        return argparse.Namespace(**{**dict(sweeps=["targets", "scaling", "shapes"], hw=None,
+                                            providers=["torch"], passes=None, dtypes=None,
+                                            batches=None, ns=None, shapes_n=None, quick=False,
+                                            full=False), **given})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    _, default = kernel.plan(cpu, args())
+    _, full = kernel.plan(cpu, args(full=True))
+    assert [entry[8] for entry in default if entry[0] == "targets"] == [[16200]]
+    assert [entry[8] for entry in full if entry[0] == "targets"] == [[162000]]
+    assert max(n for entry in default for n in entry[8]) == 16200
+    assert sum(map(len, (entry[8] for entry in default))) < \
+        sum(map(len, (entry[8] for entry in full))) / 2
+    assert kernel.is_quick(cpu, args()) and not kernel.is_quick(cpu, args(full=True))
+    assert not kernel.is_quick(cuda, args()) and kernel.is_quick(cuda, args(quick=True))
+    with pytest.raises(SystemExit):
+        kernel.main(["--quick", "--full"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_a_candidate_has_its_column_but_is_never_the_best_peer():
