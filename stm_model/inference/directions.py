@@ -190,13 +190,13 @@ class FrameResult(typing.NamedTuple):
     their channels 1..K-1 (as at that step)."""
     index: int  # type: ignore[assignment]  # shadows tuple.index, as a frame index reads best
     frame: typing.Any
-    probs: Any  # a torch.Tensor (VideoSegmenter), a numpy array (the ONNX runner)
+    probs: torch.Tensor  # a numpy array where the segmenter is the ONNX runner
     object_ids: list
 
     @property
-    def labels(self) -> Any:
-        """(H, W) int64 object ids of the most probable channel (a tensor or an array, as
-        probs)."""
+    def labels(self) -> torch.Tensor:
+        """(H, W) int64 object ids of the most probable channel (an array where probs is
+        one)."""
         return labels_of(self.probs, self.object_ids)
 
 

@@ -12,7 +12,7 @@ imported only for tensors, so that the command's checks run where PyTorch is not
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, overload
 
 import numpy as np
 
@@ -59,8 +59,15 @@ def check_object_count(ids, limit=DEFAULT_MAX_OBJECTS, name=None, needed=None):
                          f"{max(needed or count, count)}")
 
 
-def labels_of(probs: torch.Tensor | np.ndarray, object_ids: Sequence[int]
-              ) -> torch.Tensor | np.ndarray:
+@overload
+def labels_of(probs: torch.Tensor, object_ids: Sequence[int]) -> torch.Tensor: ...
+
+
+@overload
+def labels_of(probs: np.ndarray, object_ids: Sequence[int]) -> np.ndarray: ...
+
+
+def labels_of(probs, object_ids):
     """(H, W) int64 object ids (0 = background) of the most probable channel of probs
     (K, H, W), channel k being object_ids[k - 1]; ties go to the first channel. A tensor for a
     tensor, an array for an array."""
