@@ -169,6 +169,11 @@ def checked_lengths(memory_lengths, keys):
     if memory_lengths.device != device:
         raise ValueError(f"memory_lengths must be {expected}; got a tensor on "
                          f"{memory_lengths.device}")
+    if torch._C._are_functorch_transforms_active() and \
+            torch._C._functorch.is_batchedtensor(memory_lengths):
+        raise ValueError(f"memory_lengths must be {expected}; got a tensor mapped by "
+                         "torch.func.vmap (its values are checked on the host): map the query "
+                         "and the memory, not the lengths")
     if not torch.compiler.is_compiling():
         low, high = memory_lengths.min().item(), memory_lengths.max().item()
         if low < 1 or high > N:
@@ -200,7 +205,9 @@ class PreparedCall:
 def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
              shrinkage=None, selection=None, memory_lengths=None, backend="auto", top_k=None):
     """Validate a read's arguments (errors name the argument and the expected shape) and
-    return the PreparedCall the backends run."""
+    return the PreparedCall the backends run; under autocast, after autocast_inputs."""
+    query_key, memory_key, memory_value, shrinkage, selection = autocast_inputs(
+        query_key, memory_key, memory_value, shrinkage, selection)
     q, keys, values, query_spatial = flatten_checked(query_key, memory_key, memory_value,
                                                      _xmem_tensors(similarity, shrinkage,
                                                                    selection))
@@ -220,6 +227,30 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
     N = sum(key.shape[2] for key in keys)
     return PreparedCall(q, keys, values, tuple(query_spatial), float(scale),
                         similarity == "l2", backend, lengths, checked_top_k(top_k, backend, N))
+
+
+def autocast_inputs(query_key, *others):
+    """(query_key, *others) as the read takes them under torch.autocast: where autocast is on
+    for the query's device, every floating-point tensor on that device other than float64
+    (in others: a tensor or a list of chunks) cast to autocast's dtype, as autocast casts the
+    inputs of torch's scaled_dot_product_attention (a "lower precision" op); the read then
+    runs as on inputs of that dtype (its backends turn autocast off inside). Anything else
+    (integers, float64, other devices, non-tensors) as it is, for the checks to name."""
+    if not torch._C._is_any_autocast_enabled() or not isinstance(query_key, torch.Tensor):
+        return (query_key, *others)
+    device = query_key.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return (query_key, *others)
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(value):
+        if isinstance(value, (list, tuple)):
+            return [cast(chunk) for chunk in value]
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and \
+                value.dtype != torch.float64 and value.device.type == device:
+            return value.to(dtype)
+        return value
+    return (cast(query_key), *(cast(value) for value in others))
 
 
 def _xmem_tensors(similarity, shrinkage, selection):

@@ -1,7 +1,9 @@
 """`memory_read`: STM's space-time memory read as one differentiable op.
 
 What happens to an input, in order:
-    1. `inputs.prepared` validates the tensors (shapes, dtypes, devices; errors name the
+    1. Under torch.autocast its floating inputs are cast to autocast's dtype, as for torch's
+       scaled_dot_product_attention (inputs.autocast_inputs). Then
+       `inputs.prepared` validates the tensors (shapes, dtypes, devices; errors name the
        argument and the expected shape) and views them as q (Bq, Ck, HW), k (B, Ck, N),
        v (B, Cv, N) without copying (spatial dims are merged as views where the strides allow,
        e.g. any slice of a preallocated memory bank along T; otherwise that tensor is copied).
@@ -14,6 +16,10 @@ What happens to an input, in order:
        `stm_kernels::memory_read_backward` (both have fake implementations, so torch.compile
        traces them without graph breaks). In plain eager mode the same implementations are
        called directly (_fused_read): the custom op's dispatch costs tens of microseconds.
+       Under torch.func transforms and forward-mode AD the read goes through
+       _TransformedRead instead: the same forward and backward, a forward-mode rule
+       (backends.pytorch.tangents) and a vmap rule; the top-k selection and the usage pass,
+       which have no derivative, through _WithoutDerivatives.
     4. return_usage: one more pass over the memory from the read's lse (backends: usage).
 
 Precision: all backends accumulate in float32 (float64 for float64 inputs). For float32
@@ -24,6 +30,7 @@ PyTorch default) gives exact float32 products, "high"/"medium" allow TF32 tensor
 from typing import Literal, Optional, Sequence, Union, overload
 
 import torch
+from torch.autograd import forward_ad
 
 from . import backends, topk
 from .backends.naive import naive_memory_read
@@ -80,7 +87,9 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
             the dtype of the memory (and of shrinkage and selection): mixed dtypes are a
             ValueError naming each argument's dtype, as for torch's
             scaled_dot_product_attention; the read never promotes, so cast explicitly (e.g.
-            `query_key.to(memory_key.dtype)` against an fp16 memory bank).
+            `query_key.to(memory_key.dtype)` against an fp16 memory bank). Under
+            torch.autocast every floating input except float64 is first cast to autocast's
+            dtype, as SDPA's are (out then comes back in that dtype).
         memory_key: (B, Ck, N) or (B, Ck, T, H', W'); B = objects, N = T*H'*W' positions.
             Or a list of such chunks (e.g. one per memory frame), read as their concatenation
             along N: autograd then saves the chunks themselves, not a concatenated copy, so a
@@ -121,22 +130,25 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
         natural log of sum_j exp(s_ij), in float32 (float64 for float64 inputs); with
         return_usage=True also usage (B, N).
         Gradients flow to all three inputs (and through lse), to each chunk of a chunked
-        memory, and to shrinkage and selection. The triton backward adds dQ with atomics (not
-        bitwise reproducible) unless torch.use_deterministic_algorithms(True) is set, when it
-        computes dQ in a fixed order instead.
+        memory, and to shrinkage and selection; torch.func (grad, jvp, vmap, jacrev, jacfwd)
+        and forward-mode AD give the read's derivatives on every backend, and a second
+        derivative of the fused backends is a one-line error (docs/op.md lists each). The
+        triton backward adds dQ with atomics (not bitwise reproducible) unless
+        torch.use_deterministic_algorithms(True) is set, when it computes dQ in a fixed order
+        instead.
     """
     call = prepared(query_key, memory_key, memory_value, scale=scale, similarity=similarity,
                     shrinkage=shrinkage, selection=selection, memory_lengths=memory_lengths,
                     backend=backend, top_k=top_k)
     if call.top_k is not None:
         k, v = concatenated(call.keys), concatenated(call.values)
-        with torch.no_grad():
-            _, indices = backends.implementation(call.backend).select(
-                call.q, k, call.top_k, call.scale, call.l2, call.lengths)
+        _, indices = _without_derivatives(backends.implementation(call.backend).select,
+                                          call.q, k, call.top_k, call.scale, call.l2,
+                                          call.lengths)
         out, lse, probabilities = topk.selected_read(call.q, k, v, indices, call.scale, call.l2)
         lse = lse.to(accumulation_dtype(v.dtype))
-        memory_usage_ = topk.usage_of_selection(indices, probabilities, k.shape[2]) \
-            if return_usage else None
+        memory_usage_ = _without_derivatives(_usage_of_selection, indices, probabilities,
+                                             k.shape[2])[0] if return_usage else None
     else:
         if call.backend == "naive":
             out, lse = naive_memory_read(call.q, concatenated(call.keys),
@@ -185,22 +197,34 @@ def _usage(call, lse):
     one more pass over the memory that recomputes the scores without storing them (see
     backends: torch chunked, Triton one program per memory block, naive materialised). Not
     differentiable: XMem and Cutie use usage as a statistic, not in the loss."""
-    with torch.no_grad():
-        return backends.implementation(call.backend).usage(
-            call.q, concatenated(call.keys), lse, call.scale, call.l2, call.lengths)
+    return _without_derivatives(_usage_pass, call.q, concatenated(call.keys), lse, call.scale,
+                                call.l2, call.lengths, call.backend)[0]
+
+
+def _usage_pass(q, k, lse, scale, l2, lengths, backend):
+    return (backends.implementation(backend).usage(q, k, lse, scale, l2, lengths),)
+
+
+def _usage_of_selection(indices, probabilities, N):
+    return (topk.usage_of_selection(indices, probabilities, N),)
 
 
 # --------------------------------------------------------------------------- dispatch
 
 
 def _fused_read(q, ks, vs, scale, l2, backend, lengths):
-    """(out, lse) of a "triton" or "torch" read. The custom op wherever torch's machinery has
-    to see one op (torch.compile, torch.jit.trace, fake or subclass tensors, dispatch and
-    function modes, torch.func transforms); otherwise the same implementation called
-    directly, through _FusedRead when gradients flow: the custom op's eager dispatch costs
-    30-110 us a call (a list-of-tensors schema takes torch's slow path), as long as the GPU
-    read of ten memory frames (docs/performance.md)."""
+    """(out, lse) of a "triton" or "torch" read. Under a torch.func transform or forward-mode
+    AD (dual tensors), _TransformedRead, which gives each its rule; the custom op wherever
+    torch's machinery has to see one op (torch.compile, torch.jit.trace, fake or subclass
+    tensors, dispatch and function modes); otherwise the same implementation called directly,
+    through _FusedRead when gradients flow: the custom op's eager dispatch costs 30-110 us a
+    call (a list-of-tensors schema takes torch's slow path), as long as the GPU read of ten
+    memory frames (docs/performance.md)."""
     tensors = (q, *ks, *vs)
+    transformed = _transformed()
+    if transformed:
+        read = _TransformedRead.apply if transformed == "eager" else _transformed_outside_compile
+        return read(scale, l2, backend, lengths, len(ks), q, *ks, *vs)
     if not _plain_eager(tensors if lengths is None else tensors + (lengths,)):
         return torch.ops.stm_kernels.memory_read(q, ks, vs, scale, l2, backend, lengths)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -240,10 +264,31 @@ def _plain_eager(tensors):
     return all(type(t) is torch.Tensor and not t.is_meta for t in tensors)
 
 
+def _transformed():
+    """Whether the read goes through _TransformedRead: "eager" under a torch.func transform
+    (grad, vjp, jvp, vmap, jacrev, jacfwd) or forward-mode AD (inside a
+    `torch.autograd.forward_ad.dual_level`), "outside compile" for forward-mode AD while
+    torch.compile traces (torch.func.jvp inside a compiled function, dual tensors passed to
+    one); else False. The custom op has no forward-mode rule (torch.library offers no way to
+    register one: it would return a zero tangent, without an error) and its autograd does not
+    run under torch.func; torch.compile traces grad and vmap through the custom op, and runs
+    a forward-mode read in eager mode (_transformed_outside_compile)."""
+    if forward_ad._current_level >= 0:
+        if torch.jit.is_tracing():
+            return False
+        return "outside compile" if torch.compiler.is_compiling() else "eager"
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling() \
+            and not torch.jit.is_tracing():
+        return "eager"
+    return False
+
+
 class _FusedRead(torch.autograd.Function):
-    """The custom op's autograd without its dispatch: the backend's forward, and its backward
-    (the backward custom op under create_graph=True, whose own autograd refuses a second
-    derivative in one line)."""
+    """The custom op's autograd without its dispatch, in plain eager mode: the backend's
+    forward, and its backward (the backward custom op under create_graph=True, whose own
+    autograd refuses a second derivative in one line). Written in the old style (ctx in
+    forward), which torch.func does not take (_TransformedRead serves it): a Function with
+    setup_context binds its arguments with inspect.signature on every call."""
 
     @staticmethod
     def forward(ctx, scale, l2, backend, lengths, chunks, q, *memory):
@@ -265,6 +310,187 @@ class _FusedRead(torch.autograd.Function):
         return (None,) * 5 + (dq, *dk, *dv)
 
 
+# --------------------------------------------------------------------------- torch.func
+
+
+class _TransformedRead(torch.autograd.Function):
+    """The fused read under torch.func transforms and forward-mode AD: forward and backward
+    are the backends' (on the transforms' plain tensors), jvp is the forward-mode rule
+    (backends.pytorch.tangents: one more chunked pass over the memory, for every backend),
+    vmap folds the mapped dimension into the objects B (or, when only the query is mapped,
+    into the query positions HW) and reads once."""
+
+    @staticmethod
+    def forward(scale, l2, backend, lengths, chunks, q, *memory):
+        return _forward(q, list(memory[:chunks]), list(memory[chunks:]), scale, l2, backend,
+                        lengths)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        scale, l2, backend, lengths, chunks, q, *memory = inputs
+        ctx.set_materialize_grads(False)
+        _setup_context(ctx, (q, memory[:chunks], memory[chunks:], scale, l2, backend, lengths),
+                       output)
+        ctx.save_for_forward(q, *output, lengths, *memory)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        chunks = ctx.chunks
+        if grad_out is None and grad_lse is None:
+            return (None,) * (6 + 2 * chunks)
+        dq, dk, dv = _saved_gradients(ctx, grad_out, grad_lse, _transformed_backward)
+        return (None,) * 5 + (dq, *dk, *dv)
+
+    @staticmethod
+    def jvp(ctx, _scale, _l2, _backend, _lengths, _chunks, dq, *d_memory):
+        q, out, lse, lengths, *memory = ctx.saved_tensors
+        chunks = ctx.chunks
+        scale, l2, _ = ctx.options
+        return backends.pytorch.tangents(q, memory[:chunks], memory[chunks:], out, lse, dq,
+                                         d_memory[:chunks], d_memory[chunks:], scale, l2,
+                                         lengths)
+
+    @staticmethod
+    def vmap(info, in_dims, scale, l2, backend, lengths, chunks, q, *memory):
+        q_dim, memory_dims = in_dims[5], in_dims[6:]
+        if in_dims[3] is None and all(d is None for d in memory_dims):
+            # only the query is mapped: its V x HW positions read the one memory
+            V, HW = info.batch_size, q.shape[-1]
+            q = q.movedim(q_dim, 2).flatten(2)  # (Bq, Ck, V*HW)
+            out, lse = _TransformedRead.apply(scale, l2, backend, lengths, chunks, q, *memory)
+            return (out.unflatten(2, (V, HW)), lse.unflatten(1, (V, HW))), (2, 1)
+        V = info.batch_size
+        B = _unmapped_shape(memory[0], memory_dims[0])[0]
+        if q_dim is not None or q.shape[0] != 1:  # (an unmapped batch-1 query stays shared)
+            q = _objects_folded(q, q_dim, V, B)
+        memory = [_objects_folded(t, d, V) for t, d in zip(memory, memory_dims, strict=True)]
+        lengths = _lengths_folded(lengths, in_dims[3], V)
+        out, lse = _TransformedRead.apply(scale, l2, backend, lengths, chunks, q, *memory)
+        return (out.unflatten(0, (V, B)), lse.unflatten(0, (V, B))), (0, 0)
+
+
+@torch.compiler.disable
+def _transformed_outside_compile(*args):
+    """_TransformedRead.apply(*args) run eagerly by torch.compile (a graph break; an error under
+    fullgraph=True), where its forward-mode rule applies."""
+    return _TransformedRead.apply(*args)
+
+
+def _unmapped_shape(tensor, dim):
+    """The shape of one map index of tensor, mapped along dim (None: not mapped)."""
+    return tensor.shape if dim is None else tensor.shape[:dim] + tensor.shape[dim + 1:]
+
+
+def _objects_folded(tensor, dim, V, objects=None):
+    """tensor (objects-first; mapped along dim, or None: the same for every map index) as
+    (V * objects, ...): the map index folded into the objects. objects: a query's B, to which
+    a shared (batch 1) query is expanded; None: the tensor's own first dimension."""
+    tensor = tensor.unsqueeze(0).expand(V, *tensor.shape) if dim is None else \
+        tensor.movedim(dim, 0)
+    if objects is not None and tensor.shape[1] != objects:
+        tensor = tensor.expand(V, objects, *tensor.shape[2:])
+    return tensor.flatten(0, 1)
+
+
+def _lengths_folded(lengths, dim, V):
+    if lengths is None:
+        return None
+    return lengths.repeat(V) if dim is None else lengths.movedim(dim, 0).flatten()
+
+
+def _transformed_backward(grad_out, grad_lse, q, ks, vs, out, lse, scale, l2, backend, lengths):
+    """The backend's (dq, dk, dv) through _TransformedBackward, so that the backward too runs
+    under vmap (jacrev) and a second derivative is refused in one line."""
+    return _TransformedBackward.apply(scale, l2, backend, lengths, len(ks), grad_out, grad_lse,
+                                      q, out, lse, *ks, *vs)
+
+
+class _TransformedBackward(torch.autograd.Function):
+    """_TransformedRead's backward as a function of its own: the backend's backward, a vmap
+    rule folding the mapped dimension into the objects, and one-line refusals of a second
+    derivative (reverse or forward mode)."""
+
+    @staticmethod
+    def forward(scale, l2, backend, lengths, chunks, grad_out, grad_lse, q, out, lse, *memory):
+        return _backward(grad_out, grad_lse, q, list(memory[:chunks]), list(memory[chunks:]),
+                         out, lse, scale, l2, backend, lengths)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_UNSUPPORTED)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(DOUBLE_BACKWARD_UNSUPPORTED)
+
+    @staticmethod
+    def vmap(info, in_dims, scale, l2, backend, lengths, chunks, grad_out, grad_lse, q, out,
+             lse, *memory):
+        V = info.batch_size
+        B = _unmapped_shape(out, in_dims[8])[0]
+        shared = _unmapped_shape(q, in_dims[7])[0] == 1 and B > 1
+        grad_out, out, lse, *memory = [
+            _objects_folded(t, d, V) for t, d in zip((grad_out, out, lse, *memory),
+                                                     in_dims[5:6] + in_dims[8:], strict=True)]
+        if grad_lse is not None:
+            grad_lse = _objects_folded(grad_lse, in_dims[6], V)
+        q = _objects_folded(q, in_dims[7], V, B)
+        lengths = _lengths_folded(lengths, in_dims[3], V)
+        dq, dk, dv = _TransformedBackward.apply(scale, l2, backend, lengths, chunks, grad_out,
+                                                grad_lse, q, out, lse, *memory)
+        dq = dq.unflatten(0, (V, B))
+        if shared:  # the query was shared by the objects: its gradient is their sum
+            dq = dq.sum(1, keepdim=True)
+        return (dq, dk.unflatten(0, (V, B)), dv.unflatten(0, (V, B))), (0, 0, 0)
+
+
+def _without_derivatives(function, *args):
+    """function(*args) -> a tuple of tensors that carry no derivative (a top-k selection, a
+    usage pass), without gradients. Under torch.func transforms and forward-mode AD (which
+    no_grad does not stop) it runs inside _WithoutDerivatives, which hands it the transforms'
+    plain tensors (the Triton kernels cannot read functorch's wrappers), gives its outputs no
+    tangent, and maps it under vmap one index at a time."""
+    if (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0) and \
+            not torch.compiler.is_compiling():
+        return _WithoutDerivatives.apply(function, *args)
+    with torch.no_grad():
+        return function(*args)
+
+
+class _WithoutDerivatives(torch.autograd.Function):
+    """forward(function, *args) = function(*args) under no_grad, its outputs marked
+    non-differentiable (no gradient, no tangent); vmap calls it once per map index."""
+
+    @staticmethod
+    def forward(function, *args):
+        with torch.no_grad():
+            return function(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+        ctx.outputs = len(output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) * (len(ctx.needs_input_grad))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return (None,) * ctx.outputs
+
+    @staticmethod
+    def vmap(info, in_dims, function, *args):
+        results = [_WithoutDerivatives.apply(function, *(
+            t if d is None else t.select(d, index)
+            for t, d in zip(args, in_dims[1:], strict=True))) for index in range(info.batch_size)]
+        return tuple(torch.stack(parts) for parts in zip(*results, strict=True)), 0
+
+
 # --------------------------------------------------------------------------- custom ops
 
 
@@ -275,6 +501,9 @@ class _FusedRead(torch.autograd.Function):
 def _memory_read_op(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
                     scale: float, l2: bool, backend: str,
                     lengths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if forward_ad._current_level >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in (q, *ks, *vs)):
+        raise RuntimeError(FORWARD_MODE_UNSUPPORTED)
     return _forward(q, ks, vs, scale, l2, backend, lengths)
 
 
@@ -330,6 +559,12 @@ def _op_backward(ctx, grad_out, grad_lse):
 
 
 _memory_read_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+FORWARD_MODE_UNSUPPORTED = (
+    "forward-mode AD (dual tensors) through the custom op stm_kernels::memory_read is not "
+    "supported (torch.library gives it no forward-mode rule; its tangent would be zero): call "
+    "stm_kernels.memory_read, whose forward-mode rule runs under torch.func.jvp and "
+    "torch.autograd.forward_ad")
 
 DOUBLE_BACKWARD_UNSUPPORTED = (
     "double backward (higher-order gradients) of stm_kernels.memory_read is not supported by "

@@ -5,10 +5,11 @@ from typing import Optional
 
 import torch
 
-from ..torch_common import accumulation_dtype
+from ..torch_common import accumulation_dtype, without_autocast
 from .pytorch import exact_topk, padded
 
 
+@without_autocast
 def naive_memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, l2: bool,
                       need_lse: bool = True, lengths: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -52,6 +53,7 @@ def scores(q, k, scale, l2, lengths=None):
     return affinity
 
 
+@without_autocast
 def select(q, k, top_k, scale, l2, lengths=None):
     """The same from the materialised (B, HW, N) scores (the reference)."""
     acc_dtype = accumulation_dtype(k.dtype)
@@ -59,6 +61,7 @@ def select(q, k, top_k, scale, l2, lengths=None):
     return padded(*exact_topk(values, min(top_k, values.shape[2])), top_k)
 
 
+@without_autocast
 def usage(q, k, lse, scale, l2, lengths=None):
     """The same from the materialised (B, N, HW) scores."""
     acc_dtype = accumulation_dtype(k.dtype)

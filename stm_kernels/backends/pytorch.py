@@ -512,3 +512,76 @@ def usage(q, k, lse, scale, l2, lengths=None):
         # a product with ones sums over the queries faster than .sum(1) on CPU
         usage[:, start:start + n] = torch.bmm(ones, shifted.exp2_()).squeeze(1)
     return usage
+
+
+# --------------------------------------------------------------------------- forward mode
+
+
+@without_autocast
+def tangents(q, ks, vs, out, lse, dq, dks, dvs, scale, l2, lengths=None):
+    """(d_out (B, Cv, HW) in out's dtype, d_lse (B, HW) in lse's dtype): the forward-mode
+    derivative (jvp) of the read (out, lse) at q, memory chunks ks, vs, along the tangents dq,
+    dks, dvs (None: zero), for every backend. With P = softmax(s) recomputed from lse and
+    ds = d s along the tangents (dot: scale (dq.k + q.dk); l2: scale (2 (dq.k + q.dk) -
+    2 k.dk)):
+
+        d_lse_i = sum_j P_ij ds_ij
+        d_out_i = sum_j P_ij (dv_j + ds_ij v_j) - d_lse_i out_i
+
+    One pass over the memory in chunks of the backward's size (bounded memory, like the
+    backward), accumulating out of place: the tangents may be batched by torch.func.vmap
+    (jacfwd). Positions past lengths[b] are never read (they may hold anything)."""
+    acc_dtype = accumulation_dtype(out.dtype)
+    B, HW = lse.shape
+    q_rows = q.to(acc_dtype).transpose(1, 2)  # (Bq, HW, Ck)
+    dq_rows = None if dq is None else dq.to(acc_dtype).transpose(1, 2)
+    lse_cols = lse.to(acc_dtype).unsqueeze(2)
+    d_lse = weighted_dv = weighted_v = None
+    first = 0  # the chunk's first position in the concatenated memory
+    for k, v, dk, dv in zip(ks, vs, dks, dvs, strict=True):
+        N = k.shape[2]
+        step = chunk_length(B, HW, N)
+        for start in range(0, N, step):
+            stop = min(start + step, N)
+            parts = [None if t is None else t[:, :, start:stop].to(acc_dtype)
+                     for t in (k, v, dk, dv)]
+            valid = None
+            if lengths is not None:
+                positions = torch.arange(first + start, first + stop, device=k.device)
+                valid = (positions < lengths.unsqueeze(1)).unsqueeze(1)  # (B, 1, n)
+                parts = [None if t is None else torch.where(valid, t, 0) for t in parts]
+            k_part, v_part, dk_part, dv_part = parts
+            scores = torch.matmul(q_rows, k_part)  # (B, HW, n)
+            ds = None if dq_rows is None else torch.matmul(dq_rows, k_part)
+            if dk_part is not None:
+                ds = _plus(ds, torch.matmul(q_rows, dk_part))
+            if l2:
+                scores = 2 * scores - k_part.square().sum(1, keepdim=True)
+                if ds is not None:
+                    ds = 2 * ds
+                if dk_part is not None:
+                    ds = ds - 2 * (k_part * dk_part).sum(1, keepdim=True)
+            scores = scores * scale
+            if valid is not None:
+                scores = scores.masked_fill(~valid, float("-inf"))
+            probabilities = torch.exp(scores - lse_cols)
+            if ds is not None:
+                weighted = probabilities * (ds * scale)
+                d_lse = _plus(d_lse, weighted.sum(2))
+                weighted_v = _plus(weighted_v, torch.matmul(weighted, v_part.transpose(1, 2)))
+            if dv_part is not None:
+                weighted_dv = _plus(weighted_dv,
+                                    torch.matmul(probabilities, dv_part.transpose(1, 2)))
+        first += N
+    out_rows = out.to(acc_dtype).transpose(1, 2)  # (B, HW, Cv)
+    d_out = torch.zeros_like(out_rows) if weighted_dv is None else weighted_dv
+    if d_lse is None:
+        d_lse = torch.zeros_like(lse_cols.squeeze(2))
+    else:
+        d_out = d_out + weighted_v - d_lse.unsqueeze(2) * out_rows
+    return d_out.transpose(1, 2).to(out.dtype), d_lse.to(lse.dtype)
+
+
+def _plus(total, term):
+    """total + term out of place (None: nothing yet)."""
+    return term if total is None else total + term
