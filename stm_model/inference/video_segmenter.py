@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from stm_kernels import memory_read
+from stm_model.memory.storage import read_in_storage_dtype
 
 from stm_model.inference.masks import check_first_mask, labels_of, merge_mask, object_ids
 from stm_model.memory.bank import MemoryBank
@@ -371,8 +371,8 @@ def _predict_from_views(model, padded, keys, values, similarity, backend):
     MemoryBank.memory_views) and the decoder, in one function so that torch.compile captures
     them as one graph (the read is an opaque custom op in it)."""
     query = model.encode_query(padded)
-    readout = torch.cat([memory_read(query.key.to(k.dtype), k, v, similarity=similarity,
-                                     backend=backend)  # the storage dtype (--memory-dtype)
+    readout = torch.cat([read_in_storage_dtype(query.key, k, v, similarity=similarity,
+                                               backend=backend)  # --memory-dtype's
                          for k, v in zip(keys, values, strict=True)])
     return _foreground(model, readout, query)
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stm_kernels import memory_read
+from stm_model.memory.storage import read_in_storage_dtype
 from stm_model.interactive import scribbles as scribble_format
 from stm_model.network.checkpoint import copy_synthetic_mark
 from stm_model.network.stm import (STM, load_into_interactive, pad_to_multiple, soft_aggregate,
@@ -335,10 +335,10 @@ class InteractiveSession(SessionCore):
         with self.autocast():
             if extra:
                 stored_keys, stored_values = self.bank.memory_views()
-                readout = memory_read(keys.to(self.bank.dtype),
-                                      [stored_keys, *(k for k, _ in extra)],
-                                      [stored_values, *(v for _, v in extra)],
-                                      similarity=config.similarity, backend=self.read_backend)
+                readout = read_in_storage_dtype(keys, [stored_keys, *(k for k, _ in extra)],
+                                                [stored_values, *(v for _, v in extra)],
+                                                similarity=config.similarity,
+                                                backend=self.read_backend)
             else:
                 readout = self.bank.read(keys, similarity=config.similarity,
                                          backend=self.read_backend)  # (n, Cv, count·h·w)

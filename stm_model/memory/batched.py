@@ -16,7 +16,7 @@ Schedule: memory_schedule.FrameSlots, the same as MemoryBank's (one per group).
 """
 import torch
 
-from stm_kernels import memory_read
+from stm_model.memory.storage import read_in_storage_dtype
 
 from stm_model.memory.schedule import FrameSlots
 
@@ -151,10 +151,10 @@ class BatchedMemory:
         if min(frames) != longest:
             lengths = torch.tensor([f * positions for f in frames], device=self.device)
         rows = self.rows_in_use
-        return memory_read(query_key.to(self.dtype),  # the storage dtype: the read never promotes
-                           self.keys[:rows, :, :longest].flatten(2),
-                           self.values[:rows, :, :longest].flatten(2), scale=scale,
-                           similarity=similarity, backend=backend, memory_lengths=lengths)
+        return read_in_storage_dtype(query_key, self.keys[:rows, :, :longest].flatten(2),
+                                     self.values[:rows, :, :longest].flatten(2), scale=scale,
+                                     similarity=similarity, backend=backend,
+                                     memory_lengths=lengths)
 
     def _reallocate(self, rows, frames):
         positions = self.size[0] * self.size[1]

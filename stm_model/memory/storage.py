@@ -17,6 +17,16 @@ import torch
 from stm_kernels import memory_read, merge_reads
 
 
+def read_in_storage_dtype(query_key, keys, values, **options):
+    """memory_read(query_key, keys, values, **options) in the memory's storage dtype (the
+    segmenters' --memory-dtype): the query cast to it, autocast off. Under the network's
+    autocast the op would cast the memory to autocast's dtype, as SDPA does: a copy of the
+    whole memory per read, at another precision than the one it is stored in."""
+    dtype = (keys[0] if isinstance(keys, (list, tuple)) else keys).dtype
+    with torch.autocast(query_key.device.type, enabled=False):
+        return memory_read(query_key.to(dtype), keys, values, **options)
+
+
 class OnDevice:
     """Storage on the compute device (see the module docstring)."""
 
@@ -26,11 +36,12 @@ class OnDevice:
 
     def partial_read(self, bank, query_key, frames: int, options: dict):
         """(out, lse) of the first `frames` stored frames (at least one)."""
-        return memory_read(query_key, *bank.stored(0, frames), return_lse=True, **options)
+        return read_in_storage_dtype(query_key, *bank.stored(0, frames), return_lse=True,
+                                     **options)
 
     def read(self, bank, query_key, frames: int, options: dict):
         """The read-out of the first `frames` stored frames."""
-        return memory_read(query_key, *bank.stored(0, frames), **options)
+        return read_in_storage_dtype(query_key, *bank.stored(0, frames), **options)
 
 
 class Offloaded:
@@ -48,9 +59,10 @@ class Offloaded:
         reads = []
         for start in range(0, frames, self.chunk_frames):
             keys, values = bank.stored(start, min(start + self.chunk_frames, frames))
-            reads.append(memory_read(query_key, keys.to(self.device, non_blocking=True),
-                                     values.to(self.device, non_blocking=True),
-                                     return_lse=True, **options))
+            reads.append(read_in_storage_dtype(query_key,
+                                               keys.to(self.device, non_blocking=True),
+                                               values.to(self.device, non_blocking=True),
+                                               return_lse=True, **options))
         return merge_reads(*zip(*reads, strict=True))
 
     def read(self, bank, query_key, frames: int, options: dict):

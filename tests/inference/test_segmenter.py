@@ -133,6 +133,26 @@ def test_memory_options_and_naive_read_give_the_same_masks(small_model, options,
         assert torch.equal(actual.argmax(1), expected.argmax(1))
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["on-device", "offloaded"])
+def test_under_autocast_the_memory_is_read_in_its_storage_dtype(small_model, monkeypatch,
+                                                               offload):
+    """--amp bf16 with fp32 memory: the network runs autocast, the read its stored fp32 (the
+    op under autocast would cast the memory to bf16, as SDPA does: a copy of the whole memory
+    per read, at another precision than --memory-dtype's)."""
+    from stm_model.memory import storage
+    seen, real = [], storage.memory_read
+
+    def recorded(query, keys, values, **options):
+        seen.append((query.dtype, keys.dtype, values.dtype, torch.is_autocast_enabled("cpu")))
+        return real(query, keys, values, **options)
+    monkeypatch.setattr(storage, "memory_read", recorded)
+    frames = _video(4, 48, 48, seed=2)
+    mask = _blob_mask(48, 48, {1: (2, 2, 20, 30), 2: (24, 10, 46, 40)})
+    _segment_all(small_model, frames, mask, amp_dtype="bf16", memory_dtype="fp32",
+                 offload=offload)
+    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+
+
 def _random_frame(n, key_dim, value_dim, size, seed):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, key_dim, *size, generator=generator),
