@@ -1,6 +1,7 @@
 """memory_read's two routes to the fused backends: the custom op (torch.compile, modes,
-subclasses, torch.func) and, in plain eager mode, the same implementation called directly.
-Both must give the same numbers and the same gradients; modes must still see one op."""
+subclasses) and, in plain eager mode, the same implementation called directly. Both must give
+the same numbers and the same gradients; modes must still see one op. (torch.func transforms
+and forward-mode AD take a third route, _TransformedRead: test_memory_read_transforms.py.)"""
 import pytest
 import torch
 
