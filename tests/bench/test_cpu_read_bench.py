@@ -86,7 +86,7 @@ def test_bf16_inputs_are_compared_with_the_float32_read_and_sdpa(tmp_path, monke
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
     monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1" if has_bf16 else "0")
     monkeypatch.setattr(cpu_read, "SGEMM_SIZE", 64)
-    providers = ["stm", "stm_fp32", "sdpa", "sdpa_fp32", "products", "bgemm"]
+    providers = ["stm", "stm_fp32", "sdpa", "sdpa_split", "sdpa_fp32", "products", "bgemm"]
     assert cpu_read.main(["--dtype", "bf16", "--ns", "200", "--hw", "16", "--ck", "8", "--cv",
                           "24", "--rounds", "3", "--providers", *providers]) == 0
     [path] = tmp_path.glob("cpu_read_cpu_*.json")
@@ -101,10 +101,12 @@ def test_bf16_inputs_are_compared_with_the_float32_read_and_sdpa(tmp_path, monke
     times = {r["provider"]: r["median_ms"] for r in records}
     assert found["stm_vs_fp32"] == pytest.approx(times["stm_fp32"] / times["stm"])
     assert found["stm_vs_sdpa_fp32"] == pytest.approx(times["sdpa_fp32"] / times["stm"])
-    assert found["best_peer"] == min(("sdpa", "sdpa_fp32"), key=times.get)
+    # the best peer reads the same bf16 inputs; SDPA on float32 ones has its own column
+    assert found["best_peer"] == min(("sdpa", "sdpa_split"), key=times.get)
+    assert found["stm_over_products"] == pytest.approx(times["stm"] / times["products"])
     assert found["relative_error_vs_fp32"] == accuracy["relative_error_vs_fp32"]
     out = capsys.readouterr().out
-    assert "stm vs stm_fp32" in out
+    assert "stm vs stm_fp32" in out and "stm / products" in out
     assert ("no speed claim" in out) is not has_bf16 and ("Targets" in out) is has_bf16
     with pytest.raises(SystemExit):
         cpu_read.main(["--providers", "stm_fp32"])  # float32 inputs have no float32 twin
@@ -136,3 +138,21 @@ def test_key_scale_draws_peaked_scores_and_is_recorded(tmp_path, monkeypatch, ca
     assert report.result_key(unit) != report.result_key(payload)
     del unit["key_scale"]  # results from before the option: unit keys
     assert report.result_key(unit) == report.result_key(dict(payload, key_scale=1.0))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_split_value_sdpa_reads_what_the_full_value_sdpa_reads(dtype):
+    """sdpa_split: SDPA on the value in Ck-wide chunks, concatenated: the same read as SDPA with
+    the whole value (and as the stm read), only with QK^T recomputed per chunk."""
+    import argparse
+    args = argparse.Namespace(ck=16, cv=40, hw=12, dtype=dtype, key_scale=1.0,
+                              providers=["stm", "sdpa", "sdpa_split"])
+    calls, _ = cpu_read.make_calls(70, args)
+    split, full = calls["sdpa_split"](), calls["sdpa"]()
+    assert split.shape == full.shape == (1, 1, 12, 40)
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    cpu_read.torch.testing.assert_close(split.float(), full.float(), rtol=tolerance,
+                                        atol=tolerance)
+    stm = calls["stm"]()  # (1, Cv, HW)
+    cpu_read.torch.testing.assert_close(split[0, 0].T.float(), stm[0].float(), rtol=tolerance,
+                                        atol=tolerance)
