@@ -46,15 +46,15 @@ def holder():
 def plannings(monkeypatch):
     """{kernel name: times a config was chosen for it} (launch_first_that_runs calls): a pass
     that runs its kept launches adds nothing."""
-    from stm_kernels.backends.triton import launch
+    from stm_kernels.backends.triton import running
     counts = {}
-    real = launch.launch_first_that_runs
+    real = running.launch_first_that_runs
 
     def counted(kernel, call, signature, run):
         counts[kernel] = counts.get(kernel, 0) + 1
         return real(kernel, call, signature, run)
 
-    monkeypatch.setattr(launch, "launch_first_that_runs", counted)
+    monkeypatch.setattr(running, "launch_first_that_runs", counted)
     return counts
 
 
@@ -77,8 +77,8 @@ def gluon_plannings(monkeypatch):
 def fresh_launches(monkeypatch):
     """No remembered choice or kept launch from other tests; outputs NaN-poisoned."""
     from stm_kernels import poison_outputs
-    from stm_kernels.backends.triton import launch
-    monkeypatch.setattr(launch, "_chosen", {})
+    from stm_kernels.backends.triton import launch, running
+    monkeypatch.setattr(running, "_chosen", {})
     monkeypatch.setattr(launch, "_prepared", {})
     with poison_outputs():
         yield

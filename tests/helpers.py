@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stm_kernels.selftest import relative_error  # noqa: F401 (the one error measure)
 from stm_kernels import memory_read
-from stm_kernels.backends.triton import launch as triton_module
+from stm_kernels.backends.triton import devices
 
 # Real data and references beside the checkout; tests that use them skip when it is absent.
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
@@ -31,7 +31,7 @@ def ctrl_c_as_at_a_terminal():
 def skip_unless_runnable(backend, device, dtype=torch.float32):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    if backend == "triton" and device == "cpu" and not triton_module.INTERPRETING:
+    if backend == "triton" and device == "cpu" and not devices.INTERPRETING:
         pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
     if dtype == torch.bfloat16 and device == "cpu" and backend == "triton":
         pytest.skip("bf16 tl.dot is unreliable in the Triton interpreter; tested on GPU")

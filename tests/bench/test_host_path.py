@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from stm_kernels.backends.triton import devices, launch
+from stm_kernels.backends.triton import devices, launch, running
 from stm_kernels.experimental import gluon_forward
 from tools.gpu_session import host_path
 
@@ -14,7 +14,7 @@ from tools.gpu_session import host_path
 @pytest.mark.filterwarnings("error:STM_KERNELS_WARP_SPECIALIZED")  # no Gluon row falls back
 def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.setattr(launch, "_warned", set())  # a fallback warns here, whatever ran before
+    monkeypatch.setattr(running, "_warned", set())  # a fallback warns here, whatever ran before
     host_path.main(["--ns", "1620", "3240", "--calls", "3"])
     files = list(tmp_path.glob("host_path_cpu_*.json"))
     assert len(files) == 1
@@ -35,7 +35,7 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
         (layer, n) for n in (1620, 3240) for layer in (
             "launcher, no launch", "launcher, no launch, planned every call", *gluon[n],
             *binding)] + [
-        (layer, host_path.SMALL_N) for layer in small * launch.INTERPRETING]
+        (layer, host_path.SMALL_N) for layer in small * devices.INTERPRETING]
     assert all(0 < row["us"] < 1e6 for row in payload["records"])
     assert [(profile["layer"], profile["N"]) for profile in payload["profiles"]] == [
         ("launcher, no launch", 1620), ("launcher, no launch", 3240)]
@@ -92,7 +92,7 @@ def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(gluon_plannings)
     q, k, v = _meta_read()
     launch.forget_choices()
     kernel = gluon_forward.memory_read_ws_fwd_kernel
-    with devices.pretend(host_path.H100), launch.recording(host_path._nothing), \
+    with devices.pretend(host_path.H100), running.recording(host_path._nothing), \
             host_path.gluon_without_launch():
         for _ in range(3):
             launch.triton_forward(q, k, v, 0.1, False)
@@ -110,7 +110,7 @@ def test_the_gluon_backward_row_plans_both_kernels_once_and_launches_nothing(mon
     """gluon_without_launch(backward=True): the backward launcher, on small CPU tensors planned
     for an H100, plans the Gluon dV and dK/dQ kernels once each and keeps them (later calls
     make their descriptors and launch nothing); the kernels and checks are restored after."""
-    if not launch.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the small CPU rows need TRITON_INTERPRET=1")
     from stm_kernels.experimental import gluon_backward, gluon_backward_dv
     if not gluon_backward.AVAILABLE:
@@ -123,7 +123,7 @@ def test_the_gluon_backward_row_plans_both_kernels_once_and_launches_nothing(mon
     kernels = (gluon_backward.memory_read_ws_bwd_dkdq_kernel,
                gluon_backward_dv.memory_read_ws_bwd_dv_kernel)
     backward = host_path._small_cpu_layers()[f"backward launcher, no launch {host_path.SMALL}"]
-    with devices.pretend(host_path.H100), launch.recording(host_path._nothing), \
+    with devices.pretend(host_path.H100), running.recording(host_path._nothing), \
             host_path.gluon_without_launch(backward=True):
         for _ in range(3):
             backward()

@@ -231,9 +231,9 @@ def test_the_gluon_backward_candidate_checks_the_padded_layout(monkeypatch):
     rows: HW = 1,620 is not), each Gluon kernel's (dV with the contiguous dv it is
     given), and its read opts the backward in: on CPU it warns and takes the plain kernels,
     with the plain read's gradients."""
-    from stm_kernels.backends.triton import launch
+    from stm_kernels.backends.triton import running
     from stm_kernels.experimental import gluon_backward, gluon_backward_dv
-    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     dkdq_checked, dv_checked = [], []
     monkeypatch.setattr(gluon_backward, "unsupported_reason",
                         lambda q, k, v, do, config: dkdq_checked.append((q, do)))
@@ -261,8 +261,8 @@ def test_the_gluon_backward_candidate_checks_the_padded_layout(monkeypatch):
 def test_the_gluon_candidate_reads_the_fused_reads_layout(monkeypatch):
     """triton_ws is memory_read with the Gluon forward: (B, C, L) tensors as for triton, never
     SDPA's (B, 1, L, C), which the Gluon forward would refuse on every GPU."""
-    from stm_kernels.backends.triton import launch
-    monkeypatch.setattr(launch, "_warned", set())  # the warning below, whatever ran before
+    from stm_kernels.backends.triton import running
+    monkeypatch.setattr(running, "_warned", set())  # the warning below, whatever ran before
     checked = []
     monkeypatch.setattr(kernel, "_warp_specialized_reason",
                         lambda q, k, v: checked.append((q.shape, k.shape, v.shape)))

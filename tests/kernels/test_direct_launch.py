@@ -13,11 +13,11 @@ import types
 import pytest
 import torch
 
-from stm_kernels.backends.triton import devices, launch
+from stm_kernels.backends.triton import devices, launch, running
 from stm_kernels.backends.triton.direct_launch import ALIGNMENT, DirectLaunch
 from tools.gpu_session import host_path
 
-pytestmark = [pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
+pytestmark = [pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
               pytest.mark.usefixtures("fresh_launches")]
 
 B, CK, CV, HW, N = 2, 128, 512, 20, 2048  # N: memory splits, so the merge launches too
@@ -195,7 +195,7 @@ def kernel_launch():
 
 @pytest.fixture
 def compiles(monkeypatch, kernel_launch):
-    """launch.run replaced by a compile's stand-in (after kernel_launch's recording): [arguments
+    """running.run replaced by a compile's stand-in (after kernel_launch's recording): [arguments
     of each run], the Launcher its compiled kernel launches through; Triton's streams stood in
     for."""
     runs, launcher = [], Launcher()
@@ -204,7 +204,7 @@ def compiles(monkeypatch, kernel_launch):
         runs.append(arguments)
         return launcher.compiled
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     monkeypatch.setattr("stm_kernels.backends.triton.direct_launch._triton_streams", streams)
     return runs, launcher
 
@@ -224,7 +224,7 @@ def test_a_kernel_launch_goes_direct_after_its_first_call(compiles, kernel_launc
     with launch.binding_every_launch():
         kept(None, **other)
     assert len(runs) == 2 and len(launcher.calls) == 2
-    with launch.recording(lambda *args: None):
+    with running.recording(lambda *args: None):
         kept(None, **other)
     assert len(runs) == 3 and len(launcher.calls) == 2
     kept(None, **{**other, "v": _misaligned(other["v"])})
@@ -244,7 +244,7 @@ def test_a_launcher_that_refuses_switches_direct_launches_off(compiles, kernel_l
     runs, launcher = compiles
     launcher.error = TypeError("function takes 30 arguments (31 given)")
     monkeypatch.setattr(launch, "_launching_directly", True)
-    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     kept, tensors = kernel_launch
     kept(None, first=True, **tensors)
     with pytest.warns(RuntimeWarning, match="launching kept Triton kernels directly failed"):

@@ -12,7 +12,7 @@ import torch
 
 from helpers import relative_error
 from stm_kernels import memory_read
-from stm_kernels.backends.triton import launch
+from stm_kernels.backends.triton import devices
 
 SAMPLE = 32  # query positions of the target's 1,620 (one query block of the interpreter)
 
@@ -32,7 +32,7 @@ def test_the_torch_backend_is_exact_float32(target_shape):
     assert relative_error(memory_read(q, k, v, backend="torch"), reference) <= 1e-5
 
 
-@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_the_kernels_in_ieee_are_exact_float32(target_shape):
     q, k, v, reference = target_shape
     assert relative_error(memory_read(q, k, v, backend="triton"), reference) <= 1e-5

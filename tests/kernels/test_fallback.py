@@ -2,7 +2,7 @@
 and one warning naming the device, the kernel and the reason, never in a Triton traceback.
 
 Failures are forced here: compile errors and resource exhaustion injected at the launchers' one
-launch point (launch.run), devices described as something they are not (devices.pretend: an
+launch point (running.run), devices described as something they are not (devices.pretend: an
 sm_75, a ROCm GPU, an unknown AMD architecture), fake CUDA device properties for the device
 reader, and a PyTorch without Triton. The kernels themselves run in the interpreter.
 """
@@ -17,10 +17,10 @@ import torch
 from helpers import (check_read, per_object_reference, ragged_case, ragged_read_with_grads,
                      random_inputs, read_with_grads, reference_with_grads)
 from stm_kernels import FallbackWarning, backends, memory_read, memory_usage
-from stm_kernels.backends.triton import devices, launch, tilings
+from stm_kernels.backends.triton import devices, launch, running, tilings
 from stm_kernels.backends.triton.devices import KIB, Device
 
-pytestmark = pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 
 SM75 = Device("Tesla T4", "nvidia", "sm_75", 64 * KIB, 40)
 SM80 = Device("NVIDIA A100-SXM4-80GB", "nvidia", "sm_80", 163 * KIB, 108)
@@ -31,9 +31,9 @@ RDNA3 = Device("AMD Radeon RX 7900 XTX", "amd", "gfx1100", 64 * KIB, 48)
 @pytest.fixture(autouse=True)
 def fresh_memory(monkeypatch):
     """Each test starts with no remembered choice and no warning given yet."""
-    monkeypatch.setattr(launch, "_chosen", {})
+    monkeypatch.setattr(running, "_chosen", {})
     monkeypatch.setattr(launch, "_prepared", {})
-    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
 
 
 def _inputs(seed=0):
@@ -45,9 +45,9 @@ class Injected(Exception):
 
 
 def failing(kernels, failures=None, error=Injected):
-    """A launch.run that raises `error` for the kernels named (their first `failures`
+    """A running.run that raises `error` for the kernels named (their first `failures`
     launches, or always) and runs the others."""
-    real = launch.run
+    real = running.run
     counts = {}
 
     def run(kernel, grid, arguments, config, call, **options):
@@ -79,7 +79,7 @@ def test_a_config_that_fails_falls_through_to_the_next_and_is_remembered(monkeyp
                                                                                    None, 4, 1)
     interpreter_tilings(monkeypatch, {("forward", None, None): (first, second)})
     tried = []
-    real = launch.run
+    real = running.run
 
     def run(kernel, grid, arguments, config, call, **options):
         if kernel.__name__ == "memory_read_fwd_kernel":
@@ -88,7 +88,7 @@ def test_a_config_that_fails_falls_through_to_the_next_and_is_remembered(monkeyp
                 raise Injected("does not compile")
         return real(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v = _inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all: a fallback between tilings is quiet
@@ -96,7 +96,7 @@ def test_a_config_that_fails_falls_through_to_the_next_and_is_remembered(monkeyp
         memory_read(q, k, v, backend="triton")
     assert tried == [first, second, second]
     assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
-    (device, kernel), config = next(iter(launch.chosen_configs().items()))
+    (device, kernel), config = next(iter(running.chosen_configs().items()))
     assert (kernel, config) == ("forward", second) and "interpreter" in device
 
 
@@ -115,16 +115,16 @@ def test_a_config_over_its_local_memory_budget_falls_through_to_the_next(monkeyp
         checked.append(arguments["BLOCK_M"])
         return 2 * budget if arguments["BLOCK_M"] == 32 else budget
 
-    monkeypatch.setattr(launch, "local_memory_bytes", local_memory_bytes)
+    monkeypatch.setattr(running, "local_memory_bytes", local_memory_bytes)
     launched = []
-    real = launch.run
+    real = running.run
 
     def run(kernel, grid, arguments, config, call, **options):
         result = real(kernel, grid, arguments, config, call, **options)
         launched.append(config)
         return result
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v = _inputs(seed=7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback between tilings is quiet
@@ -132,11 +132,11 @@ def test_a_config_over_its_local_memory_budget_falls_through_to_the_next(monkeyp
         memory_read(q, k, v, backend="triton")
     assert checked == [32, 16] and launched == [second, second]
     assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
-    assert list(launch.chosen_configs().values()) == [second]
+    assert list(running.chosen_configs().values()) == [second]
 
 
 def test_the_local_memory_a_launch_checks_is_the_compiled_kernels(monkeypatch):
-    """On a GPU, launch.local_memory_bytes compiles the kernel for the launch's arguments and
+    """On a GPU, running.local_memory_bytes compiles the kernel for the launch's arguments and
     options (JITFunction.warmup, not launched) and reads the driver's count of it (compat)."""
     warmed = []
 
@@ -151,11 +151,11 @@ def test_the_local_memory_a_launch_checks_is_the_compiled_kernels(monkeypatch):
             warmed.append((grid, arguments))
             return Compiled()
 
-    monkeypatch.setattr(launch, "INTERPRETING", False)
-    assert launch.local_memory_bytes(Kernel(), (3, 1), dict(x=1), dict(num_warps=4)) == 36
+    monkeypatch.setattr(running, "INTERPRETING", False)
+    assert running.local_memory_bytes(Kernel(), (3, 1), dict(x=1), dict(num_warps=4)) == 36
     assert warmed == [((3, 1), dict(x=1, num_warps=4)), "loaded"]
-    monkeypatch.setattr(launch, "INTERPRETING", True)
-    assert launch.local_memory_bytes(Kernel(), (3, 1), {}, {}) is None  # compiles nothing
+    monkeypatch.setattr(running, "INTERPRETING", True)
+    assert running.local_memory_bytes(Kernel(), (3, 1), {}, {}) is None  # compiles nothing
 
 
 @pytest.mark.parametrize("failure", ["local memory", "compile error"])
@@ -169,10 +169,10 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
              tilings.DkdqConfig(16, 16, 4, 1, None, max_local_bytes=32))
     apart = tilings.DkdqConfig(16, 32, 4, 1, None)
     interpreter_tilings(monkeypatch, {("dkdq", None, None): fused, ("dk", None, None): (apart,)})
-    monkeypatch.setattr(launch, "local_memory_bytes",
+    monkeypatch.setattr(running, "local_memory_bytes",
                         lambda *args: 64 if failure == "local memory" else 0)
     launched = []
-    real = launch.run
+    real = running.run
 
     def run(kernel, grid, arguments, config, call, **options):
         if failure == "compile error" and config in fused:
@@ -181,7 +181,7 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
         launched.append((kernel.__name__, arguments.get("ATOMIC_DQ"), config))
         return result
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v, lengths, cotangents = ragged_case("cpu", seed=8, cotangent_seed=9)
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
@@ -220,7 +220,7 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
     ("topk_merge_kernel", "select"), ("usage_kernel", "usage")])
 def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, call):
     run, counts = failing([kernel])
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v = _inputs(seed=3)
     if kernel == "merge_kernel":  # a memory split in 3, so that the merge runs
         monkeypatch.setitem(tilings._override, "forward", tilings.ForwardConfig(16, 16, None,
@@ -252,7 +252,7 @@ def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, 
 
 
 def counting_launches(monkeypatch, failing_kernels):
-    """launch.run made to fail for `failing_kernels` (name suffixes), counting every launch
+    """running.run made to fail for `failing_kernels` (name suffixes), counting every launch
     by kernel name; returns the counts."""
     run, _ = failing(failing_kernels)
     launched = {}
@@ -261,7 +261,7 @@ def counting_launches(monkeypatch, failing_kernels):
         launched[kernel.__name__] = launched.get(kernel.__name__, 0) + 1
         return run(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", counted)
+    monkeypatch.setattr(running, "run", counted)
     return launched
 
 
@@ -305,7 +305,7 @@ def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, cap
     first, second = tilings.ForwardConfig(32, 32, None, 4, 1), tilings.ForwardConfig(16, 16,
                                                                                    None, 4, 1)
     interpreter_tilings(monkeypatch, {("forward", None, None): (first, second)})
-    real = launch.run
+    real = running.run
     dump = "".join(f"  %{i} = arith.constant {i} : i32\n" for i in range(400))
     failing_configs = {first}
 
@@ -318,7 +318,7 @@ def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, cap
             os.write(2, b"a note from a compile that works\n")
         return real(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v = _inputs(seed=10)
     capfd.readouterr()
     with warnings.catch_warnings():
@@ -345,7 +345,7 @@ def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, cap
 def test_device_memory_exhaustion_is_not_a_fallback(monkeypatch):
     """Running out of device memory is the caller's to handle, not a reason to switch."""
     run, _ = failing(["fwd_kernel"], error=torch.cuda.OutOfMemoryError)
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v = _inputs()
     with pytest.raises(torch.cuda.OutOfMemoryError):
         memory_read(q, k, v, backend="triton")
@@ -353,8 +353,8 @@ def test_device_memory_exhaustion_is_not_a_fallback(monkeypatch):
 
 def test_no_fallback_mode_raises_the_kernels_own_error(monkeypatch):
     run, _ = failing(["fwd_kernel"])
-    monkeypatch.setattr(launch, "run", run)
-    monkeypatch.setenv(launch.NO_FALLBACK_ENV, "1")
+    monkeypatch.setattr(running, "run", run)
+    monkeypatch.setenv(running.NO_FALLBACK_ENV, "1")
     with pytest.raises(Injected):
         memory_read(*_inputs(), backend="triton")
 
@@ -483,13 +483,13 @@ def test_a_read_on_torch_by_design_launches_no_kernel_and_warns_once(monkeypatch
     the kernels; the warning gives the table's reason."""
     _as_interpreter(monkeypatch, on_torch=("backward",))
     launched = []
-    real = launch.run
+    real = running.run
 
     def run(kernel, grid, arguments, config, call, **options):
         launched.append(kernel.__name__)
         return real(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v = _inputs(seed=4)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # the "tf32" class of the interpreter's table
@@ -512,13 +512,13 @@ def test_where_dk_dq_do_not_fit_together_they_run_as_two_kernels(monkeypatch, de
     mode, and its gradients match the float64 reference, ragged memories included."""
     _as_interpreter(monkeypatch, separate_dq=("tf32",))
     launched = []
-    real = launch.run
+    real = running.run
 
     def run(kernel, grid, arguments, config, call, **options):
         launched.append((kernel.__name__, arguments.get("ATOMIC_DQ")))
         return real(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     q, k, v, lengths, cotangents = ragged_case("cpu", seed=5, cotangent_seed=6)
     previous = torch.get_float32_matmul_precision()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()

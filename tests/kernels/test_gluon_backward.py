@@ -18,6 +18,7 @@ from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # no
 from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward  # noqa: E402
+from stm_kernels.backends.triton import devices, running  # noqa: E402
 
 H100_SHARED_MEMORY = 227 * 1024
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -158,9 +159,9 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
     kept backward computing new inputs' gradients with the same launch."""
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import devices, launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the forward and dV kernels need TRITON_INTERPRET=1 on CPU")
-    monkeypatch.setattr(launchers, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     plannings, real = [], gluon_backward.prepare
     monkeypatch.setattr(gluon_backward, "prepare",
                         lambda *a, **kw: plannings.append(1) or real(*a, **kw))
@@ -184,7 +185,7 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(fresh_launches):
     dK/dQ kernel: the gradients are still right."""
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
     q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -252,7 +253,7 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
 
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import launch as launchers
-    monkeypatch.setattr(launchers, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     shape = (2, 1, 128, 512, 1620, 16200)
     with launchers.warp_specialized_backward(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")

@@ -18,6 +18,7 @@ from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # no
 from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward_dv  # noqa: E402
+from stm_kernels.backends.triton import devices, running  # noqa: E402
 
 H100_SHARED_MEMORY = 227 * 1024
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -167,9 +168,9 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
     back to the plain one with its warning."""
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import devices, launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
-    monkeypatch.setattr(launchers, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     plannings, real = [], gluon_backward_dv.prepare
     monkeypatch.setattr(gluon_backward_dv, "prepare",
                         lambda *a, **kw: plannings.append(1) or real(*a, **kw))
@@ -198,10 +199,10 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import devices, launch as launchers
     from stm_kernels.experimental import gluon_backward
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the forward needs TRITON_INTERPRET=1 on CPU")
     dkdq = emulate(monkeypatch, gluon_backward, "memory_read_ws_bwd_dkdq_kernel")
-    monkeypatch.setattr(launchers, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
@@ -230,9 +231,9 @@ def test_deterministic_backward_keeps_the_gluon_dv_kernel(monkeypatch, emulated_
 
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import devices, launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
-    monkeypatch.setattr(launchers, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=4)
     grads = []
     with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
@@ -276,7 +277,7 @@ def test_an_architecture_default_runs_without_the_opt_in(monkeypatch, emulated_k
 
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import devices, launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
     _sm90_running_by_default(monkeypatch, {"dv"})
     if switch is None:
@@ -343,7 +344,7 @@ def test_an_architecture_default_that_cannot_run_falls_back_silently(monkeypatch
 
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import devices, launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
     _sm90_running_by_default(monkeypatch, {"dv", "dkdq"})
     monkeypatch.delenv(launchers.WARP_SPECIALIZED_BACKWARD_ENV, raising=False)
@@ -362,9 +363,9 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(monkeypatch, fresh_laun
     and takes the plain ones: the gradients are still right."""
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
-    monkeypatch.setattr(launchers, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 72, torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     with launchers.warp_specialized_backward(), \
@@ -431,7 +432,7 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
 
     from stm_kernels import memory_read
     from stm_kernels.backends.triton import launch as launchers
-    monkeypatch.setattr(launchers, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     shape = (2, 1, 128, 512, 1620, 16200)
     with launchers.warp_specialized_backward(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")

@@ -25,6 +25,7 @@ from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
+from stm_kernels.backends.triton import devices, running  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -140,7 +141,7 @@ def emulated_read(monkeypatch, emulated_kernel):
     """emulated_kernel behind memory_read: the read opted into the Gluon forward; the merge
     (and backward) kernels run in Triton's interpreter."""
     from stm_kernels.backends.triton import launch as launchers
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the merge and backward kernels need TRITON_INTERPRET=1 on CPU")
     monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
     return emulated_kernel
@@ -209,8 +210,8 @@ def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, emulated_read
     call whose keys do not start on 16 bytes (the same layout otherwise) cannot take TMA: its
     kept launch refuses it, and the read plans again and falls back to the plain forward."""
     from stm_kernels import poison_outputs
-    from stm_kernels.backends.triton import devices, launch as launchers
-    monkeypatch.setattr(launchers, "_warned", set())
+    from stm_kernels.backends.triton import devices
+    monkeypatch.setattr(running, "_warned", set())
     emulated, h100 = emulated_read, pretended_h100()
     B, Ck, Cv, HW, N = 2, 32, 96, 45, 768  # 12 memory blocks of 64: 3 splits
     with poison_outputs(), devices.pretend(h100):
@@ -313,7 +314,7 @@ def test_an_architecture_default_from_a_memory_size_on(monkeypatch, emulated_ker
     import warnings
 
     from stm_kernels.backends.triton import devices, launch as launchers, tilings
-    if not launchers.INTERPRETING:
+    if not devices.INTERPRETING:
         pytest.skip("the merge kernel and the plain forward need TRITON_INTERPRET=1 on CPU")
     monkeypatch.delenv(launchers.WARP_SPECIALIZED_ENV, raising=False)
     monkeypatch.setitem(tilings.ARCHITECTURES, "sm_90", dataclasses.replace(

@@ -11,6 +11,7 @@ from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, ragge
 from stm_kernels import memory_read, merge_reads, poison_outputs
 from stm_kernels import torch_common
 from stm_kernels.backends.triton import launch as triton_module
+from stm_kernels.backends.triton import running
 from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
                                            use_configs)
 
@@ -324,7 +325,7 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
     monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")
     monkeypatch.setattr(memory_read_gluon, "AVAILABLE", False)
     monkeypatch.setattr(memory_read_gluon, "UNAVAILABLE_REASON", "Triton 0.1: no Gluon")
-    monkeypatch.setattr(triton_module, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     q, k, v = random_inputs(2, 1, 16, 24, 30, 70, torch.float32, device, seed=14)
     with pytest.warns(RuntimeWarning, match=r"ignored \(Triton 0.1: no Gluon\); using the plain"):
         results = read_with_grads(q, k, v, backend="triton")
@@ -334,7 +335,7 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
         warnings.simplefilter("always")
         memory_read(q, k, v, backend="triton")
     assert not [w for w in caught if triton_module.WARP_SPECIALIZED_ENV in str(w.message)]
-    message = next(iter(triton_module._warned))
+    message = next(iter(running._warned))
     assert "\n" not in message
 
 

@@ -13,10 +13,10 @@ import torch
 from helpers import (TOLERANCE, RecordedOps, check_read, random_inputs, read_with_grads,
                      reference_with_grads, relative_error)
 from stm_kernels import memory_read, poison_outputs
-from stm_kernels.backends.triton import launch
+from stm_kernels.backends.triton import devices, launch, running
 from stm_kernels.backends.triton.launch import ForwardConfig, use_configs
 
-pytestmark = [pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
+pytestmark = [pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
               # the kernels, never the torch backend's fallback, compute every result here
               pytest.mark.filterwarnings("error::stm_kernels.FallbackWarning"),
               pytest.mark.usefixtures("fresh_launches")]
@@ -25,14 +25,14 @@ pytestmark = [pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_I
 @pytest.fixture
 def checked_launches(monkeypatch):
     """[kernel name] of every launch, each checked to pass exactly its kernel's parameters."""
-    real, launches = launch.run, []
+    real, launches = running.run, []
 
     def checked(kernel, grid, arguments, config, call, **options):
         launches.append(kernel.__name__)
         assert sorted(arguments) == sorted(kernel.arg_names), kernel.__name__
         return real(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", checked)
+    monkeypatch.setattr(running, "run", checked)
     return launches
 
 
@@ -103,13 +103,13 @@ def test_forced_configs_are_honoured_after_a_plan_is_kept(monkeypatch):
     q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
     memory_read(q, k, v, backend="triton")
     configs = []
-    real = launch.run
+    real = running.run
 
     def recorded(kernel, grid, arguments, config, call, **options):
         configs.append((kernel.__name__, config))
         return real(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", recorded)
+    monkeypatch.setattr(running, "run", recorded)
     forced = ForwardConfig(block_m=16, block_n=16, splits=1, num_warps=4, num_stages=1)
     with use_configs(forward=forced):
         out = memory_read(q, k, v, backend="triton")
@@ -141,7 +141,7 @@ def test_a_forced_config_set_plans_once_and_keeps_its_own_launches(plannings):
 def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):
     q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
     memory_read(q, k, v, backend="triton")
-    real, failures = launch.run, []
+    real, failures = running.run, []
 
     def fails_once(kernel, grid, arguments, config, call, **options):
         if not failures:
@@ -149,7 +149,7 @@ def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):
             raise RuntimeError("injected failure of a prepared launch")
         return real(kernel, grid, arguments, config, call, **options)
 
-    monkeypatch.setattr(launch, "run", fails_once)
+    monkeypatch.setattr(running, "run", fails_once)
     out = memory_read(q, k, v, backend="triton")
     assert failures == ["memory_read_fwd_kernel"] and plannings["forward"] == 2
     expected = memory_read(q.double(), k.double(), v.double(), backend="naive")
@@ -175,13 +175,13 @@ def _tensors_in(value, depth=0):
 def test_nothing_kept_holds_a_tensor(monkeypatch):
     # each launch's compile stood in for (the interpreter makes none), so that the kept
     # launches keep their direct launches too
-    real = launch.run
+    real = running.run
 
     def run(*args, **kwargs):
         real(*args, **kwargs)
         return types.SimpleNamespace(run=None, function=None, packed_metadata=None)
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     monkeypatch.setattr("stm_kernels.backends.triton.direct_launch._triton_streams",
                         lambda: (None, None))
     q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
@@ -215,7 +215,7 @@ def test_a_kept_backward_runs_only_its_own_torch_work(with_lse_gradient):
         return launch.triton_backward(grad_out, grad_lse, q, k, v, out, lse, 0.25, False)
 
     # (without the suite's NaN poisoning of every new buffer, a fill of its own)
-    with launch.recording(lambda kernel, grid, arguments, *_: launched.append(
+    with running.recording(lambda kernel, grid, arguments, *_: launched.append(
             (kernel.fn.__name__, arguments))), poison_outputs(False):
         backward()  # plans and keeps the launches
         launched.clear()
@@ -249,7 +249,7 @@ def test_a_forward_copies_its_query_only_where_its_tiling_needs_it(dtype, stream
         out = memory_read(q, k, v, backend="triton", scale=0.25)
         # the launcher itself (memory_read under a dispatch mode takes the custom op), its
         # kernels dropped (the interpreter's own torch work would be counted)
-        with launch.recording(lambda *arguments: None), poison_outputs(False):
+        with running.recording(lambda *arguments: None), poison_outputs(False):
             launch.triton_forward(q, k, v, 0.25, False)  # plans and keeps the launches
             with RecordedOps() as recorded:
                 launch.triton_forward(q, k, v, 0.25, False)
@@ -392,7 +392,7 @@ def test_a_kept_selection_runs_its_two_kernels_and_no_torch_arithmetic():
     q, k = (torch.randn(shape, generator=generator).bfloat16()
             for shape in ((1, 16, 32), (2, 16, 300)))
     launched = []
-    with launch.recording(lambda kernel, grid, arguments, *_: launched.append(
+    with running.recording(lambda kernel, grid, arguments, *_: launched.append(
             kernel.fn.__name__)), poison_outputs(False):
         launch.triton_select(q, k, 7, 0.25, False)  # plans and keeps the launches
         launched.clear()

@@ -11,7 +11,7 @@ from helpers import (TOLERANCE, check_read, random_inputs, read_with_grads, refe
                      relative_error)
 from stm_kernels import memory_read
 from stm_kernels.backends import pytorch
-from stm_kernels.backends.triton import launch
+from stm_kernels.backends.triton import launch, running
 
 pytestmark = [pytest.mark.gpu,
               # the kernels, never the torch backend's fallback, compute every result here
@@ -78,10 +78,10 @@ def test_kept_selection_and_usage_run_compiled_on_new_inputs(plannings, similari
 
 @pytest.fixture
 def launch_routes(monkeypatch):
-    """{"direct": kernels launched by a kept launch's DirectLaunch, "triton": through launch.run
+    """{"direct": kernels launched by a kept launch's DirectLaunch, "triton": through running.run
     (Triton's binder)}, counted as they happen."""
     from stm_kernels.backends.triton.direct_launch import DirectLaunch
-    counts, real_run, real_direct = {"direct": 0, "triton": 0}, launch.run, DirectLaunch.__call__
+    counts, real_run, real_direct = {"direct": 0, "triton": 0}, running.run, DirectLaunch.__call__
 
     def run(*args, **kwargs):
         counts["triton"] += 1
@@ -92,7 +92,7 @@ def launch_routes(monkeypatch):
         counts["direct"] += launched
         return launched
 
-    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(running, "run", run)
     monkeypatch.setattr(DirectLaunch, "__call__", direct)
     return counts
 

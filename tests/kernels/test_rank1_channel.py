@@ -14,6 +14,7 @@ from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, rando
                      relative_error, skip_unless_runnable)
 from stm_kernels import FallbackWarning, memory_read, memory_usage, poison_outputs
 from stm_kernels.backends.triton import launch as triton_module
+from stm_kernels.backends.triton import running
 from stm_kernels.backends.triton import tilings
 from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DqConfig, DvConfig,
                                                 ForwardConfig, use_configs)
@@ -191,7 +192,7 @@ def test_257_channels_with_the_l2_similarity_read_with_torch(device, monkeypatch
     """l2's per-position term holds |k|^2, so its 257-channel read is the torch backend's,
     with one warning saying so."""
     _skip(device)
-    monkeypatch.setattr(triton_module, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     q, k, v = random_inputs(1, 1, CHANNELS, 8, 10, 20, torch.float32, device, seed=34)
     with pytest.warns(FallbackWarning, match="l2 similarity with a key channel past the tile"):
         out = memory_read(q, k, v, backend="triton", similarity="l2", scale=SCALE)

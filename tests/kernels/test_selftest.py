@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stm_kernels import selftest
-from stm_kernels.backends.triton import launch, tilings
+from stm_kernels.backends.triton import devices, launch, running, tilings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ class _read_with_top_k:
         selftest.memory_read = self.original
 
 
-@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_the_interpreted_self_test_runs_every_kernel(tmp_path, capsys):
     report_path = tmp_path / "report.json"
     assert selftest.main(["--json", str(report_path)]) == 0
@@ -87,7 +87,7 @@ def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monk
     kernel, the most seen per device, kernel and config; the self-test's JSON lists them and
     its summary names the kernels that spill. (A stand-in for a GPU's compiled kernel.)"""
     from stm_kernels.backends.triton.devices import KIB, Device
-    monkeypatch.setattr(launch, "_resources", {})
+    monkeypatch.setattr(running, "_resources", {})
 
     class Compiled:  # what kernel[grid](...) returns on a GPU, loaded by the launch
         def __init__(self, registers, words):
@@ -105,12 +105,12 @@ def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monk
     device = Device("NVIDIA GB300", "nvidia", "sm_103", 227 * KIB, 160)
     call = launch.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "tf32", 128)
     config = tilings.ForwardConfig(16, 64, 256, 8, 1)
-    launch.run(Kernel(Compiled(200, 0)), (1,), {}, config, call)
-    launch.run(Kernel(Compiled(180, 6)), (1,), {}, config, call)  # another dtype's compile
-    launch.run(Kernel(None), (1,), {}, config, call)  # the interpreter compiles nothing
+    running.run(Kernel(Compiled(200, 0)), (1,), {}, config, call)
+    running.run(Kernel(Compiled(180, 6)), (1,), {}, config, call)  # another dtype's compile
+    running.run(Kernel(None), (1,), {}, config, call)  # the interpreter compiles nothing
     # the same config from another table row (16-bit, 256 key channels) is a compile apart
     wide = launch.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "16-bit", 256)
-    launch.run(Kernel(Compiled(255, 100)), (1,), {}, config, wide)
+    running.run(Kernel(Compiled(255, 100)), (1,), {}, config, wide)
     item, other = selftest.compiled_kernels()
     assert (item["kernel"], item["registers"], item["local_bytes"]) == \
         ("memory_read_fwd_kernel", 200, 24)
@@ -124,7 +124,7 @@ def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monk
     assert selftest.spill_summary([dict(item, local_bytes=0)]).endswith(": none")
 
 
-@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_a_wrong_result_or_a_crash_fails_the_self_test(tmp_path, monkeypatch, capsys):
     real = launch.triton_forward
 
@@ -248,7 +248,7 @@ def test_the_exact_float32_verdict_compares_the_fused_and_the_torch_read():
     assert selftest.exact_float32_verdict(failed, "torch")["fastest"] is None
 
 
-@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_the_exact_float32_timings_run_every_read_in_float32_highest(monkeypatch):
     """The timing loop itself (on the CPU: the interpreter's kernels, tiny sizes): every
     provider and pass once per size, in exact float32 whatever the precision was, restored."""
@@ -301,12 +301,12 @@ def test_experimental_plans_the_gluon_read_on_a_gpu_only(monkeypatch):
                 if c.feature == selftest.GLUON_FEATURE]
 
 
-@pytest.mark.skipif(not launch.INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_a_gluon_check_says_which_kernels_ran_and_checks_the_read(monkeypatch):
     """A "gluon read" check runs the read and its gradients opted into the Gluon kernels and
     records, per kernel, why the plain one ran instead (on CPU tensors, every kernel: they
     need CUDA); the numbers are checked against float64 as for every read."""
-    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(running, "_warned", set())
     shape = dict(B=2, Ck=16, Cv=32, HW=30, N=304)
     check = selftest.Check(selftest.GLUON_FEATURE, "fp16", "l2", shape)
     with pytest.warns(RuntimeWarning, match="WARP_SPECIALIZED"):

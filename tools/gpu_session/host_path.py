@@ -70,7 +70,7 @@ import torch
 from bench import common
 from bench import kernel as kernel_bench
 from stm_kernels import memory_read
-from stm_kernels.backends.triton import devices, launch
+from stm_kernels.backends.triton import devices, launch, running
 from stm_kernels.backends.triton.direct_launch import DirectLaunch
 
 B, HW, CK, CV = 1, 1620, 128, 512
@@ -129,13 +129,13 @@ def _synchronize(device):
 
 def recorded_launches(run):
     """[(kernel, grid, arguments, options)] of the kernel launches `run()` makes, recorded
-    instead of launched (launch.recording)."""
+    instead of launched (running.recording)."""
     launches = []
 
     def record(kernel, grid, arguments, config, options):
         launches.append((kernel, grid, arguments, options))
 
-    with launch.recording(record):
+    with running.recording(record):
         run()
     return launches
 
@@ -226,8 +226,8 @@ def direct_launch_calls(launches, prefix=""):
 def gluon_without_launch(backward=False):
     """Within the block the opted-in Gluon forward (backward: the Gluon dV and dK/dQ kernels)
     plans and makes its descriptors but launches nothing, and its device check passes: its
-    launcher's Python alone, without CUDA (Gluon kernels do not go through launch.run, which
-    launch.recording replaces)."""
+    launcher's Python alone, without CUDA (Gluon kernels do not go through running.run, which
+    running.recording replaces)."""
     from stm_kernels.experimental import gluon_backward, gluon_backward_dv, gluon_forward
 
     class NoLaunch:
@@ -317,7 +317,7 @@ def small_cpu_rows(calls, measured=lambda row: None):
     layers = _small_cpu_layers()
     with devices.pretend(H100):
         backward = recorded_launches(layers[f"backward launcher, no launch {SMALL}"])
-        with launch.recording(_nothing):
+        with running.recording(_nothing):
             for layer, call in layers.items():
                 rows.append(dict(layer=layer, N=SMALL_N,
                                  us=round(per_call_us(call, calls, torch.device("cpu")), 2)))
@@ -364,7 +364,7 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         row(f"{prefix}launcher", run)
         with launch.binding_every_launch():
             row(f"{prefix}launcher, through Triton's binder", run)
-        with launch.recording(_nothing):
+        with running.recording(_nothing):
             row(f"{prefix}launcher, no launch", run)
         launches = recorded_launches(run)
         row(f"{prefix}Triton launches", lambda: [kernel[grid](**arguments, **options)
@@ -380,7 +380,7 @@ def rows_for(N, calls, device, measured=lambda row: None, profiled=lambda profil
         return launch.triton_forward(q, k, v, scale, False)
 
     if meta:
-        with devices.pretend(H100), launch.recording(_nothing):
+        with devices.pretend(H100), running.recording(_nothing):
             row("launcher, no launch", forward)
             profile("launcher, no launch", forward)
             with launch.planning_every_call():
@@ -492,7 +492,7 @@ def main(argv=None):
 
     for n in args.ns:
         rows_for(n, args.calls, device, kept("records"), kept("profiles"))
-    if device.type != "cuda" and launch.INTERPRETING:
+    if device.type != "cuda" and devices.INTERPRETING:
         small_cpu_rows(args.calls, kept("records"))
     common.finish_run("host_path", payload, None, summary)
 

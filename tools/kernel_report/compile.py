@@ -6,7 +6,7 @@
 
 `compiling_for(target)` pretends the target's device (stm_kernels' devices.pretend: its
 architecture, shared memory and multiprocessors) and replaces the launchers' one launch point
-(launch.recording) with an offline compile: a candidate whose compile fails, whose shared
+(running.recording) with an offline compile: a candidate whose compile fails, whose shared
 memory exceeds the target's limit or whose local memory (ptxas' stack frame) exceeds its
 config's max_local_bytes raises as it would at the first launch on that GPU, so the runtime's
 own fallback picks the next candidate. What is recorded is exactly what the runtime
@@ -33,7 +33,7 @@ from triton.runtime.jit import create_function_from_signature
 from triton.compiler import ASTSource
 from triton.runtime.errors import OutOfResources
 
-from stm_kernels.backends.triton import devices, launch
+from stm_kernels.backends.triton import devices, running
 from stm_kernels.backends.triton.devices import KIB
 
 TORCH_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -194,7 +194,7 @@ def _cached(memo, compile_):
     try:
         result = compile_()
     except Exception as error:  # kept as the result: the same compile fails the same way
-        result = RuntimeError(launch.one_line(error))
+        result = RuntimeError(running.one_line(error))
     if path:
         os.makedirs(directory, exist_ok=True)
         with open(path + ".tmp", "wb") as file:
@@ -266,7 +266,7 @@ def compiling_for(target, only=None):
         try:
             record.compiled = compile_kernel(kernel, arguments, options, target)
         except Exception as error:
-            record.error = launch.one_line(error)
+            record.error = running.one_line(error)
             raise
         if record.compiled.shared_bytes > target.shared_memory:
             record.error = (f"OutOfResources: shared memory {record.compiled.shared_bytes} > "
@@ -277,7 +277,7 @@ def compiling_for(target, only=None):
         if budget is not None and used > budget:
             record.error = (f"LocalMemoryExceeded: {used} B of local memory per thread > "
                             f"{budget} B")
-            raise launch.LocalMemoryExceeded(record.error)
+            raise running.LocalMemoryExceeded(record.error)
 
-    with devices.pretend(target.device), launch.recording(executor):
+    with devices.pretend(target.device), running.recording(executor):
         yield launches

@@ -23,7 +23,7 @@ import re
 import torch
 import triton
 
-from stm_kernels.backends.triton import launch, tilings
+from stm_kernels.backends.triton import launch, running, tilings
 from tools.kernel_report import ptx
 from tools.kernel_report.compile import TARGETS, compiling_for
 
@@ -56,8 +56,10 @@ KERNEL_SOURCES = ("stm_kernels/backends/triton/kernels/forward.py",
                   "stm_kernels/backends/triton/kernels/backward.py",
                   "stm_kernels/backends/triton/kernels/topk.py",
                   "stm_kernels/backends/triton/kernels/common.py")
-SOURCES = ("stm_kernels/backends/triton/launch.py",
-           "stm_kernels/backends/triton/tilings.py") + KERNEL_SOURCES
+# The launchers (launch.py and its rooms): the arguments, grids and configs of every launch.
+LAUNCHER_SOURCES = tuple(f"stm_kernels/backends/triton/{name}.py" for name in (
+    "launch", "running"))
+SOURCES = LAUNCHER_SOURCES + ("stm_kernels/backends/triton/tilings.py",) + KERNEL_SOURCES
 
 
 def fingerprint(sources=SOURCES):
@@ -100,7 +102,7 @@ def run_case(target, precision, case, only=None):
                 for run_pass in passes(q, k, v, scale, l2).values():
                     try:  # each pass on its own: one that cannot run skips no other
                         run_pass()
-                    except launch.KernelUnavailable as error:
+                    except running.KernelUnavailable as error:
                         unavailable[error.kernel] = error.reason
     finally:
         torch.set_float32_matmul_precision(previous)

@@ -14,7 +14,7 @@ device, the kernel and the reason, and compute the same result with the torch ba
 never gets a Triton traceback from a read.
 """
 from .. import FallbackWarning, pytorch
-from . import launch
+from . import devices, launch, running
 from .devices import INTERPRETING  # noqa: F401
 
 # The kernel a KernelUnavailable names when no kernel reads the memory on its device (_call).
@@ -32,10 +32,10 @@ def _with_fallback(kernel, k, fused, reference, *args):
         reason = unavailable.reason
         if unavailable.kernel != EVERY_KERNEL:
             kernel = unavailable.kernel
-    device = launch.devices.describe(k.device)
-    launch.warn_once(f"stm_kernels: the Triton {kernel} kernel cannot run on {device}: {reason}. "
-                     "The torch backend computes this read instead (same result, slower).",
-                     FallbackWarning)
+    device = devices.describe(k.device)
+    running.warn_once(f"stm_kernels: the Triton {kernel} kernel cannot run on {device}: {reason}. "
+                      "The torch backend computes this read instead (same result, slower).",
+                      FallbackWarning)
     return reference(*args)
 
 

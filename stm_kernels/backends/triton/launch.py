@@ -35,38 +35,34 @@ only allocates its outputs and launches, each kernel's compile called directly
 The kernels are in kernels/, their tilings in tilings.py, devices in devices.py. Kernel
 arguments are passed by name.
 """
-import contextlib
 import dataclasses
 import functools
 import importlib
 import os
 import threading
-import warnings
 
 import torch
 
 from ..._buffers import device_context, new_buffer
 from ...torch_common import LOG2E, score_gradient_factor
-from . import compat, compiler_output, devices, tilings
+from . import devices, running, tilings
 from .direct_launch import DirectLaunch
-from .compat import patch_interpreter_index
 from .devices import INTERPRETING
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
                                memory_read_bwd_kernel_dv, memory_read_bwd_kernel_prepare,
                                memory_read_usage_kernel)
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import memory_read_topk_kernel, memory_read_topk_merge_kernel
+from .running import (KernelUnavailable, _falls_through, flag_within_block, kernels_in_sequence,
+                      one_line, warn_once)
+from .running import (NO_FALLBACK_ENV, chosen_configs, compiled_resources,  # noqa: F401
+                      recording)
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
                       use_configs, warp_specialized_backward_config, warp_specialized_config,
                       warp_specialized_dv_config)
 
 WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
 WARP_SPECIALIZED_BACKWARD_ENV = "STM_KERNELS_WARP_SPECIALIZED_BACKWARD"
-# Set to 1, a kernel that fails raises its own error instead of falling through (debugging).
-NO_FALLBACK_ENV = "STM_KERNELS_NO_FALLBACK"
-if INTERPRETING:
-    patch_interpreter_index()  # Triton 3.6's interpreter with NumPy >= 2.4 (compat.py)
-_chosen: dict = {}
 # Prepared launches per call layout (_layout_key), oldest first, at most PREPARED_LAYOUTS: a
 # video's memory grows by one size per memory frame, and a size it has outgrown is not read
 # again.
@@ -75,16 +71,8 @@ PREPARED_LAYOUTS = 256
 _keeping_launches = True  # False inside planning_every_call
 _launching_directly = True  # False inside binding_every_launch (KernelLaunch)
 _keeping = threading.Lock()  # held where _prepared changes (reads need none: one dict lookup)
-_warned: set = set()
-
-
-class KernelUnavailable(RuntimeError):
-    """No candidate tiling of `kernel` compiles or launches on `device`; `reason` is the last
-    failure, in one line."""
-
-    def __init__(self, kernel, device, reason):
-        super().__init__(f"{kernel} kernel unavailable on {device}: {reason}")
-        self.kernel, self.device, self.reason = kernel, device, reason
+_warp_specialized = False  # True inside warp_specialized_forward()
+_warp_specialized_backward = False  # True inside warp_specialized_backward()
 
 
 # --------------------------------------------------------------------------- running
@@ -100,167 +88,6 @@ def cdiv(a, b):
 def next_power_of_2(n):
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
-
-
-
-_executor = None
-
-
-class LocalMemoryExceeded(RuntimeError):
-    """A candidate's compile for the device uses more local memory per thread than its
-    config's max_local_bytes: the launch falls through to the next candidate."""
-
-
-def run(kernel, grid, arguments, config, call, check_local=True):
-    """Launch kernel[grid](**arguments) with the config's warps and stages and the call's
-    architecture's compile options (or hand it all to the recording executor); returns what
-    Triton's launch returns (the compiled kernel; None in the interpreter or when recording).
-    A config with max_local_bytes is compiled first and not launched (LocalMemoryExceeded)
-    where it uses more local memory than that; check_local=False skips that check (a kept
-    launch, whose first call made it)."""
-    options = dict(call.architecture.options, num_warps=config.num_warps,
-                   num_stages=config.num_stages)
-    if _executor is not None:
-        return _executor(kernel, grid, arguments, config, options)
-    if check_local and config.max_local_bytes is not None:
-        used = local_memory_bytes(kernel, grid, arguments, options)
-        if used is not None and used > config.max_local_bytes:
-            raise LocalMemoryExceeded(
-                f"{kernel.__name__} uses {used} B of local memory per thread on "
-                f"{call.device} (spilled registers), more than its tiling's "
-                f"{config.max_local_bytes} B")
-    compiled = kernel[grid](**arguments, **options)
-    _note_resources(call, kernel, config, compat.compiled_resources(compiled))
-    return compiled
-
-
-def local_memory_bytes(kernel, grid, arguments, options):
-    """Bytes of local memory per thread of kernel(**arguments) compiled for the current
-    device (compiled, not launched; the launch that follows reuses the compile), or None
-    where that is not known (the interpreter compiles nothing)."""
-    if INTERPRETING:
-        return None
-    return compat.local_memory_bytes(kernel.warmup(grid=grid, **arguments, **options))
-
-
-_resources: dict = {}
-
-
-def _note_resources(call, kernel, config, found):
-    """Keep the registers and local memory of a launched compile, per device, kernel, config
-    and the table row it came from (precision and key-width class: one config serves several
-    rows, and its compiles for each differ); the most seen where the similarities' compiles of
-    one row differ."""
-    if found is None:
-        return
-    key = (call.device, kernel.__name__, config, call.precision_class, call.width)
-    seen = _resources.get(key, (0, 0))
-    _resources[key] = (max(seen[0], found[0]), max(seen[1], found[1]))
-
-
-def compiled_resources():
-    """{(device, kernel function name, config, precision class, key width class): (registers,
-    local bytes per thread)} of the compiled kernels this process launched, as the driver
-    reports them (the self-test's record; empty where nothing was compiled, as in the
-    interpreter)."""
-    return {(str(device), kernel, config, precision, width): found
-            for (device, kernel, config, precision, width), found in _resources.items()}
-
-
-@contextlib.contextmanager
-def recording(executor):
-    """Within the block every launch calls executor(kernel, grid, arguments, config, options)
-    instead of running (options: num_warps, num_stages and the architecture's own); an
-    exception it raises falls through to the next candidate as a failed compile would."""
-    global _executor
-    previous, _executor = _executor, executor
-    try:
-        yield
-    finally:
-        _executor = previous
-
-
-def one_line(error):
-    """`Type: first line of the message` (at most 300 characters) of an exception."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
-
-
-def _falls_through(error):
-    """Whether a failed launch tries the next candidate: any failure to compile or launch,
-    but not the caller running out of device memory."""
-    if os.environ.get(NO_FALLBACK_ENV, "0") == "1":
-        return False
-    return not isinstance(error, torch.cuda.OutOfMemoryError)
-
-
-def launch_first_that_runs(kernel, call, signature, launch):
-    """launch(config) with the first candidate config of `kernel` that runs on the call's
-    device; the index is remembered per (device, kernel, signature). KernelUnavailable when
-    none does (remembered too: later calls fail at once). Until a choice is remembered, what
-    the compiler writes to stderr is captured (compiler_output): replayed after an attempt
-    that runs, kept in a log file named in the reason after one that fails."""
-    options = tilings.candidates(kernel, call.architecture, call.precision_class, call.width)
-    memo = (call.device, kernel, signature, options)
-    start = _chosen.get(memo, 0)
-    reason = _chosen.get((memo, "reason"), f"no tiling of it fits {call.architecture.name} "
-                                           f"({call.precision_class}, keys up to {call.width})")
-    compiles = memo not in _chosen  # later calls reuse the compiles of the remembered choice
-    for index in range(start, len(options)):
-        with compiler_output.captured(compiles) as output:
-            try:
-                result = launch(options[index])
-            except Exception as error:
-                failed = error
-            else:
-                failed = None
-        if failed is None:
-            output.replay()
-            _chosen[memo] = index
-            return result
-        if isinstance(failed, KernelUnavailable) or not _falls_through(failed):
-            output.replay()  # a kernel launched inside this one (the split merge) has none
-            raise failed
-        reason = _failure_reason(failed, output, kernel)
-    _chosen[memo], _chosen[(memo, "reason")] = len(options), reason
-    raise KernelUnavailable(kernel, call.device, reason)
-
-
-def _failure_reason(error, output, kernel):
-    """One line: the error, the compiler's own diagnostic where it printed one (an
-    assertion says more than "PassManager::run failed"), and where its full output went."""
-    reason = one_line(error)
-    diagnostic = output.diagnostic()
-    if diagnostic and diagnostic not in reason:
-        reason += f" [{diagnostic}]"
-    log = output.save(f"{kernel}_compile")
-    return reason + (f" (compiler output: {log})" if log else "")
-
-
-@contextlib.contextmanager
-def kernels_in_sequence(call, pass_name, signature):
-    """A pass whose kernels run one after another (the forward and its split merge; dV, then
-    dK/dQ or dK and dQ): once one of them is unavailable for (device, signature), so is the
-    pass, remembered like a failed candidate, so that later calls fall back at once instead
-    of launching the kernels before it again."""
-    memo = (call.device, pass_name, signature)
-    if memo in _chosen:
-        raise KernelUnavailable(*_chosen[memo])
-    try:
-        yield
-    except KernelUnavailable as unavailable:
-        _chosen[memo] = (unavailable.kernel, unavailable.device, unavailable.reason)
-        raise
-
-
-def chosen_configs():
-    """{(device, kernel): config} of the configs the launches of this process ran with (the
-    self-test's record)."""
-    chosen = {}
-    for memo, index in _chosen.items():
-        if len(memo) == 4 and index < len(memo[3]):
-            chosen[(str(memo[0]), memo[1])] = memo[3][index]
-    return chosen
 
 
 # --------------------------------------------------------------------------- call set-up
@@ -505,35 +332,21 @@ def _query_strides(q):
                 stride_qm=q.stride(2))
 
 
-def warn_once(message, category=RuntimeWarning):
-    """warnings.warn(message) the first time this process sees it."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, category, stacklevel=3)
-
-
-@contextlib.contextmanager
-def _flag_within_block(name, value):
-    """Within the block this module's flag `name` is `value`; the value before is restored
-    after it (the switches below: warp_specialized_forward, binding_every_launch,
-    planning_every_call)."""
-    previous = globals()[name]
-    globals()[name] = value
-    try:
-        yield
-    finally:
-        globals()[name] = previous
-
-
-_warp_specialized = False  # True inside warp_specialized_forward()
-_warp_specialized_backward = False  # True inside warp_specialized_backward()
-
-
 def _switch(env, within_block):
     """"1" where the Gluon kernels of env are asked for (env=1, or within their block), "0"
     where they are turned off (env=0), None where the architecture decides (unset)."""
     value = os.environ.get(env)
     return "1" if within_block or value == "1" else "0" if value == "0" else None
+
+
+def forward_switch():
+    """_switch of the Gluon forward now (part of the forward's layout key)."""
+    return _switch(WARP_SPECIALIZED_ENV, _warp_specialized)
+
+
+def backward_switch():
+    """_switch of the Gluon dV and dK/dQ kernels now (part of the backward's layout key)."""
+    return _switch(WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward)
 
 
 def warp_specialized_opted_in():
@@ -545,7 +358,7 @@ def warp_specialized_opted_in():
 def warp_specialized_forward():
     """Within the block the forward opts into the Gluon warp-specialised forward, as
     STM_KERNELS_WARP_SPECIALIZED=1 does (a benchmark's candidate beside the default)."""
-    return _flag_within_block("_warp_specialized", True)
+    return flag_within_block(globals(), "_warp_specialized", True)
 
 
 def warp_specialized_backward_opted_in():
@@ -558,7 +371,7 @@ def warp_specialized_backward():
     """Within the block the backward opts into the Gluon warp-specialised dV and dK/dQ
     kernels, as STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1 does (a benchmark's candidate beside
     the default)."""
-    return _flag_within_block("_warp_specialized_backward", True)
+    return flag_within_block(globals(), "_warp_specialized_backward", True)
 
 
 def _gluon_wanted(call, kernel, N):
@@ -688,7 +501,7 @@ def _gluon_dkdq(call, inputs, v, delta, dq, scale, l2, asked):
 class KernelLaunch:
     """One launch of `kernel` with the arguments a call's layout fixes (sizes, strides,
     constexprs, grid, config): called with a call's tensors, it launches the kernel on them.
-    first=True is the launch of the call that plans it, through `run`, which also checks the
+    first=True is the launch of the call that plans it, through `running.run`, which also checks the
     compile's local memory against the config's budget; it keeps the compile, and later calls
     launch that directly (direct_launch.DirectLaunch: Triton's binder and cache lookup skipped),
     or through `run` where the direct launch declines (a tensor off the alignment the compile
@@ -702,8 +515,8 @@ class KernelLaunch:
     def __call__(self, call, first=False, **tensors):
         if not first and launched_directly(self.direct, tensors):
             return
-        compiled = run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call,
-                       check_local=first)
+        compiled = running.run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config,
+                               call, check_local=first)
         if first and _keeping_launches:
             self.direct = DirectLaunch.of(self.kernel, self.grid, compiled, self.fixed, tensors)
 
@@ -719,7 +532,7 @@ def launched_directly(direct, tensors):
     warning once, where this Triton's launcher refuses the call (an argument it parses
     differently): launches then go through Triton's own path."""
     global _launching_directly
-    if direct is None or not _launching_directly or _executor is not None:
+    if direct is None or not _launching_directly or running._executor is not None:
         return False
     try:
         return direct(tensors)
@@ -734,7 +547,7 @@ def binding_every_launch():
     """Within the block kept launches go through Triton's binder (`kernel[grid](...)`) as a
     first call does, instead of launching their compiled kernel directly (an A/B of the
     direct launch's saving within one run)."""
-    return _flag_within_block("_launching_directly", False)
+    return flag_within_block(globals(), "_launching_directly", False)
 
 
 def _layout_key(read, call, scale, l2, lengths, *tensors):
@@ -776,13 +589,13 @@ def planning_every_call():
     """Within the block no launch is kept or reused: every call plans as a layout's first call
     does, as the launchers did before they kept launches (an A/B of their saving within one
     run). The launches kept before the block are kept for after it."""
-    return _flag_within_block("_keeping_launches", False)
+    return flag_within_block(globals(), "_keeping_launches", False)
 
 
 def forget_choices():
     """Forget every remembered choice and prepared launch: the next call of each kernel tries
     its candidates again (the offline tools start each case afresh)."""
-    _chosen.clear()
+    running._chosen.clear()
     with _keeping:
         _prepared.clear()
 
@@ -871,7 +684,8 @@ def _merge_splits(call, part_out, part_lse, out, lse, i64):
         merge(call, first=True, po=part_out, plse=part_lse, o=out, lse=lse)
         return merge
 
-    return launch_first_that_runs("merge", call, _signature(call, out.dtype, i64), launch)
+    return running.launch_first_that_runs("merge", call, _signature(call, out.dtype, i64),
+                                          launch)
 
 
 def triton_forward(q, k, v, scale, l2, lengths=None):
@@ -880,8 +694,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     positions per object (validated by the caller). Planned once per layout (_layout_key)."""
     _check_device(q, k, v)
     call = _call(k, "forward", l2)
-    layout = _layout_key(("forward", _switch(WARP_SPECIALIZED_ENV, _warp_specialized)), call,
-                         scale, l2, lengths, q, k, v)
+    layout = _layout_key(("forward", forward_switch()), call, scale, l2, lengths, q, k, v)
     result = _run_prepared(layout, q, k, v, lengths)
     if result is not None:
         return result
@@ -924,7 +737,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
             planned = _run_or_warn(WARP_SPECIALIZED_ENV, "forward", call, lambda: _gluon_forward(
                 gluon, call, q, k, v, scale, l2, flags["I64"]), asked)
         if planned is None:
-            planned = launch_first_that_runs("forward", call, signature, launch)
+            planned = running.launch_first_that_runs("forward", call, signature, launch)
     out, lse, prepared = planned
     _keep_prepared(layout, prepared)
     return out, lse
@@ -1007,8 +820,8 @@ def _prepare_backward(call, grad_out, grad_lse, q, out, atomic_dq, i64):
         prepare(call, first=True, **filled)
         return prepare
 
-    prepare = launch_first_that_runs("prepare", call, _signature(call, grad_out.dtype, i64),
-                                     launch)
+    prepare = running.launch_first_that_runs("prepare", call,
+                                             _signature(call, grad_out.dtype, i64), launch)
     return filled, prepare
 
 
@@ -1083,7 +896,7 @@ def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v, dq_scale):
         dq(call, first=True, v=v, ksq=ksq, delta=delta, dq_parts=parts, **inputs)
         return parts, dq
 
-    parts, dq = launch_first_that_runs("dq", call, _signature(
+    parts, dq = running.launch_first_that_runs("dq", call, _signature(
         call, k.dtype, Ck, Cv, shared["L2"], shared["RAGGED"], shared["I64"]), launch)
     return _summed_dq(parts, q), dq, tuple(parts.shape)
 
@@ -1101,8 +914,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     _check_device(q, k, v)
     call = _call(k, "backward", l2)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    layout = _layout_key(("backward", deterministic, grad_lse is None,
-                          _switch(WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward)),
+    layout = _layout_key(("backward", deterministic, grad_lse is None, backward_switch()),
                          call, scale, l2, lengths, q, k, v, grad_out, out,
                          *(() if grad_lse is None else (grad_lse,)))
     result = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
@@ -1169,7 +981,7 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
         if gluon_dv is not None:
             dv, dv_launch = gluon_dv
         else:
-            dv, dv_launch = launch_first_that_runs("dv", call, signature, launch_dv)
+            dv, dv_launch = running.launch_first_that_runs("dv", call, signature, launch_dv)
         gluon_dkdq = None
         if dkdq_wanted and not (plain_only or separate_dq):
             gluon_dkdq = _gluon_dkdq(call, inputs, v, delta, atomic_dq_buffer, scale, l2,
@@ -1181,13 +993,13 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             kept = PreparedBackward(call, l2, prepare, dv_launch, gluon_launch)
         if not separate_dq and gluon_dkdq is None:
             try:
-                dk, dq, dkdq_launch = launch_first_that_runs(
+                dk, dq, dkdq_launch = running.launch_first_that_runs(
                     "dkdq", call, signature, lambda config: launch_dkdq(config, True))
                 kept = PreparedBackward(call, l2, prepare, dv_launch, dkdq_launch)
             except KernelUnavailable:  # no fused tiling runs here: dK and dQ apart (the
                 separate_dq = True     # prepare kernel still zeroes the unused dQ buffer)
         if separate_dq:
-            dk, _, dk_launch = launch_first_that_runs(
+            dk, _, dk_launch = running.launch_first_that_runs(
                 "dk", call, signature, lambda config: launch_dkdq(config, False))
             # the dQ kernel's |k|^2 or rank-1 channel (the dK/dQ kernel loads its own from the
             # block it holds)
@@ -1276,8 +1088,8 @@ def _merge_selection(call, keys, top_k, i64):
         merge(call, first=True, keys=keys, scores=scores, indices=indices)
         return merge
 
-    merge = launch_first_that_runs("select_merge", call, _signature(call, i64, top_k_pow2),
-                                   launch)
+    merge = running.launch_first_that_runs("select_merge", call,
+                                           _signature(call, i64, top_k_pow2), launch)
     return scores, indices, merge
 
 
@@ -1323,7 +1135,8 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
 
     signature = _signature(call, k.dtype, Ck, l2, ragged, top_k_pow2, flags["I64"])
     with device_context(k.device), kernels_in_sequence(call, "selection", signature):
-        scores, indices, prepared = launch_first_that_runs("select", call, signature, launch)
+        scores, indices, prepared = running.launch_first_that_runs("select", call, signature,
+                                                                   launch)
     _keep_prepared(layout, prepared)
     return scores, indices
 
@@ -1365,7 +1178,7 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
                                      _usage_inputs)
 
     with device_context(k.device):
-        usage, prepared = launch_first_that_runs(
+        usage, prepared = running.launch_first_that_runs(
             "usage", call, _signature(call, k.dtype, Ck, l2, ragged, flags["I64"]), launch)
     _keep_prepared(layout, prepared)
     return usage

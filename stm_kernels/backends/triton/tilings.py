@@ -60,7 +60,7 @@ RANK1_L2 = ("the l2 similarity with a key channel past the tile width (257 chann
 
 # Every config ends with max_local_bytes: None takes the candidate wherever it compiles and
 # fits; a number takes it only where the device's own compile uses at most that many bytes of
-# local memory per thread (registers spilled: the driver's count, see launch.run), and falls
+# local memory per thread (registers spilled: the driver's count, see running.run), and falls
 # through to the next candidate otherwise. It is for tables whose GPUs were not compiled for
 # when the table was made (generic), where the same tiling spills little on one ISA and much
 # on another.
