@@ -240,7 +240,8 @@ def _segment_video(args, source, output):
     run = segment_both_directions if args.both_directions else segment_forward
     results = run(seg, frames, mask_for, first, stop,
                   written=written_labels if written else None)
-    if len(written) == len(indices):  # a finished run: its overlay only
+    finished = len(written) == len(indices)
+    if finished:  # its overlay only
         results = iter(())
     # else the overlay is written at the end, in video order
     in_order = (first == 0 or not args.both_directions) and not written
@@ -253,27 +254,74 @@ def _segment_video(args, source, output):
     if device is not None and device.type == "cuda":
         import torch
         torch.cuda.reset_peak_memory_stats(device)
+    # the largest over both passes; the bank's frames, and the storage set aside for them
+    objects = memory_frames = memory_bytes = capacity_bytes = 0
+    held_bytes = (lambda: seg.memory_bytes) if args.runtime == "onnxruntime" else \
+        (lambda: seg.memory_held_bytes)  # the ONNX runner sets no capacity aside
+
+    def segmenting_bar():
+        return tqdm(total=total, initial=len(written), unit="frame", disable=args.quiet,
+                    desc=f"segmenting {source.name}")
+
+    # A resumed run first replays the kept masks' frames into the memory (each pass its own
+    # leading ones): a bar of its own, and the segmenting bar's clock stopped meanwhile, so
+    # that its rate and ETA count only the frames segmented.
+    def replayed(order):  # a pass's leading frames with kept masks (none when it has them
+        # all: a finished pass is skipped)
+        return next((n for n, index in enumerate(order) if index not in written), 0)
+    passes = [range(first, stop)] + ([range(first, -1, -1)] if args.both_directions and
+                                     first > 0 else [])
+    replays = [] if finished else [replayed(order) for order in passes]
+    replays = [count for count in replays if count]  # frames replayed, pass by pass
+    bar = None if replays else segmenting_bar()
+    rebuilding, replay_seconds = None, 0.0
+    replay = seg.replay
+
+    def replay_shown(*replay_args, **replay_kwargs):
+        nonlocal bar, rebuilding, replay_seconds
+        tick = time.perf_counter()
+        if rebuilding is None and replays:
+            rebuilding = tqdm(total=replays[0], unit="frame", disable=args.quiet,
+                              desc="rebuilding the memory from the kept masks")
+        result = replay(*replay_args, **replay_kwargs)
+        if rebuilding is not None:
+            rebuilding.update()
+            if rebuilding.n >= rebuilding.total:  # this pass's replay is done
+                rebuilding.close()
+                rebuilding = None
+                replays.pop(0)
+                if bar is None:
+                    bar = segmenting_bar()
+                else:
+                    bar.unpause()
+        replay_seconds += time.perf_counter() - tick
+        return result
+    if replays:
+        seg.replay = replay_shown
     start, count = time.perf_counter(), 0
-    objects = memory_frames = memory_bytes = 0  # the largest over both passes
-    bar = tqdm(results, total=total, initial=len(written), unit="frame", disable=args.quiet,
-               desc=f"segmenting {source.name}")
     try:
-        for result in bar:
+        for result in results:
+            if bar is None:  # (a replay planned but not made)
+                bar = segmenting_bar()
             labels = video_io.as_numpy(result.labels)
             name = result.frame.name
             write_mask(output, name, labels.astype(np.uint8))
             if writer is not None and in_order:
                 writer.add(result.frame.image, labels, name=name)
             count += 1
+            bar.update()
             objects = max(objects, seg.num_objects)
             memory_frames = max(memory_frames, seg.memory_frames)
-            memory_bytes = max(memory_bytes, seg.memory_bytes)
+            memory_bytes = max(memory_bytes, held_bytes())
+            capacity_bytes = max(capacity_bytes, seg.memory_bytes)
         if writer is not None and not in_order:  # in video order, from the masks written
             for frame in frames.range(0 if args.both_directions else first, stop):
                 path = output / "masks" / f"{frame.name}.png"
                 writer.add(frame.image, video_io.read_mask(path), name=frame.name)
     except BaseException as error:
-        bar.close()
+        for shown in (rebuilding, bar):
+            if shown is not None:
+                shown.close()
         if writer is not None:
             writer.abort()  # no truncated GIF or video; PNG frames are each complete
         if isinstance(error, video_io.FrameReadError):  # corrupt inside: found when decoded
@@ -286,15 +334,17 @@ def _segment_video(args, source, output):
                               "or GIF is dropped); run the same command with --resume to "
                               "continue") from None
         raise
-    bar.close()
+    if bar is not None:
+        bar.close()
     if writer is not None:
         writer.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - replay_seconds  # segmenting only
     summary = {
         "frames": count, **({"kept (resumed)": len(written)} if args.resume else {}),
         "fps": count / elapsed if elapsed else float("nan"),
         "objects": objects, "memory frames": memory_frames,
         "memory bank MiB": memory_bytes / 2**20,
+        "memory capacity MiB": capacity_bytes / 2**20,
         "peak memory MiB": _peak_memory_bytes(device) / 2**20,
         "device": "onnxruntime (CPU)" if device is None else str(device),
         "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",

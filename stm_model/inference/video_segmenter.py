@@ -147,8 +147,15 @@ class VideoSegmenter(SessionCore):
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of memory-bank storage (this rank's share when the memory is sharded)."""
+        """Bytes of memory-bank storage, the capacity set aside included (this rank's share
+        when the memory is sharded); memory_held_bytes is what the frames held take."""
         return sum(bank.nbytes for bank in self.banks)
+
+    @property
+    def memory_held_bytes(self) -> int:
+        """Bytes of the memory frames held, all banks together (this rank's share when
+        sharded): memory_bytes without the capacity not filled yet."""
+        return sum(bank.held_bytes for bank in self.banks)
 
     @property
     def memory_bytes_per_frame(self) -> int:

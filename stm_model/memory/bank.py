@@ -107,8 +107,15 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
-        """Storage bytes on this rank (keys and values, capacity included)."""
+        """Storage bytes on this rank (keys and values, capacity included): what is set aside,
+        held frames or not."""
         return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the frames this rank holds (local_frames · bytes_per_frame): what the
+        memory takes, without the capacity set aside for frames to come."""
+        return self.local_frames * self.bytes_per_frame
 
     @property
     def bytes_per_frame(self) -> int:

@@ -1,11 +1,15 @@
 """stm segment --resume: an interrupted run continues from the masks it wrote."""
+import re
+
 import numpy as np
 import pytest
+import tqdm
 from PIL import Image
 
 from helpers import synthetic_video
 from stm_model import io as video_io
 from stm_model.cli import main
+from stm_model.inference.video_segmenter import VideoSegmenter
 
 FRAMES = 12
 
@@ -123,3 +127,56 @@ def test_resume_without_an_earlier_run_starts_from_the_first_frame(clip, tmp_pat
     assert _segment(clip, output, "--overlay", "none", "--resume") == 0
     assert len(_masks(output)) == FRAMES
     assert "resuming" not in capsys.readouterr().err
+
+
+# a bar's counts and times as tqdm draws them: "12/12 [00:01<00:00, 9.87frame/s]"
+_BAR = re.compile(r"(\d+)/(\d+) \[(\d+):(\d+)<(?:(\d+):(\d+)|\?)")
+
+
+def _drawn(err, description):
+    """(done, total, elapsed s, remaining s or None) of every drawing of the bar `description`
+    in a run's stderr."""
+    drawings = []
+    for line in re.split(r"[\r\n]", err):
+        if line.startswith(description) and (found := _BAR.search(line)):
+            done, total, minutes, seconds, left_minutes, left_seconds = found.groups()
+            remaining = None if left_minutes is None else int(left_minutes) * 60 + int(
+                left_seconds)
+            drawings.append((int(done), int(total), int(minutes) * 60 + int(seconds),
+                             remaining))
+    return drawings
+
+
+def test_resume_shows_the_memory_rebuilt_and_times_only_the_frames_segmented(
+        clip, tmp_path, monkeypatch, capsys):
+    """A resumed run's replay of the kept masks has a bar of its own, counting them; the
+    segmenting bar's clock starts after it: its elapsed time, rate and ETA are those of the
+    frames segmented only. The bars run on a clock of the test's: 10 s a frame replayed, 0.1 s
+    a frame segmented."""
+    output = tmp_path / "out"
+    _interrupted(clip, output, monkeypatch, capsys, 8, "--overlay", "none")
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    replay, step = VideoSegmenter.replay, VideoSegmenter.step
+
+    def slow_replay(*args, **kwargs):
+        clock[0] += 10
+        return replay(*args, **kwargs)
+
+    def quick_step(*args, **kwargs):
+        clock[0] += 0.1
+        return step(*args, **kwargs)
+    monkeypatch.setattr(VideoSegmenter, "replay", slow_replay)
+    monkeypatch.setattr(VideoSegmenter, "step", quick_step)
+    assert main(["segment", str(clip / "frames"), "--masks", str(clip / "masks"), "--output",
+                 str(output), "--mem-every", "3", "--overlay", "none", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert _drawn(err, "rebuilding the memory")[-1] == (8, 8, 80, 0)
+    segmented = [drawing for drawing in _drawn(err, "segmenting frames") if drawing[0] > 8]
+    assert segmented and segmented[-1][:2] == (FRAMES, FRAMES)
+    # 4 frames in 0.4 s: a clock that ran during the replay would say 80 s, and an ETA of
+    # 20 s and more a frame left
+    assert all(elapsed == 0 and left in (None, 0) for _, _, elapsed, left in segmented), \
+        segmented
+    assert err.rindex("rebuilding the memory") < err.index("segmenting frames")  # one after
+    # the other

@@ -224,6 +224,8 @@ def test_long_video_memory_grows_only_with_the_bank(small_model):
     assert seg.memory_frames == 41 and bank.permanent == 40 and bank.capacity == 64
     config = small_model.config
     assert seg.memory_bytes == 2 * (config.key_dim + config.value_dim) * 64 * (2 * 3) * 4
+    # what the 41 frames take, without the 23 frames' capacity set aside
+    assert seg.memory_held_bytes == 2 * (config.key_dim + config.value_dim) * 41 * (2 * 3) * 4
     assert len(bank.slot_frames) == 41
 
 

@@ -1,0 +1,34 @@
+"""`stm segment` on a long video: what its summary says of the memory bank."""
+import re
+
+import numpy as np
+
+from helpers import write_frames
+from stm_model import io as video_io
+from stm_model.cli import main
+from stm_model.network.stm import STMConfig
+
+
+def _summary(text):
+    """{name: value} of the summary lines `name: value` a run printed."""
+    return dict(re.findall(r"^\s*([a-z ()]+ ?(?:MiB)?): (\S+)$", text, re.MULTILINE))
+
+
+def test_the_bank_line_reports_the_frames_held_and_the_capacity_its_own_line(tmp_path, capsys):
+    """--max-memory-frames 400 sets 400 frames' storage aside up front: "memory bank MiB" is
+    what the frames held take (memory frames x a frame's keys and values), "memory capacity
+    MiB" the 400 frames set aside."""
+    labels = write_frames(tmp_path / "frames", 8, (64, 96), objects=2)
+    video_io.write_mask(tmp_path / "mask.png", labels[0])
+    assert main(["segment", str(tmp_path / "frames"), "--mask", str(tmp_path / "mask.png"),
+                 "--output", str(tmp_path / "out"), "--random-weights", "--config", "small",
+                 "--memory-dtype", "fp32", "--max-memory-frames", "400", "--overlay", "none",
+                 "--quiet"]) == 0
+    summary = _summary(capsys.readouterr().out)
+    config = STMConfig.small()
+    objects = len(set(np.unique(labels[0])) - {0})
+    frame_bytes = objects * (config.key_dim + config.value_dim) * (64 // 16) * (96 // 16) * 4
+    frames = int(summary["memory frames"])
+    assert frames == 3  # frames 0 and 5 kept, and frame 7's previous one
+    assert float(summary["memory bank MiB"]) == round(frames * frame_bytes / 2**20, 2)
+    assert float(summary["memory capacity MiB"]) == round(400 * frame_bytes / 2**20, 2)
