@@ -74,6 +74,23 @@ def gluon_plannings(monkeypatch):
 
 
 @pytest.fixture
+def forced_int64(monkeypatch, fresh_launches):
+    """Every launch with the int64 in-tile offsets (calls._needs_int64 made True), nothing kept
+    from other tests; [the I64 argument of each kernel launched], for the test to check that
+    the forcing took."""
+    from stm_kernels.backends.triton import calls, running
+    flags, real = [], running.run
+
+    def run(kernel, grid, arguments, config, call, **options):
+        flags.append(arguments["I64"])
+        return real(kernel, grid, arguments, config, call, **options)
+
+    monkeypatch.setattr(calls, "_needs_int64", lambda *tensors, outputs=(): True)
+    monkeypatch.setattr(running, "run", run)
+    return flags
+
+
+@pytest.fixture
 def fresh_launches(monkeypatch):
     """No remembered choice or kept launch from other tests; outputs NaN-poisoned."""
     from stm_kernels import poison_outputs

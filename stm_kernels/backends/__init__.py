@@ -61,5 +61,5 @@ def resolve(backend, memory_key):
             raise TypeError(
                 "backend='triton' supports float16, bfloat16 and float32; got "
                 f"{memory_key.dtype} (use backend='torch')")
-        triton.launch._check_device(memory_key)  # CUDA, or the interpreter
+        triton.calls._check_device(memory_key)  # CUDA, or the interpreter
     return backend

@@ -745,8 +745,8 @@ def test_a_backend_that_cannot_run_here_is_refused_before_any_file(tmp_path, vid
                                                                   monkeypatch):
     """--backend triton on a machine without a GPU (and without the interpreter): one line,
     before the first mask or the run record is written (a rerun needs no --overwrite)."""
-    from stm_kernels.backends.triton import launch
-    monkeypatch.setattr(launch, "INTERPRETING", False)
+    from stm_kernels.backends.triton import calls
+    monkeypatch.setattr(calls, "INTERPRETING", False)
     out = tmp_path / "out"
     _user_error(capsys, _segment(video, out, "--backend", "triton"), "backend='triton'",
                 "CUDA")

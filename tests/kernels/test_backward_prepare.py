@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stm_kernels._buffers import poison_outputs
-from stm_kernels.backends.triton import launch
+from stm_kernels.backends.triton import calls, kernel_arguments, launch
 
 B, CV, QC = 3, 40, 17  # CV, QC: not multiples of the channel block (masked steps)
 
@@ -38,7 +38,7 @@ def _case(dtype, batch_q, hw, transposed, grad_lse, seed):
 ])
 def test_prepare_kernel_matches_float64(dtype, batch_q, hw, transposed, grad_lse, atomic_dq):
     grad_out, d_lse, q, out = _case(dtype, batch_q, hw, transposed, grad_lse, seed=hw)
-    call = launch._call(torch.empty(B, QC, 64, dtype=dtype), "backward", False)
+    call = calls._call(torch.empty(B, QC, 64, dtype=dtype), "backward", False)
     with poison_outputs(True):
         filled, prepare = launch._prepare_backward(call, grad_out, d_lse, q, out, atomic_dq,
                                                    False)
@@ -50,8 +50,8 @@ def test_prepare_kernel_matches_float64(dtype, batch_q, hw, transposed, grad_lse
     copies = {"do_copy": grad_out, "q_copy": q}
     for name, source in copies.items():
         copied = filled[name]
-        assert launch._rows_aligned(copied, compact=name == "q_copy"), name
-        if launch._rows_aligned(source, compact=name == "q_copy"):
+        assert kernel_arguments._rows_aligned(copied, compact=name == "q_copy"), name
+        if kernel_arguments._rows_aligned(source, compact=name == "q_copy"):
             assert copied is source, name  # read in place, not copied
         else:
             assert copied is not source and copied.data_ptr() != source.data_ptr(), name
@@ -71,7 +71,7 @@ def test_prepare_kernel_matches_float64(dtype, batch_q, hw, transposed, grad_lse
 def test_a_kept_prepare_fills_new_buffers_on_every_call():
     # The kept launch writes the buffers of the call at hand, not the first call's.
     grad_out, d_lse, q, out = _case(torch.bfloat16, 1, 30, False, True, seed=0)
-    call = launch._call(torch.empty(B, QC, 64, dtype=torch.bfloat16), "backward", False)
+    call = calls._call(torch.empty(B, QC, 64, dtype=torch.bfloat16), "backward", False)
     with poison_outputs(True):
         first, prepare = launch._prepare_backward(call, grad_out, d_lse, q, out, True, False)
         grad_out2, d_lse2, q2, out2 = _case(torch.bfloat16, 1, 30, False, True, seed=1)

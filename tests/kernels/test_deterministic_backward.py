@@ -114,12 +114,11 @@ def test_deterministic_half_precision_on_gpu(dtype, dq_launches):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_deterministic_int64_offsets_and_a_strided_unaligned_memory(device, monkeypatch,
+def test_deterministic_int64_offsets_and_a_strided_unaligned_memory(device, forced_int64,
                                                                     dq_launches):
     """The forced int64 in-tile offsets, and a memory slice of a larger bank whose channel
     stride (101) is not a multiple of any power of two."""
     skip_unless_runnable("triton", device)
-    monkeypatch.setattr(triton_module, "_needs_int64", lambda *tensors, outputs=(): True)
     q, k_bank, v_bank = random_inputs(2, 1, 16, 24, 40, 101, torch.float32, device, seed=25)
     k, v = k_bank[:, :, :90], v_bank[:, :, 5:95]
     assert not k.is_contiguous() and not v.is_contiguous()
@@ -127,3 +126,4 @@ def test_deterministic_int64_offsets_and_a_strided_unaligned_memory(device, monk
         results = read_with_grads(q, k, v, backend="triton", similarity="l2")
     assert len(dq_launches) == 1
     check_read(results, reference_with_grads(q, k, v, similarity="l2"), torch.float32)
+    assert forced_int64 and all(forced_int64)  # every kernel took the int64 path

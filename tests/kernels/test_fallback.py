@@ -17,7 +17,7 @@ import torch
 from helpers import (check_read, per_object_reference, ragged_case, ragged_read_with_grads,
                      random_inputs, read_with_grads, reference_with_grads)
 from stm_kernels import FallbackWarning, backends, memory_read, memory_usage
-from stm_kernels.backends.triton import devices, launch, running, tilings
+from stm_kernels.backends.triton import calls, devices, launch, running, tilings
 from stm_kernels.backends.triton.devices import KIB, Device
 
 pytestmark = pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
@@ -431,12 +431,12 @@ def test_exact_float32_on_nvidia_runs_the_kernels_with_fma_dots():
         with devices.pretend(SM80), warnings.catch_warnings():
             warnings.simplefilter("error", FallbackWarning)
             torch.set_float32_matmul_precision("highest")
-            call, reason = launch._plan_call(k)
+            call, reason = calls._plan_call(k)
             assert reason is None and call.architecture.name == "sm_80"
             assert (call.input_precision, call.precision_class) == ("ieee", "fp32")
             out = memory_read(q, k, v, backend="triton")
             torch.set_float32_matmul_precision("high")
-            assert launch._plan_call(k)[0].input_precision == "tf32"
+            assert calls._plan_call(k)[0].input_precision == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
@@ -569,7 +569,7 @@ def test_the_gluon_forward_is_never_chosen_off_sm90(monkeypatch):
     monkeypatch.setenv(launch.WARP_SPECIALIZED_ENV, "1")
     from stm_kernels.experimental import gluon_forward
     monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args: None)
-    call = launch.Call(MI300X, tilings.ARCHITECTURES["gfx942"], "ieee", "16-bit", 128)
+    call = calls.Call(MI300X, tilings.ARCHITECTURES["gfx942"], "ieee", "16-bit", 128)
     q, k, v = _inputs()
     with pytest.warns(RuntimeWarning, match=r"runs on sm_90 only, not AMD Instinct MI300X"):
         assert launch._warp_specialized_forward(call, q, k, v) == (None, True)

@@ -11,7 +11,7 @@ from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, ragge
 from stm_kernels import memory_read, merge_reads, poison_outputs
 from stm_kernels import torch_common
 from stm_kernels.backends.triton import launch as triton_module
-from stm_kernels.backends.triton import running
+from stm_kernels.backends.triton import calls, kernel_arguments, running
 from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
                                            use_configs)
 
@@ -246,14 +246,14 @@ def test_64bit_offsets_on_a_memory_past_2_31_elements(dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N", [96, 100, 101], ids=["align16", "align4", "align1"])
-def test_triton_int64_offsets_and_stride_alignments(device, N, monkeypatch):
+def test_triton_int64_offsets_and_stride_alignments(device, N, forced_int64):
     """The int64 in-tile offset path (forced) and memory strides of every alignment class."""
     skip_unless_runnable("triton", device)
-    monkeypatch.setattr(triton_module, "_needs_int64", lambda *tensors, outputs=(): True)
     q, k, v = random_inputs(2, 1, 16, 24, 40, N, torch.float32, device, seed=12)
     with use_configs(*SPLIT_CONFIGS[1]):
         results = read_with_grads(q, k, v, backend="triton", similarity="l2")
     check_read(results, reference_with_grads(q, k, v, similarity="l2"), torch.float32)
+    assert forced_int64 and all(forced_int64)  # every kernel took the int64 path
 
 
 def test_int64_and_alignment_decisions_for_memory_bank_shapes():
@@ -261,11 +261,11 @@ def test_int64_and_alignment_decisions_for_memory_bank_shapes():
     alignment that decides vectorised loads (N = 1,620*T is a multiple of 4)."""
     def bank(C, N, capacity=None):
         return torch.empty(1, C, capacity or N, device="meta")[:, :, :N]
-    assert not triton_module._needs_int64(bank(512, 2000 * 1620))  # 2,000 memory frames
-    assert triton_module._needs_int64(bank(512, 2000 * 1620, capacity=4096 * 1620))
-    assert triton_module._needs_int64(bank(128, 16), outputs=[(512, 1 << 23)])
-    assert [triton_module._alignment(bank(128, 1620 * t)) for t in (1, 2, 4)] == [4, 8, 16]
-    assert triton_module._alignment(bank(128, 101)) == 1
+    assert not calls._needs_int64(bank(512, 2000 * 1620))  # 2,000 memory frames
+    assert calls._needs_int64(bank(512, 2000 * 1620, capacity=4096 * 1620))
+    assert calls._needs_int64(bank(128, 16), outputs=[(512, 1 << 23)])
+    assert [kernel_arguments._alignment(bank(128, 1620 * t)) for t in (1, 2, 4)] == [4, 8, 16]
+    assert kernel_arguments._alignment(bank(128, 101)) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -85,8 +85,8 @@ def test_a_large_scale_in_float64_is_accepted_and_reads_the_argmax():
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
-    from stm_kernels.backends.triton import launch as memory_read_triton
-    monkeypatch.setattr(memory_read_triton, "INTERPRETING", False)
+    from stm_kernels.backends.triton import calls
+    monkeypatch.setattr(calls, "INTERPRETING", False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         memory_read(q, k, v, backend="triton")
 

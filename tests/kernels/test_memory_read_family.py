@@ -8,7 +8,7 @@ import torch
 
 from helpers import DEVICES, TOLERANCE, random_inputs, relative_error, skip_unless_runnable
 from stm_kernels import memory_read, memory_usage, merge_reads, poison_outputs
-from stm_kernels.backends.triton import launch as triton_module
+from stm_kernels.backends.triton import calls
 from stm_kernels.backends.triton.tilings import SelectConfig, UsageConfig, use_configs
 from stm_kernels.topk import read_selected, topk_scores
 
@@ -353,7 +353,7 @@ def test_bad_family_arguments_are_rejected(kwargs, error, message):
 
 
 def test_triton_top_k_above_64_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(triton_module, "INTERPRETING", True)  # resolve without running
+    monkeypatch.setattr(calls, "INTERPRETING", True)  # resolve without running
     q, k, v = random_inputs(1, 1, 8, 6, 10, 100, torch.float32, "cpu")
     with pytest.raises(ValueError, match="top_k=65 is above the 64 the triton backend supports"):
         memory_read(q, k, v, top_k=65, backend="triton")

@@ -13,9 +13,7 @@ from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, rando
                      ragged_read_with_grads, read_with_grads, reference_with_grads,
                      relative_error, skip_unless_runnable)
 from stm_kernels import FallbackWarning, memory_read, memory_usage, poison_outputs
-from stm_kernels.backends.triton import launch as triton_module
-from stm_kernels.backends.triton import running
-from stm_kernels.backends.triton import tilings
+from stm_kernels.backends.triton import calls, running, tilings
 from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DqConfig, DvConfig,
                                                 ForwardConfig, use_configs)
 from stm_kernels.backends.triton.tilings import SelectConfig, UsageConfig
@@ -55,7 +53,7 @@ def test_the_launcher_takes_257_channels_to_the_256_wide_tiles():
     """The plan of a 257-channel memory: 256 tiled channels and the rank-1 last one, key width
     class 257 (the tables' own entries, else the 256-wide ones); 129 and 256 channels keep
     their tile; 258 has no tiling."""
-    plans = {channels: triton_module._plan_call(torch.empty(1, channels, 4, device="meta"))
+    plans = {channels: calls._plan_call(torch.empty(1, channels, 4, device="meta"))
              for channels in (129, 256, 257, 258)}
     if plans[257][0] is None:
         pytest.skip(f"no Triton kernels here: {plans[257][1]}")
@@ -68,7 +66,7 @@ def test_the_launcher_takes_257_channels_to_the_256_wide_tiles():
     assert not plans[129][0].rank1 and plans[129][0].width == 256
     assert not plans[256][0].rank1 and plans[256][0].width == 256
     assert plans[258][0] is None and "258 key channels (a 512-wide key tile)" in plans[258][1]
-    flags = triton_module._launch_flags(call, [torch.empty(1, 257, 4, device="meta")] * 3, [])
+    flags = calls._launch_flags(call, [torch.empty(1, 257, 4, device="meta")] * 3, [])
     assert (flags["CK"], flags["BLOCK_CK"], flags["RANK1"]) == (256, 256, True)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stm_kernels import selftest
-from stm_kernels.backends.triton import devices, launch, running, tilings
+from stm_kernels.backends.triton import calls, devices, launch, running, tilings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -103,13 +103,13 @@ def test_the_self_test_records_what_the_driver_says_of_each_compiled_kernel(monk
             return lambda **arguments: self.compiled
 
     device = Device("NVIDIA GB300", "nvidia", "sm_103", 227 * KIB, 160)
-    call = launch.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "tf32", 128)
+    call = calls.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "tf32", 128)
     config = tilings.ForwardConfig(16, 64, 256, 8, 1)
     running.run(Kernel(Compiled(200, 0)), (1,), {}, config, call)
     running.run(Kernel(Compiled(180, 6)), (1,), {}, config, call)  # another dtype's compile
     running.run(Kernel(None), (1,), {}, config, call)  # the interpreter compiles nothing
     # the same config from another table row (16-bit, 256 key channels) is a compile apart
-    wide = launch.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "16-bit", 256)
+    wide = calls.Call(device, tilings.ARCHITECTURES["generic"], "tf32", "16-bit", 256)
     running.run(Kernel(Compiled(255, 100)), (1,), {}, config, wide)
     item, other = selftest.compiled_kernels()
     assert (item["kernel"], item["registers"], item["local_bytes"]) == \

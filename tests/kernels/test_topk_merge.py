@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stm_kernels._buffers import poison_outputs
-from stm_kernels.backends.triton import launch
+from stm_kernels.backends.triton import calls, launch
 from stm_kernels.backends.triton.kernels.topk import MIN_KEY
 
 B, N = 2, 5000
@@ -62,7 +62,7 @@ def _split_keys(splits, hw, top_k_pow2, seed):
 ])
 def test_merge_kernel_matches_the_reference(splits, hw, top_k, top_k_pow2):
     keys = _split_keys(splits, hw, top_k_pow2, seed=hw)
-    call = launch._call(torch.empty(B, 16, 64), "select", False)
+    call = calls._call(torch.empty(B, 16, 64), "select", False)
     with poison_outputs(True):
         scores, indices, _ = launch._merge_selection(call, keys, top_k, False)
     assert scores.shape == indices.shape == (B, hw, top_k)
@@ -84,7 +84,7 @@ def test_decoding_gives_natural_scores_indices_and_empty_slots():
     cases = [(2.5, 7), (-3.25, 0), (0.0, 123456), (-0.0, 5), (float("-inf"), 9)]
     row = [_key(score * log2e, index) for score, index in cases] + [MIN_KEY] * 3
     keys = torch.tensor(row, dtype=torch.int64).view(1, 1, 1, 8).expand(1, B, 1, 8).contiguous()
-    call = launch._call(torch.empty(B, 16, 64), "select", False)
+    call = calls._call(torch.empty(B, 16, 64), "select", False)
     scores, indices, _ = launch._merge_selection(call, keys, 6, False)
     torch.testing.assert_close(scores[0, 0], torch.tensor(
         [2.5, 0.0, -0.0, -3.25, float("-inf"), float("-inf")]), rtol=1e-6, atol=0)
@@ -92,7 +92,7 @@ def test_decoding_gives_natural_scores_indices_and_empty_slots():
 
 
 def test_a_kept_merge_writes_the_buffers_of_each_call():
-    call = launch._call(torch.empty(B, 16, 64), "select", False)
+    call = calls._call(torch.empty(B, 16, 64), "select", False)
     first = _split_keys(3, 20, 8, seed=0)
     _, _, merge = launch._merge_selection(call, first, 8, False)
     second = _split_keys(3, 20, 8, seed=1)

@@ -4,7 +4,7 @@ the compile tests."""
 import triton
 from triton.backends.compiler import GPUTarget
 
-from stm_kernels.backends.triton.launch import warp_specialized_forward_plan
+from stm_kernels.backends.triton.plans import warp_specialized_forward_plan
 from stm_kernels.experimental import gluon_forward as gluon
 from stm_kernels.experimental.gluon_common import SIGNATURE_DTYPES
 from tools.kernel_report.compile import TARGETS

@@ -187,14 +187,14 @@ def test_the_recorder_compiles_what_the_runtime_launches():
     merge kernel of the splits; both compile, the forward without spills in 176 KiB."""
     result = compiled(script="""
         import dataclasses, json, torch
-        from stm_kernels.backends.triton import launch, tilings
+        from stm_kernels.backends.triton import launch, plans, tilings
         from tools.kernel_report import report
         from tools.kernel_report.compile import TARGETS, compiling_for
         q, k, v = report._meta_inputs(torch.bfloat16, 128)
         with compiling_for(TARGETS["sm_90"], only={"forward", "merge"}) as launches:
             out, lse = launch.triton_forward(q, k, v, 0.088, False)
         first = tilings.ARCHITECTURES["sm_90"].candidates("forward", "16-bit", 128)[0]
-        plan = launch.forward_plan(first, 1, 1620, 162000, 512, 132)
+        plan = plans.forward_plan(first, 1, 1620, 162000, 512, 132)
         print(json.dumps(dict(
             out=[out.device.type, list(out.shape)], kernels=[r.kernel for r in launches],
             first=launches[0].config == first, grid=list(launches[0].grid),

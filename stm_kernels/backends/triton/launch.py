@@ -45,14 +45,20 @@ import torch
 
 from ..._buffers import device_context, new_buffer
 from ...torch_common import LOG2E, score_gradient_factor
-from . import devices, running, tilings
+from . import running, tilings
+from .calls import Call, _call, _check_device, _launch_flags, _signature
+from .calls import exact_float32_on_torch, unsupported_reason  # noqa: F401
 from .direct_launch import DirectLaunch
-from .devices import INTERPRETING
+from .kernel_arguments import (_aligned_length, _alignment, _lengths_argument, _memory_strides,
+                               _memory_term, _padded_buffer, _padded_rows, _query_inputs,
+                               _query_strides, _rows_aligned, _strides)
 from .kernels.backward import (memory_read_bwd_kernel_dkdq, memory_read_bwd_kernel_dq,
                                memory_read_bwd_kernel_dv, memory_read_bwd_kernel_prepare,
                                memory_read_usage_kernel)
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import memory_read_topk_kernel, memory_read_topk_merge_kernel
+from .plans import (cdiv, dq_plan, forward_plan, select_block_n, value_blocks,
+                    warp_specialized_forward_plan)
 from .running import (KernelUnavailable, _falls_through, flag_within_block, kernels_in_sequence,
                       one_line, warn_once)
 from .running import (NO_FALLBACK_ENV, chosen_configs, compiled_resources,  # noqa: F401
@@ -75,261 +81,7 @@ _warp_specialized = False  # True inside warp_specialized_forward()
 _warp_specialized_backward = False  # True inside warp_specialized_backward()
 
 
-# --------------------------------------------------------------------------- running
-
-
-# Host code's own integer helpers: triton.cdiv and triton.next_power_of_2 are
-# constexpr_functions, whose call wrapper costs microseconds, and a launch makes dozens.
-def cdiv(a, b):
-    """ceil(a / b) of two positive Python ints."""
-    return -(-a // b)
-
-
-def next_power_of_2(n):
-    """The smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-# --------------------------------------------------------------------------- call set-up
-
-
-@dataclasses.dataclass(frozen=True)
-class Call:
-    """The device side of one call: the device, the architecture whose tilings it runs, the
-    input precision of tl.dot, the precision and key-width classes of the tables."""
-    device: devices.Device
-    architecture: tilings.Architecture
-    input_precision: str
-    precision_class: str
-    width: int
-    rank1: bool = False  # the last key channel runs as a rank-1 score term (RANK1)
-
-    def volatile_keys(self, l2):
-        """VOLATILE_K of a kernel whose loop stores nothing: whether its streamed key load must
-        stay in the loop. With FMA dots (exact float32 on NVIDIA: no tensor core takes it) and
-        the l2 similarity, Triton hoists it and holds the tile in registers, which spills."""
-        return l2 and self.architecture.vendor == "nvidia" and self.precision_class == "fp32"
-
-
-def _block_ck(channels):
-    """The key tile width of `channels` tiled key channels: rounded up to a power of two, at
-    least 16."""
-    return max(16, next_power_of_2(channels))
-
-
-def _plan_call(k):
-    """(the Call of a read of memory k, None), or (None, why the Triton kernels cannot read it)."""
-    device = devices.describe(k.device)
-    architecture, reason = tilings.architecture_of(device)
-    if architecture is None:
-        return None, reason
-    input_precision = architecture.input_precision(k.dtype)
-    rank1 = tilings.splits_last_channel(k.shape[1])
-    block_ck = _block_ck(k.shape[1] - rank1)
-    width = tilings.width_class(block_ck)
-    if width is None:
-        return None, (f"{k.shape[1]} key channels (a {block_ck}-wide key tile) are more "
-                      f"than the kernels' tilings take ({tilings.WIDTHS[-1]})")
-    # a rank-1 read has a key width of its own (257), whose tables fall back to its tiles'
-    return Call(device, architecture, input_precision, tilings.precision_class(k.dtype),
-                width + rank1, rank1), None
-
-
-def exact_float32_on_torch(k):
-    """Whether backend="auto" reads memory k with the torch backend by choice: exact float32
-    operands on an architecture where tilings.exact_float32_read says "torch"."""
-    if tilings.precision_class(k.dtype) != "fp32":
-        return False
-    architecture, _ = tilings.architecture_of(devices.describe(k.device))
-    return architecture is not None and tilings.exact_float32_read(architecture) == "torch"
-
-
-def unsupported_reason(k):
-    """Why the Triton kernels cannot read a memory of k's device, dtype and key width, or
-    None."""
-    return _plan_call(k)[1]
-
-
-def _call(k, read, l2):
-    """The Call of `read` ("forward", "backward", "select", "usage") of memory k, or
-    KernelUnavailable: no kernel reads it there, or the torch backend does by design
-    (tilings.ON_TORCH, tilings.RANK1_L2)."""
-    call, reason = _plan_call(k)
-    if call is None:
-        raise KernelUnavailable("every", devices.describe(k.device), reason)
-    reason = tilings.on_torch(call.architecture, read, call.precision_class, call.width)
-    if reason is None and call.rank1 and l2:
-        reason = tilings.RANK1_L2
-    if reason is not None:
-        raise KernelUnavailable(read, call.device, reason)
-    return call
-
-
-def _check_device(*tensors):
-    device = tensors[0].device
-    if device.type not in ("cuda", "meta") and not INTERPRETING:
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
-            f"stm_kernels, to run the kernels on CPU); got tensors on {device}")
-
-
-def _launch_flags(call, inputs, outputs):
-    """Constexprs shared by the kernels of one call (inputs start with q, k, v; outputs are the
-    (C, L) shapes of the contiguous outputs) and CK, the key channels of the tiled dot."""
-    k = inputs[1]
-    return dict(
-        CK=k.shape[1] - call.rank1,
-        BLOCK_CK=_block_ck(k.shape[1] - call.rank1),
-        RANK1=call.rank1,
-        PRECISION=call.input_precision,
-        UPCAST=INTERPRETING and k.dtype == torch.bfloat16,
-        I64=_needs_int64(*inputs, outputs=outputs),
-    )
-
-
-def _signature(call, *values):
-    """What a remembered choice of config depends on besides the device and kernel."""
-    return (call.input_precision,) + values
-
-
-# --------------------------------------------------------------------------- plans
-
-
-@dataclasses.dataclass(frozen=True)
-class ForwardPlan:
-    block_v: int
-    num_v: int
-    m_blocks: int
-    splits: int
-    per_split: int
-
-    def grid(self, B):
-        return (self.m_blocks, B * self.num_v, self.splits)
-
-
-def value_blocks(Cv, block_v):
-    """(BLOCK_V, number of value chunks) for a requested chunk size (None: all channels)."""
-    full = max(16, next_power_of_2(Cv))
-    block_v = full if block_v is None else min(block_v, full)
-    return block_v, cdiv(Cv, block_v)
-
-
-def memory_splits(requested, programs, n_blocks, multiprocessors):
-    """How many programs share one query block's memory (flash-decoding): enough to fill the
-    device when objects x query blocks are too few, each split still several memory blocks."""
-    if requested is not None:
-        splits = requested
-    else:
-        splits = min(multiprocessors // max(programs, 1), n_blocks // 4)
-    return max(1, min(splits, n_blocks))
-
-
-def forward_plan(config, B, HW, N, Cv, multiprocessors):
-    """Value chunks, query blocks and memory splits of a forward launch."""
-    block_v, num_v = value_blocks(Cv, config.block_v)
-    m_blocks = cdiv(HW, config.block_m)
-    n_blocks = cdiv(N, config.block_n)
-    splits = memory_splits(config.splits, m_blocks * B * num_v, n_blocks, multiprocessors)
-    # Positions per split: a multiple of block_n; fewer splits when the last would be empty.
-    per_split = cdiv(n_blocks, splits) * config.block_n
-    return ForwardPlan(block_v, num_v, m_blocks, cdiv(N, per_split), per_split)
-
-
-def dq_plan(config, B, HW, N, Cv, multiprocessors):
-    """Query blocks, memory splits and value chunking of the deterministic dQ kernel (a
-    DqConfig): its programs are laid out as the forward's, without value chunks."""
-    plan = forward_plan(ForwardConfig(block_m=config.block_m, block_n=config.block_n,
-                                      block_v=None, splits=config.splits), B, HW, N, Cv,
-                        multiprocessors)
-    block_cv, num_cv = value_blocks(Cv, config.block_cv)
-    return dict(grid=(plan.m_blocks, B, plan.splits), splits=plan.splits,
-                per_split=plan.per_split, block_cv=block_cv, num_cv=num_cv)
-
-
 # --------------------------------------------------------------------------- host helpers
-
-
-def _tile_span(sizes, strides):
-    return sum(next_power_of_2(size) * abs(stride)
-               for size, stride in zip(sizes, strides, strict=True))
-
-
-def _needs_int64(*tensors, outputs=()):
-    """Whether in-tile offsets (over the last two dims: channels x positions) of the inputs or
-    of contiguous outputs of the given (C, L) shapes can reach 2**31 elements; batch, split and
-    block starts always go through int64 scalars."""
-    spans = [_tile_span(t.shape[-2:], t.stride()[-2:]) for t in tensors]
-    spans += [_tile_span(shape, (shape[1], 1)) for shape in outputs]
-    return max(spans) >= 2**31
-
-
-def _alignment(t):
-    """Largest power of two <= 16 dividing the batch and channel strides of a (B, C, N) tensor."""
-    align = 16
-    while align > 1 and any(stride % align for stride in t.stride()[:2]):
-        align //= 2
-    return align
-
-
-def _memory_strides(name, t, align):
-    """Keyword strides of a (B, C, N) memory tensor, batch and channel divided by align."""
-    return {f"stride_{name}b": t.stride(0) // align, f"stride_{name}c": t.stride(1) // align,
-            f"stride_{name}n": t.stride(2)}
-
-
-def _strides(name, t, suffixes):
-    return {f"stride_{name}{suffix}": stride
-            for suffix, stride in zip(suffixes, t.stride(), strict=True)}
-
-
-def _aligned_length(length):
-    """round16(length): the row length of a query-sized buffer with 16-aligned rows."""
-    return cdiv(length, 16) * 16
-
-
-def _rows_aligned(t, compact=False):
-    """Whether the rows of t (B, C, L) start on 16-element boundaries (compact: also exactly
-    round16(L) apart, with no gaps between channels)."""
-    channel_ok = t.stride(1) == _aligned_length(t.shape[2]) if compact else t.stride(1) % 16 == 0
-    batch_ok = t.shape[0] == 1 or t.stride(0) % 16 == 0
-    return t.stride(2) == 1 and channel_ok and batch_ok
-
-
-def _padded_buffer(t, dtype=None):
-    """An empty (B, C, L) buffer like t (or of `dtype`) whose rows are round16(L) apart."""
-    length = t.shape[2]
-    return new_buffer((t.shape[0], t.shape[1], _aligned_length(length)), dtype or t.dtype,
-                      t.device).narrow(2, 0, length)  # narrow: no indexing machinery
-
-
-def _padded_rows(t, compact=False):
-    """t (B, C, L) with rows starting on 16-element boundaries (_rows_aligned): a padded copy
-    unless they already do. Used for query-sized tensors (q, dO), which the kernels re-read
-    per block."""
-    return t if _rows_aligned(t, compact) else _padded_buffer(t).copy_(t)
-
-
-def _memory_term(k, l2, rank1):
-    """The per-memory-position score term (B, N) float32 the forward, selection and dQ kernels
-    read beside each key tile (their `ksq`), once per call: |k|^2 for the L2 similarity (a
-    per-block reduction in the kernels costs block barriers), the last key channel for a
-    rank-1 read; otherwise k itself, a pointer the kernels never read."""
-    if l2:
-        return k.float().square().sum(1)
-    return k[:, -1].float().contiguous() if rank1 else k
-
-
-def _lengths_argument(lengths, k):
-    """(pointer argument, RAGGED) for optional per-object memory lengths."""
-    if lengths is None:
-        return k, False  # never read
-    return lengths.to(device=k.device, dtype=torch.int32).contiguous(), True
-
-
-def _query_strides(q):
-    """The query's strides; batch stride 0 for a query shared by all objects."""
-    return dict(stride_qb=0 if q.shape[0] == 1 else q.stride(0), stride_qc=q.stride(1),
-                stride_qm=q.stride(2))
 
 
 def _switch(env, within_block):
@@ -603,14 +355,6 @@ def forget_choices():
 # --------------------------------------------------------------------------- forward
 
 
-def _query_inputs(q, k, lengths, l2, rank1, pad_query=True):
-    """The tensor arguments of the kernels that stream the memory per query block (forward,
-    selection): the query (with 16-aligned rows unless pad_query is False), the keys, their
-    score term, the lengths."""
-    return dict(q=_padded_rows(q) if pad_query else q, k=k, ksq=_memory_term(k, l2, rank1),
-                lengths=_lengths_argument(lengths, k)[0])
-
-
 def _forward_inputs(q, k, v, l2, rank1, lengths, pad_query):
     """The forward kernel's tensor arguments: _query_inputs and the values."""
     return dict(_query_inputs(q, k, lengths, l2, rank1, pad_query), v=v)
@@ -741,16 +485,6 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     out, lse, prepared = planned
     _keep_prepared(layout, prepared)
     return out, lse
-
-
-def warp_specialized_forward_plan(ws_config, B, HW, N, Cv, multiprocessors):
-    """The Gluon forward's ForwardPlan: its query blocks and value chunks, memory splits
-    picked as for the plain forward (also the offline compile's)."""
-    chunk = cdiv(Cv, ws_config.value_chunks)
-    return forward_plan(ForwardConfig(
-        block_m=ws_config.block_m, block_n=ws_config.block_n,
-        block_v=None if ws_config.value_chunks == 1 else next_power_of_2(chunk)),
-        B, HW, N, Cv, multiprocessors)
 
 
 def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
@@ -1013,12 +747,6 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
 
 
 # --------------------------------------------------------------------------- top-k and usage
-
-
-def select_block_n(top_k):
-    """(memory positions per block, top_k rounded up to a power of two) of the selection."""
-    top_k_pow2 = next_power_of_2(top_k)
-    return max(64, top_k_pow2), top_k_pow2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
