@@ -218,6 +218,9 @@ def _segment_video(args, source, output):
     else:
         from stm_model.commands.models import build_model
         from stm_model.inference.video_segmenter import VideoSegmenter
+        if device.type == "cpu":
+            from stm_model.runtime import cpu_allocator
+            cpu_allocator.keep_freed_memory()  # a long video's resident set: see the module
         seg = VideoSegmenter.from_options(build_model(args, device),
                                           segmenter_options(args))
     if first > 0 and not args.both_directions:

@@ -7,6 +7,13 @@ frame; a batched step (several videos at once) frees more at once, so glibc retu
 memory and the next step page-faults it back as zero-filled pages (the cost is in
 bench/NOTES.md). keep_freed_memory() makes glibc keep up to 1 GiB of freed memory (the
 process's resident size stays at its peak) and serve blocks below 32 MiB from the heap.
+
+Fixed settings also stop glibc's own adjustment: it raises the mmap threshold to the size of
+each mapped block freed, so on a long video, each time the memory bank's storage doubles and
+its old storage is freed, more of a step's temporaries move into the heap and the resident
+set grows long after the first frames. With the settings above the heap reaches a step's
+working size within the first frames, and from there the resident set grows with the memory
+bank (docs/performance.md). Used by `stm segment` and `stm segment-dataset` on a CPU.
 """
 import ctypes
 import ctypes.util
