@@ -7,6 +7,7 @@ naive read, with and without fp16 memory storage and memory offload.
     python -m bench long-video --lengths 30 --input-resolutions 480p 1080p 4k  # internal 480
     python -m bench long-video --lengths 30 100 --variants fused fused-compile
     python -m bench long-video --variants fused fused-graphs --warmup 5   # GPU: CUDA graphs
+    python -m bench long-video --command 240p 480p --lengths 2000   # `stm segment`: RSS, bank
 
 The video: a real DAVIS-2016 sequence from ../shared/data ping-ponged (forwards, backwards,
 forwards ...) to the longest length when that folder is present, a synthetic video otherwise;
@@ -30,6 +31,17 @@ Each checkpoint records the memory per memory frame (bank storage) and the fps.
 minutes): its record then ends with a checkpoint at the frame reached and the status "time
 limit (S s) at frame T". The results file is saved after each variant.
 
+The command (--command 240p 480p): `stm segment` itself, with its defaults and --overlay none,
+on a synthetic H.264 video of moving shapes written at each size (two objects, the first
+frame's mask), in a fresh process with glibc's allocator as it is: after every frame the
+process's resident set (VmRSS) and the memory bank's bytes, those of the frames it holds and
+the capacity set aside, are recorded, with the frame's time. The plot draws the resident set
+and the bank against frames, and each one's growth from frame 100 (the command's first frames
+load libraries and fill oneDNN's caches). --compare-with DIR alternates every run with the
+same run on another source tree (DIR holding its stm_model and stm_kernels, e.g. `git archive
+OLD_COMMIT stm_model stm_kernels | tar -x -C DIR`), --repeats times: speed figures of two
+commits in one interleaved measurement.
+
 Variant fused-compile: VideoSegmenter(compile=True). Its compilation runs in a warm-up of a
 few frames on a separate segmenter before timing (recorded as warmup_s; --warmup N gives
 every variant such a warm-up); per-read times are not available inside the compiled graph
@@ -40,8 +52,11 @@ Variant fused-channels-last: the model's weights laid out channels-last before t
 takes it, which a GPU's session otherwise leaves as they are (on a CPU every session does it:
 there the variant is "fused").
 """
+import json
 import pathlib
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -63,6 +78,8 @@ VARIANTS = {  # name: VideoSegmenter options ("fused" = triton on CUDA, torch on
     "fused-channels-last": dict(read="fused", channels_last=True),
 }
 INPUT_RESOLUTIONS = {"480p": (480, 854), "1080p": (1080, 1920), "4k": (2160, 3840)}
+COMMAND_SIZES = {"240p": (240, 426), "480p": (480, 854)}  # --command's videos (H, W)
+GROWTH_FROM = 100  # --command: growth is counted from this frame on
 # the masked frame, then predictions: compiles every function, and with CUDA graphs each is
 # called twice before timing (graph trees run a function once, then record it)
 COMPILE_WARMUP_FRAMES = 3
@@ -279,6 +296,205 @@ def run_variant(spec):
                 read_timed=read_timed(options), network_size=network_size)
 
 
+def write_moving_shapes(folder, length, size):
+    """An H.264 video of `length` frames at size (H, W) in folder, and its first frame's mask:
+    a red disc on a Lissajous path (object 1) and a blue box sliding across (object 2) over a
+    colour gradient. Returns (video path, mask path)."""
+    import av
+    from stm_model import io as video_io
+    height, width = size
+    rows, columns = np.mgrid[0:height, 0:width]
+    background = np.stack([columns * 255 // width, rows * 255 // height,
+                           np.full_like(rows, 80)], -1).astype(np.uint8)
+    folder = pathlib.Path(folder)
+    video, mask = folder / f"shapes_{height}p.mp4", folder / f"shapes_{height}p_mask.png"
+    container = av.open(str(video), "w")
+    stream = container.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    for t in range(length):
+        image, labels = background.copy(), np.zeros((height, width), np.uint8)
+        x = width / 2 + width / 3 * np.sin(t / 40)
+        y = height / 2 + height / 4 * np.cos(t / 55)
+        disc = (columns - x) ** 2 + (rows - y) ** 2 < (height / 6) ** 2
+        image[disc], labels[disc] = (230, 40, 40), 1
+        left = (3 * t) % (width - height // 4)
+        top = int(height / 2 + height / 5 * np.sin(t / 30))
+        box = (slice(top, top + height // 5), slice(left, left + height // 4))
+        image[box], labels[box] = (40, 40, 230), 2
+        if t == 0:
+            video_io.write_mask(mask, labels)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return video, mask
+
+
+def run_command(spec):
+    """`stm segment` on spec's video (a child process: `_run_command_isolated`), with the
+    resident set and the memory bank recorded after every frame; a time limit stops it as
+    Ctrl-C would (the command keeps the masks written and says so)."""
+    from stm_model.cli import main as stm
+    from stm_model.inference.video_segmenter import VideoSegmenter
+    samples = []
+    step, limit = VideoSegmenter.step, spec.get("time_limit")
+    started = time.perf_counter()
+
+    def recorded(segmenter, *args, **kwargs):
+        tick = time.perf_counter()
+        probs = step(segmenter, *args, **kwargs)
+        held = sum(bank.local_frames * bank.bytes_per_frame for bank in segmenter.banks)
+        samples.append((time.perf_counter() - tick, common.status_bytes("VmRSS"), held,
+                        segmenter.memory_bytes, segmenter.memory_frames))
+        if limit and time.perf_counter() - started > limit:
+            raise KeyboardInterrupt
+        return probs
+    VideoSegmenter.step = recorded
+    with tempfile.TemporaryDirectory() as output:
+        arguments = ["segment", spec["video"], "--mask", spec["mask"], "--output", output,
+                     "--overlay", "none", "--quiet", "--max-frames", str(spec["length"]),
+                     *spec.get("segment_options", [])]
+        tick = time.perf_counter()
+        code = stm(arguments)
+        wall_s = time.perf_counter() - tick  # the command's whole run, start-up included
+    frames = len(samples)
+    status = "ok" if code == 0 else \
+        f"time limit ({limit:g} s) at frame {frames}" if code == 130 else f"exit code {code}"
+    stride = max(1, frames // 1000)  # keep the JSON small: at most ~1,000 samples
+    step_s, rss, held, capacity, memory_frames = (
+        [sample[i] for sample in samples] for i in range(5))
+    return dict(spec, status=status, frames=frames, wall_s=wall_s,
+                peak_rss_bytes=common.status_bytes("VmHWM"),
+                sample_stride=stride, frame_index=list(range(1, frames + 1))[::stride],
+                frame_ms=[s * 1e3 for s in step_s[::stride]], rss_bytes=rss[::stride],
+                bank_bytes=held[::stride], capacity_bytes=capacity[::stride],
+                memory_frames=memory_frames[::stride],
+                fps=frames / sum(step_s) if frames else None, growth=command_growth(rss, held))
+
+
+def command_growth(rss, held, start=GROWTH_FROM):
+    """From frame `start` on (1-based): the resident set's growth, the bank's, and the first's
+    excess over the second (None for a run shorter than that)."""
+    if len(rss) <= start:
+        return None
+    return dict(start=start, end=len(rss), rss=rss[-1] - rss[start - 1],
+                bank=held[-1] - held[start - 1],
+                beyond_bank=(rss[-1] - rss[start - 1]) - (held[-1] - held[start - 1]))
+
+
+def _run_command_isolated(spec, tree=None):
+    """run_command(spec) in a fresh process (glibc's allocator as it is) whose stm_model and
+    stm_kernels are tree's (default: this checkout's), bench this checkout's."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    paths = [str(tree), str(root)] if tree else [str(root)]
+    code = (f"import json, sys; sys.path[:0] = {paths!r}; from bench import long_video; "
+            "print(json.dumps(long_video.run_command(json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
+                          text=True, cwd=tempfile.gettempdir(), timeout=6 * 3600)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+                           else f"exit code {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def command_main(args, device):
+    """--command: `stm segment` on synthetic videos of each size (see the module docstring)."""
+    length = max(args.lengths or [2000])
+    payload = common.environment(device)
+    payload.update(benchmark="long_video", command="stm segment", lengths=[length],
+                   sizes={name: list(COMMAND_SIZES[name]) for name in args.command},
+                   segment_options=args.segment_options or [], growth_from=GROWTH_FROM,
+                   compare_with=str(args.compare_with) if args.compare_with else None,
+                   video="synthetic moving shapes (H.264)", model_name="small-real (default)",
+                   records=[])
+    trees = [("this", None)] + ([("compared", args.compare_with)] if args.compare_with else [])
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.command:
+            video, mask = write_moving_shapes(folder, length, COMMAND_SIZES[name])
+            for repeat in range(args.repeats):
+                for tree, path in trees:
+                    spec = dict(size_name=name, size=list(COMMAND_SIZES[name]), length=length,
+                                video=str(video), mask=str(mask), tree=tree, repeat=repeat,
+                                segment_options=args.segment_options or [],
+                                time_limit=args.time_limit)
+                    record = _run_command_isolated(spec, path)
+                    for key in ("video", "mask"):
+                        record.pop(key)
+                    payload["records"].append(record)
+                    growth = record["growth"] or {}
+                    print(f"{name} {tree:8} {record['status']:8} {record['frames']} frames "
+                          f"{record['fps']:.2f} fps, RSS +{growth.get('rss', 0) / 2**20:.0f} "
+                          f"MiB from frame {GROWTH_FROM}, bank +"
+                          f"{growth.get('bank', 0) / 2**20:.0f} MiB", flush=True)
+                    common.save_progress("long_video", payload)
+    common.finish_run("long_video", payload, plot, summary)
+    return 0
+
+
+def _command_summary(payload):
+    """--command's table: per size, tree and run, the frames, fps, the resident set and the
+    bank at the end, and their growth from frame growth_from."""
+    start = payload["growth_from"]
+    options = " ".join(payload.get("segment_options") or []) or "its defaults"
+    rows = [f"Video: {payload['video']}, `stm segment` with {options} and --overlay none, "
+            f"{payload['model_name']}; growth counted from frame {start}.", "",
+            "| size | tree | frames | memory frames | fps | RSS MiB | RSS growth MiB | "
+            "bank MiB | bank growth MiB | growth beyond the bank MiB | capacity MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for record in payload["records"]:
+        growth = record.get("growth") or {}
+
+        def mib(key, values=growth):
+            return f"{values[key] / 2**20:.0f}" if key in values else "-"
+        height, width = record["size"]
+        rows.append(f"| {width}x{height} | {record['tree']} | {record['frames']} | "
+                    f"{record['memory_frames'][-1]} | {record['fps']:.2f} | "
+                    f"{record['rss_bytes'][-1] / 2**20:.0f} | {mib('rss')} | "
+                    f"{record['bank_bytes'][-1] / 2**20:.0f} | {mib('bank')} | "
+                    f"{mib('beyond_bank')} | {record['capacity_bytes'][-1] / 2**20:.0f} |")
+        if record["status"] != "ok":
+            rows.append(f"| {width}x{height} | {record['tree']} | {record['status']} "
+                        "| | | | | | | | |")
+    return "\n".join(rows)
+
+
+def _command_plot(payload, path):
+    """The resident set and the bank against frames (left), and their growth from frame
+    growth_from (right); returns [path]."""
+    figure, (absolute, growth) = common.subplots(1, 2, figsize=(12, 4.5))
+    start = payload["growth_from"]
+    for i, record in enumerate(payload["records"]):
+        if record.get("repeat", 0):
+            continue  # one run of each: the repeats are for speed
+        colour = f"C{i}"
+        height, width = record["size"]
+        label = f"{width}x{height}" + (f" ({record['tree']})" if payload.get("compare_with")
+                                       else "")
+        frames = np.asarray(record["frame_index"])
+        rss = np.asarray(record["rss_bytes"]) / 2**20
+        bank = np.asarray(record["bank_bytes"]) / 2**20
+        absolute.plot(frames, rss, color=colour, label=f"{label}: resident set")
+        absolute.plot(frames, bank, color=colour, linestyle="--", label=f"{label}: bank")
+        at = int(np.searchsorted(frames, start))
+        if at < len(frames):
+            growth.plot(frames[at:], rss[at:] - rss[at], color=colour,
+                        label=f"{label}: resident set")
+            growth.plot(frames[at:], bank[at:] - bank[at], color=colour, linestyle="--",
+                        label=f"{label}: bank")
+            growth.plot(frames[at:], bank[at:] - bank[at] + 100, color=colour, linestyle=":",
+                        linewidth=1, label=f"{label}: bank + 100 MiB")
+    absolute.set(xlabel="frame", ylabel="MiB", ylim=(0, None))
+    growth.set(xlabel="frame", ylabel=f"MiB grown since frame {start}")
+    for axis in (absolute, growth):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    figure.suptitle(f"`stm segment` on a long video, {payload['device']} (torch "
+                    f"{payload['torch']}, commit {payload['commit'][:12]}, "
+                    f"{payload['date'][:10]}): resident set and memory bank", fontsize=9)
+    return common.save_figure(figure, path, dpi=100)
+
+
 def summary(payload):
     """Markdown table: per variant and length, fps, memory and the read's share of a frame
     (with --input-resolutions, per input resolution instead). "beyond memory" is the peak less
@@ -286,7 +502,9 @@ def summary(payload):
     growing with the memory where the read materialises the affinity (the naive one); "-" where
     the bank is offloaded to the host. It includes the bank's growth copy: when the bank
     doubles, its old storage (half the new) is held beside the new while the frames are
-    copied; the fused and naive reads share that term."""
+    copied; the fused and naive reads share that term. A --command run: _command_summary."""
+    if payload.get("command"):
+        return _command_summary(payload)
     if any(record.get("input_size") for record in payload["records"]):
         return _resolutions_summary(payload)
     reserved = ", the memory bank allocated up front for the longest length" \
@@ -363,7 +581,10 @@ def _smooth(values, window=25):
 
 
 def plot(payload, path):
-    """fps, peak memory, read time and the rest of the frame time; returns [path]."""
+    """fps, peak memory, read time and the rest of the frame time; returns [path] (a
+    --command run: _command_plot)."""
+    if payload.get("command"):
+        return _command_plot(payload, path)
     figure, axes = common.subplots(2, 2, figsize=(12, 8))
     (fps_axis, memory_axis), (read_axis, rest_axis) = axes
     for i, record in enumerate(payload["records"]):
@@ -431,6 +652,19 @@ def main(argv=None):
                         help="allocate the memory bank for the longest length up front "
                              "(VideoSegmenter(max_memory_frames=...)): no doubling copy, so "
                              "the peak beyond the bank is the frame's own working memory")
+    parser.add_argument("--command", nargs="+", choices=sorted(COMMAND_SIZES),
+                        help="run `stm segment` itself on a synthetic video of each size, "
+                             "recording its resident set and memory bank after every frame "
+                             "(length: the longest of --lengths, default 2000)")
+    parser.add_argument("--segment-options", nargs="+", metavar="OPTION",
+                        help="with --command: more `stm segment` options (e.g. "
+                             "--memory-dtype fp32)")
+    parser.add_argument("--compare-with", type=pathlib.Path, metavar="DIR",
+                        help="with --command: alternate every run with one on the stm_model "
+                             "and stm_kernels in DIR (another commit's, exported)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --command: runs of each size (alternating with "
+                             "--compare-with's)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="frames segmented by a separate segmenter before timing (at least "
                              f"{COMPILE_WARMUP_FRAMES} for compiled variants)")
@@ -438,6 +672,8 @@ def main(argv=None):
     if args is None:
         return 0
     device = common.pick_device(args.device)
+    if args.command:
+        return command_main(args, device)
     defaults = DEFAULTS[device.type]
     source = args.source or (str(SHARED_DAVIS) if SHARED_DAVIS.exists() else "synthetic")
     lengths = sorted(args.lengths or defaults["lengths"])

@@ -1,4 +1,5 @@
 """`stm segment` on a long video: what its summary says of the memory bank."""
+import json
 import re
 
 import numpy as np
@@ -32,3 +33,26 @@ def test_the_bank_line_reports_the_frames_held_and_the_capacity_its_own_line(tmp
     assert frames == 3  # frames 0 and 5 kept, and frame 7's previous one
     assert float(summary["memory bank MiB"]) == round(frames * frame_bytes / 2**20, 2)
     assert float(summary["memory capacity MiB"]) == round(400 * frame_bytes / 2**20, 2)
+
+
+def test_bench_long_video_records_the_commands_resident_set_and_bank(tmp_path, monkeypatch,
+                                                                     capsys):
+    """`python -m bench long-video --command 240p`: `stm segment` on a synthetic video in a
+    fresh process, its resident set and bank recorded after every frame, in the JSON and its
+    plot."""
+    from bench import long_video
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert long_video.main(["--device", "cpu", "--command", "240p", "--lengths", "4"]) == 0
+    [path] = tmp_path.glob("long_video_cpu_*.json")
+    payload = json.loads(path.read_text())
+    [record] = payload["records"]
+    assert payload["command"] == "stm segment" and record["status"] == "ok"
+    assert record["frames"] == 4 and record["frame_index"] == [1, 2, 3, 4]
+    assert all(rss > 100 * 2**20 for rss in record["rss_bytes"])  # a process with torch
+    # frame 0 memorised at step 2, then frame t - 1 beside it as the temporary one
+    one = record["bank_bytes"][1]
+    assert one > 0 and record["bank_bytes"] == [0, one, 2 * one, 2 * one]
+    assert record["capacity_bytes"][-1] == 16 * one  # the bank's first 16 frames
+    assert record["growth"] is None  # shorter than the 100 frames growth is counted from
+    assert path.with_suffix(".png").is_file()
+    assert "| 426x240 | this | 4 | 2 |" in capsys.readouterr().out
