@@ -94,8 +94,8 @@ def forced_int64(monkeypatch, fresh_launches):
 def fresh_launches(monkeypatch):
     """No remembered choice or kept launch from other tests; outputs NaN-poisoned."""
     from stm_kernels import poison_outputs
-    from stm_kernels.backends.triton import launch, running
+    from stm_kernels.backends.triton import kept_launches, running
     monkeypatch.setattr(running, "_chosen", {})
-    monkeypatch.setattr(launch, "_prepared", {})
+    monkeypatch.setattr(kept_launches, "_prepared", {})
     with poison_outputs():
         yield

@@ -119,9 +119,9 @@ def launch_keeping(kernel, grid, per_call, fixed, direct):
     from a first launch of this layout, or None) where it takes the call: past Triton's binder,
     as the plain kernels' kept launches are (backends/triton/direct_launch.py). Returns the
     DirectLaunch to keep: `direct`, or this launch's where none was kept yet and launches are
-    kept (launch.keeping_launches)."""
+    kept (kept_launches.keeping_launches)."""
     from ..backends.triton.direct_launch import DirectLaunch
-    from ..backends.triton.launch import keeping_launches, launched_directly
+    from ..backends.triton.kept_launches import keeping_launches, launched_directly
     if launched_directly(direct, per_call):
         return direct
     compiled = kernel[grid](**per_call, **fixed)

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from stm_kernels.backends.triton import devices, launch, running
+from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, launch, running
 from stm_kernels.experimental import gluon_forward
 from tools.gpu_session import host_path
 
@@ -90,19 +90,19 @@ def test_the_gluon_rows_plan_its_launch_once_and_launch_nothing(gluon_plannings)
     if not gluon_forward.AVAILABLE:
         pytest.skip(f"Gluon unavailable: {gluon_forward.UNAVAILABLE_REASON}")
     q, k, v = _meta_read()
-    launch.forget_choices()
+    kept_launches.forget_choices()
     kernel = gluon_forward.memory_read_ws_fwd_kernel
     with devices.pretend(host_path.H100), running.recording(host_path._nothing), \
             host_path.gluon_without_launch():
         for _ in range(3):
             launch.triton_forward(q, k, v, 0.1, False)
-        with launch.planning_every_call():
+        with kept_launches.planning_every_call():
             launch.triton_forward(q, k, v, 0.1, False)
         assert gluon_forward.memory_read_ws_fwd_kernel is not kernel
     assert gluon_forward.memory_read_ws_fwd_kernel is kernel  # restored
-    assert not launch.warp_specialized_opted_in()
+    assert not gluon_opt_in.warp_specialized_opted_in()
     assert len(gluon_plannings) == 2  # the first call, then the one planned every call
-    launch.forget_choices()
+    kept_launches.forget_choices()
 
 
 def test_the_gluon_backward_row_plans_both_kernels_once_and_launches_nothing(monkeypatch,
@@ -128,12 +128,12 @@ def test_the_gluon_backward_row_plans_both_kernels_once_and_launches_nothing(mon
         for _ in range(3):
             backward()
     assert sorted(plannings) == sorted(m.__name__ for m in (gluon_backward, gluon_backward_dv))
-    [kept] = [p for key, p in launch._prepared.items() if key[0][0] == "backward"]
+    [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dv, launch.GluonDvLaunch)
     assert isinstance(kept.dkdq, launch.GluonDkdqLaunch)
     assert (gluon_backward.memory_read_ws_bwd_dkdq_kernel,
             gluon_backward_dv.memory_read_ws_bwd_dv_kernel) == kernels  # restored
-    assert not launch.warp_specialized_backward_opted_in()
+    assert not gluon_opt_in.warp_specialized_backward_opted_in()
 
 
 def test_per_call_time_counts_every_call():

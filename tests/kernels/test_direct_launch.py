@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from stm_kernels.backends.triton import devices, launch, running
+from stm_kernels.backends.triton import devices, kept_launches, launch, running
 from stm_kernels.backends.triton.direct_launch import ALIGNMENT, DirectLaunch
 from tools.gpu_session import host_path
 
@@ -190,7 +190,7 @@ def test_nothing_to_keep_without_a_compile():
 def kernel_launch():
     """(KernelLaunch of the forward kernel, its first call's tensors), recorded."""
     kernel, grid, fixed, tensors = _forward_launch()
-    return launch.KernelLaunch(kernel, grid, None, fixed), tensors
+    return kept_launches.KernelLaunch(kernel, grid, None, fixed), tensors
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_a_kernel_launch_goes_direct_after_its_first_call(compiles, kernel_launc
     assert launcher.calls[-1][9 + list(kept.direct.positional(other)).index(other["q"])] \
         is other["q"]
 
-    with launch.binding_every_launch():
+    with kept_launches.binding_every_launch():
         kept(None, **other)
     assert len(runs) == 2 and len(launcher.calls) == 2
     with running.recording(lambda *args: None):
@@ -234,7 +234,7 @@ def test_a_kernel_launch_goes_direct_after_its_first_call(compiles, kernel_launc
 def test_planning_every_call_keeps_no_compile(compiles, kernel_launch):
     runs, launcher = compiles
     kept, tensors = kernel_launch
-    with launch.planning_every_call():
+    with kept_launches.planning_every_call():
         kept(None, first=True, **tensors)
     assert kept.direct is None
 
@@ -243,13 +243,13 @@ def test_a_launcher_that_refuses_switches_direct_launches_off(compiles, kernel_l
                                                              monkeypatch):
     runs, launcher = compiles
     launcher.error = TypeError("function takes 30 arguments (31 given)")
-    monkeypatch.setattr(launch, "_launching_directly", True)
+    monkeypatch.setattr(kept_launches, "_launching_directly", True)
     monkeypatch.setattr(running, "_warned", set())
     kept, tensors = kernel_launch
     kept(None, first=True, **tensors)
     with pytest.warns(RuntimeWarning, match="launching kept Triton kernels directly failed"):
         kept(None, **tensors)
-    assert len(runs) == 2 and not launch._launching_directly
+    assert len(runs) == 2 and not kept_launches._launching_directly
     kept(None, **tensors)
     assert len(runs) == 3
 
@@ -304,7 +304,7 @@ def test_the_gluon_forwards_kept_launch_goes_direct_with_tritons_arguments(compi
     assert kept.direct.aligned == {name for name, (kind, attribute) in specialization.items()
                                    if kind.startswith("*") and attribute == "D"}
 
-    with launch.binding_every_launch():
+    with kept_launches.binding_every_launch():
         kept(q2, k2, v2, part_out, part_lse)
     assert len(kernel.launches) == 2 and len(launcher.calls) == 1
 
@@ -345,8 +345,8 @@ def test_a_gluon_launch_keeps_its_first_compile_and_launches_it_directly(monkeyp
     assert grid_and_stream == (3, 1, 1, STREAM)
     assert arguments[0] == "descriptor 2" and arguments[1] is second["lse"]
     assert arguments[2:] == (20, 64)
-    with launch.binding_every_launch():
+    with kept_launches.binding_every_launch():
         assert launch_keeping(kernel, (3, 1), second, fixed, direct) is direct
     assert len(bound) == 2 and len(launcher.calls) == 1
-    with launch.planning_every_call():
+    with kept_launches.planning_every_call():
         assert launch_keeping(kernel, (3, 1), first, fixed, None) is None

@@ -17,7 +17,8 @@ import torch
 from helpers import (check_read, per_object_reference, ragged_case, ragged_read_with_grads,
                      random_inputs, read_with_grads, reference_with_grads)
 from stm_kernels import FallbackWarning, backends, memory_read, memory_usage
-from stm_kernels.backends.triton import calls, devices, launch, running, tilings
+from stm_kernels.backends.triton import (calls, devices, gluon_opt_in, kept_launches, launch,
+                                         running, tilings)
 from stm_kernels.backends.triton.devices import KIB, Device
 
 pytestmark = pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
@@ -32,7 +33,7 @@ RDNA3 = Device("AMD Radeon RX 7900 XTX", "amd", "gfx1100", 64 * KIB, 48)
 def fresh_memory(monkeypatch):
     """Each test starts with no remembered choice and no warning given yet."""
     monkeypatch.setattr(running, "_chosen", {})
-    monkeypatch.setattr(launch, "_prepared", {})
+    monkeypatch.setattr(kept_launches, "_prepared", {})
     monkeypatch.setattr(running, "_warned", set())
 
 
@@ -206,7 +207,7 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
         again = ragged_read_with_grads(q, k, v, lengths, cotangents, backend="triton")
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
-    kept = [prepared for prepared in launch._prepared.values()
+    kept = [prepared for prepared in kept_launches._prepared.values()
             if isinstance(prepared, launch.PreparedBackward)]
     assert len(kept) == 1 and kept[0].dq is not None and \
         kept[0].prepare.fixed["ZERO_DQ"] != deterministic
@@ -328,7 +329,7 @@ def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, cap
     assert capfd.readouterr().err == "a note from a compile that works\n" * 2
 
     failing_configs.add(second)  # now no candidate compiles: the torch read, one line
-    launch.forget_choices()
+    kept_launches.forget_choices()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = memory_read(q, k, v, backend="triton")
@@ -566,13 +567,13 @@ def test_devices_are_read_off_their_properties(monkeypatch, hip, properties, exp
 
 
 def test_the_gluon_forward_is_never_chosen_off_sm90(monkeypatch):
-    monkeypatch.setenv(launch.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setenv(gluon_opt_in.WARP_SPECIALIZED_ENV, "1")
     from stm_kernels.experimental import gluon_forward
     monkeypatch.setattr(gluon_forward, "unsupported_reason", lambda *args: None)
     call = calls.Call(MI300X, tilings.ARCHITECTURES["gfx942"], "ieee", "16-bit", 128)
     q, k, v = _inputs()
     with pytest.warns(RuntimeWarning, match=r"runs on sm_90 only, not AMD Instinct MI300X"):
-        assert launch._warp_specialized_forward(call, q, k, v) == (None, True)
+        assert gluon_opt_in._warp_specialized_forward(call, q, k, v) == (None, True)
 
 
 def test_without_triton_the_triton_backend_reads_with_torch(monkeypatch):

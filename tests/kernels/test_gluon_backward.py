@@ -18,7 +18,7 @@ from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # no
 from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward  # noqa: E402
-from stm_kernels.backends.triton import devices, running  # noqa: E402
+from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, running  # noqa: E402
 
 H100_SHARED_MEMORY = 227 * 1024
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -158,14 +158,14 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
     cannot run on CPU tensors: it warns): gradients against float64, planned once, and the
     kept backward computing new inputs' gradients with the same launch."""
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import devices, launch as launchers
+    from stm_kernels.backends.triton import devices
     if not devices.INTERPRETING:
         pytest.skip("the forward and dV kernels need TRITON_INTERPRET=1 on CPU")
     monkeypatch.setattr(running, "_warned", set())
     plannings, real = [], gluon_backward.prepare
     monkeypatch.setattr(gluon_backward, "prepare",
                         lambda *a, **kw: plannings.append(1) or real(*a, **kw))
-    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
+    with gluon_opt_in.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             pytest.warns(RuntimeWarning, match="plain Triton dV kernel"):
         for seed in range(2):
             q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=seed)
@@ -184,12 +184,11 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(fresh_launches):
     """On CPU tensors (no Hopper GPU) the opted-in backward warns once and takes the plain
     dK/dQ kernel: the gradients are still right."""
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import launch as launchers
     if not devices.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
     q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 70, torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    with launchers.warp_specialized_backward(), \
+    with gluon_opt_in.warp_specialized_backward(), \
             pytest.warns(RuntimeWarning, match="WARP_SPECIALIZED_BACKWARD=1 ignored"):
         memory_read(q, k, v, backend="triton").backward(do)
     ref_dq, ref_dk, _, _ = _reference(q.detach(), k.detach(), v.detach(), do, 0.25, False)
@@ -255,7 +254,7 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
     from stm_kernels.backends.triton import launch as launchers
     monkeypatch.setattr(running, "_warned", set())
     shape = (2, 1, 128, 512, 1620, 16200)
-    with launchers.warp_specialized_backward(), warnings.catch_warnings():
+    with gluon_opt_in.warp_specialized_backward(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
         for seed in range(2):
             q, k, v, do = backward_inputs(*shape, torch.bfloat16, seed=seed, device="cuda")
@@ -268,5 +267,5 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
                                               1 / math.sqrt(128), l2)
             assert relative_error(k.grad.cpu(), ref_dk) < TOLERANCE[torch.bfloat16], seed
             assert relative_error(q.grad.cpu(), ref_dq) < TOLERANCE[torch.bfloat16], seed
-    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dkdq, launchers.GluonDkdqLaunch)

@@ -18,7 +18,7 @@ from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # no
 from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward_dv  # noqa: E402
-from stm_kernels.backends.triton import devices, running  # noqa: E402
+from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, running  # noqa: E402
 
 H100_SHARED_MEMORY = 227 * 1024
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -174,7 +174,7 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
     plannings, real = [], gluon_backward_dv.prepare
     monkeypatch.setattr(gluon_backward_dv, "prepare",
                         lambda *a, **kw: plannings.append(1) or real(*a, **kw))
-    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
+    with gluon_opt_in.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             pytest.warns(RuntimeWarning, match="dK/dQ kernel"):
         for seed in range(2):
             q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=seed)
@@ -184,7 +184,7 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
             ref_dv, _ = _reference(q.detach(), k.detach(), v.detach(), do, 1 / math.sqrt(32), l2)
             assert relative_error(v.grad, ref_dv) < 1e-2, seed
     assert len(plannings) == 1 and len(emulated_kernel.launches) == 2
-    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dv, launchers.GluonDvLaunch)
     assert not isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
 
@@ -203,7 +203,7 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
         pytest.skip("the forward needs TRITON_INTERPRET=1 on CPU")
     dkdq = emulate(monkeypatch, gluon_backward, "memory_read_ws_bwd_dkdq_kernel")
     monkeypatch.setattr(running, "_warned", set())
-    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
+    with gluon_opt_in.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
         for seed in range(2):
@@ -216,7 +216,7 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
                 error = relative_error(tensor.grad, reference)
                 assert error < TOLERANCE[torch.bfloat16], (seed, error)
     assert len(emulated_kernel.launches) == 2 and len(dkdq.launches) == 2
-    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dv, launchers.GluonDvLaunch)
     assert isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
 
@@ -236,7 +236,7 @@ def test_deterministic_backward_keeps_the_gluon_dv_kernel(monkeypatch, emulated_
     monkeypatch.setattr(running, "_warned", set())
     q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=4)
     grads = []
-    with launchers.warp_specialized_backward(), devices.pretend(pretended_h100()), \
+    with gluon_opt_in.warp_specialized_backward(), devices.pretend(pretended_h100()), \
             warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
         torch.use_deterministic_algorithms(True)
@@ -251,7 +251,7 @@ def test_deterministic_backward_keeps_the_gluon_dv_kernel(monkeypatch, emulated_
     for grad, reference in zip(grads[0], (ref.dq, ref.dk, ref.dv), strict=True):
         assert relative_error(grad, reference) < TOLERANCE[torch.float16]
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
-    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dv, launchers.GluonDvLaunch) and kept.dq is not None
 
 
@@ -281,9 +281,9 @@ def test_an_architecture_default_runs_without_the_opt_in(monkeypatch, emulated_k
         pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
     _sm90_running_by_default(monkeypatch, {"dv"})
     if switch is None:
-        monkeypatch.delenv(launchers.WARP_SPECIALIZED_BACKWARD_ENV, raising=False)
+        monkeypatch.delenv(gluon_opt_in.WARP_SPECIALIZED_BACKWARD_ENV, raising=False)
     else:
-        monkeypatch.setenv(launchers.WARP_SPECIALIZED_BACKWARD_ENV, switch)
+        monkeypatch.setenv(gluon_opt_in.WARP_SPECIALIZED_BACKWARD_ENV, switch)
     q, k, v, do = backward_inputs(2, 1, 32, 64, 45, 136, torch.float16, seed=6)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     with devices.pretend(pretended_h100()), warnings.catch_warnings():
@@ -291,7 +291,7 @@ def test_an_architecture_default_runs_without_the_opt_in(monkeypatch, emulated_k
         memory_read(q, k, v, backend="triton").backward(do)
     ref = backward_reference(q, k, v, do, 1 / math.sqrt(32), False)
     assert relative_error(v.grad, ref.dv) < TOLERANCE[torch.float16]
-    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dv, launchers.GluonDvLaunch) == (switch is None)
     assert len(emulated_kernel.launches) == (1 if switch is None else 0)
     assert not isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
@@ -343,11 +343,11 @@ def test_an_architecture_default_that_cannot_run_falls_back_silently(monkeypatch
     import warnings
 
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import devices, launch as launchers
+    from stm_kernels.backends.triton import devices
     if not devices.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
     _sm90_running_by_default(monkeypatch, {"dv", "dkdq"})
-    monkeypatch.delenv(launchers.WARP_SPECIALIZED_BACKWARD_ENV, raising=False)
+    monkeypatch.delenv(gluon_opt_in.WARP_SPECIALIZED_BACKWARD_ENV, raising=False)
     q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 72, torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     with devices.pretend(pretended_h100()), warnings.catch_warnings():
@@ -362,13 +362,12 @@ def test_opt_in_warns_and_falls_back_where_it_cannot_run(monkeypatch, fresh_laun
     """On CPU tensors (no Hopper GPU) the opted-in backward warns once for each Gluon kernel
     and takes the plain ones: the gradients are still right."""
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import launch as launchers
     if not devices.INTERPRETING:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on CPU")
     monkeypatch.setattr(running, "_warned", set())
     q, k, v, do = backward_inputs(1, 1, 16, 32, 20, 72, torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    with launchers.warp_specialized_backward(), \
+    with gluon_opt_in.warp_specialized_backward(), \
             pytest.warns(RuntimeWarning) as caught:
         memory_read(q, k, v, backend="triton").backward(do)
     messages = [str(w.message) for w in caught]
@@ -434,7 +433,7 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
     from stm_kernels.backends.triton import launch as launchers
     monkeypatch.setattr(running, "_warned", set())
     shape = (2, 1, 128, 512, 1620, 16200)
-    with launchers.warp_specialized_backward(), warnings.catch_warnings():
+    with gluon_opt_in.warp_specialized_backward(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*WARP_SPECIALIZED_BACKWARD")
         for seed in range(2):
             q, k, v, do = backward_inputs(*shape, torch.bfloat16, seed=seed, device="cuda")
@@ -445,6 +444,6 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
             memory_read(q, k, v, backend="triton", similarity="l2" if l2 else "dot").backward(do)
             ref = _reference(*(t.detach() for t in (q, k, v, do)), 1 / math.sqrt(128), l2)
             assert relative_error(v.grad.cpu(), ref[0]) < TOLERANCE[torch.bfloat16], seed
-    [kept] = [p for key, p in launchers._prepared.items() if key[0][0] == "backward"]
+    [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
     assert isinstance(kept.dv, launchers.GluonDvLaunch)
     assert isinstance(kept.dkdq, launchers.GluonDkdqLaunch)

@@ -25,7 +25,7 @@ from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
-from stm_kernels.backends.triton import devices, running  # noqa: E402
+from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, running  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -140,10 +140,9 @@ def emulated_kernel(monkeypatch):
 def emulated_read(monkeypatch, emulated_kernel):
     """emulated_kernel behind memory_read: the read opted into the Gluon forward; the merge
     (and backward) kernels run in Triton's interpreter."""
-    from stm_kernels.backends.triton import launch as launchers
     if not devices.INTERPRETING:
         pytest.skip("the merge and backward kernels need TRITON_INTERPRET=1 on CPU")
-    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setenv(gluon_opt_in.WARP_SPECIALIZED_ENV, "1")
     return emulated_kernel
 
 
@@ -282,21 +281,20 @@ def test_gpu_kept_launch_runs_on_new_inputs(monkeypatch, fresh_launches, gluon_p
     """The opted-in read's kept forward (its WsLaunch and the merge) called directly on other
     inputs of the same layout, so that its exceptions propagate, then the same inputs through
     memory_read: nothing is planned again, and both match float64."""
-    from stm_kernels.backends.triton import launch as launchers
-    monkeypatch.setenv(launchers.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setenv(gluon_opt_in.WARP_SPECIALIZED_ENV, "1")
     shape = (2, 1, 128, 512, 1620, 16200)  # 52 programs on 132 SMs: 2 splits, merged
     q, k, v = _inputs(*shape, torch.bfloat16, "cuda", seed=0, batch_gap=batch_gap)
     if gluon_forward.unsupported_reason(q, k, v) is not None:
         pytest.skip(gluon_forward.unsupported_reason(q, k, v))
     memory_read(q, k, v, backend="triton")
-    [kept] = launchers._prepared.values()
+    [kept] = kept_launches._prepared.values()
     assert isinstance(kept.forward, gluon_forward.WsLaunch) and kept.merge is not None
     assert kept.forward.direct is not None  # later launches call its compile directly
     q, k, v = _inputs(*shape, torch.bfloat16, "cuda", seed=1, batch_gap=batch_gap)
     direct, direct_lse = kept(q, k, v, None)
     out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
     assert len(gluon_plannings) == 1, "a kept launch failed and its call was planned again"
-    with launchers.binding_every_launch():  # Triton's own launch path: the same kernels
+    with kept_launches.binding_every_launch():  # Triton's own launch path: the same kernels
         assert torch.equal(memory_read(q, k, v, backend="triton"), out)
     ref_out, ref_lse = _reference(q, k, v, 1 / math.sqrt(shape[2]), False)
     for result, result_lse in ((direct, direct_lse), (out, lse)):
@@ -316,7 +314,7 @@ def test_an_architecture_default_from_a_memory_size_on(monkeypatch, emulated_ker
     from stm_kernels.backends.triton import devices, launch as launchers, tilings
     if not devices.INTERPRETING:
         pytest.skip("the merge kernel and the plain forward need TRITON_INTERPRET=1 on CPU")
-    monkeypatch.delenv(launchers.WARP_SPECIALIZED_ENV, raising=False)
+    monkeypatch.delenv(gluon_opt_in.WARP_SPECIALIZED_ENV, raising=False)
     monkeypatch.setitem(tilings.ARCHITECTURES, "sm_90", dataclasses.replace(
         tilings.ARCHITECTURES["sm_90"], warp_specialized={"forward": 200}))
     config = gluon_forward.WarpSpecializedConfig(block_m=32, block_n=16)

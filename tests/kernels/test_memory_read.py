@@ -11,7 +11,7 @@ from helpers import (DEVICES, TOLERANCE, check_read, per_object_reference, ragge
 from stm_kernels import memory_read, merge_reads, poison_outputs
 from stm_kernels import torch_common
 from stm_kernels.backends.triton import launch as triton_module
-from stm_kernels.backends.triton import calls, kernel_arguments, running
+from stm_kernels.backends.triton import calls, gluon_opt_in, kernel_arguments, running
 from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DvConfig, ForwardConfig,
                                            use_configs)
 
@@ -322,7 +322,7 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
     Gluon features, or inputs it does not take) warns once, in one line, and reads correctly."""
     skip_unless_runnable("triton", device)
     from stm_kernels.experimental import gluon_forward as memory_read_gluon
-    monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setenv(gluon_opt_in.WARP_SPECIALIZED_ENV, "1")
     monkeypatch.setattr(memory_read_gluon, "AVAILABLE", False)
     monkeypatch.setattr(memory_read_gluon, "UNAVAILABLE_REASON", "Triton 0.1: no Gluon")
     monkeypatch.setattr(running, "_warned", set())
@@ -334,7 +334,7 @@ def test_warp_specialized_opt_in_falls_back_with_one_warning(device, monkeypatch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         memory_read(q, k, v, backend="triton")
-    assert not [w for w in caught if triton_module.WARP_SPECIALIZED_ENV in str(w.message)]
+    assert not [w for w in caught if gluon_opt_in.WARP_SPECIALIZED_ENV in str(w.message)]
     message = next(iter(running._warned))
     assert "\n" not in message
 
@@ -351,7 +351,7 @@ def test_warp_specialized_forward_through_memory_read(dtype, rows, similarity, m
     from stm_kernels.experimental import gluon_forward as memory_read_gluon
     config = (memory_read_gluon.ROW_SPLIT_CONFIG if rows
               else memory_read_gluon.WarpSpecializedConfig())
-    monkeypatch.setenv(triton_module.WARP_SPECIALIZED_ENV, "1")
+    monkeypatch.setenv(gluon_opt_in.WARP_SPECIALIZED_ENV, "1")
     q, k, v = random_inputs(3, 1, 128, 512, 333, 16200 - 8, dtype, "cuda", seed=15)
     reason = memory_read_gluon.unsupported_reason(q, k, v, config)
     if reason is not None:

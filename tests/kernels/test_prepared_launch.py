@@ -13,7 +13,7 @@ import torch
 from helpers import (TOLERANCE, RecordedOps, check_read, random_inputs, read_with_grads,
                      reference_with_grads, relative_error)
 from stm_kernels import memory_read, poison_outputs
-from stm_kernels.backends.triton import devices, launch, running
+from stm_kernels.backends.triton import devices, kept_launches, launch, running
 from stm_kernels.backends.triton.launch import ForwardConfig, use_configs
 
 pytestmark = [pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
@@ -37,7 +37,7 @@ def checked_launches(monkeypatch):
 
 
 def _prepared():
-    return list(launch._prepared.values())
+    return list(kept_launches._prepared.values())
 
 
 # B, Bq, Ck, Cv, HW, N: the memory split in several parts (a merge launch), ragged sizes
@@ -121,7 +121,7 @@ def test_forced_configs_are_honoured_after_a_plan_is_kept(monkeypatch):
     configs.clear()
     memory_read(q, k, v, backend="triton")  # the default's kept launch again
     assert [config for _, config in configs] != [forced] and len(configs) == 2  # split, merge
-    assert len(launch._prepared) == 2
+    assert len(kept_launches._prepared) == 2
 
 
 def test_a_forced_config_set_plans_once_and_keeps_its_own_launches(plannings):
@@ -135,7 +135,7 @@ def test_a_forced_config_set_plans_once_and_keeps_its_own_launches(plannings):
             memory_read(q, k, v, backend="triton")
     assert plannings["forward"] == 2
     memory_read(q, k, v, backend="triton")
-    assert plannings["forward"] == 3 and len(launch._prepared) == 3
+    assert plannings["forward"] == 3 and len(kept_launches._prepared) == 3
 
 
 def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):
@@ -275,11 +275,11 @@ def test_deterministic_mode_plans_its_own_backward(plannings):
 
 
 def test_the_oldest_layouts_are_dropped_beyond_the_limit(monkeypatch, plannings):
-    monkeypatch.setattr(launch, "PREPARED_LAYOUTS", 2)
+    monkeypatch.setattr(kept_launches, "PREPARED_LAYOUTS", 2)
     q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
     for n in (100, 200, 300):  # a memory growing by one size per memory frame
         memory_read(q, k[:, :, :n], v[:, :, :n], backend="triton")
-    kept = [key for key in launch._prepared]
+    kept = [key for key in kept_launches._prepared]
     assert len(kept) == 2 and [key[-2][0][-1] for key in kept] == [200, 300]
     memory_read(q, k[:, :, :300], v[:, :, :300], backend="triton")
     assert plannings["forward"] == 3  # the newest is still kept
@@ -342,13 +342,13 @@ def test_threads_keeping_layouts_at_the_limit_never_fail(monkeypatch):
     oldest are dropped once each, never twice (which raised KeyError), and the limit holds."""
     import sys
     import threading
-    monkeypatch.setattr(launch, "PREPARED_LAYOUTS", 4)
+    monkeypatch.setattr(kept_launches, "PREPARED_LAYOUTS", 4)
     errors, interval = [], sys.getswitchinterval()
 
     def keep(thread):
         try:
             for index in range(2000):
-                launch._keep_prepared((thread, index), object())
+                kept_launches._keep_prepared((thread, index), object())
         except Exception as error:  # noqa: BLE001 - any failure is the finding
             errors.append(error)
 
@@ -361,7 +361,7 @@ def test_threads_keeping_layouts_at_the_limit_never_fail(monkeypatch):
             thread.join()
     finally:
         sys.setswitchinterval(interval)
-    assert errors == [] and len(launch._prepared) <= 4
+    assert errors == [] and len(kept_launches._prepared) <= 4
 
 
 def test_planning_every_call_keeps_and_reuses_nothing_until_it_ends(plannings):
@@ -369,14 +369,14 @@ def test_planning_every_call_keeps_and_reuses_nothing_until_it_ends(plannings):
     and nothing is kept; after it, the launches kept before it run again."""
     first = random_inputs(*SHAPE, torch.float32, "cpu", seed=0)
     read_with_grads(*first, backend="triton")
-    kept = dict(launch._prepared)
+    kept = dict(kept_launches._prepared)
     assert len(kept) == 2 and plannings["forward"] == plannings["dv"] == 1
-    with launch.planning_every_call():
+    with kept_launches.planning_every_call():
         for seed in (3, 4):
             inputs = random_inputs(*SHAPE, torch.float32, "cpu", seed=seed)
             check_read(read_with_grads(*inputs, seed=seed, backend="triton"),
                        reference_with_grads(*inputs, seed=seed), torch.float32)
-        assert launch._prepared == kept
+        assert kept_launches._prepared == kept
     assert plannings["forward"] == plannings["dv"] == 3
     read_with_grads(*first, backend="triton")
     assert plannings["forward"] == plannings["dv"] == 3  # the kept launches ran

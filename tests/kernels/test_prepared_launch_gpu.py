@@ -11,7 +11,7 @@ from helpers import (TOLERANCE, check_read, random_inputs, read_with_grads, refe
                      relative_error)
 from stm_kernels import memory_read
 from stm_kernels.backends import pytorch
-from stm_kernels.backends.triton import launch, running
+from stm_kernels.backends.triton import kept_launches, launch, running
 
 pytestmark = [pytest.mark.gpu,
               # the kernels, never the torch backend's fallback, compute every result here
@@ -23,7 +23,7 @@ SHAPE = (2, 1, 64, 96, 300, 4000)
 
 
 def _kept(kind):
-    [kept] = [p for p in launch._prepared.values() if type(p).__name__ == kind]
+    [kept] = [p for p in kept_launches._prepared.values() if type(p).__name__ == kind]
     return kept
 
 
@@ -113,7 +113,7 @@ def test_kept_launches_go_direct_and_compute_what_tritons_launch_does(launch_rou
     q, k, v = random_inputs(*SHAPE, dtype, "cuda", seed=5)
     direct = memory_read(q, k, v, backend="triton")
     assert launch_routes == {"direct": 2, "triton": 2}
-    with launch.binding_every_launch():
+    with kept_launches.binding_every_launch():
         through_triton = memory_read(q, k, v, backend="triton")
     assert launch_routes == {"direct": 2, "triton": 4}
     assert torch.equal(direct, through_triton)

@@ -58,7 +58,7 @@ KERNEL_SOURCES = ("stm_kernels/backends/triton/kernels/forward.py",
                   "stm_kernels/backends/triton/kernels/common.py")
 # The launchers (launch.py and its rooms): the arguments, grids and configs of every launch.
 LAUNCHER_SOURCES = tuple(f"stm_kernels/backends/triton/{name}.py" for name in (
-    "launch", "running", "calls", "plans", "kernel_arguments"))
+    "launch", "running", "calls", "plans", "kernel_arguments", "gluon_opt_in", "kept_launches"))
 SOURCES = LAUNCHER_SOURCES + ("stm_kernels/backends/triton/tilings.py",) + KERNEL_SOURCES
 
 

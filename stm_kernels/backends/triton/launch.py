@@ -37,9 +37,6 @@ arguments are passed by name.
 """
 import dataclasses
 import functools
-import importlib
-import os
-import threading
 
 import torch
 
@@ -48,7 +45,11 @@ from ...torch_common import LOG2E, score_gradient_factor
 from . import running, tilings
 from .calls import Call, _call, _check_device, _launch_flags, _signature
 from .calls import exact_float32_on_torch, unsupported_reason  # noqa: F401
-from .direct_launch import DirectLaunch
+from .gluon_opt_in import (WARP_SPECIALIZED_BACKWARD_ENV, WARP_SPECIALIZED_ENV, _gluon_wanted,
+                           _run_or_warn, _usable_gluon, _warp_specialized_forward,
+                           backward_switch, forward_switch)
+from .gluon_opt_in import (warp_specialized_backward, warp_specialized_backward_opted_in,  # noqa: F401
+                           warp_specialized_forward, warp_specialized_opted_in)
 from .kernel_arguments import (_aligned_length, _alignment, _lengths_argument, _memory_strides,
                                _memory_term, _padded_buffer, _padded_rows, _query_inputs,
                                _query_strides, _rows_aligned, _strides)
@@ -59,132 +60,18 @@ from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .kernels.topk import memory_read_topk_kernel, memory_read_topk_merge_kernel
 from .plans import (cdiv, dq_plan, forward_plan, select_block_n, value_blocks,
                     warp_specialized_forward_plan)
-from .running import (KernelUnavailable, _falls_through, flag_within_block, kernels_in_sequence,
-                      one_line, warn_once)
+from .kept_launches import KernelLaunch, _keep_prepared, _layout_key, _run_prepared
+from .kept_launches import (binding_every_launch, forget_choices,  # noqa: F401
+                            planning_every_call)
+from .running import KernelUnavailable, kernels_in_sequence
 from .running import (NO_FALLBACK_ENV, chosen_configs, compiled_resources,  # noqa: F401
                       recording)
 from .tilings import (BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConfig,  # noqa: F401
                       use_configs, warp_specialized_backward_config, warp_specialized_config,
                       warp_specialized_dv_config)
 
-WARP_SPECIALIZED_ENV = "STM_KERNELS_WARP_SPECIALIZED"
-WARP_SPECIALIZED_BACKWARD_ENV = "STM_KERNELS_WARP_SPECIALIZED_BACKWARD"
-# Prepared launches per call layout (_layout_key), oldest first, at most PREPARED_LAYOUTS: a
-# video's memory grows by one size per memory frame, and a size it has outgrown is not read
-# again.
-_prepared: dict = {}
-PREPARED_LAYOUTS = 256
-_keeping_launches = True  # False inside planning_every_call
-_launching_directly = True  # False inside binding_every_launch (KernelLaunch)
-_keeping = threading.Lock()  # held where _prepared changes (reads need none: one dict lookup)
-_warp_specialized = False  # True inside warp_specialized_forward()
-_warp_specialized_backward = False  # True inside warp_specialized_backward()
-
 
 # --------------------------------------------------------------------------- host helpers
-
-
-def _switch(env, within_block):
-    """"1" where the Gluon kernels of env are asked for (env=1, or within their block), "0"
-    where they are turned off (env=0), None where the architecture decides (unset)."""
-    value = os.environ.get(env)
-    return "1" if within_block or value == "1" else "0" if value == "0" else None
-
-
-def forward_switch():
-    """_switch of the Gluon forward now (part of the forward's layout key)."""
-    return _switch(WARP_SPECIALIZED_ENV, _warp_specialized)
-
-
-def backward_switch():
-    """_switch of the Gluon dV and dK/dQ kernels now (part of the backward's layout key)."""
-    return _switch(WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward)
-
-
-def warp_specialized_opted_in():
-    """Whether the forward opts into the Gluon warp-specialised forward:
-    STM_KERNELS_WARP_SPECIALIZED=1, or inside warp_specialized_forward()."""
-    return _switch(WARP_SPECIALIZED_ENV, _warp_specialized) == "1"
-
-
-def warp_specialized_forward():
-    """Within the block the forward opts into the Gluon warp-specialised forward, as
-    STM_KERNELS_WARP_SPECIALIZED=1 does (a benchmark's candidate beside the default)."""
-    return flag_within_block(globals(), "_warp_specialized", True)
-
-
-def warp_specialized_backward_opted_in():
-    """Whether the backward opts into the Gluon warp-specialised dV and dK/dQ kernels:
-    STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1, or inside warp_specialized_backward()."""
-    return _switch(WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward) == "1"
-
-
-def warp_specialized_backward():
-    """Within the block the backward opts into the Gluon warp-specialised dV and dK/dQ
-    kernels, as STM_KERNELS_WARP_SPECIALIZED_BACKWARD=1 does (a benchmark's candidate beside
-    the default)."""
-    return flag_within_block(globals(), "_warp_specialized_backward", True)
-
-
-def _gluon_wanted(call, kernel, N):
-    """(wanted, asked) for the Gluon `kernel` (tilings.WARP_SPECIALIZED_KERNELS) on `call`'s
-    device and a memory of N positions: asked for by its switch (_switch: env=1 or its block),
-    or the architecture's default (tilings: Architecture.warp_specialized) unless its env is
-    0."""
-    env, flag = ((WARP_SPECIALIZED_ENV, _warp_specialized) if kernel == "forward" else
-                 (WARP_SPECIALIZED_BACKWARD_ENV, _warp_specialized_backward))
-    switch = _switch(env, flag)
-    if switch is not None:
-        return switch == "1", switch == "1"
-    return call.architecture.runs_warp_specialized(kernel, N), False
-
-
-def _usable_gluon(call, env, module_name, plain, reason_of, asked=True):
-    """The Gluon kernel's module (stm_kernels.experimental.<module_name>) where
-    reason_of(module) has nothing against the call's inputs and the device is an sm_90; else
-    None: the plain Triton `plain` runs instead, with a one-line warning (once) where the
-    Gluon kernel was asked for (env=1; an architecture's default that does not take these
-    inputs is no news)."""
-    try:
-        module = importlib.import_module(f"stm_kernels.experimental.{module_name}")
-    except ImportError as error:  # pragma: no cover - the modules import on every Triton
-        reason = one_line(error)
-    else:
-        reason = reason_of(module)
-    if reason is None and call.device.arch != "sm_90":
-        reason = f"it runs on sm_90 only, not {call.device}"
-    if reason is not None:
-        if asked:
-            warn_once(f"{env}=1 ignored ({reason}); using the plain Triton {plain}")
-        return None
-    return module
-
-
-def _run_or_warn(env, what, call, run, asked=True):
-    """run() of a Gluon kernel; None where it raises what a plain kernel would fall through on
-    (_falls_through: the caller then runs the plain one), with a one-line warning (once)
-    naming the Gluon `what` and, where it was asked for, env."""
-    try:
-        return run()
-    except Exception as error:
-        if not _falls_through(error):
-            raise
-        switch = f"{env}=1: " if asked else ""
-        warn_once(f"{switch}the Gluon {what} failed on {call.device} ({one_line(error)}); "
-                  f"using the plain Triton {what}")
-        return None
-
-
-def _warp_specialized_forward(call, q, k, v):
-    """(the Gluon warp-specialised forward's module where it is wanted (_gluon_wanted) and
-    usable, else None; whether it was asked for)."""
-    wanted, asked = _gluon_wanted(call, "forward", k.shape[2])
-    if not wanted:
-        return None, asked
-    return _usable_gluon(call, WARP_SPECIALIZED_ENV, "gluon_forward", "forward",
-                         lambda gluon: gluon.unsupported_reason(q, k, v,
-                                                                warp_specialized_config()),
-                         asked), asked
 
 
 @dataclasses.dataclass(eq=False)
@@ -244,112 +131,6 @@ def _gluon_dkdq(call, inputs, v, delta, dq, scale, l2, asked):
         ws(q, k, v, do, inputs["lse"], delta, dq, dk)
         return dk, dq, GluonDkdqLaunch(ws)
     return _run_or_warn(WARP_SPECIALIZED_BACKWARD_ENV, "dK/dQ kernel", call, run, asked)
-
-
-# --------------------------------------------------------------------------- prepared launches
-
-
-@dataclasses.dataclass(eq=False)
-class KernelLaunch:
-    """One launch of `kernel` with the arguments a call's layout fixes (sizes, strides,
-    constexprs, grid, config): called with a call's tensors, it launches the kernel on them.
-    first=True is the launch of the call that plans it, through `running.run`, which also checks the
-    compile's local memory against the config's budget; it keeps the compile, and later calls
-    launch that directly (direct_launch.DirectLaunch: Triton's binder and cache lookup skipped),
-    or through `run` where the direct launch declines (a tensor off the alignment the compile
-    assumed, a profiler's launch hook) or is switched off (binding_every_launch)."""
-    kernel: object
-    grid: tuple
-    config: object
-    fixed: dict
-    direct: DirectLaunch | None = dataclasses.field(default=None, init=False)
-
-    def __call__(self, call, first=False, **tensors):
-        if not first and launched_directly(self.direct, tensors):
-            return
-        compiled = running.run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config,
-                               call, check_local=first)
-        if first and _keeping_launches:
-            self.direct = DirectLaunch.of(self.kernel, self.grid, compiled, self.fixed, tensors)
-
-
-def keeping_launches():
-    """Whether launches are kept per layout now (not inside planning_every_call)."""
-    return _keeping_launches
-
-
-def launched_directly(direct, tensors):
-    """Whether a kept launch's DirectLaunch (or None) launched on `tensors`: not while
-    launches are recorded or inside binding_every_launch, nor where it declines; False, with a
-    warning once, where this Triton's launcher refuses the call (an argument it parses
-    differently): launches then go through Triton's own path."""
-    global _launching_directly
-    if direct is None or not _launching_directly or running._executor is not None:
-        return False
-    try:
-        return direct(tensors)
-    except (TypeError, ValueError, AttributeError) as error:
-        _launching_directly = False
-        warn_once(f"launching kept Triton kernels directly failed ({one_line(error)}); "
-                  "launching them through Triton's binder from now on")
-        return False
-
-
-def binding_every_launch():
-    """Within the block kept launches go through Triton's binder (`kernel[grid](...)`) as a
-    first call does, instead of launching their compiled kernel directly (an A/B of the
-    direct launch's saving within one run)."""
-    return flag_within_block(globals(), "_launching_directly", False)
-
-
-def _layout_key(read, call, scale, l2, lengths, *tensors):
-    """What the planning of a read depends on besides its tensors' values: the device and
-    precision, every tensor's shape, strides and dtype, the scale, similarity and raggedness,
-    and the configs use_configs forces. A prepared launch is kept under it (a repeated call
-    then skips planning: at ten memory frames the host's work outweighs a GPU's)."""
-    return (read, call.device, call.input_precision, scale, l2, lengths is None,
-            tilings.forced_configs(), *[(t.shape, t.stride(), t.dtype) for t in tensors])
-
-
-def _run_prepared(layout, *tensors):
-    """The result of the launch prepared for `layout` on `tensors`, or None where there is none
-    or it failed (dropped then: the caller plans afresh, and a failing candidate falls
-    through to the next as on a first call)."""
-    prepared = _prepared.get(layout) if _keeping_launches else None
-    if prepared is None:
-        return None
-    try:
-        return prepared(*tensors)
-    except Exception:
-        with _keeping:
-            _prepared.pop(layout, None)
-        return None
-
-
-def _keep_prepared(layout, prepared):
-    """Keep a pass's launches for its layout (none inside planning_every_call), the oldest
-    dropped beyond PREPARED_LAYOUTS."""
-    if not _keeping_launches:
-        return
-    with _keeping:  # two threads keeping at the limit must not drop one layout twice
-        while _prepared and len(_prepared) >= PREPARED_LAYOUTS:
-            del _prepared[next(iter(_prepared))]
-        _prepared[layout] = prepared
-
-
-def planning_every_call():
-    """Within the block no launch is kept or reused: every call plans as a layout's first call
-    does, as the launchers did before they kept launches (an A/B of their saving within one
-    run). The launches kept before the block are kept for after it."""
-    return flag_within_block(globals(), "_keeping_launches", False)
-
-
-def forget_choices():
-    """Forget every remembered choice and prepared launch: the next call of each kernel tries
-    its candidates again (the offline tools start each case afresh)."""
-    running._chosen.clear()
-    with _keeping:
-        _prepared.clear()
 
 
 # --------------------------------------------------------------------------- forward
