@@ -19,7 +19,7 @@ and k' = s_j / sqrt(Ck) [k, k^2], 2 Ck channels. Without a shrinkage s = 1. The 
 is differentiable, so gradients reach the query, the memory keys, the selection and the
 shrinkage. It costs one (B, 2Ck+1, N) copy of the memory keys per read and twice the key
 channels in the score product. The Triton kernels read 2 Ck + 1 = 257 channels (Ck = 128) on
-256-wide tiles, the last channel as a rank-1 score term (backends/triton/launch.py).
+256-wide tiles, the last channel as a rank-1 score term (backends/triton/calls.py).
 """
 import torch
 

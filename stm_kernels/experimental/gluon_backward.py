@@ -28,7 +28,7 @@ aligned: the launcher's padded q and dO are); the shared-memory estimate within 
 import torch
 
 from ..backends.triton import devices
-from ..backends.triton.launch import backward_operands
+from ..backends.triton.backward_launcher import backward_operands
 from ..backends.triton.tilings import WarpSpecializedBackwardConfig
 from ..torch_common import LOG2E, score_gradient_factor
 from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, KeptGluonLaunch, cdiv, device_reason,
@@ -298,7 +298,8 @@ def unsupported_reason(q, k, v, do, config=None):
 def read_unsupported_reason(q, k, v, config=None):
     """Why the opted-in kernel would not run in the backward of memory_read(q, k, v) (the
     backward then warns and takes the plain kernel), or None: unsupported_reason on the q and
-    dO the backward passes its kernels (launch.backward_operands: empty, nothing copied)."""
+    dO the backward passes its kernels (backward_launcher.backward_operands: empty, nothing
+    copied)."""
     q, do = backward_operands(q, k, v)
     return unsupported_reason(q, k, v, do, config)
 

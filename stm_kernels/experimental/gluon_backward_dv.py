@@ -29,7 +29,7 @@ needs N % 8 == 0 as k does); the shared-memory estimate within the device's limi
 import torch
 
 from ..backends.triton import devices
-from ..backends.triton.launch import backward_operands
+from ..backends.triton.backward_launcher import backward_operands
 from ..backends.triton.tilings import WarpSpecializedDvConfig
 from ..torch_common import LOG2E
 from .gluon_common import (AVAILABLE, UNAVAILABLE_REASON, KeptGluonLaunch, cdiv, device_reason,
@@ -265,8 +265,8 @@ def unsupported_reason(q, k, do, dv, config=None):
 def read_unsupported_reason(q, k, v, config=None):
     """Why the opted-in kernel would not run in the backward of memory_read(q, k, v) (the
     backward then warns and takes the plain kernel), or None: unsupported_reason on the q and
-    dO the backward passes its kernels (launch.backward_operands: empty, nothing copied) and
-    a contiguous dv, as the backward allocates it."""
+    dO the backward passes its kernels (backward_launcher.backward_operands: empty, nothing
+    copied) and a contiguous dv, as the backward allocates it."""
     q, do = backward_operands(q, k, v)
     return unsupported_reason(q, k, do, torch.empty_like(v, memory_format=torch.contiguous_format),
                               config)

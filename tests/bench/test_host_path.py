@@ -6,7 +6,8 @@ import types
 import pytest
 import torch
 
-from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, launch, running
+from stm_kernels.backends.triton import (backward_launcher, devices, gluon_opt_in, kept_launches,
+                                         launch, running)
 from stm_kernels.experimental import gluon_forward
 from tools.gpu_session import host_path
 
@@ -40,7 +41,7 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     assert [(profile["layer"], profile["N"]) for profile in payload["profiles"]] == [
         ("launcher, no launch", 1620), ("launcher, no launch", 3240)]
     functions = [entry["function"] for entry in payload["profiles"][0]["functions"]]
-    assert "triton/launch.py" in " ".join(functions)
+    assert "triton/forward_launcher.py" in " ".join(functions)
     table = host_path.summary(payload)
     assert "| launcher, no launch |" in table and "N = 3,240" in table
     assert "cProfile, launcher, no launch, N = 1,620" in table
@@ -129,8 +130,8 @@ def test_the_gluon_backward_row_plans_both_kernels_once_and_launches_nothing(mon
             backward()
     assert sorted(plannings) == sorted(m.__name__ for m in (gluon_backward, gluon_backward_dv))
     [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
-    assert isinstance(kept.dv, launch.GluonDvLaunch)
-    assert isinstance(kept.dkdq, launch.GluonDkdqLaunch)
+    assert isinstance(kept.dv, backward_launcher.GluonDvLaunch)
+    assert isinstance(kept.dkdq, backward_launcher.GluonDkdqLaunch)
     assert (gluon_backward.memory_read_ws_bwd_dkdq_kernel,
             gluon_backward_dv.memory_read_ws_bwd_dv_kernel) == kernels  # restored
     assert not gluon_opt_in.warp_specialized_backward_opted_in()

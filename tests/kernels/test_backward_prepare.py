@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from stm_kernels._buffers import poison_outputs
-from stm_kernels.backends.triton import calls, kernel_arguments, launch
+from stm_kernels.backends.triton import calls, kernel_arguments
+from stm_kernels.backends.triton.backward_launcher import (_backward_inputs, _prepare_backward,
+                                                           _prepare_tensors)
 
 B, CV, QC = 3, 40, 17  # CV, QC: not multiples of the channel block (masked steps)
 
@@ -40,8 +42,7 @@ def test_prepare_kernel_matches_float64(dtype, batch_q, hw, transposed, grad_lse
     grad_out, d_lse, q, out = _case(dtype, batch_q, hw, transposed, grad_lse, seed=hw)
     call = calls._call(torch.empty(B, QC, 64, dtype=dtype), "backward", False)
     with poison_outputs(True):
-        filled, prepare = launch._prepare_backward(call, grad_out, d_lse, q, out, atomic_dq,
-                                                   False)
+        filled, prepare = _prepare_backward(call, grad_out, d_lse, q, out, atomic_dq, False)
     expected = (grad_out.double() * out.double()).sum(1)
     if d_lse is not None:
         expected -= d_lse.double()
@@ -56,8 +57,7 @@ def test_prepare_kernel_matches_float64(dtype, batch_q, hw, transposed, grad_lse
         else:
             assert copied is not source and copied.data_ptr() != source.data_ptr(), name
             torch.testing.assert_close(copied, source, rtol=0, atol=0)
-    inputs, delta, dq = launch._backward_inputs(filled, torch.empty(B, QC, 64), torch.zeros(B, hw),
-                                                None)
+    inputs, delta, dq = _backward_inputs(filled, torch.empty(B, QC, 64), torch.zeros(B, hw), None)
     assert inputs["do"] is filled["do_copy"] and inputs["q"] is filled["q_copy"]
     assert delta is filled["delta"]
     if atomic_dq:
@@ -73,9 +73,9 @@ def test_a_kept_prepare_fills_new_buffers_on_every_call():
     grad_out, d_lse, q, out = _case(torch.bfloat16, 1, 30, False, True, seed=0)
     call = calls._call(torch.empty(B, QC, 64, dtype=torch.bfloat16), "backward", False)
     with poison_outputs(True):
-        first, prepare = launch._prepare_backward(call, grad_out, d_lse, q, out, True, False)
+        first, prepare = _prepare_backward(call, grad_out, d_lse, q, out, True, False)
         grad_out2, d_lse2, q2, out2 = _case(torch.bfloat16, 1, 30, False, True, seed=1)
-        second = launch._prepare_tensors(grad_out2, d_lse2, q2, out2, True)
+        second = _prepare_tensors(grad_out2, d_lse2, q2, out2, True)
         prepare(call, **second)
     expected = (grad_out2.double() * out2.double()).sum(1) - d_lse2.double()
     torch.testing.assert_close(second["delta"].double(), expected, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 from bench.common import deterministic_algorithms
 from helpers import (DEVICES, check_read, per_object_reference, ragged_case, ragged_read_with_grads,
                      random_inputs, read_with_grads, reference_with_grads, skip_unless_runnable)
-from stm_kernels.backends.triton import launch as triton_module
+from stm_kernels.backends.triton import backward_launcher
 from stm_kernels import poison_outputs
 from stm_kernels.backends.triton.launch import (BackwardConfig, DkdqConfig, DqConfig, DvConfig,
                                            use_configs)
@@ -39,7 +39,7 @@ def _poisoned():
 @pytest.fixture
 def dq_launches(monkeypatch):
     """Counts launches of the deterministic dQ kernel."""
-    kernel = triton_module.memory_read_bwd_kernel_dq
+    kernel = backward_launcher.memory_read_bwd_kernel_dq
     grids = []
 
     class Counting:  # the kernel itself, its launches counted
@@ -49,7 +49,7 @@ def dq_launches(monkeypatch):
 
         def __getattr__(self, name):  # __name__, warmup, ...: what a compiled launch reads
             return getattr(kernel, name)
-    monkeypatch.setattr(triton_module, "memory_read_bwd_kernel_dq", Counting())
+    monkeypatch.setattr(backward_launcher, "memory_read_bwd_kernel_dq", Counting())
     return grids
 
 

@@ -17,8 +17,8 @@ import torch
 from helpers import (check_read, per_object_reference, ragged_case, ragged_read_with_grads,
                      random_inputs, read_with_grads, reference_with_grads)
 from stm_kernels import FallbackWarning, backends, memory_read, memory_usage
-from stm_kernels.backends.triton import (calls, devices, gluon_opt_in, kept_launches, launch,
-                                         running, tilings)
+from stm_kernels.backends.triton import (backward_launcher, calls, devices, gluon_opt_in,
+                                         kept_launches, running, tilings)
 from stm_kernels.backends.triton.devices import KIB, Device
 
 pytestmark = pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1")
@@ -208,7 +208,7 @@ def test_where_no_fused_dk_dq_tiling_runs_dk_and_dq_run_apart(monkeypatch, failu
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
     kept = [prepared for prepared in kept_launches._prepared.values()
-            if isinstance(prepared, launch.PreparedBackward)]
+            if isinstance(prepared, backward_launcher.PreparedBackward)]
     assert len(kept) == 1 and kept[0].dq is not None and \
         kept[0].prepare.fixed["ZERO_DQ"] != deterministic
     for first, second in zip(results, again, strict=True):

@@ -18,7 +18,8 @@ from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # no
 from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward  # noqa: E402
-from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, running  # noqa: E402
+from stm_kernels.backends.triton import (backward_launcher, devices, gluon_opt_in,  # noqa: E402
+                                         kept_launches, running)
 
 H100_SHARED_MEMORY = 227 * 1024
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -251,7 +252,6 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
     import warnings
 
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import launch as launchers
     monkeypatch.setattr(running, "_warned", set())
     shape = (2, 1, 128, 512, 1620, 16200)
     with gluon_opt_in.warp_specialized_backward(), warnings.catch_warnings():
@@ -268,4 +268,4 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
             assert relative_error(k.grad.cpu(), ref_dk) < TOLERANCE[torch.bfloat16], seed
             assert relative_error(q.grad.cpu(), ref_dq) < TOLERANCE[torch.bfloat16], seed
     [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
-    assert isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
+    assert isinstance(kept.dkdq, backward_launcher.GluonDkdqLaunch)

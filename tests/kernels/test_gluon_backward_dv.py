@@ -18,7 +18,8 @@ from gluon_cases import (backward_inputs, backward_reference, padded_rows,  # no
 from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_backward_dv  # noqa: E402
-from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, running  # noqa: E402
+from stm_kernels.backends.triton import (backward_launcher, devices, gluon_opt_in,  # noqa: E402
+                                         kept_launches, running)
 
 H100_SHARED_MEMORY = 227 * 1024
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -167,7 +168,7 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
     inputs' gradients with the same launch; the dK/dQ kernel, which cannot run here, fell
     back to the plain one with its warning."""
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import devices, launch as launchers
+    from stm_kernels.backends.triton import devices
     if not devices.INTERPRETING:
         pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
     monkeypatch.setattr(running, "_warned", set())
@@ -185,8 +186,8 @@ def test_emulated_kernel_behind_memory_read(monkeypatch, emulated_kernel, fresh_
             assert relative_error(v.grad, ref_dv) < 1e-2, seed
     assert len(plannings) == 1 and len(emulated_kernel.launches) == 2
     [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
-    assert isinstance(kept.dv, launchers.GluonDvLaunch)
-    assert not isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
+    assert isinstance(kept.dv, backward_launcher.GluonDvLaunch)
+    assert not isinstance(kept.dkdq, backward_launcher.GluonDkdqLaunch)
 
 
 @needs_gluon
@@ -197,7 +198,7 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
     import warnings
 
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import devices, launch as launchers
+    from stm_kernels.backends.triton import devices
     from stm_kernels.experimental import gluon_backward
     if not devices.INTERPRETING:
         pytest.skip("the forward needs TRITON_INTERPRET=1 on CPU")
@@ -217,8 +218,8 @@ def test_both_emulated_kernels_behind_memory_read(monkeypatch, emulated_kernel, 
                 assert error < TOLERANCE[torch.bfloat16], (seed, error)
     assert len(emulated_kernel.launches) == 2 and len(dkdq.launches) == 2
     [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
-    assert isinstance(kept.dv, launchers.GluonDvLaunch)
-    assert isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
+    assert isinstance(kept.dv, backward_launcher.GluonDvLaunch)
+    assert isinstance(kept.dkdq, backward_launcher.GluonDkdqLaunch)
 
 
 @needs_gluon
@@ -230,7 +231,7 @@ def test_deterministic_backward_keeps_the_gluon_dv_kernel(monkeypatch, emulated_
     import warnings
 
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import devices, launch as launchers
+    from stm_kernels.backends.triton import devices
     if not devices.INTERPRETING:
         pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
     monkeypatch.setattr(running, "_warned", set())
@@ -252,7 +253,7 @@ def test_deterministic_backward_keeps_the_gluon_dv_kernel(monkeypatch, emulated_
         assert relative_error(grad, reference) < TOLERANCE[torch.float16]
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
-    assert isinstance(kept.dv, launchers.GluonDvLaunch) and kept.dq is not None
+    assert isinstance(kept.dv, backward_launcher.GluonDvLaunch) and kept.dq is not None
 
 
 def _sm90_running_by_default(monkeypatch, kernels):
@@ -276,7 +277,7 @@ def test_an_architecture_default_runs_without_the_opt_in(monkeypatch, emulated_k
     import warnings
 
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import devices, launch as launchers
+    from stm_kernels.backends.triton import devices
     if not devices.INTERPRETING:
         pytest.skip("the forward and dK/dQ kernels need TRITON_INTERPRET=1 on CPU")
     _sm90_running_by_default(monkeypatch, {"dv"})
@@ -292,9 +293,9 @@ def test_an_architecture_default_runs_without_the_opt_in(monkeypatch, emulated_k
     ref = backward_reference(q, k, v, do, 1 / math.sqrt(32), False)
     assert relative_error(v.grad, ref.dv) < TOLERANCE[torch.float16]
     [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
-    assert isinstance(kept.dv, launchers.GluonDvLaunch) == (switch is None)
+    assert isinstance(kept.dv, backward_launcher.GluonDvLaunch) == (switch is None)
     assert len(emulated_kernel.launches) == (1 if switch is None else 0)
-    assert not isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
+    assert not isinstance(kept.dkdq, backward_launcher.GluonDkdqLaunch)
 
 
 def test_an_architecture_refuses_a_gluon_kernel_it_cannot_name():
@@ -430,7 +431,6 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
     import warnings
 
     from stm_kernels import memory_read
-    from stm_kernels.backends.triton import launch as launchers
     monkeypatch.setattr(running, "_warned", set())
     shape = (2, 1, 128, 512, 1620, 16200)
     with gluon_opt_in.warp_specialized_backward(), warnings.catch_warnings():
@@ -445,5 +445,5 @@ def test_gpu_opted_in_backward_matches_reference(monkeypatch, fresh_launches, l2
             ref = _reference(*(t.detach() for t in (q, k, v, do)), 1 / math.sqrt(128), l2)
             assert relative_error(v.grad.cpu(), ref[0]) < TOLERANCE[torch.bfloat16], seed
     [kept] = [p for key, p in kept_launches._prepared.items() if key[0][0] == "backward"]
-    assert isinstance(kept.dv, launchers.GluonDvLaunch)
-    assert isinstance(kept.dkdq, launchers.GluonDkdqLaunch)
+    assert isinstance(kept.dv, backward_launcher.GluonDvLaunch)
+    assert isinstance(kept.dkdq, backward_launcher.GluonDkdqLaunch)

@@ -25,7 +25,8 @@ from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
 from stm_kernels import memory_read, naive_memory_read  # noqa: E402
-from stm_kernels.backends.triton import devices, gluon_opt_in, kept_launches, running  # noqa: E402
+from stm_kernels.backends.triton import (devices, gluon_opt_in,  # noqa: E402
+                                         kept_launches, running)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from stm_kernels._buffers import poison_outputs
-from stm_kernels.backends.triton import calls, launch
+from stm_kernels.backends.triton import calls
 from stm_kernels.backends.triton.kernels.topk import MIN_KEY
+from stm_kernels.backends.triton.selection_launchers import _merge_selection, _select_outputs
 
 B, N = 2, 5000
 
@@ -64,7 +65,7 @@ def test_merge_kernel_matches_the_reference(splits, hw, top_k, top_k_pow2):
     keys = _split_keys(splits, hw, top_k_pow2, seed=hw)
     call = calls._call(torch.empty(B, 16, 64), "select", False)
     with poison_outputs(True):
-        scores, indices, _ = launch._merge_selection(call, keys, top_k, False)
+        scores, indices, _ = _merge_selection(call, keys, top_k, False)
     assert scores.shape == indices.shape == (B, hw, top_k)
     assert scores.dtype == torch.float32 and indices.dtype == torch.int64
     for b in range(B):
@@ -85,7 +86,7 @@ def test_decoding_gives_natural_scores_indices_and_empty_slots():
     row = [_key(score * log2e, index) for score, index in cases] + [MIN_KEY] * 3
     keys = torch.tensor(row, dtype=torch.int64).view(1, 1, 1, 8).expand(1, B, 1, 8).contiguous()
     call = calls._call(torch.empty(B, 16, 64), "select", False)
-    scores, indices, _ = launch._merge_selection(call, keys, 6, False)
+    scores, indices, _ = _merge_selection(call, keys, 6, False)
     torch.testing.assert_close(scores[0, 0], torch.tensor(
         [2.5, 0.0, -0.0, -3.25, float("-inf"), float("-inf")]), rtol=1e-6, atol=0)
     assert indices[0, 0].tolist() == [7, 123456, 5, 0, -1, -1]
@@ -94,10 +95,10 @@ def test_decoding_gives_natural_scores_indices_and_empty_slots():
 def test_a_kept_merge_writes_the_buffers_of_each_call():
     call = calls._call(torch.empty(B, 16, 64), "select", False)
     first = _split_keys(3, 20, 8, seed=0)
-    _, _, merge = launch._merge_selection(call, first, 8, False)
+    _, _, merge = _merge_selection(call, first, 8, False)
     second = _split_keys(3, 20, 8, seed=1)
-    scores, indices = launch._select_outputs(second, 8)
+    scores, indices = _select_outputs(second, 8)
     merge(call, keys=second, scores=scores, indices=indices)
-    expected, _, _ = launch._merge_selection(call, second, 8, False)
-    assert torch.equal(scores, expected) and not torch.equal(scores, launch._merge_selection(
+    expected, _, _ = _merge_selection(call, second, 8, False)
+    assert torch.equal(scores, expected) and not torch.equal(scores, _merge_selection(
         call, first, 8, False)[0])

@@ -56,10 +56,17 @@ KERNEL_SOURCES = ("stm_kernels/backends/triton/kernels/forward.py",
                   "stm_kernels/backends/triton/kernels/backward.py",
                   "stm_kernels/backends/triton/kernels/topk.py",
                   "stm_kernels/backends/triton/kernels/common.py")
-# The launchers (launch.py and its rooms): the arguments, grids and configs of every launch.
+# The launchers: launch.py and the modules it names, where every launch's arguments, grid and
+# config are decided.
 LAUNCHER_SOURCES = tuple(f"stm_kernels/backends/triton/{name}.py" for name in (
-    "launch", "running", "calls", "plans", "kernel_arguments", "gluon_opt_in", "kept_launches"))
+    "launch", "forward_launcher", "backward_launcher", "selection_launchers", "running", "calls",
+    "plans", "kernel_arguments", "gluon_opt_in", "kept_launches"))
 SOURCES = LAUNCHER_SOURCES + ("stm_kernels/backends/triton/tilings.py",) + KERNEL_SOURCES
+# The backends/triton modules the fingerprint leaves out: the fallback wrapper (__init__), fixes
+# for older Triton releases, the compiler's captured stderr, the device description, and the
+# direct path of kept launches (their later calls, which the offline compiles never take).
+OUTSIDE_FINGERPRINT = tuple(f"stm_kernels/backends/triton/{name}.py" for name in (
+    "__init__", "compat", "compiler_output", "devices", "direct_launch"))
 
 
 def fingerprint(sources=SOURCES):

@@ -71,6 +71,21 @@ def test_the_committed_report_is_current_and_meets_the_targets(committed):
     assert (ROOT / "docs" / "kernel_report.md").read_text() == markdown.document(committed)
 
 
+def test_the_fingerprint_covers_every_module_of_the_launchers():
+    """Every module of backends/triton is in the fingerprint or named as left out of it: a new
+    module of the launchers cannot change the launches without making the report stale."""
+    from tools.kernel_report import report
+    modules = {str(path.relative_to(ROOT)) for path in
+               (ROOT / "stm_kernels" / "backends" / "triton").glob("*.py")}
+    kernels = {str(path.relative_to(ROOT)) for path in
+               (ROOT / "stm_kernels" / "backends" / "triton" / "kernels").glob("*.py")}
+    assert modules == set(report.LAUNCHER_SOURCES) | {
+        "stm_kernels/backends/triton/tilings.py"} | set(report.OUTSIDE_FINGERPRINT)
+    assert not set(report.LAUNCHER_SOURCES) & set(report.OUTSIDE_FINGERPRINT)
+    assert kernels - set(report.KERNEL_SOURCES) == {
+        "stm_kernels/backends/triton/kernels/__init__.py"}
+
+
 def test_every_target_runs_every_kernel_of_the_dot_and_l2_reads(committed):
     """No precision of any target sends the STM and STCN reads (Ck = 128) or XMem's Ck = 64
     and Ck = 128 (257 key channels: 256 tiled, the last a rank-1 term) to the torch backend

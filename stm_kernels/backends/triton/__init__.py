@@ -1,10 +1,15 @@
 """The "triton" backend: the fused memory-read kernels, failing safe to the torch backend.
 
-    launch.py     host side: plans, the one launch point, the candidate-config fallback
-    tilings.py    the kernels' tilings per GPU architecture (the one place that shows them)
-    devices.py    what a device is to the launchers (vendor, architecture, shared memory)
-    kernels/      the @triton.jit kernels (forward and split merge, backward, top-k, usage)
-    compat.py     fixes for older Triton releases
+    launch.py           host side, entered here: the launchers and their switches; it names
+                        the module of each concern (forward_launcher.py, backward_launcher.py,
+                        selection_launchers.py; running.py: the one launch point and the
+                        candidate-config fallback; calls.py, plans.py, kernel_arguments.py:
+                        a call's set-up; gluon_opt_in.py; kept_launches.py)
+    direct_launch.py    a kept launch's later calls, past Triton's binder
+    tilings.py          the kernels' tilings per GPU architecture (the one place that shows them)
+    devices.py          what a device is to the launchers (vendor, architecture, shared memory)
+    kernels/            the @triton.jit kernels (forward and split merge, backward, top-k, usage)
+    compat.py           fixes for older Triton releases
     compiler_output.py  the compiler's stderr captured while candidates are tried
 
 forward, backward, select and usage run the kernels where they can. Where they cannot (a

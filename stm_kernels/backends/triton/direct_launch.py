@@ -2,8 +2,8 @@
 
 `kernel[grid](**arguments)` binds and specialises every argument (dtype, 16-byte alignment,
 divisibility of each integer) and looks the compile up in Triton's cache before it launches,
-on every call. A kept launch (launch.KernelLaunch) calls one compile again with new tensors
-of one layout: every integer, float and constexpr argument is the same, so the only
+on every call. A kept launch (kept_launches.KernelLaunch) calls one compile again with new
+tensors of one layout: every integer, float and constexpr argument is the same, so the only
 specialisation a call can break is a pointer's alignment. `DirectLaunch` therefore keeps the
 compiled kernel of the first call and the arguments in the kernel's parameter order, and a
 later call puts its tensors in their slots, checks the alignment the compile assumed, and

@@ -8,8 +8,8 @@ kernel instead, with a one-line warning where the Gluon one was asked for.
     =0 turns off a Gluon kernel the architecture runs by default (tilings:
     Architecture.warp_specialized); unset, the architecture decides (_gluon_wanted).
 
-Each pass's Gluon launches are beside its plain ones: forward.py (_gluon_forward) and
-backward.py (_gluon_dv, _gluon_dkdq).
+Each pass's Gluon launches are beside its plain ones: forward_launcher.py (_gluon_forward) and
+backward_launcher.py (_gluon_dv, _gluon_dkdq).
 """
 import importlib
 import os

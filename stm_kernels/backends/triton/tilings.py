@@ -4,7 +4,7 @@ Adding a GPU architecture is one entry of ARCHITECTURES (and, for a new kind of 
 of `architecture_of`). Each Architecture holds, per kernel, per precision class and per key
 width, the candidate tilings in order of preference; a launch tries them in order, and one that
 fails to compile or launch on the device, or spills more than its config allows
-(max_local_bytes), falls through to the next (launch.py), the last to the torch backend. The
+(max_local_bytes), falls through to the next (running.py), the last to the torch backend. The
 first candidate of every entry is the one the static report (`python -m tools.kernel_report`)
 compiles offline for that architecture: no register spills, within its shared memory, no
 warpgroup repeating another's dot. Why each table looks the way it does, with the figures, is
@@ -43,7 +43,7 @@ TWINS = {"dk": "dkdq"}
 PRECISIONS = ("16-bit", "tf32", "fp32")
 WIDTHS = (128, 256)
 # Tiling widths whose reads of width + 1 key channels run on them, the last channel as a
-# rank-1 score term u_i w_j beside the tiled dot (exact: launch.py): XMem's 2 * 128 + 1 = 257
+# rank-1 score term u_i w_j beside the tiled dot (exact: calls.py): XMem's 2 * 128 + 1 = 257
 # channels would otherwise need a 512-wide key tile, which no tiling takes. 129 (XMem at
 # Ck = 64) keeps the 256-wide tilings: they meet the targets, and the 128-wide ones, at 255
 # registers in many entries, were not searched with the rank-1 term.
@@ -658,7 +658,7 @@ _SM_120 = Architecture(
 # dK's value chunks of 16), the 256-wide selection, and TF32's fused dK+dQ: sm_80's tiling,
 # then sm_120's, each only where the device's compile keeps within _TF32_DKDQ_LOCAL_BYTES of
 # local memory (each spills little on its own ISA and more on the other); where neither does,
-# dK and dQ run apart (launch.triton_backward).
+# dK and dQ run apart (backward_launcher.triton_backward).
 # Below the 64 B of spill stores a stated exception may have (stores can exceed the local
 # memory they fill: a 64 B frame here held 96 B of them, and the runtime sees only the memory),
 # and at what sm_120's tiling uses as sm_120 with the l2 similarity (40 B, with dS scaled for

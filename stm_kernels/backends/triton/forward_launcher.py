@@ -1,0 +1,173 @@
+"""The forward's launcher: triton_forward.
+
+memory_read_fwd_kernel over (query block, object x value chunk, memory split), then
+memory_read_merge_kernel when the memory is split (flash-decoding); or, opted in
+(gluon_opt_in.py), the warp-specialised Gluon forward (_gluon_forward) before the same merge.
+A layout's first call plans the launches and keeps them (PreparedForward, kept_launches.py).
+"""
+import dataclasses
+
+import torch
+
+from ..._buffers import device_context, new_buffer
+from ...torch_common import LOG2E
+from . import running, tilings
+from .calls import Call, _call, _check_device, _launch_flags, _signature
+from .gluon_opt_in import (WARP_SPECIALIZED_ENV, _run_or_warn, _warp_specialized_forward,
+                           forward_switch)
+from .kept_launches import KernelLaunch, _keep_prepared, _layout_key, _run_prepared
+from .kernel_arguments import _alignment, _memory_strides, _query_inputs, _query_strides, _strides
+from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
+from .plans import cdiv, forward_plan, warp_specialized_forward_plan
+from .running import kernels_in_sequence
+from .tilings import warp_specialized_config
+
+
+def _forward_inputs(q, k, v, l2, rank1, lengths, pad_query):
+    """The forward kernel's tensor arguments: _query_inputs and the values."""
+    return dict(_query_inputs(q, k, lengths, l2, rank1, pad_query), v=v)
+
+
+def _forward_pads_query(call):
+    """Whether a forward of `call` gets its query with 16-aligned rows (a copy where they are
+    not): with 32-bit operands, and where one of its candidate tilings streams the query tile
+    (re-read in every memory step). A 16-bit query tile that a program loads once is read as
+    it is: unaligned, its loads of one tile cost less than the copy's launch (a 32-bit one
+    made the TF32 tilings of sm_86 and sm_89 spill, compiled offline)."""
+    return call.precision_class != "16-bit" or any(
+        config.stream_queries for config in tilings.candidates(
+            "forward", call.architecture, call.precision_class, call.width))
+
+
+def _forward_outputs(splits, B, Cv, HW, dtype, device):
+    """(out, lse, the splits' partial out, partial lse) buffers of a forward."""
+    out = new_buffer((B, Cv, HW), dtype, device)
+    lse = new_buffer((B, HW), torch.float32, device)
+    return (out, lse) + _split_buffers(splits, out, lse)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedForward:
+    """A forward planned for one layout: its kernel launches, each with its chosen config.
+    forward is the plain kernel's launch, or the opted-in Gluon forward's (gluon_forward.
+    WsLaunch, which takes the tensors as they are: it pads the query and streams the keys'
+    norms itself)."""
+    call: Call
+    l2: bool
+    outputs: tuple  # (splits, B, Cv, HW, dtype)
+    forward: object  # KernelLaunch, or the Gluon forward's WsLaunch
+    merge: KernelLaunch | None  # None: one split, nothing to merge
+    pad_query: bool = True  # the plain kernel's query with 16-aligned rows (_forward_pads_query)
+
+    def __call__(self, q, k, v, lengths):
+        out, lse, part_out, part_lse = _forward_outputs(*self.outputs, k.device)
+        with device_context(k.device):
+            if isinstance(self.forward, KernelLaunch):
+                self.forward(self.call, o=part_out, lse=part_lse,
+                             **_forward_inputs(q, k, v, self.l2, self.call.rank1, lengths,
+                                               self.pad_query))
+            else:
+                self.forward(q, k, v, part_out, part_lse)
+            if self.merge is not None:
+                self.merge(self.call, po=part_out, plse=part_lse, o=out, lse=lse)
+        return out, lse
+
+
+def _split_buffers(splits, out, lse):
+    if splits == 1:
+        return out.unsqueeze(0), lse.unsqueeze(0)
+    B, Cv, HW = out.shape
+    return (new_buffer((splits, B, Cv, HW), torch.float32, out.device),
+            new_buffer((splits, B, HW), torch.float32, out.device))
+
+
+def _merge_splits(call, part_out, part_lse, out, lse, i64):
+    """out, lse from the memory splits' partial reads (memory_read_merge_kernel); returns the
+    launch it ran."""
+    B, Cv, HW = out.shape
+
+    def launch(config):
+        fixed = dict(**_strides("po", part_out, "sbcm"), **_strides("pl", part_lse, "sbm"),
+                     **_strides("o", out, "bcm"), **_strides("l", lse, "bm"), HW=HW, CV=Cv,
+                     SPLITS=part_out.shape[0], BLOCK_M=config.block_m, BLOCK_V=config.block_v,
+                     I64=i64)
+        merge = KernelLaunch(memory_read_merge_kernel,
+                             (cdiv(HW, config.block_m), cdiv(Cv, config.block_v), B), config, fixed)
+        merge(call, first=True, po=part_out, plse=part_lse, o=out, lse=lse)
+        return merge
+
+    return running.launch_first_that_runs("merge", call, _signature(call, out.dtype, i64),
+                                          launch)
+
+
+def triton_forward(q, k, v, scale, l2, lengths=None):
+    """(out (B, Cv, HW) in v's dtype, lse (B, HW) float32) for q (Bq, Ck, HW), k (B, Ck, N),
+    v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
+    positions per object (validated by the caller). Planned once per layout (_layout_key)."""
+    _check_device(q, k, v)
+    call = _call(k, "forward", l2)
+    layout = _layout_key(("forward", forward_switch()), call, scale, l2, lengths, q, k, v)
+    result = _run_prepared(layout, q, k, v, lengths)
+    if result is not None:
+        return result
+    B, Ck, N = k.shape
+    Cv, HW = v.shape[1], q.shape[2]
+    device = k.device
+    pad_query = _forward_pads_query(call)
+    inputs = _forward_inputs(q, k, v, l2, call.rank1, lengths, pad_query)
+    q, ksq, ragged = inputs["q"], inputs["ksq"], lengths is not None
+    flags = _launch_flags(call, (q, k, v), outputs=[(Cv, HW)])
+    align_k, align_v = _alignment(k), _alignment(v)
+    arguments = dict(
+        stride_sqb=ksq.stride(0), RAGGED=ragged,
+        **_query_strides(q), **_memory_strides("k", k, align_k),
+        **_memory_strides("v", v, align_v),
+        HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2,
+        ALIGN_K=align_k, ALIGN_V=align_v, **flags)
+    gluon, asked = (None, False) if ragged or call.rank1 else \
+        _warp_specialized_forward(call, q, k, v)
+
+    def launch(config):
+        plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
+        outputs = (plan.splits, B, Cv, HW, v.dtype)
+        out, lse, part_out, part_lse = _forward_outputs(*outputs, device)
+        fixed = dict(**_strides("o", part_out, "sbcm"), **_strides("l", part_lse, "sbm"),
+                     n_per_split=plan.per_split, BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, BLOCK_V=plan.block_v, NUM_V=plan.num_v,
+                     STREAM_Q=config.stream_queries, **arguments)
+        forward = KernelLaunch(memory_read_fwd_kernel, plan.grid(B), config, fixed)
+        forward(call, first=True, o=part_out, lse=part_lse, **inputs)
+        merge = None
+        if plan.splits > 1:
+            merge = _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
+        return out, lse, PreparedForward(call, l2, outputs, forward, merge, pad_query)
+
+    signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
+    with device_context(device), kernels_in_sequence(call, "forward pass", signature):
+        planned = None
+        if gluon is not None:
+            planned = _run_or_warn(WARP_SPECIALIZED_ENV, "forward", call, lambda: _gluon_forward(
+                gluon, call, q, k, v, scale, l2, flags["I64"]), asked)
+        if planned is None:
+            planned = running.launch_first_that_runs("forward", call, signature, launch)
+    out, lse, prepared = planned
+    _keep_prepared(layout, prepared)
+    return out, lse
+
+
+def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
+    """(out, lse, PreparedForward) of the opt-in warp-specialised forward: its own query
+    blocks and value chunks, then the plain merge."""
+    B, _, N = k.shape
+    Cv, HW = v.shape[1], q.shape[2]
+    ws_config = warp_specialized_config()
+    plan = warp_specialized_forward_plan(ws_config, B, HW, N, Cv, call.device.multiprocessors)
+    outputs = (plan.splits, B, Cv, HW, v.dtype)
+    out, lse, part_out, part_lse = _forward_outputs(*outputs, k.device)
+    forward = gluon.prepare(q, k, v, part_out, part_lse, per_split=plan.per_split,
+                            qk_scale=scale * LOG2E, l2=l2, config=ws_config)
+    forward(q, k, v, part_out, part_lse)
+    merge = None
+    if plan.splits > 1:
+        merge = _merge_splits(call, part_out, part_lse, out, lse, i64)
+    return out, lse, PreparedForward(call, l2, outputs, forward, merge)
