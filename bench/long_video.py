@@ -408,7 +408,8 @@ def command_main(args, device):
                    compare_with=str(args.compare_with) if args.compare_with else None,
                    video="synthetic moving shapes (H.264)", model_name="small-real (default)",
                    records=[])
-    trees = [("this", None)] + ([("compared", args.compare_with)] if args.compare_with else [])
+    this, compared = args.tree_names
+    trees = [(this, None)] + ([(compared, args.compare_with)] if args.compare_with else [])
     with tempfile.TemporaryDirectory() as folder:
         for name in args.command:
             video, mask = write_moving_shapes(folder, length, COMMAND_SIZES[name])
@@ -662,6 +663,9 @@ def main(argv=None):
     parser.add_argument("--compare-with", type=pathlib.Path, metavar="DIR",
                         help="with --command: alternate every run with one on the stm_model "
                              "and stm_kernels in DIR (another commit's, exported)")
+    parser.add_argument("--tree-names", nargs=2, default=["this", "compared"],
+                        metavar=("THIS", "COMPARED"),
+                        help="with --compare-with: the two trees' names in the results")
     parser.add_argument("--repeats", type=int, default=1,
                         help="with --command: runs of each size (alternating with "
                              "--compare-with's)")
