@@ -465,26 +465,31 @@ def _command_plot(payload, path):
     growth_from (right); returns [path]."""
     figure, (absolute, growth) = common.subplots(1, 2, figsize=(12, 4.5))
     start = payload["growth_from"]
+    banks = set()  # sizes whose bank is drawn: every tree's bank is the same
     for i, record in enumerate(payload["records"]):
         if record.get("repeat", 0):
             continue  # one run of each: the repeats are for speed
         colour = f"C{i}"
         height, width = record["size"]
-        label = f"{width}x{height}" + (f" ({record['tree']})" if payload.get("compare_with")
-                                       else "")
+        size = f"{width}x{height}"
+        label = size + (f" ({record['tree']})" if payload.get("compare_with") else "")
         frames = np.asarray(record["frame_index"])
         rss = np.asarray(record["rss_bytes"]) / 2**20
         bank = np.asarray(record["bank_bytes"]) / 2**20
-        absolute.plot(frames, rss, color=colour, label=f"{label}: resident set")
-        absolute.plot(frames, bank, color=colour, linestyle="--", label=f"{label}: bank")
         at = int(np.searchsorted(frames, start))
+        absolute.plot(frames, rss, color=colour, label=f"{label}: resident set")
         if at < len(frames):
             growth.plot(frames[at:], rss[at:] - rss[at], color=colour,
                         label=f"{label}: resident set")
+        if size in banks:
+            continue
+        banks.add(size)
+        absolute.plot(frames, bank, color=colour, linestyle="--", label=f"{size}: bank")
+        if at < len(frames):
             growth.plot(frames[at:], bank[at:] - bank[at], color=colour, linestyle="--",
-                        label=f"{label}: bank")
+                        label=f"{size}: bank")
             growth.plot(frames[at:], bank[at:] - bank[at] + 100, color=colour, linestyle=":",
-                        linewidth=1, label=f"{label}: bank + 100 MiB")
+                        linewidth=1, label=f"{size}: bank + 100 MiB")
     absolute.set(xlabel="frame", ylabel="MiB", ylim=(0, None))
     growth.set(xlabel="frame", ylabel=f"MiB grown since frame {start}")
     for axis in (absolute, growth):

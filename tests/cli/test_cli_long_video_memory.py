@@ -1,4 +1,5 @@
-"""`stm segment` on a long video: what its summary says of the memory bank."""
+"""`stm segment` on a long video: the summary's memory bank lines, the bench that records its
+resident set and bank against frames."""
 import json
 import re
 
