@@ -39,7 +39,8 @@ def test_a_kernel_run_without_the_scaling_sweep_writes_its_results_and_no_plot(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
     assert suite.main(["kernel", "--device", "cpu", "--hw", "16", "--shapes-n", "64",
-                       "--providers", "torch", "--passes", "fwd", "--sweeps", "shapes"]) == 0
+                       "--providers", "torch", "--passes", "fwd", "--sweeps", "shapes",
+                       "--full"]) == 0
     [path] = tmp_path.glob("kernel_cpu_*.json")
     records = json.loads(path.read_text())["records"]
     assert {(r["sweep"], r["Ck"], r["Cv"]) for r in records} == {
@@ -54,18 +55,19 @@ def test_kernel_sweeps_run_the_target_points_first():
     import argparse
 
     import torch
-    args = argparse.Namespace(sweeps=["scaling", "shapes", "targets"], hw=None, providers=None,
-                              passes=None, dtypes=None, batches=None, ns=None, shapes_n=None,
-                              quick=False)
-    for device in ("cpu", "cuda"):
+    expected_ns = {("cuda", False): {16200, 64800, 162000}, ("cpu", True): {162000},
+                   ("cpu", False): {16200}}  # a CPU's default is the quick form
+    for (device, full), ns in expected_ns.items():
+        args = argparse.Namespace(sweeps=["scaling", "shapes", "targets"], hw=None,
+                                  providers=None, passes=None, dtypes=None, batches=None,
+                                  ns=None, shapes_n=None, quick=False, full=full)
         _, series = kernel.plan(torch.device(device), args)
         sweeps = [entry[0] for entry in series]
         assert sweeps == sorted(sweeps, key=["targets", "scaling", "shapes"].index), device
         targets = [entry for entry in series if entry[0] == "targets"]
         assert {(entry[4], entry[5], entry[6], entry[7]) for entry in targets} == {
             (1, 1620, 128, 512)}
-        assert {N for entry in targets for N in entry[8]} == (
-            {16200, 64800, 162000} if device == "cuda" else {162000})
+        assert {N for entry in targets for N in entry[8]} == ns, (device, full)
 
 
 def test_out_of_memory_and_time_cap_are_reported():

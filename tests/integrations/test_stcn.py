@@ -273,8 +273,10 @@ def test_memory_smaller_than_top_k_reads_every_position():
 
 
 def test_match_memory_keeps_stcn_dtype_under_autocast():
-    """Under CPU autocast STCN's einsums read in bfloat16: the fused readout has that dtype
-    too, and the values of the float32 read up to bfloat16's rounding of STCN's."""
+    """Under CPU autocast STCN's einsums read in bfloat16: the fused read casts its inputs as
+    they do (as SDPA does), so its readout has that dtype too, and its error against the
+    float32 read is no larger than that of STCN's own bfloat16 read (top-k may pick other
+    positions from rounded affinities, in both)."""
     bank = random_bank(objects=2, dtype=torch.float32)
     query = torch.randn(1, 64, 6, 7, generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -283,7 +285,9 @@ def test_match_memory_keeps_stcn_dtype_under_autocast():
         result = bank.match_memory(query)
     assert expected.dtype == result.dtype == torch.bfloat16
     exact = integration.use_original_read(bank).match_memory(query)
-    torch.testing.assert_close(result.float(), exact, rtol=1e-2, atol=1e-2)
+    ours, theirs = ((x.float() - exact).abs() for x in (result, expected))
+    assert ours.mean() <= 1.1 * theirs.mean() and ours.max() <= 1.1 * theirs.max()
+    assert ours.mean() < 5e-3  # bfloat16's rounding, not a wrong read
 
 
 def test_large_top_k_reads_with_torch_under_auto(spy):

@@ -395,8 +395,8 @@ def test_rounds_propagate_from_the_annotated_frame_through_predicted_memory_fram
     encode = session._encode_prediction
     monkeypatch.setattr(session, "_encode_prediction",
                         lambda t: encoded.append(t) or encode(t))
-    real_read = session_module.memory_read
-    monkeypatch.setattr(session_module, "memory_read", lambda q, ks, vs, **options: (
+    real_read = session_module.read_in_storage_dtype
+    monkeypatch.setattr(session_module, "read_in_storage_dtype", lambda q, ks, vs, **options: (
         reads.append(len(ks) - 1) or real_read(q, ks, vs, **options)))
     session.interact(_round(gt, np.zeros_like(gt), 5, 2))
     # forwards 6-8 | 9-11 | 12-14 | 15 (memorising 8, 11, 14), backwards 4-2 | 1-0 (memorising 2)
