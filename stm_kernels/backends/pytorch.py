@@ -178,8 +178,11 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     # bf16 inputs only: fp16 ones rounded to bf16 lose 3 bits each (1.2e-2 off a peaked
     # float32 read, against 5e-3 for bf16 inputs)
     bf16 = v.dtype == torch.bfloat16 and cpu_features.bf16_dot_products()
-    keys = _augmented_keys(k, l2) if bf16 else None
     ends = [N] * B if lengths is None else lengths.tolist()
+    keys = None
+    if bf16:  # each object's chunks (of its own length where the lengths differ)
+        keys = list(_augmented_keys(k, l2)) if lengths is None else \
+            [_augmented_keys(k[b:b + 1, :, :ends[b]], l2)[0] for b in range(B)]
     scale2 = scale * LOG2E  # base-2 scores (_fixed_offset_softmax)
     q_rows = (q.to(acc_dtype) * scale2).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
     k_norms = None
@@ -212,7 +215,7 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
             if bf16:
                 acc, row_sum, offset = _bf16_softmax(
                     q[b if q.shape[0] > 1 else 0, :, first:first + rows],
-                    keys[b, :, :ends[b]], v[b, :, :ends[b]], scale, l2)
+                    keys[b], v[b, :, :ends[b]], scale, l2)
             else:
                 acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), *shape)
             if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
@@ -253,18 +256,42 @@ def _fixed_offset_softmax(chunks, rows, Cv, dtype):
     return acc, row_sum, offset * LN2
 
 
+def _chunk_starts(n):
+    """First positions of the CPU_CHUNK-long chunks a bf16 read takes of an n-position memory:
+    every CPU_CHUNK-th, and for a length that is not a multiple the last CPU_CHUNK positions
+    (overlapping the chunk before, whose positions it masks); one chunk of n below
+    CPU_CHUNK."""
+    starts = list(range(0, n - CPU_CHUNK + 1, CPU_CHUNK)) or [0]
+    if n > CPU_CHUNK and n % CPU_CHUNK:
+        starts.append(n - CPU_CHUNK)
+    return starts
+
+
 def _augmented_keys(k, l2):
-    """bf16 (B, Ck + 2, N) for dot similarity: k and two rows of ones, which multiply the
-    query's offset columns (_bf16_softmax); for L2 also two rows holding -|k|² split into a
-    bf16 high part and the rest (about 16 bits in all), (B, Ck + 4, N)."""
-    B, _, N = k.shape
-    keys = k.to(torch.bfloat16)
-    rows = [keys, keys.new_ones((B, 2, N))]
+    """bf16 (B, chunks, Ck + 2, L) for dot similarity: k and two rows of ones, which multiply
+    the query's offset columns (_bf16_softmax), in the chunks of _chunk_starts (L = CPU_CHUNK,
+    or N below it), each contiguous; for L2 also two rows holding -|k|² split into a bf16 high
+    part and the rest (about 16 bits in all), (B, chunks, Ck + 4, L).
+
+    Chunks of one shape and layout whatever the memory's length: oneDNN makes a matmul
+    primitive per shape and strides, and its cache and PyTorch's (ideep's) each keep up to
+    1,024 of them, about 0.5 MiB each on an AVX-512 CPU; a memory growing every frame would
+    make new ones every frame. The values are read in place (views of CPU_CHUNK positions):
+    their layout is the caller's, one for every read of a MemoryBank until its storage grows."""
+    B, Ck, N = k.shape
+    starts = _chunk_starts(N)
+    length = min(N, CPU_CHUNK)
+    keys = k.new_empty((B, len(starts), Ck + (4 if l2 else 2), length), dtype=torch.bfloat16)
+    whole = N // length  # chunks at multiples of the length, then the overlapping one
+    keys[:, :whole, :Ck] = k[:, :, :whole * length].unflatten(2, (whole, length)).transpose(1, 2)
+    if len(starts) > whole:
+        keys[:, whole, :Ck] = k[:, :, starts[-1]:]
+    keys[:, :, Ck:Ck + 2] = 1
     if l2:
-        norms = -keys.float().square().sum(1, keepdim=True)  # (B, 1, N), exact in float32
+        norms = -keys[:, :, :Ck].float().square().sum(2)  # (B, chunks, L), exact in float32
         high = norms.to(torch.bfloat16)
-        rows += [high, (norms - high.float()).to(torch.bfloat16)]
-    return torch.cat(rows, 1)
+        keys[:, :, Ck + 2], keys[:, :, Ck + 3] = high, (norms - high.float()).to(torch.bfloat16)
+    return keys
 
 
 # A score may exceed its row's offset by this much (in score units) in a bf16 product: its
@@ -275,8 +302,8 @@ BF16_HEADROOM = 2.0
 def _bf16_softmax(query, keys, values, scale, l2):
     """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) as _fixed_offset_softmax gives
     them, with both products in bf16 (float32 accumulation inside oneDNN), for one block of
-    query rows: query (Ck, rows) of one object, bf16; keys its _augmented_keys (Ck + 2 or + 4,
-    n); values (Cv, n), bf16.
+    query rows: query (Ck, rows) of one object, bf16; keys its _augmented_keys (chunks,
+    Ck + 2 or + 4, L), the chunks of _chunk_starts(n); values (Cv, n), bf16.
 
     A bf16 product rounds its output to 8 significant bits: 0.25 near a score of 50, a 13%
     error in its exp. So each row's offset is subtracted inside the product, through two extra
@@ -305,25 +332,31 @@ def _bf16_softmax(query, keys, values, scale, l2):
     augmented, used = augment(torch.zeros((rows, 1), dtype=torch.float32))
     unused = query.new_zeros((1, 1))  # addmm's input, ignored at beta = 0
 
-    def product(start, stop):
-        """scale * (query . keys - offset) for positions start:stop, rounded once to bf16."""
-        chunk = keys[:, start:stop]
-        return torch.addmm(unused.expand(rows, chunk.shape[1]), augmented, chunk, beta=0,
-                           alpha=scale)
+    starts = _chunk_starts(values.shape[1])
+
+    def product(index):
+        """scale * (query . keys - offset) for chunk `index`, rounded once to bf16; -inf at the
+        positions an earlier chunk took (the last chunk's overlap)."""
+        chunk = keys[index]
+        products = torch.addmm(unused.expand(rows, chunk.shape[1]), augmented, chunk, beta=0,
+                               alpha=scale)
+        taken = index * chunk.shape[1] - starts[index]
+        if taken > 0:
+            products[:, :taken] = float("-inf")
+        return products
     acc = torch.zeros((rows, Cv), dtype=torch.float32)
     row_sum = torch.zeros((rows, 1), dtype=torch.float32)
     partial = torch.empty((rows, Cv), dtype=torch.bfloat16)
     subtracted = None
-    for start in range(0, keys.shape[1], CPU_CHUNK):
-        stop = start + CPU_CHUNK
-        products = product(start, stop)
+    for index, start in enumerate(starts):
+        products = product(index)
         peak = products.amax(1, keepdim=True).float()  # scaled
         rising = peak > BF16_HEADROOM
         if subtracted is None or rising.any():
             top = used + peak / scale
             augmented, now = augment(top if subtracted is None else torch.where(rising, top,
                                                                                 used))
-            products = product(start, stop)
+            products = product(index)
             if subtracted is not None:  # the sums so far, to the new offsets
                 factor = torch.exp((subtracted - now) * scale)
                 acc.mul_(factor)
@@ -332,7 +365,7 @@ def _bf16_softmax(query, keys, values, scale, l2):
         subtracted = used
         probabilities = products.exp_()  # in bf16: half the bytes of float32
         row_sum.add_(probabilities.sum(1, keepdim=True, dtype=torch.float32))
-        torch.mm(probabilities, values[:, start:stop].T, out=partial)
+        torch.mm(probabilities, values[:, start:start + keys.shape[2]].T, out=partial)
         acc.add_(partial)
     return acc, row_sum, subtracted * scale
 

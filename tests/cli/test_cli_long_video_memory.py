@@ -57,3 +57,20 @@ def test_bench_long_video_records_the_commands_resident_set_and_bank(tmp_path, m
     assert record["growth"] is None  # shorter than the 100 frames growth is counted from
     assert path.with_suffix(".png").is_file()
     assert "| 426x240 | this | 4 | 2 |" in capsys.readouterr().out
+
+
+def test_the_resident_set_grows_with_the_memory_bank(tmp_path, monkeypatch):
+    """`stm segment` (its defaults: bf16 memory on a CPU with bf16 dot products) on 250 frames
+    at 240p, in a fresh process: from frame 100 on its resident set grows by the bank's growth
+    and at most 40 MiB more. A read that handed oneDNN a new matmul shape per memory length
+    grew it by about 1 MiB a frame (oneDNN's and PyTorch's caches keep 1,024 primitives each)."""
+    from bench import long_video
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    assert long_video.main(["--device", "cpu", "--command", "240p", "--lengths", "250"]) == 0
+    [path] = tmp_path.glob("long_video_cpu_*.json")
+    [record] = json.loads(path.read_text())["records"]
+    growth = record["growth"]
+    assert record["status"] == "ok" and (growth["start"], growth["end"]) == (100, 250)
+    assert growth["bank"] > 0
+    assert growth["beyond_bank"] < 40 * 2**20, {key: value / 2**20 for key, value in
+                                                growth.items() if key in ("rss", "bank")}

@@ -242,3 +242,31 @@ def test_a_short_query_runs_batched_in_chunks_of_bounded_copies(monkeypatch):
     with torch.no_grad():
         memory_read(q, k, v, backend="torch")
     assert taken == ["batched"]  # the row blocks took it
+
+
+def test_a_growing_memory_hands_the_bf16_products_one_shape_and_layout(bf16_products,
+                                                                       monkeypatch):
+    """oneDNN makes a matmul primitive per shape and strides, and its cache and PyTorch's keep
+    up to 1,024 of them (about 0.5 MiB each on an AVX-512 CPU): a memory growing by a frame
+    per read, held in preallocated storage as MemoryBank holds it, hands the bf16 products
+    chunks of one shape and layout whatever its length, or the process grows by every length
+    it reads."""
+    layouts = set()
+
+    def recorded(original):
+        def product(*args, **kwargs):
+            layouts.add(tuple((tuple(t.shape), t.stride()) for t in args))
+            return original(*args, **kwargs)
+        return product
+    for name in ("addmm", "mm"):
+        monkeypatch.setattr(torch, name, recorded(getattr(torch, name)))
+    q, k, v = random_inputs(1, 1, 12, 24, 20, 250, torch.bfloat16, "cpu", seed=11)
+    lengths = range(40, 250, 7)  # 16-position chunks: every length leaves a partial one
+    with torch.no_grad():
+        for length in lengths:
+            out = memory_read(q, k[:, :, :length], v[:, :, :length], backend="torch")
+            expected = memory_read(q.double(), k[:, :, :length].double(),
+                                   v[:, :, :length].double(), backend="naive")
+            assert relative_error(out, expected) < 1e-2
+    assert len(bf16_products) >= len(lengths)
+    assert len(layouts) <= 6, len(layouts)  # (the query's row blocks) x (the two products)
