@@ -84,12 +84,14 @@ def binding_every_launch():
 
 
 def _layout_key(read, call, scale, l2, lengths, *tensors):
-    """What the planning of a read depends on besides its tensors' values: the device and
+    """What the planning of a read depends on besides its tensors' values: the device (its
+    description and torch's device with its index: two GPUs of one model share the first) and
     precision, every tensor's shape, strides and dtype, the scale, similarity and raggedness,
     and the configs use_configs forces. A prepared launch is kept under it (a repeated call
     then skips planning: at ten memory frames the host's work outweighs a GPU's)."""
-    return (read, call.device, call.input_precision, scale, l2, lengths is None,
-            tilings.forced_configs(), *[(t.shape, t.stride(), t.dtype) for t in tensors])
+    return (read, call.device, tensors[0].device, call.input_precision, scale, l2,
+            lengths is None, tilings.forced_configs(),
+            *[(t.shape, t.stride(), t.dtype) for t in tensors])
 
 
 def _run_prepared(layout, *tensors):
