@@ -10,6 +10,7 @@
 The names below are imported on first use (PEP 562), so that importing a light submodule
 (stm_kernels.options) does not import torch and Triton.
 """
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ._lazy_imports import import_module
@@ -20,17 +21,19 @@ _EXPORTS = {
     "memory_read": "memory_read", "memory_usage": "memory_read", "merge_reads": "merge",
     "naive_memory_read": "backends.naive", "poison_outputs": "_buffers",
     "FallbackWarning": "backends", "BACKENDS": "options", "DTYPES": "options",
-    "SIMILARITIES": "options",
+    "SIMILARITIES": "options", "FixedCapacityMemory": "fixed_memory",
 }
 
 __all__ = ["memory_read", "memory_usage", "merge_reads", "naive_memory_read", "poison_outputs",
-           "topk", "FallbackWarning", "BACKENDS", "DTYPES", "SIMILARITIES", "__version__"]
+           "topk", "FallbackWarning", "BACKENDS", "DTYPES", "SIMILARITIES", "FixedCapacityMemory",
+           "__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported eagerly)
     from . import topk
     from ._buffers import poison_outputs
     from .backends import FallbackWarning
     from .backends.naive import naive_memory_read
+    from .fixed_memory import FixedCapacityMemory
     from .memory_read import memory_read, memory_usage
     from .merge import merge_reads
     from .options import BACKENDS, DTYPES, SIMILARITIES
@@ -45,6 +48,10 @@ def __getattr__(name: str):
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
+    if isinstance(globals().get("memory_read"), ModuleType):
+        # the submodule stm_kernels.memory_read, bound here by the import system when it was
+        # first imported for another name: the op of that name is the package's attribute
+        globals()["memory_read"] = globals()["memory_read"].memory_read
     return value
 
 

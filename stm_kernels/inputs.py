@@ -8,6 +8,7 @@ folded into a dot product over augmented channels, xmem.py), the backend that ru
 """
 import dataclasses
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -148,13 +149,21 @@ def _positions_last(tensor):
 
 def checked_lengths(memory_lengths, keys):
     """memory_lengths as a (B,) int64 tensor on the memory's device, or None; ValueError when
-    it is not (B,) integers in [1, N]."""
+    it is not (B,) integers in [1, N].
+
+    The values are checked against N on the host: for lengths whose range the host knows
+    (set by a FixedCapacityMemory and not changed since: known_lengths), from that range;
+    otherwise by reading the tensor's minimum and maximum back (a device synchronisation,
+    skipped while torch.compile traces), which a CUDA graph capture cannot contain, so a plain
+    tensor (or a sequence) of lengths is refused under capture."""
     if memory_lengths is None:
         return None
     B, device = keys[0].shape[0], keys[0].device
     N = sum(key.shape[2] for key in keys)
     expected = f"a (B={B},) integer tensor on {device} with values in [1, N={N}]"
     if not isinstance(memory_lengths, torch.Tensor):
+        if capturing():
+            raise ValueError(CAPTURED_LENGTHS)
         try:
             memory_lengths = torch.as_tensor(memory_lengths, device=device)
         except (TypeError, ValueError, RuntimeError) as error:
@@ -175,10 +184,56 @@ def checked_lengths(memory_lengths, keys):
                          "torch.func.vmap (its values are checked on the host): map the query "
                          "and the memory, not the lengths")
     if not torch.compiler.is_compiling():
-        low, high = memory_lengths.min().item(), memory_lengths.max().item()
+        known = known_range(memory_lengths)
+        if known is None:
+            if capturing():
+                raise ValueError(CAPTURED_LENGTHS)
+            known = memory_lengths.min().item(), memory_lengths.max().item()
+        low, high = known
         if low < 1 or high > N:
             raise ValueError(f"memory_lengths must be {expected}; got values in [{low}, {high}]")
     return memory_lengths.to(torch.int64)
+
+
+CAPTURED_LENGTHS = (
+    "memory_lengths under CUDA graph capture must be a FixedCapacityMemory's lengths (checked "
+    "on the host where they are set): a plain tensor's values would be read back from the "
+    "device to be checked, which a capture cannot contain")
+
+
+def capturing():
+    """Whether the current CUDA stream is capturing a graph (False without CUDA initialised:
+    no capture, and no CUDA context made for the question)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+# id(lengths tensor) -> (weak reference, its version counter, lowest, highest) for lengths
+# whose values the host knows (known_lengths)
+_KNOWN_RANGES: dict = {}
+
+
+def known_lengths(lengths, low, high):
+    """Record that the (B,) int64 tensor `lengths` holds values in [low, high] as it stands
+    now (its version counter): the reads then check that range on the host instead of reading
+    the tensor back. Any later in-place change not recorded here (its version moves on) makes
+    the reads check the tensor itself again (and refuse it under CUDA graph capture). The
+    tensor must track versions (not an inference-mode tensor)."""
+    key = id(lengths)
+    entry = _KNOWN_RANGES.get(key)
+    if entry is None or entry[0]() is not lengths:
+        reference = weakref.ref(lengths, lambda _: _KNOWN_RANGES.pop(key, None))
+    else:
+        reference = entry[0]
+    _KNOWN_RANGES[key] = (reference, lengths._version, int(low), int(high))
+
+
+def known_range(lengths):
+    """(low, high) recorded by known_lengths for this tensor as it stands, or None."""
+    entry = _KNOWN_RANGES.get(id(lengths))
+    if entry is None or entry[0]() is not lengths or lengths.is_inference() or \
+            entry[1] != lengths._version:
+        return None
+    return entry[2], entry[3]
 
 
 def concatenated(chunks):
@@ -224,6 +279,9 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
         scale = 1.0
     backend = backends.resolve(backend, keys[0])
     lengths = checked_lengths(memory_lengths, keys)
+    if lengths is not None and backend == "torch" and capturing():
+        raise ValueError("memory_lengths under CUDA graph capture needs backend='triton' or "
+                         "'naive': the 'torch' backend reads the lengths on the host")
     N = sum(key.shape[2] for key in keys)
     return PreparedCall(q, keys, values, tuple(query_spatial), float(scale),
                         similarity == "l2", backend, lengths, checked_top_k(top_k, backend, N))
