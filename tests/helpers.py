@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from stm_kernels.selftest import relative_error  # noqa: F401 (the one error measure)
 from stm_kernels import memory_read
 from stm_kernels.backends.triton import devices
+from reference import reference_read
 
 # Real data and references beside the checkout; tests that use them skip when it is absent.
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
@@ -58,10 +59,18 @@ def read_with_grads(q, k, v, seed=1, **kwargs):
     return [out, lse, q.grad, k.grad, v.grad]
 
 
-def reference_with_grads(q, k, v, **kwargs):
-    """The same on float64 CPU copies with the naive (official) read."""
-    kwargs = {**kwargs, "backend": "naive"}
-    return read_with_grads(*(t.detach().double().cpu() for t in (q, k, v)), **kwargs)
+def reference_with_grads(q, k, v, seed=1, memory_lengths=None, **kwargs):
+    """The same on float64 CPU copies with the read written out in plain torch
+    (reference.reference_read: no project code), the same cotangents."""
+    q, k, v = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = reference_read(q, k, v, lengths=memory_lengths, **kwargs)
+    out = out.unflatten(2, q.shape[2:])
+    lse = lse.unflatten(1, q.shape[2:])
+    generator = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
+    ((out * grad_out).sum() + (lse * grad_lse).sum()).backward()
+    return [out.detach(), lse.detach(), q.grad, k.grad, v.grad]
 
 
 def check_read(results, expected, dtype, grad_factor=3):
@@ -98,7 +107,8 @@ def ragged_read_with_grads(q, k, v, lengths, cotangents, **kwargs):
 
 
 def per_object_reference(q, k, v, lengths, cotangents, **kwargs):
-    """Each object read alone over its own memory slice, in float64 with the naive read."""
+    """Each object read alone over its own memory slice, in float64 with the read written out
+    in plain torch (reference.reference_read)."""
     grad_out, grad_lse = cotangents
     q64 = q.detach().double().cpu().requires_grad_()
     results = [[], [], None, torch.zeros(k.shape, dtype=torch.float64),
@@ -107,7 +117,7 @@ def per_object_reference(q, k, v, lengths, cotangents, **kwargs):
         k_b = k[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
         v_b = v[b:b + 1, :, :length].detach().double().cpu().requires_grad_()
         q_b = q64[b:b + 1] if q.shape[0] > 1 else q64
-        out, lse = memory_read(q_b, k_b, v_b, backend="naive", return_lse=True, **kwargs)
+        out, lse, _ = reference_read(q_b, k_b, v_b, **kwargs)
         ((out * grad_out[b:b + 1]).sum() + (lse * grad_lse[b:b + 1]).sum()).backward()
         results[0].append(out.detach())
         results[1].append(lse.detach())

@@ -3,13 +3,14 @@ dtype, scale, similarity, raggedness), later calls running the kept launches wit
 tensors. What must hold: a repeated call plans nothing and computes its own inputs' result
 (never the first call's), a new layout or mode plans anew, forced configs are honoured, a
 failing prepared launch plans afresh, and nothing kept holds a tensor. The kernels run in the
-interpreter; results are checked against the float64 naive read.
+interpreter; results are checked against the read in plain float64 torch (reference.py).
 """
 import types
 
 import pytest
 import torch
 
+from reference import reference_read, reference_select, reference_usage
 from helpers import (TOLERANCE, RecordedOps, check_read, random_inputs, read_with_grads,
                      reference_with_grads, relative_error)
 from stm_kernels import memory_read, poison_outputs
@@ -94,8 +95,7 @@ def test_ragged_lengths_are_read_per_call(plannings):
     out = memory_read(q, k, v, backend="triton", memory_lengths=lengths)
     assert plannings["forward"] == 1
     for b, length in enumerate(lengths.tolist()):
-        expected = memory_read(q[:, :, :].double(), k[b:b + 1, :, :length].double(),
-                               v[b:b + 1, :, :length].double(), backend="naive")
+        expected = reference_read(q, k[b:b + 1, :, :length], v[b:b + 1, :, :length])[0]
         assert torch.allclose(out[b:b + 1].double(), expected, atol=TOLERANCE[torch.float32])
 
 
@@ -115,7 +115,7 @@ def test_forced_configs_are_honoured_after_a_plan_is_kept(monkeypatch):
         out = memory_read(q, k, v, backend="triton")
         again = memory_read(q, k, v, backend="triton")  # the forced set's own kept launch
     assert configs == [("memory_read_fwd_kernel", forced)] * 2
-    expected = memory_read(q.double(), k.double(), v.double(), backend="naive")
+    expected = reference_read(q, k, v)[0]
     assert torch.allclose(out.double(), expected, atol=TOLERANCE[torch.float32])
     assert torch.equal(out, again)
     configs.clear()
@@ -152,7 +152,7 @@ def test_a_failing_prepared_launch_plans_afresh(monkeypatch, plannings):
     monkeypatch.setattr(running, "run", fails_once)
     out = memory_read(q, k, v, backend="triton")
     assert failures == ["memory_read_fwd_kernel"] and plannings["forward"] == 2
-    expected = memory_read(q.double(), k.double(), v.double(), backend="naive")
+    expected = reference_read(q, k, v)[0]
     assert torch.allclose(out.double(), expected, atol=TOLERANCE[torch.float32])
 
 
@@ -256,7 +256,7 @@ def test_a_forward_copies_its_query_only_where_its_tiling_needs_it(dtype, stream
     counts = recorded.counts()
     assert counts["copy_"] == copies, dict(counts)
     assert counts["empty"] >= 2  # the outputs: the operations were seen
-    expected = memory_read(*(t.double() for t in (q, k, v)), backend="naive", scale=0.25)
+    expected = reference_read(q, k, v, scale=0.25)[0]
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
@@ -307,24 +307,24 @@ def test_every_launch_passes_exactly_its_kernels_parameters(checked_launches, de
 
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 def test_selection_and_usage_plan_once_and_compute_their_own_inputs(plannings, similarity):
-    from stm_kernels.backends import pytorch
     l2, scale = similarity == "l2", 0.25
+    options = dict(scale=scale, similarity=similarity)
     for seed in (0, 3):
         q, k, _ = random_inputs(*SHAPE, torch.float32, "cpu", seed=seed)
         lse = torch.randn(SHAPE[0], SHAPE[4], generator=torch.Generator().manual_seed(seed))
         lengths = torch.tensor([300, 90 + seed])
         scores, indices = launch.triton_select(q, k, 7, scale, l2, lengths)
         usage = launch.triton_usage(q, k, lse, scale, l2, lengths)
-        expected_scores, expected_indices = pytorch.select(q.double(), k.double(), 7, scale, l2,
-                                                           lengths)
+        expected_scores, expected_indices = reference_select(q, k, 7, lengths=lengths,
+                                                             **options)
         assert torch.equal(indices, expected_indices)
         assert torch.allclose(scores.double(), expected_scores, atol=1e-4)
-        expected_usage = pytorch.usage(q.double(), k.double(), lse.double(), scale, l2, lengths)
-        assert torch.allclose(usage.double(), expected_usage.double(), rtol=1e-4, atol=1e-6)
+        expected_usage = reference_usage(q, k, lse, lengths=lengths, **options)
+        assert torch.allclose(usage.double(), expected_usage, rtol=1e-4, atol=1e-6)
     assert plannings == {"select": 1, "select_merge": 1, "usage": 1}
     # another top_k is another plan (its kernel keeps 16 positions per query, not 8)
     scores, indices = launch.triton_select(q, k, 12, scale, l2, lengths)
-    assert torch.equal(indices, pytorch.select(q.double(), k.double(), 12, scale, l2, lengths)[1])
+    assert torch.equal(indices, reference_select(q, k, 12, lengths=lengths, **options)[1])
     assert plannings["select"] == plannings["select_merge"] == 2
 
 

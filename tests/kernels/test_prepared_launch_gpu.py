@@ -7,10 +7,10 @@ where the kept launches ran.
 import pytest
 import torch
 
+from reference import reference_read, reference_select, reference_usage
 from helpers import (TOLERANCE, check_read, random_inputs, read_with_grads, reference_with_grads,
                      relative_error)
 from stm_kernels import memory_read
-from stm_kernels.backends import pytorch
 from stm_kernels.backends.triton import kept_launches, launch, running
 
 pytestmark = [pytest.mark.gpu,
@@ -49,8 +49,7 @@ def test_kept_forward_and_backward_run_compiled_on_new_inputs(plannings, similar
     assert plannings == planned, "a kept launch failed and its call was planned again"
     check_read(results, reference_with_grads(q, k, v, seed=7, similarity=similarity), dtype)
     q64, k64, v64 = (t.double().cpu().requires_grad_() for t in (q, k, v))
-    expected, expected_lse = memory_read(q64, k64, v64, backend="naive", similarity=similarity,
-                                         return_lse=True)
+    expected, expected_lse, _ = reference_read(q64, k64, v64, similarity=similarity)
     expected.backward(grad_out.double().cpu())
     assert relative_error(out, expected) < TOLERANCE[dtype]
     assert relative_error(lse, expected_lse) < 1e-3
@@ -67,12 +66,12 @@ def test_kept_selection_and_usage_run_compiled_on_new_inputs(plannings, similari
         lse = torch.randn(SHAPE[0], SHAPE[4], device="cuda") + 8.0
         scores, indices = launch.triton_select(q, k, 7, scale, l2)
         usage = launch.triton_usage(q, k, lse, scale, l2)
-        expected_scores, expected_indices = pytorch.select(q.double(), k.double(), 7, scale, l2,
-                                                           None)
+        options = dict(scale=scale, similarity=similarity, device="cuda")
+        expected_scores, expected_indices = reference_select(q, k, 7, **options)
         assert (indices == expected_indices).float().mean() > 0.99  # fp16 near-ties may swap
         assert torch.allclose(scores.double(), expected_scores, atol=2e-2)
-        expected_usage = pytorch.usage(q.double(), k.double(), lse.double(), scale, l2, None)
-        assert torch.allclose(usage.double(), expected_usage.double(), rtol=1e-2, atol=1e-4)
+        expected_usage = reference_usage(q, k, lse, **options)
+        assert torch.allclose(usage.double(), expected_usage, rtol=1e-2, atol=1e-4)
     assert plannings == {"select": 1, "usage": 1}
 
 
@@ -117,8 +116,7 @@ def test_kept_launches_go_direct_and_compute_what_tritons_launch_does(launch_rou
         through_triton = memory_read(q, k, v, backend="triton")
     assert launch_routes == {"direct": 2, "triton": 4}
     assert torch.equal(direct, through_triton)
-    assert relative_error(direct, memory_read(q.double(), k.double(), v.double(),
-                                              backend="naive")) < TOLERANCE[dtype]
+    assert relative_error(direct, reference_read(q, k, v)[0]) < TOLERANCE[dtype]
 
     # values off 16 bytes: the forward kernel goes through Triton (another compile), the merge
     # of its aligned buffers still directly
