@@ -27,6 +27,9 @@ def reference_scores(q, k, *, scale=None, similarity="dot", lengths=None, shrink
         dot:  scale * q_i.k_j
         l2:   scale * (2 q_i.k_j - |k_j|^2)
         xmem: -scale * shrinkage_j * sum_c selection_ic (q_ic - k_jc)^2
+              without a selection: -scale * shrinkage_j * (|k_j|^2 - 2 q_i.k_j) (XMem's
+              STCN-like case: the query's own term -|q_i|^2 left out, as memory_read's
+              docstring says; it changes the lse, not the softmax)
     """
     q, k = _positions_last(q, device), _positions_last(k, device)
     B, Ck, N = k.shape
@@ -37,10 +40,13 @@ def reference_scores(q, k, *, scale=None, similarity="dot", lengths=None, shrink
     elif similarity == "l2":
         scores = scale * (2 * torch.einsum("bci,bcj->bij", q, k) - (k * k).sum(1)[:, None, :])
     elif similarity == "xmem":
-        weights = torch.ones_like(q) if selection is None else \
-            _positions_last(selection, device).expand(B, -1, -1)
-        squared = (q[:, :, :, None] - k[:, :, None, :]) ** 2  # (B, Ck, HW, N)
-        scores = -scale * (weights[:, :, :, None] * squared).sum(1)
+        if selection is None:
+            scores = -scale * ((k * k).sum(1)[:, None, :]
+                               - 2 * torch.einsum("bci,bcj->bij", q, k))
+        else:
+            weights = _positions_last(selection, device).expand(B, -1, -1)
+            squared = (q[:, :, :, None] - k[:, :, None, :]) ** 2  # (B, Ck, HW, N)
+            scores = -scale * (weights[:, :, :, None] * squared).sum(1)
         if shrinkage is not None:
             scores = scores * _positions_last(shrinkage, device)  # (B, 1, N) over the HW rows
     else:

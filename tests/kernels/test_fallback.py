@@ -16,6 +16,7 @@ import torch
 
 from helpers import (check_read, per_object_reference, ragged_case, ragged_read_with_grads,
                      random_inputs, read_with_grads, reference_with_grads)
+from reference import reference_read, reference_usage
 from stm_kernels import FallbackWarning, backends, memory_read, memory_usage
 from stm_kernels.backends.triton import (backward_launcher, calls, devices, gluon_opt_in,
                                          kept_launches, running, tilings)
@@ -39,6 +40,11 @@ def fresh_memory(monkeypatch):
 
 def _inputs(seed=0):
     return random_inputs(2, 1, 16, 24, 30, 70, torch.float32, "cpu", seed=seed)
+
+
+def _expected(q, k, v, **options):
+    """out (B, Cv, HW) of the float64 read written out in plain torch (tests/reference.py)."""
+    return reference_read(q, k, v, **options)[0]
 
 
 class Injected(Exception):
@@ -96,7 +102,7 @@ def test_a_config_that_fails_falls_through_to_the_next_and_is_remembered(monkeyp
         out = memory_read(q, k, v, backend="triton")
         memory_read(q, k, v, backend="triton")
     assert tried == [first, second, second]
-    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
     (device, kernel), config = next(iter(running.chosen_configs().items()))
     assert (kernel, config) == ("forward", second) and "interpreter" in device
 
@@ -132,7 +138,7 @@ def test_a_config_over_its_local_memory_budget_falls_through_to_the_next(monkeyp
         out = memory_read(q, k, v, backend="triton")
         memory_read(q, k, v, backend="triton")
     assert checked == [32, 16] and launched == [second, second]
-    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
     assert list(running.chosen_configs().values()) == [second]
 
 
@@ -233,12 +239,11 @@ def test_every_kernel_falls_back_to_torch_with_one_warning(monkeypatch, kernel, 
             check_read(results, reference_with_grads(q, k, v), torch.float32)
         elif call == "select":
             out = memory_read(q, k, v, backend="triton", top_k=5)
-            expected = memory_read(q, k, v, backend="naive", top_k=5)
-            assert torch.allclose(out, expected, atol=1e-5)
+            assert torch.allclose(out.double(), _expected(q, k, v, top_k=5), atol=1e-5)
         else:
             out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
             usage = memory_usage(q, k, lse, backend="triton")
-            assert torch.allclose(usage, memory_usage(q, k, lse, backend="naive"), atol=1e-5)
+            assert torch.allclose(usage.double(), reference_usage(q, k, lse), atol=1e-5)
         memory_read(q, k, v, backend="triton", top_k=5 if call == "select" else None)
     messages = _fallback_warnings(caught)
     assert len(messages) == 1, messages  # once per process, however many reads
@@ -279,7 +284,7 @@ def test_a_failed_merge_is_remembered_and_the_forward_not_launched_again(monkeyp
     assert launched == {"memory_read_fwd_kernel": 1, "memory_read_merge_kernel": 1}
     assert len(_fallback_warnings(caught)) == 1
     for out in outs:
-        assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+        assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
 
 
 def test_a_failed_dk_kernel_is_remembered_and_dv_not_launched_again(monkeypatch):
@@ -334,7 +339,7 @@ def test_compiler_output_of_a_failed_candidate_stays_off_stderr(monkeypatch, cap
         warnings.simplefilter("always")
         out = memory_read(q, k, v, backend="triton")
     assert capfd.readouterr().err == ""
-    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
     (message,) = _fallback_warnings(caught)
     assert "RuntimeError: PassManager::run failed [Assertion `unsupported' failed.] " \
            "(compiler output: " in message and "\n" not in message
@@ -378,7 +383,7 @@ def test_an_unknown_amd_architecture_reads_with_torch():
     with devices.pretend(RDNA3), pytest.warns(FallbackWarning,
                                               match="no tiling is validated for gfx1100"):
         out = memory_read(q, k, v, backend="triton")
-    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
 
 
 def test_keys_wider_than_the_tilings_read_with_torch():
@@ -386,7 +391,7 @@ def test_keys_wider_than_the_tilings_read_with_torch():
     with pytest.warns(FallbackWarning, match="300 key channels .* more than the kernels' "
                                              "tilings take"):
         out = memory_read(q, k, v, backend="triton")
-    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
 
 
 def test_architectures_are_chosen_from_what_the_device_reports():
@@ -440,7 +445,7 @@ def test_exact_float32_on_nvidia_runs_the_kernels_with_fma_dots():
             assert calls._plan_call(k)[0].input_precision == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
 
 
 def test_every_architecture_has_every_kernel_precision_and_width():
@@ -581,7 +586,7 @@ def test_without_triton_the_triton_backend_reads_with_torch(monkeypatch):
     q, k, v = _inputs()
     with pytest.warns(FallbackWarning, match="needs the triton package"):
         out = memory_read(q, k, v, backend="triton")
-    assert torch.allclose(out, memory_read(q, k, v, backend="naive"), atol=1e-5)
+    assert torch.allclose(out.double(), _expected(q, k, v), atol=1e-5)
     assert backends.resolve("auto", k) == "torch"
 
 
