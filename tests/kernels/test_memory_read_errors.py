@@ -93,12 +93,14 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("output", ["out", "lse"])
-def test_double_backward_of_the_fused_backends_is_a_one_line_error(backend, output):
+@pytest.mark.parametrize("similarity", ["dot", "l2", "xmem"])
+def test_double_backward_of_the_fused_backends_is_a_one_line_error(backend, output, similarity):
     """A gradient of a gradient (create_graph=True, then grad again) raises one line saying it
     is unsupported, not torch's internal "no autograd formula was registered"."""
     query = q.clone().requires_grad_()
     memory = [t.clone().requires_grad_() for t in (k, v)]
-    out, lse = memory_read(query, *memory, backend=backend, return_lse=True)
+    out, lse = memory_read(query, *memory, backend=backend, return_lse=True,
+                           similarity=similarity)
     loss = (out.square().sum() if output == "out" else lse.square().sum())
     first = torch.autograd.grad(loss, [query, *memory], create_graph=True, allow_unused=True)
     assert first[0] is not None
@@ -111,10 +113,20 @@ def test_double_backward_of_the_fused_backends_is_a_one_line_error(backend, outp
     assert query.grad is not None
 
 
-def test_double_backward_through_the_naive_and_top_k_reads_works():
-    query = q.clone().requires_grad_()
-    for kwargs in (dict(backend="naive"), dict(backend="torch", top_k=3)):
-        out = memory_read(query, k, v, **kwargs)
-        first, = torch.autograd.grad(out.square().sum(), query, create_graph=True)
-        second, = torch.autograd.grad(first.sum(), query)
-        assert second.shape == query.shape and torch.isfinite(second).all()
+@pytest.mark.parametrize("options", [
+    dict(backend="naive"), dict(backend="naive", similarity="l2"),
+    dict(backend="naive", similarity="xmem"), dict(backend="naive", memory_lengths=[5, 3]),
+    dict(backend="torch", top_k=3), dict(backend="torch", top_k=3, similarity="l2")],
+    ids=["naive-dot", "naive-l2", "naive-xmem", "naive-ragged", "top3-dot", "top3-l2"])
+def test_double_backward_through_the_naive_and_top_k_reads_is_right(options):
+    """Where a second derivative is supported (the naive read: plain autograd; a top-k read:
+    autograd through the gathered positions), gradgradcheck holds it to finite differences in
+    float64, for out and lse, with respect to the query and the memory."""
+    generator = torch.Generator().manual_seed(21)
+    inputs = [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+              for shape in ((2, 4, 6), (2, 4, 5), (2, 3, 5))]
+
+    def read(query, keys, values):
+        return memory_read(query, keys, values, return_lse=True, **options)
+
+    assert torch.autograd.gradgradcheck(read, inputs)
