@@ -9,6 +9,7 @@ import torch
 from helpers import (check_read, per_object_reference, ragged_case, relative_error,
                      ragged_read_with_grads, random_inputs, read_with_grads,
                      reference_with_grads)
+from reference import reference_read
 from stm_kernels import memory_read, poison_outputs
 from stm_kernels.backends import pytorch
 
@@ -55,8 +56,7 @@ def test_inference_mode_and_every_thread_count_give_the_same_read(threads):
     with torch.inference_mode():
         out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
     assert out.is_inference()
-    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
-                                         return_lse=True)
+    expected, expected_lse, _ = reference_read(q, k, v)
     assert (out - expected).abs().max() < 1e-5 and (lse - expected_lse).abs().max() < 1e-5
 
 
@@ -71,8 +71,7 @@ def test_a_small_read_runs_batched_and_a_large_one_in_row_blocks(monkeypatch, le
         monkeypatch.setattr(pytorch, name, lambda *a, _f=original, _n=name: taken.append(_n)
                             or _f(*a))
     work = positions * 10 * (12 + 24)  # multiply-adds: memory positions x rows x (Ck + Cv)
-    expected = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
-                           memory_lengths=lengths)
+    expected = reference_read(q, k, v, lengths=lengths)[0]
     for threshold, path in [(work + 1, "_forward_batched"), (work, "_forward_row_blocks")]:
         monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", threshold)
         with torch.no_grad():
@@ -112,7 +111,7 @@ def test_ordinary_scores_take_the_fixed_offset_alone(monkeypatch):
     with torch.no_grad():
         out = memory_read(q, k, v, backend="torch")
     assert online == []
-    expected = memory_read(*(t.double() for t in (q, k, v)), backend="naive")
+    expected = reference_read(q, k, v)[0]
     assert (out - expected).abs().max() < 1e-5
 
 
@@ -160,9 +159,7 @@ def test_bf16_products_match_the_float64_read(bf16_products, similarity, peak, l
         out, lse = memory_read(q, k, v, similarity=similarity, backend="torch",
                                memory_lengths=lengths, return_lse=True)
     assert bf16_products and out.dtype == torch.bfloat16
-    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
-                                         similarity=similarity, memory_lengths=lengths,
-                                         return_lse=True)
+    expected, expected_lse, _ = reference_read(q, k, v, similarity=similarity, lengths=lengths)
     assert relative_error(out, expected) < 1e-2
     assert (lse.double() - expected_lse).abs().max() < 0.05  # 8 bits of a score of ~30
     assert relative_error(lse, expected_lse) < 1e-3
@@ -193,8 +190,7 @@ def test_bf16_scores_far_above_the_first_chunks_raise_the_offset_themselves(bf16
     with torch.no_grad():
         out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
     assert bf16_products and not online
-    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
-                                         return_lse=True)
+    expected, expected_lse, _ = reference_read(q, k, v)
     assert torch.isfinite(out).all() and relative_error(out, expected) < 1e-2
     assert relative_error(lse, expected_lse) < 1e-3
 
@@ -234,8 +230,7 @@ def test_a_short_query_runs_batched_in_chunks_of_bounded_copies(monkeypatch):
         torch.set_num_threads(before)
     assert taken == ["batched"]
     assert [stop - start for start, stop, _ in chunks] == [40] * 7 + [20]
-    expected, expected_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
-                                         return_lse=True)
+    expected, expected_lse, _ = reference_read(q, k, v)
     assert relative_error(out.double(), expected) < 2e-3
     assert (lse.double() - expected_lse).abs().max() < 1e-2
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 5)  # 5-row blocks are enough now
@@ -265,8 +260,7 @@ def test_a_growing_memory_hands_the_bf16_products_one_shape_and_layout(bf16_prod
     with torch.no_grad():
         for length in lengths:
             out = memory_read(q, k[:, :, :length], v[:, :, :length], backend="torch")
-            expected = memory_read(q.double(), k[:, :, :length].double(),
-                                   v[:, :, :length].double(), backend="naive")
+            expected = reference_read(q, k[:, :, :length], v[:, :, :length])[0]
             assert relative_error(out, expected) < 1e-2
     assert len(bf16_products) >= len(lengths)
     assert len(layouts) <= 6, len(layouts)  # (the query's row blocks) x (the two products)
