@@ -24,7 +24,8 @@ from gluon_cases import pretended_h100  # noqa: E402
 from gluon_emulation import emulate  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from stm_kernels.experimental import gluon_forward  # noqa: E402
-from stm_kernels import memory_read, naive_memory_read  # noqa: E402
+from reference import reference_read  # noqa: E402
+from stm_kernels import memory_read  # noqa: E402
 from stm_kernels.backends.triton import (devices, gluon_opt_in,  # noqa: E402
                                          kept_launches, running)
 
@@ -87,7 +88,8 @@ def _run_forward(q, k, v, scale, l2, splits, config, out_dtype=None):
 
 
 def _reference(q, k, v, scale, l2):
-    out, lse = naive_memory_read(q.double().cpu(), k.double().cpu(), v.double().cpu(), scale, l2)
+    """(out, lse) of the float64 read written out in plain torch (tests/reference.py)."""
+    out, lse, _ = reference_read(q, k, v, scale=scale, similarity="l2" if l2 else "dot")
     return out, lse
 
 
@@ -153,7 +155,8 @@ def emulated_read(monkeypatch, emulated_kernel):
 def test_emulated_kernel_matches_reference(emulated_kernel, B, Bq, Ck, Cv, HW, N, splits, l2,
                                            dtype, config, pad_n, batch_gap):
     """The kernel source and ws_forward, emulated on CPU (see the module docstring), against the
-    float64 naive read: pipeline protocol, masks, splits, value halves, transposed stores."""
+    float64 read written out in plain torch: pipeline protocol, masks, splits, value halves,
+    transposed stores."""
     emulated = emulated_kernel
     q, k, v = _inputs(B, Bq, Ck, Cv, HW, N, dtype, "cpu", pad_n=pad_n, batch_gap=batch_gap)
     scale = 1 / math.sqrt(Ck)
@@ -192,7 +195,7 @@ def test_emulated_kernel_behind_memory_read(emulated_read, config):
     assert arguments["VALUE_CHUNKS"] == config.value_chunks
     qd, kd, vd = (t.detach().double() for t in (q, k, v))
     kd.requires_grad_(), vd.requires_grad_()
-    ref_out, ref_lse = memory_read(qd, kd, vd, backend="naive", return_lse=True)
+    ref_out, ref_lse, _ = reference_read(qd, kd, vd)
     ref_out.sum().backward()
     assert relative_error(lse, ref_lse) < 1e-5
     assert relative_error(out, ref_out) < TOLERANCE[torch.float16]
@@ -220,8 +223,7 @@ def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, emulated_read
                               batch_gap=batch_gap)
             random.seed(seed)
             out, lse = memory_read(q, k, v, backend="triton", return_lse=True)
-            ref_out, ref_lse = memory_read(*(t.double() for t in (q, k, v)), backend="naive",
-                                           return_lse=True)
+            ref_out, ref_lse, _ = reference_read(q, k, v)
             assert relative_error(lse, ref_lse) < 1e-5, seed
             assert relative_error(out, ref_out) < TOLERANCE[torch.float16], seed
         assert len(gluon_plannings) == 1  # planned by the first read only
@@ -235,7 +237,7 @@ def test_emulated_kernel_launches_are_kept_per_layout(monkeypatch, emulated_read
         with pytest.warns(RuntimeWarning, match="Gluon forward failed"):
             out = memory_read(q, shifted, v, backend="triton")
         assert len(emulated.launches) == launches  # the plain forward read it
-        reference = memory_read(q.double(), shifted.double(), v.double(), backend="naive")
+        reference = reference_read(q, shifted, v)[0]
         assert relative_error(out, reference) < TOLERANCE[torch.float16]
 
 
@@ -328,5 +330,5 @@ def test_an_architecture_default_from_a_memory_size_on(monkeypatch, emulated_ker
             warnings.simplefilter("error")
             out = memory_read(q, k, v, backend="triton")
         assert (len(emulated_kernel.launches) > before) == gluon, N
-        reference = memory_read(q.double(), k.double(), v.double(), backend="naive")
+        reference = reference_read(q, k, v)[0]
         assert relative_error(out, reference) < TOLERANCE[torch.float16], N
