@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import DEVICES, TOLERANCE, random_inputs, relative_error, skip_unless_runnable
+from reference import reference_read
 from stm_kernels import memory_read, memory_usage, merge_reads, poison_outputs
 from stm_kernels.backends.triton import calls
 from stm_kernels.backends.triton.tilings import SelectConfig, UsageConfig, use_configs
@@ -238,8 +239,7 @@ def test_topk_scores_and_read_selected(device, backend):
     dense = dense_scores(q.double().cpu(), k.double().cpu(), 0.25, "dot")
     assert relative_error(scores[0], dense[0].T.gather(1, indices[0].cpu())) < 1e-6
     out, lse = read_selected(q, k, v, indices, return_lse=True)
-    expected_out, expected_lse = memory_read(q, k, v, top_k=8, memory_lengths=lengths,
-                                             return_lse=True, backend="naive")
+    expected_out, expected_lse, _ = reference_read(q, k, v, top_k=8, lengths=lengths)
     assert relative_error(out, expected_out) < 1e-5 and relative_error(lse, expected_lse) < 1e-5
     none = indices.clone()
     none[0, 3] = -1
@@ -323,6 +323,8 @@ def test_xmem_spatial_layouts_and_chunks():
     shrinkage = 1 + torch.rand(2, 1, 24, dtype=torch.float64)
     selection = torch.rand(1, 8, 12, dtype=torch.float64)
     flat = memory_read(q, k, v, similarity="xmem", shrinkage=shrinkage, selection=selection)
+    expected = reference(q, k, v, similarity="xmem", shrinkage=shrinkage, selection=selection)
+    assert relative_error(flat, expected[0]) < 1e-12
     spatial = memory_read(q.view(1, 8, 3, 4), k.view(2, 8, 2, 3, 4), v.view(2, 6, 2, 3, 4),
                           similarity="xmem", shrinkage=shrinkage.view(2, 1, 2, 3, 4),
                           selection=selection.view(1, 8, 3, 4))
@@ -373,6 +375,7 @@ def test_merged_top_k_reads_are_not_a_top_k_read_but_a_list_of_chunks_is():
     chunk's top_k (not the memory's top_k); chunks passed as a list read the global top_k."""
     q, k, v = random_inputs(1, 1, 8, 6, 10, 60, torch.float64, "cpu", seed=4)
     whole = memory_read(q, k, v, backend="torch", top_k=5)
+    assert relative_error(whole, reference_read(q, k, v, top_k=5)[0]) < 1e-12
     chunks = [(k[:, :, :30], v[:, :, :30]), (k[:, :, 30:], v[:, :, 30:])]
     listed = memory_read(q, [c[0] for c in chunks], [c[1] for c in chunks], backend="torch",
                          top_k=5)
