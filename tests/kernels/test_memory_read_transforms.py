@@ -10,7 +10,8 @@ import torch.autograd.forward_ad as fwAD
 from stm_kernels import memory_read, memory_usage, torch_common
 from stm_kernels._buffers import poison_outputs
 from stm_kernels.memory_read import DOUBLE_BACKWARD_UNSUPPORTED, FORWARD_MODE_UNSUPPORTED
-from tests.helpers import relative_error, skip_unless_runnable
+from tests.helpers import TOLERANCE, relative_error, skip_unless_runnable
+from tests.reference import reference_read, reference_usage
 
 BACKENDS = ["naive", "torch", "triton"]
 # float64 for naive and torch; the Triton kernels (interpreter) in float32 against float64
@@ -279,6 +280,8 @@ def test_vmap_of_top_k_and_usage_and_of_the_lengths():
         torch.testing.assert_close(out[index], expected_out)
         torch.testing.assert_close(usage[index], expected_usage)
     torch.testing.assert_close(out[1], reference(qs[1], k, v, top_k=4)[0])
+    # the usage is float32 (its contract): float32's rounding of the float64 one
+    assert relative_error(usage[1], reference_read(qs[1], k, v, top_k=4)[2]) < 2 ** -23
     lengths = torch.tensor([[17, 3], [5, 17]])
     with pytest.raises(ValueError, match=r"^memory_lengths must be .* got a tensor mapped by "
                                          r"torch.func.vmap [^\n]*$"):
@@ -443,6 +446,11 @@ def test_autocast_casts_xmem_inputs_leaves_float64_and_lengths_and_applies_to_th
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     torch.testing.assert_close(usage, memory_usage(*bf16[:2], torch.zeros(2, 13),
                                                    backend="torch"), rtol=0, atol=0)
+    float64 = reference_read(*bf16[:3], similarity="xmem", shrinkage=bf16[3],
+                             selection=bf16[4], lengths=[21, 8])[0]
+    assert relative_error(out, float64) < TOLERANCE[torch.bfloat16]
+    float64 = reference_usage(*bf16[:2], torch.zeros(2, 13))
+    assert relative_error(usage, float64) < TOLERANCE[torch.bfloat16]
     with pytest.raises(ValueError, match="share one dtype"):
         memory_read(q.bfloat16(), k, v)
 
@@ -456,6 +464,8 @@ def test_autocast_under_torch_compile_fullgraph():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, memory_read(q.bfloat16(), k.bfloat16(), v.bfloat16(),
                                                 backend="torch"), rtol=0, atol=0)
+    float64 = reference_read(q.bfloat16(), k.bfloat16(), v.bfloat16())[0]
+    assert relative_error(out, float64) < TOLERANCE[torch.bfloat16]
     assert read(q, k, v).dtype == torch.float32  # outside autocast: recompiled, not cast
     torch._dynamo.reset()
 
