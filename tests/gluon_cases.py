@@ -5,7 +5,7 @@ import types
 
 import torch
 
-from stm_kernels import naive_memory_read
+from reference import reference_read
 
 
 def backward_inputs(B, Bq, Ck, Cv, HW, N, dtype, seed=0, batch_gap=0, device="cpu"):
@@ -24,11 +24,13 @@ def backward_inputs(B, Bq, Ck, Cv, HW, N, dtype, seed=0, batch_gap=0, device="cp
 
 
 def backward_reference(q, k, v, do, scale, l2):
-    """Autograd of the naive read in float64, on the inputs' device (a GPU's float64 takes
-    milliseconds where a CPU's takes seconds at the target shape): .dq, .dk, .dv, and .lse
-    (natural log) and .delta (rowsum(dO O)) as the backward kernels take them."""
+    """Autograd of the float64 read written out in plain torch (tests/reference.py), on the
+    inputs' device (a GPU's float64 takes milliseconds where a CPU's takes seconds at the
+    target shape): .dq, .dk, .dv, and .lse (natural log) and .delta (rowsum(dO O)) as the
+    backward kernels take them."""
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out, lse = naive_memory_read(qd, kd, vd, scale, l2)
+    out, lse, _ = reference_read(qd, kd, vd, scale=scale, similarity="l2" if l2 else "dot",
+                                 device=qd.device)
     out.backward(do.detach().double())
     delta = (do.detach().double() * out.detach()).sum(1)
     return types.SimpleNamespace(dq=qd.grad, dk=kd.grad, dv=vd.grad, lse=lse.detach(),
