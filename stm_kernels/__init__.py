@@ -4,6 +4,7 @@
     out = memory_read(query_key, memory_key, memory_value)            # (B, Cv, *Q)
     out, lse = memory_read(q, k_chunk, v_chunk, return_lse=True)       # for merge_reads
     out = memory_read(q, k, v, top_k=30)                               # STCN/XMem top-k read
+    plan = prepare_read(q, k, v); out = plan.run(q, k, v)              # planned once, run many
 
 `python -m stm_kernels.selftest` checks the read on this machine's GPU (docs/kernels.md).
 
@@ -22,11 +23,12 @@ _EXPORTS = {
     "naive_memory_read": "backends.naive", "poison_outputs": "_buffers",
     "FallbackWarning": "backends", "BACKENDS": "options", "DTYPES": "options",
     "SIMILARITIES": "options", "FixedCapacityMemory": "fixed_memory",
+    "prepare_read": "prepared", "PreparedRead": "prepared",
 }
 
 __all__ = ["memory_read", "memory_usage", "merge_reads", "naive_memory_read", "poison_outputs",
-           "topk", "FallbackWarning", "BACKENDS", "DTYPES", "SIMILARITIES", "FixedCapacityMemory",
-           "__version__"]
+           "prepare_read", "PreparedRead", "topk", "FallbackWarning", "BACKENDS", "DTYPES",
+           "SIMILARITIES", "FixedCapacityMemory", "__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported eagerly)
     from . import topk
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported e
     from .memory_read import memory_read, memory_usage
     from .merge import merge_reads
     from .options import BACKENDS, DTYPES, SIMILARITIES
+    from .prepared import PreparedRead, prepare_read
 
 
 def __getattr__(name: str):

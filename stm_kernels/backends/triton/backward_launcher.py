@@ -224,15 +224,22 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
     kernel does not fit the device (tilings.SEPARATE_DQ), or none of its candidates runs
     there, dK and dQ take those two kernels in every mode. Planned once per layout
     (_layout_key)."""
+    return backward_pass(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths)[:3]
+
+
+def backward_pass(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
+    """(dq, dk, dv, the PreparedBackward that computed them) as triton_backward: the pass
+    kept for the call's layout, or planned on this call and kept."""
     _check_device(q, k, v)
     call = _call(k, "backward", l2)
     deterministic = torch.are_deterministic_algorithms_enabled()
     layout = _layout_key(("backward", deterministic, grad_lse is None, backward_switch()),
                          call, scale, l2, lengths, q, k, v, grad_out, out,
                          *(() if grad_lse is None else (grad_lse,)))
-    result = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
-    if result is not None:
-        return result
+    kept = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
+    if kept is not None:
+        (dq, dk, dv), prepared = kept
+        return dq, dk, dv, prepared
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
@@ -322,4 +329,4 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
             kept = PreparedBackward(call, l2, prepare, dv_launch, dk_launch, dq_launch,
                                     dq_parts)
     _keep_prepared(layout, kept)
-    return dq.to(q.dtype), dk, dv
+    return dq.to(q.dtype), dk, dv, kept

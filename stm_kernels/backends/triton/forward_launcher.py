@@ -104,12 +104,19 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW) float32) for q (Bq, Ck, HW), k (B, Ck, N),
     v (B, Cv, N); q, k, v share one dtype, any strides. lengths: optional (B,) valid memory
     positions per object (validated by the caller). Planned once per layout (_layout_key)."""
+    return forward_pass(q, k, v, scale, l2, lengths)[:2]
+
+
+def forward_pass(q, k, v, scale, l2, lengths=None):
+    """(out, lse, the PreparedForward that computed them) as triton_forward: the pass kept for
+    the call's layout, or planned on this call and kept."""
     _check_device(q, k, v)
     call = _call(k, "forward", l2)
     layout = _layout_key(("forward", forward_switch()), call, scale, l2, lengths, q, k, v)
-    result = _run_prepared(layout, q, k, v, lengths)
-    if result is not None:
-        return result
+    kept = _run_prepared(layout, q, k, v, lengths)
+    if kept is not None:
+        (out, lse), prepared = kept
+        return out, lse, prepared
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
@@ -152,7 +159,7 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
             planned = running.launch_first_that_runs("forward", call, signature, launch)
     out, lse, prepared = planned
     _keep_prepared(layout, prepared)
-    return out, lse
+    return out, lse, prepared
 
 
 def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):

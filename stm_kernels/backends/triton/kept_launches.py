@@ -7,6 +7,7 @@ kernel's compile called directly (direct_launch.py) without Triton's binder.
 
     KernelLaunch          one kernel's launch; its first through running.run
     _layout_key           what a kept pass is keyed by
+    _kept                 the pass kept for a layout, or None
     _run_prepared         a kept pass run on a call's tensors (dropped where it fails)
     _keep_prepared        a pass kept (at most PREPARED_LAYOUTS, the oldest dropped)
     planning_every_call   within the block nothing is kept or reused (an A/B of the saving)
@@ -94,15 +95,20 @@ def _layout_key(read, call, scale, l2, lengths, *tensors):
             *[(t.shape, t.stride(), t.dtype) for t in tensors])
 
 
+def _kept(layout):
+    """The pass kept for `layout`, or None (none kept, or inside planning_every_call)."""
+    return _prepared.get(layout) if _keeping_launches else None
+
+
 def _run_prepared(layout, *tensors):
-    """The result of the launch prepared for `layout` on `tensors`, or None where there is none
-    or it failed (dropped then: the caller plans afresh, and a failing candidate falls
-    through to the next as on a first call)."""
-    prepared = _prepared.get(layout) if _keeping_launches else None
+    """(the result, the pass) of the launch prepared for `layout` on `tensors`, or None where
+    there is none or it failed (dropped then: the caller plans afresh, and a failing candidate
+    falls through to the next as on a first call)."""
+    prepared = _kept(layout)
     if prepared is None:
         return None
     try:
-        return prepared(*tensors)
+        return prepared(*tensors), prepared
     except Exception:
         with _keeping:
             _prepared.pop(layout, None)

@@ -104,12 +104,19 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
     object's memory: one fused pass over the memory in parallel memory splits
     (memory_read_topk_kernel, kernels/topk.py), then the top_k of the splits' keys, decoded
     (memory_read_topk_merge_kernel). Planned once per layout (_layout_key)."""
+    return select_pass(q, k, top_k, scale, l2, lengths)[:2]
+
+
+def select_pass(q, k, top_k, scale, l2, lengths=None):
+    """(scores, indices, the PreparedSelect that computed them) as triton_select: the pass
+    kept for the call's layout, or planned on this call and kept."""
     _check_device(q, k)
     call = _call(k, "select", l2)
     layout = _layout_key(("select", top_k), call, scale, l2, lengths, q, k)
-    selected = _run_prepared(layout, q, k, lengths)
-    if selected is not None:
-        return selected
+    kept = _run_prepared(layout, q, k, lengths)
+    if kept is not None:
+        (scores, indices), prepared = kept
+        return scores, indices, prepared
     B, Ck, N = k.shape
     HW = q.shape[2]
     inputs = functools.partial(_query_inputs, l2=l2, rank1=call.rank1)
@@ -143,7 +150,7 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
         scores, indices, prepared = running.launch_first_that_runs("select", call, signature,
                                                                    launch)
     _keep_prepared(layout, prepared)
-    return scores, indices
+    return scores, indices, prepared
 
 
 def _usage_inputs(q, k, lse, lengths):
@@ -159,9 +166,9 @@ def triton_usage(q, k, lse, scale, l2, lengths=None):
     _check_device(q, k)
     call = _call(k, "usage", l2)
     layout = _layout_key("usage", call, scale, l2, lengths, q, k)
-    usage = _run_prepared(layout, q, k, lse, lengths)
-    if usage is not None:
-        return usage
+    kept = _run_prepared(layout, q, k, lse, lengths)
+    if kept is not None:
+        return kept[0]
     B, Ck, N = k.shape
     HW = q.shape[2]
     tensors = _usage_inputs(q, k, lse, lengths)
