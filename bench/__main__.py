@@ -18,6 +18,7 @@
     python -m bench memory-dtype [...]  # the memory stored in fp32 / bf16 / fp16: J&F, fps, bytes
     python -m bench integrations [...]  # Cutie and STCN on a long video: their read vs fused
     python -m bench deploy [...]        # the ONNX runner vs torch: fps, J&F, peak memory
+    python -m bench host-path [...]     # the read's host time per layer, kernels dropped on a CPU
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check|--prune]   # README and docs tables from the newest results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -31,7 +32,7 @@ import pathlib
 import sys
 
 from bench import (annotate, cpu_read, dataset_throughput, davis_test, deploy, held_out,
-                   integrations, interactive, interactive_eval, kernel, long_video,
+                   host_path, integrations, interactive, interactive_eval, kernel, long_video,
                    memory_dtype, multi_object, ragged_read, report, sharded_read, topk_read,
                    training)
 
@@ -53,6 +54,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "multi-object": multi_object,
     "deploy": deploy,
     "memory-dtype": memory_dtype,
+    "host-path": host_path,
 }
 
 

@@ -1,4 +1,5 @@
-"""tools.gpu_session.host_path: the read's host time, layer by layer (its CPU rows here)."""
+"""bench.host_path (`python -m bench host-path`): the read's host time, layer by layer (its CPU
+rows here)."""
 import inspect
 import json
 import types
@@ -9,13 +10,14 @@ import torch
 from stm_kernels.backends.triton import (backward_launcher, devices, gluon_opt_in, kept_launches,
                                          launch, running)
 from stm_kernels.experimental import gluon_forward
-from tools.gpu_session import host_path
+from bench import host_path
 
 
 @pytest.mark.filterwarnings("error:STM_KERNELS_WARP_SPECIALIZED")  # no Gluon row falls back
 def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
     monkeypatch.setattr(running, "_warned", set())  # a fallback warns here, whatever ran before
+    monkeypatch.setattr(host_path, "READ_N", 3240)  # the read kinds' rows at a smaller N
     host_path.main(["--ns", "1620", "3240", "--calls", "3"])
     files = list(tmp_path.glob("host_path_cpu_*.json"))
     assert len(files) == 1
@@ -32,19 +34,39 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     # the Gluon rows where its TMA reads the memory: N % 8 == 0 (3,240, not 1,620)
     gluon = ["Gluon launcher, no launch", "Gluon launcher, no launch, planned every call"]
     gluon = {1620: [], 3240: gluon * gluon_forward.AVAILABLE}
-    assert [(row["layer"], row["N"]) for row in payload["records"]] == [
+    # the four read kinds: each layer timed, or not timed with its reason (a host read of a
+    # device value, which meta tensors refuse), in this order
+    read_layers = [f"{kind}: {layer}" for kind in host_path.READS for layer in (
+        "op", *["custom op's dispatch (its fake implementation)"] * (kind != "top-k"),
+        "prepared read", "launcher", "launcher, no launch")]
+    reads = [row for row in payload["records"] if ": " in row["layer"]]
+    not_timed = {row["layer"]: row["reason"] for row in payload["not_timed"]}
+    assert [row["layer"] for row in reads] == [layer for layer in read_layers
+                                                if layer not in not_timed]
+    assert all(row["N"] == 3240 for row in reads) and set(not_timed) <= set(read_layers)
+    assert all(reason.strip() and "\n" not in reason for reason in not_timed.values())
+    for kind in ("forward", "forward + backward"):  # these run whole on meta tensors
+        assert not any(layer.startswith(f"{kind}:") for layer in not_timed)
+    assert [(row["layer"], row["N"]) for row in payload["records"] if row not in reads] == [
         (layer, n) for n in (1620, 3240) for layer in (
             "launcher, no launch", "launcher, no launch, planned every call", *gluon[n],
             *binding)] + [
         (layer, host_path.SMALL_N) for layer in small * devices.INTERPRETING]
     assert all(0 < row["us"] < 1e6 for row in payload["records"])
     assert [(profile["layer"], profile["N"]) for profile in payload["profiles"]] == [
-        ("launcher, no launch", 1620), ("launcher, no launch", 3240)]
+        ("launcher, no launch", 1620), ("launcher, no launch", 3240),
+        ("forward: op", 3240), ("forward + backward: op", 3240)]
+    us = {row["layer"]: row["us"] for row in reads}
+    # the goals are read at READ_N (here 3,240), against the rows measured
+    assert [(goal["layer"], goal["limit"], goal["us"], goal["met"]) for goal in payload["goals"]
+            ] == [(layer, limit, us[layer], us[layer] <= limit)
+                  for layer, limit in host_path.GOALS.items()]
     functions = [entry["function"] for entry in payload["profiles"][0]["functions"]]
     assert "triton/forward_launcher.py" in " ".join(functions)
     table = host_path.summary(payload)
     assert "| launcher, no launch |" in table and "N = 3,240" in table
     assert "cProfile, launcher, no launch, N = 1,620" in table
+    assert "- goal forward: op <= 30 us: " in table
     assert table in capsys.readouterr().out
 
 

@@ -7,7 +7,7 @@
 # (1-2 minutes) and one full call, sometimes a short second one. So:
 #   1. `first` is the lease's one call, what no offline work can give, in the order issue 57
 #      is judged by:
-#      - until mark 100 of 600: the host path's layers (host_path.py; at N = 16,200 about 80%
+#      - until mark 100 of 600: the host path's layers (bench/host_path.py; at N = 16,200 about 80%
 #        of a read was host time on 2026-11-27; the forward and backward kernels compile cold
 #        here first), at N = 16,200 first, each with and without the kept launches;
 #      - until mark 230: the fused read against every peer (bench kernel: SDPA split into
@@ -138,7 +138,7 @@ case "${1:-tests}" in
     # compiles on a fresh machine, then about 20 s; saved after every row), the peers at the
     # target points, warm (the Gluon backward candidate last: it has never run on a GPU), the
     # long video and Cutie (issue 57 item 7), the GPU tests.
-    timed "$(until_mark 100)" python3 -m tools.gpu_session.host_path --ns 16200 1620
+    timed "$(until_mark 100)" python3 -m bench host-path --ns 16200 1620
     timed "$(until_mark 230)" "${TARGETS[@]}"
     timed "$(until_mark 385)" python3 -m bench long-video --variants fused naive \
       --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 55 --warmup 5

@@ -192,7 +192,7 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     assert [line.split(" | ")[1] for line in lines] == ["finished"] * 6, completed.stdout
     host, peers, video, cutie, new_tests, tests = (line.split(" | ")[0].split()
                                                    for line in lines)
-    assert host == ["-m", "tools.gpu_session.host_path", "--ns", "16200", "1620"]
+    assert host == ["-m", "bench", "host-path", "--ns", "16200", "1620"]
     assert peers[:3] == ["-m", "bench", "kernel"]
     options = parsed_options(kernel, peers[3:], monkeypatch)
     assert options.sweeps == ["targets"] and options.batches == [1]
@@ -245,7 +245,7 @@ def test_a_peers_sweep_that_runs_long_is_stopped_and_the_stage_still_ends_in_tim
     assert lines[0].startswith("-m bench kernel --sweeps targets --batches 1")
     not_started = [line for line in completed.stdout.splitlines()
                    if line.startswith("== no time left for ")]
-    for skipped in ("tools.gpu_session.host_path", "bench long-video", "bench integrations",
+    for skipped in ("bench host-path", "bench long-video", "bench integrations",
                     "pytest"):
         assert any(f"python3 -m {skipped}" in line for line in not_started), skipped
     assert 21 <= seconds < 32, seconds
