@@ -27,12 +27,14 @@ segmenting it; only the frames the schedule keeps are encoded.
 
 High resolution (max_internal_size): see stm_model.inference.resize. compile=True: torch.compile
 of the per-frame network work and memory read, one graph for every memory length (see _Compiled;
-with CUDA graphs, the read stays eager between the graphed encoder and decoder).
+with CUDA graphs, one graph of the step, read included, per memory capacity).
 """
 import dataclasses
 from typing import Any, Iterable, Optional, Union
 
 import torch
+
+from stm_kernels import backends
 
 from stm_model.memory.storage import read_in_storage_dtype
 
@@ -78,9 +80,12 @@ class VideoSegmenter(SessionCore):
             keyword arguments (e.g. {"mode": "max-autotune"}). The memory length is a dynamic
             dimension: growing memory does not recompile (a frame size, object count or
             dtype does). With CUDA graphs ({"mode": "reduce-overhead"}, "max-autotune", or
-            backend "cudagraphs": each step's network work replayed with one launch per
-            graph) the read stays eager between the graphed query encoder and decoder: a
-            graph is recorded per shape, and the memory's length changes every kept frame.
+            backend "cudagraphs") the step (query encoder, read, decoder) is one graph that
+            reads each bank's whole storage with its lengths on the device
+            (MemoryBank.fixed_capacity): recorded once per capacity (the storage doubles when
+            full), replayed at every memory length up to it. Offloaded or sharded memory, or
+            on a GPU a read backend resolving to "torch" (which reads the lengths on the
+            host), keeps the read eager between the graphed query encoder and decoder.
     """
 
     def __init__(self, model: STM, mem_every: int = 5, *, memory_dtype: DtypeName = None,
@@ -103,6 +108,7 @@ class VideoSegmenter(SessionCore):
         self.shard_memory, self.shard_group = shard_memory, shard_group
         self.max_internal_size = model_internal_size(model, max_internal_size)
         self._compiled = _Compiled.of(compile)
+        self._graph_read_backend: Optional[str] = None  # the read's backend (_read_in_graph)
         self.reset(start_frame, reverse)
 
     @classmethod
@@ -300,6 +306,18 @@ class VideoSegmenter(SessionCore):
         return frame, mask
 
     @property
+    def _read_in_graph(self) -> bool:
+        """Whether CUDA graphs hold the read too: memory on the compute device (not offloaded
+        or sharded), read by a backend that takes device lengths under capture ("triton",
+        "naive"; the "torch" backend reads them on the host), or no GPU (nothing recorded)."""
+        if self.offload or self.shard_memory:
+            return False
+        if self._graph_read_backend is None:
+            self._graph_read_backend = backends.resolve(
+                self.read_backend, torch.empty(0, dtype=self.memory_dtype, device=self.device))
+        return self.device.type != "cuda" or self._graph_read_backend in ("triton", "naive")
+
+    @property
     def _graphed(self) -> bool:
         """Whether the compiled network work runs as CUDA graphs (see `compile`)."""
         return self._compiled is not None and self._compiled.graphs
@@ -326,6 +344,13 @@ class VideoSegmenter(SessionCore):
         """Foreground probabilities (n, Hp, Wp) of the known objects from their memory."""
         config = self.model.config
         compiled = self._compiled
+        if compiled is not None and compiled.graphs and self._read_in_graph:
+            # the whole storage with the lengths on the device: one CUDA graph per capacity
+            memories = [bank.fixed_capacity() for bank in self.banks]
+            return compiled.predict(self.model, padded, compiled.static(m.keys for m in memories),
+                                    compiled.static(m.values for m in memories),
+                                    config.similarity, self.read_backend,
+                                    compiled.static(m.lengths for m in memories))
         if compiled is not None and not (self.offload or self.shard_memory or compiled.graphs):
             for bank in self.banks:
                 if bank.num_frames == bank.capacity:
@@ -337,8 +362,8 @@ class VideoSegmenter(SessionCore):
             return compiled.predict(self.model, padded, compiled.dynamic(keys),
                                     compiled.dynamic(values), config.similarity,
                                     self.read_backend)
-        # offloaded or sharded memory (chunked copies, collectives) or CUDA graphs (one per
-        # shape): the read stays eager
+        # offloaded or sharded memory (chunked copies, collectives), or CUDA graphs with a read
+        # that cannot be captured with its lengths: the read stays eager
         query = (compiled.encode_query if compiled else _encode_query)(self.model, padded)
         readout = torch.cat([bank.read(query.key, similarity=config.similarity,
                                        backend=self.read_backend) for bank in self.banks])
@@ -373,14 +398,17 @@ def _encode_memory(model, padded, object_probs):
     return model.encode_memory(padded, object_probs)
 
 
-def _predict_from_views(model, padded, keys, values, similarity, backend):
-    """Query encoder, the memory read of every bank (keys/values: each bank's
-    MemoryBank.memory_views) and the decoder, in one function so that torch.compile captures
-    them as one graph (the read is an opaque custom op in it)."""
+def _predict_from_views(model, padded, keys, values, similarity, backend, lengths=None):
+    """Query encoder, the memory read of every bank and the decoder, in one function so that
+    torch.compile captures them as one graph (the read is an opaque custom op in it). keys,
+    values: each bank's MemoryBank.memory_views, or with lengths (each bank's (n,) lengths
+    on the device) its whole storage (MemoryBank.fixed_capacity)."""
     query = model.encode_query(padded)
+    lengths = [None] * len(keys) if lengths is None else lengths
     readout = torch.cat([read_in_storage_dtype(query.key, k, v, similarity=similarity,
-                                               backend=backend)  # --memory-dtype's
-                         for k, v in zip(keys, values, strict=True)])
+                                               backend=backend,  # --memory-dtype's
+                                               memory_lengths=length)
+                         for k, v, length in zip(keys, values, lengths, strict=True)])
     return _foreground(model, readout, query)
 
 
@@ -411,8 +439,13 @@ class _Compiled:
     argument checks specialise on N then: one graph per capacity.
 
     CUDA graphs (graphs=True) are recorded per concrete shape, dynamic dimensions included: a
-    graph holding the read would be recorded again every kept frame. Then the query encoder
-    and decoder are graphed apart and the read runs eagerly between them.
+    graph holding a read of the memory views would be recorded again every kept frame. So the
+    graphed step reads each bank's whole storage with its lengths on the device
+    (MemoryBank.fixed_capacity), shapes that change only when the storage grows, marked as
+    static addresses (static): CUDA graph trees read them in place, never copy them in, and
+    record anew when the storage moves. Where that read cannot be captured
+    (VideoSegmenter._read_in_graph), the query encoder and decoder are graphed apart and the
+    read runs eagerly between them.
     """
 
     def __init__(self, options):
@@ -441,3 +474,13 @@ class _Compiled:
         for view in views:
             torch._dynamo.maybe_mark_dynamic(view, 2)
         return list(views)
+
+    @staticmethod
+    def static(tensors):
+        """tensors as a list, each marked as an input whose address stays (storage, lengths):
+        CUDA graph trees read it where it is instead of copying it in at every replay, and
+        record anew when it moves (the storage grew: a new capacity)."""
+        tensors = list(tensors)
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor, guard=False)
+        return tensors

@@ -17,8 +17,10 @@ The read is a softmax over all memory positions, so the order of frames in stora
 matter.
 
 Storage and reads (stm_model.memory.storage): on the compute device, one fused read over views
-of the storage; offloaded (offload=True), storage in (pinned) CPU memory read chunk_frames frames
-at a time on the compute device, the chunks merged exactly with merge_reads; sharded, below.
+of the storage (or, for a CUDA graph, fixed_capacity(): the whole storage with each object's
+length on the device, one graph per capacity); offloaded (offload=True), storage in (pinned)
+CPU memory read chunk_frames frames at a time on the compute device, the chunks merged exactly
+with merge_reads; sharded, below.
 
 Sharding (shard_memory=True, under torch.distributed): the memory is spread over the ranks of
 shard_group (default: all ranks). Every rank runs the same schedule (the same frames, in the
@@ -33,6 +35,8 @@ empty shard).
 from typing import Any, Optional, Sequence, Union
 
 import torch
+
+from stm_kernels import FixedCapacityMemory
 
 from stm_model.memory.schedule import FrameSlots
 from stm_model.memory.storage import Offloaded, OnDevice, Sharded
@@ -78,6 +82,7 @@ class MemoryBank:
         capacity = -(-capacity // self.shard_count)  # this rank's share of the slots
         self.keys: Any = None  # (n, Ck, capacity, h·w) storage, allocated below
         self.values: Any = None
+        self._fixed: Optional[FixedCapacityMemory] = None  # fixed_capacity(), per storage
         self._allocate(_round_up(capacity, _ALIGN_FRAMES))
 
     @property
@@ -131,6 +136,21 @@ class MemoryBank:
                                "(not offload or shard_memory); use read()")
         return self.stored(0, self.num_frames)
 
+    def fixed_capacity(self) -> FixedCapacityMemory:
+        """The whole storage as a FixedCapacityMemory (keys (n, Ck, capacity·h·w), values
+        (n, Cv, capacity·h·w), views) whose lengths (n,) on the device are the frames a read
+        sees, num_frames·h·w for every object, set on the host here (no device read). The
+        same object, storage and lengths tensors until the storage is reallocated (growth,
+        remove_objects): what a CUDA graph of the read holds, one per capacity. Not for
+        offloaded or sharded memory."""
+        if not isinstance(self.storage, OnDevice):
+            raise RuntimeError("fixed_capacity() needs the whole memory on the compute device "
+                               "(not offload or shard_memory); use read()")
+        if self._fixed is None:
+            self._fixed = FixedCapacityMemory(self.keys, self.values)
+        self._fixed.set_lengths(self.num_frames * self.size[0] * self.size[1])
+        return self._fixed
+
     def stored(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)) of the frames this rank stores in
         slots [start, stop), as views of the storage (what the storage strategies read)."""
@@ -163,6 +183,7 @@ class MemoryBank:
         self.keys, self.values = (
             tensor.index_select(0, index).pin_memory() if pin else tensor.index_select(0, index)
             for tensor in (self.keys, self.values))
+        self._fixed = None
         self.num_objects = len(kept)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, permanent: bool,
@@ -231,6 +252,7 @@ class MemoryBank:
             keys[:, :, :kept] = self.keys[:, :, :kept]
             values[:, :, :kept] = self.values[:, :, :kept]
         self.keys, self.values = keys, values
+        self._fixed = None
 
 
 def _shard_of(shard_memory, shard_group):
