@@ -203,8 +203,10 @@ CAPTURED_LENGTHS = (
 
 def capturing():
     """Whether the current CUDA stream is capturing a graph (False without CUDA initialised:
-    no capture, and no CUDA context made for the question)."""
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+    no capture, and no CUDA context made for the question; False while torch.compile traces,
+    whose graphs are captured later, by its own CUDA graphs, without these checks)."""
+    return not torch.compiler.is_compiling() and torch.cuda.is_initialized() and \
+        torch.cuda.is_current_stream_capturing()
 
 
 # id(lengths tensor) -> (weak reference, its version counter, lowest, highest) for lengths
