@@ -162,6 +162,35 @@ def test_gradients_are_the_prefixs_and_zero_on_the_tail(backend):
         assert torch.equal(dv[b, :, length:], torch.zeros_like(dv[b, :, length:]))
 
 
+@pytest.mark.skipif(not devices.INTERPRETING and not torch.cuda.is_available(),
+                    reason="needs Triton")
+def test_gradients_at_changed_lengths_plan_once(plannings, monkeypatch):
+    """The triton forward and backward at three lengths of one memory: planned once (the
+    kept launches' key holds only whether lengths are given), each gradient the prefix's."""
+    from stm_kernels.backends.triton import kept_launches, running
+    monkeypatch.setattr(running, "_chosen", {})
+    monkeypatch.setattr(kept_launches, "_prepared", {})
+    generator = torch.Generator().manual_seed(6)
+    keys = torch.randn(B, CK, CAPACITY, generator=generator).requires_grad_()
+    values = torch.randn(B, CV, CAPACITY, generator=generator).requires_grad_()
+    q = _query(objects=B).requires_grad_()
+    memory = FixedCapacityMemory(keys, values)
+    planned = None
+    for lengths in ([7, 33], [40, 2], [20, 20]):
+        memory.set_lengths(lengths)
+        cotangent = torch.randn(B, CV, HW, generator=generator)
+        dq, dk, dv = torch.autograd.grad(memory.read(q, backend="triton"), (q, keys, values),
+                                         cotangent)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, keys, values))
+        expected = _reference(q64, k64, v64, lengths)[0]
+        edq, edk, edv = torch.autograd.grad(expected, (q64, k64, v64), cotangent.double())
+        _close(dq, edq, atol=1e-4)
+        _close(dk, edk, atol=1e-4)
+        _close(dv, edv, atol=1e-4)
+        planned = planned or dict(plannings)
+    assert plannings == planned and planned.get("forward") == 1 and planned.get("dv") == 1
+
+
 def _capturing(monkeypatch):
     """Make the read see a CUDA graph capture in progress (what it asks torch.cuda)."""
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
