@@ -68,6 +68,7 @@ of memory). `python -m bench report` draws docs/images/gpu_read.png from the new
 (read_plot).
 """
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -76,7 +77,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from bench import accuracy, common
 from stm_kernels import memory_read, options
 
 PROVIDERS = ("triton", "torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn_split", "flex",
@@ -117,67 +118,115 @@ def flops(pass_, B, HW, N, Ck, Cv):
     return 2.0 * B * HW * N * (Ck + Cv) * FLOP_FACTOR[pass_]
 
 
+@dataclasses.dataclass
+class ProviderRead:
+    """A provider's read of one memory, set up in its own layout from the read's (q (1, Ck,
+    HW), k (B, Ck, N), v (B, Cv, N)). read() returns its output in that layout; leaves are the
+    tensors its backward fills (in that layout); backward_context wraps its backward (the
+    Gluon backward's opt-in). out_of / gradients / cotangent convert between its layout and
+    the read's, for the accuracy check."""
+    read: object
+    leaves: tuple
+    attention_layout: bool
+    backward_context: object = contextlib.nullcontext
+
+    @classmethod
+    def of(cls, provider, q, k, v, scale):
+        """The ProviderRead of `provider` on q, k, v (see the class; SDPA's layout, the value
+        chunks of a split peer, prepared here, outside any timing)."""
+        B, Ck, HW = k.shape[0], k.shape[1], q.shape[2]
+        attention_layout = provider in ATTENTION_LAYOUT
+        if attention_layout:
+            q = q.transpose(1, 2).unsqueeze(1).expand(B, 1, HW, Ck).contiguous()
+            k = k.transpose(1, 2).unsqueeze(1).contiguous()
+            v = v.transpose(1, 2).unsqueeze(1).contiguous()
+        leaves, backward_context = (q, k, v), contextlib.nullcontext
+        if provider == "sdpa":
+            def read():
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        elif provider in SPLIT_BACKENDS:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            backend = getattr(SDPBackend, SPLIT_BACKENDS[provider])
+            chunks = [v[..., start:start + Ck].contiguous() for start in range(0, v.shape[-1], Ck)]
+            leaves = (q, k, *chunks)
+            del v
+
+            def read():
+                with sdpa_kernel([backend]):
+                    return torch.cat([F.scaled_dot_product_attention(q, k, chunk, scale=scale)
+                                      for chunk in chunks], dim=-1)
+        elif provider == "flex":
+            flex = _compiled_flex()
+
+            def read():
+                return flex(q, k, v, scale=scale)
+        elif provider == "triton_ws":
+            reason = _warp_specialized_reason(q, k, v)
+            if reason is not None:
+                raise RuntimeError(f"the Gluon forward does not run here: {reason}")
+
+            from stm_kernels.backends.triton import launch
+
+            def read():
+                with launch.warp_specialized_forward():
+                    return memory_read(q, k, v, scale=scale, backend="triton")
+        elif provider == "triton_ws_bwd":  # opted in around the backward
+            reason = common.warp_specialized_backward_reason(q, k, v)
+            if reason is not None:
+                raise RuntimeError(reason)
+
+            from stm_kernels.backends.triton import launch
+            backward_context = launch.warp_specialized_backward
+
+            def read():
+                return memory_read(q, k, v, scale=scale, backend="triton")
+        else:
+            def read():
+                return memory_read(q, k, v, scale=scale, backend=provider)
+        return cls(read, leaves, attention_layout, backward_context)
+
+    def out_of(self, out):
+        """The provider's output as the read's (B, Cv, HW)."""
+        return out.squeeze(1).transpose(1, 2) if self.attention_layout else out
+
+    def cotangent(self, grad):
+        """The read's cotangent (B, Cv, HW) in the provider's output layout."""
+        return grad.transpose(1, 2).unsqueeze(1).contiguous() if self.attention_layout \
+            else grad
+
+    def gradients(self):
+        """{"dq" (1, Ck, HW), "dk" (B, Ck, N), "dv" (B, Cv, N)} of the leaves' .grad, as the
+        read's."""
+        if not self.attention_layout:
+            return dict(zip(GRADIENT_NAMES, (t.grad for t in self.leaves), strict=True))
+        q, k, *values = self.leaves
+        return {"dq": q.grad.sum(0).transpose(1, 2),  # (B, 1, HW, Ck): the objects' sum
+                "dk": k.grad.squeeze(1).transpose(1, 2),
+                "dv": torch.cat([t.grad for t in values], dim=-1).squeeze(1).transpose(1, 2)}
+
+
+GRADIENT_NAMES = ("dq", "dk", "dv")
+
+
+def _random(device, dtype, seed):
+    """randn(*shape) from one generator seeded `seed` on `device`, in `dtype`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    return randn
+
+
 def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     """Random inputs in the provider's layout and a zero-argument call of the pass; returns
     (call, tensors whose .grad is cleared between calls). The STM query is shared by the B
     objects; SDPA gets its preferred (B, 1, L, C) contiguous layout, prepared here. The "bwd"
     call backpropagates through a forward done once here (graph retained)."""
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-
+    randn = _random(device, dtype, seed=0)
     q, k, v = randn(1, Ck, HW), randn(B, Ck, N), randn(B, Cv, N)
-    scale = 1.0 / math.sqrt(Ck)
-    tensors = (q, k, v)
-    backward_context = contextlib.nullcontext  # the backward's opt-in (triton_ws_bwd)
-    if provider in ATTENTION_LAYOUT:
-        q = q.transpose(1, 2).unsqueeze(1).expand(B, 1, HW, Ck).contiguous()
-        k = k.transpose(1, 2).unsqueeze(1).contiguous()
-        v = v.transpose(1, 2).unsqueeze(1).contiguous()
-        tensors = (q, k, v)
-    if provider == "sdpa":
-        def read():
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    elif provider in SPLIT_BACKENDS:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        backend = getattr(SDPBackend, SPLIT_BACKENDS[provider])
-        chunks = [v[..., start:start + Ck].contiguous() for start in range(0, Cv, Ck)]
-        tensors = (q, k, *chunks)
-        del v
-
-        def read():
-            with sdpa_kernel([backend]):
-                return torch.cat([F.scaled_dot_product_attention(q, k, chunk, scale=scale)
-                                  for chunk in chunks], dim=-1)
-    elif provider == "flex":
-        flex = _compiled_flex()
-
-        def read():
-            return flex(q, k, v, scale=scale)
-    elif provider == "triton_ws":
-        reason = _warp_specialized_reason(q, k, v)
-        if reason is not None:
-            raise RuntimeError(f"the Gluon forward does not run here: {reason}")
-
-        from stm_kernels.backends.triton import launch
-
-        def read():
-            with launch.warp_specialized_forward():
-                return memory_read(q, k, v, scale=scale, backend="triton")
-    elif provider == "triton_ws_bwd":  # opted in around the backward below
-        reason = common.warp_specialized_backward_reason(q, k, v)
-        if reason is not None:
-            raise RuntimeError(reason)
-
-        from stm_kernels.backends.triton import launch
-        backward_context = launch.warp_specialized_backward
-
-        def read():
-            return memory_read(q, k, v, scale=scale, backend="triton")
-    else:
-        def read():
-            return memory_read(q, k, v, scale=scale, backend=provider)
+    provider_read = ProviderRead.of(provider, q, k, v, 1.0 / math.sqrt(Ck))
+    read, tensors = provider_read.read, provider_read.leaves
+    backward_context = provider_read.backward_context
     if pass_ == "fwd":
         def call():
             with torch.no_grad():
@@ -185,7 +234,7 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
         return call, ()
     for tensor in tensors:
         tensor.requires_grad_()
-    grad = randn(B, 1, HW, Cv) if provider in ATTENTION_LAYOUT else randn(B, Cv, HW)
+    grad = randn(B, 1, HW, Cv) if provider_read.attention_layout else randn(B, Cv, HW)
     if pass_ == "bwd":
         out = read()
 
@@ -199,6 +248,48 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
         with backward_context():
             out.backward(grad)
     return call, tensors
+
+
+def check_point(provider, pass_, dtype, B, HW, N, Ck, Cv, device, dtype_name):
+    """(errors, bound, status) of one call of the pass against float64 (bench.accuracy.check)
+    on inputs of the point's shape: the output at a sample of query positions, and for the
+    backward passes dQ, dK, dV under a cotangent on those positions alone. The reference
+    covers the first object only where the memory's float64 copies would take more than a
+    quarter of the free memory (dQ, which sums over the objects, is then not compared), and
+    none where one object's would not fit: ({}, bound, None), not checked."""
+    randn = _random(device, dtype, seed=1)
+    q, k, v = randn(1, Ck, HW), randn(B, Ck, N), randn(B, Cv, N)
+    scale = 1.0 / math.sqrt(Ck)
+    rows = accuracy.sample_rows(HW).to(device)
+    backward = pass_ != "fwd"
+    grad = None
+    if backward:
+        grad = torch.zeros(B, Cv, HW, device=device, dtype=dtype)
+        grad[:, :, rows] = randn(B, Cv, len(rows))
+    free = common.available_memory_bytes() if device.type == "cpu" else \
+        torch.cuda.mem_get_info(device)[0]
+    per_object = (Ck + Cv) * N * 8 * (3 if backward else 1) + 3 * len(rows) * N * 8
+    objects = B if B * per_object <= free / 4 else 1 if per_object <= free / 4 else 0
+    bound = accuracy.BOUNDS[accuracy.BOUND_NAMES[dtype_name]]
+    if objects == 0:
+        return {}, bound, None
+    expected = accuracy.reference_rows(q, k, v, rows, scale, grad, objects)
+    provider_read = ProviderRead.of(provider, q, k, v, scale)
+    del q, k, v
+    actual = {}
+    if backward:
+        for tensor in provider_read.leaves:
+            tensor.requires_grad_()
+        out = provider_read.read()
+        with provider_read.backward_context():
+            out.backward(provider_read.cotangent(grad))
+        actual = {name: value if name == "dq" else value[:objects]
+                  for name, value in provider_read.gradients().items()}
+    else:
+        with torch.no_grad():
+            out = provider_read.read()
+    actual["out"] = provider_read.out_of(out.detach())[:objects, :, rows]
+    return accuracy.check(actual, expected, dtype_name)
 
 
 def _warp_specialized_reason(q, k, v):
@@ -310,8 +401,9 @@ def _precision(dtype_name):
 
 
 def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
-    """The record of one (provider, pass, dtype, shape) point: timing and peak memory, or
-    the reason it did not run (out of memory, measured or estimated)."""
+    """The record of one (provider, pass, dtype, shape) point: its errors against float64
+    (check_point), then timing and peak memory; or the reason it was not timed (out of
+    memory, measured or estimated; a refusal; a result over its dtype's bound: "wrong")."""
     dtype = DTYPES[dtype_name]
     record = dict(sweep=sweep, provider=provider, **{"pass": pass_}, dtype=dtype_name, B=B,
                   HW=HW, N=N, Ck=Ck, Cv=Cv)
@@ -337,6 +429,11 @@ def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
                 refused = refusal(provider, error)
             if refused:
                 return {**record, "status": refused}
+            errors, bound, wrong = check_point(provider, pass_, dtype, B, HW, N, Ck, Cv,
+                                               device, dtype_name)
+            record.update(errors=errors, error_bound=bound)
+            if wrong:
+                return {**record, "status": wrong}
             median, low, high = common.time_ms(call, device, reset=reset)
             del call, reset
             peak = measure_memory(spec, device)
@@ -450,6 +547,8 @@ def run(args):
                 common.save_progress("kernel", payload)
                 bar.write(format_record(record))
                 bar.update(1)
+                if record["status"].startswith("wrong"):
+                    continue  # reported, not timed; the next N is checked afresh
                 if record["status"] != "ok":
                     bar.update(len(ns) - index - 1)
                     break  # a larger N will not fit either
@@ -507,7 +606,15 @@ def format_record(record):
         return f"{head}  {record['status']}"
     extra = f"  [{record['sdpa_backend']}]" if "sdpa_backend" in record else ""
     return (f"{head}  {record['median_ms']:9.3f} ms  {record['tflops']:7.2f} TFLOP/s  "
-            f"{record['peak_mem_bytes'] / 2**20:9.1f} MiB{extra}")
+            f"{record['peak_mem_bytes'] / 2**20:9.1f} MiB  error {worst_error(record)}{extra}")
+
+
+def worst_error(record):
+    """The largest of a record's relative errors against float64 (bench.accuracy), as text:
+    "-" for a record from before the checks, "not checked" where the reference did not fit."""
+    if "errors" not in record:
+        return "-"
+    return f"{max(record['errors'].values()):.1e}" if record["errors"] else "not checked"
 
 
 def _fused(payload):
@@ -630,8 +737,8 @@ def summary(payload):
     peers = peers_of(payload)
     others = peers + candidates_of(payload)  # a "vs" column each
     rows = ["| sweep | pass | dtype | B | HW | Ck | Cv | N | ms | TFLOP/s | % matmul | peak MiB | "
-            "best peer | vs best peer | " + "".join(f"vs {other} | " for other in others)
-            + "naive peak / peak |", "|---" * (15 + len(others)) + "|"]
+            "error | best peer | vs best peer | " + "".join(f"vs {other} | " for other in others)
+            + "naive peak / peak |", "|---" * (16 + len(others)) + "|"]
     seen = set()
     for r in records:
         if r["provider"] != fused or r["status"] != "ok" or \
@@ -641,7 +748,8 @@ def summary(payload):
         cells = [r.get("sweep", "scaling"), r["pass"], r["dtype"], r["B"], r["HW"], r["Ck"],
                  r["Cv"],
                  r["N"], f"{r['median_ms']:.3f}", f"{r['tflops']:.2f}",
-                 f"{100 * _fraction(payload, r):.0f}%", f"{r['peak_mem_bytes'] / 2**20:.1f}"]
+                 f"{100 * _fraction(payload, r):.0f}%", f"{r['peak_mem_bytes'] / 2**20:.1f}",
+                 worst_error(r)]
         name, ratio = best_peer(payload, r, index)
         cells += [name or "none ran", f"**{ratio:.2f}x**" if ratio else "n/a"]
         for other in others:
@@ -657,7 +765,10 @@ def summary(payload):
                      if naive and naive["status"] == "ok" and fused != "naive" else "n/a")
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     rows += ["", "`vs X`: X's time over the fused read's (above 1: the fused read is faster); "
-                 "`best peer`: the fastest peer that ran at that point."]
+                 "`best peer`: the fastest peer that ran at that point; `error`: the largest "
+                 "relative error of the fused read's outputs (and gradients) against float64 "
+                 "at that point (bench/accuracy.py; a provider over its dtype's bound is "
+                 "reported wrong, not timed)."]
     if candidates_of(payload):
         rows[-1] += (" Candidates (" + ", ".join(candidates_of(payload)) + ": other ways of "
                      "running the fused read, timed to choose the default) are never a peer; "
@@ -676,12 +787,15 @@ def summary(payload):
     for r in records:
         if r["provider"] != fused and r["status"] not in ("ok",) and \
                 not r["status"].startswith(("oom", "not run")):
-            refused.setdefault((r["provider"], r["status"]), []).append(r)
+            wrong = r["status"].startswith("wrong")  # one row per provider: its worst
+            refused.setdefault((r["provider"], "wrong" if wrong else r["status"]), []).append(r)
     if refused:
         rows += ["", "Peers (and candidates) that did not run, and why:", "",
                  "| peer | passes | points | why |", "|---|---|---|---|"]
         for (provider, status), found in refused.items():
             passes = sorted({r["pass"] for r in found}, key=PASSES.index)
+            if status == "wrong":
+                status = max(found, key=lambda r: max(r["errors"].values()))["status"]
             rows.append(f"| {provider} | {', '.join(passes)} | {len(found)} | "
                         f"{status.replace('|', '/')} |")
     if "l2_read" in payload:
@@ -708,6 +822,8 @@ def out_of_memory_points(payload):
         if r.get("sweep", "scaling") != "scaling":
             continue
         key = (r["provider"], r["pass"], r["dtype"], r["B"])
+        if r["status"].startswith("wrong"):
+            continue  # not a limit of the sweep: the next N was checked (the peers' table)
         largest, stop, why = limits.get(key, (None, None, "reached the end of the sweep"))
         if r["status"] == "ok":
             largest = max(largest or 0, r["N"])

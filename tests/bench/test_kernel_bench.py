@@ -11,7 +11,7 @@ import torch
 
 from bench import __main__ as suite
 from bench import kernel, report
-from stm_kernels import memory_read
+from reference import reference_read
 
 
 def _record(provider, ms, pass_="fwd", N=16200, status="ok", **extra):
@@ -27,7 +27,8 @@ def _payload(records):
 
 
 def test_the_best_peer_is_the_fastest_peer_that_ran_at_each_point():
-    records = [_record("triton", 0.5), _record("torch", 4.0), _record("naive", 60.0),
+    records = [_record("triton", 0.5, errors={"out": 2e-3}), _record("torch", 4.0),
+               _record("naive", 60.0),
                _record("sdpa", 3.0), _record("sdpa_flash_split", 1.5),
                _record("sdpa_cudnn_split", None, status="refused: No available kernel. "
                        "Aborting execution. (cuDNN attention does not support head dim 512)"),
@@ -47,10 +48,10 @@ def test_the_best_peer_is_the_fastest_peer_that_ran_at_each_point():
     assert "| best peer | vs best peer | vs torch | vs naive | vs sdpa | vs sdpa_flash_split | " \
            "vs sdpa_cudnn_split | vs flex |" in header
     assert ("| targets | fwd | bf16 | 1 | 1620 | 128 | 512 | 16200 | 0.500 | 1.00 | 0% | 1.0 | "
-            "sdpa_flash_split | **3.00x** | 8.00x | 120.00x | 6.00x | 3.00x | refused | error | "
-            "1.0x |") in table
+            "2.0e-03 | sdpa_flash_split | **3.00x** | 8.00x | 120.00x | 6.00x | 3.00x | refused | "
+            "error | 1.0x |") in table
     assert ("| targets | fwd | bf16 | 1 | 1620 | 128 | 512 | 64800 | 1.000 | 1.00 | 0% | 1.0 | "
-            "sdpa | **5.00x** | n/a | oom | 5.00x | refused | n/a | n/a | n/a |") in table
+            "- | sdpa | **5.00x** | n/a | oom | 5.00x | refused | n/a | n/a | n/a |") in table
     # the reasons, once per peer and reason, and the same run's matmul
     assert "| sdpa_cudnn_split | fwd | 1 | refused: No available kernel. Aborting execution. " \
            "(cuDNN attention does not support head dim 512) |" in table
@@ -93,8 +94,7 @@ def test_the_split_peers_read_what_the_op_reads():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*shape, generator=generator)
                for shape in ((1, Ck, HW), (B, Ck, N), (B, Cv, N)))
-    expected = memory_read(q.double(), k.double(), v.double(), scale=1 / math.sqrt(Ck),
-                           backend="naive")
+    expected = reference_read(q, k, v, scale=1 / math.sqrt(Ck))[0]
     torch.testing.assert_close(out[:, 0].transpose(1, 2).double(), expected, rtol=1e-4,
                                atol=1e-5)
     call, tensors = kernel.make_inputs("sdpa_flash_split", "fwd+bwd", torch.float32, B, HW, N,
@@ -137,6 +137,55 @@ def test_a_cpu_run_times_the_peers_and_records_the_refusals(tmp_path, monkeypatc
     rows = [line for line in table.splitlines() if line.startswith("| scaling |")]
     assert len(rows) == 4 and all(any(f"| {peer} | **" in row for peer in providers[1:])
                                   for row in rows)
+    # every timed point was checked against float64 first: the output, and the gradients of
+    # the forward + backward pass, within float32's bounds
+    for r in payload["records"]:
+        if r["status"] == "ok":
+            names = {"out", "dq", "dk", "dv"} if r["pass"] == "fwd+bwd" else {"out"}
+            assert set(r["errors"]) == names and r["error_bound"] == 2e-5, r
+            assert all(0 <= error < 2e-5 * 3 for error in r["errors"].values()), r
+
+
+def test_a_provider_over_its_bound_is_reported_wrong_and_not_timed(tmp_path, monkeypatch):
+    """A peer whose read is off float64 (here SDPA with its scale doubled) is recorded as
+    wrong with its error, and never timed; the next N is checked afresh."""
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(kernel, "measure_memory", lambda spec, device: 1024)
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(kernel.F, "scaled_dot_product_attention",
+                        lambda q, k, v, scale: real(q, k, v, scale=2 * scale))
+    timed = []
+    real_time = kernel.common.time_ms
+    monkeypatch.setattr(kernel.common, "time_ms",
+                        lambda call, device, **options: timed.append(call) or
+                        real_time(call, device, **options))
+    assert suite.main(["kernel", "--device", "cpu", "--hw", "8", "--ns", "64", "128",
+                       "--batches", "1", "--providers", "torch", "sdpa", "--passes", "fwd",
+                       "fwd+bwd", "--sweeps", "scaling", "--full"]) == 0
+    [path] = tmp_path.glob("kernel_cpu_*.json")
+    records = json.loads(path.read_text())["records"]
+    wrong = [r for r in records if r["provider"] == "sdpa"]
+    assert [(r["pass"], r["N"]) for r in wrong] == [("fwd", 64), ("fwd", 128),
+                                                    ("fwd+bwd", 64), ("fwd+bwd", 128)]
+    for r in wrong:
+        assert r["status"].startswith("wrong: ") and "median_ms" not in r
+        assert max(r["errors"].values()) > 1e-2  # a doubled scale is far off
+    assert all(r["status"] == "ok" for r in records if r["provider"] == "torch")
+    assert len(timed) == 1 + 4  # the same run's matmul, then the torch read's points alone
+    table = kernel.summary(json.loads(path.read_text()))
+    assert "| sdpa | fwd, fwd+bwd | 4 | wrong: out off float64 by" in table
+
+
+def test_the_accuracy_check_reads_every_layout_back_as_the_reads():
+    """check_point converts each provider's output and gradients to the read's layout: the
+    attention layout's query gradient summed over the objects, the split value's chunks
+    concatenated; every right provider passes, at float32's bound."""
+    for provider in ("torch", "naive", "sdpa", "sdpa_flash_split"):
+        for pass_ in ("fwd", "fwd+bwd"):
+            errors, bound, status = kernel.check_point(
+                provider, pass_, torch.float32, 3, 20, 50, 16, 48, torch.device("cpu"), "fp32")
+            assert status is None and bound == 2e-5, (provider, pass_, errors)
+            assert set(errors) == ({"out", "dq", "dk", "dv"} if pass_ != "fwd" else {"out"})
 
 
 def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
@@ -198,10 +247,10 @@ def test_a_candidate_has_its_column_but_is_never_the_best_peer():
     assert kernel.best_peer(payload, records[0]) == ("sdpa_flash_split", 3.0)
     table = kernel.summary(payload)
     assert "| best peer | vs best peer | vs sdpa_flash_split | vs triton_ws | naive" in table
-    assert "| 16200 | 0.500 | 1.00 | 0% | 1.0 | sdpa_flash_split | **3.00x** | 3.00x | 0.80x |" \
-        in table
-    assert "| 64800 | 1.000 | 1.00 | 0% | 1.0 | sdpa_flash_split | **2.00x** | 2.00x | refused |" \
-        in table
+    assert ("| 16200 | 0.500 | 1.00 | 0% | 1.0 | - | sdpa_flash_split | **3.00x** | 3.00x | "
+            "0.80x |") in table
+    assert ("| 64800 | 1.000 | 1.00 | 0% | 1.0 | - | sdpa_flash_split | **2.00x** | 2.00x | "
+            "refused |") in table
     assert "| triton_ws | fwd | 1 | refused: needs an sm_90 GPU |" in table
     assert "below 1, the candidate was faster" in table
 
