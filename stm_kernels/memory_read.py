@@ -114,7 +114,9 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
             over the flattened N = T*H'*W', chunks concatenated), as in FlashAttention's varlen.
             The rest of the padded memory (e.g. a memory bank's unused capacity) is never
             read, may hold anything, and gets zero gradient. Checking the values costs one
-            device synchronisation (skipped while torch.compile traces).
+            device synchronisation (skipped while torch.compile traces), refused under CUDA
+            graph capture; a FixedCapacityMemory's lengths are checked where they are set,
+            without one, and capture (with backend "triton" or "naive").
         top_k: softmax over each query's top_k largest scores only (STCN, XMem; ties go to the
             lower memory index); gradients flow through the selected positions only. Memory
             O(HW * top_k) beyond the inputs; backend "triton" supports top_k <= 64.
