@@ -28,6 +28,9 @@ own float32 speed, and SDPA where it is fastest), and bgemm, a 2048^3 bf16 produ
 machine's bf16 rate). The best peer is then the fastest bf16 one (sdpa_fp32 has a column of its
 own). On a CPU without bf16 dot products (stm_kernels.backends.cpu_features)
 the bf16 figures are oneDNN's emulation: the run says so and makes no speed claim.
+Before any timing each provider that reads (READS) is checked against the read in float64 at
+a sample of query positions (bench/accuracy.py, the self-test's bound of its inputs' dtype):
+one over it is recorded "wrong" with its error and is not timed.
 Records per N: median, 20% and 80% ms per provider, GFLOP/s (2 HW N (Ck + Cv) for the reads and
 the products), the stm read's speed over the best peer, the products' (the ceiling), the read's
 time over the products' (how far it is from the ceiling), and the read's rate as a share of
@@ -45,7 +48,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from bench import accuracy, common
 from stm_kernels import memory_read
 from stm_kernels.backends import cpu_features
 from stm_kernels.backends.pytorch import CPU_CHUNK
@@ -102,7 +105,33 @@ def make_calls(N, args):
             skipped["flex"] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     calls = {name: call for name, call in calls.items()
              if name in args.providers and name not in skipped}
-    return calls, {name: why for name, why in skipped.items() if name in args.providers}
+    checks = {}
+    for name in [name for name in calls if name in READS]:  # checked before any timing
+        inputs = (q32, k32, v32) if name.endswith("_fp32") or args.dtype == "fp32" else \
+            (q, k, v)
+        checks[name] = check_read(name, calls[name], inputs, "fp32" if inputs[0] is q32
+                                  else args.dtype)
+        if checks[name][2]:  # wrong: reported with its error, not timed
+            skipped[name] = checks[name][2]
+            del calls[name]
+    skipped = {name: why for name, why in skipped.items() if name in args.providers}
+    return calls, skipped, checks
+
+
+# The providers that read (the rest time matrix products): each checked against float64.
+READS = ("stm", "stm_fp32", "sdpa", "sdpa_split", "sdpa_fp32", "official", "flex")
+
+
+def check_read(name, call, inputs, dtype_name):
+    """(errors, bound, "wrong: ..." or None) of one call of provider `name` against the read in
+    float64 on `inputs` (q, k, v), at a sample of query positions (bench.accuracy)."""
+    q, k, v = inputs
+    out = call()
+    if out.dim() == 4:  # SDPA's and FlexAttention's (B, heads, HW, Cv)
+        out = out.squeeze(1).transpose(1, 2)
+    rows = accuracy.sample_rows(q.shape[2])
+    expected = accuracy.reference_rows(q, k, v, rows, q.shape[1] ** -0.5)
+    return accuracy.check({"out": out[:, :, rows]}, expected, dtype_name)
 
 
 def _products(q, k, v):
@@ -150,7 +179,7 @@ def run(args):
     device = torch.device("cpu")
     with torch.no_grad(), competing_process(args.busy):
         for N in args.ns:
-            calls, skipped = make_calls(N, args)
+            calls, skipped, checks = make_calls(N, args)
             if "stm" in calls and "stm_fp32" in calls:  # the bf16 read's error, once per N
                 error = _relative_error(calls["stm"](), calls["stm_fp32"]())
                 records.append(dict(provider="stm", N=N, status="accuracy",
@@ -158,15 +187,19 @@ def run(args):
                 print(f"N={N:7} bf16 read vs float32 read: relative error {error:.1e}")
             times = interleaved_times(calls, device, args.rounds)
             for provider in args.providers:
+                checked = dict(zip(("errors", "error_bound"), checks[provider][:2], strict=True)) \
+                    if provider in checks else {}
                 if provider in skipped:
-                    records.append(dict(provider=provider, N=N, status=skipped[provider]))
+                    records.append(dict(provider=provider, N=N, status=skipped[provider],
+                                        **checked))
+                    print(f"N={N:7} {provider:9} {skipped[provider]}", flush=True)
                     continue
                 median, low, high = times[provider]
                 flops = 2.0 * SGEMM_SIZE ** 3 if provider in ("sgemm", "bgemm") else \
                     read_flops(N, args.hw, args.ck, args.cv)
                 records.append(dict(provider=provider, N=N, status="ok", median_ms=median,
                                     q20_ms=low, q80_ms=high,
-                                    gflops=flops / (median * 1e-3) / 1e9))
+                                    gflops=flops / (median * 1e-3) / 1e9, **checked))
                 print(f"N={N:7} {provider:9} {median:10.2f} ms  "
                       f"{records[-1]['gflops']:7.1f} GFLOP/s", flush=True)
     return records

@@ -22,6 +22,11 @@ def test_every_provider_is_timed_and_compared(tmp_path, monkeypatch, capsys):
     assert set(records) == {(p, N) for p in providers for N in (96, 200)}
     for (provider, N), record in records.items():
         assert record["status"] == "ok" and record["q20_ms"] <= record["median_ms"]
+        # the reads were checked against float64 before they were timed; products are not reads
+        if provider in ("stm", "sdpa", "official"):
+            assert record["error_bound"] == 2e-5 and 0 <= record["errors"]["out"] < 2e-5
+        else:
+            assert "errors" not in record
         flops = 2 * 128 ** 3 if provider == "sgemm" else 2 * 16 * N * (8 + 24)
         assert record["gflops"] == pytest.approx(flops / (record["median_ms"] * 1e-3) / 1e9)
     found = cpu_read.comparison(payload["records"], 200)
@@ -121,9 +126,9 @@ def test_key_scale_draws_peaked_scores_and_is_recorded(tmp_path, monkeypatch, ca
     real = cpu_read.make_calls
 
     def recorded(N, args):
-        calls, skipped = real(N, args)
+        calls, skipped, checks = real(N, args)
         seen.append((calls["stm"](), calls["official"]()))
-        return calls, skipped
+        return calls, skipped, checks
     monkeypatch.setattr(cpu_read, "make_calls", recorded)
     assert cpu_read.main(["--ns", "64", "--hw", "8", "--ck", "16", "--cv", "8", "--rounds",
                           "2", "--providers", "stm", "official", "--key-scale", "40"]) == 0
@@ -147,7 +152,9 @@ def test_the_split_value_sdpa_reads_what_the_full_value_sdpa_reads(dtype):
     import argparse
     args = argparse.Namespace(ck=16, cv=40, hw=12, dtype=dtype, key_scale=1.0,
                               providers=["stm", "sdpa", "sdpa_split"])
-    calls, _ = cpu_read.make_calls(70, args)
+    calls, _, checks = cpu_read.make_calls(70, args)
+    assert set(checks) == {"stm", "sdpa", "sdpa_split"}  # each read checked against float64
+    assert all(status is None for _, _, status in checks.values()), checks
     split, full = calls["sdpa_split"](), calls["sdpa"]()
     assert split.shape == full.shape == (1, 1, 12, 40)
     tolerance = 1e-5 if dtype == "fp32" else 2e-2
@@ -156,3 +163,21 @@ def test_the_split_value_sdpa_reads_what_the_full_value_sdpa_reads(dtype):
     stm = calls["stm"]()  # (1, Cv, HW)
     cpu_read.torch.testing.assert_close(split[0, 0].T.float(), stm[0].float(), rtol=tolerance,
                                         atol=tolerance)
+
+
+def test_a_read_off_float64_is_reported_wrong_and_not_timed(tmp_path, monkeypatch, capsys):
+    """A peer whose read is off (here SDPA reading the keys doubled) is recorded as wrong with
+    its error, before any timing, and is never a best peer; the others are timed."""
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    real = cpu_read.F.scaled_dot_product_attention
+    monkeypatch.setattr(cpu_read.F, "scaled_dot_product_attention",
+                        lambda q, k, v: real(q, 2 * k, v))
+    assert cpu_read.main(["--ns", "64", "--hw", "8", "--ck", "8", "--cv", "8", "--rounds",
+                          "2", "--providers", "stm", "sdpa", "official"]) == 0
+    [path] = tmp_path.glob("cpu_read_cpu_*.json")
+    records = {r["provider"]: r for r in json.loads(path.read_text())["records"]}
+    assert records["sdpa"]["status"].startswith("wrong: out off float64 by")
+    assert "median_ms" not in records["sdpa"] and records["sdpa"]["errors"]["out"] > 1e-2
+    assert records["stm"]["status"] == records["official"]["status"] == "ok"
+    assert cpu_read.comparison(list(records.values()), 64)["best_peer"] == "official"
+    assert "| wrong |" in capsys.readouterr().out
