@@ -26,19 +26,29 @@ def sample_rows(hw, count=SAMPLE):
     return torch.linspace(0, hw - 1, min(hw, count)).round().long().unique()
 
 
-def reference_rows(q, k, v, rows, scale, grad=None, objects=None):
+def reference_rows(q, k, v, rows, scale, grad=None, objects=None, similarity="dot",
+                   top_k=None):
     """{"out": (B', Cv, S)} in float64 for query positions `rows` (S of them) of q (1 or B, Ck,
-    HW) against k (B, Ck, N), v (B, Cv, N) with dot-product scores scaled by `scale`, written
-    out in plain torch; with grad (B, Cv, HW), the cotangent of out (zero outside `rows`), also
-    "dq" (Bq, Ck, HW), "dk" (B', Ck, N), "dv" (B', Cv, N). objects: how many objects (the
-    first B') the reference computes (the float64 copies of a large memory cost 8 bytes an
-    element); dq is given only when all of them are (it sums over the objects)."""
+    HW) against k (B, Ck, N), v (B, Cv, N), written out in plain torch: scores
+    scale * q.k ("dot") or scale * (2 q.k - |k|^2) ("l2"), the softmax over all positions or
+    over each query's top_k largest scores (ties to the lower index); with grad (B, Cv, HW),
+    the cotangent of out (zero outside `rows`), also "dq" (Bq, Ck, HW), "dk" (B', Ck, N),
+    "dv" (B', Cv, N). objects: how many objects (the first B') the reference computes (the
+    float64 copies of a large memory cost 8 bytes an element); dq is given only when all of
+    them are (it sums over the objects)."""
     B = k.shape[0] if objects is None else objects
     backward = grad is not None
     q64 = q.detach().double().requires_grad_(backward)
     k64, v64 = (t[:B].detach().double().requires_grad_(backward) for t in (k, v))
     query = q64[:B, :, rows] if q64.shape[0] > 1 else q64[:, :, rows].expand(B, -1, -1)
     scores = scale * torch.einsum("bci,bcj->bij", query, k64)
+    if similarity == "l2":
+        scores = 2 * scores - scale * (k64 * k64).sum(1)[:, None, :]
+    if top_k is not None and top_k < scores.shape[2]:
+        order = torch.sort(scores.detach(), dim=2, descending=True, stable=True).indices
+        dropped = torch.ones_like(scores, dtype=torch.bool).scatter(2, order[:, :, :top_k],
+                                                                    False)
+        scores = scores.masked_fill(dropped, float("-inf"))
     probabilities = torch.softmax(scores, dim=2)
     out = torch.einsum("bij,bcj->bci", probabilities, v64)
     result = {"out": out.detach()}

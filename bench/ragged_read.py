@@ -12,12 +12,14 @@ stored in one padded (B, C, 4L) memory, read by one query frame. Variants, all e
     equal-work  B objects of the mean length 2.5L each: the time a read proportional to the
                 sum of the lengths should take (target: ragged within 10% of it)
 Fused read: triton on a GPU (bf16, 480p query: HW = 1,620), torch on CPU (fp32, HW = 405).
+Each variant is first checked against the read in float64 of the memory it reads
+(bench/accuracy.py): one over its dtype's bound is recorded "wrong" with its error, not timed.
 Writes bench/results/ragged_read_<device>_<date>.json and a PNG beside it.
 """
 
 import torch
 
-from bench import common
+from bench import accuracy, common
 from stm_kernels import memory_read
 from stm_kernels.options import DTYPES
 
@@ -56,15 +58,41 @@ def run(args, device):
             return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
         q, k, v = randn(1, args.ck, args.hw), randn(args.objects, args.ck, n_max), randn(
             args.objects, args.cv, n_max)
-        timings = interleaved_times(
-            {variant: calls(variant, q, k, v, lengths, backend) for variant in VARIANTS},
-            device, args.rounds)
+        variants = {variant: calls(variant, q, k, v, lengths, backend) for variant in VARIANTS}
+        checks = {variant: check(variant, call, q, k, v, lengths, args.dtype)
+                  for variant, call in variants.items()}
+        for variant, (errors, bound, wrong) in checks.items():
+            if wrong:  # reported with its error, not timed
+                del variants[variant]
+                records.append(dict(variant=variant, frames=frames, lengths=lengths,
+                                    n_max=n_max, sum_lengths=sum(lengths), status=wrong,
+                                    errors=errors, error_bound=bound))
+                print(f"{frames:3} frames  {variant:10} {wrong}", flush=True)
+        timings = interleaved_times(variants, device, args.rounds)
         for variant, (median, low, high) in timings.items():
+            errors, bound, _ = checks[variant]
             records.append(dict(variant=variant, frames=frames, lengths=lengths, n_max=n_max,
-                                sum_lengths=sum(lengths), median_ms=median, q20_ms=low,
-                                q80_ms=high))
+                                sum_lengths=sum(lengths), status="ok", median_ms=median,
+                                q20_ms=low, q80_ms=high, errors=errors, error_bound=bound))
             print(f"{frames:3} frames  {variant:10} {median:9.3f} ms", flush=True)
     return records
+
+
+def check(variant, call, q, k, v, lengths, dtype_name):
+    """(errors, bound, "wrong: ..." or None) of one call of the variant against the read in
+    float64 of the memory it reads (each object's own length for ragged and per-video, the
+    whole padded memory for padded, the mean length for equal-work), at a sample of query
+    positions (bench.accuracy)."""
+    out = call()
+    if variant == "per-video":
+        out = torch.cat(out)
+    spans = {"ragged": lengths, "per-video": lengths, "padded": [k.shape[2]] * len(lengths),
+             "equal-work": [sum(lengths) // len(lengths)] * len(lengths)}[variant]
+    rows = accuracy.sample_rows(q.shape[2]).to(q.device)
+    expected = torch.cat([accuracy.reference_rows(q, k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                                  rows, q.shape[1] ** -0.5)["out"]
+                          for b, n in enumerate(spans)])
+    return accuracy.check({"out": out[:, :, rows]}, {"out": expected}, dtype_name)
 
 
 def interleaved_times(functions, device, rounds):
@@ -96,12 +124,15 @@ def summary(payload):
         f"{variant} ms" for variant in VARIANTS) + " | ragged / equal-work | padded / ragged |",
         "|---|---|" + "---|" * (len(VARIANTS) + 2)]
     for frames in sorted({r["frames"] for r in payload["records"]}):
-        times = {r["variant"]: r["median_ms"] for r in payload["records"] if r["frames"] == frames}
+        times = {r["variant"]: r["median_ms"] for r in payload["records"]
+                 if r["frames"] == frames and r.get("status", "ok") == "ok"}
         lengths = next(r["lengths"] for r in payload["records"] if r["frames"] == frames)
+
+        def ratio(a, b, times=times):
+            return f"{times[a] / times[b]:.2f}" if a in times and b in times else "-"
         rows.append(f"| {frames} | {', '.join(map(str, lengths))} | " + " | ".join(
-            f"{times[variant]:.2f}" for variant in VARIANTS) +
-            f" | {times['ragged'] / times['equal-work']:.2f} | "
-            f"{times['padded'] / times['ragged']:.2f} |")
+            f"{times[variant]:.2f}" if variant in times else "wrong" for variant in VARIANTS) +
+            f" | {ratio('ragged', 'equal-work')} | {ratio('padded', 'ragged')} |")
     rows.append(f"\n{payload['objects']} objects, HW = {payload['hw']}, Ck = {payload['ck']}, "
                 f"Cv = {payload['cv']}, {payload['dtype']}, backend {payload['backend']}. Target: "
                 "ragged within 10% of equal-work (time proportional to the sum of the lengths).")
@@ -112,8 +143,9 @@ def plot(payload, path):
     """Time per variant, one panel per shortest memory; returns [path]."""
     figure, by_frames = common.panels(sorted({r["frames"] for r in payload["records"]}), 4.5)
     for axis, count in by_frames:
-        times = [next(r["median_ms"] for r in payload["records"]
-                      if r["frames"] == count and r["variant"] == variant) for variant in VARIANTS]
+        times = [next((r["median_ms"] for r in payload["records"] if r["frames"] == count and
+                       r["variant"] == variant and r.get("status", "ok") == "ok"), 0)
+                 for variant in VARIANTS]  # 0: wrong, not timed
         axis.bar(VARIANTS, times, color=["C0", "C3", "C2", "C7"])
         axis.set_title(f"shortest memory {count} frames (4:1 spread)")
         axis.set_ylabel("ms per read")

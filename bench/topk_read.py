@@ -14,13 +14,15 @@ similarity, k = 20 (STCN's default). Providers, each a forward read:
 Time: CPU medians of interleaved rounds (GPU: CUDA events); peak extra memory of one call (a
 fresh process's resident-set high-water mark on CPU; the allocator's peak on GPU). A provider
 whose materialised affinity would not fit in free memory is recorded as out of memory.
+Each provider's read is first checked against float64 (bench/accuracy.py): one over its
+dtype's bound is recorded "wrong" with its error, not timed.
 Writes bench/results/topk_read_<device>_<date>.json and a PNG beside it.
 """
 import argparse
 
 import torch
 
-from bench import common
+from bench import accuracy, common
 from stm_kernels import memory_read
 from stm_kernels.options import DTYPES
 
@@ -42,14 +44,19 @@ def stcn_read(qk, mk, mv, top_k):
     return torch.bmm(mv, affinity)
 
 
-def make_call(provider, N, args, device):
-    """A zero-argument forward read of the provider on fresh random inputs."""
+def make_inputs(N, args, device):
+    """The random (q, k, v) every provider reads at N (seeded: the same for each)."""
     generator = torch.Generator(device=device).manual_seed(0)
     dtype = DTYPES[args.dtype]
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-    q, k, v = randn(1, args.ck, args.hw), randn(1, args.ck, N), randn(1, args.cv, N)
+    return randn(1, args.ck, args.hw), randn(1, args.ck, N), randn(1, args.cv, N)
+
+
+def make_call(provider, N, args, device):
+    """A zero-argument forward read of the provider on fresh random inputs (make_inputs)."""
+    q, k, v = make_inputs(N, args, device)
     if provider == "topk":
         return lambda: memory_read(q, k, v, similarity="l2", top_k=args.top_k)
     if provider == "stcn":
@@ -85,6 +92,15 @@ def run(args, device):
                                 "would not fit in free memory; not run)"))
         try:
             calls = {provider: make_call(provider, N, args, device) for provider in fits}
+            checks = {provider: check(provider, call, N, args, device)
+                      for provider, call in calls.items()}
+            for provider, (errors, bound, wrong) in checks.items():
+                if wrong:  # reported with its error, not timed
+                    del calls[provider]
+                    fits.remove(provider)
+                    records.append(dict(provider=provider, N=N, status=wrong, errors=errors,
+                                        error_bound=bound))
+                    print(f"N={N:7} {provider:12} {wrong}", flush=True)
             times = _times(calls, device, args.rounds)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
             if "out of memory" not in str(error).lower():
@@ -95,14 +111,30 @@ def run(args, device):
                 records.append(dict(provider=provider, N=N, status="oom"))
                 continue
             median, low, high = times[provider]
+            errors, bound, _ = checks[provider]
             record = dict(provider=provider, N=N, status="ok", median_ms=median, q20_ms=low,
-                          q80_ms=high, peak_mem_bytes=peak_bytes(provider, N, args, device))
+                          q80_ms=high, peak_mem_bytes=peak_bytes(provider, N, args, device),
+                          errors=errors, error_bound=bound)
             records.append(record)
             print(f"N={N:7} {provider:12} {median:10.2f} ms  peak "
                   f"{record['peak_mem_bytes'] / 2**20:9.1f} MiB", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return records
+
+
+def check(provider, call, N, args, device):
+    """(errors, bound, "wrong: ..." or None) of one call of the provider against the read in
+    float64 (L2 scores; the top-k ones for topk and stcn) at a sample of query positions
+    (bench.accuracy); plain+usage's read is checked (its usage sums over every query)."""
+    q, k, v = make_inputs(N, args, device)
+    out = call()
+    out = out[0] if isinstance(out, tuple) else out
+    rows = accuracy.sample_rows(args.hw).to(device)
+    top_k = args.top_k if provider in ("topk", "stcn") else None
+    expected = accuracy.reference_rows(q, k, v, rows, args.ck ** -0.5, similarity="l2",
+                                       top_k=top_k)
+    return accuracy.check({"out": out[:, :, rows]}, expected, args.dtype)
 
 
 def _times(calls, device, rounds):

@@ -304,7 +304,26 @@ def test_ragged_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys
     for record in payload["records"]:
         assert record["lengths"] == [16 * record["frames"] * m for m in (1, 2, 3, 4)]
         assert record["q20_ms"] <= record["median_ms"] <= record["q80_ms"]
+        # each variant checked against float64 of the memory it reads before it was timed
+        assert record["status"] == "ok" and 0 <= record["errors"]["out"] < 2e-5
     assert "| 2 | 32, 64, 96, 128 |" in capsys.readouterr().out
+
+
+def test_a_ragged_read_off_float64_is_reported_wrong_and_not_timed(tmp_path, monkeypatch):
+    """A ragged read that reads past an object's length (here the lengths ignored) is off the
+    float64 read of each object's own memory: recorded wrong, not timed."""
+    from bench import ragged_read
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    real = ragged_read.calls
+    monkeypatch.setattr(ragged_read, "calls", lambda variant, q, k, v, lengths, backend: real(
+        "padded" if variant == "ragged" else variant, q, k, v, lengths, backend))
+    assert suite.main(["ragged-read", "--device", "cpu", "--frames", "1", "--hw", "16",
+                       "--ck", "16", "--cv", "32", "--rounds", "2"]) == 0
+    [path] = tmp_path.glob("ragged_read_cpu_*.json")
+    records = {r["variant"]: r for r in json.loads(path.read_text())["records"]}
+    assert records["ragged"]["status"].startswith("wrong: out off float64")
+    assert "median_ms" not in records["ragged"]
+    assert all(records[v]["status"] == "ok" for v in ("padded", "per-video", "equal-work"))
 
 
 def test_topk_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys):
@@ -319,7 +338,23 @@ def test_topk_read_benchmark_records_and_renders(tmp_path, monkeypatch, capsys):
     for record in payload["records"]:
         assert record["status"] == "ok" and record["peak_mem_bytes"] >= 0
         assert record["q20_ms"] <= record["median_ms"] <= record["q80_ms"]
+        assert 0 <= record["errors"]["out"] < 2e-5  # checked against float64 first
     assert "| 600 |" in capsys.readouterr().out
+
+
+def test_a_top_k_read_off_float64_is_reported_wrong_and_not_timed(tmp_path, monkeypatch):
+    """STCN's transcribed read with one position too many kept is off the float64 top-k read:
+    recorded wrong, not timed; the others are timed."""
+    from bench import topk_read
+    monkeypatch.setenv("STM_BENCH_RESULTS", str(tmp_path))
+    real = topk_read.stcn_read
+    monkeypatch.setattr(topk_read, "stcn_read", lambda q, k, v, top_k: real(q, k, v, top_k + 1))
+    assert suite.main(["topk-read", "--device", "cpu", "--ns", "300", "--hw", "20", "--ck",
+                       "16", "--cv", "32", "--top-k", "5", "--rounds", "2"]) == 0
+    [path] = tmp_path.glob("topk_read_cpu_*.json")
+    records = {r["provider"]: r for r in json.loads(path.read_text())["records"]}
+    assert records["stcn"]["status"].startswith("wrong: out off float64")
+    assert all(records[p]["status"] == "ok" for p in ("topk", "plain", "plain+usage"))
 
 
 def test_a_run_cut_off_keeps_its_records_marked_incomplete(tmp_path, monkeypatch):
