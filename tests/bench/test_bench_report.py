@@ -25,7 +25,7 @@ def test_render_picks_the_newest_file_per_device(tmp_path):
     text = report.rewrite("a\n<!-- bench:kernel -->\nstale\n<!-- /bench:kernel -->\n",
                           tmp_path)
     assert "stale" not in text and "2026-02-01" in text and "Test GPU" in text
-    assert ("| scaling | fwd | bf16 | 1 | 4 | 2 | 2 | 8 | 2.000 | 50.00 | 50% | 1.0 | naive | "
+    assert ("| scaling | fwd | bf16 | 1 | 4 | 2 | 2 | 8 | 2.000 | 50.00 | 50% | 1.0 | - | naive | "
             "**4.00x** | 4.00x | 1.0x |") in text
     assert report.render("training", tmp_path).startswith("_No `training` results")
 
