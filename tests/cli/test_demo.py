@@ -20,7 +20,8 @@ def test_demo_short_form_prints_jf_last(capsys, tmp_path):
     assert main(["--frames", "40", "--seed", "1", "--overlay", str(tmp_path / "demo.gif"),
                  "--quiet"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("J&F ") and 0 <= float(lines[-1].split()[1]) <= 1
+    # a held-out seed: a broken model or read that still runs scores far below (0.92 here)
+    assert lines[-1].startswith("J&F ") and float(lines[-1].split()[1]) >= 0.80
     assert any(line.startswith("memory frames 9 ") for line in lines)  # 0, 5, .., 35 + 38
     assert (tmp_path / "demo.gif").stat().st_size > 0
 
