@@ -88,6 +88,50 @@ def test_a_new_layout_or_mode_plans_anew(plannings):
     assert len(_prepared()) == 1 + len(variants)
 
 
+def _strided_copy(tensor):
+    """The same values with positions outermost in memory: other strides, same shape."""
+    return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# One read per entry, after a read of the base layout: (name, inputs of memory_read given the
+# base's q, k, v, its options). Each changes one thing the kept launch's key must hold.
+LAYOUT_CHANGES = [
+    ("float16", lambda q, k, v: ((q.half(), k.half(), v.half()), {})),
+    ("k strides", lambda q, k, v: ((q, _strided_copy(k), v), {})),
+    ("v strides", lambda q, k, v: ((q, k, _strided_copy(v)), {})),
+    ("query per object", lambda q, k, v: ((q.expand(2, -1, -1).contiguous() *
+                                           torch.tensor([1.0, -1.0])[:, None, None], k, v),
+                                          {})),
+    ("broadcast query", lambda q, k, v: ((q.expand(2, -1, -1), k, v), {})),
+    ("l2", lambda q, k, v: ((q, k, v), {"similarity": "l2"})),
+    ("scale", lambda q, k, v: ((q, k, v), {"scale": 0.3})),
+    ("ragged", lambda q, k, v: ((q, k, v), {"memory_lengths": torch.tensor([300, 90])})),
+    ("other lengths", lambda q, k, v: ((q, k, v), {"memory_lengths": torch.tensor([40, 250])})),
+]
+
+
+@pytest.mark.parametrize("change", LAYOUT_CHANGES, ids=[name for name, _ in LAYOUT_CHANGES])
+def test_a_read_after_a_kept_launch_of_another_layout_is_its_own_read(change):
+    """The kept-launch cache by values: a read of the base layout keeps its launches, then a
+    read that differs in one thing (dtype, k or v strides, the query per object or
+    broadcast, similarity, scale, ragged lengths) gets its own inputs' result in its own
+    dtype, against the float64 read written out in plain torch; then the base layout again
+    gets its own. A key that missed the change would hand it the base layout's launch."""
+    _, changed = change
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu", seed=9)
+    base = memory_read(q, k, v, backend="triton")
+    inputs, options = changed(q, k, v)
+    out = memory_read(*inputs, backend="triton", **options)
+    reference_options = {("lengths" if key == "memory_lengths" else key): value
+                         for key, value in options.items()}
+    expected = reference_read(*inputs, **reference_options)[0]
+    assert out.dtype == inputs[2].dtype and out.shape == expected.shape
+    assert relative_error(out, expected) < TOLERANCE[inputs[2].dtype]
+    again = memory_read(q, k, v, backend="triton")
+    assert torch.equal(again, base)
+    assert relative_error(base, reference_read(q, k, v)[0]) < TOLERANCE[torch.float32]
+
+
 def test_ragged_lengths_are_read_per_call(plannings):
     q, k, v = random_inputs(*SHAPE, torch.float32, "cpu")
     memory_read(q, k, v, backend="triton", memory_lengths=torch.tensor([300, 90]))
