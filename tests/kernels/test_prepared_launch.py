@@ -8,6 +8,7 @@ interpreter; results are checked against the read in plain float64 torch (refere
 import types
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch
 
 from reference import reference_read, reference_select, reference_usage
@@ -446,3 +447,36 @@ def test_a_kept_selection_runs_its_two_kernels_and_no_torch_arithmetic():
                   if name not in ("empty", "slice")}
     assert arithmetic == {} and scores.shape == indices.shape == (2, 32, 7)
     assert launched == ["memory_read_topk_kernel", "memory_read_topk_merge_kernel"]
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any op that reads a device value on the host (what a CUDA synchronisation per
+    call would be, and what a CUDA graph capture refuses)."""
+    HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default",
+                  "aten.nonzero.default", "aten.nonzero_static.default",
+                  "aten.is_nonzero.default", "aten.equal.default"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert str(func) not in self.HOST_READS, f"a host read of a device value: {func}"
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_kept_memory_read_reads_no_device_value_on_the_host():
+    """memory_read's kept call (the op, its checks, the custom op and the kept launches),
+    forward and backward, and a ragged one over a FixedCapacityMemory (whose lengths are
+    checked where they are set): no item, nonzero or the like. A plain lengths tensor's
+    values are checked on the host by design (docs/op.md): that read is what the mode sees."""
+    from stm_kernels import FixedCapacityMemory
+    q, k, v = random_inputs(*SHAPE, torch.float32, "cpu", seed=3)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    memory = FixedCapacityMemory(k, v, lengths=[300, 90])
+    memory_read(*leaves, backend="triton").sum().backward()  # planned and kept
+    memory.read(q, backend="triton")
+    with _NoHostReads():
+        memory_read(*leaves, backend="triton").sum().backward()
+        out = memory.read(q, backend="triton")
+    expected = torch.cat([reference_read(q, k[b:b + 1, :, :n], v[b:b + 1, :, :n])[0]
+                          for b, n in enumerate((300, 90))])
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+        memory_read(q, k, v, backend="triton", memory_lengths=torch.tensor([300, 90]))
