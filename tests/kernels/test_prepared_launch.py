@@ -8,8 +8,8 @@ interpreter; results are checked against the read in plain float64 torch (refere
 import types
 
 import pytest
-from torch.utils._python_dispatch import TorchDispatchMode
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import reference_read, reference_select, reference_usage
 from helpers import (TOLERANCE, RecordedOps, check_read, random_inputs, read_with_grads,
