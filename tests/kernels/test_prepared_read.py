@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import (check_read, per_object_reference, random_inputs, ragged_case,
-                     reference_with_grads)
+from reference import reference_read
+from helpers import (TOLERANCE, check_read, per_object_reference, random_inputs, ragged_case,
+                     reference_with_grads, relative_error)
 from stm_kernels import memory_read, poison_outputs, prepare_read
 from stm_kernels.backends.triton import devices, kept_launches, running
 
@@ -93,7 +94,9 @@ def test_a_top_k_read_equals_memory_reads(fresh_launches, monkeypatch):
     plan = prepare_read(q, k, v, top_k=9)
     expected = memory_read(q, k, v, top_k=9, backend="torch")
     _no_planning(monkeypatch)
-    torch.testing.assert_close(plan.run(q, k, v), expected, rtol=1e-5, atol=1e-5)
+    out = plan.run(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert relative_error(out, reference_read(q, k, v, top_k=9)[0]) < TOLERANCE[torch.float32]
 
 
 def test_memory_read_uses_the_passes_the_prepared_read_holds(fresh_launches, plannings):
