@@ -46,8 +46,9 @@ Variant fused-compile: VideoSegmenter(compile=True). Its compilation runs in a w
 few frames on a separate segmenter before timing (recorded as warmup_s; --warmup N gives
 every variant such a warm-up); per-read times are not available inside the compiled graph
 (read_timed false). Variant fused-graphs: VideoSegmenter(compile={"mode": "reduce-overhead"}):
-the query encoder, decoder and memory encoder compiled and replayed as CUDA graphs (on a GPU;
-a CPU runs them compiled), the read eager between them, so its time per frame is recorded.
+the per-frame step replayed as CUDA graphs (on a GPU; a CPU runs it compiled), the read
+included, over each memory bank's whole capacity with its lengths on the device (one
+recording per capacity); its reads are not timed one by one (read_timed false).
 Variant fused-channels-last: the model's weights laid out channels-last before the segmenter
 takes it, which a GPU's session otherwise leaves as they are (on a CPU every session does it:
 there the variant is "fused").
@@ -166,11 +167,13 @@ class _ReadTimer:
 
 
 def read_timed(options):
-    """Whether a variant's reads are timed one by one: not inside a compiled graph, but where
-    the segmenter keeps them eager between its CUDA graphs."""
+    """Whether a variant's reads are timed one by one: not inside a compiled graph (CUDA
+    graphs hold the read too, over the memory's whole capacity), but where the segmenter keeps
+    them eager between its graphs (offloaded or sharded memory)."""
     from stm_model.inference.video_segmenter import uses_cuda_graphs
     compile = options.get("compile", False)
-    return not compile or (isinstance(compile, dict) and uses_cuda_graphs(compile))
+    return not compile or (isinstance(compile, dict) and uses_cuda_graphs(compile) and
+                           bool(options.get("offload") or options.get("shard_memory")))
 
 
 def peak_bytes(device):
