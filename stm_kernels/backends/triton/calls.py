@@ -3,7 +3,8 @@ precision), or why no Triton kernel reads it; and what every launch of the call 
 
     _plan_call, unsupported_reason  the Call of a memory, or why no kernel reads it
     _call                           the Call of one read ("forward", "backward", "select",
-                                    "usage"), or KernelUnavailable
+                                    "usage"), or KernelUnavailable; remembered per device,
+                                    dtype, key width, read and similarity (_calls)
     exact_float32_on_torch          whether backend="auto" reads exact float32 with torch
     _check_device                   CUDA tensors, or the interpreter
     _launch_flags                   CK, BLOCK_CK, RANK1, PRECISION, UPCAST and I64 (_needs_int64)
@@ -82,10 +83,39 @@ def unsupported_reason(k):
     return _plan_call(k)[1]
 
 
+# (Device, dtype, key channels, read, l2, float32 matmul precision of a float32 memory) ->
+# (its Call, the ON_TORCH table and the number of ARCHITECTURES it was planned with): _call's
+# answers, at most CALLS of them (all dropped beyond)
+_calls: dict = {}
+CALLS = 256
+
+
 def _call(k, read, l2):
     """The Call of `read` ("forward", "backward", "select", "usage") of memory k, or
     KernelUnavailable: no kernel reads it there, or the torch backend does by design
-    (tilings.ON_TORCH, tilings.RANK1_L2)."""
+    (tilings.ON_TORCH, tilings.RANK1_L2). Remembered per (device, dtype, key channels, read,
+    similarity, and torch's float32 matmul precision for a float32 memory: everything the
+    planning reads of the call), and planned again where the tables it read were changed since
+    (ON_TORCH replaced, or its architecture's entry in ARCHITECTURES, or an entry added or
+    removed): a repeated read then finds its Call in one dictionary lookup."""
+    dtype = k.dtype
+    key = (devices.describe(k.device), dtype, k.shape[1], read, l2,
+           torch.get_float32_matmul_precision() if dtype == torch.float32 else None)
+    known = _calls.get(key)
+    if known is not None:
+        call, on_torch, architectures = known
+        if on_torch is tilings.ON_TORCH and architectures == len(tilings.ARCHITECTURES) and \
+                tilings.ARCHITECTURES.get(call.architecture.name) is call.architecture:
+            return call
+    call = _planned_call(k, read, l2)
+    if len(_calls) >= CALLS:
+        _calls.clear()
+    _calls[key] = (call, tilings.ON_TORCH, len(tilings.ARCHITECTURES))
+    return call
+
+
+def _planned_call(k, read, l2):
+    """_call's answer, planned from the tables."""
     call, reason = _plan_call(k)
     if call is None:
         raise KernelUnavailable("every", devices.describe(k.device), reason)

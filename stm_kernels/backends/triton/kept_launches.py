@@ -17,7 +17,7 @@ kernel's compile called directly (direct_launch.py) without Triton's binder.
 import dataclasses
 import threading
 
-from . import running, tilings
+from . import calls, running, tilings
 from .direct_launch import DirectLaunch
 from .running import flag_within_block, one_line, warn_once
 
@@ -134,8 +134,9 @@ def planning_every_call():
 
 
 def forget_choices():
-    """Forget every remembered choice and prepared launch: the next call of each kernel tries
-    its candidates again (the offline tools start each case afresh)."""
+    """Forget every remembered choice, prepared launch and call (calls._call): the next call of
+    each kernel tries its candidates again (the offline tools start each case afresh)."""
     running._chosen.clear()
+    calls._calls.clear()
     with _keeping:
         _prepared.clear()
