@@ -23,12 +23,12 @@ _EXPORTS = {
     "naive_memory_read": "backends.naive", "poison_outputs": "_buffers",
     "FallbackWarning": "backends", "BACKENDS": "options", "DTYPES": "options",
     "SIMILARITIES": "options", "FixedCapacityMemory": "fixed_memory",
-    "prepare_read": "prepared", "PreparedRead": "prepared",
+    "prepare_read": "prepared", "PreparedRead": "prepared", "QuantizedMemory": "quantized",
 }
 
 __all__ = ["memory_read", "memory_usage", "merge_reads", "naive_memory_read", "poison_outputs",
            "prepare_read", "PreparedRead", "topk", "FallbackWarning", "BACKENDS", "DTYPES",
-           "SIMILARITIES", "FixedCapacityMemory", "__version__"]
+           "SIMILARITIES", "FixedCapacityMemory", "QuantizedMemory", "__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported eagerly)
     from . import topk
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (the same names, imported e
     from .merge import merge_reads
     from .options import BACKENDS, DTYPES, SIMILARITIES
     from .prepared import PreparedRead, prepare_read
+    from .quantized import QuantizedMemory
 
 
 def __getattr__(name: str):

@@ -48,6 +48,50 @@ def _rows(objects):
     return torch.tensor(objects)
 
 
+def _columns(memory, index, start, stop, dtype):
+    """memory[index, :, start:stop] in dtype: a tensor's slice, or the slice of an 8-bit
+    memory (quantized.DequantizingMemory) dequantised, only that slice widened."""
+    if isinstance(memory, torch.Tensor):
+        return memory[index, :, start:stop].to(dtype)
+    return memory.columns(index, start, stop, dtype)
+
+
+class _DequantizedKeys:
+    """_augmented_keys(k[b:b+1, :, :n], l2)[0] of an 8-bit memory k, each chunk dequantised
+    to bf16 when _bf16_softmax takes it (indexing), never the whole memory at once."""
+
+    def __init__(self, k, b, n, l2):
+        self.k, self.b, self.l2 = k, b, l2
+        self.starts = _chunk_starts(n)
+        self.shape = (len(self.starts), k.shape[1] + (4 if l2 else 2), min(n, CPU_CHUNK))
+
+    def __getitem__(self, index):
+        Ck, length = self.k.shape[1], self.shape[2]
+        start = self.starts[index]
+        chunk = self.k.columns(self.b, start, start + length, torch.bfloat16)  # (Ck, L)
+        keys = chunk.new_empty(self.shape[1:])
+        keys[:Ck] = chunk
+        keys[Ck:Ck + 2] = 1
+        if self.l2:
+            norms = -chunk.float().square().sum(0)
+            high = norms.to(torch.bfloat16)
+            keys[Ck + 2], keys[Ck + 3] = high, (norms - high.float()).to(torch.bfloat16)
+        return keys
+
+
+class _DequantizedColumns:
+    """v[b, :, :n] of an 8-bit memory as _bf16_softmax reads it (values[:, start:stop]),
+    each slice dequantised to bf16 when taken."""
+
+    def __init__(self, v, b, n):
+        self.v, self.b = v, b
+        self.shape = (v.shape[1], n)
+
+    def __getitem__(self, key):
+        columns = key[1]
+        return self.v.columns(self.b, columns.start, columns.stop, torch.bfloat16)
+
+
 @without_autocast
 def forward(q, k, v, scale, l2, lengths=None):
     """(out (B, Cv, HW) in v's dtype, lse (B, HW)) for q (Bq, Ck, HW), k (B, Ck, N), v (B, Cv, N).
@@ -112,8 +156,8 @@ def _forward_batched(q, k, v, scale, l2, lengths):
         if isinstance(rows, torch.Tensor):
             rows = rows.to(k.device)
         # contiguous: a strided chunk of a long memory makes the product ~1.5x slower on CPU
-        k_chunk = k[rows, :, start:stop].to(acc_dtype).contiguous()
-        v_rows = v[rows, :, start:stop].to(acc_dtype).transpose(1, 2)  # (n_objects, n, Cv)
+        k_chunk = _columns(k, rows, start, stop, acc_dtype).contiguous()
+        v_rows = _columns(v, rows, start, stop, acc_dtype).transpose(1, 2)  # (objects, n, Cv)
         scores = chunk_scores(q_rows[rows] if q_rows.shape[0] > 1 else q_rows, k_chunk, scale2,
                               l2)
         stats = _online_step(scores, v_rows, row_max[rows], row_sum[rows], acc[rows])
@@ -180,7 +224,9 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     bf16 = v.dtype == torch.bfloat16 and cpu_features.bf16_dot_products()
     ends = [N] * B if lengths is None else lengths.tolist()
     keys = None
-    if bf16:  # each object's chunks (of its own length where the lengths differ)
+    if bf16 and not isinstance(k, torch.Tensor):  # an 8-bit memory: a chunk at a time
+        keys = [_DequantizedKeys(k, b, ends[b], l2) for b in range(B)]
+    elif bf16:  # each object's chunks (of its own length where the lengths differ)
         keys = list(_augmented_keys(k, l2)) if lengths is None else \
             [_augmented_keys(k[b:b + 1, :, :ends[b]], l2)[0] for b in range(B)]
     scale2 = scale * LOG2E  # base-2 scores (_fixed_offset_softmax)
@@ -189,10 +235,10 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     if l2:  # |k|² scaled, once per call (not once per row block)
         k_norms = torch.empty((B, N), dtype=acc_dtype)
         for start in range(0, N, CPU_CHUNK):
-            chunk = k[:, :, start:start + CPU_CHUNK].to(acc_dtype)
+            chunk = _columns(k, slice(None), start, start + CPU_CHUNK, acc_dtype)
             k_norms[:, start:start + CPU_CHUNK] = chunk.square().sum(1).mul_(scale2)
-    out = torch.empty((B, HW, Cv), dtype=acc_dtype)
-    lse = torch.empty((B, HW), dtype=acc_dtype)
+    out = new_buffer((B, HW, Cv), acc_dtype, "cpu")
+    lse = new_buffer((B, HW), acc_dtype, "cpu")
     workers = torch.get_num_threads()
     rows = _block_rows(HW, workers)
 
@@ -200,10 +246,10 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
         """(scores (rows, n), values (n, Cv)) of object b's memory, CPU_CHUNK positions each."""
         for start in range(0, ends[b], CPU_CHUNK):
             stop = min(start + CPU_CHUNK, ends[b])
-            scores = query @ k[b, :, start:stop].to(acc_dtype)
+            scores = query @ _columns(k, b, start, stop, acc_dtype)
             if l2:
                 scores = scores.mul_(2).sub_(k_norms[b, start:stop])
-            yield scores, v[b, :, start:stop].to(acc_dtype).T
+            yield scores, _columns(v, b, start, stop, acc_dtype).T
 
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
 
@@ -215,7 +261,8 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
             if bf16:
                 acc, row_sum, offset = _bf16_softmax(
                     q[b if q.shape[0] > 1 else 0, :, first:first + rows],
-                    keys[b], v[b, :, :ends[b]], scale, l2)
+                    keys[b], v[b, :, :ends[b]] if isinstance(v, torch.Tensor) else
+                    _DequantizedColumns(v, b, ends[b]), scale, l2)
             else:
                 acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), *shape)
             if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
@@ -490,7 +537,7 @@ def select(q, k, top_k, scale, l2, lengths=None):
     chunk = max(top_k, torch_common.CHUNK_ELEMENTS // max(B * HW, 1))
     best = None
     for start in range(0, N, chunk):
-        k_chunk = k[:, :, start:start + chunk].to(acc_dtype).contiguous()
+        k_chunk = _columns(k, slice(None), start, start + chunk, acc_dtype).contiguous()
         scores = chunk_scores(q_rows, k_chunk, scale, l2)  # (B, HW, n)
         if lengths is not None:
             positions = torch.arange(start, start + scores.shape[2], device=k.device)
@@ -534,7 +581,7 @@ def usage(q, k, lse, scale, l2, lengths=None):
     ones = q_aug.new_ones((B, 1, HW))
     chunk = chunk_length(B, HW, N)
     for start in range(0, N, chunk):
-        k_chunk = k[:, :, start:start + chunk].to(acc_dtype)
+        k_chunk = _columns(k, slice(None), start, start + chunk, acc_dtype)
         n = k_chunk.shape[2]
         rows = [k_chunk] + ([k_chunk.square().sum(1, keepdim=True)] if l2 else [])
         k_aug = torch.cat(rows + [k_chunk.new_ones((B, 1, n))], 1)
