@@ -32,15 +32,17 @@ from typing import Literal, Optional, Sequence, Union, overload
 import torch
 from torch.autograd import forward_ad
 
-from . import backends, topk
+from . import backends, quantized, topk
 from .backends.naive import naive_memory_read
 from .inputs import concatenated, prepared
 from .options import Backend, Similarity
 from .torch_common import accumulation_dtype
 
 
-# A memory is one tensor or a list of chunks read as their concatenation along N.
-Memory = Union[torch.Tensor, Sequence[torch.Tensor]]
+# A memory is one tensor or a list of chunks read as their concatenation along N; a memory key
+# or value may be (or hold) an 8-bit QuantizedMemory.
+Memory = Union[torch.Tensor, quantized.QuantizedMemory,
+               Sequence[Union[torch.Tensor, quantized.QuantizedMemory]]]
 Lengths = Union[torch.Tensor, Sequence[int]]
 
 
@@ -96,6 +98,10 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
             training loop that reads a growing list of memory frames keeps O(T) memory.
         memory_value: (B, Cv, *M) with the same memory layout *M as memory_key (chunk for
             chunk when memory_key is a list).
+            Either (or any of their chunks) may be an 8-bit stm_kernels.QuantizedMemory (int8
+            or fp8 with float32 scales): the read then runs in query_key's dtype (out in it),
+            inference only, on backend "torch" (one chunk dequantised at a time; "auto") or
+            "naive"; similarity "dot" or "l2" (stm_kernels/quantized.py).
         scale: score scale; defaults to 1/sqrt(Ck) (official STM, STCN, XMem). A finite
             Python number whose products overflow the compute dtype (float32, or the memory's
             dtype for "xmem") is a ValueError.
@@ -139,6 +145,12 @@ def memory_read(query_key: torch.Tensor, memory_key: Memory, memory_value: Memor
         torch.use_deterministic_algorithms(True) is set, when it computes dQ in a fixed order
         instead.
     """
+    if quantized.is_quantized(memory_key) or quantized.is_quantized(memory_value):
+        return quantized.read(query_key, memory_key, memory_value, scale=scale,
+                              similarity=similarity, backend=backend, return_lse=return_lse,
+                              memory_lengths=memory_lengths, top_k=top_k,
+                              return_usage=return_usage, shrinkage=shrinkage,
+                              selection=selection)
     call = prepared(query_key, memory_key, memory_value, scale=scale, similarity=similarity,
                     shrinkage=shrinkage, selection=selection, memory_lengths=memory_lengths,
                     backend=backend, top_k=top_k)

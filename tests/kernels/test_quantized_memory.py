@@ -8,9 +8,9 @@ import torch
 
 from helpers import TOLERANCE, relative_error
 from reference import reference_read
-from stm_kernels import poison_outputs
+from stm_kernels import QuantizedMemory, poison_outputs
+from stm_kernels import memory_read as read
 from stm_kernels.backends import pytorch
-from stm_kernels.quantized import QuantizedMemory, read
 
 FORMATS = ["int8", "fp8"]
 AXES = ["channel", "position"]
