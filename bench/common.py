@@ -110,6 +110,25 @@ def time_ms(fn, device, *, reset=(), min_runs=3, budget_s=2.0):
     return statistics.median(times), quantiles[0], quantiles[3]
 
 
+def kernel_ms(fn, device, *, reset=(), calls=20):
+    """The GPU kernels' own time per call of fn in ms (torch.profiler's device time of every
+    CUDA kernel over `calls` calls, summed, over calls), beside time_ms's wall time: what the
+    call would take with no host work between its kernels. None where the profiler recorded
+    no kernel (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            for tensor in reset:
+                tensor.grad = None
+            fn()
+        torch.cuda.synchronize(device)
+    total_us = sum(event.self_device_time_total for event in profiler.key_averages()
+                   if event.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / calls / 1e3 if total_us else None
+
+
 def cuda_peak_extra_bytes(fn, device):
     """Peak CUDA memory allocated during one call of fn, above what was allocated before it."""
     torch.cuda.synchronize(device)

@@ -10,6 +10,10 @@ expert would pick, forward / backward / forward+backward, over memory sizes N.
 Providers, timed in the same run (PROVIDERS; the fused one is "triton" on GPU, "torch" on CPU,
 every other one a peer, but the candidates):
     triton            memory_read(backend="triton"): the fused kernels
+    triton_planned    the same kernels through stm_kernels.prepare_read's run (planned once:
+                      no host planning per call): a call mode (MODES), never a peer
+    triton_graphed    the same, captured in a CUDA graph (the forward, or the forward and its
+                      backward) and replayed: no host work at all; a call mode
     torch             memory_read(backend="torch"): the chunked torch read
     naive             memory_read(backend="naive"): the official read (the whole affinity)
     sdpa              F.scaled_dot_product_attention with the full 512-wide value (PyTorch picks
@@ -46,7 +50,9 @@ per dtype on GPU (2048^3 on CPU): the "% matmul" column.
 Three sweeps, one results file, run in this order (a run cut off by a time limit keeps the
 target points):
 - "targets": the op's target points, one 480p query frame (HW = 1,620), B=1: N = 16,200
-  (10 memory frames), 64,800 and 162,000, forward and forward+backward on GPU; N = 162,000
+  (10 memory frames), 32,400, 64,800 and 162,000, forward and forward+backward on GPU (with
+  each fused call's kernel time beside its wall time: torch.profiler's CUDA kernels per call,
+  the "kernel ms" column); N = 162,000
   forward on CPU (16,200 in the quick form);
 - "scaling": Ck=128, Cv=512, the main dtype (bf16 on GPU, fp32 on CPU), B in {1, 4, 8}, every
   pass, N grown until the provider runs out of memory (or past the time cap per call);
@@ -80,27 +86,32 @@ import torch.nn.functional as F
 from bench import accuracy, common
 from stm_kernels import memory_read, options
 
-PROVIDERS = ("triton", "torch", "naive", "sdpa", "sdpa_flash_split", "sdpa_cudnn_split", "flex",
-             "triton_ws", "triton_ws_bwd")
+PROVIDERS = ("triton", "triton_planned", "triton_graphed", "torch", "naive", "sdpa",
+             "sdpa_flash_split", "sdpa_cudnn_split", "flex", "triton_ws", "triton_ws_bwd")
 # The fused read of each device type; every other provider but the candidates is its peer.
 FUSED = {"cuda": "triton", "cpu": "torch"}
 # Other ways of running the fused read, timed beside it to choose the default (never peers);
 # each runs only the passes it changes.
 CANDIDATES = ("triton_ws", "triton_ws_bwd")
-CANDIDATE_PASSES = {"triton_ws": ("fwd",), "triton_ws_bwd": ("bwd", "fwd+bwd")}
+# Other ways of calling the fused read's kernels: planned once (prepare_read's run: no host
+# planning) and replayed from a CUDA graph (no host work at all); a "vs" column each, never
+# peers. The graph holds a forward, or a forward and its backward.
+MODES = ("triton_planned", "triton_graphed")
+CANDIDATE_PASSES = {"triton_ws": ("fwd",), "triton_ws_bwd": ("bwd", "fwd+bwd"),
+                    "triton_graphed": ("fwd", "fwd+bwd")}
 # The Gluon kernels (tilings.WARP_SPECIALIZED_KERNELS) each candidate runs.
 CANDIDATE_KERNELS = {"triton_ws": ("forward",), "triton_ws_bwd": ("dv", "dkdq")}
 # How much faster than the default a candidate must be at a point to count as faster there
 # (run-to-run noise of a warm GPU point is a few percent).
 CANDIDATE_MARGIN = 0.03
 # Providers whose kernels run only on a GPU (on CPU, in Triton's interpreter: not timed).
-GPU_ONLY = ("triton",) + CANDIDATES
+GPU_ONLY = ("triton",) + MODES + CANDIDATES
 # The forced SDPA backend of each split peer; its value chunks are Ck wide (128 at the target).
 SPLIT_BACKENDS = {"sdpa_flash_split": "FLASH_ATTENTION", "sdpa_cudnn_split": "CUDNN_ATTENTION"}
 # Providers that may refuse these shapes or fail to compile: recorded with the reason.
-MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex",) + CANDIDATES
+MAY_REFUSE = tuple(SPLIT_BACKENDS) + ("flex", "triton_graphed") + CANDIDATES
 # Those whose refusal is a "refused:" (a forced backend, an opt-in that does not apply).
-REFUSING = tuple(SPLIT_BACKENDS) + CANDIDATES
+REFUSING = tuple(SPLIT_BACKENDS) + ("triton_graphed",) + CANDIDATES
 # Providers in SDPA's (B, heads, L, C) layout.
 ATTENTION_LAYOUT = ("sdpa", "flex") + tuple(SPLIT_BACKENDS)
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -129,11 +140,13 @@ class ProviderRead:
     leaves: tuple
     attention_layout: bool
     backward_context: object = contextlib.nullcontext
+    graphed: bool = False  # the read is replayed from a CUDA graph (captured by graph_of)
 
     @classmethod
-    def of(cls, provider, q, k, v, scale):
+    def of(cls, provider, q, k, v, scale, backward=False):
         """The ProviderRead of `provider` on q, k, v (see the class; SDPA's layout, the value
-        chunks of a split peer, prepared here, outside any timing)."""
+        chunks of a split peer, the planned read, prepared here, outside any timing);
+        backward: whether a backward pass follows (the planned read plans it too)."""
         B, Ck, HW = k.shape[0], k.shape[1], q.shape[2]
         attention_layout = provider in ATTENTION_LAYOUT
         if attention_layout:
@@ -180,10 +193,44 @@ class ProviderRead:
 
             def read():
                 return memory_read(q, k, v, scale=scale, backend="triton")
+        elif provider in MODES:
+            if provider == "triton_graphed" and q.device.type != "cuda":
+                raise RuntimeError("CUDA graphs need a CUDA GPU")
+            from stm_kernels import prepare_read
+            plan = prepare_read(q, k, v, scale=scale, backward=backward)
+
+            def read():
+                return plan.run(q, k, v)
         else:
             def read():
                 return memory_read(q, k, v, scale=scale, backend=provider)
-        return cls(read, leaves, attention_layout, backward_context)
+        return cls(read, leaves, attention_layout, backward_context,
+                   graphed=provider == "triton_graphed")
+
+    def graph_of(self, cotangent=None):
+        """(replay, out) of the read (with cotangent: and its backward, the leaves' .grad
+        written) captured in a CUDA graph after two warm-up calls on a side stream, as
+        torch.cuda.graph's recipe has it; out is the captured call's output, which each
+        replay rewrites, as it does the gradients (the leaves' .grad, None at the capture)."""
+        def step():
+            if cotangent is None:
+                with torch.no_grad():
+                    return self.read()
+            out = self.read()
+            out.backward(cotangent)
+            return out
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor in self.leaves:
+            tensor.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph.replay, out
 
     def out_of(self, out):
         """The provider's output as the read's (B, Cv, HW)."""
@@ -224,9 +271,17 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     call backpropagates through a forward done once here (graph retained)."""
     randn = _random(device, dtype, seed=0)
     q, k, v = randn(1, Ck, HW), randn(B, Ck, N), randn(B, Cv, N)
-    provider_read = ProviderRead.of(provider, q, k, v, 1.0 / math.sqrt(Ck))
+    if pass_ != "fwd" and provider in MODES:
+        for tensor in (q, k, v):  # leaves from the start: the planned read is built on them
+            tensor.requires_grad_()
+    provider_read = ProviderRead.of(provider, q, k, v, 1.0 / math.sqrt(Ck),
+                                    backward=pass_ != "fwd")
     read, tensors = provider_read.read, provider_read.leaves
     backward_context = provider_read.backward_context
+    if provider_read.graphed:  # one replay a call; its gradients are rewritten, not cleared
+        grad = randn(B, Cv, HW) if pass_ != "fwd" else None
+        replay, _ = provider_read.graph_of(grad)
+        return replay, ()
     if pass_ == "fwd":
         def call():
             with torch.no_grad():
@@ -274,10 +329,22 @@ def check_point(provider, pass_, dtype, B, HW, N, Ck, Cv, device, dtype_name):
     if objects == 0:
         return {}, bound, None
     expected = accuracy.reference_rows(q, k, v, rows, scale, grad, objects)
-    provider_read = ProviderRead.of(provider, q, k, v, scale)
+    if backward and provider in MODES:
+        for tensor in (q, k, v):  # leaves from the start: the planned read is built on them
+            tensor.requires_grad_()
+    provider_read = ProviderRead.of(provider, q, k, v, scale, backward=backward)
     del q, k, v
     actual = {}
-    if backward:
+    if provider_read.graphed:  # the captured graph's replay is what is checked
+        for tensor in provider_read.leaves:
+            tensor.requires_grad_(backward)
+        replay, out = provider_read.graph_of(provider_read.cotangent(grad) if backward else None)
+        replay()
+        torch.cuda.synchronize(device)
+        if backward:
+            actual = {name: value if name == "dq" else value[:objects]
+                      for name, value in provider_read.gradients().items()}
+    elif backward:
         for tensor in provider_read.leaves:
             tensor.requires_grad_()
         out = provider_read.read()
@@ -435,6 +502,8 @@ def run_point(provider, pass_, dtype_name, B, HW, N, Ck, Cv, device, sweep):
             if wrong:
                 return {**record, "status": wrong}
             median, low, high = common.time_ms(call, device, reset=reset)
+            if device.type == "cuda" and provider in ("triton",) + MODES:
+                record["kernel_ms"] = common.kernel_ms(call, device, reset=reset)
             del call, reset
             peak = measure_memory(spec, device)
     except torch.cuda.OutOfMemoryError:
@@ -475,7 +544,7 @@ def plan(device, args):
     # The target points first: a run cut off by a time limit (a lent GPU's) keeps them.
     if "targets" in args.sweeps:  # one 480p query frame (HW = 1,620)
         target_passes = ["fwd", "fwd+bwd"] if kind == "cuda" else ["fwd"]
-        target_ns = [16200, 64800, 162000] if kind == "cuda" else \
+        target_ns = [16200, 32400, 64800, 162000] if kind == "cuda" else \
             [16200] if quick else [162000]
         for pass_ in target_passes:
             for provider in filter(lambda p: runs(p, pass_), providers):
@@ -637,7 +706,8 @@ def _point(record):
 def peers_of(payload):
     """The peers a run has records of (every provider but the fused one and the candidates),
     in PROVIDERS order (then any other name, sorted)."""
-    present = {r["provider"] for r in payload["records"]} - {_fused(payload), *CANDIDATES}
+    present = {r["provider"] for r in payload["records"]} - {_fused(payload), *CANDIDATES,
+                                                             *MODES}
     return [p for p in PROVIDERS if p in present] + sorted(present - set(PROVIDERS))
 
 
@@ -645,6 +715,12 @@ def candidates_of(payload):
     """The candidates (CANDIDATES) a run has records of."""
     present = {r["provider"] for r in payload["records"]}
     return [c for c in CANDIDATES if c in present]
+
+
+def modes_of(payload):
+    """The fused read's other call modes (MODES) a run has records of."""
+    present = {r["provider"] for r in payload["records"]}
+    return [m for m in MODES if m in present]
 
 
 def index_points(payload):
@@ -735,10 +811,13 @@ def summary(payload):
     index = index_points(payload)
     fused = _fused(payload)
     peers = peers_of(payload)
-    others = peers + candidates_of(payload)  # a "vs" column each
-    rows = ["| sweep | pass | dtype | B | HW | Ck | Cv | N | ms | TFLOP/s | % matmul | peak MiB | "
-            "error | best peer | vs best peer | " + "".join(f"vs {other} | " for other in others)
-            + "naive peak / peak |", "|---" * (16 + len(others)) + "|"]
+    others = modes_of(payload) + peers + candidates_of(payload)  # a "vs" column each
+    kernel_times = any("kernel_ms" in r for r in records)
+    rows = ["| sweep | pass | dtype | B | HW | Ck | Cv | N | ms | "
+            + ("kernel ms | wall / kernel | " if kernel_times else "") + "TFLOP/s | % matmul | "
+            "peak MiB | error | best peer | vs best peer | "
+            + "".join(f"vs {other} | " for other in others) + "naive peak / peak |",
+            "|---" * (16 + 2 * kernel_times + len(others)) + "|"]
     seen = set()
     for r in records:
         if r["provider"] != fused or r["status"] != "ok" or \
@@ -747,7 +826,12 @@ def summary(payload):
         seen.add(_point(r))
         cells = [r.get("sweep", "scaling"), r["pass"], r["dtype"], r["B"], r["HW"], r["Ck"],
                  r["Cv"],
-                 r["N"], f"{r['median_ms']:.3f}", f"{r['tflops']:.2f}",
+                 r["N"], f"{r['median_ms']:.3f}"]
+        if kernel_times:
+            kernel = r.get("kernel_ms")
+            cells += [f"{kernel:.3f}" if kernel else "-",
+                      f"{r['median_ms'] / kernel:.2f}x" if kernel else "-"]
+        cells += [f"{r['tflops']:.2f}",
                  f"{100 * _fraction(payload, r):.0f}%", f"{r['peak_mem_bytes'] / 2**20:.1f}",
                  worst_error(r)]
         name, ratio = best_peer(payload, r, index)
@@ -765,7 +849,9 @@ def summary(payload):
                      if naive and naive["status"] == "ok" and fused != "naive" else "n/a")
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     rows += ["", "`vs X`: X's time over the fused read's (above 1: the fused read is faster); "
-                 "`best peer`: the fastest peer that ran at that point; `error`: the largest "
+                 "`best peer`: the fastest peer that ran at that point (the call modes "
+                 "triton_planned and triton_graphed are the fused kernels called otherwise, "
+                 "never peers: below 1, faster than the eager call); `error`: the largest "
                  "relative error of the fused read's outputs (and gradients) against float64 "
                  "at that point (bench/accuracy.py; a provider over its dtype's bound is "
                  "reported wrong, not timed)."]
@@ -833,8 +919,10 @@ def out_of_memory_points(payload):
     return limits
 
 
-COLOURS = dict(zip(PROVIDERS, ("C0", "C1", "C3", "C2", "C4", "C5", "C6", "C7", "C8"),
-                   strict=True))
+COLOURS = dict(triton="C0", torch="C1", naive="C3", sdpa="C2", sdpa_flash_split="C4",
+               sdpa_cudnn_split="C5", flex="C6", triton_ws="C7", triton_ws_bwd="C8",
+               triton_planned="C9", triton_graphed="black")
+assert set(COLOURS) == set(PROVIDERS)
 
 
 def _label_best_peers(axis, payload, fused_records, values, index):

@@ -196,7 +196,7 @@ def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
     _, series = kernel.plan(torch.device("cuda"), args)
     assert {entry[1] for entry in series} == set(kernel.PROVIDERS)
     assert {(entry[2], tuple(entry[8])) for entry in series} == {
-        ("fwd", (16200, 64800, 162000)), ("fwd+bwd", (16200, 64800, 162000))}
+        ("fwd", (16200, 32400, 64800, 162000)), ("fwd+bwd", (16200, 32400, 64800, 162000))}
     # the Gluon candidates change one pass each; each pass's peers come before them, and the
     # dK/dQ kernel (never run on a GPU) comes last of all
     assert [entry[2] for entry in series if entry[1] == "triton_ws"] == ["fwd"]
@@ -206,7 +206,8 @@ def test_the_gpu_plan_runs_every_peer_at_the_three_target_sizes():
     assert series[-1][1] == "triton_ws_bwd"
     _, series = kernel.plan(torch.device("cpu"), args)
     assert {entry[1] for entry in series} == \
-        set(kernel.PROVIDERS) - {"triton", "triton_ws", "triton_ws_bwd"}
+        set(kernel.PROVIDERS) - {"triton", "triton_planned", "triton_graphed", "triton_ws",
+                                 "triton_ws_bwd"}
 
 
 def test_a_cpu_runs_the_quick_form_unless_full_is_asked_for(capsys):
@@ -419,3 +420,34 @@ def test_a_candidates_verdict_names_the_memory_size_it_is_faster_from():
     assert forward["faster_from"] == 64800
     assert '{"forward": 64800}' in kernel.summary(_payload(records))
     assert "Candidates against" not in kernel.summary(_payload(records[:1]))
+
+
+@pytest.mark.skipif(not kernel.common.torch.cuda.is_available() and
+                    __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels on CPU need TRITON_INTERPRET=1")
+def test_the_planned_call_mode_reads_what_the_op_reads_and_is_never_a_peer():
+    """triton_planned (prepare_read's run) computes the fused read, forward and gradients,
+    within float32's bounds (check_point, in the interpreter here); triton_graphed refuses
+    without a CUDA GPU; in the table both are "vs" columns of the fused read, never its best
+    peer."""
+    for pass_ in ("fwd", "fwd+bwd"):
+        errors, _, status = kernel.check_point("triton_planned", pass_, torch.float32, 2, 20,
+                                               50, 16, 24, torch.device("cpu"), "fp32")
+        assert status is None and set(errors) >= {"out"}, (pass_, errors)
+    call, tensors = kernel.make_inputs("triton_planned", "fwd+bwd", torch.float32, 2, 20, 50,
+                                       16, 24, torch.device("cpu"))
+    call()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in tensors)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA GPU"):
+        kernel.make_inputs("triton_graphed", "fwd", torch.float32, 2, 20, 50, 16, 24,
+                           torch.device("cpu"))
+    records = [_record("triton", 0.5, kernel_ms=0.25), _record("triton_planned", 0.4),
+               _record("triton_graphed", 0.3), _record("sdpa", 1.0)]
+    payload = _payload(records)
+    assert kernel.peers_of(payload) == ["sdpa"] and kernel.modes_of(payload) == [
+        "triton_planned", "triton_graphed"]
+    assert kernel.best_peer(payload, records[0]) == ("sdpa", 2.0)
+    table = kernel.summary(payload)
+    assert "| ms | kernel ms | wall / kernel | TFLOP/s |" in table
+    assert ("| 16200 | 0.500 | 0.250 | 2.00x | 1.00 | 0% | 1.0 | - | sdpa | **2.00x** | 0.80x "
+            "| 0.60x | 2.00x |") in table
