@@ -3,31 +3,29 @@
 # Each stage fits one 10-minute call (STAGE_LIMIT seconds, 600 by default; pass the call's
 # limit less 15 s, e.g. STAGE_LIMIT=585 with timeout_s=600).
 #
-# Which stage when (issue 57). A lease is 15 minutes of device time in all: the machine's start
+# Which stage when (issues 57 and 79). A lease is 15 minutes of device time in all: the machine's start
 # (1-2 minutes) and one full call, sometimes a short second one. So:
-#   1. `first` is the lease's one call, what no offline work can give, in the order issue 57
-#      is judged by:
-#      - until mark 100 of 600: the host path's layers (bench/host_path.py; at N = 16,200 about 80%
-#        of a read was host time on 2026-11-27; the forward and backward kernels compile cold
-#        here first), at N = 16,200 first, each with and without the kept launches;
-#      - until mark 230: the fused read against every peer (bench kernel: SDPA split into
-#        Ck-wide value chunks with flash and with cuDNN forced, FlexAttention compiled, the
-#        chunked torch read, the naive read, full-width SDPA, the same run's 8192^3 matmuls;
-#        and, after the forward's peers, the opt-in Gluon forward as a candidate for sm_90's
-#        default) at the target points only (bf16, B = 1, HW = 1,620, Ck = 128, Cv = 512; N = 16,200 /
-#        64,800 / 162,000, forward and forward + backward) after a warm-up of every series;
-#      - until mark 385: `bench long-video` at item 7's settings (the official-size STM with
-#        random weights at 480p, mem_every 5, bf16, fused against naive read, 55 s each after a
-#        5-frame warm-up);
+#   1. `first` is the lease's one call, what no offline work can give, in the order issue 79
+#      item 5 is judged by:
+#      - until mark 70 of 600: the host path's layers (bench/host_path.py), at N = 16,200 first;
+#      - until mark 250: the fused read eager, planned once (prepare_read) and replayed from a
+#        CUDA graph, against every peer (bench kernel: SDPA split into Ck-wide value chunks
+#        with flash and with cuDNN forced, FlexAttention compiled, the chunked torch read, the
+#        naive read, full-width SDPA, the same run's 8192^3 matmuls; the opt-in Gluon
+#        candidates last) at the target points (bf16, B = 1, HW = 1,620, Ck = 128, Cv = 512;
+#        N = 16,200 / 32,400 / 64,800 / 162,000, forward and forward + backward), each checked
+#        against float64 first, the fused calls' kernel time beside their wall time, after a
+#        warm-up of every series;
+#      - until mark 400: the segmenter end to end (bench long-video: the official-size STM with
+#        random weights at 480p, mem_every 5, bf16), eager against CUDA graphs holding the
+#        read, at 50 / 200 / 1,000 frames (10 / 40 / 200 memory frames), 60 s each after a
+#        5-frame warm-up;
 #      - until mark 455: Cutie's own read against the fused one at 480p, 25 s each;
-#      - the GPU tests: those of the kept launches and the CUDA graphs (never run on a GPU)
-#        in 4 workers until mark 515 (fewer workers compile fewer duplicate kernels), the
-#        others in 12 until 570.
+#      - the GPU tests: those of what has never run on a GPU (the fixed-capacity read's
+#        capture, the graphed segmenter, the prepared read, the kept launches, the CUDA
+#        graphs, the Gluon backward) in 4 workers until mark 515, the others in 12 until 570.
 #      Budget, measured on an H100 on 2026-11-27: the warm-up of 14 series 33 s, the whole
 #      peers sweep with both scaling sweeps to N = 2.6 M about 330 s, the GPU tests 120 s.
-#      The scaling sweep (measured on an H100 and an H200, 2026-11-26/27) is the `peers`
-#      stage's now: item 7 had never been measured on a GPU, the `second` call that held it
-#      had 102 s left when it came.
 #   2. `second`, the next call (or the next lease), what `first` leaves of item 7 after the
 #      self-test (about 100 s warm, 5 minutes cold: cut off at mark 240, it saves its report
 #      after every check): Cutie at 1080p (60 s each), then the fused read's long video alone
@@ -38,8 +36,8 @@
 #      shape, and on the forwards alone at N = 16,200: the DRAM and L2 bytes, tensor-pipe use
 #      and occupancy of docs/kernels.md's figures table), `cutie` (Cutie at 480p and 1080p,
 #      120 s per run, towards the length where its own read runs out of memory), then
-#      `graphs` (the per-frame network as CUDA graphs, and with channels-last weights, against
-#      eager: the read eager in all three; issue 57 item 3's last candidate).
+#      `graphs` (the per-frame step as CUDA graphs, the read included, and with channels-last
+#      weights, against eager, toward 10,000 frames).
 # `first`, `second` and `cutie` need Cutie, which the machine lacks: run `python -m
 # tools.gpu_session.deps` here first and pass carry=[".gpu_deps"] to the call.
 #
@@ -134,19 +132,25 @@ gpu_tests() {  # SECONDS_LEFT JUNIT_NAME MARKERS WORKERS TEST_TIMEOUT PYTEST_ARG
 }
 case "${1:-tests}" in
   first)
-    # The one call of a 15-minute lease (header): the host path's layers (their kernels'
-    # compiles on a fresh machine, then about 20 s; saved after every row), the peers at the
-    # target points, warm (the Gluon backward candidate last: it has never run on a GPU), the
-    # long video and Cutie (issue 57 item 7), the GPU tests.
-    timed "$(until_mark 100)" python3 -m bench host-path --ns 16200 1620
-    timed "$(until_mark 230)" "${TARGETS[@]}"
-    timed "$(until_mark 385)" python3 -m bench long-video --variants fused naive \
-      --lengths 100 300 1000 3000 10000 --mem-every 5 --time-limit 55 --warmup 5
+    # The one call of a 15-minute lease (header; issue 79 item 5): the host path's layers
+    # (their kernels' compiles on a fresh machine, then about 20 s; saved after every row),
+    # the fused read eager, planned (prepare_read) and graphed against every peer at
+    # N = 16,200 / 32,400 / 64,800 / 162,000, forward and forward + backward, wall and kernel
+    # time (the Gluon backward candidate last: it has never run on a GPU), the segmenter end
+    # to end at 480p (official size, random weights) eager against graphed with 10 / 40 / 200
+    # memory frames (50 / 200 / 1,000 frames at mem_every 5; the graphs hold the read), Cutie
+    # at 480p, the GPU tests.
+    timed "$(until_mark 70)" python3 -m bench host-path --ns 16200 1620
+    timed "$(until_mark 250)" "${TARGETS[@]}"
+    timed "$(until_mark 400)" python3 -m bench long-video --variants fused fused-graphs \
+      --lengths 50 200 1000 --mem-every 5 --time-limit 60 --warmup 5
     cutie_step "$(until_mark 455)" --size 480 854 --lengths 1000 3000 10000 --time-limit 25
     # the tests of what has never run on a GPU first, in a pytest run of their own (pytest
     # collects overlapping paths in tree order, not in the order given), then the rest
-    new_tests="tests/kernels/test_prepared_launch_gpu.py tests/kernels/test_cuda_graphs.py
-      tests/kernels/test_gluon_backward.py tests/kernels/test_gluon_backward_dv.py"
+    new_tests="tests/kernels/test_fixed_capacity_gpu.py tests/inference/test_segmenter_cuda_graphs.py
+      tests/kernels/test_prepared_read.py tests/kernels/test_prepared_launch_gpu.py
+      tests/kernels/test_cuda_graphs.py tests/kernels/test_gluon_backward.py
+      tests/kernels/test_gluon_backward_dv.py"
     # shellcheck disable=SC2086
     gpu_tests "$(until_mark 515)" gpu_tests_new.xml gpu 4 60 $new_tests
     # shellcheck disable=SC2086
@@ -170,9 +174,9 @@ case "${1:-tests}" in
     cutie_step "$(until_mark 570)" --size 1080 1920 --lengths 300 1000 3000 10000 \
       --time-limit 120 ;;
   graphs)
-    # The segmenter's per-frame network replayed as CUDA graphs (compile={"mode":
-    # "reduce-overhead"}: query encoder, decoder, memory encoder; the read eager between them)
-    # and with channels-last weights, against eager as given: the official-size STM at 480p,
+    # The segmenter's per-frame step replayed as CUDA graphs (compile={"mode":
+    # "reduce-overhead"}: query encoder, read over the bank's capacity, decoder, memory
+    # encoder) and with channels-last weights, against eager as given: the official-size STM at 480p,
     # mem_every 5, fused read, 110 s each after a warm-up (the graphs' compile and recording:
     # a minute or two).
     timed "$(until_mark 570)" python3 -m bench long-video --variants fused fused-graphs \

@@ -198,18 +198,23 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     assert options.sweeps == ["targets"] and options.batches == [1]
     assert options.passes == ["fwd", "fwd+bwd"] and options.warmup
     assert options.providers is None  # every peer (kernel.PROVIDERS)
-    # issue 57 item 7: fused against naive, mem_every 5, official size at 480p (GPU defaults)
+    # issue 79 item 5: the segmenter eager against graphed (the read in the graphs) with 10,
+    # 40 and 200 memory frames: mem_every 5, official size at 480p (GPU defaults)
     options = parsed_options(long_video, video[3:], monkeypatch)
     assert video[:3] == ["-m", "bench", "long-video"]
-    assert options.variants == ["fused", "naive"] and options.mem_every == 5
-    assert max(options.lengths) == 10000 and options.time_limit == 55 and options.warmup == 5
+    assert options.variants == ["fused", "fused-graphs"] and options.mem_every == 5
+    assert options.lengths == [50, 200, 1000] and options.time_limit == 60
+    assert options.warmup >= long_video.COMPILE_WARMUP_FRAMES
     assert options.model is None and options.size is None
     options = parsed_options(integrations, cutie[3:], monkeypatch)
     assert cutie[:3] == ["-m", "bench", "integrations"]
     assert options.models == ["cutie"] and options.reads == ["original", "fused"]
     assert options.size == [480, 854] and options.time_limit == 25
     # what has never run on a GPU first, in a run of its own (files that exist), then the rest
-    first_files = ["tests/kernels/test_prepared_launch_gpu.py",
+    first_files = ["tests/kernels/test_fixed_capacity_gpu.py",
+                   "tests/inference/test_segmenter_cuda_graphs.py",
+                   "tests/kernels/test_prepared_read.py",
+                   "tests/kernels/test_prepared_launch_gpu.py",
                    "tests/kernels/test_cuda_graphs.py", "tests/kernels/test_gluon_backward.py",
                    "tests/kernels/test_gluon_backward_dv.py"]
     assert all((ROOT / path).exists() for path in first_files)
@@ -237,8 +242,8 @@ def test_peers_stage_sweeps_the_targets_then_the_scaling(tmp_path, monkeypatch):
 
 
 def test_a_peers_sweep_that_runs_long_is_stopped_and_the_stage_still_ends_in_time(tmp_path):
-    # STAGE_LIMIT=60: the host path's mark (100 of 600 s) is 10 s, too little to start it; the
-    # targets' (230 of 600 s) is 23 s, so the sweep is interrupted there; the later marks,
+    # STAGE_LIMIT=60: the host path's mark (70 of 600 s) is 7 s, too little to start it; the
+    # targets' (250 of 600 s) is 25 s, so the sweep is interrupted there; the later marks,
     # capped at 60 - 30 = 30 s, leave the rest at most 7 s: no time.
     completed, lines, seconds = _run_stage(tmp_path, "first", 60)
     assert [line.split(" | ")[1] for line in lines] == ["interrupted"], (lines, completed.stdout)
