@@ -141,10 +141,29 @@ class QuantizedMemory:
 
 
 def _dequantized(data, scale, dtype):
+    """data * scale in dtype: in float32 rounded once to dtype (exact in float64)."""
+    wide = _fp8_as_float32(data) if data.dtype == torch.float8_e4m3fn else \
+        data.to(torch.float32)
     if dtype == torch.float64:
-        return data.to(torch.float64) * scale.to(torch.float64)
-    product = data.to(torch.float32) * scale
+        return wide.to(torch.float64) * scale.to(torch.float64)
+    product = wide.mul_(scale) if wide.shape == torch.broadcast_shapes(wide.shape, scale.shape) \
+        else wide * scale
     return product if dtype == torch.float32 else product.to(dtype)
+
+
+# An e4m3fn code's sign, exponent and mantissa bits where float32 keeps them (shifted left 20).
+_FLOAT32_FIELDS = -0x78100000  # 0x87F00000 as a signed int32
+
+
+def _fp8_as_float32(data):
+    """float8_e4m3fn data as float32, exactly as data.to(torch.float32) (NaN codes included),
+    through integer operations: torch's CPU conversion is elementwise scalar code, about 8x
+    slower on a (512, 1024) chunk. The code's bits shifted into a float32's fields read as
+    2^-120 times the value (subnormal codes too), then scaled by 2^120."""
+    codes = data.view(torch.int8)
+    bits = codes.to(torch.int32).mul_(1 << 20).bitwise_and_(_FLOAT32_FIELDS)
+    values = bits.view(torch.float32).mul_(2.0 ** 120)
+    return values.masked_fill_((codes | -128) == -1, float("nan"))  # the code 0x7F / 0xFF
 
 
 def is_quantized(memory) -> bool:

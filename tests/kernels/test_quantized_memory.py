@@ -307,3 +307,21 @@ def test_autocast_reads_in_autocast_dtype():
     assert out.dtype == torch.bfloat16
     ref_out, _, _ = expected(q.bfloat16(), kq, vq)
     assert relative_error(out, ref_out) < TOLERANCE[torch.bfloat16]
+
+
+def test_fp8_widening_equals_torch_conversion_for_every_code():
+    """The read widens fp8 through integer operations: every one of the 256 e4m3fn codes
+    (subnormals, both zeros, both NaN codes) as torch converts it, in strided slices too."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    widened = QuantizedMemory(codes.view(1, 1, 256), torch.ones(1, 1, 1)).dequantize()
+    expected_values = codes.to(torch.float32).view(1, 1, 256)
+    assert torch.equal(widened.isnan(), expected_values.isnan())
+    assert torch.equal(widened.nan_to_num(0), expected_values.nan_to_num(0))
+    numbers = ~expected_values.isnan()
+    assert torch.equal(widened.signbit()[numbers], expected_values.signbit()[numbers])  # -0
+    data = codes[torch.randperm(256, generator=torch.Generator().manual_seed(0))][:240]
+    data = data.view(2, 12, 10).transpose(1, 2)[:, :, 3:9]  # (2, 10, 6), strided
+    scale = torch.rand(2, 1, 6) + 0.5
+    memory = QuantizedMemory(data, scale)
+    assert torch.equal(memory.dequantize().nan_to_num(0),
+                       (data.to(torch.float32) * scale).nan_to_num(0))
