@@ -19,6 +19,7 @@
     python -m bench integrations [...]  # Cutie and STCN on a long video: their read vs fused
     python -m bench deploy [...]        # the ONNX runner vs torch: fps, J&F, peak memory
     python -m bench host-path [...]     # the read's host time per layer, kernels dropped on a CPU
+    python -m bench quantized-read      # an 8-bit memory: the scale axes' error on real memories
     python -m bench render FILE.json    # plots and markdown table of any results file
     python -m bench report [--check|--prune]   # README and docs tables from the newest results
     pytest bench/ --benchmark-only      # micro benchmarks of the CPU paths (pytest-benchmark)
@@ -33,8 +34,8 @@ import sys
 
 from bench import (annotate, cpu_read, dataset_throughput, davis_test, deploy, held_out,
                    host_path, integrations, interactive, interactive_eval, kernel, long_video,
-                   memory_dtype, multi_object, ragged_read, report, sharded_read, topk_read,
-                   training)
+                   memory_dtype, multi_object, quantized_read, ragged_read, report,
+                   sharded_read, topk_read, training)
 
 BENCHMARKS = {  # sub-command: module (its results are bench/results/<module name>_*.json)
     "kernel": kernel,
@@ -55,6 +56,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "deploy": deploy,
     "memory-dtype": memory_dtype,
     "host-path": host_path,
+    "quantized-read": quantized_read,
 }
 
 

@@ -1,0 +1,326 @@
+"""An 8-bit memory (stm_kernels.QuantizedMemory): which scale axes keep the read's error lowest
+on real memories, and the 8-bit torch read's time and peak memory against the bf16 read.
+
+    python -m bench quantized-read                       # small-real, three training sequences
+    python -m bench quantized-read --sequences camel cows --captures 3 --sizes 16200
+
+Errors: small-real's VideoSegmenter (mem_every 5, float32 memory) runs over DAVIS-2016
+training sequences (never the reserved test sequences); at `--captures` frames spread over each
+sequence its memory bank's keys and values and the frame's query key are taken, as the bank
+reads them. Each memory is stored as bf16, and as int8 and fp8 with keys and values scaled per
+channel or per position, and read in float64 (the memory's own rounding, nothing of the
+read's arithmetic); the error is the normalised RMS error (stm_kernels.selftest.relative_error)
+of out against the float64 read of the float32 memory, mean and largest over the captures.
+A last column reads each 8-bit memory as the torch backend does for the float32 network
+(float32 query, chunks dequantised on the fly).
+
+Speed: the torch backend's read of one object at the official sizes (HW 1,620, Ck 128, Cv
+512) at each of --sizes memory positions, bf16 (query and memory) against the 8-bit memories
+read with a bf16 query, interleaved rounds in one process (each variant's median). Peak: the
+resident-set peak of one read above its inputs, in a fresh process per variant
+(bench.common.cpu_peak_extra_bytes). Writes bench/results/quantized_read_<device>_<date>.json.
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from bench import common
+from bench.davis_test import TEST_SEQUENCES, TRAINING_SEQUENCES, add_arguments
+
+FORMATS = ("int8", "fp8")
+AXES = ("channel", "position")
+SIZES = (16_200, 64_800)
+SPEED_VARIANTS = ("bf16", "int8", "fp8")
+
+
+def capture_memories(model, args, internal_size):
+    """[(sequence, frame, q (1, Ck, HW), k (n, Ck, N), v (n, Cv, N), positions per frame)]
+    float32: the memory bank of each sequence at its capture frames, with the frame's query key
+    (what the bank reads)."""
+    from stm_model import VideoSegmenter
+    from stm_model import io as video_io
+    captured = []
+    for name in args.sequences:
+        frames = list(video_io.FrameReader(args.davis / "JPEGImages" / "480p" / name))
+        mask = torch.from_numpy(video_io.read_mask(
+            args.davis / "Annotations" / "480p" / name / "00000.png"))
+        # the capture frames, spread over the sequence (not the first: its memory is empty)
+        wanted = {round(len(frames) * (i + 1) / (args.captures + 1)) for i in
+                  range(args.captures)}
+        segmenter = VideoSegmenter(model, mem_every=args.mem_every,
+                                   max_internal_size=internal_size)
+        taken = []
+        for index, frame in enumerate(frames):
+            if index in wanted:
+                for bank in segmenter.banks:
+                    _record_next_read(bank, taken, (name, index))
+            with torch.no_grad():
+                segmenter.step(frame.tensor, mask=mask if index == 0 else None)
+            if index >= max(wanted):
+                break
+        captured += taken
+        print(f"{name}: {len(taken)} memories captured (frames {sorted(wanted)})", flush=True)
+    return captured
+
+
+def _record_next_read(bank, taken, label):
+    """The bank's next read appends (sequence, frame, q, k, v) to taken, then reads as before."""
+    read = bank.read
+
+    def recording(query_key, **options):
+        keys, values = bank.memory_views()
+        taken.append((*label, query_key.detach().float().flatten(2).clone(),
+                      keys.float().clone(), values.float().clone(),
+                      bank.size[0] * bank.size[1]))
+        bank.read = read
+        return read(query_key, **options)
+    bank.read = recording
+
+
+# Scale axes: "channel" (one scale per channel over the whole memory), "channel/frame" (one per
+# channel and memory frame: what a bank quantising each frame as it is added stores, a list of
+# per-frame chunks), "position" (one per memory position).
+VARIANT_AXES = ("channel", "channel/frame", "position")
+
+
+def storage_variants():
+    """[(name, key format, key axis, value format, value axis)]: bf16; every 8-bit format and
+    pair of axes; then each format on the keys alone and on the values alone (the other in
+    float32), which says which of the two carries the error."""
+    variants = [("bf16", "bf16", None, "bf16", None)]
+    for fmt in FORMATS:
+        for key_axis in VARIANT_AXES:
+            for value_axis in AXES:
+                variants.append((f"{fmt} K/{key_axis} V/{value_axis}", fmt, key_axis, fmt,
+                                 value_axis))
+    for fmt in FORMATS:
+        for axis in VARIANT_AXES:
+            variants.append((f"{fmt} K/{axis}, V fp32", fmt, axis, "fp32", None))
+        for axis in AXES:
+            variants.append((f"K fp32, {fmt} V/{axis}", "fp32", None, fmt, axis))
+    return variants
+
+
+def stored(memory, fmt, axis, frame_positions=None):
+    """memory as stored: a float32 or bf16 tensor, a QuantizedMemory, or ("channel/frame") a
+    list of one QuantizedMemory per memory frame of frame_positions positions."""
+    from stm_kernels import QuantizedMemory
+    if fmt == "fp32":
+        return memory
+    if fmt == "bf16":
+        return memory.to(torch.bfloat16)
+    if axis == "channel/frame":
+        return [QuantizedMemory.quantize(frame, fmt, axis="channel")
+                for frame in memory.split(frame_positions, dim=2)]
+    return QuantizedMemory.quantize(memory, fmt, axis=axis)
+
+
+def as_frames(memory, frame_positions):
+    """A stored memory (a tensor or a QuantizedMemory) as per-frame chunks of the same values
+    (a read takes keys and values chunk for chunk)."""
+    from stm_kernels import QuantizedMemory
+    if isinstance(memory, list):
+        return memory
+    if isinstance(memory, torch.Tensor):
+        return list(memory.split(frame_positions, dim=2))
+    N = memory.shape[2]
+    return [QuantizedMemory(memory.data[:, :, start:start + frame_positions],
+                            memory.scale if memory.axis == "channel" else
+                            memory.scale[:, :, start:start + frame_positions])
+            for start in range(0, N, frame_positions)]
+
+
+def widened(memory):
+    """A stored memory as float64 (dequantised; chunks concatenated)."""
+    if isinstance(memory, list):
+        return torch.cat([widened(chunk) for chunk in memory], 2)
+    if isinstance(memory, torch.Tensor):
+        return memory.double()
+    return memory.dequantize(torch.float64)
+
+
+def measure_errors(captured, similarity):
+    """{variant: {"mean", "max", "torch_mean", "torch_max", "errors"}}: out's relative error
+    against the float64 read of the float32 memory, for the float64 read of the stored memory
+    and (8-bit) the torch backend's read with a float32 query."""
+    from stm_kernels import memory_read
+    from stm_kernels.selftest import relative_error
+    results = {name: {"errors": [], "torch_errors": []} for name, *_ in storage_variants()}
+    with torch.no_grad():
+        for _, _, q, k, v, frame_positions in captured:
+            reference = memory_read(q.double(), k.double(), v.double(), similarity=similarity,
+                                    backend="torch")
+            for name, key_format, key_axis, value_format, value_axis in storage_variants():
+                key = stored(k, key_format, key_axis, frame_positions)
+                value = stored(v, value_format, value_axis, frame_positions)
+                out = memory_read(q.double(), widened(key), widened(value),
+                                  similarity=similarity, backend="torch")
+                results[name]["errors"].append(relative_error(out, reference))
+                if "fp32" not in (key_format, value_format) and key_format != "bf16":
+                    if isinstance(key, list) or isinstance(value, list):
+                        key, value = as_frames(key, frame_positions), as_frames(
+                            value, frame_positions)
+                    read = memory_read(q, key, value, similarity=similarity, backend="torch")
+                    results[name]["torch_errors"].append(relative_error(read, reference))
+    for result in results.values():
+        for key in ("errors", "torch_errors"):
+            values = result[key]
+            prefix = "" if key == "errors" else "torch_"
+            result[prefix + "mean"] = statistics.fmean(values) if values else None
+            result[prefix + "max"] = max(values) if values else None
+    return results
+
+
+def speed_inputs(N, variant, key_axis, value_axis, seed=0):
+    """(q, k, v) of one object at the official sizes for a speed variant: bf16 tensors, or a
+    bf16 query and an 8-bit memory."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 128, 1620, generator=generator)
+    k = torch.randn(1, 128, N, generator=generator)
+    v = torch.randn(1, 512, N, generator=generator)
+    if variant == "bf16":
+        return q.bfloat16(), k.bfloat16(), v.bfloat16()
+    return q.bfloat16(), stored(k, variant, key_axis), stored(v, variant, value_axis)
+
+
+def measure_speed(sizes, rounds, key_axis, value_axis):
+    """{N: {variant: {"median_ms", "times_ms"}}}: interleaved rounds of each variant's read."""
+    from stm_kernels import memory_read
+    results = {}
+    for N in sizes:
+        inputs = {name: speed_inputs(N, name, key_axis, value_axis) for name in SPEED_VARIANTS}
+        times = {name: [] for name in SPEED_VARIANTS}
+        with torch.no_grad():
+            for name in SPEED_VARIANTS:  # warm-up
+                memory_read(*inputs[name], backend="torch")
+            for _ in range(rounds):
+                for name in SPEED_VARIANTS:
+                    start = time.perf_counter()
+                    memory_read(*inputs[name], backend="torch")
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        results[N] = {name: {"median_ms": statistics.median(t), "times_ms": t}
+                      for name, t in times.items()}
+        print(f"N={N}: " + ", ".join(f"{name} {statistics.median(t):.0f} ms"
+                                     for name, t in times.items()), flush=True)
+    return results
+
+
+def peak_child(spec):
+    """The resident-set peak (bytes) of one read above its inputs, in this fresh process."""
+    from stm_kernels import memory_read
+    q, k, v = speed_inputs(spec["N"], spec["variant"], spec["key_axis"], spec["value_axis"])
+    torch.set_num_threads(spec["threads"])
+
+    def read():
+        with torch.no_grad():
+            memory_read(q, k, v, backend="torch")
+    return {"peak_mem_bytes": common.cpu_peak_extra_bytes(read)}
+
+
+def measure_peaks(sizes, key_axis, value_axis):
+    """{N: {variant: bytes}} from a fresh process per variant and size."""
+    peaks = {}
+    for N in sizes:
+        peaks[N] = {}
+        for name in SPEED_VARIANTS:
+            spec = dict(N=N, variant=name, key_axis=key_axis, value_axis=value_axis,
+                        threads=torch.get_num_threads())
+            peaks[N][name] = common.run_isolated("bench.quantized_read", spec)["peak_mem_bytes"]
+        print(f"N={N} peak above the inputs: " + ", ".join(
+            f"{name} {common.mib(b)} MiB" for name, b in peaks[N].items()), flush=True)
+    return peaks
+
+
+def summary(payload):
+    """Markdown: the error table, then speed and peak per memory size."""
+    parts = []
+    if payload.get("errors"):
+        captures = payload["captures"]
+        rows = ["| memory | bytes per element, K / V | out's error: mean | largest | torch read "
+                "(fp32 query): mean | largest |", "|---|---|---|---|---|---|"]
+        for name, result in payload["errors"].items():
+            size = ("2 / 2" if name == "bf16" else "4 / 1" if name.startswith("K fp32") else
+                    "1 / 4" if name.endswith("V fp32") else "1 / 1")
+            torch_cells = ("- | -" if result["torch_mean"] is None else
+                           f"{result['torch_mean']:.2e} | {result['torch_max']:.2e}")
+            rows.append(f"| {name} | {size} | {result['mean']:.2e} | {result['max']:.2e} | "
+                        f"{torch_cells} |")
+        parts.append(f"`{payload['checkpoint']}` (Ck {payload['key_dim']}, Cv "
+                     f"{payload['value_dim']}, similarity {payload['similarity']}), "
+                     f"{len(captures)} memories of {', '.join(payload['sequences'])} "
+                     f"({min(c['positions'] for c in captures):,}-"
+                     f"{max(c['positions'] for c in captures):,} positions), against the "
+                     f"float64 read of the float32 memory:\n\n" + "\n".join(rows))
+    if payload.get("speed"):
+        rows = ["| N | " + " | ".join(f"{v} ms" for v in SPEED_VARIANTS) +
+                " | 8-bit / bf16 time | peak above inputs, MiB: " +
+                " / ".join(SPEED_VARIANTS) + " |", "|---" * (len(SPEED_VARIANTS) + 3) + "|"]
+        for N, result in payload["speed"].items():
+            base = result["bf16"]["median_ms"]
+            ratios = ", ".join(f"{v} {result[v]['median_ms'] / base:.2f}x"
+                               for v in SPEED_VARIANTS[1:])
+            peaks = payload.get("peaks", {}).get(N, {})
+            rows.append(f"| {int(N):,} | " + " | ".join(
+                f"{result[v]['median_ms']:.0f}" for v in SPEED_VARIANTS) + f" | {ratios} | " +
+                " / ".join(common.mib(peaks.get(v)) for v in SPEED_VARIANTS) + " |")
+        parts.append(f"The torch read, one object, HW 1,620, Ck 128, Cv 512, bf16 query; 8-bit "
+                     f"keys per {payload['key_axis']}, values per {payload['value_axis']}; "
+                     f"{payload['rounds']} interleaved rounds, medians; {payload['device']}:"
+                     "\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def main(argv=None):
+    """`python -m bench quantized-read`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m bench quantized-read",
+                                     description=__doc__.split("\n\n")[0])
+    add_arguments(parser, TRAINING_SEQUENCES[1:4] + TRAINING_SEQUENCES[8:9],
+                  "training sequences whose memories are taken (never a test sequence)")
+    parser.add_argument("--captures", type=int, default=3,
+                        help="memories taken per sequence, spread over it")
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES),
+                        help="memory positions of the speed and peak runs (none: skip them)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--key-axis", choices=AXES, default="channel",
+                        help="the 8-bit keys' scale axis in the speed and peak runs")
+    parser.add_argument("--value-axis", choices=AXES, default="position",
+                        help="the 8-bit values' scale axis in the speed and peak runs")
+    parser.add_argument("--no-peaks", action="store_true", help="skip the peak-memory runs")
+    args = common.parse_args_or_run_child(parser, argv, peak_child)
+    if args is None:
+        return 0
+    reserved = sorted(set(args.sequences) & set(TEST_SEQUENCES))
+    if reserved:
+        parser.error(f"--sequences: {', '.join(reserved)} reserved test sequence(s); choose "
+                     "training sequences")
+    device = torch.device("cpu")
+    payload = common.environment(device)
+    payload.update(benchmark="quantized_read", checkpoint=args.checkpoint,
+                   sequences=args.sequences, mem_every=args.mem_every, rounds=args.rounds,
+                   key_axis=args.key_axis, value_axis=args.value_axis)
+    if args.sequences and args.captures > 0:
+        from bench.davis_test import load_model
+        _, model, internal = load_model(args)
+        model = model.to(device)
+        captured = capture_memories(model, args, internal)
+        payload.update(internal_size=internal, key_dim=model.config.key_dim,
+                       value_dim=model.config.value_dim, similarity=model.config.similarity,
+                       captures=[dict(sequence=s, frame=f, positions=k.shape[2],
+                                      objects=k.shape[0]) for s, f, _, k, _, _ in captured])
+        payload["errors"] = measure_errors(captured, model.config.similarity)
+        print(summary({**payload, "speed": None}), flush=True)
+    if args.sizes:
+        payload["speed"] = {str(N): r for N, r in measure_speed(
+            args.sizes, args.rounds, args.key_axis, args.value_axis).items()}
+        if not args.no_peaks:
+            payload["peaks"] = {str(N): r for N, r in measure_peaks(
+                args.sizes, args.key_axis, args.value_axis).items()}
+    common.finish_run("quantized_read", payload, None, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
