@@ -99,7 +99,9 @@ class PreparedBackward:
     """A backward planned for one layout: its kernel launches, each with its chosen config.
     dq is None where the dK/dQ kernel accumulates dQ by atomics (into the buffer the prepare
     kernel zeroes); else dkdq computes dK alone and dq is the deterministic dQ kernel's launch,
-    writing partials of shape dq_parts."""
+    writing partials of shape dq_parts. A call of the layout it was planned for makes the
+    buffers the planning call made (the prepare kernel's flags say which: the layout fixes
+    them) and launches the kept launches on them."""
     call: Call
     l2: bool
     prepare: KernelLaunch
@@ -109,23 +111,32 @@ class PreparedBackward:
     dq_parts: tuple | None = None
 
     def __call__(self, grad_out, grad_lse, q, k, v, out, lse, lengths):
-        # a dQ buffer wherever the prepare kernel was planned to zero one (for the atomics)
-        filled = _prepare_tensors(grad_out, grad_lse, q, out, self.prepare.fixed["ZERO_DQ"])
+        flags, device = self.prepare.fixed, k.device
         B, Ck, N = k.shape
-        dv = new_buffer((B, v.shape[1], N), v.dtype, k.device)
-        dk = new_buffer((B, Ck, N), k.dtype, k.device)
-        with device_context(k.device):
-            self.prepare(self.call, **filled)
-            inputs, delta, dq = _backward_inputs(filled, k, lse, lengths)
-            self.dv(self.call, dv=dv, **inputs)
+        # _prepare_tensors' buffers, its checks of the rows' alignment read off the flags
+        delta = new_buffer((B, grad_out.shape[2]), torch.float32, device)
+        do = _padded_buffer(grad_out) if flags["COPY_DO"] else grad_out
+        q_rows = _padded_buffer(q) if flags["COPY_Q"] else q
+        # a dQ buffer wherever the prepare kernel was planned to zero one (for the atomics)
+        dq = _padded_buffer(q_rows, torch.float32) if flags["ZERO_DQ"] else delta
+        dv = new_buffer((B, v.shape[1], N), v.dtype, device)
+        dk = new_buffer((B, Ck, N), k.dtype, device)
+        call = self.call
+        inputs = dict(q=q_rows, k=k, do=do, lse=lse.contiguous(),
+                      lengths=k if lengths is None else _lengths_argument(lengths, k)[0])
+        with device_context(device):
+            self.prepare.again(call, dict(
+                do=grad_out, o=out, dlse=delta if grad_lse is None else grad_lse, delta=delta,
+                do_copy=do, q=q, q_copy=q_rows, dq=dq))
+            self.dv.again(call, dict(inputs, dv=dv))
             if self.dq is None:
-                self.dkdq(self.call, v=v, delta=delta, dk=dk, dq=dq, **inputs)
+                self.dkdq.again(call, dict(inputs, v=v, delta=delta, dk=dk, dq=dq))
             else:
-                self.dkdq(self.call, v=v, delta=delta, dk=dk, dq=delta, **inputs)
-                parts = new_buffer(self.dq_parts, torch.float32, k.device)
-                self.dq(self.call, v=v, delta=delta, dq_parts=parts,
-                        ksq=_memory_term(k, self.l2, self.call.rank1), **inputs)
-                dq = _summed_dq(parts, inputs["q"])
+                self.dkdq.again(call, dict(inputs, v=v, delta=delta, dk=dk, dq=delta))
+                parts = new_buffer(self.dq_parts, torch.float32, device)
+                self.dq.again(call, dict(inputs, v=v, delta=delta, dq_parts=parts,
+                                         ksq=_memory_term(k, self.l2, call.rank1)))
+                dq = _summed_dq(parts, q_rows)
         return dq.to(q.dtype), dk, dv
 
 
@@ -164,6 +175,9 @@ class GluonDvLaunch:
     def __call__(self, call, first=False, *, q, k, do, lse, dv, **_):
         self.launch(q, k, do, lse, dv)
 
+    def again(self, call, tensors):
+        self(call, **tensors)
+
 
 @dataclasses.dataclass(eq=False)
 class GluonDkdqLaunch:
@@ -173,6 +187,9 @@ class GluonDkdqLaunch:
 
     def __call__(self, call, first=False, *, q, k, v, do, lse, delta, dk, dq, **_):
         self.launch(q, k, v, do, lse, delta, dq, dk)
+
+    def again(self, call, tensors):
+        self(call, **tensors)
 
 
 def _gluon_dv(call, inputs, v, scale, l2, asked):

@@ -35,8 +35,9 @@ def _hooked():
     them in chains that are empty, not None, when there is none."""
     if knobs is None:  # pragma: no cover
         return False
-    return any(getattr(hook, "calls", hook) for hook in
-               (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
 
 
 class DirectLaunch:
@@ -46,7 +47,7 @@ class DirectLaunch:
     which their maker checks). Returns whether it launched."""
 
     __slots__ = ("compiled", "grid", "arguments", "slots", "aligned", "launcher",
-                 "current_device", "current_stream")
+                 "current_device", "current_stream", "_filled")
 
     def __init__(self, compiled, grid, arguments, slots, aligned, streams=None):
         self.compiled = compiled
@@ -56,6 +57,8 @@ class DirectLaunch:
         self.aligned = aligned  # names whose pointer the compile assumed 16-byte aligned
         self.launcher = compiled.run
         self.current_device, self.current_stream = streams or _triton_streams()
+        # (index, name, whether its alignment is checked) of each slot: what a call fills
+        self._filled = tuple((index, name, name in aligned) for index, name in slots)
 
     @classmethod
     def of(cls, kernel, grid, compiled, fixed, tensors, streams=None):
@@ -90,10 +93,9 @@ class DirectLaunch:
         """The kernel's arguments in parameter order with `tensors` in their slots, or None
         where a tensor is off the alignment its compile assumed."""
         arguments = self.arguments.copy()
-        aligned = self.aligned
-        for index, name in self.slots:
+        for index, name, aligned in self._filled:
             tensor = tensors[name]
-            if name in aligned and tensor.data_ptr() % ALIGNMENT:
+            if aligned and tensor.data_ptr() % ALIGNMENT:
                 return None
             arguments[index] = tensor
         return arguments
@@ -105,7 +107,6 @@ class DirectLaunch:
         if arguments is None:
             return False
         compiled = self.compiled
-        stream = self.current_stream(self.current_device())
-        self.launcher(*self.grid, stream, compiled.function, compiled.packed_metadata, None,
-                      None, None, *arguments)
+        self.launcher(*self.grid, self.current_stream(self.current_device()), compiled.function,
+                      compiled.packed_metadata, None, None, None, *arguments)
         return True

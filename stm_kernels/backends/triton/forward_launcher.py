@@ -16,7 +16,8 @@ from .calls import Call, _call, _check_device, _launch_flags, _signature
 from .gluon_opt_in import (WARP_SPECIALIZED_ENV, _run_or_warn, _warp_specialized_forward,
                            forward_switch)
 from .kept_launches import KernelLaunch, _keep_prepared, _layout_key, _run_prepared
-from .kernel_arguments import _alignment, _memory_strides, _query_inputs, _query_strides, _strides
+from .kernel_arguments import (_alignment, _lengths_argument, _memory_strides, _memory_term,
+                               _padded_rows, _query_inputs, _query_strides, _strides)
 from .kernels.forward import memory_read_fwd_kernel, memory_read_merge_kernel
 from .plans import cdiv, forward_plan, warp_specialized_forward_plan
 from .running import kernels_in_sequence
@@ -60,16 +61,20 @@ class PreparedForward:
     pad_query: bool = True  # the plain kernel's query with 16-aligned rows (_forward_pads_query)
 
     def __call__(self, q, k, v, lengths):
-        out, lse, part_out, part_lse = _forward_outputs(*self.outputs, k.device)
-        with device_context(k.device):
-            if isinstance(self.forward, KernelLaunch):
-                self.forward(self.call, o=part_out, lse=part_lse,
-                             **_forward_inputs(q, k, v, self.l2, self.call.rank1, lengths,
-                                               self.pad_query))
+        device = k.device
+        out, lse, part_out, part_lse = _forward_outputs(*self.outputs, device)
+        forward, call = self.forward, self.call
+        with device_context(device):
+            if isinstance(forward, KernelLaunch):
+                forward.again(call, dict(
+                    q=_padded_rows(q) if self.pad_query else q, k=k,
+                    ksq=_memory_term(k, self.l2, call.rank1),
+                    lengths=k if lengths is None else _lengths_argument(lengths, k)[0],
+                    v=v, o=part_out, lse=part_lse))
             else:
-                self.forward(q, k, v, part_out, part_lse)
+                forward(q, k, v, part_out, part_lse)
             if self.merge is not None:
-                self.merge(self.call, po=part_out, plse=part_lse, o=out, lse=lse)
+                self.merge.again(call, dict(po=part_out, plse=part_lse, o=out, lse=lse))
         return out, lse
 
 

@@ -54,6 +54,13 @@ class KernelLaunch:
         if first and _keeping_launches:
             self.direct = DirectLaunch.of(self.kernel, self.grid, compiled, self.fixed, tensors)
 
+    def again(self, call, tensors):
+        """A kept launch on a later call's tensors ({name: tensor}, the names of the first
+        call's): directly where it can, else through `running.run`."""
+        if not launched_directly(self.direct, tensors):
+            running.run(self.kernel, self.grid, {**self.fixed, **tensors}, self.config, call,
+                        check_local=False)
+
 
 def keeping_launches():
     """Whether launches are kept per layout now (not inside planning_every_call)."""
