@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint docs bench demo small-model small-synthetic-model small-interactive-model \
 	small-real-interactive-model \
-	test-gpu clean
+	test-gpu mutation clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,25 @@ small-interactive-model: $(STAMP)
 		--save-every 50 --log-every 10
 	$(PY) -m stm_model export runs/small-interactive/model.pt \
 		stm_model/weights/stm_small_interactive.pt --dtype fp16
+
+# Mutation testing with mutmut (docs/testing.md, "Mutation score"; not part of `make test` or CI):
+# the committed code (HEAD) copied into MUTATION_DIR, its decorated functions rewritten so that
+# mutmut mutates them (tools/mutation.py), mutmut run there with setup.cfg's [mutmut] section,
+# the score per file printed and written to MUTATION_DIR/mutation.json and mutation.md.
+# MUTANTS: mutant name globs to run only those (e.g. 'stm_kernels.backends.pytorch.x_backward*').
+MUTATION_DIR ?= .mutation
+MUTATION_CHILDREN ?= 2
+MUTANTS ?=
+MUTATED_DECORATED := stm_kernels/backends/pytorch.py stm_kernels/memory_read.py
+mutation: $(STAMP)
+	$(PY) -m pip install --quiet mutmut==3.8.1
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
+	git archive HEAD | tar -x -C $(MUTATION_DIR)
+	$(PY) tools/mutation.py prepare $(MUTATION_DIR) $(MUTATED_DECORATED)
+	cd $(MUTATION_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_CHILDREN) \
+		$(MUTANTS)
+	$(PY) tools/mutation.py report $(MUTATION_DIR) $(MUTATION_DIR)/mutation.json \
+		$(MUTATION_DIR)/mutation.md
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
