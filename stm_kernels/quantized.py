@@ -24,7 +24,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import inputs
-from .options import BACKENDS
+from .options import BACKENDS, Backend, Similarity
 from .torch_common import accumulation_dtype
 
 # format name -> (storage dtype, the largest magnitude a scaled element may take)
@@ -222,7 +222,7 @@ class DequantizingMemory:
 
 
 def read(query_key: torch.Tensor, memory_key, memory_value, *, scale: Optional[float] = None,
-         similarity: str = "dot", backend: str = "auto", return_lse: bool = False,
+         similarity: Similarity = "dot", backend: Backend = "auto", return_lse: bool = False,
          memory_lengths=None, top_k: Optional[int] = None, return_usage: bool = False,
          shrinkage=None, selection=None):
     """memory_read for a memory with 8-bit parts (its arguments and results; see the module
@@ -251,19 +251,18 @@ def read(query_key: torch.Tensor, memory_key, memory_value, *, scale: Optional[f
     with torch.no_grad():
         if backend == "naive":
             from .memory_read import memory_read
-            results = memory_read(q, k.whole(dtype), v.whole(dtype), scale=scale,
-                                  similarity=similarity, backend="naive",
-                                  return_lse=True, memory_lengths=lengths, top_k=top_k,
-                                  return_usage=return_usage)
-            out, lse = results[:2]
-            usage = results[2] if return_usage else None
+            naive = memory_read(q, k.whole(dtype), v.whole(dtype), scale=scale,
+                                similarity=similarity, backend="naive", return_lse=True,
+                                memory_lengths=lengths, top_k=top_k, return_usage=return_usage)
+            out, lse = naive[0], naive[1]
+            usage = naive[2] if return_usage else None
         elif top_k is not None:
             out, lse, usage = _topk_read(q, k, v, top_k, scale, l2, lengths, return_usage)
         else:
             from .backends import pytorch
             out, lse = pytorch.forward(q, k, v, scale, l2, lengths)
             usage = pytorch.usage(q, k, lse, scale, l2, lengths) if return_usage else None
-    results = [out if len(query_spatial) == 1 else out.unflatten(2, query_spatial)]
+    results: list = [out if len(query_spatial) == 1 else out.unflatten(2, query_spatial)]
     if return_lse:
         results.append(lse if len(query_spatial) == 1 else lse.unflatten(1, query_spatial))
     if return_usage:
