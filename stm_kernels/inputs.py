@@ -262,9 +262,77 @@ class PreparedCall:
 def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot",
              shrinkage=None, selection=None, memory_lengths=None, backend="auto", top_k=None):
     """Validate a read's arguments (errors name the argument and the expected shape) and
-    return the PreparedCall the backends run; under autocast, after autocast_inputs."""
+    return the PreparedCall the backends run; under autocast, after autocast_inputs. A call
+    whose tensors have the shapes, dtypes and devices of one that passed (and the same
+    similarity and scale) skips the checks those decide (_checked_layouts); the lengths, the
+    backend and top_k are checked on every call."""
     query_key, memory_key, memory_value, shrinkage, selection = autocast_inputs(
         query_key, memory_key, memory_value, shrinkage, selection)
+    key = _layout_key(query_key, memory_key, memory_value, scale, similarity) \
+        if shrinkage is None and selection is None else None
+    checked = None if key is None else _checked_layouts.get(key)
+    if checked is not None:
+        query_spatial, scale, l2 = checked
+        q = _positions_last(query_key)
+        if type(memory_key) is torch.Tensor:
+            keys, values = [_positions_last(memory_key)], [_positions_last(memory_value)]
+        else:
+            keys = [_positions_last(chunk) for chunk in memory_key]
+            values = [_positions_last(chunk) for chunk in memory_value]
+    else:
+        q, keys, values, query_spatial, scale, l2 = _checked(
+            query_key, memory_key, memory_value, scale, similarity, shrinkage, selection)
+        if key is not None:
+            if len(_checked_layouts) >= CHECKED_LAYOUTS:
+                _checked_layouts.clear()
+            _checked_layouts[key] = (query_spatial, scale, l2)
+    backend = backends.resolve(backend, keys[0])
+    lengths = checked_lengths(memory_lengths, keys)
+    if lengths is not None and backend == "torch" and capturing():
+        raise ValueError("memory_lengths under CUDA graph capture needs backend='triton' or "
+                         "'naive': the 'torch' backend reads the lengths on the host")
+    N = sum(key.shape[2] for key in keys)
+    return PreparedCall(q, keys, values, query_spatial, scale, l2, backend, lengths,
+                        checked_top_k(top_k, backend, N))
+
+
+# _layout_key -> (query spatial shape, scale, l2) of calls that passed the checks (_checked),
+# at most CHECKED_LAYOUTS of them (all dropped beyond)
+_checked_layouts: dict = {}
+CHECKED_LAYOUTS = 256
+
+
+def _layout_key(query_key, memory_key, memory_value, scale, similarity):
+    """What _checked reads of a "dot" or "l2" call: every tensor's shape, dtype and device,
+    the memory's chunks, the similarity and the scale; None where the call may not take the
+    fast path (XMem, whose inputs are augmented on every call; anything but plain tensors; a
+    scale of another type; or while torch.compile traces: its symbolic sizes are not keys)."""
+    if type(similarity) is not str or similarity not in ("dot", "l2") or \
+            not (scale is None or type(scale) in (float, int)) or \
+            type(query_key) is not torch.Tensor:
+        return None
+    if type(memory_key) is torch.Tensor:
+        if type(memory_value) is not torch.Tensor:
+            return None
+        memory = (memory_key.shape, memory_key.dtype, memory_key.device,
+                  memory_value.shape, memory_value.dtype, memory_value.device)
+    elif type(memory_key) in (list, tuple) and type(memory_value) in (list, tuple):
+        if not all(type(chunk) is torch.Tensor for chunk in (*memory_key, *memory_value)):
+            return None
+        memory = (len(memory_key), len(memory_value),
+                  *[(chunk.shape, chunk.dtype, chunk.device)
+                    for chunk in (*memory_key, *memory_value)])
+    else:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    return (query_key.shape, query_key.dtype, query_key.device, type(memory_key), memory,
+            similarity, scale)
+
+
+def _checked(query_key, memory_key, memory_value, scale, similarity, shrinkage, selection):
+    """(q, key chunks, value chunks, query spatial shape, scale, l2) of a call, every check
+    made: flatten_checked, the similarity, the scale, XMem's inputs (folded in)."""
     q, keys, values, query_spatial = flatten_checked(query_key, memory_key, memory_value,
                                                      _xmem_tensors(similarity, shrinkage,
                                                                    selection))
@@ -279,14 +347,7 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
     if similarity == "xmem":
         q, keys = xmem.augment(q, keys, scale, shrinkage, selection)
         scale = 1.0
-    backend = backends.resolve(backend, keys[0])
-    lengths = checked_lengths(memory_lengths, keys)
-    if lengths is not None and backend == "torch" and capturing():
-        raise ValueError("memory_lengths under CUDA graph capture needs backend='triton' or "
-                         "'naive': the 'torch' backend reads the lengths on the host")
-    N = sum(key.shape[2] for key in keys)
-    return PreparedCall(q, keys, values, tuple(query_spatial), float(scale),
-                        similarity == "l2", backend, lengths, checked_top_k(top_k, backend, N))
+    return q, keys, values, tuple(query_spatial), float(scale), similarity == "l2"
 
 
 def autocast_inputs(query_key, *others):
