@@ -59,7 +59,9 @@ ragged, top-k; read_rows) on meta tensors planned for an H100, with the kept lau
 their direct way to a compiled kernel that launches nothing (launches_to_nothing): the host
 path up to the driver's launch call, layer by layer (`<read>: <layer>` rows):
 
-    op                     memory_read with its checks, on its eager route (meta_read_eagerly)
+    op                     memory_read with its checks, on its eager route (meta_read_eagerly);
+                           the ragged read's lengths a FixedCapacityMemory's (checked where
+                           they are set: no host read of the device)
     custom op's dispatch   torch.ops.stm_kernels.memory_read (on meta it runs the op's fake
                            implementation, not the launcher: its dispatch, not its work)
     prepared read          stm_kernels.prepare_read's run (no planning, no checks but layout)
@@ -86,7 +88,7 @@ import torch
 
 from bench import common
 from bench import kernel as kernel_bench
-from stm_kernels import memory_read
+from stm_kernels import FixedCapacityMemory, memory_read
 from stm_kernels.backends.triton import devices, launch, running
 from stm_kernels.backends.triton.direct_launch import DirectLaunch
 
@@ -548,7 +550,12 @@ def _read_layers(kind, q, k, v, grad, lengths, first):
                 "prepared read": through(lambda: plan.run(*leaves)),
                 "launcher": launchers}
     plan = first(lambda: prepare_read(q, k, v, memory_lengths=lengths))
-    layers = {"op": lambda: memory_read(q, k, v, backend="triton", memory_lengths=lengths),
+    # the op's lengths: a FixedCapacityMemory's, checked on the host where they are set (a
+    # plain tensor's would be read back: .item(), which meta tensors refuse)
+    memory = None if lengths is None else FixedCapacityMemory(k, v, lengths=k.shape[2])
+    layers = {"op": (lambda: memory_read(q, k, v, backend="triton")) if memory is None else
+              lambda: memory_read(q, memory.keys, memory.values, backend="triton",
+                                  memory_lengths=memory.lengths),
               "custom op's dispatch (its fake implementation)":
               lambda: torch.ops.stm_kernels.memory_read(q, [k], [v], scale, False, "triton",
                                                         lengths),
@@ -585,16 +592,29 @@ def read_rows(calls, measured=lambda row: None, profiled=lambda profile: None, n
                         with running.recording(_nothing) if layer == "launcher, no launch" \
                                 else contextlib.nullcontext():
                             first(call)  # its layouts planned and kept, if not yet
-                            us = per_call_us(call, calls, torch.device("cpu"))
+                            timed = _calls_within(call, calls)
+                            us = per_call_us(call, timed, torch.device("cpu"))
                     except (RuntimeError, NotImplementedError) as error:
                         skipped.append(dict(layer=name, N=n, reason=_where(error)))
                         continue
-                    rows.append(dict(layer=name, N=n, us=round(us, 2)))
+                    rows.append(dict(layer=name, N=n, us=round(us, 2), calls=timed))
                     measured(rows[-1])
                     if layer == "op" and kind in ("forward", "forward + backward"):
                         profiled(dict(layer=name, N=n, functions=python_profile(
                             call, min(calls, 50), torch.device("cpu"))))
     return rows, skipped
+
+
+ROUND_S = 0.2  # the longest timed round of a read row (its calls cut to fit)
+
+
+def _calls_within(call, calls):
+    """`calls`, or fewer (at least 3) where one call takes so long that a round of them would
+    pass ROUND_S: the top-k read's softmax over its picks runs torch operations whose meta
+    implementations are Python reference code (milliseconds a call on meta tensors)."""
+    start = time.perf_counter()
+    call()
+    return max(3, min(calls, int(ROUND_S / max(time.perf_counter() - start, 1e-9))))
 
 
 def _where(error):

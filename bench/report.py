@@ -24,10 +24,10 @@ import re
 import sys
 
 from bench import (annotate, cpu_read, dataset_throughput, davis_test, deploy, held_out,
-                   integrations, interactive, interactive_eval, kernel, long_video,
+                   host_path, integrations, interactive, interactive_eval, kernel, long_video,
                    memory_dtype, multi_object, ragged_read, sharded_read, topk_read, training)
 from bench.common import RESULTS
-from tools.gpu_session import host_path, ncu_summary, profile_target
+from tools.gpu_session import ncu_summary, profile_target
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

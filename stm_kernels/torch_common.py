@@ -63,9 +63,15 @@ def chunk_scores(q_rows, k_chunk, scale, l2):
 
 def without_autocast(function):
     """Run a backend function with autocast off: it picks its own accumulation dtype, and an
-    autocast region around the op (mixed-precision inference) must not recast its products."""
+    autocast region around the op (mixed-precision inference) must not recast its products.
+    Where no autocast is on (or for meta tensors, which autocast never casts and
+    torch.autocast refuses as a device) the function runs as it is: entering an autocast
+    region costs microseconds a call."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with torch.autocast(args[0].device.type, enabled=False):
+        device = args[0].device.type
+        if device == "meta" or not torch._C._is_any_autocast_enabled():
+            return function(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
             return function(*args, **kwargs)
     return wrapper

@@ -15,7 +15,7 @@ import torch
 
 from stm_kernels.backends.triton import devices, kept_launches, launch, running
 from stm_kernels.backends.triton.direct_launch import ALIGNMENT, DirectLaunch
-from tools.gpu_session import host_path
+from bench import host_path
 
 pytestmark = [pytest.mark.skipif(not devices.INTERPRETING, reason="needs TRITON_INTERPRET=1"),
               pytest.mark.usefixtures("fresh_launches")]
