@@ -16,6 +16,7 @@
     python -m bench davis-test [...]    # a checkpoint on the DAVIS-2016 test sequences: J&F, fps
     python -m bench multi-object [...]  # touching objects composited from the test sequences
     python -m bench memory-dtype [...]  # the memory stored in fp32 / bf16 / fp16: J&F, fps, bytes
+    python -m bench network-dtype [...] # the network in fp32 vs bf16 autocast: J&F, fps
     python -m bench integrations [...]  # Cutie and STCN on a long video: their read vs fused
     python -m bench deploy [...]        # the ONNX runner vs torch: fps, J&F, peak memory
     python -m bench host-path [...]     # the read's host time per layer, kernels dropped on a CPU
@@ -34,8 +35,8 @@ import sys
 
 from bench import (annotate, cpu_read, dataset_throughput, davis_test, deploy, held_out,
                    host_path, integrations, interactive, interactive_eval, kernel, long_video,
-                   memory_dtype, multi_object, quantized_read, ragged_read, report,
-                   sharded_read, topk_read, training)
+                   memory_dtype, multi_object, network_dtype, quantized_read, ragged_read,
+                   report, sharded_read, topk_read, training)
 
 BENCHMARKS = {  # sub-command: module (its results are bench/results/<module name>_*.json)
     "kernel": kernel,
@@ -55,6 +56,7 @@ BENCHMARKS = {  # sub-command: module (its results are bench/results/<module nam
     "multi-object": multi_object,
     "deploy": deploy,
     "memory-dtype": memory_dtype,
+    "network-dtype": network_dtype,
     "host-path": host_path,
     "quantized-read": quantized_read,
 }

@@ -41,13 +41,14 @@ DEFAULT_DAVIS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" 
 
 
 def segment_sequence(model, frames_dir, annotation, output, mem_every, max_internal_size,
-                     memory_dtype=None):
+                     memory_dtype=None, amp_dtype=None, max_frames=None):
     """Masks of one sequence written into output; returns (frames, seconds segmenting, memory
-    bytes per memory frame)."""
+    bytes per memory frame). amp_dtype: the network under autocast in that dtype; max_frames:
+    the sequence's first frames only."""
     segmenter = VideoSegmenter(model, mem_every=mem_every, max_internal_size=max_internal_size,
-                               memory_dtype=memory_dtype)
+                               memory_dtype=memory_dtype, amp_dtype=amp_dtype)
     first = torch.from_numpy(video_io.read_mask(annotation))
-    frames = list(video_io.FrameReader(frames_dir))
+    frames = list(video_io.FrameReader(frames_dir))[:max_frames]
     output.mkdir(parents=True, exist_ok=True)
     busy = 0.0
     for index, frame in enumerate(frames):
