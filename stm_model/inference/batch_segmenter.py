@@ -57,7 +57,8 @@ class BatchSegmenter(SessionCore):
         model: an STM (put in eval mode here).
         mem_every: keep every mem_every-th frame in memory (official: 5).
         memory_dtype: storage dtype of the memory ("fp32", "fp16", "bf16" or a torch dtype;
-            default: the model's dtype).
+            default: the model's dtype; "int8", "fp8": 8 bits with scales, as
+            VideoSegmenter's).
         max_memory_frames: bound on the frames of each object's memory (FIFO eviction of the
             oldest kept frame; the first frame always stays). None: unbounded.
         amp_dtype: run the encoders and decoder under torch.autocast with this dtype.
@@ -144,7 +145,8 @@ class BatchSegmenter(SessionCore):
             self.memory = BatchedMemory(config.key_dim, config.value_dim,
                                         padded.shape[-2] // 16, padded.shape[-1] // 16,
                                         dtype=self.memory_dtype, device=self.device,
-                                        max_frames=self.max_memory_frames)
+                                        max_frames=self.max_memory_frames,
+                                        read_dtype=self.read_dtype)
         self._memorise_pending(videos)
         with self.autocast():
             foreground = self._predict(videos, padded)

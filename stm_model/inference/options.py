@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from stm_model.runtime.devices import DtypeName
 
 AMP_DTYPES = tuple(name for name in DTYPE_NAMES if name != "fp32")  # autocast's lower precisions
+# memory_dtype's 8-bit formats (stm_kernels.QuantizedMemory), beside DTYPE_NAMES and "auto"
+MEMORY_FORMATS = ("int8", "fp8")
+MEMORY_DTYPES = tuple(sorted(DTYPE_NAMES)) + MEMORY_FORMATS + ("auto",)
+_FORMAT_DTYPES = {"torch.int8": "int8", "torch.float8_e4m3fn": "fp8"}  # torch dtypes, by name
 MIN_INTERNAL_SIZE = 16  # the smallest max_internal_size: one stride-16 feature row
 DEFAULT_MAX_OBJECTS = 32  # object ids a video's masks may hold (more: a colour image as ids)
 MASK_POLICIES = ("first", "all")  # a dataset's masks: the first frame's, or every annotation
@@ -58,7 +62,8 @@ class SegmenterOptions:
     memory_dtype: DtypeName = _option("auto", CliFlag(
         "--memory-dtype", "storage dtype of the memory (default: auto, bf16 on a CPU with bf16 "
         "dot products, where the read runs twice as fast with the same masks, else the "
-        "model's)", choices=tuple(sorted(DTYPE_NAMES)) + ("auto",)))
+        "model's); int8 or fp8: 8 bits with scales, about half of bf16's bytes (read by the "
+        "torch backend)", choices=MEMORY_DTYPES))
     max_memory_frames: Optional[int] = _option(None, CliFlag(
         "--max-memory-frames", "bound the frames in memory: the oldest kept frame but the "
         "first is evicted (default: unbounded)", minimum=2, metavar="N"))
@@ -85,8 +90,13 @@ class SegmenterOptions:
     def __post_init__(self):
         from stm_model.memory.schedule import check_schedule
         check_schedule(self.mem_every, self.max_memory_frames)
-        if self.memory_dtype != "auto":
-            _check_dtype("memory_dtype", self.memory_dtype)
+        if self.memory_dtype != "auto" and memory_format(self.memory_dtype) is None:
+            try:
+                _check_dtype("memory_dtype", self.memory_dtype)
+            except ValueError:
+                raise ValueError(f"memory_dtype must be one of {', '.join(MEMORY_DTYPES)} (or "
+                                 f"a torch dtype); got {self.memory_dtype!r}") from None
+        check_memory_format(self.memory_dtype, self.read_backend, self.shard_memory)
         _check_dtype("amp_dtype", self.amp_dtype)
         if self.read_backend is not None and self.read_backend not in BACKENDS:
             raise ValueError(f"read_backend must be one of {', '.join(BACKENDS)} or None; got "
@@ -121,6 +131,28 @@ def _check_dtype(name, value):
         return
     from stm_model.runtime.devices import dtype_option
     dtype_option(name, value)
+
+
+def memory_format(memory_dtype) -> Optional[str]:
+    """"int8" or "fp8" for an 8-bit memory_dtype (its name, or torch.int8 /
+    torch.float8_e4m3fn), else None."""
+    if isinstance(memory_dtype, str):
+        return memory_dtype if memory_dtype in MEMORY_FORMATS else None
+    return _FORMAT_DTYPES.get(str(memory_dtype))
+
+
+def check_memory_format(memory_dtype, read_backend, shard_memory=False) -> None:
+    """ValueError, naming the options, for what does not take an 8-bit memory_dtype yet: the
+    "triton" read backend (its kernels do not dequantise), shard_memory."""
+    name = memory_format(memory_dtype)
+    if name is None:
+        return
+    if read_backend == "triton":
+        raise ValueError(f"memory_dtype {name}: the triton read backend does not read an 8-bit "
+                         "memory yet; use read backend auto or torch (--backend)")
+    if shard_memory:
+        raise ValueError(f"memory_dtype {name}: shard_memory does not take an 8-bit memory "
+                         "yet; use a floating-point memory_dtype")
 
 
 def cli_fields() -> list:

@@ -13,6 +13,7 @@ import torch
 
 from stm_kernels import backends
 
+from stm_model.inference.options import check_memory_format, memory_format
 from stm_model.memory.bank import MemoryBank
 from stm_model.runtime.devices import DtypeName, dtype_option, memory_dtype_option
 from stm_model.network.checkpoint import warn_if_synthetic_only
@@ -28,6 +29,9 @@ def channels_last_on(model: STM) -> None:
         model.to(memory_format=torch.channels_last)
 
 
+_EIGHT_BIT = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}  # memory_dtype's 8-bit formats
+
+
 class SessionCore:
     """The model side of a segmenting session (see the module docstring).
 
@@ -36,7 +40,10 @@ class SessionCore:
         memory_dtype: storage dtype of the memory ("fp32", "fp16", "bf16" or a torch dtype;
             default: the model's dtype); "auto": bf16 on a CPU with bf16 dot products, a
             float32 model and no fp16 autocast, else the model's
-            (runtime.devices.memory_dtype_option).
+            (runtime.devices.memory_dtype_option); "int8" or "fp8" (torch.int8,
+            torch.float8_e4m3fn): 8-bit storage with float32 scales (MemoryBank), read in
+            what "auto" would store (read_dtype; the 8-bit read multiplies in it), by the
+            torch backend ("auto" takes it; "triton" is refused).
         amp_dtype: run the network under torch.autocast with this dtype (None: no autocast).
         read_backend: memory_read backend (default: the model config's).
 
@@ -48,6 +55,7 @@ class SessionCore:
     device: torch.device
     model_dtype: torch.dtype
     memory_dtype: torch.dtype
+    read_dtype: torch.dtype
     amp_dtype: Optional[torch.dtype]
     read_backend: str
 
@@ -59,11 +67,19 @@ class SessionCore:
         warn_if_synthetic_only(model, stacklevel=3)  # the caller of the session's __init__
         parameter = next(model.parameters())
         self.device, self.model_dtype = parameter.device, parameter.dtype
-        self.memory_dtype = memory_dtype_option(memory_dtype, self.device, parameter.dtype, amp)
+        eight_bit = memory_format(memory_dtype)
+        if eight_bit is None:
+            self.memory_dtype = memory_dtype_option(memory_dtype, self.device, parameter.dtype,
+                                                    amp)
+            self.read_dtype = self.memory_dtype
+        else:
+            self.memory_dtype = _EIGHT_BIT[eight_bit]
+            self.read_dtype = memory_dtype_option("auto", self.device, parameter.dtype, amp)
         self.amp_dtype = amp
         self.read_backend = read_backend or model.config.read_backend
+        check_memory_format(memory_dtype, self.read_backend)
         # a backend that cannot run here is refused now, before any frame or file
-        backends.resolve(self.read_backend, torch.empty(0, dtype=self.memory_dtype,
+        backends.resolve(self.read_backend, torch.empty(0, dtype=self.read_dtype,
                                                         device=self.device))
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -74,12 +90,18 @@ class SessionCore:
 
     def new_memory_bank(self, num_objects: int, padded_size: tuple, **storage) -> MemoryBank:
         """An empty MemoryBank for num_objects objects of frames padded to padded_size (H, W)
-        (multiples of 16), in memory_dtype on the model's device; storage: MemoryBank's
-        keyword arguments (max_frames, offload, ...)."""
+        (multiples of 16), in memory_dtype (read in read_dtype) on the model's device;
+        storage: MemoryBank's keyword arguments (max_frames, offload, ...)."""
         config = self.model.config
         height, width = padded_size
         return MemoryBank(num_objects, config.key_dim, config.value_dim, height // 16,
-                          width // 16, dtype=self.memory_dtype, device=self.device, **storage)
+                          width // 16, dtype=self.memory_dtype, read_dtype=self.read_dtype,
+                          device=self.device, **storage)
+
+    @property
+    def eight_bit_memory(self) -> bool:
+        """Whether the memory is stored in 8 bits (memory_dtype int8 or fp8)."""
+        return self.memory_dtype in _EIGHT_BIT.values()
 
     def synchronize(self) -> None:
         """Wait for the model's device (timings of CUDA work)."""

@@ -56,7 +56,11 @@ class VideoSegmenter(SessionCore):
         model: an STM (put in eval mode here).
         mem_every: keep every mem_every-th frame in memory (official: 5).
         memory_dtype: storage dtype of the memory ("fp32", "fp16", "bf16" or a torch dtype;
-            default: the model's dtype). Halves the memory at a small precision cost.
+            default: the model's dtype). Halves the memory at a small precision cost. "int8"
+            or "fp8": 8 bits with float32 scales, about half of bf16's bytes (SessionCore,
+            MemoryBank; docs/segmenting.md says when); read eagerly by the torch backend
+            (with compile, the network is compiled and the read runs between), not with
+            shard_memory.
         max_memory_frames: bound on the frames per memory bank (FIFO eviction of the oldest
             kept frame; the first frame always stays). None: unbounded.
         offload: keep the memory in CPU memory and read it chunk by chunk on the device.
@@ -310,11 +314,11 @@ class VideoSegmenter(SessionCore):
         """Whether CUDA graphs hold the read too: memory on the compute device (not offloaded
         or sharded), read by a backend that takes device lengths under capture ("triton",
         "naive"; the "torch" backend reads them on the host), or no GPU (nothing recorded)."""
-        if self.offload or self.shard_memory:
+        if self.offload or self.shard_memory or self.eight_bit_memory:
             return False
         if self._graph_read_backend is None:
             self._graph_read_backend = backends.resolve(
-                self.read_backend, torch.empty(0, dtype=self.memory_dtype, device=self.device))
+                self.read_backend, torch.empty(0, dtype=self.read_dtype, device=self.device))
         return self.device.type != "cuda" or self._graph_read_backend in ("triton", "naive")
 
     @property
@@ -351,7 +355,8 @@ class VideoSegmenter(SessionCore):
                                     compiled.static(m.values for m in memories),
                                     config.similarity, self.read_backend,
                                     compiled.static(m.lengths for m in memories))
-        if compiled is not None and not (self.offload or self.shard_memory or compiled.graphs):
+        if compiled is not None and not (self.offload or self.shard_memory or compiled.graphs
+                                         or self.eight_bit_memory):
             for bank in self.banks:
                 if bank.num_frames == bank.capacity:
                     # a view filling its storage is contiguous, which inductor's graph for
@@ -362,8 +367,9 @@ class VideoSegmenter(SessionCore):
             return compiled.predict(self.model, padded, compiled.dynamic(keys),
                                     compiled.dynamic(values), config.similarity,
                                     self.read_backend)
-        # offloaded or sharded memory (chunked copies, collectives), or CUDA graphs with a read
-        # that cannot be captured with its lengths: the read stays eager
+        # offloaded, sharded or 8-bit memory (chunked copies, collectives, QuantizedMemory
+        # chunks), or CUDA graphs with a read that cannot be captured with its lengths: the
+        # read stays eager
         query = (compiled.encode_query if compiled else _encode_query)(self.model, padded)
         readout = torch.cat([bank.read(query.key, similarity=config.similarity,
                                        backend=self.read_backend) for bank in self.banks])

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stm_model.memory.storage import read_in_storage_dtype
 from stm_model.interactive import scribbles as scribble_format
+from stm_model.memory.storage import read_in_storage_dtype
 from stm_model.network.checkpoint import copy_synthetic_mark
 from stm_model.network.stm import (STM, load_into_interactive, pad_to_multiple, soft_aggregate,
                                    unpad)
@@ -97,7 +97,8 @@ class InteractiveSession(SessionCore):
             (those frames keep their masks and are not re-segmented), all of it where no earlier
             annotation lies in between. False: every frame takes its new mask.
         memory_dtype, cache_dtype: storage dtypes of the memory and of the per-frame query
-            cache and masks ("fp32", "fp16", "bf16"; default: the model's dtype).
+            cache and masks ("fp32", "fp16", "bf16"; default: the model's dtype; the memory
+            also "int8" or "fp8", as VideoSegmenter's).
         cache_device: where the query cache and masks live (default: the model's device).
         amp_dtype: autocast the network with this dtype.
         read_backend: memory_read backend (default: the model config's).
@@ -315,14 +316,15 @@ class InteractiveSession(SessionCore):
 
     def _encode_prediction(self, t):
         """(keys (n, Ck, h·w), values (n, Cv, h·w)) of frame t with its current masks and no
-        scribbles, in the memory's dtype: a propagation's memory frame."""
+        scribbles, as the bank stores a frame (bank.as_stored): a propagation's memory
+        frame."""
         channels = torch.zeros((self.num_objects, 2) + self.size, device=self.device)
         current = self.probs[t].to(self.device, torch.float32)
         frame = pad_to_multiple(self.frames[t:t + 1].to(self.device, torch.float32))[0]
         with self.autocast():
             keys, values = self.model.encode_memory(frame, pad_to_multiple(current)[0],
                                                     pad_to_multiple(channels)[0])
-        return (keys.flatten(2).to(self.bank.dtype), values.flatten(2).to(self.bank.dtype))
+        return self.bank.as_stored(keys.flatten(2), values.flatten(2))
 
     def _segment(self, indices, weights=None, extra=()):
         """Segment frames `indices` from the memory in one fused read and update self.probs
@@ -334,11 +336,11 @@ class InteractiveSession(SessionCore):
         config = self.model.config
         with self.autocast():
             if extra:
-                stored_keys, stored_values = self.bank.memory_views()
-                readout = read_in_storage_dtype(keys, [stored_keys, *(k for k, _ in extra)],
-                                                [stored_values, *(v for _, v in extra)],
-                                                similarity=config.similarity,
-                                                backend=self.read_backend)
+                stored_keys, stored_values = self.bank.memory_views()  # lists if 8-bit
+                readout = read_in_storage_dtype(
+                    keys, _listed(stored_keys) + [k for k, _ in extra],
+                    _listed(stored_values) + [v for _, v in extra], dtype=self.bank.read_dtype,
+                    similarity=config.similarity, backend=self.read_backend)
             else:
                 readout = self.bank.read(keys, similarity=config.similarity,
                                          backend=self.read_backend)  # (n, Cv, count·h·w)
@@ -375,6 +377,11 @@ class InteractiveSession(SessionCore):
         frames = pad_to_multiple(self.frames[indices].to(self.device, torch.float32))[0]
         with self.autocast():
             return self.model.encode_query(frames)
+
+
+def _listed(memory) -> list:
+    """A memory argument (a tensor, or a list of chunks) as a list of chunks."""
+    return list(memory) if isinstance(memory, (list, tuple)) else [memory]
 
 
 def merge_weights(num_frames, annotated, earlier):

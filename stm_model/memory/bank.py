@@ -16,6 +16,13 @@ slot, the oldest permanent frame other than the bank's first frame is overwritte
 The read is a softmax over all memory positions, so the order of frames in storage does not
 matter.
 
+8-bit storage (dtype torch.int8 or torch.float8_e4m3fn: the segmenters' memory_dtype "int8",
+"fp8"): each frame is quantised as it is added (stm_kernels.QuantizedMemory.quantize), keys
+with one float32 scale per object, channel and frame (key_scales (n, Ck, capacity, 1)), values
+with one per object and position (value_scales (n, 1, capacity, h·w)); no full-precision copy
+is kept. A read hands memory_read one QuantizedMemory chunk per frame (a scale per channel and
+frame is not one of QuantizedMemory's shapes over several frames), read in read_dtype.
+
 Storage and reads (stm_model.memory.storage): on the compute device, one fused read over views
 of the storage (or, for a CUDA graph, fixed_capacity(): the whole storage with each object's
 length on the device, one graph per capacity); offloaded (offload=True), storage in (pinned)
@@ -36,12 +43,14 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from stm_kernels import FixedCapacityMemory
+from stm_kernels import FixedCapacityMemory, QuantizedMemory
 
 from stm_model.memory.schedule import FrameSlots
 from stm_model.memory.storage import Offloaded, OnDevice, Sharded
 
 _ALIGN_FRAMES = 16
+# 8-bit storage dtypes -> QuantizedMemory's format names
+QUANTIZED_DTYPES = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 
 
 def _round_up(value, multiple):
@@ -54,7 +63,11 @@ class MemoryBank:
     Args:
         num_objects, key_dim, value_dim: n, Ck and Cv.
         height, width: a frame's stride-16 feature size (h, w).
-        dtype, device: the storage dtype, and the device reads run on.
+        dtype, device: the storage dtype (a float dtype, or torch.int8 / torch.float8_e4m3fn
+            for 8-bit storage with scales), and the device reads run on.
+        read_dtype: the dtype an 8-bit memory is read in (the query's and the read-out's;
+            default float32); a floating-point storage is read in its own dtype (read_dtype
+            None or equal to it).
         max_frames: bound on the frames held (FIFO eviction); None: unbounded.
         offload, chunk_frames: storage in CPU memory, read chunk_frames frames at a time.
         initial_capacity: frames allocated up front without max_frames (with it: max_frames;
@@ -64,11 +77,20 @@ class MemoryBank:
 
     def __init__(self, num_objects: int, key_dim: int, value_dim: int, height: int,
                  width: int, *, dtype: torch.dtype = torch.float32,
+                 read_dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device] = "cpu", max_frames: Optional[int] = None,
                  offload: bool = False, chunk_frames: int = 64,
                  initial_capacity: int = _ALIGN_FRAMES, shard_memory: bool = False,
                  shard_group: Optional[Any] = None) -> None:
         self.slots = FrameSlots(max_frames)  # checks max_frames
+        self.quantized = QUANTIZED_DTYPES.get(dtype)  # "int8", "fp8" or None
+        if self.quantized is None and read_dtype not in (None, dtype):
+            raise ValueError(f"read_dtype applies to an 8-bit memory (dtype torch.int8 or "
+                             f"torch.float8_e4m3fn); a {dtype} memory is read in {dtype}")
+        if self.quantized is not None and shard_memory:
+            raise ValueError(f"shard_memory does not take an 8-bit memory (memory_dtype "
+                             f"{self.quantized}) yet; use a floating-point memory_dtype")
+        self.read_dtype = read_dtype or (torch.float32 if self.quantized else dtype)
         self.shard_memory, self.shard_group = bool(shard_memory), shard_group
         self.shard_rank, self.shard_count = _shard_of(shard_memory, shard_group)
         self.num_objects, self.key_dim, self.value_dim = num_objects, key_dim, value_dim
@@ -82,6 +104,9 @@ class MemoryBank:
         capacity = -(-capacity // self.shard_count)  # this rank's share of the slots
         self.keys: Any = None  # (n, Ck, capacity, h·w) storage, allocated below
         self.values: Any = None
+        self.key_scales: Any = None  # 8-bit storage: (n, Ck, capacity, 1) float32
+        self.value_scales: Any = None  # 8-bit storage: (n, 1, capacity, h·w) float32
+        self._chunks: Optional[tuple] = None  # 8-bit storage: each slot's QuantizedMemory
         self._fixed: Optional[FixedCapacityMemory] = None  # fixed_capacity(), per storage
         self._allocate(_round_up(capacity, _ALIGN_FRAMES))
 
@@ -112,9 +137,9 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
-        """Storage bytes on this rank (keys and values, capacity included): what is set aside,
-        held frames or not."""
-        return self.keys.nbytes + self.values.nbytes
+        """Storage bytes on this rank (keys and values, an 8-bit memory's scales included,
+        capacity included): what is set aside, held frames or not."""
+        return sum(tensor.nbytes for tensor in self._tensors())
 
     @property
     def held_bytes(self) -> int:
@@ -124,13 +149,15 @@ class MemoryBank:
 
     @property
     def bytes_per_frame(self) -> int:
-        """Storage bytes of one memory frame (all objects, keys and values)."""
+        """Storage bytes of one memory frame (all objects, keys and values, scales
+        included)."""
         return self.nbytes // self.capacity
 
-    def memory_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_views(self) -> tuple[Any, Any]:
         """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)): the T frames a read sees, as views
         of the storage (what read() passes to memory_read; not for offloaded or sharded
-        memory, whose reads go chunk by chunk or across ranks)."""
+        memory, whose reads go chunk by chunk or across ranks). An 8-bit memory: two lists
+        of T QuantizedMemory chunks (n, C, h·w), one per frame."""
         if not isinstance(self.storage, OnDevice):
             raise RuntimeError("memory_views() needs the whole memory on the compute device "
                                "(not offload or shard_memory); use read()")
@@ -146,16 +173,39 @@ class MemoryBank:
         if not isinstance(self.storage, OnDevice):
             raise RuntimeError("fixed_capacity() needs the whole memory on the compute device "
                                "(not offload or shard_memory); use read()")
+        if self.quantized is not None:
+            raise RuntimeError(f"fixed_capacity() does not take an 8-bit memory (memory_dtype "
+                               f"{self.quantized}): FixedCapacityMemory holds tensors; use "
+                               "read()")
         if self._fixed is None:
             self._fixed = FixedCapacityMemory(self.keys, self.values)
         self._fixed.set_lengths(self.num_frames * self.size[0] * self.size[1])
         return self._fixed
 
-    def stored(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def stored(self, start: int, stop: int) -> tuple[Any, Any]:
         """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)) of the frames this rank stores in
-        slots [start, stop), as views of the storage (what the storage strategies read)."""
-        return (self.keys[:, :, start:stop].flatten(2),
-                self.values[:, :, start:stop].flatten(2))
+        slots [start, stop), as views of the storage (what the storage strategies read); an
+        8-bit memory: two lists of QuantizedMemory chunks (n, C, h·w), one per frame."""
+        if self.quantized is None:
+            return (self.keys[:, :, start:stop].flatten(2),
+                    self.values[:, :, start:stop].flatten(2))
+        if self._chunks is None:  # views of the storage: valid until it is reallocated
+            self._chunks = tuple(
+                [QuantizedMemory(data[:, :, slot], scale[:, :, slot])
+                 for slot in range(self.capacity)]
+                for data, scale in ((self.keys, self.key_scales),
+                                    (self.values, self.value_scales)))
+        return self._chunks[0][start:stop], self._chunks[1][start:stop]
+
+    def as_stored(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Any, Any]:
+        """One frame's keys (n, Ck, h·w) and values (n, Cv, h·w) as this bank stores a frame
+        (cast to its dtype; an 8-bit memory: quantised, two QuantizedMemory), on the compute
+        device: a memory frame read beside the bank's memory_views() without being stored."""
+        if self.quantized is None:
+            return keys.to(self.device, self.dtype), values.to(self.device, self.dtype)
+        return (QuantizedMemory.quantize(keys.to(self.device), self.quantized, axis="channel"),
+                QuantizedMemory.quantize(values.to(self.device), self.quantized,
+                                         axis="position"))
 
     def reserve(self, frames: int) -> None:
         """Grow the storage (doubling, as add does) until it holds `frames` frames on this rank;
@@ -180,10 +230,9 @@ class MemoryBank:
         index = torch.tensor(kept, device=self.storage_device)
         pin = self.storage.pinned
         # index_select copies into new contiguous storage: same layout, same capacity
-        self.keys, self.values = (
+        self._set_tensors(*(
             tensor.index_select(0, index).pin_memory() if pin else tensor.index_select(0, index)
-            for tensor in (self.keys, self.values))
-        self._fixed = None
+            for tensor in self._tensors()))
         self.num_objects = len(kept)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, permanent: bool,
@@ -197,8 +246,7 @@ class MemoryBank:
         slot //= self.shard_count
         if slot >= self.capacity:
             self._allocate(_round_up(2 * self.capacity, _ALIGN_FRAMES))
-        self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
-        self.values[:, :, slot] = values.flatten(2).to(self.storage_device, self.dtype)
+        self._write(slot, keys, values)
 
     def put(self, keys: torch.Tensor, values: torch.Tensor, frame_index: int) -> None:
         """Store video frame `frame_index` as a permanent frame; if the bank holds that frame
@@ -212,8 +260,22 @@ class MemoryBank:
         if slot % self.shard_count != self.shard_rank:
             return  # another rank's frame
         slot //= self.shard_count
-        self.keys[:, :, slot] = keys.flatten(2).to(self.storage_device, self.dtype)
-        self.values[:, :, slot] = values.flatten(2).to(self.storage_device, self.dtype)
+        self._write(slot, keys, values)
+
+    def _write(self, slot, keys, values):
+        """Store a frame's keys (n, Ck, h, w) and values in this rank's slot: cast to the
+        storage dtype, or quantised (keys per channel, values per position)."""
+        keys, values = keys.flatten(2), values.flatten(2)
+        if self.quantized is None:
+            self.keys[:, :, slot] = keys.to(self.storage_device, self.dtype)
+            self.values[:, :, slot] = values.to(self.storage_device, self.dtype)
+            return
+        for memory, axis, data, scales in ((keys, "channel", self.keys, self.key_scales),
+                                           (values, "position", self.values,
+                                            self.value_scales)):
+            quantized = QuantizedMemory.quantize(memory, self.quantized, axis=axis)
+            data[:, :, slot] = quantized.data.to(self.storage_device)
+            scales[:, :, slot] = quantized.scale.to(self.storage_device)
 
     def _check(self, keys, values, method):
         expected = (self.num_objects, self.key_dim) + self.size
@@ -225,34 +287,52 @@ class MemoryBank:
 
     def read(self, query_key: torch.Tensor, *, scale: Optional[float] = None,
              similarity: str = "dot", backend: str = "auto") -> torch.Tensor:
-        """Memory read-out (n, Cv, h, w), in the storage dtype, for query_key (1 or n, Ck, h,
-        w) of any floating dtype: it is cast to the storage dtype here (memory_read never
-        promotes; a bank stored in bf16 reads an fp32 query as bf16)."""
+        """Memory read-out (n, Cv, h, w), in read_dtype (the storage dtype but for an 8-bit
+        memory), for query_key (1 or n, Ck, h, w) of any floating dtype: it is cast to
+        read_dtype here (memory_read never promotes; a bank stored in bf16 reads an fp32 query
+        as bf16)."""
         if self.num_frames == 0:
             raise RuntimeError("the memory bank is empty: add a frame before reading")
         options: dict[str, Any] = dict(scale=scale, similarity=similarity, backend=backend)
-        return self.storage.read(self, query_key.to(self.dtype), self.local_frames, options)
+        return self.storage.read(self, query_key.to(self.read_dtype), self.local_frames,
+                                 options)
 
     def _local_count(self, frames):
         """How many of the slots [0, frames) lie on this rank."""
         return max(0, -(-(frames - self.shard_rank) // self.shard_count))
 
+    def _tensors(self) -> list:
+        """The storage tensors: keys and values (and an 8-bit memory's key and value
+        scales)."""
+        tensors = [self.keys, self.values]
+        return tensors if self.quantized is None else tensors + [self.key_scales,
+                                                                  self.value_scales]
+
+    def _set_tensors(self, keys, values, key_scales=None, value_scales=None):
+        self.keys, self.values = keys, values
+        self.key_scales, self.value_scales = key_scales, value_scales
+        self._fixed = self._chunks = None
+
     def _allocate(self, capacity, kept=None):
         positions = self.size[0] * self.size[1]
         pin = self.storage.pinned
-        keys = torch.empty((self.num_objects, self.key_dim, capacity, positions), dtype=self.dtype,
-                           device=self.storage_device, pin_memory=pin)
-        values = torch.empty((self.num_objects, self.value_dim, capacity, positions),
-                             dtype=self.dtype, device=self.storage_device, pin_memory=pin)
+        n = self.num_objects
+        shapes = [(n, self.key_dim, capacity, positions), (n, self.value_dim, capacity,
+                                                            positions)]
+        dtypes = [self.dtype, self.dtype]
+        if self.quantized is not None:
+            shapes += [(n, self.key_dim, capacity, 1), (n, 1, capacity, positions)]
+            dtypes += [torch.float32, torch.float32]
+        tensors = [torch.empty(shape, dtype=dtype, device=self.storage_device, pin_memory=pin)
+                   for shape, dtype in zip(shapes, dtypes, strict=True)]
         if self.keys is not None:  # growing: keep the permanent frames stored so far (from
             # add: the temporary one is being replaced; the slot being added lies past the old
             # storage), or `kept` frames
             if kept is None:
                 kept = min(self._local_count(self.permanent), self.capacity)
-            keys[:, :, :kept] = self.keys[:, :, :kept]
-            values[:, :, :kept] = self.values[:, :, :kept]
-        self.keys, self.values = keys, values
-        self._fixed = None
+            for new, old in zip(tensors, self._tensors(), strict=True):
+                new[:, :, :kept] = old[:, :, :kept]
+        self._set_tensors(*tensors)
 
 
 def _shard_of(shard_memory, shard_group):

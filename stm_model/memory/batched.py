@@ -13,8 +13,15 @@ Removing a group (its video ended) frees its rows; rows from the end move into t
 rows in use stay contiguous (one copy of the moved objects' memory, once per finished video).
 
 Schedule: memory_schedule.FrameSlots, the same as MemoryBank's (one per group).
+
+8-bit storage (dtype torch.int8 / torch.float8_e4m3fn), as MemoryBank's: each frame quantised
+as it is added, keys with a float32 scale per row, channel and frame (key_scales (rows, Ck,
+frames, 1)), values per row and position (value_scales (rows, 1, frames, h·w)); a read hands
+memory_read one QuantizedMemory chunk per frame, in read_dtype.
 """
 import torch
+
+from stm_kernels import QuantizedMemory
 
 from stm_model.memory.storage import read_in_storage_dtype
 
@@ -45,20 +52,25 @@ class MemoryGroup:
 class BatchedMemory:
     """Keys and values of every object of many videos of one frame size (see the module
     docstring). key_dim/value_dim: channels; height, width: the stride-16 feature size;
-    dtype, device: the storage's; max_frames: each group's bound (FIFO eviction), None:
-    unbounded."""
+    dtype, device: the storage's (torch.int8 / torch.float8_e4m3fn: 8-bit, read in
+    read_dtype, default float32; a float storage is read in its own dtype); max_frames: each
+    group's bound (FIFO eviction), None: unbounded."""
 
     def __init__(self, key_dim, value_dim, height, width, *, dtype=torch.float32, device="cpu",
-                 max_frames=None):
+                 max_frames=None, read_dtype=None):
+        from stm_model.memory.bank import QUANTIZED_DTYPES
         self.key_dim, self.value_dim = key_dim, value_dim
         self.size = (height, width)
         self.dtype, self.device = dtype, torch.device(device)
+        self.quantized = QUANTIZED_DTYPES.get(dtype)  # "int8", "fp8" or None
+        if self.quantized is None and read_dtype not in (None, dtype):
+            raise ValueError(f"read_dtype applies to an 8-bit memory (dtype torch.int8 or "
+                             f"torch.float8_e4m3fn); a {dtype} memory is read in {dtype}")
+        self.read_dtype = read_dtype or (torch.float32 if self.quantized else dtype)
         self.max_frames = max_frames
         self.owners = []  # the MemoryGroup of each row in use
-        self.keys = torch.empty((0, key_dim, _ALIGN_FRAMES, height * width), dtype=dtype,
-                                device=self.device)
-        self.values = torch.empty((0, value_dim, _ALIGN_FRAMES, height * width), dtype=dtype,
-                                  device=self.device)
+        self.key_scales = self.value_scales = None
+        self._set(*self._empty(0, _ALIGN_FRAMES))
 
     @property
     def rows_in_use(self):
@@ -72,8 +84,9 @@ class BatchedMemory:
 
     @property
     def nbytes(self):
-        """Storage bytes (keys and values, capacity included)."""
-        return self.keys.nbytes + self.values.nbytes
+        """Storage bytes (keys and values, an 8-bit memory's scales included, capacity
+        included)."""
+        return sum(tensor.nbytes for tensor in self._tensors())
 
     def add_group(self, num_objects, owner=None):
         """A new MemoryGroup of num_objects objects, with rows at the end of the rows in use."""
@@ -99,8 +112,8 @@ class BatchedMemory:
         if moves:
             sources = torch.tensor([s for s, _ in moves], device=self.device)
             targets = torch.tensor([t for _, t in moves], device=self.device)
-            self.keys[targets] = self.keys[sources]
-            self.values[targets] = self.values[sources]
+            for tensor in self._tensors():
+                tensor[targets] = tensor[sources]
             for source, target in moves:
                 owner = self.owners[source]
                 owner.rows[owner.rows.index(source)] = target
@@ -132,8 +145,17 @@ class BatchedMemory:
             self._reallocate(self.keys.shape[0], capacity)
         rows = torch.tensor(rows, device=self.device)
         slots = torch.tensor(slots, device=self.device)
-        self.keys[rows, :, slots] = keys.flatten(2).to(self.dtype)
-        self.values[rows, :, slots] = values.flatten(2).to(self.dtype)
+        keys, values = keys.flatten(2), values.flatten(2)
+        if self.quantized is None:
+            self.keys[rows, :, slots] = keys.to(self.dtype)
+            self.values[rows, :, slots] = values.to(self.dtype)
+            return
+        for memory, axis, data, scales in ((keys, "channel", self.keys, self.key_scales),
+                                           (values, "position", self.values,
+                                            self.value_scales)):
+            quantized = QuantizedMemory.quantize(memory, self.quantized, axis=axis)
+            data[rows, :, slots] = quantized.data
+            scales[rows, :, slots] = quantized.scale
 
     def lengths(self):
         """Memory frames of each row in use (a list of ints)."""
@@ -151,18 +173,43 @@ class BatchedMemory:
         if min(frames) != longest:
             lengths = torch.tensor([f * positions for f in frames], device=self.device)
         rows = self.rows_in_use
-        return read_in_storage_dtype(query_key, self.keys[:rows, :, :longest].flatten(2),
-                                     self.values[:rows, :, :longest].flatten(2), scale=scale,
-                                     similarity=similarity, backend=backend,
+        if self.quantized is None:
+            keys = self.keys[:rows, :, :longest].flatten(2)
+            values = self.values[:rows, :, :longest].flatten(2)
+        else:  # one chunk per frame: a key scale per channel and frame
+            keys = [QuantizedMemory(self.keys[:rows, :, t], self.key_scales[:rows, :, t])
+                    for t in range(longest)]
+            values = [QuantizedMemory(self.values[:rows, :, t], self.value_scales[:rows, :, t])
+                      for t in range(longest)]
+        return read_in_storage_dtype(query_key, keys, values, dtype=self.read_dtype,
+                                     scale=scale, similarity=similarity, backend=backend,
                                      memory_lengths=lengths)
 
-    def _reallocate(self, rows, frames):
-        positions = self.size[0] * self.size[1]
-        keys = torch.empty((rows, self.key_dim, frames, positions), dtype=self.dtype,
-                           device=self.device)
-        values = torch.empty((rows, self.value_dim, frames, positions), dtype=self.dtype,
-                             device=self.device)
-        used, old_frames = self.rows_in_use, self.frame_capacity
-        keys[:used, :, :old_frames] = self.keys[:used]
-        values[:used, :, :old_frames] = self.values[:used]
+    def _tensors(self):
+        """The storage tensors: keys and values (and an 8-bit memory's scales)."""
+        tensors = [self.keys, self.values]
+        return tensors if self.quantized is None else tensors + [self.key_scales,
+                                                                  self.value_scales]
+
+    def _set(self, keys, values, key_scales=None, value_scales=None):
         self.keys, self.values = keys, values
+        self.key_scales, self.value_scales = key_scales, value_scales
+
+    def _empty(self, rows, frames):
+        """New storage tensors of rows x frames (an 8-bit memory's zeroed, scales one: rows
+        past a row's length are read by no one, but hold finite values)."""
+        positions = self.size[0] * self.size[1]
+        shapes = [(rows, self.key_dim, frames, positions), (rows, self.value_dim, frames,
+                                                             positions)]
+        if self.quantized is None:
+            return [torch.empty(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+        return ([torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+                + [torch.ones(shape, dtype=torch.float32, device=self.device)
+                   for shape in ((rows, self.key_dim, frames, 1), (rows, 1, frames, positions))])
+
+    def _reallocate(self, rows, frames):
+        tensors = self._empty(rows, frames)
+        used, old_frames = self.rows_in_use, self.frame_capacity
+        for new, old in zip(tensors, self._tensors(), strict=True):
+            new[:used, :, :old_frames] = old[:used]
+        self._set(*tensors)

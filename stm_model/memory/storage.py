@@ -8,23 +8,40 @@ storage, behind one read.
                    s stores them: every rank reads its frames, the reads merged across ranks
 
 A strategy reads the first `frames` frames a bank stores through `bank.stored(start, stop)`: the
-keys and values of stored frames [start, stop) as (n, C, (stop - start)·h·w) views.
+keys and values of stored frames [start, stop) as (n, C, (stop - start)·h·w) views (an 8-bit
+memory: lists of QuantizedMemory chunks, one per frame), in the bank's read_dtype.
 """
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from stm_kernels import memory_read, merge_reads
+from stm_kernels import QuantizedMemory, memory_read, merge_reads
 
 
-def read_in_storage_dtype(query_key, keys, values, **options):
+def read_in_storage_dtype(query_key, keys, values, dtype: Optional[torch.dtype] = None,
+                          **options):
     """memory_read(query_key, keys, values, **options) in the memory's storage dtype (the
-    segmenters' --memory-dtype): the query cast to it, autocast off. Under the network's
-    autocast the op would cast the memory to autocast's dtype, as SDPA does: a copy of the
-    whole memory per read, at another precision than the one it is stored in."""
-    dtype = (keys[0] if isinstance(keys, (list, tuple)) else keys).dtype
+    segmenters' --memory-dtype), or `dtype` (the read dtype of an 8-bit memory, whose chunks
+    are QuantizedMemory: required then): the query cast to it, autocast off. Under the
+    network's autocast the op would cast the memory to autocast's dtype, as SDPA does: a copy
+    of the whole memory per read, at another precision than the one it is stored in."""
+    if dtype is None:
+        first = keys[0] if isinstance(keys, (list, tuple)) else keys
+        if isinstance(first, QuantizedMemory):
+            raise ValueError("an 8-bit memory (QuantizedMemory) is read in the dtype given as "
+                             "dtype=; got none")
+        dtype = first.dtype
     with torch.autocast(query_key.device.type, enabled=False):
         return memory_read(query_key.to(dtype), keys, values, **options)
+
+
+def _on(memory, device):
+    """A memory argument (a tensor, or a list of QuantizedMemory chunks) copied to device
+    (asynchronously from pinned memory)."""
+    if isinstance(memory, torch.Tensor):
+        return memory.to(device, non_blocking=True)
+    return [QuantizedMemory(chunk.data.to(device, non_blocking=True),
+                            chunk.scale.to(device, non_blocking=True)) for chunk in memory]
 
 
 class OnDevice:
@@ -37,11 +54,12 @@ class OnDevice:
     def partial_read(self, bank, query_key, frames: int, options: dict):
         """(out, lse) of the first `frames` stored frames (at least one)."""
         return read_in_storage_dtype(query_key, *bank.stored(0, frames), return_lse=True,
-                                     **options)
+                                     dtype=bank.read_dtype, **options)
 
     def read(self, bank, query_key, frames: int, options: dict):
         """The read-out of the first `frames` stored frames."""
-        return read_in_storage_dtype(query_key, *bank.stored(0, frames), **options)
+        return read_in_storage_dtype(query_key, *bank.stored(0, frames), dtype=bank.read_dtype,
+                                     **options)
 
 
 class Offloaded:
@@ -59,10 +77,9 @@ class Offloaded:
         reads = []
         for start in range(0, frames, self.chunk_frames):
             keys, values = bank.stored(start, min(start + self.chunk_frames, frames))
-            reads.append(read_in_storage_dtype(query_key,
-                                               keys.to(self.device, non_blocking=True),
-                                               values.to(self.device, non_blocking=True),
-                                               return_lse=True, **options))
+            reads.append(read_in_storage_dtype(query_key, _on(keys, self.device),
+                                               _on(values, self.device), return_lse=True,
+                                               dtype=bank.read_dtype, **options))
         return merge_reads(*zip(*reads, strict=True))
 
     def read(self, bank, query_key, frames: int, options: dict):
@@ -84,7 +101,8 @@ class Sharded:
             out, lse = self.local.partial_read(bank, query_key, frames, options)
         else:  # no frame on this rank yet: an empty read (out 0, lse -inf)
             positions = tuple(query_key.shape[2:])
-            out = torch.zeros((bank.num_objects, bank.value_dim) + positions, dtype=bank.dtype,
+            out = torch.zeros((bank.num_objects, bank.value_dim) + positions,
+                              dtype=bank.read_dtype,
                               device=self.device)
             lse = torch.full((bank.num_objects,) + positions, float("-inf"), dtype=torch.float32,
                              device=self.device)
