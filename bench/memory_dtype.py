@@ -1,16 +1,19 @@
 """The memory's storage dtype on real video: J&F, fps and memory per frame of the segmenter with
-its memory kept in float32, bfloat16 or float16, and how far its masks move from float32's.
+its memory kept in float32, bfloat16, float16 or 8 bits (int8, fp8: QuantizedMemory with
+scales), and how far its masks move from float32's.
 
     python -m bench memory-dtype                          # small-real, its training sequences
     python -m bench memory-dtype --dtypes fp32 bf16 --sequences camel cows
+    python -m bench memory-dtype --dtypes fp32 int8 fp8 --sequences camel kite-surf
 
 Each sequence is segmented from its first frame's annotation by VideoSegmenter (mem_every=5,
 the model's own internal size) once per memory dtype, the network in float32 throughout: only
 the memory's keys and values are stored in the dtype (the query is cast to it for the read,
-whose sums stay float32), its masks scored by `stm eval --davis2016`'s code and compared with
-the float32 run's masks frame by frame (the IoU of each object's mask, 1 where both are
-empty). The default sequences are the ones the small-real model trains on, so that a choice
-made from this run is not made on its test set. Writes
+whose sums stay float32; an 8-bit memory is read in what "auto" stores, bf16 on a CPU with bf16
+dot products, and its bytes per frame include its scales), its masks scored by `stm eval
+--davis2016`'s code and compared with the float32 run's masks frame by frame (the IoU of each
+object's mask, 1 where both are empty). The default sequences are the ones the small-real model
+trains on, so that a choice made from this run is not made on its test set. Writes
 bench/results/memory_dtype_<device>_<date>.json and a PNG beside it.
 """
 import argparse
@@ -25,7 +28,7 @@ from bench.davis_test import (TRAINING_SEQUENCES, add_arguments, load_model, sco
                               segment_sequences)
 from stm_model import io as video_io
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 
 
 def mask_iou(labels, reference):
