@@ -355,6 +355,15 @@ def _option_argument(parser, name):
                         choices=flag.choices, metavar=flag.metavar, help=flag.help, **kind)
 
 
+def _interactive_memory_dtype_argument(parser):
+    """--memory-dtype of the interactive commands: SegmenterOptions' choices, the model's dtype
+    by default (an InteractiveSession's)."""
+    parser.add_argument("--memory-dtype", dest="memory_dtype",
+                        choices=options_module.MEMORY_DTYPES,
+                        help="storage dtype of the memory (default: the model's); int8 or fp8: "
+                             "8 bits with scales, about half of bf16's bytes")
+
+
 def _overlay_argument(parser):
     parser.add_argument("--overlay", choices=["mp4", "gif", "png", "none"], default="mp4",
                         help="the masks over the frames: a video, a GIF, a folder of PNGs, or "
@@ -422,6 +431,7 @@ def _interactive_parser(parser):
                         help="autocast the network")
     parser.add_argument("--backend", choices=BACKENDS,
                         help="memory read implementation (default: auto)")
+    _interactive_memory_dtype_argument(parser)
     parser.add_argument("--output", default="interactive_eval_output",
                         help="folder for interactive_eval.json and the plot")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -449,6 +459,7 @@ def _annotate_parser(parser):
     parser.add_argument("--restart", action="store_true",
                         help="forget the session saved in --output and start a new one")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _interactive_memory_dtype_argument(parser)
     parser.set_defaults(run=_command("stm_model.commands.annotate", "annotate"))
 
 
@@ -470,6 +481,7 @@ def _interactive_scribbles_parser(parser):
                         help="scribble width in pixels")
     _overlay_argument(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _interactive_memory_dtype_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_command("stm_model.commands.interactive", "interactive"))
 

@@ -85,11 +85,13 @@ class AnnotationServer:
         num_objects: objects at the start (the page adds and removes them).
         device: where the model runs (with model None).
         token: the secret of `url` (None: a fresh random one; see security).
+        memory_dtype: the session's memory dtype (InteractiveSession's; None: the model's).
     """
 
     def __init__(self, video, output, model=None, *, port: int = 0, host: str = "127.0.0.1",
                  max_internal_size: Optional[int] = None, num_objects: int = 1,
-                 device="cpu", token: Optional[str] = None) -> None:
+                 device="cpu", token: Optional[str] = None,
+                 memory_dtype: Optional[str] = None) -> None:
         reader = video_io.FrameReader(video)
         if reader.paths is not None:
             video_io.check_complete(reader.paths)
@@ -100,6 +102,7 @@ class AnnotationServer:
         self.model = model if model is not None else load_checkpoint(
             resolve_checkpoint(DEFAULT_INTERACTIVE_CHECKPOINT), device)
         self.max_internal_size = max_internal_size
+        self.memory_dtype = memory_dtype
         self.display_size = internal_size(self.frames[0].hw, DISPLAY_SIZE)
         self.num_objects = _checked_count(num_objects)
         self.rounds: list = []  # {"scribbles", "annotated_frames", "seconds"} per round
@@ -321,6 +324,7 @@ class AnnotationServer:
         frames = torch.stack([frame.tensor for frame in self.frames])
         session = InteractiveSession(self.model, frames, self.num_objects,
                                      max_internal_size=self.max_internal_size,
+                                     memory_dtype=self.memory_dtype,
                                      sequence=self.video.name)
         for index, record in enumerate(self.rounds):
             self._set_progress(stage=f"replaying round {index + 1} of {len(self.rounds)}",

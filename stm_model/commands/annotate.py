@@ -45,7 +45,8 @@ def _serve(args, source, output, device):
     try:
         server = AnnotationServer(source, output, model, port=args.port, host=args.host,
                                   max_internal_size=args.max_internal_size,
-                                  num_objects=args.objects, device=device)
+                                  num_objects=args.objects, device=device,
+                                  memory_dtype=args.memory_dtype)
     except OSError as error:
         if error.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise UsageError(f"--host {args.host} --port {args.port}: {error.strerror}; choose "

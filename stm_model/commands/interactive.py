@@ -36,7 +36,7 @@ def _interactive_evaluate(args):
         model, args.root, args.sequences, resolution=args.resolution,
         rounds=args.rounds, max_time=args.max_time, at_time=args.at_time,
         show_progress=not args.quiet, batch_size=args.batch_size, line_width=args.line_width,
-        amp_dtype=args.amp, read_backend=args.backend,
+        amp_dtype=args.amp, read_backend=args.backend, memory_dtype=args.memory_dtype,
         max_internal_size=args.max_internal_size)
     print(interactive_eval.format_report(results))
     output = pathlib.Path(args.output)
@@ -45,7 +45,8 @@ def _interactive_evaluate(args):
         torch=torch.__version__, checkpoint=args.checkpoint or DEFAULT_INTERACTIVE_CHECKPOINT,
         max_internal_size=args.max_internal_size, rounds=args.rounds,
         batch_size=args.batch_size,
-        line_width=args.line_width, amp=args.amp, backend=args.backend)
+        line_width=args.line_width, amp=args.amp, backend=args.backend,
+        memory_dtype=args.memory_dtype)
     print(f"wrote {path}")
     try:
         print(f"wrote {interactive_eval.plot_curves(results, output / 'interactive_curve.png')}")
@@ -152,6 +153,7 @@ def _interactive(args, source, output):
     session = InteractiveSession(model, torch.stack([frame.tensor for frame in frames]),
                                  num_objects, line_width=args.line_width,
                                  max_internal_size=args.max_internal_size,
+                                 memory_dtype=args.memory_dtype,
                                  show_progress=not args.quiet, sequence=source.name)
     for index, scribbles in enumerate(rounds):
         labels = session.interact(scribbles)
