@@ -128,3 +128,14 @@ def test_forget_choices_forgets_the_calls(plannings):
         kept_launches.forget_choices()
         calls._call(_memory(), "forward", False)
     assert len(plannings) == 2
+
+
+def test_a_devices_hash_is_its_fields():
+    """Device remembers its hash (made from the fields that decide equality): equal devices
+    find each other's calls, a changed one does not."""
+    same = devices.Device(*(getattr(H100, name) for name in (
+        "name", "vendor", "arch", "shared_memory", "multiprocessors")))
+    assert same == H100 and hash(same) == hash(H100) and {H100: 1}[same] == 1
+    other = dataclasses.replace(H100, multiprocessors=114)
+    assert other != H100 and hash(other) == hash(devices.Device(
+        H100.name, "nvidia", "sm_90", H100.shared_memory, 114))

@@ -109,16 +109,23 @@ class PreparedBackward:
     dkdq: KernelLaunch
     dq: KernelLaunch | None = None
     dq_parts: tuple | None = None
+    # whether only plain kernels read the copies of dO and q (no Gluon launch, whose TMA
+    # descriptors take the tensors' shapes): each copy is then its whole padded allocation
+    plain: bool = dataclasses.field(default=False, init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "plain", all(isinstance(launch, KernelLaunch) for launch in (
+            self.dv, self.dkdq, self.dq) if launch is not None))
 
     def __call__(self, grad_out, grad_lse, q, k, v, out, lse, lengths):
-        flags, device = self.prepare.fixed, k.device
+        flags, device, plain = self.prepare.fixed, k.device, self.plain
         B, Ck, N = k.shape
         # _prepare_tensors' buffers, its checks of the rows' alignment read off the flags
         delta = new_buffer((B, grad_out.shape[2]), torch.float32, device)
-        do = _padded_buffer(grad_out) if flags["COPY_DO"] else grad_out
-        q_rows = _padded_buffer(q) if flags["COPY_Q"] else q
+        do = _rows_buffer(grad_out, plain) if flags["COPY_DO"] else grad_out
+        q_rows = _rows_buffer(q, plain) if flags["COPY_Q"] else q
         # a dQ buffer wherever the prepare kernel was planned to zero one (for the atomics)
-        dq = _padded_buffer(q_rows, torch.float32) if flags["ZERO_DQ"] else delta
+        dq = _padded_buffer(q, torch.float32) if flags["ZERO_DQ"] else delta
         dv = new_buffer((B, v.shape[1], N), v.dtype, device)
         dk = new_buffer((B, Ck, N), k.dtype, device)
         call = self.call
@@ -136,8 +143,18 @@ class PreparedBackward:
                 parts = new_buffer(self.dq_parts, torch.float32, device)
                 self.dq.again(call, dict(inputs, v=v, delta=delta, dq_parts=parts,
                                          ksq=_memory_term(k, self.l2, call.rank1)))
-                dq = _summed_dq(parts, q_rows)
+                dq = _summed_dq(parts, q)
         return dq.to(q.dtype), dk, dv
+
+
+def _rows_buffer(t, whole):
+    """_padded_buffer(t) for the prepare kernel's copy of t (B, C, L); where `whole`, its whole
+    allocation (B, C, round16(L)) instead: the plain kernels read a copy by the strides of
+    their plan (those of the narrowed view) and never past L in a row, so the view would be
+    one more torch call per copy."""
+    if not whole:
+        return _padded_buffer(t)
+    return new_buffer(t.shape[:2] + (_aligned_length(t.shape[2]),), t.dtype, t.device)
 
 
 def _dq_without_atomics(call, inputs, shared, v, ksq, delta, align_v, dq_scale):

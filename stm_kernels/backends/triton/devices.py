@@ -31,6 +31,15 @@ class Device:
     arch: str
     shared_memory: int
     multiprocessors: int
+    # the fields' hash, made once: every read hashes its device in its kept launches' keys
+    _hash: int = dataclasses.field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((self.name, self.vendor, self.arch,
+                                                 self.shared_memory, self.multiprocessors)))
+
+    def __hash__(self):
+        return self._hash
 
     @property
     def capability(self) -> Optional[tuple[int, int]]:
