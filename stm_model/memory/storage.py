@@ -53,13 +53,14 @@ class OnDevice:
 
     def partial_read(self, bank, query_key, frames: int, options: dict):
         """(out, lse) of the first `frames` stored frames (at least one)."""
-        return read_in_storage_dtype(query_key, *bank.stored(0, frames), return_lse=True,
+        keys, values = bank.stored(0, frames)
+        return read_in_storage_dtype(query_key, keys, values, return_lse=True,
                                      dtype=bank.read_dtype, **options)
 
     def read(self, bank, query_key, frames: int, options: dict):
         """The read-out of the first `frames` stored frames."""
-        return read_in_storage_dtype(query_key, *bank.stored(0, frames), dtype=bank.read_dtype,
-                                     **options)
+        keys, values = bank.stored(0, frames)
+        return read_in_storage_dtype(query_key, keys, values, dtype=bank.read_dtype, **options)
 
 
 class Offloaded:
