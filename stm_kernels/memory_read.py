@@ -234,12 +234,12 @@ def _fused_read(q, ks, vs, scale, l2, backend, lengths):
     through _FusedRead when gradients flow: the custom op's eager dispatch costs 30-110 us a
     call (a list-of-tensors schema takes torch's slow path), as long as the GPU read of ten
     memory frames (docs/performance.md)."""
-    tensors = (q, *ks, *vs)
     transformed = _transformed()
     if transformed:
         read = _TransformedRead.apply if transformed == "eager" else _transformed_outside_compile
         return read(scale, l2, backend, lengths, len(ks), q, *ks, *vs)
-    if not _plain_eager(tensors if lengths is None else tensors + (lengths,)):
+    tensors = (q, *ks, *vs) if lengths is None else (q, *ks, *vs, lengths)
+    if not _plain_eager(tensors):
         return torch.ops.stm_kernels.memory_read(q, ks, vs, scale, l2, backend, lengths)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FusedRead.apply(scale, l2, backend, lengths, len(ks), q, *ks, *vs)
@@ -306,10 +306,11 @@ class _FusedRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scale, l2, backend, lengths, chunks, q, *memory):
-        ks, vs = list(memory[:chunks]), list(memory[chunks:])
-        out, lse = _forward(q, ks, vs, scale, l2, backend, lengths)
+        out, lse = _forward(q, memory[:chunks], memory[chunks:], scale, l2, backend, lengths)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        _setup_context(ctx, (q, ks, vs, scale, l2, backend, lengths), (out, lse))
+        # what _setup_context saves (memory: the key chunks, then the value chunks)
+        ctx.save_for_backward(q, out, lse, lengths, *memory)
+        ctx.chunks, ctx.options = chunks, (scale, l2, backend)
         return out, lse
 
     @staticmethod
