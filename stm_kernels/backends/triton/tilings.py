@@ -1000,7 +1000,7 @@ def candidates(kernel, architecture, precision, width):
 def forced_configs():
     """The configs use_configs forces now, as ((kernel, config), ...) sorted by kernel; () when
     none is. Part of a kept launch's layout key: a forced set plans and keeps its own."""
-    return tuple(sorted(_override.items()))
+    return tuple(sorted(_override.items())) if _override else ()
 
 
 def warp_specialized_config():
