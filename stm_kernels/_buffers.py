@@ -11,9 +11,11 @@ import torch
 _poison = False
 
 
-def new_buffer(shape, dtype, device):
-    """An uninitialised tensor (NaN-filled while poisoning is on, for float dtypes)."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
+def new_buffer(shape, dtype, device, strides=None):
+    """An uninitialised tensor (NaN-filled while poisoning is on, for float dtypes); with
+    strides, of those strides (one allocation, no view made of a larger one)."""
+    buffer = torch.empty(shape, dtype=dtype, device=device) if strides is None else \
+        torch.empty_strided(shape, strides, dtype=dtype, device=device)
     if _poison and buffer.is_floating_point():
         buffer.fill_(float("nan"))
     return buffer

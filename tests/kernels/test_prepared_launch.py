@@ -267,7 +267,8 @@ def test_a_kept_backward_runs_only_its_own_torch_work(with_lse_gradient):
         with RecordedOps() as recorded:
             dq, _, _ = backward()
     counts = recorded.counts()
-    arithmetic = {name: calls for name, calls in counts.items() if name not in ("empty", "slice")}
+    arithmetic = {name: calls for name, calls in counts.items()
+                  if name not in ("empty", "empty_strided", "slice")}  # allocations, views
     assert arithmetic == {"_to_copy": 1} and dq.dtype == torch.bfloat16
     assert [name for name, _ in launched] == [
         "memory_read_bwd_kernel_prepare", "memory_read_bwd_kernel_dv",

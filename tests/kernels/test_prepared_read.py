@@ -149,8 +149,8 @@ def test_the_whole_read_runs_on_meta_tensors_planned_for_an_h100(fresh_launches)
         with NoHostReads() as ops:
             kept(*(meta(*shape) for shape in ((1, 512, 1620),)), None, q, k, v,
                  meta(1, 512, 1620), meta(1, 1620, dtype=torch.float32), None)
-        assert set(ops.ops) == {"aten.empty.memory_format", "aten.slice.Tensor",
-                                "aten._to_copy.default"}
+        assert set(ops.ops) == {"aten.empty.memory_format", "aten.empty_strided.default",
+                                "aten._to_copy.default"}  # allocations and dQ's cast
         with NoHostReads() as ops:
             out, lse = plan.run(*leaves)
             (out.float().sum() + lse.sum()).backward()

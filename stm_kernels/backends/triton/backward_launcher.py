@@ -148,10 +148,10 @@ class PreparedBackward:
 
 
 def _rows_buffer(t, whole):
-    """_padded_buffer(t) for the prepare kernel's copy of t (B, C, L); where `whole`, its whole
-    allocation (B, C, round16(L)) instead: the plain kernels read a copy by the strides of
-    their plan (those of the narrowed view) and never past L in a row, so the view would be
-    one more torch call per copy."""
+    """_padded_buffer(t) for the prepare kernel's copy of t (B, C, L) (the Gluon launches'
+    TMA descriptors take its shape); where `whole`, the whole (B, C, round16(L)) buffer
+    instead: the plain kernels read a copy by the strides of their plan and never past L in
+    a row."""
     if not whole:
         return _padded_buffer(t)
     return new_buffer(t.shape[:2] + (_aligned_length(t.shape[2]),), t.dtype, t.device)
