@@ -87,7 +87,9 @@ def result_key(payload):
     cover, as a quick check at one N does not replace a sweep; the checkpoint of a model's
     benchmark, as the interactive model's scores do not replace the default model's; the keys'
     scale of a CPU read run on peaked scores; a long video with its memory reserved up front,
-    as it measures the read's working memory, not the bank's growth)."""
+    as it measures the read's working memory, not the bank's growth; the dtypes and sequences
+    of a run on real video, as three sequences' 8-bit memories do not replace ten sequences'
+    16-bit ones)."""
     if payload.get("selftest"):  # the self-test's report: device "cuda", the GPU in "name"
         gpu = payload.get("name") if payload.get("device") != "cpu" else None
     else:
@@ -102,7 +104,9 @@ def result_key(payload):
     scope = (str(payload.get("dtype")), payload.get("HW"), tuple(payload.get("only") or ()),
              payload.get("sanitizer"), tuple(sorted((k, str(v)) for k, v in shape.items())),
              payload.get("complete") is False, memory_sizes, payload.get("checkpoint"),
-             payload.get("key_scale", 1.0), bool(payload.get("reserve_memory")))
+             payload.get("key_scale", 1.0), bool(payload.get("reserve_memory")),
+             *(json.dumps(payload.get(name), sort_keys=True, default=str)
+               for name in ("dtypes", "sequences")))
     cpu = tuple(payload.get("cpu_flags") or ())
     return (payload.get("device_type"), tuple(payload.get("size") or ()),
             max(payload.get("lengths") or [0]), bool(payload.get("busy")), gpu, sweeps, scope,
