@@ -148,6 +148,22 @@ def write_frames(folder, frames, size, seed=4, objects=2):
     return labels
 
 
+def write_late_object_clip(root, frames=12):
+    """A clip in `root` for the commands: frames/ (64 x 96, seed 8), masks/ (frame 0 holds
+    object 1, frame 4 brings object 2) and later_masks/ (the first on frame 4:
+    --both-directions segments 4..T-1, then 3..0); returns root."""
+    import numpy as np
+
+    from stm_model import io as video_io
+    labels = write_frames(root / "frames", frames, (64, 96), seed=8, objects=2)
+    for name in ("masks", "later_masks"):
+        (root / name).mkdir()
+    video_io.write_mask(root / "masks" / "00000.png", np.where(labels[0] == 1, 1, 0))
+    video_io.write_mask(root / "masks" / "00004.png", np.where(labels[4] == 2, 2, 0))
+    video_io.write_mask(root / "later_masks" / "00004.png", labels[4])
+    return root
+
+
 def write_davis_folder(root, frames, labels, name="synth"):
     """A DAVIS-format folder (JPEGImages/480p/<name>, Annotations/480p/<name>) of a video."""
     import numpy as np

@@ -4,9 +4,8 @@ import re
 import numpy as np
 import pytest
 import tqdm
-from PIL import Image
 
-from helpers import synthetic_video
+from helpers import write_late_object_clip
 from stm_model import io as video_io
 from stm_model.cli import main
 from stm_model.inference.video_segmenter import VideoSegmenter
@@ -16,20 +15,9 @@ FRAMES = 12
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    """Frames, masks (frame 0 holds object 1, frame 4 brings object 2) and later_masks (the
-    first on frame 4: --both-directions segments 4..11, then 3..0)."""
-    root = tmp_path_factory.mktemp("clip")
-    frames, labels = synthetic_video(FRAMES, size=(64, 96), seed=8, objects=2)
-    (root / "frames").mkdir()
-    (root / "masks").mkdir()
-    (root / "later_masks").mkdir()
-    for t, frame in enumerate(frames):
-        Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
-            root / "frames" / f"{t:05d}.png")
-    video_io.write_mask(root / "masks" / "00000.png", np.where(labels[0] == 1, 1, 0))
-    video_io.write_mask(root / "masks" / "00004.png", np.where(labels[4] == 2, 2, 0))
-    video_io.write_mask(root / "later_masks" / "00004.png", labels[4])
-    return root
+    """Frames, masks (frame 0 holds object 1, frame 4 brings object 2) and later_masks
+    (helpers.write_late_object_clip)."""
+    return write_late_object_clip(tmp_path_factory.mktemp("clip"), FRAMES)
 
 
 def _segment(clip, output, *extra, masks="masks"):
