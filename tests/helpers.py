@@ -38,6 +38,22 @@ def skip_unless_runnable(backend, device, dtype=torch.float32):
         pytest.skip("bf16 tl.dot is unreliable in the Triton interpreter; tested on GPU")
 
 
+def captured_graph(read, *inputs):
+    """(graph, the outputs it writes) of read(*inputs) captured in a CUDA graph, after two
+    warm-up calls on a side stream (torch.cuda.graph's recipe: nothing of the warm-up lands in
+    the graph); a replay reads whatever the captured inputs hold by then."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            read(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = read(*inputs)
+    return graph, outputs
+
+
 def random_inputs(B, Bq, Ck, Cv, HW, N, dtype, device, seed=0):
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(Bq, Ck, HW, generator=generator, dtype=torch.float64)

@@ -8,25 +8,10 @@ import pytest
 import torch
 
 from reference import reference_read, reference_usage
-from helpers import TOLERANCE, random_inputs, relative_error
+from helpers import TOLERANCE, captured_graph, random_inputs, relative_error
 from stm_kernels import memory_read, memory_usage
 
 pytestmark = pytest.mark.gpu
-
-
-def _captured(read, inputs):
-    """(graph, the output tensors it writes) of read(*inputs), after warm-up calls on a side
-    stream (torch.cuda.graph's recipe: nothing of the warm-up lands in the graph)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            read(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = read(*inputs)
-    return graph, outputs
 
 
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
@@ -39,7 +24,7 @@ def test_a_captured_read_replays_on_new_inputs(similarity):
             return memory_read(q, k, v, backend="triton", similarity=similarity,
                                return_lse=True)
 
-    graph, (out, lse) = _captured(read, static)
+    graph, (out, lse) = captured_graph(read, *static)
     for seed in (1, 2):
         fresh = random_inputs(2, 1, 64, 96, 300, 4000, dtype, "cuda", seed=seed)
         for captured, new in zip(static, fresh, strict=True):
@@ -59,7 +44,7 @@ def test_a_captured_top_k_read_and_usage_replay_on_new_inputs():
             out, lse = memory_read(q, k, v, backend="triton", top_k=20, return_lse=True)
             return out, memory_usage(q, k, lse, backend="triton")
 
-    graph, (out, usage) = _captured(read, static)
+    graph, (out, usage) = captured_graph(read, *static)
     fresh = random_inputs(2, 1, 64, 96, 300, 4000, dtype, "cuda", seed=4)
     for captured, new in zip(static, fresh, strict=True):
         captured.copy_(new)

@@ -7,7 +7,7 @@ test_fixed_capacity.py.
 import pytest
 import torch
 
-from helpers import TOLERANCE, relative_error
+from helpers import TOLERANCE, captured_graph, relative_error
 from stm_kernels import FixedCapacityMemory, memory_read
 
 pytestmark = pytest.mark.gpu
@@ -26,20 +26,6 @@ def _reference(q, k, v, lengths):
     return torch.stack(outs), torch.stack(lses)
 
 
-def _captured(read):
-    """(graph, its outputs) of read(), after two warm-up calls on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            read()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = read()
-    return graph, outputs
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_one_captured_read_serves_every_length_up_to_the_capacity(dtype):
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -56,7 +42,7 @@ def test_one_captured_read_serves_every_length_up_to_the_capacity(dtype):
         with torch.no_grad():
             return memory.read(q, backend="triton", return_lse=True)
 
-    graph, (out, lse) = _captured(read)
+    graph, (out, lse) = captured_graph(read)
     filled = 1000
     for lengths in ([1000, 1000], [1500, 700], [CAPACITY, 1], [1, 2048], [CAPACITY, CAPACITY]):
         if max(lengths) > filled:  # new frames written in place, past the old lengths
