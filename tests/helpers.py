@@ -210,3 +210,15 @@ class RecordedOps(TorchDispatchMode):
 
     def counts(self):
         return collections.Counter(self._packets)
+
+
+class NoHostReads(RecordedOps):
+    """RecordedOps that fails on any operation reading a device value on the host (a device
+    synchronisation per call, and what a CUDA graph capture refuses)."""
+    HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default",
+                  "aten.nonzero.default", "aten.nonzero_static.default",
+                  "aten.is_nonzero.default", "aten.equal.default"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert str(func) not in self.HOST_READS, f"a host read of a device value: {func}"
+        return super().__torch_dispatch__(func, types, args, kwargs)

@@ -9,11 +9,10 @@ import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import reference_read, reference_select, reference_usage
-from helpers import (TOLERANCE, RecordedOps, check_read, random_inputs, read_with_grads,
-                     reference_with_grads, relative_error)
+from helpers import (TOLERANCE, NoHostReads, RecordedOps, check_read, random_inputs,
+                     read_with_grads, reference_with_grads, relative_error)
 from stm_kernels import memory_read, poison_outputs
 from stm_kernels.backends.triton import devices, kept_launches, launch, running
 from stm_kernels.backends.triton.launch import ForwardConfig, use_configs
@@ -450,18 +449,6 @@ def test_a_kept_selection_runs_its_two_kernels_and_no_torch_arithmetic():
     assert launched == ["memory_read_topk_kernel", "memory_read_topk_merge_kernel"]
 
 
-class _NoHostReads(TorchDispatchMode):
-    """Fails on any op that reads a device value on the host (what a CUDA synchronisation per
-    call would be, and what a CUDA graph capture refuses)."""
-    HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default",
-                  "aten.nonzero.default", "aten.nonzero_static.default",
-                  "aten.is_nonzero.default", "aten.equal.default"}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        assert str(func) not in self.HOST_READS, f"a host read of a device value: {func}"
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_kept_memory_read_reads_no_device_value_on_the_host():
     """memory_read's kept call (the op, its checks, the custom op and the kept launches),
     forward and backward, and a ragged one over a FixedCapacityMemory (whose lengths are
@@ -473,11 +460,11 @@ def test_a_kept_memory_read_reads_no_device_value_on_the_host():
     memory = FixedCapacityMemory(k, v, lengths=[300, 90])
     memory_read(*leaves, backend="triton").sum().backward()  # planned and kept
     memory.read(q, backend="triton")
-    with _NoHostReads():
+    with NoHostReads():
         memory_read(*leaves, backend="triton").sum().backward()
         out = memory.read(q, backend="triton")
     expected = torch.cat([reference_read(q, k[b:b + 1, :, :n], v[b:b + 1, :, :n])[0]
                           for b, n in enumerate((300, 90))])
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
-    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+    with pytest.raises(AssertionError, match="host read"), NoHostReads():
         memory_read(q, k, v, backend="triton", memory_lengths=torch.tensor([300, 90]))
