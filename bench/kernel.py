@@ -197,6 +197,8 @@ class ProviderRead:
             if provider == "triton_graphed" and q.device.type != "cuda":
                 raise RuntimeError("CUDA graphs need a CUDA GPU")
             from stm_kernels import prepare_read
+            for tensor in (q, k, v) if backward else ():  # leaves before the plan is built
+                tensor.requires_grad_()
             plan = prepare_read(q, k, v, scale=scale, backward=backward)
 
             def read():
@@ -271,9 +273,6 @@ def make_inputs(provider, pass_, dtype, B, HW, N, Ck, Cv, device):
     call backpropagates through a forward done once here (graph retained)."""
     randn = _random(device, dtype, seed=0)
     q, k, v = randn(1, Ck, HW), randn(B, Ck, N), randn(B, Cv, N)
-    if pass_ != "fwd" and provider in MODES:
-        for tensor in (q, k, v):  # leaves from the start: the planned read is built on them
-            tensor.requires_grad_()
     provider_read = ProviderRead.of(provider, q, k, v, 1.0 / math.sqrt(Ck),
                                     backward=pass_ != "fwd")
     read, tensors = provider_read.read, provider_read.leaves
@@ -329,32 +328,23 @@ def check_point(provider, pass_, dtype, B, HW, N, Ck, Cv, device, dtype_name):
     if objects == 0:
         return {}, bound, None
     expected = accuracy.reference_rows(q, k, v, rows, scale, grad, objects)
-    if backward and provider in MODES:
-        for tensor in (q, k, v):  # leaves from the start: the planned read is built on them
-            tensor.requires_grad_()
     provider_read = ProviderRead.of(provider, q, k, v, scale, backward=backward)
     del q, k, v
-    actual = {}
     if provider_read.graphed:  # the captured graph's replay is what is checked
-        for tensor in provider_read.leaves:
-            tensor.requires_grad_(backward)
         replay, out = provider_read.graph_of(provider_read.cotangent(grad) if backward else None)
         replay()
         torch.cuda.synchronize(device)
-        if backward:
-            actual = {name: value if name == "dq" else value[:objects]
-                      for name, value in provider_read.gradients().items()}
     elif backward:
         for tensor in provider_read.leaves:
             tensor.requires_grad_()
         out = provider_read.read()
         with provider_read.backward_context():
             out.backward(provider_read.cotangent(grad))
-        actual = {name: value if name == "dq" else value[:objects]
-                  for name, value in provider_read.gradients().items()}
     else:
         with torch.no_grad():
             out = provider_read.read()
+    actual = {name: value if name == "dq" else value[:objects]
+              for name, value in provider_read.gradients().items()} if backward else {}
     actual["out"] = provider_read.out_of(out.detach())[:objects, :, rows]
     return accuracy.check(actual, expected, dtype_name)
 
