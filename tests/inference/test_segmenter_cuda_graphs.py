@@ -6,6 +6,8 @@ is graphed apart. Offloaded or sharded memory, or a read backend that reads its 
 host, keeps the read eager between the graphed query encoder and decoder. On a CPU the
 cudagraphs backend runs its graphs without recording: everything but the capture is tested here,
 the capture itself by the `gpu` test."""
+import contextlib
+
 import pytest
 import torch
 
@@ -225,29 +227,43 @@ def test_graphed_replay_memorises_as_step_does(fresh_dynamo, monkeypatch):
                                atol=1e-5)
 
 
+def _gpu_clip(length):
+    """(the committed small model on the GPU, a synthetic clip of `length` frames there, its
+    first mask); skips where the model is missing."""
+    if not WEIGHTS.exists():
+        pytest.skip("the committed small model is missing")
+    model = load_small_model(device="cuda")
+    frames, labels = synthetic_video(length, size=(64, 96), seed=2)
+    frames = torch.as_tensor(frames).cuda()
+    frames = frames.float() / 255 if frames.dtype == torch.uint8 else frames
+    return model, frames, {0: torch.as_tensor(labels[0]).long().cuda()}
+
+
+@contextlib.contextmanager
+def _float32_without_tf32():
+    """Within the block cuDNN and matmuls compute float32 without TF32 (eager and graphed
+    alike)."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_segment_as_eager_on_a_gpu(fresh_dynamo):
     """On a GPU, compile={"mode": "reduce-overhead"} under inference mode: inductor records
     CUDA graphs (none skipped) and the probabilities follow eager's over a growing memory, in
     float32 without TF32 on either side."""
     from torch._dynamo.utils import counters
-    if not WEIGHTS.exists():
-        pytest.skip("the committed small model is missing")
-    model = load_small_model(device="cuda")
-    frames, labels = synthetic_video(16, size=(64, 96), seed=2)
-    frames = torch.as_tensor(frames).cuda()
-    frames = frames.float() / 255 if frames.dtype == torch.uint8 else frames
-    masks = {0: torch.as_tensor(labels[0]).long().cuda()}
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            eager = _run(VideoSegmenter(model, mem_every=2), frames, masks)
-            segmenter = VideoSegmenter(model, mem_every=2, compile={"mode": "reduce-overhead"})
-            with torch.inference_mode():  # as bench long-video runs it
-                graphed = [probs.clone() for probs in _run(segmenter, frames, masks)]
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
+    model, frames, masks = _gpu_clip(16)
+    with _float32_without_tf32():
+        eager = _run(VideoSegmenter(model, mem_every=2), frames, masks)
+        segmenter = VideoSegmenter(model, mem_every=2, compile={"mode": "reduce-overhead"})
+        with torch.inference_mode():  # as bench long-video runs it
+            graphed = [probs.clone() for probs in _run(segmenter, frames, masks)]
     assert counters["inductor"]["cudagraph_skips"] == 0
     for actual, expected in zip(graphed, eager, strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-3)
@@ -266,13 +282,7 @@ def test_cuda_graphs_hold_the_read_on_a_gpu(fresh_dynamo, monkeypatch):
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
     import stm_kernels.backends.triton as triton_backend
-    if not WEIGHTS.exists():
-        pytest.skip("the committed small model is missing")
-    model = load_small_model(device="cuda")
-    frames, labels = synthetic_video(24, size=(64, 96), seed=2)
-    frames = torch.as_tensor(frames).cuda()
-    frames = frames.float() / 255 if frames.dtype == torch.uint8 else frames
-    masks = {0: torch.as_tensor(labels[0]).long().cuda()}
+    model, frames, masks = _gpu_clip(24)
     step = [0]
     recorded, python_reads = [], []
     record = cudagraph_trees.CUDAGraphTreeManager.record_function
@@ -282,26 +292,20 @@ def test_cuda_graphs_hold_the_read_on_a_gpu(fresh_dynamo, monkeypatch):
     forward = triton_backend.forward
     monkeypatch.setattr(triton_backend, "forward", lambda *args, **kwargs: (
         python_reads.append(step[0]), forward(*args, **kwargs))[1])
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            eager = _run(VideoSegmenter(model, mem_every=1, read_backend="triton"), frames,
-                         masks)
-            python_reads.clear()
-            monkeypatch.setattr(MemoryBank, "read", lambda *args, **kwargs: pytest.fail(
-                "the read ran outside the graph"))
-            segmenter = VideoSegmenter(model, mem_every=1, read_backend="triton",
-                                       compile={"mode": "reduce-overhead"})
-            assert segmenter._read_in_graph
-            graphed, capacities = [], []
-            with torch.inference_mode():
-                for t, frame in enumerate(frames):
-                    step[0] = t
-                    graphed.append(segmenter.step(frame, mask=masks.get(t)).clone())
-                    capacities.append(tuple(bank.capacity for bank in segmenter.banks))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
+    with _float32_without_tf32():
+        eager = _run(VideoSegmenter(model, mem_every=1, read_backend="triton"), frames, masks)
+        python_reads.clear()
+        monkeypatch.setattr(MemoryBank, "read", lambda *args, **kwargs: pytest.fail(
+            "the read ran outside the graph"))
+        segmenter = VideoSegmenter(model, mem_every=1, read_backend="triton",
+                                   compile={"mode": "reduce-overhead"})
+        assert segmenter._read_in_graph
+        graphed, capacities = [], []
+        with torch.inference_mode():
+            for t, frame in enumerate(frames):
+                step[0] = t
+                graphed.append(segmenter.step(frame, mask=masks.get(t)).clone())
+                capacities.append(tuple(bank.capacity for bank in segmenter.banks))
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert capacities[16] == (16,) and capacities[-1] == (32,)
     settled = [t for t in range(3, len(frames)) if len(set(capacities[t - 2:t + 1])) == 1]
