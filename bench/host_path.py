@@ -60,6 +60,8 @@ their direct way to a compiled kernel that launches nothing (launches_to_nothing
 path up to the driver's launch call, layer by layer (`<read>: <layer>` rows):
 
     op                     memory_read with its checks, on its eager route (meta_read_eagerly);
+                           forward + backward only: "autograd alone", a Function that saves
+                           what the op saves and only allocates (_AllocatingRead): torch's floor
                            the ragged read's lengths a FixedCapacityMemory's (checked where
                            they are set: no host read of the device)
     custom op's dispatch   torch.ops.stm_kernels.memory_read (on meta it runs the op's fake
@@ -516,6 +518,26 @@ def meta_read_eagerly():
         read_module._plain_eager = real
 
 
+class _AllocatingRead(torch.autograd.Function):
+    """The op's autograd with no read in it: saves what the op saves (q, out, lse, k, v) and
+    only allocates its outputs and gradients, the floor torch's autograd sets under the
+    forward + backward rows."""
+
+    @staticmethod
+    def forward(ctx, scale, q, k, v):
+        out = torch.empty((q.shape[0], v.shape[1], q.shape[2]), dtype=v.dtype, device=v.device)
+        lse = torch.empty((q.shape[0], q.shape[2]), dtype=torch.float32, device=v.device)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, out, lse, k, v)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, _, _, k, v = ctx.saved_tensors
+        return (None, *(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                        for t in (q, k, v)))
+
+
 def _read_layers(kind, q, k, v, grad, lengths, first):
     """{layer: call} of one read kind on meta tensors, each layout planned (first)."""
     from stm_kernels import prepare_read
@@ -544,6 +566,8 @@ def _read_layers(kind, q, k, v, grad, lengths, first):
         first(through(lambda: memory_read(*leaves, backend="triton")))
         first(launchers)
         return {"op": through(lambda: memory_read(*leaves, backend="triton")),
+                "autograd alone (a Function that only allocates)": through(
+                    lambda: _AllocatingRead.apply(scale, *leaves)),
                 "custom op's dispatch (its fake implementation)": through(
                     lambda: torch.ops.stm_kernels.memory_read(
                         leaves[0], [leaves[1]], [leaves[2]], scale, False, "triton", None)[0]),

@@ -39,7 +39,9 @@ def test_cpu_run_times_the_launchers_python_and_writes_its_table(tmp_path, monke
     # lengths a FixedCapacityMemory's, checked on the host; the top-k read's softmax with no
     # autocast region), none left out
     read_layers = [f"{kind}: {layer}" for kind in host_path.READS for layer in (
-        "op", *["custom op's dispatch (its fake implementation)"] * (kind != "top-k"),
+        "op", *["autograd alone (a Function that only allocates)"] * (
+            kind == "forward + backward"),
+        *["custom op's dispatch (its fake implementation)"] * (kind != "top-k"),
         "prepared read", "launcher", "launcher, no launch")]
     reads = [row for row in payload["records"] if ": " in row["layer"]]
     assert payload["not_timed"] == []
