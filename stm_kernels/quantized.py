@@ -16,7 +16,13 @@ largest finite value), so no element is clipped.
 one of their chunks) is a QuantizedMemory; memory_read hands such calls to it. The "torch"
 backend dequantises one bounded chunk of the memory at a time (backends/pytorch.py reads it
 through `DequantizingMemory.columns`), "naive" dequantises the whole memory (it materialises
-the affinity anyway), "triton" refuses it, and "auto" takes "torch".
+the affinity anyway), and "triton" reads it with the fused 8-bit kernel
+(backends/triton/kernels/forward.py: memory_read_fwd_kernel_8bit), which loads the 8-bit tiles
+and applies the scales in registers. "auto" takes "triton" where memory_read's "auto" would for
+the query's dtype and device (CUDA) and the kernel takes the call, else "torch". The fused
+kernel takes one QuantizedMemory (or tensor) per argument, or chunks it can join without
+widening them (tensors, or QuantizedMemory chunks of one format with scales per position);
+not a top-k read nor usage (the selection and usage kernels read 16- and 32-bit keys).
 """
 from typing import Optional, Sequence, Union
 
@@ -242,9 +248,7 @@ def read(query_key: torch.Tensor, memory_key, memory_value, *, scale: Optional[f
     l2 = similarity == "l2"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "triton":
-        raise ValueError("backend='triton' does not read an 8-bit memory (QuantizedMemory) "
-                         "yet; use backend='torch' (or 'auto')")
+    fused = _fused_memory(backend, q, keys, values, top_k, return_usage)
     backend = "torch" if backend == "auto" else backend
     lengths = inputs.checked_lengths(memory_lengths, [k])
     top_k = inputs.checked_top_k(top_k, backend, k.shape[2])
@@ -256,6 +260,13 @@ def read(query_key: torch.Tensor, memory_key, memory_value, *, scale: Optional[f
                                 memory_lengths=lengths, top_k=top_k, return_usage=return_usage)
             out, lse = naive[0], naive[1]
             usage = naive[2] if return_usage else None
+        elif fused is not None:
+            from .backends import pytorch
+            from .backends import triton as triton_backend
+            out, lse = triton_backend.quantized_forward(
+                q, *fused[0], *fused[1], scale, l2, lengths,
+                reference=lambda: pytorch.forward(q, k, v, scale, l2, lengths))
+            usage = None
         elif top_k is not None:
             out, lse, usage = _topk_read(q, k, v, top_k, scale, l2, lengths, return_usage)
         else:
@@ -268,6 +279,56 @@ def read(query_key: torch.Tensor, memory_key, memory_value, *, scale: Optional[f
     if return_usage:
         results.append(usage)
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _fused_memory(backend, q, keys, values, top_k, return_usage):
+    """((k, k_scale, k_axis), (v, v_scale, v_axis)) for the fused 8-bit kernel, or None where
+    the read goes to the torch or naive backend. "triton": a ValueError in one line for what
+    the kernel does not read (checked before the device); "auto": the kernel where
+    memory_read's "auto" would take "triton" for the query (backends.resolve: its dtype,
+    CUDA) and the kernel reads the call."""
+    from . import backends
+    if backend not in ("triton", "auto"):
+        return None
+    why = None
+    if top_k is not None:
+        why = ("has no top-k read of an 8-bit memory (the selection kernel reads 16- and "
+               "32-bit keys)")
+    elif return_usage:
+        why = "has no usage of an 8-bit memory (the usage kernel reads 16- and 32-bit keys)"
+    if why is None and backend == "auto" and backends.resolve(backend, q) != "triton":
+        return None  # off CUDA, or a dtype the kernels do not take
+    memory = None
+    if why is None:
+        memory = (_joined(keys), _joined(values))
+        if None in memory:
+            why = ("reads an 8-bit memory as one QuantizedMemory per argument, or chunks of "
+                   "one format with scales per position (chunks with channel scales of their "
+                   "own cannot be joined)")
+    if why is not None:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' {why}; use backend='torch'")
+        return None
+    if backend == "triton" and backends.resolve(backend, q) != "triton":
+        return None  # no triton package: resolve warned, the torch backend reads
+    return memory
+
+
+def _joined(chunks):
+    """(data (B, C, N), scale (B, C or 1, N or 1) or None, axis or None) of a memory
+    argument's chunks as one, joined along N without widening them (tensors, or QuantizedMemory
+    chunks of one format with scales per position), or None where they cannot be."""
+    if all(isinstance(chunk, torch.Tensor) for chunk in chunks):
+        data = [chunk.flatten(2) for chunk in chunks]
+        return (data[0] if len(data) == 1 else torch.cat(data, 2)), None, None
+    if len(chunks) == 1:
+        chunk = chunks[0]
+        return chunk.data.flatten(2), chunk.scale.flatten(2), chunk.axis
+    if any(not isinstance(chunk, QuantizedMemory) or chunk.axis != "position" or
+           chunk.data.dtype != chunks[0].data.dtype for chunk in chunks):
+        return None
+    return (torch.cat([chunk.data.flatten(2) for chunk in chunks], 2),
+            torch.cat([chunk.scale.flatten(2) for chunk in chunks], 2), "position")
 
 
 def _topk_read(q, k, v, top_k, scale, l2, lengths, return_usage):

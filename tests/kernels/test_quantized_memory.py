@@ -261,8 +261,8 @@ def test_memory_read_of_float_value_and_quantized_key():
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda q, kq, vq, v: read(q, kq, vq, backend="triton"), ValueError,
-     "backend='triton' does not read an 8-bit memory"),
+    (lambda q, kq, vq, v: read(q, kq, vq, backend="triton", top_k=3), ValueError,
+     "backend='triton' has no top-k read of an 8-bit memory"),
     (lambda q, kq, vq, v: read(q, kq, vq, backend="cuda"), ValueError, "backend must be one of"),
     (lambda q, kq, vq, v: read(q.requires_grad_(), kq, vq), RuntimeError,
      "is inference only: no gradients"),

@@ -50,6 +50,14 @@ def forward(q, k, v, scale, l2, lengths=None):
                           l2, lengths)
 
 
+def quantized_forward(q, k, k_scale, k_axis, v, v_scale, v_axis, scale, l2, lengths, reference):
+    """(out, lse) of an 8-bit memory's read (launch.triton_quantized_forward's arguments), or
+    reference() (the torch backend's 8-bit read) where the kernel cannot run."""
+    return _with_fallback("forward", q, launch.triton_quantized_forward,
+                          lambda *_: reference(), q, k, k_scale, k_axis, v, v_scale, v_axis,
+                          scale, l2, lengths)
+
+
 def backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """(dq, dk, dv): launch.triton_backward, or the torch backend's."""
     return _with_fallback("backward", k, launch.triton_backward, pytorch.backward, grad_out,

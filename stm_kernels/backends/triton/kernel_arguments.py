@@ -84,3 +84,34 @@ def _query_inputs(q, k, lengths, l2, rank1, pad_query=True):
     score term, the lengths."""
     return dict(q=_padded_rows(q) if pad_query else q, k=k, ksq=_memory_term(k, l2, rank1),
                 lengths=_lengths_argument(lengths, k)[0])
+
+
+# Memory positions per slice of the 8-bit memory term: a slice is widened to float32 on its
+# own (at Ck = 128, 4 MiB), never the whole memory.
+TERM_POSITIONS = 8192
+
+
+def _quantized_memory_term(k, k_scale, l2):
+    """_memory_term of the 8-bit read: |k|^2 (B, N) float32 of the keys k * k_scale (k_scale
+    (B, Ck, 1) or (B, 1, N) float32, or None for keys in the query's dtype), each slice of
+    TERM_POSITIONS positions widened on its own; k itself (never read) without l2."""
+    if not l2:
+        return k
+    B, _, N = k.shape
+    term = torch.empty(B, N, dtype=torch.float32, device=k.device)
+    for start in range(0, N, TERM_POSITIONS):
+        stop = min(start + TERM_POSITIONS, N)
+        part = k[:, :, start:stop].to(torch.float32)
+        if k_scale is not None:
+            part = part * (k_scale if k_scale.shape[2] == 1 else k_scale[:, :, start:stop])
+        term[:, start:stop] = part.square().sum(1)
+    return term
+
+
+def _scale_strides(name, scale, axis):
+    """Keyword strides (b, c, n) of a (B, C, 1) or (B, 1, N) float32 scale tensor: the unused
+    axis' stride 0 (axis 1: per channel, 2: per position; 0: no scale, all 0)."""
+    strides = (0, 0, 0) if axis == 0 else (
+        scale.stride(0), scale.stride(1) if axis == 1 else 0, scale.stride(2) if axis == 2 else 0)
+    return {f"stride_{name}{suffix}": stride for suffix, stride in zip("bcn", strides,
+                                                                        strict=True)}

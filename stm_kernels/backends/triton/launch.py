@@ -3,7 +3,9 @@ records users and tools call. Each concern has a module of its own:
 
     forward_launcher.py     triton_forward: memory_read_fwd_kernel over (query block, object x
                             value chunk, memory split), then memory_read_merge_kernel when the
-                            memory is split (flash-decoding); or, opted in, the Gluon forward
+                            memory is split (flash-decoding); or, opted in, the Gluon forward;
+                            triton_quantized_forward: memory_read_fwd_kernel_8bit (an 8-bit
+                            memory) on the same plans
     backward_launcher.py    triton_backward: memory_read_bwd_kernel_prepare (delta, aligned
                             copies of dO and q, the zeroed dQ), then memory_read_bwd_kernel_dv
                             and memory_read_bwd_kernel_dkdq (dQ by atomics; deterministic, or
@@ -35,6 +37,7 @@ arguments are passed by name.
 """
 from .backward_launcher import triton_backward
 from .calls import exact_float32_on_torch, unsupported_reason
+from .forward_launcher import quantized_forward as triton_quantized_forward
 from .forward_launcher import triton_forward
 from .gluon_opt_in import (WARP_SPECIALIZED_BACKWARD_ENV, WARP_SPECIALIZED_ENV,
                            warp_specialized_backward, warp_specialized_backward_opted_in,
@@ -48,6 +51,7 @@ from .tilings import BackwardConfig, DkdqConfig, DqConfig, DvConfig, ForwardConf
 __all__ = [
     # the launchers
     "triton_forward", "triton_backward", "triton_select", "triton_usage",
+    "triton_quantized_forward",
     # whether and why not
     "KernelUnavailable", "unsupported_reason", "exact_float32_on_torch",
     # switches
