@@ -121,6 +121,7 @@ class Resources:
 
 
 KERNEL_NAMES = {"memory_read_fwd_kernel": "forward", "memory_read_merge_kernel": "merge",
+                "memory_read_fwd_kernel_8bit": "forward_8bit",
                 "memory_read_bwd_kernel_prepare": "prepare",
                 "memory_read_bwd_kernel_dv": "dv", "memory_read_bwd_kernel_dkdq": "dkdq",
                 "memory_read_bwd_kernel_dq": "dq", "memory_read_topk_kernel": "select",

@@ -189,4 +189,33 @@ def document(payload):
         lines += [f"- {where}" for where in entries] + [""]
     for name, entry in payload["targets"].items():
         lines.append(target_section(name, entry))
+    if payload.get("quantized"):
+        lines.append(quantized_section(payload["quantized"]))
     return "\n".join(lines)
+
+
+def quantized_section(quantized):
+    """The 8-bit forward's rows (report.quantized_rows) as one table."""
+    lines = ["## The 8-bit memory's forward (memory_read_fwd_kernel_8bit)", "",
+             "An 8-bit memory (stm_kernels.QuantizedMemory, inference only) read by the fused "
+             "forward at the same shape with a bf16 query, on the forward's tilings for "
+             "16-bit; the split merge is the plain one. Axes: where the keys' and the values' "
+             "scales are (channel: one per channel, folded into the query by the host; "
+             "position: one per memory position, applied to the scores' or p's columns). MMA: "
+             "the matrix instructions and their operand types (the 8-bit tiles are converted "
+             "to bf16 in registers; before sm_89 e4m3 codes are decoded from int8 bits).", "",
+             "| target | format | keys / values | case | config · registers · shared | "
+             "spills | MMA |", "|---|---|---|---|---|---|---|"]
+    for name, rows in quantized.items():
+        for row in rows:
+            where = (f"| {name} | {row['format']} | {row['key_axis']} / {row['value_axis']} "
+                     f"| {row['case']} | ")
+            if "unavailable" in row or "error" in row:
+                lines.append(where + f"{cell(row)} | - | - |")
+                continue
+            mma = ", ".join(f"{count}x {instruction.replace('..', '.')}"
+                            for instruction, count in sorted(row["mma"].items()))
+            lines.append(where + f"{config_text(row['config'])} · {row['registers']} r · "
+                         f"{row['shared_bytes'] / 1024:.0f}/{row['shared_limit'] / 1024:.0f} "
+                         f"KiB | {row['spill_bytes']} B | {mma or 'none'} |")
+    return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ _MEMORY_OP = re.compile(r"\b(ttg\.async_copy_global_to_local|tt\.load|tt\.descri
 _POINTER_TENSOR = re.compile(r"tensor<([\dx]+)x!tt\.ptr<(\w+)>")
 _TMA_DESTINATION = re.compile(r"-> !ttg\.memdesc<([\dx]+)x(\w+),")
 _DESCRIPTOR_RESULT = re.compile(r"-> tensor<([\dx]+)x(\w+),")
-ELEMENT_BYTES = dict(i1=1, i8=1, bf16=2, f16=2, i16=2, f32=4, i32=4, f64=8, i64=8)
+ELEMENT_BYTES = dict(i1=1, i8=1, f8E4M3FN=1, bf16=2, f16=2, i16=2, f32=4, i32=4, f64=8, i64=8)
 _DOT = re.compile(r"(?:ttng\.warp_group_dot|tt\.dot) .*?: (\S+?)<(\d+)x(\d+)x(\w+)"
                   r".*-> tensor<(\d+)x(\d+)xf32, #(\w+)>")
 # Blackwell's tcgen05 MMA (sm_100): operands A (M x K) and B (K x N) in shared or tensor memory,

@@ -292,6 +292,65 @@ def report(targets=None, precisions=None, cases=None, progress=None):
     return payload
 
 
+# --------------------------------------------------------------------------- 8-bit memory
+
+# The 8-bit forward (memory_read_fwd_kernel_8bit; an 8-bit memory, inference only), compiled
+# for the GPUs the issue names at the target shape with a bf16 query: each format, the two
+# pairs of scale axes (keys per channel with values per position, KIVI's; and the reverse),
+# dot and l2. Its rows are reported beside the plain kernels', not held to their targets.
+QUANTIZED_TARGETS = ("sm_80", "sm_89", "sm_90")
+QUANTIZED_FORMATS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QUANTIZED_AXES = (("channel", "position"), ("position", "channel"))
+QUANTIZED_CASES = ("dot", "l2")
+QUANTIZED_QUERY = "bf16"
+
+
+def _scale(B, C, N, axis):
+    return torch.empty(B, C, 1, device="meta") if axis == "channel" else \
+        torch.empty(B, 1, N, device="meta")
+
+
+def quantized_rows(name):
+    """The rows of the 8-bit forward on target `name`: per format, scale axes and case, the
+    launch the runtime chooses there (analyse's row, with the config and failed
+    candidates), or why no kernel runs."""
+    target = TARGETS[name]
+    B, HW, N, Cv = (SHAPE[key] for key in ("B", "HW", "N", "Cv"))
+    Ck = CASES["dot"][0]
+    q = torch.empty(1, Ck, HW, dtype=PRECISIONS[QUANTIZED_QUERY][0], device="meta")
+    rows = []
+    for fmt, dtype in QUANTIZED_FORMATS.items():
+        k = torch.empty(B, Ck, N, dtype=dtype, device="meta")
+        v = torch.empty(B, Cv, N, dtype=dtype, device="meta")
+        for key_axis, value_axis in QUANTIZED_AXES:
+            for case in QUANTIZED_CASES:
+                row = dict(format=fmt, key_axis=key_axis, value_axis=value_axis,
+                           query=QUANTIZED_QUERY, case=case)
+                launch.forget_choices()
+                with compiling_for(target, only=("forward_8bit",)) as launches:
+                    try:
+                        launch.triton_quantized_forward(
+                            q, k, _scale(B, Ck, N, key_axis), key_axis, v,
+                            _scale(B, Cv, N, value_axis), value_axis, Ck ** -0.5,
+                            CASES[case][1])
+                    except running.KernelUnavailable as error:
+                        row["unavailable"] = error.reason
+                records = [record for record in launches if record.kernel == "forward_8bit"]
+                if records and "unavailable" not in row:
+                    ran = [record for record in records if not record.error]
+                    row.update(analyse(ran[-1] if ran else records[-1], target))
+                    failed = list(dict.fromkeys(r.error for r in records if r.error))
+                    if failed:
+                        row["failed_candidates"] = failed
+                rows.append(row)
+    return rows
+
+
+def quantized_report(targets=QUANTIZED_TARGETS):
+    """{target: quantized_rows} of the 8-bit forward."""
+    return {name: quantized_rows(name) for name in targets}
+
+
 # --------------------------------------------------------------------------- checks
 
 
