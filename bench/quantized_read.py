@@ -19,8 +19,17 @@ Speed: the torch backend's read of one object at the official sizes (HW 1,620, C
 read with a bf16 query, interleaved rounds in one process (each variant's median). Peak: the
 resident-set peak of one read above its inputs, in a fresh process per variant
 (bench.common.cpu_peak_extra_bytes). Writes bench/results/quantized_read_<device>_<date>.json.
+
+On CUDA (--device cuda) the speed runs read with the fused kernels (backend "triton": the
+plain bf16 forward against memory_read_fwd_kernel_8bit), each round one do_bench median per
+variant (CUDA events), the variants interleaved, each checked first against the float64 read
+of its own stored memory; the kernels' own time (torch.profiler) beside it; the peak is the
+CUDA memory allocated by one read above its inputs, in this process:
+
+    python -m bench quantized-read --device cuda --captures 0 --sizes 16200 64800 162000
 """
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -174,36 +183,69 @@ def measure_errors(captured, similarity):
     return results
 
 
-def speed_inputs(N, variant, key_axis, value_axis, seed=0):
-    """(q, k, v) of one object at the official sizes for a speed variant: bf16 tensors, or a
-    bf16 query and an 8-bit memory."""
+def speed_inputs(N, variant, key_axis, value_axis, seed=0, device="cpu"):
+    """(q, k, v) of one object at the official sizes for a speed variant, on device: bf16
+    tensors, or a bf16 query and an 8-bit memory."""
+    from stm_kernels import QuantizedMemory
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 128, 1620, generator=generator)
     k = torch.randn(1, 128, N, generator=generator)
     v = torch.randn(1, 512, N, generator=generator)
     if variant == "bf16":
-        return q.bfloat16(), k.bfloat16(), v.bfloat16()
-    return q.bfloat16(), stored(k, variant, key_axis), stored(v, variant, value_axis)
+        return tuple(t.bfloat16().to(device) for t in (q, k, v))
+    k, v = stored(k, variant, key_axis), stored(v, variant, value_axis)
+    return (q.bfloat16().to(device), QuantizedMemory(k.data.to(device), k.scale.to(device)),
+            QuantizedMemory(v.data.to(device), v.scale.to(device)))
 
 
-def measure_speed(sizes, rounds, key_axis, value_axis):
-    """{N: {variant: {"median_ms", "times_ms"}}}: interleaved rounds of each variant's read."""
+def _checked_on_cuda(inputs, backend):
+    """The relative error of each variant's read against the float64 read of its own stored
+    memory (a fused read's correctness on the GPU, before it is timed)."""
     from stm_kernels import memory_read
+    from stm_kernels.selftest import relative_error
+    errors = {}
+    for name, (q, k, v) in inputs.items():
+        with torch.no_grad():
+            out = memory_read(q, k, v, backend=backend)
+            reference = memory_read(q.double(), widened(k), widened(v), backend="torch")
+        errors[name] = relative_error(out, reference)
+    return errors
+
+
+def measure_speed(sizes, rounds, key_axis, value_axis, device=None):
+    """{N: {variant: {"median_ms", "times_ms"}}}: interleaved rounds of each variant's read
+    (torch backend on the CPU, wall time; fused on CUDA: do_bench medians, with the kernels'
+    own time and each variant's error against float64)."""
+    from stm_kernels import memory_read
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
+    backend = "triton" if cuda else "torch"
     results = {}
     for N in sizes:
-        inputs = {name: speed_inputs(N, name, key_axis, value_axis) for name in SPEED_VARIANTS}
+        inputs = {name: speed_inputs(N, name, key_axis, value_axis, device=device)
+                  for name in SPEED_VARIANTS}
+        reads = {name: functools.partial(memory_read, *inputs[name], backend=backend)
+                 for name in SPEED_VARIANTS}
+        errors = _checked_on_cuda(inputs, backend) if cuda else {}
         times = {name: [] for name in SPEED_VARIANTS}
         with torch.no_grad():
             for name in SPEED_VARIANTS:  # warm-up
-                memory_read(*inputs[name], backend="torch")
+                reads[name]()
             for _ in range(rounds):
                 for name in SPEED_VARIANTS:
+                    if cuda:
+                        times[name].append(common.time_ms(reads[name], device)[0])
+                        continue
                     start = time.perf_counter()
-                    memory_read(*inputs[name], backend="torch")
+                    reads[name]()
                     times[name].append((time.perf_counter() - start) * 1e3)
-        results[N] = {name: {"median_ms": statistics.median(t), "times_ms": t}
-                      for name, t in times.items()}
-        print(f"N={N}: " + ", ".join(f"{name} {statistics.median(t):.0f} ms"
+            results[N] = {name: {"median_ms": statistics.median(t), "times_ms": t}
+                          for name, t in times.items()}
+            for name in SPEED_VARIANTS if cuda else ():
+                results[N][name].update(
+                    error=errors[name], kernel_ms=common.kernel_ms(reads[name], device),
+                    peak_bytes=common.cuda_peak_extra_bytes(reads[name], device))
+        print(f"N={N}: " + ", ".join(f"{name} {statistics.median(t):.3f} ms"
                                      for name, t in times.items()), flush=True)
     return results
 
@@ -289,6 +331,9 @@ def main(argv=None):
     parser.add_argument("--value-axis", choices=AXES, default="position",
                         help="the 8-bit values' scale axis in the speed and peak runs")
     parser.add_argument("--no-peaks", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the speed runs on the fused kernels (backend triton), "
+                             "their peaks in this process")
     args = common.parse_args_or_run_child(parser, argv, peak_child)
     if args is None:
         return 0
@@ -296,7 +341,7 @@ def main(argv=None):
     if reserved:
         parser.error(f"--sequences: {', '.join(reserved)} reserved test sequence(s); choose "
                      "training sequences")
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     payload = common.environment(device)
     payload.update(benchmark="quantized_read", checkpoint=args.checkpoint,
                    sequences=args.sequences, mem_every=args.mem_every, rounds=args.rounds,
@@ -304,7 +349,7 @@ def main(argv=None):
     if args.sequences and args.captures > 0:
         from bench.davis_test import load_model
         _, model, internal = load_model(args)
-        model = model.to(device)
+        model = model.to("cpu")
         captured = capture_memories(model, args, internal)
         payload.update(internal_size=internal, key_dim=model.config.key_dim,
                        value_dim=model.config.value_dim, similarity=model.config.similarity,
@@ -314,8 +359,8 @@ def main(argv=None):
         print(summary({**payload, "speed": None}), flush=True)
     if args.sizes:
         payload["speed"] = {str(N): r for N, r in measure_speed(
-            args.sizes, args.rounds, args.key_axis, args.value_axis).items()}
-        if not args.no_peaks:
+            args.sizes, args.rounds, args.key_axis, args.value_axis, device).items()}
+        if not args.no_peaks and device.type == "cpu":
             payload["peaks"] = {str(N): r for N, r in measure_peaks(
                 args.sizes, args.key_axis, args.value_axis).items()}
     common.finish_run("quantized_read", payload, None, summary)
