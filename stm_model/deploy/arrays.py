@@ -1,6 +1,7 @@
 """The array work around the graphs, in numpy and PIL, each the twin of the torch segmenter's:
-padding to multiples of 16, resizing, the merge of a given mask, labels, and the exact merge of
-chunk reads. No torch (the internal size is inference.options.internal_size, torch-free)."""
+padding to multiples of 16, resizing, the merge of a given mask, labels, the exact merge of
+chunk reads, and the int8 quantisation of a memory frame. No torch (the internal size is
+inference.options.internal_size, torch-free)."""
 import numpy as np
 from PIL import Image
 
@@ -94,3 +95,25 @@ def merge_chunks(readout, lse, chunk_readout, chunk_lse):
     merged = np.logaddexp(lse, chunk_lse)
     return (readout * np.exp(lse - merged)[:, None] +
             chunk_readout * np.exp(chunk_lse - merged)[:, None]), merged
+
+
+INT8_LARGEST = 127.0  # the largest magnitude of an int8 memory element (symmetric, no -128)
+
+
+def quantize_int8(memory, axis):
+    """(data int8, scale float32) of a float32 memory array (n, C, P): symmetric absmax
+    scales along axis ("channel": one per (object, channel), shape (n, C, 1); "position": one
+    per (object, position), shape (n, 1, P)), memory ~ data * scale. Bit for bit
+    stm_kernels.QuantizedMemory.quantize(memory, "int8", axis) (float32 arithmetic, rounding
+    half to even, an all-zero row's scale 1), the torch bank's format. ValueError for a memory
+    that is not finite."""
+    memory = np.asarray(memory, np.float32)
+    if axis not in ("channel", "position"):
+        raise ValueError(f"axis must be 'channel' or 'position'; got {axis!r}")
+    absmax = np.abs(memory).max(axis=1 if axis == "position" else 2, keepdims=True)
+    if not np.isfinite(absmax).all():
+        raise ValueError("memory must be finite to be quantised; it holds inf or NaN")
+    scale = absmax / np.float32(INT8_LARGEST)
+    scale = np.where(scale > 0, scale, np.float32(1))
+    data = np.clip(np.rint(memory / scale), -INT8_LARGEST, INT8_LARGEST).astype(np.int8)
+    return data, scale

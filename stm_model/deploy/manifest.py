@@ -12,6 +12,9 @@ which model they are. Imports neither torch nor onnxruntime.
     OUT/read_chunk.onnx      one chunk's read-out and log-sum-exp, merged by the runner
 
 H and W are multiples of 16 (the runner pads frames as the torch segmenter does); h = H / 16.
+The manifest's memory_dtype (MEMORY_DTYPES; a manifest without it: "fp32") is the memory the
+read graphs take: float32 keys and values, or "int8" keys and values with float32 scales
+(QUANTIZED_READ_INPUTS), the torch bank's 8-bit format.
 """
 import json
 from pathlib import Path
@@ -30,6 +33,14 @@ GRAPHS = {
     "read_chunk": (("query_key", "memory_key", "memory_value"), ("readout", "lse")),
 }
 INTERACTIVE_MEMORY_INPUTS = ("frame", "object_probs", "scribbles")
+READ_GRAPH_NAMES = ("read", "read_matmul", "read_chunk")
+# the memory the read graphs take: float32, or int8 with scales (stm_kernels.QuantizedMemory's
+# int8 format: keys one scale per object, channel and frame, values one per object and position)
+MEMORY_DTYPES = ("fp32", "int8")
+QUANTIZED_READ_INPUTS = ("query_key", "memory_key", "memory_value", "key_scale", "value_scale")
+# the ONNX element type of the memory inputs (onnxruntime's type names), per memory dtype
+MEMORY_TENSOR_TYPES = {"fp32": "tensor(float)", "int8": "tensor(int8)"}
+_TYPE_WORDS = {"tensor(float)": "float32", "tensor(int8)": "int8"}
 READ_FORMS = ("chunk", "whole")  # the runner's read: read_chunk, or read (read_matmul)
 
 
@@ -40,6 +51,17 @@ class ExportFolderError(ValueError):
 def graph_file(name):
     """The file name of graph `name` in an export folder."""
     return f"{name}.onnx"
+
+
+def read_inputs(memory_dtype):
+    """The input names of the read graphs for a memory of memory_dtype (MEMORY_DTYPES)."""
+    return QUANTIZED_READ_INPUTS if memory_dtype == "int8" else GRAPHS["read"][0]
+
+
+def memory_dtype_of(manifest):
+    """The memory dtype an export's read graphs take ("fp32" where the manifest predates the
+    field)."""
+    return manifest.get("memory_dtype", "fp32")
 
 
 def is_export_folder(path):
@@ -97,6 +119,10 @@ _FIELDS = {
     "graphs": (lambda value: isinstance(value, dict) and set(value) == set(GRAPHS),
                f"an object naming the graphs {', '.join(GRAPHS)}"),
 }
+# optional manifest keys (absent in earlier exports) -> (check, what it must be)
+_OPTIONAL_FIELDS = {
+    "memory_dtype": (lambda value: value in MEMORY_DTYPES, " or ".join(MEMORY_DTYPES)),
+}
 
 
 def _check_fields(manifest, path):
@@ -106,6 +132,10 @@ def _check_fields(manifest, path):
             found = "missing" if key not in manifest else repr(manifest[key])[:60]
             raise ExportFolderError(f"{path} is malformed: {key} must be {what}; got {found}. "
                                     "Export the model again")
+    for key, (valid, what) in _OPTIONAL_FIELDS.items():
+        if key in manifest and not valid(manifest[key]):
+            raise ExportFolderError(f"{path} is malformed: {key} must be {what}; got "
+                                    f"{repr(manifest[key])[:60]}. Export the model again")
     for name, graph in manifest["graphs"].items():
         if not (isinstance(graph, dict) and _positive_int(graph.get("opset")) and
                 isinstance(graph.get("inputs"), list) and
@@ -119,17 +149,28 @@ CHANNELS = {
     ("query_encoder", "key"): "key_dim", ("query_encoder", "value"): "value_dim",
     ("memory_encoder", "key"): "key_dim", ("memory_encoder", "value"): "value_dim",
     ("decoder", "readout"): "value_dim", ("decoder", "value"): "value_dim",
-    **{(read, name): size for read in ("read", "read_matmul", "read_chunk")
+    **{(read, name): size for read in READ_GRAPH_NAMES
        for name, size in (("query_key", "key_dim"), ("memory_key", "key_dim"),
-                          ("memory_value", "value_dim"), ("readout", "value_dim"))},
+                          ("memory_value", "value_dim"), ("readout", "value_dim"),
+                          ("key_scale", "key_dim"))},
 }
 
 
-def check_graph_interface(path, name, manifest, inputs, outputs):
+def check_graph_interface(path, name, manifest, inputs, outputs, input_types=None):
     """ExportFolderError unless graph `name` (file `path`) has the inputs and outputs the
-    manifest lists, with its key and value sizes. inputs, outputs: [(name, shape)] as the
-    runtime reads them from the graph (onnxruntime's get_inputs(), a symbolic axis a str)."""
+    manifest lists, with its key and value sizes, and (a read graph, given input_types) takes
+    the manifest's memory dtype. inputs, outputs: [(name, shape)] as the runtime reads them
+    from the graph (onnxruntime's get_inputs(), a symbolic axis a str); input_types: {name:
+    onnxruntime's type name, "tensor(float)", "tensor(int8)"}."""
     listed = manifest["graphs"][name]
+    if name in READ_GRAPH_NAMES and input_types is not None:
+        dtype = memory_dtype_of(manifest)
+        taken = sorted({_TYPE_WORDS.get(input_types.get(entry), str(input_types.get(entry)))
+                        for entry in ("memory_key", "memory_value")})
+        if taken != [_TYPE_WORDS[MEMORY_TENSOR_TYPES[dtype]]]:
+            raise ExportFolderError(f"{path} takes a {'/'.join(taken)} memory but the "
+                                    f"manifest's memory_dtype is {dtype}: a graph exported for "
+                                    "another memory dtype; export the model again")
     for kind, found, expected in (("inputs", inputs, listed["inputs"]),
                                   ("outputs", outputs, listed["outputs"])):
         names = [entry for entry, _ in found]

@@ -13,7 +13,10 @@ size, replay() for resuming, start_frame and reverse. The memory is numpy arrays
 memory frame; read="chunk" reads it chunk_frames frames at a time, each chunk's read-out and
 log-sum-exp merged exactly, so the read's working memory is bounded by the chunk however long
 the video; read="whole" runs one graph over all of it (the Attention operator where the
-runtime has it), whose affinity grows with the memory.
+runtime has it), whose affinity grows with the memory. An export with memory_dtype "int8"
+(to_onnx(..., memory_dtype="int8")): each memory frame is quantised as it is added, as the
+torch bank does (keys one scale per object and channel, values one per object and position;
+arrays.quantize_int8), no float32 copy kept, and the read graphs dequantise it.
 """
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -21,8 +24,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from stm_model.deploy import arrays
-from stm_model.deploy.manifest import (READ_FORMS, ExportFolderError, check_graph_interface,
-                                       graph_file, read_manifest)
+from stm_model.deploy.manifest import (MANIFEST, MEMORY_DTYPES, READ_FORMS, ExportFolderError,
+                                       check_graph_interface, graph_file, memory_dtype_of,
+                                       read_manifest)
 from stm_model.inference.options import internal_size
 from stm_model.memory.schedule import FrameSlots, PendingFrame, check_schedule, is_kept
 
@@ -55,7 +59,8 @@ class _Graph:
                                     ) from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         check_graph_interface(path, name, manifest, [(i.name, i.shape) for i in inputs],
-                              [(o.name, o.shape) for o in outputs])
+                              [(o.name, o.shape) for o in outputs],
+                              {i.name: i.type for i in inputs})
         self.inputs = [i.name for i in inputs]
 
     def __call__(self, *arrays_in):
@@ -64,12 +69,14 @@ class _Graph:
 
 class _Bank:
     """The memory of objects that entered together: one (n, Ck, h·w) key and (n, Cv, h·w)
-    value array per memory frame, in FrameSlots' slots."""
+    value array per memory frame, in FrameSlots' slots; int8 (quantized): int8 arrays, with
+    key scales (n, Ck, 1) and value scales (n, 1, h·w) per frame."""
 
-    def __init__(self, num_objects, max_frames):
-        self.num_objects = num_objects
+    def __init__(self, num_objects, max_frames, quantized=False):
+        self.num_objects, self.quantized = num_objects, quantized
         self.slots = FrameSlots(max_frames)
         self.keys, self.values = [], []
+        self.key_scales, self.value_scales = [], []
 
     @property
     def num_frames(self):
@@ -77,13 +84,20 @@ class _Bank:
 
     @property
     def nbytes(self):
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))
+        return sum(array.nbytes for store in (self.keys, self.values, self.key_scales,
+                                              self.value_scales) for array in store)
 
     def add(self, keys, values, permanent, frame_index):
         slot = self.slots.assign(permanent, frame_index)
-        stored = (keys.reshape(keys.shape[0], keys.shape[1], -1),
-                  values.reshape(values.shape[0], values.shape[1], -1))
-        for store, array in zip((self.keys, self.values), stored, strict=True):
+        keys = keys.reshape(keys.shape[0], keys.shape[1], -1)
+        values = values.reshape(values.shape[0], values.shape[1], -1)
+        stores, stored = (self.keys, self.values), (keys, values)
+        if self.quantized:
+            (keys, key_scales), (values, value_scales) = (
+                arrays.quantize_int8(keys, "channel"), arrays.quantize_int8(values, "position"))
+            stores += (self.key_scales, self.value_scales)
+            stored = (keys, values, key_scales, value_scales)
+        for store, array in zip(stores, stored, strict=True):
             if slot < len(store):
                 store[slot] = array
             else:
@@ -106,21 +120,33 @@ class OnnxSegmenter:
         start_frame, reverse: as VideoSegmenter's.
         threads: onnxruntime's intra-op threads (default: its own choice).
         providers: onnxruntime execution providers (default: ["CPUExecutionProvider"]).
+        memory_dtype: "fp32" or "int8", the memory the export's read graphs take (its
+            manifest's memory_dtype); None or "auto": the export's. Another than the export's
+            is an ExportFolderError naming the manifest: the read graphs are exported for one.
     """
 
     def __init__(self, folder, mem_every: int = 5, *, read: str = "chunk",
                  chunk_frames: int = 16, max_memory_frames: Optional[int] = None,
                  max_internal_size: Optional[int] = None, start_frame: int = 0,
                  reverse: bool = False, threads: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None) -> None:
+                 providers: Optional[Sequence[str]] = None,
+                 memory_dtype: Optional[str] = None) -> None:
         check_schedule(mem_every, max_memory_frames)
         if read not in READ_FORMS:
             raise ValueError(f"read must be one of {', '.join(READ_FORMS)}; got {read!r}")
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or \
                 chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer; got {chunk_frames!r}")
+        if memory_dtype not in (None, "auto") + MEMORY_DTYPES:
+            raise ValueError(f"memory_dtype must be one of {', '.join(MEMORY_DTYPES)} (or None: "
+                             f"the export's); got {memory_dtype!r}")
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
+        self.memory_dtype = memory_dtype_of(self.manifest)
+        if memory_dtype not in (None, "auto", self.memory_dtype):
+            raise ExportFolderError(f"{self.folder / MANIFEST}: this export's read graphs take "
+                                    f"a {self.memory_dtype} memory, not {memory_dtype}; export "
+                                    f"the model with memory_dtype {memory_dtype} for that")
         self.mem_every, self.max_memory_frames = int(mem_every), max_memory_frames
         self.read, self.chunk_frames = read, chunk_frames
         self.max_internal_size = max_internal_size or self.manifest["internal_size"]
@@ -146,9 +172,12 @@ class OnnxSegmenter:
             try:
                 attention = graph("read")
                 key_dim, value_dim = self.manifest["key_dim"], self.manifest["value_dim"]
+                memory = np.int8 if self.memory_dtype == "int8" else np.float32
+                scales = (np.ones((1, key_dim, 1), np.float32), np.ones((1, 1, 1), np.float32)
+                          ) if self.memory_dtype == "int8" else ()
                 attention(np.zeros((1, key_dim, 1), np.float32),
-                          np.zeros((1, key_dim, 1), np.float32),
-                          np.zeros((1, value_dim, 1), np.float32))
+                          np.zeros((1, key_dim, 1), memory),
+                          np.zeros((1, value_dim, 1), memory), *scales)
                 self.read_graph_name, self.read_graph = "read", attention
             except Exception:  # noqa: BLE001 (an older runtime: no Attention kernel)
                 self.read_graph_name, self.read_graph = "read_matmul", graph("read_matmul")
@@ -251,16 +280,24 @@ class OnnxSegmenter:
     def read_memory(self, bank, query_key) -> np.ndarray:
         """The read-out (n, Cv, HW) of `bank` for query_key (1, Ck, HW)."""
         if self.read == "whole":
-            return self.read_graph(query_key, np.concatenate(bank.keys, 2),
-                                   np.concatenate(bank.values, 2))[0]
+            return self.read_graph(query_key, *self._memory_inputs(bank, 0, bank.num_frames)
+                                   )[0]
         readout = lse = None
         for start in range(0, bank.num_frames, self.chunk_frames):
-            stop = start + self.chunk_frames
-            chunk = self.read_graph(query_key, np.concatenate(bank.keys[start:stop], 2),
-                                    np.concatenate(bank.values[start:stop], 2))
+            chunk = self.read_graph(query_key, *self._memory_inputs(
+                bank, start, start + self.chunk_frames))
             readout, lse = arrays.merge_chunks(readout, lse, *chunk)
         assert readout is not None, "a memory bank holds at least one frame"
         return readout
+
+    @staticmethod
+    def _memory_inputs(bank, start, stop):
+        """The read graphs' memory inputs for the bank's frames [start, stop): keys, values
+        (and an int8 memory's key scales (n, Ck, T), value scales (n, 1, T·h·w)), each frame's
+        positions contiguous along the last axis."""
+        stores = (bank.keys, bank.values) + ((bank.key_scales, bank.value_scales)
+                                             if bank.quantized else ())
+        return [np.concatenate(store[start:stop], 2) for store in stores]
 
     def _checked(self, frame, mask):
         frame = np.asarray(frame, dtype=np.float32)
@@ -320,5 +357,6 @@ class OnnxSegmenter:
 
     def _add_objects(self, new_ids: Iterable[int]):
         new_ids = list(new_ids)
-        self.banks.append(_Bank(len(new_ids), self.max_memory_frames))
+        self.banks.append(_Bank(len(new_ids), self.max_memory_frames,
+                              quantized=self.memory_dtype == "int8"))
         self.object_ids += new_ids

@@ -3,6 +3,7 @@ onnx`; the runner is stm_model.deploy.OnnxSegmenter; docs/deploy.md).
 
     from stm_model.export import to_onnx
     to_onnx("small-real", "small-real-onnx/")   # a shipped name, a checkpoint path or an STM
+    to_onnx("small-real", "small-real-int8/", memory_dtype="int8")  # read graphs take int8
 
 The folder's layout and names: stm_model.deploy.manifest. The per-frame graphs (query and
 memory encoders, decoder, soft aggregation) are torch.onnx exports of the model's modules
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from stm_kernels._version import __version__
 from stm_model.deploy.manifest import (FORMAT_VERSION, GRAPHS, INTERACTIVE_MEMORY_INPUTS,
-                                       MANIFEST, graph_file)
+                                       MANIFEST, MEMORY_DTYPES, READ_GRAPH_NAMES, graph_file,
+                                       read_inputs)
 
 MODEL_OPSET = 18
 # example sizes of the export (any size works after: the axes are dynamic)
@@ -39,11 +41,17 @@ def _require_onnx():
                           " pip install '/path/to/stm-kernels[deploy]' (from a clone)") from None
 
 
-def to_onnx(model, folder, *, source=None, verbose=False):
+def to_onnx(model, folder, *, source=None, verbose=False, memory_dtype="fp32"):
     """Write the ONNX graphs of `model` (an STM, a shipped model's name or a checkpoint path)
     into `folder` (created; an existing export there is replaced); returns the manifest (a
     dict). source: what the manifest names as the model (default: the name or path given).
-    ExportError, in one line, for what cannot be exported."""
+    memory_dtype: the memory the read graphs take, "fp32" or "int8" (int8 keys and values with
+    float32 scales, dequantised in the graph: stm_model.export.read_graphs); the manifest
+    records it and the runner keeps its memory so. ExportError, in one line, for what cannot
+    be exported."""
+    if memory_dtype not in MEMORY_DTYPES:
+        raise ValueError(f"memory_dtype must be one of {', '.join(MEMORY_DTYPES)} (an ONNX "
+                         f"export has no other memory); got {memory_dtype!r}")
     _require_onnx()
     import torch
 
@@ -61,15 +69,16 @@ def to_onnx(model, folder, *, source=None, verbose=False):
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        opsets = _write_graphs(model, staging, verbose)
+        opsets = _write_graphs(model, staging, verbose, memory_dtype)
         manifest = {
             "format_version": FORMAT_VERSION, "stm_kernels_version": __version__,
             "source": source or "an STM given in Python",
             "key_dim": config.key_dim, "value_dim": config.value_dim,
             "similarity": config.similarity, "internal_size": config.internal_size,
             "interactive": config.interactive, "backbone": config.backbone,
+            "memory_dtype": memory_dtype,
             "graphs": {name: {"file": graph_file(name), "opset": opsets[name],
-                              "inputs": list(_inputs(name, config)),
+                              "inputs": list(_inputs(name, config, memory_dtype)),
                               "outputs": list(GRAPHS[name][1])} for name in GRAPHS},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -82,13 +91,15 @@ def to_onnx(model, folder, *, source=None, verbose=False):
     return manifest
 
 
-def _inputs(name, config):
+def _inputs(name, config, memory_dtype="fp32"):
     if name == "memory_encoder" and config.interactive:
         return INTERACTIVE_MEMORY_INPUTS
+    if name in READ_GRAPH_NAMES:
+        return read_inputs(memory_dtype)
     return GRAPHS[name][0]
 
 
-def _write_graphs(model, folder, verbose):
+def _write_graphs(model, folder, verbose, memory_dtype):
     """Every graph of GRAPHS into folder; returns {name: opset}."""
     import onnx
     import torch
@@ -143,7 +154,7 @@ def _write_graphs(model, folder, verbose):
         onnx.checker.check_model(onnx.load(path), full_check=True)
         opsets[name] = MODEL_OPSET
     for name, build in read_graphs.READ_GRAPHS.items():
-        graph = build(config.key_dim, config.value_dim, config.similarity)
+        graph = build(config.key_dim, config.value_dim, config.similarity, memory_dtype)
         onnx.save(graph, folder / graph_file(name))
         opsets[name] = graph.opset_import[0].version
     return opsets
