@@ -1,7 +1,7 @@
 """The array work around the graphs, in numpy and PIL, each the twin of the torch segmenter's:
-padding to multiples of 16, resizing, the merge of a given mask, labels, the exact merge of
-chunk reads, and the int8 quantisation of a memory frame. No torch (the internal size is
-inference.options.internal_size, torch-free)."""
+padding to multiples of 16, resizing, the merge of a given mask, labels, and the exact merge of
+chunk reads. Also the int8 quantisation of a memory frame, the torch bank's. No torch (the
+internal size is inference.options.internal_size, torch-free)."""
 import numpy as np
 from PIL import Image
 
