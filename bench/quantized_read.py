@@ -27,6 +27,16 @@ of its own stored memory; the kernels' own time (torch.profiler) beside it; the 
 CUDA memory allocated by one read above its inputs, in this process:
 
     python -m bench quantized-read --device cuda --captures 0 --sizes 16200 64800 162000
+
+fp8 products (--fp8-products): whether the fused read of an fp8 memory could multiply in fp8
+(sm_89 / sm_90 tensor cores) instead of bf16, emulated in float64 with each operand's
+rounding applied (no GPU): synthetic memories (Gaussian, keys and values with uneven channel
+and position magnitudes, Ck 128, Cv 512, HW 512, N 8,192) at three softmax sharpnesses, keys
+per channel and values per position in fp8; the query folded with the keys' channel scales and
+rounded to bf16, then per query row to e4m3 (QK in fp8), p times the values' position scales
+to e4m3 after a factor 448 / max scale (PV in fp8). Errors against the float64 read of the
+dequantised fp8 memory (the products' own), and against the float32 memory (with the
+storage's).
 """
 import argparse
 import functools
@@ -250,6 +260,71 @@ def measure_speed(sizes, rounds, key_axis, value_axis, device=None):
     return results
 
 
+FP8_SHARPNESS = (1.0, 4.0, 8.0)  # the scores' scale, in units of 1/sqrt(Ck)
+FP8_PRODUCTS = (("bf16 x bf16 (the kernel)", False, False), ("fp8 QK, bf16 PV", True, False),
+                ("bf16 QK, fp8 PV", False, True), ("fp8 QK, fp8 PV", True, True))
+
+
+def _emulated_read(q, keys, values, scale, fp8_qk, fp8_pv):
+    """out (Cv, HW) float64 of the 8-bit read of one object as the fused kernel computes it
+    (keys per channel folded into the bf16 query, values per position into p), with QK and/or
+    PV in fp8 (see the module docstring); q (Ck, HW) bf16-valued float64."""
+    def e4m3(x):
+        return x.to(torch.float8_e4m3fn).to(torch.float64)
+
+    def bf16(x):
+        return x.to(torch.bfloat16).to(torch.float64)
+    k, v = keys.data[0].to(torch.float64), values.data[0].to(torch.float64)
+    folded = bf16(q * keys.scale[0].double())
+    if fp8_qk:
+        row = folded.abs().amax(0, keepdim=True) / 448
+        scores = row.T * (e4m3(folded / row).T @ k)
+    else:
+        scores = folded.T @ k
+    scores = scores * scale
+    p = torch.exp(scores - scores.amax(1, keepdim=True))
+    weighted = p * values.scale[0].double()
+    if fp8_pv:
+        factor = 448 / values.scale.double().amax()
+        out = (e4m3(weighted * factor) @ v.T) / factor
+    else:
+        out = bf16(weighted) @ v.T
+    return (out / p.sum(1, keepdim=True)).T
+
+
+def fp8_product_errors(Ck=128, Cv=512, HW=512, N=8192, seed=0):
+    """{sharpness: {"memory": the fp8 memory's error, variant: [error against the
+    dequantised memory's float64 read, against the float32 memory's]}} (module docstring)."""
+    from stm_kernels import QuantizedMemory
+    from stm_kernels.selftest import relative_error
+    from stm_kernels.backends.naive import naive_memory_read
+    generator = torch.Generator().manual_seed(seed)
+    results = {}
+    for sharpness in FP8_SHARPNESS:
+        def normal(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64)
+        q = normal(1, Ck, HW).bfloat16().double()
+        k = normal(1, Ck, N) * torch.rand(1, Ck, 1, generator=generator,
+                                          dtype=torch.float64).add(0.2)
+        v = normal(1, Cv, N) * torch.rand(1, 1, N, generator=generator,
+                                          dtype=torch.float64).add(0.2)
+        scale = sharpness / Ck ** 0.5
+        keys = QuantizedMemory.quantize(k, "fp8", "channel")
+        values = QuantizedMemory.quantize(v, "fp8", "position")
+        exact = naive_memory_read(q, keys.dequantize(torch.float64),
+                                  values.dequantize(torch.float64), scale, False)[0][0]
+        full = naive_memory_read(q, k, v, scale, False)[0][0]
+        result = {"memory": relative_error(exact, full)}
+        for name, fp8_qk, fp8_pv in FP8_PRODUCTS:
+            out = _emulated_read(q[0], keys, values, scale, fp8_qk, fp8_pv)
+            result[name] = [relative_error(out, exact), relative_error(out, full)]
+        results[str(sharpness)] = result
+        print(f"sharpness {sharpness}: the fp8 memory {result['memory']:.2e}; " + "; ".join(
+            f"{name} {result[name][0]:.2e} ({result[name][1]:.2e})"
+            for name, *_ in FP8_PRODUCTS), flush=True)
+    return results
+
+
 def peak_child(spec):
     """The resident-set peak (bytes) of one read above its inputs, in this fresh process."""
     from stm_kernels import memory_read
@@ -296,6 +371,17 @@ def summary(payload):
                      f"({min(c['positions'] for c in captures):,}-"
                      f"{max(c['positions'] for c in captures):,} positions), against the "
                      f"float64 read of the float32 memory:\n\n" + "\n".join(rows))
+    if payload.get("fp8_products"):
+        rows = ["| scores' scale | the fp8 memory | " + " | ".join(
+            name for name, *_ in FP8_PRODUCTS) + " |", "|---" * (len(FP8_PRODUCTS) + 2) + "|"]
+        for sharpness, result in payload["fp8_products"].items():
+            rows.append(f"| {sharpness} / sqrt(Ck) | {result['memory']:.2e} | " + " | ".join(
+                f"{result[name][0]:.2e} ({result[name][1]:.2e})" for name, *_ in FP8_PRODUCTS)
+                + " |")
+        parts.append("fp8 products, emulated (keys per channel, values per position in fp8; "
+                     "each cell: out's error against the float64 read of the dequantised fp8 "
+                     "memory, and in brackets against the float32 memory):\n\n"
+                     + "\n".join(rows))
     if payload.get("speed"):
         rows = ["| N | " + " | ".join(f"{v} ms" for v in SPEED_VARIANTS) +
                 " | 8-bit / bf16 time | peak above inputs, MiB: " +
@@ -331,6 +417,8 @@ def main(argv=None):
     parser.add_argument("--value-axis", choices=AXES, default="position",
                         help="the 8-bit values' scale axis in the speed and peak runs")
     parser.add_argument("--no-peaks", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--fp8-products", action="store_true",
+                        help="the emulated error of fp8 products in the fused read (no GPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the speed runs on the fused kernels (backend triton), "
                              "their peaks in this process")
@@ -357,6 +445,8 @@ def main(argv=None):
                                       objects=k.shape[0]) for s, f, _, k, _, _ in captured])
         payload["errors"] = measure_errors(captured, model.config.similarity)
         print(summary({**payload, "speed": None}), flush=True)
+    if args.fp8_products:
+        payload["fp8_products"] = fp8_product_errors()
     if args.sizes:
         payload["speed"] = {str(N): r for N, r in measure_speed(
             args.sizes, args.rounds, args.key_axis, args.value_axis, device).items()}
