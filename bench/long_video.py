@@ -8,6 +8,8 @@ naive read, with and without fp16 memory storage and memory offload.
     python -m bench long-video --lengths 30 100 --variants fused fused-compile
     python -m bench long-video --variants fused fused-graphs --warmup 5   # GPU: CUDA graphs
     python -m bench long-video --command 240p 480p --lengths 2000   # `stm segment`: RSS, bank
+    python -m bench long-video --size 480 854 --variants fused --memory-dtype bf16 int8 \
+        --max-memory-bytes 12582912 --lengths 100 200 300   # one bank budget, two dtypes
 
 The video: a real DAVIS-2016 sequence from ../shared/data ping-ponged (forwards, backwards,
 forwards ...) to the longest length when that folder is present, a synthetic video otherwise;
@@ -42,6 +44,15 @@ same run on another source tree (DIR holding its stm_model and stm_kernels, e.g.
 OLD_COMMIT stm_model stm_kernels | tar -x -C DIR`), --repeats times: speed figures of two
 commits in one interleaved measurement.
 
+--memory-dtype D [D ...]: each variant runs once per memory dtype (VideoSegmenter's
+memory_dtype: fp32, bf16, int8, ...; not with a variant that sets its own). --max-memory-bytes
+B: a fixed budget for the memory bank. Each run keeps as many memory frames as fit in it
+(VideoSegmenter(max_memory_frames=B // the bytes one memory frame takes in its dtype, scales
+included), evicting the oldest past that), so the table below the main one compares the frames
+each dtype keeps within the same bytes, and the peak beyond the bank against one read chunk's
+dequantised copy: what an 8-bit memory's read adds (the torch backend widens one chunk of
+CPU_CHUNK positions at a time).
+
 Variant fused-compile: VideoSegmenter(compile=True). Its compilation runs in a warm-up of a
 few frames on a separate segmenter before timing (recorded as warmup_s; --warmup N gives
 every variant such a warm-up); per-read times are not available inside the compiled graph
@@ -65,6 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
+from stm_model.inference.options import MEMORY_DTYPES
 
 SHARED_DAVIS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016-val"
 VARIANTS = {  # name: VideoSegmenter options ("fused" = triton on CUDA, torch on CPU)
@@ -192,11 +204,32 @@ def reserved_frames(spec):
     return -(-max(spec["lengths"]) // spec["mem_every"]) + 2
 
 
+def memory_frame_bytes(segmenter, frame_size, num_objects):
+    """Bytes one memory frame of num_objects objects takes in the segmenter's bank (its dtype,
+    an 8-bit memory's scales included) for frames of frame_size (H, W), at the size the network
+    sees them (max_internal_size, padded to multiples of 16)."""
+    from stm_model.inference.options import internal_size
+    height, width = internal_size(tuple(frame_size), segmenter.max_internal_size)
+    padded = (-(-height // 16) * 16, -(-width // 16) * 16)
+    return segmenter.new_memory_bank(num_objects, padded, max_frames=2).bytes_per_frame
+
+
+def chunk_copy_bytes(model, num_objects):
+    """Bytes of one read chunk's dequantised copy: CPU_CHUNK positions of every object's keys
+    and values widened to float32, then rounded to the read's bf16 (6 bytes an element), the
+    most an 8-bit memory's torch read holds beyond a 16-bit one's."""
+    from stm_kernels.backends.pytorch import CPU_CHUNK
+    config = model.config
+    return num_objects * (config.key_dim + config.value_dim) * CPU_CHUNK * (4 + 2)
+
+
 def run_variant(spec):
     """Segment the long video with one variant; returns its record (run in a fresh process)."""
     from stm_model.inference.video_segmenter import VideoSegmenter
     device = torch.device(spec["device"])
-    options = VARIANTS[spec["variant"]]
+    options = dict(VARIANTS[spec["variant"]])
+    if spec.get("memory_dtype"):
+        options["memory_dtype"] = spec["memory_dtype"]
     backend = ("triton" if device.type == "cuda" else "torch") if options["read"] == "fused" \
         else "naive"
     torch.manual_seed(0)
@@ -225,6 +258,17 @@ def run_variant(spec):
                                amp_dtype="bf16" if device.type == "cuda" else None,
                                max_internal_size=spec.get("max_internal_size"),
                                compile=options.get("compile", False))
+    budget = {}
+    if spec.get("max_memory_bytes"):
+        num_objects = len([i for i in first_labels.unique().tolist() if i > 0])
+        frame_bytes = memory_frame_bytes(segmenter, tuple(first_labels.shape), num_objects)
+        frames = spec["max_memory_bytes"] // frame_bytes
+        if frames < 2:
+            raise ValueError(f"--max-memory-bytes {spec['max_memory_bytes']} holds {frames} "
+                             f"memory frames of {frame_bytes} bytes; a memory needs at least 2")
+        segmenter = segmenter.with_options(max_memory_frames=frames)
+        budget = dict(memory_frame_bytes=frame_bytes, budget_frames=frames,
+                      chunk_copy_bytes=chunk_copy_bytes(model, num_objects))
     warmup_s = None
     warmup = max(spec.get("warmup") or 0, COMPILE_WARMUP_FRAMES if options.get("compile") else 0)
     if warmup:  # first-call costs (compilation, allocator, kernel selection) off the clock
@@ -252,6 +296,7 @@ def run_variant(spec):
                     peak_mem_bytes=peak_bytes(device) - baseline,
                     memory_frames=segmenter.memory_frames,
                     memory_bytes=segmenter.memory_bytes,
+                    memory_held_bytes=segmenter.memory_held_bytes,
                     memory_bytes_per_frame=segmenter.memory_bytes_per_frame)
     try:
         with torch.inference_mode():
@@ -292,7 +337,7 @@ def run_variant(spec):
         bank = segmenter.banks[0]
         network_size = [bank.size[0] * 16, bank.size[1] * 16]  # padded to a multiple of 16
     return dict(spec, status=status, model_name=model_name, video=video_name,
-                read_backend=backend, checkpoints=checkpoints, sample_stride=stride,
+                read_backend=backend, checkpoints=checkpoints, sample_stride=stride, **budget,
                 frame_index=list(range(0, len(frame_ms), stride)),
                 frame_ms=frame_ms[::stride], read_ms=read_ms[::stride],
                 memory_frames=memory_frames[::stride], warmup_s=warmup_s,
@@ -518,6 +563,9 @@ def summary(payload):
         return _resolutions_summary(payload)
     reserved = ", the memory bank allocated up front for the longest length" \
         if payload.get("reserve_memory") else ""
+    if payload.get("max_memory_bytes"):
+        reserved += (f", a memory bank budget of {payload['max_memory_bytes']:,} bytes "
+                     f"({payload['max_memory_bytes'] / 2**20:.1f} MiB)")
     rows = [f"Video: {payload['video']}, {payload['size'][1]}x{payload['size'][0]}, "
             f"{payload['model_name']}, mem_every={payload['mem_every']}{reserved}.", "",
             "| variant | read | frames | memory frames | fps | fps (last 100) | peak MiB | "
@@ -525,16 +573,57 @@ def summary(payload):
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in payload["records"]:
         ends = _last_read_and_rest(record)
+        variant = _label(record)
         for c in record["checkpoints"]:
             read, rest = (f"{value:.2f}" for value in ends[c["length"]]) \
                 if record.get("read_timed", True) else ("-", "-")
-            rows.append(f"| {record['variant']} | {record['read_backend']} | {c['length']} | "
+            rows.append(f"| {variant} | {record['read_backend']} | {c['length']} | "
                         f"{c['memory_frames']} | {c['fps']:.1f} | {c['fps_last_100']:.1f} | "
                         f"{common.mib(c['peak_mem_bytes'])} | {c['memory_bytes'] / 2**20:.0f} | "
                         f"{common.mib(_beyond_memory(record, c))} | {read} | {rest} |")
         if record["status"] != "ok":
-            rows.append(f"| {record['variant']} | {record['read_backend']} | "
+            rows.append(f"| {variant} | {record['read_backend']} | "
                         f"{record['status']} | | | | | | | | |")
+    if payload.get("max_memory_bytes"):
+        rows += ["", _budget_summary(payload)]
+    return "\n".join(rows)
+
+
+def _label(record):
+    """A record's variant, with its memory dtype where --memory-dtype set one."""
+    return record["variant"] + (f" {record['memory_dtype']}" if record.get("memory_dtype")
+                                else "")
+
+
+def _budget_summary(payload):
+    """--max-memory-bytes' table: per run, the bytes of a memory frame, the frames the budget
+    holds (and their ratio to the first run's, e.g. bf16's), the frames and bytes held at the
+    end, and the peak beyond the bank at the end, its excess over the first run's against one
+    read chunk's dequantised copy."""
+    records = [r for r in payload["records"] if r.get("budget_frames")]
+    if not records:
+        return ""
+    first = records[0]
+    first_end = first["checkpoints"][-1] if first["checkpoints"] else None
+    rows = [f"Within the budget, against {_label(first)}:", "",
+            "| variant | bytes per memory frame | memory frames the budget holds | "
+            f"x {_label(first)} | memory frames at the end | held MiB | beyond memory MiB | "
+            f"beyond memory - {_label(first)}'s, MiB | one chunk's dequantised copy, MiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for record in records:
+        end = record["checkpoints"][-1] if record["checkpoints"] else None
+        beyond = _beyond_memory(record, end) if end else None
+        first_beyond = _beyond_memory(first, first_end) if first_end else None
+        excess = "-" if beyond is None or first_beyond is None else \
+            f"{(beyond - first_beyond) / 2**20:+.1f}"
+        held = end.get("memory_held_bytes") if end else None
+        rows.append(f"| {_label(record)} | {record['memory_frame_bytes']:,} | "
+                    f"{record['budget_frames']} | "
+                    f"{record['budget_frames'] / first['budget_frames']:.2f} | "
+                    f"{end['memory_frames'] if end else '-'} | "
+                    f"{'-' if held is None else f'{held / 2**20:.1f}'} | "
+                    f"{common.mib(beyond)} | {excess} | "
+                    f"{record['chunk_copy_bytes'] / 2**20:.1f} |")
     return "\n".join(rows)
 
 
@@ -598,8 +687,8 @@ def plot(payload, path):
     (fps_axis, memory_axis), (read_axis, rest_axis) = axes
     for i, record in enumerate(payload["records"]):
         colour = f"C{i}"
-        label = record["variant"] + (f" {record['input_size'][1]}x{record['input_size'][0]}"
-                                     if record.get("input_size") else "")
+        label = _label(record) + (f" {record['input_size'][1]}x{record['input_size'][0]}"
+                                  if record.get("input_size") else "")
         lengths = [c["length"] for c in record["checkpoints"]]
         fps_axis.plot(lengths, [c["fps"] for c in record["checkpoints"]], marker="o",
                       color=colour, label=label)
@@ -661,6 +750,14 @@ def main(argv=None):
                         help="allocate the memory bank for the longest length up front "
                              "(VideoSegmenter(max_memory_frames=...)): no doubling copy, so "
                              "the peak beyond the bank is the frame's own working memory")
+    parser.add_argument("--memory-dtype", nargs="+", dest="memory_dtypes", metavar="DTYPE",
+                        choices=[d for d in MEMORY_DTYPES if d != "auto"],
+                        help="run each variant once per memory dtype (VideoSegmenter's "
+                             "memory_dtype; not with a variant that sets its own)")
+    parser.add_argument("--max-memory-bytes", type=int, metavar="BYTES",
+                        help="a fixed budget for the memory bank: each run keeps the memory "
+                             "frames of its dtype that fit (max_memory_frames), evicting the "
+                             "oldest past that")
     parser.add_argument("--command", nargs="+", choices=sorted(COMMAND_SIZES),
                         help="run `stm segment` itself on a synthetic video of each size, "
                              "recording its resident set and memory bank after every frame "
@@ -687,6 +784,18 @@ def main(argv=None):
     if args.command:
         return command_main(args, device)
     defaults = DEFAULTS[device.type]
+    variants = args.variants or defaults["variants"]
+    if args.memory_dtypes:
+        own = [v for v in variants if "memory_dtype" in VARIANTS[v]]
+        if own:
+            parser.error(f"--memory-dtype: the variants {', '.join(own)} set their own memory "
+                         "dtype; choose others (e.g. --variants fused)")
+    if args.max_memory_bytes is not None and args.max_memory_bytes < 1:
+        parser.error(f"--max-memory-bytes must be a positive number of bytes; got "
+                     f"{args.max_memory_bytes}")
+    if args.max_memory_bytes and args.reserve_memory:
+        parser.error("--max-memory-bytes bounds the bank; --reserve-memory sizes it for the "
+                     "longest length: give one")
     source = args.source or (str(SHARED_DAVIS) if SHARED_DAVIS.exists() else "synthetic")
     lengths = sorted(args.lengths or defaults["lengths"])
     max_internal_size = args.max_internal_size
@@ -699,7 +808,8 @@ def main(argv=None):
                 size=list(size), lengths=lengths, source=source,
                 sequence=args.sequence, mem_every=args.mem_every,
                 max_internal_size=max_internal_size, warmup=args.warmup,
-                time_limit=args.time_limit, reserve_memory=args.reserve_memory)
+                time_limit=args.time_limit, reserve_memory=args.reserve_memory,
+                max_memory_bytes=args.max_memory_bytes)
     payload = common.environment(device)
     payload.update(benchmark="long_video", **{k: v for k, v in spec.items() if k != "device"},
                    peak_mem_note=("CUDA: allocator peak above what was allocated before the "
@@ -708,10 +818,13 @@ def main(argv=None):
                    records=[])
     if args.input_resolutions:
         payload["input_resolutions"] = args.input_resolutions
-    runs = [(variant, resolution) for resolution in args.input_resolutions or [None]
-            for variant in args.variants or defaults["variants"]]
-    for variant, resolution in runs:
-        run_spec = dict(spec, variant=variant,
+    if args.memory_dtypes:  # a run of these memory dtypes (bench report keeps it apart)
+        payload["dtypes"] = args.memory_dtypes
+    runs = [(variant, resolution, memory_dtype)
+            for resolution in args.input_resolutions or [None]
+            for variant in variants for memory_dtype in args.memory_dtypes or [None]]
+    for variant, resolution, memory_dtype in runs:
+        run_spec = dict(spec, variant=variant, memory_dtype=memory_dtype,
                         input_size=list(INPUT_RESOLUTIONS[resolution]) if resolution else None)
         try:
             record = common.speed_then_peak_over_lengths(
@@ -726,7 +839,8 @@ def main(argv=None):
         last = record["checkpoints"][-1] if record["checkpoints"] else None
         shown = (f"{last['length']} frames {last['fps']:.1f} fps "
                  f"{common.mib(last['peak_mem_bytes'])} MiB" if last else "")
-        print(f"{variant:20} {resolution or '':6} {record['status']:8} {shown}", flush=True)
+        print(f"{_label(record):20} {resolution or '':6} {record['status']:8} {shown}",
+              flush=True)
         common.save_progress("long_video", payload)  # a cut-off run keeps its variants
     common.finish_run("long_video", payload, plot, summary)
     return 0
