@@ -145,6 +145,9 @@ case "${1:-tests}" in
     timed "$(until_mark 400)" python3 -m bench long-video --variants fused fused-graphs \
       --lengths 50 200 1000 --mem-every 5 --time-limit 60 --warmup 5
     cutie_step "$(until_mark 455)" --size 480 854 --lengths 1000 3000 10000 --time-limit 25
+    # the 8-bit memory's fused forward (int8, fp8) beside the bf16 one, errors checked first
+    timed "$(until_mark 480)" python3 -m bench quantized-read --device cuda --captures 0 \
+      --sizes 16200 162000 --rounds 3
     # the tests of what has never run on a GPU first, in a pytest run of their own (pytest
     # collects overlapping paths in tree order, not in the order given), then the rest
     new_tests="tests/kernels/test_fixed_capacity_gpu.py tests/inference/test_segmenter_cuda_graphs.py

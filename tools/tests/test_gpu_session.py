@@ -189,9 +189,9 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     pytest.importorskip("matplotlib")
     from bench import integrations, kernel, long_video
     completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0)
-    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 6, completed.stdout
-    host, peers, video, cutie, new_tests, tests = (line.split(" | ")[0].split()
-                                                   for line in lines)
+    assert [line.split(" | ")[1] for line in lines] == ["finished"] * 7, completed.stdout
+    host, peers, video, cutie, quantized, new_tests, tests = (line.split(" | ")[0].split()
+                                                              for line in lines)
     assert host == ["-m", "bench", "host-path", "--ns", "16200", "1620"]
     assert peers[:3] == ["-m", "bench", "kernel"]
     options = parsed_options(kernel, peers[3:], monkeypatch)
@@ -210,6 +210,12 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
     assert cutie[:3] == ["-m", "bench", "integrations"]
     assert options.models == ["cutie"] and options.reads == ["original", "fused"]
     assert options.size == [480, 854] and options.time_limit == 25
+    # issue 81 item 5: the 8-bit fused forward timed beside bf16 on the GPU
+    from bench import quantized_read
+    assert quantized[:3] == ["-m", "bench", "quantized-read"]
+    options = parsed_options(quantized_read, quantized[3:], monkeypatch)
+    assert options.device == "cuda" and options.captures == 0
+    assert options.sizes == [16200, 162000] and options.rounds == 3
     # what has never run on a GPU first, in a run of its own (files that exist), then the rest
     first_files = ["tests/kernels/test_fixed_capacity_gpu.py",
                    "tests/inference/test_segmenter_cuda_graphs.py",
@@ -228,7 +234,7 @@ def test_first_stage_runs_the_host_path_the_peers_the_long_video_cutie_then_the_
 def test_first_stage_says_what_to_carry_where_cutie_is_missing(tmp_path):
     completed, lines, _ = _run_stage(tmp_path, "first", 585, shim_seconds=0,
                                      SHIM_NO_CUTIE="1")
-    assert len(lines) == 5 and not any("integrations" in line for line in lines), lines
+    assert len(lines) == 6 and not any("integrations" in line for line in lines), lines
     assert "== no Cutie here: run python -m tools.gpu_session.deps" in completed.stdout
 
 
