@@ -351,7 +351,8 @@ def _option_argument(parser, name):
         parser.add_argument(flag.name, dest=field.name, action="store_true", help=flag.help)
         return
     kind = dict(type=_count(flag.minimum)) if flag.minimum is not None else {}
-    parser.add_argument(flag.name, dest=field.name, default=field.default,
+    default = field.default if flag.default is None else flag.default
+    parser.add_argument(flag.name, dest=field.name, default=default,
                         choices=flag.choices, metavar=flag.metavar, help=flag.help, **kind)
 
 
@@ -428,7 +429,8 @@ def _interactive_parser(parser):
                         help="scribble width in pixels (at most the frames' smaller side)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=options_module.AMP_DTYPES,
-                        help="autocast the network")
+                        help="autocast the network in this dtype (default: none; auto: bf16 on "
+                             "a CPU with bf16 dot products, as stm segment's default)")
     parser.add_argument("--backend", choices=BACKENDS,
                         help="memory read implementation (default: auto)")
     _interactive_memory_dtype_argument(parser)

@@ -20,9 +20,9 @@ def device_named(name):
 
 
 def warn_if_autocast_on_cpu(amp, device):
-    """--amp where the CPU has no native instructions for it (autocast_is_slow): say so once,
-    before the work."""
-    if amp and autocast_is_slow(device, amp):
+    """--amp fp16 or bf16 where the CPU has no native instructions for it (autocast_is_slow):
+    say so once, before the work (auto picks bf16 only where the CPU has them)."""
+    if amp in ("fp16", "bf16") and autocast_is_slow(device, amp):
         print(f"warning: --amp {amp} on this CPU is many times slower than float32 (it has no "
               f"native {amp} matrix instructions); drop --amp here", file=sys.stderr)
 

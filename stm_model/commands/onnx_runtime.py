@@ -10,10 +10,11 @@ from stm_model.commands.common import DEFAULT_CHECKPOINT
 from stm_model.deploy.manifest import ExportFolderError, is_export_folder
 
 RUNTIMES = ("torch", "onnxruntime")
-# flags of the torch segmenter that the ONNX runner does not have, and their default values
-TORCH_ONLY = {"amp_dtype": ("--amp", None), "read_backend": ("--backend", None),
-              "offload": ("--offload", False),
-              "offload_chunk_frames": ("--offload-chunk-frames", 64)}
+# flags of the torch segmenter that the ONNX runner does not have, and the values it takes
+# (their defaults; --amp auto and fp32 too: the runner's network is float32)
+TORCH_ONLY = {"amp_dtype": ("--amp", ("auto", "fp32", None)),
+              "read_backend": ("--backend", (None,)), "offload": ("--offload", (False,)),
+              "offload_chunk_frames": ("--offload-chunk-frames", (64,))}
 
 
 def check_onnx_arguments(args):
@@ -22,8 +23,8 @@ def check_onnx_arguments(args):
         if args.onnx_read is not None:
             raise UsageError("--onnx-read applies with --runtime onnxruntime")
         return
-    for name, (flag, default) in TORCH_ONLY.items():
-        if getattr(args, name, default) != default:
+    for name, (flag, taken) in TORCH_ONLY.items():
+        if getattr(args, name, taken[0]) not in taken:
             raise UsageError(f"{flag} applies to the torch runtime, not to --runtime "
                              "onnxruntime")
     if args.memory_dtype not in ("auto", "fp32"):

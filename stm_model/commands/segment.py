@@ -122,6 +122,9 @@ def _resumable(args, output, record):
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(f"--resume: {path} is not JSON ({error}); pass --overwrite to start "
                          "again") from None
+    options = earlier.get("options")
+    if isinstance(options, dict) and "amp_dtype" in options and options["amp_dtype"] is None:
+        options["amp_dtype"] = "fp32"  # --amp unset when unset meant no autocast: fp32's masks
     changed = []
     for key, value in record.items():
         if key == "options" and isinstance(earlier.get(key), dict):  # name the option itself
@@ -350,6 +353,7 @@ def _segment_video(args, source, output):
         "memory capacity MiB": capacity_bytes / 2**20,
         "peak memory MiB": _peak_memory_bytes(device) / 2**20,
         "device": "onnxruntime (CPU)" if device is None else str(device),
+        "network": "float32" if device is None else _network_precision(seg),
         "masks": str(output / "masks"), "overlay": str(writer.path) if writer else "none",
     }
     width = max(map(len, summary))
@@ -357,6 +361,15 @@ def _segment_video(args, source, output):
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name:>{width}}: {text}")
     return 0
+
+
+def _network_precision(segmenter):
+    """The summary's network line: the model's dtype, and autocast's where it runs (--amp)."""
+    def name(dtype):
+        return str(dtype).removeprefix("torch.")
+    if segmenter.amp_dtype is None:
+        return name(segmenter.model_dtype)
+    return f"{name(segmenter.model_dtype)}, {name(segmenter.amp_dtype)} autocast"
 
 
 def _peak_memory_bytes(device):

@@ -61,7 +61,9 @@ class BatchSegmenter(SessionCore):
             VideoSegmenter's).
         max_memory_frames: bound on the frames of each object's memory (FIFO eviction of the
             oldest kept frame; the first frame always stays). None: unbounded.
-        amp_dtype: run the encoders and decoder under torch.autocast with this dtype.
+        amp_dtype: run the encoders and decoder under torch.autocast with this dtype (None
+            or "fp32": no autocast, the default; "auto": bf16 on a CPU with bf16 dot products,
+            as SessionCore says).
         read_backend: memory_read backend (default: the model config's).
         network_batch: most frames (query encoder) or objects (memory encoder, decoder) per
             network call; "auto": all of them on a GPU, CPU_PIXELS_PER_CALL pixels' worth

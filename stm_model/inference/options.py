@@ -6,8 +6,9 @@
 
 VideoSegmenter takes every field, BatchSegmenter those marked for batches; each is checked here,
 when the options are made. The `stm segment` and `stm segment-dataset` flags are made from the
-fields' CliFlag (flag name, help, choices or minimum), and a run over several videos refuses,
-by flag name and with the field's reason, an option that applies to one video only.
+fields' CliFlag (flag name, help, choices or minimum, and the commands' own default where it
+differs: --amp auto), and a run over several videos refuses, by flag name and with the field's
+reason, an option that applies to one video only.
 
 This module imports no torch (the `stm` command builds its parsers from it before parsing):
 the checks that need the segmenters' modules import them when options are made. The other
@@ -24,7 +25,8 @@ from stm_kernels.options import BACKENDS, DTYPE_NAMES
 if TYPE_CHECKING:
     from stm_model.runtime.devices import DtypeName
 
-AMP_DTYPES = tuple(name for name in DTYPE_NAMES if name != "fp32")  # autocast's lower precisions
+# amp_dtype's names: "auto" (runtime.devices.amp_dtype_option), fp32 (no autocast), fp16, bf16
+AMP_DTYPES = ("auto",) + DTYPE_NAMES
 # memory_dtype's 8-bit formats (stm_kernels.QuantizedMemory), beside DTYPE_NAMES and "auto"
 MEMORY_FORMATS = ("int8", "fp8")
 MEMORY_DTYPES = tuple(sorted(DTYPE_NAMES)) + MEMORY_FORMATS + ("auto",)
@@ -36,14 +38,16 @@ MASK_POLICIES = ("first", "all")  # a dataset's masks: the first frame's, or eve
 
 @dataclasses.dataclass(frozen=True)
 class CliFlag:
-    """How a field appears on the command line: its flag, help text, and the values it takes
-    (choices; minimum for an integer; switch for an on/off flag)."""
+    """How a field appears on the command line: its flag, help text, the values it takes
+    (choices; minimum for an integer; switch for an on/off flag) and, where the commands'
+    default is not the Python API's, theirs."""
     name: str
     help: str
     choices: Optional[tuple] = None
     minimum: Optional[int] = None
     metavar: Optional[str] = None
     switch: bool = False
+    default: Any = None  # the commands' default where it is not the field's (None: the field's)
 
 
 def _option(default, flag=None, *, one_video=None):
@@ -74,7 +78,9 @@ class SegmenterOptions:
         "--offload-chunk-frames", "with --offload: memory frames copied to the device per "
         "read step", minimum=1, metavar="N"), one_video="it goes with --offload")
     amp_dtype: DtypeName = _option(None, CliFlag(
-        "--amp", "autocast the network in this dtype", choices=AMP_DTYPES))
+        "--amp", "autocast the network in this dtype (default: auto, bf16 on a CPU with bf16 "
+        "dot products, where the network runs faster with the same J&F, else none); fp32: no "
+        "autocast", choices=AMP_DTYPES, default="auto"))
     read_backend: Optional[str] = _option(None, CliFlag(
         "--backend", "memory read implementation (default: auto)", choices=BACKENDS))
     shard_memory: bool = _option(False, one_video="it spreads one video's memory over ranks")
@@ -97,7 +103,12 @@ class SegmenterOptions:
                 raise ValueError(f"memory_dtype must be one of {', '.join(MEMORY_DTYPES)} (or "
                                  f"a torch dtype); got {self.memory_dtype!r}") from None
         check_memory_format(self.memory_dtype, self.read_backend, self.shard_memory)
-        _check_dtype("amp_dtype", self.amp_dtype)
+        if self.amp_dtype != "auto":
+            try:
+                _check_dtype("amp_dtype", self.amp_dtype)
+            except ValueError:
+                raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)} (or a "
+                                 f"torch dtype); got {self.amp_dtype!r}") from None
         if self.read_backend is not None and self.read_backend not in BACKENDS:
             raise ValueError(f"read_backend must be one of {', '.join(BACKENDS)} or None; got "
                              f"{self.read_backend!r}")

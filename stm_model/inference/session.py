@@ -15,7 +15,7 @@ from stm_kernels import backends
 
 from stm_model.inference.options import check_memory_format, memory_format
 from stm_model.memory.bank import MemoryBank
-from stm_model.runtime.devices import DtypeName, dtype_option, memory_dtype_option
+from stm_model.runtime.devices import DtypeName, amp_dtype_option, memory_dtype_option
 from stm_model.network.checkpoint import warn_if_synthetic_only
 from stm_model.network.stm import STM
 
@@ -44,7 +44,10 @@ class SessionCore:
             torch.float8_e4m3fn): 8-bit storage with float32 scales (MemoryBank), read in
             what "auto" would store (read_dtype; the 8-bit read multiplies in it), by the
             torch backend ("auto" takes it; "triton" is refused).
-        amp_dtype: run the network under torch.autocast with this dtype (None: no autocast).
+        amp_dtype: run the network under torch.autocast with this dtype ("fp16", "bf16" or a
+            torch dtype; None or "fp32": no autocast, the default); "auto": bf16 on a CPU with
+            bf16 dot products and a float32 model, else no autocast
+            (runtime.devices.amp_dtype_option; the `stm` commands' default).
         read_backend: memory_read backend (default: the model config's).
 
     A shipped model trained on synthetic video only ("small", "small-interactive") warns once
@@ -61,12 +64,12 @@ class SessionCore:
 
     def __init__(self, model: STM, *, memory_dtype: DtypeName = None,
                  amp_dtype: DtypeName = None, read_backend: Optional[str] = None) -> None:
-        amp = dtype_option("amp_dtype", amp_dtype)
+        parameter = next(model.parameters())
+        self.device, self.model_dtype = parameter.device, parameter.dtype
+        amp = amp_dtype_option(amp_dtype, self.device, self.model_dtype)
         self.model = model.eval()
         channels_last_on(model)
         warn_if_synthetic_only(model, stacklevel=3)  # the caller of the session's __init__
-        parameter = next(model.parameters())
-        self.device, self.model_dtype = parameter.device, parameter.dtype
         eight_bit = memory_format(memory_dtype)
         if eight_bit is None:
             self.memory_dtype = memory_dtype_option(memory_dtype, self.device, parameter.dtype,

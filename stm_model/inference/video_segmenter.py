@@ -65,7 +65,9 @@ class VideoSegmenter(SessionCore):
             kept frame; the first frame always stays). None: unbounded.
         offload: keep the memory in CPU memory and read it chunk by chunk on the device.
         offload_chunk_frames: memory frames per chunk when offloading.
-        amp_dtype: run the encoders and decoder under torch.autocast with this dtype.
+        amp_dtype: run the encoders and decoder under torch.autocast with this dtype (None
+            or "fp32": no autocast, the default; "auto": bf16 on a CPU with bf16 dot products,
+            as SessionCore says).
         read_backend: memory_read backend (default: the model config's).
         shard_memory: spread the memory over the ranks of shard_group (torch.distributed):
             every rank runs this segmenter on the same frames and masks, stores every

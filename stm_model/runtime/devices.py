@@ -57,7 +57,7 @@ DtypeName = Union[str, torch.dtype, None]
 _DTYPE_OPTIONS: dict = {None: None, **DTYPES, **{dtype: dtype for dtype in DTYPES.values()}}
 
 
-AUTO = "auto"  # a memory dtype chosen for the device (memory_dtype_option)
+AUTO = "auto"  # a dtype chosen for the device (memory_dtype_option, amp_dtype_option)
 
 
 def memory_dtype_option(value: DtypeName, device: torch.device, model_dtype: torch.dtype,
@@ -77,6 +77,28 @@ def memory_dtype_option(value: DtypeName, device: torch.device, model_dtype: tor
     except ValueError:
         raise ValueError(f"memory_dtype must be one of {', '.join(DTYPES)}, {AUTO} (or a "
                          f"torch dtype); got {value!r}") from None
+
+
+def amp_dtype_option(value: DtypeName, device: torch.device,
+                     model_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The network's autocast dtype for an amp_dtype option (None: no autocast). "auto" is
+    bf16 on a CPU with bf16 dot products (cpu_features.bf16_dot_products) and a float32 model,
+    where the network runs faster with the same J&F (docs/performance.md, the network in bf16
+    autocast), else no autocast: on CUDA too, where bf16 autocast has not been measured against
+    float32 yet. "fp32" (torch.float32) and None are no autocast; "fp16" and "bf16" (or those
+    torch dtypes) are autocast in that dtype, whatever the device. ValueError naming amp_dtype
+    for anything else."""
+    if value == AUTO:
+        from stm_kernels.backends import cpu_features
+        bf16 = (device.type == "cpu" and model_dtype == torch.float32
+                and cpu_features.bf16_dot_products())
+        return torch.bfloat16 if bf16 else None
+    try:
+        dtype = dtype_option("amp_dtype", value)
+    except ValueError:
+        raise ValueError(f"amp_dtype must be one of {AUTO}, {', '.join(DTYPES)} (or a torch "
+                         f"dtype); got {value!r}") from None
+    return None if dtype == torch.float32 else dtype
 
 
 def dtype_option(name: str, value: DtypeName) -> Optional[torch.dtype]:

@@ -45,7 +45,7 @@ def test_export_writes_the_folder_and_segment_gives_the_torch_masks(clip, export
     assert (exported / "stm_onnx.json").is_file() and (exported / "read.onnx").is_file()
     frames, mask = clip
     runs = {}
-    for runtime, extra in (("torch", ["--memory-dtype", "fp32"]),
+    for runtime, extra in (("torch", ["--memory-dtype", "fp32", "--amp", "fp32"]),
                            ("onnxruntime", ["--checkpoint", str(exported)]),
                            ("whole", ["--checkpoint", str(exported), "--onnx-read", "whole"])):
         out = tmp_path / runtime

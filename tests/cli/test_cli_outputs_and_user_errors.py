@@ -550,6 +550,38 @@ def test_slow_autocast_on_the_cpu_is_warned_about_before_the_work(tmp_path, vide
     assert "--amp" not in capsys.readouterr().err and len(asked) == 1
 
 
+@pytest.mark.parametrize("bf16_products, extra, network", [
+    ("1", [], torch.bfloat16), ("1", ["--amp", "fp32"], torch.float32), ("0", [], torch.float32),
+], ids=["bf16-cpu", "bf16-cpu-amp-fp32", "no-bf16-cpu"])
+def test_segment_runs_the_network_under_bf16_autocast_by_default_on_a_bf16_cpu(
+        tmp_path, video, capsys, monkeypatch, bf16_products, extra, network):
+    """--amp auto, the default: the encoders run under bf16 autocast (their keys in bf16) on
+    a CPU with bf16 dot products (STM_KERNELS_CPU_BF16 stands in for its flags), in float32
+    on one without and with --amp fp32; the summary names it, and nothing is warned."""
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", bf16_products)
+    seen = []
+
+    def recording(encode):
+        def recorded(self, *args, **kwargs):
+            encoded = encode(self, *args, **kwargs)
+            key = encoded.key if hasattr(encoded, "key") else encoded[0]
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") \
+                else None
+            seen.append((autocast, key.dtype))
+            return encoded
+        return recorded
+    for name in ("encode_query", "encode_memory"):
+        monkeypatch.setattr(STM, name, recording(getattr(STM, name)))
+    assert _cli(_segment(video, tmp_path / "out", "--device", "cpu", "--overlay", "none",
+                         *extra)) == 0
+    out, err = capsys.readouterr()
+    autocast = network if network is torch.bfloat16 else None
+    assert len(seen) >= 4 and set(seen) == {(autocast, network)}
+    summary = dict(line.strip().split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert summary["network"] == ("float32, bfloat16 autocast" if autocast else "float32")
+    assert "warning" not in err
+
+
 def test_autocast_is_slow_only_on_cpus_without_the_dtypes_instructions():
     import torch as torch_
     from stm_model.runtime.devices import autocast_is_slow

@@ -1,4 +1,5 @@
 """stm segment --resume: an interrupted run continues from the masks it wrote."""
+import json
 import re
 
 import numpy as np
@@ -108,6 +109,23 @@ def test_resume_refuses_what_it_cannot_continue(clip, tmp_path, monkeypatch, cap
     _error(capsys, _segment(clip, output, "--resume"), "00002.png", "object ids [7]")
     (output / "segment_run.json").unlink()
     _error(capsys, _segment(clip, output, "--resume"), "no record of the run")
+
+
+def test_a_record_without_amp_is_a_float32_run_resumed_with_amp_fp32(clip, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A run record whose --amp is null (written when no --amp meant no autocast) is a float32
+    run: --resume with the default --amp auto is refused naming --amp fp32, which resumes it."""
+    output = tmp_path / "out"
+    _interrupted(clip, output, monkeypatch, capsys, 5, "--overlay", "none", "--amp", "fp32")
+    path = output / "segment_run.json"
+    record = json.loads(path.read_text())
+    assert record["options"]["amp_dtype"] == "fp32"
+    record["options"]["amp_dtype"] = None
+    path.write_text(json.dumps(record))
+    _error(capsys, _segment(clip, output, "--overlay", "none", "--resume"),
+           "was made with other settings", "--amp 'fp32' then, 'auto' now")
+    assert _segment(clip, output, "--overlay", "none", "--resume", "--amp", "fp32") == 0
+    assert len(_masks(output)) == FRAMES
 
 
 def test_resume_without_an_earlier_run_starts_from_the_first_frame(clip, tmp_path, capsys):

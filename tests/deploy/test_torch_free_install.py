@@ -189,14 +189,14 @@ def test_the_wheel_segments_a_clip_as_the_torch_run(torch_free_python, tmp_path)
     assert len(list((tmp_path / "torch-free" / "overlay").glob("*.png"))) == 8
     assert main([*map(str, common), "--runtime", "onnxruntime", "--checkpoint", str(exported),
                  "--output", str(tmp_path / "onnx-here")]) == 0
-    assert main([*map(str, common), "--runtime", "torch", "--memory-dtype", "fp32",
-                 "--output", str(tmp_path / "torch")]) == 0
+    assert main([*map(str, common), "--runtime", "torch", "--memory-dtype", "fp32", "--amp",
+                 "fp32", "--output", str(tmp_path / "torch")]) == 0
     torch_free, onnx_here = _masks(tmp_path / "torch-free"), _masks(tmp_path / "onnx-here")
     assert len(torch_free) == 8
     for a, b in zip(torch_free, onnx_here, strict=True):  # the same graphs, the same runner
         np.testing.assert_array_equal(a, b)
-    # against the torch run with float32 memory: equal but where two objects' probabilities
-    # tie within float32 rounding (the runtimes' convolutions round differently)
+    # against the torch run in float32 (network and memory): equal but where two objects'
+    # probabilities tie within float32 rounding (the runtimes' convolutions round differently)
     segmenter = VideoSegmenter(load_checkpoint("small-real"), memory_dtype="fp32")
     first = video_io.read_mask(mask)
     differing = 0

@@ -9,7 +9,7 @@ from stm_model.memory.query_cache import QueryFeatureCache
 from stm_model.inference.session import SessionCore
 from stm_model.memory.schedule import check_schedule
 from stm_model.inference.options import SegmenterOptions
-from stm_model.runtime.devices import dtype_option, memory_dtype_option
+from stm_model.runtime.devices import amp_dtype_option, dtype_option, memory_dtype_option
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,42 @@ def test_auto_memory_dtype_is_bf16_on_a_cpu_with_bf16_products(monkeypatch, mode
     assert SegmenterOptions().memory_dtype == "auto"
     assert VideoSegmenter(model, memory_dtype="auto").memory_dtype is expected
     assert VideoSegmenter(model).memory_dtype is torch.float32  # Python: the model's
+
+
+@pytest.mark.parametrize("bf16_products", [True, False], ids=["bf16-dot", "no-bf16-dot"])
+def test_auto_amp_dtype_is_bf16_autocast_on_a_cpu_with_bf16_products(monkeypatch, model,
+                                                                     bf16_products):
+    """amp_dtype="auto" (the commands' default): bf16 autocast where the CPU has bf16 dot
+    products and the model is float32, else none (a model in another dtype, a CUDA device);
+    "fp32", torch.float32 and None: no autocast; fp16 and bf16 as asked on any device."""
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1" if bf16_products else "0")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    expected = torch.bfloat16 if bf16_products else None
+    assert amp_dtype_option("auto", cpu, torch.float32) is expected
+    for model_dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert amp_dtype_option("auto", cpu, model_dtype) is None
+    assert amp_dtype_option("auto", cuda, torch.float32) is None
+    for no_autocast in ("fp32", torch.float32, None):
+        assert amp_dtype_option(no_autocast, cpu, torch.float32) is None
+    assert amp_dtype_option("bf16", cpu, torch.float32) is torch.bfloat16
+    assert amp_dtype_option("bf16", cpu, torch.bfloat16) is torch.bfloat16
+    assert amp_dtype_option(torch.float16, cuda, torch.float32) is torch.float16
+    for bad in ("half", torch.int8, "AUTO"):
+        with pytest.raises(ValueError, match="amp_dtype must be one of auto, fp32, fp16, bf16"):
+            amp_dtype_option(bad, cpu, torch.float32)
+        with pytest.raises(ValueError, match="amp_dtype must be one of auto, fp32, fp16, bf16"):
+            SegmenterOptions(amp_dtype=bad)
+    # the sessions resolve it on the model's device; the Python default stays no autocast
+    assert SegmenterOptions().amp_dtype is None and VideoSegmenter(model).amp_dtype is None
+    for session in (VideoSegmenter(model, amp_dtype="auto"),
+                    BatchSegmenter.from_options(model, SegmenterOptions(amp_dtype="auto"))):
+        assert session.amp_dtype is expected
+        with session.autocast():
+            assert torch.is_autocast_enabled("cpu") is bf16_products
+    fp32 = VideoSegmenter(model, amp_dtype="fp32")
+    assert fp32.amp_dtype is None
+    with fp32.autocast():
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_schedule_checks():
