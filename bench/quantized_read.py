@@ -37,6 +37,14 @@ rounded to bf16, then per query row to e4m3 (QK in fp8), p times the values' pos
 to e4m3 after a factor 448 / max scale (PV in fp8). Errors against the float64 read of the
 dequantised fp8 memory (the products' own), and against the float32 memory (with the
 storage's).
+
+Products (--products, CPU): what an 8-bit memory could save in the torch read's inner loop, on
+the CPU at hand. One block of the read (ROW_BLOCK query rows, CPU_CHUNK memory positions, Ck
+128, Cv 512) on one thread, interleaved rounds: the bf16 products the read runs (QK through
+addmm, PV through mm, oneDNN), int8 QK through torch._int_mm (VNNI / AMX-INT8) with and without
+the pass that brings its int32 scores to the bf16 products the softmax takes, PV through
+torch's int8 weight-only product (_weight_int8pack_mm: bf16 p, int8 values), and the
+dequantisation of one key and one value chunk to bf16 (quantized._dequantized).
 """
 import argparse
 import functools
@@ -325,6 +333,81 @@ def fp8_product_errors(Ck=128, Cv=512, HW=512, N=8192, seed=0):
     return results
 
 
+def product_ops(seed=0):
+    """{name: (call, multiply-adds or None)} of one row block of the CPU read
+    (pytorch.ROW_BLOCK x CPU_CHUNK, Ck 128, Cv 512): its bf16 products and their 8-bit
+    alternatives (module docstring, "Products")."""
+    from stm_kernels.backends import pytorch
+    from stm_kernels.quantized import _dequantized
+    rows, L, Ck, Cv = pytorch.ROW_BLOCK, pytorch.CPU_CHUNK, 128, 512
+    generator = torch.Generator().manual_seed(seed)
+
+    def codes(*shape):
+        return torch.randint(-127, 128, shape, generator=generator, dtype=torch.int8)
+    q8, k8, v8, p8 = codes(rows, Ck), codes(Ck, L), codes(Cv, L), codes(rows, L)
+    q, k, v = q8.bfloat16(), k8.bfloat16(), v8.bfloat16()
+    p = torch.rand(rows, L, generator=generator).bfloat16()
+    unused = torch.zeros((1, 1), dtype=torch.bfloat16).expand(rows, L)
+    row_scale = torch.rand(rows, 1, generator=generator)
+    scores = torch._int_mm(q8, k8)
+    products = torch.empty((rows, L), dtype=torch.bfloat16)
+    value_scales = torch.rand(Cv, generator=generator).bfloat16()
+    channel_scale = torch.rand(Ck, 1, generator=generator)
+    position_scale = torch.rand(1, L, generator=generator)
+    qk, pv = rows * Ck * L, rows * L * Cv
+    ops = {
+        "QK bf16 (addmm, as the read)": (lambda: torch.addmm(unused, q, k, beta=0), qk),
+        "QK int8 (torch._int_mm)": (lambda: torch._int_mm(q8, k8), qk),
+        "int32 scores to bf16 products (row scale)": (
+            lambda: torch.mul(scores, row_scale, out=products), None),
+        "PV bf16 (mm, as the read)": (lambda: torch.mm(p, v.T), pv),
+        "PV int8 values (torch._weight_int8pack_mm)": (
+            lambda: torch.ops.aten._weight_int8pack_mm(p, v8, value_scales), pv),
+        "PV int8 x int8 (torch._int_mm, p in 8 bits)": (lambda: torch._int_mm(p8, v8.T), pv),
+        "dequantise a key chunk (per channel)": (
+            lambda: _dequantized(k8, channel_scale, torch.bfloat16), None),
+        "dequantise a value chunk (per position)": (
+            lambda: _dequantized(v8, position_scale, torch.bfloat16), None),
+    }
+    if L % 16:  # torch 2.14's weight-only kernel crashes (SIGSEGV) on other lengths
+        del ops["PV int8 values (torch._weight_int8pack_mm)"]
+    return ops
+
+
+def measure_products(rounds, repeats=20):
+    """{name: {"median_ms", "gflops" (None for a pass that is not a product)}} of product_ops
+    on one thread, `rounds` interleaved rounds of `repeats` calls each, in product_ops' order;
+    an op this torch refuses is reported with its error instead ({"error": its first line})."""
+    ops, refused = product_ops(), {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (call, _) in ops.items():
+            try:
+                call()
+            except (RuntimeError, NotImplementedError) as error:
+                refused[name] = {"error": str(error).splitlines()[0]}
+        runs = {name: op for name, op in ops.items() if name not in refused}
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (call, _) in runs.items():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    call()
+                times[name].append((time.perf_counter() - start) / repeats * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    results = {}
+    for name, (_, work) in ops.items():
+        if name in refused:
+            results[name] = refused[name]
+            continue
+        median = statistics.median(times[name])
+        results[name] = {"median_ms": median,
+                         "gflops": None if work is None else 2 * work / median / 1e6}
+    return results
+
+
 def peak_child(spec):
     """The resident-set peak (bytes) of one read above its inputs, in this fresh process."""
     from stm_kernels import memory_read
@@ -382,6 +465,16 @@ def summary(payload):
                      "each cell: out's error against the float64 read of the dequantised fp8 "
                      "memory, and in brackets against the float32 memory):\n\n"
                      + "\n".join(rows))
+    if payload.get("products"):
+        rows = ["| one row block, one thread | ms | GFLOP/s |", "|---|---|---|"]
+        for name, result in payload["products"].items():
+            if "error" in result:
+                rows.append(f"| {name} | refused: {result['error']} | |")
+                continue
+            rate = "" if result["gflops"] is None else f"{result['gflops']:.0f}"
+            rows.append(f"| {name} | {result['median_ms']:.3f} | {rate} |")
+        parts.append(f"The CPU read's products and their 8-bit alternatives ({payload['rounds']} "
+                     f"interleaved rounds, medians; {payload['device']}):\n\n" + "\n".join(rows))
     if payload.get("speed"):
         rows = ["| N | " + " | ".join(f"{v} ms" for v in SPEED_VARIANTS) +
                 " | 8-bit / bf16 time | peak above inputs, MiB: " +
@@ -419,6 +512,8 @@ def main(argv=None):
     parser.add_argument("--no-peaks", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--fp8-products", action="store_true",
                         help="the emulated error of fp8 products in the fused read (no GPU)")
+    parser.add_argument("--products", action="store_true",
+                        help="time the CPU read's products against their 8-bit alternatives")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the speed runs on the fused kernels (backend triton), "
                              "their peaks in this process")
@@ -447,6 +542,10 @@ def main(argv=None):
         print(summary({**payload, "speed": None}), flush=True)
     if args.fp8_products:
         payload["fp8_products"] = fp8_product_errors()
+    if args.products:
+        if device.type != "cpu":
+            parser.error("--products: times the CPU read's products; run it with --device cpu")
+        payload["products"] = measure_products(args.rounds)
     if args.sizes:
         payload["speed"] = {str(N): r for N, r in measure_speed(
             args.sizes, args.rounds, args.key_axis, args.value_axis, device).items()}

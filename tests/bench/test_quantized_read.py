@@ -99,3 +99,34 @@ def test_real_memories_of_a_training_sequence(tmp_path, monkeypatch):
     assert 0 < errors["bf16"]["mean"] < errors["int8 K/position V/position"]["mean"] < \
         errors["fp8 K/position V/position"]["mean"] < 0.5
     assert "speed" not in payload
+
+
+def test_products_time_the_reads_block_and_compute_what_they_name(monkeypatch):
+    from stm_kernels.backends import pytorch
+    monkeypatch.setattr(pytorch, "ROW_BLOCK", 24)  # a small block: the same ops, quickly
+    monkeypatch.setattr(pytorch, "CPU_CHUNK", 48)
+    ops = quantized_read.product_ops()
+    # the int8 products are exact integer products; the bf16 ones the read's own calls
+    generator = torch.Generator().manual_seed(0)  # product_ops' operands, drawn again
+    codes = [torch.randint(-127, 128, shape, generator=generator, dtype=torch.int8)
+             for shape in ((24, 128), (128, 48), (512, 48), (24, 48))]
+    q8, k8, v8, p8 = codes
+    assert torch.equal(ops["QK int8 (torch._int_mm)"][0](), q8.long().mm(k8.long()).int())
+    assert torch.equal(ops["PV int8 x int8 (torch._int_mm, p in 8 bits)"][0](),
+                       p8.long().mm(v8.long().T).int())
+    qk = ops["QK bf16 (addmm, as the read)"][0]()
+    assert torch.allclose(qk.double(), q8.double().mm(k8.double()), rtol=1e-2)
+    assert ops["QK bf16 (addmm, as the read)"][1] == 24 * 128 * 48
+    results = quantized_read.measure_products(rounds=2, repeats=1)
+    assert list(results) == list(ops)
+    for name, result in results.items():
+        if "error" in result:  # this torch refuses the op: said, not timed
+            assert result["error"], name
+            continue
+        assert result["median_ms"] > 0
+        work = ops[name][1]
+        assert (result["gflops"] is None) == (work is None)
+        if work is not None:
+            assert result["gflops"] == pytest.approx(2 * work / result["median_ms"] / 1e6)
+    table = quantized_read.summary({"products": results, "rounds": 2, "device": "this CPU"})
+    assert "| QK int8 (torch._int_mm) |" in table and "2 interleaved rounds" in table
