@@ -6,11 +6,21 @@ without ever widening the whole memory.
     values = QuantizedMemory.quantize(memory_value, "fp8", axis="position")  # values per position
     out = memory_read(query_key, keys, values)           # inference only; out in query's dtype
 
-The format: `data` (B, C, *M) int8 or torch.float8_e4m3fn and `scale` float32, one per channel
-(B, C, 1, ...) or one per memory position (B, 1, *M); the memory it stands for is
-`data * scale` (`dequantize()`), symmetric (no zero point). `quantize` takes each scale from
-the absolute maximum along the other axis: |x| / scale reaches 127 (int8) or 448 (e4m3's
-largest finite value), so no element is clipped.
+The format: `data` (B, C, *M) int8 or torch.float8_e4m3fn and `scale` float32 of one of three
+layouts (its `axis`):
+
+    "channel"        (B, C, 1, ..., 1)     one per channel over the whole memory
+    "position"       (B, 1, *M)            one per memory position
+    "channel_frame"  (B, C, T, 1, ..., 1)  one per channel and frame, for data (B, C, T, *P)
+                                           with at least one dimension P after the frames
+
+A frame of "channel_frame" is one index along the first memory dimension: prod(P) consecutive
+positions of the flattened memory (a flat memory (B, C, N) of frames of g positions is
+data.view(B, C, N // g, g)). It is what a memory bank quantising each frame as it is added
+holds (keys per channel per frame: KIVI's most accurate key format, docs/op.md), read as one
+memory. The memory it stands for is `data * scale` (`dequantize()`), symmetric (no zero
+point). `quantize` takes each scale from the absolute maximum over what it covers: |x| / scale
+reaches 127 (int8) or 448 (e4m3's largest finite value), so no element is clipped.
 
 `read` is memory_read for a memory of which at least one of memory_key and memory_value (or
 one of their chunks) is a QuantizedMemory; memory_read hands such calls to it. The "torch"
@@ -21,8 +31,11 @@ the affinity anyway), and "triton" reads it with the fused 8-bit kernel
 and applies the scales in registers. "auto" takes "triton" where memory_read's "auto" would for
 the query's dtype and device (CUDA) and the kernel takes the call, else "torch". The fused
 kernel takes one QuantizedMemory (or tensor) per argument, or chunks it can join without
-widening them (tensors, or QuantizedMemory chunks of one format with scales per position);
-not a top-k read nor usage (the selection and usage kernels read 16- and 32-bit keys).
+widening them (tensors; QuantizedMemory chunks of one format with scales per position; or
+with scales per channel or per channel and frame whose frames all hold as many positions, a
+chunk with scales per channel being one frame), keys with any of the three scale layouts and
+values with scales per channel or per position; not a top-k read nor usage (the selection
+and usage kernels read 16- and 32-bit keys).
 """
 from typing import Optional, Sequence, Union
 
@@ -36,7 +49,7 @@ from .torch_common import accumulation_dtype
 # format name -> (storage dtype, the largest magnitude a scaled element may take)
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 _FORMAT_OF = {dtype: name for name, (dtype, _) in FORMATS.items()}
-AXES = ("channel", "position")
+AXES = ("channel", "position", "channel_frame")
 
 
 class QuantizedMemory:
@@ -44,10 +57,13 @@ class QuantizedMemory:
 
     Args:
         data: (B, C, *M) int8 or torch.float8_e4m3fn; *M the memory positions (N, or T, H, W).
-        scale: float32 on data's device, (B, C, 1, ...) (one scale per channel: axis
-            "channel") or (B, 1, *M) (one per memory position: axis "position"), as many
-            dimensions as data. Its values are not checked (no device read): a scale that is
-            not finite makes the read's output not finite.
+        scale: float32 on data's device with as many dimensions as data: (B, C, 1, ..., 1)
+            (one scale per channel: axis "channel"), (B, 1, *M) (one per memory position:
+            axis "position") or, for data (B, C, T, *P), (B, C, T, 1, ..., 1) (one per channel
+            and frame, a frame being the prod(P) positions of one index along T: axis
+            "channel_frame"; with T = 1 it is the axis "channel"). Its values are not checked
+            (no device read): a scale that is not finite makes the read's output not
+            finite.
 
     Inference only: a read of a QuantizedMemory refuses gradients in one line.
     """
@@ -61,8 +77,13 @@ class QuantizedMemory:
             raise ValueError(f"QuantizedMemory data must have shape (B, C, *positions) with "
                              f"every dimension at least 1; got shape {tuple(data.shape)}")
         B, C, positions = data.shape[0], data.shape[1], tuple(data.shape[2:])
-        expected = (f"(B={B}, C={C}, {', '.join(['1'] * len(positions))}) per channel or "
+        expected = (f"(B={B}, C={C}, {', '.join(['1'] * len(positions))}) per channel, "
                     f"(B={B}, 1, {', '.join(map(str, positions))}) per position")
+        frame = (B, C, positions[0]) + (1,) * (len(positions) - 1)
+        if len(positions) > 1:
+            expected += f" or {frame} per channel and frame"
+        else:
+            expected = expected.replace(", (B", " or (B")
         if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
             got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
             raise TypeError(f"QuantizedMemory scale must be a float32 tensor {expected}; got "
@@ -72,6 +93,8 @@ class QuantizedMemory:
             axis = "channel"
         elif shape == (B, 1) + positions:
             axis = "position"
+        elif len(positions) > 1 and shape == frame:
+            axis = "channel_frame"
         else:
             raise ValueError(f"QuantizedMemory scale must have shape {expected}; got shape "
                              f"{shape}")
@@ -86,7 +109,9 @@ class QuantizedMemory:
         """memory (B, C, *M), floating point, as a QuantizedMemory of `dtype` ("int8" or "fp8",
         or torch.int8 / torch.float8_e4m3fn) with symmetric absmax scales along `axis`
         ("channel": one scale per (object, channel) over the positions; "position": one per
-        (object, position) over the channels). Elementwise error: at most scale / 2 for int8;
+        (object, position) over the channels; "channel_frame": one per (object, channel,
+        frame) over the frame's positions, for memory (B, C, T, *P) of at least 4
+        dimensions). Elementwise error: at most scale / 2 for int8;
         for fp8 at most 2^-4 of the element (e4m3 keeps 3 bits), or 2^-10 scale below
         e4m3's smallest normal. A memory with a non-finite element is a ValueError (one
         device read: the scales' check)."""
@@ -95,17 +120,22 @@ class QuantizedMemory:
             raise ValueError(f"dtype must be 'int8' or 'fp8' (torch.int8 or "
                              f"torch.float8_e4m3fn); got {dtype!r}")
         if axis not in AXES:
-            raise ValueError(f"axis must be 'channel' or 'position'; got {axis!r}")
+            raise ValueError(f"axis must be 'channel', 'position' or 'channel_frame'; got "
+                             f"{axis!r}")
         if not isinstance(memory, torch.Tensor) or not memory.is_floating_point() or \
                 memory.dim() < 3 or memory.numel() == 0:
             got = (f"{memory.dtype} of shape {tuple(memory.shape)}"
                    if isinstance(memory, torch.Tensor) else type(memory).__name__)
             raise ValueError(f"memory must be a non-empty floating-point tensor (B, C, "
                              f"*positions); got {got}")
+        if axis == "channel_frame" and memory.dim() < 4:
+            raise ValueError(f"memory must have shape (B, C, frames, *positions per frame) for "
+                             f"axis 'channel_frame'; got shape {tuple(memory.shape)}")
         storage, largest = FORMATS[name]
         compute = torch.float64 if memory.dtype == torch.float64 else torch.float32
         x = memory.to(compute)
-        over = (1,) if axis == "position" else tuple(range(2, memory.dim()))
+        first = {"channel": 2, "channel_frame": 3}.get(axis)
+        over = (1,) if axis == "position" else tuple(range(first, memory.dim()))
         absmax = x.abs().amax(dim=over, keepdim=True)
         if not bool(torch.isfinite(absmax).all()):
             raise ValueError("memory must be finite to be quantised; it holds inf or NaN")
@@ -157,6 +187,34 @@ def _dequantized(data, scale, dtype):
     return product if dtype == torch.float32 else product.to(dtype)
 
 
+def _dequantized_columns(part, scale, group, low, high, dtype):
+    """Columns [low, high) of a flattened 8-bit chunk, dequantised to dtype as _dequantized:
+    part (..., C, high - low) their codes, scale (..., C or 1, G) the chunk's, each covering
+    `group` consecutive columns (1: per position; G = 1: per channel). Scales per channel and
+    frame multiply the widened columns in place, a partial first frame, the whole frames (one
+    broadcast product) and a partial last frame, so the slice is widened once, no wider."""
+    if group == 1:
+        return _dequantized(part, scale[..., low:high], dtype)
+    first, last = low // group, (high - 1) // group
+    if first == last:
+        return _dequantized(part, scale[..., first:first + 1], dtype)
+    wide = _fp8_as_float32(part) if part.dtype == torch.float8_e4m3fn else \
+        part.to(torch.float32)
+    if dtype == torch.float64:
+        wide, scale = wide.to(torch.float64), scale.to(torch.float64)
+    whole_from = min(high, -(-low // group) * group)  # the first frame boundary at or past low
+    whole_to = max(whole_from, high // group * group)
+    if whole_from > low:
+        wide[..., :whole_from - low].mul_(scale[..., first:first + 1])
+    frames = (whole_to - whole_from) // group
+    if frames:
+        wide[..., whole_from - low:whole_to - low].unflatten(-1, (frames, group)).mul_(
+            scale[..., whole_from // group:whole_to // group, None])
+    if whole_to < high:
+        wide[..., whole_to - low:].mul_(scale[..., last:last + 1])
+    return wide if dtype in (torch.float32, torch.float64) else wide.to(dtype)
+
+
 # An e4m3fn code's sign, exponent and mantissa bits where float32 keeps them (shifted left 20).
 _FLOAT32_FIELDS = -0x78100000  # 0x87F00000 as a signed int32
 
@@ -190,14 +248,17 @@ class DequantizingMemory:
     requires_grad = False
 
     def __init__(self, chunks, dtype):
-        self.chunks = []  # (first position, data (B, C, n), scale (B, C or 1, n or 1) or None)
+        # (first position, data (B, C, n), scale (B, C or 1, G) or None, positions per scale
+        # column: n // G)
+        self.chunks = []
         first = 0
         for chunk in chunks:
             if isinstance(chunk, QuantizedMemory):
                 data, scale = chunk.data.flatten(2), chunk.scale.flatten(2)
+                group = data.shape[2] // scale.shape[2]
             else:
-                data, scale = chunk.flatten(2), None
-            self.chunks.append((first, data, scale))
+                data, scale, group = chunk.flatten(2), None, None
+            self.chunks.append((first, data, scale, group))
             first += data.shape[2]
         B, C = self.chunks[0][1].shape[:2]
         self.shape = torch.Size((B, C, first))
@@ -209,17 +270,16 @@ class DequantizingMemory:
         """memory[index, :, start:stop] dequantised to dtype (index: an int, a slice or a
         tensor of rows, as tensor indexing takes it): only that slice is widened."""
         pieces = []
-        for first, data, scale in self.chunks:
+        for first, data, scale, group in self.chunks:
             low, high = max(start, first), min(stop, first + data.shape[2])
             if low >= high:
                 continue
             part = data[index, :, low - first:high - first]
             if scale is None:
                 pieces.append(part.to(dtype))
-                continue
-            part_scale = scale[index, :, low - first:high - first] if scale.shape[2] > 1 or \
-                data.shape[2] == 1 else scale[index]
-            pieces.append(_dequantized(part, part_scale, dtype))
+            else:
+                pieces.append(_dequantized_columns(part, scale[index], group, low - first,
+                                                   high - first, dtype))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
 
     def whole(self, dtype):
@@ -303,8 +363,11 @@ def _fused_memory(backend, q, keys, values, top_k, return_usage):
         memory = (_joined(keys), _joined(values))
         if None in memory:
             why = ("reads an 8-bit memory as one QuantizedMemory per argument, or chunks of "
-                   "one format with scales per position (chunks with channel scales of their "
-                   "own cannot be joined)")
+                   "one format with scales per position, or per channel (and frame) over "
+                   "frames of one size (chunks with channel scales over frames of different "
+                   "sizes cannot be joined)")
+        elif memory[1][2] == "channel_frame":
+            why = "reads values with scales per channel or per position, not per frame"
     if why is not None:
         if backend == "triton":
             raise ValueError(f"backend='triton' {why}; use backend='torch'")
@@ -315,20 +378,30 @@ def _fused_memory(backend, q, keys, values, top_k, return_usage):
 
 
 def _joined(chunks):
-    """(data (B, C, N), scale (B, C or 1, N or 1) or None, axis or None) of a memory
-    argument's chunks as one, joined along N without widening them (tensors, or QuantizedMemory
-    chunks of one format with scales per position), or None where they cannot be."""
+    """(data (B, C, N), scale (B, C or 1, G) or None, axis or None) of a memory argument's
+    chunks as one, joined along N without widening them, or None where they cannot be:
+    tensors; QuantizedMemory chunks of one format with scales per position; or with scales
+    per channel (one frame each) or per channel and frame, every frame of as many positions
+    (then axis "channel_frame", the scale (B, C, frames))."""
     if all(isinstance(chunk, torch.Tensor) for chunk in chunks):
         data = [chunk.flatten(2) for chunk in chunks]
         return (data[0] if len(data) == 1 else torch.cat(data, 2)), None, None
     if len(chunks) == 1:
         chunk = chunks[0]
         return chunk.data.flatten(2), chunk.scale.flatten(2), chunk.axis
-    if any(not isinstance(chunk, QuantizedMemory) or chunk.axis != "position" or
+    if any(not isinstance(chunk, QuantizedMemory) or
            chunk.data.dtype != chunks[0].data.dtype for chunk in chunks):
         return None
-    return (torch.cat([chunk.data.flatten(2) for chunk in chunks], 2),
-            torch.cat([chunk.scale.flatten(2) for chunk in chunks], 2), "position")
+    scales = [chunk.scale.flatten(2) for chunk in chunks]
+    if all(chunk.axis == "position" for chunk in chunks):
+        axis = "position"
+    else:
+        groups = {chunk.data[0, 0].numel() // scale.shape[2]
+                  for chunk, scale in zip(chunks, scales, strict=True)}
+        if len(groups) != 1 or any(chunk.axis == "position" for chunk in chunks):
+            return None
+        axis = "channel_frame"
+    return torch.cat([chunk.data.flatten(2) for chunk in chunks], 2), torch.cat(scales, 2), axis
 
 
 def _topk_read(q, k, v, top_k, scale, l2, lengths, return_usage):
@@ -365,7 +438,7 @@ def _topk_read(q, k, v, top_k, scale, l2, lengths, return_usage):
 def _gathered(memory, flat, dtype):
     """memory (B, C, N) at positions flat (B, n), dequantised: (B, C, n) in dtype."""
     pieces = []
-    for first, data, scale in memory.chunks:
+    for first, data, scale, group in memory.chunks:
         n = data.shape[2]
         inside = (flat >= first) & (flat < first + n)
         local = (flat - first).clamp(0, n - 1).unsqueeze(1)  # (B, 1, n)
@@ -375,7 +448,8 @@ def _gathered(memory, flat, dtype):
         if scale is None:
             values = picked.to(dtype)
         else:
-            picked_scale = scale if scale.shape[2] == 1 else torch.gather(scale, 2, local)
+            picked_scale = scale if scale.shape[2] == 1 else torch.gather(
+                scale, 2, (local // group).expand(-1, scale.shape[1], -1))
             values = _dequantized(picked, picked_scale, dtype)
         pieces.append(torch.where(inside.unsqueeze(1), values, 0))
     return pieces[0] if len(pieces) == 1 else sum(pieces[1:], pieces[0])

@@ -93,9 +93,104 @@ def test_quantize_by_torch_dtype_and_spatial_layout():
     assert torch.equal(zero.dequantize(), torch.zeros(1, 2, 3))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_frame_scales_are_each_frames_channel_scales(fmt):
+    """axis "channel_frame" on (B, C, T, h, w): a scale (B, C, T, 1, 1), each frame's data
+    and scales bit for bit those of that frame quantised alone per channel (what a memory
+    bank adding frames one at a time stores), dequantised per frame."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 4, 3, 5, generator=generator) * \
+        torch.logspace(-2, 2, 4)[:, None, None]  # frames of very different magnitudes
+    quantized = QuantizedMemory.quantize(x, fmt, axis="channel_frame")
+    assert quantized.axis == "channel_frame" and quantized.scale.shape == (2, 6, 4, 1, 1)
+    assert quantized.nbytes == x.numel() + 2 * 6 * 4 * 4
+    for t in range(4):
+        alone = QuantizedMemory.quantize(x[:, :, t], fmt, axis="channel")
+        assert torch.equal(quantized.data[:, :, t].view(torch.int8),
+                           alone.data.view(torch.int8))
+        assert torch.equal(quantized.scale[:, :, t], alone.scale)
+        assert torch.equal(quantized.dequantize()[:, :, t], alone.dequantize())
+    assert torch.equal(QuantizedMemory(quantized.data, quantized.scale).dequantize(torch.float64),
+                       quantized.data.double() * quantized.scale.double()
+                       if fmt == "int8" else quantized.data.float().double() *
+                       quantized.scale.double())
+    # one frame: the per-channel layout
+    assert QuantizedMemory.quantize(x[:, :, :1], fmt, axis="channel_frame").axis == "channel"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_columns_of_channel_frame_memory_take_each_frames_scales(dtype):
+    """DequantizingMemory.columns over frames of 7 positions: ranges inside one frame, across
+    a boundary, over whole frames and partial ones at both ends, objects by index; equal to
+    the slices of dequantize() (the same float32 products, rounded once)."""
+    from stm_kernels.quantized import DequantizingMemory
+    x = torch.randn(3, 4, 5, 7, generator=torch.Generator().manual_seed(6))
+    for fmt in FORMATS:
+        quantized = QuantizedMemory.quantize(x, fmt, axis="channel_frame")
+        whole = quantized.dequantize(dtype).flatten(2)
+        memory = DequantizingMemory([quantized], dtype)
+        for start, stop in ((0, 35), (2, 5), (5, 9), (7, 14), (3, 31), (0, 1), (34, 35),
+                            (6, 29)):
+            for index in (slice(None), 1, torch.tensor([2, 0])):
+                assert torch.equal(memory.columns(index, start, stop, dtype),
+                                   whole[index, :, start:stop]), (start, stop, index)
+
+
+@pytest.mark.parametrize("value_axis", AXES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_torch_read_of_channel_frame_keys(torch_path, similarity, fmt, value_axis):
+    """Keys with scales per channel and frame (3 frames of 37 positions: the chunks of 16
+    positions and the batched chunks cross frame boundaries), values of each layout, one
+    object's length ending inside a frame: the float64 read of the dequantised memory."""
+    q, k, v = memories(B=3, Bq=3)
+    kq = QuantizedMemory.quantize(k.unflatten(2, (3, 37)), fmt, "channel_frame")
+    vq = QuantizedMemory.quantize(v.unflatten(2, (3, 37)), fmt, value_axis)
+    lengths = torch.tensor([111, 50, 74])
+    with poison_outputs():
+        out, lse, usage = read(q, kq, vq, backend="torch", similarity=similarity,
+                               return_lse=True, return_usage=True, memory_lengths=lengths)
+    ref_out, ref_lse, ref_usage = reference_read(q, kq.dequantize().flatten(2),
+                                                 vq.dequantize().flatten(2),
+                                                 similarity=similarity, lengths=lengths)
+    for name, actual, reference in (("out", out, ref_out), ("lse", lse, ref_lse),
+                                    ("usage", usage, ref_usage)):
+        error = relative_error(actual, reference)
+        assert error < TOLERANCE[torch.float32], f"{name}: {error:.2e}"
+    # the frames' own scales matter: not the read with one scale per channel
+    whole = QuantizedMemory.quantize(k, fmt, "channel")
+    assert relative_error(out, reference_read(q, whole.dequantize(), vq.dequantize().flatten(2),
+                                              similarity=similarity, lengths=lengths)[0]) > 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_top_k_and_float64_of_channel_frame_keys(monkeypatch, backend):
+    """The top-k read gathers each pick's frame scales; a float64 query reads exactly."""
+    monkeypatch.setattr(pytorch.torch_common, "CHUNK_ELEMENTS", 3 * 7 * 32 * 8)
+    q, k, v = memories(B=3, HW=41)
+    kq = QuantizedMemory.quantize(k.unflatten(2, (3, 37)), "int8", "channel_frame")
+    vq = QuantizedMemory.quantize(v, "fp8", "position")
+    vq = QuantizedMemory(vq.data.unflatten(2, (3, 37)), vq.scale.unflatten(2, (3, 37)))
+    lengths = torch.tensor([111, 50, 5])
+    out, lse, usage = read(q, kq, vq, backend=backend, top_k=7, memory_lengths=lengths,
+                           return_lse=True, return_usage=True)
+    ref_out, ref_lse, ref_usage = reference_read(q, kq.dequantize().flatten(2),
+                                                 vq.dequantize().flatten(2), top_k=7,
+                                                 lengths=lengths)
+    for actual, reference in ((out, ref_out), (lse, ref_lse), (usage, ref_usage)):
+        assert relative_error(actual, reference) < TOLERANCE[torch.float32]
+    out = read(q.double(), kq, vq, backend=backend)
+    ref_out, _, _ = reference_read(q.double(), kq.dequantize(torch.float64).flatten(2),
+                                   vq.dequantize(torch.float64).flatten(2))
+    assert relative_error(out, ref_out) < 1e-12
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda x: QuantizedMemory.quantize(x, "int4"), "dtype must be 'int8' or 'fp8'"),
-    (lambda x: QuantizedMemory.quantize(x, axis="row"), "axis must be 'channel' or 'position'"),
+    (lambda x: QuantizedMemory.quantize(x, axis="row"),
+     "axis must be 'channel', 'position' or 'channel_frame'"),
+    (lambda x: QuantizedMemory.quantize(x, axis="channel_frame"),
+     "memory must have shape (B, C, frames, *positions per frame) for axis 'channel_frame'"),
     (lambda x: QuantizedMemory.quantize(x[0]), "memory must be a non-empty floating-point"),
     (lambda x: QuantizedMemory.quantize(x.long()), "memory must be a non-empty floating-point"),
     (lambda x: QuantizedMemory.quantize(x * float("nan")), "memory must be finite"),
@@ -105,6 +200,12 @@ def test_quantize_by_torch_dtype_and_spatial_layout():
     (lambda x: QuantizedMemory(x.to(torch.int8), torch.ones(2, 8, 7)),
      "scale must have shape (B=2, C=8, 1) per channel or (B=2, 1, 7) per position"),
     (lambda x: QuantizedMemory(x.to(torch.int8), torch.ones(2, 1)), "scale must have shape"),
+    (lambda x: QuantizedMemory(x.view(2, 8, 1, 7).to(torch.int8), torch.ones(2, 8, 7, 1)),
+     "scale must have shape (B=2, C=8, 1, 1) per channel, (B=2, 1, 1, 7) per position or "
+     "(2, 8, 1, 1) per channel and frame; got shape (2, 8, 7, 1)"),
+    (lambda x: QuantizedMemory(x.view(2, 8, 7, 1, 1).to(torch.int8), torch.ones(2, 8, 7, 1)),
+     "scale must have shape (B=2, C=8, 1, 1, 1) per channel, (B=2, 1, 7, 1, 1) per position "
+     "or (2, 8, 7, 1, 1) per channel and frame; got shape (2, 8, 7, 1)"),
     (lambda x: QuantizedMemory(x.to(torch.int8)[:, :, :0], torch.ones(2, 8, 1)),
      "every dimension at least 1"),
 ])
