@@ -188,7 +188,7 @@ def test_chunks_of_one_format_with_position_scales_are_joined(device):
                    torch.cat(value_chunks, 2)), torch.float32)
     channel_chunks = [QuantizedMemory.quantize(k[:, :, :100], "int8", "channel"),
                       QuantizedMemory.quantize(k[:, :, 100:], "int8", "channel")]
-    with pytest.raises(ValueError, match="channel scales of their own cannot be joined"):
+    with pytest.raises(ValueError, match="frames of different sizes cannot be joined"):
         memory_read(q, channel_chunks, value_chunks, backend="triton")
 
 
@@ -204,6 +204,111 @@ def test_a_kept_launch_reads_new_values(device, plannings):
         check(fused_read(q, keys, values, similarity="l2", return_lse=True),
               expected(q, keys, values, similarity="l2"), torch.float32)
     assert plannings["forward"] == 1
+
+
+# ----------------------------------------------------------- keys per channel and frame
+
+
+def framed(device, fmt, frame, frames=5, seed=12, value_axis="position", **sizes):
+    """(q, keys, values): keys (B, Ck, frames, frame) quantised per channel and frame, whose
+    frames differ in scale (each frame's scales matter), values per value_axis."""
+    q, k, v = inputs(device, N=frames * frame, seed=seed, **sizes)
+    k = k.unflatten(2, (frames, frame))
+    k = k * torch.logspace(-1, 1, frames, dtype=k.dtype, device=device)[:, None]
+    keys = QuantizedMemory.quantize(k, fmt, "channel_frame")
+    values = QuantizedMemory.quantize(v.unflatten(2, (frames, frame)), fmt, value_axis)
+    return q, keys, values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize("frame", [20, 45], ids=["frames of 20", "frames of 45"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_keys_per_channel_and_frame(device, fmt, frame, similarity, plannings):
+    """Keys with a scale per channel and frame (a memory bank's), one QuantizedMemory over 5
+    frames: frames of 20 positions (fewer than the interpreter's 32-wide tile: a tile spans
+    up to three frames) and of 45 (up to two), neither N (100, 225) nor a frame a multiple of
+    the tile; values per position and per channel. Against the float64 read of the dequantised memory, and not the read with one
+    scale per channel over the whole memory."""
+    skip_unless_runnable("triton", device)
+    launch.forget_choices()
+    for value_axis in AXES:
+        q, keys, values = framed(device, fmt, frame, value_axis=value_axis)
+        result = fused_read(q, keys, values, similarity=similarity, return_lse=True)
+        reference = expected(q, keys, values, similarity=similarity)
+        check(result, reference, torch.float32)
+        whole = QuantizedMemory.quantize(keys.dequantize().flatten(2), fmt, "channel")
+        assert relative_error(result[0], expected(q, whole, values,
+                                                  similarity=similarity)[0]) > 1e-4
+    assert plannings["forward"] == 2  # the fused kernel read them, no torch fallback
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_keys_per_channel_and_frame_in_16_bit(device, dtype):
+    """A 16-bit query: the key tile dequantised in float32 and rounded once to its dtype
+    (bf16 in the interpreter through its fp32 dot: UPCAST, as it converts int8 to bf16
+    wrongly)."""
+    skip_unless_runnable("triton", device)
+    for fmt, frame in (("int8", 20), ("fp8", 45)):
+        q, keys, values = framed(device, fmt, frame, seed=13)
+        q = q.to(dtype)
+        check(fused_read(q, keys, values, return_lse=True), expected(q, keys, values), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_keys_per_channel_and_frame_ragged_and_split(device, fmt):
+    """memory_lengths ending inside a frame and inside a tile, the memory split over three
+    programs (16-wide tiles: frames of 20 span two of them) and merged; a bank's storage
+    view: 4 of 16 frames of (B, Ck, capacity, h*w) with scales (B, Ck, capacity, 1)."""
+    skip_unless_runnable("triton", device)
+    q, keys, values = framed(device, fmt, 20, frames=16, seed=14)
+    lengths = torch.tensor([67, 23], device=device)
+    view = (QuantizedMemory(keys.data[:, :, :4], keys.scale[:, :, :4]),
+            QuantizedMemory(values.data[:, :, :4], values.scale[:, :, :4]))
+    assert not view[0].data.is_contiguous()
+    reference = expected(q, *view, similarity="l2", lengths=lengths.cpu())
+    check(fused_read(q, *view, similarity="l2", return_lse=True, memory_lengths=lengths),
+          reference, torch.float32)
+    with use_configs(ForwardConfig(block_m=16, block_n=16, block_v=16, num_warps=4,
+                                   num_stages=1, splits=3)):
+        check(fused_read(q, *view, similarity="l2", return_lse=True, memory_lengths=lengths),
+              reference, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_keys_per_channel_and_frame_as_e4m3_bits(device, monkeypatch):
+    """fp8 keys per channel and frame decoded from int8 bits (GPUs before sm_89)."""
+    skip_unless_runnable("triton", device)
+    launch.forget_choices()
+    monkeypatch.setattr(forward_launcher, "_decodes_fp8", lambda _: True)
+    monkeypatch.setattr(kept_launches, "_keeping_launches", False)
+    q, keys, values = framed(device, "fp8", 45, seed=15)
+    check(fused_read(q, keys, values, return_lse=True), expected(q, keys, values),
+          torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_frame_channel_chunks_join_as_keys_per_channel_and_frame(device):
+    """One per-channel QuantizedMemory per frame (what the bank used to pass): joined as keys
+    per channel and frame and read fused; values per channel and frame are refused by
+    backend="triton" in one line and read by "auto" (the torch backend on a CPU)."""
+    skip_unless_runnable("triton", device)
+    q, keys, values = framed(device, "int8", 20, seed=16)
+    key_chunks = [QuantizedMemory(keys.data[:, :, t], keys.scale[:, :, t]) for t in range(5)]
+    value_chunks = [QuantizedMemory(values.data[:, :, t], values.scale[:, :, t])
+                    for t in range(5)]
+    assert {chunk.axis for chunk in key_chunks} == {"channel"}
+    check(fused_read(q, key_chunks, value_chunks, return_lse=True), expected(q, keys, values),
+          torch.float32)
+    framed_values = QuantizedMemory.quantize(values.dequantize(), "int8", "channel_frame")
+    with pytest.raises(ValueError) as raised:
+        memory_read(q, keys, framed_values, backend="triton")
+    assert "reads values with scales per channel or per position, not per frame" in \
+        str(raised.value) and "\n" not in str(raised.value)
+    out, lse = memory_read(q, keys, framed_values, return_lse=True)
+    check((out, lse), expected(q, keys, framed_values), torch.float32)
 
 
 class _LargestFloatOutput(TorchDispatchMode):
@@ -223,9 +328,12 @@ class _LargestFloatOutput(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_memory_is_never_widened_outside_the_kernel(device):
+def test_the_memory_is_never_widened_outside_the_kernel(device, monkeypatch):
     """No torch operation of the fused read makes a floating-point tensor as large as the
-    8-bit keys or values (the torch backend widens one chunk at a time; this one none)."""
+    8-bit keys or values (the torch backend widens one chunk at a time; this one none), keys
+    per channel and frame included (the l2 term widened 64 positions at a time here)."""
+    from stm_kernels.backends.triton import kernel_arguments
+    monkeypatch.setattr(kernel_arguments, "TERM_POSITIONS", 64)
     skip_unless_runnable("triton", device)
     q, k, v = inputs(device, HW=16, Ck=32, Cv=64, seed=9)
     keys = QuantizedMemory.quantize(k, "int8", "channel")
@@ -233,6 +341,12 @@ def test_the_memory_is_never_widened_outside_the_kernel(device):
     with _LargestFloatOutput() as recorded:
         fused_read(q, keys, values)
     assert 0 < recorded.largest < k.numel()
+    framed_keys = QuantizedMemory.quantize(k.unflatten(2, (6, 25)), "int8", "channel_frame")
+    values = QuantizedMemory(values.data.unflatten(2, (6, 25)), values.scale.unflatten(2, (6, 25)))
+    for similarity in ("dot", "l2"):  # l2: |k|^2 of one slice at a time
+        with _LargestFloatOutput() as recorded:
+            fused_read(q, framed_keys, values, similarity=similarity)
+        assert 0 < recorded.largest < k.numel()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -270,7 +384,13 @@ def test_auto_takes_the_fused_kernel_where_memory_read_would(monkeypatch):
     assert asked[0] is q and fused[0][0].dtype == torch.int8 and fused[1][2] == "position"
     assert quantized._fused_memory("auto", q, [keys], [values], 5, False) is None
     assert quantized._fused_memory("auto", q, [keys], [values], None, True) is None
-    assert quantized._fused_memory("auto", q, [keys, keys], [values, values], None, False) \
-        is None
+    # per-channel chunks of frames of one size join as scales per channel and frame
+    joined = quantized._fused_memory("auto", q, [keys, keys], [values, values], None, False)
+    assert joined[0][2] == "channel_frame" and joined[0][1].shape == (2, 24, 2)
+    assert joined[1][2] == "position" and joined[1][0].shape == (2, 40, 300)
+    shorter = (QuantizedMemory.quantize(k[:, :, :100]),
+               QuantizedMemory.quantize(v[:, :, :100], "fp8", "position"))
+    assert quantized._fused_memory("auto", q, [keys, shorter[0]], [values, shorter[1]], None,
+                                   False) is None
     monkeypatch.setattr(backends, "resolve", lambda backend, t: "torch")
     assert quantized._fused_memory("auto", q, [keys], [values], None, False) is None

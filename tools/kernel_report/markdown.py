@@ -201,7 +201,11 @@ def quantized_section(quantized):
              "forward at the same shape with a bf16 query, on the forward's tilings for "
              "16-bit; the split merge is the plain one. Axes: where the keys' and the values' "
              "scales are (channel: one per channel, folded into the query by the host; "
-             "position: one per memory position, applied to the scores' or p's columns). MMA: "
+             "position: one per memory position, applied to the scores' or p's columns; "
+             "channel_frame: one per channel and frame of 1,620 positions, a memory bank's "
+             "keys, gathered per element of the key tile and applied to it in registers; "
+             "Triton stages the gathered scales in shared memory, hence its larger shared "
+             "use). MMA: "
              "the matrix instructions and their operand types (the 8-bit tiles are converted "
              "to bf16 in registers; before sm_89 e4m3 codes are decoded from int8 bits).", "",
              "| target | format | keys / values | case | config · registers · shared | "

@@ -295,19 +295,22 @@ def report(targets=None, precisions=None, cases=None, progress=None):
 # --------------------------------------------------------------------------- 8-bit memory
 
 # The 8-bit forward (memory_read_fwd_kernel_8bit; an 8-bit memory, inference only), compiled
-# for the GPUs the issue names at the target shape with a bf16 query: each format, the two
-# pairs of scale axes (keys per channel with values per position, KIVI's; and the reverse),
+# for the GPUs the issue names at the target shape with a bf16 query: each format, three
+# pairs of scale axes (keys per channel with values per position, KIVI's; the reverse; and
+# keys per channel and frame of HW positions, a memory bank's, with values per position),
 # dot and l2. Its rows are reported beside the plain kernels', not held to their targets.
 QUANTIZED_TARGETS = ("sm_80", "sm_89", "sm_90")
 QUANTIZED_FORMATS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-QUANTIZED_AXES = (("channel", "position"), ("position", "channel"))
+QUANTIZED_AXES = (("channel", "position"), ("position", "channel"),
+                  ("channel_frame", "position"))
 QUANTIZED_CASES = ("dot", "l2")
 QUANTIZED_QUERY = "bf16"
 
 
 def _scale(B, C, N, axis):
-    return torch.empty(B, C, 1, device="meta") if axis == "channel" else \
-        torch.empty(B, 1, N, device="meta")
+    shape = {"channel": (B, C, 1), "position": (B, 1, N),
+             "channel_frame": (B, C, N // SHAPE["HW"])}[axis]  # frames of HW positions
+    return torch.empty(shape, device="meta")
 
 
 def quantized_rows(name):

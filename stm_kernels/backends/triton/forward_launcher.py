@@ -192,7 +192,7 @@ def _gluon_forward(gluon, call, q, k, v, scale, l2, i64):
 
 
 # QuantizedMemory's scale axis -> the 8-bit kernel's K_AXIS / V_AXIS (None: not 8-bit)
-SCALE_AXES = {None: 0, "channel": 1, "position": 2}
+SCALE_AXES = {None: 0, "channel": 1, "position": 2, "channel_frame": 3}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -242,9 +242,10 @@ def _memory_inputs(k, k_scale, key_axis, v, v_scale, l2, lengths, decode):
     where there is none, never read); ksq; lengths. The pointers it never reads are the key
     codes' (a pointer type every GPU takes: sm_80 refuses an e4m3 one)."""
     k_codes, v_codes = _codes(k, decode), _codes(v, decode)
-    return dict(k=k_codes, k_scale=k_codes if k_scale is k else k_scale,
-                ksq=_quantized_memory_term(k, k_scale if key_axis else None, l2) if l2
-                else k_codes,
+    group = k.shape[2] // k_scale.shape[2] if key_axis == 3 else 1  # positions per frame
+    ksq = _quantized_memory_term(k, k_scale if key_axis else None, l2, group) if l2 \
+        else k_codes
+    return dict(k=k_codes, k_scale=k_codes if k_scale is k else k_scale, ksq=ksq,
                 v=v_codes, v_scale=v_codes if v_scale is v else v_scale,
                 lengths=k_codes if lengths is None else _lengths_argument(lengths, k)[0])
 
@@ -261,9 +262,10 @@ def quantized_forward(q, k, k_scale, k_axis, v, v_scale, v_axis, scale, l2, leng
     """(out (B, Cv, HW) in q's dtype, lse (B, HW) float32) of the read of an 8-bit memory
     (inference only; memory_read_fwd_kernel_8bit): k (B, Ck, N) and v (B, Cv, N) are int8 or
     float8_e4m3fn codes with float32 scales k_scale, v_scale ((B, C, 1) for axis "channel",
-    (B, 1, N) for "position"), or tensors of q's dtype (scale and axis None). Any strides;
-    lengths as triton_forward's. Planned once per layout, on the forward's tilings for q's
-    precision."""
+    (B, 1, N) for "position"; keys also (B, Ck, G) for "channel_frame", each scale over N / G
+    consecutive positions, G dividing N), or tensors of q's dtype (scale and axis None). Any
+    strides; lengths as triton_forward's. Planned once per layout, on the forward's tilings
+    for q's precision."""
     _check_device(q, k, v)
     call = _call(q, "forward", l2)  # the read runs in q's dtype, on its precision's tilings
     if call.rank1:
@@ -271,6 +273,10 @@ def quantized_forward(q, k, k_scale, k_axis, v, v_scale, v_axis, scale, l2, leng
             f"an 8-bit memory of {q.shape[1]} key channels (one past a tile width) needs the "
             "rank-1 score term, which the 8-bit kernel does not have"))
     key_axis, value_axis = SCALE_AXES[k_axis], SCALE_AXES[v_axis]
+    if value_axis == 3:
+        raise ValueError("the 8-bit kernel reads values with scales per channel or per "
+                         "position, not per channel and frame")
+    k_group = k.shape[2] // k_scale.shape[2] if key_axis == 3 else 1
     k_scale = k if k_scale is None else k_scale  # a pointer the kernel never reads
     v_scale = v if v_scale is None else v_scale
     layout = _layout_key(("forward 8-bit", key_axis, value_axis), call, scale, l2, lengths, q,
@@ -295,7 +301,8 @@ def quantized_forward(q, k, k_scale, k_axis, v, v_scale, v_axis, scale, l2, leng
         **_query_strides(inputs["q"]),
         **_memory_strides("k", k, align_k), **_memory_strides("v", v, align_v),
         **_scale_strides("ks", k_scale, key_axis), **_scale_strides("vs", v_scale, value_axis),
-        HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, L2=l2, ALIGN_K=align_k, ALIGN_V=align_v,
+        HW=HW, N=N, CV=Cv, qk_scale=scale * LOG2E, k_group=k_group, L2=l2, ALIGN_K=align_k,
+        ALIGN_V=align_v,
         K_AXIS=0 if key_axis == 1 else key_axis, V_AXIS=value_axis,
         K_E4M3_BITS=inputs["k"] is not k, V_E4M3_BITS=inputs["v"] is not v, **flags)
 

@@ -91,10 +91,11 @@ def _query_inputs(q, k, lengths, l2, rank1, pad_query=True):
 TERM_POSITIONS = 8192
 
 
-def _quantized_memory_term(k, k_scale, l2):
+def _quantized_memory_term(k, k_scale, l2, group=1):
     """_memory_term of the 8-bit read: |k|^2 (B, N) float32 of the keys k * k_scale (k_scale
-    (B, Ck, 1) or (B, 1, N) float32, or None for keys in the query's dtype), each slice of
-    TERM_POSITIONS positions widened on its own; k itself (never read) without l2."""
+    float32 (B, Ck, 1), (B, 1, N), or (B, Ck, N / group) each over `group` consecutive
+    positions; or None for keys in the query's dtype), each slice of TERM_POSITIONS positions
+    widened on its own; k itself (never read) without l2."""
     if not l2:
         return k
     B, _, N = k.shape
@@ -102,16 +103,21 @@ def _quantized_memory_term(k, k_scale, l2):
     for start in range(0, N, TERM_POSITIONS):
         stop = min(start + TERM_POSITIONS, N)
         part = k[:, :, start:stop].to(torch.float32)
-        if k_scale is not None:
-            part = part * (k_scale if k_scale.shape[2] == 1 else k_scale[:, :, start:stop])
+        if k_scale is not None and k_scale.shape[2] == 1:
+            part = part * k_scale
+        elif k_scale is not None:  # each position's scales (of its frame)
+            part = part * k_scale.index_select(
+                2, torch.arange(start, stop, device=k.device) // group)
         term[:, start:stop] = part.square().sum(1)
     return term
 
 
 def _scale_strides(name, scale, axis):
-    """Keyword strides (b, c, n) of a (B, C, 1) or (B, 1, N) float32 scale tensor: the unused
-    axis' stride 0 (axis 1: per channel, 2: per position; 0: no scale, all 0)."""
+    """Keyword strides (b, c, n) of a float32 scale tensor (B, C, 1) (axis 1: per channel),
+    (B, 1, N) (2: per position) or (B, C, G) (3: per channel and frame): an axis of size
+    one's stride 0 (0: no scale, all 0)."""
     strides = (0, 0, 0) if axis == 0 else (
-        scale.stride(0), scale.stride(1) if axis == 1 else 0, scale.stride(2) if axis == 2 else 0)
+        scale.stride(0), scale.stride(1) if axis in (1, 3) else 0,
+        scale.stride(2) if axis in (2, 3) else 0)
     return {f"stride_{name}{suffix}": stride for suffix, stride in zip("bcn", strides,
                                                                         strict=True)}

@@ -37,6 +37,14 @@ per position s_j into the scores' columns (s_j q_i.k_j, before |k_j|^2 is subtra
 scale per position s_j into p's columns before the PV product (sum_j (p_ij s_j) v_j), a value
 scale per channel s_c into the accumulator's columns at the end (s_c sum_j p_ij v_cj). The
 softmax's sum and the lse use the unscaled p.
+
+Keys with a scale per channel and frame (k_scale (B, Ck, G), each scale over k_group
+consecutive positions: a memory bank's frames) factor out of neither the query nor the
+scores' columns, as a tile's positions may lie in two frames: the key tile is converted to
+float32, multiplied by its positions' frames' channel scales and rounded once to the query's
+dtype, all in registers, each element's scale gathered from its position's frame (the one
+or two frames' scales of a tile stay in L1). Loading a tile's two frames' scale vectors and
+selecting per column instead held more registers: it spilled on sm_80 (docs/op.md).
 """
 import triton
 import triton.language as tl
@@ -174,17 +182,36 @@ def _converted(b_codes, dtype: tl.constexpr, UPCAST: tl.constexpr, E4M3_BITS: tl
 
 
 @triton.jit
+def _frame_scales(p_kf, o_kfc, m_c, n0, o_n, N, k_group, stride_ksn):
+    # [BLOCK_CK, BLOCK_N] float32: for key positions n0 + o_n (n0 absolute), the channel
+    # scales of each one's frame (k_group positions per frame; p_kf the object's scales,
+    # o_kfc the channels' offsets), gathered (cached: a tile reads one or two frames' scales).
+    b_frame = tl.minimum(n0 + o_n, N - 1) // k_group
+    return tl.load(p_kf + o_kfc[:, None] + b_frame[None, :] * stride_ksn, mask=m_c[:, None],
+                   other=0.0)
+
+
+@triton.jit
 def _quantized_step(b_q, b_max, b_sum, b_acc, p_k, o_k, m_k_chan, p_ks, o_ks, p_ksq,
                     p_v, o_v, m_v_chan, p_vs, o_vs, m_n, qk_scale,
+                    p_kf, o_kfc, m_c, n0, o_n, N, k_group, stride_ksn,
                     K_AXIS: tl.constexpr, V_AXIS: tl.constexpr, L2: tl.constexpr,
                     BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr, K_E4M3_BITS: tl.constexpr,
                     V_E4M3_BITS: tl.constexpr):
     # One memory block of the 8-bit read: its key and value tiles loaded in their storage
     # dtype and converted to the query's (exact for int8 and e4m3 codes), the per-position
-    # scales applied to the scores' columns (keys) and to p's columns (values).
+    # scales applied to the scores' columns (keys) and to p's columns (values); keys with
+    # scales per channel and frame (K_AXIS 3) dequantised in registers (module docstring).
     b_k = key_tile(p_k, o_k, m_k_chan, m_n, MASK_N)
-    b_s = dot(b_q, _converted(b_k, b_q.dtype, UPCAST, K_E4M3_BITS), PRECISION, UPCAST)
+    if K_AXIS == 3:
+        b_kd = _converted(b_k, tl.float32, False, K_E4M3_BITS) * _frame_scales(
+            p_kf, o_kfc, m_c, n0, o_n, N, k_group, stride_ksn)
+        if not UPCAST:
+            b_kd = b_kd.to(b_q.dtype)
+    else:
+        b_kd = _converted(b_k, b_q.dtype, UPCAST, K_E4M3_BITS)
+    b_s = dot(b_q, b_kd, PRECISION, UPCAST)
     if K_AXIS == 2:
         b_s = b_s * _scale_vector(p_ks, o_ks, m_n, True, MASK_N, BLOCK_N)[None, :]
     b_s, _ = scores_of_dot(b_s, 0.0, p_ksq, m_n, qk_scale, L2, False, BLOCK_N, MASK_N)
@@ -212,7 +239,7 @@ def memory_read_fwd_kernel_8bit(
     stride_vb, stride_vc, stride_vn, stride_vsb, stride_vsc, stride_vsn,
     stride_os, stride_ob, stride_oc, stride_om,
     stride_ls, stride_lb, stride_lm,
-    HW, N, CK, CV, n_per_split, qk_scale,
+    HW, N, CK, CV, n_per_split, qk_scale, k_group,
     L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, RAGGED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, I64: tl.constexpr,
@@ -222,8 +249,9 @@ def memory_read_fwd_kernel_8bit(
 ):
     # memory_read_fwd_kernel for an 8-bit memory (module docstring). K_AXIS: 0 for keys in
     # the query's dtype or 8-bit keys whose channel scales the host folded into q, 2 for a
-    # scale per position; V_AXIS: 0 for values in the query's dtype, 1 for 8-bit values with
-    # a scale per channel, 2 per position.
+    # scale per position, 3 per channel and frame (k_scale (B, Ck, G), k_group positions per
+    # frame); V_AXIS: 0 for values in the query's dtype, 1 for 8-bit values with a scale per
+    # channel, 2 per position.
     i_m = tl.program_id(0)
     i_bv = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -249,6 +277,8 @@ def memory_read_fwd_kernel_8bit(
     p_v = (v + aligned_stride(i_b * stride_vb, ALIGN_V) + n_lo.to(tl.int64) * stride_vn
            + first_v * stride_vc)
     p_ks = k_scale + i_b * stride_ksb + n_lo.to(tl.int64) * stride_ksn  # K_AXIS 2 only
+    p_kf = k_scale + i_b * stride_ksb  # K_AXIS 3 only
+    o_kfc = o_c * stride_ksc
     p_vs = v_scale + i_b * stride_vsb + n_lo.to(tl.int64) * stride_vsn  # V_AXIS 2 only
     p_ksq = ksq + i_b * stride_sqb + n_lo  # (B, N) float32, for L2 only
     o_k = tile_offsets(o_c, o_n, stride_kc, stride_kn, I64)  # [BLOCK_CK, BLOCK_N]
@@ -261,12 +291,13 @@ def memory_read_fwd_kernel_8bit(
     b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    for _ in range(n_lo, n_full_end, BLOCK_N):
+    for n0 in range(n_lo, n_full_end, BLOCK_N):
         b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
         b_max, b_sum, b_acc = _quantized_step(
             b_qs, b_max, b_sum, b_acc, p_k, o_k, m_k_chan, p_ks, o_ks, p_ksq, p_v, o_vt,
-            m_v_chan, p_vs, o_vs, None, qk_scale, K_AXIS, V_AXIS, L2, BLOCK_N, False,
-            PRECISION, UPCAST, K_E4M3_BITS, V_E4M3_BITS)
+            m_v_chan, p_vs, o_vs, None, qk_scale, p_kf, o_kfc, m_c, n0, o_n, N, k_group,
+            stride_ksn, K_AXIS, V_AXIS, L2, BLOCK_N, False, PRECISION, UPCAST, K_E4M3_BITS,
+            V_E4M3_BITS)
         p_k += BLOCK_N * stride_kn
         p_ks += BLOCK_N * stride_ksn
         p_ksq += BLOCK_N
@@ -277,8 +308,9 @@ def memory_read_fwd_kernel_8bit(
         b_qs = query_tile(b_q, p_q, o_m, o_c, m_m, m_c, stride_qm, stride_qc, I64, STREAM_Q)
         b_max, b_sum, b_acc = _quantized_step(
             b_qs, b_max, b_sum, b_acc, p_k, o_k, m_k_chan, p_ks, o_ks, p_ksq, p_v, o_vt,
-            m_v_chan, p_vs, o_vs, m_n, qk_scale, K_AXIS, V_AXIS, L2, BLOCK_N, True,
-            PRECISION, UPCAST, K_E4M3_BITS, V_E4M3_BITS)
+            m_v_chan, p_vs, o_vs, m_n, qk_scale, p_kf, o_kfc, m_c, n_full_end, o_n, N, k_group,
+            stride_ksn, K_AXIS, V_AXIS, L2, BLOCK_N, True, PRECISION, UPCAST, K_E4M3_BITS,
+            V_E4M3_BITS)
 
     # the values' channel scales: sum_j p_ij (v_cj * s_c) = s_c * sum_j p_ij v_cj
     b_vscale = _scale_vector(v_scale + i_b * stride_vsb, (first_v + o_v) * stride_vsc, m_v,
