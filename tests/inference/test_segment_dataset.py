@@ -21,6 +21,9 @@ from stm_model.demo import WEIGHTS, load_small_model
 SEQUENCES = {"alpha": (6, 2, (48, 80)), "bravo": (9, 1, (48, 80)), "charlie": (4, 3, (48, 80)),
              "wide": (5, 2, (40, 96))}
 OPTIONS = ["--checkpoint", str(WEIGHTS), "--mem-every", "2", "--quiet"]
+# the network in float32, as _alone's VideoSegmenter (without it, bf16 autocast on a CPU with
+# bf16 dot products): for the runs compared with _alone, or with single_run
+FLOAT32 = ["--amp", "fp32"]
 DAVIS = SHARED / "data" / "davis2016-val"
 
 
@@ -38,7 +41,7 @@ def single_run(davis_root, tmp_path_factory):
     """Output folder of one single-process run, 3 sequences at a time (with --eval)."""
     output = tmp_path_factory.mktemp("single") / "out"
     assert main(["segment-dataset", str(davis_root), "--output", str(output),
-                 "--batch-size", "3", "--eval", *OPTIONS]) == 0
+                 "--batch-size", "3", "--eval", *OPTIONS, *FLOAT32]) == 0
     return output
 
 
@@ -98,7 +101,7 @@ def test_interrupted_run_redoes_the_unfinished_sequence_and_skips_the_rest(
     monkeypatch.setattr(BatchSegmenter, "step", killed_at_step_17)
     capsys.readouterr()
     assert main(["segment-dataset", str(davis_root), "--output", str(output), "--batch-size",
-                 "1", *OPTIONS]) == 130  # Ctrl-C: one line, no traceback
+                 "1", *OPTIONS, *FLOAT32]) == 130  # Ctrl-C: one line, no traceback
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "stm segment-dataset: interrupted: the sequences completed are kept in the output; run "
         "the same command again to resume")
@@ -109,7 +112,7 @@ def test_interrupted_run_redoes_the_unfinished_sequence_and_skips_the_rest(
     written = {p: p.stat().st_mtime_ns for p in output.glob("[bw]*/*.png")}
     capsys.readouterr()
     assert main(["segment-dataset", str(davis_root), "--output", str(output), "--batch-size",
-                 "1", *OPTIONS]) == 0
+                 "1", *OPTIONS, *FLOAT32]) == 0
     assert "2 sequences segmented, 2 already complete" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in output.glob("[bw]*/*.png")} == written
     summary = json.loads((output / "segment_summary.json").read_text())
@@ -126,7 +129,7 @@ def test_two_gloo_processes_write_the_masks_of_one_process(davis_root, single_ru
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "stm_model", "segment-dataset", str(davis_root), "--output", str(output),
-         "--batch-size", "2", "--device", "cpu", *OPTIONS],
+         "--batch-size", "2", "--device", "cpu", *OPTIONS, *FLOAT32],
         capture_output=True, text=True, env=environment, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("| all |") == 1  # rank 0 prints the table

@@ -78,6 +78,10 @@ def test_the_command_line_flags_are_made_from_the_options():
     # as it reads the frames, as BatchSegmenter takes no size)
     args = dataset.parse_args(["root", "--output", "out", "--size", "240"])
     assert args.max_internal_size == 240 and not hasattr(args, "size")
+    # --amp: auto by default on the commands (the Python default stays no autocast)
+    for args in (segment.parse_args(["clip"]), dataset.parse_args(["root", "--output", "o"])):
+        assert args.amp_dtype == "auto" and segmenter_options(args).amp_dtype == "auto"
+    assert SegmenterOptions().amp_dtype is None
     args = segment.parse_args(["clip", "--size", "240", "--amp", "bf16", "--mem-every", "2"])
     assert segmenter_options(args) == SegmenterOptions(mem_every=2, amp_dtype="bf16",
                                                             max_internal_size=240)
