@@ -20,8 +20,11 @@ matter.
 "fp8"): each frame is quantised as it is added (stm_kernels.QuantizedMemory.quantize), keys
 with one float32 scale per object, channel and frame (key_scales (n, Ck, capacity, 1)), values
 with one per object and position (value_scales (n, 1, capacity, h·w)); no full-precision copy
-is kept. A read hands memory_read one QuantizedMemory chunk per frame (a scale per channel and
-frame is not one of QuantizedMemory's shapes over several frames), read in read_dtype.
+is kept. A read hands memory_read one QuantizedMemory per argument over the T frames it sees,
+views of the storage: keys (n, Ck, T, h·w) with scales per channel and frame (the axis
+"channel_frame", scale (n, Ck, T, 1)), values (n, Cv, T, h·w) per position, read in
+read_dtype in one call (the fused 8-bit kernel on CUDA, the torch backend's chunks on a
+CPU).
 
 Storage and reads (stm_model.memory.storage): on the compute device, one fused read over views
 of the storage (or, for a CUDA graph, fixed_capacity(): the whole storage with each object's
@@ -106,7 +109,6 @@ class MemoryBank:
         self.values: Any = None
         self.key_scales: Any = None  # 8-bit storage: (n, Ck, capacity, 1) float32
         self.value_scales: Any = None  # 8-bit storage: (n, 1, capacity, h·w) float32
-        self._chunks: Optional[tuple] = None  # 8-bit storage: each slot's QuantizedMemory
         self._fixed: Optional[FixedCapacityMemory] = None  # fixed_capacity(), per storage
         self._allocate(_round_up(capacity, _ALIGN_FRAMES))
 
@@ -156,8 +158,9 @@ class MemoryBank:
     def memory_views(self) -> tuple[Any, Any]:
         """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)): the T frames a read sees, as views
         of the storage (what read() passes to memory_read; not for offloaded or sharded
-        memory, whose reads go chunk by chunk or across ranks). An 8-bit memory: two lists
-        of T QuantizedMemory chunks (n, C, h·w), one per frame."""
+        memory, whose reads go chunk by chunk or across ranks). An 8-bit memory: two
+        QuantizedMemory, keys (n, Ck, T, h·w) with scales per channel and frame, values
+        (n, Cv, T, h·w) per position."""
         if not isinstance(self.storage, OnDevice):
             raise RuntimeError("memory_views() needs the whole memory on the compute device "
                                "(not offload or shard_memory); use read()")
@@ -185,17 +188,15 @@ class MemoryBank:
     def stored(self, start: int, stop: int) -> tuple[Any, Any]:
         """(keys (n, Ck, T·h·w), values (n, Cv, T·h·w)) of the frames this rank stores in
         slots [start, stop), as views of the storage (what the storage strategies read); an
-        8-bit memory: two lists of QuantizedMemory chunks (n, C, h·w), one per frame."""
+        8-bit memory: two QuantizedMemory of views, keys (n, Ck, T, h·w) with scales per
+        channel and frame (n, Ck, T, 1), values (n, Cv, T, h·w) with scales per position
+        (n, 1, T, h·w): one memory each, read in one call."""
         if self.quantized is None:
             return (self.keys[:, :, start:stop].flatten(2),
                     self.values[:, :, start:stop].flatten(2))
-        if self._chunks is None:  # views of the storage: valid until it is reallocated
-            self._chunks = tuple(
-                [QuantizedMemory(data[:, :, slot], scale[:, :, slot])
-                 for slot in range(self.capacity)]
-                for data, scale in ((self.keys, self.key_scales),
-                                    (self.values, self.value_scales)))
-        return self._chunks[0][start:stop], self._chunks[1][start:stop]
+        return (QuantizedMemory(self.keys[:, :, start:stop], self.key_scales[:, :, start:stop]),
+                QuantizedMemory(self.values[:, :, start:stop],
+                                self.value_scales[:, :, start:stop]))
 
     def as_stored(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Any, Any]:
         """One frame's keys (n, Ck, h·w) and values (n, Cv, h·w) as this bank stores a frame
@@ -311,7 +312,7 @@ class MemoryBank:
     def _set_tensors(self, keys, values, key_scales=None, value_scales=None):
         self.keys, self.values = keys, values
         self.key_scales, self.value_scales = key_scales, value_scales
-        self._fixed = self._chunks = None
+        self._fixed = None
 
     def _allocate(self, capacity, kept=None):
         positions = self.size[0] * self.size[1]

@@ -17,7 +17,8 @@ Schedule: memory_schedule.FrameSlots, the same as MemoryBank's (one per group).
 8-bit storage (dtype torch.int8 / torch.float8_e4m3fn), as MemoryBank's: each frame quantised
 as it is added, keys with a float32 scale per row, channel and frame (key_scales (rows, Ck,
 frames, 1)), values per row and position (value_scales (rows, 1, frames, h·w)); a read hands
-memory_read one QuantizedMemory chunk per frame, in read_dtype.
+memory_read one QuantizedMemory per argument, views over the frames it sees (keys with scales
+per channel and frame), in read_dtype: one call, fused on CUDA.
 """
 import torch
 
@@ -176,11 +177,11 @@ class BatchedMemory:
         if self.quantized is None:
             keys = self.keys[:rows, :, :longest].flatten(2)
             values = self.values[:rows, :, :longest].flatten(2)
-        else:  # one chunk per frame: a key scale per channel and frame
-            keys = [QuantizedMemory(self.keys[:rows, :, t], self.key_scales[:rows, :, t])
-                    for t in range(longest)]
-            values = [QuantizedMemory(self.values[:rows, :, t], self.value_scales[:rows, :, t])
-                      for t in range(longest)]
+        else:  # keys with a scale per channel and frame, values per position
+            keys = QuantizedMemory(self.keys[:rows, :, :longest],
+                                   self.key_scales[:rows, :, :longest])
+            values = QuantizedMemory(self.values[:rows, :, :longest],
+                                     self.value_scales[:rows, :, :longest])
         return read_in_storage_dtype(query_key, keys, values, dtype=self.read_dtype,
                                      scale=scale, similarity=similarity, backend=backend,
                                      memory_lengths=lengths)

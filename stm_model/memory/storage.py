@@ -9,7 +9,8 @@ storage, behind one read.
 
 A strategy reads the first `frames` frames a bank stores through `bank.stored(start, stop)`: the
 keys and values of stored frames [start, stop) as (n, C, (stop - start)·h·w) views (an 8-bit
-memory: lists of QuantizedMemory chunks, one per frame), in the bank's read_dtype.
+memory: a QuantizedMemory of views each, keys with scales per channel and frame), in the
+bank's read_dtype.
 """
 from typing import Any, Optional
 
@@ -36,12 +37,14 @@ def read_in_storage_dtype(query_key, keys, values, dtype: Optional[torch.dtype] 
 
 
 def _on(memory, device):
-    """A memory argument (a tensor, or a list of QuantizedMemory chunks) copied to device
+    """A memory argument (a tensor, a QuantizedMemory, or a list of them) copied to device
     (asynchronously from pinned memory)."""
+    if isinstance(memory, (list, tuple)):
+        return [_on(chunk, device) for chunk in memory]
     if isinstance(memory, torch.Tensor):
         return memory.to(device, non_blocking=True)
-    return [QuantizedMemory(chunk.data.to(device, non_blocking=True),
-                            chunk.scale.to(device, non_blocking=True)) for chunk in memory]
+    return QuantizedMemory(memory.data.to(device, non_blocking=True),
+                           memory.scale.to(device, non_blocking=True))
 
 
 class OnDevice:

@@ -95,6 +95,78 @@ def test_the_bank_reads_its_8_bit_frames_as_the_float64_read_of_them(name, offlo
                                rtol=0, atol=1e-5)
 
 
+def _fused(bank_read, monkeypatch, plannings):
+    """bank_read() with memory_read's "auto" taking the fused kernel (as on CUDA; here the
+    Triton interpreter), failing on a fallback to the torch backend; the kernel plans once."""
+    import warnings
+
+    from stm_kernels import FallbackWarning, backends
+    from stm_kernels.backends.triton import launch
+    launch.forget_choices()
+    monkeypatch.setattr(backends, "resolve", lambda backend, tensor: "triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        out = bank_read()
+    assert plannings["forward"] == 1  # one fused call over every frame
+    return out
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_read_passes_one_memory_with_key_scales_per_channel_and_frame(name, monkeypatch,
+                                                                        plannings):
+    """memory_views(): one QuantizedMemory per argument over the frames a read sees, views of
+    the storage (keys (n, Ck, T, h·w) with scales per channel and frame, values per
+    position), not a chunk per frame; "auto" where it takes the fused kernel (CUDA) reads it
+    in one fused call, the torch backend elsewhere, both the float64 read of the stored
+    frames dequantised."""
+    pytest.importorskip("triton")
+    dtype, _ = FORMATS[name]
+    bank = MemoryBank(2, 8, 12, 3, 5, dtype=dtype, max_frames=10)
+    for index in range(13):
+        bank.add(*_frame(2, 8, 12, (3, 5), index), permanent=index % 3 == 0,
+                 frame_index=index)
+    keys, values = bank.memory_views()
+    frames = bank.num_frames
+    assert keys.axis == "channel_frame" and values.axis == "position"
+    assert keys.shape == (2, 8, frames, 15) and values.shape == (2, 12, frames, 15)
+    assert keys.data.data_ptr() == bank.keys.data_ptr()
+    assert keys.scale.data_ptr() == bank.key_scales.data_ptr()
+    query = torch.randn(1, 8, 3, 5, generator=torch.Generator().manual_seed(8))
+    reference = _reference_read(
+        query, _dequantized(bank.keys[:, :, :frames], bank.key_scales[:, :, :frames]).flatten(2),
+        _dequantized(bank.values[:, :, :frames], bank.value_scales[:, :, :frames]).flatten(2))
+    on_cpu = bank.read(query)  # "auto" on a CPU: the torch backend
+    torch.testing.assert_close(on_cpu.double().flatten(2), reference, rtol=0, atol=1e-5)
+    fused = _fused(lambda: bank.read(query), monkeypatch, plannings)
+    torch.testing.assert_close(fused.double().flatten(2), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_batched_8_bit_rows_are_read_fused_in_one_call(name, monkeypatch, plannings):
+    """BatchedMemory's rows of ragged lengths (memory_lengths ending at a frame of each row):
+    one QuantizedMemory per argument read by the fused kernel, equal to the float64 read of
+    each row's stored frames."""
+    pytest.importorskip("triton")
+    dtype, _ = FORMATS[name]
+    batched = BatchedMemory(8, 12, 3, 5, dtype=dtype)
+    first, second = batched.add_group(2), batched.add_group(1)
+    for index in range(9):
+        keys, values = _frame(3, 8, 12, (3, 5), 50 + index)
+        if index >= 5:
+            batched.add([(first, True, index), (second, True, index)], keys, values)
+        else:
+            batched.add([(first, True, index)], keys[:2], values[:2])
+    query = torch.randn(1, 8, 3, 5, generator=torch.Generator().manual_seed(9))
+    out = _fused(lambda: batched.read(query), monkeypatch, plannings)
+    for row, frames in enumerate(batched.lengths()):
+        keys = _dequantized(batched.keys[row:row + 1, :, :frames],
+                            batched.key_scales[row:row + 1, :, :frames]).flatten(2)
+        values = _dequantized(batched.values[row:row + 1, :, :frames],
+                              batched.value_scales[row:row + 1, :, :frames]).flatten(2)
+        torch.testing.assert_close(out[row:row + 1].double().flatten(2),
+                                   _reference_read(query, keys, values), rtol=0, atol=1e-5)
+
+
 def test_the_8_bit_bank_is_read_in_read_dtype():
     bank = MemoryBank(1, 8, 12, 2, 2, dtype=torch.int8, read_dtype=torch.bfloat16)
     bank.add(*_frame(1, 8, 12, (2, 2), 0), permanent=True, frame_index=0)
@@ -254,6 +326,33 @@ def test_late_objects_and_both_directions_with_int8_memory(model):
     assert sorted(actual) == list(range(12))
     _close(torch.stack([actual[t] for t in range(12)]),
            torch.stack([expected[t] for t in range(12)]), "int8")
+
+
+def test_the_fused_read_of_the_bank_keeps_the_masks(model, monkeypatch):
+    """The segmenter with int8 memory whose reads take the fused kernel (as "auto" does on
+    CUDA; here the Triton interpreter, every read one call over the bank) against the same
+    segmenter on the torch backend: the same stored frames, read in the segmenter's read
+    dtype (bf16 on a CPU with bf16 products, where the two reads round differently: 5.6e-3
+    at most on these frames, AMD EPYC), within the bounds of int8 against float32 memory
+    (masks included)."""
+    pytest.importorskip("triton")
+    import warnings
+
+    from stm_kernels import FallbackWarning, backends
+    from stm_kernels.backends.triton import launch
+    frames, labels = _video(5, frames=8)
+    expected, _ = _run(model, frames, {0: labels[0]}, memory_dtype="int8")
+    calls = []
+    real = launch.triton_quantized_forward
+    monkeypatch.setattr(launch, "triton_quantized_forward",
+                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(backends, "resolve", lambda backend, tensor: "triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        actual, _ = _run(model, frames, {0: labels[0]}, memory_dtype="int8")
+    assert len(calls) == 7 and set(calls) <= {"channel", "channel_frame"}  # one per step
+    assert "channel_frame" in calls
+    _close(actual, expected, "int8")
 
 
 def test_replay_resumes_an_int8_memory(model):
