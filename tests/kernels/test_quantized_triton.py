@@ -228,8 +228,8 @@ def test_keys_per_channel_and_frame(device, fmt, frame, similarity, plannings):
     """Keys with a scale per channel and frame (a memory bank's), one QuantizedMemory over 5
     frames: frames of 20 positions (fewer than the interpreter's 32-wide tile: a tile spans
     up to three frames) and of 45 (up to two), neither N (100, 225) nor a frame a multiple of
-    the tile; values per position and per channel. Against the float64 read of the dequantised memory, and not the read with one
-    scale per channel over the whole memory."""
+    the tile; values per position and per channel. Against the float64 read of the
+    dequantised memory, and not the read with one scale per channel over the whole memory."""
     skip_unless_runnable("triton", device)
     launch.forget_choices()
     for value_axis in AXES:
