@@ -153,14 +153,11 @@ def memory_format(memory_dtype) -> Optional[str]:
 
 
 def check_memory_format(memory_dtype, read_backend, shard_memory=False) -> None:
-    """ValueError, naming the options, for what does not take an 8-bit memory_dtype yet: the
-    "triton" read backend (its kernels do not dequantise), shard_memory."""
+    """ValueError, naming the options, for what does not take an 8-bit memory_dtype yet:
+    shard_memory. (Every read backend takes one: "triton" through its 8-bit forward.)"""
     name = memory_format(memory_dtype)
     if name is None:
         return
-    if read_backend == "triton":
-        raise ValueError(f"memory_dtype {name}: the triton read backend does not read an 8-bit "
-                         "memory yet; use read backend auto or torch (--backend)")
     if shard_memory:
         raise ValueError(f"memory_dtype {name}: shard_memory does not take an 8-bit memory "
                          "yet; use a floating-point memory_dtype")

@@ -169,8 +169,6 @@ def test_annotate_takes_int8_memory(tmp_path, monkeypatch, bank_dtypes):
 @pytest.mark.parametrize("extra, message", [
     (["--runtime", "onnxruntime"], "--memory-dtype: the ONNX runner keeps its memory in "
                                    "float32"),
-    (["--backend", "triton"], "memory_dtype int8: the triton read backend does not read an "
-                              "8-bit memory"),
 ])
 def test_what_cannot_take_int8_memory_refuses_it_in_one_line(clip, tmp_path, capsys, extra,
                                                              message):

@@ -200,8 +200,6 @@ def test_what_does_not_take_an_8_bit_memory_is_refused_in_one_line():
         bank.fixed_capacity()
     with pytest.raises(ValueError, match="shard_memory does not take an 8-bit memory"):
         MemoryBank(1, 8, 12, 2, 2, dtype=torch.int8, shard_memory=True)
-    with pytest.raises(ValueError, match="memory_dtype int8: the triton read backend"):
-        SegmenterOptions(memory_dtype="int8", read_backend="triton")
     with pytest.raises(ValueError, match="memory_dtype fp8: shard_memory does not take"):
         SegmenterOptions(memory_dtype="fp8", shard_memory=True)
     with pytest.raises(ValueError, match="memory_dtype must be one of fp16, fp32, bf16|"
@@ -209,12 +207,32 @@ def test_what_does_not_take_an_8_bit_memory_is_refused_in_one_line():
         SegmenterOptions(memory_dtype="int4")
 
 
-def test_a_model_whose_config_reads_with_triton_is_refused_with_8_bit_memory(model):
+def test_the_triton_read_backend_reads_an_8_bit_memory_fused(model, monkeypatch):
+    """read_backend="triton" (the option, and a model whose config reads with triton) with an
+    int8 memory: every read one call of the 8-bit fused forward (here the Triton interpreter),
+    no fallback, the masks those of the torch backend's read of the same stored frames within
+    int8's bounds against float32 memory."""
+    pytest.importorskip("triton")
     import copy
+    import warnings
+
+    from stm_kernels import FallbackWarning
+    from stm_kernels.backends.triton import launch
+    frames, labels = _video(5, frames=8)
+    expected, _ = _run(model, frames, {0: labels[0]}, memory_dtype="int8", read_backend="torch")
     triton_model = copy.deepcopy(model)
     triton_model.config = type(model.config)(**{**vars(model.config), "read_backend": "triton"})
-    with pytest.raises(ValueError, match="memory_dtype int8: the triton read backend"):
-        VideoSegmenter(triton_model, memory_dtype="int8")
+    real = launch.triton_quantized_forward
+    for segmenter_model, options in ((model, {"read_backend": "triton"}), (triton_model, {})):
+        calls = []
+        monkeypatch.setattr(launch, "triton_quantized_forward",
+                            lambda *a, calls=calls, **k: calls.append(a[3]) or real(*a, **k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            actual, _ = _run(segmenter_model, frames, {0: labels[0]}, memory_dtype="int8",
+                             **options)
+        assert len(calls) == 7  # one fused call per step after the first
+        _close(actual, expected, "int8")
 
 
 @pytest.mark.parametrize("name", FORMATS)
