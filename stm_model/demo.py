@@ -24,6 +24,7 @@ from stm_model import io as video_io
 from stm_model.network.checkpoint import SHIPPED, acknowledge_synthetic_only, load_checkpoint
 from stm_model.training.datasets import HELD_OUT_SEEDS
 from stm_model.runtime.devices import peak_memory_bytes
+from stm_model.inference.options import MEMORY_DTYPES
 from stm_model.inference.video_segmenter import VideoSegmenter
 from stm_model.training.synthetic import SyntheticVideo
 
@@ -98,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--mem-every", type=int, default=5)
     parser.add_argument("--checkpoint", help="model to use (default: the committed small model)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--memory-dtype", default="auto", choices=MEMORY_DTYPES,
+                        help="the memory bank's storage dtype (int8, fp8: 8-bit with scales)")
     parser.add_argument("--overlay", default="demo_output/overlay.mp4",
                         help="overlay video (.mp4/.gif) or folder; 'none' to skip")
     parser.add_argument("--quiet", action="store_true")
@@ -113,7 +116,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = evaluate_video(model, video, args.frames, mem_every=args.mem_every, overlay=overlay,
-                            show_progress=not args.quiet)
+                            show_progress=not args.quiet, memory_dtype=args.memory_dtype)
     print(f"video: synthetic seed {HELD_OUT_SEEDS + args.seed}, {args.frames} frames "
           f"{args.size[1]}x{args.size[0]}, {len(result['object_ids'])} objects")
     print(f"J {result['J-Mean']:.4f}  F {result['F-Mean']:.4f}  (frames 1..T-2, DAVIS protocol)")

@@ -26,6 +26,20 @@ def test_demo_short_form_prints_jf_last(capsys, tmp_path):
     assert (tmp_path / "demo.gif").stat().st_size > 0
 
 
+def test_demo_with_an_int8_memory_scores_as_float32_memory_in_a_quarter_of_its_bytes(capsys):
+    scores, mib = {}, {}
+    for dtype in ("fp32", "int8"):
+        assert main(["--frames", "40", "--seed", "1", "--overlay", "none", "--quiet",
+                     "--memory-dtype", dtype]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        scores[dtype] = float(lines[-1].split()[1])
+        memory = next(line for line in lines if line.startswith("memory frames 9 "))
+        mib[dtype] = float(memory.split("(")[1].split()[0])
+    assert abs(scores["int8"] - scores["fp32"]) <= 0.005 and scores["int8"] >= 0.80, scores
+    # one byte per element plus float32 scales against four bytes: about a quarter
+    assert 0.2 <= mib["int8"] / mib["fp32"] <= 0.3, mib
+
+
 def test_small_model_reaches_the_target_on_held_out_videos():
     model = load_small_model()
     scores = [evaluate_video(model, SyntheticVideo(HELD_OUT_SEEDS + seed, 128, 128,
