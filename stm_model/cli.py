@@ -206,6 +206,10 @@ def main(argv=None):
     export.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
                         help="dtype of the stored weights (fp16 halves the file; ONNX graphs "
                              "are float32)")
+    export.add_argument("--memory-dtype", choices=("fp32", "int8"), default="fp32",
+                        help="the memory the ONNX read graphs take: int8 keys and values with "
+                             "float32 scales, dequantised in the graph (about a quarter of "
+                             "float32's bytes; docs/deploy.md)")
     export.set_defaults(run=_command("stm_model.commands.export", "export"))
     train_config.add_arguments(commands.add_parser(
         "train", help="train an STM (options: stm train --help)",

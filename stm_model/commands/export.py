@@ -19,6 +19,9 @@ def export(args):
 
 def export_weights(args):
     """`stm export --format weights`: weights-only checkpoint, in the requested dtype."""
+    if args.memory_dtype != "fp32":
+        raise UsageError("--memory-dtype applies to ONNX exports (a folder TARGET, or "
+                         "--format onnx): a weights file holds no memory")
     dtype = None if args.dtype == "fp32" else DTYPES[args.dtype]  # fp32: as stored
     save_checkpoint(load_checkpoint(checkpoint_path(args.source)), args.target,
                     weights_dtype=dtype)
@@ -35,12 +38,13 @@ def export_onnx(args):
                          "--dtype, or name a .pt TARGET)")
     path = checkpoint_path(args.source)
     try:
-        manifest = to_onnx(path, args.target, source=args.source)
+        manifest = to_onnx(path, args.target, source=args.source,
+                           memory_dtype=args.memory_dtype)
     except ExportError as error:
         raise UsageError(str(error)) from None
     target = pathlib.Path(args.target)
     size = sum(f.stat().st_size for f in target.iterdir())
     graphs = ", ".join(f"{name} (opset {graph['opset']})"
                        for name, graph in manifest["graphs"].items())
-    print(f"wrote {target}/ ({size / 2**20:.1f} MiB): {graphs}")
+    print(f"wrote {target}/ ({size / 2**20:.1f} MiB, {args.memory_dtype} memory): {graphs}")
     return 0

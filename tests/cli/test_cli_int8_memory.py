@@ -166,13 +166,43 @@ def test_annotate_takes_int8_memory(tmp_path, monkeypatch, bank_dtypes):
     assert session.bank.keys.dtype == torch.int8
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--runtime", "onnxruntime"], "--memory-dtype: the ONNX runner keeps its memory in "
-                                   "float32"),
-])
-def test_what_cannot_take_int8_memory_refuses_it_in_one_line(clip, tmp_path, capsys, extra,
-                                                             message):
-    assert _segment(clip, tmp_path / "o", "--memory-dtype", "int8", *extra) == 2
+def test_the_onnx_runner_refuses_an_fp8_memory_in_one_line(clip, tmp_path, capsys):
+    assert _segment(clip, tmp_path / "o", "--memory-dtype", "fp8", "--runtime",
+                    "onnxruntime") == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "the ONNX runner keeps its memory in float32 or int8, not fp8" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_segment_on_the_onnx_runner_with_int8_memory(clip, tmp_path, monkeypatch, capsys):
+    """`stm export --memory-dtype int8` writes read graphs that take an int8 memory; `stm
+    segment --runtime onnxruntime` runs them, given the folder or a model name (exported once
+    into the cache per memory dtype), with the masks of the torch run's int8 memory; another
+    memory asked of that folder is refused in one line naming its manifest, and so is
+    --memory-dtype int8 for a weights file."""
+    from stm_model.commands.common import DEFAULT_CHECKPOINT
+    folder = tmp_path / "export"
+    assert main(["export", DEFAULT_CHECKPOINT, str(folder), "--memory-dtype", "int8"]) == 0
+    assert json.loads((folder / "stm_onnx.json").read_text())["memory_dtype"] == "int8"
+    assert "int8 memory" in capsys.readouterr().out
+    assert _segment(clip, tmp_path / "torch", "--memory-dtype", "int8", "--amp", "fp32") == 0
+    assert _segment(clip, tmp_path / "onnx", "--runtime", "onnxruntime", "--checkpoint",
+                    str(folder)) == 0
+    assert _agreement(_masks(tmp_path / "onnx"), _masks(tmp_path / "torch")) >= 0.995
+    monkeypatch.setenv("STM_KERNELS_CACHE", str(tmp_path / "cache"))
+    assert _segment(clip, tmp_path / "named", "--runtime", "onnxruntime",
+                    "--memory-dtype", "int8") == 0
+    [cached] = (tmp_path / "cache" / "onnx").iterdir()
+    assert cached.name.endswith("-int8")
+    assert json.loads((cached / "stm_onnx.json").read_text())["memory_dtype"] == "int8"
+    assert _agreement(_masks(tmp_path / "named"), _masks(tmp_path / "onnx")) == 1.0
+    capsys.readouterr()
+    assert _segment(clip, tmp_path / "o", "--runtime", "onnxruntime", "--checkpoint",
+                    str(folder), "--memory-dtype", "fp32") == 2
+    err = capsys.readouterr().err
+    assert "stm_onnx.json" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["export", DEFAULT_CHECKPOINT, str(tmp_path / "w.pt"),
+                 "--memory-dtype", "int8"]) == 2
+    assert "--memory-dtype applies to ONNX exports" in capsys.readouterr().err

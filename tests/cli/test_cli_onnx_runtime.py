@@ -89,7 +89,7 @@ def test_a_named_model_is_exported_once_into_the_cache(clip, tmp_path, monkeypat
 @pytest.mark.parametrize("extra, message", [
     (["--amp", "bf16"], "--amp applies to the torch runtime"),
     (["--backend", "torch"], "--backend applies to the torch runtime"),
-    (["--memory-dtype", "fp16"], "keeps its memory in float32"),
+    (["--memory-dtype", "fp16"], "keeps its memory in float32 or int8, not fp16"),
     (["--device", "cuda"], "CPU provider"),
 ])
 def test_torch_only_flags_are_refused_in_one_line(clip, tmp_path, capsys, extra, message):
