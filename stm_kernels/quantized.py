@@ -134,8 +134,9 @@ class QuantizedMemory:
         storage, largest = FORMATS[name]
         compute = torch.float64 if memory.dtype == torch.float64 else torch.float32
         x = memory.to(compute)
-        first = {"channel": 2, "channel_frame": 3}.get(axis)
-        over = (1,) if axis == "position" else tuple(range(first, memory.dim()))
+        # the dimensions each scale spans: the channels, or every position (of a frame)
+        over = (1,) if axis == "position" else \
+            tuple(range(3 if axis == "channel_frame" else 2, memory.dim()))
         absmax = x.abs().amax(dim=over, keepdim=True)
         if not bool(torch.isfinite(absmax).all()):
             raise ValueError("memory must be finite to be quantised; it holds inf or NaN")
@@ -322,9 +323,10 @@ def read(query_key: torch.Tensor, memory_key, memory_value, *, scale: Optional[f
             usage = naive[2] if return_usage else None
         elif fused is not None:
             from .backends import pytorch
-            from .backends import triton as triton_backend
-            out, lse = triton_backend.quantized_forward(
-                q, *fused[0], *fused[1], scale, l2, lengths,
+            from .backends.triton import quantized_forward
+            (k_data, k_scale, k_axis), (v_data, v_scale, v_axis) = fused
+            out, lse = quantized_forward(
+                q, k_data, k_scale, k_axis, v_data, v_scale, v_axis, scale, l2, lengths,
                 reference=lambda: pytorch.forward(q, k, v, scale, l2, lengths))
             usage = None
         elif top_k is not None:

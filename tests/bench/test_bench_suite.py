@@ -247,7 +247,8 @@ def test_davis_test_benchmark_scores_with_stm_eval_and_plots_the_curve(tmp_path,
     assert stm(["segment", str(tmp_path / "davis" / "JPEGImages" / "480p" / "synth"),
                 "--mask", str(tmp_path / "davis" / "Annotations" / "480p" / "synth" /
                               "00000.png"), "--checkpoint", "small", "--output",
-                str(tmp_path / "seg"), "--overlay", "none", "--quiet"]) == 0
+                str(tmp_path / "seg"), "--overlay", "none", "--quiet",
+                "--amp", "fp32"]) == 0  # the benchmark's network: float32 (Python's default)
     (tmp_path / "eval").mkdir()
     (tmp_path / "seg" / "masks").rename(tmp_path / "eval" / "synth")
     assert stm(["eval", str(tmp_path / "eval"), str(tmp_path / "davis" / "Annotations" / "480p"),
@@ -419,7 +420,7 @@ def test_multi_object_benchmark_composites_touching_objects_and_scores_each(
     assert stm(["segment", str(tmp_path / "clips" / "JPEGImages" / "480p" / "a+b"), "--mask",
                 str(tmp_path / "clips" / "Annotations" / "480p" / "a+b" / "00000.png"),
                 "--checkpoint", "small", "--output", str(tmp_path / "seg"), "--overlay", "none",
-                "--quiet"]) == 0
+                "--quiet", "--amp", "fp32"]) == 0  # the benchmark's float32 network
     (tmp_path / "seg" / "masks").rename(tmp_path / "eval" / "a+b")
     assert stm(["eval", str(tmp_path / "eval"),
                 str(tmp_path / "clips" / "Annotations" / "480p")]) == 0
