@@ -84,6 +84,25 @@ class PreparedForward:
         return out, lse
 
 
+def _planned_forward(kernel, call, config, sizes, dtype, arguments, inputs, i64):
+    """(out, lse, the outputs' layout, the kernel's KernelLaunch, the merge's or None) of a
+    layout's first forward with `config`: `kernel` (the plain or the 8-bit forward) planned
+    by forward_plan for sizes (B, HW, N, Cv), launched on `inputs` with the layout's
+    `arguments` into out in `dtype`, then the splits merged."""
+    B, HW, N, Cv = sizes
+    plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
+    outputs = (plan.splits, B, Cv, HW, dtype)
+    out, lse, part_out, part_lse = _forward_outputs(*outputs, inputs["k"].device)
+    fixed = dict(**_strides("o", part_out, "sbcm"), **_strides("l", part_lse, "sbm"),
+                 n_per_split=plan.per_split, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 BLOCK_V=plan.block_v, NUM_V=plan.num_v, STREAM_Q=config.stream_queries,
+                 **arguments)
+    forward = KernelLaunch(kernel, plan.grid(B), config, fixed)
+    forward(call, first=True, o=part_out, lse=part_lse, **inputs)
+    merge = _merge_splits(call, part_out, part_lse, out, lse, i64) if plan.splits > 1 else None
+    return out, lse, outputs, forward, merge
+
+
 def _split_buffers(splits, out, lse):
     if splits == 1:
         return out.unsqueeze(0), lse.unsqueeze(0)
@@ -146,18 +165,9 @@ def forward_pass(q, k, v, scale, l2, lengths=None):
         _warp_specialized_forward(call, q, k, v)
 
     def launch(config):
-        plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
-        outputs = (plan.splits, B, Cv, HW, v.dtype)
-        out, lse, part_out, part_lse = _forward_outputs(*outputs, device)
-        fixed = dict(**_strides("o", part_out, "sbcm"), **_strides("l", part_lse, "sbm"),
-                     n_per_split=plan.per_split, BLOCK_M=config.block_m,
-                     BLOCK_N=config.block_n, BLOCK_V=plan.block_v, NUM_V=plan.num_v,
-                     STREAM_Q=config.stream_queries, **arguments)
-        forward = KernelLaunch(memory_read_fwd_kernel, plan.grid(B), config, fixed)
-        forward(call, first=True, o=part_out, lse=part_lse, **inputs)
-        merge = None
-        if plan.splits > 1:
-            merge = _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
+        out, lse, outputs, forward, merge = _planned_forward(
+            memory_read_fwd_kernel, call, config, (B, HW, N, Cv), v.dtype, arguments, inputs,
+            flags["I64"])
         return out, lse, PreparedForward(call, l2, outputs, forward, merge, pad_query)
 
     signature = _signature(call, k.dtype, Ck, Cv, l2, ragged, flags["I64"])
@@ -307,18 +317,9 @@ def quantized_forward(q, k, k_scale, k_axis, v, v_scale, v_axis, scale, l2, leng
         K_E4M3_BITS=inputs["k"] is not k, V_E4M3_BITS=inputs["v"] is not v, **flags)
 
     def launch(config):
-        plan = forward_plan(config, B, HW, N, Cv, call.device.multiprocessors)
-        outputs = (plan.splits, B, Cv, HW, q.dtype)
-        out, lse, part_out, part_lse = _forward_outputs(*outputs, device)
-        fixed = dict(**_strides("o", part_out, "sbcm"), **_strides("l", part_lse, "sbm"),
-                     n_per_split=plan.per_split, BLOCK_M=config.block_m,
-                     BLOCK_N=config.block_n, BLOCK_V=plan.block_v, NUM_V=plan.num_v,
-                     STREAM_Q=config.stream_queries, **arguments)
-        forward = KernelLaunch(memory_read_fwd_kernel_8bit, plan.grid(B), config, fixed)
-        forward(call, first=True, o=part_out, lse=part_lse, **inputs)
-        merge = None
-        if plan.splits > 1:
-            merge = _merge_splits(call, part_out, part_lse, out, lse, flags["I64"])
+        out, lse, outputs, forward, merge = _planned_forward(
+            memory_read_fwd_kernel_8bit, call, config, (B, HW, N, Cv), q.dtype, arguments,
+            inputs, flags["I64"])
         return out, lse, PreparedQuantizedForward(call, l2, outputs, forward, merge, pad_query,
                                                   key_axis, decode)
 
