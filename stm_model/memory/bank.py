@@ -49,7 +49,7 @@ import torch
 from stm_kernels import FixedCapacityMemory, QuantizedMemory
 
 from stm_model.memory.schedule import FrameSlots
-from stm_model.memory.storage import Offloaded, OnDevice, Sharded
+from stm_model.memory.storage import Offloaded, OnDevice, Sharded, storage_tensors
 
 _ALIGN_FRAMES = 16
 # 8-bit storage dtypes -> QuantizedMemory's format names
@@ -302,12 +302,7 @@ class MemoryBank:
         """How many of the slots [0, frames) lie on this rank."""
         return max(0, -(-(frames - self.shard_rank) // self.shard_count))
 
-    def _tensors(self) -> list:
-        """The storage tensors: keys and values (and an 8-bit memory's key and value
-        scales)."""
-        tensors = [self.keys, self.values]
-        return tensors if self.quantized is None else tensors + [self.key_scales,
-                                                                  self.value_scales]
+    _tensors = storage_tensors  # keys, values (and an 8-bit memory's scales)
 
     def _set_tensors(self, keys, values, key_scales=None, value_scales=None):
         self.keys, self.values = keys, values

@@ -24,7 +24,7 @@ import torch
 
 from stm_kernels import QuantizedMemory
 
-from stm_model.memory.storage import read_in_storage_dtype
+from stm_model.memory.storage import read_in_storage_dtype, storage_tensors
 
 from stm_model.memory.schedule import FrameSlots
 
@@ -186,11 +186,7 @@ class BatchedMemory:
                                      scale=scale, similarity=similarity, backend=backend,
                                      memory_lengths=lengths)
 
-    def _tensors(self):
-        """The storage tensors: keys and values (and an 8-bit memory's scales)."""
-        tensors = [self.keys, self.values]
-        return tensors if self.quantized is None else tensors + [self.key_scales,
-                                                                  self.value_scales]
+    _tensors = storage_tensors  # keys, values (and an 8-bit memory's scales)
 
     def _set(self, keys, values, key_scales=None, value_scales=None):
         self.keys, self.values = keys, values

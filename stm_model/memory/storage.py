@@ -36,6 +36,15 @@ def read_in_storage_dtype(query_key, keys, values, dtype: Optional[torch.dtype] 
         return memory_read(query_key.to(dtype), keys, values, **options)
 
 
+def storage_tensors(memory) -> list:
+    """A bank's storage tensors (MemoryBank's, BatchedMemory's): its keys and values, and an
+    8-bit memory's key and value scales (memory.quantized set): what its bytes, copies and
+    growth go over."""
+    tensors = [memory.keys, memory.values]
+    return tensors if memory.quantized is None else tensors + [memory.key_scales,
+                                                              memory.value_scales]
+
+
 def _on(memory, device):
     """A memory argument (a tensor, a QuantizedMemory, or a list of them) copied to device
     (asynchronously from pinned memory)."""
