@@ -177,10 +177,11 @@ class QuantizedMemory:
                 f"{self.axis}, device={self.device})")
 
 
-def _dequantized(data, scale, dtype):
-    """data * scale in dtype: in float32 rounded once to dtype (exact in float64)."""
-    wide = _fp8_as_float32(data) if data.dtype == torch.float8_e4m3fn else \
-        data.to(torch.float32)
+def _dequantized(data, scale, dtype, scratch=None):
+    """data * scale in dtype: in float32 rounded once to dtype (exact in float64). scratch: an
+    optional float32 tensor of data's shape the float32 product is made in (and returned, for
+    dtype float32), so that a chunk read again and again allocates nothing."""
+    wide = _widened(data, scratch)
     if dtype == torch.float64:
         return wide.to(torch.float64) * scale.to(torch.float64)
     product = wide.mul_(scale) if wide.shape == torch.broadcast_shapes(wide.shape, scale.shape) \
@@ -188,19 +189,26 @@ def _dequantized(data, scale, dtype):
     return product if dtype == torch.float32 else product.to(dtype)
 
 
-def _dequantized_columns(part, scale, group, low, high, dtype):
+def _widened(data, scratch=None):
+    """8-bit codes as float32: in scratch (a float32 tensor of data's shape) where given."""
+    if data.dtype == torch.float8_e4m3fn:
+        return _fp8_as_float32(data, scratch)
+    return data.to(torch.float32) if scratch is None else scratch.copy_(data)
+
+
+def _dequantized_columns(part, scale, group, low, high, dtype, scratch=None):
     """Columns [low, high) of a flattened 8-bit chunk, dequantised to dtype as _dequantized:
     part (..., C, high - low) their codes, scale (..., C or 1, G) the chunk's, each covering
     `group` consecutive columns (1: per position; G = 1: per channel). Scales per channel and
     frame multiply the widened columns in place, a partial first frame, the whole frames (one
-    broadcast product) and a partial last frame, so the slice is widened once, no wider."""
+    broadcast product) and a partial last frame, so the slice is widened once, no wider.
+    scratch: as _dequantized's."""
     if group == 1:
-        return _dequantized(part, scale[..., low:high], dtype)
+        return _dequantized(part, scale[..., low:high], dtype, scratch)
     first, last = low // group, (high - 1) // group
     if first == last:
-        return _dequantized(part, scale[..., first:first + 1], dtype)
-    wide = _fp8_as_float32(part) if part.dtype == torch.float8_e4m3fn else \
-        part.to(torch.float32)
+        return _dequantized(part, scale[..., first:first + 1], dtype, scratch)
+    wide = _widened(part, scratch)
     if dtype == torch.float64:
         wide, scale = wide.to(torch.float64), scale.to(torch.float64)
     whole_from = min(high, -(-low // group) * group)  # the first frame boundary at or past low
@@ -220,13 +228,15 @@ def _dequantized_columns(part, scale, group, low, high, dtype):
 _FLOAT32_FIELDS = -0x78100000  # 0x87F00000 as a signed int32
 
 
-def _fp8_as_float32(data):
+def _fp8_as_float32(data, out=None):
     """float8_e4m3fn data as float32, exactly as data.to(torch.float32) (NaN codes included),
     through integer operations: torch's CPU conversion is elementwise scalar code, about 8x
     slower on a (512, 1024) chunk. The code's bits shifted into a float32's fields read as
-    2^-120 times the value (subnormal codes too), then scaled by 2^120."""
+    2^-120 times the value (subnormal codes too), then scaled by 2^120. out: an optional
+    float32 tensor of data's shape to make them in."""
     codes = data.view(torch.int8)
-    bits = codes.to(torch.int32).mul_(1 << 20).bitwise_and_(_FLOAT32_FIELDS)
+    bits = codes.to(torch.int32) if out is None else out.view(torch.int32).copy_(codes)
+    bits = bits.mul_(1 << 20).bitwise_and_(_FLOAT32_FIELDS)
     values = bits.view(torch.float32).mul_(2.0 ** 120)
     return values.masked_fill_((codes | -128) == -1, float("nan"))  # the code 0x7F / 0xFF
 
@@ -267,9 +277,12 @@ class DequantizingMemory:
         self.dtype = dtype
         self.is_cuda = self.device.type == "cuda"
 
-    def columns(self, index, start, stop, dtype):
+    def columns(self, index, start, stop, dtype, out=None, scratch=None):
         """memory[index, :, start:stop] dequantised to dtype (index: an int, a slice or a
-        tensor of rows, as tensor indexing takes it): only that slice is widened."""
+        tensor of rows, as tensor indexing takes it): only that slice is widened. out: a
+        tensor of the slice's shape (and dtype) to write it into; scratch: a float32 one the
+        8-bit parts are widened in, so that a reader taking chunk after chunk allocates
+        nothing."""
         pieces = []
         for first, data, scale, group in self.chunks:
             low, high = max(start, first), min(stop, first + data.shape[2])
@@ -279,8 +292,18 @@ class DequantizingMemory:
             if scale is None:
                 pieces.append(part.to(dtype))
             else:
+                span = None if scratch is None else \
+                    scratch[..., low - start:high - start]
+                # into out: the float32 product (scratch), rounded once when copied
+                wide = dtype if out is None or dtype == torch.float64 else torch.float32
                 pieces.append(_dequantized_columns(part, scale[index], group, low - first,
-                                                   high - first, dtype))
+                                                   high - first, wide, span))
+        if out is not None:
+            offset = 0
+            for piece in pieces:
+                out[..., offset:offset + piece.shape[-1]].copy_(piece)
+                offset += piece.shape[-1]
+            return out
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
 
     def whole(self, dtype):

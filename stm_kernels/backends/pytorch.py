@@ -5,6 +5,7 @@ The CPU path, the fallback of the Triton backend, and the float64 path used by g
 import concurrent.futures
 import itertools
 import os
+import threading
 
 import torch
 
@@ -56,40 +57,68 @@ def _columns(memory, index, start, stop, dtype):
     return memory.columns(index, start, stop, dtype)
 
 
-class _DequantizedKeys:
-    """_augmented_keys(k[b:b+1, :, :n], l2)[0] of an 8-bit memory k, each chunk dequantised
-    to bf16 when _bf16_softmax takes it (indexing), never the whole memory at once."""
+class _KeyChunks:
+    """Object b's keys k[b, :, :n] (a tensor, or an 8-bit quantized.DequantizingMemory) as
+    _bf16_softmax reads them: chunk `index` of _chunk_starts(n), bf16 (Ck + 2 or + 4, L): the
+    keys, two rows of ones (against the query's offset columns), and for L2 two rows holding
+    -|k|² split into a bf16 high part and the rest (about 16 bits in all). Each is made when
+    taken, in one buffer reused for the next (one reader takes one chunk at a time): an 8-bit
+    memory is dequantised a chunk at a time, and whatever the memory's length the products
+    see one shape and layout (oneDNN makes a matmul primitive per shape and strides, and its
+    cache and PyTorch's each keep up to 1,024 of them; a memory growing every frame would
+    make new ones every frame)."""
 
     def __init__(self, k, b, n, l2):
         self.k, self.b, self.l2 = k, b, l2
         self.starts = _chunk_starts(n)
-        self.shape = (len(self.starts), k.shape[1] + (4 if l2 else 2), min(n, CPU_CHUNK))
+        Ck, length = k.shape[1], min(n, CPU_CHUNK)
+        self.shape = (len(self.starts), Ck + (4 if l2 else 2), length)
+        self.keys = torch.empty(self.shape[1:], dtype=torch.bfloat16, device=k.device)
+        self.keys[Ck:Ck + 2] = 1
+        self.scratch = None if isinstance(k, torch.Tensor) else \
+            torch.empty((Ck, length), dtype=torch.float32, device=k.device)
 
     def __getitem__(self, index):
         Ck, length = self.k.shape[1], self.shape[2]
         start = self.starts[index]
-        chunk = self.k.columns(self.b, start, start + length, torch.bfloat16)  # (Ck, L)
-        keys = chunk.new_empty(self.shape[1:])
-        keys[:Ck] = chunk
-        keys[Ck:Ck + 2] = 1
+        chunk = self.keys[:Ck]
+        if self.scratch is None:
+            chunk.copy_(self.k[self.b, :, start:start + length])
+        else:
+            self.k.columns(self.b, start, start + length, torch.bfloat16, chunk, self.scratch)
         if self.l2:
-            norms = -chunk.float().square().sum(0)
+            norms = -chunk.float().square().sum(0)  # exact in float32
             high = norms.to(torch.bfloat16)
-            keys[Ck + 2], keys[Ck + 3] = high, (norms - high.float()).to(torch.bfloat16)
-        return keys
+            self.keys[Ck + 2] = high
+            self.keys[Ck + 3] = (norms - high.float()).to(torch.bfloat16)
+        return self.keys
 
 
-class _DequantizedColumns:
-    """v[b, :, :n] of an 8-bit memory as _bf16_softmax reads it (values[:, start:stop]),
-    each slice dequantised to bf16 when taken."""
+class _ValueChunks:
+    """Object b's values v[b, :, :n] (a tensor, or an 8-bit quantized.DequantizingMemory) as
+    _bf16_softmax reads them: a slice [:, start:stop] of at most CPU_CHUNK columns, bf16,
+    under a row of ones, whose column of the product is the row sums (one more output column
+    of the product costs far less than a pass summing the weights); made when taken in one
+    buffer reused, as _KeyChunks's."""
 
     def __init__(self, v, b, n):
         self.v, self.b = v, b
-        self.shape = (v.shape[1], n)
+        Cv, length = v.shape[1], min(n, CPU_CHUNK)
+        self.shape = (Cv + 1, n)
+        self.values = torch.empty((Cv + 1, length), dtype=torch.bfloat16, device=v.device)
+        self.values[Cv] = 1
+        self.scratch = None if isinstance(v, torch.Tensor) else \
+            torch.empty((Cv, length), dtype=torch.float32, device=v.device)
 
     def __getitem__(self, key):
-        columns = key[1]
-        return self.v.columns(self.b, columns.start, columns.stop, torch.bfloat16)
+        start, stop = key[1].start, key[1].stop
+        chunk = self.values[:-1, :stop - start]
+        if self.scratch is None:
+            chunk.copy_(self.v[self.b, :, start:stop])
+        else:
+            self.v.columns(self.b, start, stop, torch.bfloat16, chunk,
+                           self.scratch[:, :stop - start])
+        return self.values[:, :stop - start]
 
 
 @without_autocast
@@ -190,6 +219,9 @@ def _online_step(scores, values, row_max, row_sum, acc):
 # The CPU forward's tasks: ROW_BLOCK query rows at most, stepping over CPU_CHUNK memory positions
 # (a 512 x 1024 float32 score tile is 2 MB, held by one worker while it is reduced).
 ROW_BLOCK = 512
+# Tasks reading one group of row blocks on the bf16 path, each a share of the memory:
+# two (not one per worker) bound the extra (rows, Cv) sums to one set per group.
+READERS = 2
 CPU_CHUNK = 1024
 _workers = {"pool": None, "size": 0, "pid": None}
 
@@ -208,14 +240,15 @@ def _worker_pool(size):
 
 
 def _forward_row_blocks(q, k, v, scale, l2, lengths):
-    """forward on a CPU: (object, block of query rows) tasks, each a whole softmax over its
-    object's memory with single-threaded ops, shared out to torch.get_num_threads() worker
-    threads (the ops release the GIL). The threads meet only when every task is done, so a core
-    taken by another process slows its own thread, not every product of the read. Not
+    """forward on a CPU: tasks with single-threaded ops shared out to torch.get_num_threads()
+    worker threads (the ops release the GIL), each a whole softmax of one block of query rows
+    over its object's memory. The threads meet only when every task is done, so a core taken
+    by another process slows its own thread, not every product of the read. Not
     differentiable by autograd (the op's backward is `backward`): forward takes the other path
     when gradients are to flow through it. On bf16 inputs, on a CPU with bf16 dot products
     (cpu_features), both products run in bf16 at twice the float32 rate (_bf16_softmax), the
-    softmax in float32."""
+    softmax in float32; there a task reads a group of row blocks over a share of the memory's
+    chunks, each chunk made once (copied, or dequantised) for the whole group."""
     B, Ck, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = accumulation_dtype(v.dtype)
@@ -223,12 +256,6 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     # float32 read, against 5e-3 for bf16 inputs)
     bf16 = v.dtype == torch.bfloat16 and cpu_features.bf16_dot_products()
     ends = [N] * B if lengths is None else lengths.tolist()
-    keys = None
-    if bf16 and not isinstance(k, torch.Tensor):  # an 8-bit memory: a chunk at a time
-        keys = [_DequantizedKeys(k, b, ends[b], l2) for b in range(B)]
-    elif bf16:  # each object's chunks (of its own length where the lengths differ)
-        keys = list(_augmented_keys(k, l2)) if lengths is None else \
-            [_augmented_keys(k[b:b + 1, :, :ends[b]], l2)[0] for b in range(B)]
     scale2 = scale * LOG2E  # base-2 scores (_fixed_offset_softmax)
     q_rows = (q.to(acc_dtype) * scale2).transpose(1, 2).contiguous()  # (Bq, HW, Ck)
     k_norms = None
@@ -253,33 +280,93 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
 
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
 
-    def task(b, first):
+    def query_rows(b, first):
+        return q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
+
+    def finish(b, first, partial):
+        """Object b's rows from first: their readers' sums merged, normalised and written."""
+        acc, row_sum, offset = _merged(partial)
+        if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
+            query = query_rows(b, first)
+            acc, row_sum, offset = _online_softmax(chunks(b, query), query.shape[0], Cv,
+                                                   acc_dtype)
+        target = out[b, first:first + rows]
+        if acc.data_ptr() == target.data_ptr():  # summed in place
+            acc.div_(row_sum)
+        else:
+            target.copy_(acc.div_(row_sum))
+        lse[b, first:first + rows] = offset.add_(row_sum.log_()).squeeze(1)
+
+    def float32_task(b, firsts):
+        for first in firsts:
+            finish(b, first, [_fixed_offset_softmax(chunks(b, query_rows(b, first)),
+                                                    min(rows, HW - first), Cv, acc_dtype)])
+
+    def bf16_task(b, firsts, reader, group):
+        """One reader's sums of object b's row blocks at firsts, over the chunks it takes from
+        the group's shared ones; the group's last reader to end merges and finishes them."""
+        # the first reader sums into the output rows, the others into their own
+        accs = [out[b, first:first + rows] if reader == 0 else
+                torch.empty((min(rows, HW - first), Cv)) for first in firsts]
+        results = _bf16_softmax(
+            [q[b if q.shape[0] > 1 else 0, :, first:first + rows] for first in firsts],
+            _KeyChunks(k, b, ends[b], l2), _ValueChunks(v, b, ends[b]), scale, l2, accs,
+            group["chunks"])
+        with group["lock"]:
+            group["results"].append(results)
+            if len(group["results"]) < group["readers"]:
+                return
+        for j, first in enumerate(firsts):
+            finish(b, first, [r[j] for r in group["results"] if r[j] is not None])
+
+    def task(*arguments):
         # no_grad inside: inference_mode(False) turns gradients on
         with torch.inference_mode(inference), torch.no_grad():
-            query = q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
-            shape = (query.shape[0], Cv, acc_dtype)
-            if bf16:
-                acc, row_sum, offset = _bf16_softmax(
-                    q[b if q.shape[0] > 1 else 0, :, first:first + rows],
-                    keys[b], v[b, :, :ends[b]] if isinstance(v, torch.Tensor) else
-                    _DequantizedColumns(v, b, ends[b]), scale, l2)
-            else:
-                acc, row_sum, offset = _fixed_offset_softmax(chunks(b, query), *shape)
-            if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
-                acc, row_sum, offset = _online_softmax(chunks(b, query), *shape)
-            out[b, first:first + rows] = acc.div_(row_sum)
-            lse[b, first:first + rows] = offset.add_(row_sum.log_()).squeeze(1)
+            (bf16_task if bf16 else float32_task)(*arguments)
 
-    # the longest memories first: the last tasks to finish are then the short ones
-    tasks = [(b, first) for b in sorted(range(B), key=lambda b: -ends[b])
-             for first in range(0, HW, rows)]
+    starts = list(range(0, HW, rows))
+    order = sorted(range(B), key=lambda b: -ends[b])  # the longest memories first
+    tasks = []
+    for b in order:
+        if not bf16:  # one row block a task, over the whole memory
+            tasks += [(b, [first]) for first in starts]
+            continue
+        # The bf16 path reads a group of row blocks in lockstep, each chunk taken once for
+        # all of them (an 8-bit memory's dequantised once), by up to READERS tasks that take
+        # the group's chunks as they come (a reader slowed by another process takes fewer)
+        # and sum them apart, the last to end merging their sums; groups x readers tasks
+        # make about one per worker.
+        count = len(_chunk_starts(ends[b]))
+        readers = min(READERS, workers, count)
+        size = -(-len(starts) * readers // workers)  # row blocks a group
+        for i in range(0, len(starts), size):
+            group = dict(chunks=_SharedIndices(count), readers=readers, results=[],
+                         lock=threading.Lock())
+            tasks += [(b, starts[i:i + size], reader, group) for reader in range(readers)]
     if workers == 1 or len(tasks) == 1:
-        for b, first in tasks:
-            task(b, first)
+        for t in tasks:
+            task(*t)
     else:
         for done in [_worker_pool(workers).submit(task, *t) for t in tasks]:
             done.result()
     return out.transpose(1, 2).to(v.dtype).contiguous(), lse
+
+
+class _SharedIndices:
+    """The indices 0 to count - 1, each handed to one of the threads iterating over it."""
+
+    def __init__(self, count):
+        self.next, self.count, self.lock = 0, count, threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.lock:
+            if self.next == self.count:
+                raise StopIteration
+            self.next += 1
+            return self.next - 1
 
 
 def _fixed_offset_softmax(chunks, rows, Cv, dtype):
@@ -314,43 +401,23 @@ def _chunk_starts(n):
     return starts
 
 
-def _augmented_keys(k, l2):
-    """bf16 (B, chunks, Ck + 2, L) for dot similarity: k and two rows of ones, which multiply
-    the query's offset columns (_bf16_softmax), in the chunks of _chunk_starts (L = CPU_CHUNK,
-    or N below it), each contiguous; for L2 also two rows holding -|k|² split into a bf16 high
-    part and the rest (about 16 bits in all), (B, chunks, Ck + 4, L).
-
-    Chunks of one shape and layout whatever the memory's length: oneDNN makes a matmul
-    primitive per shape and strides, and its cache and PyTorch's (ideep's) each keep up to
-    1,024 of them, about 0.5 MiB each on an AVX-512 CPU; a memory growing every frame would
-    make new ones every frame. The values are read in place (views of CPU_CHUNK positions):
-    their layout is the caller's, one for every read of a MemoryBank until its storage grows."""
-    B, Ck, N = k.shape
-    starts = _chunk_starts(N)
-    length = min(N, CPU_CHUNK)
-    keys = k.new_empty((B, len(starts), Ck + (4 if l2 else 2), length), dtype=torch.bfloat16)
-    whole = N // length  # chunks at multiples of the length, then the overlapping one
-    keys[:, :whole, :Ck] = k[:, :, :whole * length].unflatten(2, (whole, length)).transpose(1, 2)
-    if len(starts) > whole:
-        keys[:, whole, :Ck] = k[:, :, starts[-1]:]
-    keys[:, :, Ck:Ck + 2] = 1
-    if l2:
-        norms = -keys[:, :, :Ck].float().square().sum(2)  # (B, chunks, L), exact in float32
-        high = norms.to(torch.bfloat16)
-        keys[:, :, Ck + 2], keys[:, :, Ck + 3] = high, (norms - high.float()).to(torch.bfloat16)
-    return keys
-
-
 # A score may exceed its row's offset by this much (in score units) in a bf16 product: its
 # output is then rounded by at most 2 * 2^-9 = 0.004, a 0.4% error in its softmax weight.
 BF16_HEADROOM = 2.0
 
 
-def _bf16_softmax(query, keys, values, scale, l2):
-    """(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1)) as _fixed_offset_softmax gives
-    them, with both products in bf16 (float32 accumulation inside oneDNN), for one block of
-    query rows: query (Ck, rows) of one object, bf16; keys its _augmented_keys (chunks,
-    Ck + 2 or + 4, L), the chunks of _chunk_starts(n); values (Cv, n), bf16.
+def _bf16_softmax(queries, keys, values, scale, l2, accs, indices=None):
+    """[(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1))] as _fixed_offset_softmax gives
+    them, with both products in bf16 (float32 accumulation inside oneDNN), for blocks of query
+    rows of one object read in lockstep: each chunk's keys and values are taken once (an
+    8-bit memory's dequantised once) and multiplied by every block while they are in cache.
+    queries: (Ck, rows) bf16 blocks; keys the object's _KeyChunks (chunks, Ck + 2 or + 4,
+    L), the chunks of _chunk_starts(n); values its _ValueChunks (Cv + 1, n), bf16, a row of
+    ones last (the row sums come out of the second product), sliced a chunk at a time (a
+    reader's buffers are reused for the next chunk); accs: a float32 (rows, Cv)
+    buffer per block, which its acc is summed into (the caller's output rows: no copy);
+    indices: the chunks to read (an iterable, all by default; an iterator shared with other
+    readers hands each chunk to one of them), None for every block when it yields none.
 
     A bf16 product rounds its output to 8 significant bits: 0.25 near a score of 50, a 13%
     error in its exp. So each row's offset is subtracted inside the product, through two extra
@@ -365,56 +432,90 @@ def _bf16_softmax(query, keys, values, scale, l2):
     sum before its one rounding), so the query enters unrounded and no pass over the scores
     is spent on it; the scaled product and its exp round to about 2^-9 of an exponent near 0,
     and the row sums and the read-out accumulate in float32."""
-    rows, Cv = query.shape[1], values.shape[0]
-    columns = [query.T * (2 if l2 else 1)]  # 2q: exact in bf16
-    ones = [query.new_ones((rows, 2))] if l2 else []  # against -|k|² high and low
+    blocks = [_Bf16Rows(query, acc, scale, l2) for query, acc in zip(queries, accs, strict=True)]
+    length = keys.shape[2]
+    starts = _chunk_starts(values.shape[1])
+    for index in range(len(starts)) if indices is None else indices:
+        start = starts[index]
+        chunk_keys, chunk_values = keys[index], values[:, start:start + length].T
+        taken = index * length - start  # positions an earlier chunk read (the last overlaps)
+        for block in blocks:
+            block.add(chunk_keys, chunk_values, taken)
+    return [None if block.subtracted is None else
+            (block.acc, block.row_sum, block.subtracted * scale) for block in blocks]
 
-    def augment(target):
+
+class _Bf16Rows:
+    """One block of query rows' sums in _bf16_softmax: its augmented query columns, the offset
+    they subtract, and the float32 acc and row_sum the chunks are added into."""
+
+    def __init__(self, query, acc, scale, l2):
+        rows = query.shape[1]
+        self.scale = scale
+        self.columns = [query.T * (2 if l2 else 1)]  # 2q: exact in bf16
+        self.ones = [query.new_ones((rows, 2))] if l2 else []  # against -|k|² high and low
+        self.augmented, self.used = self.augment(torch.zeros((rows, 1), dtype=torch.float32))
+        self.unused = query.new_zeros((1, 1))  # addmm's input, ignored at beta = 0
+        self.acc = acc.zero_()
+        self.row_sum = torch.zeros((rows, 1), dtype=torch.float32)
+        self.partial = torch.empty((rows, acc.shape[1] + 1), dtype=torch.bfloat16)
+        self.subtracted = None
+
+    def augment(self, target):
         """(the query's columns with -target in two bf16 parts (rows, Ck + 2 or + 4), the
         offset they subtract): rebuilt only when an offset rises."""
         high = target.to(torch.bfloat16)
         low = (target - high.float()).to(torch.bfloat16)
-        return torch.cat(columns + [-high, -low] + ones, 1), high.float() + low.float()
+        return torch.cat(self.columns + [-high, -low] + self.ones, 1), high.float() + low.float()
 
-    augmented, used = augment(torch.zeros((rows, 1), dtype=torch.float32))
-    unused = query.new_zeros((1, 1))  # addmm's input, ignored at beta = 0
-
-    starts = _chunk_starts(values.shape[1])
-
-    def product(index):
-        """scale * (query . keys - offset) for chunk `index`, rounded once to bf16; -inf at the
-        positions an earlier chunk took (the last chunk's overlap)."""
-        chunk = keys[index]
-        products = torch.addmm(unused.expand(rows, chunk.shape[1]), augmented, chunk, beta=0,
-                               alpha=scale)
-        taken = index * chunk.shape[1] - starts[index]
+    def product(self, keys, taken):
+        """scale * (query . keys - offset) for one chunk, rounded once to bf16; -inf at the
+        `taken` positions an earlier chunk read."""
+        products = torch.addmm(self.unused.expand(self.augmented.shape[0], keys.shape[1]),
+                               self.augmented, keys, beta=0, alpha=self.scale)
         if taken > 0:
             products[:, :taken] = float("-inf")
         return products
-    acc = torch.zeros((rows, Cv), dtype=torch.float32)
-    row_sum = torch.zeros((rows, 1), dtype=torch.float32)
-    partial = torch.empty((rows, Cv), dtype=torch.bfloat16)
-    subtracted = None
-    for index, start in enumerate(starts):
-        products = product(index)
+
+    def add(self, keys, values, taken):
+        """Add one chunk: keys (Ck + 2 or + 4, L), values (L, Cv + 1) (ones last), bf16."""
+        products = self.product(keys, taken)
         peak = products.amax(1, keepdim=True).float()  # scaled
         rising = peak > BF16_HEADROOM
-        if subtracted is None or rising.any():
-            top = used + peak / scale
-            augmented, now = augment(top if subtracted is None else torch.where(rising, top,
-                                                                                used))
-            products = product(index)
-            if subtracted is not None:  # the sums so far, to the new offsets
-                factor = torch.exp((subtracted - now) * scale)
-                acc.mul_(factor)
-                row_sum.mul_(factor)
-            used = now
-        subtracted = used
+        if self.subtracted is None or rising.any():
+            top = self.used + peak / self.scale
+            self.augmented, now = self.augment(
+                top if self.subtracted is None else torch.where(rising, top, self.used))
+            products = self.product(keys, taken)
+            if self.subtracted is not None:  # the sums so far, to the new offsets
+                factor = torch.exp((self.subtracted - now) * self.scale)
+                self.acc.mul_(factor)
+                self.row_sum.mul_(factor)
+            self.used = now
+        self.subtracted = self.used
         probabilities = products.exp_()  # in bf16: half the bytes of float32
-        row_sum.add_(probabilities.sum(1, keepdim=True, dtype=torch.float32))
-        torch.mm(probabilities, values[:, start:start + keys.shape[2]].T, out=partial)
-        acc.add_(partial)
-    return acc, row_sum, subtracted * scale
+        torch.mm(probabilities, values, out=self.partial)  # (rows, Cv + 1): the row sums last
+        self.acc.add_(self.partial[:, :-1])
+        self.row_sum.add_(self.partial[:, -1:])
+
+
+def _merged(partial):
+    """One (acc, row_sum, offset) from the (acc, row_sum, offset) sums of disjoint parts of a
+    memory (offsets in natural units): each rescaled to the largest offset and added."""
+    if len(partial) == 1:
+        return partial[0]
+    offset = partial[0][2]
+    for _, _, other in partial[1:]:
+        offset = torch.maximum(offset, other)
+    acc, row_sum = None, None
+    for part_acc, part_sum, part_offset in partial:
+        factor = torch.exp(part_offset - offset)
+        if acc is None:
+            acc, row_sum = part_acc.mul_(factor), part_sum.mul_(factor)
+        else:
+            acc.add_(part_acc.mul_(factor))
+            row_sum.add_(part_sum.mul_(factor))
+    return acc, row_sum, offset
 
 
 def _online_softmax(chunks, rows, Cv, dtype):

@@ -2,6 +2,7 @@
 float64 reference with blocks and memory chunks small enough that every object takes several of
 each, ragged memories, a broadcast query, inference mode, any thread count, and after a fork."""
 import multiprocessing
+import threading
 
 import pytest
 import torch
@@ -264,3 +265,83 @@ def test_a_growing_memory_hands_the_bf16_products_one_shape_and_layout(bf16_prod
             assert relative_error(out, expected) < 1e-2
     assert len(bf16_products) >= len(lengths)
     assert len(layouts) <= 6, len(layouts)  # (the query's row blocks) x (the two products)
+
+
+def _recorded_chunks(monkeypatch):
+    """(thread name, chunk index) of every key chunk the bf16 readers make."""
+    made = []
+    original = pytorch._KeyChunks.__getitem__
+
+    def getitem(self, index):
+        made.append((threading.current_thread().name, index))
+        return original(self, index)
+    monkeypatch.setattr(pytorch._KeyChunks, "__getitem__", getitem)
+    return made
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_bf16_readers_make_each_chunk_once_and_merge_their_sums(bf16_products, monkeypatch,
+                                                                similarity):
+    """On two threads the bf16 path reads all of an object's row blocks in lockstep with two
+    readers taking the chunks as they come: each chunk is made once (not once per row block)
+    and the readers' sums, merged, match the float64 read."""
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 150, torch.float64, "cpu", seed=12)
+    q, k, v = (t.to(torch.bfloat16) for t in (q * 2, k * 2, v))
+    made = _recorded_chunks(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out, lse = memory_read(q, k, v, similarity=similarity, backend="torch",
+                                   return_lse=True)
+    finally:
+        torch.set_num_threads(before)
+    chunks = len(pytorch._chunk_starts(150))
+    assert sorted(index for _, index in made) == list(range(chunks))  # 40 rows: 5 blocks
+    assert len(bf16_products) == 2  # the two readers
+    expected, expected_lse, _ = reference_read(q, k, v, similarity=similarity)
+    assert relative_error(out, expected) < 1e-2
+    assert relative_error(lse, expected_lse) < 1e-3
+
+
+def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypatch):
+    """A reader that finds every chunk taken (the other ran first) returns no sums: the read
+    is the other reader's, written from its own buffers into the output."""
+    owner = []
+
+    class FirstComerTakesAll(pytorch._SharedIndices):
+        def __next__(self):
+            with self.lock:
+                owner[:1] = owner[:1] or [threading.current_thread().name]
+            if threading.current_thread().name != owner[0]:
+                raise StopIteration
+            return super().__next__()
+    monkeypatch.setattr(pytorch, "_SharedIndices", FirstComerTakesAll)
+    made = _recorded_chunks(monkeypatch)
+    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.bfloat16, "cpu", seed=13)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out = memory_read(q, k, v, backend="torch")
+    finally:
+        torch.set_num_threads(before)
+    assert len({name for name, _ in made}) == 1 and len(bf16_products) == 4
+    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
+
+
+def test_a_one_chunk_memory_shares_its_row_blocks_out_instead(bf16_products, monkeypatch):
+    """A memory of one chunk has nothing to share between readers: its row blocks are split
+    into one group a worker, each reading the chunk."""
+    made = _recorded_chunks(monkeypatch)
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 16, torch.bfloat16, "cpu", seed=14)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out = memory_read(q, k, v, backend="torch")
+    finally:
+        torch.set_num_threads(before)
+    assert [index for _, index in made] == [0, 0]
+    assert len(bf16_products) == 2
+    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2

@@ -122,7 +122,8 @@ def test_channel_frame_scales_are_each_frames_channel_scales(fmt):
 def test_columns_of_channel_frame_memory_take_each_frames_scales(dtype):
     """DequantizingMemory.columns over frames of 7 positions: ranges inside one frame, across
     a boundary, over whole frames and partial ones at both ends, objects by index; equal to
-    the slices of dequantize() (the same float32 products, rounded once)."""
+    the slices of dequantize() (the same float32 products, rounded once), made anew or into
+    a given tensor through a given float32 scratch (the bf16 readers')."""
     from stm_kernels.quantized import DequantizingMemory
     x = torch.randn(3, 4, 5, 7, generator=torch.Generator().manual_seed(6))
     for fmt in FORMATS:
@@ -132,8 +133,14 @@ def test_columns_of_channel_frame_memory_take_each_frames_scales(dtype):
         for start, stop in ((0, 35), (2, 5), (5, 9), (7, 14), (3, 31), (0, 1), (34, 35),
                             (6, 29)):
             for index in (slice(None), 1, torch.tensor([2, 0])):
-                assert torch.equal(memory.columns(index, start, stop, dtype),
-                                   whole[index, :, start:stop]), (start, stop, index)
+                expected = whole[index, :, start:stop]
+                assert torch.equal(memory.columns(index, start, stop, dtype), expected), \
+                    (start, stop, index)
+                # into a given tensor, widened in a given float32 scratch: the same values
+                out = torch.full_like(expected, float("nan"))
+                scratch = torch.full(expected.shape, float("nan"))
+                assert memory.columns(index, start, stop, dtype, out, scratch) is out
+                assert torch.equal(out, expected), (start, stop, index)
 
 
 @pytest.mark.parametrize("value_axis", AXES)
@@ -426,3 +433,32 @@ def test_fp8_widening_equals_torch_conversion_for_every_code():
     memory = QuantizedMemory(data, scale)
     assert torch.equal(memory.dequantize().nan_to_num(0),
                        (data.to(torch.float32) * scale).nan_to_num(0))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bf16_path_dequantises_each_chunk_once(monkeypatch, fmt):
+    """On two threads the bf16 path's readers share one object's chunks: each key and value
+    chunk of an 8-bit memory is dequantised once a read, not once per row block."""
+    from stm_kernels import quantized
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
+    monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
+    monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
+    taken = []
+    original = quantized.DequantizingMemory.columns
+    monkeypatch.setattr(quantized.DequantizingMemory, "columns",
+                        lambda self, *a, **o: taken.append((self.shape[1], a[1])) or
+                        original(self, *a, **o))
+    q, k, v = memories(B=1)
+    kq, vq = QuantizedMemory.quantize(k, fmt), QuantizedMemory.quantize(v, fmt, "position")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad(), poison_outputs():
+            out = read(q.bfloat16(), kq, vq)
+    finally:
+        torch.set_num_threads(before)
+    starts = pytorch._chunk_starts(111)  # 37 query rows: 5 row blocks
+    assert sorted(taken) == sorted([(12, s) for s in starts] + [(20, s) for s in starts])
+    assert relative_error(out, expected(q.bfloat16(), kq, vq)[0]) < 6e-3
