@@ -277,9 +277,10 @@ class DequantizingMemory:
         self.dtype = dtype
         self.is_cuda = self.device.type == "cuda"
 
-    def columns(self, index, start, stop, dtype, out=None, scratch=None):
-        """memory[index, :, start:stop] dequantised to dtype (index: an int, a slice or a
-        tensor of rows, as tensor indexing takes it): only that slice is widened. out: a
+    def columns(self, index, start, stop, dtype, out=None, scratch=None,
+                channels=slice(None)):
+        """memory[index, channels, start:stop] dequantised to dtype (index: an int, a slice
+        or a tensor of rows, as tensor indexing takes it): only that slice is widened. out: a
         tensor of the slice's shape (and dtype) to write it into; scratch: a float32 one the
         8-bit parts are widened in, so that a reader taking chunk after chunk allocates
         nothing."""
@@ -288,7 +289,7 @@ class DequantizingMemory:
             low, high = max(start, first), min(stop, first + data.shape[2])
             if low >= high:
                 continue
-            part = data[index, :, low - first:high - first]
+            part = data[index, channels, low - first:high - first]
             if scale is None:
                 pieces.append(part.to(dtype))
             else:
@@ -296,7 +297,10 @@ class DequantizingMemory:
                     scratch[..., low - start:high - start]
                 # into out: the float32 product (scratch), rounded once when copied
                 wide = dtype if out is None or dtype == torch.float64 else torch.float32
-                pieces.append(_dequantized_columns(part, scale[index], group, low - first,
+                rows = scale[index]
+                if rows.shape[-2] > 1:  # a scale per channel: the channels' own
+                    rows = rows[..., channels, :]
+                pieces.append(_dequantized_columns(part, rows, group, low - first,
                                                    high - first, wide, span))
         if out is not None:
             offset = 0

@@ -68,24 +68,24 @@ class _KeyChunks:
     cache and PyTorch's each keep up to 1,024 of them; a memory growing every frame would
     make new ones every frame)."""
 
-    def __init__(self, k, b, n, l2):
-        self.k, self.b, self.l2 = k, b, l2
+    def __init__(self, k, b, n, l2, scratch):
+        self.k, self.b, self.l2, self.scratch = k, b, l2, scratch
         self.starts = _chunk_starts(n)
         Ck, length = k.shape[1], min(n, CPU_CHUNK)
         self.shape = (len(self.starts), Ck + (4 if l2 else 2), length)
         self.keys = torch.empty(self.shape[1:], dtype=torch.bfloat16, device=k.device)
         self.keys[Ck:Ck + 2] = 1
-        self.scratch = None if isinstance(k, torch.Tensor) else \
-            torch.empty((Ck, length), dtype=torch.float32, device=k.device)
 
     def __getitem__(self, index):
         Ck, length = self.k.shape[1], self.shape[2]
         start = self.starts[index]
         chunk = self.keys[:Ck]
-        if self.scratch is None:
+        if isinstance(self.k, torch.Tensor):
             chunk.copy_(self.k[self.b, :, start:start + length])
-        else:
-            self.k.columns(self.b, start, start + length, torch.bfloat16, chunk, self.scratch)
+        for low in range(0, 0 if isinstance(self.k, torch.Tensor) else Ck, SCRATCH_CHANNELS):
+            high = min(low + SCRATCH_CHANNELS, Ck)
+            self.k.columns(self.b, start, start + length, torch.bfloat16, chunk[low:high],
+                           self.scratch[:high - low, :length], slice(low, high))
         if self.l2:
             norms = -chunk.float().square().sum(0)  # exact in float32
             high = norms.to(torch.bfloat16)
@@ -101,24 +101,34 @@ class _ValueChunks:
     of the product costs far less than a pass summing the weights); made when taken in one
     buffer reused, as _KeyChunks's."""
 
-    def __init__(self, v, b, n):
-        self.v, self.b = v, b
+    def __init__(self, v, b, n, scratch):
+        self.v, self.b, self.scratch = v, b, scratch
         Cv, length = v.shape[1], min(n, CPU_CHUNK)
         self.shape = (Cv + 1, n)
         self.values = torch.empty((Cv + 1, length), dtype=torch.bfloat16, device=v.device)
         self.values[Cv] = 1
-        self.scratch = None if isinstance(v, torch.Tensor) else \
-            torch.empty((Cv, length), dtype=torch.float32, device=v.device)
 
     def __getitem__(self, key):
         start, stop = key[1].start, key[1].stop
         chunk = self.values[:-1, :stop - start]
-        if self.scratch is None:
+        if isinstance(self.v, torch.Tensor):
             chunk.copy_(self.v[self.b, :, start:stop])
-        else:
-            self.v.columns(self.b, start, stop, torch.bfloat16, chunk,
-                           self.scratch[:, :stop - start])
+        for low in range(0, 0 if isinstance(self.v, torch.Tensor) else chunk.shape[0],
+                         SCRATCH_CHANNELS):
+            high = min(low + SCRATCH_CHANNELS, chunk.shape[0])
+            self.v.columns(self.b, start, stop, torch.bfloat16, chunk[low:high],
+                           self.scratch[:high - low, :stop - start], slice(low, high))
         return self.values[:, :stop - start]
+
+
+def _scratch(k, v, n):
+    """The float32 scratch an 8-bit memory's _KeyChunks and _ValueChunks widen their chunks
+    in, SCRATCH_CHANNELS channels at a time (one reader's: one chunk part at a time); None
+    for a memory of tensors."""
+    if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        return None
+    return torch.empty((min(max(k.shape[1], v.shape[1]), SCRATCH_CHANNELS), min(n, CPU_CHUNK)),
+                       dtype=torch.float32, device=k.device)
 
 
 @without_autocast
@@ -222,6 +232,9 @@ ROW_BLOCK = 512
 # Tasks reading one group of row blocks on the bf16 path, each a share of the memory:
 # two (not one per worker) bound the extra (rows, Cv) sums to one set per group.
 READERS = 2
+# Channels of an 8-bit key or value chunk widened to float32 at a time (a float32 scratch
+# of 128 x CPU_CHUNK: 0.5 MiB a reader).
+SCRATCH_CHANNELS = 128
 CPU_CHUNK = 1024
 _workers = {"pool": None, "size": 0, "pid": None}
 
@@ -308,10 +321,11 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
         # the first reader sums into the output rows, the others into their own
         accs = [out[b, first:first + rows] if reader == 0 else
                 torch.empty((min(rows, HW - first), Cv)) for first in firsts]
+        scratch = _scratch(k, v, ends[b])
         results = _bf16_softmax(
             [q[b if q.shape[0] > 1 else 0, :, first:first + rows] for first in firsts],
-            _KeyChunks(k, b, ends[b], l2), _ValueChunks(v, b, ends[b]), scale, l2, accs,
-            group["chunks"])
+            _KeyChunks(k, b, ends[b], l2, scratch), _ValueChunks(v, b, ends[b], scratch), scale,
+            l2, accs, group["chunks"])
         with group["lock"]:
             group["results"].append(results)
             if len(group["results"]) < group["readers"]:
@@ -432,7 +446,11 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs, indices=None):
     sum before its one rounding), so the query enters unrounded and no pass over the scores
     is spent on it; the scaled product and its exp round to about 2^-9 of an exponent near 0,
     and the row sums and the read-out accumulate in float32."""
-    blocks = [_Bf16Rows(query, acc, scale, l2) for query, acc in zip(queries, accs, strict=True)]
+    # one buffer for the blocks' value products, which run one after another
+    partial = torch.empty((max(acc.shape[0] for acc in accs), accs[0].shape[1] + 1),
+                          dtype=torch.bfloat16)
+    blocks = [_Bf16Rows(query, acc, partial[:acc.shape[0]], scale, l2)
+              for query, acc in zip(queries, accs, strict=True)]
     length = keys.shape[2]
     starts = _chunk_starts(values.shape[1])
     for index in range(len(starts)) if indices is None else indices:
@@ -449,7 +467,7 @@ class _Bf16Rows:
     """One block of query rows' sums in _bf16_softmax: its augmented query columns, the offset
     they subtract, and the float32 acc and row_sum the chunks are added into."""
 
-    def __init__(self, query, acc, scale, l2):
+    def __init__(self, query, acc, partial, scale, l2):
         rows = query.shape[1]
         self.scale = scale
         self.columns = [query.T * (2 if l2 else 1)]  # 2q: exact in bf16
@@ -458,7 +476,7 @@ class _Bf16Rows:
         self.unused = query.new_zeros((1, 1))  # addmm's input, ignored at beta = 0
         self.acc = acc.zero_()
         self.row_sum = torch.zeros((rows, 1), dtype=torch.float32)
-        self.partial = torch.empty((rows, acc.shape[1] + 1), dtype=torch.bfloat16)
+        self.partial = partial  # (rows, Cv + 1) bf16, the value product's
         self.subtracted = None
 
     def augment(self, target):

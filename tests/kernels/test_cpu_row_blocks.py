@@ -307,13 +307,13 @@ def test_bf16_readers_make_each_chunk_once_and_merge_their_sums(bf16_products, m
 def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypatch):
     """A reader that finds every chunk taken (the other ran first) returns no sums: the read
     is the other reader's, written from its own buffers into the output."""
-    owner = []
-
     class FirstComerTakesAll(pytorch._SharedIndices):
+        """Every index to the first thread that asks."""
+
         def __next__(self):
             with self.lock:
-                owner[:1] = owner[:1] or [threading.current_thread().name]
-            if threading.current_thread().name != owner[0]:
+                self.owner = getattr(self, "owner", threading.current_thread().name)
+            if threading.current_thread().name != self.owner:
                 raise StopIteration
             return super().__next__()
     monkeypatch.setattr(pytorch, "_SharedIndices", FirstComerTakesAll)
@@ -326,7 +326,9 @@ def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypat
             out = memory_read(q, k, v, backend="torch")
     finally:
         torch.set_num_threads(before)
-    assert len({name for name, _ in made}) == 1 and len(bf16_products) == 4
+    assert len(bf16_products) == 4  # two objects, two readers each
+    chunks = len(pytorch._chunk_starts(70))
+    assert sorted(index for _, index in made) == sorted(list(range(chunks)) * 2)
     assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
 
 

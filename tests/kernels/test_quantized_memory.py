@@ -141,6 +141,11 @@ def test_columns_of_channel_frame_memory_take_each_frames_scales(dtype):
                 scratch = torch.full(expected.shape, float("nan"))
                 assert memory.columns(index, start, stop, dtype, out, scratch) is out
                 assert torch.equal(out, expected), (start, stop, index)
+                # channels 1 to 3 alone, each with its own scales
+                out = torch.full_like(expected[..., 1:3, :], float("nan"))
+                memory.columns(index, start, stop, dtype, out, scratch[..., 1:3, :],
+                               slice(1, 3))
+                assert torch.equal(out, expected[..., 1:3, :]), (start, stop, index)
 
 
 @pytest.mark.parametrize("value_axis", AXES)
@@ -435,23 +440,30 @@ def test_fp8_widening_equals_torch_conversion_for_every_code():
                        (data.to(torch.float32) * scale).nan_to_num(0))
 
 
+@pytest.mark.parametrize("value_axis", AXES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bf16_path_dequantises_each_chunk_once(monkeypatch, fmt):
+def test_bf16_path_dequantises_each_chunk_once(monkeypatch, fmt, value_axis):
     """On two threads the bf16 path's readers share one object's chunks: each key and value
-    chunk of an 8-bit memory is dequantised once a read, not once per row block."""
+    chunk of an 8-bit memory is dequantised once a read, not once per row block,
+    SCRATCH_CHANNELS channels at a time (8 here: 12 key channels in two slices, 20 value
+    channels in three, each with its own channels' scales where they are per channel)."""
     from stm_kernels import quantized
     monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
     monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
     monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
+    monkeypatch.setattr(pytorch, "SCRATCH_CHANNELS", 8)
     taken = []
     original = quantized.DequantizingMemory.columns
-    monkeypatch.setattr(quantized.DequantizingMemory, "columns",
-                        lambda self, *a, **o: taken.append((self.shape[1], a[1])) or
-                        original(self, *a, **o))
+
+    def columns(self, index, start, stop, dtype, out=None, scratch=None,
+                channels=slice(None)):
+        taken.append((self.shape[1], start, channels.start, channels.stop))
+        return original(self, index, start, stop, dtype, out, scratch, channels)
+    monkeypatch.setattr(quantized.DequantizingMemory, "columns", columns)
     q, k, v = memories(B=1)
-    kq, vq = QuantizedMemory.quantize(k, fmt), QuantizedMemory.quantize(v, fmt, "position")
+    kq, vq = QuantizedMemory.quantize(k, fmt), QuantizedMemory.quantize(v, fmt, value_axis)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -460,5 +472,7 @@ def test_bf16_path_dequantises_each_chunk_once(monkeypatch, fmt):
     finally:
         torch.set_num_threads(before)
     starts = pytorch._chunk_starts(111)  # 37 query rows: 5 row blocks
-    assert sorted(taken) == sorted([(12, s) for s in starts] + [(20, s) for s in starts])
+    assert sorted(taken, key=str) == sorted(
+        [(12, s, low, min(low + 8, 12)) for s in starts for low in (0, 8)] +
+        [(20, s, low, min(low + 8, 20)) for s in starts for low in (0, 8, 16)], key=str)
     assert relative_error(out, expected(q.bfloat16(), kq, vq)[0]) < 6e-3
