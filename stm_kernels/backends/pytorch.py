@@ -79,13 +79,7 @@ class _KeyChunks:
     def __getitem__(self, index):
         Ck, length = self.k.shape[1], self.shape[2]
         start = self.starts[index]
-        chunk = self.keys[:Ck]
-        if isinstance(self.k, torch.Tensor):
-            chunk.copy_(self.k[self.b, :, start:start + length])
-        for low in range(0, 0 if isinstance(self.k, torch.Tensor) else Ck, SCRATCH_CHANNELS):
-            high = min(low + SCRATCH_CHANNELS, Ck)
-            self.k.columns(self.b, start, start + length, torch.bfloat16, chunk[low:high],
-                           self.scratch[:high - low, :length], slice(low, high))
+        chunk = _chunk_into(self.k, self.b, start, start + length, self.keys[:Ck], self.scratch)
         if self.l2:
             norms = -chunk.float().square().sum(0)  # exact in float32
             high = norms.to(torch.bfloat16)
@@ -110,15 +104,20 @@ class _ValueChunks:
 
     def __getitem__(self, key):
         start, stop = key[1].start, key[1].stop
-        chunk = self.values[:-1, :stop - start]
-        if isinstance(self.v, torch.Tensor):
-            chunk.copy_(self.v[self.b, :, start:stop])
-        for low in range(0, 0 if isinstance(self.v, torch.Tensor) else chunk.shape[0],
-                         SCRATCH_CHANNELS):
-            high = min(low + SCRATCH_CHANNELS, chunk.shape[0])
-            self.v.columns(self.b, start, stop, torch.bfloat16, chunk[low:high],
-                           self.scratch[:high - low, :stop - start], slice(low, high))
+        _chunk_into(self.v, self.b, start, stop, self.values[:-1, :stop - start], self.scratch)
         return self.values[:, :stop - start]
+
+
+def _chunk_into(memory, b, start, stop, out, scratch):
+    """memory[b, :, start:stop] written into out (bf16) and returned: a tensor's copied, an
+    8-bit memory's dequantised SCRATCH_CHANNELS channels at a time through scratch."""
+    if isinstance(memory, torch.Tensor):
+        return out.copy_(memory[b, :, start:stop])
+    for low in range(0, out.shape[0], SCRATCH_CHANNELS):
+        high = min(low + SCRATCH_CHANNELS, out.shape[0])
+        memory.columns(b, start, stop, torch.bfloat16, out[low:high],
+                       scratch[:high - low, :stop - start], slice(low, high))
+    return out
 
 
 def _scratch(k, v, n):
