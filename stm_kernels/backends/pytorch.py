@@ -124,7 +124,7 @@ def _scratch(k, v, n):
     """The float32 scratch an 8-bit memory's _KeyChunks and _ValueChunks widen their chunks
     in, SCRATCH_CHANNELS channels at a time (one reader's: one chunk part at a time); None
     for a memory of tensors."""
-    if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+    if isinstance(k, torch.Tensor):  # (an 8-bit memory's keys and values are both wrapped)
         return None
     return torch.empty((min(max(k.shape[1], v.shape[1]), SCRATCH_CHANNELS), min(n, CPU_CHUNK)),
                        dtype=torch.float32, device=k.device)
@@ -419,7 +419,7 @@ def _chunk_starts(n):
 BF16_HEADROOM = 2.0
 
 
-def _bf16_softmax(queries, keys, values, scale, l2, accs, indices=None):
+def _bf16_softmax(queries, keys, values, scale, l2, accs, indices):
     """[(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1))] as _fixed_offset_softmax gives
     them, with both products in bf16 (float32 accumulation inside oneDNN), for blocks of query
     rows of one object read in lockstep: each chunk's keys and values are taken once (an
@@ -429,8 +429,9 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs, indices=None):
     ones last (the row sums come out of the second product), sliced a chunk at a time (a
     reader's buffers are reused for the next chunk); accs: a float32 (rows, Cv)
     buffer per block, which its acc is summed into (the caller's output rows: no copy);
-    indices: the chunks to read (an iterable, all by default; an iterator shared with other
-    readers hands each chunk to one of them), None for every block when it yields none.
+    indices: the chunks to read (an iterable of indices into _chunk_starts(n): an iterator
+    shared with other readers hands each chunk to one of them); a block's result is None
+    where it yields none.
 
     A bf16 product rounds its output to 8 significant bits: 0.25 near a score of 50, a 13%
     error in its exp. So each row's offset is subtracted inside the product, through two extra
@@ -452,7 +453,7 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs, indices=None):
               for query, acc in zip(queries, accs, strict=True)]
     length = keys.shape[2]
     starts = _chunk_starts(values.shape[1])
-    for index in range(len(starts)) if indices is None else indices:
+    for index in indices:
         start = starts[index]
         chunk_keys, chunk_values = keys[index], values[:, start:start + length].T
         taken = index * length - start  # positions an earlier chunk read (the last overlaps)

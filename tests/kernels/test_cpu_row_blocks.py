@@ -279,13 +279,20 @@ def _recorded_chunks(monkeypatch):
     return made
 
 
+@pytest.mark.filterwarnings("error")  # an output buffer of the wrong shape warns as it is resized
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
+@pytest.mark.parametrize(("N", "made_chunks"), [(150, list(range(10))),
+                                                (160, list(range(10))), (10, [0, 0])],
+                         ids=["overlapping last chunk", "whole chunks", "one short chunk"])
 def test_bf16_readers_make_each_chunk_once_and_merge_their_sums(bf16_products, monkeypatch,
-                                                                similarity):
+                                                                similarity, N, made_chunks):
     """On two threads the bf16 path reads all of an object's row blocks in lockstep with two
-    readers taking the chunks as they come: each chunk is made once (not once per row block)
-    and the readers' sums, merged, match the float64 read."""
-    q, k, v = random_inputs(1, 1, 12, 24, 40, 150, torch.float64, "cpu", seed=12)
+    readers taking the chunks as they come: each chunk is made once (not once per row block;
+    16-position chunks: 150 positions take 9 and one overlapping the ninth, 160 take 10),
+    and the readers' sums, merged, match the float64 read. A memory of one chunk (10
+    positions, shorter than a chunk) has nothing to share: two groups of row blocks read it,
+    one each."""
+    q, k, v = random_inputs(1, 1, 12, 24, 40, N, torch.float64, "cpu", seed=12)
     q, k, v = (t.to(torch.bfloat16) for t in (q * 2, k * 2, v))
     made = _recorded_chunks(monkeypatch)
     before = torch.get_num_threads()
@@ -296,12 +303,40 @@ def test_bf16_readers_make_each_chunk_once_and_merge_their_sums(bf16_products, m
                                    return_lse=True)
     finally:
         torch.set_num_threads(before)
-    chunks = len(pytorch._chunk_starts(150))
-    assert sorted(index for _, index in made) == list(range(chunks))  # 40 rows: 5 blocks
-    assert len(bf16_products) == 2  # the two readers
+    assert sorted(index for _, index in made) == made_chunks  # 40 rows: 5 blocks
+    assert len(bf16_products) == 2  # two readers of one group, or two groups of one reader
     expected, expected_lse, _ = reference_read(q, k, v, similarity=similarity)
     assert relative_error(out, expected) < 1e-2
     assert relative_error(lse, expected_lse) < 1e-3
+
+
+@pytest.mark.filterwarnings("error")
+def test_bf16_values_narrower_than_a_row_block(bf16_products):
+    """4 value channels under 8-row blocks: the value product's buffer is as tall as a block,
+    not as the values are wide."""
+    q, k, v = random_inputs(1, 1, 12, 4, 40, 70, torch.bfloat16, "cpu", seed=15)
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
+    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
+
+
+def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products, monkeypatch):
+    """Unit-normal scores (none far above its row's first chunk): each row block multiplies
+    each chunk's keys once, the first chunk twice (its offset is set from its own product)
+    and a later one again only where its scores rise past the offset's headroom."""
+    products = []
+    original = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **o: products.append(1) or original(*a, **o))
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 160, torch.bfloat16, "cpu", seed=16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            memory_read(q, k, v, backend="torch")
+    finally:
+        torch.set_num_threads(before)
+    blocks, chunks = 5, 10
+    assert blocks * (chunks + 1) <= len(products) < blocks * chunks * 1.5, len(products)
 
 
 def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypatch):

@@ -460,6 +460,8 @@ def test_bf16_path_dequantises_each_chunk_once(monkeypatch, fmt, value_axis):
     def columns(self, index, start, stop, dtype, out=None, scratch=None,
                 channels=slice(None)):
         taken.append((self.shape[1], start, channels.start, channels.stop))
+        # into the reader's bf16 buffer, through its float32 scratch (nothing allocated)
+        assert dtype == out.dtype == torch.bfloat16 and scratch.dtype == torch.float32
         return original(self, index, start, stop, dtype, out, scratch, channels)
     monkeypatch.setattr(quantized.DequantizingMemory, "columns", columns)
     q, k, v = memories(B=1)
