@@ -32,3 +32,38 @@ def test_the_forward_plan_drops_a_split_that_would_be_empty():
                                   B=1, HW=64, N=1000, Cv=512, multiprocessors=132)
         assert (plan.splits, plan.per_split, plan.m_blocks) == (splits, 192, 1)
         assert plan.grid(3) == (1, 3, splits)
+
+
+def test_the_forward_plan_chunks_the_values_where_its_config_asks():
+    """Cv 512 in chunks of 128: 4 value programs per query block (the grid's second axis is B
+    times that); no chunk asked: one of 512."""
+    for block_v, chunk, chunks in ((128, 128, 4), (None, 512, 1)):
+        plan = plans.forward_plan(ForwardConfig(block_m=64, block_n=64, block_v=block_v,
+                                                splits=1), B=2, HW=64, N=640, Cv=512,
+                                  multiprocessors=132)
+        assert (plan.block_v, plan.num_v, plan.grid(2)) == (chunk, chunks, (1, 2 * chunks, 1))
+
+
+def test_memory_splits_fill_the_device_but_keep_four_blocks_a_split():
+    """Unrequested splits: as many as the multiprocessors over the programs, but no fewer
+    than 4 memory blocks a split; a request is taken, at most one split a block."""
+    assert plans.memory_splits(None, programs=1, n_blocks=1000, multiprocessors=132) == 132
+    assert plans.memory_splits(None, programs=1, n_blocks=40, multiprocessors=132) == 10
+    assert plans.memory_splits(None, programs=26, n_blocks=1000, multiprocessors=132) == 5
+    assert plans.memory_splits(None, programs=200, n_blocks=1000, multiprocessors=132) == 1
+    assert plans.memory_splits(7, programs=1, n_blocks=5, multiprocessors=132) == 5
+
+
+def test_the_gluon_forward_plan_chunks_its_values_in_powers_of_two():
+    """The warp-specialised forward at 480p on 132 multiprocessors (HW 1,620 in 13 blocks of
+    128 rows, N 16,200 in 254 blocks of 64): 2 value chunks of 256 channels make 26
+    programs, 5 splits of 51 blocks; one chunk of all 512 channels, 13 programs, 10 splits of
+    26 blocks; 3 chunks round each up to 256 channels, so 2 programs cover the 512."""
+    from stm_kernels.backends.triton.tilings import WarpSpecializedConfig
+    cases = ((2, 256, 2, 5, 3264), (1, 512, 1, 10, 1664), (3, 256, 2, 5, 3264))
+    for value_chunks, block_v, num_v, splits, per_split in cases:
+        plan = plans.warp_specialized_forward_plan(
+            WarpSpecializedConfig(block_m=128, block_n=64, value_chunks=value_chunks),
+            B=1, HW=1620, N=16200, Cv=512, multiprocessors=132)
+        assert (plan.block_v, plan.num_v, plan.m_blocks, plan.splits, plan.per_split) == \
+            (block_v, num_v, 13, splits, per_split), value_chunks
