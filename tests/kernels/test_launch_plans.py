@@ -67,3 +67,12 @@ def test_the_gluon_forward_plan_chunks_its_values_in_powers_of_two():
             B=1, HW=1620, N=16200, Cv=512, multiprocessors=132)
         assert (plan.block_v, plan.num_v, plan.m_blocks, plan.splits, plan.per_split) == \
             (block_v, num_v, 13, splits, per_split), value_chunks
+
+
+def test_the_forward_plan_counts_every_object_s_programs_when_it_splits():
+    """4 objects x 10 query blocks = 40 programs on 132 multiprocessors leave room for 3
+    splits of the 100 memory blocks (34 blocks, 2,176 positions each)."""
+    plan = plans.forward_plan(ForwardConfig(block_m=64, block_n=64), B=4, HW=640, N=6400,
+                              Cv=512, multiprocessors=132)
+    assert (plan.m_blocks, plan.splits, plan.per_split) == (10, 3, 2176)
+    assert plan.grid(4) == (10, 4, 3)
