@@ -59,14 +59,26 @@ def test_the_gluon_forward_plan_chunks_its_values_in_powers_of_two():
     128 rows, N 16,200 in 254 blocks of 64): 2 value chunks of 256 channels make 26
     programs, 5 splits of 51 blocks; one chunk of all 512 channels, 13 programs, 10 splits of
     26 blocks; 3 chunks round each up to 256 channels, so 2 programs cover the 512."""
+    # (value_chunks, block_n, then the plan's block_v, num_v, splits, per_split)
     from stm_kernels.backends.triton.tilings import WarpSpecializedConfig
-    cases = ((2, 256, 2, 5, 3264), (1, 512, 1, 10, 1664), (3, 256, 2, 5, 3264))
-    for value_chunks, block_v, num_v, splits, per_split in cases:
+    cases = ((2, 64, 256, 2, 5, 3264), (1, 64, 512, 1, 10, 1664), (3, 64, 256, 2, 5, 3264),
+             (1, 32, 512, 1, 10, 1632))  # blocks of 32 positions: 507, 51 a split
+    for value_chunks, block_n, block_v, num_v, splits, per_split in cases:
         plan = plans.warp_specialized_forward_plan(
-            WarpSpecializedConfig(block_m=128, block_n=64, value_chunks=value_chunks),
+            WarpSpecializedConfig(block_m=128, block_n=block_n, value_chunks=value_chunks),
             B=1, HW=1620, N=16200, Cv=512, multiprocessors=132)
         assert (plan.block_v, plan.num_v, plan.m_blocks, plan.splits, plan.per_split) == \
             (block_v, num_v, 13, splits, per_split), value_chunks
+    # 8 value channels in one chunk: the whole tile, at least 16 wide
+    plan = plans.warp_specialized_forward_plan(WarpSpecializedConfig(), B=1, HW=64, N=64,
+                                               Cv=8, multiprocessors=132)
+    assert (plan.block_v, plan.num_v) == (16, 1)
+
+
+def test_next_power_of_2_and_cdiv():
+    assert [plans.next_power_of_2(n) for n in (0, 1, 2, 3, 4, 5, 17, 1024, 1025)] == \
+        [1, 1, 2, 4, 4, 8, 32, 1024, 2048]
+    assert [plans.cdiv(a, 64) for a in (1, 64, 65, 16200)] == [1, 1, 2, 254]
 
 
 def test_the_forward_plan_counts_every_object_s_programs_when_it_splits():
