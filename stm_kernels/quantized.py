@@ -184,9 +184,17 @@ def _dequantized(data, scale, dtype, scratch=None):
     wide = _widened(data, scratch)
     if dtype == torch.float64:
         return wide.to(torch.float64) * scale.to(torch.float64)
-    product = wide.mul_(scale) if wide.shape == torch.broadcast_shapes(wide.shape, scale.shape) \
-        else wide * scale
+    product = wide.mul_(scale) if _broadcasts_into(scale.shape, wide.shape) else wide * scale
     return product if dtype == torch.float32 else product.to(dtype)
+
+
+def _broadcasts_into(shape, target):
+    """Whether a tensor of `shape` broadcasts to `target` without growing it (so an in-place
+    product keeps target's shape): torch.broadcast_shapes's answer, at a tenth of its cost."""
+    if len(shape) > len(target):
+        return False
+    return all(size in (1, goal) for size, goal in zip(shape, target[len(target) - len(shape):],
+                                                        strict=True))
 
 
 def _widened(data, scratch=None):
@@ -293,7 +301,7 @@ class DequantizingMemory:
             if scale is None:
                 pieces.append(part.to(dtype))
             else:
-                span = None if scratch is None else \
+                span = scratch if scratch is None or (low, high) == (start, stop) else \
                     scratch[..., low - start:high - start]
                 # into out: the float32 product (scratch), rounded once when copied
                 wide = dtype if out is None or dtype == torch.float64 else torch.float32
@@ -302,6 +310,8 @@ class DequantizingMemory:
                     rows = rows[..., channels, :]
                 pieces.append(_dequantized_columns(part, rows, group, low - first,
                                                    high - first, wide, span))
+        if out is not None and len(pieces) == 1:
+            return out.copy_(pieces[0])
         if out is not None:
             offset = 0
             for piece in pieces:
