@@ -358,8 +358,10 @@ def product_ops(seed=0):
     ops = {
         "QK bf16 (addmm, as the read)": (lambda: torch.addmm(unused, q, k, beta=0), qk),
         "QK int8 (torch._int_mm)": (lambda: torch._int_mm(q8, k8), qk),
+        # widened, scaled and rounded in three passes: torch.mul(int32, float32, out=bf16)
+        # takes torch's mixed-dtype loop, 1-12x slower from run to run
         "int32 scores to bf16 products (row scale)": (
-            lambda: torch.mul(scores, row_scale, out=products), None),
+            lambda: products.copy_(scores.float().mul_(row_scale)), None),
         "PV bf16 (mm, as the read)": (lambda: torch.mm(p, v.T), pv),
         "PV int8 values (torch._weight_int8pack_mm)": (
             lambda: torch.ops.aten._weight_int8pack_mm(p, v8, value_scales), pv),
