@@ -2,6 +2,7 @@
 float64 reference with blocks and memory chunks small enough that every object takes several of
 each, ragged memories, a broadcast query, inference mode, any thread count, and after a fork."""
 import multiprocessing
+import os
 import threading
 
 import pytest
@@ -90,12 +91,14 @@ def _count_online_reads(monkeypatch):
     return online
 
 
+@pytest.mark.parametrize("Bq", [1, 2], ids=["shared query", "a query per object"])
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 def test_scores_far_above_the_first_chunks_are_read_again_online(monkeypatch, similarity,
-                                                                 threads):
+                                                                 threads, Bq):
     """The first chunk's maximum is each row's offset; later scores 100s above it overflow
-    exp in float32, and those row blocks are read again with a running maximum."""
-    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.float32, "cpu", seed=7)
+    exp in float32, and those row blocks are read again with a running maximum (each
+    object's own query rows where each has its own query)."""
+    q, k, v = random_inputs(2, Bq, 12, 24, 20, 70, torch.float32, "cpu", seed=7)
     if similarity == "dot":
         k[:, :, 40:] *= 100  # scores ~ +-300 after the first chunks' ~ +-3
     else:
@@ -382,3 +385,51 @@ def test_a_one_chunk_memory_shares_its_row_blocks_out_instead(bf16_products, mon
     assert [index for _, index in made] == [0, 0]
     assert len(bf16_products) == 2
     assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
+
+
+def test_row_blocks_are_taken_on_a_cpu_without_gradients_through_the_read(monkeypatch):
+    """Row blocks need a CPU and no gradient flowing through the read (autograd cannot follow
+    the workers' in-place sums); gradients enabled with no input that needs them do not stop
+    them. Meta tensors (another device) read batched."""
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 70, torch.float32, "cpu", seed=17)
+    assert torch.is_grad_enabled()
+    assert pytorch._row_blocks_pay(q, k, v, None)
+    assert not pytorch._row_blocks_pay(q.requires_grad_(), k, v, None)
+    with torch.no_grad():
+        assert pytorch._row_blocks_pay(q, k, v, None)
+    meta = [t.detach().to("meta") for t in (q, k, v)]
+    assert not pytorch._row_blocks_pay(*meta, None)
+
+
+def test_the_worker_pool_is_kept_and_made_again_where_it_must_be(monkeypatch):
+    """One pool of `size` named threads, each with a single-threaded torch, kept between
+    reads; made again when the thread count changes (the old one shut down) and in a forked
+    child (another pid: the parent's pool, whose threads the child has not, left alone)."""
+    monkeypatch.setattr(pytorch, "_workers", {"pool": None, "size": 0, "pid": None})
+    pool = pytorch._worker_pool(2)
+    assert pytorch._worker_pool(2) is pool and pool._max_workers == 2
+
+    def inside():
+        return threading.current_thread().name, torch.get_num_threads()
+    name, torch_threads = pool.submit(inside).result()
+    assert name.startswith("stm_kernels_read") and torch_threads == 1
+    other = pytorch._worker_pool(3)
+    assert other is not pool and other._max_workers == 3 and pool._shutdown
+    assert pytorch._worker_pool(3) is other
+    parent = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: parent + 1)
+    child = pytorch._worker_pool(3)
+    assert child is not other and not other._shutdown
+    assert pytorch._worker_pool(3) is child
+    for made in (other, child):
+        made.shutdown(wait=False)
+
+
+def test_float16_l2_row_blocks_take_their_key_norms_in_float32():
+    """float16 inputs read with float32 products (no bf16 path for them): the keys' squared
+    norms in float32 too, so the read is within float16's rounding of the float64 one."""
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 70, torch.float64, "cpu", seed=18)
+    q, k, v = (t.mul(4).to(torch.float16) for t in (q, k, v))
+    with torch.no_grad():
+        out = memory_read(q, k, v, similarity="l2", backend="torch")
+    assert relative_error(out, reference_read(q, k, v, similarity="l2")[0]) < 2e-3
