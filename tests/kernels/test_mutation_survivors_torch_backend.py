@@ -67,3 +67,37 @@ def test_memory_chunks_copy_at_most_copy_elements(monkeypatch):
     assert widths == [1] * N
     expected = per_object_reference(q, k, v, [N] * B, cotangents)
     check_read([out, lse, None, None, None], expected[:2] + [None] * 3, torch.float32)
+
+
+def test_padded_selections_fill_to_top_k_and_mark_missing_positions():
+    """A selection of fewer than top_k entries (a memory shorter than top_k) is padded with
+    -inf scores, and every -inf entry (padding, or a position past an object's memory) gets
+    index -1; a full selection keeps its entries."""
+    inf = float("-inf")
+    values = torch.tensor([[[3.0, inf], [2.0, 1.0], [0.5, 0.25]]])  # (1, 3 rows, 2 picked)
+    indices = torch.tensor([[[4, 7], [0, 5], [1, 2]]])
+    for top_k in (3, 4):
+        padded_values, padded_indices = pytorch.padded(values, indices, top_k)
+        pad = top_k - 2
+        assert torch.equal(padded_values, torch.cat([values, torch.full((1, 3, pad), inf)], 2))
+        assert torch.equal(padded_indices, torch.tensor(
+            [[[4, -1] + [-1] * pad, [0, 5] + [-1] * pad, [1, 2] + [-1] * pad]]))
+    same_values, same_indices = pytorch.padded(values, indices, 2)
+    assert torch.equal(same_values, values)
+    assert torch.equal(same_indices, torch.tensor([[[4, -1], [0, 5], [1, 2]]]))
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_usage_of_a_bf16_read_is_summed_in_float32(similarity):
+    """bf16 inputs: the usage's products, exponentials and sums run in float32 (the
+    accumulation dtype), so it matches the float64 usage of the same bf16 inputs to float32's
+    precision, not bf16's (about 1e-2)."""
+    from reference import reference_usage
+    q, k, _ = random_inputs(2, 1, 12, 4, 30, 70, torch.bfloat16, "cpu", seed=23)
+    lse = torch.logsumexp(torch.randn(2, 30, generator=torch.Generator().manual_seed(2)), 1,
+                          keepdim=True).expand(2, 30) + 3
+    scale = 12 ** -0.5
+    usage = pytorch.usage(q, k, lse, scale, similarity == "l2")
+    expected = reference_usage(q, k, lse, scale=scale, similarity=similarity)
+    assert usage.dtype == torch.float32
+    assert ((usage.double() - expected).abs() / expected.abs()).max() < 1e-4
