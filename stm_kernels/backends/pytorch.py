@@ -425,9 +425,9 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs, indices):
     rows of one object read in lockstep: each chunk's keys and values are taken once (an
     8-bit memory's dequantised once) and multiplied by every block while they are in cache.
     queries: (Ck, rows) bf16 blocks; keys the object's _KeyChunks (chunks, Ck + 2 or + 4,
-    L), the chunks of _chunk_starts(n); values its _ValueChunks (Cv + 1, n), bf16, a row of
-    ones last (the row sums come out of the second product), sliced a chunk at a time (a
-    reader's buffers are reused for the next chunk); accs: a float32 (rows, Cv)
+    L), the chunks at its `starts` (_chunk_starts(n)); values its _ValueChunks (Cv + 1, n),
+    bf16, a row of ones last (the row sums come out of the second product), sliced a chunk at
+    a time (a reader's buffers are reused for the next chunk); accs: a float32 (rows, Cv)
     buffer per block, which its acc is summed into (the caller's output rows: no copy);
     indices: the chunks to read (an iterable of indices into _chunk_starts(n): an iterator
     shared with other readers hands each chunk to one of them); a block's result is None
@@ -452,9 +452,8 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs, indices):
     blocks = [_Bf16Rows(query, acc, partial[:acc.shape[0]], scale, l2)
               for query, acc in zip(queries, accs, strict=True)]
     length = keys.shape[2]
-    starts = _chunk_starts(values.shape[1])
     for index in indices:
-        start = starts[index]
+        start = keys.starts[index]
         chunk_keys, chunk_values = keys[index], values[:, start:start + length].T
         taken = index * length - start  # positions an earlier chunk read (the last overlaps)
         for block in blocks:

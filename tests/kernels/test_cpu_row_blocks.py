@@ -287,8 +287,10 @@ def _recorded_chunks(monkeypatch):
 @pytest.mark.parametrize(("N", "made_chunks"), [(150, list(range(10))),
                                                 (160, list(range(10))), (10, [0, 0])],
                          ids=["overlapping last chunk", "whole chunks", "one short chunk"])
+@pytest.mark.parametrize("threads", [2], indirect=True)
 def test_bf16_readers_make_each_chunk_once_and_merge_their_sums(bf16_products, monkeypatch,
-                                                                similarity, N, made_chunks):
+                                                                threads, similarity, N,
+                                                                made_chunks):
     """On two threads the bf16 path reads all of an object's row blocks in lockstep with two
     readers taking the chunks as they come: each chunk is made once (not once per row block;
     16-position chunks: 150 positions take 9 and one overlapping the ninth, 160 take 10),
@@ -298,14 +300,9 @@ def test_bf16_readers_make_each_chunk_once_and_merge_their_sums(bf16_products, m
     q, k, v = random_inputs(1, 1, 12, 24, 40, N, torch.float64, "cpu", seed=12)
     q, k, v = (t.to(torch.bfloat16) for t in (q * 2, k * 2, v))
     made = _recorded_chunks(monkeypatch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            out, lse = memory_read(q, k, v, similarity=similarity, backend="torch",
-                                   return_lse=True)
-    finally:
-        torch.set_num_threads(before)
+    with torch.no_grad():
+        out, lse = memory_read(q, k, v, similarity=similarity, backend="torch",
+                               return_lse=True)
     assert sorted(index for _, index in made) == made_chunks  # 40 rows: 5 blocks
     assert len(bf16_products) == 2  # two readers of one group, or two groups of one reader
     expected, expected_lse, _ = reference_read(q, k, v, similarity=similarity)
@@ -323,7 +320,9 @@ def test_bf16_values_narrower_than_a_row_block(bf16_products):
     assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
 
 
-def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products, monkeypatch):
+@pytest.mark.parametrize("threads", [1], indirect=True)
+def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products, monkeypatch,
+                                                                   threads):
     """Unit-normal scores (none far above its row's first chunk): each row block multiplies
     each chunk's keys once, the first chunk twice (its offset is set from its own product)
     and a later one again only where its scores rise past the offset's headroom."""
@@ -331,18 +330,14 @@ def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products
     original = torch.addmm
     monkeypatch.setattr(torch, "addmm", lambda *a, **o: products.append(1) or original(*a, **o))
     q, k, v = random_inputs(1, 1, 12, 24, 40, 160, torch.bfloat16, "cpu", seed=16)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            memory_read(q, k, v, backend="torch")
-    finally:
-        torch.set_num_threads(before)
+    with torch.no_grad():
+        memory_read(q, k, v, backend="torch")
     blocks, chunks = 5, 10
     assert blocks * (chunks + 1) <= len(products) < blocks * chunks * 1.5, len(products)
 
 
-def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypatch):
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypatch, threads):
     """A reader that finds every chunk taken (the other ran first) returns no sums: the read
     is the other reader's, written from its own buffers into the output."""
     class FirstComerTakesAll(pytorch._SharedIndices):
@@ -357,31 +352,23 @@ def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypat
     monkeypatch.setattr(pytorch, "_SharedIndices", FirstComerTakesAll)
     made = _recorded_chunks(monkeypatch)
     q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.bfloat16, "cpu", seed=13)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            out = memory_read(q, k, v, backend="torch")
-    finally:
-        torch.set_num_threads(before)
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
     assert len(bf16_products) == 4  # two objects, two readers each
     chunks = len(pytorch._chunk_starts(70))
     assert sorted(index for _, index in made) == sorted(list(range(chunks)) * 2)
     assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
 
 
-def test_a_one_chunk_memory_shares_its_row_blocks_out_instead(bf16_products, monkeypatch):
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_a_one_chunk_memory_shares_its_row_blocks_out_instead(bf16_products, monkeypatch,
+                                                              threads):
     """A memory of one chunk has nothing to share between readers: its row blocks are split
     into one group a worker, each reading the chunk."""
     made = _recorded_chunks(monkeypatch)
     q, k, v = random_inputs(1, 1, 12, 24, 40, 16, torch.bfloat16, "cpu", seed=14)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            out = memory_read(q, k, v, backend="torch")
-    finally:
-        torch.set_num_threads(before)
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
     assert [index for _, index in made] == [0, 0]
     assert len(bf16_products) == 2
     assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
