@@ -241,12 +241,23 @@ def _fp8_as_float32(data, out=None):
     through integer operations: torch's CPU conversion is elementwise scalar code, about 8x
     slower on a (512, 1024) chunk. The code's bits shifted into a float32's fields read as
     2^-120 times the value (subnormal codes too), then scaled by 2^120. out: an optional
-    float32 tensor of data's shape to make them in."""
+    float32 tensor of data's shape to make them in. On the CPU the NaN codes are looked for
+    first (two reductions over the codes, a fortieth of the masked fill's cost) and filled
+    only where present; elsewhere they are filled unconditionally (no host read)."""
     codes = data.view(torch.int8)
     bits = codes.to(torch.int32) if out is None else out.view(torch.int32).copy_(codes)
     bits = bits.mul_(1 << 20).bitwise_and_(_FLOAT32_FIELDS)
     values = bits.view(torch.float32).mul_(2.0 ** 120)
+    if codes.device.type == "cpu" and not _holds_nan_codes(codes):
+        return values
     return values.masked_fill_((codes | -128) == -1, float("nan"))  # the code 0x7F / 0xFF
+
+
+def _holds_nan_codes(codes):
+    """Whether int8-viewed e4m3fn codes hold a NaN code: 0x7F (int8 127, the largest int8) or
+    0xFF (uint8 255, the largest uint8)."""
+    return codes.numel() > 0 and (int(codes.amax()) == 0x7F or
+                                  int(codes.view(torch.uint8).amax()) == 0xFF)
 
 
 def is_quantized(memory) -> bool:

@@ -440,6 +440,35 @@ def test_fp8_widening_equals_torch_conversion_for_every_code():
                        (data.to(torch.float32) * scale).nan_to_num(0))
 
 
+@pytest.mark.parametrize("nan_code", [0x7F, 0xFF], ids=["+nan", "-nan"])
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_one_fp8_nan_code_reaches_the_read(monkeypatch, nan_code, where):
+    """The CPU widening fills NaN codes only in a chunk that holds one: a single NaN code
+    (either sign) among finite codes is NaN where torch's conversion puts it, and a read of
+    it (bf16 readers) is NaN where the float64 read of the dequantised memory is: a NaN key
+    makes its whole object NaN, a NaN value its channel of that object."""
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
+    monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
+    monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
+    q, k, v = memories()
+    kq, vq = QuantizedMemory.quantize(k, "fp8"), QuantizedMemory.quantize(v, "fp8", "position")
+    stored = kq if where == "key" else vq
+    stored.data.view(torch.uint8)[1, 3, 70] = nan_code  # object 1, the fifth chunk
+    widened = stored.dequantize()
+    assert torch.equal(widened.isnan(), stored.data.to(torch.float32).isnan())
+    assert int(widened.isnan().sum()) == 1 and bool(widened[1, 3, 70].isnan())
+    with poison_outputs():
+        out = read(q.bfloat16(), kq, vq)
+    ref_out, _, _ = expected(q.bfloat16(), kq, vq)
+    nan = ref_out.isnan()
+    assert bool(nan[1, 3].all()) and not bool(nan[0].any())
+    assert bool(nan[1].all()) == (where == "key")
+    assert torch.equal(out.isnan(), nan)
+    assert relative_error(out[~nan], ref_out[~nan]) < 6e-3
+
+
 @pytest.mark.parametrize("value_axis", AXES)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bf16_path_dequantises_each_chunk_once(monkeypatch, fmt, value_axis):
