@@ -101,3 +101,43 @@ def test_usage_of_a_bf16_read_is_summed_in_float32(similarity):
     expected = reference_usage(q, k, lse, scale=scale, similarity=similarity)
     assert usage.dtype == torch.float32
     assert ((usage.double() - expected).abs() / expected.abs()).max() < 1e-4
+
+
+@pytest.mark.parametrize("Bq", [1, 2], ids=["shared-query", "a-query-per-object"])
+def test_ragged_backward_in_float64_against_float64(Bq):
+    """The ragged backward reads object by object: each object's dq is accumulated in the
+    query's own precision (float64 here, 1e-12) into its own row, or summed into the shared
+    query's."""
+    B, Ck, Cv, HW, N, lengths = 2, 12, 20, 23, 70, [70, 33]
+    q, k, v = random_inputs(B, Bq, Ck, Cv, HW, N, torch.float64, "cpu", seed=31)
+    generator = torch.Generator().manual_seed(6)
+    cotangents = (torch.randn(B, Cv, HW, generator=generator, dtype=torch.float64),
+                  torch.randn(B, HW, generator=generator, dtype=torch.float64))
+    with poison_outputs():
+        results = ragged_read_with_grads(q, k, v, torch.tensor(lengths), cotangents,
+                                         backend="torch")
+    check_read(results, per_object_reference(q, k, v, lengths, cotangents), torch.float64)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+@pytest.mark.parametrize("with_lse_grad", [False, True], ids=["out-only", "out-and-lse"])
+def test_backward_called_directly_returns_dq_shaped_and_typed_like_q(ragged, with_lse_grad):
+    """pytorch.backward's contract, called as a backend is (autograd would sum a broadcast dq
+    and cast its dtype, hiding either slip): for a bf16 query shared by two objects, dq
+    (1, Ck, HW) in bf16, dk and dv in the memory's dtype; grad_lse may be None, with or
+    without lengths; the values against float64 gradients written in plain torch."""
+    B, Ck, Cv, HW, N = 2, 12, 20, 23, 70
+    lengths = torch.tensor([70, 33]) if ragged else None
+    q, k, v = random_inputs(B, 1, Ck, Cv, HW, N, torch.bfloat16, "cpu", seed=32)
+    scale = Ck ** -0.5
+    generator = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(B, Cv, HW, generator=generator).bfloat16()
+    grad_lse = torch.randn(B, HW, generator=generator) if with_lse_grad else None
+    out, lse = pytorch.forward(q, k, v, scale, False, lengths)
+    dq, dk, dv = pytorch.backward(grad_out, grad_lse, q, k, v, out, lse, scale, False, lengths)
+    assert (dq.shape, dq.dtype) == (q.shape, torch.bfloat16)
+    assert (dk.dtype, dv.dtype) == (torch.bfloat16, torch.bfloat16)
+    cotangents = (grad_out.double(), torch.zeros(B, HW, dtype=torch.float64)
+                  if grad_lse is None else grad_lse.double())
+    expected = per_object_reference(q, k, v, [N, 33] if ragged else [N, N], cotangents)
+    check_read([out, lse, dq, dk, dv], expected, torch.bfloat16)
