@@ -492,3 +492,58 @@ def test_autocast_on_cuda_casts_like_sdpa(backend):
     expected = torch.func.jvp(reference, tuple(as64[:3]), tuple(as64[3:]))[1]
     for a, b in zip(tangents, expected, strict=True):  # TF32 off by default: exact float32
         assert relative_error(a.cpu(), b) < 1e-4
+
+
+def test_tangents_of_a_bf16_read_are_accumulated_in_float32():
+    """The torch backend's tangents of a bf16 read: d_lse (float32, as lse) to float32's
+    precision against the float64 tangent of the same bf16 numbers, d_out rounded once to
+    bf16 (products and sums in bf16 would miss d_lse by about 1e-2)."""
+    q, k, v, dq, dk, dv = _inputs(torch.bfloat16, Bq=2, seed=5)
+    outputs, tangents = torch.func.jvp(
+        lambda q, k, v: memory_read(q, k, v, backend="torch", return_lse=True),
+        (q, k, v), (dq, dk, dv))
+    as64 = [t.double() for t in (q, k, v, dq, dk, dv)]
+    _, expected = torch.func.jvp(reference, tuple(as64[:3]), tuple(as64[3:]))
+    assert (tangents[0].dtype, tangents[1].dtype) == (torch.bfloat16, outputs[1].dtype)
+    assert relative_error(tangents[1], expected[1]) < 1e-5
+    assert relative_error(tangents[0], expected[0]) < 6e-3
+
+
+def test_tangents_of_a_ragged_memory_in_chunks_each_cut_in_steps(monkeypatch):
+    """memory_lengths over a memory of three chunks, each cut into several 7-position steps:
+    every step masks the positions past the lengths at its own place in the whole memory."""
+    q, k, v, dq, dk, dv = _inputs(torch.float64, Bq=2, seed=6)
+    lengths = [53, 30]
+    for tensor in (k, v, dk, dv):
+        tensor[1, :, 30:] = float("nan")
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 2 * 37 * 7)
+    sizes = [20, 15, 18]
+    outputs, tangents = torch.func.jvp(
+        lambda q, k, v: memory_read(q, list(k.split(sizes, 2)), list(v.split(sizes, 2)),
+                                    memory_lengths=lengths, backend="torch", return_lse=True),
+        (q, k, v), (dq, dk, dv))
+    clean = [torch.nan_to_num(t) for t in (q, k, v, dq, dk, dv)]
+    expected, expected_tangents = torch.func.jvp(
+        lambda q, k, v: reference(q, k, v, lengths=lengths), tuple(clean[:3]),
+        tuple(clean[3:]))
+    _check(outputs, expected, torch.float64, "primal")
+    _check(tangents, expected_tangents, torch.float64, "tangent")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tangent_of_the_values_alone(backend):
+    """Dual values only (no tangent for the query or the keys): the scores do not move, so
+    d_lse is zero, of lse's shape (one object), and d_out the float64 one. (The naive read's
+    lse, plain torch ops not reached by the dual values, has no tangent: None.)"""
+    skip_unless_runnable(backend, "cpu")
+    dtype = DTYPE[backend]
+    q, k, v, _, _, dv = _inputs(dtype, B=1, seed=7)
+    outputs, tangents = _dual_read(
+        lambda v: memory_read(q, k, v, backend=backend, return_lse=True), (v,), (dv,))
+    _, expected = torch.func.jvp(lambda v: reference(q.double(), k.double(), v),
+                                 (v.double(),), (dv.double(),))
+    if backend == "naive":
+        assert tangents[1] is None
+    else:
+        assert tangents[1].shape == outputs[1].shape and not tangents[1].any()
+    assert relative_error(tangents[0], expected[0]) < BOUND[dtype]

@@ -5,7 +5,8 @@ consecutive objects, and the copy bound of its memory chunks."""
 import pytest
 import torch
 
-from helpers import check_read, per_object_reference, ragged_read_with_grads, random_inputs
+from helpers import (check_read, per_object_reference, ragged_read_with_grads, random_inputs,
+                     relative_error)
 from stm_kernels import poison_outputs
 from stm_kernels.backends import pytorch
 
@@ -141,3 +142,25 @@ def test_backward_called_directly_returns_dq_shaped_and_typed_like_q(ragged, wit
                   if grad_lse is None else grad_lse.double())
     expected = per_object_reference(q, k, v, [N, 33] if ragged else [N, N], cotangents)
     check_read([out, lse, dq, dk, dv], expected, torch.bfloat16)
+
+
+def test_tangents_called_directly_return_out_and_lse_dtypes():
+    """pytorch.tangents' contract, called as a backend is (forward-mode AD would cast a
+    tangent of the wrong dtype): d_out in out's dtype (bf16), d_lse in lse's (float32), each
+    against the float64 tangent of the same bf16 numbers."""
+    B, Ck, Cv, HW, N = 2, 12, 20, 23, 70
+    q, k, v = random_inputs(B, 1, Ck, Cv, HW, N, torch.bfloat16, "cpu", seed=33)
+    dq, dk, dv = random_inputs(B, 1, Ck, Cv, HW, N, torch.bfloat16, "cpu", seed=34)
+    scale = Ck ** -0.5
+    out, lse = pytorch.forward(q, k, v, scale, False)
+    d_out, d_lse = pytorch.tangents(q, [k], [v], out, lse, dq, [dk], [dv], scale, False)
+    assert (d_out.dtype, d_lse.dtype) == (torch.bfloat16, lse.dtype)
+
+    def read(q, k, v):
+        scores = torch.einsum("ocq,bcn->bqn", q, k) * scale
+        return (torch.einsum("bqn,bcn->bcq", scores.softmax(2), v), scores.logsumexp(2))
+
+    _, expected = torch.func.jvp(read, tuple(t.double() for t in (q, k, v)),
+                                 tuple(t.double() for t in (dq, dk, dv)))
+    assert relative_error(d_lse, expected[1]) < 1e-5
+    assert relative_error(d_out, expected[0]) < 6e-3
