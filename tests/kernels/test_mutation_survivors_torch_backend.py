@@ -164,3 +164,54 @@ def test_tangents_called_directly_return_out_and_lse_dtypes():
                                  tuple(t.double() for t in (dq, dk, dv)))
     assert relative_error(d_lse, expected[1]) < 1e-5
     assert relative_error(d_out, expected[0]) < 6e-3
+
+
+def _stable_top(scores, k):
+    """(values, indices) of the k largest of each row, ties to the lower index: plain torch."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return scores.gather(-1, order), order
+
+
+@pytest.mark.parametrize("k", [5, 49, 50], ids=["k<n-1", "k=n-1", "k=n"])
+def test_exact_topk_where_every_row_ties_at_its_kth_value(k):
+    """exact_topk over rows that each tie at their k-th value (one of them entirely equal):
+    the lower indices are taken, as a stable sort orders them, for k below n, one below and
+    equal to n."""
+    generator = torch.Generator().manual_seed(8)
+    scores = torch.randint(0, 4, (3, 50), generator=generator).double()  # four values
+    scores[2] = 1.0
+    ranked = torch.sort(scores, descending=True).values
+    assert k == 50 or bool((ranked[:, k] == ranked[:, k - 1]).all())  # every row ties
+    values, indices = pytorch.exact_topk(scores, k)
+    expected_values, expected_indices = _stable_top(scores, k)
+    assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
+
+
+def test_selection_ties_across_memory_chunks_go_to_the_lower_index(monkeypatch):
+    """select over a memory of many chunks whose scores tie across them (keys repeating every
+    7 positions, integer-valued: exact scores): each chunk's best are merged keeping the lower
+    indices first, so the result is the float64 stable sort's."""
+    monkeypatch.setattr(pytorch.torch_common, "CHUNK_ELEMENTS", 2 * 5 * 6)  # 6 (< top_k 9)
+    generator = torch.Generator().manual_seed(9)
+    q = torch.randint(-2, 3, (1, 4, 5), generator=generator).float()
+    pattern = torch.randint(-2, 3, (2, 4, 7), generator=generator).float()
+    k = pattern.repeat(1, 1, 6)  # (2, 4, 42): every score appears six times
+    widths = []
+    monkeypatch.setattr(pytorch, "chunk_scores", lambda q, k, *a, f=pytorch.chunk_scores:
+                        widths.append(k.shape[2]) or f(q, k, *a))
+    values, indices = pytorch.select(q, k, 9, 0.5, False)
+    assert widths == [9] * 4 + [6]  # chunks of CHUNK_ELEMENTS // (B HW), at least top_k
+    dense = torch.einsum("ocq,bcn->bqn", q.double(), k.double()) * 0.5
+    expected_values, expected_indices = _stable_top(dense, 9)
+    assert torch.equal(indices, expected_indices)
+    assert torch.equal(values.double(), expected_values)
+
+
+def test_selection_of_a_float64_memory_ranks_in_float64():
+    """Scores 1e-12 apart (equal once rounded to float32): a float64 selection ranks them in
+    float64, so the last positions are the best, not the lowest indices of a float32 tie."""
+    q = torch.ones(1, 1, 1, dtype=torch.float64)
+    k = 1 + torch.arange(20, dtype=torch.float64).view(1, 1, 20) * 1e-12
+    values, indices = pytorch.select(q, k, 3, 1.0, False)
+    assert indices.tolist() == [[[19, 18, 17]]]
+    assert values.dtype == torch.float64 and torch.equal(values, k[:, :, [19, 18, 17]])
