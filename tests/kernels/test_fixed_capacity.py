@@ -323,3 +323,22 @@ def test_the_op_stays_the_packages_memory_read_whatever_is_imported_first(first)
             "assert memory_read is sys.modules['stm_kernels.memory_read'].memory_read, "
             "memory_read\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_known_range_goes_with_its_lengths_tensor():
+    """FixedCapacityMemory's lengths are recorded by identity with their version: the range
+    is known while the tensor stands as recorded, forgotten at an unrecorded change, and its
+    entry leaves the table with the tensor (no table growing with every memory made)."""
+    import gc
+
+    from stm_kernels import inputs
+    before = len(inputs._KNOWN_RANGES)
+    memory = FixedCapacityMemory.empty(2, 4, 3, 10)
+    key = id(memory.lengths)
+    memory.append(torch.randn(2, 4, 5), torch.randn(2, 3, 5))
+    assert inputs.known_range(memory.lengths) == (5, 5)
+    memory.lengths[1] = 2  # not through the memory: the host no longer knows it
+    assert inputs.known_range(memory.lengths) is None
+    del memory
+    gc.collect()
+    assert key not in inputs._KNOWN_RANGES and len(inputs._KNOWN_RANGES) == before

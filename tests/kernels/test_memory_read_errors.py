@@ -130,3 +130,35 @@ def test_double_backward_through_the_naive_and_top_k_reads_is_right(options):
         return memory_read(query, keys, values, return_lse=True, **options)
 
     assert torch.autograd.gradgradcheck(read, inputs)
+
+
+WHOLE_MESSAGES = [
+    ("query rank", (torch.randn(8, 10), k, v), {}, ValueError,
+     "query_key must have shape (B or 1, Ck, HW) or (B or 1, Ck, H, W); got shape (8, 10)"),
+    ("memory length", (q, k, torch.randn(2, 6, 11)), {}, ValueError,
+     "memory_value must have shape (B, Cv, N) = (B=2, Cv, 12) to match memory_key (2, 8, 12); "
+     "got shape (2, 6, 11)"),
+    ("shrinkage alone", (q, k, v), {"shrinkage": torch.rand(2, 1, 12)}, ValueError,
+     "shrinkage and selection belong to similarity='xmem'; got similarity='dot'"),
+    ("selection alone", (q, k, v), {"selection": torch.rand(2, 8, 10), "similarity": "l2"},
+     ValueError, "shrinkage and selection belong to similarity='xmem'; got similarity='l2'"),
+    ("second key chunk's dtype", (q, [k, k.int()], [v, v]), {}, TypeError,
+     "memory_key[1] must be a floating-point tensor (float16, bfloat16, float32 or float64); "
+     "got torch.int32"),
+    ("second value chunk's channels", (q, [k, k], [v, torch.randn(2, 5, 12)]), {}, ValueError,
+     "memory_value[1] must have shape (B, Cv, N) = (B=2, Cv, 12) to match memory_key[1] "
+     "(2, 8, 12); got shape (2, 5, 12)"),
+    ("second key chunk's objects", (q, [k, k[:1]], [v, v]), {}, ValueError,
+     "memory_key[1] must have shape (B, Ck, N) or (B, Ck, T, H, W) with B=2, Ck=8; got shape "
+     "(1, 8, 12)"),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [c[1:] for c in WHOLE_MESSAGES],
+                         ids=[c[0] for c in WHOLE_MESSAGES])
+def test_whole_messages_name_the_argument_and_chunk(args, kwargs, error, message):
+    """The whole message, word for word: the argument (and the chunk of a list) it names, the
+    shape it expects, what it got; each of XMem's inputs alone is refused outside XMem."""
+    with pytest.raises(error) as caught:
+        memory_read(*args, **kwargs)
+    assert str(caught.value) == message
