@@ -132,6 +132,9 @@ def test_double_backward_through_the_naive_and_top_k_reads_is_right(options):
     assert torch.autograd.gradgradcheck(read, inputs)
 
 
+S, E = torch.rand(2, 1, 12) + 1, torch.rand(2, 8, 10)  # XMem's shrinkage and selection
+SHARE = ("the read's floating-point inputs must share one dtype (it does not promote; cast "
+         "them explicitly, e.g. query_key.to(memory_key.dtype)); ")
 WHOLE_MESSAGES = [
     ("query rank", (torch.randn(8, 10), k, v), {}, ValueError,
      "query_key must have shape (B or 1, Ck, HW) or (B or 1, Ck, H, W); got shape (8, 10)"),
@@ -148,6 +151,18 @@ WHOLE_MESSAGES = [
     ("second value chunk's channels", (q, [k, k], [v, torch.randn(2, 5, 12)]), {}, ValueError,
      "memory_value[1] must have shape (B, Cv, N) = (B=2, Cv, 12) to match memory_key[1] "
      "(2, 8, 12); got shape (2, 5, 12)"),
+    ("xmem shrinkage's dtype", (q, k, v), {"similarity": "xmem", "shrinkage": S.double(),
+                                           "selection": E}, ValueError,
+     SHARE + "got query_key torch.float32, memory_key torch.float32, memory_value "
+     "torch.float32, shrinkage torch.float64, selection torch.float32"),
+    ("xmem shrinkage chunk's dtype", (q, [k[..., :5], k[..., 5:]], [v[..., :5], v[..., 5:]]),
+     {"similarity": "xmem", "shrinkage": [S[..., :5], S[..., 5:].double()], "selection": E},
+     ValueError, SHARE + "got query_key torch.float32, memory_key (2 chunks) torch.float32, "
+     "memory_value (2 chunks) torch.float32, shrinkage[0] torch.float32, shrinkage[1] "
+     "torch.float64, selection torch.float32"),
+    ("value frames' layout", (q, torch.randn(2, 8, 1, 3, 4), torch.randn(2, 6, 1, 3, 5)), {},
+     ValueError, "memory_value must have shape (B, Cv, T, H, W) = (B=2, Cv, 1, 3, 4) to match "
+     "memory_key (2, 8, 1, 3, 4); got shape (2, 6, 1, 3, 5)"),
     ("second key chunk's objects", (q, [k, k[:1]], [v, v]), {}, ValueError,
      "memory_key[1] must have shape (B, Ck, N) or (B, Ck, T, H, W) with B=2, Ck=8; got shape "
      "(1, 8, 12)"),
@@ -162,3 +177,16 @@ def test_whole_messages_name_the_argument_and_chunk(args, kwargs, error, message
     with pytest.raises(error) as caught:
         memory_read(*args, **kwargs)
     assert str(caught.value) == message
+
+
+def test_a_scale_above_float16_is_read_where_the_scores_are_float32():
+    """A float16 read's scores are made in float32 (the scale applied to the query there), so
+    a scale of 1e5, past what float16 holds after _LARGEST_SCALE_FACTOR, is accepted (only
+    XMem, which folds the scale into the float16 keys, refuses it) and the torch backend
+    reads it as float64 does."""
+    from tests.reference import reference_read
+    half = [t[:, :, :4].half() * 0.01 for t in (q, k, v)]  # scores up to about 1e-2
+    out = memory_read(*half, scale=1e5, backend="torch")
+    expected = reference_read(*(t.double() for t in half), scale=1e5)[0]
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), expected, rtol=4e-3, atol=1e-7)
