@@ -163,6 +163,14 @@ WHOLE_MESSAGES = [
     ("value frames' layout", (q, torch.randn(2, 8, 1, 3, 4), torch.randn(2, 6, 1, 3, 5)), {},
      ValueError, "memory_value must have shape (B, Cv, T, H, W) = (B=2, Cv, 1, 3, 4) to match "
      "memory_key (2, 8, 1, 3, 4); got shape (2, 6, 1, 3, 5)"),
+    ("memory not a tensor", (q, 3, v), {}, TypeError,
+     "memory_key must be a torch.Tensor or a non-empty list of tensors (memory chunks); got "
+     "int"),
+    ("query not a tensor", (q.numpy(), k, v), {}, TypeError,
+     "query_key must be a torch.Tensor; got ndarray"),
+    ("empty memory", (q, torch.randn(2, 8, 0), torch.randn(2, 6, 0)), {}, ValueError,
+     "memory_key is empty (shape (2, 8, 0)); every dimension, including the number of memory "
+     "positions N, must be at least 1"),
     ("second key chunk's objects", (q, [k, k[:1]], [v, v]), {}, ValueError,
      "memory_key[1] must have shape (B, Ck, N) or (B, Ck, T, H, W) with B=2, Ck=8; got shape "
      "(1, 8, 12)"),
@@ -190,3 +198,17 @@ def test_a_scale_above_float16_is_read_where_the_scores_are_float32():
     expected = reference_read(*(t.double() for t in half), scale=1e5)[0]
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double(), expected, rtol=4e-3, atol=1e-7)
+
+
+def test_the_largest_scale_the_message_allows_is_accepted():
+    """The overflow check's bound is inclusive ("at most"): that very scale reads (zero
+    query: every score 0, so the read is the mean of the values), one float32 step above it
+    is refused."""
+    import math
+
+    from stm_kernels import inputs
+    largest = torch.finfo(torch.float32).max / inputs._LARGEST_SCALE_FACTOR
+    out = memory_read(torch.zeros_like(q), k, v, scale=largest, backend="torch")
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(out))
+    with pytest.raises(ValueError, match="overflows"):
+        memory_read(q, k, v, scale=math.nextafter(largest, math.inf), backend="torch")
