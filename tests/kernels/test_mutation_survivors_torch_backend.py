@@ -7,6 +7,7 @@ import torch
 
 from helpers import (check_read, per_object_reference, ragged_read_with_grads, random_inputs,
                      relative_error)
+from reference import reference_read, reference_select, reference_usage
 from stm_kernels import poison_outputs
 from stm_kernels.backends import pytorch
 
@@ -93,7 +94,6 @@ def test_usage_of_a_bf16_read_is_summed_in_float32(similarity):
     """bf16 inputs: the usage's products, exponentials and sums run in float32 (the
     accumulation dtype), so it matches the float64 usage of the same bf16 inputs to float32's
     precision, not bf16's (about 1e-2)."""
-    from reference import reference_usage
     q, k, _ = random_inputs(2, 1, 12, 4, 30, 70, torch.bfloat16, "cpu", seed=23)
     lse = torch.logsumexp(torch.randn(2, 30, generator=torch.Generator().manual_seed(2)), 1,
                           keepdim=True).expand(2, 30) + 3
@@ -155,21 +155,11 @@ def test_tangents_called_directly_return_out_and_lse_dtypes():
     out, lse = pytorch.forward(q, k, v, scale, False)
     d_out, d_lse = pytorch.tangents(q, [k], [v], out, lse, dq, [dk], [dv], scale, False)
     assert (d_out.dtype, d_lse.dtype) == (torch.bfloat16, lse.dtype)
-
-    def read(q, k, v):
-        scores = torch.einsum("ocq,bcn->bqn", q, k) * scale
-        return (torch.einsum("bqn,bcn->bcq", scores.softmax(2), v), scores.logsumexp(2))
-
-    _, expected = torch.func.jvp(read, tuple(t.double() for t in (q, k, v)),
+    _, expected = torch.func.jvp(lambda q, k, v: reference_read(q, k, v, scale=scale)[:2],
+                                 tuple(t.double() for t in (q, k, v)),
                                  tuple(t.double() for t in (dq, dk, dv)))
     assert relative_error(d_lse, expected[1]) < 1e-5
     assert relative_error(d_out, expected[0]) < 6e-3
-
-
-def _stable_top(scores, k):
-    """(values, indices) of the k largest of each row, ties to the lower index: plain torch."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return scores.gather(-1, order), order
 
 
 @pytest.mark.parametrize("k", [5, 49, 50], ids=["k<n-1", "k=n-1", "k=n"])
@@ -183,8 +173,9 @@ def test_exact_topk_where_every_row_ties_at_its_kth_value(k):
     ranked = torch.sort(scores, descending=True).values
     assert k == 50 or bool((ranked[:, k] == ranked[:, k - 1]).all())  # every row ties
     values, indices = pytorch.exact_topk(scores, k)
-    expected_values, expected_indices = _stable_top(scores, k)
-    assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
+    expected_values, expected_indices = torch.sort(scores, descending=True, stable=True)
+    assert torch.equal(indices, expected_indices[:, :k])
+    assert torch.equal(values, expected_values[:, :k])
 
 
 def test_selection_ties_across_memory_chunks_go_to_the_lower_index(monkeypatch):
@@ -201,8 +192,7 @@ def test_selection_ties_across_memory_chunks_go_to_the_lower_index(monkeypatch):
                         widths.append(k.shape[2]) or f(q, k, *a))
     values, indices = pytorch.select(q, k, 9, 0.5, False)
     assert widths == [9] * 4 + [6]  # chunks of CHUNK_ELEMENTS // (B HW), at least top_k
-    dense = torch.einsum("ocq,bcn->bqn", q.double(), k.double()) * 0.5
-    expected_values, expected_indices = _stable_top(dense, 9)
+    expected_values, expected_indices = reference_select(q, k, 9, scale=0.5)
     assert torch.equal(indices, expected_indices)
     assert torch.equal(values.double(), expected_values)
 

@@ -48,6 +48,17 @@ def torch_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def bf16_row_blocks(monkeypatch):
+    """The CPU row blocks' bf16 path (bf16 products forced on), taken on small reads, with
+    8-row blocks and 16-position chunks so that every object takes several."""
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
+    monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
+    monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
+
+
 # --------------------------------------------------------------------------- the format
 
 
@@ -253,15 +264,10 @@ def test_torch_read_equals_float64_read_of_dequantised(torch_path, similarity, f
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bf16_query_reads_in_bf16_products(monkeypatch, fmt):
+def test_bf16_query_reads_in_bf16_products(monkeypatch, bf16_row_blocks, fmt):
     """A bf16 query on a CPU with bf16 products: the row blocks' bf16 path, its keys and
     values dequantised to bf16 a chunk at a time (CPU_CHUNK 16 over 111 positions: the last
     chunk overlaps), out in bf16."""
-    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
-    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
-    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
-    monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
-    monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
     calls = []
     monkeypatch.setattr(pytorch, "_bf16_softmax", lambda *a, f=pytorch._bf16_softmax:
                         calls.append(1) or f(*a))
@@ -442,16 +448,11 @@ def test_fp8_widening_equals_torch_conversion_for_every_code():
 
 @pytest.mark.parametrize("nan_code", [0x7F, 0xFF], ids=["+nan", "-nan"])
 @pytest.mark.parametrize("where", ["key", "value"])
-def test_one_fp8_nan_code_reaches_the_read(monkeypatch, nan_code, where):
+def test_one_fp8_nan_code_reaches_the_read(bf16_row_blocks, nan_code, where):
     """The CPU widening fills NaN codes only in a chunk that holds one: a single NaN code
     (either sign) among finite codes is NaN where torch's conversion puts it, and a read of
     it (bf16 readers) is NaN where the float64 read of the dequantised memory is: a NaN key
     makes its whole object NaN, a NaN value its channel of that object."""
-    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
-    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
-    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
-    monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
-    monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
     q, k, v = memories()
     kq, vq = QuantizedMemory.quantize(k, "fp8"), QuantizedMemory.quantize(v, "fp8", "position")
     stored = kq if where == "key" else vq
@@ -471,17 +472,12 @@ def test_one_fp8_nan_code_reaches_the_read(monkeypatch, nan_code, where):
 
 @pytest.mark.parametrize("value_axis", AXES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bf16_path_dequantises_each_chunk_once(monkeypatch, fmt, value_axis):
+def test_bf16_path_dequantises_each_chunk_once(monkeypatch, bf16_row_blocks, fmt, value_axis):
     """On two threads the bf16 path's readers share one object's chunks: each key and value
     chunk of an 8-bit memory is dequantised once a read, not once per row block,
     SCRATCH_CHANNELS channels at a time (8 here: 12 key channels in two slices, 20 value
     channels in three, each with its own channels' scales where they are per channel)."""
     from stm_kernels import quantized
-    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
-    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
-    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
-    monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
-    monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
     monkeypatch.setattr(pytorch, "SCRATCH_CHANNELS", 8)
     taken = []
     original = quantized.DequantizingMemory.columns
