@@ -1,5 +1,6 @@
 """Pieces shared by the PyTorch paths of the read family (backends/pytorch.py, topk, merge,
 distributed): the accumulation dtype, the memory chunking and the scores of a chunk."""
+import contextlib
 import functools
 
 import torch
@@ -27,6 +28,26 @@ LN2 = 0.6931471805599453
 # The smallest exponent of 2 whose power is a normal number: arguments below it are raised to
 # it (denormal and zero results take a slower path of exp2 as well).
 EXP2_FLOOR = {torch.float32: -126.0, torch.float64: -1022.0}
+
+
+def _flushing_denormals():
+    """Whether this thread's float operations flush denormal numbers to zero (the state torch's
+    set_flush_denormal sets, which it cannot read back)."""
+    return bool(torch.full((1,), 2.0 ** -126).mul_(0.5) == 0)
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Denormal inputs and results of this thread's float operations read as zero inside (the
+    thread's setting restored after): exp's denormal and zero results then take its fast path,
+    a third of the slow one's time over a chunk of peaked scores."""
+    flushing = _flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not flushing:
+            torch.set_flush_denormal(False)
 
 
 def floored_for_exp2_(shifted):

@@ -13,7 +13,8 @@ from .. import torch_common
 from .._buffers import new_buffer
 from . import cpu_features
 from ..torch_common import (LN2, LOG2E, accumulation_dtype, chunk_length, chunk_scores,
-                            exp2_shifted_, floored_for_exp2_, without_autocast)
+                            denormals_flushed, exp2_shifted_, floored_for_exp2_,
+                            without_autocast)
 
 
 def _per_object(q, lengths):
@@ -445,19 +446,22 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs, indices):
     one subtracted). The scale multiplies the product inside it (addmm's alpha, on the float32
     sum before its one rounding), so the query enters unrounded and no pass over the scores
     is spent on it; the scaled product and its exp round to about 2^-9 of an exponent near 0,
-    and the row sums and the read-out accumulate in float32."""
+    and the row sums and the read-out accumulate in float32. Denormals are flushed to zero
+    while it runs, as the bf16 dot-product instructions do in the products anyway, so that the
+    exp of a peaked row's scores keeps to its fast path."""
     # one buffer for the blocks' value products, which run one after another
     partial = torch.empty((max(acc.shape[0] for acc in accs), accs[0].shape[1] + 1),
                           dtype=torch.bfloat16)
     blocks = [_Bf16Rows(query, acc, partial[:acc.shape[0]], scale, l2)
               for query, acc in zip(queries, accs, strict=True)]
     length = keys.shape[2]
-    for index in indices:
-        start = keys.starts[index]
-        chunk_keys, chunk_values = keys[index], values[:, start:start + length].T
-        taken = index * length - start  # positions an earlier chunk read (the last overlaps)
-        for block in blocks:
-            block.add(chunk_keys, chunk_values, taken)
+    with denormals_flushed():
+        for index in indices:
+            start = keys.starts[index]
+            chunk_keys, chunk_values = keys[index], values[:, start:start + length].T
+            taken = index * length - start  # positions an earlier chunk read (the last overlaps)
+            for block in blocks:
+                block.add(chunk_keys, chunk_values, taken)
     return [None if block.subtracted is None else
             (block.acc, block.row_sum, block.subtracted * scale) for block in blocks]
 
@@ -497,8 +501,11 @@ class _Bf16Rows:
     def add(self, keys, values, taken):
         """Add one chunk: keys (Ck + 2 or + 4, L), values (L, Cv + 1) (ones last), bf16."""
         products = self.product(keys, taken)
-        peak = products.amax(1, keepdim=True).float()  # scaled
-        rising = peak > BF16_HEADROOM
+        if self.subtracted is None:
+            peak = products.amax(1, keepdim=True).float()  # scaled
+            rising = peak > BF16_HEADROOM
+        else:
+            peak, rising = _rising_peak(products)
         if self.subtracted is None or rising.any():
             top = self.used + peak / self.scale
             self.augmented, now = self.augment(
@@ -514,6 +521,21 @@ class _Bf16Rows:
         torch.mm(probabilities, values, out=self.partial)  # (rows, Cv + 1): the row sums last
         self.acc.add_(self.partial[:, :-1])
         self.row_sum.add_(self.partial[:, -1:])
+
+
+# bf16's bit patterns read as int16 order its non-negative values as the values (NaN above
+# +inf), and put every negative value below them.
+_HEADROOM_BITS = int(torch.tensor(BF16_HEADROOM, dtype=torch.bfloat16).view(torch.int16))
+
+
+def _rising_peak(products):
+    """(peak (rows, 1) float32, rising (rows, 1) bool) for bf16 products: rising where a row's
+    maximum exceeds BF16_HEADROOM, peak that maximum where rising (elsewhere meaningless; a row
+    holding a NaN may rise or not, its read is NaN either way). Taken on the products' int16
+    view, whose order agrees with the values' above 0: an integer maximum, a ninth of bf16's
+    amax (which widens every element to float32)."""
+    top = products.view(torch.int16).amax(1, keepdim=True)
+    return top.view(torch.bfloat16).float(), top > _HEADROOM_BITS
 
 
 def _merged(partial):

@@ -420,3 +420,43 @@ def test_float16_l2_row_blocks_take_their_key_norms_in_float32():
     with torch.no_grad():
         out = memory_read(q, k, v, similarity="l2", backend="torch")
     assert relative_error(out, reference_read(q, k, v, similarity="l2")[0]) < 2e-3
+
+
+def test_the_bf16_peak_read_as_int16_is_the_rows_maximum():
+    """_rising_peak's integer maximum over bf16 products: rising exactly where the row's
+    maximum exceeds the headroom (not at it), with that maximum, over rows of negatives only,
+    -inf (positions an earlier chunk read), +inf, +0 and -0, and values a step either side."""
+    generator = torch.Generator().manual_seed(3)
+    products = (torch.randn(12, 300, generator=generator, dtype=torch.float64) * 3).bfloat16()
+    headroom = torch.tensor(pytorch.BF16_HEADROOM, dtype=torch.bfloat16)
+    step = torch.tensor(1, dtype=torch.int16)
+    products[0] = -products[0].abs() - 1  # negatives only
+    products[1, :150] = float("-inf")
+    products[2, 7] = float("inf")
+    products[3] = 0.0
+    products[4] = -0.0
+    products[5].clamp_(max=headroom)  # at the headroom: not rising
+    products[6].clamp_(max=headroom)
+    products[6, 30] = (headroom.view(torch.int16) + step).view(torch.bfloat16)  # just above
+    products[7] = -products[7].abs()
+    products[7, 0] = float("-inf")
+    peak, rising = pytorch._rising_peak(products)
+    expected = products.float().amax(1, keepdim=True)
+    assert torch.equal(rising, expected > pytorch.BF16_HEADROOM)
+    assert rising[:7].flatten().tolist() == [False, True, True, False, False, False, True]
+    assert torch.equal(peak[rising], expected[rising])
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["nan", "negative nan"])
+def test_a_nan_key_in_a_later_bf16_chunk_reaches_every_row(bf16_products, sign):
+    """A NaN key past the first chunks (a NaN product in every row, with the row's other
+    scores above the headroom or not) turns the whole object's read NaN, as in the float64
+    read; the other object stays finite and right."""
+    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.float64, "cpu", seed=21)
+    k[0, 3, 50] = sign * float("nan")
+    q, k, v = (t.to(torch.bfloat16) for t in (q * 2, k * 2, v))
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
+    expected = reference_read(q, k, v)[0]
+    assert out[0].isnan().all() and expected[0].isnan().all()
+    assert torch.isfinite(out[1]).all() and relative_error(out[1], expected[1]) < 1e-2

@@ -8,9 +8,10 @@ blocks, backward, usage)."""
 import pytest
 import torch
 
-from helpers import check_read, random_inputs, read_with_grads, reference_with_grads
-from reference import reference_usage
-from stm_kernels import memory_read, poison_outputs
+from helpers import (check_read, random_inputs, read_with_grads, reference_with_grads,
+                     relative_error)
+from reference import reference_read, reference_usage
+from stm_kernels import memory_read, poison_outputs, torch_common
 from stm_kernels.backends import pytorch
 from stm_kernels.torch_common import EXP2_FLOOR, exp2_shifted_
 
@@ -96,3 +97,46 @@ def test_every_exp_of_a_peaked_read_stays_on_the_fast_path(monkeypatch, path):
     read_with_grads(q, k, v, backend="torch")
     assert len(smallest) >= 4 and min(smallest) >= EXP2_FLOOR[torch.float32], smallest
     assert torch.float32 not in exps
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_peaked_bf16_read_takes_its_exp_with_denormals_flushed(monkeypatch, threads):
+    """The bf16 products' path (row blocks, bf16 inputs) on peaked scores, most of whose
+    weights are below float32's smallest normal number: every exp of its bf16 products taken
+    with denormals flushed (their slow path otherwise), on the worker threads too, the
+    caller's thread left as it was, and the read within bf16's bound of the float64 read."""
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
+    monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
+    monkeypatch.setattr(pytorch, "CPU_CHUNK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    q, k, v = peaked_inputs(torch.bfloat16)
+    flushed = []
+    exp_ = torch.Tensor.exp_
+
+    def recorded_exp(tensor):
+        if tensor.dtype == torch.bfloat16:
+            flushed.append(torch_common._flushing_denormals())
+        return exp_(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "exp_", recorded_exp)
+    with poison_outputs(), torch.no_grad():
+        out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
+    assert len(flushed) >= 10 and all(flushed)
+    assert not torch_common._flushing_denormals()
+    expected, expected_lse, _ = reference_read(q, k, v)
+    assert relative_error(out, expected) < 1e-2
+    assert relative_error(lse, expected_lse) < 1e-3
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["off", "on"])
+def test_flushing_denormals_is_restored_to_the_threads_own_setting(before):
+    torch.set_flush_denormal(before)
+    try:
+        tiny = torch.full((1,), 2.0 ** -126)
+        with torch_common.denormals_flushed():
+            assert torch_common._flushing_denormals() and tiny.mul(0.5).item() == 0
+        assert torch_common._flushing_denormals() == before
+        assert (tiny.mul(0.5).item() == 0) == before
+    finally:
+        torch.set_flush_denormal(False)
