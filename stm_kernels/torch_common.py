@@ -39,8 +39,8 @@ def _flushing_denormals():
 @contextlib.contextmanager
 def denormals_flushed():
     """Denormal inputs and results of this thread's float operations read as zero inside (the
-    thread's setting restored after): exp's denormal and zero results then take its fast path,
-    a third of the slow one's time over a chunk of peaked scores."""
+    thread's setting restored after; nothing changes on a CPU that cannot flush them): exp's
+    denormal and zero results then take its fast path, not its much slower one."""
     flushing = _flushing_denormals()
     torch.set_flush_denormal(True)
     try:

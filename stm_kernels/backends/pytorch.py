@@ -532,8 +532,8 @@ def _rising_peak(products):
     """(peak (rows, 1) float32, rising (rows, 1) bool) for bf16 products: rising where a row's
     maximum exceeds BF16_HEADROOM, peak that maximum where rising (elsewhere meaningless; a row
     holding a NaN may rise or not, its read is NaN either way). Taken on the products' int16
-    view, whose order agrees with the values' above 0: an integer maximum, a ninth of bf16's
-    amax (which widens every element to float32)."""
+    view, whose order agrees with the values' above 0: an integer maximum, far cheaper than
+    bf16's amax, which widens every element to float32."""
     top = products.view(torch.int16).amax(1, keepdim=True)
     return top.view(torch.bfloat16).float(), top > _HEADROOM_BITS
 
