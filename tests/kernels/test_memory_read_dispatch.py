@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stm_kernels import memory_read
-from tests.helpers import RecordedOps, random_inputs
+from tests.helpers import RecordedOps, random_inputs, relative_error
+from tests.reference import reference_read
 
 
 def _read_and_grads(q, ks, vs, use, **kwargs):
@@ -22,22 +23,48 @@ def _read_and_grads(q, ks, vs, use, **kwargs):
     return [out.detach(), lse.detach(), *grads]
 
 
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
 @pytest.mark.parametrize("use", ["out", "lse", "both"])
 @pytest.mark.parametrize("lengths", [None, [23, 9]])
-def test_eager_route_equals_the_custom_op(use, lengths):
+def test_eager_route_equals_the_custom_op(use, lengths, similarity):
     """Three memory chunks of ragged lengths, two objects, a shared query: the custom op's
     result and gradients to float32 rounding (a recording mode forces the custom op; it passes
-    zeros for an unused output's gradient where the eager route passes nothing)."""
+    zeros for an unused output's gradient where the eager route passes nothing), and both
+    within float32's bound of the float64 read and its gradients."""
     q, k, v = random_inputs(2, 1, 8, 6, 11, 23, torch.float32, "cpu", seed=3)
     ks, vs = list(k.split([7, 10, 6], 2)), list(v.split([7, 10, 6], 2))
-    kwargs = {} if lengths is None else {"memory_lengths": lengths}
+    kwargs = {"similarity": similarity}
+    if lengths is not None:
+        kwargs["memory_lengths"] = lengths
     eager = _read_and_grads(q, ks, vs, use, **kwargs)
     with RecordedOps() as recorder:
         through_op = _read_and_grads(q, ks, vs, use, **kwargs)
     assert "stm_kernels.memory_read.default" in recorder.names
     assert "stm_kernels.memory_read_backward.default" in recorder.names
-    for a, b in zip(eager, through_op, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(eager, through_op, strict=True):  # float32 rounding (L2's sums larger)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    expected = _reference_and_grads(q, k, v, use, similarity, lengths)
+    for name, a, b in zip(["out", "lse", "q", "k", "v"], _joined(through_op), expected,
+                          strict=True):
+        assert relative_error(a, b) < 1e-5, name
+
+
+def _joined(results):
+    """[out, lse, dq, dk, dv] of _read_and_grads's results for three memory chunks."""
+    out, lse, dq, *memory = results
+    return [out, lse, dq, torch.cat(memory[:3], 2), torch.cat(memory[3:], 2)]
+
+
+def _reference_and_grads(q, k, v, use, similarity, lengths):
+    """_joined's list from the float64 read written out in plain torch (tests/reference.py)."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse, _ = reference_read(q, k, v, similarity=similarity, lengths=lengths)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    loss = {"out": (out * weights).sum(), "lse": lse.square().sum(),
+            "both": (out * weights).sum() + lse.sum()}[use]
+    grads = torch.autograd.grad(loss, [q, k, v], allow_unused=True)
+    return [out.detach(), lse.detach(), *(torch.zeros_like(t) if g is None else g
+                                          for g, t in zip(grads, (q, k, v), strict=True))]
 
 
 def test_plain_eager_calls_skip_the_custom_op(monkeypatch):
