@@ -98,3 +98,27 @@ def test_a_jit_trace_records_the_custom_op():
     traced = torch.jit.trace(lambda q, k, v: memory_read(q, k, v, backend="torch"), (q, k, v))
     assert "stm_kernels::memory_read" in str(traced.graph)
     torch.testing.assert_close(traced(q, k, v), memory_read(q, k, v, backend="torch"))
+
+
+def test_a_function_mode_alone_sees_one_op():
+    """A TorchFunctionMode with no dispatch mode on the stack sees the read as the custom op,
+    once, not the eager route's torch functions; the values are the float64 read's."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = random_inputs(2, 1, 8, 6, 11, 23, torch.float32, "cpu", seed=5)
+    with Seen() as seen:
+        out = memory_read(q, k, v, backend="torch")
+    assert seen.names.count("stm_kernels.memory_read") == 1, seen.names
+    # beside the op only the input checks' tensor attributes (dim, numel, ...), no product
+    assert not any(word in name for name in seen.names
+                   for word in ("einsum", "softmax", "matmul", "mm", "exp")), seen.names
+    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-5
