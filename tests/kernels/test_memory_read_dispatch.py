@@ -122,3 +122,30 @@ def test_a_function_mode_alone_sees_one_op():
     assert not any(word in name for name in seen.names
                    for word in ("einsum", "softmax", "matmul", "mm", "exp")), seen.names
     assert relative_error(out, reference_read(q, k, v)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fake_kernels_give_the_real_outputs_shapes_and_dtypes(dtype):
+    """The custom ops' fake (meta) kernels, which torch.compile and FakeTensorMode trace
+    with, against the outputs of the real ops: forward (out, lse) and backward (dq, dk, dv
+    over the whole memory), two memory chunks, ragged lengths."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = random_inputs(2, 1, 8, 6, 11, 23, torch.float32, "cpu", seed=6)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    ks, vs = list(k.split([9, 14], 2)), list(v.split([9, 14], 2))
+    lengths = torch.tensor([23, 9])
+
+    def run(q, ks, vs, lengths):
+        out, lse = torch.ops.stm_kernels.memory_read(q, ks, vs, 0.3, False, "torch", lengths)
+        grads = torch.ops.stm_kernels.memory_read_backward(
+            torch.ones_like(out), torch.ones_like(lse), q, ks, vs, out, lse, 0.3, False,
+            "torch", lengths)
+        return [out, lse, *grads]
+
+    real = run(q, ks, vs, lengths)
+    with FakeTensorMode() as mode:
+        fake = run(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else
+                     [mode.from_tensor(c) for c in t] for t in (q, ks, vs, lengths)))
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], real, fake, strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
