@@ -2,6 +2,8 @@
 subclasses) and, in plain eager mode, the same implementation called directly. Both must give
 the same numbers and the same gradients; modes must still see one op. (torch.func transforms
 and forward-mode AD take a third route, _TransformedRead: test_memory_read_transforms.py.)"""
+import importlib
+
 import pytest
 import torch
 
@@ -149,3 +151,17 @@ def test_the_fake_kernels_give_the_real_outputs_shapes_and_dtypes(dtype):
                      [mode.from_tensor(c) for c in t] for t in (q, ks, vs, lengths)))
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], real, fake, strict=True):
         assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+
+
+def test_meta_tensors_take_the_custom_op_and_its_fake_kernel(monkeypatch):
+    """A read of meta tensors (shapes only, as shape inference runs it) goes through the custom
+    op, whose fake kernel gives the outputs' shapes, not through a backend's kernels."""
+    module = importlib.import_module("stm_kernels.memory_read")  # the package's name is the op
+    called = []
+    forward = module._forward
+    monkeypatch.setattr(module, "_forward", lambda *a: called.append(1) or forward(*a))
+    q, k, v = (t.to("meta") for t in random_inputs(2, 1, 8, 6, 11, 23, torch.float32, "cpu",
+                                                    seed=7))
+    out, lse = memory_read(q, k, v, return_lse=True, backend="torch")
+    assert not called
+    assert (out.device.type, out.shape, lse.shape) == ("meta", (2, 6, 11), (2, 11))
