@@ -379,6 +379,38 @@ def test_memory_read_of_float_value_and_quantized_key():
     assert relative_error(out, ref_out) < TOLERANCE[torch.float32]
 
 
+def test_memory_read_of_float_keys_and_a_quantized_value():
+    """An 8-bit value with float keys is an 8-bit read as well."""
+    q, k, v = memories()
+    vq = QuantizedMemory.quantize(v, "int8", axis="position")
+    out = read(q, k, vq)
+    assert relative_error(out, reference_read(q, k, vq.dequantize())[0]) < \
+        TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_a_given_scale_reaches_the_8bit_read(backend):
+    q, k, v = memories()
+    kq, vq = QuantizedMemory.quantize(k), QuantizedMemory.quantize(v, axis="position")
+    out, lse = read(q, kq, vq, scale=0.05, backend=backend, return_lse=True)
+    ref_out, ref_lse, _ = expected(q, kq, vq, scale=0.05)
+    assert relative_error(out, ref_out) < TOLERANCE[torch.float32]
+    assert relative_error(lse, ref_lse) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("given", ["shrinkage", "selection"])
+def test_xmem_terms_without_xmem_are_refused_for_an_8bit_memory(given):
+    """XMem's shrinkage or selection with another similarity: refused in one line, not
+    dropped."""
+    q, k, v = memories()
+    kq, vq = QuantizedMemory.quantize(k), QuantizedMemory.quantize(v)
+    terms = {"shrinkage": torch.ones(2, 1, 111), "selection": torch.ones(1, 12, 37)}
+    with pytest.raises(ValueError) as raised:
+        read(q, kq, vq, **{given: terms[given]})
+    assert str(raised.value) == ("similarity='xmem' (shrinkage, selection) does not read an "
+                                 "8-bit memory; use 'dot' or 'l2'")
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda q, kq, vq, v: read(q, kq, vq, backend="triton", top_k=3), ValueError,
      "backend='triton' has no top-k read of an 8-bit memory"),
