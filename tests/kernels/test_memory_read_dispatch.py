@@ -12,16 +12,20 @@ from tests.helpers import RecordedOps, random_inputs, relative_error
 from tests.reference import reference_read
 
 
+def _loss(out, lse, use):
+    """A loss of the read's out, its lse, or both."""
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return {"out": (out * weights).sum(), "lse": lse.square().sum(),
+            "both": (out * weights).sum() + lse.sum()}[use]
+
+
 def _read_and_grads(q, ks, vs, use, **kwargs):
     """out, lse and the gradients of q and every memory chunk, for a loss on `use`."""
     q = q.detach().requires_grad_()
     ks = [k.detach().requires_grad_() for k in ks]
     vs = [v.detach().requires_grad_() for v in vs]
     out, lse = memory_read(q, ks, vs, return_lse=True, backend="torch", **kwargs)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    loss = {"out": (out * weights).sum(), "lse": lse.square().sum(),
-            "both": (out * weights).sum() + lse.sum()}[use]
-    grads = torch.autograd.grad(loss, [q, *ks, *vs])
+    grads = torch.autograd.grad(_loss(out, lse, use), [q, *ks, *vs])
     return [out.detach(), lse.detach(), *grads]
 
 
@@ -61,10 +65,7 @@ def _reference_and_grads(q, k, v, use, similarity, lengths):
     """_joined's list from the float64 read written out in plain torch (tests/reference.py)."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     out, lse, _ = reference_read(q, k, v, similarity=similarity, lengths=lengths)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    loss = {"out": (out * weights).sum(), "lse": lse.square().sum(),
-            "both": (out * weights).sum() + lse.sum()}[use]
-    grads = torch.autograd.grad(loss, [q, k, v], allow_unused=True)
+    grads = torch.autograd.grad(_loss(out, lse, use), [q, k, v], allow_unused=True)
     return [out.detach(), lse.detach(), *(torch.zeros_like(t) if g is None else g
                                           for g, t in zip(grads, (q, k, v), strict=True))]
 

@@ -12,7 +12,7 @@ from stm_kernels import memory_read
 from stm_kernels._buffers import poison_outputs
 from stm_kernels.memory_read import DOUBLE_BACKWARD_UNSUPPORTED
 from tests.helpers import relative_error
-from tests.kernels.test_memory_read_transforms import reference
+from tests.kernels.test_memory_read_transforms import _mapped as _stacked, reference
 
 BOUND = 1e-10
 
@@ -21,13 +21,6 @@ def _inputs(B=2, Bq=1, Ck=5, Cv=3, HW=6, N=9, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator, dtype=torch.float64)
             for shape in ((Bq, Ck, HW), (B, Ck, N), (B, Cv, N))]
-
-
-def _stacked(tensor, V, dim, seed):
-    """V random variations of tensor stacked along dim."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((V,) + tuple(tensor.shape), generator=generator, dtype=torch.float64)
-    return (tensor.unsqueeze(0) + noise).movedim(0, dim)
 
 
 def _close(actual, expected, what):
