@@ -501,17 +501,17 @@ class _Bf16Rows:
     def add(self, keys, values, taken):
         """Add one chunk: keys (Ck + 2 or + 4, L), values (L, Cv + 1) (ones last), bf16."""
         products = self.product(keys, taken)
-        if self.subtracted is None:
+        first = self.subtracted is None  # every row's offset then set at its own peak
+        if first:
             peak = products.amax(1, keepdim=True).float()  # scaled
-            rising = peak > BF16_HEADROOM
         else:
             peak, rising = _rising_peak(products)
-        if self.subtracted is None or rising.any():
+        if first or rising.any():
             top = self.used + peak / self.scale
             self.augmented, now = self.augment(
-                top if self.subtracted is None else torch.where(rising, top, self.used))
+                top if first else torch.where(rising, top, self.used))
             products = self.product(keys, taken)
-            if self.subtracted is not None:  # the sums so far, to the new offsets
+            if not first:  # the sums so far, to the new offsets
                 factor = torch.exp((self.subtracted - now) * self.scale)
                 self.acc.mul_(factor)
                 self.row_sum.mul_(factor)

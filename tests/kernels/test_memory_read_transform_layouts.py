@@ -12,15 +12,15 @@ from stm_kernels import memory_read
 from stm_kernels._buffers import poison_outputs
 from stm_kernels.memory_read import DOUBLE_BACKWARD_UNSUPPORTED
 from tests.helpers import relative_error
+from tests.kernels.test_memory_read_transforms import _inputs as transforms_inputs
 from tests.kernels.test_memory_read_transforms import _mapped as _stacked, reference
 
 BOUND = 1e-10
 
 
 def _inputs(B=2, Bq=1, Ck=5, Cv=3, HW=6, N=9, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=torch.float64)
-            for shape in ((Bq, Ck, HW), (B, Ck, N), (B, Cv, N))]
+    """q, k, v in float64: test_memory_read_transforms's inputs without their tangents."""
+    return transforms_inputs(torch.float64, B, Bq, Ck, Cv, HW, N, seed)[:3]
 
 
 def _close(actual, expected, what):
