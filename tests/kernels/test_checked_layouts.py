@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stm_kernels import inputs, memory_read
+from tests.reference import reference_read
 
 B, CK, CV, HW, N = 2, 8, 12, 6, 10
 
@@ -143,6 +144,45 @@ def test_a_parameter_or_subclass_is_checked_every_time(checks):
     assert len(checks) == 2
 
 
+def test_a_parameter_query_or_a_scale_of_another_type_is_checked_every_time(checks):
+    """A query that is not a plain tensor, or a scale that is not a float or int (a numpy
+    float), is checked on every call: neither is a key of the fast path."""
+    import numpy
+
+    q, k, v = _tensors()
+    for _ in range(2):
+        inputs.prepared(torch.nn.Parameter(q), k, v, backend="torch")
+    assert len(checks) == 2
+    for _ in range(2):
+        inputs.prepared(q, k, v, scale=numpy.float64(0.5), backend="torch")
+    assert len(checks) == 4
+
+
+def test_a_memory_in_chunks_is_checked_chunk_by_chunk_after_a_good_call(checks):
+    """A good call with two key chunks does not let a later call with a second chunk of
+    other channels through: the chunks' shapes are part of the layout."""
+    q, k, v = _tensors()
+    inputs.prepared(q, [k, k], [v, v], backend="torch")
+    with pytest.raises(ValueError) as caught:
+        inputs.prepared(q, [k, k[:, :CK - 1]], [v, v], backend="torch")
+    assert str(caught.value).startswith("memory_key[1] must have shape")
+    assert len(checks) == 2
+
+
+def test_keys_in_chunks_with_the_value_in_one_tensor_read_alike_on_every_call(checks):
+    """Chunks on one side and a tensor on the other is a good call, checked every time (not
+    a key of the fast path), and read alike on every call."""
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(shape, generator=generator) for shape in
+               ((1, CK, HW), (B, CK, N), (B, CV, N)))
+    expected = reference_read(q.double(), k.double(), v.double())[0]
+    for keys, values in (([k], v), (k, [v])):
+        for _ in range(2):
+            out = memory_read(q, keys, values, backend="torch")
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert len(checks) == 4
+
+
 def test_xmem_is_augmented_on_every_call(checks):
     """XMem never takes the fast path: its query and keys are augmented (without a selection
     or shrinkage, 2 Ck channels: [2 q, -1] . [k, k^2]) on every call, the read equal to the
@@ -174,3 +214,15 @@ def test_the_remembered_layouts_are_bounded(checks, monkeypatch):
     for n in range(1, 6):
         inputs.prepared(*_tensors(n=n), backend="torch")
         assert len(inputs._checked_layouts) <= 3
+
+
+def test_lengths_are_handed_on_as_int64_and_one_chunk_without_a_copy():
+    """The backends take the lengths as (B,) int64, whatever integer dtype the caller gave;
+    a memory of one chunk is that chunk (no copy), of several their concatenation."""
+    q, k, v = _tensors(device="cpu")
+    call = inputs.prepared(q, k, v, memory_lengths=torch.tensor([N, 3], dtype=torch.int32),
+                           backend="torch")
+    assert call.lengths.dtype == torch.int64 and call.lengths.tolist() == [N, 3]
+    chunks = [torch.arange(6.0).view(1, 2, 3), torch.arange(6.0, 10.0).view(1, 2, 2)]
+    assert inputs.concatenated(chunks[:1]) is chunks[0]
+    torch.testing.assert_close(inputs.concatenated(chunks), torch.cat(chunks, dim=2))

@@ -212,3 +212,21 @@ def test_the_largest_scale_the_message_allows_is_accepted():
     torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(out))
     with pytest.raises(ValueError, match="overflows"):
         memory_read(q, k, v, scale=math.nextafter(largest, math.inf), backend="torch")
+
+
+def test_top_k_is_a_positive_integer_within_the_triton_backends_cap():
+    """top_k: 1 and above (not a bool), capped at N; above TRITON_MAX_TOP_K the triton backend
+    refuses it word for word, at the cap it takes it, and the other backends take any."""
+    from stm_kernels import backends, inputs
+    cap = backends.TRITON_MAX_TOP_K
+    assert inputs.checked_top_k(1, "torch", 10) == 1
+    assert inputs.checked_top_k(cap + 5, "torch", cap + 10) == cap + 5
+    assert inputs.checked_top_k(cap, "triton", cap + 10) == cap
+    for bad in (True, 0, 2.0):
+        with pytest.raises(ValueError) as caught:
+            inputs.checked_top_k(bad, "torch", 10)
+        assert str(caught.value) == f"top_k must be a positive integer or None; got {bad!r}"
+    with pytest.raises(ValueError) as caught:
+        inputs.checked_top_k(cap + 1, "triton", cap + 10)
+    assert str(caught.value) == (f"top_k={cap + 1} is above the {cap} the triton backend "
+                                 "supports; use backend='torch'")

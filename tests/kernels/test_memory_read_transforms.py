@@ -284,7 +284,9 @@ def test_vmap_of_top_k_and_usage_and_of_the_lengths():
     assert relative_error(usage[1], reference_read(qs[1], k, v, top_k=4)[2]) < 2 ** -23
     lengths = torch.tensor([[17, 3], [5, 17]])
     with pytest.raises(ValueError, match=r"^memory_lengths must be .* got a tensor mapped by "
-                                         r"torch.func.vmap [^\n]*$"):
+                                         r"torch\.func\.vmap \(its values are checked on the "
+                                         r"host\): map the query and the memory, not the "
+                                         r"lengths$"):
         torch.func.vmap(lambda lengths: memory_read(q, k, v, memory_lengths=lengths))(lengths)
 
 
@@ -453,6 +455,26 @@ def test_autocast_casts_xmem_inputs_leaves_float64_and_lengths_and_applies_to_th
     assert relative_error(usage, float64) < TOLERANCE[torch.bfloat16]
     with pytest.raises(ValueError, match="share one dtype"):
         memory_read(q.bfloat16(), k, v)
+
+
+def test_autocast_of_chunks_another_device_and_a_query_that_is_no_tensor():
+    """Under CPU autocast a memory in chunks is cast chunk by chunk (the read equal to the cast
+    chunks'); autocast on for another device only (xpu) leaves a CPU read in float32; under
+    CPU autocast a query that is not a tensor is refused by the read's own check."""
+    q, k, v, _, _, _ = _inputs(torch.float32, Bq=2, HW=13, N=21, seed=19)
+    keys, values = [k[..., :8], k[..., 8:]], [v[..., :8], v[..., 8:]]
+    with torch.autocast("cpu"):
+        out = memory_read(q, keys, values, backend="torch")
+    expected = memory_read(q.bfloat16(), [t.bfloat16() for t in keys],
+                           [t.bfloat16() for t in values], backend="torch")
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    with torch.autocast("xpu", dtype=torch.bfloat16):
+        out = memory_read(q, k, v, backend="torch")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(q.double(), k.double(), v.double())[0])
+    with torch.autocast("cpu"), pytest.raises(TypeError) as caught:
+        memory_read(q.numpy(), k, v)
+    assert str(caught.value) == "query_key must be a torch.Tensor; got ndarray"
 
 
 def test_autocast_under_torch_compile_fullgraph():
