@@ -1,5 +1,6 @@
-"""The torch backend's CPU forward: (object, row block) tasks on worker threads, against the
-float64 reference with blocks and memory chunks small enough that every object takes several of
+"""The torch backend's CPU forward: (object, row block) tasks on worker threads (float32), an
+object's row blocks in lockstep on the caller's thread (bf16 products), against the float64
+reference with blocks and memory chunks small enough that every object takes several of
 each, ragged memories, a broadcast query, inference mode, any thread count, and after a fork."""
 import multiprocessing
 import os
@@ -18,11 +19,12 @@ from stm_kernels.backends import pytorch
 
 @pytest.fixture(autouse=True)
 def _small_tasks(monkeypatch):
-    """Blocks of at most 8 rows stepping over 16 positions, and row blocks for every read
-    however small: many tasks on small inputs."""
+    """Blocks of at most 8 rows (float32 and bf16) stepping over 16 positions, and row blocks
+    for every read however small: many tasks on small inputs."""
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
     monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
+    monkeypatch.setattr(pytorch, "BF16_ROW_BLOCK", 8)
     monkeypatch.setattr(pytorch, "CPU_CHUNK", 16)
     with poison_outputs():
         yield
@@ -285,29 +287,45 @@ def _recorded_chunks(monkeypatch):
 @pytest.mark.filterwarnings("error")  # an output buffer of the wrong shape warns as it is resized
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 @pytest.mark.parametrize(("N", "made_chunks"), [(150, list(range(10))),
-                                                (160, list(range(10))), (10, [0, 0])],
+                                                (160, list(range(10))), (10, [0])],
                          ids=["overlapping last chunk", "whole chunks", "one short chunk"])
 @pytest.mark.parametrize("threads", [2], indirect=True)
-def test_bf16_readers_make_each_chunk_once_and_merge_their_sums(bf16_products, monkeypatch,
-                                                                threads, similarity, N,
-                                                                made_chunks):
-    """On two threads the bf16 path reads all of an object's row blocks in lockstep with two
-    readers taking the chunks as they come: each chunk is made once (not once per row block;
-    16-position chunks: 150 positions take 9 and one overlapping the ninth, 160 take 10),
-    and the readers' sums, merged, match the float64 read. A memory of one chunk (10
-    positions, shorter than a chunk) has nothing to share: two groups of row blocks read it,
-    one each."""
+def test_the_bf16_read_makes_each_chunk_once_on_the_callers_thread(bf16_products, monkeypatch,
+                                                                   threads, similarity, N,
+                                                                   made_chunks):
+    """On two threads the bf16 path reads all of an object's row blocks in lockstep on the
+    caller's thread, whose ops take torch's threads: each chunk is made once (not once per
+    row block; 16-position chunks: 150 positions take 9 and one overlapping the ninth, 160
+    take 10; 10 positions, shorter than a chunk, one), and the read matches the float64
+    read."""
     q, k, v = random_inputs(1, 1, 12, 24, 40, N, torch.float64, "cpu", seed=12)
     q, k, v = (t.to(torch.bfloat16) for t in (q * 2, k * 2, v))
     made = _recorded_chunks(monkeypatch)
     with torch.no_grad():
         out, lse = memory_read(q, k, v, similarity=similarity, backend="torch",
                                return_lse=True)
-    assert sorted(index for _, index in made) == made_chunks  # 40 rows: 5 blocks
-    assert len(bf16_products) == 2  # two readers of one group, or two groups of one reader
+    assert [index for _, index in made] == made_chunks  # 40 rows: 5 blocks
+    assert {name for name, _ in made} == {threading.current_thread().name}
+    assert len(bf16_products) == 1
     expected, expected_lse, _ = reference_read(q, k, v, similarity=similarity)
     assert relative_error(out, expected) < 1e-2
     assert relative_error(lse, expected_lse) < 1e-3
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_bf16_objects_are_read_one_after_another_longest_first(bf16_products, monkeypatch,
+                                                               threads):
+    """Objects of a ragged bf16 memory are read in turn on the caller's thread, the longest
+    memory first, each over its own chunks only."""
+    made = _recorded_chunks(monkeypatch)
+    q, k, v = random_inputs(3, 1, 12, 24, 20, 70, torch.bfloat16, "cpu", seed=13)
+    lengths = torch.tensor([20, 70, 40])
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch", memory_lengths=lengths)
+    assert [index for _, index in made] == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]  # 70, 40, 20
+    assert {name for name, _ in made} == {threading.current_thread().name}
+    assert len(bf16_products) == 3
+    assert relative_error(out, reference_read(q, k, v, lengths=lengths)[0]) < 1e-2
 
 
 @pytest.mark.filterwarnings("error")
@@ -334,44 +352,6 @@ def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products
         memory_read(q, k, v, backend="torch")
     blocks, chunks = 5, 10
     assert blocks * (chunks + 1) <= len(products) < blocks * chunks * 1.5, len(products)
-
-
-@pytest.mark.parametrize("threads", [2], indirect=True)
-def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypatch, threads):
-    """A reader that finds every chunk taken (the other ran first) returns no sums: the read
-    is the other reader's, written from its own buffers into the output."""
-    class FirstComerTakesAll(pytorch._SharedIndices):
-        """Every index to the first thread that asks."""
-
-        def __next__(self):
-            with self.lock:
-                self.owner = getattr(self, "owner", threading.current_thread().name)
-            if threading.current_thread().name != self.owner:
-                raise StopIteration
-            return super().__next__()
-    monkeypatch.setattr(pytorch, "_SharedIndices", FirstComerTakesAll)
-    made = _recorded_chunks(monkeypatch)
-    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.bfloat16, "cpu", seed=13)
-    with torch.no_grad():
-        out = memory_read(q, k, v, backend="torch")
-    assert len(bf16_products) == 4  # two objects, two readers each
-    chunks = len(pytorch._chunk_starts(70))
-    assert sorted(index for _, index in made) == sorted(list(range(chunks)) * 2)
-    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
-
-
-@pytest.mark.parametrize("threads", [2], indirect=True)
-def test_a_one_chunk_memory_shares_its_row_blocks_out_instead(bf16_products, monkeypatch,
-                                                              threads):
-    """A memory of one chunk has nothing to share between readers: its row blocks are split
-    into one group a worker, each reading the chunk."""
-    made = _recorded_chunks(monkeypatch)
-    q, k, v = random_inputs(1, 1, 12, 24, 40, 16, torch.bfloat16, "cpu", seed=14)
-    with torch.no_grad():
-        out = memory_read(q, k, v, backend="torch")
-    assert [index for _, index in made] == [0, 0]
-    assert len(bf16_products) == 2
-    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
 
 
 def test_row_blocks_are_taken_on_a_cpu_without_gradients_through_the_read(monkeypatch):

@@ -108,27 +108,30 @@ can_flush = pytest.mark.skipif(not torch.set_flush_denormal(False),
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_peaked_bf16_read_takes_its_exp_with_denormals_flushed(monkeypatch, threads):
     """The bf16 products' path (row blocks, bf16 inputs) on peaked scores, most of whose
-    weights are below float32's smallest normal number: every exp of its bf16 products taken
-    with denormals flushed (their slow path otherwise), on the worker threads too, the
-    caller's thread left as it was, and the read within bf16's bound of the float64 read."""
+    weights are below float32's smallest normal number: every exp of its bf16 products takes
+    arguments at or above BF16_EXP_FLOOR (no denormal result, whose slow path torch's OpenMP
+    threads would take: they do not share the caller's flush setting) and runs with the
+    caller's denormals flushed, the caller's thread left as it was, and the read within
+    bf16's bound of the float64 read."""
     monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
     monkeypatch.setattr(pytorch, "CPU_CHUNK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     q, k, v = peaked_inputs(torch.bfloat16)
-    flushed = []
+    flushed, floored = [], []
     exp_ = torch.Tensor.exp_
 
     def recorded_exp(tensor):
         if tensor.dtype == torch.bfloat16:
             flushed.append(torch_common._flushing_denormals())
+            floored.append(bool((tensor.float() >= pytorch.BF16_EXP_FLOOR).all()))
         return exp_(tensor)
 
     monkeypatch.setattr(torch.Tensor, "exp_", recorded_exp)
     with poison_outputs(), torch.no_grad():
         out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
-    assert len(flushed) >= 10 and all(flushed)
+    assert len(flushed) >= 10 and all(flushed) and all(floored)
     assert not torch_common._flushing_denormals()
     expected, expected_lse, _ = reference_read(q, k, v)
     assert relative_error(out, expected) < 1e-2
