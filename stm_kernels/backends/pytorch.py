@@ -136,11 +136,10 @@ def forward(q, k, v, scale, l2, lengths=None):
 
     lengths: optional (B,) valid memory positions per object: the work is proportional to the
     sum of the lengths and no position past an object's length is ever read. A large read on a
-    CPU runs as row blocks (_forward_row_blocks: on worker threads, or in bf16 on the
-    caller's); elsewhere (a small read, a
-    short query, or the fallback on a GPU) the memory is cut where an object's memory ends, and
-    each chunk is one batched product over the objects whose memory covers it (consecutive
-    objects through views, other subsets gathered).
+    CPU runs as row blocks (_forward_row_blocks: on worker threads, or in bf16 on the caller's);
+    elsewhere (a small read, a short query, or the fallback on a GPU) the memory is cut where an
+    object's memory ends, and each chunk is one batched product over the objects whose memory
+    covers it (consecutive objects through views, other subsets gathered).
     """
     if _row_blocks_pay(q, k, v, lengths):
         return _forward_row_blocks(q, k, v, scale, l2, lengths)
