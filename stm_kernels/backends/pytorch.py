@@ -5,6 +5,7 @@ The CPU path, the fallback of the Triton backend, and the float64 path used by g
 import concurrent.futures
 import itertools
 import os
+import threading
 
 import torch
 
@@ -136,10 +137,11 @@ def forward(q, k, v, scale, l2, lengths=None):
 
     lengths: optional (B,) valid memory positions per object: the work is proportional to the
     sum of the lengths and no position past an object's length is ever read. A large read on a
-    CPU runs as row blocks (_forward_row_blocks: on worker threads, or in bf16 on the caller's);
-    elsewhere (a small read, a short query, or the fallback on a GPU) the memory is cut where an
-    object's memory ends, and each chunk is one batched product over the objects whose memory
-    covers it (consecutive objects through views, other subsets gathered).
+    CPU runs as row blocks (_forward_row_blocks: on worker threads, or for one object in bf16 on
+    the caller's); elsewhere (a small read, a short query, or the fallback on a GPU) the memory
+    is cut where an object's memory ends, and each chunk is one batched product over the
+    objects whose memory covers it (consecutive objects through views, other subsets
+    gathered).
     """
     if _row_blocks_pay(q, k, v, lengths):
         return _forward_row_blocks(q, k, v, scale, l2, lengths)
@@ -226,14 +228,18 @@ def _online_step(scores, values, row_max, row_sum, acc):
     return new_max, row_sum, acc
 
 
-# The CPU forward's float32 tasks: ROW_BLOCK query rows at most, stepping over CPU_CHUNK memory
-# positions (a 512 x 1024 float32 score tile is 2 MB, held by one worker while it is reduced).
+# The CPU forward's tasks: ROW_BLOCK query rows at most, stepping over CPU_CHUNK memory positions
+# (a 512 x 1024 float32 score tile is 2 MB, held by one worker while it is reduced).
 ROW_BLOCK = 512
-# Query rows of a bf16 block, read with torch's own threads: 480p's 1,620 rows in one block,
-# whose products are large enough for oneDNN to share out between the threads.
+# Tasks reading one group of row blocks on the bf16 path, each a share of the memory:
+# two (not one per worker) bound the extra (rows, Cv) sums to one set per group.
+READERS = 2
+# Query rows of a block of a one-object bf16 read, which the caller reads with torch's own
+# threads: 480p's 1,620 rows in one block, whose products are large enough for oneDNN to share
+# out between the threads.
 BF16_ROW_BLOCK = 2048
 # Channels of an 8-bit key or value chunk widened to float32 at a time (a float32 scratch
-# of 128 x CPU_CHUNK: 0.5 MiB).
+# of 128 x CPU_CHUNK: 0.5 MiB a reader).
 SCRATCH_CHANNELS = 128
 CPU_CHUNK = 1024
 _workers = {"pool": None, "size": 0, "pid": None}
@@ -253,18 +259,20 @@ def _worker_pool(size):
 
 
 def _forward_row_blocks(q, k, v, scale, l2, lengths):
-    """forward on a CPU, in blocks of query rows, each a whole softmax over its object's
-    memory. Float32 (and float16) blocks are tasks with single-threaded ops shared out to
-    torch.get_num_threads() worker threads (the ops release the GIL), which meet only when
-    every task is done, so a core taken by another process slows its own thread, not every
-    product of the read. On bf16 inputs, on a CPU with bf16 dot products (cpu_features), both
-    products run in bf16 at twice the float32 rate (_bf16_softmax), the softmax in float32:
-    there the caller reads each object's blocks in lockstep with torch's own threads, each
-    chunk made once (copied, or dequantised) for all of them; products over every query row
-    at once keep the threads busy where single-threaded ones over a share of the rows did not
-    (and the caller's OpenMP threads, which spin for a while after each parallel region, are
-    then the ones working). Not differentiable by autograd (the op's backward is `backward`):
-    forward takes the other path when gradients are to flow through it."""
+    """forward on a CPU: tasks with single-threaded ops shared out to torch.get_num_threads()
+    worker threads (the ops release the GIL), each a whole softmax of one block of query rows
+    over its object's memory. The threads meet only when every task is done, so a core taken
+    by another process slows its own thread, not every product of the read. Not
+    differentiable by autograd (the op's backward is `backward`): forward takes the other path
+    when gradients are to flow through it. On bf16 inputs, on a CPU with bf16 dot products
+    (cpu_features), both products run in bf16 at twice the float32 rate (_bf16_softmax), the
+    softmax in float32; there a task reads a group of row blocks over a share of the memory's
+    chunks, each chunk made once (copied, or dequantised) for the whole group. A bf16 read of
+    one object is the caller's own, one reader over every chunk with torch's threads: products
+    over all its query rows at once keep the threads busy where single-threaded ones over a
+    share of the rows did not (and the caller's OpenMP threads, which spin for a while after
+    each parallel region, are then the ones working); with several objects the workers read
+    them side by side, which that beats."""
     B, Ck, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = accumulation_dtype(v.dtype)
@@ -283,7 +291,8 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     out = new_buffer((B, HW, Cv), acc_dtype, "cpu")
     lse = new_buffer((B, HW), acc_dtype, "cpu")
     workers = torch.get_num_threads()
-    rows = _block_rows(HW, 1, BF16_ROW_BLOCK) if bf16 else _block_rows(HW, workers)
+    own = bf16 and B == 1  # the caller reads the one object, with torch's threads
+    rows = _block_rows(HW, 1, BF16_ROW_BLOCK) if own else _block_rows(HW, workers)
 
     def chunks(b, query):
         """(scores (rows, n), values (n, Cv)) of object b's memory, CPU_CHUNK positions each."""
@@ -299,9 +308,9 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     def query_rows(b, first):
         return q_rows[b if q_rows.shape[0] > 1 else 0, first:first + rows]
 
-    def finish(b, first, acc, row_sum, offset):
-        """Object b's rows from first, normalised and written; read again online where the
-        fixed offsets overflowed."""
+    def finish(b, first, partial):
+        """Object b's rows from first: their readers' sums merged, normalised and written."""
+        acc, row_sum, offset = _merged(partial)
         if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
             query = query_rows(b, first)
             acc, row_sum, offset = _online_softmax(chunks(b, query), query.shape[0], Cv,
@@ -315,18 +324,26 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
 
     def float32_task(b, firsts):
         for first in firsts:
-            finish(b, first, *_fixed_offset_softmax(chunks(b, query_rows(b, first)),
-                                                    min(rows, HW - first), Cv, acc_dtype))
+            finish(b, first, [_fixed_offset_softmax(chunks(b, query_rows(b, first)),
+                                                    min(rows, HW - first), Cv, acc_dtype)])
 
-    def bf16_task(b, firsts):
-        """Object b's row blocks at firsts, read in lockstep over its memory's chunks."""
+    def bf16_task(b, firsts, reader, group):
+        """One reader's sums of object b's row blocks at firsts, over the chunks it takes from
+        the group's shared ones; the group's last reader to end merges and finishes them."""
+        # the first reader sums into the output rows, the others into their own
+        accs = [out[b, first:first + rows] if reader == 0 else
+                torch.empty((min(rows, HW - first), Cv)) for first in firsts]
         scratch = _scratch(k, v, ends[b])
         results = _bf16_softmax(
             [q[b if q.shape[0] > 1 else 0, :, first:first + rows] for first in firsts],
             _KeyChunks(k, b, ends[b], l2, scratch), _ValueChunks(v, b, ends[b], scratch), scale,
-            l2, [out[b, first:first + rows] for first in firsts])
-        for first, result in zip(firsts, results, strict=True):
-            finish(b, first, *result)
+            l2, accs, group["chunks"])
+        with group["lock"]:
+            group["results"].append(results)
+            if len(group["results"]) < group["readers"]:
+                return
+        for j, first in enumerate(firsts):
+            finish(b, first, [r[j] for r in group["results"] if r[j] is not None])
 
     def task(*arguments):
         # no_grad inside: inference_mode(False) turns gradients on
@@ -335,17 +352,47 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
 
     starts = list(range(0, HW, rows))
     order = sorted(range(B), key=lambda b: -ends[b])  # the longest memories first
-    if bf16:  # in the caller, with torch's threads
-        tasks = [(b, starts) for b in order]
-    else:  # one row block a task, over the whole memory
-        tasks = [(b, [first]) for b in order for first in starts]
-    if bf16 or workers == 1 or len(tasks) == 1:
+    tasks = []
+    for b in order:
+        if not bf16:  # one row block a task, over the whole memory
+            tasks += [(b, [first]) for first in starts]
+            continue
+        # The bf16 path reads a group of row blocks in lockstep, each chunk taken once for
+        # all of them (an 8-bit memory's dequantised once), by up to READERS tasks that take
+        # the group's chunks as they come (a reader slowed by another process takes fewer)
+        # and sum them apart, the last to end merging their sums; groups x readers tasks
+        # make about one per worker.
+        count = len(_chunk_starts(ends[b]))
+        readers = 1 if own else min(READERS, workers, count)
+        size = len(starts) if own else -(-len(starts) * readers // workers)  # blocks a group
+        for i in range(0, len(starts), size):
+            group = dict(chunks=_SharedIndices(count), readers=readers, results=[],
+                         lock=threading.Lock())
+            tasks += [(b, starts[i:i + size], reader, group) for reader in range(readers)]
+    if own or workers == 1 or len(tasks) == 1:
         for t in tasks:
             task(*t)
     else:
         for done in [_worker_pool(workers).submit(task, *t) for t in tasks]:
             done.result()
     return out.transpose(1, 2).to(v.dtype).contiguous(), lse
+
+
+class _SharedIndices:
+    """The indices 0 to count - 1, each handed to one of the threads iterating over it."""
+
+    def __init__(self, count):
+        self.next, self.count, self.lock = 0, count, threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.lock:
+            if self.next == self.count:
+                raise StopIteration
+            self.next += 1
+            return self.next - 1
 
 
 def _fixed_offset_softmax(chunks, rows, Cv, dtype):
@@ -385,7 +432,7 @@ def _chunk_starts(n):
 BF16_HEADROOM = 2.0
 
 
-def _bf16_softmax(queries, keys, values, scale, l2, accs):
+def _bf16_softmax(queries, keys, values, scale, l2, accs, indices):
     """[(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1))] as _fixed_offset_softmax gives
     them, with both products in bf16 (float32 accumulation inside oneDNN), for blocks of query
     rows of one object read in lockstep: each chunk's keys and values are taken once (an
@@ -394,7 +441,10 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs):
     L), the chunks at its `starts` (_chunk_starts(n)); values its _ValueChunks (Cv + 1, n),
     bf16, a row of ones last (the row sums come out of the second product), sliced a chunk at
     a time (a reader's buffers are reused for the next chunk); accs: a float32 (rows, Cv)
-    buffer per block, which its acc is summed into (the caller's output rows: no copy).
+    buffer per block, which its acc is summed into (the caller's output rows: no copy);
+    indices: the chunks to read (an iterable of indices into _chunk_starts(n): an iterator
+    shared with other readers hands each chunk to one of them); a block's result is None
+    where it yields none.
 
     A bf16 product rounds its output to 8 significant bits: 0.25 near a score of 50, a 13%
     error in its exp. So each row's offset is subtracted inside the product, through two extra
@@ -418,12 +468,14 @@ def _bf16_softmax(queries, keys, values, scale, l2, accs):
               for query, acc in zip(queries, accs, strict=True)]
     length = keys.shape[2]
     with denormals_flushed():
-        for index, start in enumerate(keys.starts):
+        for index in indices:
+            start = keys.starts[index]
             chunk_keys, chunk_values = keys[index], values[:, start:start + length].T
             taken = index * length - start  # positions an earlier chunk read (the last overlaps)
             for block in blocks:
                 block.add(chunk_keys, chunk_values, taken)
-    return [(block.acc, block.row_sum, block.subtracted * scale) for block in blocks]
+    return [None if block.subtracted is None else
+            (block.acc, block.row_sum, block.subtracted * scale) for block in blocks]
 
 
 class _Bf16Rows:
@@ -505,6 +557,25 @@ def _rising_peak(products):
     bf16's amax, which widens every element to float32."""
     top = products.view(torch.int16).amax(1, keepdim=True)
     return top.view(torch.bfloat16).float(), top > _HEADROOM_BITS
+
+
+def _merged(partial):
+    """One (acc, row_sum, offset) from the (acc, row_sum, offset) sums of disjoint parts of a
+    memory (offsets in natural units): each rescaled to the largest offset and added."""
+    if len(partial) == 1:
+        return partial[0]
+    offset = partial[0][2]
+    for _, _, other in partial[1:]:
+        offset = torch.maximum(offset, other)
+    acc, row_sum = None, None
+    for part_acc, part_sum, part_offset in partial:
+        factor = torch.exp(part_offset - offset)
+        if acc is None:
+            acc, row_sum = part_acc.mul_(factor), part_sum.mul_(factor)
+        else:
+            acc.add_(part_acc.mul_(factor))
+            row_sum.add_(part_sum.mul_(factor))
+    return acc, row_sum, offset
 
 
 def _online_softmax(chunks, rows, Cv, dtype):

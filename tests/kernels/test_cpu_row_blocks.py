@@ -1,6 +1,6 @@
-"""The torch backend's CPU forward: (object, row block) tasks on worker threads (float32), an
-object's row blocks in lockstep on the caller's thread (bf16 products), against the float64
-reference with blocks and memory chunks small enough that every object takes several of
+"""The torch backend's CPU forward: (object, row block) tasks on worker threads, an object's
+row blocks read in lockstep by readers sharing its chunks (bf16 products), or for one object by
+the caller with torch's threads, against the float64 reference with blocks and memory chunks small enough that every object takes several of
 each, ragged memories, a broadcast query, inference mode, any thread count, and after a fork."""
 import multiprocessing
 import os
@@ -19,8 +19,8 @@ from stm_kernels.backends import pytorch
 
 @pytest.fixture(autouse=True)
 def _small_tasks(monkeypatch):
-    """Blocks of at most 8 rows (float32 and bf16) stepping over 16 positions, and row blocks
-    for every read however small: many tasks on small inputs."""
+    """Blocks of at most 8 rows (float32, bf16, and a one-object bf16 read's) stepping over 16
+    positions, and row blocks for every read however small: many tasks on small inputs."""
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_WORK", 0)
     monkeypatch.setattr(pytorch, "ROW_BLOCKS_MIN_ROWS", 1)
     monkeypatch.setattr(pytorch, "ROW_BLOCK", 8)
@@ -313,18 +313,19 @@ def test_the_bf16_read_makes_each_chunk_once_on_the_callers_thread(bf16_products
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
-def test_bf16_objects_are_read_one_after_another_longest_first(bf16_products, monkeypatch,
-                                                               threads):
-    """Objects of a ragged bf16 memory are read in turn on the caller's thread, the longest
-    memory first, each over its own chunks only."""
+def test_bf16_readers_of_two_objects_make_each_chunk_once_and_merge_their_sums(
+        bf16_products, monkeypatch, threads):
+    """With two objects the workers read them side by side: each object's row blocks in
+    lockstep by two readers taking its chunks as they come, each chunk made once (not once per
+    row block), their sums merged, against the float64 read of a ragged memory."""
     made = _recorded_chunks(monkeypatch)
-    q, k, v = random_inputs(3, 1, 12, 24, 20, 70, torch.bfloat16, "cpu", seed=13)
-    lengths = torch.tensor([20, 70, 40])
+    q, k, v = random_inputs(2, 1, 12, 24, 40, 150, torch.bfloat16, "cpu", seed=13)
+    lengths = torch.tensor([150, 70])
     with torch.no_grad():
         out = memory_read(q, k, v, backend="torch", memory_lengths=lengths)
-    assert [index for _, index in made] == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]  # 70, 40, 20
-    assert {name for name, _ in made} == {threading.current_thread().name}
-    assert len(bf16_products) == 3
+    chunks = len(pytorch._chunk_starts(150)) + len(pytorch._chunk_starts(70))
+    assert len(made) == chunks and len(bf16_products) == 4  # two readers an object
+    assert {name for name, _ in made} != {threading.current_thread().name}
     assert relative_error(out, reference_read(q, k, v, lengths=lengths)[0]) < 1e-2
 
 
@@ -352,6 +353,44 @@ def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products
         memory_read(q, k, v, backend="torch")
     blocks, chunks = 5, 10
     assert blocks * (chunks + 1) <= len(products) < blocks * chunks * 1.5, len(products)
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_a_bf16_reader_left_without_chunks_adds_nothing(bf16_products, monkeypatch, threads):
+    """A reader that finds every chunk taken (the other ran first) returns no sums: the read
+    is the other reader's, written from its own buffers into the output."""
+    class FirstComerTakesAll(pytorch._SharedIndices):
+        """Every index to the first thread that asks."""
+
+        def __next__(self):
+            with self.lock:
+                self.owner = getattr(self, "owner", threading.current_thread().name)
+            if threading.current_thread().name != self.owner:
+                raise StopIteration
+            return super().__next__()
+    monkeypatch.setattr(pytorch, "_SharedIndices", FirstComerTakesAll)
+    made = _recorded_chunks(monkeypatch)
+    q, k, v = random_inputs(2, 1, 12, 24, 20, 70, torch.bfloat16, "cpu", seed=13)
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
+    assert len(bf16_products) == 4  # two objects, two readers each
+    chunks = len(pytorch._chunk_starts(70))
+    assert sorted(index for _, index in made) == sorted(list(range(chunks)) * 2)
+    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_a_one_chunk_memory_shares_its_row_blocks_out_instead(bf16_products, monkeypatch,
+                                                              threads):
+    """A memory of one chunk has nothing to share between readers: each object's row blocks
+    are split into one group a worker, each reading the chunk."""
+    made = _recorded_chunks(monkeypatch)
+    q, k, v = random_inputs(2, 1, 12, 24, 40, 16, torch.bfloat16, "cpu", seed=14)
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
+    assert [index for _, index in made] == [0, 0, 0, 0]
+    assert len(bf16_products) == 4
+    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
 
 
 def test_row_blocks_are_taken_on_a_cpu_without_gradients_through_the_read(monkeypatch):
