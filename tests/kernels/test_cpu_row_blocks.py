@@ -1,7 +1,8 @@
-"""The torch backend's CPU forward: (object, row block) tasks on worker threads, an object's
-row blocks read in lockstep by readers sharing its chunks (bf16 products), or for one object by
-the caller with torch's threads, against the float64 reference with blocks and memory chunks small enough that every object takes several of
-each, ragged memories, a broadcast query, inference mode, any thread count, and after a fork."""
+"""The torch backend's CPU forward: (object, row block) tasks on worker threads, an object's row
+blocks read in lockstep by readers sharing its chunks (bf16 products), or for one object by the
+caller with torch's threads, against the float64 reference with blocks and memory chunks small
+enough that every object takes several of each, ragged memories, a broadcast query, inference
+mode, any thread count, and after a fork."""
 import multiprocessing
 import os
 import threading
