@@ -314,6 +314,27 @@ def test_the_bf16_read_makes_each_chunk_once_on_the_callers_thread(bf16_products
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
+def test_a_one_object_bf16_read_takes_blocks_of_its_own_size(bf16_products, monkeypatch,
+                                                             threads):
+    """A one-object bf16 read cuts its query into the fewest blocks of at most BF16_ROW_BLOCK
+    rows (16 here: 40 rows in 14, 14 and 12), not the workers' ROW_BLOCK (8), all read on the
+    caller's thread."""
+    monkeypatch.setattr(pytorch, "BF16_ROW_BLOCK", 16)
+    blocks = []
+    init = pytorch._Bf16Rows.__init__
+
+    def recorded(self, query, *args):
+        blocks.append((threading.current_thread().name, query.shape[1]))
+        init(self, query, *args)
+    monkeypatch.setattr(pytorch._Bf16Rows, "__init__", recorded)
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 70, torch.bfloat16, "cpu", seed=20)
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
+    assert blocks == [(threading.current_thread().name, rows) for rows in (14, 14, 12)]
+    assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
 def test_bf16_readers_of_two_objects_make_each_chunk_once_and_merge_their_sums(
         bf16_products, monkeypatch, threads):
     """With two objects the workers read them side by side: each object's row blocks in
