@@ -271,8 +271,8 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     one object is the caller's own, one reader over every chunk with torch's threads: products
     over all its query rows at once keep the threads busy where single-threaded ones over a
     share of the rows did not (and the caller's OpenMP threads, which spin for a while after
-    each parallel region, are then the ones working); with several objects the workers read
-    them side by side, which that beats."""
+    each parallel region, are then the ones working); several objects are faster read side by
+    side by the workers."""
     B, Ck, N = k.shape
     HW, Cv = q.shape[2], v.shape[1]
     acc_dtype = accumulation_dtype(v.dtype)
