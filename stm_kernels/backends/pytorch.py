@@ -369,7 +369,7 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
             group = dict(chunks=_SharedIndices(count), readers=readers, results=[],
                          lock=threading.Lock())
             tasks += [(b, starts[i:i + size], reader, group) for reader in range(readers)]
-    if own or workers == 1 or len(tasks) == 1:
+    if workers == 1 or len(tasks) == 1:  # (a one-object bf16 read is one task)
         for t in tasks:
             task(*t)
     else:

@@ -19,6 +19,13 @@ def _tensors(dtype=torch.float32, device="meta", q_shape=(1, CK, HW), n=N):
             torch.empty((B, CV, n), dtype=dtype, device=device))
 
 
+def _random(seed):
+    """q, k, v of _tensors's layout on the CPU, unit normals."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) for shape in
+            ((1, CK, HW), (B, CK, N), (B, CV, N)))
+
+
 @pytest.fixture
 def checks(monkeypatch):
     """The calls of flatten_checked (the checks) during the test, nothing cached before."""
@@ -172,9 +179,7 @@ def test_a_memory_in_chunks_is_checked_chunk_by_chunk_after_a_good_call(checks):
 def test_keys_in_chunks_with_the_value_in_one_tensor_read_alike_on_every_call(checks):
     """Chunks on one side and a tensor on the other is a good call, checked every time (not
     a key of the fast path), and read alike on every call."""
-    generator = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(shape, generator=generator) for shape in
-               ((1, CK, HW), (B, CK, N), (B, CV, N)))
+    q, k, v = _random(1)
     expected = reference_read(q.double(), k.double(), v.double())[0]
     for keys, values in (([k], v), (k, [v])):
         for _ in range(2):
@@ -187,9 +192,7 @@ def test_xmem_is_augmented_on_every_call(checks):
     """XMem never takes the fast path: its query and keys are augmented (without a selection
     or shrinkage, 2 Ck channels: [2 q, -1] . [k, k^2]) on every call, the read equal to the
     float64 one."""
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=generator) for shape in
-               ((1, CK, HW), (B, CK, N), (B, CV, N)))
+    q, k, v = _random(0)
     for _ in range(2):
         call = inputs.prepared(q, k, v, similarity="xmem", backend="torch")
         assert call.q.shape[1] == call.keys[0].shape[1] == 2 * CK

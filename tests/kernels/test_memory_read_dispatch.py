@@ -85,7 +85,7 @@ def test_plain_eager_calls_skip_the_custom_op(monkeypatch):
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-def test_lengths_of_a_tensor_subclass_take_the_custom_op():
+def test_lengths_of_a_tensor_subclass_take_the_custom_op(monkeypatch):
     """Plain q, k and v with lengths of a tensor subclass: the subclass (which may carry its
     own __torch_function__) sees the custom op, as for any other input, and the read is the
     float64 read of those lengths."""
@@ -100,8 +100,8 @@ def test_lengths_of_a_tensor_subclass_take_the_custom_op():
         return real(*args)
     q, k, v = random_inputs(2, 1, 8, 6, 5, 12, torch.float32, "cpu", seed=8)
     lengths = torch.tensor([12, 7]).as_subclass(Lengths)
-    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        patch.setattr(torch.ops.stm_kernels, "memory_read", recorded)
+    monkeypatch.setattr(torch.ops.stm_kernels, "memory_read", recorded)
+    with torch.no_grad():
         out = memory_read(q, k, v, memory_lengths=lengths, backend="torch")
     assert called
     expected = reference_read(q.double(), k.double(), v.double(), lengths=[12, 7])[0]
