@@ -291,9 +291,9 @@ def prepared(query_key, memory_key, memory_value, *, scale=None, similarity="dot
     if lengths is not None and backend == "torch" and capturing():
         raise ValueError("memory_lengths under CUDA graph capture needs backend='triton' or "
                          "'naive': the 'torch' backend reads the lengths on the host")
-    N = sum(key.shape[2] for key in keys)
-    return PreparedCall(q, keys, values, query_spatial, scale, l2, backend, lengths,
-                        checked_top_k(top_k, backend, N))
+    if top_k is not None:
+        top_k = checked_top_k(top_k, backend, sum(key.shape[2] for key in keys))
+    return PreparedCall(q, keys, values, query_spatial, scale, l2, backend, lengths, top_k)
 
 
 # _layout_key -> (query spatial shape, scale, l2) of calls that passed the checks (_checked),

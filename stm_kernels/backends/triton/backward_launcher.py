@@ -264,16 +264,16 @@ def triton_backward(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=No
 def backward_pass(grad_out, grad_lse, q, k, v, out, lse, scale, l2, lengths=None):
     """(dq, dk, dv, the PreparedBackward that computed them) as triton_backward: the pass
     kept for the call's layout, or planned on this call and kept."""
-    _check_device(q, k, v)
-    call = _call(k, "backward", l2)
     deterministic = torch.are_deterministic_algorithms_enabled()
     layout = _layout_key(("backward", deterministic, grad_lse is None, backward_switch()),
-                         call, scale, l2, lengths, q, k, v, grad_out, out,
+                         k, scale, l2, lengths, q, k, v, grad_out, out,
                          *(() if grad_lse is None else (grad_lse,)))
     kept = _run_prepared(layout, grad_out, grad_lse, q, k, v, out, lse, lengths)
     if kept is not None:
         (dq, dk, dv), prepared = kept
         return dq, dk, dv, prepared
+    _check_device(q, k, v)
+    call = _call(k, "backward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device

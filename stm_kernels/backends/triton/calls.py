@@ -102,16 +102,27 @@ def _call(k, read, l2):
     key = (devices.describe(k.device), dtype, k.shape[1], read, l2,
            torch.get_float32_matmul_precision() if dtype == torch.float32 else None)
     known = _calls.get(key)
-    if known is not None:
-        call, on_torch, architectures = known
-        if on_torch is tilings.ON_TORCH and architectures == len(tilings.ARCHITECTURES) and \
-                tilings.ARCHITECTURES.get(call.architecture.name) is call.architecture:
-            return call
+    if known is not None and planned_from_current_tables(*known):
+        return known[0]
     call = _planned_call(k, read, l2)
     if len(_calls) >= CALLS:
         _calls.clear()
-    _calls[key] = (call, tilings.ON_TORCH, len(tilings.ARCHITECTURES))
+    _calls[key] = (call, *current_tables())
     return call
+
+
+def current_tables():
+    """What a Call is planned from that a test or a tuning session may replace at run time:
+    (tilings.ON_TORCH, the number of ARCHITECTURES)."""
+    return tilings.ON_TORCH, len(tilings.ARCHITECTURES)
+
+
+def planned_from_current_tables(call, on_torch, architectures):
+    """Whether `call`, planned when current_tables() was (on_torch, architectures), is still
+    what the tables say: ON_TORCH the same table, no architecture added or removed, and its
+    own architecture's entry the same object."""
+    return on_torch is tilings.ON_TORCH and architectures == len(tilings.ARCHITECTURES) and \
+        tilings.ARCHITECTURES.get(call.architecture.name) is call.architecture
 
 
 def _planned_call(k, read, l2):

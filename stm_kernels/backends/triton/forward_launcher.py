@@ -140,13 +140,13 @@ def triton_forward(q, k, v, scale, l2, lengths=None):
 def forward_pass(q, k, v, scale, l2, lengths=None):
     """(out, lse, the PreparedForward that computed them) as triton_forward: the pass kept for
     the call's layout, or planned on this call and kept."""
-    _check_device(q, k, v)
-    call = _call(k, "forward", l2)
-    layout = _layout_key(("forward", forward_switch()), call, scale, l2, lengths, q, k, v)
+    layout = _layout_key(("forward", forward_switch()), k, scale, l2, lengths, q, k, v)
     kept = _run_prepared(layout, q, k, v, lengths)
     if kept is not None:
         (out, lse), prepared = kept
         return out, lse, prepared
+    _check_device(q, k, v)
+    call = _call(k, "forward", l2)
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device
@@ -276,12 +276,6 @@ def quantized_forward(q, k, k_scale, k_axis, v, v_scale, v_axis, scale, l2, leng
     consecutive positions, G dividing N), or tensors of q's dtype (scale and axis None). Any
     strides; lengths as triton_forward's. Planned once per layout, on the forward's tilings
     for q's precision."""
-    _check_device(q, k, v)
-    call = _call(q, "forward", l2)  # the read runs in q's dtype, on its precision's tilings
-    if call.rank1:
-        raise KernelUnavailable("forward", call.device, (
-            f"an 8-bit memory of {q.shape[1]} key channels (one past a tile width) needs the "
-            "rank-1 score term, which the 8-bit kernel does not have"))
     key_axis, value_axis = SCALE_AXES[k_axis], SCALE_AXES[v_axis]
     if value_axis == 3:
         raise ValueError("the 8-bit kernel reads values with scales per channel or per "
@@ -289,11 +283,18 @@ def quantized_forward(q, k, k_scale, k_axis, v, v_scale, v_axis, scale, l2, leng
     k_group = k.shape[2] // k_scale.shape[2] if key_axis == 3 else 1
     k_scale = k if k_scale is None else k_scale  # a pointer the kernel never reads
     v_scale = v if v_scale is None else v_scale
-    layout = _layout_key(("forward 8-bit", key_axis, value_axis), call, scale, l2, lengths, q,
+    # the read runs in q's dtype, on its precision's tilings
+    layout = _layout_key(("forward 8-bit", key_axis, value_axis), q, scale, l2, lengths, q,
                          k, k_scale, v, v_scale)
     kept = _run_prepared(layout, q, k, k_scale, v, v_scale, lengths)
     if kept is not None:
         return kept[0]
+    _check_device(q, k, v)
+    call = _call(q, "forward", l2)
+    if call.rank1:
+        raise KernelUnavailable("forward", call.device, (
+            f"an 8-bit memory of {q.shape[1]} key channels (one past a tile width) needs the "
+            "rank-1 score term, which the 8-bit kernel does not have"))
     B, Ck, N = k.shape
     Cv, HW = v.shape[1], q.shape[2]
     device = k.device

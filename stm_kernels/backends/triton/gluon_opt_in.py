@@ -23,10 +23,29 @@ _warp_specialized = False  # True inside warp_specialized_forward()
 _warp_specialized_backward = False  # True inside warp_specialized_backward()
 
 
+# os.environ as imported, its own mapping and key encoding where CPython keeps them (else None)
+_ENVIRON = os.environ
+_RAW_ENVIRON = getattr(_ENVIRON, "_data", None)
+_ENCODED: dict = {}  # name -> its key in _RAW_ENVIRON
+
+
+def _environment_value(name):
+    """os.environ.get(name), read from the environment's own mapping where CPython keeps one:
+    os.environ.get of an unset name raises and catches two KeyErrors (about a microsecond
+    on every read, whose layout key holds the switch)."""
+    if os.environ is not _ENVIRON or _RAW_ENVIRON is None:  # replaced, or not CPython
+        return os.environ.get(name)
+    key = _ENCODED.get(name)
+    if key is None:
+        key = _ENCODED[name] = _ENVIRON.encodekey(name)
+    value = _RAW_ENVIRON.get(key)
+    return None if value is None else _ENVIRON.decodevalue(value)
+
+
 def _switch(env, within_block):
     """"1" where the Gluon kernels of env are asked for (env=1, or within their block), "0"
     where they are turned off (env=0), None where the architecture decides (unset)."""
-    value = os.environ.get(env)
+    value = _environment_value(env)
     return "1" if within_block or value == "1" else "0" if value == "0" else None
 
 

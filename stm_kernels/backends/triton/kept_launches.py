@@ -17,7 +17,9 @@ kernel's compile called directly (direct_launch.py) without Triton's binder.
 import dataclasses
 import threading
 
-from . import calls, running, tilings
+import torch
+
+from . import calls, devices, running, tilings
 from .direct_launch import DirectLaunch
 from .running import flag_within_block, one_line, warn_once
 
@@ -29,6 +31,8 @@ PREPARED_LAYOUTS = 256
 _keeping_launches = True  # False inside planning_every_call
 _launching_directly = True  # False inside binding_every_launch (KernelLaunch)
 _keeping = threading.Lock()  # held where _prepared changes (reads need none: one dict lookup)
+# calls.current_tables() when the kept passes were planned (_kept checks their Calls against it)
+_planned_from = calls.current_tables()
 
 
 @dataclasses.dataclass(eq=False)
@@ -91,20 +95,26 @@ def binding_every_launch():
     return flag_within_block(globals(), "_launching_directly", False)
 
 
-def _layout_key(read, call, scale, l2, lengths, *tensors):
+def _layout_key(read, planned_on, scale, l2, lengths, *tensors):
     """What the planning of a read depends on besides its tensors' values: the device (its
     description and torch's device with its index: two GPUs of one model share the first) and
-    precision, every tensor's shape, strides and dtype, the scale, similarity and raggedness,
-    and the configs use_configs forces. A prepared launch is kept under it (a repeated call
-    then skips planning: at ten memory frames the host's work outweighs a GPU's)."""
-    return (read, call.device, tensors[0].device, call.input_precision, scale, l2,
-            lengths is None, tilings.forced_configs(),
-            *[(t.shape, t.stride(), t.dtype) for t in tensors])
+    torch's float32 matmul precision, which with planned_on's dtype and key channels decide its
+    Call (planned_on: the tensor calls._call plans from, one of `tensors`); every tensor's
+    shape, strides and dtype, the scale, similarity and raggedness, and the configs
+    use_configs forces. A prepared launch is kept under it (a repeated call then skips
+    planning, its Call included: at ten memory frames the host's work outweighs a GPU's)."""
+    return (read, devices.describe(planned_on.device), tensors[0].device,
+            torch.get_float32_matmul_precision(), scale, l2, lengths is None,
+            tilings.forced_configs(), *[(t.shape, t.stride(), t.dtype) for t in tensors])
 
 
 def _kept(layout):
-    """The pass kept for `layout`, or None (none kept, or inside planning_every_call)."""
-    return _prepared.get(layout) if _keeping_launches else None
+    """The pass kept for `layout`, or None (none kept, inside planning_every_call, or its Call
+    no longer what the tables say: calls.planned_from_current_tables)."""
+    prepared = _prepared.get(layout) if _keeping_launches else None
+    if prepared is None or not calls.planned_from_current_tables(prepared.call, *_planned_from):
+        return None
+    return prepared
 
 
 def _run_prepared(layout, *tensors):
@@ -125,9 +135,14 @@ def _run_prepared(layout, *tensors):
 def _keep_prepared(layout, prepared):
     """Keep a pass's launches for its layout (none inside planning_every_call), the oldest
     dropped beyond PREPARED_LAYOUTS."""
+    global _planned_from
     if not _keeping_launches:
         return
     with _keeping:  # two threads keeping at the limit must not drop one layout twice
+        on_torch, architectures = calls.current_tables()
+        if _planned_from[0] is not on_torch or _planned_from[1] != architectures:
+            _prepared.clear()  # planned from other tables: none is looked at again
+            _planned_from = (on_torch, architectures)
         while _prepared and len(_prepared) >= PREPARED_LAYOUTS:
             del _prepared[next(iter(_prepared))]
         _prepared[layout] = prepared

@@ -110,13 +110,13 @@ def triton_select(q, k, top_k, scale, l2, lengths=None):
 def select_pass(q, k, top_k, scale, l2, lengths=None):
     """(scores, indices, the PreparedSelect that computed them) as triton_select: the pass
     kept for the call's layout, or planned on this call and kept."""
-    _check_device(q, k)
-    call = _call(k, "select", l2)
-    layout = _layout_key(("select", top_k), call, scale, l2, lengths, q, k)
+    layout = _layout_key(("select", top_k), k, scale, l2, lengths, q, k)
     kept = _run_prepared(layout, q, k, lengths)
     if kept is not None:
         (scores, indices), prepared = kept
         return scores, indices, prepared
+    _check_device(q, k)
+    call = _call(k, "select", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
     inputs = functools.partial(_query_inputs, l2=l2, rank1=call.rank1)
@@ -163,12 +163,12 @@ def _usage_inputs(q, k, lse, lengths):
 def triton_usage(q, k, lse, scale, l2, lengths=None):
     """(B, N) float32 memory usage for the read's lse (B, HW) (memory_read_usage_kernel).
     Planned once per layout (_layout_key)."""
-    _check_device(q, k)
-    call = _call(k, "usage", l2)
-    layout = _layout_key("usage", call, scale, l2, lengths, q, k)
+    layout = _layout_key("usage", k, scale, l2, lengths, q, k)
     kept = _run_prepared(layout, q, k, lse, lengths)
     if kept is not None:
         return kept[0]
+    _check_device(q, k)
+    call = _call(k, "usage", l2)
     B, Ck, N = k.shape
     HW = q.shape[2]
     tensors = _usage_inputs(q, k, lse, lengths)
