@@ -232,7 +232,7 @@ def _online_step(scores, values, row_max, row_sum, acc):
 # (a 512 x 1024 float32 score tile is 2 MB, held by one worker while it is reduced).
 ROW_BLOCK = 512
 # Tasks reading one group of row blocks on the bf16 path, each a share of the memory:
-# two (not one per worker) bound the extra (rows, Cv) sums to one set per group.
+# two (not one per worker) bound the extra (Cv, rows) sums to one set per group.
 READERS = 2
 # Query rows of a block of a one-object bf16 read, which the caller reads with torch's own
 # threads: 480p's 1,620 rows in one block, whose products are large enough for oneDNN to share
@@ -288,7 +288,8 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
         for start in range(0, N, CPU_CHUNK):
             chunk = _columns(k, slice(None), start, start + CPU_CHUNK, acc_dtype)
             k_norms[:, start:start + CPU_CHUNK] = chunk.square().sum(1).mul_(scale2)
-    out = new_buffer((B, HW, Cv), acc_dtype, "cpu")
+    # bf16: summed as (Cv, rows) columns (_Bf16Rows), so the output needs no transposing copy
+    out = new_buffer((B, Cv, HW) if bf16 else (B, HW, Cv), acc_dtype, "cpu")
     lse = new_buffer((B, HW), acc_dtype, "cpu")
     workers = torch.get_num_threads()
     own = bf16 and B == 1  # the caller reads the one object, with torch's threads
@@ -311,16 +312,20 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     def finish(b, first, partial):
         """Object b's rows from first: their readers' sums merged, normalised and written."""
         acc, row_sum, offset = _merged(partial)
-        if not (torch.isfinite(row_sum).all() and torch.isfinite(acc).all()):
+        # one sum, not isfinite's four passes: any inf or NaN makes it non-finite (a finite
+        # acc whose sum overflows is only read again, with the same result)
+        if not torch.isfinite(acc.sum() + row_sum.sum()):
             query = query_rows(b, first)
             acc, row_sum, offset = _online_softmax(chunks(b, query), query.shape[0], Cv,
                                                    acc_dtype)
-        target = out[b, first:first + rows]
-        if acc.data_ptr() == target.data_ptr():  # summed in place
-            acc.div_(row_sum)
+            if bf16:  # as the bf16 sums are laid out: (Cv, rows), (1, rows)
+                acc, row_sum, offset = acc.T, row_sum.T, offset.T
+        target = out[b, :, first:first + rows] if bf16 else out[b, first:first + rows]
+        if acc.data_ptr() == target.data_ptr() and acc.stride() == target.stride():
+            acc.div_(row_sum)  # summed in place
         else:
             target.copy_(acc.div_(row_sum))
-        lse[b, first:first + rows] = offset.add_(row_sum.log_()).squeeze(1)
+        lse[b, first:first + rows] = offset.add_(row_sum.log_()).reshape(-1)
 
     def float32_task(b, firsts):
         for first in firsts:
@@ -331,8 +336,8 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
         """One reader's sums of object b's row blocks at firsts, over the chunks it takes from
         the group's shared ones; the group's last reader to end merges and finishes them."""
         # the first reader sums into the output rows, the others into their own
-        accs = [out[b, first:first + rows] if reader == 0 else
-                torch.empty((min(rows, HW - first), Cv)) for first in firsts]
+        accs = [out[b, :, first:first + rows] if reader == 0 else
+                torch.empty((Cv, min(rows, HW - first))) for first in firsts]
         scratch = _scratch(k, v, ends[b])
         results = _bf16_softmax(
             [q[b if q.shape[0] > 1 else 0, :, first:first + rows] for first in firsts],
@@ -375,6 +380,8 @@ def _forward_row_blocks(q, k, v, scale, l2, lengths):
     else:
         for done in [_worker_pool(workers).submit(task, *t) for t in tasks]:
             done.result()
+    if bf16:
+        return out.to(v.dtype), lse
     return out.transpose(1, 2).to(v.dtype).contiguous(), lse
 
 
@@ -433,49 +440,49 @@ BF16_HEADROOM = 2.0
 
 
 def _bf16_softmax(queries, keys, values, scale, l2, accs, indices):
-    """[(acc (rows, Cv), row_sum (rows, 1), offset (rows, 1))] as _fixed_offset_softmax gives
-    them, with both products in bf16 (float32 accumulation inside oneDNN), for blocks of query
-    rows of one object read in lockstep: each chunk's keys and values are taken once (an
-    8-bit memory's dequantised once) and multiplied by every block while they are in cache.
-    queries: (Ck, rows) bf16 blocks; keys the object's _KeyChunks (chunks, Ck + 2 or + 4,
-    L), the chunks at its `starts` (_chunk_starts(n)); values its _ValueChunks (Cv + 1, n),
-    bf16, a row of ones last (the row sums come out of the second product), sliced a chunk at
-    a time (a reader's buffers are reused for the next chunk); accs: a float32 (rows, Cv)
-    buffer per block, which its acc is summed into (the caller's output rows: no copy);
-    indices: the chunks to read (an iterable of indices into _chunk_starts(n): an iterator
-    shared with other readers hands each chunk to one of them); a block's result is None
-    where it yields none.
+    """[(acc (Cv, rows), row_sum (1, rows), offset (1, rows))]: _fixed_offset_softmax's sums
+    laid out as columns (the output's (Cv, HW) layout), with both products in bf16 (float32
+    accumulation inside oneDNN), for blocks of query rows of one object read in lockstep: each
+    chunk's keys and values are taken once (an 8-bit memory's dequantised once) and multiplied
+    by every block while they are in cache. queries: (Ck, rows) bf16 blocks; keys the object's
+    _KeyChunks (chunks, Ck + 2 or + 4, L), the chunks at its `starts` (_chunk_starts(n)); values
+    its _ValueChunks (Cv + 1, n), bf16, a row of ones last (the row sums come out of the second
+    product), sliced a chunk at a time (a reader's buffers are reused for the next chunk); accs:
+    a float32 (Cv, rows) buffer per block, which its acc is summed into (the caller's output
+    columns: no copy); indices: the chunks to read (an iterable of indices into
+    _chunk_starts(n): an iterator shared with other readers hands each chunk to one of them); a
+    block's result is None where it yields none.
 
-    A bf16 product rounds its output to 8 significant bits: 0.25 near a score of 50, a 13%
-    error in its exp. So each row's offset is subtracted inside the product, through two extra
-    query columns (the offset in a bf16 high and low part, about 16 bits) against the keys'
-    rows of ones: the product is then near 0 where the softmax weight is, and exact there to
-    bf16's relative precision. A chunk whose scores rise more than BF16_HEADROOM above a row's
-    offset (the first chunk always: the offset starts at 0) raises that row's offset to the
-    chunk's maximum, rescales the row's sums, and is multiplied again: an online softmax whose
-    maximum is taken from the product itself. The rounding of an offset is one constant per
-    row, which the softmax cancels and the log-sum-exp takes back (the offset returned is the
-    one subtracted). The scale multiplies the product inside it (addmm's alpha, on the float32
-    sum before its one rounding), so the query enters unrounded and no pass over the scores
-    is spent on it; the scaled product and its exp round to about 2^-9 of an exponent near 0,
-    and the row sums and the read-out accumulate in float32. Denormals are flushed to zero
-    while it runs, as the bf16 dot-product instructions do in the products anyway, so that the
-    exp of a peaked row's scores keeps to its fast path."""
+    A bf16 product rounds its output to 8 significant bits: 0.25 near a score of 50, a 13% error
+    in its exp. So each row's offset is subtracted inside the product, through two extra query
+    columns (the offset in a bf16 high and low part, about 16 bits) against the keys' rows of
+    ones: the product is then near 0 where the softmax weight is, and exact there to bf16's
+    relative precision. A chunk whose scores rise more than BF16_HEADROOM above a row's offset
+    (every row at the first chunk: the offset starts at 0) raises that row's offset to the
+    chunk's maximum, rescales the row's sums, and multiplies that row again: an online softmax
+    whose maximum is taken from the product itself. The rounding of an offset is one constant
+    per row, which the softmax cancels and the log-sum-exp takes back (the offset returned is
+    the one subtracted). The scale multiplies the product inside it (addmm's alpha, on the
+    float32 sum before its one rounding), so the query enters unrounded and no pass over the
+    scores is spent on it; the scaled product and its exp round to about 2^-9 of an exponent
+    near 0, and the row sums and the read-out accumulate in float32. Denormals are flushed to
+    zero while it runs, as the bf16 dot-product instructions do in the products anyway, so that
+    the exp of a peaked row's scores keeps to its fast path."""
     # one buffer for the blocks' value products, which run one after another
-    partial = torch.empty((max(acc.shape[0] for acc in accs), accs[0].shape[1] + 1),
-                          dtype=torch.bfloat16)
-    blocks = [_Bf16Rows(query, acc, partial[:acc.shape[0]], scale, l2)
-              for query, acc in zip(queries, accs, strict=True)]
+    Cv = accs[0].shape[0]
+    partial = torch.empty((Cv + 1) * max(acc.shape[1] for acc in accs), dtype=torch.bfloat16)
+    blocks = [_Bf16Rows(query, acc, partial[:(Cv + 1) * acc.shape[1]].view(Cv + 1, -1), scale,
+                        l2) for query, acc in zip(queries, accs, strict=True)]
     length = keys.shape[2]
     with denormals_flushed():
         for index in indices:
             start = keys.starts[index]
-            chunk_keys, chunk_values = keys[index], values[:, start:start + length].T
+            chunk_keys, chunk_values = keys[index], values[:, start:start + length]
             taken = index * length - start  # positions an earlier chunk read (the last overlaps)
             for block in blocks:
                 block.add(chunk_keys, chunk_values, taken)
     return [None if block.subtracted is None else
-            (block.acc, block.row_sum, block.subtracted * scale) for block in blocks]
+            (block.acc, block.row_sum, block.subtracted.T * scale) for block in blocks]
 
 
 class _Bf16Rows:
@@ -489,51 +496,72 @@ class _Bf16Rows:
         self.ones = [query.new_ones((rows, 2))] if l2 else []  # against -|k|² high and low
         self.augmented, self.used = self.augment(torch.zeros((rows, 1), dtype=torch.float32))
         self.unused = query.new_zeros((1, 1))  # addmm's input, ignored at beta = 0
-        self.acc = acc.zero_()
-        self.row_sum = torch.zeros((rows, 1), dtype=torch.float32)
-        self.partial = partial  # (rows, Cv + 1) bf16, the value product's
+        self.acc = acc.zero_()  # (Cv, rows)
+        self.row_sum = torch.zeros((1, rows), dtype=torch.float32)
+        self.partial = partial  # (Cv + 1, rows) bf16, the value product's
         self.subtracted = None
 
     def augment(self, target):
         """(the query's columns with -target in two bf16 parts (rows, Ck + 2 or + 4), the
-        offset they subtract): rebuilt only when an offset rises."""
-        high = target.to(torch.bfloat16)
-        low = (target - high.float()).to(torch.bfloat16)
-        return torch.cat(self.columns + [-high, -low] + self.ones, 1), high.float() + low.float()
+        offset they subtract): made once, at the first chunk (raise_offsets then changes the
+        rows whose offsets rise)."""
+        high, low, offset = _bf16_parts(target)
+        return torch.cat(self.columns + [-high, -low] + self.ones, 1), offset
 
-    def product(self, keys, taken):
-        """scale * (query . keys - offset) for one chunk, rounded once to bf16; -inf at the
-        `taken` positions an earlier chunk read."""
-        products = torch.addmm(self.unused.expand(self.augmented.shape[0], keys.shape[1]),
-                               self.augmented, keys, beta=0, alpha=self.scale)
+    def product(self, keys, taken, rows=None):
+        """scale * (query . keys - offset) for one chunk (of the query rows at index `rows`,
+        default all), rounded once to bf16; -inf at the `taken` positions an earlier chunk
+        read."""
+        augmented = self.augmented if rows is None else self.augmented[rows]
+        products = torch.addmm(self.unused.expand(augmented.shape[0], keys.shape[1]),
+                               augmented, keys, beta=0, alpha=self.scale)
         if taken > 0:
             products[:, :taken] = float("-inf")
         return products
 
+    def raise_offsets(self, products, keys, taken):
+        """Where a row's products rise more than BF16_HEADROOM above its offset: its offset
+        raised to its peak, its sums so far rescaled to it, and its products taken again, for
+        those rows only (in a chunk where some rows rise most do not, and a product of every
+        row costs as much as the chunk's own)."""
+        peak, rising = _rising_peak(products)
+        if not rising.any():
+            return
+        rows = rising.view(-1).nonzero().view(-1)
+        before = self.used[rows]
+        high, low, now = _bf16_parts(before + peak[rows] / self.scale)
+        channels = self.columns[0].shape[1]
+        self.augmented[rows, channels:channels + 2] = torch.cat([-high, -low], 1)
+        products[rows] = self.product(keys, taken, rows)
+        factor = torch.exp((before - now) * self.scale).T  # (1, rising rows)
+        self.acc.index_copy_(1, rows, self.acc.index_select(1, rows).mul_(factor))
+        self.row_sum.index_copy_(1, rows, self.row_sum.index_select(1, rows).mul_(factor))
+        self.used[rows] = now
+
     def add(self, keys, values, taken):
-        """Add one chunk: keys (Ck + 2 or + 4, L), values (L, Cv + 1) (ones last), bf16."""
+        """Add one chunk: keys (Ck + 2 or + 4, L), values (Cv + 1, L) (ones last), bf16."""
         products = self.product(keys, taken)
-        first = self.subtracted is None  # every row's offset then set at its own peak
-        if first:
+        if self.subtracted is None:  # the first chunk: every row's offset set at its own peak
             peak = products.amax(1, keepdim=True).float()  # scaled
-        else:
-            peak, rising = _rising_peak(products)
-        if first or rising.any():
-            top = self.used + peak / self.scale
-            self.augmented, now = self.augment(
-                top if first else torch.where(rising, top, self.used))
+            self.augmented, self.used = self.augment(self.used + peak / self.scale)
             products = self.product(keys, taken)
-            if not first:  # the sums so far, to the new offsets
-                factor = torch.exp((self.subtracted - now) * self.scale)
-                self.acc.mul_(factor)
-                self.row_sum.mul_(factor)
-            self.used = now
-        self.subtracted = self.used
+            self.subtracted = self.used  # (raised in place from here on)
+        else:
+            self.raise_offsets(products, keys, taken)
         # in bf16 (half the bytes of float32), its arguments floored: no denormal result
         probabilities = products.clamp_(min=BF16_EXP_FLOOR).exp_()
-        torch.mm(probabilities, values, out=self.partial)  # (rows, Cv + 1): the row sums last
-        self.acc.add_(self.partial[:, :-1])
-        self.row_sum.add_(self.partial[:, -1:])
+        # (Cv + 1, rows): the row sums last, the output's layout (no transposing copy at the end)
+        torch.mm(values, probabilities.T, out=self.partial)
+        self.acc.add_(self.partial[:-1])
+        self.row_sum.add_(self.partial[-1:])
+
+
+def _bf16_parts(target):
+    """(high, low, high + low) of float32 target: its bf16 part, the bf16 rest (about 16
+    significant bits together), and their float32 sum (what a product subtracts)."""
+    high = target.to(torch.bfloat16)
+    low = (target - high.float()).to(torch.bfloat16)
+    return high, low, high.float() + low.float()
 
 
 # The floor of the bf16 exps' arguments: e^-87 is a normal number (float32's and bf16's smallest

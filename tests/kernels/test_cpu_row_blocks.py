@@ -202,6 +202,50 @@ def test_bf16_scores_far_above_the_first_chunks_raise_the_offset_themselves(bf16
     assert relative_error(lse, expected_lse) < 1e-3
 
 
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_bf16_rows_rising_in_a_later_chunk_are_multiplied_again_alone(bf16_products,
+                                                                      monkeypatch, threads):
+    """A later chunk's keys along one direction: the rows pointing along it rise far above
+    their offsets (their offsets raised, their sums so far rescaled, their products taken
+    again), the others fall. Only the rising rows are multiplied again, and every row reads as
+    the float64 read does."""
+    monkeypatch.setattr(pytorch, "BF16_ROW_BLOCK", 64)  # one block of 40 rows
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 64, torch.float32, "cpu", seed=21)
+    direction = torch.randn(12, generator=torch.Generator().manual_seed(22))
+    k[0, :, 40:48] = 6 * direction[:, None] + 0.1 * k[0, :, 40:48]
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    along = (q[0].float().T @ direction > 0.5).sum().item()
+    assert 5 < along < 35  # some rows rise, not all
+    shapes = []
+    original = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **o: shapes.append(a[1].shape[0]) or
+                        original(*a, **o))
+    online = _count_online_reads(monkeypatch)
+    with torch.no_grad():
+        out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
+    assert bf16_products and not online
+    again = [rows for rows in shapes if rows < 40]
+    assert again and sum(again) < 40 * len(again)  # a part of the rows, taken again
+    assert shapes.count(40) == 64 // 16 + 1  # every chunk once, the first twice
+    expected, expected_lse, _ = reference_read(q, k, v)
+    assert relative_error(out, expected) < 1e-2
+    assert relative_error(lse, expected_lse) < 1e-3
+    per_row = (out.double() - expected).norm(dim=1) / expected.norm(dim=1)
+    assert per_row.max() < 3e-2  # each row, the ones that rose and the ones that did not
+
+
+def test_a_bf16_read_is_written_in_the_outputs_layout(bf16_products):
+    """The bf16 read sums into (Cv, rows) columns: its output comes out contiguous in (B, Cv,
+    HW) from a cast, with no transposing copy (the one-object read's whole block, and two
+    objects' row blocks)."""
+    for B in (1, 2):
+        q, k, v = random_inputs(B, 1, 12, 24, 20, 70, torch.bfloat16, "cpu", seed=23)
+        with torch.no_grad():
+            out = memory_read(q, k, v, backend="torch")
+        assert out.is_contiguous() and out.shape == (B, 24, 20)
+        assert relative_error(out, reference_read(q, k, v)[0]) < 1e-2
+
+
 def test_cpu_features_name_the_processor_and_its_flags(monkeypatch):
     from stm_kernels.backends import cpu_features
     info = cpu_features.cpu_info()
