@@ -532,7 +532,7 @@ class _Bf16Rows:
         high, low, now = _bf16_parts(before + peak[rows] / self.scale)
         channels = self.columns[0].shape[1]
         self.augmented[rows, channels:channels + 2] = torch.cat([-high, -low], 1)
-        products[rows] = self.product(keys, taken, rows)
+        products[rows] = self.product(keys, taken, _bucketed(rows, len(products)))[:len(rows)]
         factor = torch.exp((before - now) * self.scale).T  # (1, rising rows)
         self.acc.index_copy_(1, rows, self.acc.index_select(1, rows).mul_(factor))
         self.row_sum.index_copy_(1, rows, self.row_sum.index_select(1, rows).mul_(factor))
@@ -554,6 +554,14 @@ class _Bf16Rows:
         torch.mm(values, probabilities.T, out=self.partial)
         self.acc.add_(self.partial[:-1])
         self.row_sum.add_(self.partial[-1:])
+
+
+def _bucketed(rows, limit):
+    """The row indices `rows` padded to a power-of-two count (at most `limit`) by repeating the
+    last: oneDNN makes a matmul primitive per shape, and a product of every count of rising rows
+    would make (and cache) one for each."""
+    count = min(1 << (len(rows) - 1).bit_length(), limit)
+    return rows if count == len(rows) else torch.cat([rows, rows[-1:].expand(count - len(rows))])
 
 
 def _bf16_parts(target):

@@ -314,7 +314,9 @@ def test_a_growing_memory_hands_the_bf16_products_one_shape_and_layout(bf16_prod
             expected = reference_read(q, k[:, :, :length], v[:, :, :length])[0]
             assert relative_error(out, expected) < 1e-2
     assert len(bf16_products) >= len(lengths)
-    assert len(layouts) <= 6, len(layouts)  # (the query's row blocks) x (the two products)
+    # (the query's row blocks) x (the two products), and the rising rows' products in
+    # power-of-two counts below a block's 8 rows (1, 2, 4)
+    assert len(layouts) <= 6 + 3, len(layouts)
 
 
 def _recorded_chunks(monkeypatch):
@@ -409,16 +411,19 @@ def test_bf16_values_narrower_than_a_row_block(bf16_products):
 def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products, monkeypatch,
                                                                    threads):
     """Unit-normal scores (none far above its row's first chunk): each row block multiplies
-    each chunk's keys once, the first chunk twice (its offset is set from its own product)
-    and a later one again only where its scores rise past the offset's headroom."""
-    products = []
+    each chunk's keys once, the first chunk twice (its offset is set from its own product),
+    and again only the rows whose scores rise past the offset's headroom."""
+    rows = []
     original = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **o: products.append(1) or original(*a, **o))
+    monkeypatch.setattr(torch, "addmm", lambda *a, **o: rows.append(a[1].shape[0]) or
+                        original(*a, **o))
     q, k, v = random_inputs(1, 1, 12, 24, 40, 160, torch.bfloat16, "cpu", seed=16)
     with torch.no_grad():
         memory_read(q, k, v, backend="torch")
-    blocks, chunks = 5, 10
-    assert blocks * (chunks + 1) <= len(products) < blocks * chunks * 1.5, len(products)
+    blocks, chunks, block_rows = 5, 10, 8
+    assert rows.count(block_rows) == blocks * (chunks + 1)  # every chunk, the first twice
+    again = [count for count in rows if count < block_rows]
+    assert sum(again) < 0.2 * block_rows * blocks * chunks, again
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
@@ -505,6 +510,35 @@ def test_float16_l2_row_blocks_take_their_key_norms_in_float32():
     with torch.no_grad():
         out = memory_read(q, k, v, similarity="l2", backend="torch")
     assert relative_error(out, reference_read(q, k, v, similarity="l2")[0]) < 2e-3
+
+
+def test_rising_rows_take_a_few_product_shapes_whatever_their_count(bf16_products,
+                                                                   monkeypatch):
+    """Peaked scores over a long memory: rows rise in most chunks, in every count from one to
+    the block's; their products come in power-of-two counts (and the block's own), so oneDNN
+    keeps a few matmul primitives, not one per count (each about 0.5 MiB: a long video's
+    process grew by tens of MiB)."""
+    monkeypatch.setattr(pytorch, "BF16_ROW_BLOCK", 64)  # one block of 40 rows
+    q, k, v = random_inputs(1, 1, 12, 24, 40, 800, torch.float32, "cpu", seed=24)
+    q, k, v = q.bfloat16(), (k * 20).bfloat16(), v.bfloat16()
+    counts = []
+    original = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **o: counts.append(a[1].shape[0]) or
+                        original(*a, **o))
+    with torch.no_grad():
+        out = memory_read(q, k, v, backend="torch")
+    assert bf16_products and len(set(counts)) > 3  # rows rose, in several counts
+    assert set(counts) <= {1, 2, 4, 8, 16, 32, 40}, sorted(set(counts))
+    assert relative_error(out, reference_read(q, k, v)[0]) < 2e-2
+
+
+def test_rising_rows_are_multiplied_in_power_of_two_counts():
+    """_bucketed pads the rising rows' indices by repeating the last (the product's rows past
+    the real ones are dropped): one oneDNN primitive per power of two, not per count."""
+    rows = torch.tensor([3, 5, 9])
+    assert pytorch._bucketed(rows, 40).tolist() == [3, 5, 9, 9]
+    assert pytorch._bucketed(rows[:2], 40).tolist() == [3, 5]
+    assert pytorch._bucketed(torch.arange(20), 24).tolist() == list(range(20)) + [19] * 4
 
 
 def test_the_bf16_peak_read_as_int16_is_the_rows_maximum():
