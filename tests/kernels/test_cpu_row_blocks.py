@@ -516,8 +516,8 @@ def test_rising_rows_take_a_few_product_shapes_whatever_their_count(bf16_product
                                                                    monkeypatch):
     """Peaked scores over a long memory: rows rise in most chunks, in every count from one to
     the block's; their products come in power-of-two counts (and the block's own), so oneDNN
-    keeps a few matmul primitives, not one per count (each about 0.5 MiB: a long video's
-    process grew by tens of MiB)."""
+    keeps a few matmul primitives, not one per count (each about 0.5 MiB, kept in its
+    cache)."""
     monkeypatch.setattr(pytorch, "BF16_ROW_BLOCK", 64)  # one block of 40 rows
     q, k, v = random_inputs(1, 1, 12, 24, 40, 800, torch.float32, "cpu", seed=24)
     q, k, v = q.bfloat16(), (k * 20).bfloat16(), v.bfloat16()
