@@ -503,8 +503,8 @@ class _Bf16Rows:
 
     def augment(self, target):
         """(the query's columns with -target in two bf16 parts (rows, Ck + 2 or + 4), the
-        offset they subtract): made once, at the first chunk (raise_offsets then changes the
-        rows whose offsets rise)."""
+        offset they subtract): made at the start and again at the first chunk (raise_offsets
+        then changes only the rows whose offsets rise)."""
         high, low, offset = _bf16_parts(target)
         return torch.cat(self.columns + [-high, -low] + self.ones, 1), offset
 

@@ -85,6 +85,15 @@ def test_a_small_read_runs_batched_and_a_large_one_in_row_blocks(monkeypatch, le
         assert (out - expected).abs().max() < 1e-5
 
 
+def _key_product_rows(monkeypatch):
+    """A list that gets the query rows of every key product (torch.addmm) the read takes."""
+    rows = []
+    original = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **o: rows.append(a[1].shape[0]) or
+                        original(*a, **o))
+    return rows
+
+
 def _count_online_reads(monkeypatch):
     """A list that gets one entry per row block read again by the online softmax."""
     online = []
@@ -216,10 +225,7 @@ def test_bf16_rows_rising_in_a_later_chunk_are_multiplied_again_alone(bf16_produ
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     along = (q[0].float().T @ direction > 0.5).sum().item()
     assert 5 < along < 35  # some rows rise, not all
-    shapes = []
-    original = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **o: shapes.append(a[1].shape[0]) or
-                        original(*a, **o))
+    shapes = _key_product_rows(monkeypatch)
     online = _count_online_reads(monkeypatch)
     with torch.no_grad():
         out, lse = memory_read(q, k, v, backend="torch", return_lse=True)
@@ -413,10 +419,7 @@ def test_bf16_scores_that_do_not_rise_take_each_chunk_product_once(bf16_products
     """Unit-normal scores (none far above its row's first chunk): each row block multiplies
     each chunk's keys once, the first chunk twice (its offset is set from its own product),
     and again only the rows whose scores rise past the offset's headroom."""
-    rows = []
-    original = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **o: rows.append(a[1].shape[0]) or
-                        original(*a, **o))
+    rows = _key_product_rows(monkeypatch)
     q, k, v = random_inputs(1, 1, 12, 24, 40, 160, torch.bfloat16, "cpu", seed=16)
     with torch.no_grad():
         memory_read(q, k, v, backend="torch")
@@ -521,10 +524,7 @@ def test_rising_rows_take_a_few_product_shapes_whatever_their_count(bf16_product
     monkeypatch.setattr(pytorch, "BF16_ROW_BLOCK", 64)  # one block of 40 rows
     q, k, v = random_inputs(1, 1, 12, 24, 40, 800, torch.float32, "cpu", seed=24)
     q, k, v = q.bfloat16(), (k * 20).bfloat16(), v.bfloat16()
-    counts = []
-    original = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **o: counts.append(a[1].shape[0]) or
-                        original(*a, **o))
+    counts = _key_product_rows(monkeypatch)
     with torch.no_grad():
         out = memory_read(q, k, v, backend="torch")
     assert bf16_products and len(set(counts)) > 3  # rows rose, in several counts

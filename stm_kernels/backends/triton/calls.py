@@ -117,11 +117,16 @@ def current_tables():
     return tilings.ON_TORCH, len(tilings.ARCHITECTURES)
 
 
+def tables_unchanged(on_torch, architectures):
+    """Whether current_tables() is still (on_torch, architectures): ON_TORCH the same table, no
+    architecture added or removed."""
+    return on_torch is tilings.ON_TORCH and architectures == len(tilings.ARCHITECTURES)
+
+
 def planned_from_current_tables(call, on_torch, architectures):
     """Whether `call`, planned when current_tables() was (on_torch, architectures), is still
-    what the tables say: ON_TORCH the same table, no architecture added or removed, and its
-    own architecture's entry the same object."""
-    return on_torch is tilings.ON_TORCH and architectures == len(tilings.ARCHITECTURES) and \
+    what the tables say: tables_unchanged, and its own architecture's entry the same object."""
+    return tables_unchanged(on_torch, architectures) and \
         tilings.ARCHITECTURES.get(call.architecture.name) is call.architecture
 
 

@@ -139,10 +139,9 @@ def _keep_prepared(layout, prepared):
     if not _keeping_launches:
         return
     with _keeping:  # two threads keeping at the limit must not drop one layout twice
-        on_torch, architectures = calls.current_tables()
-        if _planned_from[0] is not on_torch or _planned_from[1] != architectures:
+        if not calls.tables_unchanged(*_planned_from):
             _prepared.clear()  # planned from other tables: none is looked at again
-            _planned_from = (on_torch, architectures)
+            _planned_from = calls.current_tables()
         while _prepared and len(_prepared) >= PREPARED_LAYOUTS:
             del _prepared[next(iter(_prepared))]
         _prepared[layout] = prepared
