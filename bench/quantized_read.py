@@ -43,8 +43,10 @@ the CPU at hand. One block of the read (ROW_BLOCK query rows, CPU_CHUNK memory p
 128, Cv 512) on one thread, interleaved rounds: the bf16 products the read runs (QK through
 addmm, PV through mm, oneDNN), int8 QK through torch._int_mm (VNNI / AMX-INT8) with and without
 the pass that brings its int32 scores to the bf16 products the softmax takes, PV through
-torch's int8 weight-only product (_weight_int8pack_mm: bf16 p, int8 values), and the
-dequantisation of one key and one value chunk to bf16 (quantized._dequantized).
+torch's int8 weight-only product (_weight_int8pack_mm: bf16 p, int8 values), the
+dequantisation of one key and one value chunk to bf16 (quantized._dequantized), and the two
+bounds of a chunk's making: a bf16 value chunk copied (the bf16 read's) and an int8 one widened
+to bf16 with no scale (the least an 8-bit chunk can cost, whatever is done with its scales).
 """
 import argparse
 import functools
@@ -354,6 +356,7 @@ def product_ops(seed=0):
     value_scales = torch.rand(Cv, generator=generator).bfloat16()
     channel_scale = torch.rand(Ck, 1, generator=generator)
     position_scale = torch.rand(1, L, generator=generator)
+    value_chunk = torch.empty((Cv, L), dtype=torch.bfloat16)
     qk, pv = rows * Ck * L, rows * L * Cv
     ops = {
         "QK bf16 (addmm, as the read)": (lambda: torch.addmm(unused, q, k, beta=0), qk),
@@ -370,6 +373,10 @@ def product_ops(seed=0):
             lambda: _dequantized(k8, channel_scale, torch.bfloat16), None),
         "dequantise a value chunk (per position)": (
             lambda: _dequantized(v8, position_scale, torch.bfloat16), None),
+        # what a chunk costs the bf16 read, and the least it can cost an 8-bit one (widened
+        # with no scale at all): their difference bounds what folding the scales away can give
+        "copy a bf16 value chunk (as the bf16 read)": (lambda: value_chunk.copy_(v), None),
+        "widen an int8 value chunk to bf16 (no scale)": (lambda: value_chunk.copy_(v8), None),
     }
     if L % 16:  # torch 2.14's weight-only kernel crashes (SIGSEGV) on other lengths
         del ops["PV int8 values (torch._weight_int8pack_mm)"]

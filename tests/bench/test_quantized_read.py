@@ -117,6 +117,11 @@ def test_products_time_the_reads_block_and_compute_what_they_name(monkeypatch):
     qk = ops["QK bf16 (addmm, as the read)"][0]()
     assert torch.allclose(qk.double(), q8.double().mm(k8.double()), rtol=1e-2)
     assert ops["QK bf16 (addmm, as the read)"][1] == 24 * 128 * 48
+    # the two bounds of a chunk's making make the same bf16 chunk: the codes, exactly
+    copied = ops["copy a bf16 value chunk (as the bf16 read)"][0]().clone()
+    widened = ops["widen an int8 value chunk to bf16 (no scale)"][0]()
+    assert widened.dtype == torch.bfloat16 and torch.equal(widened, v8.bfloat16())
+    assert torch.equal(copied, widened)
     results = quantized_read.measure_products(rounds=2, repeats=1)
     assert list(results) == list(ops)
     for name, result in results.items():
