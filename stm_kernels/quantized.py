@@ -232,22 +232,26 @@ def _dequantized_columns(part, scale, group, low, high, dtype, scratch=None):
     return wide if dtype in (torch.float32, torch.float64) else wide.to(dtype)
 
 
-# An e4m3fn code's sign, exponent and mantissa bits where float32 keeps them (shifted left 20).
-_FLOAT32_FIELDS = -0x78100000  # 0x87F00000 as a signed int32
+# An e4m3fn code's sign, exponent and mantissa bits where float16 keeps them (the int8 code,
+# sign-extended to int16 and shifted left 7): 0xBF80 as a signed int16.
+_FLOAT16_FIELDS = -0x4080
 
 
 def _fp8_as_float32(data, out=None):
     """float8_e4m3fn data as float32, exactly as data.to(torch.float32) (NaN codes included),
     through integer operations: torch's CPU conversion is elementwise scalar code, about 8x
-    slower on a (512, 1024) chunk. The code's bits shifted into a float32's fields read as
-    2^-120 times the value (subnormal codes too), then scaled by 2^120. out: an optional
+    slower on a (512, 1024) chunk. The code's bits shifted into a float16's fields read as
+    2^-8 times the value (subnormal codes as float16 subnormals), widened to float32 and
+    scaled by 2^8. float16's widening reads its subnormals exactly whether or not the thread
+    flushes denormals (a float32 route would pass subnormal codes through denormal float32s,
+    which a flushing thread, such as the bf16 CPU reader's, reads as zero). out: an optional
     float32 tensor of data's shape to make them in. On the CPU the NaN codes are looked for
     first (two reductions over the codes, a fortieth of the masked fill's cost) and filled
     only where present; elsewhere they are filled unconditionally (no host read)."""
     codes = data.view(torch.int8)
-    bits = codes.to(torch.int32) if out is None else out.view(torch.int32).copy_(codes)
-    bits = bits.mul_(1 << 20).bitwise_and_(_FLOAT32_FIELDS)
-    values = bits.view(torch.float32).mul_(2.0 ** 120)
+    bits = codes.to(torch.int16).mul_(1 << 7).bitwise_and_(_FLOAT16_FIELDS)
+    halves = bits.view(torch.float16)
+    values = (halves.to(torch.float32) if out is None else out.copy_(halves)).mul_(2.0 ** 8)
     if codes.device.type == "cpu" and not _holds_nan_codes(codes):
         return values
     return values.masked_fill_((codes | -128) == -1, float("nan"))  # the code 0x7F / 0xFF

@@ -3,6 +3,8 @@ read of an int8 / fp8 memory against the float64 read of its dequantised memory 
 plain torch (tests/reference.py), on the torch backend (batched chunks and CPU row blocks, the
 bf16 products path) and the naive one: both scale axes for keys and values, ragged lengths,
 top-k, usage, non-contiguous data, lists of chunks, NaN-poisoned outputs; one-line errors."""
+import contextlib
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from reference import reference_read
 from stm_kernels import QuantizedMemory, poison_outputs
 from stm_kernels import memory_read as read
 from stm_kernels.backends import pytorch
+from stm_kernels.torch_common import denormals_flushed
 
 FORMATS = ["int8", "fp8"]
 AXES = ["channel", "position"]
@@ -460,12 +463,16 @@ def test_autocast_reads_in_autocast_dtype():
     assert relative_error(out, ref_out) < TOLERANCE[torch.bfloat16]
 
 
-def test_fp8_widening_equals_torch_conversion_for_every_code():
+@pytest.mark.parametrize("flushing", [False, True], ids=["denormals kept", "flushed"])
+def test_fp8_widening_equals_torch_conversion_for_every_code(flushing):
     """The read widens fp8 through integer operations: every one of the 256 e4m3fn codes
-    (subnormals, both zeros, both NaN codes) as torch converts it, in strided slices too."""
+    (subnormals, both zeros, both NaN codes) as torch converts it, in strided slices too, and
+    on a thread that flushes denormals (as the bf16 CPU reader's does while it reads, and a
+    user's may), where the subnormal codes must not read as zero."""
     codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    widened = QuantizedMemory(codes.view(1, 1, 256), torch.ones(1, 1, 1)).dequantize()
     expected_values = codes.to(torch.float32).view(1, 1, 256)
+    with denormals_flushed() if flushing else contextlib.nullcontext():
+        widened = QuantizedMemory(codes.view(1, 1, 256), torch.ones(1, 1, 1)).dequantize()
     assert torch.equal(widened.isnan(), expected_values.isnan())
     assert torch.equal(widened.nan_to_num(0), expected_values.nan_to_num(0))
     numbers = ~expected_values.isnan()
@@ -500,6 +507,30 @@ def test_one_fp8_nan_code_reaches_the_read(bf16_row_blocks, nan_code, where):
     assert bool(nan[1].all()) == (where == "key")
     assert torch.equal(out.isnan(), nan)
     assert relative_error(out[~nan], ref_out[~nan]) < 6e-3
+
+
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_fp8_subnormal_codes_reach_the_bf16_read(bf16_row_blocks, where):
+    """e4m3's subnormal codes (exponent bits 0: 1 to 7 times 2^-9) are values, not zeros: the
+    bf16 readers flush denormals while they read, so the CPU widening must not pass these codes
+    through denormal numbers. A memory whose every key or value is a subnormal code (of a
+    scale that makes them ordinary values) reads as the float64 read of it does."""
+    q, k, v = memories()
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(1, 8, (2, 12 if where == "key" else 20, 111), generator=generator,
+                          dtype=torch.int8)
+    codes = codes | (torch.randint(0, 2, codes.shape, generator=generator,
+                                   dtype=torch.int8) << 7)  # either sign
+    subnormal = QuantizedMemory(codes.view(torch.float8_e4m3fn),
+                                torch.full((2, codes.shape[1], 1), 64.0))  # values 1/8 to 7/8
+    assert bool((subnormal.dequantize().abs() >= 0.125).all())
+    kq = subnormal if where == "key" else QuantizedMemory.quantize(k, "fp8")
+    vq = subnormal if where == "value" else QuantizedMemory.quantize(v, "fp8", "position")
+    with poison_outputs():
+        out, lse = read(q.bfloat16(), kq, vq, return_lse=True)
+    ref_out, ref_lse, _ = expected(q.bfloat16(), kq, vq)
+    assert relative_error(out, ref_out) < 6e-3
+    assert relative_error(lse, ref_lse) < 1e-3
 
 
 @pytest.mark.parametrize("value_axis", AXES)
