@@ -8,7 +8,10 @@ On the device it checks memory_read against a float64 reference computed on the 
 official (naive) read: forward, backward (gradients of the query, keys and values, through the
 output and the log-sum-exp; also under torch.use_deterministic_algorithms), ragged memory
 lengths, top-k, usage, for the dot, l2 and xmem
-similarities, in each dtype the device supports (float32 both exact and with TF32). On a GPU it
+similarities, in each dtype the device supports (float32 both exact and with TF32); and the
+read of an 8-bit memory (int8 and fp8, as a memory bank stores it: keys scaled per channel and
+frame, values per position; 16-bit queries on a GPU, float32, float64 and bf16 on a CPU; dot
+and l2, ragged lengths) against the float64 read of its dequantised memory. On a GPU it
 then times the fused read against the official read, PyTorch's SDPA and the same run's bf16
 matrix-multiply rate, at a few sizes including the target shape (one 480p frame, HW = 1,620,
 against 100 memory frames, N = 162,000, Ck = 128, Cv = 512), and in exact float32 the fused
@@ -45,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from . import FallbackWarning, __version__, memory_read, memory_usage
+from . import FallbackWarning, QuantizedMemory, __version__, memory_read, memory_usage
 from .experimental import read_unsupported_reasons
 from .selftest_options import DESCRIPTION, add_arguments
 from .backends import triton as triton_backend
@@ -59,6 +62,10 @@ SIMILARITIES = ("dot", "l2", "xmem")
 FEATURES = ("read", "deterministic", "ragged", "top_k", "usage")
 # The read and its gradients with the opt-in Gluon kernels (--experimental).
 GLUON_FEATURE = "gluon read"
+# The read of an 8-bit memory (inference only: out and lse) as a memory bank stores it: keys
+# with a scale per channel and frame (frames of HW positions), values one per position.
+QUANTIZED_FEATURES = {"int8 read": "int8", "fp8 read": "fp8"}
+QUANTIZED_SIMILARITIES = ("dot", "l2")  # an 8-bit memory is not read with xmem
 GLUON_SIMILARITIES = ("dot", "l2")  # the Gluon kernels read neither xmem nor the rank-1 term
 TARGET = dict(B=1, HW=1620, Ck=128, Cv=512)
 TIMED_N = (16200, 162000)
@@ -147,6 +154,26 @@ def _read(inputs, feature, similarity, backend, lengths, grad_seed):
     return results
 
 
+def _quantized(inputs, fmt, frame):
+    """(keys, values): the float64 CPU inputs' memory in 8 bits (fmt "int8" or "fp8"), keys
+    scaled per channel and frame of `frame` positions, values per position."""
+    frames = inputs["k"].shape[2] // frame
+    keys, values = (inputs[name].unflatten(2, (frames, frame)) for name in ("k", "v"))
+    return (QuantizedMemory.quantize(keys, fmt, axis="channel_frame"),
+            QuantizedMemory.quantize(values, fmt, axis="position"))
+
+
+def _quantized_read(q, memory, similarity, backend, lengths):
+    """{out, lse} of the read of an 8-bit memory (keys, values) on q's device; the naive
+    backend reads the memory dequantised in q's dtype (float64: the reference)."""
+    keys, values = (QuantizedMemory(part.data.to(q.device), part.scale.to(q.device))
+                    for part in memory)
+    with torch.no_grad():
+        out, lse = memory_read(q, keys, values, similarity=similarity, backend=backend,
+                               memory_lengths=lengths, return_lse=True)
+    return dict(out=out, lse=lse)
+
+
 def relative_error(actual, expected):
     """||actual - expected|| / ||expected|| in float64 on the CPU (tensors on any device, or
     arrays); inf when actual has a NaN or an Inf. The benchmarks' and the tests' measure too."""
@@ -174,16 +201,27 @@ def run_check(check, device, backend, seed):
         feature = "read" if gluon else check.feature
         if gluon:
             check.gluon = read_unsupported_reasons(on_device["q"], on_device["k"], on_device["v"])
+        fmt = QUANTIZED_FEATURES.get(check.feature)
+        memory = None if fmt is None else _quantized(inputs, fmt, check.shape["HW"])
         try:
             with gluon_opted_in() if gluon else contextlib.nullcontext():
-                actual = _read(on_device, feature, check.similarity, backend,
-                               torch.tensor(lengths, device=device), seed + 1)
+                if memory is not None:
+                    actual = _quantized_read(on_device["q"], memory, check.similarity, backend,
+                                             torch.tensor(lengths, device=device))
+                else:
+                    actual = _read(on_device, feature, check.similarity, backend,
+                                   torch.tensor(lengths, device=device), seed + 1)
         finally:
             torch.use_deterministic_algorithms(deterministic)
-        # float64 on the device itself (a GPU's float64 is slow but ample for these sizes)
+        # float64 on the device itself (a GPU's float64 is slow but ample for these sizes);
+        # an 8-bit memory's reference is the float64 read of its dequantised memory
         reference = {name: tensor.to(device) for name, tensor in inputs.items()}
-        expected = _read(reference, feature, check.similarity, "naive",
-                         torch.tensor(lengths, device=device), seed + 1)
+        if memory is not None:
+            expected = _quantized_read(reference["q"], memory, check.similarity, "naive",
+                                       torch.tensor(lengths, device=device))
+        else:
+            expected = _read(reference, feature, check.similarity, "naive",
+                             torch.tensor(lengths, device=device), seed + 1)
     except Exception as error:  # a crash is a failed check, reported with the others
         check.failure = "".join(traceback.format_exception_only(type(error), error)).strip()
         return check
@@ -225,6 +263,11 @@ def plan_checks(device, quick=False, experimental=False):
         if not quick:  # one 480p query frame against ten memory frames, both similarities
             checks += [Check("read", dtype, similarity, target) for dtype in dtypes
                        for similarity in ("dot", "l2")]
+        # the fused 8-bit read, with the 16-bit queries it is for
+        checks += [Check(feature, dtype, similarity, shape)
+                   for shape in [small] + ([] if quick else [target])
+                   for dtype in dtypes if dtype in ("fp16", "bf16")
+                   for similarity in QUANTIZED_SIMILARITIES for feature in QUANTIZED_FEATURES]
         if experimental:  # Cv twice a power of two, N % 8 == 0: what the Gluon kernels take
             shapes = [dict(B=3, Ck=64, Cv=128, HW=200, N=1000)] + ([] if quick else [target])
             checks += [Check(GLUON_FEATURE, dtype, similarity, shape) for shape in shapes
@@ -232,14 +275,18 @@ def plan_checks(device, quick=False, experimental=False):
                        for similarity in GLUON_SIMILARITIES]
         return checks
     if interpreting:
-        dtypes = ["fp32"]  # the interpreter's bf16 dot is wrong; fp16 adds nothing here
+        dtypes = quantized_dtypes = ["fp32"]  # the interpreter's bf16 dot is wrong
         shapes = [dict(B=2, Ck=16, Cv=24, HW=30, N=300)]  # memory split in 2: merged
     else:
         dtypes = ["fp32", "fp64"]
+        quantized_dtypes = dtypes + ["bf16"]  # bf16: the CPU's bf16 readers
         shapes = [dict(B=3, Ck=16, Cv=48, HW=60, N=300)]
     return [Check(feature, dtype, similarity, shape)
             for shape in shapes for dtype in dtypes for similarity in SIMILARITIES
-            for feature in FEATURES]
+            for feature in FEATURES] + \
+        [Check(feature, dtype, similarity, shape)
+         for shape in shapes for dtype in quantized_dtypes
+         for similarity in QUANTIZED_SIMILARITIES for feature in QUANTIZED_FEATURES]
 
 
 def backend_for(device):

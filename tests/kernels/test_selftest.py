@@ -26,13 +26,46 @@ def test_the_cpu_self_test_passes_and_writes_its_report(tmp_path):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["backend"] == "torch"
-    assert {check["dtype"] for check in report["checks"]} == {"fp32", "fp64"}
-    assert {check["similarity"] for check in report["checks"]} == set(selftest.SIMILARITIES)
-    assert {check["feature"] for check in report["checks"]} == set(selftest.FEATURES)
+    quantized = [check for check in report["checks"]
+                 if check["feature"] in selftest.QUANTIZED_FEATURES]
+    plain = [check for check in report["checks"] if check not in quantized]
+    assert {check["dtype"] for check in plain} == {"fp32", "fp64"}
+    assert {check["similarity"] for check in plain} == set(selftest.SIMILARITIES)
+    assert {check["feature"] for check in plain} == set(selftest.FEATURES)
+    # the 8-bit reads: both formats, dot and l2, and the CPU's bf16 readers too
+    assert {check["dtype"] for check in quantized} == {"fp32", "fp64", "bf16"}
+    assert {check["similarity"] for check in quantized} == {"dot", "l2"}
+    assert {check["feature"] for check in quantized} == {"int8 read", "fp8 read"}
+    assert all(set(check["errors"]) == {"out", "lse"} for check in quantized)
     assert all(check["passed"] and check["errors"] for check in report["checks"])
     assert report["torch"] == torch.__version__ and "timings" not in report  # no GPU: no timing
     assert f"{len(report['checks'])} of {len(report['checks'])} checks passed" in \
         completed.stdout
+
+
+@pytest.mark.parametrize("feature", ["int8 read", "fp8 read"])
+def test_an_8bit_check_reads_a_banks_memory_against_its_dequantised_read(feature, monkeypatch):
+    """An 8-bit check quantises the memory as a memory bank does (keys per channel and frame of
+    HW positions, values per position) and compares the read with the float64 read of that
+    same dequantised memory: exact to float64's rounding on the torch backend, and a read off
+    by 1e-3 fails it."""
+    shape = dict(B=3, Ck=16, Cv=48, HW=60, N=300)
+    inputs = selftest._inputs(shape, "dot", seed=5)
+    keys, values = selftest._quantized(inputs, selftest.QUANTIZED_FEATURES[feature], frame=60)
+    assert (keys.axis, values.axis) == ("channel_frame", "position")
+    assert keys.scale.shape == (3, 16, 5, 1) and keys.format == feature.split()[0]
+    check = selftest.run_check(selftest.Check(feature, "fp64", "l2", shape),
+                               torch.device("cpu"), "torch", seed=5)
+    assert check.passed and max(check.errors.values()) < 1e-13, check.errors
+    real = selftest.memory_read
+
+    def off(q, k, v, backend=None, **options):
+        out, lse = real(q, k, v, backend=backend, **options)
+        return (out * 1.001, lse) if backend == "torch" else (out, lse)
+    monkeypatch.setattr(selftest, "memory_read", off)
+    wrong = selftest.run_check(selftest.Check(feature, "fp64", "l2", shape),
+                               torch.device("cpu"), "torch", seed=5)
+    assert not wrong.passed and wrong.errors["out"] > 5e-4 and wrong.errors["lse"] < 1e-13
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -78,7 +111,9 @@ def test_the_interpreted_self_test_runs_every_kernel(tmp_path, capsys):
     assert report["backend"] == "triton" and report["passed"]
     kernels = {name.split(" on ")[0] for name in report["configs"]}
     assert kernels == set(tilings.KERNELS)
-    assert report["warnings"] == []  # no fallback to torch
+    assert report["warnings"] == []  # no fallback to torch (the 8-bit reads' kernel included)
+    assert {check["feature"] for check in report["checks"]} == \
+        set(selftest.FEATURES) | set(selftest.QUANTIZED_FEATURES)
     assert report["compiled"] == []  # the interpreter compiles nothing
 
 
@@ -135,10 +170,28 @@ def test_a_wrong_result_or_a_crash_fails_the_self_test(tmp_path, monkeypatch, ca
     monkeypatch.setattr(launch, "triton_forward", off_by_a_little)
     monkeypatch.setattr(selftest, "FEATURES", ("read",))
     monkeypatch.setattr(selftest, "SIMILARITIES", ("dot",))
+    monkeypatch.setattr(selftest, "QUANTIZED_FEATURES", {})
     assert selftest.main(["--json", str(tmp_path / "wrong.json")]) == 1
     output = capsys.readouterr().out
     assert "read          fp32  dot" in output and "FAILED" in output
     assert "0 of 1 checks passed" in output
+
+    # the 8-bit kernel's result off as little fails its check, the plain read's passing
+    real_8bit = launch.triton_quantized_forward
+
+    def off_8bit(*arguments):
+        out, lse = real_8bit(*arguments)
+        return out * 1.001, lse
+
+    monkeypatch.setattr(launch, "triton_forward", real)
+    monkeypatch.setattr(launch, "triton_quantized_forward", off_8bit)
+    monkeypatch.setattr(selftest, "QUANTIZED_FEATURES", {"int8 read": "int8"})
+    monkeypatch.setattr(selftest, "QUANTIZED_SIMILARITIES", ("dot",))
+    assert selftest.main(["--json", str(tmp_path / "wrong_8bit.json")]) == 1
+    checks = json.loads((tmp_path / "wrong_8bit.json").read_text())["checks"]
+    assert [(c["feature"], c["passed"]) for c in checks] == [("read", True), ("int8 read", False)]
+    assert capsys.readouterr().out.count("FAILED") == 2  # its progress line and its table row
+    monkeypatch.setattr(selftest, "QUANTIZED_FEATURES", {})
 
     def crash(*args):
         raise RuntimeError("a driver error")
