@@ -203,25 +203,21 @@ def run_check(check, device, backend, seed):
             check.gluon = read_unsupported_reasons(on_device["q"], on_device["k"], on_device["v"])
         fmt = QUANTIZED_FEATURES.get(check.feature)
         memory = None if fmt is None else _quantized(inputs, fmt, check.shape["HW"])
+        memory_lengths = torch.tensor(lengths, device=device)
+
+        def read(tensors, backend):
+            # an 8-bit memory's reference is the float64 read of its dequantised memory
+            if memory is not None:
+                return _quantized_read(tensors["q"], memory, check.similarity, backend,
+                                       memory_lengths)
+            return _read(tensors, feature, check.similarity, backend, memory_lengths, seed + 1)
         try:
             with gluon_opted_in() if gluon else contextlib.nullcontext():
-                if memory is not None:
-                    actual = _quantized_read(on_device["q"], memory, check.similarity, backend,
-                                             torch.tensor(lengths, device=device))
-                else:
-                    actual = _read(on_device, feature, check.similarity, backend,
-                                   torch.tensor(lengths, device=device), seed + 1)
+                actual = read(on_device, backend)
         finally:
             torch.use_deterministic_algorithms(deterministic)
-        # float64 on the device itself (a GPU's float64 is slow but ample for these sizes);
-        # an 8-bit memory's reference is the float64 read of its dequantised memory
-        reference = {name: tensor.to(device) for name, tensor in inputs.items()}
-        if memory is not None:
-            expected = _quantized_read(reference["q"], memory, check.similarity, "naive",
-                                       torch.tensor(lengths, device=device))
-        else:
-            expected = _read(reference, feature, check.similarity, "naive",
-                             torch.tensor(lengths, device=device), seed + 1)
+        # float64 on the device itself (a GPU's float64 is slow but ample for these sizes)
+        expected = read({name: tensor.to(device) for name, tensor in inputs.items()}, "naive")
     except Exception as error:  # a crash is a failed check, reported with the others
         check.failure = "".join(traceback.format_exception_only(type(error), error)).strip()
         return check
