@@ -7,19 +7,19 @@
 On the device it checks memory_read against a float64 reference computed on the CPU with the
 official (naive) read: forward, backward (gradients of the query, keys and values, through the
 output and the log-sum-exp; also under torch.use_deterministic_algorithms), ragged memory
-lengths, top-k, usage, for the dot, l2 and xmem
-similarities, in each dtype the device supports (float32 both exact and with TF32); and the
-read of an 8-bit memory (int8 and fp8, as a memory bank stores it: keys scaled per channel and
-frame, values per position; 16-bit queries on a GPU, float32, float64 and bf16 on a CPU; dot
-and l2, ragged lengths) against the float64 read of its dequantised memory. On a GPU it
-then times the fused read against the official read, PyTorch's SDPA and the same run's bf16
-matrix-multiply rate, at a few sizes including the target shape (one 480p frame, HW = 1,620,
-against 100 memory frames, N = 162,000, Ck = 128, Cv = 512), and in exact float32 the fused
-read against the torch backend's chunked read and the official read, saying whether
-backend="auto"'s choice for exact float32 is the faster one on this GPU. It prints a table,
-writes one JSON file (device, versions, the tilings chosen, the registers and local memory of
-each compiled kernel, warnings, errors, timings) to attach to a bug or performance report, and
-exits with status 1 if any result is wrong.
+lengths, top-k, usage, for the dot, l2 and xmem similarities, in each dtype the device supports
+(float32 both exact and with TF32); and the read of an 8-bit memory (int8 and fp8, as a memory
+bank stores it: keys scaled per channel and frame, values per position; 16-bit queries on a
+GPU, float32, float64 and bf16 on a CPU, bf16 at a size its bf16 readers take; dot and l2,
+ragged lengths) against the float64 read of its dequantised memory. On a GPU it then times the
+fused read against the official read, PyTorch's SDPA and the same run's bf16 matrix-multiply
+rate, at a few sizes including the target shape (one 480p frame, HW = 1,620, against 100 memory
+frames, N = 162,000, Ck = 128, Cv = 512), and in exact float32 the fused read against the torch
+backend's chunked read and the official read, saying whether backend="auto"'s choice for exact
+float32 is the faster one on this GPU. It prints a table, writes one JSON file (device,
+versions, the tilings chosen, the registers and local memory of each compiled kernel, warnings,
+errors, timings) to attach to a bug or performance report, and exits with status 1 if any
+result is wrong.
 
 On a CPU the reads run on the torch backend; with TRITON_INTERPRET=1 set, on the Triton kernels
 in Triton's interpreter (small sizes only, and no bfloat16: the interpreter's bf16 dot is
@@ -271,17 +271,19 @@ def plan_checks(device, quick=False, experimental=False):
                        for similarity in GLUON_SIMILARITIES]
         return checks
     if interpreting:
-        dtypes = quantized_dtypes = ["fp32"]  # the interpreter's bf16 dot is wrong
-        shapes = [dict(B=2, Ck=16, Cv=24, HW=30, N=300)]  # memory split in 2: merged
+        dtypes = ["fp32"]  # the interpreter's bf16 dot is wrong
+        shape = dict(B=2, Ck=16, Cv=24, HW=30, N=300)  # memory split in 2: merged
+        quantized = [("fp32", shape)]
     else:
         dtypes = ["fp32", "fp64"]
-        quantized_dtypes = dtypes + ["bf16"]  # bf16: the CPU's bf16 readers
-        shapes = [dict(B=3, Ck=16, Cv=48, HW=60, N=300)]
-    return [Check(feature, dtype, similarity, shape)
-            for shape in shapes for dtype in dtypes for similarity in SIMILARITIES
-            for feature in FEATURES] + \
-        [Check(feature, dtype, similarity, shape)
-         for shape in shapes for dtype in quantized_dtypes
+        shape = dict(B=3, Ck=16, Cv=48, HW=60, N=300)
+        # bf16 at a size the CPU reads in row blocks: its bf16 readers
+        quantized = [(dtype, shape) for dtype in dtypes] + \
+            [("bf16", dict(B=2, Ck=64, Cv=128, HW=256, N=4096))]
+    return [Check(feature, dtype, similarity, shape) for dtype in dtypes
+            for similarity in SIMILARITIES for feature in FEATURES] + \
+        [Check(feature, dtype, similarity, quantized_shape)
+         for dtype, quantized_shape in quantized
          for similarity in QUANTIZED_SIMILARITIES for feature in QUANTIZED_FEATURES]
 
 

@@ -68,6 +68,25 @@ def test_an_8bit_check_reads_a_banks_memory_against_its_dequantised_read(feature
     assert not wrong.passed and wrong.errors["out"] > 5e-4 and wrong.errors["lse"] < 1e-13
 
 
+def test_the_cpu_self_tests_bf16_8bit_checks_reach_the_bf16_readers(monkeypatch):
+    """The CPU plan's bf16 8-bit checks are at a size the CPU reads in row blocks, so that on a
+    CPU with bf16 products (forced on here) they run its bf16 readers, and pass."""
+    from stm_kernels.backends import pytorch
+    monkeypatch.setenv("STM_KERNELS_CPU_BF16", "1")
+    calls = []
+    monkeypatch.setattr(pytorch, "_bf16_softmax", lambda *a, f=pytorch._bf16_softmax:
+                        calls.append(1) or f(*a))
+    if selftest.triton_backend is not None:  # the torch backend's plan, not the interpreter's
+        monkeypatch.setattr(selftest.triton_backend, "INTERPRETING", False)
+    checks = [check for check in selftest.plan_checks(torch.device("cpu"))
+              if check.dtype == "bf16"]
+    assert {check.feature for check in checks} == set(selftest.QUANTIZED_FEATURES)
+    for check in checks:
+        count = len(calls)
+        assert selftest.run_check(check, torch.device("cpu"), "torch", seed=2).passed, check
+        assert len(calls) > count, check
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("similarity", selftest.SIMILARITIES)
 def test_top_k_checks_hold_at_16_bit_precision(dtype, similarity):
