@@ -500,6 +500,7 @@ class _Bf16Rows:
         self.row_sum = torch.zeros((1, rows), dtype=torch.float32)
         self.partial = partial  # (Cv + 1, rows) bf16, the value product's
         self.subtracted = None
+        self.factor = None  # raise_offsets's rescaling of the sums, for the next add
 
     def augment(self, target):
         """(the query's columns with -target in two bf16 parts (rows, Ck + 2 or + 4), the
@@ -521,9 +522,11 @@ class _Bf16Rows:
 
     def raise_offsets(self, products, keys, taken):
         """Where a row's products rise more than BF16_HEADROOM above its offset: its offset
-        raised to its peak, its sums so far rescaled to it, and its products taken again, for
-        those rows only (in a chunk where some rows rise most do not, and a product of every
-        row costs as much as the chunk's own)."""
+        raised to its peak and its products taken again, for those rows only (in a chunk where
+        some rows rise most do not, and a product of every row costs as much as the chunk's
+        own), and `factor` set: (1, rows), 1 but at those rows, where it rescales the sums so
+        far to the raised offset as the chunk is added (in the add's own pass: gathering and
+        scattering the rising rows' columns of the (Cv, rows) sums costs more)."""
         peak, rising = _rising_peak(products)
         if not rising.any():
             return
@@ -533,9 +536,8 @@ class _Bf16Rows:
         channels = self.columns[0].shape[1]
         self.augmented[rows, channels:channels + 2] = torch.cat([-high, -low], 1)
         products[rows] = self.product(keys, taken, _bucketed(rows, len(products)))[:len(rows)]
-        factor = torch.exp((before - now) * self.scale).T  # (1, rising rows)
-        self.acc.index_copy_(1, rows, self.acc.index_select(1, rows).mul_(factor))
-        self.row_sum.index_copy_(1, rows, self.row_sum.index_select(1, rows).mul_(factor))
+        self.factor = torch.ones_like(self.row_sum).index_copy_(
+            1, rows, torch.exp((before - now) * self.scale).T)
         self.used[rows] = now
 
     def add(self, keys, values, taken):
@@ -552,8 +554,13 @@ class _Bf16Rows:
         probabilities = products.clamp_(min=BF16_EXP_FLOOR).exp_()
         # (Cv + 1, rows): the row sums last, the output's layout (no transposing copy at the end)
         torch.mm(values, probabilities.T, out=self.partial)
-        self.acc.add_(self.partial[:-1])
-        self.row_sum.add_(self.partial[-1:])
+        if self.factor is None:
+            self.acc.add_(self.partial[:-1])
+            self.row_sum.add_(self.partial[-1:])
+        else:  # sums * factor + partial, in one pass
+            torch.addcmul(self.partial[:-1], self.acc, self.factor, out=self.acc)
+            torch.addcmul(self.partial[-1:], self.row_sum, self.factor, out=self.row_sum)
+            self.factor = None
 
 
 def _bucketed(rows, limit):
