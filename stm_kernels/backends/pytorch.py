@@ -500,7 +500,6 @@ class _Bf16Rows:
         self.row_sum = torch.zeros((1, rows), dtype=torch.float32)
         self.partial = partial  # (Cv + 1, rows) bf16, the value product's
         self.subtracted = None
-        self.factor = None  # raise_offsets's rescaling of the sums, for the next add
 
     def augment(self, target):
         """(the query's columns with -target in two bf16 parts (rows, Ck + 2 or + 4), the
@@ -524,43 +523,44 @@ class _Bf16Rows:
         """Where a row's products rise more than BF16_HEADROOM above its offset: its offset
         raised to its peak and its products taken again, for those rows only (in a chunk where
         some rows rise most do not, and a product of every row costs as much as the chunk's
-        own), and `factor` set: (1, rows), 1 but at those rows, where it rescales the sums so
-        far to the raised offset as the chunk is added (in the add's own pass: gathering and
-        scattering the rising rows' columns of the (Cv, rows) sums costs more)."""
+        own). Returns None where no row rises, else the factor (1, rows), 1 but at those rows,
+        that rescales the sums so far to the raised offsets as the chunk is added (in the add's
+        own pass: gathering and scattering the rising rows' columns of the (Cv, rows) sums
+        costs more)."""
         peak, rising = _rising_peak(products)
         if not rising.any():
-            return
+            return None
         rows = rising.view(-1).nonzero().view(-1)
         before = self.used[rows]
         high, low, now = _bf16_parts(before + peak[rows] / self.scale)
         channels = self.columns[0].shape[1]
         self.augmented[rows, channels:channels + 2] = torch.cat([-high, -low], 1)
         products[rows] = self.product(keys, taken, _bucketed(rows, len(products)))[:len(rows)]
-        self.factor = torch.ones_like(self.row_sum).index_copy_(
-            1, rows, torch.exp((before - now) * self.scale).T)
         self.used[rows] = now
+        return torch.ones_like(self.row_sum).index_copy_(
+            1, rows, torch.exp((before - now) * self.scale).T)
 
     def add(self, keys, values, taken):
         """Add one chunk: keys (Ck + 2 or + 4, L), values (Cv + 1, L) (ones last), bf16."""
         products = self.product(keys, taken)
+        factor = None
         if self.subtracted is None:  # the first chunk: every row's offset set at its own peak
             peak = products.amax(1, keepdim=True).float()  # scaled
             self.augmented, self.used = self.augment(self.used + peak / self.scale)
             products = self.product(keys, taken)
             self.subtracted = self.used  # (raised in place from here on)
         else:
-            self.raise_offsets(products, keys, taken)
+            factor = self.raise_offsets(products, keys, taken)
         # in bf16 (half the bytes of float32), its arguments floored: no denormal result
         probabilities = products.clamp_(min=BF16_EXP_FLOOR).exp_()
         # (Cv + 1, rows): the row sums last, the output's layout (no transposing copy at the end)
         torch.mm(values, probabilities.T, out=self.partial)
-        if self.factor is None:
+        if factor is None:
             self.acc.add_(self.partial[:-1])
             self.row_sum.add_(self.partial[-1:])
         else:  # sums * factor + partial, in one pass
-            torch.addcmul(self.partial[:-1], self.acc, self.factor, out=self.acc)
-            torch.addcmul(self.partial[-1:], self.row_sum, self.factor, out=self.row_sum)
-            self.factor = None
+            torch.addcmul(self.partial[:-1], self.acc, factor, out=self.acc)
+            torch.addcmul(self.partial[-1:], self.row_sum, factor, out=self.row_sum)
 
 
 def _bucketed(rows, limit):
